@@ -1,0 +1,203 @@
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "base/errno_status.h"
+#include "base/fd_count.h"
+#include "base/mapping.h"
+#include "base/unique_fd.h"
+#include "base/unix_socket.h"
+
+namespace bufferd {
+namespace {
+
+UniqueFd NewMemfd(size_t size) {
+  UniqueFd fd(::memfd_create("base_test", MFD_CLOEXEC));
+  EXPECT_TRUE(fd.valid());
+  EXPECT_EQ(::ftruncate(fd.get(), static_cast<off_t>(size)), 0);
+  return fd;
+}
+
+bool IsOpen(int fd) { return ::fcntl(fd, F_GETFD) != -1; }
+
+// Tests that UniqueFd closes on destruction and on Reset, and not after Release.
+TEST(UniqueFdTest, OwnsExactlyOneFd) {
+  const int baseline = CountOpenFds();
+  int raw;
+  {
+    UniqueFd fd = NewMemfd(4096);
+    raw = fd.get();
+    EXPECT_TRUE(IsOpen(raw));
+    UniqueFd moved = std::move(fd);
+    EXPECT_FALSE(fd.valid());
+    EXPECT_EQ(moved.get(), raw);
+  }
+  EXPECT_FALSE(IsOpen(raw));
+
+  UniqueFd fd = NewMemfd(4096);
+  int released = fd.Release();
+  EXPECT_FALSE(fd.valid());
+  EXPECT_TRUE(IsOpen(released));
+  ::close(released);
+  EXPECT_EQ(CountOpenFds(), baseline);
+}
+
+// Tests that Duplicate gives a second close-on-exec fd for the same file.
+TEST(UniqueFdTest, DuplicateIsCloexec) {
+  UniqueFd fd = NewMemfd(4096);
+  absl::StatusOr<UniqueFd> dup = fd.Duplicate();
+  ASSERT_TRUE(dup.ok()) << dup.status();
+  EXPECT_NE(dup->get(), fd.get());
+  EXPECT_TRUE(::fcntl(dup->get(), F_GETFD) & FD_CLOEXEC);
+  UniqueFd bad;
+  EXPECT_EQ(bad.Duplicate().status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Tests that errno values map to the codes callers rely on, with a message
+// naming the call.
+TEST(ErrnoErrorTest, MapsCodesAndNamesTheCall) {
+  struct Case {
+    int err;
+    absl::StatusCode code;
+  } cases[] = {
+      {ENOMEM, absl::StatusCode::kResourceExhausted},
+      {ENOSPC, absl::StatusCode::kResourceExhausted},
+      {EMFILE, absl::StatusCode::kResourceExhausted},
+      {EACCES, absl::StatusCode::kPermissionDenied},
+      {ENOENT, absl::StatusCode::kNotFound},
+      {EINVAL, absl::StatusCode::kInvalidArgument},
+      {EAGAIN, absl::StatusCode::kUnavailable},
+      {EIO, absl::StatusCode::kInternal},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.err);
+    absl::Status status = ErrnoError("memfd_create", c.err);
+    EXPECT_EQ(status.code(), c.code);
+    EXPECT_NE(status.message().find("memfd_create: "), std::string::npos) << status;
+    EXPECT_NE(status.message().find(std::strerror(c.err)), std::string::npos) << status;
+  }
+}
+
+// Tests that byte counts read naturally in messages.
+TEST(FormatBytesTest, Units) {
+  EXPECT_EQ(FormatBytes(0), "0 B");
+  EXPECT_EQ(FormatBytes(1023), "1023 B");
+  EXPECT_EQ(FormatBytes(4096), "4 KiB");
+  EXPECT_EQ(FormatBytes(2 << 20), "2 MiB");
+  EXPECT_EQ(FormatBytes(3 << 29), "1.5 GiB");
+}
+
+// Tests that a mapping writes through to the file and unmaps itself.
+TEST(MappingTest, SharedReadWriteAndReadOnly) {
+  UniqueFd fd = NewMemfd(8192);
+  {
+    absl::StatusOr<Mapping> rw = Mapping::Create(fd.get(), 8192, Mapping::Protection::kReadWrite);
+    ASSERT_TRUE(rw.ok()) << rw.status();
+    EXPECT_TRUE(rw->writable());
+    std::memset(rw->data(), 0xab, rw->size());
+  }
+  absl::StatusOr<Mapping> ro = Mapping::Create(fd.get(), 8192, Mapping::Protection::kReadOnly);
+  ASSERT_TRUE(ro.ok()) << ro.status();
+  EXPECT_EQ(ro->data()[8191], 0xab);
+  EXPECT_EQ(Mapping::Create(fd.get(), 0, Mapping::Protection::kReadOnly).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// Tests that an O_RDONLY reopen of a memfd cannot be mapped writable.
+TEST(MappingTest, ReadOnlyFdCannotMapWritable) {
+  UniqueFd fd = NewMemfd(4096);
+  std::string path = "/proc/self/fd/" + std::to_string(fd.get());
+  UniqueFd ro(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(ro.valid());
+  absl::StatusOr<Mapping> mapping = Mapping::Create(ro.get(), 4096, Mapping::Protection::kReadWrite);
+  EXPECT_EQ(mapping.status().code(), absl::StatusCode::kPermissionDenied) << mapping.status();
+  EXPECT_TRUE(Mapping::Create(ro.get(), 4096, Mapping::Protection::kReadOnly).ok());
+}
+
+// Tests that fds sent with a record arrive owned, cloexec, and referring to the
+// same file, and that the /proc/self/fd count returns to baseline.
+TEST(UnixSocketTest, PassesFdsWithRecord) {
+  const int baseline = CountOpenFds();
+  {
+    auto pair = UnixSocket::SeqPacketPair();
+    ASSERT_TRUE(pair.ok()) << pair.status();
+    auto& [a, b] = *pair;
+    UniqueFd file1 = NewMemfd(4096);
+    UniqueFd file2 = NewMemfd(8192);
+    int fds[] = {file1.get(), file2.get()};
+    ASSERT_TRUE(a.Send("hello", fds).ok());
+    absl::StatusOr<UnixSocket::Received> got = b.RecvWithFds();
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->bytes, "hello");
+    ASSERT_EQ(got->fds.size(), 2u);
+    struct stat st;
+    ASSERT_EQ(::fstat(got->fds[1].get(), &st), 0);
+    EXPECT_EQ(st.st_size, 8192);
+    EXPECT_TRUE(::fcntl(got->fds[0].get(), F_GETFD) & FD_CLOEXEC);
+  }
+  EXPECT_EQ(CountOpenFds(), baseline);
+}
+
+// Tests that a record longer than the receive buffer is an error, not a
+// silently cut message, and that its fds are not leaked.
+TEST(UnixSocketTest, TruncatedRecordIsAnError) {
+  const int baseline = CountOpenFds();
+  {
+    auto pair = UnixSocket::SeqPacketPair();
+    ASSERT_TRUE(pair.ok());
+    auto& [a, b] = *pair;
+    UniqueFd file = NewMemfd(4096);
+    int fds[] = {file.get()};
+    ASSERT_TRUE(a.Send(std::string(100, 'x'), fds).ok());
+    absl::StatusOr<UnixSocket::Received> got = b.RecvWithFds(10);
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kDataLoss) << got.status();
+  }
+  EXPECT_EQ(CountOpenFds(), baseline);
+}
+
+// Tests end-of-stream, non-blocking receive and peer credentials.
+TEST(UnixSocketTest, EofWouldBlockAndCredentials) {
+  auto pair = UnixSocket::SeqPacketPair();
+  ASSERT_TRUE(pair.ok());
+  auto& [a, b] = *pair;
+  absl::StatusOr<PeerCredentials> cred = b.GetPeerCredentials();
+  ASSERT_TRUE(cred.ok());
+  EXPECT_EQ(cred->pid, ::getpid());
+  EXPECT_EQ(cred->uid, ::getuid());
+  EXPECT_EQ(b.RecvWithFds(64, /*dont_wait=*/true).status().code(),
+            absl::StatusCode::kUnavailable);
+  a = UnixSocket();
+  absl::StatusOr<UnixSocket::Received> got = b.RecvWithFds();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_TRUE(got->eof);
+}
+
+// Tests listen/connect/accept over a real path.
+TEST(UnixSocketTest, ListenConnectAccept) {
+  char dir_template[] = "/tmp/bufferd-base-XXXXXX";
+  ASSERT_NE(::mkdtemp(dir_template), nullptr);
+  std::string path = FdSocketPath(dir_template);
+  absl::StatusOr<UnixSocket> listener = UnixSocket::ListenSeqPacket(path);
+  ASSERT_TRUE(listener.ok()) << listener.status();
+  EXPECT_EQ(UnixSocket::ListenSeqPacket(path).status().code(), absl::StatusCode::kAlreadyExists);
+  absl::StatusOr<UnixSocket> client = UnixSocket::ConnectSeqPacket(path);
+  ASSERT_TRUE(client.ok()) << client.status();
+  absl::StatusOr<UnixSocket> server = listener->Accept(/*nonblocking=*/true);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE(server->Send("x").ok());
+  EXPECT_EQ(client->RecvWithFds()->bytes, "x");
+  EXPECT_EQ(UnixSocket::ConnectSeqPacket(std::string(200, 'a')).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  ::unlink(path.c_str());
+  ::rmdir(dir_template);
+}
+
+}  // namespace
+}  // namespace bufferd

@@ -1,0 +1,62 @@
+#include "base/errno_status.h"
+
+#include <cstring>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace bufferd {
+
+absl::Status ErrnoError(absl::string_view what, int err) {
+  std::string message = absl::StrCat(what, ": ", std::strerror(err), " (errno ", err, ")");
+  switch (err) {
+    case ENOMEM:
+    case ENOSPC:
+    case EMFILE:
+    case ENFILE:
+    case EDQUOT:
+    case ENOBUFS:
+      return absl::ResourceExhaustedError(message);
+    case EACCES:
+    case EPERM:
+      return absl::PermissionDeniedError(message);
+    case ENOENT:
+      return absl::NotFoundError(message);
+    case EINVAL:
+    case EBADF:
+    case ENAMETOOLONG:
+      return absl::InvalidArgumentError(message);
+    case EAGAIN:
+    case ECONNREFUSED:
+    case EPIPE:
+    case ECONNRESET:
+      return absl::UnavailableError(message);
+    case EEXIST:
+    case EADDRINUSE:
+      return absl::AlreadyExistsError(message);
+    case ENOSYS:
+    case EOPNOTSUPP:
+      return absl::UnimplementedError(message);
+    case ETIMEDOUT:
+      return absl::DeadlineExceededError(message);
+    default:
+      return absl::InternalError(message);
+  }
+}
+
+std::string FormatBytes(uint64_t bytes) {
+  static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int unit = 0;
+  uint64_t whole = bytes;
+  while (whole >= 1024 && unit < 4) {
+    whole /= 1024;
+    ++unit;
+  }
+  if (unit == 0) return absl::StrCat(bytes, " B");
+  uint64_t divisor = uint64_t{1} << (10 * unit);
+  if (bytes % divisor == 0) return absl::StrCat(bytes / divisor, " ", kUnits[unit]);
+  return absl::StrFormat("%.1f %s", static_cast<double>(bytes) / divisor, kUnits[unit]);
+}
+
+}  // namespace bufferd

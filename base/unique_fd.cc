@@ -1,0 +1,26 @@
+#include "base/unique_fd.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "base/errno_status.h"
+
+namespace bufferd {
+
+void UniqueFd::Reset(int fd) {
+  if (fd_ >= 0 && fd_ != fd) {
+    // Never retry close on EINTR: on Linux the fd is released regardless.
+    ::close(fd_);
+  }
+  fd_ = fd;
+}
+
+absl::StatusOr<UniqueFd> UniqueFd::Duplicate() const {
+  int fd = ::fcntl(fd_, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) return ErrnoError("fcntl(F_DUPFD_CLOEXEC)", errno);
+  return UniqueFd(fd);
+}
+
+}  // namespace bufferd

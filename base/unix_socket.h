@@ -1,0 +1,96 @@
+// UnixSocket: an AF_UNIX socket, and the only code in bufferd that touches
+// SCM_RIGHTS.
+//
+// Received fds are owned (UniqueFd) the moment they arrive and are always
+// close-on-exec (MSG_CMSG_CLOEXEC). A truncated record or truncated ancillary
+// data (MSG_TRUNC / MSG_CTRUNC) is an error; any fds that did arrive are closed.
+// Sends never raise SIGPIPE (MSG_NOSIGNAL). A UnixSocket is move-only; one
+// thread may send while another receives.
+#ifndef BUFFERD_BASE_UNIX_SOCKET_H_
+#define BUFFERD_BASE_UNIX_SOCKET_H_
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include "absl/strings/string_view.h"
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "base/unique_fd.h"
+
+namespace bufferd {
+
+// The peer's credentials as the kernel saw them at connect time (SO_PEERCRED).
+struct PeerCredentials {
+  pid_t pid = 0;
+  uid_t uid = 0;
+  gid_t gid = 0;
+};
+
+class UnixSocket {
+ public:
+  // Most fds one record may carry.
+  static constexpr int kMaxFdsPerRecord = 16;
+
+  struct Received {
+    std::string bytes;
+    std::vector<UniqueFd> fds;
+    // The peer closed the connection (no bytes, no fds).
+    bool eof = false;
+  };
+
+  // A SOCK_SEQPACKET socket listening on `path` (unlinks nothing: callers
+  // decide whether a stale socket may be removed).
+  static absl::StatusOr<UnixSocket> ListenSeqPacket(absl::string_view path, int backlog = 128);
+  // Connects a blocking SOCK_SEQPACKET socket to `path`.
+  static absl::StatusOr<UnixSocket> ConnectSeqPacket(absl::string_view path);
+  // A connected SOCK_SEQPACKET pair (for tests and in-process plumbing).
+  static absl::StatusOr<std::pair<UnixSocket, UnixSocket>> SeqPacketPair();
+
+  UnixSocket() = default;
+  explicit UnixSocket(UniqueFd fd) : fd_(std::move(fd)) {}
+
+  // Accepts one connection; the new socket is close-on-exec and, when
+  // `nonblocking`, O_NONBLOCK. UNAVAILABLE when none is pending on a
+  // non-blocking listener.
+  absl::StatusOr<UnixSocket> Accept(bool nonblocking) const;
+
+  // Sends one record with `fds` attached. `dont_wait` makes this call
+  // non-blocking: UNAVAILABLE means the socket buffer is full (EAGAIN).
+  absl::Status SendWithFds(std::span<const uint8_t> bytes, std::span<const int> fds,
+                           bool dont_wait = false) const;
+  absl::Status Send(absl::string_view bytes, std::span<const int> fds = {},
+                    bool dont_wait = false) const {
+    return SendWithFds({reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()}, fds,
+                       dont_wait);
+  }
+
+  // Receives one record of at most `max_bytes`. UNAVAILABLE on EAGAIN for a
+  // non-blocking socket.
+  absl::StatusOr<Received> RecvWithFds(size_t max_bytes = 4096, bool dont_wait = false) const;
+
+  absl::StatusOr<PeerCredentials> GetPeerCredentials() const;
+
+  // Shuts down both directions: wakes a thread blocked in RecvWithFds.
+  void Shutdown() const;
+
+  int fd() const { return fd_.get(); }
+  bool valid() const { return fd_.valid(); }
+  UniqueFd& unique_fd() { return fd_; }
+
+ private:
+  UniqueFd fd_;
+};
+
+// Socket-dir layout shared by the daemon and clients.
+// $XDG_RUNTIME_DIR/bufferd, or /run/bufferd for root, or /tmp/bufferd-<uid>.
+std::string DefaultSocketDir();
+std::string ControlSocketPath(absl::string_view socket_dir);
+std::string FdSocketPath(absl::string_view socket_dir);
+
+}  // namespace bufferd
+
+#endif  // BUFFERD_BASE_UNIX_SOCKET_H_

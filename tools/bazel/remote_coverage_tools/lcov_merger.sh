@@ -1,0 +1,3 @@
+#!/bin/sh
+# Stub: coverage merging is not supported offline.
+exit 0
