@@ -1,0 +1,191 @@
+#include "heaps/carveout_heap.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "absl/strings/str_cat.h"
+#include "base/errno_status.h"
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+namespace bufferd {
+
+absl::StatusOr<std::unique_ptr<CarveoutHeap>> CarveoutHeap::Create(Options options) {
+  if (options.capacity == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("carveout heap '", options.name, "' needs a capacity > 0"));
+  }
+  const std::string balloon_name = absl::StrCat("bufferd:", options.name, ":reservation");
+  std::string note;
+  UniqueFd balloon;
+  uint64_t page_size = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  Backing backing = Backing::kBasePages;
+  if (options.hugepage_size != 0) {
+    const uint64_t rounded =
+        (options.capacity + options.hugepage_size - 1) / options.hugepage_size * options.hugepage_size;
+    absl::StatusOr<UniqueFd> fd =
+        memfd::Create(balloon_name, rounded, memfd::HugetlbFlags(options.hugepage_size));
+    absl::Status status = fd.status();
+    if (status.ok()) status = memfd::Prefault(fd->get(), 0, rounded);
+    if (status.ok()) {
+      balloon = *std::move(fd);
+      page_size = options.hugepage_size;
+      options.capacity = rounded;
+      backing = options.hugepage_size == kHugePage1G ? Backing::kHugetlb1G : Backing::kHugetlb2M;
+    } else {
+      HugepagePoolState pool = ReadHugepagePool(options.hugepage_size);
+      note = absl::StrCat("hugetlb unavailable (", pool.free, " of ", pool.total, " ",
+                          FormatBytes(options.hugepage_size), " pages free), using base pages");
+    }
+  }
+  if (!balloon.valid()) {
+    options.capacity = (options.capacity + page_size - 1) / page_size * page_size;
+    ASSIGN_OR_RETURN(balloon, memfd::Create(balloon_name, options.capacity, 0));
+    absl::Status status = memfd::Prefault(balloon.get(), 0, options.capacity);
+    if (!status.ok()) {
+      return absl::ResourceExhaustedError(absl::StrCat("carveout heap '", options.name,
+                                                       "' cannot reserve ",
+                                                       FormatBytes(options.capacity), ": ",
+                                                       status.message()));
+    }
+  }
+  ASSIGN_OR_RETURN(Mapping map, Mapping::Create(balloon.get(), options.capacity,
+                                                Mapping::Protection::kReadWrite));
+  bool locked = ::mlock(map.data(), map.size()) == 0;
+  if (!locked) {
+    const int err = errno;
+    if (options.require_mlock) {
+      return ErrnoError(absl::StrCat("mlock of carveout heap '", options.name, "' (",
+                                     FormatBytes(options.capacity), ", require_mlock set)"),
+                        err);
+    }
+    absl::StrAppend(&note, note.empty() ? "" : "; ", "not locked: mlock failed (",
+                    ErrnoError("mlock", err).message(), "); raise RLIMIT_MEMLOCK");
+    // Still fault the pages in so the reservation is resident.
+    ::madvise(map.data(), map.size(), MADV_POPULATE_WRITE);
+  }
+  return std::unique_ptr<CarveoutHeap>(new CarveoutHeap(std::move(options), page_size, backing,
+                                                        std::move(balloon), std::move(map),
+                                                        locked, std::move(note)));
+}
+
+CarveoutHeap::CarveoutHeap(Options options, uint64_t page_size, Backing backing,
+                           UniqueFd balloon, Mapping balloon_map, bool locked, std::string note)
+    : AccountedHeap(options.name, page_size, options.capacity),
+      options_(std::move(options)),
+      backing_(backing),
+      balloon_(std::move(balloon)),
+      balloon_map_(std::move(balloon_map)),
+      locked_(locked),
+      note_(std::move(note)) {
+  free_[0] = options_.capacity;
+}
+
+CarveoutHeap::~CarveoutHeap() = default;
+
+CarveoutHeap::Extents CarveoutHeap::TakeExtents(uint64_t size) {
+  absl::MutexLock lock(&mu_);
+  Extents taken;
+  while (size > 0 && !free_.empty()) {
+    auto it = free_.begin();
+    const uint64_t offset = it->first;
+    const uint64_t length = it->second;
+    free_.erase(it);
+    const uint64_t take = std::min(length, size);
+    taken.emplace_back(offset, take);
+    if (take < length) free_[offset + take] = length - take;
+    size -= take;
+  }
+  return taken;
+}
+
+void CarveoutHeap::ReturnExtents(const Extents& extents) {
+  absl::MutexLock lock(&mu_);
+  for (auto [offset, length] : extents) {
+    auto next = free_.lower_bound(offset);
+    if (next != free_.end() && offset + length == next->first) {
+      length += next->second;
+      next = free_.erase(next);
+    }
+    if (next != free_.begin()) {
+      auto prev = std::prev(next);
+      if (prev->first + prev->second == offset) {
+        prev->second += length;
+        continue;
+      }
+    }
+    free_[offset] = length;
+  }
+}
+
+absl::Status CarveoutHeap::PunchHoles(const Extents& extents) {
+  for (auto [offset, length] : extents) {
+    if (RetryOnEintr([&] {
+          return ::fallocate(balloon_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                             static_cast<off_t>(offset), static_cast<off_t>(length));
+        }) != 0) {
+      return ErrnoError("fallocate(PUNCH_HOLE) in carveout reservation", errno);
+    }
+  }
+  return absl::OkStatus();
+}
+
+void CarveoutHeap::Refill(const Extents& extents) {
+  for (auto [offset, length] : extents) {
+    // Best effort: if the pages can't be had back right now the capacity is
+    // still accounted; the next refill or allocation retries.
+    (void)memfd::Prefault(balloon_.get(), offset, length);
+    if (locked_) ::madvise(balloon_map_.data() + offset, length, MADV_POPULATE_WRITE);
+  }
+}
+
+absl::StatusOr<AccountedHeap::Backed> CarveoutHeap::AllocateBacking(
+    uint64_t size, const std::string& memfd_name) {
+  // AccountedHeap guarantees used + size <= capacity, so the free extents
+  // always cover `size`.
+  Extents extents = TakeExtents(size);
+  auto give_back = [this, &extents] {
+    Refill(extents);
+    ReturnExtents(extents);
+  };
+  absl::Status status = PunchHoles(extents);
+  unsigned flags = backing_ == Backing::kBasePages ? 0 : memfd::HugetlbFlags(options_.hugepage_size);
+  absl::StatusOr<UniqueFd> fd = status.ok() ? memfd::Create(memfd_name, size, flags) : status;
+  if (fd.ok()) status = memfd::Prefault(fd->get(), 0, size);
+  if (fd.ok() && status.ok()) status = memfd::Seal(fd->get());
+  if (!fd.ok() || !status.ok()) {
+    give_back();
+    absl::Status cause = fd.ok() ? status : fd.status();
+    return absl::ResourceExhaustedError(
+        absl::StrCat("heap '", name(), "' could not move ", FormatBytes(size),
+                     " from its reservation into a buffer: ", cause.message()));
+  }
+  return Backed{*std::move(fd), backing_,
+                [this, extents = std::move(extents)] {
+                  Refill(extents);
+                  ReturnExtents(extents);
+                }};
+}
+
+void CarveoutHeap::FillStats(HeapStats& stats) const {
+  stats.backing = backing_;
+  stats.locked = locked_;
+  stats.note = note_;
+  if (backing_ != Backing::kBasePages) stats.hugepages = ReadHugepagePool(options_.hugepage_size);
+  // Residency of the unused reservation, measured, not assumed.
+  const size_t base_page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> resident(balloon_map_.size() / base_page);
+  if (::mincore(balloon_map_.data(), balloon_map_.size(), resident.data()) == 0) {
+    uint64_t pages = 0;
+    for (unsigned char r : resident) pages += r & 1;
+    stats.reserved_resident = pages * base_page;
+  }
+}
+
+}  // namespace bufferd

@@ -1,0 +1,137 @@
+#include "heaps/contiguous_heap.h"
+
+#include <sys/mman.h>
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "base/errno_status.h"
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+namespace bufferd {
+namespace {
+
+Backing HugetlbBacking(uint64_t hugepage_size) {
+  return hugepage_size == kHugePage1G ? Backing::kHugetlb1G : Backing::kHugetlb2M;
+}
+
+// kB of huge PMD mappings of shmem in the VMA starting at `address`, from
+// /proc/self/smaps; -1 if the VMA is not found.
+int64_t ShmemPmdMappedKb(const void* address) {
+  char prefix[32];
+  std::snprintf(prefix, sizeof(prefix), "%lx-", reinterpret_cast<unsigned long>(address));
+  std::ifstream smaps("/proc/self/smaps");
+  std::string line;
+  bool in_vma = false;
+  while (std::getline(smaps, line)) {
+    if (!in_vma) {
+      in_vma = line.rfind(prefix, 0) == 0;
+      continue;
+    }
+    if (line.rfind("ShmemPmdMapped:", 0) == 0 || line.rfind("FilePmdMapped:", 0) == 0) {
+      std::istringstream fields(line.substr(line.find(':') + 1));
+      int64_t kb = 0;
+      fields >> kb;
+      if (kb > 0) return kb;
+    }
+    if (line.rfind("VmFlags:", 0) == 0) return 0;  // last field of the VMA
+  }
+  return -1;
+}
+
+}  // namespace
+
+absl::StatusOr<std::pair<UniqueFd, Backing>> AllocateThpMemfd(const std::string& name,
+                                                              uint64_t size) {
+  ASSIGN_OR_RETURN(UniqueFd fd, memfd::Create(name, size, 0));
+  void* address = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+  if (address == MAP_FAILED) return ErrnoError("mmap(thp memfd)", errno);
+  // MAP_POPULATE would fault before MADV_HUGEPAGE applies: advise, then populate.
+  Backing backing = Backing::kBasePages;
+  absl::Status status;
+  if (::madvise(address, size, MADV_HUGEPAGE) != 0) {
+    status = ErrnoError("madvise(MADV_HUGEPAGE)", errno);
+  } else if (::madvise(address, size, MADV_POPULATE_WRITE) != 0) {
+    status = ErrnoError("madvise(MADV_POPULATE_WRITE)", errno);
+  } else if (ShmemPmdMappedKb(address) > 0) {
+    backing = Backing::kThp;
+  }
+  ::munmap(address, size);
+  RETURN_IF_ERROR(status);
+  return std::make_pair(std::move(fd), backing);
+}
+
+ContiguousHeap::ContiguousHeap(Options options)
+    : AccountedHeap(options.name, options.hugepage_size, options.capacity),
+      options_(std::move(options)) {}
+
+absl::StatusOr<AccountedHeap::Backed> ContiguousHeap::AllocateBacking(
+    uint64_t size, const std::string& memfd_name) {
+  std::vector<std::string> attempts;
+  // 1. hugetlb: fallocate takes the pages from the pool now, or fails cleanly.
+  {
+    absl::StatusOr<UniqueFd> fd =
+        memfd::Create(memfd_name, size, memfd::HugetlbFlags(options_.hugepage_size));
+    absl::Status status = fd.status();
+    if (status.ok()) status = memfd::Prefault(fd->get(), 0, size);
+    struct stat st{};
+    if (status.ok() && (::fstat(fd->get(), &st) != 0 ||
+                        static_cast<uint64_t>(st.st_blksize) != options_.hugepage_size)) {
+      status = absl::InternalError("hugetlb memfd does not report the huge page size");
+    }
+    if (status.ok()) {
+      RETURN_IF_ERROR(memfd::Seal(fd->get()));
+      return Backed{*std::move(fd), HugetlbBacking(options_.hugepage_size), nullptr};
+    }
+    HugepagePoolState pool = ReadHugepagePool(options_.hugepage_size);
+    attempts.push_back(absl::StrCat("hugetlb ", FormatBytes(options_.hugepage_size), " pool has ",
+                                    pool.free, " of ", pool.total, " pages free (",
+                                    pool.reserved, " reserved), need ",
+                                    size / options_.hugepage_size, ": ", status.message()));
+  }
+  // 2. Fallbacks, in the configured order.
+  for (Backing fallback : options_.fallbacks) {
+    if (fallback == Backing::kThp) {
+      absl::StatusOr<std::pair<UniqueFd, Backing>> thp = AllocateThpMemfd(memfd_name, size);
+      if (!thp.ok()) {
+        attempts.push_back(absl::StrCat("thp: ", thp.status().message()));
+        continue;
+      }
+      bool base_allowed = false;
+      for (Backing b : options_.fallbacks) base_allowed |= b == Backing::kBasePages;
+      if (thp->second == Backing::kThp || base_allowed) {
+        RETURN_IF_ERROR(memfd::Seal(thp->first.get()));
+        return Backed{std::move(thp->first), thp->second, nullptr};
+      }
+      attempts.push_back(
+          "thp: no huge pages mapped (is /sys/kernel/mm/transparent_hugepage/shmem_enabled "
+          "'advise'?)");
+    } else if (fallback == Backing::kBasePages) {
+      ASSIGN_OR_RETURN(UniqueFd fd, memfd::Create(memfd_name, size, 0));
+      RETURN_IF_ERROR(memfd::Prefault(fd.get(), 0, size));
+      RETURN_IF_ERROR(memfd::Seal(fd.get()));
+      return Backed{std::move(fd), Backing::kBasePages, nullptr};
+    }
+  }
+  return absl::ResourceExhaustedError(absl::StrCat("heap '", name(), "' cannot allocate ",
+                                                   FormatBytes(size), ": ",
+                                                   absl::StrJoin(attempts, "; ")));
+}
+
+void ContiguousHeap::FillStats(HeapStats& stats) const {
+  stats.backing = HugetlbBacking(options_.hugepage_size);
+  stats.hugepages = ReadHugepagePool(options_.hugepage_size);
+  std::vector<std::string> names;
+  for (Backing b : options_.fallbacks) names.emplace_back(BackingName(b));
+  stats.note = names.empty() ? "no fallback" : absl::StrCat("fallback: ", absl::StrJoin(names, ", "));
+}
+
+}  // namespace bufferd

@@ -1,0 +1,49 @@
+// ContiguousHeap: hugepage-backed buffers, prefaulted so the pages are really
+// reserved when Allocate returns.
+//
+// Tries a hugetlb memfd first (2 MiB or 1 GiB pages, sizes rounded up to the
+// huge page). When the hugetlb pool can't serve, tries the configured
+// fallbacks in order: kThp (memfd + MADV_HUGEPAGE, accepted only if smaps shows
+// huge PMD mappings) and kBasePages. With no fallback left the allocation fails
+// with RESOURCE_EXHAUSTED naming the pool state. Each buffer reports the backing
+// it really got. Thread-safe.
+#ifndef BUFFERD_HEAPS_CONTIGUOUS_HEAP_H_
+#define BUFFERD_HEAPS_CONTIGUOUS_HEAP_H_
+
+#include <string>
+#include <vector>
+
+#include "heaps/heap.h"
+
+namespace bufferd {
+
+class ContiguousHeap final : public AccountedHeap {
+ public:
+  struct Options {
+    std::string name = "contiguous";
+    // kHugePage2M or kHugePage1G.
+    uint64_t hugepage_size = kHugePage2M;
+    // kThp and/or kBasePages, in the order to try them.
+    std::vector<Backing> fallbacks = {Backing::kThp, Backing::kBasePages};
+    // Cap on bytes in live buffers (0 = unbounded).
+    uint64_t capacity = 0;
+  };
+
+  explicit ContiguousHeap(Options options);
+  HeapKind kind() const override { return HeapKind::kContiguous; }
+
+ private:
+  absl::StatusOr<Backed> AllocateBacking(uint64_t size, const std::string& memfd_name) override;
+  void FillStats(HeapStats& stats) const override;
+
+  const Options options_;
+};
+
+// Allocates a THP-advised memfd of `size` and reports whether huge PMD mappings
+// were really obtained (kThp) or not (kBasePages). Shared with tests.
+absl::StatusOr<std::pair<UniqueFd, Backing>> AllocateThpMemfd(const std::string& name,
+                                                              uint64_t size);
+
+}  // namespace bufferd
+
+#endif  // BUFFERD_HEAPS_CONTIGUOUS_HEAP_H_

@@ -1,0 +1,173 @@
+#include "heaps/heap.h"
+
+#include <fcntl.h>
+#include <linux/memfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <fstream>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "base/errno_status.h"
+
+namespace bufferd {
+
+absl::string_view BackingName(Backing backing) {
+  switch (backing) {
+    case Backing::kBasePages:
+      return "base_pages";
+    case Backing::kThp:
+      return "thp";
+    case Backing::kHugetlb2M:
+      return "hugetlb_2m";
+    case Backing::kHugetlb1G:
+      return "hugetlb_1g";
+  }
+  return "unknown";
+}
+
+absl::string_view HeapKindName(HeapKind kind) {
+  switch (kind) {
+    case HeapKind::kSystem:
+      return "system";
+    case HeapKind::kContiguous:
+      return "contiguous";
+    case HeapKind::kCarveout:
+      return "carveout";
+  }
+  return "unknown";
+}
+
+namespace {
+uint64_t ReadSysfsNumber(const std::string& path) {
+  std::ifstream in(path);
+  uint64_t value = 0;
+  in >> value;
+  return in ? value : 0;
+}
+}  // namespace
+
+HugepagePoolState ReadHugepagePool(uint64_t page_size) {
+  HugepagePoolState state;
+  state.page_size = page_size;
+  std::string dir = absl::StrCat("/sys/kernel/mm/hugepages/hugepages-", page_size / 1024, "kB/");
+  state.total = ReadSysfsNumber(dir + "nr_hugepages");
+  state.free = ReadSysfsNumber(dir + "free_hugepages");
+  state.reserved = ReadSysfsNumber(dir + "resv_hugepages");
+  return state;
+}
+
+HeapBuffer::~HeapBuffer() {
+  fd_.Reset();
+  if (on_free_) on_free_();
+}
+
+AccountedHeap::AccountedHeap(std::string name, uint64_t page_size, uint64_t capacity)
+    : name_(std::move(name)),
+      page_size_(page_size),
+      capacity_(capacity),
+      accounting_(std::make_shared<Accounting>()) {}
+
+absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t size,
+                                                                     absl::string_view debug_name) {
+  if (size == 0) return absl::InvalidArgumentError("size must be greater than 0");
+  if (size > std::numeric_limits<uint64_t>::max() - page_size_ ||
+      size > static_cast<uint64_t>(std::numeric_limits<off_t>::max())) {
+    return absl::InvalidArgumentError(absl::StrCat("size ", size, " is too large"));
+  }
+  const uint64_t rounded = (size + page_size_ - 1) / page_size_ * page_size_;
+  {
+    absl::MutexLock lock(&accounting_->mu);
+    if (capacity_ != 0 && rounded > capacity_ - accounting_->used) {
+      ++accounting_->failures;
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "heap '", name_, "' has ", FormatBytes(capacity_ - accounting_->used), " free of ",
+          FormatBytes(capacity_), ", asked for ", FormatBytes(rounded)));
+    }
+    accounting_->used += rounded;
+  }
+  absl::StatusOr<Backed> backed = AllocateBacking(rounded, memfd::BufferName(name_, debug_name));
+  absl::MutexLock lock(&accounting_->mu);
+  if (!backed.ok()) {
+    accounting_->used -= rounded;
+    ++accounting_->failures;
+    return backed.status();
+  }
+  accounting_->peak = std::max(accounting_->peak, accounting_->used);
+  ++accounting_->buffer_count;
+  ++accounting_->allocations;
+  const Backing backing = backed->backing;
+  ++accounting_->by_backing[std::string(BackingName(backing))];
+  std::function<void()> on_free = [accounting = accounting_, rounded, backing,
+                                   extra = std::move(backed->on_free)] {
+    if (extra) extra();
+    absl::MutexLock lock(&accounting->mu);
+    accounting->used -= rounded;
+    --accounting->buffer_count;
+    auto it = accounting->by_backing.find(std::string(BackingName(backing)));
+    if (--it->second == 0) accounting->by_backing.erase(it);
+  };
+  return std::make_unique<HeapBuffer>(std::move(backed->fd), rounded, backing, std::move(on_free));
+}
+
+HeapStats AccountedHeap::Stats() const {
+  HeapStats stats;
+  stats.page_size = page_size_;
+  stats.capacity = capacity_;
+  {
+    absl::MutexLock lock(&accounting_->mu);
+    stats.used = accounting_->used;
+    stats.peak = accounting_->peak;
+    stats.buffer_count = accounting_->buffer_count;
+    stats.allocations = accounting_->allocations;
+    stats.failures = accounting_->failures;
+    stats.buffers_by_backing = accounting_->by_backing;
+  }
+  FillStats(stats);
+  return stats;
+}
+
+namespace memfd {
+
+std::string BufferName(absl::string_view heap, absl::string_view name) {
+  // The kernel allows 249 bytes after its "memfd:" prefix.
+  std::string full = absl::StrCat("bufferd:", heap, ":", name);
+  if (full.size() > 240) full.resize(240);
+  return full;
+}
+
+absl::StatusOr<UniqueFd> Create(const std::string& name, uint64_t size, unsigned extra_flags) {
+  UniqueFd fd(::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING | extra_flags));
+  if (!fd.valid()) return ErrnoError("memfd_create", errno);
+  if (RetryOnEintr([&] { return ::ftruncate(fd.get(), static_cast<off_t>(size)); }) != 0) {
+    return ErrnoError(absl::StrCat("ftruncate(memfd, ", FormatBytes(size), ")"), errno);
+  }
+  return fd;
+}
+
+unsigned HugetlbFlags(uint64_t hugepage_size) {
+  return MFD_HUGETLB | (hugepage_size == kHugePage1G ? MFD_HUGE_1GB : MFD_HUGE_2MB);
+}
+
+absl::Status Prefault(int fd, uint64_t offset, uint64_t length) {
+  if (RetryOnEintr([&] {
+        return ::fallocate(fd, 0, static_cast<off_t>(offset), static_cast<off_t>(length));
+      }) != 0) {
+    return ErrnoError(absl::StrCat("fallocate(", FormatBytes(length), ")"), errno);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Seal(int fd) {
+  if (::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    return ErrnoError("fcntl(F_ADD_SEALS)", errno);
+  }
+  if (::fchmod(fd, 0400) != 0) return ErrnoError("fchmod(memfd, 0400)", errno);
+  return absl::OkStatus();
+}
+
+}  // namespace memfd
+}  // namespace bufferd

@@ -1,0 +1,183 @@
+// Heap: where buffers come from. One small interface, three implementations
+// (SystemHeap, ContiguousHeap, CarveoutHeap), any number of named instances.
+//
+// Every buffer a heap hands out is a memfd that is: rounded up to the heap's
+// page size, zero-filled (fresh pages, never another client's old data),
+// sealed against shrink/grow (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) so no
+// holder can SIGBUS the others, chmod 0400 so a same-host process of another
+// uid cannot reopen it writable through /proc, and named
+// "bufferd:<heap>:<name>" (visible in /proc/<pid>/maps, like DMA_BUF_SET_NAME).
+//
+// Thread-safety: Allocate and Stats may be called from any thread at once.
+// A Heap must outlive every HeapBuffer it handed out.
+#ifndef BUFFERD_HEAPS_HEAP_H_
+#define BUFFERD_HEAPS_HEAP_H_
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "base/unique_fd.h"
+
+namespace bufferd {
+
+enum class HeapKind { kSystem, kContiguous, kCarveout };
+
+// What really backs a buffer's pages.
+enum class Backing { kBasePages, kThp, kHugetlb2M, kHugetlb1G };
+
+// "base_pages", "thp", "hugetlb_2m", "hugetlb_1g".
+absl::string_view BackingName(Backing backing);
+absl::string_view HeapKindName(HeapKind kind);
+
+constexpr uint64_t kHugePage2M = uint64_t{2} << 20;
+constexpr uint64_t kHugePage1G = uint64_t{1} << 30;
+
+// State of the kernel's hugetlb pool for one page size.
+struct HugepagePoolState {
+  uint64_t page_size = 0;
+  uint64_t total = 0;
+  uint64_t free = 0;
+  uint64_t reserved = 0;
+};
+
+// Reads /sys/kernel/mm/hugepages/hugepages-<N>kB; all zero if absent.
+HugepagePoolState ReadHugepagePool(uint64_t page_size);
+
+struct HeapStats {
+  uint64_t page_size = 0;
+  // 0 = unbounded.
+  uint64_t capacity = 0;
+  uint64_t used = 0;
+  uint64_t peak = 0;
+  uint64_t buffer_count = 0;
+  uint64_t allocations = 0;
+  uint64_t failures = 0;
+  // The backing the heap tries first.
+  Backing backing = Backing::kBasePages;
+  // Live buffers by BackingName().
+  std::map<std::string, uint64_t> buffers_by_backing;
+  // Hugetlb pool behind the heap (page_size 0 if none).
+  HugepagePoolState hugepages;
+  // Carveout only: bytes of the unused reservation really resident, and
+  // whether the reservation is mlocked.
+  uint64_t reserved_resident = 0;
+  bool locked = false;
+  // Fallbacks taken, mlock refused, ...
+  std::string note;
+};
+
+// One allocation. Owns the daemon's fd for the buffer; destroying it closes
+// that fd and returns the bytes to the heap (for a carveout, to the
+// reservation). Pages live on while any other process holds an fd or mapping.
+class HeapBuffer {
+ public:
+  HeapBuffer(UniqueFd fd, uint64_t size, Backing backing, std::function<void()> on_free)
+      : fd_(std::move(fd)), size_(size), backing_(backing), on_free_(std::move(on_free)) {}
+  ~HeapBuffer();
+  HeapBuffer(const HeapBuffer&) = delete;
+  HeapBuffer& operator=(const HeapBuffer&) = delete;
+
+  // Borrowed: O_RDWR, sealed, close-on-exec.
+  int fd() const { return fd_.get(); }
+  uint64_t size() const { return size_; }
+  Backing backing() const { return backing_; }
+
+ private:
+  UniqueFd fd_;
+  uint64_t size_;
+  Backing backing_;
+  std::function<void()> on_free_;
+};
+
+class Heap {
+ public:
+  virtual ~Heap() = default;
+
+  virtual const std::string& name() const = 0;
+  virtual HeapKind kind() const = 0;
+  // Sizes are rounded up to this.
+  virtual uint64_t page_size() const = 0;
+
+  // Allocates at least `size` bytes. INVALID_ARGUMENT for size 0 or a size
+  // that cannot be rounded; RESOURCE_EXHAUSTED when the heap's capacity or the
+  // kernel's pool can't serve it (the message names the heap and its state).
+  virtual absl::StatusOr<std::unique_ptr<HeapBuffer>> Allocate(uint64_t size,
+                                                               absl::string_view debug_name) = 0;
+
+  virtual HeapStats Stats() const = 0;
+};
+
+// Shared bookkeeping for the heaps here: capacity check, used/peak/count,
+// failures. Subclasses implement AllocateBacking for an already rounded and
+// reserved size.
+class AccountedHeap : public Heap {
+ public:
+  const std::string& name() const override { return name_; }
+  uint64_t page_size() const override { return page_size_; }
+  absl::StatusOr<std::unique_ptr<HeapBuffer>> Allocate(uint64_t size,
+                                                       absl::string_view debug_name) final;
+  HeapStats Stats() const override;
+
+ protected:
+  struct Backed {
+    UniqueFd fd;
+    Backing backing;
+    // Runs when the buffer is freed, before its bytes return to capacity.
+    std::function<void()> on_free;
+  };
+
+  // `capacity` 0 = unbounded.
+  AccountedHeap(std::string name, uint64_t page_size, uint64_t capacity);
+
+  virtual absl::StatusOr<Backed> AllocateBacking(uint64_t size, const std::string& memfd_name) = 0;
+  // Adds heap-specific fields to `stats`.
+  virtual void FillStats(HeapStats& stats) const {}
+
+ private:
+  struct Accounting {
+    absl::Mutex mu;
+    uint64_t used ABSL_GUARDED_BY(mu) = 0;
+    uint64_t peak ABSL_GUARDED_BY(mu) = 0;
+    uint64_t buffer_count ABSL_GUARDED_BY(mu) = 0;
+    uint64_t allocations ABSL_GUARDED_BY(mu) = 0;
+    uint64_t failures ABSL_GUARDED_BY(mu) = 0;
+    std::map<std::string, uint64_t> by_backing ABSL_GUARDED_BY(mu);
+  };
+
+  const std::string name_;
+  const uint64_t page_size_;
+  const uint64_t capacity_;
+  // Shared with every HeapBuffer's on_free.
+  std::shared_ptr<Accounting> accounting_;
+};
+
+// memfd helpers shared by the heaps.
+namespace memfd {
+
+// "bufferd:<heap>:<name>", cut to the kernel's limit.
+std::string BufferName(absl::string_view heap, absl::string_view name);
+
+// memfd_create(MFD_CLOEXEC | MFD_ALLOW_SEALING | extra_flags) + ftruncate(size).
+absl::StatusOr<UniqueFd> Create(const std::string& name, uint64_t size, unsigned extra_flags);
+
+// MFD_HUGETLB flags for a huge page size.
+unsigned HugetlbFlags(uint64_t hugepage_size);
+
+// Allocates (prefaults) [offset, offset+length) with fallocate.
+absl::Status Prefault(int fd, uint64_t offset, uint64_t length);
+
+// Seals against shrink/grow/further seals and chmods 0400.
+absl::Status Seal(int fd);
+
+}  // namespace memfd
+
+}  // namespace bufferd
+
+#endif  // BUFFERD_HEAPS_HEAP_H_

@@ -1,0 +1,113 @@
+// Heap tests that need the kernel's hugetlb pool or shmem THP. They change
+// /sys settings (as root), restore them, and skip with the reason otherwise.
+// The target is `exclusive`: the settings are machine-wide.
+#include <sys/stat.h>
+
+#include <cstring>
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "base/mapping.h"
+#include "heaps/carveout_heap.h"
+#include "heaps/contiguous_heap.h"
+#include "heaps/hugepage_testing.h"
+
+namespace bufferd {
+namespace {
+
+constexpr uint64_t kMiB = 1 << 20;
+
+// Reserves `extra` more 2 MiB pages for the test's lifetime.
+class HugepagePoolTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    HugepagePoolState pool = ReadHugepagePool(kHugePage2M);
+    setting_ = std::make_unique<ScopedKernelSetting>(kNrHugepages2M,
+                                                     std::to_string(pool.total + kExtra));
+    if (!setting_->ok()) GTEST_SKIP() << setting_->why();
+    if (ReadHugepagePool(kHugePage2M).free < kExtra) {
+      GTEST_SKIP() << "kernel could not reserve " << kExtra << " huge pages";
+    }
+  }
+  static constexpr uint64_t kExtra = 8;
+  std::unique_ptr<ScopedKernelSetting> setting_;
+};
+
+// Tests that the contiguous heap takes pages from the hugetlb pool, rounds to
+// 2 MiB, reports hugetlb_2m, and gives the pages back on free.
+TEST_F(HugepagePoolTest, ContiguousHeapUsesHugetlb) {
+  ContiguousHeap heap(ContiguousHeap::Options{});
+  const uint64_t free_before = ReadHugepagePool(kHugePage2M).free;
+  {
+    auto buffer = heap.Allocate(3 * kMiB, "hp");
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    EXPECT_EQ((*buffer)->size(), 4 * kMiB);
+    EXPECT_EQ((*buffer)->backing(), Backing::kHugetlb2M);
+    EXPECT_EQ(ReadHugepagePool(kHugePage2M).free, free_before - 2) << "pages are taken now";
+    auto map = Mapping::Create((*buffer)->fd(), (*buffer)->size(), Mapping::Protection::kReadWrite);
+    ASSERT_TRUE(map.ok()) << map.status();
+    EXPECT_EQ(map->data()[0], 0);
+    EXPECT_EQ(map->data()[4 * kMiB - 1], 0);
+    std::memset(map->data(), 7, map->size());
+  }
+  EXPECT_EQ(ReadHugepagePool(kHugePage2M).free, free_before);
+}
+
+// Tests that when the pool runs dry the heap falls back (here to base pages)
+// and says so per buffer.
+TEST_F(HugepagePoolTest, FallsBackWhenPoolRunsDry) {
+  ContiguousHeap::Options options;
+  options.fallbacks = {Backing::kBasePages};
+  ContiguousHeap heap(options);
+  const uint64_t free_pages = ReadHugepagePool(kHugePage2M).free;
+  auto all = heap.Allocate(free_pages * kHugePage2M, "all");
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ((*all)->backing(), Backing::kHugetlb2M);
+  auto more = heap.Allocate(2 * kMiB, "more");
+  ASSERT_TRUE(more.ok()) << more.status();
+  EXPECT_EQ((*more)->backing(), Backing::kBasePages);
+  HeapStats stats = heap.Stats();
+  EXPECT_EQ(stats.buffers_by_backing["hugetlb_2m"], 1u);
+  EXPECT_EQ(stats.buffers_by_backing["base_pages"], 1u);
+}
+
+// Tests a hugetlb-backed carveout: the reservation comes from the pool at
+// creation and buffers are carved out of it without exceeding capacity.
+TEST_F(HugepagePoolTest, CarveoutReservesHugetlb) {
+  const uint64_t free_before = ReadHugepagePool(kHugePage2M).free;
+  CarveoutHeap::Options options;
+  options.capacity = 8 * kMiB;
+  auto heap = CarveoutHeap::Create(options);
+  ASSERT_TRUE(heap.ok()) << heap.status();
+  EXPECT_EQ((*heap)->Stats().backing, Backing::kHugetlb2M);
+  EXPECT_EQ(ReadHugepagePool(kHugePage2M).free, free_before - 4) << "reserved at creation";
+  auto a = (*heap)->Allocate(5 * kMiB, "a");
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ((*a)->backing(), Backing::kHugetlb2M);
+  EXPECT_EQ((*a)->size(), 6 * kMiB);
+  EXPECT_EQ(ReadHugepagePool(kHugePage2M).free, free_before - 4) << "moved, not added";
+  EXPECT_EQ((*heap)->Allocate(4 * kMiB, "b").status().code(), absl::StatusCode::kResourceExhausted);
+  a->reset();
+  EXPECT_EQ((*heap)->Stats().used, 0u);
+  EXPECT_EQ(ReadHugepagePool(kHugePage2M).free, free_before - 4) << "refilled";
+  heap->reset();
+  EXPECT_EQ(ReadHugepagePool(kHugePage2M).free, free_before);
+}
+
+// Tests that with shmem THP in "advise" mode the THP fallback really yields
+// huge PMD mappings and is reported as thp.
+TEST(ThpTest, ThpFallbackVerifiedInSmaps) {
+  ScopedKernelSetting thp(kShmemThp, "advise");
+  if (!thp.ok()) GTEST_SKIP() << thp.why();
+  if (ReadHugepagePool(kHugePage2M).free > 0) GTEST_SKIP() << "hugetlb pool not empty";
+  ContiguousHeap::Options options;
+  options.fallbacks = {Backing::kThp};
+  ContiguousHeap heap(options);
+  auto buffer = heap.Allocate(8 * kMiB, "thp");
+  ASSERT_TRUE(buffer.ok()) << buffer.status();
+  EXPECT_EQ((*buffer)->backing(), Backing::kThp);
+}
+
+}  // namespace
+}  // namespace bufferd
