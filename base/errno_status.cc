@@ -3,12 +3,22 @@
 #include <cstring>
 #include <string>
 
+#include "absl/strings/cord.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
 namespace bufferd {
 
-absl::Status ErrnoError(absl::string_view what, int err) {
+namespace {
+constexpr char kErrnoPayload[] = "bufferd.errno";
+
+absl::Status WithErrno(absl::Status status, int err) {
+  status.SetPayload(kErrnoPayload, absl::Cord(absl::StrCat(err)));
+  return status;
+}
+
+absl::Status ErrnoStatus(absl::string_view what, int err) {
   std::string message = absl::StrCat(what, ": ", std::strerror(err), " (errno ", err, ")");
   switch (err) {
     case ENOMEM:
@@ -43,6 +53,18 @@ absl::Status ErrnoError(absl::string_view what, int err) {
     default:
       return absl::InternalError(message);
   }
+}
+}  // namespace
+
+absl::Status ErrnoError(absl::string_view what, int err) {
+  return WithErrno(ErrnoStatus(what, err), err);
+}
+
+int ErrnoOf(const absl::Status& status) {
+  absl::optional<absl::Cord> payload = status.GetPayload(kErrnoPayload);
+  int err = 0;
+  if (!payload || !absl::SimpleAtoi(std::string(*payload), &err)) return 0;
+  return err;
 }
 
 std::string FormatBytes(uint64_t bytes) {

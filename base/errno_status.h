@@ -15,7 +15,14 @@ namespace bufferd {
 // code that matches the errno (ENOMEM/ENOSPC/EMFILE -> RESOURCE_EXHAUSTED,
 // EACCES/EPERM -> PERMISSION_DENIED, ENOENT -> NOT_FOUND, EINVAL ->
 // INVALID_ARGUMENT, EAGAIN -> UNAVAILABLE, EEXIST -> ALREADY_EXISTS, ...).
+// The errno is also attached as a payload, for ErrnoOf().
 absl::Status ErrnoError(absl::string_view what, int err);
+
+// The errno an ErrnoError carries, or 0.
+int ErrnoOf(const absl::Status& status);
+
+// True for EAGAIN/EWOULDBLOCK from a non-blocking call.
+inline bool IsWouldBlock(const absl::Status& status) { return ErrnoOf(status) == EAGAIN; }
 
 // Retries `call` while it fails with EINTR. Not for close().
 template <typename F>

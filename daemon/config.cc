@@ -1,0 +1,188 @@
+#include "daemon/config.h"
+
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "base/errno_status.h"
+#include "google/protobuf/io/tokenizer.h"
+#include "google/protobuf/text_format.h"
+#include "heaps/carveout_heap.h"
+#include "heaps/contiguous_heap.h"
+#include "heaps/system_heap.h"
+
+namespace bufferd {
+namespace {
+
+constexpr char kDefaultConfig[] = R"pb(# bufferd embedded default configuration.
+heaps {
+  name: "system"
+  type: HEAP_TYPE_SYSTEM
+}
+heaps {
+  name: "contiguous"
+  type: HEAP_TYPE_CONTIGUOUS
+  hugepage_size: HUGEPAGE_SIZE_2M
+  fallback: FALLBACK_THP
+  fallback: FALLBACK_BASE_PAGES
+}
+heaps {
+  name: "carveout"
+  type: HEAP_TYPE_CARVEOUT
+  capacity_bytes: 67108864  # 64 MiB
+  hugepage_size: HUGEPAGE_SIZE_2M
+}
+quotas {
+  max_bytes_per_session: 4294967296  # 4 GiB per heap
+  max_bytes_per_uid: 8589934592      # 8 GiB per heap
+  max_buffers_per_session: 4096
+  max_fences_per_session: 4096
+  max_allocation_bytes: 1073741824   # 1 GiB
+}
+log_level: "info"
+debug_access: DEBUG_ACCESS_SESSION
+default_token_ttl_ms: 30000
+max_queued_deliveries: 1024
+stalled_session_timeout_ms: 10000
+)pb";
+
+// Collects parser errors as "source:line:column: message".
+class ErrorCollector : public google::protobuf::io::ErrorCollector {
+ public:
+  explicit ErrorCollector(std::string source) : source_(std::move(source)) {}
+  void AddError(int line, int column, const std::string& message) override {
+    errors_.push_back(absl::StrCat(source_, ":", line + 1, ":", column + 1, ": ", message));
+  }
+  void AddWarning(int line, int column, const std::string& message) override {}
+  std::string Joined() const { return absl::StrJoin(errors_, "; "); }
+
+ private:
+  std::string source_;
+  std::vector<std::string> errors_;
+};
+
+bool ValidHeapName(const std::string& name) {
+  if (name.empty() || name.size() > 32) return false;
+  for (char c : name) {
+    if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '-')) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+absl::string_view DefaultConfigText() { return kDefaultConfig; }
+
+v1::Config DefaultConfig() {
+  absl::StatusOr<v1::Config> config = ParseConfig(kDefaultConfig, "<embedded default>");
+  return *config;  // The embedded default is tested to parse.
+}
+
+absl::StatusOr<v1::Config> ParseConfig(absl::string_view text, absl::string_view source) {
+  v1::Config config;
+  google::protobuf::TextFormat::Parser parser;
+  ErrorCollector errors{std::string(source)};
+  parser.RecordErrorsTo(&errors);
+  if (!parser.ParseFromString(std::string(text), &config)) {
+    return absl::InvalidArgumentError(absl::StrCat("bad config: ", errors.Joined()));
+  }
+  absl::Status status = ValidateConfig(config);
+  if (!status.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": ", status.message()));
+  }
+  return config;
+}
+
+absl::StatusOr<v1::Config> LoadConfigFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return ErrnoError(absl::StrCat("cannot open config file ", path), errno);
+  std::stringstream text;
+  text << in.rdbuf();
+  return ParseConfig(text.str(), path);
+}
+
+absl::Status ValidateConfig(const v1::Config& config) {
+  if (config.heaps_size() == 0) return absl::InvalidArgumentError("config defines no heaps");
+  std::set<std::string> names;
+  for (int i = 0; i < config.heaps_size(); ++i) {
+    const v1::HeapConfig& heap = config.heaps(i);
+    const std::string where = absl::StrCat("heaps[", i, "] ('", heap.name(), "')");
+    if (!ValidHeapName(heap.name())) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": field 'name' must match [a-z0-9_-]{1,32}"));
+    }
+    if (!names.insert(heap.name()).second) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": field 'name' is used twice"));
+    }
+    if (heap.type() == v1::HEAP_TYPE_UNSPECIFIED) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": field 'type' is required"));
+    }
+    if (heap.type() == v1::HEAP_TYPE_CARVEOUT && heap.capacity_bytes() == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": field 'capacity_bytes' is required for a carveout heap"));
+    }
+    if (heap.type() != v1::HEAP_TYPE_CONTIGUOUS && heap.fallback_size() > 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": field 'fallback' applies to contiguous heaps only"));
+    }
+    for (int f : heap.fallback()) {
+      if (f == v1::FALLBACK_UNSPECIFIED) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, ": field 'fallback' must be FALLBACK_THP or FALLBACK_BASE_PAGES"));
+      }
+    }
+  }
+  static const std::set<std::string> kLevels = {"",     "trace", "debug",    "info",
+                                                "warn", "error", "critical", "off"};
+  if (!kLevels.count(config.log_level())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "field 'log_level' is '", config.log_level(),
+        "'; must be trace, debug, info, warn, error, critical or off"));
+  }
+  if (config.default_token_ttl_ms() > 3600 * 1000) {
+    return absl::InvalidArgumentError("field 'default_token_ttl_ms' must be at most 3600000");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<HeapRegistry>> BuildHeaps(const v1::Config& config) {
+  auto registry = std::make_unique<HeapRegistry>();
+  for (const v1::HeapConfig& heap : config.heaps()) {
+    const uint64_t hugepage =
+        heap.hugepage_size() == v1::HUGEPAGE_SIZE_1G ? kHugePage1G : kHugePage2M;
+    std::unique_ptr<Heap> built;
+    switch (heap.type()) {
+      case v1::HEAP_TYPE_SYSTEM:
+        built = std::make_unique<SystemHeap>(heap.name(), heap.capacity_bytes());
+        break;
+      case v1::HEAP_TYPE_CONTIGUOUS: {
+        ContiguousHeap::Options options;
+        options.name = heap.name();
+        options.hugepage_size = hugepage;
+        options.capacity = heap.capacity_bytes();
+        options.fallbacks.clear();
+        for (int f : heap.fallback()) {
+          options.fallbacks.push_back(f == v1::FALLBACK_THP ? Backing::kThp : Backing::kBasePages);
+        }
+        built = std::make_unique<ContiguousHeap>(options);
+        break;
+      }
+      case v1::HEAP_TYPE_CARVEOUT: {
+        CarveoutHeap::Options options;
+        options.name = heap.name();
+        options.capacity = heap.capacity_bytes();
+        options.hugepage_size = hugepage;
+        options.require_mlock = heap.require_mlock();
+        ASSIGN_OR_RETURN(built, CarveoutHeap::Create(options));
+        break;
+      }
+      default:
+        return absl::InvalidArgumentError(absl::StrCat("heap '", heap.name(), "' has no type"));
+    }
+    RETURN_IF_ERROR(registry->Add(std::move(built)));
+  }
+  return registry;
+}
+
+}  // namespace bufferd

@@ -1,0 +1,197 @@
+#include "daemon/daemon.h"
+
+#include <fcntl.h>
+#include <grp.h>
+#include <sys/file.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <filesystem>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "base/errno_status.h"
+#include "daemon/config.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/server_builder.h"
+#include "spdlog/spdlog.h"
+
+namespace bufferd {
+namespace {
+
+absl::Status PrepareSocketDir(const std::string& dir, const std::string& group) {
+  std::error_code error;
+  std::filesystem::path path(dir);
+  if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path(), error);
+  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    return ErrnoError(absl::StrCat("mkdir ", dir), errno);
+  }
+  struct stat st{};
+  if (::lstat(dir.c_str(), &st) != 0) return ErrnoError(absl::StrCat("stat ", dir), errno);
+  if (!S_ISDIR(st.st_mode)) {
+    return absl::FailedPreconditionError(absl::StrCat("socket dir ", dir, " is not a directory"));
+  }
+  if (st.st_uid != ::geteuid()) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("socket dir ", dir, " is owned by uid ", st.st_uid, ", not us"));
+  }
+  mode_t mode = 0700;
+  if (!group.empty()) {
+    struct group* entry = ::getgrnam(group.c_str());
+    if (entry == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("config group '", group, "' does not exist"));
+    }
+    if (::chown(dir.c_str(), static_cast<uid_t>(-1), entry->gr_gid) != 0) {
+      return ErrnoError(absl::StrCat("chown ", dir, " to group ", group), errno);
+    }
+    mode = 0770;
+  }
+  if (::chmod(dir.c_str(), mode) != 0) return ErrnoError(absl::StrCat("chmod ", dir), errno);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<UniqueFd> LockSocketDir(const std::string& dir) {
+  const std::string path = absl::StrCat(dir, "/bufferd.lock");
+  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+  if (!fd.valid()) return ErrnoError(absl::StrCat("open ", path), errno);
+  if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
+    if (errno != EWOULDBLOCK) return ErrnoError(absl::StrCat("flock ", path), errno);
+    char buf[32] = {};
+    (void)!::pread(fd.get(), buf, sizeof(buf) - 1, 0);
+    int pid = 0;
+    (void)absl::SimpleAtoi(absl::StripAsciiWhitespace(buf), &pid);
+    return absl::FailedPreconditionError(
+        absl::StrCat("another bufferd (pid ", pid, ") is serving ", dir));
+  }
+  std::string pid = absl::StrCat(::getpid(), "\n");
+  if (::ftruncate(fd.get(), 0) != 0 ||
+      ::pwrite(fd.get(), pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
+    return ErrnoError(absl::StrCat("write ", path), errno);
+  }
+  return fd;
+}
+
+}  // namespace
+
+uint64_t RaiseFdLimit() {
+  rlimit limit{};
+  if (::getrlimit(RLIMIT_MEMLOCK, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
+    limit.rlim_cur = limit.rlim_max;
+    ::setrlimit(RLIMIT_MEMLOCK, &limit);
+  }
+  if (::getrlimit(RLIMIT_NOFILE, &limit) != 0) return 1024;
+  if (limit.rlim_cur < limit.rlim_max) {
+    limit.rlim_cur = limit.rlim_max;
+    if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) ::getrlimit(RLIMIT_NOFILE, &limit);
+  }
+  return limit.rlim_cur;
+}
+
+absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const v1::Config& config,
+                                                      std::string socket_dir) {
+  std::unique_ptr<Daemon> daemon(new Daemon());
+  daemon->socket_dir_ = !socket_dir.empty()          ? std::move(socket_dir)
+                        : !config.socket_dir().empty() ? config.socket_dir()
+                                                       : DefaultSocketDir();
+  absl::Status status = daemon->Init(config);
+  if (!status.ok()) {
+    daemon->Shutdown();
+    return status;
+  }
+  return daemon;
+}
+
+absl::Status Daemon::Init(const v1::Config& config) {
+  RETURN_IF_ERROR(PrepareSocketDir(socket_dir_, config.group()));
+  ASSIGN_OR_RETURN(lock_file_, LockSocketDir(socket_dir_));
+  const std::string control_path = ControlSocketPath(socket_dir_);
+  const std::string fd_path = FdSocketPath(socket_dir_);
+  // We hold the lock, so any socket here was left by a daemon that died.
+  for (const std::string& path : {control_path, fd_path}) {
+    if (::unlink(path.c_str()) == 0) spdlog::warn("removed stale socket {}", path);
+  }
+
+  const uint64_t nofile = RaiseFdLimit();
+  ASSIGN_OR_RETURN(heaps_, BuildHeaps(config));
+  DaemonState::Options options;
+  options.quotas = config.quotas();
+  options.fd_budget = config.fd_budget() != 0 ? config.fd_budget()
+                                              : (nofile > 256 ? nofile * 3 / 4 : nofile / 2);
+  if (config.default_token_ttl_ms() != 0) {
+    options.default_token_ttl = absl::Milliseconds(config.default_token_ttl_ms());
+  }
+  state_ = std::make_unique<DaemonState>(heaps_.get(), options);
+  for (const v1::HeapConfig& heap : config.heaps()) {
+    state_->SetHeapQuotas(heap.name(), heap.max_bytes_per_session(), heap.max_bytes_per_uid());
+  }
+  for (const auto& heap : heaps_->heaps()) {
+    HeapStats stats = heap->Stats();
+    spdlog::info("heap '{}': {} {}, page {}, capacity {}{}{}", heap->name(),
+                 std::string(HeapKindName(heap->kind())), std::string(BackingName(stats.backing)),
+                 FormatBytes(stats.page_size),
+                 stats.capacity == 0 ? "unbounded" : FormatBytes(stats.capacity),
+                 stats.note.empty() ? "" : "; ", stats.note);
+  }
+
+  FdChannel::Options channel_options;
+  if (config.max_queued_deliveries() != 0) {
+    channel_options.max_queued_deliveries = config.max_queued_deliveries();
+  }
+  if (config.stalled_session_timeout_ms() != 0) {
+    channel_options.stalled_session_timeout = absl::Milliseconds(config.stalled_session_timeout_ms());
+  }
+  channel_ = std::make_unique<FdChannel>(state_.get(), channel_options);
+  ASSIGN_OR_RETURN(UnixSocket listener, UnixSocket::ListenSeqPacket(fd_path));
+  const mode_t socket_mode = config.group().empty() ? 0600 : 0660;
+  ::chmod(fd_path.c_str(), socket_mode);
+
+  allocator_ = std::make_unique<AllocatorService>(state_.get(), channel_.get());
+  debug_ = std::make_unique<DebugService>(state_.get(), channel_.get(),
+                                          config.debug_access() == v1::DEBUG_ACCESS_ANYONE);
+  fence_ = std::make_unique<v1::Fence::Service>();
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(absl::StrCat("unix:", control_path), grpc::InsecureServerCredentials());
+  builder.RegisterService(allocator_.get());
+  builder.RegisterService(debug_.get());
+  builder.RegisterService(fence_.get());
+  server_ = builder.BuildAndStart();
+  if (server_ == nullptr) {
+    return absl::UnavailableError(absl::StrCat("cannot serve gRPC on ", control_path));
+  }
+  ::chmod(control_path.c_str(), socket_mode);
+  // fd.sock goes live last: a client that can connect to it can also call.
+  RETURN_IF_ERROR(channel_->Start(std::move(listener)));
+  spdlog::info("bufferd serving in {} (pid {}, fd budget {})", socket_dir_, ::getpid(),
+               options.fd_budget);
+  return absl::OkStatus();
+}
+
+void Daemon::Shutdown() {
+  if (shut_down_) return;
+  shut_down_ = true;
+  if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  if (channel_) channel_->Stop();
+  if (lock_file_.valid()) {
+    ::unlink(ControlSocketPath(socket_dir_).c_str());
+    ::unlink(FdSocketPath(socket_dir_).c_str());
+    ::unlink(absl::StrCat(socket_dir_, "/bufferd.lock").c_str());
+    lock_file_.Reset();
+  }
+}
+
+Daemon::~Daemon() {
+  Shutdown();
+  server_.reset();
+  channel_.reset();
+  state_.reset();  // frees every buffer before the heaps go
+  heaps_.reset();
+}
+
+}  // namespace bufferd

@@ -1,0 +1,57 @@
+// Daemon: wires config, heaps, state, fd.sock and the gRPC server together.
+//
+// Start() prepares the socket dir (0700, or 0770 with a configured group),
+// takes an exclusive flock on <dir>/bufferd.lock (FAILED_PRECONDITION naming
+// the live daemon's pid if another holds it; a crashed daemon's lock is gone
+// with it, so its stale sockets are removed and taken over), reserves the
+// heaps, and starts serving. Shutdown() stops serving, ends every session and
+// removes the sockets and lock file.
+#ifndef BUFFERD_DAEMON_DAEMON_H_
+#define BUFFERD_DAEMON_DAEMON_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "bufferd/v1/config.pb.h"
+#include "daemon/fd_channel.h"
+#include "daemon/services.h"
+#include "daemon/state.h"
+#include "grpcpp/server.h"
+#include "heaps/heap_registry.h"
+
+namespace bufferd {
+
+class Daemon {
+ public:
+  // `socket_dir` overrides the config's (empty = config, then the default).
+  static absl::StatusOr<std::unique_ptr<Daemon>> Start(const v1::Config& config,
+                                                       std::string socket_dir);
+  ~Daemon();
+
+  const std::string& socket_dir() const { return socket_dir_; }
+  void Shutdown();
+
+ private:
+  Daemon() = default;
+  absl::Status Init(const v1::Config& config);
+
+  std::string socket_dir_;
+  UniqueFd lock_file_;
+  std::unique_ptr<HeapRegistry> heaps_;
+  std::unique_ptr<DaemonState> state_;
+  std::unique_ptr<FdChannel> channel_;
+  std::unique_ptr<AllocatorService> allocator_;
+  std::unique_ptr<DebugService> debug_;
+  std::unique_ptr<v1::Fence::Service> fence_;
+  std::unique_ptr<grpc::Server> server_;
+  bool shut_down_ = false;
+};
+
+// Raises RLIMIT_NOFILE (and RLIMIT_MEMLOCK) to their hard limits; returns the
+// new RLIMIT_NOFILE.
+uint64_t RaiseFdLimit();
+
+}  // namespace bufferd
+
+#endif  // BUFFERD_DAEMON_DAEMON_H_

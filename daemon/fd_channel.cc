@@ -1,0 +1,280 @@
+#include "daemon/fd_channel.h"
+
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "base/errno_status.h"
+#include "spdlog/spdlog.h"
+
+namespace bufferd {
+namespace {
+
+constexpr uint32_t kProtocolVersion = 1;
+
+std::string ReadComm(pid_t pid) {
+  std::ifstream in(absl::StrCat("/proc/", pid, "/comm"));
+  std::string comm;
+  std::getline(in, comm);
+  return comm;
+}
+
+}  // namespace
+
+FdChannel::FdChannel(DaemonState* state, Options options)
+    : state_(state), options_(options) {}
+
+FdChannel::~FdChannel() { Stop(); }
+
+absl::Status FdChannel::Start(UnixSocket listener) {
+  listener_ = std::move(listener);
+  epoll_.Reset(::epoll_create1(EPOLL_CLOEXEC));
+  if (!epoll_.valid()) return ErrnoError("epoll_create1", errno);
+  wake_.Reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!wake_.valid()) return ErrnoError("eventfd", errno);
+  for (int fd : {listener_.fd(), wake_.get()}) {
+    epoll_event event{};
+    event.events = EPOLLIN;
+    event.data.fd = fd;
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &event) != 0) {
+      return ErrnoError("epoll_ctl(ADD)", errno);
+    }
+  }
+  thread_ = std::thread([this] { Loop(); });
+  return absl::OkStatus();
+}
+
+void FdChannel::Stop() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopping_) return;
+    stopping_ = true;
+  }
+  if (thread_.joinable()) {
+    uint64_t one = 1;
+    (void)!::write(wake_.get(), &one, sizeof(one));
+    thread_.join();
+  }
+  std::vector<uint64_t> sessions;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto& [fd, connection] : connections_) sessions.push_back(connection.session_id);
+    connections_.clear();
+    by_session_.clear();
+  }
+  for (uint64_t id : sessions) state_->CloseSession(id);
+}
+
+void FdChannel::Loop() {
+  epoll_event events[64];
+  while (true) {
+    int n = ::epoll_wait(epoll_.get(), events, 64, 500);
+    {
+      absl::MutexLock lock(&mu_);
+      if (stopping_) return;
+    }
+    if (n < 0 && errno != EINTR) {
+      spdlog::error("epoll_wait: {}", ErrnoError("epoll_wait", errno).ToString());
+      return;
+    }
+    for (int i = 0; i < n; ++i) {
+      const int fd = events[i].data.fd;
+      if (fd == listener_.fd()) {
+        AcceptAll();
+      } else if (fd == wake_.get()) {
+        uint64_t value;
+        (void)!::read(wake_.get(), &value, sizeof(value));
+      } else {
+        if (events[i].events & EPOLLOUT) OnWritable(fd);
+        if (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLRDHUP | EPOLLERR)) OnReadable(fd);
+      }
+    }
+    CheckStalled();
+    state_->Housekeeping(absl::Now());
+  }
+}
+
+void FdChannel::AcceptAll() {
+  while (true) {
+    absl::StatusOr<UnixSocket> socket = listener_.Accept(/*nonblocking=*/true);
+    if (!socket.ok()) {
+      if (!IsWouldBlock(socket.status())) {
+        spdlog::warn("fd.sock accept failed: {}", socket.status().ToString());
+      }
+      return;
+    }
+    absl::StatusOr<PeerCredentials> peer = socket->GetPeerCredentials();
+    if (!peer.ok()) {
+      spdlog::warn("dropping fd.sock connection: {}", peer.status().ToString());
+      continue;
+    }
+    std::string comm = ReadComm(peer->pid);
+    DaemonState::NewSession session = state_->OpenSession(*peer, comm);
+    v1::FdChannelMessage message;
+    v1::Hello* hello = message.mutable_hello();
+    hello->set_protocol_version(kProtocolVersion);
+    hello->set_session_id(session.id);
+    hello->set_secret(session.secret);
+    hello->set_daemon_pid(static_cast<uint32_t>(::getpid()));
+    // A fresh socket's buffer is empty, so this cannot block.
+    absl::Status sent = socket->Send(message.SerializeAsString(), {}, /*dont_wait=*/true);
+    if (!sent.ok()) {
+      spdlog::warn("session {}: hello failed: {}", session.id, sent.ToString());
+      state_->CloseSession(session.id);
+      continue;
+    }
+    const int fd = socket->fd();
+    epoll_event event{};
+    event.events = EPOLLIN | EPOLLRDHUP;
+    event.data.fd = fd;
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &event) != 0) {
+      spdlog::warn("session {}: {}", session.id, ErrnoError("epoll_ctl", errno).ToString());
+      state_->CloseSession(session.id);
+      continue;
+    }
+    spdlog::info("session {} opened: pid {} uid {} comm '{}'", session.id, peer->pid, peer->uid,
+                 comm);
+    absl::MutexLock lock(&mu_);
+    Connection& connection = connections_[fd];
+    connection.session_id = session.id;
+    connection.socket = *std::move(socket);
+    by_session_[session.id] = fd;
+  }
+}
+
+void FdChannel::OnReadable(int fd) {
+  UnixSocket* socket;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = connections_.find(fd);
+    if (it == connections_.end()) return;
+    socket = &it->second.socket;
+  }
+  // Only this thread removes connections, so `socket` stays valid here.
+  while (true) {
+    absl::StatusOr<UnixSocket::Received> received = socket->RecvWithFds(4096, /*dont_wait=*/true);
+    if (!received.ok()) {
+      if (IsWouldBlock(received.status())) return;  // drained
+      EndConnection(fd, received.status().ToString());
+      return;
+    }
+    if (received->eof) {
+      EndConnection(fd, "client closed fd.sock");
+      return;
+    }
+    // FdUpload is reserved for Fence.ImportSyncFd; uploaded fds are closed
+    // when `received` goes out of scope.
+  }
+}
+
+void FdChannel::OnWritable(int fd) {
+  bool failed = false;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = connections_.find(fd);
+    if (it == connections_.end()) return;
+    failed = !FlushLocked(it->second);
+    if (!failed && it->second.queue.empty()) WatchWritable(fd, false);
+  }
+  if (failed) EndConnection(fd, "fd delivery failed");
+}
+
+bool FdChannel::FlushLocked(Connection& connection) {
+  while (!connection.queue.empty()) {
+    Pending& next = connection.queue.front();
+    int fds[] = {next.fd.get()};
+    absl::Status sent = connection.socket.Send(next.bytes, fds, /*dont_wait=*/true);
+    if (!sent.ok()) {
+      return IsWouldBlock(sent);
+    }
+    connection.queue.pop_front();
+    connection.stalled_since = absl::Now();
+  }
+  return true;
+}
+
+void FdChannel::WatchWritable(int fd, bool writable) {
+  epoll_event event{};
+  event.events = EPOLLIN | EPOLLRDHUP | (writable ? uint32_t{EPOLLOUT} : 0u);
+  event.data.fd = fd;
+  ::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, fd, &event);
+}
+
+absl::Status FdChannel::Deliver(uint64_t session_id, uint64_t transfer_id, v1::FdKind kind,
+                                uint64_t object_id, UniqueFd fd) {
+  v1::FdChannelMessage message;
+  v1::FdDelivery* delivery = message.mutable_delivery();
+  delivery->set_transfer_id(transfer_id);
+  delivery->set_kind(kind);
+  delivery->set_object_id(object_id);
+  std::string bytes = message.SerializeAsString();
+
+  absl::MutexLock lock(&mu_);
+  auto s = by_session_.find(session_id);
+  if (s == by_session_.end()) {
+    return absl::AbortedError(absl::StrCat("session ", session_id, " has no fd.sock connection"));
+  }
+  Connection& connection = connections_.at(s->second);
+  if (connection.queue.empty()) {
+    int fds[] = {fd.get()};
+    absl::Status sent = connection.socket.Send(bytes, fds, /*dont_wait=*/true);
+    if (sent.ok()) return absl::OkStatus();
+    if (!IsWouldBlock(sent)) {
+      return absl::AbortedError(
+          absl::StrCat("session ", session_id, ": fd delivery failed: ", sent.message()));
+    }
+  }
+  if (connection.queue.size() >= options_.max_queued_deliveries) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "session ", session_id, " has ", connection.queue.size(),
+        " fd deliveries queued (client is not reading fd.sock)"));
+  }
+  if (connection.queue.empty()) {
+    connection.stalled_since = absl::Now();
+    WatchWritable(s->second, true);
+  }
+  connection.queue.push_back(Pending{std::move(bytes), std::move(fd)});
+  return absl::OkStatus();
+}
+
+size_t FdChannel::QueuedDeliveries(uint64_t session_id) const {
+  absl::MutexLock lock(&mu_);
+  auto s = by_session_.find(session_id);
+  return s == by_session_.end() ? 0 : connections_.at(s->second).queue.size();
+}
+
+void FdChannel::CheckStalled() {
+  std::vector<int> stalled;
+  const absl::Time now = absl::Now();
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [fd, connection] : connections_) {
+      if (!connection.queue.empty() &&
+          now - connection.stalled_since > options_.stalled_session_timeout) {
+        stalled.push_back(fd);
+      }
+    }
+  }
+  for (int fd : stalled) EndConnection(fd, "client stopped reading fd.sock");
+}
+
+void FdChannel::EndConnection(int fd, absl::string_view why) {
+  uint64_t session_id;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = connections_.find(fd);
+    if (it == connections_.end()) return;
+    session_id = it->second.session_id;
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
+    by_session_.erase(session_id);
+    connections_.erase(it);  // closes the socket and any queued fds
+  }
+  state_->CloseSession(session_id);
+  spdlog::info("session {} ended: {}", session_id, std::string(why));
+}
+
+}  // namespace bufferd

@@ -1,0 +1,97 @@
+// FdChannel: the daemon's side of fd.sock.
+//
+// One thread runs an epoll loop that accepts connections, opens a session for
+// each (SO_PEERCRED + /proc/<pid>/comm), sends the Hello, and ends the session
+// when the connection closes for any reason (exit, crash, kill -9). RPC
+// threads call Deliver() to hand a client an fd tagged with a transfer id; it
+// never blocks: if the client's socket buffer is full the delivery is queued
+// (bounded), flushed when the socket drains, and a session that stays stalled
+// past the timeout is ended.
+//
+// Thread-safe. Stop() must be called before destruction.
+#ifndef BUFFERD_DAEMON_FD_CHANNEL_H_
+#define BUFFERD_DAEMON_FD_CHANNEL_H_
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <string>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "base/unique_fd.h"
+#include "base/unix_socket.h"
+#include "bufferd/v1/fd_channel.pb.h"
+#include "daemon/state.h"
+
+namespace bufferd {
+
+class FdChannel {
+ public:
+  struct Options {
+    size_t max_queued_deliveries = 1024;
+    absl::Duration stalled_session_timeout = absl::Seconds(10);
+  };
+
+  FdChannel(DaemonState* state, Options options);
+  ~FdChannel();
+
+  // Serves `listener` (a listening SEQPACKET socket) on a new thread.
+  absl::Status Start(UnixSocket listener);
+  // Stops the thread and ends every session.
+  void Stop();
+
+  // Sends `fd` to the session's client tagged with `transfer_id`. ABORTED if
+  // the session's connection is gone; RESOURCE_EXHAUSTED if its queue is full.
+  absl::Status Deliver(uint64_t session_id, uint64_t transfer_id, v1::FdKind kind,
+                       uint64_t object_id, UniqueFd fd);
+
+  // Deliveries waiting for the client to read (for ListClients).
+  size_t QueuedDeliveries(uint64_t session_id) const;
+
+ private:
+  struct Pending {
+    std::string bytes;
+    UniqueFd fd;
+  };
+  struct Connection {
+    uint64_t session_id = 0;
+    UnixSocket socket;
+    std::deque<Pending> queue;
+    // When the queue last became non-empty.
+    absl::Time stalled_since;
+  };
+
+  void Loop();
+  void AcceptAll();
+  // Reads (and discards) what the client sent; ends the session on EOF/error.
+  void OnReadable(int fd);
+  void OnWritable(int fd);
+  void CheckStalled();
+  // Ends the session of the connection on `fd`.
+  void EndConnection(int fd, absl::string_view why);
+  // Flushes as much of the queue as the socket takes. Returns false if the
+  // connection failed.
+  bool FlushLocked(Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void WatchWritable(int fd, bool writable);
+
+  DaemonState* const state_;
+  const Options options_;
+  UnixSocket listener_;
+  UniqueFd epoll_;
+  UniqueFd wake_;  // eventfd: Stop() and new EPOLLOUT interest
+  std::thread thread_;
+
+  mutable absl::Mutex mu_;
+  // By socket fd.
+  std::map<int, Connection> connections_ ABSL_GUARDED_BY(mu_);
+  std::map<uint64_t, int> by_session_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace bufferd
+
+#endif  // BUFFERD_DAEMON_FD_CHANNEL_H_

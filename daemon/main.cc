@@ -1,0 +1,66 @@
+// bufferd: the buffer and fence daemon. Flags and wiring only.
+#include <signal.h>
+
+#include <cstdio>
+#include <iostream>
+#include <string>
+
+#include "CLI/CLI.hpp"
+#include "daemon/config.h"
+#include "daemon/daemon.h"
+#include "spdlog/sinks/stdout_color_sinks.h"
+#include "spdlog/spdlog.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"bufferd: shared-memory buffers and fences for processes on this host"};
+  std::string config_path;
+  std::string socket_dir;
+  std::string log_level;
+  bool print_default = false;
+  app.add_option("--config", config_path, "bufferd.v1.Config textproto (default: embedded)");
+  app.add_option("--socket-dir", socket_dir,
+                 "directory for control.sock and fd.sock (default: $XDG_RUNTIME_DIR/bufferd, "
+                 "or /run/bufferd as root)");
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical, off");
+  app.add_flag("--print-default-config", print_default, "print the embedded default config");
+  CLI11_PARSE(app, argc, argv);
+
+  if (print_default) {
+    std::cout << bufferd::DefaultConfigText();
+    return 0;
+  }
+  auto logger = spdlog::stderr_color_mt("bufferd");
+  spdlog::set_default_logger(logger);
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");
+
+  absl::StatusOr<bufferd::v1::Config> config =
+      config_path.empty() ? bufferd::DefaultConfig() : bufferd::LoadConfigFile(config_path);
+  if (!config.ok()) {
+    std::fprintf(stderr, "bufferd: %s\n", config.status().ToString().c_str());
+    return 2;
+  }
+  const std::string level = !log_level.empty() ? log_level : config->log_level();
+  if (!level.empty()) spdlog::set_level(spdlog::level::from_str(level));
+
+  // Block the stop signals before any thread starts, then wait for one.
+  sigset_t stop;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGINT);
+  sigaddset(&stop, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  absl::StatusOr<std::unique_ptr<bufferd::Daemon>> daemon =
+      bufferd::Daemon::Start(*config, socket_dir);
+  if (!daemon.ok()) {
+    spdlog::critical("cannot start: {}", daemon.status().ToString());
+    return 1;
+  }
+  int signal_number = 0;
+  sigwait(&stop, &signal_number);
+  spdlog::info("signal {} received; shutting down", signal_number);
+  (*daemon)->Shutdown();
+  daemon->reset();
+  spdlog::info("bye");
+  return 0;
+}

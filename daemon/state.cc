@@ -1,0 +1,597 @@
+#include "daemon/state.h"
+
+#include <fcntl.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "base/errno_status.h"
+#include "google/protobuf/util/time_util.h"
+
+namespace bufferd {
+
+struct DaemonState::Buffer {
+  Heap* heap = nullptr;
+  std::unique_ptr<HeapBuffer> memory;
+  v1::BufferInfo info;
+  int handle_count = 0;
+};
+
+namespace {
+
+using google::protobuf::util::TimeUtil;
+
+constexpr size_t kMaxNameBytes = 200;
+constexpr absl::Duration kMaxTokenTtl = absl::Hours(1);
+constexpr absl::Duration kTombstoneGrace = absl::Minutes(10);
+
+google::protobuf::Timestamp ToProto(absl::Time t) {
+  return TimeUtil::NanosecondsToTimestamp(absl::ToUnixNanos(t));
+}
+
+std::string RandomBytes(size_t n) {
+  std::string bytes(n, '\0');
+  size_t got = 0;
+  while (got < n) {
+    ssize_t r = ::getrandom(bytes.data() + got, n - got, 0);
+    if (r > 0) got += static_cast<size_t>(r);
+  }
+  return bytes;
+}
+
+bool ConstantTimeEquals(absl::string_view a, absl::string_view b) {
+  if (a.size() != b.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+  return diff == 0;
+}
+
+v1::HeapType ToProto(HeapKind kind) {
+  switch (kind) {
+    case HeapKind::kSystem:
+      return v1::HEAP_TYPE_SYSTEM;
+    case HeapKind::kContiguous:
+      return v1::HEAP_TYPE_CONTIGUOUS;
+    case HeapKind::kCarveout:
+      return v1::HEAP_TYPE_CARVEOUT;
+  }
+  return v1::HEAP_TYPE_UNSPECIFIED;
+}
+
+v1::Backing ToProto(Backing backing) {
+  switch (backing) {
+    case Backing::kBasePages:
+      return v1::BACKING_BASE_PAGES;
+    case Backing::kThp:
+      return v1::BACKING_THP;
+    case Backing::kHugetlb2M:
+      return v1::BACKING_HUGETLB_2M;
+    case Backing::kHugetlb1G:
+      return v1::BACKING_HUGETLB_1G;
+  }
+  return v1::BACKING_UNSPECIFIED;
+}
+
+absl::Status ValidateName(absl::string_view name) {
+  if (name.size() > kMaxNameBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("name is ", name.size(), " bytes; at most ", kMaxNameBytes, " allowed"));
+  }
+  for (char c : name) {
+    if (c < 0x20 || c > 0x7e) {
+      return absl::InvalidArgumentError("name must be printable ASCII");
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+DaemonState::DaemonState(const HeapRegistry* heaps, Options options)
+    : heaps_(heaps), options_(std::move(options)) {}
+
+DaemonState::~DaemonState() {
+  std::vector<std::unique_ptr<HeapBuffer>> graveyard;
+  absl::MutexLock lock(&mu_);
+  for (auto& [id, buffer] : buffers_) graveyard.push_back(std::move(buffer->memory));
+}
+
+DaemonState::NewSession DaemonState::OpenSession(const PeerCredentials& peer, std::string comm) {
+  auto session = std::make_unique<Session>();
+  session->peer = peer;
+  session->comm = std::move(comm);
+  session->connected = absl::Now();
+  NewSession result;
+  result.secret = RandomBytes(16);
+  session->secret = absl::BytesToHexString(result.secret);
+  absl::MutexLock lock(&mu_);
+  session->id = result.id = next_session_id_++;
+  sessions_[result.id] = std::move(session);
+  return result;
+}
+
+void DaemonState::CloseSession(uint64_t session_id) {
+  std::vector<std::unique_ptr<HeapBuffer>> graveyard;
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(session_id);
+  if (it == sessions_.end()) return;
+  while (!it->second->handles.empty()) {
+    RemoveHandleLocked(it->second->handles.begin()->first, graveyard);
+  }
+  // What is left is charged by in-flight Allocates; they uncharge the uid
+  // themselves when they find the session gone.
+  sessions_.erase(it);
+}
+
+absl::StatusOr<uint64_t> DaemonState::Authenticate(absl::string_view metadata) const {
+  if (metadata.empty()) {
+    return absl::UnauthenticatedError(
+        "missing 'bufferd-session' metadata; open a session on fd.sock first");
+  }
+  size_t colon = metadata.find(':');
+  uint64_t id = 0;
+  if (colon == absl::string_view::npos || !absl::SimpleAtoi(metadata.substr(0, colon), &id) ||
+      metadata.size() - colon - 1 != 32) {
+    return absl::UnauthenticatedError(
+        "malformed 'bufferd-session' metadata; want <session id>:<32 hex digits>");
+  }
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) {
+    return absl::UnauthenticatedError(
+        absl::StrCat("session ", id, " is not live (it ended or never existed)"));
+  }
+  if (!ConstantTimeEquals(it->second->secret, metadata.substr(colon + 1))) {
+    return absl::UnauthenticatedError(absl::StrCat("wrong secret for session ", id));
+  }
+  return id;
+}
+
+absl::StatusOr<DaemonState::Session*> DaemonState::FindSessionLocked(uint64_t session_id) const {
+  auto it = sessions_.find(session_id);
+  if (it == sessions_.end()) {
+    return absl::UnauthenticatedError(absl::StrCat("session ", session_id, " has ended"));
+  }
+  return it->second.get();
+}
+
+uint64_t DaemonState::SessionQuota(const std::string& heap) const {
+  auto it = heap_quotas_.find(heap);
+  if (it != heap_quotas_.end() && it->second.first != 0) return it->second.first;
+  return options_.quotas.max_bytes_per_session();
+}
+
+uint64_t DaemonState::UidQuota(const std::string& heap) const {
+  auto it = heap_quotas_.find(heap);
+  if (it != heap_quotas_.end() && it->second.second != 0) return it->second.second;
+  return options_.quotas.max_bytes_per_uid();
+}
+
+void DaemonState::SetHeapQuotas(const std::string& heap, uint64_t per_session, uint64_t per_uid) {
+  heap_quotas_[heap] = {per_session, per_uid};
+}
+
+absl::Status DaemonState::ChargeLocked(Session& session, const std::string& heap, uint64_t bytes) {
+  const uint64_t session_max = SessionQuota(heap);
+  uint64_t& session_bytes = session.bytes[heap];
+  if (session_max != 0 && bytes > session_max - std::min(session_max, session_bytes)) {
+    uint64_t held = session_bytes;
+    if (held == 0) session.bytes.erase(heap);
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "quota max_bytes_per_session on heap '", heap, "': session ", session.id, " holds ",
+        FormatBytes(held), " of ", FormatBytes(session_max), ", asked for ", FormatBytes(bytes)));
+  }
+  const uint64_t uid_max = UidQuota(heap);
+  const auto uid_key = std::make_pair(session.peer.uid, heap);
+  uint64_t uid_held = 0;
+  if (auto it = uid_bytes_.find(uid_key); it != uid_bytes_.end()) uid_held = it->second;
+  if (uid_max != 0 && bytes > uid_max - std::min(uid_max, uid_held)) {
+    if (session_bytes == 0) session.bytes.erase(heap);
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "quota max_bytes_per_uid on heap '", heap, "': uid ", session.peer.uid, " holds ",
+        FormatBytes(uid_held), " of ", FormatBytes(uid_max), ", asked for ", FormatBytes(bytes)));
+  }
+  session_bytes += bytes;
+  uid_bytes_[uid_key] += bytes;
+  return absl::OkStatus();
+}
+
+void DaemonState::UnchargeLocked(uint64_t session_id, uid_t uid, const std::string& heap,
+                                 uint64_t bytes) {
+  if (auto it = sessions_.find(session_id); it != sessions_.end()) {
+    auto b = it->second->bytes.find(heap);
+    if (b != it->second->bytes.end() && (b->second -= bytes) == 0) it->second->bytes.erase(b);
+  }
+  auto u = uid_bytes_.find({uid, heap});
+  if (u != uid_bytes_.end() && (u->second -= bytes) == 0) uid_bytes_.erase(u);
+}
+
+absl::StatusOr<DaemonState::Grant> DaemonState::AddHandleLocked(Session& session, Buffer& buffer,
+                                                                v1::Access access) {
+  UniqueFd fd;
+  if (access == v1::ACCESS_READ_ONLY) {
+    // A new open file description, O_RDONLY: the holder cannot map it writable.
+    std::string path = absl::StrCat("/proc/self/fd/", buffer.memory->fd());
+    fd.Reset(RetryOnEintr([&] { return ::open(path.c_str(), O_RDONLY | O_CLOEXEC); }));
+    if (!fd.valid()) return ErrnoError("reopen buffer read-only", errno);
+  } else {
+    int dup = ::fcntl(buffer.memory->fd(), F_DUPFD_CLOEXEC, 0);
+    if (dup < 0) return ErrnoError("dup buffer fd", errno);
+    fd.Reset(dup);
+  }
+  Grant grant;
+  grant.handle = next_handle_id_++;
+  grant.transfer_id = next_transfer_id_++;
+  grant.buffer = buffer.info;
+  grant.access = access;
+  grant.fd = std::move(fd);
+  handles_[grant.handle] = Handle{grant.handle, session.id, buffer.info.buffer_id(), access};
+  session.handles[grant.handle] = buffer.info.buffer_id();
+  ++session.held[buffer.info.buffer_id()];
+  ++buffer.handle_count;
+  return grant;
+}
+
+bool DaemonState::RemoveHandleLocked(uint64_t handle_id,
+                                     std::vector<std::unique_ptr<HeapBuffer>>& graveyard) {
+  auto h = handles_.find(handle_id);
+  if (h == handles_.end()) return false;
+  const Handle handle = h->second;
+  handles_.erase(h);
+  auto b = buffers_.find(handle.buffer);
+  Buffer& buffer = *b->second;
+  if (auto s = sessions_.find(handle.session); s != sessions_.end()) {
+    Session& session = *s->second;
+    session.handles.erase(handle_id);
+    if (--session.held[handle.buffer] == 0) {
+      session.held.erase(handle.buffer);
+      UnchargeLocked(session.id, session.peer.uid, buffer.info.heap(), buffer.info.size());
+    }
+  }
+  if (--buffer.handle_count > 0) return false;
+  for (auto t = tokens_.begin(); t != tokens_.end();) {
+    t = t->second.buffer == handle.buffer ? tokens_.erase(t) : std::next(t);
+  }
+  graveyard.push_back(std::move(buffer.memory));
+  buffers_.erase(b);
+  --fds_in_use_;
+  return true;
+}
+
+absl::StatusOr<DaemonState::Handle*> DaemonState::FindHandleLocked(uint64_t session_id,
+                                                                   uint64_t handle_id) const {
+  auto it = handles_.find(handle_id);
+  if (it == handles_.end()) {
+    if (handle_id != 0 && handle_id < next_handle_id_) {
+      return absl::NotFoundError(
+          absl::StrCat("handle ", handle_id, " is not live (already released)"));
+    }
+    return absl::NotFoundError(absl::StrCat("no handle ", handle_id));
+  }
+  if (it->second.session != session_id) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("handle ", handle_id, " belongs to another session"));
+  }
+  return const_cast<Handle*>(&it->second);
+}
+
+absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
+                                                         const v1::AllocateRequest& request) {
+  ASSIGN_OR_RETURN(Heap * heap, heaps_->Get(request.heap()));
+  if (request.size() == 0) return absl::InvalidArgumentError("size must be greater than 0");
+  RETURN_IF_ERROR(ValidateName(request.name()));
+  const uint64_t page = heap->page_size();
+  if (request.size() > (uint64_t{1} << 62)) {
+    return absl::InvalidArgumentError(absl::StrCat("size ", request.size(), " is too large"));
+  }
+  const uint64_t rounded = (request.size() + page - 1) / page * page;
+  const uint64_t max_allocation = options_.quotas.max_allocation_bytes();
+  if (max_allocation != 0 && rounded > max_allocation) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "quota max_allocation_bytes: asked for ", FormatBytes(rounded), " on heap '",
+        heap->name(), "', the largest allowed allocation is ", FormatBytes(max_allocation)));
+  }
+  uid_t uid;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Session * session, FindSessionLocked(session_id));
+    const uint32_t max_buffers = options_.quotas.max_buffers_per_session();
+    if (max_buffers != 0 && session->handles.size() + session->pending >= max_buffers) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("quota max_buffers_per_session: session ", session_id, " holds ",
+                       session->handles.size(), " handles (max ", max_buffers, ")"));
+    }
+    if (fds_in_use_ >= options_.fd_budget) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "daemon fd budget reached: ", fds_in_use_, " of ", options_.fd_budget, " fds in use"));
+    }
+    RETURN_IF_ERROR(ChargeLocked(*session, heap->name(), rounded));
+    ++session->pending;
+    ++fds_in_use_;
+    uid = session->peer.uid;
+  }
+
+  absl::StatusOr<std::unique_ptr<HeapBuffer>> memory = heap->Allocate(request.size(), request.name());
+
+  std::vector<std::unique_ptr<HeapBuffer>> graveyard;
+  absl::MutexLock lock(&mu_);
+  auto s = sessions_.find(session_id);
+  Session* session = s == sessions_.end() ? nullptr : s->second.get();
+  if (session != nullptr) --session->pending;
+  if (!memory.ok() || session == nullptr) {
+    UnchargeLocked(session_id, uid, heap->name(), rounded);
+    --fds_in_use_;
+    if (!memory.ok()) return memory.status();
+    graveyard.push_back(*std::move(memory));
+    return absl::AbortedError(absl::StrCat("session ", session_id, " ended during Allocate"));
+  }
+  auto buffer = std::make_unique<Buffer>();
+  buffer->heap = heap;
+  buffer->memory = *std::move(memory);
+  v1::BufferInfo& info = buffer->info;
+  info.set_buffer_id(next_buffer_id_++);
+  info.set_heap(heap->name());
+  info.set_size(buffer->memory->size());
+  info.set_requested_size(request.size());
+  info.set_backing(ToProto(buffer->memory->backing()));
+  info.set_name(request.name());
+  info.set_creator_session(session_id);
+  *info.mutable_created_at() = ToProto(absl::Now());
+  Buffer& ref = *buffer;
+  buffers_[info.buffer_id()] = std::move(buffer);
+  absl::StatusOr<Grant> grant = AddHandleLocked(*session, ref, v1::ACCESS_READ_WRITE);
+  if (!grant.ok()) {
+    UnchargeLocked(session_id, uid, heap->name(), rounded);
+    graveyard.push_back(std::move(ref.memory));
+    buffers_.erase(ref.info.buffer_id());
+    --fds_in_use_;
+  }
+  return grant;
+}
+
+absl::StatusOr<bool> DaemonState::Release(uint64_t session_id, uint64_t handle) {
+  std::vector<std::unique_ptr<HeapBuffer>> graveyard;
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(FindSessionLocked(session_id).status());
+  RETURN_IF_ERROR(FindHandleLocked(session_id, handle).status());
+  return RemoveHandleLocked(handle, graveyard);
+}
+
+absl::StatusOr<v1::ExportResponse> DaemonState::Export(uint64_t session_id,
+                                                       const v1::ExportRequest& request) {
+  absl::Duration ttl = request.ttl_ms() == 0 ? options_.default_token_ttl
+                                             : absl::Milliseconds(request.ttl_ms());
+  if (ttl > kMaxTokenTtl) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ttl_ms ", request.ttl_ms(), " is above the maximum of 3600000 (1 hour)"));
+  }
+  std::string token = absl::BytesToHexString(RandomBytes(16));
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(FindSessionLocked(session_id).status());
+  ASSIGN_OR_RETURN(Handle * handle, FindHandleLocked(session_id, request.handle()));
+  v1::Access access = request.access() == v1::ACCESS_UNSPECIFIED ? handle->access : request.access();
+  if (access != v1::ACCESS_READ_ONLY && access != v1::ACCESS_READ_WRITE) {
+    return absl::InvalidArgumentError(absl::StrCat("unknown access ", request.access()));
+  }
+  if (handle->access == v1::ACCESS_READ_ONLY && access == v1::ACCESS_READ_WRITE) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "handle ", request.handle(), " is read-only; it cannot be exported read-write"));
+  }
+  Token& entry = tokens_[token];
+  entry.buffer = handle->buffer;
+  entry.access = access;
+  entry.expires = absl::Now() + ttl;
+  entry.exporter = session_id;
+  v1::ExportResponse response;
+  response.set_token(token);
+  *response.mutable_expires_at() = ToProto(entry.expires);
+  return response;
+}
+
+absl::StatusOr<DaemonState::Grant> DaemonState::Import(uint64_t session_id,
+                                                       absl::string_view token) {
+  if (token.empty()) return absl::InvalidArgumentError("token is empty");
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Session * session, FindSessionLocked(session_id));
+  auto it = tokens_.find(std::string(token));
+  if (it == tokens_.end()) return absl::NotFoundError("unknown share token");
+  Token& entry = it->second;
+  if (entry.used_by != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("share token was already used (by session ", entry.used_by, ")"));
+  }
+  const absl::Time now = absl::Now();
+  if (now >= entry.expires) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "share token expired ", absl::FormatDuration(absl::Trunc(now - entry.expires, absl::Milliseconds(1))), " ago"));
+  }
+  auto b = buffers_.find(entry.buffer);
+  if (b == buffers_.end()) {
+    return absl::NotFoundError(
+        absl::StrCat("buffer ", entry.buffer, " behind the share token was released"));
+  }
+  Buffer& buffer = *b->second;
+  const uint32_t max_buffers = options_.quotas.max_buffers_per_session();
+  if (max_buffers != 0 && session->handles.size() + session->pending >= max_buffers) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("quota max_buffers_per_session: session ", session_id, " holds ",
+                     session->handles.size(), " handles (max ", max_buffers, ")"));
+  }
+  const bool charge = session->held.count(entry.buffer) == 0;
+  if (charge) RETURN_IF_ERROR(ChargeLocked(*session, buffer.info.heap(), buffer.info.size()));
+  absl::StatusOr<Grant> grant = AddHandleLocked(*session, buffer, entry.access);
+  if (!grant.ok()) {
+    if (charge) {
+      UnchargeLocked(session_id, session->peer.uid, buffer.info.heap(), buffer.info.size());
+    }
+    return grant.status();
+  }
+  entry.used_by = session_id;
+  return grant;
+}
+
+absl::StatusOr<v1::GetBufferResponse> DaemonState::GetBuffer(uint64_t session_id,
+                                                             uint64_t handle_id) const {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(FindSessionLocked(session_id).status());
+  ASSIGN_OR_RETURN(Handle * handle, FindHandleLocked(session_id, handle_id));
+  const Buffer& buffer = *buffers_.at(handle->buffer);
+  v1::GetBufferResponse response;
+  *response.mutable_buffer() = buffer.info;
+  response.set_access(handle->access);
+  response.set_handle_count(static_cast<uint32_t>(buffer.handle_count));
+  return response;
+}
+
+void DaemonState::Housekeeping(absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  for (auto t = tokens_.begin(); t != tokens_.end();) {
+    t = now > t->second.expires + kTombstoneGrace ? tokens_.erase(t) : std::next(t);
+  }
+}
+
+v1::ListHeapsResponse DaemonState::ListHeaps() const {
+  v1::ListHeapsResponse response;
+  for (const auto& heap : heaps_->heaps()) {
+    HeapStats stats = heap->Stats();
+    v1::HeapInfo* info = response.add_heaps();
+    info->set_name(heap->name());
+    info->set_type(ToProto(heap->kind()));
+    info->set_page_size(stats.page_size);
+    info->set_capacity(stats.capacity);
+    info->set_used(stats.used);
+    info->set_peak(stats.peak);
+    info->set_buffer_count(stats.buffer_count);
+    info->set_allocations(stats.allocations);
+    info->set_failures(stats.failures);
+    info->set_backing(ToProto(stats.backing));
+    if (stats.hugepages.page_size != 0) {
+      v1::HugepagePool* pool = info->mutable_hugepages();
+      pool->set_page_size(stats.hugepages.page_size);
+      pool->set_total_pages(stats.hugepages.total);
+      pool->set_free_pages(stats.hugepages.free);
+      pool->set_reserved_pages(stats.hugepages.reserved);
+    }
+    info->set_reserved_resident(stats.reserved_resident);
+    info->set_locked(stats.locked);
+    info->set_note(stats.note);
+    for (const auto& [name, count] : stats.buffers_by_backing) {
+      (*info->mutable_buffers_by_backing())[name] = count;
+    }
+  }
+  const absl::Time now = absl::Now();
+  absl::MutexLock lock(&mu_);
+  response.set_live_buffers(buffers_.size());
+  response.set_live_handles(handles_.size());
+  uint64_t pending = 0;
+  for (const auto& [token, entry] : tokens_) pending += entry.used_by == 0 && now < entry.expires;
+  response.set_pending_tokens(pending);
+  response.set_fds_in_use(fds_in_use_);
+  response.set_fd_budget(options_.fd_budget);
+  return response;
+}
+
+std::vector<v1::ClientInfo> DaemonState::ListClients() const {
+  std::vector<v1::ClientInfo> clients;
+  absl::MutexLock lock(&mu_);
+  for (const auto& [id, session] : sessions_) {
+    v1::ClientInfo& info = clients.emplace_back();
+    info.set_session_id(id);
+    info.set_pid(static_cast<uint32_t>(session->peer.pid));
+    info.set_uid(session->peer.uid);
+    info.set_gid(session->peer.gid);
+    info.set_comm(session->comm);
+    for (const auto& [heap, bytes] : session->bytes) {
+      v1::HeapBytes* entry = info.add_bytes();
+      entry->set_heap(heap);
+      entry->set_bytes(bytes);
+    }
+    info.set_handles(static_cast<uint32_t>(session->handles.size()));
+    *info.mutable_connected_since() = ToProto(session->connected);
+  }
+  return clients;
+}
+
+v1::ListBuffersResponse DaemonState::ListBuffers(const v1::ListBuffersRequest& request) const {
+  v1::ListBuffersResponse response;
+  absl::MutexLock lock(&mu_);
+  std::map<uint64_t, std::vector<const Handle*>> holders;
+  for (const auto& [id, handle] : handles_) holders[handle.buffer].push_back(&handle);
+  for (const auto& [id, buffer] : buffers_) {
+    if (!request.heap().empty() && buffer->info.heap() != request.heap()) continue;
+    const auto& held_by = holders[id];
+    if (request.session_id() != 0 &&
+        std::none_of(held_by.begin(), held_by.end(),
+                     [&](const Handle* h) { return h->session == request.session_id(); })) {
+      continue;
+    }
+    v1::BufferDebugInfo* entry = response.add_buffers();
+    *entry->mutable_buffer() = buffer->info;
+    for (const Handle* h : held_by) {
+      v1::BufferHolder* holder = entry->add_holders();
+      holder->set_session_id(h->session);
+      holder->set_handle(h->id);
+      holder->set_access(h->access);
+      if (auto s = sessions_.find(h->session); s != sessions_.end()) {
+        holder->set_pid(static_cast<uint32_t>(s->second->peer.pid));
+        holder->set_comm(s->second->comm);
+      }
+    }
+  }
+  return response;
+}
+
+std::string DaemonState::Metrics() const {
+  v1::ListHeapsResponse heaps = ListHeaps();
+  std::string out;
+  auto family = [&out](absl::string_view name, absl::string_view type, absl::string_view help) {
+    absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " ", type, "\n");
+  };
+  struct Metric {
+    const char* name;
+    const char* type;
+    const char* help;
+    uint64_t (v1::HeapInfo::*get)() const;
+  };
+  static const Metric kHeapMetrics[] = {
+      {"bufferd_heap_capacity_bytes", "gauge", "Heap capacity (0 = unbounded).",
+       &v1::HeapInfo::capacity},
+      {"bufferd_heap_used_bytes", "gauge", "Bytes in live buffers.", &v1::HeapInfo::used},
+      {"bufferd_heap_peak_bytes", "gauge", "Highest used bytes since start.", &v1::HeapInfo::peak},
+      {"bufferd_heap_buffers", "gauge", "Live buffers.", &v1::HeapInfo::buffer_count},
+      {"bufferd_heap_allocations_total", "counter", "Successful allocations.",
+       &v1::HeapInfo::allocations},
+      {"bufferd_heap_allocation_failures_total", "counter", "Failed allocations.",
+       &v1::HeapInfo::failures},
+  };
+  for (const Metric& metric : kHeapMetrics) {
+    family(metric.name, metric.type, metric.help);
+    for (const v1::HeapInfo& heap : heaps.heaps()) {
+      absl::StrAppend(&out, metric.name, "{heap=\"", heap.name(), "\"} ", (heap.*metric.get)(),
+                      "\n");
+    }
+  }
+  uint64_t sessions;
+  {
+    absl::MutexLock lock(&mu_);
+    sessions = sessions_.size();
+  }
+  family("bufferd_sessions", "gauge", "Connected client sessions.");
+  absl::StrAppend(&out, "bufferd_sessions ", sessions, "\n");
+  family("bufferd_buffers", "gauge", "Live buffers in all heaps.");
+  absl::StrAppend(&out, "bufferd_buffers ", heaps.live_buffers(), "\n");
+  family("bufferd_handles", "gauge", "Live buffer handles.");
+  absl::StrAppend(&out, "bufferd_handles ", heaps.live_handles(), "\n");
+  family("bufferd_fds_in_use", "gauge", "fds held for buffers and fences.");
+  absl::StrAppend(&out, "bufferd_fds_in_use ", heaps.fds_in_use(), "\n");
+  family("bufferd_fd_budget", "gauge", "Configured fd budget.");
+  absl::StrAppend(&out, "bufferd_fd_budget ", heaps.fd_budget(), "\n");
+  return out;
+}
+
+}  // namespace bufferd
