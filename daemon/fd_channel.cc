@@ -1,5 +1,6 @@
 #include "daemon/fd_channel.h"
 
+#include <fcntl.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -32,6 +33,11 @@ FdChannel::~FdChannel() { Stop(); }
 
 absl::Status FdChannel::Start(UnixSocket listener) {
   listener_ = std::move(listener);
+  // AcceptAll drains the backlog until EAGAIN.
+  int flags = ::fcntl(listener_.fd(), F_GETFL);
+  if (flags < 0 || ::fcntl(listener_.fd(), F_SETFL, flags | O_NONBLOCK) != 0) {
+    return ErrnoError("fcntl(O_NONBLOCK) on fd.sock", errno);
+  }
   epoll_.Reset(::epoll_create1(EPOLL_CLOEXEC));
   if (!epoll_.valid()) return ErrnoError("epoll_create1", errno);
   wake_.Reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));

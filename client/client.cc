@@ -1,0 +1,194 @@
+#include "client/client.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+
+#include <cerrno>
+
+#include "absl/strings/str_cat.h"
+#include "base/errno_status.h"
+#include "base/unix_socket.h"
+#include "client/connection.h"
+
+namespace bufferd {
+namespace {
+
+using internal::FromGrpcStatus;
+
+v1::Access ToProto(Access access) {
+  return access == Access::kReadOnly ? v1::ACCESS_READ_ONLY : v1::ACCESS_READ_WRITE;
+}
+
+// Checks that a delivered fd is what the daemon said: the right open mode
+// and size.
+absl::Status CheckFd(int fd, Access access, uint64_t size) {
+  int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0) return ErrnoError("fcntl(F_GETFL) on delivered fd", errno);
+  int want = access == Access::kReadOnly ? O_RDONLY : O_RDWR;
+  if ((flags & O_ACCMODE) != want) {
+    return absl::InternalError(absl::StrCat("delivered fd has access mode ", flags & O_ACCMODE,
+                                            ", expected ", want));
+  }
+  struct stat st{};
+  if (::fstat(fd, &st) != 0) return ErrnoError("fstat on delivered fd", errno);
+  if (static_cast<uint64_t>(st.st_size) != size) {
+    return absl::InternalError(
+        absl::StrCat("delivered fd is ", st.st_size, " bytes, expected ", size));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+Buffer::Buffer(std::shared_ptr<internal::Connection> connection, uint64_t handle,
+               v1::BufferInfo info, Access access, UniqueFd fd)
+    : connection_(std::move(connection)),
+      handle_(handle),
+      info_(std::move(info)),
+      access_(access),
+      fd_(std::move(fd)) {}
+
+Buffer::Buffer(Buffer&& other) noexcept
+    : connection_(std::move(other.connection_)),
+      handle_(std::exchange(other.handle_, 0)),
+      info_(std::move(other.info_)),
+      access_(other.access_),
+      fd_(std::move(other.fd_)) {}
+
+Buffer& Buffer::operator=(Buffer&& other) noexcept {
+  if (this != &other) {
+    (void)Release();
+    connection_ = std::move(other.connection_);
+    handle_ = std::exchange(other.handle_, 0);
+    info_ = std::move(other.info_);
+    access_ = other.access_;
+    fd_ = std::move(other.fd_);
+  }
+  return *this;
+}
+
+Buffer::~Buffer() { (void)Release(); }
+
+absl::Status Buffer::Release() {
+  fd_.Reset();
+  if (handle_ == 0 || connection_ == nullptr) return absl::OkStatus();
+  v1::ReleaseRequest request;
+  request.set_handle(std::exchange(handle_, 0));
+  v1::ReleaseResponse response;
+  auto context = connection_->NewContext();
+  return FromGrpcStatus(connection_->allocator().Release(context.get(), request, &response));
+}
+
+absl::StatusOr<Mapping> Buffer::Map() const {
+  if (!fd_.valid()) return absl::FailedPreconditionError("buffer was released");
+  return Mapping::Create(fd_.get(), size(),
+                         access_ == Access::kReadWrite ? Mapping::Protection::kReadWrite
+                                                       : Mapping::Protection::kReadOnly);
+}
+
+absl::StatusOr<Mapping> Buffer::MapReadOnly() const {
+  if (!fd_.valid()) return absl::FailedPreconditionError("buffer was released");
+  return Mapping::Create(fd_.get(), size(), Mapping::Protection::kReadOnly);
+}
+
+absl::StatusOr<std::string> Buffer::Export(Access access, absl::Duration ttl) const {
+  if (handle_ == 0) return absl::FailedPreconditionError("buffer was released");
+  v1::ExportRequest request;
+  request.set_handle(handle_);
+  request.set_access(ToProto(access));
+  request.set_ttl_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(ttl)));
+  v1::ExportResponse response;
+  auto context = connection_->NewContext();
+  RETURN_IF_ERROR(
+      FromGrpcStatus(connection_->allocator().Export(context.get(), request, &response)));
+  return response.token();
+}
+
+absl::StatusOr<Client> Client::Connect(const std::string& socket_dir, Options options) {
+  ASSIGN_OR_RETURN(std::shared_ptr<internal::Connection> connection,
+                   internal::Connection::Open(socket_dir, options.timeout));
+  return Client(std::move(connection));
+}
+
+absl::StatusOr<Client> Client::Connect(const std::string& socket_dir) {
+  return Connect(socket_dir, Options{});
+}
+
+absl::StatusOr<Client> Client::Connect() { return Connect(DefaultSocketDir()); }
+
+Client::Client(std::shared_ptr<internal::Connection> connection)
+    : connection_(std::move(connection)) {}
+Client::Client(Client&&) noexcept = default;
+Client& Client::operator=(Client&&) noexcept = default;
+Client::~Client() = default;
+
+uint64_t Client::session_id() const { return connection_->session_id(); }
+
+void Client::Close() { connection_->Close(); }
+
+absl::StatusOr<Buffer> Client::Allocate(const AllocateOptions& options) const {
+  v1::AllocateRequest request;
+  request.set_heap(options.heap);
+  request.set_size(options.size);
+  request.set_name(options.name);
+  v1::AllocateResponse response;
+  auto context = connection_->NewContext();
+  RETURN_IF_ERROR(
+      FromGrpcStatus(connection_->allocator().Allocate(context.get(), request, &response)));
+  // From here the daemon holds a handle for us: the Buffer (or its
+  // destructor on an error path) releases it.
+  Buffer buffer(connection_, response.handle(), response.buffer(), Access::kReadWrite, UniqueFd());
+  ASSIGN_OR_RETURN(buffer.fd_, connection_->TakeFd(response.transfer_id()));
+  RETURN_IF_ERROR(CheckFd(buffer.fd(), Access::kReadWrite, buffer.size()));
+  return buffer;
+}
+
+absl::StatusOr<Buffer> Client::Import(absl::string_view token) const {
+  v1::ImportRequest request;
+  request.set_token(std::string(token));
+  v1::ImportResponse response;
+  auto context = connection_->NewContext();
+  RETURN_IF_ERROR(
+      FromGrpcStatus(connection_->allocator().Import(context.get(), request, &response)));
+  const Access access =
+      response.access() == v1::ACCESS_READ_ONLY ? Access::kReadOnly : Access::kReadWrite;
+  Buffer buffer(connection_, response.handle(), response.buffer(), access, UniqueFd());
+  ASSIGN_OR_RETURN(buffer.fd_, connection_->TakeFd(response.transfer_id()));
+  RETURN_IF_ERROR(CheckFd(buffer.fd(), access, buffer.size()));
+  return buffer;
+}
+
+absl::StatusOr<v1::ListHeapsResponse> Client::ListHeaps() const {
+  v1::ListHeapsResponse response;
+  auto context = connection_->NewContext();
+  RETURN_IF_ERROR(FromGrpcStatus(
+      connection_->debug().ListHeaps(context.get(), v1::ListHeapsRequest(), &response)));
+  return response;
+}
+
+absl::StatusOr<v1::ListClientsResponse> Client::ListClients() const {
+  v1::ListClientsResponse response;
+  auto context = connection_->NewContext();
+  RETURN_IF_ERROR(FromGrpcStatus(
+      connection_->debug().ListClients(context.get(), v1::ListClientsRequest(), &response)));
+  return response;
+}
+
+absl::StatusOr<v1::ListBuffersResponse> Client::ListBuffers(
+    const v1::ListBuffersRequest& request) const {
+  v1::ListBuffersResponse response;
+  auto context = connection_->NewContext();
+  RETURN_IF_ERROR(
+      FromGrpcStatus(connection_->debug().ListBuffers(context.get(), request, &response)));
+  return response;
+}
+
+absl::StatusOr<std::string> Client::Metrics() const {
+  v1::GetMetricsResponse response;
+  auto context = connection_->NewContext();
+  RETURN_IF_ERROR(FromGrpcStatus(
+      connection_->debug().GetMetrics(context.get(), v1::GetMetricsRequest(), &response)));
+  return response.text();
+}
+
+}  // namespace bufferd

@@ -1,0 +1,135 @@
+// bufferd client library: allocate, share and map buffers through the daemon.
+//
+//   absl::StatusOr<bufferd::Client> client = bufferd::Client::Connect();
+//   absl::StatusOr<bufferd::Buffer> buffer =
+//       client->Allocate({.heap = "system", .size = 1 << 20, .name = "frame"});
+//   absl::StatusOr<bufferd::Mapping> bytes = buffer->Map();
+//   absl::StatusOr<std::string> token = buffer->Export(bufferd::Access::kReadOnly);
+//   // ... in another process:
+//   absl::StatusOr<bufferd::Buffer> shared = other_client->Import(*token);
+//
+// Errors are absl::Status carrying the daemon's gRPC code and message. The
+// library reads fd.sock itself and pairs each delivered fd with its RPC; users
+// never see transfer ids. Every received fd's access mode and size are checked.
+//
+// Thread-safety: a Client may be used from many threads at once. A Buffer is
+// a value owned by one thread at a time (like std::unique_ptr); different
+// Buffers may be used concurrently. Buffers keep their connection alive, so
+// they may outlive the Client they came from.
+#ifndef BUFFERD_CLIENT_CLIENT_H_
+#define BUFFERD_CLIENT_CLIENT_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "base/mapping.h"
+#include "base/unique_fd.h"
+#include "bufferd/v1/buffer.pb.h"
+#include "bufferd/v1/debug.pb.h"
+
+namespace bufferd {
+
+namespace internal {
+class Connection;
+}  // namespace internal
+
+// How the holder of a buffer may use it.
+enum class Access { kReadWrite, kReadOnly };
+
+struct AllocateOptions {
+  std::string heap = "system";
+  uint64_t size = 0;
+  // Debug name (shown by bufctl and in /proc/<pid>/maps).
+  std::string name;
+};
+
+// One handle on a buffer, with this process's own fd for it. Destroying (or
+// Release()-ing) it drops the handle and closes the fd; mappings made with
+// Map() stay valid until they are destroyed.
+class Buffer {
+ public:
+  Buffer(Buffer&&) noexcept;
+  Buffer& operator=(Buffer&&) noexcept;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer();
+
+  uint64_t id() const { return info_.buffer_id(); }
+  uint64_t handle() const { return handle_; }
+  // Bytes, rounded up to the heap's page size.
+  uint64_t size() const { return info_.size(); }
+  const std::string& heap() const { return info_.heap(); }
+  const std::string& name() const { return info_.name(); }
+  Access access() const { return access_; }
+  // What really backs the pages ("base_pages", "thp", "hugetlb_2m", ...).
+  const v1::BufferInfo& info() const { return info_; }
+  // Borrowed; O_RDWR for kReadWrite, O_RDONLY for kReadOnly.
+  int fd() const { return fd_.get(); }
+
+  // Maps the whole buffer: read-write if access() allows, else read-only.
+  absl::StatusOr<Mapping> Map() const;
+  absl::StatusOr<Mapping> MapReadOnly() const;
+
+  // A single-use share token another session redeems with Client::Import.
+  // `ttl` zero means the daemon's default (30 s).
+  absl::StatusOr<std::string> Export(Access access, absl::Duration ttl = absl::ZeroDuration()) const;
+
+  // Drops the handle now (returns the daemon's answer) and closes the fd.
+  absl::Status Release();
+
+ private:
+  friend class Client;
+  Buffer(std::shared_ptr<internal::Connection> connection, uint64_t handle, v1::BufferInfo info,
+         Access access, UniqueFd fd);
+
+  std::shared_ptr<internal::Connection> connection_;
+  uint64_t handle_ = 0;
+  v1::BufferInfo info_;
+  Access access_ = Access::kReadWrite;
+  UniqueFd fd_;
+};
+
+class Client {
+ public:
+  struct Options {
+    // How long to wait for the daemon's hello and for each delivered fd.
+    absl::Duration timeout = absl::Seconds(10);
+  };
+
+  // Opens a session: connects fd.sock (reads the hello) and control.sock.
+  static absl::StatusOr<Client> Connect(const std::string& socket_dir, Options options);
+  static absl::StatusOr<Client> Connect(const std::string& socket_dir);
+  // The default socket dir ($XDG_RUNTIME_DIR/bufferd or /run/bufferd).
+  static absl::StatusOr<Client> Connect();
+
+  Client(Client&&) noexcept;
+  Client& operator=(Client&&) noexcept;
+  ~Client();
+
+  absl::StatusOr<Buffer> Allocate(const AllocateOptions& options) const;
+  absl::StatusOr<Buffer> Import(absl::string_view token) const;
+
+  uint64_t session_id() const;
+
+  // Debug service (what bufctl shows).
+  absl::StatusOr<v1::ListHeapsResponse> ListHeaps() const;
+  absl::StatusOr<v1::ListClientsResponse> ListClients() const;
+  absl::StatusOr<v1::ListBuffersResponse> ListBuffers(const v1::ListBuffersRequest& request = {}) const;
+  absl::StatusOr<std::string> Metrics() const;
+
+  // Ends the session now (the daemon releases every handle of it). Buffers
+  // still alive keep their fds but their Release() will fail.
+  void Close();
+
+ private:
+  explicit Client(std::shared_ptr<internal::Connection> connection);
+  std::shared_ptr<internal::Connection> connection_;
+};
+
+}  // namespace bufferd
+
+#endif  // BUFFERD_CLIENT_CLIENT_H_

@@ -1,0 +1,68 @@
+// internal::Connection: one session's sockets, stubs and fd mailbox. Private to
+// the client library.
+#ifndef BUFFERD_CLIENT_CONNECTION_H_
+#define BUFFERD_CLIENT_CONNECTION_H_
+
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "base/unique_fd.h"
+#include "base/unix_socket.h"
+#include "bufferd/v1/buffer.grpc.pb.h"
+#include "bufferd/v1/debug.grpc.pb.h"
+#include "grpcpp/client_context.h"
+#include "grpcpp/support/status.h"
+
+namespace bufferd::internal {
+
+// grpc::Status -> absl::Status, the client's one conversion point.
+absl::Status FromGrpcStatus(const grpc::Status& status);
+
+// Thread-safe.
+class Connection {
+ public:
+  static absl::StatusOr<std::shared_ptr<Connection>> Open(const std::string& socket_dir,
+                                                          absl::Duration timeout);
+  ~Connection();
+
+  // A context carrying the session metadata.
+  std::unique_ptr<grpc::ClientContext> NewContext() const;
+
+  // Waits for the fd delivered under `transfer_id`.
+  absl::StatusOr<UniqueFd> TakeFd(uint64_t transfer_id);
+
+  // Shuts fd.sock down: the daemon ends the session.
+  void Close();
+
+  uint64_t session_id() const { return session_id_; }
+  v1::Allocator::Stub& allocator() const { return *allocator_; }
+  v1::Debug::Stub& debug() const { return *debug_; }
+
+ private:
+  Connection() = default;
+  void ReadLoop();
+
+  UnixSocket fd_socket_;
+  uint64_t session_id_ = 0;
+  std::string metadata_;
+  absl::Duration timeout_;
+  std::unique_ptr<v1::Allocator::Stub> allocator_;
+  std::unique_ptr<v1::Debug::Stub> debug_;
+  std::thread reader_;
+
+  absl::Mutex mu_;
+  std::map<uint64_t, UniqueFd> arrived_ ABSL_GUARDED_BY(mu_);
+  // Why the reader stopped (daemon gone, protocol error); OK while running.
+  absl::Status reader_status_ ABSL_GUARDED_BY(mu_);
+  bool reader_done_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace bufferd::internal
+
+#endif  // BUFFERD_CLIENT_CONNECTION_H_

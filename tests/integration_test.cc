@@ -1,0 +1,458 @@
+// End-to-end tests: a real bufferd on a temporary socket dir, the real client
+// library, and a second real process (tests/peer) where sharing is involved.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "base/unix_socket.h"
+#include "bufferd/v1/buffer.grpc.pb.h"
+#include "bufferd/v1/fd_channel.pb.h"
+#include "client/client.h"
+#include "grpcpp/create_channel.h"
+#include "tests/test_daemon.h"
+
+namespace bufferd {
+namespace {
+
+using ::bufferd::testing::Peer;
+using ::bufferd::testing::TestDaemon;
+
+constexpr uint64_t kMiB = 1 << 20;
+
+// Polls `condition` for up to 5 s.
+template <typename F>
+bool Eventually(F condition) {
+  for (int i = 0; i < 500; ++i) {
+    if (condition()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return condition();
+}
+
+class IntegrationTest : public ::testing::Test {
+ protected:
+  void StartDaemon(const std::string& config = "") {
+    auto daemon = TestDaemon::Start(config);
+    ASSERT_TRUE(daemon.ok()) << daemon.status();
+    daemon_ = *std::move(daemon);
+    auto client = daemon_->Connect();
+    ASSERT_TRUE(client.ok()) << client.status();
+    client_ = std::make_unique<Client>(*std::move(client));
+    // gRPC connects lazily: make one call so its connection is in the baseline.
+    ASSERT_TRUE(client_->ListHeaps().ok());
+    // The daemon has settled: every later check compares to this.
+    baseline_fds_ = daemon_->OpenFds();
+  }
+  void SetUp() override { StartDaemon(); }
+
+  uint64_t LiveBuffers() {
+    auto heaps = client_->ListHeaps();
+    EXPECT_TRUE(heaps.ok()) << heaps.status();
+    return heaps.ok() ? heaps->live_buffers() : ~0ull;
+  }
+
+  // No buffer, handle or fd leaked: the daemon is back where it started.
+  void ExpectBaseline() {
+    EXPECT_TRUE(Eventually([&] { return LiveBuffers() == 0; })) << LiveBuffers();
+    EXPECT_TRUE(Eventually([&] { return daemon_->OpenFds() == baseline_fds_; }))
+        << daemon_->OpenFds() << " fds open, baseline " << baseline_fds_;
+    auto heaps = client_->ListHeaps();
+    ASSERT_TRUE(heaps.ok());
+    EXPECT_EQ(heaps->live_handles(), 0u);
+    EXPECT_EQ(heaps->fds_in_use(), 0u);
+    for (const auto& heap : heaps->heaps()) EXPECT_EQ(heap.used(), 0u) << heap.name();
+  }
+
+  std::unique_ptr<TestDaemon> daemon_;
+  std::unique_ptr<Client> client_;
+  int baseline_fds_ = 0;
+};
+
+// Tests the whole sharing path across two processes: allocate, write a
+// pattern, export read-only, import in a peer process, read the pattern back;
+// the peer cannot map it writable.
+TEST_F(IntegrationTest, ShareReadOnlyWithAnotherProcess) {
+  auto buffer = client_->Allocate({.heap = "system", .size = kMiB + 5, .name = "frame0"});
+  ASSERT_TRUE(buffer.ok()) << buffer.status();
+  EXPECT_EQ(buffer->size(), kMiB + 4096);
+  EXPECT_EQ(buffer->info().backing(), v1::BACKING_BASE_PAGES);
+  {
+    auto map = buffer->Map();
+    ASSERT_TRUE(map.ok()) << map.status();
+    std::memset(map->data(), 0xa5, map->size());
+  }
+  auto token = buffer->Export(Access::kReadOnly);
+  ASSERT_TRUE(token.ok()) << token.status();
+  EXPECT_EQ(token->size(), 32u);
+
+  auto peer = Peer::Spawn({"read", daemon_->socket_dir(), *token, "165"});
+  ASSERT_TRUE(peer.ok());
+  EXPECT_EQ(peer->ReadLine(), absl::StrCat("imported size=", kMiB + 4096, " access=ro"));
+  EXPECT_EQ(peer->ReadLine(), "mismatched=0");
+  EXPECT_EQ(peer->ReadLine(), "writable_map=EACCES");
+  EXPECT_EQ(peer->Wait(), 0);
+
+  ASSERT_TRUE(buffer->Release().ok());
+  ExpectBaseline();
+}
+
+// Tests that a read-write import shares writes both ways.
+TEST_F(IntegrationTest, ReadWriteImportSharesWrites) {
+  auto buffer = client_->Allocate({.heap = "system", .size = 64 * 1024, .name = "rw"});
+  ASSERT_TRUE(buffer.ok()) << buffer.status();
+  auto token = buffer->Export(Access::kReadWrite);
+  ASSERT_TRUE(token.ok());
+  auto peer = Peer::Spawn({"write", daemon_->socket_dir(), *token, "119"});
+  ASSERT_TRUE(peer.ok());
+  EXPECT_EQ(peer->ReadLine(), "imported size=65536 access=rw");
+  EXPECT_EQ(peer->ReadLine(), "written");
+  EXPECT_EQ(peer->Wait(), 0);
+  auto map = buffer->Map();
+  ASSERT_TRUE(map.ok());
+  for (size_t i = 0; i < map->size(); i += 4096) ASSERT_EQ(map->data()[i], 119) << i;
+  buffer = absl::InternalError("dropped");
+  ExpectBaseline();
+}
+
+// Tests that kill -9 of a client releases everything it held, and that the
+// daemon keeps serving.
+TEST_F(IntegrationTest, KillDashNineReleasesBuffers) {
+  auto peer = Peer::Spawn({"hold", daemon_->socket_dir(), "system", "1000000", "3"});
+  ASSERT_TRUE(peer.ok());
+  std::string ready = peer->ReadLine();
+  ASSERT_EQ(ready.rfind("ready session=", 0), 0u) << ready;
+  EXPECT_EQ(LiveBuffers(), 3u);
+  auto clients = client_->ListClients();
+  ASSERT_TRUE(clients.ok());
+  bool seen = false;
+  for (const auto& c : clients->clients()) {
+    if (static_cast<pid_t>(c.pid()) == peer->pid()) {
+      seen = true;
+      EXPECT_EQ(c.comm(), "peer");
+      EXPECT_EQ(c.handles(), 3u);
+      ASSERT_EQ(c.bytes_size(), 1);
+      EXPECT_EQ(c.bytes(0).bytes(), 3 * 1003520u);
+    }
+  }
+  EXPECT_TRUE(seen);
+  peer->Kill(SIGKILL);
+  EXPECT_EQ(peer->Wait(), 128 + SIGKILL);
+  ExpectBaseline();
+  auto again = client_->Allocate({.heap = "system", .size = 4096, .name = "after"});
+  EXPECT_TRUE(again.ok()) << again.status();
+}
+
+// Tests the bad Allocate inputs: each gets its precise code and a message
+// naming the problem, and nothing leaks.
+TEST_F(IntegrationTest, BadAllocateInputs) {
+  struct Case {
+    AllocateOptions options;
+    absl::StatusCode code;
+    std::string message_part;
+  } cases[] = {
+      {{.heap = "system", .size = 0},
+       absl::StatusCode::kInvalidArgument,
+       "size must be greater than 0"},
+      {{.heap = "nope", .size = 4096},
+       absl::StatusCode::kNotFound,
+       "unknown heap 'nope' (heaps: system, contiguous, carveout)"},
+      {{.heap = "system", .size = 2ull << 30},
+       absl::StatusCode::kResourceExhausted,
+       "quota max_allocation_bytes"},
+      {{.heap = "carveout", .size = 65 * kMiB},
+       absl::StatusCode::kResourceExhausted,
+       "heap 'carveout' has 64 MiB free of 64 MiB, asked for 65 MiB"},
+      {{.heap = "system", .size = 1ull << 63}, absl::StatusCode::kInvalidArgument, "too large"},
+      {{.heap = "system", .size = 10, .name = std::string(300, 'n')},
+       absl::StatusCode::kInvalidArgument,
+       "name is 300 bytes"},
+      {{.heap = "system", .size = 10, .name = "bad\nname"},
+       absl::StatusCode::kInvalidArgument,
+       "printable ASCII"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.message_part);
+    auto buffer = client_->Allocate(c.options);
+    ASSERT_FALSE(buffer.ok());
+    EXPECT_EQ(buffer.status().code(), c.code) << buffer.status();
+    EXPECT_NE(buffer.status().message().find(c.message_part), absl::string_view::npos)
+        << buffer.status();
+  }
+  ExpectBaseline();
+}
+
+// Tests Release of unknown, foreign and already released handles.
+TEST_F(IntegrationTest, BadReleases) {
+  {
+    auto other = daemon_->Connect();
+    ASSERT_TRUE(other.ok());
+    auto theirs = other->Allocate({.heap = "system", .size = 4096, .name = "theirs"});
+    ASSERT_TRUE(theirs.ok());
+    auto mine = client_->Allocate({.heap = "system", .size = 4096, .name = "mine"});
+    ASSERT_TRUE(mine.ok());
+    const uint64_t mine_handle = mine->handle();
+    ASSERT_TRUE(mine->Release().ok());
+
+    // The library never sends a handle it does not own, so this uses a raw
+    // session (fd.sock hello + gRPC stub) to send bad handles.
+    struct Case {
+      uint64_t handle;
+      absl::StatusCode code;
+      std::string part;
+    } cases[] = {
+        {999999, absl::StatusCode::kNotFound, "no handle 999999"},
+        {mine_handle, absl::StatusCode::kNotFound, "already released"},
+        {theirs->handle(), absl::StatusCode::kPermissionDenied, "belongs to another session"},
+    };
+    auto hello = UnixSocket::ConnectSeqPacket(FdSocketPath(daemon_->socket_dir()));
+    ASSERT_TRUE(hello.ok());
+    auto received = hello->RecvWithFds();
+    ASSERT_TRUE(received.ok());
+    v1::FdChannelMessage message;
+    ASSERT_TRUE(message.ParseFromString(received->bytes));
+    const std::string metadata = absl::StrCat(message.hello().session_id(), ":",
+                                              absl::BytesToHexString(message.hello().secret()));
+    auto stub = v1::Allocator::NewStub(
+        grpc::CreateChannel(absl::StrCat("unix:", ControlSocketPath(daemon_->socket_dir())),
+                            grpc::InsecureChannelCredentials()));
+    for (const Case& c : cases) {
+      SCOPED_TRACE(c.part);
+      grpc::ClientContext context;
+      context.AddMetadata("bufferd-session", metadata);
+      v1::ReleaseRequest request;
+      request.set_handle(c.handle);
+      v1::ReleaseResponse response;
+      grpc::Status status = stub->Release(&context, request, &response);
+      EXPECT_EQ(static_cast<int>(status.error_code()), static_cast<int>(c.code))
+          << status.error_message();
+      EXPECT_NE(status.error_message().find(c.part), std::string::npos) << status.error_message();
+    }
+    // The foreign handle still works for its owner.
+    EXPECT_TRUE(theirs->Map().ok());
+    ASSERT_TRUE(theirs->Release().ok());
+  }
+  ExpectBaseline();
+}
+
+// Tests import of unknown, used and expired tokens, and read-only re-export.
+TEST_F(IntegrationTest, BadImports) {
+  {
+    auto buffer = client_->Allocate({.heap = "system", .size = 4096, .name = "tok"});
+    ASSERT_TRUE(buffer.ok());
+    auto other = daemon_->Connect();
+    ASSERT_TRUE(other.ok());
+
+    auto unknown = other->Import("00000000000000000000000000000000");
+    EXPECT_EQ(unknown.status().code(), absl::StatusCode::kNotFound) << unknown.status();
+    EXPECT_EQ(unknown.status().message(), "unknown share token");
+    EXPECT_EQ(other->Import("").status().code(), absl::StatusCode::kInvalidArgument);
+
+    auto token = buffer->Export(Access::kReadOnly);
+    ASSERT_TRUE(token.ok());
+    auto imported = other->Import(*token);
+    ASSERT_TRUE(imported.ok()) << imported.status();
+    auto reused = other->Import(*token);
+    EXPECT_EQ(reused.status().code(), absl::StatusCode::kFailedPrecondition) << reused.status();
+    EXPECT_NE(reused.status().message().find("already used"), absl::string_view::npos);
+
+    auto rw_from_ro = imported->Export(Access::kReadWrite);
+    EXPECT_EQ(rw_from_ro.status().code(), absl::StatusCode::kPermissionDenied)
+        << rw_from_ro.status();
+
+    auto short_lived = buffer->Export(Access::kReadWrite, absl::Milliseconds(1));
+    ASSERT_TRUE(short_lived.ok());
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    auto expired = other->Import(*short_lived);
+    EXPECT_EQ(expired.status().code(), absl::StatusCode::kFailedPrecondition) << expired.status();
+    EXPECT_NE(expired.status().message().find("expired"), absl::string_view::npos);
+
+    auto too_long = buffer->Export(Access::kReadWrite, absl::Hours(2));
+    EXPECT_EQ(too_long.status().code(), absl::StatusCode::kInvalidArgument);
+
+    // A token does not keep a buffer alive.
+    auto orphan = buffer->Export(Access::kReadWrite);
+    ASSERT_TRUE(orphan.ok());
+    ASSERT_TRUE(buffer->Release().ok());
+    ASSERT_TRUE(imported->Release().ok());
+    auto gone = other->Import(*orphan);
+    EXPECT_EQ(gone.status().code(), absl::StatusCode::kNotFound) << gone.status();
+  }
+  ExpectBaseline();
+}
+
+// Tests that calls without, or with wrong, session metadata are refused.
+TEST_F(IntegrationTest, MissingOrWrongSessionMetadata) {
+  auto stub = v1::Allocator::NewStub(
+      grpc::CreateChannel(absl::StrCat("unix:", ControlSocketPath(daemon_->socket_dir())),
+                          grpc::InsecureChannelCredentials()));
+  const std::string wrong_secret = absl::StrCat(client_->session_id(), ":", std::string(32, '0'));
+  struct Case {
+    std::string metadata;
+    std::string part;
+  } cases[] = {
+      {"", "missing 'bufferd-session' metadata"},
+      {"garbage", "malformed"},
+      {"12345:00000000000000000000000000000000", "session 12345 is not live"},
+      {wrong_secret, "wrong secret"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.part);
+    grpc::ClientContext context;
+    if (!c.metadata.empty()) context.AddMetadata("bufferd-session", c.metadata);
+    v1::AllocateRequest request;
+    request.set_heap("system");
+    request.set_size(4096);
+    v1::AllocateResponse response;
+    grpc::Status status = stub->Allocate(&context, request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+    EXPECT_NE(status.error_message().find(c.part), std::string::npos) << status.error_message();
+  }
+  ExpectBaseline();
+}
+
+// Tests that a client closing fd.sock while its Allocates are in flight
+// leaks nothing and never gets anything but OK or a session-ended error.
+TEST_F(IntegrationTest, ClosingFdSocketDuringAllocate) {
+  auto stub = v1::Allocator::NewStub(
+      grpc::CreateChannel(absl::StrCat("unix:", ControlSocketPath(daemon_->socket_dir())),
+                          grpc::InsecureChannelCredentials()));
+  std::atomic<int> unexpected{0};
+  for (int round = 0; round < 20; ++round) {
+    auto socket = UnixSocket::ConnectSeqPacket(FdSocketPath(daemon_->socket_dir()));
+    ASSERT_TRUE(socket.ok());
+    auto hello = socket->RecvWithFds();
+    ASSERT_TRUE(hello.ok());
+    v1::FdChannelMessage message;
+    ASSERT_TRUE(message.ParseFromString(hello->bytes));
+    const std::string metadata = absl::StrCat(message.hello().session_id(), ":",
+                                              absl::BytesToHexString(message.hello().secret()));
+    std::vector<std::thread> callers;
+    for (int t = 0; t < 4; ++t) {
+      callers.emplace_back([&] {
+        for (int i = 0; i < 5; ++i) {
+          grpc::ClientContext context;
+          context.AddMetadata("bufferd-session", metadata);
+          v1::AllocateRequest request;
+          request.set_heap(i % 2 ? "system" : "carveout");
+          request.set_size(256 * 1024);
+          v1::AllocateResponse response;
+          grpc::Status status = stub->Allocate(&context, request, &response);
+          if (!status.ok() && status.error_code() != grpc::StatusCode::UNAUTHENTICATED &&
+              status.error_code() != grpc::StatusCode::ABORTED) {
+            ADD_FAILURE() << status.error_code() << ": " << status.error_message();
+            ++unexpected;
+          }
+        }
+      });
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(200 * round));
+    *socket = UnixSocket();  // closes fd.sock mid-flight
+    for (auto& t : callers) t.join();
+  }
+  EXPECT_EQ(unexpected.load(), 0);
+  ExpectBaseline();
+  auto ok = client_->Allocate({.heap = "system", .size = 4096});
+  EXPECT_TRUE(ok.ok()) << ok.status();
+}
+
+// Tests that a fresh buffer never shows another session's old data, in a
+// loop across two sessions, on every heap.
+TEST_F(IntegrationTest, ZeroFilledAcrossSessions) {
+  {
+    auto other = daemon_->Connect();
+    ASSERT_TRUE(other.ok());
+    for (const std::string heap : {"system", "contiguous", "carveout"}) {
+      SCOPED_TRACE(heap);
+      for (int round = 0; round < 6; ++round) {
+        const Client& who = round % 2 ? *other : *client_;
+        auto buffer = who.Allocate({.heap = heap, .size = 2 * kMiB, .name = "zero"});
+        ASSERT_TRUE(buffer.ok()) << buffer.status();
+        auto map = buffer->Map();
+        ASSERT_TRUE(map.ok());
+        for (size_t i = 0; i < map->size(); i += 997) ASSERT_EQ(map->data()[i], 0) << i;
+        std::memset(map->data(), 0xee, map->size());
+        EXPECT_NE(::ftruncate(buffer->fd(), 0), 0) << "buffers are sealed";
+      }
+    }
+  }
+  ExpectBaseline();
+}
+
+// Tests Debug views: buffers list their holders with access.
+TEST_F(IntegrationTest, DebugListsBuffersAndHolders) {
+  auto buffer = client_->Allocate({.heap = "system", .size = 8192, .name = "listed"});
+  ASSERT_TRUE(buffer.ok());
+  auto other = daemon_->Connect();
+  ASSERT_TRUE(other.ok());
+  auto token = buffer->Export(Access::kReadOnly);
+  auto imported = other->Import(*token);
+  ASSERT_TRUE(imported.ok());
+  auto list = client_->ListBuffers();
+  ASSERT_TRUE(list.ok());
+  ASSERT_EQ(list->buffers_size(), 1);
+  const auto& entry = list->buffers(0);
+  EXPECT_EQ(entry.buffer().name(), "listed");
+  EXPECT_EQ(entry.buffer().creator_session(), client_->session_id());
+  ASSERT_EQ(entry.holders_size(), 2);
+  EXPECT_EQ(entry.holders(1).access(), v1::ACCESS_READ_ONLY);
+  EXPECT_EQ(entry.holders(1).session_id(), other->session_id());
+  auto metrics = client_->Metrics();
+  ASSERT_TRUE(metrics.ok());
+  EXPECT_NE(metrics->find("bufferd_heap_used_bytes{heap=\"system\"} 8192"), std::string::npos)
+      << *metrics;
+}
+
+// Tests the daemon lifecycle: a second daemon on the same dir is refused;
+// SIGTERM removes the sockets; a kill -9'd daemon's stale sockets are taken
+// over by the next one.
+TEST_F(IntegrationTest, SingleInstanceCleanShutdownAndTakeover) {
+  const std::string dir = daemon_->socket_dir();
+  const std::string log = dir + "/../second.log";
+  pid_t second = testing::SpawnDaemon({"--socket-dir", dir}, log);
+  int status = 0;
+  ASSERT_EQ(::waitpid(second, &status, 0), second);
+  EXPECT_EQ(WEXITSTATUS(status), 1);
+  std::ifstream in(log);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find(absl::StrCat("another bufferd (pid ", daemon_->pid(), ") is serving")),
+            std::string::npos)
+      << text;
+
+  client_.reset();
+  status = daemon_->Stop();
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  EXPECT_FALSE(std::filesystem::exists(ControlSocketPath(dir)));
+  EXPECT_FALSE(std::filesystem::exists(FdSocketPath(dir)));
+
+  // A crashed daemon leaves its sockets behind; the next one takes over.
+  pid_t crashed = testing::SpawnDaemon({"--socket-dir", dir}, log);
+  ASSERT_TRUE(Eventually([&] { return Client::Connect(dir).ok(); }));
+  ::kill(crashed, SIGKILL);
+  ::waitpid(crashed, nullptr, 0);
+  EXPECT_TRUE(std::filesystem::exists(FdSocketPath(dir)));
+  pid_t next = testing::SpawnDaemon({"--socket-dir", dir}, log);
+  EXPECT_TRUE(Eventually([&] { return Client::Connect(dir).ok(); }));
+  ::kill(next, SIGTERM);
+  ASSERT_EQ(::waitpid(next, &status, 0), next);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+}
+
+// Tests that a client connecting to a dir with no daemon gets UNAVAILABLE.
+TEST(ClientTest, NoDaemonIsUnavailable) {
+  auto client = Client::Connect("/tmp/definitely-no-bufferd-here");
+  EXPECT_EQ(client.status().code(), absl::StatusCode::kUnavailable) << client.status();
+  EXPECT_NE(client.status().message().find("is it running?"), absl::string_view::npos);
+}
+
+}  // namespace
+}  // namespace bufferd

@@ -1,0 +1,168 @@
+#include "tests/test_daemon.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "absl/strings/str_cat.h"
+#include "base/fd_count.h"
+#include "base/unix_socket.h"
+#include <iostream>
+
+namespace bufferd::testing {
+namespace {
+
+std::vector<char*> Argv(const std::string& binary, const std::vector<std::string>& args) {
+  std::vector<char*> argv;
+  argv.push_back(const_cast<char*>(binary.c_str()));
+  for (const std::string& arg : args) argv.push_back(const_cast<char*>(arg.c_str()));
+  argv.push_back(nullptr);
+  return argv;
+}
+
+}  // namespace
+
+std::string RunfilePath(const std::string& path) {
+  const char* srcdir = std::getenv("TEST_SRCDIR");
+  const char* workspace = std::getenv("TEST_WORKSPACE");
+  if (srcdir != nullptr) {
+    return absl::StrCat(srcdir, "/", workspace != nullptr ? workspace : "bufferd", "/", path);
+  }
+  return path;
+}
+
+pid_t SpawnDaemon(const std::vector<std::string>& args, const std::string& log_path) {
+  const std::string binary = RunfilePath("daemon/bufferd");
+  std::vector<char*> argv = Argv(binary, args);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    int log = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (log >= 0) {
+      ::dup2(log, STDERR_FILENO);
+      ::dup2(log, STDOUT_FILENO);
+    }
+    ::execv(binary.c_str(), argv.data());
+    ::_exit(127);
+  }
+  return pid;
+}
+
+absl::StatusOr<std::unique_ptr<TestDaemon>> TestDaemon::Start(const std::string& config_text) {
+  auto daemon = std::unique_ptr<TestDaemon>(new TestDaemon());
+  char root[] = "/tmp/bufferd-test-XXXXXX";
+  if (::mkdtemp(root) == nullptr) return absl::InternalError("mkdtemp failed");
+  daemon->root_ = root;
+  daemon->socket_dir_ = absl::StrCat(root, "/sock");
+  std::vector<std::string> args = {"--socket-dir", daemon->socket_dir_, "--log-level", "debug"};
+  if (!config_text.empty()) {
+    const std::string config_path = absl::StrCat(root, "/bufferd.conf");
+    std::ofstream(config_path) << config_text;
+    args.push_back("--config");
+    args.push_back(config_path);
+  }
+  daemon->pid_ = SpawnDaemon(args, absl::StrCat(root, "/bufferd.log"));
+  for (int i = 0; i < 200; ++i) {
+    int status;
+    if (::waitpid(daemon->pid_, &status, WNOHANG) == daemon->pid_) {
+      daemon->pid_ = -1;
+      std::ifstream log(absl::StrCat(root, "/bufferd.log"));
+      std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
+      return absl::InternalError(absl::StrCat("bufferd exited at startup: ", text));
+    }
+    if (std::filesystem::exists(FdSocketPath(daemon->socket_dir_)) && daemon->Connect().ok()) {
+      return daemon;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  return absl::DeadlineExceededError("bufferd did not come up within 5 s");
+}
+
+TestDaemon::~TestDaemon() {
+  Stop();
+  std::ifstream log(absl::StrCat(root_, "/bufferd.log"));
+  if (log && ::testing::Test::HasFailure()) std::cerr << "---- bufferd log ----\n" << log.rdbuf() << "---- end of log ----\n";
+  std::error_code error;
+  std::filesystem::remove_all(root_, error);
+}
+
+int TestDaemon::Stop() {
+  if (pid_ <= 0) return -1;
+  ::kill(pid_, SIGTERM);
+  int status = -1;
+  ::waitpid(pid_, &status, 0);
+  pid_ = -1;
+  return status;
+}
+
+void TestDaemon::Kill() {
+  if (pid_ <= 0) return;
+  ::kill(pid_, SIGKILL);
+  ::waitpid(pid_, nullptr, 0);
+  pid_ = -1;
+}
+
+int TestDaemon::OpenFds() const { return CountOpenFds(pid_); }
+
+absl::StatusOr<Peer> Peer::Spawn(const std::vector<std::string>& args) {
+  const std::string binary = RunfilePath("tests/peer");
+  std::vector<char*> argv = Argv(binary, args);
+  int pipe_fds[2];
+  if (::pipe2(pipe_fds, O_CLOEXEC) != 0) return absl::InternalError("pipe2 failed");
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::dup2(pipe_fds[1], STDOUT_FILENO);
+    ::execv(binary.c_str(), argv.data());
+    ::_exit(127);
+  }
+  ::close(pipe_fds[1]);
+  return Peer(pid, pipe_fds[0]);
+}
+
+Peer::Peer(Peer&& other) noexcept
+    : pid_(std::exchange(other.pid_, -1)),
+      out_(std::exchange(other.out_, -1)),
+      buffered_(std::move(other.buffered_)) {}
+
+Peer::~Peer() {
+  if (pid_ > 0) {
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+  }
+  if (out_ >= 0) ::close(out_);
+}
+
+std::string Peer::ReadLine(int timeout_ms) {
+  while (buffered_.find('\n') == std::string::npos) {
+    pollfd ready{out_, POLLIN, 0};
+    if (::poll(&ready, 1, timeout_ms) <= 0) return "";
+    char chunk[256];
+    ssize_t n = ::read(out_, chunk, sizeof(chunk));
+    if (n <= 0) return "";
+    buffered_.append(chunk, static_cast<size_t>(n));
+  }
+  size_t end = buffered_.find('\n');
+  std::string line = buffered_.substr(0, end);
+  buffered_.erase(0, end + 1);
+  return line;
+}
+
+int Peer::Wait() {
+  int status = 0;
+  ::waitpid(pid_, &status, 0);
+  pid_ = -1;
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  return 128 + WTERMSIG(status);
+}
+
+void Peer::Kill(int signal) { ::kill(pid_, signal); }
+
+}  // namespace bufferd::testing

@@ -1,0 +1,71 @@
+// TestDaemon: a real bufferd process on a fresh temporary socket dir, for
+// integration tests; and helpers to run a second client process (tests/peer).
+#ifndef BUFFERD_TESTS_TEST_DAEMON_H_
+#define BUFFERD_TESTS_TEST_DAEMON_H_
+
+#include <sys/types.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "client/client.h"
+
+namespace bufferd::testing {
+
+// Path of a binary of this workspace in the test's runfiles ("daemon/bufferd").
+std::string RunfilePath(const std::string& path);
+
+class TestDaemon {
+ public:
+  // Starts bufferd with `config_text` (textproto; empty = embedded default)
+  // and waits until a client can connect.
+  static absl::StatusOr<std::unique_ptr<TestDaemon>> Start(const std::string& config_text = "");
+  // Stops the daemon (SIGTERM) if still running and removes the dir.
+  ~TestDaemon();
+
+  // SIGTERM and wait; returns the exit status (as from waitpid) or -1.
+  int Stop();
+  // SIGKILL and wait.
+  void Kill();
+
+  const std::string& socket_dir() const { return socket_dir_; }
+  pid_t pid() const { return pid_; }
+  // The daemon's open fds now.
+  int OpenFds() const;
+  absl::StatusOr<Client> Connect() const { return Client::Connect(socket_dir_); }
+
+ private:
+  std::string root_;
+  std::string socket_dir_;
+  pid_t pid_ = -1;
+};
+
+// Spawns bufferd with `args` and returns its pid, stderr going to `log_path`.
+pid_t SpawnDaemon(const std::vector<std::string>& args, const std::string& log_path);
+
+// A child process running tests/peer with `args`, its stdout readable line by line.
+class Peer {
+ public:
+  static absl::StatusOr<Peer> Spawn(const std::vector<std::string>& args);
+  Peer(Peer&&) noexcept;
+  ~Peer();
+
+  // Next line of stdout (without '\n'); empty at EOF or after `timeout_ms`.
+  std::string ReadLine(int timeout_ms = 10000);
+  // Waits for exit; returns the exit code, or 128+signal.
+  int Wait();
+  void Kill(int signal);
+  pid_t pid() const { return pid_; }
+
+ private:
+  Peer(pid_t pid, int out) : pid_(pid), out_(out) {}
+  pid_t pid_ = -1;
+  int out_ = -1;
+  std::string buffered_;
+};
+
+}  // namespace bufferd::testing
+
+#endif  // BUFFERD_TESTS_TEST_DAEMON_H_
