@@ -1,0 +1,199 @@
+// bufctl: inspect a running bufferd. Built on the client library only.
+//
+//   bufctl heaps | clients | buffers [--heap H] | metrics | watch
+//   bufctl --json heaps     (protobuf JSON instead of a table)
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "base/errno_status.h"
+#include "base/unix_socket.h"
+#include "client/client.h"
+#include "google/protobuf/util/json_util.h"
+#include "google/protobuf/util/time_util.h"
+
+namespace {
+
+using Row = std::vector<std::string>;
+
+// Prints rows as a table with columns padded to their widest cell.
+void PrintTable(const Row& header, const std::vector<Row>& rows) {
+  std::vector<size_t> widths(header.size());
+  for (size_t i = 0; i < header.size(); ++i) widths[i] = header[i].size();
+  for (const Row& row : rows) {
+    for (size_t i = 0; i < row.size(); ++i) widths[i] = std::max(widths[i], row[i].size());
+  }
+  auto print = [&](const Row& row) {
+    std::string line;
+    for (size_t i = 0; i < row.size(); ++i) {
+      absl::StrAppend(&line, row[i], std::string(widths[i] - row[i].size() + 2, ' '));
+    }
+    while (!line.empty() && line.back() == ' ') line.pop_back();
+    std::cout << line << "\n";
+  };
+  print(header);
+  for (const Row& row : rows) print(row);
+}
+
+std::string Bytes(uint64_t bytes) { return bufferd::FormatBytes(bytes); }
+
+std::string Age(const google::protobuf::Timestamp& since) {
+  int64_t nanos = google::protobuf::util::TimeUtil::TimestampToNanoseconds(since);
+  absl::Duration age = absl::Now() - absl::FromUnixNanos(nanos);
+  return absl::FormatDuration(absl::Trunc(age, absl::Seconds(1)));
+}
+
+std::string BackingName(int backing) {
+  std::string name = bufferd::v1::Backing_Name(backing);
+  std::transform(name.begin(), name.end(), name.begin(), ::tolower);
+  return name.rfind("backing_", 0) == 0 ? name.substr(8) : name;
+}
+
+template <typename Message>
+int PrintJson(const Message& message) {
+  std::string json;
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  options.preserve_proto_field_names = true;
+  if (!google::protobuf::util::MessageToJsonString(message, &json, options).ok()) return 1;
+  std::cout << json;
+  return 0;
+}
+
+int Fail(const absl::Status& status) {
+  std::cerr << "bufctl: " << status << "\n";
+  return 1;
+}
+
+int Heaps(const bufferd::Client& client, bool json) {
+  auto heaps = client.ListHeaps();
+  if (!heaps.ok()) return Fail(heaps.status());
+  if (json) return PrintJson(*heaps);
+  std::vector<Row> rows;
+  for (const auto& h : heaps->heaps()) {
+    std::string type = bufferd::v1::HeapType_Name(h.type()).substr(10);
+    std::transform(type.begin(), type.end(), type.begin(), ::tolower);
+    std::string pool = "-";
+    if (h.hugepages().page_size() != 0) {
+      pool = absl::StrCat(h.hugepages().free_pages(), "/", h.hugepages().total_pages(), " free");
+    }
+    std::string by_backing;
+    for (const auto& [name, count] : h.buffers_by_backing()) {
+      absl::StrAppend(&by_backing, by_backing.empty() ? "" : " ", name, "=", count);
+    }
+    rows.push_back({h.name(), type, BackingName(h.backing()), Bytes(h.page_size()),
+                    h.capacity() ? Bytes(h.capacity()) : "-", Bytes(h.used()), Bytes(h.peak()),
+                    absl::StrCat(h.buffer_count()), absl::StrCat(h.failures()), pool,
+                    h.type() == bufferd::v1::HEAP_TYPE_CARVEOUT
+                        ? absl::StrCat(Bytes(h.reserved_resident()), h.locked() ? " locked" : "")
+                        : "-",
+                    by_backing.empty() ? h.note() : absl::StrCat(by_backing, "; ", h.note())});
+  }
+  PrintTable({"HEAP", "TYPE", "BACKING", "PAGE", "CAPACITY", "USED", "PEAK", "BUFFERS", "FAILS",
+              "HUGEPAGES", "RESERVED", "NOTES"},
+             rows);
+  std::cout << absl::StrFormat("\n%d buffers, %d handles, %d pending tokens, fds %d/%d\n",
+                               heaps->live_buffers(), heaps->live_handles(),
+                               heaps->pending_tokens(), heaps->fds_in_use(), heaps->fd_budget());
+  return 0;
+}
+
+int Clients(const bufferd::Client& client, bool json) {
+  auto clients = client.ListClients();
+  if (!clients.ok()) return Fail(clients.status());
+  if (json) return PrintJson(*clients);
+  std::vector<Row> rows;
+  for (const auto& c : clients->clients()) {
+    std::string bytes;
+    for (const auto& b : c.bytes()) {
+      absl::StrAppend(&bytes, bytes.empty() ? "" : " ", b.heap(), "=", Bytes(b.bytes()));
+    }
+    rows.push_back({absl::StrCat(c.session_id()), absl::StrCat(c.pid()), absl::StrCat(c.uid()),
+                    c.comm(), absl::StrCat(c.handles()), absl::StrCat(c.fences()),
+                    absl::StrCat(c.queued_deliveries()), Age(c.connected_since()),
+                    bytes.empty() ? "-" : bytes});
+  }
+  PrintTable({"SESSION", "PID", "UID", "COMM", "HANDLES", "FENCES", "QUEUED", "CONNECTED", "BYTES"},
+             rows);
+  return 0;
+}
+
+int Buffers(const bufferd::Client& client, bool json, const std::string& heap) {
+  bufferd::v1::ListBuffersRequest request;
+  request.set_heap(heap);
+  auto buffers = client.ListBuffers(request);
+  if (!buffers.ok()) return Fail(buffers.status());
+  if (json) return PrintJson(*buffers);
+  std::vector<Row> rows;
+  for (const auto& entry : buffers->buffers()) {
+    const auto& b = entry.buffer();
+    std::string holders;
+    for (const auto& h : entry.holders()) {
+      absl::StrAppend(&holders, holders.empty() ? "" : " ", h.comm(), "[", h.pid(), "]",
+                      h.access() == bufferd::v1::ACCESS_READ_ONLY ? ":ro" : ":rw");
+    }
+    rows.push_back({absl::StrCat(b.buffer_id()), b.heap(), Bytes(b.size()),
+                    BackingName(b.backing()), b.name().empty() ? "-" : b.name(),
+                    absl::StrCat(b.creator_session()), Age(b.created_at()),
+                    absl::StrCat(entry.fences_size()), holders});
+  }
+  PrintTable({"ID", "HEAP", "SIZE", "BACKING", "NAME", "CREATOR", "AGE", "FENCES", "HOLDERS"},
+             rows);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"bufctl: inspect a running bufferd"};
+  std::string socket_dir = bufferd::DefaultSocketDir();
+  bool json = false;
+  std::string heap;
+  double interval = 1.0;
+  app.add_option("--socket-dir", socket_dir, "bufferd's socket dir")->capture_default_str();
+  app.add_flag("--json", json, "print protobuf JSON instead of a table");
+  app.require_subcommand(1);
+  auto* heaps = app.add_subcommand("heaps", "heaps: capacity, used, peak, failures, backing");
+  auto* clients = app.add_subcommand("clients", "sessions: pid, uid, comm, bytes per heap");
+  auto* buffers = app.add_subcommand("buffers", "buffers: size, backing, name, holders");
+  buffers->add_option("--heap", heap, "only this heap");
+  auto* metrics = app.add_subcommand("metrics", "Prometheus text metrics");
+  auto* watch = app.add_subcommand("watch", "live view of heaps and clients (Ctrl-C stops)");
+  watch->add_option("--interval", interval, "seconds between refreshes")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  absl::StatusOr<bufferd::Client> client = bufferd::Client::Connect(socket_dir);
+  if (!client.ok()) return Fail(client.status());
+  if (*heaps) return Heaps(*client, json);
+  if (*clients) return Clients(*client, json);
+  if (*buffers) return Buffers(*client, json, heap);
+  if (*metrics) {
+    auto text = client->Metrics();
+    if (!text.ok()) return Fail(text.status());
+    std::cout << *text;
+    return 0;
+  }
+  if (*watch) {
+    while (true) {
+      std::cout << "\033[H\033[2J" << "bufferd in " << socket_dir << " at "
+                << absl::FormatTime("%H:%M:%S", absl::Now(), absl::LocalTimeZone()) << "\n\n";
+      if (Heaps(*client, false) != 0) return 1;
+      std::cout << "\n";
+      if (Clients(*client, false) != 0) return 1;
+      std::cout << std::flush;
+      std::this_thread::sleep_for(std::chrono::milliseconds(static_cast<int>(interval * 1000)));
+    }
+  }
+  return 0;
+}

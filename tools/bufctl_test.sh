@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Tests that the README's try-it path works: a daemon with the embedded
+# config, share_demo across two processes, and bufctl's tables and JSON.
+set -euo pipefail
+root="$(mktemp -d /tmp/bufctl-test-XXXXXX)"
+dir="$root/sock"
+daemon/bufferd --socket-dir "$dir" 2>"$root/log" &
+pid=$!
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$root"' EXIT
+for _ in $(seq 100); do [ -S "$dir/fd.sock" ] && break; sleep 0.05; done
+
+fail() { echo "FAIL: $*"; cat "$root/log"; exit 1; }
+
+out="$(examples/share_demo --socket-dir "$dir")" || fail "share_demo: $out"
+echo "$out"
+grep -q 'hello from pid' <<<"$out" || fail "reader did not see the message"
+grep -q 'writable mapping: Permission denied' <<<"$out" || fail "read-only import was writable"
+
+heaps="$(tools/bufctl --socket-dir "$dir" heaps)"
+echo "$heaps"
+grep -qE '^HEAP +TYPE +BACKING' <<<"$heaps" || fail "heaps header"
+grep -qE '^carveout +carveout .* 64 MiB' <<<"$heaps" || fail "carveout row"
+grep -qE '^system +system +base_pages' <<<"$heaps" || fail "system row"
+
+json="$(tools/bufctl --socket-dir "$dir" --json heaps)"
+grep -q '"name": "contiguous"' <<<"$json" || fail "json heaps"
+
+tools/bufctl --socket-dir "$dir" clients | grep -qE '^SESSION +PID' || fail "clients header"
+tools/bufctl --socket-dir "$dir" buffers | grep -qE '^ID +HEAP' || fail "buffers header"
+tools/bufctl --socket-dir "$dir" metrics | grep -q '^bufferd_heap_capacity_bytes{heap="carveout"} 67108864$' \
+  || fail "metrics"
+if tools/bufctl --socket-dir "$root/nothing" heaps 2>"$root/err"; then fail "no daemon accepted"; fi
+grep -q 'UNAVAILABLE' "$root/err" || fail "no-daemon error: $(cat "$root/err")"
+echo PASS
