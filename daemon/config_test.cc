@@ -1,0 +1,86 @@
+#include "daemon/config.h"
+
+#include <fstream>
+
+#include <gtest/gtest.h>
+
+namespace bufferd {
+namespace {
+
+// Tests that the embedded default parses, validates and has the documented
+// heaps.
+TEST(ConfigTest, EmbeddedDefaultIsValid) {
+  absl::StatusOr<v1::Config> config = ParseConfig(DefaultConfigText(), "default");
+  ASSERT_TRUE(config.ok()) << config.status();
+  ASSERT_EQ(config->heaps_size(), 3);
+  EXPECT_EQ(config->heaps(0).name(), "system");
+  EXPECT_EQ(config->heaps(1).type(), v1::HEAP_TYPE_CONTIGUOUS);
+  EXPECT_EQ(config->heaps(2).capacity_bytes(), 64u << 20);
+  EXPECT_GT(config->quotas().max_allocation_bytes(), 0u);
+}
+
+// Tests that syntax errors name the file, line and column, and semantic
+// errors name the heap and field.
+TEST(ConfigTest, ErrorsNameLineAndField) {
+  struct Case {
+    std::string text;
+    std::string expected;
+  } cases[] = {
+      {"heaps {\n  name: \"a\"\n  typo: 3\n}\n",
+       "my.conf:3:7: Message type \"bufferd.v1.HeapConfig\" has no field named \"typo\""},
+      {"heaps {\n  name: \"a\"\n  type: HEAP_TYPE_NOPE }\n",
+       "my.conf:3:24: Unknown enumeration value of \"HEAP_TYPE_NOPE\" for field \"type\""},
+      {"", "config defines no heaps"},
+      {"heaps { name: \"Bad Name\" type: HEAP_TYPE_SYSTEM }",
+       "heaps[0] ('Bad Name'): field 'name' must match [a-z0-9_-]{1,32}"},
+      {"heaps { name: \"a\" type: HEAP_TYPE_SYSTEM } heaps { name: \"a\" type: HEAP_TYPE_SYSTEM }",
+       "heaps[1] ('a'): field 'name' is used twice"},
+      {"heaps { name: \"a\" }", "heaps[0] ('a'): field 'type' is required"},
+      {"heaps { name: \"c\" type: HEAP_TYPE_CARVEOUT }",
+       "heaps[0] ('c'): field 'capacity_bytes' is required for a carveout heap"},
+      {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM fallback: FALLBACK_THP }",
+       "field 'fallback' applies to contiguous heaps only"},
+      {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM } log_level: \"loud\"",
+       "field 'log_level' is 'loud'"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.text);
+    absl::StatusOr<v1::Config> config = ParseConfig(c.text, "my.conf");
+    ASSERT_FALSE(config.ok());
+    EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(config.status().message().find(c.expected), absl::string_view::npos)
+        << config.status();
+  }
+}
+
+// Tests that a missing file is reported with its path.
+TEST(ConfigTest, MissingFile) {
+  absl::StatusOr<v1::Config> config = LoadConfigFile("/nonexistent/bufferd.conf");
+  EXPECT_EQ(config.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(config.status().message().find("/nonexistent/bufferd.conf"), absl::string_view::npos);
+}
+
+// Tests that BuildHeaps creates every configured heap with its options, and
+// several named carveouts side by side.
+TEST(ConfigTest, BuildsNamedHeaps) {
+  absl::StatusOr<v1::Config> config = ParseConfig(R"pb(
+    heaps { name: "system" type: HEAP_TYPE_SYSTEM capacity_bytes: 1048576 }
+    heaps { name: "display" type: HEAP_TYPE_CARVEOUT capacity_bytes: 4194304 hugepage_size: HUGEPAGE_SIZE_2M }
+    heaps { name: "camera" type: HEAP_TYPE_CARVEOUT capacity_bytes: 2097152 }
+    heaps { name: "gpu" type: HEAP_TYPE_CONTIGUOUS fallback: FALLBACK_BASE_PAGES }
+  )pb", "inline");
+  ASSERT_TRUE(config.ok()) << config.status();
+  absl::StatusOr<std::unique_ptr<HeapRegistry>> heaps = BuildHeaps(*config);
+  ASSERT_TRUE(heaps.ok()) << heaps.status();
+  ASSERT_EQ((*heaps)->heaps().size(), 4u);
+  EXPECT_EQ((*heaps)->Find("system")->Stats().capacity, 1u << 20);
+  EXPECT_EQ((*heaps)->Find("display")->kind(), HeapKind::kCarveout);
+  EXPECT_EQ((*heaps)->Find("display")->Stats().capacity, 4u << 20);
+  EXPECT_EQ((*heaps)->Find("camera")->Stats().capacity, 2u << 20);
+  auto buffer = (*heaps)->Find("gpu")->Allocate(1, "x");
+  ASSERT_TRUE(buffer.ok()) << buffer.status();
+  EXPECT_EQ((*buffer)->size(), 2u << 20);
+}
+
+}  // namespace
+}  // namespace bufferd

@@ -1,0 +1,260 @@
+#include "daemon/state.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <random>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "absl/strings/str_cat.h"
+#include "base/fd_count.h"
+#include "heaps/carveout_heap.h"
+#include "heaps/system_heap.h"
+
+namespace bufferd {
+namespace {
+
+constexpr uint64_t kMiB = 1 << 20;
+
+class StateTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(heaps_.Add(std::make_unique<SystemHeap>("system")).ok());
+    CarveoutHeap::Options carveout;
+    carveout.capacity = 16 * kMiB;
+    carveout.hugepage_size = 0;
+    auto heap = CarveoutHeap::Create(carveout);
+    ASSERT_TRUE(heap.ok());
+    ASSERT_TRUE(heaps_.Add(*std::move(heap)).ok());
+    fds_before_ = CountOpenFds();
+  }
+
+  std::unique_ptr<DaemonState> NewState(v1::QuotaConfig quotas = {}) {
+    DaemonState::Options options;
+    options.quotas = quotas;
+    return std::make_unique<DaemonState>(&heaps_, options);
+  }
+
+  static v1::AllocateRequest Request(const std::string& heap, uint64_t size) {
+    v1::AllocateRequest request;
+    request.set_heap(heap);
+    request.set_size(size);
+    request.set_name("t");
+    return request;
+  }
+
+  static PeerCredentials Peer(uid_t uid) { return {1234, uid, 100}; }
+
+  uint64_t SessionBytes(DaemonState& state, uint64_t session, const std::string& heap) {
+    for (const auto& client : state.ListClients()) {
+      if (client.session_id() != session) continue;
+      for (const auto& b : client.bytes()) {
+        if (b.heap() == heap) return b.bytes();
+      }
+    }
+    return 0;
+  }
+
+  HeapRegistry heaps_;
+  int fds_before_ = 0;
+};
+
+// Tests that a session's handles and charges follow Allocate / Import /
+// Release, that a buffer dies with its last handle, and that closing a
+// session releases everything it held.
+TEST_F(StateTest, HandlesChargesAndSessionEnd) {
+  auto state = NewState();
+  auto a = state->OpenSession(Peer(1000), "a");
+  auto b = state->OpenSession(Peer(1000), "b");
+  EXPECT_NE(a.id, b.id);
+  EXPECT_EQ(a.secret.size(), 16u);
+
+  auto grant = state->Allocate(a.id, Request("system", 5000));
+  ASSERT_TRUE(grant.ok()) << grant.status();
+  EXPECT_EQ(grant->buffer.size(), 8192u);
+  EXPECT_EQ(SessionBytes(*state, a.id, "system"), 8192u);
+
+  v1::ExportRequest export_request;
+  export_request.set_handle(grant->handle);
+  export_request.set_access(v1::ACCESS_READ_ONLY);
+  auto token = state->Export(a.id, export_request);
+  ASSERT_TRUE(token.ok()) << token.status();
+  auto imported = state->Import(b.id, token->token());
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  EXPECT_EQ(imported->access, v1::ACCESS_READ_ONLY);
+  EXPECT_EQ(::fcntl(imported->fd.get(), F_GETFL) & O_ACCMODE, O_RDONLY);
+  EXPECT_EQ(SessionBytes(*state, b.id, "system"), 8192u);
+
+  // The creator lets go; the importer keeps the buffer alive.
+  auto destroyed = state->Release(a.id, grant->handle);
+  ASSERT_TRUE(destroyed.ok());
+  EXPECT_FALSE(*destroyed);
+  EXPECT_EQ(SessionBytes(*state, a.id, "system"), 0u);
+  EXPECT_EQ(state->ListHeaps().live_buffers(), 1u);
+
+  // The importer's session ends: the buffer dies.
+  state->CloseSession(b.id);
+  v1::ListHeapsResponse heaps = state->ListHeaps();
+  EXPECT_EQ(heaps.live_buffers(), 0u);
+  EXPECT_EQ(heaps.live_handles(), 0u);
+  EXPECT_EQ(heaps.fds_in_use(), 0u);
+  EXPECT_EQ(heaps.heaps(0).used(), 0u);
+  auto gone = state->Allocate(b.id, Request("system", 1));
+  EXPECT_EQ(gone.status().code(), absl::StatusCode::kUnauthenticated);
+  grant->fd.Reset();
+  imported->fd.Reset();
+  EXPECT_EQ(CountOpenFds(), fds_before_);
+}
+
+// Tests authentication of session metadata.
+TEST_F(StateTest, Authenticate) {
+  auto state = NewState();
+  auto session = state->OpenSession(Peer(0), "x");
+  std::string hex;
+  for (unsigned char c : session.secret) {
+    static const char kHex[] = "0123456789abcdef";
+    hex += kHex[c >> 4];
+    hex += kHex[c & 15];
+  }
+  EXPECT_EQ(*state->Authenticate(absl::StrCat(session.id, ":", hex)), session.id);
+  EXPECT_EQ(state->Authenticate("").status().code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(state->Authenticate(absl::StrCat(session.id, ":", std::string(32, 'f'))).status().code(),
+            absl::StatusCode::kUnauthenticated);
+  state->CloseSession(session.id);
+  EXPECT_NE(state->Authenticate(absl::StrCat(session.id, ":", hex)).status().message().find(
+                "is not live"),
+            absl::string_view::npos);
+}
+
+// Tests each quota: its code, and a message naming which quota was hit.
+TEST_F(StateTest, QuotasNameThemselves) {
+  v1::QuotaConfig quotas;
+  quotas.set_max_bytes_per_session(8 * kMiB);
+  quotas.set_max_bytes_per_uid(12 * kMiB);
+  quotas.set_max_buffers_per_session(3);
+  quotas.set_max_allocation_bytes(6 * kMiB);
+  auto state = NewState(quotas);
+  auto a = state->OpenSession(Peer(1000), "a");
+  auto b = state->OpenSession(Peer(1000), "b");
+
+  auto too_big = state->Allocate(a.id, Request("system", 7 * kMiB));
+  EXPECT_EQ(too_big.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(too_big.status().message().find("quota max_allocation_bytes"), absl::string_view::npos);
+
+  auto a1 = state->Allocate(a.id, Request("system", 6 * kMiB));
+  ASSERT_TRUE(a1.ok());
+  auto a2 = state->Allocate(a.id, Request("system", 3 * kMiB));
+  EXPECT_EQ(a2.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(a2.status().message().find("quota max_bytes_per_session on heap 'system'"),
+            absl::string_view::npos)
+      << a2.status();
+  // Per heap: the carveout has its own budget.
+  EXPECT_TRUE(state->Allocate(a.id, Request("carveout", 3 * kMiB)).ok());
+
+  auto b1 = state->Allocate(b.id, Request("system", 6 * kMiB));
+  auto b2 = state->Allocate(b.id, Request("system", 1));
+  ASSERT_TRUE(b1.ok());
+  EXPECT_EQ(b2.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(b2.status().message().find("quota max_bytes_per_uid on heap 'system': uid 1000"),
+            absl::string_view::npos)
+      << b2.status();
+
+  // Another uid is not affected.
+  auto c = state->OpenSession(Peer(2000), "c");
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(state->Allocate(c.id, Request("system", 4096)).ok());
+  auto fourth = state->Allocate(c.id, Request("system", 4096));
+  EXPECT_EQ(fourth.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(fourth.status().message().find("quota max_buffers_per_session"),
+            absl::string_view::npos);
+}
+
+// Tests per-heap quota overrides.
+TEST_F(StateTest, PerHeapQuotaOverride) {
+  v1::QuotaConfig quotas;
+  quotas.set_max_bytes_per_session(64 * kMiB);
+  auto state = NewState(quotas);
+  state->SetHeapQuotas("carveout", 2 * kMiB, 0);
+  auto a = state->OpenSession(Peer(1), "a");
+  EXPECT_TRUE(state->Allocate(a.id, Request("system", 10 * kMiB)).ok());
+  EXPECT_TRUE(state->Allocate(a.id, Request("carveout", 2 * kMiB)).ok());
+  EXPECT_EQ(state->Allocate(a.id, Request("carveout", 4096)).status().code(),
+            absl::StatusCode::kResourceExhausted);
+}
+
+// Tests that quotas hold exactly under 8 threads allocating and releasing at
+// random, and that everything returns to zero afterwards.
+TEST_F(StateTest, QuotasAreAtomicUnderConcurrency) {
+  v1::QuotaConfig quotas;
+  quotas.set_max_bytes_per_session(6 * kMiB);
+  quotas.set_max_bytes_per_uid(10 * kMiB);
+  auto state = NewState(quotas);
+  std::vector<DaemonState::NewSession> sessions;
+  for (int i = 0; i < 4; ++i) sessions.push_back(state->OpenSession(Peer(1000), "s"));
+  std::atomic<bool> over{false};
+  std::atomic<int> ok{0}, refused{0};
+  std::vector<std::thread> threads;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(t);
+      const uint64_t session = sessions[t % 4].id;
+      std::vector<uint64_t> held;
+      while (std::chrono::steady_clock::now() < deadline) {
+        if (held.size() < 4 && rng() % 2) {
+          auto grant = state->Allocate(session, Request(rng() % 2 ? "system" : "carveout",
+                                                        (rng() % 3 + 1) * kMiB));
+          if (grant.ok()) {
+            ++ok;
+            held.push_back(grant->handle);
+          } else {
+            ++refused;
+            if (grant.status().code() != absl::StatusCode::kResourceExhausted) over = true;
+          }
+        } else if (!held.empty()) {
+          size_t i = rng() % held.size();
+          if (!state->Release(session, held[i]).ok()) over = true;
+          held.erase(held.begin() + static_cast<long>(i));
+        }
+        uint64_t uid_total = 0;
+        for (const auto& client : state->ListClients()) {
+          for (const auto& b : client.bytes()) {
+            if (b.bytes() > 6 * kMiB) over = true;
+            if (b.heap() == "system") uid_total += b.bytes();
+          }
+        }
+        if (uid_total > 10 * kMiB) over = true;
+      }
+      for (uint64_t h : held) (void)state->Release(session, h);
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_FALSE(over.load());
+  EXPECT_GT(ok.load(), 0);
+  EXPECT_GT(refused.load(), 0) << "the quotas were never reached; the test proves nothing";
+  v1::ListHeapsResponse heaps = state->ListHeaps();
+  EXPECT_EQ(heaps.live_buffers(), 0u);
+  EXPECT_EQ(heaps.fds_in_use(), 0u);
+  for (const auto& heap : heaps.heaps()) EXPECT_EQ(heap.used(), 0u) << heap.name();
+  for (const auto& client : state->ListClients()) EXPECT_EQ(client.bytes_size(), 0);
+  EXPECT_EQ(CountOpenFds(), fds_before_);
+}
+
+// Tests that the fd budget refuses allocations with RESOURCE_EXHAUSTED.
+TEST_F(StateTest, FdBudget) {
+  DaemonState::Options options;
+  options.fd_budget = 2;
+  DaemonState state(&heaps_, options);
+  auto a = state.OpenSession(Peer(1), "a");
+  ASSERT_TRUE(state.Allocate(a.id, Request("system", 1)).ok());
+  ASSERT_TRUE(state.Allocate(a.id, Request("system", 1)).ok());
+  auto third = state.Allocate(a.id, Request("system", 1));
+  EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(third.status().message().find("fd budget"), absl::string_view::npos);
+}
+
+}  // namespace
+}  // namespace bufferd
