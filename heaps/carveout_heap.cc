@@ -67,9 +67,10 @@ absl::StatusOr<std::unique_ptr<CarveoutHeap>> CarveoutHeap::Create(Options optio
     }
     absl::StrAppend(&note, note.empty() ? "" : "; ", "not locked: mlock failed (",
                     ErrnoError("mlock", err).message(), "); raise RLIMIT_MEMLOCK");
-    // Still fault the pages in so the reservation is resident.
-    ::madvise(map.data(), map.size(), MADV_POPULATE_WRITE);
   }
+  // Fault every page into the mapping, locked or not (mlock normally does this
+  // already, but sanitizers stub mlock out): Stats measures residency there.
+  ::madvise(map.data(), map.size(), MADV_POPULATE_WRITE);
   return std::unique_ptr<CarveoutHeap>(new CarveoutHeap(std::move(options), page_size, backing,
                                                         std::move(balloon), std::move(map),
                                                         locked, std::move(note)));
@@ -141,7 +142,7 @@ void CarveoutHeap::Refill(const Extents& extents) {
     // Best effort: if the pages can't be had back right now the capacity is
     // still accounted; the next refill or allocation retries.
     (void)memfd::Prefault(balloon_.get(), offset, length);
-    if (locked_) ::madvise(balloon_map_.data() + offset, length, MADV_POPULATE_WRITE);
+    ::madvise(balloon_map_.data() + offset, length, MADV_POPULATE_WRITE);
   }
 }
 

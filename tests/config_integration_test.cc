@@ -1,0 +1,247 @@
+// Integration tests for configured daemons: named carveouts, quotas, bad
+// config files, and a client that stops reading fd.sock.
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "base/fd_count.h"
+#include "base/unix_socket.h"
+#include "bufferd/v1/buffer.grpc.pb.h"
+#include "bufferd/v1/fd_channel.pb.h"
+#include "client/client.h"
+#include "grpcpp/create_channel.h"
+#include "tests/test_daemon.h"
+
+namespace bufferd {
+namespace {
+
+using ::bufferd::testing::TestDaemon;
+
+constexpr uint64_t kMiB = 1 << 20;
+
+template <typename F>
+bool Eventually(F condition) {
+  for (int i = 0; i < 500; ++i) {
+    if (condition()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return condition();
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+constexpr char kConfig[] = R"pb(
+  heaps { name: "system" type: HEAP_TYPE_SYSTEM capacity_bytes: 16777216 }
+  heaps { name: "display" type: HEAP_TYPE_CARVEOUT capacity_bytes: 4194304 }
+  heaps { name: "camera" type: HEAP_TYPE_CARVEOUT capacity_bytes: 2097152 hugepage_size: HUGEPAGE_SIZE_2M }
+  quotas {
+    max_bytes_per_session: 3145728
+    max_buffers_per_session: 64
+    max_allocation_bytes: 4194304
+  }
+  stalled_session_timeout_ms: 400
+  max_queued_deliveries: 8
+)pb";
+
+class ConfiguredDaemonTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto daemon = TestDaemon::Start(kConfig);
+    ASSERT_TRUE(daemon.ok()) << daemon.status();
+    daemon_ = *std::move(daemon);
+    auto client = daemon_->Connect();
+    ASSERT_TRUE(client.ok());
+    client_ = std::make_unique<Client>(*std::move(client));
+    ASSERT_TRUE(client_->ListHeaps().ok());
+    baseline_fds_ = daemon_->OpenFds();
+  }
+
+  void ExpectBaseline() {
+    EXPECT_TRUE(Eventually([&] {
+      auto heaps = client_->ListHeaps();
+      return heaps.ok() && heaps->live_buffers() == 0 && heaps->fds_in_use() == 0;
+    }));
+    EXPECT_TRUE(Eventually([&] { return daemon_->OpenFds() == baseline_fds_; }))
+        << daemon_->OpenFds() << " vs " << baseline_fds_;
+  }
+
+  std::unique_ptr<TestDaemon> daemon_;
+  std::unique_ptr<Client> client_;
+  int baseline_fds_ = 0;
+};
+
+// Tests that configured heaps exist with their capacities, carveouts are
+// separate, and a full carveout refuses with RESOURCE_EXHAUSTED then recovers.
+TEST_F(ConfiguredDaemonTest, NamedCarveoutsAreSeparate) {
+  auto heaps = client_->ListHeaps();
+  ASSERT_TRUE(heaps.ok());
+  ASSERT_EQ(heaps->heaps_size(), 3);
+  EXPECT_EQ(heaps->heaps(1).name(), "display");
+  EXPECT_EQ(heaps->heaps(1).capacity(), 4 * kMiB);
+  EXPECT_EQ(heaps->heaps(1).reserved_resident(), 4 * kMiB);
+  EXPECT_EQ(heaps->heaps(2).capacity(), 2 * kMiB);
+  {
+    auto other = daemon_->Connect();
+    ASSERT_TRUE(other.ok());
+    auto d1 = client_->Allocate({.heap = "display", .size = 3 * kMiB});
+    auto d2 = other->Allocate({.heap = "display", .size = kMiB});
+    ASSERT_TRUE(d1.ok() && d2.ok()) << d1.status() << d2.status();
+    auto full = other->Allocate({.heap = "display", .size = 4096});
+    EXPECT_EQ(full.status().code(), absl::StatusCode::kResourceExhausted);
+    EXPECT_NE(full.status().message().find("heap 'display' has 0 B free of 4 MiB"),
+              absl::string_view::npos)
+        << full.status();
+    auto camera = other->Allocate({.heap = "camera", .size = 2 * kMiB});
+    EXPECT_TRUE(camera.ok()) << camera.status();
+    ASSERT_TRUE(d2->Release().ok());
+    EXPECT_TRUE(other->Allocate({.heap = "display", .size = kMiB}).ok());
+    heaps = client_->ListHeaps();
+    EXPECT_EQ(heaps->heaps(1).peak(), 4 * kMiB);
+    EXPECT_EQ(heaps->heaps(1).failures(), 1u);
+  }
+  ExpectBaseline();
+}
+
+// Tests the configured quotas through the daemon: largest allocation, bytes
+// per session (per heap), each naming the quota; importing counts too.
+TEST_F(ConfiguredDaemonTest, QuotasThroughTheDaemon) {
+  {
+    auto too_big = client_->Allocate({.heap = "system", .size = 5 * kMiB});
+    EXPECT_EQ(too_big.status().code(), absl::StatusCode::kResourceExhausted);
+    EXPECT_NE(too_big.status().message().find("quota max_allocation_bytes"),
+              absl::string_view::npos);
+    auto a = client_->Allocate({.heap = "system", .size = 2 * kMiB});
+    ASSERT_TRUE(a.ok());
+    auto b = client_->Allocate({.heap = "system", .size = 2 * kMiB});
+    EXPECT_EQ(b.status().code(), absl::StatusCode::kResourceExhausted);
+    EXPECT_NE(b.status().message().find("quota max_bytes_per_session on heap 'system'"),
+              absl::string_view::npos)
+        << b.status();
+    // The other session's budget is its own, and an import is charged.
+    auto other = daemon_->Connect();
+    ASSERT_TRUE(other.ok());
+    auto own = other->Allocate({.heap = "system", .size = 2 * kMiB});
+    ASSERT_TRUE(own.ok());
+    auto token = a->Export(Access::kReadOnly);
+    ASSERT_TRUE(token.ok());
+    auto imported = other->Import(*token);
+    EXPECT_EQ(imported.status().code(), absl::StatusCode::kResourceExhausted) << imported.status();
+  }
+  ExpectBaseline();
+}
+
+// Tests that a client that never reads fd.sock cannot block the daemon: its
+// deliveries queue up to the bound, further calls fail with
+// RESOURCE_EXHAUSTED, and the stalled session is ended and cleaned up.
+class StalledReaderTest : public ConfiguredDaemonTest {
+ protected:
+  void SetUp() override {
+    auto daemon = TestDaemon::Start(R"pb(
+      heaps { name: "system" type: HEAP_TYPE_SYSTEM }
+      stalled_session_timeout_ms: 400
+      max_queued_deliveries: 8
+    )pb");
+    ASSERT_TRUE(daemon.ok()) << daemon.status();
+    daemon_ = *std::move(daemon);
+    auto client = daemon_->Connect();
+    ASSERT_TRUE(client.ok());
+    client_ = std::make_unique<Client>(*std::move(client));
+    ASSERT_TRUE(client_->ListHeaps().ok());
+    baseline_fds_ = daemon_->OpenFds();
+  }
+};
+
+TEST_F(StalledReaderTest, StalledReaderIsEnded) {
+  {
+    auto socket = UnixSocket::ConnectSeqPacket(FdSocketPath(daemon_->socket_dir()));
+    ASSERT_TRUE(socket.ok());
+    auto hello = socket->RecvWithFds();
+    ASSERT_TRUE(hello.ok());
+    v1::FdChannelMessage message;
+    ASSERT_TRUE(message.ParseFromString(hello->bytes));
+    const std::string metadata = absl::StrCat(message.hello().session_id(), ":",
+                                              absl::BytesToHexString(message.hello().secret()));
+    auto stub = v1::Allocator::NewStub(
+        grpc::CreateChannel(absl::StrCat("unix:", ControlSocketPath(daemon_->socket_dir())),
+                            grpc::InsecureChannelCredentials()));
+    grpc::Status last;
+    int allocated = 0;
+    // A connected SEQPACKET pair is bounded only by the daemon's send buffer
+    // (a few hundred small records); then 8 more queue; then refusal.
+    for (int i = 0; i < 5000; ++i) {
+      grpc::ClientContext context;
+      context.AddMetadata("bufferd-session", metadata);
+      v1::AllocateRequest request;
+      request.set_heap("system");
+      request.set_size(4096);
+      v1::AllocateResponse response;
+      last = stub->Allocate(&context, request, &response);
+      if (!last.ok()) break;
+      ++allocated;
+    }
+    ASSERT_FALSE(last.ok()) << "never filled the queue after " << allocated << " deliveries";
+    EXPECT_EQ(last.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << last.error_message();
+    EXPECT_NE(last.error_message().find("fd deliveries queued"), std::string::npos)
+        << last.error_message();
+    // The daemon still serves everyone else meanwhile.
+    EXPECT_TRUE(client_->Allocate({.heap = "system", .size = 4096}).ok());
+    // After the stall timeout the session is gone, and so are its buffers.
+    EXPECT_TRUE(Eventually([&] {
+      grpc::ClientContext context;
+      context.AddMetadata("bufferd-session", metadata);
+      v1::GetBufferRequest request;
+      v1::GetBufferResponse response;
+      return stub->GetBuffer(&context, request, &response).error_code() ==
+             grpc::StatusCode::UNAUTHENTICATED;
+    }));
+  }
+  ExpectBaseline();
+}
+
+// Tests that a bad config file stops startup with exit code 2 and a message
+// naming the file, line and field; and that the default config prints.
+TEST(ConfigStartupTest, BadConfigFailsWithLineAndField) {
+  char root[] = "/tmp/bufferd-cfg-XXXXXX";
+  ASSERT_NE(::mkdtemp(root), nullptr);
+  const std::string config = absl::StrCat(root, "/bad.conf");
+  std::ofstream(config) << "heaps {\n  name: \"system\"\n  type: HEAP_TYPE_SYSTEM\n  capacity: 5\n}\n";
+  const std::string log = absl::StrCat(root, "/log");
+  pid_t pid = testing::SpawnDaemon(
+      {"--config", config, "--socket-dir", absl::StrCat(root, "/sock")}, log);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 2);
+  std::string text = ReadFile(log);
+  EXPECT_NE(text.find(absl::StrCat(config, ":4:")), std::string::npos) << text;
+  EXPECT_NE(text.find("no field named \"capacity\""), std::string::npos) << text;
+
+  const std::string printed = absl::StrCat(root, "/printed");
+  pid = testing::SpawnDaemon({"--print-default-config"}, printed);
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  text = ReadFile(printed);
+  EXPECT_NE(text.find("name: \"carveout\""), std::string::npos) << text;
+  // What it prints is itself a valid config.
+  pid = testing::SpawnDaemon({"--config", printed, "--socket-dir", absl::StrCat(root, "/s2")}, log);
+  EXPECT_TRUE(Eventually([&] { return Client::Connect(absl::StrCat(root, "/s2")).ok(); }));
+  ::kill(pid, SIGTERM);
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  std::filesystem::remove_all(root);
+}
+
+}  // namespace
+}  // namespace bufferd
