@@ -57,7 +57,7 @@ Buffer::Buffer(Buffer&& other) noexcept
 
 Buffer& Buffer::operator=(Buffer&& other) noexcept {
   if (this != &other) {
-    (void)Release();
+    Drop();
     connection_ = std::move(other.connection_);
     handle_ = std::exchange(other.handle_, 0);
     info_ = std::move(other.info_);
@@ -67,7 +67,14 @@ Buffer& Buffer::operator=(Buffer&& other) noexcept {
   return *this;
 }
 
-Buffer::~Buffer() { (void)Release(); }
+Buffer::~Buffer() { Drop(); }
+
+void Buffer::Drop() {
+  fd_.Reset();
+  // One-way: dropping a buffer costs no round trip (see ReleaseHandle).
+  if (handle_ != 0 && connection_ != nullptr) (void)connection_->SendRelease(handle_);
+  handle_ = 0;
+}
 
 absl::Status Buffer::Release() {
   fd_.Reset();

@@ -47,9 +47,11 @@ struct AllocateOptions {
   std::string name;
 };
 
-// One handle on a buffer, with this process's own fd for it. Destroying (or
-// Release()-ing) it drops the handle and closes the fd; mappings made with
-// Map() stay valid until they are destroyed.
+// One handle on a buffer, with this process's own fd for it. Release() drops
+// the handle with a round trip and returns the daemon's answer; destroying a
+// Buffer drops it one-way (a record on fd.sock, no wait), so the daemon
+// applies it shortly after. Either way the fd closes at once; mappings made
+// with Map() stay valid until they are destroyed.
 class Buffer {
  public:
   Buffer(Buffer&&) noexcept;
@@ -85,6 +87,8 @@ class Buffer {
   friend class Client;
   Buffer(std::shared_ptr<internal::Connection> connection, uint64_t handle, v1::BufferInfo info,
          Access access, UniqueFd fd);
+  // Closes the fd and releases the handle one-way.
+  void Drop();
 
   std::shared_ptr<internal::Connection> connection_;
   uint64_t handle_ = 0;

@@ -2,7 +2,9 @@
 
 #include <poll.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <optional>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
@@ -48,15 +50,10 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
       absl::StrCat("unix:", ControlSocketPath(socket_dir)), grpc::InsecureChannelCredentials());
   connection->allocator_ = v1::Allocator::NewStub(channel);
   connection->debug_ = v1::Debug::NewStub(channel);
-  Connection* raw = connection.get();
-  connection->reader_ = std::thread([raw] { raw->ReadLoop(); });
   return connection;
 }
 
-Connection::~Connection() {
-  Close();
-  if (reader_.joinable()) reader_.join();
-}
+Connection::~Connection() { Close(); }
 
 void Connection::Close() { fd_socket_.Shutdown(); }
 
@@ -68,48 +65,68 @@ std::unique_ptr<grpc::ClientContext> Connection::NewContext() const {
   return context;
 }
 
-void Connection::ReadLoop() {
-  absl::Status why;
-  while (true) {
-    absl::StatusOr<UnixSocket::Received> received = fd_socket_.RecvWithFds();
-    if (!received.ok()) {
-      why = absl::UnavailableError(
-          absl::StrCat("fd.sock failed: ", received.status().message()));
-      break;
+absl::Status Connection::SendRelease(uint64_t handle) {
+  v1::FdChannelMessage message;
+  message.mutable_release()->set_handle(handle);
+  return fd_socket_.Send(message.SerializeAsString());
+}
+
+void Connection::ReadOneLocked(absl::Time deadline) {
+  mu_.Unlock();
+  absl::Status failure;
+  std::optional<UnixSocket::Received> received;
+  pollfd ready{fd_socket_.fd(), POLLIN, 0};
+  const int64_t wait_ms = std::max<int64_t>(0, absl::ToInt64Milliseconds(deadline - absl::Now()));
+  int n = RetryOnEintr([&] { return ::poll(&ready, 1, static_cast<int>(wait_ms)); });
+  if (n < 0) {
+    failure = ErrnoError("poll(fd.sock)", errno);
+  } else if (n > 0) {
+    absl::StatusOr<UnixSocket::Received> got = fd_socket_.RecvWithFds(4096, /*dont_wait=*/true);
+    if (got.ok()) {
+      received = *std::move(got);
+    } else if (!IsWouldBlock(got.status())) {
+      failure = absl::UnavailableError(absl::StrCat("fd.sock failed: ", got.status().message()));
     }
-    if (received->eof) {
-      why = absl::UnavailableError("bufferd closed fd.sock (session ended)");
-      break;
-    }
-    v1::FdChannelMessage message;
-    if (!message.ParseFromString(received->bytes) || !message.has_delivery() ||
-        received->fds.size() != 1) {
-      continue;  // Not for us, or malformed: its fds close here.
-    }
-    absl::MutexLock lock(&mu_);
-    arrived_[message.delivery().transfer_id()] = std::move(received->fds[0]);
   }
-  absl::MutexLock lock(&mu_);
-  reader_done_ = true;
-  reader_status_ = why;
+  mu_.Lock();
+  if (!failure.ok()) {
+    closed_ = failure;
+  } else if (received && received->eof) {
+    closed_ = absl::UnavailableError("bufferd closed fd.sock (the session ended)");
+  } else if (received) {
+    v1::FdChannelMessage message;
+    // Anything but a one-fd delivery is not for us; its fds close here.
+    if (message.ParseFromString(received->bytes) && message.has_delivery() &&
+        received->fds.size() == 1) {
+      arrived_[message.delivery().transfer_id()] = std::move(received->fds[0]);
+    }
+  }
 }
 
 absl::StatusOr<UniqueFd> Connection::TakeFd(uint64_t transfer_id) {
+  const absl::Time deadline = absl::Now() + timeout_;
   absl::MutexLock lock(&mu_);
-  auto ready = [this, transfer_id]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return reader_done_ || arrived_.count(transfer_id) > 0;
-  };
-  mu_.AwaitWithTimeout(absl::Condition(&ready), timeout_);
-  auto it = arrived_.find(transfer_id);
-  if (it == arrived_.end()) {
-    if (reader_done_) return reader_status_;
-    return absl::DeadlineExceededError(
-        absl::StrCat("fd for transfer ", transfer_id, " did not arrive on fd.sock within ",
-                     absl::FormatDuration(timeout_)));
+  while (true) {
+    if (auto it = arrived_.find(transfer_id); it != arrived_.end()) {
+      UniqueFd fd = std::move(it->second);
+      arrived_.erase(it);
+      return fd;
+    }
+    if (!closed_.ok()) return closed_;
+    if (absl::Now() >= deadline) {
+      return absl::DeadlineExceededError(
+          absl::StrCat("fd for transfer ", transfer_id, " did not arrive on fd.sock within ",
+                       absl::FormatDuration(timeout_)));
+    }
+    if (!reading_) {
+      reading_ = true;
+      ReadOneLocked(deadline);
+      reading_ = false;
+      changed_.SignalAll();
+    } else {
+      changed_.WaitWithDeadline(&mu_, deadline);
+    }
   }
-  UniqueFd fd = std::move(it->second);
-  arrived_.erase(it);
-  return fd;
 }
 
 }  // namespace bufferd::internal

@@ -6,7 +6,6 @@
 #include <map>
 #include <memory>
 #include <string>
-#include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -24,7 +23,9 @@ namespace bufferd::internal {
 // grpc::Status -> absl::Status, the client's one conversion point.
 absl::Status FromGrpcStatus(const grpc::Status& status);
 
-// Thread-safe.
+// Thread-safe. There is no background thread: fd.sock is read by the threads
+// that wait for fds, one at a time (leader/follower). The daemon queues an
+// RPC's fd before it answers the RPC, so the reader usually finds it at once.
 class Connection {
  public:
   static absl::StatusOr<std::shared_ptr<Connection>> Open(const std::string& socket_dir,
@@ -37,6 +38,10 @@ class Connection {
   // Waits for the fd delivered under `transfer_id`.
   absl::StatusOr<UniqueFd> TakeFd(uint64_t transfer_id);
 
+  // One-way release of a handle (no answer; see ReleaseHandle in
+  // fd_channel.proto).
+  absl::Status SendRelease(uint64_t handle);
+
   // Shuts fd.sock down: the daemon ends the session.
   void Close();
 
@@ -46,7 +51,9 @@ class Connection {
 
  private:
   Connection() = default;
-  void ReadLoop();
+  // Reads one record from fd.sock, waiting until `deadline`, and files it.
+  // Called with mu_ held and reading_ set; drops mu_ while blocked.
+  void ReadOneLocked(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   UnixSocket fd_socket_;
   uint64_t session_id_ = 0;
@@ -54,13 +61,14 @@ class Connection {
   absl::Duration timeout_;
   std::unique_ptr<v1::Allocator::Stub> allocator_;
   std::unique_ptr<v1::Debug::Stub> debug_;
-  std::thread reader_;
 
   absl::Mutex mu_;
+  absl::CondVar changed_;
   std::map<uint64_t, UniqueFd> arrived_ ABSL_GUARDED_BY(mu_);
-  // Why the reader stopped (daemon gone, protocol error); OK while running.
-  absl::Status reader_status_ ABSL_GUARDED_BY(mu_);
-  bool reader_done_ ABSL_GUARDED_BY(mu_) = false;
+  // A thread is reading fd.sock.
+  bool reading_ ABSL_GUARDED_BY(mu_) = false;
+  // Why fd.sock is done (daemon gone, session ended); OK while usable.
+  absl::Status closed_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace bufferd::internal

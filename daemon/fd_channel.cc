@@ -154,11 +154,13 @@ void FdChannel::AcceptAll() {
 
 void FdChannel::OnReadable(int fd) {
   UnixSocket* socket;
+  uint64_t session_id;
   {
     absl::MutexLock lock(&mu_);
     auto it = connections_.find(fd);
     if (it == connections_.end()) return;
     socket = &it->second.socket;
+    session_id = it->second.session_id;
   }
   // Only this thread removes connections, so `socket` stays valid here.
   while (true) {
@@ -171,6 +173,18 @@ void FdChannel::OnReadable(int fd) {
     if (received->eof) {
       EndConnection(fd, "client closed fd.sock");
       return;
+    }
+    v1::FdChannelMessage message;
+    if (!message.ParseFromString(received->bytes)) {
+      EndConnection(fd, "client sent a malformed record on fd.sock");
+      return;
+    }
+    if (message.has_release()) {
+      absl::StatusOr<bool> released = state_->Release(session_id, message.release().handle());
+      if (!released.ok()) {
+        spdlog::debug("session {}: one-way release of handle {}: {}", session_id,
+                      message.release().handle(), released.status().ToString());
+      }
     }
     // FdUpload is reserved for Fence.ImportSyncFd; uploaded fds are closed
     // when `received` goes out of scope.

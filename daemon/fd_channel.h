@@ -67,7 +67,8 @@ class FdChannel {
 
   void Loop();
   void AcceptAll();
-  // Reads (and discards) what the client sent; ends the session on EOF/error.
+  // Handles what the client sent (one-way releases); ends the session on
+  // EOF, error or a malformed record.
   void OnReadable(int fd);
   void OnWritable(int fd);
   void CheckStalled();

@@ -447,6 +447,47 @@ TEST_F(IntegrationTest, SingleInstanceCleanShutdownAndTakeover) {
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
 }
 
+// Tests that dropping a Buffer releases its handle one-way (no round trip),
+// that a one-way release of a bogus handle does not end the session, and that
+// a malformed record on fd.sock does.
+TEST_F(IntegrationTest, OneWayReleaseAndMalformedRecords) {
+  {
+    auto buffer = client_->Allocate({.heap = "system", .size = 4096, .name = "dropped"});
+    ASSERT_TRUE(buffer.ok());
+    EXPECT_EQ(LiveBuffers(), 1u);
+  }
+  EXPECT_TRUE(Eventually([&] { return LiveBuffers() == 0; }));
+
+  auto socket = UnixSocket::ConnectSeqPacket(FdSocketPath(daemon_->socket_dir()));
+  ASSERT_TRUE(socket.ok());
+  auto hello = socket->RecvWithFds();
+  ASSERT_TRUE(hello.ok());
+  v1::FdChannelMessage message;
+  ASSERT_TRUE(message.ParseFromString(hello->bytes));
+  const std::string metadata = absl::StrCat(message.hello().session_id(), ":",
+                                            absl::BytesToHexString(message.hello().secret()));
+  auto stub = v1::Allocator::NewStub(
+      grpc::CreateChannel(absl::StrCat("unix:", ControlSocketPath(daemon_->socket_dir())),
+                          grpc::InsecureChannelCredentials()));
+  auto session_alive = [&] {
+    grpc::ClientContext context;
+    context.AddMetadata("bufferd-session", metadata);
+    v1::GetBufferRequest request;
+    request.set_handle(1);
+    v1::GetBufferResponse response;
+    return stub->GetBuffer(&context, request, &response).error_code() !=
+           grpc::StatusCode::UNAUTHENTICATED;
+  };
+  v1::FdChannelMessage release;
+  release.mutable_release()->set_handle(424242);
+  ASSERT_TRUE(socket->Send(release.SerializeAsString()).ok());
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_TRUE(session_alive());
+  ASSERT_TRUE(socket->Send("\xff\xff\xff garbage").ok());
+  EXPECT_TRUE(Eventually([&] { return !session_alive(); }));
+  ExpectBaseline();
+}
+
 // Tests that a client connecting to a dir with no daemon gets UNAVAILABLE.
 TEST(ClientTest, NoDaemonIsUnavailable) {
   auto client = Client::Connect("/tmp/definitely-no-bufferd-here");
