@@ -145,13 +145,14 @@ absl::Status Daemon::Init(const v1::Config& config) {
   if (config.stalled_session_timeout_ms() != 0) {
     channel_options.stalled_session_timeout = absl::Milliseconds(config.stalled_session_timeout_ms());
   }
-  channel_ = std::make_unique<FdChannel>(state_.get(), channel_options);
+  work_ = std::make_unique<WorkQueue>(2);
+  channel_ = std::make_unique<FdChannel>(state_.get(), work_.get(), channel_options);
   ASSIGN_OR_RETURN(UnixSocket listener, UnixSocket::ListenSeqPacket(fd_path));
   const mode_t socket_mode = config.group().empty() ? 0600 : 0660;
   ::chmod(fd_path.c_str(), socket_mode);
 
-  allocator_ = std::make_unique<AllocatorService>(state_.get(), channel_.get());
-  debug_ = std::make_unique<DebugService>(state_.get(), channel_.get(),
+  allocator_ = std::make_unique<AllocatorService>(state_.get(), channel_.get(), work_.get());
+  debug_ = std::make_unique<DebugService>(state_.get(), channel_.get(), work_.get(),
                                           config.debug_access() == v1::DEBUG_ACCESS_ANYONE);
   fence_ = std::make_unique<v1::Fence::Service>();
   grpc::EnableDefaultHealthCheckService(true);
@@ -176,8 +177,10 @@ absl::Status Daemon::Init(const v1::Config& config) {
 void Daemon::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
+  // In-flight calls may be finishing on the work queue: it outlives Shutdown.
   if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   if (channel_) channel_->Stop();
+  work_.reset();
   if (lock_file_.valid()) {
     ::unlink(ControlSocketPath(socket_dir_).c_str());
     ::unlink(FdSocketPath(socket_dir_).c_str());

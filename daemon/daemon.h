@@ -17,6 +17,7 @@
 #include "daemon/fd_channel.h"
 #include "daemon/services.h"
 #include "daemon/state.h"
+#include "daemon/work_queue.h"
 #include "grpcpp/server.h"
 #include "heaps/heap_registry.h"
 
@@ -40,6 +41,7 @@ class Daemon {
   UniqueFd lock_file_;
   std::unique_ptr<HeapRegistry> heaps_;
   std::unique_ptr<DaemonState> state_;
+  std::unique_ptr<WorkQueue> work_;
   std::unique_ptr<FdChannel> channel_;
   std::unique_ptr<AllocatorService> allocator_;
   std::unique_ptr<DebugService> debug_;

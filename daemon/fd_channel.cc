@@ -26,8 +26,8 @@ std::string ReadComm(pid_t pid) {
 
 }  // namespace
 
-FdChannel::FdChannel(DaemonState* state, Options options)
-    : state_(state), options_(options) {}
+FdChannel::FdChannel(DaemonState* state, WorkQueue* work, Options options)
+    : state_(state), work_(work), options_(options) {}
 
 FdChannel::~FdChannel() { Stop(); }
 
@@ -180,7 +180,8 @@ void FdChannel::OnReadable(int fd) {
       return;
     }
     if (message.has_release()) {
-      absl::StatusOr<bool> released = state_->Release(session_id, message.release().handle());
+      absl::StatusOr<bool> released =
+          ReleaseHandle(*state_, *work_, session_id, message.release().handle());
       if (!released.ok()) {
         spdlog::debug("session {}: one-way release of handle {}: {}", session_id,
                       message.release().handle(), released.status().ToString());

@@ -26,6 +26,7 @@
 #include "base/unix_socket.h"
 #include "bufferd/v1/fd_channel.pb.h"
 #include "daemon/state.h"
+#include "daemon/work_queue.h"
 
 namespace bufferd {
 
@@ -36,7 +37,8 @@ class FdChannel {
     absl::Duration stalled_session_timeout = absl::Seconds(10);
   };
 
-  FdChannel(DaemonState* state, Options options);
+  // One-way releases run on `work` (they may refill a carveout).
+  FdChannel(DaemonState* state, WorkQueue* work, Options options);
   ~FdChannel();
 
   // Serves `listener` (a listening SEQPACKET socket) on a new thread.
@@ -80,6 +82,7 @@ class FdChannel {
   void WatchWritable(int fd, bool writable);
 
   DaemonState* const state_;
+  WorkQueue* const work_;
   const Options options_;
   UnixSocket listener_;
   UniqueFd epoll_;

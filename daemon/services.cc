@@ -8,11 +8,27 @@
 namespace bufferd {
 namespace {
 
-absl::StatusOr<uint64_t> SessionOf(const DaemonState& state, grpc::ServerContext* context) {
+absl::StatusOr<uint64_t> SessionOf(const DaemonState& state,
+                                   const grpc::CallbackServerContext* context) {
   const auto& metadata = context->client_metadata();
   auto it = metadata.find(kSessionMetadataKey);
   if (it == metadata.end()) return state.Authenticate("");
   return state.Authenticate(absl::string_view(it->second.data(), it->second.size()));
+}
+
+grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context, const absl::Status& status) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+// Runs `body(session)` inline for an authenticated call and finishes it.
+template <typename Body>
+grpc::ServerUnaryReactor* Authenticated(const DaemonState& state,
+                                        grpc::CallbackServerContext* context, Body body) {
+  absl::StatusOr<uint64_t> session = SessionOf(state, context);
+  if (!session.ok()) return Finish(context, session.status());
+  return Finish(context, body(*session));
 }
 
 }  // namespace
@@ -24,117 +40,140 @@ absl::Status AllocatorService::Deliver(uint64_t session, DaemonState::Grant& gra
   return status;
 }
 
-grpc::Status AllocatorService::Allocate(grpc::ServerContext* context,
-                                        const v1::AllocateRequest* request,
-                                        v1::AllocateResponse* response) {
-  absl::StatusOr<uint64_t> session = SessionOf(*state_, context);
-  if (!session.ok()) return ToGrpcStatus(session.status());
-  absl::StatusOr<DaemonState::Grant> grant = state_->Allocate(*session, *request);
+absl::Status AllocatorService::DoAllocate(uint64_t session, const v1::AllocateRequest& request,
+                                          v1::AllocateResponse& response) {
+  absl::StatusOr<DaemonState::Grant> grant = state_->Allocate(session, request);
   if (!grant.ok()) {
-    spdlog::debug("session {}: Allocate({}, {}) failed: {}", *session, request->heap(),
-                  request->size(), grant.status().ToString());
-    return ToGrpcStatus(grant.status());
+    spdlog::debug("session {}: Allocate({}, {}) failed: {}", session, request.heap(),
+                  request.size(), grant.status().ToString());
+    return grant.status();
   }
-  absl::Status delivered = Deliver(*session, *grant);
-  if (!delivered.ok()) return ToGrpcStatus(delivered);
-  response->set_handle(grant->handle);
-  response->set_transfer_id(grant->transfer_id);
-  *response->mutable_buffer() = std::move(grant->buffer);
-  return grpc::Status::OK;
+  // The fd goes out before the response, so the client finds it queued.
+  RETURN_IF_ERROR(Deliver(session, *grant));
+  response.set_handle(grant->handle);
+  response.set_transfer_id(grant->transfer_id);
+  *response.mutable_buffer() = std::move(grant->buffer);
+  return absl::OkStatus();
 }
 
-grpc::Status AllocatorService::Release(grpc::ServerContext* context,
-                                       const v1::ReleaseRequest* request,
-                                       v1::ReleaseResponse* response) {
+grpc::ServerUnaryReactor* AllocatorService::Allocate(grpc::CallbackServerContext* context,
+                                                     const v1::AllocateRequest* request,
+                                                     v1::AllocateResponse* response) {
   absl::StatusOr<uint64_t> session = SessionOf(*state_, context);
-  if (!session.ok()) return ToGrpcStatus(session.status());
-  absl::StatusOr<bool> destroyed = state_->Release(*session, request->handle());
-  if (!destroyed.ok()) return ToGrpcStatus(destroyed.status());
-  response->set_buffer_destroyed(*destroyed);
-  return grpc::Status::OK;
+  if (!session.ok()) return Finish(context, session.status());
+  Heap* heap = state_->heaps().Find(request->heap());
+  if (heap == nullptr || heap->kind() == HeapKind::kSystem) {
+    // No page is touched: memfd_create + ftruncate + seals. Inline.
+    return Finish(context, DoAllocate(*session, *request, *response));
+  }
+  // Prefaulting (and zeroing) huge pages takes a while: off the callback thread.
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  work_->Post([this, reactor, session = *session, request, response] {
+    reactor->Finish(ToGrpcStatus(DoAllocate(session, *request, *response)));
+  });
+  return reactor;
 }
 
-grpc::Status AllocatorService::Export(grpc::ServerContext* context,
-                                      const v1::ExportRequest* request,
-                                      v1::ExportResponse* response) {
-  absl::StatusOr<uint64_t> session = SessionOf(*state_, context);
-  if (!session.ok()) return ToGrpcStatus(session.status());
-  absl::StatusOr<v1::ExportResponse> exported = state_->Export(*session, *request);
-  if (!exported.ok()) return ToGrpcStatus(exported.status());
-  *response = *std::move(exported);
-  return grpc::Status::OK;
+grpc::ServerUnaryReactor* AllocatorService::Release(grpc::CallbackServerContext* context,
+                                                    const v1::ReleaseRequest* request,
+                                                    v1::ReleaseResponse* response) {
+  return Authenticated(*state_, context, [&](uint64_t session) {
+    absl::StatusOr<bool> destroyed = ReleaseHandle(*state_, *work_, session, request->handle());
+    if (destroyed.ok()) response->set_buffer_destroyed(*destroyed);
+    return destroyed.status();
+  });
 }
 
-grpc::Status AllocatorService::Import(grpc::ServerContext* context,
-                                      const v1::ImportRequest* request,
-                                      v1::ImportResponse* response) {
-  absl::StatusOr<uint64_t> session = SessionOf(*state_, context);
-  if (!session.ok()) return ToGrpcStatus(session.status());
-  absl::StatusOr<DaemonState::Grant> grant = state_->Import(*session, request->token());
-  if (!grant.ok()) return ToGrpcStatus(grant.status());
-  absl::Status delivered = Deliver(*session, *grant);
-  if (!delivered.ok()) return ToGrpcStatus(delivered);
-  response->set_handle(grant->handle);
-  response->set_transfer_id(grant->transfer_id);
-  response->set_access(grant->access);
-  *response->mutable_buffer() = std::move(grant->buffer);
-  return grpc::Status::OK;
+grpc::ServerUnaryReactor* AllocatorService::Export(grpc::CallbackServerContext* context,
+                                                   const v1::ExportRequest* request,
+                                                   v1::ExportResponse* response) {
+  return Authenticated(*state_, context, [&](uint64_t session) {
+    absl::StatusOr<v1::ExportResponse> exported = state_->Export(session, *request);
+    if (exported.ok()) *response = *std::move(exported);
+    return exported.status();
+  });
 }
 
-grpc::Status AllocatorService::GetBuffer(grpc::ServerContext* context,
-                                         const v1::GetBufferRequest* request,
-                                         v1::GetBufferResponse* response) {
-  absl::StatusOr<uint64_t> session = SessionOf(*state_, context);
-  if (!session.ok()) return ToGrpcStatus(session.status());
-  absl::StatusOr<v1::GetBufferResponse> buffer = state_->GetBuffer(*session, request->handle());
-  if (!buffer.ok()) return ToGrpcStatus(buffer.status());
-  *response = *std::move(buffer);
-  return grpc::Status::OK;
+grpc::ServerUnaryReactor* AllocatorService::Import(grpc::CallbackServerContext* context,
+                                                   const v1::ImportRequest* request,
+                                                   v1::ImportResponse* response) {
+  return Authenticated(*state_, context, [&](uint64_t session) -> absl::Status {
+    absl::StatusOr<DaemonState::Grant> grant = state_->Import(session, request->token());
+    if (!grant.ok()) return grant.status();
+    RETURN_IF_ERROR(Deliver(session, *grant));
+    response->set_handle(grant->handle);
+    response->set_transfer_id(grant->transfer_id);
+    response->set_access(grant->access);
+    *response->mutable_buffer() = std::move(grant->buffer);
+    return absl::OkStatus();
+  });
 }
 
-absl::Status DebugService::Check(grpc::ServerContext* context) const {
+grpc::ServerUnaryReactor* AllocatorService::GetBuffer(grpc::CallbackServerContext* context,
+                                                      const v1::GetBufferRequest* request,
+                                                      v1::GetBufferResponse* response) {
+  return Authenticated(*state_, context, [&](uint64_t session) {
+    absl::StatusOr<v1::GetBufferResponse> buffer = state_->GetBuffer(session, request->handle());
+    if (buffer.ok()) *response = *std::move(buffer);
+    return buffer.status();
+  });
+}
+
+absl::Status DebugService::Check(grpc::CallbackServerContext* context) const {
   if (allow_anyone_) return absl::OkStatus();
   return SessionOf(*state_, context).status();
 }
 
-grpc::Status DebugService::ListHeaps(grpc::ServerContext* context, const v1::ListHeapsRequest*,
-                                     v1::ListHeapsResponse* response) {
-  if (absl::Status s = Check(context); !s.ok()) return ToGrpcStatus(s);
-  *response = state_->ListHeaps();
-  return grpc::Status::OK;
+grpc::ServerUnaryReactor* DebugService::ListHeaps(grpc::CallbackServerContext* context,
+                                                  const v1::ListHeapsRequest*,
+                                                  v1::ListHeapsResponse* response) {
+  if (absl::Status s = Check(context); !s.ok()) return Finish(context, s);
+  // Heap stats read sysfs and mincore the carveouts: off the callback thread.
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  work_->Post([this, reactor, response] {
+    *response = state_->ListHeaps();
+    reactor->Finish(grpc::Status::OK);
+  });
+  return reactor;
 }
 
-grpc::Status DebugService::ListClients(grpc::ServerContext* context,
-                                       const v1::ListClientsRequest*,
-                                       v1::ListClientsResponse* response) {
-  if (absl::Status s = Check(context); !s.ok()) return ToGrpcStatus(s);
+grpc::ServerUnaryReactor* DebugService::ListClients(grpc::CallbackServerContext* context,
+                                                    const v1::ListClientsRequest*,
+                                                    v1::ListClientsResponse* response) {
+  if (absl::Status s = Check(context); !s.ok()) return Finish(context, s);
   for (v1::ClientInfo& client : state_->ListClients()) {
     client.set_queued_deliveries(
         static_cast<uint32_t>(channel_->QueuedDeliveries(client.session_id())));
     *response->add_clients() = std::move(client);
   }
-  return grpc::Status::OK;
+  return Finish(context, absl::OkStatus());
 }
 
-grpc::Status DebugService::ListBuffers(grpc::ServerContext* context,
-                                       const v1::ListBuffersRequest* request,
-                                       v1::ListBuffersResponse* response) {
-  if (absl::Status s = Check(context); !s.ok()) return ToGrpcStatus(s);
+grpc::ServerUnaryReactor* DebugService::ListBuffers(grpc::CallbackServerContext* context,
+                                                    const v1::ListBuffersRequest* request,
+                                                    v1::ListBuffersResponse* response) {
+  if (absl::Status s = Check(context); !s.ok()) return Finish(context, s);
   *response = state_->ListBuffers(*request);
-  return grpc::Status::OK;
+  return Finish(context, absl::OkStatus());
 }
 
-grpc::Status DebugService::ListFences(grpc::ServerContext* context, const v1::ListFencesRequest*,
-                                      v1::ListFencesResponse*) {
-  if (absl::Status s = Check(context); !s.ok()) return ToGrpcStatus(s);
-  return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "ListFences: fences are not implemented yet");
+grpc::ServerUnaryReactor* DebugService::ListFences(grpc::CallbackServerContext* context,
+                                                   const v1::ListFencesRequest*,
+                                                   v1::ListFencesResponse*) {
+  if (absl::Status s = Check(context); !s.ok()) return Finish(context, s);
+  return Finish(context, absl::UnimplementedError("ListFences: fences are not implemented yet"));
 }
 
-grpc::Status DebugService::GetMetrics(grpc::ServerContext* context, const v1::GetMetricsRequest*,
-                                      v1::GetMetricsResponse* response) {
-  if (absl::Status s = Check(context); !s.ok()) return ToGrpcStatus(s);
-  response->set_text(state_->Metrics());
-  return grpc::Status::OK;
+grpc::ServerUnaryReactor* DebugService::GetMetrics(grpc::CallbackServerContext* context,
+                                                   const v1::GetMetricsRequest*,
+                                                   v1::GetMetricsResponse* response) {
+  if (absl::Status s = Check(context); !s.ok()) return Finish(context, s);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  work_->Post([this, reactor, response] {
+    response->set_text(state_->Metrics());
+    reactor->Finish(grpc::Status::OK);
+  });
+  return reactor;
 }
 
 }  // namespace bufferd

@@ -1,8 +1,10 @@
-// The gRPC services: Allocator and Debug (sync API: their handlers do bounded
-// work — memfd creation, prefaulting — on gRPC's sync thread pool, never an
-// unbounded wait), and the Fence service, which answers UNIMPLEMENTED until the
-// fence work lands. Every call is authenticated from `bufferd-session`
-// metadata, except Debug when the config allows anyone.
+// The gRPC services, on gRPC's callback API: handlers never block a callback
+// thread. Cheap work (system-heap allocations: memfd_create + seals, lookups)
+// runs inline; work that touches pages (prefaulting contiguous and carveout
+// buffers) runs on the WorkQueue and finishes the call from there. The Fence
+// service answers UNIMPLEMENTED until the fence work lands. Every call is
+// authenticated from `bufferd-session` metadata, except Debug when the config
+// allows anyone.
 #ifndef BUFFERD_DAEMON_SERVICES_H_
 #define BUFFERD_DAEMON_SERVICES_H_
 
@@ -11,56 +13,72 @@
 #include "bufferd/v1/fence.grpc.pb.h"
 #include "daemon/fd_channel.h"
 #include "daemon/state.h"
+#include "daemon/work_queue.h"
 
 namespace bufferd {
 
 // The metadata key every call carries.
 inline constexpr char kSessionMetadataKey[] = "bufferd-session";
 
-class AllocatorService final : public v1::Allocator::Service {
+class AllocatorService final : public v1::Allocator::CallbackService {
  public:
-  AllocatorService(DaemonState* state, FdChannel* channel) : state_(state), channel_(channel) {}
+  AllocatorService(DaemonState* state, FdChannel* channel, WorkQueue* work)
+      : state_(state), channel_(channel), work_(work) {}
 
-  grpc::Status Allocate(grpc::ServerContext* context, const v1::AllocateRequest* request,
-                        v1::AllocateResponse* response) override;
-  grpc::Status Release(grpc::ServerContext* context, const v1::ReleaseRequest* request,
-                       v1::ReleaseResponse* response) override;
-  grpc::Status Export(grpc::ServerContext* context, const v1::ExportRequest* request,
-                      v1::ExportResponse* response) override;
-  grpc::Status Import(grpc::ServerContext* context, const v1::ImportRequest* request,
-                      v1::ImportResponse* response) override;
-  grpc::Status GetBuffer(grpc::ServerContext* context, const v1::GetBufferRequest* request,
-                         v1::GetBufferResponse* response) override;
+  grpc::ServerUnaryReactor* Allocate(grpc::CallbackServerContext* context,
+                                     const v1::AllocateRequest* request,
+                                     v1::AllocateResponse* response) override;
+  grpc::ServerUnaryReactor* Release(grpc::CallbackServerContext* context,
+                                    const v1::ReleaseRequest* request,
+                                    v1::ReleaseResponse* response) override;
+  grpc::ServerUnaryReactor* Export(grpc::CallbackServerContext* context,
+                                   const v1::ExportRequest* request,
+                                   v1::ExportResponse* response) override;
+  grpc::ServerUnaryReactor* Import(grpc::CallbackServerContext* context,
+                                   const v1::ImportRequest* request,
+                                   v1::ImportResponse* response) override;
+  grpc::ServerUnaryReactor* GetBuffer(grpc::CallbackServerContext* context,
+                                      const v1::GetBufferRequest* request,
+                                      v1::GetBufferResponse* response) override;
 
  private:
+  absl::Status DoAllocate(uint64_t session, const v1::AllocateRequest& request,
+                          v1::AllocateResponse& response);
   // Delivers the grant's fd; on failure drops the new handle again.
   absl::Status Deliver(uint64_t session, DaemonState::Grant& grant);
 
   DaemonState* const state_;
   FdChannel* const channel_;
+  WorkQueue* const work_;
 };
 
-class DebugService final : public v1::Debug::Service {
+class DebugService final : public v1::Debug::CallbackService {
  public:
-  DebugService(DaemonState* state, FdChannel* channel, bool allow_anyone)
-      : state_(state), channel_(channel), allow_anyone_(allow_anyone) {}
+  DebugService(DaemonState* state, FdChannel* channel, WorkQueue* work, bool allow_anyone)
+      : state_(state), channel_(channel), work_(work), allow_anyone_(allow_anyone) {}
 
-  grpc::Status ListHeaps(grpc::ServerContext* context, const v1::ListHeapsRequest* request,
-                         v1::ListHeapsResponse* response) override;
-  grpc::Status ListClients(grpc::ServerContext* context, const v1::ListClientsRequest* request,
-                           v1::ListClientsResponse* response) override;
-  grpc::Status ListBuffers(grpc::ServerContext* context, const v1::ListBuffersRequest* request,
-                           v1::ListBuffersResponse* response) override;
-  grpc::Status ListFences(grpc::ServerContext* context, const v1::ListFencesRequest* request,
-                          v1::ListFencesResponse* response) override;
-  grpc::Status GetMetrics(grpc::ServerContext* context, const v1::GetMetricsRequest* request,
-                          v1::GetMetricsResponse* response) override;
+  grpc::ServerUnaryReactor* ListHeaps(grpc::CallbackServerContext* context,
+                                      const v1::ListHeapsRequest* request,
+                                      v1::ListHeapsResponse* response) override;
+  grpc::ServerUnaryReactor* ListClients(grpc::CallbackServerContext* context,
+                                        const v1::ListClientsRequest* request,
+                                        v1::ListClientsResponse* response) override;
+  grpc::ServerUnaryReactor* ListBuffers(grpc::CallbackServerContext* context,
+                                        const v1::ListBuffersRequest* request,
+                                        v1::ListBuffersResponse* response) override;
+  grpc::ServerUnaryReactor* ListFences(grpc::CallbackServerContext* context,
+                                       const v1::ListFencesRequest* request,
+                                       v1::ListFencesResponse* response) override;
+  grpc::ServerUnaryReactor* GetMetrics(grpc::CallbackServerContext* context,
+                                       const v1::GetMetricsRequest* request,
+                                       v1::GetMetricsResponse* response) override;
 
  private:
-  absl::Status Check(grpc::ServerContext* context) const;
+  absl::Status Check(grpc::CallbackServerContext* context) const;
 
   DaemonState* const state_;
   FdChannel* const channel_;
+  WorkQueue* const work_;
   const bool allow_anyone_;
 };
 

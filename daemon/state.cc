@@ -354,12 +354,23 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
   return grant;
 }
 
-absl::StatusOr<bool> DaemonState::Release(uint64_t session_id, uint64_t handle) {
+absl::StatusOr<bool> DaemonState::Release(
+    uint64_t session_id, uint64_t handle,
+    std::vector<std::unique_ptr<HeapBuffer>>* expensive_frees) {
   std::vector<std::unique_ptr<HeapBuffer>> graveyard;
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(FindSessionLocked(session_id).status());
-  RETURN_IF_ERROR(FindHandleLocked(session_id, handle).status());
-  return RemoveHandleLocked(handle, graveyard);
+  bool destroyed;
+  {
+    absl::MutexLock lock(&mu_);
+    RETURN_IF_ERROR(FindSessionLocked(session_id).status());
+    RETURN_IF_ERROR(FindHandleLocked(session_id, handle).status());
+    destroyed = RemoveHandleLocked(handle, graveyard);
+  }
+  if (expensive_frees != nullptr) {
+    for (auto& memory : graveyard) {
+      if (!memory->cheap_to_free()) expensive_frees->push_back(std::move(memory));
+    }
+  }
+  return destroyed;  // `graveyard` frees the rest here, outside the lock.
 }
 
 absl::StatusOr<v1::ExportResponse> DaemonState::Export(uint64_t session_id,

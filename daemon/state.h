@@ -74,8 +74,12 @@ class DaemonState {
 
   // Buffers.
   absl::StatusOr<Grant> Allocate(uint64_t session_id, const v1::AllocateRequest& request);
-  // Returns true when the buffer was destroyed.
-  absl::StatusOr<bool> Release(uint64_t session_id, uint64_t handle);
+  // Returns true when the buffer was destroyed. Its memory is freed before
+  // returning, unless `expensive_frees` is given and freeing it is not cheap
+  // (HeapBuffer::cheap_to_free): then it is moved there for the caller to
+  // free on a thread of its choice.
+  absl::StatusOr<bool> Release(uint64_t session_id, uint64_t handle,
+                               std::vector<std::unique_ptr<HeapBuffer>>* expensive_frees = nullptr);
   absl::StatusOr<v1::ExportResponse> Export(uint64_t session_id, const v1::ExportRequest& request);
   absl::StatusOr<Grant> Import(uint64_t session_id, absl::string_view token);
   absl::StatusOr<v1::GetBufferResponse> GetBuffer(uint64_t session_id, uint64_t handle) const;

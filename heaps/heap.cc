@@ -100,6 +100,8 @@ absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t siz
   ++accounting_->buffer_count;
   ++accounting_->allocations;
   const Backing backing = backed->backing;
+  constexpr uint64_t kCheapFreeBytes = 1 << 20;
+  const bool cheap_to_free = rounded <= kCheapFreeBytes && !backed->on_free;
   ++accounting_->by_backing[std::string(BackingName(backing))];
   std::function<void()> on_free = [accounting = accounting_, rounded, backing,
                                    extra = std::move(backed->on_free)] {
@@ -110,7 +112,8 @@ absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t siz
     auto it = accounting->by_backing.find(std::string(BackingName(backing)));
     if (--it->second == 0) accounting->by_backing.erase(it);
   };
-  return std::make_unique<HeapBuffer>(std::move(backed->fd), rounded, backing, std::move(on_free));
+  return std::make_unique<HeapBuffer>(std::move(backed->fd), rounded, backing, std::move(on_free),
+                                      cheap_to_free);
 }
 
 HeapStats AccountedHeap::Stats() const {

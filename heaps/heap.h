@@ -78,8 +78,14 @@ struct HeapStats {
 // reservation). Pages live on while any other process holds an fd or mapping.
 class HeapBuffer {
  public:
-  HeapBuffer(UniqueFd fd, uint64_t size, Backing backing, std::function<void()> on_free)
-      : fd_(std::move(fd)), size_(size), backing_(backing), on_free_(std::move(on_free)) {}
+  // `cheap_to_free`: destroying it touches few pages (no refill, small).
+  HeapBuffer(UniqueFd fd, uint64_t size, Backing backing, std::function<void()> on_free,
+             bool cheap_to_free = true)
+      : fd_(std::move(fd)),
+        size_(size),
+        backing_(backing),
+        cheap_to_free_(cheap_to_free),
+        on_free_(std::move(on_free)) {}
   ~HeapBuffer();
   HeapBuffer(const HeapBuffer&) = delete;
   HeapBuffer& operator=(const HeapBuffer&) = delete;
@@ -88,11 +94,15 @@ class HeapBuffer {
   int fd() const { return fd_.get(); }
   uint64_t size() const { return size_; }
   Backing backing() const { return backing_; }
+  // False when destruction does page work worth keeping off latency-sensitive
+  // threads (a big buffer whose pages may be freed now, a carveout refill).
+  bool cheap_to_free() const { return cheap_to_free_; }
 
  private:
   UniqueFd fd_;
   uint64_t size_;
   Backing backing_;
+  bool cheap_to_free_;
   std::function<void()> on_free_;
 };
 

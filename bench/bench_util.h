@@ -1,0 +1,57 @@
+// Small helpers shared by the benchmarks: timing, percentiles, pinning, and
+// starting a pinned bufferd.
+#ifndef BUFFERD_BENCH_BENCH_UTIL_H_
+#define BUFFERD_BENCH_BENCH_UTIL_H_
+
+#include <sched.h>
+#include <sys/types.h>
+
+#include <algorithm>
+#include <chrono>
+#include <string>
+#include <vector>
+
+namespace bufferd::bench {
+
+inline double NowMicros() {
+  return std::chrono::duration<double, std::micro>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+struct Summary {
+  double p50 = 0;
+  double p99 = 0;
+  double per_second = 0;
+};
+
+// p50/p99 of `samples` (µs) and throughput given the wall time they took.
+inline Summary Summarize(std::vector<double> samples, double wall_micros) {
+  Summary s;
+  if (samples.empty()) return s;
+  std::sort(samples.begin(), samples.end());
+  s.p50 = samples[samples.size() / 2];
+  s.p99 = samples[std::min(samples.size() - 1, samples.size() * 99 / 100)];
+  s.per_second = wall_micros > 0 ? samples.size() * 1e6 / wall_micros : 0;
+  return s;
+}
+
+// Pins the calling thread (pid 0) or a process to one CPU.
+inline bool PinTo(int cpu, pid_t pid = 0) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(cpu, &set);
+  return ::sched_setaffinity(pid, sizeof(set), &set) == 0;
+}
+
+// Starts `binary --socket-dir dir` pinned to `cpu` (all its threads inherit),
+// and waits until it accepts clients. Returns its pid or -1.
+pid_t StartPinnedDaemon(const std::string& binary, const std::string& dir, int cpu);
+void StopDaemon(pid_t pid);
+
+// The bufferd binary next to this benchmark (Bazel runfiles or bazel-bin).
+std::string FindDaemonBinary(const char* argv0);
+
+}  // namespace bufferd::bench
+
+#endif  // BUFFERD_BENCH_BENCH_UTIL_H_
