@@ -26,10 +26,10 @@ absl::Status CheckFd(int fd, Access access, uint64_t size) {
   if (flags < 0) return ErrnoError("fcntl(F_GETFL) on delivered fd", errno);
   int want = access == Access::kReadOnly ? O_RDONLY : O_RDWR;
   if ((flags & O_ACCMODE) != want) {
-    return absl::InternalError(absl::StrCat("delivered fd has access mode ", flags & O_ACCMODE,
-                                            ", expected ", want));
+    return absl::InternalError(
+        absl::StrCat("delivered fd has access mode ", flags & O_ACCMODE, ", expected ", want));
   }
-  struct stat st{};
+  struct stat st {};
   if (::fstat(fd, &st) != 0) return ErrnoError("fstat on delivered fd", errno);
   if (static_cast<uint64_t>(st.st_size) != size) {
     return absl::InternalError(

@@ -78,7 +78,8 @@ class Buffer {
 
   // A single-use share token another session redeems with Client::Import.
   // `ttl` zero means the daemon's default (30 s).
-  absl::StatusOr<std::string> Export(Access access, absl::Duration ttl = absl::ZeroDuration()) const;
+  absl::StatusOr<std::string> Export(Access access,
+                                     absl::Duration ttl = absl::ZeroDuration()) const;
 
   // Drops the handle now (returns the daemon's answer) and closes the fd.
   absl::Status Release();
@@ -122,7 +123,8 @@ class Client {
   // Debug service (what bufctl shows).
   absl::StatusOr<v1::ListHeapsResponse> ListHeaps() const;
   absl::StatusOr<v1::ListClientsResponse> ListClients() const;
-  absl::StatusOr<v1::ListBuffersResponse> ListBuffers(const v1::ListBuffersRequest& request = {}) const;
+  absl::StatusOr<v1::ListBuffersResponse> ListBuffers(
+      const v1::ListBuffersRequest& request = {}) const;
   absl::StatusOr<std::string> Metrics() const;
 
   // Ends the session now (the daemon releases every handle of it). Buffers

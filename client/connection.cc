@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <limits>
 #include <optional>
 
 #include "absl/strings/escaping.h"
@@ -20,6 +21,17 @@ absl::Status FromGrpcStatus(const grpc::Status& status) {
   return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
 }
 
+namespace {
+// poll()'s timeout for `left`: rounded up to whole ms (so the last partial ms
+// is waited, not spun), never negative, clamped to int.
+int PollTimeoutMs(absl::Duration left) {
+  if (left <= absl::ZeroDuration()) return 0;
+  return static_cast<int>(
+      std::min<int64_t>(absl::ToInt64Milliseconds(absl::Ceil(left, absl::Milliseconds(1))),
+                        std::numeric_limits<int>::max()));
+}
+}  // namespace
+
 absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& socket_dir,
                                                              absl::Duration timeout) {
   std::shared_ptr<Connection> connection(new Connection());
@@ -30,8 +42,7 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
                                                " (is it running?): ", socket.status().message()));
   }
   pollfd ready{socket->fd(), POLLIN, 0};
-  int n = RetryOnEintr(
-      [&] { return ::poll(&ready, 1, static_cast<int>(absl::ToInt64Milliseconds(timeout))); });
+  int n = RetryOnEintr([&] { return ::poll(&ready, 1, PollTimeoutMs(timeout)); });
   if (n <= 0) return absl::DeadlineExceededError("bufferd sent no hello on fd.sock");
   ASSIGN_OR_RETURN(UnixSocket::Received received, socket->RecvWithFds());
   v1::FdChannelMessage message;
@@ -43,8 +54,8 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
         "bufferd speaks protocol ", message.hello().protocol_version(), "; this library speaks 1"));
   }
   connection->session_id_ = message.hello().session_id();
-  connection->metadata_ = absl::StrCat(connection->session_id_, ":",
-                                       absl::BytesToHexString(message.hello().secret()));
+  connection->metadata_ =
+      absl::StrCat(connection->session_id_, ":", absl::BytesToHexString(message.hello().secret()));
   connection->fd_socket_ = *std::move(socket);
   std::shared_ptr<grpc::Channel> channel = grpc::CreateChannel(
       absl::StrCat("unix:", ControlSocketPath(socket_dir)), grpc::InsecureChannelCredentials());
@@ -76,8 +87,7 @@ void Connection::ReadOneLocked(absl::Time deadline) {
   absl::Status failure;
   std::optional<UnixSocket::Received> received;
   pollfd ready{fd_socket_.fd(), POLLIN, 0};
-  const int64_t wait_ms = std::max<int64_t>(0, absl::ToInt64Milliseconds(deadline - absl::Now()));
-  int n = RetryOnEintr([&] { return ::poll(&ready, 1, static_cast<int>(wait_ms)); });
+  int n = RetryOnEintr([&] { return ::poll(&ready, 1, PollTimeoutMs(deadline - absl::Now())); });
   if (n < 0) {
     failure = ErrnoError("poll(fd.sock)", errno);
   } else if (n > 0) {
@@ -98,7 +108,9 @@ void Connection::ReadOneLocked(absl::Time deadline) {
     // Anything but a one-fd delivery is not for us; its fds close here.
     if (message.ParseFromString(received->bytes) && message.has_delivery() &&
         received->fds.size() == 1) {
-      arrived_[message.delivery().transfer_id()] = std::move(received->fds[0]);
+      const uint64_t id = message.delivery().transfer_id();
+      // An fd whose caller gave up is closed here, not kept forever.
+      if (abandoned_.erase(id) == 0) arrived_[id] = std::move(received->fds[0]);
     }
   }
 }
@@ -114,9 +126,10 @@ absl::StatusOr<UniqueFd> Connection::TakeFd(uint64_t transfer_id) {
     }
     if (!closed_.ok()) return closed_;
     if (absl::Now() >= deadline) {
-      return absl::DeadlineExceededError(
-          absl::StrCat("fd for transfer ", transfer_id, " did not arrive on fd.sock within ",
-                       absl::FormatDuration(timeout_)));
+      abandoned_.insert(transfer_id);
+      return absl::DeadlineExceededError(absl::StrCat("fd for transfer ", transfer_id,
+                                                      " did not arrive on fd.sock within ",
+                                                      absl::FormatDuration(timeout_)));
     }
     if (!reading_) {
       reading_ = true;

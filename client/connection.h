@@ -5,6 +5,7 @@
 
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 
 #include "absl/base/thread_annotations.h"
@@ -65,6 +66,8 @@ class Connection {
   absl::Mutex mu_;
   absl::CondVar changed_;
   std::map<uint64_t, UniqueFd> arrived_ ABSL_GUARDED_BY(mu_);
+  // Transfers whose TakeFd timed out: their fds are closed on arrival.
+  std::set<uint64_t> abandoned_ ABSL_GUARDED_BY(mu_);
   // A thread is reading fd.sock.
   bool reading_ ABSL_GUARDED_BY(mu_) = false;
   // Why fd.sock is done (daemon gone, session ended); OK while usable.

@@ -16,35 +16,32 @@ namespace bufferd {
 namespace {
 
 constexpr char kDefaultConfig[] = R"pb(# bufferd embedded default configuration.
-heaps {
-  name: "system"
-  type: HEAP_TYPE_SYSTEM
-}
-heaps {
-  name: "contiguous"
-  type: HEAP_TYPE_CONTIGUOUS
-  hugepage_size: HUGEPAGE_SIZE_2M
-  fallback: FALLBACK_THP
-  fallback: FALLBACK_BASE_PAGES
-}
-heaps {
-  name: "carveout"
-  type: HEAP_TYPE_CARVEOUT
-  capacity_bytes: 67108864  # 64 MiB
-  hugepage_size: HUGEPAGE_SIZE_2M
-}
-quotas {
-  max_bytes_per_session: 4294967296  # 4 GiB per heap
-  max_bytes_per_uid: 8589934592      # 8 GiB per heap
-  max_buffers_per_session: 4096
-  max_fences_per_session: 4096
-  max_allocation_bytes: 1073741824   # 1 GiB
-}
-log_level: "info"
-debug_access: DEBUG_ACCESS_SESSION
-default_token_ttl_ms: 30000
-max_queued_deliveries: 1024
-stalled_session_timeout_ms: 10000
+                                       heaps { name: "system" type: HEAP_TYPE_SYSTEM }
+                                       heaps {
+                                         name: "contiguous"
+                                         type: HEAP_TYPE_CONTIGUOUS
+                                         hugepage_size: HUGEPAGE_SIZE_2M
+                                         fallback: FALLBACK_THP
+                                         fallback: FALLBACK_BASE_PAGES
+                                       }
+                                       heaps {
+                                         name: "carveout"
+                                         type: HEAP_TYPE_CARVEOUT
+                                         capacity_bytes: 67108864  # 64 MiB
+                                         hugepage_size: HUGEPAGE_SIZE_2M
+                                       }
+                                       quotas {
+                                         max_bytes_per_session: 4294967296  # 4 GiB per heap
+                                         max_bytes_per_uid: 8589934592      # 8 GiB per heap
+                                         max_buffers_per_session: 4096
+                                         max_fences_per_session: 4096
+                                         max_allocation_bytes: 1073741824  # 1 GiB
+                                       }
+                                       log_level: "info"
+                                       debug_access: DEBUG_ACCESS_SESSION
+                                       default_token_ttl_ms: 30000
+                                       max_queued_deliveries: 1024
+                                       stalled_session_timeout_ms: 10000
 )pb";
 
 // Collects parser errors as "source:line:column: message".
@@ -136,9 +133,9 @@ absl::Status ValidateConfig(const v1::Config& config) {
   static const std::set<std::string> kLevels = {"",     "trace", "debug",    "info",
                                                 "warn", "error", "critical", "off"};
   if (!kLevels.count(config.log_level())) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "field 'log_level' is '", config.log_level(),
-        "'; must be trace, debug, info, warn, error, critical or off"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("field 'log_level' is '", config.log_level(),
+                     "'; must be trace, debug, info, warn, error, critical or off"));
   }
   if (config.default_token_ttl_ms() > 3600 * 1000) {
     return absl::InvalidArgumentError("field 'default_token_ttl_ms' must be at most 3600000");

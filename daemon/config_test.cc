@@ -1,8 +1,8 @@
 #include "daemon/config.h"
 
-#include <fstream>
-
 #include <gtest/gtest.h>
+
+#include <fstream>
 
 namespace bufferd {
 namespace {
@@ -63,12 +63,19 @@ TEST(ConfigTest, MissingFile) {
 // Tests that BuildHeaps creates every configured heap with its options, and
 // several named carveouts side by side.
 TEST(ConfigTest, BuildsNamedHeaps) {
-  absl::StatusOr<v1::Config> config = ParseConfig(R"pb(
-    heaps { name: "system" type: HEAP_TYPE_SYSTEM capacity_bytes: 1048576 }
-    heaps { name: "display" type: HEAP_TYPE_CARVEOUT capacity_bytes: 4194304 hugepage_size: HUGEPAGE_SIZE_2M }
-    heaps { name: "camera" type: HEAP_TYPE_CARVEOUT capacity_bytes: 2097152 }
-    heaps { name: "gpu" type: HEAP_TYPE_CONTIGUOUS fallback: FALLBACK_BASE_PAGES }
-  )pb", "inline");
+  absl::StatusOr<v1::Config> config =
+      ParseConfig(R"pb(
+                    heaps { name: "system" type: HEAP_TYPE_SYSTEM capacity_bytes: 1048576 }
+                    heaps {
+                      name: "display"
+                      type: HEAP_TYPE_CARVEOUT
+                      capacity_bytes: 4194304
+                      hugepage_size: HUGEPAGE_SIZE_2M
+                    }
+                    heaps { name: "camera" type: HEAP_TYPE_CARVEOUT capacity_bytes: 2097152 }
+                    heaps { name: "gpu" type: HEAP_TYPE_CONTIGUOUS fallback: FALLBACK_BASE_PAGES }
+                  )pb",
+                  "inline");
   ASSERT_TRUE(config.ok()) << config.status();
   absl::StatusOr<std::unique_ptr<HeapRegistry>> heaps = BuildHeaps(*config);
   ASSERT_TRUE(heaps.ok()) << heaps.status();

@@ -31,7 +31,7 @@ absl::Status PrepareSocketDir(const std::string& dir, const std::string& group) 
   if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
     return ErrnoError(absl::StrCat("mkdir ", dir), errno);
   }
-  struct stat st{};
+  struct stat st {};
   if (::lstat(dir.c_str(), &st) != 0) return ErrnoError(absl::StrCat("stat ", dir), errno);
   if (!S_ISDIR(st.st_mode)) {
     return absl::FailedPreconditionError(absl::StrCat("socket dir ", dir, " is not a directory"));
@@ -95,7 +95,7 @@ uint64_t RaiseFdLimit() {
 absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const v1::Config& config,
                                                       std::string socket_dir) {
   std::unique_ptr<Daemon> daemon(new Daemon());
-  daemon->socket_dir_ = !socket_dir.empty()          ? std::move(socket_dir)
+  daemon->socket_dir_ = !socket_dir.empty()            ? std::move(socket_dir)
                         : !config.socket_dir().empty() ? config.socket_dir()
                                                        : DefaultSocketDir();
   absl::Status status = daemon->Init(config);
@@ -120,8 +120,8 @@ absl::Status Daemon::Init(const v1::Config& config) {
   ASSIGN_OR_RETURN(heaps_, BuildHeaps(config));
   DaemonState::Options options;
   options.quotas = config.quotas();
-  options.fd_budget = config.fd_budget() != 0 ? config.fd_budget()
-                                              : (nofile > 256 ? nofile * 3 / 4 : nofile / 2);
+  options.fd_budget =
+      config.fd_budget() != 0 ? config.fd_budget() : (nofile > 256 ? nofile * 3 / 4 : nofile / 2);
   if (config.default_token_ttl_ms() != 0) {
     options.default_token_ttl = absl::Milliseconds(config.default_token_ttl_ms());
   }
@@ -143,7 +143,8 @@ absl::Status Daemon::Init(const v1::Config& config) {
     channel_options.max_queued_deliveries = config.max_queued_deliveries();
   }
   if (config.stalled_session_timeout_ms() != 0) {
-    channel_options.stalled_session_timeout = absl::Milliseconds(config.stalled_session_timeout_ms());
+    channel_options.stalled_session_timeout =
+        absl::Milliseconds(config.stalled_session_timeout_ms());
   }
   work_ = std::make_unique<WorkQueue>(2);
   channel_ = std::make_unique<FdChannel>(state_.get(), work_.get(), channel_options);
@@ -184,7 +185,8 @@ void Daemon::Shutdown() {
   if (lock_file_.valid()) {
     ::unlink(ControlSocketPath(socket_dir_).c_str());
     ::unlink(FdSocketPath(socket_dir_).c_str());
-    ::unlink(absl::StrCat(socket_dir_, "/bufferd.lock").c_str());
+    // The lock file stays: unlinking it would let two later daemons lock
+    // different files of the same name.
     lock_file_.Reset();
   }
 }

@@ -5,7 +5,7 @@
 // the live daemon's pid if another holds it; a crashed daemon's lock is gone
 // with it, so its stale sockets are removed and taken over), reserves the
 // heaps, and starts serving. Shutdown() stops serving, ends every session and
-// removes the sockets and lock file.
+// removes the sockets (the lock file stays).
 #ifndef BUFFERD_DAEMON_DAEMON_H_
 #define BUFFERD_DAEMON_DAEMON_H_
 

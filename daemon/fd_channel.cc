@@ -70,6 +70,7 @@ void FdChannel::Stop() {
     absl::MutexLock lock(&mu_);
     for (auto& [fd, connection] : connections_) sessions.push_back(connection.session_id);
     connections_.clear();
+    total_queued_ = 0;
     by_session_.clear();
   }
   for (uint64_t id : sessions) state_->CloseSession(id);
@@ -78,7 +79,8 @@ void FdChannel::Stop() {
 void FdChannel::Loop() {
   epoll_event events[64];
   while (true) {
-    int n = ::epoll_wait(epoll_.get(), events, 64, 500);
+    int n = ::epoll_wait(epoll_.get(), events, 64,
+                         accept_paused_until_ == absl::InfinitePast() ? 500 : 20);
     {
       absl::MutexLock lock(&mu_);
       if (stopping_) return;
@@ -99,6 +101,13 @@ void FdChannel::Loop() {
         if (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLRDHUP | EPOLLERR)) OnReadable(fd);
       }
     }
+    if (accept_paused_until_ != absl::InfinitePast() && absl::Now() >= accept_paused_until_) {
+      accept_paused_until_ = absl::InfinitePast();
+      epoll_event event{};
+      event.events = EPOLLIN;
+      event.data.fd = listener_.fd();
+      ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, listener_.fd(), &event);
+    }
     CheckStalled();
     state_->Housekeeping(absl::Now());
   }
@@ -108,9 +117,13 @@ void FdChannel::AcceptAll() {
   while (true) {
     absl::StatusOr<UnixSocket> socket = listener_.Accept(/*nonblocking=*/true);
     if (!socket.ok()) {
-      if (!IsWouldBlock(socket.status())) {
-        spdlog::warn("fd.sock accept failed: {}", socket.status().ToString());
-      }
+      if (IsWouldBlock(socket.status())) return;
+      spdlog::warn("fd.sock accept failed: {}; pausing accepts for 100 ms",
+                   socket.status().ToString());
+      // Out of fds (EMFILE/ENFILE): the listener stays readable, so stop
+      // watching it for a while instead of spinning.
+      ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, listener_.fd(), nullptr);
+      accept_paused_until_ = absl::Now() + absl::Milliseconds(100);
       return;
     }
     absl::StatusOr<PeerCredentials> peer = socket->GetPeerCredentials();
@@ -120,19 +133,6 @@ void FdChannel::AcceptAll() {
     }
     std::string comm = ReadComm(peer->pid);
     DaemonState::NewSession session = state_->OpenSession(*peer, comm);
-    v1::FdChannelMessage message;
-    v1::Hello* hello = message.mutable_hello();
-    hello->set_protocol_version(kProtocolVersion);
-    hello->set_session_id(session.id);
-    hello->set_secret(session.secret);
-    hello->set_daemon_pid(static_cast<uint32_t>(::getpid()));
-    // A fresh socket's buffer is empty, so this cannot block.
-    absl::Status sent = socket->Send(message.SerializeAsString(), {}, /*dont_wait=*/true);
-    if (!sent.ok()) {
-      spdlog::warn("session {}: hello failed: {}", session.id, sent.ToString());
-      state_->CloseSession(session.id);
-      continue;
-    }
     const int fd = socket->fd();
     epoll_event event{};
     event.events = EPOLLIN | EPOLLRDHUP;
@@ -142,13 +142,35 @@ void FdChannel::AcceptAll() {
       state_->CloseSession(session.id);
       continue;
     }
+    v1::FdChannelMessage message;
+    v1::Hello* hello = message.mutable_hello();
+    hello->set_protocol_version(kProtocolVersion);
+    hello->set_session_id(session.id);
+    hello->set_secret(session.secret);
+    hello->set_daemon_pid(static_cast<uint32_t>(::getpid()));
+    const std::string hello_bytes = message.SerializeAsString();
+    bool hello_failed = false;
+    {
+      // Registered before the Hello goes out: a client may call the moment
+      // it has it, and its fds must find this connection.
+      absl::MutexLock lock(&mu_);
+      Connection& connection = connections_[fd];
+      connection.session_id = session.id;
+      connection.socket = *std::move(socket);
+      by_session_[session.id] = fd;
+      // A fresh socket's buffer is empty, so this cannot block.
+      absl::Status sent = connection.socket.Send(hello_bytes, {}, /*dont_wait=*/true);
+      if (!sent.ok()) {
+        spdlog::warn("session {}: hello failed: {}", session.id, sent.ToString());
+        hello_failed = true;
+      }
+    }
+    if (hello_failed) {
+      EndConnection(fd, "hello could not be sent");
+      continue;
+    }
     spdlog::info("session {} opened: pid {} uid {} comm '{}'", session.id, peer->pid, peer->uid,
                  comm);
-    absl::MutexLock lock(&mu_);
-    Connection& connection = connections_[fd];
-    connection.session_id = session.id;
-    connection.socket = *std::move(socket);
-    by_session_[session.id] = fd;
   }
 }
 
@@ -213,6 +235,7 @@ bool FdChannel::FlushLocked(Connection& connection) {
       return IsWouldBlock(sent);
     }
     connection.queue.pop_front();
+    --total_queued_;
     connection.stalled_since = absl::Now();
   }
   return true;
@@ -249,16 +272,21 @@ absl::Status FdChannel::Deliver(uint64_t session_id, uint64_t transfer_id, v1::F
           absl::StrCat("session ", session_id, ": fd delivery failed: ", sent.message()));
     }
   }
-  if (connection.queue.size() >= options_.max_queued_deliveries) {
+  if (total_queued_ >= options_.max_total_queued_deliveries) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "session ", session_id, " has ", connection.queue.size(),
-        " fd deliveries queued (client is not reading fd.sock)"));
+        "daemon has ", total_queued_, " fd deliveries queued for clients not reading fd.sock"));
+  }
+  if (connection.queue.size() >= options_.max_queued_deliveries) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("session ", session_id, " has ", connection.queue.size(),
+                     " fd deliveries queued (client is not reading fd.sock)"));
   }
   if (connection.queue.empty()) {
     connection.stalled_since = absl::Now();
     WatchWritable(s->second, true);
   }
   connection.queue.push_back(Pending{std::move(bytes), std::move(fd)});
+  ++total_queued_;
   return absl::OkStatus();
 }
 
@@ -292,6 +320,7 @@ void FdChannel::EndConnection(int fd, absl::string_view why) {
     session_id = it->second.session_id;
     ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
     by_session_.erase(session_id);
+    total_queued_ -= it->second.queue.size();
     connections_.erase(it);  // closes the socket and any queued fds
   }
   state_->CloseSession(session_id);

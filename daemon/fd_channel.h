@@ -34,6 +34,8 @@ class FdChannel {
  public:
   struct Options {
     size_t max_queued_deliveries = 1024;
+    // Across all sessions: queued fds are open fds of the daemon.
+    size_t max_total_queued_deliveries = 4096;
     absl::Duration stalled_session_timeout = absl::Seconds(10);
   };
 
@@ -94,6 +96,9 @@ class FdChannel {
   std::map<int, Connection> connections_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, int> by_session_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  size_t total_queued_ ABSL_GUARDED_BY(mu_) = 0;
+  // Loop thread only: accepts paused after EMFILE until then.
+  absl::Time accept_paused_until_ = absl::InfinitePast();
 };
 
 }  // namespace bufferd

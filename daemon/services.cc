@@ -36,7 +36,7 @@ grpc::ServerUnaryReactor* Authenticated(const DaemonState& state,
 absl::Status AllocatorService::Deliver(uint64_t session, DaemonState::Grant& grant) {
   absl::Status status = channel_->Deliver(session, grant.transfer_id, v1::FD_KIND_BUFFER,
                                           grant.buffer.buffer_id(), std::move(grant.fd));
-  if (!status.ok()) (void)state_->Release(session, grant.handle);
+  if (!status.ok()) (void)ReleaseHandle(*state_, *work_, session, grant.handle);
   return status;
 }
 
@@ -68,8 +68,15 @@ grpc::ServerUnaryReactor* AllocatorService::Allocate(grpc::CallbackServerContext
   }
   // Prefaulting (and zeroing) huge pages takes a while: off the callback thread.
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  work_->Post([this, reactor, session = *session, request, response] {
-    reactor->Finish(ToGrpcStatus(DoAllocate(session, *request, *response)));
+  work_->Post([this, context, reactor, session = *session, request, response] {
+    absl::Status status = DoAllocate(session, *request, *response);
+    if (status.ok() && context->IsCancelled()) {
+      // The client gave up while the pages were prefaulted: it will never
+      // learn the handle, so drop it now rather than at session end.
+      (void)ReleaseHandle(*state_, *work_, session, response->handle());
+      status = absl::CancelledError("Allocate was cancelled by the client");
+    }
+    reactor->Finish(ToGrpcStatus(status));
   });
   return reactor;
 }
@@ -100,7 +107,10 @@ grpc::ServerUnaryReactor* AllocatorService::Import(grpc::CallbackServerContext* 
   return Authenticated(*state_, context, [&](uint64_t session) -> absl::Status {
     absl::StatusOr<DaemonState::Grant> grant = state_->Import(session, request->token());
     if (!grant.ok()) return grant.status();
-    RETURN_IF_ERROR(Deliver(session, *grant));
+    if (absl::Status delivered = Deliver(session, *grant); !delivered.ok()) {
+      state_->UnuseToken(request->token());  // the importer may retry
+      return delivered;
+    }
     response->set_handle(grant->handle);
     response->set_transfer_id(grant->transfer_id);
     response->set_access(grant->access);

@@ -293,8 +293,8 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
   const uint64_t max_allocation = options_.quotas.max_allocation_bytes();
   if (max_allocation != 0 && rounded > max_allocation) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "quota max_allocation_bytes: asked for ", FormatBytes(rounded), " on heap '",
-        heap->name(), "', the largest allowed allocation is ", FormatBytes(max_allocation)));
+        "quota max_allocation_bytes: asked for ", FormatBytes(rounded), " on heap '", heap->name(),
+        "', the largest allowed allocation is ", FormatBytes(max_allocation)));
   }
   uid_t uid;
   {
@@ -307,8 +307,8 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
                        session->handles.size(), " handles (max ", max_buffers, ")"));
     }
     if (fds_in_use_ >= options_.fd_budget) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "daemon fd budget reached: ", fds_in_use_, " of ", options_.fd_budget, " fds in use"));
+      return absl::ResourceExhaustedError(absl::StrCat("daemon fd budget reached: ", fds_in_use_,
+                                                       " of ", options_.fd_budget, " fds in use"));
     }
     RETURN_IF_ERROR(ChargeLocked(*session, heap->name(), rounded));
     ++session->pending;
@@ -316,7 +316,8 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
     uid = session->peer.uid;
   }
 
-  absl::StatusOr<std::unique_ptr<HeapBuffer>> memory = heap->Allocate(request.size(), request.name());
+  absl::StatusOr<std::unique_ptr<HeapBuffer>> memory =
+      heap->Allocate(request.size(), request.name());
 
   std::vector<std::unique_ptr<HeapBuffer>> graveyard;
   absl::MutexLock lock(&mu_);
@@ -375,8 +376,8 @@ absl::StatusOr<bool> DaemonState::Release(
 
 absl::StatusOr<v1::ExportResponse> DaemonState::Export(uint64_t session_id,
                                                        const v1::ExportRequest& request) {
-  absl::Duration ttl = request.ttl_ms() == 0 ? options_.default_token_ttl
-                                             : absl::Milliseconds(request.ttl_ms());
+  absl::Duration ttl =
+      request.ttl_ms() == 0 ? options_.default_token_ttl : absl::Milliseconds(request.ttl_ms());
   if (ttl > kMaxTokenTtl) {
     return absl::InvalidArgumentError(
         absl::StrCat("ttl_ms ", request.ttl_ms(), " is above the maximum of 3600000 (1 hour)"));
@@ -385,7 +386,8 @@ absl::StatusOr<v1::ExportResponse> DaemonState::Export(uint64_t session_id,
   absl::MutexLock lock(&mu_);
   RETURN_IF_ERROR(FindSessionLocked(session_id).status());
   ASSIGN_OR_RETURN(Handle * handle, FindHandleLocked(session_id, request.handle()));
-  v1::Access access = request.access() == v1::ACCESS_UNSPECIFIED ? handle->access : request.access();
+  v1::Access access =
+      request.access() == v1::ACCESS_UNSPECIFIED ? handle->access : request.access();
   if (access != v1::ACCESS_READ_ONLY && access != v1::ACCESS_READ_WRITE) {
     return absl::InvalidArgumentError(absl::StrCat("unknown access ", request.access()));
   }
@@ -419,7 +421,8 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Import(uint64_t session_id,
   const absl::Time now = absl::Now();
   if (now >= entry.expires) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "share token expired ", absl::FormatDuration(absl::Trunc(now - entry.expires, absl::Milliseconds(1))), " ago"));
+        "share token expired ",
+        absl::FormatDuration(absl::Trunc(now - entry.expires, absl::Milliseconds(1))), " ago"));
   }
   auto b = buffers_.find(entry.buffer);
   if (b == buffers_.end()) {
@@ -429,9 +432,9 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Import(uint64_t session_id,
   Buffer& buffer = *b->second;
   const uint32_t max_buffers = options_.quotas.max_buffers_per_session();
   if (max_buffers != 0 && session->handles.size() + session->pending >= max_buffers) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("quota max_buffers_per_session: session ", session_id, " holds ",
-                     session->handles.size(), " handles (max ", max_buffers, ")"));
+    return absl::ResourceExhaustedError(absl::StrCat("quota max_buffers_per_session: session ",
+                                                     session_id, " holds ", session->handles.size(),
+                                                     " handles (max ", max_buffers, ")"));
   }
   const bool charge = session->held.count(entry.buffer) == 0;
   if (charge) RETURN_IF_ERROR(ChargeLocked(*session, buffer.info.heap(), buffer.info.size()));
@@ -444,6 +447,12 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Import(uint64_t session_id,
   }
   entry.used_by = session_id;
   return grant;
+}
+
+void DaemonState::UnuseToken(absl::string_view token) {
+  absl::MutexLock lock(&mu_);
+  auto it = tokens_.find(std::string(token));
+  if (it != tokens_.end()) it->second.used_by = 0;
 }
 
 absl::StatusOr<v1::GetBufferResponse> DaemonState::GetBuffer(uint64_t session_id,

@@ -82,6 +82,9 @@ class DaemonState {
                                std::vector<std::unique_ptr<HeapBuffer>>* expensive_frees = nullptr);
   absl::StatusOr<v1::ExportResponse> Export(uint64_t session_id, const v1::ExportRequest& request);
   absl::StatusOr<Grant> Import(uint64_t session_id, absl::string_view token);
+  // Makes a token redeemable again after its Import could not be completed
+  // (the fd could not be delivered).
+  void UnuseToken(absl::string_view token);
   absl::StatusOr<v1::GetBufferResponse> GetBuffer(uint64_t session_id, uint64_t handle) const;
 
   // Drops expired tokens and old tombstones.
@@ -138,8 +141,7 @@ class DaemonState {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Removes a handle; a destroyed buffer's memory is moved to `graveyard` so
   // it is freed after the lock is dropped.
-  bool RemoveHandleLocked(uint64_t handle_id,
-                          std::vector<std::unique_ptr<HeapBuffer>>& graveyard)
+  bool RemoveHandleLocked(uint64_t handle_id, std::vector<std::unique_ptr<HeapBuffer>>& graveyard)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Handle*> FindHandleLocked(uint64_t session_id, uint64_t handle_id) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);

@@ -1,14 +1,13 @@
 #include "daemon/state.h"
 
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <random>
 #include <thread>
-
-#include <gtest/gtest.h>
 
 #include "absl/strings/str_cat.h"
 #include "base/fd_count.h"
@@ -122,11 +121,14 @@ TEST_F(StateTest, Authenticate) {
   }
   EXPECT_EQ(*state->Authenticate(absl::StrCat(session.id, ":", hex)), session.id);
   EXPECT_EQ(state->Authenticate("").status().code(), absl::StatusCode::kUnauthenticated);
-  EXPECT_EQ(state->Authenticate(absl::StrCat(session.id, ":", std::string(32, 'f'))).status().code(),
-            absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(
+      state->Authenticate(absl::StrCat(session.id, ":", std::string(32, 'f'))).status().code(),
+      absl::StatusCode::kUnauthenticated);
   state->CloseSession(session.id);
-  EXPECT_NE(state->Authenticate(absl::StrCat(session.id, ":", hex)).status().message().find(
-                "is not live"),
+  EXPECT_NE(state->Authenticate(absl::StrCat(session.id, ":", hex))
+                .status()
+                .message()
+                .find("is not live"),
             absl::string_view::npos);
 }
 
@@ -205,8 +207,8 @@ TEST_F(StateTest, QuotasAreAtomicUnderConcurrency) {
       std::vector<uint64_t> held;
       while (std::chrono::steady_clock::now() < deadline) {
         if (held.size() < 4 && rng() % 2) {
-          auto grant = state->Allocate(session, Request(rng() % 2 ? "system" : "carveout",
-                                                        (rng() % 3 + 1) * kMiB));
+          auto grant = state->Allocate(
+              session, Request(rng() % 2 ? "system" : "carveout", (rng() % 3 + 1) * kMiB));
           if (grant.ok()) {
             ++ok;
             held.push_back(grant->handle);
@@ -241,6 +243,29 @@ TEST_F(StateTest, QuotasAreAtomicUnderConcurrency) {
   for (const auto& heap : heaps.heaps()) EXPECT_EQ(heap.used(), 0u) << heap.name();
   for (const auto& client : state->ListClients()) EXPECT_EQ(client.bytes_size(), 0);
   EXPECT_EQ(CountOpenFds(), fds_before_);
+}
+
+// Tests that a token whose Import could not be completed can be redeemed
+// again, and only then counts as used.
+TEST_F(StateTest, UnusedTokenCanBeRedeemedAgain) {
+  auto state = NewState();
+  auto a = state->OpenSession(Peer(1), "a");
+  auto b = state->OpenSession(Peer(1), "b");
+  auto grant = state->Allocate(a.id, Request("system", 4096));
+  ASSERT_TRUE(grant.ok());
+  v1::ExportRequest request;
+  request.set_handle(grant->handle);
+  auto token = state->Export(a.id, request);
+  ASSERT_TRUE(token.ok());
+  auto first = state->Import(b.id, token->token());
+  ASSERT_TRUE(first.ok());
+  // Delivery failed: the service drops the handle and restores the token.
+  ASSERT_TRUE(state->Release(b.id, first->handle).ok());
+  state->UnuseToken(token->token());
+  auto second = state->Import(b.id, token->token());
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(state->Import(b.id, token->token()).status().code(),
+            absl::StatusCode::kFailedPrecondition);
 }
 
 // Tests that the fd budget refuses allocations with RESOURCE_EXHAUSTED.

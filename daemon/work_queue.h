@@ -68,9 +68,8 @@ inline absl::StatusOr<bool> ReleaseHandle(DaemonState& state, WorkQueue& work, u
   std::vector<std::unique_ptr<HeapBuffer>> expensive;
   absl::StatusOr<bool> destroyed = state.Release(session, handle, &expensive);
   for (auto& memory : expensive) {
-    work.Post([memory = std::shared_ptr<HeapBuffer>(std::move(memory))]() mutable {
-      memory.reset();
-    });
+    work.Post(
+        [memory = std::shared_ptr<HeapBuffer>(std::move(memory))]() mutable { memory.reset(); });
   }
   return destroyed;
 }
