@@ -43,6 +43,7 @@ constexpr size_t kPage = 4096;
 
 struct SizeCase {
   const char* label;
+  const char* flag;
   uint64_t bytes;
   int iterations;
 };
@@ -123,6 +124,10 @@ int main(int argc, char** argv) {
   std::string daemon_binary = FindDaemonBinary(argv[0]);
   app.add_option("--iterations-scale", scale, "multiply every iteration count");
   app.add_option("--bufferd", daemon_binary, "bufferd binary")->capture_default_str();
+  std::string only_placement;
+  app.add_option("--placement", only_placement, "run only this placement: same or split");
+  std::string only_size;
+  app.add_option("--size", only_size, "run only this size: 4K, 1M or 8M");
   CLI11_PARSE(app, argc, argv);
   if (std::thread::hardware_concurrency() < 2) {
     std::fprintf(stderr, "alloc_bench needs 2 CPUs for the split placement\n");
@@ -144,11 +149,14 @@ int main(int argc, char** argv) {
   }
   PinTo(0);
 
-  const SizeCase sizes[] = {{"4 KiB", 4096, 4000}, {"1 MiB", 1 << 20, 400}, {"8 MiB", 8 << 20, 60}};
+  const SizeCase sizes[] = {{"4 KiB", "4K", 4096, 4000},
+                             {"1 MiB", "1M", 1 << 20, 400},
+                             {"8 MiB", "8M", 8 << 20, 60}};
   std::printf("bufferd alloc_bench (p50 / p99 in us; client pinned to CPU 0)\n");
   bool all_met = true;
   for (int pi = 0; pi < 2; ++pi) {
     const Placement& placement = placements[pi];
+    if (!only_placement.empty() && only_placement != placement.name) continue;
     char dir_template[] = "/tmp/bufferd-bench-XXXXXX";
     std::string root = ::mkdtemp(dir_template);
     std::string dir = root + "/sock";
@@ -174,6 +182,7 @@ int main(int argc, char** argv) {
     };
     auto summary = [&](const std::vector<double>& v) { return Summarize(v, sum(v)); };
     for (const SizeCase& size : sizes) {
+      if (!only_size.empty() && only_size != size.flag) continue;
       const int n = std::max(20, static_cast<int>(size.iterations * scale));
       // Per-phase times of the single-thread dropped round trips.
       std::vector<double> phase_alloc, phase_touch, phase_drop;
