@@ -84,11 +84,21 @@ grpc::ServerUnaryReactor* AllocatorService::Allocate(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* AllocatorService::Release(grpc::CallbackServerContext* context,
                                                     const v1::ReleaseRequest* request,
                                                     v1::ReleaseResponse* response) {
-  return Authenticated(*state_, context, [&](uint64_t session) {
-    absl::StatusOr<bool> destroyed = ReleaseHandle(*state_, *work_, session, request->handle());
-    if (destroyed.ok()) response->set_buffer_destroyed(*destroyed);
-    return destroyed.status();
+  absl::StatusOr<uint64_t> session = SessionOf(*state_, context);
+  if (!session.ok()) return Finish(context, session.status());
+  auto expensive = std::make_shared<std::vector<std::unique_ptr<HeapBuffer>>>();
+  absl::StatusOr<bool> destroyed = state_->Release(*session, request->handle(), expensive.get());
+  if (!destroyed.ok()) return Finish(context, destroyed.status());
+  response->set_buffer_destroyed(*destroyed);
+  if (expensive->empty()) return Finish(context, absl::OkStatus());
+  // The caller may rely on the capacity being back when this returns, so the
+  // call finishes only after the free (which runs off the callback thread).
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  work_->Post([reactor, expensive] {
+    expensive->clear();
+    reactor->Finish(grpc::Status::OK);
   });
+  return reactor;
 }
 
 grpc::ServerUnaryReactor* AllocatorService::Export(grpc::CallbackServerContext* context,

@@ -1,5 +1,6 @@
 // Integration tests for configured daemons: named carveouts, quotas, bad
 // config files, and a client that stops reading fd.sock.
+#include <gtest/gtest.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -8,8 +9,6 @@
 #include <filesystem>
 #include <fstream>
 #include <thread>
-
-#include <gtest/gtest.h>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
@@ -24,18 +23,11 @@
 namespace bufferd {
 namespace {
 
+using ::bufferd::testing::Eventually;
+using ::bufferd::testing::OpenRawSession;
 using ::bufferd::testing::TestDaemon;
 
 constexpr uint64_t kMiB = 1 << 20;
-
-template <typename F>
-bool Eventually(F condition) {
-  for (int i = 0; i < 500; ++i) {
-    if (condition()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  return condition();
-}
 
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path);
@@ -45,7 +37,12 @@ std::string ReadFile(const std::string& path) {
 constexpr char kConfig[] = R"pb(
   heaps { name: "system" type: HEAP_TYPE_SYSTEM capacity_bytes: 16777216 }
   heaps { name: "display" type: HEAP_TYPE_CARVEOUT capacity_bytes: 4194304 }
-  heaps { name: "camera" type: HEAP_TYPE_CARVEOUT capacity_bytes: 2097152 hugepage_size: HUGEPAGE_SIZE_2M }
+  heaps {
+    name: "camera"
+    type: HEAP_TYPE_CARVEOUT
+    capacity_bytes: 2097152
+    hugepage_size: HUGEPAGE_SIZE_2M
+  }
   quotas {
     max_bytes_per_session: 3145728
     max_buffers_per_session: 64
@@ -71,7 +68,11 @@ class ConfiguredDaemonTest : public ::testing::Test {
   void ExpectBaseline() {
     EXPECT_TRUE(Eventually([&] {
       auto heaps = client_->ListHeaps();
-      return heaps.ok() && heaps->live_buffers() == 0 && heaps->fds_in_use() == 0;
+      if (!heaps.ok() || heaps->live_buffers() != 0 || heaps->fds_in_use() != 0) return false;
+      for (const auto& heap : heaps->heaps()) {
+        if (heap.used() != 0) return false;
+      }
+      return true;
     }));
     EXPECT_TRUE(Eventually([&] { return daemon_->OpenFds() == baseline_fds_; }))
         << daemon_->OpenFds() << " vs " << baseline_fds_;
@@ -165,29 +166,18 @@ class StalledReaderTest : public ConfiguredDaemonTest {
 
 TEST_F(StalledReaderTest, StalledReaderIsEnded) {
   {
-    auto socket = UnixSocket::ConnectSeqPacket(FdSocketPath(daemon_->socket_dir()));
-    ASSERT_TRUE(socket.ok());
-    auto hello = socket->RecvWithFds();
-    ASSERT_TRUE(hello.ok());
-    v1::FdChannelMessage message;
-    ASSERT_TRUE(message.ParseFromString(hello->bytes));
-    const std::string metadata = absl::StrCat(message.hello().session_id(), ":",
-                                              absl::BytesToHexString(message.hello().secret()));
-    auto stub = v1::Allocator::NewStub(
-        grpc::CreateChannel(absl::StrCat("unix:", ControlSocketPath(daemon_->socket_dir())),
-                            grpc::InsecureChannelCredentials()));
+    auto raw = OpenRawSession(daemon_->socket_dir());
+    ASSERT_TRUE(raw.ok()) << raw.status();
     grpc::Status last;
     int allocated = 0;
     // A connected SEQPACKET pair is bounded only by the daemon's send buffer
     // (a few hundred small records); then 8 more queue; then refusal.
     for (int i = 0; i < 5000; ++i) {
-      grpc::ClientContext context;
-      context.AddMetadata("bufferd-session", metadata);
       v1::AllocateRequest request;
       request.set_heap("system");
       request.set_size(4096);
       v1::AllocateResponse response;
-      last = stub->Allocate(&context, request, &response);
+      last = raw->stub->Allocate(raw->Context().get(), request, &response);
       if (!last.ok()) break;
       ++allocated;
     }
@@ -199,11 +189,9 @@ TEST_F(StalledReaderTest, StalledReaderIsEnded) {
     EXPECT_TRUE(client_->Allocate({.heap = "system", .size = 4096}).ok());
     // After the stall timeout the session is gone, and so are its buffers.
     EXPECT_TRUE(Eventually([&] {
-      grpc::ClientContext context;
-      context.AddMetadata("bufferd-session", metadata);
       v1::GetBufferRequest request;
       v1::GetBufferResponse response;
-      return stub->GetBuffer(&context, request, &response).error_code() ==
+      return raw->stub->GetBuffer(raw->Context().get(), request, &response).error_code() ==
              grpc::StatusCode::UNAUTHENTICATED;
     }));
   }
@@ -216,10 +204,11 @@ TEST(ConfigStartupTest, BadConfigFailsWithLineAndField) {
   char root[] = "/tmp/bufferd-cfg-XXXXXX";
   ASSERT_NE(::mkdtemp(root), nullptr);
   const std::string config = absl::StrCat(root, "/bad.conf");
-  std::ofstream(config) << "heaps {\n  name: \"system\"\n  type: HEAP_TYPE_SYSTEM\n  capacity: 5\n}\n";
+  std::ofstream(config)
+      << "heaps {\n  name: \"system\"\n  type: HEAP_TYPE_SYSTEM\n  capacity: 5\n}\n";
   const std::string log = absl::StrCat(root, "/log");
-  pid_t pid = testing::SpawnDaemon(
-      {"--config", config, "--socket-dir", absl::StrCat(root, "/sock")}, log);
+  pid_t pid =
+      testing::SpawnDaemon({"--config", config, "--socket-dir", absl::StrCat(root, "/sock")}, log);
   int status = 0;
   ASSERT_EQ(::waitpid(pid, &status, 0), pid);
   EXPECT_TRUE(WIFEXITED(status));

@@ -24,20 +24,12 @@
 namespace bufferd {
 namespace {
 
+using ::bufferd::testing::Eventually;
+using ::bufferd::testing::OpenRawSession;
 using ::bufferd::testing::Peer;
 using ::bufferd::testing::TestDaemon;
 
 constexpr uint64_t kMiB = 1 << 20;
-
-// Polls `condition` for up to 5 s.
-template <typename F>
-bool Eventually(F condition) {
-  for (int i = 0; i < 500; ++i) {
-    if (condition()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  return condition();
-}
 
 class IntegrationTest : public ::testing::Test {
  protected:
@@ -66,6 +58,16 @@ class IntegrationTest : public ::testing::Test {
     EXPECT_TRUE(Eventually([&] { return LiveBuffers() == 0; })) << LiveBuffers();
     EXPECT_TRUE(Eventually([&] { return daemon_->OpenFds() == baseline_fds_; }))
         << daemon_->OpenFds() << " fds open, baseline " << baseline_fds_;
+    // Dropped Buffers release one-way, and big frees finish on the daemon's
+    // work queue: the heaps' used bytes return a moment after the buffers go.
+    EXPECT_TRUE(Eventually([&] {
+      auto heaps = client_->ListHeaps();
+      if (!heaps.ok()) return false;
+      for (const auto& heap : heaps->heaps()) {
+        if (heap.used() != 0) return false;
+      }
+      return true;
+    }));
     auto heaps = client_->ListHeaps();
     ASSERT_TRUE(heaps.ok());
     EXPECT_EQ(heaps->live_handles(), 0u);
@@ -214,25 +216,14 @@ TEST_F(IntegrationTest, BadReleases) {
         {mine_handle, absl::StatusCode::kNotFound, "already released"},
         {theirs->handle(), absl::StatusCode::kPermissionDenied, "belongs to another session"},
     };
-    auto hello = UnixSocket::ConnectSeqPacket(FdSocketPath(daemon_->socket_dir()));
-    ASSERT_TRUE(hello.ok());
-    auto received = hello->RecvWithFds();
-    ASSERT_TRUE(received.ok());
-    v1::FdChannelMessage message;
-    ASSERT_TRUE(message.ParseFromString(received->bytes));
-    const std::string metadata = absl::StrCat(message.hello().session_id(), ":",
-                                              absl::BytesToHexString(message.hello().secret()));
-    auto stub = v1::Allocator::NewStub(
-        grpc::CreateChannel(absl::StrCat("unix:", ControlSocketPath(daemon_->socket_dir())),
-                            grpc::InsecureChannelCredentials()));
+    auto raw = OpenRawSession(daemon_->socket_dir());
+    ASSERT_TRUE(raw.ok()) << raw.status();
     for (const Case& c : cases) {
       SCOPED_TRACE(c.part);
-      grpc::ClientContext context;
-      context.AddMetadata("bufferd-session", metadata);
       v1::ReleaseRequest request;
       request.set_handle(c.handle);
       v1::ReleaseResponse response;
-      grpc::Status status = stub->Release(&context, request, &response);
+      grpc::Status status = raw->stub->Release(raw->Context().get(), request, &response);
       EXPECT_EQ(static_cast<int>(status.error_code()), static_cast<int>(c.code))
           << status.error_message();
       EXPECT_NE(status.error_message().find(c.part), std::string::npos) << status.error_message();
@@ -292,9 +283,7 @@ TEST_F(IntegrationTest, BadImports) {
 
 // Tests that calls without, or with wrong, session metadata are refused.
 TEST_F(IntegrationTest, MissingOrWrongSessionMetadata) {
-  auto stub = v1::Allocator::NewStub(
-      grpc::CreateChannel(absl::StrCat("unix:", ControlSocketPath(daemon_->socket_dir())),
-                          grpc::InsecureChannelCredentials()));
+  auto stub = testing::NewAllocatorStub(daemon_->socket_dir());
   const std::string wrong_secret = absl::StrCat(client_->session_id(), ":", std::string(32, '0'));
   struct Case {
     std::string metadata;
@@ -323,30 +312,19 @@ TEST_F(IntegrationTest, MissingOrWrongSessionMetadata) {
 // Tests that a client closing fd.sock while its Allocates are in flight
 // leaks nothing and never gets anything but OK or a session-ended error.
 TEST_F(IntegrationTest, ClosingFdSocketDuringAllocate) {
-  auto stub = v1::Allocator::NewStub(
-      grpc::CreateChannel(absl::StrCat("unix:", ControlSocketPath(daemon_->socket_dir())),
-                          grpc::InsecureChannelCredentials()));
   std::atomic<int> unexpected{0};
   for (int round = 0; round < 20; ++round) {
-    auto socket = UnixSocket::ConnectSeqPacket(FdSocketPath(daemon_->socket_dir()));
-    ASSERT_TRUE(socket.ok());
-    auto hello = socket->RecvWithFds();
-    ASSERT_TRUE(hello.ok());
-    v1::FdChannelMessage message;
-    ASSERT_TRUE(message.ParseFromString(hello->bytes));
-    const std::string metadata = absl::StrCat(message.hello().session_id(), ":",
-                                              absl::BytesToHexString(message.hello().secret()));
+    auto raw = OpenRawSession(daemon_->socket_dir());
+    ASSERT_TRUE(raw.ok()) << raw.status();
     std::vector<std::thread> callers;
     for (int t = 0; t < 4; ++t) {
       callers.emplace_back([&] {
         for (int i = 0; i < 5; ++i) {
-          grpc::ClientContext context;
-          context.AddMetadata("bufferd-session", metadata);
           v1::AllocateRequest request;
           request.set_heap(i % 2 ? "system" : "carveout");
           request.set_size(256 * 1024);
           v1::AllocateResponse response;
-          grpc::Status status = stub->Allocate(&context, request, &response);
+          grpc::Status status = raw->stub->Allocate(raw->Context().get(), request, &response);
           if (!status.ok() && status.error_code() != grpc::StatusCode::UNAUTHENTICATED &&
               status.error_code() != grpc::StatusCode::ABORTED) {
             ADD_FAILURE() << status.error_code() << ": " << status.error_message();
@@ -356,7 +334,7 @@ TEST_F(IntegrationTest, ClosingFdSocketDuringAllocate) {
       });
     }
     std::this_thread::sleep_for(std::chrono::microseconds(200 * round));
-    *socket = UnixSocket();  // closes fd.sock mid-flight
+    raw->socket = UnixSocket();  // closes fd.sock mid-flight
     for (auto& t : callers) t.join();
   }
   EXPECT_EQ(unexpected.load(), 0);
@@ -458,32 +436,21 @@ TEST_F(IntegrationTest, OneWayReleaseAndMalformedRecords) {
   }
   EXPECT_TRUE(Eventually([&] { return LiveBuffers() == 0; }));
 
-  auto socket = UnixSocket::ConnectSeqPacket(FdSocketPath(daemon_->socket_dir()));
-  ASSERT_TRUE(socket.ok());
-  auto hello = socket->RecvWithFds();
-  ASSERT_TRUE(hello.ok());
-  v1::FdChannelMessage message;
-  ASSERT_TRUE(message.ParseFromString(hello->bytes));
-  const std::string metadata = absl::StrCat(message.hello().session_id(), ":",
-                                            absl::BytesToHexString(message.hello().secret()));
-  auto stub = v1::Allocator::NewStub(
-      grpc::CreateChannel(absl::StrCat("unix:", ControlSocketPath(daemon_->socket_dir())),
-                          grpc::InsecureChannelCredentials()));
+  auto raw = OpenRawSession(daemon_->socket_dir());
+  ASSERT_TRUE(raw.ok()) << raw.status();
   auto session_alive = [&] {
-    grpc::ClientContext context;
-    context.AddMetadata("bufferd-session", metadata);
     v1::GetBufferRequest request;
     request.set_handle(1);
     v1::GetBufferResponse response;
-    return stub->GetBuffer(&context, request, &response).error_code() !=
+    return raw->stub->GetBuffer(raw->Context().get(), request, &response).error_code() !=
            grpc::StatusCode::UNAUTHENTICATED;
   };
   v1::FdChannelMessage release;
   release.mutable_release()->set_handle(424242);
-  ASSERT_TRUE(socket->Send(release.SerializeAsString()).ok());
+  ASSERT_TRUE(raw->socket.Send(release.SerializeAsString()).ok());
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   EXPECT_TRUE(session_alive());
-  ASSERT_TRUE(socket->Send("\xff\xff\xff garbage").ok());
+  ASSERT_TRUE(raw->socket.Send("\xff\xff\xff garbage").ok());
   EXPECT_TRUE(Eventually([&] { return !session_alive(); }));
   ExpectBaseline();
 }

@@ -44,8 +44,8 @@ int main(int argc, char** argv) {
       size_t bad = 0;
       for (uint8_t b : map->bytes()) bad += b != byte;
       std::printf("mismatched=%zu\n", bad);
-      void* writable = ::mmap(nullptr, buffer->size(), PROT_READ | PROT_WRITE, MAP_SHARED,
-                              buffer->fd(), 0);
+      void* writable =
+          ::mmap(nullptr, buffer->size(), PROT_READ | PROT_WRITE, MAP_SHARED, buffer->fd(), 0);
       std::printf("writable_map=%s\n", writable == MAP_FAILED
                                            ? (errno == EACCES ? "EACCES" : std::strerror(errno))
                                            : "ok");

@@ -1,6 +1,7 @@
 #include "tests/test_daemon.h"
 
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -10,14 +11,15 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <thread>
 
-#include <gtest/gtest.h>
-
+#include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "base/fd_count.h"
 #include "base/unix_socket.h"
-#include <iostream>
+#include "bufferd/v1/fd_channel.pb.h"
+#include "grpcpp/create_channel.h"
 
 namespace bufferd::testing {
 namespace {
@@ -91,7 +93,8 @@ absl::StatusOr<std::unique_ptr<TestDaemon>> TestDaemon::Start(const std::string&
 TestDaemon::~TestDaemon() {
   Stop();
   std::ifstream log(absl::StrCat(root_, "/bufferd.log"));
-  if (log && ::testing::Test::HasFailure()) std::cerr << "---- bufferd log ----\n" << log.rdbuf() << "---- end of log ----\n";
+  if (log && ::testing::Test::HasFailure())
+    std::cerr << "---- bufferd log ----\n" << log.rdbuf() << "---- end of log ----\n";
   std::error_code error;
   std::filesystem::remove_all(root_, error);
 }
@@ -113,6 +116,34 @@ void TestDaemon::Kill() {
 }
 
 int TestDaemon::OpenFds() const { return CountOpenFds(pid_); }
+
+std::unique_ptr<v1::Allocator::Stub> NewAllocatorStub(const std::string& socket_dir) {
+  return v1::Allocator::NewStub(grpc::CreateChannel(
+      absl::StrCat("unix:", ControlSocketPath(socket_dir)), grpc::InsecureChannelCredentials()));
+}
+
+std::unique_ptr<grpc::ClientContext> RawSession::Context() const {
+  auto context = std::make_unique<grpc::ClientContext>();
+  context->AddMetadata("bufferd-session", metadata);
+  return context;
+}
+
+absl::StatusOr<RawSession> OpenRawSession(const std::string& socket_dir) {
+  RawSession session;
+  absl::StatusOr<UnixSocket> socket = UnixSocket::ConnectSeqPacket(FdSocketPath(socket_dir));
+  if (!socket.ok()) return socket.status();
+  absl::StatusOr<UnixSocket::Received> hello = socket->RecvWithFds();
+  if (!hello.ok()) return hello.status();
+  v1::FdChannelMessage message;
+  if (!message.ParseFromString(hello->bytes) || !message.has_hello()) {
+    return absl::InternalError("no hello on fd.sock");
+  }
+  session.socket = *std::move(socket);
+  session.metadata = absl::StrCat(message.hello().session_id(), ":",
+                                  absl::BytesToHexString(message.hello().secret()));
+  session.stub = NewAllocatorStub(socket_dir);
+  return session;
+}
 
 absl::StatusOr<Peer> Peer::Spawn(const std::vector<std::string>& args) {
   const std::string binary = RunfilePath("tests/peer");

@@ -5,14 +5,47 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "base/unix_socket.h"
+#include "bufferd/v1/buffer.grpc.pb.h"
 #include "client/client.h"
+#include "grpcpp/client_context.h"
 
 namespace bufferd::testing {
+
+// Polls `condition` every 10 ms for up to 5 s; returns its last value.
+template <typename F>
+bool Eventually(F condition) {
+  for (int i = 0; i < 500; ++i) {
+    if (condition()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return condition();
+}
+
+// A raw Allocator stub on `socket_dir`'s control.sock.
+std::unique_ptr<v1::Allocator::Stub> NewAllocatorStub(const std::string& socket_dir);
+
+// A session opened by hand, below the client library, for tests that must do
+// what the library never would (send foreign handles, stop reading fd.sock,
+// close it mid-call): the fd.sock connection (read only up to the hello), the
+// session's metadata and a raw stub.
+struct RawSession {
+  UnixSocket socket;
+  // "<session id>:<hex secret>"
+  std::string metadata;
+  std::unique_ptr<v1::Allocator::Stub> stub;
+
+  // A context carrying the metadata.
+  std::unique_ptr<grpc::ClientContext> Context() const;
+};
+absl::StatusOr<RawSession> OpenRawSession(const std::string& socket_dir);
 
 // Path of a binary of this workspace in the test's runfiles ("daemon/bufferd").
 std::string RunfilePath(const std::string& path);
