@@ -155,7 +155,7 @@ absl::Status Daemon::Init(const v1::Config& config) {
   allocator_ = std::make_unique<AllocatorService>(state_.get(), channel_.get(), work_.get());
   debug_ = std::make_unique<DebugService>(state_.get(), channel_.get(), work_.get(),
                                           config.debug_access() == v1::DEBUG_ACCESS_ANYONE);
-  fence_ = std::make_unique<v1::Fence::Service>();
+  fence_ = std::make_unique<FenceService>();
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;

@@ -45,7 +45,7 @@ class Daemon {
   std::unique_ptr<FdChannel> channel_;
   std::unique_ptr<AllocatorService> allocator_;
   std::unique_ptr<DebugService> debug_;
-  std::unique_ptr<v1::Fence::Service> fence_;
+  std::unique_ptr<FenceService> fence_;
   std::unique_ptr<grpc::Server> server_;
   bool shut_down_ = false;
 };

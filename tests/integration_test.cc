@@ -17,6 +17,7 @@
 #include "base/unix_socket.h"
 #include "bufferd/v1/buffer.grpc.pb.h"
 #include "bufferd/v1/fd_channel.pb.h"
+#include "bufferd/v1/fence.grpc.pb.h"
 #include "client/client.h"
 #include "grpcpp/create_channel.h"
 #include "tests/test_daemon.h"
@@ -453,6 +454,21 @@ TEST_F(IntegrationTest, OneWayReleaseAndMalformedRecords) {
   ASSERT_TRUE(raw->socket.Send("\xff\xff\xff garbage").ok());
   EXPECT_TRUE(Eventually([&] { return !session_alive(); }));
   ExpectBaseline();
+}
+
+// Tests that the Fence service, designed but not yet implemented, says so
+// by name rather than failing silently.
+TEST_F(IntegrationTest, FenceCallsAreUnimplementedByName) {
+  auto raw = OpenRawSession(daemon_->socket_dir());
+  ASSERT_TRUE(raw.ok());
+  auto fences = v1::Fence::NewStub(
+      grpc::CreateChannel(absl::StrCat("unix:", ControlSocketPath(daemon_->socket_dir())),
+                          grpc::InsecureChannelCredentials()));
+  v1::CreateFenceRequest request;
+  v1::CreateFenceResponse response;
+  grpc::Status status = fences->CreateFence(raw->Context().get(), request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNIMPLEMENTED);
+  EXPECT_EQ(status.error_message(), "Fence.CreateFence: fences are not implemented yet");
 }
 
 // Tests that a client connecting to a dir with no daemon gets UNAVAILABLE.
