@@ -456,6 +456,62 @@ TEST_F(IntegrationTest, OneWayReleaseAndMalformedRecords) {
   ExpectBaseline();
 }
 
+// Tests Export and GetBuffer with bad handles and an out-of-range access, sent
+// raw (the library cannot express them).
+TEST_F(IntegrationTest, BadExportAndGetBuffer) {
+  {
+    auto raw = OpenRawSession(daemon_->socket_dir());
+    ASSERT_TRUE(raw.ok());
+    auto theirs = client_->Allocate({.heap = "system", .size = 4096, .name = "theirs"});
+    ASSERT_TRUE(theirs.ok());
+    struct Case {
+      uint64_t handle;
+      int access;
+      grpc::StatusCode code;
+      std::string part;
+    } cases[] = {
+        {0, v1::ACCESS_READ_ONLY, grpc::StatusCode::NOT_FOUND, "no handle 0"},
+        {theirs->handle(), v1::ACCESS_READ_ONLY, grpc::StatusCode::PERMISSION_DENIED,
+         "belongs to another session"},
+    };
+    for (const Case& c : cases) {
+      SCOPED_TRACE(c.part);
+      v1::ExportRequest request;
+      request.set_handle(c.handle);
+      request.set_access(static_cast<v1::Access>(c.access));
+      v1::ExportResponse response;
+      grpc::Status status = raw->stub->Export(raw->Context().get(), request, &response);
+      EXPECT_EQ(status.error_code(), c.code) << status.error_message();
+      EXPECT_NE(status.error_message().find(c.part), std::string::npos) << status.error_message();
+      v1::GetBufferRequest get;
+      get.set_handle(c.handle);
+      v1::GetBufferResponse info;
+      status = raw->stub->GetBuffer(raw->Context().get(), get, &info);
+      EXPECT_EQ(status.error_code(), c.code) << status.error_message();
+    }
+    // An access value outside the enum, on the session's own buffer.
+    v1::AllocateRequest allocate;
+    allocate.set_heap("system");
+    allocate.set_size(4096);
+    v1::AllocateResponse allocated;
+    ASSERT_TRUE(raw->stub->Allocate(raw->Context().get(), allocate, &allocated).ok());
+    v1::ExportRequest request;
+    request.set_handle(allocated.handle());
+    request.set_access(static_cast<v1::Access>(7));
+    v1::ExportResponse response;
+    grpc::Status status = raw->stub->Export(raw->Context().get(), request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+    EXPECT_NE(status.error_message().find("unknown access 7"), std::string::npos);
+    v1::GetBufferRequest get;
+    get.set_handle(allocated.handle());
+    v1::GetBufferResponse info;
+    ASSERT_TRUE(raw->stub->GetBuffer(raw->Context().get(), get, &info).ok());
+    EXPECT_EQ(info.handle_count(), 1u);
+    EXPECT_EQ(info.access(), v1::ACCESS_READ_WRITE);
+  }  // the raw session (and its unread fd) goes away here
+  ExpectBaseline();
+}
+
 // Tests that the Fence service, designed but not yet implemented, says so
 // by name rather than failing silently.
 TEST_F(IntegrationTest, FenceCallsAreUnimplementedByName) {
