@@ -2,6 +2,7 @@
 // config files, and a client that stops reading fd.sock.
 #include <gtest/gtest.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -15,6 +16,7 @@
 #include "base/fd_count.h"
 #include "base/unix_socket.h"
 #include "bufferd/v1/buffer.grpc.pb.h"
+#include "bufferd/v1/debug.grpc.pb.h"
 #include "bufferd/v1/fd_channel.pb.h"
 #include "client/client.h"
 #include "grpcpp/create_channel.h"
@@ -196,6 +198,56 @@ TEST_F(StalledReaderTest, StalledReaderIsEnded) {
     }));
   }
   ExpectBaseline();
+}
+
+// Tests the socket-dir group and anonymous Debug access: with `group` the dir
+// is 0770 and the sockets 0660 for that group; DEBUG_ACCESS_ANYONE lets Debug
+// calls through without a session while Allocator calls still need one.
+TEST(ConfigAccessTest, GroupModesAndAnonymousDebug) {
+  auto daemon = TestDaemon::Start(R"pb(
+    heaps { name: "system" type: HEAP_TYPE_SYSTEM }
+    group: "root"
+    debug_access: DEBUG_ACCESS_ANYONE
+  )pb");
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  const std::string dir = (*daemon)->socket_dir();
+  struct stat st {};
+  ASSERT_EQ(::stat(dir.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0770u);
+  EXPECT_EQ(st.st_gid, 0u);
+  ASSERT_EQ(::stat(FdSocketPath(dir).c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0660u);
+  ASSERT_EQ(::stat(ControlSocketPath(dir).c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0660u);
+
+  auto channel = grpc::CreateChannel(absl::StrCat("unix:", ControlSocketPath(dir)),
+                                     grpc::InsecureChannelCredentials());
+  auto debug = v1::Debug::NewStub(channel);
+  grpc::ClientContext debug_context;
+  v1::ListHeapsResponse heaps;
+  grpc::Status status = debug->ListHeaps(&debug_context, v1::ListHeapsRequest(), &heaps);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(heaps.heaps_size(), 1);
+  auto allocator = v1::Allocator::NewStub(channel);
+  grpc::ClientContext allocate_context;
+  v1::AllocateRequest request;
+  request.set_heap("system");
+  request.set_size(4096);
+  v1::AllocateResponse response;
+  status = allocator->Allocate(&allocate_context, request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+}
+
+// Tests that an unknown group stops startup with a message naming it.
+TEST(ConfigAccessTest, UnknownGroupFailsStartup) {
+  auto daemon = TestDaemon::Start(R"pb(
+    heaps { name: "system" type: HEAP_TYPE_SYSTEM }
+    group: "no-such-group-bufferd"
+  )pb");
+  ASSERT_FALSE(daemon.ok());
+  EXPECT_NE(daemon.status().message().find("config group 'no-such-group-bufferd' does not exist"),
+            absl::string_view::npos)
+      << daemon.status();
 }
 
 // Tests that a bad config file stops startup with exit code 2 and a message
