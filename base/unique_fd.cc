@@ -17,10 +17,12 @@ void UniqueFd::Reset(int fd) {
   fd_ = fd;
 }
 
-absl::StatusOr<UniqueFd> UniqueFd::Duplicate() const {
-  int fd = ::fcntl(fd_, F_DUPFD_CLOEXEC, 0);
-  if (fd < 0) return ErrnoError("fcntl(F_DUPFD_CLOEXEC)", errno);
-  return UniqueFd(fd);
+absl::StatusOr<UniqueFd> UniqueFd::Duplicate() const { return DuplicateFd(fd_); }
+
+absl::StatusOr<UniqueFd> DuplicateFd(int fd) {
+  int dup = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (dup < 0) return ErrnoError("fcntl(F_DUPFD_CLOEXEC)", errno);
+  return UniqueFd(dup);
 }
 
 }  // namespace bufferd

@@ -47,6 +47,10 @@ class UniqueFd {
   int fd_ = -1;
 };
 
+// A new close-on-exec fd for the same open file description as the borrowed
+// `fd`.
+absl::StatusOr<UniqueFd> DuplicateFd(int fd);
+
 }  // namespace bufferd
 
 #endif  // BUFFERD_BASE_UNIQUE_FD_H_

@@ -220,9 +220,7 @@ absl::StatusOr<DaemonState::Grant> DaemonState::AddHandleLocked(Session& session
     fd.Reset(RetryOnEintr([&] { return ::open(path.c_str(), O_RDONLY | O_CLOEXEC); }));
     if (!fd.valid()) return ErrnoError("reopen buffer read-only", errno);
   } else {
-    int dup = ::fcntl(buffer.memory->fd(), F_DUPFD_CLOEXEC, 0);
-    if (dup < 0) return ErrnoError("dup buffer fd", errno);
-    fd.Reset(dup);
+    ASSIGN_OR_RETURN(fd, DuplicateFd(buffer.memory->fd()));
   }
   Grant grant;
   grant.handle = next_handle_id_++;

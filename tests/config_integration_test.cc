@@ -54,35 +54,9 @@ constexpr char kConfig[] = R"pb(
   max_queued_deliveries: 8
 )pb";
 
-class ConfiguredDaemonTest : public ::testing::Test {
+class ConfiguredDaemonTest : public testing::DaemonTest {
  protected:
-  void SetUp() override {
-    auto daemon = TestDaemon::Start(kConfig);
-    ASSERT_TRUE(daemon.ok()) << daemon.status();
-    daemon_ = *std::move(daemon);
-    auto client = daemon_->Connect();
-    ASSERT_TRUE(client.ok());
-    client_ = std::make_unique<Client>(*std::move(client));
-    ASSERT_TRUE(client_->ListHeaps().ok());
-    baseline_fds_ = daemon_->OpenFds();
-  }
-
-  void ExpectBaseline() {
-    EXPECT_TRUE(Eventually([&] {
-      auto heaps = client_->ListHeaps();
-      if (!heaps.ok() || heaps->live_buffers() != 0 || heaps->fds_in_use() != 0) return false;
-      for (const auto& heap : heaps->heaps()) {
-        if (heap.used() != 0) return false;
-      }
-      return true;
-    }));
-    EXPECT_TRUE(Eventually([&] { return daemon_->OpenFds() == baseline_fds_; }))
-        << daemon_->OpenFds() << " vs " << baseline_fds_;
-  }
-
-  std::unique_ptr<TestDaemon> daemon_;
-  std::unique_ptr<Client> client_;
-  int baseline_fds_ = 0;
+  void SetUp() override { StartDaemon(kConfig); }
 };
 
 // Tests that configured heaps exist with their capacities, carveouts are
@@ -148,21 +122,14 @@ TEST_F(ConfiguredDaemonTest, QuotasThroughTheDaemon) {
 // Tests that a client that never reads fd.sock cannot block the daemon: its
 // deliveries queue up to the bound, further calls fail with
 // RESOURCE_EXHAUSTED, and the stalled session is ended and cleaned up.
-class StalledReaderTest : public ConfiguredDaemonTest {
+class StalledReaderTest : public testing::DaemonTest {
  protected:
   void SetUp() override {
-    auto daemon = TestDaemon::Start(R"pb(
+    StartDaemon(R"pb(
       heaps { name: "system" type: HEAP_TYPE_SYSTEM }
       stalled_session_timeout_ms: 400
       max_queued_deliveries: 8
     )pb");
-    ASSERT_TRUE(daemon.ok()) << daemon.status();
-    daemon_ = *std::move(daemon);
-    auto client = daemon_->Connect();
-    ASSERT_TRUE(client.ok());
-    client_ = std::make_unique<Client>(*std::move(client));
-    ASSERT_TRUE(client_->ListHeaps().ok());
-    baseline_fds_ = daemon_->OpenFds();
   }
 };
 

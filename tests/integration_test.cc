@@ -32,53 +32,9 @@ using ::bufferd::testing::TestDaemon;
 
 constexpr uint64_t kMiB = 1 << 20;
 
-class IntegrationTest : public ::testing::Test {
+class IntegrationTest : public testing::DaemonTest {
  protected:
-  void StartDaemon(const std::string& config = "") {
-    auto daemon = TestDaemon::Start(config);
-    ASSERT_TRUE(daemon.ok()) << daemon.status();
-    daemon_ = *std::move(daemon);
-    auto client = daemon_->Connect();
-    ASSERT_TRUE(client.ok()) << client.status();
-    client_ = std::make_unique<Client>(*std::move(client));
-    // gRPC connects lazily: make one call so its connection is in the baseline.
-    ASSERT_TRUE(client_->ListHeaps().ok());
-    // The daemon has settled: every later check compares to this.
-    baseline_fds_ = daemon_->OpenFds();
-  }
   void SetUp() override { StartDaemon(); }
-
-  uint64_t LiveBuffers() {
-    auto heaps = client_->ListHeaps();
-    EXPECT_TRUE(heaps.ok()) << heaps.status();
-    return heaps.ok() ? heaps->live_buffers() : ~0ull;
-  }
-
-  // No buffer, handle or fd leaked: the daemon is back where it started.
-  void ExpectBaseline() {
-    EXPECT_TRUE(Eventually([&] { return LiveBuffers() == 0; })) << LiveBuffers();
-    EXPECT_TRUE(Eventually([&] { return daemon_->OpenFds() == baseline_fds_; }))
-        << daemon_->OpenFds() << " fds open, baseline " << baseline_fds_;
-    // Dropped Buffers release one-way, and big frees finish on the daemon's
-    // work queue: the heaps' used bytes return a moment after the buffers go.
-    EXPECT_TRUE(Eventually([&] {
-      auto heaps = client_->ListHeaps();
-      if (!heaps.ok()) return false;
-      for (const auto& heap : heaps->heaps()) {
-        if (heap.used() != 0) return false;
-      }
-      return true;
-    }));
-    auto heaps = client_->ListHeaps();
-    ASSERT_TRUE(heaps.ok());
-    EXPECT_EQ(heaps->live_handles(), 0u);
-    EXPECT_EQ(heaps->fds_in_use(), 0u);
-    for (const auto& heap : heaps->heaps()) EXPECT_EQ(heap.used(), 0u) << heap.name();
-  }
-
-  std::unique_ptr<TestDaemon> daemon_;
-  std::unique_ptr<Client> client_;
-  int baseline_fds_ = 0;
 };
 
 // Tests the whole sharing path across two processes: allocate, write a

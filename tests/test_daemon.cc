@@ -117,6 +117,46 @@ void TestDaemon::Kill() {
 
 int TestDaemon::OpenFds() const { return CountOpenFds(pid_); }
 
+void DaemonTest::StartDaemon(const std::string& config) {
+  auto daemon = TestDaemon::Start(config);
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  daemon_ = *std::move(daemon);
+  auto client = daemon_->Connect();
+  ASSERT_TRUE(client.ok()) << client.status();
+  client_ = std::make_unique<Client>(*std::move(client));
+  // gRPC connects lazily: make one call so its connection is in the baseline.
+  ASSERT_TRUE(client_->ListHeaps().ok());
+  // The daemon has settled: every later check compares to this.
+  baseline_fds_ = daemon_->OpenFds();
+}
+
+uint64_t DaemonTest::LiveBuffers() {
+  auto heaps = client_->ListHeaps();
+  EXPECT_TRUE(heaps.ok()) << heaps.status();
+  return heaps.ok() ? heaps->live_buffers() : ~0ull;
+}
+
+void DaemonTest::ExpectBaseline() {
+  EXPECT_TRUE(Eventually([&] { return LiveBuffers() == 0; })) << LiveBuffers();
+  EXPECT_TRUE(Eventually([&] { return daemon_->OpenFds() == baseline_fds_; }))
+      << daemon_->OpenFds() << " fds open, baseline " << baseline_fds_;
+  // Dropped Buffers release one-way, and big frees finish on the daemon's
+  // work queue: the heaps' used bytes return a moment after the buffers go.
+  EXPECT_TRUE(Eventually([&] {
+    auto heaps = client_->ListHeaps();
+    if (!heaps.ok()) return false;
+    for (const auto& heap : heaps->heaps()) {
+      if (heap.used() != 0) return false;
+    }
+    return true;
+  }));
+  auto heaps = client_->ListHeaps();
+  ASSERT_TRUE(heaps.ok());
+  EXPECT_EQ(heaps->live_handles(), 0u);
+  EXPECT_EQ(heaps->fds_in_use(), 0u);
+  for (const auto& heap : heaps->heaps()) EXPECT_EQ(heap.used(), 0u) << heap.name();
+}
+
 std::unique_ptr<v1::Allocator::Stub> NewAllocatorStub(const std::string& socket_dir) {
   return v1::Allocator::NewStub(grpc::CreateChannel(
       absl::StrCat("unix:", ControlSocketPath(socket_dir)), grpc::InsecureChannelCredentials()));

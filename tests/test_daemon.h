@@ -3,6 +3,7 @@
 #ifndef BUFFERD_TESTS_TEST_DAEMON_H_
 #define BUFFERD_TESTS_TEST_DAEMON_H_
 
+#include <gtest/gtest.h>
 #include <sys/types.h>
 
 #include <chrono>
@@ -77,6 +78,23 @@ class TestDaemon {
 
 // Spawns bufferd with `args` and returns its pid, stderr going to `log_path`.
 pid_t SpawnDaemon(const std::vector<std::string>& args, const std::string& log_path);
+
+// Fixture: a real daemon plus one connected Client, and a check that the
+// daemon is back at its baseline (no buffer, handle, heap byte or fd leaked).
+class DaemonTest : public ::testing::Test {
+ protected:
+  // Starts the daemon with `config` (empty = embedded default) and connects.
+  void StartDaemon(const std::string& config = "");
+  // Live buffers as ListHeaps reports them (~0 if the call fails).
+  uint64_t LiveBuffers();
+  // No buffer, handle, heap byte or fd leaked: the daemon is back where it
+  // started.
+  void ExpectBaseline();
+
+  std::unique_ptr<TestDaemon> daemon_;
+  std::unique_ptr<Client> client_;
+  int baseline_fds_ = 0;
+};
 
 // A child process running tests/peer with `args`, its stdout readable line by line.
 class Peer {
