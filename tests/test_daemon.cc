@@ -126,8 +126,21 @@ void DaemonTest::StartDaemon(const std::string& config) {
   client_ = std::make_unique<Client>(*std::move(client));
   // gRPC connects lazily: make one call so its connection is in the baseline.
   ASSERT_TRUE(client_->ListHeaps().ok());
-  // The daemon has settled: every later check compares to this.
-  baseline_fds_ = daemon_->OpenFds();
+  // Start()'s probe session closes asynchronously: wait until the daemon has
+  // ended it and its fd count holds still, then take the baseline every later
+  // check compares to.
+  ASSERT_TRUE(Eventually([&] {
+    auto clients = client_->ListClients();
+    return clients.ok() && clients->clients_size() == 1;
+  })) << "the startup probe's session never ended";
+  int previous = -1;
+  ASSERT_TRUE(Eventually([&] {
+    const int now = daemon_->OpenFds();
+    const bool settled = now == previous;
+    previous = now;
+    return settled;
+  }));
+  baseline_fds_ = previous;
 }
 
 uint64_t DaemonTest::LiveBuffers() {
