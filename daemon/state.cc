@@ -287,7 +287,7 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
   if (request.size() > (uint64_t{1} << 62)) {
     return absl::InvalidArgumentError(absl::StrCat("size ", request.size(), " is too large"));
   }
-  const uint64_t rounded = (request.size() + page - 1) / page * page;
+  uint64_t rounded = (request.size() + page - 1) / page * page;
   const uint64_t max_allocation = options_.quotas.max_allocation_bytes();
   if (max_allocation != 0 && rounded > max_allocation) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -328,6 +328,12 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
     if (!memory.ok()) return memory.status();
     graveyard.push_back(*std::move(memory));
     return absl::AbortedError(absl::StrCat("session ", session_id, " ended during Allocate"));
+  }
+  if (const uint64_t size = (*memory)->size(); size < rounded) {
+    // A fallback with a smaller page than the heap's (1 GiB pages -> base
+    // pages): the quota keeps only what the buffer really holds.
+    UnchargeLocked(session_id, uid, heap->name(), rounded - size);
+    rounded = size;
   }
   auto buffer = std::make_unique<Buffer>();
   buffer->heap = heap;

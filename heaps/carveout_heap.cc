@@ -147,7 +147,7 @@ void CarveoutHeap::Refill(const Extents& extents) {
 }
 
 absl::StatusOr<AccountedHeap::Backed> CarveoutHeap::AllocateBacking(
-    uint64_t size, const std::string& memfd_name) {
+    uint64_t size, uint64_t /*requested*/, const std::string& memfd_name) {
   // AccountedHeap guarantees used + size <= capacity, so the free extents
   // always cover `size`.
   Extents extents = TakeExtents(size);

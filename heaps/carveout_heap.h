@@ -52,7 +52,8 @@ class CarveoutHeap final : public AccountedHeap {
   CarveoutHeap(Options options, uint64_t page_size, Backing backing, UniqueFd balloon,
                Mapping balloon_map, bool locked, std::string note);
 
-  absl::StatusOr<Backed> AllocateBacking(uint64_t size, const std::string& memfd_name) override;
+  absl::StatusOr<Backed> AllocateBacking(uint64_t size, uint64_t requested,
+                                         const std::string& memfd_name) override;
   void FillStats(HeapStats& stats) const override;
 
   Extents TakeExtents(uint64_t size) ABSL_LOCKS_EXCLUDED(mu_);

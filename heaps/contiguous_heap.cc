@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
@@ -74,7 +75,7 @@ ContiguousHeap::ContiguousHeap(Options options)
       options_(std::move(options)) {}
 
 absl::StatusOr<AccountedHeap::Backed> ContiguousHeap::AllocateBacking(
-    uint64_t size, const std::string& memfd_name) {
+    uint64_t size, uint64_t requested, const std::string& memfd_name) {
   std::vector<std::string> attempts;
   // 1. hugetlb: fallocate takes the pages from the pool now, or fails cleanly.
   {
@@ -97,10 +98,13 @@ absl::StatusOr<AccountedHeap::Backed> ContiguousHeap::AllocateBacking(
                                     pool.reserved, " reserved), need ",
                                     size / options_.hugepage_size, ": ", status.message()));
   }
-  // 2. Fallbacks, in the configured order.
+  // 2. Fallbacks, in the configured order, each rounding the request to its
+  // own page: THP to 2 MiB (a partial PMD can't be huge), base pages to 4 KiB.
+  auto round_up = [requested](uint64_t page) { return (requested + page - 1) / page * page; };
   for (Backing fallback : options_.fallbacks) {
     if (fallback == Backing::kThp) {
-      absl::StatusOr<std::pair<UniqueFd, Backing>> thp = AllocateThpMemfd(memfd_name, size);
+      const uint64_t thp_size = round_up(kHugePage2M);
+      absl::StatusOr<std::pair<UniqueFd, Backing>> thp = AllocateThpMemfd(memfd_name, thp_size);
       if (!thp.ok()) {
         attempts.push_back(absl::StrCat("thp: ", thp.status().message()));
         continue;
@@ -109,16 +113,17 @@ absl::StatusOr<AccountedHeap::Backed> ContiguousHeap::AllocateBacking(
       for (Backing b : options_.fallbacks) base_allowed |= b == Backing::kBasePages;
       if (thp->second == Backing::kThp || base_allowed) {
         RETURN_IF_ERROR(memfd::Seal(thp->first.get()));
-        return Backed{std::move(thp->first), thp->second, nullptr};
+        return Backed{std::move(thp->first), thp->second, nullptr, thp_size};
       }
       attempts.push_back(
           "thp: no huge pages mapped (is /sys/kernel/mm/transparent_hugepage/shmem_enabled "
           "'advise'?)");
     } else if (fallback == Backing::kBasePages) {
-      ASSIGN_OR_RETURN(UniqueFd fd, memfd::Create(memfd_name, size, 0));
-      RETURN_IF_ERROR(memfd::Prefault(fd.get(), 0, size));
+      const uint64_t base_size = round_up(static_cast<uint64_t>(::sysconf(_SC_PAGESIZE)));
+      ASSIGN_OR_RETURN(UniqueFd fd, memfd::Create(memfd_name, base_size, 0));
+      RETURN_IF_ERROR(memfd::Prefault(fd.get(), 0, base_size));
       RETURN_IF_ERROR(memfd::Seal(fd.get()));
-      return Backed{std::move(fd), Backing::kBasePages, nullptr};
+      return Backed{std::move(fd), Backing::kBasePages, nullptr, base_size};
     }
   }
   return absl::ResourceExhaustedError(absl::StrCat("heap '", name(), "' cannot allocate ",

@@ -33,7 +33,8 @@ class ContiguousHeap final : public AccountedHeap {
   HeapKind kind() const override { return HeapKind::kContiguous; }
 
  private:
-  absl::StatusOr<Backed> AllocateBacking(uint64_t size, const std::string& memfd_name) override;
+  absl::StatusOr<Backed> AllocateBacking(uint64_t size, uint64_t requested,
+                                         const std::string& memfd_name) override;
   void FillStats(HeapStats& stats) const override;
 
   const Options options_;

@@ -78,7 +78,7 @@ absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t siz
       size > static_cast<uint64_t>(std::numeric_limits<off_t>::max())) {
     return absl::InvalidArgumentError(absl::StrCat("size ", size, " is too large"));
   }
-  const uint64_t rounded = (size + page_size_ - 1) / page_size_ * page_size_;
+  uint64_t rounded = (size + page_size_ - 1) / page_size_ * page_size_;
   {
     absl::MutexLock lock(&accounting_->mu);
     if (capacity_ != 0 && rounded > capacity_ - accounting_->used) {
@@ -89,12 +89,18 @@ absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t siz
     }
     accounting_->used += rounded;
   }
-  absl::StatusOr<Backed> backed = AllocateBacking(rounded, memfd::BufferName(name_, debug_name));
+  absl::StatusOr<Backed> backed =
+      AllocateBacking(rounded, size, memfd::BufferName(name_, debug_name));
   absl::MutexLock lock(&accounting_->mu);
   if (!backed.ok()) {
     accounting_->used -= rounded;
     ++accounting_->failures;
     return backed.status();
+  }
+  if (backed->size != 0 && backed->size < rounded) {
+    // A fallback with a smaller page: give back what it did not need.
+    accounting_->used -= rounded - backed->size;
+    rounded = backed->size;
   }
   accounting_->peak = std::max(accounting_->peak, accounting_->used);
   ++accounting_->buffer_count;

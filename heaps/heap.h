@@ -125,8 +125,9 @@ class Heap {
 };
 
 // Shared bookkeeping for the heaps here: capacity check, used/peak/count,
-// failures. Subclasses implement AllocateBacking for an already rounded and
-// reserved size.
+// failures. Subclasses implement AllocateBacking for a size rounded to
+// page_size() and reserved against capacity; `requested` is the caller's size,
+// for fallbacks with a smaller page.
 class AccountedHeap : public Heap {
  public:
   const std::string& name() const override { return name_; }
@@ -141,12 +142,17 @@ class AccountedHeap : public Heap {
     Backing backing;
     // Runs when the buffer is freed, before its bytes return to capacity.
     std::function<void()> on_free;
+    // The memfd's real size when a fallback backing needed less than the
+    // reserved size (a base-page fallback of a 1 GiB-page heap rounds to
+    // 4 KiB, not 1 GiB); 0 = the size AllocateBacking was given.
+    uint64_t size = 0;
   };
 
   // `capacity` 0 = unbounded.
   AccountedHeap(std::string name, uint64_t page_size, uint64_t capacity);
 
-  virtual absl::StatusOr<Backed> AllocateBacking(uint64_t size, const std::string& memfd_name) = 0;
+  virtual absl::StatusOr<Backed> AllocateBacking(uint64_t size, uint64_t requested,
+                                                 const std::string& memfd_name) = 0;
   // Adds heap-specific fields to `stats`.
   virtual void FillStats(HeapStats& stats) const {}
 

@@ -68,8 +68,15 @@ TEST_P(EveryHeapTest, BufferPropertiesHold) {
   ASSERT_NE(heap, nullptr);
   auto buffer = heap->Allocate(1000, "frame");
   ASSERT_TRUE(buffer.ok()) << buffer.status();
-  EXPECT_EQ((*buffer)->size() % heap->page_size(), 0u);
+  // Rounded to the page of the backing it really got (a contiguous heap that
+  // fell back to base pages rounds to 4 KiB, not to its huge page).
+  const uint64_t page = (*buffer)->backing() == Backing::kBasePages
+                            ? static_cast<uint64_t>(::sysconf(_SC_PAGESIZE))
+                            : heap->page_size();
+  EXPECT_EQ((*buffer)->size() % page, 0u);
   EXPECT_GE((*buffer)->size(), 1000u);
+  EXPECT_LT((*buffer)->size(), 1000u + page);
+  EXPECT_EQ(heap->Stats().used, (*buffer)->size()) << "the heap accounts the real size";
   const int fd = (*buffer)->fd();
   struct stat st{};
   ASSERT_EQ(::fstat(fd, &st), 0);
@@ -210,22 +217,27 @@ TEST(ContiguousHeapTest, NoPoolNoFallbackFailsCleanly) {
   EXPECT_EQ(heap.Stats().failures, 1u);
 }
 
-// Tests that the base-pages fallback rounds to the huge page size, prefaults
-// and reports base_pages.
+// Tests that the base-pages fallback rounds to base pages (not the huge page
+// it could not get), prefaults, reports base_pages and accounts the real size.
 TEST(ContiguousHeapTest, BasePagesFallbackIsReportedHonestly) {
   HugepagePoolState pool = ReadHugepagePool(kHugePage2M);
   if (pool.free > 0) GTEST_SKIP() << "hugetlb pool has free pages; this test needs an empty one";
   ContiguousHeap::Options options;
   options.fallbacks = {Backing::kBasePages};
   ContiguousHeap heap(options);
-  auto buffer = heap.Allocate(3 * kMiB, "x");
+  auto buffer = heap.Allocate(3 * kMiB + 1, "x");
   ASSERT_TRUE(buffer.ok()) << buffer.status();
-  EXPECT_EQ((*buffer)->size(), 4 * kMiB);
+  const uint64_t expected = 3 * kMiB + 4096;
+  EXPECT_EQ((*buffer)->size(), expected);
   EXPECT_EQ((*buffer)->backing(), Backing::kBasePages);
   struct stat st{};
   ASSERT_EQ(::fstat((*buffer)->fd(), &st), 0);
-  EXPECT_EQ(static_cast<uint64_t>(st.st_blocks) * 512, 4 * kMiB) << "pages must be prefaulted";
-  EXPECT_EQ(heap.Stats().buffers_by_backing.at("base_pages"), 1u);
+  EXPECT_EQ(static_cast<uint64_t>(st.st_blocks) * 512, expected) << "pages must be prefaulted";
+  HeapStats stats = heap.Stats();
+  EXPECT_EQ(stats.buffers_by_backing.at("base_pages"), 1u);
+  EXPECT_EQ(stats.used, expected);
+  buffer->reset();
+  EXPECT_EQ(heap.Stats().used, 0u);
 }
 
 // Tests that a THP-only fallback is refused when shmem THP is off, rather than

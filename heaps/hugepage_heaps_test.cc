@@ -95,6 +95,52 @@ TEST_F(HugepagePoolTest, CarveoutReservesHugetlb) {
   EXPECT_EQ(ReadHugepagePool(kHugePage2M).free, free_before);
 }
 
+// Reserves one 1 GiB page for the test's lifetime (the kernel often can't find
+// a free gigabyte on a long-running machine: the test then skips).
+class GigantPagePoolTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    HugepagePoolState pool = ReadHugepagePool(kHugePage1G);
+    setting_ =
+        std::make_unique<ScopedKernelSetting>(kNrHugepages1G, std::to_string(pool.total + 1));
+    if (!setting_->ok()) GTEST_SKIP() << setting_->why();
+    if (ReadHugepagePool(kHugePage1G).free < 1) {
+      GTEST_SKIP() << "kernel could not reserve a 1 GiB page";
+    }
+  }
+  std::unique_ptr<ScopedKernelSetting> setting_;
+};
+
+// Tests 1 GiB pages: sizes round up to the gigabyte, the page is taken from the
+// 1G pool at allocation (prefaulted), and a second buffer falls back when the
+// pool is empty.
+TEST_F(GigantPagePoolTest, ContiguousHeapUses1GPages) {
+  ContiguousHeap::Options options;
+  options.hugepage_size = kHugePage1G;
+  options.fallbacks = {Backing::kBasePages};
+  ContiguousHeap heap(options);
+  const uint64_t free_before = ReadHugepagePool(kHugePage1G).free;
+  {
+    auto buffer = heap.Allocate(5 * kMiB, "gig");
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    EXPECT_EQ((*buffer)->size(), kHugePage1G);
+    EXPECT_EQ((*buffer)->backing(), Backing::kHugetlb1G);
+    EXPECT_EQ(ReadHugepagePool(kHugePage1G).free, free_before - 1) << "the page is taken now";
+    auto map = Mapping::Create((*buffer)->fd(), (*buffer)->size(), Mapping::Protection::kReadWrite);
+    ASSERT_TRUE(map.ok()) << map.status();
+    EXPECT_EQ(map->data()[0], 0);
+    EXPECT_EQ(map->data()[kHugePage1G - 1], 0);
+    map->data()[kHugePage1G / 2] = 1;
+    if (free_before == 1) {
+      auto more = heap.Allocate(2 * kMiB, "more");
+      ASSERT_TRUE(more.ok()) << more.status();
+      EXPECT_EQ((*more)->backing(), Backing::kBasePages);
+      EXPECT_EQ((*more)->size(), 2 * kMiB) << "base pages round to 4 KiB, not 1 GiB";
+    }
+  }
+  EXPECT_EQ(ReadHugepagePool(kHugePage1G).free, free_before) << "given back on free";
+}
+
 // Tests that with shmem THP in "advise" mode the THP fallback really yields
 // huge PMD mappings and is reported as thp.
 TEST(ThpTest, ThpFallbackVerifiedInSmaps) {

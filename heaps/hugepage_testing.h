@@ -48,6 +48,8 @@ class ScopedKernelSetting {
 };
 
 inline constexpr char kNrHugepages2M[] = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+inline constexpr char kNrHugepages1G[] =
+    "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages";
 inline constexpr char kShmemThp[] = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
 
 }  // namespace bufferd

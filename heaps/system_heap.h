@@ -16,7 +16,8 @@ class SystemHeap final : public AccountedHeap {
   HeapKind kind() const override { return HeapKind::kSystem; }
 
  private:
-  absl::StatusOr<Backed> AllocateBacking(uint64_t size, const std::string& memfd_name) override;
+  absl::StatusOr<Backed> AllocateBacking(uint64_t size, uint64_t requested,
+                                         const std::string& memfd_name) override;
 };
 
 }  // namespace bufferd
