@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/fd_count.h"
 #include "heaps/carveout_heap.h"
+#include "heaps/contiguous_heap.h"
 #include "heaps/system_heap.h"
 
 namespace bufferd {
@@ -185,6 +186,35 @@ TEST_F(StateTest, PerHeapQuotaOverride) {
   EXPECT_TRUE(state->Allocate(a.id, Request("carveout", 2 * kMiB)).ok());
   EXPECT_EQ(state->Allocate(a.id, Request("carveout", 4096)).status().code(),
             absl::StatusCode::kResourceExhausted);
+}
+
+// Tests that a contiguous buffer that fell back to base pages is charged its
+// real size, not the heap's huge page: the quota check is made against the
+// huge page (the request might get one), then trimmed.
+TEST_F(StateTest, FallbackChargesTheRealSize) {
+  if (ReadHugepagePool(kHugePage1G).free > 0) GTEST_SKIP() << "a 1 GiB page is free";
+  ContiguousHeap::Options options;
+  options.name = "gig";
+  options.hugepage_size = kHugePage1G;
+  options.fallbacks = {Backing::kBasePages};
+  ASSERT_TRUE(heaps_.Add(std::make_unique<ContiguousHeap>(options)).ok());
+  v1::QuotaConfig quotas;
+  quotas.set_max_bytes_per_session(uint64_t{3} << 30);
+  auto state = NewState(quotas);
+  auto a = state->OpenSession(Peer(1), "a");
+  auto grant = state->Allocate(a.id, Request("gig", 5000));
+  ASSERT_TRUE(grant.ok()) << grant.status();
+  EXPECT_EQ(grant->buffer.size(), 8192u);
+  EXPECT_EQ(grant->buffer.backing(), v1::BACKING_BASE_PAGES);
+  EXPECT_EQ(SessionBytes(*state, a.id, "gig"), 8192u);
+  // Two more fit: each is checked against 1 GiB but charged 8 KiB.
+  auto second = state->Allocate(a.id, Request("gig", 5000));
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(SessionBytes(*state, a.id, "gig"), 16384u);
+  ASSERT_TRUE(state->Release(a.id, grant->handle, nullptr).ok());
+  ASSERT_TRUE(state->Release(a.id, second->handle, nullptr).ok());
+  EXPECT_EQ(SessionBytes(*state, a.id, "gig"), 0u);
+  EXPECT_EQ(heaps_.Find("gig")->Stats().used, 0u);
 }
 
 // Tests that quotas hold exactly under 8 threads allocating and releasing at
