@@ -21,13 +21,16 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <thread>
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
 #include "base/unique_fd.h"
 #include "base/unix_socket.h"
 #include "bench/bench_util.h"
@@ -95,8 +98,8 @@ double GrpcOnce(grpc::GenericStub& stub) {
   grpc::Status status;
   absl::Mutex mu;
   double start = NowMicros();
-  stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
-                 &response, [&](grpc::Status s) {
+  stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
+                 [&](grpc::Status s) {
                    absl::MutexLock lock(&mu);
                    status = s;
                    done = true;
@@ -117,6 +120,11 @@ struct Placement {
 }  // namespace bufferd::bench
 
 int main(int argc, char** argv) {
+  // Debian's abseil has mutex deadlock detection on by default; a release
+  // build of an application turns it off (bufferd's release build does). It
+  // costs every absl::Mutex acquisition, gRPC's included, so it slows the
+  // floors and bufferd alike.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   using namespace bufferd;
   using namespace bufferd::bench;
   CLI::App app{"alloc_bench: bufferd allocation round trips vs their floors"};
@@ -149,9 +157,8 @@ int main(int argc, char** argv) {
   }
   PinTo(0);
 
-  const SizeCase sizes[] = {{"4 KiB", "4K", 4096, 4000},
-                             {"1 MiB", "1M", 1 << 20, 400},
-                             {"8 MiB", "8M", 8 << 20, 60}};
+  const SizeCase sizes[] = {
+      {"4 KiB", "4K", 4096, 4000}, {"1 MiB", "1M", 1 << 20, 400}, {"8 MiB", "8M", 8 << 20, 60}};
   std::printf("bufferd alloc_bench (p50 / p99 in us; client pinned to CPU 0)\n");
   bool all_met = true;
   for (int pi = 0; pi < 2; ++pi) {
@@ -168,8 +175,8 @@ int main(int argc, char** argv) {
     std::printf("\n== placement %s: daemon on CPU %d, echo peer on CPU %d\n", placement.name,
                 placement.daemon_cpu, placement.peer_cpu);
     auto client = Client::Connect(dir);
-    auto channel = grpc::CreateChannel("unix:" + ControlSocketPath(dir),
-                                       grpc::InsecureChannelCredentials());
+    auto channel =
+        grpc::CreateChannel("unix:" + ControlSocketPath(dir), grpc::InsecureChannelCredentials());
     grpc::GenericStub stub(channel);
     UniqueFd some_fd(::memfd_create("pass", MFD_CLOEXEC));
 
@@ -217,21 +224,27 @@ int main(int argc, char** argv) {
         round_trip(false);
         round_trip(true);
       }
-      // Loop 1: the IPC floors, round-robin, with no bufferd page work in
-      // flight to disturb them.
-      for (int i = 0; i < n; ++i) {
-        grpc_s.push_back(GrpcOnce(stub));
-        scm_s.push_back(ScmRightsOnce(echo[pi], some_fd.get()));
-        double start = NowMicros();
-        (void)client->ListClients();
-        trivial_s.push_back(NowMicros() - start);
-      }
-      // Loop 2: bufferd round trips, round-robin with the local path they are
-      // compared to.
-      for (int i = 0; i < n; ++i) {
-        local_s.push_back(LocalOnce(size.bytes));
-        drop_s.push_back(round_trip(false, true));
-        release_s.push_back(round_trip(true));
+      // The floors and bufferd's round trips alternate in short blocks, so
+      // that the machine's drift (large on a shared VM: the same call's p50
+      // moves 2x between seconds) hits both alike. Each block of floors runs
+      // with no bufferd work in flight: a pause before it lets the daemon
+      // finish the frees the previous block started.
+      constexpr int kBlock = 20;
+      for (int done = 0; done < n; done += kBlock) {
+        const int count = std::min(kBlock, n - done);
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        for (int i = 0; i < count; ++i) {
+          grpc_s.push_back(GrpcOnce(stub));
+          scm_s.push_back(ScmRightsOnce(echo[pi], some_fd.get()));
+          double start = NowMicros();
+          (void)client->ListClients();
+          trivial_s.push_back(NowMicros() - start);
+        }
+        for (int i = 0; i < count; ++i) {
+          local_s.push_back(LocalOnce(size.bytes));
+          drop_s.push_back(round_trip(false, true));
+          release_s.push_back(round_trip(true));
+        }
       }
       Summary local = summary(local_s), grpc = summary(grpc_s), scm = summary(scm_s);
       Summary dropped = summary(drop_s), released = summary(release_s);
@@ -259,23 +272,27 @@ int main(int argc, char** argv) {
       const bool met = target == 0 || ratio <= target;
       all_met &= met;
       std::printf("\n-- %s\n", size.label);
-      std::printf("floor (a) local memfd path:         p50 %8.1f  p99 %8.1f\n", local.p50, local.p99);
+      std::printf("floor (a) local memfd path:         p50 %8.1f  p99 %8.1f\n", local.p50,
+                  local.p99);
       std::printf("floor (b) gRPC unary, empty:        p50 %8.1f  p99 %8.1f\n", grpc.p50, grpc.p99);
       std::printf("floor (c) SCM_RIGHTS fd + ack:      p50 %8.1f  p99 %8.1f\n", scm.p50, scm.p99);
       std::printf("(info) bufferd ListClients RPC:     p50 %8.1f  p99 %8.1f\n", trivial.p50,
                   trivial.p99);
       std::printf("floor a+b+c:                        p50 %8.1f\n", floor);
-      std::printf("bufferd, 1 thread (drop):           p50 %8.1f  p99 %8.1f  %8.0f allocs/s"
-                  "  ratio %.2f x (a+b+c)%s\n",
-                  dropped.p50, dropped.p99, dropped.per_second, ratio,
-                  target == 0 ? "" : absl::StrFormat("  target <= %.1f: %s", target,
-                                                     met ? "met" : "MISSED").c_str());
+      std::printf(
+          "bufferd, 1 thread (drop):           p50 %8.1f  p99 %8.1f  %8.0f allocs/s"
+          "  ratio %.2f x (a+b+c)%s\n",
+          dropped.p50, dropped.p99, dropped.per_second, ratio,
+          target == 0
+              ? ""
+              : absl::StrFormat("  target <= %.1f: %s", target, met ? "met" : "MISSED").c_str());
       std::printf("  phases p50: Allocate+fd %.1f, mmap+touch %.1f, munmap+drop %.1f\n",
                   Summarize(phase_alloc, 0).p50, Summarize(phase_touch, 0).p50,
                   Summarize(phase_drop, 0).p50);
-      std::printf("bufferd, 1 thread (Release RPC):    p50 %8.1f  p99 %8.1f  %8.0f allocs/s"
-                  "  ratio %.2f x (a+b+c)\n",
-                  released.p50, released.p99, released.per_second, released.p50 / floor);
+      std::printf(
+          "bufferd, 1 thread (Release RPC):    p50 %8.1f  p99 %8.1f  %8.0f allocs/s"
+          "  ratio %.2f x (a+b+c)\n",
+          released.p50, released.p99, released.per_second, released.p50 / floor);
       std::printf("bufferd, 8 threads (drop):          p50 %8.1f  p99 %8.1f  %8.0f allocs/s\n",
                   eight.p50, eight.p99, eight.per_second);
     }

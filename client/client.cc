@@ -71,8 +71,9 @@ Buffer::~Buffer() { Drop(); }
 
 void Buffer::Drop() {
   fd_.Reset();
-  // One-way: dropping a buffer costs no round trip (see ReleaseHandle).
-  if (handle_ != 0 && connection_ != nullptr) (void)connection_->SendRelease(handle_);
+  // Lazy: the next RPC carries the release, or the flusher sends it one-way
+  // within Connection::kReleaseDelay. Dropping costs no round trip.
+  if (handle_ != 0 && connection_ != nullptr) connection_->QueueRelease(handle_);
   handle_ = 0;
 }
 
@@ -82,8 +83,9 @@ absl::Status Buffer::Release() {
   v1::ReleaseRequest request;
   request.set_handle(std::exchange(handle_, 0));
   v1::ReleaseResponse response;
-  auto context = connection_->NewContext();
-  return FromGrpcStatus(connection_->allocator().Release(context.get(), request, &response));
+  internal::Call call = connection_->NewCall();
+  return connection_->Finish(
+      call, connection_->allocator().Release(call.context.get(), request, &response));
 }
 
 absl::StatusOr<Mapping> Buffer::Map() const {
@@ -105,9 +107,9 @@ absl::StatusOr<std::string> Buffer::Export(Access access, absl::Duration ttl) co
   request.set_access(ToProto(access));
   request.set_ttl_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(ttl)));
   v1::ExportResponse response;
-  auto context = connection_->NewContext();
-  RETURN_IF_ERROR(
-      FromGrpcStatus(connection_->allocator().Export(context.get(), request, &response)));
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->allocator().Export(call.context.get(), request, &response)));
   return response.token();
 }
 
@@ -139,9 +141,9 @@ absl::StatusOr<Buffer> Client::Allocate(const AllocateOptions& options) const {
   request.set_size(options.size);
   request.set_name(options.name);
   v1::AllocateResponse response;
-  auto context = connection_->NewContext();
-  RETURN_IF_ERROR(
-      FromGrpcStatus(connection_->allocator().Allocate(context.get(), request, &response)));
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->allocator().Allocate(call.context.get(), request, &response)));
   // From here the daemon holds a handle for us: the Buffer (or its
   // destructor on an error path) releases it.
   Buffer buffer(connection_, response.handle(), response.buffer(), Access::kReadWrite, UniqueFd());
@@ -154,9 +156,9 @@ absl::StatusOr<Buffer> Client::Import(absl::string_view token) const {
   v1::ImportRequest request;
   request.set_token(std::string(token));
   v1::ImportResponse response;
-  auto context = connection_->NewContext();
-  RETURN_IF_ERROR(
-      FromGrpcStatus(connection_->allocator().Import(context.get(), request, &response)));
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->allocator().Import(call.context.get(), request, &response)));
   const Access access =
       response.access() == v1::ACCESS_READ_ONLY ? Access::kReadOnly : Access::kReadWrite;
   Buffer buffer(connection_, response.handle(), response.buffer(), access, UniqueFd());
@@ -167,34 +169,36 @@ absl::StatusOr<Buffer> Client::Import(absl::string_view token) const {
 
 absl::StatusOr<v1::ListHeapsResponse> Client::ListHeaps() const {
   v1::ListHeapsResponse response;
-  auto context = connection_->NewContext();
-  RETURN_IF_ERROR(FromGrpcStatus(
-      connection_->debug().ListHeaps(context.get(), v1::ListHeapsRequest(), &response)));
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->debug().ListHeaps(call.context.get(), v1::ListHeapsRequest(), &response)));
   return response;
 }
 
 absl::StatusOr<v1::ListClientsResponse> Client::ListClients() const {
   v1::ListClientsResponse response;
-  auto context = connection_->NewContext();
-  RETURN_IF_ERROR(FromGrpcStatus(
-      connection_->debug().ListClients(context.get(), v1::ListClientsRequest(), &response)));
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call,
+      connection_->debug().ListClients(call.context.get(), v1::ListClientsRequest(), &response)));
   return response;
 }
 
 absl::StatusOr<v1::ListBuffersResponse> Client::ListBuffers(
     const v1::ListBuffersRequest& request) const {
   v1::ListBuffersResponse response;
-  auto context = connection_->NewContext();
-  RETURN_IF_ERROR(
-      FromGrpcStatus(connection_->debug().ListBuffers(context.get(), request, &response)));
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->debug().ListBuffers(call.context.get(), request, &response)));
   return response;
 }
 
 absl::StatusOr<std::string> Client::Metrics() const {
   v1::GetMetricsResponse response;
-  auto context = connection_->NewContext();
-  RETURN_IF_ERROR(FromGrpcStatus(
-      connection_->debug().GetMetrics(context.get(), v1::GetMetricsRequest(), &response)));
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call,
+      connection_->debug().GetMetrics(call.context.get(), v1::GetMetricsRequest(), &response)));
   return response.text();
 }
 

@@ -6,9 +6,11 @@
 #include <cerrno>
 #include <limits>
 #include <optional>
+#include <system_error>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "base/errno_status.h"
 #include "bufferd/v1/fd_channel.pb.h"
 #include "grpcpp/create_channel.h"
@@ -64,39 +66,126 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
   return connection;
 }
 
-Connection::~Connection() { Close(); }
-
-void Connection::Close() { fd_socket_.Shutdown(); }
-
-std::unique_ptr<grpc::ClientContext> Connection::NewContext() const {
-  auto context = std::make_unique<grpc::ClientContext>();
-  context->AddMetadata("bufferd-session", metadata_);
-  context->set_deadline(std::chrono::system_clock::now() +
-                        absl::ToChronoMilliseconds(timeout_ + absl::Seconds(50)));
-  return context;
+Connection::~Connection() {
+  Close();
+  if (flusher_.joinable()) flusher_.join();
 }
 
-absl::Status Connection::SendRelease(uint64_t handle) {
-  v1::FdChannelMessage message;
-  message.mutable_release()->set_handle(handle);
-  return fd_socket_.Send(message.SerializeAsString());
+void Connection::Close() {
+  {
+    absl::MutexLock lock(&release_mu_);
+    release_closed_ = true;
+    pending_releases_.clear();  // the session's end releases them all
+    release_changed_.Signal();
+  }
+  fd_socket_.Shutdown();
+}
+
+Call Connection::NewCall() {
+  Call call;
+  call.context = std::make_unique<grpc::ClientContext>();
+  call.context->AddMetadata("bufferd-session", metadata_);
+  call.context->set_deadline(std::chrono::system_clock::now() +
+                             absl::ToChronoMilliseconds(timeout_ + absl::Seconds(50)));
+  {
+    absl::MutexLock lock(&release_mu_);
+    // Bounded, so that a burst of drops never makes one header huge.
+    constexpr size_t kMaxCarried = 256;
+    const size_t n = std::min(pending_releases_.size(), kMaxCarried);
+    call.carried.assign(pending_releases_.end() - n, pending_releases_.end());
+    pending_releases_.resize(pending_releases_.size() - n);
+  }
+  if (!call.carried.empty()) {
+    call.context->AddMetadata(kReleaseMetadataKey, absl::StrJoin(call.carried, ","));
+  }
+  return call;
+}
+
+absl::Status Connection::Finish(Call& call, const grpc::Status& status) {
+  if (!status.ok() && !call.carried.empty()) {
+    absl::MutexLock lock(&release_mu_);
+    if (!release_closed_) {
+      pending_releases_.insert(pending_releases_.end(), call.carried.begin(), call.carried.end());
+      ++releases_queued_;
+      if (flusher_idle_) release_changed_.Signal();
+    }
+  }
+  call.carried.clear();
+  return FromGrpcStatus(status);
+}
+
+void Connection::QueueRelease(uint64_t handle) {
+  absl::MutexLock lock(&release_mu_);
+  if (release_closed_) return;
+  pending_releases_.push_back(handle);
+  ++releases_queued_;
+  if (!flusher_.joinable()) {
+    try {
+      flusher_ = std::thread([this] { FlushLoop(); });  // first drop: start it
+    } catch (const std::system_error&) {
+      // No thread to be had: the next RPC, or the session's end, releases it.
+    }
+  } else if (flusher_idle_) {
+    release_changed_.Signal();
+  }
+}
+
+size_t Connection::PendingReleases() {
+  absl::MutexLock lock(&release_mu_);
+  return pending_releases_.size();
+}
+
+void Connection::FlushLoop() {
+  absl::MutexLock lock(&release_mu_);
+  uint64_t seen = releases_queued_;
+  while (!release_closed_) {
+    if (pending_releases_.empty() && seen == releases_queued_) {
+      // Nothing dropped since the last look: sleep until a drop.
+      flusher_idle_ = true;
+      release_changed_.Wait(&release_mu_);
+      flusher_idle_ = false;
+      continue;
+    }
+    // Drops are happening: give RPCs kReleaseDelay to carry them, then send
+    // what is left one-way.
+    seen = releases_queued_;
+    release_changed_.WaitWithTimeout(&release_mu_, kReleaseDelay);
+    if (release_closed_) break;
+    std::vector<uint64_t> handles;
+    handles.swap(pending_releases_);
+    if (handles.empty()) continue;
+    release_mu_.Unlock();
+    for (uint64_t handle : handles) {
+      v1::FdChannelMessage message;
+      message.mutable_release()->set_handle(handle);
+      // Fails only when the session is over, which releases them anyway.
+      (void)fd_socket_.Send(message.SerializeAsString());
+    }
+    release_mu_.Lock();
+  }
 }
 
 void Connection::ReadOneLocked(absl::Time deadline) {
   mu_.Unlock();
   absl::Status failure;
   std::optional<UnixSocket::Received> received;
-  pollfd ready{fd_socket_.fd(), POLLIN, 0};
-  int n = RetryOnEintr([&] { return ::poll(&ready, 1, PollTimeoutMs(deadline - absl::Now())); });
-  if (n < 0) {
-    failure = ErrnoError("poll(fd.sock)", errno);
-  } else if (n > 0) {
-    absl::StatusOr<UnixSocket::Received> got = fd_socket_.RecvWithFds(4096, /*dont_wait=*/true);
-    if (got.ok()) {
-      received = *std::move(got);
-    } else if (!IsWouldBlock(got.status())) {
-      failure = absl::UnavailableError(absl::StrCat("fd.sock failed: ", got.status().message()));
+  // The daemon queues an RPC's fd before answering it, so the record is
+  // usually there already: try first, poll only if it is not.
+  constexpr size_t kMaxRecord = 1024;
+  absl::StatusOr<UnixSocket::Received> got = fd_socket_.RecvWithFds(kMaxRecord, /*dont_wait=*/true);
+  if (!got.ok() && IsWouldBlock(got.status())) {
+    pollfd ready{fd_socket_.fd(), POLLIN, 0};
+    int n = RetryOnEintr([&] { return ::poll(&ready, 1, PollTimeoutMs(deadline - absl::Now())); });
+    if (n < 0) {
+      got = ErrnoError("poll(fd.sock)", errno);
+    } else if (n > 0) {
+      got = fd_socket_.RecvWithFds(kMaxRecord, /*dont_wait=*/true);
     }
+  }
+  if (got.ok()) {
+    received = *std::move(got);
+  } else if (!IsWouldBlock(got.status())) {
+    failure = absl::UnavailableError(absl::StrCat("fd.sock failed: ", got.status().message()));
   }
   mu_.Lock();
   if (!failure.ok()) {

@@ -7,6 +7,8 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
@@ -24,26 +26,51 @@ namespace bufferd::internal {
 // grpc::Status -> absl::Status, the client's one conversion point.
 absl::Status FromGrpcStatus(const grpc::Status& status);
 
-// Thread-safe. There is no background thread: fd.sock is read by the threads
-// that wait for fds, one at a time (leader/follower). The daemon queues an
-// RPC's fd before it answers the RPC, so the reader usually finds it at once.
+// The metadata key that carries releases of dropped Buffers on an RPC
+// (comma-separated handle ids; the daemon applies them before the call).
+inline constexpr char kReleaseMetadataKey[] = "bufferd-release";
+
+// One RPC's context: the session metadata and the releases it carries.
+struct Call {
+  std::unique_ptr<grpc::ClientContext> context;
+  std::vector<uint64_t> carried;
+};
+
+// Thread-safe. fd.sock is read by the threads that wait for fds, one at a time
+// (leader/follower): the daemon queues an RPC's fd before it answers the RPC,
+// so the reader usually finds it at once.
+//
+// Dropped Buffers' handles are released lazily: the next RPC carries them in
+// its metadata, and a flusher thread sends whatever no RPC took within
+// kReleaseDelay as one-way ReleaseHandle records on fd.sock. The flusher
+// sleeps until a drop and then wakes at most once per kReleaseDelay, so a
+// steady stream of allocations wakes neither it nor the daemon per buffer.
 class Connection {
  public:
   static absl::StatusOr<std::shared_ptr<Connection>> Open(const std::string& socket_dir,
                                                           absl::Duration timeout);
   ~Connection();
 
-  // A context carrying the session metadata.
-  std::unique_ptr<grpc::ClientContext> NewContext() const;
+  // How long a dropped Buffer's release waits for an RPC to carry it.
+  static constexpr absl::Duration kReleaseDelay = absl::Milliseconds(2);
+
+  // A context carrying the session metadata and the pending releases.
+  Call NewCall();
+  // Converts the call's status; if it failed, its releases are queued again
+  // (the daemon may not have seen them; releasing twice is harmless because
+  // handle ids are never reused).
+  absl::Status Finish(Call& call, const grpc::Status& status);
 
   // Waits for the fd delivered under `transfer_id`.
   absl::StatusOr<UniqueFd> TakeFd(uint64_t transfer_id);
 
-  // One-way release of a handle (no answer; see ReleaseHandle in
-  // fd_channel.proto).
-  absl::Status SendRelease(uint64_t handle);
+  // Releases `handle` without a round trip (see the class comment).
+  void QueueRelease(uint64_t handle);
+  // Handles dropped and not yet told to the daemon (for tests).
+  size_t PendingReleases();
 
-  // Shuts fd.sock down: the daemon ends the session.
+  // Shuts fd.sock down: the daemon ends the session (and releases every
+  // handle, pending ones included).
   void Close();
 
   uint64_t session_id() const { return session_id_; }
@@ -55,6 +82,7 @@ class Connection {
   // Reads one record from fd.sock, waiting until `deadline`, and files it.
   // Called with mu_ held and reading_ set; drops mu_ while blocked.
   void ReadOneLocked(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FlushLoop();
 
   UnixSocket fd_socket_;
   uint64_t session_id_ = 0;
@@ -72,6 +100,16 @@ class Connection {
   bool reading_ ABSL_GUARDED_BY(mu_) = false;
   // Why fd.sock is done (daemon gone, session ended); OK while usable.
   absl::Status closed_ ABSL_GUARDED_BY(mu_);
+
+  absl::Mutex release_mu_;
+  absl::CondVar release_changed_;
+  std::vector<uint64_t> pending_releases_ ABSL_GUARDED_BY(release_mu_);
+  // Counts QueueRelease calls: the flusher stays on its timer while it moves.
+  uint64_t releases_queued_ ABSL_GUARDED_BY(release_mu_) = 0;
+  // The flusher waits without a timeout: a drop must wake it.
+  bool flusher_idle_ ABSL_GUARDED_BY(release_mu_) = false;
+  bool release_closed_ ABSL_GUARDED_BY(release_mu_) = false;
+  std::thread flusher_;
 };
 
 }  // namespace bufferd::internal

@@ -6,12 +6,19 @@
 #include <string>
 
 #include "CLI/CLI.hpp"
+#include "absl/synchronization/mutex.h"
 #include "daemon/config.h"
 #include "daemon/daemon.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
 
 int main(int argc, char** argv) {
+#ifdef NDEBUG
+  // Debian's abseil is built with deadlock detection on: every absl::Mutex
+  // acquisition (gRPC's included) then updates a global lock graph. Release
+  // builds turn it off; debug and test builds keep it.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+#endif
   CLI::App app{"bufferd: shared-memory buffers and fences for processes on this host"};
   std::string config_path;
   std::string socket_dir;

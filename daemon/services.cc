@@ -1,6 +1,8 @@
 #include "daemon/services.h"
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "base/errno_status.h"
 #include "daemon/grpc_status.h"
 #include "spdlog/spdlog.h"
@@ -8,12 +10,44 @@
 namespace bufferd {
 namespace {
 
-absl::StatusOr<uint64_t> SessionOf(const DaemonState& state,
+// Applies the releases a call carries (see kReleaseMetadataKey).
+absl::Status ApplyCarriedReleases(DaemonState& state, WorkQueue& work, uint64_t session,
+                                  const grpc::CallbackServerContext* context) {
+  const auto& metadata = context->client_metadata();
+  auto it = metadata.find(kReleaseMetadataKey);
+  if (it == metadata.end()) return absl::OkStatus();
+  const absl::string_view value(it->second.data(), it->second.size());
+  constexpr size_t kMaxCarried = 4096;
+  std::vector<uint64_t> handles;
+  for (absl::string_view part : absl::StrSplit(value, ',')) {
+    uint64_t handle;
+    if (!absl::SimpleAtoi(part, &handle) || handle == 0 || handles.size() == kMaxCarried) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("metadata ", kReleaseMetadataKey, ": expected up to ", kMaxCarried,
+                       " comma-separated handle ids, got '", value.substr(0, 64), "'"));
+    }
+    handles.push_back(handle);
+  }
+  for (uint64_t handle : handles) {
+    absl::StatusOr<bool> released = ReleaseHandle(state, work, session, handle);
+    if (!released.ok()) {
+      spdlog::debug("session {}: carried release of handle {}: {}", session, handle,
+                    released.status().ToString());
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The call's session, after applying the releases it carries.
+absl::StatusOr<uint64_t> SessionOf(DaemonState& state, WorkQueue& work,
                                    const grpc::CallbackServerContext* context) {
   const auto& metadata = context->client_metadata();
   auto it = metadata.find(kSessionMetadataKey);
   if (it == metadata.end()) return state.Authenticate("");
-  return state.Authenticate(absl::string_view(it->second.data(), it->second.size()));
+  ASSIGN_OR_RETURN(uint64_t session,
+                   state.Authenticate(absl::string_view(it->second.data(), it->second.size())));
+  RETURN_IF_ERROR(ApplyCarriedReleases(state, work, session, context));
+  return session;
 }
 
 grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context, const absl::Status& status) {
@@ -24,9 +58,9 @@ grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context, const abs
 
 // Runs `body(session)` inline for an authenticated call and finishes it.
 template <typename Body>
-grpc::ServerUnaryReactor* Authenticated(const DaemonState& state,
+grpc::ServerUnaryReactor* Authenticated(DaemonState& state, WorkQueue& work,
                                         grpc::CallbackServerContext* context, Body body) {
-  absl::StatusOr<uint64_t> session = SessionOf(state, context);
+  absl::StatusOr<uint64_t> session = SessionOf(state, work, context);
   if (!session.ok()) return Finish(context, session.status());
   return Finish(context, body(*session));
 }
@@ -59,7 +93,7 @@ absl::Status AllocatorService::DoAllocate(uint64_t session, const v1::AllocateRe
 grpc::ServerUnaryReactor* AllocatorService::Allocate(grpc::CallbackServerContext* context,
                                                      const v1::AllocateRequest* request,
                                                      v1::AllocateResponse* response) {
-  absl::StatusOr<uint64_t> session = SessionOf(*state_, context);
+  absl::StatusOr<uint64_t> session = SessionOf(*state_, *work_, context);
   if (!session.ok()) return Finish(context, session.status());
   Heap* heap = state_->heaps().Find(request->heap());
   if (heap == nullptr || heap->kind() == HeapKind::kSystem) {
@@ -84,7 +118,7 @@ grpc::ServerUnaryReactor* AllocatorService::Allocate(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* AllocatorService::Release(grpc::CallbackServerContext* context,
                                                     const v1::ReleaseRequest* request,
                                                     v1::ReleaseResponse* response) {
-  absl::StatusOr<uint64_t> session = SessionOf(*state_, context);
+  absl::StatusOr<uint64_t> session = SessionOf(*state_, *work_, context);
   if (!session.ok()) return Finish(context, session.status());
   auto expensive = std::make_shared<std::vector<std::unique_ptr<HeapBuffer>>>();
   absl::StatusOr<bool> destroyed = state_->Release(*session, request->handle(), expensive.get());
@@ -104,7 +138,7 @@ grpc::ServerUnaryReactor* AllocatorService::Release(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* AllocatorService::Export(grpc::CallbackServerContext* context,
                                                    const v1::ExportRequest* request,
                                                    v1::ExportResponse* response) {
-  return Authenticated(*state_, context, [&](uint64_t session) {
+  return Authenticated(*state_, *work_, context, [&](uint64_t session) {
     absl::StatusOr<v1::ExportResponse> exported = state_->Export(session, *request);
     if (exported.ok()) *response = *std::move(exported);
     return exported.status();
@@ -114,7 +148,7 @@ grpc::ServerUnaryReactor* AllocatorService::Export(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* AllocatorService::Import(grpc::CallbackServerContext* context,
                                                    const v1::ImportRequest* request,
                                                    v1::ImportResponse* response) {
-  return Authenticated(*state_, context, [&](uint64_t session) -> absl::Status {
+  return Authenticated(*state_, *work_, context, [&](uint64_t session) -> absl::Status {
     absl::StatusOr<DaemonState::Grant> grant = state_->Import(session, request->token());
     if (!grant.ok()) return grant.status();
     if (absl::Status delivered = Deliver(session, *grant); !delivered.ok()) {
@@ -132,7 +166,7 @@ grpc::ServerUnaryReactor* AllocatorService::Import(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* AllocatorService::GetBuffer(grpc::CallbackServerContext* context,
                                                       const v1::GetBufferRequest* request,
                                                       v1::GetBufferResponse* response) {
-  return Authenticated(*state_, context, [&](uint64_t session) {
+  return Authenticated(*state_, *work_, context, [&](uint64_t session) {
     absl::StatusOr<v1::GetBufferResponse> buffer = state_->GetBuffer(session, request->handle());
     if (buffer.ok()) *response = *std::move(buffer);
     return buffer.status();
@@ -140,8 +174,9 @@ grpc::ServerUnaryReactor* AllocatorService::GetBuffer(grpc::CallbackServerContex
 }
 
 absl::Status DebugService::Check(grpc::CallbackServerContext* context) const {
-  if (allow_anyone_) return absl::OkStatus();
-  return SessionOf(*state_, context).status();
+  // A session's call carries its releases even where anyone may ask.
+  absl::Status session = SessionOf(*state_, *work_, context).status();
+  return allow_anyone_ ? absl::OkStatus() : session;
 }
 
 grpc::ServerUnaryReactor* DebugService::ListHeaps(grpc::CallbackServerContext* context,

@@ -19,6 +19,11 @@ namespace bufferd {
 
 // The metadata key every call carries.
 inline constexpr char kSessionMetadataKey[] = "bufferd-session";
+// Optional: handles the client dropped since its last call, comma-separated
+// decimal ids. They are released before the call runs, as if by one-way
+// ReleaseHandle records: a handle that is unknown or already released is
+// skipped (the client re-sends after a failed call; ids are never reused).
+inline constexpr char kReleaseMetadataKey[] = "bufferd-release";
 
 class AllocatorService final : public v1::Allocator::CallbackService {
  public:
@@ -86,33 +91,43 @@ class DebugService final : public v1::Debug::CallbackService {
 // is UNIMPLEMENTED with a message naming the method.
 class FenceService final : public v1::Fence::Service {
  public:
-  grpc::Status CreateFence(grpc::ServerContext*, const v1::CreateFenceRequest*, v1::CreateFenceResponse*) override {
+  grpc::Status CreateFence(grpc::ServerContext*, const v1::CreateFenceRequest*,
+                           v1::CreateFenceResponse*) override {
     return Unimplemented("CreateFence");
   }
-  grpc::Status SignalFence(grpc::ServerContext*, const v1::SignalFenceRequest*, v1::SignalFenceResponse*) override {
+  grpc::Status SignalFence(grpc::ServerContext*, const v1::SignalFenceRequest*,
+                           v1::SignalFenceResponse*) override {
     return Unimplemented("SignalFence");
   }
-  grpc::Status WaitFence(grpc::ServerContext*, const v1::WaitFenceRequest*, v1::WaitFenceResponse*) override {
+  grpc::Status WaitFence(grpc::ServerContext*, const v1::WaitFenceRequest*,
+                         v1::WaitFenceResponse*) override {
     return Unimplemented("WaitFence");
   }
-  grpc::Status GetFenceInfo(grpc::ServerContext*, const v1::GetFenceInfoRequest*, v1::GetFenceInfoResponse*) override {
+  grpc::Status GetFenceInfo(grpc::ServerContext*, const v1::GetFenceInfoRequest*,
+                            v1::GetFenceInfoResponse*) override {
     return Unimplemented("GetFenceInfo");
   }
-  grpc::Status MergeFences(grpc::ServerContext*, const v1::MergeFencesRequest*, v1::MergeFencesResponse*) override {
+  grpc::Status MergeFences(grpc::ServerContext*, const v1::MergeFencesRequest*,
+                           v1::MergeFencesResponse*) override {
     return Unimplemented("MergeFences");
   }
-  grpc::Status ExportFence(grpc::ServerContext*, const v1::ExportFenceRequest*, v1::ExportFenceResponse*) override {
+  grpc::Status ExportFence(grpc::ServerContext*, const v1::ExportFenceRequest*,
+                           v1::ExportFenceResponse*) override {
     return Unimplemented("ExportFence");
   }
-  grpc::Status ImportSyncFd(grpc::ServerContext*, const v1::ImportSyncFdRequest*, v1::ImportSyncFdResponse*) override {
+  grpc::Status ImportSyncFd(grpc::ServerContext*, const v1::ImportSyncFdRequest*,
+                            v1::ImportSyncFdResponse*) override {
     return Unimplemented("ImportSyncFd");
   }
-  grpc::Status AttachFence(grpc::ServerContext*, const v1::AttachFenceRequest*, v1::AttachFenceResponse*) override {
+  grpc::Status AttachFence(grpc::ServerContext*, const v1::AttachFenceRequest*,
+                           v1::AttachFenceResponse*) override {
     return Unimplemented("AttachFence");
   }
-  grpc::Status GetBufferFences(grpc::ServerContext*, const v1::GetBufferFencesRequest*, v1::GetBufferFencesResponse*) override {
+  grpc::Status GetBufferFences(grpc::ServerContext*, const v1::GetBufferFencesRequest*,
+                               v1::GetBufferFencesResponse*) override {
     return Unimplemented("GetBufferFences");
   }
+
  private:
   static grpc::Status Unimplemented(const char* method) {
     return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,

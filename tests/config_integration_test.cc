@@ -91,6 +91,17 @@ TEST_F(ConfiguredDaemonTest, NamedCarveoutsAreSeparate) {
   ExpectBaseline();
 }
 
+// Tests that a dropped buffer's bytes are free for the very next allocation:
+// the next RPC carries the release and the daemon applies it before the call.
+// (A one-way record could still be in flight and the quota would refuse.)
+TEST_F(ConfiguredDaemonTest, DroppedBytesAreFreeForTheNextCall) {
+  for (int i = 0; i < 100; ++i) {
+    auto buffer = client_->Allocate({.heap = "system", .size = 2 * kMiB, .name = "churn"});
+    ASSERT_TRUE(buffer.ok()) << "round " << i << ": " << buffer.status();
+  }
+  ExpectBaseline();
+}
+
 // Tests the configured quotas through the daemon: largest allocation, bytes
 // per session (per heap), each naming the quota; importing counts too.
 TEST_F(ConfiguredDaemonTest, QuotasThroughTheDaemon) {

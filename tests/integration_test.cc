@@ -391,7 +391,16 @@ TEST_F(IntegrationTest, OneWayReleaseAndMalformedRecords) {
     ASSERT_TRUE(buffer.ok());
     EXPECT_EQ(LiveBuffers(), 1u);
   }
-  EXPECT_TRUE(Eventually([&] { return LiveBuffers() == 0; }));
+  // client_ makes no call: its flusher sends the release one-way. Watch from
+  // another session, whose calls carry nothing of client_'s.
+  {
+    auto watcher = daemon_->Connect();
+    ASSERT_TRUE(watcher.ok());
+    EXPECT_TRUE(Eventually([&] {
+      auto heaps = watcher->ListHeaps();
+      return heaps.ok() && heaps->live_buffers() == 0;
+    }));
+  }
 
   auto raw = OpenRawSession(daemon_->socket_dir());
   ASSERT_TRUE(raw.ok()) << raw.status();
@@ -409,6 +418,56 @@ TEST_F(IntegrationTest, OneWayReleaseAndMalformedRecords) {
   EXPECT_TRUE(session_alive());
   ASSERT_TRUE(raw->socket.Send("\xff\xff\xff garbage").ok());
   EXPECT_TRUE(Eventually([&] { return !session_alive(); }));
+  ExpectBaseline();
+}
+
+// Tests releases carried in call metadata (bufferd-release): applied before
+// the call runs, only to the caller's own handles, and malformed lists are
+// refused by name.
+TEST_F(IntegrationTest, CarriedReleases) {
+  {
+    auto raw = OpenRawSession(daemon_->socket_dir());
+    ASSERT_TRUE(raw.ok()) << raw.status();
+    auto theirs = client_->Allocate({.heap = "system", .size = 4096, .name = "theirs"});
+    ASSERT_TRUE(theirs.ok());
+
+    v1::AllocateRequest allocate;
+    allocate.set_heap("system");
+    allocate.set_size(4096);
+    v1::AllocateResponse mine;
+    ASSERT_TRUE(raw->stub->Allocate(raw->Context().get(), allocate, &mine).ok());
+
+    // Another session's handle and an unknown one are skipped; the call runs.
+    auto context = raw->Context();
+    context->AddMetadata("bufferd-release", absl::StrCat(theirs->handle(), ",987654321"));
+    v1::GetBufferRequest get;
+    get.set_handle(mine.handle());
+    v1::GetBufferResponse info;
+    grpc::Status status = raw->stub->GetBuffer(context.get(), get, &info);
+    EXPECT_TRUE(status.ok()) << status.error_message();
+    EXPECT_EQ(LiveBuffers(), 2u) << "a foreign handle must not be released";
+
+    // Malformed lists: INVALID_ARGUMENT naming the key, nothing released.
+    for (const std::string bad : {"abc", "1,,2", "0", "-5", ""}) {
+      SCOPED_TRACE(bad);
+      context = raw->Context();
+      context->AddMetadata("bufferd-release", bad);
+      status = raw->stub->GetBuffer(context.get(), get, &info);
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+      EXPECT_NE(status.error_message().find("bufferd-release"), std::string::npos)
+          << status.error_message();
+    }
+    EXPECT_EQ(LiveBuffers(), 2u);
+
+    // The caller's own handle is released before the call that carries it.
+    context = raw->Context();
+    context->AddMetadata("bufferd-release", absl::StrCat(mine.handle()));
+    status = raw->stub->GetBuffer(context.get(), get, &info);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND) << status.error_message();
+    EXPECT_NE(status.error_message().find("already released"), std::string::npos)
+        << status.error_message();
+    EXPECT_EQ(LiveBuffers(), 1u);
+  }
   ExpectBaseline();
 }
 
