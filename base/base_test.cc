@@ -1,4 +1,5 @@
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -6,8 +7,6 @@
 #include <cstring>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "base/errno_status.h"
 #include "base/fd_count.h"
@@ -116,7 +115,8 @@ TEST(MappingTest, ReadOnlyFdCannotMapWritable) {
   std::string path = "/proc/self/fd/" + std::to_string(fd.get());
   UniqueFd ro(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   ASSERT_TRUE(ro.valid());
-  absl::StatusOr<Mapping> mapping = Mapping::Create(ro.get(), 4096, Mapping::Protection::kReadWrite);
+  absl::StatusOr<Mapping> mapping =
+      Mapping::Create(ro.get(), 4096, Mapping::Protection::kReadWrite);
   EXPECT_EQ(mapping.status().code(), absl::StatusCode::kPermissionDenied) << mapping.status();
   EXPECT_TRUE(Mapping::Create(ro.get(), 4096, Mapping::Protection::kReadOnly).ok());
 }
@@ -171,8 +171,7 @@ TEST(UnixSocketTest, EofWouldBlockAndCredentials) {
   ASSERT_TRUE(cred.ok());
   EXPECT_EQ(cred->pid, ::getpid());
   EXPECT_EQ(cred->uid, ::getuid());
-  EXPECT_EQ(b.RecvWithFds(64, /*dont_wait=*/true).status().code(),
-            absl::StatusCode::kUnavailable);
+  EXPECT_EQ(b.RecvWithFds(64, /*dont_wait=*/true).status().code(), absl::StatusCode::kUnavailable);
   a = UnixSocket();
   absl::StatusOr<UnixSocket::Received> got = b.RecvWithFds();
   ASSERT_TRUE(got.ok()) << got.status();

@@ -4,10 +4,10 @@
 #define BUFFERD_BASE_ERRNO_STATUS_H_
 
 #include <cerrno>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace bufferd {
 
@@ -43,10 +43,10 @@ std::string FormatBytes(uint64_t bytes);
 #define BUFFERD_CONCAT_(a, b) BUFFERD_CONCAT_INNER_(a, b)
 
 // Returns the status from the enclosing function if `expr` is not OK.
-#define RETURN_IF_ERROR(expr)                              \
-  do {                                                     \
-    ::absl::Status bufferd_status_ = (expr);               \
-    if (!bufferd_status_.ok()) return bufferd_status_;     \
+#define RETURN_IF_ERROR(expr)                          \
+  do {                                                 \
+    ::absl::Status bufferd_status_ = (expr);           \
+    if (!bufferd_status_.ok()) return bufferd_status_; \
   } while (0)
 
 // `ASSIGN_OR_RETURN(auto x, Foo());` assigns the value or returns the status.

@@ -15,10 +15,10 @@ absl::StatusOr<Mapping> Mapping::Create(int fd, size_t length, Protection protec
   int prot = protection == Protection::kReadWrite ? PROT_READ | PROT_WRITE : PROT_READ;
   void* address = ::mmap(nullptr, length, prot, MAP_SHARED, fd, 0);
   if (address == MAP_FAILED) {
-    return ErrnoError(absl::StrCat("mmap(", length, " bytes, ",
-                                   protection == Protection::kReadWrite ? "read-write" : "read-only",
-                                   ")"),
-                      errno);
+    return ErrnoError(
+        absl::StrCat("mmap(", length, " bytes, ",
+                     protection == Protection::kReadWrite ? "read-write" : "read-only", ")"),
+        errno);
   }
   return Mapping(address, length, protection);
 }

@@ -18,8 +18,8 @@ absl::StatusOr<sockaddr_un> MakeAddress(absl::string_view path) {
   sockaddr_un address{};
   address.sun_family = AF_UNIX;
   if (path.empty() || path.size() >= sizeof(address.sun_path)) {
-    return absl::InvalidArgumentError(absl::StrCat("unix socket path '", path, "' is ",
-                                                   path.size(), " bytes; must be 1..",
+    return absl::InvalidArgumentError(absl::StrCat("unix socket path '", path, "' is ", path.size(),
+                                                   " bytes; must be 1..",
                                                    sizeof(address.sun_path) - 1));
   }
   std::memcpy(address.sun_path, path.data(), path.size());
@@ -72,8 +72,8 @@ absl::StatusOr<UnixSocket> UnixSocket::Accept(bool nonblocking) const {
 absl::Status UnixSocket::SendWithFds(std::span<const uint8_t> bytes, std::span<const int> fds,
                                      bool dont_wait) const {
   if (fds.size() > kMaxFdsPerRecord) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("cannot send ", fds.size(), " fds in one record (max ", kMaxFdsPerRecord, ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cannot send ", fds.size(), " fds in one record (max ", kMaxFdsPerRecord, ")"));
   }
   iovec iov{const_cast<uint8_t*>(bytes.data()), bytes.size()};
   msghdr msg{};

@@ -38,9 +38,8 @@ void StopDaemon(pid_t pid) {
 
 std::string FindDaemonBinary(const char* argv0) {
   std::filesystem::path self = std::filesystem::absolute(argv0);
-  for (const auto& candidate :
-       {self.string() + ".runfiles/bufferd/daemon/bufferd",
-        (self.parent_path().parent_path() / "daemon/bufferd").string()}) {
+  for (const auto& candidate : {self.string() + ".runfiles/bufferd/daemon/bufferd",
+                                (self.parent_path().parent_path() / "daemon/bufferd").string()}) {
     if (std::filesystem::exists(candidate)) return candidate;
   }
   return "bazel-bin/daemon/bufferd";

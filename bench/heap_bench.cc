@@ -96,8 +96,8 @@ double AllocLatencyP50(Heap& heap, uint64_t size, int n, bool touch) {
     auto buffer = heap.Allocate(size, "lat");
     if (!buffer.ok()) return -1;
     if (touch) {
-      auto map = Mapping::Create((*buffer)->fd(), (*buffer)->size(),
-                                 Mapping::Protection::kReadWrite);
+      auto map =
+          Mapping::Create((*buffer)->fd(), (*buffer)->size(), Mapping::Protection::kReadWrite);
       for (size_t j = 0; j < map->size(); j += 4096) map->data()[j] = 1;
     }
     buffer->reset();
@@ -139,7 +139,8 @@ int main() {
   const uint64_t need = 2 * kSize / kHugePage2M + 8;
   HugepagePoolState pool = ReadHugepagePool(kHugePage2M);
   ScopedKernelSetting reserve(kNrHugepages2M, std::to_string(pool.total + need));
-  if (!reserve.ok()) std::printf("(hugetlb rows use whatever the pool has: %s)\n", reserve.why().c_str());
+  if (!reserve.ok())
+    std::printf("(hugetlb rows use whatever the pool has: %s)\n", reserve.why().c_str());
   {
     ContiguousHeap::Options options;
     options.fallbacks = {Backing::kBasePages};
@@ -178,8 +179,8 @@ int main() {
   if (carveout != nullptr) {
     std::printf("\nallocation latency p50 (us), in-process, allocate + free\n");
     std::printf("(carveout buffers arrive prefaulted; system pages come at first touch):\n");
-    std::printf("  %-8s %10s %14s %10s %14s %14s\n", "size", "system", "system+touch",
-                "carveout", "carveout+touch", "vs sys+touch");
+    std::printf("  %-8s %10s %14s %10s %14s %14s\n", "size", "system", "system+touch", "carveout",
+                "carveout+touch", "vs sys+touch");
     for (uint64_t size : {uint64_t{2} * kMiB, 8 * kMiB, 32 * kMiB}) {
       double sys = AllocLatencyP50(system, size, 50, false);
       double sys_touch = AllocLatencyP50(system, size, 50, true);

@@ -68,8 +68,8 @@ int main(int argc, char** argv) {
   }
   std::printf("[writer pid %d] session %lu allocated buffer %lu: %lu bytes from heap '%s'\n",
               ::getpid(), static_cast<unsigned long>(client->session_id()),
-              static_cast<unsigned long>(buffer->id()),
-              static_cast<unsigned long>(buffer->size()), buffer->heap().c_str());
+              static_cast<unsigned long>(buffer->id()), static_cast<unsigned long>(buffer->size()),
+              buffer->heap().c_str());
   auto shared = buffer->Export(bufferd::Access::kReadOnly);
   if (!shared.ok()) return Fail("export", shared.status());
   std::printf("[writer pid %d] exported read-only token %s\n", ::getpid(), shared->c_str());

@@ -27,8 +27,8 @@ absl::StatusOr<std::unique_ptr<CarveoutHeap>> CarveoutHeap::Create(Options optio
   uint64_t page_size = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
   Backing backing = Backing::kBasePages;
   if (options.hugepage_size != 0) {
-    const uint64_t rounded =
-        (options.capacity + options.hugepage_size - 1) / options.hugepage_size * options.hugepage_size;
+    const uint64_t rounded = (options.capacity + options.hugepage_size - 1) /
+                             options.hugepage_size * options.hugepage_size;
     absl::StatusOr<UniqueFd> fd =
         memfd::Create(balloon_name, rounded, memfd::HugetlbFlags(options.hugepage_size));
     absl::Status status = fd.status();
@@ -49,10 +49,9 @@ absl::StatusOr<std::unique_ptr<CarveoutHeap>> CarveoutHeap::Create(Options optio
     ASSIGN_OR_RETURN(balloon, memfd::Create(balloon_name, options.capacity, 0));
     absl::Status status = memfd::Prefault(balloon.get(), 0, options.capacity);
     if (!status.ok()) {
-      return absl::ResourceExhaustedError(absl::StrCat("carveout heap '", options.name,
-                                                       "' cannot reserve ",
-                                                       FormatBytes(options.capacity), ": ",
-                                                       status.message()));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("carveout heap '", options.name, "' cannot reserve ",
+                       FormatBytes(options.capacity), ": ", status.message()));
     }
   }
   ASSIGN_OR_RETURN(Mapping map, Mapping::Create(balloon.get(), options.capacity,
@@ -72,12 +71,12 @@ absl::StatusOr<std::unique_ptr<CarveoutHeap>> CarveoutHeap::Create(Options optio
   // already, but sanitizers stub mlock out): Stats measures residency there.
   ::madvise(map.data(), map.size(), MADV_POPULATE_WRITE);
   return std::unique_ptr<CarveoutHeap>(new CarveoutHeap(std::move(options), page_size, backing,
-                                                        std::move(balloon), std::move(map),
-                                                        locked, std::move(note)));
+                                                        std::move(balloon), std::move(map), locked,
+                                                        std::move(note)));
 }
 
-CarveoutHeap::CarveoutHeap(Options options, uint64_t page_size, Backing backing,
-                           UniqueFd balloon, Mapping balloon_map, bool locked, std::string note)
+CarveoutHeap::CarveoutHeap(Options options, uint64_t page_size, Backing backing, UniqueFd balloon,
+                           Mapping balloon_map, bool locked, std::string note)
     : AccountedHeap(options.name, page_size, options.capacity),
       options_(std::move(options)),
       backing_(backing),
@@ -146,8 +145,9 @@ void CarveoutHeap::Refill(const Extents& extents) {
   }
 }
 
-absl::StatusOr<AccountedHeap::Backed> CarveoutHeap::AllocateBacking(
-    uint64_t size, uint64_t /*requested*/, const std::string& memfd_name) {
+absl::StatusOr<AccountedHeap::Backed> CarveoutHeap::AllocateBacking(uint64_t size,
+                                                                    uint64_t /*requested*/,
+                                                                    const std::string& memfd_name) {
   // AccountedHeap guarantees used + size <= capacity, so the free extents
   // always cover `size`.
   Extents extents = TakeExtents(size);
@@ -156,7 +156,8 @@ absl::StatusOr<AccountedHeap::Backed> CarveoutHeap::AllocateBacking(
     ReturnExtents(extents);
   };
   absl::Status status = PunchHoles(extents);
-  unsigned flags = backing_ == Backing::kBasePages ? 0 : memfd::HugetlbFlags(options_.hugepage_size);
+  unsigned flags =
+      backing_ == Backing::kBasePages ? 0 : memfd::HugetlbFlags(options_.hugepage_size);
   absl::StatusOr<UniqueFd> fd = status.ok() ? memfd::Create(memfd_name, size, flags) : status;
   if (fd.ok()) status = memfd::Prefault(fd->get(), 0, size);
   if (fd.ok() && status.ok()) status = memfd::Seal(fd->get());
@@ -167,8 +168,7 @@ absl::StatusOr<AccountedHeap::Backed> CarveoutHeap::AllocateBacking(
         absl::StrCat("heap '", name(), "' could not move ", FormatBytes(size),
                      " from its reservation into a buffer: ", cause.message()));
   }
-  return Backed{*std::move(fd), backing_,
-                [this, extents = std::move(extents)] {
+  return Backed{*std::move(fd), backing_, [this, extents = std::move(extents)] {
                   Refill(extents);
                   ReturnExtents(extents);
                 }};

@@ -83,7 +83,7 @@ absl::StatusOr<AccountedHeap::Backed> ContiguousHeap::AllocateBacking(
         memfd::Create(memfd_name, size, memfd::HugetlbFlags(options_.hugepage_size));
     absl::Status status = fd.status();
     if (status.ok()) status = memfd::Prefault(fd->get(), 0, size);
-    struct stat st{};
+    struct stat st {};
     if (status.ok() && (::fstat(fd->get(), &st) != 0 ||
                         static_cast<uint64_t>(st.st_blksize) != options_.hugepage_size)) {
       status = absl::InternalError("hugetlb memfd does not report the huge page size");
@@ -94,9 +94,9 @@ absl::StatusOr<AccountedHeap::Backed> ContiguousHeap::AllocateBacking(
     }
     HugepagePoolState pool = ReadHugepagePool(options_.hugepage_size);
     attempts.push_back(absl::StrCat("hugetlb ", FormatBytes(options_.hugepage_size), " pool has ",
-                                    pool.free, " of ", pool.total, " pages free (",
-                                    pool.reserved, " reserved), need ",
-                                    size / options_.hugepage_size, ": ", status.message()));
+                                    pool.free, " of ", pool.total, " pages free (", pool.reserved,
+                                    " reserved), need ", size / options_.hugepage_size, ": ",
+                                    status.message()));
   }
   // 2. Fallbacks, in the configured order, each rounding the request to its
   // own page: THP to 2 MiB (a partial PMD can't be huge), base pages to 4 KiB.
@@ -136,7 +136,8 @@ void ContiguousHeap::FillStats(HeapStats& stats) const {
   stats.hugepages = ReadHugepagePool(options_.hugepage_size);
   std::vector<std::string> names;
   for (Backing b : options_.fallbacks) names.emplace_back(BackingName(b));
-  stats.note = names.empty() ? "no fallback" : absl::StrCat("fallback: ", absl::StrJoin(names, ", "));
+  stats.note =
+      names.empty() ? "no fallback" : absl::StrCat("fallback: ", absl::StrJoin(names, ", "));
 }
 
 }  // namespace bufferd

@@ -72,7 +72,7 @@ AccountedHeap::AccountedHeap(std::string name, uint64_t page_size, uint64_t capa
       accounting_(std::make_shared<Accounting>()) {}
 
 absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t size,
-                                                                     absl::string_view debug_name) {
+                                                                    absl::string_view debug_name) {
   if (size == 0) return absl::InvalidArgumentError("size must be greater than 0");
   if (size > std::numeric_limits<uint64_t>::max() - page_size_ ||
       size > static_cast<uint64_t>(std::numeric_limits<off_t>::max())) {
@@ -83,9 +83,9 @@ absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t siz
     absl::MutexLock lock(&accounting_->mu);
     if (capacity_ != 0 && rounded > capacity_ - accounting_->used) {
       ++accounting_->failures;
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "heap '", name_, "' has ", FormatBytes(capacity_ - accounting_->used), " free of ",
-          FormatBytes(capacity_), ", asked for ", FormatBytes(rounded)));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("heap '", name_, "' has ", FormatBytes(capacity_ - accounting_->used),
+                       " free of ", FormatBytes(capacity_), ", asked for ", FormatBytes(rounded)));
     }
     accounting_->used += rounded;
   }

@@ -1,4 +1,5 @@
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -9,8 +10,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "base/fd_count.h"
 #include "base/mapping.h"
@@ -78,7 +77,7 @@ TEST_P(EveryHeapTest, BufferPropertiesHold) {
   EXPECT_LT((*buffer)->size(), 1000u + page);
   EXPECT_EQ(heap->Stats().used, (*buffer)->size()) << "the heap accounts the real size";
   const int fd = (*buffer)->fd();
-  struct stat st{};
+  struct stat st {};
   ASSERT_EQ(::fstat(fd, &st), 0);
   EXPECT_EQ(static_cast<uint64_t>(st.st_size), (*buffer)->size());
   EXPECT_EQ(st.st_mode & 0777, 0400u);
@@ -230,7 +229,7 @@ TEST(ContiguousHeapTest, BasePagesFallbackIsReportedHonestly) {
   const uint64_t expected = 3 * kMiB + 4096;
   EXPECT_EQ((*buffer)->size(), expected);
   EXPECT_EQ((*buffer)->backing(), Backing::kBasePages);
-  struct stat st{};
+  struct stat st {};
   ASSERT_EQ(::fstat((*buffer)->fd(), &st), 0);
   EXPECT_EQ(static_cast<uint64_t>(st.st_blocks) * 512, expected) << "pages must be prefaulted";
   HeapStats stats = heap.Stats();
@@ -275,7 +274,7 @@ TEST(CarveoutHeapTest, ReservationIsResidentAndShrinksWhileCarved) {
   }
   auto buffer = (*heap)->Allocate(6 * kMiB, "cam");
   ASSERT_TRUE(buffer.ok()) << buffer.status();
-  struct stat st{};
+  struct stat st {};
   ASSERT_EQ(::fstat((*buffer)->fd(), &st), 0);
   EXPECT_EQ(static_cast<uint64_t>(st.st_blocks) * 512, 6 * kMiB) << "buffer pages are prefaulted";
   stats = (*heap)->Stats();
@@ -298,7 +297,8 @@ TEST(CarveoutHeapTest, EachBufferHasItsOwnFile) {
   auto a = (*heap)->Allocate(kMiB, "a");
   auto b = (*heap)->Allocate(kMiB, "b");
   ASSERT_TRUE(a.ok() && b.ok());
-  struct stat sa{}, sb{};
+  struct stat sa {
+  }, sb{};
   ::fstat((*a)->fd(), &sa);
   ::fstat((*b)->fd(), &sb);
   EXPECT_NE(sa.st_ino, sb.st_ino);

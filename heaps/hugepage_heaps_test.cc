@@ -1,12 +1,11 @@
 // Heap tests that need the kernel's hugetlb pool or shmem THP. They change
 // /sys settings (as root), restore them, and skip with the reason otherwise.
 // The target is `exclusive`: the settings are machine-wide.
+#include <gtest/gtest.h>
 #include <sys/stat.h>
 
 #include <cstring>
 #include <string>
-
-#include <gtest/gtest.h>
 
 #include "base/mapping.h"
 #include "heaps/carveout_heap.h"
@@ -23,8 +22,8 @@ class HugepagePoolTest : public ::testing::Test {
  protected:
   void SetUp() override {
     HugepagePoolState pool = ReadHugepagePool(kHugePage2M);
-    setting_ = std::make_unique<ScopedKernelSetting>(kNrHugepages2M,
-                                                     std::to_string(pool.total + kExtra));
+    setting_ =
+        std::make_unique<ScopedKernelSetting>(kNrHugepages2M, std::to_string(pool.total + kExtra));
     if (!setting_->ok()) GTEST_SKIP() << setting_->why();
     if (ReadHugepagePool(kHugePage2M).free < kExtra) {
       GTEST_SKIP() << "kernel could not reserve " << kExtra << " huge pages";

@@ -186,7 +186,8 @@ int main(int argc, char** argv) {
   }
   if (*watch) {
     while (true) {
-      std::cout << "\033[H\033[2J" << "bufferd in " << socket_dir << " at "
+      std::cout << "\033[H\033[2J"
+                << "bufferd in " << socket_dir << " at "
                 << absl::FormatTime("%H:%M:%S", absl::Now(), absl::LocalTimeZone()) << "\n\n";
       if (Heaps(*client, false) != 0) return 1;
       std::cout << "\n";
