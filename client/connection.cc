@@ -76,6 +76,7 @@ void Connection::Close() {
     absl::MutexLock lock(&release_mu_);
     release_closed_ = true;
     pending_releases_.clear();  // the session's end releases them all
+    flushed_releases_.clear();
     release_changed_.Signal();
   }
   fd_socket_.Shutdown();
@@ -94,6 +95,13 @@ Call Connection::NewCall() {
     const size_t n = std::min(pending_releases_.size(), kMaxCarried);
     call.carried.assign(pending_releases_.end() - n, pending_releases_.end());
     pending_releases_.resize(pending_releases_.size() - n);
+    // Handles the flusher sent one-way since the last call go again: the
+    // daemon may not have read those records yet, and this call must find
+    // them released. Whichever arrives second is skipped.
+    const size_t resend = std::min(flushed_releases_.size(), kMaxCarried - n);
+    call.carried.insert(call.carried.end(), flushed_releases_.end() - resend,
+                        flushed_releases_.end());
+    flushed_releases_.clear();
   }
   if (!call.carried.empty()) {
     call.context->AddMetadata(kReleaseMetadataKey, absl::StrJoin(call.carried, ","));
@@ -154,6 +162,13 @@ void Connection::FlushLoop() {
     std::vector<uint64_t> handles;
     handles.swap(pending_releases_);
     if (handles.empty()) continue;
+    // Kept (bounded) for the next call to carry again; see NewCall.
+    constexpr size_t kMaxFlushedKept = 256;
+    flushed_releases_.insert(flushed_releases_.end(), handles.begin(), handles.end());
+    if (flushed_releases_.size() > kMaxFlushedKept) {
+      flushed_releases_.erase(flushed_releases_.begin(),
+                              flushed_releases_.end() - kMaxFlushedKept);
+    }
     release_mu_.Unlock();
     for (uint64_t handle : handles) {
       v1::FdChannelMessage message;

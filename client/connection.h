@@ -42,7 +42,9 @@ struct Call {
 //
 // Dropped Buffers' handles are released lazily: the next RPC carries them in
 // its metadata, and a flusher thread sends whatever no RPC took within
-// kReleaseDelay as one-way ReleaseHandle records on fd.sock. The flusher
+// kReleaseDelay as one-way ReleaseHandle records on fd.sock, and the next RPC
+// carries those again (so the daemon has applied every earlier drop before
+// that RPC runs, whichever copy it reads first). The flusher
 // sleeps until a drop and then wakes at most once per kReleaseDelay, so a
 // steady stream of allocations wakes neither it nor the daemon per buffer.
 class Connection {
@@ -104,6 +106,8 @@ class Connection {
   absl::Mutex release_mu_;
   absl::CondVar release_changed_;
   std::vector<uint64_t> pending_releases_ ABSL_GUARDED_BY(release_mu_);
+  // Sent one-way by the flusher since the last call; that call re-sends them.
+  std::vector<uint64_t> flushed_releases_ ABSL_GUARDED_BY(release_mu_);
   // Counts QueueRelease calls: the flusher stays on its timer while it moves.
   uint64_t releases_queued_ ABSL_GUARDED_BY(release_mu_) = 0;
   // The flusher waits without a timeout: a drop must wake it.

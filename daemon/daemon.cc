@@ -125,6 +125,12 @@ absl::Status Daemon::Init(const v1::Config& config) {
   if (config.default_token_ttl_ms() != 0) {
     options.default_token_ttl = absl::Milliseconds(config.default_token_ttl_ms());
   }
+  reaper_ = std::make_unique<WorkQueue>(1);
+  options.free_later = [reaper = reaper_.get()](std::unique_ptr<HeapBuffer> memory) {
+    reaper->Post([memory = std::shared_ptr<HeapBuffer>(std::move(memory))]() mutable {
+      memory.reset();
+    });
+  };
   state_ = std::make_unique<DaemonState>(heaps_.get(), options);
   for (const v1::HeapConfig& heap : config.heaps()) {
     state_->SetHeapQuotas(heap.name(), heap.max_bytes_per_session(), heap.max_bytes_per_uid());
@@ -147,12 +153,13 @@ absl::Status Daemon::Init(const v1::Config& config) {
         absl::Milliseconds(config.stalled_session_timeout_ms());
   }
   work_ = std::make_unique<WorkQueue>(2);
-  channel_ = std::make_unique<FdChannel>(state_.get(), work_.get(), channel_options);
+  channel_ = std::make_unique<FdChannel>(state_.get(), channel_options);
   ASSIGN_OR_RETURN(UnixSocket listener, UnixSocket::ListenSeqPacket(fd_path));
   const mode_t socket_mode = config.group().empty() ? 0600 : 0660;
   ::chmod(fd_path.c_str(), socket_mode);
 
-  allocator_ = std::make_unique<AllocatorService>(state_.get(), channel_.get(), work_.get());
+  allocator_ = std::make_unique<AllocatorService>(state_.get(), channel_.get(), work_.get(),
+                                                  reaper_.get());
   debug_ = std::make_unique<DebugService>(state_.get(), channel_.get(), work_.get(),
                                           config.debug_access() == v1::DEBUG_ACCESS_ANYONE);
   fence_ = std::make_unique<FenceService>();
@@ -195,7 +202,8 @@ Daemon::~Daemon() {
   Shutdown();
   server_.reset();
   channel_.reset();
-  state_.reset();  // frees every buffer before the heaps go
+  reaper_.reset();  // runs the frees queued so far; nothing frees after this
+  state_.reset();   // frees every buffer before the heaps go
   heaps_.reset();
 }
 

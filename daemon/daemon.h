@@ -42,6 +42,8 @@ class Daemon {
   std::unique_ptr<HeapRegistry> heaps_;
   std::unique_ptr<DaemonState> state_;
   std::unique_ptr<WorkQueue> work_;
+  // One thread: frees big buffers and refills carveouts, in order.
+  std::unique_ptr<WorkQueue> reaper_;
   std::unique_ptr<FdChannel> channel_;
   std::unique_ptr<AllocatorService> allocator_;
   std::unique_ptr<DebugService> debug_;

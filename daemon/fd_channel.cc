@@ -26,8 +26,7 @@ std::string ReadComm(pid_t pid) {
 
 }  // namespace
 
-FdChannel::FdChannel(DaemonState* state, WorkQueue* work, Options options)
-    : state_(state), work_(work), options_(options) {}
+FdChannel::FdChannel(DaemonState* state, Options options) : state_(state), options_(options) {}
 
 FdChannel::~FdChannel() { Stop(); }
 
@@ -202,8 +201,7 @@ void FdChannel::OnReadable(int fd) {
       return;
     }
     if (message.has_release()) {
-      absl::StatusOr<bool> released =
-          ReleaseHandle(*state_, *work_, session_id, message.release().handle());
+      absl::StatusOr<bool> released = state_->Release(session_id, message.release().handle());
       if (!released.ok()) {
         spdlog::debug("session {}: one-way release of handle {}: {}", session_id,
                       message.release().handle(), released.status().ToString());

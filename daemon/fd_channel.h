@@ -26,7 +26,6 @@
 #include "base/unix_socket.h"
 #include "bufferd/v1/fd_channel.pb.h"
 #include "daemon/state.h"
-#include "daemon/work_queue.h"
 
 namespace bufferd {
 
@@ -39,8 +38,7 @@ class FdChannel {
     absl::Duration stalled_session_timeout = absl::Seconds(10);
   };
 
-  // One-way releases run on `work` (they may refill a carveout).
-  FdChannel(DaemonState* state, WorkQueue* work, Options options);
+  FdChannel(DaemonState* state, Options options);
   ~FdChannel();
 
   // Serves `listener` (a listening SEQPACKET socket) on a new thread.
@@ -84,7 +82,6 @@ class FdChannel {
   void WatchWritable(int fd, bool writable);
 
   DaemonState* const state_;
-  WorkQueue* const work_;
   const Options options_;
   UnixSocket listener_;
   UniqueFd epoll_;

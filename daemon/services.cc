@@ -11,7 +11,7 @@ namespace bufferd {
 namespace {
 
 // Applies the releases a call carries (see kReleaseMetadataKey).
-absl::Status ApplyCarriedReleases(DaemonState& state, WorkQueue& work, uint64_t session,
+absl::Status ApplyCarriedReleases(DaemonState& state, uint64_t session,
                                   const grpc::CallbackServerContext* context) {
   const auto& metadata = context->client_metadata();
   auto it = metadata.find(kReleaseMetadataKey);
@@ -29,7 +29,7 @@ absl::Status ApplyCarriedReleases(DaemonState& state, WorkQueue& work, uint64_t 
     handles.push_back(handle);
   }
   for (uint64_t handle : handles) {
-    absl::StatusOr<bool> released = ReleaseHandle(state, work, session, handle);
+    absl::StatusOr<bool> released = state.Release(session, handle);
     if (!released.ok()) {
       spdlog::debug("session {}: carried release of handle {}: {}", session, handle,
                     released.status().ToString());
@@ -39,14 +39,14 @@ absl::Status ApplyCarriedReleases(DaemonState& state, WorkQueue& work, uint64_t 
 }
 
 // The call's session, after applying the releases it carries.
-absl::StatusOr<uint64_t> SessionOf(DaemonState& state, WorkQueue& work,
+absl::StatusOr<uint64_t> SessionOf(DaemonState& state,
                                    const grpc::CallbackServerContext* context) {
   const auto& metadata = context->client_metadata();
   auto it = metadata.find(kSessionMetadataKey);
   if (it == metadata.end()) return state.Authenticate("");
   ASSIGN_OR_RETURN(uint64_t session,
                    state.Authenticate(absl::string_view(it->second.data(), it->second.size())));
-  RETURN_IF_ERROR(ApplyCarriedReleases(state, work, session, context));
+  RETURN_IF_ERROR(ApplyCarriedReleases(state, session, context));
   return session;
 }
 
@@ -58,9 +58,9 @@ grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context, const abs
 
 // Runs `body(session)` inline for an authenticated call and finishes it.
 template <typename Body>
-grpc::ServerUnaryReactor* Authenticated(DaemonState& state, WorkQueue& work,
+grpc::ServerUnaryReactor* Authenticated(DaemonState& state,
                                         grpc::CallbackServerContext* context, Body body) {
-  absl::StatusOr<uint64_t> session = SessionOf(state, work, context);
+  absl::StatusOr<uint64_t> session = SessionOf(state, context);
   if (!session.ok()) return Finish(context, session.status());
   return Finish(context, body(*session));
 }
@@ -70,7 +70,7 @@ grpc::ServerUnaryReactor* Authenticated(DaemonState& state, WorkQueue& work,
 absl::Status AllocatorService::Deliver(uint64_t session, DaemonState::Grant& grant) {
   absl::Status status = channel_->Deliver(session, grant.transfer_id, v1::FD_KIND_BUFFER,
                                           grant.buffer.buffer_id(), std::move(grant.fd));
-  if (!status.ok()) (void)ReleaseHandle(*state_, *work_, session, grant.handle);
+  if (!status.ok()) (void)state_->Release(session, grant.handle);
   return status;
 }
 
@@ -93,7 +93,7 @@ absl::Status AllocatorService::DoAllocate(uint64_t session, const v1::AllocateRe
 grpc::ServerUnaryReactor* AllocatorService::Allocate(grpc::CallbackServerContext* context,
                                                      const v1::AllocateRequest* request,
                                                      v1::AllocateResponse* response) {
-  absl::StatusOr<uint64_t> session = SessionOf(*state_, *work_, context);
+  absl::StatusOr<uint64_t> session = SessionOf(*state_, context);
   if (!session.ok()) return Finish(context, session.status());
   Heap* heap = state_->heaps().Find(request->heap());
   if (heap == nullptr || heap->kind() == HeapKind::kSystem) {
@@ -107,7 +107,7 @@ grpc::ServerUnaryReactor* AllocatorService::Allocate(grpc::CallbackServerContext
     if (status.ok() && context->IsCancelled()) {
       // The client gave up while the pages were prefaulted: it will never
       // learn the handle, so drop it now rather than at session end.
-      (void)ReleaseHandle(*state_, *work_, session, response->handle());
+      (void)state_->Release(session, response->handle());
       status = absl::CancelledError("Allocate was cancelled by the client");
     }
     reactor->Finish(ToGrpcStatus(status));
@@ -118,17 +118,18 @@ grpc::ServerUnaryReactor* AllocatorService::Allocate(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* AllocatorService::Release(grpc::CallbackServerContext* context,
                                                     const v1::ReleaseRequest* request,
                                                     v1::ReleaseResponse* response) {
-  absl::StatusOr<uint64_t> session = SessionOf(*state_, *work_, context);
+  absl::StatusOr<uint64_t> session = SessionOf(*state_, context);
   if (!session.ok()) return Finish(context, session.status());
   auto expensive = std::make_shared<std::vector<std::unique_ptr<HeapBuffer>>>();
   absl::StatusOr<bool> destroyed = state_->Release(*session, request->handle(), expensive.get());
   if (!destroyed.ok()) return Finish(context, destroyed.status());
   response->set_buffer_destroyed(*destroyed);
   if (expensive->empty()) return Finish(context, absl::OkStatus());
-  // The caller may rely on the capacity being back when this returns, so the
-  // call finishes only after the free (which runs off the callback thread).
+  // The caller may rely on the memory being freed (a carveout's reservation
+  // refilled) when this returns, so the call finishes only after the free,
+  // which runs on the reaper after any frees queued before it.
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  work_->Post([reactor, expensive] {
+  reaper_->Post([reactor, expensive] {
     expensive->clear();
     reactor->Finish(grpc::Status::OK);
   });
@@ -138,7 +139,7 @@ grpc::ServerUnaryReactor* AllocatorService::Release(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* AllocatorService::Export(grpc::CallbackServerContext* context,
                                                    const v1::ExportRequest* request,
                                                    v1::ExportResponse* response) {
-  return Authenticated(*state_, *work_, context, [&](uint64_t session) {
+  return Authenticated(*state_, context, [&](uint64_t session) {
     absl::StatusOr<v1::ExportResponse> exported = state_->Export(session, *request);
     if (exported.ok()) *response = *std::move(exported);
     return exported.status();
@@ -148,7 +149,7 @@ grpc::ServerUnaryReactor* AllocatorService::Export(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* AllocatorService::Import(grpc::CallbackServerContext* context,
                                                    const v1::ImportRequest* request,
                                                    v1::ImportResponse* response) {
-  return Authenticated(*state_, *work_, context, [&](uint64_t session) -> absl::Status {
+  return Authenticated(*state_, context, [&](uint64_t session) -> absl::Status {
     absl::StatusOr<DaemonState::Grant> grant = state_->Import(session, request->token());
     if (!grant.ok()) return grant.status();
     if (absl::Status delivered = Deliver(session, *grant); !delivered.ok()) {
@@ -166,7 +167,7 @@ grpc::ServerUnaryReactor* AllocatorService::Import(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* AllocatorService::GetBuffer(grpc::CallbackServerContext* context,
                                                       const v1::GetBufferRequest* request,
                                                       v1::GetBufferResponse* response) {
-  return Authenticated(*state_, *work_, context, [&](uint64_t session) {
+  return Authenticated(*state_, context, [&](uint64_t session) {
     absl::StatusOr<v1::GetBufferResponse> buffer = state_->GetBuffer(session, request->handle());
     if (buffer.ok()) *response = *std::move(buffer);
     return buffer.status();
@@ -175,7 +176,7 @@ grpc::ServerUnaryReactor* AllocatorService::GetBuffer(grpc::CallbackServerContex
 
 absl::Status DebugService::Check(grpc::CallbackServerContext* context) const {
   // A session's call carries its releases even where anyone may ask.
-  absl::Status session = SessionOf(*state_, *work_, context).status();
+  absl::Status session = SessionOf(*state_, context).status();
   return allow_anyone_ ? absl::OkStatus() : session;
 }
 

@@ -27,8 +27,10 @@ inline constexpr char kReleaseMetadataKey[] = "bufferd-release";
 
 class AllocatorService final : public v1::Allocator::CallbackService {
  public:
-  AllocatorService(DaemonState* state, FdChannel* channel, WorkQueue* work)
-      : state_(state), channel_(channel), work_(work) {}
+  // Page work runs on `work`; the Release RPC finishes on `reaper` (the
+  // daemon's FIFO free thread) once the buffer's memory is freed.
+  AllocatorService(DaemonState* state, FdChannel* channel, WorkQueue* work, WorkQueue* reaper)
+      : state_(state), channel_(channel), work_(work), reaper_(reaper) {}
 
   grpc::ServerUnaryReactor* Allocate(grpc::CallbackServerContext* context,
                                      const v1::AllocateRequest* request,
@@ -55,6 +57,7 @@ class AllocatorService final : public v1::Allocator::CallbackService {
   DaemonState* const state_;
   FdChannel* const channel_;
   WorkQueue* const work_;
+  WorkQueue* const reaper_;
 };
 
 class DebugService final : public v1::Debug::CallbackService {

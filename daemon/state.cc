@@ -117,15 +117,25 @@ DaemonState::NewSession DaemonState::OpenSession(const PeerCredentials& peer, st
 
 void DaemonState::CloseSession(uint64_t session_id) {
   std::vector<std::unique_ptr<HeapBuffer>> graveyard;
-  absl::MutexLock lock(&mu_);
-  auto it = sessions_.find(session_id);
-  if (it == sessions_.end()) return;
-  while (!it->second->handles.empty()) {
-    RemoveHandleLocked(it->second->handles.begin()->first, graveyard);
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(session_id);
+    if (it == sessions_.end()) return;
+    while (!it->second->handles.empty()) {
+      RemoveHandleLocked(it->second->handles.begin()->first, graveyard);
+    }
+    // What is left is charged by in-flight Allocates; they uncharge the uid
+    // themselves when they find the session gone.
+    sessions_.erase(it);
   }
-  // What is left is charged by in-flight Allocates; they uncharge the uid
-  // themselves when they find the session gone.
-  sessions_.erase(it);
+  Dispose(graveyard);
+}
+
+void DaemonState::Dispose(std::vector<std::unique_ptr<HeapBuffer>>& graveyard) {
+  for (std::unique_ptr<HeapBuffer>& memory : graveyard) {
+    if (!memory->cheap_to_free() && options_.free_later) options_.free_later(std::move(memory));
+  }
+  graveyard.clear();  // the cheap ones, here
 }
 
 absl::StatusOr<uint64_t> DaemonState::Authenticate(absl::string_view metadata) const {
@@ -255,6 +265,7 @@ bool DaemonState::RemoveHandleLocked(uint64_t handle_id,
   for (auto t = tokens_.begin(); t != tokens_.end();) {
     t = t->second.buffer == handle.buffer ? tokens_.erase(t) : std::next(t);
   }
+  buffer.memory->Retire();  // the next Allocate sees the bytes free
   graveyard.push_back(std::move(buffer.memory));
   buffers_.erase(b);
   --fds_in_use_;
@@ -374,8 +385,10 @@ absl::StatusOr<bool> DaemonState::Release(
     for (auto& memory : graveyard) {
       if (!memory->cheap_to_free()) expensive_frees->push_back(std::move(memory));
     }
+    std::erase(graveyard, nullptr);
   }
-  return destroyed;  // `graveyard` frees the rest here, outside the lock.
+  Dispose(graveyard);
+  return destroyed;
 }
 
 absl::StatusOr<v1::ExportResponse> DaemonState::Export(uint64_t session_id,

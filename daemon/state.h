@@ -15,6 +15,7 @@
 #define BUFFERD_DAEMON_STATE_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -40,6 +41,10 @@ class DaemonState {
     // fds the daemon may hold for buffers (and later fences).
     uint64_t fd_budget = 1 << 16;
     absl::Duration default_token_ttl = absl::Seconds(30);
+    // Where destroyed buffers whose freeing is not cheap (big, or a carveout
+    // refill) go: one FIFO thread, never one that allocates (a carveout
+    // allocation may wait for a refill). Null: freed on the calling thread.
+    std::function<void(std::unique_ptr<HeapBuffer>)> free_later;
   };
 
   // What a session gets back from Allocate/Import: its handle, and the fd to
@@ -66,7 +71,8 @@ class DaemonState {
 
   // Sessions.
   NewSession OpenSession(const PeerCredentials& peer, std::string comm);
-  // Releases every handle of the session. Idempotent.
+  // Releases every handle of the session (freeing as Release does).
+  // Idempotent.
   void CloseSession(uint64_t session_id);
   // Checks `bufferd-session` metadata ("<id>:<hex secret>"); UNAUTHENTICATED
   // with a reason otherwise.
@@ -74,10 +80,10 @@ class DaemonState {
 
   // Buffers.
   absl::StatusOr<Grant> Allocate(uint64_t session_id, const v1::AllocateRequest& request);
-  // Returns true when the buffer was destroyed. Its memory is freed before
-  // returning, unless `expensive_frees` is given and freeing it is not cheap
-  // (HeapBuffer::cheap_to_free): then it is moved there for the caller to
-  // free on a thread of its choice.
+  // Returns true when the buffer was destroyed. Its bytes are back in the
+  // heap's accounting before this returns (HeapBuffer::Retire); its memory is
+  // freed here too if that is cheap, else handed to Options::free_later, or,
+  // if `expensive_frees` is given, moved there for the caller to free.
   absl::StatusOr<bool> Release(uint64_t session_id, uint64_t handle,
                                std::vector<std::unique_ptr<HeapBuffer>>* expensive_frees = nullptr);
   absl::StatusOr<v1::ExportResponse> Export(uint64_t session_id, const v1::ExportRequest& request);
@@ -139,10 +145,12 @@ class DaemonState {
   // returns the Grant with the fd to deliver.
   absl::StatusOr<Grant> AddHandleLocked(Session& session, Buffer& buffer, v1::Access access)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Removes a handle; a destroyed buffer's memory is moved to `graveyard` so
-  // it is freed after the lock is dropped.
+  // Removes a handle; a destroyed buffer is retired and its memory moved to
+  // `graveyard` so it is freed after the lock is dropped (see Dispose).
   bool RemoveHandleLocked(uint64_t handle_id, std::vector<std::unique_ptr<HeapBuffer>>& graveyard)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Frees cheap buffers here and hands the rest to options_.free_later.
+  void Dispose(std::vector<std::unique_ptr<HeapBuffer>>& graveyard) ABSL_LOCKS_EXCLUDED(mu_);
   absl::StatusOr<Handle*> FindHandleLocked(uint64_t session_id, uint64_t handle_id) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Session*> FindSessionLocked(uint64_t session_id) const

@@ -1,7 +1,9 @@
-// WorkQueue: a few threads for work that must not run on gRPC's callback
-// threads or the fd.sock loop: prefaulting contiguous/carveout buffers, and
-// freeing (refilling) big buffers. Thread-safe. The destructor runs what is
-// queued, then joins.
+// WorkQueue: threads for work that must not run on gRPC's callback threads or
+// the fd.sock loop. The daemon has two: "work" (2 threads: prefaulting
+// contiguous/carveout buffers, heap statistics) and "reaper" (1 thread, so
+// FIFO: freeing big buffers and refilling carveouts). A one-thread queue runs
+// its work in the order it was posted. Thread-safe. The destructor runs what
+// is queued, then joins.
 #ifndef BUFFERD_DAEMON_WORK_QUEUE_H_
 #define BUFFERD_DAEMON_WORK_QUEUE_H_
 
@@ -12,7 +14,6 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
-#include "daemon/state.h"
 
 namespace bufferd {
 
@@ -60,19 +61,6 @@ class WorkQueue {
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::thread> threads_;
 };
-
-// Releases a handle now; if that frees memory whose freeing is not cheap, the
-// freeing runs on `work` instead of the calling thread.
-inline absl::StatusOr<bool> ReleaseHandle(DaemonState& state, WorkQueue& work, uint64_t session,
-                                          uint64_t handle) {
-  std::vector<std::unique_ptr<HeapBuffer>> expensive;
-  absl::StatusOr<bool> destroyed = state.Release(session, handle, &expensive);
-  for (auto& memory : expensive) {
-    work.Post(
-        [memory = std::shared_ptr<HeapBuffer>(std::move(memory))]() mutable { memory.reset(); });
-  }
-  return destroyed;
-}
 
 }  // namespace bufferd
 

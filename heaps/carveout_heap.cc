@@ -84,7 +84,9 @@ CarveoutHeap::CarveoutHeap(Options options, uint64_t page_size, Backing backing,
       balloon_map_(std::move(balloon_map)),
       locked_(locked),
       note_(std::move(note)) {
+  absl::MutexLock lock(&mu_);
   free_[0] = options_.capacity;
+  free_bytes_ = options_.capacity;
 }
 
 CarveoutHeap::~CarveoutHeap() = default;
@@ -92,6 +94,19 @@ CarveoutHeap::~CarveoutHeap() = default;
 CarveoutHeap::Extents CarveoutHeap::TakeExtents(uint64_t size) {
   absl::MutexLock lock(&mu_);
   Extents taken;
+  struct Need {
+    CarveoutHeap* heap;
+    uint64_t size;
+  } need{this, size};
+  if (!mu_.AwaitWithTimeout(absl::Condition(
+                                +[](Need* n) ABSL_EXCLUSIVE_LOCKS_REQUIRED(n->heap->mu_) {
+                                  return n->heap->free_bytes_ >= n->size;
+                                },
+                                &need),
+                            kRefillWait)) {
+    return taken;
+  }
+  free_bytes_ -= size;
   while (size > 0 && !free_.empty()) {
     auto it = free_.begin();
     const uint64_t offset = it->first;
@@ -108,6 +123,7 @@ CarveoutHeap::Extents CarveoutHeap::TakeExtents(uint64_t size) {
 void CarveoutHeap::ReturnExtents(const Extents& extents) {
   absl::MutexLock lock(&mu_);
   for (auto [offset, length] : extents) {
+    free_bytes_ += length;
     auto next = free_.lower_bound(offset);
     if (next != free_.end() && offset + length == next->first) {
       length += next->second;
@@ -149,8 +165,13 @@ absl::StatusOr<AccountedHeap::Backed> CarveoutHeap::AllocateBacking(uint64_t siz
                                                                     uint64_t /*requested*/,
                                                                     const std::string& memfd_name) {
   // AccountedHeap guarantees used + size <= capacity, so the free extents
-  // always cover `size`.
+  // cover `size` once the refills of retired buffers are done.
   Extents extents = TakeExtents(size);
+  if (extents.empty()) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "heap '", name(), "': ", FormatBytes(size), " of its reservation were not refilled within ",
+        absl::FormatDuration(kRefillWait), " of being freed"));
+  }
   auto give_back = [this, &extents] {
     Refill(extents);
     ReturnExtents(extents);

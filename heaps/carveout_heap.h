@@ -8,6 +8,12 @@
 // buffer has its own fd (a client can map only its own buffer). Freeing a
 // buffer re-fills the hole. Bytes in use never exceed the capacity.
 //
+// A retired buffer's bytes are free in the accounting at once (HeapBuffer::
+// Retire) but its part of the reservation comes back only when the refill is
+// done; an allocation that needs those bytes waits for the refill (at most
+// kRefillWait, then RESOURCE_EXHAUSTED), so it must not run on the thread that
+// would do the refill.
+//
 // Honest limit: the daemon's reservation is re-filled when the daemon drops a
 // buffer, even if a client still holds the old buffer's fd or mapping, so the
 // system can briefly hold more than `capacity` for this heap.
@@ -24,6 +30,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "base/mapping.h"
 #include "heaps/heap.h"
 
@@ -46,6 +53,9 @@ class CarveoutHeap final : public AccountedHeap {
 
   HeapKind kind() const override { return HeapKind::kCarveout; }
 
+  // How long an allocation waits for retired buffers' refills.
+  static constexpr absl::Duration kRefillWait = absl::Seconds(10);
+
  private:
   using Extents = std::vector<std::pair<uint64_t, uint64_t>>;  // (offset, length)
 
@@ -56,6 +66,8 @@ class CarveoutHeap final : public AccountedHeap {
                                          const std::string& memfd_name) override;
   void FillStats(HeapStats& stats) const override;
 
+  // Takes `size` bytes of free extents, waiting up to kRefillWait for
+  // refills in flight; empty if they never came.
   Extents TakeExtents(uint64_t size) ABSL_LOCKS_EXCLUDED(mu_);
   void ReturnExtents(const Extents& extents) ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status PunchHoles(const Extents& extents);
@@ -72,6 +84,8 @@ class CarveoutHeap final : public AccountedHeap {
   mutable absl::Mutex mu_;
   // Free parts of the balloon: offset -> length, coalesced.
   std::map<uint64_t, uint64_t> free_ ABSL_GUARDED_BY(mu_);
+  // Sum of free_.
+  uint64_t free_bytes_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace bufferd

@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <fstream>
 #include <limits>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "base/errno_status.h"
@@ -60,7 +61,12 @@ HugepagePoolState ReadHugepagePool(uint64_t page_size) {
   return state;
 }
 
+void HeapBuffer::Retire() {
+  if (on_retire_) std::exchange(on_retire_, nullptr)();
+}
+
 HeapBuffer::~HeapBuffer() {
+  Retire();
   fd_.Reset();
   if (on_free_) on_free_();
 }
@@ -109,16 +115,15 @@ absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t siz
   constexpr uint64_t kCheapFreeBytes = 1 << 20;
   const bool cheap_to_free = rounded <= kCheapFreeBytes && !backed->on_free;
   ++accounting_->by_backing[std::string(BackingName(backing))];
-  std::function<void()> on_free = [accounting = accounting_, rounded, backing,
-                                   extra = std::move(backed->on_free)] {
-    if (extra) extra();
+  std::function<void()> on_retire = [accounting = accounting_, rounded, backing] {
     absl::MutexLock lock(&accounting->mu);
     accounting->used -= rounded;
     --accounting->buffer_count;
     auto it = accounting->by_backing.find(std::string(BackingName(backing)));
     if (--it->second == 0) accounting->by_backing.erase(it);
   };
-  return std::make_unique<HeapBuffer>(std::move(backed->fd), rounded, backing, std::move(on_free),
+  return std::make_unique<HeapBuffer>(std::move(backed->fd), rounded, backing,
+                                      std::move(on_retire), std::move(backed->on_free),
                                       cheap_to_free);
 }
 

@@ -73,22 +73,36 @@ struct HeapStats {
   std::string note;
 };
 
-// One allocation. Owns the daemon's fd for the buffer; destroying it closes
-// that fd and returns the bytes to the heap (for a carveout, to the
-// reservation). Pages live on while any other process holds an fd or mapping.
+// One allocation. Owns the daemon's fd for the buffer. Freeing has two steps:
+// Retire() gives the bytes back to the heap's accounting at once (cheap: the
+// daemon calls it under its lock the moment the last handle goes, so the very
+// next Allocate sees the capacity); destroying the HeapBuffer closes the fd and
+// does the page work (for a carveout, refilling its reservation; an Allocate
+// that needs those bytes waits for the refill). The destructor retires first
+// if nobody did. Pages live on while any other process holds an fd or mapping.
+//
+// Thread-compatible: Retire() and the destructor may run on different
+// threads if the handoff between them is synchronized (a queue, a mutex).
 class HeapBuffer {
  public:
-  // `cheap_to_free`: destroying it touches few pages (no refill, small).
-  HeapBuffer(UniqueFd fd, uint64_t size, Backing backing, std::function<void()> on_free,
-             bool cheap_to_free = true)
+  // `on_retire` returns the bytes to the heap's accounting; `on_free` runs
+  // after the fd is closed (page work). `cheap_to_free`: destroying it
+  // touches few pages (no refill, small).
+  HeapBuffer(UniqueFd fd, uint64_t size, Backing backing, std::function<void()> on_retire,
+             std::function<void()> on_free, bool cheap_to_free = true)
       : fd_(std::move(fd)),
         size_(size),
         backing_(backing),
         cheap_to_free_(cheap_to_free),
+        on_retire_(std::move(on_retire)),
         on_free_(std::move(on_free)) {}
   ~HeapBuffer();
   HeapBuffer(const HeapBuffer&) = delete;
   HeapBuffer& operator=(const HeapBuffer&) = delete;
+
+  // Returns the bytes to the heap's accounting now; the fd stays open until
+  // destruction. Idempotent.
+  void Retire();
 
   // Borrowed: O_RDWR, sealed, close-on-exec.
   int fd() const { return fd_.get(); }
@@ -103,6 +117,7 @@ class HeapBuffer {
   uint64_t size_;
   Backing backing_;
   bool cheap_to_free_;
+  std::function<void()> on_retire_;
   std::function<void()> on_free_;
 };
 
@@ -140,7 +155,8 @@ class AccountedHeap : public Heap {
   struct Backed {
     UniqueFd fd;
     Backing backing;
-    // Runs when the buffer is freed, before its bytes return to capacity.
+    // Runs when the buffer is destroyed, after its fd is closed (its bytes
+    // may already be back in the accounting: see HeapBuffer::Retire).
     std::function<void()> on_free;
     // The memfd's real size when a fallback backing needed less than the
     // reserved size (a base-page fallback of a 1 GiB-page heap rounds to

@@ -309,6 +309,43 @@ TEST(CarveoutHeapTest, EachBufferHasItsOwnFile) {
   EXPECT_TRUE(AllZero(*mb));
 }
 
+// Tests the two steps of freeing: Retire() returns a buffer's bytes to the
+// accounting at once, and an allocation that needs them waits until the
+// buffer is destroyed and its part of the reservation refilled.
+TEST(CarveoutHeapTest, RetiredBytesAreUsableOnceRefilled) {
+  CarveoutHeap::Options options;
+  options.capacity = 8 * kMiB;
+  options.hugepage_size = 0;
+  auto heap = CarveoutHeap::Create(options);
+  ASSERT_TRUE(heap.ok());
+  auto first = (*heap)->Allocate(6 * kMiB, "first");
+  ASSERT_TRUE(first.ok());
+  (*first)->Retire();
+  (*first)->Retire();  // idempotent
+  EXPECT_EQ((*heap)->Stats().used, 0u);
+  EXPECT_EQ((*heap)->Stats().buffer_count, 0u);
+
+  std::atomic<bool> first_destroyed{false};
+  std::atomic<bool> second_allocated{false};
+  absl::StatusOr<std::unique_ptr<HeapBuffer>> second;
+  std::thread allocator([&] {
+    second = (*heap)->Allocate(6 * kMiB, "second");
+    EXPECT_TRUE(first_destroyed) << "allocated before the reservation was refilled";
+    second_allocated = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(second_allocated);
+  first_destroyed = true;
+  first->reset();
+  allocator.join();
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ((*heap)->Stats().used, 6 * kMiB);
+  second->reset();
+  HeapStats stats = (*heap)->Stats();
+  EXPECT_EQ(stats.used, 0u);
+  EXPECT_EQ(stats.reserved_resident, 8 * kMiB);
+}
+
 // Tests that a carveout without capacity is a configuration error.
 TEST(CarveoutHeapTest, ZeroCapacityIsRefused) {
   CarveoutHeap::Options options;

@@ -91,13 +91,26 @@ TEST_F(ConfiguredDaemonTest, NamedCarveoutsAreSeparate) {
   ExpectBaseline();
 }
 
-// Tests that a dropped buffer's bytes are free for the very next allocation:
-// the next RPC carries the release and the daemon applies it before the call.
-// (A one-way record could still be in flight and the quota would refuse.)
+// Tests that a dropped buffer's bytes are free for the very next allocation,
+// on a capacity-bound system heap and on a carveout (whose reservation must be
+// refilled first), whether the next RPC carries the release or the client's
+// flusher already sent it one-way (the pauses of 5 ms > kReleaseDelay). Each
+// buffer is more than half of what the session quota and the heap allow, so
+// any release the daemon had not applied would fail the next Allocate.
 TEST_F(ConfiguredDaemonTest, DroppedBytesAreFreeForTheNextCall) {
-  for (int i = 0; i < 100; ++i) {
-    auto buffer = client_->Allocate({.heap = "system", .size = 2 * kMiB, .name = "churn"});
-    ASSERT_TRUE(buffer.ok()) << "round " << i << ": " << buffer.status();
+  const struct {
+    const char* heap;
+    uint64_t size;
+  } cases[] = {{"system", 2 * kMiB}, {"display", 3 * kMiB}};
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.heap);
+    for (int i = 0; i < 60; ++i) {
+      {
+        auto buffer = client_->Allocate({.heap = c.heap, .size = c.size, .name = "churn"});
+        ASSERT_TRUE(buffer.ok()) << "round " << i << ": " << buffer.status();
+      }  // dropped
+      if (i % 3 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
   }
   ExpectBaseline();
 }
