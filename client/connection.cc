@@ -166,8 +166,7 @@ void Connection::FlushLoop() {
     constexpr size_t kMaxFlushedKept = 256;
     flushed_releases_.insert(flushed_releases_.end(), handles.begin(), handles.end());
     if (flushed_releases_.size() > kMaxFlushedKept) {
-      flushed_releases_.erase(flushed_releases_.begin(),
-                              flushed_releases_.end() - kMaxFlushedKept);
+      flushed_releases_.erase(flushed_releases_.begin(), flushed_releases_.end() - kMaxFlushedKept);
     }
     release_mu_.Unlock();
     for (uint64_t handle : handles) {

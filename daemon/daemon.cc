@@ -24,7 +24,26 @@
 namespace bufferd {
 namespace {
 
-absl::Status PrepareSocketDir(const std::string& dir, const std::string& group) {
+// The gid of the config's `group`; -1 (no change) when it is empty.
+absl::StatusOr<gid_t> SocketGroup(const std::string& group) {
+  if (group.empty()) return static_cast<gid_t>(-1);
+  struct group* entry = ::getgrnam(group.c_str());
+  if (entry == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("config group '", group, "' does not exist"));
+  }
+  return entry->gr_gid;
+}
+
+// Gives `path` to `gid` (unless -1) and sets its mode.
+absl::Status SetAccess(const std::string& path, gid_t gid, mode_t mode) {
+  if (gid != static_cast<gid_t>(-1) && ::chown(path.c_str(), static_cast<uid_t>(-1), gid) != 0) {
+    return ErrnoError(absl::StrCat("chown ", path, " to gid ", gid), errno);
+  }
+  if (::chmod(path.c_str(), mode) != 0) return ErrnoError(absl::StrCat("chmod ", path), errno);
+  return absl::OkStatus();
+}
+
+absl::Status PrepareSocketDir(const std::string& dir, gid_t gid) {
   std::error_code error;
   std::filesystem::path path(dir);
   if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path(), error);
@@ -40,19 +59,7 @@ absl::Status PrepareSocketDir(const std::string& dir, const std::string& group) 
     return absl::PermissionDeniedError(
         absl::StrCat("socket dir ", dir, " is owned by uid ", st.st_uid, ", not us"));
   }
-  mode_t mode = 0700;
-  if (!group.empty()) {
-    struct group* entry = ::getgrnam(group.c_str());
-    if (entry == nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat("config group '", group, "' does not exist"));
-    }
-    if (::chown(dir.c_str(), static_cast<uid_t>(-1), entry->gr_gid) != 0) {
-      return ErrnoError(absl::StrCat("chown ", dir, " to group ", group), errno);
-    }
-    mode = 0770;
-  }
-  if (::chmod(dir.c_str(), mode) != 0) return ErrnoError(absl::StrCat("chmod ", dir), errno);
-  return absl::OkStatus();
+  return SetAccess(dir, gid, gid == static_cast<gid_t>(-1) ? 0700 : 0770);
 }
 
 absl::StatusOr<UniqueFd> LockSocketDir(const std::string& dir) {
@@ -107,7 +114,9 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const v1::Config& config,
 }
 
 absl::Status Daemon::Init(const v1::Config& config) {
-  RETURN_IF_ERROR(PrepareSocketDir(socket_dir_, config.group()));
+  ASSIGN_OR_RETURN(const gid_t group, SocketGroup(config.group()));
+  const mode_t socket_mode = config.group().empty() ? 0600 : 0660;
+  RETURN_IF_ERROR(PrepareSocketDir(socket_dir_, group));
   ASSIGN_OR_RETURN(lock_file_, LockSocketDir(socket_dir_));
   const std::string control_path = ControlSocketPath(socket_dir_);
   const std::string fd_path = FdSocketPath(socket_dir_);
@@ -127,9 +136,8 @@ absl::Status Daemon::Init(const v1::Config& config) {
   }
   reaper_ = std::make_unique<WorkQueue>(1);
   options.free_later = [reaper = reaper_.get()](std::unique_ptr<HeapBuffer> memory) {
-    reaper->Post([memory = std::shared_ptr<HeapBuffer>(std::move(memory))]() mutable {
-      memory.reset();
-    });
+    reaper->Post(
+        [memory = std::shared_ptr<HeapBuffer>(std::move(memory))]() mutable { memory.reset(); });
   };
   state_ = std::make_unique<DaemonState>(heaps_.get(), options);
   for (const v1::HeapConfig& heap : config.heaps()) {
@@ -155,11 +163,10 @@ absl::Status Daemon::Init(const v1::Config& config) {
   work_ = std::make_unique<WorkQueue>(2);
   channel_ = std::make_unique<FdChannel>(state_.get(), channel_options);
   ASSIGN_OR_RETURN(UnixSocket listener, UnixSocket::ListenSeqPacket(fd_path));
-  const mode_t socket_mode = config.group().empty() ? 0600 : 0660;
-  ::chmod(fd_path.c_str(), socket_mode);
+  RETURN_IF_ERROR(SetAccess(fd_path, group, socket_mode));
 
-  allocator_ = std::make_unique<AllocatorService>(state_.get(), channel_.get(), work_.get(),
-                                                  reaper_.get());
+  allocator_ =
+      std::make_unique<AllocatorService>(state_.get(), channel_.get(), work_.get(), reaper_.get());
   debug_ = std::make_unique<DebugService>(state_.get(), channel_.get(), work_.get(),
                                           config.debug_access() == v1::DEBUG_ACCESS_ANYONE);
   fence_ = std::make_unique<FenceService>();
@@ -174,7 +181,7 @@ absl::Status Daemon::Init(const v1::Config& config) {
   if (server_ == nullptr) {
     return absl::UnavailableError(absl::StrCat("cannot serve gRPC on ", control_path));
   }
-  ::chmod(control_path.c_str(), socket_mode);
+  RETURN_IF_ERROR(SetAccess(control_path, group, socket_mode));
   // fd.sock goes live last: a client that can connect to it can also call.
   RETURN_IF_ERROR(channel_->Start(std::move(listener)));
   spdlog::info("bufferd serving in {} (pid {}, fd budget {})", socket_dir_, ::getpid(),

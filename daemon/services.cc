@@ -39,8 +39,7 @@ absl::Status ApplyCarriedReleases(DaemonState& state, uint64_t session,
 }
 
 // The call's session, after applying the releases it carries.
-absl::StatusOr<uint64_t> SessionOf(DaemonState& state,
-                                   const grpc::CallbackServerContext* context) {
+absl::StatusOr<uint64_t> SessionOf(DaemonState& state, const grpc::CallbackServerContext* context) {
   const auto& metadata = context->client_metadata();
   auto it = metadata.find(kSessionMetadataKey);
   if (it == metadata.end()) return state.Authenticate("");
@@ -58,8 +57,8 @@ grpc::ServerUnaryReactor* Finish(grpc::CallbackServerContext* context, const abs
 
 // Runs `body(session)` inline for an authenticated call and finishes it.
 template <typename Body>
-grpc::ServerUnaryReactor* Authenticated(DaemonState& state,
-                                        grpc::CallbackServerContext* context, Body body) {
+grpc::ServerUnaryReactor* Authenticated(DaemonState& state, grpc::CallbackServerContext* context,
+                                        Body body) {
   absl::StatusOr<uint64_t> session = SessionOf(state, context);
   if (!session.ok()) return Finish(context, session.status());
   return Finish(context, body(*session));

@@ -122,9 +122,8 @@ absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t siz
     auto it = accounting->by_backing.find(std::string(BackingName(backing)));
     if (--it->second == 0) accounting->by_backing.erase(it);
   };
-  return std::make_unique<HeapBuffer>(std::move(backed->fd), rounded, backing,
-                                      std::move(on_retire), std::move(backed->on_free),
-                                      cheap_to_free);
+  return std::make_unique<HeapBuffer>(std::move(backed->fd), rounded, backing, std::move(on_retire),
+                                      std::move(backed->on_free), cheap_to_free);
 }
 
 HeapStats AccountedHeap::Stats() const {

@@ -1,15 +1,19 @@
 // Integration tests for configured daemons: named carveouts, quotas, bad
 // config files, and a client that stops reading fd.sock.
+#include <grp.h>
 #include <gtest/gtest.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
@@ -191,25 +195,67 @@ TEST_F(StalledReaderTest, StalledReaderIsEnded) {
   ExpectBaseline();
 }
 
+// Forks a child that becomes uid/gid `nobody` with supplementary `groups`
+// and connects to `path`; returns the connect errno (0 = connected).
+int ConnectAsNobody(const std::string& path, std::vector<gid_t> groups) {
+  int pipe_fds[2];
+  if (::pipe(pipe_fds) != 0) return -1;
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::close(pipe_fds[0]);
+    int result = 0;
+    if (::setgroups(groups.size(), groups.data()) != 0 || ::setgid(65534) != 0 ||
+        ::setuid(65534) != 0) {
+      result = -2;
+    } else {
+      int fd = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+      sockaddr_un address{};
+      address.sun_family = AF_UNIX;
+      std::strncpy(address.sun_path, path.c_str(), sizeof(address.sun_path) - 1);
+      result =
+          ::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0 ? 0 : errno;
+    }
+    (void)!::write(pipe_fds[1], &result, sizeof(result));
+    ::_exit(0);
+  }
+  ::close(pipe_fds[1]);
+  int result = -1;
+  (void)!::read(pipe_fds[0], &result, sizeof(result));
+  ::close(pipe_fds[0]);
+  ::waitpid(pid, nullptr, 0);
+  return result;
+}
+
 // Tests the socket-dir group and anonymous Debug access: with `group` the dir
-// is 0770 and the sockets 0660 for that group; DEBUG_ACCESS_ANYONE lets Debug
-// calls through without a session while Allocator calls still need one.
+// is 0770 and the sockets 0660, all three owned by that group, so a process of
+// another uid in that group can connect and one outside it cannot;
+// DEBUG_ACCESS_ANYONE lets Debug calls through without a session while
+// Allocator calls still need one.
 TEST(ConfigAccessTest, GroupModesAndAnonymousDebug) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to chown to another group and drop to nobody";
+  struct group* entry = ::getgrnam("daemon");
+  if (entry == nullptr) GTEST_SKIP() << "no group 'daemon' on this machine";
+  const gid_t gid = entry->gr_gid;
+  ASSERT_NE(gid, ::getegid()) << "the test needs a group other than the daemon's own";
   auto daemon = TestDaemon::Start(R"pb(
     heaps { name: "system" type: HEAP_TYPE_SYSTEM }
-    group: "root"
+    group: "daemon"
     debug_access: DEBUG_ACCESS_ANYONE
   )pb");
   ASSERT_TRUE(daemon.ok()) << daemon.status();
   const std::string dir = (*daemon)->socket_dir();
-  struct stat st {};
-  ASSERT_EQ(::stat(dir.c_str(), &st), 0);
-  EXPECT_EQ(st.st_mode & 0777, 0770u);
-  EXPECT_EQ(st.st_gid, 0u);
-  ASSERT_EQ(::stat(FdSocketPath(dir).c_str(), &st), 0);
-  EXPECT_EQ(st.st_mode & 0777, 0660u);
-  ASSERT_EQ(::stat(ControlSocketPath(dir).c_str(), &st), 0);
-  EXPECT_EQ(st.st_mode & 0777, 0660u);
+  for (const std::string& path : {dir, FdSocketPath(dir), ControlSocketPath(dir)}) {
+    SCOPED_TRACE(path);
+    struct stat st {};
+    ASSERT_EQ(::stat(path.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0777, path == dir ? 0770u : 0660u);
+    EXPECT_EQ(st.st_gid, gid);
+  }
+  // The test's temp root is 0700: let `nobody` through to the socket dir.
+  const std::string root = std::filesystem::path(dir).parent_path();
+  ASSERT_EQ(::chmod(root.c_str(), 0711), 0);
+  EXPECT_EQ(ConnectAsNobody(FdSocketPath(dir), {gid}), 0);
+  EXPECT_EQ(ConnectAsNobody(FdSocketPath(dir), {}), EACCES);
 
   auto channel = grpc::CreateChannel(absl::StrCat("unix:", ControlSocketPath(dir)),
                                      grpc::InsecureChannelCredentials());
