@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 
 #include "absl/strings/str_cat.h"
@@ -56,20 +57,30 @@ absl::StatusOr<std::unique_ptr<CarveoutHeap>> CarveoutHeap::Create(Options optio
   }
   ASSIGN_OR_RETURN(Mapping map, Mapping::Create(balloon.get(), options.capacity,
                                                 Mapping::Protection::kReadWrite));
-  bool locked = ::mlock(map.data(), map.size()) == 0;
-  if (!locked) {
-    const int err = errno;
-    if (options.require_mlock) {
-      return ErrnoError(absl::StrCat("mlock of carveout heap '", options.name, "' (",
-                                     FormatBytes(options.capacity), ", require_mlock set)"),
-                        err);
-    }
-    absl::StrAppend(&note, note.empty() ? "" : "; ", "not locked: mlock failed (",
-                    ErrnoError("mlock", err).message(), "); raise RLIMIT_MEMLOCK");
-  }
+  const bool mlock_ok = ::mlock(map.data(), map.size()) == 0;
+  const int mlock_errno = errno;
   // Fault every page into the mapping, locked or not (mlock normally does this
   // already, but sanitizers stub mlock out): Stats measures residency there.
   ::madvise(map.data(), map.size(), MADV_POPULATE_WRITE);
+  // Locked is what smaps says, not what mlock returned (ASan's mlock is a
+  // no-op that returns 0).
+  const int64_t locked_kb = SmapsKb(map.data(), {"Locked"});
+  const bool locked = mlock_ok && locked_kb * 1024 >= static_cast<int64_t>(map.size());
+  if (!locked) {
+    const std::string why =
+        mlock_ok
+            ? absl::StrCat(
+                  "mlock returned success but the kernel shows ",
+                  FormatBytes(static_cast<uint64_t>(std::max<int64_t>(locked_kb, 0)) * 1024),
+                  " of ", FormatBytes(map.size()), " locked")
+            : absl::StrCat(ErrnoError("mlock", mlock_errno).message(), "; raise RLIMIT_MEMLOCK");
+    if (options.require_mlock) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("carveout heap '", options.name, "' could not lock its ",
+                       FormatBytes(options.capacity), " (require_mlock set): ", why));
+    }
+    absl::StrAppend(&note, note.empty() ? "" : "; ", "not locked: ", why);
+  }
   return std::unique_ptr<CarveoutHeap>(new CarveoutHeap(std::move(options), page_size, backing,
                                                         std::move(balloon), std::move(map), locked,
                                                         std::move(note)));

@@ -5,9 +5,6 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstdio>
-#include <fstream>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -24,30 +21,6 @@ Backing HugetlbBacking(uint64_t hugepage_size) {
   return hugepage_size == kHugePage1G ? Backing::kHugetlb1G : Backing::kHugetlb2M;
 }
 
-// kB of huge PMD mappings of shmem in the VMA starting at `address`, from
-// /proc/self/smaps; -1 if the VMA is not found.
-int64_t ShmemPmdMappedKb(const void* address) {
-  char prefix[32];
-  std::snprintf(prefix, sizeof(prefix), "%lx-", reinterpret_cast<unsigned long>(address));
-  std::ifstream smaps("/proc/self/smaps");
-  std::string line;
-  bool in_vma = false;
-  while (std::getline(smaps, line)) {
-    if (!in_vma) {
-      in_vma = line.rfind(prefix, 0) == 0;
-      continue;
-    }
-    if (line.rfind("ShmemPmdMapped:", 0) == 0 || line.rfind("FilePmdMapped:", 0) == 0) {
-      std::istringstream fields(line.substr(line.find(':') + 1));
-      int64_t kb = 0;
-      fields >> kb;
-      if (kb > 0) return kb;
-    }
-    if (line.rfind("VmFlags:", 0) == 0) return 0;  // last field of the VMA
-  }
-  return -1;
-}
-
 }  // namespace
 
 absl::StatusOr<std::pair<UniqueFd, Backing>> AllocateThpMemfd(const std::string& name,
@@ -62,7 +35,10 @@ absl::StatusOr<std::pair<UniqueFd, Backing>> AllocateThpMemfd(const std::string&
     status = ErrnoError("madvise(MADV_HUGEPAGE)", errno);
   } else if (::madvise(address, size, MADV_POPULATE_WRITE) != 0) {
     status = ErrnoError("madvise(MADV_POPULATE_WRITE)", errno);
-  } else if (ShmemPmdMappedKb(address) > 0) {
+  } else if (SmapsKb(address, {"ShmemPmdMapped", "FilePmdMapped"}) * 1024 >=
+             static_cast<int64_t>(size)) {
+    // Every byte huge-mapped; a buffer only partly on huge pages is reported
+    // as base pages, never as more than it is.
     backing = Backing::kThp;
   }
   ::munmap(address, size);

@@ -11,7 +11,11 @@
 #include <limits>
 #include <utility>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "base/errno_status.h"
 
 namespace bufferd {
@@ -63,6 +67,32 @@ HugepagePoolState ReadHugepagePool(uint64_t page_size) {
 
 void HeapBuffer::Retire() {
   if (on_retire_) std::exchange(on_retire_, nullptr)();
+}
+
+int64_t SmapsKb(const void* vma_start, std::initializer_list<absl::string_view> fields) {
+  const std::string prefix = absl::StrCat(absl::Hex(reinterpret_cast<uintptr_t>(vma_start)), "-");
+  std::ifstream smaps("/proc/self/smaps");
+  std::string line;
+  bool in_vma = false;
+  int64_t total = 0;
+  while (std::getline(smaps, line)) {
+    if (!in_vma) {
+      in_vma = absl::StartsWith(line, prefix);
+      continue;
+    }
+    if (absl::StartsWith(line, "VmFlags:")) return total;  // the mapping's last line
+    const size_t colon = line.find(':');
+    if (colon == std::string::npos) continue;
+    for (absl::string_view field : fields) {
+      if (absl::string_view(line).substr(0, colon) != field) continue;
+      int64_t kb = 0;
+      if (absl::SimpleAtoi(
+              absl::StripSuffix(absl::StripAsciiWhitespace(line.substr(colon + 1)), " kB"), &kb)) {
+        total += kb;
+      }
+    }
+  }
+  return in_vma ? total : -1;
 }
 
 HeapBuffer::~HeapBuffer() {

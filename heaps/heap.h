@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <string>
@@ -49,6 +50,12 @@ struct HugepagePoolState {
 
 // Reads /sys/kernel/mm/hugepages/hugepages-<N>kB; all zero if absent.
 HugepagePoolState ReadHugepagePool(uint64_t page_size);
+
+// Sum of the named kB fields (e.g. "Locked", "ShmemPmdMapped") of this
+// process's mapping that starts at `vma_start`, from /proc/self/smaps; -1 if
+// there is no such mapping. What the kernel says, for verifying what a
+// syscall's return value only claims.
+int64_t SmapsKb(const void* vma_start, std::initializer_list<absl::string_view> fields);
 
 struct HeapStats {
   uint64_t page_size = 0;
