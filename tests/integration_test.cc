@@ -10,7 +10,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
@@ -524,6 +526,87 @@ TEST_F(IntegrationTest, BadExportAndGetBuffer) {
     EXPECT_EQ(info.handle_count(), 1u);
     EXPECT_EQ(info.access(), v1::ACCESS_READ_WRITE);
   }  // the raw session (and its unread fd) goes away here
+  ExpectBaseline();
+}
+
+// Tests 8 threads allocating, sharing and freeing at random on every heap for
+// 3 s through the daemon: four share one Client (its thread safety), four have
+// a Client each. Every fresh buffer reads zero, every call succeeds, and at
+// the end every heap's used bytes, the handles and the daemon's fds are back
+// at baseline.
+TEST_F(IntegrationTest, EightThreadsChurnEveryHeap) {
+  constexpr int kThreads = 8;
+  const char* const heaps[] = {"system", "contiguous", "carveout"};
+  std::atomic<int> failures{0};
+  std::atomic<uint64_t> operations{0};
+  const absl::Time end = absl::Now() + absl::Seconds(3);
+  auto churn = [&](Client& client, int seed) {
+    std::mt19937 random(seed);
+    std::vector<Buffer> held;
+    auto fail = [&](absl::string_view what, const absl::Status& status) {
+      if (failures.fetch_add(1) < 5) ADD_FAILURE() << what << ": " << status;
+    };
+    while (absl::Now() < end && failures == 0) {
+      const int action = static_cast<int>(random() % 8);
+      if (action < 4 || held.empty()) {
+        const char* heap = heaps[random() % 3];
+        // Carveout: at most 8 threads x 5 buffers x 512 KiB (64 MiB total).
+        const uint64_t size = 1 + random() % (heap == heaps[2] ? 512 * 1024 : 2 * kMiB);
+        absl::StatusOr<Buffer> buffer = client.Allocate({.heap = heap, .size = size});
+        if (!buffer.ok()) {
+          fail(absl::StrCat("Allocate ", heap, " ", size), buffer.status());
+          continue;
+        }
+        absl::StatusOr<Mapping> map = buffer->Map();
+        if (!map.ok()) {
+          fail("Map", map.status());
+          continue;
+        }
+        const size_t probe = static_cast<size_t>(random() % size);
+        if (map->data()[0] != 0 || map->data()[probe] != 0) {
+          fail("zero fill",
+               absl::DataLossError(absl::StrCat("non-zero byte in a fresh ", heap, " buffer")));
+        }
+        std::memset(map->data(), 0xa5, static_cast<size_t>(size));
+        held.push_back(*std::move(buffer));
+      } else if (action < 5) {
+        // Share with ourselves: the import is a second handle on the buffer.
+        absl::StatusOr<std::string> token = held.back().Export(Access::kReadOnly);
+        absl::StatusOr<Buffer> imported =
+            token.ok() ? client.Import(*token) : absl::StatusOr<Buffer>(token.status());
+        if (!imported.ok()) {
+          fail("Export+Import", imported.status());
+        } else {
+          held.push_back(*std::move(imported));
+        }
+      } else {
+        const size_t victim = static_cast<size_t>(random() % held.size());
+        if (action == 5) {
+          absl::Status released = held[victim].Release();
+          if (!released.ok()) fail("Release", released);
+        }
+        held.erase(held.begin() + static_cast<std::ptrdiff_t>(victim));  // or just drop
+      }
+      while (held.size() > 5) held.erase(held.begin());
+      ++operations;
+    }
+  };
+  {
+    std::vector<Client> own;
+    for (int i = 0; i < kThreads / 2; ++i) {
+      auto client = daemon_->Connect();
+      ASSERT_TRUE(client.ok()) << client.status();
+      own.push_back(*std::move(client));
+    }
+    std::vector<std::thread> threads;
+    for (int i = 0; i < kThreads; ++i) {
+      Client& client = i < kThreads / 2 ? *client_ : own[static_cast<size_t>(i - kThreads / 2)];
+      threads.emplace_back(churn, std::ref(client), i + 1);
+    }
+    for (std::thread& thread : threads) thread.join();
+  }
+  EXPECT_EQ(failures, 0);
+  EXPECT_GT(operations, 100u) << "the churn hardly ran";
   ExpectBaseline();
 }
 
