@@ -8,7 +8,8 @@
 //   (b) a raw gRPC unary call with an empty message on a unix socket (the
 //       daemon's own Health/Check, through a generic stub)
 //   (c) a raw SCM_RIGHTS fd pass + 1-byte ack between two processes
-// Every figure is reported for two placements (FLOORS.md): "same" (daemon,
+// Every figure is reported for two placements (cross-CPU wakes dominate IPC
+// on a 2-vCPU guest): "same" (daemon,
 // client and echo peer on CPU 0) and "split" (client on CPU 0, daemon and echo
 // peer on CPU 1). Targets: p50 at 4 KiB <= 1.3 x (a+b+c), at 8 MiB <= 1.1 x.
 //

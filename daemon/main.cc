@@ -28,7 +28,8 @@ int main(int argc, char** argv) {
   app.add_option("--socket-dir", socket_dir,
                  "directory for control.sock and fd.sock (default: $XDG_RUNTIME_DIR/bufferd, "
                  "or /run/bufferd as root)");
-  app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical, off");
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical, off")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "critical", "off"}));
   app.add_flag("--print-default-config", print_default, "print the embedded default config");
   CLI11_PARSE(app, argc, argv);
 

@@ -29,6 +29,9 @@ using google::protobuf::util::TimeUtil;
 constexpr size_t kMaxNameBytes = 200;
 constexpr absl::Duration kMaxTokenTtl = absl::Hours(1);
 constexpr absl::Duration kTombstoneGrace = absl::Minutes(10);
+// Share tokens a session may have out that nobody redeemed yet (an expired
+// one counts until it is forgotten, kTombstoneGrace after it expired).
+constexpr uint32_t kMaxUnredeemedTokens = 4096;
 
 google::protobuf::Timestamp ToProto(absl::Time t) {
   return TimeUtil::NanosecondsToTimestamp(absl::ToUnixNanos(t));
@@ -263,7 +266,7 @@ bool DaemonState::RemoveHandleLocked(uint64_t handle_id,
   }
   if (--buffer.handle_count > 0) return false;
   for (auto t = tokens_.begin(); t != tokens_.end();) {
-    t = t->second.buffer == handle.buffer ? tokens_.erase(t) : std::next(t);
+    t = t->second.buffer == handle.buffer ? EraseTokenLocked(t) : std::next(t);
   }
   buffer.memory->Retire();  // the next Allocate sees the bytes free
   graveyard.push_back(std::move(buffer.memory));
@@ -412,6 +415,13 @@ absl::StatusOr<v1::ExportResponse> DaemonState::Export(uint64_t session_id,
     return absl::PermissionDeniedError(absl::StrCat(
         "handle ", request.handle(), " is read-only; it cannot be exported read-write"));
   }
+  uint32_t& unredeemed = unredeemed_tokens_[session_id];
+  if (unredeemed >= kMaxUnredeemedTokens) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "session ", session_id, " has ", unredeemed, " share tokens out that nobody imported (max ",
+        kMaxUnredeemedTokens, "); they are forgotten 10 minutes after they expire"));
+  }
+  ++unredeemed;
   Token& entry = tokens_[token];
   entry.buffer = handle->buffer;
   entry.access = access;
@@ -463,13 +473,28 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Import(uint64_t session_id,
     return grant.status();
   }
   entry.used_by = session_id;
+  ForgetUnredeemedLocked(entry.exporter);
   return grant;
 }
 
 void DaemonState::UnuseToken(absl::string_view token) {
   absl::MutexLock lock(&mu_);
   auto it = tokens_.find(std::string(token));
-  if (it != tokens_.end()) it->second.used_by = 0;
+  if (it != tokens_.end() && it->second.used_by != 0) {
+    it->second.used_by = 0;
+    ++unredeemed_tokens_[it->second.exporter];
+  }
+}
+
+void DaemonState::ForgetUnredeemedLocked(uint64_t exporter) {
+  auto it = unredeemed_tokens_.find(exporter);
+  if (it != unredeemed_tokens_.end() && --it->second == 0) unredeemed_tokens_.erase(it);
+}
+
+std::map<std::string, DaemonState::Token>::iterator DaemonState::EraseTokenLocked(
+    std::map<std::string, Token>::iterator token) {
+  if (token->second.used_by == 0) ForgetUnredeemedLocked(token->second.exporter);
+  return tokens_.erase(token);
 }
 
 absl::StatusOr<v1::GetBufferResponse> DaemonState::GetBuffer(uint64_t session_id,
@@ -488,7 +513,7 @@ absl::StatusOr<v1::GetBufferResponse> DaemonState::GetBuffer(uint64_t session_id
 void DaemonState::Housekeeping(absl::Time now) {
   absl::MutexLock lock(&mu_);
   for (auto t = tokens_.begin(); t != tokens_.end();) {
-    t = now > t->second.expires + kTombstoneGrace ? tokens_.erase(t) : std::next(t);
+    t = now > t->second.expires + kTombstoneGrace ? EraseTokenLocked(t) : std::next(t);
   }
 }
 

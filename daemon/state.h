@@ -155,6 +155,11 @@ class DaemonState {
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Session*> FindSessionLocked(uint64_t session_id) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Token bookkeeping: every erase goes through EraseTokenLocked so the
+  // per-exporter count of unredeemed tokens stays exact.
+  std::map<std::string, Token>::iterator EraseTokenLocked(std::map<std::string, Token>::iterator t)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ForgetUnredeemedLocked(uint64_t exporter) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   uint64_t SessionQuota(const std::string& heap) const;
   uint64_t UidQuota(const std::string& heap) const;
 
@@ -172,6 +177,8 @@ class DaemonState {
   std::map<uint64_t, std::unique_ptr<Buffer>> buffers_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, Handle> handles_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, Token> tokens_ ABSL_GUARDED_BY(mu_);
+  // Exporter session -> its tokens in tokens_ not redeemed (used_by == 0).
+  std::map<uint64_t, uint32_t> unredeemed_tokens_ ABSL_GUARDED_BY(mu_);
   // (uid, heap) -> bytes.
   std::map<std::pair<uid_t, std::string>, uint64_t> uid_bytes_ ABSL_GUARDED_BY(mu_);
   // fds held for live buffers, plus those reserved by in-flight allocations.

@@ -298,6 +298,47 @@ TEST_F(StateTest, UnusedTokenCanBeRedeemedAgain) {
             absl::StatusCode::kFailedPrecondition);
 }
 
+// Tests the cap on unredeemed share tokens per session: the 4097th is refused
+// naming the cap, redeeming one makes room, releasing the buffer forgets its
+// tokens, and another session is unaffected.
+TEST_F(StateTest, UnredeemedTokensAreCapped) {
+  auto state = NewState();
+  auto a = state->OpenSession(Peer(1), "a");
+  auto b = state->OpenSession(Peer(1), "b");
+  auto grant = state->Allocate(a.id, Request("system", 4096));
+  ASSERT_TRUE(grant.ok());
+  v1::ExportRequest request;
+  request.set_handle(grant->handle);
+  std::string first;
+  for (int i = 0; i < 4096; ++i) {
+    auto token = state->Export(a.id, request);
+    ASSERT_TRUE(token.ok()) << i << ": " << token.status();
+    if (i == 0) first = token->token();
+  }
+  auto refused = state->Export(a.id, request);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.status().message().find("4096 share tokens out that nobody imported"),
+            std::string::npos)
+      << refused.status();
+  auto other = state->Allocate(b.id, Request("system", 4096));
+  ASSERT_TRUE(other.ok());
+  v1::ExportRequest other_request;
+  other_request.set_handle(other->handle);
+  EXPECT_TRUE(state->Export(b.id, other_request).ok());
+
+  auto imported = state->Import(b.id, first);
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  EXPECT_TRUE(state->Export(a.id, request).ok()) << "a redeemed token makes room";
+  EXPECT_FALSE(state->Export(a.id, request).ok());
+  // Releasing the buffer forgets its tokens (and their count).
+  ASSERT_TRUE(state->Release(b.id, imported->handle).ok());
+  ASSERT_TRUE(state->Release(a.id, grant->handle).ok());
+  auto again = state->Allocate(a.id, Request("system", 4096));
+  ASSERT_TRUE(again.ok());
+  request.set_handle(again->handle);
+  EXPECT_TRUE(state->Export(a.id, request).ok());
+}
+
 // Tests that the fd budget refuses allocations with RESOURCE_EXHAUSTED.
 TEST_F(StateTest, FdBudget) {
   DaemonState::Options options;

@@ -2,6 +2,7 @@
 #ifndef BUFFERD_HEAPS_HUGEPAGE_TESTING_H_
 #define BUFFERD_HEAPS_HUGEPAGE_TESTING_H_
 
+#include <cstdio>
 #include <fstream>
 #include <string>
 
@@ -31,7 +32,11 @@ class ScopedKernelSetting {
     ok_ = true;
   }
   ~ScopedKernelSetting() {
-    if (ok_) std::ofstream(path_) << old_ << std::flush;
+    if (!ok_) return;
+    std::ofstream out(path_);
+    out << old_ << std::flush;
+    if (!out) std::fprintf(stderr, "WARNING: could not restore %s to '%s'\n", path_.c_str(),
+                           old_.c_str());
   }
   ScopedKernelSetting(const ScopedKernelSetting&) = delete;
   ScopedKernelSetting& operator=(const ScopedKernelSetting&) = delete;
