@@ -1,8 +1,11 @@
 #include "daemon/config.h"
 
 #include <fstream>
+#include <functional>
+#include <set>
 #include <sstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "base/errno_status.h"
@@ -67,6 +70,52 @@ bool ValidHeapName(const std::string& name) {
   return true;
 }
 
+// Where a field of the parsed text is: "line:column: " (1-based), or "" when
+// the text is unknown or the field was not written (then the enclosing heap's
+// position, if that was written).
+using Locator = std::function<std::string(int heap, absl::string_view field)>;
+
+absl::Status Validate(const v1::Config& config, const Locator& locate) {
+  // heap = -1 for top-level fields.
+  auto bad = [&](int heap, absl::string_view field, absl::string_view problem) {
+    std::string where = locate ? locate(heap, field) : "";
+    if (heap >= 0) {
+      absl::StrAppend(&where, "heaps[", heap, "] ('", config.heaps(heap).name(), "'): ");
+    }
+    return absl::InvalidArgumentError(absl::StrCat(where, "field '", field, "' ", problem));
+  };
+  if (config.heaps_size() == 0) return absl::InvalidArgumentError("config defines no heaps");
+  std::set<std::string> names;
+  for (int i = 0; i < config.heaps_size(); ++i) {
+    const v1::HeapConfig& heap = config.heaps(i);
+    if (!ValidHeapName(heap.name())) return bad(i, "name", "must match [a-z0-9_-]{1,32}");
+    if (!names.insert(heap.name()).second) return bad(i, "name", "is used twice");
+    if (heap.type() == v1::HEAP_TYPE_UNSPECIFIED) return bad(i, "type", "is required");
+    if (heap.type() == v1::HEAP_TYPE_CARVEOUT && heap.capacity_bytes() == 0) {
+      return bad(i, "capacity_bytes", "is required for a carveout heap");
+    }
+    if (heap.type() != v1::HEAP_TYPE_CONTIGUOUS && heap.fallback_size() > 0) {
+      return bad(i, "fallback", "applies to contiguous heaps only");
+    }
+    for (int f : heap.fallback()) {
+      if (f == v1::FALLBACK_UNSPECIFIED) {
+        return bad(i, "fallback", "must be FALLBACK_THP or FALLBACK_BASE_PAGES");
+      }
+    }
+  }
+  static const std::set<std::string> kLevels = {"",     "trace", "debug",    "info",
+                                                "warn", "error", "critical", "off"};
+  if (!kLevels.count(config.log_level())) {
+    return bad(-1, "log_level",
+               absl::StrCat("is '", config.log_level(),
+                            "'; must be trace, debug, info, warn, error, critical or off"));
+  }
+  if (config.default_token_ttl_ms() > 3600 * 1000) {
+    return bad(-1, "default_token_ttl_ms", "must be at most 3600000");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::string_view DefaultConfigText() { return kDefaultConfig; }
@@ -81,12 +130,35 @@ absl::StatusOr<v1::Config> ParseConfig(absl::string_view text, absl::string_view
   google::protobuf::TextFormat::Parser parser;
   ErrorCollector errors{std::string(source)};
   parser.RecordErrorsTo(&errors);
+  google::protobuf::TextFormat::ParseInfoTree locations;
+  parser.WriteLocationsTo(&locations);
   if (!parser.ParseFromString(std::string(text), &config)) {
     return absl::InvalidArgumentError(absl::StrCat("bad config: ", errors.Joined()));
   }
-  absl::Status status = ValidateConfig(config);
+  const google::protobuf::Descriptor* root = v1::Config::descriptor();
+  const google::protobuf::FieldDescriptor* heaps_field = root->FindFieldByName("heaps");
+  Locator locate = [&](int heap, absl::string_view field) -> std::string {
+    google::protobuf::TextFormat::ParseLocation at;
+    if (heap < 0) {
+      if (const auto* f = root->FindFieldByName(std::string(field)); f != nullptr) {
+        at = locations.GetLocation(f, -1);
+      }
+    } else {
+      const google::protobuf::FieldDescriptor* f =
+          v1::HeapConfig::descriptor()->FindFieldByName(std::string(field));
+      const auto* nested = locations.GetTreeForNested(heaps_field, heap);
+      if (nested != nullptr && f != nullptr) {
+        at = nested->GetLocation(f, f->is_repeated() ? 0 : -1);
+      }
+      if (at.line < 0) at = locations.GetLocation(heaps_field, heap);  // the heap itself
+    }
+    return at.line < 0 ? "" : absl::StrCat(at.line + 1, ":", at.column + 1, ": ");
+  };
+  absl::Status status = Validate(config, locate);
   if (!status.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(source, ": ", status.message()));
+    // "bufferd.conf:4:3: heaps[1] ...", or "bufferd.conf: ..." without a place.
+    const bool placed = absl::ascii_isdigit(status.message().empty() ? 'x' : status.message()[0]);
+    return absl::InvalidArgumentError(absl::StrCat(source, placed ? ":" : ": ", status.message()));
   }
   return config;
 }
@@ -99,49 +171,7 @@ absl::StatusOr<v1::Config> LoadConfigFile(const std::string& path) {
   return ParseConfig(text.str(), path);
 }
 
-absl::Status ValidateConfig(const v1::Config& config) {
-  if (config.heaps_size() == 0) return absl::InvalidArgumentError("config defines no heaps");
-  std::set<std::string> names;
-  for (int i = 0; i < config.heaps_size(); ++i) {
-    const v1::HeapConfig& heap = config.heaps(i);
-    const std::string where = absl::StrCat("heaps[", i, "] ('", heap.name(), "')");
-    if (!ValidHeapName(heap.name())) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, ": field 'name' must match [a-z0-9_-]{1,32}"));
-    }
-    if (!names.insert(heap.name()).second) {
-      return absl::InvalidArgumentError(absl::StrCat(where, ": field 'name' is used twice"));
-    }
-    if (heap.type() == v1::HEAP_TYPE_UNSPECIFIED) {
-      return absl::InvalidArgumentError(absl::StrCat(where, ": field 'type' is required"));
-    }
-    if (heap.type() == v1::HEAP_TYPE_CARVEOUT && heap.capacity_bytes() == 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, ": field 'capacity_bytes' is required for a carveout heap"));
-    }
-    if (heap.type() != v1::HEAP_TYPE_CONTIGUOUS && heap.fallback_size() > 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, ": field 'fallback' applies to contiguous heaps only"));
-    }
-    for (int f : heap.fallback()) {
-      if (f == v1::FALLBACK_UNSPECIFIED) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(where, ": field 'fallback' must be FALLBACK_THP or FALLBACK_BASE_PAGES"));
-      }
-    }
-  }
-  static const std::set<std::string> kLevels = {"",     "trace", "debug",    "info",
-                                                "warn", "error", "critical", "off"};
-  if (!kLevels.count(config.log_level())) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("field 'log_level' is '", config.log_level(),
-                     "'; must be trace, debug, info, warn, error, critical or off"));
-  }
-  if (config.default_token_ttl_ms() > 3600 * 1000) {
-    return absl::InvalidArgumentError("field 'default_token_ttl_ms' must be at most 3600000");
-  }
-  return absl::OkStatus();
-}
+absl::Status ValidateConfig(const v1::Config& config) { return Validate(config, nullptr); }
 
 absl::StatusOr<std::unique_ptr<HeapRegistry>> BuildHeaps(const v1::Config& config) {
   auto registry = std::make_unique<HeapRegistry>();

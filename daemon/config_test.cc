@@ -19,8 +19,9 @@ TEST(ConfigTest, EmbeddedDefaultIsValid) {
   EXPECT_GT(config->quotas().max_allocation_bytes(), 0u);
 }
 
-// Tests that syntax errors name the file, line and column, and semantic
-// errors name the heap and field.
+// Tests that every error names the file, line and column: syntax errors where
+// the parser stopped, semantic ones at the bad field (or, for a missing
+// field, at its heap), with the heap and field by name.
 TEST(ConfigTest, ErrorsNameLineAndField) {
   struct Case {
     std::string text;
@@ -30,18 +31,20 @@ TEST(ConfigTest, ErrorsNameLineAndField) {
        "my.conf:3:7: Message type \"bufferd.v1.HeapConfig\" has no field named \"typo\""},
       {"heaps {\n  name: \"a\"\n  type: HEAP_TYPE_NOPE }\n",
        "my.conf:3:24: Unknown enumeration value of \"HEAP_TYPE_NOPE\" for field \"type\""},
-      {"", "config defines no heaps"},
+      {"", "my.conf: config defines no heaps"},
       {"heaps { name: \"Bad Name\" type: HEAP_TYPE_SYSTEM }",
-       "heaps[0] ('Bad Name'): field 'name' must match [a-z0-9_-]{1,32}"},
-      {"heaps { name: \"a\" type: HEAP_TYPE_SYSTEM } heaps { name: \"a\" type: HEAP_TYPE_SYSTEM }",
-       "heaps[1] ('a'): field 'name' is used twice"},
-      {"heaps { name: \"a\" }", "heaps[0] ('a'): field 'type' is required"},
-      {"heaps { name: \"c\" type: HEAP_TYPE_CARVEOUT }",
-       "heaps[0] ('c'): field 'capacity_bytes' is required for a carveout heap"},
-      {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM fallback: FALLBACK_THP }",
-       "field 'fallback' applies to contiguous heaps only"},
-      {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM } log_level: \"loud\"",
-       "field 'log_level' is 'loud'"},
+       "my.conf:1:9: heaps[0] ('Bad Name'): field 'name' must match [a-z0-9_-]{1,32}"},
+      {"heaps { name: \"a\" type: HEAP_TYPE_SYSTEM }\nheaps { name: \"a\" type: HEAP_TYPE_SYSTEM }",
+       "my.conf:2:9: heaps[1] ('a'): field 'name' is used twice"},
+      // A missing field: the heap's own line.
+      {"heaps { name: \"x\" type: HEAP_TYPE_SYSTEM }\n\n  heaps { name: \"a\" }",
+       "my.conf:3:3: heaps[1] ('a'): field 'type' is required"},
+      {"heaps {\n  name: \"c\"\n  type: HEAP_TYPE_CARVEOUT\n}",
+       "my.conf:1:1: heaps[0] ('c'): field 'capacity_bytes' is required for a carveout heap"},
+      {"heaps {\n  name: \"s\"\n  type: HEAP_TYPE_SYSTEM\n  fallback: FALLBACK_THP\n}",
+       "my.conf:4:3: heaps[0] ('s'): field 'fallback' applies to contiguous heaps only"},
+      {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM }\nlog_level: \"loud\"",
+       "my.conf:2:1: field 'log_level' is 'loud'"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.text);
