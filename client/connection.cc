@@ -87,7 +87,7 @@ Call Connection::NewCall() {
   call.context = std::make_unique<grpc::ClientContext>();
   call.context->AddMetadata("bufferd-session", metadata_);
   call.context->set_deadline(std::chrono::system_clock::now() +
-                             absl::ToChronoMilliseconds(timeout_ + absl::Seconds(50)));
+                             absl::ToChronoMilliseconds(timeout_ + kCallSlack));
   {
     absl::MutexLock lock(&release_mu_);
     // Bounded, so that a burst of drops never makes one header huge.
@@ -213,7 +213,13 @@ void Connection::ReadOneLocked(absl::Time deadline) {
         received->fds.size() == 1) {
       const uint64_t id = message.delivery().transfer_id();
       // An fd whose caller gave up is closed here, not kept forever.
-      if (abandoned_.erase(id) == 0) arrived_[id] = std::move(received->fds[0]);
+      if (abandoned_.erase(id) == 0) arrived_[id] = {std::move(received->fds[0]), absl::Now()};
+    }
+    // Fds whose call failed after the daemon sent them (cancelled, deadline)
+    // are never taken: close them once no call could still want them.
+    const absl::Time stale = absl::Now() - (2 * timeout_ + kCallSlack);
+    for (auto it = arrived_.begin(); it != arrived_.end();) {
+      it = it->second.at < stale ? arrived_.erase(it) : std::next(it);
     }
   }
 }
@@ -223,7 +229,7 @@ absl::StatusOr<UniqueFd> Connection::TakeFd(uint64_t transfer_id) {
   absl::MutexLock lock(&mu_);
   while (true) {
     if (auto it = arrived_.find(transfer_id); it != arrived_.end()) {
-      UniqueFd fd = std::move(it->second);
+      UniqueFd fd = std::move(it->second.fd);
       arrived_.erase(it);
       return fd;
     }

@@ -53,6 +53,8 @@ class Connection {
                                                           absl::Duration timeout);
   ~Connection();
 
+  // An RPC's deadline is the connection's timeout plus this.
+  static constexpr absl::Duration kCallSlack = absl::Seconds(50);
   // How long a dropped Buffer's release waits for an RPC to carry it.
   static constexpr absl::Duration kReleaseDelay = absl::Milliseconds(2);
 
@@ -95,7 +97,13 @@ class Connection {
 
   absl::Mutex mu_;
   absl::CondVar changed_;
-  std::map<uint64_t, UniqueFd> arrived_ ABSL_GUARDED_BY(mu_);
+  struct Arrival {
+    UniqueFd fd;
+    absl::Time at;
+  };
+  // Delivered fds not yet taken. One that waited longer than any call can
+  // last (its call failed after the daemon sent it) is closed.
+  std::map<uint64_t, Arrival> arrived_ ABSL_GUARDED_BY(mu_);
   // Transfers whose TakeFd timed out: their fds are closed on arrival.
   std::set<uint64_t> abandoned_ ABSL_GUARDED_BY(mu_);
   // A thread is reading fd.sock.

@@ -74,12 +74,19 @@ absl::Status AllocatorService::Deliver(uint64_t session, DaemonState::Grant& gra
 }
 
 absl::Status AllocatorService::DoAllocate(uint64_t session, const v1::AllocateRequest& request,
-                                          v1::AllocateResponse& response) {
+                                          v1::AllocateResponse& response,
+                                          grpc::CallbackServerContext* context) {
   absl::StatusOr<DaemonState::Grant> grant = state_->Allocate(session, request);
   if (!grant.ok()) {
     spdlog::debug("session {}: Allocate({}, {}) failed: {}", session, request.heap(),
                   request.size(), grant.status().ToString());
     return grant.status();
+  }
+  if (context != nullptr && context->IsCancelled()) {
+    // The client gave up while the pages were prefaulted: it will never learn
+    // the handle, so neither the handle nor the fd should outlive this call.
+    (void)state_->Release(session, grant->handle);
+    return absl::CancelledError("Allocate was cancelled by the client");
   }
   // The fd goes out before the response, so the client finds it queued.
   RETURN_IF_ERROR(Deliver(session, *grant));
@@ -97,15 +104,15 @@ grpc::ServerUnaryReactor* AllocatorService::Allocate(grpc::CallbackServerContext
   Heap* heap = state_->heaps().Find(request->heap());
   if (heap == nullptr || heap->kind() == HeapKind::kSystem) {
     // No page is touched: memfd_create + ftruncate + seals. Inline.
-    return Finish(context, DoAllocate(*session, *request, *response));
+    return Finish(context, DoAllocate(*session, *request, *response, nullptr));
   }
   // Prefaulting (and zeroing) huge pages takes a while: off the callback thread.
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   work_->Post([this, context, reactor, session = *session, request, response] {
-    absl::Status status = DoAllocate(session, *request, *response);
+    absl::Status status = DoAllocate(session, *request, *response, context);
     if (status.ok() && context->IsCancelled()) {
-      // The client gave up while the pages were prefaulted: it will never
-      // learn the handle, so drop it now rather than at session end.
+      // Cancelled after the fd went out: drop the handle now rather than at
+      // session end (the client closes the orphaned fd).
       (void)state_->Release(session, response->handle());
       status = absl::CancelledError("Allocate was cancelled by the client");
     }

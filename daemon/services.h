@@ -49,8 +49,10 @@ class AllocatorService final : public v1::Allocator::CallbackService {
                                       v1::GetBufferResponse* response) override;
 
  private:
+  // Allocates and delivers the fd; with `context`, a call cancelled before
+  // delivery is undone.
   absl::Status DoAllocate(uint64_t session, const v1::AllocateRequest& request,
-                          v1::AllocateResponse& response);
+                          v1::AllocateResponse& response, grpc::CallbackServerContext* context);
   // Delivers the grant's fd; on failure drops the new handle again.
   absl::Status Deliver(uint64_t session, DaemonState::Grant& grant);
 
