@@ -87,9 +87,21 @@ absl::StatusOr<AccountedHeap::Backed> ContiguousHeap::AllocateBacking(
       }
       bool base_allowed = false;
       for (Backing b : options_.fallbacks) base_allowed |= b == Backing::kBasePages;
-      if (thp->second == Backing::kThp || base_allowed) {
+      if (thp->second == Backing::kThp) {
         RETURN_IF_ERROR(memfd::Seal(thp->first.get()));
-        return Backed{std::move(thp->first), thp->second, nullptr, thp_size};
+        return Backed{std::move(thp->first), Backing::kThp, nullptr, thp_size};
+      }
+      if (base_allowed) {
+        // It got base pages after all (shmem THP off, or no huge page free):
+        // keep them, but at a base-page size, not a 2 MiB one.
+        const uint64_t base_size = round_up(static_cast<uint64_t>(::sysconf(_SC_PAGESIZE)));
+        if (RetryOnEintr([&] {
+              return ::ftruncate(thp->first.get(), static_cast<off_t>(base_size));
+            }) != 0) {
+          return ErrnoError("ftruncate(memfd) to its base-page size", errno);
+        }
+        RETURN_IF_ERROR(memfd::Seal(thp->first.get()));
+        return Backed{std::move(thp->first), Backing::kBasePages, nullptr, base_size};
       }
       attempts.push_back(
           "thp: no huge pages mapped (is /sys/kernel/mm/transparent_hugepage/shmem_enabled "

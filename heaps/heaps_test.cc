@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <random>
 #include <string>
@@ -240,6 +241,30 @@ TEST(ContiguousHeapTest, BasePagesFallbackIsReportedHonestly) {
   EXPECT_EQ(stats.used, expected);
   buffer->reset();
   EXPECT_EQ(heap.Stats().used, 0u);
+}
+
+// Tests that a THP attempt that got base pages (shmem THP off here) keeps
+// them at a base-page size, reported as base pages, prefaulted.
+TEST(ContiguousHeapTest, ThpAttemptWithoutHugePagesShrinksToBasePages) {
+  HugepagePoolState pool = ReadHugepagePool(kHugePage2M);
+  if (pool.free > 0) GTEST_SKIP() << "hugetlb pool has free pages; this test needs an empty one";
+  std::ifstream shmem("/sys/kernel/mm/transparent_hugepage/shmem_enabled");
+  std::string setting((std::istreambuf_iterator<char>(shmem)), std::istreambuf_iterator<char>());
+  if (setting.find("[never]") == std::string::npos && setting.find("[deny]") == std::string::npos) {
+    GTEST_SKIP() << "shmem THP is on here: " << setting;
+  }
+  ContiguousHeap::Options options;
+  options.fallbacks = {Backing::kThp, Backing::kBasePages};
+  ContiguousHeap heap(options);
+  auto buffer = heap.Allocate(kMiB + 1, "x");
+  ASSERT_TRUE(buffer.ok()) << buffer.status();
+  EXPECT_EQ((*buffer)->backing(), Backing::kBasePages);
+  EXPECT_EQ((*buffer)->size(), kMiB + 4096);
+  struct stat st {};
+  ASSERT_EQ(::fstat((*buffer)->fd(), &st), 0);
+  EXPECT_EQ(static_cast<uint64_t>(st.st_size), kMiB + 4096);
+  EXPECT_EQ(static_cast<uint64_t>(st.st_blocks) * 512, kMiB + 4096) << "prefaulted, tail freed";
+  EXPECT_EQ(heap.Stats().used, kMiB + 4096);
 }
 
 // Tests that a THP-only fallback is refused when shmem THP is off, rather than
