@@ -294,8 +294,12 @@ int main(int argc, char** argv) {
           "bufferd, 1 thread (Release RPC):    p50 %8.1f  p99 %8.1f  %8.0f allocs/s"
           "  ratio %.2f x (a+b+c)\n",
           released.p50, released.p99, released.per_second, released.p50 / floor);
-      std::printf("bufferd, 8 threads (drop):          p50 %8.1f  p99 %8.1f  %8.0f allocs/s\n",
-                  eight.p50, eight.p99, eight.per_second);
+      // Eight threads overlap their calls, so p50 is no longer comparable to
+      // a+b+c; their throughput is, against one caller's floor rate.
+      std::printf(
+          "bufferd, 8 threads (drop):          p50 %8.1f  p99 %8.1f  %8.0f allocs/s"
+          "  %.2f x the floor rate 1/(a+b+c)\n",
+          eight.p50, eight.p99, eight.per_second, eight.per_second * floor / 1e6);
     }
     client = absl::UnavailableError("done");
     StopDaemon(daemon);

@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <limits>
 #include <optional>
+#include <set>
 #include <system_error>
 
 #include "absl/strings/escaping.h"
@@ -76,7 +77,7 @@ void Connection::Close() {
     absl::MutexLock lock(&release_mu_);
     release_closed_ = true;
     pending_releases_.clear();  // the session's end releases them all
-    flushed_releases_.clear();
+    unconfirmed_.clear();
     release_changed_.Signal();
   }
   fd_socket_.Shutdown();
@@ -90,18 +91,21 @@ Call Connection::NewCall() {
                              absl::ToChronoMilliseconds(timeout_ + kCallSlack));
   {
     absl::MutexLock lock(&release_mu_);
-    // Bounded, so that a burst of drops never makes one header huge.
-    constexpr size_t kMaxCarried = 256;
+    // Never-sent drops first, then those sent but not yet confirmed (carried
+    // by a call still in flight, or sent one-way by the flusher): the daemon
+    // may not have applied them when this call arrives, so it carries them
+    // too. Whichever copy the daemon reads second is skipped.
     const size_t n = std::min(pending_releases_.size(), kMaxCarried);
-    call.carried.assign(pending_releases_.end() - n, pending_releases_.end());
+    std::set<uint64_t> taken(pending_releases_.end() - n, pending_releases_.end());
     pending_releases_.resize(pending_releases_.size() - n);
-    // Handles the flusher sent one-way since the last call go again: the
-    // daemon may not have read those records yet, and this call must find
-    // them released. Whichever arrives second is skipped.
-    const size_t resend = std::min(flushed_releases_.size(), kMaxCarried - n);
-    call.carried.insert(call.carried.end(), flushed_releases_.end() - resend,
-                        flushed_releases_.end());
-    flushed_releases_.clear();
+    call.carried.assign(taken.begin(), taken.end());
+    for (uint64_t handle : taken) ++unconfirmed_[handle];
+    for (auto it = unconfirmed_.rbegin();
+         it != unconfirmed_.rend() && call.carried.size() < kMaxCarried; ++it) {
+      if (taken.count(it->first) != 0) continue;
+      call.carried.push_back(it->first);
+      ++it->second;
+    }
   }
   if (!call.carried.empty()) {
     call.context->AddMetadata(kReleaseMetadataKey, absl::StrJoin(call.carried, ","));
@@ -110,16 +114,35 @@ Call Connection::NewCall() {
 }
 
 absl::Status Connection::Finish(Call& call, const grpc::Status& status) {
-  if (!status.ok() && !call.carried.empty()) {
+  if (!call.carried.empty()) {
     absl::MutexLock lock(&release_mu_);
-    if (!release_closed_) {
+    for (uint64_t handle : call.carried) {
+      auto it = unconfirmed_.find(handle);
+      if (it == unconfirmed_.end()) continue;
+      --it->second;
+      // The daemon applied every carried release before an OK call ran.
+      if (status.ok()) unconfirmed_.erase(it);
+    }
+    if (!status.ok() && !release_closed_) {
+      // It may not have seen them: send them again (one-way, or on the next
+      // call). Releasing twice is harmless; handle ids are never reused.
       pending_releases_.insert(pending_releases_.end(), call.carried.begin(), call.carried.end());
       ++releases_queued_;
       if (flusher_idle_) release_changed_.Signal();
     }
+    TrimUnconfirmedLocked();
   }
   call.carried.clear();
   return FromGrpcStatus(status);
+}
+
+void Connection::TrimUnconfirmedLocked() {
+  // Oldest first (handle ids grow): only those no call is carrying now, all
+  // of them sent one-way long ago.
+  for (auto it = unconfirmed_.begin();
+       unconfirmed_.size() > kMaxCarried && it != unconfirmed_.end();) {
+    it = it->second == 0 ? unconfirmed_.erase(it) : std::next(it);
+  }
 }
 
 void Connection::QueueRelease(uint64_t handle) {
@@ -162,12 +185,9 @@ void Connection::FlushLoop() {
     std::vector<uint64_t> handles;
     handles.swap(pending_releases_);
     if (handles.empty()) continue;
-    // Kept (bounded) for the next call to carry again; see NewCall.
-    constexpr size_t kMaxFlushedKept = 256;
-    flushed_releases_.insert(flushed_releases_.end(), handles.begin(), handles.end());
-    if (flushed_releases_.size() > kMaxFlushedKept) {
-      flushed_releases_.erase(flushed_releases_.begin(), flushed_releases_.end() - kMaxFlushedKept);
-    }
+    // Unconfirmed until a call that carries them again succeeds; see NewCall.
+    for (uint64_t handle : handles) unconfirmed_.emplace(handle, 0);
+    TrimUnconfirmedLocked();
     release_mu_.Unlock();
     for (uint64_t handle : handles) {
       v1::FdChannelMessage message;

@@ -42,9 +42,10 @@ struct Call {
 //
 // Dropped Buffers' handles are released lazily: the next RPC carries them in
 // its metadata, and a flusher thread sends whatever no RPC took within
-// kReleaseDelay as one-way ReleaseHandle records on fd.sock, and the next RPC
-// carries those again (so the daemon has applied every earlier drop before
-// that RPC runs, whichever copy it reads first). The flusher
+// kReleaseDelay as one-way ReleaseHandle records on fd.sock. Every RPC also
+// carries the drops already sent but not yet confirmed by a successful call,
+// so the daemon has applied every drop made before an RPC started when that
+// RPC runs, whichever copy it reads first (up to kMaxCarried). The flusher
 // sleeps until a drop and then wakes at most once per kReleaseDelay, so a
 // steady stream of allocations wakes neither it nor the daemon per buffer.
 class Connection {
@@ -53,6 +54,10 @@ class Connection {
                                                           absl::Duration timeout);
   ~Connection();
 
+  // Handles one call carries at most (the daemon refuses more): keeps the
+  // header far below gRPC's 8 KiB metadata limit. Beyond that many drops
+  // between two calls, the oldest reach the daemon one-way, unordered.
+  static constexpr size_t kMaxCarried = 256;
   // An RPC's deadline is the connection's timeout plus this.
   static constexpr absl::Duration kCallSlack = absl::Seconds(50);
   // How long a dropped Buffer's release waits for an RPC to carry it.
@@ -87,6 +92,7 @@ class Connection {
   // Called with mu_ held and reading_ set; drops mu_ while blocked.
   void ReadOneLocked(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FlushLoop();
+  void TrimUnconfirmedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(release_mu_);
 
   UnixSocket fd_socket_;
   uint64_t session_id_ = 0;
@@ -114,8 +120,11 @@ class Connection {
   absl::Mutex release_mu_;
   absl::CondVar release_changed_;
   std::vector<uint64_t> pending_releases_ ABSL_GUARDED_BY(release_mu_);
-  // Sent one-way by the flusher since the last call; that call re-sends them.
-  std::vector<uint64_t> flushed_releases_ ABSL_GUARDED_BY(release_mu_);
+  // Releases sent (carried by a call, or one-way by the flusher) that no
+  // successful call has confirmed yet -> calls carrying them now. Every new
+  // call carries them again, so a call that starts after a drop always has
+  // it applied first. Bounded by TrimUnconfirmedLocked.
+  std::map<uint64_t, int> unconfirmed_ ABSL_GUARDED_BY(release_mu_);
   // Counts QueueRelease calls: the flusher stays on its timer while it moves.
   uint64_t releases_queued_ ABSL_GUARDED_BY(release_mu_) = 0;
   // The flusher waits without a timeout: a drop must wake it.

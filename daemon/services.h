@@ -20,7 +20,7 @@ namespace bufferd {
 // The metadata key every call carries.
 inline constexpr char kSessionMetadataKey[] = "bufferd-session";
 // Optional: handles the client dropped since its last call, comma-separated
-// decimal ids. They are released before the call runs, as if by one-way
+// decimal ids (at most 256). They are released before the call runs, as if by one-way
 // ReleaseHandle records: a handle that is unknown or already released is
 // skipped (the client re-sends after a failed call; ids are never reused).
 inline constexpr char kReleaseMetadataKey[] = "bufferd-release";

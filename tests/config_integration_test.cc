@@ -119,6 +119,28 @@ TEST_F(ConfiguredDaemonTest, DroppedBytesAreFreeForTheNextCall) {
   ExpectBaseline();
 }
 
+// Tests the same on one Client shared by two threads: while one drops and
+// re-allocates 2 MiB under the 3 MiB session quota, the other keeps making
+// calls, which pick up the first thread's drops. A call that started after a
+// drop must still find it applied, whichever call carried it first.
+TEST_F(ConfiguredDaemonTest, DropsCarriedByAnotherThreadStillPrecedeTheNextCall) {
+  std::atomic<bool> done{false};
+  std::thread other([&] {
+    while (!done) (void)client_->ListClients();
+  });
+  const absl::Time end = absl::Now() + absl::Seconds(2);
+  int rounds = 0;
+  while (absl::Now() < end) {
+    auto buffer = client_->Allocate({.heap = "system", .size = 2 * kMiB, .name = "churn"});
+    ASSERT_TRUE(buffer.ok()) << "round " << rounds << ": " << buffer.status();
+    ++rounds;
+  }
+  done = true;
+  other.join();
+  EXPECT_GT(rounds, 20);
+  ExpectBaseline();
+}
+
 // Tests the configured quotas through the daemon: largest allocation, bytes
 // per session (per heap), each naming the quota; importing counts too.
 TEST_F(ConfiguredDaemonTest, QuotasThroughTheDaemon) {
