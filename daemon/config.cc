@@ -73,12 +73,13 @@ bool ValidHeapName(const std::string& name) {
 // Where a field of the parsed text is: "line:column: " (1-based), or "" when
 // the text is unknown or the field was not written (then the enclosing heap's
 // position, if that was written).
-using Locator = std::function<std::string(int heap, absl::string_view field)>;
+using Locator = std::function<std::string(int heap, absl::string_view field, int element)>;
 
 absl::Status Validate(const v1::Config& config, const Locator& locate) {
   // heap = -1 for top-level fields.
-  auto bad = [&](int heap, absl::string_view field, absl::string_view problem) {
-    std::string where = locate ? locate(heap, field) : "";
+  // `element`: which value of a repeated field.
+  auto bad = [&](int heap, absl::string_view field, absl::string_view problem, int element = 0) {
+    std::string where = locate ? locate(heap, field, element) : "";
     if (heap >= 0) {
       absl::StrAppend(&where, "heaps[", heap, "] ('", config.heaps(heap).name(), "'): ");
     }
@@ -97,9 +98,9 @@ absl::Status Validate(const v1::Config& config, const Locator& locate) {
     if (heap.type() != v1::HEAP_TYPE_CONTIGUOUS && heap.fallback_size() > 0) {
       return bad(i, "fallback", "applies to contiguous heaps only");
     }
-    for (int f : heap.fallback()) {
-      if (f == v1::FALLBACK_UNSPECIFIED) {
-        return bad(i, "fallback", "must be FALLBACK_THP or FALLBACK_BASE_PAGES");
+    for (int f = 0; f < heap.fallback_size(); ++f) {
+      if (heap.fallback(f) == v1::FALLBACK_UNSPECIFIED) {
+        return bad(i, "fallback", "must be FALLBACK_THP or FALLBACK_BASE_PAGES", f);
       }
     }
   }
@@ -137,7 +138,7 @@ absl::StatusOr<v1::Config> ParseConfig(absl::string_view text, absl::string_view
   }
   const google::protobuf::Descriptor* root = v1::Config::descriptor();
   const google::protobuf::FieldDescriptor* heaps_field = root->FindFieldByName("heaps");
-  Locator locate = [&](int heap, absl::string_view field) -> std::string {
+  Locator locate = [&](int heap, absl::string_view field, int element) -> std::string {
     google::protobuf::TextFormat::ParseLocation at;
     if (heap < 0) {
       if (const auto* f = root->FindFieldByName(std::string(field)); f != nullptr) {
@@ -148,7 +149,7 @@ absl::StatusOr<v1::Config> ParseConfig(absl::string_view text, absl::string_view
           v1::HeapConfig::descriptor()->FindFieldByName(std::string(field));
       const auto* nested = locations.GetTreeForNested(heaps_field, heap);
       if (nested != nullptr && f != nullptr) {
-        at = nested->GetLocation(f, f->is_repeated() ? 0 : -1);
+        at = nested->GetLocation(f, f->is_repeated() ? element : -1);
       }
       if (at.line < 0) at = locations.GetLocation(heaps_field, heap);  // the heap itself
     }

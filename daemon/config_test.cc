@@ -43,6 +43,9 @@ TEST(ConfigTest, ErrorsNameLineAndField) {
        "my.conf:1:1: heaps[0] ('c'): field 'capacity_bytes' is required for a carveout heap"},
       {"heaps {\n  name: \"s\"\n  type: HEAP_TYPE_SYSTEM\n  fallback: FALLBACK_THP\n}",
        "my.conf:4:3: heaps[0] ('s'): field 'fallback' applies to contiguous heaps only"},
+      {"heaps {\n  name: \"g\"\n  type: HEAP_TYPE_CONTIGUOUS\n  fallback: FALLBACK_THP\n"
+       "  fallback: FALLBACK_UNSPECIFIED\n}",
+       "my.conf:5:3: heaps[0] ('g'): field 'fallback' must be FALLBACK_THP or FALLBACK_BASE_PAGES"},
       {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM }\nlog_level: \"loud\"",
        "my.conf:2:1: field 'log_level' is 'loud'"},
   };

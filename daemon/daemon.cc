@@ -160,7 +160,9 @@ absl::Status Daemon::Init(const v1::Config& config) {
     channel_options.stalled_session_timeout =
         absl::Milliseconds(config.stalled_session_timeout_ms());
   }
-  work_ = std::make_unique<WorkQueue>(2);
+  // Mostly waiting (prefaults, carveout refills), so more threads than CPUs:
+  // a few carveout allocations waiting for refills never stall the rest.
+  work_ = std::make_unique<WorkQueue>(4);
   channel_ = std::make_unique<FdChannel>(state_.get(), channel_options);
   ASSIGN_OR_RETURN(UnixSocket listener, UnixSocket::ListenSeqPacket(fd_path));
   RETURN_IF_ERROR(SetAccess(fd_path, group, socket_mode));

@@ -63,9 +63,11 @@ absl::StatusOr<std::unique_ptr<CarveoutHeap>> CarveoutHeap::Create(Options optio
   // already, but sanitizers stub mlock out): Stats measures residency there.
   ::madvise(map.data(), map.size(), MADV_POPULATE_WRITE);
   // Locked is what smaps says, not what mlock returned (ASan's mlock is a
-  // no-op that returns 0).
-  const int64_t locked_kb = SmapsKb(map.data(), {"Locked"});
-  const bool locked = mlock_ok && locked_kb * 1024 >= static_cast<int64_t>(map.size());
+  // no-op that returns 0). Hugetlb pages are never swapped or reclaimed, and
+  // the kernel does not mark hugetlb mappings locked: they count as locked.
+  const bool hugetlb = backing != Backing::kBasePages;
+  const int64_t locked_kb = hugetlb ? 0 : SmapsKb(map.data(), {"Locked"});
+  const bool locked = hugetlb || (mlock_ok && locked_kb * 1024 >= static_cast<int64_t>(map.size()));
   if (!locked) {
     const std::string why =
         mlock_ok

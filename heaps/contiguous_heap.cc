@@ -98,7 +98,10 @@ absl::StatusOr<AccountedHeap::Backed> ContiguousHeap::AllocateBacking(
         if (RetryOnEintr([&] {
               return ::ftruncate(thp->first.get(), static_cast<off_t>(base_size));
             }) != 0) {
-          return ErrnoError("ftruncate(memfd) to its base-page size", errno);
+          attempts.push_back(
+              absl::StrCat("thp: got base pages, and ",
+                           ErrnoError("ftruncate to the base-page size", errno).message()));
+          continue;
         }
         RETURN_IF_ERROR(memfd::Seal(thp->first.get()));
         return Backed{std::move(thp->first), Backing::kBasePages, nullptr, base_size};

@@ -80,6 +80,9 @@ TEST_F(HugepagePoolTest, CarveoutReservesHugetlb) {
   auto heap = CarveoutHeap::Create(options);
   ASSERT_TRUE(heap.ok()) << heap.status();
   EXPECT_EQ((*heap)->Stats().backing, Backing::kHugetlb2M);
+  EXPECT_TRUE((*heap)->Stats().locked)
+      << "hugetlb pages are never swapped: " << (*heap)->Stats().note;
+  EXPECT_EQ((*heap)->Stats().note.find("not locked"), std::string::npos) << (*heap)->Stats().note;
   EXPECT_EQ(ReadHugepagePool(kHugePage2M).free, free_before - 4) << "reserved at creation";
   auto a = (*heap)->Allocate(5 * kMiB, "a");
   ASSERT_TRUE(a.ok()) << a.status();
