@@ -268,10 +268,9 @@ bool DaemonState::RemoveHandleLocked(uint64_t handle_id,
   for (auto t = tokens_.begin(); t != tokens_.end();) {
     t = t->second.buffer == handle.buffer ? EraseTokenLocked(t) : std::next(t);
   }
-  buffer.memory->Retire();  // the next Allocate sees the bytes free
-  graveyard.push_back(std::move(buffer.memory));
+  buffer.memory->Retire();                        // the next Allocate sees the bytes free
+  graveyard.push_back(std::move(buffer.memory));  // its fd closes with it
   buffers_.erase(b);
-  --fds_in_use_;
   return true;
 }
 
@@ -318,18 +317,25 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
           absl::StrCat("quota max_buffers_per_session: session ", session_id, " holds ",
                        session->handles.size(), " handles (max ", max_buffers, ")"));
     }
-    if (fds_in_use_ >= options_.fd_budget) {
-      return absl::ResourceExhaustedError(absl::StrCat("daemon fd budget reached: ", fds_in_use_,
-                                                       " of ", options_.fd_budget, " fds in use"));
+    // Frees elsewhere only lower the count, so check-then-add is exact here.
+    if (*fds_in_use_ >= options_.fd_budget) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("daemon fd budget reached: ", fds_in_use_->load(), " of ",
+                       options_.fd_budget, " fds in use"));
     }
     RETURN_IF_ERROR(ChargeLocked(*session, heap->name(), rounded));
     ++session->pending;
-    ++fds_in_use_;
+    ++*fds_in_use_;
     uid = session->peer.uid;
   }
 
   absl::StatusOr<std::unique_ptr<HeapBuffer>> memory =
       heap->Allocate(request.size(), request.name());
+  if (memory.ok()) {
+    // The fd reserved above is given back when the buffer's fd really closes
+    // (maybe later, on the reaper), not when its last handle goes.
+    (*memory)->SetAfterFree([fds = fds_in_use_] { --*fds; });
+  }
 
   std::vector<std::unique_ptr<HeapBuffer>> graveyard;
   absl::MutexLock lock(&mu_);
@@ -338,8 +344,10 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
   if (session != nullptr) --session->pending;
   if (!memory.ok() || session == nullptr) {
     UnchargeLocked(session_id, uid, heap->name(), rounded);
-    --fds_in_use_;
-    if (!memory.ok()) return memory.status();
+    if (!memory.ok()) {
+      --*fds_in_use_;
+      return memory.status();
+    }
     graveyard.push_back(*std::move(memory));
     return absl::AbortedError(absl::StrCat("session ", session_id, " ended during Allocate"));
   }
@@ -368,7 +376,6 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
     UnchargeLocked(session_id, uid, heap->name(), rounded);
     graveyard.push_back(std::move(ref.memory));
     buffers_.erase(ref.info.buffer_id());
-    --fds_in_use_;
   }
   return grant;
 }
@@ -553,7 +560,7 @@ v1::ListHeapsResponse DaemonState::ListHeaps() const {
   uint64_t pending = 0;
   for (const auto& [token, entry] : tokens_) pending += entry.used_by == 0 && now < entry.expires;
   response.set_pending_tokens(pending);
-  response.set_fds_in_use(fds_in_use_);
+  response.set_fds_in_use(fds_in_use_->load());
   response.set_fd_budget(options_.fd_budget);
   return response;
 }

@@ -14,6 +14,7 @@
 #ifndef BUFFERD_DAEMON_STATE_H_
 #define BUFFERD_DAEMON_STATE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -181,8 +182,12 @@ class DaemonState {
   std::map<uint64_t, uint32_t> unredeemed_tokens_ ABSL_GUARDED_BY(mu_);
   // (uid, heap) -> bytes.
   std::map<std::pair<uid_t, std::string>, uint64_t> uid_bytes_ ABSL_GUARDED_BY(mu_);
-  // fds held for live buffers, plus those reserved by in-flight allocations.
-  uint64_t fds_in_use_ ABSL_GUARDED_BY(mu_) = 0;
+  // fds held for buffers (live, or freed but not yet closed), plus those
+  // reserved by in-flight allocations. Raised under mu_ only (after the
+  // budget check); lowered by a buffer's HeapBuffer::SetAfterFree hook on
+  // whatever thread closes it. Shared: the hook may outlive nothing else.
+  const std::shared_ptr<std::atomic<uint64_t>> fds_in_use_ =
+      std::make_shared<std::atomic<uint64_t>>(0);
 };
 
 }  // namespace bufferd

@@ -352,5 +352,33 @@ TEST_F(StateTest, FdBudget) {
   EXPECT_NE(third.status().message().find("fd budget"), absl::string_view::npos);
 }
 
+// Tests the two steps of freeing as DaemonState drives them: releasing a big
+// buffer's last handle gives its bytes back to the heap at once, but its fd
+// counts against the budget until free_later has really closed it.
+TEST_F(StateTest, FreedBytesAtOnceFdsWhenClosed) {
+  std::vector<std::unique_ptr<HeapBuffer>> queued;
+  DaemonState::Options options;
+  options.fd_budget = 2;
+  options.free_later = [&](std::unique_ptr<HeapBuffer> memory) {
+    queued.push_back(std::move(memory));
+  };
+  DaemonState state(&heaps_, options);
+  auto a = state.OpenSession(Peer(1), "a");
+  auto big = state.Allocate(a.id, Request("carveout", 8 * kMiB));
+  ASSERT_TRUE(big.ok());
+  ASSERT_TRUE(state.Allocate(a.id, Request("system", 2 * kMiB)).ok());
+  state.CloseSession(a.id);
+  ASSERT_EQ(queued.size(), 2u) << "big and carveout buffers are freed later";
+  v1::ListHeapsResponse heaps = state.ListHeaps();
+  for (const auto& heap : heaps.heaps()) EXPECT_EQ(heap.used(), 0u) << heap.name();
+  EXPECT_EQ(heaps.fds_in_use(), 2u) << "their fds are still open";
+  auto b = state.OpenSession(Peer(1), "b");
+  EXPECT_EQ(state.Allocate(b.id, Request("system", 1)).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  queued.clear();  // what the reaper does
+  EXPECT_EQ(state.ListHeaps().fds_in_use(), 0u);
+  EXPECT_TRUE(state.Allocate(b.id, Request("system", 1)).ok());
+}
+
 }  // namespace
 }  // namespace bufferd

@@ -99,6 +99,7 @@ HeapBuffer::~HeapBuffer() {
   Retire();
   fd_.Reset();
   if (on_free_) on_free_();
+  if (after_free_) after_free_();
 }
 
 AccountedHeap::AccountedHeap(std::string name, uint64_t page_size, uint64_t capacity)

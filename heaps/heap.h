@@ -110,6 +110,9 @@ class HeapBuffer {
   // Returns the bytes to the heap's accounting now; the fd stays open until
   // destruction. Idempotent.
   void Retire();
+  // Runs `after_free` at the very end of destruction, once the fd is closed
+  // and the page work done (the owner's own bookkeeping, e.g. its fd count).
+  void SetAfterFree(std::function<void()> after_free) { after_free_ = std::move(after_free); }
 
   // Borrowed: O_RDWR, sealed, close-on-exec.
   int fd() const { return fd_.get(); }
@@ -126,6 +129,7 @@ class HeapBuffer {
   bool cheap_to_free_;
   std::function<void()> on_retire_;
   std::function<void()> on_free_;
+  std::function<void()> after_free_;
 };
 
 class Heap {

@@ -157,9 +157,10 @@ void DaemonTest::ExpectBaseline() {
       << daemon_->OpenFds() << " fds open, baseline " << baseline_fds_;
   // Dropped Buffers release one-way, and big frees finish on the daemon's
   // work queue: the heaps' used bytes return a moment after the buffers go.
+  // ...and the daemon's fd count once the reaper has closed the big ones.
   EXPECT_TRUE(Eventually([&] {
     auto heaps = client_->ListHeaps();
-    if (!heaps.ok()) return false;
+    if (!heaps.ok() || heaps->fds_in_use() != 0) return false;
     for (const auto& heap : heaps->heaps()) {
       if (heap.used() != 0) return false;
     }
