@@ -54,25 +54,46 @@ absl::StatusOr<AccountedHeap::Backed> ContiguousHeap::AllocateBacking(
     uint64_t size, uint64_t requested, const std::string& memfd_name) {
   std::vector<std::string> attempts;
   // 1. hugetlb: fallocate takes the pages from the pool now, or fails cleanly.
+  absl::Status hugetlb_status;
+  while (true) {
+    absl::StatusOr<UniqueFd> fd = AllocateHugetlb(size, memfd_name);
+    if (fd.ok()) {
+      return Backed{*std::move(fd), HugetlbBacking(options_.hugepage_size),
+                    [this] {
+                      absl::MutexLock lock(&mu_);
+                      --retired_hugetlb_;
+                      ++freed_hugetlb_;
+                    },
+                    0,
+                    [this] {
+                      absl::MutexLock lock(&mu_);
+                      ++retired_hugetlb_;
+                    }};
+    }
+    hugetlb_status = fd.status();
+    // Our own retired buffers may be about to give pages back: wait for one
+    // to be freed and try again, before falling back.
+    absl::MutexLock lock(&mu_);
+    if (retired_hugetlb_ == 0) break;
+    struct Seen {
+      ContiguousHeap* heap;
+      uint64_t freed;
+    } seen{this, freed_hugetlb_};
+    if (!mu_.AwaitWithTimeout(absl::Condition(
+                                  +[](Seen* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s->heap->mu_) {
+                                    return s->heap->freed_hugetlb_ != s->freed;
+                                  },
+                                  &seen),
+                              kFreeWait)) {
+      break;
+    }
+  }
   {
-    absl::StatusOr<UniqueFd> fd =
-        memfd::Create(memfd_name, size, memfd::HugetlbFlags(options_.hugepage_size));
-    absl::Status status = fd.status();
-    if (status.ok()) status = memfd::Prefault(fd->get(), 0, size);
-    struct stat st {};
-    if (status.ok() && (::fstat(fd->get(), &st) != 0 ||
-                        static_cast<uint64_t>(st.st_blksize) != options_.hugepage_size)) {
-      status = absl::InternalError("hugetlb memfd does not report the huge page size");
-    }
-    if (status.ok()) {
-      RETURN_IF_ERROR(memfd::Seal(fd->get()));
-      return Backed{*std::move(fd), HugetlbBacking(options_.hugepage_size), nullptr};
-    }
     HugepagePoolState pool = ReadHugepagePool(options_.hugepage_size);
     attempts.push_back(absl::StrCat("hugetlb ", FormatBytes(options_.hugepage_size), " pool has ",
                                     pool.free, " of ", pool.total, " pages free (", pool.reserved,
                                     " reserved), need ", size / options_.hugepage_size, ": ",
-                                    status.message()));
+                                    hugetlb_status.message()));
   }
   // 2. Fallbacks, in the configured order, each rounding the request to its
   // own page: THP to 2 MiB (a partial PMD can't be huge), base pages to 4 KiB.
@@ -120,6 +141,20 @@ absl::StatusOr<AccountedHeap::Backed> ContiguousHeap::AllocateBacking(
   return absl::ResourceExhaustedError(absl::StrCat("heap '", name(), "' cannot allocate ",
                                                    FormatBytes(size), ": ",
                                                    absl::StrJoin(attempts, "; ")));
+}
+
+absl::StatusOr<UniqueFd> ContiguousHeap::AllocateHugetlb(uint64_t size,
+                                                         const std::string& memfd_name) {
+  ASSIGN_OR_RETURN(UniqueFd fd,
+                   memfd::Create(memfd_name, size, memfd::HugetlbFlags(options_.hugepage_size)));
+  RETURN_IF_ERROR(memfd::Prefault(fd.get(), 0, size));
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0 ||
+      static_cast<uint64_t>(st.st_blksize) != options_.hugepage_size) {
+    return absl::InternalError("hugetlb memfd does not report the huge page size");
+  }
+  RETURN_IF_ERROR(memfd::Seal(fd.get()));
+  return fd;
 }
 
 void ContiguousHeap::FillStats(HeapStats& stats) const {

@@ -6,13 +6,22 @@
 // fallbacks in order: kThp (memfd + MADV_HUGEPAGE, accepted only if smaps shows
 // huge PMD mappings) and kBasePages. With no fallback left the allocation fails
 // with RESOURCE_EXHAUSTED naming the pool state. Each buffer reports the backing
-// it really got. Thread-safe.
+// it really got.
+//
+// A retired hugetlb buffer's pages go back to the pool only when it is
+// destroyed (the daemon does that later, off its RPC threads): before falling
+// back, an allocation the pool can't serve waits for this heap's own retired
+// buffers to be freed (each wait at most kFreeWait), so a drop followed at once
+// by an allocation still gets huge pages. It must not run on the thread that
+// destroys buffers. Thread-safe.
 #ifndef BUFFERD_HEAPS_CONTIGUOUS_HEAP_H_
 #define BUFFERD_HEAPS_CONTIGUOUS_HEAP_H_
 
 #include <string>
 #include <vector>
 
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "heaps/heap.h"
 
 namespace bufferd {
@@ -32,12 +41,23 @@ class ContiguousHeap final : public AccountedHeap {
   explicit ContiguousHeap(Options options);
   HeapKind kind() const override { return HeapKind::kContiguous; }
 
+  // Longest wait for one retired buffer's free before falling back.
+  static constexpr absl::Duration kFreeWait = absl::Seconds(1);
+
  private:
+  // A hugetlb memfd of `size`, prefaulted and sealed.
+  absl::StatusOr<UniqueFd> AllocateHugetlb(uint64_t size, const std::string& memfd_name);
+
   absl::StatusOr<Backed> AllocateBacking(uint64_t size, uint64_t requested,
                                          const std::string& memfd_name) override;
   void FillStats(HeapStats& stats) const override;
 
   const Options options_;
+
+  absl::Mutex mu_;
+  // Hugetlb buffers retired and not yet destroyed, and destroyed so far.
+  uint64_t retired_hugetlb_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t freed_hugetlb_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 // Allocates a THP-advised memfd of `size` and reports whether huge PMD mappings

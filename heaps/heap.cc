@@ -146,12 +146,16 @@ absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t siz
   constexpr uint64_t kCheapFreeBytes = 1 << 20;
   const bool cheap_to_free = rounded <= kCheapFreeBytes && !backed->on_free;
   ++accounting_->by_backing[std::string(BackingName(backing))];
-  std::function<void()> on_retire = [accounting = accounting_, rounded, backing] {
-    absl::MutexLock lock(&accounting->mu);
-    accounting->used -= rounded;
-    --accounting->buffer_count;
-    auto it = accounting->by_backing.find(std::string(BackingName(backing)));
-    if (--it->second == 0) accounting->by_backing.erase(it);
+  std::function<void()> on_retire = [accounting = accounting_, rounded, backing,
+                                     extra = std::move(backed->on_retire)] {
+    {
+      absl::MutexLock lock(&accounting->mu);
+      accounting->used -= rounded;
+      --accounting->buffer_count;
+      auto it = accounting->by_backing.find(std::string(BackingName(backing)));
+      if (--it->second == 0) accounting->by_backing.erase(it);
+    }
+    if (extra) extra();
   };
   return std::make_unique<HeapBuffer>(std::move(backed->fd), rounded, backing, std::move(on_retire),
                                       std::move(backed->on_free), cheap_to_free);

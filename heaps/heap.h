@@ -173,6 +173,9 @@ class AccountedHeap : public Heap {
     // reserved size (a base-page fallback of a 1 GiB-page heap rounds to
     // 4 KiB, not 1 GiB); 0 = the size AllocateBacking was given.
     uint64_t size = 0;
+    // Runs when the buffer is retired (HeapBuffer::Retire), after its bytes
+    // are back in the accounting; on_free follows later.
+    std::function<void()> on_retire;
   };
 
   // `capacity` 0 = unbounded.

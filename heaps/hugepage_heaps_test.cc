@@ -4,8 +4,10 @@
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 
+#include <atomic>
 #include <cstring>
 #include <string>
+#include <thread>
 
 #include "base/mapping.h"
 #include "heaps/carveout_heap.h"
@@ -69,6 +71,32 @@ TEST_F(HugepagePoolTest, FallsBackWhenPoolRunsDry) {
   HeapStats stats = heap.Stats();
   EXPECT_EQ(stats.buffers_by_backing["hugetlb_2m"], 1u);
   EXPECT_EQ(stats.buffers_by_backing["base_pages"], 1u);
+}
+
+// Tests that an allocation the pool can't serve only because a retired buffer
+// of the same heap still holds the pages waits for that buffer's free and
+// gets huge pages, instead of falling back.
+TEST_F(HugepagePoolTest, RetiredBuffersPagesServeTheNextAllocation) {
+  ContiguousHeap::Options options;
+  options.fallbacks = {Backing::kBasePages};
+  ContiguousHeap heap(options);
+  const uint64_t all = ReadHugepagePool(kHugePage2M).free * kHugePage2M;
+  auto first = heap.Allocate(all, "first");
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_EQ((*first)->backing(), Backing::kHugetlb2M);
+  (*first)->Retire();
+  std::atomic<bool> first_destroyed{false};
+  absl::StatusOr<std::unique_ptr<HeapBuffer>> second;
+  std::thread allocator([&] {
+    second = heap.Allocate(all, "second");
+    EXPECT_TRUE(first_destroyed) << "allocated (or fell back) before the pages came back";
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  first_destroyed = true;
+  first->reset();
+  allocator.join();
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ((*second)->backing(), Backing::kHugetlb2M);
 }
 
 // Tests a hugetlb-backed carveout: the reservation comes from the pool at

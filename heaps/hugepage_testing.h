@@ -35,8 +35,8 @@ class ScopedKernelSetting {
     if (!ok_) return;
     std::ofstream out(path_);
     out << old_ << std::flush;
-    if (!out) std::fprintf(stderr, "WARNING: could not restore %s to '%s'\n", path_.c_str(),
-                           old_.c_str());
+    if (!out)
+      std::fprintf(stderr, "WARNING: could not restore %s to '%s'\n", path_.c_str(), old_.c_str());
   }
   ScopedKernelSetting(const ScopedKernelSetting&) = delete;
   ScopedKernelSetting& operator=(const ScopedKernelSetting&) = delete;
