@@ -535,6 +535,7 @@ v1::ListHeapsResponse DaemonState::ListHeaps() const {
     info->set_capacity(stats.capacity);
     info->set_used(stats.used);
     info->set_peak(stats.peak);
+    info->set_free(stats.capacity > stats.used ? stats.capacity - stats.used : 0);
     info->set_buffer_count(stats.buffer_count);
     info->set_allocations(stats.allocations);
     info->set_failures(stats.failures);
@@ -631,6 +632,8 @@ std::string DaemonState::Metrics() const {
       {"bufferd_heap_capacity_bytes", "gauge", "Heap capacity (0 = unbounded).",
        &v1::HeapInfo::capacity},
       {"bufferd_heap_used_bytes", "gauge", "Bytes in live buffers.", &v1::HeapInfo::used},
+      {"bufferd_heap_free_bytes", "gauge", "Capacity minus used (0 = unbounded heap).",
+       &v1::HeapInfo::free},
       {"bufferd_heap_peak_bytes", "gauge", "Highest used bytes since start.", &v1::HeapInfo::peak},
       {"bufferd_heap_buffers", "gauge", "Live buffers.", &v1::HeapInfo::buffer_count},
       {"bufferd_heap_allocations_total", "counter", "Successful allocations.",

@@ -87,6 +87,11 @@ TEST_F(ConfiguredDaemonTest, NamedCarveoutsAreSeparate) {
     auto camera = other->Allocate({.heap = "camera", .size = 2 * kMiB});
     EXPECT_TRUE(camera.ok()) << camera.status();
     ASSERT_TRUE(d2->Release().ok());
+    heaps = client_->ListHeaps();
+    ASSERT_TRUE(heaps.ok());
+    EXPECT_EQ(heaps->heaps(1).used(), 3 * kMiB);
+    EXPECT_EQ(heaps->heaps(1).free(), kMiB);
+    EXPECT_EQ(heaps->heaps(0).free(), 16 * kMiB) << "system heap capped at 16 MiB, empty";
     EXPECT_TRUE(other->Allocate({.heap = "display", .size = kMiB}).ok());
     heaps = client_->ListHeaps();
     EXPECT_EQ(heaps->heaps(1).peak(), 4 * kMiB);

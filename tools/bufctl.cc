@@ -93,15 +93,16 @@ int Heaps(const bufferd::Client& client, bool json) {
       absl::StrAppend(&by_backing, by_backing.empty() ? "" : " ", name, "=", count);
     }
     rows.push_back({h.name(), type, BackingName(h.backing()), Bytes(h.page_size()),
-                    h.capacity() ? Bytes(h.capacity()) : "-", Bytes(h.used()), Bytes(h.peak()),
+                    h.capacity() ? Bytes(h.capacity()) : "-", Bytes(h.used()),
+                    h.capacity() ? Bytes(h.free()) : "-", Bytes(h.peak()),
                     absl::StrCat(h.buffer_count()), absl::StrCat(h.failures()), pool,
                     h.type() == bufferd::v1::HEAP_TYPE_CARVEOUT
                         ? absl::StrCat(Bytes(h.reserved_resident()), h.locked() ? " locked" : "")
                         : "-",
                     by_backing.empty() ? h.note() : absl::StrCat(by_backing, "; ", h.note())});
   }
-  PrintTable({"HEAP", "TYPE", "BACKING", "PAGE", "CAPACITY", "USED", "PEAK", "BUFFERS", "FAILS",
-              "HUGEPAGES", "RESERVED", "NOTES"},
+  PrintTable({"HEAP", "TYPE", "BACKING", "PAGE", "CAPACITY", "USED", "FREE", "PEAK", "BUFFERS",
+              "FAILS", "HUGEPAGES", "RESERVED", "NOTES"},
              rows);
   std::cout << absl::StrFormat("\n%d buffers, %d handles, %d pending tokens, fds %d/%d\n",
                                heaps->live_buffers(), heaps->live_handles(),
