@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "base/errno_status.h"
@@ -185,27 +186,43 @@ absl::StatusOr<AccountedHeap::Backed> CarveoutHeap::AllocateBacking(uint64_t siz
         "heap '", name(), "': ", FormatBytes(size), " of its reservation were not refilled within ",
         absl::FormatDuration(kRefillWait), " of being freed"));
   }
-  auto give_back = [this, &extents] {
-    Refill(extents);
+  const bool hugetlb = backing_ != Backing::kBasePages;
+  absl::Status status;
+  absl::StatusOr<UniqueFd> fd = absl::UnknownError("not created");
+  {
+    // Punch + prefault as one step for the daemon's other hugetlb users.
+    std::optional<absl::MutexLock> pool;
+    if (hugetlb) pool.emplace(&HugetlbPoolMutex());
+    status = PunchHoles(extents);
+    const unsigned flags = hugetlb ? memfd::HugetlbFlags(options_.hugepage_size) : 0;
+    if (status.ok()) {
+      fd = memfd::Create(memfd_name, size, flags);
+      status = fd.status();
+    }
+    if (status.ok()) status = memfd::Prefault(fd->get(), 0, size);
+    if (status.ok()) status = memfd::Seal(fd->get());
+    if (!status.ok()) {
+      fd = status;      // closes the new memfd: its pages go back to the pool,
+      Refill(extents);  // then into the reservation
+    }
+  }
+  if (!status.ok()) {
     ReturnExtents(extents);
-  };
-  absl::Status status = PunchHoles(extents);
-  unsigned flags =
-      backing_ == Backing::kBasePages ? 0 : memfd::HugetlbFlags(options_.hugepage_size);
-  absl::StatusOr<UniqueFd> fd = status.ok() ? memfd::Create(memfd_name, size, flags) : status;
-  if (fd.ok()) status = memfd::Prefault(fd->get(), 0, size);
-  if (fd.ok() && status.ok()) status = memfd::Seal(fd->get());
-  if (!fd.ok() || !status.ok()) {
-    give_back();
-    absl::Status cause = fd.ok() ? status : fd.status();
     return absl::ResourceExhaustedError(
         absl::StrCat("heap '", name(), "' could not move ", FormatBytes(size),
-                     " from its reservation into a buffer: ", cause.message()));
+                     " from its reservation into a buffer: ", status.message()));
   }
-  return Backed{*std::move(fd), backing_, [this, extents = std::move(extents)] {
-                  Refill(extents);
-                  ReturnExtents(extents);
-                }};
+  auto on_free = [this, hugetlb, extents = std::move(extents)](UniqueFd buffer_fd) {
+    {
+      // Close + refill as one step, like punch + prefault.
+      std::optional<absl::MutexLock> pool;
+      if (hugetlb) pool.emplace(&HugetlbPoolMutex());
+      buffer_fd.Reset();
+      Refill(extents);
+    }
+    ReturnExtents(extents);
+  };
+  return Backed{*std::move(fd), backing_, std::move(on_free)};
 }
 
 void CarveoutHeap::FillStats(HeapStats& stats) const {

@@ -59,7 +59,8 @@ absl::StatusOr<AccountedHeap::Backed> ContiguousHeap::AllocateBacking(
     absl::StatusOr<UniqueFd> fd = AllocateHugetlb(size, memfd_name);
     if (fd.ok()) {
       return Backed{*std::move(fd), HugetlbBacking(options_.hugepage_size),
-                    [this] {
+                    [this](UniqueFd fd) {
+                      fd.Reset();  // its pages go back to the pool (unless a client holds them)
                       absl::MutexLock lock(&mu_);
                       --retired_hugetlb_;
                       ++freed_hugetlb_;
@@ -145,6 +146,8 @@ absl::StatusOr<AccountedHeap::Backed> ContiguousHeap::AllocateBacking(
 
 absl::StatusOr<UniqueFd> ContiguousHeap::AllocateHugetlb(uint64_t size,
                                                          const std::string& memfd_name) {
+  // Not while a carveout of ours moves pages through the pool.
+  absl::MutexLock pool(&HugetlbPoolMutex());
   ASSIGN_OR_RETURN(UniqueFd fd,
                    memfd::Create(memfd_name, size, memfd::HugetlbFlags(options_.hugepage_size)));
   RETURN_IF_ERROR(memfd::Prefault(fd.get(), 0, size));

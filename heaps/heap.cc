@@ -69,6 +69,12 @@ void HeapBuffer::Retire() {
   if (on_retire_) std::exchange(on_retire_, nullptr)();
 }
 
+absl::Mutex& HugetlbPoolMutex() {
+  // Never destroyed: buffers may be freed during static destruction.
+  static absl::Mutex* const mu = new absl::Mutex;
+  return *mu;
+}
+
 int64_t SmapsKb(const void* vma_start, std::initializer_list<absl::string_view> fields) {
   const std::string prefix = absl::StrCat(absl::Hex(reinterpret_cast<uintptr_t>(vma_start)), "-");
   std::ifstream smaps("/proc/self/smaps");
@@ -97,8 +103,11 @@ int64_t SmapsKb(const void* vma_start, std::initializer_list<absl::string_view> 
 
 HeapBuffer::~HeapBuffer() {
   Retire();
-  fd_.Reset();
-  if (on_free_) on_free_();
+  if (on_free_) {
+    on_free_(std::move(fd_));
+  } else {
+    fd_.Reset();
+  }
   if (after_free_) after_free_();
 }
 

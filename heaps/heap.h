@@ -51,6 +51,12 @@ struct HugepagePoolState {
 // Reads /sys/kernel/mm/hugepages/hugepages-<N>kB; all zero if absent.
 HugepagePoolState ReadHugepagePool(uint64_t page_size);
 
+// Held by this process's heaps while they move pages out of and back into
+// the kernel's hugetlb pool in two steps (a carveout's punch + new buffer, or
+// close + refill; a contiguous heap's hugetlb prefault), so that no heap of
+// the daemon takes another's pages in between. Other processes still can.
+absl::Mutex& HugetlbPoolMutex();
+
 // Sum of the named kB fields (e.g. "Locked", "ShmemPmdMapped") of this
 // process's mapping that starts at `vma_start`, from /proc/self/smaps; -1 if
 // there is no such mapping. What the kernel says, for verifying what a
@@ -92,11 +98,12 @@ struct HeapStats {
 // threads if the handoff between them is synchronized (a queue, a mutex).
 class HeapBuffer {
  public:
-  // `on_retire` returns the bytes to the heap's accounting; `on_free` runs
-  // after the fd is closed (page work). `cheap_to_free`: destroying it
-  // touches few pages (no refill, small).
+  // `on_retire` returns the bytes to the heap's accounting; `on_free` gets
+  // the fd at destruction and closes it along with its page work (without
+  // one, the fd is just closed). `cheap_to_free`: destroying it touches few
+  // pages (no refill, small).
   HeapBuffer(UniqueFd fd, uint64_t size, Backing backing, std::function<void()> on_retire,
-             std::function<void()> on_free, bool cheap_to_free = true)
+             std::function<void(UniqueFd)> on_free, bool cheap_to_free = true)
       : fd_(std::move(fd)),
         size_(size),
         backing_(backing),
@@ -128,7 +135,7 @@ class HeapBuffer {
   Backing backing_;
   bool cheap_to_free_;
   std::function<void()> on_retire_;
-  std::function<void()> on_free_;
+  std::function<void(UniqueFd)> on_free_;
   std::function<void()> after_free_;
 };
 
@@ -166,9 +173,9 @@ class AccountedHeap : public Heap {
   struct Backed {
     UniqueFd fd;
     Backing backing;
-    // Runs when the buffer is destroyed, after its fd is closed (its bytes
-    // may already be back in the accounting: see HeapBuffer::Retire).
-    std::function<void()> on_free;
+    // Runs when the buffer is destroyed, with the buffer's fd to close (its
+    // bytes may already be back in the accounting: see HeapBuffer::Retire).
+    std::function<void(UniqueFd)> on_free;
     // The memfd's real size when a fallback backing needed less than the
     // reserved size (a base-page fallback of a 1 GiB-page heap rounds to
     // 4 KiB, not 1 GiB); 0 = the size AllocateBacking was given.

@@ -9,6 +9,7 @@
 #include <string>
 #include <thread>
 
+#include "absl/time/clock.h"
 #include "base/mapping.h"
 #include "heaps/carveout_heap.h"
 #include "heaps/contiguous_heap.h"
@@ -97,6 +98,47 @@ TEST_F(HugepagePoolTest, RetiredBuffersPagesServeTheNextAllocation) {
   allocator.join();
   ASSERT_TRUE(second.ok()) << second.status();
   EXPECT_EQ((*second)->backing(), Backing::kHugetlb2M);
+}
+
+// Tests that the daemon's heaps never take each other's huge pages: a hugetlb
+// carveout moving pages out of and back into the pool (punch + prefault,
+// close + refill) while a contiguous heap with no fallback keeps asking for
+// one more huge page than the pool has free outside the carveout: it must
+// always fail (it could succeed only with the carveout's pages in flight), the
+// carveout must never fail, and its reservation must be whole at the end.
+TEST_F(HugepagePoolTest, HeapsNeverTakeEachOthersPages) {
+  CarveoutHeap::Options carveout_options;
+  carveout_options.capacity = 4 * kHugePage2M;
+  auto carveout = CarveoutHeap::Create(carveout_options);
+  ASSERT_TRUE(carveout.ok()) << carveout.status();
+  ASSERT_EQ((*carveout)->Stats().backing, Backing::kHugetlb2M);
+  ContiguousHeap::Options contiguous_options;
+  contiguous_options.fallbacks = {};
+  ContiguousHeap contiguous(contiguous_options);
+  const uint64_t rest = ReadHugepagePool(kHugePage2M).free * kHugePage2M;
+  ASSERT_GT(rest, 0u);
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> carveout_failures{0}, rounds{0};
+  int stolen = 0;
+  std::thread mover([&] {
+    while (!stop) {
+      auto buffer = (*carveout)->Allocate(2 * kHugePage2M, "mover");
+      if (!buffer.ok()) ++carveout_failures;
+      ++rounds;
+    }
+  });
+  const absl::Time end = absl::Now() + absl::Seconds(1);
+  while (absl::Now() < end) {
+    auto buffer = contiguous.Allocate(rest + kHugePage2M, "greedy");
+    if (buffer.ok()) ++stolen;
+  }
+  stop = true;
+  mover.join();
+  EXPECT_EQ(carveout_failures, 0);
+  EXPECT_EQ(stolen, 0) << "the contiguous heap got the carveout's pages";
+  EXPECT_GT(rounds, 10);
+  EXPECT_EQ((*carveout)->Stats().reserved_resident, 4 * kHugePage2M);
 }
 
 // Tests a hugetlb-backed carveout: the reservation comes from the pool at
