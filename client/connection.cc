@@ -86,7 +86,7 @@ void Connection::Close() {
 Call Connection::NewCall() {
   Call call;
   call.context = std::make_unique<grpc::ClientContext>();
-  call.context->AddMetadata("bufferd-session", metadata_);
+  call.context->AddMetadata(kSessionMetadataKey, metadata_);
   call.context->set_deadline(std::chrono::system_clock::now() +
                              absl::ToChronoMilliseconds(timeout_ + kCallSlack));
   {
@@ -159,11 +159,6 @@ void Connection::QueueRelease(uint64_t handle) {
   } else if (flusher_idle_) {
     release_changed_.Signal();
   }
-}
-
-size_t Connection::PendingReleases() {
-  absl::MutexLock lock(&release_mu_);
-  return pending_releases_.size();
 }
 
 void Connection::FlushLoop() {

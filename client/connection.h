@@ -26,10 +26,6 @@ namespace bufferd::internal {
 // grpc::Status -> absl::Status, the client's one conversion point.
 absl::Status FromGrpcStatus(const grpc::Status& status);
 
-// The metadata key that carries releases of dropped Buffers on an RPC
-// (comma-separated handle ids; the daemon applies them before the call).
-inline constexpr char kReleaseMetadataKey[] = "bufferd-release";
-
 // One RPC's context: the session metadata and the releases it carries.
 struct Call {
   std::unique_ptr<grpc::ClientContext> context;
@@ -57,7 +53,7 @@ class Connection {
   // Handles one call carries at most (the daemon refuses more): keeps the
   // header far below gRPC's 8 KiB metadata limit. Beyond that many drops
   // between two calls, the oldest reach the daemon one-way, unordered.
-  static constexpr size_t kMaxCarried = 256;
+  static constexpr size_t kMaxCarried = kMaxCarriedReleases;
   // An RPC's deadline is the connection's timeout plus this.
   static constexpr absl::Duration kCallSlack = absl::Seconds(50);
   // How long a dropped Buffer's release waits for an RPC to carry it.
@@ -75,8 +71,6 @@ class Connection {
 
   // Releases `handle` without a round trip (see the class comment).
   void QueueRelease(uint64_t handle);
-  // Handles dropped and not yet told to the daemon (for tests).
-  size_t PendingReleases();
 
   // Shuts fd.sock down: the daemon ends the session (and releases every
   // handle, pending ones included).

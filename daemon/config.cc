@@ -5,7 +5,6 @@
 #include <set>
 #include <sstream>
 
-#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "base/errno_status.h"
@@ -70,9 +69,10 @@ bool ValidHeapName(const std::string& name) {
   return true;
 }
 
-// Where a field of the parsed text is: "line:column: " (1-based), or "" when
-// the text is unknown or the field was not written (then the enclosing heap's
-// position, if that was written).
+// The prefix an error about a field starts with: "source:line:column: "
+// (1-based) where the field, or for one not written its heap, stands in the
+// text; "source: " where nothing does (heap -1 and an unknown field name:
+// the config as a whole).
 using Locator = std::function<std::string(int heap, absl::string_view field, int element)>;
 
 absl::Status Validate(const v1::Config& config, const Locator& locate) {
@@ -85,7 +85,10 @@ absl::Status Validate(const v1::Config& config, const Locator& locate) {
     }
     return absl::InvalidArgumentError(absl::StrCat(where, "field '", field, "' ", problem));
   };
-  if (config.heaps_size() == 0) return absl::InvalidArgumentError("config defines no heaps");
+  if (config.heaps_size() == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(locate ? locate(-1, "", 0) : "", "config defines no heaps"));
+  }
   std::set<std::string> names;
   for (int i = 0; i < config.heaps_size(); ++i) {
     const v1::HeapConfig& heap = config.heaps(i);
@@ -153,14 +156,11 @@ absl::StatusOr<v1::Config> ParseConfig(absl::string_view text, absl::string_view
       }
       if (at.line < 0) at = locations.GetLocation(heaps_field, heap);  // the heap itself
     }
-    return at.line < 0 ? "" : absl::StrCat(at.line + 1, ":", at.column + 1, ": ");
+    // "bufferd.conf:4:3: ", or "bufferd.conf: " without a place.
+    return at.line < 0 ? absl::StrCat(source, ": ")
+                       : absl::StrCat(source, ":", at.line + 1, ":", at.column + 1, ": ");
   };
-  absl::Status status = Validate(config, locate);
-  if (!status.ok()) {
-    // "bufferd.conf:4:3: heaps[1] ...", or "bufferd.conf: ..." without a place.
-    const bool placed = absl::ascii_isdigit(status.message().empty() ? 'x' : status.message()[0]);
-    return absl::InvalidArgumentError(absl::StrCat(source, placed ? ":" : ": ", status.message()));
-  }
+  RETURN_IF_ERROR(Validate(config, locate));
   return config;
 }
 

@@ -17,7 +17,7 @@ absl::Status ApplyCarriedReleases(DaemonState& state, uint64_t session,
   auto it = metadata.find(kReleaseMetadataKey);
   if (it == metadata.end()) return absl::OkStatus();
   const absl::string_view value(it->second.data(), it->second.size());
-  constexpr size_t kMaxCarried = 256;  // the client library's cap too
+  constexpr size_t kMaxCarried = kMaxCarriedReleases;
   std::vector<uint64_t> handles;
   for (absl::string_view part : absl::StrSplit(value, ',')) {
     uint64_t handle;

@@ -8,6 +8,7 @@
 #ifndef BUFFERD_DAEMON_SERVICES_H_
 #define BUFFERD_DAEMON_SERVICES_H_
 
+#include "base/unix_socket.h"
 #include "bufferd/v1/buffer.grpc.pb.h"
 #include "bufferd/v1/debug.grpc.pb.h"
 #include "bufferd/v1/fence.grpc.pb.h"
@@ -17,13 +18,10 @@
 
 namespace bufferd {
 
-// The metadata key every call carries.
-inline constexpr char kSessionMetadataKey[] = "bufferd-session";
-// Optional: handles the client dropped since its last call, comma-separated
-// decimal ids (at most 256). They are released before the call runs, as if by one-way
-// ReleaseHandle records: a handle that is unknown or already released is
-// skipped (the client re-sends after a failed call; ids are never reused).
-inline constexpr char kReleaseMetadataKey[] = "bufferd-release";
+// Every call must carry kSessionMetadataKey. It may carry kReleaseMetadataKey
+// (base/unix_socket.h): handles released before the call runs, as if by
+// one-way ReleaseHandle records; a handle that is unknown or already released
+// is skipped (the client re-sends after a failed call; ids are never reused).
 
 class AllocatorService final : public v1::Allocator::CallbackService {
  public:

@@ -108,18 +108,8 @@ CarveoutHeap::~CarveoutHeap() = default;
 CarveoutHeap::Extents CarveoutHeap::TakeExtents(uint64_t size) {
   absl::MutexLock lock(&mu_);
   Extents taken;
-  struct Need {
-    CarveoutHeap* heap;
-    uint64_t size;
-  } need{this, size};
-  if (!mu_.AwaitWithTimeout(absl::Condition(
-                                +[](Need* n) ABSL_EXCLUSIVE_LOCKS_REQUIRED(n->heap->mu_) {
-                                  return n->heap->free_bytes_ >= n->size;
-                                },
-                                &need),
-                            kRefillWait)) {
-    return taken;
-  }
+  auto refilled = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return free_bytes_ >= size; };
+  if (!AwaitWithTimeout(mu_, refilled, kRefillWait)) return taken;
   free_bytes_ -= size;
   while (size > 0 && !free_.empty()) {
     auto it = free_.begin();

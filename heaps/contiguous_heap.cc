@@ -76,18 +76,11 @@ absl::StatusOr<AccountedHeap::Backed> ContiguousHeap::AllocateBacking(
     // to be freed and try again, before falling back.
     absl::MutexLock lock(&mu_);
     if (retired_hugetlb_ == 0) break;
-    struct Seen {
-      ContiguousHeap* heap;
-      uint64_t freed;
-    } seen{this, freed_hugetlb_};
-    if (!mu_.AwaitWithTimeout(absl::Condition(
-                                  +[](Seen* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s->heap->mu_) {
-                                    return s->heap->freed_hugetlb_ != s->freed;
-                                  },
-                                  &seen),
-                              kFreeWait)) {
-      break;
-    }
+    const uint64_t freed = freed_hugetlb_;
+    auto one_more_freed = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return freed_hugetlb_ != freed;
+    };
+    if (!AwaitWithTimeout(mu_, one_more_freed, kFreeWait)) break;
   }
   {
     HugepagePoolState pool = ReadHugepagePool(options_.hugepage_size);

@@ -24,6 +24,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "base/unique_fd.h"
 
 namespace bufferd {
@@ -50,6 +51,15 @@ struct HugepagePoolState {
 
 // Reads /sys/kernel/mm/hugepages/hugepages-<N>kB; all zero if absent.
 HugepagePoolState ReadHugepagePool(uint64_t page_size);
+
+// Waits, with `mu` held, until `ready()` (evaluated under `mu`) is true or
+// `timeout` has passed; returns whether it became true.
+template <typename Predicate>
+bool AwaitWithTimeout(absl::Mutex& mu, Predicate ready, absl::Duration timeout) {
+  return mu.AwaitWithTimeout(absl::Condition(
+                                 +[](Predicate* p) { return (*p)(); }, &ready),
+                             timeout);
+}
 
 // Held by this process's heaps while they move pages out of and back into
 // the kernel's hugetlb pool in two steps (a carveout's punch + new buffer, or

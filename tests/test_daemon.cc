@@ -180,7 +180,7 @@ std::unique_ptr<v1::Allocator::Stub> NewAllocatorStub(const std::string& socket_
 
 std::unique_ptr<grpc::ClientContext> RawSession::Context() const {
   auto context = std::make_unique<grpc::ClientContext>();
-  context->AddMetadata("bufferd-session", metadata);
+  context->AddMetadata(kSessionMetadataKey, metadata);
   return context;
 }
 
