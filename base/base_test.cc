@@ -6,9 +6,12 @@
 
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "base/client_text.h"
 #include "base/errno_status.h"
+#include "base/fd_budget.h"
 #include "base/fd_count.h"
 #include "base/mapping.h"
 #include "base/unique_fd.h"
@@ -196,6 +199,82 @@ TEST(UnixSocketTest, ListenConnectAccept) {
             absl::StatusCode::kInvalidArgument);
   ::unlink(path.c_str());
   ::rmdir(dir_template);
+}
+
+// Tests the budget's total and per-uid limits, the messages naming them, and
+// that a destroyed (or moved-from, then destroyed) lease gives its place back
+// exactly once.
+TEST(FdBudgetTest, TotalAndPerUidLimits) {
+  FdBudget budget({.total = 4, .per_uid = 3});
+  std::vector<FdBudget::Lease> leases;
+  for (int i = 0; i < 3; ++i) {
+    auto lease = budget.Acquire(FdUse::kBuffer, 1);
+    ASSERT_TRUE(lease.ok()) << lease.status();
+    leases.push_back(*std::move(lease));
+  }
+  auto fourth = budget.Acquire(FdUse::kSession, 1);
+  EXPECT_EQ(fourth.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(fourth.status().message(),
+            "fd budget of uid 1 reached: it holds 3 of 3 fds (limits.max_fds_per_uid); release "
+            "buffers or close sessions");
+  auto other = budget.Acquire(FdUse::kSession, 2);
+  ASSERT_TRUE(other.ok());
+  auto full = budget.Acquire(FdUse::kControlConnection, 3);
+  EXPECT_EQ(full.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(full.status().message(),
+            "daemon fd budget reached: 4 of 4 fds in use (3 buffers, 1 sessions); try again when "
+            "some close");
+  EXPECT_EQ(budget.usage().total, 4u);
+  EXPECT_EQ(budget.usage().of(FdUse::kBuffer), 3u);
+  EXPECT_EQ(budget.UsedBy(1), 3u);
+
+  FdBudget::Lease moved = std::move(leases[0]);
+  EXPECT_FALSE(leases[0].held());
+  leases.clear();
+  EXPECT_EQ(budget.UsedBy(1), 1u) << "the moved-from lease returned nothing";
+  moved.Reset();
+  moved.Reset();
+  EXPECT_EQ(budget.UsedBy(1), 0u);
+  EXPECT_EQ(budget.usage().total, 1u);
+  EXPECT_TRUE(budget.Acquire(FdUse::kDelivery, 3).ok());
+  EXPECT_EQ(budget.usage().total, 1u) << "that temporary lease went at once";
+}
+
+// Tests that the limits hold exactly when 8 threads race for the last places.
+TEST(FdBudgetTest, ExactUnderConcurrency) {
+  FdBudget budget({.total = 1000, .per_uid = 300});
+  std::vector<std::vector<FdBudget::Lease>> held(8);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 400; ++i) {
+        auto lease = budget.Acquire(FdUse::kBuffer, static_cast<uid_t>(t % 4));
+        if (lease.ok()) held[t].push_back(*std::move(lease));
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  size_t total = 0;
+  for (const auto& leases : held) total += leases.size();
+  EXPECT_EQ(total, 1000u);
+  EXPECT_EQ(budget.usage().total, 1000u);
+  for (uid_t uid = 0; uid < 4; ++uid) EXPECT_LE(budget.UsedBy(uid), 300u) << uid;
+  held.clear();
+  EXPECT_EQ(budget.usage().total, 0u);
+}
+
+// Tests that client text is escaped (no control byte, quote or newline gets
+// through raw) and cut to a prefix with the full length.
+TEST(ClientTextTest, QuotesEscapedAndShort) {
+  EXPECT_EQ(QuoteClientText("system"), "'system'");
+  EXPECT_EQ(QuoteClientText("a\x1b[2J\nb'c\\"), "'a\\x1b[2J\\nb\\'c\\\\'");
+  EXPECT_EQ(QuoteClientText(std::string("\xff\0", 2)), "'\\xff\\x00'");
+  EXPECT_EQ(QuoteClientText(std::string(100000, 'x')),
+            "'" + std::string(64, 'x') + "...' (100000 bytes)");
+  EXPECT_EQ(QuoteClientText("abcdef", 3), "'abc...' (6 bytes)");
+  const std::string quoted = QuoteClientText(std::string(1000, '\x07'));
+  EXPECT_EQ(quoted.find('\x07'), std::string::npos);
+  EXPECT_LT(quoted.size(), 300u);
 }
 
 }  // namespace

@@ -1,4 +1,5 @@
-// Test helper: how many fds a process has open (/proc/<pid>/fd).
+// How many fds a process has open (/proc/<pid>/fd): for tests, and for the
+// daemon's fd reserve at startup.
 #ifndef BUFFERD_BASE_FD_COUNT_H_
 #define BUFFERD_BASE_FD_COUNT_H_
 

@@ -26,22 +26,36 @@ absl::StatusOr<sockaddr_un> MakeAddress(absl::string_view path) {
   return address;
 }
 
-absl::StatusOr<UniqueFd> NewSeqPacketSocket() {
-  int fd = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-  if (fd < 0) return ErrnoError("socket(AF_UNIX, SOCK_SEQPACKET)", errno);
+absl::StatusOr<UniqueFd> NewSocket(int type) {
+  int fd = ::socket(AF_UNIX, type | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    return ErrnoError(type == SOCK_STREAM ? "socket(AF_UNIX, SOCK_STREAM)"
+                                          : "socket(AF_UNIX, SOCK_SEQPACKET)",
+                      errno);
+  }
   return UniqueFd(fd);
 }
 
-}  // namespace
+absl::StatusOr<UniqueFd> NewSeqPacketSocket() { return NewSocket(SOCK_SEQPACKET); }
 
-absl::StatusOr<UnixSocket> UnixSocket::ListenSeqPacket(absl::string_view path, int backlog) {
+absl::StatusOr<UnixSocket> Listen(int type, absl::string_view path, int backlog) {
   ASSIGN_OR_RETURN(sockaddr_un address, MakeAddress(path));
-  ASSIGN_OR_RETURN(UniqueFd fd, NewSeqPacketSocket());
+  ASSIGN_OR_RETURN(UniqueFd fd, NewSocket(type));
   if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)) != 0) {
     return ErrnoError(absl::StrCat("bind(", path, ")"), errno);
   }
   if (::listen(fd.get(), backlog) != 0) return ErrnoError("listen", errno);
   return UnixSocket(std::move(fd));
+}
+
+}  // namespace
+
+absl::StatusOr<UnixSocket> UnixSocket::ListenSeqPacket(absl::string_view path, int backlog) {
+  return Listen(SOCK_SEQPACKET, path, backlog);
+}
+
+absl::StatusOr<UnixSocket> UnixSocket::ListenStream(absl::string_view path, int backlog) {
+  return Listen(SOCK_STREAM, path, backlog);
 }
 
 absl::StatusOr<UnixSocket> UnixSocket::ConnectSeqPacket(absl::string_view path) {

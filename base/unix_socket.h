@@ -45,6 +45,9 @@ class UnixSocket {
   // A SOCK_SEQPACKET socket listening on `path` (unlinks nothing: callers
   // decide whether a stale socket may be removed).
   static absl::StatusOr<UnixSocket> ListenSeqPacket(absl::string_view path, int backlog = 128);
+  // A SOCK_STREAM socket listening on `path` (control.sock, whose connections
+  // the daemon accepts itself and hands to gRPC).
+  static absl::StatusOr<UnixSocket> ListenStream(absl::string_view path, int backlog = 128);
   // Connects a blocking SOCK_SEQPACKET socket to `path`.
   static absl::StatusOr<UnixSocket> ConnectSeqPacket(absl::string_view path);
   // A connected SOCK_SEQPACKET pair (for tests and in-process plumbing).

@@ -49,6 +49,14 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
   if (n <= 0) return absl::DeadlineExceededError("bufferd sent no hello on fd.sock");
   ASSIGN_OR_RETURN(UnixSocket::Received received, socket->RecvWithFds());
   v1::FdChannelMessage message;
+  if (!received.eof && message.ParseFromString(received.bytes) && message.has_refused()) {
+    // A cap or the daemon's fd budget: the daemon says which.
+    const v1::Refused& refused = message.refused();
+    const absl::StatusCode code = refused.code() > 0 && refused.code() <= 16
+                                      ? static_cast<absl::StatusCode>(refused.code())
+                                      : absl::StatusCode::kUnavailable;
+    return absl::Status(code, absl::StrCat("bufferd refused the session: ", refused.message()));
+  }
   if (received.eof || !message.ParseFromString(received.bytes) || !message.has_hello()) {
     return absl::UnavailableError("bufferd closed fd.sock or sent no hello");
   }

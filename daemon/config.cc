@@ -44,6 +44,13 @@ constexpr char kDefaultConfig[] = R"pb(# bufferd embedded default configuration.
                                        default_token_ttl_ms: 30000
                                        max_queued_deliveries: 1024
                                        stalled_session_timeout_ms: 10000
+                                       limits {
+                                         max_sessions: 4096
+                                         max_sessions_per_uid: 1024
+                                         max_control_connections: 4096
+                                         max_control_connections_per_uid: 1024
+                                         # max_fds_per_uid: half the fd budget
+                                       }
 )pb";
 
 // Collects parser errors as "source:line:column: message".

@@ -14,6 +14,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "base/errno_status.h"
+#include "base/fd_count.h"
 #include "daemon/config.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -23,6 +24,14 @@
 
 namespace bufferd {
 namespace {
+
+// fds kept free below RLIMIT_NOFILE beyond the daemon's own at startup: for
+// short-lived opens (/proc reads, sysfs, an accept about to be refused).
+constexpr uint64_t kSpareFds = 64;
+// A budget smaller than this serves nobody usefully.
+constexpr uint64_t kMinFdBudget = 16;
+
+uint32_t OrDefault(uint32_t value, uint32_t fallback) { return value != 0 ? value : fallback; }
 
 // The gid of the config's `group`; -1 (no change) when it is empty.
 absl::StatusOr<gid_t> SocketGroup(const std::string& group) {
@@ -127,10 +136,13 @@ absl::Status Daemon::Init(const v1::Config& config) {
 
   const uint64_t nofile = RaiseFdLimit();
   ASSIGN_OR_RETURN(heaps_, BuildHeaps(config));
+  const v1::LimitsConfig& limits = config.limits();
   DaemonState::Options options;
   options.quotas = config.quotas();
-  options.fd_budget =
-      config.fd_budget() != 0 ? config.fd_budget() : (nofile > 256 ? nofile * 3 / 4 : nofile / 2);
+  options.fd_budget = &budget_;
+  options.max_sessions = OrDefault(limits.max_sessions(), options.max_sessions);
+  options.max_sessions_per_uid =
+      OrDefault(limits.max_sessions_per_uid(), options.max_sessions_per_uid);
   if (config.default_token_ttl_ms() != 0) {
     options.default_token_ttl = absl::Milliseconds(config.default_token_ttl_ms());
   }
@@ -166,6 +178,8 @@ absl::Status Daemon::Init(const v1::Config& config) {
   channel_ = std::make_unique<FdChannel>(state_.get(), channel_options);
   ASSIGN_OR_RETURN(UnixSocket listener, UnixSocket::ListenSeqPacket(fd_path));
   RETURN_IF_ERROR(SetAccess(fd_path, group, socket_mode));
+  ASSIGN_OR_RETURN(UnixSocket control_listener, UnixSocket::ListenStream(control_path));
+  RETURN_IF_ERROR(SetAccess(control_path, group, socket_mode));
 
   allocator_ =
       std::make_unique<AllocatorService>(state_.get(), channel_.get(), work_.get(), reaper_.get());
@@ -175,7 +189,7 @@ absl::Status Daemon::Init(const v1::Config& config) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(absl::StrCat("unix:", control_path), grpc::InsecureServerCredentials());
+  // No listening port: the ControlListener accepts and hands connections over.
   builder.RegisterService(allocator_.get());
   builder.RegisterService(debug_.get());
   builder.RegisterService(fence_.get());
@@ -183,17 +197,53 @@ absl::Status Daemon::Init(const v1::Config& config) {
   if (server_ == nullptr) {
     return absl::UnavailableError(absl::StrCat("cannot serve gRPC on ", control_path));
   }
-  RETURN_IF_ERROR(SetAccess(control_path, group, socket_mode));
+  ControlListener::Options control_options;
+  control_options.max_connections =
+      OrDefault(limits.max_control_connections(), control_options.max_connections);
+  control_options.max_connections_per_uid =
+      OrDefault(limits.max_control_connections_per_uid(), control_options.max_connections_per_uid);
+  control_ = std::make_unique<ControlListener>(&budget_, control_options);
+  // Everything of the daemon's own is open now: what is left is the budget.
+  RETURN_IF_ERROR(SetFdBudget(config, nofile));
+  RETURN_IF_ERROR(control_->Start(std::move(control_listener), server_.get()));
   // fd.sock goes live last: a client that can connect to it can also call.
   RETURN_IF_ERROR(channel_->Start(std::move(listener)));
-  spdlog::info("bufferd serving in {} (pid {}, fd budget {})", socket_dir_, ::getpid(),
-               options.fd_budget);
+  spdlog::info("bufferd serving in {} (pid {})", socket_dir_, ::getpid());
+  return absl::OkStatus();
+}
+
+absl::Status Daemon::SetFdBudget(const v1::Config& config, uint64_t nofile) {
+  const int open = CountOpenFds();
+  const uint64_t own = open > 0 ? static_cast<uint64_t>(open) : 64;
+  FdBudget::Limits limits;
+  limits.rlimit_nofile = nofile;
+  limits.reserve = own + kSpareFds;
+  if (nofile < limits.reserve + kMinFdBudget) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "RLIMIT_NOFILE is ", nofile, ": the daemon keeps ", limits.reserve, " fds for itself (", own,
+        " open now + ", kSpareFds, " spare) and needs at least ", kMinFdBudget,
+        " more for clients; raise the limit (ulimit -n, or LimitNOFILE= in its unit)"));
+  }
+  limits.total = nofile - limits.reserve;
+  if (config.fd_budget() != 0 && config.fd_budget() <= limits.total) {
+    limits.total = config.fd_budget();
+  } else if (config.fd_budget() != 0) {
+    spdlog::warn("fd_budget {} is above what RLIMIT_NOFILE {} allows with a reserve of {}; using {}",
+                 config.fd_budget(), nofile, limits.reserve, limits.total);
+  }
+  const uint64_t per_uid = config.limits().max_fds_per_uid();
+  limits.per_uid = per_uid != 0 ? std::min<uint64_t>(per_uid, limits.total) : limits.total / 2;
+  budget_.SetLimits(limits);
+  spdlog::info("fd budget {} of RLIMIT_NOFILE {} (reserve {}: {} own + {} spare), {} per uid",
+               limits.total, nofile, limits.reserve, own, kSpareFds, limits.per_uid);
   return absl::OkStatus();
 }
 
 void Daemon::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
+  // No new connection reaches gRPC once it shuts down.
+  if (control_) control_->Stop();
   // In-flight calls may be finishing on the work queue: it outlives Shutdown.
   if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   if (channel_) channel_->Stop();
@@ -209,6 +259,7 @@ void Daemon::Shutdown() {
 
 Daemon::~Daemon() {
   Shutdown();
+  control_.reset();
   server_.reset();
   channel_.reset();
   reaper_.reset();  // runs the frees queued so far; nothing frees after this

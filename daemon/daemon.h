@@ -6,6 +6,11 @@
 // with it, so its stale sockets are removed and taken over), reserves the
 // heaps, and starts serving. Shutdown() stops serving, ends every session and
 // removes the sockets (the lock file stays).
+//
+// Every fd it holds for clients is counted in one FdBudget: RLIMIT_NOFILE
+// (raised to its hard limit) minus a reserve for the daemon's own fds, measured
+// once everything but the clients is open. control.sock's connections are
+// accepted by a ControlListener, not by gRPC, so gRPC never meets EMFILE.
 #ifndef BUFFERD_DAEMON_DAEMON_H_
 #define BUFFERD_DAEMON_DAEMON_H_
 
@@ -13,7 +18,9 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "base/fd_budget.h"
 #include "bufferd/v1/config.pb.h"
+#include "daemon/control_listener.h"
 #include "daemon/fd_channel.h"
 #include "daemon/services.h"
 #include "daemon/state.h"
@@ -36,8 +43,13 @@ class Daemon {
  private:
   Daemon() = default;
   absl::Status Init(const v1::Config& config);
+  // Sets the fd budget's limits from RLIMIT_NOFILE `nofile`, the fds open
+  // now and the config.
+  absl::Status SetFdBudget(const v1::Config& config, uint64_t nofile);
 
   std::string socket_dir_;
+  // First: every lease (buffers, connections) is returned before it goes.
+  FdBudget budget_;
   UniqueFd lock_file_;
   std::unique_ptr<HeapRegistry> heaps_;
   std::unique_ptr<DaemonState> state_;
@@ -49,6 +61,7 @@ class Daemon {
   std::unique_ptr<DebugService> debug_;
   std::unique_ptr<FenceService> fence_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<ControlListener> control_;
   bool shut_down_ = false;
 };
 

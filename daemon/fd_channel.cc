@@ -9,13 +9,27 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "base/client_text.h"
 #include "base/errno_status.h"
+#include "daemon/log.h"
 #include "spdlog/spdlog.h"
 
 namespace bufferd {
 namespace {
 
 constexpr uint32_t kProtocolVersion = 1;
+constexpr absl::Duration kChurnSummaryPeriod = absl::Minutes(1);
+
+// Sessions that end badly and connections refused: one line per kind,
+// whichever client causes them.
+LogLimiter& BadEndLog() {
+  static LogLimiter limiter;
+  return limiter;
+}
+LogLimiter& RefusalLog() {
+  static LogLimiter limiter;
+  return limiter;
+}
 
 std::string ReadComm(pid_t pid) {
   std::ifstream in(absl::StrCat("/proc/", pid, "/comm"));
@@ -108,6 +122,7 @@ void FdChannel::Loop() {
       ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, listener_.fd(), &event);
     }
     CheckStalled();
+    SummarizeChurn();
     state_->Housekeeping(absl::Now());
   }
 }
@@ -117,60 +132,94 @@ void FdChannel::AcceptAll() {
     absl::StatusOr<UnixSocket> socket = listener_.Accept(/*nonblocking=*/true);
     if (!socket.ok()) {
       if (IsWouldBlock(socket.status())) return;
-      spdlog::warn("fd.sock accept failed: {}; pausing accepts for 100 ms",
-                   socket.status().ToString());
+      LogLimited(RefusalLog(), spdlog::level::warn,
+                 "fd.sock accept failed: {}; pausing accepts for 100 ms",
+                 socket.status().ToString());
       // Out of fds (EMFILE/ENFILE): the listener stays readable, so stop
       // watching it for a while instead of spinning.
       ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, listener_.fd(), nullptr);
       accept_paused_until_ = absl::Now() + absl::Milliseconds(100);
       return;
     }
-    absl::StatusOr<PeerCredentials> peer = socket->GetPeerCredentials();
-    if (!peer.ok()) {
-      spdlog::warn("dropping fd.sock connection: {}", peer.status().ToString());
-      continue;
-    }
-    std::string comm = ReadComm(peer->pid);
-    DaemonState::NewSession session = state_->OpenSession(*peer, comm);
-    const int fd = socket->fd();
-    epoll_event event{};
-    event.events = EPOLLIN | EPOLLRDHUP;
-    event.data.fd = fd;
-    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &event) != 0) {
-      spdlog::warn("session {}: {}", session.id, ErrnoError("epoll_ctl", errno).ToString());
-      state_->CloseSession(session.id);
-      continue;
-    }
-    v1::FdChannelMessage message;
-    v1::Hello* hello = message.mutable_hello();
-    hello->set_protocol_version(kProtocolVersion);
-    hello->set_session_id(session.id);
-    hello->set_secret(session.secret);
-    hello->set_daemon_pid(static_cast<uint32_t>(::getpid()));
-    const std::string hello_bytes = message.SerializeAsString();
-    bool hello_failed = false;
-    {
-      // Registered before the Hello goes out: a client may call the moment
-      // it has it, and its fds must find this connection.
-      absl::MutexLock lock(&mu_);
-      Connection& connection = connections_[fd];
-      connection.session_id = session.id;
-      connection.socket = *std::move(socket);
-      by_session_[session.id] = fd;
-      // A fresh socket's buffer is empty, so this cannot block.
-      absl::Status sent = connection.socket.Send(hello_bytes, {}, /*dont_wait=*/true);
-      if (!sent.ok()) {
-        spdlog::warn("session {}: hello failed: {}", session.id, sent.ToString());
-        hello_failed = true;
-      }
-    }
-    if (hello_failed) {
-      EndConnection(fd, "hello could not be sent");
-      continue;
-    }
-    spdlog::info("session {} opened: pid {} uid {} comm '{}'", session.id, peer->pid, peer->uid,
-                 comm);
+    Admit(*std::move(socket));
   }
+}
+
+void FdChannel::Admit(UnixSocket socket) {
+  absl::StatusOr<PeerCredentials> peer = socket.GetPeerCredentials();
+  if (!peer.ok()) {
+    LogLimited(RefusalLog(), spdlog::level::warn, "dropping fd.sock connection: {}",
+               peer.status().ToString());
+    return;
+  }
+  // The connection's place in the budget first, then the session caps.
+  absl::StatusOr<FdBudget::Lease> lease =
+      state_->fd_budget().Acquire(FdUse::kSession, peer->uid);
+  const std::string comm = ReadComm(peer->pid);
+  absl::StatusOr<DaemonState::NewSession> session =
+      lease.ok() ? state_->OpenSession(*peer, comm) : lease.status();
+  if (!session.ok()) {
+    // Say why before closing: the client library reports it as the error.
+    v1::FdChannelMessage message;
+    message.mutable_refused()->set_code(static_cast<int32_t>(session.status().code()));
+    message.mutable_refused()->set_message(std::string(session.status().message()));
+    (void)socket.Send(message.SerializeAsString(), {}, /*dont_wait=*/true);
+    ++refused_;
+    LogLimited(RefusalLog(), spdlog::level::warn, "fd.sock: refused pid {} uid {} comm {}: {}",
+               peer->pid, peer->uid, QuoteClientText(comm), std::string(session.status().message()));
+    return;
+  }
+  const int fd = socket.fd();
+  epoll_event event{};
+  event.events = EPOLLIN | EPOLLRDHUP;
+  event.data.fd = fd;
+  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &event) != 0) {
+    LogLimited(RefusalLog(), spdlog::level::warn, "session {}: {}", session->id,
+               ErrnoError("epoll_ctl", errno).ToString());
+    state_->CloseSession(session->id);
+    return;
+  }
+  v1::FdChannelMessage message;
+  v1::Hello* hello = message.mutable_hello();
+  hello->set_protocol_version(kProtocolVersion);
+  hello->set_session_id(session->id);
+  hello->set_secret(session->secret);
+  hello->set_daemon_pid(static_cast<uint32_t>(::getpid()));
+  const std::string hello_bytes = message.SerializeAsString();
+  bool hello_failed = false;
+  {
+    // Registered before the Hello goes out: a client may call the moment
+    // it has it, and its fds must find this connection.
+    absl::MutexLock lock(&mu_);
+    Connection& connection = connections_[fd];
+    connection.session_id = session->id;
+    connection.socket = std::move(socket);
+    connection.lease = *std::move(lease);
+    by_session_[session->id] = fd;
+    // A fresh socket's buffer is empty, so this cannot block.
+    hello_failed = !connection.socket.Send(hello_bytes, {}, /*dont_wait=*/true).ok();
+  }
+  ++opened_;
+  spdlog::debug("session {} opened: pid {} uid {} comm {}", session->id, peer->pid, peer->uid,
+                QuoteClientText(comm));
+  // Usually a client that connected and left at once: churn, not a fault.
+  if (hello_failed) EndConnection(fd, "the hello could not be sent");
+}
+
+void FdChannel::SummarizeChurn() {
+  const absl::Time now = absl::Now();
+  if (now - churn_since_ < kChurnSummaryPeriod) return;
+  if (opened_ != 0 || ended_ != 0 || refused_ != 0) {
+    size_t live;
+    {
+      absl::MutexLock lock(&mu_);
+      live = connections_.size();
+    }
+    spdlog::info("sessions in the last {}: {} opened, {} ended, {} refused; {} open now",
+                 absl::FormatDuration(now - churn_since_), opened_, ended_, refused_, live);
+  }
+  opened_ = ended_ = refused_ = 0;
+  churn_since_ = now;
 }
 
 void FdChannel::OnReadable(int fd) {
@@ -188,7 +237,7 @@ void FdChannel::OnReadable(int fd) {
     absl::StatusOr<UnixSocket::Received> received = socket->RecvWithFds(4096, /*dont_wait=*/true);
     if (!received.ok()) {
       if (IsWouldBlock(received.status())) return;  // drained
-      EndConnection(fd, received.status().ToString());
+      EndConnection(fd, received.status().ToString(), /*badly=*/true);
       return;
     }
     if (received->eof) {
@@ -197,7 +246,7 @@ void FdChannel::OnReadable(int fd) {
     }
     v1::FdChannelMessage message;
     if (!message.ParseFromString(received->bytes)) {
-      EndConnection(fd, "client sent a malformed record on fd.sock");
+      EndConnection(fd, "client sent a malformed record on fd.sock", /*badly=*/true);
       return;
     }
     if (message.has_release()) {
@@ -221,13 +270,13 @@ void FdChannel::OnWritable(int fd) {
     failed = !FlushLocked(it->second);
     if (!failed && it->second.queue.empty()) WatchWritable(fd, false);
   }
-  if (failed) EndConnection(fd, "fd delivery failed");
+  if (failed) EndConnection(fd, "fd delivery failed", /*badly=*/true);
 }
 
 bool FdChannel::FlushLocked(Connection& connection) {
   while (!connection.queue.empty()) {
     Pending& next = connection.queue.front();
-    int fds[] = {next.fd.get()};
+    int fds[] = {next.fd.fd.get()};
     absl::Status sent = connection.socket.Send(next.bytes, fds, /*dont_wait=*/true);
     if (!sent.ok()) {
       return IsWouldBlock(sent);
@@ -247,7 +296,7 @@ void FdChannel::WatchWritable(int fd, bool writable) {
 }
 
 absl::Status FdChannel::Deliver(uint64_t session_id, uint64_t transfer_id, v1::FdKind kind,
-                                uint64_t object_id, UniqueFd fd) {
+                                uint64_t object_id, LeasedFd fd) {
   v1::FdChannelMessage message;
   v1::FdDelivery* delivery = message.mutable_delivery();
   delivery->set_transfer_id(transfer_id);
@@ -262,7 +311,7 @@ absl::Status FdChannel::Deliver(uint64_t session_id, uint64_t transfer_id, v1::F
   }
   Connection& connection = connections_.at(s->second);
   if (connection.queue.empty()) {
-    int fds[] = {fd.get()};
+    int fds[] = {fd.fd.get()};
     absl::Status sent = connection.socket.Send(bytes, fds, /*dont_wait=*/true);
     if (sent.ok()) return absl::OkStatus();
     if (!IsWouldBlock(sent)) {
@@ -306,10 +355,10 @@ void FdChannel::CheckStalled() {
       }
     }
   }
-  for (int fd : stalled) EndConnection(fd, "client stopped reading fd.sock");
+  for (int fd : stalled) EndConnection(fd, "client stopped reading fd.sock", /*badly=*/true);
 }
 
-void FdChannel::EndConnection(int fd, absl::string_view why) {
+void FdChannel::EndConnection(int fd, absl::string_view why, bool badly) {
   uint64_t session_id;
   {
     absl::MutexLock lock(&mu_);
@@ -322,7 +371,12 @@ void FdChannel::EndConnection(int fd, absl::string_view why) {
     connections_.erase(it);  // closes the socket and any queued fds
   }
   state_->CloseSession(session_id);
-  spdlog::info("session {} ended: {}", session_id, std::string(why));
+  ++ended_;
+  if (badly) {
+    LogLimited(BadEndLog(), spdlog::level::warn, "session {} ended: {}", session_id, std::string(why));
+  } else {
+    spdlog::debug("session {} ended: {}", session_id, std::string(why));
+  }
 }
 
 }  // namespace bufferd

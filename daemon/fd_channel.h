@@ -2,7 +2,12 @@
 //
 // One thread runs an epoll loop that accepts connections, opens a session for
 // each (SO_PEERCRED + /proc/<pid>/comm), sends the Hello, and ends the session
-// when the connection closes for any reason (exit, crash, kill -9). RPC
+// when the connection closes for any reason (exit, crash, kill -9). Each
+// connection holds a place in the fd budget; one that finds no place, or whose
+// uid is at its session cap, gets a Refused record naming why and is closed.
+// Session churn is logged at debug level, with a summary at info once a
+// minute; a session that ends badly (garbage record, stalled) logs one line,
+// rate-limited across sessions. RPC
 // threads call Deliver() to hand a client an fd tagged with a transfer id; it
 // never blocks: if the client's socket buffer is full the delivery is queued
 // (bounded), flushed when the socket drains, and a session that stays stalled
@@ -38,6 +43,7 @@ class FdChannel {
     absl::Duration stalled_session_timeout = absl::Seconds(10);
   };
 
+  // Connections are counted in `state`'s fd budget.
   FdChannel(DaemonState* state, Options options);
   ~FdChannel();
 
@@ -49,7 +55,7 @@ class FdChannel {
   // Sends `fd` to the session's client tagged with `transfer_id`. ABORTED if
   // the session's connection is gone; RESOURCE_EXHAUSTED if its queue is full.
   absl::Status Deliver(uint64_t session_id, uint64_t transfer_id, v1::FdKind kind,
-                       uint64_t object_id, UniqueFd fd);
+                       uint64_t object_id, LeasedFd fd);
 
   // Deliveries waiting for the client to read (for ListClients).
   size_t QueuedDeliveries(uint64_t session_id) const;
@@ -57,11 +63,12 @@ class FdChannel {
  private:
   struct Pending {
     std::string bytes;
-    UniqueFd fd;
+    LeasedFd fd;
   };
   struct Connection {
     uint64_t session_id = 0;
     UnixSocket socket;
+    FdBudget::Lease lease;
     std::deque<Pending> queue;
     // When the queue last became non-empty.
     absl::Time stalled_since;
@@ -69,13 +76,18 @@ class FdChannel {
 
   void Loop();
   void AcceptAll();
+  // Opens a session for a new connection, or refuses it (Refused record).
+  void Admit(UnixSocket socket);
+  // Logs the last minute's session churn at info, if there was any.
+  void SummarizeChurn();
   // Handles what the client sent (one-way releases); ends the session on
   // EOF, error or a malformed record.
   void OnReadable(int fd);
   void OnWritable(int fd);
   void CheckStalled();
-  // Ends the session of the connection on `fd`.
-  void EndConnection(int fd, absl::string_view why);
+  // Ends the session of the connection on `fd`; `badly` logs a warning
+  // (rate-limited), otherwise a debug line.
+  void EndConnection(int fd, absl::string_view why, bool badly = false);
   // Flushes as much of the queue as the socket takes. Returns false if the
   // connection failed.
   bool FlushLocked(Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -96,6 +108,12 @@ class FdChannel {
   size_t total_queued_ ABSL_GUARDED_BY(mu_) = 0;
   // Loop thread only: accepts paused after EMFILE until then.
   absl::Time accept_paused_until_ = absl::InfinitePast();
+  // Loop thread only: sessions opened, ended and refused since the last
+  // churn summary.
+  uint64_t opened_ = 0;
+  uint64_t ended_ = 0;
+  uint64_t refused_ = 0;
+  absl::Time churn_since_ = absl::Now();
 };
 
 }  // namespace bufferd

@@ -9,6 +9,7 @@
 #include "absl/synchronization/mutex.h"
 #include "daemon/config.h"
 #include "daemon/daemon.h"
+#include "daemon/log.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
 
@@ -49,6 +50,7 @@ int main(int argc, char** argv) {
   }
   const std::string level = !log_level.empty() ? log_level : config->log_level();
   if (!level.empty()) spdlog::set_level(spdlog::level::from_str(level));
+  bufferd::InstallLibraryLogHandlers();
 
   // Block the stop signals before any thread starts, then wait for one.
   sigset_t stop;

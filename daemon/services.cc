@@ -3,6 +3,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "base/client_text.h"
 #include "base/errno_status.h"
 #include "daemon/grpc_status.h"
 #include "spdlog/spdlog.h"
@@ -24,7 +25,7 @@ absl::Status ApplyCarriedReleases(DaemonState& state, uint64_t session,
     if (!absl::SimpleAtoi(part, &handle) || handle == 0 || handles.size() == kMaxCarried) {
       return absl::InvalidArgumentError(
           absl::StrCat("metadata ", kReleaseMetadataKey, ": expected up to ", kMaxCarried,
-                       " comma-separated handle ids, got '", value.substr(0, 64), "'"));
+                       " comma-separated handle ids, got ", QuoteClientText(value)));
     }
     handles.push_back(handle);
   }
@@ -78,8 +79,8 @@ absl::Status AllocatorService::DoAllocate(uint64_t session, const v1::AllocateRe
                                           grpc::CallbackServerContext* context) {
   absl::StatusOr<DaemonState::Grant> grant = state_->Allocate(session, request);
   if (!grant.ok()) {
-    spdlog::debug("session {}: Allocate({}, {}) failed: {}", session, request.heap(),
-                  request.size(), grant.status().ToString());
+    spdlog::debug("session {}: Allocate({}, {}) failed: {}", session,
+                  QuoteClientText(request.heap()), request.size(), grant.status().ToString());
     return grant.status();
   }
   if (context != nullptr && context->IsCancelled()) {

@@ -27,6 +27,8 @@ namespace {
 using google::protobuf::util::TimeUtil;
 
 constexpr size_t kMaxNameBytes = 200;
+// Configured heap names are [a-z0-9_-]{1,32}: a longer request names none.
+constexpr size_t kMaxHeapNameBytes = 32;
 constexpr absl::Duration kMaxTokenTtl = absl::Hours(1);
 constexpr absl::Duration kTombstoneGrace = absl::Minutes(10);
 // Share tokens a session may have out that nobody redeemed yet (an expired
@@ -96,7 +98,10 @@ absl::Status ValidateName(absl::string_view name) {
 }  // namespace
 
 DaemonState::DaemonState(const HeapRegistry* heaps, Options options)
-    : heaps_(heaps), options_(std::move(options)) {}
+    : heaps_(heaps),
+      options_(std::move(options)),
+      own_budget_(options_.fd_budget == nullptr ? std::make_unique<FdBudget>() : nullptr),
+      budget_(options_.fd_budget != nullptr ? options_.fd_budget : own_budget_.get()) {}
 
 DaemonState::~DaemonState() {
   std::vector<std::unique_ptr<HeapBuffer>> graveyard;
@@ -104,7 +109,8 @@ DaemonState::~DaemonState() {
   for (auto& [id, buffer] : buffers_) graveyard.push_back(std::move(buffer->memory));
 }
 
-DaemonState::NewSession DaemonState::OpenSession(const PeerCredentials& peer, std::string comm) {
+absl::StatusOr<DaemonState::NewSession> DaemonState::OpenSession(const PeerCredentials& peer,
+                                                                  std::string comm) {
   auto session = std::make_unique<Session>();
   session->peer = peer;
   session->comm = std::move(comm);
@@ -113,6 +119,16 @@ DaemonState::NewSession DaemonState::OpenSession(const PeerCredentials& peer, st
   result.secret = RandomBytes(16);
   session->secret = absl::BytesToHexString(result.secret);
   absl::MutexLock lock(&mu_);
+  if (sessions_.size() >= options_.max_sessions) {
+    return absl::ResourceExhaustedError(absl::StrCat("bufferd has ", sessions_.size(),
+                                                     " sessions open (limits.max_sessions)"));
+  }
+  uint32_t& of_uid = sessions_per_uid_[peer.uid];
+  if (of_uid >= options_.max_sessions_per_uid) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "uid ", peer.uid, " has ", of_uid, " sessions open (limits.max_sessions_per_uid)"));
+  }
+  ++of_uid;
   session->id = result.id = next_session_id_++;
   sessions_[result.id] = std::move(session);
   return result;
@@ -129,6 +145,8 @@ void DaemonState::CloseSession(uint64_t session_id) {
     }
     // What is left is charged by in-flight Allocates; they uncharge the uid
     // themselves when they find the session gone.
+    auto of_uid = sessions_per_uid_.find(it->second->peer.uid);
+    if (--of_uid->second == 0) sessions_per_uid_.erase(of_uid);
     sessions_.erase(it);
   }
   Dispose(graveyard);
@@ -226,6 +244,8 @@ void DaemonState::UnchargeLocked(uint64_t session_id, uid_t uid, const std::stri
 
 absl::StatusOr<DaemonState::Grant> DaemonState::AddHandleLocked(Session& session, Buffer& buffer,
                                                                 v1::Access access) {
+  // The fd to deliver is the daemon's until the client has it.
+  ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kDelivery, session.peer.uid));
   UniqueFd fd;
   if (access == v1::ACCESS_READ_ONLY) {
     // A new open file description, O_RDONLY: the holder cannot map it writable.
@@ -240,7 +260,7 @@ absl::StatusOr<DaemonState::Grant> DaemonState::AddHandleLocked(Session& session
   grant.transfer_id = next_transfer_id_++;
   grant.buffer = buffer.info;
   grant.access = access;
-  grant.fd = std::move(fd);
+  grant.fd = LeasedFd{std::move(fd), std::move(lease)};
   handles_[grant.handle] = Handle{grant.handle, session.id, buffer.info.buffer_id(), access};
   session.handles[grant.handle] = buffer.info.buffer_id();
   ++session.held[buffer.info.buffer_id()];
@@ -293,6 +313,11 @@ absl::StatusOr<DaemonState::Handle*> DaemonState::FindHandleLocked(uint64_t sess
 
 absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
                                                          const v1::AllocateRequest& request) {
+  if (request.heap().size() > kMaxHeapNameBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("heap name is ", request.heap().size(),
+                                                   " bytes; heap names are at most ",
+                                                   kMaxHeapNameBytes));
+  }
   ASSIGN_OR_RETURN(Heap * heap, heaps_->Get(request.heap()));
   if (request.size() == 0) return absl::InvalidArgumentError("size must be greater than 0");
   RETURN_IF_ERROR(ValidateName(request.name()));
@@ -308,6 +333,9 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
         "', the largest allowed allocation is ", FormatBytes(max_allocation)));
   }
   uid_t uid;
+  // The buffer's own fd, held until the reaper really closes it (maybe after
+  // its last handle went): shared with the buffer's after-free hook.
+  std::shared_ptr<FdBudget::Lease> fd_lease;
   {
     absl::MutexLock lock(&mu_);
     ASSIGN_OR_RETURN(Session * session, FindSessionLocked(session_id));
@@ -317,25 +345,22 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
           absl::StrCat("quota max_buffers_per_session: session ", session_id, " holds ",
                        session->handles.size(), " handles (max ", max_buffers, ")"));
     }
-    // Frees elsewhere only lower the count, so check-then-add is exact here.
-    if (*fds_in_use_ >= options_.fd_budget) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("daemon fd budget reached: ", fds_in_use_->load(), " of ",
-                       options_.fd_budget, " fds in use"));
-    }
+    ASSIGN_OR_RETURN(FdBudget::Lease lease,
+                     budget_->Acquire(FdUse::kBuffer, session->peer.uid));
     RETURN_IF_ERROR(ChargeLocked(*session, heap->name(), rounded));
+    fd_lease = std::make_shared<FdBudget::Lease>(std::move(lease));
     ++session->pending;
-    ++*fds_in_use_;
     uid = session->peer.uid;
   }
 
   absl::StatusOr<std::unique_ptr<HeapBuffer>> memory =
       heap->Allocate(request.size(), request.name());
   if (memory.ok()) {
-    // The fd reserved above is given back when the buffer's fd really closes
-    // (maybe later, on the reaper), not when its last handle goes.
-    (*memory)->SetAfterFree([fds = fds_in_use_] { --*fds; });
+    // The fd's place is given back when the buffer's fd really closes (maybe
+    // later, on the reaper), not when its last handle goes.
+    (*memory)->SetAfterFree([fd_lease] { fd_lease->Reset(); });
   }
+  fd_lease.reset();  // the hook's copy (if any) is the only one now
 
   std::vector<std::unique_ptr<HeapBuffer>> graveyard;
   absl::MutexLock lock(&mu_);
@@ -344,10 +369,7 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
   if (session != nullptr) --session->pending;
   if (!memory.ok() || session == nullptr) {
     UnchargeLocked(session_id, uid, heap->name(), rounded);
-    if (!memory.ok()) {
-      --*fds_in_use_;
-      return memory.status();
-    }
+    if (!memory.ok()) return memory.status();
     graveyard.push_back(*std::move(memory));
     return absl::AbortedError(absl::StrCat("session ", session_id, " ended during Allocate"));
   }
@@ -561,8 +583,20 @@ v1::ListHeapsResponse DaemonState::ListHeaps() const {
   uint64_t pending = 0;
   for (const auto& [token, entry] : tokens_) pending += entry.used_by == 0 && now < entry.expires;
   response.set_pending_tokens(pending);
-  response.set_fds_in_use(fds_in_use_->load());
-  response.set_fd_budget(options_.fd_budget);
+  const FdBudget::Usage fds = budget_->usage();
+  const FdBudget::Limits limits = budget_->limits();
+  response.set_fds_in_use(fds.total);
+  response.set_fd_budget(limits.total);
+  v1::FdUsage* usage = response.mutable_fds();
+  usage->set_rlimit_nofile(limits.rlimit_nofile);
+  usage->set_reserve(limits.reserve);
+  usage->set_budget(limits.total);
+  usage->set_per_uid(limits.per_uid != 0 ? limits.per_uid : limits.total);
+  usage->set_in_use(fds.total);
+  usage->set_buffers(fds.of(FdUse::kBuffer));
+  usage->set_sessions(fds.of(FdUse::kSession));
+  usage->set_control_connections(fds.of(FdUse::kControlConnection));
+  usage->set_deliveries(fds.of(FdUse::kDelivery));
   return response;
 }
 
@@ -659,8 +693,15 @@ std::string DaemonState::Metrics() const {
   absl::StrAppend(&out, "bufferd_buffers ", heaps.live_buffers(), "\n");
   family("bufferd_handles", "gauge", "Live buffer handles.");
   absl::StrAppend(&out, "bufferd_handles ", heaps.live_handles(), "\n");
-  family("bufferd_fds_in_use", "gauge", "fds held for buffers and fences.");
-  absl::StrAppend(&out, "bufferd_fds_in_use ", heaps.fds_in_use(), "\n");
+  family("bufferd_fds_in_use", "gauge", "fds held on clients' behalf, by use.");
+  const v1::FdUsage& fds = heaps.fds();
+  for (const auto& [use, count] :
+       {std::pair<const char*, uint64_t>{"buffers", fds.buffers()},
+        {"sessions", fds.sessions()},
+        {"control_connections", fds.control_connections()},
+        {"deliveries", fds.deliveries()}}) {
+    absl::StrAppend(&out, "bufferd_fds_in_use{use=\"", use, "\"} ", count, "\n");
+  }
   family("bufferd_fd_budget", "gauge", "Configured fd budget.");
   absl::StrAppend(&out, "bufferd_fd_budget ", heaps.fd_budget(), "\n");
   return out;

@@ -26,6 +26,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "base/fd_budget.h"
 #include "base/unique_fd.h"
 #include "base/unix_socket.h"
 #include "bufferd/v1/buffer.pb.h"
@@ -39,8 +40,13 @@ class DaemonState {
  public:
   struct Options {
     v1::QuotaConfig quotas;
-    // fds the daemon may hold for buffers (and later fences).
-    uint64_t fd_budget = 1 << 16;
+    // Where buffers' fds and the fds granted to clients are counted (must
+    // outlive this object and every buffer). Null: a budget of its own with
+    // FdBudget's default limits.
+    FdBudget* fd_budget = nullptr;
+    // Sessions open at once, in total and per uid.
+    uint32_t max_sessions = 4096;
+    uint32_t max_sessions_per_uid = 1024;
     absl::Duration default_token_ttl = absl::Seconds(30);
     // Where destroyed buffers whose freeing is not cheap (big, or a carveout
     // refill) go: one FIFO thread, never one that allocates (a carveout
@@ -49,13 +55,14 @@ class DaemonState {
   };
 
   // What a session gets back from Allocate/Import: its handle, and the fd to
-  // deliver on fd.sock (its own open file for READ_ONLY access).
+  // deliver on fd.sock (its own open file for READ_ONLY access), counted in
+  // the fd budget until it is sent.
   struct Grant {
     uint64_t handle = 0;
     uint64_t transfer_id = 0;
     v1::BufferInfo buffer;
     v1::Access access = v1::ACCESS_READ_WRITE;
-    UniqueFd fd;
+    LeasedFd fd;
   };
 
   struct NewSession {
@@ -70,8 +77,9 @@ class DaemonState {
   // Per-heap quota overrides (0 = the global value). Call before serving.
   void SetHeapQuotas(const std::string& heap, uint64_t per_session, uint64_t per_uid);
 
-  // Sessions.
-  NewSession OpenSession(const PeerCredentials& peer, std::string comm);
+  // Sessions. RESOURCE_EXHAUSTED at Options::max_sessions or
+  // max_sessions_per_uid, naming the cap.
+  absl::StatusOr<NewSession> OpenSession(const PeerCredentials& peer, std::string comm);
   // Releases every handle of the session (freeing as Release does).
   // Idempotent.
   void CloseSession(uint64_t session_id);
@@ -104,6 +112,7 @@ class DaemonState {
   std::string Metrics() const;
 
   const HeapRegistry& heaps() const { return *heaps_; }
+  FdBudget& fd_budget() const { return *budget_; }
 
  private:
   struct Buffer;
@@ -166,6 +175,8 @@ class DaemonState {
 
   const HeapRegistry* heaps_;
   const Options options_;
+  const std::unique_ptr<FdBudget> own_budget_;
+  FdBudget* const budget_;
   // Per-heap quota overrides from the config, by heap name.
   std::map<std::string, std::pair<uint64_t, uint64_t>> heap_quotas_;
 
@@ -175,6 +186,7 @@ class DaemonState {
   uint64_t next_handle_id_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_transfer_id_ ABSL_GUARDED_BY(mu_) = 1;
   std::map<uint64_t, std::unique_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
+  std::map<uid_t, uint32_t> sessions_per_uid_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, std::unique_ptr<Buffer>> buffers_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, Handle> handles_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, Token> tokens_ ABSL_GUARDED_BY(mu_);
@@ -182,12 +194,6 @@ class DaemonState {
   std::map<uint64_t, uint32_t> unredeemed_tokens_ ABSL_GUARDED_BY(mu_);
   // (uid, heap) -> bytes.
   std::map<std::pair<uid_t, std::string>, uint64_t> uid_bytes_ ABSL_GUARDED_BY(mu_);
-  // fds held for buffers (live, or freed but not yet closed), plus those
-  // reserved by in-flight allocations. Raised under mu_ only (after the
-  // budget check); lowered by a buffer's HeapBuffer::SetAfterFree hook on
-  // whatever thread closes it. Shared: the hook may outlive nothing else.
-  const std::shared_ptr<std::atomic<uint64_t>> fds_in_use_ =
-      std::make_shared<std::atomic<uint64_t>>(0);
 };
 
 }  // namespace bufferd

@@ -68,8 +68,8 @@ class StateTest : public ::testing::Test {
 // session releases everything it held.
 TEST_F(StateTest, HandlesChargesAndSessionEnd) {
   auto state = NewState();
-  auto a = state->OpenSession(Peer(1000), "a");
-  auto b = state->OpenSession(Peer(1000), "b");
+  auto a = state->OpenSession(Peer(1000), "a").value();
+  auto b = state->OpenSession(Peer(1000), "b").value();
   EXPECT_NE(a.id, b.id);
   EXPECT_EQ(a.secret.size(), 16u);
 
@@ -86,7 +86,7 @@ TEST_F(StateTest, HandlesChargesAndSessionEnd) {
   auto imported = state->Import(b.id, token->token());
   ASSERT_TRUE(imported.ok()) << imported.status();
   EXPECT_EQ(imported->access, v1::ACCESS_READ_ONLY);
-  EXPECT_EQ(::fcntl(imported->fd.get(), F_GETFL) & O_ACCMODE, O_RDONLY);
+  EXPECT_EQ(::fcntl(imported->fd.fd.get(), F_GETFL) & O_ACCMODE, O_RDONLY);
   EXPECT_EQ(SessionBytes(*state, b.id, "system"), 8192u);
 
   // The creator lets go; the importer keeps the buffer alive.
@@ -101,19 +101,21 @@ TEST_F(StateTest, HandlesChargesAndSessionEnd) {
   v1::ListHeapsResponse heaps = state->ListHeaps();
   EXPECT_EQ(heaps.live_buffers(), 0u);
   EXPECT_EQ(heaps.live_handles(), 0u);
-  EXPECT_EQ(heaps.fds_in_use(), 0u);
+  EXPECT_EQ(heaps.fds().buffers(), 0u);
+  EXPECT_EQ(heaps.fds_in_use(), 2u) << "the two grants' fds, not yet delivered";
   EXPECT_EQ(heaps.heaps(0).used(), 0u);
   auto gone = state->Allocate(b.id, Request("system", 1));
   EXPECT_EQ(gone.status().code(), absl::StatusCode::kUnauthenticated);
-  grant->fd.Reset();
-  imported->fd.Reset();
+  grant->fd = {};
+  imported->fd = {};
+  EXPECT_EQ(state->ListHeaps().fds_in_use(), 0u);
   EXPECT_EQ(CountOpenFds(), fds_before_);
 }
 
 // Tests authentication of session metadata.
 TEST_F(StateTest, Authenticate) {
   auto state = NewState();
-  auto session = state->OpenSession(Peer(0), "x");
+  auto session = state->OpenSession(Peer(0), "x").value();
   std::string hex;
   for (unsigned char c : session.secret) {
     static const char kHex[] = "0123456789abcdef";
@@ -141,8 +143,8 @@ TEST_F(StateTest, QuotasNameThemselves) {
   quotas.set_max_buffers_per_session(3);
   quotas.set_max_allocation_bytes(6 * kMiB);
   auto state = NewState(quotas);
-  auto a = state->OpenSession(Peer(1000), "a");
-  auto b = state->OpenSession(Peer(1000), "b");
+  auto a = state->OpenSession(Peer(1000), "a").value();
+  auto b = state->OpenSession(Peer(1000), "b").value();
 
   auto too_big = state->Allocate(a.id, Request("system", 7 * kMiB));
   EXPECT_EQ(too_big.status().code(), absl::StatusCode::kResourceExhausted);
@@ -167,7 +169,7 @@ TEST_F(StateTest, QuotasNameThemselves) {
       << b2.status();
 
   // Another uid is not affected.
-  auto c = state->OpenSession(Peer(2000), "c");
+  auto c = state->OpenSession(Peer(2000), "c").value();
   for (int i = 0; i < 3; ++i) ASSERT_TRUE(state->Allocate(c.id, Request("system", 4096)).ok());
   auto fourth = state->Allocate(c.id, Request("system", 4096));
   EXPECT_EQ(fourth.status().code(), absl::StatusCode::kResourceExhausted);
@@ -181,7 +183,7 @@ TEST_F(StateTest, PerHeapQuotaOverride) {
   quotas.set_max_bytes_per_session(64 * kMiB);
   auto state = NewState(quotas);
   state->SetHeapQuotas("carveout", 2 * kMiB, 0);
-  auto a = state->OpenSession(Peer(1), "a");
+  auto a = state->OpenSession(Peer(1), "a").value();
   EXPECT_TRUE(state->Allocate(a.id, Request("system", 10 * kMiB)).ok());
   EXPECT_TRUE(state->Allocate(a.id, Request("carveout", 2 * kMiB)).ok());
   EXPECT_EQ(state->Allocate(a.id, Request("carveout", 4096)).status().code(),
@@ -201,7 +203,7 @@ TEST_F(StateTest, FallbackChargesTheRealSize) {
   v1::QuotaConfig quotas;
   quotas.set_max_bytes_per_session(uint64_t{3} << 30);
   auto state = NewState(quotas);
-  auto a = state->OpenSession(Peer(1), "a");
+  auto a = state->OpenSession(Peer(1), "a").value();
   auto grant = state->Allocate(a.id, Request("gig", 5000));
   ASSERT_TRUE(grant.ok()) << grant.status();
   EXPECT_EQ(grant->buffer.size(), 8192u);
@@ -225,7 +227,7 @@ TEST_F(StateTest, QuotasAreAtomicUnderConcurrency) {
   quotas.set_max_bytes_per_uid(10 * kMiB);
   auto state = NewState(quotas);
   std::vector<DaemonState::NewSession> sessions;
-  for (int i = 0; i < 4; ++i) sessions.push_back(state->OpenSession(Peer(1000), "s"));
+  for (int i = 0; i < 4; ++i) sessions.push_back(state->OpenSession(Peer(1000), "s").value());
   std::atomic<bool> over{false};
   std::atomic<int> ok{0}, refused{0};
   std::vector<std::thread> threads;
@@ -279,8 +281,8 @@ TEST_F(StateTest, QuotasAreAtomicUnderConcurrency) {
 // again, and only then counts as used.
 TEST_F(StateTest, UnusedTokenCanBeRedeemedAgain) {
   auto state = NewState();
-  auto a = state->OpenSession(Peer(1), "a");
-  auto b = state->OpenSession(Peer(1), "b");
+  auto a = state->OpenSession(Peer(1), "a").value();
+  auto b = state->OpenSession(Peer(1), "b").value();
   auto grant = state->Allocate(a.id, Request("system", 4096));
   ASSERT_TRUE(grant.ok());
   v1::ExportRequest request;
@@ -303,8 +305,8 @@ TEST_F(StateTest, UnusedTokenCanBeRedeemedAgain) {
 // tokens, and another session is unaffected.
 TEST_F(StateTest, UnredeemedTokensAreCapped) {
   auto state = NewState();
-  auto a = state->OpenSession(Peer(1), "a");
-  auto b = state->OpenSession(Peer(1), "b");
+  auto a = state->OpenSession(Peer(1), "a").value();
+  auto b = state->OpenSession(Peer(1), "b").value();
   auto grant = state->Allocate(a.id, Request("system", 4096));
   ASSERT_TRUE(grant.ok());
   v1::ExportRequest request;
@@ -339,17 +341,88 @@ TEST_F(StateTest, UnredeemedTokensAreCapped) {
   EXPECT_TRUE(state->Export(a.id, request).ok());
 }
 
-// Tests that the fd budget refuses allocations with RESOURCE_EXHAUSTED.
+// Tests that the fd budget refuses allocations with RESOURCE_EXHAUSTED: each
+// buffer holds its own fd and, until delivered, the fd granted to the client.
 TEST_F(StateTest, FdBudget) {
+  FdBudget budget({.total = 4});
   DaemonState::Options options;
-  options.fd_budget = 2;
+  options.fd_budget = &budget;
   DaemonState state(&heaps_, options);
-  auto a = state.OpenSession(Peer(1), "a");
-  ASSERT_TRUE(state.Allocate(a.id, Request("system", 1)).ok());
-  ASSERT_TRUE(state.Allocate(a.id, Request("system", 1)).ok());
+  auto a = state.OpenSession(Peer(1), "a").value();
+  auto first = state.Allocate(a.id, Request("system", 1));
+  ASSERT_TRUE(first.ok());
+  auto second = state.Allocate(a.id, Request("system", 1));
+  ASSERT_TRUE(second.ok());
   auto third = state.Allocate(a.id, Request("system", 1));
   EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_NE(third.status().message().find("fd budget"), absl::string_view::npos);
+  EXPECT_EQ(third.status().message(),
+            "daemon fd budget reached: 4 of 4 fds in use (2 buffers, 2 fds in flight to "
+            "clients); try again when some close");
+  first->fd = {};  // delivered: the client holds it now, not the daemon
+  EXPECT_EQ(budget.usage().total, 3u);
+  EXPECT_EQ(state.Allocate(a.id, Request("system", 1)).status().code(),
+            absl::StatusCode::kResourceExhausted)
+      << "a buffer needs its own fd and one to grant";
+  EXPECT_EQ(budget.usage().total, 3u) << "the refused buffer's fd is closed again";
+  EXPECT_EQ(state.ListHeaps().live_buffers(), 2u);
+}
+
+// Tests that one uid's share of the fd budget leaves the rest to other uids.
+TEST_F(StateTest, FdBudgetPerUid) {
+  FdBudget budget({.total = 8, .per_uid = 4});
+  DaemonState::Options options;
+  options.fd_budget = &budget;
+  DaemonState state(&heaps_, options);
+  auto a = state.OpenSession(Peer(1), "a").value();
+  std::vector<DaemonState::Grant> held;
+  for (int i = 0; i < 2; ++i) {
+    auto grant = state.Allocate(a.id, Request("system", 1));
+    ASSERT_TRUE(grant.ok()) << grant.status();
+    held.push_back(*std::move(grant));
+  }
+  auto refused = state.Allocate(a.id, Request("system", 1));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(refused.status().message(),
+            "fd budget of uid 1 reached: it holds 4 of 4 fds (limits.max_fds_per_uid); release "
+            "buffers or close sessions");
+  auto b = state.OpenSession(Peer(2), "b").value();
+  EXPECT_TRUE(state.Allocate(b.id, Request("system", 1)).ok()) << "another uid still allocates";
+}
+
+// Tests the session caps, total and per uid, and that a closed session frees
+// its place.
+TEST_F(StateTest, SessionCaps) {
+  DaemonState::Options options;
+  options.max_sessions = 3;
+  options.max_sessions_per_uid = 2;
+  DaemonState state(&heaps_, options);
+  auto a1 = state.OpenSession(Peer(1), "a").value();
+  ASSERT_TRUE(state.OpenSession(Peer(1), "a").ok());
+  auto third = state.OpenSession(Peer(1), "a");
+  EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(third.status().message(), "uid 1 has 2 sessions open (limits.max_sessions_per_uid)");
+  ASSERT_TRUE(state.OpenSession(Peer(2), "b").ok());
+  auto fourth = state.OpenSession(Peer(3), "c");
+  EXPECT_EQ(fourth.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(fourth.status().message(), "bufferd has 3 sessions open (limits.max_sessions)");
+  state.CloseSession(a1.id);
+  EXPECT_TRUE(state.OpenSession(Peer(3), "c").ok());
+  EXPECT_TRUE(state.OpenSession(Peer(1), "a").status().code() ==
+              absl::StatusCode::kResourceExhausted)
+      << "3 open again";
+}
+
+// Tests that a heap name longer than any configured one is INVALID_ARGUMENT
+// without echoing it, and that an unknown name is quoted escaped and short.
+TEST_F(StateTest, HeapNamesAreNeverEchoedAtLength) {
+  auto state = NewState();
+  auto a = state->OpenSession(Peer(1), "a").value();
+  auto huge = state->Allocate(a.id, Request(std::string(100000, 'x'), 1));
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(huge.status().message(), "heap name is 100000 bytes; heap names are at most 32");
+  auto odd = state->Allocate(a.id, Request("\x1b]0;PWN\x07", 1));
+  EXPECT_EQ(odd.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(odd.status().message(), "unknown heap '\\x1b]0;PWN\\x07' (heaps: system, carveout)");
 }
 
 // Tests the two steps of freeing as DaemonState drives them: releasing a big
@@ -357,22 +430,25 @@ TEST_F(StateTest, FdBudget) {
 // counts against the budget until free_later has really closed it.
 TEST_F(StateTest, FreedBytesAtOnceFdsWhenClosed) {
   std::vector<std::unique_ptr<HeapBuffer>> queued;
+  // Each buffer needs its own fd and, until delivered, one for the client.
+  FdBudget budget({.total = 3});
   DaemonState::Options options;
-  options.fd_budget = 2;
+  options.fd_budget = &budget;
   options.free_later = [&](std::unique_ptr<HeapBuffer> memory) {
     queued.push_back(std::move(memory));
   };
   DaemonState state(&heaps_, options);
-  auto a = state.OpenSession(Peer(1), "a");
+  auto a = state.OpenSession(Peer(1), "a").value();
   auto big = state.Allocate(a.id, Request("carveout", 8 * kMiB));
   ASSERT_TRUE(big.ok());
+  big->fd = {};  // delivered
   ASSERT_TRUE(state.Allocate(a.id, Request("system", 2 * kMiB)).ok());
   state.CloseSession(a.id);
   ASSERT_EQ(queued.size(), 2u) << "big and carveout buffers are freed later";
   v1::ListHeapsResponse heaps = state.ListHeaps();
   for (const auto& heap : heaps.heaps()) EXPECT_EQ(heap.used(), 0u) << heap.name();
   EXPECT_EQ(heaps.fds_in_use(), 2u) << "their fds are still open";
-  auto b = state.OpenSession(Peer(1), "b");
+  auto b = state.OpenSession(Peer(1), "b").value();
   EXPECT_EQ(state.Allocate(b.id, Request("system", 1)).status().code(),
             absl::StatusCode::kResourceExhausted);
   queued.clear();  // what the reaper does

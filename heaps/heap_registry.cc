@@ -1,6 +1,7 @@
 #include "heaps/heap_registry.h"
 
 #include "absl/strings/str_cat.h"
+#include "base/client_text.h"
 
 namespace bufferd {
 
@@ -23,7 +24,8 @@ absl::StatusOr<Heap*> HeapRegistry::Get(absl::string_view name) const {
   if (Heap* heap = Find(name)) return heap;
   std::string known;
   for (const auto& heap : heaps_) absl::StrAppend(&known, known.empty() ? "" : ", ", heap->name());
-  return absl::NotFoundError(absl::StrCat("unknown heap '", name, "' (heaps: ", known, ")"));
+  return absl::NotFoundError(
+      absl::StrCat("unknown heap ", QuoteClientText(name), " (heaps: ", known, ")"));
 }
 
 }  // namespace bufferd

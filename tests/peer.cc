@@ -4,7 +4,14 @@
 //   peer read  <dir> <token> <byte>   import, check every byte, try a writable map
 //   peer write <dir> <token> <byte>   import, fill with <byte>
 //   peer hold  <dir> <heap> <size> <count>  allocate, print "ready", wait to be killed
+//   peer flood <dir> sessions|control|both   below the library: open fd.sock sessions
+//       until the daemon refuses one ("sessions=N refused=CODE:MESSAGE"), then
+//       control.sock connections until one is closed unserved ("control=N"),
+//       print "ready" and wait to be killed
+#include <poll.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -14,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include "base/unix_socket.h"
+#include "bufferd/v1/fd_channel.pb.h"
 #include "client/client.h"
 
 namespace {
@@ -23,12 +32,77 @@ int Fail(const std::string& what, const absl::Status& status) {
   return 1;
 }
 
+bool Readable(int fd) {
+  pollfd ready{fd, POLLIN, 0};
+  return ::poll(&ready, 1, 10000) == 1;
+}
+
+// Sessions until the daemon refuses one (at most 100,000); they stay open.
+void FloodSessions(const std::string& dir, std::vector<bufferd::UnixSocket>& held) {
+  while (held.size() < 100000) {
+    absl::StatusOr<bufferd::UnixSocket> socket =
+        bufferd::UnixSocket::ConnectSeqPacket(bufferd::FdSocketPath(dir));
+    if (!socket.ok()) {
+      std::printf("sessions=%zu connect failed: %s\n", held.size(),
+                  socket.status().ToString().c_str());
+      return;
+    }
+    absl::StatusOr<bufferd::UnixSocket::Received> first =
+        Readable(socket->fd()) ? socket->RecvWithFds() : absl::DeadlineExceededError("no record");
+    bufferd::v1::FdChannelMessage message;
+    if (!first.ok() || !message.ParseFromString(first->bytes)) {
+      std::printf("sessions=%zu no record: %s\n", held.size(),
+                  first.ok() ? "unparsable" : first.status().ToString().c_str());
+      return;
+    }
+    if (message.has_refused()) {
+      std::printf("sessions=%zu refused=%d:%s\n", held.size(), message.refused().code(),
+                  message.refused().message().c_str());
+      return;
+    }
+    held.push_back(*std::move(socket));
+  }
+}
+
+// control.sock connections until one is closed before gRPC speaks on it
+// (served ones get gRPC's SETTINGS frame first); they stay open.
+void FloodControl(const std::string& dir, std::vector<int>& held) {
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  const std::string path = bufferd::ControlSocketPath(dir);
+  std::strncpy(address.sun_path, path.c_str(), sizeof(address.sun_path) - 1);
+  while (held.size() < 100000) {
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || ::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0) {
+      std::printf("control=%zu connect failed: %s\n", held.size(), std::strerror(errno));
+      return;
+    }
+    char byte;
+    const ssize_t n = Readable(fd) ? ::recv(fd, &byte, 1, MSG_PEEK) : -1;
+    if (n <= 0) {
+      ::close(fd);
+      std::printf("control=%zu%s\n", held.size(), n == 0 ? "" : " (no answer)");
+      return;
+    }
+    held.push_back(fd);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
   if (argc < 3) return 2;
   const std::string mode = argv[1];
+  if (mode == "flood" && argc == 4) {
+    const std::string what = argv[3];
+    std::vector<bufferd::UnixSocket> sessions;
+    std::vector<int> control;
+    if (what == "sessions" || what == "both") FloodSessions(argv[2], sessions);
+    if (what == "control" || what == "both") FloodControl(argv[2], control);
+    std::printf("ready\n");
+    while (true) ::pause();
+  }
   absl::StatusOr<bufferd::Client> client = bufferd::Client::Connect(argv[2]);
   if (!client.ok()) return Fail("connect", client.status());
 

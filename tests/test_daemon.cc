@@ -1,10 +1,12 @@
 #include "tests/test_daemon.h"
 
 #include <fcntl.h>
+#include <grp.h>
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -43,12 +45,17 @@ std::string RunfilePath(const std::string& path) {
   return path;
 }
 
-pid_t SpawnDaemon(const std::vector<std::string>& args, const std::string& log_path) {
+pid_t SpawnDaemon(const std::vector<std::string>& args, const std::string& log_path,
+                  uint64_t nofile) {
   const std::string binary = RunfilePath("daemon/bufferd");
   std::vector<char*> argv = Argv(binary, args);
   pid_t pid = ::fork();
   if (pid == 0) {
     ::prctl(PR_SET_PDEATHSIG, SIGTERM);  // never outlive a crashed test
+    if (nofile != 0) {
+      rlimit limit{nofile, nofile};
+      if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) ::_exit(126);
+    }
     int log = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
     if (log >= 0) {
       ::dup2(log, STDERR_FILENO);
@@ -61,19 +68,27 @@ pid_t SpawnDaemon(const std::vector<std::string>& args, const std::string& log_p
 }
 
 absl::StatusOr<std::unique_ptr<TestDaemon>> TestDaemon::Start(const std::string& config_text) {
+  return Start(Options{.config = config_text});
+}
+
+std::string TestDaemon::log_path() const { return absl::StrCat(root_, "/bufferd.log"); }
+
+absl::StatusOr<std::unique_ptr<TestDaemon>> TestDaemon::Start(const Options& options) {
+  const std::string& config_text = options.config;
   auto daemon = std::unique_ptr<TestDaemon>(new TestDaemon());
   char root[] = "/tmp/bufferd-test-XXXXXX";
   if (::mkdtemp(root) == nullptr) return absl::InternalError("mkdtemp failed");
   daemon->root_ = root;
   daemon->socket_dir_ = absl::StrCat(root, "/sock");
-  std::vector<std::string> args = {"--socket-dir", daemon->socket_dir_, "--log-level", "debug"};
+  std::vector<std::string> args = {"--socket-dir", daemon->socket_dir_, "--log-level",
+                                   options.log_level};
   if (!config_text.empty()) {
     const std::string config_path = absl::StrCat(root, "/bufferd.conf");
     std::ofstream(config_path) << config_text;
     args.push_back("--config");
     args.push_back(config_path);
   }
-  daemon->pid_ = SpawnDaemon(args, absl::StrCat(root, "/bufferd.log"));
+  daemon->pid_ = SpawnDaemon(args, daemon->log_path(), options.nofile);
   for (int i = 0; i < 200; ++i) {
     int status;
     if (::waitpid(daemon->pid_, &status, WNOHANG) == daemon->pid_) {
@@ -118,7 +133,11 @@ void TestDaemon::Kill() {
 int TestDaemon::OpenFds() const { return CountOpenFds(pid_); }
 
 void DaemonTest::StartDaemon(const std::string& config) {
-  auto daemon = TestDaemon::Start(config);
+  StartDaemon(TestDaemon::Options{.config = config});
+}
+
+void DaemonTest::StartDaemon(const TestDaemon::Options& options) {
+  auto daemon = TestDaemon::Start(options);
   ASSERT_TRUE(daemon.ok()) << daemon.status();
   daemon_ = *std::move(daemon);
   auto client = daemon_->Connect();
@@ -143,6 +162,12 @@ void DaemonTest::StartDaemon(const std::string& config) {
     return same >= 4;
   })) << "the daemon's fd count never settled";
   baseline_fds_ = previous;
+  // This client's session and control connection, as the fd budget counts them.
+  auto heaps = client_->ListHeaps();
+  ASSERT_TRUE(heaps.ok()) << heaps.status();
+  baseline_budget_fds_ = heaps->fds_in_use();
+  EXPECT_EQ(heaps->fds().sessions(), 1u);
+  EXPECT_EQ(heaps->fds().buffers(), 0u);
 }
 
 uint64_t DaemonTest::LiveBuffers() {
@@ -160,7 +185,7 @@ void DaemonTest::ExpectBaseline() {
   // ...and the daemon's fd count once the reaper has closed the big ones.
   EXPECT_TRUE(Eventually([&] {
     auto heaps = client_->ListHeaps();
-    if (!heaps.ok() || heaps->fds_in_use() != 0) return false;
+    if (!heaps.ok() || heaps->fds_in_use() != baseline_budget_fds_) return false;
     for (const auto& heap : heaps->heaps()) {
       if (heap.used() != 0) return false;
     }
@@ -169,7 +194,9 @@ void DaemonTest::ExpectBaseline() {
   auto heaps = client_->ListHeaps();
   ASSERT_TRUE(heaps.ok());
   EXPECT_EQ(heaps->live_handles(), 0u);
-  EXPECT_EQ(heaps->fds_in_use(), 0u);
+  EXPECT_EQ(heaps->fds_in_use(), baseline_budget_fds_);
+  EXPECT_EQ(heaps->fds().buffers(), 0u);
+  EXPECT_EQ(heaps->fds().deliveries(), 0u);
   for (const auto& heap : heaps->heaps()) EXPECT_EQ(heap.used(), 0u) << heap.name();
 }
 
@@ -202,13 +229,23 @@ absl::StatusOr<RawSession> OpenRawSession(const std::string& socket_dir) {
 }
 
 absl::StatusOr<Peer> Peer::Spawn(const std::vector<std::string>& args) {
-  const std::string binary = RunfilePath("tests/peer");
+  return SpawnAs(::getuid(), ::getgid(), {}, RunfilePath("tests/peer"), args);
+}
+
+absl::StatusOr<Peer> Peer::SpawnAs(uid_t uid, gid_t gid, const std::vector<gid_t>& groups,
+                                   const std::string& binary,
+                                   const std::vector<std::string>& args) {
+  const bool drop = uid != ::getuid();
   std::vector<char*> argv = Argv(binary, args);
   int pipe_fds[2];
   if (::pipe2(pipe_fds, O_CLOEXEC) != 0) return absl::InternalError("pipe2 failed");
   pid_t pid = ::fork();
   if (pid == 0) {
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (drop && (::setgroups(groups.size(), groups.data()) != 0 || ::setgid(gid) != 0 ||
+                 ::setuid(uid) != 0)) {
+      ::_exit(125);
+    }
     ::dup2(pipe_fds[1], STDOUT_FILENO);
     ::execv(binary.c_str(), argv.data());
     ::_exit(127);

@@ -53,9 +53,18 @@ std::string RunfilePath(const std::string& path);
 
 class TestDaemon {
  public:
+  struct Options {
+    // Textproto; empty = the embedded default.
+    std::string config;
+    // RLIMIT_NOFILE (soft and hard) the daemon starts with; 0 = inherited.
+    uint64_t nofile = 0;
+    std::string log_level = "debug";
+  };
+
   // Starts bufferd with `config_text` (textproto; empty = embedded default)
   // and waits until a client can connect.
   static absl::StatusOr<std::unique_ptr<TestDaemon>> Start(const std::string& config_text = "");
+  static absl::StatusOr<std::unique_ptr<TestDaemon>> Start(const Options& options);
   // Stops the daemon (SIGTERM) if still running and removes the dir.
   ~TestDaemon();
 
@@ -65,6 +74,9 @@ class TestDaemon {
   void Kill();
 
   const std::string& socket_dir() const { return socket_dir_; }
+  // The daemon's stderr; and the temp dir holding it and the socket dir.
+  std::string log_path() const;
+  const std::string& root() const { return root_; }
   pid_t pid() const { return pid_; }
   // The daemon's open fds now.
   int OpenFds() const;
@@ -76,8 +88,10 @@ class TestDaemon {
   pid_t pid_ = -1;
 };
 
-// Spawns bufferd with `args` and returns its pid, stderr going to `log_path`.
-pid_t SpawnDaemon(const std::vector<std::string>& args, const std::string& log_path);
+// Spawns bufferd with `args` and returns its pid, stderr going to `log_path`;
+// with `nofile`, under that RLIMIT_NOFILE (soft and hard).
+pid_t SpawnDaemon(const std::vector<std::string>& args, const std::string& log_path,
+                  uint64_t nofile = 0);
 
 // Fixture: a real daemon plus one connected Client, and a check that the
 // daemon is back at its baseline (no buffer, handle, heap byte or fd leaked).
@@ -85,6 +99,7 @@ class DaemonTest : public ::testing::Test {
  protected:
   // Starts the daemon with `config` (empty = embedded default) and connects.
   void StartDaemon(const std::string& config = "");
+  void StartDaemon(const TestDaemon::Options& options);
   // Live buffers as ListHeaps reports them (~0 if the call fails).
   uint64_t LiveBuffers();
   // No buffer, handle, heap byte or fd leaked: the daemon is back where it
@@ -94,12 +109,20 @@ class DaemonTest : public ::testing::Test {
   std::unique_ptr<TestDaemon> daemon_;
   std::unique_ptr<Client> client_;
   int baseline_fds_ = 0;
+  // fds the daemon's budget counts at the baseline (this client's session
+  // and control connection).
+  uint64_t baseline_budget_fds_ = 0;
 };
 
 // A child process running tests/peer with `args`, its stdout readable line by line.
 class Peer {
  public:
   static absl::StatusOr<Peer> Spawn(const std::vector<std::string>& args);
+  // Runs `binary` (a copy of tests/peer that `uid` may execute) as
+  // uid/gid with supplementary `groups`, dropped before exec.
+  static absl::StatusOr<Peer> SpawnAs(uid_t uid, gid_t gid, const std::vector<gid_t>& groups,
+                                      const std::string& binary,
+                                      const std::vector<std::string>& args);
   Peer(Peer&&) noexcept;
   ~Peer();
 

@@ -104,9 +104,14 @@ int Heaps(const bufferd::Client& client, bool json) {
   PrintTable({"HEAP", "TYPE", "BACKING", "PAGE", "CAPACITY", "USED", "FREE", "PEAK", "BUFFERS",
               "FAILS", "HUGEPAGES", "RESERVED", "NOTES"},
              rows);
-  std::cout << absl::StrFormat("\n%d buffers, %d handles, %d pending tokens, fds %d/%d\n",
-                               heaps->live_buffers(), heaps->live_handles(),
-                               heaps->pending_tokens(), heaps->fds_in_use(), heaps->fd_budget());
+  const bufferd::v1::FdUsage& fds = heaps->fds();
+  std::cout << absl::StrFormat(
+      "\n%d buffers, %d handles, %d pending tokens\n"
+      "fds %d/%d (buffers %d, sessions %d, control connections %d, in flight %d); %d per uid, "
+      "%d of RLIMIT_NOFILE %d kept for the daemon\n",
+      heaps->live_buffers(), heaps->live_handles(), heaps->pending_tokens(), fds.in_use(),
+      fds.budget(), fds.buffers(), fds.sessions(), fds.control_connections(), fds.deliveries(),
+      fds.per_uid(), fds.reserve(), fds.rlimit_nofile());
   return 0;
 }
 

@@ -1,0 +1,26 @@
+// Strings a client controls (heap and buffer names, process names, metadata
+// it sent) reach status messages, tables and log lines only through
+// QuoteClientText: escaped, so they can never move an operator's cursor, set a
+// terminal's title or forge a log line, and cut short, so a 100 KB name is
+// never echoed back at length.
+#ifndef BUFFERD_BASE_CLIENT_TEXT_H_
+#define BUFFERD_BASE_CLIENT_TEXT_H_
+
+#include <cstddef>
+#include <string>
+
+#include "absl/strings/string_view.h"
+
+namespace bufferd {
+
+// Most bytes of client text a message quotes.
+inline constexpr size_t kMaxQuotedBytes = 64;
+
+// `text` in single quotes with control characters, quotes, backslashes and
+// non-ASCII bytes C-escaped (\x1b, \n, \'); if longer than `max_bytes`, its
+// first `max_bytes` bytes followed by "... (N bytes)".
+std::string QuoteClientText(absl::string_view text, size_t max_bytes = kMaxQuotedBytes);
+
+}  // namespace bufferd
+
+#endif  // BUFFERD_BASE_CLIENT_TEXT_H_

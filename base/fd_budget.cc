@@ -1,0 +1,105 @@
+#include "base/fd_budget.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace bufferd {
+
+const char* FdUseName(FdUse use) {
+  switch (use) {
+    case FdUse::kBuffer:
+      return "buffers";
+    case FdUse::kSession:
+      return "sessions";
+    case FdUse::kControlConnection:
+      return "control connections";
+    case FdUse::kDelivery:
+      return "fds in flight to clients";
+    case FdUse::kCount:
+      break;
+  }
+  return "?";
+}
+
+FdBudget::Lease::Lease(Lease&& other) noexcept
+    : budget_(std::exchange(other.budget_, nullptr)), use_(other.use_), uid_(other.uid_) {}
+
+FdBudget::Lease& FdBudget::Lease::operator=(Lease&& other) noexcept {
+  if (this != &other) {
+    Reset();
+    budget_ = std::exchange(other.budget_, nullptr);
+    use_ = other.use_;
+    uid_ = other.uid_;
+  }
+  return *this;
+}
+
+void FdBudget::Lease::Reset() {
+  if (FdBudget* budget = std::exchange(budget_, nullptr)) budget->Return(use_, uid_);
+}
+
+FdBudget::FdBudget() : FdBudget(Limits{}) {}
+FdBudget::FdBudget(Limits limits) : limits_(limits) {}
+
+void FdBudget::SetLimits(Limits limits) {
+  absl::MutexLock lock(&mu_);
+  limits_ = limits;
+}
+
+FdBudget::Limits FdBudget::limits() const {
+  absl::MutexLock lock(&mu_);
+  return limits_;
+}
+
+absl::StatusOr<FdBudget::Lease> FdBudget::Acquire(FdUse use, uid_t uid) {
+  absl::MutexLock lock(&mu_);
+  auto holders = [&] {
+    std::string text;
+    for (size_t i = 0; i < usage_.by_use.size(); ++i) {
+      if (usage_.by_use[i] == 0) continue;
+      absl::StrAppend(&text, text.empty() ? "" : ", ", usage_.by_use[i], " ",
+                      FdUseName(static_cast<FdUse>(i)));
+    }
+    return text;
+  };
+  if (usage_.total >= limits_.total) {
+    return absl::ResourceExhaustedError(absl::StrCat("daemon fd budget reached: ", usage_.total,
+                                                     " of ", limits_.total, " fds in use (",
+                                                     holders(), "); try again when some close"));
+  }
+  uint64_t& mine = by_uid_[uid];
+  const uint64_t per_uid = limits_.per_uid != 0 ? limits_.per_uid : limits_.total;
+  if (mine >= per_uid) {
+    const uint64_t held = mine;
+    if (held == 0) by_uid_.erase(uid);
+    return absl::ResourceExhaustedError(
+        absl::StrCat("fd budget of uid ", uid, " reached: it holds ", held, " of ", per_uid,
+                     " fds (limits.max_fds_per_uid); release buffers or close sessions"));
+  }
+  ++mine;
+  ++usage_.total;
+  ++usage_.by_use[static_cast<size_t>(use)];
+  return Lease(this, use, uid);
+}
+
+void FdBudget::Return(FdUse use, uid_t uid) {
+  absl::MutexLock lock(&mu_);
+  --usage_.total;
+  --usage_.by_use[static_cast<size_t>(use)];
+  auto it = by_uid_.find(uid);
+  if (it != by_uid_.end() && --it->second == 0) by_uid_.erase(it);
+}
+
+FdBudget::Usage FdBudget::usage() const {
+  absl::MutexLock lock(&mu_);
+  return usage_;
+}
+
+uint64_t FdBudget::UsedBy(uid_t uid) const {
+  absl::MutexLock lock(&mu_);
+  auto it = by_uid_.find(uid);
+  return it == by_uid_.end() ? 0 : it->second;
+}
+
+}  // namespace bufferd

@@ -1,0 +1,110 @@
+// FdBudget: every fd the daemon holds on a client's behalf, counted against
+// one limit and a per-uid share of it.
+//
+// The daemon must never reach EMFILE: gRPC core does not recover from one on
+// accept, and any other failure to open is an error a client caused for
+// everyone. So every such fd (a live buffer's memfd, a session's fd.sock
+// connection, a control.sock connection, an fd waiting in a delivery queue,
+// and fences when they land) is covered by a Lease taken *before* the fd is
+// opened and given back when it is closed. `total` is RLIMIT_NOFILE minus a
+// fixed reserve for the daemon's own fds (listeners, epoll, gRPC's internals,
+// transient opens), so the leases can never push the process over its limit.
+// `per_uid` keeps one uid from taking what other uids need.
+//
+// Thread-safe. A Lease may be destroyed on any thread; the budget must
+// outlive its leases.
+#ifndef BUFFERD_BASE_FD_BUDGET_H_
+#define BUFFERD_BASE_FD_BUDGET_H_
+
+#include <sys/types.h>
+
+#include <array>
+#include <cstdint>
+#include <map>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "base/unique_fd.h"
+
+namespace bufferd {
+
+// What a leased fd is for (counted separately for ops and messages).
+enum class FdUse { kBuffer, kSession, kControlConnection, kDelivery, kCount };
+const char* FdUseName(FdUse use);
+
+class FdBudget {
+ public:
+  struct Limits {
+    // fds all leases together may hold.
+    uint64_t total = 1 << 16;
+    // fds the leases of one uid may hold (0 = `total`).
+    uint64_t per_uid = 0;
+    // For reports only: the RLIMIT_NOFILE the budget was cut from, and the
+    // reserve kept below it for the daemon's own fds.
+    uint64_t rlimit_nofile = 0;
+    uint64_t reserve = 0;
+  };
+
+  // One fd's place in the budget. Move-only; gives the place back when
+  // destroyed or Reset().
+  class Lease {
+   public:
+    Lease() = default;
+    Lease(Lease&& other) noexcept;
+    Lease& operator=(Lease&& other) noexcept;
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    ~Lease() { Reset(); }
+
+    bool held() const { return budget_ != nullptr; }
+    void Reset();
+
+   private:
+    friend class FdBudget;
+    Lease(FdBudget* budget, FdUse use, uid_t uid) : budget_(budget), use_(use), uid_(uid) {}
+    FdBudget* budget_ = nullptr;
+    FdUse use_ = FdUse::kBuffer;
+    uid_t uid_ = 0;
+  };
+
+  struct Usage {
+    uint64_t total = 0;
+    std::array<uint64_t, static_cast<size_t>(FdUse::kCount)> by_use{};
+    uint64_t of(FdUse use) const { return by_use[static_cast<size_t>(use)]; }
+  };
+
+  FdBudget();
+  explicit FdBudget(Limits limits);
+
+  // Changes the limits (the daemon sets them once it knows its own fd
+  // count); leases already held stay valid even above a lower limit.
+  void SetLimits(Limits limits);
+  Limits limits() const;
+
+  // A place for one fd of `use` charged to `uid`. RESOURCE_EXHAUSTED naming
+  // the budget (daemon-wide or the uid's) and what holds it when full.
+  absl::StatusOr<Lease> Acquire(FdUse use, uid_t uid);
+
+  Usage usage() const;
+  uint64_t UsedBy(uid_t uid) const;
+
+ private:
+  void Return(FdUse use, uid_t uid);
+
+  mutable absl::Mutex mu_;
+  Limits limits_ ABSL_GUARDED_BY(mu_);
+  Usage usage_ ABSL_GUARDED_BY(mu_);
+  std::map<uid_t, uint64_t> by_uid_ ABSL_GUARDED_BY(mu_);
+};
+
+// An fd together with its place in the budget: closing the fd (destroying
+// this) gives the place back.
+struct LeasedFd {
+  UniqueFd fd;
+  FdBudget::Lease lease;
+};
+
+}  // namespace bufferd
+
+#endif  // BUFFERD_BASE_FD_BUDGET_H_

@@ -1,0 +1,305 @@
+// Availability: no client, and no uid, can lock others out of the daemon.
+// Daemons here start at RLIMIT_NOFILE 256, where a flood of connections
+// reaches every limit in well under a second.
+#include <grp.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "base/unix_socket.h"
+#include "client/client.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/generic/generic_stub.h"
+#include "grpcpp/support/byte_buffer.h"
+#include "tests/test_daemon.h"
+
+namespace bufferd {
+namespace {
+
+using ::bufferd::testing::Eventually;
+using ::bufferd::testing::Peer;
+using ::bufferd::testing::RunfilePath;
+using ::bufferd::testing::TestDaemon;
+
+constexpr uint64_t kNofile = 256;
+
+// The number after `key=` in `line` ("sessions=88 refused=..." -> 88), or -1.
+int Count(const std::string& line, const std::string& key) {
+  const size_t at = line.find(key + "=");
+  if (at == std::string::npos) return -1;
+  const std::string rest = line.substr(at + key.size() + 1);
+  int value = -1;
+  return absl::SimpleAtoi(rest.substr(0, rest.find_first_not_of("0123456789")), &value) ? value
+                                                                                         : -1;
+}
+
+// Runs bufctl against `dir`; returns its exit code.
+int Bufctl(const std::string& dir, const std::string& command) {
+  const std::string line = absl::StrCat(RunfilePath("tools/bufctl"), " --socket-dir ", dir, " ",
+                                        command, " > /dev/null 2>&1");
+  const int status = std::system(line.c_str());
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+class AvailabilityTest : public testing::DaemonTest {
+ protected:
+  void Start(const std::string& config) {
+    StartDaemon(TestDaemon::Options{.config = config, .nofile = kNofile});
+  }
+
+  v1::FdUsage Fds() {
+    auto heaps = client_->ListHeaps();
+    EXPECT_TRUE(heaps.ok()) << heaps.status();
+    return heaps.ok() ? heaps->fds() : v1::FdUsage();
+  }
+
+  // A client that connects, allocates, maps and lists the heaps, and a bufctl.
+  void ExpectNewClientWorks() {
+    auto client = daemon_->Connect();
+    ASSERT_TRUE(client.ok()) << client.status();
+    auto buffer = client->Allocate({.heap = "system", .size = 4096, .name = "after"});
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    EXPECT_TRUE(buffer->Map().ok());
+    EXPECT_TRUE(client->ListHeaps().ok());
+    EXPECT_EQ(Bufctl(daemon_->socket_dir(), "heaps"), 0);
+  }
+};
+
+// Tests the lock-out of the issue: connections flood the daemon until its fd
+// budget is full, first on fd.sock, then on control.sock. Every refusal is
+// clean (a Refused record naming the budget; a control connection closed
+// before gRPC sees it), clients already connected keep working, and once the
+// flood goes, new clients connect, allocate and bufctl works: gRPC never met
+// EMFILE. (Before, control.sock stopped accepting for good.)
+TEST_F(AvailabilityTest, FloodOfConnectionsNeverLocksOutControlSock) {
+  // One uid may take the whole budget here, as on a single-user machine.
+  Start(R"pb(
+    heaps { name: "system" type: HEAP_TYPE_SYSTEM }
+    limits { max_fds_per_uid: 100000 }
+  )pb");
+  const v1::FdUsage before = Fds();
+  EXPECT_EQ(before.rlimit_nofile(), kNofile);
+  EXPECT_EQ(before.budget() + before.reserve(), kNofile);
+  EXPECT_EQ(before.per_uid(), before.budget()) << "max_fds_per_uid is cut to the budget";
+
+  auto flood = Peer::Spawn({"flood", daemon_->socket_dir(), "both"});
+  ASSERT_TRUE(flood.ok());
+  const std::string sessions = flood->ReadLine();
+  EXPECT_EQ(Count(sessions, "sessions"), static_cast<int>(before.budget() - before.in_use()))
+      << sessions;
+  EXPECT_TRUE(absl::StrContains(sessions, "refused=8:daemon fd budget reached: "))
+      << sessions;
+  EXPECT_EQ(flood->ReadLine(), "control=0") << "the budget is full: closed unserved";
+  EXPECT_EQ(flood->ReadLine(), "ready");
+
+  // Everything is taken; a connected client still works, a new one is told why.
+  EXPECT_EQ(Fds().in_use(), before.budget());
+  auto refused = daemon_->Connect();
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StartsWith(refused.status().message(),
+                               "bufferd refused the session: daemon fd budget reached: "))
+      << refused.status();
+  EXPECT_EQ(Bufctl(daemon_->socket_dir(), "heaps"), 1) << "refused, with a message";
+  auto buffer = client_->Allocate({.heap = "system", .size = 4096});
+  EXPECT_EQ(buffer.status().code(), absl::StatusCode::kResourceExhausted) << buffer.status();
+
+  flood->Kill(SIGKILL);
+  EXPECT_EQ(flood->Wait(), 128 + SIGKILL);
+  ASSERT_TRUE(Eventually([&] { return Fds().sessions() == 1; }));
+  ExpectNewClientWorks();
+  // That client's control connection is forgotten within a second of closing.
+  ASSERT_TRUE(Eventually([&] { return Fds().in_use() == before.in_use(); })) << Fds().in_use();
+
+  // Now control.sock alone, until the budget is full of gRPC connections.
+  auto control = Peer::Spawn({"flood", daemon_->socket_dir(), "control"});
+  ASSERT_TRUE(control.ok());
+  const std::string line = control->ReadLine();
+  EXPECT_EQ(Count(line, "control"), static_cast<int>(before.budget() - before.in_use())) << line;
+  EXPECT_EQ(control->ReadLine(), "ready");
+  EXPECT_TRUE(Eventually([&] { return Fds().in_use() == before.budget(); })) << Fds().in_use();
+  EXPECT_TRUE(client_->ListHeaps().ok()) << "served connections keep working";
+  control->Kill(SIGKILL);
+  control->Wait();
+  // gRPC closes the flood's connections; the listener notices within a second.
+  EXPECT_TRUE(Eventually([&] { return Fds().control_connections() == 1; }))
+      << Fds().control_connections();
+  ExpectNewClientWorks();
+  ExpectBaseline();
+}
+
+// Tests the per-uid caps: a uid flooding fd.sock and control.sock stops at
+// its share, and another uid connects, allocates and lists meanwhile; a uid
+// whose buffers fill its share of the fd budget is refused with a message
+// naming it, while another uid still allocates.
+TEST_F(AvailabilityTest, OneUidAtItsCapsLeavesRoomForAnother) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to run a second uid (nobody)";
+  struct group* entry = ::getgrnam("daemon");
+  if (entry == nullptr) GTEST_SKIP() << "no group 'daemon' to share the socket dir with nobody";
+  const gid_t gid = entry->gr_gid;
+  Start(R"pb(
+    heaps { name: "system" type: HEAP_TYPE_SYSTEM }
+    group: "daemon"
+  )pb");
+  // nobody must reach the socket dir and run a copy of tests/peer.
+  ASSERT_EQ(::chmod(daemon_->root().c_str(), 0711), 0);
+  const std::string peer = absl::StrCat(daemon_->root(), "/peer");
+  std::filesystem::copy_file(RunfilePath("tests/peer"), peer);
+  ASSERT_EQ(::chmod(peer.c_str(), 0755), 0);
+  const v1::FdUsage fds = Fds();
+  EXPECT_EQ(fds.per_uid(), fds.budget() / 2);
+
+  auto flood = Peer::SpawnAs(65534, 65534, {gid}, peer, {"flood", daemon_->socket_dir(), "both"});
+  ASSERT_TRUE(flood.ok());
+  const std::string sessions = flood->ReadLine();
+  EXPECT_EQ(Count(sessions, "sessions"), static_cast<int>(fds.per_uid())) << sessions;
+  EXPECT_TRUE(absl::StrContains(sessions, absl::StrCat("refused=8:fd budget of uid 65534 reached: "
+                                                       "it holds ",
+                                                       fds.per_uid(), " of ", fds.per_uid())))
+      << sessions;
+  EXPECT_EQ(flood->ReadLine(), "control=0");
+  EXPECT_EQ(flood->ReadLine(), "ready");
+  ExpectNewClientWorks();
+  flood->Kill(SIGKILL);
+  flood->Wait();
+  ASSERT_TRUE(Eventually([&] { return Fds().sessions() == 1; }));
+
+  // Root's buffers fill root's share; nobody still allocates.
+  std::vector<Buffer> held;
+  absl::Status refusal;
+  while (refusal.ok() && held.size() < 1000) {
+    auto buffer = client_->Allocate({.heap = "system", .size = 4096});
+    if (buffer.ok()) {
+      held.push_back(*std::move(buffer));
+    } else {
+      refusal = buffer.status();
+    }
+  }
+  EXPECT_EQ(refusal.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(absl::StartsWith(refusal.message(), "fd budget of uid 0 reached: ")) << refusal;
+  auto other = Peer::SpawnAs(65534, 65534, {gid}, peer,
+                             {"hold", daemon_->socket_dir(), "system", "4096", "8"});
+  ASSERT_TRUE(other.ok());
+  EXPECT_TRUE(absl::StartsWith(other->ReadLine(), "ready session=")) << "nobody allocates 8";
+  other->Kill(SIGKILL);
+  other->Wait();
+  held.clear();
+  ExpectBaseline();
+}
+
+// Tests that a 100 KB heap name is INVALID_ARGUMENT with a short message
+// through the default client (it used to be echoed whole: 102,453 bytes that
+// no default client accepts), and that other client text is quoted short and
+// escaped.
+TEST_F(AvailabilityTest, ClientTextIsNeverEchoedAtLength) {
+  Start("");
+  auto huge_heap = client_->Allocate({.heap = std::string(100 * 1024, 'h'), .size = 4096});
+  EXPECT_EQ(huge_heap.status().code(), absl::StatusCode::kInvalidArgument) << huge_heap.status();
+  EXPECT_EQ(huge_heap.status().message(), "heap name is 102400 bytes; heap names are at most 32");
+  auto huge_name =
+      client_->Allocate({.heap = "system", .size = 4096, .name = std::string(100 * 1024, 'n')});
+  EXPECT_EQ(huge_name.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(huge_name.status().message(), "name is 102400 bytes; at most 200 allowed");
+  auto odd = client_->Allocate({.heap = "\x1b[2J\x1b]0;x\x07", .size = 4096});
+  EXPECT_EQ(odd.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(odd.status().message(),
+            "unknown heap '\\x1b[2J\\x1b]0;x\\x07' (heaps: system, contiguous, carveout)");
+
+  // Carried releases that are not handle ids: quoted, cut to 64 bytes.
+  {
+  auto raw = testing::OpenRawSession(daemon_->socket_dir());
+  ASSERT_TRUE(raw.ok()) << raw.status();
+  auto context = raw->Context();
+  context->AddMetadata(kReleaseMetadataKey, std::string(4000, '9') + "x");
+  v1::GetBufferRequest request;
+  v1::GetBufferResponse response;
+  grpc::Status status = raw->stub->GetBuffer(context.get(), request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(status.error_message(),
+            absl::StrCat("metadata bufferd-release: expected up to 256 comma-separated handle "
+                         "ids, got '",
+                         std::string(64, '9'), "...' (4001 bytes)"));
+  }
+  ExpectBaseline();
+}
+
+// Tests that the log stays bounded whatever clients do: 2,000 requests whose
+// bodies libprotobuf refuses (each used to print a 222-byte ERROR line), 500
+// sessions opened and closed (each used to print two info lines), and 200
+// sessions ended by garbage records grow the daemon's log (at info) by less
+// than 16 KiB.
+TEST_F(AvailabilityTest, LogStaysBoundedUnderFloods) {
+  StartDaemon(TestDaemon::Options{.log_level = "info"});
+  const auto log_size = [&] { return std::filesystem::file_size(daemon_->log_path()); };
+  const uintmax_t before = log_size();
+
+  // An AllocateRequest whose heap (field 1, a proto3 string) is not UTF-8.
+  {
+  auto channel = grpc::CreateChannel(absl::StrCat("unix:", ControlSocketPath(daemon_->socket_dir())),
+                                     grpc::InsecureChannelCredentials());
+  grpc::GenericStub stub(channel);
+  const char body[] = {0x0a, 0x02, static_cast<char>(0xff), static_cast<char>(0xfe)};
+  grpc::Slice slice(body, sizeof(body));
+  int parse_failures = 0;
+  for (int i = 0; i < 2000; ++i) {
+    grpc::ByteBuffer request(&slice, 1);
+    grpc::ByteBuffer response;
+    grpc::ClientContext context;
+    std::mutex mu;
+    std::condition_variable done_cv;
+    bool done = false;
+    grpc::Status result;
+    stub.UnaryCall(&context, "/bufferd.v1.Allocator/Allocate", grpc::StubOptions(), &request,
+                   &response, [&](grpc::Status status) {
+                     std::lock_guard<std::mutex> lock(mu);
+                     result = std::move(status);
+                     done = true;
+                     done_cv.notify_one();
+                   });
+    std::unique_lock<std::mutex> lock(mu);
+    done_cv.wait(lock, [&] { return done; });
+    parse_failures += !result.ok();
+  }
+  EXPECT_EQ(parse_failures, 2000);
+  }
+
+  for (int i = 0; i < 500; ++i) {
+    auto socket = UnixSocket::ConnectSeqPacket(FdSocketPath(daemon_->socket_dir()));
+    ASSERT_TRUE(socket.ok());
+  }
+  for (int i = 0; i < 200; ++i) {
+    auto socket = UnixSocket::ConnectSeqPacket(FdSocketPath(daemon_->socket_dir()));
+    ASSERT_TRUE(socket.ok());
+    ASSERT_TRUE(socket->RecvWithFds().ok());  // the hello
+    ASSERT_TRUE(socket->Send("\xff\xff\xff").ok());
+    auto closed = socket->RecvWithFds();  // the daemon ends the session
+    ASSERT_TRUE(closed.ok() && closed->eof);
+  }
+  ASSERT_TRUE(Eventually([&] {
+    auto clients = client_->ListClients();
+    return clients.ok() && clients->clients_size() == 1;
+  }));
+  const uintmax_t grown = log_size() - before;
+  EXPECT_LT(grown, 16u * 1024) << "the log grew by " << grown << " bytes";
+  std::ifstream log(daemon_->log_path());
+  const std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
+  EXPECT_TRUE(absl::StrContains(text, "libprotobuf")) << "protobuf's lines go through spdlog";
+  EXPECT_TRUE(absl::StrContains(text, "malformed record")) << "a bad end is logged, rate-limited";
+  EXPECT_FALSE(absl::StrContains(text, " opened: pid")) << "churn is at debug level";
+  ExpectBaseline();
+}
+
+}  // namespace
+}  // namespace bufferd
