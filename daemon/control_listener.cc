@@ -2,7 +2,6 @@
 
 #include <fcntl.h>
 #include <poll.h>
-#include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -27,24 +26,11 @@ absl::Status ControlListener::Start(UnixSocket listener, grpc::Server* server) {
   if (flags < 0 || ::fcntl(listener_.fd(), F_SETFL, flags | O_NONBLOCK) != 0) {
     return ErrnoError("fcntl(O_NONBLOCK) on control.sock", errno);
   }
-  wake_.Reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  if (!wake_.valid()) return ErrnoError("eventfd", errno);
-  thread_ = std::thread([this] { Loop(); });
-  return absl::OkStatus();
+  return loop_.Start([this] { Loop(); });
 }
 
 void ControlListener::Stop() {
-  {
-    absl::MutexLock lock(&mu_);
-    if (stopping_) return;
-    stopping_ = true;
-  }
-  if (thread_.joinable()) {
-    uint64_t one = 1;
-    (void)!::write(wake_.get(), &one, sizeof(one));
-    thread_.join();
-  }
-  listener_ = UnixSocket();
+  if (loop_.Stop()) listener_ = UnixSocket();
 }
 
 size_t ControlListener::connections() const {
@@ -55,13 +41,13 @@ size_t ControlListener::connections() const {
 void ControlListener::Loop() {
   while (true) {
     const bool paused = paused_until_ != absl::InfinitePast();
-    pollfd fds[2] = {{wake_.get(), POLLIN, 0}, {listener_.fd(), POLLIN, 0}};
+    pollfd fds[2] = {{loop_.wake_fd(), POLLIN, 0}, {listener_.fd(), POLLIN, 0}};
     const int timeout_ms =
         paused ? 20 : static_cast<int>(absl::ToInt64Milliseconds(options_.sweep_interval));
     const int n = ::poll(fds, paused ? 1 : 2, timeout_ms);
+    if (loop_.stopping()) return;
     {
       absl::MutexLock lock(&mu_);
-      if (stopping_) return;
       if (absl::Now() - last_sweep_ >= options_.sweep_interval) Sweep();
     }
     if (paused && absl::Now() >= paused_until_) paused_until_ = absl::InfinitePast();

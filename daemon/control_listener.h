@@ -22,13 +22,13 @@
 
 #include <cstdint>
 #include <map>
-#include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "base/fd_budget.h"
+#include "base/loop_thread.h"
 #include "base/unique_fd.h"
 #include "base/unix_socket.h"
 #include "grpcpp/server.h"
@@ -77,13 +77,11 @@ class ControlListener {
   const Options options_;
   UnixSocket listener_;
   grpc::Server* server_ = nullptr;
-  UniqueFd wake_;  // eventfd: Stop()
-  std::thread thread_;
+  LoopThread loop_;
   // Loop thread only: accepts paused after an EMFILE until then.
   absl::Time paused_until_ = absl::InfinitePast();
 
   mutable absl::Mutex mu_;
-  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   // By the fd gRPC owns now.
   std::map<int, Connection> connections_ ABSL_GUARDED_BY(mu_);
   std::map<uid_t, uint32_t> per_uid_ ABSL_GUARDED_BY(mu_);

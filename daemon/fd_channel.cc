@@ -2,7 +2,6 @@
 
 #include <fcntl.h>
 #include <sys/epoll.h>
-#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -53,31 +52,17 @@ absl::Status FdChannel::Start(UnixSocket listener) {
   }
   epoll_.Reset(::epoll_create1(EPOLL_CLOEXEC));
   if (!epoll_.valid()) return ErrnoError("epoll_create1", errno);
-  wake_.Reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  if (!wake_.valid()) return ErrnoError("eventfd", errno);
-  for (int fd : {listener_.fd(), wake_.get()}) {
-    epoll_event event{};
-    event.events = EPOLLIN;
-    event.data.fd = fd;
-    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &event) != 0) {
-      return ErrnoError("epoll_ctl(ADD)", errno);
-    }
+  epoll_event event{};
+  event.events = EPOLLIN;
+  event.data.fd = listener_.fd();
+  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, listener_.fd(), &event) != 0) {
+    return ErrnoError("epoll_ctl(ADD)", errno);
   }
-  thread_ = std::thread([this] { Loop(); });
-  return absl::OkStatus();
+  return loop_.Start([this] { Loop(); });
 }
 
 void FdChannel::Stop() {
-  {
-    absl::MutexLock lock(&mu_);
-    if (stopping_) return;
-    stopping_ = true;
-  }
-  if (thread_.joinable()) {
-    uint64_t one = 1;
-    (void)!::write(wake_.get(), &one, sizeof(one));
-    thread_.join();
-  }
+  if (!loop_.Stop()) return;
   std::vector<uint64_t> sessions;
   {
     absl::MutexLock lock(&mu_);
@@ -90,14 +75,15 @@ void FdChannel::Stop() {
 }
 
 void FdChannel::Loop() {
+  epoll_event wake{};
+  wake.events = EPOLLIN;
+  wake.data.fd = loop_.wake_fd();
+  ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, loop_.wake_fd(), &wake);
   epoll_event events[64];
   while (true) {
     int n = ::epoll_wait(epoll_.get(), events, 64,
                          accept_paused_until_ == absl::InfinitePast() ? 500 : 20);
-    {
-      absl::MutexLock lock(&mu_);
-      if (stopping_) return;
-    }
+    if (loop_.stopping()) return;
     if (n < 0 && errno != EINTR) {
       spdlog::error("epoll_wait: {}", ErrnoError("epoll_wait", errno).ToString());
       return;
@@ -106,9 +92,8 @@ void FdChannel::Loop() {
       const int fd = events[i].data.fd;
       if (fd == listener_.fd()) {
         AcceptAll();
-      } else if (fd == wake_.get()) {
-        uint64_t value;
-        (void)!::read(wake_.get(), &value, sizeof(value));
+      } else if (fd == loop_.wake_fd()) {
+        continue;  // Stop(): seen at the top of the loop
       } else {
         if (events[i].events & EPOLLOUT) OnWritable(fd);
         if (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLRDHUP | EPOLLERR)) OnReadable(fd);

@@ -21,12 +21,12 @@
 #include <deque>
 #include <map>
 #include <string>
-#include <thread>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "base/loop_thread.h"
 #include "base/unique_fd.h"
 #include "base/unix_socket.h"
 #include "bufferd/v1/fd_channel.pb.h"
@@ -97,14 +97,12 @@ class FdChannel {
   const Options options_;
   UnixSocket listener_;
   UniqueFd epoll_;
-  UniqueFd wake_;  // eventfd: Stop() and new EPOLLOUT interest
-  std::thread thread_;
+  LoopThread loop_;
 
   mutable absl::Mutex mu_;
   // By socket fd.
   std::map<int, Connection> connections_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, int> by_session_ ABSL_GUARDED_BY(mu_);
-  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   size_t total_queued_ ABSL_GUARDED_BY(mu_) = 0;
   // Loop thread only: accepts paused after EMFILE until then.
   absl::Time accept_paused_until_ = absl::InfinitePast();

@@ -1,0 +1,29 @@
+#include "base/loop_thread.h"
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "base/errno_status.h"
+
+namespace bufferd {
+
+absl::Status LoopThread::Start(std::function<void()> loop) {
+  wake_.Reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!wake_.valid()) return ErrnoError("eventfd", errno);
+  thread_ = std::thread(std::move(loop));
+  return absl::OkStatus();
+}
+
+bool LoopThread::Stop() {
+  if (stopping_.exchange(true, std::memory_order_acq_rel)) return false;
+  if (thread_.joinable()) {
+    uint64_t one = 1;
+    (void)!::write(wake_.get(), &one, sizeof(one));
+    thread_.join();
+  }
+  return true;
+}
+
+}  // namespace bufferd
