@@ -42,8 +42,16 @@ void ControlListener::Loop() {
   while (true) {
     const bool paused = paused_until_ != absl::InfinitePast();
     pollfd fds[2] = {{loop_.wake_fd(), POLLIN, 0}, {listener_.fd(), POLLIN, 0}};
+    bool idle;
+    {
+      absl::MutexLock lock(&mu_);
+      idle = connections_.empty();
+    }
+    // Nothing to sweep for while no connection is open: sleep until one comes.
     const int timeout_ms =
-        paused ? 20 : static_cast<int>(absl::ToInt64Milliseconds(options_.sweep_interval));
+        paused ? 20
+        : idle ? -1
+               : static_cast<int>(absl::ToInt64Milliseconds(options_.sweep_interval));
     const int n = ::poll(fds, paused ? 1 : 2, timeout_ms);
     if (loop_.stopping()) return;
     {
