@@ -21,6 +21,11 @@ inline constexpr size_t kMaxQuotedBytes = 64;
 // first `max_bytes` bytes followed by "... (N bytes)".
 std::string QuoteClientText(absl::string_view text, size_t max_bytes = kMaxQuotedBytes);
 
+// `text` C-escaped as above, without quotes or cut: printable ASCII, for
+// short client text the daemon keeps and shows everywhere (a process name
+// from /proc/<pid>/comm, at most 15 bytes).
+std::string EscapeClientText(absl::string_view text);
+
 }  // namespace bufferd
 
 #endif  // BUFFERD_BASE_CLIENT_TEXT_H_

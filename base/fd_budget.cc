@@ -52,7 +52,32 @@ FdBudget::Limits FdBudget::limits() const {
   return limits_;
 }
 
+void FdBudget::AddReclaimer(std::function<void()> reclaim) {
+  absl::MutexLock lock(&mu_);
+  reclaimers_.push_back(std::move(reclaim));
+}
+
+void FdBudget::ClearReclaimers() {
+  absl::MutexLock lock(&mu_);
+  reclaimers_.clear();
+}
+
 absl::StatusOr<FdBudget::Lease> FdBudget::Acquire(FdUse use, uid_t uid) {
+  absl::StatusOr<Lease> lease = TryAcquire(use, uid);
+  if (lease.ok()) return lease;
+  std::vector<std::function<void()>> reclaimers;
+  {
+    absl::MutexLock lock(&mu_);
+    const absl::Time now = absl::Now();
+    if (reclaimers_.empty() || now - last_reclaim_ < absl::Milliseconds(10)) return lease;
+    last_reclaim_ = now;
+    reclaimers = reclaimers_;
+  }
+  for (const auto& reclaim : reclaimers) reclaim();
+  return TryAcquire(use, uid);
+}
+
+absl::StatusOr<FdBudget::Lease> FdBudget::TryAcquire(FdUse use, uid_t uid) {
   absl::MutexLock lock(&mu_);
   auto holders = [&] {
     std::string text;

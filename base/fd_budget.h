@@ -20,11 +20,14 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <map>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "base/unique_fd.h"
 
 namespace bufferd {
@@ -83,19 +86,32 @@ class FdBudget {
   Limits limits() const;
 
   // A place for one fd of `use` charged to `uid`. RESOURCE_EXHAUSTED naming
-  // the budget (daemon-wide or the uid's) and what holds it when full.
+  // the budget (daemon-wide or the uid's) and what holds it when full. Before
+  // it refuses, it runs the reclaimers (at most every 10 ms) and tries again:
+  // so the caller must not hold a lock a reclaimer takes.
   absl::StatusOr<Lease> Acquire(FdUse use, uid_t uid);
+
+  // Adds a reclaimer: a function that returns leases whose fds someone else
+  // has already closed but that their holder has not noticed yet (gRPC's
+  // closed connections, deliveries the client has read). Called without the
+  // budget's lock. Add them before serving.
+  void AddReclaimer(std::function<void()> reclaim);
+  // Drops every reclaimer (before what they point at goes).
+  void ClearReclaimers();
 
   Usage usage() const;
   uint64_t UsedBy(uid_t uid) const;
 
  private:
+  absl::StatusOr<Lease> TryAcquire(FdUse use, uid_t uid);
   void Return(FdUse use, uid_t uid);
 
   mutable absl::Mutex mu_;
   Limits limits_ ABSL_GUARDED_BY(mu_);
   Usage usage_ ABSL_GUARDED_BY(mu_);
   std::map<uid_t, uint64_t> by_uid_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::function<void()>> reclaimers_ ABSL_GUARDED_BY(mu_);
+  absl::Time last_reclaim_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
 };
 
 // An fd together with its place in the budget: closing the fd (destroying

@@ -9,12 +9,13 @@
 
 namespace bufferd {
 
-absl::Status LoopThread::Start(std::function<void()> loop) {
+absl::Status LoopThread::Init() {
   wake_.Reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!wake_.valid()) return ErrnoError("eventfd", errno);
-  thread_ = std::thread(std::move(loop));
   return absl::OkStatus();
 }
+
+void LoopThread::Run(std::function<void()> loop) { thread_ = std::thread(std::move(loop)); }
 
 bool LoopThread::Stop() {
   if (stopping_.exchange(true, std::memory_order_acq_rel)) return false;

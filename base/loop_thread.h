@@ -22,8 +22,11 @@ class LoopThread {
   LoopThread& operator=(const LoopThread&) = delete;
   ~LoopThread() { Stop(); }
 
-  // Creates the wake eventfd and runs `loop` on a new thread.
-  absl::Status Start(std::function<void()> loop);
+  // Creates the wake eventfd (so the loop's owner can watch it before the
+  // loop runs, and count it among its fds).
+  absl::Status Init();
+  // Runs `loop` on a new thread. Call once, after Init().
+  void Run(std::function<void()> loop);
   // Asks the loop to return and joins it. True for the first call (started
   // or not), so the caller tears down what the loop used exactly once.
   bool Stop();

@@ -68,6 +68,21 @@ absl::StatusOr<UnixSocket> UnixSocket::ConnectSeqPacket(absl::string_view path) 
   return UnixSocket(std::move(fd));
 }
 
+absl::StatusOr<UnixSocket> UnixSocket::ConnectStream(absl::string_view path,
+                                                     absl::Duration timeout) {
+  ASSIGN_OR_RETURN(sockaddr_un address, MakeAddress(path));
+  ASSIGN_OR_RETURN(UniqueFd fd, NewSocket(SOCK_STREAM));
+  const timeval limit = absl::ToTimeval(timeout);
+  if (::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &limit, sizeof(limit)) != 0) {
+    return ErrnoError("setsockopt(SO_SNDTIMEO)", errno);
+  }
+  int rc = RetryOnEintr([&] {
+    return ::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address));
+  });
+  if (rc != 0) return ErrnoError(absl::StrCat("connect(", path, ")"), errno);
+  return UnixSocket(std::move(fd));
+}
+
 absl::StatusOr<std::pair<UnixSocket, UnixSocket>> UnixSocket::SeqPacketPair() {
   int fds[2];
   if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, fds) != 0) {

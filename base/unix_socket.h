@@ -19,6 +19,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "base/unique_fd.h"
 
 namespace bufferd {
@@ -50,6 +51,10 @@ class UnixSocket {
   static absl::StatusOr<UnixSocket> ListenStream(absl::string_view path, int backlog = 128);
   // Connects a blocking SOCK_SEQPACKET socket to `path`.
   static absl::StatusOr<UnixSocket> ConnectSeqPacket(absl::string_view path);
+  // Connects a SOCK_STREAM socket to `path`, waiting up to `timeout` while
+  // the listener's backlog is full (a non-blocking connect would fail at
+  // once); the socket is blocking, its send timeout left at `timeout`.
+  static absl::StatusOr<UnixSocket> ConnectStream(absl::string_view path, absl::Duration timeout);
   // A connected SOCK_SEQPACKET pair (for tests and in-process plumbing).
   static absl::StatusOr<std::pair<UnixSocket, UnixSocket>> SeqPacketPair();
 

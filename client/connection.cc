@@ -1,6 +1,7 @@
 #include "client/connection.h"
 
 #include <poll.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -15,6 +16,7 @@
 #include "base/errno_status.h"
 #include "bufferd/v1/fd_channel.pb.h"
 #include "grpcpp/create_channel.h"
+#include "grpcpp/create_channel_posix.h"
 #include "grpcpp/security/credentials.h"
 
 namespace bufferd::internal {
@@ -33,6 +35,38 @@ int PollTimeoutMs(absl::Duration left) {
       std::min<int64_t>(absl::ToInt64Milliseconds(absl::Ceil(left, absl::Milliseconds(1))),
                         std::numeric_limits<int>::max()));
 }
+
+// The session's gRPC channel, on a control.sock connection made here rather
+// than by gRPC: a blocking connect waits while a flood has the listener's
+// backlog full (gRPC's non-blocking connect fails at once, and then backs off
+// for seconds), and a connection the daemon refuses at a cap is told apart
+// from a missing daemon. The channel never reconnects: it lives and dies with
+// the session, whose fd.sock connection is already open.
+absl::StatusOr<std::shared_ptr<grpc::Channel>> OpenControlChannel(const std::string& socket_dir,
+                                                                  absl::Duration timeout) {
+  const std::string path = ControlSocketPath(socket_dir);
+  absl::StatusOr<UnixSocket> socket = UnixSocket::ConnectStream(path, timeout);
+  if (!socket.ok()) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot connect to bufferd's ", path, ": ", socket.status().message()));
+  }
+  // gRPC's server speaks first (its SETTINGS frame); the daemon closes a
+  // connection it refuses before gRPC ever sees it.
+  pollfd ready{socket->fd(), POLLIN, 0};
+  if (RetryOnEintr([&] { return ::poll(&ready, 1, PollTimeoutMs(timeout)); }) <= 0) {
+    return absl::DeadlineExceededError(
+        absl::StrCat("bufferd did not answer on ", path, " within ", absl::FormatDuration(timeout)));
+  }
+  char first;
+  if (RetryOnEintr([&] { return ::recv(socket->fd(), &first, 1, MSG_PEEK); }) <= 0) {
+    return absl::ResourceExhaustedError(
+        "bufferd refused the control connection: this uid is at "
+        "limits.max_control_connections_per_uid, the daemon at limits.max_control_connections, "
+        "or the fd budget is full (the daemon's log says which)");
+  }
+  return grpc::CreateInsecureChannelFromFd(path, socket->unique_fd().Release());
+}
+
 }  // namespace
 
 absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& socket_dir,
@@ -68,8 +102,8 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
   connection->metadata_ =
       absl::StrCat(connection->session_id_, ":", absl::BytesToHexString(message.hello().secret()));
   connection->fd_socket_ = *std::move(socket);
-  std::shared_ptr<grpc::Channel> channel = grpc::CreateChannel(
-      absl::StrCat("unix:", ControlSocketPath(socket_dir)), grpc::InsecureChannelCredentials());
+  ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel,
+                   OpenControlChannel(socket_dir, timeout));
   connection->allocator_ = v1::Allocator::NewStub(channel);
   connection->debug_ = v1::Debug::NewStub(channel);
   return connection;

@@ -6,7 +6,9 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "base/errno_status.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
@@ -124,6 +126,18 @@ absl::Status Validate(const v1::Config& config, const Locator& locate) {
   if (config.default_token_ttl_ms() > 3600 * 1000) {
     return bad(-1, "default_token_ttl_ms", "must be at most 3600000");
   }
+  // Every client needs a session, a control connection and, per buffer, its
+  // fd and the one granted to it: less than that serves nobody.
+  if (config.fd_budget() != 0 && config.fd_budget() < kMinFdBudget) {
+    return bad(-1, "fd_budget", absl::StrCat("is ", config.fd_budget(), "; must be at least ",
+                                             kMinFdBudget, " (or 0 for the default)"));
+  }
+  if (const uint32_t per_uid = config.limits().max_fds_per_uid(); per_uid != 0 && per_uid < 4) {
+    return bad(-1, "limits.max_fds_per_uid",
+               absl::StrCat("is ", per_uid,
+                            "; must be at least 4 (a session, a control connection, a buffer "
+                            "and the fd granted for it), or 0 for the default"));
+  }
   return absl::OkStatus();
 }
 
@@ -150,7 +164,17 @@ absl::StatusOr<v1::Config> ParseConfig(absl::string_view text, absl::string_view
   const google::protobuf::FieldDescriptor* heaps_field = root->FindFieldByName("heaps");
   Locator locate = [&](int heap, absl::string_view field, int element) -> std::string {
     google::protobuf::TextFormat::ParseLocation at;
-    if (heap < 0) {
+    if (heap < 0 && absl::StrContains(field, '.')) {
+      // A field of a top-level block ("limits.max_fds_per_uid"), or the
+      // block itself if the field is not written.
+      const std::pair<std::string, std::string> path = absl::StrSplit(field, '.');
+      if (const auto* block = root->FindFieldByName(path.first); block != nullptr) {
+        const auto* f = block->message_type()->FindFieldByName(path.second);
+        const auto* nested = locations.GetTreeForNested(block, -1);
+        if (nested != nullptr && f != nullptr) at = nested->GetLocation(f, -1);
+        if (at.line < 0) at = locations.GetLocation(block, -1);
+      }
+    } else if (heap < 0) {
       if (const auto* f = root->FindFieldByName(std::string(field)); f != nullptr) {
         at = locations.GetLocation(f, -1);
       }

@@ -23,6 +23,10 @@ v1::Config DefaultConfig();
 absl::StatusOr<v1::Config> ParseConfig(absl::string_view text, absl::string_view source);
 absl::StatusOr<v1::Config> LoadConfigFile(const std::string& path);
 
+// The smallest fd budget the daemon runs with (a config's fd_budget, or what
+// RLIMIT_NOFILE leaves).
+inline constexpr uint64_t kMinFdBudget = 16;
+
 // INVALID_ARGUMENT naming the heap and field for bad values.
 absl::Status ValidateConfig(const v1::Config& config);
 

@@ -48,6 +48,14 @@ TEST(ConfigTest, ErrorsNameLineAndField) {
        "my.conf:5:3: heaps[0] ('g'): field 'fallback' must be FALLBACK_THP or FALLBACK_BASE_PAGES"},
       {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM }\nlog_level: \"loud\"",
        "my.conf:2:1: field 'log_level' is 'loud'"},
+      {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM }\nfd_budget: 3",
+       "my.conf:2:1: field 'fd_budget' is 3; must be at least 16 (or 0 for the default)"},
+      {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM }\nlimits {\n  max_sessions: 5\n"
+       "  max_fds_per_uid: 1\n}",
+       "my.conf:4:3: field 'limits.max_fds_per_uid' is 1; must be at least 4"},
+      {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM }\nlimits { max_session: 5 }",
+       "my.conf:2:21: Message type \"bufferd.v1.LimitsConfig\" has no field named "
+       "\"max_session\""},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.text);

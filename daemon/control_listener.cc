@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -13,20 +14,31 @@
 #include "grpcpp/server_posix.h"
 
 namespace bufferd {
+namespace {
+
+// Sweeps that a refusal (or the budget's reclaimer) triggers come at most
+// this often, so a flood of refusals costs little.
+constexpr absl::Duration kMinSweepGap = absl::Milliseconds(10);
+
+}  // namespace
 
 ControlListener::ControlListener(FdBudget* budget, Options options)
     : budget_(budget), options_(options) {}
 
 ControlListener::~ControlListener() { Stop(); }
 
-absl::Status ControlListener::Start(UnixSocket listener, grpc::Server* server) {
+absl::Status ControlListener::Listen(UnixSocket listener, grpc::Server* server) {
   listener_ = std::move(listener);
   server_ = server;
   int flags = ::fcntl(listener_.fd(), F_GETFL);
   if (flags < 0 || ::fcntl(listener_.fd(), F_SETFL, flags | O_NONBLOCK) != 0) {
     return ErrnoError("fcntl(O_NONBLOCK) on control.sock", errno);
   }
-  return loop_.Start([this] { Loop(); });
+  return loop_.Init();
+}
+
+void ControlListener::Serve() {
+  loop_.Run([this] { Loop(); });
 }
 
 void ControlListener::Stop() {
@@ -77,6 +89,10 @@ void ControlListener::AcceptAll() {
       paused_until_ = absl::Now() + absl::Milliseconds(100);
       return;
     }
+    // A client that connected and left already (a connect/close flood) costs
+    // nothing more: gRPC never sees it.
+    char byte;
+    if (::recv(socket->fd(), &byte, 1, MSG_PEEK | MSG_DONTWAIT) == 0) continue;
     absl::StatusOr<PeerCredentials> peer = socket->GetPeerCredentials();
     absl::Status admitted = peer.ok() ? Admit(*socket, *peer) : peer.status();
     if (!admitted.ok()) {
@@ -87,52 +103,59 @@ void ControlListener::AcceptAll() {
   }
 }
 
+absl::Status ControlListener::CheckCapsLocked(uid_t uid) const {
+  if (connections_.size() >= options_.max_connections) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("bufferd has ", connections_.size(),
+                     " control connections (limits.max_control_connections)"));
+  }
+  if (auto it = per_uid_.find(uid);
+      it != per_uid_.end() && it->second >= options_.max_connections_per_uid) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("uid ", uid, " has ", it->second,
+                     " control connections (limits.max_control_connections_per_uid)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ControlListener::Admit(UnixSocket& socket, const PeerCredentials& peer) {
   struct stat st {};
   if (::fstat(socket.fd(), &st) != 0) return ErrnoError("fstat", errno);
-  mu_.Lock();
-  // An fd number gRPC closed may be ours again now: whatever was there is gone.
-  if (auto old = connections_.find(socket.fd()); old != connections_.end()) {
-    if (--per_uid_[old->second.uid] == 0) per_uid_.erase(old->second.uid);
-    connections_.erase(old);
-  }
-  auto refused = [&]() -> absl::Status {
-    if (connections_.size() >= options_.max_connections) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("bufferd has ", connections_.size(),
-                       " control connections (limits.max_control_connections)"));
-    }
-    if (auto it = per_uid_.find(peer.uid);
-        it != per_uid_.end() && it->second >= options_.max_connections_per_uid) {
-      return absl::ResourceExhaustedError(
-          absl::StrCat("uid ", peer.uid, " has ", it->second,
-                       " control connections (limits.max_control_connections_per_uid)"));
-    }
-    return absl::OkStatus();
-  };
-  absl::Status status = refused();
-  absl::StatusOr<FdBudget::Lease> lease =
-      status.ok() ? budget_->Acquire(FdUse::kControlConnection, peer.uid) : status;
-  if (!lease.ok() && absl::Now() - last_sweep_ >= absl::Milliseconds(10)) {
-    // Before refusing anyone, look for places gRPC has freed since the last
-    // sweep (at most every 10 ms, so a flood of refusals costs little).
-    Sweep();
-    status = refused();
-    lease = status.ok() ? budget_->Acquire(FdUse::kControlConnection, peer.uid) : status;
-  }
-  if (!lease.ok()) {
-    mu_.Unlock();
-    return lease.status();
-  }
   const int fd = socket.fd();
-  connections_[fd] = Connection{st.st_dev, st.st_ino, peer.uid, *std::move(lease)};
-  ++per_uid_[peer.uid];
-  mu_.Unlock();
-  // gRPC owns the fd from here and closes it when the connection ends. Only
-  // this thread sweeps, so the entry cannot be forgotten before gRPC has it.
+  {
+    absl::MutexLock lock(&mu_);
+    // An fd number gRPC closed may be ours again now: whatever was there is gone.
+    if (auto old = connections_.find(fd); old != connections_.end()) Forget(old);
+    absl::Status caps = CheckCapsLocked(peer.uid);
+    if (!caps.ok() && absl::Now() - last_sweep_ >= kMinSweepGap) {
+      // Before refusing anyone, look for connections gRPC has closed.
+      Sweep();
+      caps = CheckCapsLocked(peer.uid);
+    }
+    RETURN_IF_ERROR(caps);
+  }
+  // Not under mu_: a full budget runs its reclaimers, Reclaim() among them.
+  ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kControlConnection, peer.uid));
+  {
+    absl::MutexLock lock(&mu_);
+    connections_[fd] = Connection{st.st_dev, st.st_ino, peer.uid, std::move(lease)};
+    ++per_uid_[peer.uid];
+  }
+  // gRPC owns the fd from here and closes it when the connection ends. A
+  // sweep meanwhile finds it open, so the entry outlives the hand-over.
   (void)socket.unique_fd().Release();
   grpc::AddInsecureChannelFromFd(server_, fd);
   return absl::OkStatus();
+}
+
+void ControlListener::Reclaim() {
+  absl::MutexLock lock(&mu_);
+  if (absl::Now() - last_sweep_ >= kMinSweepGap) Sweep();
+}
+
+void ControlListener::Forget(std::map<int, Connection>::iterator it) {
+  if (--per_uid_[it->second.uid] == 0) per_uid_.erase(it->second.uid);
+  connections_.erase(it);
 }
 
 void ControlListener::Sweep() {
@@ -143,10 +166,9 @@ void ControlListener::Sweep() {
                       st.st_ino == it->second.ino;
     if (open) {
       ++it;
-      continue;
+    } else {
+      Forget(it++);
     }
-    if (--per_uid_[it->second.uid] == 0) per_uid_.erase(it->second.uid);
-    it = connections_.erase(it);
   }
 }
 

@@ -14,7 +14,7 @@
 // anyone, forgets those whose fd no longer refers to that socket: a place is
 // returned at most a second after gRPC closed it, never before.
 //
-// Thread-safe. Start() runs one thread; Stop() joins it.
+// Thread-safe. Serve() runs one thread; Stop() joins it.
 #ifndef BUFFERD_DAEMON_CONTROL_LISTENER_H_
 #define BUFFERD_DAEMON_CONTROL_LISTENER_H_
 
@@ -49,14 +49,19 @@ class ControlListener {
   ControlListener(FdBudget* budget, Options options);
   ~ControlListener();
 
-  // Accepts on `listener` (a listening SOCK_STREAM socket) and hands every
+  // Takes `listener` (a listening SOCK_STREAM socket) and opens what the
+  // loop needs; Serve() then accepts on a new thread and hands every
   // admitted connection to `server`, which must outlive Stop().
-  absl::Status Start(UnixSocket listener, grpc::Server* server);
+  absl::Status Listen(UnixSocket listener, grpc::Server* server);
+  void Serve();
   // Stops accepting (connections already handed over stay with gRPC).
   void Stop();
 
   // Connections handed to gRPC and not yet seen closed.
   size_t connections() const;
+  // Forgets connections gRPC has closed now (at most every 10 ms), so their
+  // places in the budget come back: the budget's reclaimer.
+  void Reclaim();
 
  private:
   struct Connection {
@@ -70,8 +75,11 @@ class ControlListener {
   void AcceptAll();
   // Admits one accepted connection or says why not.
   absl::Status Admit(UnixSocket& socket, const PeerCredentials& peer);
+  // RESOURCE_EXHAUSTED naming the cap `uid` is at, if any.
+  absl::Status CheckCapsLocked(uid_t uid) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Forgets connections whose fd gRPC has closed.
   void Sweep() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Forget(std::map<int, Connection>::iterator it) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   FdBudget* const budget_;
   const Options options_;

@@ -28,8 +28,8 @@ namespace {
 // fds kept free below RLIMIT_NOFILE beyond the daemon's own at startup: for
 // short-lived opens (/proc reads, sysfs, an accept about to be refused).
 constexpr uint64_t kSpareFds = 64;
-// A budget smaller than this serves nobody usefully.
-constexpr uint64_t kMinFdBudget = 16;
+// listen() backlog of both sockets (the kernel caps it at net.core.somaxconn).
+constexpr int kListenBacklog = 4096;
 
 uint32_t OrDefault(uint32_t value, uint32_t fallback) { return value != 0 ? value : fallback; }
 
@@ -176,9 +176,12 @@ absl::Status Daemon::Init(const v1::Config& config) {
   // a few carveout allocations waiting for refills never stall the rest.
   work_ = std::make_unique<WorkQueue>(4);
   channel_ = std::make_unique<FdChannel>(state_.get(), channel_options);
-  ASSIGN_OR_RETURN(UnixSocket listener, UnixSocket::ListenSeqPacket(fd_path));
+  // Deep backlogs: a flood of connects must not make the kernel refuse a
+  // client's connect before the daemon has even seen it.
+  ASSIGN_OR_RETURN(UnixSocket listener, UnixSocket::ListenSeqPacket(fd_path, kListenBacklog));
   RETURN_IF_ERROR(SetAccess(fd_path, group, socket_mode));
-  ASSIGN_OR_RETURN(UnixSocket control_listener, UnixSocket::ListenStream(control_path));
+  ASSIGN_OR_RETURN(UnixSocket control_listener,
+                   UnixSocket::ListenStream(control_path, kListenBacklog));
   RETURN_IF_ERROR(SetAccess(control_path, group, socket_mode));
 
   allocator_ =
@@ -203,17 +206,24 @@ absl::Status Daemon::Init(const v1::Config& config) {
   control_options.max_connections_per_uid =
       OrDefault(limits.max_control_connections_per_uid(), control_options.max_connections_per_uid);
   control_ = std::make_unique<ControlListener>(&budget_, control_options);
+  RETURN_IF_ERROR(control_->Listen(std::move(control_listener), server_.get()));
+  RETURN_IF_ERROR(channel_->Listen(std::move(listener)));
+  // Before refusing a place, the budget asks both for places whose fds are
+  // gone without their holder knowing yet.
+  budget_.AddReclaimer([control = control_.get()] { control->Reclaim(); });
+  budget_.AddReclaimer([channel = channel_.get()] { channel->ReapDelivered(); });
   // Everything of the daemon's own is open now: what is left is the budget.
   RETURN_IF_ERROR(SetFdBudget(config, nofile));
-  RETURN_IF_ERROR(control_->Start(std::move(control_listener), server_.get()));
+  control_->Serve();
   // fd.sock goes live last: a client that can connect to it can also call.
-  RETURN_IF_ERROR(channel_->Start(std::move(listener)));
+  channel_->Serve();
   spdlog::info("bufferd serving in {} (pid {})", socket_dir_, ::getpid());
   return absl::OkStatus();
 }
 
 absl::Status Daemon::SetFdBudget(const v1::Config& config, uint64_t nofile) {
-  const int open = CountOpenFds();
+  // Less the directory fd CountOpenFds itself has open while counting.
+  const int open = CountOpenFds() - 1;
   const uint64_t own = open > 0 ? static_cast<uint64_t>(open) : 64;
   FdBudget::Limits limits;
   limits.rlimit_nofile = nofile;
@@ -259,6 +269,7 @@ void Daemon::Shutdown() {
 
 Daemon::~Daemon() {
   Shutdown();
+  budget_.ClearReclaimers();
   control_.reset();
   server_.reset();
   channel_.reset();

@@ -1,12 +1,15 @@
 #include "daemon/fd_channel.h"
 
 #include <fcntl.h>
+#include <linux/sockios.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <fstream>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "base/client_text.h"
 #include "base/errno_status.h"
@@ -31,10 +34,15 @@ LogLimiter& RefusalLog() {
 }
 
 std::string ReadComm(pid_t pid) {
+  // The kernel ends comm with one '\n'; the name itself may hold any byte
+  // but NUL (PR_SET_NAME), so it is escaped here, once, for every table,
+  // log line and proto (whose string fields must be UTF-8) that shows it.
   std::ifstream in(absl::StrCat("/proc/", pid, "/comm"));
-  std::string comm;
-  std::getline(in, comm);
-  return comm;
+  char buf[64] = {};
+  in.read(buf, sizeof(buf) - 1);
+  absl::string_view comm(buf, static_cast<size_t>(in.gcount()));
+  if (absl::EndsWith(comm, "\n")) comm.remove_suffix(1);
+  return EscapeClientText(comm);
 }
 
 }  // namespace
@@ -43,7 +51,7 @@ FdChannel::FdChannel(DaemonState* state, Options options) : state_(state), optio
 
 FdChannel::~FdChannel() { Stop(); }
 
-absl::Status FdChannel::Start(UnixSocket listener) {
+absl::Status FdChannel::Listen(UnixSocket listener) {
   listener_ = std::move(listener);
   // AcceptAll drains the backlog until EAGAIN.
   int flags = ::fcntl(listener_.fd(), F_GETFL);
@@ -52,13 +60,20 @@ absl::Status FdChannel::Start(UnixSocket listener) {
   }
   epoll_.Reset(::epoll_create1(EPOLL_CLOEXEC));
   if (!epoll_.valid()) return ErrnoError("epoll_create1", errno);
-  epoll_event event{};
-  event.events = EPOLLIN;
-  event.data.fd = listener_.fd();
-  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, listener_.fd(), &event) != 0) {
-    return ErrnoError("epoll_ctl(ADD)", errno);
+  RETURN_IF_ERROR(loop_.Init());
+  for (int fd : {listener_.fd(), loop_.wake_fd()}) {
+    epoll_event event{};
+    event.events = EPOLLIN;
+    event.data.fd = fd;
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &event) != 0) {
+      return ErrnoError("epoll_ctl(ADD)", errno);
+    }
   }
-  return loop_.Start([this] { Loop(); });
+  return absl::OkStatus();
+}
+
+void FdChannel::Serve() {
+  loop_.Run([this] { Loop(); });
 }
 
 void FdChannel::Stop() {
@@ -75,10 +90,6 @@ void FdChannel::Stop() {
 }
 
 void FdChannel::Loop() {
-  epoll_event wake{};
-  wake.events = EPOLLIN;
-  wake.data.fd = loop_.wake_fd();
-  ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, loop_.wake_fd(), &wake);
   epoll_event events[64];
   while (true) {
     int n = ::epoll_wait(epoll_.get(), events, 64,
@@ -150,8 +161,8 @@ void FdChannel::Admit(UnixSocket socket) {
     message.mutable_refused()->set_message(std::string(session.status().message()));
     (void)socket.Send(message.SerializeAsString(), {}, /*dont_wait=*/true);
     ++refused_;
-    LogLimited(RefusalLog(), spdlog::level::warn, "fd.sock: refused pid {} uid {} comm {}: {}",
-               peer->pid, peer->uid, QuoteClientText(comm), std::string(session.status().message()));
+    LogLimited(RefusalLog(), spdlog::level::warn, "fd.sock: refused pid {} uid {} comm '{}': {}",
+               peer->pid, peer->uid, comm, std::string(session.status().message()));
     return;
   }
   const int fd = socket.fd();
@@ -185,8 +196,8 @@ void FdChannel::Admit(UnixSocket socket) {
     hello_failed = !connection.socket.Send(hello_bytes, {}, /*dont_wait=*/true).ok();
   }
   ++opened_;
-  spdlog::debug("session {} opened: pid {} uid {} comm {}", session->id, peer->pid, peer->uid,
-                QuoteClientText(comm));
+  spdlog::debug("session {} opened: pid {} uid {} comm '{}'", session->id, peer->pid, peer->uid,
+                comm);
   // Usually a client that connected and left at once: churn, not a fault.
   if (hello_failed) EndConnection(fd, "the hello could not be sent");
 }
@@ -201,7 +212,8 @@ void FdChannel::SummarizeChurn() {
       live = connections_.size();
     }
     spdlog::info("sessions in the last {}: {} opened, {} ended, {} refused; {} open now",
-                 absl::FormatDuration(now - churn_since_), opened_, ended_, refused_, live);
+                 absl::FormatDuration(absl::Trunc(now - churn_since_, absl::Seconds(1))), opened_,
+                 ended_, refused_, live);
   }
   opened_ = ended_ = refused_ = 0;
   churn_since_ = now;
@@ -222,7 +234,10 @@ void FdChannel::OnReadable(int fd) {
     absl::StatusOr<UnixSocket::Received> received = socket->RecvWithFds(4096, /*dont_wait=*/true);
     if (!received.ok()) {
       if (IsWouldBlock(received.status())) return;  // drained
-      EndConnection(fd, received.status().ToString(), /*badly=*/true);
+      // ECONNRESET: the client exited with records unread (a delivery it
+      // never took): an ordinary end.
+      EndConnection(fd, received.status().ToString(),
+                    /*badly=*/ErrnoOf(received.status()) != ECONNRESET);
       return;
     }
     if (received->eof) {
@@ -266,6 +281,7 @@ bool FdChannel::FlushLocked(Connection& connection) {
     if (!sent.ok()) {
       return IsWouldBlock(sent);
     }
+    connection.in_flight.push_back(std::move(next.fd.lease));
     connection.queue.pop_front();
     --total_queued_;
     connection.stalled_since = absl::Now();
@@ -295,10 +311,14 @@ absl::Status FdChannel::Deliver(uint64_t session_id, uint64_t transfer_id, v1::F
     return absl::AbortedError(absl::StrCat("session ", session_id, " has no fd.sock connection"));
   }
   Connection& connection = connections_.at(s->second);
+  ReapDeliveredLocked(connection);
   if (connection.queue.empty()) {
     int fds[] = {fd.fd.get()};
     absl::Status sent = connection.socket.Send(bytes, fds, /*dont_wait=*/true);
-    if (sent.ok()) return absl::OkStatus();
+    if (sent.ok()) {
+      connection.in_flight.push_back(std::move(fd.lease));
+      return absl::OkStatus();
+    }
     if (!IsWouldBlock(sent)) {
       return absl::AbortedError(
           absl::StrCat("session ", session_id, ": fd delivery failed: ", sent.message()));
@@ -328,12 +348,28 @@ size_t FdChannel::QueuedDeliveries(uint64_t session_id) const {
   return s == by_session_.end() ? 0 : connections_.at(s->second).queue.size();
 }
 
+void FdChannel::ReapDeliveredLocked(Connection& connection) {
+  if (connection.in_flight.empty()) return;
+  // Bytes of records sent on this socket that the client has not read yet
+  // (for AF_UNIX, what the peer's receive queue still holds of ours).
+  int unread = 0;
+  if (::ioctl(connection.socket.fd(), SIOCOUTQ, &unread) == 0 && unread == 0) {
+    connection.in_flight.clear();
+  }
+}
+
+void FdChannel::ReapDelivered() {
+  absl::MutexLock lock(&mu_);
+  for (auto& [fd, connection] : connections_) ReapDeliveredLocked(connection);
+}
+
 void FdChannel::CheckStalled() {
   std::vector<int> stalled;
   const absl::Time now = absl::Now();
   {
     absl::MutexLock lock(&mu_);
-    for (const auto& [fd, connection] : connections_) {
+    for (auto& [fd, connection] : connections_) {
+      ReapDeliveredLocked(connection);
       if (!connection.queue.empty() &&
           now - connection.stalled_since > options_.stalled_session_timeout) {
         stalled.push_back(fd);

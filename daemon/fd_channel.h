@@ -47,8 +47,12 @@ class FdChannel {
   FdChannel(DaemonState* state, Options options);
   ~FdChannel();
 
-  // Serves `listener` (a listening SEQPACKET socket) on a new thread.
-  absl::Status Start(UnixSocket listener);
+  // Takes `listener` (a listening SEQPACKET socket) and opens what the loop
+  // needs; Serve() then runs the loop on a new thread. Two steps, so the
+  // daemon can count its own fds once all are open, before any client is
+  // served.
+  absl::Status Listen(UnixSocket listener);
+  void Serve();
   // Stops the thread and ends every session.
   void Stop();
 
@@ -60,6 +64,10 @@ class FdChannel {
   // Deliveries waiting for the client to read (for ListClients).
   size_t QueuedDeliveries(uint64_t session_id) const;
 
+  // Returns the budget places of sent fds that their clients have read
+  // since the last look (the budget's reclaimer; also done every tick).
+  void ReapDelivered();
+
  private:
   struct Pending {
     std::string bytes;
@@ -69,6 +77,11 @@ class FdChannel {
     uint64_t session_id = 0;
     UnixSocket socket;
     FdBudget::Lease lease;
+    // Places of fds sent but maybe not read yet: until the client reads
+    // them they sit in its socket's receive queue, and the kernel counts
+    // them against the daemon's uid (unix_inflight, limited by
+    // RLIMIT_NOFILE unless root). Returned once nothing we sent is unread.
+    std::vector<FdBudget::Lease> in_flight;
     std::deque<Pending> queue;
     // When the queue last became non-empty.
     absl::Time stalled_since;
@@ -91,6 +104,7 @@ class FdChannel {
   // Flushes as much of the queue as the socket takes. Returns false if the
   // connection failed.
   bool FlushLocked(Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void ReapDeliveredLocked(Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void WatchWritable(int fd, bool writable);
 
   DaemonState* const state_;

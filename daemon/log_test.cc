@@ -2,6 +2,12 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <sstream>
+
+#include "google/protobuf/stubs/logging.h"
+#include "spdlog/sinks/ostream_sink.h"
+
 namespace bufferd {
 namespace {
 
@@ -20,6 +26,24 @@ TEST(LogLimiterTest, BurstThenDropsThenCounts) {
   EXPECT_EQ(dropped, 1000u);
   EXPECT_TRUE(limiter.Allow(start + absl::Seconds(11), &dropped));
   EXPECT_EQ(dropped, 0u) << "counted once";
+}
+
+// Tests that libprotobuf's log lines go through spdlog, limited: 1,000 errors
+// (one per bad request, say) make 10 lines, formatted as the daemon's own.
+TEST(LibraryLogTest, ProtobufLinesGoThroughSpdlogLimited) {
+  std::ostringstream out;
+  auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(out);
+  auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>("test", sink));
+  InstallLibraryLogHandlers();
+  for (int i = 0; i < 1000; ++i) GOOGLE_LOG(ERROR) << "bad request " << i;
+  spdlog::set_default_logger(previous);
+  google::protobuf::SetLogHandler(nullptr);
+  const std::string text = out.str();
+  EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 10) << text;
+  EXPECT_NE(text.find("libprotobuf daemon/log_test.cc:"), std::string::npos) << text;
+  EXPECT_NE(text.find(": bad request 0"), std::string::npos) << text;
+  EXPECT_EQ(text.find("bad request 10\n"), std::string::npos) << "dropped";
 }
 
 }  // namespace

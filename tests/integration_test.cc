@@ -265,6 +265,7 @@ TEST_F(IntegrationTest, MissingOrWrongSessionMetadata) {
     EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAUTHENTICATED);
     EXPECT_NE(status.error_message().find(c.part), std::string::npos) << status.error_message();
   }
+  stub.reset();  // its own control connection (it shares none with client_)
   ExpectBaseline();
 }
 
@@ -420,6 +421,7 @@ TEST_F(IntegrationTest, OneWayReleaseAndMalformedRecords) {
   EXPECT_TRUE(session_alive());
   ASSERT_TRUE(raw->socket.Send("\xff\xff\xff garbage").ok());
   EXPECT_TRUE(Eventually([&] { return !session_alive(); }));
+  raw->stub.reset();  // its own control connection (it shares none with client_)
   ExpectBaseline();
 }
 

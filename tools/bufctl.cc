@@ -34,10 +34,18 @@ void PrintTable(const Row& header, const std::vector<Row>& rows) {
   for (const Row& row : rows) {
     for (size_t i = 0; i < row.size(); ++i) widths[i] = std::max(widths[i], row[i].size());
   }
+  // Nothing a client named reaches the terminal raw (the daemon escapes
+  // process names already; this holds for any other cell too).
+  auto cell = [](std::string text) {
+    for (char& c : text) {
+      if (static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) >= 0x7f) c = '?';
+    }
+    return text;
+  };
   auto print = [&](const Row& row) {
     std::string line;
     for (size_t i = 0; i < row.size(); ++i) {
-      absl::StrAppend(&line, row[i], std::string(widths[i] - row[i].size() + 2, ' '));
+      absl::StrAppend(&line, cell(row[i]), std::string(widths[i] - row[i].size() + 2, ' '));
     }
     while (!line.empty() && line.back() == ' ') line.pop_back();
     std::cout << line << "\n";
