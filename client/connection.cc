@@ -1,6 +1,7 @@
 #include "client/connection.h"
 
 #include <poll.h>
+#include <unistd.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -14,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "base/errno_status.h"
+#include "base/private_dir.h"
 #include "bufferd/v1/fd_channel.pb.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/create_channel_posix.h"
@@ -36,6 +38,14 @@ int PollTimeoutMs(absl::Duration left) {
                         std::numeric_limits<int>::max()));
 }
 
+// The daemon behind `path` must run as the socket dir's owner or as root.
+absl::Status CheckDaemon(const PeerCredentials& daemon, uid_t owner, const std::string& path) {
+  if (daemon.uid == owner || daemon.uid == 0) return absl::OkStatus();
+  return absl::PermissionDeniedError(absl::StrCat(
+      "the process behind ", path, " runs as uid ", daemon.uid, ", neither the socket dir's owner (uid ",
+      owner, ") nor root; not trusted"));
+}
+
 // The session's gRPC channel, on a control.sock connection made here rather
 // than by gRPC: a blocking connect waits while a flood has the listener's
 // backlog full (gRPC's non-blocking connect fails at once, and then backs off
@@ -43,12 +53,21 @@ int PollTimeoutMs(absl::Duration left) {
 // from a missing daemon. The channel never reconnects: it lives and dies with
 // the session, whose fd.sock connection is already open.
 absl::StatusOr<std::shared_ptr<grpc::Channel>> OpenControlChannel(const std::string& socket_dir,
-                                                                  absl::Duration timeout) {
+                                                                  absl::Duration timeout,
+                                                                  const PeerCredentials& daemon) {
   const std::string path = ControlSocketPath(socket_dir);
   absl::StatusOr<UnixSocket> socket = UnixSocket::ConnectStream(path, timeout);
   if (!socket.ok()) {
     return absl::UnavailableError(
         absl::StrCat("cannot connect to bufferd's ", path, ": ", socket.status().message()));
+  }
+  // The same process as behind fd.sock.
+  ASSIGN_OR_RETURN(const PeerCredentials peer, socket->GetPeerCredentials());
+  if (peer.pid != daemon.pid || peer.uid != daemon.uid) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "the process behind ", path, " (pid ", peer.pid, ", uid ", peer.uid,
+        ") is not the one behind fd.sock (pid ", daemon.pid, ", uid ", daemon.uid,
+        "); not trusted"));
   }
   // gRPC's server speaks first (its SETTINGS frame); the daemon closes a
   // connection it refuses before gRPC ever sees it.
@@ -73,11 +92,17 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
                                                              absl::Duration timeout) {
   std::shared_ptr<Connection> connection(new Connection());
   connection->timeout_ = timeout;
+  // Only a dir that nobody but its owner (us or root) can write holds the
+  // real daemon's sockets; and only a daemon of that uid (or root) may
+  // answer on them.
+  ASSIGN_OR_RETURN(const uid_t owner, CheckTrustedDir(socket_dir, ::geteuid()));
   absl::StatusOr<UnixSocket> socket = UnixSocket::ConnectSeqPacket(FdSocketPath(socket_dir));
   if (!socket.ok()) {
     return absl::UnavailableError(absl::StrCat("cannot connect to bufferd in ", socket_dir,
                                                " (is it running?): ", socket.status().message()));
   }
+  ASSIGN_OR_RETURN(const PeerCredentials daemon, socket->GetPeerCredentials());
+  RETURN_IF_ERROR(CheckDaemon(daemon, owner, FdSocketPath(socket_dir)));
   pollfd ready{socket->fd(), POLLIN, 0};
   int n = RetryOnEintr([&] { return ::poll(&ready, 1, PollTimeoutMs(timeout)); });
   if (n <= 0) return absl::DeadlineExceededError("bufferd sent no hello on fd.sock");
@@ -98,12 +123,18 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
     return absl::FailedPreconditionError(absl::StrCat(
         "bufferd speaks protocol ", message.hello().protocol_version(), "; this library speaks 1"));
   }
+  if (message.hello().daemon_pid() != static_cast<uint32_t>(daemon.pid)) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "the process behind ", FdSocketPath(socket_dir), " (pid ", daemon.pid,
+        ") is not the daemon its hello names (pid ", message.hello().daemon_pid(),
+        "): a relay may sit between you and bufferd; not trusted"));
+  }
   connection->session_id_ = message.hello().session_id();
   connection->metadata_ =
       absl::StrCat(connection->session_id_, ":", absl::BytesToHexString(message.hello().secret()));
   connection->fd_socket_ = *std::move(socket);
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel,
-                   OpenControlChannel(socket_dir, timeout));
+                   OpenControlChannel(socket_dir, timeout, daemon));
   connection->allocator_ = v1::Allocator::NewStub(channel);
   connection->debug_ = v1::Debug::NewStub(channel);
   return connection;

@@ -8,13 +8,13 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <filesystem>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "base/errno_status.h"
 #include "base/fd_count.h"
+#include "base/private_dir.h"
 #include "daemon/config.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -43,7 +43,8 @@ absl::StatusOr<gid_t> SocketGroup(const std::string& group) {
   return entry->gr_gid;
 }
 
-// Gives `path` to `gid` (unless -1) and sets its mode.
+// Gives the socket `path` (in the daemon's private dir, so nobody else can
+// have put anything there) to `gid` (unless -1) and sets its mode.
 absl::Status SetAccess(const std::string& path, gid_t gid, mode_t mode) {
   if (gid != static_cast<gid_t>(-1) && ::chown(path.c_str(), static_cast<uid_t>(-1), gid) != 0) {
     return ErrnoError(absl::StrCat("chown ", path, " to gid ", gid), errno);
@@ -52,29 +53,11 @@ absl::Status SetAccess(const std::string& path, gid_t gid, mode_t mode) {
   return absl::OkStatus();
 }
 
-absl::Status PrepareSocketDir(const std::string& dir, gid_t gid) {
-  std::error_code error;
-  std::filesystem::path path(dir);
-  if (path.has_parent_path()) std::filesystem::create_directories(path.parent_path(), error);
-  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
-    return ErrnoError(absl::StrCat("mkdir ", dir), errno);
-  }
-  struct stat st {};
-  if (::lstat(dir.c_str(), &st) != 0) return ErrnoError(absl::StrCat("stat ", dir), errno);
-  if (!S_ISDIR(st.st_mode)) {
-    return absl::FailedPreconditionError(absl::StrCat("socket dir ", dir, " is not a directory"));
-  }
-  if (st.st_uid != ::geteuid()) {
-    return absl::PermissionDeniedError(
-        absl::StrCat("socket dir ", dir, " is owned by uid ", st.st_uid, ", not us"));
-  }
-  return SetAccess(dir, gid, gid == static_cast<gid_t>(-1) ? 0700 : 0770);
-}
-
-absl::StatusOr<UniqueFd> LockSocketDir(const std::string& dir) {
+// Takes the exclusive lock on <dir>/bufferd.lock (opened without following a
+// link, and checked) and writes our pid into it.
+absl::StatusOr<UniqueFd> LockSocketDir(int dir_fd, const std::string& dir) {
+  ASSIGN_OR_RETURN(UniqueFd fd, OpenPrivateFile(dir_fd, dir, "bufferd.lock"));
   const std::string path = absl::StrCat(dir, "/bufferd.lock");
-  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
-  if (!fd.valid()) return ErrnoError(absl::StrCat("open ", path), errno);
   if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
     if (errno != EWOULDBLOCK) return ErrnoError(absl::StrCat("flock ", path), errno);
     char buf[32] = {};
@@ -125,13 +108,18 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const v1::Config& config,
 absl::Status Daemon::Init(const v1::Config& config) {
   ASSIGN_OR_RETURN(const gid_t group, SocketGroup(config.group()));
   const mode_t socket_mode = config.group().empty() ? 0600 : 0660;
-  RETURN_IF_ERROR(PrepareSocketDir(socket_dir_, group));
-  ASSIGN_OR_RETURN(lock_file_, LockSocketDir(socket_dir_));
+  ASSIGN_OR_RETURN(UniqueFd dir,
+                   MakePrivateDir(socket_dir_, group == static_cast<gid_t>(-1) ? -1 : group));
+  ASSIGN_OR_RETURN(lock_file_, LockSocketDir(dir.get(), socket_dir_));
   const std::string control_path = ControlSocketPath(socket_dir_);
   const std::string fd_path = FdSocketPath(socket_dir_);
-  // We hold the lock, so any socket here was left by a daemon that died.
-  for (const std::string& path : {control_path, fd_path}) {
-    if (::unlink(path.c_str()) == 0) spdlog::warn("removed stale socket {}", path);
+  // We hold the lock, so anything at the sockets' names was left by a daemon
+  // that died (or planted while the dir was not yet private): the entry
+  // itself goes, never what a link points at.
+  for (const char* name : {"control.sock", "fd.sock"}) {
+    if (::unlinkat(dir.get(), name, 0) == 0) {
+      spdlog::warn("removed stale {}/{}", socket_dir_, name);
+    }
   }
 
   const uint64_t nofile = RaiseFdLimit();

@@ -1,0 +1,111 @@
+#include "base/private_dir.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "base/errno_status.h"
+
+namespace bufferd {
+namespace {
+
+std::string Mode(mode_t mode) { return absl::StrFormat("%04o", mode & 07777); }
+
+}  // namespace
+
+absl::StatusOr<UniqueFd> MakePrivateDir(const std::string& path, int64_t group) {
+  if (::mkdir(path.c_str(), 0700) != 0 && errno != EEXIST) {
+    if (errno == ENOENT) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "cannot create socket dir ", path,
+          ": its parent does not exist (the daemon creates only the last component)"));
+    }
+    return ErrnoError(absl::StrCat("mkdir ", path), errno);
+  }
+  UniqueFd dir(RetryOnEintr(
+      [&] { return ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC); }));
+  if (!dir.valid()) {
+    if (errno == ELOOP || errno == ENOTDIR) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "socket dir ", path, " is a symlink or not a directory; the daemon uses only a real "
+          "directory of its own"));
+    }
+    return ErrnoError(absl::StrCat("open ", path), errno);
+  }
+  struct stat st {};
+  if (::fstat(dir.get(), &st) != 0) return ErrnoError(absl::StrCat("stat ", path), errno);
+  if (st.st_uid != ::geteuid()) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("socket dir ", path, " is owned by uid ", st.st_uid, ", not by the daemon's uid ",
+                     ::geteuid(), "; remove it or choose another --socket-dir"));
+  }
+  if (group >= 0 && ::fchown(dir.get(), static_cast<uid_t>(-1), static_cast<gid_t>(group)) != 0) {
+    return ErrnoError(absl::StrCat("chown ", path, " to gid ", group), errno);
+  }
+  if (::fchmod(dir.get(), group >= 0 ? 0750 : 0700) != 0) {
+    return ErrnoError(absl::StrCat("chmod ", path), errno);
+  }
+  return dir;
+}
+
+absl::StatusOr<UniqueFd> OpenPrivateFile(int dir_fd, const std::string& dir_path,
+                                         const std::string& name) {
+  const std::string path = absl::StrCat(dir_path, "/", name);
+  UniqueFd fd(RetryOnEintr([&] {
+    return ::openat(dir_fd, name.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
+  }));
+  if (!fd.valid()) {
+    if (errno == ELOOP) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(path, " is a symlink; remove it (someone may have planted it)"));
+    }
+    return ErrnoError(absl::StrCat("open ", path), errno);
+  }
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return ErrnoError(absl::StrCat("stat ", path), errno);
+  if (!S_ISREG(st.st_mode) || st.st_uid != ::geteuid() || st.st_nlink != 1) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        path, " is not a regular file of uid ", ::geteuid(), " with one link (mode ",
+        Mode(st.st_mode), ", uid ", st.st_uid, ", ", st.st_nlink,
+        " links); remove it (someone may have planted it)"));
+  }
+  return fd;
+}
+
+absl::StatusOr<uid_t> CheckTrustedDir(const std::string& path, uid_t uid) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) {
+      return absl::UnavailableError(
+          absl::StrCat("cannot connect to bufferd in ", path, " (is it running?): no such directory"));
+    }
+    return ErrnoError(absl::StrCat("stat ", path), errno);
+  }
+  const std::string why = absl::StrCat("bufferd socket dir ", path);
+  if (S_ISLNK(st.st_mode)) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        why, " is a symlink; not trusted (point the client at the real directory)"));
+  }
+  if (!S_ISDIR(st.st_mode)) {
+    return absl::PermissionDeniedError(absl::StrCat(why, " is not a directory"));
+  }
+  if (st.st_uid != uid && st.st_uid != 0) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        why, " is owned by uid ", st.st_uid, ", neither you (uid ", uid,
+        ") nor root: another user may be posing as bufferd there; not trusted (remove it, or "
+        "use the socket dir of a daemon you trust)"));
+  }
+  if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        why, " has mode ", Mode(st.st_mode),
+        ": others may write it and replace its sockets; not trusted (it must not be writable by "
+        "group or others; a current bufferd makes it 0700 or 0750)"));
+  }
+  return st.st_uid;
+}
+
+}  // namespace bufferd

@@ -1,0 +1,45 @@
+// The socket directory, made and checked without following links: the one
+// place both sides decide whether a directory may be trusted.
+//
+// The daemon makes (or takes over) its socket dir with MakePrivateDir: owned
+// by its euid, mode 0700, or 0750 with a group, so nobody but the daemon can
+// create, rename or replace an entry (a group member who could write the dir
+// could swap fd.sock for a relay, or plant a symlink at the lock file). Files
+// in it are opened relative to the dir's fd, never following a link, and
+// checked (OpenPrivateFile). A client trusts a dir only if CheckTrustedDir
+// says so: not a symlink, a directory owned by the caller or root, writable
+// by nobody else (so a dir another user made in /tmp is never trusted).
+#ifndef BUFFERD_BASE_PRIVATE_DIR_H_
+#define BUFFERD_BASE_PRIVATE_DIR_H_
+
+#include <sys/types.h>
+
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "base/unique_fd.h"
+
+namespace bufferd {
+
+// Creates `path` (its parent must exist) or takes the existing directory,
+// which must be a real directory (not a symlink) owned by the caller's euid;
+// then sets it to mode 0700, or to group `group` and mode 0750 (group < 0:
+// none). Returns the directory's fd. FAILED_PRECONDITION or
+// PERMISSION_DENIED naming the path and the problem otherwise.
+absl::StatusOr<UniqueFd> MakePrivateDir(const std::string& path, int64_t group);
+
+// Opens (creating if missing, mode 0600) the regular file `name` in the dir
+// `dir_fd` (shown as `dir_path` in errors) without following a link, and
+// checks it is a regular file owned by the caller's euid with one link.
+absl::StatusOr<UniqueFd> OpenPrivateFile(int dir_fd, const std::string& dir_path,
+                                         const std::string& name);
+
+// OK if `path` is a directory a client of uid `uid` may trust to hold the
+// daemon's sockets: not a symlink, owned by `uid` or root, not writable by
+// group or others. Returns its owner. UNAVAILABLE when it does not exist;
+// PERMISSION_DENIED naming the problem and the fix otherwise.
+absl::StatusOr<uid_t> CheckTrustedDir(const std::string& path, uid_t uid);
+
+}  // namespace bufferd
+
+#endif  // BUFFERD_BASE_PRIVATE_DIR_H_

@@ -1,0 +1,241 @@
+// Local security: the socket dir no one else can tamper with, and clients
+// that trust only the real daemon. Each test is an attack that worked before.
+#include <grp.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "base/unix_socket.h"
+#include "client/client.h"
+#include "tests/test_daemon.h"
+
+namespace bufferd {
+namespace {
+
+using ::bufferd::testing::TestDaemon;
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// A temp dir removed at the end of the test.
+class TempDir {
+ public:
+  TempDir() {
+    char path[] = "/tmp/bufferd-sec-XXXXXX";
+    path_ = ::mkdtemp(path) != nullptr ? path : "";
+  }
+  ~TempDir() {
+    std::error_code error;
+    std::filesystem::remove_all(path_, error);
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+// Starts bufferd on `dir` and waits for it to exit (it must refuse to start);
+// returns its exit code and, in `log`, what it printed.
+int StartExpectingExit(const std::string& dir, const std::string& log_path, std::string* log) {
+  pid_t pid = testing::SpawnDaemon({"--socket-dir", dir}, log_path);
+  int status = 0;
+  for (int i = 0; i < 500 && ::waitpid(pid, &status, WNOHANG) == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  if (::waitpid(pid, &status, WNOHANG) == 0) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, nullptr, 0);
+    return -1;
+  }
+  *log = ReadFile(log_path);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+// Tests that the daemon never follows a link planted at its lock file (as a
+// group member of an old 0770 dir could): a symlink or a hard link to a
+// root-only file stops startup, naming the path, and the file is untouched.
+// (Before, the file was truncated and got the daemon's pid.)
+TEST(SocketDirTest, PlantedLockLinksAreRefusedNotFollowed) {
+  TempDir root;
+  const std::string victim = absl::StrCat(root.path(), "/precious");
+  std::ofstream(victim) << "precious\n";
+  ASSERT_EQ(::chmod(victim.c_str(), 0644), 0);
+  for (bool hard : {false, true}) {
+    SCOPED_TRACE(hard ? "hard link" : "symlink");
+    const std::string dir = absl::StrCat(root.path(), hard ? "/hard" : "/soft");
+    ASSERT_EQ(::mkdir(dir.c_str(), 0770), 0);
+    const std::string lock = absl::StrCat(dir, "/bufferd.lock");
+    ASSERT_EQ(hard ? ::link(victim.c_str(), lock.c_str()) : ::symlink(victim.c_str(), lock.c_str()),
+              0);
+    std::string log;
+    EXPECT_EQ(StartExpectingExit(dir, absl::StrCat(dir, ".log"), &log), 1);
+    EXPECT_TRUE(absl::StrContains(
+        log, hard ? absl::StrCat(lock, " is not a regular file of uid ", ::geteuid(),
+                                 " with one link (mode 0644, uid ", ::geteuid(), ", 2 links)")
+                  : absl::StrCat(lock, " is a symlink; remove it")))
+        << log;
+    EXPECT_EQ(ReadFile(victim), "precious\n");
+  }
+}
+
+// Tests that a socket dir that is itself a symlink is refused.
+TEST(SocketDirTest, SymlinkedSocketDirIsRefused) {
+  TempDir root;
+  const std::string real = absl::StrCat(root.path(), "/real");
+  const std::string link = absl::StrCat(root.path(), "/link");
+  ASSERT_EQ(::mkdir(real.c_str(), 0700), 0);
+  ASSERT_EQ(::symlink(real.c_str(), link.c_str()), 0);
+  std::string log;
+  EXPECT_EQ(StartExpectingExit(link, absl::StrCat(root.path(), "/log"), &log), 1);
+  EXPECT_TRUE(absl::StrContains(log, absl::StrCat("socket dir ", link, " is a symlink")))
+      << log;
+}
+
+// Runs `attack` in a child that is uid/gid nobody with supplementary `gid`;
+// returns the errno it reports (0 = the attack worked).
+int AsNobody(gid_t gid, const std::function<int()>& attack) {
+  int pipe_fds[2];
+  if (::pipe(pipe_fds) != 0) return -1;
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::close(pipe_fds[0]);
+    int result = -2;
+    if (::setgroups(1, &gid) == 0 && ::setgid(65534) == 0 && ::setuid(65534) == 0) {
+      result = attack();
+    }
+    (void)!::write(pipe_fds[1], &result, sizeof(result));
+    ::_exit(0);
+  }
+  ::close(pipe_fds[1]);
+  int result = -1;
+  (void)!::read(pipe_fds[0], &result, sizeof(result));
+  ::close(pipe_fds[0]);
+  ::waitpid(pid, nullptr, 0);
+  return result;
+}
+
+// Tests that a member of the socket dir's group may connect but can no longer
+// rename, replace or remove any entry (the dir is 0750, not 0770): the relay
+// that took over fd.sock and the lock-file swap both fail with EACCES.
+TEST(SocketDirTest, GroupMembersConnectButCannotReplaceEntries) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to drop to nobody";
+  struct group* entry = ::getgrnam("daemon");
+  if (entry == nullptr) GTEST_SKIP() << "no group 'daemon' on this machine";
+  const gid_t gid = entry->gr_gid;
+  auto daemon = TestDaemon::Start(R"pb(
+    heaps { name: "system" type: HEAP_TYPE_SYSTEM }
+    group: "daemon"
+  )pb");
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  const std::string dir = (*daemon)->socket_dir();
+  ASSERT_EQ(::chmod((*daemon)->root().c_str(), 0711), 0);
+  const std::string fd_sock = FdSocketPath(dir);
+  EXPECT_EQ(AsNobody(gid,
+                     [&] {
+                       auto socket = UnixSocket::ConnectSeqPacket(fd_sock);
+                       return socket.ok() ? 0 : errno;
+                     }),
+            0)
+      << "members connect";
+  EXPECT_EQ(AsNobody(gid,
+                     [&] {
+                       return ::rename(fd_sock.c_str(), absl::StrCat(dir, "/.x").c_str()) == 0
+                                  ? 0
+                                  : errno;
+                     }),
+            EACCES);
+  EXPECT_EQ(AsNobody(gid,
+                     [&] {
+                       return ::unlink(absl::StrCat(dir, "/bufferd.lock").c_str()) == 0 ? 0
+                                                                                        : errno;
+                     }),
+            EACCES);
+  EXPECT_EQ(AsNobody(gid,
+                     [&] {
+                       return ::symlink("/etc/shadow", absl::StrCat(dir, "/x").c_str()) == 0
+                                  ? 0
+                                  : errno;
+                     }),
+            EACCES);
+  EXPECT_TRUE((*daemon)->Connect().ok()) << "the daemon still serves";
+}
+
+// Tests that a client trusts only a socket dir nobody else can write: one
+// owned by another uid (another user's squat, e.g. /tmp/bufferd-<uid>),
+// one writable by others, and one that is a symlink are each refused with
+// PERMISSION_DENIED saying why, before anything is sent.
+TEST(ClientTrustTest, UntrustedSocketDirsAreRefused) {
+  auto daemon = TestDaemon::Start();
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  const std::string dir = (*daemon)->socket_dir();
+  TempDir root;
+
+  const std::string link = absl::StrCat(root.path(), "/link");
+  ASSERT_EQ(::symlink(dir.c_str(), link.c_str()), 0);
+  auto via_link = Client::Connect(link);
+  EXPECT_EQ(via_link.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_TRUE(absl::StrContains(via_link.status().message(), "is a symlink; not trusted"))
+      << via_link.status();
+
+  ASSERT_EQ(::chmod(dir.c_str(), 0777), 0);
+  auto writable = Client::Connect(dir);
+  EXPECT_EQ(writable.status().code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_TRUE(absl::StrContains(writable.status().message(),
+                                "has mode 0777: others may write it and replace its sockets"))
+      << writable.status();
+  ASSERT_EQ(::chmod(dir.c_str(), 0700), 0);
+
+  if (::geteuid() == 0) {
+    ASSERT_EQ(::chown(dir.c_str(), 1, static_cast<gid_t>(-1)), 0);
+    auto foreign = Client::Connect(dir);
+    EXPECT_EQ(foreign.status().code(), absl::StatusCode::kPermissionDenied);
+    EXPECT_TRUE(absl::StrContains(foreign.status().message(),
+                                  "is owned by uid 1, neither you (uid 0) nor root"))
+        << foreign.status();
+    ASSERT_EQ(::chown(dir.c_str(), 0, static_cast<gid_t>(-1)), 0);
+  }
+  EXPECT_TRUE(Client::Connect(dir).ok()) << "the real dir is trusted";
+}
+
+// Tests that a relay on fd.sock is caught: a process that forwards the real
+// daemon's hello is not the pid that hello names, so the client refuses it
+// (PERMISSION_DENIED) before it opens control.sock or sends anything.
+TEST(ClientTrustTest, RelayForwardingTheHelloIsRefused) {
+  auto daemon = TestDaemon::Start();
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  TempDir relay_dir;
+  ASSERT_EQ(::chmod(relay_dir.path().c_str(), 0700), 0);
+  auto listener = UnixSocket::ListenSeqPacket(FdSocketPath(relay_dir.path()));
+  ASSERT_TRUE(listener.ok()) << listener.status();
+  std::thread relay([&] {
+    auto upstream = UnixSocket::ConnectSeqPacket(FdSocketPath((*daemon)->socket_dir()));
+    auto hello = upstream.ok() ? upstream->RecvWithFds() : upstream.status();
+    auto victim = listener->Accept(/*nonblocking=*/false);
+    if (hello.ok() && victim.ok()) (void)victim->Send(hello->bytes);
+    if (victim.ok()) (void)victim->RecvWithFds();  // until the client hangs up
+  });
+  auto client = Client::Connect(relay_dir.path());
+  relay.join();
+  EXPECT_EQ(client.status().code(), absl::StatusCode::kPermissionDenied) << client.status();
+  EXPECT_TRUE(absl::StrContains(client.status().message(),
+                                absl::StrCat("(pid ", ::getpid(),
+                                             ") is not the daemon its hello names (pid ",
+                                             (*daemon)->pid(), ")")))
+      << client.status();
+}
+
+}  // namespace
+}  // namespace bufferd
