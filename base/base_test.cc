@@ -94,6 +94,8 @@ TEST(FormatBytesTest, Units) {
   EXPECT_EQ(FormatBytes(4096), "4 KiB");
   EXPECT_EQ(FormatBytes(2 << 20), "2 MiB");
   EXPECT_EQ(FormatBytes(3 << 29), "1.5 GiB");
+  EXPECT_EQ(FormatBytes(uint64_t{1} << 62), "4 EiB");
+  EXPECT_EQ(FormatBytes(~uint64_t{0}), "16.0 EiB");
 }
 
 // Tests that a mapping writes through to the file and unmaps itself.

@@ -68,10 +68,10 @@ int ErrnoOf(const absl::Status& status) {
 }
 
 std::string FormatBytes(uint64_t bytes) {
-  static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
   int unit = 0;
   uint64_t whole = bytes;
-  while (whole >= 1024 && unit < 4) {
+  while (whole >= 1024 && unit < 6) {
     whole /= 1024;
     ++unit;
   }

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <limits>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
@@ -226,6 +227,13 @@ absl::Status DaemonState::ChargeLocked(Session& session, const std::string& heap
     return absl::ResourceExhaustedError(absl::StrCat(
         "quota max_bytes_per_uid on heap '", heap, "': uid ", session.peer.uid, " holds ",
         FormatBytes(uid_held), " of ", FormatBytes(uid_max), ", asked for ", FormatBytes(bytes)));
+  }
+  // Sums never wrap (a heap caps one buffer far below this; this is the
+  // guard if a caller did not).
+  if (bytes > std::numeric_limits<uint64_t>::max() - std::max(session_bytes, uid_held)) {
+    if (session_bytes == 0) session.bytes.erase(heap);
+    return absl::ResourceExhaustedError(
+        absl::StrCat("byte counts of session ", session.id, " on heap '", heap, "' would wrap"));
   }
   session_bytes += bytes;
   uid_bytes_[uid_key] += bytes;

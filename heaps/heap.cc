@@ -55,6 +55,17 @@ uint64_t ReadSysfsNumber(const std::string& path) {
 }
 }  // namespace
 
+uint64_t HostMemoryBytes() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  uint64_t kib = 0;
+  while (meminfo >> key >> kib) {
+    if (key == "MemTotal:") return kib * 1024;
+    meminfo.ignore(std::numeric_limits<std::streamsize>::max(), '\n');
+  }
+  return 0;
+}
+
 HugepagePoolState ReadHugepagePool(uint64_t page_size) {
   HugepagePoolState state;
   state.page_size = page_size;
@@ -115,6 +126,7 @@ AccountedHeap::AccountedHeap(std::string name, uint64_t page_size, uint64_t capa
     : name_(std::move(name)),
       page_size_(page_size),
       capacity_(capacity),
+      max_allocation_(std::max<uint64_t>(HostMemoryBytes() / 2, page_size)),
       accounting_(std::make_shared<Accounting>()) {}
 
 absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t size,
@@ -125,6 +137,13 @@ absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t siz
     return absl::InvalidArgumentError(absl::StrCat("size ", size, " is too large"));
   }
   uint64_t rounded = (size + page_size_ - 1) / page_size_ * page_size_;
+  if (capacity_ == 0 && rounded > max_allocation_) {
+    absl::MutexLock lock(&accounting_->mu);
+    ++accounting_->failures;
+    return absl::ResourceExhaustedError(
+        absl::StrCat("heap '", name_, "' allocates at most ", FormatBytes(max_allocation_),
+                     " in one buffer (half of this host's RAM), asked for ", FormatBytes(rounded)));
+  }
   {
     absl::MutexLock lock(&accounting_->mu);
     if (capacity_ != 0 && rounded > capacity_ - accounting_->used) {
@@ -132,6 +151,11 @@ absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t siz
       return absl::ResourceExhaustedError(
           absl::StrCat("heap '", name_, "' has ", FormatBytes(capacity_ - accounting_->used),
                        " free of ", FormatBytes(capacity_), ", asked for ", FormatBytes(rounded)));
+    }
+    if (rounded > std::numeric_limits<uint64_t>::max() - accounting_->used) {
+      ++accounting_->failures;
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "heap '", name_, "' cannot count ", FormatBytes(rounded), " more bytes"));
     }
     accounting_->used += rounded;
   }

@@ -52,6 +52,9 @@ struct HugepagePoolState {
 // Reads /sys/kernel/mm/hugepages/hugepages-<N>kB; all zero if absent.
 HugepagePoolState ReadHugepagePool(uint64_t page_size);
 
+// This host's RAM (MemTotal of /proc/meminfo), or 0 if unreadable.
+uint64_t HostMemoryBytes();
+
 // Waits, with `mu` held, until `ready()` (evaluated under `mu`) is true or
 // `timeout` has passed; returns whether it became true.
 template <typename Predicate>
@@ -217,6 +220,10 @@ class AccountedHeap : public Heap {
   const std::string name_;
   const uint64_t page_size_;
   const uint64_t capacity_;
+  // Largest single buffer of an unbounded heap: half of the host's RAM (as
+  // ION and DMA-BUF heaps cap one allocation), whatever the quotas. A bounded
+  // heap's capacity check covers it.
+  const uint64_t max_allocation_;
   // Shared with every HeapBuffer's on_free.
   std::shared_ptr<Accounting> accounting_;
 };

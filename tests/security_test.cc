@@ -237,5 +237,39 @@ TEST(ClientTrustTest, RelayForwardingTheHelloIsRefused) {
       << client.status();
 }
 
+// Tests that byte counts cannot wrap: with every quota off (`quotas { }`),
+// five 4 EiB allocations on the system heap used to succeed and wrap the
+// heap's used bytes, its peak and the metrics past 2^64. Now each is
+// RESOURCE_EXHAUSTED naming the heap's limit on one buffer (half of this
+// host's RAM), and nothing is counted.
+TEST(ByteCountTest, HugeAllocationsAreRefusedNotWrapped) {
+  auto daemon = TestDaemon::Start(R"pb(
+    heaps { name: "system" type: HEAP_TYPE_SYSTEM }
+    heaps { name: "small" type: HEAP_TYPE_CARVEOUT capacity_bytes: 4194304 hugepage_size: HUGEPAGE_SIZE_2M }
+    quotas {}
+  )pb");
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  auto client = (*daemon)->Connect();
+  ASSERT_TRUE(client.ok()) << client.status();
+  for (int i = 0; i < 5; ++i) {
+    auto buffer = client->Allocate({.heap = "system", .size = uint64_t{1} << 62});
+    EXPECT_EQ(buffer.status().code(), absl::StatusCode::kResourceExhausted) << buffer.status();
+    EXPECT_TRUE(absl::StartsWith(buffer.status().message(), "heap 'system' allocates at most "))
+        << buffer.status();
+    EXPECT_TRUE(absl::StrContains(buffer.status().message(),
+                                  " in one buffer (half of this host's RAM), asked for 4 EiB"))
+        << buffer.status();
+  }
+  auto too_big = client->Allocate({.heap = "small", .size = 8 << 20});
+  EXPECT_EQ(too_big.status().message(), "heap 'small' has 4 MiB free of 4 MiB, asked for 8 MiB");
+  auto heaps = client->ListHeaps();
+  ASSERT_TRUE(heaps.ok());
+  for (const auto& heap : heaps->heaps()) {
+    EXPECT_EQ(heap.used(), 0u) << heap.name();
+    EXPECT_EQ(heap.peak(), 0u) << heap.name();
+  }
+  EXPECT_EQ(heaps->heaps(0).failures(), 5u);
+}
+
 }  // namespace
 }  // namespace bufferd
