@@ -6,12 +6,15 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <fstream>
 #include <limits>
 #include <optional>
 #include <set>
 #include <system_error>
 
 #include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "base/errno_status.h"
@@ -36,6 +39,25 @@ int PollTimeoutMs(absl::Duration left) {
   return static_cast<int>(
       std::min<int64_t>(absl::ToInt64Milliseconds(absl::Ceil(left, absl::Milliseconds(1))),
                         std::numeric_limits<int>::max()));
+}
+
+// Whether the peer `pid` (as this process sees it) is the process a hello
+// names as `hello_pid` (as the daemon sees itself): the same number, or for
+// a daemon in a pid namespace below ours (a container), the innermost entry
+// of the peer's NSpid. A peer whose pid we cannot see (0: a namespace above
+// ours) cannot be checked; the uid rule still holds for it.
+bool SameProcess(pid_t pid, uint32_t hello_pid) {
+  if (pid == 0 || static_cast<uint32_t>(pid) == hello_pid) return true;
+  std::ifstream status(absl::StrCat("/proc/", pid, "/status"));
+  std::string line;
+  while (std::getline(status, line)) {
+    if (!absl::StartsWith(line, "NSpid:")) continue;
+    const size_t last = line.find_last_of(" \t");
+    uint32_t innermost = 0;
+    return last != std::string::npos && absl::SimpleAtoi(line.substr(last + 1), &innermost) &&
+           innermost == hello_pid;
+  }
+  return false;
 }
 
 // The daemon behind `path` must run as the socket dir's owner or as root.
@@ -123,7 +145,7 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
     return absl::FailedPreconditionError(absl::StrCat(
         "bufferd speaks protocol ", message.hello().protocol_version(), "; this library speaks 1"));
   }
-  if (message.hello().daemon_pid() != static_cast<uint32_t>(daemon.pid)) {
+  if (!SameProcess(daemon.pid, message.hello().daemon_pid())) {
     return absl::PermissionDeniedError(absl::StrCat(
         "the process behind ", FdSocketPath(socket_dir), " (pid ", daemon.pid,
         ") is not the daemon its hello names (pid ", message.hello().daemon_pid(),

@@ -123,6 +123,13 @@ absl::Status Daemon::Init(const v1::Config& config) {
   }
 
   const uint64_t nofile = RaiseFdLimit();
+  if (memfd::NoexecSealSupported()) {
+    spdlog::info("buffers are memfds sealed non-executable (MFD_NOEXEC_SEAL)");
+  } else {
+    spdlog::warn(
+        "this kernel has no MFD_NOEXEC_SEAL (Linux < 6.3): buffers are created without exec "
+        "bits, but a holder of their own uid could chmod one +x");
+  }
   ASSIGN_OR_RETURN(heaps_, BuildHeaps(config));
   const v1::LimitsConfig& limits = config.limits();
   DaemonState::Options options;

@@ -212,6 +212,13 @@ HeapStats AccountedHeap::Stats() const {
 }
 
 namespace memfd {
+namespace {
+#ifdef MFD_NOEXEC_SEAL
+constexpr unsigned kNoexecSeal = MFD_NOEXEC_SEAL;
+#else
+constexpr unsigned kNoexecSeal = 0x0008U;
+#endif
+}  // namespace
 
 std::string BufferName(absl::string_view heap, absl::string_view name) {
   // The kernel allows 249 bytes after its "memfd:" prefix.
@@ -220,8 +227,21 @@ std::string BufferName(absl::string_view heap, absl::string_view name) {
   return full;
 }
 
+bool NoexecSealSupported() {
+  // Debian bookworm's headers predate the flag (Linux 6.3).
+  static const bool supported = [] {
+    int fd = ::memfd_create("bufferd-probe", MFD_CLOEXEC | kNoexecSeal);
+    if (fd < 0) return false;  // EINVAL: an older kernel
+    ::close(fd);
+    return true;
+  }();
+  return supported;
+}
+
 absl::StatusOr<UniqueFd> Create(const std::string& name, uint64_t size, unsigned extra_flags) {
-  UniqueFd fd(::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING | extra_flags));
+  const unsigned noexec = NoexecSealSupported() ? kNoexecSeal : 0;
+  UniqueFd fd(
+      ::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING | noexec | extra_flags));
   if (!fd.valid()) return ErrnoError("memfd_create", errno);
   if (RetryOnEintr([&] { return ::ftruncate(fd.get(), static_cast<off_t>(size)); }) != 0) {
     return ErrnoError(absl::StrCat("ftruncate(memfd, ", FormatBytes(size), ")"), errno);

@@ -234,8 +234,15 @@ namespace memfd {
 // "bufferd:<heap>:<name>", cut to the kernel's limit.
 std::string BufferName(absl::string_view heap, absl::string_view name);
 
-// memfd_create(MFD_CLOEXEC | MFD_ALLOW_SEALING | extra_flags) + ftruncate(size).
+// memfd_create(MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_NOEXEC_SEAL if the
+// kernel has it | extra_flags) + ftruncate(size). Never executable: no
+// holder can chmod a buffer +x and execve what another process wrote, and
+// hosts with vm.memfd_noexec=2 (which refuse executable memfds) work.
 absl::StatusOr<UniqueFd> Create(const std::string& name, uint64_t size, unsigned extra_flags);
+
+// Whether this kernel seals memfds non-executable (MFD_NOEXEC_SEAL, Linux
+// 6.3+); without it buffers are still created without exec bits (0400).
+bool NoexecSealSupported();
 
 // MFD_HUGETLB flags for a huge page size.
 unsigned HugetlbFlags(uint64_t hugepage_size);

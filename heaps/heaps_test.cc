@@ -85,7 +85,15 @@ TEST_P(EveryHeapTest, BufferPropertiesHold) {
   ASSERT_EQ(::fstat(fd, &st), 0);
   EXPECT_EQ(static_cast<uint64_t>(st.st_size), (*buffer)->size());
   EXPECT_EQ(st.st_mode & 0777, 0400u);
-  EXPECT_EQ(::fcntl(fd, F_GET_SEALS), F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+  // Never executable: sealed so (F_SEAL_EXEC) where the kernel can, and
+  // nobody, root included, can chmod it +x to execve what another wrote.
+  constexpr int kSealExec = 0x0020;  // F_SEAL_EXEC, Linux 6.3
+  const int exec_seal = memfd::NoexecSealSupported() ? kSealExec : 0;
+  EXPECT_EQ(::fcntl(fd, F_GET_SEALS), F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL | exec_seal);
+  if (exec_seal != 0) {
+    EXPECT_NE(::fchmod(fd, 0500), 0);
+    EXPECT_EQ(errno, EPERM);
+  }
   EXPECT_NE(::ftruncate(fd, 0), 0);
   EXPECT_EQ(errno, EPERM);
   EXPECT_NE(::ftruncate(fd, static_cast<off_t>((*buffer)->size() * 2)), 0);

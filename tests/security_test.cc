@@ -1,13 +1,16 @@
 // Local security: the socket dir no one else can tamper with, and clients
 // that trust only the real daemon. Each test is an attack that worked before.
+#include <fcntl.h>
 #include <grp.h>
 #include <gtest/gtest.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -269,6 +272,52 @@ TEST(ByteCountTest, HugeAllocationsAreRefusedNotWrapped) {
     EXPECT_EQ(heap.peak(), 0u) << heap.name();
   }
   EXPECT_EQ(heaps->heaps(0).failures(), 5u);
+}
+
+// Tests that the daemon works where memfds must never be executable: in a
+// pid namespace whose vm.memfd_noexec is 2 (the sysctl is per pid namespace,
+// so the host's stays as it was) it serves every heap, carveout reservation
+// included, and a client outside the namespace trusts it (the daemon's pid
+// in its hello is the innermost of its NSpid as the client sees it).
+TEST(NoexecTest, ServesUnderMemfdNoexec2InAPidNamespace) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root for a pid namespace and its sysctl";
+  if (::access("/proc/sys/vm/memfd_noexec", W_OK) != 0) {
+    GTEST_SKIP() << "this kernel has no vm.memfd_noexec (Linux < 6.3)";
+  }
+  if (::access("/usr/bin/unshare", X_OK) != 0) GTEST_SKIP() << "no /usr/bin/unshare";
+  const std::string host_setting = ReadFile("/proc/sys/vm/memfd_noexec");
+  TempDir root;
+  const std::string dir = absl::StrCat(root.path(), "/sock");
+  const std::string log = absl::StrCat(root.path(), "/log");
+  const std::string binary = testing::RunfilePath("daemon/bufferd");
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+    int out = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    ::dup2(out, STDERR_FILENO);
+    ::execl("/usr/bin/unshare", "unshare", "--pid", "--fork", "--kill-child", "sh", "-c",
+            "echo 2 > /proc/sys/vm/memfd_noexec && exec \"$0\" \"$@\"", binary.c_str(),
+            "--socket-dir", dir.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  absl::StatusOr<Client> client = absl::UnavailableError("not yet");
+  for (int i = 0; i < 500 && !client.ok(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    if (std::filesystem::exists(FdSocketPath(dir))) client = Client::Connect(dir);
+  }
+  ASSERT_TRUE(client.ok()) << client.status() << "\n" << ReadFile(log);
+  for (const char* heap : {"system", "contiguous", "carveout"}) {
+    SCOPED_TRACE(heap);
+    auto buffer = client->Allocate({.heap = heap, .size = 1 << 20});
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    auto map = buffer->Map();
+    ASSERT_TRUE(map.ok()) << map.status();
+    std::memset(map->data(), 7, map->size());
+  }
+  EXPECT_TRUE(absl::StrContains(ReadFile(log), "sealed non-executable")) << ReadFile(log);
+  EXPECT_EQ(ReadFile("/proc/sys/vm/memfd_noexec"), host_setting) << "the host's setting";
+  ::kill(pid, SIGKILL);  // unshare's --kill-child takes the daemon with it
+  ::waitpid(pid, nullptr, 0);
 }
 
 }  // namespace
