@@ -4,12 +4,14 @@
 //   peer read  <dir> <token> <byte>   import, check every byte, try a writable map
 //   peer write <dir> <token> <byte>   import, fill with <byte>
 //   peer hold  <dir> <heap> <size> <count>  allocate, print "ready", wait to be killed
+//   peer --comm <C-escaped name> <mode> ...: the same, under that process name
 //   peer flood <dir> sessions|control|both   below the library: open fd.sock sessions
 //       until the daemon refuses one ("sessions=N refused=CODE:MESSAGE"), then
 //       control.sock connections until one is closed unserved ("control=N"),
 //       print "ready" and wait to be killed
 #include <poll.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -21,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/escaping.h"
 #include "base/unix_socket.h"
 #include "bufferd/v1/fd_channel.pb.h"
 #include "client/client.h"
@@ -92,6 +95,15 @@ void FloodControl(const std::string& dir, std::vector<int>& held) {
 
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  if (argc > 2 && std::string(argv[1]) == "--comm") {
+    // A hostile process name (C-escaped on the command line), before any
+    // connection: the daemon reads it at connect.
+    std::string comm;
+    if (!absl::CUnescape(argv[2], &comm)) return 2;
+    ::prctl(PR_SET_NAME, comm.c_str());
+    argc -= 2;
+    argv += 2;
+  }
   if (argc < 3) return 2;
   const std::string mode = argv[1];
   if (mode == "flood" && argc == 4) {

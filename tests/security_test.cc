@@ -320,5 +320,56 @@ TEST(NoexecTest, ServesUnderMemfdNoexec2InAPidNamespace) {
   ::waitpid(pid, nullptr, 0);
 }
 
+// Runs bufctl `command` against `dir`; returns what it printed.
+std::string Bufctl(const std::string& dir, const std::string& command) {
+  const std::string line = absl::StrCat(testing::RunfilePath("tools/bufctl"), " --socket-dir ",
+                                        dir, " ", command, " 2>&1");
+  std::string out;
+  if (FILE* pipe = ::popen(line.c_str(), "r")) {
+    char chunk[4096];
+    size_t n;
+    while ((n = std::fread(chunk, 1, sizeof(chunk), pipe)) > 0) out.append(chunk, n);
+    ::pclose(pipe);
+  }
+  return out;
+}
+
+bool HasControlBytes(const std::string& text) {
+  for (char c : text) {
+    const unsigned char u = static_cast<unsigned char>(c);
+    if ((u < 0x20 && c != '\n') || u == 0x7f) return true;
+  }
+  return false;
+}
+
+// Tests that a process name made of terminal escapes and bytes that are not
+// UTF-8 reaches no operator's terminal or log raw: bufctl clients, buffers
+// and --json, and the daemon's log, show it escaped. (Before, `bufctl
+// clients` printed it raw: it could clear the screen and retitle the
+// terminal, and its bytes made the JSON of ListClients unparsable.)
+TEST(ClientTextTest, HostileProcessNamesAreEscapedEverywhere) {
+  auto daemon = TestDaemon::Start();
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  const std::string dir = (*daemon)->socket_dir();
+  auto peer = testing::Peer::Spawn(
+      {"--comm", "\\x1b[2J\\x1b]0;PWN\\x07\\xff", "hold", dir, "system", "4096", "1"});
+  ASSERT_TRUE(peer.ok());
+  ASSERT_TRUE(absl::StartsWith(peer->ReadLine(), "ready session=")) << "the peer holds a buffer";
+  const std::string escaped = "\\x1b[2J\\x1b]0;PWN";  // comm keeps 15 bytes
+  for (const std::string command : {"clients", "buffers", "--json clients", "--json buffers"}) {
+    SCOPED_TRACE(command);
+    const std::string out = Bufctl(dir, command);
+    EXPECT_FALSE(HasControlBytes(out)) << out;
+    EXPECT_TRUE(absl::StrContains(out, absl::StartsWith(command, "--json")
+                                           ? "\\\\x1b[2J\\\\x1b]0;PWN"
+                                           : escaped))
+        << out;
+  }
+  (*daemon)->Stop();
+  const std::string log = ReadFile((*daemon)->log_path());
+  EXPECT_FALSE(HasControlBytes(log)) << log;
+  EXPECT_TRUE(absl::StrContains(log, escaped)) << log;
+}
+
 }  // namespace
 }  // namespace bufferd
