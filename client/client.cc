@@ -2,6 +2,9 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
 
 #include <cerrno>
 
@@ -95,17 +98,42 @@ absl::StatusOr<Mapping> Buffer::Map() const {
                                                        : Mapping::Protection::kReadOnly);
 }
 
+absl::Status Buffer::Read(uint64_t offset, std::span<uint8_t> out) const {
+  if (!fd_.valid()) return absl::FailedPreconditionError("buffer was released");
+  if (offset > size() || out.size() > size() - offset) {
+    return absl::OutOfRangeError(absl::StrCat("read of ", out.size(), " bytes at ", offset,
+                                              " is past the end of a ", size(), "-byte buffer"));
+  }
+  size_t done = 0;
+  while (done < out.size()) {
+    const ssize_t n = RetryOnEintr([&] {
+      return ::pread(fd_.get(), out.data() + done, out.size() - done,
+                     static_cast<off_t>(offset + done));
+    });
+    if (n < 0) return ErrnoError("pread on buffer", errno);
+    if (n == 0) break;  // holes past a shrunken end cannot happen (sealed): stop anyway
+    done += static_cast<size_t>(n);
+  }
+  if (done < out.size()) std::fill(out.begin() + done, out.end(), 0);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Mapping> Buffer::MapReadOnly() const {
   if (!fd_.valid()) return absl::FailedPreconditionError("buffer was released");
   return Mapping::Create(fd_.get(), size(), Mapping::Protection::kReadOnly);
 }
 
 absl::StatusOr<std::string> Buffer::Export(Access access, absl::Duration ttl) const {
+  return Export(access, ExportOptions{.ttl = ttl});
+}
+
+absl::StatusOr<std::string> Buffer::Export(Access access, const ExportOptions& options) const {
   if (handle_ == 0) return absl::FailedPreconditionError("buffer was released");
   v1::ExportRequest request;
   request.set_handle(handle_);
   request.set_access(ToProto(access));
-  request.set_ttl_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(ttl)));
+  request.set_ttl_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(options.ttl)));
+  request.set_accept_sigbus_risk(options.accept_sigbus_risk);
   v1::ExportResponse response;
   internal::Call call = connection_->NewCall();
   RETURN_IF_ERROR(connection_->Finish(

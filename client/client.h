@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -39,6 +40,15 @@ class Connection;
 
 // How the holder of a buffer may use it.
 enum class Access { kReadWrite, kReadOnly };
+
+struct ExportOptions {
+  // Zero means the daemon's default (30 s).
+  absl::Duration ttl = absl::ZeroDuration();
+  // Needed for a read-write export of a hugetlb- or carveout-backed buffer:
+  // a read-write importer could punch holes that make this process's
+  // mappings SIGBUS (see Buffer::Read). Only for importers you trust.
+  bool accept_sigbus_risk = false;
+};
 
 struct AllocateOptions {
   std::string heap = "system";
@@ -80,6 +90,14 @@ class Buffer {
   // `ttl` zero means the daemon's default (30 s).
   absl::StatusOr<std::string> Export(Access access,
                                      absl::Duration ttl = absl::ZeroDuration()) const;
+  absl::StatusOr<std::string> Export(Access access, const ExportOptions& options) const;
+
+  // Copies `out.size()` bytes at `offset` with pread, never through a
+  // mapping: a SIGBUS-safe read of a buffer another holder may have broken
+  // (a hugetlb page punched out and taken by someone else reads as zeros
+  // here, where touching a mapping of it kills the process). OUT_OF_RANGE
+  // past the end.
+  absl::Status Read(uint64_t offset, std::span<uint8_t> out) const;
 
   // Drops the handle now (returns the daemon's answer) and closes the fd.
   absl::Status Release();

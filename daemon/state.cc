@@ -1,6 +1,7 @@
 #include "daemon/state.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <sys/random.h>
 #include <unistd.h>
 
@@ -81,6 +82,20 @@ v1::Backing ToProto(Backing backing) {
       return v1::BACKING_HUGETLB_1G;
   }
   return v1::BACKING_UNSPECIFIED;
+}
+
+// What a punched hole does to the other holders: a hugetlb page refaults
+// only if the pool has one (else SIGBUS), and a carveout's page goes back to
+// the system behind its accounting. Base pages elsewhere refault as zeros.
+// Bytes of the file really allocated (what a punch gives back shows here).
+uint64_t AllocatedBytes(int fd) {
+  struct stat st {};
+  return ::fstat(fd, &st) == 0 ? static_cast<uint64_t>(st.st_blocks) * 512 : 0;
+}
+
+bool MayPunchHurtOthers(HeapKind kind, v1::Backing backing) {
+  return kind == HeapKind::kCarveout || backing == v1::BACKING_HUGETLB_2M ||
+         backing == v1::BACKING_HUGETLB_1G;
 }
 
 absl::Status ValidateName(absl::string_view name) {
@@ -251,7 +266,7 @@ void DaemonState::UnchargeLocked(uint64_t session_id, uid_t uid, const std::stri
 }
 
 absl::StatusOr<DaemonState::Grant> DaemonState::AddHandleLocked(Session& session, Buffer& buffer,
-                                                                v1::Access access) {
+                                                                v1::Access access, bool imported) {
   // The fd to deliver is the daemon's until the client has it.
   ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kDelivery, session.peer.uid));
   UniqueFd fd;
@@ -269,7 +284,8 @@ absl::StatusOr<DaemonState::Grant> DaemonState::AddHandleLocked(Session& session
   grant.buffer = buffer.info;
   grant.access = access;
   grant.fd = LeasedFd{std::move(fd), std::move(lease)};
-  handles_[grant.handle] = Handle{grant.handle, session.id, buffer.info.buffer_id(), access};
+  handles_[grant.handle] =
+      Handle{grant.handle, session.id, buffer.info.buffer_id(), access, imported};
   session.handles[grant.handle] = buffer.info.buffer_id();
   ++session.held[buffer.info.buffer_id()];
   ++buffer.handle_count;
@@ -401,7 +417,8 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
   *info.mutable_created_at() = ToProto(absl::Now());
   Buffer& ref = *buffer;
   buffers_[info.buffer_id()] = std::move(buffer);
-  absl::StatusOr<Grant> grant = AddHandleLocked(*session, ref, v1::ACCESS_READ_WRITE);
+  absl::StatusOr<Grant> grant =
+      AddHandleLocked(*session, ref, v1::ACCESS_READ_WRITE, /*imported=*/false);
   if (!grant.ok()) {
     UnchargeLocked(session_id, uid, heap->name(), rounded);
     graveyard.push_back(std::move(ref.memory));
@@ -451,6 +468,19 @@ absl::StatusOr<v1::ExportResponse> DaemonState::Export(uint64_t session_id,
   if (handle->access == v1::ACCESS_READ_ONLY && access == v1::ACCESS_READ_WRITE) {
     return absl::PermissionDeniedError(absl::StrCat(
         "handle ", request.handle(), " is read-only; it cannot be exported read-write"));
+  }
+  const Buffer& buffer = *buffers_.at(handle->buffer);
+  if (access == v1::ACCESS_READ_WRITE &&
+      MayPunchHurtOthers(buffer.heap->kind(), buffer.info.backing()) &&
+      !request.accept_sigbus_risk()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "buffer ", buffer.info.buffer_id(), " is ",
+        buffer.heap->kind() == HeapKind::kCarveout
+            ? absl::StrCat("carved from carveout '", buffer.info.heap(), "'")
+            : absl::StrCat(BackingName(buffer.memory->backing()), "-backed"),
+        ": a read-write importer could punch holes in it and make its other holders SIGBUS (or "
+        "hand its pages back behind the heap's accounting); export it READ_ONLY, or set "
+        "accept_sigbus_risk for an importer you trust"));
   }
   uint32_t& unredeemed = unredeemed_tokens_[session_id];
   if (unredeemed >= kMaxUnredeemedTokens) {
@@ -502,7 +532,7 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Import(uint64_t session_id,
   }
   const bool charge = session->held.count(entry.buffer) == 0;
   if (charge) RETURN_IF_ERROR(ChargeLocked(*session, buffer.info.heap(), buffer.info.size()));
-  absl::StatusOr<Grant> grant = AddHandleLocked(*session, buffer, entry.access);
+  absl::StatusOr<Grant> grant = AddHandleLocked(*session, buffer, entry.access, /*imported=*/true);
   if (!grant.ok()) {
     if (charge) {
       UnchargeLocked(session_id, session->peer.uid, buffer.info.heap(), buffer.info.size());
@@ -586,6 +616,21 @@ v1::ListHeapsResponse DaemonState::ListHeaps() const {
   }
   const absl::Time now = absl::Now();
   absl::MutexLock lock(&mu_);
+  // Holes holders punched in prefaulted buffers: given back to the system,
+  // still in `used`.
+  std::map<std::string, uint64_t> punched;
+  for (const auto& [id, buffer] : buffers_) {
+    if (buffer->heap->kind() == HeapKind::kSystem) continue;  // sparse by design
+    const uint64_t allocated = AllocatedBytes(buffer->memory->fd());
+    if (allocated < buffer->info.size()) punched[buffer->info.heap()] += buffer->info.size() - allocated;
+  }
+  for (v1::HeapInfo& info : *response.mutable_heaps()) {
+    if (auto it = punched.find(info.name()); it != punched.end()) {
+      info.set_punched(it->second);
+      absl::StrAppend(info.mutable_note(), info.note().empty() ? "" : "; ", "holders punched ",
+                      FormatBytes(it->second), " out of live buffers");
+    }
+  }
   response.set_live_buffers(buffers_.size());
   response.set_live_handles(handles_.size());
   uint64_t pending = 0;
@@ -644,6 +689,16 @@ v1::ListBuffersResponse DaemonState::ListBuffers(const v1::ListBuffersRequest& r
     }
     v1::BufferDebugInfo* entry = response.add_buffers();
     *entry->mutable_buffer() = buffer->info;
+    const uint64_t allocated = AllocatedBytes(buffer->memory->fd());
+    entry->set_allocated_bytes(allocated);
+    if (buffer->heap->kind() != HeapKind::kSystem && allocated < buffer->info.size()) {
+      entry->set_punched_bytes(buffer->info.size() - allocated);
+    }
+    entry->set_sigbus_risk(
+        MayPunchHurtOthers(buffer->heap->kind(), buffer->info.backing()) &&
+        std::any_of(held_by.begin(), held_by.end(), [](const Handle* h) {
+          return h->imported && h->access == v1::ACCESS_READ_WRITE;
+        }));
     for (const Handle* h : held_by) {
       v1::BufferHolder* holder = entry->add_holders();
       holder->set_session_id(h->session);

@@ -371,5 +371,30 @@ TEST(ClientTextTest, HostileProcessNamesAreEscapedEverywhere) {
   EXPECT_TRUE(absl::StrContains(log, escaped)) << log;
 }
 
+// Tests that a read-write export of a carveout buffer needs consent: a
+// read-write importer could punch its pages out and hand them back to the
+// system behind the carveout's accounting (the hugetlb SIGBUS case is in
+// sigbus_test). Read-only exports, and buffers of the system heap, need none.
+TEST(ExportTest, ReadWriteCarveoutExportNeedsConsent) {
+  auto daemon = TestDaemon::Start();
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  auto client = (*daemon)->Connect();
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto carved = client->Allocate({.heap = "carveout", .size = 4096});
+  ASSERT_TRUE(carved.ok()) << carved.status();
+  auto refused = carved->Export(Access::kReadWrite);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(absl::StartsWith(refused.status().message(),
+                               absl::StrCat("buffer ", carved->id(),
+                                            " is carved from carveout 'carveout': a read-write "
+                                            "importer could punch holes in it")))
+      << refused.status();
+  EXPECT_TRUE(carved->Export(Access::kReadOnly).ok());
+  EXPECT_TRUE(carved->Export(Access::kReadWrite, ExportOptions{.accept_sigbus_risk = true}).ok());
+  auto plain = client->Allocate({.heap = "system", .size = 4096});
+  ASSERT_TRUE(plain.ok());
+  EXPECT_TRUE(plain->Export(Access::kReadWrite).ok()) << "punched base pages read back as zeros";
+}
+
 }  // namespace
 }  // namespace bufferd

@@ -15,6 +15,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "base/errno_status.h"
@@ -157,12 +158,19 @@ int Buffers(const bufferd::Client& client, bool json, const std::string& heap) {
       absl::StrAppend(&holders, holders.empty() ? "" : " ", h.comm(), "[", h.pid(), "]",
                       h.access() == bufferd::v1::ACCESS_READ_ONLY ? ":ro" : ":rw");
     }
+    std::vector<std::string> notes;
+    if (entry.sigbus_risk()) notes.push_back("sigbus-risk (rw importer)");
+    if (entry.punched_bytes() != 0) {
+      notes.push_back(absl::StrCat("punched ", Bytes(entry.punched_bytes())));
+    }
     rows.push_back({absl::StrCat(b.buffer_id()), b.heap(), Bytes(b.size()),
                     BackingName(b.backing()), b.name().empty() ? "-" : b.name(),
                     absl::StrCat(b.creator_session()), Age(b.created_at()),
-                    absl::StrCat(entry.fences_size()), holders});
+                    absl::StrCat(entry.fences_size()), holders,
+                    notes.empty() ? "-" : absl::StrJoin(notes, ", ")});
   }
-  PrintTable({"ID", "HEAP", "SIZE", "BACKING", "NAME", "CREATOR", "AGE", "FENCES", "HOLDERS"},
+  PrintTable({"ID", "HEAP", "SIZE", "BACKING", "NAME", "CREATOR", "AGE", "FENCES", "HOLDERS",
+              "NOTES"},
              rows);
   return 0;
 }
