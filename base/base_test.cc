@@ -217,8 +217,9 @@ TEST(FdBudgetTest, TotalAndPerUidLimits) {
   auto fourth = budget.Acquire(FdUse::kSession, 1);
   EXPECT_EQ(fourth.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(fourth.status().message(),
-            "fd budget of uid 1 reached: it holds 3 of 3 fds (limits.max_fds_per_uid); release "
-            "buffers or close sessions");
+            "fd budget of uid 1 reached: it holds 3 of 3 fds (limits.max_fds_per_uid): its buffers (including "
+            "those it imported from others), sessions, control connections and fds not yet read; "
+            "release buffers or close sessions");
   auto other = budget.Acquire(FdUse::kSession, 2);
   ASSERT_TRUE(other.ok());
   auto full = budget.Acquire(FdUse::kControlConnection, 3);

@@ -16,6 +16,8 @@ const char* FdUseName(FdUse use) {
       return "control connections";
     case FdUse::kDelivery:
       return "fds in flight to clients";
+    case FdUse::kFreeing:
+      return "buffers being freed";
     case FdUse::kCount:
       break;
   }
@@ -37,6 +39,15 @@ FdBudget::Lease& FdBudget::Lease::operator=(Lease&& other) noexcept {
 
 void FdBudget::Lease::Reset() {
   if (FdBudget* budget = std::exchange(budget_, nullptr)) budget->Return(use_, uid_);
+}
+
+void FdBudget::Lease::Reassign(FdUse use, uid_t uid) {
+  if (budget_ == nullptr) return;
+  absl::MutexLock lock(&budget_->mu_);
+  budget_->ReturnLocked(use_, uid_);
+  budget_->Take(use, uid);
+  use_ = use;
+  uid_ = uid;
 }
 
 FdBudget::FdBudget() : FdBudget(Limits{}) {}
@@ -88,28 +99,41 @@ absl::StatusOr<FdBudget::Lease> FdBudget::TryAcquire(FdUse use, uid_t uid) {
     }
     return text;
   };
+  // A uid's "holds N" counts what is charged to it now; buffers being freed
+  // are nobody's.
   if (usage_.total >= limits_.total) {
     return absl::ResourceExhaustedError(absl::StrCat("daemon fd budget reached: ", usage_.total,
                                                      " of ", limits_.total, " fds in use (",
                                                      holders(), "); try again when some close"));
   }
-  uint64_t& mine = by_uid_[uid];
   const uint64_t per_uid = limits_.per_uid != 0 ? limits_.per_uid : limits_.total;
-  if (mine >= per_uid) {
-    const uint64_t held = mine;
-    if (held == 0) by_uid_.erase(uid);
-    return absl::ResourceExhaustedError(
-        absl::StrCat("fd budget of uid ", uid, " reached: it holds ", held, " of ", per_uid,
-                     " fds (limits.max_fds_per_uid); release buffers or close sessions"));
+  if (uid != kNoUid) {
+    auto it = by_uid_.find(uid);
+    const uint64_t held = it == by_uid_.end() ? 0 : it->second;
+    if (held >= per_uid) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("fd budget of uid ", uid, " reached: it holds ", held, " of ", per_uid,
+                       " fds (limits.max_fds_per_uid): its buffers (including those it imported "
+                       "from others), sessions, control connections and fds not yet read; "
+                       "release buffers or close sessions"));
+    }
   }
-  ++mine;
+  Take(use, uid);
+  return Lease(this, use, uid);
+}
+
+void FdBudget::Take(FdUse use, uid_t uid) {
   ++usage_.total;
   ++usage_.by_use[static_cast<size_t>(use)];
-  return Lease(this, use, uid);
+  if (uid != kNoUid) ++by_uid_[uid];
 }
 
 void FdBudget::Return(FdUse use, uid_t uid) {
   absl::MutexLock lock(&mu_);
+  ReturnLocked(use, uid);
+}
+
+void FdBudget::ReturnLocked(FdUse use, uid_t uid) {
   --usage_.total;
   --usage_.by_use[static_cast<size_t>(use)];
   auto it = by_uid_.find(uid);

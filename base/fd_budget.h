@@ -33,7 +33,11 @@
 namespace bufferd {
 
 // What a leased fd is for (counted separately for ops and messages).
-enum class FdUse { kBuffer, kSession, kControlConnection, kDelivery, kCount };
+enum class FdUse { kBuffer, kSession, kControlConnection, kDelivery, kFreeing, kCount };
+
+// The uid of leases no uid is charged for (buffers being freed: they count
+// in the total, in nobody's share).
+inline constexpr uid_t kNoUid = static_cast<uid_t>(-1);
 const char* FdUseName(FdUse use);
 
 class FdBudget {
@@ -61,7 +65,12 @@ class FdBudget {
     ~Lease() { Reset(); }
 
     bool held() const { return budget_ != nullptr; }
+    uid_t uid() const { return uid_; }
     void Reset();
+    // Moves the place to another use and uid without any limit check: the
+    // fd is held already, only who answers for it changes (a shared buffer
+    // whose creator let go is charged to a uid still holding it).
+    void Reassign(FdUse use, uid_t uid);
 
    private:
     friend class FdBudget;
@@ -104,7 +113,9 @@ class FdBudget {
 
  private:
   absl::StatusOr<Lease> TryAcquire(FdUse use, uid_t uid);
+  void Take(FdUse use, uid_t uid) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Return(FdUse use, uid_t uid);
+  void ReturnLocked(FdUse use, uid_t uid) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   mutable absl::Mutex mu_;
   Limits limits_ ABSL_GUARDED_BY(mu_);

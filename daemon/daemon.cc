@@ -237,6 +237,11 @@ absl::Status Daemon::SetFdBudget(const v1::Config& config, uint64_t nofile) {
                  config.fd_budget(), nofile, limits.reserve, limits.total);
   }
   const uint64_t per_uid = config.limits().max_fds_per_uid();
+  if (per_uid > limits.total) {
+    spdlog::warn(
+        "limits.max_fds_per_uid {} is above the fd budget {}: one uid may take the whole budget",
+        per_uid, limits.total);
+  }
   limits.per_uid = per_uid != 0 ? std::min<uint64_t>(per_uid, limits.total) : limits.total / 2;
   budget_.SetLimits(limits);
   spdlog::info("fd budget {} of RLIMIT_NOFILE {} (reserve {}: {} own + {} spare), {} per uid",

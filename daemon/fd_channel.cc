@@ -365,34 +365,69 @@ void FdChannel::ReapDelivered() {
 
 void FdChannel::CheckStalled() {
   std::vector<int> stalled;
+  std::vector<uint64_t> drained;
   const absl::Time now = absl::Now();
   {
     absl::MutexLock lock(&mu_);
-    for (auto& [fd, connection] : connections_) {
+    for (auto it = connections_.begin(); it != connections_.end();) {
+      Connection& connection = it->second;
       ReapDeliveredLocked(connection);
+      if (connection.lingering && connection.in_flight.empty()) {
+        // Read (or thrown away with the client's socket): the session ends now.
+        drained.push_back(connection.session_id);
+        it = connections_.erase(it);
+        continue;
+      }
       if (!connection.queue.empty() &&
           now - connection.stalled_since > options_.stalled_session_timeout) {
-        stalled.push_back(fd);
+        stalled.push_back(it->first);
       }
+      ++it;
     }
+  }
+  for (uint64_t session_id : drained) {
+    state_->CloseSession(session_id);
+    spdlog::debug("session {} ended: its client read or dropped the fds it was sent",
+                  session_id);
   }
   for (int fd : stalled) EndConnection(fd, "client stopped reading fd.sock", /*badly=*/true);
 }
 
 void FdChannel::EndConnection(int fd, absl::string_view why, bool badly) {
   uint64_t session_id;
+  size_t lingering = 0;
   {
     absl::MutexLock lock(&mu_);
     auto it = connections_.find(fd);
     if (it == connections_.end()) return;
-    session_id = it->second.session_id;
+    Connection& connection = it->second;
+    session_id = connection.session_id;
     ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
     by_session_.erase(session_id);
-    total_queued_ -= it->second.queue.size();
-    connections_.erase(it);  // closes the socket and any queued fds
+    total_queued_ -= connection.queue.size();
+    connection.queue.clear();  // closes the fds never sent
+    ReapDeliveredLocked(connection);
+    if (!connection.in_flight.empty()) {
+      // fds we sent still sit unread in the client's socket, where the
+      // kernel charges them to the daemon's uid. The session, with all its
+      // accounting, lingers until the client reads them or closes its
+      // socket (CheckStalled sees which); nothing more is read or delivered.
+      connection.lingering = true;
+      lingering = connection.in_flight.size();
+    } else {
+      connections_.erase(it);  // closes the socket
+    }
+  }
+  ++ended_;
+  if (lingering != 0) {
+    state_->DetachSession(session_id);
+    LogLimited(BadEndLog(), badly ? spdlog::level::warn : spdlog::level::debug,
+               "session {} ending: {}; it lingers until its client reads or drops the {} fds "
+               "it was sent",
+               session_id, std::string(why), lingering);
+    return;
   }
   state_->CloseSession(session_id);
-  ++ended_;
   if (badly) {
     LogLimited(BadEndLog(), spdlog::level::warn, "session {} ended: {}", session_id, std::string(why));
   } else {

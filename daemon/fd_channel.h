@@ -82,6 +82,9 @@ class FdChannel {
     // them against the daemon's uid (unix_inflight, limited by
     // RLIMIT_NOFILE unless root). Returned once nothing we sent is unread.
     std::vector<FdBudget::Lease> in_flight;
+    // The session ended but in_flight is not empty: kept (and its session
+    // open) until it is; no longer watched or delivered to.
+    bool lingering = false;
     std::deque<Pending> queue;
     // When the queue last became non-empty.
     absl::Time stalled_since;

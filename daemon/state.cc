@@ -22,6 +22,12 @@ struct DaemonState::Buffer {
   std::unique_ptr<HeapBuffer> memory;
   v1::BufferInfo info;
   int handle_count = 0;
+  // Handles per holder uid. The buffer's own fd is charged to one of them
+  // (its creator first, then whoever still holds it), and to nobody once it
+  // is being freed.
+  std::map<uid_t, int> holder_uids;
+  // Shared with the memory's after-free hook, which returns it.
+  std::shared_ptr<FdBudget::Lease> fd_lease;
 };
 
 namespace {
@@ -168,6 +174,11 @@ void DaemonState::CloseSession(uint64_t session_id) {
   Dispose(graveyard);
 }
 
+void DaemonState::DetachSession(uint64_t session_id) {
+  absl::MutexLock lock(&mu_);
+  if (auto it = sessions_.find(session_id); it != sessions_.end()) it->second->detached = true;
+}
+
 void DaemonState::Dispose(std::vector<std::unique_ptr<HeapBuffer>>& graveyard) {
   for (std::unique_ptr<HeapBuffer>& memory : graveyard) {
     if (!memory->cheap_to_free() && options_.free_later) options_.free_later(std::move(memory));
@@ -189,7 +200,7 @@ absl::StatusOr<uint64_t> DaemonState::Authenticate(absl::string_view metadata) c
   }
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(id);
-  if (it == sessions_.end()) {
+  if (it == sessions_.end() || it->second->detached) {
     return absl::UnauthenticatedError(
         absl::StrCat("session ", id, " is not live (it ended or never existed)"));
   }
@@ -201,7 +212,7 @@ absl::StatusOr<uint64_t> DaemonState::Authenticate(absl::string_view metadata) c
 
 absl::StatusOr<DaemonState::Session*> DaemonState::FindSessionLocked(uint64_t session_id) const {
   auto it = sessions_.find(session_id);
-  if (it == sessions_.end()) {
+  if (it == sessions_.end() || it->second->detached) {
     return absl::UnauthenticatedError(absl::StrCat("session ", session_id, " has ended"));
   }
   return it->second.get();
@@ -289,6 +300,7 @@ absl::StatusOr<DaemonState::Grant> DaemonState::AddHandleLocked(Session& session
   session.handles[grant.handle] = buffer.info.buffer_id();
   ++session.held[buffer.info.buffer_id()];
   ++buffer.handle_count;
+  ++buffer.holder_uids[session.peer.uid];
   return grant;
 }
 
@@ -307,8 +319,21 @@ bool DaemonState::RemoveHandleLocked(uint64_t handle_id,
       session.held.erase(handle.buffer);
       UnchargeLocked(session.id, session.peer.uid, buffer.info.heap(), buffer.info.size());
     }
+    auto u = buffer.holder_uids.find(session.peer.uid);
+    if (u != buffer.holder_uids.end() && --u->second == 0) buffer.holder_uids.erase(u);
   }
-  if (--buffer.handle_count > 0) return false;
+  if (--buffer.handle_count > 0) {
+    // The uid charged for the buffer's fd let go of it: whoever still holds
+    // the buffer answers for its fd now (an importer cannot keep buffers
+    // alive on another uid's share).
+    if (buffer.fd_lease != nullptr && !buffer.holder_uids.empty() &&
+        buffer.holder_uids.count(buffer.fd_lease->uid()) == 0) {
+      buffer.fd_lease->Reassign(FdUse::kBuffer, buffer.holder_uids.begin()->first);
+    }
+    return false;
+  }
+  // Being freed: in the budget until the reaper closes it, in nobody's share.
+  if (buffer.fd_lease != nullptr) buffer.fd_lease->Reassign(FdUse::kFreeing, kNoUid);
   for (auto t = tokens_.begin(); t != tokens_.end();) {
     t = t->second.buffer == handle.buffer ? EraseTokenLocked(t) : std::next(t);
   }
@@ -384,7 +409,7 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
     // later, on the reaper), not when its last handle goes.
     (*memory)->SetAfterFree([fd_lease] { fd_lease->Reset(); });
   }
-  fd_lease.reset();  // the hook's copy (if any) is the only one now
+
 
   std::vector<std::unique_ptr<HeapBuffer>> graveyard;
   absl::MutexLock lock(&mu_);
@@ -406,6 +431,7 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
   auto buffer = std::make_unique<Buffer>();
   buffer->heap = heap;
   buffer->memory = *std::move(memory);
+  buffer->fd_lease = std::move(fd_lease);
   v1::BufferInfo& info = buffer->info;
   info.set_buffer_id(next_buffer_id_++);
   info.set_heap(heap->name());
@@ -650,6 +676,7 @@ v1::ListHeapsResponse DaemonState::ListHeaps() const {
   usage->set_sessions(fds.of(FdUse::kSession));
   usage->set_control_connections(fds.of(FdUse::kControlConnection));
   usage->set_deliveries(fds.of(FdUse::kDelivery));
+  usage->set_freeing(fds.of(FdUse::kFreeing));
   return response;
 }
 
@@ -762,7 +789,8 @@ std::string DaemonState::Metrics() const {
        {std::pair<const char*, uint64_t>{"buffers", fds.buffers()},
         {"sessions", fds.sessions()},
         {"control_connections", fds.control_connections()},
-        {"deliveries", fds.deliveries()}}) {
+        {"deliveries", fds.deliveries()},
+        {"freeing", fds.freeing()}}) {
     absl::StrAppend(&out, "bufferd_fds_in_use{use=\"", use, "\"} ", count, "\n");
   }
   family("bufferd_fd_budget", "gauge", "Configured fd budget.");

@@ -83,6 +83,10 @@ class DaemonState {
   // Releases every handle of the session (freeing as Release does).
   // Idempotent.
   void CloseSession(uint64_t session_id);
+  // Ends the session for calls (they get UNAUTHENTICATED, as after
+  // CloseSession) while its handles and accounting stay until CloseSession:
+  // for a client whose socket still holds fds it was sent but never read.
+  void DetachSession(uint64_t session_id);
   // Checks `bufferd-session` metadata ("<id>:<hex secret>"); UNAUTHENTICATED
   // with a reason otherwise.
   absl::StatusOr<uint64_t> Authenticate(absl::string_view metadata) const;
@@ -138,6 +142,8 @@ class DaemonState {
     std::map<std::string, uint64_t> bytes;
     // Allocations charged but not yet committed.
     int pending = 0;
+    // DetachSession: no more calls; CloseSession follows.
+    bool detached = false;
   };
   struct Token {
     uint64_t buffer = 0;

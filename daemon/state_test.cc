@@ -383,8 +383,9 @@ TEST_F(StateTest, FdBudgetPerUid) {
   auto refused = state.Allocate(a.id, Request("system", 1));
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(refused.status().message(),
-            "fd budget of uid 1 reached: it holds 4 of 4 fds (limits.max_fds_per_uid); release "
-            "buffers or close sessions");
+            "fd budget of uid 1 reached: it holds 4 of 4 fds (limits.max_fds_per_uid): its buffers (including "
+            "those it imported from others), sessions, control connections and fds not yet read; "
+            "release buffers or close sessions");
   auto b = state.OpenSession(Peer(2), "b").value();
   EXPECT_TRUE(state.Allocate(b.id, Request("system", 1)).ok()) << "another uid still allocates";
 }
@@ -454,6 +455,61 @@ TEST_F(StateTest, FreedBytesAtOnceFdsWhenClosed) {
   queued.clear();  // what the reaper does
   EXPECT_EQ(state.ListHeaps().fds_in_use(), 0u);
   EXPECT_TRUE(state.Allocate(b.id, Request("system", 1)).ok());
+}
+
+// Tests that a buffer's own fd is charged to a uid that holds it: the
+// creator's, then, once the creator lets go, an importer's (an importer can
+// no longer keep buffers alive on another uid's share); and to nobody while
+// the reaper frees it (it stays in the total until really closed).
+TEST_F(StateTest, BufferFdIsChargedToAHolder) {
+  std::vector<std::unique_ptr<HeapBuffer>> queued;
+  FdBudget budget({.total = 100});
+  DaemonState::Options options;
+  options.fd_budget = &budget;
+  options.free_later = [&](std::unique_ptr<HeapBuffer> memory) {
+    queued.push_back(std::move(memory));
+  };
+  DaemonState state(&heaps_, options);
+  auto creator = state.OpenSession(Peer(1), "creator").value();
+  auto importer = state.OpenSession(Peer(2), "importer").value();
+  auto grant = state.Allocate(creator.id, Request("carveout", 4096));
+  ASSERT_TRUE(grant.ok()) << grant.status();
+  grant->fd = {};  // delivered
+  v1::ExportRequest request;
+  request.set_handle(grant->handle);
+  request.set_access(v1::ACCESS_READ_ONLY);
+  auto token = state.Export(creator.id, request);
+  ASSERT_TRUE(token.ok());
+  auto imported = state.Import(importer.id, token->token());
+  ASSERT_TRUE(imported.ok());
+  imported->fd = {};
+  EXPECT_EQ(budget.UsedBy(1), 1u) << "the creator answers for the buffer's fd";
+  EXPECT_EQ(budget.UsedBy(2), 0u);
+  ASSERT_TRUE(state.Release(creator.id, grant->handle).ok());
+  EXPECT_EQ(budget.UsedBy(1), 0u);
+  EXPECT_EQ(budget.UsedBy(2), 1u) << "the importer holds it now";
+  ASSERT_TRUE(state.Release(importer.id, imported->handle).ok());
+  ASSERT_EQ(queued.size(), 1u) << "a carveout buffer is freed later";
+  EXPECT_EQ(budget.UsedBy(2), 0u) << "being freed: nobody's share";
+  EXPECT_EQ(budget.usage().of(FdUse::kFreeing), 1u) << "but in the total until closed";
+  queued.clear();
+  EXPECT_EQ(budget.usage().total, 0u);
+}
+
+// Tests that a detached session (its client left fds unread) answers no
+// more calls but keeps its handles and charges until it is closed.
+TEST_F(StateTest, DetachedSessionKeepsItsAccounting) {
+  auto state = NewState();
+  auto a = state->OpenSession(Peer(1), "a").value();
+  auto grant = state->Allocate(a.id, Request("system", 4096));
+  ASSERT_TRUE(grant.ok());
+  state->DetachSession(a.id);
+  EXPECT_EQ(state->Allocate(a.id, Request("system", 1)).status().code(),
+            absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(state->ListHeaps().live_buffers(), 1u);
+  EXPECT_EQ(SessionBytes(*state, a.id, "system"), 4096u);
+  state->CloseSession(a.id);
+  EXPECT_EQ(state->ListHeaps().live_buffers(), 0u);
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 // reaches every limit in well under a second.
 #include <grp.h>
 #include <gtest/gtest.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -271,6 +272,42 @@ TEST_F(AvailabilityTest, UnreadDeliveriesCountAgainstTheirUid) {
     EXPECT_EQ(Fds().buffers(), granted);
     raw->stub.reset();
   }
+  ExpectBaseline();
+}
+
+// Tests that a client that ends its session (shutdown of its fd.sock for
+// writing) but keeps the socket, with fds it was sent still unread in it,
+// cannot take them out of the budget: the session lingers (no more calls)
+// with its buffers, fds and share until the client reads them or closes.
+// (Before, the session's end dropped their accounting while the kernel kept
+// charging them to the daemon: round after round, a non-root daemon's sends
+// then failed for everyone.)
+TEST_F(AvailabilityTest, SessionEndedWithUnreadFdsLingers) {
+  Start(R"pb(heaps { name: "system" type: HEAP_TYPE_SYSTEM })pb");
+  const v1::FdUsage before = Fds();
+  auto raw = testing::OpenRawSession(daemon_->socket_dir());
+  ASSERT_TRUE(raw.ok()) << raw.status();
+  for (int i = 0; i < 10; ++i) {
+    v1::AllocateRequest request;
+    request.set_heap("system");
+    request.set_size(4096);
+    v1::AllocateResponse response;
+    ASSERT_TRUE(raw->stub->Allocate(raw->Context().get(), request, &response).ok());
+  }
+  ASSERT_EQ(::shutdown(raw->socket.fd(), SHUT_WR), 0);  // the daemon reads EOF
+  auto session_alive = [&] {
+    v1::GetBufferRequest request;
+    v1::GetBufferResponse response;
+    return raw->stub->GetBuffer(raw->Context().get(), request, &response).error_code() !=
+           grpc::StatusCode::UNAUTHENTICATED;
+  };
+  ASSERT_TRUE(Eventually([&] { return !session_alive(); })) << "no more calls";
+  std::this_thread::sleep_for(std::chrono::milliseconds(700));  // a tick or more
+  EXPECT_EQ(Fds().deliveries(), 10u) << "still unread, still counted";
+  EXPECT_EQ(Fds().buffers(), 10u);
+  EXPECT_EQ(Fds().sessions(), before.sessions() + 1);
+  raw->socket = UnixSocket();  // the client closes: its unread fds go
+  raw->stub.reset();
   ExpectBaseline();
 }
 

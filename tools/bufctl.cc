@@ -116,11 +116,11 @@ int Heaps(const bufferd::Client& client, bool json) {
   const bufferd::v1::FdUsage& fds = heaps->fds();
   std::cout << absl::StrFormat(
       "\n%d buffers, %d handles, %d pending tokens\n"
-      "fds %d/%d (buffers %d, sessions %d, control connections %d, in flight %d); %d per uid, "
-      "%d of RLIMIT_NOFILE %d kept for the daemon\n",
+      "fds %d/%d (buffers %d, sessions %d, control connections %d, in flight %d, being freed "
+      "%d); %d per uid, %d of RLIMIT_NOFILE %d kept for the daemon\n",
       heaps->live_buffers(), heaps->live_handles(), heaps->pending_tokens(), fds.in_use(),
       fds.budget(), fds.buffers(), fds.sessions(), fds.control_connections(), fds.deliveries(),
-      fds.per_uid(), fds.reserve(), fds.rlimit_nofile());
+      fds.freeing(), fds.per_uid(), fds.reserve(), fds.rlimit_nofile());
   return 0;
 }
 
