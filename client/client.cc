@@ -98,6 +98,18 @@ absl::StatusOr<Mapping> Buffer::Map() const {
                                                        : Mapping::Protection::kReadOnly);
 }
 
+absl::Status Buffer::Freeze() {
+  if (handle_ == 0) return absl::FailedPreconditionError("buffer was released");
+  v1::FreezeRequest request;
+  request.set_handle(handle_);
+  v1::FreezeResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->allocator().Freeze(call.context.get(), request, &response)));
+  info_ = response.buffer();
+  return absl::OkStatus();
+}
+
 absl::Status Buffer::Read(uint64_t offset, std::span<uint8_t> out) const {
   if (!fd_.valid()) return absl::FailedPreconditionError("buffer was released");
   if (offset > size() || out.size() > size() - offset) {
@@ -168,6 +180,7 @@ absl::StatusOr<Buffer> Client::Allocate(const AllocateOptions& options) const {
   request.set_heap(options.heap);
   request.set_size(options.size);
   request.set_name(options.name);
+  request.set_freezable(options.freezable);
   v1::AllocateResponse response;
   internal::Call call = connection_->NewCall();
   RETURN_IF_ERROR(connection_->Finish(

@@ -55,6 +55,9 @@ struct AllocateOptions {
   uint64_t size = 0;
   // Debug name (shown by bufctl and in /proc/<pid>/maps).
   std::string name;
+  // May be frozen later (Buffer::Freeze). Until then, any read-write holder
+  // could add seals to it.
+  bool freezable = false;
 };
 
 // One handle on a buffer, with this process's own fd for it. Release() drops
@@ -98,6 +101,12 @@ class Buffer {
   // here, where touching a mapping of it kills the process). OUT_OF_RANGE
   // past the end.
   absl::Status Read(uint64_t offset, std::span<uint8_t> out) const;
+
+  // Seals a buffer allocated freezable against all writes, for everyone,
+  // root included: publish once, then share with many readers. Unmap every
+  // writable Mapping first (FAILED_PRECONDITION while one exists anywhere).
+  // info().frozen() is true afterwards.
+  absl::Status Freeze();
 
   // Drops the handle now (returns the daemon's answer) and closes the fd.
   absl::Status Release();

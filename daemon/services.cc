@@ -181,6 +181,16 @@ grpc::ServerUnaryReactor* AllocatorService::GetBuffer(grpc::CallbackServerContex
   });
 }
 
+grpc::ServerUnaryReactor* AllocatorService::Freeze(grpc::CallbackServerContext* context,
+                                                   const v1::FreezeRequest* request,
+                                                   v1::FreezeResponse* response) {
+  return Authenticated(*state_, context, [&](uint64_t session) {
+    absl::StatusOr<v1::BufferInfo> frozen = state_->Freeze(session, request->handle());
+    if (frozen.ok()) *response->mutable_buffer() = *std::move(frozen);
+    return frozen.status();
+  });
+}
+
 absl::Status DebugService::Check(grpc::CallbackServerContext* context) const {
   // A session's call carries its releases even where anyone may ask.
   absl::Status session = SessionOf(*state_, context).status();

@@ -45,6 +45,9 @@ class AllocatorService final : public v1::Allocator::CallbackService {
   grpc::ServerUnaryReactor* GetBuffer(grpc::CallbackServerContext* context,
                                       const v1::GetBufferRequest* request,
                                       v1::GetBufferResponse* response) override;
+  grpc::ServerUnaryReactor* Freeze(grpc::CallbackServerContext* context,
+                                   const v1::FreezeRequest* request,
+                                   v1::FreezeResponse* response) override;
 
  private:
   // Allocates and delivers the fd; with `context`, a call cancelled before

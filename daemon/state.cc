@@ -408,6 +408,11 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
     // The fd's place is given back when the buffer's fd really closes (maybe
     // later, on the reaper), not when its last handle goes.
     (*memory)->SetAfterFree([fd_lease] { fd_lease->Reset(); });
+    // No holder may add seals (say F_SEAL_WRITE, freezing everyone else's
+    // writes) unless it was asked for.
+    if (!request.freezable() && ::fcntl((*memory)->fd(), F_ADD_SEALS, F_SEAL_SEAL) != 0) {
+      memory = ErrnoError("fcntl(F_ADD_SEALS, F_SEAL_SEAL)", errno);
+    }
   }
 
 
@@ -439,6 +444,7 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
   info.set_requested_size(request.size());
   info.set_backing(ToProto(buffer->memory->backing()));
   info.set_name(request.name());
+  info.set_freezable(request.freezable());
   info.set_creator_session(session_id);
   *info.mutable_created_at() = ToProto(absl::Now());
   Buffer& ref = *buffer;
@@ -603,6 +609,34 @@ absl::StatusOr<v1::GetBufferResponse> DaemonState::GetBuffer(uint64_t session_id
   return response;
 }
 
+absl::StatusOr<v1::BufferInfo> DaemonState::Freeze(uint64_t session_id, uint64_t handle_id) {
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(FindSessionLocked(session_id).status());
+  ASSIGN_OR_RETURN(Handle * handle, FindHandleLocked(session_id, handle_id));
+  Buffer& buffer = *buffers_.at(handle->buffer);
+  if (handle->access != v1::ACCESS_READ_WRITE) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("handle ", handle_id, " is read-only; only a read-write holder may freeze"));
+  }
+  if (buffer.info.frozen()) return buffer.info;
+  if (!buffer.info.freezable()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "buffer ", buffer.info.buffer_id(),
+        " was not allocated freezable (AllocateOptions.freezable); it cannot be frozen"));
+  }
+  if (::fcntl(buffer.memory->fd(), F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_SEAL) != 0) {
+    if (errno == EBUSY) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "buffer ", buffer.info.buffer_id(),
+          " still has a writable shared mapping in some process; unmap it (destroy the "
+          "Mapping) and freeze again"));
+    }
+    return ErrnoError("fcntl(F_ADD_SEALS, F_SEAL_WRITE)", errno);
+  }
+  buffer.info.set_frozen(true);
+  return buffer.info;
+}
+
 void DaemonState::Housekeeping(absl::Time now) {
   absl::MutexLock lock(&mu_);
   for (auto t = tokens_.begin(); t != tokens_.end();) {
@@ -732,8 +766,13 @@ v1::ListBuffersResponse DaemonState::ListBuffers(const v1::ListBuffersRequest& r
       holder->set_handle(h->id);
       holder->set_access(h->access);
       if (auto s = sessions_.find(h->session); s != sessions_.end()) {
+        const uid_t uid = s->second->peer.uid;
         holder->set_pid(static_cast<uint32_t>(s->second->peer.pid));
         holder->set_comm(s->second->comm);
+        holder->set_uid(uid);
+        holder->set_read_only_enforced(
+            h->access == v1::ACCESS_READ_ONLY &&
+            (buffer->info.frozen() || (uid != 0 && uid != ::geteuid())));
       }
     }
   }

@@ -105,6 +105,8 @@ class DaemonState {
   // (the fd could not be delivered).
   void UnuseToken(absl::string_view token);
   absl::StatusOr<v1::GetBufferResponse> GetBuffer(uint64_t session_id, uint64_t handle) const;
+  // Seals a freezable buffer against all writes (see Allocator.Freeze).
+  absl::StatusOr<v1::BufferInfo> Freeze(uint64_t session_id, uint64_t handle);
 
   // Drops expired tokens and old tombstones.
   void Housekeeping(absl::Time now);

@@ -263,7 +263,7 @@ absl::Status Prefault(int fd, uint64_t offset, uint64_t length) {
 }
 
 absl::Status Seal(int fd) {
-  if (::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+  if (::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0) {
     return ErrnoError("fcntl(F_ADD_SEALS)", errno);
   }
   if (::fchmod(fd, 0400) != 0) return ErrnoError("fchmod(memfd, 0400)", errno);

@@ -250,7 +250,9 @@ unsigned HugetlbFlags(uint64_t hugepage_size);
 // Allocates (prefaults) [offset, offset+length) with fallocate.
 absl::Status Prefault(int fd, uint64_t offset, uint64_t length);
 
-// Seals against shrink/grow/further seals and chmods 0400.
+// Seals against shrink and grow, and chmods 0400. Sealing against further
+// seals (F_SEAL_SEAL) is the daemon's call: a freezable buffer gets it only
+// when frozen.
 absl::Status Seal(int fd);
 
 }  // namespace memfd

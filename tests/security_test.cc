@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -394,6 +395,95 @@ TEST(ExportTest, ReadWriteCarveoutExportNeedsConsent) {
   auto plain = client->Allocate({.heap = "system", .size = 4096});
   ASSERT_TRUE(plain.ok());
   EXPECT_TRUE(plain->Export(Access::kReadWrite).ok()) << "punched base pages read back as zeros";
+}
+
+// Tests Freeze: a buffer allocated freezable, once its writable mappings are
+// gone, is sealed against every write by everyone, root and read-write
+// importers included; ordinary buffers can never be sealed by a holder
+// (F_SEAL_SEAL), and refusals name why.
+TEST(FreezeTest, FrozenBufferRefusesEveryWrite) {
+  auto daemon = TestDaemon::Start();
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  auto client = (*daemon)->Connect();
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto plain = client->Allocate({.heap = "system", .size = 4096});
+  ASSERT_TRUE(plain.ok());
+  EXPECT_NE(::fcntl(plain->fd(), F_GET_SEALS) & F_SEAL_SEAL, 0) << "no holder adds seals";
+  EXPECT_EQ(plain->Freeze().message(),
+            absl::StrCat("buffer ", plain->id(),
+                         " was not allocated freezable (AllocateOptions.freezable); it cannot be "
+                         "frozen"));
+
+  auto frame = client->Allocate({.heap = "system", .size = 8192, .freezable = true});
+  ASSERT_TRUE(frame.ok());
+  auto token = frame->Export(Access::kReadWrite);
+  ASSERT_TRUE(token.ok());
+  auto writer = client->Import(*token);
+  ASSERT_TRUE(writer.ok());
+  {
+    auto map = frame->Map();
+    ASSERT_TRUE(map.ok());
+    std::memset(map->data(), 0x42, map->size());
+    absl::Status busy = frame->Freeze();
+    EXPECT_EQ(busy.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_TRUE(absl::StrContains(busy.message(), "still has a writable shared mapping")) << busy;
+  }
+  ASSERT_TRUE(frame->Freeze().ok());
+  EXPECT_TRUE(frame->info().frozen());
+  ASSERT_TRUE(frame->Freeze().ok()) << "idempotent";
+  // Root, the creator's own fd, the read-write importer: no write gets in.
+  for (int fd : {frame->fd(), writer->fd()}) {
+    EXPECT_EQ(::pwrite(fd, "x", 1, 0), -1);
+    EXPECT_EQ(errno, EPERM);
+    EXPECT_EQ(::mmap(nullptr, 8192, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), MAP_FAILED);
+  }
+  const std::string reopen = absl::StrCat("/proc/self/fd/", frame->fd());
+  ::chmod(reopen.c_str(), 0600);  // root could, on any buffer
+  int reopened = ::open(reopen.c_str(), O_RDWR | O_CLOEXEC);
+  if (reopened >= 0) {
+    EXPECT_EQ(::pwrite(reopened, "x", 1, 0), -1) << "a reopened fd is sealed too";
+    ::close(reopened);
+  }
+  auto read = frame->MapReadOnly();
+  ASSERT_TRUE(read.ok());
+  EXPECT_EQ(read->bytes()[8191], 0x42);
+  auto listed = client->ListBuffers();
+  ASSERT_TRUE(listed.ok());
+  bool seen = false;
+  for (const auto& entry : listed->buffers()) {
+    if (entry.buffer().buffer_id() != frame->id()) continue;
+    seen = true;
+    EXPECT_TRUE(entry.buffer().frozen());
+  }
+  EXPECT_TRUE(seen);
+  auto ro_token = frame->Export(Access::kReadOnly);
+  ASSERT_TRUE(ro_token.ok());
+  auto reader = client->Import(*ro_token);
+  ASSERT_TRUE(reader.ok());
+  EXPECT_EQ(reader->Freeze().code(), absl::StatusCode::kPermissionDenied);
+}
+
+// Tests that bufctl says, per read-only holder, whether the kernel enforces
+// it: not for root (the daemon's uid here), which could reopen the buffer
+// read-write; yes once the buffer is frozen.
+TEST(ReadOnlyTest, BufctlSaysWhetherReadOnlyIsEnforced) {
+  auto daemon = TestDaemon::Start();
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  auto client = (*daemon)->Connect();
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto frame = client->Allocate({.heap = "system", .size = 4096, .freezable = true});
+  ASSERT_TRUE(frame.ok());
+  auto token = frame->Export(Access::kReadOnly);
+  ASSERT_TRUE(token.ok());
+  auto reader = client->Import(*token);
+  ASSERT_TRUE(reader.ok());
+  const std::string before = Bufctl((*daemon)->socket_dir(), "buffers");
+  EXPECT_TRUE(absl::StrContains(before, ":ro?")) << before;
+  ASSERT_TRUE(frame->Freeze().ok());
+  const std::string after = Bufctl((*daemon)->socket_dir(), "buffers");
+  EXPECT_FALSE(absl::StrContains(after, ":ro?")) << after;
+  EXPECT_TRUE(absl::StrContains(after, ":ro")) << after;
+  EXPECT_TRUE(absl::StrContains(after, "frozen")) << after;
 }
 
 }  // namespace

@@ -155,10 +155,15 @@ int Buffers(const bufferd::Client& client, bool json, const std::string& heap) {
     const auto& b = entry.buffer();
     std::string holders;
     for (const auto& h : entry.holders()) {
+      // ro: the kernel enforces it for this holder; ro?: it does not (the
+      // holder is root or the daemon's uid and could reopen it writable).
       absl::StrAppend(&holders, holders.empty() ? "" : " ", h.comm(), "[", h.pid(), "]",
-                      h.access() == bufferd::v1::ACCESS_READ_ONLY ? ":ro" : ":rw");
+                      h.access() == bufferd::v1::ACCESS_READ_WRITE ? ":rw"
+                      : h.read_only_enforced()                     ? ":ro"
+                                                                   : ":ro?");
     }
     std::vector<std::string> notes;
+    if (b.frozen()) notes.push_back("frozen");
     if (entry.sigbus_risk()) notes.push_back("sigbus-risk (rw importer)");
     if (entry.punched_bytes() != 0) {
       notes.push_back(absl::StrCat("punched ", Bytes(entry.punched_bytes())));
