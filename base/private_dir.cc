@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <filesystem>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -15,9 +16,22 @@ namespace {
 
 std::string Mode(mode_t mode) { return absl::StrFormat("%04o", mode & 07777); }
 
+std::string ParentOf(std::string path) {
+  while (path.size() > 1 && path.back() == '/') path.pop_back();
+  const std::string parent = std::filesystem::path(path).parent_path();
+  return parent.empty() ? "." : parent;
+}
+
+// A directory (links followed: /var/run is /run) that only root can add to.
+bool OnlyRootWrites(const std::string& dir) {
+  struct stat st {};
+  return ::stat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == 0 &&
+         (st.st_mode & (S_IWGRP | S_IWOTH)) == 0;
+}
+
 }  // namespace
 
-absl::StatusOr<UniqueFd> MakePrivateDir(const std::string& path, int64_t group) {
+absl::StatusOr<UniqueFd> MakePrivateDir(const std::string& path, int64_t group, uid_t owner) {
   if (::mkdir(path.c_str(), 0700) != 0 && errno != EEXIST) {
     if (errno == ENOENT) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -38,13 +52,14 @@ absl::StatusOr<UniqueFd> MakePrivateDir(const std::string& path, int64_t group) 
   }
   struct stat st {};
   if (::fstat(dir.get(), &st) != 0) return ErrnoError(absl::StrCat("stat ", path), errno);
-  if (st.st_uid != ::geteuid()) {
+  if (st.st_uid != owner && st.st_uid != ::geteuid()) {
     return absl::PermissionDeniedError(
         absl::StrCat("socket dir ", path, " is owned by uid ", st.st_uid, ", not by the daemon's uid ",
-                     ::geteuid(), "; remove it or choose another --socket-dir"));
+                     owner, "; remove it or choose another --socket-dir"));
   }
-  if (group >= 0 && ::fchown(dir.get(), static_cast<uid_t>(-1), static_cast<gid_t>(group)) != 0) {
-    return ErrnoError(absl::StrCat("chown ", path, " to gid ", group), errno);
+  const gid_t gid = group >= 0 ? static_cast<gid_t>(group) : static_cast<gid_t>(-1);
+  if ((owner != st.st_uid || group >= 0) && ::fchown(dir.get(), owner, gid) != 0) {
+    return ErrnoError(absl::StrCat("chown ", path, " to uid ", owner, " gid ", group), errno);
   }
   if (::fchmod(dir.get(), group >= 0 ? 0750 : 0700) != 0) {
     return ErrnoError(absl::StrCat("chmod ", path), errno);
@@ -53,7 +68,7 @@ absl::StatusOr<UniqueFd> MakePrivateDir(const std::string& path, int64_t group) 
 }
 
 absl::StatusOr<UniqueFd> OpenPrivateFile(int dir_fd, const std::string& dir_path,
-                                         const std::string& name) {
+                                         const std::string& name, uid_t owner) {
   const std::string path = absl::StrCat(dir_path, "/", name);
   UniqueFd fd(RetryOnEintr([&] {
     return ::openat(dir_fd, name.c_str(), O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0600);
@@ -67,11 +82,14 @@ absl::StatusOr<UniqueFd> OpenPrivateFile(int dir_fd, const std::string& dir_path
   }
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) return ErrnoError(absl::StrCat("stat ", path), errno);
-  if (!S_ISREG(st.st_mode) || st.st_uid != ::geteuid() || st.st_nlink != 1) {
+  if (!S_ISREG(st.st_mode) || (st.st_uid != owner && st.st_uid != ::geteuid()) ||
+      st.st_nlink != 1) {
     return absl::FailedPreconditionError(absl::StrCat(
-        path, " is not a regular file of uid ", ::geteuid(), " with one link (mode ",
-        Mode(st.st_mode), ", uid ", st.st_uid, ", ", st.st_nlink,
-        " links); remove it (someone may have planted it)"));
+        path, " is not a regular file of uid ", owner, " with one link (mode ", Mode(st.st_mode),
+        ", uid ", st.st_uid, ", ", st.st_nlink, " links); remove it (someone may have planted it)"));
+  }
+  if (st.st_uid != owner && ::fchown(fd.get(), owner, static_cast<gid_t>(-1)) != 0) {
+    return ErrnoError(absl::StrCat("chown ", path), errno);
   }
   return fd;
 }
@@ -93,11 +111,11 @@ absl::StatusOr<uid_t> CheckTrustedDir(const std::string& path, uid_t uid) {
   if (!S_ISDIR(st.st_mode)) {
     return absl::PermissionDeniedError(absl::StrCat(why, " is not a directory"));
   }
-  if (st.st_uid != uid && st.st_uid != 0) {
+  if (st.st_uid != uid && st.st_uid != 0 && !OnlyRootWrites(ParentOf(path))) {
     return absl::PermissionDeniedError(absl::StrCat(
         why, " is owned by uid ", st.st_uid, ", neither you (uid ", uid,
-        ") nor root: another user may be posing as bufferd there; not trusted (remove it, or "
-        "use the socket dir of a daemon you trust)"));
+        ") nor root, in a directory others can write: another user may be posing as bufferd "
+        "there; not trusted (remove it, or use the socket dir of a daemon you trust)"));
   }
   if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
     return absl::PermissionDeniedError(absl::StrCat(

@@ -22,22 +22,25 @@
 namespace bufferd {
 
 // Creates `path` (its parent must exist) or takes the existing directory,
-// which must be a real directory (not a symlink) owned by the caller's euid;
-// then sets it to mode 0700, or to group `group` and mode 0750 (group < 0:
-// none). Returns the directory's fd. FAILED_PRECONDITION or
-// PERMISSION_DENIED naming the path and the problem otherwise.
-absl::StatusOr<UniqueFd> MakePrivateDir(const std::string& path, int64_t group);
+// which must be a real directory (not a symlink) owned by `owner` or the
+// caller's euid; then gives it to `owner` and group `group` (group < 0: none)
+// with mode 0700, or 0750 with a group. Returns the directory's fd.
+// FAILED_PRECONDITION or PERMISSION_DENIED naming the path and the problem.
+absl::StatusOr<UniqueFd> MakePrivateDir(const std::string& path, int64_t group, uid_t owner);
 
 // Opens (creating if missing, mode 0600) the regular file `name` in the dir
-// `dir_fd` (shown as `dir_path` in errors) without following a link, and
-// checks it is a regular file owned by the caller's euid with one link.
+// `dir_fd` (shown as `dir_path` in errors) without following a link, checks
+// it is a regular file owned by `owner` or the caller's euid with one link,
+// and gives it to `owner`.
 absl::StatusOr<UniqueFd> OpenPrivateFile(int dir_fd, const std::string& dir_path,
-                                         const std::string& name);
+                                         const std::string& name, uid_t owner);
 
 // OK if `path` is a directory a client of uid `uid` may trust to hold the
-// daemon's sockets: not a symlink, owned by `uid` or root, not writable by
-// group or others. Returns its owner. UNAVAILABLE when it does not exist;
-// PERMISSION_DENIED naming the problem and the fix otherwise.
+// daemon's sockets: not a symlink, not writable by group or others, and
+// owned by `uid` or root, or by anyone inside a parent only root can write
+// (/run/bufferd of a daemon running as its own user: only root could have
+// made it and handed it over). Returns its owner. UNAVAILABLE when it does
+// not exist; PERMISSION_DENIED naming the problem and the fix otherwise.
 absl::StatusOr<uid_t> CheckTrustedDir(const std::string& path, uid_t uid);
 
 }  // namespace bufferd

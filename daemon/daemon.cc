@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <grp.h>
+#include <pwd.h>
 #include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -43,11 +44,46 @@ absl::StatusOr<gid_t> SocketGroup(const std::string& group) {
   return entry->gr_gid;
 }
 
+// Who the daemon runs as once it serves: the config's `user`, or itself.
+struct RunAs {
+  uid_t uid = ::geteuid();
+  gid_t gid = ::getegid();
+  std::string name;  // empty: no change
+};
+
+absl::StatusOr<RunAs> ResolveUser(const std::string& user) {
+  RunAs run_as;
+  if (user.empty()) return run_as;
+  struct passwd* entry = ::getpwnam(user.c_str());
+  if (entry == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("user '", user, "' does not exist"));
+  }
+  if (::geteuid() != 0 && entry->pw_uid != ::geteuid()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("running as user '", user, "' needs the daemon to start as root"));
+  }
+  run_as = {entry->pw_uid, entry->pw_gid, user};
+  return run_as;
+}
+
+// Gives up root for `run_as` (all threads: glibc's setuid covers them).
+absl::Status DropPrivileges(const RunAs& run_as) {
+  if (run_as.name.empty() || run_as.uid == ::geteuid()) return absl::OkStatus();
+  if (::setgroups(0, nullptr) != 0) return ErrnoError("setgroups", errno);
+  if (::setgid(run_as.gid) != 0) return ErrnoError("setgid", errno);
+  if (::setuid(run_as.uid) != 0) return ErrnoError("setuid", errno);
+  if (::setuid(0) == 0) return absl::InternalError("could regain root after dropping it");
+  spdlog::info("running as user '{}' (uid {}, gid {})", run_as.name, run_as.uid, run_as.gid);
+  return absl::OkStatus();
+}
+
 // Gives the socket `path` (in the daemon's private dir, so nobody else can
-// have put anything there) to `gid` (unless -1) and sets its mode.
-absl::Status SetAccess(const std::string& path, gid_t gid, mode_t mode) {
-  if (gid != static_cast<gid_t>(-1) && ::chown(path.c_str(), static_cast<uid_t>(-1), gid) != 0) {
-    return ErrnoError(absl::StrCat("chown ", path, " to gid ", gid), errno);
+// have put anything there) to `uid` and `gid` (either -1: unchanged) and
+// sets its mode.
+absl::Status SetAccess(const std::string& path, uid_t uid, gid_t gid, mode_t mode) {
+  if ((uid != ::geteuid() || gid != static_cast<gid_t>(-1)) &&
+      ::chown(path.c_str(), uid, gid) != 0) {
+    return ErrnoError(absl::StrCat("chown ", path, " to uid ", uid, " gid ", gid), errno);
   }
   if (::chmod(path.c_str(), mode) != 0) return ErrnoError(absl::StrCat("chmod ", path), errno);
   return absl::OkStatus();
@@ -55,8 +91,8 @@ absl::Status SetAccess(const std::string& path, gid_t gid, mode_t mode) {
 
 // Takes the exclusive lock on <dir>/bufferd.lock (opened without following a
 // link, and checked) and writes our pid into it.
-absl::StatusOr<UniqueFd> LockSocketDir(int dir_fd, const std::string& dir) {
-  ASSIGN_OR_RETURN(UniqueFd fd, OpenPrivateFile(dir_fd, dir, "bufferd.lock"));
+absl::StatusOr<UniqueFd> LockSocketDir(int dir_fd, const std::string& dir, uid_t owner) {
+  ASSIGN_OR_RETURN(UniqueFd fd, OpenPrivateFile(dir_fd, dir, "bufferd.lock", owner));
   const std::string path = absl::StrCat(dir, "/bufferd.lock");
   if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
     if (errno != EWOULDBLOCK) return ErrnoError(absl::StrCat("flock ", path), errno);
@@ -108,9 +144,12 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const v1::Config& config,
 absl::Status Daemon::Init(const v1::Config& config) {
   ASSIGN_OR_RETURN(const gid_t group, SocketGroup(config.group()));
   const mode_t socket_mode = config.group().empty() ? 0600 : 0660;
+  ASSIGN_OR_RETURN(const RunAs run_as, ResolveUser(config.user()));
   ASSIGN_OR_RETURN(UniqueFd dir,
-                   MakePrivateDir(socket_dir_, group == static_cast<gid_t>(-1) ? -1 : group));
-  ASSIGN_OR_RETURN(lock_file_, LockSocketDir(dir.get(), socket_dir_));
+                   MakePrivateDir(socket_dir_,
+                                  group == static_cast<gid_t>(-1) ? int64_t{-1} : int64_t{group},
+                                  run_as.uid));
+  ASSIGN_OR_RETURN(lock_file_, LockSocketDir(dir.get(), socket_dir_, run_as.uid));
   const std::string control_path = ControlSocketPath(socket_dir_);
   const std::string fd_path = FdSocketPath(socket_dir_);
   // We hold the lock, so anything at the sockets' names was left by a daemon
@@ -174,10 +213,13 @@ absl::Status Daemon::Init(const v1::Config& config) {
   // Deep backlogs: a flood of connects must not make the kernel refuse a
   // client's connect before the daemon has even seen it.
   ASSIGN_OR_RETURN(UnixSocket listener, UnixSocket::ListenSeqPacket(fd_path, kListenBacklog));
-  RETURN_IF_ERROR(SetAccess(fd_path, group, socket_mode));
+  RETURN_IF_ERROR(SetAccess(fd_path, run_as.uid, group, socket_mode));
   ASSIGN_OR_RETURN(UnixSocket control_listener,
                    UnixSocket::ListenStream(control_path, kListenBacklog));
-  RETURN_IF_ERROR(SetAccess(control_path, group, socket_mode));
+  RETURN_IF_ERROR(SetAccess(control_path, run_as.uid, group, socket_mode));
+  // Everything that needed root is done (heaps reserved and locked, the dir,
+  // the lock and the sockets made and handed over): serve as the user.
+  RETURN_IF_ERROR(DropPrivileges(run_as));
 
   allocator_ =
       std::make_unique<AllocatorService>(state_.get(), channel_.get(), work_.get(), reaper_.get());

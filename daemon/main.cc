@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   std::string config_path;
   std::string socket_dir;
   std::string log_level;
+  std::string user;
   bool print_default = false;
   app.add_option("--config", config_path, "bufferd.v1.Config textproto (default: embedded)");
   app.add_option("--socket-dir", socket_dir,
@@ -31,6 +32,8 @@ int main(int argc, char** argv) {
                  "or /run/bufferd as root)");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical, off")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "critical", "off"}));
+  app.add_option("--user", user,
+                 "drop to this user once the sockets and heaps are set up (start as root)");
   app.add_flag("--print-default-config", print_default, "print the embedded default config");
   CLI11_PARSE(app, argc, argv);
 
@@ -48,6 +51,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "bufferd: %s\n", config.status().ToString().c_str());
     return 2;
   }
+  if (!user.empty()) config->set_user(user);
   const std::string level = !log_level.empty() ? log_level : config->log_level();
   if (!level.empty()) spdlog::set_level(spdlog::level::from_str(level));
   bufferd::InstallLibraryLogHandlers();

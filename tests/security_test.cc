@@ -203,13 +203,18 @@ TEST(ClientTrustTest, UntrustedSocketDirsAreRefused) {
   ASSERT_EQ(::chmod(dir.c_str(), 0700), 0);
 
   if (::geteuid() == 0) {
-    ASSERT_EQ(::chown(dir.c_str(), 1, static_cast<gid_t>(-1)), 0);
-    auto foreign = Client::Connect(dir);
+    // Another user's dir right in /tmp (which anyone can write), as uid 1
+    // squatting /tmp/bufferd-<uid> would make it.
+    char squat[] = "/tmp/bufferd-squat-XXXXXX";
+    ASSERT_NE(::mkdtemp(squat), nullptr);
+    ASSERT_EQ(::chown(squat, 1, static_cast<gid_t>(-1)), 0);
+    auto foreign = Client::Connect(squat);
     EXPECT_EQ(foreign.status().code(), absl::StatusCode::kPermissionDenied);
     EXPECT_TRUE(absl::StrContains(foreign.status().message(),
-                                  "is owned by uid 1, neither you (uid 0) nor root"))
+                                  "is owned by uid 1, neither you (uid 0) nor root, in a "
+                                  "directory others can write"))
         << foreign.status();
-    ASSERT_EQ(::chown(dir.c_str(), 0, static_cast<gid_t>(-1)), 0);
+    ::rmdir(squat);
   }
   EXPECT_TRUE(Client::Connect(dir).ok()) << "the real dir is trusted";
 }
@@ -484,6 +489,44 @@ TEST(ReadOnlyTest, BufctlSaysWhetherReadOnlyIsEnforced) {
   EXPECT_FALSE(absl::StrContains(after, ":ro?")) << after;
   EXPECT_TRUE(absl::StrContains(after, ":ro")) << after;
   EXPECT_TRUE(absl::StrContains(after, "frozen")) << after;
+}
+
+// Tests the daemon running as its own user (`user:` in the config, started
+// as root): it reserves its heaps and makes its socket dir as root, then
+// serves as that uid, with the dir, sockets and lock handed over; root's
+// clients trust the dir (another uid's, but in a parent only root can write)
+// and everything works, read-only imports included.
+TEST(OwnUserTest, DaemonServesAsItsOwnUser) {
+  if (::geteuid() != 0) GTEST_SKIP() << "starts the daemon as root";
+  auto daemon = TestDaemon::Start(R"pb(
+    heaps { name: "system" type: HEAP_TYPE_SYSTEM }
+    heaps { name: "carveout" type: HEAP_TYPE_CARVEOUT capacity_bytes: 8388608 }
+    user: "nobody"
+  )pb");
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  const std::string status = ReadFile(absl::StrCat("/proc/", (*daemon)->pid(), "/status"));
+  EXPECT_TRUE(absl::StrContains(status, "\nUid:\t65534\t65534\t65534\t65534\n")) << status;
+  const std::string dir = (*daemon)->socket_dir();
+  for (const std::string& path : {dir, FdSocketPath(dir), ControlSocketPath(dir),
+                                  absl::StrCat(dir, "/bufferd.lock")}) {
+    struct stat st {};
+    ASSERT_EQ(::stat(path.c_str(), &st), 0) << path;
+    EXPECT_EQ(st.st_uid, 65534u) << path;
+    EXPECT_EQ(st.st_mode & 0777, path == dir ? 0700u : 0600u) << path << ": no group configured";
+  }
+  auto client = (*daemon)->Connect();
+  ASSERT_TRUE(client.ok()) << client.status();
+  for (const char* heap : {"system", "carveout"}) {
+    auto buffer = client->Allocate({.heap = heap, .size = 4096});
+    ASSERT_TRUE(buffer.ok()) << heap << ": " << buffer.status();
+    auto token = buffer->Export(Access::kReadOnly);
+    ASSERT_TRUE(token.ok());
+    auto reader = client->Import(*token);
+    ASSERT_TRUE(reader.ok()) << reader.status();
+    EXPECT_TRUE(reader->MapReadOnly().ok());
+  }
+  EXPECT_TRUE(absl::StrContains(ReadFile((*daemon)->log_path()),
+                                "running as user 'nobody' (uid 65534"));
 }
 
 }  // namespace
