@@ -254,11 +254,7 @@ TEST_F(AvailabilityTest, UnreadDeliveriesCountAgainstTheirUid) {
     grpc::Status refused;
     uint64_t granted = 0;
     while (refused.ok() && granted < 1000) {
-      v1::AllocateRequest request;
-      request.set_heap("system");
-      request.set_size(4096);
-      v1::AllocateResponse response;
-      refused = raw->stub->Allocate(raw->Context().get(), request, &response);
+      refused = raw->Allocate("system", 4096);
       granted += refused.ok();
     }
     EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
@@ -287,13 +283,7 @@ TEST_F(AvailabilityTest, SessionEndedWithUnreadFdsLingers) {
   const v1::FdUsage before = Fds();
   auto raw = testing::OpenRawSession(daemon_->socket_dir());
   ASSERT_TRUE(raw.ok()) << raw.status();
-  for (int i = 0; i < 10; ++i) {
-    v1::AllocateRequest request;
-    request.set_heap("system");
-    request.set_size(4096);
-    v1::AllocateResponse response;
-    ASSERT_TRUE(raw->stub->Allocate(raw->Context().get(), request, &response).ok());
-  }
+  for (int i = 0; i < 10; ++i) ASSERT_TRUE(raw->Allocate("system", 4096).ok());
   ASSERT_EQ(::shutdown(raw->socket.fd(), SHUT_WR), 0);  // the daemon reads EOF
   auto session_alive = [&] {
     v1::GetBufferRequest request;

@@ -225,35 +225,16 @@ TEST_F(StalledReaderTest, StalledReaderIsEnded) {
   ExpectBaseline();
 }
 
-// Forks a child that becomes uid/gid `nobody` with supplementary `groups`
-// and connects to `path`; returns the connect errno (0 = connected).
+// Connects to `path` as uid/gid nobody with supplementary `groups`; returns
+// the connect errno (0 = connected).
 int ConnectAsNobody(const std::string& path, std::vector<gid_t> groups) {
-  int pipe_fds[2];
-  if (::pipe(pipe_fds) != 0) return -1;
-  pid_t pid = ::fork();
-  if (pid == 0) {
-    ::close(pipe_fds[0]);
-    int result = 0;
-    if (::setgroups(groups.size(), groups.data()) != 0 || ::setgid(65534) != 0 ||
-        ::setuid(65534) != 0) {
-      result = -2;
-    } else {
-      int fd = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-      sockaddr_un address{};
-      address.sun_family = AF_UNIX;
-      std::strncpy(address.sun_path, path.c_str(), sizeof(address.sun_path) - 1);
-      result =
-          ::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0 ? 0 : errno;
-    }
-    (void)!::write(pipe_fds[1], &result, sizeof(result));
-    ::_exit(0);
-  }
-  ::close(pipe_fds[1]);
-  int result = -1;
-  (void)!::read(pipe_fds[0], &result, sizeof(result));
-  ::close(pipe_fds[0]);
-  ::waitpid(pid, nullptr, 0);
-  return result;
+  return testing::AsNobody(groups, [&] {
+    int fd = ::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    std::strncpy(address.sun_path, path.c_str(), sizeof(address.sun_path) - 1);
+    return ::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0 ? 0 : errno;
+  });
 }
 
 // Tests the socket-dir group and anonymous Debug access: with `group` the dir

@@ -108,29 +108,6 @@ TEST(SocketDirTest, SymlinkedSocketDirIsRefused) {
       << log;
 }
 
-// Runs `attack` in a child that is uid/gid nobody with supplementary `gid`;
-// returns the errno it reports (0 = the attack worked).
-int AsNobody(gid_t gid, const std::function<int()>& attack) {
-  int pipe_fds[2];
-  if (::pipe(pipe_fds) != 0) return -1;
-  pid_t pid = ::fork();
-  if (pid == 0) {
-    ::close(pipe_fds[0]);
-    int result = -2;
-    if (::setgroups(1, &gid) == 0 && ::setgid(65534) == 0 && ::setuid(65534) == 0) {
-      result = attack();
-    }
-    (void)!::write(pipe_fds[1], &result, sizeof(result));
-    ::_exit(0);
-  }
-  ::close(pipe_fds[1]);
-  int result = -1;
-  (void)!::read(pipe_fds[0], &result, sizeof(result));
-  ::close(pipe_fds[0]);
-  ::waitpid(pid, nullptr, 0);
-  return result;
-}
-
 // Tests that a member of the socket dir's group may connect but can no longer
 // rename, replace or remove any entry (the dir is 0750, not 0770): the relay
 // that took over fd.sock and the lock-file swap both fail with EACCES.
@@ -147,27 +124,27 @@ TEST(SocketDirTest, GroupMembersConnectButCannotReplaceEntries) {
   const std::string dir = (*daemon)->socket_dir();
   ASSERT_EQ(::chmod((*daemon)->root().c_str(), 0711), 0);
   const std::string fd_sock = FdSocketPath(dir);
-  EXPECT_EQ(AsNobody(gid,
+  EXPECT_EQ(testing::AsNobody({gid},
                      [&] {
                        auto socket = UnixSocket::ConnectSeqPacket(fd_sock);
                        return socket.ok() ? 0 : errno;
                      }),
             0)
       << "members connect";
-  EXPECT_EQ(AsNobody(gid,
+  EXPECT_EQ(testing::AsNobody({gid},
                      [&] {
                        return ::rename(fd_sock.c_str(), absl::StrCat(dir, "/.x").c_str()) == 0
                                   ? 0
                                   : errno;
                      }),
             EACCES);
-  EXPECT_EQ(AsNobody(gid,
+  EXPECT_EQ(testing::AsNobody({gid},
                      [&] {
                        return ::unlink(absl::StrCat(dir, "/bufferd.lock").c_str()) == 0 ? 0
                                                                                         : errno;
                      }),
             EACCES);
-  EXPECT_EQ(AsNobody(gid,
+  EXPECT_EQ(testing::AsNobody({gid},
                      [&] {
                        return ::symlink("/etc/shadow", absl::StrCat(dir, "/x").c_str()) == 0
                                   ? 0

@@ -216,6 +216,36 @@ std::unique_ptr<grpc::ClientContext> RawSession::Context() const {
   return context;
 }
 
+grpc::Status RawSession::Allocate(const std::string& heap, uint64_t size) const {
+  v1::AllocateRequest request;
+  request.set_heap(heap);
+  request.set_size(size);
+  v1::AllocateResponse response;
+  return stub->Allocate(Context().get(), request, &response);
+}
+
+int AsNobody(const std::vector<gid_t>& groups, const std::function<int()>& body) {
+  int pipe_fds[2];
+  if (::pipe(pipe_fds) != 0) return -1;
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::close(pipe_fds[0]);
+    int result = -2;
+    if (::setgroups(groups.size(), groups.data()) == 0 && ::setgid(65534) == 0 &&
+        ::setuid(65534) == 0) {
+      result = body();
+    }
+    (void)!::write(pipe_fds[1], &result, sizeof(result));
+    ::_exit(0);
+  }
+  ::close(pipe_fds[1]);
+  int result = -1;
+  (void)!::read(pipe_fds[0], &result, sizeof(result));
+  ::close(pipe_fds[0]);
+  ::waitpid(pid, nullptr, 0);
+  return result;
+}
+
 absl::StatusOr<RawSession> OpenRawSession(const std::string& socket_dir) {
   RawSession session;
   absl::StatusOr<UnixSocket> socket = UnixSocket::ConnectSeqPacket(FdSocketPath(socket_dir));

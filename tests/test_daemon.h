@@ -7,6 +7,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -45,7 +46,14 @@ struct RawSession {
 
   // A context carrying the metadata.
   std::unique_ptr<grpc::ClientContext> Context() const;
+  // An Allocate through the raw stub (its fd, if any, is left on the socket).
+  grpc::Status Allocate(const std::string& heap, uint64_t size) const;
 };
+
+// Runs `body` in a forked child that first becomes uid/gid nobody (65534)
+// with supplementary `groups`; returns what `body` returned (-2 if the
+// identity could not be taken). Only plain system calls in `body`.
+int AsNobody(const std::vector<gid_t>& groups, const std::function<int()>& body);
 absl::StatusOr<RawSession> OpenRawSession(const std::string& socket_dir);
 
 // Path of a binary of this workspace in the test's runfiles ("daemon/bufferd").
