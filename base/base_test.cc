@@ -95,7 +95,8 @@ TEST(FormatBytesTest, Units) {
   EXPECT_EQ(FormatBytes(2 << 20), "2 MiB");
   EXPECT_EQ(FormatBytes(3 << 29), "1.5 GiB");
   EXPECT_EQ(FormatBytes(uint64_t{1} << 62), "4 EiB");
-  EXPECT_EQ(FormatBytes(~uint64_t{0}), "16.0 EiB");
+  EXPECT_EQ(FormatBytes(~uint64_t{0}), "16.0 EiB (18446744073709551615 bytes)");
+  EXPECT_EQ(FormatBytes((64 << 20) + 4096), "64.0 MiB (67112960 bytes)") << "never looks exact";
 }
 
 // Tests that a mapping writes through to the file and unmaps itself.

@@ -5,6 +5,7 @@
 
 #include "absl/strings/cord.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
@@ -78,7 +79,10 @@ std::string FormatBytes(uint64_t bytes) {
   if (unit == 0) return absl::StrCat(bytes, " B");
   uint64_t divisor = uint64_t{1} << (10 * unit);
   if (bytes % divisor == 0) return absl::StrCat(bytes / divisor, " ", kUnits[unit]);
-  return absl::StrFormat("%.1f %s", static_cast<double>(bytes) / divisor, kUnits[unit]);
+  std::string text = absl::StrFormat("%.1f %s", static_cast<double>(bytes) / divisor, kUnits[unit]);
+  // "64.0 MiB" for 64 MiB + 4 KiB would read as exact: say the bytes too.
+  if (absl::StrContains(text, ".0 ")) absl::StrAppend(&text, " (", bytes, " bytes)");
+  return text;
 }
 
 }  // namespace bufferd

@@ -1,6 +1,7 @@
 #include "base/private_dir.h"
 
 #include <fcntl.h>
+#include <pwd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -31,7 +32,7 @@ bool OnlyRootWrites(const std::string& dir) {
 
 }  // namespace
 
-absl::StatusOr<UniqueFd> MakePrivateDir(const std::string& path, int64_t group, uid_t owner) {
+absl::StatusOr<UniqueFd> OpenPrivateDir(const std::string& path, uid_t owner) {
   if (::mkdir(path.c_str(), 0700) != 0 && errno != EEXIST) {
     if (errno == ENOENT) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -53,18 +54,28 @@ absl::StatusOr<UniqueFd> MakePrivateDir(const std::string& path, int64_t group, 
   struct stat st {};
   if (::fstat(dir.get(), &st) != 0) return ErrnoError(absl::StrCat("stat ", path), errno);
   if (st.st_uid != owner && st.st_uid != ::geteuid()) {
-    return absl::PermissionDeniedError(
-        absl::StrCat("socket dir ", path, " is owned by uid ", st.st_uid, ", not by the daemon's uid ",
-                     owner, "; remove it or choose another --socket-dir"));
-  }
-  const gid_t gid = group >= 0 ? static_cast<gid_t>(group) : static_cast<gid_t>(-1);
-  if ((owner != st.st_uid || group >= 0) && ::fchown(dir.get(), owner, gid) != 0) {
-    return ErrnoError(absl::StrCat("chown ", path, " to uid ", owner, " gid ", group), errno);
-  }
-  if (::fchmod(dir.get(), group >= 0 ? 0750 : 0700) != 0) {
-    return ErrnoError(absl::StrCat("chmod ", path), errno);
+    const struct passwd* user = ::getpwuid(st.st_uid);
+    const std::string name = user != nullptr ? user->pw_name : "";
+    return absl::PermissionDeniedError(absl::StrCat(
+        "socket dir ", path, " is owned by uid ", st.st_uid,
+        name.empty() ? "" : absl::StrCat(" (", name, ")"), ", not by the daemon's uid ", owner,
+        name.empty() ? "" : absl::StrCat("; if it is that user's daemon dir, start with --user ", name),
+        "; else remove it or choose another --socket-dir"));
   }
   return dir;
+}
+
+absl::Status SecurePrivateDir(int dir_fd, const std::string& path, int64_t group, uid_t owner) {
+  const gid_t gid = group >= 0 ? static_cast<gid_t>(group) : static_cast<gid_t>(-1);
+  struct stat st {};
+  if (::fstat(dir_fd, &st) != 0) return ErrnoError(absl::StrCat("stat ", path), errno);
+  if ((st.st_uid != owner || group >= 0) && ::fchown(dir_fd, owner, gid) != 0) {
+    return ErrnoError(absl::StrCat("chown ", path, " to uid ", owner, " gid ", group), errno);
+  }
+  if (::fchmod(dir_fd, group >= 0 ? 0750 : 0700) != 0) {
+    return ErrnoError(absl::StrCat("chmod ", path), errno);
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<UniqueFd> OpenPrivateFile(int dir_fd, const std::string& dir_path,
@@ -78,6 +89,10 @@ absl::StatusOr<UniqueFd> OpenPrivateFile(int dir_fd, const std::string& dir_path
       return absl::FailedPreconditionError(
           absl::StrCat(path, " is a symlink; remove it (someone may have planted it)"));
     }
+    if (errno == EISDIR || errno == ENXIO) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          path, " is not a regular file; remove it (someone may have planted it)"));
+    }
     return ErrnoError(absl::StrCat("open ", path), errno);
   }
   struct stat st {};
@@ -87,9 +102,6 @@ absl::StatusOr<UniqueFd> OpenPrivateFile(int dir_fd, const std::string& dir_path
     return absl::FailedPreconditionError(absl::StrCat(
         path, " is not a regular file of uid ", owner, " with one link (mode ", Mode(st.st_mode),
         ", uid ", st.st_uid, ", ", st.st_nlink, " links); remove it (someone may have planted it)"));
-  }
-  if (st.st_uid != owner && ::fchown(fd.get(), owner, static_cast<gid_t>(-1)) != 0) {
-    return ErrnoError(absl::StrCat("chown ", path), errno);
   }
   return fd;
 }
@@ -115,7 +127,8 @@ absl::StatusOr<uid_t> CheckTrustedDir(const std::string& path, uid_t uid) {
     return absl::PermissionDeniedError(absl::StrCat(
         why, " is owned by uid ", st.st_uid, ", neither you (uid ", uid,
         ") nor root, in a directory others can write: another user may be posing as bufferd "
-        "there; not trusted (remove it, or use the socket dir of a daemon you trust)"));
+        "there; not trusted (point XDG_RUNTIME_DIR or the socket dir at a directory of your own, "
+        "or ask an admin to remove it)"));
   }
   if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
     return absl::PermissionDeniedError(absl::StrCat(

@@ -1,7 +1,8 @@
 // The socket directory, made and checked without following links: the one
 // place both sides decide whether a directory may be trusted.
 //
-// The daemon makes (or takes over) its socket dir with MakePrivateDir: owned
+// The daemon makes (or takes over) its socket dir with OpenPrivateDir and,
+// once it holds the dir's lock, SecurePrivateDir: owned
 // by its euid, mode 0700, or 0750 with a group, so nobody but the daemon can
 // create, rename or replace an entry (a group member who could write the dir
 // could swap fd.sock for a relay, or plant a symlink at the lock file). Files
@@ -21,17 +22,22 @@
 
 namespace bufferd {
 
-// Creates `path` (its parent must exist) or takes the existing directory,
-// which must be a real directory (not a symlink) owned by `owner` or the
-// caller's euid; then gives it to `owner` and group `group` (group < 0: none)
-// with mode 0700, or 0750 with a group. Returns the directory's fd.
-// FAILED_PRECONDITION or PERMISSION_DENIED naming the path and the problem.
-absl::StatusOr<UniqueFd> MakePrivateDir(const std::string& path, int64_t group, uid_t owner);
+// Creates `path` (its parent must exist, mode 0700) or opens the existing
+// directory, which must be a real directory (not a symlink) owned by `owner`
+// or the caller's euid. Changes nothing else: the caller locks it first (a
+// daemon refused by the lock must not touch a running daemon's dir), then
+// calls SecurePrivateDir. Returns the directory's fd; FAILED_PRECONDITION or
+// PERMISSION_DENIED naming the path and the problem otherwise.
+absl::StatusOr<UniqueFd> OpenPrivateDir(const std::string& path, uid_t owner);
+
+// Gives the dir to `owner` and group `group` (group < 0: none), mode 0700,
+// or 0750 with a group.
+absl::Status SecurePrivateDir(int dir_fd, const std::string& path, int64_t group, uid_t owner);
 
 // Opens (creating if missing, mode 0600) the regular file `name` in the dir
-// `dir_fd` (shown as `dir_path` in errors) without following a link, checks
-// it is a regular file owned by `owner` or the caller's euid with one link,
-// and gives it to `owner`.
+// `dir_fd` (shown as `dir_path` in errors) without following a link, and
+// checks it is a regular file owned by `owner` or the caller's euid with
+// one link.
 absl::StatusOr<UniqueFd> OpenPrivateFile(int dir_fd, const std::string& dir_path,
                                          const std::string& name, uid_t owner);
 

@@ -119,6 +119,12 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
   // answer on them.
   ASSIGN_OR_RETURN(const uid_t owner, CheckTrustedDir(socket_dir, ::geteuid()));
   absl::StatusOr<UnixSocket> socket = UnixSocket::ConnectSeqPacket(FdSocketPath(socket_dir));
+  if (!socket.ok() && ErrnoOf(socket.status()) == EACCES) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "bufferd in ", socket_dir, " does not let uid ", ::geteuid(),
+        " connect: only its own uid, root and members of its configured group may (ask for the "
+        "group, or for `group:` in its config)"));
+  }
   if (!socket.ok()) {
     return absl::UnavailableError(absl::StrCat("cannot connect to bufferd in ", socket_dir,
                                                " (is it running?): ", socket.status().message()));

@@ -145,11 +145,14 @@ absl::Status Daemon::Init(const v1::Config& config) {
   ASSIGN_OR_RETURN(const gid_t group, SocketGroup(config.group()));
   const mode_t socket_mode = config.group().empty() ? 0600 : 0660;
   ASSIGN_OR_RETURN(const RunAs run_as, ResolveUser(config.user()));
-  ASSIGN_OR_RETURN(UniqueFd dir,
-                   MakePrivateDir(socket_dir_,
-                                  group == static_cast<gid_t>(-1) ? int64_t{-1} : int64_t{group},
-                                  run_as.uid));
+  const int64_t dir_group = group == static_cast<gid_t>(-1) ? int64_t{-1} : int64_t{group};
+  ASSIGN_OR_RETURN(UniqueFd dir, OpenPrivateDir(socket_dir_, run_as.uid));
   ASSIGN_OR_RETURN(lock_file_, LockSocketDir(dir.get(), socket_dir_, run_as.uid));
+  // We hold the lock, so the dir is ours to change. It stays ours (our euid,
+  // private) while we set it up: nothing can be planted in it, and the
+  // chown/chmod of the sockets below cannot be turned onto another file. It
+  // goes to `user` only at the end.
+  RETURN_IF_ERROR(SecurePrivateDir(dir.get(), socket_dir_, dir_group, ::geteuid()));
   const std::string control_path = ControlSocketPath(socket_dir_);
   const std::string fd_path = FdSocketPath(socket_dir_);
   // We hold the lock, so anything at the sockets' names was left by a daemon
@@ -158,6 +161,9 @@ absl::Status Daemon::Init(const v1::Config& config) {
   for (const char* name : {"control.sock", "fd.sock"}) {
     if (::unlinkat(dir.get(), name, 0) == 0) {
       spdlog::warn("removed stale {}/{}", socket_dir_, name);
+    } else if (errno == EISDIR) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          socket_dir_, "/", name, " is a directory; remove it (someone may have planted it)"));
     }
   }
 
@@ -218,7 +224,13 @@ absl::Status Daemon::Init(const v1::Config& config) {
                    UnixSocket::ListenStream(control_path, kListenBacklog));
   RETURN_IF_ERROR(SetAccess(control_path, run_as.uid, group, socket_mode));
   // Everything that needed root is done (heaps reserved and locked, the dir,
-  // the lock and the sockets made and handed over): serve as the user.
+  // the lock and the sockets made): hand them over and serve as the user.
+  if (run_as.uid != ::geteuid()) {
+    if (::fchown(lock_file_.get(), run_as.uid, static_cast<gid_t>(-1)) != 0) {
+      return ErrnoError("chown bufferd.lock", errno);
+    }
+    RETURN_IF_ERROR(SecurePrivateDir(dir.get(), socket_dir_, dir_group, run_as.uid));
+  }
   RETURN_IF_ERROR(DropPrivileges(run_as));
 
   allocator_ =

@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <limits>
+#include <set>
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
@@ -755,11 +756,18 @@ v1::ListBuffersResponse DaemonState::ListBuffers(const v1::ListBuffersRequest& r
     if (buffer->heap->kind() != HeapKind::kSystem && allocated < buffer->info.size()) {
       entry->set_punched_bytes(buffer->info.size() - allocated);
     }
-    entry->set_sigbus_risk(
-        MayPunchHurtOthers(buffer->heap->kind(), buffer->info.backing()) &&
-        std::any_of(held_by.begin(), held_by.end(), [](const Handle* h) {
-          return h->imported && h->access == v1::ACCESS_READ_WRITE;
-        }));
+    // Any read-write holder (the creator included) can punch a hole that
+    // the others then die of; a frozen buffer cannot be punched.
+    std::set<uid_t> writer_uids;
+    for (const Handle* h : held_by) {
+      auto s = sessions_.find(h->session);
+      if (h->access == v1::ACCESS_READ_WRITE && s != sessions_.end()) {
+        writer_uids.insert(s->second->peer.uid);
+      }
+    }
+    entry->set_sigbus_risk(MayPunchHurtOthers(buffer->heap->kind(), buffer->info.backing()) &&
+                           !buffer->info.frozen() && held_by.size() > 1 &&
+                           !writer_uids.empty());
     for (const Handle* h : held_by) {
       v1::BufferHolder* holder = entry->add_holders();
       holder->set_session_id(h->session);
@@ -770,9 +778,12 @@ v1::ListBuffersResponse DaemonState::ListBuffers(const v1::ListBuffersRequest& r
         holder->set_pid(static_cast<uint32_t>(s->second->peer.pid));
         holder->set_comm(s->second->comm);
         holder->set_uid(uid);
+        // Root and the daemon's uid can reopen the memfd read-write; a
+        // process of a writer's uid can take the writer's fd (pidfd_getfd).
         holder->set_read_only_enforced(
             h->access == v1::ACCESS_READ_ONLY &&
-            (buffer->info.frozen() || (uid != 0 && uid != ::geteuid())));
+            (buffer->info.frozen() ||
+             (uid != 0 && uid != ::geteuid() && writer_uids.count(uid) == 0)));
       }
     }
   }

@@ -53,8 +53,11 @@ class TempDir {
 
 // Starts bufferd on `dir` and waits for it to exit (it must refuse to start);
 // returns its exit code and, in `log`, what it printed.
-int StartExpectingExit(const std::string& dir, const std::string& log_path, std::string* log) {
-  pid_t pid = testing::SpawnDaemon({"--socket-dir", dir}, log_path);
+int StartExpectingExit(const std::string& dir, const std::string& log_path, std::string* log,
+                       std::vector<std::string> extra = {}) {
+  std::vector<std::string> args = {"--socket-dir", dir};
+  args.insert(args.end(), extra.begin(), extra.end());
+  pid_t pid = testing::SpawnDaemon(args, log_path);
   int status = 0;
   for (int i = 0; i < 500 && ::waitpid(pid, &status, WNOHANG) == 0; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -504,6 +507,64 @@ TEST(OwnUserTest, DaemonServesAsItsOwnUser) {
   }
   EXPECT_TRUE(absl::StrContains(ReadFile((*daemon)->log_path()),
                                 "running as user 'nobody' (uid 65534"));
+}
+
+// Tests that a daemon refused by the lock changes nothing of the running
+// daemon's dir (it used to chmod it 0700 before finding the lock taken, and
+// the running daemon's group members were locked out), and that directories
+// planted at the lock or a socket's name are refused by name.
+TEST(SocketDirTest, RefusedSecondDaemonLeavesTheDirAlone) {
+  if (::geteuid() != 0) GTEST_SKIP() << "uses --user";
+  struct group* entry = ::getgrnam("daemon");
+  if (entry == nullptr) GTEST_SKIP() << "no group 'daemon' on this machine";
+  auto daemon = TestDaemon::Start(R"pb(
+    heaps { name: "system" type: HEAP_TYPE_SYSTEM }
+    group: "daemon"
+  )pb");
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  const std::string dir = (*daemon)->socket_dir();
+  struct stat before {};
+  ASSERT_EQ(::stat(dir.c_str(), &before), 0);
+  std::string log;
+  EXPECT_EQ(StartExpectingExit(dir, absl::StrCat((*daemon)->root(), "/second.log"), &log, {"--user", "nobody"}), 1);
+  EXPECT_TRUE(absl::StrContains(log, "another bufferd (pid ")) << log;
+  struct stat after {};
+  ASSERT_EQ(::stat(dir.c_str(), &after), 0);
+  EXPECT_EQ(after.st_mode, before.st_mode);
+  EXPECT_EQ(after.st_uid, before.st_uid);
+  EXPECT_EQ(after.st_gid, before.st_gid);
+}
+
+TEST(SocketDirTest, PlantedDirectoriesAreRefusedByName) {
+  TempDir root;
+  for (const char* name : {"bufferd.lock", "fd.sock"}) {
+    SCOPED_TRACE(name);
+    const std::string dir = absl::StrCat(root.path(), "/", name[0] == 'b' ? "a" : "b");
+    ASSERT_EQ(::mkdir(dir.c_str(), 0700), 0);
+    ASSERT_EQ(::mkdir(absl::StrCat(dir, "/", name).c_str(), 0700), 0);
+    std::string log;
+    EXPECT_EQ(StartExpectingExit(dir, absl::StrCat(dir, ".log"), &log), 1);
+    EXPECT_TRUE(absl::StrContains(log, absl::StrCat(dir, "/", name, " is ")) &&
+                absl::StrContains(log, "remove it (someone may have planted it)"))
+        << log;
+  }
+}
+
+// Tests that a root daemon never takes over another user's socket dir by
+// itself, and says how to run as that user if it is that user's daemon dir.
+TEST(SocketDirTest, AnotherUsersDirIsRefusedWithTheWayOut) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to chown";
+  TempDir root;
+  const std::string dir = absl::StrCat(root.path(), "/sock");
+  ASSERT_EQ(::mkdir(dir.c_str(), 0700), 0);
+  ASSERT_EQ(::chown(dir.c_str(), 65534, 65534), 0);
+  std::string log;
+  EXPECT_EQ(StartExpectingExit(dir, absl::StrCat(root.path(), "/log"), &log), 1);
+  EXPECT_TRUE(absl::StrContains(log, absl::StrCat("socket dir ", dir,
+                                                  " is owned by uid 65534 (nobody), not by the "
+                                                  "daemon's uid 0; if it is that user's daemon "
+                                                  "dir, start with --user nobody")))
+      << log;
 }
 
 }  // namespace

@@ -164,7 +164,7 @@ int Buffers(const bufferd::Client& client, bool json, const std::string& heap) {
     }
     std::vector<std::string> notes;
     if (b.frozen()) notes.push_back("frozen");
-    if (entry.sigbus_risk()) notes.push_back("sigbus-risk (rw importer)");
+    if (entry.sigbus_risk()) notes.push_back("sigbus-risk");
     if (entry.punched_bytes() != 0) {
       notes.push_back(absl::StrCat("punched ", Bytes(entry.punched_bytes())));
     }
