@@ -1,6 +1,6 @@
 // Daemon: wires config, heaps, state, fd.sock and the gRPC server together.
 //
-// Start() prepares the socket dir (0700, or 0770 with a configured group),
+// Start() prepares the socket dir (0700, or 0750 with a configured group),
 // takes an exclusive flock on <dir>/bufferd.lock (FAILED_PRECONDITION naming
 // the live daemon's pid if another holds it; a crashed daemon's lock is gone
 // with it, so its stale sockets are removed and taken over), reserves the
