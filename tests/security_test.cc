@@ -567,5 +567,18 @@ TEST(SocketDirTest, AnotherUsersDirIsRefusedWithTheWayOut) {
       << log;
 }
 
+// Tests that an unknown --user stops startup naming it, before anything in
+// the socket dir changes.
+TEST(OwnUserTest, UnknownUserIsRefused) {
+  TempDir root;
+  const std::string dir = absl::StrCat(root.path(), "/sock");
+  std::string log;
+  EXPECT_EQ(StartExpectingExit(dir, absl::StrCat(root.path(), "/log"), &log,
+                               {"--user", "no-such-user-bufferd"}),
+            1);
+  EXPECT_TRUE(absl::StrContains(log, "user 'no-such-user-bufferd' does not exist")) << log;
+  EXPECT_FALSE(std::filesystem::exists(dir)) << "nothing made";
+}
+
 }  // namespace
 }  // namespace bufferd
