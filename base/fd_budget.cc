@@ -99,14 +99,14 @@ absl::StatusOr<FdBudget::Lease> FdBudget::TryAcquire(FdUse use, uid_t uid) {
     }
     return text;
   };
-  // A uid's "holds N" counts what is charged to it now; buffers being freed
-  // are nobody's.
   if (usage_.total >= limits_.total) {
     return absl::ResourceExhaustedError(absl::StrCat("daemon fd budget reached: ", usage_.total,
                                                      " of ", limits_.total, " fds in use (",
                                                      holders(), "); try again when some close"));
   }
-  const uint64_t per_uid = limits_.per_uid != 0 ? limits_.per_uid : limits_.total;
+  // A uid's "holds N" counts what is charged to it now; buffers being freed
+  // are nobody's.
+  const uint64_t per_uid = limits_.uid_share();
   if (uid != kNoUid) {
     auto it = by_uid_.find(uid);
     const uint64_t held = it == by_uid_.end() ? 0 : it->second;

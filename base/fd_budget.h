@@ -51,6 +51,9 @@ class FdBudget {
     // reserve kept below it for the daemon's own fds.
     uint64_t rlimit_nofile = 0;
     uint64_t reserve = 0;
+
+    // One uid's share as enforced (`per_uid`, or the whole budget).
+    uint64_t uid_share() const { return per_uid != 0 ? per_uid : total; }
   };
 
   // One fd's place in the budget. Move-only; gives the place back when

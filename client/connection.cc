@@ -136,7 +136,8 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
   if (n <= 0) return absl::DeadlineExceededError("bufferd sent no hello on fd.sock");
   ASSIGN_OR_RETURN(UnixSocket::Received received, socket->RecvWithFds());
   v1::FdChannelMessage message;
-  if (!received.eof && message.ParseFromString(received.bytes) && message.has_refused()) {
+  const bool parsed = !received.eof && message.ParseFromString(received.bytes);
+  if (parsed && message.has_refused()) {
     // A cap or the daemon's fd budget: the daemon says which.
     const v1::Refused& refused = message.refused();
     const absl::StatusCode code = refused.code() > 0 && refused.code() <= 16
@@ -144,7 +145,7 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
                                       : absl::StatusCode::kUnavailable;
     return absl::Status(code, absl::StrCat("bufferd refused the session: ", refused.message()));
   }
-  if (received.eof || !message.ParseFromString(received.bytes) || !message.has_hello()) {
+  if (!parsed || !message.has_hello()) {
     return absl::UnavailableError("bufferd closed fd.sock or sent no hello");
   }
   if (message.hello().protocol_version() != 1) {

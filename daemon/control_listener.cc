@@ -45,11 +45,6 @@ void ControlListener::Stop() {
   if (loop_.Stop()) listener_ = UnixSocket();
 }
 
-size_t ControlListener::connections() const {
-  absl::MutexLock lock(&mu_);
-  return connections_.size();
-}
-
 void ControlListener::Loop() {
   while (true) {
     const bool paused = paused_until_ != absl::InfinitePast();
@@ -127,11 +122,8 @@ absl::Status ControlListener::Admit(UnixSocket& socket, const PeerCredentials& p
     // An fd number gRPC closed may be ours again now: whatever was there is gone.
     if (auto old = connections_.find(fd); old != connections_.end()) Forget(old);
     absl::Status caps = CheckCapsLocked(peer.uid);
-    if (!caps.ok() && absl::Now() - last_sweep_ >= kMinSweepGap) {
-      // Before refusing anyone, look for connections gRPC has closed.
-      Sweep();
-      caps = CheckCapsLocked(peer.uid);
-    }
+    // Before refusing anyone, look for connections gRPC has closed.
+    if (!caps.ok() && ReclaimLocked()) caps = CheckCapsLocked(peer.uid);
     RETURN_IF_ERROR(caps);
   }
   // Not under mu_: a full budget runs its reclaimers, Reclaim() among them.
@@ -150,7 +142,13 @@ absl::Status ControlListener::Admit(UnixSocket& socket, const PeerCredentials& p
 
 void ControlListener::Reclaim() {
   absl::MutexLock lock(&mu_);
-  if (absl::Now() - last_sweep_ >= kMinSweepGap) Sweep();
+  ReclaimLocked();
+}
+
+bool ControlListener::ReclaimLocked() {
+  if (absl::Now() - last_sweep_ < kMinSweepGap) return false;
+  Sweep();
+  return true;
 }
 
 void ControlListener::Forget(std::map<int, Connection>::iterator it) {

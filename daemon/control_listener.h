@@ -57,8 +57,6 @@ class ControlListener {
   // Stops accepting (connections already handed over stay with gRPC).
   void Stop();
 
-  // Connections handed to gRPC and not yet seen closed.
-  size_t connections() const;
   // Forgets connections gRPC has closed now (at most every 10 ms), so their
   // places in the budget come back: the budget's reclaimer.
   void Reclaim();
@@ -79,6 +77,8 @@ class ControlListener {
   absl::Status CheckCapsLocked(uid_t uid) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Forgets connections whose fd gRPC has closed.
   void Sweep() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Sweeps unless the last sweep was under kMinSweepGap ago; true if it did.
+  bool ReclaimLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Forget(std::map<int, Connection>::iterator it) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   FdBudget* const budget_;

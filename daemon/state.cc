@@ -91,15 +91,21 @@ v1::Backing ToProto(Backing backing) {
   return v1::BACKING_UNSPECIFIED;
 }
 
-// What a punched hole does to the other holders: a hugetlb page refaults
-// only if the pool has one (else SIGBUS), and a carveout's page goes back to
-// the system behind its accounting. Base pages elsewhere refault as zeros.
 // Bytes of the file really allocated (what a punch gives back shows here).
 uint64_t AllocatedBytes(int fd) {
   struct stat st {};
   return ::fstat(fd, &st) == 0 ? static_cast<uint64_t>(st.st_blocks) * 512 : 0;
 }
 
+// Bytes holders punched out of a prefaulted buffer (contiguous, carveout),
+// given `allocated` of its `size`; 0 for system buffers, sparse by design.
+uint64_t PunchedBytes(HeapKind kind, uint64_t size, uint64_t allocated) {
+  return kind != HeapKind::kSystem && allocated < size ? size - allocated : 0;
+}
+
+// What a punched hole does to the other holders: a hugetlb page refaults
+// only if the pool has one (else SIGBUS), and a carveout's page goes back to
+// the system behind its accounting. Base pages elsewhere refault as zeros.
 bool MayPunchHurtOthers(HeapKind kind, v1::Backing backing) {
   return kind == HeapKind::kCarveout || backing == v1::BACKING_HUGETLB_2M ||
          backing == v1::BACKING_HUGETLB_1G;
@@ -278,7 +284,7 @@ void DaemonState::UnchargeLocked(uint64_t session_id, uid_t uid, const std::stri
 }
 
 absl::StatusOr<DaemonState::Grant> DaemonState::AddHandleLocked(Session& session, Buffer& buffer,
-                                                                v1::Access access, bool imported) {
+                                                                v1::Access access) {
   // The fd to deliver is the daemon's until the client has it.
   ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kDelivery, session.peer.uid));
   UniqueFd fd;
@@ -296,8 +302,7 @@ absl::StatusOr<DaemonState::Grant> DaemonState::AddHandleLocked(Session& session
   grant.buffer = buffer.info;
   grant.access = access;
   grant.fd = LeasedFd{std::move(fd), std::move(lease)};
-  handles_[grant.handle] =
-      Handle{grant.handle, session.id, buffer.info.buffer_id(), access, imported};
+  handles_[grant.handle] = Handle{grant.handle, session.id, buffer.info.buffer_id(), access};
   session.handles[grant.handle] = buffer.info.buffer_id();
   ++session.held[buffer.info.buffer_id()];
   ++buffer.handle_count;
@@ -416,7 +421,6 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
     }
   }
 
-
   std::vector<std::unique_ptr<HeapBuffer>> graveyard;
   absl::MutexLock lock(&mu_);
   auto s = sessions_.find(session_id);
@@ -450,8 +454,7 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Allocate(uint64_t session_id,
   *info.mutable_created_at() = ToProto(absl::Now());
   Buffer& ref = *buffer;
   buffers_[info.buffer_id()] = std::move(buffer);
-  absl::StatusOr<Grant> grant =
-      AddHandleLocked(*session, ref, v1::ACCESS_READ_WRITE, /*imported=*/false);
+  absl::StatusOr<Grant> grant = AddHandleLocked(*session, ref, v1::ACCESS_READ_WRITE);
   if (!grant.ok()) {
     UnchargeLocked(session_id, uid, heap->name(), rounded);
     graveyard.push_back(std::move(ref.memory));
@@ -565,7 +568,7 @@ absl::StatusOr<DaemonState::Grant> DaemonState::Import(uint64_t session_id,
   }
   const bool charge = session->held.count(entry.buffer) == 0;
   if (charge) RETURN_IF_ERROR(ChargeLocked(*session, buffer.info.heap(), buffer.info.size()));
-  absl::StatusOr<Grant> grant = AddHandleLocked(*session, buffer, entry.access, /*imported=*/true);
+  absl::StatusOr<Grant> grant = AddHandleLocked(*session, buffer, entry.access);
   if (!grant.ok()) {
     if (charge) {
       UnchargeLocked(session_id, session->peer.uid, buffer.info.heap(), buffer.info.size());
@@ -681,9 +684,10 @@ v1::ListHeapsResponse DaemonState::ListHeaps() const {
   // still in `used`.
   std::map<std::string, uint64_t> punched;
   for (const auto& [id, buffer] : buffers_) {
-    if (buffer->heap->kind() == HeapKind::kSystem) continue;  // sparse by design
-    const uint64_t allocated = AllocatedBytes(buffer->memory->fd());
-    if (allocated < buffer->info.size()) punched[buffer->info.heap()] += buffer->info.size() - allocated;
+    if (buffer->heap->kind() == HeapKind::kSystem) continue;  // no fstat: never punched
+    const uint64_t holes = PunchedBytes(buffer->heap->kind(), buffer->info.size(),
+                                        AllocatedBytes(buffer->memory->fd()));
+    if (holes != 0) punched[buffer->info.heap()] += holes;
   }
   for (v1::HeapInfo& info : *response.mutable_heaps()) {
     if (auto it = punched.find(info.name()); it != punched.end()) {
@@ -705,7 +709,7 @@ v1::ListHeapsResponse DaemonState::ListHeaps() const {
   usage->set_rlimit_nofile(limits.rlimit_nofile);
   usage->set_reserve(limits.reserve);
   usage->set_budget(limits.total);
-  usage->set_per_uid(limits.per_uid != 0 ? limits.per_uid : limits.total);
+  usage->set_per_uid(limits.uid_share());
   usage->set_in_use(fds.total);
   usage->set_buffers(fds.of(FdUse::kBuffer));
   usage->set_sessions(fds.of(FdUse::kSession));
@@ -753,9 +757,7 @@ v1::ListBuffersResponse DaemonState::ListBuffers(const v1::ListBuffersRequest& r
     *entry->mutable_buffer() = buffer->info;
     const uint64_t allocated = AllocatedBytes(buffer->memory->fd());
     entry->set_allocated_bytes(allocated);
-    if (buffer->heap->kind() != HeapKind::kSystem && allocated < buffer->info.size()) {
-      entry->set_punched_bytes(buffer->info.size() - allocated);
-    }
+    entry->set_punched_bytes(PunchedBytes(buffer->heap->kind(), buffer->info.size(), allocated));
     // Any read-write holder (the creator included) can punch a hole that
     // the others then die of; a frozen buffer cannot be punched.
     std::set<uid_t> writer_uids;

@@ -127,8 +127,6 @@ class DaemonState {
     uint64_t session = 0;
     uint64_t buffer = 0;
     v1::Access access = v1::ACCESS_READ_WRITE;
-    // Granted by Import (not Allocate).
-    bool imported = false;
   };
   struct Session {
     uint64_t id = 0;
@@ -163,8 +161,8 @@ class DaemonState {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Adds a handle (the session must already be charged for the buffer) and
   // returns the Grant with the fd to deliver.
-  absl::StatusOr<Grant> AddHandleLocked(Session& session, Buffer& buffer, v1::Access access,
-                                        bool imported) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<Grant> AddHandleLocked(Session& session, Buffer& buffer, v1::Access access)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Removes a handle; a destroyed buffer is retired and its memory moved to
   // `graveyard` so it is freed after the lock is dropped (see Dispose).
   bool RemoveHandleLocked(uint64_t handle_id, std::vector<std::unique_ptr<HeapBuffer>>& graveyard)
