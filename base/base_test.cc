@@ -1,4 +1,5 @@
 #include <fcntl.h>
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -15,6 +16,7 @@
 #include "base/fd_count.h"
 #include "base/mapping.h"
 #include "base/unique_fd.h"
+#include "base/protocol.h"
 #include "base/unix_socket.h"
 
 namespace bufferd {
@@ -279,6 +281,44 @@ TEST(ClientTextTest, QuotesEscapedAndShort) {
   const std::string quoted = QuoteClientText(std::string(1000, '\x07'));
   EXPECT_EQ(quoted.find('\x07'), std::string::npos);
   EXPECT_LT(quoted.size(), 300u);
+}
+
+// Tests that a session credential survives format and parse, and that every
+// malformed credential is UNAUTHENTICATED naming the expected shape.
+TEST(ProtocolTest, SessionCredentialRoundTripsAndRejectsMalformed) {
+  const std::string secret("\x00\x01\xfe\xff" "abcdefghijkl", kSessionSecretBytes);
+  const std::string text = FormatSessionCredential(42, secret);
+  EXPECT_EQ(text, "42:0001feff6162636465666768696a6b6c");
+  absl::StatusOr<SessionCredential> parsed = ParseSessionCredential(text);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->session_id, 42u);
+  EXPECT_EQ(parsed->secret, secret);
+  EXPECT_THAT(ParseSessionCredential("").status().message(), ::testing::HasSubstr("missing"));
+  for (const char* bad : {"42", "42:", "x:0001feff6162636465666768696a6b6c",
+                          "42:0001feff6162636465666768696a6b6", "42:zz01feff6162636465666768696a6b6c",
+                          "-1:0001feff6162636465666768696a6b6c"}) {
+    SCOPED_TRACE(bad);
+    absl::Status status = ParseSessionCredential(bad).status();
+    EXPECT_EQ(status.code(), absl::StatusCode::kUnauthenticated);
+    EXPECT_THAT(status.message(), ::testing::HasSubstr("<session id>:<32 hex digits>"));
+  }
+}
+
+// Tests that a release list parses back, and that zero ids, garbage and more
+// than kMaxCarriedReleases ids are INVALID_ARGUMENT.
+TEST(ProtocolTest, ReleaseListRoundTripsAndIsBounded) {
+  const std::vector<uint64_t> handles = {1, 7, 18446744073709551615u};
+  absl::StatusOr<std::vector<uint64_t>> parsed = ParseReleaseList(FormatReleaseList(handles));
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(*parsed, handles);
+  std::vector<uint64_t> too_many(kMaxCarriedReleases + 1, 5);
+  for (const std::string& bad : {std::string("0"), std::string("1,,2"), std::string("1,x"),
+                                 FormatReleaseList(too_many)}) {
+    SCOPED_TRACE(bad.substr(0, 20));
+    EXPECT_EQ(ParseReleaseList(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  }
+  std::vector<uint64_t> most(kMaxCarriedReleases, 5);
+  EXPECT_TRUE(ParseReleaseList(FormatReleaseList(most)).ok());
 }
 
 }  // namespace

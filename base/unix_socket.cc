@@ -178,19 +178,4 @@ void UnixSocket::Shutdown() const {
   if (fd_.valid()) ::shutdown(fd_.get(), SHUT_RDWR);
 }
 
-std::string DefaultSocketDir() {
-  if (::geteuid() == 0) return "/run/bufferd";
-  const char* runtime = std::getenv("XDG_RUNTIME_DIR");
-  if (runtime != nullptr && runtime[0] != '\0') return absl::StrCat(runtime, "/bufferd");
-  return absl::StrCat("/tmp/bufferd-", ::geteuid());
-}
-
-std::string ControlSocketPath(absl::string_view socket_dir) {
-  return absl::StrCat(socket_dir, "/control.sock");
-}
-
-std::string FdSocketPath(absl::string_view socket_dir) {
-  return absl::StrCat(socket_dir, "/fd.sock");
-}
-
 }  // namespace bufferd

@@ -93,20 +93,6 @@ class UnixSocket {
   UniqueFd fd_;
 };
 
-// Socket-dir layout shared by the daemon and clients.
-// $XDG_RUNTIME_DIR/bufferd, or /run/bufferd for root, or /tmp/bufferd-<uid>.
-std::string DefaultSocketDir();
-std::string ControlSocketPath(absl::string_view socket_dir);
-std::string FdSocketPath(absl::string_view socket_dir);
-
-// gRPC metadata both sides of the protocol use (see buffer.proto): every call
-// carries the session's "<id>:<hex secret>"; a call may carry releases of
-// handles the client dropped, as comma-separated ids (at most
-// kMaxCarriedReleases).
-inline constexpr char kSessionMetadataKey[] = "bufferd-session";
-inline constexpr char kReleaseMetadataKey[] = "bufferd-release";
-inline constexpr size_t kMaxCarriedReleases = 256;
-
 }  // namespace bufferd
 
 #endif  // BUFFERD_BASE_UNIX_SOCKET_H_

@@ -33,6 +33,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "base/unique_fd.h"
+#include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "bench/bench_util.h"
 #include "client/client.h"

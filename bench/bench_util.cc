@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <thread>
 
+#include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "client/client.h"
 

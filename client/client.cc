@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/errno_status.h"
+#include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "client/connection.h"
 

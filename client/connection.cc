@@ -19,6 +19,7 @@
 #include "absl/strings/str_join.h"
 #include "base/errno_status.h"
 #include "base/private_dir.h"
+#include "base/protocol.h"
 #include "bufferd/v1/fd_channel.pb.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/create_channel_posix.h"
@@ -134,7 +135,7 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
   pollfd ready{socket->fd(), POLLIN, 0};
   int n = RetryOnEintr([&] { return ::poll(&ready, 1, PollTimeoutMs(timeout)); });
   if (n <= 0) return absl::DeadlineExceededError("bufferd sent no hello on fd.sock");
-  ASSIGN_OR_RETURN(UnixSocket::Received received, socket->RecvWithFds());
+  ASSIGN_OR_RETURN(UnixSocket::Received received, socket->RecvWithFds(kMaxRecordBytes));
   v1::FdChannelMessage message;
   const bool parsed = !received.eof && message.ParseFromString(received.bytes);
   if (parsed && message.has_refused()) {
@@ -148,9 +149,10 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
   if (!parsed || !message.has_hello()) {
     return absl::UnavailableError("bufferd closed fd.sock or sent no hello");
   }
-  if (message.hello().protocol_version() != 1) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "bufferd speaks protocol ", message.hello().protocol_version(), "; this library speaks 1"));
+  if (message.hello().protocol_version() != kProtocolVersion) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("bufferd speaks protocol ", message.hello().protocol_version(),
+                     "; this library speaks ", kProtocolVersion));
   }
   if (!SameProcess(daemon.pid, message.hello().daemon_pid())) {
     return absl::PermissionDeniedError(absl::StrCat(
@@ -160,7 +162,7 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
   }
   connection->session_id_ = message.hello().session_id();
   connection->metadata_ =
-      absl::StrCat(connection->session_id_, ":", absl::BytesToHexString(message.hello().secret()));
+      FormatSessionCredential(connection->session_id_, message.hello().secret());
   connection->fd_socket_ = *std::move(socket);
   ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel,
                    OpenControlChannel(socket_dir, timeout, daemon));
@@ -210,7 +212,7 @@ Call Connection::NewCall() {
     }
   }
   if (!call.carried.empty()) {
-    call.context->AddMetadata(kReleaseMetadataKey, absl::StrJoin(call.carried, ","));
+    call.context->AddMetadata(kReleaseMetadataKey, FormatReleaseList(call.carried));
   }
   return call;
 }
@@ -302,15 +304,15 @@ void Connection::ReadOneLocked(absl::Time deadline) {
   std::optional<UnixSocket::Received> received;
   // The daemon queues an RPC's fd before answering it, so the record is
   // usually there already: try first, poll only if it is not.
-  constexpr size_t kMaxRecord = 1024;
-  absl::StatusOr<UnixSocket::Received> got = fd_socket_.RecvWithFds(kMaxRecord, /*dont_wait=*/true);
+  absl::StatusOr<UnixSocket::Received> got =
+      fd_socket_.RecvWithFds(kMaxRecordBytes, /*dont_wait=*/true);
   if (!got.ok() && IsWouldBlock(got.status())) {
     pollfd ready{fd_socket_.fd(), POLLIN, 0};
     int n = RetryOnEintr([&] { return ::poll(&ready, 1, PollTimeoutMs(deadline - absl::Now())); });
     if (n < 0) {
       got = ErrnoError("poll(fd.sock)", errno);
     } else if (n > 0) {
-      got = fd_socket_.RecvWithFds(kMaxRecord, /*dont_wait=*/true);
+      got = fd_socket_.RecvWithFds(kMaxRecordBytes, /*dont_wait=*/true);
     }
   }
   if (got.ok()) {

@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "base/protocol.h"
 #include "base/unique_fd.h"
 #include "base/unix_socket.h"
 #include "bufferd/v1/buffer.grpc.pb.h"

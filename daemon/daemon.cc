@@ -16,6 +16,7 @@
 #include "base/errno_status.h"
 #include "base/fd_count.h"
 #include "base/private_dir.h"
+#include "base/protocol.h"
 #include "daemon/config.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"

@@ -13,13 +13,13 @@
 #include "absl/strings/str_cat.h"
 #include "base/client_text.h"
 #include "base/errno_status.h"
+#include "base/protocol.h"
 #include "daemon/log.h"
 #include "spdlog/spdlog.h"
 
 namespace bufferd {
 namespace {
 
-constexpr uint32_t kProtocolVersion = 1;
 constexpr absl::Duration kChurnSummaryPeriod = absl::Minutes(1);
 
 // Sessions that end badly and connections refused: one line per kind,
@@ -231,7 +231,7 @@ void FdChannel::OnReadable(int fd) {
   }
   // Only this thread removes connections, so `socket` stays valid here.
   while (true) {
-    absl::StatusOr<UnixSocket::Received> received = socket->RecvWithFds(4096, /*dont_wait=*/true);
+    absl::StatusOr<UnixSocket::Received> received = socket->RecvWithFds(kMaxRecordBytes, /*dont_wait=*/true);
     if (!received.ok()) {
       if (IsWouldBlock(received.status())) return;  // drained
       // ECONNRESET: the client exited with records unread (a delivery it

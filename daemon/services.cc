@@ -1,10 +1,9 @@
 #include "daemon/services.h"
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_split.h"
 #include "base/client_text.h"
 #include "base/errno_status.h"
+#include "base/protocol.h"
 #include "daemon/grpc_status.h"
 #include "spdlog/spdlog.h"
 
@@ -17,18 +16,8 @@ absl::Status ApplyCarriedReleases(DaemonState& state, uint64_t session,
   const auto& metadata = context->client_metadata();
   auto it = metadata.find(kReleaseMetadataKey);
   if (it == metadata.end()) return absl::OkStatus();
-  const absl::string_view value(it->second.data(), it->second.size());
-  constexpr size_t kMaxCarried = kMaxCarriedReleases;
-  std::vector<uint64_t> handles;
-  for (absl::string_view part : absl::StrSplit(value, ',')) {
-    uint64_t handle;
-    if (!absl::SimpleAtoi(part, &handle) || handle == 0 || handles.size() == kMaxCarried) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("metadata ", kReleaseMetadataKey, ": expected up to ", kMaxCarried,
-                       " comma-separated handle ids, got ", QuoteClientText(value)));
-    }
-    handles.push_back(handle);
-  }
+  ASSIGN_OR_RETURN(const std::vector<uint64_t> handles,
+                   ParseReleaseList(absl::string_view(it->second.data(), it->second.size())));
   for (uint64_t handle : handles) {
     absl::StatusOr<bool> released = state.Release(session, handle);
     if (!released.ok()) {

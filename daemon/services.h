@@ -19,7 +19,7 @@
 namespace bufferd {
 
 // Every call must carry kSessionMetadataKey. It may carry kReleaseMetadataKey
-// (base/unix_socket.h): handles released before the call runs, as if by
+// (base/protocol.h): handles released before the call runs, as if by
 // one-way ReleaseHandle records; a handle that is unknown or already released
 // is skipped (the client re-sends after a failed call; ids are never reused).
 

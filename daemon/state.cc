@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "base/errno_status.h"
+#include "base/protocol.h"
 #include "google/protobuf/util/time_util.h"
 
 namespace bufferd {
@@ -145,8 +146,8 @@ absl::StatusOr<DaemonState::NewSession> DaemonState::OpenSession(const PeerCrede
   session->comm = std::move(comm);
   session->connected = absl::Now();
   NewSession result;
-  result.secret = RandomBytes(16);
-  session->secret = absl::BytesToHexString(result.secret);
+  result.secret = RandomBytes(kSessionSecretBytes);
+  session->secret = result.secret;
   absl::MutexLock lock(&mu_);
   if (sessions_.size() >= options_.max_sessions) {
     return absl::ResourceExhaustedError(absl::StrCat("bufferd has ", sessions_.size(),
@@ -194,24 +195,15 @@ void DaemonState::Dispose(std::vector<std::unique_ptr<HeapBuffer>>& graveyard) {
 }
 
 absl::StatusOr<uint64_t> DaemonState::Authenticate(absl::string_view metadata) const {
-  if (metadata.empty()) {
-    return absl::UnauthenticatedError(
-        "missing 'bufferd-session' metadata; open a session on fd.sock first");
-  }
-  size_t colon = metadata.find(':');
-  uint64_t id = 0;
-  if (colon == absl::string_view::npos || !absl::SimpleAtoi(metadata.substr(0, colon), &id) ||
-      metadata.size() - colon - 1 != 32) {
-    return absl::UnauthenticatedError(
-        "malformed 'bufferd-session' metadata; want <session id>:<32 hex digits>");
-  }
+  ASSIGN_OR_RETURN(const SessionCredential credential, ParseSessionCredential(metadata));
+  const uint64_t id = credential.session_id;
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(id);
   if (it == sessions_.end() || it->second->detached) {
     return absl::UnauthenticatedError(
         absl::StrCat("session ", id, " is not live (it ended or never existed)"));
   }
-  if (!ConstantTimeEquals(it->second->secret, metadata.substr(colon + 1))) {
+  if (!ConstantTimeEquals(it->second->secret, credential.secret)) {
     return absl::UnauthenticatedError(absl::StrCat("wrong secret for session ", id));
   }
   return id;

@@ -67,7 +67,7 @@ class DaemonState {
 
   struct NewSession {
     uint64_t id = 0;
-    std::string secret;  // 16 random bytes
+    std::string secret;  // kSessionSecretBytes random bytes
   };
 
   // `heaps` must outlive this object.
@@ -87,8 +87,8 @@ class DaemonState {
   // CloseSession) while its handles and accounting stay until CloseSession:
   // for a client whose socket still holds fds it was sent but never read.
   void DetachSession(uint64_t session_id);
-  // Checks `bufferd-session` metadata ("<id>:<hex secret>"); UNAUTHENTICATED
-  // with a reason otherwise.
+  // Checks a session credential (base/protocol.h); UNAUTHENTICATED with a
+  // reason otherwise.
   absl::StatusOr<uint64_t> Authenticate(absl::string_view metadata) const;
 
   // Buffers.
@@ -132,7 +132,7 @@ class DaemonState {
     uint64_t id = 0;
     PeerCredentials peer;
     std::string comm;
-    std::string secret;
+    std::string secret;  // raw bytes
     absl::Time connected;
     // handle ids of this session.
     std::map<uint64_t, uint64_t> handles;  // handle id -> buffer id

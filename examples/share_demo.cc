@@ -13,6 +13,7 @@
 #include <string>
 
 #include "CLI/CLI.hpp"
+#include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "client/client.h"
 

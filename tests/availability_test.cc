@@ -21,6 +21,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "client/client.h"
 #include "grpcpp/create_channel.h"

@@ -18,6 +18,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "base/fd_count.h"
+#include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "bufferd/v1/buffer.grpc.pb.h"
 #include "bufferd/v1/debug.grpc.pb.h"

@@ -16,6 +16,7 @@
 
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "bufferd/v1/buffer.grpc.pb.h"
 #include "bufferd/v1/fd_channel.pb.h"

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "absl/strings/escaping.h"
+#include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "bufferd/v1/fd_channel.pb.h"
 #include "client/client.h"

@@ -19,6 +19,7 @@
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "base/fd_count.h"
+#include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "bufferd/v1/fd_channel.pb.h"
 #include "grpcpp/create_channel.h"
@@ -257,8 +258,7 @@ absl::StatusOr<RawSession> OpenRawSession(const std::string& socket_dir) {
     return absl::InternalError("no hello on fd.sock");
   }
   session.socket = *std::move(socket);
-  session.metadata = absl::StrCat(message.hello().session_id(), ":",
-                                  absl::BytesToHexString(message.hello().secret()));
+  session.metadata = FormatSessionCredential(message.hello().session_id(), message.hello().secret());
   session.stub = NewAllocatorStub(socket_dir);
   return session;
 }

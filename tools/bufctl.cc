@@ -19,6 +19,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "base/errno_status.h"
+#include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "client/client.h"
 #include "google/protobuf/util/json_util.h"

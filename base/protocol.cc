@@ -1,0 +1,75 @@
+#include "base/protocol.h"
+
+#include <unistd.h>
+
+#include <cstdlib>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "base/client_text.h"
+
+namespace bufferd {
+
+std::string DefaultSocketDir() {
+  if (::geteuid() == 0) return "/run/bufferd";
+  const char* runtime = std::getenv("XDG_RUNTIME_DIR");
+  if (runtime != nullptr && runtime[0] != '\0') return absl::StrCat(runtime, "/bufferd");
+  return absl::StrCat("/tmp/bufferd-", ::geteuid());
+}
+
+std::string ControlSocketPath(absl::string_view socket_dir) {
+  return absl::StrCat(socket_dir, "/control.sock");
+}
+
+std::string FdSocketPath(absl::string_view socket_dir) {
+  return absl::StrCat(socket_dir, "/fd.sock");
+}
+
+std::string FormatSessionCredential(uint64_t session_id, absl::string_view secret) {
+  return absl::StrCat(session_id, ":", absl::BytesToHexString(secret));
+}
+
+absl::StatusOr<SessionCredential> ParseSessionCredential(absl::string_view text) {
+  if (text.empty()) {
+    return absl::UnauthenticatedError(absl::StrCat(
+        "missing '", kSessionMetadataKey, "' metadata; open a session on fd.sock first"));
+  }
+  const size_t colon = text.find(':');
+  SessionCredential credential;
+  const absl::string_view hex =
+      colon == absl::string_view::npos ? absl::string_view() : text.substr(colon + 1);
+  if (colon == absl::string_view::npos ||
+      !absl::SimpleAtoi(text.substr(0, colon), &credential.session_id) ||
+      hex.size() != 2 * kSessionSecretBytes ||
+      !std::all_of(hex.begin(), hex.end(), [](char c) { return absl::ascii_isxdigit(c); })) {
+    return absl::UnauthenticatedError(absl::StrCat(
+        "malformed '", kSessionMetadataKey, "' metadata; want <session id>:<32 hex digits>"));
+  }
+  credential.secret = absl::HexStringToBytes(hex);
+  return credential;
+}
+
+std::string FormatReleaseList(std::span<const uint64_t> handles) {
+  return absl::StrJoin(handles, ",");
+}
+
+absl::StatusOr<std::vector<uint64_t>> ParseReleaseList(absl::string_view text) {
+  std::vector<uint64_t> handles;
+  for (absl::string_view part : absl::StrSplit(text, ',')) {
+    uint64_t handle;
+    if (!absl::SimpleAtoi(part, &handle) || handle == 0 ||
+        handles.size() == kMaxCarriedReleases) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "metadata ", kReleaseMetadataKey, ": expected up to ", kMaxCarriedReleases,
+          " comma-separated handle ids, got ", QuoteClientText(text)));
+    }
+    handles.push_back(handle);
+  }
+  return handles;
+}
+
+}  // namespace bufferd

@@ -1,0 +1,59 @@
+// The wire protocol's constants and formats, in one place for both sides:
+// the socket dir's layout, the fd.sock protocol version and record limit,
+// and the gRPC metadata every call carries (see buffer.proto and
+// fd_channel.proto for the messages themselves).
+//
+// Pure functions; thread-safe.
+#ifndef BUFFERD_BASE_PROTOCOL_H_
+#define BUFFERD_BASE_PROTOCOL_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace bufferd {
+
+// Socket-dir layout: $XDG_RUNTIME_DIR/bufferd, or /run/bufferd for root, or
+// /tmp/bufferd-<uid>; control.sock (gRPC) and fd.sock (SEQPACKET) in it.
+std::string DefaultSocketDir();
+std::string ControlSocketPath(absl::string_view socket_dir);
+std::string FdSocketPath(absl::string_view socket_dir);
+
+// fd.sock: the Hello's protocol_version, and the largest record either side
+// sends or accepts (one FdChannelMessage per record).
+inline constexpr uint32_t kProtocolVersion = 1;
+inline constexpr size_t kMaxRecordBytes = 4096;
+
+// gRPC metadata: every call carries the session credential under
+// kSessionMetadataKey; a call may carry releases of handles the client
+// dropped under kReleaseMetadataKey (at most kMaxCarriedReleases).
+inline constexpr char kSessionMetadataKey[] = "bufferd-session";
+inline constexpr char kReleaseMetadataKey[] = "bufferd-release";
+inline constexpr size_t kMaxCarriedReleases = 256;
+
+// Bytes of a session secret (random, sent once in the Hello).
+inline constexpr size_t kSessionSecretBytes = 16;
+
+// A session credential: "<session id>:<secret as 32 lowercase hex digits>".
+struct SessionCredential {
+  uint64_t session_id = 0;
+  // kSessionSecretBytes raw bytes.
+  std::string secret;
+};
+std::string FormatSessionCredential(uint64_t session_id, absl::string_view secret);
+// UNAUTHENTICATED naming what is wrong (missing, malformed).
+absl::StatusOr<SessionCredential> ParseSessionCredential(absl::string_view text);
+
+// Carried releases: comma-separated handle ids, none 0, at most
+// kMaxCarriedReleases. INVALID_ARGUMENT naming the text (escaped) otherwise.
+std::string FormatReleaseList(std::span<const uint64_t> handles);
+absl::StatusOr<std::vector<uint64_t>> ParseReleaseList(absl::string_view text);
+
+}  // namespace bufferd
+
+#endif  // BUFFERD_BASE_PROTOCOL_H_
