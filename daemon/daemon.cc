@@ -18,6 +18,7 @@
 #include "base/private_dir.h"
 #include "base/protocol.h"
 #include "daemon/config.h"
+#include "heaps/memfd.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"

@@ -92,7 +92,7 @@ grpc::ServerUnaryReactor* AllocatorService::Allocate(grpc::CallbackServerContext
   absl::StatusOr<uint64_t> session = SessionOf(*state_, context);
   if (!session.ok()) return Finish(context, session.status());
   Heap* heap = state_->heaps().Find(request->heap());
-  if (heap == nullptr || heap->kind() == HeapKind::kSystem) {
+  if (heap == nullptr || !heap->allocation_may_block()) {
     // No page is touched: memfd_create + ftruncate + seals. Inline.
     return Finish(context, DoAllocate(*session, *request, *response, nullptr));
   }

@@ -10,11 +10,8 @@
 #include <optional>
 
 #include "absl/strings/str_cat.h"
+#include "base/await.h"
 #include "base/errno_status.h"
-
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
 
 namespace bufferd {
 
@@ -39,7 +36,7 @@ absl::StatusOr<std::unique_ptr<CarveoutHeap>> CarveoutHeap::Create(Options optio
       balloon = *std::move(fd);
       page_size = options.hugepage_size;
       options.capacity = rounded;
-      backing = options.hugepage_size == kHugePage1G ? Backing::kHugetlb1G : Backing::kHugetlb2M;
+      backing = HugetlbBacking(options.hugepage_size);
     } else {
       HugepagePoolState pool = ReadHugepagePool(options.hugepage_size);
       note = absl::StrCat("hugetlb unavailable (", pool.free, " of ", pool.total, " ",
@@ -62,7 +59,7 @@ absl::StatusOr<std::unique_ptr<CarveoutHeap>> CarveoutHeap::Create(Options optio
   const int mlock_errno = errno;
   // Fault every page into the mapping, locked or not (mlock normally does this
   // already, but sanitizers stub mlock out): Stats measures residency there.
-  ::madvise(map.data(), map.size(), MADV_POPULATE_WRITE);
+  (void)memfd::PopulateWrite(map.data(), map.size());
   // Locked is what smaps says, not what mlock returned (ASan's mlock is a
   // no-op that returns 0). Hugetlb pages are never swapped or reclaimed, and
   // the kernel does not mark hugetlb mappings locked: they count as locked.
@@ -161,7 +158,7 @@ void CarveoutHeap::Refill(const Extents& extents) {
     // Best effort: if the pages can't be had back right now the capacity is
     // still accounted; the next refill or allocation retries.
     (void)memfd::Prefault(balloon_.get(), offset, length);
-    ::madvise(balloon_map_.data() + offset, length, MADV_POPULATE_WRITE);
+    (void)memfd::PopulateWrite(balloon_map_.data() + offset, length);
   }
 }
 

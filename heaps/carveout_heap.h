@@ -52,6 +52,8 @@ class CarveoutHeap final : public AccountedHeap {
   ~CarveoutHeap() override;
 
   HeapKind kind() const override { return HeapKind::kCarveout; }
+  // Prefaults, and may wait for a refill of the bytes it needs.
+  bool allocation_may_block() const override { return true; }
 
   // How long an allocation waits for retired buffers' refills.
   static constexpr absl::Duration kRefillWait = absl::Seconds(10);

@@ -8,20 +8,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/await.h"
 #include "base/errno_status.h"
 
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
-
 namespace bufferd {
-namespace {
-
-Backing HugetlbBacking(uint64_t hugepage_size) {
-  return hugepage_size == kHugePage1G ? Backing::kHugetlb1G : Backing::kHugetlb2M;
-}
-
-}  // namespace
 
 absl::StatusOr<std::pair<UniqueFd, Backing>> AllocateThpMemfd(const std::string& name,
                                                               uint64_t size) {
@@ -30,15 +20,13 @@ absl::StatusOr<std::pair<UniqueFd, Backing>> AllocateThpMemfd(const std::string&
   if (address == MAP_FAILED) return ErrnoError("mmap(thp memfd)", errno);
   // MAP_POPULATE would fault before MADV_HUGEPAGE applies: advise, then populate.
   Backing backing = Backing::kBasePages;
-  absl::Status status;
-  if (::madvise(address, size, MADV_HUGEPAGE) != 0) {
-    status = ErrnoError("madvise(MADV_HUGEPAGE)", errno);
-  } else if (::madvise(address, size, MADV_POPULATE_WRITE) != 0) {
-    status = ErrnoError("madvise(MADV_POPULATE_WRITE)", errno);
-  } else if (SmapsKb(address, {"ShmemPmdMapped", "FilePmdMapped"}) * 1024 >=
-             static_cast<int64_t>(size)) {
-    // Every byte huge-mapped; a buffer only partly on huge pages is reported
-    // as base pages, never as more than it is.
+  absl::Status status = ::madvise(address, size, MADV_HUGEPAGE) == 0
+                            ? memfd::PopulateWrite(address, size)
+                            : ErrnoError("madvise(MADV_HUGEPAGE)", errno);
+  // Every byte huge-mapped, or it is reported as base pages: never as more
+  // than it is.
+  if (status.ok() && SmapsKb(address, {"ShmemPmdMapped", "FilePmdMapped"}) * 1024 >=
+                         static_cast<int64_t>(size)) {
     backing = Backing::kThp;
   }
   ::munmap(address, size);

@@ -40,6 +40,7 @@ class ContiguousHeap final : public AccountedHeap {
 
   explicit ContiguousHeap(Options options);
   HeapKind kind() const override { return HeapKind::kContiguous; }
+  bool allocation_may_block() const override { return true; }
 
   // Longest wait for one retired buffer's free before falling back.
   static constexpr absl::Duration kFreeWait = absl::Seconds(1);

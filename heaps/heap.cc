@@ -1,21 +1,10 @@
 #include "heaps/heap.h"
 
-#include <fcntl.h>
-#include <linux/memfd.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <fstream>
+#include <algorithm>
 #include <limits>
 #include <utility>
 
-#include "absl/strings/ascii.h"
-#include "absl/strings/match.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/strip.h"
 #include "base/errno_status.h"
 
 namespace bufferd {
@@ -34,6 +23,10 @@ absl::string_view BackingName(Backing backing) {
   return "unknown";
 }
 
+Backing HugetlbBacking(uint64_t hugepage_size) {
+  return hugepage_size == kHugePage1G ? Backing::kHugetlb1G : Backing::kHugetlb2M;
+}
+
 absl::string_view HeapKindName(HeapKind kind) {
   switch (kind) {
     case HeapKind::kSystem:
@@ -46,70 +39,8 @@ absl::string_view HeapKindName(HeapKind kind) {
   return "unknown";
 }
 
-namespace {
-uint64_t ReadSysfsNumber(const std::string& path) {
-  std::ifstream in(path);
-  uint64_t value = 0;
-  in >> value;
-  return in ? value : 0;
-}
-}  // namespace
-
-uint64_t HostMemoryBytes() {
-  std::ifstream meminfo("/proc/meminfo");
-  std::string key;
-  uint64_t kib = 0;
-  while (meminfo >> key >> kib) {
-    if (key == "MemTotal:") return kib * 1024;
-    meminfo.ignore(std::numeric_limits<std::streamsize>::max(), '\n');
-  }
-  return 0;
-}
-
-HugepagePoolState ReadHugepagePool(uint64_t page_size) {
-  HugepagePoolState state;
-  state.page_size = page_size;
-  std::string dir = absl::StrCat("/sys/kernel/mm/hugepages/hugepages-", page_size / 1024, "kB/");
-  state.total = ReadSysfsNumber(dir + "nr_hugepages");
-  state.free = ReadSysfsNumber(dir + "free_hugepages");
-  state.reserved = ReadSysfsNumber(dir + "resv_hugepages");
-  return state;
-}
-
 void HeapBuffer::Retire() {
   if (on_retire_) std::exchange(on_retire_, nullptr)();
-}
-
-absl::Mutex& HugetlbPoolMutex() {
-  // Never destroyed: buffers may be freed during static destruction.
-  static absl::Mutex* const mu = new absl::Mutex;
-  return *mu;
-}
-
-int64_t SmapsKb(const void* vma_start, std::initializer_list<absl::string_view> fields) {
-  const std::string prefix = absl::StrCat(absl::Hex(reinterpret_cast<uintptr_t>(vma_start)), "-");
-  std::ifstream smaps("/proc/self/smaps");
-  std::string line;
-  bool in_vma = false;
-  int64_t total = 0;
-  while (std::getline(smaps, line)) {
-    if (!in_vma) {
-      in_vma = absl::StartsWith(line, prefix);
-      continue;
-    }
-    if (absl::StartsWith(line, "VmFlags:")) return total;  // the mapping's last line
-    const size_t colon = line.find(':');
-    if (colon == std::string::npos) continue;
-    for (absl::string_view field : fields) {
-      if (absl::string_view(line).substr(0, colon) != field) continue;
-      int64_t kb = 0;
-      if (absl::SimpleAtoi(
-              absl::StripSuffix(absl::StripAsciiWhitespace(line.substr(colon + 1)), " kB"), &kb)) {
-        total += kb;
-      }
-    }
-  }
-  return in_vma ? total : -1;
 }
 
 HeapBuffer::~HeapBuffer() {
@@ -211,64 +142,4 @@ HeapStats AccountedHeap::Stats() const {
   return stats;
 }
 
-namespace memfd {
-namespace {
-#ifdef MFD_NOEXEC_SEAL
-constexpr unsigned kNoexecSeal = MFD_NOEXEC_SEAL;
-#else
-constexpr unsigned kNoexecSeal = 0x0008U;
-#endif
-}  // namespace
-
-std::string BufferName(absl::string_view heap, absl::string_view name) {
-  // The kernel allows 249 bytes after its "memfd:" prefix.
-  std::string full = absl::StrCat("bufferd:", heap, ":", name);
-  if (full.size() > 240) full.resize(240);
-  return full;
-}
-
-bool NoexecSealSupported() {
-  // Debian bookworm's headers predate the flag (Linux 6.3).
-  static const bool supported = [] {
-    int fd = ::memfd_create("bufferd-probe", MFD_CLOEXEC | kNoexecSeal);
-    if (fd < 0) return false;  // EINVAL: an older kernel
-    ::close(fd);
-    return true;
-  }();
-  return supported;
-}
-
-absl::StatusOr<UniqueFd> Create(const std::string& name, uint64_t size, unsigned extra_flags) {
-  const unsigned noexec = NoexecSealSupported() ? kNoexecSeal : 0;
-  UniqueFd fd(
-      ::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING | noexec | extra_flags));
-  if (!fd.valid()) return ErrnoError("memfd_create", errno);
-  if (RetryOnEintr([&] { return ::ftruncate(fd.get(), static_cast<off_t>(size)); }) != 0) {
-    return ErrnoError(absl::StrCat("ftruncate(memfd, ", FormatBytes(size), ")"), errno);
-  }
-  return fd;
-}
-
-unsigned HugetlbFlags(uint64_t hugepage_size) {
-  return MFD_HUGETLB | (hugepage_size == kHugePage1G ? MFD_HUGE_1GB : MFD_HUGE_2MB);
-}
-
-absl::Status Prefault(int fd, uint64_t offset, uint64_t length) {
-  if (RetryOnEintr([&] {
-        return ::fallocate(fd, 0, static_cast<off_t>(offset), static_cast<off_t>(length));
-      }) != 0) {
-    return ErrnoError(absl::StrCat("fallocate(", FormatBytes(length), ")"), errno);
-  }
-  return absl::OkStatus();
-}
-
-absl::Status Seal(int fd) {
-  if (::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0) {
-    return ErrnoError("fcntl(F_ADD_SEALS)", errno);
-  }
-  if (::fchmod(fd, 0400) != 0) return ErrnoError("fchmod(memfd, 0400)", errno);
-  return absl::OkStatus();
-}
-
-}  // namespace memfd
 }  // namespace bufferd

@@ -15,7 +15,6 @@
 
 #include <cstdint>
 #include <functional>
-#include <initializer_list>
 #include <map>
 #include <memory>
 #include <string>
@@ -26,6 +25,8 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "base/unique_fd.h"
+#include "heaps/kernel_info.h"
+#include "heaps/memfd.h"
 
 namespace bufferd {
 
@@ -38,43 +39,8 @@ enum class Backing { kBasePages, kThp, kHugetlb2M, kHugetlb1G };
 absl::string_view BackingName(Backing backing);
 absl::string_view HeapKindName(HeapKind kind);
 
-constexpr uint64_t kHugePage2M = uint64_t{2} << 20;
-constexpr uint64_t kHugePage1G = uint64_t{1} << 30;
-
-// State of the kernel's hugetlb pool for one page size.
-struct HugepagePoolState {
-  uint64_t page_size = 0;
-  uint64_t total = 0;
-  uint64_t free = 0;
-  uint64_t reserved = 0;
-};
-
-// Reads /sys/kernel/mm/hugepages/hugepages-<N>kB; all zero if absent.
-HugepagePoolState ReadHugepagePool(uint64_t page_size);
-
-// This host's RAM (MemTotal of /proc/meminfo), or 0 if unreadable.
-uint64_t HostMemoryBytes();
-
-// Waits, with `mu` held, until `ready()` (evaluated under `mu`) is true or
-// `timeout` has passed; returns whether it became true.
-template <typename Predicate>
-bool AwaitWithTimeout(absl::Mutex& mu, Predicate ready, absl::Duration timeout) {
-  return mu.AwaitWithTimeout(absl::Condition(
-                                 +[](Predicate* p) { return (*p)(); }, &ready),
-                             timeout);
-}
-
-// Held by this process's heaps while they move pages out of and back into
-// the kernel's hugetlb pool in two steps (a carveout's punch + new buffer, or
-// close + refill; a contiguous heap's hugetlb prefault), so that no heap of
-// the daemon takes another's pages in between. Other processes still can.
-absl::Mutex& HugetlbPoolMutex();
-
-// Sum of the named kB fields (e.g. "Locked", "ShmemPmdMapped") of this
-// process's mapping that starts at `vma_start`, from /proc/self/smaps; -1 if
-// there is no such mapping. What the kernel says, for verifying what a
-// syscall's return value only claims.
-int64_t SmapsKb(const void* vma_start, std::initializer_list<absl::string_view> fields);
+// The backing of a hugetlb memfd of `hugepage_size` (kHugePage2M or 1G).
+Backing HugetlbBacking(uint64_t hugepage_size);
 
 struct HeapStats {
   uint64_t page_size = 0;
@@ -160,6 +126,10 @@ class Heap {
   virtual HeapKind kind() const = 0;
   // Sizes are rounded up to this.
   virtual uint64_t page_size() const = 0;
+  // Whether Allocate may take long or wait (prefaulting and zeroing huge
+  // pages, waiting for a refill): callers keep it off threads that must not
+  // block. False: it touches no page (memfd_create, ftruncate, seals).
+  virtual bool allocation_may_block() const = 0;
 
   // Allocates at least `size` bytes. INVALID_ARGUMENT for size 0 or a size
   // that cannot be rounded; RESOURCE_EXHAUSTED when the heap's capacity or the
@@ -227,35 +197,6 @@ class AccountedHeap : public Heap {
   // Shared with every HeapBuffer's on_free.
   std::shared_ptr<Accounting> accounting_;
 };
-
-// memfd helpers shared by the heaps.
-namespace memfd {
-
-// "bufferd:<heap>:<name>", cut to the kernel's limit.
-std::string BufferName(absl::string_view heap, absl::string_view name);
-
-// memfd_create(MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_NOEXEC_SEAL if the
-// kernel has it | extra_flags) + ftruncate(size). Never executable: no
-// holder can chmod a buffer +x and execve what another process wrote, and
-// hosts with vm.memfd_noexec=2 (which refuse executable memfds) work.
-absl::StatusOr<UniqueFd> Create(const std::string& name, uint64_t size, unsigned extra_flags);
-
-// Whether this kernel seals memfds non-executable (MFD_NOEXEC_SEAL, Linux
-// 6.3+); without it buffers are still created without exec bits (0400).
-bool NoexecSealSupported();
-
-// MFD_HUGETLB flags for a huge page size.
-unsigned HugetlbFlags(uint64_t hugepage_size);
-
-// Allocates (prefaults) [offset, offset+length) with fallocate.
-absl::Status Prefault(int fd, uint64_t offset, uint64_t length);
-
-// Seals against shrink and grow, and chmods 0400. Sealing against further
-// seals (F_SEAL_SEAL) is the daemon's call: a freezable buffer gets it only
-// when frozen.
-absl::Status Seal(int fd);
-
-}  // namespace memfd
 
 }  // namespace bufferd
 

@@ -64,6 +64,14 @@ std::unique_ptr<Heap> MakeHeap(HeapKind kind, uint64_t capacity = 0) {
 
 class EveryHeapTest : public ::testing::TestWithParam<HeapKind> {};
 
+// Tests that only the system heap says its allocations never block: the
+// daemon allocates from it on gRPC's callback threads, the others off them.
+TEST_P(EveryHeapTest, SaysWhetherAllocationMayBlock) {
+  std::unique_ptr<Heap> heap = MakeHeap(GetParam());
+  ASSERT_NE(heap, nullptr);
+  EXPECT_EQ(heap->allocation_may_block(), GetParam() != HeapKind::kSystem);
+}
+
 // Tests that a buffer is page-rounded, zero-filled, sealed against resize,
 // read-only for other uids, and named after its heap.
 TEST_P(EveryHeapTest, BufferPropertiesHold) {

@@ -14,6 +14,7 @@ class SystemHeap final : public AccountedHeap {
   // `capacity` caps the bytes in live buffers (0 = unbounded).
   explicit SystemHeap(std::string name, uint64_t capacity = 0);
   HeapKind kind() const override { return HeapKind::kSystem; }
+  bool allocation_may_block() const override { return false; }
 
  private:
   absl::StatusOr<Backed> AllocateBacking(uint64_t size, uint64_t requested,
