@@ -1,6 +1,7 @@
 #include <fcntl.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -10,13 +11,17 @@
 #include <thread>
 #include <vector>
 
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "base/await.h"
 #include "base/client_text.h"
 #include "base/errno_status.h"
+#include "base/event_loop.h"
 #include "base/fd_budget.h"
 #include "base/fd_count.h"
 #include "base/mapping.h"
-#include "base/unique_fd.h"
 #include "base/protocol.h"
+#include "base/unique_fd.h"
 #include "base/unix_socket.h"
 
 namespace bufferd {
@@ -220,7 +225,8 @@ TEST(FdBudgetTest, TotalAndPerUidLimits) {
   auto fourth = budget.Acquire(FdUse::kSession, 1);
   EXPECT_EQ(fourth.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(fourth.status().message(),
-            "fd budget of uid 1 reached: it holds 3 of 3 fds (limits.max_fds_per_uid): its buffers (including "
+            "fd budget of uid 1 reached: it holds 3 of 3 fds (limits.max_fds_per_uid): its buffers "
+            "(including "
             "those it imported from others), sessions, control connections and fds not yet read; "
             "release buffers or close sessions");
   auto other = budget.Acquire(FdUse::kSession, 2);
@@ -286,7 +292,10 @@ TEST(ClientTextTest, QuotesEscapedAndShort) {
 // Tests that a session credential survives format and parse, and that every
 // malformed credential is UNAUTHENTICATED naming the expected shape.
 TEST(ProtocolTest, SessionCredentialRoundTripsAndRejectsMalformed) {
-  const std::string secret("\x00\x01\xfe\xff" "abcdefghijkl", kSessionSecretBytes);
+  const std::string secret(
+      "\x00\x01\xfe\xff"
+      "abcdefghijkl",
+      kSessionSecretBytes);
   const std::string text = FormatSessionCredential(42, secret);
   EXPECT_EQ(text, "42:0001feff6162636465666768696a6b6c");
   absl::StatusOr<SessionCredential> parsed = ParseSessionCredential(text);
@@ -294,9 +303,9 @@ TEST(ProtocolTest, SessionCredentialRoundTripsAndRejectsMalformed) {
   EXPECT_EQ(parsed->session_id, 42u);
   EXPECT_EQ(parsed->secret, secret);
   EXPECT_THAT(ParseSessionCredential("").status().message(), ::testing::HasSubstr("missing"));
-  for (const char* bad : {"42", "42:", "x:0001feff6162636465666768696a6b6c",
-                          "42:0001feff6162636465666768696a6b6", "42:zz01feff6162636465666768696a6b6c",
-                          "-1:0001feff6162636465666768696a6b6c"}) {
+  for (const char* bad :
+       {"42", "42:", "x:0001feff6162636465666768696a6b6c", "42:0001feff6162636465666768696a6b6",
+        "42:zz01feff6162636465666768696a6b6c", "-1:0001feff6162636465666768696a6b6c"}) {
     SCOPED_TRACE(bad);
     absl::Status status = ParseSessionCredential(bad).status();
     EXPECT_EQ(status.code(), absl::StatusCode::kUnauthenticated);
@@ -312,13 +321,96 @@ TEST(ProtocolTest, ReleaseListRoundTripsAndIsBounded) {
   ASSERT_TRUE(parsed.ok()) << parsed.status();
   EXPECT_EQ(*parsed, handles);
   std::vector<uint64_t> too_many(kMaxCarriedReleases + 1, 5);
-  for (const std::string& bad : {std::string("0"), std::string("1,,2"), std::string("1,x"),
-                                 FormatReleaseList(too_many)}) {
+  for (const std::string& bad :
+       {std::string("0"), std::string("1,,2"), std::string("1,x"), FormatReleaseList(too_many)}) {
     SCOPED_TRACE(bad.substr(0, 20));
     EXPECT_EQ(ParseReleaseList(bad).status().code(), absl::StatusCode::kInvalidArgument);
   }
   std::vector<uint64_t> most(kMaxCarriedReleases, 5);
   EXPECT_TRUE(ParseReleaseList(FormatReleaseList(most)).ok());
+}
+
+// Tests that EventLoop timers run in time order on the loop thread, that a
+// cancelled one never runs, and that a periodic one repeats until cancelled.
+TEST(EventLoopTest, TimersRunInOrderAndCancel) {
+  EventLoop loop;
+  ASSERT_TRUE(loop.Init().ok());
+  loop.Start();
+  absl::Mutex mu;
+  std::vector<int> ran;
+  int ticks = 0;
+  auto record = [&](int n) {
+    return [&, n] {
+      absl::MutexLock lock(&mu);
+      ran.push_back(n);
+    };
+  };
+  const absl::Time now = absl::Now();
+  loop.RunAt(now + absl::Milliseconds(60), record(3));
+  loop.RunAt(now + absl::Milliseconds(20), record(2));
+  loop.RunAt(now - absl::Seconds(1), record(1));  // past: at once
+  const EventLoop::TimerId cancelled = loop.RunAt(now + absl::Milliseconds(40), record(99));
+  loop.Cancel(cancelled);
+  const EventLoop::TimerId every = loop.RunEvery(absl::Milliseconds(5), [&] {
+    absl::MutexLock lock(&mu);
+    ++ticks;
+  });
+  {
+    absl::MutexLock lock(&mu);
+    auto all_ran = [&]()
+                       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return ran.size() >= 3 && ticks >= 3; };
+    EXPECT_TRUE(AwaitWithTimeout(mu, all_ran, absl::Seconds(10)));
+  }
+  loop.Cancel(every);
+  loop.Stop();
+  EXPECT_EQ(ran, (std::vector<int>{1, 2, 3}));
+  EXPECT_GE(ticks, 3);
+}
+
+// Tests that a watched fd's callback gets its events on the loop thread,
+// that Modify changes what is watched, and that after Unwatch no callback
+// runs for it.
+TEST(EventLoopTest, WatchModifyUnwatch) {
+  EventLoop loop;
+  ASSERT_TRUE(loop.Init().ok());
+  loop.Start();
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe2(pipe_fds, O_CLOEXEC | O_NONBLOCK), 0);
+  UniqueFd read_end(pipe_fds[0]), write_end(pipe_fds[1]);
+  absl::Mutex mu;
+  int readable = 0;
+  ASSERT_TRUE(loop.Watch(read_end.get(), EPOLLIN,
+                         [&](uint32_t events) {
+                           char byte;
+                           while (::read(read_end.get(), &byte, 1) == 1) {
+                           }
+                           absl::MutexLock lock(&mu);
+                           if (events & EPOLLIN) ++readable;
+                         })
+                  .ok());
+  EXPECT_EQ(loop.Watch(read_end.get(), EPOLLIN, [](uint32_t) {}).code(),
+            absl::StatusCode::kAlreadyExists);
+  auto await_readable = [&](int n) {
+    absl::MutexLock lock(&mu);
+    auto seen = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return readable >= n; };
+    return AwaitWithTimeout(mu, seen, absl::Seconds(10));
+  };
+  ASSERT_EQ(::write(write_end.get(), "x", 1), 1);
+  EXPECT_TRUE(await_readable(1));
+  ASSERT_TRUE(loop.Modify(read_end.get(), 0).ok());
+  ASSERT_EQ(::write(write_end.get(), "x", 1), 1);
+  ASSERT_TRUE(loop.Modify(read_end.get(), EPOLLIN).ok());
+  EXPECT_TRUE(await_readable(2)) << "watched again: the waiting byte is seen";
+  loop.Unwatch(read_end.get());
+  ASSERT_EQ(::write(write_end.get(), "x", 1), 1);
+  // A timer after the write proves the loop went round without the callback.
+  absl::Notification went_round;
+  loop.RunAt(absl::Now() + absl::Milliseconds(50), [&] { went_round.Notify(); });
+  EXPECT_TRUE(went_round.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  loop.Stop();
+  absl::MutexLock lock(&mu);
+  EXPECT_EQ(readable, 2);
+  EXPECT_EQ(loop.Modify(read_end.get(), EPOLLIN).code(), absl::StatusCode::kNotFound);
 }
 
 }  // namespace

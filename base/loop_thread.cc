@@ -17,11 +17,20 @@ absl::Status LoopThread::Init() {
 
 void LoopThread::Run(std::function<void()> loop) { thread_ = std::thread(std::move(loop)); }
 
+void LoopThread::Wake() {
+  uint64_t one = 1;
+  (void)!::write(wake_.get(), &one, sizeof(one));
+}
+
+void LoopThread::DrainWake() {
+  uint64_t count;
+  (void)!::read(wake_.get(), &count, sizeof(count));
+}
+
 bool LoopThread::Stop() {
   if (stopping_.exchange(true, std::memory_order_acq_rel)) return false;
   if (thread_.joinable()) {
-    uint64_t one = 1;
-    (void)!::write(wake_.get(), &one, sizeof(one));
+    Wake();
     thread_.join();
   }
   return true;

@@ -31,6 +31,11 @@ class LoopThread {
   // or not), so the caller tears down what the loop used exactly once.
   bool Stop();
 
+  // Makes wake_fd() readable (a loop that watches it drains it with
+  // DrainWake): for work handed to the loop from another thread.
+  void Wake();
+  void DrainWake();
+
   bool stopping() const { return stopping_.load(std::memory_order_acquire); }
   int wake_fd() const { return wake_.get(); }
 

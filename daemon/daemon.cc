@@ -18,11 +18,11 @@
 #include "base/private_dir.h"
 #include "base/protocol.h"
 #include "daemon/config.h"
-#include "heaps/memfd.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
+#include "heaps/memfd.h"
 #include "spdlog/spdlog.h"
 
 namespace bufferd {
@@ -179,24 +179,24 @@ absl::Status Daemon::Init(const v1::Config& config) {
   }
   ASSIGN_OR_RETURN(heaps_, BuildHeaps(config));
   const v1::LimitsConfig& limits = config.limits();
+  reaper_ = std::make_unique<Reaper>();
   DaemonState::Options options;
   options.quotas = config.quotas();
   options.fd_budget = &budget_;
-  options.max_sessions = OrDefault(limits.max_sessions(), options.max_sessions);
-  options.max_sessions_per_uid =
-      OrDefault(limits.max_sessions_per_uid(), options.max_sessions_per_uid);
+  options.reaper = reaper_.get();
   if (config.default_token_ttl_ms() != 0) {
     options.default_token_ttl = absl::Milliseconds(config.default_token_ttl_ms());
   }
-  reaper_ = std::make_unique<WorkQueue>(1);
-  options.free_later = [reaper = reaper_.get()](std::unique_ptr<HeapBuffer> memory) {
-    reaper->Post(
-        [memory = std::shared_ptr<HeapBuffer>(std::move(memory))]() mutable { memory.reset(); });
-  };
   state_ = std::make_unique<DaemonState>(heaps_.get(), options);
   for (const v1::HeapConfig& heap : config.heaps()) {
     state_->SetHeapQuotas(heap.name(), heap.max_bytes_per_session(), heap.max_bytes_per_uid());
   }
+  SessionTable::Options session_options;
+  session_options.max_sessions = OrDefault(limits.max_sessions(), session_options.max_sessions);
+  session_options.max_sessions_per_uid =
+      OrDefault(limits.max_sessions_per_uid(), session_options.max_sessions_per_uid);
+  sessions_ = std::make_unique<SessionTable>(session_options);
+  hub_ = std::make_unique<SessionHub>(sessions_.get(), state_.get(), reaper_.get());
   for (const auto& heap : heaps_->heaps()) {
     HeapStats stats = heap->Stats();
     spdlog::info("heap '{}': {} {}, page {}, capacity {}{}{}", heap->name(),
@@ -217,7 +217,9 @@ absl::Status Daemon::Init(const v1::Config& config) {
   // Mostly waiting (prefaults, carveout refills), so more threads than CPUs:
   // a few carveout allocations waiting for refills never stall the rest.
   work_ = std::make_unique<WorkQueue>(4);
-  channel_ = std::make_unique<FdChannel>(state_.get(), channel_options);
+  loop_ = std::make_unique<EventLoop>();
+  RETURN_IF_ERROR(loop_->Init());
+  channel_ = std::make_unique<FdChannel>(loop_.get(), &budget_, hub_.get(), channel_options);
   // Deep backlogs: a flood of connects must not make the kernel refuse a
   // client's connect before the daemon has even seen it.
   ASSIGN_OR_RETURN(UnixSocket listener, UnixSocket::ListenSeqPacket(fd_path, kListenBacklog));
@@ -235,10 +237,11 @@ absl::Status Daemon::Init(const v1::Config& config) {
   }
   RETURN_IF_ERROR(DropPrivileges(run_as));
 
-  allocator_ =
-      std::make_unique<AllocatorService>(state_.get(), channel_.get(), work_.get(), reaper_.get());
-  debug_ = std::make_unique<DebugService>(state_.get(), channel_.get(), work_.get(),
-                                          config.debug_access() == v1::DEBUG_ACCESS_ANYONE);
+  allocator_ = std::make_unique<AllocatorService>(AllocatorService::Deps{
+      sessions_.get(), hub_.get(), state_.get(), channel_.get(), work_.get(), reaper_.get()});
+  debug_ = std::make_unique<DebugService>(
+      DebugService::Deps{sessions_.get(), hub_.get(), state_.get(), channel_.get(), work_.get(),
+                         config.debug_access() == v1::DEBUG_ACCESS_ANYONE});
   fence_ = std::make_unique<FenceService>();
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -259,6 +262,8 @@ absl::Status Daemon::Init(const v1::Config& config) {
   control_ = std::make_unique<ControlListener>(&budget_, control_options);
   RETURN_IF_ERROR(control_->Listen(std::move(control_listener), server_.get()));
   RETURN_IF_ERROR(channel_->Listen(std::move(listener)));
+  // Share tokens are forgotten 10 minutes after they expire.
+  loop_->RunEvery(absl::Seconds(1), [state = state_.get()] { state->ExpireTokens(absl::Now()); });
   // Before refusing a place, the budget asks both for places whose fds are
   // gone without their holder knowing yet.
   budget_.AddReclaimer([control = control_.get()] { control->Reclaim(); });
@@ -267,7 +272,7 @@ absl::Status Daemon::Init(const v1::Config& config) {
   RETURN_IF_ERROR(SetFdBudget(config, nofile));
   control_->Serve();
   // fd.sock goes live last: a client that can connect to it can also call.
-  channel_->Serve();
+  loop_->Start();
   spdlog::info("bufferd serving in {} (pid {})", socket_dir_, ::getpid());
   return absl::OkStatus();
 }
@@ -281,16 +286,17 @@ absl::Status Daemon::SetFdBudget(const v1::Config& config, uint64_t nofile) {
   limits.reserve = own + kSpareFds;
   if (nofile < limits.reserve + kMinFdBudget) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "RLIMIT_NOFILE is ", nofile, ": the daemon keeps ", limits.reserve, " fds for itself (", own,
-        " open now + ", kSpareFds, " spare) and needs at least ", kMinFdBudget,
+        "RLIMIT_NOFILE is ", nofile, ": the daemon keeps ", limits.reserve, " fds for itself (",
+        own, " open now + ", kSpareFds, " spare) and needs at least ", kMinFdBudget,
         " more for clients; raise the limit (ulimit -n, or LimitNOFILE= in its unit)"));
   }
   limits.total = nofile - limits.reserve;
   if (config.fd_budget() != 0 && config.fd_budget() <= limits.total) {
     limits.total = config.fd_budget();
   } else if (config.fd_budget() != 0) {
-    spdlog::warn("fd_budget {} is above what RLIMIT_NOFILE {} allows with a reserve of {}; using {}",
-                 config.fd_budget(), nofile, limits.reserve, limits.total);
+    spdlog::warn(
+        "fd_budget {} is above what RLIMIT_NOFILE {} allows with a reserve of {}; using {}",
+        config.fd_budget(), nofile, limits.reserve, limits.total);
   }
   const uint64_t per_uid = config.limits().max_fds_per_uid();
   if (per_uid > limits.total) {
@@ -312,6 +318,7 @@ void Daemon::Shutdown() {
   if (control_) control_->Stop();
   // In-flight calls may be finishing on the work queue: it outlives Shutdown.
   if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  if (loop_) loop_->Stop();
   if (channel_) channel_->Stop();
   work_.reset();
   if (lock_file_.valid()) {
@@ -329,6 +336,8 @@ Daemon::~Daemon() {
   control_.reset();
   server_.reset();
   channel_.reset();
+  loop_.reset();
+  hub_.reset();
   reaper_.reset();  // runs the frees queued so far; nothing frees after this
   state_.reset();   // frees every buffer before the heaps go
   heaps_.reset();

@@ -18,11 +18,17 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "base/event_loop.h"
 #include "base/fd_budget.h"
 #include "bufferd/v1/config.pb.h"
+#include "daemon/allocator_service.h"
 #include "daemon/control_listener.h"
+#include "daemon/debug_service.h"
 #include "daemon/fd_channel.h"
-#include "daemon/services.h"
+#include "daemon/fence_service.h"
+#include "daemon/reaper.h"
+#include "daemon/session_hub.h"
+#include "daemon/sessions.h"
 #include "daemon/state.h"
 #include "daemon/work_queue.h"
 #include "grpcpp/server.h"
@@ -53,9 +59,13 @@ class Daemon {
   UniqueFd lock_file_;
   std::unique_ptr<HeapRegistry> heaps_;
   std::unique_ptr<DaemonState> state_;
+  // Frees what died; outlives everyone who hands it buffers.
+  std::unique_ptr<Reaper> reaper_;
+  std::unique_ptr<SessionTable> sessions_;
+  std::unique_ptr<SessionHub> hub_;
   std::unique_ptr<WorkQueue> work_;
-  // One thread: frees big buffers and refills carveouts, in order.
-  std::unique_ptr<WorkQueue> reaper_;
+  // fd.sock and the daemon's timers (token expiry).
+  std::unique_ptr<EventLoop> loop_;
   std::unique_ptr<FdChannel> channel_;
   std::unique_ptr<AllocatorService> allocator_;
   std::unique_ptr<DebugService> debug_;

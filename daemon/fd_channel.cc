@@ -7,11 +7,8 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <fstream>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "base/client_text.h"
 #include "base/errno_status.h"
 #include "base/protocol.h"
 #include "daemon/log.h"
@@ -20,7 +17,10 @@
 namespace bufferd {
 namespace {
 
+constexpr absl::Duration kTick = absl::Milliseconds(500);
 constexpr absl::Duration kChurnSummaryPeriod = absl::Minutes(1);
+constexpr absl::Duration kAcceptPause = absl::Milliseconds(100);
+constexpr uint32_t kReadEvents = EPOLLIN | EPOLLRDHUP;
 
 // Sessions that end badly and connections refused: one line per kind,
 // whichever client causes them.
@@ -33,21 +33,10 @@ LogLimiter& RefusalLog() {
   return limiter;
 }
 
-std::string ReadComm(pid_t pid) {
-  // The kernel ends comm with one '\n'; the name itself may hold any byte
-  // but NUL (PR_SET_NAME), so it is escaped here, once, for every table,
-  // log line and proto (whose string fields must be UTF-8) that shows it.
-  std::ifstream in(absl::StrCat("/proc/", pid, "/comm"));
-  char buf[64] = {};
-  in.read(buf, sizeof(buf) - 1);
-  absl::string_view comm(buf, static_cast<size_t>(in.gcount()));
-  if (absl::EndsWith(comm, "\n")) comm.remove_suffix(1);
-  return EscapeClientText(comm);
-}
-
 }  // namespace
 
-FdChannel::FdChannel(DaemonState* state, Options options) : state_(state), options_(options) {}
+FdChannel::FdChannel(EventLoop* loop, FdBudget* budget, Delegate* delegate, Options options)
+    : loop_(loop), budget_(budget), delegate_(delegate), options_(options) {}
 
 FdChannel::~FdChannel() { Stop(); }
 
@@ -58,69 +47,32 @@ absl::Status FdChannel::Listen(UnixSocket listener) {
   if (flags < 0 || ::fcntl(listener_.fd(), F_SETFL, flags | O_NONBLOCK) != 0) {
     return ErrnoError("fcntl(O_NONBLOCK) on fd.sock", errno);
   }
-  epoll_.Reset(::epoll_create1(EPOLL_CLOEXEC));
-  if (!epoll_.valid()) return ErrnoError("epoll_create1", errno);
-  RETURN_IF_ERROR(loop_.Init());
-  for (int fd : {listener_.fd(), loop_.wake_fd()}) {
-    epoll_event event{};
-    event.events = EPOLLIN;
-    event.data.fd = fd;
-    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &event) != 0) {
-      return ErrnoError("epoll_ctl(ADD)", errno);
-    }
-  }
+  RETURN_IF_ERROR(loop_->Watch(listener_.fd(), EPOLLIN, [this](uint32_t) { AcceptAll(); }));
+  timers_.push_back(loop_->RunEvery(kTick, [this] { Tick(); }));
+  timers_.push_back(loop_->RunEvery(kChurnSummaryPeriod, [this] { SummarizeChurn(); }));
   return absl::OkStatus();
 }
 
-void FdChannel::Serve() {
-  loop_.Run([this] { Loop(); });
-}
-
 void FdChannel::Stop() {
-  if (!loop_.Stop()) return;
+  for (EventLoop::TimerId timer : timers_) loop_->Cancel(timer);
+  timers_.clear();
+  if (listener_.valid()) {
+    loop_->Unwatch(listener_.fd());
+    listener_ = UnixSocket();
+  }
   std::vector<uint64_t> sessions;
   {
     absl::MutexLock lock(&mu_);
-    for (auto& [fd, connection] : connections_) sessions.push_back(connection.session_id);
+    for (auto& [fd, connection] : connections_) {
+      loop_->Unwatch(fd);
+      sessions.push_back(connection.session_id);
+    }
     connections_.clear();
-    total_queued_ = 0;
     by_session_.clear();
+    busy_.clear();
+    total_queued_ = 0;
   }
-  for (uint64_t id : sessions) state_->CloseSession(id);
-}
-
-void FdChannel::Loop() {
-  epoll_event events[64];
-  while (true) {
-    int n = ::epoll_wait(epoll_.get(), events, 64,
-                         accept_paused_until_ == absl::InfinitePast() ? 500 : 20);
-    if (loop_.stopping()) return;
-    if (n < 0 && errno != EINTR) {
-      spdlog::error("epoll_wait: {}", ErrnoError("epoll_wait", errno).ToString());
-      return;
-    }
-    for (int i = 0; i < n; ++i) {
-      const int fd = events[i].data.fd;
-      if (fd == listener_.fd()) {
-        AcceptAll();
-      } else if (fd == loop_.wake_fd()) {
-        continue;  // Stop(): seen at the top of the loop
-      } else {
-        if (events[i].events & EPOLLOUT) OnWritable(fd);
-        if (events[i].events & (EPOLLIN | EPOLLHUP | EPOLLRDHUP | EPOLLERR)) OnReadable(fd);
-      }
-    }
-    if (accept_paused_until_ != absl::InfinitePast() && absl::Now() >= accept_paused_until_) {
-      accept_paused_until_ = absl::InfinitePast();
-      epoll_event event{};
-      event.events = EPOLLIN;
-      event.data.fd = listener_.fd();
-      ::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, listener_.fd(), &event);
-    }
-    CheckStalled();
-    SummarizeChurn();
-    state_->Housekeeping(absl::Now());
-  }
+  for (uint64_t id : sessions) delegate_->OnDisconnect(id);
 }
 
 void FdChannel::AcceptAll() {
@@ -133,8 +85,9 @@ void FdChannel::AcceptAll() {
                  socket.status().ToString());
       // Out of fds (EMFILE/ENFILE): the listener stays readable, so stop
       // watching it for a while instead of spinning.
-      ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, listener_.fd(), nullptr);
-      accept_paused_until_ = absl::Now() + absl::Milliseconds(100);
+      (void)loop_->Modify(listener_.fd(), 0);
+      loop_->RunAt(absl::Now() + kAcceptPause,
+                   [this] { (void)loop_->Modify(listener_.fd(), EPOLLIN); });
       return;
     }
     Admit(*std::move(socket));
@@ -148,38 +101,26 @@ void FdChannel::Admit(UnixSocket socket) {
                peer.status().ToString());
     return;
   }
-  // The connection's place in the budget first, then the session caps.
-  absl::StatusOr<FdBudget::Lease> lease =
-      state_->fd_budget().Acquire(FdUse::kSession, peer->uid);
-  const std::string comm = ReadComm(peer->pid);
-  absl::StatusOr<DaemonState::NewSession> session =
-      lease.ok() ? state_->OpenSession(*peer, comm) : lease.status();
-  if (!session.ok()) {
+  // The connection's place in the budget first, then the session.
+  absl::StatusOr<FdBudget::Lease> lease = budget_->Acquire(FdUse::kSession, peer->uid);
+  absl::StatusOr<Admission> admission = lease.ok() ? delegate_->OnConnect(*peer) : lease.status();
+  if (!admission.ok()) {
     // Say why before closing: the client library reports it as the error.
     v1::FdChannelMessage message;
-    message.mutable_refused()->set_code(static_cast<int32_t>(session.status().code()));
-    message.mutable_refused()->set_message(std::string(session.status().message()));
+    message.mutable_refused()->set_code(static_cast<int32_t>(admission.status().code()));
+    message.mutable_refused()->set_message(std::string(admission.status().message()));
     (void)socket.Send(message.SerializeAsString(), {}, /*dont_wait=*/true);
     ++refused_;
-    LogLimited(RefusalLog(), spdlog::level::warn, "fd.sock: refused pid {} uid {} comm '{}': {}",
-               peer->pid, peer->uid, comm, std::string(session.status().message()));
+    LogLimited(RefusalLog(), spdlog::level::warn, "fd.sock: refused pid {} uid {}: {}", peer->pid,
+               peer->uid, std::string(admission.status().message()));
     return;
   }
   const int fd = socket.fd();
-  epoll_event event{};
-  event.events = EPOLLIN | EPOLLRDHUP;
-  event.data.fd = fd;
-  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &event) != 0) {
-    LogLimited(RefusalLog(), spdlog::level::warn, "session {}: {}", session->id,
-               ErrnoError("epoll_ctl", errno).ToString());
-    state_->CloseSession(session->id);
-    return;
-  }
   v1::FdChannelMessage message;
   v1::Hello* hello = message.mutable_hello();
   hello->set_protocol_version(kProtocolVersion);
-  hello->set_session_id(session->id);
-  hello->set_secret(session->secret);
+  hello->set_session_id(admission->session_id);
+  hello->set_secret(admission->secret);
   hello->set_daemon_pid(static_cast<uint32_t>(::getpid()));
   const std::string hello_bytes = message.SerializeAsString();
   bool hello_failed = false;
@@ -188,23 +129,28 @@ void FdChannel::Admit(UnixSocket socket) {
     // it has it, and its fds must find this connection.
     absl::MutexLock lock(&mu_);
     Connection& connection = connections_[fd];
-    connection.session_id = session->id;
+    connection.session_id = admission->session_id;
     connection.socket = std::move(socket);
     connection.lease = *std::move(lease);
-    by_session_[session->id] = fd;
+    by_session_[admission->session_id] = fd;
     // A fresh socket's buffer is empty, so this cannot block.
     hello_failed = !connection.socket.Send(hello_bytes, {}, /*dont_wait=*/true).ok();
   }
   ++opened_;
-  spdlog::debug("session {} opened: pid {} uid {} comm '{}'", session->id, peer->pid, peer->uid,
-                comm);
+  absl::Status watched =
+      loop_->Watch(fd, kReadEvents, [this, fd](uint32_t events) { OnEvents(fd, events); });
+  if (!watched.ok()) {
+    LogLimited(RefusalLog(), spdlog::level::warn, "session {}: {}", admission->session_id,
+               watched.ToString());
+    EndConnection(fd, "it could not be watched", /*badly=*/true);
+    return;
+  }
   // Usually a client that connected and left at once: churn, not a fault.
   if (hello_failed) EndConnection(fd, "the hello could not be sent");
 }
 
 void FdChannel::SummarizeChurn() {
   const absl::Time now = absl::Now();
-  if (now - churn_since_ < kChurnSummaryPeriod) return;
   if (opened_ != 0 || ended_ != 0 || refused_ != 0) {
     size_t live;
     {
@@ -219,19 +165,25 @@ void FdChannel::SummarizeChurn() {
   churn_since_ = now;
 }
 
+void FdChannel::OnEvents(int fd, uint32_t events) {
+  if (events & EPOLLOUT) OnWritable(fd);
+  if (events & (EPOLLIN | EPOLLHUP | EPOLLRDHUP | EPOLLERR)) OnReadable(fd);
+}
+
 void FdChannel::OnReadable(int fd) {
   UnixSocket* socket;
   uint64_t session_id;
   {
     absl::MutexLock lock(&mu_);
     auto it = connections_.find(fd);
-    if (it == connections_.end()) return;
+    if (it == connections_.end() || it->second.lingering) return;
     socket = &it->second.socket;
     session_id = it->second.session_id;
   }
   // Only this thread removes connections, so `socket` stays valid here.
   while (true) {
-    absl::StatusOr<UnixSocket::Received> received = socket->RecvWithFds(kMaxRecordBytes, /*dont_wait=*/true);
+    absl::StatusOr<UnixSocket::Received> received =
+        socket->RecvWithFds(kMaxRecordBytes, /*dont_wait=*/true);
     if (!received.ok()) {
       if (IsWouldBlock(received.status())) return;  // drained
       // ECONNRESET: the client exited with records unread (a delivery it
@@ -249,15 +201,7 @@ void FdChannel::OnReadable(int fd) {
       EndConnection(fd, "client sent a malformed record on fd.sock", /*badly=*/true);
       return;
     }
-    if (message.has_release()) {
-      absl::StatusOr<bool> released = state_->Release(session_id, message.release().handle());
-      if (!released.ok()) {
-        spdlog::debug("session {}: one-way release of handle {}: {}", session_id,
-                      message.release().handle(), released.status().ToString());
-      }
-    }
-    // FdUpload is reserved for Fence.ImportSyncFd; uploaded fds are closed
-    // when `received` goes out of scope.
+    delegate_->OnRecord(session_id, message, std::move(received->fds));
   }
 }
 
@@ -266,9 +210,10 @@ void FdChannel::OnWritable(int fd) {
   {
     absl::MutexLock lock(&mu_);
     auto it = connections_.find(fd);
-    if (it == connections_.end()) return;
+    if (it == connections_.end() || it->second.lingering) return;
     failed = !FlushLocked(it->second);
     if (!failed && it->second.queue.empty()) WatchWritable(fd, false);
+    UpdateBusyLocked(fd, it->second);
   }
   if (failed) EndConnection(fd, "fd delivery failed", /*badly=*/true);
 }
@@ -278,9 +223,7 @@ bool FdChannel::FlushLocked(Connection& connection) {
     Pending& next = connection.queue.front();
     int fds[] = {next.fd.fd.get()};
     absl::Status sent = connection.socket.Send(next.bytes, fds, /*dont_wait=*/true);
-    if (!sent.ok()) {
-      return IsWouldBlock(sent);
-    }
+    if (!sent.ok()) return IsWouldBlock(sent);
     connection.in_flight.push_back(std::move(next.fd.lease));
     connection.queue.pop_front();
     --total_queued_;
@@ -290,10 +233,15 @@ bool FdChannel::FlushLocked(Connection& connection) {
 }
 
 void FdChannel::WatchWritable(int fd, bool writable) {
-  epoll_event event{};
-  event.events = EPOLLIN | EPOLLRDHUP | (writable ? uint32_t{EPOLLOUT} : 0u);
-  event.data.fd = fd;
-  ::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, fd, &event);
+  (void)loop_->Modify(fd, kReadEvents | (writable ? uint32_t{EPOLLOUT} : 0u));
+}
+
+void FdChannel::UpdateBusyLocked(int fd, const Connection& connection) {
+  if (!connection.queue.empty() || !connection.in_flight.empty() || connection.lingering) {
+    busy_.insert(fd);
+  } else {
+    busy_.erase(fd);
+  }
 }
 
 absl::Status FdChannel::Deliver(uint64_t session_id, uint64_t transfer_id, v1::FdKind kind,
@@ -317,6 +265,7 @@ absl::Status FdChannel::Deliver(uint64_t session_id, uint64_t transfer_id, v1::F
     absl::Status sent = connection.socket.Send(bytes, fds, /*dont_wait=*/true);
     if (sent.ok()) {
       connection.in_flight.push_back(std::move(fd.lease));
+      busy_.insert(s->second);
       return absl::OkStatus();
     }
     if (!IsWouldBlock(sent)) {
@@ -339,6 +288,7 @@ absl::Status FdChannel::Deliver(uint64_t session_id, uint64_t transfer_id, v1::F
   }
   connection.queue.push_back(Pending{std::move(bytes), std::move(fd)});
   ++total_queued_;
+  busy_.insert(s->second);
   return absl::OkStatus();
 }
 
@@ -360,35 +310,38 @@ void FdChannel::ReapDeliveredLocked(Connection& connection) {
 
 void FdChannel::ReapDelivered() {
   absl::MutexLock lock(&mu_);
-  for (auto& [fd, connection] : connections_) ReapDeliveredLocked(connection);
+  for (int fd : busy_) ReapDeliveredLocked(connections_.at(fd));
 }
 
-void FdChannel::CheckStalled() {
+void FdChannel::Tick() {
   std::vector<int> stalled;
   std::vector<uint64_t> drained;
   const absl::Time now = absl::Now();
   {
     absl::MutexLock lock(&mu_);
-    for (auto it = connections_.begin(); it != connections_.end();) {
-      Connection& connection = it->second;
+    for (auto it = busy_.begin(); it != busy_.end();) {
+      const int fd = *it;
+      Connection& connection = connections_.at(fd);
       ReapDeliveredLocked(connection);
       if (connection.lingering && connection.in_flight.empty()) {
         // Read (or thrown away with the client's socket): the session ends now.
         drained.push_back(connection.session_id);
-        it = connections_.erase(it);
+        connections_.erase(fd);
+        it = busy_.erase(it);
         continue;
       }
       if (!connection.queue.empty() &&
           now - connection.stalled_since > options_.stalled_session_timeout) {
-        stalled.push_back(it->first);
+        stalled.push_back(fd);
       }
-      ++it;
+      const bool busy =
+          !connection.queue.empty() || !connection.in_flight.empty() || connection.lingering;
+      it = busy ? std::next(it) : busy_.erase(it);
     }
   }
   for (uint64_t session_id : drained) {
-    state_->CloseSession(session_id);
-    spdlog::debug("session {} ended: its client read or dropped the fds it was sent",
-                  session_id);
+    delegate_->OnDisconnect(session_id);
+    spdlog::debug("session {} ended: its client read or dropped the fds it was sent", session_id);
   }
   for (int fd : stalled) EndConnection(fd, "client stopped reading fd.sock", /*badly=*/true);
 }
@@ -399,10 +352,10 @@ void FdChannel::EndConnection(int fd, absl::string_view why, bool badly) {
   {
     absl::MutexLock lock(&mu_);
     auto it = connections_.find(fd);
-    if (it == connections_.end()) return;
+    if (it == connections_.end() || it->second.lingering) return;
     Connection& connection = it->second;
     session_id = connection.session_id;
-    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
+    loop_->Unwatch(fd);
     by_session_.erase(session_id);
     total_queued_ -= connection.queue.size();
     connection.queue.clear();  // closes the fds never sent
@@ -411,25 +364,28 @@ void FdChannel::EndConnection(int fd, absl::string_view why, bool badly) {
       // fds we sent still sit unread in the client's socket, where the
       // kernel charges them to the daemon's uid. The session, with all its
       // accounting, lingers until the client reads them or closes its
-      // socket (CheckStalled sees which); nothing more is read or delivered.
+      // socket (the tick sees which); nothing more is read or delivered.
       connection.lingering = true;
       lingering = connection.in_flight.size();
+      busy_.insert(fd);
     } else {
+      busy_.erase(fd);
       connections_.erase(it);  // closes the socket
     }
   }
   ++ended_;
   if (lingering != 0) {
-    state_->DetachSession(session_id);
+    delegate_->OnDetach(session_id);
     LogLimited(BadEndLog(), badly ? spdlog::level::warn : spdlog::level::debug,
                "session {} ending: {}; it lingers until its client reads or drops the {} fds "
                "it was sent",
                session_id, std::string(why), lingering);
     return;
   }
-  state_->CloseSession(session_id);
+  delegate_->OnDisconnect(session_id);
   if (badly) {
-    LogLimited(BadEndLog(), spdlog::level::warn, "session {} ended: {}", session_id, std::string(why));
+    LogLimited(BadEndLog(), spdlog::level::warn, "session {} ended: {}", session_id,
+               std::string(why));
   } else {
     spdlog::debug("session {} ended: {}", session_id, std::string(why));
   }

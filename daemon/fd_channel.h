@@ -1,36 +1,45 @@
-// FdChannel: the daemon's side of fd.sock.
+// FdChannel: the daemon's side of fd.sock, the transport.
 //
-// One thread runs an epoll loop that accepts connections, opens a session for
-// each (SO_PEERCRED + /proc/<pid>/comm), sends the Hello, and ends the session
-// when the connection closes for any reason (exit, crash, kill -9). Each
-// connection holds a place in the fd budget; one that finds no place, or whose
-// uid is at its session cap, gets a Refused record naming why and is closed.
+// It accepts connections on the daemon's EventLoop, holds one place in the
+// fd budget per connection, and asks its Delegate (the daemon's SessionHub)
+// to admit each: an admitted client gets the Hello (session id, secret,
+// protocol version), a refused one a Refused record naming why, then the
+// connection closes. Records a client sends go to the Delegate as they
+// come; when a connection ends for any reason (exit, crash, kill -9, a
+// malformed record, a stall) the Delegate hears it once (OnDisconnect).
+//
+// RPC threads call Deliver() to hand a client an fd tagged with a transfer
+// id; it never blocks: if the client's socket buffer is full the delivery is
+// queued (bounded), flushed when the socket drains, and a session that stays
+// stalled past the timeout is ended. An fd sent stays in the budget until
+// the client has read it (SIOCOUTQ: the kernel charges unread SCM_RIGHTS
+// fds to the daemon); a client that leaves with sent fds unread lingers
+// (OnDetach: no more calls) until they are read or its socket closes.
+//
 // Session churn is logged at debug level, with a summary at info once a
-// minute; a session that ends badly (garbage record, stalled) logs one line,
-// rate-limited across sessions. RPC
-// threads call Deliver() to hand a client an fd tagged with a transfer id; it
-// never blocks: if the client's socket buffer is full the delivery is queued
-// (bounded), flushed when the socket drains, and a session that stays stalled
-// past the timeout is ended.
+// minute; a session that ends badly logs one line, rate-limited.
 //
-// Thread-safe. Stop() must be called before destruction.
+// Thread-safe. Stop() must be called (after the loop has stopped) before
+// destruction.
 #ifndef BUFFERD_DAEMON_FD_CHANNEL_H_
 #define BUFFERD_DAEMON_FD_CHANNEL_H_
 
 #include <cstdint>
 #include <deque>
 #include <map>
+#include <set>
 #include <string>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
-#include "base/loop_thread.h"
+#include "base/event_loop.h"
+#include "base/fd_budget.h"
 #include "base/unique_fd.h"
 #include "base/unix_socket.h"
 #include "bufferd/v1/fd_channel.pb.h"
-#include "daemon/state.h"
 
 namespace bufferd {
 
@@ -43,17 +52,38 @@ class FdChannel {
     absl::Duration stalled_session_timeout = absl::Seconds(10);
   };
 
-  // Connections are counted in `state`'s fd budget.
-  FdChannel(DaemonState* state, Options options);
+  // A session the Delegate opened for a connection.
+  struct Admission {
+    uint64_t session_id = 0;
+    std::string secret;
+  };
+
+  // What the daemon does with the channel's connections. Called on the
+  // loop thread, one call at a time.
+  class Delegate {
+   public:
+    virtual ~Delegate() = default;
+    // A client connected: its session, or why not (told to the client).
+    virtual absl::StatusOr<Admission> OnConnect(const PeerCredentials& peer) = 0;
+    // A record the client sent, with the fds that came with it.
+    virtual void OnRecord(uint64_t session_id, const v1::FdChannelMessage& message,
+                          std::vector<UniqueFd> fds) = 0;
+    // The client left with fds it was sent still unread: no more calls;
+    // what the session holds stays until OnDisconnect.
+    virtual void OnDetach(uint64_t session_id) = 0;
+    // The session is over. Also called by Stop() for every session.
+    virtual void OnDisconnect(uint64_t session_id) = 0;
+  };
+
+  // `loop`, `budget` and `delegate` must outlive this object.
+  FdChannel(EventLoop* loop, FdBudget* budget, Delegate* delegate, Options options);
   ~FdChannel();
 
-  // Takes `listener` (a listening SEQPACKET socket) and opens what the loop
-  // needs; Serve() then runs the loop on a new thread. Two steps, so the
-  // daemon can count its own fds once all are open, before any client is
-  // served.
+  // Takes `listener` (a listening SEQPACKET socket) and watches it on the
+  // loop; clients are served once the loop runs.
   absl::Status Listen(UnixSocket listener);
-  void Serve();
-  // Stops the thread and ends every session.
+  // Ends every session (OnDisconnect each) and closes the listener. Call
+  // once the loop has stopped.
   void Stop();
 
   // Sends `fd` to the session's client tagged with `transfer_id`. ABORTED if
@@ -77,10 +107,7 @@ class FdChannel {
     uint64_t session_id = 0;
     UnixSocket socket;
     FdBudget::Lease lease;
-    // Places of fds sent but maybe not read yet: until the client reads
-    // them they sit in its socket's receive queue, and the kernel counts
-    // them against the daemon's uid (unix_inflight, limited by
-    // RLIMIT_NOFILE unless root). Returned once nothing we sent is unread.
+    // Places of fds sent but maybe not read yet (see the class comment).
     std::vector<FdBudget::Lease> in_flight;
     // The session ended but in_flight is not empty: kept (and its session
     // open) until it is; no longer watched or delivered to.
@@ -90,39 +117,46 @@ class FdChannel {
     absl::Time stalled_since;
   };
 
-  void Loop();
   void AcceptAll();
   // Opens a session for a new connection, or refuses it (Refused record).
   void Admit(UnixSocket socket);
   // Logs the last minute's session churn at info, if there was any.
   void SummarizeChurn();
-  // Handles what the client sent (one-way releases); ends the session on
-  // EOF, error or a malformed record.
+  void OnEvents(int fd, uint32_t events);
+  // Hands what the client sent to the delegate; ends the session on EOF,
+  // error or a malformed record.
   void OnReadable(int fd);
   void OnWritable(int fd);
-  void CheckStalled();
+  // Every tick: returns read fds' places, ends drained lingering sessions
+  // and stalled ones.
+  void Tick();
   // Ends the session of the connection on `fd`; `badly` logs a warning
   // (rate-limited), otherwise a debug line.
   void EndConnection(int fd, absl::string_view why, bool badly = false);
   // Flushes as much of the queue as the socket takes. Returns false if the
   // connection failed.
   bool FlushLocked(Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Returns the places of sent fds once the client has read them all.
   void ReapDeliveredLocked(Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Marks `fd` as needing the tick (queued, in flight or lingering), or not.
+  void UpdateBusyLocked(int fd, const Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void WatchWritable(int fd, bool writable);
 
-  DaemonState* const state_;
+  EventLoop* const loop_;
+  FdBudget* const budget_;
+  Delegate* const delegate_;
   const Options options_;
   UnixSocket listener_;
-  UniqueFd epoll_;
-  LoopThread loop_;
+  std::vector<EventLoop::TimerId> timers_;
 
   mutable absl::Mutex mu_;
   // By socket fd.
   std::map<int, Connection> connections_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, int> by_session_ ABSL_GUARDED_BY(mu_);
+  // Connections with deliveries queued or in flight, or lingering: the only
+  // ones the tick looks at.
+  std::set<int> busy_ ABSL_GUARDED_BY(mu_);
   size_t total_queued_ ABSL_GUARDED_BY(mu_) = 0;
-  // Loop thread only: accepts paused after EMFILE until then.
-  absl::Time accept_paused_until_ = absl::InfinitePast();
   // Loop thread only: sessions opened, ended and refused since the last
   // churn summary.
   uint64_t opened_ = 0;

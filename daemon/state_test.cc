@@ -10,7 +10,9 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "base/errno_status.h"
 #include "base/fd_count.h"
+#include "daemon/debug_views.h"
 #include "heaps/carveout_heap.h"
 #include "heaps/contiguous_heap.h"
 #include "heaps/system_heap.h"
@@ -47,20 +49,37 @@ class StateTest : public ::testing::Test {
     return request;
   }
 
-  static PeerCredentials Peer(uid_t uid) { return {1234, uid, 100}; }
+  // A new session of `uid` (SessionTable gives out ids in the daemon).
+  uint64_t Open(DaemonState& state, uid_t uid) {
+    state.AddSession(next_session_, uid);
+    return next_session_++;
+  }
 
-  uint64_t SessionBytes(DaemonState& state, uint64_t session, const std::string& heap) {
-    for (const auto& client : state.ListClients()) {
-      if (client.session_id() != session) continue;
-      for (const auto& b : client.bytes()) {
-        if (b.heap() == heap) return b.bytes();
-      }
+  // Allocate and Import as the services do once the fd is delivered:
+  // committed.
+  static absl::StatusOr<DaemonState::Grant> Allocate(DaemonState& state, uint64_t session,
+                                                     const v1::AllocateRequest& request) {
+    ASSIGN_OR_RETURN(DaemonState::PendingGrant pending, state.Allocate(session, request));
+    return std::move(pending).Commit();
+  }
+  static absl::StatusOr<DaemonState::Grant> Import(DaemonState& state, uint64_t session,
+                                                   const std::string& token) {
+    ASSIGN_OR_RETURN(DaemonState::PendingGrant pending, state.Import(session, token));
+    return std::move(pending).Commit();
+  }
+
+  static uint64_t SessionBytes(DaemonState& state, uint64_t session, const std::string& heap) {
+    for (const auto& holdings : state.ListHoldings()) {
+      if (holdings.session_id != session) continue;
+      auto it = holdings.bytes.find(heap);
+      return it == holdings.bytes.end() ? 0 : it->second;
     }
     return 0;
   }
 
   HeapRegistry heaps_;
   int fds_before_ = 0;
+  uint64_t next_session_ = 1;
 };
 
 // Tests that a session's handles and charges follow Allocate / Import /
@@ -68,71 +87,47 @@ class StateTest : public ::testing::Test {
 // session releases everything it held.
 TEST_F(StateTest, HandlesChargesAndSessionEnd) {
   auto state = NewState();
-  auto a = state->OpenSession(Peer(1000), "a").value();
-  auto b = state->OpenSession(Peer(1000), "b").value();
-  EXPECT_NE(a.id, b.id);
-  EXPECT_EQ(a.secret.size(), 16u);
+  const uint64_t a = Open(*state, 1000);
+  const uint64_t b = Open(*state, 1000);
+  EXPECT_NE(a, b);
 
-  auto grant = state->Allocate(a.id, Request("system", 5000));
+  auto grant = Allocate(*state, a, Request("system", 5000));
   ASSERT_TRUE(grant.ok()) << grant.status();
   EXPECT_EQ(grant->buffer.size(), 8192u);
-  EXPECT_EQ(SessionBytes(*state, a.id, "system"), 8192u);
+  EXPECT_EQ(SessionBytes(*state, a, "system"), 8192u);
 
   v1::ExportRequest export_request;
   export_request.set_handle(grant->handle);
   export_request.set_access(v1::ACCESS_READ_ONLY);
-  auto token = state->Export(a.id, export_request);
+  auto token = state->Export(a, export_request);
   ASSERT_TRUE(token.ok()) << token.status();
-  auto imported = state->Import(b.id, token->token());
+  auto imported = Import(*state, b, token->token());
   ASSERT_TRUE(imported.ok()) << imported.status();
   EXPECT_EQ(imported->access, v1::ACCESS_READ_ONLY);
   EXPECT_EQ(::fcntl(imported->fd.fd.get(), F_GETFL) & O_ACCMODE, O_RDONLY);
-  EXPECT_EQ(SessionBytes(*state, b.id, "system"), 8192u);
+  EXPECT_EQ(SessionBytes(*state, b, "system"), 8192u);
 
   // The creator lets go; the importer keeps the buffer alive.
-  auto destroyed = state->Release(a.id, grant->handle);
+  auto destroyed = state->Release(a, grant->handle);
   ASSERT_TRUE(destroyed.ok());
-  EXPECT_FALSE(*destroyed);
-  EXPECT_EQ(SessionBytes(*state, a.id, "system"), 0u);
-  EXPECT_EQ(state->ListHeaps().live_buffers(), 1u);
+  EXPECT_TRUE(destroyed->empty());
+  EXPECT_EQ(SessionBytes(*state, a, "system"), 0u);
+  EXPECT_EQ(HeapsView(*state).live_buffers(), 1u);
 
   // The importer's session ends: the buffer dies.
-  state->CloseSession(b.id);
-  v1::ListHeapsResponse heaps = state->ListHeaps();
+  state->CloseSession(b);
+  v1::ListHeapsResponse heaps = HeapsView(*state);
   EXPECT_EQ(heaps.live_buffers(), 0u);
   EXPECT_EQ(heaps.live_handles(), 0u);
   EXPECT_EQ(heaps.fds().buffers(), 0u);
   EXPECT_EQ(heaps.fds_in_use(), 2u) << "the two grants' fds, not yet delivered";
   EXPECT_EQ(heaps.heaps(0).used(), 0u);
-  auto gone = state->Allocate(b.id, Request("system", 1));
+  auto gone = Allocate(*state, b, Request("system", 1));
   EXPECT_EQ(gone.status().code(), absl::StatusCode::kUnauthenticated);
   grant->fd = {};
   imported->fd = {};
-  EXPECT_EQ(state->ListHeaps().fds_in_use(), 0u);
+  EXPECT_EQ(HeapsView(*state).fds_in_use(), 0u);
   EXPECT_EQ(CountOpenFds(), fds_before_);
-}
-
-// Tests authentication of session metadata.
-TEST_F(StateTest, Authenticate) {
-  auto state = NewState();
-  auto session = state->OpenSession(Peer(0), "x").value();
-  std::string hex;
-  for (unsigned char c : session.secret) {
-    static const char kHex[] = "0123456789abcdef";
-    hex += kHex[c >> 4];
-    hex += kHex[c & 15];
-  }
-  EXPECT_EQ(*state->Authenticate(absl::StrCat(session.id, ":", hex)), session.id);
-  EXPECT_EQ(state->Authenticate("").status().code(), absl::StatusCode::kUnauthenticated);
-  EXPECT_EQ(
-      state->Authenticate(absl::StrCat(session.id, ":", std::string(32, 'f'))).status().code(),
-      absl::StatusCode::kUnauthenticated);
-  state->CloseSession(session.id);
-  EXPECT_NE(state->Authenticate(absl::StrCat(session.id, ":", hex))
-                .status()
-                .message()
-                .find("is not live"),
-            absl::string_view::npos);
 }
 
 // Tests each quota: its code, and a message naming which quota was hit.
@@ -143,25 +138,25 @@ TEST_F(StateTest, QuotasNameThemselves) {
   quotas.set_max_buffers_per_session(3);
   quotas.set_max_allocation_bytes(6 * kMiB);
   auto state = NewState(quotas);
-  auto a = state->OpenSession(Peer(1000), "a").value();
-  auto b = state->OpenSession(Peer(1000), "b").value();
+  const uint64_t a = Open(*state, 1000);
+  const uint64_t b = Open(*state, 1000);
 
-  auto too_big = state->Allocate(a.id, Request("system", 7 * kMiB));
+  auto too_big = Allocate(*state, a, Request("system", 7 * kMiB));
   EXPECT_EQ(too_big.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(too_big.status().message().find("quota max_allocation_bytes"), absl::string_view::npos);
 
-  auto a1 = state->Allocate(a.id, Request("system", 6 * kMiB));
+  auto a1 = Allocate(*state, a, Request("system", 6 * kMiB));
   ASSERT_TRUE(a1.ok());
-  auto a2 = state->Allocate(a.id, Request("system", 3 * kMiB));
+  auto a2 = Allocate(*state, a, Request("system", 3 * kMiB));
   EXPECT_EQ(a2.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(a2.status().message().find("quota max_bytes_per_session on heap 'system'"),
             absl::string_view::npos)
       << a2.status();
   // Per heap: the carveout has its own budget.
-  EXPECT_TRUE(state->Allocate(a.id, Request("carveout", 3 * kMiB)).ok());
+  EXPECT_TRUE(Allocate(*state, a, Request("carveout", 3 * kMiB)).ok());
 
-  auto b1 = state->Allocate(b.id, Request("system", 6 * kMiB));
-  auto b2 = state->Allocate(b.id, Request("system", 1));
+  auto b1 = Allocate(*state, b, Request("system", 6 * kMiB));
+  auto b2 = Allocate(*state, b, Request("system", 1));
   ASSERT_TRUE(b1.ok());
   EXPECT_EQ(b2.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(b2.status().message().find("quota max_bytes_per_uid on heap 'system': uid 1000"),
@@ -169,9 +164,9 @@ TEST_F(StateTest, QuotasNameThemselves) {
       << b2.status();
 
   // Another uid is not affected.
-  auto c = state->OpenSession(Peer(2000), "c").value();
-  for (int i = 0; i < 3; ++i) ASSERT_TRUE(state->Allocate(c.id, Request("system", 4096)).ok());
-  auto fourth = state->Allocate(c.id, Request("system", 4096));
+  const uint64_t c = Open(*state, 2000);
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(Allocate(*state, c, Request("system", 4096)).ok());
+  auto fourth = Allocate(*state, c, Request("system", 4096));
   EXPECT_EQ(fourth.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(fourth.status().message().find("quota max_buffers_per_session"),
             absl::string_view::npos);
@@ -183,10 +178,10 @@ TEST_F(StateTest, PerHeapQuotaOverride) {
   quotas.set_max_bytes_per_session(64 * kMiB);
   auto state = NewState(quotas);
   state->SetHeapQuotas("carveout", 2 * kMiB, 0);
-  auto a = state->OpenSession(Peer(1), "a").value();
-  EXPECT_TRUE(state->Allocate(a.id, Request("system", 10 * kMiB)).ok());
-  EXPECT_TRUE(state->Allocate(a.id, Request("carveout", 2 * kMiB)).ok());
-  EXPECT_EQ(state->Allocate(a.id, Request("carveout", 4096)).status().code(),
+  const uint64_t a = Open(*state, 1);
+  EXPECT_TRUE(Allocate(*state, a, Request("system", 10 * kMiB)).ok());
+  EXPECT_TRUE(Allocate(*state, a, Request("carveout", 2 * kMiB)).ok());
+  EXPECT_EQ(Allocate(*state, a, Request("carveout", 4096)).status().code(),
             absl::StatusCode::kResourceExhausted);
 }
 
@@ -203,19 +198,19 @@ TEST_F(StateTest, FallbackChargesTheRealSize) {
   v1::QuotaConfig quotas;
   quotas.set_max_bytes_per_session(uint64_t{3} << 30);
   auto state = NewState(quotas);
-  auto a = state->OpenSession(Peer(1), "a").value();
-  auto grant = state->Allocate(a.id, Request("gig", 5000));
+  const uint64_t a = Open(*state, 1);
+  auto grant = Allocate(*state, a, Request("gig", 5000));
   ASSERT_TRUE(grant.ok()) << grant.status();
   EXPECT_EQ(grant->buffer.size(), 8192u);
   EXPECT_EQ(grant->buffer.backing(), v1::BACKING_BASE_PAGES);
-  EXPECT_EQ(SessionBytes(*state, a.id, "gig"), 8192u);
+  EXPECT_EQ(SessionBytes(*state, a, "gig"), 8192u);
   // Two more fit: each is checked against 1 GiB but charged 8 KiB.
-  auto second = state->Allocate(a.id, Request("gig", 5000));
+  auto second = Allocate(*state, a, Request("gig", 5000));
   ASSERT_TRUE(second.ok()) << second.status();
-  EXPECT_EQ(SessionBytes(*state, a.id, "gig"), 16384u);
-  ASSERT_TRUE(state->Release(a.id, grant->handle, nullptr).ok());
-  ASSERT_TRUE(state->Release(a.id, second->handle, nullptr).ok());
-  EXPECT_EQ(SessionBytes(*state, a.id, "gig"), 0u);
+  EXPECT_EQ(SessionBytes(*state, a, "gig"), 16384u);
+  ASSERT_TRUE(state->Release(a, grant->handle).ok());
+  ASSERT_TRUE(state->Release(a, second->handle).ok());
+  EXPECT_EQ(SessionBytes(*state, a, "gig"), 0u);
   EXPECT_EQ(heaps_.Find("gig")->Stats().used, 0u);
 }
 
@@ -226,8 +221,8 @@ TEST_F(StateTest, QuotasAreAtomicUnderConcurrency) {
   quotas.set_max_bytes_per_session(6 * kMiB);
   quotas.set_max_bytes_per_uid(10 * kMiB);
   auto state = NewState(quotas);
-  std::vector<DaemonState::NewSession> sessions;
-  for (int i = 0; i < 4; ++i) sessions.push_back(state->OpenSession(Peer(1000), "s").value());
+  std::vector<uint64_t> sessions;
+  for (int i = 0; i < 4; ++i) sessions.push_back(Open(*state, 1000));
   std::atomic<bool> over{false};
   std::atomic<int> ok{0}, refused{0};
   std::vector<std::thread> threads;
@@ -235,12 +230,12 @@ TEST_F(StateTest, QuotasAreAtomicUnderConcurrency) {
   for (int t = 0; t < 8; ++t) {
     threads.emplace_back([&, t] {
       std::mt19937 rng(t);
-      const uint64_t session = sessions[t % 4].id;
+      const uint64_t session = sessions[t % 4];
       std::vector<uint64_t> held;
       while (std::chrono::steady_clock::now() < deadline) {
         if (held.size() < 4 && rng() % 2) {
-          auto grant = state->Allocate(
-              session, Request(rng() % 2 ? "system" : "carveout", (rng() % 3 + 1) * kMiB));
+          auto grant = Allocate(*state, session,
+                                Request(rng() % 2 ? "system" : "carveout", (rng() % 3 + 1) * kMiB));
           if (grant.ok()) {
             ++ok;
             held.push_back(grant->handle);
@@ -254,10 +249,10 @@ TEST_F(StateTest, QuotasAreAtomicUnderConcurrency) {
           held.erase(held.begin() + static_cast<long>(i));
         }
         uint64_t uid_total = 0;
-        for (const auto& client : state->ListClients()) {
-          for (const auto& b : client.bytes()) {
-            if (b.bytes() > 6 * kMiB) over = true;
-            if (b.heap() == "system") uid_total += b.bytes();
+        for (const auto& holdings : state->ListHoldings()) {
+          for (const auto& [heap, bytes] : holdings.bytes) {
+            if (bytes > 6 * kMiB) over = true;
+            if (heap == "system") uid_total += bytes;
           }
         }
         if (uid_total > 10 * kMiB) over = true;
@@ -269,35 +264,12 @@ TEST_F(StateTest, QuotasAreAtomicUnderConcurrency) {
   EXPECT_FALSE(over.load());
   EXPECT_GT(ok.load(), 0);
   EXPECT_GT(refused.load(), 0) << "the quotas were never reached; the test proves nothing";
-  v1::ListHeapsResponse heaps = state->ListHeaps();
+  v1::ListHeapsResponse heaps = HeapsView(*state);
   EXPECT_EQ(heaps.live_buffers(), 0u);
   EXPECT_EQ(heaps.fds_in_use(), 0u);
   for (const auto& heap : heaps.heaps()) EXPECT_EQ(heap.used(), 0u) << heap.name();
-  for (const auto& client : state->ListClients()) EXPECT_EQ(client.bytes_size(), 0);
+  for (const auto& holdings : state->ListHoldings()) EXPECT_TRUE(holdings.bytes.empty());
   EXPECT_EQ(CountOpenFds(), fds_before_);
-}
-
-// Tests that a token whose Import could not be completed can be redeemed
-// again, and only then counts as used.
-TEST_F(StateTest, UnusedTokenCanBeRedeemedAgain) {
-  auto state = NewState();
-  auto a = state->OpenSession(Peer(1), "a").value();
-  auto b = state->OpenSession(Peer(1), "b").value();
-  auto grant = state->Allocate(a.id, Request("system", 4096));
-  ASSERT_TRUE(grant.ok());
-  v1::ExportRequest request;
-  request.set_handle(grant->handle);
-  auto token = state->Export(a.id, request);
-  ASSERT_TRUE(token.ok());
-  auto first = state->Import(b.id, token->token());
-  ASSERT_TRUE(first.ok());
-  // Delivery failed: the service drops the handle and restores the token.
-  ASSERT_TRUE(state->Release(b.id, first->handle).ok());
-  state->UnuseToken(token->token());
-  auto second = state->Import(b.id, token->token());
-  ASSERT_TRUE(second.ok()) << second.status();
-  EXPECT_EQ(state->Import(b.id, token->token()).status().code(),
-            absl::StatusCode::kFailedPrecondition);
 }
 
 // Tests the cap on unredeemed share tokens per session: the 4097th is refused
@@ -305,40 +277,40 @@ TEST_F(StateTest, UnusedTokenCanBeRedeemedAgain) {
 // tokens, and another session is unaffected.
 TEST_F(StateTest, UnredeemedTokensAreCapped) {
   auto state = NewState();
-  auto a = state->OpenSession(Peer(1), "a").value();
-  auto b = state->OpenSession(Peer(1), "b").value();
-  auto grant = state->Allocate(a.id, Request("system", 4096));
+  const uint64_t a = Open(*state, 1);
+  const uint64_t b = Open(*state, 1);
+  auto grant = Allocate(*state, a, Request("system", 4096));
   ASSERT_TRUE(grant.ok());
   v1::ExportRequest request;
   request.set_handle(grant->handle);
   std::string first;
   for (int i = 0; i < 4096; ++i) {
-    auto token = state->Export(a.id, request);
+    auto token = state->Export(a, request);
     ASSERT_TRUE(token.ok()) << i << ": " << token.status();
     if (i == 0) first = token->token();
   }
-  auto refused = state->Export(a.id, request);
+  auto refused = state->Export(a, request);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(refused.status().message().find("4096 share tokens out that nobody imported"),
             std::string::npos)
       << refused.status();
-  auto other = state->Allocate(b.id, Request("system", 4096));
+  auto other = Allocate(*state, b, Request("system", 4096));
   ASSERT_TRUE(other.ok());
   v1::ExportRequest other_request;
   other_request.set_handle(other->handle);
-  EXPECT_TRUE(state->Export(b.id, other_request).ok());
+  EXPECT_TRUE(state->Export(b, other_request).ok());
 
-  auto imported = state->Import(b.id, first);
+  auto imported = Import(*state, b, first);
   ASSERT_TRUE(imported.ok()) << imported.status();
-  EXPECT_TRUE(state->Export(a.id, request).ok()) << "a redeemed token makes room";
-  EXPECT_FALSE(state->Export(a.id, request).ok());
+  EXPECT_TRUE(state->Export(a, request).ok()) << "a redeemed token makes room";
+  EXPECT_FALSE(state->Export(a, request).ok());
   // Releasing the buffer forgets its tokens (and their count).
-  ASSERT_TRUE(state->Release(b.id, imported->handle).ok());
-  ASSERT_TRUE(state->Release(a.id, grant->handle).ok());
-  auto again = state->Allocate(a.id, Request("system", 4096));
+  ASSERT_TRUE(state->Release(b, imported->handle).ok());
+  ASSERT_TRUE(state->Release(a, grant->handle).ok());
+  auto again = Allocate(*state, a, Request("system", 4096));
   ASSERT_TRUE(again.ok());
   request.set_handle(again->handle);
-  EXPECT_TRUE(state->Export(a.id, request).ok());
+  EXPECT_TRUE(state->Export(a, request).ok());
 }
 
 // Tests that the fd budget refuses allocations with RESOURCE_EXHAUSTED: each
@@ -348,23 +320,23 @@ TEST_F(StateTest, FdBudget) {
   DaemonState::Options options;
   options.fd_budget = &budget;
   DaemonState state(&heaps_, options);
-  auto a = state.OpenSession(Peer(1), "a").value();
-  auto first = state.Allocate(a.id, Request("system", 1));
+  const uint64_t a = Open(state, 1);
+  auto first = Allocate(state, a, Request("system", 1));
   ASSERT_TRUE(first.ok());
-  auto second = state.Allocate(a.id, Request("system", 1));
+  auto second = Allocate(state, a, Request("system", 1));
   ASSERT_TRUE(second.ok());
-  auto third = state.Allocate(a.id, Request("system", 1));
+  auto third = Allocate(state, a, Request("system", 1));
   EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(third.status().message(),
             "daemon fd budget reached: 4 of 4 fds in use (2 buffers, 2 fds in flight to "
             "clients); try again when some close");
   first->fd = {};  // delivered: the client holds it now, not the daemon
   EXPECT_EQ(budget.usage().total, 3u);
-  EXPECT_EQ(state.Allocate(a.id, Request("system", 1)).status().code(),
+  EXPECT_EQ(Allocate(state, a, Request("system", 1)).status().code(),
             absl::StatusCode::kResourceExhausted)
       << "a buffer needs its own fd and one to grant";
   EXPECT_EQ(budget.usage().total, 3u) << "the refused buffer's fd is closed again";
-  EXPECT_EQ(state.ListHeaps().live_buffers(), 2u);
+  EXPECT_EQ(HeapsView(state).live_buffers(), 2u);
 }
 
 // Tests that one uid's share of the fd budget leaves the rest to other uids.
@@ -373,88 +345,63 @@ TEST_F(StateTest, FdBudgetPerUid) {
   DaemonState::Options options;
   options.fd_budget = &budget;
   DaemonState state(&heaps_, options);
-  auto a = state.OpenSession(Peer(1), "a").value();
+  const uint64_t a = Open(state, 1);
   std::vector<DaemonState::Grant> held;
   for (int i = 0; i < 2; ++i) {
-    auto grant = state.Allocate(a.id, Request("system", 1));
+    auto grant = Allocate(state, a, Request("system", 1));
     ASSERT_TRUE(grant.ok()) << grant.status();
     held.push_back(*std::move(grant));
   }
-  auto refused = state.Allocate(a.id, Request("system", 1));
+  auto refused = Allocate(state, a, Request("system", 1));
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(refused.status().message(),
-            "fd budget of uid 1 reached: it holds 4 of 4 fds (limits.max_fds_per_uid): its buffers (including "
+            "fd budget of uid 1 reached: it holds 4 of 4 fds (limits.max_fds_per_uid): its buffers "
+            "(including "
             "those it imported from others), sessions, control connections and fds not yet read; "
             "release buffers or close sessions");
-  auto b = state.OpenSession(Peer(2), "b").value();
-  EXPECT_TRUE(state.Allocate(b.id, Request("system", 1)).ok()) << "another uid still allocates";
-}
-
-// Tests the session caps, total and per uid, and that a closed session frees
-// its place.
-TEST_F(StateTest, SessionCaps) {
-  DaemonState::Options options;
-  options.max_sessions = 3;
-  options.max_sessions_per_uid = 2;
-  DaemonState state(&heaps_, options);
-  auto a1 = state.OpenSession(Peer(1), "a").value();
-  ASSERT_TRUE(state.OpenSession(Peer(1), "a").ok());
-  auto third = state.OpenSession(Peer(1), "a");
-  EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_EQ(third.status().message(), "uid 1 has 2 sessions open (limits.max_sessions_per_uid)");
-  ASSERT_TRUE(state.OpenSession(Peer(2), "b").ok());
-  auto fourth = state.OpenSession(Peer(3), "c");
-  EXPECT_EQ(fourth.status().code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_EQ(fourth.status().message(), "bufferd has 3 sessions open (limits.max_sessions)");
-  state.CloseSession(a1.id);
-  EXPECT_TRUE(state.OpenSession(Peer(3), "c").ok());
-  EXPECT_TRUE(state.OpenSession(Peer(1), "a").status().code() ==
-              absl::StatusCode::kResourceExhausted)
-      << "3 open again";
+  const uint64_t b = Open(state, 2);
+  EXPECT_TRUE(Allocate(state, b, Request("system", 1)).ok()) << "another uid still allocates";
 }
 
 // Tests that a heap name longer than any configured one is INVALID_ARGUMENT
 // without echoing it, and that an unknown name is quoted escaped and short.
 TEST_F(StateTest, HeapNamesAreNeverEchoedAtLength) {
   auto state = NewState();
-  auto a = state->OpenSession(Peer(1), "a").value();
-  auto huge = state->Allocate(a.id, Request(std::string(100000, 'x'), 1));
+  const uint64_t a = Open(*state, 1);
+  auto huge = Allocate(*state, a, Request(std::string(100000, 'x'), 1));
   EXPECT_EQ(huge.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(huge.status().message(), "heap name is 100000 bytes; heap names are at most 32");
-  auto odd = state->Allocate(a.id, Request("\x1b]0;PWN\x07", 1));
+  auto odd = Allocate(*state, a, Request("\x1b]0;PWN\x07", 1));
   EXPECT_EQ(odd.status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(odd.status().message(), "unknown heap '\\x1b]0;PWN\\x07' (heaps: system, carveout)");
 }
 
 // Tests the two steps of freeing as DaemonState drives them: releasing a big
 // buffer's last handle gives its bytes back to the heap at once, but its fd
-// counts against the budget until free_later has really closed it.
+// counts against the budget until the reaper has really closed it.
 TEST_F(StateTest, FreedBytesAtOnceFdsWhenClosed) {
-  std::vector<std::unique_ptr<HeapBuffer>> queued;
   // Each buffer needs its own fd and, until delivered, one for the client.
   FdBudget budget({.total = 3});
   DaemonState::Options options;
   options.fd_budget = &budget;
-  options.free_later = [&](std::unique_ptr<HeapBuffer> memory) {
-    queued.push_back(std::move(memory));
-  };
   DaemonState state(&heaps_, options);
-  auto a = state.OpenSession(Peer(1), "a").value();
-  auto big = state.Allocate(a.id, Request("carveout", 8 * kMiB));
+  const uint64_t a = Open(state, 1);
+  auto big = Allocate(state, a, Request("carveout", 8 * kMiB));
   ASSERT_TRUE(big.ok());
   big->fd = {};  // delivered
-  ASSERT_TRUE(state.Allocate(a.id, Request("system", 2 * kMiB)).ok());
-  state.CloseSession(a.id);
-  ASSERT_EQ(queued.size(), 2u) << "big and carveout buffers are freed later";
-  v1::ListHeapsResponse heaps = state.ListHeaps();
+  ASSERT_TRUE(Allocate(state, a, Request("system", 2 * kMiB)).ok());
+  std::vector<DeadBuffer> dead = state.CloseSession(a);
+  ASSERT_EQ(dead.size(), 2u) << "what died is returned, not freed";
+  for (const DeadBuffer& buffer : dead) EXPECT_FALSE(buffer.memory->cheap_to_free());
+  v1::ListHeapsResponse heaps = HeapsView(state);
   for (const auto& heap : heaps.heaps()) EXPECT_EQ(heap.used(), 0u) << heap.name();
   EXPECT_EQ(heaps.fds_in_use(), 2u) << "their fds are still open";
-  auto b = state.OpenSession(Peer(1), "b").value();
-  EXPECT_EQ(state.Allocate(b.id, Request("system", 1)).status().code(),
+  const uint64_t b = Open(state, 1);
+  EXPECT_EQ(Allocate(state, b, Request("system", 1)).status().code(),
             absl::StatusCode::kResourceExhausted);
-  queued.clear();  // what the reaper does
-  EXPECT_EQ(state.ListHeaps().fds_in_use(), 0u);
-  EXPECT_TRUE(state.Allocate(b.id, Request("system", 1)).ok());
+  dead.clear();  // what the reaper does
+  EXPECT_EQ(HeapsView(state).fds_in_use(), 0u);
+  EXPECT_TRUE(Allocate(state, b, Request("system", 1)).ok());
 }
 
 // Tests that a buffer's own fd is charged to a uid that holds it: the
@@ -462,54 +409,92 @@ TEST_F(StateTest, FreedBytesAtOnceFdsWhenClosed) {
 // no longer keep buffers alive on another uid's share); and to nobody while
 // the reaper frees it (it stays in the total until really closed).
 TEST_F(StateTest, BufferFdIsChargedToAHolder) {
-  std::vector<std::unique_ptr<HeapBuffer>> queued;
   FdBudget budget({.total = 100});
   DaemonState::Options options;
   options.fd_budget = &budget;
-  options.free_later = [&](std::unique_ptr<HeapBuffer> memory) {
-    queued.push_back(std::move(memory));
-  };
   DaemonState state(&heaps_, options);
-  auto creator = state.OpenSession(Peer(1), "creator").value();
-  auto importer = state.OpenSession(Peer(2), "importer").value();
-  auto grant = state.Allocate(creator.id, Request("carveout", 4096));
+  const uint64_t creator = Open(state, 1);
+  const uint64_t importer = Open(state, 2);
+  auto grant = Allocate(state, creator, Request("carveout", 4096));
   ASSERT_TRUE(grant.ok()) << grant.status();
   grant->fd = {};  // delivered
   v1::ExportRequest request;
   request.set_handle(grant->handle);
   request.set_access(v1::ACCESS_READ_ONLY);
-  auto token = state.Export(creator.id, request);
+  auto token = state.Export(creator, request);
   ASSERT_TRUE(token.ok());
-  auto imported = state.Import(importer.id, token->token());
+  auto imported = Import(state, importer, token->token());
   ASSERT_TRUE(imported.ok());
   imported->fd = {};
   EXPECT_EQ(budget.UsedBy(1), 1u) << "the creator answers for the buffer's fd";
   EXPECT_EQ(budget.UsedBy(2), 0u);
-  ASSERT_TRUE(state.Release(creator.id, grant->handle).ok());
+  auto kept = state.Release(creator, grant->handle);
+  ASSERT_TRUE(kept.ok());
+  EXPECT_TRUE(kept->empty());
   EXPECT_EQ(budget.UsedBy(1), 0u);
   EXPECT_EQ(budget.UsedBy(2), 1u) << "the importer holds it now";
-  ASSERT_TRUE(state.Release(importer.id, imported->handle).ok());
-  ASSERT_EQ(queued.size(), 1u) << "a carveout buffer is freed later";
+  auto dead = state.Release(importer, imported->handle);
+  ASSERT_TRUE(dead.ok());
+  ASSERT_EQ(dead->size(), 1u);
   EXPECT_EQ(budget.UsedBy(2), 0u) << "being freed: nobody's share";
   EXPECT_EQ(budget.usage().of(FdUse::kFreeing), 1u) << "but in the total until closed";
-  queued.clear();
+  dead->clear();
   EXPECT_EQ(budget.usage().total, 0u);
+}
+
+// Tests that a grant dropped uncommitted undoes itself: a pending Allocate's
+// buffer is gone with its charge, and a pending Import's handle goes while
+// its token becomes redeemable again (and only a committed Import uses it).
+TEST_F(StateTest, UncommittedGrantsUndoThemselves) {
+  auto state = NewState();
+  const uint64_t a = Open(*state, 1);
+  const uint64_t b = Open(*state, 1);
+  {
+    auto pending = state->Allocate(a, Request("system", 4096));
+    ASSERT_TRUE(pending.ok());
+    EXPECT_EQ(HeapsView(*state).live_buffers(), 1u);
+    EXPECT_EQ(SessionBytes(*state, a, "system"), 4096u);
+  }
+  EXPECT_EQ(HeapsView(*state).live_buffers(), 0u);
+  EXPECT_EQ(SessionBytes(*state, a, "system"), 0u);
+  auto grant = Allocate(*state, a, Request("system", 4096));
+  ASSERT_TRUE(grant.ok());
+  v1::ExportRequest request;
+  request.set_handle(grant->handle);
+  auto token = state->Export(a, request);
+  ASSERT_TRUE(token.ok());
+  uint64_t undone_handle;
+  {
+    auto pending = state->Import(b, token->token());
+    ASSERT_TRUE(pending.ok());
+    undone_handle = (*pending)->handle;
+    EXPECT_EQ(state->Import(b, token->token()).status().code(),
+              absl::StatusCode::kFailedPrecondition)
+        << "used while pending";
+  }
+  EXPECT_EQ(state->GetBuffer(b, undone_handle).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(SessionBytes(*state, b, "system"), 0u);
+  auto second = Import(*state, b, token->token());
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(state->Import(b, token->token()).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(HeapsView(*state).live_handles(), 2u);
 }
 
 // Tests that a detached session (its client left fds unread) answers no
 // more calls but keeps its handles and charges until it is closed.
 TEST_F(StateTest, DetachedSessionKeepsItsAccounting) {
   auto state = NewState();
-  auto a = state->OpenSession(Peer(1), "a").value();
-  auto grant = state->Allocate(a.id, Request("system", 4096));
+  const uint64_t a = Open(*state, 1);
+  auto grant = Allocate(*state, a, Request("system", 4096));
   ASSERT_TRUE(grant.ok());
-  state->DetachSession(a.id);
-  EXPECT_EQ(state->Allocate(a.id, Request("system", 1)).status().code(),
+  state->DetachSession(a);
+  EXPECT_EQ(Allocate(*state, a, Request("system", 1)).status().code(),
             absl::StatusCode::kUnauthenticated);
-  EXPECT_EQ(state->ListHeaps().live_buffers(), 1u);
-  EXPECT_EQ(SessionBytes(*state, a.id, "system"), 4096u);
-  state->CloseSession(a.id);
-  EXPECT_EQ(state->ListHeaps().live_buffers(), 0u);
+  EXPECT_EQ(HeapsView(*state).live_buffers(), 1u);
+  EXPECT_EQ(SessionBytes(*state, a, "system"), 4096u);
+  state->CloseSession(a);
+  EXPECT_EQ(HeapsView(*state).live_buffers(), 0u);
 }
 
 }  // namespace

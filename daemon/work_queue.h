@@ -1,9 +1,9 @@
 // WorkQueue: threads for work that must not run on gRPC's callback threads or
-// the fd.sock loop. The daemon has two: "work" (2 threads: prefaulting
-// contiguous/carveout buffers, heap statistics) and "reaper" (1 thread, so
-// FIFO: freeing big buffers and refilling carveouts). A one-thread queue runs
-// its work in the order it was posted. Thread-safe. The destructor runs what
-// is queued, then joins.
+// the fd.sock loop. The daemon has two: "work" (4 threads: prefaulting
+// contiguous/carveout buffers, heap statistics) and the Reaper's (1 thread,
+// so FIFO: freeing big buffers and refilling carveouts). A one-thread queue
+// runs its work in the order it was posted. Thread-safe. The destructor runs
+// what is queued, then joins.
 #ifndef BUFFERD_DAEMON_WORK_QUEUE_H_
 #define BUFFERD_DAEMON_WORK_QUEUE_H_
 

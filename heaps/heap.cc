@@ -50,7 +50,6 @@ HeapBuffer::~HeapBuffer() {
   } else {
     fd_.Reset();
   }
-  if (after_free_) after_free_();
 }
 
 AccountedHeap::AccountedHeap(std::string name, uint64_t page_size, uint64_t capacity)
@@ -85,8 +84,8 @@ absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t siz
     }
     if (rounded > std::numeric_limits<uint64_t>::max() - accounting_->used) {
       ++accounting_->failures;
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "heap '", name_, "' cannot count ", FormatBytes(rounded), " more bytes"));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("heap '", name_, "' cannot count ", FormatBytes(rounded), " more bytes"));
     }
     accounting_->used += rounded;
   }
@@ -107,7 +106,6 @@ absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t siz
   ++accounting_->buffer_count;
   ++accounting_->allocations;
   const Backing backing = backed->backing;
-  constexpr uint64_t kCheapFreeBytes = 1 << 20;
   const bool cheap_to_free = rounded <= kCheapFreeBytes && !backed->on_free;
   ++accounting_->by_backing[std::string(BackingName(backing))];
   std::function<void()> on_retire = [accounting = accounting_, rounded, backing,

@@ -65,6 +65,10 @@ struct HeapStats {
   std::string note;
 };
 
+// Buffers up to this size with no page work at free (no refill) are cheap to
+// free on any thread: closing the fd frees at most 256 base pages.
+inline constexpr uint64_t kCheapFreeBytes = uint64_t{1} << 20;
+
 // One allocation. Owns the daemon's fd for the buffer. Freeing has two steps:
 // Retire() gives the bytes back to the heap's accounting at once (cheap: the
 // daemon calls it under its lock the moment the last handle goes, so the very
@@ -96,9 +100,6 @@ class HeapBuffer {
   // Returns the bytes to the heap's accounting now; the fd stays open until
   // destruction. Idempotent.
   void Retire();
-  // Runs `after_free` at the very end of destruction, once the fd is closed
-  // and the page work done (the owner's own bookkeeping, e.g. its fd count).
-  void SetAfterFree(std::function<void()> after_free) { after_free_ = std::move(after_free); }
 
   // Borrowed: O_RDWR, sealed, close-on-exec.
   int fd() const { return fd_.get(); }
@@ -115,7 +116,6 @@ class HeapBuffer {
   bool cheap_to_free_;
   std::function<void()> on_retire_;
   std::function<void(UniqueFd)> on_free_;
-  std::function<void()> after_free_;
 };
 
 class Heap {

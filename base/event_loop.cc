@@ -1,0 +1,172 @@
+#include "base/event_loop.h"
+
+#include <sys/epoll.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <limits>
+#include <vector>
+
+#include "base/errno_status.h"
+
+namespace bufferd {
+namespace {
+
+// epoll data of the wake eventfd; watch ids start at 1.
+constexpr uint64_t kWakeId = 0;
+
+}  // namespace
+
+absl::Status EventLoop::Init() {
+  epoll_.Reset(::epoll_create1(EPOLL_CLOEXEC));
+  if (!epoll_.valid()) return ErrnoError("epoll_create1", errno);
+  RETURN_IF_ERROR(thread_.Init());
+  epoll_event event{};
+  event.events = EPOLLIN;
+  event.data.u64 = kWakeId;
+  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, thread_.wake_fd(), &event) != 0) {
+    return ErrnoError("epoll_ctl(ADD, wake)", errno);
+  }
+  return absl::OkStatus();
+}
+
+void EventLoop::Start() {
+  thread_.Run([this] { Loop(); });
+}
+
+bool EventLoop::Stop() { return thread_.Stop(); }
+
+absl::Status EventLoop::Watch(int fd, uint32_t events, FdCallback callback) {
+  absl::MutexLock lock(&mu_);
+  if (by_fd_.count(fd) != 0) return absl::AlreadyExistsError("fd is watched already");
+  const uint64_t id = next_id_++;
+  epoll_event event{};
+  event.events = events;
+  event.data.u64 = id;
+  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &event) != 0) {
+    return ErrnoError("epoll_ctl(ADD)", errno);
+  }
+  watchers_[id] = Watcher{fd, std::move(callback)};
+  by_fd_[fd] = id;
+  return absl::OkStatus();
+}
+
+absl::Status EventLoop::Modify(int fd, uint32_t events) {
+  absl::MutexLock lock(&mu_);
+  auto it = by_fd_.find(fd);
+  if (it == by_fd_.end()) return absl::NotFoundError("fd is not watched");
+  epoll_event event{};
+  event.events = events;
+  event.data.u64 = it->second;
+  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, fd, &event) != 0) {
+    return ErrnoError("epoll_ctl(MOD)", errno);
+  }
+  return absl::OkStatus();
+}
+
+void EventLoop::Unwatch(int fd) {
+  absl::MutexLock lock(&mu_);
+  auto it = by_fd_.find(fd);
+  if (it == by_fd_.end()) return;
+  ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
+  watchers_.erase(it->second);
+  by_fd_.erase(it);
+}
+
+EventLoop::TimerId EventLoop::RunAt(absl::Time when, std::function<void()> fn) {
+  return AddTimer(Timer{when, absl::ZeroDuration(), std::move(fn)});
+}
+
+EventLoop::TimerId EventLoop::RunEvery(absl::Duration period, std::function<void()> fn) {
+  return AddTimer(Timer{absl::Now() + period, period, std::move(fn)});
+}
+
+EventLoop::TimerId EventLoop::AddTimer(Timer timer) {
+  bool earliest;
+  TimerId id;
+  {
+    absl::MutexLock lock(&mu_);
+    id = next_id_++;
+    earliest = due_.empty() || timer.when < due_.begin()->first;
+    due_.emplace(timer.when, id);
+    timers_[id] = std::move(timer);
+  }
+  // The loop may be asleep until a later time.
+  if (earliest) thread_.Wake();
+  return id;
+}
+
+void EventLoop::Cancel(TimerId timer) {
+  absl::MutexLock lock(&mu_);
+  auto it = timers_.find(timer);
+  if (it == timers_.end()) return;
+  auto [first, last] = due_.equal_range(it->second.when);
+  for (auto d = first; d != last; ++d) {
+    if (d->second == timer) {
+      due_.erase(d);
+      break;
+    }
+  }
+  timers_.erase(it);
+}
+
+int EventLoop::TimeoutMs() {
+  absl::MutexLock lock(&mu_);
+  if (due_.empty()) return -1;
+  const absl::Duration left = due_.begin()->first - absl::Now();
+  if (left <= absl::ZeroDuration()) return 0;
+  // Rounded up: a timer never fires early.
+  return static_cast<int>(
+      std::min<int64_t>(absl::ToInt64Milliseconds(absl::Ceil(left, absl::Milliseconds(1))),
+                        std::numeric_limits<int>::max()));
+}
+
+void EventLoop::RunDueTimers() {
+  const absl::Time now = absl::Now();
+  while (true) {
+    std::function<void()> fn;
+    {
+      absl::MutexLock lock(&mu_);
+      if (due_.empty() || due_.begin()->first > now) return;
+      const TimerId id = due_.begin()->second;
+      due_.erase(due_.begin());
+      Timer& timer = timers_.at(id);
+      if (timer.period == absl::ZeroDuration()) {
+        fn = std::move(timer.fn);
+        timers_.erase(id);
+      } else {
+        fn = timer.fn;
+        // The next run one period after this one, or after now if late.
+        timer.when = std::max(timer.when + timer.period, now + absl::Milliseconds(1));
+        due_.emplace(timer.when, id);
+      }
+    }
+    fn();
+  }
+}
+
+void EventLoop::Loop() {
+  epoll_event events[64];
+  while (!thread_.stopping()) {
+    const int n = ::epoll_wait(epoll_.get(), events, 64, TimeoutMs());
+    if (thread_.stopping()) return;
+    for (int i = 0; i < n; ++i) {
+      const uint64_t id = events[i].data.u64;
+      if (id == kWakeId) {
+        thread_.DrainWake();
+        continue;
+      }
+      FdCallback callback;
+      {
+        absl::MutexLock lock(&mu_);
+        auto it = watchers_.find(id);
+        if (it == watchers_.end()) continue;  // unwatched earlier in this batch
+        callback = it->second.callback;
+      }
+      callback(events[i].events);
+    }
+    RunDueTimers();
+  }
+}
+
+}  // namespace bufferd

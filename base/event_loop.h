@@ -1,0 +1,93 @@
+// EventLoop: one thread that watches fds (epoll) and runs timers.
+//
+// Watch an fd with a callback that gets the epoll events; run a function at
+// a time, or every period. Callbacks run on the loop thread, one at a time,
+// never under the loop's lock, so they may call back into the loop (watch,
+// unwatch, add timers). Each watch has its own id in epoll's data, so an
+// event for an fd unwatched (and maybe reused) earlier in the same batch is
+// dropped, never delivered to the new owner of the number.
+//
+// Thread-safe: every method may be called from any thread. Stop() must not
+// be called from a callback; it must be called before destruction of
+// anything the callbacks use.
+#ifndef BUFFERD_BASE_EVENT_LOOP_H_
+#define BUFFERD_BASE_EVENT_LOOP_H_
+
+#include <cstdint>
+#include <functional>
+#include <map>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "base/loop_thread.h"
+#include "base/unique_fd.h"
+
+namespace bufferd {
+
+class EventLoop {
+ public:
+  using FdCallback = std::function<void(uint32_t events)>;
+  using TimerId = uint64_t;
+
+  EventLoop() = default;
+  ~EventLoop() { Stop(); }
+  EventLoop(const EventLoop&) = delete;
+  EventLoop& operator=(const EventLoop&) = delete;
+
+  // Opens the epoll fd and the wake eventfd (so the owner can count them
+  // among its own fds before the loop runs).
+  absl::Status Init();
+  // Runs the loop on a new thread. Call once, after Init().
+  void Start();
+  // Returns from the loop and joins it; true for the first call.
+  bool Stop();
+
+  // Calls `callback` with the events (EPOLLIN, ...) whenever `fd` has some
+  // of `events`. One watch per fd.
+  absl::Status Watch(int fd, uint32_t events, FdCallback callback);
+  // Changes the events a watched fd is watched for.
+  absl::Status Modify(int fd, uint32_t events);
+  // Stops watching `fd` (before it is closed); no callback for it runs
+  // after this returns on the loop thread.
+  void Unwatch(int fd);
+
+  // Runs `fn` on the loop thread at `when` (now, if it is past).
+  TimerId RunAt(absl::Time when, std::function<void()> fn);
+  // Runs `fn` every `period`, the first time one period from now.
+  TimerId RunEvery(absl::Duration period, std::function<void()> fn);
+  // A timer cancelled before it fires never runs.
+  void Cancel(TimerId timer);
+
+ private:
+  struct Watcher {
+    int fd = -1;
+    FdCallback callback;
+  };
+  struct Timer {
+    absl::Time when;
+    absl::Duration period = absl::ZeroDuration();  // zero: once
+    std::function<void()> fn;
+  };
+
+  void Loop();
+  // The epoll_wait timeout until the next timer (-1: none).
+  int TimeoutMs() ABSL_LOCKS_EXCLUDED(mu_);
+  void RunDueTimers() ABSL_LOCKS_EXCLUDED(mu_);
+  TimerId AddTimer(Timer timer);
+
+  LoopThread thread_;
+  UniqueFd epoll_;
+
+  absl::Mutex mu_;
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  std::map<uint64_t, Watcher> watchers_ ABSL_GUARDED_BY(mu_);  // by watch id
+  std::map<int, uint64_t> by_fd_ ABSL_GUARDED_BY(mu_);
+  std::map<TimerId, Timer> timers_ ABSL_GUARDED_BY(mu_);
+  std::multimap<absl::Time, TimerId> due_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace bufferd
+
+#endif  // BUFFERD_BASE_EVENT_LOOP_H_

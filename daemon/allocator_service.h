@@ -1,0 +1,70 @@
+// AllocatorService: the Allocator gRPC service, on gRPC's callback API:
+// handlers never block a callback thread. Allocations from heaps that never
+// block (Heap::allocation_may_block) run inline; the rest (prefaulting huge
+// pages, waiting for a carveout refill) on the work queue, which finishes
+// the call. Every call is authenticated and applies the releases it carries
+// first (daemon/call.h).
+//
+// A call that yields an fd reads grant -> deliver -> commit: the fd goes out
+// on fd.sock before the response, and a grant that is not committed (the
+// delivery failed, the client cancelled) undoes itself.
+#ifndef BUFFERD_DAEMON_ALLOCATOR_SERVICE_H_
+#define BUFFERD_DAEMON_ALLOCATOR_SERVICE_H_
+
+#include "bufferd/v1/buffer.grpc.pb.h"
+#include "daemon/fd_channel.h"
+#include "daemon/reaper.h"
+#include "daemon/session_hub.h"
+#include "daemon/sessions.h"
+#include "daemon/state.h"
+#include "daemon/work_queue.h"
+
+namespace bufferd {
+
+class AllocatorService final : public v1::Allocator::CallbackService {
+ public:
+  struct Deps {
+    const SessionTable* sessions;
+    SessionHub* hub;
+    DaemonState* state;
+    FdChannel* channel;
+    // Page work runs here.
+    WorkQueue* work;
+    // The Release RPC finishes once the buffer's memory is freed.
+    Reaper* reaper;
+  };
+  explicit AllocatorService(Deps deps) : d_(deps) {}
+
+  grpc::ServerUnaryReactor* Allocate(grpc::CallbackServerContext* context,
+                                     const v1::AllocateRequest* request,
+                                     v1::AllocateResponse* response) override;
+  grpc::ServerUnaryReactor* Release(grpc::CallbackServerContext* context,
+                                    const v1::ReleaseRequest* request,
+                                    v1::ReleaseResponse* response) override;
+  grpc::ServerUnaryReactor* Export(grpc::CallbackServerContext* context,
+                                   const v1::ExportRequest* request,
+                                   v1::ExportResponse* response) override;
+  grpc::ServerUnaryReactor* Import(grpc::CallbackServerContext* context,
+                                   const v1::ImportRequest* request,
+                                   v1::ImportResponse* response) override;
+  grpc::ServerUnaryReactor* GetBuffer(grpc::CallbackServerContext* context,
+                                      const v1::GetBufferRequest* request,
+                                      v1::GetBufferResponse* response) override;
+  grpc::ServerUnaryReactor* Freeze(grpc::CallbackServerContext* context,
+                                   const v1::FreezeRequest* request,
+                                   v1::FreezeResponse* response) override;
+
+ private:
+  // Allocates, delivers the fd and commits; a call cancelled before the
+  // commit is undone.
+  absl::Status DoAllocate(uint64_t session, const v1::AllocateRequest& request,
+                          v1::AllocateResponse& response, grpc::CallbackServerContext* context);
+  // Delivers the pending grant's fd.
+  absl::Status Deliver(uint64_t session, DaemonState::PendingGrant& grant);
+
+  const Deps d_;
+};
+
+}  // namespace bufferd
+
+#endif  // BUFFERD_DAEMON_ALLOCATOR_SERVICE_H_

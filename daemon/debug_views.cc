@@ -1,0 +1,153 @@
+#include "daemon/debug_views.h"
+
+#include <unistd.h>
+
+#include <map>
+#include <set>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "base/errno_status.h"
+#include "daemon/proto_convert.h"
+
+namespace bufferd {
+namespace {
+
+// Bytes holders punched out of a prefaulted buffer (contiguous, carveout),
+// given `allocated` of its `size`; 0 for system buffers, sparse by design.
+uint64_t PunchedBytes(HeapKind kind, uint64_t size, uint64_t allocated) {
+  return kind != HeapKind::kSystem && allocated < size ? size - allocated : 0;
+}
+
+}  // namespace
+
+v1::ListHeapsResponse HeapsView(const DaemonState& state) {
+  v1::ListHeapsResponse response;
+  for (const auto& heap : state.heaps().heaps()) {
+    HeapStats stats = heap->Stats();
+    v1::HeapInfo* info = response.add_heaps();
+    info->set_name(heap->name());
+    info->set_type(ToProto(heap->kind()));
+    info->set_page_size(stats.page_size);
+    info->set_capacity(stats.capacity);
+    info->set_used(stats.used);
+    info->set_peak(stats.peak);
+    info->set_free(stats.capacity > stats.used ? stats.capacity - stats.used : 0);
+    info->set_buffer_count(stats.buffer_count);
+    info->set_allocations(stats.allocations);
+    info->set_failures(stats.failures);
+    info->set_backing(ToProto(stats.backing));
+    if (stats.hugepages.page_size != 0) {
+      v1::HugepagePool* pool = info->mutable_hugepages();
+      pool->set_page_size(stats.hugepages.page_size);
+      pool->set_total_pages(stats.hugepages.total);
+      pool->set_free_pages(stats.hugepages.free);
+      pool->set_reserved_pages(stats.hugepages.reserved);
+    }
+    info->set_reserved_resident(stats.reserved_resident);
+    info->set_locked(stats.locked);
+    info->set_note(stats.note);
+    for (const auto& [name, count] : stats.buffers_by_backing) {
+      (*info->mutable_buffers_by_backing())[name] = count;
+    }
+    // Holes holders punched in prefaulted buffers: given back to the
+    // system, still in `used`. System buffers are sparse by design.
+    if (heap->kind() == HeapKind::kSystem) continue;
+    uint64_t punched = 0;
+    for (const DaemonState::BufferView& buffer : state.ListBuffers(heap->name(), 0)) {
+      punched += PunchedBytes(buffer.kind, buffer.info.size(), buffer.allocated_bytes);
+    }
+    if (punched != 0) {
+      info->set_punched(punched);
+      absl::StrAppend(info->mutable_note(), info->note().empty() ? "" : "; ", "holders punched ",
+                      FormatBytes(punched), " out of live buffers");
+    }
+  }
+  const DaemonState::Totals totals = state.totals();
+  response.set_live_buffers(totals.buffers);
+  response.set_live_handles(totals.handles);
+  response.set_pending_tokens(totals.pending_tokens);
+  const FdBudget::Usage fds = state.fd_budget().usage();
+  const FdBudget::Limits limits = state.fd_budget().limits();
+  response.set_fds_in_use(fds.total);
+  response.set_fd_budget(limits.total);
+  v1::FdUsage* usage = response.mutable_fds();
+  usage->set_rlimit_nofile(limits.rlimit_nofile);
+  usage->set_reserve(limits.reserve);
+  usage->set_budget(limits.total);
+  usage->set_per_uid(limits.uid_share());
+  usage->set_in_use(fds.total);
+  usage->set_buffers(fds.of(FdUse::kBuffer));
+  usage->set_sessions(fds.of(FdUse::kSession));
+  usage->set_control_connections(fds.of(FdUse::kControlConnection));
+  usage->set_deliveries(fds.of(FdUse::kDelivery));
+  usage->set_freeing(fds.of(FdUse::kFreeing));
+  return response;
+}
+
+std::vector<v1::ClientInfo> ClientsView(const SessionTable& sessions, const DaemonState& state) {
+  std::map<uint64_t, DaemonState::Holdings> holdings;
+  for (DaemonState::Holdings& h : state.ListHoldings()) holdings[h.session_id] = std::move(h);
+  std::vector<v1::ClientInfo> clients;
+  for (const SessionTable::Identity& session : sessions.List()) {
+    v1::ClientInfo& info = clients.emplace_back();
+    info.set_session_id(session.id);
+    info.set_pid(static_cast<uint32_t>(session.peer.pid));
+    info.set_uid(session.peer.uid);
+    info.set_gid(session.peer.gid);
+    info.set_comm(session.comm);
+    *info.mutable_connected_since() = ToProto(session.connected);
+    auto held = holdings.find(session.id);
+    if (held == holdings.end()) continue;
+    for (const auto& [heap, bytes] : held->second.bytes) {
+      v1::HeapBytes* entry = info.add_bytes();
+      entry->set_heap(heap);
+      entry->set_bytes(bytes);
+    }
+    info.set_handles(held->second.handles);
+  }
+  return clients;
+}
+
+v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonState& state,
+                                    const v1::ListBuffersRequest& request) {
+  v1::ListBuffersResponse response;
+  std::map<uint64_t, SessionTable::Identity> who;
+  for (SessionTable::Identity& session : sessions.List()) who[session.id] = std::move(session);
+  for (const DaemonState::BufferView& buffer :
+       state.ListBuffers(request.heap(), request.session_id())) {
+    v1::BufferDebugInfo* entry = response.add_buffers();
+    *entry->mutable_buffer() = buffer.info;
+    entry->set_allocated_bytes(buffer.allocated_bytes);
+    entry->set_punched_bytes(PunchedBytes(buffer.kind, buffer.info.size(), buffer.allocated_bytes));
+    // Any read-write holder (the creator included) can punch a hole that
+    // the others then die of; a frozen buffer cannot be punched.
+    std::set<uid_t> writer_uids;
+    for (const auto& holder : buffer.holders) {
+      if (holder.access == v1::ACCESS_READ_WRITE) writer_uids.insert(holder.uid);
+    }
+    entry->set_sigbus_risk(PunchMayHurtOthers(buffer.kind, buffer.info.backing()) &&
+                           !buffer.info.frozen() && buffer.holders.size() > 1 &&
+                           !writer_uids.empty());
+    for (const auto& holder : buffer.holders) {
+      v1::BufferHolder* out = entry->add_holders();
+      out->set_session_id(holder.session_id);
+      out->set_handle(holder.handle);
+      out->set_access(holder.access);
+      out->set_uid(holder.uid);
+      if (auto it = who.find(holder.session_id); it != who.end()) {
+        out->set_pid(static_cast<uint32_t>(it->second.peer.pid));
+        out->set_comm(it->second.comm);
+      }
+      // Root and the daemon's uid can reopen the memfd read-write; a
+      // process of a writer's uid can take the writer's fd (pidfd_getfd).
+      out->set_read_only_enforced(
+          holder.access == v1::ACCESS_READ_ONLY &&
+          (buffer.info.frozen() ||
+           (holder.uid != 0 && holder.uid != ::geteuid() && writer_uids.count(holder.uid) == 0)));
+    }
+  }
+  return response;
+}
+
+}  // namespace bufferd

@@ -1,0 +1,51 @@
+// Reaper: the one place buffers are freed.
+//
+// A buffer dies in two steps. When its last handle goes, DaemonState retires
+// its memory (the heap's accounting gets the bytes back at once, so the very
+// next Allocate sees them) and returns it as a DeadBuffer; it never frees
+// anything itself. Whoever ended the handle (a Release call, a one-way
+// release, a session's end, an undone grant) hands the DeadBuffers here:
+// memory that is cheap to free (small, no refill) is freed on the calling
+// thread; the rest (big buffers, carveout refills, hugetlb pages going back
+// to the pool) on the reaper's one thread, in the order it was handed over.
+// Either way the buffer's fd leaves the fd budget only once it is closed.
+//
+// Thread-safe. The destructor frees what is queued, then joins.
+#ifndef BUFFERD_DAEMON_REAPER_H_
+#define BUFFERD_DAEMON_REAPER_H_
+
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "base/fd_budget.h"
+#include "daemon/work_queue.h"
+#include "heaps/heap.h"
+
+namespace bufferd {
+
+// A destroyed buffer's memory, retired but not yet freed, and the budget
+// place of its fd, returned once the memory (and so the fd) is gone.
+struct DeadBuffer {
+  FdBudget::Lease fd_lease;  // destroyed after `memory`
+  std::unique_ptr<HeapBuffer> memory;
+};
+
+class Reaper {
+ public:
+  Reaper() : thread_(1) {}
+
+  // Frees `dead`: cheap memory now, the rest on the reaper thread.
+  void Free(std::vector<DeadBuffer> dead) { Free(std::move(dead), nullptr); }
+  // As Free(dead), then runs `done` once all of it is freed: on the reaper
+  // thread if some went there (after everything handed over before it),
+  // else here.
+  void Free(std::vector<DeadBuffer> dead, std::function<void()> done);
+
+ private:
+  WorkQueue thread_;
+};
+
+}  // namespace bufferd
+
+#endif  // BUFFERD_DAEMON_REAPER_H_

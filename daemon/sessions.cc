@@ -1,0 +1,104 @@
+#include "daemon/sessions.h"
+
+#include <sys/random.h>
+
+#include "absl/strings/str_cat.h"
+#include "base/errno_status.h"
+#include "base/protocol.h"
+
+namespace bufferd {
+namespace {
+
+std::string RandomBytes(size_t n) {
+  std::string bytes(n, '\0');
+  size_t got = 0;
+  while (got < n) {
+    ssize_t r = ::getrandom(bytes.data() + got, n - got, 0);
+    if (r > 0) got += static_cast<size_t>(r);
+  }
+  return bytes;
+}
+
+bool ConstantTimeEquals(absl::string_view a, absl::string_view b) {
+  if (a.size() != b.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+  return diff == 0;
+}
+
+}  // namespace
+
+absl::StatusOr<SessionTable::NewSession> SessionTable::Open(const PeerCredentials& peer,
+                                                            std::string comm) {
+  Entry entry;
+  entry.identity.peer = peer;
+  entry.identity.comm = std::move(comm);
+  entry.identity.connected = absl::Now();
+  entry.secret = RandomBytes(kSessionSecretBytes);
+  absl::MutexLock lock(&mu_);
+  if (sessions_.size() >= options_.max_sessions) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("bufferd has ", sessions_.size(), " sessions open (limits.max_sessions)"));
+  }
+  uint32_t& of_uid = per_uid_[peer.uid];
+  if (of_uid >= options_.max_sessions_per_uid) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "uid ", peer.uid, " has ", of_uid, " sessions open (limits.max_sessions_per_uid)"));
+  }
+  ++of_uid;
+  NewSession result{next_id_++, entry.secret};
+  entry.identity.id = result.id;
+  sessions_[result.id] = std::move(entry);
+  return result;
+}
+
+void SessionTable::Detach(uint64_t id) {
+  absl::MutexLock lock(&mu_);
+  if (auto it = sessions_.find(id); it != sessions_.end()) it->second.detached = true;
+}
+
+void SessionTable::Close(uint64_t id) {
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return;
+  auto of_uid = per_uid_.find(it->second.identity.peer.uid);
+  if (--of_uid->second == 0) per_uid_.erase(of_uid);
+  sessions_.erase(it);
+}
+
+absl::StatusOr<uint64_t> SessionTable::Authenticate(absl::string_view credential) const {
+  ASSIGN_OR_RETURN(const SessionCredential parsed, ParseSessionCredential(credential));
+  const uint64_t id = parsed.session_id;
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end() || it->second.detached) {
+    return absl::UnauthenticatedError(
+        absl::StrCat("session ", id, " is not live (it ended or never existed)"));
+  }
+  if (!ConstantTimeEquals(it->second.secret, parsed.secret)) {
+    return absl::UnauthenticatedError(absl::StrCat("wrong secret for session ", id));
+  }
+  return id;
+}
+
+std::optional<SessionTable::Identity> SessionTable::Find(uint64_t id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return std::nullopt;
+  return it->second.identity;
+}
+
+std::vector<SessionTable::Identity> SessionTable::List() const {
+  std::vector<Identity> list;
+  absl::MutexLock lock(&mu_);
+  list.reserve(sessions_.size());
+  for (const auto& [id, entry] : sessions_) list.push_back(entry.identity);
+  return list;
+}
+
+size_t SessionTable::size() const {
+  absl::MutexLock lock(&mu_);
+  return sessions_.size();
+}
+
+}  // namespace bufferd

@@ -1,0 +1,119 @@
+#include "daemon/share_tokens.h"
+
+#include <sys/random.h>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+
+namespace bufferd {
+namespace {
+
+std::string RandomHex(size_t bytes) {
+  std::string raw(bytes, '\0');
+  size_t got = 0;
+  while (got < bytes) {
+    ssize_t r = ::getrandom(raw.data() + got, bytes - got, 0);
+    if (r > 0) got += static_cast<size_t>(r);
+  }
+  return absl::BytesToHexString(raw);
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> ShareTokens::Create(uint64_t exporter, uint64_t buffer,
+                                                v1::Access access, absl::Time expires) {
+  uint32_t& unredeemed = unredeemed_[exporter];
+  if (unredeemed >= kMaxUnredeemed) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "session ", exporter, " has ", unredeemed, " share tokens out that nobody imported (max ",
+        kMaxUnredeemed, "); they are forgotten 10 minutes after they expire"));
+  }
+  ++unredeemed;
+  std::string token = RandomHex(16);
+  tokens_[token] = Token{buffer, access, expires, exporter, 0};
+  by_forget_time_.emplace(expires + kTombstoneGrace, token);
+  by_buffer_[buffer].insert(token);
+  return token;
+}
+
+absl::StatusOr<ShareTokens::Token> ShareTokens::Find(absl::string_view token,
+                                                     absl::Time now) const {
+  auto it = tokens_.find(std::string(token));
+  if (it == tokens_.end()) return absl::NotFoundError("unknown share token");
+  const Token& entry = it->second;
+  if (entry.used_by != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("share token was already used (by session ", entry.used_by, ")"));
+  }
+  if (now >= entry.expires) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "share token expired ",
+        absl::FormatDuration(absl::Trunc(now - entry.expires, absl::Milliseconds(1))), " ago"));
+  }
+  return entry;
+}
+
+void ShareTokens::Redeem(absl::string_view token, uint64_t importer) {
+  auto it = tokens_.find(std::string(token));
+  if (it == tokens_.end() || it->second.used_by != 0) return;
+  it->second.used_by = importer;
+  ForgetUnredeemed(it->second.exporter);
+}
+
+void ShareTokens::Unredeem(absl::string_view token) {
+  auto it = tokens_.find(std::string(token));
+  if (it == tokens_.end() || it->second.used_by == 0) return;
+  it->second.used_by = 0;
+  ++unredeemed_[it->second.exporter];
+}
+
+void ShareTokens::ForgetBuffer(uint64_t buffer) {
+  auto it = by_buffer_.find(buffer);
+  if (it == by_buffer_.end()) return;
+  const std::set<std::string> tokens = std::move(it->second);
+  by_buffer_.erase(it);
+  for (const std::string& token : tokens) {
+    if (auto t = tokens_.find(token); t != tokens_.end()) Erase(t);
+  }
+}
+
+void ShareTokens::Expire(absl::Time now) {
+  while (!by_forget_time_.empty() && by_forget_time_.begin()->first < now) {
+    auto t = tokens_.find(by_forget_time_.begin()->second);
+    if (t != tokens_.end()) {
+      Erase(t);  // also drops this index entry
+    } else {
+      by_forget_time_.erase(by_forget_time_.begin());
+    }
+  }
+}
+
+uint64_t ShareTokens::Pending(absl::Time now) const {
+  uint64_t pending = 0;
+  for (const auto& [token, entry] : tokens_) pending += entry.used_by == 0 && now < entry.expires;
+  return pending;
+}
+
+void ShareTokens::Erase(std::map<std::string, Token>::iterator token) {
+  const Token& entry = token->second;
+  if (entry.used_by == 0) ForgetUnredeemed(entry.exporter);
+  auto [first, last] = by_forget_time_.equal_range(entry.expires + kTombstoneGrace);
+  for (auto it = first; it != last; ++it) {
+    if (it->second == token->first) {
+      by_forget_time_.erase(it);
+      break;
+    }
+  }
+  if (auto b = by_buffer_.find(entry.buffer); b != by_buffer_.end()) {
+    b->second.erase(token->first);
+    if (b->second.empty()) by_buffer_.erase(b);
+  }
+  tokens_.erase(token);
+}
+
+void ShareTokens::ForgetUnredeemed(uint64_t exporter) {
+  auto it = unredeemed_.find(exporter);
+  if (it != unredeemed_.end() && --it->second == 0) unredeemed_.erase(it);
+}
+
+}  // namespace bufferd
