@@ -5,7 +5,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-
 #include <cerrno>
 
 #include "absl/strings/str_cat.h"
@@ -76,7 +75,7 @@ Buffer::~Buffer() { Drop(); }
 void Buffer::Drop() {
   fd_.Reset();
   // Lazy: the next RPC carries the release, or the flusher sends it one-way
-  // within Connection::kReleaseDelay. Dropping costs no round trip.
+  // within OneWayQueue::kDelay. Dropping costs no round trip.
   if (handle_ != 0 && connection_ != nullptr) connection_->QueueRelease(handle_);
   handle_ = 0;
 }

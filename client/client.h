@@ -62,9 +62,10 @@ struct AllocateOptions {
 
 // One handle on a buffer, with this process's own fd for it. Release() drops
 // the handle with a round trip and returns the daemon's answer; destroying a
-// Buffer drops it one-way (a record on fd.sock, no wait), so the daemon
-// applies it shortly after. Either way the fd closes at once; mappings made
-// with Map() stay valid until they are destroyed.
+// Buffer drops it without one: the session's next RPC carries the release
+// in its metadata (applied before that RPC runs), or, if no RPC comes within
+// 2 ms, it goes one-way as a record on fd.sock. Either way the fd closes at
+// once; mappings made with Map() stay valid until they are destroyed.
 class Buffer {
  public:
   Buffer(Buffer&&) noexcept;

@@ -104,7 +104,7 @@ TEST_F(ConfiguredDaemonTest, NamedCarveoutsAreSeparate) {
 // Tests that a dropped buffer's bytes are free for the very next allocation,
 // on a capacity-bound system heap and on a carveout (whose reservation must be
 // refilled first), whether the next RPC carries the release or the client's
-// flusher already sent it one-way (the pauses of 5 ms > kReleaseDelay). Each
+// flusher already sent it one-way (the pauses of 5 ms > OneWayQueue::kDelay). Each
 // buffer is more than half of what the session quota and the heap allow, so
 // any release the daemon had not applied would fail the next Allocate.
 TEST_F(ConfiguredDaemonTest, DroppedBytesAreFreeForTheNextCall) {
