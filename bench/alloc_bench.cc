@@ -37,6 +37,8 @@
 #include "base/unix_socket.h"
 #include "bench/bench_util.h"
 #include "client/client.h"
+#include "testing/child_process.h"
+#include "testing/daemon_process.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/support/byte_buffer.h"
@@ -71,14 +73,12 @@ double LocalOnce(uint64_t size) {
 }
 
 // (c) The echo peer: receives an fd, closes it, acks with one byte.
-void EchoPeer(int socket_fd, int cpu) {
-  PinTo(cpu);
-  UnixSocket socket{UniqueFd(socket_fd)};
+int EchoPeer(const UnixSocket& socket) {
   while (true) {
     absl::StatusOr<UnixSocket::Received> got = socket.RecvWithFds(16);
-    if (!got.ok() || got->eof) ::_exit(0);
+    if (!got.ok() || got->eof) return 0;
     got->fds.clear();
-    if (!socket.Send("k").ok()) ::_exit(0);
+    if (!socket.Send("k").ok()) return 0;
   }
 }
 
@@ -131,7 +131,7 @@ int main(int argc, char** argv) {
   using namespace bufferd::bench;
   CLI::App app{"alloc_bench: bufferd allocation round trips vs their floors"};
   double scale = 1.0;
-  std::string daemon_binary = FindDaemonBinary(argv[0]);
+  std::string daemon_binary = testing::BinaryPath("daemon/bufferd");
   app.add_option("--iterations-scale", scale, "multiply every iteration count");
   app.add_option("--bufferd", daemon_binary, "bufferd binary")->capture_default_str();
   std::string only_placement;
@@ -146,15 +146,20 @@ int main(int argc, char** argv) {
 
   // Fork the echo peers before anything starts threads.
   UnixSocket echo[2];
+  std::vector<testing::ChildProcess> echo_peers;
   for (int i = 0; i < 2; ++i) {
     auto pair = UnixSocket::SeqPacketPair();
     if (!pair.ok()) return 1;
-    pid_t pid = ::fork();
-    if (pid == 0) {
-      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-      pair->first = UnixSocket();
-      EchoPeer(pair->second.unique_fd().Release(), placements[i].peer_cpu);
-    }
+    testing::ChildOptions options;
+    options.cpu = placements[i].peer_cpu;
+    auto peer = testing::ChildProcess::Fork(
+        [&] {
+          pair->first = UnixSocket();
+          return EchoPeer(pair->second);
+        },
+        options);
+    if (!peer.ok()) return 1;
+    echo_peers.push_back(*std::move(peer));
     echo[i] = std::move(pair->first);
   }
   PinTo(0);
@@ -166,14 +171,13 @@ int main(int argc, char** argv) {
   for (int pi = 0; pi < 2; ++pi) {
     const Placement& placement = placements[pi];
     if (!only_placement.empty() && only_placement != placement.name) continue;
-    char dir_template[] = "/tmp/bufferd-bench-XXXXXX";
-    std::string root = ::mkdtemp(dir_template);
-    std::string dir = root + "/sock";
-    pid_t daemon = StartPinnedDaemon(daemon_binary, dir, placement.daemon_cpu);
-    if (daemon < 0) {
-      std::fprintf(stderr, "could not start %s\n", daemon_binary.c_str());
+    auto daemon = testing::DaemonProcess::Start(
+        {.log_level = "warn", .cpu = placement.daemon_cpu, .binary = daemon_binary});
+    if (!daemon.ok()) {
+      std::fprintf(stderr, "could not start bufferd: %s\n", daemon.status().ToString().c_str());
       return 1;
     }
+    const std::string dir = (*daemon)->socket_dir();
     std::printf("\n== placement %s: daemon on CPU %d, echo peer on CPU %d\n", placement.name,
                 placement.daemon_cpu, placement.peer_cpu);
     auto client = Client::Connect(dir);
@@ -303,12 +307,10 @@ int main(int argc, char** argv) {
           eight.p50, eight.p99, eight.per_second, eight.per_second * floor / 1e6);
     }
     client = absl::UnavailableError("done");
-    StopDaemon(daemon);
-    std::filesystem::remove_all(root);
+    daemon->reset();
   }
   for (auto& socket : echo) socket = UnixSocket();
-  while (::wait(nullptr) > 0) {
-  }
+  for (auto& peer : echo_peers) peer.Wait();
   std::printf("\n%s\n", all_met ? "all targets met" : "some targets MISSED");
   return 0;
 }

@@ -1,5 +1,5 @@
-// Small helpers shared by the benchmarks: timing, percentiles, pinning, and
-// starting a pinned bufferd.
+// Small helpers shared by the benchmarks: timing, percentiles, pinning. A
+// pinned bufferd comes from testing/daemon_process.h.
 #ifndef BUFFERD_BENCH_BENCH_UTIL_H_
 #define BUFFERD_BENCH_BENCH_UTIL_H_
 
@@ -43,14 +43,6 @@ inline bool PinTo(int cpu, pid_t pid = 0) {
   CPU_SET(cpu, &set);
   return ::sched_setaffinity(pid, sizeof(set), &set) == 0;
 }
-
-// Starts `binary --socket-dir dir` pinned to `cpu` (all its threads inherit),
-// and waits until it accepts clients. Returns its pid or -1.
-pid_t StartPinnedDaemon(const std::string& binary, const std::string& dir, int cpu);
-void StopDaemon(pid_t pid);
-
-// The bufferd binary next to this benchmark (Bazel runfiles or bazel-bin).
-std::string FindDaemonBinary(const char* argv0);
 
 }  // namespace bufferd::bench
 

@@ -13,9 +13,9 @@
 #include "base/errno_status.h"
 #include "base/fd_count.h"
 #include "daemon/debug_views.h"
-#include "heaps/carveout_heap.h"
 #include "heaps/contiguous_heap.h"
 #include "heaps/system_heap.h"
+#include "testing/fake_heap.h"
 
 namespace bufferd {
 namespace {
@@ -26,12 +26,17 @@ class StateTest : public ::testing::Test {
  protected:
   void SetUp() override {
     ASSERT_TRUE(heaps_.Add(std::make_unique<SystemHeap>("system")).ok());
-    CarveoutHeap::Options carveout;
-    carveout.capacity = 16 * kMiB;
-    carveout.hugepage_size = 0;
-    auto heap = CarveoutHeap::Create(carveout);
-    ASSERT_TRUE(heap.ok());
-    ASSERT_TRUE(heaps_.Add(*std::move(heap)).ok());
+    // A carveout as DaemonState sees one: bounded, slow to allocate and to
+    // free (its pages are not reserved here: nothing in these tests needs
+    // them).
+    ASSERT_TRUE(heaps_
+                    .Add(std::make_unique<testing::FakeHeap>(
+                        testing::FakeHeap::Options{.name = "carveout",
+                                                   .kind = HeapKind::kCarveout,
+                                                   .capacity = 16 * kMiB,
+                                                   .may_block = true,
+                                                   .expensive_to_free = true}))
+                    .ok());
     fds_before_ = CountOpenFds();
   }
 

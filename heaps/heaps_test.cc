@@ -21,6 +21,7 @@
 #include "heaps/contiguous_heap.h"
 #include "heaps/heap_registry.h"
 #include "heaps/hugepage_testing.h"
+#include "testing/child_process.h"
 #include "heaps/system_heap.h"
 
 namespace bufferd {
@@ -400,16 +401,14 @@ TEST(CarveoutHeapTest, RetiredBytesAreUsableOnceRefilled) {
 // Runs `body` in a forked child that may not lock memory (RLIMIT_MEMLOCK 0,
 // and uid nobody if we are root, dropping CAP_IPC_LOCK); returns its exit code.
 int RunWithoutMemlock(const std::function<int()>& body) {
-  pid_t pid = ::fork();
-  if (pid == 0) {
-    rlimit none{0, 0};
-    if (::setrlimit(RLIMIT_MEMLOCK, &none) != 0) ::_exit(100);
-    if (::geteuid() == 0 && (::setgid(65534) != 0 || ::setuid(65534) != 0)) ::_exit(101);
-    ::_exit(body());
+  testing::ChildOptions options;
+  options.rlimits = {{RLIMIT_MEMLOCK, 0}};
+  if (::geteuid() == 0) {
+    options.uid = 65534;
+    options.gid = 65534;
   }
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  absl::StatusOr<testing::ChildProcess> child = testing::ChildProcess::Fork(body, options);
+  return child.ok() ? child->Wait() : -1;
 }
 
 // Tests that a carveout that cannot be locked still starts and says so (and

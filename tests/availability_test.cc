@@ -27,14 +27,15 @@
 #include "grpcpp/create_channel.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/support/byte_buffer.h"
-#include "tests/test_daemon.h"
+#include "testing/daemon_test.h"
 
 namespace bufferd {
 namespace {
 
 using ::bufferd::testing::Eventually;
-using ::bufferd::testing::Peer;
-using ::bufferd::testing::RunfilePath;
+using ::bufferd::testing::SpawnPeer;
+using ::bufferd::testing::SpawnPeerAs;
+using ::bufferd::testing::BinaryPath;
 using ::bufferd::testing::TestDaemon;
 
 constexpr uint64_t kNofile = 256;
@@ -51,7 +52,7 @@ int Count(const std::string& line, const std::string& key) {
 
 // Runs bufctl against `dir`; returns its exit code.
 int Bufctl(const std::string& dir, const std::string& command) {
-  const std::string line = absl::StrCat(RunfilePath("tools/bufctl"), " --socket-dir ", dir, " ",
+  const std::string line = absl::StrCat(BinaryPath("tools/bufctl"), " --socket-dir ", dir, " ",
                                         command, " > /dev/null 2>&1");
   const int status = std::system(line.c_str());
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
@@ -98,7 +99,7 @@ TEST_F(AvailabilityTest, FloodOfConnectionsNeverLocksOutControlSock) {
   EXPECT_EQ(before.budget() + before.reserve(), kNofile);
   EXPECT_EQ(before.per_uid(), before.budget()) << "max_fds_per_uid is cut to the budget";
 
-  auto flood = Peer::Spawn({"flood", daemon_->socket_dir(), "both"});
+  auto flood = SpawnPeer({"flood", daemon_->socket_dir(), "both"});
   ASSERT_TRUE(flood.ok());
   const std::string sessions = flood->ReadLine();
   EXPECT_EQ(Count(sessions, "sessions"), static_cast<int>(before.budget() - before.in_use()))
@@ -128,7 +129,7 @@ TEST_F(AvailabilityTest, FloodOfConnectionsNeverLocksOutControlSock) {
   ASSERT_TRUE(Eventually([&] { return Fds().in_use() == before.in_use(); })) << Fds().in_use();
 
   // Now control.sock alone, until the budget is full of gRPC connections.
-  auto control = Peer::Spawn({"flood", daemon_->socket_dir(), "control"});
+  auto control = SpawnPeer({"flood", daemon_->socket_dir(), "control"});
   ASSERT_TRUE(control.ok());
   const std::string line = control->ReadLine();
   EXPECT_EQ(Count(line, "control"), static_cast<int>(before.budget() - before.in_use())) << line;
@@ -160,12 +161,12 @@ TEST_F(AvailabilityTest, OneUidAtItsCapsLeavesRoomForAnother) {
   // nobody must reach the socket dir and run a copy of tests/peer.
   ASSERT_EQ(::chmod(daemon_->root().c_str(), 0711), 0);
   const std::string peer = absl::StrCat(daemon_->root(), "/peer");
-  std::filesystem::copy_file(RunfilePath("tests/peer"), peer);
+  std::filesystem::copy_file(BinaryPath("tests/peer"), peer);
   ASSERT_EQ(::chmod(peer.c_str(), 0755), 0);
   const v1::FdUsage fds = Fds();
   EXPECT_EQ(fds.per_uid(), fds.budget() / 2);
 
-  auto flood = Peer::SpawnAs(65534, 65534, {gid}, peer, {"flood", daemon_->socket_dir(), "both"});
+  auto flood = SpawnPeerAs(65534, 65534, {gid}, peer, {"flood", daemon_->socket_dir(), "both"});
   ASSERT_TRUE(flood.ok());
   const std::string sessions = flood->ReadLine();
   EXPECT_EQ(Count(sessions, "sessions"), static_cast<int>(fds.per_uid())) << sessions;
@@ -193,7 +194,7 @@ TEST_F(AvailabilityTest, OneUidAtItsCapsLeavesRoomForAnother) {
   }
   EXPECT_EQ(refusal.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_TRUE(absl::StartsWith(refusal.message(), "fd budget of uid 0 reached: ")) << refusal;
-  auto other = Peer::SpawnAs(65534, 65534, {gid}, peer,
+  auto other = SpawnPeerAs(65534, 65534, {gid}, peer,
                              {"hold", daemon_->socket_dir(), "system", "4096", "8"});
   ASSERT_TRUE(other.ok());
   EXPECT_TRUE(absl::StartsWith(other->ReadLine(), "ready session=")) << "nobody allocates 8";
@@ -310,7 +311,7 @@ TEST_F(AvailabilityTest, ControlConnectionCapIsNamedToTheClient) {
     heaps { name: "system" type: HEAP_TYPE_SYSTEM }
     limits { max_control_connections_per_uid: 3 }
   )pb");
-  auto flood = Peer::Spawn({"flood", daemon_->socket_dir(), "control"});
+  auto flood = SpawnPeer({"flood", daemon_->socket_dir(), "control"});
   ASSERT_TRUE(flood.ok());
   EXPECT_EQ(flood->ReadLine(), "control=2") << "the fixture's client holds the third";
   EXPECT_EQ(flood->ReadLine(), "ready");

@@ -25,7 +25,7 @@
 #include "bufferd/v1/fd_channel.pb.h"
 #include "client/client.h"
 #include "grpcpp/create_channel.h"
-#include "tests/test_daemon.h"
+#include "testing/daemon_test.h"
 
 namespace bufferd {
 namespace {
@@ -308,28 +308,27 @@ TEST(ConfigStartupTest, BadConfigFailsWithLineAndField) {
   std::ofstream(config)
       << "heaps {\n  name: \"system\"\n  type: HEAP_TYPE_SYSTEM\n  capacity: 5\n}\n";
   const std::string log = absl::StrCat(root, "/log");
-  pid_t pid =
+  auto bad =
       testing::SpawnDaemon({"--config", config, "--socket-dir", absl::StrCat(root, "/sock")}, log);
-  int status = 0;
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  EXPECT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 2);
+  ASSERT_TRUE(bad.ok()) << bad.status();
+  EXPECT_EQ(bad->Wait(), 2);
   std::string text = ReadFile(log);
   EXPECT_NE(text.find(absl::StrCat(config, ":4:")), std::string::npos) << text;
   EXPECT_NE(text.find("no field named \"capacity\""), std::string::npos) << text;
 
   const std::string printed = absl::StrCat(root, "/printed");
-  pid = testing::SpawnDaemon({"--print-default-config"}, printed);
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  EXPECT_EQ(WEXITSTATUS(status), 0);
+  auto print = testing::SpawnDaemon({"--print-default-config"}, printed);
+  ASSERT_TRUE(print.ok()) << print.status();
+  EXPECT_EQ(print->Wait(), 0);
   text = ReadFile(printed);
   EXPECT_NE(text.find("name: \"carveout\""), std::string::npos) << text;
   // What it prints is itself a valid config.
-  pid = testing::SpawnDaemon({"--config", printed, "--socket-dir", absl::StrCat(root, "/s2")}, log);
+  auto good =
+      testing::SpawnDaemon({"--config", printed, "--socket-dir", absl::StrCat(root, "/s2")}, log);
+  ASSERT_TRUE(good.ok()) << good.status();
   EXPECT_TRUE(Eventually([&] { return Client::Connect(absl::StrCat(root, "/s2")).ok(); }));
-  ::kill(pid, SIGTERM);
-  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-  EXPECT_EQ(WEXITSTATUS(status), 0);
+  good->Kill(SIGTERM);
+  EXPECT_EQ(good->Wait(), 0);
   std::filesystem::remove_all(root);
 }
 

@@ -23,14 +23,14 @@
 #include "bufferd/v1/fence.grpc.pb.h"
 #include "client/client.h"
 #include "grpcpp/create_channel.h"
-#include "tests/test_daemon.h"
+#include "testing/daemon_test.h"
 
 namespace bufferd {
 namespace {
 
 using ::bufferd::testing::Eventually;
 using ::bufferd::testing::OpenRawSession;
-using ::bufferd::testing::Peer;
+using ::bufferd::testing::SpawnPeer;
 using ::bufferd::testing::TestDaemon;
 
 constexpr uint64_t kMiB = 1 << 20;
@@ -57,7 +57,7 @@ TEST_F(IntegrationTest, ShareReadOnlyWithAnotherProcess) {
   ASSERT_TRUE(token.ok()) << token.status();
   EXPECT_EQ(token->size(), 32u);
 
-  auto peer = Peer::Spawn({"read", daemon_->socket_dir(), *token, "165"});
+  auto peer = SpawnPeer({"read", daemon_->socket_dir(), *token, "165"});
   ASSERT_TRUE(peer.ok());
   EXPECT_EQ(peer->ReadLine(), absl::StrCat("imported size=", kMiB + 4096, " access=ro"));
   EXPECT_EQ(peer->ReadLine(), "mismatched=0");
@@ -74,7 +74,7 @@ TEST_F(IntegrationTest, ReadWriteImportSharesWrites) {
   ASSERT_TRUE(buffer.ok()) << buffer.status();
   auto token = buffer->Export(Access::kReadWrite);
   ASSERT_TRUE(token.ok());
-  auto peer = Peer::Spawn({"write", daemon_->socket_dir(), *token, "119"});
+  auto peer = SpawnPeer({"write", daemon_->socket_dir(), *token, "119"});
   ASSERT_TRUE(peer.ok());
   EXPECT_EQ(peer->ReadLine(), "imported size=65536 access=rw");
   EXPECT_EQ(peer->ReadLine(), "written");
@@ -89,7 +89,7 @@ TEST_F(IntegrationTest, ReadWriteImportSharesWrites) {
 // Tests that kill -9 of a client releases everything it held, and that the
 // daemon keeps serving.
 TEST_F(IntegrationTest, KillDashNineReleasesBuffers) {
-  auto peer = Peer::Spawn({"hold", daemon_->socket_dir(), "system", "1000000", "3"});
+  auto peer = SpawnPeer({"hold", daemon_->socket_dir(), "system", "1000000", "3"});
   ASSERT_TRUE(peer.ok());
   std::string ready = peer->ReadLine();
   ASSERT_EQ(ready.rfind("ready session=", 0), 0u) << ready;
@@ -357,10 +357,9 @@ TEST_F(IntegrationTest, DebugListsBuffersAndHolders) {
 TEST_F(IntegrationTest, SingleInstanceCleanShutdownAndTakeover) {
   const std::string dir = daemon_->socket_dir();
   const std::string log = dir + "/../second.log";
-  pid_t second = testing::SpawnDaemon({"--socket-dir", dir}, log);
-  int status = 0;
-  ASSERT_EQ(::waitpid(second, &status, 0), second);
-  EXPECT_EQ(WEXITSTATUS(status), 1);
+  auto second = testing::SpawnDaemon({"--socket-dir", dir}, log);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ(second->Wait(), 1);
   std::ifstream in(log);
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   EXPECT_NE(text.find(absl::StrCat("another bufferd (pid ", daemon_->pid(), ") is serving")),
@@ -368,22 +367,22 @@ TEST_F(IntegrationTest, SingleInstanceCleanShutdownAndTakeover) {
       << text;
 
   client_.reset();
-  status = daemon_->Stop();
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  EXPECT_EQ(daemon_->Stop(), 0);
   EXPECT_FALSE(std::filesystem::exists(ControlSocketPath(dir)));
   EXPECT_FALSE(std::filesystem::exists(FdSocketPath(dir)));
 
   // A crashed daemon leaves its sockets behind; the next one takes over.
-  pid_t crashed = testing::SpawnDaemon({"--socket-dir", dir}, log);
+  auto crashed = testing::SpawnDaemon({"--socket-dir", dir}, log);
+  ASSERT_TRUE(crashed.ok()) << crashed.status();
   ASSERT_TRUE(Eventually([&] { return Client::Connect(dir).ok(); }));
-  ::kill(crashed, SIGKILL);
-  ::waitpid(crashed, nullptr, 0);
+  crashed->Kill(SIGKILL);
+  EXPECT_EQ(crashed->Wait(), 128 + SIGKILL);
   EXPECT_TRUE(std::filesystem::exists(FdSocketPath(dir)));
-  pid_t next = testing::SpawnDaemon({"--socket-dir", dir}, log);
+  auto next = testing::SpawnDaemon({"--socket-dir", dir}, log);
+  ASSERT_TRUE(next.ok()) << next.status();
   EXPECT_TRUE(Eventually([&] { return Client::Connect(dir).ok(); }));
-  ::kill(next, SIGTERM);
-  ASSERT_EQ(::waitpid(next, &status, 0), next);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  next->Kill(SIGTERM);
+  EXPECT_EQ(next->Wait(), 0);
 }
 
 // Tests that dropping a Buffer releases its handle one-way (no round trip),

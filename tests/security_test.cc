@@ -23,7 +23,7 @@
 #include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "client/client.h"
-#include "tests/test_daemon.h"
+#include "testing/daemon_test.h"
 
 namespace bufferd {
 namespace {
@@ -58,18 +58,12 @@ int StartExpectingExit(const std::string& dir, const std::string& log_path, std:
                        std::vector<std::string> extra = {}) {
   std::vector<std::string> args = {"--socket-dir", dir};
   args.insert(args.end(), extra.begin(), extra.end());
-  pid_t pid = testing::SpawnDaemon(args, log_path);
-  int status = 0;
-  for (int i = 0; i < 500 && ::waitpid(pid, &status, WNOHANG) == 0; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  if (::waitpid(pid, &status, WNOHANG) == 0) {
-    ::kill(pid, SIGKILL);
-    ::waitpid(pid, nullptr, 0);
-    return -1;
-  }
+  absl::StatusOr<testing::ChildProcess> daemon = testing::SpawnDaemon(args, log_path);
+  if (!daemon.ok()) return -1;
+  const std::optional<int> code = daemon->WaitFor(absl::Seconds(5));
+  if (!code.has_value()) return -1;  // still serving: killed when `daemon` goes
   *log = ReadFile(log_path);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return *code < 128 ? *code : -1;
 }
 
 // Tests that the daemon never follows a link planted at its lock file (as a
@@ -276,17 +270,15 @@ TEST(NoexecTest, ServesUnderMemfdNoexec2InAPidNamespace) {
   TempDir root;
   const std::string dir = absl::StrCat(root.path(), "/sock");
   const std::string log = absl::StrCat(root.path(), "/log");
-  const std::string binary = testing::RunfilePath("daemon/bufferd");
-  pid_t pid = ::fork();
-  if (pid == 0) {
-    ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-    int out = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-    ::dup2(out, STDERR_FILENO);
-    ::execl("/usr/bin/unshare", "unshare", "--pid", "--fork", "--kill-child", "sh", "-c",
-            "echo 2 > /proc/sys/vm/memfd_noexec && exec \"$0\" \"$@\"", binary.c_str(),
-            "--socket-dir", dir.c_str(), static_cast<char*>(nullptr));
-    ::_exit(127);
-  }
+  const std::string binary = testing::BinaryPath("daemon/bufferd");
+  testing::ChildOptions options;
+  options.output_path = log;
+  absl::StatusOr<testing::ChildProcess> unshare = testing::ChildProcess::Spawn(
+      "/usr/bin/unshare",
+      {"--pid", "--fork", "--kill-child", "sh", "-c",
+       "echo 2 > /proc/sys/vm/memfd_noexec && exec \"$0\" \"$@\"", binary, "--socket-dir", dir},
+      options);
+  ASSERT_TRUE(unshare.ok()) << unshare.status();
   absl::StatusOr<Client> client = absl::UnavailableError("not yet");
   for (int i = 0; i < 500 && !client.ok(); ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
@@ -303,13 +295,13 @@ TEST(NoexecTest, ServesUnderMemfdNoexec2InAPidNamespace) {
   }
   EXPECT_TRUE(absl::StrContains(ReadFile(log), "sealed non-executable")) << ReadFile(log);
   EXPECT_EQ(ReadFile("/proc/sys/vm/memfd_noexec"), host_setting) << "the host's setting";
-  ::kill(pid, SIGKILL);  // unshare's --kill-child takes the daemon with it
-  ::waitpid(pid, nullptr, 0);
+  unshare->Kill(SIGKILL);  // unshare's --kill-child takes the daemon with it
+  unshare->Wait();
 }
 
 // Runs bufctl `command` against `dir`; returns what it printed.
 std::string Bufctl(const std::string& dir, const std::string& command) {
-  const std::string line = absl::StrCat(testing::RunfilePath("tools/bufctl"), " --socket-dir ",
+  const std::string line = absl::StrCat(testing::BinaryPath("tools/bufctl"), " --socket-dir ",
                                         dir, " ", command, " 2>&1");
   std::string out;
   if (FILE* pipe = ::popen(line.c_str(), "r")) {
@@ -338,7 +330,7 @@ TEST(ClientTextTest, HostileProcessNamesAreEscapedEverywhere) {
   auto daemon = TestDaemon::Start();
   ASSERT_TRUE(daemon.ok()) << daemon.status();
   const std::string dir = (*daemon)->socket_dir();
-  auto peer = testing::Peer::Spawn(
+  auto peer = testing::SpawnPeer(
       {"--comm", "\\x1b[2J\\x1b]0;PWN\\x07\\xff", "hold", dir, "system", "4096", "1"});
   ASSERT_TRUE(peer.ok());
   ASSERT_TRUE(absl::StartsWith(peer->ReadLine(), "ready session=")) << "the peer holds a buffer";

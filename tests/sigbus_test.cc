@@ -21,7 +21,7 @@
 #include "client/client.h"
 #include "heaps/heap.h"
 #include "heaps/hugepage_testing.h"
-#include "tests/test_daemon.h"
+#include "testing/daemon_test.h"
 
 namespace bufferd {
 namespace {
@@ -87,16 +87,14 @@ TEST(SigbusTest, PunchedHugetlbBufferIsGuardedAndReadSafely) {
   ASSERT_EQ(ReadHugepagePool(kHugePage2M).free, 0u) << "the pool is dry";
 
   // Touching the mapping now kills the toucher...
-  pid_t child = ::fork();
-  if (child == 0) {
+  auto child = testing::ChildProcess::Fork([&] {
     ::signal(SIGBUS, SIG_DFL);  // not a sanitizer's report: the plain death
     volatile uint8_t byte = map->bytes()[0];
     (void)byte;
-    ::_exit(0);
-  }
-  int status = 0;
-  ::waitpid(child, &status, 0);
-  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGBUS) << status;
+    return 0;
+  });
+  ASSERT_TRUE(child.ok()) << child.status();
+  EXPECT_EQ(child->Wait(), 128 + SIGBUS);
   // ...while Buffer::Read reads the hole as zeros.
   std::vector<uint8_t> out(4096, 0xff);
   ASSERT_TRUE(buffer->Read(0, out).ok());
