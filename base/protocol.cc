@@ -1,5 +1,6 @@
 #include "base/protocol.h"
 
+#include <sys/random.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -27,6 +28,16 @@ std::string ControlSocketPath(absl::string_view socket_dir) {
 
 std::string FdSocketPath(absl::string_view socket_dir) {
   return absl::StrCat(socket_dir, "/fd.sock");
+}
+
+std::string RandomBytes(size_t n) {
+  std::string bytes(n, '\0');
+  size_t got = 0;
+  while (got < n) {
+    const ssize_t r = ::getrandom(bytes.data() + got, n - got, 0);
+    if (r > 0) got += static_cast<size_t>(r);
+  }
+  return bytes;
 }
 
 std::string FormatSessionCredential(uint64_t session_id, absl::string_view secret) {

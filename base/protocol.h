@@ -39,6 +39,10 @@ inline constexpr size_t kMaxCarriedReleases = 256;
 // Bytes of a session secret (random, sent once in the Hello).
 inline constexpr size_t kSessionSecretBytes = 16;
 
+// `n` bytes from the kernel's CSPRNG (getrandom), for session secrets and
+// share tokens.
+std::string RandomBytes(size_t n);
+
 // A session credential: "<session id>:<secret as 32 lowercase hex digits>".
 struct SessionCredential {
   uint64_t session_id = 0;

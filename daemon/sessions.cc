@@ -1,23 +1,11 @@
 #include "daemon/sessions.h"
 
-#include <sys/random.h>
-
 #include "absl/strings/str_cat.h"
 #include "base/errno_status.h"
 #include "base/protocol.h"
 
 namespace bufferd {
 namespace {
-
-std::string RandomBytes(size_t n) {
-  std::string bytes(n, '\0');
-  size_t got = 0;
-  while (got < n) {
-    ssize_t r = ::getrandom(bytes.data() + got, n - got, 0);
-    if (r > 0) got += static_cast<size_t>(r);
-  }
-  return bytes;
-}
 
 bool ConstantTimeEquals(absl::string_view a, absl::string_view b) {
   if (a.size() != b.size()) return false;

@@ -1,24 +1,10 @@
 #include "daemon/share_tokens.h"
 
-#include <sys/random.h>
-
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "base/protocol.h"
 
 namespace bufferd {
-namespace {
-
-std::string RandomHex(size_t bytes) {
-  std::string raw(bytes, '\0');
-  size_t got = 0;
-  while (got < bytes) {
-    ssize_t r = ::getrandom(raw.data() + got, bytes - got, 0);
-    if (r > 0) got += static_cast<size_t>(r);
-  }
-  return absl::BytesToHexString(raw);
-}
-
-}  // namespace
 
 absl::StatusOr<std::string> ShareTokens::Create(uint64_t exporter, uint64_t buffer,
                                                 v1::Access access, absl::Time expires) {
@@ -29,7 +15,7 @@ absl::StatusOr<std::string> ShareTokens::Create(uint64_t exporter, uint64_t buff
         kMaxUnredeemed, "); they are forgotten 10 minutes after they expire"));
   }
   ++unredeemed;
-  std::string token = RandomHex(16);
+  std::string token = absl::BytesToHexString(RandomBytes(16));
   tokens_[token] = Token{buffer, access, expires, exporter, 0};
   by_forget_time_.emplace(expires + kTombstoneGrace, token);
   by_buffer_[buffer].insert(token);
