@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "base/errno_status.h"
 #include "daemon/proto_convert.h"
+#include "daemon/requests.h"
 
 namespace bufferd {
 
@@ -29,27 +30,10 @@ struct DaemonState::Buffer {
 
 namespace {
 
-constexpr size_t kMaxNameBytes = 200;
-// Configured heap names are [a-z0-9_-]{1,32}: a longer request names none.
-constexpr size_t kMaxHeapNameBytes = 32;
-
 // Bytes of the file really allocated (what a punch gives back shows here).
 uint64_t AllocatedBytes(int fd) {
   struct stat st {};
   return ::fstat(fd, &st) == 0 ? static_cast<uint64_t>(st.st_blocks) * 512 : 0;
-}
-
-absl::Status ValidateName(absl::string_view name) {
-  if (name.size() > kMaxNameBytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("name is ", name.size(), " bytes; at most ", kMaxNameBytes, " allowed"));
-  }
-  for (char c : name) {
-    if (c < 0x20 || c > 0x7e) {
-      return absl::InvalidArgumentError("name must be printable ASCII");
-    }
-  }
-  return absl::OkStatus();
 }
 
 // Hands buffers that died outside Release/CloseSession (an undone grant, a
@@ -228,25 +212,10 @@ absl::StatusOr<DaemonState::Handle*> DaemonState::FindHandleLocked(uint64_t sess
 
 absl::StatusOr<DaemonState::PendingGrant> DaemonState::Allocate(
     uint64_t session_id, const v1::AllocateRequest& request) {
-  if (request.heap().size() > kMaxHeapNameBytes) {
-    return absl::InvalidArgumentError(absl::StrCat("heap name is ", request.heap().size(),
-                                                   " bytes; heap names are at most ",
-                                                   kMaxHeapNameBytes));
-  }
-  ASSIGN_OR_RETURN(Heap * heap, heaps_->Get(request.heap()));
-  if (request.size() == 0) return absl::InvalidArgumentError("size must be greater than 0");
-  RETURN_IF_ERROR(ValidateName(request.name()));
-  const uint64_t page = heap->page_size();
-  if (request.size() > (uint64_t{1} << 62)) {
-    return absl::InvalidArgumentError(absl::StrCat("size ", request.size(), " is too large"));
-  }
-  uint64_t rounded = (request.size() + page - 1) / page * page;
-  const uint64_t max_allocation = options_.quotas.max_allocation_bytes();
-  if (max_allocation != 0 && rounded > max_allocation) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "quota max_allocation_bytes: asked for ", FormatBytes(rounded), " on heap '", heap->name(),
-        "', the largest allowed allocation is ", FormatBytes(max_allocation)));
-  }
+  ASSIGN_OR_RETURN(const AllocationPlan plan,
+                   CheckAllocateRequest(*heaps_, options_.quotas, request));
+  Heap* const heap = plan.heap;
+  uint64_t rounded = plan.rounded;
   uid_t uid;
   // The buffer's own fd, held until the reaper really closes it.
   FdBudget::Lease fd_lease;
@@ -339,12 +308,8 @@ void DaemonState::Undo(uint64_t session_id, uint64_t handle, const std::string& 
 
 absl::StatusOr<v1::ExportResponse> DaemonState::Export(uint64_t session_id,
                                                        const v1::ExportRequest& request) {
-  absl::Duration ttl =
-      request.ttl_ms() == 0 ? options_.default_token_ttl : absl::Milliseconds(request.ttl_ms());
-  if (ttl > ShareTokens::kMaxTtl) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("ttl_ms ", request.ttl_ms(), " is above the maximum of 3600000 (1 hour)"));
-  }
+  ASSIGN_OR_RETURN(const absl::Duration ttl,
+                   CheckExportTtl(request, options_.default_token_ttl, ShareTokens::kMaxTtl));
   absl::MutexLock lock(&mu_);
   RETURN_IF_ERROR(FindSessionLocked(session_id).status());
   ASSIGN_OR_RETURN(Handle * handle, FindHandleLocked(session_id, request.handle()));
