@@ -345,11 +345,10 @@ TEST(EventLoopTest, TimersRunInOrderAndCancel) {
       ran.push_back(n);
     };
   };
-  const absl::Time now = absl::Now();
-  loop.RunAt(now + absl::Milliseconds(60), record(3));
-  loop.RunAt(now + absl::Milliseconds(20), record(2));
-  loop.RunAt(now - absl::Seconds(1), record(1));  // past: at once
-  const EventLoop::TimerId cancelled = loop.RunAt(now + absl::Milliseconds(40), record(99));
+  loop.RunAfter(absl::Milliseconds(60), record(3));
+  loop.RunAfter(absl::Milliseconds(20), record(2));
+  loop.RunAfter(-absl::Seconds(1), record(1));  // past: at once
+  const EventLoop::TimerId cancelled = loop.RunAfter(absl::Milliseconds(40), record(99));
   loop.Cancel(cancelled);
   const EventLoop::TimerId every = loop.RunEvery(absl::Milliseconds(5), [&] {
     absl::MutexLock lock(&mu);
@@ -405,7 +404,7 @@ TEST(EventLoopTest, WatchModifyUnwatch) {
   ASSERT_EQ(::write(write_end.get(), "x", 1), 1);
   // A timer after the write proves the loop went round without the callback.
   absl::Notification went_round;
-  loop.RunAt(absl::Now() + absl::Milliseconds(50), [&] { went_round.Notify(); });
+  loop.RunAfter(absl::Milliseconds(50), [&] { went_round.Notify(); });
   EXPECT_TRUE(went_round.WaitForNotificationWithTimeout(absl::Seconds(10)));
   loop.Stop();
   absl::MutexLock lock(&mu);

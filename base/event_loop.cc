@@ -1,10 +1,13 @@
 #include "base/event_loop.h"
 
 #include <sys/epoll.h>
+#include <time.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <limits>
+#include <thread>
 #include <vector>
 
 #include "base/errno_status.h"
@@ -14,6 +17,13 @@ namespace {
 
 // epoll data of the wake eventfd; watch ids start at 1.
 constexpr uint64_t kWakeId = 0;
+
+// CLOCK_MONOTONIC, as a duration since boot.
+absl::Duration MonotonicNow() {
+  timespec now{};
+  ::clock_gettime(CLOCK_MONOTONIC, &now);
+  return absl::DurationFromTimespec(now);
+}
 
 }  // namespace
 
@@ -73,12 +83,12 @@ void EventLoop::Unwatch(int fd) {
   by_fd_.erase(it);
 }
 
-EventLoop::TimerId EventLoop::RunAt(absl::Time when, std::function<void()> fn) {
-  return AddTimer(Timer{when, absl::ZeroDuration(), std::move(fn)});
+EventLoop::TimerId EventLoop::RunAfter(absl::Duration delay, std::function<void()> fn) {
+  return AddTimer(Timer{MonotonicNow() + delay, absl::ZeroDuration(), std::move(fn)});
 }
 
 EventLoop::TimerId EventLoop::RunEvery(absl::Duration period, std::function<void()> fn) {
-  return AddTimer(Timer{absl::Now() + period, period, std::move(fn)});
+  return AddTimer(Timer{MonotonicNow() + period, period, std::move(fn)});
 }
 
 EventLoop::TimerId EventLoop::AddTimer(Timer timer) {
@@ -113,7 +123,7 @@ void EventLoop::Cancel(TimerId timer) {
 int EventLoop::TimeoutMs() {
   absl::MutexLock lock(&mu_);
   if (due_.empty()) return -1;
-  const absl::Duration left = due_.begin()->first - absl::Now();
+  const absl::Duration left = due_.begin()->first - MonotonicNow();
   if (left <= absl::ZeroDuration()) return 0;
   // Rounded up: a timer never fires early.
   return static_cast<int>(
@@ -122,7 +132,7 @@ int EventLoop::TimeoutMs() {
 }
 
 void EventLoop::RunDueTimers() {
-  const absl::Time now = absl::Now();
+  const absl::Duration now = MonotonicNow();
   while (true) {
     std::function<void()> fn;
     {
@@ -150,6 +160,10 @@ void EventLoop::Loop() {
   while (!thread_.stopping()) {
     const int n = ::epoll_wait(epoll_.get(), events, 64, TimeoutMs());
     if (thread_.stopping()) return;
+    if (n < 0 && errno != EINTR) {
+      // Not expected once Init() succeeded; never spin on it.
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
     for (int i = 0; i < n; ++i) {
       const uint64_t id = events[i].data.u64;
       if (id == kWakeId) {

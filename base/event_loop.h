@@ -1,15 +1,17 @@
 // EventLoop: one thread that watches fds (epoll) and runs timers.
 //
-// Watch an fd with a callback that gets the epoll events; run a function at
-// a time, or every period. Callbacks run on the loop thread, one at a time,
+// Watch an fd with a callback that gets the epoll events; run a function
+// after a delay, or every period. Timers run on the monotonic clock: a step
+// of the wall clock neither fires nor stalls them. Callbacks run on the loop thread, one at a time,
 // never under the loop's lock, so they may call back into the loop (watch,
 // unwatch, add timers). Each watch has its own id in epoll's data, so an
 // event for an fd unwatched (and maybe reused) earlier in the same batch is
 // dropped, never delivered to the new owner of the number.
 //
 // Thread-safe: every method may be called from any thread. Stop() must not
-// be called from a callback; it must be called before destruction of
-// anything the callbacks use.
+// be called from a callback. Unwatch and Cancel do not wait for a callback
+// already running on the loop thread: stop the loop before destroying
+// anything its callbacks use.
 #ifndef BUFFERD_BASE_EVENT_LOOP_H_
 #define BUFFERD_BASE_EVENT_LOOP_H_
 
@@ -53,8 +55,8 @@ class EventLoop {
   // after this returns on the loop thread.
   void Unwatch(int fd);
 
-  // Runs `fn` on the loop thread at `when` (now, if it is past).
-  TimerId RunAt(absl::Time when, std::function<void()> fn);
+  // Runs `fn` once on the loop thread, `delay` from now (at once if <= 0).
+  TimerId RunAfter(absl::Duration delay, std::function<void()> fn);
   // Runs `fn` every `period`, the first time one period from now.
   TimerId RunEvery(absl::Duration period, std::function<void()> fn);
   // A timer cancelled before it fires never runs.
@@ -66,7 +68,8 @@ class EventLoop {
     FdCallback callback;
   };
   struct Timer {
-    absl::Time when;
+    // On the monotonic clock (MonotonicNow).
+    absl::Duration when;
     absl::Duration period = absl::ZeroDuration();  // zero: once
     std::function<void()> fn;
   };
@@ -85,7 +88,7 @@ class EventLoop {
   std::map<uint64_t, Watcher> watchers_ ABSL_GUARDED_BY(mu_);  // by watch id
   std::map<int, uint64_t> by_fd_ ABSL_GUARDED_BY(mu_);
   std::map<TimerId, Timer> timers_ ABSL_GUARDED_BY(mu_);
-  std::multimap<absl::Time, TimerId> due_ ABSL_GUARDED_BY(mu_);
+  std::multimap<absl::Duration, TimerId> due_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace bufferd

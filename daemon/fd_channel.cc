@@ -56,6 +56,7 @@ absl::Status FdChannel::Listen(UnixSocket listener) {
 void FdChannel::Stop() {
   for (EventLoop::TimerId timer : timers_) loop_->Cancel(timer);
   timers_.clear();
+  loop_->Cancel(accept_resume_);  // a no-op once it has run
   if (listener_.valid()) {
     loop_->Unwatch(listener_.fd());
     listener_ = UnixSocket();
@@ -86,8 +87,8 @@ void FdChannel::AcceptAll() {
       // Out of fds (EMFILE/ENFILE): the listener stays readable, so stop
       // watching it for a while instead of spinning.
       (void)loop_->Modify(listener_.fd(), 0);
-      loop_->RunAt(absl::Now() + kAcceptPause,
-                   [this] { (void)loop_->Modify(listener_.fd(), EPOLLIN); });
+      accept_resume_ =
+          loop_->RunAfter(kAcceptPause, [this] { (void)loop_->Modify(listener_.fd(), EPOLLIN); });
       return;
     }
     Admit(*std::move(socket));
@@ -116,6 +117,17 @@ void FdChannel::Admit(UnixSocket socket) {
     return;
   }
   const int fd = socket.fd();
+  // Watched before anything can be queued for it (a Deliver that finds the
+  // socket full arms EPOLLOUT on this watch). Callbacks run on this thread,
+  // so none runs before the connection is registered below.
+  absl::Status watched =
+      loop_->Watch(fd, kReadEvents, [this, fd](uint32_t events) { OnEvents(fd, events); });
+  if (!watched.ok()) {
+    LogLimited(RefusalLog(), spdlog::level::warn, "session {}: {}", admission->session_id,
+               watched.ToString());
+    delegate_->OnDisconnect(admission->session_id);
+    return;
+  }
   v1::FdChannelMessage message;
   v1::Hello* hello = message.mutable_hello();
   hello->set_protocol_version(kProtocolVersion);
@@ -137,14 +149,6 @@ void FdChannel::Admit(UnixSocket socket) {
     hello_failed = !connection.socket.Send(hello_bytes, {}, /*dont_wait=*/true).ok();
   }
   ++opened_;
-  absl::Status watched =
-      loop_->Watch(fd, kReadEvents, [this, fd](uint32_t events) { OnEvents(fd, events); });
-  if (!watched.ok()) {
-    LogLimited(RefusalLog(), spdlog::level::warn, "session {}: {}", admission->session_id,
-               watched.ToString());
-    EndConnection(fd, "it could not be watched", /*badly=*/true);
-    return;
-  }
   // Usually a client that connected and left at once: churn, not a fault.
   if (hello_failed) EndConnection(fd, "the hello could not be sent");
 }

@@ -147,7 +147,10 @@ class FdChannel {
   Delegate* const delegate_;
   const Options options_;
   UnixSocket listener_;
+  // The periodic timers; and the one-shot that resumes accepts after a
+  // pause (loop thread, or Stop once the loop has stopped).
   std::vector<EventLoop::TimerId> timers_;
+  EventLoop::TimerId accept_resume_ = 0;
 
   mutable absl::Mutex mu_;
   // By socket fd.

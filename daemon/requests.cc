@@ -54,9 +54,9 @@ absl::StatusOr<absl::Duration> CheckExportTtl(const v1::ExportRequest& request,
   const absl::Duration ttl =
       request.ttl_ms() == 0 ? default_ttl : absl::Milliseconds(request.ttl_ms());
   if (ttl > max_ttl) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("ttl_ms ", request.ttl_ms(), " is above the maximum of ",
-                     absl::ToInt64Milliseconds(max_ttl), " (", absl::FormatDuration(max_ttl), ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "ttl_ms ", request.ttl_ms(), " is above the maximum of ",
+        absl::ToInt64Milliseconds(max_ttl), " (", absl::ToInt64Minutes(max_ttl), " minutes)"));
   }
   return ttl;
 }

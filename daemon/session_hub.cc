@@ -56,8 +56,10 @@ void SessionHub::OnDetach(uint64_t session_id) {
 }
 
 void SessionHub::OnDisconnect(uint64_t session_id) {
-  sessions_->Close(session_id);
+  // What it holds first, then who it was: a debug view never shows a
+  // holder without its pid and comm.
   reaper_->Free(state_->CloseSession(session_id));
+  sessions_->Close(session_id);
 }
 
 }  // namespace bufferd

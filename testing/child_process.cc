@@ -21,8 +21,10 @@ namespace bufferd::testing {
 namespace {
 
 // In the child, before exec or body: only plain system calls.
-void SetUpChild(const ChildOptions& options, int out_pipe) {
+void SetUpChild(const ChildOptions& options, int out_pipe, pid_t parent) {
   ::prctl(PR_SET_PDEATHSIG, options.death_signal);
+  // The parent died before prctl took: nobody will send the signal.
+  if (::getppid() != parent) ::_exit(kChildSetupFailed);
   for (const auto& [resource, value] : options.rlimits) {
     rlimit limit{value, value};
     if (::setrlimit(resource, &limit) != 0) ::_exit(kChildSetupFailed);
@@ -69,6 +71,7 @@ absl::StatusOr<ChildProcess> ChildProcess::Fork(const std::function<int()>& body
   if (options.capture_stdout && ::pipe2(pipe_fds, O_CLOEXEC) != 0) {
     return absl::InternalError(absl::StrCat("pipe2: ", std::strerror(errno)));
   }
+  const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
   if (pid < 0) {
     for (int fd : pipe_fds) {
@@ -77,7 +80,7 @@ absl::StatusOr<ChildProcess> ChildProcess::Fork(const std::function<int()>& body
     return absl::InternalError(absl::StrCat("fork: ", std::strerror(errno)));
   }
   if (pid == 0) {
-    SetUpChild(options, pipe_fds[1]);
+    SetUpChild(options, pipe_fds[1], parent);
     ::_exit(body());
   }
   if (pipe_fds[1] >= 0) ::close(pipe_fds[1]);
@@ -91,7 +94,7 @@ ChildProcess::ChildProcess(ChildProcess&& other) noexcept
 
 ChildProcess& ChildProcess::operator=(ChildProcess&& other) noexcept {
   if (this != &other) {
-    this->~ChildProcess();
+    Reset();
     pid_ = std::exchange(other.pid_, -1);
     out_ = std::exchange(other.out_, -1);
     buffered_ = std::move(other.buffered_);
@@ -99,14 +102,18 @@ ChildProcess& ChildProcess::operator=(ChildProcess&& other) noexcept {
   return *this;
 }
 
-ChildProcess::~ChildProcess() {
+ChildProcess::~ChildProcess() { Reset(); }
+
+void ChildProcess::Reset() {
   if (pid_ > 0) {
     ::kill(pid_, SIGKILL);
-    ::waitpid(pid_, nullptr, 0);
+    while (::waitpid(pid_, nullptr, 0) < 0 && errno == EINTR) {
+    }
     pid_ = -1;
   }
   if (out_ >= 0) ::close(out_);
   out_ = -1;
+  buffered_.clear();
 }
 
 namespace {
@@ -119,10 +126,11 @@ int ExitCode(int status) {
 int ChildProcess::Wait() {
   if (pid_ <= 0) return -1;
   int status = 0;
-  while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+  pid_t got;
+  while ((got = ::waitpid(pid_, &status, 0)) < 0 && errno == EINTR) {
   }
   pid_ = -1;
-  return ExitCode(status);
+  return got < 0 ? -1 : ExitCode(status);
 }
 
 std::optional<int> ChildProcess::WaitFor(absl::Duration timeout) {
@@ -130,9 +138,10 @@ std::optional<int> ChildProcess::WaitFor(absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + timeout;
   while (true) {
     int status = 0;
-    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+    const pid_t got = ::waitpid(pid_, &status, WNOHANG);
+    if (got == pid_ || (got < 0 && errno != EINTR)) {
       pid_ = -1;
-      return ExitCode(status);
+      return got < 0 ? -1 : ExitCode(status);
     }
     if (absl::Now() >= deadline) return std::nullopt;
     std::this_thread::sleep_for(std::chrono::milliseconds(10));

@@ -63,7 +63,8 @@ class ChildProcess {
   // SIGKILLs and reaps the child if it still runs.
   ~ChildProcess();
 
-  // Waits for the child's end: its exit code, or 128 + the signal.
+  // Waits for the child's end: its exit code, or 128 + the signal; -1 if it
+  // could not be waited for (already reaped).
   int Wait();
   // As Wait, but gives up after `timeout` (nullopt: still running).
   std::optional<int> WaitFor(absl::Duration timeout);
@@ -77,6 +78,8 @@ class ChildProcess {
 
  private:
   ChildProcess(pid_t pid, int out) : pid_(pid), out_(out) {}
+  // Kills and reaps a running child; closes the stdout pipe.
+  void Reset();
   pid_t pid_ = -1;
   int out_ = -1;
   std::string buffered_;

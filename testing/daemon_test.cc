@@ -125,14 +125,26 @@ grpc::Status RawSession::Allocate(const std::string& heap, uint64_t size) const 
 }
 
 int AsNobody(const std::vector<gid_t>& groups, const std::function<int()>& body) {
+  int pipe_fds[2];
+  if (::pipe2(pipe_fds, O_CLOEXEC) != 0) return -1;
   ChildOptions options;
   options.uid = 65534;
   options.gid = 65534;
   options.groups = groups;
-  absl::StatusOr<ChildProcess> child = ChildProcess::Fork(body, options);
+  absl::StatusOr<ChildProcess> child = ChildProcess::Fork(
+      [&] {
+        const int result = body();
+        return ::write(pipe_fds[1], &result, sizeof(result)) == sizeof(result) ? 0 : 1;
+      },
+      options);
+  ::close(pipe_fds[1]);
+  int result = -1;
+  const bool got = child.ok() && ::read(pipe_fds[0], &result, sizeof(result)) == sizeof(result);
+  ::close(pipe_fds[0]);
   if (!child.ok()) return -1;
   const int code = child->Wait();
-  return code == kChildSetupFailed ? -2 : code;
+  if (got) return result;
+  return code == kChildSetupFailed ? -2 : -1;  // could not become nobody, or crashed
 }
 
 absl::StatusOr<RawSession> OpenRawSession(const std::string& socket_dir) {

@@ -56,8 +56,9 @@ struct RawSession {
 absl::StatusOr<RawSession> OpenRawSession(const std::string& socket_dir);
 
 // Runs `body` in a forked child that first becomes uid/gid nobody (65534)
-// with supplementary `groups`; returns what `body` returned (0..124), or -2
-// if the identity could not be taken. Only plain system calls in `body`.
+// with supplementary `groups`; returns what `body` returned, -2 if the
+// identity could not be taken, -1 if the child died first. Only plain
+// system calls in `body`.
 int AsNobody(const std::vector<gid_t>& groups, const std::function<int()>& body);
 
 // tests/peer with `args`, its stdout readable line by line; SpawnPeerAs runs
