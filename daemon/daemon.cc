@@ -235,6 +235,13 @@ absl::Status Daemon::Init(const v1::Config& config) {
     }
     RETURN_IF_ERROR(SecurePrivateDir(dir.get(), socket_dir_, dir_group, run_as.uid));
   }
+  // The client library refuses a dir it cannot trust (base/private_dir.h);
+  // say so now rather than let every client of another uid fail.
+  const uid_t other_uid = run_as.uid == 0 ? 65534 : 0;
+  if (absl::StatusOr<uid_t> trusted = CheckTrustedDir(socket_dir_, other_uid); !trusted.ok()) {
+    spdlog::warn("clients of any uid but {} will refuse {}: {}", run_as.uid, socket_dir_,
+                 std::string(trusted.status().message()));
+  }
   RETURN_IF_ERROR(DropPrivileges(run_as));
 
   allocator_ = std::make_unique<AllocatorService>(AllocatorService::Deps{

@@ -1,7 +1,9 @@
 // DebugService: the Debug gRPC service (read-only views; see
 // daemon/debug_views.h). Calls need a live session unless the config lets
-// anyone ask; a session's call still applies the releases it carries. Views
-// that read sysfs or fstat buffers run on the work queue.
+// anyone ask; a session's call still applies the releases it carries.
+// ListHeaps and GetMetrics (sysfs reads, heap residency) run on the work
+// queue; ListClients and ListBuffers inline (ListBuffers fstats each listed
+// buffer under DaemonState's mutex).
 #ifndef BUFFERD_DAEMON_DEBUG_SERVICE_H_
 #define BUFFERD_DAEMON_DEBUG_SERVICE_H_
 

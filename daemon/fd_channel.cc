@@ -21,6 +21,7 @@ constexpr absl::Duration kTick = absl::Milliseconds(500);
 constexpr absl::Duration kChurnSummaryPeriod = absl::Minutes(1);
 constexpr absl::Duration kAcceptPause = absl::Milliseconds(100);
 constexpr uint32_t kReadEvents = EPOLLIN | EPOLLRDHUP;
+constexpr int kRecordsPerWake = 64;
 
 // Sessions that end badly and connections refused: one line per kind,
 // whichever client causes them.
@@ -184,8 +185,11 @@ void FdChannel::OnReadable(int fd) {
     socket = &it->second.socket;
     session_id = it->second.session_id;
   }
-  // Only this thread removes connections, so `socket` stays valid here.
-  while (true) {
+  // Only this thread removes connections, so `socket` stays valid here. At
+  // most kRecordsPerWake records per wake: the rest wait for the next round
+  // (epoll reports the socket again), so one flooding client cannot hold
+  // up accepts, Hellos and the tick for everyone else.
+  for (int records = 0; records < kRecordsPerWake; ++records) {
     absl::StatusOr<UnixSocket::Received> received =
         socket->RecvWithFds(kMaxRecordBytes, /*dont_wait=*/true);
     if (!received.ok()) {

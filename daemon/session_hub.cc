@@ -6,9 +6,17 @@
 #include "absl/strings/str_cat.h"
 #include "base/client_text.h"
 #include "base/errno_status.h"
+#include "daemon/log.h"
 #include "spdlog/spdlog.h"
 
 namespace bufferd {
+
+namespace {
+LogLimiter& SkippedReleaseLog() {
+  static LogLimiter limiter;
+  return limiter;
+}
+}  // namespace
 
 std::string ReadComm(pid_t pid) {
   // The kernel ends comm with one '\n'. Escaped here, once, for every
@@ -41,8 +49,11 @@ void SessionHub::ReleaseDropped(uint64_t session_id, const std::vector<uint64_t>
   for (uint64_t handle : handles) {
     absl::StatusOr<std::vector<DeadBuffer>> released = state_->Release(session_id, handle);
     if (!released.ok()) {
-      spdlog::debug("session {}: release of dropped handle {}: {}", session_id, handle,
-                    released.status().ToString());
+      // A client re-sends after a failed call, so some are expected; a
+      // flood of bogus ones is its own business: rate-limited.
+      LogLimited(SkippedReleaseLog(), spdlog::level::debug,
+                 "session {}: release of dropped handle {}: {}", session_id, handle,
+                 released.status().ToString());
       continue;
     }
     for (DeadBuffer& buffer : *released) dead.push_back(std::move(buffer));

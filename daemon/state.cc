@@ -247,6 +247,7 @@ absl::StatusOr<DaemonState::PendingGrant> DaemonState::Allocate(
     if (!memory.ok() || session == nullptr) {
       quotas_.Uncharge(session_id, uid, heap->name(), rounded);
       if (!memory.ok()) return memory.status();
+      (*memory)->Retire();  // its bytes are free for the next Allocate at once
       dead.push_back(DeadBuffer{std::move(fd_lease), *std::move(memory)});
       return absl::AbortedError(absl::StrCat("session ", session_id, " ended during Allocate"));
     }
@@ -275,6 +276,7 @@ absl::StatusOr<DaemonState::PendingGrant> DaemonState::Allocate(
     absl::StatusOr<Grant> grant = AddHandleLocked(*session, ref, v1::ACCESS_READ_WRITE);
     if (!grant.ok()) {
       quotas_.Uncharge(session_id, uid, heap->name(), rounded);
+      ref.memory->Retire();
       dead.push_back(DeadBuffer{std::move(ref.fd_lease), std::move(ref.memory)});
       buffers_.erase(ref.info.buffer_id());
       return grant.status();

@@ -86,8 +86,8 @@ void DaemonTest::ExpectBaseline() {
   EXPECT_TRUE(Eventually([&] { return daemon_->OpenFds() == baseline_fds_; }))
       << daemon_->OpenFds() << " fds open, baseline " << baseline_fds_;
   // Dropped Buffers release one-way, and big frees finish on the daemon's
-  // work queue: the heaps' used bytes return a moment after the buffers go.
-  // ...and the daemon's fd count once the reaper has closed the big ones.
+  // reaper thread: the heaps' used bytes return a moment after the buffers
+  // go, and the daemon's fd count once the reaper has closed the big ones.
   EXPECT_TRUE(Eventually([&] {
     auto heaps = client_->ListHeaps();
     if (!heaps.ok() || heaps->fds_in_use() != baseline_budget_fds_) return false;

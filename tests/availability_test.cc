@@ -303,6 +303,29 @@ TEST_F(AvailabilityTest, SessionEndedWithUnreadFdsLingers) {
   ExpectBaseline();
 }
 
+// Tests that one session flooding fd.sock with records cannot hold up the
+// others: while its 16 threads send one-way releases as fast as the daemon
+// takes them, new clients still get their Hello, connect and allocate well
+// within a 3 s timeout (the daemon reads a bounded batch per wake; it used
+// to drain one socket before serving anyone else).
+TEST_F(AvailabilityTest, RecordFloodDoesNotStarveOtherSessions) {
+  Start("");
+  auto flood = SpawnPeer({"records", daemon_->socket_dir(), "16"});
+  ASSERT_TRUE(flood.ok()) << flood.status();
+  ASSERT_EQ(flood->ReadLine(), "ready");
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // well under way
+  for (int i = 0; i < 5; ++i) {
+    SCOPED_TRACE(i);
+    auto client = Client::Connect(daemon_->socket_dir(), {.timeout = absl::Seconds(3)});
+    ASSERT_TRUE(client.ok()) << client.status();
+    auto buffer = client->Allocate({.heap = "system", .size = 4096, .name = "beside a flood"});
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+  }
+  flood->Kill(SIGKILL);
+  flood->Wait();
+  ExpectBaseline();
+}
+
 // Tests that a client refused at a control-connection cap is told so
 // (RESOURCE_EXHAUSTED naming the caps), not "no daemon", and connects as
 // soon as connections close.

@@ -9,6 +9,9 @@
 //       until the daemon refuses one ("sessions=N refused=CODE:MESSAGE"), then
 //       control.sock connections until one is closed unserved ("control=N"),
 //       print "ready" and wait to be killed
+//   peer records <dir> <threads>   below the library: one session whose
+//       threads send one-way releases of bogus handles as fast as the daemon
+//       takes them; prints "ready" once they run, until killed
 #include <poll.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -21,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/escaping.h"
@@ -92,6 +96,28 @@ void FloodControl(const std::string& dir, std::vector<int>& held) {
   }
 }
 
+// One session, `threads` threads sending ReleaseHandle records of a handle
+// that does not exist, without end.
+void FloodRecords(const std::string& dir, int threads) {
+  absl::StatusOr<bufferd::UnixSocket> socket =
+      bufferd::UnixSocket::ConnectSeqPacket(bufferd::FdSocketPath(dir));
+  if (!socket.ok() || !Readable(socket->fd()) || !socket->RecvWithFds().ok()) {
+    std::printf("no session\n");
+    return;
+  }
+  bufferd::v1::FdChannelMessage message;
+  message.mutable_release()->set_handle(~uint64_t{0} - 1);
+  const std::string record = message.SerializeAsString();
+  for (int i = 0; i < threads; ++i) {
+    std::thread([&socket, record] {
+      while (socket->Send(record).ok()) {
+      }
+    }).detach();
+  }
+  std::printf("ready\n");
+  while (true) ::pause();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -115,6 +141,10 @@ int main(int argc, char** argv) {
     if (what == "control" || what == "both") FloodControl(argv[2], control);
     std::printf("ready\n");
     while (true) ::pause();
+  }
+  if (mode == "records" && argc == 4) {
+    FloodRecords(argv[2], std::atoi(argv[3]));
+    return 1;
   }
   absl::StatusOr<bufferd::Client> client = bufferd::Client::Connect(argv[2]);
   if (!client.ok()) return Fail("connect", client.status());

@@ -498,8 +498,32 @@ TEST(OwnUserTest, DaemonServesAsItsOwnUser) {
     ASSERT_TRUE(reader.ok()) << reader.status();
     EXPECT_TRUE(reader->MapReadOnly().ok());
   }
-  EXPECT_TRUE(absl::StrContains(ReadFile((*daemon)->log_path()),
-                                "running as user 'nobody' (uid 65534"));
+  const std::string log = ReadFile((*daemon)->log_path());
+  EXPECT_TRUE(absl::StrContains(log, "running as user 'nobody' (uid 65534")) << log;
+  EXPECT_FALSE(absl::StrContains(log, "will refuse")) << "a dir its clients trust: " << log;
+}
+
+// Tests that a daemon whose socket dir its clients will not trust (its own
+// user's dir inside a world-writable dir, like /tmp) says so at startup, and
+// that a client of another uid (root here) does refuse it.
+TEST(OwnUserTest, UntrustedSocketDirIsWarnedAbout) {
+  if (::geteuid() != 0) GTEST_SKIP() << "starts the daemon as root with --user";
+  TempDir root;
+  const std::string open_dir = absl::StrCat(root.path(), "/open");
+  ASSERT_EQ(::mkdir(open_dir.c_str(), 0755), 0);
+  ASSERT_EQ(::chmod(open_dir.c_str(), 01777), 0);  // like /tmp
+  const std::string dir = absl::StrCat(open_dir, "/sock");
+  const std::string log_path = absl::StrCat(root.path(), "/log");
+  auto daemon = testing::SpawnDaemon({"--socket-dir", dir, "--user", "nobody"}, log_path);
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  EXPECT_TRUE(testing::Eventually(
+      [&] { return absl::StrContains(ReadFile(log_path), "bufferd serving in"); }))
+      << ReadFile(log_path);
+  const std::string log = ReadFile(log_path);
+  EXPECT_TRUE(absl::StrContains(log, absl::StrCat("clients of any uid but 65534 will refuse ", dir)))
+      << log;
+  auto client = Client::Connect(dir);
+  EXPECT_EQ(client.status().code(), absl::StatusCode::kPermissionDenied) << client.status();
 }
 
 // Tests that a daemon refused by the lock changes nothing of the running
