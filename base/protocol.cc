@@ -3,6 +3,7 @@
 #include <sys/random.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 
 #include "absl/strings/ascii.h"
@@ -46,8 +47,8 @@ std::string FormatSessionCredential(uint64_t session_id, absl::string_view secre
 
 absl::StatusOr<SessionCredential> ParseSessionCredential(absl::string_view text) {
   if (text.empty()) {
-    return absl::UnauthenticatedError(absl::StrCat(
-        "missing '", kSessionMetadataKey, "' metadata; open a session on fd.sock first"));
+    return absl::UnauthenticatedError(absl::StrCat("missing '", kSessionMetadataKey,
+                                                   "' metadata; open a session on fd.sock first"));
   }
   const size_t colon = text.find(':');
   SessionCredential credential;
@@ -72,11 +73,10 @@ absl::StatusOr<std::vector<uint64_t>> ParseReleaseList(absl::string_view text) {
   std::vector<uint64_t> handles;
   for (absl::string_view part : absl::StrSplit(text, ',')) {
     uint64_t handle;
-    if (!absl::SimpleAtoi(part, &handle) || handle == 0 ||
-        handles.size() == kMaxCarriedReleases) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "metadata ", kReleaseMetadataKey, ": expected up to ", kMaxCarriedReleases,
-          " comma-separated handle ids, got ", QuoteClientText(text)));
+    if (!absl::SimpleAtoi(part, &handle) || handle == 0 || handles.size() == kMaxCarriedReleases) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("metadata ", kReleaseMetadataKey, ": expected up to ", kMaxCarriedReleases,
+                       " comma-separated handle ids, got ", QuoteClientText(text)));
     }
     handles.push_back(handle);
   }

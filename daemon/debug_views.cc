@@ -54,7 +54,8 @@ v1::ListHeapsResponse HeapsView(const DaemonState& state) {
     // system, still in `used`. System buffers are sparse by design.
     if (heap->kind() == HeapKind::kSystem) continue;
     uint64_t punched = 0;
-    for (const DaemonState::BufferView& buffer : state.ListBuffers(heap->name(), 0)) {
+    for (const DaemonState::BufferView& buffer :
+         state.ListBuffers({.heap = heap->name(), .holders = false})) {
       punched += PunchedBytes(buffer.kind, buffer.info.size(), buffer.allocated_bytes);
     }
     if (punched != 0) {
@@ -115,7 +116,7 @@ v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonSt
   std::map<uint64_t, SessionTable::Identity> who;
   for (SessionTable::Identity& session : sessions.List()) who[session.id] = std::move(session);
   for (const DaemonState::BufferView& buffer :
-       state.ListBuffers(request.heap(), request.session_id())) {
+       state.ListBuffers({.heap = request.heap(), .session_id = request.session_id()})) {
     v1::BufferDebugInfo* entry = response.add_buffers();
     *entry->mutable_buffer() = buffer.info;
     entry->set_allocated_bytes(buffer.allocated_bytes);

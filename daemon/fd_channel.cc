@@ -244,8 +244,12 @@ void FdChannel::WatchWritable(int fd, bool writable) {
   (void)loop_->Modify(fd, kReadEvents | (writable ? uint32_t{EPOLLOUT} : 0u));
 }
 
+bool FdChannel::NeedsTick(const Connection& connection) {
+  return !connection.queue.empty() || !connection.in_flight.empty() || connection.lingering;
+}
+
 void FdChannel::UpdateBusyLocked(int fd, const Connection& connection) {
-  if (!connection.queue.empty() || !connection.in_flight.empty() || connection.lingering) {
+  if (NeedsTick(connection)) {
     busy_.insert(fd);
   } else {
     busy_.erase(fd);
@@ -342,9 +346,7 @@ void FdChannel::Tick() {
           now - connection.stalled_since > options_.stalled_session_timeout) {
         stalled.push_back(fd);
       }
-      const bool busy =
-          !connection.queue.empty() || !connection.in_flight.empty() || connection.lingering;
-      it = busy ? std::next(it) : busy_.erase(it);
+      it = NeedsTick(connection) ? std::next(it) : busy_.erase(it);
     }
   }
   for (uint64_t session_id : drained) {

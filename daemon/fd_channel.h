@@ -138,7 +138,9 @@ class FdChannel {
   bool FlushLocked(Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Returns the places of sent fds once the client has read them all.
   void ReapDeliveredLocked(Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Marks `fd` as needing the tick (queued, in flight or lingering), or not.
+  // Deliveries queued or in flight, or lingering: the tick must look at it.
+  static bool NeedsTick(const Connection& connection);
+  // Marks `fd` as needing the tick, or not.
   void UpdateBusyLocked(int fd, const Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void WatchWritable(int fd, bool writable);
 

@@ -69,13 +69,6 @@ absl::StatusOr<uint64_t> SessionTable::Authenticate(absl::string_view credential
   return id;
 }
 
-std::optional<SessionTable::Identity> SessionTable::Find(uint64_t id) const {
-  absl::MutexLock lock(&mu_);
-  auto it = sessions_.find(id);
-  if (it == sessions_.end()) return std::nullopt;
-  return it->second.identity;
-}
-
 std::vector<SessionTable::Identity> SessionTable::List() const {
   std::vector<Identity> list;
   absl::MutexLock lock(&mu_);

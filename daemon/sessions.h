@@ -19,7 +19,6 @@
 
 #include <cstdint>
 #include <map>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -66,7 +65,6 @@ class SessionTable {
   // The session a credential names; UNAUTHENTICATED with a reason otherwise.
   absl::StatusOr<uint64_t> Authenticate(absl::string_view credential) const;
 
-  std::optional<Identity> Find(uint64_t id) const;
   std::vector<Identity> List() const;
   size_t size() const;
 

@@ -27,11 +27,12 @@ TEST(SessionTableTest, Authenticate) {
   sessions.Detach(session->id);
   EXPECT_EQ(sessions.Authenticate(credential).status().code(), absl::StatusCode::kUnauthenticated)
       << "a detached session takes no calls";
-  EXPECT_TRUE(sessions.Find(session->id).has_value()) << "but is still listed";
+  ASSERT_EQ(sessions.List().size(), 1u) << "but is still listed";
+  EXPECT_EQ(sessions.List()[0].id, session->id);
   sessions.Close(session->id);
   EXPECT_NE(sessions.Authenticate(credential).status().message().find("is not live"),
             absl::string_view::npos);
-  EXPECT_FALSE(sessions.Find(session->id).has_value());
+  EXPECT_TRUE(sessions.List().empty());
 }
 
 // Tests the session caps, total and per uid, and that a closed session frees

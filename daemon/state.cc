@@ -431,25 +431,27 @@ std::vector<DaemonState::Holdings> DaemonState::ListHoldings() const {
   return list;
 }
 
-std::vector<DaemonState::BufferView> DaemonState::ListBuffers(const std::string& heap,
-                                                              uint64_t session_id) const {
+std::vector<DaemonState::BufferView> DaemonState::ListBuffers(const BufferQuery& query) const {
   std::vector<BufferView> views;
   absl::MutexLock lock(&mu_);
+  const Session* only = nullptr;
+  if (query.session_id != 0) {
+    auto s = sessions_.find(query.session_id);
+    if (s == sessions_.end()) return views;
+    only = &s->second;
+  }
   std::map<uint64_t, std::vector<const Handle*>> holders;
-  for (const auto& [id, handle] : handles_) holders[handle.buffer].push_back(&handle);
+  if (query.holders) {
+    for (const auto& [id, handle] : handles_) holders[handle.buffer].push_back(&handle);
+  }
   for (const auto& [id, buffer] : buffers_) {
-    if (!heap.empty() && buffer->info.heap() != heap) continue;
-    const auto& held_by = holders[id];
-    if (session_id != 0 && std::none_of(held_by.begin(), held_by.end(), [&](const Handle* h) {
-          return h->session == session_id;
-        })) {
-      continue;
-    }
+    if (!query.heap.empty() && buffer->info.heap() != query.heap) continue;
+    if (only != nullptr && only->held.count(id) == 0) continue;
     BufferView& view = views.emplace_back();
     view.info = buffer->info;
     view.kind = buffer->heap->kind();
     view.allocated_bytes = AllocatedBytes(buffer->memory->fd());
-    for (const Handle* h : held_by) {
+    for (const Handle* h : holders[id]) {
       auto s = sessions_.find(h->session);
       view.holders.push_back(BufferView::Holder{
           h->session, h->id, s != sessions_.end() ? s->second.uid : kNoUid, h->access});

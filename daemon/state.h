@@ -150,8 +150,13 @@ class DaemonState {
 
   // Views, each taken in one critical section.
   std::vector<Holdings> ListHoldings() const;
-  // Buffers of `heap` (empty: all) held by `session_id` (0: anyone).
-  std::vector<BufferView> ListBuffers(const std::string& heap, uint64_t session_id) const;
+  struct BufferQuery {
+    std::string heap;         // empty: every heap
+    uint64_t session_id = 0;  // 0: held by anyone
+    // False: BufferView::holders stay empty (no pass over every handle).
+    bool holders = true;
+  };
+  std::vector<BufferView> ListBuffers(const BufferQuery& query) const;
   Totals totals() const;
 
   const HeapRegistry& heaps() const { return *heaps_; }

@@ -15,13 +15,28 @@
 
 namespace bufferd::testing {
 
-absl::StatusOr<ChildProcess> SpawnDaemon(const std::vector<std::string>& args,
-                                         const std::string& log_path, uint64_t nofile) {
+namespace {
+
+// A bufferd child: output to `log_path`, SIGTERM if we die (never outlive a
+// crashed test), with RLIMIT_NOFILE `nofile` (0: inherited) on `cpu` (-1:
+// anywhere).
+absl::StatusOr<ChildProcess> SpawnDaemonBinary(const std::string& binary,
+                                               const std::vector<std::string>& args,
+                                               const std::string& log_path, uint64_t nofile,
+                                               int cpu) {
   ChildOptions options;
   options.output_path = log_path;
-  options.death_signal = SIGTERM;  // never outlive a crashed test
+  options.death_signal = SIGTERM;
+  options.cpu = cpu;
   if (nofile != 0) options.rlimits.push_back({RLIMIT_NOFILE, nofile});
-  return ChildProcess::Spawn(BinaryPath("daemon/bufferd"), args, options);
+  return ChildProcess::Spawn(binary.empty() ? BinaryPath("daemon/bufferd") : binary, args, options);
+}
+
+}  // namespace
+
+absl::StatusOr<ChildProcess> SpawnDaemon(const std::vector<std::string>& args,
+                                         const std::string& log_path, uint64_t nofile) {
+  return SpawnDaemonBinary("", args, log_path, nofile, /*cpu=*/-1);
 }
 
 absl::StatusOr<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const Options& options) {
@@ -42,13 +57,8 @@ absl::Status DaemonProcess::Launch(const Options& options) {
     args.push_back("--config");
     args.push_back(config_path);
   }
-  ChildOptions child;
-  child.output_path = log_path();
-  child.death_signal = SIGTERM;
-  child.cpu = options.cpu;
-  if (options.nofile != 0) child.rlimits.push_back({RLIMIT_NOFILE, options.nofile});
-  absl::StatusOr<ChildProcess> spawned = ChildProcess::Spawn(
-      options.binary.empty() ? BinaryPath("daemon/bufferd") : options.binary, args, child);
+  absl::StatusOr<ChildProcess> spawned =
+      SpawnDaemonBinary(options.binary, args, log_path(), options.nofile, options.cpu);
   if (!spawned.ok()) return spawned.status();
   child_ = *std::move(spawned);
   for (int i = 0; i < 200; ++i) {
