@@ -18,14 +18,13 @@ namespace {
 // epoll data of the wake eventfd; watch ids start at 1.
 constexpr uint64_t kWakeId = 0;
 
-// CLOCK_MONOTONIC, as a duration since boot.
+}  // namespace
+
 absl::Duration MonotonicNow() {
   timespec now{};
   ::clock_gettime(CLOCK_MONOTONIC, &now);
   return absl::DurationFromTimespec(now);
 }
-
-}  // namespace
 
 absl::Status EventLoop::Init() {
   epoll_.Reset(::epoll_create1(EPOLL_CLOEXEC));

@@ -28,6 +28,9 @@
 
 namespace bufferd {
 
+// CLOCK_MONOTONIC, as a duration since boot: the clock timers run on.
+absl::Duration MonotonicNow();
+
 class EventLoop {
  public:
   using FdCallback = std::function<void(uint32_t events)>;

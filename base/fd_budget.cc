@@ -18,6 +18,8 @@ const char* FdUseName(FdUse use) {
       return "fds in flight to clients";
     case FdUse::kFreeing:
       return "buffers being freed";
+    case FdUse::kFence:
+      return "fences (pipes and imported sync fds)";
     case FdUse::kCount:
       break;
   }

@@ -5,7 +5,7 @@
 // accept, and any other failure to open is an error a client caused for
 // everyone. So every such fd (a live buffer's memfd, a session's fd.sock
 // connection, a control.sock connection, an fd waiting in a delivery queue,
-// and fences when they land) is covered by a Lease taken *before* the fd is
+// a fence's pipe or imported sync fd) is covered by a Lease taken *before* the fd is
 // opened and given back when it is closed. `total` is RLIMIT_NOFILE minus a
 // fixed reserve for the daemon's own fds (listeners, epoll, gRPC's internals,
 // transient opens), so the leases can never push the process over its limit.
@@ -33,7 +33,7 @@
 namespace bufferd {
 
 // What a leased fd is for (counted separately for ops and messages).
-enum class FdUse { kBuffer, kSession, kControlConnection, kDelivery, kFreeing, kCount };
+enum class FdUse { kBuffer, kSession, kControlConnection, kDelivery, kFreeing, kFence, kCount };
 
 // The uid of leases no uid is charged for (buffers being freed: they count
 // in the total, in nobody's share).

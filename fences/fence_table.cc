@@ -1,0 +1,798 @@
+#include "fences/fence_table.h"
+
+#include <fcntl.h>
+#include <linux/sync_file.h>
+#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "base/errno_status.h"
+
+namespace bufferd {
+namespace {
+
+constexpr size_t kMaxTextBytes = 200;
+// A wait never outlives this, whatever it asks (its fences end sooner).
+constexpr absl::Duration kMaxWaitTimeout = absl::Hours(24);
+
+absl::Status CheckText(absl::string_view field, absl::string_view text) {
+  if (text.size() > kMaxTextBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " is ", text.size(), " bytes; at most ",
+                                                   kMaxTextBytes, " allowed"));
+  }
+  for (char c : text) {
+    if (c < 0x20 || c > 0x7e) {
+      return absl::InvalidArgumentError(absl::StrCat(field, " must be printable ASCII"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status NotFound(uint64_t id) {
+  return absl::NotFoundError(absl::StrCat("fence ", id, " not found"));
+}
+
+std::string StatusName(v1::FenceStatus status) {
+  return v1::FenceStatus_Name(status);
+}
+
+// What an imported fd that polled readable says: a sync_file's own error,
+// or OK.
+std::pair<v1::FenceStatus, std::string> ImportedStatus(int fd, uint32_t events) {
+  sync_file_info info{};
+  if (::ioctl(fd, SYNC_IOC_FILE_INFO, &info) == 0) {
+    if (info.status < 0) {
+      return {v1::FENCE_STATUS_ERROR,
+              absl::StrCat("the imported sync_file failed: ", std::strerror(-info.status))};
+    }
+    return {v1::FENCE_STATUS_OK, ""};
+  }
+  if ((events & EPOLLERR) != 0 && (events & EPOLLIN) == 0) {
+    return {v1::FENCE_STATUS_ERROR, "the imported fd reported an error (EPOLLERR)"};
+  }
+  return {v1::FENCE_STATUS_OK, ""};
+}
+
+absl::StatusOr<std::pair<dev_t, ino_t>> Inode(int fd) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return ErrnoError("fstat", errno);
+  return std::make_pair(st.st_dev, st.st_ino);
+}
+
+}  // namespace
+
+const char* FenceKindName(FenceKind kind) {
+  switch (kind) {
+    case FenceKind::kCreated:
+      return "created";
+    case FenceKind::kMerged:
+      return "merged";
+    case FenceKind::kImported:
+      return "imported";
+  }
+  return "?";
+}
+
+FenceTable::FenceTable(EventLoop* loop, FdBudget* budget, FenceLimits limits)
+    : loop_(loop), budget_(budget), limits_(limits) {}
+
+FenceTable::~FenceTable() { Stop(); }
+
+void FenceTable::AddSession(uint64_t session, uid_t uid) {
+  absl::MutexLock lock(&mu_);
+  sessions_[session].uid = uid;
+}
+
+void FenceTable::CloseSession(uint64_t session_id) {
+  Completions done;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(session_id);
+    if (it == sessions_.end()) return;
+    Session& session = it->second;
+    const std::vector<WaitId> waits(session.waits.begin(), session.waits.end());
+    for (WaitId wait : waits) {
+      FinishWaitLocked(wait, absl::AbortedError(absl::StrCat("session ", session_id, " ended")),
+                       done);
+    }
+    // Its promises fail first, so every waiter elsewhere wakes.
+    const std::vector<uint64_t> owned(session.pending_owned.begin(), session.pending_owned.end());
+    for (uint64_t id : owned) {
+      auto fence = fences_.find(id);
+      if (fence == fences_.end() || fence->second.view.signaled) continue;
+      SignalLocked(fence->second, v1::FENCE_STATUS_OWNER_DIED,
+                   absl::StrCat("owner session ", session_id, " ended"), done);
+    }
+    const std::vector<uint64_t> held(session.held.begin(), session.held.end());
+    for (uint64_t id : held) UnholdLocked(session, id);
+    sessions_.erase(it);
+    SweepLocked();
+  }
+  Run(done);
+}
+
+absl::StatusOr<FenceTable::Session*> FenceTable::SessionLocked(uint64_t session) {
+  if (stopped_) return absl::UnavailableError("the fence table has stopped");
+  auto it = sessions_.find(session);
+  if (it == sessions_.end()) {
+    return absl::UnauthenticatedError(absl::StrCat("session ", session, " is not open"));
+  }
+  return &it->second;
+}
+
+absl::StatusOr<FenceTable::Fence*> FenceTable::HeldLocked(uint64_t session, uint64_t id) const {
+  auto s = sessions_.find(session);
+  if (s == sessions_.end() || !s->second.held.contains(id)) return NotFound(id);
+  auto it = fences_.find(id);
+  if (it == fences_.end()) return NotFound(id);
+  return const_cast<Fence*>(&it->second);
+}
+
+absl::Status FenceTable::CheckNewFenceLocked(const Session& session) const {
+  if (session.held.size() >= limits_.max_held_per_session) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "limit max_held_fences_per_session: the session holds ", session.held.size(),
+        " fences (pending, or signalled and not forgotten), the most allowed; drop Fences "
+        "it no longer needs"));
+  }
+  if (limits_.max_pending_per_session != 0 &&
+      session.pending_owned.size() >= limits_.max_pending_per_session) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("quota max_fences_per_session: the session owns ",
+                     session.pending_owned.size(), " pending fences, the most allowed"));
+  }
+  if (pending_ >= limits_.max_pending) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "limit max_fences: ", pending_, " fences are pending daemon-wide, the most allowed"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<absl::Duration> FenceTable::CheckDeadline(absl::Duration deadline) const {
+  if (deadline < absl::ZeroDuration()) return absl::InvalidArgumentError("deadline is negative");
+  if (deadline == absl::ZeroDuration()) return limits_.default_deadline;
+  if (deadline > limits_.max_deadline) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "deadline_ms ", absl::ToInt64Milliseconds(deadline),
+        " is above max_fence_deadline_ms (", absl::ToInt64Milliseconds(limits_.max_deadline),
+        "): fences are never indefinite"));
+  }
+  return deadline;
+}
+
+FenceTable::Fence& FenceTable::AddFenceLocked(uint64_t session_id, Session& session,
+                                              FenceKind kind, absl::string_view name,
+                                              absl::string_view timeline, absl::Duration deadline,
+                                              bool arm_timer) {
+  const uint64_t id = next_fence_id_++;
+  Fence& fence = fences_[id];
+  fence.view.id = id;
+  fence.view.kind = kind;
+  fence.view.name = std::string(name);
+  fence.view.timeline = std::string(timeline);
+  fence.view.owner_session = session_id;
+  fence.view.created = absl::Now();
+  fence.view.deadline = fence.view.created + deadline;
+  fence.owner_uid = session.uid;
+  if (arm_timer) {
+    fence.timer = timers_.emplace(MonotonicNow() + deadline, std::make_pair(TimerKind::kDeadline, id));
+    RearmLocked();
+  }
+  ++pending_;
+  session.pending_owned.insert(id);
+  HoldLocked(session, fence);
+  return fence;
+}
+
+void FenceTable::HoldLocked(Session& session, Fence& fence) {
+  if (session.held.insert(fence.view.id).second) ++fence.holders;
+}
+
+void FenceTable::UnholdLocked(Session& session, uint64_t id) {
+  if (session.held.erase(id) == 0) return;
+  auto it = fences_.find(id);
+  if (it == fences_.end()) return;
+  --it->second.holders;
+  EraseIfUnusedLocked(id);
+}
+
+void FenceTable::EraseIfUnusedLocked(uint64_t id) {
+  auto it = fences_.find(id);
+  if (it == fences_.end()) return;
+  const Fence& fence = it->second;
+  if (!fence.view.signaled || fence.holders != 0 || !fence.waits.empty()) return;
+  for (const auto& inode : fence.pipe_inodes) exported_pipes_.erase(inode);
+  fences_.erase(it);
+}
+
+void FenceTable::SweepLocked() {
+  std::vector<uint64_t> ids;
+  ids.swap(sweep_);
+  for (uint64_t id : ids) EraseIfUnusedLocked(id);
+}
+
+absl::StatusOr<FenceView> FenceTable::Create(uint64_t session_id, absl::string_view name,
+                                             absl::string_view timeline,
+                                             absl::Duration deadline) {
+  RETURN_IF_ERROR(CheckText("name", name));
+  RETURN_IF_ERROR(CheckText("timeline", timeline));
+  ASSIGN_OR_RETURN(const absl::Duration lifetime, CheckDeadline(deadline));
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
+  RETURN_IF_ERROR(CheckNewFenceLocked(*session));
+  return ViewLocked(AddFenceLocked(session_id, *session, FenceKind::kCreated, name, timeline,
+                                   lifetime, /*arm_timer=*/true));
+}
+
+absl::StatusOr<FenceView> FenceTable::Signal(uint64_t session_id, uint64_t id,
+                                             v1::FenceStatus status, absl::string_view message) {
+  if (status != v1::FENCE_STATUS_OK && status != v1::FENCE_STATUS_ERROR &&
+      status != v1::FENCE_STATUS_CANCELLED) {
+    const std::string name = v1::FenceStatus_IsValid(status) ? StatusName(status)
+                                                            : absl::StrCat(static_cast<int>(status));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "status ", name, " cannot be signalled: a client signals OK, ERROR or CANCELLED"));
+  }
+  RETURN_IF_ERROR(CheckText("message", message));
+  Completions done;
+  FenceView view;
+  {
+    absl::MutexLock lock(&mu_);
+    RETURN_IF_ERROR(SessionLocked(session_id).status());
+    ASSIGN_OR_RETURN(Fence * fence, HeldLocked(session_id, id));
+    if (fence->view.kind != FenceKind::kCreated) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "fence ", id, " is ", FenceKindName(fence->view.kind), ": ",
+          fence->view.kind == FenceKind::kMerged ? "its inputs signal it" : "its fd signals it"));
+    }
+    if (fence->view.owner_session != session_id) {
+      return absl::PermissionDeniedError(absl::StrCat("fence ", id, " is owned by session ",
+                                                      fence->view.owner_session,
+                                                      "; only its owner signals it"));
+    }
+    if (fence->view.signaled) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "fence ", id, " was signalled already (", StatusName(fence->view.status), " at ",
+          absl::FormatTime(fence->view.signaled_at), ")"));
+    }
+    SignalLocked(*fence, status, std::string(message), done);
+    view = ViewLocked(*fence);
+  }
+  Run(done);
+  return view;
+}
+
+void FenceTable::SignalLocked(Fence& first, v1::FenceStatus status, std::string message,
+                              Completions& out) {
+  struct Step {
+    uint64_t id;
+    v1::FenceStatus status;
+    std::string message;
+  };
+  std::vector<Step> work{{first.view.id, status, std::move(message)}};
+  std::vector<uint64_t> signalled;
+  const absl::Time now = absl::Now();
+  while (!work.empty()) {
+    Step step = std::move(work.back());
+    work.pop_back();
+    auto it = fences_.find(step.id);
+    if (it == fences_.end() || it->second.view.signaled) continue;
+    Fence& fence = it->second;
+    fence.view.signaled = true;
+    fence.view.status = step.status;
+    fence.view.message = std::move(step.message);
+    fence.view.signaled_at = now;
+    --pending_;
+    ++counts_.signals[step.status];
+    signalled.push_back(step.id);
+    auto owner = sessions_.find(fence.view.owner_session);
+    if (owner != sessions_.end()) owner->second.pending_owned.erase(step.id);
+    RemoveTimerLocked(fence.timer);
+    // Every holder of the pipe sees POLLHUP now.
+    fence.pipe_write = {};
+    fence.pipe_read = {};
+    if (fence.imported.fd.valid()) {
+      loop_->Unwatch(fence.imported.fd.get());
+      fence.imported = {};
+    }
+    absl::flat_hash_set<WaitId> waits;
+    waits.swap(fence.waits);
+    for (WaitId wait : waits) {
+      auto w = waiters_.find(wait);
+      if (w == waiters_.end()) continue;
+      if (!w->second.all || --w->second.remaining == 0) FinishWaitLocked(wait, true, out);
+    }
+    for (uint64_t dependent : fence.dependents) {
+      auto d = fences_.find(dependent);
+      if (d == fences_.end() || d->second.view.signaled) continue;
+      Fence& merged = d->second;
+      // Inputs signal in time order, so the first error seen is the first
+      // by signal time.
+      if (fence.view.status != v1::FENCE_STATUS_OK && !merged.first_error) {
+        merged.first_error.emplace(
+            fence.view.status, absl::StrCat("input fence ", fence.view.id, " ('",
+                                            fence.view.name, "'): ", StatusName(fence.view.status),
+                                            fence.view.message.empty() ? "" : ": ",
+                                            fence.view.message));
+      }
+      if (--merged.inputs_pending == 0) {
+        work.push_back(merged.first_error
+                           ? Step{dependent, merged.first_error->first, merged.first_error->second}
+                           : Step{dependent, v1::FENCE_STATUS_OK, ""});
+      }
+    }
+    fence.dependents.clear();
+  }
+  RearmLocked();
+  for (uint64_t id : signalled) EraseIfUnusedLocked(id);
+  SweepLocked();
+}
+
+absl::StatusOr<FenceView> FenceTable::Info(uint64_t session, uint64_t id) const {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(const Fence* fence, HeldLocked(session, id));
+  return ViewLocked(*fence);
+}
+
+absl::StatusOr<FenceView> FenceTable::Merge(uint64_t session_id, const std::vector<uint64_t>& ids,
+                                            absl::string_view name) {
+  if (ids.empty()) return absl::InvalidArgumentError("fence_ids is empty: merge at least one fence");
+  if (ids.size() > limits_.max_merge_ids) {
+    return absl::InvalidArgumentError(absl::StrCat(ids.size(), " fence ids in one merge; at most ",
+                                                   limits_.max_merge_ids));
+  }
+  RETURN_IF_ERROR(CheckText("name", name));
+  std::vector<uint64_t> distinct = ids;
+  std::sort(distinct.begin(), distinct.end());
+  distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+  Completions done;
+  FenceView view;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
+    std::vector<Fence*> inputs;
+    for (uint64_t id : distinct) {
+      ASSIGN_OR_RETURN(Fence * input, HeldLocked(session_id, id));
+      inputs.push_back(input);
+    }
+    RETURN_IF_ERROR(CheckNewFenceLocked(*session));
+    // Bounded by its inputs' deadlines: the latest of them.
+    absl::Time deadline = absl::InfinitePast();
+    for (Fence* input : inputs) deadline = std::max(deadline, input->view.deadline);
+    Fence& merged = AddFenceLocked(session_id, *session, FenceKind::kMerged, name, "",
+                                   std::max(deadline - absl::Now(), absl::ZeroDuration()),
+                                   /*arm_timer=*/false);
+    merged.view.deadline = deadline;
+    // Errors of inputs signalled already, the earliest first.
+    const Fence* earliest_error = nullptr;
+    for (Fence* input : inputs) {
+      if (!input->view.signaled) {
+        input->dependents.push_back(merged.view.id);
+        ++merged.inputs_pending;
+      } else if (input->view.status != v1::FENCE_STATUS_OK &&
+                 (earliest_error == nullptr ||
+                  input->view.signaled_at < earliest_error->view.signaled_at)) {
+        earliest_error = input;
+      }
+    }
+    if (earliest_error != nullptr) {
+      const FenceView& e = earliest_error->view;
+      merged.first_error.emplace(
+          e.status, absl::StrCat("input fence ", e.id, " ('", e.name, "'): ", StatusName(e.status),
+                                 e.message.empty() ? "" : ": ", e.message));
+    }
+    if (merged.inputs_pending == 0) {
+      SignalLocked(merged, merged.first_error ? merged.first_error->first : v1::FENCE_STATUS_OK,
+                   merged.first_error ? merged.first_error->second : "", done);
+    }
+    view = ViewLocked(merged);
+  }
+  Run(done);
+  return view;
+}
+
+absl::StatusOr<FenceView> FenceTable::Import(uint64_t session_id, UniqueFd fd,
+                                             absl::string_view name, absl::Duration deadline) {
+  RETURN_IF_ERROR(CheckText("name", name));
+  ASSIGN_OR_RETURN(const absl::Duration lifetime, CheckDeadline(deadline));
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return ErrnoError("fstat of the uploaded fd", errno);
+  if (S_ISREG(st.st_mode) || S_ISDIR(st.st_mode) || S_ISBLK(st.st_mode)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the uploaded fd is a ", S_ISDIR(st.st_mode) ? "directory" : S_ISREG(st.st_mode) ? "regular file" : "block device",
+        ": only pollable fds (a sync_file, an eventfd, a pipe) can be imported"));
+  }
+  uid_t uid;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
+    uid = session->uid;
+    // One of our own pipes: the fence itself, not a proxy.
+    if (S_ISFIFO(st.st_mode)) {
+      auto known = exported_pipes_.find({st.st_dev, st.st_ino});
+      if (known != exported_pipes_.end()) {
+        auto it = fences_.find(known->second);
+        if (it != fences_.end()) {
+          if (!session->held.contains(known->second) &&
+              session->held.size() >= limits_.max_held_per_session) {
+            return CheckNewFenceLocked(*session);
+          }
+          HoldLocked(*session, it->second);
+          return ViewLocked(it->second);
+        }
+      }
+    }
+  }
+  // Taken without the table's lock (the budget may run reclaimers).
+  ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kFence, uid));
+  pollfd poll_fd{fd.get(), POLLIN, 0};
+  const bool ready = RetryOnEintr([&] { return ::poll(&poll_fd, 1, 0); }) == 1;
+  Completions done;
+  FenceView view;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
+    RETURN_IF_ERROR(CheckNewFenceLocked(*session));
+    if (ready) {
+      Fence& fence = AddFenceLocked(session_id, *session, FenceKind::kImported, name, "", lifetime,
+                                    /*arm_timer=*/false);
+      auto [status, message] = ImportedStatus(fd.get(), poll_fd.revents & POLLERR ? EPOLLERR : EPOLLIN);
+      SignalLocked(fence, status, std::move(message), done);
+      view = ViewLocked(fence);
+    } else {
+      const uint64_t id = next_fence_id_;
+      absl::Status watched = loop_->Watch(fd.get(), EPOLLIN, [this, id](uint32_t events) {
+        OnImportReadable(id, events);
+      });
+      if (!watched.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "the uploaded fd cannot be polled (", watched.message(),
+            "): only pollable fds (a sync_file, an eventfd, a pipe) can be imported"));
+      }
+      Fence& fence = AddFenceLocked(session_id, *session, FenceKind::kImported, name, "", lifetime,
+                                    /*arm_timer=*/true);
+      fence.imported = LeasedFd{std::move(fd), std::move(lease)};
+      view = ViewLocked(fence);
+    }
+  }
+  Run(done);
+  return view;
+}
+
+void FenceTable::OnImportReadable(uint64_t id, uint32_t events) {
+  Completions done;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = fences_.find(id);
+    if (it == fences_.end() || it->second.view.signaled || !it->second.imported.fd.valid()) return;
+    auto [status, message] = ImportedStatus(it->second.imported.fd.get(), events);
+    SignalLocked(it->second, status, std::move(message), done);
+  }
+  Run(done);
+}
+
+absl::StatusOr<LeasedFd> FenceTable::Export(uint64_t session_id, uint64_t id) {
+  uid_t uid;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
+    RETURN_IF_ERROR(HeldLocked(session_id, id).status());
+    uid = session->uid;
+  }
+  // Places for the copy sent and, if the fence has no pipe yet, for the
+  // pipe's two ends (unused ones go back at once).
+  ASSIGN_OR_RETURN(FdBudget::Lease out, budget_->Acquire(FdUse::kDelivery, uid));
+  ASSIGN_OR_RETURN(FdBudget::Lease write_lease, budget_->Acquire(FdUse::kFence, uid));
+  ASSIGN_OR_RETURN(FdBudget::Lease read_lease, budget_->Acquire(FdUse::kFence, uid));
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(SessionLocked(session_id).status());
+  ASSIGN_OR_RETURN(Fence * fence, HeldLocked(session_id, id));
+  if (fence->view.signaled) {
+    // A pipe closed already: readable at once. Only its inode is kept, so
+    // an import of it finds this fence while the fence is known.
+    int ends[2];
+    if (::pipe2(ends, O_CLOEXEC) != 0) return ErrnoError("pipe2", errno);
+    UniqueFd read_end(ends[0]);
+    ::close(ends[1]);
+    ASSIGN_OR_RETURN(auto inode, Inode(read_end.get()));
+    exported_pipes_[inode] = id;
+    fence->pipe_inodes.push_back(inode);
+    ++fence->view.exports;
+    return LeasedFd{std::move(read_end), std::move(out)};
+  }
+  if (!fence->pipe_read.fd.valid()) {
+    int ends[2];
+    if (::pipe2(ends, O_CLOEXEC) != 0) return ErrnoError("pipe2", errno);
+    fence->pipe_read = LeasedFd{UniqueFd(ends[0]), std::move(read_lease)};
+    fence->pipe_write = LeasedFd{UniqueFd(ends[1]), std::move(write_lease)};
+    ASSIGN_OR_RETURN(auto inode, Inode(ends[0]));
+    fence->pipe_inodes.push_back(inode);
+    exported_pipes_[inode] = id;
+  }
+  const int copy = ::fcntl(fence->pipe_read.fd.get(), F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) return ErrnoError("dup of a fence pipe", errno);
+  ++fence->view.exports;
+  return LeasedFd{UniqueFd(copy), std::move(out)};
+}
+
+void FenceTable::Forget(uint64_t session_id, uint64_t id) {
+  Completions done;
+  {
+    absl::MutexLock lock(&mu_);
+    auto s = sessions_.find(session_id);
+    if (s == sessions_.end() || !s->second.held.contains(id)) return;
+    auto it = fences_.find(id);
+    if (it != fences_.end() && !it->second.view.signaled &&
+        it->second.view.kind == FenceKind::kCreated &&
+        it->second.view.owner_session == session_id) {
+      SignalLocked(it->second, v1::FENCE_STATUS_CANCELLED, "its owner let go of it unsignalled",
+                   done);
+    }
+    UnholdLocked(s->second, id);
+  }
+  Run(done);
+}
+
+FenceTable::WaitId FenceTable::NewWaitId() { return next_wait_id_.fetch_add(1); }
+
+absl::StatusOr<std::optional<FenceTable::WaitResult>> FenceTable::Wait(uint64_t session_id,
+                                                                       WaitId wait,
+                                                                       const WaitRequest& request,
+                                                                       WaitDone done) {
+  if (request.ids.empty()) {
+    return absl::InvalidArgumentError("fence_ids is empty: wait on at least one fence");
+  }
+  if (request.ids.size() > limits_.max_wait_ids) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        request.ids.size(), " fence ids in one wait; at most ", limits_.max_wait_ids));
+  }
+  Waiter waiter;
+  waiter.session = session_id;
+  waiter.all = request.all;
+  waiter.done = std::move(done);
+  waiter.started_mono = MonotonicNow();
+  for (uint64_t id : request.ids) {
+    if (std::find(waiter.ids.begin(), waiter.ids.end(), id) == waiter.ids.end()) {
+      waiter.ids.push_back(id);
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
+  size_t signalled = 0;
+  std::vector<Fence*> fences;
+  for (uint64_t id : waiter.ids) {
+    ASSIGN_OR_RETURN(Fence * fence, HeldLocked(session_id, id));
+    fences.push_back(fence);
+    if (fence->view.signaled) ++signalled;
+  }
+  if (request.need_by) {
+    for (Fence* fence : fences) {
+      if (!fence->view.signaled) fence->view.need_by = std::min(fence->view.need_by, *request.need_by);
+    }
+  }
+  const bool satisfied = request.all ? signalled == fences.size() : signalled > 0;
+  if (satisfied || request.timeout <= absl::ZeroDuration()) {
+    if (satisfied) {
+      ++latency_.buckets[0];
+      ++latency_.count;
+    }
+    return ResultLocked(waiter, satisfied);
+  }
+  waiter.remaining = fences.size() - signalled;
+  for (Fence* fence : fences) {
+    if (!fence->view.signaled) fence->waits.insert(wait);
+  }
+  waiter.timer = timers_.emplace(waiter.started_mono + std::min(request.timeout, kMaxWaitTimeout),
+                                 std::make_pair(TimerKind::kWaitTimeout, wait));
+  session->waits.insert(wait);
+  waiters_.emplace(wait, std::move(waiter));
+  ++counts_.waits;
+  RearmLocked();
+  return std::nullopt;
+}
+
+bool FenceTable::CancelWait(WaitId wait) {
+  absl::MutexLock lock(&mu_);
+  auto it = waiters_.find(wait);
+  if (it == waiters_.end()) return false;
+  Completions dropped;
+  FinishWaitLocked(wait, absl::CancelledError("cancelled"), dropped);
+  SweepLocked();
+  // Not run: a cancelled wait's callback is never called.
+  return true;
+}
+
+void FenceTable::FinishWaitLocked(WaitId id, absl::StatusOr<bool> satisfied, Completions& out) {
+  auto it = waiters_.find(id);
+  if (it == waiters_.end()) return;
+  Waiter waiter = std::move(it->second);
+  waiters_.erase(it);
+  for (uint64_t fence_id : waiter.ids) {
+    auto fence = fences_.find(fence_id);
+    if (fence != fences_.end()) fence->second.waits.erase(id);
+  }
+  RemoveTimerLocked(waiter.timer);
+  auto session = sessions_.find(waiter.session);
+  if (session != sessions_.end()) session->second.waits.erase(id);
+  absl::StatusOr<WaitResult> result;
+  if (!satisfied.ok()) {
+    result = satisfied.status();
+  } else {
+    if (*satisfied) {
+      const absl::Duration waited = MonotonicNow() - waiter.started_mono;
+      size_t bucket = 0;
+      while (bucket < WaitLatency::kBounds.size() && waited > WaitLatency::kBounds[bucket]) {
+        ++bucket;
+      }
+      ++latency_.buckets[bucket];
+      latency_.sum += waited;
+      ++latency_.count;
+    }
+    result = ResultLocked(waiter, *satisfied);
+  }
+  sweep_.insert(sweep_.end(), waiter.ids.begin(), waiter.ids.end());
+  out.waits.emplace_back(std::move(waiter.done), std::move(result));
+}
+
+FenceTable::WaitResult FenceTable::ResultLocked(const Waiter& waiter, bool satisfied) const {
+  WaitResult result;
+  result.satisfied = satisfied;
+  result.fences.reserve(waiter.ids.size());
+  for (uint64_t id : waiter.ids) {
+    auto it = fences_.find(id);
+    if (it != fences_.end()) {
+      result.fences.push_back(ViewLocked(it->second));
+    } else {
+      FenceView gone;
+      gone.id = id;
+      result.fences.push_back(std::move(gone));
+    }
+  }
+  return result;
+}
+
+FenceView FenceTable::ViewLocked(const Fence& fence) const {
+  FenceView view = fence.view;
+  view.waiters = static_cast<uint32_t>(fence.waits.size());
+  return view;
+}
+
+void FenceTable::RemoveTimerLocked(std::optional<Timers::iterator>& timer) {
+  if (!timer) return;
+  timers_.erase(*timer);
+  timer.reset();
+}
+
+void FenceTable::RearmLocked() {
+  const absl::Duration earliest =
+      timers_.empty() ? absl::InfiniteDuration() : timers_.begin()->first;
+  if (earliest == loop_timer_at_ || stopped_) return;
+  if (loop_timer_ != 0) loop_->Cancel(loop_timer_);
+  loop_timer_ = 0;
+  loop_timer_at_ = earliest;
+  if (earliest == absl::InfiniteDuration()) return;
+  const uint64_t generation = ++loop_timer_generation_;
+  loop_timer_ = loop_->RunAfter(earliest - MonotonicNow(),
+                                [this, generation] { OnTimer(generation); });
+}
+
+void FenceTable::OnTimer(uint64_t generation) {
+  Completions done;
+  {
+    absl::MutexLock lock(&mu_);
+    if (generation == loop_timer_generation_) {
+      loop_timer_ = 0;
+      loop_timer_at_ = absl::InfiniteDuration();
+    }
+    const absl::Duration now = MonotonicNow();
+    while (!timers_.empty() && timers_.begin()->first <= now) {
+      const auto [kind, id] = timers_.begin()->second;
+      if (kind == TimerKind::kDeadline) {
+        auto it = fences_.find(id);
+        if (it == fences_.end()) {
+          timers_.erase(timers_.begin());
+          continue;
+        }
+        RemoveTimerLocked(it->second.timer);
+        SignalLocked(it->second, v1::FENCE_STATUS_DEADLINE_EXCEEDED,
+                     absl::StrCat("its deadline passed ",
+                                  absl::ToInt64Milliseconds(it->second.view.deadline -
+                                                            it->second.view.created),
+                                  " ms after it was created"),
+                     done);
+      } else {
+        auto it = waiters_.find(id);
+        if (it == waiters_.end()) {
+          timers_.erase(timers_.begin());
+          continue;
+        }
+        FinishWaitLocked(id, false, done);
+      }
+    }
+    SweepLocked();
+    RearmLocked();
+  }
+  Run(done);
+}
+
+std::vector<FenceView> FenceTable::List(const FenceQuery& query) const {
+  std::vector<FenceView> views;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [id, fence] : fences_) {
+      if (query.pending && *query.pending == fence.view.signaled) continue;
+      if (query.owner_session != 0 && fence.view.owner_session != query.owner_session) continue;
+      views.push_back(ViewLocked(fence));
+    }
+  }
+  std::sort(views.begin(), views.end(), [](const FenceView& a, const FenceView& b) {
+    if (a.signaled != b.signaled) return !a.signaled;
+    if (!a.signaled) return a.id < b.id;  // oldest pending first
+    return a.signaled_at != b.signaled_at ? a.signaled_at > b.signaled_at : a.id > b.id;
+  });
+  if (query.limit != 0 && views.size() > query.limit) views.resize(query.limit);
+  return views;
+}
+
+FenceTable::Counts FenceTable::counts() const {
+  absl::MutexLock lock(&mu_);
+  Counts counts = counts_;
+  counts.pending = pending_;
+  counts.signaled = fences_.size() - pending_;
+  counts.waits = waiters_.size();
+  return counts;
+}
+
+FenceTable::WaitLatency FenceTable::wait_latency() const {
+  absl::MutexLock lock(&mu_);
+  return latency_;
+}
+
+FenceTable::SessionCounts FenceTable::session_counts(uint64_t session) const {
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(session);
+  if (it == sessions_.end()) return {};
+  return {static_cast<uint32_t>(it->second.pending_owned.size()),
+          static_cast<uint32_t>(it->second.held.size())};
+}
+
+void FenceTable::Stop() {
+  Completions done;
+  {
+    absl::MutexLock lock(&mu_);
+    if (stopped_) return;
+    std::vector<WaitId> waits;
+    for (const auto& [id, waiter] : waiters_) waits.push_back(id);
+    for (WaitId wait : waits) {
+      FinishWaitLocked(wait, absl::UnavailableError("the daemon is shutting down"), done);
+    }
+    stopped_ = true;
+    if (loop_timer_ != 0) loop_->Cancel(loop_timer_);
+    loop_timer_ = 0;
+    for (auto& [id, fence] : fences_) {
+      if (fence.imported.fd.valid()) loop_->Unwatch(fence.imported.fd.get());
+    }
+    fences_.clear();
+    sessions_.clear();
+    timers_.clear();
+    exported_pipes_.clear();
+    sweep_.clear();
+  }
+  Run(done);
+}
+
+void FenceTable::Run(Completions& completions) {
+  for (auto& [done, result] : completions.waits) {
+    if (done) done(std::move(result));
+  }
+  completions.waits.clear();
+}
+
+}  // namespace bufferd

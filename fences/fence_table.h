@@ -1,0 +1,326 @@
+// FenceTable: every fence the daemon serves, with dma_fence / sync_file
+// semantics, independent of gRPC and of fd.sock.
+//
+// A fence is one-shot: pending -> signalled, with a status (OK, ERROR with a
+// short message, CANCELLED; OWNER_DIED and DEADLINE_EXCEEDED only from the
+// table itself) and the time it happened. Every fence has a deadline: a
+// timer on the EventLoop signals DEADLINE_EXCEEDED when it passes, and a
+// session's end signals its pending fences OWNER_DIED, so no fence is
+// indefinite. Three kinds:
+//   - created: the owner signals it (Signal);
+//   - merged: signalled when all its inputs are, with the first error by
+//     signal time (or OK);
+//   - imported: an fd the table watches on the EventLoop (a kernel
+//     sync_file, an eventfd, a pipe), signalled when it polls readable.
+//
+// The fd is the capability. A session holds the fences it created, merged
+// or imported (importing a pipe the table exported gives back that very
+// fence); it may use those and no others: every other id is NOT_FOUND,
+// whether it exists or not. A held fence stays known (status, times) until
+// the session forgets it or ends, so a wait on a fence signalled long ago
+// answers at once. Ids are never reused.
+//
+// Waiters never take a thread: Wait registers a callback, run once, when
+// the condition holds, at the timeout, or with an error when the session
+// ends; CancelWait drops it. Exported fds are the read ends of one pipe per
+// fence whose write end only the table holds and closes at the signal:
+// POLLHUP for every holder at once, forever, and nothing a holder does
+// changes what the others see.
+//
+// Every fd the table holds (pipes, imported fds) and every exported copy in
+// flight is leased from the FdBudget.
+//
+// Thread-safe, with its own lock; callbacks run without it. Call Stop()
+// after the loop has stopped and before destruction.
+#ifndef BUFFERD_FENCES_FENCE_TABLE_H_
+#define BUFFERD_FENCES_FENCE_TABLE_H_
+
+#include <sys/types.h>
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/container/node_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "base/event_loop.h"
+#include "base/fd_budget.h"
+#include "base/unique_fd.h"
+#include "bufferd/v1/fence.pb.h"
+
+namespace bufferd {
+
+struct FenceLimits {
+  // A fence created or imported without a deadline gets this one.
+  absl::Duration default_deadline = absl::Seconds(10);
+  absl::Duration max_deadline = absl::Minutes(5);
+  // Pending fences one session owns (0 = no per-session cap).
+  uint32_t max_pending_per_session = 4096;
+  // Fences one session holds, pending or signalled and not yet forgotten.
+  uint32_t max_held_per_session = 65536;
+  // Pending fences daemon-wide.
+  uint32_t max_pending = 262144;
+  // Ids in one Wait and one Merge.
+  size_t max_wait_ids = 1024;
+  size_t max_merge_ids = 256;
+};
+
+enum class FenceKind { kCreated, kMerged, kImported };
+const char* FenceKindName(FenceKind kind);
+
+// A fence as it is now.
+struct FenceView {
+  uint64_t id = 0;
+  FenceKind kind = FenceKind::kCreated;
+  std::string name;
+  std::string timeline;
+  uint64_t owner_session = 0;
+  bool signaled = false;
+  // UNSPECIFIED while pending.
+  v1::FenceStatus status = v1::FENCE_STATUS_UNSPECIFIED;
+  std::string message;
+  absl::Time created;
+  absl::Time signaled_at = absl::InfinitePast();
+  absl::Time deadline;
+  // The earliest time a waiter said it needs the fence (InfiniteFuture: none).
+  absl::Time need_by = absl::InfiniteFuture();
+  // Waits registered on it now.
+  uint32_t waiters = 0;
+  // Copies of its pipe handed out (the table cannot see which are still open).
+  uint32_t exports = 0;
+};
+
+struct FenceQuery {
+  // Only pending (true) or only signalled (false) fences.
+  std::optional<bool> pending;
+  // Only fences this session owns (0 = all).
+  uint64_t owner_session = 0;
+  size_t limit = 0;  // 0 = all
+};
+
+class FenceTable {
+ public:
+  using WaitId = uint64_t;
+
+  struct WaitResult {
+    // The condition held (all or any signalled) before the timeout.
+    bool satisfied = false;
+    // The fences waited on, in the order asked (duplicates once).
+    std::vector<FenceView> fences;
+  };
+  // Called once, without the table's lock: the result, or an error when the
+  // session ended (ABORTED) or the table stopped (UNAVAILABLE).
+  using WaitDone = std::function<void(absl::StatusOr<WaitResult>)>;
+
+  struct WaitRequest {
+    std::vector<uint64_t> ids;
+    bool all = true;
+    // Zero polls.
+    absl::Duration timeout = absl::ZeroDuration();
+    // When the waiter needs the fences (a hint shown to their owners).
+    std::optional<absl::Time> need_by;
+  };
+
+  struct Counts {
+    uint64_t pending = 0;
+    uint64_t signaled = 0;
+    uint64_t waits = 0;
+    // Signals by status (index: v1::FenceStatus), since start.
+    std::array<uint64_t, v1::FenceStatus_ARRAYSIZE> signals{};
+  };
+  // Satisfied waits by how long they waited, since start.
+  struct WaitLatency {
+    // Upper bounds of the buckets; the last bucket is +Inf.
+    static constexpr std::array<absl::Duration, 7> kBounds = {
+        absl::Microseconds(100), absl::Milliseconds(1),  absl::Milliseconds(10),
+        absl::Milliseconds(100), absl::Seconds(1),       absl::Seconds(10),
+        absl::Seconds(60)};
+    std::array<uint64_t, kBounds.size() + 1> buckets{};
+    absl::Duration sum;
+    uint64_t count = 0;
+  };
+
+  // `loop` and `budget` must outlive this object.
+  FenceTable(EventLoop* loop, FdBudget* budget, FenceLimits limits);
+  ~FenceTable();
+  FenceTable(const FenceTable&) = delete;
+  FenceTable& operator=(const FenceTable&) = delete;
+
+  // Sessions must be added before they call anything else.
+  void AddSession(uint64_t session, uid_t uid);
+  // The session is over: its pending fences are signalled OWNER_DIED, its
+  // waits end with ABORTED, and it holds nothing any more.
+  void CloseSession(uint64_t session);
+
+  // A new pending fence owned by `session`. `deadline` zero is the default.
+  absl::StatusOr<FenceView> Create(uint64_t session, absl::string_view name,
+                                   absl::string_view timeline, absl::Duration deadline);
+  // The owner signals a created fence: OK, ERROR (with `message`) or
+  // CANCELLED. FAILED_PRECONDITION if it is signalled already;
+  // PERMISSION_DENIED for a fence the session holds but does not own (or
+  // one only its inputs or its fd signal).
+  absl::StatusOr<FenceView> Signal(uint64_t session, uint64_t id, v1::FenceStatus status,
+                                   absl::string_view message);
+  absl::StatusOr<FenceView> Info(uint64_t session, uint64_t id) const;
+  // A fence signalled when all of `ids` are (duplicates are fine).
+  absl::StatusOr<FenceView> Merge(uint64_t session, const std::vector<uint64_t>& ids,
+                                  absl::string_view name);
+  // A fence signalled when `fd` polls readable; the table keeps the fd
+  // until then. The fence itself when `fd` is one of its exported pipes.
+  absl::StatusOr<FenceView> Import(uint64_t session, UniqueFd fd, absl::string_view name,
+                                   absl::Duration deadline);
+  // A read-only fd that polls readable once the fence is signalled, with
+  // its place in the budget (as an fd in flight, charged to the session).
+  absl::StatusOr<LeasedFd> Export(uint64_t session, uint64_t id);
+  // The session lets go of a fence (a pending one it owns is cancelled:
+  // nobody could signal it any more). Unknown ids are ignored.
+  void Forget(uint64_t session, uint64_t id);
+
+  // A new id for a Wait (taken first, so the waiter can cancel at any time).
+  WaitId NewWaitId();
+  // Returns the result now when the condition holds or the timeout is
+  // zero; otherwise nullopt, and `done` runs later (possibly before this
+  // returns, on another thread).
+  absl::StatusOr<std::optional<WaitResult>> Wait(uint64_t session, WaitId wait,
+                                                 const WaitRequest& request, WaitDone done);
+  // Drops a registered wait without calling its `done`. False if it is not
+  // registered (finished, or not registered yet).
+  bool CancelWait(WaitId wait);
+
+  // Every fence, pending ones first (oldest first), then signalled ones
+  // (newest first).
+  std::vector<FenceView> List(const FenceQuery& query) const;
+  Counts counts() const;
+  WaitLatency wait_latency() const;
+  // Pending fences a session owns and fences it holds.
+  struct SessionCounts {
+    uint32_t pending = 0;
+    uint32_t held = 0;
+  };
+  SessionCounts session_counts(uint64_t session) const;
+  const FenceLimits& limits() const { return limits_; }
+
+  // Ends every wait (UNAVAILABLE), stops every watch and timer and closes
+  // every fd. Call once the loop has stopped.
+  void Stop();
+
+ private:
+  // Fence deadlines and wait timeouts, on the monotonic clock.
+  enum class TimerKind { kDeadline, kWaitTimeout };
+  using Timers = std::multimap<absl::Duration, std::pair<TimerKind, uint64_t>>;
+
+  struct Fence {
+    FenceView view;
+    uid_t owner_uid = 0;
+    // Its entry in timers_ while pending (merged fences have none: their
+    // inputs' deadlines bound them).
+    std::optional<Timers::iterator> timer;
+    // Sessions holding it.
+    uint32_t holders = 0;
+    // Waits on it.
+    absl::flat_hash_set<WaitId> waits;
+    // Merged fences waiting for it.
+    std::vector<uint64_t> dependents;
+    // Merged: inputs still pending, and the first error seen.
+    uint32_t inputs_pending = 0;
+    std::optional<std::pair<v1::FenceStatus, std::string>> first_error;
+    // The pipe: write end (closed at the signal) and a read end to copy
+    // exports from; its inode, to know it when it comes back.
+    LeasedFd pipe_write;
+    LeasedFd pipe_read;
+    // Inodes of every pipe exported for it (in exported_pipes_).
+    std::vector<std::pair<dev_t, ino_t>> pipe_inodes;
+    // Imported: the fd watched.
+    LeasedFd imported;
+  };
+  struct Waiter {
+    uint64_t session = 0;
+    std::vector<uint64_t> ids;  // distinct
+    bool all = true;
+    size_t remaining = 0;
+    absl::Duration started_mono;
+    std::optional<Timers::iterator> timer;
+    WaitDone done;
+  };
+  struct Session {
+    uid_t uid = 0;
+    absl::flat_hash_set<uint64_t> held;
+    // Pending fences it owns (held or not).
+    absl::flat_hash_set<uint64_t> pending_owned;
+    absl::flat_hash_set<WaitId> waits;
+  };
+  // Work to do once the lock is dropped.
+  struct Completions {
+    std::vector<std::pair<WaitDone, absl::StatusOr<WaitResult>>> waits;
+  };
+
+  absl::StatusOr<Session*> SessionLocked(uint64_t session) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The fence if `session` holds it, else NOT_FOUND.
+  absl::StatusOr<Fence*> HeldLocked(uint64_t session, uint64_t id) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Checks the caps for one more pending fence owned by `session`.
+  absl::Status CheckNewFenceLocked(const Session& session) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<absl::Duration> CheckDeadline(absl::Duration deadline) const;
+  // Adds a pending fence owned and held by `session`.
+  Fence& AddFenceLocked(uint64_t session_id, Session& session, FenceKind kind,
+                        absl::string_view name, absl::string_view timeline,
+                        absl::Duration deadline, bool arm_timer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void HoldLocked(Session& session, Fence& fence) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Drops `session`'s hold; erases the fence if signalled and unheld.
+  void UnholdLocked(Session& session, uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Signals `fence` and everything that follows from it (merged fences,
+  // waits).
+  void SignalLocked(Fence& fence, v1::FenceStatus status, std::string message,
+                    Completions& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void EraseIfUnusedLocked(uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // EraseIfUnusedLocked for the fences finished waits were on (deferred:
+  // FinishWaitLocked runs while callers still use fences).
+  void SweepLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void FinishWaitLocked(WaitId id, absl::StatusOr<bool> satisfied, Completions& out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  WaitResult ResultLocked(const Waiter& waiter, bool satisfied) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  FenceView ViewLocked(const Fence& fence) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // One loop timer, for the earliest entry of timers_.
+  void RemoveTimerLocked(std::optional<Timers::iterator>& timer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RearmLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void OnTimer(uint64_t generation);
+  void OnImportReadable(uint64_t id, uint32_t events);
+  static void Run(Completions& completions);
+
+  EventLoop* const loop_;
+  FdBudget* const budget_;
+  const FenceLimits limits_;
+
+  mutable absl::Mutex mu_;
+  uint64_t next_fence_id_ ABSL_GUARDED_BY(mu_) = 1;
+  std::atomic<WaitId> next_wait_id_{1};
+  // Node maps: references stay valid while others are added.
+  absl::node_hash_map<uint64_t, Fence> fences_ ABSL_GUARDED_BY(mu_);
+  absl::node_hash_map<uint64_t, Session> sessions_ ABSL_GUARDED_BY(mu_);
+  absl::node_hash_map<WaitId, Waiter> waiters_ ABSL_GUARDED_BY(mu_);
+  std::map<std::pair<dev_t, ino_t>, uint64_t> exported_pipes_ ABSL_GUARDED_BY(mu_);
+  std::vector<uint64_t> sweep_ ABSL_GUARDED_BY(mu_);
+  Timers timers_ ABSL_GUARDED_BY(mu_);
+  EventLoop::TimerId loop_timer_ ABSL_GUARDED_BY(mu_) = 0;
+  // Counts the loop timers armed: a stale one that fires anyway is harmless.
+  uint64_t loop_timer_generation_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Duration loop_timer_at_ ABSL_GUARDED_BY(mu_) = absl::InfiniteDuration();
+  uint64_t pending_ ABSL_GUARDED_BY(mu_) = 0;
+  Counts counts_ ABSL_GUARDED_BY(mu_);
+  WaitLatency latency_ ABSL_GUARDED_BY(mu_);
+  bool stopped_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace bufferd
+
+#endif  // BUFFERD_FENCES_FENCE_TABLE_H_

@@ -1,0 +1,418 @@
+#include "fences/fence_table.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <memory>
+
+#include "base/await.h"
+#include "base/fd_count.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace bufferd {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr uint64_t kOwner = 1;
+constexpr uint64_t kOther = 2;
+
+bool Readable(int fd) {
+  pollfd p{fd, POLLIN, 0};
+  return ::poll(&p, 1, 0) == 1;
+}
+
+// Collects the result of one Wait.
+struct WaitBox {
+  absl::Mutex mu;
+  std::optional<absl::StatusOr<FenceTable::WaitResult>> result ABSL_GUARDED_BY(mu);
+  FenceTable::WaitDone Done() {
+    return [this](absl::StatusOr<FenceTable::WaitResult> r) {
+      absl::MutexLock lock(&mu);
+      result = std::move(r);
+    };
+  }
+  // The result, once it came (within `timeout`).
+  std::optional<absl::StatusOr<FenceTable::WaitResult>> Get(absl::Duration timeout = absl::Seconds(10)) {
+    absl::MutexLock lock(&mu);
+    AwaitWithTimeout(mu, [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return result.has_value(); },
+                     timeout);
+    return result;
+  }
+};
+
+class FenceTableTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    baseline_fds_ = CountOpenFds();
+    ASSERT_TRUE(loop_.Init().ok());
+    loop_.Start();
+    NewTable(FenceLimits{});
+  }
+  void TearDown() override {
+    table_->CloseSession(kOwner);
+    table_->CloseSession(kOther);
+    loop_.Stop();
+    table_->Stop();
+    table_.reset();
+    EXPECT_EQ(budget_.usage().total, 0u) << "every fence fd's lease is back";
+  }
+  void NewTable(FenceLimits limits) {
+    if (table_) table_->Stop();
+    table_ = std::make_unique<FenceTable>(&loop_, &budget_, limits);
+    table_->AddSession(kOwner, 1000);
+    table_->AddSession(kOther, 1001);
+  }
+  uint64_t NewFence(absl::Duration deadline = absl::ZeroDuration()) {
+    absl::StatusOr<FenceView> fence = table_->Create(kOwner, "frame", "render", deadline);
+    EXPECT_TRUE(fence.ok()) << fence.status();
+    return fence.ok() ? fence->id : 0;
+  }
+  // Waits with a timeout; returns the box the result lands in.
+  std::unique_ptr<WaitBox> StartWait(uint64_t session, std::vector<uint64_t> ids, bool all,
+                                     absl::Duration timeout) {
+    auto box = std::make_unique<WaitBox>();
+    auto now = table_->Wait(session, table_->NewWaitId(), {ids, all, timeout, std::nullopt},
+                            box->Done());
+    EXPECT_TRUE(now.ok()) << now.status();
+    if (now.ok() && now->has_value()) box->Done()(**now);
+    return box;
+  }
+
+  int baseline_fds_ = 0;
+  EventLoop loop_;
+  FdBudget budget_;
+  std::unique_ptr<FenceTable> table_;
+};
+
+TEST_F(FenceTableTest, CreateThenSignalOnce) {
+  const uint64_t id = NewFence();
+  absl::StatusOr<FenceView> info = table_->Info(kOwner, id);
+  ASSERT_TRUE(info.ok());
+  EXPECT_FALSE(info->signaled);
+  EXPECT_EQ(info->name, "frame");
+  EXPECT_EQ(info->timeline, "render");
+  EXPECT_EQ(info->deadline - info->created, absl::Seconds(10)) << "the default deadline";
+
+  absl::StatusOr<FenceView> signalled =
+      table_->Signal(kOwner, id, v1::FENCE_STATUS_ERROR, "gpu hang");
+  ASSERT_TRUE(signalled.ok()) << signalled.status();
+  EXPECT_TRUE(signalled->signaled);
+  EXPECT_EQ(signalled->status, v1::FENCE_STATUS_ERROR);
+  EXPECT_EQ(signalled->message, "gpu hang");
+  EXPECT_GE(signalled->signaled_at, signalled->created);
+
+  absl::StatusOr<FenceView> again = table_->Signal(kOwner, id, v1::FENCE_STATUS_OK, "");
+  EXPECT_EQ(again.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(again.status().message(), HasSubstr("signalled already (FENCE_STATUS_ERROR"));
+  EXPECT_EQ(table_->Info(kOwner, id)->status, v1::FENCE_STATUS_ERROR) << "unchanged";
+}
+
+TEST_F(FenceTableTest, ClientsCannotSendDaemonStatuses) {
+  const uint64_t id = NewFence();
+  for (v1::FenceStatus status :
+       {v1::FENCE_STATUS_UNSPECIFIED, v1::FENCE_STATUS_OWNER_DIED,
+        v1::FENCE_STATUS_DEADLINE_EXCEEDED, static_cast<v1::FenceStatus>(77)}) {
+    absl::StatusOr<FenceView> r = table_->Signal(kOwner, id, status, "");
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << status;
+    EXPECT_THAT(r.status().message(), HasSubstr("a client signals OK, ERROR or CANCELLED"));
+  }
+  EXPECT_FALSE(table_->Info(kOwner, id)->signaled);
+}
+
+TEST_F(FenceTableTest, OtherSessionsSeeNotFoundLikeAnUnknownId) {
+  const uint64_t id = NewFence();
+  absl::Status foreign = table_->Info(kOther, id).status();
+  absl::Status unknown = table_->Info(kOther, id + 1000).status();
+  EXPECT_EQ(foreign.code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(foreign.message(), absl::StrCat("fence ", id, " not found"));
+  EXPECT_EQ(unknown.code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(table_->Signal(kOther, id, v1::FENCE_STATUS_OK, "").status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(table_->Export(kOther, id).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(table_->Merge(kOther, {id}, "").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(table_->Wait(kOther, 1, {{id}, true, absl::ZeroDuration(), std::nullopt}, nullptr)
+                .status()
+                .code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST_F(FenceTableTest, AnExportedFdIsTheCapability) {
+  const uint64_t id = NewFence();
+  absl::StatusOr<LeasedFd> exported = table_->Export(kOwner, id);
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  EXPECT_FALSE(Readable(exported->fd.get()));
+  EXPECT_EQ(::write(exported->fd.get(), "x", 1), -1) << "read-only";
+
+  // The other session imports it: the same fence, not a proxy.
+  absl::StatusOr<FenceView> imported =
+      table_->Import(kOther, UniqueFd(::dup(exported->fd.get())), "", absl::ZeroDuration());
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  EXPECT_EQ(imported->id, id);
+  EXPECT_EQ(table_->Info(kOther, id)->id, id);
+  absl::Status signal = table_->Signal(kOther, id, v1::FENCE_STATUS_OK, "").status();
+  EXPECT_EQ(signal.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(signal.message(), HasSubstr("only its owner signals it"));
+
+  ASSERT_TRUE(table_->Signal(kOwner, id, v1::FENCE_STATUS_OK, "").ok());
+  EXPECT_TRUE(Readable(exported->fd.get()));
+  char c;
+  EXPECT_EQ(::read(exported->fd.get(), &c, 1), 0) << "EOF: nothing to consume";
+  EXPECT_TRUE(Readable(exported->fd.get())) << "and stays readable";
+
+  absl::StatusOr<LeasedFd> late = table_->Export(kOther, id);
+  ASSERT_TRUE(late.ok());
+  EXPECT_TRUE(Readable(late->fd.get())) << "an export of a signalled fence is readable at once";
+}
+
+TEST_F(FenceTableTest, WaitAnswersAtOnceWhenSatisfiedOrPolling) {
+  const uint64_t a = NewFence();
+  const uint64_t b = NewFence();
+  auto poll = StartWait(kOwner, {a, b}, true, absl::ZeroDuration());
+  ASSERT_TRUE(poll->Get(absl::ZeroDuration()).has_value());
+  EXPECT_FALSE((*poll->Get())->satisfied);
+  ASSERT_TRUE(table_->Signal(kOwner, a, v1::FENCE_STATUS_OK, "").ok());
+  auto any = StartWait(kOwner, {a, b}, false, absl::Seconds(30));
+  ASSERT_TRUE(any->Get(absl::ZeroDuration()).has_value()) << "any: a is signalled";
+  EXPECT_TRUE((*any->Get())->satisfied);
+  EXPECT_EQ((*any->Get())->fences.size(), 2u);
+}
+
+TEST_F(FenceTableTest, BlockedWaitWakesOnSignalAndTimesOut) {
+  const uint64_t a = NewFence();
+  const uint64_t b = NewFence();
+  auto all = StartWait(kOwner, {a, b, a}, true, absl::Seconds(30));
+  auto timed = StartWait(kOwner, {b}, true, absl::Milliseconds(50));
+  EXPECT_EQ(table_->Info(kOwner, b)->waiters, 2u);
+  ASSERT_TRUE(table_->Signal(kOwner, a, v1::FENCE_STATUS_OK, "").ok());
+  EXPECT_FALSE(all->Get(absl::Milliseconds(20)).has_value()) << "b is still pending";
+  auto timed_out = timed->Get();
+  ASSERT_TRUE(timed_out.has_value());
+  ASSERT_TRUE(timed_out->ok());
+  EXPECT_FALSE((*timed_out)->satisfied);
+  ASSERT_TRUE(table_->Signal(kOwner, b, v1::FENCE_STATUS_CANCELLED, "").ok());
+  auto done = all->Get();
+  ASSERT_TRUE(done.has_value() && done->ok());
+  EXPECT_TRUE((*done)->satisfied);
+  ASSERT_EQ((*done)->fences.size(), 2u) << "duplicates once";
+  EXPECT_EQ((*done)->fences[1].status, v1::FENCE_STATUS_CANCELLED);
+  EXPECT_EQ(table_->counts().waits, 0u);
+}
+
+TEST_F(FenceTableTest, CancelledWaitNeverCallsBack) {
+  const uint64_t a = NewFence();
+  WaitBox box;
+  const FenceTable::WaitId wait = table_->NewWaitId();
+  ASSERT_TRUE(table_->Wait(kOwner, wait, {{a}, true, absl::Seconds(30), std::nullopt}, box.Done())
+                  .ok());
+  EXPECT_TRUE(table_->CancelWait(wait));
+  EXPECT_FALSE(table_->CancelWait(wait));
+  ASSERT_TRUE(table_->Signal(kOwner, a, v1::FENCE_STATUS_OK, "").ok());
+  EXPECT_FALSE(box.Get(absl::Milliseconds(20)).has_value());
+  EXPECT_EQ(table_->Info(kOwner, a)->waiters, 0u);
+}
+
+TEST_F(FenceTableTest, WaitLimits) {
+  const uint64_t a = NewFence();
+  absl::Status none = table_->Wait(kOwner, 1, {{}, true, absl::ZeroDuration(), {}}, nullptr).status();
+  EXPECT_EQ(none.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(none.message(), HasSubstr("fence_ids is empty"));
+  absl::Status many =
+      table_->Wait(kOwner, 1, {std::vector<uint64_t>(1025, a), true, absl::ZeroDuration(), {}},
+                   nullptr)
+          .status();
+  EXPECT_EQ(many.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(many.message(), HasSubstr("1025 fence ids in one wait; at most 1024"));
+  EXPECT_TRUE(
+      table_->Wait(kOwner, 1, {std::vector<uint64_t>(1024, a), true, absl::ZeroDuration(), {}},
+                   nullptr)
+          .ok());
+}
+
+TEST_F(FenceTableTest, MergeCarriesTheFirstErrorBySignalTime) {
+  const uint64_t a = NewFence();
+  const uint64_t b = NewFence();
+  const uint64_t c = NewFence();
+  absl::StatusOr<FenceView> merged = table_->Merge(kOwner, {a, b, c, b}, "all three");
+  ASSERT_TRUE(merged.ok()) << merged.status();
+  EXPECT_EQ(merged->kind, FenceKind::kMerged);
+  absl::StatusOr<LeasedFd> fd = table_->Export(kOwner, merged->id);
+  ASSERT_TRUE(fd.ok());
+  ASSERT_TRUE(table_->Signal(kOwner, c, v1::FENCE_STATUS_ERROR, "first").ok());
+  ASSERT_TRUE(table_->Signal(kOwner, a, v1::FENCE_STATUS_CANCELLED, "second").ok());
+  EXPECT_FALSE(table_->Info(kOwner, merged->id)->signaled);
+  EXPECT_FALSE(Readable(fd->fd.get()));
+  ASSERT_TRUE(table_->Signal(kOwner, b, v1::FENCE_STATUS_OK, "").ok());
+  absl::StatusOr<FenceView> info = table_->Info(kOwner, merged->id);
+  ASSERT_TRUE(info.ok());
+  EXPECT_TRUE(info->signaled);
+  EXPECT_EQ(info->status, v1::FENCE_STATUS_ERROR);
+  EXPECT_THAT(info->message, HasSubstr(absl::StrCat("input fence ", c)));
+  EXPECT_THAT(info->message, HasSubstr("first"));
+  EXPECT_TRUE(Readable(fd->fd.get()));
+  EXPECT_EQ(table_->Signal(kOwner, merged->id, v1::FENCE_STATUS_OK, "").status().code(),
+            absl::StatusCode::kPermissionDenied);
+
+  // Of signalled inputs, at once; the earliest error wins.
+  absl::StatusOr<FenceView> again = table_->Merge(kOwner, {b, a, c}, "");
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(again->signaled);
+  EXPECT_THAT(again->message, HasSubstr("first"));
+
+  EXPECT_EQ(table_->Merge(kOwner, {}, "").status().code(), absl::StatusCode::kInvalidArgument);
+  absl::Status many = table_->Merge(kOwner, std::vector<uint64_t>(257, a), "").status();
+  EXPECT_EQ(many.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(many.message(), HasSubstr("at most 256"));
+}
+
+TEST_F(FenceTableTest, ImportsEventfdsAndPipes) {
+  const int efd = ::eventfd(0, EFD_CLOEXEC);
+  absl::StatusOr<FenceView> ev = table_->Import(kOwner, UniqueFd(::dup(efd)), "ev", absl::ZeroDuration());
+  ASSERT_TRUE(ev.ok()) << ev.status();
+  int ends[2];
+  ASSERT_EQ(::pipe2(ends, O_CLOEXEC), 0);
+  absl::StatusOr<FenceView> pipe = table_->Import(kOwner, UniqueFd(ends[0]), "pipe", absl::ZeroDuration());
+  ASSERT_TRUE(pipe.ok());
+  EXPECT_EQ(budget_.usage().of(FdUse::kFence), 2u);
+  auto both = StartWait(kOwner, {ev->id, pipe->id}, true, absl::Seconds(30));
+  uint64_t one = 1;
+  ASSERT_EQ(::write(efd, &one, sizeof(one)), 8);
+  ::close(ends[1]);
+  auto done = both->Get();
+  ASSERT_TRUE(done.has_value() && done->ok());
+  EXPECT_TRUE((*done)->satisfied);
+  EXPECT_EQ((*done)->fences[0].status, v1::FENCE_STATUS_OK);
+  EXPECT_EQ(budget_.usage().of(FdUse::kFence), 0u) << "imported fds are closed at the signal";
+  ::close(efd);
+}
+
+TEST_F(FenceTableTest, ImportRefusesFilesAndDirectories) {
+  absl::Status dir = table_->Import(kOwner, UniqueFd(::open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC)),
+                                    "", absl::ZeroDuration())
+                         .status();
+  EXPECT_EQ(dir.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(dir.message(), HasSubstr("is a directory: only pollable fds"));
+  absl::Status file =
+      table_->Import(kOwner, UniqueFd(::open("/proc/self/exe", O_RDONLY | O_CLOEXEC)), "",
+                     absl::ZeroDuration())
+          .status();
+  EXPECT_EQ(file.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(file.message(), HasSubstr("is a regular file"));
+  EXPECT_EQ(table_->counts().pending, 0u);
+}
+
+TEST_F(FenceTableTest, SessionEndSignalsOwnerDiedAndEndsItsWaits) {
+  const uint64_t id = NewFence();
+  absl::StatusOr<LeasedFd> fd = table_->Export(kOwner, id);
+  ASSERT_TRUE(fd.ok());
+  ASSERT_TRUE(table_->Import(kOther, std::move(fd->fd), "", absl::ZeroDuration()).ok());
+  absl::StatusOr<LeasedFd> other_fd = table_->Export(kOther, id);
+  ASSERT_TRUE(other_fd.ok());
+  auto waiter = StartWait(kOther, {id}, true, absl::Seconds(30));
+  auto own_wait = StartWait(kOwner, {id}, true, absl::Seconds(30));
+  table_->CloseSession(kOwner);
+  auto own = own_wait->Get();
+  ASSERT_TRUE(own.has_value());
+  EXPECT_EQ(own->status().code(), absl::StatusCode::kAborted);
+  auto other = waiter->Get();
+  ASSERT_TRUE(other.has_value() && other->ok());
+  EXPECT_EQ((*other)->fences[0].status, v1::FENCE_STATUS_OWNER_DIED);
+  EXPECT_TRUE(Readable(other_fd->fd.get()));
+  EXPECT_EQ(table_->Info(kOther, id)->status, v1::FENCE_STATUS_OWNER_DIED)
+      << "still known to a holder";
+}
+
+TEST_F(FenceTableTest, DeadlinesAreSignalledByATimer) {
+  FenceLimits limits;
+  limits.max_deadline = absl::Seconds(1);
+  NewTable(limits);
+  absl::Status above = table_->Create(kOwner, "", "", absl::Seconds(2)).status();
+  EXPECT_EQ(above.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(above.message(), HasSubstr("deadline_ms 2000 is above max_fence_deadline_ms (1000)"));
+  const uint64_t id = NewFence(absl::Milliseconds(30));
+  auto waiter = StartWait(kOwner, {id}, true, absl::Seconds(30));
+  auto done = waiter->Get();
+  ASSERT_TRUE(done.has_value() && done->ok());
+  EXPECT_EQ((*done)->fences[0].status, v1::FENCE_STATUS_DEADLINE_EXCEEDED);
+  EXPECT_THAT((*done)->fences[0].message, HasSubstr("deadline passed 30 ms after"));
+}
+
+TEST_F(FenceTableTest, Caps) {
+  FenceLimits limits;
+  limits.max_pending_per_session = 2;
+  limits.max_held_per_session = 3;
+  limits.max_pending = 3;
+  NewTable(limits);
+  const uint64_t a = NewFence();
+  NewFence();
+  absl::Status quota = table_->Create(kOwner, "", "", absl::ZeroDuration()).status();
+  EXPECT_EQ(quota.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(quota.message(), HasSubstr("quota max_fences_per_session: the session owns 2"));
+  ASSERT_TRUE(table_->Create(kOther, "", "", absl::ZeroDuration()).ok());
+  absl::Status global = table_->Create(kOther, "", "", absl::ZeroDuration()).status();
+  EXPECT_THAT(global.message(), HasSubstr("limit max_fences: 3 fences are pending"));
+  ASSERT_TRUE(table_->Signal(kOwner, a, v1::FENCE_STATUS_OK, "").ok());
+  NewFence();
+  absl::Status held = table_->Create(kOwner, "", "", absl::ZeroDuration()).status();
+  EXPECT_THAT(held.message(), HasSubstr("limit max_held_fences_per_session: the session holds 3"));
+  table_->Forget(kOwner, a);
+  EXPECT_EQ(table_->Info(kOwner, a).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(table_->session_counts(kOwner).held, 2u);
+}
+
+TEST_F(FenceTableTest, ForgettingAPendingFenceCancelsIt) {
+  const uint64_t id = NewFence();
+  absl::StatusOr<LeasedFd> fd = table_->Export(kOwner, id);
+  ASSERT_TRUE(fd.ok());
+  table_->Forget(kOwner, id);
+  EXPECT_TRUE(Readable(fd->fd.get()));
+  EXPECT_EQ(table_->counts().pending, 0u);
+  EXPECT_EQ(table_->counts().signaled, 0u) << "forgotten by everyone: gone";
+  EXPECT_EQ(table_->counts().signals[v1::FENCE_STATUS_CANCELLED], 1u);
+}
+
+TEST_F(FenceTableTest, NeedByShowsTheEarliest) {
+  const uint64_t id = NewFence();
+  const absl::Time soon = absl::Now() + absl::Milliseconds(5);
+  ASSERT_TRUE(table_->Wait(kOwner, 1, {{id}, true, absl::ZeroDuration(), soon + absl::Seconds(1)},
+                           nullptr)
+                  .ok());
+  ASSERT_TRUE(table_->Wait(kOwner, 2, {{id}, true, absl::ZeroDuration(), soon}, nullptr).ok());
+  EXPECT_EQ(table_->Info(kOwner, id)->need_by, soon);
+}
+
+TEST_F(FenceTableTest, TenThousandWaitersOneSignal) {
+  const uint64_t id = NewFence();
+  std::atomic<int> woken{0};
+  for (int i = 0; i < 10000; ++i) {
+    auto now = table_->Wait(kOwner, table_->NewWaitId(),
+                            {{id}, true, absl::Seconds(60), std::nullopt},
+                            [&](absl::StatusOr<FenceTable::WaitResult> r) {
+                              if (r.ok() && r->satisfied) ++woken;
+                            });
+    ASSERT_TRUE(now.ok());
+  }
+  EXPECT_EQ(table_->counts().waits, 10000u);
+  ASSERT_TRUE(table_->Signal(kOwner, id, v1::FENCE_STATUS_OK, "").ok());
+  EXPECT_EQ(woken.load(), 10000) << "all woken by the signalling call";
+  EXPECT_EQ(table_->counts().waits, 0u);
+}
+
+TEST_F(FenceTableTest, FdsReturnToBaseline) {
+  {
+    const uint64_t id = NewFence();
+    absl::StatusOr<LeasedFd> fd = table_->Export(kOwner, id);
+    ASSERT_TRUE(fd.ok());
+    EXPECT_GT(CountOpenFds(), baseline_fds_);
+    EXPECT_EQ(budget_.usage().of(FdUse::kFence), 2u);
+  }
+  table_->CloseSession(kOwner);
+  EXPECT_EQ(budget_.usage().total, 0u);
+  EXPECT_EQ(CountOpenFds(), baseline_fds_ + 2) << "only the loop's epoll and eventfd";
+}
+
+}  // namespace
+}  // namespace bufferd
