@@ -34,6 +34,10 @@ inline constexpr size_t kMaxRecordBytes = 4096;
 // dropped under kReleaseMetadataKey (at most kMaxCarriedReleases).
 inline constexpr char kSessionMetadataKey[] = "bufferd-session";
 inline constexpr char kReleaseMetadataKey[] = "bufferd-release";
+// How many records the client had sent on fd.sock when it made the call: the
+// daemon applies them all before the call runs (a one-way fence signal, an
+// FdUpload the call names).
+inline constexpr char kRecordsMetadataKey[] = "bufferd-records";
 inline constexpr size_t kMaxCarriedReleases = 256;
 
 // Bytes of a session secret (random, sent once in the Hello).

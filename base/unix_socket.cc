@@ -129,8 +129,8 @@ absl::Status UnixSocket::SendWithFds(std::span<const uint8_t> bytes, std::span<c
   return absl::OkStatus();
 }
 
-absl::StatusOr<UnixSocket::Received> UnixSocket::RecvWithFds(size_t max_bytes,
-                                                             bool dont_wait) const {
+absl::StatusOr<UnixSocket::Received> UnixSocket::RecvWithFdsOn(int fd, size_t max_bytes,
+                                                               bool dont_wait) {
   Received received;
   received.bytes.resize(max_bytes);
   iovec iov{received.bytes.data(), received.bytes.size()};
@@ -141,7 +141,7 @@ absl::StatusOr<UnixSocket::Received> UnixSocket::RecvWithFds(size_t max_bytes,
   msg.msg_control = control;
   msg.msg_controllen = sizeof(control);
   int flags = MSG_CMSG_CLOEXEC | (dont_wait ? MSG_DONTWAIT : 0);
-  ssize_t n = RetryOnEintr([&] { return ::recvmsg(fd_.get(), &msg, flags); });
+  ssize_t n = RetryOnEintr([&] { return ::recvmsg(fd, &msg, flags); });
   if (n < 0) return ErrnoError("recvmsg", errno);
   // Take ownership of every fd first, so that every error path closes them.
   for (cmsghdr* cmsg = CMSG_FIRSTHDR(&msg); cmsg != nullptr; cmsg = CMSG_NXTHDR(&msg, cmsg)) {

@@ -78,7 +78,12 @@ class UnixSocket {
 
   // Receives one record of at most `max_bytes`. UNAVAILABLE on EAGAIN for a
   // non-blocking socket.
-  absl::StatusOr<Received> RecvWithFds(size_t max_bytes = 4096, bool dont_wait = false) const;
+  absl::StatusOr<Received> RecvWithFds(size_t max_bytes = 4096, bool dont_wait = false) const {
+    return RecvWithFdsOn(fd_.get(), max_bytes, dont_wait);
+  }
+  // The same on a socket fd someone else owns.
+  static absl::StatusOr<Received> RecvWithFdsOn(int fd, size_t max_bytes = 4096,
+                                                bool dont_wait = false);
 
   absl::StatusOr<PeerCredentials> GetPeerCredentials() const;
 

@@ -23,6 +23,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -31,6 +32,7 @@
 #include "base/unique_fd.h"
 #include "bufferd/v1/buffer.pb.h"
 #include "bufferd/v1/debug.pb.h"
+#include "bufferd/v1/fence.pb.h"
 
 namespace bufferd {
 
@@ -126,6 +128,68 @@ class Buffer {
   UniqueFd fd_;
 };
 
+struct FenceOptions {
+  // Debug name and timeline label (bufctl fences shows them).
+  std::string name;
+  std::string timeline;
+  // When the daemon signals DEADLINE_EXCEEDED if the owner has not
+  // signalled (zero: the daemon's default, 10 s). Fences are never
+  // indefinite.
+  absl::Duration deadline = absl::ZeroDuration();
+};
+
+// One fence this session holds (dma_fence / sync_file semantics): created
+// here, merged, or imported from an fd. Move-only. Destroying it tells the
+// daemon one-way that this session is done with it; a pending fence this
+// session created is then signalled CANCELLED (nobody else could signal
+// it), so keep it until you have signalled it.
+class Fence {
+ public:
+  Fence(Fence&&) noexcept;
+  Fence& operator=(Fence&&) noexcept;
+  Fence(const Fence&) = delete;
+  Fence& operator=(const Fence&) = delete;
+  ~Fence();
+
+  uint64_t id() const { return info_.fence_id(); }
+  // As of the last call that returned it (Wait, Info, SignalAndConfirm).
+  const v1::FenceInfo& info() const { return info_; }
+
+  // Signals without a round trip (a record on fd.sock): OK, ERROR (with
+  // `message`) or CANCELLED. Applied before any later call of this
+  // session. Errors the daemon finds (a second signal) are only logged
+  // there; a signal the daemon cannot apply at all ends the session.
+  absl::Status Signal(v1::FenceStatus status = v1::FENCE_STATUS_OK,
+                      absl::string_view message = "") const;
+  // The same with a round trip: FAILED_PRECONDITION if it was signalled
+  // already, PERMISSION_DENIED if this session is not its owner.
+  absl::StatusOr<v1::FenceInfo> SignalAndConfirm(v1::FenceStatus status = v1::FENCE_STATUS_OK,
+                                                 absl::string_view message = "");
+  // Waits until it is signalled (whatever the status: look at
+  // info().status()); DEADLINE_EXCEEDED if `timeout` passes first. Zero
+  // polls.
+  absl::StatusOr<v1::FenceInfo> Wait(absl::Duration timeout);
+  // Asks the daemon for the fence's state now.
+  absl::StatusOr<v1::FenceInfo> Info();
+  // An fd that polls readable (POLLIN) once the fence is signalled and
+  // stays so: poll/epoll/io_uring it, or pass it to any process (which may
+  // import it with Client::ImportSyncFd). Read-only: no holder can signal
+  // it or change what the others see.
+  absl::StatusOr<UniqueFd> ExportFd() const;
+
+ private:
+  friend class Client;
+  Fence(std::shared_ptr<internal::Connection> connection, v1::FenceInfo info);
+
+  std::shared_ptr<internal::Connection> connection_;
+  v1::FenceInfo info_;
+};
+
+struct WaitResult {
+  // The fences waited on, as they were when the wait ended.
+  std::vector<v1::FenceInfo> fences;
+};
+
 class Client {
  public:
   struct Options {
@@ -148,11 +212,31 @@ class Client {
 
   uint64_t session_id() const;
 
+  // Fences. A pending fence this session creates is its to signal.
+  absl::StatusOr<Fence> CreateFence(const FenceOptions& options = {}) const;
+  // Wait until all (or any) of `fences` are signalled; DEADLINE_EXCEEDED if
+  // `timeout` passes first (zero polls). At most 1,024 fences.
+  absl::StatusOr<WaitResult> WaitAll(std::span<const Fence* const> fences,
+                                     absl::Duration timeout) const;
+  absl::StatusOr<WaitResult> WaitAny(std::span<const Fence* const> fences,
+                                     absl::Duration timeout) const;
+  // A fence signalled when all of `fences` are, with the first error (by
+  // signal time) or OK. At most 256.
+  absl::StatusOr<Fence> Merge(std::span<const Fence* const> fences,
+                              absl::string_view name = "") const;
+  // A fence the daemon signals when `fd` polls readable: a kernel sync_file
+  // (its error status is read), an eventfd, a pipe, or an fd bufferd
+  // exported (which gives back that very fence). `fd` is only borrowed (a
+  // copy goes to the daemon). INVALID_ARGUMENT for a file or directory.
+  absl::StatusOr<Fence> ImportSyncFd(int fd, const FenceOptions& options = {}) const;
+
   // Debug service (what bufctl shows).
   absl::StatusOr<v1::ListHeapsResponse> ListHeaps() const;
   absl::StatusOr<v1::ListClientsResponse> ListClients() const;
   absl::StatusOr<v1::ListBuffersResponse> ListBuffers(
       const v1::ListBuffersRequest& request = {}) const;
+  absl::StatusOr<v1::ListFencesResponse> ListFences(
+      const v1::ListFencesRequest& request = {}) const;
   absl::StatusOr<std::string> Metrics() const;
 
   // Ends the session now (the daemon releases every handle of it). Buffers
@@ -161,6 +245,8 @@ class Client {
 
  private:
   explicit Client(std::shared_ptr<internal::Connection> connection);
+  absl::StatusOr<WaitResult> WaitFor(std::span<const Fence* const> fences, bool all,
+                                     absl::Duration timeout) const;
   std::shared_ptr<internal::Connection> connection_;
 };
 

@@ -159,9 +159,11 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
                    OpenControlChannel(socket_dir, timeout, daemon));
   connection->allocator_ = v1::Allocator::NewStub(channel);
   connection->debug_ = v1::Debug::NewStub(channel);
+  connection->fence_ = v1::Fence::NewStub(channel);
+  connection->records_ = std::make_unique<RecordSender>(&connection->fd_socket_);
   connection->mailbox_ =
       std::make_unique<FdMailbox>(&connection->fd_socket_, timeout, timeout + kCallSlack);
-  connection->one_way_ = std::make_unique<OneWayQueue>(&connection->fd_socket_);
+  connection->one_way_ = std::make_unique<OneWayQueue>(connection->records_.get());
   return connection;
 }
 
@@ -178,6 +180,10 @@ Call Connection::NewCall() {
   call.context->AddMetadata(kSessionMetadataKey, metadata_);
   call.context->set_deadline(std::chrono::system_clock::now() +
                              absl::ToChronoMilliseconds(timeout_ + kCallSlack));
+  // Every record sent so far is applied before this call runs.
+  if (const uint64_t sent = records_->sent(); sent != 0) {
+    call.context->AddMetadata(kRecordsMetadataKey, absl::StrCat(sent));
+  }
   call.carried = one_way_->TakeForCall();
   if (!call.carried.empty()) {
     call.context->AddMetadata(kReleaseMetadataKey, FormatReleaseList(call.carried));
@@ -196,5 +202,10 @@ absl::StatusOr<UniqueFd> Connection::TakeFd(uint64_t transfer_id) {
 }
 
 void Connection::QueueRelease(uint64_t handle) { one_way_->QueueRelease(handle); }
+
+absl::Status Connection::SendRecord(const v1::FdChannelMessage& message,
+                                    std::span<const int> fds) {
+  return records_->Send(message, fds);
+}
 
 }  // namespace bufferd::internal

@@ -3,7 +3,9 @@
 #ifndef BUFFERD_CLIENT_CONNECTION_H_
 #define BUFFERD_CLIENT_CONNECTION_H_
 
+#include <atomic>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -14,8 +16,10 @@
 #include "base/unix_socket.h"
 #include "bufferd/v1/buffer.grpc.pb.h"
 #include "bufferd/v1/debug.grpc.pb.h"
+#include "bufferd/v1/fence.grpc.pb.h"
 #include "client/fd_mailbox.h"
 #include "client/one_way_queue.h"
+#include "client/record_sender.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/support/status.h"
 
@@ -55,6 +59,11 @@ class Connection {
   // Releases `handle` without a round trip (see the class comment).
   void QueueRelease(uint64_t handle);
 
+  // Sends a record on fd.sock now; every later call is applied after it.
+  absl::Status SendRecord(const v1::FdChannelMessage& message, std::span<const int> fds = {});
+  // A new id for an FdUpload.
+  uint64_t NewUploadId() { return next_upload_id_.fetch_add(1); }
+
   // Shuts fd.sock down: the daemon ends the session (and releases every
   // handle, pending ones included).
   void Close();
@@ -62,6 +71,8 @@ class Connection {
   uint64_t session_id() const { return session_id_; }
   v1::Allocator::Stub& allocator() const { return *allocator_; }
   v1::Debug::Stub& debug() const { return *debug_; }
+  v1::Fence::Stub& fence() const { return *fence_; }
+  absl::Duration timeout() const { return timeout_; }
 
  private:
   Connection() = default;
@@ -73,6 +84,9 @@ class Connection {
   absl::Duration timeout_;
   std::unique_ptr<v1::Allocator::Stub> allocator_;
   std::unique_ptr<v1::Debug::Stub> debug_;
+  std::unique_ptr<v1::Fence::Stub> fence_;
+  std::unique_ptr<RecordSender> records_;
+  std::atomic<uint64_t> next_upload_id_{1};
   std::unique_ptr<FdMailbox> mailbox_;
   std::unique_ptr<OneWayQueue> one_way_;
 };

@@ -113,7 +113,7 @@ void OneWayQueue::FlushLoop() {
       v1::FdChannelMessage message;
       message.mutable_release()->set_handle(handle);
       // Fails only when the session is over, which releases them anyway.
-      (void)socket_->Send(message.SerializeAsString());
+      (void)sender_->Send(message);
     }
     mu_.Lock();
   }

@@ -1,7 +1,8 @@
 // internal::OneWayQueue: what the client tells the daemon without a round
 // trip, ordered before its next RPC. Private to the client library.
 //
-// Today that is dropped Buffers' releases (fence signals will join them).
+// That is dropped Buffers' releases (fence signals go at once, through the
+// RecordSender).
 // A release waits for the next RPC to carry it in its metadata; what no RPC
 // took within kDelay a flusher thread sends as one-way ReleaseHandle records
 // on fd.sock. Every RPC also carries the releases already sent but not yet
@@ -24,7 +25,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "base/protocol.h"
-#include "base/unix_socket.h"
+#include "client/record_sender.h"
 
 namespace bufferd::internal {
 
@@ -37,8 +38,8 @@ class OneWayQueue {
   // How long a release waits for an RPC to carry it.
   static constexpr absl::Duration kDelay = absl::Milliseconds(2);
 
-  // Sends on `socket`, which must outlive this object.
-  explicit OneWayQueue(const UnixSocket* socket) : socket_(socket) {}
+  // Sends through `sender`, which must outlive this object.
+  explicit OneWayQueue(RecordSender* sender) : sender_(sender) {}
   // Joins the flusher (call Close first to drop what is pending).
   ~OneWayQueue();
 
@@ -58,7 +59,7 @@ class OneWayQueue {
   void FlushLoop();
   void TrimUnconfirmedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  const UnixSocket* const socket_;
+  RecordSender* const sender_;
   absl::Mutex mu_;
   absl::CondVar changed_;
   std::vector<uint64_t> pending_ ABSL_GUARDED_BY(mu_);

@@ -2,6 +2,8 @@
 
 #include <vector>
 
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "base/errno_status.h"
 #include "base/protocol.h"
 #include "daemon/grpc_status.h"
@@ -17,6 +19,16 @@ absl::StatusOr<uint64_t> AuthenticateCall(const SessionTable& sessions, SessionH
       sessions.Authenticate(it == metadata.end()
                                 ? absl::string_view()
                                 : absl::string_view(it->second.data(), it->second.size())));
+  auto records = metadata.find(kRecordsMetadataKey);
+  if (records != metadata.end()) {
+    uint64_t sent = 0;
+    if (!absl::SimpleAtoi(absl::string_view(records->second.data(), records->second.size()),
+                          &sent)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(kRecordsMetadataKey, " metadata must be a decimal count"));
+    }
+    hub.DrainRecords(session, sent);
+  }
   auto carried = metadata.find(kReleaseMetadataKey);
   if (carried != metadata.end()) {
     ASSIGN_OR_RETURN(

@@ -46,12 +46,16 @@ constexpr char kDefaultConfig[] = R"pb(# bufferd embedded default configuration.
                                        default_token_ttl_ms: 30000
                                        max_queued_deliveries: 1024
                                        stalled_session_timeout_ms: 10000
+                                       default_fence_deadline_ms: 10000
+                                       max_fence_deadline_ms: 300000
                                        limits {
                                          max_sessions: 4096
                                          max_sessions_per_uid: 1024
                                          max_control_connections: 4096
                                          max_control_connections_per_uid: 1024
                                          # max_fds_per_uid: half the fd budget
+                                         max_fences: 262144
+                                         max_held_fences_per_session: 65536
                                        }
 )pb";
 
@@ -125,6 +129,16 @@ absl::Status Validate(const v1::Config& config, const Locator& locate) {
   }
   if (config.default_token_ttl_ms() > 3600 * 1000) {
     return bad(-1, "default_token_ttl_ms", "must be at most 3600000");
+  }
+  const uint32_t max_deadline =
+      config.max_fence_deadline_ms() != 0 ? config.max_fence_deadline_ms() : 300000;
+  if (config.max_fence_deadline_ms() > 24 * 3600 * 1000) {
+    return bad(-1, "max_fence_deadline_ms", "must be at most 86400000 (a day)");
+  }
+  if (config.default_fence_deadline_ms() > max_deadline) {
+    return bad(-1, "default_fence_deadline_ms",
+               absl::StrCat("is ", config.default_fence_deadline_ms(),
+                            "; must be at most max_fence_deadline_ms (", max_deadline, ")"));
   }
   // Every client needs a session, a control connection and, per buffer, its
   // fd and the one granted to it: less than that serves nobody.

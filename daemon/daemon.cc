@@ -196,7 +196,20 @@ absl::Status Daemon::Init(const v1::Config& config) {
   session_options.max_sessions_per_uid =
       OrDefault(limits.max_sessions_per_uid(), session_options.max_sessions_per_uid);
   sessions_ = std::make_unique<SessionTable>(session_options);
-  hub_ = std::make_unique<SessionHub>(sessions_.get(), state_.get(), reaper_.get());
+  // fd.sock, fence deadlines and imported fds, and the daemon's timers.
+  loop_ = std::make_unique<EventLoop>();
+  RETURN_IF_ERROR(loop_->Init());
+  FenceLimits fence_limits;
+  fence_limits.default_deadline =
+      absl::Milliseconds(OrDefault(config.default_fence_deadline_ms(), 10000u));
+  fence_limits.max_deadline = absl::Milliseconds(OrDefault(config.max_fence_deadline_ms(), 300000u));
+  fence_limits.max_pending_per_session = config.quotas().max_fences_per_session();
+  fence_limits.max_pending = OrDefault(limits.max_fences(), fence_limits.max_pending);
+  fence_limits.max_held_per_session =
+      OrDefault(limits.max_held_fences_per_session(), fence_limits.max_held_per_session);
+  fences_ = std::make_unique<FenceTable>(loop_.get(), &budget_, fence_limits);
+  hub_ = std::make_unique<SessionHub>(sessions_.get(), state_.get(), reaper_.get(), fences_.get(),
+                                      &budget_);
   for (const auto& heap : heaps_->heaps()) {
     HeapStats stats = heap->Stats();
     spdlog::info("heap '{}': {} {}, page {}, capacity {}{}{}", heap->name(),
@@ -217,9 +230,8 @@ absl::Status Daemon::Init(const v1::Config& config) {
   // Mostly waiting (prefaults, carveout refills), so more threads than CPUs:
   // a few carveout allocations waiting for refills never stall the rest.
   work_ = std::make_unique<WorkQueue>(4);
-  loop_ = std::make_unique<EventLoop>();
-  RETURN_IF_ERROR(loop_->Init());
   channel_ = std::make_unique<FdChannel>(loop_.get(), &budget_, hub_.get(), channel_options);
+  hub_->set_channel(channel_.get());
   // Deep backlogs: a flood of connects must not make the kernel refuse a
   // client's connect before the daemon has even seen it.
   ASSIGN_OR_RETURN(UnixSocket listener, UnixSocket::ListenSeqPacket(fd_path, kListenBacklog));
@@ -247,9 +259,10 @@ absl::Status Daemon::Init(const v1::Config& config) {
   allocator_ = std::make_unique<AllocatorService>(AllocatorService::Deps{
       sessions_.get(), hub_.get(), state_.get(), channel_.get(), work_.get(), reaper_.get()});
   debug_ = std::make_unique<DebugService>(
-      DebugService::Deps{sessions_.get(), hub_.get(), state_.get(), channel_.get(), work_.get(),
-                         config.debug_access() == v1::DEBUG_ACCESS_ANYONE});
-  fence_ = std::make_unique<FenceService>();
+      DebugService::Deps{sessions_.get(), hub_.get(), state_.get(), channel_.get(), fences_.get(),
+                         work_.get(), config.debug_access() == v1::DEBUG_ACCESS_ANYONE});
+  fence_ = std::make_unique<FenceService>(
+      FenceService::Deps{sessions_.get(), hub_.get(), fences_.get(), channel_.get()});
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -326,7 +339,10 @@ void Daemon::Shutdown() {
   // In-flight calls may be finishing on the work queue: it outlives Shutdown.
   if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   if (loop_) loop_->Stop();
+  // Every session ends (its fences fail, waking their waiters), then the
+  // fence table lets go of what is left.
   if (channel_) channel_->Stop();
+  if (fences_) fences_->Stop();
   work_.reset();
   if (lock_file_.valid()) {
     ::unlink(ControlSocketPath(socket_dir_).c_str());
@@ -343,8 +359,9 @@ Daemon::~Daemon() {
   control_.reset();
   server_.reset();
   channel_.reset();
-  loop_.reset();
   hub_.reset();
+  fences_.reset();
+  loop_.reset();
   reaper_.reset();  // runs the frees queued so far; nothing frees after this
   state_.reset();   // frees every buffer before the heaps go
   heaps_.reset();

@@ -31,6 +31,7 @@
 #include "daemon/sessions.h"
 #include "daemon/state.h"
 #include "daemon/work_queue.h"
+#include "fences/fence_table.h"
 #include "grpcpp/server.h"
 #include "heaps/heap_registry.h"
 
@@ -64,8 +65,10 @@ class Daemon {
   std::unique_ptr<SessionTable> sessions_;
   std::unique_ptr<SessionHub> hub_;
   std::unique_ptr<WorkQueue> work_;
-  // fd.sock and the daemon's timers (token expiry).
+  // fd.sock, the fences' deadlines and imported fds, the daemon's timers
+  // (token expiry).
   std::unique_ptr<EventLoop> loop_;
+  std::unique_ptr<FenceTable> fences_;
   std::unique_ptr<FdChannel> channel_;
   std::unique_ptr<AllocatorService> allocator_;
   std::unique_ptr<DebugService> debug_;

@@ -28,7 +28,7 @@ grpc::ServerUnaryReactor* DebugService::ListClients(grpc::CallbackServerContext*
                                                     const v1::ListClientsRequest*,
                                                     v1::ListClientsResponse* response) {
   if (absl::Status s = Check(context); !s.ok()) return FinishCall(context, s);
-  for (v1::ClientInfo& client : ClientsView(*d_.sessions, *d_.state)) {
+  for (v1::ClientInfo& client : ClientsView(*d_.sessions, *d_.state, *d_.fences)) {
     client.set_queued_deliveries(
         static_cast<uint32_t>(d_.channel->QueuedDeliveries(client.session_id())));
     *response->add_clients() = std::move(client);
@@ -45,11 +45,11 @@ grpc::ServerUnaryReactor* DebugService::ListBuffers(grpc::CallbackServerContext*
 }
 
 grpc::ServerUnaryReactor* DebugService::ListFences(grpc::CallbackServerContext* context,
-                                                   const v1::ListFencesRequest*,
-                                                   v1::ListFencesResponse*) {
+                                                   const v1::ListFencesRequest* request,
+                                                   v1::ListFencesResponse* response) {
   if (absl::Status s = Check(context); !s.ok()) return FinishCall(context, s);
-  return FinishCall(context,
-                    absl::UnimplementedError("ListFences: fences are not implemented yet"));
+  *response = FencesView(*d_.sessions, *d_.fences, *request);
+  return FinishCall(context, absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* DebugService::GetMetrics(grpc::CallbackServerContext* context,
@@ -58,7 +58,8 @@ grpc::ServerUnaryReactor* DebugService::GetMetrics(grpc::CallbackServerContext* 
   if (absl::Status s = Check(context); !s.ok()) return FinishCall(context, s);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   d_.work->Post([this, reactor, response] {
-    response->set_text(MetricsText(HeapsView(*d_.state), d_.sessions->size()));
+    response->set_text(MetricsText(HeapsView(*d_.state), d_.sessions->size(),
+                                   d_.fences->counts(), d_.fences->wait_latency()));
     reactor->Finish(grpc::Status::OK);
   });
   return reactor;

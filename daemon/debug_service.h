@@ -2,7 +2,7 @@
 // daemon/debug_views.h). Calls need a live session unless the config lets
 // anyone ask; a session's call still applies the releases it carries.
 // ListHeaps and GetMetrics (sysfs reads, heap residency) run on the work
-// queue; ListClients and ListBuffers inline (ListBuffers fstats each listed
+// queue; ListClients, ListBuffers and ListFences inline (ListBuffers fstats each listed
 // buffer under DaemonState's mutex).
 #ifndef BUFFERD_DAEMON_DEBUG_SERVICE_H_
 #define BUFFERD_DAEMON_DEBUG_SERVICE_H_
@@ -23,6 +23,7 @@ class DebugService final : public v1::Debug::CallbackService {
     SessionHub* hub;
     const DaemonState* state;
     const FdChannel* channel;
+    const FenceTable* fences;
     WorkQueue* work;
     // DEBUG_ACCESS_ANYONE.
     bool allow_anyone = false;

@@ -83,10 +83,12 @@ v1::ListHeapsResponse HeapsView(const DaemonState& state) {
   usage->set_control_connections(fds.of(FdUse::kControlConnection));
   usage->set_deliveries(fds.of(FdUse::kDelivery));
   usage->set_freeing(fds.of(FdUse::kFreeing));
+  usage->set_fences(fds.of(FdUse::kFence));
   return response;
 }
 
-std::vector<v1::ClientInfo> ClientsView(const SessionTable& sessions, const DaemonState& state) {
+std::vector<v1::ClientInfo> ClientsView(const SessionTable& sessions, const DaemonState& state,
+                                        const FenceTable& fences) {
   std::map<uint64_t, DaemonState::Holdings> holdings;
   for (DaemonState::Holdings& h : state.ListHoldings()) holdings[h.session_id] = std::move(h);
   std::vector<v1::ClientInfo> clients;
@@ -98,6 +100,7 @@ std::vector<v1::ClientInfo> ClientsView(const SessionTable& sessions, const Daem
     info.set_gid(session.peer.gid);
     info.set_comm(session.comm);
     *info.mutable_connected_since() = ToProto(session.connected);
+    info.set_fences(fences.session_counts(session.id).pending);
     auto held = holdings.find(session.id);
     if (held == holdings.end()) continue;
     for (const auto& [heap, bytes] : held->second.bytes) {
@@ -147,6 +150,58 @@ v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonSt
           (buffer.info.frozen() ||
            (holder.uid != 0 && holder.uid != ::geteuid() && writer_uids.count(holder.uid) == 0)));
     }
+  }
+  return response;
+}
+
+v1::FenceInfo FenceInfoOf(const FenceView& view,
+                          const std::optional<SessionTable::Identity>& owner) {
+  v1::FenceInfo info;
+  info.set_fence_id(view.id);
+  info.set_name(view.name);
+  info.set_timeline(view.timeline);
+  info.set_owner_session(view.owner_session);
+  info.set_state(view.signaled ? v1::FENCE_STATE_SIGNALED : v1::FENCE_STATE_PENDING);
+  info.set_status(view.status);
+  info.set_message(view.message);
+  switch (view.kind) {
+    case FenceKind::kCreated:
+      info.set_kind(v1::FENCE_KIND_CREATED);
+      break;
+    case FenceKind::kMerged:
+      info.set_kind(v1::FENCE_KIND_MERGED);
+      break;
+    case FenceKind::kImported:
+      info.set_kind(v1::FENCE_KIND_IMPORTED);
+      break;
+  }
+  *info.mutable_created_at() = ToProto(view.created);
+  if (view.signaled) *info.mutable_signaled_at() = ToProto(view.signaled_at);
+  *info.mutable_deadline() = ToProto(view.deadline);
+  if (view.need_by != absl::InfiniteFuture()) *info.mutable_need_by() = ToProto(view.need_by);
+  info.set_waiters(view.waiters);
+  info.set_exported_fds(view.exports);
+  if (owner) {
+    info.set_owner_pid(static_cast<uint32_t>(owner->peer.pid));
+    info.set_owner_comm(owner->comm);
+  }
+  return info;
+}
+
+v1::ListFencesResponse FencesView(const SessionTable& sessions, const FenceTable& fences,
+                                  const v1::ListFencesRequest& request) {
+  FenceQuery query;
+  if (request.state() == v1::FENCE_STATE_PENDING) query.pending = true;
+  if (request.state() == v1::FENCE_STATE_SIGNALED) query.pending = false;
+  query.owner_session = request.owner_session();
+  query.limit = request.limit();
+  std::map<uint64_t, SessionTable::Identity> who;
+  for (SessionTable::Identity& session : sessions.List()) who[session.id] = std::move(session);
+  v1::ListFencesResponse response;
+  for (const FenceView& view : fences.List(query)) {
+    auto owner = who.find(view.owner_session);
+    *response.add_fences() = FenceInfoOf(
+        view, owner == who.end() ? std::nullopt : std::optional(owner->second));
   }
   return response;
 }

@@ -1,5 +1,6 @@
 // Debug views: the Debug service's tables, joined from the session table
-// (who), DaemonState (what they hold), the heaps and the fd budget. They
+// (who), DaemonState (what they hold), the FenceTable, the heaps and the fd
+// budget. They
 // judge what the raw state only implies: holes punched out of prefaulted
 // buffers, which buffers a holder could make SIGBUS, where read-only access
 // is really enforced. Read-only; never shows secrets or tokens.
@@ -13,6 +14,7 @@
 #include "bufferd/v1/debug.pb.h"
 #include "daemon/sessions.h"
 #include "daemon/state.h"
+#include "fences/fence_table.h"
 
 namespace bufferd {
 
@@ -20,9 +22,16 @@ namespace bufferd {
 // callback thread), live totals and fd usage.
 v1::ListHeapsResponse HeapsView(const DaemonState& state);
 // One entry per session, without queued_deliveries (the fd channel's).
-std::vector<v1::ClientInfo> ClientsView(const SessionTable& sessions, const DaemonState& state);
+std::vector<v1::ClientInfo> ClientsView(const SessionTable& sessions, const DaemonState& state,
+                                        const FenceTable& fences);
 v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonState& state,
                                     const v1::ListBuffersRequest& request);
+
+// A fence as the protocol shows it; `owner` while its session is open.
+v1::FenceInfo FenceInfoOf(const FenceView& view,
+                          const std::optional<SessionTable::Identity>& owner);
+v1::ListFencesResponse FencesView(const SessionTable& sessions, const FenceTable& fences,
+                                  const v1::ListFencesRequest& request);
 
 }  // namespace bufferd
 

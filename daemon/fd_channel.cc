@@ -63,6 +63,12 @@ void FdChannel::Stop() {
     listener_ = UnixSocket();
   }
   std::vector<uint64_t> sessions;
+  std::vector<std::shared_ptr<Reader>> readers;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto& [fd, connection] : connections_) readers.push_back(connection.reader);
+  }
+  for (const auto& reader : readers) CloseReader(reader);
   {
     absl::MutexLock lock(&mu_);
     for (auto& [fd, connection] : connections_) {
@@ -144,6 +150,12 @@ void FdChannel::Admit(UnixSocket socket) {
     Connection& connection = connections_[fd];
     connection.session_id = admission->session_id;
     connection.socket = std::move(socket);
+    connection.reader = std::make_shared<Reader>();
+    connection.reader->session_id = admission->session_id;
+    {
+      absl::MutexLock reader_lock(&connection.reader->mu);
+      connection.reader->fd = fd;
+    }
     connection.lease = *std::move(lease);
     by_session_[admission->session_id] = fd;
     // A fresh socket's buffer is empty, so this cannot block.
@@ -176,41 +188,79 @@ void FdChannel::OnEvents(int fd, uint32_t events) {
 }
 
 void FdChannel::OnReadable(int fd) {
-  UnixSocket* socket;
-  uint64_t session_id;
+  std::shared_ptr<Reader> reader;
   {
     absl::MutexLock lock(&mu_);
     auto it = connections_.find(fd);
     if (it == connections_.end() || it->second.lingering) return;
-    socket = &it->second.socket;
-    session_id = it->second.session_id;
+    reader = it->second.reader;
   }
-  // Only this thread removes connections, so `socket` stays valid here. At
-  // most kRecordsPerWake records per wake: the rest wait for the next round
-  // (epoll reports the socket again), so one flooding client cannot hold
-  // up accepts, Hellos and the tick for everyone else.
-  for (int records = 0; records < kRecordsPerWake; ++records) {
+  // At most kRecordsPerWake records per wake: the rest wait for the next
+  // round (epoll reports the socket again), so one flooding client cannot
+  // hold up accepts, Hellos and the tick for everyone else.
+  std::optional<ReadEnd> end = ReadRecords(*reader, kRecordsPerWake, UINT64_MAX);
+  if (end) EndConnection(fd, end->why, end->badly);
+}
+
+std::optional<FdChannel::ReadEnd> FdChannel::ReadRecords(Reader& reader, int max,
+                                                         uint64_t until) {
+  absl::MutexLock lock(&reader.mu);
+  for (int n = 0; n < max && reader.fd >= 0 && reader.records < until; ++n) {
     absl::StatusOr<UnixSocket::Received> received =
-        socket->RecvWithFds(kMaxRecordBytes, /*dont_wait=*/true);
+        UnixSocket::RecvWithFdsOn(reader.fd, kMaxRecordBytes, /*dont_wait=*/true);
     if (!received.ok()) {
-      if (IsWouldBlock(received.status())) return;  // drained
+      if (IsWouldBlock(received.status())) return std::nullopt;  // drained
       // ECONNRESET: the client exited with records unread (a delivery it
       // never took): an ordinary end.
-      EndConnection(fd, received.status().ToString(),
-                    /*badly=*/ErrnoOf(received.status()) != ECONNRESET);
-      return;
+      return ReadEnd{received.status().ToString(), ErrnoOf(received.status()) != ECONNRESET};
     }
-    if (received->eof) {
-      EndConnection(fd, "client closed fd.sock");
-      return;
-    }
+    if (received->eof) return ReadEnd{"client closed fd.sock", false};
+    ++reader.records;
     v1::FdChannelMessage message;
     if (!message.ParseFromString(received->bytes)) {
-      EndConnection(fd, "client sent a malformed record on fd.sock", /*badly=*/true);
-      return;
+      return ReadEnd{"client sent a malformed record on fd.sock", true};
     }
-    delegate_->OnRecord(session_id, message, std::move(received->fds));
+    absl::Status applied = delegate_->OnRecord(reader.session_id, message, std::move(received->fds));
+    if (!applied.ok()) {
+      return ReadEnd{absl::StrCat("bad record on fd.sock: ", applied.message()), true};
+    }
   }
+  return std::nullopt;
+}
+
+void FdChannel::DrainSession(uint64_t session_id, uint64_t sent) {
+  std::shared_ptr<Reader> reader;
+  {
+    absl::MutexLock lock(&mu_);
+    auto s = by_session_.find(session_id);
+    if (s == by_session_.end()) return;
+    reader = connections_.at(s->second).reader;
+  }
+  // Bounded: a client that floods records only delays its own call.
+  std::optional<ReadEnd> end = ReadRecords(*reader, 4096, sent);
+  if (!end) return;
+  // Only the loop ends connections; it finds EOF again by itself, but a
+  // bad record is gone from the socket, so tell it.
+  CloseReader(reader);
+  loop_->RunAfter(absl::ZeroDuration(), [this, session_id, end = *std::move(end)] {
+    EndSession(session_id, end.why, end.badly);
+  });
+}
+
+void FdChannel::EndSession(uint64_t session_id, absl::string_view why, bool badly) {
+  int fd;
+  {
+    absl::MutexLock lock(&mu_);
+    auto s = by_session_.find(session_id);
+    if (s == by_session_.end()) return;
+    fd = s->second;
+  }
+  EndConnection(fd, why, badly);
+}
+
+void FdChannel::CloseReader(const std::shared_ptr<Reader>& reader) {
+  absl::MutexLock lock(&reader->mu);
+  reader->fd = -1;
 }
 
 void FdChannel::OnWritable(int fd) {
@@ -359,6 +409,18 @@ void FdChannel::Tick() {
 void FdChannel::EndConnection(int fd, absl::string_view why, bool badly) {
   uint64_t session_id;
   size_t lingering = 0;
+  {
+    // Nobody reads the socket again (an RPC thread draining it finishes
+    // first).
+    std::shared_ptr<Reader> reader;
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = connections_.find(fd);
+      if (it == connections_.end() || it->second.lingering) return;
+      reader = it->second.reader;
+    }
+    CloseReader(reader);
+  }
   {
     absl::MutexLock lock(&mu_);
     auto it = connections_.find(fd);

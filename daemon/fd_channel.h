@@ -16,6 +16,11 @@
 // fds to the daemon); a client that leaves with sent fds unread lingers
 // (OnDetach: no more calls) until they are read or its socket closes.
 //
+// Records are applied in the order the client sent them, one at a time per
+// session: by the loop as they come, or by an RPC thread that must see them
+// first (DrainSession: a call the client made after sending N records runs
+// after those N are applied).
+//
 // Session churn is logged at debug level, with a summary at info once a
 // minute; a session that ends badly logs one line, rate-limited.
 //
@@ -27,6 +32,8 @@
 #include <cstdint>
 #include <deque>
 #include <map>
+#include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -59,15 +66,17 @@ class FdChannel {
   };
 
   // What the daemon does with the channel's connections. Called on the
-  // loop thread, one call at a time.
+  // loop thread, one call at a time, except OnRecord, which an RPC thread
+  // may call too (DrainSession); never two at once for one session.
   class Delegate {
    public:
     virtual ~Delegate() = default;
     // A client connected: its session, or why not (told to the client).
     virtual absl::StatusOr<Admission> OnConnect(const PeerCredentials& peer) = 0;
-    // A record the client sent, with the fds that came with it.
-    virtual void OnRecord(uint64_t session_id, const v1::FdChannelMessage& message,
-                          std::vector<UniqueFd> fds) = 0;
+    // A record the client sent, with the fds that came with it. An error
+    // ends the session (a record no honest client sends).
+    virtual absl::Status OnRecord(uint64_t session_id, const v1::FdChannelMessage& message,
+                                  std::vector<UniqueFd> fds) = 0;
     // The client left with fds it was sent still unread: no more calls;
     // what the session holds stays until OnDisconnect.
     virtual void OnDetach(uint64_t session_id) = 0;
@@ -91,6 +100,12 @@ class FdChannel {
   absl::Status Deliver(uint64_t session_id, uint64_t transfer_id, v1::FdKind kind,
                        uint64_t object_id, LeasedFd fd);
 
+  // Applies the records the session's client has sent, until `sent` records
+  // have been read since it connected (or its socket is drained). Called on
+  // an RPC thread before the call runs: whatever the client sent one-way
+  // before the call is applied first.
+  void DrainSession(uint64_t session_id, uint64_t sent);
+
   // Deliveries waiting for the client to read (for ListClients).
   size_t QueuedDeliveries(uint64_t session_id) const;
 
@@ -103,9 +118,24 @@ class FdChannel {
     std::string bytes;
     LeasedFd fd;
   };
+  // A connection's read side, shared with RPC threads that drain it.
+  struct Reader {
+    absl::Mutex mu;
+    // The socket's fd; -1 once the connection has ended (not read again).
+    int fd ABSL_GUARDED_BY(mu) = -1;
+    uint64_t session_id = 0;
+    // Records read since the connection opened.
+    uint64_t records ABSL_GUARDED_BY(mu) = 0;
+  };
+  // Why reading stopped, if the session must end.
+  struct ReadEnd {
+    std::string why;
+    bool badly = false;
+  };
   struct Connection {
     uint64_t session_id = 0;
     UnixSocket socket;
+    std::shared_ptr<Reader> reader;
     FdBudget::Lease lease;
     // Places of fds sent but maybe not read yet (see the class comment).
     std::vector<FdBudget::Lease> in_flight;
@@ -126,6 +156,13 @@ class FdChannel {
   // Hands what the client sent to the delegate; ends the session on EOF,
   // error or a malformed record.
   void OnReadable(int fd);
+  // Reads and applies at most `max` records (until `until` have been read
+  // in all). nullopt when drained or stopped; otherwise why the session ends.
+  std::optional<ReadEnd> ReadRecords(Reader& reader, int max, uint64_t until);
+  // Ends a session by id, from a loop callback.
+  void EndSession(uint64_t session_id, absl::string_view why, bool badly);
+  // Marks the reader ended: nobody reads the socket again.
+  static void CloseReader(const std::shared_ptr<Reader>& reader);
   void OnWritable(int fd);
   // Every tick: returns read fds' places, ends drained lingering sessions
   // and stalled ones.

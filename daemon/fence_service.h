@@ -1,59 +1,72 @@
-// FenceService: the Fence gRPC service, designed in fence.proto. Until
-// fences land (fences/, beside heaps/), every call is UNIMPLEMENTED with a
-// message naming the method.
+// FenceService: the Fence gRPC service over the FenceTable (fences/), on
+// gRPC's callback API. Every call needs a session and applies what the
+// client sent one-way before it (daemon/call.h). WaitFence takes no thread:
+// its reactor is registered in the table and finished by whoever satisfies
+// it (a signal, a timer, the session's end) or dropped when the client
+// cancels. ExportFence sends the fence's pipe on fd.sock before its
+// response; ImportSyncFd claims an fd the client uploaded there.
+//
+// AttachFence and GetBufferFences (reservation objects) are UNIMPLEMENTED.
 #ifndef BUFFERD_DAEMON_FENCE_SERVICE_H_
 #define BUFFERD_DAEMON_FENCE_SERVICE_H_
 
-#include <string>
+#include <atomic>
+#include <cstdint>
 
 #include "bufferd/v1/fence.grpc.pb.h"
+#include "daemon/fd_channel.h"
+#include "daemon/session_hub.h"
+#include "daemon/sessions.h"
+#include "fences/fence_table.h"
 
 namespace bufferd {
 
-class FenceService final : public v1::Fence::Service {
+class FenceService final : public v1::Fence::CallbackService {
  public:
-  grpc::Status CreateFence(grpc::ServerContext*, const v1::CreateFenceRequest*,
-                           v1::CreateFenceResponse*) override {
-    return Unimplemented("CreateFence");
-  }
-  grpc::Status SignalFence(grpc::ServerContext*, const v1::SignalFenceRequest*,
-                           v1::SignalFenceResponse*) override {
-    return Unimplemented("SignalFence");
-  }
-  grpc::Status WaitFence(grpc::ServerContext*, const v1::WaitFenceRequest*,
-                         v1::WaitFenceResponse*) override {
-    return Unimplemented("WaitFence");
-  }
-  grpc::Status GetFenceInfo(grpc::ServerContext*, const v1::GetFenceInfoRequest*,
-                            v1::GetFenceInfoResponse*) override {
-    return Unimplemented("GetFenceInfo");
-  }
-  grpc::Status MergeFences(grpc::ServerContext*, const v1::MergeFencesRequest*,
-                           v1::MergeFencesResponse*) override {
-    return Unimplemented("MergeFences");
-  }
-  grpc::Status ExportFence(grpc::ServerContext*, const v1::ExportFenceRequest*,
-                           v1::ExportFenceResponse*) override {
-    return Unimplemented("ExportFence");
-  }
-  grpc::Status ImportSyncFd(grpc::ServerContext*, const v1::ImportSyncFdRequest*,
-                            v1::ImportSyncFdResponse*) override {
-    return Unimplemented("ImportSyncFd");
-  }
-  grpc::Status AttachFence(grpc::ServerContext*, const v1::AttachFenceRequest*,
-                           v1::AttachFenceResponse*) override {
-    return Unimplemented("AttachFence");
-  }
-  grpc::Status GetBufferFences(grpc::ServerContext*, const v1::GetBufferFencesRequest*,
-                               v1::GetBufferFencesResponse*) override {
-    return Unimplemented("GetBufferFences");
-  }
+  struct Deps {
+    const SessionTable* sessions;
+    SessionHub* hub;
+    FenceTable* fences;
+    FdChannel* channel;
+  };
+  explicit FenceService(Deps deps) : d_(deps) {}
+
+  grpc::ServerUnaryReactor* CreateFence(grpc::CallbackServerContext* context,
+                                        const v1::CreateFenceRequest* request,
+                                        v1::CreateFenceResponse* response) override;
+  grpc::ServerUnaryReactor* SignalFence(grpc::CallbackServerContext* context,
+                                        const v1::SignalFenceRequest* request,
+                                        v1::SignalFenceResponse* response) override;
+  grpc::ServerUnaryReactor* WaitFence(grpc::CallbackServerContext* context,
+                                      const v1::WaitFenceRequest* request,
+                                      v1::WaitFenceResponse* response) override;
+  grpc::ServerUnaryReactor* GetFenceInfo(grpc::CallbackServerContext* context,
+                                         const v1::GetFenceInfoRequest* request,
+                                         v1::GetFenceInfoResponse* response) override;
+  grpc::ServerUnaryReactor* MergeFences(grpc::CallbackServerContext* context,
+                                        const v1::MergeFencesRequest* request,
+                                        v1::MergeFencesResponse* response) override;
+  grpc::ServerUnaryReactor* ExportFence(grpc::CallbackServerContext* context,
+                                        const v1::ExportFenceRequest* request,
+                                        v1::ExportFenceResponse* response) override;
+  grpc::ServerUnaryReactor* ImportSyncFd(grpc::CallbackServerContext* context,
+                                         const v1::ImportSyncFdRequest* request,
+                                         v1::ImportSyncFdResponse* response) override;
+  grpc::ServerUnaryReactor* AttachFence(grpc::CallbackServerContext* context,
+                                        const v1::AttachFenceRequest* request,
+                                        v1::AttachFenceResponse* response) override;
+  grpc::ServerUnaryReactor* GetBufferFences(grpc::CallbackServerContext* context,
+                                            const v1::GetBufferFencesRequest* request,
+                                            v1::GetBufferFencesResponse* response) override;
 
  private:
-  static grpc::Status Unimplemented(const char* method) {
-    return grpc::Status(grpc::StatusCode::UNIMPLEMENTED,
-                        std::string("Fence.") + method + ": fences are not implemented yet");
-  }
+  v1::FenceInfo Info(const FenceView& view) const;
+
+  const Deps d_;
+  // Transfer ids of exported fence fds: the upper half of the id space
+  // (DaemonState numbers buffer deliveries from 1), so they never collide
+  // in a client's mailbox.
+  std::atomic<uint64_t> next_transfer_id_{uint64_t{1} << 63};
 };
 
 }  // namespace bufferd

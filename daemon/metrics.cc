@@ -2,11 +2,14 @@
 
 #include <utility>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 
 namespace bufferd {
 
-std::string MetricsText(const v1::ListHeapsResponse& heaps, uint64_t sessions) {
+std::string MetricsText(const v1::ListHeapsResponse& heaps, uint64_t sessions,
+                        const FenceTable::Counts& fences, const FenceTable::WaitLatency& waits) {
   std::string out;
   auto family = [&out](absl::string_view name, absl::string_view type, absl::string_view help) {
     absl::StrAppend(&out, "# HELP ", name, " ", help, "\n# TYPE ", name, " ", type, "\n");
@@ -49,11 +52,37 @@ std::string MetricsText(const v1::ListHeapsResponse& heaps, uint64_t sessions) {
                                    {"sessions", fds.sessions()},
                                    {"control_connections", fds.control_connections()},
                                    {"deliveries", fds.deliveries()},
-                                   {"freeing", fds.freeing()}}) {
+                                   {"freeing", fds.freeing()},
+                                   {"fences", fds.fences()}}) {
     absl::StrAppend(&out, "bufferd_fds_in_use{use=\"", use, "\"} ", count, "\n");
   }
   family("bufferd_fd_budget", "gauge", "Configured fd budget.");
   absl::StrAppend(&out, "bufferd_fd_budget ", heaps.fd_budget(), "\n");
+
+  family("bufferd_fences", "gauge", "Fences known to the daemon, by state.");
+  absl::StrAppend(&out, "bufferd_fences{state=\"pending\"} ", fences.pending, "\n");
+  absl::StrAppend(&out, "bufferd_fences{state=\"signaled\"} ", fences.signaled, "\n");
+  family("bufferd_fence_signals_total", "counter", "Fences signalled, by status.");
+  for (int status = v1::FENCE_STATUS_OK; status < v1::FenceStatus_ARRAYSIZE; ++status) {
+    std::string name = v1::FenceStatus_Name(static_cast<v1::FenceStatus>(status));
+    absl::AsciiStrToLower(&name);
+    absl::StrAppend(&out, "bufferd_fence_signals_total{status=\"",
+                    absl::StripPrefix(name, "fence_status_"), "\"} ", fences.signals[status], "\n");
+  }
+  family("bufferd_fence_waits", "gauge", "WaitFence calls blocked now.");
+  absl::StrAppend(&out, "bufferd_fence_waits ", fences.waits, "\n");
+  family("bufferd_fence_wait_seconds", "histogram",
+         "How long satisfied WaitFence calls waited.");
+  uint64_t cumulative = 0;
+  for (size_t i = 0; i < waits.buckets.size(); ++i) {
+    cumulative += waits.buckets[i];
+    const std::string le = i < FenceTable::WaitLatency::kBounds.size()
+                               ? absl::StrCat(absl::ToDoubleSeconds(FenceTable::WaitLatency::kBounds[i]))
+                               : std::string("+Inf");
+    absl::StrAppend(&out, "bufferd_fence_wait_seconds_bucket{le=\"", le, "\"} ", cumulative, "\n");
+  }
+  absl::StrAppend(&out, "bufferd_fence_wait_seconds_sum ", absl::ToDoubleSeconds(waits.sum), "\n");
+  absl::StrAppend(&out, "bufferd_fence_wait_seconds_count ", waits.count, "\n");
   return out;
 }
 

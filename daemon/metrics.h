@@ -1,4 +1,4 @@
-// Prometheus text exposition of the daemon's heaps, sessions and fds.
+// Prometheus text exposition of the daemon's heaps, sessions, fds and fences.
 #ifndef BUFFERD_DAEMON_METRICS_H_
 #define BUFFERD_DAEMON_METRICS_H_
 
@@ -6,11 +6,14 @@
 #include <string>
 
 #include "bufferd/v1/debug.pb.h"
+#include "fences/fence_table.h"
 
 namespace bufferd {
 
-// `heaps` as HeapsView returns it; `sessions` connected now.
-std::string MetricsText(const v1::ListHeapsResponse& heaps, uint64_t sessions);
+// `heaps` as HeapsView returns it; `sessions` connected now; the fence
+// table's counters.
+std::string MetricsText(const v1::ListHeapsResponse& heaps, uint64_t sessions,
+                        const FenceTable::Counts& fences, const FenceTable::WaitLatency& waits);
 
 }  // namespace bufferd
 

@@ -33,15 +33,102 @@ absl::StatusOr<FdChannel::Admission> SessionHub::OnConnect(const PeerCredentials
   const std::string comm = ReadComm(peer.pid);
   ASSIGN_OR_RETURN(SessionTable::NewSession session, sessions_->Open(peer, comm));
   state_->AddSession(session.id, peer.uid);
+  fences_->AddSession(session.id, peer.uid);
+  {
+    absl::MutexLock lock(&mu_);
+    uploads_[session.id].uid = peer.uid;
+  }
   spdlog::debug("session {} opened: pid {} uid {} comm '{}'", session.id, peer.pid, peer.uid, comm);
   return FdChannel::Admission{session.id, std::move(session.secret)};
 }
 
-void SessionHub::OnRecord(uint64_t session_id, const v1::FdChannelMessage& message,
-                          std::vector<UniqueFd> fds) {
-  if (message.has_release()) ReleaseDropped(session_id, {message.release().handle()});
-  // FdUpload is reserved for Fence.ImportSyncFd; uploaded fds are closed
-  // when `fds` goes out of scope.
+absl::Status SessionHub::OnRecord(uint64_t session_id, const v1::FdChannelMessage& message,
+                                  std::vector<UniqueFd> fds) {
+  if (message.message_case() != v1::FdChannelMessage::kUpload && !fds.empty()) {
+    return absl::InvalidArgumentError("only an FdUpload carries an fd");
+  }
+  switch (message.message_case()) {
+    case v1::FdChannelMessage::kRelease:
+      ReleaseDropped(session_id, {message.release().handle()});
+      return absl::OkStatus();
+    case v1::FdChannelMessage::kSignal:
+      return OnSignal(session_id, message.signal());
+    case v1::FdChannelMessage::kForget:
+      for (uint64_t id : message.forget().fence_ids()) fences_->Forget(session_id, id);
+      return absl::OkStatus();
+    case v1::FdChannelMessage::kUpload:
+      return OnUpload(session_id, message.upload().upload_id(), std::move(fds));
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("record of kind ", static_cast<int>(message.message_case()),
+                       " is not one a client sends"));
+  }
+}
+
+absl::Status SessionHub::OnSignal(uint64_t session_id, const v1::FenceSignal& signal) {
+  absl::StatusOr<FenceView> signalled =
+      fences_->Signal(session_id, signal.fence_id(), static_cast<v1::FenceStatus>(signal.status()),
+                      signal.message());
+  if (signalled.ok()) return absl::OkStatus();
+  // Its deadline may have come first: the owner could not know.
+  if (signalled.status().code() == absl::StatusCode::kFailedPrecondition) {
+    spdlog::debug("session {}: one-way signal: {}", session_id, signalled.status().ToString());
+    return absl::OkStatus();
+  }
+  return signalled.status();
+}
+
+absl::Status SessionHub::OnUpload(uint64_t session_id, uint64_t upload_id,
+                                  std::vector<UniqueFd> fds) {
+  if (fds.size() != 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("FdUpload carries ", fds.size(), " fds; exactly one expected"));
+  }
+  uid_t uid;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = uploads_.find(session_id);
+    if (it == uploads_.end()) return absl::OkStatus();  // ending
+    if (it->second.fds.count(upload_id) != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("upload id ", upload_id, " is in use"));
+    }
+    if (it->second.fds.size() >= kMaxUploads) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "more than ", kMaxUploads, " uploaded fds not claimed by an ImportSyncFd"));
+    }
+    uid = it->second.uid;
+  }
+  // Leased without the hub's lock (the budget may run reclaimers).
+  absl::StatusOr<FdBudget::Lease> lease = budget_->Acquire(FdUse::kFence, uid);
+  absl::StatusOr<LeasedFd> upload =
+      lease.ok() ? absl::StatusOr<LeasedFd>(LeasedFd{std::move(fds[0]), *std::move(lease)})
+                 : absl::StatusOr<LeasedFd>(lease.status());
+  absl::MutexLock lock(&mu_);
+  auto it = uploads_.find(session_id);
+  if (it != uploads_.end()) it->second.fds.emplace(upload_id, std::move(upload));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<UniqueFd> SessionHub::TakeUpload(uint64_t session_id, uint64_t upload_id) {
+  absl::StatusOr<LeasedFd> upload = absl::NotFoundError(absl::StrCat(
+      "upload ", upload_id, " not found: send the fd in an FdUpload record on fd.sock first"));
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = uploads_.find(session_id);
+    if (it != uploads_.end()) {
+      auto fd = it->second.fds.find(upload_id);
+      if (fd != it->second.fds.end()) {
+        upload = std::move(fd->second);
+        it->second.fds.erase(fd);
+      }
+    }
+  }
+  if (!upload.ok()) return upload.status();
+  return std::move(upload->fd);
+}
+
+void SessionHub::DrainRecords(uint64_t session_id, uint64_t sent) {
+  if (channel_ != nullptr) channel_->DrainSession(session_id, sent);
 }
 
 void SessionHub::ReleaseDropped(uint64_t session_id, const std::vector<uint64_t>& handles) {
@@ -67,8 +154,14 @@ void SessionHub::OnDetach(uint64_t session_id) {
 }
 
 void SessionHub::OnDisconnect(uint64_t session_id) {
-  // What it holds first, then who it was: a debug view never shows a
-  // holder without its pid and comm.
+  // Its fences first, so every waiter wakes at once; then what it holds,
+  // then who it was: a debug view never shows a holder without its pid and
+  // comm.
+  fences_->CloseSession(session_id);
+  {
+    absl::MutexLock lock(&mu_);
+    uploads_.erase(session_id);
+  }
   reaper_->Free(state_->CloseSession(session_id));
   sessions_->Close(session_id);
 }

@@ -2,15 +2,18 @@
 //
 // The fd channel's Delegate. A connection becomes a session here: the
 // SessionTable opens it (caps, secret) and DaemonState learns its id and
-// uid. Records the client sends one-way are dispatched from here (releases
-// today; fence signals and uploads next). And a session's end fans out from
-// here, once: the table forgets it, DaemonState drops its handles, and the
-// buffers that died go to the Reaper (fences will hook in beside them).
+// uid, and so does the FenceTable. Records the client sends one-way are
+// dispatched from here: releases, fence signals and forgets, and uploaded
+// fds (kept, leased, until an ImportSyncFd claims them). And a session's end
+// fans out from here, once: its fences fail (OWNER_DIED) so every waiter
+// wakes, DaemonState drops its handles, the buffers that died go to the
+// Reaper, and the session table forgets it.
 //
 // Thread-safe as its parts are; the channel calls it from its loop thread.
 #ifndef BUFFERD_DAEMON_SESSION_HUB_H_
 #define BUFFERD_DAEMON_SESSION_HUB_H_
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -19,18 +22,25 @@
 #include "daemon/reaper.h"
 #include "daemon/sessions.h"
 #include "daemon/state.h"
+#include "fences/fence_table.h"
 
 namespace bufferd {
 
 class SessionHub final : public FdChannel::Delegate {
  public:
+  // Uploaded fds a session may leave unclaimed; one more ends the session.
+  static constexpr size_t kMaxUploads = 16;
+
   // All must outlive this object.
-  SessionHub(SessionTable* sessions, DaemonState* state, Reaper* reaper)
-      : sessions_(sessions), state_(state), reaper_(reaper) {}
+  SessionHub(SessionTable* sessions, DaemonState* state, Reaper* reaper, FenceTable* fences,
+             FdBudget* budget)
+      : sessions_(sessions), state_(state), reaper_(reaper), fences_(fences), budget_(budget) {}
+  // The channel whose records DrainRecords applies (set once, before serving).
+  void set_channel(FdChannel* channel) { channel_ = channel; }
 
   absl::StatusOr<FdChannel::Admission> OnConnect(const PeerCredentials& peer) override;
-  void OnRecord(uint64_t session_id, const v1::FdChannelMessage& message,
-                std::vector<UniqueFd> fds) override;
+  absl::Status OnRecord(uint64_t session_id, const v1::FdChannelMessage& message,
+                        std::vector<UniqueFd> fds) override;
   void OnDetach(uint64_t session_id) override;
   void OnDisconnect(uint64_t session_id) override;
 
@@ -39,10 +49,31 @@ class SessionHub final : public FdChannel::Delegate {
   // client re-sends after a failed call; ids are never reused).
   void ReleaseDropped(uint64_t session_id, const std::vector<uint64_t>& handles);
 
+  // Applies what the client sent one-way before a call (the call says how
+  // many records: `sent`).
+  void DrainRecords(uint64_t session_id, uint64_t sent);
+
+  // The fd uploaded under `upload_id`, claimed (NOT_FOUND if none).
+  absl::StatusOr<UniqueFd> TakeUpload(uint64_t session_id, uint64_t upload_id);
+
  private:
+  absl::Status OnUpload(uint64_t session_id, uint64_t upload_id, std::vector<UniqueFd> fds);
+  absl::Status OnSignal(uint64_t session_id, const v1::FenceSignal& signal);
+
   SessionTable* const sessions_;
   DaemonState* const state_;
   Reaper* const reaper_;
+  FenceTable* const fences_;
+  FdBudget* const budget_;
+  FdChannel* channel_ = nullptr;
+
+  struct Uploads {
+    uid_t uid = 0;
+    // A failed lease is kept as its error, for the ImportSyncFd naming it.
+    std::map<uint64_t, absl::StatusOr<LeasedFd>> fds;
+  };
+  absl::Mutex mu_;
+  std::map<uint64_t, Uploads> uploads_ ABSL_GUARDED_BY(mu_);
 };
 
 // /proc/<pid>/comm, escaped (base/client_text.h): the name may hold any

@@ -77,6 +77,13 @@ std::vector<SessionTable::Identity> SessionTable::List() const {
   return list;
 }
 
+std::optional<SessionTable::Identity> SessionTable::Lookup(uint64_t id) const {
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(id);
+  if (it == sessions_.end()) return std::nullopt;
+  return it->second.identity;
+}
+
 size_t SessionTable::size() const {
   absl::MutexLock lock(&mu_);
   return sessions_.size();

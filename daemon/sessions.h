@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -66,6 +67,8 @@ class SessionTable {
   absl::StatusOr<uint64_t> Authenticate(absl::string_view credential) const;
 
   std::vector<Identity> List() const;
+  // Who a session is, while it is open.
+  std::optional<Identity> Lookup(uint64_t id) const;
   size_t size() const;
 
  private:

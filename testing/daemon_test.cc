@@ -96,9 +96,15 @@ void DaemonTest::ExpectBaseline() {
     }
     return true;
   }));
+  // Dropped Fences are forgotten one-way too.
+  EXPECT_TRUE(Eventually([&] {
+    auto fences = client_->ListFences();
+    return fences.ok() && fences->fences().empty();
+  })) << "fences left behind";
   auto heaps = client_->ListHeaps();
   ASSERT_TRUE(heaps.ok());
   EXPECT_EQ(heaps->live_handles(), 0u);
+  EXPECT_EQ(heaps->fds().fences(), 0u);
   EXPECT_EQ(heaps->fds_in_use(), baseline_budget_fds_);
   EXPECT_EQ(heaps->fds().buffers(), 0u);
   EXPECT_EQ(heaps->fds().deliveries(), 0u);

@@ -12,7 +12,14 @@
 //   peer records <dir> <threads>   below the library: one session whose
 //       threads send one-way releases of bogus handles as fast as the daemon
 //       takes them; prints "ready" once they run, until killed
+//   peer fence-own <dir>   create a fence and export it: "ready fd=<n>", then
+//       wait to be killed (other processes open /proc/<pid>/fd/<n>)
+//   peer fence-wait <dir> <fd path>   import the fence fd at <fd path> and
+//       wait for it by RPC; peer fence-poll <dir> <fd path> polls the fd.
+//       Both print "ready", then "woke mono_ns=<CLOCK_MONOTONIC> status=<S>"
+#include <fcntl.h>
 #include <poll.h>
+#include <time.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -27,6 +34,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/strings/escaping.h"
 #include "base/protocol.h"
 #include "base/unix_socket.h"
@@ -118,6 +126,35 @@ void FloodRecords(const std::string& dir, int threads) {
   while (true) ::pause();
 }
 
+int64_t MonotonicNs() {
+  timespec now{};
+  ::clock_gettime(CLOCK_MONOTONIC, &now);
+  return int64_t{now.tv_sec} * 1000000000 + now.tv_nsec;
+}
+
+// fence-wait / fence-poll: the fence fd another process holds.
+int WaitForFence(bufferd::Client& client, const std::string& mode, const std::string& path) {
+  // O_NONBLOCK: opening a pipe whose writer is gone must not wait for one.
+  bufferd::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC));
+  if (!fd.valid()) return Fail("open " + path, absl::ErrnoToStatus(errno, "open"));
+  if (mode == "fence-poll") {
+    std::printf("ready\n");
+    pollfd ready{fd.get(), POLLIN, 0};
+    if (::poll(&ready, 1, 60000) != 1) return Fail("poll", absl::DeadlineExceededError("60 s"));
+    std::printf("woke mono_ns=%lld status=readable\n", static_cast<long long>(MonotonicNs()));
+    return 0;
+  }
+  absl::StatusOr<bufferd::Fence> fence = client.ImportSyncFd(fd.get());
+  if (!fence.ok()) return Fail("import", fence.status());
+  std::printf("ready fence=%lu\n", static_cast<unsigned long>(fence->id()));
+  absl::StatusOr<bufferd::v1::FenceInfo> info = fence->Wait(absl::Seconds(60));
+  const int64_t woke = MonotonicNs();
+  if (!info.ok()) return Fail("wait", info.status());
+  std::printf("woke mono_ns=%lld status=%s\n", static_cast<long long>(woke),
+              bufferd::v1::FenceStatus_Name(info->status()).c_str());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -174,6 +211,18 @@ int main(int argc, char** argv) {
       std::printf("written\n");
     }
     return 0;
+  }
+  if (mode == "fence-own") {
+    absl::StatusOr<bufferd::Fence> fence =
+        client->CreateFence({.name = "owned", .deadline = absl::Seconds(60)});
+    if (!fence.ok()) return Fail("create", fence.status());
+    absl::StatusOr<bufferd::UniqueFd> fd = fence->ExportFd();
+    if (!fd.ok()) return Fail("export", fd.status());
+    std::printf("ready fd=%d fence=%lu\n", fd->get(), static_cast<unsigned long>(fence->id()));
+    while (true) ::pause();
+  }
+  if ((mode == "fence-wait" || mode == "fence-poll") && argc == 4) {
+    return WaitForFence(*client, mode, argv[3]);
   }
   if (mode == "hold" && argc == 6) {
     std::vector<bufferd::Buffer> held;

@@ -1,0 +1,224 @@
+// The client library's fences: Fence and Client's fence calls.
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "base/errno_status.h"
+#include "client/client.h"
+#include "client/connection.h"
+
+namespace bufferd {
+namespace {
+
+uint32_t ToMs(absl::Duration duration) {
+  const int64_t ms = absl::ToInt64Milliseconds(std::max(duration, absl::ZeroDuration()));
+  return static_cast<uint32_t>(std::min<int64_t>(ms, std::numeric_limits<uint32_t>::max()));
+}
+
+// A call whose daemon-side work may take `wait` on top of the usual.
+internal::Call NewWaitCall(internal::Connection& connection, absl::Duration wait) {
+  internal::Call call = connection.NewCall();
+  call.context->set_deadline(
+      std::chrono::system_clock::now() +
+      absl::ToChronoMilliseconds(absl::Milliseconds(ToMs(wait)) + connection.timeout() +
+                                 internal::Connection::kCallSlack));
+  return call;
+}
+
+absl::Status NotSignalled(const v1::WaitFenceResponse& response, absl::Duration timeout) {
+  std::string ids;
+  for (const v1::FenceInfo& fence : response.fences()) {
+    if (fence.state() != v1::FENCE_STATE_SIGNALED) {
+      absl::StrAppend(&ids, ids.empty() ? "" : ", ", fence.fence_id());
+    }
+  }
+  return absl::DeadlineExceededError(
+      absl::StrCat("fence ", ids, " not signalled within ", absl::FormatDuration(timeout)));
+}
+
+}  // namespace
+
+Fence::Fence(std::shared_ptr<internal::Connection> connection, v1::FenceInfo info)
+    : connection_(std::move(connection)), info_(std::move(info)) {}
+
+Fence::Fence(Fence&& other) noexcept
+    : connection_(std::move(other.connection_)), info_(std::move(other.info_)) {
+  other.info_.set_fence_id(0);
+}
+
+Fence& Fence::operator=(Fence&& other) noexcept {
+  if (this != &other) {
+    Fence dropped(std::move(*this));
+    connection_ = std::move(other.connection_);
+    info_ = std::move(other.info_);
+    other.info_.set_fence_id(0);
+  }
+  return *this;
+}
+
+Fence::~Fence() {
+  if (connection_ == nullptr || id() == 0) return;
+  v1::FdChannelMessage message;
+  message.mutable_forget()->add_fence_ids(id());
+  // Fails only when the session is over, which forgets everything anyway.
+  (void)connection_->SendRecord(message);
+}
+
+absl::Status Fence::Signal(v1::FenceStatus status, absl::string_view message) const {
+  if (connection_ == nullptr) return absl::FailedPreconditionError("moved-from Fence");
+  v1::FdChannelMessage record;
+  v1::FenceSignal* signal = record.mutable_signal();
+  signal->set_fence_id(id());
+  signal->set_status(status);
+  signal->set_message(std::string(message));
+  return connection_->SendRecord(record);
+}
+
+absl::StatusOr<v1::FenceInfo> Fence::SignalAndConfirm(v1::FenceStatus status,
+                                                      absl::string_view message) {
+  if (connection_ == nullptr) return absl::FailedPreconditionError("moved-from Fence");
+  v1::SignalFenceRequest request;
+  request.set_fence_id(id());
+  request.set_status(status);
+  request.set_message(std::string(message));
+  v1::SignalFenceResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->fence().SignalFence(call.context.get(), request, &response)));
+  info_ = response.fence();
+  return info_;
+}
+
+absl::StatusOr<v1::FenceInfo> Fence::Wait(absl::Duration timeout) {
+  if (connection_ == nullptr) return absl::FailedPreconditionError("moved-from Fence");
+  v1::WaitFenceRequest request;
+  request.add_fence_ids(id());
+  request.set_wait_all(true);
+  request.set_timeout_ms(ToMs(timeout));
+  v1::WaitFenceResponse response;
+  internal::Call call = NewWaitCall(*connection_, timeout);
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->fence().WaitFence(call.context.get(), request, &response)));
+  if (response.fences_size() == 1) info_ = response.fences(0);
+  if (!response.satisfied()) return NotSignalled(response, timeout);
+  return info_;
+}
+
+absl::StatusOr<v1::FenceInfo> Fence::Info() {
+  if (connection_ == nullptr) return absl::FailedPreconditionError("moved-from Fence");
+  v1::GetFenceInfoRequest request;
+  request.set_fence_id(id());
+  v1::GetFenceInfoResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->fence().GetFenceInfo(call.context.get(), request, &response)));
+  info_ = response.fence();
+  return info_;
+}
+
+absl::StatusOr<UniqueFd> Fence::ExportFd() const {
+  if (connection_ == nullptr) return absl::FailedPreconditionError("moved-from Fence");
+  v1::ExportFenceRequest request;
+  request.set_fence_id(id());
+  v1::ExportFenceResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->fence().ExportFence(call.context.get(), request, &response)));
+  ASSIGN_OR_RETURN(UniqueFd fd, connection_->TakeFd(response.transfer_id()));
+  // A pipe's read end, as the daemon promised: nothing this process could
+  // write to.
+  const int flags = ::fcntl(fd.get(), F_GETFL);
+  struct stat st {};
+  if (flags < 0 || (flags & O_ACCMODE) != O_RDONLY || ::fstat(fd.get(), &st) != 0 ||
+      !S_ISFIFO(st.st_mode)) {
+    return absl::InternalError("the delivered fence fd is not a read-only pipe");
+  }
+  return fd;
+}
+
+absl::StatusOr<Fence> Client::CreateFence(const FenceOptions& options) const {
+  v1::CreateFenceRequest request;
+  request.set_name(options.name);
+  request.set_timeline(options.timeline);
+  request.set_deadline_ms(ToMs(options.deadline));
+  if (options.deadline > absl::ZeroDuration() && request.deadline_ms() == 0) {
+    request.set_deadline_ms(1);
+  }
+  v1::CreateFenceResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->fence().CreateFence(call.context.get(), request, &response)));
+  return Fence(connection_, response.fence());
+}
+
+absl::StatusOr<WaitResult> Client::WaitFor(std::span<const Fence* const> fences, bool all,
+                                           absl::Duration timeout) const {
+  v1::WaitFenceRequest request;
+  for (const Fence* fence : fences) request.add_fence_ids(fence->id());
+  request.set_wait_all(all);
+  request.set_timeout_ms(ToMs(timeout));
+  v1::WaitFenceResponse response;
+  internal::Call call = NewWaitCall(*connection_, timeout);
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->fence().WaitFence(call.context.get(), request, &response)));
+  if (!response.satisfied()) return NotSignalled(response, timeout);
+  WaitResult result;
+  result.fences.assign(response.fences().begin(), response.fences().end());
+  return result;
+}
+
+absl::StatusOr<WaitResult> Client::WaitAll(std::span<const Fence* const> fences,
+                                           absl::Duration timeout) const {
+  return WaitFor(fences, true, timeout);
+}
+
+absl::StatusOr<WaitResult> Client::WaitAny(std::span<const Fence* const> fences,
+                                           absl::Duration timeout) const {
+  return WaitFor(fences, false, timeout);
+}
+
+absl::StatusOr<Fence> Client::Merge(std::span<const Fence* const> fences,
+                                    absl::string_view name) const {
+  v1::MergeFencesRequest request;
+  for (const Fence* fence : fences) request.add_fence_ids(fence->id());
+  request.set_name(std::string(name));
+  v1::MergeFencesResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->fence().MergeFences(call.context.get(), request, &response)));
+  return Fence(connection_, response.fence());
+}
+
+absl::StatusOr<Fence> Client::ImportSyncFd(int fd, const FenceOptions& options) const {
+  const uint64_t upload_id = connection_->NewUploadId();
+  v1::FdChannelMessage record;
+  record.mutable_upload()->set_upload_id(upload_id);
+  const int fds[] = {fd};
+  RETURN_IF_ERROR(connection_->SendRecord(record, fds));
+  v1::ImportSyncFdRequest request;
+  request.set_upload_id(upload_id);
+  request.set_name(options.name);
+  request.set_deadline_ms(ToMs(options.deadline));
+  v1::ImportSyncFdResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->fence().ImportSyncFd(call.context.get(), request, &response)));
+  return Fence(connection_, response.fence());
+}
+
+absl::StatusOr<v1::ListFencesResponse> Client::ListFences(
+    const v1::ListFencesRequest& request) const {
+  v1::ListFencesResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->debug().ListFences(call.context.get(), request, &response)));
+  return response;
+}
+
+}  // namespace bufferd

@@ -1,0 +1,181 @@
+#include "daemon/fence_service.h"
+
+#include "absl/strings/str_cat.h"
+#include "base/errno_status.h"
+#include "daemon/call.h"
+#include "daemon/debug_views.h"
+#include "daemon/grpc_status.h"
+#include "spdlog/spdlog.h"
+
+namespace bufferd {
+namespace {
+
+// Runs `body(session)` inline for an authenticated call and finishes it.
+template <typename Body>
+grpc::ServerUnaryReactor* Authenticated(const FenceService::Deps& d,
+                                        grpc::CallbackServerContext* context, Body body) {
+  absl::StatusOr<uint64_t> session = AuthenticateCall(*d.sessions, *d.hub, context);
+  if (!session.ok()) return FinishCall(context, session.status());
+  return FinishCall(context, body(*session));
+}
+
+// One WaitFence call: registered in the table until it is satisfied, times
+// out, its session ends or the client cancels. Deletes itself when done.
+class WaitReactor final : public grpc::ServerUnaryReactor {
+ public:
+  WaitReactor(FenceTable* fences, std::function<v1::FenceInfo(const FenceView&)> info,
+              v1::WaitFenceResponse* response)
+      : fences_(fences), info_(std::move(info)), response_(response), wait_(fences->NewWaitId()) {}
+
+  void Start(uint64_t session, const v1::WaitFenceRequest& request) {
+    FenceTable::WaitRequest wait;
+    wait.ids.assign(request.fence_ids().begin(), request.fence_ids().end());
+    wait.all = request.wait_all();
+    wait.timeout = absl::Milliseconds(request.timeout_ms());
+    if (request.need_by_ms() != 0) wait.need_by = absl::Now() + absl::Milliseconds(request.need_by_ms());
+    absl::StatusOr<std::optional<FenceTable::WaitResult>> now =
+        fences_->Wait(session, wait_, wait,
+                      [this](absl::StatusOr<FenceTable::WaitResult> result) {
+                        Complete(std::move(result));
+                      });
+    if (!now.ok()) {
+      Finish(ToGrpcStatus(now.status()));
+    } else if (now->has_value()) {
+      Complete(**std::move(now));
+    }
+  }
+
+  void OnCancel() override {
+    // Finished here only if the table still had it (else it finishes, or
+    // has finished, with its result).
+    if (fences_->CancelWait(wait_)) {
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "WaitFence was cancelled by the client"));
+    }
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  void Complete(absl::StatusOr<FenceTable::WaitResult> result) {
+    if (!result.ok()) {
+      Finish(ToGrpcStatus(result.status()));
+      return;
+    }
+    response_->set_satisfied(result->satisfied);
+    for (const FenceView& view : result->fences) *response_->add_fences() = info_(view);
+    Finish(grpc::Status::OK);  // last: OnDone may delete this at once
+  }
+
+  FenceTable* const fences_;
+  const std::function<v1::FenceInfo(const FenceView&)> info_;
+  v1::WaitFenceResponse* const response_;
+  const FenceTable::WaitId wait_;
+};
+
+}  // namespace
+
+v1::FenceInfo FenceService::Info(const FenceView& view) const {
+  return FenceInfoOf(view, d_.sessions->Lookup(view.owner_session));
+}
+
+grpc::ServerUnaryReactor* FenceService::CreateFence(grpc::CallbackServerContext* context,
+                                                    const v1::CreateFenceRequest* request,
+                                                    v1::CreateFenceResponse* response) {
+  return Authenticated(d_, context, [&](uint64_t session) -> absl::Status {
+    ASSIGN_OR_RETURN(FenceView fence,
+                     d_.fences->Create(session, request->name(), request->timeline(),
+                                       absl::Milliseconds(request->deadline_ms())));
+    *response->mutable_fence() = Info(fence);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* FenceService::SignalFence(grpc::CallbackServerContext* context,
+                                                    const v1::SignalFenceRequest* request,
+                                                    v1::SignalFenceResponse* response) {
+  return Authenticated(d_, context, [&](uint64_t session) -> absl::Status {
+    ASSIGN_OR_RETURN(FenceView fence, d_.fences->Signal(session, request->fence_id(),
+                                                        request->status(), request->message()));
+    *response->mutable_fence() = Info(fence);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* FenceService::WaitFence(grpc::CallbackServerContext* context,
+                                                  const v1::WaitFenceRequest* request,
+                                                  v1::WaitFenceResponse* response) {
+  absl::StatusOr<uint64_t> session = AuthenticateCall(*d_.sessions, *d_.hub, context);
+  if (!session.ok()) return FinishCall(context, session.status());
+  auto* reactor = new WaitReactor(
+      d_.fences, [this](const FenceView& view) { return Info(view); }, response);
+  reactor->Start(*session, *request);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* FenceService::GetFenceInfo(grpc::CallbackServerContext* context,
+                                                     const v1::GetFenceInfoRequest* request,
+                                                     v1::GetFenceInfoResponse* response) {
+  return Authenticated(d_, context, [&](uint64_t session) -> absl::Status {
+    ASSIGN_OR_RETURN(FenceView fence, d_.fences->Info(session, request->fence_id()));
+    *response->mutable_fence() = Info(fence);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* FenceService::MergeFences(grpc::CallbackServerContext* context,
+                                                    const v1::MergeFencesRequest* request,
+                                                    v1::MergeFencesResponse* response) {
+  return Authenticated(d_, context, [&](uint64_t session) -> absl::Status {
+    const std::vector<uint64_t> ids(request->fence_ids().begin(), request->fence_ids().end());
+    ASSIGN_OR_RETURN(FenceView fence, d_.fences->Merge(session, ids, request->name()));
+    *response->mutable_fence() = Info(fence);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* FenceService::ExportFence(grpc::CallbackServerContext* context,
+                                                    const v1::ExportFenceRequest* request,
+                                                    v1::ExportFenceResponse* response) {
+  return Authenticated(d_, context, [&](uint64_t session) -> absl::Status {
+    ASSIGN_OR_RETURN(LeasedFd fd, d_.fences->Export(session, request->fence_id()));
+    const uint64_t transfer_id = next_transfer_id_.fetch_add(1);
+    // The fd goes out before the response, so the client finds it queued.
+    RETURN_IF_ERROR(d_.channel->Deliver(session, transfer_id, v1::FD_KIND_FENCE,
+                                        request->fence_id(), std::move(fd)));
+    response->set_transfer_id(transfer_id);
+    ASSIGN_OR_RETURN(FenceView fence, d_.fences->Info(session, request->fence_id()));
+    *response->mutable_fence() = Info(fence);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* FenceService::ImportSyncFd(grpc::CallbackServerContext* context,
+                                                     const v1::ImportSyncFdRequest* request,
+                                                     v1::ImportSyncFdResponse* response) {
+  return Authenticated(d_, context, [&](uint64_t session) -> absl::Status {
+    ASSIGN_OR_RETURN(UniqueFd fd, d_.hub->TakeUpload(session, request->upload_id()));
+    ASSIGN_OR_RETURN(FenceView fence,
+                     d_.fences->Import(session, std::move(fd), request->name(),
+                                       absl::Milliseconds(request->deadline_ms())));
+    *response->mutable_fence() = Info(fence);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* FenceService::AttachFence(grpc::CallbackServerContext* context,
+                                                    const v1::AttachFenceRequest*,
+                                                    v1::AttachFenceResponse*) {
+  return Authenticated(d_, context, [](uint64_t) {
+    return absl::UnimplementedError("Fence.AttachFence: reservation objects are not implemented yet");
+  });
+}
+
+grpc::ServerUnaryReactor* FenceService::GetBufferFences(grpc::CallbackServerContext* context,
+                                                        const v1::GetBufferFencesRequest*,
+                                                        v1::GetBufferFencesResponse*) {
+  return Authenticated(d_, context, [](uint64_t) {
+    return absl::UnimplementedError(
+        "Fence.GetBufferFences: reservation objects are not implemented yet");
+  });
+}
+
+}  // namespace bufferd

@@ -1,0 +1,477 @@
+// Fences through a real daemon and the real client library: create, signal
+// (one-way and confirmed), wait by RPC and by polling exported fds across
+// processes, merge, import of eventfds and pipes, owner death, deadlines,
+// limits and bad input, 10,000 concurrent waiters.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "base/protocol.h"
+#include "bufferd/v1/fd_channel.pb.h"
+#include "bufferd/v1/fence.grpc.pb.h"
+#include "client/client.h"
+#include "gmock/gmock.h"
+#include "grpcpp/create_channel.h"
+#include "testing/daemon_test.h"
+
+namespace bufferd {
+namespace {
+
+using ::bufferd::testing::ChildProcess;
+using ::bufferd::testing::DaemonTest;
+using ::bufferd::testing::Eventually;
+using ::bufferd::testing::OpenRawSession;
+using ::bufferd::testing::RawSession;
+using ::bufferd::testing::SpawnPeer;
+using ::testing::HasSubstr;
+
+#if defined(__SANITIZE_ADDRESS__)
+constexpr int64_t kWakeBudgetNs = 50'000'000;  // instrumented: slower, not wrong
+#else
+constexpr int64_t kWakeBudgetNs = 10'000'000;  // the issue's 10 ms
+#endif
+
+int64_t MonotonicNs() {
+  timespec now{};
+  ::clock_gettime(CLOCK_MONOTONIC, &now);
+  return int64_t{now.tv_sec} * 1000000000 + now.tv_nsec;
+}
+
+bool Readable(int fd, int timeout_ms = 0) {
+  pollfd p{fd, POLLIN, 0};
+  return ::poll(&p, 1, timeout_ms) == 1;
+}
+
+// The value after `key=` in a peer's line, up to the next space.
+std::string Field(const std::string& line, const std::string& key) {
+  const size_t at = line.find(key + "=");
+  if (at == std::string::npos) return "";
+  const std::string rest = line.substr(at + key.size() + 1);
+  return rest.substr(0, rest.find(' '));
+}
+
+std::unique_ptr<v1::Fence::Stub> FenceStub(const std::string& socket_dir) {
+  return v1::Fence::NewStub(grpc::CreateChannel(
+      absl::StrCat("unix:", ControlSocketPath(socket_dir)), grpc::InsecureChannelCredentials()));
+}
+
+class FenceTest : public DaemonTest {
+ protected:
+  void SetUp() override { StartDaemon(); }
+  // Pending and signalled fences the daemon knows.
+  size_t KnownFences() {
+    auto fences = client_->ListFences();
+    return fences.ok() ? static_cast<size_t>(fences->fences_size()) : ~size_t{0};
+  }
+  uint32_t Waiters(uint64_t id) {
+    auto fences = client_->ListFences();
+    if (!fences.ok()) return 0;
+    for (const auto& fence : fences->fences()) {
+      if (fence.fence_id() == id) return fence.waiters();
+    }
+    return 0;
+  }
+};
+
+TEST_F(FenceTest, CreateSignalWaitInfo) {
+  {
+    absl::StatusOr<Fence> fence =
+        client_->CreateFence({.name = "frame 1", .timeline = "render", .deadline = absl::Seconds(5)});
+    ASSERT_TRUE(fence.ok()) << fence.status();
+    EXPECT_EQ(fence->info().state(), v1::FENCE_STATE_PENDING);
+    EXPECT_EQ(fence->info().owner_pid(), static_cast<uint32_t>(::getpid()));
+    EXPECT_FALSE(fence->info().owner_comm().empty());
+    EXPECT_EQ(fence->info().kind(), v1::FENCE_KIND_CREATED);
+    EXPECT_NEAR(fence->info().deadline().seconds() - fence->info().created_at().seconds(), 5, 1);
+
+    absl::StatusOr<v1::FenceInfo> polled = fence->Wait(absl::ZeroDuration());
+    EXPECT_EQ(polled.status().code(), absl::StatusCode::kDeadlineExceeded);
+    EXPECT_THAT(polled.status().message(), HasSubstr("not signalled within 0"));
+
+    absl::StatusOr<v1::FenceInfo> signalled =
+        fence->SignalAndConfirm(v1::FENCE_STATUS_ERROR, "shader fault");
+    ASSERT_TRUE(signalled.ok()) << signalled.status();
+    EXPECT_EQ(signalled->state(), v1::FENCE_STATE_SIGNALED);
+    EXPECT_EQ(signalled->message(), "shader fault");
+    EXPECT_TRUE(signalled->has_signaled_at());
+
+    absl::StatusOr<v1::FenceInfo> again = fence->SignalAndConfirm(v1::FENCE_STATUS_OK);
+    EXPECT_EQ(again.status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(again.status().message(), HasSubstr("was signalled already (FENCE_STATUS_ERROR"));
+
+    absl::StatusOr<v1::FenceInfo> waited = fence->Wait(absl::Seconds(5));
+    ASSERT_TRUE(waited.ok());
+    EXPECT_EQ(waited->status(), v1::FENCE_STATUS_ERROR) << "the second signal changed nothing";
+    EXPECT_EQ(KnownFences(), 1u);
+  }
+  EXPECT_TRUE(Eventually([&] { return KnownFences() == 0; })) << "a dropped Fence is forgotten";
+  ExpectBaseline();
+}
+
+TEST_F(FenceTest, OneWaySignalIsAppliedBeforeTheNextCall) {
+  for (int i = 0; i < 300; ++i) {
+    absl::StatusOr<Fence> fence = client_->CreateFence({.name = "ordered"});
+    ASSERT_TRUE(fence.ok());
+    ASSERT_TRUE(fence->Signal(v1::FENCE_STATUS_OK).ok());
+    absl::StatusOr<v1::FenceInfo> info = fence->Info();
+    ASSERT_TRUE(info.ok());
+    ASSERT_EQ(info->state(), v1::FENCE_STATE_SIGNALED) << "iteration " << i;
+  }
+  ExpectBaseline();
+}
+
+TEST_F(FenceTest, CrossProcessSignalWakesRpcAndFdWaiters) {
+  absl::StatusOr<Fence> fence = client_->CreateFence({.name = "shared"});
+  ASSERT_TRUE(fence.ok());
+  absl::StatusOr<UniqueFd> fd = fence->ExportFd();
+  ASSERT_TRUE(fd.ok()) << fd.status();
+  EXPECT_FALSE(Readable(fd->get()));
+  const std::string path = absl::StrCat("/proc/", ::getpid(), "/fd/", fd->get());
+  absl::StatusOr<ChildProcess> by_rpc = SpawnPeer({"fence-wait", daemon_->socket_dir(), path});
+  absl::StatusOr<ChildProcess> by_fd = SpawnPeer({"fence-poll", daemon_->socket_dir(), path});
+  ASSERT_TRUE(by_rpc.ok() && by_fd.ok());
+  const std::string rpc_ready = by_rpc->ReadLine();
+  ASSERT_EQ(Field(rpc_ready, "fence"), absl::StrCat(fence->id())) << "the same fence: " << rpc_ready;
+  ASSERT_EQ(by_fd->ReadLine(), "ready");
+  ASSERT_TRUE(Eventually([&] { return Waiters(fence->id()) == 1; }));
+  ASSERT_TRUE(fence->Signal(v1::FENCE_STATUS_OK).ok());
+  EXPECT_EQ(Field(by_rpc->ReadLine(), "status"), "FENCE_STATUS_OK");
+  EXPECT_EQ(Field(by_fd->ReadLine(), "status"), "readable");
+  EXPECT_EQ(by_rpc->Wait(), 0);
+  EXPECT_EQ(by_fd->Wait(), 0);
+  EXPECT_TRUE(Readable(fd->get())) << "stays readable";
+}
+
+TEST_F(FenceTest, OwnerKilledWakesEveryWaiterWithOwnerDied) {
+  absl::StatusOr<ChildProcess> owner = SpawnPeer({"fence-own", daemon_->socket_dir()});
+  ASSERT_TRUE(owner.ok());
+  const std::string ready = owner->ReadLine();
+  ASSERT_FALSE(Field(ready, "fd").empty()) << ready;
+  const std::string path = absl::StrCat("/proc/", owner->pid(), "/fd/", Field(ready, "fd"));
+  absl::StatusOr<ChildProcess> by_rpc = SpawnPeer({"fence-wait", daemon_->socket_dir(), path});
+  absl::StatusOr<ChildProcess> by_fd = SpawnPeer({"fence-poll", daemon_->socket_dir(), path});
+  ASSERT_TRUE(by_rpc.ok() && by_fd.ok());
+  ASSERT_FALSE(Field(by_rpc->ReadLine(), "fence").empty());
+  ASSERT_EQ(by_fd->ReadLine(), "ready");
+  uint64_t id = 0;
+  ASSERT_TRUE(absl::SimpleAtoi(Field(ready, "fence"), &id));
+  ASSERT_TRUE(Eventually([&] { return Waiters(id) == 1; })) << "the RPC waiter is blocked";
+
+  const int64_t killed = MonotonicNs();
+  owner->Kill(SIGKILL);
+  const std::string rpc_woke = by_rpc->ReadLine();
+  const std::string fd_woke = by_fd->ReadLine();
+  EXPECT_EQ(Field(rpc_woke, "status"), "FENCE_STATUS_OWNER_DIED") << rpc_woke;
+  int64_t rpc_at = 0, fd_at = 0;
+  ASSERT_TRUE(absl::SimpleAtoi(Field(rpc_woke, "mono_ns"), &rpc_at)) << rpc_woke;
+  ASSERT_TRUE(absl::SimpleAtoi(Field(fd_woke, "mono_ns"), &fd_at)) << fd_woke;
+  EXPECT_LT(rpc_at - killed, kWakeBudgetNs) << "RPC waiter woke " << (rpc_at - killed) / 1000 << " us after the kill";
+  EXPECT_LT(fd_at - killed, kWakeBudgetNs) << "fd waiter woke " << (fd_at - killed) / 1000 << " us after the kill";
+  std::printf("woke after kill -9: RPC %lld us, fd %lld us\n",
+              static_cast<long long>((rpc_at - killed) / 1000),
+              static_cast<long long>((fd_at - killed) / 1000));
+  EXPECT_EQ(by_rpc->Wait(), 0);
+  EXPECT_EQ(by_fd->Wait(), 0);
+  ExpectBaseline();
+}
+
+TEST_F(FenceTest, DeadlineSignalsDeadlineExceeded) {
+  {
+    absl::StatusOr<Fence> fence = client_->CreateFence({.deadline = absl::Milliseconds(100)});
+    ASSERT_TRUE(fence.ok());
+    absl::StatusOr<v1::FenceInfo> info = fence->Wait(absl::Seconds(10));
+    ASSERT_TRUE(info.ok()) << info.status();
+    EXPECT_EQ(info->status(), v1::FENCE_STATUS_DEADLINE_EXCEEDED);
+    EXPECT_THAT(info->message(), HasSubstr("deadline passed 100 ms after"));
+    // The owner's late signal is refused and changes nothing.
+    EXPECT_EQ(fence->SignalAndConfirm().status().code(), absl::StatusCode::kFailedPrecondition);
+    ASSERT_TRUE(fence->Signal().ok()) << "one-way: only logged";
+    EXPECT_EQ(fence->Info()->status(), v1::FENCE_STATUS_DEADLINE_EXCEEDED);
+  }
+  absl::Status above = client_->CreateFence({.deadline = absl::Minutes(6)}).status();
+  EXPECT_EQ(above.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(above.message(), HasSubstr("above max_fence_deadline_ms (300000)"));
+  ExpectBaseline();
+}
+
+TEST_F(FenceTest, MergeCarriesTheFirstError) {
+  {
+    absl::StatusOr<Fence> a = client_->CreateFence({.name = "a"});
+    absl::StatusOr<Fence> b = client_->CreateFence({.name = "b"});
+    ASSERT_TRUE(a.ok() && b.ok());
+    const Fence* inputs[] = {&*a, &*b, &*a};
+    absl::StatusOr<Fence> merged = client_->Merge(inputs, "both");
+    ASSERT_TRUE(merged.ok()) << merged.status();
+    EXPECT_EQ(merged->info().kind(), v1::FENCE_KIND_MERGED);
+    absl::StatusOr<UniqueFd> fd = merged->ExportFd();
+    ASSERT_TRUE(fd.ok());
+    ASSERT_TRUE(b->Signal(v1::FENCE_STATUS_ERROR, "decode failed").ok());
+    EXPECT_FALSE(merged->Info()->state() == v1::FENCE_STATE_SIGNALED);
+    EXPECT_FALSE(Readable(fd->get()));
+    ASSERT_TRUE(a->Signal(v1::FENCE_STATUS_OK).ok());
+    absl::StatusOr<v1::FenceInfo> info = merged->Wait(absl::Seconds(5));
+    ASSERT_TRUE(info.ok());
+    EXPECT_EQ(info->status(), v1::FENCE_STATUS_ERROR);
+    EXPECT_THAT(info->message(), HasSubstr("'b'"));
+    EXPECT_THAT(info->message(), HasSubstr("decode failed"));
+    EXPECT_TRUE(Readable(fd->get(), 1000));
+    EXPECT_EQ(merged->SignalAndConfirm().status().code(), absl::StatusCode::kPermissionDenied);
+
+    absl::Status empty = client_->Merge({}, "").status();
+    EXPECT_EQ(empty.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(empty.message(), HasSubstr("fence_ids is empty"));
+  }
+  ExpectBaseline();
+}
+
+TEST_F(FenceTest, ImportsEventfdAndPipe) {
+  {
+    UniqueFd event(::eventfd(0, EFD_CLOEXEC));
+    int ends[2];
+    ASSERT_EQ(::pipe2(ends, O_CLOEXEC), 0);
+    UniqueFd read_end(ends[0]), write_end(ends[1]);
+    absl::StatusOr<Fence> from_event = client_->ImportSyncFd(event.get(), {.name = "eventfd"});
+    absl::StatusOr<Fence> from_pipe = client_->ImportSyncFd(read_end.get(), {.name = "pipe"});
+    ASSERT_TRUE(from_event.ok()) << from_event.status();
+    ASSERT_TRUE(from_pipe.ok()) << from_pipe.status();
+    EXPECT_EQ(from_event->info().kind(), v1::FENCE_KIND_IMPORTED);
+    EXPECT_EQ(from_event->Wait(absl::ZeroDuration()).status().code(),
+              absl::StatusCode::kDeadlineExceeded);
+    const Fence* both[] = {&*from_event, &*from_pipe};
+    std::thread signaller([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      uint64_t one = 1;
+      (void)!::write(event.get(), &one, sizeof(one));
+      write_end.Reset();
+    });
+    absl::StatusOr<WaitResult> done = client_->WaitAll(both, absl::Seconds(10));
+    signaller.join();
+    ASSERT_TRUE(done.ok()) << done.status();
+    EXPECT_EQ(done->fences[0].status(), v1::FENCE_STATUS_OK);
+    EXPECT_EQ(done->fences[1].status(), v1::FENCE_STATUS_OK);
+    EXPECT_TRUE(Eventually([&] {
+      auto heaps = client_->ListHeaps();
+      return heaps.ok() && heaps->fds().fences() == 0;
+    })) << "the daemon closed the imported fds at the signal";
+
+    // Not pollable: refused, named.
+    UniqueFd dir(::open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    absl::Status from_dir = client_->ImportSyncFd(dir.get()).status();
+    EXPECT_EQ(from_dir.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(from_dir.message(), HasSubstr("the uploaded fd is a directory"));
+    UniqueFd file(::open("/proc/self/exe", O_RDONLY | O_CLOEXEC));
+    absl::Status from_file = client_->ImportSyncFd(file.get()).status();
+    EXPECT_EQ(from_file.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(from_file.message(), HasSubstr("the uploaded fd is a regular file"));
+  }
+  ExpectBaseline();
+}
+
+TEST_F(FenceTest, ForeignIdsAreNotFoundLikeUnknownOnes) {
+  absl::StatusOr<Fence> mine = client_->CreateFence();
+  ASSERT_TRUE(mine.ok());
+  auto other = daemon_->Connect();
+  ASSERT_TRUE(other.ok());
+  absl::StatusOr<Fence> theirs = other->CreateFence({.name = "theirs"});
+  ASSERT_TRUE(theirs.ok());
+
+  auto stub = FenceStub(daemon_->socket_dir());
+  absl::StatusOr<RawSession> raw = OpenRawSession(daemon_->socket_dir());
+  ASSERT_TRUE(raw.ok());
+  for (uint64_t id : {theirs->id(), theirs->id() + 1000}) {
+    v1::GetFenceInfoRequest request;
+    request.set_fence_id(id);
+    v1::GetFenceInfoResponse response;
+    grpc::Status status = stub->GetFenceInfo(raw->Context().get(), request, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
+    EXPECT_EQ(status.error_message(), absl::StrCat("fence ", id, " not found"));
+  }
+  // Signalling someone else's fence by id, and waiting on it.
+  v1::SignalFenceRequest signal;
+  signal.set_fence_id(theirs->id());
+  signal.set_status(v1::FENCE_STATUS_OK);
+  v1::SignalFenceResponse signalled;
+  EXPECT_EQ(stub->SignalFence(raw->Context().get(), signal, &signalled).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  v1::WaitFenceRequest wait;
+  wait.add_fence_ids(theirs->id());
+  v1::WaitFenceResponse waited;
+  EXPECT_EQ(stub->WaitFence(raw->Context().get(), wait, &waited).error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(other->CreateFence().status().code(), absl::StatusCode::kOk);
+  EXPECT_EQ(theirs->Info()->state(), v1::FENCE_STATE_PENDING) << "untouched";
+}
+
+TEST_F(FenceTest, BadRequestsGetNamedErrors) {
+  auto stub = FenceStub(daemon_->socket_dir());
+  absl::StatusOr<RawSession> raw = OpenRawSession(daemon_->socket_dir());
+  ASSERT_TRUE(raw.ok());
+  // Every call needs a session.
+  {
+    grpc::ClientContext context;
+    v1::CreateFenceRequest request;
+    v1::CreateFenceResponse response;
+    EXPECT_EQ(stub->CreateFence(&context, request, &response).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
+  }
+  v1::CreateFenceResponse created;
+  ASSERT_TRUE(stub->CreateFence(raw->Context().get(), {}, &created).ok());
+  const uint64_t id = created.fence().fence_id();
+  // Statuses only the daemon sets.
+  for (v1::FenceStatus status : {v1::FENCE_STATUS_UNSPECIFIED, v1::FENCE_STATUS_OWNER_DIED,
+                                 v1::FENCE_STATUS_DEADLINE_EXCEEDED}) {
+    v1::SignalFenceRequest request;
+    request.set_fence_id(id);
+    request.set_status(status);
+    v1::SignalFenceResponse response;
+    grpc::Status s = stub->SignalFence(raw->Context().get(), request, &response);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status;
+    EXPECT_THAT(s.error_message(), HasSubstr("a client signals OK, ERROR or CANCELLED"));
+  }
+  // Waits: none, too many.
+  {
+    v1::WaitFenceRequest request;
+    v1::WaitFenceResponse response;
+    grpc::Status s = stub->WaitFence(raw->Context().get(), request, &response);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(s.error_message(), HasSubstr("fence_ids is empty"));
+    for (int i = 0; i < 1025; ++i) request.add_fence_ids(id);
+    s = stub->WaitFence(raw->Context().get(), request, &response);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(s.error_message(), HasSubstr("1025 fence ids in one wait; at most 1024"));
+  }
+  // An upload id nobody sent.
+  {
+    v1::ImportSyncFdRequest request;
+    request.set_upload_id(77);
+    v1::ImportSyncFdResponse response;
+    grpc::Status s = stub->ImportSyncFd(raw->Context().get(), request, &response);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+    EXPECT_THAT(s.error_message(), HasSubstr("upload 77 not found"));
+  }
+  // A name that is not text.
+  {
+    v1::CreateFenceRequest request;
+    request.set_name(std::string("\x1b[2J", 4));
+    v1::CreateFenceResponse response;
+    grpc::Status s = stub->CreateFence(raw->Context().get(), request, &response);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(s.error_message(), HasSubstr("name must be printable ASCII"));
+  }
+  raw = absl::CancelledError("closed");
+  stub.reset();
+  ExpectBaseline();
+}
+
+TEST_F(FenceTest, FenceQuotaIsNamed) {
+  daemon_.reset();
+  StartDaemon(R"pb(heaps { name: "system" type: HEAP_TYPE_SYSTEM }
+                 quotas { max_fences_per_session: 3 })pb");
+  {
+    std::vector<Fence> fences;
+    for (int i = 0; i < 3; ++i) {
+      absl::StatusOr<Fence> fence = client_->CreateFence();
+      ASSERT_TRUE(fence.ok());
+      fences.push_back(*std::move(fence));
+    }
+    absl::Status full = client_->CreateFence().status();
+    EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted);
+    EXPECT_THAT(full.message(), HasSubstr("quota max_fences_per_session: the session owns 3"));
+    ASSERT_TRUE(fences[0].Signal().ok());
+    EXPECT_TRUE(client_->CreateFence().ok()) << "signalled fences do not count";
+  }
+  ExpectBaseline();
+}
+
+TEST_F(FenceTest, GarbageOneWaySignalEndsOnlyThatSession) {
+  absl::StatusOr<Fence> survivor = client_->CreateFence({.name = "survivor"});
+  ASSERT_TRUE(survivor.ok());
+  for (int status : {static_cast<int>(v1::FENCE_STATUS_OWNER_DIED), 99}) {
+    absl::StatusOr<RawSession> raw = OpenRawSession(daemon_->socket_dir());
+    ASSERT_TRUE(raw.ok());
+    v1::FdChannelMessage record;
+    record.mutable_signal()->set_fence_id(survivor->id());  // not its fence
+    record.mutable_signal()->set_status(status);
+    ASSERT_TRUE(raw->socket.Send(record.SerializeAsString()).ok());
+    // The daemon ends the session: fd.sock reads EOF.
+    ASSERT_TRUE(Readable(raw->socket.fd(), 5000));
+    absl::StatusOr<UnixSocket::Received> end = raw->socket.RecvWithFds();
+    EXPECT_TRUE(!end.ok() || end->eof);
+  }
+  // Also a record that is not a protobuf at all.
+  {
+    absl::StatusOr<RawSession> raw = OpenRawSession(daemon_->socket_dir());
+    ASSERT_TRUE(raw.ok());
+    ASSERT_TRUE(raw->socket.Send(std::string("\xff\xff\xff", 3)).ok());
+    ASSERT_TRUE(Readable(raw->socket.fd(), 5000));
+  }
+  EXPECT_EQ(survivor->Info()->state(), v1::FENCE_STATE_PENDING) << "nothing else is hurt";
+  ASSERT_TRUE(survivor->Signal().ok());
+  EXPECT_EQ(survivor->Wait(absl::Seconds(5))->status(), v1::FENCE_STATUS_OK);
+  survivor = absl::InternalError("dropped");
+  ExpectBaseline();
+}
+
+TEST_F(FenceTest, TenThousandConcurrentWaitersWokenByOneSignal) {
+  // Async WaitFence calls on one raw session: no thread per waiter anywhere.
+  absl::StatusOr<RawSession> raw = OpenRawSession(daemon_->socket_dir());
+  ASSERT_TRUE(raw.ok());
+  auto stub = FenceStub(daemon_->socket_dir());
+  v1::CreateFenceRequest create;
+  create.set_deadline_ms(120000);
+  v1::CreateFenceResponse created;
+  ASSERT_TRUE(stub->CreateFence(raw->Context().get(), create, &created).ok());
+  const uint64_t id = created.fence().fence_id();
+
+  constexpr int kWaiters = 10000;
+  struct Call {
+    std::unique_ptr<grpc::ClientContext> context;
+    v1::WaitFenceResponse response;
+    grpc::Status status;
+    std::unique_ptr<grpc::ClientAsyncResponseReader<v1::WaitFenceResponse>> reader;
+  };
+  std::vector<Call> calls(kWaiters);
+  grpc::CompletionQueue queue;
+  v1::WaitFenceRequest wait;
+  wait.add_fence_ids(id);
+  wait.set_timeout_ms(120000);
+  for (int i = 0; i < kWaiters; ++i) {
+    calls[i].context = raw->Context();
+    calls[i].reader = stub->AsyncWaitFence(calls[i].context.get(), wait, &queue);
+    calls[i].reader->Finish(&calls[i].response, &calls[i].status, &calls[i]);
+  }
+  ASSERT_TRUE(Eventually([&] { return Waiters(id) == kWaiters; })) << Waiters(id);
+
+  v1::SignalFenceRequest signal;
+  signal.set_fence_id(id);
+  signal.set_status(v1::FENCE_STATUS_OK);
+  v1::SignalFenceResponse signalled;
+  ASSERT_TRUE(stub->SignalFence(raw->Context().get(), signal, &signalled).ok());
+  int satisfied = 0;
+  for (int i = 0; i < kWaiters; ++i) {
+    void* tag;
+    bool ok;
+    ASSERT_TRUE(queue.Next(&tag, &ok));
+    Call* call = static_cast<Call*>(tag);
+    if (ok && call->status.ok() && call->response.satisfied()) ++satisfied;
+  }
+  EXPECT_EQ(satisfied, kWaiters);
+  queue.Shutdown();
+  void* tag;
+  bool ok;
+  while (queue.Next(&tag, &ok)) {
+  }
+}
+
+}  // namespace
+}  // namespace bufferd
