@@ -118,6 +118,50 @@ TEST_F(FenceTest, CreateSignalWaitInfo) {
   ExpectBaseline();
 }
 
+// Runs bufctl against the daemon; returns its stdout.
+std::string Bufctl(const std::string& dir, const std::string& command) {
+  const std::string line =
+      absl::StrCat(testing::BinaryPath("tools/bufctl"), " --socket-dir ", dir, " ", command);
+  std::string out;
+  FILE* pipe = ::popen(line.c_str(), "r");
+  if (pipe == nullptr) return out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
+  ::pclose(pipe);
+  return out;
+}
+
+TEST_F(FenceTest, BufctlShowsFencesAndWhoHoldsThem) {
+  {
+    absl::StatusOr<Fence> late = client_->CreateFence({.name = "frame 7", .timeline = "render"});
+    absl::StatusOr<Fence> done = client_->CreateFence({.name = "frame 6"});
+    ASSERT_TRUE(late.ok() && done.ok());
+    ASSERT_TRUE(done->SignalAndConfirm(v1::FENCE_STATUS_ERROR, "gpu reset").ok());
+    absl::StatusOr<UniqueFd> fd = late->ExportFd();
+    ASSERT_TRUE(fd.ok());
+    const std::string table = Bufctl(daemon_->socket_dir(), "fences");
+    EXPECT_THAT(table, HasSubstr("DEADLINE IN")) << table;
+    // Pending first.
+    EXPECT_LT(table.find("frame 7"), table.find("frame 6")) << table;
+    EXPECT_THAT(table, HasSubstr("gpu reset"));
+    EXPECT_THAT(table, ::testing::ContainsRegex(
+                           absl::StrCat("frame 7 +render +created +[^ ]+\\[", ::getpid(),
+                                        "\\] +pending .* 1 ")))
+        << table;
+    const std::string pending = Bufctl(daemon_->socket_dir(), "fences --pending");
+    EXPECT_THAT(pending, ::testing::Not(HasSubstr("frame 6"))) << pending;
+    const std::string clients = Bufctl(daemon_->socket_dir(), "clients");
+    EXPECT_THAT(clients, ::testing::ContainsRegex("FENCES")) << clients;
+    const std::string metrics = Bufctl(daemon_->socket_dir(), "metrics");
+    EXPECT_THAT(metrics, HasSubstr("bufferd_fences{state=\"pending\"} 1"));
+    EXPECT_THAT(metrics, HasSubstr("bufferd_fence_signals_total{status=\"error\"} 1"));
+    EXPECT_THAT(metrics, HasSubstr("bufferd_fence_wait_seconds_bucket{le=\"+Inf\"}"));
+    EXPECT_THAT(metrics, HasSubstr("bufferd_fds_in_use{use=\"fences\"} 2"));
+  }
+  ExpectBaseline();
+}
+
 TEST_F(FenceTest, OneWaySignalIsAppliedBeforeTheNextCall) {
   for (int i = 0; i < 300; ++i) {
     absl::StatusOr<Fence> fence = client_->CreateFence({.name = "ordered"});

@@ -1,6 +1,7 @@
 // bufctl: inspect a running bufferd. Built on the client library only.
 //
-//   bufctl heaps | clients | buffers [--heap H] | metrics | watch
+//   bufctl heaps | clients | buffers [--heap H] | fences [--pending] [--owner S] | metrics
+//   bufctl watch
 //   bufctl --json heaps     (protobuf JSON instead of a table)
 #include <unistd.h>
 
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -118,10 +120,10 @@ int Heaps(const bufferd::Client& client, bool json) {
   std::cout << absl::StrFormat(
       "\n%d buffers, %d handles, %d pending tokens\n"
       "fds %d/%d (buffers %d, sessions %d, control connections %d, in flight %d, being freed "
-      "%d); %d per uid, %d of RLIMIT_NOFILE %d kept for the daemon\n",
+      "%d, fences %d); %d per uid, %d of RLIMIT_NOFILE %d kept for the daemon\n",
       heaps->live_buffers(), heaps->live_handles(), heaps->pending_tokens(), fds.in_use(),
       fds.budget(), fds.buffers(), fds.sessions(), fds.control_connections(), fds.deliveries(),
-      fds.freeing(), fds.per_uid(), fds.reserve(), fds.rlimit_nofile());
+      fds.freeing(), fds.fences(), fds.per_uid(), fds.reserve(), fds.rlimit_nofile());
   return 0;
 }
 
@@ -181,6 +183,52 @@ int Buffers(const bufferd::Client& client, bool json, const std::string& heap) {
   return 0;
 }
 
+absl::Time ToTime(const google::protobuf::Timestamp& t) {
+  return absl::FromUnixNanos(google::protobuf::util::TimeUtil::TimestampToNanoseconds(t));
+}
+
+// "3.2s" from now, "-1.5s" (past), to 100 ms.
+std::string FromNow(const google::protobuf::Timestamp& t) {
+  return absl::FormatDuration(absl::Trunc(ToTime(t) - absl::Now(), absl::Milliseconds(100)));
+}
+
+std::string Lower(std::string name, absl::string_view prefix) {
+  std::transform(name.begin(), name.end(), name.begin(), ::tolower);
+  return absl::StartsWith(name, prefix) ? name.substr(prefix.size()) : name;
+}
+
+int Fences(const bufferd::Client& client, bool json, bool pending_only, uint64_t owner,
+           uint32_t limit) {
+  bufferd::v1::ListFencesRequest request;
+  if (pending_only) request.set_state(bufferd::v1::FENCE_STATE_PENDING);
+  request.set_owner_session(owner);
+  request.set_limit(limit);
+  auto fences = client.ListFences(request);
+  if (!fences.ok()) return Fail(fences.status());
+  if (json) return PrintJson(*fences);
+  std::vector<Row> rows;
+  for (const auto& f : fences->fences()) {
+    const bool pending = f.state() == bufferd::v1::FENCE_STATE_PENDING;
+    const std::string owner_name =
+        f.owner_pid() != 0 ? absl::StrCat(f.owner_comm(), "[", f.owner_pid(), "]")
+                           : absl::StrCat("session ", f.owner_session(), " (gone)");
+    rows.push_back(
+        {absl::StrCat(f.fence_id()), f.name().empty() ? "-" : f.name(),
+         f.timeline().empty() ? "-" : f.timeline(),
+         Lower(bufferd::v1::FenceKind_Name(f.kind()), "fence_kind_"), owner_name,
+         pending ? "pending" : Lower(bufferd::v1::FenceStatus_Name(f.status()), "fence_status_"),
+         Age(f.created_at()), absl::StrCat(f.waiters()), absl::StrCat(f.exported_fds()),
+         pending ? FromNow(f.deadline()) : "-",
+         pending && f.has_need_by() ? FromNow(f.need_by()) : "-",
+         f.message().empty() ? "-" : f.message()});
+  }
+  // Pending first, oldest first: what holds a frame up is at the top.
+  PrintTable({"ID", "NAME", "TIMELINE", "KIND", "OWNER", "STATUS", "AGE", "WAITERS", "EXPORTED",
+              "DEADLINE IN", "NEEDED IN", "MESSAGE"},
+             rows);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -196,6 +244,14 @@ int main(int argc, char** argv) {
   auto* clients = app.add_subcommand("clients", "sessions: pid, uid, comm, bytes per heap");
   auto* buffers = app.add_subcommand("buffers", "buffers: size, backing, name, holders");
   buffers->add_option("--heap", heap, "only this heap");
+  auto* fences = app.add_subcommand(
+      "fences", "fences: pending first (oldest first), owner, waiters, time to deadline");
+  bool pending_only = false;
+  uint64_t owner = 0;
+  uint32_t limit = 0;
+  fences->add_flag("--pending", pending_only, "only pending fences");
+  fences->add_option("--owner", owner, "only fences this session owns");
+  fences->add_option("--limit", limit, "at most this many rows");
   auto* metrics = app.add_subcommand("metrics", "Prometheus text metrics");
   auto* watch = app.add_subcommand("watch", "live view of heaps and clients (Ctrl-C stops)");
   watch->add_option("--interval", interval, "seconds between refreshes")->capture_default_str();
@@ -206,6 +262,7 @@ int main(int argc, char** argv) {
   if (*heaps) return Heaps(*client, json);
   if (*clients) return Clients(*client, json);
   if (*buffers) return Buffers(*client, json, heap);
+  if (*fences) return Fences(*client, json, pending_only, owner, limit);
   if (*metrics) {
     auto text = client->Metrics();
     if (!text.ok()) return Fail(text.status());
@@ -220,6 +277,8 @@ int main(int argc, char** argv) {
       if (Heaps(*client, false) != 0) return 1;
       std::cout << "\n";
       if (Clients(*client, false) != 0) return 1;
+      std::cout << "\n";
+      if (Fences(*client, false, /*pending_only=*/true, 0, /*limit=*/10) != 0) return 1;
       std::cout << std::flush;
       std::this_thread::sleep_for(std::chrono::milliseconds(static_cast<int>(interval * 1000)));
     }
