@@ -132,8 +132,15 @@ absl::Status UnixSocket::SendWithFds(std::span<const uint8_t> bytes, std::span<c
 absl::StatusOr<UnixSocket::Received> UnixSocket::RecvWithFdsOn(int fd, size_t max_bytes,
                                                                bool dont_wait) {
   Received received;
-  received.bytes.resize(max_bytes);
-  iovec iov{received.bytes.data(), received.bytes.size()};
+  // Records are small: read into the stack, never zero-fill a big string.
+  char stack[4096];
+  std::string heap;
+  char* buffer = stack;
+  if (max_bytes > sizeof(stack)) {
+    heap.resize(max_bytes);
+    buffer = heap.data();
+  }
+  iovec iov{buffer, max_bytes};
   msghdr msg{};
   msg.msg_iov = &iov;
   msg.msg_iovlen = 1;
@@ -142,7 +149,12 @@ absl::StatusOr<UnixSocket::Received> UnixSocket::RecvWithFdsOn(int fd, size_t ma
   msg.msg_controllen = sizeof(control);
   int flags = MSG_CMSG_CLOEXEC | (dont_wait ? MSG_DONTWAIT : 0);
   ssize_t n = RetryOnEintr([&] { return ::recvmsg(fd, &msg, flags); });
-  if (n < 0) return ErrnoError("recvmsg", errno);
+  if (n < 0) {
+    // The common answer of a non-blocking read: built once (a Status copy
+    // is a reference count).
+    static const absl::Status kWouldBlock = ErrnoError("recvmsg", EAGAIN);
+    return errno == EAGAIN ? kWouldBlock : ErrnoError("recvmsg", errno);
+  }
   // Take ownership of every fd first, so that every error path closes them.
   for (cmsghdr* cmsg = CMSG_FIRSTHDR(&msg); cmsg != nullptr; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
     if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
@@ -160,7 +172,7 @@ absl::StatusOr<UnixSocket::Received> UnixSocket::RecvWithFdsOn(int fd, size_t ma
     return absl::DataLossError(
         absl::StrCat("recvmsg: record longer than ", max_bytes, " bytes (MSG_TRUNC)"));
   }
-  received.bytes.resize(static_cast<size_t>(n));
+  received.bytes.assign(buffer, static_cast<size_t>(n));
   received.eof = n == 0 && received.fds.empty();
   return received;
 }

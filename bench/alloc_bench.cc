@@ -36,6 +36,7 @@
 #include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "bench/bench_util.h"
+#include "bench/grpc_floor.h"
 #include "client/client.h"
 #include "testing/child_process.h"
 #include "testing/daemon_process.h"
@@ -87,28 +88,6 @@ double ScmRightsOnce(const UnixSocket& socket, int fd) {
   int fds[] = {fd};
   (void)socket.Send("f", fds);
   (void)socket.RecvWithFds(16);
-  return NowMicros() - start;
-}
-
-// (b) An empty unary call through a generic stub.
-double GrpcOnce(grpc::GenericStub& stub) {
-  grpc::ClientContext context;
-  grpc::Slice empty;
-  grpc::ByteBuffer request(&empty, 1);  // a valid, empty message
-  grpc::ByteBuffer response;
-  std::atomic<bool> done{false};
-  grpc::Status status;
-  absl::Mutex mu;
-  double start = NowMicros();
-  stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
-                 [&](grpc::Status s) {
-                   absl::MutexLock lock(&mu);
-                   status = s;
-                   done = true;
-                 });
-  mu.LockWhen(absl::Condition(
-      +[](std::atomic<bool>* d) { return d->load(); }, &done));
-  mu.Unlock();
   return NowMicros() - start;
 }
 

@@ -66,16 +66,15 @@ absl::Status SessionHub::OnRecord(uint64_t session_id, const v1::FdChannelMessag
 }
 
 absl::Status SessionHub::OnSignal(uint64_t session_id, const v1::FenceSignal& signal) {
-  absl::StatusOr<FenceView> signalled =
-      fences_->Signal(session_id, signal.fence_id(), static_cast<v1::FenceStatus>(signal.status()),
-                      signal.message());
-  if (signalled.ok()) return absl::OkStatus();
+  absl::Status signalled = fences_->SignalOneWay(
+      session_id, signal.fence_id(), static_cast<v1::FenceStatus>(signal.status()),
+      signal.message());
   // Its deadline may have come first: the owner could not know.
-  if (signalled.status().code() == absl::StatusCode::kFailedPrecondition) {
-    spdlog::debug("session {}: one-way signal: {}", session_id, signalled.status().ToString());
+  if (signalled.code() == absl::StatusCode::kFailedPrecondition) {
+    spdlog::debug("session {}: one-way signal: {}", session_id, signalled.ToString());
     return absl::OkStatus();
   }
-  return signalled.status();
+  return signalled;
 }
 
 absl::Status SessionHub::OnUpload(uint64_t session_id, uint64_t upload_id,

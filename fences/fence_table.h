@@ -170,6 +170,9 @@ class FenceTable {
   // one only its inputs or its fd signal).
   absl::StatusOr<FenceView> Signal(uint64_t session, uint64_t id, v1::FenceStatus status,
                                    absl::string_view message);
+  // The same without the view: the one-way path, kept short.
+  absl::Status SignalOneWay(uint64_t session, uint64_t id, v1::FenceStatus status,
+                            absl::string_view message);
   absl::StatusOr<FenceView> Info(uint64_t session, uint64_t id) const;
   // A fence signalled when all of `ids` are (duplicates are fine).
   absl::StatusOr<FenceView> Merge(uint64_t session, const std::vector<uint64_t>& ids,
@@ -261,8 +264,13 @@ class FenceTable {
   // Work to do once the lock is dropped.
   struct Completions {
     std::vector<std::pair<WaitDone, absl::StatusOr<WaitResult>>> waits;
+    // A pipe was closed: processes polling it are runnable now.
+    bool woke_pollers = false;
   };
 
+  // Signal and SignalOneWay; fills `view` if not null.
+  absl::Status SignalBy(uint64_t session, uint64_t id, v1::FenceStatus status,
+                        absl::string_view message, FenceView* view);
   absl::StatusOr<Session*> SessionLocked(uint64_t session) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The fence if `session` holds it, else NOT_FOUND.
   absl::StatusOr<Fence*> HeldLocked(uint64_t session, uint64_t id) const

@@ -1,0 +1,486 @@
+// fence_bench: what a bufferd fence costs, against the floors it is made of,
+// measured in the same run.
+//
+// 1. One-way signal (Fence::Signal, a record on fd.sock) -> another process's
+//    poll on the fence's exported fd returns. The daemon relays: owner ->
+//    daemon -> waiter is two wakes, so the floor is two raw one-way
+//    pipe-close wakes between processes (owner -> relay -> waiter), the
+//    relay pinned where the daemon is. Target <= 1.25x the floor.
+// 2. SignalFence RPC -> a WaitFence RPC blocked in another process returns.
+//    Floor: a raw gRPC unary round trip. Target <= 1.5x.
+// 3. 10,000 waiters released by one signal, once as exported fds (each its
+//    own ExportFence) and once as pending WaitFence RPCs: the time until the
+//    last wakes, and the daemon's threads and RSS before and after. Targets:
+//    no daemon thread per waiter, <= 1 KiB per exported-fd waiter, <= 16 KiB
+//    per pending WaitFence.
+//
+// Placements (owner = this process, always on CPU 0; waiter = a helper
+// process; the daemon and the floor's relay share a CPU): all on CPU 0;
+// owner and waiter together, daemon apart; daemon with the owner; daemon
+// with the waiter. Latencies are CLOCK_MONOTONIC stamps taken by the owner
+// before it signals and by the waiter when it wakes.
+//
+//   bazel run -c opt //bench:fence_bench [-- --iterations 300]
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "base/errno_status.h"
+#include "base/protocol.h"
+#include "base/unique_fd.h"
+#include "base/unix_socket.h"
+#include "bench/bench_util.h"
+#include "bench/grpc_floor.h"
+#include "bufferd/v1/fd_channel.pb.h"
+#include "bufferd/v1/fence.grpc.pb.h"
+#include "client/client.h"
+#include "grpcpp/create_channel.h"
+#include "testing/child_process.h"
+#include "testing/daemon_process.h"
+
+namespace bufferd::bench {
+namespace {
+
+int64_t NowNs() {
+  timespec now{};
+  ::clock_gettime(CLOCK_MONOTONIC, &now);
+  return int64_t{now.tv_sec} * 1000000000 + now.tv_nsec;
+}
+
+// /proc/<pid>/status field (kB for VmRSS), or -1.
+long StatusField(pid_t pid, const std::string& field) {
+  std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(field + ":", 0) == 0) {
+      std::istringstream rest(line.substr(field.size() + 1));
+      long value = -1;
+      rest >> value;
+      return value;
+    }
+  }
+  return -1;
+}
+
+// ---------------------------------------------------------------------------
+// The helper process: a waiter (or the floor's relay) driven by commands on
+// a SEQPACKET socket. Forked before this process starts any thread.
+
+void Reply(const UnixSocket& socket, const std::string& text) { (void)socket.Send(text); }
+
+bool PollReadable(int fd) {
+  pollfd p{fd, POLLIN, 0};
+  return RetryOnEintr([&] { return ::poll(&p, 1, 60000); }) == 1;
+}
+
+// A session opened by hand (for async WaitFence calls the library does not
+// offer): the metadata its calls carry.
+struct RawSession {
+  UnixSocket socket;
+  std::string metadata;
+};
+std::optional<RawSession> OpenRawSession(const std::string& dir) {
+  auto socket = UnixSocket::ConnectSeqPacket(FdSocketPath(dir));
+  if (!socket.ok()) return std::nullopt;
+  auto hello = socket->RecvWithFds();
+  v1::FdChannelMessage message;
+  if (!hello.ok() || !message.ParseFromString(hello->bytes) || !message.has_hello()) {
+    return std::nullopt;
+  }
+  return RawSession{*std::move(socket),
+                    FormatSessionCredential(message.hello().session_id(), message.hello().secret())};
+}
+
+// N pending WaitFence calls on the fence behind `fd`; replies "ready", then
+// "t <ns of the last completion> <satisfied>".
+void MassRpc(const UnixSocket& control, const std::string& dir, int n, int fd) {
+  std::optional<RawSession> raw = OpenRawSession(dir);
+  if (!raw) return Reply(control, "error session");
+  v1::FdChannelMessage upload;
+  upload.mutable_upload()->set_upload_id(1);
+  const int fds[] = {fd};
+  if (!raw->socket.Send(upload.SerializeAsString(), fds).ok()) return Reply(control, "error upload");
+  auto stub = v1::Fence::NewStub(grpc::CreateChannel("unix:" + ControlSocketPath(dir),
+                                                     grpc::InsecureChannelCredentials()));
+  auto context = [&] {
+    auto c = std::make_unique<grpc::ClientContext>();
+    c->AddMetadata(kSessionMetadataKey, raw->metadata);
+    c->AddMetadata(kRecordsMetadataKey, "1");
+    return c;
+  };
+  v1::ImportSyncFdRequest import;
+  import.set_upload_id(1);
+  import.set_deadline_ms(120000);
+  v1::ImportSyncFdResponse imported;
+  if (!stub->ImportSyncFd(context().get(), import, &imported).ok()) return Reply(control, "error import");
+  struct Call {
+    std::unique_ptr<grpc::ClientContext> context;
+    v1::WaitFenceResponse response;
+    grpc::Status status;
+    std::unique_ptr<grpc::ClientAsyncResponseReader<v1::WaitFenceResponse>> reader;
+  };
+  std::vector<Call> calls(n);
+  grpc::CompletionQueue queue;
+  v1::WaitFenceRequest wait;
+  wait.add_fence_ids(imported.fence().fence_id());
+  wait.set_timeout_ms(120000);
+  for (Call& call : calls) {
+    call.context = context();
+    call.reader = stub->AsyncWaitFence(call.context.get(), wait, &queue);
+    call.reader->Finish(&call.response, &call.status, &call);
+  }
+  // Ready once the daemon has every wait (the owner checks the count).
+  Reply(control, absl::StrCat("ready ", imported.fence().fence_id()));
+  int satisfied = 0;
+  int64_t last = 0;
+  for (int i = 0; i < n; ++i) {
+    void* tag;
+    bool ok;
+    if (!queue.Next(&tag, &ok)) break;
+    last = NowNs();
+    Call* call = static_cast<Call*>(tag);
+    if (ok && call->status.ok() && call->response.satisfied()) ++satisfied;
+  }
+  Reply(control, absl::StrCat("t ", last, " ", satisfied));
+  queue.Shutdown();
+  void* tag;
+  bool ok;
+  while (queue.Next(&tag, &ok)) {
+  }
+}
+
+// N exported fds of the fence behind `fd`, each from its own ExportFence,
+// polled in one epoll; replies "ready", then "t <ns of the last> <count>".
+void MassFd(const UnixSocket& control, Client& client, int n, int fd) {
+  auto fence = client.ImportSyncFd(fd);
+  if (!fence.ok()) return Reply(control, "error import " + fence.status().ToString());
+  std::vector<UniqueFd> fds;
+  UniqueFd epoll(::epoll_create1(EPOLL_CLOEXEC));
+  for (int i = 0; i < n; ++i) {
+    auto exported = fence->ExportFd();
+    if (!exported.ok()) return Reply(control, "error export " + exported.status().ToString());
+    epoll_event event{};
+    event.events = EPOLLIN;
+    event.data.u32 = static_cast<uint32_t>(i);
+    ::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, exported->get(), &event);
+    fds.push_back(*std::move(exported));
+  }
+  Reply(control, "ready");
+  int seen = 0;
+  int64_t last = 0;
+  std::vector<epoll_event> events(1024);
+  while (seen < n) {
+    const int got = ::epoll_wait(epoll.get(), events.data(), static_cast<int>(events.size()), 60000);
+    if (got <= 0) break;
+    last = NowNs();
+    for (int i = 0; i < got; ++i) {
+      ::epoll_ctl(epoll.get(), EPOLL_CTL_DEL, fds[events[i].data.u32].get(), nullptr);
+      ++seen;
+    }
+  }
+  Reply(control, absl::StrCat("t ", last, " ", seen));
+}
+
+int HelperMain(const UnixSocket& control) {
+  // Room for 10,000 exported fds.
+  rlimit limit{};
+  ::getrlimit(RLIMIT_NOFILE, &limit);
+  limit.rlim_cur = limit.rlim_max;
+  ::setrlimit(RLIMIT_NOFILE, &limit);
+  std::optional<Client> client;
+  std::string dir;
+  while (true) {
+    auto got = control.RecvWithFds(4096);
+    if (!got.ok() || got->eof) return 0;
+    const std::vector<std::string> words = absl::StrSplit(got->bytes, ' ');
+    const std::string& command = words[0];
+    std::vector<UniqueFd> fds = std::move(got->fds);
+    if (command == "pin" && words.size() == 2) {
+      PinTo(std::stoi(words[1]));
+      Reply(control, "ok");
+    } else if (command == "connect" && words.size() == 2) {
+      dir = words[1];
+      client.reset();
+      auto connected = Client::Connect(dir);
+      if (!connected.ok()) return 1;
+      client.emplace(*std::move(connected));
+      Reply(control, "ok");
+    } else if (command == "poll" && fds.size() == 1) {
+      Reply(control, "ready");
+      PollReadable(fds[0].get());
+      Reply(control, absl::StrCat("t ", NowNs()));
+    } else if (command == "relay" && fds.size() == 2) {
+      Reply(control, "ready");
+      PollReadable(fds[0].get());
+      fds[1].Reset();  // wakes the waiter
+      Reply(control, "done");
+    } else if (command == "wait" && fds.size() == 1 && client) {
+      auto fence = client->ImportSyncFd(fds[0].get());
+      if (!fence.ok()) return 1;
+      Reply(control, absl::StrCat("ready ", fence->id()));
+      auto info = fence->Wait(absl::Seconds(60));
+      const int64_t woke = NowNs();
+      Reply(control, absl::StrCat("t ", woke, " ", info.ok() ? "ok" : "failed"));
+    } else if (command == "mass-rpc" && words.size() == 2 && fds.size() == 1) {
+      MassRpc(control, dir, std::stoi(words[1]), fds[0].get());
+    } else if (command == "mass-fd" && words.size() == 2 && fds.size() == 1 && client) {
+      MassFd(control, *client, std::stoi(words[1]), fds[0].get());
+    } else if (command == "close") {
+      client.reset();
+      Reply(control, "ok");
+    } else {
+      Reply(control, "error unknown command " + command);
+    }
+  }
+}
+
+struct Helper {
+  testing::ChildProcess process;
+  UnixSocket socket;
+
+  void Send(const std::string& command, std::vector<int> fds = {}) const {
+    (void)socket.Send(command, fds);
+  }
+  std::string Read() const {
+    auto got = socket.RecvWithFds(4096);
+    return got.ok() && !got->eof ? got->bytes : "error helper gone";
+  }
+  std::string Ask(const std::string& command, std::vector<int> fds = {}) const {
+    Send(command, std::move(fds));
+    return Read();
+  }
+};
+
+std::optional<Helper> ForkHelper() {
+  auto pair = UnixSocket::SeqPacketPair();
+  if (!pair.ok()) return std::nullopt;
+  auto child = testing::ChildProcess::Fork([&] {
+    pair->first = UnixSocket();
+    return HelperMain(pair->second);
+  });
+  if (!child.ok()) return std::nullopt;
+  return Helper{*std::move(child), std::move(pair->first)};
+}
+
+// "t <ns> ..." -> ns, or -1.
+int64_t Stamp(const std::string& reply) {
+  const std::vector<std::string> words = absl::StrSplit(reply, ' ');
+  int64_t ns = -1;
+  if (words.size() < 2 || words[0] != "t" || !absl::SimpleAtoi(words[1], &ns)) return -1;
+  return ns;
+}
+
+// The helpers block in poll (or in a call) before the owner signals: a
+// moment after "ready" lets them get there.
+void LetThemBlock() { std::this_thread::sleep_for(std::chrono::microseconds(500)); }
+
+// Floor 1: owner closes pipe A's write end -> relay wakes, closes pipe B's
+// write end -> waiter wakes. Microseconds.
+double RelayOnce(const Helper& relay, const Helper& waiter) {
+  int a[2], b[2];
+  if (::pipe2(a, O_CLOEXEC) != 0 || ::pipe2(b, O_CLOEXEC) != 0) std::exit(1);
+  UniqueFd a_read(a[0]), a_write(a[1]), b_read(b[0]), b_write(b[1]);
+  relay.Ask("relay", {a_read.get(), b_write.get()});
+  waiter.Ask("poll", {b_read.get()});
+  a_read.Reset();
+  b_read.Reset();
+  b_write.Reset();
+  LetThemBlock();
+  const int64_t start = NowNs();
+  a_write.Reset();
+  const int64_t woke = Stamp(waiter.Read());
+  (void)relay.Read();  // "done"
+  return (woke - start) / 1000.0;
+}
+
+// 1: one-way signal -> poll on the exported fd returns. Microseconds.
+double FencePollOnce(const Client& owner, const Helper& waiter) {
+  auto fence = owner.CreateFence({.name = "bench"});
+  if (!fence.ok()) std::exit(1);
+  auto fd = fence->ExportFd();
+  if (!fd.ok()) std::exit(1);
+  waiter.Ask("poll", {fd->get()});
+  fd->Reset();
+  LetThemBlock();
+  const int64_t start = NowNs();
+  (void)fence->Signal();
+  const int64_t woke = Stamp(waiter.Read());
+  return (woke - start) / 1000.0;
+}
+
+// 2: SignalFence RPC -> the waiter's blocked WaitFence returns.
+double FenceRpcOnce(const Client& owner, const Helper& waiter) {
+  auto fence = owner.CreateFence({.name = "bench"});
+  if (!fence.ok()) std::exit(1);
+  auto fd = fence->ExportFd();
+  if (!fd.ok()) std::exit(1);
+  (void)waiter.Ask("wait", {fd->get()});
+  fd->Reset();
+  // Its WaitFence is registered.
+  for (int i = 0; i < 10000; ++i) {
+    auto info = fence->Info();
+    if (info.ok() && info->waiters() == 1) break;
+  }
+  LetThemBlock();
+  const int64_t start = NowNs();
+  (void)fence->SignalAndConfirm();
+  const int64_t woke = Stamp(waiter.Read());
+  return (woke - start) / 1000.0;
+}
+
+struct Placement {
+  const char* name;
+  int daemon_cpu;
+  int waiter_cpu;
+};
+
+void Verdict(const char* figure, const char* placement, const Summary& got, const Summary& floor,
+             double target, bool& all_met) {
+  const double ratio = got.p50 / floor.p50;
+  const bool met = ratio <= target;
+  all_met &= met;
+  std::printf("%-34s %-22s p50 %7.1f (p99 %7.1f)  floor %7.1f (p99 %7.1f)  %.2fx  target <= %.2fx  %s\n",
+              figure, placement, got.p50, got.p99, floor.p50, floor.p99, ratio, target,
+              met ? "met" : "not met");
+}
+
+}  // namespace
+}  // namespace bufferd::bench
+
+int main(int argc, char** argv) {
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  using namespace bufferd;
+  using namespace bufferd::bench;
+  CLI::App app{"fence_bench: bufferd fences vs their floors"};
+  int iterations = 300;
+  int waiters = 10000;
+  std::string daemon_binary = testing::BinaryPath("daemon/bufferd");
+  app.add_option("--iterations", iterations, "samples per figure and placement");
+  app.add_option("--waiters", waiters, "waiters in the mass wake");
+  app.add_option("--bufferd", daemon_binary, "bufferd binary")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  // Forked before any thread exists (gRPC's included).
+  std::optional<Helper> waiter = ForkHelper();
+  std::optional<Helper> relay = ForkHelper();
+  if (!waiter || !relay) return 1;
+  PinTo(0);
+
+  const Placement placements[] = {
+      {"all on CPU 0", 0, 0},
+      {"daemon apart", 1, 0},
+      {"daemon with owner", 0, 1},
+      {"daemon with waiter", 1, 1},
+  };
+  std::printf("bufferd fence_bench (us; owner pinned to CPU 0; %d samples each)\n\n", iterations);
+  bool all_met = true;
+  for (int daemon_cpu : {0, 1}) {
+    auto daemon = testing::DaemonProcess::Start(
+        {.log_level = "warn", .cpu = daemon_cpu, .binary = daemon_binary});
+    if (!daemon.ok()) {
+      std::fprintf(stderr, "could not start bufferd: %s\n", daemon.status().ToString().c_str());
+      return 1;
+    }
+    const std::string dir = (*daemon)->socket_dir();
+    auto owner = Client::Connect(dir);
+    if (!owner.ok()) return 1;
+    grpc::GenericStub stub(
+        grpc::CreateChannel("unix:" + ControlSocketPath(dir), grpc::InsecureChannelCredentials()));
+    relay->Ask(absl::StrCat("pin ", daemon_cpu));
+    waiter->Ask("connect " + dir);
+    for (const Placement& placement : placements) {
+      if (placement.daemon_cpu != daemon_cpu) continue;
+      waiter->Ask(absl::StrCat("pin ", placement.waiter_cpu));
+      for (int i = 0; i < 10; ++i) {  // warm up
+        RelayOnce(*relay, *waiter);
+        FencePollOnce(*owner, *waiter);
+        GrpcOnce(stub);
+        FenceRpcOnce(*owner, *waiter);
+      }
+      // Interleaved, so drift on the machine hits figure and floor alike.
+      std::vector<double> relay_s, poll_s, grpc_s, rpc_s;
+      for (int i = 0; i < iterations; ++i) {
+        relay_s.push_back(RelayOnce(*relay, *waiter));
+        poll_s.push_back(FencePollOnce(*owner, *waiter));
+        grpc_s.push_back(GrpcOnce(stub));
+        rpc_s.push_back(FenceRpcOnce(*owner, *waiter));
+      }
+      Verdict("1. one-way signal -> fd poll", placement.name, Summarize(poll_s, 0),
+              Summarize(relay_s, 0), 1.25, all_met);
+      Verdict("2. SignalFence -> WaitFence", placement.name, Summarize(rpc_s, 0),
+              Summarize(grpc_s, 0), 1.5, all_met);
+    }
+
+    if (daemon_cpu == 1) {
+      // 3. The mass wake, daemon apart.
+      waiter->Ask("pin 0");
+      const pid_t pid = (*daemon)->pid();
+      for (const std::string kind : {"mass-fd", "mass-rpc"}) {
+        auto fence = owner->CreateFence({.name = "mass", .deadline = absl::Seconds(120)});
+        auto fd = fence->ExportFd();
+        if (!fence.ok() || !fd.ok()) return 1;
+        const long rss_before = StatusField(pid, "VmRSS");
+        const long threads_before = StatusField(pid, "Threads");
+        const std::string ready = waiter->Ask(absl::StrCat(kind, " ", waiters), {fd->get()});
+        if (ready.rfind("ready", 0) != 0) {
+          std::fprintf(stderr, "%s: %s\n", kind.c_str(), ready.c_str());
+          return 1;
+        }
+        if (kind == "mass-rpc") {
+          for (int i = 0; i < 6000; ++i) {
+            auto info = fence->Info();
+            if (info.ok() && static_cast<int>(info->waiters()) == waiters) break;
+            std::this_thread::sleep_for(std::chrono::milliseconds(5));
+          }
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        const long rss_during = StatusField(pid, "VmRSS");
+        const long threads_during = StatusField(pid, "Threads");
+        const int64_t start = NowNs();
+        (void)fence->Signal();
+        const std::string done = waiter->Read();
+        const double all_woken_ms = (Stamp(done) - start) / 1e6;
+        const double per_waiter = (rss_during - rss_before) * 1024.0 / waiters;
+        const bool fd_kind = kind == "mass-fd";
+        const double target = fd_kind ? 1024 : 16384;
+        const bool met = per_waiter <= target && threads_during <= threads_before;
+        all_met &= met;
+        std::printf(
+            "3. %d %s waiters, one signal    daemon apart           all woken in %.2f ms (%s); "
+            "daemon threads %ld -> %ld; RSS %ld -> %ld KiB = %.0f B per waiter  target <= %.0f B, "
+            "no thread per waiter  %s\n",
+            waiters, fd_kind ? "exported-fd" : "WaitFence RPC", all_woken_ms, done.c_str(),
+            threads_before, threads_during, rss_before, rss_during, per_waiter, target,
+            met ? "met" : "not met");
+      }
+    }
+    waiter->Ask("close");
+    owner = absl::UnavailableError("done");
+    daemon->reset();
+  }
+  relay->socket = UnixSocket();
+  waiter->socket = UnixSocket();
+  relay->process.Wait();
+  waiter->process.Wait();
+  std::printf("\n%s\n", all_met ? "all targets met" : "some targets not met");
+  return 0;
+}
