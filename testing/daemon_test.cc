@@ -105,7 +105,7 @@ void DaemonTest::ExpectBaseline() {
   ASSERT_TRUE(heaps.ok());
   EXPECT_EQ(heaps->live_handles(), 0u);
   EXPECT_EQ(heaps->fds().fences(), 0u);
-  EXPECT_EQ(heaps->fds_in_use(), baseline_budget_fds_);
+  EXPECT_EQ(heaps->fds_in_use(), baseline_budget_fds_) << heaps->fds().ShortDebugString();
   EXPECT_EQ(heaps->fds().buffers(), 0u);
   EXPECT_EQ(heaps->fds().deliveries(), 0u);
   for (const auto& heap : heaps->heaps()) EXPECT_EQ(heap.used(), 0u) << heap.name();

@@ -352,8 +352,78 @@ TEST_F(FenceTest, ForeignIdsAreNotFoundLikeUnknownOnes) {
   v1::WaitFenceResponse waited;
   EXPECT_EQ(stub->WaitFence(raw->Context().get(), wait, &waited).error_code(),
             grpc::StatusCode::NOT_FOUND);
-  EXPECT_EQ(other->CreateFence().status().code(), absl::StatusCode::kOk);
   EXPECT_EQ(theirs->Info()->state(), v1::FENCE_STATE_PENDING) << "untouched";
+
+  // Given the fd, this session may see and wait on it, but not signal it.
+  absl::StatusOr<UniqueFd> fd = theirs->ExportFd();
+  ASSERT_TRUE(fd.ok());
+  absl::StatusOr<Fence> shared = client_->ImportSyncFd(fd->get());
+  ASSERT_TRUE(shared.ok()) << shared.status();
+  EXPECT_EQ(shared->id(), theirs->id());
+  absl::Status not_owner = shared->SignalAndConfirm().status();
+  EXPECT_EQ(not_owner.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(not_owner.message(), HasSubstr("only its owner signals it"));
+  ASSERT_TRUE(theirs->Signal(v1::FENCE_STATUS_OK).ok());
+  EXPECT_EQ(shared->Wait(absl::Seconds(5))->status(), v1::FENCE_STATUS_OK);
+
+  shared = absl::CancelledError("dropped");
+  mine = absl::CancelledError("dropped");
+  theirs = absl::CancelledError("dropped");
+  other = absl::CancelledError("closed");
+  raw = absl::CancelledError("closed");
+  stub.reset();
+  ExpectBaseline();
+}
+
+TEST_F(FenceTest, AWaiterThatGoesAwayIsDroppedAtOnce) {
+  absl::StatusOr<Fence> fence = client_->CreateFence({.deadline = absl::Seconds(60)});
+  ASSERT_TRUE(fence.ok());
+  absl::StatusOr<RawSession> raw = OpenRawSession(daemon_->socket_dir());
+  ASSERT_TRUE(raw.ok());
+  auto stub = FenceStub(daemon_->socket_dir());
+  absl::StatusOr<UniqueFd> fd = fence->ExportFd();
+  ASSERT_TRUE(fd.ok());
+  // The raw session imports the fence (upload record, then the call).
+  v1::FdChannelMessage upload;
+  upload.mutable_upload()->set_upload_id(5);
+  const int fds[] = {fd->get()};
+  ASSERT_TRUE(raw->socket.Send(upload.SerializeAsString(), fds).ok());
+  v1::ImportSyncFdRequest import;
+  import.set_upload_id(5);
+  v1::ImportSyncFdResponse imported;
+  {
+    auto context = raw->Context();
+    context->AddMetadata(kRecordsMetadataKey, "1");
+    ASSERT_TRUE(stub->ImportSyncFd(context.get(), import, &imported).ok());
+  }
+  ASSERT_EQ(imported.fence().fence_id(), fence->id());
+
+  // Its client gives up (the call's deadline) long before the wait's timeout.
+  auto context = raw->Context();
+  context->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(300));
+  v1::WaitFenceRequest wait;
+  wait.add_fence_ids(fence->id());
+  wait.set_timeout_ms(60000);
+  v1::WaitFenceResponse response;
+  EXPECT_EQ(stub->WaitFence(context.get(), wait, &response).error_code(),
+            grpc::StatusCode::DEADLINE_EXCEEDED);
+  EXPECT_TRUE(Eventually([&] { return Waiters(fence->id()) == 0; })) << "dropped, not kept";
+
+  // A session that ends mid-wait: its wait goes too.
+  std::thread waiter([&] {
+    auto waiting = raw->Context();
+    v1::WaitFenceResponse ignored;
+    (void)stub->WaitFence(waiting.get(), wait, &ignored);
+  });
+  ASSERT_TRUE(Eventually([&] { return Waiters(fence->id()) == 1; }));
+  raw->socket = UnixSocket();
+  EXPECT_TRUE(Eventually([&] { return Waiters(fence->id()) == 0; }));
+  waiter.join();
+  context.reset();  // holds its call's channel
+  raw = absl::CancelledError("closed");
+  stub.reset();
+  fence = absl::CancelledError("dropped");
+  ExpectBaseline();
 }
 
 TEST_F(FenceTest, BadRequestsGetNamedErrors) {
