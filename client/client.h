@@ -156,9 +156,11 @@ class Fence {
   const v1::FenceInfo& info() const { return info_; }
 
   // Signals without a round trip (a record on fd.sock): OK, ERROR (with
-  // `message`) or CANCELLED. Applied before any later call of this
-  // session. Errors the daemon finds (a second signal) are only logged
-  // there; a signal the daemon cannot apply at all ends the session.
+  // `message`, at most 200 printable ASCII bytes) or CANCELLED. Applied
+  // before any later call of this session. What the daemon would refuse
+  // (another status, a bad message, a fence this session did not create)
+  // is refused here, INVALID_ARGUMENT / PERMISSION_DENIED; a second signal
+  // is only logged by the daemon (use SignalAndConfirm for its answer).
   absl::Status Signal(v1::FenceStatus status = v1::FENCE_STATUS_OK,
                       absl::string_view message = "") const;
   // The same with a round trip: FAILED_PRECONDITION if it was signalled

@@ -70,8 +70,39 @@ Fence::~Fence() {
   (void)connection_->SendRecord(message);
 }
 
+namespace {
+
+// What the daemon would refuse in a one-way signal, refused here: there it
+// would end the session.
+absl::Status CheckOneWaySignal(v1::FenceStatus status, absl::string_view message) {
+  if (status != v1::FENCE_STATUS_OK && status != v1::FENCE_STATUS_ERROR &&
+      status != v1::FENCE_STATUS_CANCELLED) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("status ", v1::FenceStatus_Name(status),
+                     " cannot be signalled: a client signals OK, ERROR or CANCELLED"));
+  }
+  if (message.size() > 200) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("message is ", message.size(), " bytes; at most 200 allowed"));
+  }
+  for (char c : message) {
+    if (c < 0x20 || c > 0x7e) return absl::InvalidArgumentError("message must be printable ASCII");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status Fence::Signal(v1::FenceStatus status, absl::string_view message) const {
   if (connection_ == nullptr) return absl::FailedPreconditionError("moved-from Fence");
+  RETURN_IF_ERROR(CheckOneWaySignal(status, message));
+  // Only the owner signals, and only a fence it created: anything else
+  // would end the session.
+  if (info_.owner_session() != connection_->session_id() ||
+      info_.kind() != v1::FENCE_KIND_CREATED) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "fence ", id(), " is not one this session created; only its owner signals it"));
+  }
   v1::FdChannelMessage record;
   v1::FenceSignal* signal = record.mutable_signal();
   signal->set_fence_id(id());

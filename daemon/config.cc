@@ -54,8 +54,10 @@ constexpr char kDefaultConfig[] = R"pb(# bufferd embedded default configuration.
                                          max_control_connections: 4096
                                          max_control_connections_per_uid: 1024
                                          # max_fds_per_uid: half the fd budget
-                                         max_fences: 262144
-                                         max_held_fences_per_session: 65536
+                                         max_fences: 65536
+                                         max_fences_per_uid: 16384
+                                         max_held_fences_per_session: 16384
+                                         max_fence_waits_per_session: 16384
                                        }
 )pb";
 

@@ -204,9 +204,13 @@ absl::Status Daemon::Init(const v1::Config& config) {
       absl::Milliseconds(OrDefault(config.default_fence_deadline_ms(), 10000u));
   fence_limits.max_deadline = absl::Milliseconds(OrDefault(config.max_fence_deadline_ms(), 300000u));
   fence_limits.max_pending_per_session = config.quotas().max_fences_per_session();
-  fence_limits.max_pending = OrDefault(limits.max_fences(), fence_limits.max_pending);
+  fence_limits.max_fences = OrDefault(limits.max_fences(), fence_limits.max_fences);
+  fence_limits.max_fences_per_uid =
+      OrDefault(limits.max_fences_per_uid(), fence_limits.max_fences_per_uid);
   fence_limits.max_held_per_session =
       OrDefault(limits.max_held_fences_per_session(), fence_limits.max_held_per_session);
+  fence_limits.max_waits_per_session =
+      OrDefault(limits.max_fence_waits_per_session(), fence_limits.max_waits_per_session);
   fences_ = std::make_unique<FenceTable>(loop_.get(), &budget_, fence_limits);
   hub_ = std::make_unique<SessionHub>(sessions_.get(), state_.get(), reaper_.get(), fences_.get(),
                                       &budget_);

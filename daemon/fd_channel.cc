@@ -22,6 +22,8 @@ constexpr absl::Duration kChurnSummaryPeriod = absl::Minutes(1);
 constexpr absl::Duration kAcceptPause = absl::Milliseconds(100);
 constexpr uint32_t kReadEvents = EPOLLIN | EPOLLRDHUP;
 constexpr int kRecordsPerWake = 64;
+// Records one call applies before it runs (see DrainSession).
+constexpr int kMaxDrained = 256;
 
 // Sessions that end badly and connections refused: one line per kind,
 // whichever client causes them.
@@ -124,6 +126,12 @@ void FdChannel::Admit(UnixSocket socket) {
     return;
   }
   const int fd = socket.fd();
+  auto reader = std::make_shared<Reader>();
+  reader->session_id = admission->session_id;
+  {
+    absl::MutexLock reader_lock(&reader->mu);
+    reader->fd = fd;
+  }
   // Watched before anything can be queued for it (a Deliver that finds the
   // socket full arms EPOLLOUT on this watch). Callbacks run on this thread,
   // so none runs before the connection is registered below.
@@ -150,12 +158,7 @@ void FdChannel::Admit(UnixSocket socket) {
     Connection& connection = connections_[fd];
     connection.session_id = admission->session_id;
     connection.socket = std::move(socket);
-    connection.reader = std::make_shared<Reader>();
-    connection.reader->session_id = admission->session_id;
-    {
-      absl::MutexLock reader_lock(&connection.reader->mu);
-      connection.reader->fd = fd;
-    }
+    connection.reader = std::move(reader);
     connection.lease = *std::move(lease);
     by_session_[admission->session_id] = fd;
     // A fresh socket's buffer is empty, so this cannot block.
@@ -197,14 +200,16 @@ void FdChannel::OnReadable(int fd) {
   }
   // At most kRecordsPerWake records per wake: the rest wait for the next
   // round (epoll reports the socket again), so one flooding client cannot
-  // hold up accepts, Hellos and the tick for everyone else.
-  std::optional<ReadEnd> end = ReadRecords(*reader, kRecordsPerWake, UINT64_MAX);
+  // hold up accepts, Hellos and the tick for everyone else. An RPC thread
+  // draining this session reads them itself: the loop does not wait for it.
+  if (!reader->mu.TryLock()) return;
+  std::optional<ReadEnd> end = ReadRecordsLocked(*reader, kRecordsPerWake, UINT64_MAX);
+  reader->mu.Unlock();
   if (end) EndConnection(fd, end->why, end->badly);
 }
 
-std::optional<FdChannel::ReadEnd> FdChannel::ReadRecords(Reader& reader, int max,
-                                                         uint64_t until) {
-  absl::MutexLock lock(&reader.mu);
+std::optional<FdChannel::ReadEnd> FdChannel::ReadRecordsLocked(Reader& reader, int max,
+                                                               uint64_t until) {
   for (int n = 0; n < max && reader.fd >= 0 && reader.records < until; ++n) {
     absl::StatusOr<UnixSocket::Received> received =
         UnixSocket::RecvWithFdsOn(reader.fd, kMaxRecordBytes, /*dont_wait=*/true);
@@ -236,8 +241,13 @@ void FdChannel::DrainSession(uint64_t session_id, uint64_t sent) {
     if (s == by_session_.end()) return;
     reader = connections_.at(s->second).reader;
   }
-  // Bounded: a client that floods records only delays its own call.
-  std::optional<ReadEnd> end = ReadRecords(*reader, 4096, sent);
+  // Bounded: a client that floods records only delays its own call (an
+  // honest one never has that many unread).
+  std::optional<ReadEnd> end;
+  {
+    absl::MutexLock lock(&reader->mu);
+    end = ReadRecordsLocked(*reader, kMaxDrained, sent);
+  }
   if (!end) return;
   // Only the loop ends connections; it finds EOF again by itself, but a
   // bad record is gone from the socket, so tell it.

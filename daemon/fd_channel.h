@@ -158,7 +158,8 @@ class FdChannel {
   void OnReadable(int fd);
   // Reads and applies at most `max` records (until `until` have been read
   // in all). nullopt when drained or stopped; otherwise why the session ends.
-  std::optional<ReadEnd> ReadRecords(Reader& reader, int max, uint64_t until);
+  std::optional<ReadEnd> ReadRecordsLocked(Reader& reader, int max, uint64_t until)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(reader.mu);
   // Ends a session by id, from a loop callback.
   void EndSession(uint64_t session_id, absl::string_view why, bool badly);
   // Marks the reader ended: nobody reads the socket again.

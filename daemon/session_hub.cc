@@ -91,20 +91,28 @@ absl::Status SessionHub::OnUpload(uint64_t session_id, uint64_t upload_id,
     if (it->second.fds.count(upload_id) != 0) {
       return absl::InvalidArgumentError(absl::StrCat("upload id ", upload_id, " is in use"));
     }
-    if (it->second.fds.size() >= kMaxUploads) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "more than ", kMaxUploads, " uploaded fds not claimed by an ImportSyncFd"));
-    }
     uid = it->second.uid;
   }
-  // Leased without the hub's lock (the budget may run reclaimers).
-  absl::StatusOr<FdBudget::Lease> lease = budget_->Acquire(FdUse::kFence, uid);
-  absl::StatusOr<LeasedFd> upload =
-      lease.ok() ? absl::StatusOr<LeasedFd>(LeasedFd{std::move(fds[0]), *std::move(lease)})
-                 : absl::StatusOr<LeasedFd>(lease.status());
+  // Only what could be imported is kept: never a socket (the client's own
+  // fd.sock end among them, which would keep its session from ever ending).
+  // The ImportSyncFd naming it gets the reason.
+  absl::StatusOr<LeasedFd> upload;
+  if (absl::Status importable = CheckImportable(fds[0].get()); !importable.ok()) {
+    upload = importable;
+  } else if (absl::StatusOr<FdBudget::Lease> lease = budget_->Acquire(FdUse::kFence, uid);
+             !lease.ok()) {
+    // Leased without the hub's lock (the budget may run reclaimers).
+    upload = lease.status();
+  } else {
+    upload = LeasedFd{std::move(fds[0]), *std::move(lease)};
+  }
+  fds.clear();
   absl::MutexLock lock(&mu_);
   auto it = uploads_.find(session_id);
-  if (it != uploads_.end()) it->second.fds.emplace(upload_id, std::move(upload));
+  if (it == uploads_.end()) return absl::OkStatus();
+  // Unclaimed uploads (an ImportSyncFd that never came): the oldest goes.
+  if (it->second.fds.size() >= kMaxUploads) it->second.fds.erase(it->second.fds.begin());
+  it->second.fds.emplace(upload_id, std::move(upload));
   return absl::OkStatus();
 }
 
@@ -148,6 +156,9 @@ void SessionHub::ReleaseDropped(uint64_t session_id, const std::vector<uint64_t>
 }
 
 void SessionHub::OnDetach(uint64_t session_id) {
+  // It can signal nothing any more: its fences fail now, not when its
+  // unread fds are gone.
+  fences_->CloseSession(session_id);
   sessions_->Detach(session_id);
   state_->DetachSession(session_id);
 }

@@ -28,7 +28,7 @@ namespace bufferd {
 
 class SessionHub final : public FdChannel::Delegate {
  public:
-  // Uploaded fds a session may leave unclaimed; one more ends the session.
+  // Uploaded fds a session may leave unclaimed; one more closes the oldest.
   static constexpr size_t kMaxUploads = 16;
 
   // All must outlive this object.

@@ -45,11 +45,24 @@ std::string StatusName(v1::FenceStatus status) {
   return v1::FenceStatus_Name(status);
 }
 
+// Imports of our own pipes after their fence went: how many are remembered.
+constexpr size_t kRecentPipes = 4096;
+
+// What /proc says an fd is ("anon_inode:[eventfd]", "pipe:[123]", ...).
+std::string FdLink(int fd) {
+  char link[128];
+  const ssize_t n =
+      ::readlink(absl::StrCat("/proc/self/fd/", fd).c_str(), link, sizeof(link) - 1);
+  return n > 0 ? std::string(link, static_cast<size_t>(n)) : std::string();
+}
+
+bool IsSyncFile(int fd) { return FdLink(fd) == "anon_inode:sync_file"; }
+
 // What an imported fd that polled readable says: a sync_file's own error,
 // or OK.
-std::pair<v1::FenceStatus, std::string> ImportedStatus(int fd, uint32_t events) {
+std::pair<v1::FenceStatus, std::string> ImportedStatus(int fd, bool sync_file, uint32_t events) {
   sync_file_info info{};
-  if (::ioctl(fd, SYNC_IOC_FILE_INFO, &info) == 0) {
+  if (sync_file && ::ioctl(fd, SYNC_IOC_FILE_INFO, &info) == 0) {
     if (info.status < 0) {
       return {v1::FENCE_STATUS_ERROR,
               absl::StrCat("the imported sync_file failed: ", std::strerror(-info.status))};
@@ -62,6 +75,19 @@ std::pair<v1::FenceStatus, std::string> ImportedStatus(int fd, uint32_t events) 
   return {v1::FENCE_STATUS_OK, ""};
 }
 
+// Why a merged fence failed: its input's root cause (never nested: a merge
+// of merges names the fence that really failed), at most 2 * kMaxTextBytes.
+std::string MergedError(const FenceView& input) {
+  std::string why =
+      input.kind == FenceKind::kMerged
+          ? input.message
+          : absl::StrCat("input fence ", input.id, " ('", input.name, "'): ",
+                         v1::FenceStatus_Name(input.status), input.message.empty() ? "" : ": ",
+                         input.message);
+  if (why.size() > 2 * kMaxTextBytes) why.resize(2 * kMaxTextBytes);
+  return why;
+}
+
 absl::StatusOr<std::pair<dev_t, ino_t>> Inode(int fd) {
   struct stat st {};
   if (::fstat(fd, &st) != 0) return ErrnoError("fstat", errno);
@@ -69,6 +95,34 @@ absl::StatusOr<std::pair<dev_t, ino_t>> Inode(int fd) {
 }
 
 }  // namespace
+
+absl::Status CheckImportable(int fd) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return ErrnoError("fstat of the uploaded fd", errno);
+  if (S_ISFIFO(st.st_mode)) return absl::OkStatus();
+  std::string what;
+  if (S_ISREG(st.st_mode)) {
+    what = "a regular file";
+  } else if (S_ISDIR(st.st_mode)) {
+    what = "a directory";
+  } else if (S_ISSOCK(st.st_mode)) {
+    what = "a socket";
+  } else if (S_ISCHR(st.st_mode)) {
+    what = "a character device";
+  } else if (S_ISBLK(st.st_mode)) {
+    what = "a block device";
+  } else {
+    const std::string link = FdLink(fd);
+    if (link == "anon_inode:[eventfd]" || link == "anon_inode:sync_file" ||
+        link == "anon_inode:[timerfd]") {
+      return absl::OkStatus();
+    }
+    what = link.empty() ? "of an unknown kind" : absl::StrCat("'", link, "'");
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("the uploaded fd is ", what,
+                   ": only a sync_file, an eventfd, a timerfd or a pipe can be imported"));
+}
 
 const char* FenceKindName(FenceKind kind) {
   switch (kind) {
@@ -112,7 +166,8 @@ void FenceTable::CloseSession(uint64_t session_id) {
       SignalLocked(fence->second, v1::FENCE_STATUS_OWNER_DIED,
                    absl::StrCat("owner session ", session_id, " ended"), done);
     }
-    const std::vector<uint64_t> held(session.held.begin(), session.held.end());
+    std::vector<uint64_t> held;
+    for (const auto& [id, holds] : session.held) held.push_back(id);
     for (uint64_t id : held) UnholdLocked(session, id);
     sessions_.erase(it);
     SweepLocked();
@@ -150,9 +205,16 @@ absl::Status FenceTable::CheckNewFenceLocked(const Session& session) const {
         absl::StrCat("quota max_fences_per_session: the session owns ",
                      session.pending_owned.size(), " pending fences, the most allowed"));
   }
-  if (pending_ >= limits_.max_pending) {
+  if (fences_.size() >= limits_.max_fences) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "limit max_fences: ", pending_, " fences are pending daemon-wide, the most allowed"));
+        "limit max_fences: ", fences_.size(),
+        " fences are known daemon-wide (pending, or signalled and still held), the most allowed"));
+  }
+  auto by_uid = known_by_uid_.find(session.uid);
+  if (by_uid != known_by_uid_.end() && by_uid->second >= limits_.max_fences_per_uid) {
+    return absl::ResourceExhaustedError(absl::StrCat("limit max_fences_per_uid: sessions of uid ",
+                                                     session.uid, " own ", by_uid->second,
+                                                     " known fences, the most allowed"));
   }
   return absl::OkStatus();
 }
@@ -188,13 +250,14 @@ FenceTable::Fence& FenceTable::AddFenceLocked(uint64_t session_id, Session& sess
     RearmLocked();
   }
   ++pending_;
+  ++known_by_uid_[session.uid];
   session.pending_owned.insert(id);
   HoldLocked(session, fence);
   return fence;
 }
 
 void FenceTable::HoldLocked(Session& session, Fence& fence) {
-  if (session.held.insert(fence.view.id).second) ++fence.holders;
+  if (session.held[fence.view.id]++ == 0) ++fence.holders;
 }
 
 void FenceTable::UnholdLocked(Session& session, uint64_t id) {
@@ -210,8 +273,19 @@ void FenceTable::EraseIfUnusedLocked(uint64_t id) {
   if (it == fences_.end()) return;
   const Fence& fence = it->second;
   if (!fence.view.signaled || fence.holders != 0 || !fence.waits.empty()) return;
-  for (const auto& inode : fence.pipe_inodes) exported_pipes_.erase(inode);
+  if (fence.pipe_inode) {
+    RememberPipeLocked(fence);
+    exported_pipes_.erase(*fence.pipe_inode);
+  }
+  auto by_uid = known_by_uid_.find(fence.owner_uid);
+  if (by_uid != known_by_uid_.end() && --by_uid->second == 0) known_by_uid_.erase(by_uid);
   fences_.erase(it);
+}
+
+void FenceTable::RememberPipeLocked(const Fence& fence) {
+  if (gone_pipes_.size() >= kRecentPipes) gone_pipes_.pop_front();
+  gone_pipes_.push_back(
+      GonePipe{*fence.pipe_inode, fence.view.id, fence.view.status, fence.view.message});
 }
 
 void FenceTable::SweepLocked() {
@@ -302,7 +376,6 @@ void FenceTable::SignalLocked(Fence& first, v1::FenceStatus status, std::string 
     // exported fds wake before the bookkeeping.
     if (fence.pipe_write.fd.valid()) out.woke_pollers = true;
     fence.pipe_write = {};
-    fence.pipe_read = {};
     fence.view.signaled = true;
     fence.view.status = step.status;
     fence.view.message = std::move(step.message);
@@ -331,11 +404,7 @@ void FenceTable::SignalLocked(Fence& first, v1::FenceStatus status, std::string 
       // Inputs signal in time order, so the first error seen is the first
       // by signal time.
       if (fence.view.status != v1::FENCE_STATUS_OK && !merged.first_error) {
-        merged.first_error.emplace(
-            fence.view.status, absl::StrCat("input fence ", fence.view.id, " ('",
-                                            fence.view.name, "'): ", StatusName(fence.view.status),
-                                            fence.view.message.empty() ? "" : ": ",
-                                            fence.view.message));
+        merged.first_error.emplace(fence.view.status, MergedError(fence.view));
       }
       if (--merged.inputs_pending == 0) {
         work.push_back(merged.first_error
@@ -398,10 +467,7 @@ absl::StatusOr<FenceView> FenceTable::Merge(uint64_t session_id, const std::vect
       }
     }
     if (earliest_error != nullptr) {
-      const FenceView& e = earliest_error->view;
-      merged.first_error.emplace(
-          e.status, absl::StrCat("input fence ", e.id, " ('", e.name, "'): ", StatusName(e.status),
-                                 e.message.empty() ? "" : ": ", e.message));
+      merged.first_error.emplace(earliest_error->view.status, MergedError(earliest_error->view));
     }
     if (merged.inputs_pending == 0) {
       SignalLocked(merged, merged.first_error ? merged.first_error->first : v1::FENCE_STATUS_OK,
@@ -417,20 +483,20 @@ absl::StatusOr<FenceView> FenceTable::Import(uint64_t session_id, UniqueFd fd,
                                              absl::string_view name, absl::Duration deadline) {
   RETURN_IF_ERROR(CheckText("name", name));
   ASSIGN_OR_RETURN(const absl::Duration lifetime, CheckDeadline(deadline));
+  RETURN_IF_ERROR(CheckImportable(fd.get()));
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) return ErrnoError("fstat of the uploaded fd", errno);
-  if (S_ISREG(st.st_mode) || S_ISDIR(st.st_mode) || S_ISBLK(st.st_mode)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "the uploaded fd is a ", S_ISDIR(st.st_mode) ? "directory" : S_ISREG(st.st_mode) ? "regular file" : "block device",
-        ": only pollable fds (a sync_file, an eventfd, a pipe) can be imported"));
-  }
+  const bool sync_file = !S_ISFIFO(st.st_mode) && IsSyncFile(fd.get());
+  // A pipe of ours whose fence went: already signalled, with its status.
+  std::optional<GonePipe> gone;
   uid_t uid;
   {
     absl::MutexLock lock(&mu_);
     ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
     uid = session->uid;
-    // One of our own pipes: the fence itself, not a proxy.
     if (S_ISFIFO(st.st_mode)) {
+      // One of our own pipes: the fence itself, not a proxy. (The table
+      // keeps a read end of each, so no other pipe has its inode.)
       auto known = exported_pipes_.find({st.st_dev, st.st_ino});
       if (known != exported_pipes_.end()) {
         auto it = fences_.find(known->second);
@@ -443,12 +509,18 @@ absl::StatusOr<FenceView> FenceTable::Import(uint64_t session_id, UniqueFd fd,
           return ViewLocked(it->second);
         }
       }
+      for (auto it = gone_pipes_.rbegin(); it != gone_pipes_.rend(); ++it) {
+        if (it->inode == std::make_pair(st.st_dev, st.st_ino)) {
+          gone = *it;
+          break;
+        }
+      }
     }
   }
   // Taken without the table's lock (the budget may run reclaimers).
   ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kFence, uid));
   pollfd poll_fd{fd.get(), POLLIN, 0};
-  const bool ready = RetryOnEintr([&] { return ::poll(&poll_fd, 1, 0); }) == 1;
+  const bool ready = gone || RetryOnEintr([&] { return ::poll(&poll_fd, 1, 0); }) == 1;
   Completions done;
   FenceView view;
   {
@@ -458,8 +530,20 @@ absl::StatusOr<FenceView> FenceTable::Import(uint64_t session_id, UniqueFd fd,
     if (ready) {
       Fence& fence = AddFenceLocked(session_id, *session, FenceKind::kImported, name, "", lifetime,
                                     /*arm_timer=*/false);
-      auto [status, message] = ImportedStatus(fd.get(), poll_fd.revents & POLLERR ? EPOLLERR : EPOLLIN);
-      SignalLocked(fence, status, std::move(message), done);
+      if (gone) {
+        SignalLocked(fence, gone->status,
+                     absl::StrCat("the pipe of fence ", gone->id, ", gone since, which was ",
+                                  StatusName(gone->status),
+                                  gone->message.empty() ? "" : ": ", gone->message),
+                     done);
+      } else {
+        uint32_t events = 0;
+        if (poll_fd.revents & POLLIN) events |= EPOLLIN;
+        if (poll_fd.revents & POLLERR) events |= EPOLLERR;
+        if (poll_fd.revents & POLLHUP) events |= EPOLLHUP;
+        auto [status, message] = ImportedStatus(fd.get(), sync_file, events);
+        SignalLocked(fence, status, std::move(message), done);
+      }
       view = ViewLocked(fence);
     } else {
       const uint64_t id = next_fence_id_;
@@ -469,11 +553,12 @@ absl::StatusOr<FenceView> FenceTable::Import(uint64_t session_id, UniqueFd fd,
       if (!watched.ok()) {
         return absl::InvalidArgumentError(absl::StrCat(
             "the uploaded fd cannot be polled (", watched.message(),
-            "): only pollable fds (a sync_file, an eventfd, a pipe) can be imported"));
+            "): only a sync_file, an eventfd, a timerfd or a pipe can be imported"));
       }
       Fence& fence = AddFenceLocked(session_id, *session, FenceKind::kImported, name, "", lifetime,
                                     /*arm_timer=*/true);
       fence.imported = LeasedFd{std::move(fd), std::move(lease)};
+      fence.imported_sync_file = sync_file;
       view = ViewLocked(fence);
     }
   }
@@ -487,7 +572,8 @@ void FenceTable::OnImportReadable(uint64_t id, uint32_t events) {
     absl::MutexLock lock(&mu_);
     auto it = fences_.find(id);
     if (it == fences_.end() || it->second.view.signaled || !it->second.imported.fd.valid()) return;
-    auto [status, message] = ImportedStatus(it->second.imported.fd.get(), events);
+    auto [status, message] =
+        ImportedStatus(it->second.imported.fd.get(), it->second.imported_sync_file, events);
     SignalLocked(it->second, status, std::move(message), done);
   }
   Run(done);
@@ -495,40 +581,41 @@ void FenceTable::OnImportReadable(uint64_t id, uint32_t events) {
 
 absl::StatusOr<LeasedFd> FenceTable::Export(uint64_t session_id, uint64_t id) {
   uid_t uid;
+  bool needs_pipe;
   {
     absl::MutexLock lock(&mu_);
     ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
-    RETURN_IF_ERROR(HeldLocked(session_id, id).status());
+    ASSIGN_OR_RETURN(Fence * fence, HeldLocked(session_id, id));
     uid = session->uid;
+    needs_pipe = !fence->pipe_read.fd.valid();
   }
-  // Places for the copy sent and, if the fence has no pipe yet, for the
-  // pipe's two ends (unused ones go back at once).
+  // Taken without the table's lock (the budget may run reclaimers): the
+  // copy sent, and the pipe's ends if it has none yet.
   ASSIGN_OR_RETURN(FdBudget::Lease out, budget_->Acquire(FdUse::kDelivery, uid));
-  ASSIGN_OR_RETURN(FdBudget::Lease write_lease, budget_->Acquire(FdUse::kFence, uid));
-  ASSIGN_OR_RETURN(FdBudget::Lease read_lease, budget_->Acquire(FdUse::kFence, uid));
+  FdBudget::Lease read_lease, write_lease;
+  if (needs_pipe) {
+    ASSIGN_OR_RETURN(read_lease, budget_->Acquire(FdUse::kFence, uid));
+    ASSIGN_OR_RETURN(write_lease, budget_->Acquire(FdUse::kFence, uid));
+  }
   absl::MutexLock lock(&mu_);
   RETURN_IF_ERROR(SessionLocked(session_id).status());
   ASSIGN_OR_RETURN(Fence * fence, HeldLocked(session_id, id));
-  if (fence->view.signaled) {
-    // A pipe closed already: readable at once. Only its inode is kept, so
-    // an import of it finds this fence while the fence is known.
-    int ends[2];
-    if (::pipe2(ends, O_CLOEXEC) != 0) return ErrnoError("pipe2", errno);
-    UniqueFd read_end(ends[0]);
-    ::close(ends[1]);
-    ASSIGN_OR_RETURN(auto inode, Inode(read_end.get()));
-    exported_pipes_[inode] = id;
-    fence->pipe_inodes.push_back(inode);
-    ++fence->view.exports;
-    return LeasedFd{std::move(read_end), std::move(out)};
-  }
   if (!fence->pipe_read.fd.valid()) {
+    if (!read_lease.held()) {
+      return absl::UnavailableError("the fence's pipe went while it was exported; try again");
+    }
     int ends[2];
     if (::pipe2(ends, O_CLOEXEC) != 0) return ErrnoError("pipe2", errno);
-    fence->pipe_read = LeasedFd{UniqueFd(ends[0]), std::move(read_lease)};
-    fence->pipe_write = LeasedFd{UniqueFd(ends[1]), std::move(write_lease)};
+    UniqueFd read_end(ends[0]), write_end(ends[1]);
+    // Read-only even for the daemon's own uid through /proc (like buffers).
+    (void)::fchmod(ends[0], 0400);
     ASSIGN_OR_RETURN(auto inode, Inode(ends[0]));
-    fence->pipe_inodes.push_back(inode);
+    fence->pipe_read = LeasedFd{std::move(read_end), std::move(read_lease)};
+    // Signalled already: no writer, readable at once.
+    if (!fence->view.signaled) {
+      fence->pipe_write = LeasedFd{std::move(write_end), std::move(write_lease)};
+    }
+    fence->pipe_inode = inode;
     exported_pipes_[inode] = id;
   }
   const int copy = ::fcntl(fence->pipe_read.fd.get(), F_DUPFD_CLOEXEC, 0);
@@ -542,7 +629,11 @@ void FenceTable::Forget(uint64_t session_id, uint64_t id) {
   {
     absl::MutexLock lock(&mu_);
     auto s = sessions_.find(session_id);
-    if (s == sessions_.end() || !s->second.held.contains(id)) return;
+    if (s == sessions_.end()) return;
+    auto held = s->second.held.find(id);
+    if (held == s->second.held.end()) return;
+    // One hold of several (the fence was imported again): nothing else.
+    if (--held->second > 0) return;
     auto it = fences_.find(id);
     if (it != fences_.end() && !it->second.view.signaled &&
         it->second.view.kind == FenceKind::kCreated &&
@@ -573,10 +664,9 @@ absl::StatusOr<std::optional<FenceTable::WaitResult>> FenceTable::Wait(uint64_t 
   waiter.all = request.all;
   waiter.done = std::move(done);
   waiter.started_mono = MonotonicNow();
+  absl::flat_hash_set<uint64_t> seen;
   for (uint64_t id : request.ids) {
-    if (std::find(waiter.ids.begin(), waiter.ids.end(), id) == waiter.ids.end()) {
-      waiter.ids.push_back(id);
-    }
+    if (seen.insert(id).second) waiter.ids.push_back(id);
   }
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
@@ -599,6 +689,11 @@ absl::StatusOr<std::optional<FenceTable::WaitResult>> FenceTable::Wait(uint64_t 
       ++latency_.count;
     }
     return ResultLocked(waiter, satisfied);
+  }
+  if (session->waits.size() >= limits_.max_waits_per_session) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("limit max_fence_waits_per_session: the session has ", session->waits.size(),
+                     " WaitFence calls pending, the most allowed"));
   }
   waiter.remaining = fences.size() - signalled;
   for (Fence* fence : fences) {
@@ -741,21 +836,44 @@ void FenceTable::OnTimer(uint64_t generation) {
 }
 
 std::vector<FenceView> FenceTable::List(const FenceQuery& query) const {
-  std::vector<FenceView> views;
+  // Chosen on small keys, then copied: the lock is held for a scan, not
+  // for copying every fence's strings.
+  struct Key {
+    bool signaled;
+    absl::Time signaled_at;
+    uint64_t id;
+  };
+  std::vector<Key> keys;
   {
     absl::MutexLock lock(&mu_);
     for (const auto& [id, fence] : fences_) {
       if (query.pending && *query.pending == fence.view.signaled) continue;
       if (query.owner_session != 0 && fence.view.owner_session != query.owner_session) continue;
-      views.push_back(ViewLocked(fence));
+      keys.push_back({fence.view.signaled, fence.view.signaled_at, id});
     }
   }
-  std::sort(views.begin(), views.end(), [](const FenceView& a, const FenceView& b) {
+  const size_t limit = query.limit == 0 ? FenceQuery::kMaxListed
+                                        : std::min(query.limit, FenceQuery::kMaxListed);
+  // Pending first, oldest first; then signalled, newest first.
+  auto before = [](const Key& a, const Key& b) {
     if (a.signaled != b.signaled) return !a.signaled;
-    if (!a.signaled) return a.id < b.id;  // oldest pending first
+    if (!a.signaled) return a.id < b.id;
     return a.signaled_at != b.signaled_at ? a.signaled_at > b.signaled_at : a.id > b.id;
-  });
-  if (query.limit != 0 && views.size() > query.limit) views.resize(query.limit);
+  };
+  if (keys.size() > limit) {
+    std::partial_sort(keys.begin(), keys.begin() + static_cast<ptrdiff_t>(limit), keys.end(),
+                      before);
+    keys.resize(limit);
+  } else {
+    std::sort(keys.begin(), keys.end(), before);
+  }
+  std::vector<FenceView> views;
+  views.reserve(keys.size());
+  absl::MutexLock lock(&mu_);
+  for (const Key& key : keys) {
+    auto it = fences_.find(key.id);
+    if (it != fences_.end()) views.push_back(ViewLocked(it->second));
+  }
   return views;
 }
 
@@ -801,6 +919,8 @@ void FenceTable::Stop() {
     sessions_.clear();
     timers_.clear();
     exported_pipes_.clear();
+    gone_pipes_.clear();
+    known_by_uid_.clear();
     sweep_.clear();
   }
   Run(done);

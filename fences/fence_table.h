@@ -38,6 +38,7 @@
 #include <sys/types.h>
 
 #include <array>
+#include <deque>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -47,6 +48,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/container/node_hash_map.h"
 #include "absl/status/statusor.h"
@@ -66,13 +68,23 @@ struct FenceLimits {
   // Pending fences one session owns (0 = no per-session cap).
   uint32_t max_pending_per_session = 4096;
   // Fences one session holds, pending or signalled and not yet forgotten.
-  uint32_t max_held_per_session = 65536;
-  // Pending fences daemon-wide.
-  uint32_t max_pending = 262144;
+  uint32_t max_held_per_session = 16384;
+  // Fences known daemon-wide (pending, or signalled and still held), and
+  // those owned by one uid's sessions: memory is bounded, and no uid can
+  // take every place.
+  uint32_t max_fences = 65536;
+  uint32_t max_fences_per_uid = 16384;
+  // WaitFence calls one session may have pending.
+  uint32_t max_waits_per_session = 16384;
   // Ids in one Wait and one Merge.
   size_t max_wait_ids = 1024;
   size_t max_merge_ids = 256;
 };
+
+// What kinds of fd Import takes: a pipe, an eventfd, a timerfd or a kernel
+// sync_file. INVALID_ARGUMENT naming the kind otherwise (a socket could keep
+// a client's own fd.sock alive; a file or directory never polls).
+absl::Status CheckImportable(int fd);
 
 enum class FenceKind { kCreated, kMerged, kImported };
 const char* FenceKindName(FenceKind kind);
@@ -104,7 +116,9 @@ struct FenceQuery {
   std::optional<bool> pending;
   // Only fences this session owns (0 = all).
   uint64_t owner_session = 0;
-  size_t limit = 0;  // 0 = all
+  // At most this many (0, or more than kMaxListed: kMaxListed).
+  size_t limit = 0;
+  static constexpr size_t kMaxListed = 10000;
 };
 
 class FenceTable {
@@ -236,14 +250,15 @@ class FenceTable {
     // Merged: inputs still pending, and the first error seen.
     uint32_t inputs_pending = 0;
     std::optional<std::pair<v1::FenceStatus, std::string>> first_error;
-    // The pipe: write end (closed at the signal) and a read end to copy
-    // exports from; its inode, to know it when it comes back.
+    // Its one pipe, made at the first export: the write end (closed at the
+    // signal) and a read end exports are copied from, kept while the fence
+    // is known so that its inode (in exported_pipes_) is never reused.
     LeasedFd pipe_write;
     LeasedFd pipe_read;
-    // Inodes of every pipe exported for it (in exported_pipes_).
-    std::vector<std::pair<dev_t, ino_t>> pipe_inodes;
-    // Imported: the fd watched.
+    std::optional<std::pair<dev_t, ino_t>> pipe_inode;
+    // Imported: the fd watched, and whether it is a kernel sync_file.
     LeasedFd imported;
+    bool imported_sync_file = false;
   };
   struct Waiter {
     uint64_t session = 0;
@@ -256,7 +271,9 @@ class FenceTable {
   };
   struct Session {
     uid_t uid = 0;
-    absl::flat_hash_set<uint64_t> held;
+    // Fence id -> holds (a fence imported twice is held twice: one Forget
+    // drops one).
+    absl::flat_hash_map<uint64_t, uint32_t> held;
     // Pending fences it owns (held or not).
     absl::flat_hash_set<uint64_t> pending_owned;
     absl::flat_hash_set<WaitId> waits;
@@ -283,8 +300,10 @@ class FenceTable {
                         absl::string_view name, absl::string_view timeline,
                         absl::Duration deadline, bool arm_timer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void HoldLocked(Session& session, Fence& fence) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Drops `session`'s hold; erases the fence if signalled and unheld.
+  // Drops all of `session`'s holds; erases the fence if signalled and unheld.
   void UnholdLocked(Session& session, uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Remembers the status of an exported fence that is going away.
+  void RememberPipeLocked(const Fence& fence) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Signals `fence` and everything that follows from it (merged fences,
   // waits).
   void SignalLocked(Fence& fence, v1::FenceStatus status, std::string message,
@@ -317,6 +336,17 @@ class FenceTable {
   absl::node_hash_map<uint64_t, Session> sessions_ ABSL_GUARDED_BY(mu_);
   absl::node_hash_map<WaitId, Waiter> waiters_ ABSL_GUARDED_BY(mu_);
   std::map<std::pair<dev_t, ino_t>, uint64_t> exported_pipes_ ABSL_GUARDED_BY(mu_);
+  // The last kRecentPipes exported fences that went away: an import of their
+  // pipe gets their status, not a fresh OK. Oldest first.
+  struct GonePipe {
+    std::pair<dev_t, ino_t> inode;
+    uint64_t id;
+    v1::FenceStatus status;
+    std::string message;
+  };
+  std::deque<GonePipe> gone_pipes_ ABSL_GUARDED_BY(mu_);
+  // Fences known (in fences_) by the uid of their owner.
+  absl::flat_hash_map<uid_t, uint32_t> known_by_uid_ ABSL_GUARDED_BY(mu_);
   std::vector<uint64_t> sweep_ ABSL_GUARDED_BY(mu_);
   Timers timers_ ABSL_GUARDED_BY(mu_);
   EventLoop::TimerId loop_timer_ ABSL_GUARDED_BY(mu_) = 0;

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <memory>
@@ -185,10 +186,12 @@ TEST_F(FenceTableTest, BlockedWaitWakesOnSignalAndTimesOut) {
   const uint64_t a = NewFence();
   const uint64_t b = NewFence();
   auto all = StartWait(kOwner, {a, b, a}, true, absl::Seconds(30));
-  auto timed = StartWait(kOwner, {b}, true, absl::Milliseconds(50));
+  auto any = StartWait(kOwner, {b}, false, absl::Seconds(30));
   EXPECT_EQ(table_->Info(kOwner, b)->waiters, 2u);
   ASSERT_TRUE(table_->Signal(kOwner, a, v1::FENCE_STATUS_OK, "").ok());
   EXPECT_FALSE(all->Get(absl::Milliseconds(20)).has_value()) << "b is still pending";
+  // A wait that times out: answered, not satisfied.
+  auto timed = StartWait(kOwner, {b}, true, absl::Milliseconds(50));
   auto timed_out = timed->Get();
   ASSERT_TRUE(timed_out.has_value());
   ASSERT_TRUE(timed_out->ok());
@@ -199,6 +202,7 @@ TEST_F(FenceTableTest, BlockedWaitWakesOnSignalAndTimesOut) {
   EXPECT_TRUE((*done)->satisfied);
   ASSERT_EQ((*done)->fences.size(), 2u) << "duplicates once";
   EXPECT_EQ((*done)->fences[1].status, v1::FENCE_STATUS_CANCELLED);
+  ASSERT_TRUE(any->Get().has_value());
   EXPECT_EQ(table_->counts().waits, 0u);
 }
 
@@ -294,14 +298,28 @@ TEST_F(FenceTableTest, ImportRefusesFilesAndDirectories) {
                                     "", absl::ZeroDuration())
                          .status();
   EXPECT_EQ(dir.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(dir.message(), HasSubstr("is a directory: only pollable fds"));
+  EXPECT_THAT(dir.message(), HasSubstr("is a directory: only a sync_file, an eventfd"));
   absl::Status file =
       table_->Import(kOwner, UniqueFd(::open("/proc/self/exe", O_RDONLY | O_CLOEXEC)), "",
                      absl::ZeroDuration())
           .status();
   EXPECT_EQ(file.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(file.message(), HasSubstr("is a regular file"));
+  int pair[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair), 0);
+  UniqueFd keep(pair[1]);
+  absl::Status socket =
+      table_->Import(kOwner, UniqueFd(pair[0]), "", absl::ZeroDuration()).status();
+  EXPECT_EQ(socket.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(socket.message(), HasSubstr("is a socket")) << "it could keep a client's fd.sock alive";
+  absl::Status device = table_->Import(kOwner, UniqueFd(::open("/dev/null", O_RDONLY | O_CLOEXEC)),
+                                       "", absl::ZeroDuration())
+                            .status();
+  EXPECT_THAT(device.message(), HasSubstr("is a character device"));
+  UniqueFd namespace_fd(::open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC));
+  EXPECT_EQ(CheckImportable(namespace_fd.get()).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(table_->counts().pending, 0u);
+  EXPECT_EQ(budget_.usage().total, 0u);
 }
 
 TEST_F(FenceTableTest, SessionEndSignalsOwnerDiedAndEndsItsWaits) {
@@ -340,20 +358,28 @@ TEST_F(FenceTableTest, DeadlinesAreSignalledByATimer) {
   EXPECT_THAT((*done)->fences[0].message, HasSubstr("deadline passed 30 ms after"));
 }
 
-TEST_F(FenceTableTest, Caps) {
+TEST_F(FenceTableTest, AnImportHasADeadlineToo) {
+  UniqueFd event(::eventfd(0, EFD_CLOEXEC));
+  absl::StatusOr<FenceView> imported =
+      table_->Import(kOwner, UniqueFd(::dup(event.get())), "late", absl::Milliseconds(30));
+  ASSERT_TRUE(imported.ok());
+  auto waiter = StartWait(kOwner, {imported->id}, true, absl::Seconds(30));
+  auto done = waiter->Get();
+  ASSERT_TRUE(done.has_value() && done->ok());
+  EXPECT_EQ((*done)->fences[0].status, v1::FENCE_STATUS_DEADLINE_EXCEEDED);
+  EXPECT_EQ(budget_.usage().of(FdUse::kFence), 0u) << "the watched fd is closed";
+}
+
+TEST_F(FenceTableTest, PerSessionCaps) {
   FenceLimits limits;
   limits.max_pending_per_session = 2;
   limits.max_held_per_session = 3;
-  limits.max_pending = 3;
   NewTable(limits);
   const uint64_t a = NewFence();
   NewFence();
   absl::Status quota = table_->Create(kOwner, "", "", absl::ZeroDuration()).status();
   EXPECT_EQ(quota.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(quota.message(), HasSubstr("quota max_fences_per_session: the session owns 2"));
-  ASSERT_TRUE(table_->Create(kOther, "", "", absl::ZeroDuration()).ok());
-  absl::Status global = table_->Create(kOther, "", "", absl::ZeroDuration()).status();
-  EXPECT_THAT(global.message(), HasSubstr("limit max_fences: 3 fences are pending"));
   ASSERT_TRUE(table_->Signal(kOwner, a, v1::FENCE_STATUS_OK, "").ok());
   NewFence();
   absl::Status held = table_->Create(kOwner, "", "", absl::ZeroDuration()).status();
@@ -361,6 +387,86 @@ TEST_F(FenceTableTest, Caps) {
   table_->Forget(kOwner, a);
   EXPECT_EQ(table_->Info(kOwner, a).status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(table_->session_counts(kOwner).held, 2u);
+}
+
+TEST_F(FenceTableTest, DaemonWideAndPerUidCaps) {
+  FenceLimits limits;
+  limits.max_fences = 4;
+  limits.max_fences_per_uid = 2;
+  NewTable(limits);
+  table_->AddSession(3, 1000);  // a second session of the owner's uid
+  const uint64_t a = NewFence();
+  ASSERT_TRUE(table_->Signal(kOwner, a, v1::FENCE_STATUS_OK, "").ok());
+  NewFence();
+  // Signalled fences still held count: memory is bounded by what is known.
+  absl::Status uid = table_->Create(3, "", "", absl::ZeroDuration()).status();
+  EXPECT_EQ(uid.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(uid.message(), HasSubstr("limit max_fences_per_uid: sessions of uid 1000 own 2"));
+  ASSERT_TRUE(table_->Create(kOther, "", "", absl::ZeroDuration()).ok()) << "another uid has room";
+  ASSERT_TRUE(table_->Create(kOther, "", "", absl::ZeroDuration()).ok());
+  table_->Forget(kOwner, a);
+  absl::Status all = table_->Create(3, "", "", absl::ZeroDuration()).status();
+  EXPECT_TRUE(all.ok()) << all;
+  absl::Status full = table_->Create(kOther, "", "", absl::ZeroDuration()).status();
+  EXPECT_THAT(full.message(), HasSubstr("limit max_fences: 4 fences are known daemon-wide"));
+  table_->CloseSession(3);
+}
+
+TEST_F(FenceTableTest, WaitsPerSessionAreCapped) {
+  FenceLimits limits;
+  limits.max_waits_per_session = 2;
+  NewTable(limits);
+  const uint64_t a = NewFence();
+  auto one = StartWait(kOwner, {a}, true, absl::Seconds(30));
+  auto two = StartWait(kOwner, {a}, true, absl::Seconds(30));
+  absl::Status third = table_->Wait(kOwner, table_->NewWaitId(),
+                                    {{a}, true, absl::Seconds(30), std::nullopt}, nullptr)
+                           .status();
+  EXPECT_EQ(third.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(third.message(), HasSubstr("limit max_fence_waits_per_session: the session has 2"));
+  ASSERT_TRUE(table_->Signal(kOwner, a, v1::FENCE_STATUS_OK, "").ok());
+  ASSERT_TRUE(one->Get().has_value() && two->Get().has_value());
+}
+
+TEST_F(FenceTableTest, MergedErrorsNameTheRootCauseAndNeverGrow) {
+  const uint64_t root = NewFence();
+  ASSERT_TRUE(table_->Signal(kOwner, root, v1::FENCE_STATUS_ERROR, std::string(200, 'x')).ok());
+  uint64_t last = root;
+  for (int i = 0; i < 50; ++i) {
+    absl::StatusOr<FenceView> merged = table_->Merge(kOwner, {last}, std::string(200, 'n'));
+    ASSERT_TRUE(merged.ok());
+    ASSERT_TRUE(merged->signaled);
+    EXPECT_LE(merged->message.size(), 400u);
+    EXPECT_THAT(merged->message, HasSubstr(absl::StrCat("input fence ", root, " (")));
+    last = merged->id;
+  }
+}
+
+TEST_F(FenceTableTest, ImportingTwiceHoldsTwice) {
+  const uint64_t id = NewFence();
+  absl::StatusOr<LeasedFd> fd = table_->Export(kOwner, id);
+  ASSERT_TRUE(fd.ok());
+  ASSERT_EQ(table_->Import(kOwner, UniqueFd(::dup(fd->fd.get())), "", absl::ZeroDuration())->id, id);
+  table_->Forget(kOwner, id);  // the imported copy dropped
+  EXPECT_FALSE(table_->Info(kOwner, id)->signaled) << "the creator's hold still stands";
+  table_->Forget(kOwner, id);
+  EXPECT_TRUE(Readable(fd->fd.get())) << "the last hold dropped unsignalled: cancelled";
+}
+
+TEST_F(FenceTableTest, APipeOfAFenceGoneImportsWithItsStatus) {
+  const uint64_t id = NewFence();
+  absl::StatusOr<LeasedFd> fd = table_->Export(kOwner, id);
+  ASSERT_TRUE(fd.ok());
+  ASSERT_TRUE(table_->Signal(kOwner, id, v1::FENCE_STATUS_ERROR, "decode").ok());
+  table_->Forget(kOwner, id);
+  EXPECT_EQ(table_->counts().signaled, 0u) << "gone";
+  absl::StatusOr<FenceView> imported =
+      table_->Import(kOther, std::move(fd->fd), "", absl::ZeroDuration());
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  EXPECT_NE(imported->id, id);
+  EXPECT_TRUE(imported->signaled);
+  EXPECT_EQ(imported->status, v1::FENCE_STATUS_ERROR) << "not a fresh OK";
+  EXPECT_THAT(imported->message, HasSubstr("decode"));
 }
 
 TEST_F(FenceTableTest, ForgettingAPendingFenceCancelsIt) {
@@ -404,10 +510,13 @@ TEST_F(FenceTableTest, TenThousandWaitersOneSignal) {
 TEST_F(FenceTableTest, FdsReturnToBaseline) {
   {
     const uint64_t id = NewFence();
+    const int before = CountOpenFds();
     absl::StatusOr<LeasedFd> fd = table_->Export(kOwner, id);
     ASSERT_TRUE(fd.ok());
-    EXPECT_GT(CountOpenFds(), baseline_fds_);
+    EXPECT_EQ(CountOpenFds(), before + 3) << "the pipe's two ends and the copy";
     EXPECT_EQ(budget_.usage().of(FdUse::kFence), 2u);
+    ASSERT_TRUE(table_->Export(kOwner, id).ok());
+    EXPECT_EQ(budget_.usage().of(FdUse::kFence), 2u) << "one pipe per fence";
   }
   table_->CloseSession(kOwner);
   EXPECT_EQ(budget_.usage().total, 0u);

@@ -437,6 +437,12 @@ TEST_F(FenceTest, BadRequestsGetNamedErrors) {
     v1::CreateFenceResponse response;
     EXPECT_EQ(stub->CreateFence(&context, request, &response).error_code(),
               grpc::StatusCode::UNAUTHENTICATED);
+    grpc::ClientContext wait_context;
+    v1::WaitFenceRequest wait;
+    wait.add_fence_ids(1);
+    v1::WaitFenceResponse waited;
+    EXPECT_EQ(stub->WaitFence(&wait_context, wait, &waited).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED);
   }
   v1::CreateFenceResponse created;
   ASSERT_TRUE(stub->CreateFence(raw->Context().get(), {}, &created).ok());
@@ -452,10 +458,15 @@ TEST_F(FenceTest, BadRequestsGetNamedErrors) {
     EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status;
     EXPECT_THAT(s.error_message(), HasSubstr("a client signals OK, ERROR or CANCELLED"));
   }
-  // Waits: none, too many.
+  // Waits: none, too many, an id that never existed.
   {
     v1::WaitFenceRequest request;
     v1::WaitFenceResponse response;
+    request.add_fence_ids(id + 100000);
+    grpc::Status unknown = stub->WaitFence(raw->Context().get(), request, &response);
+    EXPECT_EQ(unknown.error_code(), grpc::StatusCode::NOT_FOUND);
+    EXPECT_EQ(unknown.error_message(), absl::StrCat("fence ", id + 100000, " not found"));
+    request.clear_fence_ids();
     grpc::Status s = stub->WaitFence(raw->Context().get(), request, &response);
     EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
     EXPECT_THAT(s.error_message(), HasSubstr("fence_ids is empty"));
@@ -510,29 +521,96 @@ TEST_F(FenceTest, FenceQuotaIsNamed) {
 TEST_F(FenceTest, GarbageOneWaySignalEndsOnlyThatSession) {
   absl::StatusOr<Fence> survivor = client_->CreateFence({.name = "survivor"});
   ASSERT_TRUE(survivor.ok());
-  for (int status : {static_cast<int>(v1::FENCE_STATUS_OWNER_DIED), 99}) {
+  auto stub = FenceStub(daemon_->socket_dir());
+  // Statuses only the daemon sets, and one that does not exist, on a fence
+  // the sender owns; then someone else's fence.
+  for (int status : {static_cast<int>(v1::FENCE_STATUS_OWNER_DIED),
+                     static_cast<int>(v1::FENCE_STATUS_DEADLINE_EXCEEDED), 99, -1}) {
+    absl::StatusOr<RawSession> raw = OpenRawSession(daemon_->socket_dir());
+    ASSERT_TRUE(raw.ok());
+    v1::CreateFenceResponse own;
+    ASSERT_TRUE(stub->CreateFence(raw->Context().get(), {}, &own).ok());
+    v1::FdChannelMessage record;
+    record.mutable_signal()->set_fence_id(own.fence().fence_id());
+    record.mutable_signal()->set_status(status);
+    ASSERT_TRUE(raw->socket.Send(record.SerializeAsString()).ok());
+    // The daemon ends the session: fd.sock reads EOF.
+    ASSERT_TRUE(Readable(raw->socket.fd(), 5000)) << status;
+    absl::StatusOr<UnixSocket::Received> end = raw->socket.RecvWithFds();
+    EXPECT_TRUE(!end.ok() || end->eof) << status;
+  }
+  {
     absl::StatusOr<RawSession> raw = OpenRawSession(daemon_->socket_dir());
     ASSERT_TRUE(raw.ok());
     v1::FdChannelMessage record;
     record.mutable_signal()->set_fence_id(survivor->id());  // not its fence
-    record.mutable_signal()->set_status(status);
+    record.mutable_signal()->set_status(v1::FENCE_STATUS_OK);
     ASSERT_TRUE(raw->socket.Send(record.SerializeAsString()).ok());
-    // The daemon ends the session: fd.sock reads EOF.
     ASSERT_TRUE(Readable(raw->socket.fd(), 5000));
-    absl::StatusOr<UnixSocket::Received> end = raw->socket.RecvWithFds();
-    EXPECT_TRUE(!end.ok() || end->eof);
   }
-  // Also a record that is not a protobuf at all.
+  // A record that is not a protobuf at all, and an upload with two fds.
   {
     absl::StatusOr<RawSession> raw = OpenRawSession(daemon_->socket_dir());
     ASSERT_TRUE(raw.ok());
     ASSERT_TRUE(raw->socket.Send(std::string("\xff\xff\xff", 3)).ok());
     ASSERT_TRUE(Readable(raw->socket.fd(), 5000));
   }
+  {
+    absl::StatusOr<RawSession> raw = OpenRawSession(daemon_->socket_dir());
+    ASSERT_TRUE(raw.ok());
+    v1::FdChannelMessage upload;
+    upload.mutable_upload()->set_upload_id(1);
+    const int two[] = {0, 1};
+    ASSERT_TRUE(raw->socket.Send(upload.SerializeAsString(), two).ok());
+    ASSERT_TRUE(Readable(raw->socket.fd(), 5000));
+  }
   EXPECT_EQ(survivor->Info()->state(), v1::FENCE_STATE_PENDING) << "nothing else is hurt";
   ASSERT_TRUE(survivor->Signal().ok());
   EXPECT_EQ(survivor->Wait(absl::Seconds(5))->status(), v1::FENCE_STATUS_OK);
   survivor = absl::InternalError("dropped");
+  stub.reset();
+  ExpectBaseline();
+}
+
+TEST_F(FenceTest, UploadsCannotPinASessionOrEndIt) {
+  absl::StatusOr<RawSession> raw = OpenRawSession(daemon_->socket_dir());
+  ASSERT_TRUE(raw.ok());
+  auto stub = FenceStub(daemon_->socket_dir());
+  // Its own fd.sock end, uploaded: refused on arrival, so nothing keeps the
+  // session alive once the client goes.
+  v1::FdChannelMessage upload;
+  upload.mutable_upload()->set_upload_id(1);
+  const int own[] = {raw->socket.fd()};
+  ASSERT_TRUE(raw->socket.Send(upload.SerializeAsString(), own).ok());
+  v1::ImportSyncFdRequest request;
+  request.set_upload_id(1);
+  v1::ImportSyncFdResponse response;
+  {
+    auto context = raw->Context();
+    context->AddMetadata(kRecordsMetadataKey, "1");
+    grpc::Status socket = stub->ImportSyncFd(context.get(), request, &response);
+    EXPECT_EQ(socket.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(socket.error_message(), HasSubstr("the uploaded fd is a socket"));
+  }
+  // Then 40 uploads nobody claims: the oldest are closed, the session lives.
+  for (uint64_t id = 2; id < 42; ++id) {
+    UniqueFd event(::eventfd(0, EFD_CLOEXEC));
+    upload.mutable_upload()->set_upload_id(id);
+    const int fds[] = {event.get()};
+    ASSERT_TRUE(raw->socket.Send(upload.SerializeAsString(), fds).ok());
+  }
+  auto context = raw->Context();
+  context->AddMetadata(kRecordsMetadataKey, "41");
+  request.set_upload_id(41);
+  ASSERT_TRUE(stub->ImportSyncFd(context.get(), request, &response).ok())
+      << "the newest upload is there";
+  request.set_upload_id(2);
+  EXPECT_EQ(stub->ImportSyncFd(raw->Context().get(), request, &response).error_code(),
+            grpc::StatusCode::NOT_FOUND)
+      << "the oldest went";
+  context.reset();
+  raw = absl::CancelledError("closed");
+  stub.reset();
   ExpectBaseline();
 }
 

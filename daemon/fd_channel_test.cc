@@ -1,0 +1,141 @@
+// FdChannel's ordering promise, with the loop held still: a call that says
+// N records came before it gets them applied by its own thread
+// (DrainSession), even while the loop is busy.
+#include "daemon/fd_channel.h"
+
+#include <poll.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <vector>
+
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "base/await.h"
+#include "gtest/gtest.h"
+
+namespace bufferd {
+namespace {
+
+constexpr uint64_t kSession = 7;
+
+// Admits every connection as kSession; records what it is sent.
+class Recorder final : public FdChannel::Delegate {
+ public:
+  absl::StatusOr<FdChannel::Admission> OnConnect(const PeerCredentials&) override {
+    return FdChannel::Admission{kSession, std::string(16, 's')};
+  }
+  absl::Status OnRecord(uint64_t, const v1::FdChannelMessage& message,
+                        std::vector<UniqueFd>) override {
+    absl::MutexLock lock(&mu_);
+    handles_.push_back(message.release().handle());
+    if (message.release().handle() == 666) return absl::InvalidArgumentError("bad record");
+    return absl::OkStatus();
+  }
+  void OnDetach(uint64_t) override {}
+  void OnDisconnect(uint64_t) override {
+    absl::MutexLock lock(&mu_);
+    ++disconnects_;
+  }
+  std::vector<uint64_t> handles() {
+    absl::MutexLock lock(&mu_);
+    return handles_;
+  }
+  bool AwaitDisconnect() {
+    absl::MutexLock lock(&mu_);
+    return AwaitWithTimeout(
+        mu_, [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return disconnects_ > 0; },
+        absl::Seconds(10));
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::vector<uint64_t> handles_ ABSL_GUARDED_BY(mu_);
+  int disconnects_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+class FdChannelTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char dir[] = "/tmp/fd-channel-test-XXXXXX";
+    ASSERT_NE(::mkdtemp(dir), nullptr);
+    dir_ = dir;
+    ASSERT_TRUE(loop_.Init().ok());
+    channel_ = std::make_unique<FdChannel>(&loop_, &budget_, &recorder_, FdChannel::Options{});
+    auto listener = UnixSocket::ListenSeqPacket(dir_ + "/fd.sock");
+    ASSERT_TRUE(listener.ok());
+    ASSERT_TRUE(channel_->Listen(*std::move(listener)).ok());
+    loop_.Start();
+    auto client = UnixSocket::ConnectSeqPacket(dir_ + "/fd.sock");
+    ASSERT_TRUE(client.ok());
+    client_ = *std::move(client);
+    ASSERT_TRUE(client_.RecvWithFds().ok()) << "the hello";
+  }
+  void TearDown() override {
+    if (!release_loop_.HasBeenNotified()) release_loop_.Notify();
+    loop_.Stop();
+    channel_->Stop();
+    std::filesystem::remove_all(dir_);
+  }
+  // Holds the loop thread in a callback until TearDown (or Release).
+  void HoldLoop() {
+    absl::Notification held;
+    loop_.RunAfter(absl::ZeroDuration(), [&held, this] {
+      held.Notify();
+      release_loop_.WaitForNotification();
+    });
+    held.WaitForNotification();
+  }
+  void Send(uint64_t handle) {
+    v1::FdChannelMessage message;
+    message.mutable_release()->set_handle(handle);
+    ASSERT_TRUE(client_.Send(message.SerializeAsString()).ok());
+  }
+
+  std::string dir_;
+  EventLoop loop_;
+  FdBudget budget_;
+  Recorder recorder_;
+  std::unique_ptr<FdChannel> channel_;
+  UnixSocket client_;
+  absl::Notification release_loop_;
+};
+
+TEST_F(FdChannelTest, ACallAppliesTheRecordsSentBeforeIt) {
+  HoldLoop();
+  Send(1);
+  Send(2);
+  Send(3);
+  EXPECT_TRUE(recorder_.handles().empty()) << "the loop is held: nobody read them";
+  channel_->DrainSession(kSession, 2);
+  EXPECT_EQ(recorder_.handles(), (std::vector<uint64_t>{1, 2})) << "up to the count, in order";
+  channel_->DrainSession(kSession, 2);
+  EXPECT_EQ(recorder_.handles().size(), 2u) << "nothing more was owed";
+  channel_->DrainSession(kSession, 10);
+  EXPECT_EQ(recorder_.handles(), (std::vector<uint64_t>{1, 2, 3})) << "a count too high drains";
+  channel_->DrainSession(kSession + 1, 10);  // no such session: nothing happens
+}
+
+TEST_F(FdChannelTest, ABadRecordADrainReadsEndsTheSession) {
+  HoldLoop();
+  Send(666);
+  channel_->DrainSession(kSession, 1);
+  EXPECT_EQ(recorder_.handles(), (std::vector<uint64_t>{666}));
+  release_loop_.Notify();
+  EXPECT_TRUE(recorder_.AwaitDisconnect()) << "the loop ends it";
+  pollfd p{client_.fd(), POLLIN, 0};
+  ASSERT_EQ(::poll(&p, 1, 5000), 1);
+  auto end = client_.RecvWithFds();
+  EXPECT_TRUE(!end.ok() || end->eof);
+}
+
+TEST_F(FdChannelTest, TheLoopReadsRecordsByItself) {
+  Send(5);
+  Send(6);
+  for (int i = 0; i < 500 && recorder_.handles().size() < 2; ++i) ::usleep(10000);
+  EXPECT_EQ(recorder_.handles(), (std::vector<uint64_t>{5, 6}));
+}
+
+}  // namespace
+}  // namespace bufferd
