@@ -173,8 +173,9 @@ class Fence {
   absl::StatusOr<v1::FenceInfo> Wait(absl::Duration timeout);
   // Asks the daemon for the fence's state now.
   absl::StatusOr<v1::FenceInfo> Info();
-  // An fd that polls readable (POLLIN) once the fence is signalled and
-  // stays so: poll/epoll/io_uring it, or pass it to any process (which may
+  // An fd that polls readable once the fence is signalled and stays so:
+  // poll/epoll/io_uring report POLLHUP (whatever events were asked for; not
+  // POLLIN: nothing is ever written). Pass it to any process (which may
   // import it with Client::ImportSyncFd). Read-only: no holder can signal
   // it or change what the others see.
   absl::StatusOr<UniqueFd> ExportFd() const;
@@ -227,9 +228,10 @@ class Client {
   absl::StatusOr<Fence> Merge(std::span<const Fence* const> fences,
                               absl::string_view name = "") const;
   // A fence the daemon signals when `fd` polls readable: a kernel sync_file
-  // (its error status is read), an eventfd, a pipe, or an fd bufferd
-  // exported (which gives back that very fence). `fd` is only borrowed (a
-  // copy goes to the daemon). INVALID_ARGUMENT for a file or directory.
+  // (its error status is read), an eventfd, a timerfd, a pipe's read end, or
+  // an fd bufferd exported (which gives back that very fence). `fd` is only
+  // borrowed (a copy goes to the daemon). INVALID_ARGUMENT for anything
+  // else (a file, a directory, a socket, a pipe's write end).
   absl::StatusOr<Fence> ImportSyncFd(int fd, const FenceOptions& options = {}) const;
 
   // Debug service (what bufctl shows).

@@ -31,6 +31,28 @@ internal::Call NewWaitCall(internal::Connection& connection, absl::Duration wait
   return call;
 }
 
+// A fence's deadline as the protocol takes it: never negative, never
+// indefinite (the daemon says what its maximum is).
+absl::StatusOr<uint32_t> DeadlineMs(absl::Duration deadline) {
+  if (deadline < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("deadline is negative");
+  }
+  if (deadline > absl::Milliseconds(std::numeric_limits<uint32_t>::max())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("deadline ", absl::FormatDuration(deadline),
+                     " is too long: fences are never indefinite (the daemon's "
+                     "max_fence_deadline_ms is at most a day)"));
+  }
+  const uint32_t ms = ToMs(deadline);
+  return deadline > absl::ZeroDuration() && ms == 0 ? 1 : ms;
+}
+
+// A record that could not be sent: the session is over.
+absl::Status SendFailed(const absl::Status& status) {
+  return absl::UnauthenticatedError(
+      absl::StrCat("the session has ended (fd.sock: ", status.message(), ")"));
+}
+
 absl::Status NotSignalled(const v1::WaitFenceResponse& response, absl::Duration timeout) {
   std::string ids;
   for (const v1::FenceInfo& fence : response.fences()) {
@@ -39,7 +61,9 @@ absl::Status NotSignalled(const v1::WaitFenceResponse& response, absl::Duration 
     }
   }
   return absl::DeadlineExceededError(
-      absl::StrCat("fence ", ids, " not signalled within ", absl::FormatDuration(timeout)));
+      timeout <= absl::ZeroDuration()
+          ? absl::StrCat("fence ", ids, " not signalled yet (polled)")
+          : absl::StrCat("fence ", ids, " not signalled within ", absl::FormatDuration(timeout)));
 }
 
 }  // namespace
@@ -108,7 +132,8 @@ absl::Status Fence::Signal(v1::FenceStatus status, absl::string_view message) co
   signal->set_fence_id(id());
   signal->set_status(status);
   signal->set_message(std::string(message));
-  return connection_->SendRecord(record);
+  absl::Status sent = connection_->SendRecord(record);
+  return sent.ok() ? sent : SendFailed(sent);
 }
 
 absl::StatusOr<v1::FenceInfo> Fence::SignalAndConfirm(v1::FenceStatus status,
@@ -177,10 +202,8 @@ absl::StatusOr<Fence> Client::CreateFence(const FenceOptions& options) const {
   v1::CreateFenceRequest request;
   request.set_name(options.name);
   request.set_timeline(options.timeline);
-  request.set_deadline_ms(ToMs(options.deadline));
-  if (options.deadline > absl::ZeroDuration() && request.deadline_ms() == 0) {
-    request.set_deadline_ms(1);
-  }
+  ASSIGN_OR_RETURN(const uint32_t deadline_ms, DeadlineMs(options.deadline));
+  request.set_deadline_ms(deadline_ms);
   v1::CreateFenceResponse response;
   internal::Call call = connection_->NewCall();
   RETURN_IF_ERROR(connection_->Finish(
@@ -227,15 +250,21 @@ absl::StatusOr<Fence> Client::Merge(std::span<const Fence* const> fences,
 }
 
 absl::StatusOr<Fence> Client::ImportSyncFd(int fd, const FenceOptions& options) const {
+  if (::fcntl(fd, F_GETFD) < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("fd ", fd, " is not open"));
+  }
   const uint64_t upload_id = connection_->NewUploadId();
   v1::FdChannelMessage record;
   record.mutable_upload()->set_upload_id(upload_id);
+  ASSIGN_OR_RETURN(const uint32_t deadline_ms, DeadlineMs(options.deadline));
   const int fds[] = {fd};
-  RETURN_IF_ERROR(connection_->SendRecord(record, fds));
+  if (absl::Status sent = connection_->SendRecord(record, fds); !sent.ok()) {
+    return SendFailed(sent);
+  }
   v1::ImportSyncFdRequest request;
   request.set_upload_id(upload_id);
   request.set_name(options.name);
-  request.set_deadline_ms(ToMs(options.deadline));
+  request.set_deadline_ms(deadline_ms);
   v1::ImportSyncFdResponse response;
   internal::Call call = connection_->NewCall();
   RETURN_IF_ERROR(connection_->Finish(

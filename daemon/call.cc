@@ -27,7 +27,10 @@ absl::StatusOr<uint64_t> AuthenticateCall(const SessionTable& sessions, SessionH
       return absl::InvalidArgumentError(
           absl::StrCat(kRecordsMetadataKey, " metadata must be a decimal count"));
     }
-    hub.DrainRecords(session, sent);
+    if (!hub.DrainRecords(session, sent)) {
+      return absl::UnauthenticatedError(absl::StrCat(
+          "session ", session, " has ended (its fd.sock closed, or a record it sent ended it)"));
+    }
   }
   auto carried = metadata.find(kReleaseMetadataKey);
   if (carried != metadata.end()) {

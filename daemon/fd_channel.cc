@@ -210,6 +210,15 @@ void FdChannel::OnReadable(int fd) {
 
 std::optional<FdChannel::ReadEnd> FdChannel::ReadRecordsLocked(Reader& reader, int max,
                                                                uint64_t until) {
+  std::optional<ReadEnd> end = ReadSomeLocked(reader, max, until);
+  // Ending: nothing reads the socket again, and a call that must see its
+  // records finds the session over (DrainSession), never half-applied.
+  if (end) reader.fd = -1;
+  return end;
+}
+
+std::optional<FdChannel::ReadEnd> FdChannel::ReadSomeLocked(Reader& reader, int max,
+                                                            uint64_t until) {
   for (int n = 0; n < max && reader.fd >= 0 && reader.records < until; ++n) {
     absl::StatusOr<UnixSocket::Received> received =
         UnixSocket::RecvWithFdsOn(reader.fd, kMaxRecordBytes, /*dont_wait=*/true);
@@ -233,12 +242,12 @@ std::optional<FdChannel::ReadEnd> FdChannel::ReadRecordsLocked(Reader& reader, i
   return std::nullopt;
 }
 
-void FdChannel::DrainSession(uint64_t session_id, uint64_t sent) {
+bool FdChannel::DrainSession(uint64_t session_id, uint64_t sent) {
   std::shared_ptr<Reader> reader;
   {
     absl::MutexLock lock(&mu_);
     auto s = by_session_.find(session_id);
-    if (s == by_session_.end()) return;
+    if (s == by_session_.end()) return false;
     reader = connections_.at(s->second).reader;
   }
   // Bounded: a client that floods records only delays its own call (an
@@ -246,15 +255,16 @@ void FdChannel::DrainSession(uint64_t session_id, uint64_t sent) {
   std::optional<ReadEnd> end;
   {
     absl::MutexLock lock(&reader->mu);
+    if (reader->fd < 0) return false;  // ending: the loop read its last record
     end = ReadRecordsLocked(*reader, kMaxDrained, sent);
   }
-  if (!end) return;
+  if (!end) return true;
   // Only the loop ends connections; it finds EOF again by itself, but a
   // bad record is gone from the socket, so tell it.
-  CloseReader(reader);
   loop_->RunAfter(absl::ZeroDuration(), [this, session_id, end = *std::move(end)] {
     EndSession(session_id, end.why, end.badly);
   });
+  return false;
 }
 
 void FdChannel::EndSession(uint64_t session_id, absl::string_view why, bool badly) {

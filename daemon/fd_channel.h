@@ -101,10 +101,12 @@ class FdChannel {
                        uint64_t object_id, LeasedFd fd);
 
   // Applies the records the session's client has sent, until `sent` records
-  // have been read since it connected (or its socket is drained). Called on
-  // an RPC thread before the call runs: whatever the client sent one-way
-  // before the call is applied first.
-  void DrainSession(uint64_t session_id, uint64_t sent);
+  // have been read since it connected (or its socket is drained; at most
+  // 256 per call). Called on an RPC thread before the call runs: whatever
+  // the client sent one-way before the call is applied first. False if the
+  // session is over or ending (its socket closed, or a record it sent ends
+  // it): the call must not run.
+  bool DrainSession(uint64_t session_id, uint64_t sent);
 
   // Deliveries waiting for the client to read (for ListClients).
   size_t QueuedDeliveries(uint64_t session_id) const;
@@ -158,7 +160,10 @@ class FdChannel {
   void OnReadable(int fd);
   // Reads and applies at most `max` records (until `until` have been read
   // in all). nullopt when drained or stopped; otherwise why the session ends.
+  // Marks the reader ended when it returns a reason.
   std::optional<ReadEnd> ReadRecordsLocked(Reader& reader, int max, uint64_t until)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(reader.mu);
+  std::optional<ReadEnd> ReadSomeLocked(Reader& reader, int max, uint64_t until)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(reader.mu);
   // Ends a session by id, from a loop callback.
   void EndSession(uint64_t session_id, absl::string_view why, bool badly);

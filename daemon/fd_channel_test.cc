@@ -108,26 +108,34 @@ TEST_F(FdChannelTest, ACallAppliesTheRecordsSentBeforeIt) {
   Send(2);
   Send(3);
   EXPECT_TRUE(recorder_.handles().empty()) << "the loop is held: nobody read them";
-  channel_->DrainSession(kSession, 2);
+  EXPECT_TRUE(channel_->DrainSession(kSession, 2));
   EXPECT_EQ(recorder_.handles(), (std::vector<uint64_t>{1, 2})) << "up to the count, in order";
-  channel_->DrainSession(kSession, 2);
+  EXPECT_TRUE(channel_->DrainSession(kSession, 2));
   EXPECT_EQ(recorder_.handles().size(), 2u) << "nothing more was owed";
-  channel_->DrainSession(kSession, 10);
+  EXPECT_TRUE(channel_->DrainSession(kSession, 10));
   EXPECT_EQ(recorder_.handles(), (std::vector<uint64_t>{1, 2, 3})) << "a count too high drains";
-  channel_->DrainSession(kSession + 1, 10);  // no such session: nothing happens
+  EXPECT_FALSE(channel_->DrainSession(kSession + 1, 10)) << "no such session";
 }
 
 TEST_F(FdChannelTest, ABadRecordADrainReadsEndsTheSession) {
   HoldLoop();
   Send(666);
-  channel_->DrainSession(kSession, 1);
-  EXPECT_EQ(recorder_.handles(), (std::vector<uint64_t>{666}));
+  Send(8);
+  EXPECT_FALSE(channel_->DrainSession(kSession, 2)) << "the call must not run";
+  EXPECT_EQ(recorder_.handles(), (std::vector<uint64_t>{666})) << "nothing after the bad record";
+  EXPECT_FALSE(channel_->DrainSession(kSession, 2)) << "still ending";
   release_loop_.Notify();
   EXPECT_TRUE(recorder_.AwaitDisconnect()) << "the loop ends it";
   pollfd p{client_.fd(), POLLIN, 0};
   ASSERT_EQ(::poll(&p, 1, 5000), 1);
   auto end = client_.RecvWithFds();
   EXPECT_TRUE(!end.ok() || end->eof);
+}
+
+TEST_F(FdChannelTest, ABadRecordTheLoopReadsFailsTheNextCall) {
+  Send(666);
+  ASSERT_TRUE(recorder_.AwaitDisconnect());
+  EXPECT_FALSE(channel_->DrainSession(kSession, 1));
 }
 
 TEST_F(FdChannelTest, TheLoopReadsRecordsByItself) {

@@ -134,8 +134,8 @@ absl::StatusOr<UniqueFd> SessionHub::TakeUpload(uint64_t session_id, uint64_t up
   return std::move(upload->fd);
 }
 
-void SessionHub::DrainRecords(uint64_t session_id, uint64_t sent) {
-  if (channel_ != nullptr) channel_->DrainSession(session_id, sent);
+bool SessionHub::DrainRecords(uint64_t session_id, uint64_t sent) {
+  return channel_ == nullptr || channel_->DrainSession(session_id, sent);
 }
 
 void SessionHub::ReleaseDropped(uint64_t session_id, const std::vector<uint64_t>& handles) {

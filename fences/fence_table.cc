@@ -99,6 +99,12 @@ absl::StatusOr<std::pair<dev_t, ino_t>> Inode(int fd) {
 absl::Status CheckImportable(int fd) {
   struct stat st {};
   if (::fstat(fd, &st) != 0) return ErrnoError("fstat of the uploaded fd", errno);
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (S_ISFIFO(st.st_mode) && flags >= 0 && (flags & O_ACCMODE) == O_WRONLY) {
+    return absl::InvalidArgumentError(
+        "the uploaded fd is the write end of a pipe, which never polls readable: import the read "
+        "end");
+  }
   if (S_ISFIFO(st.st_mode)) return absl::OkStatus();
   std::string what;
   if (S_ISREG(st.st_mode)) {
@@ -690,11 +696,31 @@ absl::StatusOr<std::optional<FenceTable::WaitResult>> FenceTable::Wait(uint64_t 
     }
     return ResultLocked(waiter, satisfied);
   }
-  if (session->waits.size() >= limits_.max_waits_per_session) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("limit max_fence_waits_per_session: the session has ", session->waits.size(),
-                     " WaitFence calls pending, the most allowed"));
+  const uint32_t entries = static_cast<uint32_t>(fences.size());
+  if (session->wait_entries + entries > limits_.max_waits_per_session) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "limit max_fence_waits_per_session: the session's pending waits name ",
+        session->wait_entries, " fences, and this one ", entries, "; at most ",
+        limits_.max_waits_per_session));
   }
+  uint32_t& by_uid = wait_entries_by_uid_[session->uid];
+  if (by_uid + entries > limits_.max_waits_per_uid) {
+    const uint32_t now = by_uid;
+    if (by_uid == 0) wait_entries_by_uid_.erase(session->uid);
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "limit max_fence_waits_per_uid: pending waits of uid ", session->uid, " name ", now,
+        " fences, and this one ", entries, "; at most ", limits_.max_waits_per_uid));
+  }
+  if (wait_entries_ + entries > limits_.max_waits) {
+    if (by_uid == 0) wait_entries_by_uid_.erase(session->uid);
+    return absl::ResourceExhaustedError(
+        absl::StrCat("limit max_fence_waits: pending waits name ", wait_entries_,
+                     " fences daemon-wide, and this one ", entries, "; at most ", limits_.max_waits));
+  }
+  by_uid += entries;
+  session->wait_entries += entries;
+  wait_entries_ += entries;
+  waiter.uid = session->uid;
   waiter.remaining = fences.size() - signalled;
   for (Fence* fence : fences) {
     if (!fence->view.signaled) fence->waits.insert(wait);
@@ -729,8 +755,18 @@ void FenceTable::FinishWaitLocked(WaitId id, absl::StatusOr<bool> satisfied, Com
     if (fence != fences_.end()) fence->second.waits.erase(id);
   }
   RemoveTimerLocked(waiter.timer);
+  const uint32_t entries = static_cast<uint32_t>(waiter.ids.size());
   auto session = sessions_.find(waiter.session);
-  if (session != sessions_.end()) session->second.waits.erase(id);
+  if (session != sessions_.end()) {
+    session->second.waits.erase(id);
+    session->second.wait_entries -= entries;
+  }
+  auto by_uid = wait_entries_by_uid_.find(waiter.uid);
+  if (by_uid != wait_entries_by_uid_.end()) {
+    by_uid->second -= entries;
+    if (by_uid->second == 0) wait_entries_by_uid_.erase(by_uid);
+  }
+  wait_entries_ -= entries;
   absl::StatusOr<WaitResult> result;
   if (!satisfied.ok()) {
     result = satisfied.status();
@@ -921,6 +957,8 @@ void FenceTable::Stop() {
     exported_pipes_.clear();
     gone_pipes_.clear();
     known_by_uid_.clear();
+    wait_entries_by_uid_.clear();
+    wait_entries_ = 0;
     sweep_.clear();
   }
   Run(done);

@@ -74,8 +74,12 @@ struct FenceLimits {
   // take every place.
   uint32_t max_fences = 65536;
   uint32_t max_fences_per_uid = 16384;
-  // WaitFence calls one session may have pending.
+  // Fences waited on by pending waits (each wait counts the fences it
+  // names), per session, per uid and daemon-wide: what a registered wait
+  // costs (memory, and the work of answering it) is bounded.
   uint32_t max_waits_per_session = 16384;
+  uint32_t max_waits_per_uid = 65536;
+  uint32_t max_waits = 262144;
   // Ids in one Wait and one Merge.
   size_t max_wait_ids = 1024;
   size_t max_merge_ids = 256;
@@ -262,6 +266,7 @@ class FenceTable {
   };
   struct Waiter {
     uint64_t session = 0;
+    uid_t uid = 0;
     std::vector<uint64_t> ids;  // distinct
     bool all = true;
     size_t remaining = 0;
@@ -277,6 +282,8 @@ class FenceTable {
     // Pending fences it owns (held or not).
     absl::flat_hash_set<uint64_t> pending_owned;
     absl::flat_hash_set<WaitId> waits;
+    // Fences its pending waits name, summed.
+    uint32_t wait_entries = 0;
   };
   // Work to do once the lock is dropped.
   struct Completions {
@@ -347,6 +354,9 @@ class FenceTable {
   std::deque<GonePipe> gone_pipes_ ABSL_GUARDED_BY(mu_);
   // Fences known (in fences_) by the uid of their owner.
   absl::flat_hash_map<uid_t, uint32_t> known_by_uid_ ABSL_GUARDED_BY(mu_);
+  // Fences named by pending waits, by uid and in all.
+  absl::flat_hash_map<uid_t, uint32_t> wait_entries_by_uid_ ABSL_GUARDED_BY(mu_);
+  uint64_t wait_entries_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<uint64_t> sweep_ ABSL_GUARDED_BY(mu_);
   Timers timers_ ABSL_GUARDED_BY(mu_);
   EventLoop::TimerId loop_timer_ ABSL_GUARDED_BY(mu_) = 0;

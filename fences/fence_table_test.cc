@@ -316,6 +316,11 @@ TEST_F(FenceTableTest, ImportRefusesFilesAndDirectories) {
                                        "", absl::ZeroDuration())
                             .status();
   EXPECT_THAT(device.message(), HasSubstr("is a character device"));
+  int ends[2];
+  ASSERT_EQ(::pipe2(ends, O_CLOEXEC), 0);
+  UniqueFd read_end(ends[0]);
+  absl::Status write_end = table_->Import(kOwner, UniqueFd(ends[1]), "", absl::ZeroDuration()).status();
+  EXPECT_THAT(write_end.message(), HasSubstr("the write end of a pipe"));
   UniqueFd namespace_fd(::open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC));
   EXPECT_EQ(CheckImportable(namespace_fd.get()).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(table_->counts().pending, 0u);
@@ -412,20 +417,42 @@ TEST_F(FenceTableTest, DaemonWideAndPerUidCaps) {
   table_->CloseSession(3);
 }
 
-TEST_F(FenceTableTest, WaitsPerSessionAreCapped) {
+TEST_F(FenceTableTest, WaitsAreCappedByTheFencesTheyName) {
   FenceLimits limits;
-  limits.max_waits_per_session = 2;
+  limits.max_waits_per_session = 4;
+  limits.max_waits_per_uid = 4;
   NewTable(limits);
+  table_->AddSession(3, 1000);  // the owner's uid again
   const uint64_t a = NewFence();
+  const uint64_t b = NewFence();
   auto one = StartWait(kOwner, {a}, true, absl::Seconds(30));
-  auto two = StartWait(kOwner, {a}, true, absl::Seconds(30));
-  absl::Status third = table_->Wait(kOwner, table_->NewWaitId(),
-                                    {{a}, true, absl::Seconds(30), std::nullopt}, nullptr)
-                           .status();
-  EXPECT_EQ(third.code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_THAT(third.message(), HasSubstr("limit max_fence_waits_per_session: the session has 2"));
+  auto two = StartWait(kOwner, {a, b, a}, true, absl::Seconds(30));  // counts 2
+  absl::Status session = table_->Wait(kOwner, table_->NewWaitId(),
+                                      {{a, b}, true, absl::Seconds(30), std::nullopt}, nullptr)
+                             .status();
+  EXPECT_EQ(session.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(session.message(),
+              HasSubstr("limit max_fence_waits_per_session: the session's pending waits name 3 "
+                        "fences, and this one 2; at most 4"));
+  // Another session of the same uid: the uid's share.
+  absl::StatusOr<LeasedFd> fd = table_->Export(kOwner, a);
+  ASSERT_TRUE(fd.ok());
+  ASSERT_TRUE(table_->Import(3, std::move(fd->fd), "", absl::ZeroDuration()).ok());
+  auto three = StartWait(3, {a}, true, absl::Seconds(30));
+  absl::Status uid = table_->Wait(3, table_->NewWaitId(),
+                                  {{a}, true, absl::Seconds(30), std::nullopt}, nullptr)
+                         .status();
+  EXPECT_THAT(uid.message(), HasSubstr("limit max_fence_waits_per_uid: pending waits of uid 1000 "
+                                       "name 4 fences, and this one 1; at most 4"))
+      << uid;
   ASSERT_TRUE(table_->Signal(kOwner, a, v1::FENCE_STATUS_OK, "").ok());
-  ASSERT_TRUE(one->Get().has_value() && two->Get().has_value());
+  ASSERT_TRUE(table_->Signal(kOwner, b, v1::FENCE_STATUS_OK, "").ok());
+  ASSERT_TRUE(one->Get().has_value() && two->Get().has_value() && three->Get().has_value());
+  // Answered waits give their places back.
+  EXPECT_TRUE(table_->Wait(kOwner, table_->NewWaitId(),
+                           {{a, b}, true, absl::Seconds(30), std::nullopt}, nullptr)
+                  .ok());
+  table_->CloseSession(3);
 }
 
 TEST_F(FenceTableTest, MergedErrorsNameTheRootCauseAndNeverGrow) {

@@ -96,7 +96,7 @@ TEST_F(FenceTest, CreateSignalWaitInfo) {
 
     absl::StatusOr<v1::FenceInfo> polled = fence->Wait(absl::ZeroDuration());
     EXPECT_EQ(polled.status().code(), absl::StatusCode::kDeadlineExceeded);
-    EXPECT_THAT(polled.status().message(), HasSubstr("not signalled within 0"));
+    EXPECT_THAT(polled.status().message(), HasSubstr("not signalled yet (polled)"));
 
     absl::StatusOr<v1::FenceInfo> signalled =
         fence->SignalAndConfirm(v1::FENCE_STATUS_ERROR, "shader fault");
@@ -534,6 +534,16 @@ TEST_F(FenceTest, GarbageOneWaySignalEndsOnlyThatSession) {
     record.mutable_signal()->set_fence_id(own.fence().fence_id());
     record.mutable_signal()->set_status(status);
     ASSERT_TRUE(raw->socket.Send(record.SerializeAsString()).ok());
+    // A call made after it never runs: the record is applied first, and it
+    // ended the session.
+    auto after = raw->Context();
+    after->AddMetadata(kRecordsMetadataKey, "1");
+    v1::GetFenceInfoRequest info;
+    info.set_fence_id(own.fence().fence_id());
+    v1::GetFenceInfoResponse got;
+    EXPECT_EQ(stub->GetFenceInfo(after.get(), info, &got).error_code(),
+              grpc::StatusCode::UNAUTHENTICATED)
+        << status;
     // The daemon ends the session: fd.sock reads EOF.
     ASSERT_TRUE(Readable(raw->socket.fd(), 5000)) << status;
     absl::StatusOr<UnixSocket::Received> end = raw->socket.RecvWithFds();

@@ -192,6 +192,13 @@ std::string FromNow(const google::protobuf::Timestamp& t) {
   return absl::FormatDuration(absl::Trunc(ToTime(t) - absl::Now(), absl::Milliseconds(100)));
 }
 
+// Fences live for frames: their age to the millisecond under 10 s.
+std::string FenceAge(const google::protobuf::Timestamp& since) {
+  const absl::Duration age = absl::Now() - ToTime(since);
+  return absl::FormatDuration(
+      absl::Trunc(age, age < absl::Seconds(10) ? absl::Milliseconds(1) : absl::Seconds(1)));
+}
+
 std::string Lower(std::string name, absl::string_view prefix) {
   std::transform(name.begin(), name.end(), name.begin(), ::tolower);
   return absl::StartsWith(name, prefix) ? name.substr(prefix.size()) : name;
@@ -217,15 +224,17 @@ int Fences(const bufferd::Client& client, bool json, bool pending_only, uint64_t
          f.timeline().empty() ? "-" : f.timeline(),
          Lower(bufferd::v1::FenceKind_Name(f.kind()), "fence_kind_"), owner_name,
          pending ? "pending" : Lower(bufferd::v1::FenceStatus_Name(f.status()), "fence_status_"),
-         Age(f.created_at()), absl::StrCat(f.waiters()), absl::StrCat(f.exported_fds()),
+         FenceAge(f.created_at()), absl::StrCat(f.waiters()), absl::StrCat(f.exported_fds()),
          pending ? FromNow(f.deadline()) : "-",
          pending && f.has_need_by() ? FromNow(f.need_by()) : "-",
          f.message().empty() ? "-" : f.message()});
   }
   // Pending first, oldest first: what holds a frame up is at the top.
+  const bool cut = static_cast<uint32_t>(fences->fences_size()) == (limit != 0 ? limit : 10000u);
   PrintTable({"ID", "NAME", "TIMELINE", "KIND", "OWNER", "STATUS", "AGE", "WAITERS", "EXPORTED",
               "DEADLINE IN", "NEEDED IN", "MESSAGE"},
              rows);
+  if (cut) std::cout << "(the first " << rows.size() << " fences; --limit N for another cut)\n";
   return 0;
 }
 
