@@ -13,6 +13,7 @@
 #include <cstring>
 #include <utility>
 
+#include "absl/container/inlined_vector.h"
 #include "absl/strings/str_cat.h"
 #include "base/errno_status.h"
 
@@ -364,13 +365,19 @@ absl::Status FenceTable::SignalBy(uint64_t session_id, uint64_t id, v1::FenceSta
 
 void FenceTable::SignalLocked(Fence& first, v1::FenceStatus status, std::string message,
                               Completions& out) {
+  // Processes polling its pipe wake first, before anything else is done.
+  if (!first.view.signaled && first.pipe_write.fd.valid()) {
+    first.pipe_write = {};
+    out.woke_pollers = true;
+  }
   struct Step {
     uint64_t id;
     v1::FenceStatus status;
     std::string message;
   };
-  std::vector<Step> work{{first.view.id, status, std::move(message)}};
-  std::vector<uint64_t> signalled;
+  absl::InlinedVector<Step, 2> work;
+  work.push_back({first.view.id, status, std::move(message)});
+  absl::InlinedVector<uint64_t, 2> signalled;
   const absl::Time now = absl::Now();
   while (!work.empty()) {
     Step step = std::move(work.back());
