@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <limits>
@@ -47,8 +48,10 @@ absl::StatusOr<uint32_t> DeadlineMs(absl::Duration deadline) {
   return deadline > absl::ZeroDuration() && ms == 0 ? 1 : ms;
 }
 
-// A record that could not be sent: the session is over.
+// A record that could not be sent: the session is over if fd.sock is.
 absl::Status SendFailed(const absl::Status& status) {
+  const int err = ErrnoOf(status);
+  if (err != EPIPE && err != ECONNRESET && err != ENOTCONN) return status;
   return absl::UnauthenticatedError(
       absl::StrCat("the session has ended (fd.sock: ", status.message(), ")"));
 }

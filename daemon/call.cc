@@ -27,10 +27,7 @@ absl::StatusOr<uint64_t> AuthenticateCall(const SessionTable& sessions, SessionH
       return absl::InvalidArgumentError(
           absl::StrCat(kRecordsMetadataKey, " metadata must be a decimal count"));
     }
-    if (!hub.DrainRecords(session, sent)) {
-      return absl::UnauthenticatedError(absl::StrCat(
-          "session ", session, " has ended (its fd.sock closed, or a record it sent ended it)"));
-    }
+    RETURN_IF_ERROR(hub.DrainRecords(session, sent));
   }
   auto carried = metadata.find(kReleaseMetadataKey);
   if (carried != metadata.end()) {

@@ -58,6 +58,8 @@ constexpr char kDefaultConfig[] = R"pb(# bufferd embedded default configuration.
                                          max_fences_per_uid: 16384
                                          max_held_fences_per_session: 16384
                                          max_fence_waits_per_session: 16384
+                                         max_fence_waits_per_uid: 65536
+                                         max_fence_waits: 262144
                                        }
 )pb";
 

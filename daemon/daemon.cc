@@ -211,6 +211,9 @@ absl::Status Daemon::Init(const v1::Config& config) {
       OrDefault(limits.max_held_fences_per_session(), fence_limits.max_held_per_session);
   fence_limits.max_waits_per_session =
       OrDefault(limits.max_fence_waits_per_session(), fence_limits.max_waits_per_session);
+  fence_limits.max_waits_per_uid =
+      OrDefault(limits.max_fence_waits_per_uid(), fence_limits.max_waits_per_uid);
+  fence_limits.max_waits = OrDefault(limits.max_fence_waits(), fence_limits.max_waits);
   fences_ = std::make_unique<FenceTable>(loop_.get(), &budget_, fence_limits);
   hub_ = std::make_unique<SessionHub>(sessions_.get(), state_.get(), reaper_.get(), fences_.get(),
                                       &budget_);

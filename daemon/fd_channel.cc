@@ -23,7 +23,7 @@ constexpr absl::Duration kAcceptPause = absl::Milliseconds(100);
 constexpr uint32_t kReadEvents = EPOLLIN | EPOLLRDHUP;
 constexpr int kRecordsPerWake = 64;
 // Records one call applies before it runs (see DrainSession).
-constexpr int kMaxDrained = 256;
+constexpr int kMaxDrained = 4096;
 
 // Sessions that end badly and connections refused: one line per kind,
 // whichever client causes them.
@@ -200,12 +200,32 @@ void FdChannel::OnReadable(int fd) {
   }
   // At most kRecordsPerWake records per wake: the rest wait for the next
   // round (epoll reports the socket again), so one flooding client cannot
-  // hold up accepts, Hellos and the tick for everyone else. An RPC thread
-  // draining this session reads them itself: the loop does not wait for it.
-  if (!reader->mu.TryLock()) return;
+  // hold up accepts, Hellos and the tick for everyone else.
+  if (!reader->mu.TryLock()) {
+    // An RPC thread is draining this session: the loop neither waits for it
+    // nor spins on the socket; it stops watching for input, and the drain
+    // resumes the watch when it is done (or this does, if it already is).
+    reader->loop_paused.store(true);
+    SetReading(fd, false);
+    if (!reader->mu.TryLock()) return;
+    if (reader->loop_paused.exchange(false)) SetReading(fd, true);
+  }
   std::optional<ReadEnd> end = ReadRecordsLocked(*reader, kRecordsPerWake, UINT64_MAX);
   reader->mu.Unlock();
   if (end) EndConnection(fd, end->why, end->badly);
+}
+
+void FdChannel::SetReading(int fd, bool reading) {
+  absl::MutexLock lock(&mu_);
+  auto it = connections_.find(fd);
+  if (it == connections_.end() || it->second.lingering) return;
+  it->second.reading_paused = !reading;
+  UpdateWatchLocked(fd, it->second);
+}
+
+void FdChannel::UpdateWatchLocked(int fd, const Connection& connection) {
+  (void)loop_->Modify(fd, (connection.reading_paused ? uint32_t{EPOLLRDHUP} : kReadEvents) |
+                              (connection.queue.empty() ? 0u : uint32_t{EPOLLOUT}));
 }
 
 std::optional<FdChannel::ReadEnd> FdChannel::ReadRecordsLocked(Reader& reader, int max,
@@ -223,10 +243,18 @@ std::optional<FdChannel::ReadEnd> FdChannel::ReadSomeLocked(Reader& reader, int 
     absl::StatusOr<UnixSocket::Received> received =
         UnixSocket::RecvWithFdsOn(reader.fd, kMaxRecordBytes, /*dont_wait=*/true);
     if (!received.ok()) {
-      if (IsWouldBlock(received.status())) return std::nullopt;  // drained
-      // ECONNRESET: the client exited with records unread (a delivery it
-      // never took): an ordinary end.
-      return ReadEnd{received.status().ToString(), ErrnoOf(received.status()) != ECONNRESET};
+      // ECONNRESET: the client exited with fds it was sent unread, an
+      // ordinary end. The kernel reports it before the records still
+      // queued, so those are read first (reported once, it is cleared).
+      if (ErrnoOf(received.status()) == ECONNRESET) {
+        reader.reset = true;
+        continue;
+      }
+      if (IsWouldBlock(received.status())) {
+        if (reader.reset) return ReadEnd{"client left with fds it was sent unread", false};
+        return std::nullopt;  // drained
+      }
+      return ReadEnd{received.status().ToString(), true};
     }
     if (received->eof) return ReadEnd{"client closed fd.sock", false};
     ++reader.records;
@@ -242,29 +270,63 @@ std::optional<FdChannel::ReadEnd> FdChannel::ReadSomeLocked(Reader& reader, int 
   return std::nullopt;
 }
 
-bool FdChannel::DrainSession(uint64_t session_id, uint64_t sent) {
+FdChannel::Drained FdChannel::DrainSession(uint64_t session_id, uint64_t sent) {
   std::shared_ptr<Reader> reader;
   {
     absl::MutexLock lock(&mu_);
     auto s = by_session_.find(session_id);
-    if (s == by_session_.end()) return false;
+    if (s == by_session_.end()) return Drained::kEnded;
     reader = connections_.at(s->second).reader;
   }
-  // Bounded: a client that floods records only delays its own call (an
-  // honest one never has that many unread).
+  // In chunks, the lock let go between them (so the end of a connection
+  // never waits for more than one chunk); bounded in all, so a client that
+  // keeps sending only holds up its own call.
+  Drained result = Drained::kApplied;
   std::optional<ReadEnd> end;
-  {
+  int read = 0;
+  while (true) {
     absl::MutexLock lock(&reader->mu);
-    if (reader->fd < 0) return false;  // ending: the loop read its last record
-    end = ReadRecordsLocked(*reader, kMaxDrained, sent);
+    if (reader->fd < 0) {
+      result = Drained::kEnded;  // ending: its last record was read
+      break;
+    }
+    if (reader->records >= sent) break;
+    const uint64_t before = reader->records;
+    end = ReadRecordsLocked(*reader, kRecordsPerWake, sent);
+    if (end) {
+      result = Drained::kEnded;
+      break;
+    }
+    const int got = static_cast<int>(reader->records - before);
+    read += got;
+    if (got < kRecordsPerWake || reader->records >= sent) break;  // drained, or done
+    if (read >= kMaxDrained) {
+      result = Drained::kBehind;
+      break;
+    }
   }
-  if (!end) return true;
-  // Only the loop ends connections; it finds EOF again by itself, but a
-  // bad record is gone from the socket, so tell it.
-  loop_->RunAfter(absl::ZeroDuration(), [this, session_id, end = *std::move(end)] {
-    EndSession(session_id, end.why, end.badly);
-  });
-  return false;
+  if (reader->loop_paused.exchange(false)) {
+    loop_->RunAfter(absl::ZeroDuration(), [this, session_id] { ResumeReading(session_id); });
+  }
+  if (end) {
+    // Only the loop ends connections; it would find EOF again by itself,
+    // but a bad record is gone from the socket, so tell it.
+    loop_->RunAfter(absl::ZeroDuration(), [this, session_id, end = *std::move(end)] {
+      EndSession(session_id, end.why, end.badly);
+    });
+  }
+  return result;
+}
+
+void FdChannel::ResumeReading(uint64_t session_id) {
+  int fd;
+  {
+    absl::MutexLock lock(&mu_);
+    auto s = by_session_.find(session_id);
+    if (s == by_session_.end()) return;
+    fd = s->second;
+  }
+  SetReading(fd, true);
 }
 
 void FdChannel::EndSession(uint64_t session_id, absl::string_view why, bool badly) {
@@ -290,7 +352,7 @@ void FdChannel::OnWritable(int fd) {
     auto it = connections_.find(fd);
     if (it == connections_.end() || it->second.lingering) return;
     failed = !FlushLocked(it->second);
-    if (!failed && it->second.queue.empty()) WatchWritable(fd, false);
+    if (!failed && it->second.queue.empty()) UpdateWatchLocked(fd, it->second);
     UpdateBusyLocked(fd, it->second);
   }
   if (failed) EndConnection(fd, "fd delivery failed", /*badly=*/true);
@@ -310,9 +372,6 @@ bool FdChannel::FlushLocked(Connection& connection) {
   return true;
 }
 
-void FdChannel::WatchWritable(int fd, bool writable) {
-  (void)loop_->Modify(fd, kReadEvents | (writable ? uint32_t{EPOLLOUT} : 0u));
-}
 
 bool FdChannel::NeedsTick(const Connection& connection) {
   return !connection.queue.empty() || !connection.in_flight.empty() || connection.lingering;
@@ -364,11 +423,12 @@ absl::Status FdChannel::Deliver(uint64_t session_id, uint64_t transfer_id, v1::F
         absl::StrCat("session ", session_id, " has ", connection.queue.size(),
                      " fd deliveries queued (client is not reading fd.sock)"));
   }
-  if (connection.queue.empty()) {
-    connection.stalled_since = absl::Now();
-    WatchWritable(s->second, true);
-  }
+  const bool was_empty = connection.queue.empty();
   connection.queue.push_back(Pending{std::move(bytes), std::move(fd)});
+  if (was_empty) {
+    connection.stalled_since = absl::Now();
+    UpdateWatchLocked(s->second, connection);
+  }
   ++total_queued_;
   busy_.insert(s->second);
   return absl::OkStatus();

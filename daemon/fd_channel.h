@@ -30,6 +30,7 @@
 #define BUFFERD_DAEMON_FD_CHANNEL_H_
 
 #include <cstdint>
+#include <atomic>
 #include <deque>
 #include <map>
 #include <memory>
@@ -101,12 +102,18 @@ class FdChannel {
                        uint64_t object_id, LeasedFd fd);
 
   // Applies the records the session's client has sent, until `sent` records
-  // have been read since it connected (or its socket is drained; at most
-  // 256 per call). Called on an RPC thread before the call runs: whatever
-  // the client sent one-way before the call is applied first. False if the
-  // session is over or ending (its socket closed, or a record it sent ends
-  // it): the call must not run.
-  bool DrainSession(uint64_t session_id, uint64_t sent);
+  // have been read since it connected (or its socket is drained). Called on
+  // an RPC thread before the call runs: whatever the client sent one-way
+  // before the call is applied first.
+  enum class Drained {
+    kApplied,
+    // The session is over or ending (its socket closed, or a record it sent
+    // ended it): the call must not run.
+    kEnded,
+    // More than 4,096 records were still unread: the call must not run yet.
+    kBehind,
+  };
+  Drained DrainSession(uint64_t session_id, uint64_t sent);
 
   // Deliveries waiting for the client to read (for ListClients).
   size_t QueuedDeliveries(uint64_t session_id) const;
@@ -128,6 +135,11 @@ class FdChannel {
     uint64_t session_id = 0;
     // Records read since the connection opened.
     uint64_t records ABSL_GUARDED_BY(mu) = 0;
+    // The socket reported ECONNRESET: read what is queued, then end.
+    bool reset ABSL_GUARDED_BY(mu) = false;
+    // The loop stopped watching for input while an RPC thread drained it;
+    // whoever clears this resumes the watch.
+    std::atomic<bool> loop_paused{false};
   };
   // Why reading stopped, if the session must end.
   struct ReadEnd {
@@ -138,6 +150,8 @@ class FdChannel {
     uint64_t session_id = 0;
     UnixSocket socket;
     std::shared_ptr<Reader> reader;
+    // Not watched for input (a drain is under way).
+    bool reading_paused = false;
     FdBudget::Lease lease;
     // Places of fds sent but maybe not read yet (see the class comment).
     std::vector<FdBudget::Lease> in_flight;
@@ -185,7 +199,12 @@ class FdChannel {
   static bool NeedsTick(const Connection& connection);
   // Marks `fd` as needing the tick, or not.
   void UpdateBusyLocked(int fd, const Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void WatchWritable(int fd, bool writable);
+  // Watches `fd` for what the connection needs: input unless paused,
+  // output while deliveries are queued.
+  void UpdateWatchLocked(int fd, const Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Pauses or resumes watching a connection for input (loop thread).
+  void SetReading(int fd, bool reading);
+  void ResumeReading(uint64_t session_id);
 
   EventLoop* const loop_;
   FdBudget* const budget_;

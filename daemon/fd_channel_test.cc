@@ -108,22 +108,24 @@ TEST_F(FdChannelTest, ACallAppliesTheRecordsSentBeforeIt) {
   Send(2);
   Send(3);
   EXPECT_TRUE(recorder_.handles().empty()) << "the loop is held: nobody read them";
-  EXPECT_TRUE(channel_->DrainSession(kSession, 2));
+  EXPECT_EQ(channel_->DrainSession(kSession, 2), FdChannel::Drained::kApplied);
   EXPECT_EQ(recorder_.handles(), (std::vector<uint64_t>{1, 2})) << "up to the count, in order";
-  EXPECT_TRUE(channel_->DrainSession(kSession, 2));
+  EXPECT_EQ(channel_->DrainSession(kSession, 2), FdChannel::Drained::kApplied);
   EXPECT_EQ(recorder_.handles().size(), 2u) << "nothing more was owed";
-  EXPECT_TRUE(channel_->DrainSession(kSession, 10));
+  EXPECT_EQ(channel_->DrainSession(kSession, 10), FdChannel::Drained::kApplied);
   EXPECT_EQ(recorder_.handles(), (std::vector<uint64_t>{1, 2, 3})) << "a count too high drains";
-  EXPECT_FALSE(channel_->DrainSession(kSession + 1, 10)) << "no such session";
+  EXPECT_EQ(channel_->DrainSession(kSession + 1, 10), FdChannel::Drained::kEnded)
+      << "no such session";
 }
 
 TEST_F(FdChannelTest, ABadRecordADrainReadsEndsTheSession) {
   HoldLoop();
   Send(666);
   Send(8);
-  EXPECT_FALSE(channel_->DrainSession(kSession, 2)) << "the call must not run";
+  EXPECT_EQ(channel_->DrainSession(kSession, 2), FdChannel::Drained::kEnded)
+      << "the call must not run";
   EXPECT_EQ(recorder_.handles(), (std::vector<uint64_t>{666})) << "nothing after the bad record";
-  EXPECT_FALSE(channel_->DrainSession(kSession, 2)) << "still ending";
+  EXPECT_EQ(channel_->DrainSession(kSession, 2), FdChannel::Drained::kEnded) << "still ending";
   release_loop_.Notify();
   EXPECT_TRUE(recorder_.AwaitDisconnect()) << "the loop ends it";
   pollfd p{client_.fd(), POLLIN, 0};
@@ -135,7 +137,22 @@ TEST_F(FdChannelTest, ABadRecordADrainReadsEndsTheSession) {
 TEST_F(FdChannelTest, ABadRecordTheLoopReadsFailsTheNextCall) {
   Send(666);
   ASSERT_TRUE(recorder_.AwaitDisconnect());
-  EXPECT_FALSE(channel_->DrainSession(kSession, 1));
+  EXPECT_EQ(channel_->DrainSession(kSession, 1), FdChannel::Drained::kEnded);
+}
+
+TEST_F(FdChannelTest, RecordsQueuedBeforeAResetAreApplied) {
+  // A client that sends a record and exits with an fd it was sent unread:
+  // the kernel reports ECONNRESET first; the record still counts.
+  HoldLoop();
+  int fds[] = {0};
+  ASSERT_TRUE(channel_->Deliver(kSession, 1, v1::FD_KIND_FENCE, 1,
+                                LeasedFd{UniqueFd(::dup(fds[0])), {}})
+                  .ok());
+  Send(9);
+  client_ = UnixSocket();  // gone, with the delivery unread
+  release_loop_.Notify();
+  EXPECT_TRUE(recorder_.AwaitDisconnect());
+  EXPECT_EQ(recorder_.handles(), (std::vector<uint64_t>{9}));
 }
 
 TEST_F(FdChannelTest, TheLoopReadsRecordsByItself) {

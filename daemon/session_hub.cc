@@ -134,8 +134,20 @@ absl::StatusOr<UniqueFd> SessionHub::TakeUpload(uint64_t session_id, uint64_t up
   return std::move(upload->fd);
 }
 
-bool SessionHub::DrainRecords(uint64_t session_id, uint64_t sent) {
-  return channel_ == nullptr || channel_->DrainSession(session_id, sent);
+absl::Status SessionHub::DrainRecords(uint64_t session_id, uint64_t sent) {
+  if (channel_ == nullptr) return absl::OkStatus();
+  switch (channel_->DrainSession(session_id, sent)) {
+    case FdChannel::Drained::kApplied:
+      return absl::OkStatus();
+    case FdChannel::Drained::kEnded:
+      return absl::UnauthenticatedError(absl::StrCat(
+          "session ", session_id, " has ended (its fd.sock closed, or a record it sent ended it)"));
+    case FdChannel::Drained::kBehind:
+      break;
+  }
+  return absl::UnavailableError(absl::StrCat(
+      "session ", session_id, ": more than 4096 records it sent on fd.sock before this call are "
+      "still unread; try again"));
 }
 
 void SessionHub::ReleaseDropped(uint64_t session_id, const std::vector<uint64_t>& handles) {

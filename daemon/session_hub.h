@@ -50,8 +50,9 @@ class SessionHub final : public FdChannel::Delegate {
   void ReleaseDropped(uint64_t session_id, const std::vector<uint64_t>& handles);
 
   // Applies what the client sent one-way before a call (the call says how
-  // many records: `sent`). False if the session is over or ending.
-  bool DrainRecords(uint64_t session_id, uint64_t sent);
+  // many records: `sent`): OK, UNAUTHENTICATED if the session is over or
+  // ending, UNAVAILABLE if too many records are still unread.
+  absl::Status DrainRecords(uint64_t session_id, uint64_t sent);
 
   // The fd uploaded under `upload_id`, claimed (NOT_FOUND if none).
   absl::StatusOr<UniqueFd> TakeUpload(uint64_t session_id, uint64_t upload_id);

@@ -200,12 +200,7 @@ absl::StatusOr<FenceTable::Fence*> FenceTable::HeldLocked(uint64_t session, uint
 }
 
 absl::Status FenceTable::CheckNewFenceLocked(const Session& session) const {
-  if (session.held.size() >= limits_.max_held_per_session) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "limit max_held_fences_per_session: the session holds ", session.held.size(),
-        " fences (pending, or signalled and not forgotten), the most allowed; drop Fences "
-        "it no longer needs"));
-  }
+  RETURN_IF_ERROR(CheckNewHoldLocked(session));
   if (limits_.max_pending_per_session != 0 &&
       session.pending_owned.size() >= limits_.max_pending_per_session) {
     return absl::ResourceExhaustedError(
@@ -217,11 +212,21 @@ absl::Status FenceTable::CheckNewFenceLocked(const Session& session) const {
         "limit max_fences: ", fences_.size(),
         " fences are known daemon-wide (pending, or signalled and still held), the most allowed"));
   }
-  auto by_uid = known_by_uid_.find(session.uid);
-  if (by_uid != known_by_uid_.end() && by_uid->second >= limits_.max_fences_per_uid) {
+  return absl::OkStatus();
+}
+
+absl::Status FenceTable::CheckNewHoldLocked(const Session& session) const {
+  if (session.held.size() >= limits_.max_held_per_session) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "limit max_held_fences_per_session: the session holds ", session.held.size(),
+        " fences (pending, or signalled and not forgotten), the most allowed; drop Fences "
+        "it no longer needs"));
+  }
+  auto by_uid = held_by_uid_.find(session.uid);
+  if (by_uid != held_by_uid_.end() && by_uid->second >= limits_.max_fences_per_uid) {
     return absl::ResourceExhaustedError(absl::StrCat("limit max_fences_per_uid: sessions of uid ",
-                                                     session.uid, " own ", by_uid->second,
-                                                     " known fences, the most allowed"));
+                                                     session.uid, " hold ", by_uid->second,
+                                                     " fences, the most allowed"));
   }
   return absl::OkStatus();
 }
@@ -257,18 +262,22 @@ FenceTable::Fence& FenceTable::AddFenceLocked(uint64_t session_id, Session& sess
     RearmLocked();
   }
   ++pending_;
-  ++known_by_uid_[session.uid];
   session.pending_owned.insert(id);
   HoldLocked(session, fence);
   return fence;
 }
 
 void FenceTable::HoldLocked(Session& session, Fence& fence) {
-  if (session.held[fence.view.id]++ == 0) ++fence.holders;
+  if (session.held[fence.view.id]++ == 0) {
+    ++fence.holders;
+    ++held_by_uid_[session.uid];
+  }
 }
 
 void FenceTable::UnholdLocked(Session& session, uint64_t id) {
   if (session.held.erase(id) == 0) return;
+  auto by_uid = held_by_uid_.find(session.uid);
+  if (by_uid != held_by_uid_.end() && --by_uid->second == 0) held_by_uid_.erase(by_uid);
   auto it = fences_.find(id);
   if (it == fences_.end()) return;
   --it->second.holders;
@@ -284,8 +293,6 @@ void FenceTable::EraseIfUnusedLocked(uint64_t id) {
     RememberPipeLocked(fence);
     exported_pipes_.erase(*fence.pipe_inode);
   }
-  auto by_uid = known_by_uid_.find(fence.owner_uid);
-  if (by_uid != known_by_uid_.end() && --by_uid->second == 0) known_by_uid_.erase(by_uid);
   fences_.erase(it);
 }
 
@@ -500,8 +507,10 @@ absl::StatusOr<FenceView> FenceTable::Import(uint64_t session_id, UniqueFd fd,
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) return ErrnoError("fstat of the uploaded fd", errno);
   const bool sync_file = !S_ISFIFO(st.st_mode) && IsSyncFile(fd.get());
-  // A pipe of ours whose fence went: already signalled, with its status.
+  // A pipe of ours whose fence went: already signalled, with its status
+  // (or, if that is no longer remembered, with an error: never a fresh OK).
   std::optional<GonePipe> gone;
+  const bool ours = S_ISFIFO(st.st_mode) && (st.st_mode & 0777) == 0400 && st.st_uid == ::geteuid();
   uid_t uid;
   {
     absl::MutexLock lock(&mu_);
@@ -514,15 +523,14 @@ absl::StatusOr<FenceView> FenceTable::Import(uint64_t session_id, UniqueFd fd,
       if (known != exported_pipes_.end()) {
         auto it = fences_.find(known->second);
         if (it != fences_.end()) {
-          if (!session->held.contains(known->second) &&
-              session->held.size() >= limits_.max_held_per_session) {
-            return CheckNewFenceLocked(*session);
+          if (!session->held.contains(known->second)) {
+            RETURN_IF_ERROR(CheckNewHoldLocked(*session));
           }
           HoldLocked(*session, it->second);
           return ViewLocked(it->second);
         }
       }
-      for (auto it = gone_pipes_.rbegin(); it != gone_pipes_.rend(); ++it) {
+      for (auto it = gone_pipes_.rbegin(); ours && it != gone_pipes_.rend(); ++it) {
         if (it->inode == std::make_pair(st.st_dev, st.st_ino)) {
           gone = *it;
           break;
@@ -530,10 +538,17 @@ absl::StatusOr<FenceView> FenceTable::Import(uint64_t session_id, UniqueFd fd,
       }
     }
   }
-  // Taken without the table's lock (the budget may run reclaimers).
-  ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kFence, uid));
   pollfd poll_fd{fd.get(), POLLIN, 0};
   const bool ready = gone || RetryOnEintr([&] { return ::poll(&poll_fd, 1, 0); }) == 1;
+  if (ours && ready && !gone && (poll_fd.revents & POLLHUP) != 0) {
+    gone = GonePipe{{st.st_dev, st.st_ino}, 0, v1::FENCE_STATUS_ERROR, ""};
+  }
+  // The fd is kept (and leased) only if it is watched. Taken without the
+  // table's lock (the budget may run reclaimers).
+  FdBudget::Lease lease;
+  if (!ready) {
+    ASSIGN_OR_RETURN(lease, budget_->Acquire(FdUse::kFence, uid));
+  }
   Completions done;
   FenceView view;
   {
@@ -543,7 +558,10 @@ absl::StatusOr<FenceView> FenceTable::Import(uint64_t session_id, UniqueFd fd,
     if (ready) {
       Fence& fence = AddFenceLocked(session_id, *session, FenceKind::kImported, name, "", lifetime,
                                     /*arm_timer=*/false);
-      if (gone) {
+      if (gone && gone->id == 0) {
+        SignalLocked(fence, v1::FENCE_STATUS_ERROR,
+                     "the pipe of a bufferd fence no longer known: its status is lost", done);
+      } else if (gone) {
         SignalLocked(fence, gone->status,
                      absl::StrCat("the pipe of fence ", gone->id, ", gone since, which was ",
                                   StatusName(gone->status),
@@ -799,14 +817,19 @@ FenceTable::WaitResult FenceTable::ResultLocked(const Waiter& waiter, bool satis
   result.satisfied = satisfied;
   result.fences.reserve(waiter.ids.size());
   for (uint64_t id : waiter.ids) {
+    FenceView& out = result.fences.emplace_back();
+    out.id = id;
     auto it = fences_.find(id);
-    if (it != fences_.end()) {
-      result.fences.push_back(ViewLocked(it->second));
-    } else {
-      FenceView gone;
-      gone.id = id;
-      result.fences.push_back(std::move(gone));
-    }
+    if (it == fences_.end()) continue;
+    const FenceView& view = it->second.view;
+    out.kind = view.kind;
+    out.owner_session = view.owner_session;
+    out.signaled = view.signaled;
+    out.status = view.status;
+    out.message = view.message;
+    out.signaled_at = view.signaled_at;
+    out.created = view.created;
+    out.deadline = view.deadline;
   }
   return result;
 }
@@ -963,7 +986,7 @@ void FenceTable::Stop() {
     timers_.clear();
     exported_pipes_.clear();
     gone_pipes_.clear();
-    known_by_uid_.clear();
+    held_by_uid_.clear();
     wait_entries_by_uid_.clear();
     wait_entries_ = 0;
     sweep_.clear();

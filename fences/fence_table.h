@@ -70,8 +70,9 @@ struct FenceLimits {
   // Fences one session holds, pending or signalled and not yet forgotten.
   uint32_t max_held_per_session = 16384;
   // Fences known daemon-wide (pending, or signalled and still held), and
-  // those owned by one uid's sessions: memory is bounded, and no uid can
-  // take every place.
+  // fences held by one uid's sessions (each session's hold counted: a uid
+  // answers for what it keeps alive, never for what others keep of its
+  // fences): memory is bounded, and no uid can take every place.
   uint32_t max_fences = 65536;
   uint32_t max_fences_per_uid = 16384;
   // Fences waited on by pending waits (each wait counts the fences it
@@ -132,7 +133,9 @@ class FenceTable {
   struct WaitResult {
     // The condition held (all or any signalled) before the timeout.
     bool satisfied = false;
-    // The fences waited on, in the order asked (duplicates once).
+    // The fences waited on, in the order asked (duplicates once): id, kind,
+    // state, status, message and signal time only (answering a wait costs
+    // no more than that per fence; Info has the rest).
     std::vector<FenceView> fences;
   };
   // Called once, without the table's lock: the result, or an error when the
@@ -301,6 +304,8 @@ class FenceTable {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Checks the caps for one more pending fence owned by `session`.
   absl::Status CheckNewFenceLocked(const Session& session) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Checks the caps for one more fence held by `session`.
+  absl::Status CheckNewHoldLocked(const Session& session) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<absl::Duration> CheckDeadline(absl::Duration deadline) const;
   // Adds a pending fence owned and held by `session`.
   Fence& AddFenceLocked(uint64_t session_id, Session& session, FenceKind kind,
@@ -352,8 +357,9 @@ class FenceTable {
     std::string message;
   };
   std::deque<GonePipe> gone_pipes_ ABSL_GUARDED_BY(mu_);
-  // Fences known (in fences_) by the uid of their owner.
-  absl::flat_hash_map<uid_t, uint32_t> known_by_uid_ ABSL_GUARDED_BY(mu_);
+  // Fences held, by the uid of the holding session (one per session and
+  // fence).
+  absl::flat_hash_map<uid_t, uint32_t> held_by_uid_ ABSL_GUARDED_BY(mu_);
   // Fences named by pending waits, by uid and in all.
   absl::flat_hash_map<uid_t, uint32_t> wait_entries_by_uid_ ABSL_GUARDED_BY(mu_);
   uint64_t wait_entries_ ABSL_GUARDED_BY(mu_) = 0;

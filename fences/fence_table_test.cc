@@ -375,6 +375,26 @@ TEST_F(FenceTableTest, AnImportHasADeadlineToo) {
   EXPECT_EQ(budget_.usage().of(FdUse::kFence), 0u) << "the watched fd is closed";
 }
 
+TEST_F(FenceTableTest, APipeOfAFenceLongGoneNeverImportsAsOk) {
+  const uint64_t id = NewFence();
+  absl::StatusOr<LeasedFd> kept = table_->Export(kOwner, id);
+  ASSERT_TRUE(kept.ok());
+  ASSERT_TRUE(table_->Signal(kOwner, id, v1::FENCE_STATUS_ERROR, "decode").ok());
+  table_->Forget(kOwner, id);
+  // Anyone can push it out of the memory of gone pipes...
+  for (int i = 0; i < 4100; ++i) {
+    const uint64_t other = NewFence();
+    ASSERT_TRUE(table_->Export(kOwner, other).ok());
+    table_->Forget(kOwner, other);
+  }
+  // ... but the pipe is still known for one of ours: an error, not OK.
+  absl::StatusOr<FenceView> imported =
+      table_->Import(kOther, std::move(kept->fd), "", absl::ZeroDuration());
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  EXPECT_EQ(imported->status, v1::FENCE_STATUS_ERROR);
+  EXPECT_THAT(imported->message, HasSubstr("its status is lost"));
+}
+
 TEST_F(FenceTableTest, PerSessionCaps) {
   FenceLimits limits;
   limits.max_pending_per_session = 2;
@@ -397,23 +417,27 @@ TEST_F(FenceTableTest, PerSessionCaps) {
 TEST_F(FenceTableTest, DaemonWideAndPerUidCaps) {
   FenceLimits limits;
   limits.max_fences = 4;
-  limits.max_fences_per_uid = 2;
+  limits.max_fences_per_uid = 3;
   NewTable(limits);
   table_->AddSession(3, 1000);  // a second session of the owner's uid
   const uint64_t a = NewFence();
   ASSERT_TRUE(table_->Signal(kOwner, a, v1::FENCE_STATUS_OK, "").ok());
-  NewFence();
-  // Signalled fences still held count: memory is bounded by what is known.
+  const uint64_t b = NewFence();
+  ASSERT_TRUE(table_->Create(3, "", "", absl::ZeroDuration()).ok());
+  // Signalled fences still held count: memory is bounded by what is kept.
   absl::Status uid = table_->Create(3, "", "", absl::ZeroDuration()).status();
   EXPECT_EQ(uid.code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_THAT(uid.message(), HasSubstr("limit max_fences_per_uid: sessions of uid 1000 own 2"));
+  EXPECT_THAT(uid.message(), HasSubstr("limit max_fences_per_uid: sessions of uid 1000 hold 3"));
   ASSERT_TRUE(table_->Create(kOther, "", "", absl::ZeroDuration()).ok()) << "another uid has room";
-  ASSERT_TRUE(table_->Create(kOther, "", "", absl::ZeroDuration()).ok());
-  table_->Forget(kOwner, a);
-  absl::Status all = table_->Create(3, "", "", absl::ZeroDuration()).status();
-  EXPECT_TRUE(all.ok()) << all;
   absl::Status full = table_->Create(kOther, "", "", absl::ZeroDuration()).status();
   EXPECT_THAT(full.message(), HasSubstr("limit max_fences: 4 fences are known daemon-wide"));
+  // A consumer keeping the owner's fence answers for it, not the owner.
+  absl::StatusOr<LeasedFd> fd = table_->Export(kOwner, b);
+  ASSERT_TRUE(fd.ok());
+  ASSERT_TRUE(table_->Import(kOther, std::move(fd->fd), "", absl::ZeroDuration()).ok());
+  table_->Forget(kOwner, a);
+  EXPECT_TRUE(table_->Create(kOwner, "", "", absl::ZeroDuration()).ok())
+      << "uid 1000 holds 2 + 1: another uid's hold on b is not charged to it";
   table_->CloseSession(3);
 }
 
