@@ -214,7 +214,16 @@ absl::Status Daemon::Init(const v1::Config& config) {
   fence_limits.max_waits_per_uid =
       OrDefault(limits.max_fence_waits_per_uid(), fence_limits.max_waits_per_uid);
   fence_limits.max_waits = OrDefault(limits.max_fence_waits(), fence_limits.max_waits);
-  fences_ = std::make_unique<FenceTable>(loop_.get(), &budget_, fence_limits);
+  // Big batches of answered waits run on the work queue, not on the loop
+  // or the signalling call's thread.
+  fences_ = std::make_unique<FenceTable>(loop_.get(), &budget_, fence_limits,
+                                         [this](std::function<void()> batch) {
+                                           if (work_ != nullptr) {
+                                             work_->Post(std::move(batch));
+                                           } else {
+                                             batch();
+                                           }
+                                         });
   hub_ = std::make_unique<SessionHub>(sessions_.get(), state_.get(), reaper_.get(), fences_.get(),
                                       &budget_);
   for (const auto& heap : heaps_->heaps()) {

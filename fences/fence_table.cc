@@ -143,8 +143,9 @@ const char* FenceKindName(FenceKind kind) {
   return "?";
 }
 
-FenceTable::FenceTable(EventLoop* loop, FdBudget* budget, FenceLimits limits)
-    : loop_(loop), budget_(budget), limits_(limits) {}
+FenceTable::FenceTable(EventLoop* loop, FdBudget* budget, FenceLimits limits,
+                       Executor executor)
+    : loop_(loop), budget_(budget), limits_(limits), executor_(std::move(executor)) {}
 
 FenceTable::~FenceTable() { Stop(); }
 
@@ -991,10 +992,21 @@ void FenceTable::Stop() {
     wait_entries_ = 0;
     sweep_.clear();
   }
-  Run(done);
+  // Inline: whatever an executor posts to may be going away too.
+  for (auto& [callback, result] : done.waits) {
+    if (callback) callback(std::move(result));
+  }
 }
 
 void FenceTable::Run(Completions& completions) {
+  if (executor_ != nullptr && completions.waits.size() > kInlineCompletions) {
+    auto batch = std::make_shared<decltype(completions.waits)>(std::move(completions.waits));
+    executor_([batch] {
+      for (auto& [done, result] : *batch) {
+        if (done) done(std::move(result));
+      }
+    });
+  }
   for (auto& [done, result] : completions.waits) {
     if (done) done(std::move(result));
   }

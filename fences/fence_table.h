@@ -170,8 +170,16 @@ class FenceTable {
     uint64_t count = 0;
   };
 
-  // `loop` and `budget` must outlive this object.
-  FenceTable(EventLoop* loop, FdBudget* budget, FenceLimits limits);
+  // Runs a batch of completions elsewhere (a work queue): a signal that
+  // answers many waits does not hold up the thread that signalled (the
+  // event loop, for one-way signals and deadlines).
+  using Executor = std::function<void(std::function<void()>)>;
+  // Completions beyond this many in one batch go to the executor.
+  static constexpr size_t kInlineCompletions = 32;
+
+  // `loop` and `budget` (and whatever `executor` posts to) must outlive
+  // this object. Without an executor every completion runs inline.
+  FenceTable(EventLoop* loop, FdBudget* budget, FenceLimits limits, Executor executor = nullptr);
   ~FenceTable();
   FenceTable(const FenceTable&) = delete;
   FenceTable& operator=(const FenceTable&) = delete;
@@ -334,11 +342,12 @@ class FenceTable {
   void RearmLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void OnTimer(uint64_t generation);
   void OnImportReadable(uint64_t id, uint32_t events);
-  static void Run(Completions& completions);
+  void Run(Completions& completions);
 
   EventLoop* const loop_;
   FdBudget* const budget_;
   const FenceLimits limits_;
+  const Executor executor_;
 
   mutable absl::Mutex mu_;
   uint64_t next_fence_id_ ABSL_GUARDED_BY(mu_) = 1;
