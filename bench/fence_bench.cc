@@ -412,6 +412,8 @@ int main(int argc, char** argv) {
   app.add_option("--iterations", iterations, "samples per figure and placement");
   app.add_option("--waiters", waiters, "waiters in the mass wake");
   app.add_option("--bufferd", daemon_binary, "bufferd binary")->capture_default_str();
+  bool signal_only = false;
+  app.add_flag("--signal-only", signal_only, "only figure 1 and its floors (for profiling)");
   CLI11_PARSE(app, argc, argv);
 
   // Forked before any thread exists (gRPC's included).
@@ -457,6 +459,7 @@ int main(int argc, char** argv) {
         relay_s.push_back(RelayOnce(*relay, *waiter));
         socket_relay_s.push_back(SocketRelayOnce(*relay, *waiter));
         poll_s.push_back(FencePollOnce(*owner, *waiter));
+        if (signal_only) continue;
         grpc_s.push_back(GrpcOnce(stub));
         rpc_s.push_back(FenceRpcOnce(*owner, *waiter));
       }
@@ -466,11 +469,13 @@ int main(int argc, char** argv) {
       std::printf("   (info) relay over SEQPACKET+epoll  %-22s p50 %7.1f (p99 %7.1f)  %.2fx the floor\n",
                   placement.name, socket_relay.p50, socket_relay.p99,
                   socket_relay.p50 / Summarize(relay_s, 0).p50);
-      Verdict("2. SignalFence -> WaitFence", placement.name, Summarize(rpc_s, 0),
-              Summarize(grpc_s, 0), 1.5, all_met);
+      if (!signal_only) {
+        Verdict("2. SignalFence -> WaitFence", placement.name, Summarize(rpc_s, 0),
+                Summarize(grpc_s, 0), 1.5, all_met);
+      }
     }
 
-    if (daemon_cpu == 1) {
+    if (daemon_cpu == 1 && !signal_only) {
       // 3. The mass wake, daemon apart.
       waiter->Ask("pin 0");
       const pid_t pid = (*daemon)->pid();
