@@ -11,24 +11,28 @@
 //   - merged: signalled when all its inputs are, with the first error by
 //     signal time (or OK);
 //   - imported: an fd the table watches on the EventLoop (a kernel
-//     sync_file, an eventfd, a pipe), signalled when it polls readable.
+//     sync_file, an eventfd, a timerfd, a pipe's read end), signalled when
+//     it polls readable.
 //
 // The fd is the capability. A session holds the fences it created, merged
 // or imported (importing a pipe the table exported gives back that very
 // fence); it may use those and no others: every other id is NOT_FOUND,
-// whether it exists or not. A held fence stays known (status, times) until
-// the session forgets it or ends, so a wait on a fence signalled long ago
-// answers at once. Ids are never reused.
+// whether it exists or not. Holds are counted per session (Forget drops
+// one) and charged to the holder's uid. A held fence stays known (status,
+// times) until the session forgets it or ends, so a wait on a fence
+// signalled long ago answers at once. Ids are never reused.
 //
 // Waiters never take a thread: Wait registers a callback, run once, when
 // the condition holds, at the timeout, or with an error when the session
-// ends; CancelWait drops it. Exported fds are the read ends of one pipe per
-// fence whose write end only the table holds and closes at the signal:
-// POLLHUP for every holder at once, forever, and nothing a holder does
-// changes what the others see.
+// ends; CancelWait drops it. Big batches of callbacks go to an executor.
+// Exported fds are the read ends of one pipe per fence (made at the first
+// export, kept while the fence is known) whose write end only the table
+// holds and closes at the signal: POLLHUP for every holder at once, forever,
+// and nothing a holder does changes what the others see.
 //
 // Every fd the table holds (pipes, imported fds) and every exported copy in
-// flight is leased from the FdBudget.
+// flight is leased from the FdBudget. Every cap is RESOURCE_EXHAUSTED or
+// INVALID_ARGUMENT naming it (FenceLimits).
 //
 // Thread-safe, with its own lock; callbacks run without it. Call Stop()
 // after the loop has stopped and before destruction.
