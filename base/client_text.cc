@@ -7,6 +7,19 @@ namespace bufferd {
 
 std::string EscapeClientText(absl::string_view text) { return absl::CHexEscape(text); }
 
+absl::Status CheckClientText(absl::string_view field, absl::string_view text) {
+  if (text.size() > kMaxClientTextBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " is ", text.size(), " bytes; at most ",
+                                                   kMaxClientTextBytes, " allowed"));
+  }
+  for (char c : text) {
+    if (c < 0x20 || c > 0x7e) {
+      return absl::InvalidArgumentError(absl::StrCat(field, " must be printable ASCII"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 std::string QuoteClientText(absl::string_view text, size_t max_bytes) {
   if (text.size() <= max_bytes) return absl::StrCat("'", absl::CHexEscape(text), "'");
   return absl::StrCat("'", absl::CHexEscape(text.substr(0, max_bytes)), "...' (", text.size(),

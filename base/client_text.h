@@ -9,12 +9,22 @@
 #include <cstddef>
 #include <string>
 
+#include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 
 namespace bufferd {
 
 // Most bytes of client text a message quotes.
 inline constexpr size_t kMaxQuotedBytes = 64;
+
+// Most bytes of text a client may give the daemon to keep (a buffer's or
+// fence's name, a timeline, a fence's error message).
+inline constexpr size_t kMaxClientTextBytes = 200;
+
+// OK if `text` may be kept and shown as it is: at most kMaxClientTextBytes
+// of printable ASCII. INVALID_ARGUMENT naming `field` otherwise (without
+// echoing the text).
+absl::Status CheckClientText(absl::string_view field, absl::string_view text);
 
 // `text` in single quotes with control characters, quotes, backslashes and
 // non-ASCII bytes C-escaped (\x1b, \n, \'); if longer than `max_bytes`, its

@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "base/client_text.h"
 #include "base/errno_status.h"
 #include "client/client.h"
 #include "client/connection.h"
@@ -25,10 +26,10 @@ uint32_t ToMs(absl::Duration duration) {
 // A call whose daemon-side work may take `wait` on top of the usual.
 internal::Call NewWaitCall(internal::Connection& connection, absl::Duration wait) {
   internal::Call call = connection.NewCall();
-  call.context->set_deadline(
-      std::chrono::system_clock::now() +
-      absl::ToChronoMilliseconds(absl::Milliseconds(ToMs(wait)) + connection.timeout() +
-                                 internal::Connection::kCallSlack));
+  call.context->set_deadline(std::chrono::system_clock::now() +
+                             absl::ToChronoMilliseconds(absl::Milliseconds(ToMs(wait)) +
+                                                        connection.timeout() +
+                                                        internal::Connection::kCallSlack));
   return call;
 }
 
@@ -108,14 +109,7 @@ absl::Status CheckOneWaySignal(v1::FenceStatus status, absl::string_view message
         absl::StrCat("status ", v1::FenceStatus_Name(status),
                      " cannot be signalled: a client signals OK, ERROR or CANCELLED"));
   }
-  if (message.size() > 200) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("message is ", message.size(), " bytes; at most 200 allowed"));
-  }
-  for (char c : message) {
-    if (c < 0x20 || c > 0x7e) return absl::InvalidArgumentError("message must be printable ASCII");
-  }
-  return absl::OkStatus();
+  return CheckClientText("message", message);
 }
 
 }  // namespace

@@ -9,15 +9,6 @@
 namespace bufferd {
 namespace {
 
-// Runs `body(session)` inline for an authenticated call and finishes it.
-template <typename Body>
-grpc::ServerUnaryReactor* Authenticated(const AllocatorService::Deps& d,
-                                        grpc::CallbackServerContext* context, Body body) {
-  absl::StatusOr<uint64_t> session = AuthenticateCall(*d.sessions, *d.hub, context);
-  if (!session.ok()) return FinishCall(context, session.status());
-  return FinishCall(context, body(*session));
-}
-
 absl::Status Cancelled() { return absl::CancelledError("Allocate was cancelled by the client"); }
 
 }  // namespace
@@ -85,7 +76,7 @@ grpc::ServerUnaryReactor* AllocatorService::Release(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* AllocatorService::Export(grpc::CallbackServerContext* context,
                                                    const v1::ExportRequest* request,
                                                    v1::ExportResponse* response) {
-  return Authenticated(d_, context, [&](uint64_t session) {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) {
     absl::StatusOr<v1::ExportResponse> exported = d_.state->Export(session, *request);
     if (exported.ok()) *response = *std::move(exported);
     return exported.status();
@@ -95,7 +86,7 @@ grpc::ServerUnaryReactor* AllocatorService::Export(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* AllocatorService::Import(grpc::CallbackServerContext* context,
                                                    const v1::ImportRequest* request,
                                                    v1::ImportResponse* response) {
-  return Authenticated(d_, context, [&](uint64_t session) -> absl::Status {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
     ASSIGN_OR_RETURN(DaemonState::PendingGrant pending,
                      d_.state->Import(session, request->token()));
     // Not delivered: the grant undoes itself and the importer may retry.
@@ -112,7 +103,7 @@ grpc::ServerUnaryReactor* AllocatorService::Import(grpc::CallbackServerContext* 
 grpc::ServerUnaryReactor* AllocatorService::GetBuffer(grpc::CallbackServerContext* context,
                                                       const v1::GetBufferRequest* request,
                                                       v1::GetBufferResponse* response) {
-  return Authenticated(d_, context, [&](uint64_t session) {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) {
     absl::StatusOr<v1::GetBufferResponse> buffer = d_.state->GetBuffer(session, request->handle());
     if (buffer.ok()) *response = *std::move(buffer);
     return buffer.status();
@@ -122,7 +113,7 @@ grpc::ServerUnaryReactor* AllocatorService::GetBuffer(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* AllocatorService::Freeze(grpc::CallbackServerContext* context,
                                                    const v1::FreezeRequest* request,
                                                    v1::FreezeResponse* response) {
-  return Authenticated(d_, context, [&](uint64_t session) {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) {
     absl::StatusOr<v1::BufferInfo> frozen = d_.state->Freeze(session, request->handle());
     if (frozen.ok()) *response->mutable_buffer() = *std::move(frozen);
     return frozen.status();

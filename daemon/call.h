@@ -23,6 +23,16 @@ absl::StatusOr<uint64_t> AuthenticateCall(const SessionTable& sessions, SessionH
 grpc::ServerUnaryReactor* FinishCall(grpc::CallbackServerContext* context,
                                      const absl::Status& status);
 
+// Authenticates the call, runs `body(session)` inline and finishes the call
+// with what it returns (or with the authentication's error).
+template <typename Body>
+grpc::ServerUnaryReactor* FinishAuthenticated(const SessionTable& sessions, SessionHub& hub,
+                                              grpc::CallbackServerContext* context, Body body) {
+  absl::StatusOr<uint64_t> session = AuthenticateCall(sessions, hub, context);
+  if (!session.ok()) return FinishCall(context, session.status());
+  return FinishCall(context, body(*session));
+}
+
 }  // namespace bufferd
 
 #endif  // BUFFERD_DAEMON_CALL_H_

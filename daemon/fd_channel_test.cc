@@ -145,9 +145,9 @@ TEST_F(FdChannelTest, RecordsQueuedBeforeAResetAreApplied) {
   // the kernel reports ECONNRESET first; the record still counts.
   HoldLoop();
   int fds[] = {0};
-  ASSERT_TRUE(channel_->Deliver(kSession, 1, v1::FD_KIND_FENCE, 1,
-                                LeasedFd{UniqueFd(::dup(fds[0])), {}})
-                  .ok());
+  ASSERT_TRUE(
+      channel_->Deliver(kSession, 1, v1::FD_KIND_FENCE, 1, LeasedFd{UniqueFd(::dup(fds[0])), {}})
+          .ok());
   Send(9);
   client_ = UnixSocket();  // gone, with the delivery unread
   release_loop_.Notify();

@@ -10,15 +10,6 @@
 namespace bufferd {
 namespace {
 
-// Runs `body(session)` inline for an authenticated call and finishes it.
-template <typename Body>
-grpc::ServerUnaryReactor* Authenticated(const FenceService::Deps& d,
-                                        grpc::CallbackServerContext* context, Body body) {
-  absl::StatusOr<uint64_t> session = AuthenticateCall(*d.sessions, *d.hub, context);
-  if (!session.ok()) return FinishCall(context, session.status());
-  return FinishCall(context, body(*session));
-}
-
 // One WaitFence call: registered in the table until it is satisfied, times
 // out, its session ends or the client cancels. Deletes itself when done.
 class WaitReactor final : public grpc::ServerUnaryReactor {
@@ -32,12 +23,11 @@ class WaitReactor final : public grpc::ServerUnaryReactor {
     wait.ids.assign(request.fence_ids().begin(), request.fence_ids().end());
     wait.all = request.wait_all();
     wait.timeout = absl::Milliseconds(request.timeout_ms());
-    if (request.need_by_ms() != 0) wait.need_by = absl::Now() + absl::Milliseconds(request.need_by_ms());
-    absl::StatusOr<std::optional<FenceTable::WaitResult>> now =
-        fences_->Wait(session, wait_, wait,
-                      [this](absl::StatusOr<FenceTable::WaitResult> result) {
-                        Complete(std::move(result));
-                      });
+    if (request.need_by_ms() != 0)
+      wait.need_by = absl::Now() + absl::Milliseconds(request.need_by_ms());
+    absl::StatusOr<std::optional<FenceTable::WaitResult>> now = fences_->Wait(
+        session, wait_, wait,
+        [this](absl::StatusOr<FenceTable::WaitResult> result) { Complete(std::move(result)); });
     if (!now.ok()) {
       Finish(ToGrpcStatus(now.status()));
     } else if (now->has_value()) {
@@ -80,7 +70,7 @@ v1::FenceInfo FenceService::Info(const FenceView& view) const {
 grpc::ServerUnaryReactor* FenceService::CreateFence(grpc::CallbackServerContext* context,
                                                     const v1::CreateFenceRequest* request,
                                                     v1::CreateFenceResponse* response) {
-  return Authenticated(d_, context, [&](uint64_t session) -> absl::Status {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
     ASSIGN_OR_RETURN(FenceView fence,
                      d_.fences->Create(session, request->name(), request->timeline(),
                                        absl::Milliseconds(request->deadline_ms())));
@@ -92,7 +82,7 @@ grpc::ServerUnaryReactor* FenceService::CreateFence(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* FenceService::SignalFence(grpc::CallbackServerContext* context,
                                                     const v1::SignalFenceRequest* request,
                                                     v1::SignalFenceResponse* response) {
-  return Authenticated(d_, context, [&](uint64_t session) -> absl::Status {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
     ASSIGN_OR_RETURN(FenceView fence, d_.fences->Signal(session, request->fence_id(),
                                                         request->status(), request->message()));
     *response->mutable_fence() = Info(fence);
@@ -116,7 +106,7 @@ grpc::ServerUnaryReactor* FenceService::WaitFence(grpc::CallbackServerContext* c
 grpc::ServerUnaryReactor* FenceService::GetFenceInfo(grpc::CallbackServerContext* context,
                                                      const v1::GetFenceInfoRequest* request,
                                                      v1::GetFenceInfoResponse* response) {
-  return Authenticated(d_, context, [&](uint64_t session) -> absl::Status {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
     ASSIGN_OR_RETURN(FenceView fence, d_.fences->Info(session, request->fence_id()));
     *response->mutable_fence() = Info(fence);
     return absl::OkStatus();
@@ -126,7 +116,7 @@ grpc::ServerUnaryReactor* FenceService::GetFenceInfo(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* FenceService::MergeFences(grpc::CallbackServerContext* context,
                                                     const v1::MergeFencesRequest* request,
                                                     v1::MergeFencesResponse* response) {
-  return Authenticated(d_, context, [&](uint64_t session) -> absl::Status {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
     const std::vector<uint64_t> ids(request->fence_ids().begin(), request->fence_ids().end());
     ASSIGN_OR_RETURN(FenceView fence, d_.fences->Merge(session, ids, request->name()));
     *response->mutable_fence() = Info(fence);
@@ -137,7 +127,7 @@ grpc::ServerUnaryReactor* FenceService::MergeFences(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* FenceService::ExportFence(grpc::CallbackServerContext* context,
                                                     const v1::ExportFenceRequest* request,
                                                     v1::ExportFenceResponse* response) {
-  return Authenticated(d_, context, [&](uint64_t session) -> absl::Status {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
     ASSIGN_OR_RETURN(LeasedFd fd, d_.fences->Export(session, request->fence_id()));
     const uint64_t transfer_id = next_transfer_id_.fetch_add(1);
     // The fd goes out before the response, so the client finds it queued.
@@ -153,7 +143,7 @@ grpc::ServerUnaryReactor* FenceService::ExportFence(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* FenceService::ImportSyncFd(grpc::CallbackServerContext* context,
                                                      const v1::ImportSyncFdRequest* request,
                                                      v1::ImportSyncFdResponse* response) {
-  return Authenticated(d_, context, [&](uint64_t session) -> absl::Status {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
     ASSIGN_OR_RETURN(UniqueFd fd, d_.hub->TakeUpload(session, request->upload_id()));
     ASSIGN_OR_RETURN(FenceView fence,
                      d_.fences->Import(session, std::move(fd), request->name(),
@@ -166,15 +156,16 @@ grpc::ServerUnaryReactor* FenceService::ImportSyncFd(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* FenceService::AttachFence(grpc::CallbackServerContext* context,
                                                     const v1::AttachFenceRequest*,
                                                     v1::AttachFenceResponse*) {
-  return Authenticated(d_, context, [](uint64_t) {
-    return absl::UnimplementedError("Fence.AttachFence: reservation objects are not implemented yet");
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [](uint64_t) {
+    return absl::UnimplementedError(
+        "Fence.AttachFence: reservation objects are not implemented yet");
   });
 }
 
 grpc::ServerUnaryReactor* FenceService::GetBufferFences(grpc::CallbackServerContext* context,
                                                         const v1::GetBufferFencesRequest*,
                                                         v1::GetBufferFencesResponse*) {
-  return Authenticated(d_, context, [](uint64_t) {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [](uint64_t) {
     return absl::UnimplementedError(
         "Fence.GetBufferFences: reservation objects are not implemented yet");
   });

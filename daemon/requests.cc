@@ -1,25 +1,14 @@
 #include "daemon/requests.h"
 
 #include "absl/strings/str_cat.h"
+#include "base/client_text.h"
 #include "base/errno_status.h"
 
 namespace bufferd {
 namespace {
 
-constexpr size_t kMaxNameBytes = 200;
 // Configured heap names are [a-z0-9_-]{1,32}: a longer request names none.
 constexpr size_t kMaxHeapNameBytes = 32;
-
-absl::Status CheckName(absl::string_view name) {
-  if (name.size() > kMaxNameBytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("name is ", name.size(), " bytes; at most ", kMaxNameBytes, " allowed"));
-  }
-  for (char c : name) {
-    if (c < 0x20 || c > 0x7e) return absl::InvalidArgumentError("name must be printable ASCII");
-  }
-  return absl::OkStatus();
-}
 
 }  // namespace
 
@@ -34,7 +23,7 @@ absl::StatusOr<AllocationPlan> CheckAllocateRequest(const HeapRegistry& heaps,
   AllocationPlan plan;
   ASSIGN_OR_RETURN(plan.heap, heaps.Get(request.heap()));
   if (request.size() == 0) return absl::InvalidArgumentError("size must be greater than 0");
-  RETURN_IF_ERROR(CheckName(request.name()));
+  RETURN_IF_ERROR(CheckClientText("name", request.name()));
   if (request.size() > (uint64_t{1} << 62)) {
     return absl::InvalidArgumentError(absl::StrCat("size ", request.size(), " is too large"));
   }

@@ -15,36 +15,20 @@
 
 #include "absl/container/inlined_vector.h"
 #include "absl/strings/str_cat.h"
+#include "base/client_text.h"
 #include "base/errno_status.h"
-
 
 namespace bufferd {
 namespace {
 
-constexpr size_t kMaxTextBytes = 200;
 // A wait never outlives this, whatever it asks (its fences end sooner).
 constexpr absl::Duration kMaxWaitTimeout = absl::Hours(24);
-
-absl::Status CheckText(absl::string_view field, absl::string_view text) {
-  if (text.size() > kMaxTextBytes) {
-    return absl::InvalidArgumentError(absl::StrCat(field, " is ", text.size(), " bytes; at most ",
-                                                   kMaxTextBytes, " allowed"));
-  }
-  for (char c : text) {
-    if (c < 0x20 || c > 0x7e) {
-      return absl::InvalidArgumentError(absl::StrCat(field, " must be printable ASCII"));
-    }
-  }
-  return absl::OkStatus();
-}
 
 absl::Status NotFound(uint64_t id) {
   return absl::NotFoundError(absl::StrCat("fence ", id, " not found"));
 }
 
-std::string StatusName(v1::FenceStatus status) {
-  return v1::FenceStatus_Name(status);
-}
+std::string StatusName(v1::FenceStatus status) { return v1::FenceStatus_Name(status); }
 
 // Imports of our own pipes after their fence went: how many are remembered.
 constexpr size_t kRecentPipes = 4096;
@@ -52,8 +36,7 @@ constexpr size_t kRecentPipes = 4096;
 // What /proc says an fd is ("anon_inode:[eventfd]", "pipe:[123]", ...).
 std::string FdLink(int fd) {
   char link[128];
-  const ssize_t n =
-      ::readlink(absl::StrCat("/proc/self/fd/", fd).c_str(), link, sizeof(link) - 1);
+  const ssize_t n = ::readlink(absl::StrCat("/proc/self/fd/", fd).c_str(), link, sizeof(link) - 1);
   return n > 0 ? std::string(link, static_cast<size_t>(n)) : std::string();
 }
 
@@ -77,15 +60,14 @@ std::pair<v1::FenceStatus, std::string> ImportedStatus(int fd, bool sync_file, u
 }
 
 // Why a merged fence failed: its input's root cause (never nested: a merge
-// of merges names the fence that really failed), at most 2 * kMaxTextBytes.
+// of merges names the fence that really failed), at most 2 * kMaxClientTextBytes.
 std::string MergedError(const FenceView& input) {
-  std::string why =
-      input.kind == FenceKind::kMerged
-          ? input.message
-          : absl::StrCat("input fence ", input.id, " ('", input.name, "'): ",
-                         v1::FenceStatus_Name(input.status), input.message.empty() ? "" : ": ",
-                         input.message);
-  if (why.size() > 2 * kMaxTextBytes) why.resize(2 * kMaxTextBytes);
+  std::string why = input.kind == FenceKind::kMerged
+                        ? input.message
+                        : absl::StrCat("input fence ", input.id, " ('", input.name,
+                                       "'): ", v1::FenceStatus_Name(input.status),
+                                       input.message.empty() ? "" : ": ", input.message);
+  if (why.size() > 2 * kMaxClientTextBytes) why.resize(2 * kMaxClientTextBytes);
   return why;
 }
 
@@ -143,8 +125,7 @@ const char* FenceKindName(FenceKind kind) {
   return "?";
 }
 
-FenceTable::FenceTable(EventLoop* loop, FdBudget* budget, FenceLimits limits,
-                       Executor executor)
+FenceTable::FenceTable(EventLoop* loop, FdBudget* budget, FenceLimits limits, Executor executor)
     : loop_(loop), budget_(budget), limits_(limits), executor_(std::move(executor)) {}
 
 FenceTable::~FenceTable() { Stop(); }
@@ -237,17 +218,15 @@ absl::StatusOr<absl::Duration> FenceTable::CheckDeadline(absl::Duration deadline
   if (deadline == absl::ZeroDuration()) return limits_.default_deadline;
   if (deadline > limits_.max_deadline) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "deadline_ms ", absl::ToInt64Milliseconds(deadline),
-        " is above max_fence_deadline_ms (", absl::ToInt64Milliseconds(limits_.max_deadline),
-        "): fences are never indefinite"));
+        "deadline_ms ", absl::ToInt64Milliseconds(deadline), " is above max_fence_deadline_ms (",
+        absl::ToInt64Milliseconds(limits_.max_deadline), "): fences are never indefinite"));
   }
   return deadline;
 }
 
-FenceTable::Fence& FenceTable::AddFenceLocked(uint64_t session_id, Session& session,
-                                              FenceKind kind, absl::string_view name,
-                                              absl::string_view timeline, absl::Duration deadline,
-                                              bool arm_timer) {
+FenceTable::Fence& FenceTable::AddFenceLocked(uint64_t session_id, Session& session, FenceKind kind,
+                                              absl::string_view name, absl::string_view timeline,
+                                              absl::Duration deadline, bool arm_timer) {
   const uint64_t id = next_fence_id_++;
   Fence& fence = fences_[id];
   fence.view.id = id;
@@ -259,7 +238,8 @@ FenceTable::Fence& FenceTable::AddFenceLocked(uint64_t session_id, Session& sess
   fence.view.deadline = fence.view.created + deadline;
   fence.owner_uid = session.uid;
   if (arm_timer) {
-    fence.timer = timers_.emplace(MonotonicNow() + deadline, std::make_pair(TimerKind::kDeadline, id));
+    fence.timer =
+        timers_.emplace(MonotonicNow() + deadline, std::make_pair(TimerKind::kDeadline, id));
     RearmLocked();
   }
   ++pending_;
@@ -310,10 +290,9 @@ void FenceTable::SweepLocked() {
 }
 
 absl::StatusOr<FenceView> FenceTable::Create(uint64_t session_id, absl::string_view name,
-                                             absl::string_view timeline,
-                                             absl::Duration deadline) {
-  RETURN_IF_ERROR(CheckText("name", name));
-  RETURN_IF_ERROR(CheckText("timeline", timeline));
+                                             absl::string_view timeline, absl::Duration deadline) {
+  RETURN_IF_ERROR(CheckClientText("name", name));
+  RETURN_IF_ERROR(CheckClientText("timeline", timeline));
   ASSIGN_OR_RETURN(const absl::Duration lifetime, CheckDeadline(deadline));
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
@@ -338,12 +317,13 @@ absl::Status FenceTable::SignalBy(uint64_t session_id, uint64_t id, v1::FenceSta
                                   absl::string_view message, FenceView* view) {
   if (status != v1::FENCE_STATUS_OK && status != v1::FENCE_STATUS_ERROR &&
       status != v1::FENCE_STATUS_CANCELLED) {
-    const std::string name = v1::FenceStatus_IsValid(status) ? StatusName(status)
-                                                            : absl::StrCat(static_cast<int>(status));
+    const std::string name = v1::FenceStatus_IsValid(status)
+                                 ? StatusName(status)
+                                 : absl::StrCat(static_cast<int>(status));
     return absl::InvalidArgumentError(absl::StrCat(
         "status ", name, " cannot be signalled: a client signals OK, ERROR or CANCELLED"));
   }
-  RETURN_IF_ERROR(CheckText("message", message));
+  RETURN_IF_ERROR(CheckClientText("message", message));
   Completions done;
   {
     absl::MutexLock lock(&mu_);
@@ -360,9 +340,9 @@ absl::Status FenceTable::SignalBy(uint64_t session_id, uint64_t id, v1::FenceSta
                                                       "; only its owner signals it"));
     }
     if (fence->view.signaled) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "fence ", id, " was signalled already (", StatusName(fence->view.status), " at ",
-          absl::FormatTime(fence->view.signaled_at), ")"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("fence ", id, " was signalled already (", StatusName(fence->view.status),
+                       " at ", absl::FormatTime(fence->view.signaled_at), ")"));
     }
     SignalLocked(*fence, status, std::string(message), done);
     if (view != nullptr) *view = ViewLocked(*fence);
@@ -448,12 +428,13 @@ absl::StatusOr<FenceView> FenceTable::Info(uint64_t session, uint64_t id) const 
 
 absl::StatusOr<FenceView> FenceTable::Merge(uint64_t session_id, const std::vector<uint64_t>& ids,
                                             absl::string_view name) {
-  if (ids.empty()) return absl::InvalidArgumentError("fence_ids is empty: merge at least one fence");
+  if (ids.empty())
+    return absl::InvalidArgumentError("fence_ids is empty: merge at least one fence");
   if (ids.size() > limits_.max_merge_ids) {
-    return absl::InvalidArgumentError(absl::StrCat(ids.size(), " fence ids in one merge; at most ",
-                                                   limits_.max_merge_ids));
+    return absl::InvalidArgumentError(
+        absl::StrCat(ids.size(), " fence ids in one merge; at most ", limits_.max_merge_ids));
   }
-  RETURN_IF_ERROR(CheckText("name", name));
+  RETURN_IF_ERROR(CheckClientText("name", name));
   std::vector<uint64_t> distinct = ids;
   std::sort(distinct.begin(), distinct.end());
   distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
@@ -502,7 +483,7 @@ absl::StatusOr<FenceView> FenceTable::Merge(uint64_t session_id, const std::vect
 
 absl::StatusOr<FenceView> FenceTable::Import(uint64_t session_id, UniqueFd fd,
                                              absl::string_view name, absl::Duration deadline) {
-  RETURN_IF_ERROR(CheckText("name", name));
+  RETURN_IF_ERROR(CheckClientText("name", name));
   ASSIGN_OR_RETURN(const absl::Duration lifetime, CheckDeadline(deadline));
   RETURN_IF_ERROR(CheckImportable(fd.get()));
   struct stat st {};
@@ -565,8 +546,8 @@ absl::StatusOr<FenceView> FenceTable::Import(uint64_t session_id, UniqueFd fd,
       } else if (gone) {
         SignalLocked(fence, gone->status,
                      absl::StrCat("the pipe of fence ", gone->id, ", gone since, which was ",
-                                  StatusName(gone->status),
-                                  gone->message.empty() ? "" : ": ", gone->message),
+                                  StatusName(gone->status), gone->message.empty() ? "" : ": ",
+                                  gone->message),
                      done);
       } else {
         uint32_t events = 0;
@@ -579,13 +560,12 @@ absl::StatusOr<FenceView> FenceTable::Import(uint64_t session_id, UniqueFd fd,
       view = ViewLocked(fence);
     } else {
       const uint64_t id = next_fence_id_;
-      absl::Status watched = loop_->Watch(fd.get(), EPOLLIN, [this, id](uint32_t events) {
-        OnImportReadable(id, events);
-      });
+      absl::Status watched = loop_->Watch(
+          fd.get(), EPOLLIN, [this, id](uint32_t events) { OnImportReadable(id, events); });
       if (!watched.ok()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "the uploaded fd cannot be polled (", watched.message(),
-            "): only a sync_file, an eventfd, a timerfd or a pipe can be imported"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("the uploaded fd cannot be polled (", watched.message(),
+                         "): only a sync_file, an eventfd, a timerfd or a pipe can be imported"));
       }
       Fence& fence = AddFenceLocked(session_id, *session, FenceKind::kImported, name, "", lifetime,
                                     /*arm_timer=*/true);
@@ -688,8 +668,8 @@ absl::StatusOr<std::optional<FenceTable::WaitResult>> FenceTable::Wait(uint64_t 
     return absl::InvalidArgumentError("fence_ids is empty: wait on at least one fence");
   }
   if (request.ids.size() > limits_.max_wait_ids) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        request.ids.size(), " fence ids in one wait; at most ", limits_.max_wait_ids));
+    return absl::InvalidArgumentError(
+        absl::StrCat(request.ids.size(), " fence ids in one wait; at most ", limits_.max_wait_ids));
   }
   Waiter waiter;
   waiter.session = session_id;
@@ -711,7 +691,8 @@ absl::StatusOr<std::optional<FenceTable::WaitResult>> FenceTable::Wait(uint64_t 
   }
   if (request.need_by) {
     for (Fence* fence : fences) {
-      if (!fence->view.signaled) fence->view.need_by = std::min(fence->view.need_by, *request.need_by);
+      if (!fence->view.signaled)
+        fence->view.need_by = std::min(fence->view.need_by, *request.need_by);
     }
   }
   const bool satisfied = request.all ? signalled == fences.size() : signalled > 0;
@@ -724,10 +705,10 @@ absl::StatusOr<std::optional<FenceTable::WaitResult>> FenceTable::Wait(uint64_t 
   }
   const uint32_t entries = static_cast<uint32_t>(fences.size());
   if (session->wait_entries + entries > limits_.max_waits_per_session) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "limit max_fence_waits_per_session: the session's pending waits name ",
-        session->wait_entries, " fences, and this one ", entries, "; at most ",
-        limits_.max_waits_per_session));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("limit max_fence_waits_per_session: the session's pending waits name ",
+                     session->wait_entries, " fences, and this one ", entries, "; at most ",
+                     limits_.max_waits_per_session));
   }
   uint32_t& by_uid = wait_entries_by_uid_[session->uid];
   if (by_uid + entries > limits_.max_waits_per_uid) {
@@ -739,9 +720,9 @@ absl::StatusOr<std::optional<FenceTable::WaitResult>> FenceTable::Wait(uint64_t 
   }
   if (wait_entries_ + entries > limits_.max_waits) {
     if (by_uid == 0) wait_entries_by_uid_.erase(session->uid);
-    return absl::ResourceExhaustedError(
-        absl::StrCat("limit max_fence_waits: pending waits name ", wait_entries_,
-                     " fences daemon-wide, and this one ", entries, "; at most ", limits_.max_waits));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "limit max_fence_waits: pending waits name ", wait_entries_,
+        " fences daemon-wide, and this one ", entries, "; at most ", limits_.max_waits));
   }
   by_uid += entries;
   session->wait_entries += entries;
@@ -859,8 +840,8 @@ void FenceTable::RearmLocked() {
   loop_timer_at_ = earliest;
   if (earliest == absl::InfiniteDuration()) return;
   const uint64_t generation = ++loop_timer_generation_;
-  loop_timer_ = loop_->RunAfter(earliest - MonotonicNow(),
-                                [this, generation] { OnTimer(generation); });
+  loop_timer_ =
+      loop_->RunAfter(earliest - MonotonicNow(), [this, generation] { OnTimer(generation); });
 }
 
 void FenceTable::OnTimer(uint64_t generation) {
@@ -919,8 +900,8 @@ std::vector<FenceView> FenceTable::List(const FenceQuery& query) const {
       keys.push_back({fence.view.signaled, fence.view.signaled_at, id});
     }
   }
-  const size_t limit = query.limit == 0 ? FenceQuery::kMaxListed
-                                        : std::min(query.limit, FenceQuery::kMaxListed);
+  const size_t limit =
+      query.limit == 0 ? FenceQuery::kMaxListed : std::min(query.limit, FenceQuery::kMaxListed);
   // Pending first, oldest first; then signalled, newest first.
   auto before = [](const Key& a, const Key& b) {
     if (a.signaled != b.signaled) return !a.signaled;

@@ -42,9 +42,9 @@
 #include <sys/types.h>
 
 #include <array>
-#include <deque>
 #include <atomic>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <optional>
@@ -166,8 +166,8 @@ class FenceTable {
   struct WaitLatency {
     // Upper bounds of the buckets; the last bucket is +Inf.
     static constexpr std::array<absl::Duration, 7> kBounds = {
-        absl::Microseconds(100), absl::Milliseconds(1),  absl::Milliseconds(10),
-        absl::Milliseconds(100), absl::Seconds(1),       absl::Seconds(10),
+        absl::Microseconds(100), absl::Milliseconds(1), absl::Milliseconds(10),
+        absl::Milliseconds(100), absl::Seconds(1),      absl::Seconds(10),
         absl::Seconds(60)};
     std::array<uint64_t, kBounds.size() + 1> buckets{};
     absl::Duration sum;
@@ -321,8 +321,8 @@ class FenceTable {
   absl::StatusOr<absl::Duration> CheckDeadline(absl::Duration deadline) const;
   // Adds a pending fence owned and held by `session`.
   Fence& AddFenceLocked(uint64_t session_id, Session& session, FenceKind kind,
-                        absl::string_view name, absl::string_view timeline,
-                        absl::Duration deadline, bool arm_timer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                        absl::string_view name, absl::string_view timeline, absl::Duration deadline,
+                        bool arm_timer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void HoldLocked(Session& session, Fence& fence) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Drops all of `session`'s holds; erases the fence if signalled and unheld.
   void UnholdLocked(Session& session, uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -330,8 +330,8 @@ class FenceTable {
   void RememberPipeLocked(const Fence& fence) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Signals `fence` and everything that follows from it (merged fences,
   // waits).
-  void SignalLocked(Fence& fence, v1::FenceStatus status, std::string message,
-                    Completions& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void SignalLocked(Fence& fence, v1::FenceStatus status, std::string message, Completions& out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void EraseIfUnusedLocked(uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // EraseIfUnusedLocked for the fences finished waits were on (deferred:
   // FinishWaitLocked runs while callers still use fences).

@@ -37,10 +37,11 @@ struct WaitBox {
     };
   }
   // The result, once it came (within `timeout`).
-  std::optional<absl::StatusOr<FenceTable::WaitResult>> Get(absl::Duration timeout = absl::Seconds(10)) {
+  std::optional<absl::StatusOr<FenceTable::WaitResult>> Get(
+      absl::Duration timeout = absl::Seconds(10)) {
     absl::MutexLock lock(&mu);
-    AwaitWithTimeout(mu, [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return result.has_value(); },
-                     timeout);
+    AwaitWithTimeout(
+        mu, [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return result.has_value(); }, timeout);
     return result;
   }
 };
@@ -76,8 +77,8 @@ class FenceTableTest : public ::testing::Test {
   std::unique_ptr<WaitBox> StartWait(uint64_t session, std::vector<uint64_t> ids, bool all,
                                      absl::Duration timeout) {
     auto box = std::make_unique<WaitBox>();
-    auto now = table_->Wait(session, table_->NewWaitId(), {ids, all, timeout, std::nullopt},
-                            box->Done());
+    auto now =
+        table_->Wait(session, table_->NewWaitId(), {ids, all, timeout, std::nullopt}, box->Done());
     EXPECT_TRUE(now.ok()) << now.status();
     if (now.ok() && now->has_value()) box->Done()(**now);
     return box;
@@ -210,8 +211,8 @@ TEST_F(FenceTableTest, CancelledWaitNeverCallsBack) {
   const uint64_t a = NewFence();
   WaitBox box;
   const FenceTable::WaitId wait = table_->NewWaitId();
-  ASSERT_TRUE(table_->Wait(kOwner, wait, {{a}, true, absl::Seconds(30), std::nullopt}, box.Done())
-                  .ok());
+  ASSERT_TRUE(
+      table_->Wait(kOwner, wait, {{a}, true, absl::Seconds(30), std::nullopt}, box.Done()).ok());
   EXPECT_TRUE(table_->CancelWait(wait));
   EXPECT_FALSE(table_->CancelWait(wait));
   ASSERT_TRUE(table_->Signal(kOwner, a, v1::FENCE_STATUS_OK, "").ok());
@@ -221,19 +222,21 @@ TEST_F(FenceTableTest, CancelledWaitNeverCallsBack) {
 
 TEST_F(FenceTableTest, WaitLimits) {
   const uint64_t a = NewFence();
-  absl::Status none = table_->Wait(kOwner, 1, {{}, true, absl::ZeroDuration(), {}}, nullptr).status();
+  absl::Status none =
+      table_->Wait(kOwner, 1, {{}, true, absl::ZeroDuration(), {}}, nullptr).status();
   EXPECT_EQ(none.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(none.message(), HasSubstr("fence_ids is empty"));
   absl::Status many =
-      table_->Wait(kOwner, 1, {std::vector<uint64_t>(1025, a), true, absl::ZeroDuration(), {}},
-                   nullptr)
+      table_
+          ->Wait(kOwner, 1, {std::vector<uint64_t>(1025, a), true, absl::ZeroDuration(), {}},
+                 nullptr)
           .status();
   EXPECT_EQ(many.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(many.message(), HasSubstr("1025 fence ids in one wait; at most 1024"));
-  EXPECT_TRUE(
-      table_->Wait(kOwner, 1, {std::vector<uint64_t>(1024, a), true, absl::ZeroDuration(), {}},
-                   nullptr)
-          .ok());
+  EXPECT_TRUE(table_
+                  ->Wait(kOwner, 1,
+                         {std::vector<uint64_t>(1024, a), true, absl::ZeroDuration(), {}}, nullptr)
+                  .ok());
 }
 
 TEST_F(FenceTableTest, MergeCarriesTheFirstErrorBySignalTime) {
@@ -274,11 +277,13 @@ TEST_F(FenceTableTest, MergeCarriesTheFirstErrorBySignalTime) {
 
 TEST_F(FenceTableTest, ImportsEventfdsAndPipes) {
   const int efd = ::eventfd(0, EFD_CLOEXEC);
-  absl::StatusOr<FenceView> ev = table_->Import(kOwner, UniqueFd(::dup(efd)), "ev", absl::ZeroDuration());
+  absl::StatusOr<FenceView> ev =
+      table_->Import(kOwner, UniqueFd(::dup(efd)), "ev", absl::ZeroDuration());
   ASSERT_TRUE(ev.ok()) << ev.status();
   int ends[2];
   ASSERT_EQ(::pipe2(ends, O_CLOEXEC), 0);
-  absl::StatusOr<FenceView> pipe = table_->Import(kOwner, UniqueFd(ends[0]), "pipe", absl::ZeroDuration());
+  absl::StatusOr<FenceView> pipe =
+      table_->Import(kOwner, UniqueFd(ends[0]), "pipe", absl::ZeroDuration());
   ASSERT_TRUE(pipe.ok());
   EXPECT_EQ(budget_.usage().of(FdUse::kFence), 2u);
   auto both = StartWait(kOwner, {ev->id, pipe->id}, true, absl::Seconds(30));
@@ -294,15 +299,16 @@ TEST_F(FenceTableTest, ImportsEventfdsAndPipes) {
 }
 
 TEST_F(FenceTableTest, ImportRefusesFilesAndDirectories) {
-  absl::Status dir = table_->Import(kOwner, UniqueFd(::open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC)),
-                                    "", absl::ZeroDuration())
+  absl::Status dir = table_
+                         ->Import(kOwner, UniqueFd(::open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC)),
+                                  "", absl::ZeroDuration())
                          .status();
   EXPECT_EQ(dir.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(dir.message(), HasSubstr("is a directory: only a sync_file, an eventfd"));
-  absl::Status file =
-      table_->Import(kOwner, UniqueFd(::open("/proc/self/exe", O_RDONLY | O_CLOEXEC)), "",
-                     absl::ZeroDuration())
-          .status();
+  absl::Status file = table_
+                          ->Import(kOwner, UniqueFd(::open("/proc/self/exe", O_RDONLY | O_CLOEXEC)),
+                                   "", absl::ZeroDuration())
+                          .status();
   EXPECT_EQ(file.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(file.message(), HasSubstr("is a regular file"));
   int pair[2];
@@ -311,15 +317,18 @@ TEST_F(FenceTableTest, ImportRefusesFilesAndDirectories) {
   absl::Status socket =
       table_->Import(kOwner, UniqueFd(pair[0]), "", absl::ZeroDuration()).status();
   EXPECT_EQ(socket.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(socket.message(), HasSubstr("is a socket")) << "it could keep a client's fd.sock alive";
-  absl::Status device = table_->Import(kOwner, UniqueFd(::open("/dev/null", O_RDONLY | O_CLOEXEC)),
-                                       "", absl::ZeroDuration())
+  EXPECT_THAT(socket.message(), HasSubstr("is a socket"))
+      << "it could keep a client's fd.sock alive";
+  absl::Status device = table_
+                            ->Import(kOwner, UniqueFd(::open("/dev/null", O_RDONLY | O_CLOEXEC)),
+                                     "", absl::ZeroDuration())
                             .status();
   EXPECT_THAT(device.message(), HasSubstr("is a character device"));
   int ends[2];
   ASSERT_EQ(::pipe2(ends, O_CLOEXEC), 0);
   UniqueFd read_end(ends[0]);
-  absl::Status write_end = table_->Import(kOwner, UniqueFd(ends[1]), "", absl::ZeroDuration()).status();
+  absl::Status write_end =
+      table_->Import(kOwner, UniqueFd(ends[1]), "", absl::ZeroDuration()).status();
   EXPECT_THAT(write_end.message(), HasSubstr("the write end of a pipe"));
   UniqueFd namespace_fd(::open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC));
   EXPECT_EQ(CheckImportable(namespace_fd.get()).code(), absl::StatusCode::kInvalidArgument);
@@ -451,8 +460,9 @@ TEST_F(FenceTableTest, WaitsAreCappedByTheFencesTheyName) {
   const uint64_t b = NewFence();
   auto one = StartWait(kOwner, {a}, true, absl::Seconds(30));
   auto two = StartWait(kOwner, {a, b, a}, true, absl::Seconds(30));  // counts 2
-  absl::Status session = table_->Wait(kOwner, table_->NewWaitId(),
-                                      {{a, b}, true, absl::Seconds(30), std::nullopt}, nullptr)
+  absl::Status session = table_
+                             ->Wait(kOwner, table_->NewWaitId(),
+                                    {{a, b}, true, absl::Seconds(30), std::nullopt}, nullptr)
                              .status();
   EXPECT_EQ(session.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(session.message(),
@@ -463,9 +473,9 @@ TEST_F(FenceTableTest, WaitsAreCappedByTheFencesTheyName) {
   ASSERT_TRUE(fd.ok());
   ASSERT_TRUE(table_->Import(3, std::move(fd->fd), "", absl::ZeroDuration()).ok());
   auto three = StartWait(3, {a}, true, absl::Seconds(30));
-  absl::Status uid = table_->Wait(3, table_->NewWaitId(),
-                                  {{a}, true, absl::Seconds(30), std::nullopt}, nullptr)
-                         .status();
+  absl::Status uid =
+      table_->Wait(3, table_->NewWaitId(), {{a}, true, absl::Seconds(30), std::nullopt}, nullptr)
+          .status();
   EXPECT_THAT(uid.message(), HasSubstr("limit max_fence_waits_per_uid: pending waits of uid 1000 "
                                        "name 4 fences, and this one 1; at most 4"))
       << uid;
@@ -473,8 +483,9 @@ TEST_F(FenceTableTest, WaitsAreCappedByTheFencesTheyName) {
   ASSERT_TRUE(table_->Signal(kOwner, b, v1::FENCE_STATUS_OK, "").ok());
   ASSERT_TRUE(one->Get().has_value() && two->Get().has_value() && three->Get().has_value());
   // Answered waits give their places back.
-  EXPECT_TRUE(table_->Wait(kOwner, table_->NewWaitId(),
-                           {{a, b}, true, absl::Seconds(30), std::nullopt}, nullptr)
+  EXPECT_TRUE(table_
+                  ->Wait(kOwner, table_->NewWaitId(),
+                         {{a, b}, true, absl::Seconds(30), std::nullopt}, nullptr)
                   .ok());
   table_->CloseSession(3);
 }
@@ -497,7 +508,8 @@ TEST_F(FenceTableTest, ImportingTwiceHoldsTwice) {
   const uint64_t id = NewFence();
   absl::StatusOr<LeasedFd> fd = table_->Export(kOwner, id);
   ASSERT_TRUE(fd.ok());
-  ASSERT_EQ(table_->Import(kOwner, UniqueFd(::dup(fd->fd.get())), "", absl::ZeroDuration())->id, id);
+  ASSERT_EQ(table_->Import(kOwner, UniqueFd(::dup(fd->fd.get())), "", absl::ZeroDuration())->id,
+            id);
   table_->Forget(kOwner, id);  // the imported copy dropped
   EXPECT_FALSE(table_->Info(kOwner, id)->signaled) << "the creator's hold still stands";
   table_->Forget(kOwner, id);
@@ -534,9 +546,9 @@ TEST_F(FenceTableTest, ForgettingAPendingFenceCancelsIt) {
 TEST_F(FenceTableTest, NeedByShowsTheEarliest) {
   const uint64_t id = NewFence();
   const absl::Time soon = absl::Now() + absl::Milliseconds(5);
-  ASSERT_TRUE(table_->Wait(kOwner, 1, {{id}, true, absl::ZeroDuration(), soon + absl::Seconds(1)},
-                           nullptr)
-                  .ok());
+  ASSERT_TRUE(
+      table_->Wait(kOwner, 1, {{id}, true, absl::ZeroDuration(), soon + absl::Seconds(1)}, nullptr)
+          .ok());
   ASSERT_TRUE(table_->Wait(kOwner, 2, {{id}, true, absl::ZeroDuration(), soon}, nullptr).ok());
   EXPECT_EQ(table_->Info(kOwner, id)->need_by, soon);
 }
@@ -545,11 +557,11 @@ TEST_F(FenceTableTest, TenThousandWaitersOneSignal) {
   const uint64_t id = NewFence();
   std::atomic<int> woken{0};
   for (int i = 0; i < 10000; ++i) {
-    auto now = table_->Wait(kOwner, table_->NewWaitId(),
-                            {{id}, true, absl::Seconds(60), std::nullopt},
-                            [&](absl::StatusOr<FenceTable::WaitResult> r) {
-                              if (r.ok() && r->satisfied) ++woken;
-                            });
+    auto now =
+        table_->Wait(kOwner, table_->NewWaitId(), {{id}, true, absl::Seconds(60), std::nullopt},
+                     [&](absl::StatusOr<FenceTable::WaitResult> r) {
+                       if (r.ok() && r->satisfied) ++woken;
+                     });
     ASSERT_TRUE(now.ok());
   }
   EXPECT_EQ(table_->counts().waits, 10000u);
