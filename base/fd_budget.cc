@@ -19,7 +19,7 @@ const char* FdUseName(FdUse use) {
     case FdUse::kFreeing:
       return "buffers being freed";
     case FdUse::kFence:
-      return "fences (pipes and imported sync fds)";
+      return "fences and timelines (pipes, imported sync fds, timeline pages)";
     case FdUse::kCount:
       break;
   }

@@ -188,6 +188,106 @@ class Fence {
   v1::FenceInfo info_;
 };
 
+struct TimelineOptions {
+  // Debug name (bufctl fences shows it).
+  std::string name;
+  // A waited-on point fails DEADLINE_EXCEEDED this long after the daemon
+  // first sees it waited on (zero: the daemon's default fence deadline,
+  // 10 s). Waits are never indefinite.
+  absl::Duration deadline = absl::ZeroDuration();
+};
+
+// How a timeline point came out.
+struct PointResult {
+  uint64_t point = 0;
+  // OK; ERROR (the owner's Fail, with its message); DEADLINE_EXCEEDED (the
+  // daemon failed it: nobody reached it within the deadline); OWNER_DIED
+  // (the owner's session ended first) or CANCELLED (the owner dropped the
+  // timeline first).
+  v1::FenceStatus status = v1::FENCE_STATUS_UNSPECIFIED;
+  std::string message;
+};
+
+class Timeline;
+// One point of one timeline, for Client::WaitTimelines.
+struct TimelinePoint {
+  const Timeline* timeline = nullptr;
+  uint64_t point = 0;
+};
+
+// A drm_syncobj-style timeline: a 64-bit counter that only moves forward;
+// point N is reached when it reaches N. Created by one session (its owner,
+// the only one that signals it) and shared by token (Export /
+// Client::ImportTimeline) with sessions that wait and query.
+//
+// The hot path has no daemon in it: Signal is a store to shared memory and
+// one futex wake; Wait blocks on that futex; Query is a load. The daemon
+// bounds every wait (a waited-on point fails DEADLINE_EXCEEDED after the
+// deadline) and fails every later point OWNER_DIED the moment the owner's
+// session ends. Move-only and thread-safe; destroying it tells the daemon
+// one-way that this session is done with it (an owner's timeline then ends:
+// its later points fail CANCELLED).
+class Timeline {
+ public:
+  Timeline(Timeline&&) noexcept;
+  Timeline& operator=(Timeline&&) noexcept;
+  Timeline(const Timeline&) = delete;
+  Timeline& operator=(const Timeline&) = delete;
+  ~Timeline();
+
+  uint64_t id() const { return info_.timeline_id(); }
+  // As the daemon described it when it was created or imported.
+  const v1::TimelineInfo& info() const { return info_; }
+  // This session created it (and so may signal it).
+  bool owned() const;
+
+  // Owner only: reaches `point` (OK), or reaches it failed with `message`
+  // (every point since the last signal fails ERROR with it: like a
+  // dma_fence error). `point` must be after the last point reached:
+  // FAILED_PRECONDITION otherwise (also once the timeline has ended);
+  // INVALID_ARGUMENT for 0 and UINT64_MAX; PERMISSION_DENIED for an
+  // importer.
+  absl::Status Signal(uint64_t point);
+  absl::Status Fail(uint64_t point, absl::string_view message);
+  // Blocks until `point` is reached or failed (look at the result's status);
+  // DEADLINE_EXCEEDED if `timeout` passes first (zero polls). `need_by`
+  // (from now) tells the owner when this waiter needs it (WaitedOn).
+  absl::StatusOr<PointResult> Wait(uint64_t point, absl::Duration timeout,
+                                   absl::Duration need_by = absl::ZeroDuration()) const;
+  // The last point reached (a load: no syscall, no daemon). Never goes
+  // backwards for this object, whatever the owner writes.
+  uint64_t Query() const;
+  // The earliest point someone waits for, and the earliest time a waiter
+  // said it needs one (InfiniteFuture: none), as of the daemon's last look
+  // at the waits (every scan interval). A load.
+  struct Waited {
+    uint64_t point = 0;
+    absl::Time need_by = absl::InfiniteFuture();
+  };
+  Waited WaitedOn() const;
+
+  // A single-use token another session redeems with Client::ImportTimeline
+  // (it may wait and query, never signal). `ttl` zero: 30 s.
+  absl::StatusOr<std::string> Export(absl::Duration ttl = absl::ZeroDuration()) const;
+  // The daemon's view now (who owns it, the waits whose deadlines run).
+  absl::StatusOr<v1::TimelineInfo> Info() const;
+
+ private:
+  friend class Client;
+  struct Shared;
+  Timeline(std::shared_ptr<internal::Connection> connection, v1::TimelineInfo info,
+           std::unique_ptr<Shared> shared);
+  absl::Status SignalWith(uint64_t point, absl::string_view message, bool failed);
+  static absl::StatusOr<std::vector<PointResult>> WaitPoints(
+      const std::shared_ptr<internal::Connection>& connection,
+      std::span<const TimelinePoint> points, bool all, absl::Duration timeout,
+      absl::Duration need_by);
+
+  std::shared_ptr<internal::Connection> connection_;
+  v1::TimelineInfo info_;
+  std::unique_ptr<Shared> shared_;
+};
+
 struct WaitResult {
   // The fences waited on, as they were when the wait ended.
   std::vector<v1::FenceInfo> fences;
@@ -233,6 +333,16 @@ class Client {
   // borrowed (a copy goes to the daemon). INVALID_ARGUMENT for anything
   // else (a file, a directory, a socket, a pipe's write end).
   absl::StatusOr<Fence> ImportSyncFd(int fd, const FenceOptions& options = {}) const;
+
+  // Timelines. CreateTimeline makes one this session owns; ImportTimeline
+  // redeems a token another session's Timeline::Export made.
+  absl::StatusOr<Timeline> CreateTimeline(const TimelineOptions& options = {}) const;
+  absl::StatusOr<Timeline> ImportTimeline(absl::string_view token) const;
+  // Waits until all (or any) of `points` are reached or failed, in one
+  // futex wait; DEADLINE_EXCEEDED if `timeout` passes first. At most 64
+  // points, of timelines of this Client; the results in the order given.
+  absl::StatusOr<std::vector<PointResult>> WaitTimelines(std::span<const TimelinePoint> points,
+                                                         bool all, absl::Duration timeout) const;
 
   // Debug service (what bufctl shows).
   absl::StatusOr<v1::ListHeapsResponse> ListHeaps() const;

@@ -4,13 +4,16 @@
 #define BUFFERD_CLIENT_CONNECTION_H_
 
 #include <atomic>
+#include <bitset>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "base/mapping.h"
 #include "base/protocol.h"
 #include "base/unique_fd.h"
 #include "base/unix_socket.h"
@@ -20,6 +23,7 @@
 #include "client/fd_mailbox.h"
 #include "client/one_way_queue.h"
 #include "client/record_sender.h"
+#include "fences/timeline_shm.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/support/status.h"
 
@@ -72,6 +76,18 @@ class Connection {
   v1::Allocator::Stub& allocator() const { return *allocator_; }
   v1::Debug::Stub& debug() const { return *debug_; }
   v1::Fence::Stub& fence() const { return *fence_; }
+
+  // The session's timeline wait page (fences/timeline_shm.h), made at the
+  // first timeline call. `given` once the daemon has it.
+  struct WaitPage {
+    std::mutex mu;
+    UniqueFd fd;
+    Mapping map;
+    bool given = false;
+    std::bitset<timeline::WaitPage::kSlots> used;
+    timeline::WaitPage& page() { return *reinterpret_cast<timeline::WaitPage*>(map.data()); }
+  };
+  WaitPage& wait_page() { return wait_page_; }
   absl::Duration timeout() const { return timeout_; }
 
  private:
@@ -89,6 +105,7 @@ class Connection {
   std::atomic<uint64_t> next_upload_id_{1};
   std::unique_ptr<FdMailbox> mailbox_;
   std::unique_ptr<OneWayQueue> one_way_;
+  WaitPage wait_page_;
 };
 
 }  // namespace bufferd::internal

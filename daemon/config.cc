@@ -48,6 +48,7 @@ constexpr char kDefaultConfig[] = R"pb(# bufferd embedded default configuration.
                                        stalled_session_timeout_ms: 10000
                                        default_fence_deadline_ms: 10000
                                        max_fence_deadline_ms: 300000
+                                       timeline_scan_ms: 100
                                        limits {
                                          max_sessions: 4096
                                          max_sessions_per_uid: 1024
@@ -60,6 +61,9 @@ constexpr char kDefaultConfig[] = R"pb(# bufferd embedded default configuration.
                                          max_fence_waits_per_session: 16384
                                          max_fence_waits_per_uid: 65536
                                          max_fence_waits: 262144
+                                         max_timelines_per_session: 256
+                                         max_timelines_per_uid: 1024
+                                         max_timelines: 4096
                                        }
 )pb";
 
@@ -138,6 +142,9 @@ absl::Status Validate(const v1::Config& config, const Locator& locate) {
       config.max_fence_deadline_ms() != 0 ? config.max_fence_deadline_ms() : 300000;
   if (config.max_fence_deadline_ms() > 24 * 3600 * 1000) {
     return bad(-1, "max_fence_deadline_ms", "must be at most 86400000 (a day)");
+  }
+  if (config.timeline_scan_ms() > 10000) {
+    return bad(-1, "timeline_scan_ms", "must be at most 10000 (10 s)");
   }
   if (config.default_fence_deadline_ms() > max_deadline) {
     return bad(-1, "default_fence_deadline_ms",

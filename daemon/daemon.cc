@@ -224,8 +224,18 @@ absl::Status Daemon::Init(const v1::Config& config) {
                                              batch();
                                            }
                                          });
+  TimelineLimits timeline_limits;
+  timeline_limits.default_deadline = fence_limits.default_deadline;
+  timeline_limits.max_deadline = fence_limits.max_deadline;
+  timeline_limits.scan_interval = absl::Milliseconds(OrDefault(config.timeline_scan_ms(), 100u));
+  timeline_limits.max_per_session =
+      OrDefault(limits.max_timelines_per_session(), timeline_limits.max_per_session);
+  timeline_limits.max_per_uid =
+      OrDefault(limits.max_timelines_per_uid(), timeline_limits.max_per_uid);
+  timeline_limits.max_timelines = OrDefault(limits.max_timelines(), timeline_limits.max_timelines);
+  timelines_ = std::make_unique<TimelineTable>(loop_.get(), &budget_, timeline_limits);
   hub_ = std::make_unique<SessionHub>(sessions_.get(), state_.get(), reaper_.get(), fences_.get(),
-                                      &budget_);
+                                      timelines_.get(), &budget_);
   for (const auto& heap : heaps_->heaps()) {
     HeapStats stats = heap->Stats();
     spdlog::info("heap '{}': {} {}, page {}, capacity {}{}{}", heap->name(),
@@ -276,9 +286,10 @@ absl::Status Daemon::Init(const v1::Config& config) {
       sessions_.get(), hub_.get(), state_.get(), channel_.get(), work_.get(), reaper_.get()});
   debug_ = std::make_unique<DebugService>(
       DebugService::Deps{sessions_.get(), hub_.get(), state_.get(), channel_.get(), fences_.get(),
-                         work_.get(), config.debug_access() == v1::DEBUG_ACCESS_ANYONE});
+                         timelines_.get(), work_.get(), config.debug_access() == v1::DEBUG_ACCESS_ANYONE});
   fence_ = std::make_unique<FenceService>(
-      FenceService::Deps{sessions_.get(), hub_.get(), fences_.get(), channel_.get()});
+      FenceService::Deps{sessions_.get(), hub_.get(), fences_.get(), timelines_.get(),
+                         channel_.get(), options.default_token_ttl});
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -359,6 +370,7 @@ void Daemon::Shutdown() {
   // fence table lets go of what is left.
   if (channel_) channel_->Stop();
   if (fences_) fences_->Stop();
+  if (timelines_) timelines_->Stop();
   work_.reset();
   if (lock_file_.valid()) {
     ::unlink(ControlSocketPath(socket_dir_).c_str());
@@ -377,6 +389,7 @@ Daemon::~Daemon() {
   channel_.reset();
   hub_.reset();
   fences_.reset();
+  timelines_.reset();
   loop_.reset();
   reaper_.reset();  // runs the frees queued so far; nothing frees after this
   state_.reset();   // frees every buffer before the heaps go

@@ -48,7 +48,7 @@ grpc::ServerUnaryReactor* DebugService::ListFences(grpc::CallbackServerContext* 
                                                    const v1::ListFencesRequest* request,
                                                    v1::ListFencesResponse* response) {
   if (absl::Status s = Check(context); !s.ok()) return FinishCall(context, s);
-  *response = FencesView(*d_.sessions, *d_.fences, *request);
+  *response = FencesView(*d_.sessions, *d_.fences, *d_.timelines, *request);
   return FinishCall(context, absl::OkStatus());
 }
 

@@ -24,6 +24,7 @@ class DebugService final : public v1::Debug::CallbackService {
     const DaemonState* state;
     const FdChannel* channel;
     const FenceTable* fences;
+    const TimelineTable* timelines;
     WorkQueue* work;
     // DEBUG_ACCESS_ANYONE.
     bool allow_anyone = false;

@@ -188,7 +188,34 @@ v1::FenceInfo FenceInfoOf(const FenceView& view,
   return info;
 }
 
+v1::TimelineInfo TimelineInfoOf(const TimelineView& view,
+                                const std::optional<SessionTable::Identity>& owner) {
+  v1::TimelineInfo info;
+  info.set_timeline_id(view.id);
+  info.set_name(view.name);
+  info.set_owner_session(view.owner_session);
+  info.set_reached(view.reached);
+  info.set_forced(view.forced);
+  info.set_ended(view.ended);
+  info.set_deadline_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(view.deadline)));
+  *info.mutable_created_at() = ToProto(view.created);
+  info.set_holders(view.holders);
+  for (const TimelineView::Wait& wait : view.waits) {
+    v1::TimelineInfo::Wait* out = info.add_waits();
+    out->set_point(wait.point);
+    *out->mutable_since() = ToProto(wait.since);
+    *out->mutable_fails_at() = ToProto(wait.fails_at);
+  }
+  if (view.need_by != absl::InfiniteFuture()) *info.mutable_need_by() = ToProto(view.need_by);
+  if (owner) {
+    info.set_owner_pid(static_cast<uint32_t>(owner->peer.pid));
+    info.set_owner_comm(owner->comm);
+  }
+  return info;
+}
+
 v1::ListFencesResponse FencesView(const SessionTable& sessions, const FenceTable& fences,
+                                  const TimelineTable& timelines,
                                   const v1::ListFencesRequest& request) {
   FenceQuery query;
   if (request.state() == v1::FENCE_STATE_PENDING) query.pending = true;
@@ -202,6 +229,14 @@ v1::ListFencesResponse FencesView(const SessionTable& sessions, const FenceTable
     auto owner = who.find(view.owner_session);
     *response.add_fences() = FenceInfoOf(
         view, owner == who.end() ? std::nullopt : std::optional(owner->second));
+  }
+  if (request.state() == v1::FENCE_STATE_UNSPECIFIED) {
+    for (const TimelineView& view : timelines.List(FenceQuery::kMaxListed)) {
+      if (request.owner_session() != 0 && view.owner_session != request.owner_session()) continue;
+      auto owner = who.find(view.owner_session);
+      *response.add_timelines() = TimelineInfoOf(
+          view, owner == who.end() ? std::nullopt : std::optional(owner->second));
+    }
   }
   return response;
 }

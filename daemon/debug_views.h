@@ -15,6 +15,7 @@
 #include "daemon/sessions.h"
 #include "daemon/state.h"
 #include "fences/fence_table.h"
+#include "fences/timeline_table.h"
 
 namespace bufferd {
 
@@ -30,7 +31,11 @@ v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonSt
 // A fence as the protocol shows it; `owner` while its session is open.
 v1::FenceInfo FenceInfoOf(const FenceView& view,
                           const std::optional<SessionTable::Identity>& owner);
+v1::TimelineInfo TimelineInfoOf(const TimelineView& view,
+                                const std::optional<SessionTable::Identity>& owner);
+// Fences, and (unless the request filters by fence state) every timeline.
 v1::ListFencesResponse FencesView(const SessionTable& sessions, const FenceTable& fences,
+                                  const TimelineTable& timelines,
                                   const v1::ListFencesRequest& request);
 
 }  // namespace bufferd

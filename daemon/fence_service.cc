@@ -5,6 +5,7 @@
 #include "daemon/call.h"
 #include "daemon/debug_views.h"
 #include "daemon/grpc_status.h"
+#include "daemon/proto_convert.h"
 #include "spdlog/spdlog.h"
 
 namespace bufferd {
@@ -149,6 +150,121 @@ grpc::ServerUnaryReactor* FenceService::ImportSyncFd(grpc::CallbackServerContext
                      d_.fences->Import(session, std::move(fd), request->name(),
                                        absl::Milliseconds(request->deadline_ms())));
     *response->mutable_fence() = Info(fence);
+    return absl::OkStatus();
+  });
+}
+
+v1::TimelineInfo FenceService::Info(const TimelineView& view) const {
+  return TimelineInfoOf(view, d_.sessions->Lookup(view.owner_session));
+}
+
+absl::Status FenceService::TakeWaitPage(uint64_t session, uint64_t upload_id) {
+  if (upload_id == 0) {
+    if (d_.timelines->HasWaitPage(session)) return absl::OkStatus();
+    return absl::InvalidArgumentError(
+        "this session has no timeline wait page yet: upload one (a sealed memfd of 4096 bytes) "
+        "and name it in wait_page_upload_id");
+  }
+  ASSIGN_OR_RETURN(UniqueFd page, d_.hub->TakeUpload(session, upload_id));
+  return d_.timelines->SetWaitPage(session, std::move(page));
+}
+
+absl::StatusOr<uint64_t> FenceService::Deliver(uint64_t session, v1::FdKind kind, uint64_t object,
+                                               LeasedFd fd) {
+  const uint64_t transfer_id = next_transfer_id_.fetch_add(1);
+  RETURN_IF_ERROR(d_.channel->Deliver(session, transfer_id, kind, object, std::move(fd)));
+  return transfer_id;
+}
+
+grpc::ServerUnaryReactor* FenceService::CreateTimeline(grpc::CallbackServerContext* context,
+                                                       const v1::CreateTimelineRequest* request,
+                                                       v1::CreateTimelineResponse* response) {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
+    if (request->counters_upload_id() == 0) {
+      return absl::InvalidArgumentError(
+          "counters_upload_id is 0: upload the counter page on fd.sock first");
+    }
+    ASSIGN_OR_RETURN(UniqueFd counters, d_.hub->TakeUpload(session, request->counters_upload_id()));
+    RETURN_IF_ERROR(TakeWaitPage(session, request->wait_page_upload_id()));
+    ASSIGN_OR_RETURN(TimelineTable::Created created,
+                     d_.timelines->Create(session, std::move(counters), request->name(),
+                                          absl::Milliseconds(request->deadline_ms())));
+    const uint64_t id = created.view.id;
+    absl::StatusOr<uint64_t> transfer =
+        Deliver(session, v1::FD_KIND_TIMELINE_STATE, id, std::move(created.state));
+    if (!transfer.ok()) {
+      d_.timelines->Forget(session, id);
+      return transfer.status();
+    }
+    response->set_state_transfer_id(*transfer);
+    *response->mutable_timeline() = Info(created.view);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* FenceService::ExportTimeline(grpc::CallbackServerContext* context,
+                                                       const v1::ExportTimelineRequest* request,
+                                                       v1::ExportTimelineResponse* response) {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
+    RETURN_IF_ERROR(d_.timelines->CheckHeld(session, request->timeline_id()));
+    const absl::Duration ttl = request->ttl_ms() == 0 ? d_.default_token_ttl
+                                                      : absl::Milliseconds(request->ttl_ms());
+    if (ttl > ShareTokens::kMaxTtl) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "ttl_ms ", request->ttl_ms(), " is above the maximum of ",
+          absl::ToInt64Milliseconds(ShareTokens::kMaxTtl), " (",
+          absl::ToInt64Minutes(ShareTokens::kMaxTtl), " minutes)"));
+    }
+    const absl::Time now = absl::Now();
+    absl::MutexLock lock(&tokens_mu_);
+    tokens_.Expire(now);
+    ASSIGN_OR_RETURN(std::string token, tokens_.Create(session, request->timeline_id(),
+                                                       v1::ACCESS_READ_ONLY, now + ttl));
+    response->set_token(std::move(token));
+    *response->mutable_expires() = ToProto(now + ttl);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* FenceService::ImportTimeline(grpc::CallbackServerContext* context,
+                                                       const v1::ImportTimelineRequest* request,
+                                                       v1::ImportTimelineResponse* response) {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
+    if (request->token().empty() || request->token().size() > 64) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "token is ", request->token().size(), " bytes; a share token is 32 hex digits"));
+    }
+    RETURN_IF_ERROR(TakeWaitPage(session, request->wait_page_upload_id()));
+    uint64_t id;
+    {
+      absl::MutexLock lock(&tokens_mu_);
+      ASSIGN_OR_RETURN(ShareTokens::Token token, tokens_.Find(request->token(), absl::Now()));
+      tokens_.Redeem(request->token(), session);
+      id = token.buffer;
+    }
+    absl::StatusOr<TimelineTable::Handout> handout = d_.timelines->Hold(session, id);
+    if (!handout.ok()) {
+      absl::MutexLock lock(&tokens_mu_);
+      tokens_.Unredeem(request->token());
+      return handout.status();
+    }
+    ASSIGN_OR_RETURN(uint64_t counters, Deliver(session, v1::FD_KIND_TIMELINE_COUNTERS, id,
+                                                std::move(handout->counters)));
+    ASSIGN_OR_RETURN(uint64_t state,
+                     Deliver(session, v1::FD_KIND_TIMELINE_STATE, id, std::move(handout->state)));
+    response->set_counters_transfer_id(counters);
+    response->set_state_transfer_id(state);
+    *response->mutable_timeline() = Info(handout->view);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* FenceService::GetTimelineInfo(grpc::CallbackServerContext* context,
+                                                        const v1::GetTimelineInfoRequest* request,
+                                                        v1::GetTimelineInfoResponse* response) {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
+    ASSIGN_OR_RETURN(TimelineView view, d_.timelines->Info(session, request->timeline_id()));
+    *response->mutable_timeline() = Info(view);
     return absl::OkStatus();
   });
 }

@@ -6,6 +6,10 @@
 // cancels. ExportFence sends the fence's pipe on fd.sock before its
 // response; ImportSyncFd claims an fd the client uploaded there.
 //
+// Timelines: CreateTimeline takes the owner's counter page (and the
+// session's wait page) from fd.sock uploads and sends back the state page;
+// ImportTimeline redeems a token ExportTimeline made and sends both pages.
+//
 // AttachFence and GetBufferFences (reservation objects) are UNIMPLEMENTED.
 #ifndef BUFFERD_DAEMON_FENCE_SERVICE_H_
 #define BUFFERD_DAEMON_FENCE_SERVICE_H_
@@ -17,7 +21,9 @@
 #include "daemon/fd_channel.h"
 #include "daemon/session_hub.h"
 #include "daemon/sessions.h"
+#include "daemon/share_tokens.h"
 #include "fences/fence_table.h"
+#include "fences/timeline_table.h"
 
 namespace bufferd {
 
@@ -27,7 +33,10 @@ class FenceService final : public v1::Fence::CallbackService {
     const SessionTable* sessions;
     SessionHub* hub;
     FenceTable* fences;
+    TimelineTable* timelines;
     FdChannel* channel;
+    // A timeline token's ttl when ExportTimeline gives none.
+    absl::Duration default_token_ttl = absl::Seconds(30);
   };
   explicit FenceService(Deps deps) : d_(deps) {}
 
@@ -58,15 +67,37 @@ class FenceService final : public v1::Fence::CallbackService {
   grpc::ServerUnaryReactor* GetBufferFences(grpc::CallbackServerContext* context,
                                             const v1::GetBufferFencesRequest* request,
                                             v1::GetBufferFencesResponse* response) override;
+  grpc::ServerUnaryReactor* CreateTimeline(grpc::CallbackServerContext* context,
+                                           const v1::CreateTimelineRequest* request,
+                                           v1::CreateTimelineResponse* response) override;
+  grpc::ServerUnaryReactor* ExportTimeline(grpc::CallbackServerContext* context,
+                                           const v1::ExportTimelineRequest* request,
+                                           v1::ExportTimelineResponse* response) override;
+  grpc::ServerUnaryReactor* ImportTimeline(grpc::CallbackServerContext* context,
+                                           const v1::ImportTimelineRequest* request,
+                                           v1::ImportTimelineResponse* response) override;
+  grpc::ServerUnaryReactor* GetTimelineInfo(grpc::CallbackServerContext* context,
+                                            const v1::GetTimelineInfoRequest* request,
+                                            v1::GetTimelineInfoResponse* response) override;
 
  private:
   v1::FenceInfo Info(const FenceView& view) const;
+  v1::TimelineInfo Info(const TimelineView& view) const;
+  // Takes the session's wait page from its uploads, if the call names one.
+  absl::Status TakeWaitPage(uint64_t session, uint64_t upload_id);
+  // Sends `fd` on fd.sock under a new transfer id, which it returns.
+  absl::StatusOr<uint64_t> Deliver(uint64_t session, v1::FdKind kind, uint64_t object,
+                                   LeasedFd fd);
 
   const Deps d_;
   // Transfer ids of exported fence fds: the upper half of the id space
   // (DaemonState numbers buffer deliveries from 1), so they never collide
   // in a client's mailbox.
   std::atomic<uint64_t> next_transfer_id_{uint64_t{1} << 63};
+  // Timeline share tokens (their own: a buffer's token never redeems a
+  // timeline); `buffer` holds the timeline id.
+  absl::Mutex tokens_mu_;
+  ShareTokens tokens_ ABSL_GUARDED_BY(tokens_mu_);
 };
 
 }  // namespace bufferd

@@ -1,5 +1,7 @@
 #include "daemon/session_hub.h"
 
+#include <fcntl.h>
+
 #include <fstream>
 
 #include "absl/strings/match.h"
@@ -34,6 +36,7 @@ absl::StatusOr<FdChannel::Admission> SessionHub::OnConnect(const PeerCredentials
   ASSIGN_OR_RETURN(SessionTable::NewSession session, sessions_->Open(peer, comm));
   state_->AddSession(session.id, peer.uid);
   fences_->AddSession(session.id, peer.uid);
+  timelines_->AddSession(session.id, peer.uid);
   {
     absl::MutexLock lock(&mu_);
     uploads_[session.id].uid = peer.uid;
@@ -55,6 +58,11 @@ absl::Status SessionHub::OnRecord(uint64_t session_id, const v1::FdChannelMessag
       return OnSignal(session_id, message.signal());
     case v1::FdChannelMessage::kForget:
       for (uint64_t id : message.forget().fence_ids()) fences_->Forget(session_id, id);
+      return absl::OkStatus();
+    case v1::FdChannelMessage::kForgetTimelines:
+      for (uint64_t id : message.forget_timelines().timeline_ids()) {
+        timelines_->Forget(session_id, id);
+      }
       return absl::OkStatus();
     case v1::FdChannelMessage::kUpload:
       return OnUpload(session_id, message.upload().upload_id(), std::move(fds));
@@ -93,11 +101,14 @@ absl::Status SessionHub::OnUpload(uint64_t session_id, uint64_t upload_id,
     }
     uid = it->second.uid;
   }
-  // Only what could be imported is kept: never a socket (the client's own
-  // fd.sock end among them, which would keep its session from ever ending).
-  // The ImportSyncFd naming it gets the reason.
+  // Only what could be imported or is a timeline page is kept: never a
+  // socket (the client's own fd.sock end among them, which would keep its
+  // session from ever ending). The call naming it gets the reason.
   absl::StatusOr<LeasedFd> upload;
-  if (absl::Status importable = CheckImportable(fds[0].get()); !importable.ok()) {
+  // A memfd (F_GET_SEALS works on nothing else) may be a timeline page; the
+  // call naming it checks it.
+  if (absl::Status importable = CheckImportable(fds[0].get());
+      !importable.ok() && ::fcntl(fds[0].get(), F_GET_SEALS) < 0) {
     upload = importable;
   } else if (absl::StatusOr<FdBudget::Lease> lease = budget_->Acquire(FdUse::kFence, uid);
              !lease.ok()) {
@@ -168,9 +179,10 @@ void SessionHub::ReleaseDropped(uint64_t session_id, const std::vector<uint64_t>
 }
 
 void SessionHub::OnDetach(uint64_t session_id) {
-  // It can signal nothing any more: its fences fail now, not when its
-  // unread fds are gone.
+  // It can signal nothing any more: its fences and timelines fail now, not
+  // when its unread fds are gone.
   fences_->CloseSession(session_id);
+  timelines_->CloseSession(session_id);
   sessions_->Detach(session_id);
   state_->DetachSession(session_id);
 }
@@ -180,6 +192,7 @@ void SessionHub::OnDisconnect(uint64_t session_id) {
   // then who it was: a debug view never shows a holder without its pid and
   // comm.
   fences_->CloseSession(session_id);
+  timelines_->CloseSession(session_id);
   {
     absl::MutexLock lock(&mu_);
     uploads_.erase(session_id);

@@ -2,7 +2,7 @@
 //
 // The fd channel's Delegate. A connection becomes a session here: the
 // SessionTable opens it (caps, secret) and DaemonState learns its id and
-// uid, and so does the FenceTable. Records the client sends one-way are
+// uid, and so do the FenceTable and the TimelineTable. Records the client sends one-way are
 // dispatched from here: releases, fence signals and forgets, and uploaded
 // fds (kept, leased, until an ImportSyncFd claims them). And a session's end
 // fans out from here, once: its fences fail (OWNER_DIED) so every waiter
@@ -23,6 +23,7 @@
 #include "daemon/sessions.h"
 #include "daemon/state.h"
 #include "fences/fence_table.h"
+#include "fences/timeline_table.h"
 
 namespace bufferd {
 
@@ -33,8 +34,13 @@ class SessionHub final : public FdChannel::Delegate {
 
   // All must outlive this object.
   SessionHub(SessionTable* sessions, DaemonState* state, Reaper* reaper, FenceTable* fences,
-             FdBudget* budget)
-      : sessions_(sessions), state_(state), reaper_(reaper), fences_(fences), budget_(budget) {}
+             TimelineTable* timelines, FdBudget* budget)
+      : sessions_(sessions),
+        state_(state),
+        reaper_(reaper),
+        fences_(fences),
+        timelines_(timelines),
+        budget_(budget) {}
   // The channel whose records DrainRecords applies (set once, before serving).
   void set_channel(FdChannel* channel) { channel_ = channel; }
 
@@ -65,6 +71,7 @@ class SessionHub final : public FdChannel::Delegate {
   DaemonState* const state_;
   Reaper* const reaper_;
   FenceTable* const fences_;
+  TimelineTable* const timelines_;
   FdBudget* const budget_;
   FdChannel* channel_ = nullptr;
 

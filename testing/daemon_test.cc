@@ -99,8 +99,8 @@ void DaemonTest::ExpectBaseline() {
   // Dropped Fences are forgotten one-way too.
   EXPECT_TRUE(Eventually([&] {
     auto fences = client_->ListFences();
-    return fences.ok() && fences->fences().empty();
-  })) << "fences left behind";
+    return fences.ok() && fences->fences().empty() && fences->timelines().empty();
+  })) << "fences or timelines left behind";
   auto heaps = client_->ListHeaps();
   ASSERT_TRUE(heaps.ok());
   EXPECT_EQ(heaps->live_handles(), 0u);

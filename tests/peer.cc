@@ -17,6 +17,16 @@
 //   peer fence-wait <dir> <fd path>   import the fence fd at <fd path> and
 //       wait for it by RPC; peer fence-poll <dir> <fd path> polls the fd.
 //       Both print "ready", then "woke mono_ns=<CLOCK_MONOTONIC> status=<S>"
+//   peer timeline-produce <dir> <interval_us>   create a timeline and export it:
+//       "ready token=<t> token2=<t2> timeline=<id>"; once someone waits on it (WaitedOn),
+//       signal 1, 2, 3, ... every interval until killed
+//   peer timeline-consume <dir> <token>   import, print "ready", then wait for
+//       1, 2, 3, ... in order until a point is not OK: "woke mono_ns=<ns>
+//       point=<n> status=<S> order=<ok|bad>" (bad: a wait returned before
+//       Query() showed its point)
+//   peer timeline-attack <dir> <token>   import, then try to write every byte
+//       of the timeline's pages every way there is; one line per attempt
+//       "attack <what>: <refused|WROTE>", then "done"
 #include <fcntl.h>
 #include <poll.h>
 #include <time.h>
@@ -155,6 +165,113 @@ int WaitForFence(bufferd::Client& client, const std::string& mode, const std::st
   return 0;
 }
 
+// timeline-produce
+int Produce(bufferd::Client& client, int64_t interval_us) {
+  absl::StatusOr<bufferd::Timeline> timeline =
+      client.CreateTimeline({.name = "produced", .deadline = absl::Seconds(60)});
+  if (!timeline.ok()) return Fail("create", timeline.status());
+  absl::StatusOr<std::string> token = timeline->Export(absl::Seconds(60));
+  absl::StatusOr<std::string> token2 = timeline->Export(absl::Seconds(60));
+  if (!token.ok()) return Fail("export", token.status());
+  if (!token2.ok()) return Fail("export", token2.status());
+  std::printf("ready token=%s token2=%s timeline=%lu\n", token->c_str(), token2->c_str(),
+              static_cast<unsigned long>(timeline->id()));
+  while (timeline->WaitedOn().point == 0) ::usleep(1000);
+  for (uint64_t point = 1;; ++point) {
+    if (absl::Status signalled = timeline->Signal(point); !signalled.ok()) {
+      return Fail("signal", signalled);
+    }
+    ::usleep(static_cast<useconds_t>(interval_us));
+  }
+}
+
+// timeline-consume
+int Consume(bufferd::Client& client, const std::string& token) {
+  absl::StatusOr<bufferd::Timeline> timeline = client.ImportTimeline(token);
+  if (!timeline.ok()) return Fail("import", timeline.status());
+  std::printf("ready\n");
+  bool in_order = true;
+  for (uint64_t point = 1;; ++point) {
+    absl::StatusOr<bufferd::PointResult> result = timeline->Wait(point, absl::Seconds(60));
+    const int64_t woke = MonotonicNs();
+    if (!result.ok()) return Fail("wait", result.status());
+    if (result->status == bufferd::v1::FENCE_STATUS_OK && timeline->Query() < point) {
+      in_order = false;
+    }
+    if (result->status != bufferd::v1::FENCE_STATUS_OK) {
+      std::printf("woke mono_ns=%lld point=%lu status=%s order=%s\n",
+                  static_cast<long long>(woke), static_cast<unsigned long>(point),
+                  bufferd::v1::FenceStatus_Name(result->status).c_str(), in_order ? "ok" : "bad");
+      return 0;
+    }
+  }
+}
+
+// timeline-attack: every way an importer could try to write shared state.
+int Attack(bufferd::Client& client, const std::string& token) {
+  absl::StatusOr<bufferd::Timeline> timeline = client.ImportTimeline(token);
+  if (!timeline.ok()) return Fail("import", timeline.status());
+  std::FILE* maps = std::fopen("/proc/self/maps", "r");
+  if (maps == nullptr) return Fail("maps", absl::ErrnoToStatus(errno, "fopen"));
+  char line[512];
+  std::vector<std::pair<uintptr_t, uintptr_t>> pages;
+  while (std::fgets(line, sizeof(line), maps) != nullptr) {
+    const std::string text = line;
+    if (text.find("bufferd-timeline-counters") == std::string::npos &&
+        text.find("bufferd-timeline-state") == std::string::npos) {
+      continue;
+    }
+    unsigned long from = 0, to = 0;
+    if (std::sscanf(line, "%lx-%lx", &from, &to) == 2) pages.emplace_back(from, to);
+  }
+  std::fclose(maps);
+  std::printf("pages=%zu\n", pages.size());
+  auto report = [](const std::string& what, bool wrote) {
+    std::printf("attack %s: %s\n", what.c_str(), wrote ? "WROTE" : "refused");
+  };
+  for (const auto& [from, to] : pages) {
+    void* at = reinterpret_cast<void*>(from);
+    report("mprotect", ::mprotect(at, to - from, PROT_READ | PROT_WRITE) == 0);
+    const std::string path = "/proc/self/map_files/" + [&] {
+      char range[64];
+      std::snprintf(range, sizeof(range), "%lx-%lx", static_cast<unsigned long>(from),
+                    static_cast<unsigned long>(to));
+      return std::string(range);
+    }();
+    bufferd::UniqueFd ro(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (ro.valid()) {
+      void* map = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, ro.get(), 0);
+      report("mmap-shared-write-ro-fd", map != MAP_FAILED);
+      if (map != MAP_FAILED) ::munmap(map, 4096);
+      const std::string proc_fd = "/proc/self/fd/" + std::to_string(ro.get());
+      bufferd::UniqueFd rw(::open(proc_fd.c_str(), O_RDWR | O_CLOEXEC));
+      if (!rw.valid()) {
+        report("reopen-rw", false);
+        continue;
+      }
+      map = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, rw.get(), 0);
+      report("mmap-shared-write-reopened", map != MAP_FAILED);
+      if (map != MAP_FAILED) ::munmap(map, 4096);
+      map = ::mmap(nullptr, 4096, PROT_READ, MAP_SHARED, rw.get(), 0);
+      if (map != MAP_FAILED) {
+        report("mprotect-reopened", ::mprotect(map, 4096, PROT_READ | PROT_WRITE) == 0);
+        ::munmap(map, 4096);
+      }
+      const char byte = 1;
+      report("pwrite", ::pwrite(rw.get(), &byte, 1, 0) == 1);
+      report("ftruncate", ::ftruncate(rw.get(), 0) == 0);
+      report("punch-hole", ::fallocate(rw.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0,
+                                       4096) == 0);
+      // A seal would stop the owner (or the daemon) writing its own page.
+      report("add-seal", ::fcntl(rw.get(), F_ADD_SEALS, F_SEAL_WRITE) == 0);
+    } else {
+      report("open-map-file", false);
+    }
+  }
+  std::printf("done\n");
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -224,6 +341,9 @@ int main(int argc, char** argv) {
   if ((mode == "fence-wait" || mode == "fence-poll") && argc == 4) {
     return WaitForFence(*client, mode, argv[3]);
   }
+  if (mode == "timeline-produce" && argc == 4) return Produce(*client, std::atoll(argv[3]));
+  if (mode == "timeline-consume" && argc == 4) return Consume(*client, argv[3]);
+  if (mode == "timeline-attack" && argc == 4) return Attack(*client, argv[3]);
   if (mode == "hold" && argc == 6) {
     std::vector<bufferd::Buffer> held;
     for (int i = 0; i < std::atoi(argv[5]); ++i) {

@@ -1,0 +1,430 @@
+// The client library's timelines: Timeline and Client's timeline calls.
+// The shared memory and its rules are fences/timeline_shm.h.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <optional>
+
+#include "absl/strings/str_cat.h"
+#include "base/client_text.h"
+#include "base/errno_status.h"
+#include "client/client.h"
+#include "client/connection.h"
+#include "fences/timeline_shm.h"
+
+namespace bufferd {
+
+using timeline::Load;
+using timeline::Store;
+
+struct Timeline::Shared {
+  Mapping counters;  // writable for the owner
+  Mapping state;
+  bool owner = false;
+  std::atomic<uint64_t> seen{0};
+  // The owner's signals, one at a time (one writer of the counter page).
+  std::mutex signal_mu;
+
+  timeline::CounterPage& counter_page() const {
+    return *reinterpret_cast<timeline::CounterPage*>(counters.data());
+  }
+  const timeline::StatePage& state_page() const {
+    return *reinterpret_cast<const timeline::StatePage*>(state.data());
+  }
+};
+
+namespace {
+
+constexpr uint64_t kMaxPoint = std::numeric_limits<uint64_t>::max();
+// futex_waitv takes 128 words: two per timeline.
+constexpr size_t kMaxWaitPoints = 64;
+
+absl::Status CheckPoint(uint64_t point) {
+  if (point == kMaxPoint) {
+    return absl::InvalidArgumentError(
+        "point 18446744073709551615 (UINT64_MAX) is reserved: no point could follow it");
+  }
+  return absl::OkStatus();
+}
+
+// A sealed memfd page mapped writable here: the only writable mapping
+// there will ever be (`seals` says what else is sealed).
+absl::StatusOr<std::pair<UniqueFd, Mapping>> NewPage(const char* name, int seals) {
+  UniqueFd fd(::memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!fd.valid()) return ErrnoError("memfd_create", errno);
+  if (::ftruncate(fd.get(), timeline::kPageSize) != 0) return ErrnoError("ftruncate", errno);
+  ASSIGN_OR_RETURN(Mapping map, Mapping::Create(fd.get(), timeline::kPageSize,
+                                                Mapping::Protection::kReadWrite));
+  if (::fcntl(fd.get(), F_ADD_SEALS, seals) != 0) return ErrnoError("sealing a page", errno);
+  return std::make_pair(std::move(fd), std::move(map));
+}
+
+// A page the daemon sent: read-only, and exactly a page.
+absl::StatusOr<Mapping> MapDelivered(const UniqueFd& fd) {
+  const int flags = ::fcntl(fd.get(), F_GETFL);
+  struct stat st {};
+  if (flags < 0 || (flags & O_ACCMODE) != O_RDONLY || ::fstat(fd.get(), &st) != 0 ||
+      st.st_size != static_cast<off_t>(timeline::kPageSize)) {
+    return absl::InternalError("a delivered timeline page is not a read-only page");
+  }
+  return Mapping::Create(fd.get(), timeline::kPageSize, Mapping::Protection::kReadOnly);
+}
+
+absl::Status SendFailed(const absl::Status& status) {
+  const int err = ErrnoOf(status);
+  if (err != EPIPE && err != ECONNRESET && err != ENOTCONN) return status;
+  return absl::UnauthenticatedError(
+      absl::StrCat("the session has ended (fd.sock: ", status.message(), ")"));
+}
+
+// Runs `call` with the id of the session's wait page uploaded for it, or 0
+// when the daemon has it already. The first time, the page is made and the
+// call runs under the page's lock, so only one call carries it.
+template <typename Call>
+absl::Status WithWaitPage(internal::Connection& connection, Call call) {
+  internal::Connection::WaitPage& page = connection.wait_page();
+  std::unique_lock lock(page.mu);
+  if (page.given) {
+    lock.unlock();
+    return call(0);
+  }
+  if (!page.fd.valid()) {
+    ASSIGN_OR_RETURN(auto made, NewPage("bufferd-timeline-waits",
+                                        F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL));
+    page.fd = std::move(made.first);
+    page.map = std::move(made.second);
+  }
+  const uint64_t upload_id = connection.NewUploadId();
+  v1::FdChannelMessage record;
+  record.mutable_upload()->set_upload_id(upload_id);
+  const int fds[] = {page.fd.get()};
+  if (absl::Status sent = connection.SendRecord(record, fds); !sent.ok()) return SendFailed(sent);
+  absl::Status status = call(upload_id);
+  // The daemon takes the page before anything else the call does, and takes
+  // the same page again: a failed call may have given it.
+  if (status.ok()) page.given = true;
+  return status;
+}
+
+// Wait slots of the session's page, claimed for one wait and cleared after.
+class Slots {
+ public:
+  explicit Slots(internal::Connection& connection) : page_(connection.wait_page()) {}
+  ~Slots() {
+    for (size_t slot : claimed_) Store(page_.page().slots[slot].timeline, uint64_t{0});
+    std::lock_guard lock(page_.mu);
+    for (size_t slot : claimed_) page_.used.reset(slot);
+  }
+  absl::Status Arm(uint64_t timeline, uint64_t point, int64_t need_by_ns) {
+    size_t slot = 0;
+    {
+      std::lock_guard lock(page_.mu);
+      if (!page_.map.valid()) {
+        return absl::FailedPreconditionError("this session has no timeline wait page");
+      }
+      while (slot < page_.used.size() && page_.used.test(slot)) ++slot;
+      if (slot == page_.used.size()) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "all ", timeline::WaitPage::kSlots,
+            " timeline wait slots of this session are in use (that many points waited on at "
+            "once); use another Client for more"));
+      }
+      page_.used.set(slot);
+    }
+    claimed_.push_back(slot);
+    timeline::WaitSlot& entry = page_.page().slots[slot];
+    Store(entry.point, point);
+    Store(entry.need_by_ns, need_by_ns);
+    Store(entry.timeline, timeline);
+    return absl::OkStatus();
+  }
+
+ private:
+  internal::Connection::WaitPage& page_;
+  std::vector<size_t> claimed_;
+};
+
+}  // namespace
+
+Timeline::Timeline(std::shared_ptr<internal::Connection> connection, v1::TimelineInfo info,
+                   std::unique_ptr<Shared> shared)
+    : connection_(std::move(connection)), info_(std::move(info)), shared_(std::move(shared)) {}
+
+Timeline::Timeline(Timeline&& other) noexcept = default;
+
+Timeline& Timeline::operator=(Timeline&& other) noexcept {
+  if (this != &other) {
+    Timeline dropped(std::move(*this));
+    connection_ = std::move(other.connection_);
+    info_ = std::move(other.info_);
+    shared_ = std::move(other.shared_);
+  }
+  return *this;
+}
+
+Timeline::~Timeline() {
+  if (connection_ == nullptr || shared_ == nullptr) return;
+  v1::FdChannelMessage message;
+  message.mutable_forget_timelines()->add_timeline_ids(id());
+  // Fails only when the session is over, which forgets everything anyway.
+  (void)connection_->SendRecord(message);
+}
+
+bool Timeline::owned() const { return shared_ != nullptr && shared_->owner; }
+
+absl::Status Timeline::Signal(uint64_t point) { return SignalWith(point, "", false); }
+
+absl::Status Timeline::Fail(uint64_t point, absl::string_view message) {
+  RETURN_IF_ERROR(CheckClientText("message", message));
+  return SignalWith(point, message, true);
+}
+
+absl::Status Timeline::SignalWith(uint64_t point, absl::string_view message, bool failed) {
+  if (shared_ == nullptr) return absl::FailedPreconditionError("moved-from Timeline");
+  if (!shared_->owner) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("timeline ", id(), " was imported: only its owner signals it"));
+  }
+  if (point == 0) {
+    return absl::InvalidArgumentError("point 0 is reached from the start; signal 1 or later");
+  }
+  RETURN_IF_ERROR(CheckPoint(point));
+  std::lock_guard lock(shared_->signal_mu);
+  timeline::CounterPage& counters = shared_->counter_page();
+  const timeline::StatePage& state = shared_->state_page();
+  if (const uint32_t ended = Load(state.ended); ended != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "timeline ", id(), " has ended (",
+        v1::FenceStatus_Name(static_cast<v1::FenceStatus>(ended)),
+        "): its session is over or it was dropped"));
+  }
+  const uint64_t reached = timeline::Reached(counters, state, shared_->seen);
+  if (point <= reached) {
+    const uint64_t forced = Load(state.forced);
+    return absl::FailedPreconditionError(absl::StrCat(
+        "point ", point, " is not after timeline ", id(), "'s last point ", reached,
+        forced >= point ? absl::StrCat(" (the daemon failed the points up to ", forced,
+                                       ": their deadline passed)")
+                        : ""));
+  }
+  if (failed) {
+    const uint64_t index = Load(counters.failure_count);
+    timeline::Failure& failure = counters.failures[index % timeline::CounterPage::kFailures];
+    const uint32_t gen = Load(failure.gen);
+    Store(failure.gen, gen + 1 + gen % 2);  // odd: being written
+    std::atomic_thread_fence(std::memory_order_release);
+    Store(failure.from, Load(counters.reached));
+    Store(failure.to, point);
+    std::memcpy(failure.message, message.data(), message.size());
+    Store(failure.length, static_cast<uint32_t>(message.size()));
+    Store(failure.gen, gen + 2 + gen % 2);  // even: done
+    Store(counters.failure_count, index + 1);
+  }
+  Store(counters.reached, point);
+  timeline::Bump(counters.seq);
+  timeline::WakeAll(counters.seq);
+  return absl::OkStatus();
+}
+
+uint64_t Timeline::Query() const {
+  if (shared_ == nullptr) return 0;
+  return timeline::Reached(shared_->counter_page(), shared_->state_page(), shared_->seen);
+}
+
+Timeline::Waited Timeline::WaitedOn() const {
+  Waited waited;
+  if (shared_ == nullptr) return waited;
+  const timeline::StatePage& state = shared_->state_page();
+  waited.point = Load(state.waited_point);
+  if (const int64_t need_by = Load(state.need_by_ns); need_by > 0 && waited.point != 0) {
+    waited.need_by = absl::Now() + absl::Nanoseconds(need_by - timeline::MonotonicNs());
+  }
+  return waited;
+}
+
+absl::StatusOr<PointResult> Timeline::Wait(uint64_t point, absl::Duration timeout,
+                                           absl::Duration need_by) const {
+  if (shared_ == nullptr) return absl::FailedPreconditionError("moved-from Timeline");
+  const TimelinePoint points[] = {{this, point}};
+  ASSIGN_OR_RETURN(std::vector<PointResult> results,
+                   WaitPoints(connection_, points, true, timeout, need_by));
+  return std::move(results[0]);
+}
+
+absl::StatusOr<std::string> Timeline::Export(absl::Duration ttl) const {
+  if (connection_ == nullptr) return absl::FailedPreconditionError("moved-from Timeline");
+  if (ttl < absl::ZeroDuration()) return absl::InvalidArgumentError("ttl is negative");
+  v1::ExportTimelineRequest request;
+  request.set_timeline_id(id());
+  request.set_ttl_ms(static_cast<uint32_t>(
+      std::min<int64_t>(absl::ToInt64Milliseconds(ttl), std::numeric_limits<uint32_t>::max())));
+  v1::ExportTimelineResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->fence().ExportTimeline(call.context.get(), request, &response)));
+  return response.token();
+}
+
+absl::StatusOr<v1::TimelineInfo> Timeline::Info() const {
+  if (connection_ == nullptr) return absl::FailedPreconditionError("moved-from Timeline");
+  v1::GetTimelineInfoRequest request;
+  request.set_timeline_id(id());
+  v1::GetTimelineInfoResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->fence().GetTimelineInfo(call.context.get(), request, &response)));
+  return response.timeline();
+}
+
+absl::StatusOr<Timeline> Client::CreateTimeline(const TimelineOptions& options) const {
+  RETURN_IF_ERROR(CheckClientText("name", options.name));
+  if (options.deadline < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("deadline is negative");
+  }
+  if (options.deadline > absl::Hours(24)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "deadline ", absl::FormatDuration(options.deadline),
+        " is too long: waits are never indefinite (the daemon's max_fence_deadline_ms is at "
+        "most a day)"));
+  }
+  auto shared = std::make_unique<Timeline::Shared>();
+  shared->owner = true;
+  // Sealed against new writable mappings once this one exists: nobody else
+  // can ever write the counters.
+  ASSIGN_OR_RETURN(auto counters,
+                   NewPage("bufferd-timeline-counters",
+                           F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL));
+  shared->counters = std::move(counters.second);
+  const uint64_t counters_upload = connection_->NewUploadId();
+  {
+    v1::FdChannelMessage record;
+    record.mutable_upload()->set_upload_id(counters_upload);
+    const int fds[] = {counters.first.get()};
+    if (absl::Status sent = connection_->SendRecord(record, fds); !sent.ok()) {
+      return SendFailed(sent);
+    }
+  }
+  v1::CreateTimelineRequest request;
+  request.set_name(options.name);
+  const int64_t ms = absl::ToInt64Milliseconds(options.deadline);
+  request.set_deadline_ms(static_cast<uint32_t>(ms == 0 && options.deadline > absl::ZeroDuration()
+                                                    ? 1
+                                                    : ms));
+  request.set_counters_upload_id(counters_upload);
+  v1::CreateTimelineResponse response;
+  RETURN_IF_ERROR(WithWaitPage(*connection_, [&](uint64_t wait_upload) {
+    request.set_wait_page_upload_id(wait_upload);
+    internal::Call call = connection_->NewCall();
+    return connection_->Finish(
+        call, connection_->fence().CreateTimeline(call.context.get(), request, &response));
+  }));
+  ASSIGN_OR_RETURN(UniqueFd state, connection_->TakeFd(response.state_transfer_id()));
+  ASSIGN_OR_RETURN(shared->state, MapDelivered(state));
+  return Timeline(connection_, response.timeline(), std::move(shared));
+}
+
+absl::StatusOr<Timeline> Client::ImportTimeline(absl::string_view token) const {
+  v1::ImportTimelineRequest request;
+  request.set_token(std::string(token));
+  v1::ImportTimelineResponse response;
+  RETURN_IF_ERROR(WithWaitPage(*connection_, [&](uint64_t wait_upload) {
+    request.set_wait_page_upload_id(wait_upload);
+    internal::Call call = connection_->NewCall();
+    return connection_->Finish(
+        call, connection_->fence().ImportTimeline(call.context.get(), request, &response));
+  }));
+  auto shared = std::make_unique<Timeline::Shared>();
+  absl::StatusOr<UniqueFd> counters = connection_->TakeFd(response.counters_transfer_id());
+  absl::StatusOr<UniqueFd> state = connection_->TakeFd(response.state_transfer_id());
+  if (!counters.ok()) return counters.status();
+  if (!state.ok()) return state.status();
+  ASSIGN_OR_RETURN(shared->counters, MapDelivered(*counters));
+  ASSIGN_OR_RETURN(shared->state, MapDelivered(*state));
+  return Timeline(connection_, response.timeline(), std::move(shared));
+}
+
+absl::StatusOr<std::vector<PointResult>> Client::WaitTimelines(
+    std::span<const TimelinePoint> points, bool all, absl::Duration timeout) const {
+  return Timeline::WaitPoints(connection_, points, all, timeout, absl::ZeroDuration());
+}
+
+absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
+    const std::shared_ptr<internal::Connection>& connection, std::span<const TimelinePoint> points,
+    bool all, absl::Duration timeout, absl::Duration need_by) {
+  if (points.empty() || points.size() > kMaxWaitPoints) {
+    return absl::InvalidArgumentError(absl::StrCat("a wait takes 1 to ", kMaxWaitPoints,
+                                                   " timeline points, not ", points.size()));
+  }
+  for (const TimelinePoint& point : points) {
+    if (point.timeline == nullptr || point.timeline->shared_ == nullptr) {
+      return absl::InvalidArgumentError("a timeline point names no (or a moved-from) timeline");
+    }
+    if (point.timeline->connection_ != connection) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "timeline ", point.timeline->id(), " belongs to another Client's session"));
+    }
+    RETURN_IF_ERROR(CheckPoint(point.point));
+  }
+  const int64_t start = timeline::MonotonicNs();
+  const int64_t until =
+      timeout == absl::InfiniteDuration() ? std::numeric_limits<int64_t>::max()
+                                          : start + absl::ToInt64Nanoseconds(
+                                                        std::max(timeout, absl::ZeroDuration()));
+  std::vector<PointResult> results(points.size());
+  std::vector<const uint32_t*> words;
+  std::vector<uint32_t> expected(2 * points.size());
+  for (const TimelinePoint& point : points) {
+    words.push_back(&point.timeline->shared_->counter_page().seq);
+    words.push_back(&point.timeline->shared_->state_page().seq);
+  }
+  std::optional<Slots> slots;
+  while (true) {
+    for (size_t i = 0; i < words.size(); ++i) expected[i] = Load(*words[i]);
+    size_t done = 0;
+    for (size_t i = 0; i < points.size(); ++i) {
+      Shared& shared = *points[i].timeline->shared_;
+      timeline::PointState state = timeline::Evaluate(shared.counter_page(), shared.state_page(),
+                                                      points[i].point, shared.seen);
+      if (state.done) {
+        results[i] = {points[i].point, state.status, std::move(state.message)};
+        ++done;
+      }
+    }
+    if (all ? done == points.size() : done > 0) return results;
+    const int64_t now = timeline::MonotonicNs();
+    if (now >= until) {
+      std::string pending;
+      for (size_t i = 0; i < points.size(); ++i) {
+        if (results[i].status != v1::FENCE_STATUS_UNSPECIFIED) continue;
+        absl::StrAppend(&pending, pending.empty() ? "" : ", ", "point ", points[i].point,
+                        " of timeline ", points[i].timeline->id());
+      }
+      return absl::DeadlineExceededError(
+          timeout <= absl::ZeroDuration()
+              ? absl::StrCat(pending, " not reached yet (polled)")
+              : absl::StrCat(pending, " not reached within ", absl::FormatDuration(timeout)));
+    }
+    if (!slots.has_value()) {
+      // The daemon starts each point's deadline when it sees it here.
+      slots.emplace(*connection);
+      const int64_t need_by_ns =
+          need_by > absl::ZeroDuration() ? start + absl::ToInt64Nanoseconds(need_by) : 0;
+      for (size_t i = 0; i < points.size(); ++i) {
+        if (results[i].status != v1::FENCE_STATUS_UNSPECIFIED) continue;
+        RETURN_IF_ERROR(slots->Arm(points[i].timeline->id(), points[i].point, need_by_ns));
+      }
+      continue;  // look again: a signal may have come while arming
+    }
+    RETURN_IF_ERROR(timeline::WaitAny(words.data(), expected.data(), words.size(), until));
+  }
+}
+
+}  // namespace bufferd

@@ -1,0 +1,187 @@
+#include "fences/timeline_shm.h"
+
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <ctime>
+#include <limits>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "base/client_text.h"
+#include "base/errno_status.h"
+
+namespace bufferd::timeline {
+namespace {
+
+void RaiseTo(std::atomic<uint64_t>& seen, uint64_t value) {
+  uint64_t current = seen.load(std::memory_order_relaxed);
+  while (value > current && !seen.compare_exchange_weak(current, value)) {
+  }
+}
+
+// The owner's failure covering `point`, if its page says so. A failure being
+// rewritten (its gen odd or moving) is read again a few times; an owner that
+// keeps it moving gets its point failed with "(message unreadable)".
+bool FindFailure(const CounterPage& counters, uint64_t point, std::string* message) {
+  const uint64_t count = Load(counters.failure_count);
+  const uint64_t kept = std::min<uint64_t>(count, CounterPage::kFailures);
+  for (uint64_t k = 0; k < kept; ++k) {
+    const Failure& failure = counters.failures[(count - 1 - k) % CounterPage::kFailures];
+    for (int attempt = 0;; ++attempt) {
+      const uint32_t gen = Load(failure.gen);
+      const uint64_t from = Load(failure.from);
+      const uint64_t to = Load(failure.to);
+      const uint32_t length = std::min<uint32_t>(Load(failure.length), sizeof(failure.message));
+      char text[sizeof(failure.message)];
+      std::memcpy(text, failure.message, length);
+      std::atomic_thread_fence(std::memory_order_acquire);
+      const bool stable = gen % 2 == 0 && Load(failure.gen) == gen;
+      if (!stable && attempt < 3) continue;
+      if (from < point && point <= to) {
+        *message = stable ? EscapeClientText(absl::string_view(text, length))
+                          : std::string("(message unreadable: the owner kept rewriting it)");
+        return true;
+      }
+      break;
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
+void WakeAll(const uint32_t& seq) {
+  syscall(SYS_futex, &seq, FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+}
+
+int64_t MonotonicNs() {
+  timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  return int64_t{now.tv_sec} * 1'000'000'000 + now.tv_nsec;
+}
+
+uint64_t Reached(const CounterPage& counters, const StatePage& state,
+                 std::atomic<uint64_t>& seen) {
+  // After the end the owner's page is not read any more: its session is
+  // gone, whoever still maps the page.
+  uint64_t reached =
+      Load(state.ended) != 0 ? Load(state.ended_after) : Load(counters.reached);
+  reached = std::max(reached, Load(state.forced));
+  RaiseTo(seen, reached);
+  return seen.load(std::memory_order_acquire);
+}
+
+PointState Evaluate(const CounterPage& counters, const StatePage& state, uint64_t point,
+                    std::atomic<uint64_t>& seen) {
+  PointState result;
+  if (point == 0) {
+    result.done = true;
+    result.status = v1::FENCE_STATUS_OK;
+    return result;
+  }
+  const uint32_t ended = Load(state.ended);
+  const uint64_t reached = Reached(counters, state, seen);
+  if (point > reached) {
+    if (ended == 0) return result;
+    result.done = true;
+    if (ended == v1::FENCE_STATUS_CANCELLED) {
+      result.status = v1::FENCE_STATUS_CANCELLED;
+      result.message = absl::StrCat("the owner dropped the timeline at point ",
+                                    Load(state.ended_after), ", before point ", point);
+    } else {
+      result.status = v1::FENCE_STATUS_OWNER_DIED;
+      result.message = absl::StrCat("the owner's session ended at point ",
+                                    Load(state.ended_after), ", before point ", point);
+    }
+    return result;
+  }
+  result.done = true;
+  const uint64_t marks = Load(state.mark_count);
+  for (uint64_t i = marks > StatePage::kMarks ? marks - StatePage::kMarks : 0; i < marks; ++i) {
+    const Range& mark = state.marks[i % StatePage::kMarks];
+    if (Load(mark.from) < point && point <= Load(mark.to)) {
+      result.status = v1::FENCE_STATUS_DEADLINE_EXCEEDED;
+      result.message =
+          absl::StrCat("point ", point, " was not reached within the timeline's deadline (",
+                       Load(state.deadline_ms), " ms after it was first waited on)");
+      return result;
+    }
+  }
+  if (FindFailure(counters, point, &result.message)) {
+    result.status = v1::FENCE_STATUS_ERROR;
+    return result;
+  }
+  result.status = v1::FENCE_STATUS_OK;
+  return result;
+}
+
+absl::Status CheckPageFd(int fd, bool read_only_for_others, const char* what) {
+  struct stat st;
+  if (fstat(fd, &st) != 0) return ErrnoError(absl::StrCat(what, ": fstat"), errno);
+  const int seals = fcntl(fd, F_GET_SEALS);
+  if (!S_ISREG(st.st_mode) || seals < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " is not a memfd (memfd_create with MFD_ALLOW_SEALING)"));
+  }
+  if (st.st_size != static_cast<off_t>(kPageSize)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " is ", st.st_size, " bytes; it must be ", kPageSize));
+  }
+  int need = F_SEAL_SHRINK | F_SEAL_GROW;
+  std::string names = "F_SEAL_SHRINK and F_SEAL_GROW";
+  if (read_only_for_others) {
+    // F_SEAL_SEAL too: nobody who gets a copy may seal it against its owner.
+    need |= F_SEAL_SEAL;
+    if ((seals & (F_SEAL_FUTURE_WRITE | F_SEAL_WRITE)) == 0) need |= F_SEAL_FUTURE_WRITE;
+    names = "F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_FUTURE_WRITE and F_SEAL_SEAL";
+  }
+  if ((seals & need) != need) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, " must be sealed with ", names, " (its seals: 0x",
+                     absl::Hex(seals), ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WaitAny(const uint32_t* const* words, const uint32_t* expected, size_t count,
+                     int64_t until_ns) {
+  if (count == 0 || count > FUTEX_WAITV_MAX) {
+    return absl::InvalidArgumentError(absl::StrCat("futex_waitv takes 1 to ", FUTEX_WAITV_MAX,
+                                                   " words, not ", count));
+  }
+  futex_waitv waiters[FUTEX_WAITV_MAX] = {};
+  for (size_t i = 0; i < count; ++i) {
+    waiters[i].val = expected[i];
+    waiters[i].uaddr = reinterpret_cast<uintptr_t>(words[i]);
+    waiters[i].flags = FUTEX_32;
+  }
+  timespec until;
+  timespec* timeout = nullptr;
+  if (until_ns != std::numeric_limits<int64_t>::max()) {
+    until.tv_sec = until_ns / 1'000'000'000;
+    until.tv_nsec = until_ns % 1'000'000'000;
+    timeout = &until;
+  }
+  if (syscall(SYS_futex_waitv, waiters, count, 0, timeout, CLOCK_MONOTONIC) >= 0) {
+    return absl::OkStatus();
+  }
+  switch (errno) {
+    case EAGAIN:
+    case EINTR:
+      return absl::OkStatus();
+    case ETIMEDOUT:
+      return absl::DeadlineExceededError("timed out");
+    default:
+      return ErrnoError("futex_waitv", errno);
+  }
+}
+
+}  // namespace bufferd::timeline

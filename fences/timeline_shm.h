@@ -1,0 +1,164 @@
+// The shared memory of a timeline: what its owner, its waiters and the
+// daemon read and write without talking to each other.
+//
+// A timeline is a 64-bit counter that only moves forward; point N is
+// reached when the counter reaches N. Its state is three kinds of page,
+// each 4 KiB of a sealed memfd (F_SEAL_SHRINK | F_SEAL_GROW: nobody can
+// truncate a page under another's mapping; pages others map are sealed
+// F_SEAL_SEAL too):
+//   - CounterPage: written only by the owner. The owner's library creates
+//     it, maps it writable, then seals it F_SEAL_FUTURE_WRITE, so no other
+//     mapping, write() or re-opened fd can ever write it; the daemon and
+//     the waiters map it read-only.
+//   - StatePage: written only by the daemon (sealed the same way after the
+//     daemon mapped it): points failed by the deadline, the end of the
+//     timeline (owner died, cancelled), and who waits, for the owner.
+//   - WaitPage: one per session, written only by that session, read only by
+//     the daemon: the points the session's threads wait for now. The daemon
+//     reads it on a timer (it never needs a wake per wait) to start each
+//     waited point's deadline.
+//
+// A blocking wait is a futex_waitv on the two seq words (the owner's and the
+// daemon's): a signal is a store and one FUTEX_WAKE, with no daemon in it.
+//
+// Nothing read here is trusted: an owner may write anything in its page,
+// and a reader only ever gets "reached" or "failed" out of it, never a crash
+// or an endless wait. Readers keep the highest point they saw reached, so
+// an owner writing its counter backwards never makes a point look pending
+// again to a reader that saw it reached.
+#ifndef BUFFERD_FENCES_TIMELINE_SHM_H_
+#define BUFFERD_FENCES_TIMELINE_SHM_H_
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "bufferd/v1/fence.pb.h"
+
+namespace bufferd::timeline {
+
+inline constexpr size_t kPageSize = 4096;
+
+// An owner's failed signal: points (from, to] failed with `message`.
+// Written under a seqlock (gen odd while it is written).
+struct Failure {
+  uint32_t gen;
+  uint32_t length;
+  uint64_t from;
+  uint64_t to;
+  char message[200];
+};
+
+struct CounterPage {
+  // Futex word: the owner adds one after every signal, then wakes.
+  uint32_t seq;
+  uint32_t reserved;
+  // The last point reached.
+  uint64_t reached;
+  // Failures written since creation; the last kFailures are in `failures`.
+  uint64_t failure_count;
+  static constexpr size_t kFailures = 16;
+  Failure failures[kFailures];
+};
+
+struct Range {
+  uint64_t from;
+  uint64_t to;
+};
+
+struct StatePage {
+  // Futex word: the daemon adds one after every change, then wakes.
+  uint32_t seq;
+  // A v1::FenceStatus once the timeline has ended (OWNER_DIED: its owner's
+  // session ended; CANCELLED: the owner dropped it): every point after
+  // `ended_after` fails with it. 0 while it lives.
+  uint32_t ended;
+  uint64_t ended_after;
+  // Deadline marks: points (from, to] failed DEADLINE_EXCEEDED. The last
+  // kMarks of `mark_count` are kept. `forced` is the highest `to`.
+  uint64_t forced;
+  uint64_t mark_count;
+  static constexpr size_t kMarks = 32;
+  Range marks[kMarks];
+  // For the owner: the earliest point someone waits for (0: none), and the
+  // earliest need-by time a waiter gave (CLOCK_MONOTONIC ns, 0: none), as of
+  // the daemon's last look at the wait pages.
+  uint64_t waited_point;
+  int64_t need_by_ns;
+  // What the daemon created it with.
+  uint64_t timeline_id;
+  uint32_t deadline_ms;
+  uint32_t reserved;
+};
+
+struct WaitSlot {
+  // 0: free. Written last when a wait starts, first when it ends.
+  uint64_t timeline;
+  uint64_t point;
+  // CLOCK_MONOTONIC ns by which the waiter needs the point (0: no hint).
+  int64_t need_by_ns;
+  uint64_t reserved;
+};
+
+struct WaitPage {
+  static constexpr size_t kSlots = kPageSize / sizeof(WaitSlot);
+  WaitSlot slots[kSlots];
+};
+
+static_assert(sizeof(CounterPage) <= kPageSize);
+static_assert(sizeof(StatePage) <= kPageSize);
+static_assert(sizeof(WaitPage) == kPageSize);
+
+// Atomic access to a word of shared memory.
+template <typename T>
+T Load(const T& word) {
+  return std::atomic_ref<T>(const_cast<T&>(word)).load(std::memory_order_acquire);
+}
+template <typename T>
+void Store(T& word, T value) {
+  std::atomic_ref<T>(word).store(value, std::memory_order_release);
+}
+inline void Bump(uint32_t& seq) {
+  std::atomic_ref<uint32_t>(seq).fetch_add(1, std::memory_order_seq_cst);
+}
+
+// Wakes every process blocked on `seq` (any mapping of the same page).
+void WakeAll(const uint32_t& seq);
+
+// What a reader knows of one point.
+struct PointState {
+  bool done = false;
+  // OK, ERROR (the owner's), DEADLINE_EXCEEDED, OWNER_DIED or CANCELLED.
+  v1::FenceStatus status = v1::FENCE_STATUS_UNSPECIFIED;
+  std::string message;
+};
+
+// The last point reached as this reader sees it (the owner's counter, or
+// where it stood when the timeline ended, and the deadline marks); raises
+// `*seen` to it and returns the new `*seen`.
+uint64_t Reached(const CounterPage& counters, const StatePage& state, std::atomic<uint64_t>& seen);
+
+// `point` as this reader sees it now.
+PointState Evaluate(const CounterPage& counters, const StatePage& state, uint64_t point,
+                    std::atomic<uint64_t>& seen);
+
+// Checks a page a client uploads: a memfd of exactly kPageSize bytes sealed
+// against shrinking and growing (and, with `read_only_for_others`, against
+// new writable mappings and new seals). INVALID_ARGUMENT saying what is wrong.
+absl::Status CheckPageFd(int fd, bool read_only_for_others, const char* what);
+
+// Blocks until any of `words[i]` differs from `expected[i]` or a wake comes,
+// or until `until` (CLOCK_MONOTONIC ns). At most 128 words.
+// OK (woken or changed), DEADLINE_EXCEEDED (timed out), or the error.
+absl::Status WaitAny(const uint32_t* const* words, const uint32_t* expected, size_t count,
+                     int64_t until_ns);
+
+// CLOCK_MONOTONIC now, in ns.
+int64_t MonotonicNs();
+
+}  // namespace bufferd::timeline
+
+#endif  // BUFFERD_FENCES_TIMELINE_SHM_H_

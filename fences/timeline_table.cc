@@ -1,0 +1,461 @@
+#include "fences/timeline_table.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "base/client_text.h"
+#include "base/errno_status.h"
+
+namespace bufferd {
+namespace {
+
+using timeline::Load;
+using timeline::Store;
+
+absl::StatusOr<std::pair<dev_t, ino_t>> Inode(int fd) {
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return ErrnoError("fstat", errno);
+  return std::make_pair(st.st_dev, st.st_ino);
+}
+
+// A read-only fd for the file `fd` is open on: a new open file
+// description, so nothing done to the original's flags reaches it.
+absl::StatusOr<UniqueFd> ReopenReadOnly(int fd) {
+  const std::string path = absl::StrCat("/proc/self/fd/", fd);
+  const int copy = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (copy < 0) return ErrnoError("re-opening a timeline page read-only", errno);
+  return UniqueFd(copy);
+}
+
+absl::Time WallOf(absl::Duration monotonic) {
+  return absl::Now() + (monotonic - MonotonicNow());
+}
+
+}  // namespace
+
+TimelineTable::TimelineTable(EventLoop* loop, FdBudget* budget, TimelineLimits limits)
+    : loop_(loop), budget_(budget), limits_(limits) {}
+
+TimelineTable::~TimelineTable() { Stop(); }
+
+void TimelineTable::AddSession(uint64_t session, uid_t uid) {
+  absl::MutexLock lock(&mu_);
+  sessions_[session].uid = uid;
+}
+
+void TimelineTable::CloseSession(uint64_t session_id) {
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(session_id);
+  if (it == sessions_.end()) return;
+  Session& session = it->second;
+  // The owned ones end first, so their waiters wake before anything else.
+  for (const auto& [id, owned] : session.held) {
+    if (owned) EndLocked(timelines_.at(id), v1::FENCE_STATUS_OWNER_DIED);
+  }
+  std::vector<uint64_t> held;
+  for (const auto& [id, owned] : session.held) held.push_back(id);
+  for (uint64_t id : held) UnholdLocked(session, id);
+  if (session.wait_map.valid()) --wait_pages_;
+  sessions_.erase(it);
+  UpdateTimerLocked();
+}
+
+absl::StatusOr<TimelineTable::Session*> TimelineTable::SessionLocked(uint64_t session) {
+  auto it = sessions_.find(session);
+  if (it == sessions_.end()) {
+    return absl::UnauthenticatedError(absl::StrCat("session ", session, " has ended"));
+  }
+  return &it->second;
+}
+
+absl::StatusOr<TimelineTable::Timeline*> TimelineTable::HeldLocked(uint64_t session,
+                                                                   uint64_t id) const {
+  auto s = sessions_.find(session);
+  auto t = timelines_.find(id);
+  if (s == sessions_.end() || t == timelines_.end() || !s->second.held.contains(id)) {
+    return absl::NotFoundError(absl::StrCat("timeline ", id, " not found"));
+  }
+  return const_cast<Timeline*>(&t->second);
+}
+
+absl::Status TimelineTable::CheckNewHoldLocked(const Session& session) const {
+  if (session.held.size() >= limits_.max_per_session) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("this session holds ", session.held.size(),
+                     " timelines, the limit (max_timelines_per_session ",
+                     limits_.max_per_session, ")"));
+  }
+  auto by_uid = held_by_uid_.find(session.uid);
+  if (by_uid != held_by_uid_.end() && by_uid->second >= limits_.max_per_uid) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "uid ", session.uid, "'s sessions hold ", by_uid->second,
+        " timelines, the limit (max_timelines_per_uid ", limits_.max_per_uid, ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status TimelineTable::SetWaitPage(uint64_t session_id, UniqueFd page) {
+  RETURN_IF_ERROR(timeline::CheckPageFd(page.get(), false, "the wait page"));
+  ASSIGN_OR_RETURN(auto inode, Inode(page.get()));
+  uid_t uid;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
+    if (session->wait_map.valid()) {
+      if (session->wait_inode == inode) return absl::OkStatus();
+      return absl::FailedPreconditionError("this session has another wait page already");
+    }
+    uid = session->uid;
+  }
+  ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kFence, uid));
+  ASSIGN_OR_RETURN(UniqueFd read_only, ReopenReadOnly(page.get()));
+  page.Reset();
+  ASSIGN_OR_RETURN(Mapping map, Mapping::Create(read_only.get(), timeline::kPageSize,
+                                                Mapping::Protection::kReadOnly));
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
+  if (session->wait_map.valid()) {
+    if (session->wait_inode == inode) return absl::OkStatus();
+    return absl::FailedPreconditionError("this session has another wait page already");
+  }
+  if (auto known = inodes_.find(inode); known != inodes_.end()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the wait page is a page of timeline ", known->second));
+  }
+  session->wait_fd = LeasedFd{std::move(read_only), std::move(lease)};
+  session->wait_map = std::move(map);
+  session->wait_inode = inode;
+  ++wait_pages_;
+  UpdateTimerLocked();
+  return absl::OkStatus();
+}
+
+bool TimelineTable::HasWaitPage(uint64_t session) const {
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(session);
+  return it != sessions_.end() && it->second.wait_map.valid();
+}
+
+absl::StatusOr<TimelineTable::Created> TimelineTable::Create(uint64_t session_id,
+                                                             UniqueFd counters,
+                                                             absl::string_view name,
+                                                             absl::Duration deadline) {
+  RETURN_IF_ERROR(CheckClientText("name", name));
+  if (deadline < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("deadline_ms is negative");
+  }
+  if (deadline == absl::ZeroDuration()) deadline = limits_.default_deadline;
+  if (deadline > limits_.max_deadline) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "deadline ", absl::ToInt64Milliseconds(deadline), " ms is over max_fence_deadline_ms (",
+        absl::ToInt64Milliseconds(limits_.max_deadline), "): timelines are never indefinite"));
+  }
+  RETURN_IF_ERROR(timeline::CheckPageFd(counters.get(), true, "the counter page"));
+  ASSIGN_OR_RETURN(auto counters_inode, Inode(counters.get()));
+  uid_t uid;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
+    RETURN_IF_ERROR(CheckNewHoldLocked(*session));
+    if (timelines_.size() >= limits_.max_timelines) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "the daemon has ", timelines_.size(), " timelines, the limit (max_timelines ",
+          limits_.max_timelines, ")"));
+    }
+    uid = session->uid;
+  }
+  // Leased without the table's lock (the budget may run reclaimers): the
+  // two pages kept, and the state page's copy for the owner.
+  ASSIGN_OR_RETURN(FdBudget::Lease counters_lease, budget_->Acquire(FdUse::kFence, uid));
+  ASSIGN_OR_RETURN(FdBudget::Lease state_lease, budget_->Acquire(FdUse::kFence, uid));
+  ASSIGN_OR_RETURN(FdBudget::Lease out_lease, budget_->Acquire(FdUse::kDelivery, uid));
+
+  ASSIGN_OR_RETURN(UniqueFd counters_ro, ReopenReadOnly(counters.get()));
+  counters.Reset();
+  ASSIGN_OR_RETURN(Mapping counters_map, Mapping::Create(counters_ro.get(), timeline::kPageSize,
+                                                         Mapping::Protection::kReadOnly));
+  // The state page: the daemon maps it writable, then seals it so that
+  // nobody else ever can.
+  UniqueFd state_rw(::memfd_create("bufferd-timeline-state", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!state_rw.valid()) return ErrnoError("memfd_create", errno);
+  if (::ftruncate(state_rw.get(), timeline::kPageSize) != 0) return ErrnoError("ftruncate", errno);
+  ASSIGN_OR_RETURN(Mapping state_map, Mapping::Create(state_rw.get(), timeline::kPageSize,
+                                                      Mapping::Protection::kReadWrite));
+  (void)::fchmod(state_rw.get(), 0400);
+  if (::fcntl(state_rw.get(), F_ADD_SEALS,
+              F_SEAL_FUTURE_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    return ErrnoError("sealing a timeline's state page", errno);
+  }
+  ASSIGN_OR_RETURN(UniqueFd state_ro, ReopenReadOnly(state_rw.get()));
+  state_rw.Reset();
+  ASSIGN_OR_RETURN(auto state_inode, Inode(state_ro.get()));
+  const int out = ::fcntl(state_ro.get(), F_DUPFD_CLOEXEC, 0);
+  if (out < 0) return ErrnoError("dup of a timeline page", errno);
+  UniqueFd out_fd(out);
+
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
+  RETURN_IF_ERROR(CheckNewHoldLocked(*session));
+  if (auto known = inodes_.find(counters_inode); known != inodes_.end()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the counter page is a page of timeline ", known->second));
+  }
+  const uint64_t id = next_id_++;
+  Timeline& timeline = timelines_[id];
+  timeline.id = id;
+  timeline.name = std::string(name);
+  timeline.owner_session = session_id;
+  timeline.creator_session = session_id;
+  timeline.owner_uid = uid;
+  timeline.deadline = deadline;
+  timeline.created = absl::Now();
+  timeline.counters_fd = LeasedFd{std::move(counters_ro), std::move(counters_lease)};
+  timeline.state_fd = LeasedFd{std::move(state_ro), std::move(state_lease)};
+  timeline.counters_map = std::move(counters_map);
+  timeline.state_map = std::move(state_map);
+  timeline.counters_inode = counters_inode;
+  timeline.state_inode = state_inode;
+  timeline::StatePage& state = timeline.state();
+  Store(state.timeline_id, id);
+  Store(state.deadline_ms, static_cast<uint32_t>(absl::ToInt64Milliseconds(deadline)));
+  // Whatever the owner wrote before it handed the page over counts.
+  timeline::Reached(timeline.counters(), state, timeline.seen);
+  inodes_[counters_inode] = id;
+  inodes_[state_inode] = id;
+  session->held[id] = true;
+  ++held_by_uid_[uid];
+  timeline.holders = 1;
+  UpdateTimerLocked();
+  return Created{ViewLocked(timeline), LeasedFd{std::move(out_fd), std::move(out_lease)}};
+}
+
+absl::StatusOr<TimelineTable::Handout> TimelineTable::Hold(uint64_t session_id, uint64_t id) {
+  uid_t uid;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
+    if (!timelines_.contains(id)) {
+      return absl::NotFoundError(absl::StrCat("timeline ", id, " is gone"));
+    }
+    if (!session->held.contains(id)) RETURN_IF_ERROR(CheckNewHoldLocked(*session));
+    uid = session->uid;
+  }
+  ASSIGN_OR_RETURN(FdBudget::Lease counters_lease, budget_->Acquire(FdUse::kDelivery, uid));
+  ASSIGN_OR_RETURN(FdBudget::Lease state_lease, budget_->Acquire(FdUse::kDelivery, uid));
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
+  auto it = timelines_.find(id);
+  if (it == timelines_.end()) return absl::NotFoundError(absl::StrCat("timeline ", id, " is gone"));
+  Timeline& timeline = it->second;
+  const int counters = ::fcntl(timeline.counters_fd.fd.get(), F_DUPFD_CLOEXEC, 0);
+  if (counters < 0) return ErrnoError("dup of a timeline page", errno);
+  UniqueFd counters_fd(counters);
+  const int state = ::fcntl(timeline.state_fd.fd.get(), F_DUPFD_CLOEXEC, 0);
+  if (state < 0) return ErrnoError("dup of a timeline page", errno);
+  UniqueFd state_fd(state);
+  if (!session->held.contains(id)) {
+    RETURN_IF_ERROR(CheckNewHoldLocked(*session));
+    session->held[id] = false;
+    ++held_by_uid_[session->uid];
+    ++timeline.holders;
+  }
+  return Handout{ViewLocked(timeline), LeasedFd{std::move(counters_fd), std::move(counters_lease)},
+                 LeasedFd{std::move(state_fd), std::move(state_lease)}};
+}
+
+absl::Status TimelineTable::CheckHeld(uint64_t session, uint64_t id) const {
+  absl::MutexLock lock(&mu_);
+  return HeldLocked(session, id).status();
+}
+
+absl::StatusOr<TimelineView> TimelineTable::Info(uint64_t session, uint64_t id) const {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Timeline * timeline, HeldLocked(session, id));
+  return ViewLocked(*timeline);
+}
+
+void TimelineTable::Forget(uint64_t session_id, uint64_t id) {
+  absl::MutexLock lock(&mu_);
+  auto it = sessions_.find(session_id);
+  if (it == sessions_.end() || !it->second.held.contains(id)) return;
+  if (it->second.held[id]) EndLocked(timelines_.at(id), v1::FENCE_STATUS_CANCELLED);
+  UnholdLocked(it->second, id);
+  UpdateTimerLocked();
+}
+
+void TimelineTable::UnholdLocked(Session& session, uint64_t id) {
+  if (session.held.erase(id) == 0) return;
+  if (auto by_uid = held_by_uid_.find(session.uid);
+      by_uid != held_by_uid_.end() && --by_uid->second == 0) {
+    held_by_uid_.erase(by_uid);
+  }
+  auto it = timelines_.find(id);
+  if (it == timelines_.end() || --it->second.holders > 0) return;
+  inodes_.erase(it->second.counters_inode);
+  inodes_.erase(it->second.state_inode);
+  timelines_.erase(it);
+}
+
+void TimelineTable::EndLocked(Timeline& timeline, v1::FenceStatus status) {
+  timeline.owner_session = 0;
+  timeline::StatePage& state = timeline.state();
+  if (Load(state.ended) != 0) return;
+  // Where the owner got to is what it signalled while it was there; nothing
+  // it writes later counts.
+  const uint64_t reached = timeline::Reached(timeline.counters(), state, timeline.seen);
+  Store(state.ended_after, reached);
+  Store(state.ended, static_cast<uint32_t>(status));
+  timeline.tracked.clear();
+  Store(state.waited_point, uint64_t{0});
+  Store(state.need_by_ns, int64_t{0});
+  timeline::Bump(state.seq);
+  timeline::WakeAll(state.seq);
+}
+
+void TimelineTable::MarkLocked(Timeline& timeline, uint64_t point) {
+  timeline::StatePage& state = timeline.state();
+  const uint64_t reached = timeline::Reached(timeline.counters(), state, timeline.seen);
+  if (point <= reached || Load(state.ended) != 0) return;
+  const uint64_t slot = Load(state.mark_count);
+  timeline::Range& mark = state.marks[slot % timeline::StatePage::kMarks];
+  Store(mark.from, reached);
+  Store(mark.to, point);
+  Store(state.mark_count, slot + 1);
+  Store(state.forced, point);
+  timeline.seen.store(std::max(timeline.seen.load(), point));
+  timeline::Bump(state.seq);
+  timeline::WakeAll(state.seq);
+}
+
+void TimelineTable::Scan(absl::Duration now) {
+  absl::MutexLock lock(&mu_);
+  if (stopped_) return;
+  // Per timeline: the points waited on now (and the earliest need-by).
+  struct Waited {
+    std::vector<uint64_t> points;
+    int64_t need_by_ns = 0;
+  };
+  std::map<uint64_t, Waited> waited;
+  for (const auto& [session_id, session] : sessions_) {
+    if (!session.wait_map.valid()) continue;
+    const auto& page = *reinterpret_cast<const timeline::WaitPage*>(session.wait_map.data());
+    for (const timeline::WaitSlot& slot : page.slots) {
+      const uint64_t id = Load(slot.timeline);
+      if (id == 0 || !session.held.contains(id)) continue;
+      const uint64_t point = Load(slot.point);
+      const int64_t need_by = Load(slot.need_by_ns);
+      Waited& entry = waited[id];
+      entry.points.push_back(point);
+      if (need_by > 0 && (entry.need_by_ns == 0 || need_by < entry.need_by_ns)) {
+        entry.need_by_ns = need_by;
+      }
+    }
+  }
+  for (auto& [id, timeline] : timelines_) {
+    timeline::StatePage& state = timeline.state();
+    if (Load(state.ended) != 0) continue;
+    const uint64_t reached = timeline::Reached(timeline.counters(), state, timeline.seen);
+    auto done = std::find_if(timeline.tracked.begin(), timeline.tracked.end(),
+                             [&](const Tracked& t) { return t.point > reached; });
+    timeline.tracked.erase(timeline.tracked.begin(), done);
+    uint64_t earliest = 0;
+    int64_t need_by = 0;
+    if (auto it = waited.find(id); it != waited.end()) {
+      std::vector<uint64_t>& points = it->second.points;
+      std::sort(points.begin(), points.end());
+      for (uint64_t point : points) {
+        if (point <= reached) continue;
+        if (earliest == 0) earliest = point;
+        const uint64_t last = timeline.tracked.empty() ? reached : timeline.tracked.back().point;
+        if (point > last && timeline.tracked.size() < limits_.max_tracked_points) {
+          timeline.tracked.push_back({point, now, now + timeline.deadline});
+        }
+      }
+      if (earliest != 0) need_by = it->second.need_by_ns;
+    }
+    // Due deadlines: the latest due one covers the points below it.
+    uint64_t fail_to = 0;
+    while (!timeline.tracked.empty() && timeline.tracked.front().due <= now) {
+      fail_to = timeline.tracked.front().point;
+      timeline.tracked.erase(timeline.tracked.begin());
+    }
+    if (fail_to != 0) {
+      MarkLocked(timeline, fail_to);
+      if (earliest <= fail_to) earliest = 0;
+    }
+    if (Load(state.waited_point) != earliest) Store(state.waited_point, earliest);
+    if (Load(state.need_by_ns) != need_by) Store(state.need_by_ns, need_by);
+  }
+}
+
+TimelineView TimelineTable::ViewLocked(const Timeline& timeline) const {
+  TimelineView view;
+  view.id = timeline.id;
+  view.name = timeline.name;
+  view.owner_session = timeline.owner_session;
+  const timeline::StatePage& state = timeline.state();
+  auto& seen = const_cast<std::atomic<uint64_t>&>(timeline.seen);
+  view.reached = timeline::Reached(timeline.counters(), state, seen);
+  view.forced = Load(state.forced);
+  view.ended = static_cast<v1::FenceStatus>(Load(state.ended));
+  view.deadline = timeline.deadline;
+  view.created = timeline.created;
+  view.holders = timeline.holders;
+  for (const Tracked& tracked : timeline.tracked) {
+    view.waits.push_back({tracked.point, WallOf(tracked.since), WallOf(tracked.due)});
+  }
+  if (const int64_t need_by = Load(state.need_by_ns); need_by > 0) {
+    view.need_by = WallOf(absl::Nanoseconds(need_by));
+  }
+  return view;
+}
+
+std::vector<TimelineView> TimelineTable::List(size_t limit) const {
+  absl::MutexLock lock(&mu_);
+  std::vector<const Timeline*> all;
+  for (const auto& [id, timeline] : timelines_) all.push_back(&timeline);
+  std::sort(all.begin(), all.end(),
+            [](const Timeline* a, const Timeline* b) { return a->id < b->id; });
+  if (limit != 0 && all.size() > limit) all.resize(limit);
+  std::vector<TimelineView> views;
+  views.reserve(all.size());
+  for (const Timeline* timeline : all) views.push_back(ViewLocked(*timeline));
+  return views;
+}
+
+size_t TimelineTable::size() const {
+  absl::MutexLock lock(&mu_);
+  return timelines_.size();
+}
+
+void TimelineTable::UpdateTimerLocked() {
+  const bool needed = !stopped_ && wait_pages_ > 0 && !timelines_.empty();
+  if (needed && timer_ == 0) {
+    timer_ = loop_->RunEvery(limits_.scan_interval, [this] { Scan(MonotonicNow()); });
+  } else if (!needed && timer_ != 0) {
+    loop_->Cancel(timer_);
+    timer_ = 0;
+  }
+}
+
+void TimelineTable::Stop() {
+  absl::MutexLock lock(&mu_);
+  if (stopped_) return;
+  stopped_ = true;
+  if (timer_ != 0) loop_->Cancel(timer_);
+  timer_ = 0;
+  timelines_.clear();
+  sessions_.clear();
+  held_by_uid_.clear();
+  inodes_.clear();
+  wait_pages_ = 0;
+}
+
+}  // namespace bufferd

@@ -1,0 +1,219 @@
+// TimelineTable: the daemon's side of timelines (drm_syncobj-style 64-bit
+// counters; fences/timeline_shm.h has the shared memory and the rules).
+//
+// The daemon is not on a timeline's hot path: the owner signals by writing
+// its counter page and waking a futex, and waiters block on that futex. The
+// table keeps what the kernel cannot give userspace fences:
+//   - a bound on every wait: a point's deadline runs from when the daemon
+//     first sees it waited on (it reads every session's wait page each
+//     scan interval); when it passes, the table marks the points up to it
+//     failed (DEADLINE_EXCEEDED) in the timeline's state page and wakes
+//     every waiter itself;
+//   - the end: when the owner's session ends, every pending and future point
+//     fails OWNER_DIED at once (CANCELLED when the owner drops it);
+//   - who may see what: a session holds the timelines it created or
+//     imported; every other id is NOT_FOUND to it.
+//
+// Every page fd the table keeps and every copy in flight is leased from the
+// FdBudget. Thread-safe, with its own lock. Call Stop() after the loop has
+// stopped and before destruction.
+#ifndef BUFFERD_FENCES_TIMELINE_TABLE_H_
+#define BUFFERD_FENCES_TIMELINE_TABLE_H_
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/node_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "base/event_loop.h"
+#include "base/fd_budget.h"
+#include "base/mapping.h"
+#include "base/unique_fd.h"
+#include "fences/timeline_shm.h"
+
+namespace bufferd {
+
+struct TimelineLimits {
+  // A timeline created without a deadline gets this one.
+  absl::Duration default_deadline = absl::Seconds(10);
+  absl::Duration max_deadline = absl::Minutes(5);
+  // How often the daemon reads the wait pages: a point fails between its
+  // deadline and its deadline plus twice this after it was first waited on.
+  absl::Duration scan_interval = absl::Milliseconds(100);
+  // Timelines one session holds (created or imported), one uid's sessions
+  // hold, and the daemon knows.
+  uint32_t max_per_session = 256;
+  uint32_t max_per_uid = 1024;
+  uint32_t max_timelines = 4096;
+  // Waited-on points ahead of one timeline whose deadlines run at once; a
+  // wait beyond them starts its deadline when an earlier one is done.
+  uint32_t max_tracked_points = 64;
+};
+
+struct TimelineView {
+  uint64_t id = 0;
+  std::string name;
+  uint64_t owner_session = 0;
+  // The last point reached, as the daemon reads it.
+  uint64_t reached = 0;
+  // The highest point failed by a deadline (0: none).
+  uint64_t forced = 0;
+  // UNSPECIFIED while it lives; OWNER_DIED or CANCELLED once ended.
+  v1::FenceStatus ended = v1::FENCE_STATUS_UNSPECIFIED;
+  absl::Duration deadline;
+  absl::Time created;
+  // Sessions holding it (its owner among them until it drops it).
+  uint32_t holders = 0;
+  // Points waited on, as of the last scan: each with when the daemon first
+  // saw it waited on and when it fails.
+  struct Wait {
+    uint64_t point = 0;
+    absl::Time since;
+    absl::Time fails_at;
+  };
+  std::vector<Wait> waits;
+  // The earliest need-by time a waiter gave (InfiniteFuture: none).
+  absl::Time need_by = absl::InfiniteFuture();
+};
+
+class TimelineTable {
+ public:
+  // `loop` and `budget` must outlive this object.
+  TimelineTable(EventLoop* loop, FdBudget* budget, TimelineLimits limits);
+  ~TimelineTable();
+  TimelineTable(const TimelineTable&) = delete;
+  TimelineTable& operator=(const TimelineTable&) = delete;
+
+  void AddSession(uint64_t session, uid_t uid);
+  // The session is over: the timelines it owns end (OWNER_DIED), and it
+  // holds nothing any more.
+  void CloseSession(uint64_t session);
+
+  // The session's wait page (timeline_shm.h WaitPage), once per session:
+  // the same page again is fine (a call that gave it may have failed
+  // later), another is FAILED_PRECONDITION.
+  absl::Status SetWaitPage(uint64_t session, UniqueFd page);
+  bool HasWaitPage(uint64_t session) const;
+
+  // A new timeline owned by `session`, counting in `counters` (a sealed
+  // CounterPage the owner mapped writable first). `deadline` zero is the
+  // default. Returns its view and a read-only copy of its state page for the
+  // owner (leased as an fd in flight).
+  struct Created {
+    TimelineView view;
+    LeasedFd state;
+  };
+  absl::StatusOr<Created> Create(uint64_t session, UniqueFd counters, absl::string_view name,
+                                 absl::Duration deadline);
+
+  // `session` may use timeline `id` from now on (an imported token): it
+  // gets read-only copies of both pages.
+  struct Handout {
+    TimelineView view;
+    LeasedFd counters;
+    LeasedFd state;
+  };
+  absl::StatusOr<Handout> Hold(uint64_t session, uint64_t id);
+  // OK if `session` holds `id`, else NOT_FOUND.
+  absl::Status CheckHeld(uint64_t session, uint64_t id) const;
+  absl::StatusOr<TimelineView> Info(uint64_t session, uint64_t id) const;
+  // The session lets go (an owner's timeline ends CANCELLED: nobody could
+  // signal it any more). Unknown ids are ignored.
+  void Forget(uint64_t session, uint64_t id);
+
+  // Every timeline, oldest first (at most `limit`; 0: all).
+  std::vector<TimelineView> List(size_t limit = 0) const;
+  size_t size() const;
+
+  // Reads the wait pages and fails what is due, as of `now` (monotonic);
+  // the scan timer calls it every scan interval.
+  void Scan(absl::Duration now);
+
+  // Stops the scan timer and closes every fd. Call once the loop has stopped.
+  void Stop();
+
+ private:
+  struct Tracked {
+    uint64_t point = 0;
+    absl::Duration since;  // monotonic
+    absl::Duration due;
+  };
+  struct Timeline {
+    uint64_t id = 0;
+    std::string name;
+    uint64_t owner_session = 0;  // 0 once the owner is gone
+    uint64_t creator_session = 0;
+    uid_t owner_uid = 0;
+    absl::Duration deadline;
+    absl::Time created;
+    LeasedFd counters_fd;  // read-only
+    LeasedFd state_fd;     // read-only
+    Mapping counters_map;
+    Mapping state_map;  // writable: the daemon's own
+    std::pair<dev_t, ino_t> counters_inode;
+    std::pair<dev_t, ino_t> state_inode;
+    std::atomic<uint64_t> seen{0};
+    uint32_t holders = 0;
+    // Increasing points and deadlines (a later point first waited on later
+    // fails later; an earlier one's deadline covers the points below it).
+    std::vector<Tracked> tracked;
+    uint64_t waited_point = 0;
+    int64_t need_by_ns = 0;
+
+    const timeline::CounterPage& counters() const {
+      return *reinterpret_cast<const timeline::CounterPage*>(counters_map.data());
+    }
+    timeline::StatePage& state() const {
+      return *reinterpret_cast<timeline::StatePage*>(state_map.data());
+    }
+  };
+  struct Session {
+    uid_t uid = 0;
+    absl::flat_hash_map<uint64_t, bool> held;  // id -> owned
+    LeasedFd wait_fd;
+    Mapping wait_map;
+    std::pair<dev_t, ino_t> wait_inode;
+  };
+
+  absl::StatusOr<Session*> SessionLocked(uint64_t session) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<Timeline*> HeldLocked(uint64_t session, uint64_t id) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status CheckNewHoldLocked(const Session& session) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Ends a timeline whose owner is gone: every point after the last reached
+  // fails with `status`, and every waiter wakes.
+  void EndLocked(Timeline& timeline, v1::FenceStatus status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Fails the points up to `point` (DEADLINE_EXCEEDED) and wakes every waiter.
+  void MarkLocked(Timeline& timeline, uint64_t point) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void UnholdLocked(Session& session, uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  TimelineView ViewLocked(const Timeline& timeline) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Runs the scan timer while there is something to scan.
+  void UpdateTimerLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<LeasedFd> CopyLocked(const LeasedFd& fd, uid_t uid)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  EventLoop* const loop_;
+  FdBudget* const budget_;
+  const TimelineLimits limits_;
+
+  mutable absl::Mutex mu_;
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  absl::node_hash_map<uint64_t, Timeline> timelines_ ABSL_GUARDED_BY(mu_);
+  absl::node_hash_map<uint64_t, Session> sessions_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uid_t, uint32_t> held_by_uid_ ABSL_GUARDED_BY(mu_);
+  // Page inodes of known timelines: a page of one is never taken as a new
+  // one's counters or as a wait page.
+  absl::flat_hash_map<std::pair<dev_t, ino_t>, uint64_t> inodes_ ABSL_GUARDED_BY(mu_);
+  uint32_t wait_pages_ ABSL_GUARDED_BY(mu_) = 0;
+  EventLoop::TimerId timer_ ABSL_GUARDED_BY(mu_) = 0;
+  bool stopped_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace bufferd
+
+#endif  // BUFFERD_FENCES_TIMELINE_TABLE_H_
