@@ -14,6 +14,21 @@
 //    no daemon thread per waiter, <= 1 KiB per exported-fd waiter, <= 16 KiB
 //    per pending WaitFence.
 //
+// Timelines (fences/timeline_shm.h: signals go through shared memory and a
+// futex, with no daemon in the path):
+// T1. Timeline::Signal(point) -> a waiter blocked in Timeline::Wait in
+//     another process returns. Floor: one raw one-way futex wake between two
+//     processes (a store and FUTEX_WAKE on a shared page). Target <= 1.25x;
+//     figure 1's daemon-relayed fence path is printed beside it.
+// T2. The daemon's voluntary context switches (all its threads) over 10,000
+//     ping-pong frames (T3). Target: under 1 per 100 frames.
+// T3. Ping-pong: the owner signals point i of an acquire timeline, the
+//     waiter waits for it and signals point i of a release timeline, the
+//     owner waits for that; frames/s against the same ping-pong over two raw
+//     futex words. Target >= 80%.
+// T4. Daemon RSS and fds per timeline (800 of them) and per session that
+//     waits (its wait page), measured.
+//
 // Placements (owner = this process, always on CPU 0; waiter = a helper
 // process; the daemon and the floor's relay share a CPU): all on CPU 0;
 // owner and waiter together, daemon apart; daemon with the owner; daemon
@@ -22,7 +37,10 @@
 //
 //   bazel run -c opt //bench:fence_bench [-- --iterations 300]
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <poll.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -32,6 +50,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <optional>
@@ -54,6 +73,7 @@
 #include "bufferd/v1/fd_channel.pb.h"
 #include "bufferd/v1/fence.grpc.pb.h"
 #include "client/client.h"
+#include "fences/timeline_shm.h"
 #include "grpcpp/create_channel.h"
 #include "testing/child_process.h"
 #include "testing/daemon_process.h"
@@ -80,6 +100,58 @@ long StatusField(pid_t pid, const std::string& field) {
     }
   }
   return -1;
+}
+
+
+// ---------------------------------------------------------------------------
+// Raw futex floors: a shared page of two 32-bit words.
+
+uint32_t* MapShared(int fd) {
+  void* at = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (at == MAP_FAILED) std::exit(1);
+  return static_cast<uint32_t*>(at);
+}
+
+void FutexWake(uint32_t* word) { ::syscall(SYS_futex, word, FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0); }
+
+// Blocks until *word >= value.
+void FutexAwait(uint32_t* word, uint32_t value) {
+  while (true) {
+    const uint32_t now = timeline::Load(*word);
+    if (now >= value) return;
+    ::syscall(SYS_futex, word, FUTEX_WAIT, now, nullptr, nullptr, 0);
+  }
+}
+
+void Publish(uint32_t* word, uint32_t value) {
+  std::atomic_ref<uint32_t>(*word).store(value, std::memory_order_seq_cst);
+  FutexWake(word);
+}
+
+// Sum of voluntary context switches of every thread of `pid`.
+long VoluntarySwitches(pid_t pid) {
+  long total = 0;
+  std::error_code error;
+  for (const auto& task :
+       std::filesystem::directory_iterator(absl::StrCat("/proc/", pid, "/task"), error)) {
+    std::ifstream in(task.path() / "status");
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.rfind("voluntary_ctxt_switches:", 0) == 0) total += std::stol(line.substr(24));
+    }
+  }
+  return total;
+}
+
+long OpenFds(pid_t pid) {
+  long n = 0;
+  std::error_code error;
+  for (const auto& entry :
+       std::filesystem::directory_iterator(absl::StrCat("/proc/", pid, "/fd"), error)) {
+    (void)entry;
+    ++n;
+  }
+  return n;
 }
 
 // ---------------------------------------------------------------------------
@@ -208,6 +280,7 @@ int HelperMain(const UnixSocket& control) {
   limit.rlim_cur = limit.rlim_max;
   ::setrlimit(RLIMIT_NOFILE, &limit);
   std::optional<Client> client;
+  std::optional<Timeline> timeline_in;
   std::string dir;
   while (true) {
     auto got = control.RecvWithFds(4096);
@@ -220,6 +293,7 @@ int HelperMain(const UnixSocket& control) {
       Reply(control, "ok");
     } else if (command == "connect" && words.size() == 2) {
       dir = words[1];
+      timeline_in.reset();
       client.reset();
       auto connected = Client::Connect(dir);
       if (!connected.ok()) return 1;
@@ -259,7 +333,48 @@ int HelperMain(const UnixSocket& control) {
       MassRpc(control, dir, std::stoi(words[1]), fds[0].get());
     } else if (command == "mass-fd" && words.size() == 2 && fds.size() == 1 && client) {
       MassFd(control, *client, std::stoi(words[1]), fds[0].get());
+    } else if (command == "futex-wait" && fds.size() == 1) {
+      uint32_t* words = MapShared(fds[0].get());
+      Reply(control, "ready");
+      FutexAwait(&words[0], 1);
+      const int64_t woke = NowNs();
+      ::munmap(words, 4096);
+      Reply(control, absl::StrCat("t ", woke));
+    } else if (command == "futex-pong" && words.size() == 2 && fds.size() == 1) {
+      uint32_t* shared = MapShared(fds[0].get());
+      const uint32_t frames = static_cast<uint32_t>(std::stoul(words[1]));
+      Reply(control, "ready");
+      for (uint32_t i = 1; i <= frames; ++i) {
+        FutexAwait(&shared[0], i);
+        Publish(&shared[1], i);
+      }
+      ::munmap(shared, 4096);
+      Reply(control, "done");
+    } else if (command == "tl-import" && words.size() == 2 && client) {
+      auto imported = client->ImportTimeline(words[1]);
+      if (!imported.ok()) return Reply(control, "error " + imported.status().ToString()), 1;
+      timeline_in.emplace(*std::move(imported));
+      Reply(control, "ok");
+    } else if (command == "tl-wait" && words.size() == 2 && timeline_in) {
+      Reply(control, "ready");
+      auto result = timeline_in->Wait(std::stoull(words[1]), absl::Seconds(60));
+      const int64_t woke = NowNs();
+      Reply(control, absl::StrCat("t ", woke, " ", result.ok() ? "ok" : "failed"));
+    } else if (command == "tl-pong" && words.size() == 2 && timeline_in && client) {
+      // Waits for point i of the imported timeline, signals point i of its own.
+      auto release = client->CreateTimeline({.name = "release"});
+      auto token = release.ok() ? release->Export() : release.status();
+      if (!token.ok()) return Reply(control, "error " + token.status().ToString()), 1;
+      const uint64_t frames = std::stoull(words[1]);
+      Reply(control, "ready " + *token);
+      bool ok = true;
+      for (uint64_t i = 1; i <= frames && ok; ++i) {
+        auto got = timeline_in->Wait(i, absl::Seconds(60));
+        ok = got.ok() && got->status == v1::FENCE_STATUS_OK && release->Signal(i).ok();
+      }
+      Reply(control, ok ? "done" : "failed");
     } else if (command == "close") {
+      timeline_in.reset();
       client.reset();
       Reply(control, "ok");
     } else {
@@ -382,6 +497,75 @@ double FenceRpcOnce(const Client& owner, const Helper& waiter) {
   return (woke - start) / 1000.0;
 }
 
+
+// Floor T1: a store and FUTEX_WAKE -> a FUTEX_WAIT in the waiter returns.
+double FutexOnce(const Helper& waiter) {
+  UniqueFd page(::memfd_create("floor", MFD_CLOEXEC));
+  if (::ftruncate(page.get(), 4096) != 0) std::exit(1);
+  uint32_t* words = MapShared(page.get());
+  (void)waiter.Ask("futex-wait", {page.get()});
+  LetThemBlock();
+  const int64_t start = NowNs();
+  Publish(&words[0], 1);
+  const int64_t woke = Stamp(waiter.Read());
+  ::munmap(words, 4096);
+  return (woke - start) / 1000.0;
+}
+
+// T1: Timeline::Signal -> the waiter's Timeline::Wait returns.
+double TimelineOnce(Timeline& timeline, uint64_t point, const Helper& waiter) {
+  (void)waiter.Ask(absl::StrCat("tl-wait ", point));
+  LetThemBlock();
+  const int64_t start = NowNs();
+  if (!timeline.Signal(point).ok()) std::exit(1);
+  const int64_t woke = Stamp(waiter.Read());
+  return (woke - start) / 1000.0;
+}
+
+// T3 floor: frames/s of the raw futex ping-pong.
+double FutexPingPong(const Helper& waiter, uint32_t frames) {
+  UniqueFd page(::memfd_create("floor", MFD_CLOEXEC));
+  if (::ftruncate(page.get(), 4096) != 0) std::exit(1);
+  uint32_t* shared = MapShared(page.get());
+  (void)waiter.Ask(absl::StrCat("futex-pong ", frames), {page.get()});
+  const int64_t start = NowNs();
+  for (uint32_t i = 1; i <= frames; ++i) {
+    Publish(&shared[0], i);
+    FutexAwait(&shared[1], i);
+  }
+  const int64_t took = NowNs() - start;
+  (void)waiter.Read();  // "done"
+  ::munmap(shared, 4096);
+  return frames * 1e9 / static_cast<double>(took);
+}
+
+struct PingPong {
+  double frames_per_second = 0;
+  long daemon_switches = 0;
+};
+
+// T2 + T3: the ping-pong over an acquire and a release timeline.
+PingPong TimelinePingPong(const Client& owner, const Helper& waiter, pid_t daemon, uint64_t frames) {
+  auto acquire = owner.CreateTimeline({.name = "acquire"});
+  if (!acquire.ok()) std::exit(1);
+  if (waiter.Ask("tl-import " + *acquire->Export()) != "ok") std::exit(1);
+  const std::string ready = waiter.Ask(absl::StrCat("tl-pong ", frames));
+  if (ready.rfind("ready ", 0) != 0) std::exit(1);
+  auto release = owner.ImportTimeline(ready.substr(6));
+  if (!release.ok()) std::exit(1);
+  const long switches = VoluntarySwitches(daemon);
+  const int64_t start = NowNs();
+  for (uint64_t i = 1; i <= frames; ++i) {
+    if (!acquire->Signal(i).ok()) std::exit(1);
+    auto got = release->Wait(i, absl::Seconds(60));
+    if (!got.ok() || got->status != v1::FENCE_STATUS_OK) std::exit(1);
+  }
+  const int64_t took = NowNs() - start;
+  PingPong result{frames * 1e9 / static_cast<double>(took), VoluntarySwitches(daemon) - switches};
+  (void)waiter.Read();  // "done"
+  return result;
+}
+
 struct Placement {
   const char* name;
   int daemon_cpu;
@@ -414,7 +598,12 @@ int main(int argc, char** argv) {
   app.add_option("--bufferd", daemon_binary, "bufferd binary")->capture_default_str();
   bool signal_only = false;
   app.add_flag("--signal-only", signal_only, "only figure 1 and its floors (for profiling)");
+  bool timelines_only = false;
+  app.add_flag("--timelines-only", timelines_only, "only the timeline figures (T1-T4)");
+  uint64_t frames = 10000;
+  app.add_option("--frames", frames, "ping-pong frames (T2, T3)");
   CLI11_PARSE(app, argc, argv);
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
 
   // Forked before any thread exists (gRPC's included).
   std::optional<Helper> waiter = ForkHelper();
@@ -447,6 +636,34 @@ int main(int argc, char** argv) {
     for (const Placement& placement : placements) {
       if (placement.daemon_cpu != daemon_cpu) continue;
       waiter->Ask(absl::StrCat("pin ", placement.waiter_cpu));
+      // Timelines: T1, then T2 and T3.
+      auto timeline = owner->CreateTimeline({.name = "bench"});
+      if (!timeline.ok() || waiter->Ask("tl-import " + *timeline->Export()) != "ok") return 1;
+      uint64_t point = 0;
+      for (int i = 0; i < 10; ++i) {  // warm up
+        FutexOnce(*waiter);
+        TimelineOnce(*timeline, ++point, *waiter);
+      }
+      std::vector<double> futex_s, timeline_s;
+      for (int i = 0; i < iterations; ++i) {
+        futex_s.push_back(FutexOnce(*waiter));
+        timeline_s.push_back(TimelineOnce(*timeline, ++point, *waiter));
+      }
+      Verdict("T1. Timeline Signal -> Wait", placement.name, Summarize(timeline_s, 0),
+              Summarize(futex_s, 0), 1.25, all_met);
+      const PingPong pong = TimelinePingPong(*owner, *waiter, (*daemon)->pid(), frames);
+      const double floor_fps = FutexPingPong(*waiter, static_cast<uint32_t>(frames));
+      const double per_100 = pong.daemon_switches * 100.0 / static_cast<double>(frames);
+      all_met &= per_100 < 1 && pong.frames_per_second >= 0.8 * floor_fps;
+      std::printf("%-34s %-22s %ld daemon wakes in %lu frames = %.2f per 100  target < 1  %s\n",
+                  "T2. daemon wakes, steady state", placement.name, pong.daemon_switches,
+                  static_cast<unsigned long>(frames), per_100, per_100 < 1 ? "met" : "not met");
+      std::printf("%-34s %-22s %8.0f frames/s  floor %8.0f frames/s  %.0f%%  target >= 80%%  %s\n",
+                  "T3. acquire/release ping-pong", placement.name, pong.frames_per_second,
+                  floor_fps, 100 * pong.frames_per_second / floor_fps,
+                  pong.frames_per_second >= 0.8 * floor_fps ? "met" : "not met");
+      if (timelines_only) continue;
+
       for (int i = 0; i < 10; ++i) {  // warm up
         RelayOnce(*relay, *waiter);
         FencePollOnce(*owner, *waiter);
@@ -465,6 +682,9 @@ int main(int argc, char** argv) {
       }
       Verdict("1. one-way signal -> fd poll", placement.name, Summarize(poll_s, 0),
               Summarize(relay_s, 0), 1.25, all_met);
+      std::printf("   (beside T1) the relayed fence path %-22s p50 %7.1f = %.1fx T1's p50\n",
+                  placement.name, Summarize(poll_s, 0).p50,
+                  Summarize(poll_s, 0).p50 / Summarize(timeline_s, 0).p50);
       const Summary socket_relay = Summarize(socket_relay_s, 0);
       std::printf("   (info) relay over SEQPACKET+epoll  %-22s p50 %7.1f (p99 %7.1f)  %.2fx the floor\n",
                   placement.name, socket_relay.p50, socket_relay.p99,
@@ -475,7 +695,34 @@ int main(int argc, char** argv) {
       }
     }
 
-    if (daemon_cpu == 1 && !signal_only) {
+    if (daemon_cpu == 1) {
+      // T4: what timelines cost the daemon.
+      const pid_t pid = (*daemon)->pid();
+      const long fds_before = OpenFds(pid), rss_before = StatusField(pid, "VmRSS");
+      std::vector<Client> owners;
+      std::vector<Timeline> timelines;
+      for (int i = 0; i < 4; ++i) {
+        owners.push_back(*Client::Connect(dir));
+        for (int j = 0; j < 200; ++j) timelines.push_back(*owners.back().CreateTimeline());
+      }
+      // The owners' own sessions and wait pages are not the timelines' cost.
+      const long fds_after = OpenFds(pid) - 4 * 3, rss_after = StatusField(pid, "VmRSS");
+      std::printf("T4. per timeline (800)             %.2f fds, %.0f B of daemon RSS\n",
+                  (fds_after - fds_before) / 800.0, (rss_after - rss_before) * 1024.0 / 800);
+      std::vector<Client> waiters_clients;
+      for (int i = 0; i < 100; ++i) waiters_clients.push_back(*Client::Connect(dir));
+      const long fds_sessions = OpenFds(pid), rss_sessions = StatusField(pid, "VmRSS");
+      std::vector<Timeline> imported;
+      for (Client& client : waiters_clients) {
+        imported.push_back(*client.ImportTimeline(*timelines[0].Export()));
+      }
+      std::printf(
+          "T4. per waiting session (100)      %.2f fds, %.0f B of daemon RSS (its wait page); "
+          "per wait: nothing (a slot in that page)\n",
+          (OpenFds(pid) - fds_sessions) / 100.0,
+          (StatusField(pid, "VmRSS") - rss_sessions) * 1024.0 / 100);
+    }
+    if (daemon_cpu == 1 && !signal_only && !timelines_only) {
       // 3. The mass wake, daemon apart.
       waiter->Ask("pin 0");
       const pid_t pid = (*daemon)->pid();

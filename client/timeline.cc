@@ -119,7 +119,7 @@ class Slots {
  public:
   explicit Slots(internal::Connection& connection) : page_(connection.wait_page()) {}
   ~Slots() {
-    for (size_t slot : claimed_) Store(page_.page().slots[slot].timeline, uint64_t{0});
+    for (size_t slot : claimed_) Write(page_.page().slots[slot], 0, 0, 0);
     std::lock_guard lock(page_.mu);
     for (size_t slot : claimed_) page_.used.reset(slot);
   }
@@ -140,14 +140,23 @@ class Slots {
       page_.used.set(slot);
     }
     claimed_.push_back(slot);
-    timeline::WaitSlot& entry = page_.page().slots[slot];
-    Store(entry.point, point);
-    Store(entry.need_by_ns, need_by_ns);
-    Store(entry.timeline, timeline);
+    Write(page_.page().slots[slot], timeline, point, need_by_ns);
     return absl::OkStatus();
   }
 
  private:
+  // Under the slot's seqlock (the daemon may read it at any time).
+  static void Write(timeline::WaitSlot& slot, uint64_t timeline, uint64_t point,
+                    int64_t need_by_ns) {
+    const uint32_t gen = Load(slot.gen);
+    Store(slot.gen, gen + 1);
+    std::atomic_thread_fence(std::memory_order_release);
+    Store(slot.timeline, timeline);
+    Store(slot.point, point);
+    Store(slot.need_by_ns, need_by_ns);
+    Store(slot.gen, gen + 2);
+  }
+
   internal::Connection::WaitPage& page_;
   std::vector<size_t> claimed_;
 };
@@ -208,12 +217,8 @@ absl::Status Timeline::SignalWith(uint64_t point, absl::string_view message, boo
   }
   const uint64_t reached = timeline::Reached(counters, state, shared_->seen);
   if (point <= reached) {
-    const uint64_t forced = Load(state.forced);
     return absl::FailedPreconditionError(absl::StrCat(
-        "point ", point, " is not after timeline ", id(), "'s last point ", reached,
-        forced >= point ? absl::StrCat(" (the daemon failed the points up to ", forced,
-                                       ": their deadline passed)")
-                        : ""));
+        "point ", point, " is not after timeline ", id(), "'s last point ", reached));
   }
   if (failed) {
     const uint64_t index = Load(counters.failure_count);
@@ -326,9 +331,12 @@ absl::StatusOr<Timeline> Client::CreateTimeline(const TimelineOptions& options) 
     return connection_->Finish(
         call, connection_->fence().CreateTimeline(call.context.get(), request, &response));
   }));
+  // Made first: if a page cannot be taken, dropping it forgets the timeline.
+  Timeline::Shared* pages = shared.get();
+  Timeline created(connection_, response.timeline(), std::move(shared));
   ASSIGN_OR_RETURN(UniqueFd state, connection_->TakeFd(response.state_transfer_id()));
-  ASSIGN_OR_RETURN(shared->state, MapDelivered(state));
-  return Timeline(connection_, response.timeline(), std::move(shared));
+  ASSIGN_OR_RETURN(pages->state, MapDelivered(state));
+  return created;
 }
 
 absl::StatusOr<Timeline> Client::ImportTimeline(absl::string_view token) const {
@@ -342,13 +350,16 @@ absl::StatusOr<Timeline> Client::ImportTimeline(absl::string_view token) const {
         call, connection_->fence().ImportTimeline(call.context.get(), request, &response));
   }));
   auto shared = std::make_unique<Timeline::Shared>();
+  // Made first: if a page cannot be taken, dropping it forgets the timeline.
+  Timeline::Shared* pages = shared.get();
+  Timeline imported(connection_, response.timeline(), std::move(shared));
   absl::StatusOr<UniqueFd> counters = connection_->TakeFd(response.counters_transfer_id());
   absl::StatusOr<UniqueFd> state = connection_->TakeFd(response.state_transfer_id());
   if (!counters.ok()) return counters.status();
   if (!state.ok()) return state.status();
-  ASSIGN_OR_RETURN(shared->counters, MapDelivered(*counters));
-  ASSIGN_OR_RETURN(shared->state, MapDelivered(*state));
-  return Timeline(connection_, response.timeline(), std::move(shared));
+  ASSIGN_OR_RETURN(pages->counters, MapDelivered(*counters));
+  ASSIGN_OR_RETURN(pages->state, MapDelivered(*state));
+  return imported;
 }
 
 absl::StatusOr<std::vector<PointResult>> Client::WaitTimelines(
@@ -374,10 +385,13 @@ absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
     RETURN_IF_ERROR(CheckPoint(point.point));
   }
   const int64_t start = timeline::MonotonicNs();
-  const int64_t until =
-      timeout == absl::InfiniteDuration() ? std::numeric_limits<int64_t>::max()
-                                          : start + absl::ToInt64Nanoseconds(
-                                                        std::max(timeout, absl::ZeroDuration()));
+  // Saturating: a timeout of years (or InfiniteDuration) is "no timeout".
+  auto after = [&](absl::Duration duration) {
+    const int64_t ns = absl::ToInt64Nanoseconds(std::max(duration, absl::ZeroDuration()));
+    return ns > std::numeric_limits<int64_t>::max() - start ? std::numeric_limits<int64_t>::max()
+                                                            : start + ns;
+  };
+  const int64_t until = after(timeout);
   std::vector<PointResult> results(points.size());
   std::vector<const uint32_t*> words;
   std::vector<uint32_t> expected(2 * points.size());
@@ -415,8 +429,7 @@ absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
     if (!slots.has_value()) {
       // The daemon starts each point's deadline when it sees it here.
       slots.emplace(*connection);
-      const int64_t need_by_ns =
-          need_by > absl::ZeroDuration() ? start + absl::ToInt64Nanoseconds(need_by) : 0;
+      const int64_t need_by_ns = need_by > absl::ZeroDuration() ? after(need_by) : 0;
       for (size_t i = 0; i < points.size(); ++i) {
         if (results[i].status != v1::FENCE_STATUS_UNSPECIFIED) continue;
         RETURN_IF_ERROR(slots->Arm(points[i].timeline->id(), points[i].point, need_by_ns));

@@ -195,7 +195,7 @@ v1::TimelineInfo TimelineInfoOf(const TimelineView& view,
   info.set_name(view.name);
   info.set_owner_session(view.owner_session);
   info.set_reached(view.reached);
-  info.set_forced(view.forced);
+  info.set_deadline_failures(view.deadline_failures);
   info.set_ended(view.ended);
   info.set_deadline_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(view.deadline)));
   *info.mutable_created_at() = ToProto(view.created);

@@ -248,12 +248,18 @@ grpc::ServerUnaryReactor* FenceService::ImportTimeline(grpc::CallbackServerConte
       tokens_.Unredeem(request->token());
       return handout.status();
     }
-    ASSIGN_OR_RETURN(uint64_t counters, Deliver(session, v1::FD_KIND_TIMELINE_COUNTERS, id,
-                                                std::move(handout->counters)));
-    ASSIGN_OR_RETURN(uint64_t state,
-                     Deliver(session, v1::FD_KIND_TIMELINE_STATE, id, std::move(handout->state)));
-    response->set_counters_transfer_id(counters);
-    response->set_state_transfer_id(state);
+    absl::StatusOr<uint64_t> counters =
+        Deliver(session, v1::FD_KIND_TIMELINE_COUNTERS, id, std::move(handout->counters));
+    absl::StatusOr<uint64_t> state =
+        counters.ok() ? Deliver(session, v1::FD_KIND_TIMELINE_STATE, id, std::move(handout->state))
+                      : counters.status();
+    if (!state.ok()) {
+      // The client never gets a Timeline to drop: the hold goes now.
+      d_.timelines->Forget(session, id);
+      return state.status();
+    }
+    response->set_counters_transfer_id(*counters);
+    response->set_state_transfer_id(*state);
     *response->mutable_timeline() = Info(handout->view);
     return absl::OkStatus();
   });

@@ -74,7 +74,7 @@ uint64_t Reached(const CounterPage& counters, const StatePage& state,
   // gone, whoever still maps the page.
   uint64_t reached =
       Load(state.ended) != 0 ? Load(state.ended_after) : Load(counters.reached);
-  reached = std::max(reached, Load(state.forced));
+  reached = std::max(reached, Load(state.observed));
   RaiseTo(seen, reached);
   return seen.load(std::memory_order_acquire);
 }
@@ -89,6 +89,18 @@ PointState Evaluate(const CounterPage& counters, const StatePage& state, uint64_
   }
   const uint32_t ended = Load(state.ended);
   const uint64_t reached = Reached(counters, state, seen);
+  // A deadline mark stands whether or not the point was reached since.
+  const uint64_t marks = Load(state.mark_count);
+  for (uint64_t i = marks > StatePage::kMarks ? marks - StatePage::kMarks : 0; i < marks; ++i) {
+    if (Load(state.marks[i % StatePage::kMarks]) == point) {
+      result.done = true;
+      result.status = v1::FENCE_STATUS_DEADLINE_EXCEEDED;
+      result.message =
+          absl::StrCat("point ", point, " was not reached within the timeline's deadline (",
+                       Load(state.deadline_ms), " ms of being waited on)");
+      return result;
+    }
+  }
   if (point > reached) {
     if (ended == 0) return result;
     result.done = true;
@@ -104,17 +116,6 @@ PointState Evaluate(const CounterPage& counters, const StatePage& state, uint64_
     return result;
   }
   result.done = true;
-  const uint64_t marks = Load(state.mark_count);
-  for (uint64_t i = marks > StatePage::kMarks ? marks - StatePage::kMarks : 0; i < marks; ++i) {
-    const Range& mark = state.marks[i % StatePage::kMarks];
-    if (Load(mark.from) < point && point <= Load(mark.to)) {
-      result.status = v1::FENCE_STATUS_DEADLINE_EXCEEDED;
-      result.message =
-          absl::StrCat("point ", point, " was not reached within the timeline's deadline (",
-                       Load(state.deadline_ms), " ms after it was first waited on)");
-      return result;
-    }
-  }
   if (FindFailure(counters, point, &result.message)) {
     result.status = v1::FENCE_STATUS_ERROR;
     return result;
@@ -163,14 +164,14 @@ absl::Status WaitAny(const uint32_t* const* words, const uint32_t* expected, siz
     waiters[i].uaddr = reinterpret_cast<uintptr_t>(words[i]);
     waiters[i].flags = FUTEX_32;
   }
+  // Never long: a requeued waiter (see kMaxSleepNs) looks again soon.
+  const int64_t now = MonotonicNs();
+  const bool capped = until_ns - now > kMaxSleepNs;
+  const int64_t wake_at = capped ? now + kMaxSleepNs : until_ns;
   timespec until;
-  timespec* timeout = nullptr;
-  if (until_ns != std::numeric_limits<int64_t>::max()) {
-    until.tv_sec = until_ns / 1'000'000'000;
-    until.tv_nsec = until_ns % 1'000'000'000;
-    timeout = &until;
-  }
-  if (syscall(SYS_futex_waitv, waiters, count, 0, timeout, CLOCK_MONOTONIC) >= 0) {
+  until.tv_sec = wake_at / 1'000'000'000;
+  until.tv_nsec = wake_at % 1'000'000'000;
+  if (syscall(SYS_futex_waitv, waiters, count, 0, &until, CLOCK_MONOTONIC) >= 0) {
     return absl::OkStatus();
   }
   switch (errno) {
@@ -178,6 +179,7 @@ absl::Status WaitAny(const uint32_t* const* words, const uint32_t* expected, siz
     case EINTR:
       return absl::OkStatus();
     case ETIMEDOUT:
+      if (capped) return absl::OkStatus();
       return absl::DeadlineExceededError("timed out");
     default:
       return ErrnoError("futex_waitv", errno);

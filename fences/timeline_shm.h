@@ -21,6 +21,10 @@
 // A blocking wait is a futex_waitv on the two seq words (the owner's and the
 // daemon's): a signal is a store and one FUTEX_WAKE, with no daemon in it.
 //
+// A point waited on for the whole deadline (the daemon sees the waits at
+// each scan) fails DEADLINE_EXCEEDED on its own: the timeline does not move,
+// so a waiter far ahead cannot fail the points before its own.
+//
 // Nothing read here is trusted: an owner may write anything in its page,
 // and a reader only ever gets "reached" or "failed" out of it, never a crash
 // or an endless wait. Readers keep the highest point they saw reached, so
@@ -64,11 +68,6 @@ struct CounterPage {
   Failure failures[kFailures];
 };
 
-struct Range {
-  uint64_t from;
-  uint64_t to;
-};
-
 struct StatePage {
   // Futex word: the daemon adds one after every change, then wakes.
   uint32_t seq;
@@ -77,12 +76,16 @@ struct StatePage {
   // `ended_after` fails with it. 0 while it lives.
   uint32_t ended;
   uint64_t ended_after;
-  // Deadline marks: points (from, to] failed DEADLINE_EXCEEDED. The last
-  // kMarks of `mark_count` are kept. `forced` is the highest `to`.
-  uint64_t forced;
+  // The highest point the daemon has seen reached: an owner that writes its
+  // counter backwards cannot make a point the daemon saw reached (and
+  // stopped timing) pending again.
+  uint64_t observed;
+  // Deadline marks: points that failed DEADLINE_EXCEEDED (waited on for the
+  // whole deadline without being reached). The last kMarks of `mark_count`
+  // are kept; an older mark is forgotten.
   uint64_t mark_count;
-  static constexpr size_t kMarks = 32;
-  Range marks[kMarks];
+  static constexpr size_t kMarks = 64;
+  uint64_t marks[kMarks];
   // For the owner: the earliest point someone waits for (0: none), and the
   // earliest need-by time a waiter gave (CLOCK_MONOTONIC ns, 0: none), as of
   // the daemon's last look at the wait pages.
@@ -95,12 +98,15 @@ struct StatePage {
 };
 
 struct WaitSlot {
-  // 0: free. Written last when a wait starts, first when it ends.
+  // Seqlock: odd while the session rewrites the slot. The daemon skips a
+  // slot it cannot read stable (the session only hurts its own waits).
+  uint32_t gen;
+  uint32_t reserved;
+  // 0: free.
   uint64_t timeline;
   uint64_t point;
   // CLOCK_MONOTONIC ns by which the waiter needs the point (0: no hint).
   int64_t need_by_ns;
-  uint64_t reserved;
 };
 
 struct WaitPage {
@@ -125,6 +131,12 @@ inline void Bump(uint32_t& seq) {
   std::atomic_ref<uint32_t>(seq).fetch_add(1, std::memory_order_seq_cst);
 }
 
+// The longest a waiter sleeps in one futex_waitv before it looks again. Any
+// process that can read a page can FUTEX_CMP_REQUEUE the waiters off its
+// futex words, so that no wake reaches them; looking again this often bounds
+// what that costs a waiter.
+inline constexpr int64_t kMaxSleepNs = 20'000'000;
+
 // Wakes every process blocked on `seq` (any mapping of the same page).
 void WakeAll(const uint32_t& seq);
 
@@ -137,8 +149,8 @@ struct PointState {
 };
 
 // The last point reached as this reader sees it (the owner's counter, or
-// where it stood when the timeline ended, and the deadline marks); raises
-// `*seen` to it and returns the new `*seen`.
+// where it stood when the timeline ended, and what the daemon observed);
+// raises `*seen` to it and returns the new `*seen`.
 uint64_t Reached(const CounterPage& counters, const StatePage& state, std::atomic<uint64_t>& seen);
 
 // `point` as this reader sees it now.
@@ -151,7 +163,8 @@ PointState Evaluate(const CounterPage& counters, const StatePage& state, uint64_
 absl::Status CheckPageFd(int fd, bool read_only_for_others, const char* what);
 
 // Blocks until any of `words[i]` differs from `expected[i]` or a wake comes,
-// or until `until` (CLOCK_MONOTONIC ns). At most 128 words.
+// or until `until` (CLOCK_MONOTONIC ns), but never longer than kMaxSleepNs.
+// At most 128 words.
 // OK (woken or changed), DEADLINE_EXCEEDED (timed out), or the error.
 absl::Status WaitAny(const uint32_t* const* words, const uint32_t* expected, size_t count,
                      int64_t until_ns);

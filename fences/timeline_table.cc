@@ -56,11 +56,11 @@ void TimelineTable::CloseSession(uint64_t session_id) {
   if (it == sessions_.end()) return;
   Session& session = it->second;
   // The owned ones end first, so their waiters wake before anything else.
-  for (const auto& [id, owned] : session.held) {
-    if (owned) EndLocked(timelines_.at(id), v1::FENCE_STATUS_OWNER_DIED);
+  for (const auto& [id, hold] : session.held) {
+    if (hold.owned) EndLocked(timelines_.at(id), v1::FENCE_STATUS_OWNER_DIED);
   }
   std::vector<uint64_t> held;
-  for (const auto& [id, owned] : session.held) held.push_back(id);
+  for (const auto& [id, hold] : session.held) held.push_back(id);
   for (uint64_t id : held) UnholdLocked(session, id);
   if (session.wait_map.valid()) --wait_pages_;
   sessions_.erase(it);
@@ -203,6 +203,11 @@ absl::StatusOr<TimelineTable::Created> TimelineTable::Create(uint64_t session_id
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
   RETURN_IF_ERROR(CheckNewHoldLocked(*session));
+  if (timelines_.size() >= limits_.max_timelines) {
+    return absl::ResourceExhaustedError(absl::StrCat("the daemon has ", timelines_.size(),
+                                                     " timelines, the limit (max_timelines ",
+                                                     limits_.max_timelines, ")"));
+  }
   if (auto known = inodes_.find(counters_inode); known != inodes_.end()) {
     return absl::InvalidArgumentError(
         absl::StrCat("the counter page is a page of timeline ", known->second));
@@ -229,7 +234,7 @@ absl::StatusOr<TimelineTable::Created> TimelineTable::Create(uint64_t session_id
   timeline::Reached(timeline.counters(), state, timeline.seen);
   inodes_[counters_inode] = id;
   inodes_[state_inode] = id;
-  session->held[id] = true;
+  session->held[id] = Holding{.owned = true, .count = 1};
   ++held_by_uid_[uid];
   timeline.holders = 1;
   UpdateTimerLocked();
@@ -260,9 +265,11 @@ absl::StatusOr<TimelineTable::Handout> TimelineTable::Hold(uint64_t session_id, 
   const int state = ::fcntl(timeline.state_fd.fd.get(), F_DUPFD_CLOEXEC, 0);
   if (state < 0) return ErrnoError("dup of a timeline page", errno);
   UniqueFd state_fd(state);
-  if (!session->held.contains(id)) {
+  if (auto held = session->held.find(id); held != session->held.end()) {
+    ++held->second.count;
+  } else {
     RETURN_IF_ERROR(CheckNewHoldLocked(*session));
-    session->held[id] = false;
+    session->held[id] = Holding{.owned = false, .count = 1};
     ++held_by_uid_[session->uid];
     ++timeline.holders;
   }
@@ -284,8 +291,10 @@ absl::StatusOr<TimelineView> TimelineTable::Info(uint64_t session, uint64_t id) 
 void TimelineTable::Forget(uint64_t session_id, uint64_t id) {
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(session_id);
-  if (it == sessions_.end() || !it->second.held.contains(id)) return;
-  if (it->second.held[id]) EndLocked(timelines_.at(id), v1::FENCE_STATUS_CANCELLED);
+  if (it == sessions_.end()) return;
+  auto held = it->second.held.find(id);
+  if (held == it->second.held.end() || --held->second.count > 0) return;
+  if (held->second.owned) EndLocked(timelines_.at(id), v1::FENCE_STATUS_CANCELLED);
   UnholdLocked(it->second, id);
   UpdateTimerLocked();
 }
@@ -298,8 +307,11 @@ void TimelineTable::UnholdLocked(Session& session, uint64_t id) {
   }
   auto it = timelines_.find(id);
   if (it == timelines_.end() || --it->second.holders > 0) return;
-  inodes_.erase(it->second.counters_inode);
-  inodes_.erase(it->second.state_inode);
+  for (const auto& inode : {it->second.counters_inode, it->second.state_inode}) {
+    if (auto known = inodes_.find(inode); known != inodes_.end() && known->second == id) {
+      inodes_.erase(known);
+    }
+  }
   timelines_.erase(it);
 }
 
@@ -309,7 +321,7 @@ void TimelineTable::EndLocked(Timeline& timeline, v1::FenceStatus status) {
   if (Load(state.ended) != 0) return;
   // Where the owner got to is what it signalled while it was there; nothing
   // it writes later counts.
-  const uint64_t reached = timeline::Reached(timeline.counters(), state, timeline.seen);
+  const uint64_t reached = ObserveLocked(timeline);
   Store(state.ended_after, reached);
   Store(state.ended, static_cast<uint32_t>(status));
   timeline.tracked.clear();
@@ -319,19 +331,30 @@ void TimelineTable::EndLocked(Timeline& timeline, v1::FenceStatus status) {
   timeline::WakeAll(state.seq);
 }
 
-void TimelineTable::MarkLocked(Timeline& timeline, uint64_t point) {
+void TimelineTable::MarkLocked(Timeline& timeline, const std::vector<uint64_t>& points) {
   timeline::StatePage& state = timeline.state();
-  const uint64_t reached = timeline::Reached(timeline.counters(), state, timeline.seen);
-  if (point <= reached || Load(state.ended) != 0) return;
-  const uint64_t slot = Load(state.mark_count);
-  timeline::Range& mark = state.marks[slot % timeline::StatePage::kMarks];
-  Store(mark.from, reached);
-  Store(mark.to, point);
-  Store(state.mark_count, slot + 1);
-  Store(state.forced, point);
-  timeline.seen.store(std::max(timeline.seen.load(), point));
+  uint64_t count = Load(state.mark_count);
+  for (uint64_t point : points) {
+    Store(state.marks[count % timeline::StatePage::kMarks], point);
+    Store(state.mark_count, ++count);
+  }
   timeline::Bump(state.seq);
   timeline::WakeAll(state.seq);
+}
+
+uint64_t TimelineTable::ObserveLocked(Timeline& timeline) {
+  timeline::StatePage& state = timeline.state();
+  const uint64_t reached = timeline::Reached(timeline.counters(), state, timeline.seen);
+  if (reached <= Load(state.observed)) return reached;
+  Store(state.observed, reached);
+  // A waiter blocked on a point the owner reached without a wake (or
+  // reached and took back) must see it: only where someone waits, so the
+  // steady state costs no wake.
+  if (!timeline.tracked.empty() && timeline.tracked.begin()->first <= reached) {
+    timeline::Bump(state.seq);
+    timeline::WakeAll(state.seq);
+  }
+  return reached;
 }
 
 void TimelineTable::Scan(absl::Duration now) {
@@ -342,15 +365,19 @@ void TimelineTable::Scan(absl::Duration now) {
     std::vector<uint64_t> points;
     int64_t need_by_ns = 0;
   };
-  std::map<uint64_t, Waited> waited;
+  absl::flat_hash_map<uint64_t, Waited> waited;
   for (const auto& [session_id, session] : sessions_) {
     if (!session.wait_map.valid()) continue;
     const auto& page = *reinterpret_cast<const timeline::WaitPage*>(session.wait_map.data());
     for (const timeline::WaitSlot& slot : page.slots) {
+      // A slot read while its session rewrites it is skipped (next scan).
+      const uint32_t gen = Load(slot.gen);
       const uint64_t id = Load(slot.timeline);
-      if (id == 0 || !session.held.contains(id)) continue;
       const uint64_t point = Load(slot.point);
       const int64_t need_by = Load(slot.need_by_ns);
+      std::atomic_thread_fence(std::memory_order_acquire);
+      if (gen % 2 != 0 || Load(slot.gen) != gen) continue;
+      if (id == 0 || !session.held.contains(id)) continue;
       Waited& entry = waited[id];
       entry.points.push_back(point);
       if (need_by > 0 && (entry.need_by_ns == 0 || need_by < entry.need_by_ns)) {
@@ -361,34 +388,35 @@ void TimelineTable::Scan(absl::Duration now) {
   for (auto& [id, timeline] : timelines_) {
     timeline::StatePage& state = timeline.state();
     if (Load(state.ended) != 0) continue;
-    const uint64_t reached = timeline::Reached(timeline.counters(), state, timeline.seen);
-    auto done = std::find_if(timeline.tracked.begin(), timeline.tracked.end(),
-                             [&](const Tracked& t) { return t.point > reached; });
-    timeline.tracked.erase(timeline.tracked.begin(), done);
+    // Observed before the tracked points are dropped: a point reached since
+    // the last scan wakes its waiters if they missed it.
+    const uint64_t reached = ObserveLocked(timeline);
+    std::map<uint64_t, Tracked> tracked;
     uint64_t earliest = 0;
     int64_t need_by = 0;
+    std::vector<uint64_t> due;
     if (auto it = waited.find(id); it != waited.end()) {
-      std::vector<uint64_t>& points = it->second.points;
-      std::sort(points.begin(), points.end());
-      for (uint64_t point : points) {
-        if (point <= reached) continue;
-        if (earliest == 0) earliest = point;
-        const uint64_t last = timeline.tracked.empty() ? reached : timeline.tracked.back().point;
-        if (point > last && timeline.tracked.size() < limits_.max_tracked_points) {
-          timeline.tracked.push_back({point, now, now + timeline.deadline});
+      for (uint64_t point : it->second.points) {
+        if (point <= reached || tracked.contains(point)) continue;
+        auto before = timeline.tracked.find(point);
+        const Tracked entry = before != timeline.tracked.end()
+                                  ? before->second
+                                  : Tracked{now, now + timeline.deadline};
+        if (entry.due <= now) {
+          due.push_back(point);
+          continue;
         }
+        tracked.emplace(point, entry);
+        if (earliest == 0 || point < earliest) earliest = point;
+        need_by = it->second.need_by_ns;
       }
-      if (earliest != 0) need_by = it->second.need_by_ns;
     }
-    // Due deadlines: the latest due one covers the points below it.
-    uint64_t fail_to = 0;
-    while (!timeline.tracked.empty() && timeline.tracked.front().due <= now) {
-      fail_to = timeline.tracked.front().point;
-      timeline.tracked.erase(timeline.tracked.begin());
-    }
-    if (fail_to != 0) {
-      MarkLocked(timeline, fail_to);
-      if (earliest <= fail_to) earliest = 0;
+    // Points nobody waits on any more are dropped with the rest.
+    timeline.tracked = std::move(tracked);
+    if (!due.empty()) {
+      std::sort(due.begin(), due.end());
+      due.erase(std::unique(due.begin(), due.end()), due.end());
+      MarkLocked(timeline, due);
     }
     if (Load(state.waited_point) != earliest) Store(state.waited_point, earliest);
     if (Load(state.need_by_ns) != need_by) Store(state.need_by_ns, need_by);
@@ -401,15 +429,16 @@ TimelineView TimelineTable::ViewLocked(const Timeline& timeline) const {
   view.name = timeline.name;
   view.owner_session = timeline.owner_session;
   const timeline::StatePage& state = timeline.state();
-  auto& seen = const_cast<std::atomic<uint64_t>&>(timeline.seen);
+  // A copy: only Scan raises what the daemon has seen (and publishes it).
+  std::atomic<uint64_t> seen{timeline.seen.load()};
   view.reached = timeline::Reached(timeline.counters(), state, seen);
-  view.forced = Load(state.forced);
+  view.deadline_failures = Load(state.mark_count);
   view.ended = static_cast<v1::FenceStatus>(Load(state.ended));
   view.deadline = timeline.deadline;
   view.created = timeline.created;
   view.holders = timeline.holders;
-  for (const Tracked& tracked : timeline.tracked) {
-    view.waits.push_back({tracked.point, WallOf(tracked.since), WallOf(tracked.due)});
+  for (const auto& [point, tracked] : timeline.tracked) {
+    view.waits.push_back({point, WallOf(tracked.since), WallOf(tracked.due)});
   }
   if (const int64_t need_by = Load(state.need_by_ns); need_by > 0) {
     view.need_by = WallOf(absl::Nanoseconds(need_by));

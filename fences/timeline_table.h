@@ -6,9 +6,9 @@
 // table keeps what the kernel cannot give userspace fences:
 //   - a bound on every wait: a point's deadline runs from when the daemon
 //     first sees it waited on (it reads every session's wait page each
-//     scan interval); when it passes, the table marks the points up to it
-//     failed (DEADLINE_EXCEEDED) in the timeline's state page and wakes
-//     every waiter itself;
+//     scan interval) for as long as someone waits on it; when it passes,
+//     the table marks that point failed (DEADLINE_EXCEEDED) in the
+//     timeline's state page and wakes every waiter itself;
 //   - the end: when the owner's session ends, every pending and future point
 //     fails OWNER_DIED at once (CANCELLED when the owner drops it);
 //   - who may see what: a session holds the timelines it created or
@@ -23,6 +23,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -51,9 +52,6 @@ struct TimelineLimits {
   uint32_t max_per_session = 256;
   uint32_t max_per_uid = 1024;
   uint32_t max_timelines = 4096;
-  // Waited-on points ahead of one timeline whose deadlines run at once; a
-  // wait beyond them starts its deadline when an earlier one is done.
-  uint32_t max_tracked_points = 64;
 };
 
 struct TimelineView {
@@ -62,8 +60,8 @@ struct TimelineView {
   uint64_t owner_session = 0;
   // The last point reached, as the daemon reads it.
   uint64_t reached = 0;
-  // The highest point failed by a deadline (0: none).
-  uint64_t forced = 0;
+  // Points failed by the deadline, since creation.
+  uint64_t deadline_failures = 0;
   // UNSPECIFIED while it lives; OWNER_DIED or CANCELLED once ended.
   v1::FenceStatus ended = v1::FENCE_STATUS_UNSPECIFIED;
   absl::Duration deadline;
@@ -140,7 +138,6 @@ class TimelineTable {
 
  private:
   struct Tracked {
-    uint64_t point = 0;
     absl::Duration since;  // monotonic
     absl::Duration due;
   };
@@ -159,12 +156,14 @@ class TimelineTable {
     std::pair<dev_t, ino_t> counters_inode;
     std::pair<dev_t, ino_t> state_inode;
     std::atomic<uint64_t> seen{0};
+    // Sessions holding it.
     uint32_t holders = 0;
-    // Increasing points and deadlines (a later point first waited on later
-    // fails later; an earlier one's deadline covers the points below it).
-    std::vector<Tracked> tracked;
-    uint64_t waited_point = 0;
-    int64_t need_by_ns = 0;
+    // Points waited on (as of the last scan) and not reached: when the
+    // daemon first saw each waited on, and when it fails. A point nobody
+    // waits on any more is dropped (its deadline starts again if someone
+    // waits on it again), so this holds at most as many points as there are
+    // wait slots of the sessions holding the timeline.
+    std::map<uint64_t, Tracked> tracked;
 
     const timeline::CounterPage& counters() const {
       return *reinterpret_cast<const timeline::CounterPage*>(counters_map.data());
@@ -173,9 +172,14 @@ class TimelineTable {
       return *reinterpret_cast<timeline::StatePage*>(state_map.data());
     }
   };
+  struct Holding {
+    bool owned = false;
+    // Timeline objects of the session on it (one Forget drops one).
+    uint32_t count = 0;
+  };
   struct Session {
     uid_t uid = 0;
-    absl::flat_hash_map<uint64_t, bool> held;  // id -> owned
+    absl::flat_hash_map<uint64_t, Holding> held;
     LeasedFd wait_fd;
     Mapping wait_map;
     std::pair<dev_t, ino_t> wait_inode;
@@ -188,8 +192,13 @@ class TimelineTable {
   // Ends a timeline whose owner is gone: every point after the last reached
   // fails with `status`, and every waiter wakes.
   void EndLocked(Timeline& timeline, v1::FenceStatus status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Fails the points up to `point` (DEADLINE_EXCEEDED) and wakes every waiter.
-  void MarkLocked(Timeline& timeline, uint64_t point) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Fails `points` (DEADLINE_EXCEEDED) and wakes every waiter.
+  void MarkLocked(Timeline& timeline, const std::vector<uint64_t>& points)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The last point reached as the daemon sees it, published in the state
+  // page (waking every waiter if it rose under a point someone waits on).
+  uint64_t ObserveLocked(Timeline& timeline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Drops all of the session's holds on `id`.
   void UnholdLocked(Session& session, uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   TimelineView ViewLocked(const Timeline& timeline) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Runs the scan timer while there is something to scan.

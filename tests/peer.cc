@@ -27,12 +27,17 @@
 //   peer timeline-attack <dir> <token>   import, then try to write every byte
 //       of the timeline's pages every way there is; one line per attempt
 //       "attack <what>: <refused|WROTE>", then "done"
+//   peer timeline-requeue <dir> <token> <ms>   import, print "ready", then for
+//       <ms> FUTEX_CMP_REQUEUE every waiter off the timeline's futex words onto
+//       a private one; "requeued=<n>"
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <poll.h>
 #include <time.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -190,13 +195,22 @@ int Consume(bufferd::Client& client, const std::string& token) {
   absl::StatusOr<bufferd::Timeline> timeline = client.ImportTimeline(token);
   if (!timeline.ok()) return Fail("import", timeline.status());
   std::printf("ready\n");
+  // In order: every point up to the one a wait returned for reads reached
+  // OK, and Query() never goes back.
   bool in_order = true;
+  uint64_t last_query = 0;
   for (uint64_t point = 1;; ++point) {
     absl::StatusOr<bufferd::PointResult> result = timeline->Wait(point, absl::Seconds(60));
     const int64_t woke = MonotonicNs();
     if (!result.ok()) return Fail("wait", result.status());
-    if (result->status == bufferd::v1::FENCE_STATUS_OK && timeline->Query() < point) {
-      in_order = false;
+    const uint64_t query = timeline->Query();
+    if (query < last_query) in_order = false;
+    last_query = query;
+    if (result->status == bufferd::v1::FENCE_STATUS_OK) {
+      for (uint64_t before = point > 3 ? point - 3 : 1; before < point; ++before) {
+        auto earlier = timeline->Wait(before, absl::ZeroDuration());
+        if (!earlier.ok() || earlier->status != bufferd::v1::FENCE_STATUS_OK) in_order = false;
+      }
     }
     if (result->status != bufferd::v1::FENCE_STATUS_OK) {
       std::printf("woke mono_ns=%lld point=%lu status=%s order=%s\n",
@@ -272,6 +286,47 @@ int Attack(bufferd::Client& client, const std::string& token) {
   return 0;
 }
 
+// The timeline pages this process maps (read-only: imported), by address.
+std::vector<uintptr_t> TimelinePages() {
+  std::vector<uintptr_t> pages;
+  std::FILE* maps = std::fopen("/proc/self/maps", "r");
+  if (maps == nullptr) return pages;
+  char line[512];
+  while (std::fgets(line, sizeof(line), maps) != nullptr) {
+    const std::string text = line;
+    if (text.find("bufferd-timeline-counters") == std::string::npos &&
+        text.find("bufferd-timeline-state") == std::string::npos) {
+      continue;
+    }
+    unsigned long from = 0;
+    if (std::sscanf(line, "%lx-", &from) == 1) pages.push_back(from);
+  }
+  std::fclose(maps);
+  return pages;
+}
+
+// timeline-requeue: steals other processes' futex waits (their wake then
+// reaches a word nobody wakes).
+int Requeue(bufferd::Client& client, const std::string& token, int64_t ms) {
+  absl::StatusOr<bufferd::Timeline> timeline = client.ImportTimeline(token);
+  if (!timeline.ok()) return Fail("import", timeline.status());
+  const std::vector<uintptr_t> pages = TimelinePages();
+  std::printf("ready pages=%zu\n", pages.size());
+  static uint32_t elsewhere = 0;
+  long requeued = 0;
+  const int64_t until = MonotonicNs() + ms * 1'000'000;
+  while (MonotonicNs() < until) {
+    for (uintptr_t page : pages) {
+      auto* word = reinterpret_cast<uint32_t*>(page);  // seq, first in both pages
+      const long moved = ::syscall(SYS_futex, word, FUTEX_CMP_REQUEUE, 0, INT32_MAX, &elsewhere,
+                                   __atomic_load_n(word, __ATOMIC_ACQUIRE));
+      if (moved > 0) requeued += moved;
+    }
+  }
+  std::printf("requeued=%ld\n", requeued);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -344,6 +399,9 @@ int main(int argc, char** argv) {
   if (mode == "timeline-produce" && argc == 4) return Produce(*client, std::atoll(argv[3]));
   if (mode == "timeline-consume" && argc == 4) return Consume(*client, argv[3]);
   if (mode == "timeline-attack" && argc == 4) return Attack(*client, argv[3]);
+  if (mode == "timeline-requeue" && argc == 5) {
+    return Requeue(*client, argv[3], std::atoll(argv[4]));
+  }
   if (mode == "hold" && argc == 6) {
     std::vector<bufferd::Buffer> held;
     for (int i = 0; i < std::atoi(argv[5]); ++i) {
