@@ -1,0 +1,277 @@
+#include "fences/timeline_table.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <memory>
+
+#include "base/fd_count.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace bufferd {
+namespace {
+
+using ::testing::HasSubstr;
+using timeline::Load;
+using timeline::Store;
+
+constexpr uint64_t kOwner = 1;
+constexpr uint64_t kOther = 2;
+constexpr absl::Duration kDeadline = absl::Seconds(1);
+
+// A page as a client makes it: a memfd mapped writable here, then sealed.
+struct Page {
+  UniqueFd fd;
+  Mapping map;
+  template <typename T>
+  T& as() {
+    return *reinterpret_cast<T*>(map.data());
+  }
+};
+Page NewPage(int seals, off_t size = timeline::kPageSize) {
+  Page page;
+  page.fd = UniqueFd(::memfd_create("test-page", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  EXPECT_EQ(::ftruncate(page.fd.get(), size), 0);
+  page.map = *Mapping::Create(page.fd.get(), size, Mapping::Protection::kReadWrite);
+  if (seals != 0) {
+    EXPECT_EQ(::fcntl(page.fd.get(), F_ADD_SEALS, seals), 0);
+  }
+  return page;
+}
+constexpr int kCounterSeals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL;
+constexpr int kWaitSeals = F_SEAL_SHRINK | F_SEAL_GROW;
+
+UniqueFd Dup(const UniqueFd& fd) { return UniqueFd(::fcntl(fd.get(), F_DUPFD_CLOEXEC, 0)); }
+
+void Arm(timeline::WaitSlot& slot, uint64_t timeline, uint64_t point) {
+  Store(slot.gen, Load(slot.gen) + 1);
+  Store(slot.timeline, timeline);
+  Store(slot.point, point);
+  Store(slot.gen, Load(slot.gen) + 1);
+}
+
+class TimelineTableTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    baseline_fds_ = CountOpenFds();
+    ASSERT_TRUE(loop_.Init().ok());  // not started: the tests call Scan
+    table_ = std::make_unique<TimelineTable>(&loop_, &budget_, TimelineLimits{});
+    table_->AddSession(kOwner, 1000);
+    table_->AddSession(kOther, 1001);
+    for (uint64_t session : {kOwner, kOther}) {
+      waits_[session] = NewPage(kWaitSeals);
+      ASSERT_TRUE(table_->SetWaitPage(session, Dup(waits_[session].fd)).ok());
+    }
+  }
+  void TearDown() override {
+    table_->CloseSession(kOwner);
+    table_->CloseSession(kOther);
+    table_->Stop();
+    table_.reset();
+    EXPECT_EQ(budget_.usage().total, 0u) << "every page fd's lease is back";
+  }
+  // A timeline kOwner owns: its counter page (writable here) and its state
+  // page (the read-only copy the owner gets).
+  struct Owned {
+    uint64_t id = 0;
+    Page counters;
+    Mapping state_map;
+    timeline::CounterPage& page() { return counters.as<timeline::CounterPage>(); }
+    const timeline::StatePage& state() const {
+      return *reinterpret_cast<const timeline::StatePage*>(state_map.data());
+    }
+  };
+  Owned Create(absl::Duration deadline = kDeadline) {
+    Owned owned;
+    owned.counters = NewPage(kCounterSeals);
+    absl::StatusOr<TimelineTable::Created> created =
+        table_->Create(kOwner, Dup(owned.counters.fd), "frames", deadline);
+    EXPECT_TRUE(created.ok()) << created.status();
+    if (!created.ok()) return owned;
+    owned.id = created->view.id;
+    owned.state_map = *Mapping::Create(created->state.fd.get(), timeline::kPageSize,
+                                       Mapping::Protection::kReadOnly);
+    return owned;
+  }
+  timeline::WaitSlot& Slot(uint64_t session, size_t i) {
+    return waits_[session].as<timeline::WaitPage>().slots[i];
+  }
+
+  int baseline_fds_ = 0;
+  EventLoop loop_;
+  FdBudget budget_;
+  std::unique_ptr<TimelineTable> table_;
+  std::map<uint64_t, Page> waits_;
+};
+
+TEST_F(TimelineTableTest, PagesThatAreNotSealedMemfdsAreRefused) {
+  struct Case {
+    Page page;
+    std::string error;
+  };
+  Case cases[] = {
+      {NewPage(0), "must be sealed with F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_FUTURE_WRITE"},
+      {NewPage(F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL), "F_SEAL_FUTURE_WRITE"},
+      {NewPage(kCounterSeals, 8192), "is 8192 bytes; it must be 4096"},
+      {NewPage(kCounterSeals, 1024), "is 1024 bytes"},
+  };
+  for (Case& c : cases) {
+    absl::Status status = table_->Create(kOwner, Dup(c.page.fd), "x", kDeadline).status();
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(status.message(), HasSubstr(c.error));
+  }
+  int ends[2];
+  ASSERT_EQ(::pipe2(ends, O_CLOEXEC), 0);
+  UniqueFd read_end(ends[0]), write_end(ends[1]);
+  EXPECT_THAT(table_->Create(kOwner, std::move(read_end), "x", kDeadline).status().message(),
+              HasSubstr("is not a memfd"));
+  // Another session's wait page; the same one again is fine.
+  EXPECT_EQ(table_->SetWaitPage(kOwner, NewPage(kWaitSeals).fd).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(table_->SetWaitPage(kOwner, Dup(waits_[kOwner].fd)).ok());
+  // A page of a timeline, as another's counters.
+  Owned owned = Create();
+  absl::StatusOr<TimelineTable::Handout> handout = table_->Hold(kOther, owned.id);
+  ASSERT_TRUE(handout.ok());
+  EXPECT_THAT(
+      table_->Create(kOther, std::move(handout->state.fd), "x", kDeadline).status().message(),
+      HasSubstr("is a page of timeline"));
+  EXPECT_EQ(table_->Create(kOwner, Dup(owned.counters.fd), "x", kDeadline).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(TimelineTableTest, AWaitedPointFailsAtItsDeadlineAndOnlyIt) {
+  Owned owned = Create();
+  ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  const absl::Duration t0 = absl::Seconds(100);
+  Arm(Slot(kOther, 0), owned.id, 5);
+  table_->Scan(t0);
+  EXPECT_EQ(Load(owned.state().waited_point), 5u) << "the owner sees who waits";
+  const uint32_t seq = Load(owned.state().seq);
+  table_->Scan(t0 + kDeadline - absl::Milliseconds(1));
+  EXPECT_EQ(Load(owned.state().mark_count), 0u) << "not yet";
+  table_->Scan(t0 + kDeadline);
+  ASSERT_EQ(Load(owned.state().mark_count), 1u);
+  EXPECT_EQ(Load(owned.state().marks[0]), 5u);
+  EXPECT_NE(Load(owned.state().seq), seq) << "waiters were woken";
+  std::atomic<uint64_t> seen{0};
+  EXPECT_EQ(timeline::Evaluate(owned.page(), owned.state(), 5, seen).status,
+            v1::FENCE_STATUS_DEADLINE_EXCEEDED);
+  EXPECT_FALSE(timeline::Evaluate(owned.page(), owned.state(), 4, seen).done)
+      << "the points before it are still pending";
+  EXPECT_EQ(Load(owned.state().waited_point), 0u);
+}
+
+TEST_F(TimelineTableTest, APointNobodyWaitsOnAnyMoreStartsAfresh) {
+  Owned owned = Create();
+  ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  const absl::Duration t0 = absl::Seconds(100);
+  Arm(Slot(kOther, 0), owned.id, 5);
+  table_->Scan(t0);
+  Arm(Slot(kOther, 0), 0, 0);
+  table_->Scan(t0 + kDeadline / 2);
+  Arm(Slot(kOther, 0), owned.id, 5);
+  table_->Scan(t0 + kDeadline);
+  EXPECT_EQ(Load(owned.state().mark_count), 0u);
+  table_->Scan(t0 + kDeadline * 2);
+  EXPECT_EQ(Load(owned.state().mark_count), 1u);
+}
+
+TEST_F(TimelineTableTest, AReachedPointIsNotTimedAndReachingItCounts) {
+  Owned owned = Create();
+  ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  const absl::Duration t0 = absl::Seconds(100);
+  Arm(Slot(kOther, 0), owned.id, 3);
+  table_->Scan(t0);
+  Store(owned.page().reached, uint64_t{3});  // reached, but no wake sent
+  const uint32_t seq = Load(owned.state().seq);
+  table_->Scan(t0 + absl::Milliseconds(100));
+  EXPECT_EQ(Load(owned.state().observed), 3u) << "published";
+  EXPECT_NE(Load(owned.state().seq), seq) << "its waiter, who missed it, was woken";
+  Store(owned.page().reached, uint64_t{1});  // taken back
+  table_->Scan(t0 + kDeadline * 2);
+  EXPECT_EQ(Load(owned.state().mark_count), 0u) << "never failed: it was reached";
+  std::atomic<uint64_t> fresh{0};
+  EXPECT_EQ(timeline::Reached(owned.page(), owned.state(), fresh), 3u);
+}
+
+TEST_F(TimelineTableTest, SlotsTheDaemonCannotTrustAreSkipped) {
+  Owned owned = Create();
+  const absl::Duration t0 = absl::Seconds(100);
+  // A timeline the session does not hold, and a slot mid-rewrite.
+  Arm(Slot(kOther, 0), owned.id, 5);
+  Store(Slot(kOther, 1).gen, uint32_t{7});
+  Store(Slot(kOther, 1).timeline, owned.id);
+  Store(Slot(kOther, 1).point, uint64_t{6});
+  table_->Scan(t0);
+  table_->Scan(t0 + kDeadline * 2);
+  EXPECT_EQ(Load(owned.state().mark_count), 0u);
+  EXPECT_EQ(Load(owned.state().waited_point), 0u);
+}
+
+TEST_F(TimelineTableTest, TheOwnersEndFailsEveryLaterPoint) {
+  Owned owned = Create();
+  Owned dropped = Create();
+  ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  ASSERT_TRUE(table_->Hold(kOther, dropped.id).ok());
+  Store(owned.page().reached, uint64_t{4});
+  table_->Forget(kOwner, dropped.id);
+  EXPECT_EQ(Load(dropped.state().ended), static_cast<uint32_t>(v1::FENCE_STATUS_CANCELLED));
+  table_->CloseSession(kOwner);
+  EXPECT_EQ(Load(owned.state().ended), static_cast<uint32_t>(v1::FENCE_STATUS_OWNER_DIED));
+  EXPECT_EQ(Load(owned.state().ended_after), 4u);
+  Store(owned.page().reached, uint64_t{9});  // too late: not counted
+  std::atomic<uint64_t> seen{0};
+  EXPECT_EQ(timeline::Evaluate(owned.page(), owned.state(), 4, seen).status,
+            v1::FENCE_STATUS_OK);
+  EXPECT_EQ(timeline::Evaluate(owned.page(), owned.state(), 5, seen).status,
+            v1::FENCE_STATUS_OWNER_DIED);
+  absl::StatusOr<TimelineView> view = table_->Info(kOther, owned.id);
+  ASSERT_TRUE(view.ok());
+  EXPECT_EQ(view->ended, v1::FENCE_STATUS_OWNER_DIED);
+  EXPECT_EQ(view->owner_session, 0u);
+  EXPECT_EQ(table_->Info(kOwner, owned.id).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(TimelineTableTest, HoldsAreCountedPerObject) {
+  Owned owned = Create();
+  ASSERT_TRUE(table_->Hold(kOwner, owned.id).ok());  // the owner imports its own
+  table_->Forget(kOwner, owned.id);
+  EXPECT_EQ(Load(owned.state().ended), 0u) << "one of two holds dropped";
+  ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  table_->Forget(kOther, owned.id);
+  EXPECT_TRUE(table_->CheckHeld(kOther, owned.id).ok());
+  table_->Forget(kOther, owned.id);
+  EXPECT_EQ(table_->CheckHeld(kOther, owned.id).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(table_->CheckHeld(kOther, owned.id).message(),
+            absl::StrCat("timeline ", owned.id, " not found"));
+}
+
+TEST_F(TimelineTableTest, LimitsAreNamed) {
+  table_->Stop();
+  table_ = std::make_unique<TimelineTable>(
+      &loop_, &budget_,
+      TimelineLimits{.max_per_session = 2, .max_per_uid = 3, .max_timelines = 4});
+  table_->AddSession(kOwner, 1000);
+  table_->AddSession(kOther, 1000);  // the same uid
+  table_->AddSession(3, 1002);
+  std::vector<Page> pages;
+  auto create = [&](uint64_t session) {
+    pages.push_back(NewPage(kCounterSeals));
+    return table_->Create(session, Dup(pages.back().fd), "x", kDeadline).status();
+  };
+  ASSERT_TRUE(create(kOwner).ok());
+  ASSERT_TRUE(create(kOwner).ok());
+  EXPECT_THAT(create(kOwner).message(), HasSubstr("the limit (max_timelines_per_session 2)"));
+  ASSERT_TRUE(create(kOther).ok());
+  EXPECT_THAT(create(kOther).message(), HasSubstr("the limit (max_timelines_per_uid 3)"));
+  ASSERT_TRUE(create(3).ok());
+  EXPECT_THAT(create(3).message(), HasSubstr("the limit (max_timelines 4)"));
+  table_->CloseSession(3);
+}
+
+}  // namespace
+}  // namespace bufferd
