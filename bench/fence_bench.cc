@@ -17,15 +17,18 @@
 // Timelines (fences/timeline_shm.h: signals go through shared memory and a
 // futex, with no daemon in the path):
 // T1. Timeline::Signal(point) -> a waiter blocked in Timeline::Wait in
-//     another process returns. Floor: one raw one-way futex wake between two
-//     processes (a store and FUTEX_WAKE on a shared page). Target <= 1.25x;
-//     figure 1's daemon-relayed fence path is printed beside it.
+//     another process returns; floor: one raw one-way futex wake between two
+//     processes (a store and FUTEX_WAKE on a shared page). And -> a waiter
+//     polling its notify fd wakes; floor: a one-byte pipe write waking a
+//     poll. Target <= 1.25x; figure 1's daemon-relayed fence path is printed
+//     beside it.
 // T2. The daemon's voluntary context switches (all its threads) over 10,000
 //     ping-pong frames (T3). Target: under 1 per 100 frames.
 // T3. Ping-pong: the owner signals point i of an acquire timeline, the
 //     waiter waits for it and signals point i of a release timeline, the
 //     owner waits for that; frames/s against the same ping-pong over two raw
-//     futex words. Target >= 80%.
+//     futex words, in five rounds each beside its floor: the median ratio.
+//     Target >= 80%.
 // T4. Daemon RSS and fds per timeline (800 of them) and per session that
 //     waits (its wait page), measured.
 //
@@ -360,6 +363,17 @@ int HelperMain(const UnixSocket& control) {
       auto result = timeline_in->Wait(std::stoull(words[1]), absl::Seconds(60));
       const int64_t woke = NowNs();
       Reply(control, absl::StrCat("t ", woke, " ", result.ok() ? "ok" : "failed"));
+    } else if (command == "tl-poll" && words.size() == 2 && timeline_in) {
+      auto fd = timeline_in->NotifyFd();
+      auto armed = fd.ok() ? timeline_in->Arm(std::stoull(words[1])) : fd.status();
+      if (!armed.ok() || armed->has_value()) return Reply(control, "error arm"), 1;
+      Reply(control, "ready");
+      PollReadable(*fd);
+      Reply(control, absl::StrCat("t ", NowNs()));
+    } else if (command == "pipe-poll" && fds.size() == 1) {
+      Reply(control, "ready");
+      PollReadable(fds[0].get());
+      Reply(control, absl::StrCat("t ", NowNs()));
     } else if (command == "tl-pong" && words.size() == 2 && timeline_in && client) {
       // Waits for point i of the imported timeline, signals point i of its own.
       auto release = client->CreateTimeline({.name = "release"});
@@ -522,6 +536,31 @@ double TimelineOnce(Timeline& timeline, uint64_t point, const Helper& waiter) {
   return (woke - start) / 1000.0;
 }
 
+// Floor T1 (notify fd): a one-byte pipe write -> the waiter's poll returns.
+double PipeWriteOnce(const Helper& waiter) {
+  int ends[2];
+  if (::pipe2(ends, O_CLOEXEC) != 0) std::exit(1);
+  UniqueFd read_end(ends[0]), write_end(ends[1]);
+  (void)waiter.Ask("pipe-poll", {read_end.get()});
+  read_end.Reset();
+  LetThemBlock();
+  const int64_t start = NowNs();
+  const char byte = 1;
+  if (::write(write_end.get(), &byte, 1) != 1) std::exit(1);
+  const int64_t woke = Stamp(waiter.Read());
+  return (woke - start) / 1000.0;
+}
+
+// T1 (notify fd): Timeline::Signal -> the waiter's poll on its notify fd.
+double TimelinePollOnce(Timeline& timeline, uint64_t point, const Helper& waiter) {
+  if (waiter.Ask(absl::StrCat("tl-poll ", point)) != "ready") std::exit(1);
+  LetThemBlock();
+  const int64_t start = NowNs();
+  if (!timeline.Signal(point).ok()) std::exit(1);
+  const int64_t woke = Stamp(waiter.Read());
+  return (woke - start) / 1000.0;
+}
+
 // T3 floor: frames/s of the raw futex ping-pong.
 double FutexPingPong(const Helper& waiter, uint32_t frames) {
   UniqueFd page(::memfd_create("floor", MFD_CLOEXEC));
@@ -549,13 +588,18 @@ PingPong TimelinePingPong(const Client& owner, const Helper& waiter, pid_t daemo
   auto acquire = owner.CreateTimeline({.name = "acquire"});
   if (!acquire.ok()) std::exit(1);
   if (waiter.Ask("tl-import " + *acquire->Export()) != "ok") std::exit(1);
-  const std::string ready = waiter.Ask(absl::StrCat("tl-pong ", frames));
+  const std::string ready = waiter.Ask(absl::StrCat("tl-pong ", frames + 1));
   if (ready.rfind("ready ", 0) != 0) std::exit(1);
   auto release = owner.ImportTimeline(ready.substr(6));
   if (!release.ok()) std::exit(1);
+  // Frame 1 sets up (the waiters' wakers; the owners take them): steady
+  // state is from frame 2 on.
+  if (!acquire->Signal(1).ok()) std::exit(1);
+  auto first = release->Wait(1, absl::Seconds(60));
+  if (!first.ok() || first->status != v1::FENCE_STATUS_OK) std::exit(1);
   const long switches = VoluntarySwitches(daemon);
   const int64_t start = NowNs();
-  for (uint64_t i = 1; i <= frames; ++i) {
+  for (uint64_t i = 2; i <= frames + 1; ++i) {
     if (!acquire->Signal(i).ok()) std::exit(1);
     auto got = release->Wait(i, absl::Seconds(60));
     if (!got.ok() || got->status != v1::FENCE_STATUS_OK) std::exit(1);
@@ -644,24 +688,47 @@ int main(int argc, char** argv) {
         FutexOnce(*waiter);
         TimelineOnce(*timeline, ++point, *waiter);
       }
-      std::vector<double> futex_s, timeline_s;
+      std::vector<double> futex_s, timeline_s, pipe_s, poll_fd_s;
       for (int i = 0; i < iterations; ++i) {
         futex_s.push_back(FutexOnce(*waiter));
         timeline_s.push_back(TimelineOnce(*timeline, ++point, *waiter));
+        pipe_s.push_back(PipeWriteOnce(*waiter));
+        poll_fd_s.push_back(TimelinePollOnce(*timeline, ++point, *waiter));
       }
       Verdict("T1. Timeline Signal -> Wait", placement.name, Summarize(timeline_s, 0),
               Summarize(futex_s, 0), 1.25, all_met);
-      const PingPong pong = TimelinePingPong(*owner, *waiter, (*daemon)->pid(), frames);
-      const double floor_fps = FutexPingPong(*waiter, static_cast<uint32_t>(frames));
+      Verdict("T1. Timeline Signal -> notify fd", placement.name, Summarize(poll_fd_s, 0),
+              Summarize(pipe_s, 0), 1.25, all_met);
+      // Five rounds, each beside its floor (cross-CPU ping-pong drifts
+      // by 2x from one second to the next here): the median ratio.
+      constexpr int kRounds = 5;
+      std::vector<double> ratios, fps, floors;
+      long switches = 0;
+      for (int round = 0; round < kRounds; ++round) {
+        const PingPong one = TimelinePingPong(*owner, *waiter, (*daemon)->pid(), frames / kRounds);
+        const double floor_one = FutexPingPong(*waiter, static_cast<uint32_t>(frames / kRounds));
+        switches += one.daemon_switches;
+        fps.push_back(one.frames_per_second);
+        floors.push_back(floor_one);
+        ratios.push_back(one.frames_per_second / floor_one);
+      }
+      std::sort(ratios.begin(), ratios.end());
+      std::sort(fps.begin(), fps.end());
+      std::sort(floors.begin(), floors.end());
+      const PingPong pong{fps[kRounds / 2], switches};
+      const double floor_fps = floors[kRounds / 2];
+      const double ratio = ratios[kRounds / 2];
       const double per_100 = pong.daemon_switches * 100.0 / static_cast<double>(frames);
-      all_met &= per_100 < 1 && pong.frames_per_second >= 0.8 * floor_fps;
+      all_met &= per_100 < 1 && ratio >= 0.8;
       std::printf("%-34s %-22s %ld daemon wakes in %lu frames = %.2f per 100  target < 1  %s\n",
                   "T2. daemon wakes, steady state", placement.name, pong.daemon_switches,
                   static_cast<unsigned long>(frames), per_100, per_100 < 1 ? "met" : "not met");
-      std::printf("%-34s %-22s %8.0f frames/s  floor %8.0f frames/s  %.0f%%  target >= 80%%  %s\n",
-                  "T3. acquire/release ping-pong", placement.name, pong.frames_per_second,
-                  floor_fps, 100 * pong.frames_per_second / floor_fps,
-                  pong.frames_per_second >= 0.8 * floor_fps ? "met" : "not met");
+      std::printf(
+          "%-34s %-22s %8.0f frames/s  floor %8.0f frames/s  %.0f%% (median of %d rounds; "
+          "%.0f-%.0f%%)  target >= 80%%  %s\n",
+          "T3. acquire/release ping-pong", placement.name, pong.frames_per_second, floor_fps,
+          100 * ratio, kRounds, 100 * ratios.front(), 100 * ratios.back(),
+          ratio >= 0.8 ? "met" : "not met");
       if (timelines_only) continue;
 
       for (int i = 0; i < 10; ++i) {  // warm up

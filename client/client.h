@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -38,6 +39,7 @@ namespace bufferd {
 
 namespace internal {
 class Connection;
+struct Waker;
 }  // namespace internal
 
 // How the holder of a buffer may use it.
@@ -266,6 +268,18 @@ class Timeline {
   };
   Waited WaitedOn() const;
 
+  // For event loops: a pipe's read end (owned by this object; O_NONBLOCK)
+  // that polls readable when the point last armed is reached or failed (and
+  // at the daemon's deadline marks and the timeline's end). The first call
+  // registers it (one round trip); the owner writes a byte to it when it
+  // signals, with no daemon in the path.
+  absl::StatusOr<int> NotifyFd() const;
+  // Drains the notify fd and arms it for `point`: the result if the point is
+  // reached or failed already (do not wait for the fd then), else nullopt
+  // (poll the fd, then Arm again or Wait(point, 0)). Not a round trip: a
+  // store. From one thread at a time.
+  absl::StatusOr<std::optional<PointResult>> Arm(uint64_t point) const;
+
   // A single-use token another session redeems with Client::ImportTimeline
   // (it may wait and query, never signal). `ttl` zero: 30 s.
   absl::StatusOr<std::string> Export(absl::Duration ttl = absl::ZeroDuration()) const;
@@ -278,6 +292,8 @@ class Timeline {
   Timeline(std::shared_ptr<internal::Connection> connection, v1::TimelineInfo info,
            std::unique_ptr<Shared> shared);
   absl::Status SignalWith(uint64_t point, absl::string_view message, bool failed);
+  void WakeWakers(uint64_t point);
+  absl::StatusOr<std::shared_ptr<internal::Waker>> EnsureWaker(bool with_notify) const;
   static absl::StatusOr<std::vector<PointResult>> WaitPoints(
       const std::shared_ptr<internal::Connection>& connection,
       std::span<const TimelinePoint> points, bool all, absl::Duration timeout,

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <bitset>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -36,6 +37,17 @@ absl::Status FromGrpcStatus(const grpc::Status& status);
 struct Call {
   std::unique_ptr<grpc::ClientContext> context;
   std::vector<uint64_t> carried;
+};
+
+// This session's waker for one timeline (fences/timeline_shm.h WakePage),
+// shared by its Timeline objects of that timeline.
+struct Waker {
+  uint64_t id = 0;
+  Mapping page;
+  // The notify pipe's read end, once asked for.
+  UniqueFd notify;
+  std::mutex mu;  // registering the notify fd
+  timeline::WakePage& wake() const { return *reinterpret_cast<timeline::WakePage*>(page.data()); }
 };
 
 // Thread-safe. Its fd mailbox (FdMailbox) pairs delivered fds with the
@@ -88,6 +100,9 @@ class Connection {
     timeline::WaitPage& page() { return *reinterpret_cast<timeline::WaitPage*>(map.data()); }
   };
   WaitPage& wait_page() { return wait_page_; }
+
+  std::mutex& wakers_mu() { return wakers_mu_; }
+  std::map<uint64_t, std::weak_ptr<Waker>>& wakers() { return wakers_; }
   absl::Duration timeout() const { return timeout_; }
 
  private:
@@ -106,6 +121,8 @@ class Connection {
   std::unique_ptr<FdMailbox> mailbox_;
   std::unique_ptr<OneWayQueue> one_way_;
   WaitPage wait_page_;
+  std::mutex wakers_mu_;
+  std::map<uint64_t, std::weak_ptr<Waker>> wakers_;
 };
 
 }  // namespace bufferd::internal

@@ -13,6 +13,7 @@
 #include <mutex>
 #include <optional>
 
+#include "absl/container/inlined_vector.h"
 #include "absl/strings/str_cat.h"
 #include "base/client_text.h"
 #include "base/errno_status.h"
@@ -32,6 +33,20 @@ struct Timeline::Shared {
   std::atomic<uint64_t> seen{0};
   // The owner's signals, one at a time (one writer of the counter page).
   std::mutex signal_mu;
+  // Owner: the wakers of the sessions that wait (taken from the daemon when
+  // the state page's wakers_gen moves), woken at every signal.
+  struct OwnedWaker {
+    Mapping page;
+    UniqueFd notify;
+    timeline::WakePage& wake() const {
+      return *reinterpret_cast<timeline::WakePage*>(page.data());
+    }
+  };
+  std::map<uint64_t, OwnedWaker> wakers;
+  uint64_t wakers_gen = 0;
+  // This session's own waker, registered at its first wait.
+  std::mutex waker_mu;
+  std::shared_ptr<internal::Waker> waker;
 
   timeline::CounterPage& counter_page() const {
     return *reinterpret_cast<timeline::CounterPage*>(counters.data());
@@ -158,7 +173,7 @@ class Slots {
   }
 
   internal::Connection::WaitPage& page_;
-  std::vector<size_t> claimed_;
+  absl::InlinedVector<size_t, 4> claimed_;
 };
 
 }  // namespace
@@ -235,8 +250,61 @@ absl::Status Timeline::SignalWith(uint64_t point, absl::string_view message, boo
   }
   Store(counters.reached, point);
   timeline::Bump(counters.seq);
-  timeline::WakeAll(counters.seq);
+  WakeWakers(point);
   return absl::OkStatus();
+}
+
+void Timeline::WakeWakers(uint64_t point) {
+  const timeline::StatePage& state = shared_->state_page();
+  // seq_cst after the store of the counter: a waker registered after this
+  // load was registered after the store, and its waiter sees the point.
+  const uint64_t gen = std::atomic_ref<uint64_t>(const_cast<uint64_t&>(state.wakers_gen))
+                           .load(std::memory_order_seq_cst);
+  if (gen != shared_->wakers_gen) {
+    // A waiter came or went: one round trip, then none until the next.
+    v1::TakeWakersRequest request;
+    request.set_timeline_id(id());
+    for (auto it = shared_->wakers.begin(); it != shared_->wakers.end();) {
+      if (Load(it->second.wake().closed) != 0) {
+        it = shared_->wakers.erase(it);
+      } else {
+        request.add_known_waker_ids(it->first);
+        if (it->second.notify.valid()) request.add_notify_known_waker_ids(it->first);
+        ++it;
+      }
+    }
+    v1::TakeWakersResponse response;
+    internal::Call call = connection_->NewCall();
+    if (connection_->Finish(call, connection_->fence().TakeWakers(call.context.get(), request,
+                                                                  &response))
+            .ok()) {
+      for (const v1::TakeWakersResponse::Waker& waker : response.wakers()) {
+        absl::StatusOr<UniqueFd> page = connection_->TakeFd(waker.page_transfer_id());
+        absl::StatusOr<UniqueFd> notify = waker.notify_transfer_id() != 0
+                                              ? connection_->TakeFd(waker.notify_transfer_id())
+                                              : absl::StatusOr<UniqueFd>(UniqueFd());
+        if (!page.ok() || !notify.ok()) continue;
+        absl::StatusOr<Mapping> map = Mapping::Create(page->get(), timeline::kPageSize,
+                                                      Mapping::Protection::kReadWrite);
+        if (!map.ok()) continue;
+        shared_->wakers[waker.waker_id()] = {*std::move(map), *std::move(notify)};
+      }
+      shared_->wakers_gen = response.wakers_gen();
+    }
+    // On failure (the session is ending) the waiters still look again
+    // within timeline::kMaxSleepNs.
+  }
+  for (auto& [waker_id, waker] : shared_->wakers) {
+    timeline::WakePage& page = waker.wake();
+    timeline::WakeWaker(page);
+    if (!waker.notify.valid()) continue;
+    const uint64_t armed = std::atomic_ref<uint64_t>(page.armed).load(std::memory_order_seq_cst);
+    if (armed != 0 && armed <= point && Load(page.notified) != armed) {
+      Store(page.notified, armed);
+      const char byte = 1;
+      (void)!::write(waker.notify.get(), &byte, 1);  // full is fine: it is readable
+    }
+  }
 }
 
 uint64_t Timeline::Query() const {
@@ -262,6 +330,84 @@ absl::StatusOr<PointResult> Timeline::Wait(uint64_t point, absl::Duration timeou
   ASSIGN_OR_RETURN(std::vector<PointResult> results,
                    WaitPoints(connection_, points, true, timeout, need_by));
   return std::move(results[0]);
+}
+
+absl::StatusOr<std::shared_ptr<internal::Waker>> Timeline::EnsureWaker(
+    bool with_notify) const {
+  std::lock_guard lock(shared_->waker_mu);
+  if (shared_->waker == nullptr) {
+    // One per session and timeline, shared by this session's Timeline
+    // objects of it; registered under the connection's lock, so only once.
+    std::lock_guard wakers(connection_->wakers_mu());
+    std::weak_ptr<internal::Waker>& known = connection_->wakers()[id()];
+    shared_->waker = known.lock();
+    if (shared_->waker == nullptr) {
+      v1::RegisterWakerRequest request;
+      request.set_timeline_id(id());
+      v1::RegisterWakerResponse response;
+      internal::Call call = connection_->NewCall();
+      RETURN_IF_ERROR(connection_->Finish(
+          call, connection_->fence().RegisterWaker(call.context.get(), request, &response)));
+      if (response.page_transfer_id() == 0) {
+        return absl::InternalError("the daemon sent no wake page for a new waker");
+      }
+      ASSIGN_OR_RETURN(UniqueFd page, connection_->TakeFd(response.page_transfer_id()));
+      auto waker = std::make_shared<internal::Waker>();
+      waker->id = response.waker_id();
+      ASSIGN_OR_RETURN(waker->page, Mapping::Create(page.get(), timeline::kPageSize,
+                                                    Mapping::Protection::kReadWrite));
+      known = waker;
+      shared_->waker = std::move(waker);
+    }
+  }
+  std::shared_ptr<internal::Waker> waker = shared_->waker;
+  if (with_notify) {
+    std::lock_guard notify_lock(waker->mu);
+    if (!waker->notify.valid()) {
+      int ends[2];
+      if (::pipe2(ends, O_CLOEXEC | O_NONBLOCK) != 0) return ErrnoError("pipe2", errno);
+      UniqueFd read_end(ends[0]), write_end(ends[1]);
+      const uint64_t upload_id = connection_->NewUploadId();
+      v1::FdChannelMessage record;
+      record.mutable_upload()->set_upload_id(upload_id);
+      const int fds[] = {write_end.get()};
+      if (absl::Status sent = connection_->SendRecord(record, fds); !sent.ok()) {
+        return SendFailed(sent);
+      }
+      write_end.Reset();  // the daemon and the owner hold it now, not us
+      v1::RegisterWakerRequest request;
+      request.set_timeline_id(id());
+      request.set_notify_upload_id(upload_id);
+      v1::RegisterWakerResponse response;
+      internal::Call call = connection_->NewCall();
+      RETURN_IF_ERROR(connection_->Finish(
+          call, connection_->fence().RegisterWaker(call.context.get(), request, &response)));
+      waker->notify = std::move(read_end);
+    }
+  }
+  return waker;
+}
+
+absl::StatusOr<int> Timeline::NotifyFd() const {
+  if (shared_ == nullptr) return absl::FailedPreconditionError("moved-from Timeline");
+  ASSIGN_OR_RETURN(std::shared_ptr<internal::Waker> waker, EnsureWaker(true));
+  return waker->notify.get();
+}
+
+absl::StatusOr<std::optional<PointResult>> Timeline::Arm(uint64_t point) const {
+  if (shared_ == nullptr) return absl::FailedPreconditionError("moved-from Timeline");
+  RETURN_IF_ERROR(CheckPoint(point));
+  ASSIGN_OR_RETURN(std::shared_ptr<internal::Waker> waker, EnsureWaker(true));
+  char drained[64];
+  while (::read(waker->notify.get(), drained, sizeof(drained)) > 0) {
+  }
+  // seq_cst: the owner stores its counter, then loads this; one of the two
+  // sees the other.
+  std::atomic_ref<uint64_t>(waker->wake().armed).store(point, std::memory_order_seq_cst);
+  timeline::PointState state =
+      timeline::Evaluate(shared_->counter_page(), shared_->state_page(), point, shared_->seen);
+  if (!state.done) return std::nullopt;
+  return PointResult{point, state.status, std::move(state.message)};
 }
 
 absl::StatusOr<std::string> Timeline::Export(absl::Duration ttl) const {
@@ -393,12 +539,29 @@ absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
   };
   const int64_t until = after(timeout);
   std::vector<PointResult> results(points.size());
-  std::vector<const uint32_t*> words;
-  std::vector<uint32_t> expected(2 * points.size());
+  // Each point's timeline's waker (this session's; registered at its first
+  // wait): one futex word per timeline.
+  absl::InlinedVector<std::shared_ptr<internal::Waker>, 4> wakers;
+  absl::InlinedVector<const uint32_t*, 4> words;
   for (const TimelinePoint& point : points) {
-    words.push_back(&point.timeline->shared_->counter_page().seq);
-    words.push_back(&point.timeline->shared_->state_page().seq);
+    ASSIGN_OR_RETURN(std::shared_ptr<internal::Waker> waker,
+                     point.timeline->EnsureWaker(false));
+    if (std::find(wakers.begin(), wakers.end(), waker) != wakers.end()) continue;
+    words.push_back(&waker->wake().seq);
+    wakers.push_back(std::move(waker));
   }
+  absl::InlinedVector<uint32_t, 4> expected(words.size());
+  // Counted as sleepers from before the last look until the end, so the
+  // owner (which skips the wake when nobody sleeps) never misses us.
+  struct Sleeping {
+    absl::InlinedVector<std::shared_ptr<internal::Waker>, 4>* wakers = nullptr;
+    ~Sleeping() {
+      if (wakers == nullptr) return;
+      for (auto& waker : *wakers) {
+        std::atomic_ref<uint32_t>(waker->wake().sleepers).fetch_sub(1);
+      }
+    }
+  } sleeping;
   std::optional<Slots> slots;
   while (true) {
     for (size_t i = 0; i < words.size(); ++i) expected[i] = Load(*words[i]);
@@ -434,6 +597,11 @@ absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
         if (results[i].status != v1::FENCE_STATUS_UNSPECIFIED) continue;
         RETURN_IF_ERROR(slots->Arm(points[i].timeline->id(), points[i].point, need_by_ns));
       }
+      for (auto& waker : wakers) {
+        std::atomic_ref<uint32_t>(waker->wake().sleepers).fetch_add(1, std::memory_order_seq_cst);
+      }
+      sleeping.wakers = &wakers;
+      std::atomic_thread_fence(std::memory_order_seq_cst);
       continue;  // look again: a signal may have come while arming
     }
     RETURN_IF_ERROR(timeline::WaitAny(words.data(), expected.data(), words.size(), until));

@@ -200,6 +200,8 @@ v1::TimelineInfo TimelineInfoOf(const TimelineView& view,
   info.set_deadline_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(view.deadline)));
   *info.mutable_created_at() = ToProto(view.created);
   info.set_holders(view.holders);
+  info.set_wakers(view.wakers);
+  info.set_notify_fds(view.notify_fds);
   for (const TimelineView::Wait& wait : view.waits) {
     v1::TimelineInfo::Wait* out = info.add_waits();
     out->set_point(wait.point);

@@ -265,6 +265,55 @@ grpc::ServerUnaryReactor* FenceService::ImportTimeline(grpc::CallbackServerConte
   });
 }
 
+grpc::ServerUnaryReactor* FenceService::RegisterWaker(grpc::CallbackServerContext* context,
+                                                      const v1::RegisterWakerRequest* request,
+                                                      v1::RegisterWakerResponse* response) {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
+    std::optional<UniqueFd> notify;
+    if (request->notify_upload_id() != 0) {
+      ASSIGN_OR_RETURN(notify, d_.hub->TakeUpload(session, request->notify_upload_id()));
+    }
+    ASSIGN_OR_RETURN(TimelineTable::Registered registered,
+                     d_.timelines->RegisterWaker(session, request->timeline_id(), std::move(notify)));
+    response->set_waker_id(registered.waker_id);
+    if (registered.page.has_value()) {
+      ASSIGN_OR_RETURN(uint64_t page, Deliver(session, v1::FD_KIND_TIMELINE_WAKER,
+                                              request->timeline_id(), *std::move(registered.page)));
+      response->set_page_transfer_id(page);
+    }
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* FenceService::TakeWakers(grpc::CallbackServerContext* context,
+                                                   const v1::TakeWakersRequest* request,
+                                                   v1::TakeWakersResponse* response) {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
+    const std::vector<uint64_t> known(request->known_waker_ids().begin(),
+                                      request->known_waker_ids().end());
+    const std::vector<uint64_t> known_notify(request->notify_known_waker_ids().begin(),
+                                             request->notify_known_waker_ids().end());
+    ASSIGN_OR_RETURN(TimelineTable::Wakers wakers, d_.timelines->TakeWakers(
+                                                       session, request->timeline_id(), known,
+                                                       known_notify));
+    response->set_wakers_gen(wakers.gen);
+    for (TimelineTable::WakerHandout& handout : wakers.wakers) {
+      v1::TakeWakersResponse::Waker* waker = response->add_wakers();
+      waker->set_waker_id(handout.waker_id);
+      ASSIGN_OR_RETURN(uint64_t page, Deliver(session, v1::FD_KIND_TIMELINE_WAKER,
+                                              request->timeline_id(), std::move(handout.page)));
+      waker->set_page_transfer_id(page);
+      if (handout.notify.has_value()) {
+        ASSIGN_OR_RETURN(uint64_t notify,
+                         Deliver(session, v1::FD_KIND_TIMELINE_WAKER, request->timeline_id(),
+                                 *std::move(handout.notify)));
+        waker->set_notify_transfer_id(notify);
+      }
+    }
+    return absl::OkStatus();
+  });
+}
+
 grpc::ServerUnaryReactor* FenceService::GetTimelineInfo(grpc::CallbackServerContext* context,
                                                         const v1::GetTimelineInfoRequest* request,
                                                         v1::GetTimelineInfoResponse* response) {

@@ -76,6 +76,12 @@ class FenceService final : public v1::Fence::CallbackService {
   grpc::ServerUnaryReactor* ImportTimeline(grpc::CallbackServerContext* context,
                                            const v1::ImportTimelineRequest* request,
                                            v1::ImportTimelineResponse* response) override;
+  grpc::ServerUnaryReactor* RegisterWaker(grpc::CallbackServerContext* context,
+                                          const v1::RegisterWakerRequest* request,
+                                          v1::RegisterWakerResponse* response) override;
+  grpc::ServerUnaryReactor* TakeWakers(grpc::CallbackServerContext* context,
+                                       const v1::TakeWakersRequest* request,
+                                       v1::TakeWakersResponse* response) override;
   grpc::ServerUnaryReactor* GetTimelineInfo(grpc::CallbackServerContext* context,
                                             const v1::GetTimelineInfoRequest* request,
                                             v1::GetTimelineInfoResponse* response) override;

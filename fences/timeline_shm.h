@@ -18,8 +18,9 @@
 //     reads it on a timer (it never needs a wake per wait) to start each
 //     waited point's deadline.
 //
-// A blocking wait is a futex_waitv on the two seq words (the owner's and the
-// daemon's): a signal is a store and one FUTEX_WAKE, with no daemon in it.
+// A blocking wait sleeps on the seq word of the session's wake page for the
+// timeline (WakePage): a signal is a store and one FUTEX_WAKE per waiting
+// session, with no daemon in it.
 //
 // A point waited on for the whole deadline (the daemon sees the waits at
 // each scan) fails DEADLINE_EXCEEDED on its own: the timeline does not move,
@@ -91,10 +92,35 @@ struct StatePage {
   // the daemon's last look at the wait pages.
   uint64_t waited_point;
   int64_t need_by_ns;
+  // Adds one whenever a waker comes or goes: the owner then asks the
+  // daemon for the new ones (Fence.TakeWakers).
+  uint64_t wakers_gen;
   // What the daemon created it with.
   uint64_t timeline_id;
   uint32_t deadline_ms;
   uint32_t reserved;
+};
+
+// One waiting session's wake page for one timeline (a "waker"), made by the
+// daemon and mapped writable by only three parties: that session, the
+// timeline's owner and the daemon. Waiters sleep on `seq`; the owner and the
+// daemon add one and wake. No other importer can see it, so none can
+// requeue or spoil its wakes.
+struct WakePage {
+  // Futex word: the owner adds one at every signal, the daemon at every
+  // mark and at the end; either wakes if `sleepers` says someone sleeps.
+  uint32_t seq;
+  // The session's threads sleeping (or about to) on `seq`.
+  uint32_t sleepers;
+  // Notify fd: the point an event-loop waiter wants (0: none), and the last
+  // armed point the owner wrote a byte to the notify pipe for.
+  uint64_t armed;
+  uint64_t notified;
+  // Set by the daemon once the waker is gone: the owner lets go of it.
+  uint32_t closed;
+  uint32_t reserved;
+  uint64_t waker_id;
+  uint64_t timeline_id;
 };
 
 struct WaitSlot {
@@ -117,6 +143,7 @@ struct WaitPage {
 static_assert(sizeof(CounterPage) <= kPageSize);
 static_assert(sizeof(StatePage) <= kPageSize);
 static_assert(sizeof(WaitPage) == kPageSize);
+static_assert(sizeof(WakePage) <= kPageSize);
 
 // Atomic access to a word of shared memory.
 template <typename T>
@@ -139,6 +166,10 @@ inline constexpr int64_t kMaxSleepNs = 20'000'000;
 
 // Wakes every process blocked on `seq` (any mapping of the same page).
 void WakeAll(const uint32_t& seq);
+
+// What the owner and the daemon do to a waker: bump its seq and wake its
+// sleepers (only if there are any: no syscall otherwise).
+void WakeWaker(WakePage& page);
 
 // What a reader knows of one point.
 struct PointState {

@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <map>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "base/client_text.h"
 #include "base/errno_status.h"
@@ -47,6 +48,7 @@ TimelineTable::~TimelineTable() { Stop(); }
 
 void TimelineTable::AddSession(uint64_t session, uid_t uid) {
   absl::MutexLock lock(&mu_);
+  sessions_[session].id = session;
   sessions_[session].uid = uid;
 }
 
@@ -277,6 +279,143 @@ absl::StatusOr<TimelineTable::Handout> TimelineTable::Hold(uint64_t session_id, 
                  LeasedFd{std::move(state_fd), std::move(state_lease)}};
 }
 
+absl::StatusOr<TimelineTable::Registered> TimelineTable::RegisterWaker(
+    uint64_t session_id, uint64_t id, std::optional<UniqueFd> notify) {
+  if (notify.has_value()) {
+    struct stat st;
+    const int flags = ::fcntl(notify->get(), F_GETFL);
+    if (::fstat(notify->get(), &st) != 0 || !S_ISFIFO(st.st_mode) || flags < 0 ||
+        (flags & O_ACCMODE) != O_WRONLY) {
+      return absl::InvalidArgumentError("the notify fd must be a pipe's write end");
+    }
+  }
+  uid_t uid;
+  bool has_waker, has_notify;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Timeline * timeline, HeldLocked(session_id, id));
+    uid = sessions_.at(session_id).uid;
+    auto waker = timeline->wakers.find(session_id);
+    has_waker = waker != timeline->wakers.end();
+    has_notify = has_waker && waker->second.notify.fd.valid();
+  }
+  if (has_notify && notify.has_value()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("this session has a notify fd for timeline ", id, " already"));
+  }
+  // Made and leased without the table's lock (the budget may run reclaimers).
+  LeasedFd notify_fd;
+  if (notify.has_value()) {
+    ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kFence, uid));
+    // A description of its own: O_NONBLOCK that the waiter (who may keep
+    // the same write end) cannot clear.
+    const std::string path = absl::StrCat("/proc/self/fd/", notify->get());
+    UniqueFd reopened(::open(path.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC));
+    if (!reopened.valid()) return ErrnoError("re-opening a notify pipe", errno);
+    notify_fd = LeasedFd{std::move(reopened), std::move(lease)};
+  }
+  Waker made;
+  std::optional<LeasedFd> out;
+  if (!has_waker) {
+    ASSIGN_OR_RETURN(FdBudget::Lease page_lease, budget_->Acquire(FdUse::kFence, uid));
+    ASSIGN_OR_RETURN(FdBudget::Lease out_lease, budget_->Acquire(FdUse::kDelivery, uid));
+    UniqueFd page(::memfd_create("bufferd-timeline-wake", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+    if (!page.valid()) return ErrnoError("memfd_create", errno);
+    if (::ftruncate(page.get(), timeline::kPageSize) != 0) return ErrnoError("ftruncate", errno);
+    if (::fcntl(page.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+      return ErrnoError("sealing a wake page", errno);
+    }
+    ASSIGN_OR_RETURN(made.page, Mapping::Create(page.get(), timeline::kPageSize,
+                                                Mapping::Protection::kReadWrite));
+    const int copy = ::fcntl(page.get(), F_DUPFD_CLOEXEC, 0);
+    if (copy < 0) return ErrnoError("dup of a wake page", errno);
+    out = LeasedFd{UniqueFd(copy), std::move(out_lease)};
+    made.page_fd = LeasedFd{std::move(page), std::move(page_lease)};
+  }
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Timeline * timeline, HeldLocked(session_id, id));
+  auto [waker, added] = timeline->wakers.try_emplace(session_id);
+  if (added) {
+    if (!made.page.valid()) {
+      timeline->wakers.erase(waker);
+      return absl::UnavailableError("the waker went while it was registered; try again");
+    }
+    made.id = next_id_++;
+    waker->second = std::move(made);
+    timeline::WakePage& page = waker->second.wake();
+    Store(page.waker_id, waker->second.id);
+    Store(page.timeline_id, id);
+  } else {
+    out.reset();
+  }
+  if (notify_fd.fd.valid()) {
+    if (waker->second.notify.fd.valid()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("this session has a notify fd for timeline ", id, " already"));
+    }
+    waker->second.notify = std::move(notify_fd);
+  }
+  timeline::StatePage& state = timeline->state();
+  Store(state.wakers_gen, Load(state.wakers_gen) + 1);
+  return Registered{waker->second.id, std::move(out)};
+}
+
+absl::StatusOr<TimelineTable::Wakers> TimelineTable::TakeWakers(
+    uint64_t session_id, uint64_t id, const std::vector<uint64_t>& known,
+    const std::vector<uint64_t>& known_notify) {
+  const absl::flat_hash_set<uint64_t> have_page(known.begin(), known.end());
+  const absl::flat_hash_set<uint64_t> have_notify(known_notify.begin(), known_notify.end());
+  // Up to date: the owner has its page, and its notify fd if it has one.
+  auto up_to_date = [&](const Waker& waker) {
+    return have_page.contains(waker.id) &&
+           (!waker.notify.fd.valid() || have_notify.contains(waker.id));
+  };
+  uid_t uid;
+  size_t wanted = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Timeline * timeline, HeldLocked(session_id, id));
+    if (!sessions_.at(session_id).held.at(id).owned) {
+      return absl::PermissionDeniedError(
+          absl::StrCat("timeline ", id, " is not this session's: only its owner takes wakers"));
+    }
+    uid = sessions_.at(session_id).uid;
+    for (const auto& [session, waker] : timeline->wakers) {
+      if (!up_to_date(waker)) wanted += waker.notify.fd.valid() ? 2 : 1;
+    }
+  }
+  std::vector<FdBudget::Lease> leases;
+  for (size_t i = 0; i < wanted; ++i) {
+    ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kDelivery, uid));
+    leases.push_back(std::move(lease));
+  }
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Timeline * timeline, HeldLocked(session_id, id));
+  Wakers out;
+  out.gen = Load(timeline->state().wakers_gen);
+  for (const auto& [session, waker] : timeline->wakers) {
+    if (up_to_date(waker)) continue;
+    const size_t needed = waker.notify.fd.valid() ? 2 : 1;
+    if (leases.size() < needed) break;  // came meanwhile: the next call takes it
+    WakerHandout handout;
+    handout.waker_id = waker.id;
+    const int page = ::fcntl(waker.page_fd.fd.get(), F_DUPFD_CLOEXEC, 0);
+    if (page < 0) return ErrnoError("dup of a wake page", errno);
+    handout.page = LeasedFd{UniqueFd(page), std::move(leases.back())};
+    leases.pop_back();
+    if (waker.notify.fd.valid()) {
+      // Its own description too: the owner may set its flags as it likes.
+      const std::string path = absl::StrCat("/proc/self/fd/", waker.notify.fd.get());
+      UniqueFd notify(::open(path.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC));
+      if (!notify.valid()) return ErrnoError("re-opening a notify pipe", errno);
+      handout.notify = LeasedFd{std::move(notify), std::move(leases.back())};
+      leases.pop_back();
+    }
+    out.wakers.push_back(std::move(handout));
+  }
+  return out;
+}
+
 absl::Status TimelineTable::CheckHeld(uint64_t session, uint64_t id) const {
   absl::MutexLock lock(&mu_);
   return HeldLocked(session, id).status();
@@ -306,7 +445,15 @@ void TimelineTable::UnholdLocked(Session& session, uint64_t id) {
     held_by_uid_.erase(by_uid);
   }
   auto it = timelines_.find(id);
-  if (it == timelines_.end() || --it->second.holders > 0) return;
+  if (it == timelines_.end()) return;
+  if (auto waker = it->second.wakers.find(session.id); waker != it->second.wakers.end()) {
+    // The owner lets go of its copy when it sees this.
+    Store(waker->second.wake().closed, uint32_t{1});
+    it->second.wakers.erase(waker);
+    timeline::StatePage& state = it->second.state();
+    Store(state.wakers_gen, Load(state.wakers_gen) + 1);
+  }
+  if (--it->second.holders > 0) return;
   for (const auto& inode : {it->second.counters_inode, it->second.state_inode}) {
     if (auto known = inodes_.find(inode); known != inodes_.end() && known->second == id) {
       inodes_.erase(known);
@@ -327,8 +474,22 @@ void TimelineTable::EndLocked(Timeline& timeline, v1::FenceStatus status) {
   timeline.tracked.clear();
   Store(state.waited_point, uint64_t{0});
   Store(state.need_by_ns, int64_t{0});
+  WakeAllLocked(timeline);
+}
+
+void TimelineTable::WakeAllLocked(Timeline& timeline) {
+  timeline::StatePage& state = timeline.state();
   timeline::Bump(state.seq);
   timeline::WakeAll(state.seq);
+  for (auto& [session, waker] : timeline.wakers) {
+    timeline::WakeWaker(waker.wake());
+    if (waker.notify.fd.valid()) {
+      // Full (EAGAIN) is fine: the pipe is readable already. A closed read
+      // end (EPIPE; SIGPIPE is ignored) is the waiter's business.
+      const char byte = 1;
+      (void)!::write(waker.notify.fd.get(), &byte, 1);
+    }
+  }
 }
 
 void TimelineTable::MarkLocked(Timeline& timeline, const std::vector<uint64_t>& points) {
@@ -338,8 +499,7 @@ void TimelineTable::MarkLocked(Timeline& timeline, const std::vector<uint64_t>& 
     Store(state.marks[count % timeline::StatePage::kMarks], point);
     Store(state.mark_count, ++count);
   }
-  timeline::Bump(state.seq);
-  timeline::WakeAll(state.seq);
+  WakeAllLocked(timeline);
 }
 
 uint64_t TimelineTable::ObserveLocked(Timeline& timeline) {
@@ -351,8 +511,7 @@ uint64_t TimelineTable::ObserveLocked(Timeline& timeline) {
   // reached and took back) must see it: only where someone waits, so the
   // steady state costs no wake.
   if (!timeline.tracked.empty() && timeline.tracked.begin()->first <= reached) {
-    timeline::Bump(state.seq);
-    timeline::WakeAll(state.seq);
+    WakeAllLocked(timeline);
   }
   return reached;
 }
@@ -382,6 +541,14 @@ void TimelineTable::Scan(absl::Duration now) {
       entry.points.push_back(point);
       if (need_by > 0 && (entry.need_by_ns == 0 || need_by < entry.need_by_ns)) {
         entry.need_by_ns = need_by;
+      }
+    }
+  }
+  for (auto& [id, timeline] : timelines_) {
+    // An event-loop waiter's armed point is a wait like any other.
+    for (const auto& [session, waker] : timeline.wakers) {
+      if (const uint64_t armed = Load(waker.wake().armed); armed != 0) {
+        waited[id].points.push_back(armed);
       }
     }
   }
@@ -437,6 +604,8 @@ TimelineView TimelineTable::ViewLocked(const Timeline& timeline) const {
   view.deadline = timeline.deadline;
   view.created = timeline.created;
   view.holders = timeline.holders;
+  view.wakers = static_cast<uint32_t>(timeline.wakers.size());
+  for (const auto& [session, waker] : timeline.wakers) view.notify_fds += waker.notify.fd.valid();
   for (const auto& [point, tracked] : timeline.tracked) {
     view.waits.push_back({point, WallOf(tracked.since), WallOf(tracked.due)});
   }

@@ -24,6 +24,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -68,6 +69,9 @@ struct TimelineView {
   absl::Time created;
   // Sessions holding it (its owner among them until it drops it).
   uint32_t holders = 0;
+  // Sessions with a waker on it, and those of them with a notify fd.
+  uint32_t wakers = 0;
+  uint32_t notify_fds = 0;
   // Points waited on, as of the last scan: each with when the daemon first
   // saw it waited on and when it fails.
   struct Wait {
@@ -125,6 +129,33 @@ class TimelineTable {
   // signal it any more). Unknown ids are ignored.
   void Forget(uint64_t session, uint64_t id);
 
+  // The session's waker for timeline `id` (it must hold it): made at the
+  // first call, when `page` is the wake page's read-write fd to deliver.
+  // `notify` (a pipe's write end; the daemon and the owner write a byte to
+  // it) may come with the first call or a later one, once.
+  struct Registered {
+    uint64_t waker_id = 0;
+    std::optional<LeasedFd> page;
+  };
+  absl::StatusOr<Registered> RegisterWaker(uint64_t session, uint64_t id,
+                                           std::optional<UniqueFd> notify);
+  // The owner's copies of the wakers it does not know (PERMISSION_DENIED for
+  // anyone else), and the wakers_gen they answer.
+  struct WakerHandout {
+    uint64_t waker_id = 0;
+    LeasedFd page;
+    std::optional<LeasedFd> notify;
+  };
+  struct Wakers {
+    std::vector<WakerHandout> wakers;
+    uint64_t gen = 0;
+  };
+  // `known`: the wakers the owner has; `known_notify`: those of them it has
+  // the notify fd of (a waker that gained one since is sent again).
+  absl::StatusOr<Wakers> TakeWakers(uint64_t session, uint64_t id,
+                                    const std::vector<uint64_t>& known,
+                                    const std::vector<uint64_t>& known_notify);
+
   // Every timeline, oldest first (at most `limit`; 0: all).
   std::vector<TimelineView> List(size_t limit = 0) const;
   size_t size() const;
@@ -140,6 +171,17 @@ class TimelineTable {
   struct Tracked {
     absl::Duration since;  // monotonic
     absl::Duration due;
+  };
+  struct Waker {
+    uint64_t id = 0;
+    LeasedFd page_fd;  // read-write: the owner's copy comes from it
+    Mapping page;      // read-write: the daemon's own
+    // The notify pipe's write end, opened anew (O_NONBLOCK that nobody else
+    // can clear: the daemon never blocks on a full pipe).
+    LeasedFd notify;
+    timeline::WakePage& wake() const {
+      return *reinterpret_cast<timeline::WakePage*>(page.data());
+    }
   };
   struct Timeline {
     uint64_t id = 0;
@@ -164,6 +206,8 @@ class TimelineTable {
     // waits on it again), so this holds at most as many points as there are
     // wait slots of the sessions holding the timeline.
     std::map<uint64_t, Tracked> tracked;
+    // Session -> its waker.
+    std::map<uint64_t, Waker> wakers;
 
     const timeline::CounterPage& counters() const {
       return *reinterpret_cast<const timeline::CounterPage*>(counters_map.data());
@@ -178,6 +222,7 @@ class TimelineTable {
     uint32_t count = 0;
   };
   struct Session {
+    uint64_t id = 0;
     uid_t uid = 0;
     absl::flat_hash_map<uint64_t, Holding> held;
     LeasedFd wait_fd;
@@ -198,6 +243,8 @@ class TimelineTable {
   // The last point reached as the daemon sees it, published in the state
   // page (waking every waiter if it rose under a point someone waits on).
   uint64_t ObserveLocked(Timeline& timeline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Wakes every waker of `timeline`: its sleepers and its notify fd.
+  void WakeAllLocked(Timeline& timeline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Drops all of the session's holds on `id`.
   void UnholdLocked(Session& session, uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   TimelineView ViewLocked(const Timeline& timeline) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -250,6 +250,74 @@ TEST_F(TimelineTableTest, HoldsAreCountedPerObject) {
             absl::StrCat("timeline ", owned.id, " not found"));
 }
 
+TEST_F(TimelineTableTest, WakersReachTheOwnerAndAreWokenAtTheEnd) {
+  Owned owned = Create();
+  ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  int ends[2];
+  ASSERT_EQ(::pipe2(ends, O_CLOEXEC | O_NONBLOCK), 0);
+  UniqueFd read_end(ends[0]), write_end(ends[1]);
+  absl::StatusOr<TimelineTable::Registered> registered =
+      table_->RegisterWaker(kOther, owned.id, std::nullopt);
+  ASSERT_TRUE(registered.ok()) << registered.status();
+  ASSERT_TRUE(registered->page.has_value());
+  Mapping page = *Mapping::Create(registered->page->fd.get(), timeline::kPageSize,
+                                  Mapping::Protection::kReadWrite);
+  auto& wake = *reinterpret_cast<timeline::WakePage*>(page.data());
+  EXPECT_EQ(Load(wake.timeline_id), owned.id);
+  // Again with a notify pipe: the same waker gains it; a second pipe is refused.
+  absl::StatusOr<TimelineTable::Registered> again =
+      table_->RegisterWaker(kOther, owned.id, Dup(write_end));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->waker_id, registered->waker_id);
+  EXPECT_FALSE(again->page.has_value());
+  EXPECT_EQ(table_->RegisterWaker(kOther, owned.id, Dup(write_end)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(table_->RegisterWaker(kOther, owned.id, Dup(read_end)).status().message(),
+            "the notify fd must be a pipe's write end");
+  EXPECT_EQ(table_->RegisterWaker(3, owned.id, std::nullopt).status().code(),
+            absl::StatusCode::kNotFound);
+  // Only the owner takes wakers; a waker it knows comes again once it has a
+  // notify fd the owner lacks.
+  EXPECT_EQ(table_->TakeWakers(kOther, owned.id, {}, {}).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  absl::StatusOr<TimelineTable::Wakers> taken = table_->TakeWakers(kOwner, owned.id, {}, {});
+  ASSERT_TRUE(taken.ok());
+  ASSERT_EQ(taken->wakers.size(), 1u);
+  EXPECT_TRUE(taken->wakers[0].notify.has_value());
+  EXPECT_EQ(taken->gen, Load(owned.state().wakers_gen));
+  const uint64_t id = taken->wakers[0].waker_id;
+  EXPECT_TRUE(table_->TakeWakers(kOwner, owned.id, {id}, {id})->wakers.empty());
+  EXPECT_EQ(table_->TakeWakers(kOwner, owned.id, {id}, {})->wakers.size(), 1u);
+  // The owner's end wakes the waker and writes to its pipe.
+  const uint32_t seq = Load(wake.seq);
+  table_->CloseSession(kOwner);
+  EXPECT_NE(Load(wake.seq), seq);
+  char byte;
+  EXPECT_EQ(::read(read_end.get(), &byte, 1), 1);
+  // A full pipe does not block the daemon.
+  const std::vector<char> junk(1 << 17, 'x');
+  while (::write(write_end.get(), junk.data(), junk.size()) > 0) {
+  }
+  table_->Forget(kOther, owned.id);
+  EXPECT_EQ(Load(wake.closed), 1u) << "the waker is gone with the hold";
+}
+
+TEST_F(TimelineTableTest, AnArmedNotifyPointIsTimed) {
+  Owned owned = Create();
+  ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  absl::StatusOr<TimelineTable::Registered> registered =
+      table_->RegisterWaker(kOther, owned.id, std::nullopt);
+  ASSERT_TRUE(registered.ok());
+  Mapping page = *Mapping::Create(registered->page->fd.get(), timeline::kPageSize,
+                                  Mapping::Protection::kReadWrite);
+  Store(reinterpret_cast<timeline::WakePage*>(page.data())->armed, uint64_t{2});
+  const absl::Duration t0 = absl::Seconds(100);
+  table_->Scan(t0);
+  table_->Scan(t0 + kDeadline);
+  ASSERT_EQ(Load(owned.state().mark_count), 1u);
+  EXPECT_EQ(Load(owned.state().marks[0]), 2u);
+}
+
 TEST_F(TimelineTableTest, LimitsAreNamed) {
   table_->Stop();
   table_ = std::make_unique<TimelineTable>(

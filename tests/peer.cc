@@ -22,8 +22,10 @@
 //       signal 1, 2, 3, ... every interval until killed
 //   peer timeline-consume <dir> <token>   import, print "ready", then wait for
 //       1, 2, 3, ... in order until a point is not OK: "woke mono_ns=<ns>
-//       point=<n> status=<S> order=<ok|bad>" (bad: a wait returned before
-//       Query() showed its point)
+//       point=<n> status=<S> order=<ok|bad>" (bad: Query() went back, or a
+//       point before the one waited for did not read OK)
+//   peer timeline-poll <dir> <token>   the same from an event loop: the
+//       timeline's notify fd, armed for each point, polled
 //   peer timeline-attack <dir> <token>   import, then try to write every byte
 //       of the timeline's pages every way there is; one line per attempt
 //       "attack <what>: <refused|WROTE>", then "done"
@@ -45,6 +47,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -191,7 +194,7 @@ int Produce(bufferd::Client& client, int64_t interval_us) {
 }
 
 // timeline-consume
-int Consume(bufferd::Client& client, const std::string& token) {
+int Consume(bufferd::Client& client, const std::string& token, bool poll) {
   absl::StatusOr<bufferd::Timeline> timeline = client.ImportTimeline(token);
   if (!timeline.ok()) return Fail("import", timeline.status());
   std::printf("ready\n");
@@ -199,8 +202,24 @@ int Consume(bufferd::Client& client, const std::string& token) {
   // OK, and Query() never goes back.
   bool in_order = true;
   uint64_t last_query = 0;
+  absl::StatusOr<int> notify = poll ? timeline->NotifyFd() : absl::StatusOr<int>(-1);
+  if (!notify.ok()) return Fail("notify fd", notify.status());
   for (uint64_t point = 1;; ++point) {
-    absl::StatusOr<bufferd::PointResult> result = timeline->Wait(point, absl::Seconds(60));
+    absl::StatusOr<bufferd::PointResult> result;
+    if (poll) {
+      while (true) {
+        absl::StatusOr<std::optional<bufferd::PointResult>> armed = timeline->Arm(point);
+        if (!armed.ok()) return Fail("arm", armed.status());
+        if (armed->has_value()) {
+          result = **std::move(armed);
+          break;
+        }
+        pollfd ready{*notify, POLLIN, 0};
+        if (::poll(&ready, 1, 60000) != 1) return Fail("poll", absl::DeadlineExceededError("60 s"));
+      }
+    } else {
+      result = timeline->Wait(point, absl::Seconds(60));
+    }
     const int64_t woke = MonotonicNs();
     if (!result.ok()) return Fail("wait", result.status());
     const uint64_t query = timeline->Query();
@@ -397,7 +416,8 @@ int main(int argc, char** argv) {
     return WaitForFence(*client, mode, argv[3]);
   }
   if (mode == "timeline-produce" && argc == 4) return Produce(*client, std::atoll(argv[3]));
-  if (mode == "timeline-consume" && argc == 4) return Consume(*client, argv[3]);
+  if (mode == "timeline-consume" && argc == 4) return Consume(*client, argv[3], false);
+  if (mode == "timeline-poll" && argc == 4) return Consume(*client, argv[3], true);
   if (mode == "timeline-attack" && argc == 4) return Attack(*client, argv[3]);
   if (mode == "timeline-requeue" && argc == 5) {
     return Requeue(*client, argv[3], std::atoll(argv[4]));
