@@ -111,6 +111,19 @@ void DaemonTest::ExpectBaseline() {
   for (const auto& heap : heaps->heaps()) EXPECT_EQ(heap.used(), 0u) << heap.name();
 }
 
+std::string Bufctl(const std::string& dir, const std::string& command) {
+  const std::string line =
+      absl::StrCat(BinaryPath("tools/bufctl"), " --socket-dir ", dir, " ", command);
+  std::string out;
+  FILE* pipe = ::popen(line.c_str(), "r");
+  if (pipe == nullptr) return out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
+  ::pclose(pipe);
+  return out;
+}
+
 std::unique_ptr<v1::Allocator::Stub> NewAllocatorStub(const std::string& socket_dir) {
   return v1::Allocator::NewStub(grpc::CreateChannel(
       absl::StrCat("unix:", ControlSocketPath(socket_dir)), grpc::InsecureChannelCredentials()));

@@ -69,6 +69,10 @@ absl::StatusOr<ChildProcess> SpawnPeerAs(uid_t uid, gid_t gid, const std::vector
                                          const std::string& binary,
                                          const std::vector<std::string>& args);
 
+// What `bufctl --socket-dir <dir> <command>` prints (the test needs
+// //tools:bufctl in its data).
+std::string Bufctl(const std::string& dir, const std::string& command);
+
 // A DaemonProcess that prints the daemon's log when the test has failed.
 class TestDaemon : public DaemonProcess {
  public:

@@ -27,6 +27,7 @@
 namespace bufferd {
 namespace {
 
+using ::bufferd::testing::Bufctl;
 using ::bufferd::testing::ChildProcess;
 using ::bufferd::testing::DaemonTest;
 using ::bufferd::testing::Eventually;
@@ -119,18 +120,6 @@ TEST_F(FenceTest, CreateSignalWaitInfo) {
 }
 
 // Runs bufctl against the daemon; returns its stdout.
-std::string Bufctl(const std::string& dir, const std::string& command) {
-  const std::string line =
-      absl::StrCat(testing::BinaryPath("tools/bufctl"), " --socket-dir ", dir, " ", command);
-  std::string out;
-  FILE* pipe = ::popen(line.c_str(), "r");
-  if (pipe == nullptr) return out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
-  ::pclose(pipe);
-  return out;
-}
 
 TEST_F(FenceTest, BufctlShowsFencesAndWhoHoldsThem) {
   {

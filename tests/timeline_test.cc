@@ -34,6 +34,7 @@
 namespace bufferd {
 namespace {
 
+using ::bufferd::testing::Bufctl;
 using ::bufferd::testing::ChildProcess;
 using ::bufferd::testing::DaemonTest;
 using ::bufferd::testing::Eventually;
@@ -154,7 +155,7 @@ TEST_F(TimelineTest, SignalWaitQueryAndFailAcrossSessions) {
 TEST_F(TimelineTest, TheOwnerSeesWhoWaits) {
   Client owner = Connect();
   Client waiter = Connect();
-  absl::StatusOr<Timeline> produced = owner.CreateTimeline();
+  absl::StatusOr<Timeline> produced = owner.CreateTimeline({.name = "watched"});
   ASSERT_TRUE(produced.ok());
   absl::StatusOr<Timeline> seen = waiter.ImportTimeline(*produced->Export());
   ASSERT_TRUE(seen.ok());
@@ -168,6 +169,11 @@ TEST_F(TimelineTest, TheOwnerSeesWhoWaits) {
   ASSERT_TRUE(info.ok());
   ASSERT_EQ(info->waits_size(), 1);
   EXPECT_EQ(info->waits(0).point(), 3u);
+  const std::string table = Bufctl(daemon_->socket_dir(), "fences");
+  EXPECT_THAT(table, HasSubstr("WAITED (POINT@AGE)")) << table;
+  EXPECT_THAT(table, ::testing::ContainsRegex(absl::StrCat(
+                         "watched +timeline_test\\[", ::getpid(), "\\] +live +0 +3@[0-9.]+m?s ")))
+      << table;
   ASSERT_TRUE(produced->Signal(3).ok());
   blocked.join();
   EXPECT_TRUE(Eventually([&] { return produced->WaitedOn().point == 0; }));

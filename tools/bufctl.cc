@@ -235,6 +235,34 @@ int Fences(const bufferd::Client& client, bool json, bool pending_only, uint64_t
               "DEADLINE IN", "NEEDED IN", "MESSAGE"},
              rows);
   if (cut) std::cout << "(the first " << rows.size() << " fences; --limit N for another cut)\n";
+  if (fences->timelines_size() == 0) return 0;
+  // Timelines: where each stands and who waits on what, for how long.
+  std::vector<Row> timelines;
+  for (const auto& t : fences->timelines()) {
+    const std::string owner_name =
+        t.owner_pid() != 0 ? absl::StrCat(t.owner_comm(), "[", t.owner_pid(), "]")
+        : t.owner_session() != 0 ? absl::StrCat("session ", t.owner_session())
+                                 : "-";
+    std::string waits;
+    for (int i = 0; i < t.waits_size() && i < 4; ++i) {
+      absl::StrAppend(&waits, i == 0 ? "" : " ", t.waits(i).point(), "@",
+                      FenceAge(t.waits(i).since()));
+    }
+    if (t.waits_size() > 4) absl::StrAppend(&waits, " +", t.waits_size() - 4);
+    timelines.push_back(
+        {absl::StrCat(t.timeline_id()), t.name().empty() ? "-" : t.name(), owner_name,
+         t.ended() == 0 ? "live" : Lower(bufferd::v1::FenceStatus_Name(t.ended()), "fence_status_"),
+         absl::StrCat(t.reached()), waits.empty() ? "-" : waits,
+         t.waits_size() > 0 ? FromNow(t.waits(0).fails_at()) : "-",
+         t.has_need_by() ? FromNow(t.need_by()) : "-",
+         absl::StrCat(t.wakers(), t.notify_fds() > 0 ? absl::StrCat(" (", t.notify_fds(), " fd)")
+                                                     : ""),
+         absl::StrCat(t.deadline_failures()), absl::StrCat(t.holders()), FenceAge(t.created_at())});
+  }
+  std::cout << "\n";
+  PrintTable({"TIMELINE", "NAME", "OWNER", "STATE", "POINT", "WAITED (POINT@AGE)", "FAILS IN",
+              "NEEDED IN", "WAKERS", "DEADLINE FAILS", "HOLDERS", "AGE"},
+             timelines);
   return 0;
 }
 
@@ -254,7 +282,8 @@ int main(int argc, char** argv) {
   auto* buffers = app.add_subcommand("buffers", "buffers: size, backing, name, holders");
   buffers->add_option("--heap", heap, "only this heap");
   auto* fences = app.add_subcommand(
-      "fences", "fences: pending first (oldest first), owner, waiters, time to deadline");
+      "fences", "fences: pending first (oldest first), owner, waiters, time to deadline; then "
+                "timelines: point reached, points waited on and for how long");
   bool pending_only = false;
   uint64_t owner = 0;
   uint32_t limit = 0;
