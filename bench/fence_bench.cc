@@ -19,8 +19,8 @@
 // T1. Timeline::Signal(point) -> a waiter blocked in Timeline::Wait in
 //     another process returns; floor: one raw one-way futex wake between two
 //     processes (a store and FUTEX_WAKE on a shared page). And -> a waiter
-//     polling its notify fd wakes; floor: a one-byte pipe write waking a
-//     poll. Target <= 1.25x; figure 1's daemon-relayed fence path is printed
+//     polling its notify fd wakes; floor: one datagram on a socket pair
+//     waking a poll. Target <= 1.25x; figure 1's daemon-relayed fence path is printed
 //     beside it.
 // T2. The daemon's voluntary context switches (all its threads) over 10,000
 //     ping-pong frames (T3). Target: under 1 per 100 frames.
@@ -537,21 +537,22 @@ double TimelineOnce(Timeline& timeline, uint64_t point, const Helper& waiter) {
   return (woke - start) / 1000.0;
 }
 
-// Floor T1 (notify fd): a one-byte pipe write -> the waiter's poll returns.
-double PipeWriteOnce(const Helper& waiter) {
+// Floor T1 (notify fd): one datagram sent on a socket pair (what a notify
+// channel is) -> the waiter's poll returns.
+double DgramSendOnce(const Helper& waiter) {
   int ends[2];
-  if (::pipe2(ends, O_CLOEXEC) != 0) std::exit(1);
+  if (::socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, ends) != 0) std::exit(1);
   UniqueFd read_end(ends[0]), write_end(ends[1]);
-  // The pipe's buffer page allocated (and kept) before the clock starts.
+  // Warm: one datagram through before the clock starts.
   char byte = 1;
-  if (::write(write_end.get(), &byte, 1) != 1 || ::read(read_end.get(), &byte, 1) != 1) {
+  if (::send(write_end.get(), &byte, 1, 0) != 1 || ::recv(read_end.get(), &byte, 1, 0) != 1) {
     std::exit(1);
   }
   (void)waiter.Ask("pipe-poll", {read_end.get()});
   read_end.Reset();
   LetThemBlock();
   const int64_t start = NowNs();
-  if (::write(write_end.get(), &byte, 1) != 1) std::exit(1);
+  if (::send(write_end.get(), &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL) != 1) std::exit(1);
   const int64_t woke = Stamp(waiter.Read());
   return (woke - start) / 1000.0;
 }
@@ -698,7 +699,7 @@ int main(int argc, char** argv) {
       for (int i = 0; i < iterations; ++i) {
         futex_s.push_back(FutexOnce(*waiter));
         timeline_s.push_back(TimelineOnce(*timeline, ++point, *waiter));
-        pipe_s.push_back(PipeWriteOnce(*waiter));
+        pipe_s.push_back(DgramSendOnce(*waiter));
         poll_fd_s.push_back(TimelinePollOnce(*timeline, ++point, *waiter));
       }
       Verdict("T1. Timeline Signal -> Wait", placement.name, Summarize(timeline_s, 0),

@@ -268,16 +268,19 @@ class Timeline {
   };
   Waited WaitedOn() const;
 
-  // For event loops: a pipe's read end (owned by this object; O_NONBLOCK)
-  // that polls readable when the point last armed is reached or failed (and
-  // at the daemon's deadline marks and the timeline's end). The first call
-  // registers it (one round trip); the owner writes a byte to it when it
-  // signals, with no daemon in the path.
+  // For event loops: an fd (an epoll fd over two pipes: the owner's and the
+  // daemon's; owned by this object) that polls readable when the point last
+  // armed is reached or failed, and at the daemon's deadline marks and the
+  // timeline's end. The first call registers it (one round trip); the owner
+  // writes a byte to its pipe when it signals, with no daemon in the path.
+  // One per session and timeline (this session's Timeline objects of it
+  // share it).
   absl::StatusOr<int> NotifyFd() const;
   // Drains the notify fd and arms it for `point`: the result if the point is
-  // reached or failed already (do not wait for the fd then), else nullopt
-  // (poll the fd, then Arm again or Wait(point, 0)). Not a round trip: a
-  // store. From one thread at a time.
+  // reached or failed already (do not wait for the fd then; nothing stays
+  // armed), else nullopt (poll the fd, then Arm again or Wait(point, 0)).
+  // Not a round trip: a store. Arm(0) disarms (an armed point counts as
+  // waited on: its deadline runs). One event loop per session and timeline.
   absl::StatusOr<std::optional<PointResult>> Arm(uint64_t point) const;
 
   // A single-use token another session redeems with Client::ImportTimeline

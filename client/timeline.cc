@@ -1,7 +1,9 @@
 // The client library's timelines: Timeline and Client's timeline calls.
 // The shared memory and its rules are fences/timeline_shm.h.
 #include <fcntl.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -254,57 +256,77 @@ absl::Status Timeline::SignalWith(uint64_t point, absl::string_view message, boo
   return absl::OkStatus();
 }
 
+namespace {
+
+// Wakes one waiting session: its sleepers, and its event loop if it armed a
+// point now reached.
+void WakeOne(timeline::WakePage& page, int notify, uint64_t point) {
+  timeline::WakeWaker(page);
+  if (notify < 0) return;
+  const uint64_t armed = std::atomic_ref<uint64_t>(page.armed).load(std::memory_order_seq_cst);
+  if (armed != 0 && armed <= point && Load(page.notified) != armed) {
+    Store(page.notified, armed);
+    // Never blocks (full is fine: it is readable) and never raises SIGPIPE.
+    const char byte = 1;
+    (void)::send(notify, &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+  }
+}
+
+}  // namespace
+
 void Timeline::WakeWakers(uint64_t point) {
+  // The wakers known first: a waiter never waits for the round trip below.
+  for (auto& [waker_id, waker] : shared_->wakers) {
+    WakeOne(waker.wake(), waker.notify.valid() ? waker.notify.get() : -1, point);
+  }
   const timeline::StatePage& state = shared_->state_page();
   // seq_cst after the store of the counter: a waker registered after this
   // load was registered after the store, and its waiter sees the point.
   const uint64_t gen = std::atomic_ref<uint64_t>(const_cast<uint64_t&>(state.wakers_gen))
                            .load(std::memory_order_seq_cst);
-  if (gen != shared_->wakers_gen) {
-    // A waiter came or went: one round trip, then none until the next.
-    v1::TakeWakersRequest request;
-    request.set_timeline_id(id());
-    for (auto it = shared_->wakers.begin(); it != shared_->wakers.end();) {
-      if (Load(it->second.wake().closed) != 0) {
-        it = shared_->wakers.erase(it);
-      } else {
-        request.add_known_waker_ids(it->first);
-        if (it->second.notify.valid()) request.add_notify_known_waker_ids(it->first);
-        ++it;
-      }
-    }
-    v1::TakeWakersResponse response;
-    internal::Call call = connection_->NewCall();
-    if (connection_->Finish(call, connection_->fence().TakeWakers(call.context.get(), request,
-                                                                  &response))
-            .ok()) {
-      for (const v1::TakeWakersResponse::Waker& waker : response.wakers()) {
-        absl::StatusOr<UniqueFd> page = connection_->TakeFd(waker.page_transfer_id());
-        absl::StatusOr<UniqueFd> notify = waker.notify_transfer_id() != 0
-                                              ? connection_->TakeFd(waker.notify_transfer_id())
-                                              : absl::StatusOr<UniqueFd>(UniqueFd());
-        if (!page.ok() || !notify.ok()) continue;
-        absl::StatusOr<Mapping> map = Mapping::Create(page->get(), timeline::kPageSize,
-                                                      Mapping::Protection::kReadWrite);
-        if (!map.ok()) continue;
-        shared_->wakers[waker.waker_id()] = {*std::move(map), *std::move(notify)};
-      }
-      shared_->wakers_gen = response.wakers_gen();
-    }
-    // On failure (the session is ending) the waiters still look again
-    // within timeline::kMaxSleepNs.
-  }
-  for (auto& [waker_id, waker] : shared_->wakers) {
-    timeline::WakePage& page = waker.wake();
-    timeline::WakeWaker(page);
-    if (!waker.notify.valid()) continue;
-    const uint64_t armed = std::atomic_ref<uint64_t>(page.armed).load(std::memory_order_seq_cst);
-    if (armed != 0 && armed <= point && Load(page.notified) != armed) {
-      Store(page.notified, armed);
-      const char byte = 1;
-      (void)!::write(waker.notify.get(), &byte, 1);  // full is fine: it is readable
+  if (gen == shared_->wakers_gen) return;
+  // A waiter came, went or added a notify fd: one round trip, then none
+  // until the next. On failure (the session ending) waiters still look
+  // again within timeline::kMaxSleepNs, and the daemon writes to a notify
+  // fd whose armed point was reached without a byte at its next scan.
+  v1::TakeWakersRequest request;
+  request.set_timeline_id(id());
+  for (auto it = shared_->wakers.begin(); it != shared_->wakers.end();) {
+    if (Load(it->second.wake().closed) != 0) {
+      it = shared_->wakers.erase(it);
+    } else {
+      request.add_known_waker_ids(it->first);
+      if (it->second.notify.valid()) request.add_notify_known_waker_ids(it->first);
+      ++it;
     }
   }
+  v1::TakeWakersResponse response;
+  internal::Call call = connection_->NewCall();
+  if (!connection_->Finish(call, connection_->fence().TakeWakers(call.context.get(), request,
+                                                                 &response))
+           .ok()) {
+    return;
+  }
+  bool complete = response.wakers_gen() != 0;
+  for (const v1::TakeWakersResponse::Waker& waker : response.wakers()) {
+    // Every fd the answer names is taken, used or not.
+    absl::StatusOr<UniqueFd> page = connection_->TakeFd(waker.page_transfer_id());
+    absl::StatusOr<UniqueFd> notify = waker.notify_transfer_id() != 0
+                                          ? connection_->TakeFd(waker.notify_transfer_id())
+                                          : absl::StatusOr<UniqueFd>(UniqueFd());
+    absl::StatusOr<Mapping> map =
+        page.ok() ? Mapping::Create(page->get(), timeline::kPageSize,
+                                    Mapping::Protection::kReadWrite)
+                  : page.status();
+    if (!map.ok() || !notify.ok()) {
+      complete = false;
+      continue;
+    }
+    Shared::OwnedWaker& kept = shared_->wakers[waker.waker_id()];
+    kept = {*std::move(map), *std::move(notify)};
+    WakeOne(kept.wake(), kept.notify.valid() ? kept.notify.get() : -1, point);
+  }
+  if (complete) shared_->wakers_gen = response.wakers_gen();
 }
 
 uint64_t Timeline::Query() const {
@@ -332,81 +354,91 @@ absl::StatusOr<PointResult> Timeline::Wait(uint64_t point, absl::Duration timeou
   return std::move(results[0]);
 }
 
-absl::StatusOr<std::shared_ptr<internal::Waker>> Timeline::EnsureWaker(
-    bool with_notify) const {
+absl::StatusOr<std::shared_ptr<internal::Waker>> Timeline::EnsureWaker(bool with_notify) const {
   std::lock_guard lock(shared_->waker_mu);
-  if (shared_->waker == nullptr) {
-    // One per session and timeline, shared by this session's Timeline
-    // objects of it; registered under the connection's lock, so only once.
-    std::lock_guard wakers(connection_->wakers_mu());
-    std::weak_ptr<internal::Waker>& known = connection_->wakers()[id()];
-    shared_->waker = known.lock();
-    if (shared_->waker == nullptr) {
-      v1::RegisterWakerRequest request;
-      request.set_timeline_id(id());
-      v1::RegisterWakerResponse response;
-      internal::Call call = connection_->NewCall();
-      RETURN_IF_ERROR(connection_->Finish(
-          call, connection_->fence().RegisterWaker(call.context.get(), request, &response)));
-      if (response.page_transfer_id() == 0) {
-        return absl::InternalError("the daemon sent no wake page for a new waker");
-      }
-      ASSIGN_OR_RETURN(UniqueFd page, connection_->TakeFd(response.page_transfer_id()));
-      auto waker = std::make_shared<internal::Waker>();
+  if (shared_->waker != nullptr && (!with_notify || shared_->waker->epoll.valid())) {
+    return shared_->waker;
+  }
+  // One per session and timeline, shared by this session's Timeline objects
+  // of it; (re-)registered under the connection's lock: the daemon hands
+  // the same waker out again to an object that lost it.
+  std::lock_guard wakers(connection_->wakers_mu());
+  auto& all = connection_->wakers();
+  if (all.size() > 64) {
+    // Wakers of timelines this session no longer waits on.
+    std::erase_if(all, [](const auto& entry) { return entry.second.expired(); });
+  }
+  std::weak_ptr<internal::Waker>& known = all[id()];
+  std::shared_ptr<internal::Waker> waker = known.lock();
+  if (waker == nullptr || (with_notify && !waker->epoll.valid())) {
+    v1::RegisterWakerRequest request;
+    request.set_timeline_id(id());
+    request.set_notify(with_notify);
+    v1::RegisterWakerResponse response;
+    internal::Call call = connection_->NewCall();
+    RETURN_IF_ERROR(connection_->Finish(
+        call, connection_->fence().RegisterWaker(call.context.get(), request, &response)));
+    // Every fd the answer names is taken, used or not.
+    absl::StatusOr<UniqueFd> page = connection_->TakeFd(response.page_transfer_id());
+    absl::StatusOr<UniqueFd> daemon_read =
+        with_notify ? connection_->TakeFd(response.daemon_notify_transfer_id()) : UniqueFd();
+    absl::StatusOr<UniqueFd> owner_read =
+        with_notify ? connection_->TakeFd(response.owner_notify_transfer_id()) : UniqueFd();
+    RETURN_IF_ERROR(page.status());
+    RETURN_IF_ERROR(daemon_read.status());
+    RETURN_IF_ERROR(owner_read.status());
+    if (waker == nullptr) {
+      waker = std::make_shared<internal::Waker>();
       waker->id = response.waker_id();
-      ASSIGN_OR_RETURN(waker->page, Mapping::Create(page.get(), timeline::kPageSize,
+      ASSIGN_OR_RETURN(waker->page, Mapping::Create(page->get(), timeline::kPageSize,
                                                     Mapping::Protection::kReadWrite));
       known = waker;
-      shared_->waker = std::move(waker);
     }
-  }
-  std::shared_ptr<internal::Waker> waker = shared_->waker;
-  if (with_notify) {
-    std::lock_guard notify_lock(waker->mu);
-    if (!waker->notify.valid()) {
-      int ends[2];
-      if (::pipe2(ends, O_CLOEXEC | O_NONBLOCK) != 0) return ErrnoError("pipe2", errno);
-      UniqueFd read_end(ends[0]), write_end(ends[1]);
-      const uint64_t upload_id = connection_->NewUploadId();
-      v1::FdChannelMessage record;
-      record.mutable_upload()->set_upload_id(upload_id);
-      const int fds[] = {write_end.get()};
-      if (absl::Status sent = connection_->SendRecord(record, fds); !sent.ok()) {
-        return SendFailed(sent);
+    if (with_notify) {
+      UniqueFd epoll(::epoll_create1(EPOLL_CLOEXEC));
+      if (!epoll.valid()) return ErrnoError("epoll_create1", errno);
+      for (const UniqueFd* end : {&*daemon_read, &*owner_read}) {
+        epoll_event event{};
+        event.events = EPOLLIN;
+        if (::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, end->get(), &event) != 0) {
+          return ErrnoError("epoll_ctl", errno);
+        }
       }
-      write_end.Reset();  // the daemon and the owner hold it now, not us
-      v1::RegisterWakerRequest request;
-      request.set_timeline_id(id());
-      request.set_notify_upload_id(upload_id);
-      v1::RegisterWakerResponse response;
-      internal::Call call = connection_->NewCall();
-      RETURN_IF_ERROR(connection_->Finish(
-          call, connection_->fence().RegisterWaker(call.context.get(), request, &response)));
-      waker->notify = std::move(read_end);
+      std::lock_guard notify_lock(waker->mu);
+      waker->daemon_read = *std::move(daemon_read);
+      waker->owner_read = *std::move(owner_read);
+      waker->epoll = std::move(epoll);
     }
   }
+  shared_->waker = waker;
   return waker;
 }
 
 absl::StatusOr<int> Timeline::NotifyFd() const {
   if (shared_ == nullptr) return absl::FailedPreconditionError("moved-from Timeline");
   ASSIGN_OR_RETURN(std::shared_ptr<internal::Waker> waker, EnsureWaker(true));
-  return waker->notify.get();
+  return waker->epoll.get();
 }
 
 absl::StatusOr<std::optional<PointResult>> Timeline::Arm(uint64_t point) const {
   if (shared_ == nullptr) return absl::FailedPreconditionError("moved-from Timeline");
   RETURN_IF_ERROR(CheckPoint(point));
   ASSIGN_OR_RETURN(std::shared_ptr<internal::Waker> waker, EnsureWaker(true));
-  char drained[64];
-  while (::read(waker->notify.get(), drained, sizeof(drained)) > 0) {
+  char drained[4096];
+  for (const UniqueFd* end : {&waker->daemon_read, &waker->owner_read}) {
+    while (::recv(end->get(), drained, sizeof(drained), MSG_DONTWAIT) > 0) {
+    }
   }
-  // seq_cst: the owner stores its counter, then loads this; one of the two
-  // sees the other.
+  // The owner stores its counter, then loads this: one of the two sees the
+  // other (a full fence between the store and the loads below).
   std::atomic_ref<uint64_t>(waker->wake().armed).store(point, std::memory_order_seq_cst);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (point == 0) return std::nullopt;  // disarmed
   timeline::PointState state =
       timeline::Evaluate(shared_->counter_page(), shared_->state_page(), point, shared_->seen);
   if (!state.done) return std::nullopt;
+  // Done: nothing more to wait for (the daemon stops timing it).
+  std::atomic_ref<uint64_t>(waker->wake().armed).store(0, std::memory_order_seq_cst);
   return PointResult{point, state.status, std::move(state.message)};
 }
 

@@ -269,17 +269,20 @@ grpc::ServerUnaryReactor* FenceService::RegisterWaker(grpc::CallbackServerContex
                                                       const v1::RegisterWakerRequest* request,
                                                       v1::RegisterWakerResponse* response) {
   return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
-    std::optional<UniqueFd> notify;
-    if (request->notify_upload_id() != 0) {
-      ASSIGN_OR_RETURN(notify, d_.hub->TakeUpload(session, request->notify_upload_id()));
-    }
+    const uint64_t id = request->timeline_id();
     ASSIGN_OR_RETURN(TimelineTable::Registered registered,
-                     d_.timelines->RegisterWaker(session, request->timeline_id(), std::move(notify)));
+                     d_.timelines->RegisterWaker(session, id, request->notify()));
     response->set_waker_id(registered.waker_id);
-    if (registered.page.has_value()) {
-      ASSIGN_OR_RETURN(uint64_t page, Deliver(session, v1::FD_KIND_TIMELINE_WAKER,
-                                              request->timeline_id(), *std::move(registered.page)));
-      response->set_page_transfer_id(page);
+    ASSIGN_OR_RETURN(uint64_t page, Deliver(session, v1::FD_KIND_TIMELINE_WAKER, id,
+                                            std::move(registered.page)));
+    response->set_page_transfer_id(page);
+    if (registered.daemon_read.has_value() && registered.owner_read.has_value()) {
+      ASSIGN_OR_RETURN(uint64_t daemon_pipe, Deliver(session, v1::FD_KIND_TIMELINE_WAKER, id,
+                                                     *std::move(registered.daemon_read)));
+      ASSIGN_OR_RETURN(uint64_t owner_pipe, Deliver(session, v1::FD_KIND_TIMELINE_WAKER, id,
+                                                    *std::move(registered.owner_read)));
+      response->set_daemon_notify_transfer_id(daemon_pipe);
+      response->set_owner_notify_transfer_id(owner_pipe);
     }
     return absl::OkStatus();
   });

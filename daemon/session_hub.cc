@@ -1,7 +1,6 @@
 #include "daemon/session_hub.h"
 
 #include <fcntl.h>
-#include <sys/stat.h>
 
 #include <fstream>
 
@@ -106,12 +105,10 @@ absl::Status SessionHub::OnUpload(uint64_t session_id, uint64_t upload_id,
   // socket (the client's own fd.sock end among them, which would keep its
   // session from ever ending). The call naming it gets the reason.
   absl::StatusOr<LeasedFd> upload;
-  // A memfd (F_GET_SEALS works on nothing else) may be a timeline page, a
-  // pipe's write end a timeline notify fd; the call naming it checks it.
-  struct stat st {};
+  // A memfd (F_GET_SEALS works on nothing else) may be a timeline page; the
+  // call naming it checks it.
   if (absl::Status importable = CheckImportable(fds[0].get());
-      !importable.ok() && ::fcntl(fds[0].get(), F_GET_SEALS) < 0 &&
-      !(::fstat(fds[0].get(), &st) == 0 && S_ISFIFO(st.st_mode))) {
+      !importable.ok() && ::fcntl(fds[0].get(), F_GET_SEALS) < 0) {
     upload = importable;
   } else if (absl::StatusOr<FdBudget::Lease> lease = budget_->Acquire(FdUse::kFence, uid);
              !lease.ok()) {

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -279,16 +280,38 @@ absl::StatusOr<TimelineTable::Handout> TimelineTable::Hold(uint64_t session_id, 
                  LeasedFd{std::move(state_fd), std::move(state_lease)}};
 }
 
-absl::StatusOr<TimelineTable::Registered> TimelineTable::RegisterWaker(
-    uint64_t session_id, uint64_t id, std::optional<UniqueFd> notify) {
-  if (notify.has_value()) {
-    struct stat st;
-    const int flags = ::fcntl(notify->get(), F_GETFL);
-    if (::fstat(notify->get(), &st) != 0 || !S_ISFIFO(st.st_mode) || flags < 0 ||
-        (flags & O_ACCMODE) != O_WRONLY) {
-      return absl::InvalidArgumentError("the notify fd must be a pipe's write end");
-    }
+namespace {
+
+// A notify channel: a datagram socket pair, both ends leased. Writers send
+// with MSG_DONTWAIT | MSG_NOSIGNAL: a full queue never blocks them (it is
+// readable anyway) and a reader gone never raises SIGPIPE, whatever anyone
+// does to the ends' flags.
+absl::Status MakeChannel(LeasedFd& read_end, LeasedFd& write_end, FdBudget::Lease read_lease,
+                         FdBudget::Lease write_lease) {
+  int ends[2];
+  if (::socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, ends) != 0) {
+    return ErrnoError("socketpair", errno);
   }
+  read_end = LeasedFd{UniqueFd(ends[0]), std::move(read_lease)};
+  write_end = LeasedFd{UniqueFd(ends[1]), std::move(write_lease)};
+  return absl::OkStatus();
+}
+
+void Notify(int fd) {
+  const char byte = 1;
+  (void)::send(fd, &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
+absl::StatusOr<UniqueFd> DupFd(int fd) {
+  const int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) return ErrnoError("dup", errno);
+  return UniqueFd(copy);
+}
+
+}  // namespace
+
+absl::StatusOr<TimelineTable::Registered> TimelineTable::RegisterWaker(uint64_t session_id,
+                                                                       uint64_t id, bool notify) {
   uid_t uid;
   bool has_waker, has_notify;
   {
@@ -297,28 +320,24 @@ absl::StatusOr<TimelineTable::Registered> TimelineTable::RegisterWaker(
     uid = sessions_.at(session_id).uid;
     auto waker = timeline->wakers.find(session_id);
     has_waker = waker != timeline->wakers.end();
-    has_notify = has_waker && waker->second.notify.fd.valid();
-  }
-  if (has_notify && notify.has_value()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("this session has a notify fd for timeline ", id, " already"));
+    has_notify = has_waker && waker->second.notify();
   }
   // Made and leased without the table's lock (the budget may run reclaimers).
-  LeasedFd notify_fd;
-  if (notify.has_value()) {
-    ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kFence, uid));
-    // A description of its own: O_NONBLOCK that the waiter (who may keep
-    // the same write end) cannot clear.
-    const std::string path = absl::StrCat("/proc/self/fd/", notify->get());
-    UniqueFd reopened(::open(path.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC));
-    if (!reopened.valid()) return ErrnoError("re-opening a notify pipe", errno);
-    notify_fd = LeasedFd{std::move(reopened), std::move(lease)};
+  std::vector<FdBudget::Lease> leases;
+  const size_t needed = 1 + (has_waker ? 0 : 1) + (notify ? 2 : 0) + (notify && !has_notify ? 4 : 0);
+  for (size_t i = 0; i < needed; ++i) {
+    ASSIGN_OR_RETURN(FdBudget::Lease lease,
+                     budget_->Acquire(i < 1 + (notify ? 2 : 0) ? FdUse::kDelivery : FdUse::kFence,
+                                      uid));
+    leases.push_back(std::move(lease));
   }
+  auto take = [&] {
+    FdBudget::Lease lease = std::move(leases.back());
+    leases.pop_back();
+    return lease;
+  };
   Waker made;
-  std::optional<LeasedFd> out;
   if (!has_waker) {
-    ASSIGN_OR_RETURN(FdBudget::Lease page_lease, budget_->Acquire(FdUse::kFence, uid));
-    ASSIGN_OR_RETURN(FdBudget::Lease out_lease, budget_->Acquire(FdUse::kDelivery, uid));
     UniqueFd page(::memfd_create("bufferd-timeline-wake", MFD_CLOEXEC | MFD_ALLOW_SEALING));
     if (!page.valid()) return ErrnoError("memfd_create", errno);
     if (::ftruncate(page.get(), timeline::kPageSize) != 0) return ErrnoError("ftruncate", errno);
@@ -327,37 +346,56 @@ absl::StatusOr<TimelineTable::Registered> TimelineTable::RegisterWaker(
     }
     ASSIGN_OR_RETURN(made.page, Mapping::Create(page.get(), timeline::kPageSize,
                                                 Mapping::Protection::kReadWrite));
-    const int copy = ::fcntl(page.get(), F_DUPFD_CLOEXEC, 0);
-    if (copy < 0) return ErrnoError("dup of a wake page", errno);
-    out = LeasedFd{UniqueFd(copy), std::move(out_lease)};
-    made.page_fd = LeasedFd{std::move(page), std::move(page_lease)};
+    made.page_fd = LeasedFd{std::move(page), take()};
+  }
+  if (notify && !has_notify) {
+    RETURN_IF_ERROR(MakeChannel(made.daemon_read, made.daemon_write, take(), take()));
+    RETURN_IF_ERROR(MakeChannel(made.owner_read, made.owner_write, take(), take()));
   }
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Timeline * timeline, HeldLocked(session_id, id));
   auto [waker, added] = timeline->wakers.try_emplace(session_id);
+  bool changed = false;
   if (added) {
     if (!made.page.valid()) {
       timeline->wakers.erase(waker);
       return absl::UnavailableError("the waker went while it was registered; try again");
     }
     made.id = next_id_++;
-    waker->second = std::move(made);
-    timeline::WakePage& page = waker->second.wake();
-    Store(page.waker_id, waker->second.id);
+    timeline::WakePage& page = made.wake();
+    Store(page.waker_id, made.id);
     Store(page.timeline_id, id);
-  } else {
-    out.reset();
+    waker->second.id = made.id;
+    waker->second.page_fd = std::move(made.page_fd);
+    waker->second.page = std::move(made.page);
+    changed = true;
   }
-  if (notify_fd.fd.valid()) {
-    if (waker->second.notify.fd.valid()) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("this session has a notify fd for timeline ", id, " already"));
+  Waker& kept = waker->second;
+  if (notify && !kept.notify()) {
+    if (!made.daemon_write.fd.valid()) {
+      return absl::UnavailableError("the waker changed while it was registered; try again");
     }
-    waker->second.notify = std::move(notify_fd);
+    kept.daemon_write = std::move(made.daemon_write);
+    kept.daemon_read = std::move(made.daemon_read);
+    kept.owner_write = std::move(made.owner_write);
+    kept.owner_read = std::move(made.owner_read);
+    changed = true;
   }
-  timeline::StatePage& state = timeline->state();
-  Store(state.wakers_gen, Load(state.wakers_gen) + 1);
-  return Registered{waker->second.id, std::move(out)};
+  Registered out;
+  out.waker_id = kept.id;
+  ASSIGN_OR_RETURN(UniqueFd page, DupFd(kept.page_fd.fd.get()));
+  out.page = LeasedFd{std::move(page), take()};
+  if (notify) {
+    ASSIGN_OR_RETURN(UniqueFd daemon_read, DupFd(kept.daemon_read.fd.get()));
+    ASSIGN_OR_RETURN(UniqueFd owner_read, DupFd(kept.owner_read.fd.get()));
+    out.daemon_read = LeasedFd{std::move(daemon_read), take()};
+    out.owner_read = LeasedFd{std::move(owner_read), take()};
+  }
+  if (changed) {
+    timeline::StatePage& state = timeline->state();
+    Store(state.wakers_gen, Load(state.wakers_gen) + 1);
+  }
+  return out;
 }
 
 absl::StatusOr<TimelineTable::Wakers> TimelineTable::TakeWakers(
@@ -367,8 +405,7 @@ absl::StatusOr<TimelineTable::Wakers> TimelineTable::TakeWakers(
   const absl::flat_hash_set<uint64_t> have_notify(known_notify.begin(), known_notify.end());
   // Up to date: the owner has its page, and its notify fd if it has one.
   auto up_to_date = [&](const Waker& waker) {
-    return have_page.contains(waker.id) &&
-           (!waker.notify.fd.valid() || have_notify.contains(waker.id));
+    return have_page.contains(waker.id) && (!waker.notify() || have_notify.contains(waker.id));
   };
   uid_t uid;
   size_t wanted = 0;
@@ -381,7 +418,7 @@ absl::StatusOr<TimelineTable::Wakers> TimelineTable::TakeWakers(
     }
     uid = sessions_.at(session_id).uid;
     for (const auto& [session, waker] : timeline->wakers) {
-      if (!up_to_date(waker)) wanted += waker.notify.fd.valid() ? 2 : 1;
+      if (!up_to_date(waker)) wanted += waker.notify() ? 2 : 1;
     }
   }
   std::vector<FdBudget::Lease> leases;
@@ -393,26 +430,34 @@ absl::StatusOr<TimelineTable::Wakers> TimelineTable::TakeWakers(
   ASSIGN_OR_RETURN(Timeline * timeline, HeldLocked(session_id, id));
   Wakers out;
   out.gen = Load(timeline->state().wakers_gen);
+  bool complete = true;
   for (const auto& [session, waker] : timeline->wakers) {
     if (up_to_date(waker)) continue;
-    const size_t needed = waker.notify.fd.valid() ? 2 : 1;
-    if (leases.size() < needed) break;  // came meanwhile: the next call takes it
+    // One waker that cannot be handed out (came meanwhile, out of fds)
+    // does not keep the owner from the others: it asks again later.
+    const size_t needed = waker.notify() ? 2 : 1;
+    if (leases.size() < needed) {
+      complete = false;
+      continue;
+    }
+    absl::StatusOr<UniqueFd> page = DupFd(waker.page_fd.fd.get());
+    absl::StatusOr<UniqueFd> notify =
+        waker.notify() ? DupFd(waker.owner_write.fd.get()) : absl::StatusOr<UniqueFd>(UniqueFd());
+    if (!page.ok() || !notify.ok()) {
+      complete = false;
+      continue;
+    }
     WakerHandout handout;
     handout.waker_id = waker.id;
-    const int page = ::fcntl(waker.page_fd.fd.get(), F_DUPFD_CLOEXEC, 0);
-    if (page < 0) return ErrnoError("dup of a wake page", errno);
-    handout.page = LeasedFd{UniqueFd(page), std::move(leases.back())};
+    handout.page = LeasedFd{*std::move(page), std::move(leases.back())};
     leases.pop_back();
-    if (waker.notify.fd.valid()) {
-      // Its own description too: the owner may set its flags as it likes.
-      const std::string path = absl::StrCat("/proc/self/fd/", waker.notify.fd.get());
-      UniqueFd notify(::open(path.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC));
-      if (!notify.valid()) return ErrnoError("re-opening a notify pipe", errno);
-      handout.notify = LeasedFd{std::move(notify), std::move(leases.back())};
+    if (notify->valid()) {
+      handout.notify = LeasedFd{*std::move(notify), std::move(leases.back())};
       leases.pop_back();
     }
     out.wakers.push_back(std::move(handout));
   }
+  if (!complete) out.gen = 0;
   return out;
 }
 
@@ -483,12 +528,7 @@ void TimelineTable::WakeAllLocked(Timeline& timeline) {
   timeline::WakeAll(state.seq);
   for (auto& [session, waker] : timeline.wakers) {
     timeline::WakeWaker(waker.wake());
-    if (waker.notify.fd.valid()) {
-      // Full (EAGAIN) is fine: the pipe is readable already. A closed read
-      // end (EPIPE; SIGPIPE is ignored) is the waiter's business.
-      const char byte = 1;
-      (void)!::write(waker.notify.fd.get(), &byte, 1);
-    }
+    if (waker.notify()) Notify(waker.daemon_write.fd.get());
   }
 }
 
@@ -580,6 +620,18 @@ void TimelineTable::Scan(absl::Duration now) {
     }
     // Points nobody waits on any more are dropped with the rest.
     timeline.tracked = std::move(tracked);
+    // An armed point reached that the owner wrote no byte for (a lazy or
+    // hostile owner, or one that has not taken the waker yet): the daemon
+    // writes it, a scan late at worst.
+    for (auto& [session, waker] : timeline.wakers) {
+      timeline::WakePage& page = waker.wake();
+      const uint64_t armed = Load(page.armed);
+      if (!waker.notify() || armed == 0 || armed > reached || Load(page.notified) == armed) {
+        continue;
+      }
+      Store(page.notified, armed);
+      Notify(waker.daemon_write.fd.get());
+    }
     if (!due.empty()) {
       std::sort(due.begin(), due.end());
       due.erase(std::unique(due.begin(), due.end()), due.end());
@@ -605,7 +657,7 @@ TimelineView TimelineTable::ViewLocked(const Timeline& timeline) const {
   view.created = timeline.created;
   view.holders = timeline.holders;
   view.wakers = static_cast<uint32_t>(timeline.wakers.size());
-  for (const auto& [session, waker] : timeline.wakers) view.notify_fds += waker.notify.fd.valid();
+  for (const auto& [session, waker] : timeline.wakers) view.notify_fds += waker.notify();
   for (const auto& [point, tracked] : timeline.tracked) {
     view.waits.push_back({point, WallOf(tracked.since), WallOf(tracked.due)});
   }

@@ -129,18 +129,21 @@ class TimelineTable {
   // signal it any more). Unknown ids are ignored.
   void Forget(uint64_t session, uint64_t id);
 
-  // The session's waker for timeline `id` (it must hold it): made at the
-  // first call, when `page` is the wake page's read-write fd to deliver.
-  // `notify` (a pipe's write end; the daemon and the owner write a byte to
-  // it) may come with the first call or a later one, once.
+  // The session's waker for timeline `id` (it must hold it), made at the
+  // first call: a copy of its wake page (read-write) for the session, and
+  // with `notify` (the channels made at the first such call) copies of the
+  // read ends of its two notify channels: the daemon's and the owner's.
   struct Registered {
     uint64_t waker_id = 0;
-    std::optional<LeasedFd> page;
+    LeasedFd page;
+    std::optional<LeasedFd> daemon_read;
+    std::optional<LeasedFd> owner_read;
   };
-  absl::StatusOr<Registered> RegisterWaker(uint64_t session, uint64_t id,
-                                           std::optional<UniqueFd> notify);
+  absl::StatusOr<Registered> RegisterWaker(uint64_t session, uint64_t id, bool notify);
   // The owner's copies of the wakers it does not know (PERMISSION_DENIED for
-  // anyone else), and the wakers_gen they answer.
+  // anyone else): each page and its owner channel's write end, and the
+  // wakers_gen they answer (0 when some could not be handed out: the owner
+  // asks again).
   struct WakerHandout {
     uint64_t waker_id = 0;
     LeasedFd page;
@@ -174,11 +177,19 @@ class TimelineTable {
   };
   struct Waker {
     uint64_t id = 0;
-    LeasedFd page_fd;  // read-write: the owner's copy comes from it
+    LeasedFd page_fd;  // read-write: copies come from it
     Mapping page;      // read-write: the daemon's own
-    // The notify pipe's write end, opened anew (O_NONBLOCK that nobody else
-    // can clear: the daemon never blocks on a full pipe).
-    LeasedFd notify;
+    // Notify channels (datagram socket pairs), once asked for: the
+    // daemon's, which only it writes to, and the owner's. The daemon keeps
+    // both ends of each: copies of the read ends for the session, of the
+    // owner's write end for the owner, and the owner closing its copy never
+    // makes the session's end hang up. Separate channels: the owner can
+    // never consume a byte the daemon sent.
+    LeasedFd daemon_write;
+    LeasedFd daemon_read;
+    LeasedFd owner_write;
+    LeasedFd owner_read;
+    bool notify() const { return daemon_write.fd.valid(); }
     timeline::WakePage& wake() const {
       return *reinterpret_cast<timeline::WakePage*>(page.data());
     }

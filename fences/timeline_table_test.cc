@@ -1,7 +1,9 @@
 #include "fences/timeline_table.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <memory>
@@ -253,62 +255,82 @@ TEST_F(TimelineTableTest, HoldsAreCountedPerObject) {
 TEST_F(TimelineTableTest, WakersReachTheOwnerAndAreWokenAtTheEnd) {
   Owned owned = Create();
   ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
-  int ends[2];
-  ASSERT_EQ(::pipe2(ends, O_CLOEXEC | O_NONBLOCK), 0);
-  UniqueFd read_end(ends[0]), write_end(ends[1]);
   absl::StatusOr<TimelineTable::Registered> registered =
-      table_->RegisterWaker(kOther, owned.id, std::nullopt);
+      table_->RegisterWaker(kOther, owned.id, false);
   ASSERT_TRUE(registered.ok()) << registered.status();
-  ASSERT_TRUE(registered->page.has_value());
-  Mapping page = *Mapping::Create(registered->page->fd.get(), timeline::kPageSize,
+  EXPECT_FALSE(registered->daemon_read.has_value());
+  Mapping page = *Mapping::Create(registered->page.fd.get(), timeline::kPageSize,
                                   Mapping::Protection::kReadWrite);
   auto& wake = *reinterpret_cast<timeline::WakePage*>(page.data());
   EXPECT_EQ(Load(wake.timeline_id), owned.id);
-  // Again with a notify pipe: the same waker gains it; a second pipe is refused.
-  absl::StatusOr<TimelineTable::Registered> again =
-      table_->RegisterWaker(kOther, owned.id, Dup(write_end));
-  ASSERT_TRUE(again.ok()) << again.status();
+  const uint64_t gen = Load(owned.state().wakers_gen);
+  // Again: the same waker (a copy of its page), and nothing new for the
+  // owner to take.
+  absl::StatusOr<TimelineTable::Registered> again = table_->RegisterWaker(kOther, owned.id, false);
+  ASSERT_TRUE(again.ok());
   EXPECT_EQ(again->waker_id, registered->waker_id);
-  EXPECT_FALSE(again->page.has_value());
-  EXPECT_EQ(table_->RegisterWaker(kOther, owned.id, Dup(write_end)).status().code(),
-            absl::StatusCode::kFailedPrecondition);
-  EXPECT_EQ(table_->RegisterWaker(kOther, owned.id, Dup(read_end)).status().message(),
-            "the notify fd must be a pipe's write end");
-  EXPECT_EQ(table_->RegisterWaker(3, owned.id, std::nullopt).status().code(),
+  EXPECT_EQ(Load(owned.state().wakers_gen), gen) << "a no-op registration moves nothing";
+  // With notify pipes: the same waker gains them.
+  absl::StatusOr<TimelineTable::Registered> notify = table_->RegisterWaker(kOther, owned.id, true);
+  ASSERT_TRUE(notify.ok()) << notify.status();
+  ASSERT_TRUE(notify->daemon_read.has_value() && notify->owner_read.has_value());
+  EXPECT_NE(Load(owned.state().wakers_gen), gen);
+  EXPECT_EQ(table_->RegisterWaker(3, owned.id, false).status().code(),
             absl::StatusCode::kNotFound);
-  // Only the owner takes wakers; a waker it knows comes again once it has a
-  // notify fd the owner lacks.
+  // Only the owner takes wakers; a waker it knows comes again once it has
+  // notify pipes the owner lacks.
   EXPECT_EQ(table_->TakeWakers(kOther, owned.id, {}, {}).status().code(),
             absl::StatusCode::kPermissionDenied);
   absl::StatusOr<TimelineTable::Wakers> taken = table_->TakeWakers(kOwner, owned.id, {}, {});
   ASSERT_TRUE(taken.ok());
   ASSERT_EQ(taken->wakers.size(), 1u);
-  EXPECT_TRUE(taken->wakers[0].notify.has_value());
+  ASSERT_TRUE(taken->wakers[0].notify.has_value());
   EXPECT_EQ(taken->gen, Load(owned.state().wakers_gen));
   const uint64_t id = taken->wakers[0].waker_id;
   EXPECT_TRUE(table_->TakeWakers(kOwner, owned.id, {id}, {id})->wakers.empty());
   EXPECT_EQ(table_->TakeWakers(kOwner, owned.id, {id}, {})->wakers.size(), 1u);
-  // The owner's end wakes the waker and writes to its pipe.
+  // The owner's write end reaches the owner's channel, not the daemon's;
+  // the waiter closing its read end never makes the owner's send fail (the
+  // daemon keeps one).
+  const int owner_write = taken->wakers[0].notify->fd.get();
+  const char byte = 1;
+  notify->owner_read.reset();
+  ASSERT_EQ(::send(owner_write, &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL), 1);
+  // The end sends to the daemon's channel (MSG_DONTWAIT: a full one never
+  // blocks it).
+  const int daemon_pipe = notify->daemon_read->fd.get();
   const uint32_t seq = Load(wake.seq);
   table_->CloseSession(kOwner);
   EXPECT_NE(Load(wake.seq), seq);
-  char byte;
-  EXPECT_EQ(::read(read_end.get(), &byte, 1), 1);
-  // A full pipe does not block the daemon.
-  const std::vector<char> junk(1 << 17, 'x');
-  while (::write(write_end.get(), junk.data(), junk.size()) > 0) {
-  }
+  pollfd readable{daemon_pipe, POLLIN, 0};
+  EXPECT_EQ(::poll(&readable, 1, 0), 1);
   table_->Forget(kOther, owned.id);
   EXPECT_EQ(Load(wake.closed), 1u) << "the waker is gone with the hold";
+}
+
+TEST_F(TimelineTableTest, TheDaemonWritesTheByteAnOwnerDidNot) {
+  Owned owned = Create();
+  ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  absl::StatusOr<TimelineTable::Registered> notify = table_->RegisterWaker(kOther, owned.id, true);
+  ASSERT_TRUE(notify.ok());
+  Mapping page = *Mapping::Create(notify->page.fd.get(), timeline::kPageSize,
+                                  Mapping::Protection::kReadWrite);
+  Store(reinterpret_cast<timeline::WakePage*>(page.data())->armed, uint64_t{2});
+  // Its point reached without a byte (the owner never took the waker).
+  Store(owned.page().reached, uint64_t{2});
+  pollfd readable{notify->daemon_read->fd.get(), POLLIN, 0};
+  EXPECT_EQ(::poll(&readable, 1, 0), 0);
+  table_->Scan(absl::Seconds(100));
+  EXPECT_EQ(::poll(&readable, 1, 0), 1);
 }
 
 TEST_F(TimelineTableTest, AnArmedNotifyPointIsTimed) {
   Owned owned = Create();
   ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
   absl::StatusOr<TimelineTable::Registered> registered =
-      table_->RegisterWaker(kOther, owned.id, std::nullopt);
+      table_->RegisterWaker(kOther, owned.id, false);
   ASSERT_TRUE(registered.ok());
-  Mapping page = *Mapping::Create(registered->page->fd.get(), timeline::kPageSize,
+  Mapping page = *Mapping::Create(registered->page.fd.get(), timeline::kPageSize,
                                   Mapping::Protection::kReadWrite);
   Store(reinterpret_cast<timeline::WakePage*>(page.data())->armed, uint64_t{2});
   const absl::Duration t0 = absl::Seconds(100);
