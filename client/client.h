@@ -268,10 +268,10 @@ class Timeline {
   };
   Waited WaitedOn() const;
 
-  // For event loops: an fd (an epoll fd over two pipes: the owner's and the
-  // daemon's; owned by this object) that polls readable when the point last
-  // armed is reached or failed, and at the daemon's deadline marks and the
-  // timeline's end. The first call registers it (one round trip); the owner
+  // For event loops: an fd (a datagram socket's read end, shared by this
+  // session's Timeline objects of the timeline) that polls readable when the
+  // point last armed is reached or failed, and at the daemon's deadline
+  // marks and the timeline's end. The first call registers it (one round trip); the owner
   // writes a byte to its pipe when it signals, with no daemon in the path.
   // One per session and timeline (this session's Timeline objects of it
   // share it).

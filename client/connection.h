@@ -44,11 +44,8 @@ struct Call {
 struct Waker {
   uint64_t id = 0;
   Mapping page;
-  // Notify, once asked for: the read ends of the daemon's and the owner's
-  // channels, and an epoll fd watching both (what NotifyFd gives).
-  UniqueFd daemon_read;
-  UniqueFd owner_read;
-  UniqueFd epoll;
+  // The notify channel's read end, once asked for (what NotifyFd gives).
+  UniqueFd notify;
   std::mutex mu;  // registering the notify fds
   timeline::WakePage& wake() const { return *reinterpret_cast<timeline::WakePage*>(page.data()); }
 };

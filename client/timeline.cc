@@ -1,7 +1,6 @@
 // The client library's timelines: Timeline and Client's timeline calls.
 // The shared memory and its rules are fences/timeline_shm.h.
 #include <fcntl.h>
-#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -356,7 +355,7 @@ absl::StatusOr<PointResult> Timeline::Wait(uint64_t point, absl::Duration timeou
 
 absl::StatusOr<std::shared_ptr<internal::Waker>> Timeline::EnsureWaker(bool with_notify) const {
   std::lock_guard lock(shared_->waker_mu);
-  if (shared_->waker != nullptr && (!with_notify || shared_->waker->epoll.valid())) {
+  if (shared_->waker != nullptr && (!with_notify || shared_->waker->notify.valid())) {
     return shared_->waker;
   }
   // One per session and timeline, shared by this session's Timeline objects
@@ -370,7 +369,7 @@ absl::StatusOr<std::shared_ptr<internal::Waker>> Timeline::EnsureWaker(bool with
   }
   std::weak_ptr<internal::Waker>& known = all[id()];
   std::shared_ptr<internal::Waker> waker = known.lock();
-  if (waker == nullptr || (with_notify && !waker->epoll.valid())) {
+  if (waker == nullptr || (with_notify && !waker->notify.valid())) {
     v1::RegisterWakerRequest request;
     request.set_timeline_id(id());
     request.set_notify(with_notify);
@@ -380,13 +379,10 @@ absl::StatusOr<std::shared_ptr<internal::Waker>> Timeline::EnsureWaker(bool with
         call, connection_->fence().RegisterWaker(call.context.get(), request, &response)));
     // Every fd the answer names is taken, used or not.
     absl::StatusOr<UniqueFd> page = connection_->TakeFd(response.page_transfer_id());
-    absl::StatusOr<UniqueFd> daemon_read =
-        with_notify ? connection_->TakeFd(response.daemon_notify_transfer_id()) : UniqueFd();
-    absl::StatusOr<UniqueFd> owner_read =
-        with_notify ? connection_->TakeFd(response.owner_notify_transfer_id()) : UniqueFd();
+    absl::StatusOr<UniqueFd> notify =
+        with_notify ? connection_->TakeFd(response.notify_transfer_id()) : UniqueFd();
     RETURN_IF_ERROR(page.status());
-    RETURN_IF_ERROR(daemon_read.status());
-    RETURN_IF_ERROR(owner_read.status());
+    RETURN_IF_ERROR(notify.status());
     if (waker == nullptr) {
       waker = std::make_shared<internal::Waker>();
       waker->id = response.waker_id();
@@ -395,19 +391,8 @@ absl::StatusOr<std::shared_ptr<internal::Waker>> Timeline::EnsureWaker(bool with
       known = waker;
     }
     if (with_notify) {
-      UniqueFd epoll(::epoll_create1(EPOLL_CLOEXEC));
-      if (!epoll.valid()) return ErrnoError("epoll_create1", errno);
-      for (const UniqueFd* end : {&*daemon_read, &*owner_read}) {
-        epoll_event event{};
-        event.events = EPOLLIN;
-        if (::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, end->get(), &event) != 0) {
-          return ErrnoError("epoll_ctl", errno);
-        }
-      }
       std::lock_guard notify_lock(waker->mu);
-      waker->daemon_read = *std::move(daemon_read);
-      waker->owner_read = *std::move(owner_read);
-      waker->epoll = std::move(epoll);
+      waker->notify = *std::move(notify);
     }
   }
   shared_->waker = waker;
@@ -417,7 +402,7 @@ absl::StatusOr<std::shared_ptr<internal::Waker>> Timeline::EnsureWaker(bool with
 absl::StatusOr<int> Timeline::NotifyFd() const {
   if (shared_ == nullptr) return absl::FailedPreconditionError("moved-from Timeline");
   ASSIGN_OR_RETURN(std::shared_ptr<internal::Waker> waker, EnsureWaker(true));
-  return waker->epoll.get();
+  return waker->notify.get();
 }
 
 absl::StatusOr<std::optional<PointResult>> Timeline::Arm(uint64_t point) const {
@@ -425,9 +410,7 @@ absl::StatusOr<std::optional<PointResult>> Timeline::Arm(uint64_t point) const {
   RETURN_IF_ERROR(CheckPoint(point));
   ASSIGN_OR_RETURN(std::shared_ptr<internal::Waker> waker, EnsureWaker(true));
   char drained[4096];
-  for (const UniqueFd* end : {&waker->daemon_read, &waker->owner_read}) {
-    while (::recv(end->get(), drained, sizeof(drained), MSG_DONTWAIT) > 0) {
-    }
+  while (::recv(waker->notify.get(), drained, sizeof(drained), MSG_DONTWAIT) > 0) {
   }
   // The owner stores its counter, then loads this: one of the two sees the
   // other (a full fence between the store and the loads below).

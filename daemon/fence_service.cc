@@ -276,13 +276,10 @@ grpc::ServerUnaryReactor* FenceService::RegisterWaker(grpc::CallbackServerContex
     ASSIGN_OR_RETURN(uint64_t page, Deliver(session, v1::FD_KIND_TIMELINE_WAKER, id,
                                             std::move(registered.page)));
     response->set_page_transfer_id(page);
-    if (registered.daemon_read.has_value() && registered.owner_read.has_value()) {
-      ASSIGN_OR_RETURN(uint64_t daemon_pipe, Deliver(session, v1::FD_KIND_TIMELINE_WAKER, id,
-                                                     *std::move(registered.daemon_read)));
-      ASSIGN_OR_RETURN(uint64_t owner_pipe, Deliver(session, v1::FD_KIND_TIMELINE_WAKER, id,
-                                                    *std::move(registered.owner_read)));
-      response->set_daemon_notify_transfer_id(daemon_pipe);
-      response->set_owner_notify_transfer_id(owner_pipe);
+    if (registered.notify_read.has_value()) {
+      ASSIGN_OR_RETURN(uint64_t notify, Deliver(session, v1::FD_KIND_TIMELINE_WAKER, id,
+                                                *std::move(registered.notify_read)));
+      response->set_notify_transfer_id(notify);
     }
     return absl::OkStatus();
   });

@@ -324,11 +324,11 @@ absl::StatusOr<TimelineTable::Registered> TimelineTable::RegisterWaker(uint64_t 
   }
   // Made and leased without the table's lock (the budget may run reclaimers).
   std::vector<FdBudget::Lease> leases;
-  const size_t needed = 1 + (has_waker ? 0 : 1) + (notify ? 2 : 0) + (notify && !has_notify ? 4 : 0);
+  const size_t delivered = notify ? 2 : 1;
+  const size_t needed = delivered + (has_waker ? 0 : 1) + (notify && !has_notify ? 2 : 0);
   for (size_t i = 0; i < needed; ++i) {
     ASSIGN_OR_RETURN(FdBudget::Lease lease,
-                     budget_->Acquire(i < 1 + (notify ? 2 : 0) ? FdUse::kDelivery : FdUse::kFence,
-                                      uid));
+                     budget_->Acquire(i < delivered ? FdUse::kDelivery : FdUse::kFence, uid));
     leases.push_back(std::move(lease));
   }
   auto take = [&] {
@@ -349,8 +349,7 @@ absl::StatusOr<TimelineTable::Registered> TimelineTable::RegisterWaker(uint64_t 
     made.page_fd = LeasedFd{std::move(page), take()};
   }
   if (notify && !has_notify) {
-    RETURN_IF_ERROR(MakeChannel(made.daemon_read, made.daemon_write, take(), take()));
-    RETURN_IF_ERROR(MakeChannel(made.owner_read, made.owner_write, take(), take()));
+    RETURN_IF_ERROR(MakeChannel(made.notify_read, made.notify_write, take(), take()));
   }
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Timeline * timeline, HeldLocked(session_id, id));
@@ -372,13 +371,11 @@ absl::StatusOr<TimelineTable::Registered> TimelineTable::RegisterWaker(uint64_t 
   }
   Waker& kept = waker->second;
   if (notify && !kept.notify()) {
-    if (!made.daemon_write.fd.valid()) {
+    if (!made.notify_write.fd.valid()) {
       return absl::UnavailableError("the waker changed while it was registered; try again");
     }
-    kept.daemon_write = std::move(made.daemon_write);
-    kept.daemon_read = std::move(made.daemon_read);
-    kept.owner_write = std::move(made.owner_write);
-    kept.owner_read = std::move(made.owner_read);
+    kept.notify_write = std::move(made.notify_write);
+    kept.notify_read = std::move(made.notify_read);
     changed = true;
   }
   Registered out;
@@ -386,10 +383,8 @@ absl::StatusOr<TimelineTable::Registered> TimelineTable::RegisterWaker(uint64_t 
   ASSIGN_OR_RETURN(UniqueFd page, DupFd(kept.page_fd.fd.get()));
   out.page = LeasedFd{std::move(page), take()};
   if (notify) {
-    ASSIGN_OR_RETURN(UniqueFd daemon_read, DupFd(kept.daemon_read.fd.get()));
-    ASSIGN_OR_RETURN(UniqueFd owner_read, DupFd(kept.owner_read.fd.get()));
-    out.daemon_read = LeasedFd{std::move(daemon_read), take()};
-    out.owner_read = LeasedFd{std::move(owner_read), take()};
+    ASSIGN_OR_RETURN(UniqueFd read_end, DupFd(kept.notify_read.fd.get()));
+    out.notify_read = LeasedFd{std::move(read_end), take()};
   }
   if (changed) {
     timeline::StatePage& state = timeline->state();
@@ -442,7 +437,7 @@ absl::StatusOr<TimelineTable::Wakers> TimelineTable::TakeWakers(
     }
     absl::StatusOr<UniqueFd> page = DupFd(waker.page_fd.fd.get());
     absl::StatusOr<UniqueFd> notify =
-        waker.notify() ? DupFd(waker.owner_write.fd.get()) : absl::StatusOr<UniqueFd>(UniqueFd());
+        waker.notify() ? DupFd(waker.notify_write.fd.get()) : absl::StatusOr<UniqueFd>(UniqueFd());
     if (!page.ok() || !notify.ok()) {
       complete = false;
       continue;
@@ -528,7 +523,7 @@ void TimelineTable::WakeAllLocked(Timeline& timeline) {
   timeline::WakeAll(state.seq);
   for (auto& [session, waker] : timeline.wakers) {
     timeline::WakeWaker(waker.wake());
-    if (waker.notify()) Notify(waker.daemon_write.fd.get());
+    if (waker.notify()) Notify(waker.notify_write.fd.get());
   }
 }
 
@@ -630,7 +625,7 @@ void TimelineTable::Scan(absl::Duration now) {
         continue;
       }
       Store(page.notified, armed);
-      Notify(waker.daemon_write.fd.get());
+      Notify(waker.notify_write.fd.get());
     }
     if (!due.empty()) {
       std::sort(due.begin(), due.end());

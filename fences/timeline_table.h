@@ -131,17 +131,16 @@ class TimelineTable {
 
   // The session's waker for timeline `id` (it must hold it), made at the
   // first call: a copy of its wake page (read-write) for the session, and
-  // with `notify` (the channels made at the first such call) copies of the
-  // read ends of its two notify channels: the daemon's and the owner's.
+  // with `notify` (the channel made at the first such call) a copy of the
+  // read end of its notify channel.
   struct Registered {
     uint64_t waker_id = 0;
     LeasedFd page;
-    std::optional<LeasedFd> daemon_read;
-    std::optional<LeasedFd> owner_read;
+    std::optional<LeasedFd> notify_read;
   };
   absl::StatusOr<Registered> RegisterWaker(uint64_t session, uint64_t id, bool notify);
   // The owner's copies of the wakers it does not know (PERMISSION_DENIED for
-  // anyone else): each page and its owner channel's write end, and the
+  // anyone else): each page and its notify channel's write end, and the
   // wakers_gen they answer (0 when some could not be handed out: the owner
   // asks again).
   struct WakerHandout {
@@ -179,17 +178,16 @@ class TimelineTable {
     uint64_t id = 0;
     LeasedFd page_fd;  // read-write: copies come from it
     Mapping page;      // read-write: the daemon's own
-    // Notify channels (datagram socket pairs), once asked for: the
-    // daemon's, which only it writes to, and the owner's. The daemon keeps
-    // both ends of each: copies of the read ends for the session, of the
-    // owner's write end for the owner, and the owner closing its copy never
-    // makes the session's end hang up. Separate channels: the owner can
-    // never consume a byte the daemon sent.
-    LeasedFd daemon_write;
-    LeasedFd daemon_read;
-    LeasedFd owner_write;
-    LeasedFd owner_read;
-    bool notify() const { return daemon_write.fd.valid(); }
+    // The notify channel (a datagram socket pair), once asked for. The
+    // daemon keeps both ends: copies of the read end for the session, of the
+    // write end for the owner; the owner closing its copy never makes the
+    // session's end hang up. The owner never holds a read end, so it cannot
+    // consume a byte the daemon sent; whatever it does to its end (fill the
+    // queue, shut it down) leaves the session's end readable: spurious
+    // wakes, never a missed one.
+    LeasedFd notify_write;
+    LeasedFd notify_read;
+    bool notify() const { return notify_write.fd.valid(); }
     timeline::WakePage& wake() const {
       return *reinterpret_cast<timeline::WakePage*>(page.data());
     }

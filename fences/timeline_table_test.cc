@@ -258,7 +258,7 @@ TEST_F(TimelineTableTest, WakersReachTheOwnerAndAreWokenAtTheEnd) {
   absl::StatusOr<TimelineTable::Registered> registered =
       table_->RegisterWaker(kOther, owned.id, false);
   ASSERT_TRUE(registered.ok()) << registered.status();
-  EXPECT_FALSE(registered->daemon_read.has_value());
+  EXPECT_FALSE(registered->notify_read.has_value());
   Mapping page = *Mapping::Create(registered->page.fd.get(), timeline::kPageSize,
                                   Mapping::Protection::kReadWrite);
   auto& wake = *reinterpret_cast<timeline::WakePage*>(page.data());
@@ -273,7 +273,7 @@ TEST_F(TimelineTableTest, WakersReachTheOwnerAndAreWokenAtTheEnd) {
   // With notify pipes: the same waker gains them.
   absl::StatusOr<TimelineTable::Registered> notify = table_->RegisterWaker(kOther, owned.id, true);
   ASSERT_TRUE(notify.ok()) << notify.status();
-  ASSERT_TRUE(notify->daemon_read.has_value() && notify->owner_read.has_value());
+  ASSERT_TRUE(notify->notify_read.has_value());
   EXPECT_NE(Load(owned.state().wakers_gen), gen);
   EXPECT_EQ(table_->RegisterWaker(3, owned.id, false).status().code(),
             absl::StatusCode::kNotFound);
@@ -289,20 +289,24 @@ TEST_F(TimelineTableTest, WakersReachTheOwnerAndAreWokenAtTheEnd) {
   const uint64_t id = taken->wakers[0].waker_id;
   EXPECT_TRUE(table_->TakeWakers(kOwner, owned.id, {id}, {id})->wakers.empty());
   EXPECT_EQ(table_->TakeWakers(kOwner, owned.id, {id}, {})->wakers.size(), 1u);
-  // The owner's write end reaches the owner's channel, not the daemon's;
-  // the waiter closing its read end never makes the owner's send fail (the
-  // daemon keeps one).
+  // The waiter closing its read end never makes the owner's send fail (the
+  // daemon keeps one; MSG_NOSIGNAL in any case).
   const int owner_write = taken->wakers[0].notify->fd.get();
   const char byte = 1;
-  notify->owner_read.reset();
+  absl::StatusOr<TimelineTable::Registered> second = table_->RegisterWaker(kOther, owned.id, true);
+  ASSERT_TRUE(second.ok() && second->notify_read.has_value());
+  notify->notify_read.reset();
   ASSERT_EQ(::send(owner_write, &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL), 1);
-  // The end sends to the daemon's channel (MSG_DONTWAIT: a full one never
+  // The end sends to the channel too (MSG_DONTWAIT: a full one never
   // blocks it).
-  const int daemon_pipe = notify->daemon_read->fd.get();
+  const int read_end = second->notify_read->fd.get();
+  char drained[64];
+  while (::recv(read_end, drained, sizeof(drained), MSG_DONTWAIT) > 0) {
+  }
   const uint32_t seq = Load(wake.seq);
   table_->CloseSession(kOwner);
   EXPECT_NE(Load(wake.seq), seq);
-  pollfd readable{daemon_pipe, POLLIN, 0};
+  pollfd readable{read_end, POLLIN, 0};
   EXPECT_EQ(::poll(&readable, 1, 0), 1);
   table_->Forget(kOther, owned.id);
   EXPECT_EQ(Load(wake.closed), 1u) << "the waker is gone with the hold";
@@ -318,7 +322,7 @@ TEST_F(TimelineTableTest, TheDaemonWritesTheByteAnOwnerDidNot) {
   Store(reinterpret_cast<timeline::WakePage*>(page.data())->armed, uint64_t{2});
   // Its point reached without a byte (the owner never took the waker).
   Store(owned.page().reached, uint64_t{2});
-  pollfd readable{notify->daemon_read->fd.get(), POLLIN, 0};
+  pollfd readable{notify->notify_read->fd.get(), POLLIN, 0};
   EXPECT_EQ(::poll(&readable, 1, 0), 0);
   table_->Scan(absl::Seconds(100));
   EXPECT_EQ(::poll(&readable, 1, 0), 1);
