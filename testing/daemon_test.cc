@@ -124,6 +124,18 @@ std::string Bufctl(const std::string& dir, const std::string& command) {
   return out;
 }
 
+std::string Field(const std::string& line, const std::string& key) {
+  const size_t at = line.find(key + "=");
+  if (at == std::string::npos) return "";
+  const std::string rest = line.substr(at + key.size() + 1);
+  return rest.substr(0, rest.find(' '));
+}
+
+std::unique_ptr<v1::Fence::Stub> FenceStub(const std::string& socket_dir) {
+  return v1::Fence::NewStub(grpc::CreateChannel(
+      absl::StrCat("unix:", ControlSocketPath(socket_dir)), grpc::InsecureChannelCredentials()));
+}
+
 std::unique_ptr<v1::Allocator::Stub> NewAllocatorStub(const std::string& socket_dir) {
   return v1::Allocator::NewStub(grpc::CreateChannel(
       absl::StrCat("unix:", ControlSocketPath(socket_dir)), grpc::InsecureChannelCredentials()));

@@ -18,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "base/unix_socket.h"
 #include "bufferd/v1/buffer.grpc.pb.h"
+#include "bufferd/v1/fence.grpc.pb.h"
 #include "client/client.h"
 #include "grpcpp/client_context.h"
 #include "testing/child_process.h"
@@ -68,6 +69,20 @@ absl::StatusOr<ChildProcess> SpawnPeer(const std::vector<std::string>& args);
 absl::StatusOr<ChildProcess> SpawnPeerAs(uid_t uid, gid_t gid, const std::vector<gid_t>& groups,
                                          const std::string& binary,
                                          const std::vector<std::string>& args);
+
+// How soon after an owner's kill -9 its waiters must wake (the issues' 10
+// ms; instrumented builds are slower, not wrong).
+#if defined(__SANITIZE_ADDRESS__)
+inline constexpr int64_t kWakeBudgetNs = 50'000'000;
+#else
+inline constexpr int64_t kWakeBudgetNs = 10'000'000;
+#endif
+
+// The value after `key=` in a peer's line, up to the next space.
+std::string Field(const std::string& line, const std::string& key);
+
+// A raw Fence stub on `socket_dir`'s control.sock.
+std::unique_ptr<v1::Fence::Stub> FenceStub(const std::string& socket_dir);
 
 // What `bufctl --socket-dir <dir> <command>` prints (the test needs
 // //tools:bufctl in its data).

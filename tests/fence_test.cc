@@ -31,16 +31,14 @@ using ::bufferd::testing::Bufctl;
 using ::bufferd::testing::ChildProcess;
 using ::bufferd::testing::DaemonTest;
 using ::bufferd::testing::Eventually;
+using ::bufferd::testing::FenceStub;
+using ::bufferd::testing::Field;
+using ::bufferd::testing::kWakeBudgetNs;
 using ::bufferd::testing::OpenRawSession;
 using ::bufferd::testing::RawSession;
 using ::bufferd::testing::SpawnPeer;
 using ::testing::HasSubstr;
 
-#if defined(__SANITIZE_ADDRESS__)
-constexpr int64_t kWakeBudgetNs = 50'000'000;  // instrumented: slower, not wrong
-#else
-constexpr int64_t kWakeBudgetNs = 10'000'000;  // the 10 ms
-#endif
 
 int64_t MonotonicNs() {
   timespec now{};
@@ -51,19 +49,6 @@ int64_t MonotonicNs() {
 bool Readable(int fd, int timeout_ms = 0) {
   pollfd p{fd, POLLIN, 0};
   return ::poll(&p, 1, timeout_ms) == 1;
-}
-
-// The value after `key=` in a peer's line, up to the next space.
-std::string Field(const std::string& line, const std::string& key) {
-  const size_t at = line.find(key + "=");
-  if (at == std::string::npos) return "";
-  const std::string rest = line.substr(at + key.size() + 1);
-  return rest.substr(0, rest.find(' '));
-}
-
-std::unique_ptr<v1::Fence::Stub> FenceStub(const std::string& socket_dir) {
-  return v1::Fence::NewStub(grpc::CreateChannel(
-      absl::StrCat("unix:", ControlSocketPath(socket_dir)), grpc::InsecureChannelCredentials()));
 }
 
 class FenceTest : public DaemonTest {

@@ -39,28 +39,14 @@ using ::bufferd::testing::Bufctl;
 using ::bufferd::testing::ChildProcess;
 using ::bufferd::testing::DaemonTest;
 using ::bufferd::testing::Eventually;
+using ::bufferd::testing::FenceStub;
+using ::bufferd::testing::Field;
+using ::bufferd::testing::kWakeBudgetNs;
 using ::bufferd::testing::OpenRawSession;
 using ::bufferd::testing::RawSession;
 using ::bufferd::testing::SpawnPeer;
 using ::testing::HasSubstr;
 
-#if defined(__SANITIZE_ADDRESS__)
-constexpr int64_t kWakeBudgetNs = 50'000'000;  // instrumented: slower, not wrong
-#else
-constexpr int64_t kWakeBudgetNs = 10'000'000;  // the 10 ms
-#endif
-
-std::string Field(const std::string& line, const std::string& key) {
-  const size_t at = line.find(key + "=");
-  if (at == std::string::npos) return "";
-  const std::string rest = line.substr(at + key.size() + 1);
-  return rest.substr(0, rest.find(' '));
-}
-
-std::unique_ptr<v1::Fence::Stub> FenceStub(const std::string& socket_dir) {
-  return v1::Fence::NewStub(grpc::CreateChannel(
-      absl::StrCat("unix:", ControlSocketPath(socket_dir)), grpc::InsecureChannelCredentials()));
-}
 
 class TimelineTest : public DaemonTest {
  protected:
@@ -70,6 +56,26 @@ class TimelineTest : public DaemonTest {
     absl::StatusOr<Client> client = Client::Connect(daemon_->socket_dir());
     EXPECT_TRUE(client.ok()) << client.status();
     return *std::move(client);
+  }
+  // An owner session with a new timeline, and a waiter session that
+  // imported it.
+  struct Pair {
+    Client owner;
+    Client waiter;
+    std::optional<Timeline> produced;
+    std::optional<Timeline> seen;
+  };
+  Pair NewPair(const TimelineOptions& options = {}) {
+    Client owner = Connect();
+    Client waiter = Connect();
+    absl::StatusOr<Timeline> produced = owner.CreateTimeline(options);
+    EXPECT_TRUE(produced.ok()) << produced.status();
+    absl::StatusOr<Timeline> seen = waiter.ImportTimeline(*produced->Export());
+    EXPECT_TRUE(seen.ok()) << seen.status();
+    std::optional<Timeline> made, imported;
+    if (produced.ok()) made.emplace(*std::move(produced));
+    if (seen.ok()) imported.emplace(*std::move(seen));
+    return {std::move(owner), std::move(waiter), std::move(made), std::move(imported)};
   }
   size_t KnownTimelines() {
     auto fences = client_->ListFences();
@@ -154,12 +160,8 @@ TEST_F(TimelineTest, SignalWaitQueryAndFailAcrossSessions) {
 }
 
 TEST_F(TimelineTest, TheOwnerSeesWhoWaits) {
-  Client owner = Connect();
-  Client waiter = Connect();
-  absl::StatusOr<Timeline> produced = owner.CreateTimeline({.name = "watched"});
-  ASSERT_TRUE(produced.ok());
-  absl::StatusOr<Timeline> seen = waiter.ImportTimeline(*produced->Export());
-  ASSERT_TRUE(seen.ok());
+  auto [owner, waiter, produced, seen] = NewPair({.name = "watched"});
+  ASSERT_TRUE(produced && seen);
   EXPECT_EQ(produced->WaitedOn().point, 0u);
   std::thread blocked([&] { (void)seen->Wait(3, absl::Seconds(20), absl::Milliseconds(500)); });
   ASSERT_TRUE(Eventually([&] { return produced->WaitedOn().point == 3; }));
@@ -181,13 +183,9 @@ TEST_F(TimelineTest, TheOwnerSeesWhoWaits) {
 }
 
 TEST_F(TimelineTest, APointWaitedOnBeforeItsSignalFailsAtTheDeadline) {
-  Client owner = Connect();
-  Client waiter = Connect();
   constexpr absl::Duration kDeadline = absl::Milliseconds(300);
-  absl::StatusOr<Timeline> produced = owner.CreateTimeline({.deadline = kDeadline});
-  ASSERT_TRUE(produced.ok());
-  absl::StatusOr<Timeline> seen = waiter.ImportTimeline(*produced->Export());
-  ASSERT_TRUE(seen.ok());
+  auto [owner, waiter, produced, seen] = NewPair({.deadline = kDeadline});
+  ASSERT_TRUE(produced && seen);
   ASSERT_TRUE(produced->Signal(1).ok());
   const absl::Time start = absl::Now();
   absl::StatusOr<PointResult> late = seen->Wait(5, absl::Seconds(30));
@@ -215,12 +213,8 @@ TEST_F(TimelineTest, APointWaitedOnBeforeItsSignalFailsAtTheDeadline) {
 
 // An importer waiting far ahead fails its own point, not the timeline.
 TEST_F(TimelineTest, AWaitFarAheadFailsOnlyItsOwnPoint) {
-  Client owner = Connect();
-  Client waiter = Connect();
-  absl::StatusOr<Timeline> produced = owner.CreateTimeline({.deadline = absl::Milliseconds(200)});
-  ASSERT_TRUE(produced.ok());
-  absl::StatusOr<Timeline> seen = waiter.ImportTimeline(*produced->Export());
-  ASSERT_TRUE(seen.ok());
+  auto [owner, waiter, produced, seen] = NewPair({.deadline = absl::Milliseconds(200)});
+  ASSERT_TRUE(produced && seen);
   const uint64_t far = std::numeric_limits<uint64_t>::max() - 1;
   EXPECT_EQ(seen->Wait(far, absl::Seconds(30))->status, v1::FENCE_STATUS_DEADLINE_EXCEEDED);
   for (uint64_t point = 1; point <= 3; ++point) {
@@ -328,12 +322,8 @@ TEST_F(TimelineTest, AnImporterCannotWriteAByteOfTheSharedPages) {
 // which other importers never see: an importer requeueing every word it can
 // see delays nobody.
 TEST_F(TimelineTest, AnImporterThatRequeuesFutexWaitersDelaysNobody) {
-  Client owner = Connect();
-  Client waiter = Connect();
-  absl::StatusOr<Timeline> produced = owner.CreateTimeline();
-  ASSERT_TRUE(produced.ok());
-  absl::StatusOr<Timeline> seen = waiter.ImportTimeline(*produced->Export());
-  ASSERT_TRUE(seen.ok());
+  auto [owner, waiter, produced, seen] = NewPair();
+  ASSERT_TRUE(produced && seen);
   int64_t woke = 0;
   std::thread blocked([&] {
     absl::StatusOr<PointResult> got = seen->Wait(1, absl::Seconds(20));
@@ -360,12 +350,8 @@ TEST_F(TimelineTest, AnImporterThatRequeuesFutexWaitersDelaysNobody) {
 }
 
 TEST_F(TimelineTest, AnEventLoopWaitsOnTheNotifyFd) {
-  Client owner = Connect();
-  Client waiter = Connect();
-  absl::StatusOr<Timeline> produced = owner.CreateTimeline();
-  ASSERT_TRUE(produced.ok());
-  absl::StatusOr<Timeline> seen = waiter.ImportTimeline(*produced->Export());
-  ASSERT_TRUE(seen.ok());
+  auto [owner, waiter, produced, seen] = NewPair();
+  ASSERT_TRUE(produced && seen);
   // A blocking wait first: the owner takes the waker before it has a
   // notify fd, and must take it again after.
   std::thread first([&] { EXPECT_EQ(seen->Wait(1, absl::Seconds(10))->status, v1::FENCE_STATUS_OK); });
@@ -497,12 +483,8 @@ TEST_F(TimelineTest, AnotherObjectWaitsAfterTheOneThatWaitedWent) {
 // The owner's page is its own to scribble on: a counter written backwards
 // never makes a point a reader saw reached look pending again.
 TEST_F(TimelineTest, ACounterWrittenBackwardsNeverUnreachesAPoint) {
-  Client owner = Connect();
-  Client waiter = Connect();
-  absl::StatusOr<Timeline> produced = owner.CreateTimeline();
-  ASSERT_TRUE(produced.ok());
-  absl::StatusOr<Timeline> seen = waiter.ImportTimeline(*produced->Export());
-  ASSERT_TRUE(seen.ok());
+  auto [owner, waiter, produced, seen] = NewPair();
+  ASSERT_TRUE(produced && seen);
   ASSERT_TRUE(produced->Signal(10).ok());
   EXPECT_EQ(seen->Query(), 10u);
   // Long enough for the daemon's scans (every 100 ms) to see it.
@@ -535,12 +517,8 @@ TEST_F(TimelineTest, ACounterWrittenBackwardsNeverUnreachesAPoint) {
 // The owner writes its counter forward without a wake, then back: a waiter
 // blocked on that point must still see it (the daemon saw it reached).
 TEST_F(TimelineTest, AReachedPointTakenBackStillWakesItsWaiter) {
-  Client owner = Connect();
-  Client waiter = Connect();
-  absl::StatusOr<Timeline> produced = owner.CreateTimeline();
-  ASSERT_TRUE(produced.ok());
-  absl::StatusOr<Timeline> seen = waiter.ImportTimeline(*produced->Export());
-  ASSERT_TRUE(seen.ok());
+  auto [owner, waiter, produced, seen] = NewPair();
+  ASSERT_TRUE(produced && seen);
   timeline::CounterPage* page = nullptr;
   std::ifstream maps("/proc/self/maps");
   for (std::string line; std::getline(maps, line);) {
@@ -585,12 +563,8 @@ TEST_F(TimelineTest, TimelineObjectsOfOneSessionAreCountedApart) {
 }
 
 TEST_F(TimelineTest, BadInputGetsNamedErrors) {
-  Client owner = Connect();
-  Client waiter = Connect();
-  absl::StatusOr<Timeline> produced = owner.CreateTimeline();
-  ASSERT_TRUE(produced.ok());
-  absl::StatusOr<Timeline> seen = waiter.ImportTimeline(*produced->Export());
-  ASSERT_TRUE(seen.ok());
+  auto [owner, waiter, produced, seen] = NewPair();
+  ASSERT_TRUE(produced && seen);
   ASSERT_TRUE(produced->Signal(4).ok());
 
   absl::Status status = produced->Signal(4);
