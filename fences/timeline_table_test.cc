@@ -129,7 +129,12 @@ TEST_F(TimelineTableTest, PagesThatAreNotSealedMemfdsAreRefused) {
   UniqueFd read_end(ends[0]), write_end(ends[1]);
   EXPECT_THAT(table_->Create(kOwner, std::move(read_end), "x", kDeadline).status().message(),
               HasSubstr("is not a memfd"));
-  // Another session's wait page; the same one again is fine.
+  // A wait page the session could truncate under the daemon's mapping.
+  table_->AddSession(3, 1002);
+  EXPECT_THAT(table_->SetWaitPage(3, NewPage(0).fd).message(),
+              HasSubstr("the wait page must be sealed with F_SEAL_SHRINK and F_SEAL_GROW"));
+  table_->CloseSession(3);
+  // Another wait page for a session that has one; the same one again is fine.
   EXPECT_EQ(table_->SetWaitPage(kOwner, NewPage(kWaitSeals).fd).code(),
             absl::StatusCode::kFailedPrecondition);
   EXPECT_TRUE(table_->SetWaitPage(kOwner, Dup(waits_[kOwner].fd)).ok());
