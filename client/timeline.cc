@@ -417,8 +417,8 @@ absl::StatusOr<std::optional<PointResult>> Timeline::Arm(uint64_t point) const {
   std::atomic_ref<uint64_t>(waker->wake().armed).store(point, std::memory_order_seq_cst);
   std::atomic_thread_fence(std::memory_order_seq_cst);
   if (point == 0) return std::nullopt;  // disarmed
-  timeline::PointState state =
-      timeline::Evaluate(shared_->counter_page(), shared_->state_page(), point, shared_->seen);
+  timeline::PointState state = timeline::Evaluate(shared_->counter_page(), shared_->state_page(),
+                                                  point, shared_->seen, &waker->wake());
   if (!state.done) return std::nullopt;
   // Done: nothing more to wait for (the daemon stops timing it).
   std::atomic_ref<uint64_t>(waker->wake().armed).store(0, std::memory_order_seq_cst);
@@ -558,9 +558,11 @@ absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
   // wait): one futex word per timeline.
   absl::InlinedVector<std::shared_ptr<internal::Waker>, 4> wakers;
   absl::InlinedVector<const uint32_t*, 4> words;
+  absl::InlinedVector<internal::Waker*, 4> waker_of;
   for (const TimelinePoint& point : points) {
     ASSIGN_OR_RETURN(std::shared_ptr<internal::Waker> waker,
                      point.timeline->EnsureWaker(false));
+    waker_of.push_back(waker.get());
     if (std::find(wakers.begin(), wakers.end(), waker) != wakers.end()) continue;
     words.push_back(&waker->wake().seq);
     wakers.push_back(std::move(waker));
@@ -583,8 +585,9 @@ absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
     size_t done = 0;
     for (size_t i = 0; i < points.size(); ++i) {
       Shared& shared = *points[i].timeline->shared_;
-      timeline::PointState state = timeline::Evaluate(shared.counter_page(), shared.state_page(),
-                                                      points[i].point, shared.seen);
+      timeline::PointState state =
+          timeline::Evaluate(shared.counter_page(), shared.state_page(), points[i].point,
+                             shared.seen, &waker_of[i]->wake());
       if (state.done) {
         results[i] = {points[i].point, state.status, std::move(state.message)};
         ++done;

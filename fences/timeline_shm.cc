@@ -89,7 +89,7 @@ uint64_t Reached(const CounterPage& counters, const StatePage& state,
 }
 
 PointState Evaluate(const CounterPage& counters, const StatePage& state, uint64_t point,
-                    std::atomic<uint64_t>& seen) {
+                    std::atomic<uint64_t>& seen, const WakePage* wake) {
   PointState result;
   if (point == 0) {
     result.done = true;
@@ -108,6 +108,21 @@ PointState Evaluate(const CounterPage& counters, const StatePage& state, uint64_
           absl::StrCat("point ", point, " was not reached within the timeline's deadline (",
                        Load(state.deadline_ms), " ms of being waited on)");
       return result;
+    }
+  }
+  if (point > reached && wake != nullptr) {
+    const uint64_t count = Load(wake->expired_count);
+    for (uint64_t i = count > WakePage::kExpired ? count - WakePage::kExpired : 0; i < count; ++i) {
+      if (Load(wake->expired[i % WakePage::kExpired]) == point) {
+        result.done = true;
+        result.status = v1::FENCE_STATUS_DEADLINE_EXCEEDED;
+        result.message = absl::StrCat(
+            "point ", point, " (the timeline is at ", reached,
+            ") was not reached within the timeline's deadline (", Load(state.deadline_ms),
+            " ms of being waited on); it is not the next point, so it failed for this session "
+            "only");
+        return result;
+      }
     }
   }
   if (point > reached) {

@@ -23,8 +23,10 @@
 // session, with no daemon in it.
 //
 // A point waited on for the whole deadline (the daemon sees the waits at
-// each scan) fails DEADLINE_EXCEEDED on its own: the timeline does not move,
-// so a waiter far ahead cannot fail the points before its own.
+// each scan) fails DEADLINE_EXCEEDED: for everyone if it is the next point
+// (the owner is late with it), for the sessions that waited on it if it is
+// further ahead (their waits end; nobody else's point fails). The timeline
+// does not move either way.
 //
 // Nothing read here is trusted: an owner may write anything in its page,
 // and a reader only ever gets "reached" or "failed" out of it, never a crash
@@ -121,6 +123,13 @@ struct WakePage {
   uint32_t reserved;
   uint64_t waker_id;
   uint64_t timeline_id;
+  // Points more than one ahead of the timeline that this session waited on
+  // for the whole deadline: they failed DEADLINE_EXCEEDED for this session
+  // only (a wait far ahead must end, but must not fail the point for the
+  // others). The last kExpired of `expired_count` are kept.
+  uint64_t expired_count;
+  static constexpr size_t kExpired = 16;
+  uint64_t expired[kExpired];
 };
 
 struct WaitSlot {
@@ -184,9 +193,10 @@ struct PointState {
 // raises `*seen` to it and returns the new `*seen`.
 uint64_t Reached(const CounterPage& counters, const StatePage& state, std::atomic<uint64_t>& seen);
 
-// `point` as this reader sees it now.
+// `point` as this reader sees it now (`wake`: the reader's waker, whose
+// expired points failed for it alone; may be null).
 PointState Evaluate(const CounterPage& counters, const StatePage& state, uint64_t point,
-                    std::atomic<uint64_t>& seen);
+                    std::atomic<uint64_t>& seen, const WakePage* wake = nullptr);
 
 // Checks a page a client uploads: a memfd of exactly kPageSize bytes sealed
 // against shrinking and growing (and, with `read_only_for_others`, against

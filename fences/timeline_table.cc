@@ -344,6 +344,8 @@ absl::StatusOr<TimelineTable::Registered> TimelineTable::RegisterWaker(uint64_t 
     if (::fcntl(page.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
       return ErrnoError("sealing a wake page", errno);
     }
+    // Like the daemon's other files: nobody reopens it through /proc.
+    (void)::fchmod(page.get(), 0600);
     ASSIGN_OR_RETURN(made.page, Mapping::Create(page.get(), timeline::kPageSize,
                                                 Mapping::Protection::kReadWrite));
     made.page_fd = LeasedFd{std::move(page), take()};
@@ -556,7 +558,8 @@ void TimelineTable::Scan(absl::Duration now) {
   if (stopped_) return;
   // Per timeline: the points waited on now (and the earliest need-by).
   struct Waited {
-    std::vector<uint64_t> points;
+    // Point, and the session waiting on it.
+    std::vector<std::pair<uint64_t, uint64_t>> points;
     int64_t need_by_ns = 0;
   };
   absl::flat_hash_map<uint64_t, Waited> waited;
@@ -573,7 +576,7 @@ void TimelineTable::Scan(absl::Duration now) {
       if (gen % 2 != 0 || Load(slot.gen) != gen) continue;
       if (id == 0 || !session.held.contains(id)) continue;
       Waited& entry = waited[id];
-      entry.points.push_back(point);
+      entry.points.emplace_back(point, session_id);
       if (need_by > 0 && (entry.need_by_ns == 0 || need_by < entry.need_by_ns)) {
         entry.need_by_ns = need_by;
       }
@@ -583,7 +586,7 @@ void TimelineTable::Scan(absl::Duration now) {
     // An event-loop waiter's armed point is a wait like any other.
     for (const auto& [session, waker] : timeline.wakers) {
       if (const uint64_t armed = Load(waker.wake().armed); armed != 0) {
-        waited[id].points.push_back(armed);
+        waited[id].points.emplace_back(armed, session);
       }
     }
   }
@@ -597,21 +600,40 @@ void TimelineTable::Scan(absl::Duration now) {
     uint64_t earliest = 0;
     int64_t need_by = 0;
     std::vector<uint64_t> due;
+    // Due points further ahead than the next: session -> points.
+    std::map<uint64_t, std::vector<uint64_t>> expired;
     if (auto it = waited.find(id); it != waited.end()) {
-      for (uint64_t point : it->second.points) {
-        if (point <= reached || tracked.contains(point)) continue;
+      for (const auto& [point, session] : it->second.points) {
+        if (point <= reached) continue;
         auto before = timeline.tracked.find(point);
         const Tracked entry = before != timeline.tracked.end()
                                   ? before->second
                                   : Tracked{now, now + timeline.deadline};
         if (entry.due <= now) {
-          due.push_back(point);
+          if (point == reached + 1) {
+            due.push_back(point);
+          } else {
+            expired[session].push_back(point);
+          }
           continue;
         }
         tracked.emplace(point, entry);
         if (earliest == 0 || point < earliest) earliest = point;
         need_by = it->second.need_by_ns;
       }
+    }
+    // Far ahead: those sessions' waits end, nobody else's point fails.
+    for (const auto& [session, points] : expired) {
+      auto waker = timeline.wakers.find(session);
+      if (waker == timeline.wakers.end()) continue;
+      timeline::WakePage& page = waker->second.wake();
+      uint64_t count = Load(page.expired_count);
+      for (uint64_t point : points) {
+        Store(page.expired[count % timeline::WakePage::kExpired], point);
+        Store(page.expired_count, ++count);
+      }
+      timeline::WakeWaker(page);
+      if (waker->second.notify()) Notify(waker->second.notify_write.fd.get());
     }
     // Points nobody waits on any more are dropped with the rest.
     timeline.tracked = std::move(tracked);

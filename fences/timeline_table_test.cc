@@ -149,37 +149,66 @@ TEST_F(TimelineTableTest, PagesThatAreNotSealedMemfdsAreRefused) {
             absl::StatusCode::kInvalidArgument);
 }
 
-TEST_F(TimelineTableTest, AWaitedPointFailsAtItsDeadlineAndOnlyIt) {
+TEST_F(TimelineTableTest, TheNextPointFailsAtItsDeadlineForEveryone) {
   Owned owned = Create();
   ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
   const absl::Duration t0 = absl::Seconds(100);
-  Arm(Slot(kOther, 0), owned.id, 5);
+  Arm(Slot(kOther, 0), owned.id, 1);
   table_->Scan(t0);
-  EXPECT_EQ(Load(owned.state().waited_point), 5u) << "the owner sees who waits";
+  EXPECT_EQ(Load(owned.state().waited_point), 1u) << "the owner sees who waits";
   const uint32_t seq = Load(owned.state().seq);
   table_->Scan(t0 + kDeadline - absl::Milliseconds(1));
   EXPECT_EQ(Load(owned.state().mark_count), 0u) << "not yet";
   table_->Scan(t0 + kDeadline);
   ASSERT_EQ(Load(owned.state().mark_count), 1u);
-  EXPECT_EQ(Load(owned.state().marks[0]), 5u);
+  EXPECT_EQ(Load(owned.state().marks[0]), 1u);
   EXPECT_NE(Load(owned.state().seq), seq) << "waiters were woken";
   std::atomic<uint64_t> seen{0};
-  EXPECT_EQ(timeline::Evaluate(owned.page(), owned.state(), 5, seen).status,
+  EXPECT_EQ(timeline::Evaluate(owned.page(), owned.state(), 1, seen).status,
             v1::FENCE_STATUS_DEADLINE_EXCEEDED);
-  EXPECT_FALSE(timeline::Evaluate(owned.page(), owned.state(), 4, seen).done)
-      << "the points before it are still pending";
+  EXPECT_FALSE(timeline::Evaluate(owned.page(), owned.state(), 2, seen).done)
+      << "the timeline did not move";
   EXPECT_EQ(Load(owned.state().waited_point), 0u);
+}
+
+TEST_F(TimelineTableTest, APointFurtherAheadFailsOnlyForItsWaiters) {
+  Owned owned = Create();
+  ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  absl::StatusOr<TimelineTable::Registered> waker = table_->RegisterWaker(kOther, owned.id, false);
+  ASSERT_TRUE(waker.ok());
+  Mapping page = *Mapping::Create(waker->page.fd.get(), timeline::kPageSize,
+                                  Mapping::Protection::kReadWrite);
+  const auto& wake = *reinterpret_cast<const timeline::WakePage*>(page.data());
+  const absl::Duration t0 = absl::Seconds(100);
+  Arm(Slot(kOther, 0), owned.id, 5);
+  table_->Scan(t0);
+  const uint32_t seq = Load(wake.seq);
+  table_->Scan(t0 + kDeadline);
+  EXPECT_EQ(Load(owned.state().mark_count), 0u) << "nobody else's point fails";
+  ASSERT_EQ(Load(wake.expired_count), 1u);
+  EXPECT_EQ(Load(wake.expired[0]), 5u);
+  EXPECT_NE(Load(wake.seq), seq) << "its waiter was woken";
+  std::atomic<uint64_t> seen{0};
+  timeline::PointState mine = timeline::Evaluate(owned.page(), owned.state(), 5, seen, &wake);
+  EXPECT_EQ(mine.status, v1::FENCE_STATUS_DEADLINE_EXCEEDED);
+  EXPECT_THAT(mine.message, HasSubstr("failed for this session only"));
+  EXPECT_FALSE(timeline::Evaluate(owned.page(), owned.state(), 5, seen).done)
+      << "still pending for the others";
+  Store(owned.page().reached, uint64_t{5});
+  EXPECT_EQ(timeline::Evaluate(owned.page(), owned.state(), 5, seen, &wake).status,
+            v1::FENCE_STATUS_OK)
+      << "reached: reached for everyone";
 }
 
 TEST_F(TimelineTableTest, APointNobodyWaitsOnAnyMoreStartsAfresh) {
   Owned owned = Create();
   ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
   const absl::Duration t0 = absl::Seconds(100);
-  Arm(Slot(kOther, 0), owned.id, 5);
+  Arm(Slot(kOther, 0), owned.id, 1);
   table_->Scan(t0);
   Arm(Slot(kOther, 0), 0, 0);
   table_->Scan(t0 + kDeadline / 2);
-  Arm(Slot(kOther, 0), owned.id, 5);
+  Arm(Slot(kOther, 0), owned.id, 1);
   table_->Scan(t0 + kDeadline);
   EXPECT_EQ(Load(owned.state().mark_count), 0u);
   table_->Scan(t0 + kDeadline * 2);
@@ -337,16 +366,18 @@ TEST_F(TimelineTableTest, AnArmedNotifyPointIsTimed) {
   Owned owned = Create();
   ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
   absl::StatusOr<TimelineTable::Registered> registered =
-      table_->RegisterWaker(kOther, owned.id, false);
+      table_->RegisterWaker(kOther, owned.id, true);
   ASSERT_TRUE(registered.ok());
   Mapping page = *Mapping::Create(registered->page.fd.get(), timeline::kPageSize,
                                   Mapping::Protection::kReadWrite);
-  Store(reinterpret_cast<timeline::WakePage*>(page.data())->armed, uint64_t{2});
+  Store(reinterpret_cast<timeline::WakePage*>(page.data())->armed, uint64_t{1});
   const absl::Duration t0 = absl::Seconds(100);
   table_->Scan(t0);
   table_->Scan(t0 + kDeadline);
   ASSERT_EQ(Load(owned.state().mark_count), 1u);
-  EXPECT_EQ(Load(owned.state().marks[0]), 2u);
+  EXPECT_EQ(Load(owned.state().marks[0]), 1u);
+  pollfd readable{registered->notify_read->fd.get(), POLLIN, 0};
+  EXPECT_EQ(::poll(&readable, 1, 0), 1) << "the event loop hears of it";
 }
 
 TEST_F(TimelineTableTest, LimitsAreNamed) {

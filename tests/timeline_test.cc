@@ -188,39 +188,51 @@ TEST_F(TimelineTest, APointWaitedOnBeforeItsSignalFailsAtTheDeadline) {
   ASSERT_TRUE(produced && seen);
   ASSERT_TRUE(produced->Signal(1).ok());
   const absl::Time start = absl::Now();
-  absl::StatusOr<PointResult> late = seen->Wait(5, absl::Seconds(30));
+  absl::StatusOr<PointResult> late = seen->Wait(2, absl::Seconds(30));
   const absl::Duration took = absl::Now() - start;
   ASSERT_TRUE(late.ok()) << late.status();
   EXPECT_EQ(late->status, v1::FENCE_STATUS_DEADLINE_EXCEEDED);
-  EXPECT_THAT(late->message, HasSubstr("point 5 was not reached within the timeline's deadline"));
+  EXPECT_THAT(late->message, HasSubstr("point 2 was not reached within the timeline's deadline"));
   // The deadline runs from when the daemon first sees the wait (at most one
   // scan, 100 ms, after it starts) and is checked every scan.
   EXPECT_GE(took, kDeadline);
   EXPECT_LT(took, kDeadline + absl::Milliseconds(200) + absl::Seconds(1)) << took;
-  // Only the point waited on failed: the timeline did not move, and the
-  // owner goes on; the mark stands once the point is reached.
+  // The next point failed for everyone, the owner included; the timeline
+  // did not move, and the owner goes on (the mark stands once reached).
   EXPECT_EQ(seen->Query(), 1u);
-  EXPECT_EQ(seen->Wait(3, absl::ZeroDuration()).status().code(),
-            absl::StatusCode::kDeadlineExceeded)
-      << "point 3 is still pending (polled)";
-  ASSERT_TRUE(produced->Signal(4).ok());
-  ASSERT_TRUE(produced->Signal(5).ok());
-  EXPECT_EQ(seen->Wait(4, absl::ZeroDuration())->status, v1::FENCE_STATUS_OK);
-  EXPECT_EQ(seen->Wait(5, absl::ZeroDuration())->status, v1::FENCE_STATUS_DEADLINE_EXCEEDED);
-  EXPECT_EQ(produced->Wait(5, absl::ZeroDuration())->status, v1::FENCE_STATUS_DEADLINE_EXCEEDED);
+  EXPECT_EQ(produced->Wait(2, absl::ZeroDuration())->status, v1::FENCE_STATUS_DEADLINE_EXCEEDED);
+  ASSERT_TRUE(produced->Signal(2).ok());
+  ASSERT_TRUE(produced->Signal(3).ok());
+  EXPECT_EQ(seen->Wait(2, absl::ZeroDuration())->status, v1::FENCE_STATUS_DEADLINE_EXCEEDED);
+  EXPECT_EQ(seen->Wait(3, absl::ZeroDuration())->status, v1::FENCE_STATUS_OK);
   EXPECT_EQ(produced->Info()->deadline_failures(), 1u);
 }
 
-// An importer waiting far ahead fails its own point, not the timeline.
-TEST_F(TimelineTest, AWaitFarAheadFailsOnlyItsOwnPoint) {
+// A wait further ahead than the next point ends at the deadline, failing
+// that point for the waiting session only: an importer cannot fail future
+// frames for the others.
+TEST_F(TimelineTest, AWaitFarAheadFailsOnlyForItsSession) {
   auto [owner, waiter, produced, seen] = NewPair({.deadline = absl::Milliseconds(200)});
   ASSERT_TRUE(produced && seen);
-  const uint64_t far = std::numeric_limits<uint64_t>::max() - 1;
-  EXPECT_EQ(seen->Wait(far, absl::Seconds(30))->status, v1::FENCE_STATUS_DEADLINE_EXCEEDED);
-  for (uint64_t point = 1; point <= 3; ++point) {
-    ASSERT_TRUE(produced->Signal(point).ok());
-    EXPECT_EQ(seen->Wait(point, absl::ZeroDuration())->status, v1::FENCE_STATUS_OK);
-  }
+  Client other = Connect();
+  absl::StatusOr<Timeline> bystander = other.ImportTimeline(*produced->Export());
+  ASSERT_TRUE(bystander.ok());
+  absl::StatusOr<PointResult> far = seen->Wait(5, absl::Seconds(30));
+  ASSERT_TRUE(far.ok()) << far.status();
+  EXPECT_EQ(far->status, v1::FENCE_STATUS_DEADLINE_EXCEEDED);
+  EXPECT_THAT(far->message, HasSubstr("failed for this session only"));
+  EXPECT_EQ(produced->Info()->deadline_failures(), 0u);
+  EXPECT_EQ(bystander->Wait(5, absl::ZeroDuration()).status().code(),
+            absl::StatusCode::kDeadlineExceeded)
+      << "still pending (polled) for the others";
+  for (uint64_t point = 1; point <= 5; ++point) ASSERT_TRUE(produced->Signal(point).ok());
+  EXPECT_EQ(bystander->Wait(5, absl::ZeroDuration())->status, v1::FENCE_STATUS_OK);
+  EXPECT_EQ(seen->Wait(5, absl::ZeroDuration())->status, v1::FENCE_STATUS_OK)
+      << "once reached, reached for everyone";
+  const uint64_t beyond = std::numeric_limits<uint64_t>::max() - 1;
+  EXPECT_EQ(seen->Wait(beyond, absl::Seconds(30))->status, v1::FENCE_STATUS_DEADLINE_EXCEEDED);
+  ASSERT_TRUE(produced->Signal(6).ok());
+  EXPECT_EQ(bystander->Wait(6, absl::ZeroDuration())->status, v1::FENCE_STATUS_OK);
 }
 
 TEST_F(TimelineTest, DroppingOrClosingTheOwnerEndsTheTimeline) {

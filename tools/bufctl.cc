@@ -277,6 +277,8 @@ int main(int argc, char** argv) {
   app.add_option("--socket-dir", socket_dir, "bufferd's socket dir")->capture_default_str();
   app.add_flag("--json", json, "print protobuf JSON instead of a table");
   app.require_subcommand(1);
+  // --socket-dir and --json before or after the subcommand alike.
+  app.fallthrough();
   auto* heaps = app.add_subcommand("heaps", "heaps: capacity, used, peak, failures, backing");
   auto* clients = app.add_subcommand("clients", "sessions: pid, uid, comm, bytes per heap");
   auto* buffers = app.add_subcommand("buffers", "buffers: size, backing, name, holders");
