@@ -146,17 +146,6 @@ long VoluntarySwitches(pid_t pid) {
   return total;
 }
 
-long OpenFds(pid_t pid) {
-  long n = 0;
-  std::error_code error;
-  for (const auto& entry :
-       std::filesystem::directory_iterator(absl::StrCat("/proc/", pid, "/fd"), error)) {
-    (void)entry;
-    ++n;
-  }
-  return n;
-}
-
 // ---------------------------------------------------------------------------
 // The helper process: a waiter (or the floor's relay) driven by commands on
 // a SEQPACKET socket. Forked before this process starts any thread.
@@ -772,7 +761,7 @@ int main(int argc, char** argv) {
     if (daemon_cpu == 1) {
       // T4: what timelines cost the daemon.
       const pid_t pid = (*daemon)->pid();
-      const long fds_before = OpenFds(pid), rss_before = StatusField(pid, "VmRSS");
+      const long fds_before = (*daemon)->OpenFds(), rss_before = StatusField(pid, "VmRSS");
       std::vector<Client> owners;
       std::vector<Timeline> timelines;
       for (int i = 0; i < 4; ++i) {
@@ -780,12 +769,12 @@ int main(int argc, char** argv) {
         for (int j = 0; j < 200; ++j) timelines.push_back(*owners.back().CreateTimeline());
       }
       // The owners' own sessions and wait pages are not the timelines' cost.
-      const long fds_after = OpenFds(pid) - 4 * 3, rss_after = StatusField(pid, "VmRSS");
+      const long fds_after = (*daemon)->OpenFds() - 4 * 3, rss_after = StatusField(pid, "VmRSS");
       std::printf("T4. per timeline (800)             %.2f fds, %.0f B of daemon RSS\n",
                   (fds_after - fds_before) / 800.0, (rss_after - rss_before) * 1024.0 / 800);
       std::vector<Client> waiters_clients;
       for (int i = 0; i < 100; ++i) waiters_clients.push_back(*Client::Connect(dir));
-      const long fds_sessions = OpenFds(pid), rss_sessions = StatusField(pid, "VmRSS");
+      const long fds_sessions = (*daemon)->OpenFds(), rss_sessions = StatusField(pid, "VmRSS");
       std::vector<Timeline> imported;
       for (Client& client : waiters_clients) {
         imported.push_back(*client.ImportTimeline(*timelines[0].Export()));
@@ -793,7 +782,7 @@ int main(int argc, char** argv) {
       std::printf(
           "T4. per waiting session (100)      %.2f fds, %.0f B of daemon RSS (its wait page); "
           "per wait: nothing (a slot in that page)\n",
-          (OpenFds(pid) - fds_sessions) / 100.0,
+          ((*daemon)->OpenFds() - fds_sessions) / 100.0,
           (StatusField(pid, "VmRSS") - rss_sessions) * 1024.0 / 100);
     }
     if (daemon_cpu == 1 && !signal_only && !timelines_only) {

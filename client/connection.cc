@@ -205,7 +205,11 @@ void Connection::QueueRelease(uint64_t handle) { one_way_->QueueRelease(handle);
 
 absl::Status Connection::SendRecord(const v1::FdChannelMessage& message,
                                     std::span<const int> fds) {
-  return records_->Send(message, fds);
+  absl::Status sent = records_->Send(message, fds);
+  const int err = ErrnoOf(sent);
+  if (err != EPIPE && err != ECONNRESET && err != ENOTCONN) return sent;
+  return absl::UnauthenticatedError(
+      absl::StrCat("the session has ended (fd.sock: ", sent.message(), ")"));
 }
 
 }  // namespace bufferd::internal

@@ -76,6 +76,8 @@ class Connection {
   void QueueRelease(uint64_t handle);
 
   // Sends a record on fd.sock now; every later call is applied after it.
+  // UNAUTHENTICATED once fd.sock is gone (EPIPE, ECONNRESET, ENOTCONN: the
+  // session has ended).
   absl::Status SendRecord(const v1::FdChannelMessage& message, std::span<const int> fds = {});
   // A new id for an FdUpload.
   uint64_t NewUploadId() { return next_upload_id_.fetch_add(1); }

@@ -49,14 +49,6 @@ absl::StatusOr<uint32_t> DeadlineMs(absl::Duration deadline) {
   return deadline > absl::ZeroDuration() && ms == 0 ? 1 : ms;
 }
 
-// A record that could not be sent: the session is over if fd.sock is.
-absl::Status SendFailed(const absl::Status& status) {
-  const int err = ErrnoOf(status);
-  if (err != EPIPE && err != ECONNRESET && err != ENOTCONN) return status;
-  return absl::UnauthenticatedError(
-      absl::StrCat("the session has ended (fd.sock: ", status.message(), ")"));
-}
-
 absl::Status NotSignalled(const v1::WaitFenceResponse& response, absl::Duration timeout) {
   std::string ids;
   for (const v1::FenceInfo& fence : response.fences()) {
@@ -129,8 +121,7 @@ absl::Status Fence::Signal(v1::FenceStatus status, absl::string_view message) co
   signal->set_fence_id(id());
   signal->set_status(status);
   signal->set_message(std::string(message));
-  absl::Status sent = connection_->SendRecord(record);
-  return sent.ok() ? sent : SendFailed(sent);
+  return connection_->SendRecord(record);
 }
 
 absl::StatusOr<v1::FenceInfo> Fence::SignalAndConfirm(v1::FenceStatus status,
@@ -255,9 +246,7 @@ absl::StatusOr<Fence> Client::ImportSyncFd(int fd, const FenceOptions& options) 
   record.mutable_upload()->set_upload_id(upload_id);
   ASSIGN_OR_RETURN(const uint32_t deadline_ms, DeadlineMs(options.deadline));
   const int fds[] = {fd};
-  if (absl::Status sent = connection_->SendRecord(record, fds); !sent.ok()) {
-    return SendFailed(sent);
-  }
+  RETURN_IF_ERROR(connection_->SendRecord(record, fds));
   v1::ImportSyncFdRequest request;
   request.set_upload_id(upload_id);
   request.set_name(options.name);

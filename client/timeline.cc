@@ -94,13 +94,6 @@ absl::StatusOr<Mapping> MapDelivered(const UniqueFd& fd) {
   return Mapping::Create(fd.get(), timeline::kPageSize, Mapping::Protection::kReadOnly);
 }
 
-absl::Status SendFailed(const absl::Status& status) {
-  const int err = ErrnoOf(status);
-  if (err != EPIPE && err != ECONNRESET && err != ENOTCONN) return status;
-  return absl::UnauthenticatedError(
-      absl::StrCat("the session has ended (fd.sock: ", status.message(), ")"));
-}
-
 // Runs `call` with the id of the session's wait page uploaded for it, or 0
 // when the daemon has it already. The first time, the page is made and the
 // call runs under the page's lock, so only one call carries it.
@@ -122,7 +115,7 @@ absl::Status WithWaitPage(internal::Connection& connection, Call call) {
   v1::FdChannelMessage record;
   record.mutable_upload()->set_upload_id(upload_id);
   const int fds[] = {page.fd.get()};
-  if (absl::Status sent = connection.SendRecord(record, fds); !sent.ok()) return SendFailed(sent);
+  RETURN_IF_ERROR(connection.SendRecord(record, fds));
   absl::Status status = call(upload_id);
   // The daemon takes the page before anything else the call does, and takes
   // the same page again: a failed call may have given it.
@@ -474,9 +467,7 @@ absl::StatusOr<Timeline> Client::CreateTimeline(const TimelineOptions& options) 
     v1::FdChannelMessage record;
     record.mutable_upload()->set_upload_id(counters_upload);
     const int fds[] = {counters.first.get()};
-    if (absl::Status sent = connection_->SendRecord(record, fds); !sent.ok()) {
-      return SendFailed(sent);
-    }
+    RETURN_IF_ERROR(connection_->SendRecord(record, fds));
   }
   v1::CreateTimelineRequest request;
   request.set_name(options.name);

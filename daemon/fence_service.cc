@@ -130,10 +130,9 @@ grpc::ServerUnaryReactor* FenceService::ExportFence(grpc::CallbackServerContext*
                                                     v1::ExportFenceResponse* response) {
   return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
     ASSIGN_OR_RETURN(LeasedFd fd, d_.fences->Export(session, request->fence_id()));
-    const uint64_t transfer_id = next_transfer_id_.fetch_add(1);
     // The fd goes out before the response, so the client finds it queued.
-    RETURN_IF_ERROR(d_.channel->Deliver(session, transfer_id, v1::FD_KIND_FENCE,
-                                        request->fence_id(), std::move(fd)));
+    ASSIGN_OR_RETURN(uint64_t transfer_id,
+                     Deliver(session, v1::FD_KIND_FENCE, request->fence_id(), std::move(fd)));
     response->set_transfer_id(transfer_id);
     ASSIGN_OR_RETURN(FenceView fence, d_.fences->Info(session, request->fence_id()));
     *response->mutable_fence() = Info(fence);

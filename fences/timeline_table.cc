@@ -104,6 +104,16 @@ absl::Status TimelineTable::CheckNewHoldLocked(const Session& session) const {
   return absl::OkStatus();
 }
 
+absl::Status TimelineTable::CheckNewTimelineLocked(const Session& session) const {
+  RETURN_IF_ERROR(CheckNewHoldLocked(session));
+  if (timelines_.size() >= limits_.max_timelines) {
+    return absl::ResourceExhaustedError(absl::StrCat("the daemon has ", timelines_.size(),
+                                                     " timelines, the limit (max_timelines ",
+                                                     limits_.max_timelines, ")"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status TimelineTable::SetWaitPage(uint64_t session_id, UniqueFd page) {
   RETURN_IF_ERROR(timeline::CheckPageFd(page.get(), false, "the wait page"));
   ASSIGN_OR_RETURN(auto inode, Inode(page.get()));
@@ -166,12 +176,7 @@ absl::StatusOr<TimelineTable::Created> TimelineTable::Create(uint64_t session_id
   {
     absl::MutexLock lock(&mu_);
     ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
-    RETURN_IF_ERROR(CheckNewHoldLocked(*session));
-    if (timelines_.size() >= limits_.max_timelines) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "the daemon has ", timelines_.size(), " timelines, the limit (max_timelines ",
-          limits_.max_timelines, ")"));
-    }
+    RETURN_IF_ERROR(CheckNewTimelineLocked(*session));
     uid = session->uid;
   }
   // Leased without the table's lock (the budget may run reclaimers): the
@@ -205,12 +210,7 @@ absl::StatusOr<TimelineTable::Created> TimelineTable::Create(uint64_t session_id
 
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
-  RETURN_IF_ERROR(CheckNewHoldLocked(*session));
-  if (timelines_.size() >= limits_.max_timelines) {
-    return absl::ResourceExhaustedError(absl::StrCat("the daemon has ", timelines_.size(),
-                                                     " timelines, the limit (max_timelines ",
-                                                     limits_.max_timelines, ")"));
-  }
+  RETURN_IF_ERROR(CheckNewTimelineLocked(*session));
   if (auto known = inodes_.find(counters_inode); known != inodes_.end()) {
     return absl::InvalidArgumentError(
         absl::StrCat("the counter page is a page of timeline ", known->second));
@@ -583,16 +583,14 @@ void TimelineTable::Scan(absl::Duration now) {
     }
   }
   for (auto& [id, timeline] : timelines_) {
+    timeline::StatePage& state = timeline.state();
+    if (Load(state.ended) != 0) continue;
     // An event-loop waiter's armed point is a wait like any other.
     for (const auto& [session, waker] : timeline.wakers) {
       if (const uint64_t armed = Load(waker.wake().armed); armed != 0) {
         waited[id].points.emplace_back(armed, session);
       }
     }
-  }
-  for (auto& [id, timeline] : timelines_) {
-    timeline::StatePage& state = timeline.state();
-    if (Load(state.ended) != 0) continue;
     // Observed before the tracked points are dropped: a point reached since
     // the last scan wakes its waiters if they missed it.
     const uint64_t reached = ObserveLocked(timeline);

@@ -243,6 +243,9 @@ class TimelineTable {
   absl::StatusOr<Timeline*> HeldLocked(uint64_t session, uint64_t id) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckNewHoldLocked(const Session& session) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The hold caps and the daemon-wide cap, for one more timeline.
+  absl::Status CheckNewTimelineLocked(const Session& session) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Ends a timeline whose owner is gone: every point after the last reached
   // fails with `status`, and every waiter wakes.
   void EndLocked(Timeline& timeline, v1::FenceStatus status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
