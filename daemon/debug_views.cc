@@ -174,6 +174,9 @@ v1::FenceInfo FenceInfoOf(const FenceView& view,
     case FenceKind::kImported:
       info.set_kind(v1::FENCE_KIND_IMPORTED);
       break;
+    case FenceKind::kTimelinePoint:
+      info.set_kind(v1::FENCE_KIND_TIMELINE_POINT);
+      break;
   }
   *info.mutable_created_at() = ToProto(view.created);
   if (view.signaled) *info.mutable_signaled_at() = ToProto(view.signaled_at);
@@ -209,6 +212,9 @@ v1::TimelineInfo TimelineInfoOf(const TimelineView& view,
     *out->mutable_fails_at() = ToProto(wait.fails_at);
   }
   if (view.need_by != absl::InfiniteFuture()) *info.mutable_need_by() = ToProto(view.need_by);
+  info.set_available(view.available);
+  for (uint64_t point : view.promised) info.add_promised_points(point);
+  info.set_exported_points(view.exported_points);
   if (owner) {
     info.set_owner_pid(static_cast<uint32_t>(owner->peer.pid));
     info.set_owner_comm(owner->comm);

@@ -323,6 +323,160 @@ grpc::ServerUnaryReactor* FenceService::GetTimelineInfo(grpc::CallbackServerCont
   });
 }
 
+grpc::ServerUnaryReactor* FenceService::ExportPoint(grpc::CallbackServerContext* context,
+                                                    const v1::ExportPointRequest* request,
+                                                    v1::ExportPointResponse* response) {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
+    const uint64_t id = request->timeline_id();
+    const uint64_t point = request->point();
+    ASSIGN_OR_RETURN(TimelineView timeline, d_.timelines->Info(session, id));
+    if (point == UINT64_MAX) {
+      return absl::InvalidArgumentError(
+          "point 18446744073709551615 (UINT64_MAX) is reserved: no point could follow it");
+    }
+    // The timeline fails the point a little after its deadline; the fence's
+    // own deadline only backs that up.
+    ASSIGN_OR_RETURN(FenceView fence,
+                     d_.fences->CreatePoint(session, absl::StrCat("point ", point), timeline.name,
+                                            timeline.deadline +
+                                                3 * d_.timelines->limits().scan_interval));
+    const uint64_t fence_id = fence.id;
+    FenceTable* fences = d_.fences;
+    absl::Status watched =
+        d_.timelines->WatchPoint(session, id, point, [fences, fence_id](timeline::PointState state) {
+          fences->SignalPoint(fence_id, state.status, state.message);
+        });
+    if (!watched.ok()) {
+      d_.fences->SignalPoint(fence_id, v1::FENCE_STATUS_CANCELLED, "the export failed");
+      d_.fences->Forget(session, fence_id);
+      return watched;
+    }
+    if (request->fd_only()) {
+      absl::StatusOr<LeasedFd> fd = d_.fences->Export(session, fence_id);
+      absl::StatusOr<uint64_t> transfer =
+          fd.ok() ? Deliver(session, v1::FD_KIND_FENCE, fence_id, *std::move(fd)) : fd.status();
+      absl::StatusOr<FenceView> view = d_.fences->Info(session, fence_id);
+      // The caller never gets a Fence to drop: it only has the fd.
+      d_.fences->Forget(session, fence_id);
+      RETURN_IF_ERROR(transfer.status());
+      response->set_transfer_id(*transfer);
+      if (view.ok()) *response->mutable_fence() = Info(*view);
+      return absl::OkStatus();
+    }
+    ASSIGN_OR_RETURN(FenceView view, d_.fences->Info(session, fence_id));
+    *response->mutable_fence() = Info(view);
+    return absl::OkStatus();
+  });
+}
+
+absl::Status FenceService::StandBehind(uint64_t session, uint64_t id, uint64_t point,
+                                       uint64_t fence_id, bool forget) {
+  // The fence's wait is registered first (NOT_FOUND for a fence the session
+  // does not hold), then the point promised: the wait may end in between,
+  // so whichever comes second settles the point.
+  struct Pending {
+    absl::Mutex mu;
+    bool promised ABSL_GUARDED_BY(mu) = false;
+    std::optional<std::pair<v1::FenceStatus, std::string>> result ABSL_GUARDED_BY(mu);
+  };
+  auto pending = std::make_shared<Pending>();
+  TimelineTable* timelines = d_.timelines;
+  FenceTable* fences = d_.fences;
+  auto settle = [=](const std::pair<v1::FenceStatus, std::string>& how) {
+    timelines->Settle(id, point, how.first, how.second);
+    if (forget) fences->Forget(session, fence_id);
+  };
+  auto outcome = [=](const FenceTable::WaitResult& result) {
+    if (!result.satisfied || result.fences.empty()) {
+      return std::make_pair(v1::FENCE_STATUS_DEADLINE_EXCEEDED,
+                            absl::StrCat("fence ", fence_id, " behind point ", point,
+                                         " did not signal in time"));
+    }
+    const FenceView& fence = result.fences.front();
+    if (fence.status == v1::FENCE_STATUS_OK) return std::make_pair(fence.status, std::string());
+    return std::make_pair(
+        fence.status, absl::StrCat("fence ", fence_id, " behind point ", point, " signalled ",
+                                   v1::FenceStatus_Name(fence.status),
+                                   fence.message.empty() ? "" : ": ", fence.message));
+  };
+  const FenceTable::WaitId wait = fences->NewWaitId();
+  FenceTable::WaitRequest request;
+  request.ids = {fence_id};
+  request.timeout = absl::InfiniteDuration();  // the fence's deadline ends it
+  absl::StatusOr<std::optional<FenceTable::WaitResult>> now = fences->Wait(
+      session, wait, request,
+      [pending, settle, outcome](absl::StatusOr<FenceTable::WaitResult> result) {
+        // Not ok: the session ended (its timelines end with it) or the
+        // daemon is stopping.
+        if (!result.ok()) return;
+        std::pair<v1::FenceStatus, std::string> how = outcome(*result);
+        {
+          absl::MutexLock lock(&pending->mu);
+          if (!pending->promised) {
+            pending->result = std::move(how);
+            return;
+          }
+        }
+        settle(how);
+      });
+  if (!now.ok()) {
+    if (forget) fences->Forget(session, fence_id);
+    return now.status();
+  }
+  if (absl::Status promised = timelines->Promise(session, id, point); !promised.ok()) {
+    if (!now->has_value()) fences->CancelWait(wait);
+    if (forget) fences->Forget(session, fence_id);
+    return promised;
+  }
+  if (now->has_value()) {
+    settle(outcome(**now));
+    return absl::OkStatus();
+  }
+  std::optional<std::pair<v1::FenceStatus, std::string>> settled;
+  {
+    absl::MutexLock lock(&pending->mu);
+    pending->promised = true;
+    settled = pending->result;
+  }
+  if (settled) settle(*settled);
+  return absl::OkStatus();
+}
+
+grpc::ServerUnaryReactor* FenceService::ImportFenceAsPoint(
+    grpc::CallbackServerContext* context, const v1::ImportFenceAsPointRequest* request,
+    v1::ImportFenceAsPointResponse* response) {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
+    RETURN_IF_ERROR(StandBehind(session, request->timeline_id(), request->point(),
+                                request->fence_id(), /*forget=*/false));
+    ASSIGN_OR_RETURN(TimelineView view, d_.timelines->Info(session, request->timeline_id()));
+    *response->mutable_timeline() = Info(view);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* FenceService::ImportSyncFdAsPoint(
+    grpc::CallbackServerContext* context, const v1::ImportSyncFdAsPointRequest* request,
+    v1::ImportSyncFdAsPointResponse* response) {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
+    const uint64_t id = request->timeline_id();
+    ASSIGN_OR_RETURN(UniqueFd fd, d_.hub->TakeUpload(session, request->upload_id()));
+    // Only the owner gets as far as a fence.
+    ASSIGN_OR_RETURN(TimelineView timeline, d_.timelines->Info(session, id));
+    if (timeline.owner_session != session) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "timeline ", id, " is not this session's: only its owner puts fences behind its points"));
+    }
+    ASSIGN_OR_RETURN(FenceView fence,
+                     d_.fences->Import(session, std::move(fd),
+                                       absl::StrCat("behind point ", request->point()),
+                                       absl::Milliseconds(request->deadline_ms())));
+    RETURN_IF_ERROR(StandBehind(session, id, request->point(), fence.id, /*forget=*/true));
+    ASSIGN_OR_RETURN(TimelineView view, d_.timelines->Info(session, id));
+    *response->mutable_timeline() = Info(view);
+    return absl::OkStatus();
+  });
+}
+
 grpc::ServerUnaryReactor* FenceService::AttachFence(grpc::CallbackServerContext* context,
                                                     const v1::AttachFenceRequest*,
                                                     v1::AttachFenceResponse*) {

@@ -9,6 +9,10 @@
 // Timelines: CreateTimeline takes the owner's counter page (and the
 // session's wait page) from fd.sock uploads and sends back the state page;
 // ImportTimeline redeems a token ExportTimeline made and sends both pages.
+// sync_file interop: ExportPoint makes a timeline-point fence the
+// TimelineTable signals when the point is reached or fails;
+// ImportFenceAsPoint / ImportSyncFdAsPoint wait on a fence in the FenceTable
+// and settle the point in the TimelineTable when it signals.
 //
 // AttachFence and GetBufferFences (reservation objects) are UNIMPLEMENTED.
 #ifndef BUFFERD_DAEMON_FENCE_SERVICE_H_
@@ -85,12 +89,26 @@ class FenceService final : public v1::Fence::CallbackService {
   grpc::ServerUnaryReactor* GetTimelineInfo(grpc::CallbackServerContext* context,
                                             const v1::GetTimelineInfoRequest* request,
                                             v1::GetTimelineInfoResponse* response) override;
+  grpc::ServerUnaryReactor* ExportPoint(grpc::CallbackServerContext* context,
+                                        const v1::ExportPointRequest* request,
+                                        v1::ExportPointResponse* response) override;
+  grpc::ServerUnaryReactor* ImportFenceAsPoint(grpc::CallbackServerContext* context,
+                                               const v1::ImportFenceAsPointRequest* request,
+                                               v1::ImportFenceAsPointResponse* response) override;
+  grpc::ServerUnaryReactor* ImportSyncFdAsPoint(grpc::CallbackServerContext* context,
+                                                const v1::ImportSyncFdAsPointRequest* request,
+                                                v1::ImportSyncFdAsPointResponse* response) override;
 
  private:
   v1::FenceInfo Info(const FenceView& view) const;
   v1::TimelineInfo Info(const TimelineView& view) const;
   // Takes the session's wait page from its uploads, if the call names one.
   absl::Status TakeWaitPage(uint64_t session, uint64_t upload_id);
+  // Puts fence `fence_id` (held by `session`) behind `point` of timeline
+  // `id`; with `forget`, the session's hold on the fence goes once it has
+  // signalled (or now, if this fails).
+  absl::Status StandBehind(uint64_t session, uint64_t id, uint64_t point, uint64_t fence_id,
+                           bool forget);
   // Sends `fd` on fd.sock under a new transfer id, which it returns.
   absl::StatusOr<uint64_t> Deliver(uint64_t session, v1::FdKind kind, uint64_t object,
                                    LeasedFd fd);

@@ -121,6 +121,8 @@ const char* FenceKindName(FenceKind kind) {
       return "merged";
     case FenceKind::kImported:
       return "imported";
+    case FenceKind::kTimelinePoint:
+      return "timeline point";
   }
   return "?";
 }
@@ -301,6 +303,36 @@ absl::StatusOr<FenceView> FenceTable::Create(uint64_t session_id, absl::string_v
                                    lifetime, /*arm_timer=*/true));
 }
 
+absl::StatusOr<FenceView> FenceTable::CreatePoint(uint64_t session_id, absl::string_view name,
+                                                  absl::string_view timeline,
+                                                  absl::Duration deadline) {
+  RETURN_IF_ERROR(CheckClientText("name", name));
+  RETURN_IF_ERROR(CheckClientText("timeline", timeline));
+  // The timeline's deadline may be up to max_deadline, and its point fails a
+  // little after it: the fence's own deadline is only a backstop.
+  if (deadline <= absl::ZeroDuration()) deadline = limits_.default_deadline;
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
+  RETURN_IF_ERROR(CheckNewFenceLocked(*session));
+  return ViewLocked(AddFenceLocked(session_id, *session, FenceKind::kTimelinePoint, name,
+                                   timeline, deadline, /*arm_timer=*/true));
+}
+
+bool FenceTable::SignalPoint(uint64_t id, v1::FenceStatus status, absl::string_view message) {
+  Completions done;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = fences_.find(id);
+    if (it == fences_.end() || it->second.view.signaled ||
+        it->second.view.kind != FenceKind::kTimelinePoint) {
+      return false;
+    }
+    SignalLocked(it->second, status, std::string(message), done);
+  }
+  Run(done);
+  return true;
+}
+
 absl::StatusOr<FenceView> FenceTable::Signal(uint64_t session_id, uint64_t id,
                                              v1::FenceStatus status, absl::string_view message) {
   FenceView view;
@@ -332,7 +364,9 @@ absl::Status FenceTable::SignalBy(uint64_t session_id, uint64_t id, v1::FenceSta
     if (fence->view.kind != FenceKind::kCreated) {
       return absl::PermissionDeniedError(absl::StrCat(
           "fence ", id, " is ", FenceKindName(fence->view.kind), ": ",
-          fence->view.kind == FenceKind::kMerged ? "its inputs signal it" : "its fd signals it"));
+          fence->view.kind == FenceKind::kMerged     ? "its inputs signal it"
+          : fence->view.kind == FenceKind::kImported ? "its fd signals it"
+                                                     : "its timeline signals it"));
     }
     if (fence->view.owner_session != session_id) {
       return absl::PermissionDeniedError(absl::StrCat("fence ", id, " is owned by session ",

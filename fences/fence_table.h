@@ -12,7 +12,10 @@
 //     signal time (or OK);
 //   - imported: an fd the table watches on the EventLoop (a kernel
 //     sync_file, an eventfd, a timerfd, a pipe's read end), signalled when
-//     it polls readable.
+//     it polls readable;
+//   - timeline point: a timeline's point as a fence (ExportPoint),
+//     signalled by whoever watches the timeline (SignalPoint), never by a
+//     session.
 //
 // The fd is the capability. A session holds the fences it created, merged
 // or imported (importing a pipe the table exported gives back that very
@@ -95,7 +98,7 @@ struct FenceLimits {
 // a client's own fd.sock alive; a file or directory never polls).
 absl::Status CheckImportable(int fd);
 
-enum class FenceKind { kCreated, kMerged, kImported };
+enum class FenceKind { kCreated, kMerged, kImported, kTimelinePoint };
 const char* FenceKindName(FenceKind kind);
 
 // A fence as it is now.
@@ -203,6 +206,14 @@ class FenceTable {
   // one only its inputs or its fd signal).
   absl::StatusOr<FenceView> Signal(uint64_t session, uint64_t id, v1::FenceStatus status,
                                    absl::string_view message);
+  // A timeline point's fence for `session` (it holds it and answers for it
+  // as for an imported fence), signalled only through SignalPoint;
+  // DEADLINE_EXCEEDED at `deadline` if nothing signals it first.
+  absl::StatusOr<FenceView> CreatePoint(uint64_t session, absl::string_view name,
+                                        absl::string_view timeline, absl::Duration deadline);
+  // Signals a timeline point's fence (any status); false if it is unknown or
+  // signalled already.
+  bool SignalPoint(uint64_t id, v1::FenceStatus status, absl::string_view message);
   // The same without the view: the one-way path, kept short.
   absl::Status SignalOneWay(uint64_t session, uint64_t id, v1::FenceStatus status,
                             absl::string_view message);

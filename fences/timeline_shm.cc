@@ -56,6 +56,37 @@ bool FindFailure(const CounterPage& counters, uint64_t point, std::string* messa
   return false;
 }
 
+// The daemon's failure covering `point`, if any (the daemon writes each
+// once, so a torn read only happens when the ring wraps under the reader:
+// it reads again).
+bool FindDaemonFailure(const StatePage& state, uint64_t point, PointState* result) {
+  const uint64_t count = Load(state.failure_count);
+  const uint64_t kept = std::min<uint64_t>(count, StatePage::kFailures);
+  for (uint64_t k = 0; k < kept; ++k) {
+    const DaemonFailure& failure = state.failures[(count - 1 - k) % StatePage::kFailures];
+    for (int attempt = 0; attempt < 4; ++attempt) {
+      const uint32_t gen = Load(failure.gen);
+      const uint32_t status = Load(failure.status);
+      const uint64_t from = Load(failure.from);
+      const uint64_t to = Load(failure.to);
+      const uint32_t length = std::min<uint32_t>(Load(failure.length), sizeof(failure.message));
+      char text[sizeof(failure.message)];
+      std::memcpy(text, failure.message, length);
+      std::atomic_thread_fence(std::memory_order_acquire);
+      if (gen % 2 != 0 || Load(failure.gen) != gen) continue;
+      if (from < point && point <= to) {
+        result->status = v1::FenceStatus_IsValid(static_cast<int>(status))
+                             ? static_cast<v1::FenceStatus>(status)
+                             : v1::FENCE_STATUS_ERROR;
+        result->message = std::string(text, length);
+        return true;
+      }
+      break;
+    }
+  }
+  return false;
+}
+
 }  // namespace
 
 void WakeAll(const uint32_t& seq) {
@@ -140,12 +171,18 @@ PointState Evaluate(const CounterPage& counters, const StatePage& state, uint64_
     return result;
   }
   result.done = true;
+  if (FindDaemonFailure(state, point, &result)) return result;
   if (FindFailure(counters, point, &result.message)) {
     result.status = v1::FENCE_STATUS_ERROR;
     return result;
   }
   result.status = v1::FENCE_STATUS_OK;
   return result;
+}
+
+bool Available(const CounterPage& counters, const StatePage& state, uint64_t point,
+               std::atomic<uint64_t>& seen) {
+  return point <= Load(state.available) || point <= Reached(counters, state, seen);
 }
 
 absl::Status CheckPageFd(int fd, bool read_only_for_others, const char* what) {

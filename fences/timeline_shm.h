@@ -59,6 +59,18 @@ struct Failure {
   char message[200];
 };
 
+// A failure the daemon writes: points (from, to] failed with `status`
+// (ERROR, CANCELLED, DEADLINE_EXCEEDED or OWNER_DIED of the fence behind
+// them) and `message`. Written under a seqlock like Failure.
+struct DaemonFailure {
+  uint32_t gen;
+  uint32_t status;
+  uint64_t from;
+  uint64_t to;
+  uint32_t length;
+  char message[220];
+};
+
 struct CounterPage {
   // Futex word: the owner adds one after every signal, then wakes.
   uint32_t seq;
@@ -101,6 +113,18 @@ struct StatePage {
   uint64_t timeline_id;
   uint32_t deadline_ms;
   uint32_t reserved;
+  // The highest point with a fence standing behind it (the owner's
+  // ImportFenceAsPoint / ImportSyncFdAsPoint): every point up to it is
+  // *available* (it will be reached or fail without the owner signalling
+  // again), like DRM_SYNCOBJ_WAIT_FLAGS_WAIT_AVAILABLE. A reached point is
+  // available too.
+  uint64_t available;
+  // Failures of points that stood behind a fence which signalled an error
+  // (the fence's status and message): the last kFailures of
+  // `failure_count`.
+  uint64_t failure_count;
+  static constexpr size_t kFailures = 8;
+  DaemonFailure failures[kFailures];
 };
 
 // One waiting session's wake page for one timeline (a "waker"), made by the
@@ -120,7 +144,10 @@ struct WakePage {
   uint64_t notified;
   // Set by the daemon once the waker is gone: the owner lets go of it.
   uint32_t closed;
-  uint32_t reserved;
+  // Non-zero: `armed` waits for availability (StatePage::available), not
+  // for the point to be reached; the daemon then writes the byte when a
+  // fence comes to stand behind the point.
+  uint32_t arm_available;
   uint64_t waker_id;
   uint64_t timeline_id;
   // Points more than one ahead of the timeline that this session waited on
@@ -197,6 +224,11 @@ uint64_t Reached(const CounterPage& counters, const StatePage& state, std::atomi
 // expired points failed for it alone; may be null).
 PointState Evaluate(const CounterPage& counters, const StatePage& state, uint64_t point,
                     std::atomic<uint64_t>& seen, const WakePage* wake = nullptr);
+
+// Whether `point` is available to this reader: reached (as Reached sees
+// it), or at most StatePage::available.
+bool Available(const CounterPage& counters, const StatePage& state, uint64_t point,
+               std::atomic<uint64_t>& seen);
 
 // Checks a page a client uploads: a memfd of exactly kPageSize bytes sealed
 // against shrinking and growing (and, with `read_only_for_others`, against

@@ -1,6 +1,7 @@
 #include "fences/timeline_table.h"
 
 #include <fcntl.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -64,6 +65,11 @@ void TimelineTable::CloseSession(uint64_t session_id) {
   }
   std::vector<uint64_t> held;
   for (const auto& [id, hold] : session.held) held.push_back(id);
+  // Its exported points (the fence table fails their fences itself).
+  for (auto& [id, timeline] : timelines_) {
+    std::erase_if(timeline.watches,
+                  [&](const auto& watch) { return watch.second.session == session_id; });
+  }
   for (uint64_t id : held) UnholdLocked(session, id);
   if (session.wait_map.valid()) --wait_pages_;
   sessions_.erase(it);
@@ -310,6 +316,32 @@ absl::StatusOr<UniqueFd> DupFd(int fd) {
 
 }  // namespace
 
+absl::StatusOr<TimelineTable::Waker> TimelineTable::NewWaker(uid_t uid, bool page, bool notify) {
+  Waker made;
+  if (page) {
+    ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kFence, uid));
+    UniqueFd fd(::memfd_create("bufferd-timeline-wake", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+    if (!fd.valid()) return ErrnoError("memfd_create", errno);
+    if (::ftruncate(fd.get(), timeline::kPageSize) != 0) return ErrnoError("ftruncate", errno);
+    if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+      return ErrnoError("sealing a wake page", errno);
+    }
+    // Like the daemon's other files: nobody reopens it through /proc.
+    (void)::fchmod(fd.get(), 0600);
+    ASSIGN_OR_RETURN(made.page, Mapping::Create(fd.get(), timeline::kPageSize,
+                                                Mapping::Protection::kReadWrite));
+    made.page_fd = LeasedFd{std::move(fd), std::move(lease)};
+  }
+  if (notify) {
+    ASSIGN_OR_RETURN(FdBudget::Lease read_lease, budget_->Acquire(FdUse::kFence, uid));
+    ASSIGN_OR_RETURN(FdBudget::Lease write_lease, budget_->Acquire(FdUse::kFence, uid));
+    RETURN_IF_ERROR(
+        MakeChannel(made.notify_read, made.notify_write, std::move(read_lease),
+                    std::move(write_lease)));
+  }
+  return made;
+}
+
 absl::StatusOr<TimelineTable::Registered> TimelineTable::RegisterWaker(uint64_t session_id,
                                                                        uint64_t id, bool notify) {
   uid_t uid;
@@ -324,11 +356,8 @@ absl::StatusOr<TimelineTable::Registered> TimelineTable::RegisterWaker(uint64_t 
   }
   // Made and leased without the table's lock (the budget may run reclaimers).
   std::vector<FdBudget::Lease> leases;
-  const size_t delivered = notify ? 2 : 1;
-  const size_t needed = delivered + (has_waker ? 0 : 1) + (notify && !has_notify ? 2 : 0);
-  for (size_t i = 0; i < needed; ++i) {
-    ASSIGN_OR_RETURN(FdBudget::Lease lease,
-                     budget_->Acquire(i < delivered ? FdUse::kDelivery : FdUse::kFence, uid));
+  for (size_t i = 0; i < (notify ? 2u : 1u); ++i) {
+    ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kDelivery, uid));
     leases.push_back(std::move(lease));
   }
   auto take = [&] {
@@ -336,23 +365,7 @@ absl::StatusOr<TimelineTable::Registered> TimelineTable::RegisterWaker(uint64_t 
     leases.pop_back();
     return lease;
   };
-  Waker made;
-  if (!has_waker) {
-    UniqueFd page(::memfd_create("bufferd-timeline-wake", MFD_CLOEXEC | MFD_ALLOW_SEALING));
-    if (!page.valid()) return ErrnoError("memfd_create", errno);
-    if (::ftruncate(page.get(), timeline::kPageSize) != 0) return ErrnoError("ftruncate", errno);
-    if (::fcntl(page.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
-      return ErrnoError("sealing a wake page", errno);
-    }
-    // Like the daemon's other files: nobody reopens it through /proc.
-    (void)::fchmod(page.get(), 0600);
-    ASSIGN_OR_RETURN(made.page, Mapping::Create(page.get(), timeline::kPageSize,
-                                                Mapping::Protection::kReadWrite));
-    made.page_fd = LeasedFd{std::move(page), take()};
-  }
-  if (notify && !has_notify) {
-    RETURN_IF_ERROR(MakeChannel(made.notify_read, made.notify_write, take(), take()));
-  }
+  ASSIGN_OR_RETURN(Waker made, NewWaker(uid, !has_waker, notify && !has_notify));
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Timeline * timeline, HeldLocked(session_id, id));
   auto [waker, added] = timeline->wakers.try_emplace(session_id);
@@ -496,6 +509,7 @@ void TimelineTable::UnholdLocked(Session& session, uint64_t id) {
     Store(state.wakers_gen, Load(state.wakers_gen) + 1);
   }
   if (--it->second.holders > 0) return;
+  UnwatchLocked(it->second);
   for (const auto& inode : {it->second.counters_inode, it->second.state_inode}) {
     if (auto known = inodes_.find(inode); known != inodes_.end() && known->second == id) {
       inodes_.erase(known);
@@ -514,6 +528,8 @@ void TimelineTable::EndLocked(Timeline& timeline, v1::FenceStatus status) {
   Store(state.ended_after, reached);
   Store(state.ended, static_cast<uint32_t>(status));
   timeline.tracked.clear();
+  // The fences behind later points no longer count: those points fail.
+  timeline.promised.clear();
   Store(state.waited_point, uint64_t{0});
   Store(state.need_by_ns, int64_t{0});
   WakeAllLocked(timeline);
@@ -554,7 +570,15 @@ uint64_t TimelineTable::ObserveLocked(Timeline& timeline) {
 }
 
 void TimelineTable::Scan(absl::Duration now) {
-  absl::MutexLock lock(&mu_);
+  Calls calls;
+  {
+    absl::MutexLock lock(&mu_);
+    ScanLocked(now, calls);
+  }
+  Run(calls);
+}
+
+void TimelineTable::ScanLocked(absl::Duration now, Calls& calls) {
   if (stopped_) return;
   // Per timeline: the points waited on now (and the earliest need-by).
   struct Waited {
@@ -585,11 +609,17 @@ void TimelineTable::Scan(absl::Duration now) {
   for (auto& [id, timeline] : timelines_) {
     timeline::StatePage& state = timeline.state();
     if (Load(state.ended) != 0) continue;
-    // An event-loop waiter's armed point is a wait like any other.
+    // An event-loop waiter's armed point is a wait like any other, and so
+    // is an exported point (the daemon's waker's expired ring has those
+    // further ahead than the next that fail).
     for (const auto& [session, waker] : timeline.wakers) {
+      if (session == kDaemonWaker) continue;
       if (const uint64_t armed = Load(waker.wake().armed); armed != 0) {
         waited[id].points.emplace_back(armed, session);
       }
+    }
+    for (const auto& [point, watch] : timeline.watches) {
+      waited[id].points.emplace_back(point, kDaemonWaker);
     }
     // Observed before the tracked points are dropped: a point reached since
     // the last scan wakes its waiters if they missed it.
@@ -641,7 +671,8 @@ void TimelineTable::Scan(absl::Duration now) {
     for (auto& [session, waker] : timeline.wakers) {
       timeline::WakePage& page = waker.wake();
       const uint64_t armed = Load(page.armed);
-      if (!waker.notify() || armed == 0 || armed > reached || Load(page.notified) == armed) {
+      if (session == kDaemonWaker || !waker.notify() || armed == 0 || armed > reached ||
+          Load(page.notified) == armed) {
         continue;
       }
       Store(page.notified, armed);
@@ -655,6 +686,215 @@ void TimelineTable::Scan(absl::Duration now) {
     if (Load(state.waited_point) != earliest) Store(state.waited_point, earliest);
     if (Load(state.need_by_ns) != need_by) Store(state.need_by_ns, need_by);
   }
+  // Exported points: whatever the owner sent or did not (and a channel it
+  // flooded goes back on the loop).
+  for (auto& [id, timeline] : timelines_) {
+    if (!timeline.wakers.contains(kDaemonWaker)) continue;
+    timeline.notifies = 0;
+    if (!timeline.notify_watched && !timeline.watches.empty()) {
+      const int fd = timeline.wakers.at(kDaemonWaker).notify_read.fd.get();
+      const uint64_t timeline_id = id;
+      timeline.notify_watched =
+          loop_->Watch(fd, EPOLLIN, [this, timeline_id](uint32_t) { OnDaemonNotify(timeline_id); })
+              .ok();
+    }
+    CheckWatchesLocked(timeline, calls);
+  }
+}
+
+absl::Status TimelineTable::WatchPoint(uint64_t session_id, uint64_t id, uint64_t point,
+                                       PointDone done) {
+  if (point == UINT64_MAX) {
+    return absl::InvalidArgumentError(
+        "point 18446744073709551615 (UINT64_MAX) is reserved: no point could follow it");
+  }
+  uid_t uid;
+  bool has_waker;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Timeline * timeline, HeldLocked(session_id, id));
+    uid = sessions_.at(session_id).uid;
+    has_waker = timeline->wakers.contains(kDaemonWaker);
+  }
+  Waker made;
+  if (!has_waker) {
+    ASSIGN_OR_RETURN(made, NewWaker(uid, true, true));
+  }
+  Calls calls;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Timeline * timeline, HeldLocked(session_id, id));
+    if (!timeline->wakers.contains(kDaemonWaker)) {
+      if (!made.page.valid()) {
+        return absl::UnavailableError("the daemon's waker went while it was made; try again");
+      }
+      made.id = next_id_++;
+      Store(made.wake().waker_id, made.id);
+      Store(made.wake().timeline_id, id);
+      timeline->wakers.emplace(kDaemonWaker, std::move(made));
+      timeline::StatePage& state = timeline->state();
+      Store(state.wakers_gen, Load(state.wakers_gen) + 1);
+    }
+    if (!timeline->notify_watched) {
+      const int fd = timeline->wakers.at(kDaemonWaker).notify_read.fd.get();
+      RETURN_IF_ERROR(loop_->Watch(fd, EPOLLIN, [this, id](uint32_t) { OnDaemonNotify(id); }));
+      timeline->notify_watched = true;
+    }
+    timeline->watches.emplace(point, Timeline::Watch{session_id, std::move(done)});
+    CheckWatchesLocked(*timeline, calls);
+    UpdateTimerLocked();
+  }
+  Run(calls);
+  return absl::OkStatus();
+}
+
+void TimelineTable::CheckWatchesLocked(Timeline& timeline, Calls& out) {
+  auto daemon = timeline.wakers.find(kDaemonWaker);
+  if (daemon == timeline.wakers.end()) return;
+  timeline::WakePage& wake = daemon->second.wake();
+  while (true) {
+    for (auto it = timeline.watches.begin(); it != timeline.watches.end();) {
+      timeline::PointState state = timeline::Evaluate(timeline.counters(), timeline.state(),
+                                                      it->first, timeline.seen, &wake);
+      if (!state.done) {
+        ++it;
+        continue;
+      }
+      out.emplace_back(std::move(it->second.done), std::move(state));
+      it = timeline.watches.erase(it);
+    }
+    const uint64_t lowest = timeline.watches.empty() ? 0 : timeline.watches.begin()->first;
+    // The owner stores its counter, then loads `armed`: after this store,
+    // one of the two sees the other.
+    std::atomic_ref<uint64_t>(wake.armed).store(lowest, std::memory_order_seq_cst);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (lowest == 0 ||
+        lowest > timeline::Reached(timeline.counters(), timeline.state(), timeline.seen)) {
+      return;
+    }
+  }
+}
+
+void TimelineTable::OnDaemonNotify(uint64_t id) {
+  Calls calls;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = timelines_.find(id);
+    if (it == timelines_.end() || !it->second.notify_watched) return;
+    Timeline& timeline = it->second;
+    const int fd = timeline.wakers.at(kDaemonWaker).notify_read.fd.get();
+    char drained[256];
+    while (::recv(fd, drained, sizeof(drained), MSG_DONTWAIT) > 0) {
+      if (++timeline.notifies > kMaxNotifiesPerScan) {
+        // Only an owner sends this many: its points wait for the scan.
+        UnwatchLocked(timeline);
+        break;
+      }
+    }
+    ObserveLocked(timeline);
+    CheckWatchesLocked(timeline, calls);
+  }
+  Run(calls);
+}
+
+void TimelineTable::UnwatchLocked(Timeline& timeline) {
+  if (!timeline.notify_watched) return;
+  loop_->Unwatch(timeline.wakers.at(kDaemonWaker).notify_read.fd.get());
+  timeline.notify_watched = false;
+}
+
+void TimelineTable::Run(Calls& calls) {
+  for (auto& [done, state] : calls) done(std::move(state));
+  calls.clear();
+}
+
+absl::Status TimelineTable::Promise(uint64_t session_id, uint64_t id, uint64_t point) {
+  if (point == 0 || point == UINT64_MAX) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "point ", point, point == 0 ? " is reached from the start" : " (UINT64_MAX) is reserved",
+        ": a fence can stand behind points 1 to 2^64-2"));
+  }
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Timeline * timeline, HeldLocked(session_id, id));
+  if (!sessions_.at(session_id).held.at(id).owned) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "timeline ", id, " was imported: only its owner puts fences behind its points"));
+  }
+  timeline::StatePage& state = timeline->state();
+  if (const uint32_t ended = Load(state.ended); ended != 0) {
+    return absl::FailedPreconditionError(absl::StrCat("timeline ", id, " has ended"));
+  }
+  const uint64_t reached = ObserveLocked(*timeline);
+  const uint64_t available = Load(state.available);
+  if (point <= reached || point <= available) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "point ", point, " is not after timeline ", id, "'s last point ", reached,
+        available > reached ? absl::StrCat(" and the last point with a fence behind it, ",
+                                           available)
+                            : ""));
+  }
+  timeline->promised.emplace(point, std::nullopt);
+  Store(state.available, point);
+  // Waiters for availability wake (blocked ones look again; an event loop
+  // armed for it gets its byte), and the waiters on the point learn that a
+  // fence stands behind it.
+  timeline::Bump(state.seq);
+  for (auto& [session, waker] : timeline->wakers) {
+    timeline::WakePage& page = waker.wake();
+    timeline::WakeWaker(page);
+    const uint64_t armed = Load(page.armed);
+    if (!waker.notify() || Load(page.arm_available) == 0 || armed == 0 || armed > point ||
+        Load(page.notified) == armed) {
+      continue;
+    }
+    Store(page.notified, armed);
+    Notify(waker.notify_write.fd.get());
+  }
+  return absl::OkStatus();
+}
+
+void TimelineTable::Settle(uint64_t id, uint64_t point, v1::FenceStatus status,
+                           absl::string_view message) {
+  absl::MutexLock lock(&mu_);
+  auto it = timelines_.find(id);
+  if (it == timelines_.end()) return;
+  Timeline& timeline = it->second;
+  auto promised = timeline.promised.find(point);
+  if (promised == timeline.promised.end() || promised->second.has_value()) return;
+  promised->second.emplace(status, std::string(message));
+  timeline::StatePage& state = timeline.state();
+  bool moved = false;
+  // In order: a point is settled once every point promised before it is.
+  while (!timeline.promised.empty() && timeline.promised.begin()->second.has_value()) {
+    const uint64_t at = timeline.promised.begin()->first;
+    auto [how, why] = *std::move(timeline.promised.begin()->second);
+    timeline.promised.erase(timeline.promised.begin());
+    const uint64_t reached = ObserveLocked(timeline);
+    // Reached already (the owner signalled past it): nothing to do.
+    if (at <= reached || Load(state.ended) != 0) continue;
+    if (how != v1::FENCE_STATUS_OK) {
+      const uint64_t index = Load(state.failure_count);
+      timeline::DaemonFailure& failure =
+          state.failures[index % timeline::StatePage::kFailures];
+      const uint32_t gen = Load(failure.gen);
+      Store(failure.gen, gen + 1 + gen % 2);  // odd: being written
+      std::atomic_thread_fence(std::memory_order_release);
+      Store(failure.status, static_cast<uint32_t>(how));
+      Store(failure.from, reached);
+      Store(failure.to, at);
+      const size_t length = std::min(why.size(), sizeof(failure.message));
+      std::memcpy(failure.message, why.data(), length);
+      Store(failure.length, static_cast<uint32_t>(length));
+      Store(failure.gen, gen + 2 + gen % 2);
+      Store(state.failure_count, index + 1);
+    }
+    Store(state.observed, at);
+    timeline::Reached(timeline.counters(), state, timeline.seen);
+    moved = true;
+  }
+  // Every waiter looks again; the daemon's own waker (exported points)
+  // hears it on the loop.
+  if (moved) WakeAllLocked(timeline);
 }
 
 TimelineView TimelineTable::ViewLocked(const Timeline& timeline) const {
@@ -671,14 +911,20 @@ TimelineView TimelineTable::ViewLocked(const Timeline& timeline) const {
   view.deadline = timeline.deadline;
   view.created = timeline.created;
   view.holders = timeline.holders;
-  view.wakers = static_cast<uint32_t>(timeline.wakers.size());
-  for (const auto& [session, waker] : timeline.wakers) view.notify_fds += waker.notify();
+  for (const auto& [session, waker] : timeline.wakers) {
+    if (session == kDaemonWaker) continue;  // counted as exported points
+    ++view.wakers;
+    view.notify_fds += waker.notify();
+  }
   for (const auto& [point, tracked] : timeline.tracked) {
     view.waits.push_back({point, WallOf(tracked.since), WallOf(tracked.due)});
   }
   if (const int64_t need_by = Load(state.need_by_ns); need_by > 0) {
     view.need_by = WallOf(absl::Nanoseconds(need_by));
   }
+  view.available = Load(state.available);
+  for (const auto& [point, settled] : timeline.promised) view.promised.push_back(point);
+  view.exported_points = static_cast<uint32_t>(timeline.watches.size());
   return view;
 }
 
@@ -716,6 +962,7 @@ void TimelineTable::Stop() {
   stopped_ = true;
   if (timer_ != 0) loop_->Cancel(timer_);
   timer_ = 0;
+  for (auto& [id, timeline] : timelines_) UnwatchLocked(timeline);
   timelines_.clear();
   sessions_.clear();
   held_by_uid_.clear();

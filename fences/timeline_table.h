@@ -23,6 +23,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -82,6 +83,12 @@ struct TimelineView {
   std::vector<Wait> waits;
   // The earliest need-by time a waiter gave (InfiniteFuture: none).
   absl::Time need_by = absl::InfiniteFuture();
+  // The highest point with a fence behind it (0: none), and the points
+  // whose fences have not signalled yet.
+  uint64_t available = 0;
+  std::vector<uint64_t> promised;
+  // Points exported as fences (WatchPoint) and not yet reached or failed.
+  uint32_t exported_points = 0;
 };
 
 class TimelineTable {
@@ -158,9 +165,31 @@ class TimelineTable {
                                     const std::vector<uint64_t>& known,
                                     const std::vector<uint64_t>& known_notify);
 
+  // ExportPoint: `done` runs once, without the table's lock, when `point`
+  // of timeline `id` (held by `session`) is reached or fails: at once,
+  // before this returns, if it is already; else from the loop (the daemon
+  // keeps a waker of its own on the timeline, whose notify channel the
+  // owner writes to like any waiter's) or from a scan. A watched point
+  // counts as waited on: its deadline runs. The session's end drops its
+  // watches without calling them.
+  using PointDone = std::function<void(timeline::PointState)>;
+  absl::Status WatchPoint(uint64_t session, uint64_t id, uint64_t point, PointDone done);
+
+  // ImportFenceAsPoint, the owner's (PERMISSION_DENIED for anyone else): a
+  // fence stands behind `point` from now on, which must be after every point
+  // reached and every point promised before (FAILED_PRECONDITION); the
+  // point is available at once (StatePage::available). Settle says how the
+  // fence came out: points are settled in order (like a dma_fence_chain, a
+  // point is reached only once every fence promised before it signalled),
+  // OK raising the timeline to the point, anything else failing the points
+  // up to it with the fence's status and `message`.
+  absl::Status Promise(uint64_t session, uint64_t id, uint64_t point);
+  void Settle(uint64_t id, uint64_t point, v1::FenceStatus status, absl::string_view message);
+
   // Every timeline, oldest first (at most `limit`; 0: all).
   std::vector<TimelineView> List(size_t limit = 0) const;
   size_t size() const;
+  const TimelineLimits& limits() const { return limits_; }
 
   // Reads the wait pages and fails what is due, as of `now` (monotonic);
   // the scan timer calls it every scan interval.
@@ -215,8 +244,21 @@ class TimelineTable {
     // waits on it again), so this holds at most as many points as there are
     // wait slots of the sessions holding the timeline.
     std::map<uint64_t, Tracked> tracked;
-    // Session -> its waker.
+    // Session -> its waker; the daemon's own (for watches) is kDaemonWaker.
     std::map<uint64_t, Waker> wakers;
+    // Exported points, by point.
+    struct Watch {
+      uint64_t session = 0;
+      PointDone done;
+    };
+    std::multimap<uint64_t, Watch> watches;
+    // The daemon's waker's notify read end is on the loop (it comes off
+    // for the rest of a scan interval when the owner floods it).
+    bool notify_watched = false;
+    uint32_t notifies = 0;
+    // Points promised (a fence behind each), with how that fence came out
+    // once it has.
+    std::map<uint64_t, std::optional<std::pair<v1::FenceStatus, std::string>>> promised;
 
     const timeline::CounterPage& counters() const {
       return *reinterpret_cast<const timeline::CounterPage*>(counters_map.data());
@@ -239,6 +281,24 @@ class TimelineTable {
     std::pair<dev_t, ino_t> wait_inode;
   };
 
+  // The daemon's waker in Timeline::wakers (sessions are numbered from 1).
+  static constexpr uint64_t kDaemonWaker = 0;
+  // More notify bytes than this in one scan interval on the daemon's own
+  // waker (only the owner sends that many) takes it off the loop until the
+  // next scan: an owner cannot keep the daemon's loop busy.
+  static constexpr uint32_t kMaxNotifiesPerScan = 1000;
+  using Calls = std::vector<std::pair<PointDone, timeline::PointState>>;
+
+  // A new waker (its page and, with `notify`, its channel), leased to `uid`.
+  absl::StatusOr<Waker> NewWaker(uid_t uid, bool page, bool notify);
+  // Resolves the watches of `timeline` that are done (into `out`) and arms
+  // the daemon's waker at the lowest one left.
+  void CheckWatchesLocked(Timeline& timeline, Calls& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void OnDaemonNotify(uint64_t id);
+  void ScanLocked(absl::Duration now, Calls& calls) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Stops watching the daemon's notify channel of `timeline`.
+  void UnwatchLocked(Timeline& timeline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  static void Run(Calls& calls);
   absl::StatusOr<Session*> SessionLocked(uint64_t session) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Timeline*> HeldLocked(uint64_t session, uint64_t id) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -8,6 +8,7 @@
 
 #include <memory>
 
+#include "absl/synchronization/notification.h"
 #include "base/fd_count.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -378,6 +379,154 @@ TEST_F(TimelineTableTest, AnArmedNotifyPointIsTimed) {
   EXPECT_EQ(Load(owned.state().marks[0]), 1u);
   pollfd readable{registered->notify_read->fd.get(), POLLIN, 0};
   EXPECT_EQ(::poll(&readable, 1, 0), 1) << "the event loop hears of it";
+}
+
+// What a watch got, once.
+struct Got {
+  int calls = 0;
+  timeline::PointState state;
+  TimelineTable::PointDone Done() {
+    return [this](timeline::PointState s) {
+      ++calls;
+      state = std::move(s);
+    };
+  }
+};
+
+TEST_F(TimelineTableTest, AnExportedPointIsDoneAtOnceWhenReachedAndLaterAtAScan) {
+  Owned owned = Create();
+  ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  Store(owned.page().reached, uint64_t{2});
+  Got reached, later;
+  ASSERT_TRUE(table_->WatchPoint(kOther, owned.id, 2, reached.Done()).ok());
+  EXPECT_EQ(reached.calls, 1) << "reached already: done before it returns";
+  EXPECT_EQ(reached.state.status, v1::FENCE_STATUS_OK);
+  ASSERT_TRUE(table_->WatchPoint(kOther, owned.id, 4, later.Done()).ok());
+  EXPECT_EQ(later.calls, 0);
+  EXPECT_EQ(table_->Info(kOther, owned.id)->exported_points, 1u);
+  EXPECT_EQ(table_->WatchPoint(kOther, owned.id, UINT64_MAX, later.Done()).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(table_->WatchPoint(3, owned.id, 4, later.Done()).code(),
+            absl::StatusCode::kNotFound);
+  // The owner gets the daemon's waker like any other, armed at the point.
+  absl::StatusOr<TimelineTable::Wakers> taken = table_->TakeWakers(kOwner, owned.id, {}, {});
+  ASSERT_TRUE(taken.ok());
+  ASSERT_EQ(taken->wakers.size(), 1u);
+  ASSERT_TRUE(taken->wakers[0].notify.has_value());
+  Mapping page = *Mapping::Create(taken->wakers[0].page.fd.get(), timeline::kPageSize,
+                                  Mapping::Protection::kReadWrite);
+  EXPECT_EQ(Load(reinterpret_cast<timeline::WakePage*>(page.data())->armed), 4u);
+  // Reached without a byte: the next scan settles it.
+  Store(owned.page().reached, uint64_t{5});
+  table_->Scan(absl::Seconds(100));
+  EXPECT_EQ(later.calls, 1);
+  EXPECT_EQ(later.state.status, v1::FENCE_STATUS_OK);
+  EXPECT_EQ(Load(reinterpret_cast<timeline::WakePage*>(page.data())->armed), 0u)
+      << "nothing left to watch";
+}
+
+TEST_F(TimelineTableTest, AnExportedPointFailsAtItsDeadlineAndAtTheOwnersEnd) {
+  Owned owned = Create();
+  ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  Got next, ahead, after_end;
+  ASSERT_TRUE(table_->WatchPoint(kOther, owned.id, 1, next.Done()).ok());
+  ASSERT_TRUE(table_->WatchPoint(kOther, owned.id, 3, ahead.Done()).ok());
+  const absl::Duration t0 = absl::Seconds(100);
+  table_->Scan(t0);
+  EXPECT_EQ(next.calls + ahead.calls, 0);
+  table_->Scan(t0 + kDeadline);
+  EXPECT_EQ(next.calls, 1);
+  EXPECT_EQ(next.state.status, v1::FENCE_STATUS_DEADLINE_EXCEEDED);
+  EXPECT_EQ(ahead.calls, 1) << "an exported point is a wait: it is bounded too";
+  EXPECT_EQ(ahead.state.status, v1::FENCE_STATUS_DEADLINE_EXCEEDED);
+  ASSERT_TRUE(table_->WatchPoint(kOther, owned.id, 2, after_end.Done()).ok());
+  table_->CloseSession(kOwner);
+  table_->Scan(t0 + kDeadline + absl::Milliseconds(100));
+  EXPECT_EQ(after_end.calls, 1);
+  EXPECT_EQ(after_end.state.status, v1::FENCE_STATUS_OWNER_DIED);
+}
+
+TEST_F(TimelineTableTest, TheOwnersByteReachesTheDaemonOnItsLoop) {
+  table_->Stop();
+  // No scan could settle it: only the byte the owner sends.
+  table_ = std::make_unique<TimelineTable>(&loop_, &budget_,
+                                           TimelineLimits{.scan_interval = absl::Hours(1)});
+  table_->AddSession(kOwner, 1000);
+  table_->AddSession(kOther, 1001);
+  loop_.Start();
+  Owned owned = Create();
+  ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  absl::Notification settled;
+  timeline::PointState got;
+  ASSERT_TRUE(table_
+                  ->WatchPoint(kOther, owned.id, 2,
+                               [&](timeline::PointState state) {
+                                 got = std::move(state);
+                                 settled.Notify();
+                               })
+                  .ok());
+  absl::StatusOr<TimelineTable::Wakers> taken = table_->TakeWakers(kOwner, owned.id, {}, {});
+  ASSERT_TRUE(taken.ok() && taken->wakers.size() == 1 && taken->wakers[0].notify.has_value());
+  // What the owner's library does at Signal(2).
+  Store(owned.page().reached, uint64_t{2});
+  const char byte = 1;
+  ASSERT_EQ(::send(taken->wakers[0].notify->fd.get(), &byte, 1, MSG_DONTWAIT), 1);
+  EXPECT_TRUE(settled.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  EXPECT_EQ(got.status, v1::FENCE_STATUS_OK);
+  loop_.Stop();
+}
+
+TEST_F(TimelineTableTest, FencesBehindPointsSettleInOrder) {
+  Owned owned = Create();
+  ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  EXPECT_EQ(table_->Promise(kOther, owned.id, 3).code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(table_->Promise(kOwner, owned.id, 0).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(table_->Promise(kOwner, owned.id, UINT64_MAX).code(),
+            absl::StatusCode::kInvalidArgument);
+  // An event loop waiting for point 3 to be available.
+  absl::StatusOr<TimelineTable::Registered> waker = table_->RegisterWaker(kOther, owned.id, true);
+  ASSERT_TRUE(waker.ok());
+  Mapping page = *Mapping::Create(waker->page.fd.get(), timeline::kPageSize,
+                                  Mapping::Protection::kReadWrite);
+  auto& wake = *reinterpret_cast<timeline::WakePage*>(page.data());
+  Store(wake.arm_available, uint32_t{1});
+  Store(wake.armed, uint64_t{3});
+  pollfd readable{waker->notify_read->fd.get(), POLLIN, 0};
+  ASSERT_EQ(::poll(&readable, 1, 0), 0);
+
+  ASSERT_TRUE(table_->Promise(kOwner, owned.id, 3).ok());
+  EXPECT_EQ(::poll(&readable, 1, 0), 1) << "available: the event loop hears of it";
+  std::atomic<uint64_t> seen{0};
+  EXPECT_TRUE(timeline::Available(owned.page(), owned.state(), 2, seen));
+  EXPECT_TRUE(timeline::Available(owned.page(), owned.state(), 3, seen));
+  EXPECT_FALSE(timeline::Available(owned.page(), owned.state(), 4, seen));
+  EXPECT_FALSE(timeline::Evaluate(owned.page(), owned.state(), 3, seen).done) << "not reached";
+  EXPECT_THAT(table_->Promise(kOwner, owned.id, 3).message(),
+              HasSubstr("the last point with a fence behind it, 3"));
+  ASSERT_TRUE(table_->Promise(kOwner, owned.id, 5).ok());
+  EXPECT_EQ(table_->Info(kOwner, owned.id)->promised, (std::vector<uint64_t>{3, 5}));
+
+  // 5's fence first: nothing moves until 3's has signalled.
+  table_->Settle(owned.id, 5, v1::FENCE_STATUS_OK, "");
+  EXPECT_FALSE(timeline::Evaluate(owned.page(), owned.state(), 5, seen).done);
+  const uint32_t seq = Load(wake.seq);
+  table_->Settle(owned.id, 3, v1::FENCE_STATUS_ERROR, "gpu hang");
+  EXPECT_NE(Load(wake.seq), seq) << "waiters were woken";
+  for (uint64_t point : {1, 3}) {
+    timeline::PointState state = timeline::Evaluate(owned.page(), owned.state(), point, seen);
+    EXPECT_EQ(state.status, v1::FENCE_STATUS_ERROR) << point;
+    EXPECT_EQ(state.message, "gpu hang");
+  }
+  EXPECT_EQ(timeline::Evaluate(owned.page(), owned.state(), 4, seen).status,
+            v1::FENCE_STATUS_OK);
+  EXPECT_EQ(timeline::Evaluate(owned.page(), owned.state(), 5, seen).status,
+            v1::FENCE_STATUS_OK);
+  EXPECT_TRUE(table_->Info(kOwner, owned.id)->promised.empty());
+  EXPECT_EQ(table_->Promise(kOwner, owned.id, 5).code(), absl::StatusCode::kFailedPrecondition)
+      << "reached";
+  // A settle for a point nobody promised, or twice, changes nothing.
+  table_->Settle(owned.id, 9, v1::FENCE_STATUS_ERROR, "no");
+  EXPECT_FALSE(timeline::Evaluate(owned.page(), owned.state(), 9, seen).done);
 }
 
 TEST_F(TimelineTableTest, LimitsAreNamed) {
