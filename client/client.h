@@ -184,6 +184,7 @@ class Fence {
 
  private:
   friend class Client;
+  friend class Timeline;
   Fence(std::shared_ptr<internal::Connection> connection, v1::FenceInfo info);
 
   std::shared_ptr<internal::Connection> connection_;
@@ -217,6 +218,12 @@ struct TimelinePoint {
   uint64_t point = 0;
 };
 
+// What a timeline wait waits for: the point reached (or failed), or only
+// available: reached, or with a fence standing behind it (the owner's
+// Timeline::ImportFence / ImportSyncFd), like
+// DRM_SYNCOBJ_WAIT_FLAGS_WAIT_AVAILABLE.
+enum class TimelineWait { kReached, kAvailable };
+
 // A drm_syncobj-style timeline: a 64-bit counter that only moves forward;
 // point N is reached when it reaches N. Created by one session (its owner,
 // the only one that signals it) and shared by token (Export /
@@ -245,7 +252,8 @@ class Timeline {
 
   // Owner only: reaches `point` (OK), or reaches it failed with `message`
   // (every point since the last signal fails ERROR with it: like a
-  // dma_fence error). `point` must be after the last point reached:
+  // dma_fence error). `point` must be after the last point reached, and
+  // before any point a fence stands behind that has not signalled yet:
   // FAILED_PRECONDITION otherwise (also once the timeline has ended);
   // INVALID_ARGUMENT for 0 and UINT64_MAX; PERMISSION_DENIED for an
   // importer.
@@ -256,6 +264,10 @@ class Timeline {
   // (from now) tells the owner when this waiter needs it (WaitedOn).
   absl::StatusOr<PointResult> Wait(uint64_t point, absl::Duration timeout,
                                    absl::Duration need_by = absl::ZeroDuration()) const;
+  // Blocks until `point` is available (TimelineWait::kAvailable): OK once it is
+  // reached or a fence stands behind it, or the point's failure if it fails
+  // first. A wait like Wait: its deadline runs.
+  absl::StatusOr<PointResult> WaitAvailable(uint64_t point, absl::Duration timeout) const;
   // The last point reached (a load: no syscall, no daemon). Never goes
   // backwards for this object, whatever the owner writes.
   uint64_t Query() const;
@@ -282,6 +294,37 @@ class Timeline {
   // Not a round trip: a store. Arm(0) disarms (an armed point counts as
   // waited on: its deadline runs). One event loop per session and timeline.
   absl::StatusOr<std::optional<PointResult>> Arm(uint64_t point) const;
+  // The same for availability: the fd polls readable once `point` is
+  // available (reached, or a fence behind it); the result (OK) at once if it
+  // is already.
+  absl::StatusOr<std::optional<PointResult>> ArmAvailable(uint64_t point) const;
+
+  // sync_file interop (any holder). A fence this session holds, signalled
+  // by the daemon when `point` is reached (OK) or fails (the point's status
+  // and message): wait on it, merge it, ExportFd it. A point not reached yet
+  // counts as waited on (its deadline runs). One round trip.
+  absl::StatusOr<Fence> ExportPoint(uint64_t point) const;
+  // The fd of such a fence (a pipe's read end that polls POLLHUP once the
+  // point is reached or failed) in one round trip, with no Fence to keep.
+  // With kMinusOne and the point reached already, no round trip and an
+  // invalid fd (-1): the Vulkan SYNC_FD convention for "already signalled".
+  enum class IfReached { kReadableFd, kMinusOne };
+  absl::StatusOr<UniqueFd> ExportPointFd(uint64_t point,
+                                         IfReached if_reached = IfReached::kReadableFd) const;
+  // Owner only (like DRM_IOCTL_SYNCOBJ_TRANSFER): `point` is reached when
+  // `fence` (held by this Client's session) signals OK, and fails with its
+  // status and message otherwise. The point is available at once. It must be
+  // after the last point reached and every point a fence stands behind
+  // (FAILED_PRECONDITION); points settle in order; until it has settled,
+  // Signal takes only points before it.
+  absl::Status ImportFence(uint64_t point, const Fence& fence) const;
+  // The same for a pollable fd (a kernel sync_file, an eventfd, a timerfd, a
+  // pipe's read end, a fence fd bufferd exported; only borrowed), with no
+  // Fence to manage. `deadline`: when the fd counts as failed
+  // (DEADLINE_EXCEEDED) if it has not polled readable (zero: the daemon's
+  // default fence deadline).
+  absl::Status ImportSyncFd(uint64_t point, int fd,
+                            absl::Duration deadline = absl::ZeroDuration()) const;
 
   // A single-use token another session redeems with Client::ImportTimeline
   // (it may wait and query, never signal). `ttl` zero: 30 s.
@@ -297,10 +340,11 @@ class Timeline {
   absl::Status SignalWith(uint64_t point, absl::string_view message, bool failed);
   void WakeWakers(uint64_t point);
   absl::StatusOr<std::shared_ptr<internal::Waker>> EnsureWaker(bool with_notify) const;
+  absl::StatusOr<std::optional<PointResult>> ArmFor(uint64_t point, TimelineWait what) const;
   static absl::StatusOr<std::vector<PointResult>> WaitPoints(
       const std::shared_ptr<internal::Connection>& connection,
       std::span<const TimelinePoint> points, bool all, absl::Duration timeout,
-      absl::Duration need_by);
+      absl::Duration need_by, TimelineWait what);
 
   std::shared_ptr<internal::Connection> connection_;
   v1::TimelineInfo info_;
@@ -361,7 +405,8 @@ class Client {
   // futex wait; DEADLINE_EXCEEDED if `timeout` passes first. At most 64
   // points, of timelines of this Client; the results in the order given.
   absl::StatusOr<std::vector<PointResult>> WaitTimelines(std::span<const TimelinePoint> points,
-                                                         bool all, absl::Duration timeout) const;
+                                                         bool all, absl::Duration timeout,
+                                                         TimelineWait what = TimelineWait::kReached) const;
 
   // Debug service (what bufctl shows).
   absl::StatusOr<v1::ListHeapsResponse> ListHeaps() const;

@@ -127,6 +127,11 @@ class Connection {
   std::map<uint64_t, std::weak_ptr<Waker>> wakers_;
 };
 
+// A fence's deadline as the protocol takes it (fence.cc).
+absl::StatusOr<uint32_t> DeadlineMs(absl::Duration deadline);
+// A fence fd the daemon delivered, checked to be a read-only pipe.
+absl::StatusOr<UniqueFd> CheckFenceFd(UniqueFd fd);
+
 }  // namespace bufferd::internal
 
 #endif  // BUFFERD_CLIENT_CONNECTION_H_

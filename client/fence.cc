@@ -33,6 +33,23 @@ internal::Call NewWaitCall(internal::Connection& connection, absl::Duration wait
   return call;
 }
 
+absl::Status NotSignalled(const v1::WaitFenceResponse& response, absl::Duration timeout) {
+  std::string ids;
+  for (const v1::FenceInfo& fence : response.fences()) {
+    if (fence.state() != v1::FENCE_STATE_SIGNALED) {
+      absl::StrAppend(&ids, ids.empty() ? "" : ", ", fence.fence_id());
+    }
+  }
+  return absl::DeadlineExceededError(
+      timeout <= absl::ZeroDuration()
+          ? absl::StrCat("fence ", ids, " not signalled yet (polled)")
+          : absl::StrCat("fence ", ids, " not signalled within ", absl::FormatDuration(timeout)));
+}
+
+}  // namespace
+
+namespace internal {
+
 // A fence's deadline as the protocol takes it: never negative, never
 // indefinite (the daemon says what its maximum is).
 absl::StatusOr<uint32_t> DeadlineMs(absl::Duration deadline) {
@@ -49,20 +66,19 @@ absl::StatusOr<uint32_t> DeadlineMs(absl::Duration deadline) {
   return deadline > absl::ZeroDuration() && ms == 0 ? 1 : ms;
 }
 
-absl::Status NotSignalled(const v1::WaitFenceResponse& response, absl::Duration timeout) {
-  std::string ids;
-  for (const v1::FenceInfo& fence : response.fences()) {
-    if (fence.state() != v1::FENCE_STATE_SIGNALED) {
-      absl::StrAppend(&ids, ids.empty() ? "" : ", ", fence.fence_id());
-    }
+absl::StatusOr<UniqueFd> CheckFenceFd(UniqueFd fd) {
+  // A pipe's read end, as the daemon promised: nothing this process could
+  // write to.
+  const int flags = ::fcntl(fd.get(), F_GETFL);
+  struct stat st {};
+  if (flags < 0 || (flags & O_ACCMODE) != O_RDONLY || ::fstat(fd.get(), &st) != 0 ||
+      !S_ISFIFO(st.st_mode)) {
+    return absl::InternalError("the delivered fence fd is not a read-only pipe");
   }
-  return absl::DeadlineExceededError(
-      timeout <= absl::ZeroDuration()
-          ? absl::StrCat("fence ", ids, " not signalled yet (polled)")
-          : absl::StrCat("fence ", ids, " not signalled within ", absl::FormatDuration(timeout)));
+  return fd;
 }
 
-}  // namespace
+}  // namespace internal
 
 Fence::Fence(std::shared_ptr<internal::Connection> connection, v1::FenceInfo info)
     : connection_(std::move(connection)), info_(std::move(info)) {}
@@ -175,22 +191,14 @@ absl::StatusOr<UniqueFd> Fence::ExportFd() const {
   RETURN_IF_ERROR(connection_->Finish(
       call, connection_->fence().ExportFence(call.context.get(), request, &response)));
   ASSIGN_OR_RETURN(UniqueFd fd, connection_->TakeFd(response.transfer_id()));
-  // A pipe's read end, as the daemon promised: nothing this process could
-  // write to.
-  const int flags = ::fcntl(fd.get(), F_GETFL);
-  struct stat st {};
-  if (flags < 0 || (flags & O_ACCMODE) != O_RDONLY || ::fstat(fd.get(), &st) != 0 ||
-      !S_ISFIFO(st.st_mode)) {
-    return absl::InternalError("the delivered fence fd is not a read-only pipe");
-  }
-  return fd;
+  return internal::CheckFenceFd(std::move(fd));
 }
 
 absl::StatusOr<Fence> Client::CreateFence(const FenceOptions& options) const {
   v1::CreateFenceRequest request;
   request.set_name(options.name);
   request.set_timeline(options.timeline);
-  ASSIGN_OR_RETURN(const uint32_t deadline_ms, DeadlineMs(options.deadline));
+  ASSIGN_OR_RETURN(const uint32_t deadline_ms, internal::DeadlineMs(options.deadline));
   request.set_deadline_ms(deadline_ms);
   v1::CreateFenceResponse response;
   internal::Call call = connection_->NewCall();
@@ -244,7 +252,7 @@ absl::StatusOr<Fence> Client::ImportSyncFd(int fd, const FenceOptions& options) 
   const uint64_t upload_id = connection_->NewUploadId();
   v1::FdChannelMessage record;
   record.mutable_upload()->set_upload_id(upload_id);
-  ASSIGN_OR_RETURN(const uint32_t deadline_ms, DeadlineMs(options.deadline));
+  ASSIGN_OR_RETURN(const uint32_t deadline_ms, internal::DeadlineMs(options.deadline));
   const int fds[] = {fd};
   RETURN_IF_ERROR(connection_->SendRecord(record, fds));
   v1::ImportSyncFdRequest request;

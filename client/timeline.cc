@@ -229,6 +229,14 @@ absl::Status Timeline::SignalWith(uint64_t point, absl::string_view message, boo
     return absl::FailedPreconditionError(absl::StrCat(
         "point ", point, " is not after timeline ", id(), "'s last point ", reached));
   }
+  // A point a fence stands behind is reached when that fence signals, and
+  // no later point before it (points settle in order, as in a
+  // dma_fence_chain).
+  if (const uint64_t promised = Load(state.available); promised > reached && point >= promised) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "point ", promised, " of timeline ", id(),
+        " stands behind a fence that has not signalled yet: signal only points before it"));
+  }
   if (failed) {
     const uint64_t index = Load(counters.failure_count);
     timeline::Failure& failure = counters.failures[index % timeline::CounterPage::kFailures];
@@ -342,7 +350,16 @@ absl::StatusOr<PointResult> Timeline::Wait(uint64_t point, absl::Duration timeou
   if (shared_ == nullptr) return absl::FailedPreconditionError("moved-from Timeline");
   const TimelinePoint points[] = {{this, point}};
   ASSIGN_OR_RETURN(std::vector<PointResult> results,
-                   WaitPoints(connection_, points, true, timeout, need_by));
+                   WaitPoints(connection_, points, true, timeout, need_by, TimelineWait::kReached));
+  return std::move(results[0]);
+}
+
+absl::StatusOr<PointResult> Timeline::WaitAvailable(uint64_t point, absl::Duration timeout) const {
+  if (shared_ == nullptr) return absl::FailedPreconditionError("moved-from Timeline");
+  const TimelinePoint points[] = {{this, point}};
+  ASSIGN_OR_RETURN(std::vector<PointResult> results,
+                   WaitPoints(connection_, points, true, timeout, absl::ZeroDuration(),
+                              TimelineWait::kAvailable));
   return std::move(results[0]);
 }
 
@@ -399,23 +416,110 @@ absl::StatusOr<int> Timeline::NotifyFd() const {
 }
 
 absl::StatusOr<std::optional<PointResult>> Timeline::Arm(uint64_t point) const {
+  return ArmFor(point, TimelineWait::kReached);
+}
+
+absl::StatusOr<std::optional<PointResult>> Timeline::ArmAvailable(uint64_t point) const {
+  return ArmFor(point, TimelineWait::kAvailable);
+}
+
+absl::StatusOr<std::optional<PointResult>> Timeline::ArmFor(uint64_t point, TimelineWait what) const {
   if (shared_ == nullptr) return absl::FailedPreconditionError("moved-from Timeline");
   RETURN_IF_ERROR(CheckPoint(point));
   ASSIGN_OR_RETURN(std::shared_ptr<internal::Waker> waker, EnsureWaker(true));
   char drained[4096];
   while (::recv(waker->notify.get(), drained, sizeof(drained), MSG_DONTWAIT) > 0) {
   }
-  // The owner stores its counter, then loads this: one of the two sees the
-  // other (a full fence between the store and the loads below).
+  // The owner stores its counter (the daemon its available point), then
+  // loads this: one of the two sees the other (a full fence between the
+  // store and the loads below).
+  Store(waker->wake().arm_available, static_cast<uint32_t>(what == TimelineWait::kAvailable));
   std::atomic_ref<uint64_t>(waker->wake().armed).store(point, std::memory_order_seq_cst);
   std::atomic_thread_fence(std::memory_order_seq_cst);
   if (point == 0) return std::nullopt;  // disarmed
   timeline::PointState state = timeline::Evaluate(shared_->counter_page(), shared_->state_page(),
                                                   point, shared_->seen, &waker->wake());
+  if (!state.done && what == TimelineWait::kAvailable &&
+      timeline::Available(shared_->counter_page(), shared_->state_page(), point, shared_->seen)) {
+    state = {true, v1::FENCE_STATUS_OK, ""};
+  }
   if (!state.done) return std::nullopt;
   // Done: nothing more to wait for (the daemon stops timing it).
   std::atomic_ref<uint64_t>(waker->wake().armed).store(0, std::memory_order_seq_cst);
   return PointResult{point, state.status, std::move(state.message)};
+}
+
+absl::StatusOr<Fence> Timeline::ExportPoint(uint64_t point) const {
+  if (connection_ == nullptr) return absl::FailedPreconditionError("moved-from Timeline");
+  RETURN_IF_ERROR(CheckPoint(point));
+  v1::ExportPointRequest request;
+  request.set_timeline_id(id());
+  request.set_point(point);
+  v1::ExportPointResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->fence().ExportPoint(call.context.get(), request, &response)));
+  return Fence(connection_, response.fence());
+}
+
+absl::StatusOr<UniqueFd> Timeline::ExportPointFd(uint64_t point, IfReached if_reached) const {
+  if (connection_ == nullptr) return absl::FailedPreconditionError("moved-from Timeline");
+  RETURN_IF_ERROR(CheckPoint(point));
+  if (if_reached == IfReached::kMinusOne) {
+    // Reached OK: nothing to wait for. A failed point still gets an fd (and
+    // the daemon's fence keeps its status).
+    const timeline::PointState state = timeline::Evaluate(
+        shared_->counter_page(), shared_->state_page(), point, shared_->seen);
+    if (state.done && state.status == v1::FENCE_STATUS_OK) return UniqueFd();
+  }
+  v1::ExportPointRequest request;
+  request.set_timeline_id(id());
+  request.set_point(point);
+  request.set_fd_only(true);
+  v1::ExportPointResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->fence().ExportPoint(call.context.get(), request, &response)));
+  ASSIGN_OR_RETURN(UniqueFd fd, connection_->TakeFd(response.transfer_id()));
+  return internal::CheckFenceFd(std::move(fd));
+}
+
+absl::Status Timeline::ImportFence(uint64_t point, const Fence& fence) const {
+  if (connection_ == nullptr) return absl::FailedPreconditionError("moved-from Timeline");
+  if (fence.connection_ != connection_) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "fence ", fence.id(), " belongs to another Client's session (or was moved from)"));
+  }
+  v1::ImportFenceAsPointRequest request;
+  request.set_timeline_id(id());
+  request.set_point(point);
+  request.set_fence_id(fence.id());
+  v1::ImportFenceAsPointResponse response;
+  internal::Call call = connection_->NewCall();
+  return connection_->Finish(
+      call, connection_->fence().ImportFenceAsPoint(call.context.get(), request, &response));
+}
+
+absl::Status Timeline::ImportSyncFd(uint64_t point, int fd, absl::Duration deadline) const {
+  if (connection_ == nullptr) return absl::FailedPreconditionError("moved-from Timeline");
+  if (::fcntl(fd, F_GETFD) < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("fd ", fd, " is not open"));
+  }
+  ASSIGN_OR_RETURN(const uint32_t deadline_ms, internal::DeadlineMs(deadline));
+  const uint64_t upload_id = connection_->NewUploadId();
+  v1::FdChannelMessage record;
+  record.mutable_upload()->set_upload_id(upload_id);
+  const int fds[] = {fd};
+  RETURN_IF_ERROR(connection_->SendRecord(record, fds));
+  v1::ImportSyncFdAsPointRequest request;
+  request.set_timeline_id(id());
+  request.set_point(point);
+  request.set_upload_id(upload_id);
+  request.set_deadline_ms(deadline_ms);
+  v1::ImportSyncFdAsPointResponse response;
+  internal::Call call = connection_->NewCall();
+  return connection_->Finish(
+      call, connection_->fence().ImportSyncFdAsPoint(call.context.get(), request, &response));
 }
 
 absl::StatusOr<std::string> Timeline::Export(absl::Duration ttl) const {
@@ -515,13 +619,13 @@ absl::StatusOr<Timeline> Client::ImportTimeline(absl::string_view token) const {
 }
 
 absl::StatusOr<std::vector<PointResult>> Client::WaitTimelines(
-    std::span<const TimelinePoint> points, bool all, absl::Duration timeout) const {
-  return Timeline::WaitPoints(connection_, points, all, timeout, absl::ZeroDuration());
+    std::span<const TimelinePoint> points, bool all, absl::Duration timeout, TimelineWait what) const {
+  return Timeline::WaitPoints(connection_, points, all, timeout, absl::ZeroDuration(), what);
 }
 
 absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
     const std::shared_ptr<internal::Connection>& connection, std::span<const TimelinePoint> points,
-    bool all, absl::Duration timeout, absl::Duration need_by) {
+    bool all, absl::Duration timeout, absl::Duration need_by, TimelineWait what) {
   if (points.empty() || points.size() > kMaxWaitPoints) {
     return absl::InvalidArgumentError(absl::StrCat("a wait takes 1 to ", kMaxWaitPoints,
                                                    " timeline points, not ", points.size()));
@@ -579,6 +683,11 @@ absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
       timeline::PointState state =
           timeline::Evaluate(shared.counter_page(), shared.state_page(), points[i].point,
                              shared.seen, &waker_of[i]->wake());
+      if (!state.done && what == TimelineWait::kAvailable &&
+          timeline::Available(shared.counter_page(), shared.state_page(), points[i].point,
+                              shared.seen)) {
+        state = {true, v1::FENCE_STATUS_OK, ""};
+      }
       if (state.done) {
         results[i] = {points[i].point, state.status, std::move(state.message)};
         ++done;
@@ -587,6 +696,7 @@ absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
     if (all ? done == points.size() : done > 0) return results;
     const int64_t now = timeline::MonotonicNs();
     if (now >= until) {
+      const char* state_word = what == TimelineWait::kAvailable ? "available" : "reached";
       std::string pending;
       for (size_t i = 0; i < points.size(); ++i) {
         if (results[i].status != v1::FENCE_STATUS_UNSPECIFIED) continue;
@@ -595,8 +705,9 @@ absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
       }
       return absl::DeadlineExceededError(
           timeout <= absl::ZeroDuration()
-              ? absl::StrCat(pending, " not reached yet (polled)")
-              : absl::StrCat(pending, " not reached within ", absl::FormatDuration(timeout)));
+              ? absl::StrCat(pending, " not ", state_word, " yet (polled)")
+              : absl::StrCat(pending, " not ", state_word, " within ",
+                             absl::FormatDuration(timeout)));
     }
     if (!slots.has_value()) {
       // The daemon starts each point's deadline when it sees it here.

@@ -4,6 +4,7 @@
 // cannot do to the shared pages; hostile pages, limits and bad input.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -572,6 +573,211 @@ TEST_F(TimelineTest, TimelineObjectsOfOneSessionAreCountedApart) {
   EXPECT_TRUE(first->Info().ok()) << "still held";
   ASSERT_TRUE(produced->Signal(2).ok());
   EXPECT_EQ(first->Wait(2, absl::Seconds(5))->status, v1::FENCE_STATUS_OK);
+}
+
+// Whether `fd` polls readable (or hung up) within `timeout`.
+bool Readable(int fd, absl::Duration timeout) {
+  pollfd ready{fd, POLLIN, 0};
+  return ::poll(&ready, 1, static_cast<int>(absl::ToInt64Milliseconds(timeout))) == 1;
+}
+
+TEST_F(TimelineTest, ExportPointGivesAFenceTheDaemonSignalsWithThePoint) {
+  {
+    auto [owner, waiter, produced, seen] = NewPair({.name = "frames"});
+    ASSERT_TRUE(produced && seen);
+    absl::StatusOr<Fence> third = seen->ExportPoint(3);
+    ASSERT_TRUE(third.ok()) << third.status();
+    EXPECT_EQ(third->info().kind(), v1::FENCE_KIND_TIMELINE_POINT);
+    EXPECT_EQ(third->info().name(), "point 3");
+    EXPECT_EQ(third->info().timeline(), "frames");
+    absl::StatusOr<UniqueFd> fd = seen->ExportPointFd(3);
+    ASSERT_TRUE(fd.ok()) << fd.status();
+    ASSERT_TRUE(fd->valid());
+    EXPECT_EQ(third->Signal().code(), absl::StatusCode::kPermissionDenied)
+        << "only its timeline signals it";
+    EXPECT_EQ(produced->Info()->exported_points(), 2u);
+
+    ASSERT_TRUE(produced->Signal(2).ok());
+    EXPECT_FALSE(Readable(fd->get(), absl::Milliseconds(50)));
+    ASSERT_TRUE(produced->Signal(3).ok());
+    EXPECT_TRUE(Readable(fd->get(), absl::Seconds(10))) << "the fd polls readable";
+    absl::StatusOr<v1::FenceInfo> done = third->Wait(absl::Seconds(10));
+    ASSERT_TRUE(done.ok()) << done.status();
+    EXPECT_EQ(done->status(), v1::FENCE_STATUS_OK);
+
+    // Reached already: a readable fd, or -1 (Vulkan's SYNC_FD convention)
+    // without a round trip when asked for.
+    absl::StatusOr<UniqueFd> reached = seen->ExportPointFd(3);
+    ASSERT_TRUE(reached.ok());
+    EXPECT_TRUE(Readable(reached->get(), absl::ZeroDuration()));
+    absl::StatusOr<UniqueFd> minus_one = seen->ExportPointFd(2, Timeline::IfReached::kMinusOne);
+    ASSERT_TRUE(minus_one.ok());
+    EXPECT_FALSE(minus_one->valid());
+
+    // A failed point's fence carries its failure, and the owner's exports
+    // work the same.
+    absl::StatusOr<Fence> failed = produced->ExportPoint(5);
+    ASSERT_TRUE(failed.ok()) << failed.status();
+    ASSERT_TRUE(produced->Fail(5, "render failed").ok());
+    absl::StatusOr<v1::FenceInfo> why = failed->Wait(absl::Seconds(10));
+    ASSERT_TRUE(why.ok());
+    EXPECT_EQ(why->status(), v1::FENCE_STATUS_ERROR);
+    EXPECT_EQ(why->message(), "render failed");
+    absl::StatusOr<UniqueFd> failed_fd = seen->ExportPointFd(4, Timeline::IfReached::kMinusOne);
+    ASSERT_TRUE(failed_fd.ok());
+    EXPECT_TRUE(failed_fd->valid()) << "a failed point is not -1: its fence has the error";
+
+    // The owner's end fails what is pending.
+    absl::StatusOr<Fence> orphan = seen->ExportPoint(9);
+    ASSERT_TRUE(orphan.ok());
+    owner.Close();
+    absl::StatusOr<v1::FenceInfo> died = orphan->Wait(absl::Seconds(10));
+    ASSERT_TRUE(died.ok());
+    EXPECT_EQ(died->status(), v1::FENCE_STATUS_OWNER_DIED);
+
+    EXPECT_EQ(seen->ExportPoint(std::numeric_limits<uint64_t>::max()).status().code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+  ExpectBaseline();
+}
+
+TEST_F(TimelineTest, AnExportedPointIsBoundedByTheDeadline) {
+  auto [owner, waiter, produced, seen] = NewPair({.deadline = absl::Milliseconds(300)});
+  ASSERT_TRUE(produced && seen);
+  absl::StatusOr<UniqueFd> fd = seen->ExportPointFd(1);
+  ASSERT_TRUE(fd.ok()) << fd.status();
+  EXPECT_TRUE(Readable(fd->get(), absl::Seconds(20)));
+  absl::StatusOr<Fence> again = seen->ExportPoint(1);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->info().status(), v1::FENCE_STATUS_DEADLINE_EXCEEDED)
+      << "signalled at once: the point failed already";
+}
+
+// "Transfer from a fence": a point reached when a fence signals, available
+// before that.
+TEST_F(TimelineTest, AFenceBehindAPointReachesOrFailsIt) {
+  {
+    auto [owner, waiter, produced, seen] = NewPair();
+    ASSERT_TRUE(produced && seen);
+    absl::StatusOr<Fence> render = owner.CreateFence({.name = "render"});
+    ASSERT_TRUE(render.ok());
+    EXPECT_EQ(seen->WaitAvailable(2, absl::ZeroDuration()).status().code(),
+              absl::StatusCode::kDeadlineExceeded);
+    // A waiter blocked for availability wakes when the fence comes.
+    std::thread available([&] {
+      absl::StatusOr<PointResult> got = seen->WaitAvailable(2, absl::Seconds(20));
+      ASSERT_TRUE(got.ok()) << got.status();
+      EXPECT_EQ(got->status, v1::FENCE_STATUS_OK);
+    });
+    EXPECT_TRUE(Eventually([&] { return produced->WaitedOn().point == 2; }));
+    ASSERT_TRUE(produced->ImportFence(2, *render).ok());
+    available.join();
+    absl::Status polled = seen->Wait(2, absl::ZeroDuration()).status();
+    EXPECT_EQ(polled.code(), absl::StatusCode::kDeadlineExceeded) << "available, not reached";
+    EXPECT_EQ(produced->Info()->available(), 2u);
+    EXPECT_EQ(produced->Info()->promised_points_size(), 1);
+
+    absl::Status early = produced->Signal(2);
+    EXPECT_EQ(early.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(early.message(), HasSubstr("stands behind a fence"));
+    ASSERT_TRUE(produced->Signal(1).ok()) << "points before it are the owner's";
+    std::thread blocked([&] {
+      absl::StatusOr<PointResult> got = seen->Wait(2, absl::Seconds(20));
+      ASSERT_TRUE(got.ok()) << got.status();
+      EXPECT_EQ(got->status, v1::FENCE_STATUS_OK);
+    });
+    EXPECT_TRUE(Eventually([&] { return produced->WaitedOn().point == 2; }));
+    ASSERT_TRUE(render->Signal().ok());
+    blocked.join();
+    EXPECT_EQ(seen->Query(), 2u);
+    EXPECT_EQ(produced->Query(), 2u);
+    ASSERT_TRUE(produced->Signal(3).ok()) << "the owner goes on after it";
+
+    // A fence's error fails the points behind it, with its message.
+    absl::StatusOr<Fence> broken = owner.CreateFence();
+    ASSERT_TRUE(broken.ok());
+    ASSERT_TRUE(produced->ImportFence(5, *broken).ok());
+    ASSERT_TRUE(broken->Signal(v1::FENCE_STATUS_ERROR, "gpu hang").ok());
+    absl::StatusOr<PointResult> five = seen->Wait(5, absl::Seconds(20));
+    ASSERT_TRUE(five.ok()) << five.status();
+    EXPECT_EQ(five->status, v1::FENCE_STATUS_ERROR);
+    EXPECT_THAT(five->message, HasSubstr("gpu hang"));
+    EXPECT_EQ(seen->Wait(4, absl::ZeroDuration())->status, v1::FENCE_STATUS_ERROR);
+
+    // Who may, and which points.
+    absl::StatusOr<Fence> mine = waiter.CreateFence();
+    ASSERT_TRUE(mine.ok());
+    absl::Status status = seen->ImportFence(7, *mine);
+    EXPECT_EQ(status.code(), absl::StatusCode::kPermissionDenied) << status;
+    EXPECT_THAT(status.message(), HasSubstr("only its owner"));
+    status = produced->ImportFence(7, *mine);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(status.message(), HasSubstr("another Client's session"));
+    absl::StatusOr<Fence> late = owner.CreateFence();
+    ASSERT_TRUE(late.ok());
+    status = produced->ImportFence(5, *late);
+    EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(status.message(), HasSubstr("is not after timeline"));
+    EXPECT_EQ(produced->ImportFence(0, *late).code(), absl::StatusCode::kInvalidArgument);
+    ASSERT_TRUE(late->Signal().ok());
+  }
+  ExpectBaseline();
+}
+
+TEST_F(TimelineTest, ASyncFdGoesStraightBehindAPoint) {
+  {
+    auto [owner, waiter, produced, seen] = NewPair();
+    ASSERT_TRUE(produced && seen);
+    // An event loop waits for availability on its notify fd.
+    absl::StatusOr<int> notify = seen->NotifyFd();
+    ASSERT_TRUE(notify.ok());
+    absl::StatusOr<std::optional<PointResult>> armed = seen->ArmAvailable(1);
+    ASSERT_TRUE(armed.ok());
+    EXPECT_FALSE(armed->has_value());
+
+    UniqueFd event(::eventfd(0, EFD_CLOEXEC));
+    ASSERT_TRUE(event.valid());
+    ASSERT_TRUE(produced->ImportSyncFd(1, event.get()).ok());
+    EXPECT_TRUE(Readable(*notify, absl::Seconds(10))) << "available: the byte came";
+    armed = seen->ArmAvailable(1);
+    ASSERT_TRUE(armed.ok() && armed->has_value());
+    EXPECT_EQ((*armed)->status, v1::FENCE_STATUS_OK);
+    EXPECT_FALSE(seen->Arm(1)->has_value()) << "not reached yet";
+    const uint64_t one = 1;
+    ASSERT_EQ(::write(event.get(), &one, sizeof(one)), 8);
+    EXPECT_TRUE(Readable(*notify, absl::Seconds(10))) << "reached: the daemon's byte";
+    absl::StatusOr<PointResult> reached = seen->Wait(1, absl::Seconds(20));
+    ASSERT_TRUE(reached.ok());
+    EXPECT_EQ(reached->status, v1::FENCE_STATUS_OK);
+
+    // A pipe's read end: reached when the write end closes.
+    int ends[2];
+    ASSERT_EQ(::pipe2(ends, O_CLOEXEC), 0);
+    UniqueFd read_end(ends[0]);
+    UniqueFd write_end(ends[1]);
+    ASSERT_TRUE(produced->ImportSyncFd(2, read_end.get()).ok());
+    read_end.Reset();
+    write_end.Reset();
+    EXPECT_EQ(seen->Wait(2, absl::Seconds(20))->status, v1::FENCE_STATUS_OK);
+
+    // An fd that signalled already reaches the point at once.
+    UniqueFd ready(::eventfd(1, EFD_CLOEXEC));
+    ASSERT_TRUE(produced->ImportSyncFd(3, ready.get()).ok());
+    EXPECT_EQ(seen->Wait(3, absl::Seconds(20))->status, v1::FENCE_STATUS_OK);
+
+    // Bad fds and callers: named errors, nothing kept.
+    UniqueFd file(::open("/proc/self/status", O_RDONLY | O_CLOEXEC));
+    absl::Status status = produced->ImportSyncFd(4, file.get());
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+    EXPECT_THAT(status.message(), HasSubstr("only a sync_file, an eventfd"));
+    status = seen->ImportSyncFd(4, ready.get());
+    EXPECT_EQ(status.code(), absl::StatusCode::kPermissionDenied) << status;
+    EXPECT_EQ(produced->ImportSyncFd(4, 12345).code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(produced->ImportSyncFd(3, ready.get()).code(),
+              absl::StatusCode::kFailedPrecondition);
+    EXPECT_EQ(produced->Query(), 3u);
+  }
+  ExpectBaseline();
 }
 
 TEST_F(TimelineTest, BadInputGetsNamedErrors) {
