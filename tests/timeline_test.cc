@@ -676,6 +676,10 @@ TEST_F(TimelineTest, AFenceBehindAPointReachesOrFailsIt) {
     EXPECT_EQ(polled.code(), absl::StatusCode::kDeadlineExceeded) << "available, not reached";
     EXPECT_EQ(produced->Info()->available(), 2u);
     EXPECT_EQ(produced->Info()->promised_points_size(), 1);
+    // Operators see which point waits on a fence.
+    EXPECT_THAT(Bufctl(daemon_->socket_dir(), "fences"), HasSubstr("BEHIND FENCES"));
+    EXPECT_THAT(Bufctl(daemon_->socket_dir(), "fences --json"),
+                ::testing::ContainsRegex("\"promised_points\":\\s*\\[\\s*\"2\"\\s*\\]"));
 
     absl::Status early = produced->Signal(2);
     EXPECT_EQ(early.code(), absl::StatusCode::kFailedPrecondition);

@@ -249,6 +249,13 @@ int Fences(const bufferd::Client& client, bool json, bool pending_only, uint64_t
                       FenceAge(t.waits(i).since()));
     }
     if (t.waits_size() > 4) absl::StrAppend(&waits, " +", t.waits_size() - 4);
+    // Points that wait on a fence (ImportFenceAsPoint): a frame stuck there
+    // is stuck on that fence (bufctl fences lists it above).
+    std::string behind;
+    for (int i = 0; i < t.promised_points_size() && i < 4; ++i) {
+      absl::StrAppend(&behind, i == 0 ? "" : " ", t.promised_points(i));
+    }
+    if (t.promised_points_size() > 4) absl::StrAppend(&behind, " +", t.promised_points_size() - 4);
     timelines.push_back(
         {absl::StrCat(t.timeline_id()), t.name().empty() ? "-" : t.name(), owner_name,
          t.ended() == 0 ? "live" : Lower(bufferd::v1::FenceStatus_Name(t.ended()), "fence_status_"),
@@ -257,11 +264,13 @@ int Fences(const bufferd::Client& client, bool json, bool pending_only, uint64_t
          t.has_need_by() ? FromNow(t.need_by()) : "-",
          absl::StrCat(t.wakers(), t.notify_fds() > 0 ? absl::StrCat(" (", t.notify_fds(), " fd)")
                                                      : ""),
+         behind.empty() ? "-" : behind, absl::StrCat(t.exported_points()),
          absl::StrCat(t.deadline_failures()), absl::StrCat(t.holders()), FenceAge(t.created_at())});
   }
   std::cout << "\n";
   PrintTable({"TIMELINE", "NAME", "OWNER", "STATE", "POINT", "WAITED (POINT@AGE)", "FAILS IN",
-              "NEEDED IN", "WAKERS", "DEADLINE FAILS", "HOLDERS", "AGE"},
+              "NEEDED IN", "WAKERS", "BEHIND FENCES", "EXPORTED", "DEADLINE FAILS", "HOLDERS",
+              "AGE"},
              timelines);
   return 0;
 }
