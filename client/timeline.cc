@@ -232,9 +232,10 @@ absl::Status Timeline::SignalWith(uint64_t point, absl::string_view message, boo
   // A point a fence stands behind is reached when that fence signals, and
   // no later point before it (points settle in order, as in a
   // dma_fence_chain).
-  if (const uint64_t promised = Load(state.available); promised > reached && point >= promised) {
+  if (const uint64_t unsettled = Load(state.unsettled);
+      unsettled > reached && point >= unsettled) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "point ", promised, " of timeline ", id(),
+        "point ", unsettled, " of timeline ", id(),
         " stands behind a fence that has not signalled yet: signal only points before it"));
   }
   if (failed) {
@@ -243,7 +244,9 @@ absl::Status Timeline::SignalWith(uint64_t point, absl::string_view message, boo
     const uint32_t gen = Load(failure.gen);
     Store(failure.gen, gen + 1 + gen % 2);  // odd: being written
     std::atomic_thread_fence(std::memory_order_release);
-    Store(failure.from, Load(counters.reached));
+    // From the last point reached as everyone sees it (a fence may have
+    // raised it past this page's counter): no point that read OK fails.
+    Store(failure.from, reached);
     Store(failure.to, point);
     std::memcpy(failure.message, message.data(), message.size());
     Store(failure.length, static_cast<uint32_t>(message.size()));

@@ -233,6 +233,8 @@ absl::Status Daemon::Init(const v1::Config& config) {
   timeline_limits.max_per_uid =
       OrDefault(limits.max_timelines_per_uid(), timeline_limits.max_per_uid);
   timeline_limits.max_timelines = OrDefault(limits.max_timelines(), timeline_limits.max_timelines);
+  timeline_limits.max_points_behind_fences =
+      OrDefault(limits.max_points_behind_fences(), timeline_limits.max_points_behind_fences);
   timelines_ = std::make_unique<TimelineTable>(loop_.get(), &budget_, timeline_limits);
   hub_ = std::make_unique<SessionHub>(sessions_.get(), state_.get(), reaper_.get(), fences_.get(),
                                       timelines_.get(), &budget_);

@@ -214,6 +214,7 @@ v1::TimelineInfo TimelineInfoOf(const TimelineView& view,
   if (view.need_by != absl::InfiniteFuture()) *info.mutable_need_by() = ToProto(view.need_by);
   info.set_available(view.available);
   for (uint64_t point : view.promised) info.add_promised_points(point);
+  info.set_promised_count(view.promised_count);
   info.set_exported_points(view.exported_points);
   if (owner) {
     info.set_owner_pid(static_cast<uint32_t>(owner->peer.pid));

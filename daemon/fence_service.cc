@@ -347,8 +347,7 @@ grpc::ServerUnaryReactor* FenceService::ExportPoint(grpc::CallbackServerContext*
           fences->SignalPoint(fence_id, state.status, state.message);
         });
     if (!watched.ok()) {
-      d_.fences->SignalPoint(fence_id, v1::FENCE_STATUS_CANCELLED, "the export failed");
-      d_.fences->Forget(session, fence_id);
+      d_.fences->Abandon(session, fence_id, "ExportPoint failed");
       return watched;
     }
     if (request->fd_only()) {
@@ -356,9 +355,12 @@ grpc::ServerUnaryReactor* FenceService::ExportPoint(grpc::CallbackServerContext*
       absl::StatusOr<uint64_t> transfer =
           fd.ok() ? Deliver(session, v1::FD_KIND_FENCE, fence_id, *std::move(fd)) : fd.status();
       absl::StatusOr<FenceView> view = d_.fences->Info(session, fence_id);
+      if (!transfer.ok()) {
+        d_.fences->Abandon(session, fence_id, "ExportPoint failed");
+        return transfer.status();
+      }
       // The caller never gets a Fence to drop: it only has the fd.
       d_.fences->Forget(session, fence_id);
-      RETURN_IF_ERROR(transfer.status());
       response->set_transfer_id(*transfer);
       if (view.ok()) *response->mutable_fence() = Info(*view);
       return absl::OkStatus();
@@ -419,13 +421,15 @@ absl::Status FenceService::StandBehind(uint64_t session, uint64_t id, uint64_t p
         }
         settle(how);
       });
+  // A fence this call imported is undone if the call fails.
+  constexpr absl::string_view kFailed = "the import behind a timeline point failed";
   if (!now.ok()) {
-    if (forget) fences->Forget(session, fence_id);
+    if (forget) fences->Abandon(session, fence_id, kFailed);
     return now.status();
   }
   if (absl::Status promised = timelines->Promise(session, id, point); !promised.ok()) {
     if (!now->has_value()) fences->CancelWait(wait);
-    if (forget) fences->Forget(session, fence_id);
+    if (forget) fences->Abandon(session, fence_id, kFailed);
     return promised;
   }
   if (now->has_value()) {
@@ -460,12 +464,9 @@ grpc::ServerUnaryReactor* FenceService::ImportSyncFdAsPoint(
   return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
     const uint64_t id = request->timeline_id();
     ASSIGN_OR_RETURN(UniqueFd fd, d_.hub->TakeUpload(session, request->upload_id()));
-    // Only the owner gets as far as a fence.
-    ASSIGN_OR_RETURN(TimelineView timeline, d_.timelines->Info(session, id));
-    if (timeline.owner_session != session) {
-      return absl::PermissionDeniedError(absl::StrCat(
-          "timeline ", id, " is not this session's: only its owner puts fences behind its points"));
-    }
+    // Checked before the fd becomes a fence: a call refused here leaves
+    // nothing behind.
+    RETURN_IF_ERROR(d_.timelines->CheckPromise(session, id, request->point()));
     ASSIGN_OR_RETURN(FenceView fence,
                      d_.fences->Import(session, std::move(fd),
                                        absl::StrCat("behind point ", request->point()),

@@ -692,6 +692,26 @@ void FenceTable::Forget(uint64_t session_id, uint64_t id) {
   Run(done);
 }
 
+void FenceTable::Abandon(uint64_t session_id, uint64_t id, absl::string_view why) {
+  Completions done;
+  {
+    absl::MutexLock lock(&mu_);
+    auto s = sessions_.find(session_id);
+    auto it = fences_.find(id);
+    if (s != sessions_.end() && it != fences_.end() && !it->second.view.signaled &&
+        it->second.view.owner_session == session_id &&
+        (it->second.view.kind == FenceKind::kImported ||
+         it->second.view.kind == FenceKind::kTimelinePoint)) {
+      auto held = s->second.held.find(id);
+      if (held != s->second.held.end() && held->second == 1) {
+        SignalLocked(it->second, v1::FENCE_STATUS_CANCELLED, std::string(why), done);
+      }
+    }
+  }
+  Run(done);
+  Forget(session_id, id);
+}
+
 FenceTable::WaitId FenceTable::NewWaitId() { return next_wait_id_.fetch_add(1); }
 
 absl::StatusOr<std::optional<FenceTable::WaitResult>> FenceTable::Wait(uint64_t session_id,

@@ -231,6 +231,11 @@ class FenceTable {
   // The session lets go of a fence (a pending one it owns is cancelled:
   // nobody could signal it any more). Unknown ids are ignored.
   void Forget(uint64_t session, uint64_t id);
+  // Undoes a fence a call just made for `session` and could not finish
+  // with (an imported or timeline-point fence it owns and holds once): it
+  // is signalled CANCELLED with `why`, then forgotten. Any other fence is
+  // only forgotten.
+  void Abandon(uint64_t session, uint64_t id, absl::string_view why);
 
   // A new id for a Wait (taken first, so the waiter can cancel at any time).
   WaitId NewWaitId();

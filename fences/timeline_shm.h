@@ -68,7 +68,7 @@ struct DaemonFailure {
   uint64_t from;
   uint64_t to;
   uint32_t length;
-  char message[220];
+  char message[300];
 };
 
 struct CounterPage {
@@ -119,6 +119,10 @@ struct StatePage {
   // again), like DRM_SYNCOBJ_WAIT_FLAGS_WAIT_AVAILABLE. A reached point is
   // available too.
   uint64_t available;
+  // The lowest point with a fence behind it that has not settled yet (0:
+  // none): the owner signals only points before it (points settle in
+  // order).
+  uint64_t unsettled;
   // Failures of points that stood behind a fence which signalled an error
   // (the fence's status and message): the last kFailures of
   // `failure_count`.

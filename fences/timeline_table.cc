@@ -55,7 +55,16 @@ void TimelineTable::AddSession(uint64_t session, uid_t uid) {
 }
 
 void TimelineTable::CloseSession(uint64_t session_id) {
-  absl::MutexLock lock(&mu_);
+  Calls calls;
+  {
+    absl::MutexLock lock(&mu_);
+    CloseSessionLocked(session_id);
+    calls.swap(deferred_);
+  }
+  Run(calls);
+}
+
+void TimelineTable::CloseSessionLocked(uint64_t session_id) {
   auto it = sessions_.find(session_id);
   if (it == sessions_.end()) return;
   Session& session = it->second;
@@ -483,14 +492,19 @@ absl::StatusOr<TimelineView> TimelineTable::Info(uint64_t session, uint64_t id) 
 }
 
 void TimelineTable::Forget(uint64_t session_id, uint64_t id) {
-  absl::MutexLock lock(&mu_);
-  auto it = sessions_.find(session_id);
-  if (it == sessions_.end()) return;
-  auto held = it->second.held.find(id);
-  if (held == it->second.held.end() || --held->second.count > 0) return;
-  if (held->second.owned) EndLocked(timelines_.at(id), v1::FENCE_STATUS_CANCELLED);
-  UnholdLocked(it->second, id);
-  UpdateTimerLocked();
+  Calls calls;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(session_id);
+    if (it == sessions_.end()) return;
+    auto held = it->second.held.find(id);
+    if (held == it->second.held.end() || --held->second.count > 0) return;
+    if (held->second.owned) EndLocked(timelines_.at(id), v1::FENCE_STATUS_CANCELLED);
+    UnholdLocked(it->second, id);
+    UpdateTimerLocked();
+    calls.swap(deferred_);
+  }
+  Run(calls);
 }
 
 void TimelineTable::UnholdLocked(Session& session, uint64_t id) {
@@ -510,6 +524,14 @@ void TimelineTable::UnholdLocked(Session& session, uint64_t id) {
   }
   if (--it->second.holders > 0) return;
   UnwatchLocked(it->second);
+  // Ended (the owner holds it while it lives): its watches are settled, but
+  // none may be dropped uncalled.
+  CheckWatchesLocked(it->second, deferred_);
+  for (auto& [point, watch] : it->second.watches) {
+    deferred_.emplace_back(std::move(watch.done),
+                           timeline::PointState{true, v1::FENCE_STATUS_CANCELLED,
+                                                absl::StrCat("timeline ", id, " is gone")});
+  }
   for (const auto& inode : {it->second.counters_inode, it->second.state_inode}) {
     if (auto known = inodes_.find(inode); known != inodes_.end() && known->second == id) {
       inodes_.erase(known);
@@ -530,6 +552,9 @@ void TimelineTable::EndLocked(Timeline& timeline, v1::FenceStatus status) {
   timeline.tracked.clear();
   // The fences behind later points no longer count: those points fail.
   timeline.promised.clear();
+  Store(state.unsettled, uint64_t{0});
+  // Exported points fail now, not at the daemon's next look.
+  CheckWatchesLocked(timeline, deferred_);
   Store(state.waited_point, uint64_t{0});
   Store(state.need_by_ns, int64_t{0});
   WakeAllLocked(timeline);
@@ -612,11 +637,14 @@ void TimelineTable::ScanLocked(absl::Duration now, Calls& calls) {
     // An event-loop waiter's armed point is a wait like any other, and so
     // is an exported point (the daemon's waker's expired ring has those
     // further ahead than the next that fail).
+    const uint64_t available = Load(state.available);
     for (const auto& [session, waker] : timeline.wakers) {
       if (session == kDaemonWaker) continue;
-      if (const uint64_t armed = Load(waker.wake().armed); armed != 0) {
-        waited[id].points.emplace_back(armed, session);
-      }
+      const uint64_t armed = Load(waker.wake().armed);
+      if (armed == 0) continue;
+      // Armed for availability and available: nothing waited for any more.
+      if (Load(waker.wake().arm_available) != 0 && armed <= available) continue;
+      waited[id].points.emplace_back(armed, session);
     }
     for (const auto& [point, watch] : timeline.watches) {
       waited[id].points.emplace_back(point, kDaemonWaker);
@@ -652,6 +680,25 @@ void TimelineTable::ScanLocked(absl::Duration now, Calls& calls) {
     }
     // Far ahead: those sessions' waits end, nobody else's point fails.
     for (const auto& [session, points] : expired) {
+      if (session == kDaemonWaker) {
+        // Exported points far ahead: their fences fail, nobody else's.
+        for (uint64_t point : points) {
+          auto [first, last] = timeline.watches.equal_range(point);
+          for (auto it = first; it != last; ++it) {
+            calls.emplace_back(
+                std::move(it->second.done),
+                timeline::PointState{
+                    true, v1::FENCE_STATUS_DEADLINE_EXCEEDED,
+                    absl::StrCat("point ", point, " (the timeline is at ", reached,
+                                 ") was not reached within the timeline's deadline (",
+                                 absl::ToInt64Milliseconds(timeline.deadline),
+                                 " ms of being waited on); it is not the next point, so it "
+                                 "failed for its waiters only")});
+          }
+          timeline.watches.erase(first, last);
+        }
+        continue;
+      }
       auto waker = timeline.wakers.find(session);
       if (waker == timeline.wakers.end()) continue;
       timeline::WakePage& page = waker->second.wake();
@@ -711,8 +758,18 @@ absl::Status TimelineTable::WatchPoint(uint64_t session_id, uint64_t id, uint64_
   uid_t uid;
   bool has_waker;
   {
-    absl::MutexLock lock(&mu_);
+    absl::ReleasableMutexLock lock(&mu_);
     ASSIGN_OR_RETURN(Timeline * timeline, HeldLocked(session_id, id));
+    // Done already (reached, failed, ended): no waker needed.
+    timeline::PointState now =
+        timeline::Evaluate(timeline->counters(), timeline->state(), point, timeline->seen);
+    if (now.done) {
+      Calls calls;
+      calls.emplace_back(std::move(done), std::move(now));
+      lock.Release();
+      Run(calls);
+      return absl::OkStatus();
+    }
     uid = sessions_.at(session_id).uid;
     has_waker = timeline->wakers.contains(kDaemonWaker);
   }
@@ -735,7 +792,9 @@ absl::Status TimelineTable::WatchPoint(uint64_t session_id, uint64_t id, uint64_
       timeline::StatePage& state = timeline->state();
       Store(state.wakers_gen, Load(state.wakers_gen) + 1);
     }
-    if (!timeline->notify_watched) {
+    // Not while the owner's flood keeps it off the loop (the scan puts it
+    // back).
+    if (!timeline->notify_watched && timeline->notifies <= kMaxNotifiesPerScan) {
       const int fd = timeline->wakers.at(kDaemonWaker).notify_read.fd.get();
       RETURN_IF_ERROR(loop_->Watch(fd, EPOLLIN, [this, id](uint32_t) { OnDaemonNotify(id); }));
       timeline->notify_watched = true;
@@ -754,8 +813,10 @@ void TimelineTable::CheckWatchesLocked(Timeline& timeline, Calls& out) {
   timeline::WakePage& wake = daemon->second.wake();
   while (true) {
     for (auto it = timeline.watches.begin(); it != timeline.watches.end();) {
+      // Not the waker's expired ring: the owner can write that page. Far
+      // points that expire are settled by the scan itself.
       timeline::PointState state = timeline::Evaluate(timeline.counters(), timeline.state(),
-                                                      it->first, timeline.seen, &wake);
+                                                      it->first, timeline.seen);
       if (!state.done) {
         ++it;
         continue;
@@ -808,13 +869,19 @@ void TimelineTable::Run(Calls& calls) {
   calls.clear();
 }
 
-absl::Status TimelineTable::Promise(uint64_t session_id, uint64_t id, uint64_t point) {
+absl::Status TimelineTable::CheckPromise(uint64_t session, uint64_t id, uint64_t point) {
+  absl::MutexLock lock(&mu_);
+  return CheckPromiseLocked(session, id, point).status();
+}
+
+absl::StatusOr<TimelineTable::Timeline*> TimelineTable::CheckPromiseLocked(uint64_t session_id,
+                                                                           uint64_t id,
+                                                                           uint64_t point) {
   if (point == 0 || point == UINT64_MAX) {
     return absl::InvalidArgumentError(absl::StrCat(
         "point ", point, point == 0 ? " is reached from the start" : " (UINT64_MAX) is reserved",
         ": a fence can stand behind points 1 to 2^64-2"));
   }
-  absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Timeline * timeline, HeldLocked(session_id, id));
   if (!sessions_.at(session_id).held.at(id).owned) {
     return absl::PermissionDeniedError(absl::StrCat(
@@ -833,8 +900,25 @@ absl::Status TimelineTable::Promise(uint64_t session_id, uint64_t id, uint64_t p
                                            available)
                             : ""));
   }
+  if (timeline->promised.size() >= limits_.max_points_behind_fences) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "timeline ", id, " has ", timeline->promised.size(),
+        " points behind fences that have not signalled, the limit "
+        "(max_points_behind_fences ",
+        limits_.max_points_behind_fences, ")"));
+  }
+  return timeline;
+}
+
+absl::Status TimelineTable::Promise(uint64_t session_id, uint64_t id, uint64_t point) {
+  absl::MutexLock lock(&mu_);
+  ASSIGN_OR_RETURN(Timeline * timeline, CheckPromiseLocked(session_id, id, point));
+  timeline::StatePage& state = timeline->state();
   timeline->promised.emplace(point, std::nullopt);
-  Store(state.available, point);
+  Store(state.unsettled, timeline->promised.begin()->first);
+  // Before the loads of `armed` below: a waiter arms, then loads this.
+  std::atomic_ref<uint64_t>(state.available).store(point, std::memory_order_seq_cst);
+  std::atomic_thread_fence(std::memory_order_seq_cst);
   // Waiters for availability wake (blocked ones look again; an event loop
   // armed for it gets its byte), and the waiters on the point learn that a
   // fence stands behind it.
@@ -892,6 +976,7 @@ void TimelineTable::Settle(uint64_t id, uint64_t point, v1::FenceStatus status,
     timeline::Reached(timeline.counters(), state, timeline.seen);
     moved = true;
   }
+  Store(state.unsettled, timeline.promised.empty() ? 0 : timeline.promised.begin()->first);
   // Every waiter looks again; the daemon's own waker (exported points)
   // hears it on the loop.
   if (moved) WakeAllLocked(timeline);
@@ -923,7 +1008,11 @@ TimelineView TimelineTable::ViewLocked(const Timeline& timeline) const {
     view.need_by = WallOf(absl::Nanoseconds(need_by));
   }
   view.available = Load(state.available);
-  for (const auto& [point, settled] : timeline.promised) view.promised.push_back(point);
+  for (const auto& [point, settled] : timeline.promised) {
+    if (view.promised.size() == TimelineView::kMaxListed) break;
+    view.promised.push_back(point);
+  }
+  view.promised_count = static_cast<uint32_t>(timeline.promised.size());
   view.exported_points = static_cast<uint32_t>(timeline.watches.size());
   return view;
 }

@@ -54,6 +54,8 @@ struct TimelineLimits {
   uint32_t max_per_session = 256;
   uint32_t max_per_uid = 1024;
   uint32_t max_timelines = 4096;
+  // Points with a fence behind them not yet settled, per timeline.
+  uint32_t max_points_behind_fences = 1024;
 };
 
 struct TimelineView {
@@ -86,7 +88,9 @@ struct TimelineView {
   // The highest point with a fence behind it (0: none), and the points
   // whose fences have not signalled yet.
   uint64_t available = 0;
-  std::vector<uint64_t> promised;
+  static constexpr size_t kMaxListed = 64;
+  std::vector<uint64_t> promised;  // the first kMaxListed
+  uint32_t promised_count = 0;
   // Points exported as fences (WatchPoint) and not yet reached or failed.
   uint32_t exported_points = 0;
 };
@@ -184,6 +188,8 @@ class TimelineTable {
   // OK raising the timeline to the point, anything else failing the points
   // up to it with the fence's status and `message`.
   absl::Status Promise(uint64_t session, uint64_t id, uint64_t point);
+  // What Promise would refuse, without promising anything.
+  absl::Status CheckPromise(uint64_t session, uint64_t id, uint64_t point);
   void Settle(uint64_t id, uint64_t point, v1::FenceStatus status, absl::string_view message);
 
   // Every timeline, oldest first (at most `limit`; 0: all).
@@ -295,6 +301,9 @@ class TimelineTable {
   // the daemon's waker at the lowest one left.
   void CheckWatchesLocked(Timeline& timeline, Calls& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void OnDaemonNotify(uint64_t id);
+  absl::StatusOr<Timeline*> CheckPromiseLocked(uint64_t session, uint64_t id, uint64_t point)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void CloseSessionLocked(uint64_t session) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ScanLocked(absl::Duration now, Calls& calls) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Stops watching the daemon's notify channel of `timeline`.
   void UnwatchLocked(Timeline& timeline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -339,6 +348,9 @@ class TimelineTable {
   absl::flat_hash_map<std::pair<dev_t, ino_t>, uint64_t> inodes_ ABSL_GUARDED_BY(mu_);
   uint32_t wait_pages_ ABSL_GUARDED_BY(mu_) = 0;
   EventLoop::TimerId timer_ ABSL_GUARDED_BY(mu_) = 0;
+  // Watches settled where no Calls could be passed (a timeline's end): run
+  // by the public call that ended it, once its lock is dropped.
+  Calls deferred_ ABSL_GUARDED_BY(mu_);
   bool stopped_ ABSL_GUARDED_BY(mu_) = false;
 };
 

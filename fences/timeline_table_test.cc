@@ -439,6 +439,8 @@ TEST_F(TimelineTableTest, AnExportedPointFailsAtItsDeadlineAndAtTheOwnersEnd) {
   EXPECT_EQ(next.state.status, v1::FENCE_STATUS_DEADLINE_EXCEEDED);
   EXPECT_EQ(ahead.calls, 1) << "an exported point is a wait: it is bounded too";
   EXPECT_EQ(ahead.state.status, v1::FENCE_STATUS_DEADLINE_EXCEEDED);
+  EXPECT_THAT(ahead.state.message, HasSubstr("failed for its waiters only"));
+  EXPECT_EQ(Load(owned.state().mark_count), 1u) << "only the next point failed for everyone";
   ASSERT_TRUE(table_->WatchPoint(kOther, owned.id, 2, after_end.Done()).ok());
   table_->CloseSession(kOwner);
   table_->Scan(t0 + kDeadline + absl::Milliseconds(100));
@@ -529,6 +531,33 @@ TEST_F(TimelineTableTest, FencesBehindPointsSettleInOrder) {
   EXPECT_FALSE(timeline::Evaluate(owned.page(), owned.state(), 9, seen).done);
 }
 
+TEST_F(TimelineTableTest, TheLowestUnsettledPointIsPublishedAndAnAvailableArmIsNoWait) {
+  Owned owned = Create();
+  ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  ASSERT_TRUE(table_->Promise(kOwner, owned.id, 3).ok());
+  ASSERT_TRUE(table_->Promise(kOwner, owned.id, 5).ok());
+  EXPECT_EQ(Load(owned.state().unsettled), 3u) << "the owner signals only points before it";
+  // An event loop armed for availability of 3 got it: its arm is no wait
+  // for 3 to be reached, so 3 never fails at the deadline for it.
+  absl::StatusOr<TimelineTable::Registered> waker = table_->RegisterWaker(kOther, owned.id, true);
+  ASSERT_TRUE(waker.ok());
+  Mapping page = *Mapping::Create(waker->page.fd.get(), timeline::kPageSize,
+                                  Mapping::Protection::kReadWrite);
+  auto& wake = *reinterpret_cast<timeline::WakePage*>(page.data());
+  Store(wake.arm_available, uint32_t{1});
+  Store(wake.armed, uint64_t{3});
+  const absl::Duration t0 = absl::Seconds(100);
+  table_->Scan(t0);
+  table_->Scan(t0 + kDeadline * 2);
+  EXPECT_EQ(Load(owned.state().mark_count), 0u);
+  EXPECT_TRUE(table_->Info(kOwner, owned.id)->waits.empty());
+  table_->Settle(owned.id, 3, v1::FENCE_STATUS_OK, "");
+  EXPECT_EQ(Load(owned.state().unsettled), 5u);
+  table_->Settle(owned.id, 5, v1::FENCE_STATUS_OK, "");
+  EXPECT_EQ(Load(owned.state().unsettled), 0u);
+  EXPECT_EQ(Load(owned.state().observed), 5u);
+}
+
 TEST_F(TimelineTableTest, LimitsAreNamed) {
   table_->Stop();
   table_ = std::make_unique<TimelineTable>(
@@ -550,6 +579,24 @@ TEST_F(TimelineTableTest, LimitsAreNamed) {
   ASSERT_TRUE(create(3).ok());
   EXPECT_THAT(create(3).message(), HasSubstr("the limit (max_timelines 4)"));
   table_->CloseSession(3);
+
+  table_->Stop();
+  table_ = std::make_unique<TimelineTable>(&loop_, &budget_,
+                                           TimelineLimits{.max_points_behind_fences = 2});
+  table_->AddSession(kOwner, 1000);
+  pages.push_back(NewPage(kCounterSeals));
+  absl::StatusOr<TimelineTable::Created> created =
+      table_->Create(kOwner, Dup(pages.back().fd), "x", kDeadline);
+  ASSERT_TRUE(created.ok());
+  ASSERT_TRUE(table_->Promise(kOwner, created->view.id, 1).ok());
+  ASSERT_TRUE(table_->Promise(kOwner, created->view.id, 2).ok());
+  absl::Status full = table_->Promise(kOwner, created->view.id, 3);
+  EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(full.message(), HasSubstr("the limit (max_points_behind_fences 2)"));
+  EXPECT_EQ(table_->CheckPromise(kOwner, created->view.id, 3).code(),
+            absl::StatusCode::kResourceExhausted);
+  table_->Settle(created->view.id, 1, v1::FENCE_STATUS_OK, "");
+  EXPECT_TRUE(table_->Promise(kOwner, created->view.id, 3).ok()) << "a settled point frees its place";
 }
 
 }  // namespace

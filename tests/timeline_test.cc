@@ -627,6 +627,20 @@ TEST_F(TimelineTest, ExportPointGivesAFenceTheDaemonSignalsWithThePoint) {
     ASSERT_TRUE(failed_fd.ok());
     EXPECT_TRUE(failed_fd->valid()) << "a failed point is not -1: its fence has the error";
 
+    // The owner dropping the timeline cancels the points it exported, at
+    // once, even with nobody holding the timeline any more.
+    {
+      Client lone = Connect();
+      absl::StatusOr<Timeline> dropped = lone.CreateTimeline();
+      ASSERT_TRUE(dropped.ok());
+      absl::StatusOr<Fence> out = dropped->ExportPoint(1);
+      ASSERT_TRUE(out.ok());
+      *dropped = *lone.CreateTimeline();  // the first one is dropped
+      absl::StatusOr<v1::FenceInfo> cancelled = out->Wait(absl::Seconds(1));
+      ASSERT_TRUE(cancelled.ok()) << cancelled.status();
+      EXPECT_EQ(cancelled->status(), v1::FENCE_STATUS_CANCELLED);
+    }
+
     // The owner's end fails what is pending.
     absl::StatusOr<Fence> orphan = seen->ExportPoint(9);
     ASSERT_TRUE(orphan.ok());
@@ -651,6 +665,8 @@ TEST_F(TimelineTest, AnExportedPointIsBoundedByTheDeadline) {
   ASSERT_TRUE(again.ok());
   EXPECT_EQ(again->info().status(), v1::FENCE_STATUS_DEADLINE_EXCEEDED)
       << "signalled at once: the point failed already";
+  EXPECT_THAT(again->info().message(), HasSubstr("the timeline's deadline"))
+      << "failed by the timeline, not by the fence's own backstop";
 }
 
 // "Transfer from a fence": a point reached when a fence signals, available
@@ -697,16 +713,37 @@ TEST_F(TimelineTest, AFenceBehindAPointReachesOrFailsIt) {
     EXPECT_EQ(produced->Query(), 2u);
     ASSERT_TRUE(produced->Signal(3).ok()) << "the owner goes on after it";
 
+    // Between two points behind fences: only points before the first.
+    absl::StatusOr<Fence> a = owner.CreateFence();
+    absl::StatusOr<Fence> b = owner.CreateFence();
+    ASSERT_TRUE(a.ok() && b.ok());
+    ASSERT_TRUE(produced->ImportFence(5, *a).ok());
+    ASSERT_TRUE(produced->ImportFence(7, *b).ok());
+    absl::Status between = produced->Signal(6);
+    EXPECT_EQ(between.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_THAT(between.message(), HasSubstr("point 5 of timeline"));
+    ASSERT_TRUE(produced->Signal(4).ok());
+    ASSERT_TRUE(b->Signal().ok());
+    EXPECT_EQ(seen->Wait(7, absl::Milliseconds(200)).status().code(),
+              absl::StatusCode::kDeadlineExceeded)
+        << "7 settles after 5";
+    ASSERT_TRUE(a->Signal().ok());
+    EXPECT_EQ(seen->Wait(7, absl::Seconds(20))->status, v1::FENCE_STATUS_OK);
+    // The owner's Fail after a settled point fails only points after it.
+    ASSERT_TRUE(produced->Fail(8, "dropped").ok());
+    EXPECT_EQ(seen->Wait(7, absl::ZeroDuration())->status, v1::FENCE_STATUS_OK);
+    EXPECT_EQ(seen->Wait(8, absl::ZeroDuration())->status, v1::FENCE_STATUS_ERROR);
+
     // A fence's error fails the points behind it, with its message.
     absl::StatusOr<Fence> broken = owner.CreateFence();
     ASSERT_TRUE(broken.ok());
-    ASSERT_TRUE(produced->ImportFence(5, *broken).ok());
+    ASSERT_TRUE(produced->ImportFence(10, *broken).ok());
     ASSERT_TRUE(broken->Signal(v1::FENCE_STATUS_ERROR, "gpu hang").ok());
-    absl::StatusOr<PointResult> five = seen->Wait(5, absl::Seconds(20));
-    ASSERT_TRUE(five.ok()) << five.status();
-    EXPECT_EQ(five->status, v1::FENCE_STATUS_ERROR);
-    EXPECT_THAT(five->message, HasSubstr("gpu hang"));
-    EXPECT_EQ(seen->Wait(4, absl::ZeroDuration())->status, v1::FENCE_STATUS_ERROR);
+    absl::StatusOr<PointResult> ten = seen->Wait(10, absl::Seconds(20));
+    ASSERT_TRUE(ten.ok()) << ten.status();
+    EXPECT_EQ(ten->status, v1::FENCE_STATUS_ERROR);
+    EXPECT_THAT(ten->message, HasSubstr("gpu hang"));
+    EXPECT_EQ(seen->Wait(9, absl::ZeroDuration())->status, v1::FENCE_STATUS_ERROR);
 
     // Who may, and which points.
     absl::StatusOr<Fence> mine = waiter.CreateFence();
@@ -719,7 +756,7 @@ TEST_F(TimelineTest, AFenceBehindAPointReachesOrFailsIt) {
     EXPECT_THAT(status.message(), HasSubstr("another Client's session"));
     absl::StatusOr<Fence> late = owner.CreateFence();
     ASSERT_TRUE(late.ok());
-    status = produced->ImportFence(5, *late);
+    status = produced->ImportFence(10, *late);
     EXPECT_EQ(status.code(), absl::StatusCode::kFailedPrecondition);
     EXPECT_THAT(status.message(), HasSubstr("is not after timeline"));
     EXPECT_EQ(produced->ImportFence(0, *late).code(), absl::StatusCode::kInvalidArgument);
