@@ -27,61 +27,53 @@ void RaiseTo(std::atomic<uint64_t>& seen, uint64_t value) {
   }
 }
 
-// The owner's failure covering `point`, if its page says so. A failure being
-// rewritten (its gen odd or moving) is read again a few times; an owner that
-// keeps it moving gets its point failed with "(message unreadable)".
+// A copy of one entry of a seqlocked ring (gen odd while it is written),
+// read again a few times while it moves; false if it never held still.
+template <typename Entry>
+bool ReadStable(const Entry& entry, Entry& copy) {
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    const uint32_t gen = Load(entry.gen);
+    std::memcpy(&copy, &entry, sizeof(copy));
+    std::atomic_thread_fence(std::memory_order_acquire);
+    if (gen % 2 == 0 && Load(entry.gen) == gen) return true;
+  }
+  return false;
+}
+
+// The owner's failure covering `point`, if its page says so. An owner that
+// keeps an entry moving gets its point failed with "(message unreadable)".
 bool FindFailure(const CounterPage& counters, uint64_t point, std::string* message) {
   const uint64_t count = Load(counters.failure_count);
   const uint64_t kept = std::min<uint64_t>(count, CounterPage::kFailures);
   for (uint64_t k = 0; k < kept; ++k) {
-    const Failure& failure = counters.failures[(count - 1 - k) % CounterPage::kFailures];
-    for (int attempt = 0;; ++attempt) {
-      const uint32_t gen = Load(failure.gen);
-      const uint64_t from = Load(failure.from);
-      const uint64_t to = Load(failure.to);
-      const uint32_t length = std::min<uint32_t>(Load(failure.length), sizeof(failure.message));
-      char text[sizeof(failure.message)];
-      std::memcpy(text, failure.message, length);
-      std::atomic_thread_fence(std::memory_order_acquire);
-      const bool stable = gen % 2 == 0 && Load(failure.gen) == gen;
-      if (!stable && attempt < 3) continue;
-      if (from < point && point <= to) {
-        *message = stable ? EscapeClientText(absl::string_view(text, length))
-                          : std::string("(message unreadable: the owner kept rewriting it)");
-        return true;
-      }
-      break;
+    Failure copy;
+    const bool stable =
+        ReadStable(counters.failures[(count - 1 - k) % CounterPage::kFailures], copy);
+    if (copy.from < point && point <= copy.to) {
+      const size_t length = std::min<size_t>(copy.length, sizeof(copy.message));
+      *message = stable ? EscapeClientText(absl::string_view(copy.message, length))
+                        : std::string("(message unreadable: the owner kept rewriting it)");
+      return true;
     }
   }
   return false;
 }
 
 // The daemon's failure covering `point`, if any (the daemon writes each
-// once, so a torn read only happens when the ring wraps under the reader:
-// it reads again).
+// once: an entry only moves when the ring wraps under the reader).
 bool FindDaemonFailure(const StatePage& state, uint64_t point, PointState* result) {
   const uint64_t count = Load(state.failure_count);
   const uint64_t kept = std::min<uint64_t>(count, StatePage::kFailures);
   for (uint64_t k = 0; k < kept; ++k) {
-    const DaemonFailure& failure = state.failures[(count - 1 - k) % StatePage::kFailures];
-    for (int attempt = 0; attempt < 4; ++attempt) {
-      const uint32_t gen = Load(failure.gen);
-      const uint32_t status = Load(failure.status);
-      const uint64_t from = Load(failure.from);
-      const uint64_t to = Load(failure.to);
-      const uint32_t length = std::min<uint32_t>(Load(failure.length), sizeof(failure.message));
-      char text[sizeof(failure.message)];
-      std::memcpy(text, failure.message, length);
-      std::atomic_thread_fence(std::memory_order_acquire);
-      if (gen % 2 != 0 || Load(failure.gen) != gen) continue;
-      if (from < point && point <= to) {
-        result->status = v1::FenceStatus_IsValid(static_cast<int>(status))
-                             ? static_cast<v1::FenceStatus>(status)
-                             : v1::FENCE_STATUS_ERROR;
-        result->message = std::string(text, length);
-        return true;
-      }
-      break;
+    DaemonFailure copy;
+    if (!ReadStable(state.failures[(count - 1 - k) % StatePage::kFailures], copy)) continue;
+    if (copy.from < point && point <= copy.to) {
+      result->status = v1::FenceStatus_IsValid(static_cast<int>(copy.status))
+                           ? static_cast<v1::FenceStatus>(copy.status)
+                           : v1::FENCE_STATUS_ERROR;
+      result->message =
+          std::string(copy.message, std::min<size_t>(copy.length, sizeof(copy.message)));
+      return true;
     }
   }
   return false;
