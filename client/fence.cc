@@ -127,8 +127,14 @@ absl::Status Fence::Signal(v1::FenceStatus status, absl::string_view message) co
   RETURN_IF_ERROR(CheckOneWaySignal(status, message));
   // Only the owner signals, and only a fence it created: anything else
   // would end the session.
-  if (info_.owner_session() != connection_->session_id() ||
-      info_.kind() != v1::FENCE_KIND_CREATED) {
+  if (info_.kind() != v1::FENCE_KIND_CREATED) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "fence ", id(), " is ",
+        info_.kind() == v1::FENCE_KIND_MERGED     ? "merged: its inputs signal it"
+        : info_.kind() == v1::FENCE_KIND_IMPORTED ? "imported: its fd signals it"
+                                                  : "a timeline point: its timeline signals it"));
+  }
+  if (info_.owner_session() != connection_->session_id()) {
     return absl::PermissionDeniedError(absl::StrCat(
         "fence ", id(), " is not one this session created; only its owner signals it"));
   }

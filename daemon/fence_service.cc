@@ -334,12 +334,13 @@ grpc::ServerUnaryReactor* FenceService::ExportPoint(grpc::CallbackServerContext*
       return absl::InvalidArgumentError(
           "point 18446744073709551615 (UINT64_MAX) is reserved: no point could follow it");
     }
-    // The timeline fails the point a little after its deadline; the fence's
-    // own deadline only backs that up.
+    // The timeline fails the point (at its deadline, or a fence's behind
+    // it); the fence's own deadline only backs that up.
+    const TimelineLimits& limits = d_.timelines->limits();
     ASSIGN_OR_RETURN(FenceView fence,
-                     d_.fences->CreatePoint(session, absl::StrCat("point ", point), timeline.name,
-                                            timeline.deadline +
-                                                3 * d_.timelines->limits().scan_interval));
+                     d_.fences->CreatePoint(session, timeline.name, id, point,
+                                            std::max(timeline.deadline, limits.max_deadline) +
+                                                3 * limits.scan_interval));
     const uint64_t fence_id = fence.id;
     FenceTable* fences = d_.fences;
     absl::Status watched =
@@ -388,6 +389,7 @@ absl::Status FenceService::StandBehind(uint64_t session, uint64_t id, uint64_t p
     timelines->Settle(id, point, how.first, how.second);
     if (forget) fences->Forget(session, fence_id);
   };
+  // The root cause, as the fence tells it (like a merged fence's error).
   auto outcome = [=](const FenceTable::WaitResult& result) {
     if (!result.satisfied || result.fences.empty()) {
       return std::make_pair(v1::FENCE_STATUS_DEADLINE_EXCEEDED,
@@ -396,11 +398,22 @@ absl::Status FenceService::StandBehind(uint64_t session, uint64_t id, uint64_t p
     }
     const FenceView& fence = result.fences.front();
     if (fence.status == v1::FENCE_STATUS_OK) return std::make_pair(fence.status, std::string());
-    return std::make_pair(
-        fence.status, absl::StrCat("fence ", fence_id, " behind point ", point, " signalled ",
-                                   v1::FenceStatus_Name(fence.status),
-                                   fence.message.empty() ? "" : ": ", fence.message));
+    return std::make_pair(fence.status,
+                          fence.message.empty()
+                              ? absl::StrCat("fence ", fence_id, " behind point ", point,
+                                             " signalled ", v1::FenceStatus_Name(fence.status))
+                              : fence.message);
   };
+  // A point of this very timeline at or after `point` could only signal
+  // once `point` is reached: a cycle, refused.
+  if (absl::StatusOr<FenceView> fence = fences->Info(session, fence_id);
+      fence.ok() && fence->kind == FenceKind::kTimelinePoint && fence->timeline_id == id &&
+      fence->timeline_point >= point) {
+    if (forget) fences->Forget(session, fence_id);
+    return absl::FailedPreconditionError(absl::StrCat(
+        "fence ", fence_id, " is point ", fence->timeline_point, " of timeline ", id,
+        ": it signals only after point ", point, ", which would wait for it"));
+  }
   const FenceTable::WaitId wait = fences->NewWaitId();
   FenceTable::WaitRequest request;
   request.ids = {fence_id};
@@ -427,7 +440,14 @@ absl::Status FenceService::StandBehind(uint64_t session, uint64_t id, uint64_t p
     if (forget) fences->Abandon(session, fence_id, kFailed);
     return now.status();
   }
-  if (absl::Status promised = timelines->Promise(session, id, point); !promised.ok()) {
+  // The timeline ending first: its points fail anyway; the wait stops, and
+  // a fence this call imported is cancelled (nobody could release it).
+  auto dropped = [fences, wait, session, fence_id, forget] {
+    if (fences->CancelWait(wait) && forget) {
+      fences->Abandon(session, fence_id, "the timeline ended before the fd signalled");
+    }
+  };
+  if (absl::Status promised = timelines->Promise(session, id, point, dropped); !promised.ok()) {
     if (!now->has_value()) fences->CancelWait(wait);
     if (forget) fences->Abandon(session, fence_id, kFailed);
     return promised;

@@ -303,10 +303,9 @@ absl::StatusOr<FenceView> FenceTable::Create(uint64_t session_id, absl::string_v
                                    lifetime, /*arm_timer=*/true));
 }
 
-absl::StatusOr<FenceView> FenceTable::CreatePoint(uint64_t session_id, absl::string_view name,
-                                                  absl::string_view timeline,
+absl::StatusOr<FenceView> FenceTable::CreatePoint(uint64_t session_id, absl::string_view timeline,
+                                                  uint64_t timeline_id, uint64_t point,
                                                   absl::Duration deadline) {
-  RETURN_IF_ERROR(CheckClientText("name", name));
   RETURN_IF_ERROR(CheckClientText("timeline", timeline));
   // The timeline's deadline may be up to max_deadline, and its point fails a
   // little after it: the fence's own deadline is only a backstop.
@@ -314,8 +313,12 @@ absl::StatusOr<FenceView> FenceTable::CreatePoint(uint64_t session_id, absl::str
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
   RETURN_IF_ERROR(CheckNewFenceLocked(*session));
-  return ViewLocked(AddFenceLocked(session_id, *session, FenceKind::kTimelinePoint, name,
-                                   timeline, deadline, /*arm_timer=*/true));
+  Fence& fence = AddFenceLocked(session_id, *session, FenceKind::kTimelinePoint,
+                                absl::StrCat("point ", point), timeline, deadline,
+                                /*arm_timer=*/true);
+  fence.view.timeline_id = timeline_id;
+  fence.view.timeline_point = point;
+  return ViewLocked(fence);
 }
 
 bool FenceTable::SignalPoint(uint64_t id, v1::FenceStatus status, absl::string_view message) {

@@ -107,6 +107,9 @@ struct FenceView {
   FenceKind kind = FenceKind::kCreated;
   std::string name;
   std::string timeline;
+  // A timeline point's fence: which (0 otherwise).
+  uint64_t timeline_id = 0;
+  uint64_t timeline_point = 0;
   uint64_t owner_session = 0;
   bool signaled = false;
   // UNSPECIFIED while pending.
@@ -209,8 +212,9 @@ class FenceTable {
   // A timeline point's fence for `session` (it holds it and answers for it
   // as for an imported fence), signalled only through SignalPoint;
   // DEADLINE_EXCEEDED at `deadline` if nothing signals it first.
-  absl::StatusOr<FenceView> CreatePoint(uint64_t session, absl::string_view name,
-                                        absl::string_view timeline, absl::Duration deadline);
+  absl::StatusOr<FenceView> CreatePoint(uint64_t session, absl::string_view timeline,
+                                        uint64_t timeline_id, uint64_t point,
+                                        absl::Duration deadline);
   // Signals a timeline point's fence (any status); false if it is unknown or
   // signalled already.
   bool SignalPoint(uint64_t id, v1::FenceStatus status, absl::string_view message);

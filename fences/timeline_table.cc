@@ -551,6 +551,11 @@ void TimelineTable::EndLocked(Timeline& timeline, v1::FenceStatus status) {
   Store(state.ended, static_cast<uint32_t>(status));
   timeline.tracked.clear();
   // The fences behind later points no longer count: those points fail.
+  for (auto& [point, promised] : timeline.promised) {
+    if (promised.result.has_value() || promised.dropped == nullptr) continue;
+    deferred_.emplace_back([dropped = std::move(promised.dropped)](timeline::PointState) { dropped(); },
+                           timeline::PointState{});
+  }
   timeline.promised.clear();
   Store(state.unsettled, uint64_t{0});
   // Exported points fail now, not at the daemon's next look.
@@ -661,6 +666,9 @@ void TimelineTable::ScanLocked(absl::Duration now, Calls& calls) {
     if (auto it = waited.find(id); it != waited.end()) {
       for (const auto& [point, session] : it->second.points) {
         if (point <= reached) continue;
+        // Behind a fence not signalled yet: that fence's deadline bounds
+        // it (its own, which may be longer than the timeline's).
+        if (!timeline.promised.empty() && point <= available) continue;
         auto before = timeline.tracked.find(point);
         const Tracked entry = before != timeline.tracked.end()
                                   ? before->second
@@ -910,11 +918,12 @@ absl::StatusOr<TimelineTable::Timeline*> TimelineTable::CheckPromiseLocked(uint6
   return timeline;
 }
 
-absl::Status TimelineTable::Promise(uint64_t session_id, uint64_t id, uint64_t point) {
+absl::Status TimelineTable::Promise(uint64_t session_id, uint64_t id, uint64_t point,
+                                    std::function<void()> dropped) {
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Timeline * timeline, CheckPromiseLocked(session_id, id, point));
   timeline::StatePage& state = timeline->state();
-  timeline->promised.emplace(point, std::nullopt);
+  timeline->promised.emplace(point, Timeline::Promised{std::nullopt, std::move(dropped)});
   Store(state.unsettled, timeline->promised.begin()->first);
   // Before the loads of `armed` below: a waiter arms, then loads this.
   std::atomic_ref<uint64_t>(state.available).store(point, std::memory_order_seq_cst);
@@ -944,14 +953,14 @@ void TimelineTable::Settle(uint64_t id, uint64_t point, v1::FenceStatus status,
   if (it == timelines_.end()) return;
   Timeline& timeline = it->second;
   auto promised = timeline.promised.find(point);
-  if (promised == timeline.promised.end() || promised->second.has_value()) return;
-  promised->second.emplace(status, std::string(message));
+  if (promised == timeline.promised.end() || promised->second.result.has_value()) return;
+  promised->second.result.emplace(status, std::string(message));
   timeline::StatePage& state = timeline.state();
   bool moved = false;
   // In order: a point is settled once every point promised before it is.
-  while (!timeline.promised.empty() && timeline.promised.begin()->second.has_value()) {
+  while (!timeline.promised.empty() && timeline.promised.begin()->second.result.has_value()) {
     const uint64_t at = timeline.promised.begin()->first;
-    auto [how, why] = *std::move(timeline.promised.begin()->second);
+    auto [how, why] = *std::move(timeline.promised.begin()->second.result);
     timeline.promised.erase(timeline.promised.begin());
     const uint64_t reached = ObserveLocked(timeline);
     // Reached already (the owner signalled past it): nothing to do.

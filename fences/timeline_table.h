@@ -187,7 +187,10 @@ class TimelineTable {
   // point is reached only once every fence promised before it signalled),
   // OK raising the timeline to the point, anything else failing the points
   // up to it with the fence's status and `message`.
-  absl::Status Promise(uint64_t session, uint64_t id, uint64_t point);
+  // `dropped` runs (once, without the lock) if the timeline ends before
+  // Settle: whoever waits on the fence may stop.
+  absl::Status Promise(uint64_t session, uint64_t id, uint64_t point,
+                       std::function<void()> dropped = nullptr);
   // What Promise would refuse, without promising anything.
   absl::Status CheckPromise(uint64_t session, uint64_t id, uint64_t point);
   void Settle(uint64_t id, uint64_t point, v1::FenceStatus status, absl::string_view message);
@@ -264,7 +267,12 @@ class TimelineTable {
     uint32_t notifies = 0;
     // Points promised (a fence behind each), with how that fence came out
     // once it has.
-    std::map<uint64_t, std::optional<std::pair<v1::FenceStatus, std::string>>> promised;
+    struct Promised {
+      std::optional<std::pair<v1::FenceStatus, std::string>> result;
+      // Called if the timeline ends before the fence signalled.
+      std::function<void()> dropped;
+    };
+    std::map<uint64_t, Promised> promised;
 
     const timeline::CounterPage& counters() const {
       return *reinterpret_cast<const timeline::CounterPage*>(counters_map.data());

@@ -531,6 +531,30 @@ TEST_F(TimelineTableTest, FencesBehindPointsSettleInOrder) {
   EXPECT_FALSE(timeline::Evaluate(owned.page(), owned.state(), 9, seen).done);
 }
 
+TEST_F(TimelineTableTest, APointBehindAFenceIsBoundedByThatFenceAndDroppedAtTheEnd) {
+  Owned owned = Create();
+  ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  int dropped = 0;
+  ASSERT_TRUE(table_->Promise(kOwner, owned.id, 3, [&] { ++dropped; }).ok());
+  // Waited on for twice the timeline's deadline: the fence behind it (with
+  // its own deadline) is what bounds it, not the timeline.
+  Arm(Slot(kOther, 0), owned.id, 2);
+  Arm(Slot(kOther, 1), owned.id, 3);
+  const absl::Duration t0 = absl::Seconds(100);
+  table_->Scan(t0);
+  table_->Scan(t0 + kDeadline * 2);
+  EXPECT_EQ(Load(owned.state().mark_count), 0u);
+  EXPECT_TRUE(table_->Info(kOwner, owned.id)->waits.empty());
+  // A point past it is the timeline's again.
+  Arm(Slot(kOther, 2), owned.id, 4);
+  table_->Scan(t0 + kDeadline * 3);
+  EXPECT_EQ(table_->Info(kOwner, owned.id)->waits.size(), 1u);
+  // The owner's end: whoever waits on the fence is told, once.
+  EXPECT_EQ(dropped, 0);
+  table_->CloseSession(kOwner);
+  EXPECT_EQ(dropped, 1);
+}
+
 TEST_F(TimelineTableTest, TheLowestUnsettledPointIsPublishedAndAnAvailableArmIsNoWait) {
   Owned owned = Create();
   ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());

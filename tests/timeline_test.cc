@@ -806,6 +806,17 @@ TEST_F(TimelineTest, ASyncFdGoesStraightBehindAPoint) {
     ASSERT_TRUE(produced->ImportSyncFd(3, ready.get()).ok());
     EXPECT_EQ(seen->Wait(3, absl::Seconds(20))->status, v1::FENCE_STATUS_OK);
 
+    // A timeline's own point behind an earlier or the same point: a cycle.
+    absl::StatusOr<Fence> own = produced->ExportPoint(5);
+    ASSERT_TRUE(own.ok());
+    absl::Status cycle = produced->ImportFence(5, *own);
+    EXPECT_EQ(cycle.code(), absl::StatusCode::kFailedPrecondition) << cycle;
+    EXPECT_THAT(cycle.message(), HasSubstr("which would wait for it"));
+    absl::StatusOr<UniqueFd> own_fd = produced->ExportPointFd(6);
+    ASSERT_TRUE(own_fd.ok());
+    EXPECT_EQ(produced->ImportSyncFd(4, own_fd->get()).code(),
+              absl::StatusCode::kFailedPrecondition);
+
     // Bad fds and callers: named errors, nothing kept.
     UniqueFd file(::open("/proc/self/status", O_RDONLY | O_CLOEXEC));
     absl::Status status = produced->ImportSyncFd(4, file.get());
@@ -817,8 +828,44 @@ TEST_F(TimelineTest, ASyncFdGoesStraightBehindAPoint) {
     EXPECT_EQ(produced->ImportSyncFd(3, ready.get()).code(),
               absl::StatusCode::kFailedPrecondition);
     EXPECT_EQ(produced->Query(), 3u);
+
+    // An fd that never signals, behind a point of a timeline then dropped:
+    // the daemon lets go of it at once (nobody else could), not at its
+    // deadline.
+    UniqueFd never(::eventfd(0, EFD_CLOEXEC));
+    ASSERT_TRUE(produced->ImportSyncFd(7, never.get(), absl::Minutes(4)).ok());
+    v1::ListFencesRequest pending;
+    pending.set_state(v1::FENCE_STATE_PENDING);
+    EXPECT_EQ(client_->ListFences(pending)->fences_size(), 3)
+        << "points 5 and 6 exported, and the fd behind 7";
+    produced.reset();
+    EXPECT_TRUE(Eventually([&] {
+      auto fences = client_->ListFences(pending);
+      return fences.ok() && fences->fences_size() == 0;
+    })) << "both settled: point 5 cancelled, the fd's fence let go";
   }
   ExpectBaseline();
+}
+
+TEST_F(TimelineTest, APointBehindASlowFenceOutlivesTheTimelinesDeadline) {
+  auto [owner, waiter, produced, seen] = NewPair({.deadline = absl::Milliseconds(300)});
+  ASSERT_TRUE(produced && seen);
+  absl::StatusOr<Fence> slow = owner.CreateFence({.deadline = absl::Seconds(20)});
+  ASSERT_TRUE(slow.ok());
+  ASSERT_TRUE(produced->ImportFence(1, *slow).ok());
+  absl::StatusOr<UniqueFd> exported = seen->ExportPointFd(1);
+  ASSERT_TRUE(exported.ok());
+  std::thread blocked([&] {
+    absl::StatusOr<PointResult> got = seen->Wait(1, absl::Seconds(20));
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->status, v1::FENCE_STATUS_OK) << got->message;
+  });
+  // Well past the timeline's deadline and two scans.
+  absl::SleepFor(absl::Seconds(1));
+  EXPECT_FALSE(Readable(exported->get(), absl::ZeroDuration()));
+  ASSERT_TRUE(slow->Signal().ok());
+  blocked.join();
+  EXPECT_TRUE(Readable(exported->get(), absl::Seconds(10)));
 }
 
 TEST_F(TimelineTest, BadInputGetsNamedErrors) {
