@@ -667,21 +667,23 @@ void TimelineTable::ScanLocked(absl::Duration now, Calls& calls) {
       for (const auto& [point, session] : it->second.points) {
         if (point <= reached) continue;
         // Behind a fence not signalled yet: that fence's deadline bounds
-        // it (its own, which may be longer than the timeline's).
-        if (!timeline.promised.empty() && point <= available) continue;
-        auto before = timeline.tracked.find(point);
-        const Tracked entry = before != timeline.tracked.end()
-                                  ? before->second
-                                  : Tracked{now, now + timeline.deadline};
-        if (entry.due <= now) {
-          if (point == reached + 1) {
-            due.push_back(point);
-          } else {
-            expired[session].push_back(point);
+        // it (its own, which may be longer than the timeline's), so it is
+        // not timed; the owner still sees it waited on.
+        if (timeline.promised.empty() || point > available) {
+          auto before = timeline.tracked.find(point);
+          const Tracked entry = before != timeline.tracked.end()
+                                    ? before->second
+                                    : Tracked{now, now + timeline.deadline};
+          if (entry.due <= now) {
+            if (point == reached + 1) {
+              due.push_back(point);
+            } else {
+              expired[session].push_back(point);
+            }
+            continue;
           }
-          continue;
+          tracked.emplace(point, entry);
         }
-        tracked.emplace(point, entry);
         if (earliest == 0 || point < earliest) earliest = point;
         need_by = it->second.need_by_ns;
       }
