@@ -65,6 +65,7 @@ constexpr char kDefaultConfig[] = R"pb(# bufferd embedded default configuration.
                                          max_timelines_per_uid: 1024
                                          max_timelines: 4096
                                          max_points_behind_fences: 1024
+                                         max_fences_per_buffer: 64
                                        }
 )pb";
 

@@ -236,6 +236,13 @@ absl::Status Daemon::Init(const v1::Config& config) {
   timeline_limits.max_points_behind_fences =
       OrDefault(limits.max_points_behind_fences(), timeline_limits.max_points_behind_fences);
   timelines_ = std::make_unique<TimelineTable>(loop_.get(), &budget_, timeline_limits);
+  ReservationLimits reservation_limits;
+  reservation_limits.max_fences_per_buffer =
+      OrDefault(limits.max_fences_per_buffer(), reservation_limits.max_fences_per_buffer);
+  reservations_ = std::make_unique<ReservationTable>(fences_.get(), reservation_limits);
+  reaper_->SetOnDead([reservations = reservations_.get()](uint64_t buffer) {
+    reservations->DropBuffer(buffer);
+  });
   hub_ = std::make_unique<SessionHub>(sessions_.get(), state_.get(), reaper_.get(), fences_.get(),
                                       timelines_.get(), &budget_);
   for (const auto& heap : heaps_->heaps()) {
@@ -291,7 +298,8 @@ absl::Status Daemon::Init(const v1::Config& config) {
                          timelines_.get(), work_.get(), config.debug_access() == v1::DEBUG_ACCESS_ANYONE});
   fence_ = std::make_unique<FenceService>(
       FenceService::Deps{sessions_.get(), hub_.get(), fences_.get(), timelines_.get(),
-                         channel_.get(), options.default_token_ttl});
+                         channel_.get(), state_.get(), reservations_.get(),
+                         options.default_token_ttl});
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -390,6 +398,8 @@ Daemon::~Daemon() {
   server_.reset();
   channel_.reset();
   hub_.reset();
+  if (reaper_ != nullptr) reaper_->SetOnDead(nullptr);
+  reservations_.reset();
   fences_.reset();
   timelines_.reset();
   loop_.reset();

@@ -32,6 +32,7 @@
 #include "daemon/state.h"
 #include "daemon/work_queue.h"
 #include "fences/fence_table.h"
+#include "fences/reservations.h"
 #include "fences/timeline_table.h"
 #include "grpcpp/server.h"
 #include "heaps/heap_registry.h"
@@ -71,6 +72,7 @@ class Daemon {
   std::unique_ptr<EventLoop> loop_;
   std::unique_ptr<FenceTable> fences_;
   std::unique_ptr<TimelineTable> timelines_;
+  std::unique_ptr<ReservationTable> reservations_;
   std::unique_ptr<FdChannel> channel_;
   std::unique_ptr<AllocatorService> allocator_;
   std::unique_ptr<DebugService> debug_;

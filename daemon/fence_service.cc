@@ -499,20 +499,118 @@ grpc::ServerUnaryReactor* FenceService::ImportSyncFdAsPoint(
 }
 
 grpc::ServerUnaryReactor* FenceService::AttachFence(grpc::CallbackServerContext* context,
-                                                    const v1::AttachFenceRequest*,
-                                                    v1::AttachFenceResponse*) {
-  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [](uint64_t) {
-    return absl::UnimplementedError(
-        "Fence.AttachFence: reservation objects are not implemented yet");
+                                                    const v1::AttachFenceRequest* request,
+                                                    v1::AttachFenceResponse* response) {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
+    const v1::FenceUsage usage = request->usage();
+    if (usage == v1::FENCE_USAGE_UNSPECIFIED || !v1::FenceUsage_IsValid(usage)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("usage ", static_cast<int>(usage),
+                       " is not a usage: KERNEL, WRITE, READ or BOOKKEEP (FENCE_USAGE_*)"));
+    }
+    if ((request->fence_id() != 0) == (request->timeline_id() != 0)) {
+      return absl::InvalidArgumentError(
+          "name exactly one of fence_id and timeline_id (with point)");
+    }
+    ASSIGN_OR_RETURN(v1::GetBufferResponse buffer,
+                     d_.state->GetBuffer(session, request->buffer_handle()));
+    if (buffer.access() == v1::ACCESS_READ_ONLY && usage != v1::FENCE_USAGE_READ &&
+        usage != v1::FENCE_USAGE_BOOKKEEP) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "handle ", request->buffer_handle(), " is read-only: it attaches READ and BOOKKEEP "
+          "fences only, not ", v1::FenceUsage_Name(usage)));
+    }
+    uint64_t fence_id = request->fence_id();
+    bool made = false;
+    if (request->timeline_id() != 0) {
+      // A point of a timeline the session holds, as a fence of its own.
+      const uint64_t id = request->timeline_id();
+      const uint64_t point = request->point();
+      ASSIGN_OR_RETURN(TimelineView timeline, d_.timelines->Info(session, id));
+      if (point == 0 || point == UINT64_MAX) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("point ", point, " cannot be attached: points 1 to 2^64-2"));
+      }
+      const TimelineLimits& limits = d_.timelines->limits();
+      ASSIGN_OR_RETURN(FenceView fence,
+                       d_.fences->CreatePoint(session, timeline.name, id, point,
+                                              std::max(timeline.deadline, limits.max_deadline) +
+                                                  3 * limits.scan_interval));
+      fence_id = fence.id;
+      made = true;
+      FenceTable* fences = d_.fences;
+      absl::Status watched = d_.timelines->WatchPoint(
+          session, id, point, [fences, fence_id](timeline::PointState state) {
+            fences->SignalPoint(fence_id, state.status, state.message);
+          });
+      if (!watched.ok()) {
+        d_.fences->Abandon(session, fence_id, "AttachFence failed");
+        return watched;
+      }
+    }
+    absl::Status attached = d_.reservations->Attach(session, buffer.buffer().buffer_id(),
+                                                    fence_id, usage);
+    absl::StatusOr<FenceView> view = d_.fences->Info(session, fence_id);
+    // A fence made here is the reservation's only: the session lets go.
+    if (made) {
+      if (!attached.ok()) {
+        d_.fences->Abandon(session, fence_id, "AttachFence failed");
+      } else {
+        d_.fences->Forget(session, fence_id);
+      }
+    }
+    RETURN_IF_ERROR(attached);
+    if (view.ok()) {
+      *response->mutable_fence() = Info(*view);
+      response->mutable_fence()->set_usage(usage);
+    }
+    return absl::OkStatus();
   });
 }
 
 grpc::ServerUnaryReactor* FenceService::GetBufferFences(grpc::CallbackServerContext* context,
-                                                        const v1::GetBufferFencesRequest*,
-                                                        v1::GetBufferFencesResponse*) {
-  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [](uint64_t) {
-    return absl::UnimplementedError(
-        "Fence.GetBufferFences: reservation objects are not implemented yet");
+                                                        const v1::GetBufferFencesRequest* request,
+                                                        v1::GetBufferFencesResponse* response) {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
+    ASSIGN_OR_RETURN(v1::GetBufferResponse buffer,
+                     d_.state->GetBuffer(session, request->buffer_handle()));
+    ASSIGN_OR_RETURN(std::vector<ReservationTable::Attached> pending,
+                     d_.reservations->Pending(buffer.buffer().buffer_id(), request->for_access()));
+    // The session holds each from now on (it may wait on them).
+    std::vector<uint64_t> held;
+    auto forget_all = [&] {
+      for (uint64_t id : held) d_.fences->Forget(session, id);
+    };
+    for (const ReservationTable::Attached& entry : pending) {
+      absl::StatusOr<FenceView> fence = d_.fences->HoldFor(session, entry.fence_id);
+      if (fence.status().code() == absl::StatusCode::kNotFound) continue;  // gone meanwhile
+      if (!fence.ok()) {
+        forget_all();
+        return fence.status();
+      }
+      held.push_back(entry.fence_id);
+      v1::FenceInfo* info = response->add_fences();
+      *info = Info(*fence);
+      info->set_usage(entry.usage);
+    }
+    if (!request->as_fd() || held.empty()) {
+      if (request->as_fd()) response->clear_fences();
+      return absl::OkStatus();
+    }
+    // One fd: a merged fence's (or the one fence's own).
+    response->clear_fences();
+    absl::StatusOr<FenceView> merged =
+        held.size() == 1 ? d_.fences->Info(session, held[0])
+                         : d_.fences->Merge(session, held, "buffer fences");
+    absl::StatusOr<LeasedFd> fd =
+        merged.ok() ? d_.fences->Export(session, merged->id) : merged.status();
+    absl::StatusOr<uint64_t> transfer =
+        fd.ok() ? Deliver(session, v1::FD_KIND_FENCE, merged->id, *std::move(fd)) : fd.status();
+    if (merged.ok() && held.size() > 1) d_.fences->Forget(session, merged->id);
+    forget_all();
+    RETURN_IF_ERROR(transfer.status());
+    response->set_transfer_id(*transfer);
+    return absl::OkStatus();
   });
 }
 

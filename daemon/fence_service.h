@@ -14,7 +14,9 @@
 // ImportFenceAsPoint / ImportSyncFdAsPoint wait on a fence in the FenceTable
 // and settle the point in the TimelineTable when it signals.
 //
-// AttachFence and GetBufferFences (reservation objects) are UNIMPLEMENTED.
+// Reservation objects: AttachFence resolves the caller's buffer handle
+// (DaemonState) and attaches in the ReservationTable; GetBufferFences gives
+// the session holds on the pending fences (or one merged fence's fd).
 #ifndef BUFFERD_DAEMON_FENCE_SERVICE_H_
 #define BUFFERD_DAEMON_FENCE_SERVICE_H_
 
@@ -26,7 +28,9 @@
 #include "daemon/session_hub.h"
 #include "daemon/sessions.h"
 #include "daemon/share_tokens.h"
+#include "daemon/state.h"
 #include "fences/fence_table.h"
+#include "fences/reservations.h"
 #include "fences/timeline_table.h"
 
 namespace bufferd {
@@ -39,6 +43,8 @@ class FenceService final : public v1::Fence::CallbackService {
     FenceTable* fences;
     TimelineTable* timelines;
     FdChannel* channel;
+    const DaemonState* state;
+    ReservationTable* reservations;
     // A timeline token's ttl when ExportTimeline gives none.
     absl::Duration default_token_ttl = absl::Seconds(30);
   };

@@ -7,6 +7,7 @@ namespace bufferd {
 void Reaper::Free(std::vector<DeadBuffer> dead, std::function<void()> done) {
   auto later = std::make_shared<std::vector<DeadBuffer>>();
   for (DeadBuffer& buffer : dead) {
+    if (on_dead_ && buffer.buffer_id != 0) on_dead_(buffer.buffer_id);
     if (buffer.memory != nullptr && !buffer.memory->cheap_to_free()) {
       later->push_back(std::move(buffer));
     }

@@ -29,11 +29,19 @@ namespace bufferd {
 struct DeadBuffer {
   FdBudget::Lease fd_lease;  // destroyed after `memory`
   std::unique_ptr<HeapBuffer> memory;
+  // The buffer's id once it had handles (0: it never had one).
+  uint64_t buffer_id = 0;
 };
 
 class Reaper {
  public:
   Reaper() : thread_(1) {}
+
+  // Told each buffer id that dies (its reservation goes with it), on the
+  // thread that hands it over. Call before serving.
+  void SetOnDead(std::function<void(uint64_t buffer_id)> on_dead) {
+    on_dead_ = std::move(on_dead);
+  }
 
   // Frees `dead`: cheap memory now, the rest on the reaper thread.
   void Free(std::vector<DeadBuffer> dead) { Free(std::move(dead), nullptr); }
@@ -43,6 +51,7 @@ class Reaper {
   void Free(std::vector<DeadBuffer> dead, std::function<void()> done);
 
  private:
+  std::function<void(uint64_t)> on_dead_;
   WorkQueue thread_;
 };
 

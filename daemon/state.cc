@@ -189,7 +189,7 @@ void DaemonState::RemoveHandleLocked(uint64_t handle_id, std::vector<DeadBuffer>
   if (buffer.fd_lease.held()) buffer.fd_lease.Reassign(FdUse::kFreeing, kNoUid);
   tokens_.ForgetBuffer(handle.buffer);
   buffer.memory->Retire();  // the next Allocate sees the bytes free
-  dead.push_back(DeadBuffer{std::move(buffer.fd_lease), std::move(buffer.memory)});
+  dead.push_back(DeadBuffer{std::move(buffer.fd_lease), std::move(buffer.memory), handle.buffer});
   buffers_.erase(b);
 }
 

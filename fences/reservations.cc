@@ -1,0 +1,114 @@
+#include "fences/reservations.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "base/errno_status.h"
+
+namespace bufferd {
+
+bool AccessWaitsFor(v1::FenceUsage for_access, v1::FenceUsage usage) {
+  switch (usage) {
+    case v1::FENCE_USAGE_KERNEL:
+    case v1::FENCE_USAGE_WRITE:
+      return for_access == v1::FENCE_USAGE_READ || for_access == v1::FENCE_USAGE_WRITE ||
+             for_access == v1::FENCE_USAGE_BOOKKEEP;
+    case v1::FENCE_USAGE_READ:
+      return for_access == v1::FENCE_USAGE_WRITE || for_access == v1::FENCE_USAGE_BOOKKEEP;
+    case v1::FENCE_USAGE_BOOKKEEP:
+      return for_access == v1::FENCE_USAGE_BOOKKEEP;
+    default:
+      return false;
+  }
+}
+
+namespace {
+
+absl::Status CheckUsage(v1::FenceUsage usage, const char* what) {
+  if (usage == v1::FENCE_USAGE_UNSPECIFIED || !v1::FenceUsage_IsValid(usage)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, " ", static_cast<int>(usage),
+        " is not a usage: KERNEL, WRITE, READ or BOOKKEEP (FENCE_USAGE_*)"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ReservationTable::Attach(uint64_t session, uint64_t buffer, uint64_t fence_id,
+                                      v1::FenceUsage usage) {
+  RETURN_IF_ERROR(CheckUsage(usage, "usage"));
+  absl::MutexLock lock(&mu_);
+  std::vector<Attached>& attached = buffers_[buffer];
+  PruneLocked(attached);
+  for (const Attached& entry : attached) {
+    if (entry.fence_id == fence_id && entry.usage == usage) return absl::OkStatus();
+  }
+  if (attached.size() >= limits_.max_fences_per_buffer) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "buffer ", buffer, " has ", attached.size(),
+        " unsignalled fences attached, the limit (max_fences_per_buffer ",
+        limits_.max_fences_per_buffer, "): signal some first"));
+  }
+  absl::StatusOr<FenceView> fence = fences_->Pin(session, fence_id);
+  if (!fence.ok() || fence->signaled) {
+    if (fence.ok()) fences_->Unpin(fence_id);  // nothing to wait for
+    if (attached.empty()) buffers_.erase(buffer);
+    return fence.status();
+  }
+  attached.push_back({fence_id, usage, session, absl::Now()});
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<ReservationTable::Attached>> ReservationTable::Pending(
+    uint64_t buffer, v1::FenceUsage for_access) {
+  if (for_access != v1::FENCE_USAGE_READ && for_access != v1::FENCE_USAGE_WRITE &&
+      for_access != v1::FENCE_USAGE_BOOKKEEP) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "for_access ", static_cast<int>(for_access),
+        " is not an access: READ or WRITE (or BOOKKEEP to list every fence)"));
+  }
+  absl::MutexLock lock(&mu_);
+  std::vector<Attached> out;
+  auto it = buffers_.find(buffer);
+  if (it == buffers_.end()) return out;
+  PruneLocked(it->second);
+  for (const Attached& entry : it->second) {
+    if (AccessWaitsFor(for_access, entry.usage)) out.push_back(entry);
+  }
+  if (it->second.empty()) buffers_.erase(it);
+  return out;
+}
+
+void ReservationTable::PruneLocked(std::vector<Attached>& attached) {
+  std::erase_if(attached, [&](const Attached& entry) {
+    std::optional<FenceView> fence = fences_->Peek(entry.fence_id);
+    if (fence.has_value() && !fence->signaled) return false;
+    fences_->Unpin(entry.fence_id);
+    return true;
+  });
+}
+
+void ReservationTable::DropBuffer(uint64_t buffer) {
+  absl::MutexLock lock(&mu_);
+  auto it = buffers_.find(buffer);
+  if (it == buffers_.end()) return;
+  for (const Attached& entry : it->second) fences_->Unpin(entry.fence_id);
+  buffers_.erase(it);
+}
+
+absl::flat_hash_map<uint64_t, std::vector<ReservationTable::Attached>> ReservationTable::List()
+    const {
+  absl::MutexLock lock(&mu_);
+  return buffers_;
+}
+
+void ReservationTable::Clear() {
+  absl::MutexLock lock(&mu_);
+  for (const auto& [buffer, attached] : buffers_) {
+    for (const Attached& entry : attached) fences_->Unpin(entry.fence_id);
+  }
+  buffers_.clear();
+}
+
+}  // namespace bufferd

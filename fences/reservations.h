@@ -1,0 +1,93 @@
+// ReservationTable: a reservation object per buffer (the kernel's dma_resv,
+// with the usages of its 2021 rework), over the FenceTable.
+//
+// Every fence attached to a buffer has a usage: KERNEL (memory management:
+// everything waits for it), WRITE (a writer: readers and writers wait),
+// READ (a reader: writers wait) or BOOKKEEP (never waited on implicitly,
+// listed for debugging). A read access waits for KERNEL + WRITE; a write
+// access for KERNEL + WRITE + READ. Attaching pins the fence in the
+// FenceTable, so it stays known however its attacher lets go of it;
+// signalled fences are pruned (and unpinned) whenever a buffer's fences are
+// looked at, and a buffer's reservation goes with the buffer. Fences end
+// in bounded time (their deadlines, their owner's death), so no buffer
+// stays blocked forever.
+//
+// The table knows buffers by id and trusts its caller (the daemon's Fence
+// service) to have checked that the session holds a handle on the buffer
+// and may attach that usage. Thread-safe, with its own lock; it calls the
+// FenceTable under it (never the other way round).
+#ifndef BUFFERD_FENCES_RESERVATIONS_H_
+#define BUFFERD_FENCES_RESERVATIONS_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "bufferd/v1/fence.pb.h"
+#include "fences/fence_table.h"
+
+namespace bufferd {
+
+struct ReservationLimits {
+  // Unsignalled fences attached to one buffer.
+  uint32_t max_fences_per_buffer = 64;
+};
+
+class ReservationTable {
+ public:
+  struct Attached {
+    uint64_t fence_id = 0;
+    v1::FenceUsage usage = v1::FENCE_USAGE_UNSPECIFIED;
+    uint64_t attached_by = 0;  // session
+    absl::Time attached_at;
+  };
+
+  // `fences` must outlive this object.
+  ReservationTable(FenceTable* fences, ReservationLimits limits)
+      : fences_(fences), limits_(limits) {}
+  ~ReservationTable() { Clear(); }
+  ReservationTable(const ReservationTable&) = delete;
+  ReservationTable& operator=(const ReservationTable&) = delete;
+
+  // Attaches fence `fence_id` (which `session` must hold: NOT_FOUND
+  // otherwise) to `buffer` with `usage` (INVALID_ARGUMENT for UNSPECIFIED;
+  // RESOURCE_EXHAUSTED at max_fences_per_buffer). A fence signalled already
+  // is not kept. Attaching the same fence again with the same usage is a
+  // no-op.
+  absl::Status Attach(uint64_t session, uint64_t buffer, uint64_t fence_id, v1::FenceUsage usage);
+
+  // The unsignalled fences an access to `buffer` waits for: READ (KERNEL +
+  // WRITE) or WRITE (KERNEL + WRITE + READ); BOOKKEEP lists every
+  // unsignalled fence, whatever its usage. Oldest first.
+  absl::StatusOr<std::vector<Attached>> Pending(uint64_t buffer, v1::FenceUsage for_access);
+
+  // The buffer is gone: its fences are let go of.
+  void DropBuffer(uint64_t buffer);
+  // Unsignalled fences attached to each buffer that has some (for debug
+  // views; nothing is pruned).
+  absl::flat_hash_map<uint64_t, std::vector<Attached>> List() const;
+  const ReservationLimits& limits() const { return limits_; }
+
+  // Lets go of every fence.
+  void Clear();
+
+ private:
+  // Drops the buffer's signalled fences.
+  void PruneLocked(std::vector<Attached>& attached) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  FenceTable* const fences_;
+  const ReservationLimits limits_;
+  mutable absl::Mutex mu_;
+  absl::flat_hash_map<uint64_t, std::vector<Attached>> buffers_ ABSL_GUARDED_BY(mu_);
+};
+
+// Whether an access `for_access` (READ or WRITE) waits for a fence of
+// `usage`.
+bool AccessWaitsFor(v1::FenceUsage for_access, v1::FenceUsage usage);
+
+}  // namespace bufferd
+
+#endif  // BUFFERD_FENCES_RESERVATIONS_H_
