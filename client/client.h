@@ -64,6 +64,12 @@ struct AllocateOptions {
   bool freezable = false;
 };
 
+class Fence;
+class Timeline;
+
+// What a CPU access to a buffer does (Buffer::BeginCpuAccess).
+enum class Cpu { kRead, kWrite };
+
 // One handle on a buffer, with this process's own fd for it. Release() drops
 // the handle with a round trip and returns the daemon's answer; destroying a
 // Buffer drops it without one: the session's next RPC carries the release
@@ -116,8 +122,61 @@ class Buffer {
   // Drops the handle now (returns the daemon's answer) and closes the fd.
   absl::Status Release();
 
+  // The buffer's reservation object (the kernel's dma_resv with its 2021
+  // usages), shared by every holder of the buffer. AttachFence hands
+  // `fence` (held by this Client's session) to every holder: WRITE for a
+  // producer's "frame done", READ for a consumer's "done reading", KERNEL
+  // for work everyone waits for, BOOKKEEP for what nobody waits for
+  // implicitly. A read-only handle attaches READ and BOOKKEEP only
+  // (PERMISSION_DENIED). Signalled fences are pruned; a fence of a session
+  // that ends fails OWNER_DIED, so no buffer stays blocked.
+  absl::Status AttachFence(const Fence& fence, v1::FenceUsage usage) const;
+  // The same for a point of a timeline this session holds.
+  absl::Status AttachPoint(const Timeline& timeline, uint64_t point, v1::FenceUsage usage) const;
+  // The unsignalled fences an access waits for (a read: KERNEL + WRITE; a
+  // write: KERNEL + WRITE + READ), oldest first, each held by this session
+  // until dropped; info().usage() says how each is attached.
+  absl::StatusOr<std::vector<Fence>> Fences(Cpu access) const;
+  // One fd for an event loop: polls readable once every fence Fences()
+  // would return has signalled; an invalid fd (-1) when none is pending.
+  absl::StatusOr<UniqueFd> FencesFd(Cpu access) const;
+  // Implicit sync: waits until the access may start (every fence it waits
+  // for has signalled); returns them as they ended (a fence's error does
+  // not fail the access, as with dma_resv: look at their status).
+  // DEADLINE_EXCEEDED naming the fences still pending if `timeout` passes.
+  // One round trip, and one more when something is pending.
+  absl::StatusOr<std::vector<v1::FenceInfo>> BeginCpuAccess(Cpu access,
+                                                            absl::Duration timeout) const;
+  // Ends it. bufferd's memory is coherent for the CPU (memfd pages), so
+  // nothing is flushed; kept so code written for DMA_BUF_IOCTL_SYNC keeps
+  // its shape.
+  absl::Status EndCpuAccess() const;
+  // The scoped form: BeginCpuAccess now, EndCpuAccess when it goes.
+  class ScopedCpuAccess {
+   public:
+    ScopedCpuAccess(ScopedCpuAccess&& other) noexcept
+        : buffer_(other.buffer_), waited_(std::move(other.waited_)) {
+      other.buffer_ = nullptr;
+    }
+    ScopedCpuAccess& operator=(ScopedCpuAccess&&) = delete;
+    ~ScopedCpuAccess() {
+      if (buffer_ != nullptr) (void)buffer_->EndCpuAccess();
+    }
+    // The fences the access waited for.
+    const std::vector<v1::FenceInfo>& waited() const { return waited_; }
+
+   private:
+    friend class Buffer;
+    ScopedCpuAccess(const Buffer* buffer, std::vector<v1::FenceInfo> waited)
+        : buffer_(buffer), waited_(std::move(waited)) {}
+    const Buffer* buffer_;
+    std::vector<v1::FenceInfo> waited_;
+  };
+  absl::StatusOr<ScopedCpuAccess> CpuAccess(Cpu access, absl::Duration timeout) const;
+
  private:
   friend class Client;
+  absl::StatusOr<v1::GetBufferFencesResponse> GetFences(Cpu access, bool as_fd) const;
   Buffer(std::shared_ptr<internal::Connection> connection, uint64_t handle, v1::BufferInfo info,
          Access access, UniqueFd fd);
   // Closes the fd and releases the handle one-way.
@@ -185,6 +244,7 @@ class Fence {
  private:
   friend class Client;
   friend class Timeline;
+  friend class Buffer;
   Fence(std::shared_ptr<internal::Connection> connection, v1::FenceInfo info);
 
   std::shared_ptr<internal::Connection> connection_;
@@ -334,6 +394,7 @@ class Timeline {
 
  private:
   friend class Client;
+  friend class Buffer;
   struct Shared;
   Timeline(std::shared_ptr<internal::Connection> connection, v1::TimelineInfo info,
            std::unique_ptr<Shared> shared);

@@ -129,6 +129,11 @@ class Connection {
 
 // A fence's deadline as the protocol takes it (fence.cc).
 absl::StatusOr<uint32_t> DeadlineMs(absl::Duration deadline);
+// WaitFence on `ids` (all or any): the fences as they were when it ended,
+// DEADLINE_EXCEEDED naming the pending ones if `timeout` passed first.
+absl::StatusOr<std::vector<v1::FenceInfo>> WaitFences(Connection& connection,
+                                                      const std::vector<uint64_t>& ids, bool all,
+                                                      absl::Duration timeout);
 // A fence fd the daemon delivered, checked to be a read-only pipe.
 absl::StatusOr<UniqueFd> CheckFenceFd(UniqueFd fd);
 

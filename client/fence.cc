@@ -66,6 +66,21 @@ absl::StatusOr<uint32_t> DeadlineMs(absl::Duration deadline) {
   return deadline > absl::ZeroDuration() && ms == 0 ? 1 : ms;
 }
 
+absl::StatusOr<std::vector<v1::FenceInfo>> WaitFences(Connection& connection,
+                                                      const std::vector<uint64_t>& ids, bool all,
+                                                      absl::Duration timeout) {
+  v1::WaitFenceRequest request;
+  for (uint64_t id : ids) request.add_fence_ids(id);
+  request.set_wait_all(all);
+  request.set_timeout_ms(ToMs(timeout));
+  v1::WaitFenceResponse response;
+  Call call = NewWaitCall(connection, timeout);
+  RETURN_IF_ERROR(
+      connection.Finish(call, connection.fence().WaitFence(call.context.get(), request, &response)));
+  if (!response.satisfied()) return NotSignalled(response, timeout);
+  return std::vector<v1::FenceInfo>(response.fences().begin(), response.fences().end());
+}
+
 absl::StatusOr<UniqueFd> CheckFenceFd(UniqueFd fd) {
   // A pipe's read end, as the daemon promised: nothing this process could
   // write to.
@@ -215,18 +230,11 @@ absl::StatusOr<Fence> Client::CreateFence(const FenceOptions& options) const {
 
 absl::StatusOr<WaitResult> Client::WaitFor(std::span<const Fence* const> fences, bool all,
                                            absl::Duration timeout) const {
-  v1::WaitFenceRequest request;
-  for (const Fence* fence : fences) request.add_fence_ids(fence->id());
-  request.set_wait_all(all);
-  request.set_timeout_ms(ToMs(timeout));
-  v1::WaitFenceResponse response;
-  internal::Call call = NewWaitCall(*connection_, timeout);
-  RETURN_IF_ERROR(connection_->Finish(
-      call, connection_->fence().WaitFence(call.context.get(), request, &response)));
-  if (!response.satisfied()) return NotSignalled(response, timeout);
-  WaitResult result;
-  result.fences.assign(response.fences().begin(), response.fences().end());
-  return result;
+  std::vector<uint64_t> ids;
+  for (const Fence* fence : fences) ids.push_back(fence->id());
+  ASSIGN_OR_RETURN(std::vector<v1::FenceInfo> waited,
+                   internal::WaitFences(*connection_, ids, all, timeout));
+  return WaitResult{std::move(waited)};
 }
 
 absl::StatusOr<WaitResult> Client::WaitAll(std::span<const Fence* const> fences,

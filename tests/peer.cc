@@ -29,6 +29,11 @@
 //   peer timeline-attack <dir> <token>   import, then try to write every byte
 //       of the timeline's pages every way there is; one line per attempt
 //       "attack <what>: <refused|WROTE>", then "done"
+//   peer resv-write <dir> <token> <byte> <delay_ms>   import read-write,
+//       attach a WRITE fence, print "ready", <delay_ms> later fill the buffer
+//       with <byte> and signal the fence: "signalled", then exit
+//   peer resv-read <dir> <token>   import read-only, attach a READ fence,
+//       print "ready", wait to be killed (never signals it)
 //   peer timeline-requeue <dir> <token> <ms>   import, print "ready", then for
 //       <ms> FUTEX_CMP_REQUEUE every waiter off the timeline's futex words onto
 //       a private one; "requeued=<n>"
@@ -414,6 +419,38 @@ int main(int argc, char** argv) {
   }
   if ((mode == "fence-wait" || mode == "fence-poll") && argc == 4) {
     return WaitForFence(*client, mode, argv[3]);
+  }
+  if (mode == "resv-write" && argc == 6) {
+    absl::StatusOr<bufferd::Buffer> buffer = client->Import(argv[3]);
+    if (!buffer.ok()) return Fail("import", buffer.status());
+    absl::StatusOr<bufferd::Fence> done = client->CreateFence({.name = "frame done"});
+    if (!done.ok()) return Fail("create", done.status());
+    if (absl::Status attached = buffer->AttachFence(*done, bufferd::v1::FENCE_USAGE_WRITE);
+        !attached.ok()) {
+      return Fail("attach", attached);
+    }
+    std::printf("ready fence=%lu\n", static_cast<unsigned long>(done->id()));
+    ::usleep(static_cast<useconds_t>(std::atoi(argv[5]) * 1000));
+    absl::StatusOr<bufferd::Mapping> map = buffer->Map();
+    if (!map.ok()) return Fail("map", map.status());
+    std::memset(map->data(), std::atoi(argv[4]), map->size());
+    if (absl::Status signalled = done->Signal(); !signalled.ok()) return Fail("signal", signalled);
+    (void)done->Info();  // the one-way signal is applied before this answers
+    std::printf("signalled\n");
+    return 0;
+  }
+  if (mode == "resv-read" && argc == 4) {
+    absl::StatusOr<bufferd::Buffer> buffer = client->Import(argv[3]);
+    if (!buffer.ok()) return Fail("import", buffer.status());
+    absl::StatusOr<bufferd::Fence> reading =
+        client->CreateFence({.name = "reading", .deadline = absl::Seconds(60)});
+    if (!reading.ok()) return Fail("create", reading.status());
+    if (absl::Status attached = buffer->AttachFence(*reading, bufferd::v1::FENCE_USAGE_READ);
+        !attached.ok()) {
+      return Fail("attach", attached);
+    }
+    std::printf("ready fence=%lu\n", static_cast<unsigned long>(reading->id()));
+    while (true) ::pause();
   }
   if (mode == "timeline-produce" && argc == 4) return Produce(*client, std::atoll(argv[3]));
   if (mode == "timeline-consume" && argc == 4) return Consume(*client, argv[3], false);

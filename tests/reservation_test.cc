@@ -1,0 +1,262 @@
+// Reservation objects through a real daemon, the client library and a
+// second process: a writer's WRITE fence holds readers back until it
+// signals, readers' READ fences hold writers back, BOOKKEEP holds nobody,
+// an owner's death unblocks, timeline points attach like fences, and every
+// bad attach gets its code and message.
+#include <gtest/gtest.h>
+#include <poll.h>
+
+#include <algorithm>
+#include <string>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "base/protocol.h"
+#include "bufferd/v1/fence.grpc.pb.h"
+#include "client/client.h"
+#include "gmock/gmock.h"
+#include "testing/daemon_test.h"
+
+namespace bufferd {
+namespace {
+
+using ::bufferd::testing::ChildProcess;
+using ::bufferd::testing::DaemonTest;
+using ::bufferd::testing::Field;
+using ::bufferd::testing::FenceStub;
+using ::bufferd::testing::OpenRawSession;
+using ::bufferd::testing::RawSession;
+using ::bufferd::testing::SpawnPeer;
+using ::testing::HasSubstr;
+
+class ReservationTest : public DaemonTest {
+ protected:
+  void SetUp() override { StartDaemon(); }
+  Buffer NewBuffer() {
+    absl::StatusOr<Buffer> buffer = client_->Allocate({.heap = "system", .size = 65536});
+    EXPECT_TRUE(buffer.ok()) << buffer.status();
+    return *std::move(buffer);
+  }
+  static bool Readable(int fd, absl::Duration timeout) {
+    pollfd ready{fd, POLLIN, 0};
+    return ::poll(&ready, 1, static_cast<int>(absl::ToInt64Milliseconds(timeout))) == 1;
+  }
+};
+
+TEST_F(ReservationTest, AReaderWaitsForTheWritersFenceAndSeesItsData) {
+  {
+    Buffer buffer = NewBuffer();
+    absl::StatusOr<ChildProcess> writer = SpawnPeer(
+        {"resv-write", daemon_->socket_dir(), *buffer.Export(Access::kReadWrite), "90", "50"});
+    ASSERT_TRUE(writer.ok());
+    const std::string ready = writer->ReadLine();
+    ASSERT_FALSE(Field(ready, "fence").empty()) << ready;
+    // The writer's fence is attached: a read waits for it, then sees what
+    // it wrote (it writes just before it signals).
+    absl::StatusOr<std::vector<v1::FenceInfo>> waited =
+        buffer.BeginCpuAccess(Cpu::kRead, absl::Seconds(20));
+    ASSERT_TRUE(waited.ok()) << waited.status();
+    ASSERT_EQ(waited->size(), 1u);
+    EXPECT_EQ((*waited)[0].status(), v1::FENCE_STATUS_OK);
+    EXPECT_EQ((*waited)[0].usage(), v1::FENCE_USAGE_WRITE);
+    EXPECT_EQ((*waited)[0].name(), "frame done");
+    absl::StatusOr<Mapping> map = buffer.MapReadOnly();
+    ASSERT_TRUE(map.ok());
+    const auto* bytes = static_cast<const uint8_t*>(map->data());
+    EXPECT_TRUE(std::all_of(bytes, bytes + map->size(), [](uint8_t b) { return b == 90; }))
+        << "the read began before the writer's data was there";
+    ASSERT_TRUE(buffer.EndCpuAccess().ok());
+    EXPECT_EQ(writer->ReadLine(), "signalled");
+    EXPECT_EQ(writer->Wait(), 0);
+    // Signalled: pruned, nothing to wait for, no round trip past the first.
+    absl::StatusOr<std::vector<Fence>> left = buffer.Fences(Cpu::kWrite);
+    ASSERT_TRUE(left.ok());
+    EXPECT_TRUE(left->empty());
+  }
+  ExpectBaseline();
+}
+
+TEST_F(ReservationTest, AWriterWaitsForReadersAndBookkeepHoldsNobody) {
+  {
+    Buffer buffer = NewBuffer();
+    absl::StatusOr<ChildProcess> reader =
+        SpawnPeer({"resv-read", daemon_->socket_dir(), *buffer.Export(Access::kReadOnly)});
+    ASSERT_TRUE(reader.ok());
+    const std::string ready = reader->ReadLine();
+    ASSERT_FALSE(Field(ready, "fence").empty()) << ready;
+    absl::StatusOr<Fence> note = client_->CreateFence({.name = "note"});
+    ASSERT_TRUE(note.ok());
+    ASSERT_TRUE(buffer.AttachFence(*note, v1::FENCE_USAGE_BOOKKEEP).ok());
+
+    // Reads do not wait for readers, nor anyone for BOOKKEEP.
+    absl::StatusOr<std::vector<v1::FenceInfo>> read =
+        buffer.BeginCpuAccess(Cpu::kRead, absl::ZeroDuration());
+    ASSERT_TRUE(read.ok()) << read.status();
+    EXPECT_TRUE(read->empty());
+    // A write waits for the reader's READ fence.
+    absl::Status blocked = buffer.BeginCpuAccess(Cpu::kWrite, absl::Milliseconds(200)).status();
+    EXPECT_EQ(blocked.code(), absl::StatusCode::kDeadlineExceeded) << blocked;
+    EXPECT_THAT(blocked.message(), HasSubstr(Field(ready, "fence")));
+    absl::StatusOr<std::vector<Fence>> pending = buffer.Fences(Cpu::kWrite);
+    ASSERT_TRUE(pending.ok());
+    ASSERT_EQ(pending->size(), 1u);
+    EXPECT_EQ((*pending)[0].info().usage(), v1::FENCE_USAGE_READ);
+    EXPECT_EQ((*pending)[0].info().name(), "reading");
+
+    // One fd for an event loop: readable once the reader is done.
+    absl::StatusOr<UniqueFd> fd = buffer.FencesFd(Cpu::kWrite);
+    ASSERT_TRUE(fd.ok()) << fd.status();
+    ASSERT_TRUE(fd->valid());
+    EXPECT_FALSE(Readable(fd->get(), absl::Milliseconds(50)));
+    absl::StatusOr<UniqueFd> none = buffer.FencesFd(Cpu::kRead);
+    ASSERT_TRUE(none.ok());
+    EXPECT_FALSE(none->valid()) << "nothing pending: -1";
+
+    // The reader dies while a writer waits: its fence fails OWNER_DIED and
+    // the write goes ahead.
+    std::thread writing([&] {
+      absl::StatusOr<Buffer::ScopedCpuAccess> write =
+          buffer.CpuAccess(Cpu::kWrite, absl::Seconds(20));
+      ASSERT_TRUE(write.ok()) << write.status();
+      ASSERT_EQ(write->waited().size(), 1u);
+      EXPECT_EQ(write->waited()[0].status(), v1::FENCE_STATUS_OWNER_DIED);
+      EXPECT_EQ(write->waited()[0].usage(), v1::FENCE_USAGE_READ);
+    });
+    // Its wait is registered in the daemon before the reader goes.
+    EXPECT_TRUE(::bufferd::testing::Eventually([&] {
+      absl::StatusOr<v1::FenceInfo> info = (*pending)[0].Info();
+      return info.ok() && info->waiters() == 1;
+    }));
+    reader->Kill(SIGKILL);
+    reader->Wait();
+    writing.join();
+    EXPECT_TRUE(Readable(fd->get(), absl::Seconds(10)));
+    absl::StatusOr<std::vector<Fence>> after = buffer.Fences(Cpu::kWrite);
+    ASSERT_TRUE(after.ok());
+    EXPECT_TRUE(after->empty()) << "signalled: pruned";
+    ASSERT_TRUE(note->Signal().ok());
+  }
+  ExpectBaseline();
+}
+
+TEST_F(ReservationTest, ATimelinePointAttachesLikeAFence) {
+  {
+    // Sessions of their own: a session that holds a timeline keeps a wait
+    // page (one fd) while it lives.
+    absl::StatusOr<Client> producer = Client::Connect(daemon_->socket_dir());
+    absl::StatusOr<Client> consumer = Client::Connect(daemon_->socket_dir());
+    ASSERT_TRUE(producer.ok() && consumer.ok());
+    absl::StatusOr<Buffer> allocated = consumer->Allocate({.heap = "system", .size = 65536});
+    ASSERT_TRUE(allocated.ok());
+    Buffer buffer = *std::move(allocated);
+    absl::StatusOr<Timeline> frames = producer->CreateTimeline({.name = "frames"});
+    ASSERT_TRUE(frames.ok());
+    EXPECT_EQ(buffer.AttachPoint(*frames, 3, v1::FENCE_USAGE_WRITE).code(),
+              absl::StatusCode::kInvalidArgument)
+        << "a timeline of another Client's session";
+    absl::StatusOr<Timeline> seen = consumer->ImportTimeline(*frames->Export());
+    ASSERT_TRUE(seen.ok());
+    ASSERT_TRUE(buffer.AttachPoint(*seen, 3, v1::FENCE_USAGE_WRITE).ok());
+    std::thread signal([&] {
+      absl::SleepFor(absl::Milliseconds(50));
+      ASSERT_TRUE(frames->Signal(3).ok());
+    });
+    absl::StatusOr<std::vector<v1::FenceInfo>> waited =
+        buffer.BeginCpuAccess(Cpu::kRead, absl::Seconds(20));
+    signal.join();
+    ASSERT_TRUE(waited.ok()) << waited.status();
+    ASSERT_EQ(waited->size(), 1u);
+    EXPECT_EQ((*waited)[0].kind(), v1::FENCE_KIND_TIMELINE_POINT);
+    EXPECT_EQ((*waited)[0].status(), v1::FENCE_STATUS_OK);
+    EXPECT_GE(frames->Query(), 3u);
+    EXPECT_EQ(buffer.AttachPoint(*seen, 0, v1::FENCE_USAGE_WRITE).code(),
+              absl::StatusCode::kInvalidArgument);
+  }
+  ExpectBaseline();
+}
+
+TEST_F(ReservationTest, BadAttachesGetNamedErrors) {
+  daemon_.reset();
+  StartDaemon(R"pb(heaps { name: "system" type: HEAP_TYPE_SYSTEM }
+                 limits { max_fences_per_buffer: 2 })pb");
+  {
+    Buffer buffer = NewBuffer();
+    absl::StatusOr<Fence> fence = client_->CreateFence();
+    ASSERT_TRUE(fence.ok());
+    absl::Status status = buffer.AttachFence(*fence, v1::FENCE_USAGE_UNSPECIFIED);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+    EXPECT_THAT(status.message(), HasSubstr("KERNEL, WRITE, READ or BOOKKEEP"));
+
+    // A read-only holder cannot pretend to write.
+    absl::StatusOr<Client> other = Client::Connect(daemon_->socket_dir());
+    ASSERT_TRUE(other.ok());
+    absl::StatusOr<Buffer> reader = other->Import(*buffer.Export(Access::kReadOnly));
+    ASSERT_TRUE(reader.ok());
+    absl::StatusOr<Fence> theirs = other->CreateFence();
+    ASSERT_TRUE(theirs.ok());
+    for (v1::FenceUsage usage : {v1::FENCE_USAGE_WRITE, v1::FENCE_USAGE_KERNEL}) {
+      status = reader->AttachFence(*theirs, usage);
+      EXPECT_EQ(status.code(), absl::StatusCode::kPermissionDenied) << status;
+      EXPECT_THAT(status.message(), HasSubstr("read-only"));
+    }
+    EXPECT_TRUE(reader->AttachFence(*theirs, v1::FENCE_USAGE_READ).ok());
+    // Another Client's fence, through the library.
+    status = buffer.AttachFence(*theirs, v1::FENCE_USAGE_READ);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
+
+    // Below the library: another session's handles (PERMISSION_DENIED, as
+    // for every call on a handle), a request naming no fence.
+    absl::StatusOr<RawSession> raw = OpenRawSession(daemon_->socket_dir());
+    ASSERT_TRUE(raw.ok());
+    auto stub = FenceStub(daemon_->socket_dir());
+    v1::AttachFenceRequest request;
+    request.set_buffer_handle(buffer.handle());
+    request.set_fence_id(fence->id());
+    request.set_usage(v1::FENCE_USAGE_READ);
+    v1::AttachFenceResponse response;
+    grpc::Status raw_status = stub->AttachFence(raw->Context().get(), request, &response);
+    EXPECT_EQ(raw_status.error_code(), grpc::StatusCode::PERMISSION_DENIED)
+        << raw_status.error_message();
+    request.set_buffer_handle(reader->handle());
+    raw_status = stub->AttachFence(raw->Context().get(), request, &response);
+    EXPECT_EQ(raw_status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+    request.set_buffer_handle(123456);
+    raw_status = stub->AttachFence(raw->Context().get(), request, &response);
+    EXPECT_EQ(raw_status.error_code(), grpc::StatusCode::NOT_FOUND) << "an unknown handle";
+    request.set_fence_id(0);
+    request.set_timeline_id(0);
+    raw_status = stub->AttachFence(raw->Context().get(), request, &response);
+    EXPECT_EQ(raw_status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(raw_status.error_message(), HasSubstr("exactly one of fence_id and timeline_id"));
+    v1::GetBufferFencesRequest get;
+    get.set_buffer_handle(buffer.handle());
+    get.set_for_access(v1::FENCE_USAGE_READ);
+    v1::GetBufferFencesResponse got;
+    EXPECT_EQ(stub->GetBufferFences(raw->Context().get(), get, &got).error_code(),
+              grpc::StatusCode::PERMISSION_DENIED)
+        << "nobody sees the fences of a buffer it holds no handle on";
+
+    // The per-buffer limit counts unsignalled fences.
+    absl::StatusOr<Fence> second = client_->CreateFence();
+    absl::StatusOr<Fence> third = client_->CreateFence();
+    ASSERT_TRUE(second.ok() && third.ok());
+    ASSERT_TRUE(buffer.AttachFence(*second, v1::FENCE_USAGE_WRITE).ok());
+    status = buffer.AttachFence(*third, v1::FENCE_USAGE_WRITE);
+    EXPECT_EQ(status.code(), absl::StatusCode::kResourceExhausted) << status;
+    EXPECT_THAT(status.message(), HasSubstr("the limit (max_fences_per_buffer 2)"));
+    ASSERT_TRUE(theirs->SignalAndConfirm().ok());  // another session's: confirmed first
+    EXPECT_TRUE(buffer.AttachFence(*third, v1::FENCE_USAGE_WRITE).ok())
+        << "a signalled fence frees its place";
+
+    // A released handle.
+    const uint64_t handle = reader->handle();
+    ASSERT_TRUE(reader->Release().ok());
+    status = reader->AttachFence(*theirs, v1::FENCE_USAGE_READ);
+    EXPECT_EQ(status.code(), absl::StatusCode::kNotFound) << status << " handle " << handle;
+    for (Fence* done : {&*fence, &*second, &*third}) ASSERT_TRUE(done->Signal().ok());
+  }
+  ExpectBaseline();
+}
+
+}  // namespace
+}  // namespace bufferd
