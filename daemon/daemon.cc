@@ -295,7 +295,8 @@ absl::Status Daemon::Init(const v1::Config& config) {
       sessions_.get(), hub_.get(), state_.get(), channel_.get(), work_.get(), reaper_.get()});
   debug_ = std::make_unique<DebugService>(
       DebugService::Deps{sessions_.get(), hub_.get(), state_.get(), channel_.get(), fences_.get(),
-                         timelines_.get(), work_.get(), config.debug_access() == v1::DEBUG_ACCESS_ANYONE});
+                         timelines_.get(), reservations_.get(), work_.get(),
+                         config.debug_access() == v1::DEBUG_ACCESS_ANYONE});
   fence_ = std::make_unique<FenceService>(
       FenceService::Deps{sessions_.get(), hub_.get(), fences_.get(), timelines_.get(),
                          channel_.get(), state_.get(), reservations_.get(),

@@ -40,7 +40,7 @@ grpc::ServerUnaryReactor* DebugService::ListBuffers(grpc::CallbackServerContext*
                                                     const v1::ListBuffersRequest* request,
                                                     v1::ListBuffersResponse* response) {
   if (absl::Status s = Check(context); !s.ok()) return FinishCall(context, s);
-  *response = BuffersView(*d_.sessions, *d_.state, *request);
+  *response = BuffersView(*d_.sessions, *d_.state, *d_.fences, *d_.reservations, *request);
   return FinishCall(context, absl::OkStatus());
 }
 

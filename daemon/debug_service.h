@@ -11,6 +11,7 @@
 #include "daemon/fd_channel.h"
 #include "daemon/session_hub.h"
 #include "daemon/sessions.h"
+#include "fences/reservations.h"
 #include "daemon/state.h"
 #include "daemon/work_queue.h"
 
@@ -25,6 +26,7 @@ class DebugService final : public v1::Debug::CallbackService {
     const FdChannel* channel;
     const FenceTable* fences;
     const TimelineTable* timelines;
+    const ReservationTable* reservations;
     WorkQueue* work;
     // DEBUG_ACCESS_ANYONE.
     bool allow_anyone = false;

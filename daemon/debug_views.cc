@@ -114,14 +114,28 @@ std::vector<v1::ClientInfo> ClientsView(const SessionTable& sessions, const Daem
 }
 
 v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonState& state,
+                                    const FenceTable& fences,
+                                    const ReservationTable& reservations,
                                     const v1::ListBuffersRequest& request) {
   v1::ListBuffersResponse response;
   std::map<uint64_t, SessionTable::Identity> who;
   for (SessionTable::Identity& session : sessions.List()) who[session.id] = std::move(session);
+  const auto attached = reservations.List();
   for (const DaemonState::BufferView& buffer :
        state.ListBuffers({.heap = request.heap(), .session_id = request.session_id()})) {
     v1::BufferDebugInfo* entry = response.add_buffers();
     *entry->mutable_buffer() = buffer.info;
+    if (auto it = attached.find(buffer.info.buffer_id()); it != attached.end()) {
+      for (const ReservationTable::Attached& fence : it->second) {
+        std::optional<FenceView> view = fences.Peek(fence.fence_id);
+        if (!view.has_value() || view->signaled) continue;
+        auto owner = who.find(view->owner_session);
+        v1::FenceInfo* info = entry->add_fences();
+        *info = FenceInfoOf(*view, owner == who.end() ? std::nullopt
+                                                      : std::optional(owner->second));
+        info->set_usage(fence.usage);
+      }
+    }
     entry->set_allocated_bytes(buffer.allocated_bytes);
     entry->set_punched_bytes(PunchedBytes(buffer.kind, buffer.info.size(), buffer.allocated_bytes));
     // Any read-write holder (the creator included) can punch a hole that

@@ -15,6 +15,7 @@
 #include "daemon/sessions.h"
 #include "daemon/state.h"
 #include "fences/fence_table.h"
+#include "fences/reservations.h"
 #include "fences/timeline_table.h"
 
 namespace bufferd {
@@ -25,7 +26,10 @@ v1::ListHeapsResponse HeapsView(const DaemonState& state);
 // One entry per session, without queued_deliveries (the fd channel's).
 std::vector<v1::ClientInfo> ClientsView(const SessionTable& sessions, const DaemonState& state,
                                         const FenceTable& fences);
+// With `reservations`: each buffer's unsignalled attached fences too.
 v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonState& state,
+                                    const FenceTable& fences,
+                                    const ReservationTable& reservations,
                                     const v1::ListBuffersRequest& request);
 
 // A fence as the protocol shows it; `owner` while its session is open.

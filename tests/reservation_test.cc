@@ -20,6 +20,7 @@
 namespace bufferd {
 namespace {
 
+using ::bufferd::testing::Bufctl;
 using ::bufferd::testing::ChildProcess;
 using ::bufferd::testing::DaemonTest;
 using ::bufferd::testing::Field;
@@ -102,6 +103,12 @@ TEST_F(ReservationTest, AWriterWaitsForReadersAndBookkeepHoldsNobody) {
     ASSERT_EQ(pending->size(), 1u);
     EXPECT_EQ((*pending)[0].info().usage(), v1::FENCE_USAGE_READ);
     EXPECT_EQ((*pending)[0].info().name(), "reading");
+    // Operators see what holds the buffer, whose it is and since when.
+    const std::string table = Bufctl(daemon_->socket_dir(), "buffers");
+    EXPECT_THAT(table, ::testing::ContainsRegex(absl::StrCat(
+                           "read:", Field(ready, "fence"), "@peer\\[", reader->pid(),
+                           "\\]:[0-9.]+m?s bookkeep:")))
+        << table;
 
     // One fd for an event loop: readable once the reader is done.
     absl::StatusOr<UniqueFd> fd = buffer.FencesFd(Cpu::kWrite);

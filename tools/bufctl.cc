@@ -147,6 +147,9 @@ int Clients(const bufferd::Client& client, bool json) {
   return 0;
 }
 
+std::string FenceAge(const google::protobuf::Timestamp& since);
+std::string Lower(std::string name, absl::string_view prefix);
+
 int Buffers(const bufferd::Client& client, bool json, const std::string& heap) {
   bufferd::v1::ListBuffersRequest request;
   request.set_heap(heap);
@@ -171,10 +174,21 @@ int Buffers(const bufferd::Client& client, bool json, const std::string& heap) {
     if (entry.punched_bytes() != 0) {
       notes.push_back(absl::StrCat("punched ", Bytes(entry.punched_bytes())));
     }
+    // Unsignalled fences: what an access waits for, and who must signal.
+    std::string fences = entry.fences_size() == 0 ? "-" : "";
+    for (int i = 0; i < entry.fences_size() && i < 2; ++i) {
+      const auto& f = entry.fences(i);
+      absl::StrAppend(&fences, i == 0 ? "" : " ",
+                      Lower(bufferd::v1::FenceUsage_Name(f.usage()), "fence_usage_"), ":",
+                      f.fence_id(), "@",
+                      f.owner_pid() != 0 ? absl::StrCat(f.owner_comm(), "[", f.owner_pid(), "]")
+                                         : absl::StrCat("session ", f.owner_session()),
+                      ":", FenceAge(f.created_at()));
+    }
+    if (entry.fences_size() > 2) absl::StrAppend(&fences, " +", entry.fences_size() - 2);
     rows.push_back({absl::StrCat(b.buffer_id()), b.heap(), Bytes(b.size()),
                     BackingName(b.backing()), b.name().empty() ? "-" : b.name(),
-                    absl::StrCat(b.creator_session()), Age(b.created_at()),
-                    absl::StrCat(entry.fences_size()), holders,
+                    absl::StrCat(b.creator_session()), Age(b.created_at()), fences, holders,
                     notes.empty() ? "-" : absl::StrJoin(notes, ", ")});
   }
   PrintTable({"ID", "HEAP", "SIZE", "BACKING", "NAME", "CREATOR", "AGE", "FENCES", "HOLDERS",
