@@ -614,20 +614,6 @@ TEST_F(IntegrationTest, EightThreadsChurnEveryHeap) {
 
 // Tests that the Fence service, designed but not yet implemented, says so
 // by name rather than failing silently.
-TEST_F(IntegrationTest, ReservationCallsAreUnimplementedByName) {
-  auto raw = OpenRawSession(daemon_->socket_dir());
-  ASSERT_TRUE(raw.ok());
-  auto fences = v1::Fence::NewStub(
-      grpc::CreateChannel(absl::StrCat("unix:", ControlSocketPath(daemon_->socket_dir())),
-                          grpc::InsecureChannelCredentials()));
-  v1::AttachFenceRequest request;
-  v1::AttachFenceResponse response;
-  grpc::Status status = fences->AttachFence(raw->Context().get(), request, &response);
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNIMPLEMENTED);
-  EXPECT_EQ(status.error_message(),
-            "Fence.AttachFence: reservation objects are not implemented yet");
-}
-
 // Tests that a client connecting to a dir with no daemon gets UNAVAILABLE.
 TEST(ClientTest, NoDaemonIsUnavailable) {
   auto client = Client::Connect("/tmp/definitely-no-bufferd-here");
