@@ -151,7 +151,8 @@ class Buffer {
   // nothing is flushed; kept so code written for DMA_BUF_IOCTL_SYNC keeps
   // its shape.
   absl::Status EndCpuAccess() const;
-  // The scoped form: BeginCpuAccess now, EndCpuAccess when it goes.
+  // The scoped form: BeginCpuAccess now, EndCpuAccess when it goes (the
+  // Buffer must outlive it, unmoved).
   class ScopedCpuAccess {
    public:
     ScopedCpuAccess(ScopedCpuAccess&& other) noexcept

@@ -239,6 +239,12 @@ absl::Status Daemon::Init(const v1::Config& config) {
   ReservationLimits reservation_limits;
   reservation_limits.max_fences_per_buffer =
       OrDefault(limits.max_fences_per_buffer(), reservation_limits.max_fences_per_buffer);
+  // GetBufferFences merges them into one fence for an fd.
+  if (reservation_limits.max_fences_per_buffer > fence_limits.max_merge_ids) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "limits.max_fences_per_buffer ", reservation_limits.max_fences_per_buffer,
+        " is above ", fence_limits.max_merge_ids, ", the most fences one merge takes"));
+  }
   reservations_ = std::make_unique<ReservationTable>(fences_.get(), reservation_limits);
   reaper_->SetOnDead([reservations = reservations_.get()](uint64_t buffer) {
     reservations->DropBuffer(buffer);

@@ -548,8 +548,17 @@ grpc::ServerUnaryReactor* FenceService::AttachFence(grpc::CallbackServerContext*
         return watched;
       }
     }
-    absl::Status attached = d_.reservations->Attach(session, buffer.buffer().buffer_id(),
-                                                    fence_id, usage);
+    const uint64_t buffer_id = buffer.buffer().buffer_id();
+    absl::Status attached = d_.reservations->Attach(session, buffer_id, fence_id, usage);
+    // The handle may have gone meanwhile (a release racing this call), and
+    // with it maybe the buffer, whose reservation was dropped before this
+    // attach came: take it back.
+    if (absl::StatusOr<v1::GetBufferResponse> still =
+            d_.state->GetBuffer(session, request->buffer_handle());
+        attached.ok() && !still.ok()) {
+      d_.reservations->Detach(buffer_id, fence_id, usage);
+      attached = still.status();
+    }
     absl::StatusOr<FenceView> view = d_.fences->Info(session, fence_id);
     // A fence made here is the reservation's only: the session lets go.
     if (made) {

@@ -271,9 +271,7 @@ void FenceTable::EraseIfUnusedLocked(uint64_t id) {
   auto it = fences_.find(id);
   if (it == fences_.end()) return;
   const Fence& fence = it->second;
-  if (!fence.view.signaled || fence.holders != 0 || fence.pins != 0 || !fence.waits.empty()) {
-    return;
-  }
+  if (!fence.view.signaled || fence.holders != 0 || !fence.waits.empty()) return;
   if (fence.pipe_inode) {
     RememberPipeLocked(fence);
     exported_pipes_.erase(*fence.pipe_inode);
@@ -695,22 +693,6 @@ void FenceTable::Forget(uint64_t session_id, uint64_t id) {
     UnholdLocked(s->second, id);
   }
   Run(done);
-}
-
-absl::StatusOr<FenceView> FenceTable::Pin(uint64_t session_id, uint64_t id) {
-  absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(SessionLocked(session_id).status());
-  ASSIGN_OR_RETURN(Fence * fence, HeldLocked(session_id, id));
-  ++fence->pins;
-  return ViewLocked(*fence);
-}
-
-void FenceTable::Unpin(uint64_t id) {
-  absl::MutexLock lock(&mu_);
-  auto it = fences_.find(id);
-  if (it == fences_.end() || it->second.pins == 0) return;
-  --it->second.pins;
-  EraseIfUnusedLocked(id);
 }
 
 absl::StatusOr<FenceView> FenceTable::HoldFor(uint64_t session_id, uint64_t id) {

@@ -235,14 +235,12 @@ class FenceTable {
   // The session lets go of a fence (a pending one it owns is cancelled:
   // nobody could signal it any more). Unknown ids are ignored.
   void Forget(uint64_t session, uint64_t id);
-  // Reservation objects (fences/reservations.h). Pin keeps a fence that
-  // `session` holds known until Unpin, whoever holds it meanwhile (NOT_FOUND
-  // if the session does not hold it). HoldFor gives `session` a hold on a
-  // pinned fence it may not hold yet (it may then wait on it, merge it,
-  // export it; one Forget drops it), within its hold limits. Peek is the
-  // fence as it is now, to anyone (nullopt if unknown).
-  absl::StatusOr<FenceView> Pin(uint64_t session, uint64_t id);
-  void Unpin(uint64_t id);
+  // Reservation objects (fences/reservations.h). HoldFor gives `session`
+  // one more hold on a known fence it may not hold yet (it may then wait on
+  // it, merge it, export it; each hold needs its Forget), within its hold
+  // limits. Peek is the fence as it is now, to anyone (nullopt if unknown).
+  // A fence is known while it is pending (whoever holds it), and after its
+  // signal while someone holds it.
   absl::StatusOr<FenceView> HoldFor(uint64_t session, uint64_t id);
   std::optional<FenceView> Peek(uint64_t id) const;
   // Undoes a fence a call just made for `session` and could not finish
@@ -292,8 +290,6 @@ class FenceTable {
     std::optional<Timers::iterator> timer;
     // Sessions holding it.
     uint32_t holders = 0;
-    // Reservations it is attached to (each keeps it known like a hold).
-    uint32_t pins = 0;
     // Waits on it.
     absl::flat_hash_set<WaitId> waits;
     // Merged fences waiting for it.

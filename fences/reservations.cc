@@ -38,6 +38,10 @@ absl::Status CheckUsage(v1::FenceUsage usage, const char* what) {
 absl::Status ReservationTable::Attach(uint64_t session, uint64_t buffer, uint64_t fence_id,
                                       v1::FenceUsage usage) {
   RETURN_IF_ERROR(CheckUsage(usage, "usage"));
+  // The fence first: one the session does not hold is NOT_FOUND, and one
+  // signalled already has nothing to hold anyone back.
+  ASSIGN_OR_RETURN(FenceView fence, fences_->Info(session, fence_id));
+  if (fence.signaled) return absl::OkStatus();
   absl::MutexLock lock(&mu_);
   std::vector<Attached>& attached = buffers_[buffer];
   PruneLocked(attached);
@@ -49,12 +53,6 @@ absl::Status ReservationTable::Attach(uint64_t session, uint64_t buffer, uint64_
         "buffer ", buffer, " has ", attached.size(),
         " unsignalled fences attached, the limit (max_fences_per_buffer ",
         limits_.max_fences_per_buffer, "): signal some first"));
-  }
-  absl::StatusOr<FenceView> fence = fences_->Pin(session, fence_id);
-  if (!fence.ok() || fence->signaled) {
-    if (fence.ok()) fences_->Unpin(fence_id);  // nothing to wait for
-    if (attached.empty()) buffers_.erase(buffer);
-    return fence.status();
   }
   attached.push_back({fence_id, usage, session, absl::Now()});
   return absl::OkStatus();
@@ -74,7 +72,11 @@ absl::StatusOr<std::vector<ReservationTable::Attached>> ReservationTable::Pendin
   if (it == buffers_.end()) return out;
   PruneLocked(it->second);
   for (const Attached& entry : it->second) {
-    if (AccessWaitsFor(for_access, entry.usage)) out.push_back(entry);
+    if (!AccessWaitsFor(for_access, entry.usage)) continue;
+    const bool listed = std::any_of(out.begin(), out.end(), [&](const Attached& other) {
+      return other.fence_id == entry.fence_id;
+    });
+    if (!listed) out.push_back(entry);
   }
   if (it->second.empty()) buffers_.erase(it);
   return out;
@@ -83,18 +85,23 @@ absl::StatusOr<std::vector<ReservationTable::Attached>> ReservationTable::Pendin
 void ReservationTable::PruneLocked(std::vector<Attached>& attached) {
   std::erase_if(attached, [&](const Attached& entry) {
     std::optional<FenceView> fence = fences_->Peek(entry.fence_id);
-    if (fence.has_value() && !fence->signaled) return false;
-    fences_->Unpin(entry.fence_id);
-    return true;
+    return !fence.has_value() || fence->signaled;
   });
 }
 
 void ReservationTable::DropBuffer(uint64_t buffer) {
   absl::MutexLock lock(&mu_);
+  buffers_.erase(buffer);
+}
+
+void ReservationTable::Detach(uint64_t buffer, uint64_t fence_id, v1::FenceUsage usage) {
+  absl::MutexLock lock(&mu_);
   auto it = buffers_.find(buffer);
   if (it == buffers_.end()) return;
-  for (const Attached& entry : it->second) fences_->Unpin(entry.fence_id);
-  buffers_.erase(it);
+  std::erase_if(it->second, [&](const Attached& entry) {
+    return entry.fence_id == fence_id && entry.usage == usage;
+  });
+  if (it->second.empty()) buffers_.erase(it);
 }
 
 absl::flat_hash_map<uint64_t, std::vector<ReservationTable::Attached>> ReservationTable::List()
@@ -105,9 +112,6 @@ absl::flat_hash_map<uint64_t, std::vector<ReservationTable::Attached>> Reservati
 
 void ReservationTable::Clear() {
   absl::MutexLock lock(&mu_);
-  for (const auto& [buffer, attached] : buffers_) {
-    for (const Attached& entry : attached) fences_->Unpin(entry.fence_id);
-  }
   buffers_.clear();
 }
 

@@ -5,12 +5,12 @@
 // everything waits for it), WRITE (a writer: readers and writers wait),
 // READ (a reader: writers wait) or BOOKKEEP (never waited on implicitly,
 // listed for debugging). A read access waits for KERNEL + WRITE; a write
-// access for KERNEL + WRITE + READ. Attaching pins the fence in the
-// FenceTable, so it stays known however its attacher lets go of it;
-// signalled fences are pruned (and unpinned) whenever a buffer's fences are
-// looked at, and a buffer's reservation goes with the buffer. Fences end
-// in bounded time (their deadlines, their owner's death), so no buffer
-// stays blocked forever.
+// access for KERNEL + WRITE + READ. The table keeps fence ids only: the
+// FenceTable keeps every pending fence known whoever holds it, and a
+// signalled one is of no more use here. Signalled (or unknown) fences are
+// pruned whenever a buffer's pending fences are asked for, and a buffer's
+// reservation goes with the buffer. Fences end in bounded time (their
+// deadlines, their owner's death), so no buffer stays blocked forever.
 //
 // The table knows buffers by id and trusts its caller (the daemon's Fence
 // service) to have checked that the session holds a handle on the buffer
@@ -48,7 +48,7 @@ class ReservationTable {
   // `fences` must outlive this object.
   ReservationTable(FenceTable* fences, ReservationLimits limits)
       : fences_(fences), limits_(limits) {}
-  ~ReservationTable() { Clear(); }
+  ~ReservationTable() = default;
   ReservationTable(const ReservationTable&) = delete;
   ReservationTable& operator=(const ReservationTable&) = delete;
 
@@ -61,17 +61,19 @@ class ReservationTable {
 
   // The unsignalled fences an access to `buffer` waits for: READ (KERNEL +
   // WRITE) or WRITE (KERNEL + WRITE + READ); BOOKKEEP lists every
-  // unsignalled fence, whatever its usage. Oldest first.
+  // unsignalled fence, whatever its usage. Oldest first, each fence once
+  // (attached with several usages: the first).
   absl::StatusOr<std::vector<Attached>> Pending(uint64_t buffer, v1::FenceUsage for_access);
 
-  // The buffer is gone: its fences are let go of.
+  // The buffer is gone: its reservation goes.
   void DropBuffer(uint64_t buffer);
+  // Takes back one attachment (an attach whose handle went meanwhile).
+  void Detach(uint64_t buffer, uint64_t fence_id, v1::FenceUsage usage);
   // Unsignalled fences attached to each buffer that has some (for debug
   // views; nothing is pruned).
   absl::flat_hash_map<uint64_t, std::vector<Attached>> List() const;
   const ReservationLimits& limits() const { return limits_; }
 
-  // Lets go of every fence.
   void Clear();
 
  private:

@@ -80,6 +80,9 @@ TEST_F(ReservationTableTest, BadAttachesAreNamed) {
   const uint64_t mine = NewFence(kWriter);
   absl::Status status = table_->Attach(kReader, kBuffer, mine, v1::FENCE_USAGE_READ);
   EXPECT_EQ(status.code(), absl::StatusCode::kNotFound) << "a fence the session does not hold";
+  EXPECT_EQ(table_->Attach(kReader, kBuffer, 999, v1::FENCE_USAGE_READ).code(),
+            absl::StatusCode::kNotFound)
+      << "an unknown fence";
   status = table_->Attach(kWriter, kBuffer, mine, v1::FENCE_USAGE_UNSPECIFIED);
   EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(status.message(), HasSubstr("KERNEL, WRITE, READ or BOOKKEEP"));
@@ -91,6 +94,9 @@ TEST_F(ReservationTableTest, BadAttachesAreNamed) {
   }
   const uint64_t first = Ids(v1::FENCE_USAGE_WRITE)[0];
   EXPECT_TRUE(table_->Attach(kWriter, kBuffer, first, v1::FENCE_USAGE_WRITE).ok());
+  EXPECT_EQ(table_->Attach(kReader, kBuffer, mine, v1::FENCE_USAGE_READ).code(),
+            absl::StatusCode::kNotFound)
+      << "the fence is checked before the limit";
   status = table_->Attach(kWriter, kBuffer, mine, v1::FENCE_USAGE_WRITE);
   EXPECT_EQ(status.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(status.message(), HasSubstr("the limit (max_fences_per_buffer 3)"));
@@ -104,14 +110,20 @@ TEST_F(ReservationTableTest, BadAttachesAreNamed) {
   EXPECT_TRUE(table_->Pending(8, v1::FENCE_USAGE_WRITE)->empty());
 }
 
-TEST_F(ReservationTableTest, AGoneBufferLetsGoOfItsFences) {
+TEST_F(ReservationTableTest, AGoneBufferGoesWithItsReservation) {
   const uint64_t fence = NewFence(kWriter);
   ASSERT_TRUE(table_->Attach(kWriter, kBuffer, fence, v1::FENCE_USAGE_WRITE).ok());
-  fences_->Forget(kWriter, fence);  // cancelled, still pinned
-  ASSERT_TRUE(fences_->Peek(fence).has_value());
+  ASSERT_TRUE(table_->Attach(kWriter, kBuffer, fence, v1::FENCE_USAGE_KERNEL).ok());
+  EXPECT_THAT(Ids(v1::FENCE_USAGE_WRITE), ElementsAre(fence)) << "listed once";
+  EXPECT_EQ(table_->List().at(kBuffer).size(), 2u);
   table_->DropBuffer(kBuffer);
-  EXPECT_FALSE(fences_->Peek(fence).has_value()) << "unpinned, unheld and signalled: gone";
   EXPECT_TRUE(table_->List().empty());
+  // A fence gone from the fence table (signalled, held by nobody) is gone
+  // from every reservation too.
+  ASSERT_TRUE(table_->Attach(kWriter, kBuffer, fence, v1::FENCE_USAGE_WRITE).ok());
+  fences_->Forget(kWriter, fence);  // its owner lets go: cancelled, erased
+  EXPECT_FALSE(fences_->Peek(fence).has_value());
+  EXPECT_TRUE(Ids(v1::FENCE_USAGE_WRITE).empty());
 }
 
 }  // namespace

@@ -25,6 +25,7 @@ using ::bufferd::testing::ChildProcess;
 using ::bufferd::testing::DaemonTest;
 using ::bufferd::testing::Field;
 using ::bufferd::testing::FenceStub;
+using ::bufferd::testing::NewAllocatorStub;
 using ::bufferd::testing::OpenRawSession;
 using ::bufferd::testing::RawSession;
 using ::bufferd::testing::SpawnPeer;
@@ -48,7 +49,7 @@ TEST_F(ReservationTest, AReaderWaitsForTheWritersFenceAndSeesItsData) {
   {
     Buffer buffer = NewBuffer();
     absl::StatusOr<ChildProcess> writer = SpawnPeer(
-        {"resv-write", daemon_->socket_dir(), *buffer.Export(Access::kReadWrite), "90", "50"});
+        {"resv-write", daemon_->socket_dir(), *buffer.Export(Access::kReadWrite), "90", "500"});
     ASSERT_TRUE(writer.ok());
     const std::string ready = writer->ReadLine();
     ASSERT_FALSE(Field(ready, "fence").empty()) << ready;
@@ -69,7 +70,7 @@ TEST_F(ReservationTest, AReaderWaitsForTheWritersFenceAndSeesItsData) {
     ASSERT_TRUE(buffer.EndCpuAccess().ok());
     EXPECT_EQ(writer->ReadLine(), "signalled");
     EXPECT_EQ(writer->Wait(), 0);
-    // Signalled: pruned, nothing to wait for, no round trip past the first.
+    // Signalled: pruned, nothing to wait for.
     absl::StatusOr<std::vector<Fence>> left = buffer.Fences(Cpu::kWrite);
     ASSERT_TRUE(left.ok());
     EXPECT_TRUE(left->empty());
@@ -165,7 +166,7 @@ TEST_F(ReservationTest, ATimelinePointAttachesLikeAFence) {
     ASSERT_TRUE(seen.ok());
     ASSERT_TRUE(buffer.AttachPoint(*seen, 3, v1::FENCE_USAGE_WRITE).ok());
     std::thread signal([&] {
-      absl::SleepFor(absl::Milliseconds(50));
+      absl::SleepFor(absl::Milliseconds(500));
       ASSERT_TRUE(frames->Signal(3).ok());
     });
     absl::StatusOr<std::vector<v1::FenceInfo>> waited =
@@ -230,6 +231,33 @@ TEST_F(ReservationTest, BadAttachesGetNamedErrors) {
     request.set_buffer_handle(123456);
     raw_status = stub->AttachFence(raw->Context().get(), request, &response);
     EXPECT_EQ(raw_status.error_code(), grpc::StatusCode::NOT_FOUND) << "an unknown handle";
+    // On a handle of its own: a fence it does not hold (another session's,
+    // or none at all), and its handle once released.
+    {
+      v1::ImportRequest import;
+      import.set_token(*buffer.Export(Access::kReadWrite));
+      v1::ImportResponse imported;
+      ASSERT_TRUE(NewAllocatorStub(daemon_->socket_dir())
+                      ->Import(raw->Context().get(), import, &imported)
+                      .ok());
+      request.set_buffer_handle(imported.handle());
+      for (uint64_t foreign : {fence->id(), uint64_t{999999}}) {
+        request.set_fence_id(foreign);
+        raw_status = stub->AttachFence(raw->Context().get(), request, &response);
+        EXPECT_EQ(raw_status.error_code(), grpc::StatusCode::NOT_FOUND) << foreign;
+        EXPECT_EQ(raw_status.error_message(), absl::StrCat("fence ", foreign, " not found"));
+      }
+      v1::ReleaseRequest release;
+      release.set_handle(imported.handle());
+      v1::ReleaseResponse released;
+      ASSERT_TRUE(NewAllocatorStub(daemon_->socket_dir())
+                      ->Release(raw->Context().get(), release, &released)
+                      .ok());
+      raw_status = stub->AttachFence(raw->Context().get(), request, &response);
+      EXPECT_EQ(raw_status.error_code(), grpc::StatusCode::NOT_FOUND);
+      EXPECT_THAT(raw_status.error_message(), HasSubstr("already released"));
+    }
+    request.set_buffer_handle(buffer.handle());
     request.set_fence_id(0);
     request.set_timeline_id(0);
     raw_status = stub->AttachFence(raw->Context().get(), request, &response);
@@ -255,11 +283,6 @@ TEST_F(ReservationTest, BadAttachesGetNamedErrors) {
     EXPECT_TRUE(buffer.AttachFence(*third, v1::FENCE_USAGE_WRITE).ok())
         << "a signalled fence frees its place";
 
-    // A released handle.
-    const uint64_t handle = reader->handle();
-    ASSERT_TRUE(reader->Release().ok());
-    status = reader->AttachFence(*theirs, v1::FENCE_USAGE_READ);
-    EXPECT_EQ(status.code(), absl::StatusCode::kNotFound) << status << " handle " << handle;
     for (Fence* done : {&*fence, &*second, &*third}) ASSERT_TRUE(done->Signal().ok());
   }
   ExpectBaseline();
