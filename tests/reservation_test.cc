@@ -110,6 +110,14 @@ TEST_F(ReservationTest, AWriterWaitsForReadersAndBookkeepHoldsNobody) {
                            "read:", Field(ready, "fence"), "@peer\\[", reader->pid(),
                            "\\]:[0-9.]+m?s bookkeep:")))
         << table;
+    // bufctl why: what each access would wait for, and who must signal.
+    const std::string why = Bufctl(daemon_->socket_dir(), absl::StrCat("why ", buffer.id()));
+    EXPECT_THAT(why, HasSubstr("a read would start now: no fence holds it")) << why;
+    EXPECT_THAT(why, HasSubstr(absl::StrCat("a write waits for 1 fence:\n  read fence ",
+                                            Field(ready, "fence"), " 'reading': signalled by peer[",
+                                            reader->pid(), "]; pending ")))
+        << why;
+    EXPECT_THAT(Bufctl(daemon_->socket_dir(), "why 999999 2>&1"), HasSubstr("no buffer 999999"));
 
     // One fd for an event loop: readable once the reader is done.
     absl::StatusOr<UniqueFd> fd = buffer.FencesFd(Cpu::kWrite);

@@ -24,6 +24,7 @@
 #include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "client/client.h"
+#include "fences/reservations.h"
 #include "google/protobuf/util/json_util.h"
 #include "google/protobuf/util/time_util.h"
 
@@ -289,6 +290,65 @@ int Fences(const bufferd::Client& client, bool json, bool pending_only, uint64_t
   return 0;
 }
 
+// bufctl why BUFFER: what a read and a write of it would wait for right
+// now, and who must signal each.
+int Why(const bufferd::Client& client, bool json, uint64_t buffer_id) {
+  auto buffers = client.ListBuffers({});
+  if (!buffers.ok()) return Fail(buffers.status());
+  const bufferd::v1::BufferDebugInfo* entry = nullptr;
+  for (const auto& candidate : buffers->buffers()) {
+    if (candidate.buffer().buffer_id() == buffer_id) entry = &candidate;
+  }
+  if (entry == nullptr) {
+    std::cerr << "bufctl: no buffer " << buffer_id << " (bufctl buffers lists them)\n";
+    return 1;
+  }
+  if (json) return PrintJson(*entry);
+  const auto& b = entry->buffer();
+  std::cout << "buffer " << b.buffer_id() << " (" << (b.name().empty() ? "unnamed" : b.name())
+            << ", " << b.heap() << ", " << Bytes(b.size()) << ")\n";
+  for (const auto usage :
+       {bufferd::v1::FENCE_USAGE_READ, bufferd::v1::FENCE_USAGE_WRITE}) {
+    std::vector<const bufferd::v1::FenceInfo*> waits;
+    for (const auto& f : entry->fences()) {
+      if (bufferd::AccessWaitsFor(usage, f.usage())) waits.push_back(&f);
+    }
+    std::cout << (usage == bufferd::v1::FENCE_USAGE_READ ? "a read" : "a write");
+    if (waits.empty()) {
+      std::cout << " would start now: no fence holds it\n";
+      continue;
+    }
+    std::cout << " waits for " << waits.size() << (waits.size() == 1 ? " fence" : " fences")
+              << ":\n";
+    for (const auto* f : waits) {
+      const std::string owner =
+          f->owner_pid() != 0 ? absl::StrCat(f->owner_comm(), "[", f->owner_pid(), "]")
+                              : absl::StrCat("session ", f->owner_session());
+      std::string who;
+      switch (f->kind()) {
+        case bufferd::v1::FENCE_KIND_CREATED:
+          who = absl::StrCat("signalled by ", owner);
+          break;
+        case bufferd::v1::FENCE_KIND_TIMELINE_POINT:
+          who = absl::StrCat("reached when timeline '", f->timeline(), "' reaches ", f->name(),
+                             " (its owner signals it; attached by ", owner, ")");
+          break;
+        case bufferd::v1::FENCE_KIND_MERGED:
+          who = absl::StrCat("signalled when its inputs are (merged by ", owner, ")");
+          break;
+        default:
+          who = absl::StrCat("signalled when its fd polls readable (imported by ", owner, ")");
+      }
+      std::cout << "  " << Lower(bufferd::v1::FenceUsage_Name(f->usage()), "fence_usage_")
+                << " fence " << f->fence_id()
+                << (f->name().empty() ? "" : absl::StrCat(" '", f->name(), "'")) << ": " << who
+                << "; pending " << FenceAge(f->created_at()) << ", fails in "
+                << FromNow(f->deadline()) << "\n";
+    }
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -315,6 +375,10 @@ int main(int argc, char** argv) {
   fences->add_flag("--pending", pending_only, "only pending fences");
   fences->add_option("--owner", owner, "only fences this session owns");
   fences->add_option("--limit", limit, "at most this many rows");
+  auto* why = app.add_subcommand(
+      "why", "what a read and a write of BUFFER would wait for now, and who must signal");
+  uint64_t why_buffer = 0;
+  why->add_option("BUFFER", why_buffer, "buffer id (bufctl buffers)")->required();
   auto* metrics = app.add_subcommand("metrics", "Prometheus text metrics");
   auto* watch = app.add_subcommand("watch", "live view of heaps and clients (Ctrl-C stops)");
   watch->add_option("--interval", interval, "seconds between refreshes")->capture_default_str();
@@ -326,6 +390,7 @@ int main(int argc, char** argv) {
   if (*clients) return Clients(*client, json);
   if (*buffers) return Buffers(*client, json, heap);
   if (*fences) return Fences(*client, json, pending_only, owner, limit);
+  if (*why) return Why(*client, json, why_buffer);
   if (*metrics) {
     auto text = client->Metrics();
     if (!text.ok()) return Fail(text.status());
