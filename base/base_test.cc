@@ -227,8 +227,8 @@ TEST(FdBudgetTest, TotalAndPerUidLimits) {
   EXPECT_EQ(fourth.status().message(),
             "fd budget of uid 1 reached: it holds 3 of 3 fds (limits.max_fds_per_uid): its buffers "
             "(including "
-            "those it imported from others), sessions, control connections and fds not yet read; "
-            "release buffers or close sessions");
+            "those it imported from others), sessions, control connections, fences and timelines (their pipes and pages) and fds not yet read; "
+            "release buffers, drop fences and timelines or close sessions");
   auto other = budget.Acquire(FdUse::kSession, 2);
   ASSERT_TRUE(other.ok());
   auto full = budget.Acquire(FdUse::kControlConnection, 3);

@@ -116,8 +116,8 @@ absl::StatusOr<FdBudget::Lease> FdBudget::TryAcquire(FdUse use, uid_t uid) {
       return absl::ResourceExhaustedError(
           absl::StrCat("fd budget of uid ", uid, " reached: it holds ", held, " of ", per_uid,
                        " fds (limits.max_fds_per_uid): its buffers (including those it imported "
-                       "from others), sessions, control connections and fds not yet read; "
-                       "release buffers or close sessions"));
+                       "from others), sessions, control connections, fences and timelines (their pipes and pages) and fds not yet read; "
+                       "release buffers, drop fences and timelines or close sessions"));
     }
   }
   Take(use, uid);

@@ -239,11 +239,13 @@ absl::Status Daemon::Init(const v1::Config& config) {
   ReservationLimits reservation_limits;
   reservation_limits.max_fences_per_buffer =
       OrDefault(limits.max_fences_per_buffer(), reservation_limits.max_fences_per_buffer);
-  // GetBufferFences merges them into one fence for an fd.
-  if (reservation_limits.max_fences_per_buffer > fence_limits.max_merge_ids) {
+  // GetBufferFences merges both sides' fences into one fence for an fd.
+  if (2 * reservation_limits.max_fences_per_buffer > fence_limits.max_merge_ids) {
     return absl::InvalidArgumentError(absl::StrCat(
         "limits.max_fences_per_buffer ", reservation_limits.max_fences_per_buffer,
-        " is above ", fence_limits.max_merge_ids, ", the most fences one merge takes"));
+        " is above ", fence_limits.max_merge_ids / 2,
+        ": both sides of a buffer merge into one fence of at most ",
+        fence_limits.max_merge_ids));
   }
   reservations_ = std::make_unique<ReservationTable>(fences_.get(), reservation_limits);
   reaper_->SetOnDead([reservations = reservations_.get()](uint64_t buffer) {

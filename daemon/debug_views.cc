@@ -126,9 +126,10 @@ v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonSt
     v1::BufferDebugInfo* entry = response.add_buffers();
     *entry->mutable_buffer() = buffer.info;
     if (auto it = attached.find(buffer.info.buffer_id()); it != attached.end()) {
+      std::set<uint64_t> listed;  // a fence attached with several usages: once
       for (const ReservationTable::Attached& fence : it->second) {
         std::optional<FenceView> view = fences.Peek(fence.fence_id);
-        if (!view.has_value() || view->signaled) continue;
+        if (!view.has_value() || view->signaled || !listed.insert(fence.fence_id).second) continue;
         auto owner = who.find(view->owner_session);
         v1::FenceInfo* info = entry->add_fences();
         *info = FenceInfoOf(*view, owner == who.end() ? std::nullopt

@@ -606,16 +606,33 @@ grpc::ServerUnaryReactor* FenceService::GetBufferFences(grpc::CallbackServerCont
       if (request->as_fd()) response->clear_fences();
       return absl::OkStatus();
     }
-    // One fd: a merged fence's (or the one fence's own).
+    // One fd: the one fence's own, or a merged fence's — the same merged
+    // fence again while the same fences are pending (an event loop asking
+    // every frame makes no new fence each time).
     response->clear_fences();
-    absl::StatusOr<FenceView> merged =
-        held.size() == 1 ? d_.fences->Info(session, held[0])
-                         : d_.fences->Merge(session, held, "buffer fences");
+    const uint64_t buffer_id = buffer.buffer().buffer_id();
+    std::vector<uint64_t> ids = held;
+    std::sort(ids.begin(), ids.end());
+    absl::StatusOr<FenceView> merged = absl::UnknownError("unset");
+    bool hold_merged = false;
+    if (held.size() == 1) {
+      merged = d_.fences->Info(session, held[0]);
+    } else if (std::optional<uint64_t> cached = d_.reservations->CachedMerge(
+                   buffer_id, session, request->for_access(), ids);
+               cached.has_value() && (merged = d_.fences->HoldFor(session, *cached)).ok()) {
+      hold_merged = true;
+    } else {
+      merged = d_.fences->Merge(session, held, "buffer fences");
+      hold_merged = merged.ok();
+      if (merged.ok()) {
+        d_.reservations->CacheMerge(buffer_id, session, request->for_access(), ids, merged->id);
+      }
+    }
     absl::StatusOr<LeasedFd> fd =
         merged.ok() ? d_.fences->Export(session, merged->id) : merged.status();
     absl::StatusOr<uint64_t> transfer =
         fd.ok() ? Deliver(session, v1::FD_KIND_FENCE, merged->id, *std::move(fd)) : fd.status();
-    if (merged.ok() && held.size() > 1) d_.fences->Forget(session, merged->id);
+    if (hold_merged) d_.fences->Forget(session, merged->id);
     forget_all();
     RETURN_IF_ERROR(transfer.status());
     response->set_transfer_id(*transfer);

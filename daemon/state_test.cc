@@ -362,8 +362,8 @@ TEST_F(StateTest, FdBudgetPerUid) {
   EXPECT_EQ(refused.status().message(),
             "fd budget of uid 1 reached: it holds 4 of 4 fds (limits.max_fds_per_uid): its buffers "
             "(including "
-            "those it imported from others), sessions, control connections and fds not yet read; "
-            "release buffers or close sessions");
+            "those it imported from others), sessions, control connections, fences and timelines (their pipes and pages) and fds not yet read; "
+            "release buffers, drop fences and timelines or close sessions");
   const uint64_t b = Open(state, 2);
   EXPECT_TRUE(Allocate(state, b, Request("system", 1)).ok()) << "another uid still allocates";
 }

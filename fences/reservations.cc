@@ -24,6 +24,11 @@ bool AccessWaitsFor(v1::FenceUsage for_access, v1::FenceUsage usage) {
 
 namespace {
 
+// The writers' side of a reservation (KERNEL, WRITE) or the readers'.
+bool WriterSide(v1::FenceUsage usage) {
+  return usage == v1::FENCE_USAGE_KERNEL || usage == v1::FENCE_USAGE_WRITE;
+}
+
 absl::Status CheckUsage(v1::FenceUsage usage, const char* what) {
   if (usage == v1::FENCE_USAGE_UNSPECIFIED || !v1::FenceUsage_IsValid(usage)) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -45,14 +50,22 @@ absl::Status ReservationTable::Attach(uint64_t session, uint64_t buffer, uint64_
   absl::MutexLock lock(&mu_);
   std::vector<Attached>& attached = buffers_[buffer];
   PruneLocked(attached);
+  // Distinct fences on the usage's side (a fence attached twice there
+  // counts once).
+  std::vector<uint64_t> side;
   for (const Attached& entry : attached) {
     if (entry.fence_id == fence_id && entry.usage == usage) return absl::OkStatus();
+    if (WriterSide(entry.usage) == WriterSide(usage)) side.push_back(entry.fence_id);
   }
-  if (attached.size() >= limits_.max_fences_per_buffer) {
+  std::sort(side.begin(), side.end());
+  side.erase(std::unique(side.begin(), side.end()), side.end());
+  const bool counted = std::binary_search(side.begin(), side.end(), fence_id);
+  if (!counted && side.size() >= limits_.max_fences_per_buffer) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "buffer ", buffer, " has ", attached.size(),
-        " unsignalled fences attached, the limit (max_fences_per_buffer ",
-        limits_.max_fences_per_buffer, "): signal some first"));
+        "buffer ", buffer, " has ", side.size(), " unsignalled ",
+        WriterSide(usage) ? "KERNEL/WRITE" : "READ/BOOKKEEP",
+        " fences attached, the limit (max_fences_per_buffer ", limits_.max_fences_per_buffer,
+        "): signal some first"));
   }
   attached.push_back({fence_id, usage, session, absl::Now()});
   return absl::OkStatus();
@@ -92,6 +105,27 @@ void ReservationTable::PruneLocked(std::vector<Attached>& attached) {
 void ReservationTable::DropBuffer(uint64_t buffer) {
   absl::MutexLock lock(&mu_);
   buffers_.erase(buffer);
+  absl::erase_if(merges_, [&](const auto& entry) { return std::get<0>(entry.first) == buffer; });
+}
+
+std::optional<uint64_t> ReservationTable::CachedMerge(uint64_t buffer, uint64_t session,
+                                                      v1::FenceUsage for_access,
+                                                      const std::vector<uint64_t>& ids) {
+  absl::MutexLock lock(&mu_);
+  auto it = merges_.find(MergeKey{buffer, session, for_access});
+  if (it == merges_.end() || it->second.ids != ids) return std::nullopt;
+  std::optional<FenceView> merged = fences_->Peek(it->second.merged);
+  if (!merged.has_value() || merged->signaled) {
+    merges_.erase(it);
+    return std::nullopt;
+  }
+  return it->second.merged;
+}
+
+void ReservationTable::CacheMerge(uint64_t buffer, uint64_t session, v1::FenceUsage for_access,
+                                  std::vector<uint64_t> ids, uint64_t merged) {
+  absl::MutexLock lock(&mu_);
+  merges_[MergeKey{buffer, session, for_access}] = Merge{std::move(ids), merged};
 }
 
 void ReservationTable::Detach(uint64_t buffer, uint64_t fence_id, v1::FenceUsage usage) {
@@ -113,6 +147,7 @@ absl::flat_hash_map<uint64_t, std::vector<ReservationTable::Attached>> Reservati
 void ReservationTable::Clear() {
   absl::MutexLock lock(&mu_);
   buffers_.clear();
+  merges_.clear();
 }
 
 }  // namespace bufferd

@@ -20,6 +20,8 @@
 #define BUFFERD_FENCES_RESERVATIONS_H_
 
 #include <cstdint>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -32,7 +34,10 @@
 namespace bufferd {
 
 struct ReservationLimits {
-  // Unsignalled fences attached to one buffer.
+  // Unsignalled fences attached to one buffer, on each side: the writers'
+  // (KERNEL, WRITE: read-write holders only) and the readers' (READ,
+  // BOOKKEEP), so readers can never crowd out the writer. A fence attached
+  // with several usages counts once per side.
   uint32_t max_fences_per_buffer = 64;
 };
 
@@ -54,7 +59,8 @@ class ReservationTable {
 
   // Attaches fence `fence_id` (which `session` must hold: NOT_FOUND
   // otherwise) to `buffer` with `usage` (INVALID_ARGUMENT for UNSPECIFIED;
-  // RESOURCE_EXHAUSTED at max_fences_per_buffer). A fence signalled already
+  // RESOURCE_EXHAUSTED at max_fences_per_buffer on the usage's side). A fence
+  // signalled already
   // is not kept. Attaching the same fence again with the same usage is a
   // no-op.
   absl::Status Attach(uint64_t session, uint64_t buffer, uint64_t fence_id, v1::FenceUsage usage);
@@ -67,6 +73,15 @@ class ReservationTable {
 
   // The buffer is gone: its reservation goes.
   void DropBuffer(uint64_t buffer);
+  // One merged fence per buffer, session and access, reused while the same
+  // fences are pending (GetBufferFences as an fd, asked every frame, makes
+  // no new fence each time): the cached one if it still merges exactly
+  // `ids` (sorted) and is pending.
+  std::optional<uint64_t> CachedMerge(uint64_t buffer, uint64_t session,
+                                      v1::FenceUsage for_access,
+                                      const std::vector<uint64_t>& ids);
+  void CacheMerge(uint64_t buffer, uint64_t session, v1::FenceUsage for_access,
+                  std::vector<uint64_t> ids, uint64_t merged);
   // Takes back one attachment (an attach whose handle went meanwhile).
   void Detach(uint64_t buffer, uint64_t fence_id, v1::FenceUsage usage);
   // Unsignalled fences attached to each buffer that has some (for debug
@@ -80,10 +95,18 @@ class ReservationTable {
   // Drops the buffer's signalled fences.
   void PruneLocked(std::vector<Attached>& attached) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
+  struct Merge {
+    std::vector<uint64_t> ids;
+    uint64_t merged = 0;
+  };
+  // Keyed by (buffer, session, access): one each at most.
+  using MergeKey = std::tuple<uint64_t, uint64_t, int>;
+
   FenceTable* const fences_;
   const ReservationLimits limits_;
   mutable absl::Mutex mu_;
   absl::flat_hash_map<uint64_t, std::vector<Attached>> buffers_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<MergeKey, Merge> merges_ ABSL_GUARDED_BY(mu_);
 };
 
 // Whether an access `for_access` (READ or WRITE) waits for a fence of

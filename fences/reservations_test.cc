@@ -88,10 +88,22 @@ TEST_F(ReservationTableTest, BadAttachesAreNamed) {
   EXPECT_THAT(status.message(), HasSubstr("KERNEL, WRITE, READ or BOOKKEEP"));
   EXPECT_EQ(table_->Pending(kBuffer, v1::FENCE_USAGE_UNSPECIFIED).status().code(),
             absl::StatusCode::kInvalidArgument);
-  // The limit counts unsignalled fences; the same fence again is a no-op.
+  // The limit counts distinct unsignalled fences per side; the same fence
+  // again is a no-op, and with another usage of the same side it counts once.
   for (int i = 0; i < 3; ++i) {
     ASSERT_TRUE(table_->Attach(kWriter, kBuffer, NewFence(kWriter), v1::FENCE_USAGE_WRITE).ok());
   }
+  ASSERT_TRUE(
+      table_->Attach(kWriter, kBuffer, Ids(v1::FENCE_USAGE_WRITE)[1], v1::FENCE_USAGE_KERNEL)
+          .ok());
+  // The readers' side is its own: readers never crowd out the writer.
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(table_->Attach(kReader, kBuffer, NewFence(kReader), v1::FENCE_USAGE_READ).ok());
+  }
+  absl::Status readers_full =
+      table_->Attach(kReader, kBuffer, NewFence(kReader), v1::FENCE_USAGE_BOOKKEEP);
+  EXPECT_EQ(readers_full.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(readers_full.message(), HasSubstr("3 unsignalled READ/BOOKKEEP fences"));
   const uint64_t first = Ids(v1::FENCE_USAGE_WRITE)[0];
   EXPECT_TRUE(table_->Attach(kWriter, kBuffer, first, v1::FENCE_USAGE_WRITE).ok());
   EXPECT_EQ(table_->Attach(kReader, kBuffer, mine, v1::FENCE_USAGE_READ).code(),
@@ -99,7 +111,8 @@ TEST_F(ReservationTableTest, BadAttachesAreNamed) {
       << "the fence is checked before the limit";
   status = table_->Attach(kWriter, kBuffer, mine, v1::FENCE_USAGE_WRITE);
   EXPECT_EQ(status.code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_THAT(status.message(), HasSubstr("the limit (max_fences_per_buffer 3)"));
+  EXPECT_THAT(status.message(), HasSubstr("3 unsignalled KERNEL/WRITE fences attached, the "
+                                         "limit (max_fences_per_buffer 3)"));
   ASSERT_TRUE(fences_->Signal(kWriter, first, v1::FENCE_STATUS_OK, "").ok());
   EXPECT_TRUE(table_->Attach(kWriter, kBuffer, mine, v1::FENCE_USAGE_WRITE).ok())
       << "a signalled fence frees its place";

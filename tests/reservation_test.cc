@@ -119,6 +119,25 @@ TEST_F(ReservationTest, AWriterWaitsForReadersAndBookkeepHoldsNobody) {
         << why;
     EXPECT_THAT(Bufctl(daemon_->socket_dir(), "why 999999 2>&1"), HasSubstr("no buffer 999999"));
 
+    // Two pending: one merged fence, made once and handed out again while
+    // the same fences are pending.
+    {
+      absl::StatusOr<Fence> mine = client_->CreateFence({.name = "mine"});
+      ASSERT_TRUE(mine.ok());
+      ASSERT_TRUE(buffer.AttachFence(*mine, v1::FENCE_USAGE_READ).ok());
+      auto known = [&] { return client_->ListFences()->fences_size(); };
+      absl::StatusOr<UniqueFd> first = buffer.FencesFd(Cpu::kWrite);
+      ASSERT_TRUE(first.ok() && first->valid());
+      const int after_first = known();
+      for (int i = 0; i < 5; ++i) {
+        absl::StatusOr<UniqueFd> again = buffer.FencesFd(Cpu::kWrite);
+        ASSERT_TRUE(again.ok() && again->valid());
+      }
+      EXPECT_EQ(known(), after_first) << "no new fence per call";
+      ASSERT_TRUE(mine->SignalAndConfirm().ok());
+      EXPECT_FALSE(Readable(first->get(), absl::Milliseconds(50))) << "the reader's is pending";
+    }
+
     // One fd for an event loop: readable once the reader is done.
     absl::StatusOr<UniqueFd> fd = buffer.FencesFd(Cpu::kWrite);
     ASSERT_TRUE(fd.ok()) << fd.status();
@@ -279,19 +298,26 @@ TEST_F(ReservationTest, BadAttachesGetNamedErrors) {
               grpc::StatusCode::PERMISSION_DENIED)
         << "nobody sees the fences of a buffer it holds no handle on";
 
-    // The per-buffer limit counts unsignalled fences.
+    // The per-buffer limit counts distinct unsignalled fences on each side
+    // (the reader's READ fence is on the readers' side: it takes no place
+    // from the writer).
     absl::StatusOr<Fence> second = client_->CreateFence();
     absl::StatusOr<Fence> third = client_->CreateFence();
-    ASSERT_TRUE(second.ok() && third.ok());
+    absl::StatusOr<Fence> fourth = client_->CreateFence();
+    ASSERT_TRUE(second.ok() && third.ok() && fourth.ok());
     ASSERT_TRUE(buffer.AttachFence(*second, v1::FENCE_USAGE_WRITE).ok());
-    status = buffer.AttachFence(*third, v1::FENCE_USAGE_WRITE);
+    ASSERT_TRUE(buffer.AttachFence(*third, v1::FENCE_USAGE_WRITE).ok());
+    ASSERT_TRUE(buffer.AttachFence(*third, v1::FENCE_USAGE_KERNEL).ok()) << "counted once";
+    status = buffer.AttachFence(*fourth, v1::FENCE_USAGE_WRITE);
     EXPECT_EQ(status.code(), absl::StatusCode::kResourceExhausted) << status;
-    EXPECT_THAT(status.message(), HasSubstr("the limit (max_fences_per_buffer 2)"));
-    ASSERT_TRUE(theirs->SignalAndConfirm().ok());  // another session's: confirmed first
-    EXPECT_TRUE(buffer.AttachFence(*third, v1::FENCE_USAGE_WRITE).ok())
+    EXPECT_THAT(status.message(), HasSubstr("2 unsignalled KERNEL/WRITE fences attached, the "
+                                            "limit (max_fences_per_buffer 2)"));
+    ASSERT_TRUE(second->SignalAndConfirm().ok());
+    EXPECT_TRUE(buffer.AttachFence(*fourth, v1::FENCE_USAGE_WRITE).ok())
         << "a signalled fence frees its place";
+    ASSERT_TRUE(theirs->SignalAndConfirm().ok());
 
-    for (Fence* done : {&*fence, &*second, &*third}) ASSERT_TRUE(done->Signal().ok());
+    for (Fence* done : {&*fence, &*third, &*fourth}) ASSERT_TRUE(done->Signal().ok());
   }
   ExpectBaseline();
 }
