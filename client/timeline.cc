@@ -265,14 +265,7 @@ namespace {
 // point now reached.
 void WakeOne(timeline::WakePage& page, int notify, uint64_t point) {
   timeline::WakeWaker(page);
-  if (notify < 0) return;
-  const uint64_t armed = std::atomic_ref<uint64_t>(page.armed).load(std::memory_order_seq_cst);
-  if (armed != 0 && armed <= point && Load(page.notified) != armed) {
-    Store(page.notified, armed);
-    // Never blocks (full is fine: it is readable) and never raises SIGPIPE.
-    const char byte = 1;
-    (void)::send(notify, &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
-  }
+  if (notify >= 0) timeline::NotifyArmed(page, notify, point);
 }
 
 }  // namespace

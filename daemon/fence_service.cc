@@ -334,23 +334,7 @@ grpc::ServerUnaryReactor* FenceService::ExportPoint(grpc::CallbackServerContext*
       return absl::InvalidArgumentError(
           "point 18446744073709551615 (UINT64_MAX) is reserved: no point could follow it");
     }
-    // The timeline fails the point (at its deadline, or a fence's behind
-    // it); the fence's own deadline only backs that up.
-    const TimelineLimits& limits = d_.timelines->limits();
-    ASSIGN_OR_RETURN(FenceView fence,
-                     d_.fences->CreatePoint(session, timeline.name, id, point,
-                                            std::max(timeline.deadline, limits.max_deadline) +
-                                                3 * limits.scan_interval));
-    const uint64_t fence_id = fence.id;
-    FenceTable* fences = d_.fences;
-    absl::Status watched =
-        d_.timelines->WatchPoint(session, id, point, [fences, fence_id](timeline::PointState state) {
-          fences->SignalPoint(fence_id, state.status, state.message);
-        });
-    if (!watched.ok()) {
-      d_.fences->Abandon(session, fence_id, "ExportPoint failed");
-      return watched;
-    }
+    ASSIGN_OR_RETURN(const uint64_t fence_id, PointFence(session, timeline, point, "ExportPoint"));
     if (request->fd_only()) {
       absl::StatusOr<LeasedFd> fd = d_.fences->Export(session, fence_id);
       absl::StatusOr<uint64_t> transfer =
@@ -370,6 +354,28 @@ grpc::ServerUnaryReactor* FenceService::ExportPoint(grpc::CallbackServerContext*
     *response->mutable_fence() = Info(view);
     return absl::OkStatus();
   });
+}
+
+absl::StatusOr<uint64_t> FenceService::PointFence(uint64_t session, const TimelineView& timeline,
+                                                  uint64_t point, absl::string_view call) {
+  // The timeline fails the point (at its deadline, or a fence's behind it);
+  // the fence's own deadline only backs that up.
+  const TimelineLimits& limits = d_.timelines->limits();
+  ASSIGN_OR_RETURN(FenceView fence,
+                   d_.fences->CreatePoint(session, timeline.name, timeline.id, point,
+                                          std::max(timeline.deadline, limits.max_deadline) +
+                                              3 * limits.scan_interval));
+  const uint64_t fence_id = fence.id;
+  FenceTable* fences = d_.fences;
+  absl::Status watched = d_.timelines->WatchPoint(
+      session, timeline.id, point, [fences, fence_id](timeline::PointState state) {
+        fences->SignalPoint(fence_id, state.status, state.message);
+      });
+  if (!watched.ok()) {
+    d_.fences->Abandon(session, fence_id, absl::StrCat(call, " failed"));
+    return watched;
+  }
+  return fence_id;
 }
 
 absl::Status FenceService::StandBehind(uint64_t session, uint64_t id, uint64_t point,
@@ -531,22 +537,8 @@ grpc::ServerUnaryReactor* FenceService::AttachFence(grpc::CallbackServerContext*
         return absl::InvalidArgumentError(
             absl::StrCat("point ", point, " cannot be attached: points 1 to 2^64-2"));
       }
-      const TimelineLimits& limits = d_.timelines->limits();
-      ASSIGN_OR_RETURN(FenceView fence,
-                       d_.fences->CreatePoint(session, timeline.name, id, point,
-                                              std::max(timeline.deadline, limits.max_deadline) +
-                                                  3 * limits.scan_interval));
-      fence_id = fence.id;
+      ASSIGN_OR_RETURN(fence_id, PointFence(session, timeline, point, "AttachFence"));
       made = true;
-      FenceTable* fences = d_.fences;
-      absl::Status watched = d_.timelines->WatchPoint(
-          session, id, point, [fences, fence_id](timeline::PointState state) {
-            fences->SignalPoint(fence_id, state.status, state.message);
-          });
-      if (!watched.ok()) {
-        d_.fences->Abandon(session, fence_id, "AttachFence failed");
-        return watched;
-      }
     }
     const uint64_t buffer_id = buffer.buffer().buffer_id();
     absl::Status attached = d_.reservations->Attach(session, buffer_id, fence_id, usage);
@@ -598,18 +590,15 @@ grpc::ServerUnaryReactor* FenceService::GetBufferFences(grpc::CallbackServerCont
         return fence.status();
       }
       held.push_back(entry.fence_id);
+      if (request->as_fd()) continue;  // only the fd goes back
       v1::FenceInfo* info = response->add_fences();
       *info = Info(*fence);
       info->set_usage(entry.usage);
     }
-    if (!request->as_fd() || held.empty()) {
-      if (request->as_fd()) response->clear_fences();
-      return absl::OkStatus();
-    }
+    if (!request->as_fd() || held.empty()) return absl::OkStatus();
     // One fd: the one fence's own, or a merged fence's — the same merged
     // fence again while the same fences are pending (an event loop asking
     // every frame makes no new fence each time).
-    response->clear_fences();
     const uint64_t buffer_id = buffer.buffer().buffer_id();
     std::vector<uint64_t> ids = held;
     std::sort(ids.begin(), ids.end());

@@ -110,6 +110,11 @@ class FenceService final : public v1::Fence::CallbackService {
   v1::TimelineInfo Info(const TimelineView& view) const;
   // Takes the session's wait page from its uploads, if the call names one.
   absl::Status TakeWaitPage(uint64_t session, uint64_t upload_id);
+  // A timeline-point fence for `session` (ExportPoint, AttachFence): made,
+  // and signalled by the timeline when `point` is reached or fails. `call`
+  // names the caller in the cancellation message if watching fails.
+  absl::StatusOr<uint64_t> PointFence(uint64_t session, const TimelineView& timeline,
+                                      uint64_t point, absl::string_view call);
   // Puts fence `fence_id` (held by `session`) behind `point` of timeline
   // `id`; with `forget`, the session's hold on the fence goes once it has
   // signalled (or now, if this fails).

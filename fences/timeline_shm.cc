@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <linux/futex.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -92,6 +93,14 @@ void WakeWaker(WakePage& page) {
   if (std::atomic_ref<uint32_t>(page.sleepers).load(std::memory_order_seq_cst) != 0) {
     WakeAll(page.seq);
   }
+}
+
+void NotifyArmed(WakePage& page, int notify_fd, uint64_t upto) {
+  const uint64_t armed = std::atomic_ref<uint64_t>(page.armed).load(std::memory_order_seq_cst);
+  if (armed == 0 || armed > upto || Load(page.notified) == armed) return;
+  Store(page.notified, armed);
+  const char byte = 1;
+  (void)::send(notify_fd, &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
 }
 
 int64_t MonotonicNs() {

@@ -211,6 +211,15 @@ void WakeAll(const uint32_t& seq);
 // sleepers (only if there are any: no syscall otherwise).
 void WakeWaker(WakePage& page);
 
+// Sends one byte to `notify_fd` (a waker's notify channel) for the waker's
+// armed point if it is at most `upto` and has had no byte yet: the owner at
+// a signal, the daemon at a scan and when a fence comes to stand behind an
+// availability-armed point. MSG_DONTWAIT | MSG_NOSIGNAL: it never blocks (a
+// full channel is readable anyway) and never raises SIGPIPE. The load of
+// `armed` is seq_cst: after the caller's store of what it reached, one of
+// the caller and an arming waiter sees the other.
+void NotifyArmed(WakePage& page, int notify_fd, uint64_t upto);
+
 // What a reader knows of one point.
 struct PointState {
   bool done = false;

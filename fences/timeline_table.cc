@@ -726,14 +726,8 @@ void TimelineTable::ScanLocked(absl::Duration now, Calls& calls) {
     // hostile owner, or one that has not taken the waker yet): the daemon
     // writes it, a scan late at worst.
     for (auto& [session, waker] : timeline.wakers) {
-      timeline::WakePage& page = waker.wake();
-      const uint64_t armed = Load(page.armed);
-      if (session == kDaemonWaker || !waker.notify() || armed == 0 || armed > reached ||
-          Load(page.notified) == armed) {
-        continue;
-      }
-      Store(page.notified, armed);
-      Notify(waker.notify_write.fd.get());
+      if (session == kDaemonWaker || !waker.notify()) continue;
+      timeline::NotifyArmed(waker.wake(), waker.notify_write.fd.get(), reached);
     }
     if (!due.empty()) {
       std::sort(due.begin(), due.end());
@@ -937,13 +931,9 @@ absl::Status TimelineTable::Promise(uint64_t session_id, uint64_t id, uint64_t p
   for (auto& [session, waker] : timeline->wakers) {
     timeline::WakePage& page = waker.wake();
     timeline::WakeWaker(page);
-    const uint64_t armed = Load(page.armed);
-    if (!waker.notify() || Load(page.arm_available) == 0 || armed == 0 || armed > point ||
-        Load(page.notified) == armed) {
-      continue;
+    if (waker.notify() && Load(page.arm_available) != 0) {
+      timeline::NotifyArmed(page, waker.notify_write.fd.get(), point);
     }
-    Store(page.notified, armed);
-    Notify(waker.notify_write.fd.get());
   }
   return absl::OkStatus();
 }

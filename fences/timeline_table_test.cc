@@ -48,6 +48,13 @@ constexpr int kWaitSeals = F_SEAL_SHRINK | F_SEAL_GROW;
 
 UniqueFd Dup(const UniqueFd& fd) { return UniqueFd(::fcntl(fd.get(), F_DUPFD_CLOEXEC, 0)); }
 
+// A wake page the table handed out, mapped read-write as its session and
+// the owner map it.
+Page MapWakePage(const LeasedFd& page) {
+  return Page{UniqueFd(), *Mapping::Create(page.fd.get(), timeline::kPageSize,
+                                           Mapping::Protection::kReadWrite)};
+}
+
 void Arm(timeline::WaitSlot& slot, uint64_t timeline, uint64_t point) {
   Store(slot.gen, Load(slot.gen) + 1);
   Store(slot.timeline, timeline);
@@ -177,9 +184,8 @@ TEST_F(TimelineTableTest, APointFurtherAheadFailsOnlyForItsWaiters) {
   ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
   absl::StatusOr<TimelineTable::Registered> waker = table_->RegisterWaker(kOther, owned.id, false);
   ASSERT_TRUE(waker.ok());
-  Mapping page = *Mapping::Create(waker->page.fd.get(), timeline::kPageSize,
-                                  Mapping::Protection::kReadWrite);
-  const auto& wake = *reinterpret_cast<const timeline::WakePage*>(page.data());
+  Page page = MapWakePage(waker->page);
+  const auto& wake = page.as<timeline::WakePage>();
   const absl::Duration t0 = absl::Seconds(100);
   Arm(Slot(kOther, 0), owned.id, 5);
   table_->Scan(t0);
@@ -294,9 +300,8 @@ TEST_F(TimelineTableTest, WakersReachTheOwnerAndAreWokenAtTheEnd) {
       table_->RegisterWaker(kOther, owned.id, false);
   ASSERT_TRUE(registered.ok()) << registered.status();
   EXPECT_FALSE(registered->notify_read.has_value());
-  Mapping page = *Mapping::Create(registered->page.fd.get(), timeline::kPageSize,
-                                  Mapping::Protection::kReadWrite);
-  auto& wake = *reinterpret_cast<timeline::WakePage*>(page.data());
+  Page page = MapWakePage(registered->page);
+  auto& wake = page.as<timeline::WakePage>();
   EXPECT_EQ(Load(wake.timeline_id), owned.id);
   const uint64_t gen = Load(owned.state().wakers_gen);
   // Again: the same waker (a copy of its page), and nothing new for the
@@ -352,9 +357,8 @@ TEST_F(TimelineTableTest, TheDaemonWritesTheByteAnOwnerDidNot) {
   ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
   absl::StatusOr<TimelineTable::Registered> notify = table_->RegisterWaker(kOther, owned.id, true);
   ASSERT_TRUE(notify.ok());
-  Mapping page = *Mapping::Create(notify->page.fd.get(), timeline::kPageSize,
-                                  Mapping::Protection::kReadWrite);
-  Store(reinterpret_cast<timeline::WakePage*>(page.data())->armed, uint64_t{2});
+  Page page = MapWakePage(notify->page);
+  Store(page.as<timeline::WakePage>().armed, uint64_t{2});
   // Its point reached without a byte (the owner never took the waker).
   Store(owned.page().reached, uint64_t{2});
   pollfd readable{notify->notify_read->fd.get(), POLLIN, 0};
@@ -369,9 +373,8 @@ TEST_F(TimelineTableTest, AnArmedNotifyPointIsTimed) {
   absl::StatusOr<TimelineTable::Registered> registered =
       table_->RegisterWaker(kOther, owned.id, true);
   ASSERT_TRUE(registered.ok());
-  Mapping page = *Mapping::Create(registered->page.fd.get(), timeline::kPageSize,
-                                  Mapping::Protection::kReadWrite);
-  Store(reinterpret_cast<timeline::WakePage*>(page.data())->armed, uint64_t{1});
+  Page page = MapWakePage(registered->page);
+  Store(page.as<timeline::WakePage>().armed, uint64_t{1});
   const absl::Duration t0 = absl::Seconds(100);
   table_->Scan(t0);
   table_->Scan(t0 + kDeadline);
@@ -413,15 +416,14 @@ TEST_F(TimelineTableTest, AnExportedPointIsDoneAtOnceWhenReachedAndLaterAtAScan)
   ASSERT_TRUE(taken.ok());
   ASSERT_EQ(taken->wakers.size(), 1u);
   ASSERT_TRUE(taken->wakers[0].notify.has_value());
-  Mapping page = *Mapping::Create(taken->wakers[0].page.fd.get(), timeline::kPageSize,
-                                  Mapping::Protection::kReadWrite);
-  EXPECT_EQ(Load(reinterpret_cast<timeline::WakePage*>(page.data())->armed), 4u);
+  Page page = MapWakePage(taken->wakers[0].page);
+  EXPECT_EQ(Load(page.as<timeline::WakePage>().armed), 4u);
   // Reached without a byte: the next scan settles it.
   Store(owned.page().reached, uint64_t{5});
   table_->Scan(absl::Seconds(100));
   EXPECT_EQ(later.calls, 1);
   EXPECT_EQ(later.state.status, v1::FENCE_STATUS_OK);
-  EXPECT_EQ(Load(reinterpret_cast<timeline::WakePage*>(page.data())->armed), 0u)
+  EXPECT_EQ(Load(page.as<timeline::WakePage>().armed), 0u)
       << "nothing left to watch";
 }
 
@@ -488,9 +490,8 @@ TEST_F(TimelineTableTest, FencesBehindPointsSettleInOrder) {
   // An event loop waiting for point 3 to be available.
   absl::StatusOr<TimelineTable::Registered> waker = table_->RegisterWaker(kOther, owned.id, true);
   ASSERT_TRUE(waker.ok());
-  Mapping page = *Mapping::Create(waker->page.fd.get(), timeline::kPageSize,
-                                  Mapping::Protection::kReadWrite);
-  auto& wake = *reinterpret_cast<timeline::WakePage*>(page.data());
+  Page page = MapWakePage(waker->page);
+  auto& wake = page.as<timeline::WakePage>();
   Store(wake.arm_available, uint32_t{1});
   Store(wake.armed, uint64_t{3});
   pollfd readable{waker->notify_read->fd.get(), POLLIN, 0};
@@ -565,9 +566,8 @@ TEST_F(TimelineTableTest, TheLowestUnsettledPointIsPublishedAndAnAvailableArmIsN
   // for 3 to be reached, so 3 never fails at the deadline for it.
   absl::StatusOr<TimelineTable::Registered> waker = table_->RegisterWaker(kOther, owned.id, true);
   ASSERT_TRUE(waker.ok());
-  Mapping page = *Mapping::Create(waker->page.fd.get(), timeline::kPageSize,
-                                  Mapping::Protection::kReadWrite);
-  auto& wake = *reinterpret_cast<timeline::WakePage*>(page.data());
+  Page page = MapWakePage(waker->page);
+  auto& wake = page.as<timeline::WakePage>();
   Store(wake.arm_available, uint32_t{1});
   Store(wake.armed, uint64_t{3});
   const absl::Duration t0 = absl::Seconds(100);
