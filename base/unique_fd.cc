@@ -1,6 +1,7 @@
 #include "base/unique_fd.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -23,6 +24,12 @@ absl::StatusOr<UniqueFd> DuplicateFd(int fd) {
   int dup = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
   if (dup < 0) return ErrnoError("fcntl(F_DUPFD_CLOEXEC)", errno);
   return UniqueFd(dup);
+}
+
+absl::StatusOr<std::pair<dev_t, ino_t>> FileIdentity(int fd) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return ErrnoError("fstat", errno);
+  return std::make_pair(st.st_dev, st.st_ino);
 }
 
 }  // namespace bufferd

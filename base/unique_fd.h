@@ -6,6 +6,10 @@
 #ifndef BUFFERD_BASE_UNIQUE_FD_H_
 #define BUFFERD_BASE_UNIQUE_FD_H_
 
+#include <sys/types.h>
+
+#include <utility>
+
 #include "absl/status/statusor.h"
 
 namespace bufferd {
@@ -50,6 +54,10 @@ class UniqueFd {
 // A new close-on-exec fd for the same open file description as the borrowed
 // `fd`.
 absl::StatusOr<UniqueFd> DuplicateFd(int fd);
+
+// The file the borrowed `fd` is open on, as (device, inode): the same for
+// every fd of that file, in any process.
+absl::StatusOr<std::pair<dev_t, ino_t>> FileIdentity(int fd);
 
 }  // namespace bufferd
 

@@ -71,12 +71,6 @@ std::string MergedError(const FenceView& input) {
   return why;
 }
 
-absl::StatusOr<std::pair<dev_t, ino_t>> Inode(int fd) {
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) return ErrnoError("fstat", errno);
-  return std::make_pair(st.st_dev, st.st_ino);
-}
-
 }  // namespace
 
 absl::Status CheckImportable(int fd) {
@@ -658,7 +652,7 @@ absl::StatusOr<LeasedFd> FenceTable::Export(uint64_t session_id, uint64_t id) {
     UniqueFd read_end(ends[0]), write_end(ends[1]);
     // Read-only even for the daemon's own uid through /proc (like buffers).
     (void)::fchmod(ends[0], 0400);
-    ASSIGN_OR_RETURN(auto inode, Inode(ends[0]));
+    ASSIGN_OR_RETURN(auto inode, FileIdentity(ends[0]));
     fence->pipe_read = LeasedFd{std::move(read_end), std::move(read_lease)};
     // Signalled already: no writer, readable at once.
     if (!fence->view.signaled) {

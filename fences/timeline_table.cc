@@ -22,12 +22,6 @@ namespace {
 using timeline::Load;
 using timeline::Store;
 
-absl::StatusOr<std::pair<dev_t, ino_t>> Inode(int fd) {
-  struct stat st;
-  if (::fstat(fd, &st) != 0) return ErrnoError("fstat", errno);
-  return std::make_pair(st.st_dev, st.st_ino);
-}
-
 // A read-only fd for the file `fd` is open on: a new open file
 // description, so nothing done to the original's flags reaches it.
 absl::StatusOr<UniqueFd> ReopenReadOnly(int fd) {
@@ -131,7 +125,7 @@ absl::Status TimelineTable::CheckNewTimelineLocked(const Session& session) const
 
 absl::Status TimelineTable::SetWaitPage(uint64_t session_id, UniqueFd page) {
   RETURN_IF_ERROR(timeline::CheckPageFd(page.get(), false, "the wait page"));
-  ASSIGN_OR_RETURN(auto inode, Inode(page.get()));
+  ASSIGN_OR_RETURN(auto inode, FileIdentity(page.get()));
   uid_t uid;
   {
     absl::MutexLock lock(&mu_);
@@ -186,7 +180,7 @@ absl::StatusOr<TimelineTable::Created> TimelineTable::Create(uint64_t session_id
         absl::ToInt64Milliseconds(limits_.max_deadline), "): timelines are never indefinite"));
   }
   RETURN_IF_ERROR(timeline::CheckPageFd(counters.get(), true, "the counter page"));
-  ASSIGN_OR_RETURN(auto counters_inode, Inode(counters.get()));
+  ASSIGN_OR_RETURN(auto counters_inode, FileIdentity(counters.get()));
   uid_t uid;
   {
     absl::MutexLock lock(&mu_);
@@ -218,10 +212,8 @@ absl::StatusOr<TimelineTable::Created> TimelineTable::Create(uint64_t session_id
   }
   ASSIGN_OR_RETURN(UniqueFd state_ro, ReopenReadOnly(state_rw.get()));
   state_rw.Reset();
-  ASSIGN_OR_RETURN(auto state_inode, Inode(state_ro.get()));
-  const int out = ::fcntl(state_ro.get(), F_DUPFD_CLOEXEC, 0);
-  if (out < 0) return ErrnoError("dup of a timeline page", errno);
-  UniqueFd out_fd(out);
+  ASSIGN_OR_RETURN(auto state_inode, FileIdentity(state_ro.get()));
+  ASSIGN_OR_RETURN(UniqueFd out_fd, DuplicateFd(state_ro.get()));
 
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
@@ -277,12 +269,8 @@ absl::StatusOr<TimelineTable::Handout> TimelineTable::Hold(uint64_t session_id, 
   auto it = timelines_.find(id);
   if (it == timelines_.end()) return absl::NotFoundError(absl::StrCat("timeline ", id, " is gone"));
   Timeline& timeline = it->second;
-  const int counters = ::fcntl(timeline.counters_fd.fd.get(), F_DUPFD_CLOEXEC, 0);
-  if (counters < 0) return ErrnoError("dup of a timeline page", errno);
-  UniqueFd counters_fd(counters);
-  const int state = ::fcntl(timeline.state_fd.fd.get(), F_DUPFD_CLOEXEC, 0);
-  if (state < 0) return ErrnoError("dup of a timeline page", errno);
-  UniqueFd state_fd(state);
+  ASSIGN_OR_RETURN(UniqueFd counters_fd, DuplicateFd(timeline.counters_fd.fd.get()));
+  ASSIGN_OR_RETURN(UniqueFd state_fd, DuplicateFd(timeline.state_fd.fd.get()));
   if (auto held = session->held.find(id); held != session->held.end()) {
     ++held->second.count;
   } else {
@@ -315,12 +303,6 @@ absl::Status MakeChannel(LeasedFd& read_end, LeasedFd& write_end, FdBudget::Leas
 void Notify(int fd) {
   const char byte = 1;
   (void)::send(fd, &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
-}
-
-absl::StatusOr<UniqueFd> DupFd(int fd) {
-  const int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
-  if (copy < 0) return ErrnoError("dup", errno);
-  return UniqueFd(copy);
 }
 
 }  // namespace
@@ -404,10 +386,10 @@ absl::StatusOr<TimelineTable::Registered> TimelineTable::RegisterWaker(uint64_t 
   }
   Registered out;
   out.waker_id = kept.id;
-  ASSIGN_OR_RETURN(UniqueFd page, DupFd(kept.page_fd.fd.get()));
+  ASSIGN_OR_RETURN(UniqueFd page, DuplicateFd(kept.page_fd.fd.get()));
   out.page = LeasedFd{std::move(page), take()};
   if (notify) {
-    ASSIGN_OR_RETURN(UniqueFd read_end, DupFd(kept.notify_read.fd.get()));
+    ASSIGN_OR_RETURN(UniqueFd read_end, DuplicateFd(kept.notify_read.fd.get()));
     out.notify_read = LeasedFd{std::move(read_end), take()};
   }
   if (changed) {
@@ -459,9 +441,9 @@ absl::StatusOr<TimelineTable::Wakers> TimelineTable::TakeWakers(
       complete = false;
       continue;
     }
-    absl::StatusOr<UniqueFd> page = DupFd(waker.page_fd.fd.get());
+    absl::StatusOr<UniqueFd> page = DuplicateFd(waker.page_fd.fd.get());
     absl::StatusOr<UniqueFd> notify =
-        waker.notify() ? DupFd(waker.notify_write.fd.get()) : absl::StatusOr<UniqueFd>(UniqueFd());
+        waker.notify() ? DuplicateFd(waker.notify_write.fd.get()) : absl::StatusOr<UniqueFd>(UniqueFd());
     if (!page.ok() || !notify.ok()) {
       complete = false;
       continue;

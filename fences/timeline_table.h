@@ -339,8 +339,6 @@ class TimelineTable {
   TimelineView ViewLocked(const Timeline& timeline) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Runs the scan timer while there is something to scan.
   void UpdateTimerLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<LeasedFd> CopyLocked(const LeasedFd& fd, uid_t uid)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   EventLoop* const loop_;
   FdBudget* const budget_;
