@@ -32,6 +32,18 @@
 // T4. Daemon RSS and fds per timeline (800 of them) and per session that
 //     waits (its wait page), measured.
 //
+// Reservation objects (fences/reservation_page.h: a session reads what is
+// pending on its buffers in a status page the daemon writes):
+// R1. Buffer::BeginCpuAccess + EndCpuAccess with every fence signalled, in
+//     this process: p50 per pair, beside one getppid() syscall measured in
+//     the same run, and the syscalls the pairs made (counted by a
+//     raw_syscalls:sys_enter perf counter on this thread). Targets: no
+//     syscall, p50 <= 1 us.
+// R2. One WRITE fence pending on a buffer, its one-way signal from this
+//     process -> a BeginCpuAccess(kRead) blocked in another process returns.
+//     Floor: figure 1's (two raw pipe-close wakes through a relay pinned
+//     where the daemon is). Target <= 1.25x.
+//
 // Placements (owner = this process, always on CPU 0; waiter = a helper
 // process; the daemon and the floor's relay share a CPU): all on CPU 0;
 // owner and waiter together, daemon apart; daemon with the owner; daemon
@@ -42,6 +54,8 @@
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <poll.h>
+#include <linux/perf_event.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/epoll.h>
@@ -52,7 +66,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -273,6 +289,7 @@ int HelperMain(const UnixSocket& control) {
   ::setrlimit(RLIMIT_NOFILE, &limit);
   std::optional<Client> client;
   std::optional<Timeline> timeline_in;
+  std::optional<Buffer> buffer;
   std::string dir;
   while (true) {
     auto got = control.RecvWithFds(4096);
@@ -285,6 +302,7 @@ int HelperMain(const UnixSocket& control) {
       Reply(control, "ok");
     } else if (command == "connect" && words.size() == 2) {
       dir = words[1];
+      buffer.reset();
       timeline_in.reset();
       client.reset();
       auto connected = Client::Connect(dir);
@@ -376,7 +394,23 @@ int HelperMain(const UnixSocket& control) {
         ok = got.ok() && got->status == v1::FENCE_STATUS_OK && release->Signal(i).ok();
       }
       Reply(control, ok ? "done" : "failed");
+    } else if (command == "resv-import" && words.size() == 2 && client) {
+      auto imported = client->Import(words[1]);
+      if (!imported.ok()) return Reply(control, "error " + imported.status().ToString()), 1;
+      buffer.emplace(*std::move(imported));
+      // Subscribed from the first access on.
+      auto first = buffer->BeginCpuAccess(Cpu::kRead, absl::Seconds(60));
+      if (!first.ok()) return Reply(control, "error " + first.status().ToString()), 1;
+      Reply(control, absl::StrCat("ok ", client->session_id()));
+    } else if (command == "resv-read" && buffer) {
+      Reply(control, "ready");
+      auto waited = buffer->BeginCpuAccess(Cpu::kRead, absl::Seconds(60));
+      const int64_t woke = NowNs();
+      (void)buffer->EndCpuAccess();
+      Reply(control, absl::StrCat("t ", woke, " ",
+                                  waited.ok() && waited->size() == 1 ? "ok" : "failed"));
     } else if (command == "close") {
+      buffer.reset();
       timeline_in.reset();
       client.reset();
       Reply(control, "ok");
@@ -606,6 +640,136 @@ PingPong TimelinePingPong(const Client& owner, const Helper& waiter, pid_t daemo
   return result;
 }
 
+// Fences a session holds, as the Debug service says (-1: not listed).
+long FencesHeld(const Client& client, uint64_t session) {
+  auto clients = client.ListClients();
+  if (!clients.ok()) return -1;
+  for (const v1::ClientInfo& info : clients->clients()) {
+    if (info.session_id() == session) return info.fences_held();
+  }
+  return -1;
+}
+
+// R2: one-way signal of a WRITE fence on `buffer` -> the waiter's
+// BeginCpuAccess(kRead) on its import of it returns.
+double CpuAccessOnce(const Client& owner, const Buffer& buffer, const Helper& waiter,
+                     uint64_t waiter_session) {
+  auto fence = owner.CreateFence({.name = "frame"});
+  if (!fence.ok() || !buffer.AttachFence(*fence, v1::FENCE_USAGE_WRITE).ok()) std::exit(1);
+  // The waiter's session holds no fence (the last access let go of what it
+  // waited for: one Forget record within 2 ms of its return), then the one
+  // it is told to wait for: it has its answer, and a moment later sleeps.
+  auto settle = [&](long want) {
+    for (int i = 0; FencesHeld(owner, waiter_session) != want; ++i) {
+      if (i == 100000) {
+        std::fprintf(stderr, "R2: the waiter's session never held %ld fences\n", want);
+        std::exit(1);
+      }
+    }
+  };
+  settle(0);
+  if (waiter.Ask("resv-read") != "ready") std::exit(1);
+  settle(1);
+  LetThemBlock();
+  const int64_t start = NowNs();
+  (void)fence->Signal();
+  const std::string reply = waiter.Read();
+  if (reply.find(" ok") == std::string::npos) std::exit(1);
+  return (Stamp(reply) - start) / 1000.0;
+}
+
+// A counter of this thread's syscalls (raw_syscalls:sys_enter); invalid if
+// the kernel or its settings do not allow it (the reason in `why`).
+UniqueFd SyscallCounter(std::string& why) {
+  std::ifstream id_file("/sys/kernel/tracing/events/raw_syscalls/sys_enter/id");
+  uint64_t id = 0;
+  if (!(id_file >> id)) {
+    why = "no /sys/kernel/tracing/events/raw_syscalls/sys_enter/id";
+    return UniqueFd();
+  }
+  perf_event_attr attr{};
+  attr.type = PERF_TYPE_TRACEPOINT;
+  attr.size = sizeof(attr);
+  attr.config = id;
+  attr.disabled = 1;
+  const int fd = static_cast<int>(::syscall(SYS_perf_event_open, &attr, 0, -1, -1, PERF_FLAG_FD_CLOEXEC));
+  if (fd < 0) why = absl::StrCat("perf_event_open: ", std::strerror(errno));
+  return UniqueFd(fd);
+}
+
+// Syscalls `body` makes on this thread, less what counting itself costs
+// (-1 without a counter).
+template <typename F>
+long CountSyscalls(int counter, F body) {
+  if (counter < 0) return -1;
+  auto count = [&](auto inner) {
+    ::ioctl(counter, PERF_EVENT_IOC_RESET, 0);
+    ::ioctl(counter, PERF_EVENT_IOC_ENABLE, 0);
+    inner();
+    ::ioctl(counter, PERF_EVENT_IOC_DISABLE, 0);
+    uint64_t value = 0;
+    if (::read(counter, &value, sizeof(value)) != sizeof(value)) return -1L;
+    return static_cast<long>(value);
+  };
+  const long empty = count([] {});
+  const long counted = count(body);
+  return counted < 0 || empty < 0 ? -1 : counted - empty;
+}
+
+// R1: BeginCpuAccess + EndCpuAccess with nothing pending, beside getppid().
+bool NoPendingFigure(const Client& owner, int iterations) {
+  auto allocated = owner.Allocate({.heap = "system", .size = 4096});
+  if (!allocated.ok()) std::exit(1);
+  const Buffer& buffer = *allocated;
+  auto fence = owner.CreateFence({.name = "done"});
+  if (!fence.ok() || !buffer.AttachFence(*fence, v1::FENCE_USAGE_WRITE).ok() ||
+      !fence->SignalAndConfirm().ok()) {
+    std::exit(1);
+  }
+  // The first access subscribes; warm up.
+  for (int i = 0; i < 1000; ++i) {
+    if (!buffer.BeginCpuAccess(Cpu::kWrite, absl::ZeroDuration()).ok()) std::exit(1);
+    (void)buffer.EndCpuAccess();
+  }
+  const int n = std::max(iterations * 100, 10000);
+  std::vector<double> access_s, syscall_s;
+  access_s.reserve(n);
+  syscall_s.reserve(n);
+  bool ok = true;
+  for (int i = 0; i < n; ++i) {
+    const int64_t start = NowNs();
+    ok &= buffer.BeginCpuAccess(i % 2 ? Cpu::kRead : Cpu::kWrite, absl::ZeroDuration()).ok();
+    ok &= buffer.EndCpuAccess().ok();
+    const int64_t middle = NowNs();
+    (void)::syscall(SYS_getppid);
+    const int64_t end = NowNs();
+    access_s.push_back((middle - start) / 1000.0);
+    syscall_s.push_back((end - middle) / 1000.0);
+  }
+  std::string why;
+  UniqueFd counter = SyscallCounter(why);
+  const long syscalls = CountSyscalls(counter.get(), [&] {
+    for (int i = 0; i < n; ++i) {
+      ok &= buffer.BeginCpuAccess(i % 2 ? Cpu::kRead : Cpu::kWrite, absl::ZeroDuration()).ok();
+      ok &= buffer.EndCpuAccess().ok();
+    }
+  });
+  const long control = CountSyscalls(counter.get(), [] { (void)::syscall(SYS_getppid); });
+  const Summary access = Summarize(access_s, 0), syscall = Summarize(syscall_s, 0);
+  const bool met = ok && syscalls == 0 && access.p50 <= 1.0;
+  std::printf("%-34s %-22s p50 %7.3f (p99 %7.3f)  getppid() p50 %7.3f (p99 %7.3f)  target p50 <= 1  %s\n",
+              "R1. Begin+EndCpuAccess, signalled", "in process", access.p50, access.p99,
+              syscall.p50, syscall.p99, met ? "met" : "not met");
+  if (syscalls >= 0) {
+    std::printf("%-34s %-22s %ld syscalls in %d pairs (the counter sees %ld for one getppid())  "
+                "target 0  %s\n",
+                "R1. syscalls", "in process", syscalls, n, control, syscalls == 0 ? "met" : "not met");
+  } else {
+    std::printf("%-34s %-22s not counted (%s)\n", "R1. syscalls", "in process", why.c_str());
+  }
+  return met;
+}
+
 struct Placement {
   const char* name;
   int daemon_cpu;
@@ -640,6 +804,8 @@ int main(int argc, char** argv) {
   app.add_flag("--signal-only", signal_only, "only figure 1 and its floors (for profiling)");
   bool timelines_only = false;
   app.add_flag("--timelines-only", timelines_only, "only the timeline figures (T1-T4)");
+  bool reservations_only = false;
+  app.add_flag("--reservations-only", reservations_only, "only the reservation figures (R1, R2)");
   uint64_t frames = 10000;
   app.add_option("--frames", frames, "ping-pong frames (T2, T3)");
   CLI11_PARSE(app, argc, argv);
@@ -676,6 +842,35 @@ int main(int argc, char** argv) {
     for (const Placement& placement : placements) {
       if (placement.daemon_cpu != daemon_cpu) continue;
       waiter->Ask(absl::StrCat("pin ", placement.waiter_cpu));
+      if (!timelines_only && !signal_only) {
+        // R2: implicit sync across processes, beside figure 1's floor and
+        // figure 1 itself.
+        auto allocated = owner->Allocate({.heap = "system", .size = 4096});
+        if (!allocated.ok()) return 1;
+        const std::string imported =
+            waiter->Ask("resv-import " + *allocated->Export(Access::kReadOnly));
+        uint64_t waiter_session = 0;
+        if (imported.rfind("ok ", 0) != 0 || !absl::SimpleAtoi(imported.substr(3), &waiter_session)) {
+          std::fprintf(stderr, "resv-import: %s\n", imported.c_str());
+          return 1;
+        }
+        for (int i = 0; i < 10; ++i) {  // warm up
+          RelayOnce(*relay, *waiter);
+          CpuAccessOnce(*owner, *allocated, *waiter, waiter_session);
+        }
+        std::vector<double> relay_s, access_s, poll_s;
+        for (int i = 0; i < iterations; ++i) {
+          relay_s.push_back(RelayOnce(*relay, *waiter));
+          access_s.push_back(CpuAccessOnce(*owner, *allocated, *waiter, waiter_session));
+          poll_s.push_back(FencePollOnce(*owner, *waiter));
+        }
+        Verdict("R2. signal -> BeginCpuAccess", placement.name, Summarize(access_s, 0),
+                Summarize(relay_s, 0), 1.25, all_met);
+        std::printf("   (beside R2) figure 1 in this run  %-22s p50 %7.1f = %.2fx the floor\n",
+                    placement.name, Summarize(poll_s, 0).p50,
+                    Summarize(poll_s, 0).p50 / Summarize(relay_s, 0).p50);
+      }
+      if (reservations_only) continue;
       // Timelines: T1, then T2 and T3.
       auto timeline = owner->CreateTimeline({.name = "bench"});
       if (!timeline.ok() || waiter->Ask("tl-import " + *timeline->Export()) != "ok") return 1;
@@ -758,7 +953,10 @@ int main(int argc, char** argv) {
       }
     }
 
-    if (daemon_cpu == 1) {
+    if (daemon_cpu == 1 && !timelines_only && !signal_only) {
+      all_met &= NoPendingFigure(*owner, iterations);
+    }
+    if (daemon_cpu == 1 && !reservations_only) {
       // T4: what timelines cost the daemon.
       const pid_t pid = (*daemon)->pid();
       const long fds_before = (*daemon)->OpenFds(), rss_before = StatusField(pid, "VmRSS");
@@ -785,7 +983,7 @@ int main(int argc, char** argv) {
           ((*daemon)->OpenFds() - fds_sessions) / 100.0,
           (StatusField(pid, "VmRSS") - rss_sessions) * 1024.0 / 100);
     }
-    if (daemon_cpu == 1 && !signal_only && !timelines_only) {
+    if (daemon_cpu == 1 && !signal_only && !timelines_only && !reservations_only) {
       // 3. The mass wake, daemon apart.
       waiter->Ask("pin 0");
       const pid_t pid = (*daemon)->pid();

@@ -56,7 +56,8 @@ Buffer::Buffer(Buffer&& other) noexcept
       handle_(std::exchange(other.handle_, 0)),
       info_(std::move(other.info_)),
       access_(other.access_),
-      fd_(std::move(other.fd_)) {}
+      fd_(std::move(other.fd_)),
+      status_slot_(other.status_slot_.exchange(0)) {}
 
 Buffer& Buffer::operator=(Buffer&& other) noexcept {
   if (this != &other) {
@@ -66,6 +67,7 @@ Buffer& Buffer::operator=(Buffer&& other) noexcept {
     info_ = std::move(other.info_);
     access_ = other.access_;
     fd_ = std::move(other.fd_);
+    status_slot_.store(other.status_slot_.exchange(0));
   }
   return *this;
 }

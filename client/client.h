@@ -19,6 +19,7 @@
 #ifndef BUFFERD_CLIENT_CLIENT_H_
 #define BUFFERD_CLIENT_CLIENT_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -144,7 +145,14 @@ class Buffer {
   // for has signalled); returns them as they ended (a fence's error does
   // not fail the access, as with dma_resv: look at their status).
   // DEADLINE_EXCEEDED naming the fences still pending if `timeout` passes.
-  // One round trip, and one more when something is pending.
+  // The first call on a buffer asks the daemon (one round trip) and
+  // subscribes the session to the buffer's reservation state; from then
+  // on, when nothing is pending the call reads the session's status page
+  // and makes no syscall at all, and when something is pending it asks
+  // once and sleeps on the page until the daemon publishes the signal (a
+  // fence that failed costs one more round trip, for its status). Fences
+  // attached after it asked never hold it. Fences it waited for that ended
+  // OK without a round trip have no signaled_at.
   absl::StatusOr<std::vector<v1::FenceInfo>> BeginCpuAccess(Cpu access,
                                                             absl::Duration timeout) const;
   // Ends it. bufferd's memory is coherent for the CPU (memfd pages), so
@@ -177,7 +185,10 @@ class Buffer {
 
  private:
   friend class Client;
-  absl::StatusOr<v1::GetBufferFencesResponse> GetFences(Cpu access, bool as_fd) const;
+  absl::StatusOr<v1::GetBufferFencesResponse> GetFences(Cpu access, bool as_fd,
+                                                        bool subscribe = false) const;
+  // The pending path of BeginCpuAccess.
+  absl::StatusOr<std::vector<v1::FenceInfo>> WaitForAccess(Cpu access, absl::Duration timeout) const;
   Buffer(std::shared_ptr<internal::Connection> connection, uint64_t handle, v1::BufferInfo info,
          Access access, UniqueFd fd);
   // Closes the fd and releases the handle one-way.
@@ -188,6 +199,9 @@ class Buffer {
   v1::BufferInfo info_;
   Access access_ = Access::kReadWrite;
   UniqueFd fd_;
+  // The buffer's slot in the session's reservation status page (0: none
+  // yet).
+  mutable std::atomic<uint32_t> status_slot_{0};
 };
 
 struct FenceOptions {

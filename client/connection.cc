@@ -1,7 +1,9 @@
 #include "client/connection.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -201,7 +203,38 @@ absl::StatusOr<UniqueFd> Connection::TakeFd(uint64_t transfer_id) {
   return mailbox_->Take(transfer_id);
 }
 
+absl::Status Connection::SetReservationPage(UniqueFd fd) {
+  // What the daemon promised: a memfd of one page that nobody can write,
+  // grow or shrink (it alone maps it writable).
+  struct stat st {};
+  const int flags = ::fcntl(fd.get(), F_GETFL);
+  const int seals = ::fcntl(fd.get(), F_GET_SEALS);
+  constexpr int kSeals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
+  if (::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode) ||
+      st.st_size != static_cast<off_t>(reservation::kPageSize) || flags < 0 ||
+      (flags & O_ACCMODE) != O_RDONLY || seals < 0 || (seals & kSeals) != kSeals) {
+    return absl::InternalError("the delivered reservation status page is not a sealed read-only "
+                               "memfd of the expected size");
+  }
+  ASSIGN_OR_RETURN(Mapping map, Mapping::Create(fd.get(), reservation::kPageSize,
+                                                Mapping::Protection::kReadOnly));
+  const auto& header = *reinterpret_cast<const reservation::Header*>(map.data());
+  if (reservation::LoadRelaxed(header.magic) != reservation::kMagic ||
+      header.version != reservation::kVersion || header.slots != reservation::kSlots) {
+    return absl::InternalError("the delivered reservation status page has another layout");
+  }
+  std::lock_guard lock(reservation_mu_);
+  reservation_slots_.store(reinterpret_cast<const reservation::Slot*>(map.data()),
+                           std::memory_order_release);
+  reservation_maps_.push_back(std::move(map));
+  return absl::OkStatus();
+}
+
 void Connection::QueueRelease(uint64_t handle) { one_way_->QueueRelease(handle); }
+
+void Connection::QueueForget(const std::vector<uint64_t>& fence_ids) {
+  one_way_->QueueForget(fence_ids);
+}
 
 absl::Status Connection::SendRecord(const v1::FdChannelMessage& message,
                                     std::span<const int> fds) {

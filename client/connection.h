@@ -24,6 +24,7 @@
 #include "client/fd_mailbox.h"
 #include "client/one_way_queue.h"
 #include "client/record_sender.h"
+#include "fences/reservation_page.h"
 #include "fences/timeline_shm.h"
 #include "grpcpp/client_context.h"
 #include "grpcpp/support/status.h"
@@ -74,6 +75,8 @@ class Connection {
 
   // Releases `handle` without a round trip (see the class comment).
   void QueueRelease(uint64_t handle);
+  // Forgets fences without a round trip or a syscall now (OneWayQueue).
+  void QueueForget(const std::vector<uint64_t>& fence_ids);
 
   // Sends a record on fd.sock now; every later call is applied after it.
   // UNAUTHENTICATED once fd.sock is gone (EPIPE, ECONNRESET, ENOTCONN: the
@@ -103,6 +106,14 @@ class Connection {
   };
   WaitPage& wait_page() { return wait_page_; }
 
+  // The session's reservation status page (fences/reservation_page.h):
+  // null until the daemon sends it. SetReservationPage checks and maps the
+  // page the daemon delivered (a sealed, read-only memfd).
+  const reservation::Slot* reservation_slots() const {
+    return reservation_slots_.load(std::memory_order_acquire);
+  }
+  absl::Status SetReservationPage(UniqueFd fd);
+
   std::mutex& wakers_mu() { return wakers_mu_; }
   std::map<uint64_t, std::weak_ptr<Waker>>& wakers() { return wakers_; }
   absl::Duration timeout() const { return timeout_; }
@@ -125,15 +136,23 @@ class Connection {
   WaitPage wait_page_;
   std::mutex wakers_mu_;
   std::map<uint64_t, std::weak_ptr<Waker>> wakers_;
+  std::mutex reservation_mu_;
+  // Pages mapped (a later one replaces an earlier one as the page read;
+  // none is unmapped before the Connection goes, so a reader never faults).
+  std::vector<Mapping> reservation_maps_;
+  std::atomic<const reservation::Slot*> reservation_slots_{nullptr};
 };
 
 // A fence's deadline as the protocol takes it (fence.cc).
 absl::StatusOr<uint32_t> DeadlineMs(absl::Duration deadline);
 // WaitFence on `ids` (all or any): the fences as they were when it ended,
 // DEADLINE_EXCEEDED naming the pending ones if `timeout` passed first.
-absl::StatusOr<std::vector<v1::FenceInfo>> WaitFences(Connection& connection,
-                                                      const std::vector<uint64_t>& ids, bool all,
-                                                      absl::Duration timeout);
+// `said`: the timeout the DEADLINE_EXCEEDED message names (the caller's,
+// when it waited elsewhere first and only polls here); `timeout` if
+// infinite.
+absl::StatusOr<std::vector<v1::FenceInfo>> WaitFences(
+    Connection& connection, const std::vector<uint64_t>& ids, bool all, absl::Duration timeout,
+    absl::Duration said = absl::InfiniteDuration());
 // A fence fd the daemon delivered, checked to be a read-only pipe.
 absl::StatusOr<UniqueFd> CheckFenceFd(UniqueFd fd);
 

@@ -68,7 +68,7 @@ absl::StatusOr<uint32_t> DeadlineMs(absl::Duration deadline) {
 
 absl::StatusOr<std::vector<v1::FenceInfo>> WaitFences(Connection& connection,
                                                       const std::vector<uint64_t>& ids, bool all,
-                                                      absl::Duration timeout) {
+                                                      absl::Duration timeout, absl::Duration said) {
   v1::WaitFenceRequest request;
   for (uint64_t id : ids) request.add_fence_ids(id);
   request.set_wait_all(all);
@@ -77,7 +77,9 @@ absl::StatusOr<std::vector<v1::FenceInfo>> WaitFences(Connection& connection,
   Call call = NewWaitCall(connection, timeout);
   RETURN_IF_ERROR(
       connection.Finish(call, connection.fence().WaitFence(call.context.get(), request, &response)));
-  if (!response.satisfied()) return NotSignalled(response, timeout);
+  if (!response.satisfied()) {
+    return NotSignalled(response, said == absl::InfiniteDuration() ? timeout : said);
+  }
   return std::vector<v1::FenceInfo>(response.fences().begin(), response.fences().end());
 }
 

@@ -252,7 +252,7 @@ absl::Status Daemon::Init(const v1::Config& config) {
     reservations->DropBuffer(buffer);
   });
   hub_ = std::make_unique<SessionHub>(sessions_.get(), state_.get(), reaper_.get(), fences_.get(),
-                                      timelines_.get(), &budget_);
+                                      timelines_.get(), reservations_.get(), &budget_);
   for (const auto& heap : heaps_->heaps()) {
     HeapStats stats = heap->Stats();
     spdlog::info("heap '{}': {} {}, page {}, capacity {}{}{}", heap->name(),

@@ -100,7 +100,9 @@ std::vector<v1::ClientInfo> ClientsView(const SessionTable& sessions, const Daem
     info.set_gid(session.peer.gid);
     info.set_comm(session.comm);
     *info.mutable_connected_since() = ToProto(session.connected);
-    info.set_fences(fences.session_counts(session.id).pending);
+    const FenceTable::SessionCounts counts = fences.session_counts(session.id);
+    info.set_fences(counts.pending);
+    info.set_fences_held(counts.held);
     auto held = holdings.find(session.id);
     if (held == holdings.end()) continue;
     for (const auto& [heap, bytes] : held->second.bytes) {

@@ -569,14 +569,50 @@ grpc::ServerUnaryReactor* FenceService::AttachFence(grpc::CallbackServerContext*
   });
 }
 
+absl::Status FenceService::Subscribe(uint64_t session, uint64_t buffer_id,
+                                     v1::GetBufferFencesResponse& response) {
+  ASSIGN_OR_RETURN(ReservationTable::Subscription subscription,
+                   d_.reservations->Subscribe(session, buffer_id));
+  response.set_status_slot(subscription.slot);
+  if (!subscription.page.valid()) return absl::OkStatus();
+  // The page, new: its copy in flight counts in the session's uid's budget.
+  // If it cannot go, the session has no page: the next subscription makes
+  // another.
+  std::optional<SessionTable::Identity> who = d_.sessions->Lookup(session);
+  absl::StatusOr<uint64_t> transfer =
+      absl::UnauthenticatedError(absl::StrCat("session ", session, " has ended"));
+  if (who.has_value()) {
+    absl::StatusOr<FdBudget::Lease> lease =
+        d_.state->fd_budget().Acquire(FdUse::kDelivery, who->peer.uid);
+    transfer = lease.ok() ? Deliver(session, v1::FD_KIND_RESERVATION_STATUS, session,
+                                    LeasedFd{std::move(subscription.page), *std::move(lease)})
+                          : lease.status();
+  }
+  if (!transfer.ok()) {
+    d_.reservations->CloseSession(session);
+    return transfer.status();
+  }
+  response.set_status_page_transfer_id(*transfer);
+  return absl::OkStatus();
+}
+
 grpc::ServerUnaryReactor* FenceService::GetBufferFences(grpc::CallbackServerContext* context,
                                                         const v1::GetBufferFencesRequest* request,
                                                         v1::GetBufferFencesResponse* response) {
   return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
     ASSIGN_OR_RETURN(v1::GetBufferResponse buffer,
                      d_.state->GetBuffer(session, request->buffer_handle()));
+    const uint64_t buffer_id = buffer.buffer().buffer_id();
+    if (request->subscribe()) {
+      // Before the answer is made: anything attached after it reaches the
+      // slot.
+      RETURN_IF_ERROR(Subscribe(session, buffer_id, *response));
+    }
+    ReservationTable::Snapshot snapshot;
     ASSIGN_OR_RETURN(std::vector<ReservationTable::Attached> pending,
-                     d_.reservations->Pending(buffer.buffer().buffer_id(), request->for_access()));
+                     d_.reservations->Pending(buffer_id, request->for_access(), &snapshot));
+    response->set_status_seq(snapshot.seq);
+    response->set_status_failures(snapshot.failures);
     // The session holds each from now on (it may wait on them).
     std::vector<uint64_t> held;
     auto forget_all = [&] {
@@ -599,7 +635,6 @@ grpc::ServerUnaryReactor* FenceService::GetBufferFences(grpc::CallbackServerCont
     // One fd: the one fence's own, or a merged fence's — the same merged
     // fence again while the same fences are pending (an event loop asking
     // every frame makes no new fence each time).
-    const uint64_t buffer_id = buffer.buffer().buffer_id();
     std::vector<uint64_t> ids = held;
     std::sort(ids.begin(), ids.end());
     absl::StatusOr<FenceView> merged = absl::UnknownError("unset");

@@ -123,6 +123,10 @@ class FenceService final : public v1::Fence::CallbackService {
   // Sends `fd` on fd.sock under a new transfer id, which it returns.
   absl::StatusOr<uint64_t> Deliver(uint64_t session, v1::FdKind kind, uint64_t object,
                                    LeasedFd fd);
+  // GetBufferFences' subscribe: the slot, and the status page the first
+  // time.
+  absl::Status Subscribe(uint64_t session, uint64_t buffer_id,
+                         v1::GetBufferFencesResponse& response);
 
   const Deps d_;
   // Transfer ids of exported fence fds: the upper half of the id space

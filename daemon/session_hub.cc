@@ -198,6 +198,7 @@ void SessionHub::OnDisconnect(uint64_t session_id) {
     uploads_.erase(session_id);
   }
   reaper_->Free(state_->CloseSession(session_id));
+  reservations_->CloseSession(session_id);
   sessions_->Close(session_id);
 }
 

@@ -23,6 +23,7 @@
 #include "daemon/sessions.h"
 #include "daemon/state.h"
 #include "fences/fence_table.h"
+#include "fences/reservations.h"
 #include "fences/timeline_table.h"
 
 namespace bufferd {
@@ -34,12 +35,13 @@ class SessionHub final : public FdChannel::Delegate {
 
   // All must outlive this object.
   SessionHub(SessionTable* sessions, DaemonState* state, Reaper* reaper, FenceTable* fences,
-             TimelineTable* timelines, FdBudget* budget)
+             TimelineTable* timelines, ReservationTable* reservations, FdBudget* budget)
       : sessions_(sessions),
         state_(state),
         reaper_(reaper),
         fences_(fences),
         timelines_(timelines),
+        reservations_(reservations),
         budget_(budget) {}
   // The channel whose records DrainRecords applies (set once, before serving).
   void set_channel(FdChannel* channel) { channel_ = channel; }
@@ -72,6 +74,7 @@ class SessionHub final : public FdChannel::Delegate {
   Reaper* const reaper_;
   FenceTable* const fences_;
   TimelineTable* const timelines_;
+  ReservationTable* const reservations_;
   FdBudget* const budget_;
   FdChannel* channel_ = nullptr;
 

@@ -415,6 +415,7 @@ void FenceTable::SignalLocked(Fence& first, v1::FenceStatus status, std::string 
     --pending_;
     ++counts_.signals[step.status];
     signalled.push_back(step.id);
+    if (fence.watched) out.watched.emplace_back(step.id, step.status);
     auto owner = sessions_.find(fence.view.owner_session);
     if (owner != sessions_.end()) owner->second.pending_owned.erase(step.id);
     RemoveTimerLocked(fence.timer);
@@ -1047,7 +1048,23 @@ void FenceTable::Stop() {
   }
 }
 
+void FenceTable::SetWatchHook(WatchHook hook) { watch_hook_ = std::move(hook); }
+
+bool FenceTable::Watch(uint64_t id) {
+  absl::MutexLock lock(&mu_);
+  auto it = fences_.find(id);
+  if (it == fences_.end() || it->second.view.signaled) return false;
+  it->second.watched = true;
+  return true;
+}
+
 void FenceTable::Run(Completions& completions) {
+  if (watch_hook_ != nullptr) {
+    for (const auto& [id, status] : completions.watched) {
+      if (watch_hook_(id, status)) completions.woke_pollers = true;
+    }
+  }
+  completions.watched.clear();
   if (executor_ != nullptr && completions.waits.size() > kInlineCompletions) {
     auto batch = std::make_shared<decltype(completions.waits)>(std::move(completions.waits));
     executor_([batch] {

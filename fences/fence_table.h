@@ -243,6 +243,16 @@ class FenceTable {
   // signal while someone holds it.
   absl::StatusOr<FenceView> HoldFor(uint64_t session, uint64_t id);
   std::optional<FenceView> Peek(uint64_t id) const;
+  // Reservation objects publish their state (fences/reservation_page.h):
+  // the watch hook runs once for each watched fence when it is signalled,
+  // without the table's lock, on the thread that signalled it, before any
+  // wait completes; it returns whether it woke a process (the thread then
+  // yields, as after closing a polled pipe). Set it before serving. Watch
+  // marks a pending fence; false if it is unknown or signalled already (no
+  // hook will run for it).
+  using WatchHook = std::function<bool(uint64_t id, v1::FenceStatus status)>;
+  void SetWatchHook(WatchHook hook);
+  bool Watch(uint64_t id);
   // Undoes a fence a call just made for `session` and could not finish
   // with (an imported or timeline-point fence it owns and holds once): it
   // is signalled CANCELLED with `why`, then forgotten. Any other fence is
@@ -306,6 +316,8 @@ class FenceTable {
     // Imported: the fd watched, and whether it is a kernel sync_file.
     LeasedFd imported;
     bool imported_sync_file = false;
+    // Its signal goes to the watch hook.
+    bool watched = false;
   };
   struct Waiter {
     uint64_t session = 0;
@@ -331,6 +343,8 @@ class FenceTable {
   // Work to do once the lock is dropped.
   struct Completions {
     std::vector<std::pair<WaitDone, absl::StatusOr<WaitResult>>> waits;
+    // Watched fences signalled, for the watch hook.
+    std::vector<std::pair<uint64_t, v1::FenceStatus>> watched;
     // A pipe was closed: processes polling it are runnable now.
     bool woke_pollers = false;
   };
@@ -380,6 +394,7 @@ class FenceTable {
   FdBudget* const budget_;
   const FenceLimits limits_;
   const Executor executor_;
+  WatchHook watch_hook_;
 
   mutable absl::Mutex mu_;
   uint64_t next_fence_id_ ABSL_GUARDED_BY(mu_) = 1;

@@ -1,9 +1,15 @@
 #include "fences/reservations.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
 #include "base/errno_status.h"
+#include "fences/timeline_shm.h"
 
 namespace bufferd {
 
@@ -40,6 +46,14 @@ absl::Status CheckUsage(v1::FenceUsage usage, const char* what) {
 
 }  // namespace
 
+ReservationTable::ReservationTable(FenceTable* fences, ReservationLimits limits)
+    : fences_(fences), limits_(limits) {
+  fences_->SetWatchHook(
+      [this](uint64_t id, v1::FenceStatus status) { return OnSignaled(id, status); });
+}
+
+ReservationTable::~ReservationTable() { fences_->SetWatchHook(nullptr); }
+
 absl::Status ReservationTable::Attach(uint64_t session, uint64_t buffer, uint64_t fence_id,
                                       v1::FenceUsage usage) {
   RETURN_IF_ERROR(CheckUsage(usage, "usage"));
@@ -48,31 +62,52 @@ absl::Status ReservationTable::Attach(uint64_t session, uint64_t buffer, uint64_
   ASSIGN_OR_RETURN(FenceView fence, fences_->Info(session, fence_id));
   if (fence.signaled) return absl::OkStatus();
   absl::MutexLock lock(&mu_);
-  std::vector<Attached>& attached = buffers_[buffer];
+  Reservation& reservation = buffers_[buffer];
+  std::vector<Attached>& attached = reservation.attached;
   PruneLocked(attached);
   // Distinct fences on the usage's side (a fence attached twice there
   // counts once).
   std::vector<uint64_t> side;
   for (const Attached& entry : attached) {
-    if (entry.fence_id == fence_id && entry.usage == usage) return absl::OkStatus();
+    if (entry.fence_id == fence_id && entry.usage == usage) {
+      EraseIfUnusedLocked(buffer);
+      return absl::OkStatus();
+    }
     if (WriterSide(entry.usage) == WriterSide(usage)) side.push_back(entry.fence_id);
   }
   std::sort(side.begin(), side.end());
   side.erase(std::unique(side.begin(), side.end()), side.end());
   const bool counted = std::binary_search(side.begin(), side.end(), fence_id);
   if (!counted && side.size() >= limits_.max_fences_per_buffer) {
+    EraseIfUnusedLocked(buffer);
     return absl::ResourceExhaustedError(absl::StrCat(
         "buffer ", buffer, " has ", side.size(), " unsignalled ",
         WriterSide(usage) ? "KERNEL/WRITE" : "READ/BOOKKEEP",
         " fences attached, the limit (max_fences_per_buffer ", limits_.max_fences_per_buffer,
         "): signal some first"));
   }
-  attached.push_back({fence_id, usage, session, absl::Now()});
+  // Watched from now on: its signal reaches OnSignaled (which waits for
+  // this lock). Signalled meanwhile: nothing to hold anyone back.
+  if (!fences_->Watch(fence_id)) {
+    EraseIfUnusedLocked(buffer);
+    return absl::OkStatus();
+  }
+  attached.push_back({fence_id, usage, session, absl::Now(), ++reservation.last_seq});
+  auto& buffers = watched_[fence_id];
+  const bool waited = usage != v1::FENCE_USAGE_BOOKKEEP;
+  auto known = std::find_if(buffers.begin(), buffers.end(),
+                            [&](const auto& entry) { return entry.first == buffer; });
+  if (known == buffers.end()) {
+    buffers.emplace_back(buffer, waited);
+  } else {
+    known->second = known->second || waited;
+  }
+  PublishLocked(buffer, reservation);
   return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<ReservationTable::Attached>> ReservationTable::Pending(
-    uint64_t buffer, v1::FenceUsage for_access) {
+    uint64_t buffer, v1::FenceUsage for_access, Snapshot* snapshot) {
   if (for_access != v1::FENCE_USAGE_READ && for_access != v1::FENCE_USAGE_WRITE &&
       for_access != v1::FENCE_USAGE_BOOKKEEP) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -82,16 +117,18 @@ absl::StatusOr<std::vector<ReservationTable::Attached>> ReservationTable::Pendin
   absl::MutexLock lock(&mu_);
   std::vector<Attached> out;
   auto it = buffers_.find(buffer);
+  if (snapshot != nullptr) *snapshot = {};
   if (it == buffers_.end()) return out;
-  PruneLocked(it->second);
-  for (const Attached& entry : it->second) {
+  if (snapshot != nullptr) *snapshot = {it->second.last_seq, it->second.failures};
+  PruneLocked(it->second.attached);
+  for (const Attached& entry : it->second.attached) {
     if (!AccessWaitsFor(for_access, entry.usage)) continue;
     const bool listed = std::any_of(out.begin(), out.end(), [&](const Attached& other) {
       return other.fence_id == entry.fence_id;
     });
     if (!listed) out.push_back(entry);
   }
-  if (it->second.empty()) buffers_.erase(it);
+  EraseIfUnusedLocked(buffer);
   return out;
 }
 
@@ -102,9 +139,155 @@ void ReservationTable::PruneLocked(std::vector<Attached>& attached) {
   });
 }
 
+void ReservationTable::EraseIfUnusedLocked(uint64_t buffer) {
+  auto it = buffers_.find(buffer);
+  if (it != buffers_.end() && it->second.attached.empty() && it->second.subscribers.empty()) {
+    buffers_.erase(it);
+  }
+}
+
+bool ReservationTable::PublishLocked(uint64_t buffer, Reservation& reservation) {
+  if (reservation.subscribers.empty()) return false;
+  PruneLocked(reservation.attached);
+  reservation::SlotState state;
+  state.buffer_id = buffer;
+  state.failures = reservation.failures;
+  auto lower = [](uint64_t& low, uint64_t seq) {
+    if (low == 0 || seq < low) low = seq;
+  };
+  for (const Attached& entry : reservation.attached) {
+    if (entry.usage == v1::FENCE_USAGE_KERNEL || entry.usage == v1::FENCE_USAGE_WRITE) {
+      lower(state.writers_low, entry.seq);
+    } else if (entry.usage == v1::FENCE_USAGE_READ) {
+      lower(state.readers_low, entry.seq);
+    }
+  }
+  bool woke = false;
+  for (const auto& [session, index] : reservation.subscribers) {
+    auto page = pages_.find(session);
+    if (page == pages_.end()) continue;
+    reservation::Slot& slot = page->second.slot(index);
+    const reservation::SlotState before{0, reservation::LoadRelaxed(slot.failures),
+                                        reservation::LoadRelaxed(slot.buffer_id),
+                                        reservation::LoadRelaxed(slot.writers_low),
+                                        reservation::LoadRelaxed(slot.readers_low)};
+    if (before.failures == state.failures && before.buffer_id == state.buffer_id &&
+        before.writers_low == state.writers_low && before.readers_low == state.readers_low) {
+      continue;
+    }
+    reservation::Write(slot, state);
+    woke |= timeline::WakeAll(slot.seq) > 0;
+  }
+  return woke;
+}
+
+bool ReservationTable::OnSignaled(uint64_t fence_id, v1::FenceStatus status) {
+  absl::MutexLock lock(&mu_);
+  auto it = watched_.find(fence_id);
+  if (it == watched_.end()) return false;
+  const auto buffers = std::move(it->second);
+  watched_.erase(it);
+  bool woke = false;
+  for (const auto& [buffer, waited] : buffers) {
+    auto reservation = buffers_.find(buffer);
+    if (reservation == buffers_.end()) continue;
+    if (waited && status != v1::FENCE_STATUS_OK) ++reservation->second.failures;
+    woke |= PublishLocked(buffer, reservation->second);
+    EraseIfUnusedLocked(buffer);
+  }
+  return woke;
+}
+
+absl::StatusOr<ReservationTable::StatusPage> ReservationTable::NewPage(UniqueFd* read_only) {
+  // Mapped writable here, then sealed so that nobody else ever can.
+  UniqueFd page(::memfd_create("bufferd-reservations", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!page.valid()) return ErrnoError("memfd_create for a reservation status page", errno);
+  if (::ftruncate(page.get(), reservation::kPageSize) != 0) {
+    return ErrnoError("ftruncate a reservation status page", errno);
+  }
+  StatusPage status;
+  ASSIGN_OR_RETURN(status.map, Mapping::Create(page.get(), reservation::kPageSize,
+                                               Mapping::Protection::kReadWrite));
+  (void)::fchmod(page.get(), 0400);
+  if (::fcntl(page.get(), F_ADD_SEALS,
+              F_SEAL_FUTURE_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    return ErrnoError("sealing a reservation status page", errno);
+  }
+  const std::string path = absl::StrCat("/proc/self/fd/", page.get());
+  UniqueFd copy(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!copy.valid()) return ErrnoError("re-opening a reservation status page read-only", errno);
+  auto& header = *reinterpret_cast<reservation::Header*>(status.map.data());
+  header.slots = reservation::kSlots;
+  header.version = reservation::kVersion;
+  std::atomic_ref<uint32_t>(header.magic).store(reservation::kMagic, std::memory_order_release);
+  for (uint32_t slot = reservation::kSlots - 1; slot >= 1; --slot) status.free.push_back(slot);
+  *read_only = std::move(copy);
+  return status;
+}
+
+absl::StatusOr<ReservationTable::Subscription> ReservationTable::Subscribe(uint64_t session,
+                                                                           uint64_t buffer) {
+  absl::MutexLock lock(&mu_);
+  Subscription out;
+  auto page = pages_.find(session);
+  if (page == pages_.end()) {
+    ASSIGN_OR_RETURN(StatusPage made, NewPage(&out.page));
+    page = pages_.emplace(session, std::move(made)).first;
+  }
+  StatusPage& status = page->second;
+  if (auto known = status.slots.find(buffer); known != status.slots.end()) {
+    out.slot = known->second;
+    return out;
+  }
+  if (status.free.empty()) return out;  // full: the session asks the daemon
+  out.slot = status.free.back();
+  status.free.pop_back();
+  status.slots[buffer] = out.slot;
+  Reservation& reservation = buffers_[buffer];
+  reservation.subscribers.emplace_back(session, out.slot);
+  // The slot's first state: written even if nothing is attached.
+  reservation::Slot& slot = status.slot(out.slot);
+  reservation::Write(slot, {0, reservation.failures, buffer, 0, 0});
+  PublishLocked(buffer, reservation);
+  return out;
+}
+
+void ReservationTable::CloseSession(uint64_t session) {
+  absl::MutexLock lock(&mu_);
+  auto page = pages_.find(session);
+  if (page == pages_.end()) return;
+  for (const auto& [buffer, slot] : page->second.slots) {
+    auto it = buffers_.find(buffer);
+    if (it == buffers_.end()) continue;
+    auto& subscribers = it->second.subscribers;
+    subscribers.erase(std::remove_if(subscribers.begin(), subscribers.end(),
+                                     [&](const auto& entry) { return entry.first == session; }),
+                      subscribers.end());
+    EraseIfUnusedLocked(buffer);
+  }
+  pages_.erase(page);
+}
+
+size_t ReservationTable::pages() const {
+  absl::MutexLock lock(&mu_);
+  return pages_.size();
+}
+
 void ReservationTable::DropBuffer(uint64_t buffer) {
   absl::MutexLock lock(&mu_);
-  buffers_.erase(buffer);
+  if (auto it = buffers_.find(buffer); it != buffers_.end()) {
+    // Its slots are free again.
+    for (const auto& [session, index] : it->second.subscribers) {
+      auto page = pages_.find(session);
+      if (page == pages_.end()) continue;
+      reservation::Slot& slot = page->second.slot(index);
+      reservation::Write(slot, {});
+      timeline::WakeAll(slot.seq);
+      page->second.slots.erase(buffer);
+      page->second.free.push_back(index);
+    }
+    buffers_.erase(it);
+  }
   absl::erase_if(merges_, [&](const auto& entry) { return std::get<0>(entry.first) == buffer; });
 }
 
@@ -132,22 +315,29 @@ void ReservationTable::Detach(uint64_t buffer, uint64_t fence_id, v1::FenceUsage
   absl::MutexLock lock(&mu_);
   auto it = buffers_.find(buffer);
   if (it == buffers_.end()) return;
-  std::erase_if(it->second, [&](const Attached& entry) {
+  std::erase_if(it->second.attached, [&](const Attached& entry) {
     return entry.fence_id == fence_id && entry.usage == usage;
   });
-  if (it->second.empty()) buffers_.erase(it);
+  PublishLocked(buffer, it->second);
+  EraseIfUnusedLocked(buffer);
 }
 
 absl::flat_hash_map<uint64_t, std::vector<ReservationTable::Attached>> ReservationTable::List()
     const {
   absl::MutexLock lock(&mu_);
-  return buffers_;
+  absl::flat_hash_map<uint64_t, std::vector<Attached>> out;
+  for (const auto& [buffer, reservation] : buffers_) {
+    if (!reservation.attached.empty()) out[buffer] = reservation.attached;
+  }
+  return out;
 }
 
 void ReservationTable::Clear() {
   absl::MutexLock lock(&mu_);
   buffers_.clear();
   merges_.clear();
+  watched_.clear();
+  pages_.clear();
 }
 
 }  // namespace bufferd

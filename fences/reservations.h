@@ -16,6 +16,12 @@
 // service) to have checked that the session holds a handle on the buffer
 // and may attach that usage. Thread-safe, with its own lock; it calls the
 // FenceTable under it (never the other way round).
+//
+// It publishes each buffer's state to the sessions that subscribed to it,
+// in each session's status page (fences/reservation_page.h): at every
+// attach, before Attach returns, and at every signal of an attached fence,
+// through the FenceTable's watch hook (OnSignaled), before any waiter of
+// that fence is answered.
 #ifndef BUFFERD_FENCES_RESERVATIONS_H_
 #define BUFFERD_FENCES_RESERVATIONS_H_
 
@@ -25,11 +31,15 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/inlined_vector.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "bufferd/v1/fence.pb.h"
+#include "base/mapping.h"
+#include "base/unique_fd.h"
 #include "fences/fence_table.h"
+#include "fences/reservation_page.h"
 
 namespace bufferd {
 
@@ -48,12 +58,26 @@ class ReservationTable {
     v1::FenceUsage usage = v1::FENCE_USAGE_UNSPECIFIED;
     uint64_t attached_by = 0;  // session
     absl::Time attached_at;
+    // The buffer's attach sequence number (reservation_page.h).
+    uint64_t seq = 0;
+  };
+  // Where a Pending answer stands: the last fence attached to the buffer
+  // (its sequence number), and its waited-for fences that failed so far.
+  struct Snapshot {
+    uint64_t seq = 0;
+    uint32_t failures = 0;
+  };
+  struct Subscription {
+    // The buffer's slot in the session's status page (0: the page is full;
+    // ask the daemon).
+    uint32_t slot = 0;
+    // The page, read-only, the first time the session subscribes.
+    UniqueFd page;
   };
 
-  // `fences` must outlive this object.
-  ReservationTable(FenceTable* fences, ReservationLimits limits)
-      : fences_(fences), limits_(limits) {}
-  ~ReservationTable() = default;
+  // `fences` must outlive this object. Sets the FenceTable's watch hook.
+  ReservationTable(FenceTable* fences, ReservationLimits limits);
+  ~ReservationTable();
   ReservationTable(const ReservationTable&) = delete;
   ReservationTable& operator=(const ReservationTable&) = delete;
 
@@ -69,7 +93,19 @@ class ReservationTable {
   // WRITE) or WRITE (KERNEL + WRITE + READ); BOOKKEEP lists every
   // unsignalled fence, whatever its usage. Oldest first, each fence once
   // (attached with several usages: the first).
-  absl::StatusOr<std::vector<Attached>> Pending(uint64_t buffer, v1::FenceUsage for_access);
+  // `snapshot` (if not null) gets where the answer stands.
+  absl::StatusOr<std::vector<Attached>> Pending(uint64_t buffer, v1::FenceUsage for_access,
+                                                Snapshot* snapshot = nullptr);
+
+  // `session` reads `buffer`'s state in its status page from now on, until
+  // the buffer goes or the session ends (CloseSession). The page is made at
+  // the session's first subscription.
+  absl::StatusOr<Subscription> Subscribe(uint64_t session, uint64_t buffer);
+  // The session is over: its page and its slots go.
+  void CloseSession(uint64_t session);
+  // The FenceTable's watch hook: an attached fence was signalled. Returns
+  // whether a waiter was woken.
+  bool OnSignaled(uint64_t fence_id, v1::FenceStatus status);
 
   // The buffer is gone: its reservation goes.
   void DropBuffer(uint64_t buffer);
@@ -88,12 +124,37 @@ class ReservationTable {
   // views; nothing is pruned).
   absl::flat_hash_map<uint64_t, std::vector<Attached>> List() const;
   const ReservationLimits& limits() const { return limits_; }
+  // Sessions with a status page, and slots in use (for tests and metrics).
+  size_t pages() const;
 
   void Clear();
 
  private:
+  struct Reservation {
+    std::vector<Attached> attached;
+    uint64_t last_seq = 0;
+    uint32_t failures = 0;
+    // (session, slot) of every subscriber.
+    absl::InlinedVector<std::pair<uint64_t, uint32_t>, 2> subscribers;
+  };
+  struct StatusPage {
+    Mapping map;
+    // Buffer -> slot, and the slots free (1 .. kSlots-1).
+    absl::flat_hash_map<uint64_t, uint32_t> slots;
+    std::vector<uint32_t> free;
+    reservation::Slot& slot(uint32_t index) const {
+      return reinterpret_cast<reservation::Slot*>(map.data())[index];
+    }
+  };
+
   // Drops the buffer's signalled fences.
   void PruneLocked(std::vector<Attached>& attached) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Writes the buffer's state into its subscribers' slots and wakes them.
+  // Returns whether it woke a waiter.
+  bool PublishLocked(uint64_t buffer, Reservation& reservation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Erases the buffer's entry if nothing is attached and nobody subscribed.
+  void EraseIfUnusedLocked(uint64_t buffer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  static absl::StatusOr<StatusPage> NewPage(UniqueFd* read_only);
 
   struct Merge {
     std::vector<uint64_t> ids;
@@ -105,7 +166,13 @@ class ReservationTable {
   FenceTable* const fences_;
   const ReservationLimits limits_;
   mutable absl::Mutex mu_;
-  absl::flat_hash_map<uint64_t, std::vector<Attached>> buffers_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uint64_t, Reservation> buffers_ ABSL_GUARDED_BY(mu_);
+  // Fence -> the buffers it was attached to, each with whether a failure of
+  // it counts there (not BOOKKEEP only); until its signal.
+  absl::flat_hash_map<uint64_t, absl::InlinedVector<std::pair<uint64_t, bool>, 1>> watched_
+      ABSL_GUARDED_BY(mu_);
+  // Status pages, by session.
+  absl::flat_hash_map<uint64_t, StatusPage> pages_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<MergeKey, Merge> merges_ ABSL_GUARDED_BY(mu_);
 };
 

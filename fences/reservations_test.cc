@@ -1,6 +1,12 @@
 #include "fences/reservations.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+
 #include <memory>
+
+#include "base/mapping.h"
+#include "fences/reservation_page.h"
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -137,6 +143,145 @@ TEST_F(ReservationTableTest, AGoneBufferGoesWithItsReservation) {
   fences_->Forget(kWriter, fence);  // its owner lets go: cancelled, erased
   EXPECT_FALSE(fences_->Peek(fence).has_value());
   EXPECT_TRUE(Ids(v1::FENCE_USAGE_WRITE).empty());
+}
+
+// The session's status page, as the client library maps it.
+class StatusPageTest : public ReservationTableTest {
+ protected:
+  // Subscribes kReader to kBuffer; returns its slot.
+  uint32_t Subscribe() {
+    absl::StatusOr<ReservationTable::Subscription> sub = table_->Subscribe(kReader, kBuffer);
+    EXPECT_TRUE(sub.ok()) << sub.status();
+    if (!sub.ok()) return 0;
+    if (sub->page.valid()) {
+      page_fd_ = std::move(sub->page);
+      absl::StatusOr<Mapping> map =
+          Mapping::Create(page_fd_.get(), reservation::kPageSize, Mapping::Protection::kReadOnly);
+      EXPECT_TRUE(map.ok()) << map.status();
+      if (map.ok()) map_ = *std::move(map);
+    }
+    return sub->slot;
+  }
+  reservation::SlotState Slot(uint32_t index) {
+    reservation::SlotState state;
+    EXPECT_TRUE(reservation::Read(reinterpret_cast<const reservation::Slot*>(map_.data())[index],
+                                  &state));
+    return state;
+  }
+
+  UniqueFd page_fd_;
+  Mapping map_;
+};
+
+TEST_F(StatusPageTest, PublishesPendingSidesAtAttachAndSignal) {
+  const uint32_t slot = Subscribe();
+  ASSERT_NE(slot, 0u);
+  ASSERT_TRUE(map_.valid());
+  const auto& header = *reinterpret_cast<const reservation::Header*>(map_.data());
+  EXPECT_EQ(header.magic, reservation::kMagic);
+  EXPECT_EQ(header.slots, reservation::kSlots);
+  reservation::SlotState state = Slot(slot);
+  EXPECT_EQ(state.buffer_id, kBuffer);
+  EXPECT_TRUE(reservation::Clear(state, /*write=*/true, UINT64_MAX));
+
+  const uint64_t write = NewFence(kWriter);
+  const uint64_t read = NewFence(kReader);
+  const uint64_t bookkeep = NewFence(kWriter);
+  ASSERT_TRUE(table_->Attach(kWriter, kBuffer, write, v1::FENCE_USAGE_WRITE).ok());
+  ASSERT_TRUE(table_->Attach(kReader, kBuffer, read, v1::FENCE_USAGE_READ).ok());
+  ASSERT_TRUE(table_->Attach(kWriter, kBuffer, bookkeep, v1::FENCE_USAGE_BOOKKEEP).ok());
+  state = Slot(slot);
+  EXPECT_EQ(state.writers_low, 1u);
+  EXPECT_EQ(state.readers_low, 2u);
+  EXPECT_FALSE(reservation::Clear(state, false, UINT64_MAX));
+  // A waiter told "up to 0" (nothing was attached when it asked) is clear.
+  EXPECT_TRUE(reservation::Clear(state, true, 0));
+
+  const uint32_t seq = state.seq;
+  ASSERT_TRUE(fences_->Signal(kWriter, write, v1::FENCE_STATUS_OK, "").ok());
+  state = Slot(slot);
+  EXPECT_NE(state.seq, seq) << "a signal of an attached fence bumps the slot";
+  EXPECT_EQ(state.writers_low, 0u);
+  EXPECT_TRUE(reservation::Clear(state, false, UINT64_MAX)) << "BOOKKEEP is never waited for";
+  EXPECT_FALSE(reservation::Clear(state, true, UINT64_MAX));
+  EXPECT_EQ(state.failures, 0u);
+
+  ASSERT_TRUE(fences_->Signal(kReader, read, v1::FENCE_STATUS_ERROR, "bad read").ok());
+  state = Slot(slot);
+  EXPECT_TRUE(reservation::Clear(state, true, UINT64_MAX));
+  EXPECT_EQ(state.failures, 1u) << "a failed waited-for fence is counted";
+  ASSERT_TRUE(fences_->Signal(kWriter, bookkeep, v1::FENCE_STATUS_ERROR, "x").ok());
+  EXPECT_EQ(Slot(slot).failures, 1u) << "BOOKKEEP failures are not";
+}
+
+TEST_F(StatusPageTest, LaterFencesDoNotHoldAnEarlierWaiter) {
+  const uint32_t slot = Subscribe();
+  const uint64_t first = NewFence(kWriter);
+  ASSERT_TRUE(table_->Attach(kWriter, kBuffer, first, v1::FENCE_USAGE_WRITE).ok());
+  ReservationTable::Snapshot snapshot;
+  ASSERT_TRUE(table_->Pending(kBuffer, v1::FENCE_USAGE_READ, &snapshot).ok());
+  EXPECT_EQ(snapshot.seq, 1u);
+  const uint64_t second = NewFence(kWriter);
+  ASSERT_TRUE(table_->Attach(kWriter, kBuffer, second, v1::FENCE_USAGE_WRITE).ok());
+  EXPECT_FALSE(reservation::Clear(Slot(slot), false, snapshot.seq));
+  ASSERT_TRUE(fences_->Signal(kWriter, first, v1::FENCE_STATUS_OK, "").ok());
+  EXPECT_TRUE(reservation::Clear(Slot(slot), false, snapshot.seq));
+  EXPECT_FALSE(reservation::Clear(Slot(slot), false, UINT64_MAX));
+}
+
+TEST_F(StatusPageTest, OwnerDeathCountsAsAFailureAndClears) {
+  const uint32_t slot = Subscribe();
+  const uint64_t write = NewFence(kWriter);
+  ASSERT_TRUE(table_->Attach(kWriter, kBuffer, write, v1::FENCE_USAGE_WRITE).ok());
+  fences_->CloseSession(kWriter);
+  const reservation::SlotState state = Slot(slot);
+  EXPECT_TRUE(reservation::Clear(state, true, UINT64_MAX));
+  EXPECT_EQ(state.failures, 1u);
+}
+
+TEST_F(StatusPageTest, PageIsReadOnlyAndSlotsAreReused) {
+  const uint32_t slot = Subscribe();
+  ASSERT_NE(slot, 0u);
+  EXPECT_EQ(Subscribe(), slot) << "one slot per buffer and session";
+  // Nobody but the daemon writes it: not a writable mapping, not a new
+  // writable open, not write().
+  EXPECT_FALSE(
+      Mapping::Create(page_fd_.get(), reservation::kPageSize, Mapping::Protection::kReadWrite)
+          .ok());
+  const std::string path = absl::StrCat("/proc/self/fd/", page_fd_.get());
+  // (0400, but root opens it anyway: F_SEAL_FUTURE_WRITE still refuses.)
+  UniqueFd reopened(::open(path.c_str(), O_RDWR | O_CLOEXEC));
+  if (reopened.valid()) {
+    const char byte = 1;
+    EXPECT_LT(::pwrite(reopened.get(), &byte, 1, 64), 0);
+    EXPECT_EQ(::mmap(nullptr, reservation::kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED,
+                     reopened.get(), 0),
+              MAP_FAILED);
+  }
+  EXPECT_EQ(::fcntl(page_fd_.get(), F_ADD_SEALS, F_SEAL_WRITE), -1) << "sealed F_SEAL_SEAL";
+
+  table_->DropBuffer(kBuffer);
+  EXPECT_EQ(Slot(slot).buffer_id, 0u) << "a freed buffer's slot is cleared";
+  absl::StatusOr<ReservationTable::Subscription> again = table_->Subscribe(kReader, kBuffer + 1);
+  ASSERT_TRUE(again.ok());
+  EXPECT_FALSE(again->page.valid()) << "the page is made once per session";
+  EXPECT_EQ(again->slot, slot) << "the freed slot is reused";
+  table_->CloseSession(kReader);
+  EXPECT_EQ(table_->pages(), 0u);
+}
+
+TEST_F(StatusPageTest, AFullPageSaysAskTheDaemon) {
+  uint32_t last = 0;
+  for (uint64_t buffer = 100; buffer < 100 + reservation::kSlots - 1; ++buffer) {
+    absl::StatusOr<ReservationTable::Subscription> sub = table_->Subscribe(kReader, buffer);
+    ASSERT_TRUE(sub.ok());
+    ASSERT_NE(sub->slot, 0u);
+    last = sub->slot;
+  }
+  EXPECT_GT(last, 0u);
+  absl::StatusOr<ReservationTable::Subscription> full = table_->Subscribe(kReader, 99);
+  ASSERT_TRUE(full.ok());
+  EXPECT_EQ(full->slot, 0u);
 }
 
 }  // namespace

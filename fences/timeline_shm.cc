@@ -82,8 +82,9 @@ bool FindDaemonFailure(const StatePage& state, uint64_t point, PointState* resul
 
 }  // namespace
 
-void WakeAll(const uint32_t& seq) {
-  syscall(SYS_futex, &seq, FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+int WakeAll(const uint32_t& seq) {
+  const long woke = syscall(SYS_futex, &seq, FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+  return woke > 0 ? static_cast<int>(woke) : 0;
 }
 
 void WakeWaker(WakePage& page) {

@@ -204,8 +204,9 @@ inline void Bump(uint32_t& seq) {
 // what that costs a waiter.
 inline constexpr int64_t kMaxSleepNs = 20'000'000;
 
-// Wakes every process blocked on `seq` (any mapping of the same page).
-void WakeAll(const uint32_t& seq);
+// Wakes every process blocked on `seq` (any mapping of the same page);
+// returns how many woke.
+int WakeAll(const uint32_t& seq);
 
 // What the owner and the daemon do to a waker: bump its seq and wake its
 // sleepers (only if there are any: no syscall otherwise).

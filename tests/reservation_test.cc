@@ -6,7 +6,10 @@
 #include <gtest/gtest.h>
 #include <poll.h>
 
+#include <signal.h>
+
 #include <algorithm>
+#include <future>
 #include <string>
 #include <thread>
 
@@ -38,6 +41,21 @@ class ReservationTest : public DaemonTest {
     absl::StatusOr<Buffer> buffer = client_->Allocate({.heap = "system", .size = 65536});
     EXPECT_TRUE(buffer.ok()) << buffer.status();
     return *std::move(buffer);
+  }
+  // Fences client_'s session holds (bufctl clients' FENCES HELD), once
+  // what earlier accesses waited for has been let go (within 2 ms, one-way).
+  uint32_t SettledHeld() {
+    absl::SleepFor(absl::Milliseconds(50));
+    return Held();
+  }
+  uint32_t Held() {
+    absl::StatusOr<v1::ListClientsResponse> clients = client_->ListClients();
+    EXPECT_TRUE(clients.ok()) << clients.status();
+    if (!clients.ok()) return 0;
+    for (const v1::ClientInfo& info : clients->clients()) {
+      if (info.session_id() == client_->session_id()) return info.fences_held();
+    }
+    return 0;
   }
   static bool Readable(int fd, absl::Duration timeout) {
     pollfd ready{fd, POLLIN, 0};
@@ -149,6 +167,9 @@ TEST_F(ReservationTest, AWriterWaitsForReadersAndBookkeepHoldsNobody) {
 
     // The reader dies while a writer waits: its fence fails OWNER_DIED and
     // the write goes ahead.
+    const uint64_t reader_fence = (*pending)[0].id();
+    pending->clear();
+    const uint32_t held_before = SettledHeld();
     std::thread writing([&] {
       absl::StatusOr<Buffer::ScopedCpuAccess> write =
           buffer.CpuAccess(Cpu::kWrite, absl::Seconds(20));
@@ -157,11 +178,11 @@ TEST_F(ReservationTest, AWriterWaitsForReadersAndBookkeepHoldsNobody) {
       EXPECT_EQ(write->waited()[0].status(), v1::FENCE_STATUS_OWNER_DIED);
       EXPECT_EQ(write->waited()[0].usage(), v1::FENCE_USAGE_READ);
     });
-    // Its wait is registered in the daemon before the reader goes.
-    EXPECT_TRUE(::bufferd::testing::Eventually([&] {
-      absl::StatusOr<v1::FenceInfo> info = (*pending)[0].Info();
-      return info.ok() && info->waiters() == 1;
-    }));
+    // The writer has been told what it waits for (its session holds the
+    // reader's fence) before the reader goes; it sleeps on its status page,
+    // not in the daemon.
+    EXPECT_TRUE(::bufferd::testing::Eventually([&] { return Held() == held_before + 1; }))
+        << "fence " << reader_fence << " never listed to the writer";
     reader->Kill(SIGKILL);
     reader->Wait();
     writing.join();
@@ -170,6 +191,89 @@ TEST_F(ReservationTest, AWriterWaitsForReadersAndBookkeepHoldsNobody) {
     ASSERT_TRUE(after.ok());
     EXPECT_TRUE(after->empty()) << "signalled: pruned";
     ASSERT_TRUE(note->Signal().ok());
+  }
+  ExpectBaseline();
+}
+
+TEST_F(ReservationTest, NothingPendingCostsNoRoundTrip) {
+  {
+    Buffer buffer = NewBuffer();
+    // The first access asks the daemon and subscribes the session.
+    ASSERT_TRUE(buffer.BeginCpuAccess(Cpu::kWrite, absl::ZeroDuration()).ok());
+    // From then on nothing pending is read from the status page: the calls
+    // succeed with the daemon stopped (a round trip would hang).
+    ASSERT_EQ(::kill(daemon_->pid(), SIGSTOP), 0);
+    std::future<absl::Status> accesses = std::async(std::launch::async, [&] {
+      for (int i = 0; i < 1000; ++i) {
+        for (Cpu access : {Cpu::kRead, Cpu::kWrite}) {
+          absl::StatusOr<Buffer::ScopedCpuAccess> scoped =
+              buffer.CpuAccess(access, absl::ZeroDuration());
+          if (!scoped.ok()) return scoped.status();
+          if (!scoped->waited().empty()) return absl::InternalError("waited for something");
+        }
+      }
+      return absl::OkStatus();
+    });
+    const bool done = accesses.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+    ASSERT_EQ(::kill(daemon_->pid(), SIGCONT), 0);
+    ASSERT_TRUE(done) << "BeginCpuAccess asked the stopped daemon";
+    EXPECT_TRUE(accesses.get().ok());
+
+    // An attach is in the page before AttachFence returns.
+    absl::StatusOr<Fence> write = client_->CreateFence({.name = "w"});
+    ASSERT_TRUE(write.ok());
+    ASSERT_TRUE(buffer.AttachFence(*write, v1::FENCE_USAGE_WRITE).ok());
+    EXPECT_EQ(buffer.BeginCpuAccess(Cpu::kRead, absl::ZeroDuration()).status().code(),
+              absl::StatusCode::kDeadlineExceeded);
+    // BOOKKEEP holds nobody; READ holds writers only.
+    absl::StatusOr<Fence> read = client_->CreateFence({.name = "r"});
+    ASSERT_TRUE(read.ok());
+    ASSERT_TRUE(write->SignalAndConfirm().ok());
+    ASSERT_TRUE(buffer.AttachFence(*read, v1::FENCE_USAGE_READ).ok());
+    EXPECT_TRUE(buffer.BeginCpuAccess(Cpu::kRead, absl::ZeroDuration()).ok());
+    EXPECT_EQ(buffer.BeginCpuAccess(Cpu::kWrite, absl::ZeroDuration()).status().code(),
+              absl::StatusCode::kDeadlineExceeded);
+    ASSERT_TRUE(read->SignalAndConfirm().ok());
+    ASSERT_TRUE(buffer.BeginCpuAccess(Cpu::kWrite, absl::ZeroDuration()).ok());
+  }
+  ExpectBaseline();
+}
+
+TEST_F(ReservationTest, AWaitOnThePageReportsFailuresAndIgnoresLaterFences) {
+  {
+    Buffer buffer = NewBuffer();
+    absl::StatusOr<Client> producer = Client::Connect(daemon_->socket_dir());
+    ASSERT_TRUE(producer.ok());
+    absl::StatusOr<Buffer> shared = producer->Import(*buffer.Export(Access::kReadWrite));
+    ASSERT_TRUE(shared.ok());
+    absl::StatusOr<Fence> first = producer->CreateFence({.name = "first"});
+    absl::StatusOr<Fence> second = producer->CreateFence({.name = "second"});
+    ASSERT_TRUE(first.ok() && second.ok());
+    ASSERT_TRUE(shared->AttachFence(*first, v1::FENCE_USAGE_WRITE).ok());
+
+    const uint32_t held_before = SettledHeld();
+    std::future<absl::StatusOr<std::vector<v1::FenceInfo>>> reading =
+        std::async(std::launch::async, [&] { return buffer.BeginCpuAccess(Cpu::kRead, absl::Seconds(20)); });
+    // Listed to the reader (its session holds the fence) before anything
+    // else happens.
+    ASSERT_TRUE(::bufferd::testing::Eventually([&] { return Held() == held_before + 1; }));
+    // A fence attached after the read asked does not hold it.
+    ASSERT_TRUE(shared->AttachFence(*second, v1::FENCE_USAGE_WRITE).ok());
+    ASSERT_TRUE(first->Signal(v1::FENCE_STATUS_ERROR, "torn frame").ok());
+    ASSERT_EQ(reading.wait_for(std::chrono::seconds(20)), std::future_status::ready);
+    absl::StatusOr<std::vector<v1::FenceInfo>> waited = reading.get();
+    ASSERT_TRUE(waited.ok()) << waited.status();
+    ASSERT_EQ(waited->size(), 1u);
+    EXPECT_EQ((*waited)[0].fence_id(), first->id());
+    EXPECT_EQ((*waited)[0].status(), v1::FENCE_STATUS_ERROR) << "the failure is reported";
+    EXPECT_EQ((*waited)[0].message(), "torn frame");
+    // The later fence holds the next read.
+    EXPECT_EQ(buffer.BeginCpuAccess(Cpu::kRead, absl::ZeroDuration()).status().code(),
+              absl::StatusCode::kDeadlineExceeded);
+    ASSERT_TRUE(second->SignalAndConfirm().ok());
+    EXPECT_TRUE(buffer.BeginCpuAccess(Cpu::kRead, absl::ZeroDuration()).ok());
+    EXPECT_TRUE(::bufferd::testing::Eventually([&] { return Held() == held_before; }))
+        << "the reader let go of what it was listed";
   }
   ExpectBaseline();
 }
