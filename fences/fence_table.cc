@@ -412,10 +412,14 @@ void FenceTable::SignalLocked(Fence& first, v1::FenceStatus status, std::string 
     fence.view.status = step.status;
     fence.view.message = std::move(step.message);
     fence.view.signaled_at = now;
+    // Accesses sleeping on a reservation status page wake as early as
+    // pollers do.
+    if (fence.watched && watch_hook_ != nullptr && watch_hook_(step.id, step.status)) {
+      out.woke_pollers = true;
+    }
     --pending_;
     ++counts_.signals[step.status];
     signalled.push_back(step.id);
-    if (fence.watched) out.watched.emplace_back(step.id, step.status);
     auto owner = sessions_.find(fence.view.owner_session);
     if (owner != sessions_.end()) owner->second.pending_owned.erase(step.id);
     RemoveTimerLocked(fence.timer);
@@ -1059,12 +1063,6 @@ bool FenceTable::Watch(uint64_t id) {
 }
 
 void FenceTable::Run(Completions& completions) {
-  if (watch_hook_ != nullptr) {
-    for (const auto& [id, status] : completions.watched) {
-      if (watch_hook_(id, status)) completions.woke_pollers = true;
-    }
-  }
-  completions.watched.clear();
   if (executor_ != nullptr && completions.waits.size() > kInlineCompletions) {
     auto batch = std::make_shared<decltype(completions.waits)>(std::move(completions.waits));
     executor_([batch] {

@@ -245,11 +245,12 @@ class FenceTable {
   std::optional<FenceView> Peek(uint64_t id) const;
   // Reservation objects publish their state (fences/reservation_page.h):
   // the watch hook runs once for each watched fence when it is signalled,
-  // without the table's lock, on the thread that signalled it, before any
-  // wait completes; it returns whether it woke a process (the thread then
-  // yields, as after closing a polled pipe). Set it before serving. Watch
-  // marks a pending fence; false if it is unknown or signalled already (no
-  // hook will run for it).
+  // as early as a polled pipe is closed (before the rest of the signal's
+  // work), under the table's lock: it must never call the table. It
+  // returns whether it woke a process (the thread then yields, as after
+  // closing a polled pipe). Set it before serving. Watch marks a pending
+  // fence; false if it is unknown or signalled already (no hook will run
+  // for it).
   using WatchHook = std::function<bool(uint64_t id, v1::FenceStatus status)>;
   void SetWatchHook(WatchHook hook);
   bool Watch(uint64_t id);
@@ -343,8 +344,6 @@ class FenceTable {
   // Work to do once the lock is dropped.
   struct Completions {
     std::vector<std::pair<WaitDone, absl::StatusOr<WaitResult>>> waits;
-    // Watched fences signalled, for the watch hook.
-    std::vector<std::pair<uint64_t, v1::FenceStatus>> watched;
     // A pipe was closed: processes polling it are runnable now.
     bool woke_pollers = false;
   };

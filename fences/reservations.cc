@@ -61,48 +61,60 @@ absl::Status ReservationTable::Attach(uint64_t session, uint64_t buffer, uint64_
   // signalled already has nothing to hold anyone back.
   ASSIGN_OR_RETURN(FenceView fence, fences_->Info(session, fence_id));
   if (fence.signaled) return absl::OkStatus();
-  absl::MutexLock lock(&mu_);
-  Reservation& reservation = buffers_[buffer];
-  std::vector<Attached>& attached = reservation.attached;
-  PruneLocked(attached);
-  // Distinct fences on the usage's side (a fence attached twice there
-  // counts once).
-  std::vector<uint64_t> side;
-  for (const Attached& entry : attached) {
-    if (entry.fence_id == fence_id && entry.usage == usage) {
-      EraseIfUnusedLocked(buffer);
-      return absl::OkStatus();
-    }
-    if (WriterSide(entry.usage) == WriterSide(usage)) side.push_back(entry.fence_id);
-  }
-  std::sort(side.begin(), side.end());
-  side.erase(std::unique(side.begin(), side.end()), side.end());
-  const bool counted = std::binary_search(side.begin(), side.end(), fence_id);
-  if (!counted && side.size() >= limits_.max_fences_per_buffer) {
-    EraseIfUnusedLocked(buffer);
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "buffer ", buffer, " has ", side.size(), " unsignalled ",
-        WriterSide(usage) ? "KERNEL/WRITE" : "READ/BOOKKEEP",
-        " fences attached, the limit (max_fences_per_buffer ", limits_.max_fences_per_buffer,
-        "): signal some first"));
-  }
-  // Watched from now on: its signal reaches OnSignaled (which waits for
-  // this lock). Signalled meanwhile: nothing to hold anyone back.
-  if (!fences_->Watch(fence_id)) {
-    EraseIfUnusedLocked(buffer);
-    return absl::OkStatus();
-  }
-  attached.push_back({fence_id, usage, session, absl::Now(), ++reservation.last_seq});
-  auto& buffers = watched_[fence_id];
   const bool waited = usage != v1::FENCE_USAGE_BOOKKEEP;
-  auto known = std::find_if(buffers.begin(), buffers.end(),
-                            [&](const auto& entry) { return entry.first == buffer; });
-  if (known == buffers.end()) {
-    buffers.emplace_back(buffer, waited);
-  } else {
-    known->second = known->second || waited;
+  uint64_t seq = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    Reservation& reservation = buffers_[buffer];
+    std::vector<Attached>& attached = reservation.attached;
+    // Distinct fences on the usage's side (a fence attached twice there
+    // counts once).
+    std::vector<uint64_t> side;
+    for (const Attached& entry : attached) {
+      if (entry.fence_id == fence_id && entry.usage == usage) return absl::OkStatus();
+      if (WriterSide(entry.usage) == WriterSide(usage)) side.push_back(entry.fence_id);
+    }
+    std::sort(side.begin(), side.end());
+    side.erase(std::unique(side.begin(), side.end()), side.end());
+    const bool counted = std::binary_search(side.begin(), side.end(), fence_id);
+    if (!counted && side.size() >= limits_.max_fences_per_buffer) {
+      EraseIfUnusedLocked(buffer);
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "buffer ", buffer, " has ", side.size(), " unsignalled ",
+          WriterSide(usage) ? "KERNEL/WRITE" : "READ/BOOKKEEP",
+          " fences attached, the limit (max_fences_per_buffer ", limits_.max_fences_per_buffer,
+          "): signal some first"));
+    }
+    seq = ++reservation.last_seq;
+    attached.push_back({fence_id, usage, session, absl::Now(), seq});
+    auto& buffers = watched_[fence_id];
+    auto known = std::find_if(buffers.begin(), buffers.end(),
+                              [&](const auto& entry) { return entry.first == buffer; });
+    if (known == buffers.end()) {
+      buffers.emplace_back(buffer, waited);
+    } else {
+      known->second = known->second || waited;
+    }
+    PublishLocked(buffer, reservation);
   }
-  PublishLocked(buffer, reservation);
+  // Watched from now on: its signal reaches OnSignaled, which takes the
+  // entry out. (Outside this lock: the table calls OnSignaled under its
+  // own.)
+  if (fences_->Watch(fence_id)) return absl::OkStatus();
+  // Signalled meanwhile, and no hook will ever come for it: take it back
+  // (counting it as failed if it was: a waiter may have been told of it).
+  const std::optional<FenceView> now = fences_->Peek(fence_id);
+  const bool failed = !now.has_value() || now->status != v1::FENCE_STATUS_OK;
+  absl::MutexLock lock(&mu_);
+  watched_.erase(fence_id);
+  auto it = buffers_.find(buffer);
+  if (it == buffers_.end()) return absl::OkStatus();
+  std::erase_if(it->second.attached, [&](const Attached& entry) {
+    return entry.fence_id == fence_id && entry.seq == seq;
+  });
+  if (waited && failed) ++it->second.failures;
+  PublishLocked(buffer, it->second);
+  EraseIfUnusedLocked(buffer);
   return absl::OkStatus();
 }
 
@@ -120,7 +132,6 @@ absl::StatusOr<std::vector<ReservationTable::Attached>> ReservationTable::Pendin
   if (snapshot != nullptr) *snapshot = {};
   if (it == buffers_.end()) return out;
   if (snapshot != nullptr) *snapshot = {it->second.last_seq, it->second.failures};
-  PruneLocked(it->second.attached);
   for (const Attached& entry : it->second.attached) {
     if (!AccessWaitsFor(for_access, entry.usage)) continue;
     const bool listed = std::any_of(out.begin(), out.end(), [&](const Attached& other) {
@@ -132,13 +143,6 @@ absl::StatusOr<std::vector<ReservationTable::Attached>> ReservationTable::Pendin
   return out;
 }
 
-void ReservationTable::PruneLocked(std::vector<Attached>& attached) {
-  std::erase_if(attached, [&](const Attached& entry) {
-    std::optional<FenceView> fence = fences_->Peek(entry.fence_id);
-    return !fence.has_value() || fence->signaled;
-  });
-}
-
 void ReservationTable::EraseIfUnusedLocked(uint64_t buffer) {
   auto it = buffers_.find(buffer);
   if (it != buffers_.end() && it->second.attached.empty() && it->second.subscribers.empty()) {
@@ -148,7 +152,6 @@ void ReservationTable::EraseIfUnusedLocked(uint64_t buffer) {
 
 bool ReservationTable::PublishLocked(uint64_t buffer, Reservation& reservation) {
   if (reservation.subscribers.empty()) return false;
-  PruneLocked(reservation.attached);
   reservation::SlotState state;
   state.buffer_id = buffer;
   state.failures = reservation.failures;
@@ -191,6 +194,8 @@ bool ReservationTable::OnSignaled(uint64_t fence_id, v1::FenceStatus status) {
   for (const auto& [buffer, waited] : buffers) {
     auto reservation = buffers_.find(buffer);
     if (reservation == buffers_.end()) continue;
+    std::erase_if(reservation->second.attached,
+                  [&](const Attached& entry) { return entry.fence_id == fence_id; });
     if (waited && status != v1::FENCE_STATUS_OK) ++reservation->second.failures;
     woke |= PublishLocked(buffer, reservation->second);
     EraseIfUnusedLocked(buffer);
@@ -294,15 +299,22 @@ void ReservationTable::DropBuffer(uint64_t buffer) {
 std::optional<uint64_t> ReservationTable::CachedMerge(uint64_t buffer, uint64_t session,
                                                       v1::FenceUsage for_access,
                                                       const std::vector<uint64_t>& ids) {
-  absl::MutexLock lock(&mu_);
-  auto it = merges_.find(MergeKey{buffer, session, for_access});
-  if (it == merges_.end() || it->second.ids != ids) return std::nullopt;
-  std::optional<FenceView> merged = fences_->Peek(it->second.merged);
-  if (!merged.has_value() || merged->signaled) {
-    merges_.erase(it);
-    return std::nullopt;
+  const MergeKey key{buffer, session, for_access};
+  uint64_t merged_id = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = merges_.find(key);
+    if (it == merges_.end() || it->second.ids != ids) return std::nullopt;
+    merged_id = it->second.merged;
   }
-  return it->second.merged;
+  // Never the FenceTable under this lock (it calls OnSignaled under its own).
+  std::optional<FenceView> merged = fences_->Peek(merged_id);
+  if (merged.has_value() && !merged->signaled) return merged_id;
+  absl::MutexLock lock(&mu_);
+  if (auto it = merges_.find(key); it != merges_.end() && it->second.merged == merged_id) {
+    merges_.erase(it);
+  }
+  return std::nullopt;
 }
 
 void ReservationTable::CacheMerge(uint64_t buffer, uint64_t session, v1::FenceUsage for_access,

@@ -7,15 +7,17 @@
 // listed for debugging). A read access waits for KERNEL + WRITE; a write
 // access for KERNEL + WRITE + READ. The table keeps fence ids only: the
 // FenceTable keeps every pending fence known whoever holds it, and a
-// signalled one is of no more use here. Signalled (or unknown) fences are
-// pruned whenever a buffer's pending fences are asked for, and a buffer's
-// reservation goes with the buffer. Fences end in bounded time (their
+// signalled one is of no more use here: it leaves every buffer at its
+// signal, and a buffer's reservation goes with the buffer. Fences end in bounded time (their
 // deadlines, their owner's death), so no buffer stays blocked forever.
 //
 // The table knows buffers by id and trusts its caller (the daemon's Fence
 // service) to have checked that the session holds a handle on the buffer
-// and may attach that usage. Thread-safe, with its own lock; it calls the
-// FenceTable under it (never the other way round).
+// and may attach that usage. Thread-safe, with its own lock, taken after
+// the FenceTable's (whose signals call OnSignaled under it): it never calls
+// the FenceTable while holding it. Every attached fence is watched, so the
+// lists hold exactly the pending fences: OnSignaled takes each out at its
+// signal.
 //
 // It publishes each buffer's state to the sessions that subscribed to it,
 // in each session's status page (fences/reservation_page.h): at every
@@ -103,8 +105,8 @@ class ReservationTable {
   absl::StatusOr<Subscription> Subscribe(uint64_t session, uint64_t buffer);
   // The session is over: its page and its slots go.
   void CloseSession(uint64_t session);
-  // The FenceTable's watch hook: an attached fence was signalled. Returns
-  // whether a waiter was woken.
+  // The FenceTable's watch hook, under the FenceTable's lock: an attached
+  // fence was signalled. Returns whether a waiter was woken.
   bool OnSignaled(uint64_t fence_id, v1::FenceStatus status);
 
   // The buffer is gone: its reservation goes.
@@ -121,10 +123,10 @@ class ReservationTable {
   // Takes back one attachment (an attach whose handle went meanwhile).
   void Detach(uint64_t buffer, uint64_t fence_id, v1::FenceUsage usage);
   // Unsignalled fences attached to each buffer that has some (for debug
-  // views; nothing is pruned).
+  // views).
   absl::flat_hash_map<uint64_t, std::vector<Attached>> List() const;
   const ReservationLimits& limits() const { return limits_; }
-  // Sessions with a status page, and slots in use (for tests and metrics).
+  // Sessions with a status page (for tests).
   size_t pages() const;
 
   void Clear();
@@ -147,8 +149,6 @@ class ReservationTable {
     }
   };
 
-  // Drops the buffer's signalled fences.
-  void PruneLocked(std::vector<Attached>& attached) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Writes the buffer's state into its subscribers' slots and wakes them.
   // Returns whether it woke a waiter.
   bool PublishLocked(uint64_t buffer, Reservation& reservation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
