@@ -96,6 +96,7 @@
 #include "grpcpp/create_channel.h"
 #include "testing/child_process.h"
 #include "testing/daemon_process.h"
+#include "testing/sleep_probe.h"
 
 namespace bufferd::bench {
 namespace {
@@ -401,7 +402,7 @@ int HelperMain(const UnixSocket& control) {
       // Subscribed from the first access on.
       auto first = buffer->BeginCpuAccess(Cpu::kRead, absl::Seconds(60));
       if (!first.ok()) return Reply(control, "error " + first.status().ToString()), 1;
-      Reply(control, absl::StrCat("ok ", client->session_id()));
+      Reply(control, "ok");
     } else if (command == "resv-read" && buffer) {
       Reply(control, "ready");
       auto waited = buffer->BeginCpuAccess(Cpu::kRead, absl::Seconds(60));
@@ -640,36 +641,20 @@ PingPong TimelinePingPong(const Client& owner, const Helper& waiter, pid_t daemo
   return result;
 }
 
-// Fences a session holds, as the Debug service says (-1: not listed).
-long FencesHeld(const Client& client, uint64_t session) {
-  auto clients = client.ListClients();
-  if (!clients.ok()) return -1;
-  for (const v1::ClientInfo& info : clients->clients()) {
-    if (info.session_id() == session) return info.fences_held();
-  }
-  return -1;
-}
-
 // R2: one-way signal of a WRITE fence on `buffer` -> the waiter's
 // BeginCpuAccess(kRead) on its import of it returns.
-double CpuAccessOnce(const Client& owner, const Buffer& buffer, const Helper& waiter,
-                     uint64_t waiter_session) {
+double CpuAccessOnce(const Client& owner, const Buffer& buffer, const Helper& waiter) {
   auto fence = owner.CreateFence({.name = "frame"});
   if (!fence.ok() || !buffer.AttachFence(*fence, v1::FENCE_USAGE_WRITE).ok()) std::exit(1);
-  // The waiter's session holds no fence (the last access let go of what it
-  // waited for: one Forget record within 2 ms of its return), then the one
-  // it is told to wait for: it has its answer, and a moment later sleeps.
-  auto settle = [&](long want) {
-    for (int i = 0; FencesHeld(owner, waiter_session) != want; ++i) {
-      if (i == 100000) {
-        std::fprintf(stderr, "R2: the waiter's session never held %ld fences\n", want);
-        std::exit(1);
-      }
-    }
-  };
-  settle(0);
   if (waiter.Ask("resv-read") != "ready") std::exit(1);
-  settle(1);
+  // The waiter has its answer and sleeps on its status page.
+  const pid_t pid = waiter.process.pid();
+  for (int i = 0; !testing::SleepsInFutexOn(pid, pid, "bufferd-reservations"); ++i) {
+    if (i == 1000000) {
+      std::fprintf(stderr, "R2: the waiter never slept on its status page\n");
+      std::exit(1);
+    }
+  }
   LetThemBlock();
   const int64_t start = NowNs();
   (void)fence->Signal();
@@ -849,19 +834,18 @@ int main(int argc, char** argv) {
         if (!allocated.ok()) return 1;
         const std::string imported =
             waiter->Ask("resv-import " + *allocated->Export(Access::kReadOnly));
-        uint64_t waiter_session = 0;
-        if (imported.rfind("ok ", 0) != 0 || !absl::SimpleAtoi(imported.substr(3), &waiter_session)) {
+        if (imported != "ok") {
           std::fprintf(stderr, "resv-import: %s\n", imported.c_str());
           return 1;
         }
         for (int i = 0; i < 10; ++i) {  // warm up
           RelayOnce(*relay, *waiter);
-          CpuAccessOnce(*owner, *allocated, *waiter, waiter_session);
+          CpuAccessOnce(*owner, *allocated, *waiter);
         }
         std::vector<double> relay_s, access_s, poll_s;
         for (int i = 0; i < iterations; ++i) {
           relay_s.push_back(RelayOnce(*relay, *waiter));
-          access_s.push_back(CpuAccessOnce(*owner, *allocated, *waiter, waiter_session));
+          access_s.push_back(CpuAccessOnce(*owner, *allocated, *waiter));
           poll_s.push_back(FencePollOnce(*owner, *waiter));
         }
         Verdict("R2. signal -> BeginCpuAccess", placement.name, Summarize(access_s, 0),

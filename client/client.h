@@ -149,10 +149,10 @@ class Buffer {
   // subscribes the session to the buffer's reservation state; from then
   // on, when nothing is pending the call reads the session's status page
   // and makes no syscall at all, and when something is pending it asks
-  // once and sleeps on the page until the daemon publishes the signal (a
-  // fence that failed costs one more round trip, for its status). Fences
-  // attached after it asked never hold it. Fences it waited for that ended
-  // OK without a round trip have no signaled_at.
+  // once (the fences are listed, not held) and sleeps on the page until
+  // the daemon publishes the signal (a fence that failed costs one more
+  // round trip, for its status). Fences attached after it asked never hold
+  // it. Fences it waited for that ended OK have no signaled_at.
   absl::StatusOr<std::vector<v1::FenceInfo>> BeginCpuAccess(Cpu access,
                                                             absl::Duration timeout) const;
   // Ends it. bufferd's memory is coherent for the CPU (memfd pages), so
@@ -185,10 +185,14 @@ class Buffer {
 
  private:
   friend class Client;
-  absl::StatusOr<v1::GetBufferFencesResponse> GetFences(Cpu access, bool as_fd,
-                                                        bool subscribe = false) const;
-  // The pending path of BeginCpuAccess.
+  absl::StatusOr<v1::GetBufferFencesResponse> GetFences(Cpu access, bool as_fd) const;
+  // BeginCpuAccess when the page does not say "clear": asks (subscribing),
+  // then sleeps on the page; WaitThroughDaemon when the page has no room.
   absl::StatusOr<std::vector<v1::FenceInfo>> WaitForAccess(Cpu access, absl::Duration timeout) const;
+  absl::StatusOr<v1::GetBufferFencesResponse> AskFences(
+      Cpu access, std::optional<uint32_t> failures_since) const;
+  absl::StatusOr<std::vector<v1::FenceInfo>> WaitThroughDaemon(Cpu access,
+                                                               absl::Duration timeout) const;
   Buffer(std::shared_ptr<internal::Connection> connection, uint64_t handle, v1::BufferInfo info,
          Access access, UniqueFd fd);
   // Closes the fd and releases the handle one-way.

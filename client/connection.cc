@@ -232,10 +232,6 @@ absl::Status Connection::SetReservationPage(UniqueFd fd) {
 
 void Connection::QueueRelease(uint64_t handle) { one_way_->QueueRelease(handle); }
 
-void Connection::QueueForget(const std::vector<uint64_t>& fence_ids) {
-  one_way_->QueueForget(fence_ids);
-}
-
 absl::Status Connection::SendRecord(const v1::FdChannelMessage& message,
                                     std::span<const int> fds) {
   absl::Status sent = records_->Send(message, fds);

@@ -75,8 +75,6 @@ class Connection {
 
   // Releases `handle` without a round trip (see the class comment).
   void QueueRelease(uint64_t handle);
-  // Forgets fences without a round trip or a syscall now (OneWayQueue).
-  void QueueForget(const std::vector<uint64_t>& fence_ids);
 
   // Sends a record on fd.sock now; every later call is applied after it.
   // UNAUTHENTICATED once fd.sock is gone (EPIPE, ECONNRESET, ENOTCONN: the

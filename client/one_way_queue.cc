@@ -17,7 +17,6 @@ void OneWayQueue::Close() {
   absl::MutexLock lock(&mu_);
   closed_ = true;
   pending_.clear();
-  forgets_.clear();
   unconfirmed_.clear();
   changed_.Signal();
 }
@@ -76,19 +75,6 @@ void OneWayQueue::QueueRelease(uint64_t handle) {
   if (closed_) return;
   pending_.push_back(handle);
   ++queued_;
-  KickLocked();
-}
-
-void OneWayQueue::QueueForget(const std::vector<uint64_t>& fence_ids) {
-  if (fence_ids.empty()) return;
-  absl::MutexLock lock(&mu_);
-  if (closed_) return;
-  forgets_.insert(forgets_.end(), fence_ids.begin(), fence_ids.end());
-  ++queued_;
-  KickLocked();
-}
-
-void OneWayQueue::KickLocked() {
   if (!flusher_.joinable()) {
     try {
       flusher_ = std::thread([this] { FlushLoop(); });  // first drop: start it
@@ -104,7 +90,7 @@ void OneWayQueue::FlushLoop() {
   absl::MutexLock lock(&mu_);
   uint64_t seen = queued_;
   while (!closed_) {
-    if (pending_.empty() && forgets_.empty() && seen == queued_) {
+    if (pending_.empty() && seen == queued_) {
       // Nothing dropped since the last look: sleep until a drop.
       flusher_idle_ = true;
       changed_.Wait(&mu_);
@@ -116,17 +102,8 @@ void OneWayQueue::FlushLoop() {
     seen = queued_;
     changed_.WaitWithTimeout(&mu_, kDelay);
     if (closed_) break;
-    std::vector<uint64_t> handles, forgets;
+    std::vector<uint64_t> handles;
     handles.swap(pending_);
-    forgets.swap(forgets_);
-    if (!forgets.empty()) {
-      mu_.Unlock();
-      v1::FdChannelMessage message;
-      for (uint64_t id : forgets) message.mutable_forget()->add_fence_ids(id);
-      // Fails only when the session is over, which forgets everything anyway.
-      (void)sender_->Send(message);
-      mu_.Lock();
-    }
     if (handles.empty()) continue;
     // Unconfirmed until a call that carries them again succeeds.
     for (uint64_t handle : handles) unconfirmed_.emplace(handle, 0);

@@ -1,11 +1,8 @@
 // internal::OneWayQueue: what the client tells the daemon without a round
 // trip, ordered before its next RPC. Private to the client library.
 //
-// That is dropped Buffers' releases, and the fences an access waited for
-// and lets go of (Buffer::BeginCpuAccess; fence signals go at once, through
-// the RecordSender). Forgets need no order: the flusher sends them in one
-// Forget record within kDelay, so the access that made them returns
-// without a syscall.
+// That is dropped Buffers' releases (fence signals go at once, through the
+// RecordSender).
 // A release waits for the next RPC to carry it in its metadata; what no RPC
 // took within kDelay a flusher thread sends as one-way ReleaseHandle records
 // on fd.sock. Every RPC also carries the releases already sent but not yet
@@ -48,8 +45,6 @@ class OneWayQueue {
 
   // Releases `handle` without a round trip.
   void QueueRelease(uint64_t handle);
-  // Forgets fences this session holds, within kDelay.
-  void QueueForget(const std::vector<uint64_t>& fence_ids);
   // The releases a new call carries (see the class comment).
   std::vector<uint64_t> TakeForCall();
   // A call carrying `carried` finished: OK confirms them; otherwise they are
@@ -62,15 +57,12 @@ class OneWayQueue {
 
  private:
   void FlushLoop();
-  // Starts the flusher, or wakes it if it sleeps.
-  void KickLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void TrimUnconfirmedLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   RecordSender* const sender_;
   absl::Mutex mu_;
   absl::CondVar changed_;
   std::vector<uint64_t> pending_ ABSL_GUARDED_BY(mu_);
-  std::vector<uint64_t> forgets_ ABSL_GUARDED_BY(mu_);
   // Releases sent (carried by a call, or one-way by the flusher) that no
   // successful call has confirmed yet -> calls carrying them now. Bounded
   // by TrimUnconfirmedLocked.

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "base/errno_status.h"
 #include "fences/reservation_page.h"
 #include "fences/timeline_shm.h"
@@ -53,14 +54,12 @@ absl::Status Buffer::AttachPoint(const Timeline& timeline, uint64_t point,
       call, connection_->fence().AttachFence(call.context.get(), request, &response));
 }
 
-absl::StatusOr<v1::GetBufferFencesResponse> Buffer::GetFences(Cpu access, bool as_fd,
-                                                              bool subscribe) const {
+absl::StatusOr<v1::GetBufferFencesResponse> Buffer::GetFences(Cpu access, bool as_fd) const {
   if (connection_ == nullptr) return absl::FailedPreconditionError("moved-from Buffer");
   v1::GetBufferFencesRequest request;
   request.set_buffer_handle(handle_);
   request.set_for_access(ForAccess(access));
   request.set_as_fd(as_fd);
-  request.set_subscribe(subscribe);
   v1::GetBufferFencesResponse response;
   internal::Call call = connection_->NewCall();
   RETURN_IF_ERROR(connection_->Finish(
@@ -103,51 +102,42 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
   const int64_t until_ns =
       timeout == absl::InfiniteDuration()
           ? INT64_MAX
-          : timeline::MonotonicNs() + absl::ToInt64Nanoseconds(std::max(timeout, absl::ZeroDuration()));
-  ASSIGN_OR_RETURN(v1::GetBufferFencesResponse response,
-                   GetFences(access, /*as_fd=*/false, /*subscribe=*/true));
-  // Each fence listed is held by this session now: all let go at the end,
-  // in one record sent after this returns.
-  std::vector<uint64_t> ids;
-  for (const v1::FenceInfo& info : response.fences()) ids.push_back(info.fence_id());
-  struct ForgetAll {
-    internal::Connection& connection;
-    const std::vector<uint64_t>& ids;
-    ~ForgetAll() { connection.QueueForget(ids); }
-  } forget{*connection_, ids};
+          : timeline::MonotonicNs() +
+                absl::ToInt64Nanoseconds(std::max(timeout, absl::ZeroDuration()));
+  ASSIGN_OR_RETURN(v1::GetBufferFencesResponse response, AskFences(access, std::nullopt));
   if (response.status_page_transfer_id() != 0) {
     ASSIGN_OR_RETURN(UniqueFd page, connection_->TakeFd(response.status_page_transfer_id()));
     RETURN_IF_ERROR(connection_->SetReservationPage(std::move(page)));
   }
-  if (response.status_slot() != 0 && response.status_slot() < reservation::kSlots) {
-    status_slot_.store(response.status_slot(), std::memory_order_relaxed);
+  const uint32_t slot = response.status_slot();
+  if (slot != 0 && slot < reservation::kSlots) status_slot_.store(slot, std::memory_order_relaxed);
+  std::vector<v1::FenceInfo> waited(response.fences().begin(), response.fences().end());
+  if (waited.empty()) return waited;
+  const reservation::Slot* slots = connection_->reservation_slots();
+  if (slot == 0 || slot >= reservation::kSlots || slots == nullptr) {
+    // No room in the page: wait through the daemon.
+    return WaitThroughDaemon(access, timeout);
   }
-  if (ids.empty()) return std::vector<v1::FenceInfo>();
 
   // Sleep on the slot until every fence listed (attached up to status_seq)
   // has signalled, as the daemon publishes it.
-  const uint32_t slot = response.status_slot();
-  const reservation::Slot* slots = connection_->reservation_slots();
+  const reservation::Slot& watched = slots[slot];
   bool clear = false;
   bool failed = true;
-  if (slot != 0 && slot < reservation::kSlots && slots != nullptr) {
-    const reservation::Slot& watched = slots[slot];
-    for (;;) {
-      reservation::SlotState state;
-      if (!reservation::Read(watched, &state) || state.buffer_id != id()) break;
-      if (reservation::Clear(state, access == Cpu::kWrite, response.status_seq())) {
-        clear = true;
-        failed = state.failures != response.status_failures();
-        break;
-      }
-      const uint32_t* words[] = {&watched.seq};
-      const uint32_t expected[] = {state.seq};
-      absl::Status slept = timeline::WaitAny(words, expected, 1, until_ns);
-      if (absl::IsDeadlineExceeded(slept)) break;
-      RETURN_IF_ERROR(slept);
+  for (;;) {
+    reservation::SlotState state;
+    if (!reservation::Read(watched, &state) || state.buffer_id != id()) break;
+    if (reservation::Clear(state, access == Cpu::kWrite, response.status_seq())) {
+      clear = true;
+      failed = state.failures != response.status_failures();
+      break;
     }
+    const uint32_t* words[] = {&watched.seq};
+    const uint32_t expected[] = {state.seq};
+    absl::Status slept = timeline::WaitAny(words, expected, 1, until_ns);
+    if (absl::IsDeadlineExceeded(slept)) break;
+    RETURN_IF_ERROR(slept);
   }
-  std::vector<v1::FenceInfo> waited(response.fences().begin(), response.fences().end());
   if (clear && !failed) {
     // Every one ended OK (the failure count did not move).
     for (v1::FenceInfo& info : waited) {
@@ -156,17 +146,61 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
     }
     return waited;
   }
-  // Ask: what failed, or what is still pending (the rest of the time, or a
-  // poll once it has passed), or no page to sleep on.
-  const absl::Duration left =
-      until_ns == INT64_MAX
-          ? absl::InfiniteDuration()
-          : std::max(absl::Nanoseconds(until_ns - timeline::MonotonicNs()), absl::ZeroDuration());
+  // Ask what failed and what is still pending.
+  ASSIGN_OR_RETURN(v1::GetBufferFencesResponse now,
+                   AskFences(access, response.status_failures()));
+  std::vector<uint64_t> pending;
+  for (v1::FenceInfo& info : waited) {
+    const bool still = std::any_of(now.fences().begin(), now.fences().end(),
+                                   [&](const v1::FenceInfo& f) { return f.fence_id() == info.fence_id(); });
+    if (still) {
+      pending.push_back(info.fence_id());
+      continue;
+    }
+    info.set_state(v1::FENCE_STATE_SIGNALED);
+    info.set_status(v1::FENCE_STATUS_OK);
+    for (const v1::FenceInfo& end : now.failed()) {
+      if (end.fence_id() != info.fence_id()) continue;
+      info.set_status(end.status());
+      info.set_message(end.message());
+      *info.mutable_signaled_at() = end.signaled_at();
+    }
+  }
+  if (!pending.empty()) {
+    return absl::DeadlineExceededError(
+        absl::StrCat("fence ", absl::StrJoin(pending, ", "), " not signalled within ",
+                     absl::FormatDuration(timeout)));
+  }
+  return waited;
+}
+
+absl::StatusOr<v1::GetBufferFencesResponse> Buffer::AskFences(
+    Cpu access, std::optional<uint32_t> failures_since) const {
+  v1::GetBufferFencesRequest request;
+  request.set_buffer_handle(handle_);
+  request.set_for_access(ForAccess(access));
+  request.set_subscribe(true);
+  if (failures_since.has_value()) request.set_failures_since(*failures_since);
+  v1::GetBufferFencesResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->fence().GetBufferFences(call.context.get(), request, &response)));
+  return response;
+}
+
+absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitThroughDaemon(
+    Cpu access, absl::Duration timeout) const {
+  ASSIGN_OR_RETURN(std::vector<Fence> fences, Fences(access));
+  if (fences.empty()) return std::vector<v1::FenceInfo>();
+  std::vector<uint64_t> ids;
+  for (const Fence& fence : fences) ids.push_back(fence.id());
   ASSIGN_OR_RETURN(std::vector<v1::FenceInfo> ended,
-                   internal::WaitFences(*connection_, ids, /*all=*/true, clear ? absl::ZeroDuration() : left, timeout));
+                   internal::WaitFences(*connection_, ids, /*all=*/true, timeout));
   // What the wait says of each (its end), on what the listing said (name,
   // usage, owner).
-  for (v1::FenceInfo& info : waited) {
+  std::vector<v1::FenceInfo> waited;
+  for (const Fence& fence : fences) {
+    v1::FenceInfo info = fence.info();
     for (const v1::FenceInfo& end : ended) {
       if (end.fence_id() != info.fence_id()) continue;
       info.set_state(end.state());
@@ -174,6 +208,7 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
       info.set_message(end.message());
       *info.mutable_signaled_at() = end.signaled_at();
     }
+    waited.push_back(std::move(info));
   }
   return waited;
 }

@@ -613,6 +613,28 @@ grpc::ServerUnaryReactor* FenceService::GetBufferFences(grpc::CallbackServerCont
                      d_.reservations->Pending(buffer_id, request->for_access(), &snapshot));
     response->set_status_seq(snapshot.seq);
     response->set_status_failures(snapshot.failures);
+    if (request->has_failures_since()) {
+      for (const ReservationTable::Failure& failure :
+           d_.reservations->FailuresSince(buffer_id, request->failures_since())) {
+        v1::FenceInfo* info = response->add_failed();
+        info->set_fence_id(failure.fence_id);
+        info->set_state(v1::FENCE_STATE_SIGNALED);
+        info->set_status(failure.status);
+        info->set_message(failure.message);
+        *info->mutable_signaled_at() = ToProto(failure.signaled_at);
+      }
+    }
+    if (request->subscribe() && !request->as_fd()) {
+      // Listed, not held: the status page says when they signal.
+      for (const ReservationTable::Attached& entry : pending) {
+        std::optional<FenceView> fence = d_.fences->Peek(entry.fence_id);
+        if (!fence.has_value() || fence->signaled) continue;
+        v1::FenceInfo* info = response->add_fences();
+        *info = Info(*fence);
+        info->set_usage(entry.usage);
+      }
+      return absl::OkStatus();
+    }
     // The session holds each from now on (it may wait on them).
     std::vector<uint64_t> held;
     auto forget_all = [&] {

@@ -414,7 +414,7 @@ void FenceTable::SignalLocked(Fence& first, v1::FenceStatus status, std::string 
     fence.view.signaled_at = now;
     // Accesses sleeping on a reservation status page wake as early as
     // pollers do.
-    if (fence.watched && watch_hook_ != nullptr && watch_hook_(step.id, step.status)) {
+    if (fence.watched && watch_hook_ != nullptr && watch_hook_(fence.view)) {
       out.woke_pollers = true;
     }
     --pending_;

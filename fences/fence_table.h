@@ -251,7 +251,7 @@ class FenceTable {
   // closing a polled pipe). Set it before serving. Watch marks a pending
   // fence; false if it is unknown or signalled already (no hook will run
   // for it).
-  using WatchHook = std::function<bool(uint64_t id, v1::FenceStatus status)>;
+  using WatchHook = std::function<bool(const FenceView& signalled)>;
   void SetWatchHook(WatchHook hook);
   bool Watch(uint64_t id);
   // Undoes a fence a call just made for `session` and could not finish

@@ -49,7 +49,7 @@ absl::Status CheckUsage(v1::FenceUsage usage, const char* what) {
 ReservationTable::ReservationTable(FenceTable* fences, ReservationLimits limits)
     : fences_(fences), limits_(limits) {
   fences_->SetWatchHook(
-      [this](uint64_t id, v1::FenceStatus status) { return OnSignaled(id, status); });
+      [this](const FenceView& signalled) { return OnSignaled(signalled); });
 }
 
 ReservationTable::~ReservationTable() { fences_->SetWatchHook(nullptr); }
@@ -112,7 +112,15 @@ absl::Status ReservationTable::Attach(uint64_t session, uint64_t buffer, uint64_
   std::erase_if(it->second.attached, [&](const Attached& entry) {
     return entry.fence_id == fence_id && entry.seq == seq;
   });
-  if (waited && failed) ++it->second.failures;
+  if (waited && failed) {
+    // What it was is known (Peek above) unless it is gone already.
+    Reservation& failing = it->second;
+    failing.failed.push_back({++failing.failures, fence_id,
+                              now.has_value() ? now->status : v1::FENCE_STATUS_UNSPECIFIED,
+                              now.has_value() ? now->message : "signalled before it was attached",
+                              now.has_value() ? now->signaled_at : absl::Now()});
+    if (failing.failed.size() > kFailuresKept) failing.failed.pop_front();
+  }
   PublishLocked(buffer, it->second);
   EraseIfUnusedLocked(buffer);
   return absl::OkStatus();
@@ -184,7 +192,8 @@ bool ReservationTable::PublishLocked(uint64_t buffer, Reservation& reservation) 
   return woke;
 }
 
-bool ReservationTable::OnSignaled(uint64_t fence_id, v1::FenceStatus status) {
+bool ReservationTable::OnSignaled(const FenceView& signalled) {
+  const uint64_t fence_id = signalled.id;
   absl::MutexLock lock(&mu_);
   auto it = watched_.find(fence_id);
   if (it == watched_.end()) return false;
@@ -196,7 +205,12 @@ bool ReservationTable::OnSignaled(uint64_t fence_id, v1::FenceStatus status) {
     if (reservation == buffers_.end()) continue;
     std::erase_if(reservation->second.attached,
                   [&](const Attached& entry) { return entry.fence_id == fence_id; });
-    if (waited && status != v1::FENCE_STATUS_OK) ++reservation->second.failures;
+    if (waited && signalled.status != v1::FENCE_STATUS_OK) {
+      Reservation& failing = reservation->second;
+      failing.failed.push_back({++failing.failures, fence_id, signalled.status, signalled.message,
+                                signalled.signaled_at});
+      if (failing.failed.size() > kFailuresKept) failing.failed.pop_front();
+    }
     woke |= PublishLocked(buffer, reservation->second);
     EraseIfUnusedLocked(buffer);
   }
@@ -271,6 +285,18 @@ void ReservationTable::CloseSession(uint64_t session) {
     EraseIfUnusedLocked(buffer);
   }
   pages_.erase(page);
+}
+
+std::vector<ReservationTable::Failure> ReservationTable::FailuresSince(uint64_t buffer,
+                                                                      uint32_t since) const {
+  absl::MutexLock lock(&mu_);
+  std::vector<Failure> out;
+  auto it = buffers_.find(buffer);
+  if (it == buffers_.end()) return out;
+  for (const Failure& failure : it->second.failed) {
+    if (failure.number > since) out.push_back(failure);
+  }
+  return out;
 }
 
 size_t ReservationTable::pages() const {

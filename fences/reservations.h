@@ -28,7 +28,9 @@
 #define BUFFERD_FENCES_RESERVATIONS_H_
 
 #include <cstdint>
+#include <deque>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -69,6 +71,17 @@ class ReservationTable {
     uint64_t seq = 0;
     uint32_t failures = 0;
   };
+  // A waited-for fence of the buffer that ended other than OK: the
+  // buffer's `number`th such (the status page's failure count).
+  struct Failure {
+    uint32_t number = 0;
+    uint64_t fence_id = 0;
+    v1::FenceStatus status = v1::FENCE_STATUS_UNSPECIFIED;
+    std::string message;
+    absl::Time signaled_at;
+  };
+  // Failures kept per buffer (the latest).
+  static constexpr size_t kFailuresKept = 64;
   struct Subscription {
     // The buffer's slot in the session's status page (0: the page is full;
     // ask the daemon).
@@ -99,6 +112,9 @@ class ReservationTable {
   absl::StatusOr<std::vector<Attached>> Pending(uint64_t buffer, v1::FenceUsage for_access,
                                                 Snapshot* snapshot = nullptr);
 
+  // The buffer's failures numbered above `since`, oldest first (at most
+  // kFailuresKept: the latest).
+  std::vector<Failure> FailuresSince(uint64_t buffer, uint32_t since) const;
   // `session` reads `buffer`'s state in its status page from now on, until
   // the buffer goes or the session ends (CloseSession). The page is made at
   // the session's first subscription.
@@ -107,7 +123,7 @@ class ReservationTable {
   void CloseSession(uint64_t session);
   // The FenceTable's watch hook, under the FenceTable's lock: an attached
   // fence was signalled. Returns whether a waiter was woken.
-  bool OnSignaled(uint64_t fence_id, v1::FenceStatus status);
+  bool OnSignaled(const FenceView& signalled);
 
   // The buffer is gone: its reservation goes.
   void DropBuffer(uint64_t buffer);
@@ -136,6 +152,7 @@ class ReservationTable {
     std::vector<Attached> attached;
     uint64_t last_seq = 0;
     uint32_t failures = 0;
+    std::deque<Failure> failed;  // the latest kFailuresKept
     // (session, slot) of every subscriber.
     absl::InlinedVector<std::pair<uint64_t, uint32_t>, 2> subscribers;
   };

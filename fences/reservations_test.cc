@@ -212,6 +212,43 @@ TEST_F(StatusPageTest, PublishesPendingSidesAtAttachAndSignal) {
   EXPECT_EQ(state.failures, 1u) << "a failed waited-for fence is counted";
   ASSERT_TRUE(fences_->Signal(kWriter, bookkeep, v1::FENCE_STATUS_ERROR, "x").ok());
   EXPECT_EQ(Slot(slot).failures, 1u) << "BOOKKEEP failures are not";
+  // How it failed, for a waiter that saw the count move.
+  std::vector<ReservationTable::Failure> failed = table_->FailuresSince(kBuffer, 0);
+  ASSERT_EQ(failed.size(), 1u);
+  EXPECT_EQ(failed[0].number, 1u);
+  EXPECT_EQ(failed[0].fence_id, read);
+  EXPECT_EQ(failed[0].status, v1::FENCE_STATUS_ERROR);
+  EXPECT_EQ(failed[0].message, "bad read");
+  EXPECT_TRUE(table_->FailuresSince(kBuffer, 1).empty());
+}
+
+TEST_F(StatusPageTest, KeepsTheLatestFailures) {
+  Subscribe();
+  for (size_t i = 0; i < ReservationTable::kFailuresKept + 3; ++i) {
+    const uint64_t fence = NewFence(kWriter);
+    ASSERT_TRUE(table_->Attach(kWriter, kBuffer, fence, v1::FENCE_USAGE_WRITE).ok());
+    ASSERT_TRUE(fences_->Signal(kWriter, fence, v1::FENCE_STATUS_CANCELLED, "").ok());
+  }
+  std::vector<ReservationTable::Failure> failed = table_->FailuresSince(kBuffer, 0);
+  ASSERT_EQ(failed.size(), ReservationTable::kFailuresKept);
+  EXPECT_EQ(failed.front().number, 4u);
+  EXPECT_EQ(failed.back().number, ReservationTable::kFailuresKept + 3);
+}
+
+TEST_F(StatusPageTest, SignalledFencesLeaveEveryBuffer) {
+  // One fence on two buffers and both sides: its signal takes it out of
+  // all of them (no pruning needed), and an unsubscribed buffer's
+  // reservation goes when its last fence does.
+  const uint64_t fence = NewFence(kWriter);
+  ASSERT_TRUE(table_->Attach(kWriter, kBuffer, fence, v1::FENCE_USAGE_WRITE).ok());
+  ASSERT_TRUE(table_->Attach(kWriter, kBuffer, fence, v1::FENCE_USAGE_READ).ok());
+  ASSERT_TRUE(table_->Attach(kWriter, kBuffer + 1, fence, v1::FENCE_USAGE_KERNEL).ok());
+  EXPECT_EQ(table_->List().size(), 2u);
+  ASSERT_TRUE(fences_->Signal(kWriter, fence, v1::FENCE_STATUS_OK, "").ok());
+  EXPECT_TRUE(table_->List().empty());
+  // Attaching a fence signalled already leaves nothing behind either.
+  ASSERT_TRUE(table_->Attach(kWriter, kBuffer, fence, v1::FENCE_USAGE_WRITE).ok());
+  EXPECT_TRUE(table_->List().empty());
 }
 
 TEST_F(StatusPageTest, LaterFencesDoNotHoldAnEarlierWaiter) {

@@ -9,6 +9,7 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <atomic>
 #include <future>
 #include <string>
 #include <thread>
@@ -19,6 +20,7 @@
 #include "client/client.h"
 #include "gmock/gmock.h"
 #include "testing/daemon_test.h"
+#include "testing/sleep_probe.h"
 
 namespace bufferd {
 namespace {
@@ -31,6 +33,7 @@ using ::bufferd::testing::FenceStub;
 using ::bufferd::testing::NewAllocatorStub;
 using ::bufferd::testing::OpenRawSession;
 using ::bufferd::testing::RawSession;
+using ::bufferd::testing::SleepsInFutexOn;
 using ::bufferd::testing::SpawnPeer;
 using ::testing::HasSubstr;
 
@@ -42,12 +45,7 @@ class ReservationTest : public DaemonTest {
     EXPECT_TRUE(buffer.ok()) << buffer.status();
     return *std::move(buffer);
   }
-  // Fences client_'s session holds (bufctl clients' FENCES HELD), once
-  // what earlier accesses waited for has been let go (within 2 ms, one-way).
-  uint32_t SettledHeld() {
-    absl::SleepFor(absl::Milliseconds(50));
-    return Held();
-  }
+  // Fences client_'s session holds (bufctl clients' FENCES HELD).
   uint32_t Held() {
     absl::StatusOr<v1::ListClientsResponse> clients = client_->ListClients();
     EXPECT_TRUE(clients.ok()) << clients.status();
@@ -56,6 +54,11 @@ class ReservationTest : public DaemonTest {
       if (info.session_id() == client_->session_id()) return info.fences_held();
     }
     return 0;
+  }
+  // Whether thread `tid` of this process sleeps on its status page (it has
+  // been told what it waits for, and waits without the daemon).
+  static bool OnStatusPage(const std::atomic<pid_t>& tid) {
+    return tid != 0 && SleepsInFutexOn(::getpid(), tid, "bufferd-reservations");
   }
   static bool Readable(int fd, absl::Duration timeout) {
     pollfd ready{fd, POLLIN, 0};
@@ -169,8 +172,9 @@ TEST_F(ReservationTest, AWriterWaitsForReadersAndBookkeepHoldsNobody) {
     // the write goes ahead.
     const uint64_t reader_fence = (*pending)[0].id();
     pending->clear();
-    const uint32_t held_before = SettledHeld();
+    std::atomic<pid_t> writer_tid{0};
     std::thread writing([&] {
+      writer_tid = ::gettid();
       absl::StatusOr<Buffer::ScopedCpuAccess> write =
           buffer.CpuAccess(Cpu::kWrite, absl::Seconds(20));
       ASSERT_TRUE(write.ok()) << write.status();
@@ -178,11 +182,10 @@ TEST_F(ReservationTest, AWriterWaitsForReadersAndBookkeepHoldsNobody) {
       EXPECT_EQ(write->waited()[0].status(), v1::FENCE_STATUS_OWNER_DIED);
       EXPECT_EQ(write->waited()[0].usage(), v1::FENCE_USAGE_READ);
     });
-    // The writer has been told what it waits for (its session holds the
-    // reader's fence) before the reader goes; it sleeps on its status page,
-    // not in the daemon.
-    EXPECT_TRUE(::bufferd::testing::Eventually([&] { return Held() == held_before + 1; }))
-        << "fence " << reader_fence << " never listed to the writer";
+    // The writer has been told what it waits for before the reader goes:
+    // it sleeps on its status page, not in the daemon.
+    EXPECT_TRUE(::bufferd::testing::Eventually([&] { return OnStatusPage(writer_tid); }))
+        << "the writer never slept on its status page for fence " << reader_fence;
     reader->Kill(SIGKILL);
     reader->Wait();
     writing.join();
@@ -251,12 +254,17 @@ TEST_F(ReservationTest, AWaitOnThePageReportsFailuresAndIgnoresLaterFences) {
     ASSERT_TRUE(first.ok() && second.ok());
     ASSERT_TRUE(shared->AttachFence(*first, v1::FENCE_USAGE_WRITE).ok());
 
-    const uint32_t held_before = SettledHeld();
+    const uint32_t held_before = Held();
+    std::atomic<pid_t> reader_tid{0};
     std::future<absl::StatusOr<std::vector<v1::FenceInfo>>> reading =
-        std::async(std::launch::async, [&] { return buffer.BeginCpuAccess(Cpu::kRead, absl::Seconds(20)); });
-    // Listed to the reader (its session holds the fence) before anything
-    // else happens.
-    ASSERT_TRUE(::bufferd::testing::Eventually([&] { return Held() == held_before + 1; }));
+        std::async(std::launch::async, [&] {
+          reader_tid = ::gettid();
+          return buffer.BeginCpuAccess(Cpu::kRead, absl::Seconds(20));
+        });
+    // The reader has been told what it waits for (the fences are listed, not
+    // held) and sleeps on its page before anything else happens.
+    ASSERT_TRUE(::bufferd::testing::Eventually([&] { return OnStatusPage(reader_tid); }));
+    EXPECT_EQ(Held(), held_before) << "listed, not held";
     // A fence attached after the read asked does not hold it.
     ASSERT_TRUE(shared->AttachFence(*second, v1::FENCE_USAGE_WRITE).ok());
     ASSERT_TRUE(first->Signal(v1::FENCE_STATUS_ERROR, "torn frame").ok());
@@ -272,8 +280,7 @@ TEST_F(ReservationTest, AWaitOnThePageReportsFailuresAndIgnoresLaterFences) {
               absl::StatusCode::kDeadlineExceeded);
     ASSERT_TRUE(second->SignalAndConfirm().ok());
     EXPECT_TRUE(buffer.BeginCpuAccess(Cpu::kRead, absl::ZeroDuration()).ok());
-    EXPECT_TRUE(::bufferd::testing::Eventually([&] { return Held() == held_before; }))
-        << "the reader let go of what it was listed";
+    EXPECT_EQ(Held(), held_before) << "nothing left to forget";
   }
   ExpectBaseline();
 }

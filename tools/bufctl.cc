@@ -140,10 +140,12 @@ int Clients(const bufferd::Client& client, bool json) {
     }
     rows.push_back({absl::StrCat(c.session_id()), absl::StrCat(c.pid()), absl::StrCat(c.uid()),
                     c.comm(), absl::StrCat(c.handles()), absl::StrCat(c.fences()),
-                    absl::StrCat(c.queued_deliveries()), Age(c.connected_since()),
+                    absl::StrCat(c.fences_held()), absl::StrCat(c.queued_deliveries()),
+                    Age(c.connected_since()),
                     bytes.empty() ? "-" : bytes});
   }
-  PrintTable({"SESSION", "PID", "UID", "COMM", "HANDLES", "FENCES", "QUEUED", "CONNECTED", "BYTES"},
+  PrintTable({"SESSION", "PID", "UID", "COMM", "HANDLES", "FENCES", "HELD", "QUEUED", "CONNECTED",
+              "BYTES"},
              rows);
   return 0;
 }
