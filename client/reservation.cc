@@ -149,6 +149,15 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
   // Ask what failed and what is still pending.
   ASSIGN_OR_RETURN(v1::GetBufferFencesResponse now,
                    AskFences(access, response.status_failures()));
+  // The daemon keeps the latest failures of a buffer only: if more came
+  // since this access asked than it returned, a fence missing from them may
+  // have failed too.
+  const uint32_t since = response.status_failures();
+  const uint32_t not_kept =
+      now.status_failures() - since > static_cast<uint32_t>(now.failed_size())
+          ? now.status_failures() - since - static_cast<uint32_t>(now.failed_size())
+          : 0;
+  const bool lost = not_kept > 0;
   std::vector<uint64_t> pending;
   for (v1::FenceInfo& info : waited) {
     const bool still = std::any_of(now.fences().begin(), now.fences().end(),
@@ -159,11 +168,19 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
     }
     info.set_state(v1::FENCE_STATE_SIGNALED);
     info.set_status(v1::FENCE_STATUS_OK);
+    bool found = false;
     for (const v1::FenceInfo& end : now.failed()) {
       if (end.fence_id() != info.fence_id()) continue;
       info.set_status(end.status());
       info.set_message(end.message());
       *info.mutable_signaled_at() = end.signaled_at();
+      found = true;
+    }
+    if (!found && lost) {
+      info.set_status(v1::FENCE_STATUS_UNSPECIFIED);
+      info.set_message(absl::StrCat("signalled; how is no longer known (", not_kept,
+                                    " failures on this buffer were not kept while this access "
+                                    "waited)"));
     }
   }
   if (!pending.empty()) {

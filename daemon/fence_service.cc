@@ -603,6 +603,14 @@ grpc::ServerUnaryReactor* FenceService::GetBufferFences(grpc::CallbackServerCont
     ASSIGN_OR_RETURN(v1::GetBufferResponse buffer,
                      d_.state->GetBuffer(session, request->buffer_handle()));
     const uint64_t buffer_id = buffer.buffer().buffer_id();
+    // Checked before anything changes: a refused call leaves nothing behind.
+    const v1::FenceUsage access = request->for_access();
+    if (access != v1::FENCE_USAGE_READ && access != v1::FENCE_USAGE_WRITE &&
+        access != v1::FENCE_USAGE_BOOKKEEP) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "for_access ", static_cast<int>(access),
+          " is not an access: READ or WRITE (or BOOKKEEP to list every fence)"));
+    }
     if (request->subscribe()) {
       // Before the answer is made: anything attached after it reaches the
       // slot.

@@ -77,6 +77,23 @@ absl::Status ReservationTable::Attach(uint64_t session, uint64_t buffer, uint64_
     std::sort(side.begin(), side.end());
     side.erase(std::unique(side.begin(), side.end()), side.end());
     const bool counted = std::binary_search(side.begin(), side.end(), fence_id);
+    if (!counted && !WriterSide(usage)) {
+      // The readers' side is open to read-only importers: one session gets
+      // a share of it, so no one importer shuts the other readers out.
+      std::vector<uint64_t> own;
+      for (const Attached& entry : attached) {
+        if (!WriterSide(entry.usage) && entry.attached_by == session) own.push_back(entry.fence_id);
+      }
+      std::sort(own.begin(), own.end());
+      own.erase(std::unique(own.begin(), own.end()), own.end());
+      if (own.size() >= limits_.reader_share()) {
+        EraseIfUnusedLocked(buffer);
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "this session has ", own.size(), " unsignalled READ/BOOKKEEP fences attached to buffer ",
+            buffer, ", its share (a quarter of max_fences_per_buffer ",
+            limits_.max_fences_per_buffer, ", at least 1): signal some first"));
+      }
+    }
     if (!counted && side.size() >= limits_.max_fences_per_buffer) {
       EraseIfUnusedLocked(buffer);
       return absl::ResourceExhaustedError(absl::StrCat(

@@ -27,6 +27,7 @@
 #ifndef BUFFERD_FENCES_RESERVATIONS_H_
 #define BUFFERD_FENCES_RESERVATIONS_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <deque>
 #include <optional>
@@ -53,6 +54,9 @@ struct ReservationLimits {
   // BOOKKEEP), so readers can never crowd out the writer. A fence attached
   // with several usages counts once per side.
   uint32_t max_fences_per_buffer = 64;
+  // One session's share of the readers' side (which read-only importers
+  // fill): a quarter of it, at least 1.
+  uint32_t reader_share() const { return std::max<uint32_t>(1, max_fences_per_buffer / 4); }
 };
 
 class ReservationTable {
@@ -80,8 +84,9 @@ class ReservationTable {
     std::string message;
     absl::Time signaled_at;
   };
-  // Failures kept per buffer (the latest).
-  static constexpr size_t kFailuresKept = 64;
+  // Failures kept per buffer (the latest): twice the most fences a buffer
+  // can have pending, so one round of all of them failing fits.
+  static constexpr size_t kFailuresKept = 256;
   struct Subscription {
     // The buffer's slot in the session's status page (0: the page is full;
     // ask the daemon).

@@ -19,6 +19,8 @@ using ::testing::HasSubstr;
 
 constexpr uint64_t kWriter = 1;
 constexpr uint64_t kReader = 2;
+constexpr uint64_t kThird = 3;
+constexpr uint64_t kFourth = 4;
 constexpr uint64_t kBuffer = 7;
 
 class ReservationTableTest : public ::testing::Test {
@@ -28,6 +30,8 @@ class ReservationTableTest : public ::testing::Test {
     fences_ = std::make_unique<FenceTable>(&loop_, &budget_, FenceLimits{});
     fences_->AddSession(kWriter, 1000);
     fences_->AddSession(kReader, 1001);
+    fences_->AddSession(kThird, 1002);
+    fences_->AddSession(kFourth, 1003);
     table_ = std::make_unique<ReservationTable>(fences_.get(),
                                                 ReservationLimits{.max_fences_per_buffer = 3});
   }
@@ -35,6 +39,8 @@ class ReservationTableTest : public ::testing::Test {
     table_.reset();
     fences_->CloseSession(kWriter);
     fences_->CloseSession(kReader);
+    fences_->CloseSession(kThird);
+    fences_->CloseSession(kFourth);
     EXPECT_TRUE(fences_->List({}).empty()) << "no fence left pinned";
     fences_->Stop();
   }
@@ -102,12 +108,16 @@ TEST_F(ReservationTableTest, BadAttachesAreNamed) {
   ASSERT_TRUE(
       table_->Attach(kWriter, kBuffer, Ids(v1::FENCE_USAGE_WRITE)[1], v1::FENCE_USAGE_KERNEL)
           .ok());
-  // The readers' side is its own: readers never crowd out the writer.
-  for (int i = 0; i < 3; ++i) {
-    ASSERT_TRUE(table_->Attach(kReader, kBuffer, NewFence(kReader), v1::FENCE_USAGE_READ).ok());
-  }
+  // The readers' side is its own: readers never crowd out the writer. One
+  // session gets a quarter of it (here 1).
+  ASSERT_TRUE(table_->Attach(kReader, kBuffer, NewFence(kReader), v1::FENCE_USAGE_READ).ok());
+  absl::Status share = table_->Attach(kReader, kBuffer, NewFence(kReader), v1::FENCE_USAGE_READ);
+  EXPECT_EQ(share.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(share.message(), HasSubstr("its share"));
+  ASSERT_TRUE(table_->Attach(kWriter, kBuffer, NewFence(kWriter), v1::FENCE_USAGE_READ).ok());
+  ASSERT_TRUE(table_->Attach(kThird, kBuffer, NewFence(kThird), v1::FENCE_USAGE_READ).ok());
   absl::Status readers_full =
-      table_->Attach(kReader, kBuffer, NewFence(kReader), v1::FENCE_USAGE_BOOKKEEP);
+      table_->Attach(kFourth, kBuffer, NewFence(kFourth), v1::FENCE_USAGE_BOOKKEEP);
   EXPECT_EQ(readers_full.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_THAT(readers_full.message(), HasSubstr("3 unsignalled READ/BOOKKEEP fences"));
   const uint64_t first = Ids(v1::FENCE_USAGE_WRITE)[0];

@@ -285,6 +285,50 @@ TEST_F(ReservationTest, AWaitOnThePageReportsFailuresAndIgnoresLaterFences) {
   ExpectBaseline();
 }
 
+TEST_F(ReservationTest, AFailureThatWasNotKeptIsNeverReportedOk) {
+  {
+    Buffer buffer = NewBuffer();
+    absl::StatusOr<Client> producer = Client::Connect(daemon_->socket_dir());
+    ASSERT_TRUE(producer.ok());
+    absl::StatusOr<Buffer> shared = producer->Import(*buffer.Export(Access::kReadWrite));
+    ASSERT_TRUE(shared.ok());
+    absl::StatusOr<Fence> first = producer->CreateFence({.name = "first"});
+    absl::StatusOr<Fence> last = producer->CreateFence({.name = "last"});
+    ASSERT_TRUE(first.ok() && last.ok());
+    ASSERT_TRUE(shared->AttachFence(*first, v1::FENCE_USAGE_WRITE).ok());
+    ASSERT_TRUE(shared->AttachFence(*last, v1::FENCE_USAGE_WRITE).ok());
+    std::atomic<pid_t> reader_tid{0};
+    std::future<absl::StatusOr<std::vector<v1::FenceInfo>>> reading =
+        std::async(std::launch::async, [&] {
+          reader_tid = ::gettid();
+          return buffer.BeginCpuAccess(Cpu::kRead, absl::Seconds(60));
+        });
+    ASSERT_TRUE(::bufferd::testing::Eventually([&] { return OnStatusPage(reader_tid); }));
+    // The first fails; then more failures than the daemon keeps (fences
+    // attached after the read asked: they do not hold it), then the last
+    // signals OK.
+    ASSERT_TRUE(first->Signal(v1::FENCE_STATUS_ERROR, "torn").ok());
+    for (int i = 0; i < 300; ++i) {
+      absl::StatusOr<Fence> noise = producer->CreateFence();
+      ASSERT_TRUE(noise.ok());
+      ASSERT_TRUE(shared->AttachFence(*noise, v1::FENCE_USAGE_WRITE).ok());
+      ASSERT_TRUE(noise->Signal(v1::FENCE_STATUS_ERROR, "noise").ok());
+    }
+    ASSERT_TRUE(last->Signal().ok());
+    ASSERT_EQ(reading.wait_for(std::chrono::seconds(60)), std::future_status::ready);
+    absl::StatusOr<std::vector<v1::FenceInfo>> waited = reading.get();
+    ASSERT_TRUE(waited.ok()) << waited.status();
+    ASSERT_EQ(waited->size(), 2u);
+    for (const v1::FenceInfo& info : *waited) {
+      EXPECT_EQ(info.state(), v1::FENCE_STATE_SIGNALED);
+      EXPECT_NE(info.status(), v1::FENCE_STATUS_OK)
+          << "fence " << info.fence_id() << ": its end was not kept, so it is not OK";
+      EXPECT_THAT(info.message(), HasSubstr("no longer known"));
+    }
+  }
+  ExpectBaseline();
+}
+
 TEST_F(ReservationTest, ATimelinePointAttachesLikeAFence) {
   {
     // Sessions of their own: a session that holds a timeline keeps a wait
@@ -346,6 +390,19 @@ TEST_F(ReservationTest, BadAttachesGetNamedErrors) {
       EXPECT_THAT(status.message(), HasSubstr("read-only"));
     }
     EXPECT_TRUE(reader->AttachFence(*theirs, v1::FENCE_USAGE_READ).ok());
+    // One session gets a quarter of the readers' side (here 1): no one
+    // importer shuts the other readers out.
+    {
+      absl::StatusOr<Fence> more = other->CreateFence();
+      ASSERT_TRUE(more.ok());
+      status = reader->AttachFence(*more, v1::FENCE_USAGE_BOOKKEEP);
+      EXPECT_EQ(status.code(), absl::StatusCode::kResourceExhausted) << status;
+      EXPECT_THAT(status.message(), HasSubstr("its share"));
+      absl::StatusOr<Fence> mine = client_->CreateFence();
+      ASSERT_TRUE(mine.ok());
+      EXPECT_TRUE(buffer.AttachFence(*mine, v1::FENCE_USAGE_READ).ok()) << "another reader's place";
+      ASSERT_TRUE(mine->SignalAndConfirm().ok());
+    }
     // Another Client's fence, through the library.
     status = buffer.AttachFence(*theirs, v1::FENCE_USAGE_READ);
     EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
@@ -394,6 +451,32 @@ TEST_F(ReservationTest, BadAttachesGetNamedErrors) {
       raw_status = stub->AttachFence(raw->Context().get(), request, &response);
       EXPECT_EQ(raw_status.error_code(), grpc::StatusCode::NOT_FOUND);
       EXPECT_THAT(raw_status.error_message(), HasSubstr("already released"));
+    }
+    // A refused subscription leaves nothing behind: the page comes with the
+    // first one that is answered.
+    {
+      v1::ImportRequest import;
+      import.set_token(*buffer.Export(Access::kReadOnly));
+      v1::ImportResponse imported;
+      ASSERT_TRUE(NewAllocatorStub(daemon_->socket_dir())
+                      ->Import(raw->Context().get(), import, &imported)
+                      .ok());
+      v1::GetBufferFencesRequest subscribe;
+      subscribe.set_buffer_handle(imported.handle());
+      subscribe.set_subscribe(true);
+      subscribe.set_failures_since(UINT32_MAX);
+      v1::GetBufferFencesResponse answer;
+      for (int access : {0, 1, 5, -1}) {
+        subscribe.set_for_access(static_cast<v1::FenceUsage>(access));
+        raw_status = stub->GetBufferFences(raw->Context().get(), subscribe, &answer);
+        EXPECT_EQ(raw_status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << access;
+        EXPECT_THAT(raw_status.error_message(), HasSubstr("is not an access"));
+      }
+      subscribe.set_for_access(v1::FENCE_USAGE_READ);
+      ASSERT_TRUE(stub->GetBufferFences(raw->Context().get(), subscribe, &answer).ok());
+      EXPECT_NE(answer.status_page_transfer_id(), 0u);
+      EXPECT_NE(answer.status_slot(), 0u);
+      EXPECT_EQ(answer.failed_size(), 0) << "failures_since past every failure";
     }
     request.set_buffer_handle(buffer.handle());
     request.set_fence_id(0);
