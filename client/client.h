@@ -191,7 +191,8 @@ class Buffer {
   absl::StatusOr<std::vector<v1::FenceInfo>> WaitForAccess(Cpu access, absl::Duration timeout) const;
   absl::StatusOr<v1::GetBufferFencesResponse> AskFences(
       Cpu access, std::optional<uint32_t> failures_since) const;
-  absl::StatusOr<std::vector<v1::FenceInfo>> WaitThroughDaemon(Cpu access,
+  // `left` of the caller's `timeout` (which errors name).
+  absl::StatusOr<std::vector<v1::FenceInfo>> WaitThroughDaemon(Cpu access, absl::Duration left,
                                                                absl::Duration timeout) const;
   Buffer(std::shared_ptr<internal::Connection> connection, uint64_t handle, v1::BufferInfo info,
          Access access, UniqueFd fd);

@@ -203,6 +203,11 @@ absl::StatusOr<UniqueFd> Connection::TakeFd(uint64_t transfer_id) {
   return mailbox_->Take(transfer_id);
 }
 
+bool Connection::Ended() const {
+  pollfd hangup{fd_socket_.fd(), POLLRDHUP, 0};
+  return ::poll(&hangup, 1, 0) == 1 && (hangup.revents & (POLLHUP | POLLRDHUP | POLLERR)) != 0;
+}
+
 absl::Status Connection::SetReservationPage(UniqueFd fd) {
   // What the daemon promised: a memfd of one page that nobody can write,
   // grow or shrink (it alone maps it writable).

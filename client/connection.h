@@ -88,6 +88,8 @@ class Connection {
   void Close();
 
   uint64_t session_id() const { return session_id_; }
+  // Whether fd.sock has hung up: the session is over (a poll, no read).
+  bool Ended() const;
   v1::Allocator::Stub& allocator() const { return *allocator_; }
   v1::Debug::Stub& debug() const { return *debug_; }
   v1::Fence::Stub& fence() const { return *fence_; }

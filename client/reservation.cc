@@ -99,11 +99,17 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::BeginCpuAccess(Cpu access,
 
 absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
                                                                  absl::Duration timeout) const {
+  // Saturating: a timeout past the clock's range is no timeout.
+  const int64_t start_ns = timeline::MonotonicNs();
+  const int64_t timeout_ns = absl::ToInt64Nanoseconds(std::max(timeout, absl::ZeroDuration()));
   const int64_t until_ns =
-      timeout == absl::InfiniteDuration()
-          ? INT64_MAX
-          : timeline::MonotonicNs() +
-                absl::ToInt64Nanoseconds(std::max(timeout, absl::ZeroDuration()));
+      timeout_ns >= INT64_MAX - start_ns ? INT64_MAX : start_ns + timeout_ns;
+  auto left = [&] {
+    return until_ns == INT64_MAX
+               ? absl::InfiniteDuration()
+               : std::max(absl::Nanoseconds(until_ns - timeline::MonotonicNs()),
+                          absl::ZeroDuration());
+  };
   ASSIGN_OR_RETURN(v1::GetBufferFencesResponse response, AskFences(access, std::nullopt));
   if (response.status_page_transfer_id() != 0) {
     ASSIGN_OR_RETURN(UniqueFd page, connection_->TakeFd(response.status_page_transfer_id()));
@@ -116,7 +122,7 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
   const reservation::Slot* slots = connection_->reservation_slots();
   if (slot == 0 || slot >= reservation::kSlots || slots == nullptr) {
     // No room in the page: wait through the daemon.
-    return WaitThroughDaemon(access, timeout);
+    return WaitThroughDaemon(access, left(), timeout);
   }
 
   // Sleep on the slot until every fence listed (attached up to status_seq)
@@ -126,17 +132,35 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
   bool failed = true;
   for (;;) {
     reservation::SlotState state;
-    if (!reservation::Read(watched, &state) || state.buffer_id != id()) break;
-    if (reservation::Clear(state, access == Cpu::kWrite, response.status_seq())) {
-      clear = true;
-      failed = state.failures != response.status_failures();
-      break;
+    uint32_t expected = 0;
+    if (reservation::Read(watched, &state)) {
+      // The buffer gone from the page (the page was made again, or the
+      // session is ending): wait through the daemon for what is left.
+      if (state.buffer_id != id()) return WaitThroughDaemon(access, left(), timeout);
+      if (reservation::Clear(state, access == Cpu::kWrite, response.status_seq())) {
+        clear = true;
+        failed = state.failures != response.status_failures();
+        break;
+      }
+      expected = state.seq;
+    } else {
+      // The daemon is mid-write (or died mid-write): sleep on the odd seq,
+      // which its end of the write changes.
+      expected = reservation::LoadRelaxed(watched.seq);
     }
+    if (timeline::MonotonicNs() >= until_ns) break;
     const uint32_t* words[] = {&watched.seq};
-    const uint32_t expected[] = {state.seq};
-    absl::Status slept = timeline::WaitAny(words, expected, 1, until_ns);
+    const uint32_t expecting[] = {expected};
+    absl::Status slept = timeline::WaitAny(words, expecting, 1, until_ns);
     if (absl::IsDeadlineExceeded(slept)) break;
     RETURN_IF_ERROR(slept);
+    // A wake that changed nothing (WaitAny looks again every 20 ms): the
+    // session may have ended under it, with nobody left to write the slot.
+    if (reservation::LoadRelaxed(watched.seq) == expected && connection_->Ended()) {
+      return absl::UnavailableError(
+          "the session ended while BeginCpuAccess waited (the daemon is gone, or fd.sock was "
+          "shut)");
+    }
   }
   if (clear && !failed) {
     // Every one ended OK (the failure count did not move).
@@ -197,6 +221,8 @@ absl::StatusOr<v1::GetBufferFencesResponse> Buffer::AskFences(
   request.set_buffer_handle(handle_);
   request.set_for_access(ForAccess(access));
   request.set_subscribe(true);
+  // No page here (never sent, or lost on the way): the daemon makes it again.
+  request.set_new_page(connection_->reservation_slots() == nullptr);
   if (failures_since.has_value()) request.set_failures_since(*failures_since);
   v1::GetBufferFencesResponse response;
   internal::Call call = connection_->NewCall();
@@ -206,13 +232,13 @@ absl::StatusOr<v1::GetBufferFencesResponse> Buffer::AskFences(
 }
 
 absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitThroughDaemon(
-    Cpu access, absl::Duration timeout) const {
+    Cpu access, absl::Duration left, absl::Duration timeout) const {
   ASSIGN_OR_RETURN(std::vector<Fence> fences, Fences(access));
   if (fences.empty()) return std::vector<v1::FenceInfo>();
   std::vector<uint64_t> ids;
   for (const Fence& fence : fences) ids.push_back(fence.id());
   ASSIGN_OR_RETURN(std::vector<v1::FenceInfo> ended,
-                   internal::WaitFences(*connection_, ids, /*all=*/true, timeout));
+                   internal::WaitFences(*connection_, ids, /*all=*/true, left, timeout));
   // What the wait says of each (its end), on what the listing said (name,
   // usage, owner).
   std::vector<v1::FenceInfo> waited;

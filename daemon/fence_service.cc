@@ -541,14 +541,15 @@ grpc::ServerUnaryReactor* FenceService::AttachFence(grpc::CallbackServerContext*
       made = true;
     }
     const uint64_t buffer_id = buffer.buffer().buffer_id();
-    absl::Status attached = d_.reservations->Attach(session, buffer_id, fence_id, usage);
+    uint64_t added = 0;
+    absl::Status attached = d_.reservations->Attach(session, buffer_id, fence_id, usage, &added);
     // The handle may have gone meanwhile (a release racing this call), and
     // with it maybe the buffer, whose reservation was dropped before this
     // attach came: take it back.
     if (absl::StatusOr<v1::GetBufferResponse> still =
             d_.state->GetBuffer(session, request->buffer_handle());
         attached.ok() && !still.ok()) {
-      d_.reservations->Detach(buffer_id, fence_id, usage);
+      d_.reservations->Detach(buffer_id, added);
       attached = still.status();
     }
     absl::StatusOr<FenceView> view = d_.fences->Info(session, fence_id);
@@ -569,31 +570,45 @@ grpc::ServerUnaryReactor* FenceService::AttachFence(grpc::CallbackServerContext*
   });
 }
 
-absl::Status FenceService::Subscribe(uint64_t session, uint64_t buffer_id,
-                                     v1::GetBufferFencesResponse& response) {
-  ASSIGN_OR_RETURN(ReservationTable::Subscription subscription,
-                   d_.reservations->Subscribe(session, buffer_id));
-  response.set_status_slot(subscription.slot);
-  if (!subscription.page.valid()) return absl::OkStatus();
-  // The page, new: its copy in flight counts in the session's uid's budget.
-  // If it cannot go, the session has no page: the next subscription makes
-  // another.
-  std::optional<SessionTable::Identity> who = d_.sessions->Lookup(session);
-  absl::StatusOr<uint64_t> transfer =
-      absl::UnauthenticatedError(absl::StrCat("session ", session, " has ended"));
-  if (who.has_value()) {
-    absl::StatusOr<FdBudget::Lease> lease =
-        d_.state->fd_budget().Acquire(FdUse::kDelivery, who->peer.uid);
-    transfer = lease.ok() ? Deliver(session, v1::FD_KIND_RESERVATION_STATUS, session,
-                                    LeasedFd{std::move(subscription.page), *std::move(lease)})
-                          : lease.status();
+void FenceService::Subscribe(uint64_t session, uint64_t handle, uint64_t buffer_id,
+                             bool new_page, v1::GetBufferFencesResponse& response) {
+  // Whatever goes wrong here, the access goes on without the page (slot
+  // 0: the client asks each time).
+  absl::StatusOr<ReservationTable::Subscription> subscription =
+      d_.reservations->Subscribe(session, buffer_id, new_page);
+  if (!subscription.ok()) {
+    spdlog::debug("session {}: no reservation status page: {}", session,
+                  subscription.status().ToString());
+    return;
   }
-  if (!transfer.ok()) {
-    d_.reservations->CloseSession(session);
-    return transfer.status();
+  // The handle may have gone meanwhile, and the buffer with it.
+  if (!d_.state->GetBuffer(session, handle).ok()) {
+    d_.reservations->Unsubscribe(session, buffer_id);
+    return;
   }
-  response.set_status_page_transfer_id(*transfer);
-  return absl::OkStatus();
+  if (subscription->page.valid()) {
+    // The page, new: its copy in flight counts in the session's uid's
+    // budget. If it cannot go, the session has no page: the next
+    // subscription makes another.
+    std::optional<SessionTable::Identity> who = d_.sessions->Lookup(session);
+    absl::StatusOr<uint64_t> transfer =
+        absl::UnauthenticatedError(absl::StrCat("session ", session, " has ended"));
+    if (who.has_value()) {
+      absl::StatusOr<FdBudget::Lease> lease =
+          d_.state->fd_budget().Acquire(FdUse::kDelivery, who->peer.uid);
+      transfer = lease.ok() ? Deliver(session, v1::FD_KIND_RESERVATION_STATUS, session,
+                                      LeasedFd{std::move(subscription->page), *std::move(lease)})
+                            : lease.status();
+    }
+    if (!transfer.ok()) {
+      spdlog::debug("session {}: its reservation status page could not go: {}", session,
+                    transfer.status().ToString());
+      d_.reservations->CloseSession(session);
+      return;
+    }
+    response.set_status_page_transfer_id(*transfer);
+  }
+  response.set_status_slot(subscription->slot);
 }
 
 grpc::ServerUnaryReactor* FenceService::GetBufferFences(grpc::CallbackServerContext* context,
@@ -614,7 +629,7 @@ grpc::ServerUnaryReactor* FenceService::GetBufferFences(grpc::CallbackServerCont
     if (request->subscribe()) {
       // Before the answer is made: anything attached after it reaches the
       // slot.
-      RETURN_IF_ERROR(Subscribe(session, buffer_id, *response));
+      Subscribe(session, request->buffer_handle(), buffer_id, request->new_page(), *response);
     }
     ReservationTable::Snapshot snapshot;
     ASSIGN_OR_RETURN(std::vector<ReservationTable::Attached> pending,
@@ -635,10 +650,16 @@ grpc::ServerUnaryReactor* FenceService::GetBufferFences(grpc::CallbackServerCont
     if (request->subscribe() && !request->as_fd()) {
       // Listed, not held: the status page says when they signal.
       for (const ReservationTable::Attached& entry : pending) {
+        // Each as it is now; one signalled since is listed all the same (a
+        // failure of it is in `failed` for the waiter that asks).
         std::optional<FenceView> fence = d_.fences->Peek(entry.fence_id);
-        if (!fence.has_value() || fence->signaled) continue;
         v1::FenceInfo* info = response->add_fences();
-        *info = Info(*fence);
+        if (fence.has_value()) {
+          *info = Info(*fence);
+        } else {
+          info->set_fence_id(entry.fence_id);
+          info->set_state(v1::FENCE_STATE_SIGNALED);
+        }
         info->set_usage(entry.usage);
       }
       return absl::OkStatus();

@@ -124,9 +124,9 @@ class FenceService final : public v1::Fence::CallbackService {
   absl::StatusOr<uint64_t> Deliver(uint64_t session, v1::FdKind kind, uint64_t object,
                                    LeasedFd fd);
   // GetBufferFences' subscribe: the slot, and the status page the first
-  // time.
-  absl::Status Subscribe(uint64_t session, uint64_t buffer_id,
-                         v1::GetBufferFencesResponse& response);
+  // time (or again with `new_page`); nothing when it cannot be had.
+  void Subscribe(uint64_t session, uint64_t handle, uint64_t buffer_id, bool new_page,
+                 v1::GetBufferFencesResponse& response);
 
   const Deps d_;
   // Transfer ids of exported fence fds: the upper half of the id space

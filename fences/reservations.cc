@@ -55,7 +55,8 @@ ReservationTable::ReservationTable(FenceTable* fences, ReservationLimits limits)
 ReservationTable::~ReservationTable() { fences_->SetWatchHook(nullptr); }
 
 absl::Status ReservationTable::Attach(uint64_t session, uint64_t buffer, uint64_t fence_id,
-                                      v1::FenceUsage usage) {
+                                      v1::FenceUsage usage, uint64_t* added) {
+  if (added != nullptr) *added = 0;
   RETURN_IF_ERROR(CheckUsage(usage, "usage"));
   // The fence first: one the session does not hold is NOT_FOUND, and one
   // signalled already has nothing to hold anyone back.
@@ -117,19 +118,24 @@ absl::Status ReservationTable::Attach(uint64_t session, uint64_t buffer, uint64_
   // Watched from now on: its signal reaches OnSignaled, which takes the
   // entry out. (Outside this lock: the table calls OnSignaled under its
   // own.)
-  if (fences_->Watch(fence_id)) return absl::OkStatus();
-  // Signalled meanwhile, and no hook will ever come for it: take it back
-  // (counting it as failed if it was: a waiter may have been told of it).
+  if (fences_->Watch(fence_id)) {
+    if (added != nullptr) *added = seq;
+    return absl::OkStatus();
+  }
+  // Signalled meanwhile, and no hook will ever come for this attachment
+  // (one may have come for the fence, and taken it out already): take it
+  // back, counting it as failed if it was (a waiter may have been told of
+  // it).
   const std::optional<FenceView> now = fences_->Peek(fence_id);
   const bool failed = !now.has_value() || now->status != v1::FENCE_STATUS_OK;
   absl::MutexLock lock(&mu_);
   watched_.erase(fence_id);
   auto it = buffers_.find(buffer);
   if (it == buffers_.end()) return absl::OkStatus();
-  std::erase_if(it->second.attached, [&](const Attached& entry) {
+  const size_t removed = std::erase_if(it->second.attached, [&](const Attached& entry) {
     return entry.fence_id == fence_id && entry.seq == seq;
   });
-  if (waited && failed) {
+  if (removed > 0 && waited && failed) {
     // What it was is known (Peek above) unless it is gone already.
     Reservation& failing = it->second;
     failing.failed.push_back({++failing.failures, fence_id,
@@ -191,10 +197,11 @@ bool ReservationTable::PublishLocked(uint64_t buffer, Reservation& reservation) 
     }
   }
   bool woke = false;
-  for (const auto& [session, index] : reservation.subscribers) {
-    auto page = pages_.find(session);
+  const bool idle = state.writers_low == 0 && state.readers_low == 0;
+  for (Reservation::Subscriber& subscriber : reservation.subscribers) {
+    auto page = pages_.find(subscriber.session);
     if (page == pages_.end()) continue;
-    reservation::Slot& slot = page->second.slot(index);
+    reservation::Slot& slot = page->second.slot(subscriber.slot);
     const reservation::SlotState before{0, reservation::LoadRelaxed(slot.failures),
                                         reservation::LoadRelaxed(slot.buffer_id),
                                         reservation::LoadRelaxed(slot.writers_low),
@@ -204,7 +211,11 @@ bool ReservationTable::PublishLocked(uint64_t buffer, Reservation& reservation) 
       continue;
     }
     reservation::Write(slot, state);
-    woke |= timeline::WakeAll(slot.seq) > 0;
+    // Only a slot someone asked about since it was last idle can have a
+    // sleeper (an access asks before it sleeps, and one that finds the slot
+    // idle returns).
+    if (subscriber.armed) woke |= timeline::WakeAll(slot.seq) > 0;
+    if (idle) subscriber.armed = false;
   }
   return woke;
 }
@@ -262,25 +273,47 @@ absl::StatusOr<ReservationTable::StatusPage> ReservationTable::NewPage(UniqueFd*
 }
 
 absl::StatusOr<ReservationTable::Subscription> ReservationTable::Subscribe(uint64_t session,
-                                                                           uint64_t buffer) {
-  absl::MutexLock lock(&mu_);
+                                                                           uint64_t buffer,
+                                                                           bool new_page) {
   Subscription out;
-  auto page = pages_.find(session);
-  if (page == pages_.end()) {
-    ASSIGN_OR_RETURN(StatusPage made, NewPage(&out.page));
-    page = pages_.emplace(session, std::move(made)).first;
+  bool have_page;
+  {
+    absl::MutexLock lock(&mu_);
+    have_page = pages_.contains(session);
   }
+  // Made without the lock (every signal of an attached fence takes it).
+  std::optional<StatusPage> made;
+  if (!have_page || new_page) {
+    ASSIGN_OR_RETURN(made, NewPage(&out.page));
+  }
+  absl::MutexLock lock(&mu_);
+  if (made.has_value()) {
+    if (new_page) DropPageLocked(session);
+    if (!pages_.contains(session)) {
+      pages_.emplace(session, *std::move(made));
+    } else {
+      out.page = UniqueFd();  // another call made it first
+    }
+  }
+  auto page = pages_.find(session);
+  if (page == pages_.end()) return absl::UnavailableError("the session's status page went");
   StatusPage& status = page->second;
+  Reservation& reservation = buffers_[buffer];
   if (auto known = status.slots.find(buffer); known != status.slots.end()) {
     out.slot = known->second;
+    for (Reservation::Subscriber& subscriber : reservation.subscribers) {
+      if (subscriber.session == session) subscriber.armed = true;
+    }
     return out;
   }
-  if (status.free.empty()) return out;  // full: the session asks the daemon
+  if (status.free.empty()) {  // full: the session asks the daemon
+    EraseIfUnusedLocked(buffer);
+    return out;
+  }
   out.slot = status.free.back();
   status.free.pop_back();
   status.slots[buffer] = out.slot;
-  Reservation& reservation = buffers_[buffer];
-  reservation.subscribers.emplace_back(session, out.slot);
+  reservation.subscribers.push_back({session, out.slot, /*armed=*/true});
   // The slot's first state: written even if nothing is attached.
   reservation::Slot& slot = status.slot(out.slot);
   reservation::Write(slot, {0, reservation.failures, buffer, 0, 0});
@@ -288,20 +321,44 @@ absl::StatusOr<ReservationTable::Subscription> ReservationTable::Subscribe(uint6
   return out;
 }
 
-void ReservationTable::CloseSession(uint64_t session) {
+void ReservationTable::UnsubscribeLocked(uint64_t session, StatusPage& page, uint64_t buffer) {
+  auto known = page.slots.find(buffer);
+  if (known == page.slots.end()) return;
+  const uint32_t index = known->second;
+  page.slots.erase(known);
+  reservation::Slot& slot = page.slot(index);
+  reservation::Write(slot, {});
+  timeline::WakeAll(slot.seq);
+  page.free.push_back(index);
+  auto it = buffers_.find(buffer);
+  if (it == buffers_.end()) return;
+  auto& subscribers = it->second.subscribers;
+  subscribers.erase(std::remove_if(subscribers.begin(), subscribers.end(),
+                                   [&](const auto& entry) { return entry.session == session; }),
+                    subscribers.end());
+  EraseIfUnusedLocked(buffer);
+}
+
+void ReservationTable::Unsubscribe(uint64_t session, uint64_t buffer) {
   absl::MutexLock lock(&mu_);
   auto page = pages_.find(session);
+  if (page != pages_.end()) UnsubscribeLocked(session, page->second, buffer);
+}
+
+void ReservationTable::DropPageLocked(uint64_t session) {
+  auto page = pages_.find(session);
   if (page == pages_.end()) return;
-  for (const auto& [buffer, slot] : page->second.slots) {
-    auto it = buffers_.find(buffer);
-    if (it == buffers_.end()) continue;
-    auto& subscribers = it->second.subscribers;
-    subscribers.erase(std::remove_if(subscribers.begin(), subscribers.end(),
-                                     [&](const auto& entry) { return entry.first == session; }),
-                      subscribers.end());
-    EraseIfUnusedLocked(buffer);
-  }
+  // Every slot cleared and woken first: a waiter sleeping on one looks
+  // again, sees its buffer gone from the page, and asks the daemon.
+  std::vector<uint64_t> buffers;
+  for (const auto& [buffer, slot] : page->second.slots) buffers.push_back(buffer);
+  for (uint64_t buffer : buffers) UnsubscribeLocked(session, page->second, buffer);
   pages_.erase(page);
+}
+
+void ReservationTable::CloseSession(uint64_t session) {
+  absl::MutexLock lock(&mu_);
+  DropPageLocked(session);
 }
 
 std::vector<ReservationTable::Failure> ReservationTable::FailuresSince(uint64_t buffer,
@@ -325,7 +382,7 @@ void ReservationTable::DropBuffer(uint64_t buffer) {
   absl::MutexLock lock(&mu_);
   if (auto it = buffers_.find(buffer); it != buffers_.end()) {
     // Its slots are free again.
-    for (const auto& [session, index] : it->second.subscribers) {
+    for (const auto& [session, index, armed] : it->second.subscribers) {
       auto page = pages_.find(session);
       if (page == pages_.end()) continue;
       reservation::Slot& slot = page->second.slot(index);
@@ -366,13 +423,12 @@ void ReservationTable::CacheMerge(uint64_t buffer, uint64_t session, v1::FenceUs
   merges_[MergeKey{buffer, session, for_access}] = Merge{std::move(ids), merged};
 }
 
-void ReservationTable::Detach(uint64_t buffer, uint64_t fence_id, v1::FenceUsage usage) {
+void ReservationTable::Detach(uint64_t buffer, uint64_t seq) {
+  if (seq == 0) return;
   absl::MutexLock lock(&mu_);
   auto it = buffers_.find(buffer);
   if (it == buffers_.end()) return;
-  std::erase_if(it->second.attached, [&](const Attached& entry) {
-    return entry.fence_id == fence_id && entry.usage == usage;
-  });
+  std::erase_if(it->second.attached, [&](const Attached& entry) { return entry.seq == seq; });
   PublishLocked(buffer, it->second);
   EraseIfUnusedLocked(buffer);
 }
@@ -385,14 +441,6 @@ absl::flat_hash_map<uint64_t, std::vector<ReservationTable::Attached>> Reservati
     if (!reservation.attached.empty()) out[buffer] = reservation.attached;
   }
   return out;
-}
-
-void ReservationTable::Clear() {
-  absl::MutexLock lock(&mu_);
-  buffers_.clear();
-  merges_.clear();
-  watched_.clear();
-  pages_.clear();
 }
 
 }  // namespace bufferd

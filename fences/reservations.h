@@ -107,7 +107,10 @@ class ReservationTable {
   // signalled already
   // is not kept. Attaching the same fence again with the same usage is a
   // no-op.
-  absl::Status Attach(uint64_t session, uint64_t buffer, uint64_t fence_id, v1::FenceUsage usage);
+  // `added` (if not null) gets the attachment's sequence number, or 0 if
+  // nothing was added (a repeat, or a fence signalled meanwhile).
+  absl::Status Attach(uint64_t session, uint64_t buffer, uint64_t fence_id, v1::FenceUsage usage,
+                      uint64_t* added = nullptr);
 
   // The unsignalled fences an access to `buffer` waits for: READ (KERNEL +
   // WRITE) or WRITE (KERNEL + WRITE + READ); BOOKKEEP lists every
@@ -121,9 +124,14 @@ class ReservationTable {
   // kFailuresKept: the latest).
   std::vector<Failure> FailuresSince(uint64_t buffer, uint32_t since) const;
   // `session` reads `buffer`'s state in its status page from now on, until
-  // the buffer goes or the session ends (CloseSession). The page is made at
-  // the session's first subscription.
-  absl::StatusOr<Subscription> Subscribe(uint64_t session, uint64_t buffer);
+  // the buffer goes, the session lets go of it (Unsubscribe) or the session
+  // ends (CloseSession). The page is made at the session's first
+  // subscription, and made again if `new_page` (the client never got it).
+  // A subscription also arms the slot: the daemon wakes it at the next
+  // changes, until the buffer has nothing pending (a waiter always asks
+  // before it sleeps, so slots nobody sleeps on cost no syscall).
+  absl::StatusOr<Subscription> Subscribe(uint64_t session, uint64_t buffer, bool new_page = false);
+  void Unsubscribe(uint64_t session, uint64_t buffer);
   // The session is over: its page and its slots go.
   void CloseSession(uint64_t session);
   // The FenceTable's watch hook, under the FenceTable's lock: an attached
@@ -141,8 +149,9 @@ class ReservationTable {
                                       const std::vector<uint64_t>& ids);
   void CacheMerge(uint64_t buffer, uint64_t session, v1::FenceUsage for_access,
                   std::vector<uint64_t> ids, uint64_t merged);
-  // Takes back one attachment (an attach whose handle went meanwhile).
-  void Detach(uint64_t buffer, uint64_t fence_id, v1::FenceUsage usage);
+  // Takes back one attachment (an attach whose handle went meanwhile): the
+  // one Attach numbered `seq`, nobody else's.
+  void Detach(uint64_t buffer, uint64_t seq);
   // Unsignalled fences attached to each buffer that has some (for debug
   // views).
   absl::flat_hash_map<uint64_t, std::vector<Attached>> List() const;
@@ -150,7 +159,6 @@ class ReservationTable {
   // Sessions with a status page (for tests).
   size_t pages() const;
 
-  void Clear();
 
  private:
   struct Reservation {
@@ -158,8 +166,13 @@ class ReservationTable {
     uint64_t last_seq = 0;
     uint32_t failures = 0;
     std::deque<Failure> failed;  // the latest kFailuresKept
-    // (session, slot) of every subscriber.
-    absl::InlinedVector<std::pair<uint64_t, uint32_t>, 2> subscribers;
+    struct Subscriber {
+      uint64_t session = 0;
+      uint32_t slot = 0;
+      // Woken at changes (see Subscribe).
+      bool armed = false;
+    };
+    absl::InlinedVector<Subscriber, 2> subscribers;
   };
   struct StatusPage {
     Mapping map;
@@ -177,6 +190,11 @@ class ReservationTable {
   // Erases the buffer's entry if nothing is attached and nobody subscribed.
   void EraseIfUnusedLocked(uint64_t buffer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static absl::StatusOr<StatusPage> NewPage(UniqueFd* read_only);
+  // Frees the session's slot for `buffer` (cleared and woken first).
+  void UnsubscribeLocked(uint64_t session, StatusPage& page, uint64_t buffer)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The session's page goes: every slot cleared and woken, then unmapped.
+  void DropPageLocked(uint64_t session) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   struct Merge {
     std::vector<uint64_t> ids;

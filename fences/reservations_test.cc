@@ -232,6 +232,42 @@ TEST_F(StatusPageTest, PublishesPendingSidesAtAttachAndSignal) {
   EXPECT_TRUE(table_->FailuresSince(kBuffer, 1).empty());
 }
 
+TEST_F(StatusPageTest, DetachTakesBackOnlyItsOwnAttachment) {
+  // The same fence attached again with the same usage (another session
+  // holding it) adds nothing: taking that attach back must not take the
+  // first one with it.
+  const uint32_t slot = Subscribe();
+  const uint64_t write = NewFence(kWriter);
+  uint64_t first = 0, again = 0;
+  ASSERT_TRUE(table_->Attach(kWriter, kBuffer, write, v1::FENCE_USAGE_WRITE, &first).ok());
+  EXPECT_NE(first, 0u);
+  ASSERT_TRUE(fences_->HoldFor(kReader, write).ok());
+  ASSERT_TRUE(table_->Attach(kReader, kBuffer, write, v1::FENCE_USAGE_WRITE, &again).ok());
+  EXPECT_EQ(again, 0u) << "a repeat adds nothing";
+  table_->Detach(kBuffer, again);
+  EXPECT_THAT(Ids(v1::FENCE_USAGE_READ), ElementsAre(write));
+  EXPECT_FALSE(reservation::Clear(Slot(slot), false, UINT64_MAX));
+  table_->Detach(kBuffer, first);
+  EXPECT_TRUE(Ids(v1::FENCE_USAGE_READ).empty());
+  EXPECT_TRUE(reservation::Clear(Slot(slot), false, UINT64_MAX));
+  fences_->Forget(kReader, write);
+}
+
+TEST_F(StatusPageTest, UnsubscribeAndANewPageClearTheSlots) {
+  const uint32_t slot = Subscribe();
+  table_->Unsubscribe(kReader, kBuffer);
+  EXPECT_EQ(Slot(slot).buffer_id, 0u) << "cleared (and woken) before it is free";
+  EXPECT_EQ(Subscribe(), slot) << "free again";
+  // The client never got its page: a new one, and the old one's slots
+  // cleared so nobody keeps reading them.
+  absl::StatusOr<ReservationTable::Subscription> again =
+      table_->Subscribe(kReader, kBuffer, /*new_page=*/true);
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(again->page.valid());
+  EXPECT_EQ(Slot(slot).buffer_id, 0u);
+  EXPECT_EQ(table_->pages(), 1u);
+}
+
 TEST_F(StatusPageTest, KeepsTheLatestFailures) {
   Subscribe();
   for (size_t i = 0; i < ReservationTable::kFailuresKept + 3; ++i) {
@@ -306,6 +342,10 @@ TEST_F(StatusPageTest, PageIsReadOnlyAndSlotsAreReused) {
               MAP_FAILED);
   }
   EXPECT_EQ(::fcntl(page_fd_.get(), F_ADD_SEALS, F_SEAL_WRITE), -1) << "sealed F_SEAL_SEAL";
+  const int seals = ::fcntl(page_fd_.get(), F_GET_SEALS);
+  EXPECT_EQ(seals & (F_SEAL_FUTURE_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL),
+            F_SEAL_FUTURE_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
+      << "no writable mapping or write, whoever reopens it";
 
   table_->DropBuffer(kBuffer);
   EXPECT_EQ(Slot(slot).buffer_id, 0u) << "a freed buffer's slot is cleared";
