@@ -63,8 +63,11 @@ grpc::ServerUnaryReactor* AllocatorService::Release(grpc::CallbackServerContext*
                                                     v1::ReleaseResponse* response) {
   absl::StatusOr<uint64_t> session = AuthenticateCall(*d_.sessions, *d_.hub, context);
   if (!session.ok()) return FinishCall(context, session.status());
-  absl::StatusOr<std::vector<DeadBuffer>> dead = d_.state->Release(*session, request->handle());
+  uint64_t let_go = 0;
+  absl::StatusOr<std::vector<DeadBuffer>> dead =
+      d_.state->Release(*session, request->handle(), &let_go);
   if (!dead.ok()) return FinishCall(context, dead.status());
+  d_.hub->LetGo(*session, let_go);
   response->set_buffer_destroyed(!dead->empty());
   // The caller may rely on the memory being freed (a carveout's reservation
   // refilled) when this returns, so the call finishes only after the free.

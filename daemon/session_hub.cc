@@ -164,7 +164,10 @@ absl::Status SessionHub::DrainRecords(uint64_t session_id, uint64_t sent) {
 void SessionHub::ReleaseDropped(uint64_t session_id, const std::vector<uint64_t>& handles) {
   std::vector<DeadBuffer> dead;
   for (uint64_t handle : handles) {
-    absl::StatusOr<std::vector<DeadBuffer>> released = state_->Release(session_id, handle);
+    uint64_t let_go = 0;
+    absl::StatusOr<std::vector<DeadBuffer>> released =
+        state_->Release(session_id, handle, &let_go);
+    LetGo(session_id, let_go);
     if (!released.ok()) {
       // A client re-sends after a failed call, so some are expected; a
       // flood of bogus ones is its own business: rate-limited.
@@ -176,6 +179,10 @@ void SessionHub::ReleaseDropped(uint64_t session_id, const std::vector<uint64_t>
     for (DeadBuffer& buffer : *released) dead.push_back(std::move(buffer));
   }
   reaper_->Free(std::move(dead));
+}
+
+void SessionHub::LetGo(uint64_t session_id, uint64_t buffer) {
+  if (buffer != 0) reservations_->Unsubscribe(session_id, buffer);
 }
 
 void SessionHub::OnDetach(uint64_t session_id) {

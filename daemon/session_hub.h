@@ -50,6 +50,9 @@ class SessionHub final : public FdChannel::Delegate {
   absl::Status OnRecord(uint64_t session_id, const v1::FdChannelMessage& message,
                         std::vector<UniqueFd> fds) override;
   void OnDetach(uint64_t session_id) override;
+  // The session released its last handle on `buffer` (0: none): it reads
+  // the buffer's reservation state no more.
+  void LetGo(uint64_t session_id, uint64_t buffer);
   void OnDisconnect(uint64_t session_id) override;
 
   // Releases handles the session dropped: one-way records and the releases

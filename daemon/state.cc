@@ -287,12 +287,16 @@ absl::StatusOr<DaemonState::PendingGrant> DaemonState::Allocate(
   return result;
 }
 
-absl::StatusOr<std::vector<DeadBuffer>> DaemonState::Release(uint64_t session_id, uint64_t handle) {
+absl::StatusOr<std::vector<DeadBuffer>> DaemonState::Release(uint64_t session_id, uint64_t handle,
+                                                          uint64_t* let_go) {
+  if (let_go != nullptr) *let_go = 0;
   std::vector<DeadBuffer> dead;
   absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(FindSessionLocked(session_id).status());
-  RETURN_IF_ERROR(FindHandleLocked(session_id, handle).status());
+  ASSIGN_OR_RETURN(Session * session, FindSessionLocked(session_id));
+  ASSIGN_OR_RETURN(Handle * found, FindHandleLocked(session_id, handle));
+  const uint64_t buffer = found->buffer;
   RemoveHandleLocked(handle, dead);
+  if (let_go != nullptr && !session->held.contains(buffer)) *let_go = buffer;
   return dead;
 }
 

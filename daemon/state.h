@@ -138,7 +138,10 @@ class DaemonState {
   absl::StatusOr<PendingGrant> Allocate(uint64_t session_id, const v1::AllocateRequest& request);
   // Drops a handle; returns the buffer if it died. Its bytes are back in the
   // heap's accounting before this returns (HeapBuffer::Retire).
-  absl::StatusOr<std::vector<DeadBuffer>> Release(uint64_t session_id, uint64_t handle);
+  // `let_go` (if not null) gets the buffer's id if the session holds no
+  // handle on it any more (0 otherwise).
+  absl::StatusOr<std::vector<DeadBuffer>> Release(uint64_t session_id, uint64_t handle,
+                                                  uint64_t* let_go = nullptr);
   absl::StatusOr<v1::ExportResponse> Export(uint64_t session_id, const v1::ExportRequest& request);
   absl::StatusOr<PendingGrant> Import(uint64_t session_id, absl::string_view token);
   absl::StatusOr<v1::GetBufferResponse> GetBuffer(uint64_t session_id, uint64_t handle) const;

@@ -136,6 +136,30 @@ TEST_F(StateTest, HandlesChargesAndSessionEnd) {
 }
 
 // Tests each quota: its code, and a message naming which quota was hit.
+// Tests that Release says when a session holds no handle on a buffer any
+// more (its reservation status slot goes then), and not before.
+TEST_F(StateTest, ReleaseSaysWhenTheSessionLetsGoOfABuffer) {
+  auto state = NewState();
+  const uint64_t a = Open(*state, 1000);
+  auto grant = Allocate(*state, a, Request("system", 4096));
+  ASSERT_TRUE(grant.ok());
+  v1::ExportRequest export_request;
+  export_request.set_handle(grant->handle);
+  auto token = state->Export(a, export_request);
+  ASSERT_TRUE(token.ok());
+  auto second = Import(*state, a, token->token());
+  ASSERT_TRUE(second.ok());
+  uint64_t let_go = 123;
+  ASSERT_TRUE(state->Release(a, grant->handle, &let_go).ok());
+  EXPECT_EQ(let_go, 0u) << "it still holds the buffer through its second handle";
+  ASSERT_TRUE(state->Release(a, second->handle, &let_go).ok());
+  EXPECT_EQ(let_go, grant->buffer.buffer_id());
+  EXPECT_FALSE(state->Release(a, second->handle, &let_go).ok());
+  EXPECT_EQ(let_go, 0u);
+  grant->fd = {};
+  second->fd = {};
+}
+
 TEST_F(StateTest, QuotasNameThemselves) {
   v1::QuotaConfig quotas;
   quotas.set_max_bytes_per_session(8 * kMiB);
