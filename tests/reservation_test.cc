@@ -69,6 +69,41 @@ class ReservationTest : public DaemonTest {
     have_syscall_file_ = static_cast<bool>(probe >> number);
   }
   bool have_syscall_file_ = false;
+
+  // BeginCpuAccess(kRead) of `buffer` on another thread, handed back once it
+  // sleeps on its status page (it has been told what it waits for).
+  std::future<absl::StatusOr<std::vector<v1::FenceInfo>>> ReadAsleep(const Buffer& buffer,
+                                                                     absl::Duration timeout) {
+    auto tid = std::make_shared<std::atomic<pid_t>>(0);
+    auto reading = std::async(std::launch::async, [tid, &buffer, timeout] {
+      *tid = ::gettid();
+      return buffer.BeginCpuAccess(Cpu::kRead, timeout);
+    });
+    EXPECT_TRUE(::bufferd::testing::Eventually([&] { return OnStatusPage(*tid); }))
+        << "the reader never slept on its status page";
+    return reading;
+  }
+  // A second session holding `buffer` read-write, with two fences of its
+  // own, the first attached WRITE.
+  struct Producer {
+    Client client;
+    Buffer shared;
+    Fence first;
+    Fence second;
+  };
+  std::optional<Producer> NewProducer(const Buffer& buffer) {
+    absl::StatusOr<Client> client = Client::Connect(daemon_->socket_dir());
+    if (!client.ok()) return std::nullopt;
+    absl::StatusOr<Buffer> shared = client->Import(*buffer.Export(Access::kReadWrite));
+    absl::StatusOr<Fence> first = client->CreateFence({.name = "first"});
+    absl::StatusOr<Fence> second = client->CreateFence({.name = "second"});
+    if (!shared.ok() || !first.ok() || !second.ok() ||
+        !shared->AttachFence(*first, v1::FENCE_USAGE_WRITE).ok()) {
+      return std::nullopt;
+    }
+    return Producer{*std::move(client), *std::move(shared), *std::move(first),
+                    *std::move(second)};
+  }
   static bool Readable(int fd, absl::Duration timeout) {
     pollfd ready{fd, POLLIN, 0};
     return ::poll(&ready, 1, static_cast<int>(absl::ToInt64Milliseconds(timeout))) == 1;
@@ -270,16 +305,11 @@ TEST_F(ReservationTest, AWaiterWhoseSessionEndsGetsAnError) {
     absl::StatusOr<Fence> write = client_->CreateFence({.name = "never"});
     ASSERT_TRUE(write.ok());
     ASSERT_TRUE(buffer.AttachFence(*write, v1::FENCE_USAGE_WRITE).ok());
-    std::atomic<pid_t> reader_tid{0};
-    std::future<absl::Status> reading = std::async(std::launch::async, [&] {
-      reader_tid = ::gettid();
-      return mine->BeginCpuAccess(Cpu::kRead, absl::InfiniteDuration()).status();
-    });
-    ASSERT_TRUE(::bufferd::testing::Eventually([&] { return OnStatusPage(reader_tid); }));
+    auto reading = ReadAsleep(*mine, absl::InfiniteDuration());
     reader->Close();
     ASSERT_EQ(reading.wait_for(std::chrono::seconds(30)), std::future_status::ready)
         << "still asleep on a page nobody writes";
-    const absl::Status status = reading.get();
+    const absl::Status status = reading.get().status();
     EXPECT_FALSE(status.ok());
     EXPECT_TRUE(absl::IsUnavailable(status) || absl::IsUnauthenticated(status)) << status;
     ASSERT_TRUE(write->Signal().ok());
@@ -291,25 +321,13 @@ TEST_F(ReservationTest, AWaitOnThePageReportsFailuresAndIgnoresLaterFences) {
   if (!have_syscall_file_) GTEST_SKIP() << "no /proc/<pid>/task/<tid>/syscall to see a waiter sleep";
   {
     Buffer buffer = NewBuffer();
-    absl::StatusOr<Client> producer = Client::Connect(daemon_->socket_dir());
-    ASSERT_TRUE(producer.ok());
-    absl::StatusOr<Buffer> shared = producer->Import(*buffer.Export(Access::kReadWrite));
-    ASSERT_TRUE(shared.ok());
-    absl::StatusOr<Fence> first = producer->CreateFence({.name = "first"});
-    absl::StatusOr<Fence> second = producer->CreateFence({.name = "second"});
-    ASSERT_TRUE(first.ok() && second.ok());
-    ASSERT_TRUE(shared->AttachFence(*first, v1::FENCE_USAGE_WRITE).ok());
-
+    std::optional<Producer> producer = NewProducer(buffer);
+    ASSERT_TRUE(producer.has_value());
+    Fence* first = &producer->first;
+    Fence* second = &producer->second;
+    Buffer* shared = &producer->shared;
     const uint32_t held_before = Held();
-    std::atomic<pid_t> reader_tid{0};
-    std::future<absl::StatusOr<std::vector<v1::FenceInfo>>> reading =
-        std::async(std::launch::async, [&] {
-          reader_tid = ::gettid();
-          return buffer.BeginCpuAccess(Cpu::kRead, absl::Seconds(20));
-        });
-    // The reader has been told what it waits for (the fences are listed, not
-    // held) and sleeps on its page before anything else happens.
-    ASSERT_TRUE(::bufferd::testing::Eventually([&] { return OnStatusPage(reader_tid); }));
+    auto reading = ReadAsleep(buffer, absl::Seconds(20));
     EXPECT_EQ(Held(), held_before) << "listed, not held";
     // A fence attached after the read asked does not hold it.
     ASSERT_TRUE(shared->AttachFence(*second, v1::FENCE_USAGE_WRITE).ok());
@@ -335,28 +353,19 @@ TEST_F(ReservationTest, AFailureThatWasNotKeptIsNeverReportedOk) {
   if (!have_syscall_file_) GTEST_SKIP() << "no /proc/<pid>/task/<tid>/syscall to see a waiter sleep";
   {
     Buffer buffer = NewBuffer();
-    absl::StatusOr<Client> producer = Client::Connect(daemon_->socket_dir());
-    ASSERT_TRUE(producer.ok());
-    absl::StatusOr<Buffer> shared = producer->Import(*buffer.Export(Access::kReadWrite));
-    ASSERT_TRUE(shared.ok());
-    absl::StatusOr<Fence> first = producer->CreateFence({.name = "first"});
-    absl::StatusOr<Fence> last = producer->CreateFence({.name = "last"});
-    ASSERT_TRUE(first.ok() && last.ok());
-    ASSERT_TRUE(shared->AttachFence(*first, v1::FENCE_USAGE_WRITE).ok());
+    std::optional<Producer> producer = NewProducer(buffer);
+    ASSERT_TRUE(producer.has_value());
+    Fence* first = &producer->first;
+    Fence* last = &producer->second;
+    Buffer* shared = &producer->shared;
     ASSERT_TRUE(shared->AttachFence(*last, v1::FENCE_USAGE_WRITE).ok());
-    std::atomic<pid_t> reader_tid{0};
-    std::future<absl::StatusOr<std::vector<v1::FenceInfo>>> reading =
-        std::async(std::launch::async, [&] {
-          reader_tid = ::gettid();
-          return buffer.BeginCpuAccess(Cpu::kRead, absl::Seconds(60));
-        });
-    ASSERT_TRUE(::bufferd::testing::Eventually([&] { return OnStatusPage(reader_tid); }));
+    auto reading = ReadAsleep(buffer, absl::Seconds(60));
     // The first fails; then more failures than the daemon keeps (fences
     // attached after the read asked: they do not hold it), then the last
     // signals OK.
     ASSERT_TRUE(first->Signal(v1::FENCE_STATUS_ERROR, "torn").ok());
     for (int i = 0; i < 300; ++i) {
-      absl::StatusOr<Fence> noise = producer->CreateFence();
+      absl::StatusOr<Fence> noise = producer->client.CreateFence();
       ASSERT_TRUE(noise.ok());
       ASSERT_TRUE(shared->AttachFence(*noise, v1::FENCE_USAGE_WRITE).ok());
       ASSERT_TRUE(noise->Signal(v1::FENCE_STATUS_ERROR, "noise").ok());
