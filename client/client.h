@@ -186,14 +186,20 @@ class Buffer {
  private:
   friend class Client;
   absl::StatusOr<v1::GetBufferFencesResponse> GetFences(Cpu access, bool as_fd) const;
-  // BeginCpuAccess when the page does not say "clear": asks (subscribing),
-  // then sleeps on the page; WaitThroughDaemon when the page has no room.
+  // BeginCpuAccess when the page does not say "clear": asks (subscribing,
+  // and taking the page when it comes), then sleeps on the page; Settle
+  // when the page has no room or is gone.
   absl::StatusOr<std::vector<v1::FenceInfo>> WaitForAccess(Cpu access, absl::Duration timeout) const;
   absl::StatusOr<v1::GetBufferFencesResponse> AskFences(
       Cpu access, std::optional<uint32_t> failures_since) const;
-  // `left` of the caller's `timeout` (which errors name).
-  absl::StatusOr<std::vector<v1::FenceInfo>> WaitThroughDaemon(Cpu access, absl::Duration left,
-                                                               absl::Duration timeout) const;
+  // What became of `waited` (as `asked` listed them): asks the daemon how
+  // they ended (failures since `asked`), and with `wait` first waits through
+  // the daemon for those still pending, for `left` of the caller's
+  // `timeout` (which errors name).
+  absl::StatusOr<std::vector<v1::FenceInfo>> Settle(Cpu access, std::vector<v1::FenceInfo> waited,
+                                                    const v1::GetBufferFencesResponse& asked,
+                                                    bool wait, absl::Duration left,
+                                                    absl::Duration timeout) const;
   Buffer(std::shared_ptr<internal::Connection> connection, uint64_t handle, v1::BufferInfo info,
          Access access, UniqueFd fd);
   // Closes the fd and releases the handle one-way.

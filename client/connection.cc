@@ -235,6 +235,12 @@ absl::Status Connection::SetReservationPage(UniqueFd fd) {
   return absl::OkStatus();
 }
 
+void Connection::ForgetReservationPage(const reservation::Slot* slots) {
+  std::lock_guard lock(reservation_mu_);
+  const reservation::Slot* expected = slots;
+  reservation_slots_.compare_exchange_strong(expected, nullptr, std::memory_order_acq_rel);
+}
+
 void Connection::QueueRelease(uint64_t handle) { one_way_->QueueRelease(handle); }
 
 absl::Status Connection::SendRecord(const v1::FdChannelMessage& message,

@@ -113,6 +113,9 @@ class Connection {
     return reservation_slots_.load(std::memory_order_acquire);
   }
   absl::Status SetReservationPage(UniqueFd fd);
+  // `slots` turned out dead (the daemon made the page again): read no more
+  // (it stays mapped: a reader may still be looking), ask for a new one.
+  void ForgetReservationPage(const reservation::Slot* slots);
 
   std::mutex& wakers_mu() { return wakers_mu_; }
   std::map<uint64_t, std::weak_ptr<Waker>>& wakers() { return wakers_; }

@@ -111,36 +111,41 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
                           absl::ZeroDuration());
   };
   ASSIGN_OR_RETURN(v1::GetBufferFencesResponse response, AskFences(access, std::nullopt));
-  if (response.status_page_transfer_id() != 0) {
-    ASSIGN_OR_RETURN(UniqueFd page, connection_->TakeFd(response.status_page_transfer_id()));
-    RETURN_IF_ERROR(connection_->SetReservationPage(std::move(page)));
-  }
   const uint32_t slot = response.status_slot();
   if (slot != 0 && slot < reservation::kSlots) status_slot_.store(slot, std::memory_order_relaxed);
   std::vector<v1::FenceInfo> waited(response.fences().begin(), response.fences().end());
   if (waited.empty()) return waited;
   const reservation::Slot* slots = connection_->reservation_slots();
   if (slot == 0 || slot >= reservation::kSlots || slots == nullptr) {
-    // No room in the page: wait through the daemon.
-    return WaitThroughDaemon(access, left(), timeout);
+    // No room in the page, or no page: wait through the daemon.
+    return Settle(access, std::move(waited), response, /*wait=*/true, left(), timeout);
   }
 
   // Sleep on the slot until every fence listed (attached up to status_seq)
   // has signalled, as the daemon publishes it.
   const reservation::Slot& watched = slots[slot];
-  bool clear = false;
-  bool failed = true;
   for (;;) {
     reservation::SlotState state;
     uint32_t expected = 0;
     if (reservation::Read(watched, &state)) {
-      // The buffer gone from the page (the page was made again, or the
-      // session is ending): wait through the daemon for what is left.
-      if (state.buffer_id != id()) return WaitThroughDaemon(access, left(), timeout);
+      if (state.buffer_id != id()) {
+        // Not this buffer's slot: the page was made again (this one is
+        // dead: the next access asks for the new one), or the session is
+        // ending. Wait through the daemon.
+        connection_->ForgetReservationPage(slots);
+        return Settle(access, std::move(waited), response, /*wait=*/true, left(), timeout);
+      }
       if (reservation::Clear(state, access == Cpu::kWrite, response.status_seq())) {
-        clear = true;
-        failed = state.failures != response.status_failures();
-        break;
+        if (state.failures != response.status_failures()) {
+          // Something failed: ask how.
+          return Settle(access, std::move(waited), response, /*wait=*/false, left(), timeout);
+        }
+        // Every one ended OK (the failure count did not move).
+        for (v1::FenceInfo& info : waited) {
+          info.set_state(v1::FENCE_STATE_SIGNALED);
+          info.set_status(v1::FENCE_STATUS_OK);
+        }
+        return waited;
       }
       expected = state.seq;
     } else {
@@ -162,34 +167,59 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
           "shut)");
     }
   }
-  if (clear && !failed) {
-    // Every one ended OK (the failure count did not move).
-    for (v1::FenceInfo& info : waited) {
-      info.set_state(v1::FENCE_STATE_SIGNALED);
-      info.set_status(v1::FENCE_STATUS_OK);
+  // The deadline: name what is still pending.
+  return Settle(access, std::move(waited), response, /*wait=*/false, left(), timeout);
+}
+
+absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::Settle(Cpu access,
+                                                          std::vector<v1::FenceInfo> waited,
+                                                          const v1::GetBufferFencesResponse& asked,
+                                                          bool wait, absl::Duration left,
+                                                          absl::Duration timeout) const {
+  const uint32_t since = asked.status_failures();
+  // Those of `waited` the daemon still lists as pending.
+  auto still_pending = [&](const v1::GetBufferFencesResponse& now) {
+    std::vector<uint64_t> ids;
+    for (const v1::FenceInfo& info : waited) {
+      for (const v1::FenceInfo& listed : now.fences()) {
+        if (listed.fence_id() == info.fence_id() && listed.state() != v1::FENCE_STATE_SIGNALED) {
+          ids.push_back(info.fence_id());
+          break;
+        }
+      }
     }
-    return waited;
+    return ids;
+  };
+  ASSIGN_OR_RETURN(v1::GetBufferFencesResponse now, AskFences(access, since));
+  std::vector<uint64_t> pending = still_pending(now);
+  if (wait && !pending.empty()) {
+    // Held now (the listing holds nothing), and waited for in the daemon.
+    ASSIGN_OR_RETURN(std::vector<Fence> held, Fences(access));
+    std::vector<uint64_t> ids;
+    for (const Fence& fence : held) {
+      if (std::find(pending.begin(), pending.end(), fence.id()) != pending.end()) {
+        ids.push_back(fence.id());
+      }
+    }
+    if (!ids.empty()) {
+      RETURN_IF_ERROR(
+          internal::WaitFences(*connection_, ids, /*all=*/true, left, timeout).status());
+    }
+    ASSIGN_OR_RETURN(now, AskFences(access, since));
+    pending = still_pending(now);
   }
-  // Ask what failed and what is still pending.
-  ASSIGN_OR_RETURN(v1::GetBufferFencesResponse now,
-                   AskFences(access, response.status_failures()));
-  // The daemon keeps the latest failures of a buffer only: if more came
-  // since this access asked than it returned, a fence missing from them may
-  // have failed too.
-  const uint32_t since = response.status_failures();
-  const uint32_t not_kept =
-      now.status_failures() - since > static_cast<uint32_t>(now.failed_size())
-          ? now.status_failures() - since - static_cast<uint32_t>(now.failed_size())
-          : 0;
-  const bool lost = not_kept > 0;
-  std::vector<uint64_t> pending;
+  // The daemon keeps the latest failures of a buffer only (and none once
+  // nobody holds the buffer's record: the count starts again): a fence
+  // missing from what it returned may have failed all the same.
+  const uint32_t returned = static_cast<uint32_t>(now.failed_size());
+  const bool restarted = now.status_failures() < since;
+  const uint32_t not_kept = restarted ? 0
+                            : now.status_failures() - since > returned
+                                ? now.status_failures() - since - returned
+                                : 0;
+  const bool lost = restarted || not_kept > 0;
   for (v1::FenceInfo& info : waited) {
-    const bool still = std::any_of(now.fences().begin(), now.fences().end(),
-                                   [&](const v1::FenceInfo& f) { return f.fence_id() == info.fence_id(); });
-    if (still) {
-      pending.push_back(info.fence_id());
-      continue;
-    }
+    if (std::find(pending.begin(), pending.end(), info.fence_id()) != pending.end()) continue;
     info.set_state(v1::FENCE_STATE_SIGNALED);
     info.set_status(v1::FENCE_STATUS_OK);
     bool found = false;
@@ -202,9 +232,12 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
     }
     if (!found && lost) {
       info.set_status(v1::FENCE_STATUS_UNSPECIFIED);
-      info.set_message(absl::StrCat("signalled; how is no longer known (", not_kept,
-                                    " failures on this buffer were not kept while this access "
-                                    "waited)"));
+      info.set_message(
+          restarted ? std::string("signalled; how is no longer known (the buffer's failure "
+                                  "record started again while this access waited)")
+                    : absl::StrCat("signalled; how is no longer known (", not_kept,
+                                   " failures on this buffer were not kept while this access "
+                                   "waited)"));
     }
   }
   if (!pending.empty()) {
@@ -221,39 +254,23 @@ absl::StatusOr<v1::GetBufferFencesResponse> Buffer::AskFences(
   request.set_buffer_handle(handle_);
   request.set_for_access(ForAccess(access));
   request.set_subscribe(true);
-  // No page here (never sent, or lost on the way): the daemon makes it again.
+  // No page here (never sent, lost on the way, or found dead): the daemon
+  // makes it again.
   request.set_new_page(connection_->reservation_slots() == nullptr);
   if (failures_since.has_value()) request.set_failures_since(*failures_since);
   v1::GetBufferFencesResponse response;
   internal::Call call = connection_->NewCall();
   RETURN_IF_ERROR(connection_->Finish(
       call, connection_->fence().GetBufferFences(call.context.get(), request, &response)));
-  return response;
-}
-
-absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitThroughDaemon(
-    Cpu access, absl::Duration left, absl::Duration timeout) const {
-  ASSIGN_OR_RETURN(std::vector<Fence> fences, Fences(access));
-  if (fences.empty()) return std::vector<v1::FenceInfo>();
-  std::vector<uint64_t> ids;
-  for (const Fence& fence : fences) ids.push_back(fence.id());
-  ASSIGN_OR_RETURN(std::vector<v1::FenceInfo> ended,
-                   internal::WaitFences(*connection_, ids, /*all=*/true, left, timeout));
-  // What the wait says of each (its end), on what the listing said (name,
-  // usage, owner).
-  std::vector<v1::FenceInfo> waited;
-  for (const Fence& fence : fences) {
-    v1::FenceInfo info = fence.info();
-    for (const v1::FenceInfo& end : ended) {
-      if (end.fence_id() != info.fence_id()) continue;
-      info.set_state(end.state());
-      info.set_status(end.status());
-      info.set_message(end.message());
-      *info.mutable_signaled_at() = end.signaled_at();
-    }
-    waited.push_back(std::move(info));
+  if (response.status_page_transfer_id() != 0) {
+    // A page that cannot be had leaves the access as it was (it asks each
+    // time; the next call asks for a new page).
+    absl::StatusOr<UniqueFd> page = connection_->TakeFd(response.status_page_transfer_id());
+    absl::Status mapped =
+        page.ok() ? connection_->SetReservationPage(*std::move(page)) : page.status();
+    if (!mapped.ok()) response.set_status_slot(0);
   }
-  return waited;
+  return response;
 }
 
 absl::Status Buffer::EndCpuAccess() const {

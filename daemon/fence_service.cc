@@ -570,8 +570,8 @@ grpc::ServerUnaryReactor* FenceService::AttachFence(grpc::CallbackServerContext*
   });
 }
 
-void FenceService::Subscribe(uint64_t session, uint64_t handle, uint64_t buffer_id,
-                             bool new_page, v1::GetBufferFencesResponse& response) {
+void FenceService::Subscribe(uint64_t session, uint64_t buffer_id, bool new_page,
+                             v1::GetBufferFencesResponse& response) {
   // Whatever goes wrong here, the access goes on without the page (slot
   // 0: the client asks each time).
   absl::StatusOr<ReservationTable::Subscription> subscription =
@@ -581,8 +581,9 @@ void FenceService::Subscribe(uint64_t session, uint64_t handle, uint64_t buffer_
                   subscription.status().ToString());
     return;
   }
-  // The handle may have gone meanwhile, and the buffer with it.
-  if (!d_.state->GetBuffer(session, handle).ok()) {
+  // The session may have let go of the buffer meanwhile (every handle on
+  // it), and the buffer may be gone with it.
+  if (!d_.state->Holds(session, buffer_id)) {
     d_.reservations->Unsubscribe(session, buffer_id);
     return;
   }
@@ -626,14 +627,20 @@ grpc::ServerUnaryReactor* FenceService::GetBufferFences(grpc::CallbackServerCont
           "for_access ", static_cast<int>(access),
           " is not an access: READ or WRITE (or BOOKKEEP to list every fence)"));
     }
+    if (request->subscribe() && request->as_fd()) {
+      return absl::InvalidArgumentError(
+          "subscribe lists the fences for a waiter on the status page; as_fd makes one fd of "
+          "them: ask for one or the other");
+    }
     if (request->subscribe()) {
       // Before the answer is made: anything attached after it reaches the
       // slot.
-      Subscribe(session, request->buffer_handle(), buffer_id, request->new_page(), *response);
+      Subscribe(session, buffer_id, request->new_page(), *response);
     }
     ReservationTable::Snapshot snapshot;
     ASSIGN_OR_RETURN(std::vector<ReservationTable::Attached> pending,
-                     d_.reservations->Pending(buffer_id, request->for_access(), &snapshot));
+                     d_.reservations->Pending(buffer_id, request->for_access(), &snapshot,
+                                              request->subscribe() ? session : 0));
     response->set_status_seq(snapshot.seq);
     response->set_status_failures(snapshot.failures);
     if (request->has_failures_since()) {

@@ -125,7 +125,7 @@ class FenceService final : public v1::Fence::CallbackService {
                                    LeasedFd fd);
   // GetBufferFences' subscribe: the slot, and the status page the first
   // time (or again with `new_page`); nothing when it cannot be had.
-  void Subscribe(uint64_t session, uint64_t handle, uint64_t buffer_id, bool new_page,
+  void Subscribe(uint64_t session, uint64_t buffer_id, bool new_page,
                  v1::GetBufferFencesResponse& response);
 
   const Deps d_;

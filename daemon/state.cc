@@ -378,6 +378,12 @@ absl::StatusOr<DaemonState::PendingGrant> DaemonState::Import(uint64_t session_i
   return PendingGrant(this, session_id, *std::move(grant), std::string(token));
 }
 
+bool DaemonState::Holds(uint64_t session_id, uint64_t buffer_id) const {
+  absl::ReaderMutexLock lock(&mu_);
+  absl::StatusOr<Session*> session = FindSessionLocked(session_id);
+  return session.ok() && (*session)->held.contains(buffer_id);
+}
+
 absl::StatusOr<v1::GetBufferResponse> DaemonState::GetBuffer(uint64_t session_id,
                                                              uint64_t handle_id) const {
   absl::MutexLock lock(&mu_);

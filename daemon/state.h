@@ -145,6 +145,8 @@ class DaemonState {
   absl::StatusOr<v1::ExportResponse> Export(uint64_t session_id, const v1::ExportRequest& request);
   absl::StatusOr<PendingGrant> Import(uint64_t session_id, absl::string_view token);
   absl::StatusOr<v1::GetBufferResponse> GetBuffer(uint64_t session_id, uint64_t handle) const;
+  // Whether the session holds a handle on buffer `buffer_id`.
+  bool Holds(uint64_t session_id, uint64_t buffer_id) const;
   // Seals a freezable buffer against all writes (see Allocator.Freeze).
   absl::StatusOr<v1::BufferInfo> Freeze(uint64_t session_id, uint64_t handle);
 

@@ -152,8 +152,10 @@ TEST_F(StateTest, ReleaseSaysWhenTheSessionLetsGoOfABuffer) {
   uint64_t let_go = 123;
   ASSERT_TRUE(state->Release(a, grant->handle, &let_go).ok());
   EXPECT_EQ(let_go, 0u) << "it still holds the buffer through its second handle";
+  EXPECT_TRUE(state->Holds(a, grant->buffer.buffer_id()));
   ASSERT_TRUE(state->Release(a, second->handle, &let_go).ok());
   EXPECT_EQ(let_go, grant->buffer.buffer_id());
+  EXPECT_FALSE(state->Holds(a, grant->buffer.buffer_id()));
   EXPECT_FALSE(state->Release(a, second->handle, &let_go).ok());
   EXPECT_EQ(let_go, 0u);
   grant->fd = {};

@@ -150,7 +150,7 @@ absl::Status ReservationTable::Attach(uint64_t session, uint64_t buffer, uint64_
 }
 
 absl::StatusOr<std::vector<ReservationTable::Attached>> ReservationTable::Pending(
-    uint64_t buffer, v1::FenceUsage for_access, Snapshot* snapshot) {
+    uint64_t buffer, v1::FenceUsage for_access, Snapshot* snapshot, uint64_t arm) {
   if (for_access != v1::FENCE_USAGE_READ && for_access != v1::FENCE_USAGE_WRITE &&
       for_access != v1::FENCE_USAGE_BOOKKEEP) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -163,6 +163,9 @@ absl::StatusOr<std::vector<ReservationTable::Attached>> ReservationTable::Pendin
   if (snapshot != nullptr) *snapshot = {};
   if (it == buffers_.end()) return out;
   if (snapshot != nullptr) *snapshot = {it->second.last_seq, it->second.failures};
+  for (Reservation::Subscriber& subscriber : it->second.subscribers) {
+    if (arm != 0 && subscriber.session == arm) subscriber.armed = true;
+  }
   for (const Attached& entry : it->second.attached) {
     if (!AccessWaitsFor(for_access, entry.usage)) continue;
     const bool listed = std::any_of(out.begin(), out.end(), [&](const Attached& other) {
@@ -428,7 +431,23 @@ void ReservationTable::Detach(uint64_t buffer, uint64_t seq) {
   absl::MutexLock lock(&mu_);
   auto it = buffers_.find(buffer);
   if (it == buffers_.end()) return;
-  std::erase_if(it->second.attached, [&](const Attached& entry) { return entry.seq == seq; });
+  uint64_t fence_id = 0;
+  std::erase_if(it->second.attached, [&](const Attached& entry) {
+    if (entry.seq != seq) return false;
+    fence_id = entry.fence_id;
+    return true;
+  });
+  // Its signal is no business of this buffer's any more (unless the fence
+  // is attached to it otherwise too): no failure counted here for it.
+  const bool still = std::any_of(it->second.attached.begin(), it->second.attached.end(),
+                                 [&](const Attached& entry) { return entry.fence_id == fence_id; });
+  if (auto watched = watched_.find(fence_id); fence_id != 0 && !still && watched != watched_.end()) {
+    auto& buffers = watched->second;
+    buffers.erase(std::remove_if(buffers.begin(), buffers.end(),
+                                 [&](const auto& entry) { return entry.first == buffer; }),
+                  buffers.end());
+    if (buffers.empty()) watched_.erase(watched);
+  }
   PublishLocked(buffer, it->second);
   EraseIfUnusedLocked(buffer);
 }

@@ -116,9 +116,11 @@ class ReservationTable {
   // WRITE) or WRITE (KERNEL + WRITE + READ); BOOKKEEP lists every
   // unsignalled fence, whatever its usage. Oldest first, each fence once
   // (attached with several usages: the first).
-  // `snapshot` (if not null) gets where the answer stands.
+  // `snapshot` (if not null) gets where the answer stands; `arm` (a
+  // subscribed session, or 0) has its slot armed in the same step, so that
+  // a waiter told this answer is woken at every change until it is clear.
   absl::StatusOr<std::vector<Attached>> Pending(uint64_t buffer, v1::FenceUsage for_access,
-                                                Snapshot* snapshot = nullptr);
+                                                Snapshot* snapshot = nullptr, uint64_t arm = 0);
 
   // The buffer's failures numbered above `since`, oldest first (at most
   // kFailuresKept: the latest).

@@ -250,6 +250,9 @@ TEST_F(StatusPageTest, DetachTakesBackOnlyItsOwnAttachment) {
   table_->Detach(kBuffer, first);
   EXPECT_TRUE(Ids(v1::FENCE_USAGE_READ).empty());
   EXPECT_TRUE(reservation::Clear(Slot(slot), false, UINT64_MAX));
+  // Taken back: its failure is no failure of this buffer's.
+  ASSERT_TRUE(fences_->Signal(kWriter, write, v1::FENCE_STATUS_ERROR, "x").ok());
+  EXPECT_EQ(Slot(slot).failures, 0u);
   fences_->Forget(kReader, write);
 }
 

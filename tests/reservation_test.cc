@@ -529,6 +529,11 @@ TEST_F(ReservationTest, BadAttachesGetNamedErrors) {
         EXPECT_THAT(raw_status.error_message(), HasSubstr("is not an access"));
       }
       subscribe.set_for_access(v1::FENCE_USAGE_READ);
+      subscribe.set_as_fd(true);
+      raw_status = stub->GetBufferFences(raw->Context().get(), subscribe, &answer);
+      EXPECT_EQ(raw_status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+      EXPECT_THAT(raw_status.error_message(), HasSubstr("one or the other"));
+      subscribe.set_as_fd(false);
       ASSERT_TRUE(stub->GetBufferFences(raw->Context().get(), subscribe, &answer).ok());
       EXPECT_NE(answer.status_page_transfer_id(), 0u);
       EXPECT_NE(answer.status_slot(), 0u);
