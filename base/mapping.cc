@@ -1,6 +1,9 @@
 #include "base/mapping.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <utility>
@@ -44,6 +47,31 @@ void Mapping::Reset() {
   if (address_ != nullptr) ::munmap(address_, length_);
   address_ = nullptr;
   length_ = 0;
+}
+
+absl::StatusOr<UniqueFd> ReopenReadOnly(int fd, absl::string_view what) {
+  const std::string path = absl::StrCat("/proc/self/fd/", fd);
+  UniqueFd copy(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!copy.valid()) return ErrnoError(absl::StrCat("re-opening ", what, " read-only"), errno);
+  return copy;
+}
+
+absl::StatusOr<SealedPage> CreateSealedPage(const char* name, size_t size,
+                                            absl::string_view what) {
+  UniqueFd page(::memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!page.valid()) return ErrnoError(absl::StrCat("memfd_create for ", what), errno);
+  if (::ftruncate(page.get(), static_cast<off_t>(size)) != 0) {
+    return ErrnoError(absl::StrCat("ftruncate ", what), errno);
+  }
+  SealedPage sealed;
+  ASSIGN_OR_RETURN(sealed.writable, Mapping::Create(page.get(), size, Mapping::Protection::kReadWrite));
+  (void)::fchmod(page.get(), 0400);
+  if (::fcntl(page.get(), F_ADD_SEALS,
+              F_SEAL_FUTURE_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    return ErrnoError(absl::StrCat("sealing ", what), errno);
+  }
+  ASSIGN_OR_RETURN(sealed.read_only, ReopenReadOnly(page.get(), what));
+  return sealed;
 }
 
 }  // namespace bufferd

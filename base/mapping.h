@@ -11,6 +11,7 @@
 #include <span>
 
 #include "absl/status/statusor.h"
+#include "base/unique_fd.h"
 
 namespace bufferd {
 
@@ -46,6 +47,22 @@ class Mapping {
   size_t length_ = 0;
   Protection protection_ = Protection::kReadOnly;
 };
+
+// A read-only fd for the file `fd` is open on (through /proc/self/fd): a new
+// open file description, so nothing done to the original's flags reaches
+// it. `what` names the file in the error.
+absl::StatusOr<UniqueFd> ReopenReadOnly(int fd, absl::string_view what);
+
+// Shared memory only this process ever writes: a memfd named `name` of
+// `size` bytes, mapped writable here, then sealed (F_SEAL_FUTURE_WRITE, no
+// shrink, no grow, no more seals; mode 0400), so that no other mapping,
+// write() or re-opened fd can write it; and a read-only fd of it to hand
+// out. The memfd's own fd is closed. `what` names it in errors.
+struct SealedPage {
+  Mapping writable;
+  UniqueFd read_only;
+};
+absl::StatusOr<SealedPage> CreateSealedPage(const char* name, size_t size, absl::string_view what);
 
 }  // namespace bufferd
 

@@ -208,21 +208,28 @@ bool Connection::Ended() const {
   return ::poll(&hangup, 1, 0) == 1 && (hangup.revents & (POLLHUP | POLLRDHUP | POLLERR)) != 0;
 }
 
+absl::StatusOr<Mapping> MapDeliveredPage(const UniqueFd& fd, size_t size, int seals,
+                                         absl::string_view what) {
+  struct stat st {};
+  const int flags = ::fcntl(fd.get(), F_GETFL);
+  const int has = seals == 0 ? 0 : ::fcntl(fd.get(), F_GET_SEALS);
+  if (flags < 0 || (flags & O_ACCMODE) != O_RDONLY || ::fstat(fd.get(), &st) != 0 ||
+      !S_ISREG(st.st_mode) || st.st_size != static_cast<off_t>(size) || has < 0 ||
+      (has & seals) != seals) {
+    return absl::InternalError(
+        absl::StrCat(what, " is not a ", seals == 0 ? "" : "sealed ", "read-only page of ", size,
+                     " bytes"));
+  }
+  return Mapping::Create(fd.get(), size, Mapping::Protection::kReadOnly);
+}
+
 absl::Status Connection::SetReservationPage(UniqueFd fd) {
   // What the daemon promised: a memfd of one page that nobody can write,
   // grow or shrink (it alone maps it writable).
-  struct stat st {};
-  const int flags = ::fcntl(fd.get(), F_GETFL);
-  const int seals = ::fcntl(fd.get(), F_GET_SEALS);
-  constexpr int kSeals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
-  if (::fstat(fd.get(), &st) != 0 || !S_ISREG(st.st_mode) ||
-      st.st_size != static_cast<off_t>(reservation::kPageSize) || flags < 0 ||
-      (flags & O_ACCMODE) != O_RDONLY || seals < 0 || (seals & kSeals) != kSeals) {
-    return absl::InternalError("the delivered reservation status page is not a sealed read-only "
-                               "memfd of the expected size");
-  }
-  ASSIGN_OR_RETURN(Mapping map, Mapping::Create(fd.get(), reservation::kPageSize,
-                                                Mapping::Protection::kReadOnly));
+  ASSIGN_OR_RETURN(Mapping map,
+                   MapDeliveredPage(fd, reservation::kPageSize,
+                                    F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL,
+                                    "the delivered reservation status page"));
   const auto& header = *reinterpret_cast<const reservation::Header*>(map.data());
   if (reservation::LoadRelaxed(header.magic) != reservation::kMagic ||
       header.version != reservation::kVersion || header.slots != reservation::kSlots) {

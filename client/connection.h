@@ -156,6 +156,11 @@ absl::StatusOr<uint32_t> DeadlineMs(absl::Duration deadline);
 absl::StatusOr<std::vector<v1::FenceInfo>> WaitFences(
     Connection& connection, const std::vector<uint64_t>& ids, bool all, absl::Duration timeout,
     absl::Duration said = absl::InfiniteDuration());
+// A page the daemon delivered, checked to be a read-only regular file of
+// `size` bytes carrying at least `seals` (F_GET_SEALS), mapped read-only;
+// INTERNAL naming `what` otherwise.
+absl::StatusOr<Mapping> MapDeliveredPage(const UniqueFd& fd, size_t size, int seals,
+                                         absl::string_view what);
 // A fence fd the daemon delivered, checked to be a read-only pipe.
 absl::StatusOr<UniqueFd> CheckFenceFd(UniqueFd fd);
 

@@ -85,13 +85,8 @@ absl::StatusOr<std::pair<UniqueFd, Mapping>> NewPage(const char* name, int seals
 
 // A page the daemon sent: read-only, and exactly a page.
 absl::StatusOr<Mapping> MapDelivered(const UniqueFd& fd) {
-  const int flags = ::fcntl(fd.get(), F_GETFL);
-  struct stat st {};
-  if (flags < 0 || (flags & O_ACCMODE) != O_RDONLY || ::fstat(fd.get(), &st) != 0 ||
-      st.st_size != static_cast<off_t>(timeline::kPageSize)) {
-    return absl::InternalError("a delivered timeline page is not a read-only page");
-  }
-  return Mapping::Create(fd.get(), timeline::kPageSize, Mapping::Protection::kReadOnly);
+  return internal::MapDeliveredPage(fd, timeline::kPageSize, /*seals=*/0,
+                                    "a delivered timeline page");
 }
 
 // Runs `call` with the id of the session's wait page uploaded for it, or 0

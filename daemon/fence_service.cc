@@ -620,13 +620,7 @@ grpc::ServerUnaryReactor* FenceService::GetBufferFences(grpc::CallbackServerCont
                      d_.state->GetBuffer(session, request->buffer_handle()));
     const uint64_t buffer_id = buffer.buffer().buffer_id();
     // Checked before anything changes: a refused call leaves nothing behind.
-    const v1::FenceUsage access = request->for_access();
-    if (access != v1::FENCE_USAGE_READ && access != v1::FENCE_USAGE_WRITE &&
-        access != v1::FENCE_USAGE_BOOKKEEP) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "for_access ", static_cast<int>(access),
-          " is not an access: READ or WRITE (or BOOKKEEP to list every fence)"));
-    }
+    RETURN_IF_ERROR(CheckAccess(request->for_access()));
     if (request->subscribe() && request->as_fd()) {
       return absl::InvalidArgumentError(
           "subscribe lists the fences for a waiter on the status page; as_fd makes one fd of "

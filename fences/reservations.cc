@@ -1,10 +1,5 @@
 #include "fences/reservations.h"
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
@@ -26,6 +21,16 @@ bool AccessWaitsFor(v1::FenceUsage for_access, v1::FenceUsage usage) {
     default:
       return false;
   }
+}
+
+absl::Status CheckAccess(v1::FenceUsage for_access) {
+  if (for_access != v1::FENCE_USAGE_READ && for_access != v1::FENCE_USAGE_WRITE &&
+      for_access != v1::FENCE_USAGE_BOOKKEEP) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "for_access ", static_cast<int>(for_access),
+        " is not an access: READ or WRITE (or BOOKKEEP to list every fence)"));
+  }
+  return absl::OkStatus();
 }
 
 namespace {
@@ -137,12 +142,10 @@ absl::Status ReservationTable::Attach(uint64_t session, uint64_t buffer, uint64_
   });
   if (removed > 0 && waited && failed) {
     // What it was is known (Peek above) unless it is gone already.
-    Reservation& failing = it->second;
-    failing.failed.push_back({++failing.failures, fence_id,
-                              now.has_value() ? now->status : v1::FENCE_STATUS_UNSPECIFIED,
-                              now.has_value() ? now->message : "signalled before it was attached",
-                              now.has_value() ? now->signaled_at : absl::Now()});
-    if (failing.failed.size() > kFailuresKept) failing.failed.pop_front();
+    RecordFailureLocked(it->second, fence_id,
+                        now.has_value() ? now->status : v1::FENCE_STATUS_UNSPECIFIED,
+                        now.has_value() ? now->message : "signalled before it was attached",
+                        now.has_value() ? now->signaled_at : absl::Now());
   }
   PublishLocked(buffer, it->second);
   EraseIfUnusedLocked(buffer);
@@ -151,12 +154,7 @@ absl::Status ReservationTable::Attach(uint64_t session, uint64_t buffer, uint64_
 
 absl::StatusOr<std::vector<ReservationTable::Attached>> ReservationTable::Pending(
     uint64_t buffer, v1::FenceUsage for_access, Snapshot* snapshot, uint64_t arm) {
-  if (for_access != v1::FENCE_USAGE_READ && for_access != v1::FENCE_USAGE_WRITE &&
-      for_access != v1::FENCE_USAGE_BOOKKEEP) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "for_access ", static_cast<int>(for_access),
-        " is not an access: READ or WRITE (or BOOKKEEP to list every fence)"));
-  }
+  RETURN_IF_ERROR(CheckAccess(for_access));
   absl::MutexLock lock(&mu_);
   std::vector<Attached> out;
   auto it = buffers_.find(buffer);
@@ -193,7 +191,7 @@ bool ReservationTable::PublishLocked(uint64_t buffer, Reservation& reservation) 
     if (low == 0 || seq < low) low = seq;
   };
   for (const Attached& entry : reservation.attached) {
-    if (entry.usage == v1::FENCE_USAGE_KERNEL || entry.usage == v1::FENCE_USAGE_WRITE) {
+    if (WriterSide(entry.usage)) {
       lower(state.writers_low, entry.seq);
     } else if (entry.usage == v1::FENCE_USAGE_READ) {
       lower(state.readers_low, entry.seq);
@@ -223,6 +221,14 @@ bool ReservationTable::PublishLocked(uint64_t buffer, Reservation& reservation) 
   return woke;
 }
 
+void ReservationTable::RecordFailureLocked(Reservation& reservation, uint64_t fence_id,
+                                           v1::FenceStatus status, std::string message,
+                                           absl::Time signaled_at) {
+  reservation.failed.push_back(
+      {++reservation.failures, fence_id, status, std::move(message), signaled_at});
+  if (reservation.failed.size() > kFailuresKept) reservation.failed.pop_front();
+}
+
 bool ReservationTable::OnSignaled(const FenceView& signalled) {
   const uint64_t fence_id = signalled.id;
   absl::MutexLock lock(&mu_);
@@ -237,10 +243,8 @@ bool ReservationTable::OnSignaled(const FenceView& signalled) {
     std::erase_if(reservation->second.attached,
                   [&](const Attached& entry) { return entry.fence_id == fence_id; });
     if (waited && signalled.status != v1::FENCE_STATUS_OK) {
-      Reservation& failing = reservation->second;
-      failing.failed.push_back({++failing.failures, fence_id, signalled.status, signalled.message,
-                                signalled.signaled_at});
-      if (failing.failed.size() > kFailuresKept) failing.failed.pop_front();
+      RecordFailureLocked(reservation->second, fence_id, signalled.status, signalled.message,
+                          signalled.signaled_at);
     }
     woke |= PublishLocked(buffer, reservation->second);
     EraseIfUnusedLocked(buffer);
@@ -249,29 +253,16 @@ bool ReservationTable::OnSignaled(const FenceView& signalled) {
 }
 
 absl::StatusOr<ReservationTable::StatusPage> ReservationTable::NewPage(UniqueFd* read_only) {
-  // Mapped writable here, then sealed so that nobody else ever can.
-  UniqueFd page(::memfd_create("bufferd-reservations", MFD_CLOEXEC | MFD_ALLOW_SEALING));
-  if (!page.valid()) return ErrnoError("memfd_create for a reservation status page", errno);
-  if (::ftruncate(page.get(), reservation::kPageSize) != 0) {
-    return ErrnoError("ftruncate a reservation status page", errno);
-  }
+  ASSIGN_OR_RETURN(SealedPage sealed, CreateSealedPage("bufferd-reservations", reservation::kPageSize,
+                                                       "a reservation status page"));
   StatusPage status;
-  ASSIGN_OR_RETURN(status.map, Mapping::Create(page.get(), reservation::kPageSize,
-                                               Mapping::Protection::kReadWrite));
-  (void)::fchmod(page.get(), 0400);
-  if (::fcntl(page.get(), F_ADD_SEALS,
-              F_SEAL_FUTURE_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
-    return ErrnoError("sealing a reservation status page", errno);
-  }
-  const std::string path = absl::StrCat("/proc/self/fd/", page.get());
-  UniqueFd copy(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!copy.valid()) return ErrnoError("re-opening a reservation status page read-only", errno);
+  status.map = std::move(sealed.writable);
   auto& header = *reinterpret_cast<reservation::Header*>(status.map.data());
   header.slots = reservation::kSlots;
   header.version = reservation::kVersion;
   std::atomic_ref<uint32_t>(header.magic).store(reservation::kMagic, std::memory_order_release);
   for (uint32_t slot = reservation::kSlots - 1; slot >= 1; --slot) status.free.push_back(slot);
-  *read_only = std::move(copy);
+  *read_only = std::move(sealed.read_only);
   return status;
 }
 
@@ -385,16 +376,16 @@ void ReservationTable::DropBuffer(uint64_t buffer) {
   absl::MutexLock lock(&mu_);
   if (auto it = buffers_.find(buffer); it != buffers_.end()) {
     // Its slots are free again.
-    for (const auto& [session, index, armed] : it->second.subscribers) {
-      auto page = pages_.find(session);
-      if (page == pages_.end()) continue;
-      reservation::Slot& slot = page->second.slot(index);
-      reservation::Write(slot, {});
-      timeline::WakeAll(slot.seq);
-      page->second.slots.erase(buffer);
-      page->second.free.push_back(index);
+    std::vector<uint64_t> sessions;
+    for (const Reservation::Subscriber& subscriber : it->second.subscribers) {
+      sessions.push_back(subscriber.session);
     }
-    buffers_.erase(it);
+    for (uint64_t session : sessions) {
+      if (auto page = pages_.find(session); page != pages_.end()) {
+        UnsubscribeLocked(session, page->second, buffer);
+      }
+    }
+    buffers_.erase(buffer);
   }
   absl::erase_if(merges_, [&](const auto& entry) { return std::get<0>(entry.first) == buffer; });
 }

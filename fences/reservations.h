@@ -189,6 +189,11 @@ class ReservationTable {
   // Writes the buffer's state into its subscribers' slots and wakes them.
   // Returns whether it woke a waiter.
   bool PublishLocked(uint64_t buffer, Reservation& reservation) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Counts a failure of a waited-for fence and keeps it (the latest
+  // kFailuresKept).
+  void RecordFailureLocked(Reservation& reservation, uint64_t fence_id, v1::FenceStatus status,
+                           std::string message, absl::Time signaled_at)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Erases the buffer's entry if nothing is attached and nobody subscribed.
   void EraseIfUnusedLocked(uint64_t buffer) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static absl::StatusOr<StatusPage> NewPage(UniqueFd* read_only);
@@ -218,6 +223,9 @@ class ReservationTable {
   absl::flat_hash_map<MergeKey, Merge> merges_ ABSL_GUARDED_BY(mu_);
 };
 
+// INVALID_ARGUMENT unless `for_access` is READ, WRITE or BOOKKEEP (every
+// fence, for debugging).
+absl::Status CheckAccess(v1::FenceUsage for_access);
 // Whether an access `for_access` (READ or WRITE) waits for a fence of
 // `usage`.
 bool AccessWaitsFor(v1::FenceUsage for_access, v1::FenceUsage usage);

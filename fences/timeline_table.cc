@@ -22,15 +22,6 @@ namespace {
 using timeline::Load;
 using timeline::Store;
 
-// A read-only fd for the file `fd` is open on: a new open file
-// description, so nothing done to the original's flags reaches it.
-absl::StatusOr<UniqueFd> ReopenReadOnly(int fd) {
-  const std::string path = absl::StrCat("/proc/self/fd/", fd);
-  const int copy = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (copy < 0) return ErrnoError("re-opening a timeline page read-only", errno);
-  return UniqueFd(copy);
-}
-
 absl::Time WallOf(absl::Duration monotonic) {
   return absl::Now() + (monotonic - MonotonicNow());
 }
@@ -137,7 +128,7 @@ absl::Status TimelineTable::SetWaitPage(uint64_t session_id, UniqueFd page) {
     uid = session->uid;
   }
   ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kFence, uid));
-  ASSIGN_OR_RETURN(UniqueFd read_only, ReopenReadOnly(page.get()));
+  ASSIGN_OR_RETURN(UniqueFd read_only, ReopenReadOnly(page.get(), "a timeline page"));
   page.Reset();
   ASSIGN_OR_RETURN(Mapping map, Mapping::Create(read_only.get(), timeline::kPageSize,
                                                 Mapping::Protection::kReadOnly));
@@ -194,24 +185,17 @@ absl::StatusOr<TimelineTable::Created> TimelineTable::Create(uint64_t session_id
   ASSIGN_OR_RETURN(FdBudget::Lease state_lease, budget_->Acquire(FdUse::kFence, uid));
   ASSIGN_OR_RETURN(FdBudget::Lease out_lease, budget_->Acquire(FdUse::kDelivery, uid));
 
-  ASSIGN_OR_RETURN(UniqueFd counters_ro, ReopenReadOnly(counters.get()));
+  ASSIGN_OR_RETURN(UniqueFd counters_ro, ReopenReadOnly(counters.get(), "a timeline page"));
   counters.Reset();
   ASSIGN_OR_RETURN(Mapping counters_map, Mapping::Create(counters_ro.get(), timeline::kPageSize,
                                                          Mapping::Protection::kReadOnly));
   // The state page: the daemon maps it writable, then seals it so that
   // nobody else ever can.
-  UniqueFd state_rw(::memfd_create("bufferd-timeline-state", MFD_CLOEXEC | MFD_ALLOW_SEALING));
-  if (!state_rw.valid()) return ErrnoError("memfd_create", errno);
-  if (::ftruncate(state_rw.get(), timeline::kPageSize) != 0) return ErrnoError("ftruncate", errno);
-  ASSIGN_OR_RETURN(Mapping state_map, Mapping::Create(state_rw.get(), timeline::kPageSize,
-                                                      Mapping::Protection::kReadWrite));
-  (void)::fchmod(state_rw.get(), 0400);
-  if (::fcntl(state_rw.get(), F_ADD_SEALS,
-              F_SEAL_FUTURE_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
-    return ErrnoError("sealing a timeline's state page", errno);
-  }
-  ASSIGN_OR_RETURN(UniqueFd state_ro, ReopenReadOnly(state_rw.get()));
-  state_rw.Reset();
+  ASSIGN_OR_RETURN(SealedPage state_page, CreateSealedPage("bufferd-timeline-state",
+                                                           timeline::kPageSize,
+                                                           "a timeline's state page"));
+  Mapping state_map = std::move(state_page.writable);
+  UniqueFd state_ro = std::move(state_page.read_only);
   ASSIGN_OR_RETURN(auto state_inode, FileIdentity(state_ro.get()));
   ASSIGN_OR_RETURN(UniqueFd out_fd, DuplicateFd(state_ro.get()));
 
