@@ -34,7 +34,7 @@ struct PeerCredentials {
 class UnixSocket {
  public:
   // Most fds one record may carry.
-  static constexpr int kMaxFdsPerRecord = 16;
+  static constexpr int kMaxFdsPerRecord = 64;
 
   struct Received {
     std::string bytes;

@@ -41,6 +41,46 @@ absl::Status CheckFd(int fd, Access access, uint64_t size) {
   return absl::OkStatus();
 }
 
+v1::FrameMetadata ToProto(const FrameMetadata& metadata) {
+  v1::FrameMetadata proto;
+  if (metadata.crop.has_value()) {
+    v1::Rect* crop = proto.mutable_crop();
+    crop->set_x(metadata.crop->x);
+    crop->set_y(metadata.crop->y);
+    crop->set_width(metadata.crop->width);
+    crop->set_height(metadata.crop->height);
+  }
+  proto.set_color_space(metadata.color_space);
+  proto.set_color_range(metadata.color_range);
+  proto.set_tag(metadata.tag);
+  proto.set_generation(metadata.generation);
+  return proto;
+}
+
+v1::AllocateRequest ToProto(const AllocateOptions& options) {
+  v1::AllocateRequest request;
+  if (options.heap.empty() && options.heaps.empty() && options.usage.empty()) {
+    request.set_heap("system");
+  } else {
+    request.set_heap(options.heap);
+    for (const std::string& heap : options.heaps) request.add_heaps(heap);
+    request.set_usage(options.usage);
+  }
+  request.set_size(options.size);
+  request.set_name(options.name);
+  request.set_freezable(options.freezable);
+  if (options.frame.has_value()) {
+    v1::FrameRequest* frame = request.mutable_frame();
+    frame->set_width(options.frame->width);
+    frame->set_height(options.frame->height);
+    frame->set_fourcc(options.frame->fourcc);
+    frame->set_modifier(options.frame->modifier);
+    frame->set_stride_alignment(options.frame->stride_alignment);
+  }
+  if (options.metadata.has_value()) *request.mutable_metadata() = ToProto(*options.metadata);
+  return request;
+}
+
 }  // namespace
 
 Buffer::Buffer(std::shared_ptr<internal::Connection> connection, uint64_t handle,
@@ -57,6 +97,7 @@ Buffer::Buffer(Buffer&& other) noexcept
       info_(std::move(other.info_)),
       access_(other.access_),
       fd_(std::move(other.fd_)),
+      skipped_(std::move(other.skipped_)),
       status_slot_(other.status_slot_.exchange(0)) {}
 
 Buffer& Buffer::operator=(Buffer&& other) noexcept {
@@ -67,6 +108,7 @@ Buffer& Buffer::operator=(Buffer&& other) noexcept {
     info_ = std::move(other.info_);
     access_ = other.access_;
     fd_ = std::move(other.fd_);
+    skipped_ = std::move(other.skipped_);
     status_slot_.store(other.status_slot_.exchange(0));
   }
   return *this;
@@ -98,6 +140,58 @@ absl::StatusOr<Mapping> Buffer::Map() const {
   return Mapping::Create(fd_.get(), size(),
                          access_ == Access::kReadWrite ? Mapping::Protection::kReadWrite
                                                        : Mapping::Protection::kReadOnly);
+}
+
+std::optional<FrameFormat> Buffer::frame() const {
+  if (!info_.has_frame()) return std::nullopt;
+  const v1::FrameFormat& proto = info_.frame();
+  FrameFormat frame{.width = proto.width(),
+                    .height = proto.height(),
+                    .fourcc = proto.fourcc(),
+                    .modifier = proto.modifier(),
+                    .size = proto.size()};
+  for (const v1::PlaneLayout& plane : proto.planes()) {
+    frame.planes.push_back(PlaneLayout{plane.offset(), plane.stride(), plane.size()});
+  }
+  return frame;
+}
+
+FrameMetadata Buffer::metadata() const {
+  const v1::FrameMetadata& proto = info_.metadata();
+  FrameMetadata metadata{.color_space = proto.color_space(),
+                         .color_range = proto.color_range(),
+                         .tag = proto.tag(),
+                         .generation = proto.generation()};
+  if (proto.has_crop()) {
+    metadata.crop =
+        Rect{proto.crop().x(), proto.crop().y(), proto.crop().width(), proto.crop().height()};
+  }
+  return metadata;
+}
+
+absl::Status Buffer::SetMetadata(const FrameMetadata& metadata) {
+  if (handle_ == 0) return absl::FailedPreconditionError("buffer was released");
+  v1::SetMetadataRequest request;
+  request.set_handle(handle_);
+  *request.mutable_metadata() = ToProto(metadata);
+  v1::SetMetadataResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->allocator().SetMetadata(call.context.get(), request, &response)));
+  info_ = response.buffer();
+  return absl::OkStatus();
+}
+
+absl::Status Buffer::Refresh() {
+  if (handle_ == 0) return absl::FailedPreconditionError("buffer was released");
+  v1::GetBufferRequest request;
+  request.set_handle(handle_);
+  v1::GetBufferResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->allocator().GetBuffer(call.context.get(), request, &response)));
+  info_ = response.buffer();
+  return absl::OkStatus();
 }
 
 absl::Status Buffer::Freeze() {
@@ -178,21 +272,66 @@ uint64_t Client::session_id() const { return connection_->session_id(); }
 void Client::Close() { connection_->Close(); }
 
 absl::StatusOr<Buffer> Client::Allocate(const AllocateOptions& options) const {
-  v1::AllocateRequest request;
-  request.set_heap(options.heap);
-  request.set_size(options.size);
-  request.set_name(options.name);
-  request.set_freezable(options.freezable);
+  v1::AllocateRequest request = ToProto(options);
   v1::AllocateResponse response;
   internal::Call call = connection_->NewCall();
   RETURN_IF_ERROR(connection_->Finish(
       call, connection_->allocator().Allocate(call.context.get(), request, &response)));
+  return TakeAllocated(response);
+}
+
+absl::StatusOr<Buffer> Client::TakeAllocated(const v1::AllocateResponse& response) const {
   // From here the daemon holds a handle for us: the Buffer (or its
   // destructor on an error path) releases it.
   Buffer buffer(connection_, response.handle(), response.buffer(), Access::kReadWrite, UniqueFd());
+  buffer.skipped_.assign(response.skipped().begin(), response.skipped().end());
   ASSIGN_OR_RETURN(buffer.fd_, connection_->TakeFd(response.transfer_id()));
   RETURN_IF_ERROR(CheckFd(buffer.fd(), Access::kReadWrite, buffer.size()));
   return buffer;
+}
+
+absl::StatusOr<std::vector<Buffer>> Client::AllocateSet(uint32_t count,
+                                                        const AllocateOptions& options) const {
+  v1::AllocateSetRequest request;
+  request.set_count(count);
+  *request.mutable_request() = ToProto(options);
+  v1::AllocateSetResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->allocator().AllocateSet(call.context.get(), request, &response)));
+  if (response.buffers_size() != static_cast<int>(count)) {
+    // Release what did come (each Buffer's destructor does).
+    for (const v1::AllocateResponse& one : response.buffers()) (void)TakeAllocated(one);
+    return absl::InternalError(absl::StrCat("bufferd answered AllocateSet(", count, ") with ",
+                                            response.buffers_size(), " buffers"));
+  }
+  std::vector<Buffer> buffers;
+  buffers.reserve(count);
+  absl::Status failed;
+  for (v1::AllocateResponse& one : *response.mutable_buffers()) {
+    *one.mutable_skipped() = response.skipped();
+    absl::StatusOr<Buffer> buffer = TakeAllocated(one);
+    // Every handle is taken (and so released) even after a failure.
+    if (buffer.ok()) {
+      buffers.push_back(*std::move(buffer));
+    } else if (failed.ok()) {
+      failed = buffer.status();
+    }
+  }
+  if (!failed.ok()) return failed;
+  return buffers;
+}
+
+absl::StatusOr<v1::CanAllocateResponse> Client::CanAllocate(const AllocateOptions& options,
+                                                            uint32_t count) const {
+  v1::CanAllocateRequest request;
+  *request.mutable_request() = ToProto(options);
+  request.set_count(count);
+  v1::CanAllocateResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->allocator().CanAllocate(call.context.get(), request, &response)));
+  return response;
 }
 
 absl::StatusOr<Buffer> Client::Import(absl::string_view token) const {

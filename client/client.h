@@ -30,6 +30,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "base/frame_format.h"
 #include "base/mapping.h"
 #include "base/unique_fd.h"
 #include "bufferd/v1/buffer.pb.h"
@@ -55,9 +56,56 @@ struct ExportOptions {
   bool accept_sigbus_risk = false;
 };
 
+// A frame to allocate (AllocateOptions::frame): the daemon lays out its
+// planes (base/frame_format.h says how) and allocates one buffer for all.
+struct FrameRequest {
+  uint32_t width = 0;
+  uint32_t height = 0;
+  // DRM fourcc from <libdrm/drm_fourcc.h> (DRM_FORMAT_NV12, ...).
+  uint32_t fourcc = 0;
+  // DRM_FORMAT_MOD_LINEAR (0) is the only one a CPU heap honours.
+  uint64_t modifier = 0;
+  // Row stride (and plane offset) alignment: a power of two up to 4096;
+  // 0 means 64.
+  uint32_t stride_alignment = 0;
+};
+
+struct Rect {
+  uint32_t x = 0;
+  uint32_t y = 0;
+  uint32_t width = 0;
+  uint32_t height = 0;
+  bool operator==(const Rect&) const = default;
+};
+
+// What every holder of a buffer reads, and a read-write holder may change
+// (Buffer::SetMetadata).
+struct FrameMetadata {
+  // The part of a frame holding the picture (none: all of it).
+  std::optional<Rect> crop;
+  v1::ColorSpace color_space = v1::COLOR_SPACE_UNSPECIFIED;
+  v1::ColorRange color_range = v1::COLOR_RANGE_UNSPECIFIED;
+  // At most 64 bytes, free-form.
+  std::string tag;
+  // Bumped by every change. Non-zero in SetMetadata: only if the
+  // metadata is still at this generation (FAILED_PRECONDITION if another
+  // holder changed it since).
+  uint64_t generation = 0;
+  bool operator==(const FrameMetadata&) const = default;
+};
+
 struct AllocateOptions {
-  std::string heap = "system";
+  // Where from: one heap, heaps to try in order, or a usage the daemon's
+  // config defines ("camera_frame"); set one. None set means "system".
+  std::string heap;
+  std::vector<std::string> heaps;
+  std::string usage;
+  // Bytes; leave 0 for a frame.
   uint64_t size = 0;
+  // A frame instead of a byte count.
+  std::optional<FrameRequest> frame;
+  // The buffer's first metadata.
+  std::optional<FrameMetadata> metadata;
   // Debug name (shown by bufctl and in /proc/<pid>/maps).
   std::string name;
   // May be frozen later (Buffer::Freeze). Until then, any read-write holder
@@ -96,6 +144,21 @@ class Buffer {
   const v1::BufferInfo& info() const { return info_; }
   // Borrowed; O_RDWR for kReadWrite, O_RDONLY for kReadOnly.
   int fd() const { return fd_.get(); }
+  // The frame's format and planes, for a buffer allocated as a frame (by
+  // any holder).
+  std::optional<FrameFormat> frame() const;
+  // As of the last call that returned it (allocation, import, Refresh,
+  // SetMetadata).
+  FrameMetadata metadata() const;
+  // Replaces the metadata (read-write holders; PERMISSION_DENIED from a
+  // read-only handle).
+  absl::Status SetMetadata(const FrameMetadata& metadata);
+  // Asks the daemon for the buffer's current description (metadata another
+  // holder set since).
+  absl::Status Refresh();
+  // Heaps tried before the one that served this buffer, and why each could
+  // not (empty for an imported buffer).
+  const std::vector<v1::HeapSkip>& skipped() const { return skipped_; }
 
   // Maps the whole buffer: read-write if access() allows, else read-only.
   absl::StatusOr<Mapping> Map() const;
@@ -210,6 +273,7 @@ class Buffer {
   v1::BufferInfo info_;
   Access access_ = Access::kReadWrite;
   UniqueFd fd_;
+  std::vector<v1::HeapSkip> skipped_;
   // The buffer's slot in the session's reservation status page (0: none
   // yet).
   mutable std::atomic<uint32_t> status_slot_{0};
@@ -461,6 +525,15 @@ class Client {
   ~Client();
 
   absl::StatusOr<Buffer> Allocate(const AllocateOptions& options) const;
+  // `count` buffers in one round trip, all from one heap (a swapchain, a
+  // camera's frame ring), or none: if one cannot be had, nothing is left
+  // behind and the quotas are exactly as before.
+  absl::StatusOr<std::vector<Buffer>> AllocateSet(uint32_t count,
+                                                  const AllocateOptions& options) const;
+  // Whether Allocate (count 1) or AllocateSet would succeed now, on which
+  // heap, with which layout, or every reason why not; allocates nothing.
+  absl::StatusOr<v1::CanAllocateResponse> CanAllocate(const AllocateOptions& options,
+                                                      uint32_t count = 1) const;
   absl::StatusOr<Buffer> Import(absl::string_view token) const;
 
   uint64_t session_id() const;
@@ -509,6 +582,8 @@ class Client {
   void Close();
 
  private:
+  // A Buffer for one allocated buffer: its handle, skips and fd.
+  absl::StatusOr<Buffer> TakeAllocated(const v1::AllocateResponse& response) const;
   explicit Client(std::shared_ptr<internal::Connection> connection);
   absl::StatusOr<WaitResult> WaitFor(std::span<const Fence* const> fences, bool all,
                                      absl::Duration timeout) const;

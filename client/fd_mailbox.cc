@@ -50,12 +50,22 @@ void FdMailbox::ReadOneLocked(absl::Time deadline) {
     closed_ = absl::UnavailableError("bufferd closed fd.sock (the session ended)");
   } else if (received) {
     v1::FdChannelMessage message;
-    // Anything but a one-fd delivery is not for us; its fds close here.
-    if (message.ParseFromString(received->bytes) && message.has_delivery() &&
-        received->fds.size() == 1) {
-      const uint64_t id = message.delivery().transfer_id();
-      // An fd whose caller gave up is closed here, not kept forever.
-      if (abandoned_.erase(id) == 0) arrived_[id] = {std::move(received->fds[0]), absl::Now()};
+    // Anything but a delivery with one fd per transfer id is not for us;
+    // its fds close here.
+    const bool parsed = message.ParseFromString(received->bytes);
+    // An fd whose caller gave up is closed here, not kept forever.
+    auto file = [&](uint64_t id, UniqueFd fd) {
+      if (abandoned_.erase(id) == 0) arrived_[id] = {std::move(fd), absl::Now()};
+    };
+    if (parsed && message.has_delivery() && received->fds.size() == 1) {
+      file(message.delivery().transfer_id(), std::move(received->fds[0]));
+    } else if (parsed && message.has_deliveries() &&
+               received->fds.size() ==
+                   static_cast<size_t>(message.deliveries().deliveries_size())) {
+      for (size_t i = 0; i < received->fds.size(); ++i) {
+        file(message.deliveries().deliveries(static_cast<int>(i)).transfer_id(),
+             std::move(received->fds[i]));
+      }
     }
     // Fds whose call failed after the daemon sent them (cancelled, deadline)
     // are never taken: close them once no call could still want them.

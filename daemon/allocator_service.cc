@@ -4,6 +4,7 @@
 #include "base/errno_status.h"
 #include "daemon/call.h"
 #include "daemon/grpc_status.h"
+#include "daemon/requests.h"
 #include "spdlog/spdlog.h"
 
 namespace bufferd {
@@ -19,43 +20,123 @@ absl::Status AllocatorService::Deliver(uint64_t session, DaemonState::PendingGra
 }
 
 absl::Status AllocatorService::DoAllocate(uint64_t session, const v1::AllocateRequest& request,
-                                          v1::AllocateResponse& response,
+                                          uint32_t count,
+                                          const std::function<v1::AllocateResponse*()>& add,
+                                          std::vector<v1::HeapSkip>& skipped,
                                           grpc::CallbackServerContext* context) {
-  absl::StatusOr<DaemonState::PendingGrant> pending = d_.state->Allocate(session, request);
-  if (!pending.ok()) {
-    spdlog::debug("session {}: Allocate({}, {}) failed: {}", session,
-                  QuoteClientText(request.heap()), request.size(), pending.status().ToString());
-    return pending.status();
+  absl::StatusOr<DaemonState::Allocation> allocation =
+      d_.state->AllocateSet(session, request, count);
+  if (!allocation.ok()) {
+    spdlog::debug("session {}: Allocate of {} x {} bytes failed: {}: {}", session, count,
+                  request.size(), absl::StatusCodeToString(allocation.status().code()),
+                  std::string(allocation.status().message()));
+    return allocation.status();
   }
+  std::vector<DaemonState::PendingGrant>& grants = allocation->grants;
   // The client gave up while the pages were prefaulted: it will never learn
-  // the handle, so neither the handle nor the fd outlive this call.
+  // the handles, so neither the handles nor the fds outlive this call.
   if (context != nullptr && context->IsCancelled()) return Cancelled();
-  // The fd goes out before the response, so the client finds it queued.
-  RETURN_IF_ERROR(Deliver(session, *pending));
-  // Cancelled after the fd went out: the handle goes now rather than at
-  // session end (the client closes the orphaned fd).
+  // The fds go out before the response, so the client finds them queued.
+  if (grants.size() == 1) {
+    RETURN_IF_ERROR(Deliver(session, grants.front()));
+  } else {
+    std::vector<FdChannel::Delivery> deliveries;
+    deliveries.reserve(grants.size());
+    for (DaemonState::PendingGrant& grant : grants) {
+      deliveries.push_back(FdChannel::Delivery{grant->transfer_id, v1::FD_KIND_BUFFER,
+                                               grant->buffer.buffer_id(), std::move(grant->fd)});
+    }
+    RETURN_IF_ERROR(d_.channel->DeliverAll(session, std::move(deliveries)));
+  }
+  // Cancelled after the fds went out: the handles go now rather than at
+  // session end (the client closes the orphaned fds).
   if (context != nullptr && context->IsCancelled()) return Cancelled();
-  DaemonState::Grant grant = std::move(*pending).Commit();
-  response.set_handle(grant.handle);
-  response.set_transfer_id(grant.transfer_id);
-  *response.mutable_buffer() = std::move(grant.buffer);
+  for (size_t i = 0; i < grants.size(); ++i) {
+    DaemonState::Grant grant = std::move(grants[i]).Commit();
+    v1::AllocateResponse& response = *add();
+    response.set_handle(grant.handle);
+    response.set_transfer_id(grant.transfer_id);
+    *response.mutable_buffer() = std::move(grant.buffer);
+  }
+  skipped = std::move(allocation->skipped);
   return absl::OkStatus();
+}
+
+grpc::ServerUnaryReactor* AllocatorService::RunAllocation(
+    grpc::CallbackServerContext* context, const v1::AllocateRequest& request,
+    std::function<absl::Status(uint64_t session, grpc::CallbackServerContext*)> allocate) {
+  absl::StatusOr<uint64_t> session = AuthenticateCall(*d_.sessions, *d_.hub, context);
+  if (!session.ok()) return FinishCall(context, session.status());
+  if (!d_.state->AllocationMayBlock(request)) {
+    return FinishCall(context, allocate(*session, nullptr));
+  }
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  d_.work->Post([context, reactor, session = *session, allocate = std::move(allocate)] {
+    reactor->Finish(ToGrpcStatus(allocate(session, context)));
+  });
+  return reactor;
 }
 
 grpc::ServerUnaryReactor* AllocatorService::Allocate(grpc::CallbackServerContext* context,
                                                      const v1::AllocateRequest* request,
                                                      v1::AllocateResponse* response) {
-  absl::StatusOr<uint64_t> session = AuthenticateCall(*d_.sessions, *d_.hub, context);
-  if (!session.ok()) return FinishCall(context, session.status());
-  Heap* heap = d_.state->heaps().Find(request->heap());
-  if (heap == nullptr || !heap->allocation_may_block()) {
-    return FinishCall(context, DoAllocate(*session, *request, *response, nullptr));
-  }
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  d_.work->Post([this, context, reactor, session = *session, request, response] {
-    reactor->Finish(ToGrpcStatus(DoAllocate(session, *request, *response, context)));
+  return RunAllocation(context, *request,
+                       [this, request, response](uint64_t session,
+                                                 grpc::CallbackServerContext* context) {
+                         std::vector<v1::HeapSkip> skipped;
+                         RETURN_IF_ERROR(DoAllocate(
+                             session, *request, 1, [response] { return response; }, skipped,
+                             context));
+                         for (v1::HeapSkip& skip : skipped) {
+                           *response->add_skipped() = std::move(skip);
+                         }
+                         return absl::OkStatus();
+                       });
+}
+
+grpc::ServerUnaryReactor* AllocatorService::AllocateSet(grpc::CallbackServerContext* context,
+                                                        const v1::AllocateSetRequest* request,
+                                                        v1::AllocateSetResponse* response) {
+  return RunAllocation(
+      context, request->request(),
+      [this, request, response](uint64_t session,
+                                grpc::CallbackServerContext* context) -> absl::Status {
+        RETURN_IF_ERROR(CheckNoUnknownFields(*request, "request"));
+        std::vector<v1::HeapSkip> skipped;
+        absl::Status done = DoAllocate(
+            session, request->request(), request->count(),
+            [response] { return response->add_buffers(); }, skipped, context);
+        if (!done.ok()) {
+          response->Clear();
+          return done;
+        }
+        for (v1::HeapSkip& skip : skipped) *response->add_skipped() = std::move(skip);
+        return absl::OkStatus();
+      });
+}
+
+grpc::ServerUnaryReactor* AllocatorService::CanAllocate(grpc::CallbackServerContext* context,
+                                                        const v1::CanAllocateRequest* request,
+                                                        v1::CanAllocateResponse* response) {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) {
+    RETURN_IF_ERROR(CheckNoUnknownFields(*request, "request"));
+    absl::StatusOr<v1::CanAllocateResponse> answer = d_.state->CanAllocate(
+        session, request->request(), request->count() == 0 ? 1 : request->count());
+    if (answer.ok()) *response = *std::move(answer);
+    return answer.status();
   });
-  return reactor;
+}
+
+grpc::ServerUnaryReactor* AllocatorService::SetMetadata(grpc::CallbackServerContext* context,
+                                                        const v1::SetMetadataRequest* request,
+                                                        v1::SetMetadataResponse* response) {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) {
+    RETURN_IF_ERROR(CheckNoUnknownFields(*request, "request"));
+    absl::StatusOr<v1::BufferInfo> buffer =
+        d_.state->SetMetadata(session, request->handle(), request->metadata());
+    if (buffer.ok()) *response->mutable_buffer() = *std::move(buffer);
+    return buffer.status();
+  });
 }
 
 grpc::ServerUnaryReactor* AllocatorService::Release(grpc::CallbackServerContext* context,

@@ -11,6 +11,9 @@
 #ifndef BUFFERD_DAEMON_ALLOCATOR_SERVICE_H_
 #define BUFFERD_DAEMON_ALLOCATOR_SERVICE_H_
 
+#include <functional>
+#include <vector>
+
 #include "bufferd/v1/buffer.grpc.pb.h"
 #include "daemon/fd_channel.h"
 #include "daemon/reaper.h"
@@ -38,6 +41,15 @@ class AllocatorService final : public v1::Allocator::CallbackService {
   grpc::ServerUnaryReactor* Allocate(grpc::CallbackServerContext* context,
                                      const v1::AllocateRequest* request,
                                      v1::AllocateResponse* response) override;
+  grpc::ServerUnaryReactor* AllocateSet(grpc::CallbackServerContext* context,
+                                        const v1::AllocateSetRequest* request,
+                                        v1::AllocateSetResponse* response) override;
+  grpc::ServerUnaryReactor* CanAllocate(grpc::CallbackServerContext* context,
+                                        const v1::CanAllocateRequest* request,
+                                        v1::CanAllocateResponse* response) override;
+  grpc::ServerUnaryReactor* SetMetadata(grpc::CallbackServerContext* context,
+                                        const v1::SetMetadataRequest* request,
+                                        v1::SetMetadataResponse* response) override;
   grpc::ServerUnaryReactor* Release(grpc::CallbackServerContext* context,
                                     const v1::ReleaseRequest* request,
                                     v1::ReleaseResponse* response) override;
@@ -55,10 +67,20 @@ class AllocatorService final : public v1::Allocator::CallbackService {
                                    v1::FreezeResponse* response) override;
 
  private:
-  // Allocates, delivers the fd and commits; a call cancelled before the
-  // commit is undone.
-  absl::Status DoAllocate(uint64_t session, const v1::AllocateRequest& request,
-                          v1::AllocateResponse& response, grpc::CallbackServerContext* context);
+  // Allocates `count` buffers, delivers their fds (one FdDelivery for one
+  // buffer, FdDeliveries records for more) and commits; a call cancelled
+  // before the commit is undone. Fills one AllocateResponse per buffer,
+  // each from `add`.
+  absl::Status DoAllocate(uint64_t session, const v1::AllocateRequest& request, uint32_t count,
+                          const std::function<v1::AllocateResponse*()>& add,
+                          std::vector<v1::HeapSkip>& skipped, grpc::CallbackServerContext* context);
+  // Runs `allocate` inline, or on the work queue if one of the request's
+  // heaps may block; finishes the call.
+  grpc::ServerUnaryReactor* RunAllocation(grpc::CallbackServerContext* context,
+                                          const v1::AllocateRequest& request,
+                                          std::function<absl::Status(uint64_t session,
+                                                                     grpc::CallbackServerContext*)>
+                                              allocate);
   // Delivers the pending grant's fd.
   absl::Status Deliver(uint64_t session, DaemonState::PendingGrant& grant);
 

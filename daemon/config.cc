@@ -1,5 +1,6 @@
 #include "daemon/config.h"
 
+#include <algorithm>
 #include <fstream>
 #include <functional>
 #include <set>
@@ -7,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "base/errno_status.h"
@@ -66,7 +68,18 @@ constexpr char kDefaultConfig[] = R"pb(# bufferd embedded default configuration.
                                          max_timelines: 4096
                                          max_points_behind_fences: 1024
                                          max_fences_per_buffer: 64
+                                         max_buffers_per_call: 64
+                                         max_frame_dimension: 16384
                                        }
+                                       usages {
+                                         name: "camera_frame"
+                                         heaps: [ "contiguous", "carveout", "system" ]
+                                       }
+                                       usages {
+                                         name: "display_frame"
+                                         heaps: [ "contiguous", "system" ]
+                                       }
+                                       usages { name: "cpu_scratch" heaps: "system" }
 )pb";
 
 // Collects parser errors as "source:line:column: message".
@@ -130,6 +143,40 @@ absl::Status Validate(const v1::Config& config, const Locator& locate) {
       }
     }
   }
+  std::set<std::string> usages;
+  for (int u = 0; u < config.usages_size(); ++u) {
+    const v1::UsageConfig& usage = config.usages(u);
+    auto bad_usage = [&](absl::string_view field, absl::string_view problem, int element = -1) {
+      std::string where = locate ? locate(-1, absl::StrCat("usages#", u, ".", field),
+                                          std::max(element, 0))
+                                 : "";
+      return absl::InvalidArgumentError(absl::StrCat(where, "usages[", u, "] ('", usage.name(),
+                                                     "'): field '", field, "' ", problem));
+    };
+    if (!ValidHeapName(usage.name())) return bad_usage("name", "must match [a-z0-9_-]{1,32}");
+    if (!usages.insert(usage.name()).second) return bad_usage("name", "is used twice");
+    if (usage.heaps_size() == 0) return bad_usage("heaps", "must name at least one heap");
+    if (usage.heaps_size() > 8) return bad_usage("heaps", "names more than 8 heaps");
+    std::set<std::string> listed;
+    for (int h = 0; h < usage.heaps_size(); ++h) {
+      if (!names.count(usage.heaps(h))) {
+        return bad_usage("heaps", absl::StrCat("names heap '", usage.heaps(h),
+                                               "', which the config does not define"),
+                         h);
+      }
+      if (!listed.insert(usage.heaps(h)).second) {
+        return bad_usage("heaps", absl::StrCat("lists heap '", usage.heaps(h), "' twice"), h);
+      }
+    }
+  }
+  if (const uint32_t per_call = config.limits().max_buffers_per_call(); per_call > 1024) {
+    return bad(-1, "limits.max_buffers_per_call",
+               absl::StrCat("is ", per_call, "; must be at most 1024"));
+  }
+  if (const uint32_t dimension = config.limits().max_frame_dimension(); dimension > 65536) {
+    return bad(-1, "limits.max_frame_dimension",
+               absl::StrCat("is ", dimension, "; must be at most 65536"));
+  }
   static const std::set<std::string> kLevels = {"",     "trace", "debug",    "info",
                                                 "warn", "error", "critical", "off"};
   if (!kLevels.count(config.log_level())) {
@@ -191,7 +238,21 @@ absl::StatusOr<v1::Config> ParseConfig(absl::string_view text, absl::string_view
   const google::protobuf::FieldDescriptor* heaps_field = root->FindFieldByName("heaps");
   Locator locate = [&](int heap, absl::string_view field, int element) -> std::string {
     google::protobuf::TextFormat::ParseLocation at;
-    if (heap < 0 && absl::StrContains(field, '.')) {
+    if (heap < 0 && absl::StartsWith(field, "usages#")) {
+      // "usages#<index>.<field>": a field of one usage, or the usage itself.
+      const std::pair<std::string, std::string> path =
+          absl::StrSplit(field.substr(7), absl::MaxSplits('.', 1));
+      int index = 0;
+      const auto* usages_field = root->FindFieldByName("usages");
+      if (absl::SimpleAtoi(path.first, &index)) {
+        const auto* f = v1::UsageConfig::descriptor()->FindFieldByName(path.second);
+        const auto* nested = locations.GetTreeForNested(usages_field, index);
+        if (nested != nullptr && f != nullptr) {
+          at = nested->GetLocation(f, f->is_repeated() ? element : -1);
+        }
+        if (at.line < 0) at = locations.GetLocation(usages_field, index);
+      }
+    } else if (heap < 0 && absl::StrContains(field, '.')) {
       // A field of a top-level block ("limits.max_fds_per_uid"), or the
       // block itself if the field is not written.
       const std::pair<std::string, std::string> path = absl::StrSplit(field, '.');

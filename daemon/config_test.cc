@@ -53,6 +53,23 @@ TEST(ConfigTest, ErrorsNameLineAndField) {
       {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM }\nlimits {\n  max_sessions: 5\n"
        "  max_fds_per_uid: 1\n}",
        "my.conf:4:3: field 'limits.max_fds_per_uid' is 1; must be at least 4"},
+      {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM }\nusages {\n  name: \"cam\"\n"
+       "  heaps: \"s\"\n  heaps: \"nope\"\n}",
+       "my.conf:5:3: usages[0] ('cam'): field 'heaps' names heap 'nope', which the config does "
+       "not define"},
+      {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM }\nusages { name: \"cam\" heaps: \"s\" }\n"
+       "usages {\n  name: \"cam\"\n  heaps: \"s\"\n}",
+       "my.conf:4:3: usages[1] ('cam'): field 'name' is used twice"},
+      {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM }\nusages { name: \"cam\" }",
+       "my.conf:2:1: usages[0] ('cam'): field 'heaps' must name at least one heap"},
+      {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM }\nusages { name: \"c\" heaps: [\"s\", \"s\"] }",
+       "usages[0] ('c'): field 'heaps' lists heap 's' twice"},
+      {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM }\nusages { name: \"Cam!\" heaps: \"s\" }",
+       "my.conf:2:10: usages[0] ('Cam!'): field 'name' must match [a-z0-9_-]{1,32}"},
+      {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM }\nlimits { max_buffers_per_call: 5000 }",
+       "my.conf:2:10: field 'limits.max_buffers_per_call' is 5000; must be at most 1024"},
+      {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM }\nlimits { max_frame_dimension: 70000 }",
+       "field 'limits.max_frame_dimension' is 70000; must be at most 65536"},
       {"heaps { name: \"s\" type: HEAP_TYPE_SYSTEM }\nlimits { max_session: 5 }",
        "my.conf:2:21: Message type \"bufferd.v1.LimitsConfig\" has no field named "
        "\"max_session\""},

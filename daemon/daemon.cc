@@ -18,6 +18,7 @@
 #include "base/private_dir.h"
 #include "base/protocol.h"
 #include "daemon/config.h"
+#include "daemon/requests.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
@@ -181,7 +182,11 @@ absl::Status Daemon::Init(const v1::Config& config) {
   const v1::LimitsConfig& limits = config.limits();
   reaper_ = std::make_unique<Reaper>();
   DaemonState::Options options;
-  options.quotas = config.quotas();
+  const AllocationRules rules = RulesFromConfig(config);
+  options.quotas = rules.quotas;
+  options.usages = rules.usages;
+  options.max_buffers_per_call = rules.max_buffers_per_call;
+  options.max_frame_dimension = rules.max_frame_dimension;
   options.fd_budget = &budget_;
   options.reaper = reaper_.get();
   if (config.default_token_ttl_ms() != 0) {

@@ -361,10 +361,11 @@ void FdChannel::OnWritable(int fd) {
 bool FdChannel::FlushLocked(Connection& connection) {
   while (!connection.queue.empty()) {
     Pending& next = connection.queue.front();
-    int fds[] = {next.fd.fd.get()};
+    std::vector<int> fds;
+    for (const LeasedFd& fd : next.fds) fds.push_back(fd.fd.get());
     absl::Status sent = connection.socket.Send(next.bytes, fds, /*dont_wait=*/true);
     if (!sent.ok()) return IsWouldBlock(sent);
-    connection.in_flight.push_back(std::move(next.fd.lease));
+    for (LeasedFd& fd : next.fds) connection.in_flight.push_back(std::move(fd.lease));
     connection.queue.pop_front();
     --total_queued_;
     connection.stalled_since = absl::Now();
@@ -392,8 +393,32 @@ absl::Status FdChannel::Deliver(uint64_t session_id, uint64_t transfer_id, v1::F
   delivery->set_transfer_id(transfer_id);
   delivery->set_kind(kind);
   delivery->set_object_id(object_id);
-  std::string bytes = message.SerializeAsString();
+  std::vector<Pending> records(1);
+  records[0].bytes = message.SerializeAsString();
+  records[0].fds.push_back(std::move(fd));
+  return SendOrQueue(session_id, std::move(records));
+}
 
+absl::Status FdChannel::DeliverAll(uint64_t session_id, std::vector<Delivery> deliveries) {
+  std::vector<Pending> records;
+  for (size_t first = 0; first < deliveries.size(); first += UnixSocket::kMaxFdsPerRecord) {
+    const size_t end =
+        std::min(deliveries.size(), first + static_cast<size_t>(UnixSocket::kMaxFdsPerRecord));
+    v1::FdChannelMessage message;
+    Pending& record = records.emplace_back();
+    for (size_t i = first; i < end; ++i) {
+      v1::FdDelivery* delivery = message.mutable_deliveries()->add_deliveries();
+      delivery->set_transfer_id(deliveries[i].transfer_id);
+      delivery->set_kind(deliveries[i].kind);
+      delivery->set_object_id(deliveries[i].object_id);
+      record.fds.push_back(std::move(deliveries[i].fd));
+    }
+    record.bytes = message.SerializeAsString();
+  }
+  return SendOrQueue(session_id, std::move(records));
+}
+
+absl::Status FdChannel::SendOrQueue(uint64_t session_id, std::vector<Pending> records) {
   absl::MutexLock lock(&mu_);
   auto s = by_session_.find(session_id);
   if (s == by_session_.end()) {
@@ -401,35 +426,44 @@ absl::Status FdChannel::Deliver(uint64_t session_id, uint64_t transfer_id, v1::F
   }
   Connection& connection = connections_.at(s->second);
   ReapDeliveredLocked(connection);
+  size_t sent_records = 0;
   if (connection.queue.empty()) {
-    int fds[] = {fd.fd.get()};
-    absl::Status sent = connection.socket.Send(bytes, fds, /*dont_wait=*/true);
-    if (sent.ok()) {
-      connection.in_flight.push_back(std::move(fd.lease));
+    for (; sent_records < records.size(); ++sent_records) {
+      Pending& record = records[sent_records];
+      std::vector<int> fds;
+      for (const LeasedFd& fd : record.fds) fds.push_back(fd.fd.get());
+      absl::Status sent = connection.socket.Send(record.bytes, fds, /*dont_wait=*/true);
+      if (!sent.ok()) {
+        if (IsWouldBlock(sent)) break;
+        return absl::AbortedError(
+            absl::StrCat("session ", session_id, ": fd delivery failed: ", sent.message()));
+      }
+      for (LeasedFd& fd : record.fds) connection.in_flight.push_back(std::move(fd.lease));
       busy_.insert(s->second);
-      return absl::OkStatus();
     }
-    if (!IsWouldBlock(sent)) {
-      return absl::AbortedError(
-          absl::StrCat("session ", session_id, ": fd delivery failed: ", sent.message()));
-    }
+    if (sent_records == records.size()) return absl::OkStatus();
   }
-  if (total_queued_ >= options_.max_total_queued_deliveries) {
+  // What the socket did not take waits in the queue. Records already sent
+  // stay sent: the client closes fds it was sent for a call that failed.
+  const size_t left = records.size() - sent_records;
+  if (total_queued_ + left > options_.max_total_queued_deliveries) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "daemon has ", total_queued_, " fd deliveries queued for clients not reading fd.sock"));
   }
-  if (connection.queue.size() >= options_.max_queued_deliveries) {
+  if (connection.queue.size() + left > options_.max_queued_deliveries) {
     return absl::ResourceExhaustedError(
         absl::StrCat("session ", session_id, " has ", connection.queue.size(),
                      " fd deliveries queued (client is not reading fd.sock)"));
   }
   const bool was_empty = connection.queue.empty();
-  connection.queue.push_back(Pending{std::move(bytes), std::move(fd)});
+  for (size_t i = sent_records; i < records.size(); ++i) {
+    connection.queue.push_back(std::move(records[i]));
+  }
   if (was_empty) {
     connection.stalled_since = absl::Now();
     UpdateWatchLocked(s->second, connection);
   }
-  ++total_queued_;
+  total_queued_ += left;
   busy_.insert(s->second);
   return absl::OkStatus();
 }

@@ -100,6 +100,17 @@ class FdChannel {
   // the session's connection is gone; RESOURCE_EXHAUSTED if its queue is full.
   absl::Status Deliver(uint64_t session_id, uint64_t transfer_id, v1::FdKind kind,
                        uint64_t object_id, LeasedFd fd);
+  // Several fds at once, in as few records as fit (FdDeliveries, up to
+  // kMaxFdsPerRecord a record). If the socket takes only some records,
+  // the rest are queued, or (over a cap) refused: the client closes fds of
+  // a call that failed.
+  struct Delivery {
+    uint64_t transfer_id = 0;
+    v1::FdKind kind = v1::FD_KIND_UNSPECIFIED;
+    uint64_t object_id = 0;
+    LeasedFd fd;
+  };
+  absl::Status DeliverAll(uint64_t session_id, std::vector<Delivery> deliveries);
 
   // Applies the records the session's client has sent, until `sent` records
   // have been read since it connected (or its socket is drained). Called on
@@ -125,7 +136,7 @@ class FdChannel {
  private:
   struct Pending {
     std::string bytes;
-    LeasedFd fd;
+    std::vector<LeasedFd> fds;
   };
   // A connection's read side, shared with RPC threads that drain it.
   struct Reader {
@@ -190,6 +201,9 @@ class FdChannel {
   // Ends the session of the connection on `fd`; `badly` logs a warning
   // (rate-limited), otherwise a debug line.
   void EndConnection(int fd, absl::string_view why, bool badly = false);
+  // Sends the records at once if nothing is queued and the socket takes
+  // them, else queues what is left (all or nothing against the caps).
+  absl::Status SendOrQueue(uint64_t session_id, std::vector<Pending> records);
   // Flushes as much of the queue as the socket takes. Returns false if the
   // connection failed.
   bool FlushLocked(Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

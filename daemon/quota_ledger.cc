@@ -32,6 +32,14 @@ const std::map<std::string, uint64_t>& QuotaLedger::SessionBytes(uint64_t sessio
 
 absl::Status QuotaLedger::Charge(uint64_t session_id, uid_t uid, const std::string& heap,
                                  uint64_t bytes) {
+  RETURN_IF_ERROR(Check(session_id, uid, heap, bytes));
+  sessions_[session_id][heap] += bytes;
+  uids_[{uid, heap}] += bytes;
+  return absl::OkStatus();
+}
+
+absl::Status QuotaLedger::Check(uint64_t session_id, uid_t uid, const std::string& heap,
+                                uint64_t bytes) const {
   uint64_t session_held = 0;
   if (auto s = sessions_.find(session_id); s != sessions_.end()) {
     if (auto h = s->second.find(heap); h != s->second.end()) session_held = h->second;
@@ -58,8 +66,6 @@ absl::Status QuotaLedger::Charge(uint64_t session_id, uid_t uid, const std::stri
     return absl::ResourceExhaustedError(
         absl::StrCat("byte counts of session ", session_id, " on heap '", heap, "' would wrap"));
   }
-  sessions_[session_id][heap] += bytes;
-  uids_[uid_key] += bytes;
   return absl::OkStatus();
 }
 

@@ -1,41 +1,233 @@
 #include "daemon/requests.h"
 
+#include <set>
+
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "base/client_text.h"
 #include "base/errno_status.h"
+#include "base/frame_format.h"
+#include "google/protobuf/descriptor.h"
+#include "google/protobuf/unknown_field_set.h"
 
 namespace bufferd {
 namespace {
 
-// Configured heap names are [a-z0-9_-]{1,32}: a longer request names none.
-constexpr size_t kMaxHeapNameBytes = 32;
+// Configured heap and usage names are [a-z0-9_-]{1,32}: a longer request
+// names none.
+constexpr size_t kMaxNameBytes = 32;
+// Most heaps one request may list.
+constexpr int kMaxHeapsPerRequest = 8;
+// Most bytes of a metadata tag.
+constexpr size_t kMaxTagBytes = 64;
+
+absl::Status CheckName(absl::string_view field, absl::string_view noun, absl::string_view name) {
+  if (name.size() > kMaxNameBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " name is ", name.size(), " bytes; ",
+                                                   noun, " names are at most ", kMaxNameBytes));
+  }
+  return absl::OkStatus();
+}
+
+// The heaps a request names, in order.
+absl::StatusOr<std::vector<Heap*>> ResolveHeaps(const HeapRegistry& heaps,
+                                                const AllocationRules& rules,
+                                                const v1::AllocateRequest& request) {
+  const int named = !request.heap().empty() + (request.heaps_size() > 0) + !request.usage().empty();
+  if (named == 0) {
+    return absl::InvalidArgumentError(
+        "no heap given: set heap, heaps (a non-empty list) or usage");
+  }
+  if (named > 1) {
+    return absl::InvalidArgumentError(
+        "heap, heaps and usage are alternatives: set exactly one of them");
+  }
+  std::vector<Heap*> list;
+  if (!request.heap().empty()) {
+    RETURN_IF_ERROR(CheckName("heap", "heap", request.heap()));
+    ASSIGN_OR_RETURN(Heap * heap, heaps.Get(request.heap()));
+    list.push_back(heap);
+    return list;
+  }
+  std::vector<std::string> names(request.heaps().begin(), request.heaps().end());
+  if (!request.usage().empty()) {
+    RETURN_IF_ERROR(CheckName("usage", "usage", request.usage()));
+    auto it = rules.usages.find(request.usage());
+    if (it == rules.usages.end()) {
+      std::vector<std::string> known;
+      for (const auto& [name, unused] : rules.usages) known.push_back(name);
+      return absl::NotFoundError(absl::StrCat(
+          "unknown usage ", QuoteClientText(request.usage()), " (usages: ",
+          known.empty() ? "none configured" : absl::StrJoin(known, ", "), ")"));
+    }
+    names = it->second;
+  } else if (request.heaps_size() > kMaxHeapsPerRequest) {
+    return absl::InvalidArgumentError(absl::StrCat("heaps lists ", request.heaps_size(),
+                                                   " heaps; at most ", kMaxHeapsPerRequest));
+  }
+  std::set<std::string> seen;
+  for (size_t i = 0; i < names.size(); ++i) {
+    const std::string field = absl::StrCat("heaps[", i, "]");
+    if (names[i].empty()) return absl::InvalidArgumentError(absl::StrCat(field, " is empty"));
+    RETURN_IF_ERROR(CheckName(field, "heap", names[i]));
+    if (!seen.insert(names[i]).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, " ", QuoteClientText(names[i]), " is listed twice"));
+    }
+    ASSIGN_OR_RETURN(Heap * heap, heaps.Get(names[i]));
+    list.push_back(heap);
+  }
+  return list;
+}
+
+v1::FrameFormat ToProto(const FrameFormat& frame) {
+  v1::FrameFormat proto;
+  proto.set_width(frame.width);
+  proto.set_height(frame.height);
+  proto.set_fourcc(frame.fourcc);
+  proto.set_modifier(frame.modifier);
+  for (const PlaneLayout& plane : frame.planes) {
+    v1::PlaneLayout* p = proto.add_planes();
+    p->set_offset(plane.offset);
+    p->set_stride(plane.stride);
+    p->set_size(plane.size);
+  }
+  proto.set_size(frame.size);
+  return proto;
+}
 
 }  // namespace
 
+AllocationRules RulesFromConfig(const v1::Config& config) {
+  AllocationRules rules;
+  rules.quotas = config.quotas();
+  for (const v1::UsageConfig& usage : config.usages()) {
+    rules.usages[usage.name()] = {usage.heaps().begin(), usage.heaps().end()};
+  }
+  if (config.limits().max_buffers_per_call() != 0) {
+    rules.max_buffers_per_call = config.limits().max_buffers_per_call();
+  }
+  if (config.limits().max_frame_dimension() != 0) {
+    rules.max_frame_dimension = config.limits().max_frame_dimension();
+  }
+  return rules;
+}
+
 absl::StatusOr<AllocationPlan> CheckAllocateRequest(const HeapRegistry& heaps,
-                                                    const v1::QuotaConfig& quotas,
-                                                    const v1::AllocateRequest& request) {
-  if (request.heap().size() > kMaxHeapNameBytes) {
-    return absl::InvalidArgumentError(absl::StrCat("heap name is ", request.heap().size(),
-                                                   " bytes; heap names are at most ",
-                                                   kMaxHeapNameBytes));
+                                                    const AllocationRules& rules,
+                                                    const v1::AllocateRequest& request,
+                                                    uint32_t count) {
+  RETURN_IF_ERROR(CheckNoUnknownFields(request, "request"));
+  if (count == 0) return absl::InvalidArgumentError("count must be at least 1");
+  if (count > rules.max_buffers_per_call) {
+    return absl::InvalidArgumentError(absl::StrCat("count ", count,
+                                                   " is above the per-call limit of ",
+                                                   rules.max_buffers_per_call,
+                                                   " (limits.max_buffers_per_call)"));
   }
   AllocationPlan plan;
-  ASSIGN_OR_RETURN(plan.heap, heaps.Get(request.heap()));
-  if (request.size() == 0) return absl::InvalidArgumentError("size must be greater than 0");
+  plan.count = count;
+  ASSIGN_OR_RETURN(plan.heaps, ResolveHeaps(heaps, rules, request));
   RETURN_IF_ERROR(CheckClientText("name", request.name()));
-  if (request.size() > (uint64_t{1} << 62)) {
-    return absl::InvalidArgumentError(absl::StrCat("size ", request.size(), " is too large"));
+  if (request.has_frame()) {
+    if (request.size() != 0) {
+      return absl::InvalidArgumentError(
+          "size and frame are both set: a frame's size is computed from it; leave size 0");
+    }
+    const v1::FrameRequest& frame = request.frame();
+    ASSIGN_OR_RETURN(const FrameFormat layout,
+                     LayOutFrame(frame.width(), frame.height(), frame.fourcc(), frame.modifier(),
+                                 frame.stride_alignment(),
+                                 {.max_dimension = rules.max_frame_dimension}));
+    plan.frame = ToProto(layout);
+    plan.size = layout.size;
+  } else {
+    if (request.size() == 0) return absl::InvalidArgumentError("size must be greater than 0");
+    if (request.size() > (uint64_t{1} << 62)) {
+      return absl::InvalidArgumentError(absl::StrCat("size ", request.size(), " is too large"));
+    }
+    plan.size = request.size();
   }
-  const uint64_t page = plan.heap->page_size();
-  plan.rounded = (request.size() + page - 1) / page * page;
-  const uint64_t max_allocation = quotas.max_allocation_bytes();
-  if (max_allocation != 0 && plan.rounded > max_allocation) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "quota max_allocation_bytes: asked for ", FormatBytes(plan.rounded), " on heap '",
-        plan.heap->name(), "', the largest allowed allocation is ", FormatBytes(max_allocation)));
+  if (request.has_metadata()) {
+    RETURN_IF_ERROR(CheckMetadata(request.metadata(), plan.frame ? &*plan.frame : nullptr,
+                                  "metadata"));
+    if (request.metadata().generation() != 0) {
+      return absl::InvalidArgumentError(
+          "metadata.generation is the daemon's to set; leave it 0 at Allocate");
+    }
   }
   return plan;
+}
+
+absl::StatusOr<uint64_t> RoundForHeap(const Heap& heap, const v1::QuotaConfig& quotas,
+                                      uint64_t size) {
+  const uint64_t page = heap.page_size();
+  const uint64_t rounded = (size + page - 1) / page * page;
+  const uint64_t max_allocation = quotas.max_allocation_bytes();
+  if (max_allocation != 0 && rounded > max_allocation) {
+    return HeapRefused(HeapRefusal::kTooLarge,
+                       absl::StrCat("quota max_allocation_bytes: asked for ", FormatBytes(rounded),
+                                    " on heap '", heap.name(),
+                                    "', the largest allowed allocation is ",
+                                    FormatBytes(max_allocation)));
+  }
+  return rounded;
+}
+
+absl::Status CheckMetadata(const v1::FrameMetadata& metadata, const v1::FrameFormat* frame,
+                           absl::string_view field) {
+  if (metadata.has_crop()) {
+    const v1::Rect& crop = metadata.crop();
+    if (frame == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".crop is set on a buffer that is not a frame"));
+    }
+    if (crop.width() == 0 || crop.height() == 0) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ".crop is empty (", crop.width(), "x",
+                                                     crop.height(), ")"));
+    }
+    if (uint64_t{crop.x()} + crop.width() > frame->width() ||
+        uint64_t{crop.y()} + crop.height() > frame->height()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ".crop ", crop.width(), "x", crop.height(), "+", crop.x(), "+", crop.y(),
+          " reaches outside the ", frame->width(), "x", frame->height(), " frame"));
+    }
+  }
+  if (!v1::ColorSpace_IsValid(metadata.color_space())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ".color_space ", metadata.color_space(), " is not a known ColorSpace"));
+  }
+  if (!v1::ColorRange_IsValid(metadata.color_range())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ".color_range ", metadata.color_range(), " is not a known ColorRange"));
+  }
+  if (metadata.tag().size() > kMaxTagBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ".tag is ", metadata.tag().size(),
+                                                   " bytes; at most ", kMaxTagBytes));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckNoUnknownFields(const google::protobuf::Message& message,
+                                  absl::string_view name) {
+  const google::protobuf::Reflection* reflection = message.GetReflection();
+  const google::protobuf::UnknownFieldSet& unknown = reflection->GetUnknownFields(message);
+  if (!unknown.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " has field number ", unknown.field(0).number(),
+                     ", which this daemon does not know (a newer client?); nothing was done"));
+  }
+  std::vector<const google::protobuf::FieldDescriptor*> fields;
+  reflection->ListFields(message, &fields);
+  for (const google::protobuf::FieldDescriptor* field : fields) {
+    if (field->cpp_type() != google::protobuf::FieldDescriptor::CPPTYPE_MESSAGE ||
+        field->is_repeated()) {
+      continue;
+    }
+    RETURN_IF_ERROR(CheckNoUnknownFields(reflection->GetMessage(message, field),
+                                         absl::StrCat(name, ".", field->name())));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<absl::Duration> CheckExportTtl(const v1::ExportRequest& request,

@@ -1,32 +1,68 @@
 // Checks of what a client asks for, before any state changes: the sizes,
-// names and lifetimes in a request, each refused with INVALID_ARGUMENT (or
-// RESOURCE_EXHAUSTED for a configured limit) naming what was wrong, never
-// echoing a client's string at length.
+// names, frames and lifetimes in a request, each refused with
+// INVALID_ARGUMENT (or RESOURCE_EXHAUSTED for a configured limit) naming
+// what was wrong, never echoing a client's string at length.
 //
 // Pure functions; thread-safe.
 #ifndef BUFFERD_DAEMON_REQUESTS_H_
 #define BUFFERD_DAEMON_REQUESTS_H_
 
 #include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "bufferd/v1/buffer.pb.h"
 #include "bufferd/v1/config.pb.h"
+#include "google/protobuf/message.h"
 #include "heaps/heap_registry.h"
 
 namespace bufferd {
 
-// An Allocate request that may go ahead: its heap and its size rounded to
-// the heap's page (the most a quota is charged before the heap says what
-// the buffer really got).
+// What the config says about allocations.
+struct AllocationRules {
+  v1::QuotaConfig quotas;
+  // Usage name -> heaps to try, in order.
+  std::map<std::string, std::vector<std::string>> usages;
+  uint32_t max_buffers_per_call = 64;
+  uint32_t max_frame_dimension = 16384;
+};
+// The rules a config sets (its usages, quotas and limits, with defaults).
+AllocationRules RulesFromConfig(const v1::Config& config);
+
+// An Allocate (or AllocateSet) request that may go ahead.
 struct AllocationPlan {
-  Heap* heap = nullptr;
-  uint64_t rounded = 0;
+  // The heaps to try, in order (one for `heap`).
+  std::vector<Heap*> heaps;
+  // Bytes each buffer needs: the request's size, or its frame's.
+  uint64_t size = 0;
+  uint32_t count = 1;
+  // The layout of a frame request.
+  std::optional<v1::FrameFormat> frame;
 };
 absl::StatusOr<AllocationPlan> CheckAllocateRequest(const HeapRegistry& heaps,
-                                                    const v1::QuotaConfig& quotas,
-                                                    const v1::AllocateRequest& request);
+                                                    const AllocationRules& rules,
+                                                    const v1::AllocateRequest& request,
+                                                    uint32_t count = 1);
+
+// `size` rounded to the heap's page; RESOURCE_EXHAUSTED (a HeapRefused
+// kTooLarge) above the quotas' max_allocation_bytes.
+absl::StatusOr<uint64_t> RoundForHeap(const Heap& heap, const v1::QuotaConfig& quotas,
+                                      uint64_t size);
+
+// Metadata a client sets (at Allocate or SetMetadata), for a buffer with
+// `frame` (null: not a frame). `field` prefixes errors ("metadata").
+absl::Status CheckMetadata(const v1::FrameMetadata& metadata, const v1::FrameFormat* frame,
+                           absl::string_view field);
+
+// INVALID_ARGUMENT naming the first field of `message` (or of a message in
+// it) that this daemon does not know: a newer client's field is refused,
+// never silently ignored.
+absl::Status CheckNoUnknownFields(const google::protobuf::Message& message,
+                                  absl::string_view name);
 
 // How long an Export's token lives: its ttl_ms, or `default_ttl`; at most
 // `max_ttl`.

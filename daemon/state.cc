@@ -4,10 +4,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <limits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "base/errno_status.h"
 #include "daemon/proto_convert.h"
 #include "daemon/requests.h"
@@ -42,6 +45,26 @@ void Discard(Reaper* reaper, std::vector<DeadBuffer> dead) {
   if (reaper != nullptr && !dead.empty()) reaper->Free(std::move(dead));
 }
 
+// Why a heap's RESOURCE_EXHAUSTED skipped it.
+v1::SkipReason SkipReasonOf(const absl::Status& refused) {
+  switch (RefusalOf(refused)) {
+    case HeapRefusal::kPoolEmpty:
+      return v1::SKIP_REASON_POOL_EMPTY;
+    case HeapRefusal::kTooLarge:
+      return v1::SKIP_REASON_TOO_LARGE;
+    default:
+      return v1::SKIP_REASON_HEAP_FULL;
+  }
+}
+
+// "no heap could serve 3 x 8 MiB: <why>; <why>".
+std::string NoHeapMessage(const AllocationPlan& plan, const std::vector<v1::HeapSkip>& skipped) {
+  std::vector<std::string> reasons;
+  for (const v1::HeapSkip& skip : skipped) reasons.push_back(skip.message());
+  return absl::StrCat("no heap could serve ", plan.count == 1 ? "" : absl::StrCat(plan.count, " x "),
+                      FormatBytes(plan.size), ": ", absl::StrJoin(reasons, "; "));
+}
+
 }  // namespace
 
 bool PunchMayHurtOthers(HeapKind kind, v1::Backing backing) {
@@ -71,6 +94,8 @@ DaemonState::Grant DaemonState::PendingGrant::Commit() && {
 DaemonState::DaemonState(const HeapRegistry* heaps, Options options)
     : heaps_(heaps),
       options_(std::move(options)),
+      rules_{options_.quotas, options_.usages, options_.max_buffers_per_call,
+             options_.max_frame_dimension},
       own_budget_(options_.fd_budget == nullptr ? std::make_unique<FdBudget>() : nullptr),
       budget_(options_.fd_budget != nullptr ? options_.fd_budget : own_budget_.get()),
       quotas_(options_.quotas) {}
@@ -121,12 +146,12 @@ absl::StatusOr<DaemonState::Session*> DaemonState::FindSessionLocked(uint64_t se
   return const_cast<Session*>(&it->second);
 }
 
-absl::Status DaemonState::CheckBufferCountLocked(const Session& session) const {
+absl::Status DaemonState::CheckBufferCountLocked(const Session& session, uint32_t count) const {
   const uint32_t max_buffers = quotas_.quotas().max_buffers_per_session();
-  if (max_buffers != 0 && session.handles.size() + session.pending >= max_buffers) {
-    return absl::ResourceExhaustedError(absl::StrCat("quota max_buffers_per_session: session ",
-                                                     session.id, " holds ", session.handles.size(),
-                                                     " handles (max ", max_buffers, ")"));
+  if (max_buffers != 0 && session.handles.size() + session.pending + count > max_buffers) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "quota max_buffers_per_session: session ", session.id, " holds ", session.handles.size(),
+        " handles (max ", max_buffers, ")", count == 1 ? "" : absl::StrCat(", asked for ", count)));
   }
   return absl::OkStatus();
 }
@@ -212,79 +237,263 @@ absl::StatusOr<DaemonState::Handle*> DaemonState::FindHandleLocked(uint64_t sess
 
 absl::StatusOr<DaemonState::PendingGrant> DaemonState::Allocate(
     uint64_t session_id, const v1::AllocateRequest& request) {
+  ASSIGN_OR_RETURN(Allocation allocation, AllocateSet(session_id, request, 1));
+  return std::move(allocation.grants.front());
+}
+
+bool DaemonState::AllocationMayBlock(const v1::AllocateRequest& request) const {
+  // max_buffers_per_call: the count does not matter here.
+  absl::StatusOr<AllocationPlan> plan = CheckAllocateRequest(*heaps_, rules_, request, 1);
+  if (!plan.ok()) return false;  // fails fast, inline
+  for (const Heap* heap : plan->heaps) {
+    if (heap->allocation_may_block()) return true;
+  }
+  return false;
+}
+
+absl::StatusOr<DaemonState::Allocation> DaemonState::AllocateSet(
+    uint64_t session_id, const v1::AllocateRequest& request, uint32_t count) {
   ASSIGN_OR_RETURN(const AllocationPlan plan,
-                   CheckAllocateRequest(*heaps_, options_.quotas, request));
-  Heap* const heap = plan.heap;
-  uint64_t rounded = plan.rounded;
+                   CheckAllocateRequest(*heaps_, rules_, request, count));
+  Allocation allocation;
+  std::vector<absl::Status> refusals;
+  for (Heap* heap : plan.heaps) {
+    std::optional<v1::SkipReason> skip;
+    absl::StatusOr<std::vector<PendingGrant>> grants = [&] {
+      absl::StatusOr<uint64_t> rounded = RoundForHeap(*heap, options_.quotas, plan.size);
+      if (!rounded.ok()) {
+        skip = v1::SKIP_REASON_TOO_LARGE;
+        return absl::StatusOr<std::vector<PendingGrant>>(rounded.status());
+      }
+      return AllocateOn(session_id, *heap, *rounded, plan, request, &skip);
+    }();
+    if (grants.ok()) {
+      allocation.grants = *std::move(grants);
+      return allocation;
+    }
+    if (!skip.has_value()) return grants.status();
+    v1::HeapSkip& skipped = allocation.skipped.emplace_back();
+    skipped.set_heap(heap->name());
+    skipped.set_reason(*skip);
+    skipped.set_message(std::string(grants.status().message()));
+    refusals.push_back(grants.status());
+  }
+  // A single heap's refusal stands as it is.
+  if (refusals.size() == 1) return refusals.front();
+  return absl::ResourceExhaustedError(NoHeapMessage(plan, allocation.skipped));
+}
+
+absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
+    uint64_t session_id, Heap& heap, uint64_t rounded, const AllocationPlan& plan,
+    const v1::AllocateRequest& request, std::optional<v1::SkipReason>* skip) {
+  const uint32_t count = plan.count;
+  if (rounded > std::numeric_limits<uint64_t>::max() / count) {
+    *skip = v1::SKIP_REASON_TOO_LARGE;
+    return absl::ResourceExhaustedError(absl::StrCat(count, " buffers of ", FormatBytes(rounded),
+                                                     " on heap '", heap.name(),
+                                                     "' cannot be counted"));
+  }
+  const uint64_t total = rounded * count;
   uid_t uid;
-  // The buffer's own fd, held until the reaper really closes it.
-  FdBudget::Lease fd_lease;
+  // The buffers' own fds, held until the reaper really closes them.
+  std::vector<FdBudget::Lease> fd_leases;
   {
     absl::MutexLock lock(&mu_);
     ASSIGN_OR_RETURN(Session * session, FindSessionLocked(session_id));
-    RETURN_IF_ERROR(CheckBufferCountLocked(*session));
-    ASSIGN_OR_RETURN(fd_lease, budget_->Acquire(FdUse::kBuffer, session->uid));
-    RETURN_IF_ERROR(quotas_.Charge(session_id, session->uid, heap->name(), rounded));
-    ++session->pending;
+    RETURN_IF_ERROR(CheckBufferCountLocked(*session, count));
+    for (uint32_t i = 0; i < count; ++i) {
+      ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kBuffer, session->uid));
+      fd_leases.push_back(std::move(lease));
+    }
+    if (absl::Status charged = quotas_.Charge(session_id, session->uid, heap.name(), total);
+        !charged.ok()) {
+      // A heap that could never hold them says so rather than the quota.
+      if (absl::Status fits = heap.CheckAllocate(plan.size, count);
+          RefusalOf(fits) == HeapRefusal::kTooLarge) {
+        *skip = v1::SKIP_REASON_TOO_LARGE;
+        return fits;
+      }
+      *skip = v1::SKIP_REASON_QUOTA;
+      return charged;
+    }
+    session->pending += static_cast<int>(count);
     uid = session->uid;
   }
 
-  absl::StatusOr<std::unique_ptr<HeapBuffer>> memory =
-      heap->Allocate(request.size(), request.name());
-  // No holder may add seals (say F_SEAL_WRITE, freezing everyone else's
-  // writes) unless it was asked for.
-  if (memory.ok() && !request.freezable() &&
-      ::fcntl((*memory)->fd(), F_ADD_SEALS, F_SEAL_SEAL) != 0) {
-    memory = ErrnoError("fcntl(F_ADD_SEALS, F_SEAL_SEAL)", errno);
+  std::vector<std::unique_ptr<HeapBuffer>> memories;
+  absl::Status failed;
+  for (uint32_t i = 0; i < count && failed.ok(); ++i) {
+    absl::StatusOr<std::unique_ptr<HeapBuffer>> memory = heap.Allocate(plan.size, request.name());
+    // No holder may add seals (say F_SEAL_WRITE, freezing everyone else's
+    // writes) unless it was asked for.
+    if (memory.ok() && !request.freezable() &&
+        ::fcntl((*memory)->fd(), F_ADD_SEALS, F_SEAL_SEAL) != 0) {
+      memory = ErrnoError("fcntl(F_ADD_SEALS, F_SEAL_SEAL)", errno);
+    }
+    if (memory.ok()) {
+      memories.push_back(*std::move(memory));
+    } else {
+      failed = memory.status();
+    }
   }
 
   std::vector<DeadBuffer> dead;
-  absl::StatusOr<PendingGrant> result = [&]() -> absl::StatusOr<PendingGrant> {
+  // Buffers not (yet) owned by a handle: retired, and their charge given
+  // back, if the allocation does not go through.
+  auto discard = [&](size_t from) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (size_t i = from; i < memories.size(); ++i) {
+      memories[i]->Retire();  // its bytes are free for the next Allocate at once
+      dead.push_back(DeadBuffer{std::move(fd_leases[i]), std::move(memories[i])});
+    }
+  };
+  absl::StatusOr<std::vector<Grant>> made = [&]() -> absl::StatusOr<std::vector<Grant>> {
     absl::MutexLock lock(&mu_);
     auto s = sessions_.find(session_id);
     Session* session = s == sessions_.end() ? nullptr : &s->second;
-    if (session != nullptr) --session->pending;
-    if (!memory.ok() || session == nullptr) {
-      quotas_.Uncharge(session_id, uid, heap->name(), rounded);
-      if (!memory.ok()) return memory.status();
-      (*memory)->Retire();  // its bytes are free for the next Allocate at once
-      dead.push_back(DeadBuffer{std::move(fd_lease), *std::move(memory)});
+    if (session != nullptr) session->pending -= static_cast<int>(count);
+    if (!failed.ok() || session == nullptr) {
+      quotas_.Uncharge(session_id, uid, heap.name(), total);
+      discard(0);
+      if (!failed.ok()) {
+        // The heap could not serve: the next one may.
+        if (failed.code() == absl::StatusCode::kResourceExhausted) *skip = SkipReasonOf(failed);
+        return failed;
+      }
       return absl::AbortedError(absl::StrCat("session ", session_id, " ended during Allocate"));
     }
-    if (const uint64_t size = (*memory)->size(); size < rounded) {
+    std::vector<Grant> grants;
+    // Still charged for buffers no handle owns yet.
+    uint64_t charged = total;
+    const absl::Time now = absl::Now();
+    for (size_t i = 0; i < memories.size(); ++i) {
+      const uint64_t size = memories[i]->size();
+      auto buffer = std::make_unique<Buffer>();
+      buffer->heap = &heap;
+      buffer->memory = std::move(memories[i]);
+      buffer->fd_lease = std::move(fd_leases[i]);
+      v1::BufferInfo& info = buffer->info;
+      info.set_buffer_id(next_buffer_id_++);
+      info.set_heap(heap.name());
+      info.set_size(size);
+      info.set_requested_size(plan.size);
+      info.set_backing(ToProto(buffer->memory->backing()));
+      info.set_name(request.name());
+      info.set_freezable(request.freezable());
+      info.set_creator_session(session_id);
+      *info.mutable_created_at() = ToProto(now);
+      if (plan.frame.has_value()) *info.mutable_frame() = *plan.frame;
+      if (request.has_metadata()) *info.mutable_metadata() = request.metadata();
+      Buffer& ref = *buffer;
+      buffers_[info.buffer_id()] = std::move(buffer);
       // A fallback with a smaller page than the heap's (1 GiB pages -> base
       // pages): the quota keeps only what the buffer really holds.
-      quotas_.Uncharge(session_id, uid, heap->name(), rounded - size);
-      rounded = size;
+      if (size < rounded) quotas_.Uncharge(session_id, uid, heap.name(), rounded - size);
+      charged -= rounded;
+      absl::StatusOr<Grant> grant = AddHandleLocked(*session, ref, v1::ACCESS_READ_WRITE);
+      if (!grant.ok()) {
+        // Undo all: the handles made so far (which gives their charges
+        // back), this buffer and the ones not made yet.
+        quotas_.Uncharge(session_id, uid, heap.name(), charged + std::min(size, rounded));
+        ref.memory->Retire();
+        dead.push_back(DeadBuffer{std::move(ref.fd_lease), std::move(ref.memory)});
+        buffers_.erase(ref.info.buffer_id());
+        for (const Grant& made : grants) RemoveHandleLocked(made.handle, dead);
+        discard(i + 1);
+        return grant.status();
+      }
+      grants.push_back(*std::move(grant));
     }
-    auto buffer = std::make_unique<Buffer>();
-    buffer->heap = heap;
-    buffer->memory = *std::move(memory);
-    buffer->fd_lease = std::move(fd_lease);
-    v1::BufferInfo& info = buffer->info;
-    info.set_buffer_id(next_buffer_id_++);
-    info.set_heap(heap->name());
-    info.set_size(buffer->memory->size());
-    info.set_requested_size(request.size());
-    info.set_backing(ToProto(buffer->memory->backing()));
-    info.set_name(request.name());
-    info.set_freezable(request.freezable());
-    info.set_creator_session(session_id);
-    *info.mutable_created_at() = ToProto(absl::Now());
-    Buffer& ref = *buffer;
-    buffers_[info.buffer_id()] = std::move(buffer);
-    absl::StatusOr<Grant> grant = AddHandleLocked(*session, ref, v1::ACCESS_READ_WRITE);
-    if (!grant.ok()) {
-      quotas_.Uncharge(session_id, uid, heap->name(), rounded);
-      ref.memory->Retire();
-      dead.push_back(DeadBuffer{std::move(ref.fd_lease), std::move(ref.memory)});
-      buffers_.erase(ref.info.buffer_id());
-      return grant.status();
-    }
-    return PendingGrant(this, session_id, *std::move(grant), "");
+    return grants;
   }();
   Discard(options_.reaper, std::move(dead));
-  return result;
+  if (!made.ok()) return made.status();
+  std::vector<PendingGrant> pending;
+  pending.reserve(made->size());
+  for (Grant& grant : *made) pending.push_back(PendingGrant(this, session_id, std::move(grant), ""));
+  return pending;
+}
+
+absl::StatusOr<v1::CanAllocateResponse> DaemonState::CanAllocate(
+    uint64_t session_id, const v1::AllocateRequest& request, uint32_t count) const {
+  ASSIGN_OR_RETURN(const AllocationPlan plan,
+                   CheckAllocateRequest(*heaps_, rules_, request, count));
+  v1::CanAllocateResponse response;
+  if (plan.frame.has_value()) *response.mutable_frame() = *plan.frame;
+  for (Heap* heap : plan.heaps) {
+    std::optional<v1::SkipReason> skip;
+    absl::StatusOr<uint64_t> rounded = RoundForHeap(*heap, options_.quotas, plan.size);
+    absl::Status status = rounded.status();
+    if (!rounded.ok()) {
+      skip = v1::SKIP_REASON_TOO_LARGE;
+    } else if (*rounded > std::numeric_limits<uint64_t>::max() / count) {
+      skip = v1::SKIP_REASON_TOO_LARGE;
+      status = absl::ResourceExhaustedError(absl::StrCat(
+          count, " buffers of ", FormatBytes(*rounded), " on heap '", heap->name(),
+          "' cannot be counted"));
+    } else {
+      // As AllocateSet: a heap too small at all, then the quota, then room.
+      const absl::Status room = heap->CheckAllocate(plan.size, count);
+      if (!room.ok() && room.code() != absl::StatusCode::kResourceExhausted) return room;
+      if (RefusalOf(room) == HeapRefusal::kTooLarge) {
+        status = room;
+      } else {
+        absl::MutexLock lock(&mu_);
+        ASSIGN_OR_RETURN(Session * session, FindSessionLocked(session_id));
+        if (absl::Status handles = CheckBufferCountLocked(*session, count); !handles.ok()) {
+          response.set_message(std::string(handles.message()));
+          return response;
+        }
+        status = quotas_.Check(session_id, session->uid, heap->name(), *rounded * count);
+        if (!status.ok()) {
+          skip = v1::SKIP_REASON_QUOTA;
+        } else {
+          status = room;
+        }
+      }
+      if (!skip.has_value() && !status.ok()) skip = SkipReasonOf(status);
+    }
+    if (!skip.has_value()) {
+      response.set_ok(true);
+      response.set_heap(heap->name());
+      response.set_size(*rounded);
+      return response;
+    }
+    v1::HeapSkip* skipped = response.add_skipped();
+    skipped->set_heap(heap->name());
+    skipped->set_reason(*skip);
+    skipped->set_message(std::string(status.message()));
+  }
+  response.set_message(response.skipped_size() == 1
+                           ? response.skipped(0).message()
+                           : NoHeapMessage(plan, {response.skipped().begin(),
+                                                  response.skipped().end()}));
+  return response;
+}
+
+absl::StatusOr<v1::BufferInfo> DaemonState::SetMetadata(uint64_t session_id, uint64_t handle_id,
+                                                        const v1::FrameMetadata& metadata) {
+  RETURN_IF_ERROR(CheckNoUnknownFields(metadata, "metadata"));
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(FindSessionLocked(session_id).status());
+  ASSIGN_OR_RETURN(Handle * handle, FindHandleLocked(session_id, handle_id));
+  Buffer& buffer = *buffers_.at(handle->buffer);
+  if (handle->access != v1::ACCESS_READ_WRITE) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "handle ", handle_id, " is read-only; only a read-write holder may change metadata"));
+  }
+  RETURN_IF_ERROR(CheckMetadata(
+      metadata, buffer.info.has_frame() ? &buffer.info.frame() : nullptr, "metadata"));
+  const uint64_t generation = buffer.info.metadata().generation();
+  if (metadata.generation() != 0 && metadata.generation() != generation) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("metadata.generation ", metadata.generation(), " is not current: buffer ",
+                     buffer.info.buffer_id(), "'s metadata is at generation ", generation,
+                     " (another holder changed it); read it again"));
+  }
+  v1::FrameMetadata& kept = *buffer.info.mutable_metadata();
+  kept = metadata;
+  kept.set_generation(generation + 1);
+  return buffer.info;
 }
 
 absl::StatusOr<std::vector<DeadBuffer>> DaemonState::Release(uint64_t session_id, uint64_t handle,

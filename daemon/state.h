@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -38,6 +39,7 @@
 #include "bufferd/v1/config.pb.h"
 #include "daemon/quota_ledger.h"
 #include "daemon/reaper.h"
+#include "daemon/requests.h"
 #include "daemon/share_tokens.h"
 #include "heaps/heap_registry.h"
 
@@ -47,6 +49,10 @@ class DaemonState {
  public:
   struct Options {
     v1::QuotaConfig quotas;
+    // Usage name -> heaps to try, in order (the config's `usages`).
+    std::map<std::string, std::vector<std::string>> usages;
+    uint32_t max_buffers_per_call = 64;
+    uint32_t max_frame_dimension = 16384;
     // Where buffers' fds and the fds granted to clients are counted (must
     // outlive this object and every buffer). Null: a budget of its own with
     // FdBudget's default limits.
@@ -134,8 +140,29 @@ class DaemonState {
   // Idempotent.
   std::vector<DeadBuffer> CloseSession(uint64_t session_id);
 
-  // Buffers.
+  // What AllocateSet made: `count` grants from one heap, and the heaps
+  // tried before it with why each could not serve.
+  struct Allocation {
+    std::vector<PendingGrant> grants;
+    std::vector<v1::HeapSkip> skipped;
+  };
+
+  // Buffers. AllocateSet makes `count` buffers from the first of the
+  // request's heaps that can serve them all, or none: a heap that cannot
+  // (full, pool empty, a quota on it, too large) is skipped and said why;
+  // when none can, RESOURCE_EXHAUSTED gives every reason.
+  absl::StatusOr<Allocation> AllocateSet(uint64_t session_id, const v1::AllocateRequest& request,
+                                         uint32_t count);
   absl::StatusOr<PendingGrant> Allocate(uint64_t session_id, const v1::AllocateRequest& request);
+  // What AllocateSet would do now, allocating nothing. Errors for a bad
+  // request are AllocateSet's.
+  absl::StatusOr<v1::CanAllocateResponse> CanAllocate(uint64_t session_id,
+                                                      const v1::AllocateRequest& request,
+                                                      uint32_t count) const;
+  // Replaces a buffer's metadata (a read-write holder's; see
+  // Allocator.SetMetadata).
+  absl::StatusOr<v1::BufferInfo> SetMetadata(uint64_t session_id, uint64_t handle,
+                                             const v1::FrameMetadata& metadata);
   // Drops a handle; returns the buffer if it died. Its bytes are back in the
   // heap's accounting before this returns (HeapBuffer::Retire).
   // `let_go` (if not null) gets the buffer's id if the session holds no
@@ -165,6 +192,9 @@ class DaemonState {
   Totals totals() const;
 
   const HeapRegistry& heaps() const { return *heaps_; }
+  // Whether one of the heaps the request names may block (prefaulting,
+  // waiting for a refill): such allocations run off the RPC threads.
+  bool AllocationMayBlock(const v1::AllocateRequest& request) const;
   FdBudget& fd_budget() const { return *budget_; }
 
  private:
@@ -188,8 +218,16 @@ class DaemonState {
 
   // Undoes a grant that was never committed.
   void Undo(uint64_t session_id, uint64_t handle, const std::string& token);
-  // The session's room for one more handle (max_buffers_per_session).
-  absl::Status CheckBufferCountLocked(const Session& session) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // The session's room for `count` more handles (max_buffers_per_session).
+  absl::Status CheckBufferCountLocked(const Session& session, uint32_t count = 1) const
+      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // AllocateSet on one heap, `rounded` bytes a buffer: the grants, or why
+  // not; `skip` is set when the heap could not serve (the next may).
+  absl::StatusOr<std::vector<PendingGrant>> AllocateOn(uint64_t session_id, Heap& heap,
+                                                       uint64_t rounded,
+                                                       const AllocationPlan& plan,
+                                                       const v1::AllocateRequest& request,
+                                                       std::optional<v1::SkipReason>* skip);
   // Adds a handle (the session must already be charged for the buffer) and
   // returns the Grant with the fd to deliver.
   absl::StatusOr<Grant> AddHandleLocked(Session& session, Buffer& buffer, v1::Access access)
@@ -204,6 +242,7 @@ class DaemonState {
 
   const HeapRegistry* heaps_;
   const Options options_;
+  const AllocationRules rules_;
   const std::unique_ptr<FdBudget> own_budget_;
   FdBudget* const budget_;
 

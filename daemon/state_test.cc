@@ -1,6 +1,7 @@
 #include "daemon/state.h"
 
 #include <fcntl.h>
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -529,4 +530,65 @@ TEST_F(StateTest, DetachedSessionKeepsItsAccounting) {
 }
 
 }  // namespace
+// Tests that AllocateSet is all or nothing even when the grant of its last
+// buffer fails (the fd budget has room for the buffers but not for every
+// fd to deliver): handles, heap bytes, quota charges and fds all come back.
+TEST_F(StateTest, AllocateSetUndoesEverythingWhenALaterGrantFails) {
+  FdBudget budget({.total = 5});
+  DaemonState::Options options;
+  options.fd_budget = &budget;
+  DaemonState state(&heaps_, options);
+  const uint64_t a = Open(state, 1);
+  absl::StatusOr<DaemonState::Allocation> set =
+      state.AllocateSet(a, Request("carveout", 2 * kMiB), 3);
+  ASSERT_EQ(set.status().code(), absl::StatusCode::kResourceExhausted) << set.status();
+  EXPECT_THAT(std::string(set.status().message()), ::testing::HasSubstr("daemon fd budget reached"));
+  EXPECT_EQ(budget.usage().total, 0u);
+  EXPECT_EQ(HeapsView(state).live_buffers(), 0u);
+  EXPECT_EQ(SessionBytes(state, a, "carveout"), 0u);
+  EXPECT_EQ(heaps_.Find("carveout")->Stats().used, 0u);
+  EXPECT_EQ(CountOpenFds(), fds_before_);
+
+  // An uncommitted set undoes itself when dropped.
+  set = state.AllocateSet(a, Request("carveout", 2 * kMiB), 2);
+  ASSERT_TRUE(set.ok()) << set.status();
+  EXPECT_EQ(SessionBytes(state, a, "carveout"), 4 * kMiB);
+  set = absl::CancelledError();
+  EXPECT_EQ(SessionBytes(state, a, "carveout"), 0u);
+  EXPECT_EQ(heaps_.Find("carveout")->Stats().used, 0u);
+  EXPECT_EQ(budget.usage().total, 0u);
+  EXPECT_EQ(CountOpenFds(), fds_before_);
+}
+
+// Tests that a list of heaps is tried in order, each skip said with its
+// reason, and that the quota is charged on the heap that served.
+TEST_F(StateTest, HeapListFallsBackWithReasons) {
+  v1::QuotaConfig quotas;
+  quotas.set_max_bytes_per_session(10 * kMiB);
+  auto state = NewState(quotas);
+  const uint64_t a = Open(*state, 1);
+  v1::AllocateRequest request = Request("", 12 * kMiB);
+  request.add_heaps("carveout");
+  request.add_heaps("system");
+  // carveout (16 MiB) could, but the quota (10 MiB) refuses both.
+  absl::StatusOr<DaemonState::Allocation> refused = state->AllocateSet(a, request, 1);
+  ASSERT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(refused.status().message()),
+              ::testing::StartsWith("no heap could serve 12 MiB: quota max_bytes_per_session on "
+                                    "heap 'carveout'"));
+  request.set_size(6 * kMiB);
+  auto first = state->AllocateSet(a, request, 1);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_TRUE(first->skipped.empty());
+  EXPECT_EQ((*first->grants[0]).buffer.heap(), "carveout");
+  // 6 more MiB on carveout would pass its quota: system serves.
+  auto second = state->AllocateSet(a, request, 1);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ((*second->grants[0]).buffer.heap(), "system");
+  ASSERT_EQ(second->skipped.size(), 1u);
+  EXPECT_EQ(second->skipped[0].reason(), v1::SKIP_REASON_QUOTA);
+  EXPECT_EQ(SessionBytes(*state, a, "carveout"), 6 * kMiB);
+  EXPECT_EQ(SessionBytes(*state, a, "system"), 6 * kMiB);
+}
+
 }  // namespace bufferd

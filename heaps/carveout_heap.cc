@@ -169,7 +169,7 @@ absl::StatusOr<AccountedHeap::Backed> CarveoutHeap::AllocateBacking(uint64_t siz
   // cover `size` once the refills of retired buffers are done.
   Extents extents = TakeExtents(size);
   if (extents.empty()) {
-    return absl::ResourceExhaustedError(absl::StrCat(
+    return HeapRefused(HeapRefusal::kFull, absl::StrCat(
         "heap '", name(), "': ", FormatBytes(size), " of its reservation were not refilled within ",
         absl::FormatDuration(kRefillWait), " of being freed"));
   }
@@ -195,7 +195,8 @@ absl::StatusOr<AccountedHeap::Backed> CarveoutHeap::AllocateBacking(uint64_t siz
   }
   if (!status.ok()) {
     ReturnExtents(extents);
-    return absl::ResourceExhaustedError(
+    return HeapRefused(
+        HeapRefusal::kPoolEmpty,
         absl::StrCat("heap '", name(), "' could not move ", FormatBytes(size),
                      " from its reservation into a buffer: ", status.message()));
   }

@@ -120,7 +120,7 @@ absl::StatusOr<AccountedHeap::Backed> ContiguousHeap::AllocateBacking(
       return Backed{std::move(fd), Backing::kBasePages, nullptr, base_size};
     }
   }
-  return absl::ResourceExhaustedError(absl::StrCat("heap '", name(), "' cannot allocate ",
+  return HeapRefused(HeapRefusal::kPoolEmpty, absl::StrCat("heap '", name(), "' cannot allocate ",
                                                    FormatBytes(size), ": ",
                                                    absl::StrJoin(attempts, "; ")));
 }
@@ -139,6 +139,19 @@ absl::StatusOr<UniqueFd> ContiguousHeap::AllocateHugetlb(uint64_t size,
   }
   RETURN_IF_ERROR(memfd::Seal(fd.get()));
   return fd;
+}
+
+absl::Status ContiguousHeap::CheckBacking(uint64_t rounded, uint64_t count) const {
+  // A fallback (THP, base pages) serves whatever the pool cannot.
+  if (!options_.fallbacks.empty()) return absl::OkStatus();
+  const HugepagePoolState pool = ReadHugepagePool(options_.hugepage_size);
+  const uint64_t need = rounded / options_.hugepage_size * count;
+  const uint64_t available = pool.free > pool.reserved ? pool.free - pool.reserved : 0;
+  if (available >= need) return absl::OkStatus();
+  return HeapRefused(HeapRefusal::kPoolEmpty,
+                     absl::StrCat("heap '", name(), "' has no fallback and its hugetlb ",
+                                  FormatBytes(options_.hugepage_size), " pool has ", available,
+                                  " of ", pool.total, " pages free, need ", need));
 }
 
 void ContiguousHeap::FillStats(HeapStats& stats) const {

@@ -2,8 +2,11 @@
 
 #include <algorithm>
 #include <limits>
+#include <optional>
+#include <string>
 #include <utility>
 
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "base/errno_status.h"
 
@@ -52,6 +55,27 @@ HeapBuffer::~HeapBuffer() {
   }
 }
 
+namespace {
+constexpr absl::string_view kRefusalPayload = "type.bufferd.dev/heap-refusal";
+}  // namespace
+
+absl::Status HeapRefused(HeapRefusal why, absl::string_view message) {
+  absl::Status status = absl::ResourceExhaustedError(message);
+  status.SetPayload(kRefusalPayload, absl::Cord(std::string(1, static_cast<char>(why))));
+  return status;
+}
+
+HeapRefusal RefusalOf(const absl::Status& status) {
+  const auto payload = status.GetPayload(kRefusalPayload);
+  if (!payload.has_value() || payload->size() != 1) return HeapRefusal::kNone;
+  const char value = std::string(*payload)[0];
+  if (value < static_cast<char>(HeapRefusal::kNone) ||
+      value > static_cast<char>(HeapRefusal::kTooLarge)) {
+    return HeapRefusal::kNone;
+  }
+  return static_cast<HeapRefusal>(value);
+}
+
 AccountedHeap::AccountedHeap(std::string name, uint64_t page_size, uint64_t capacity)
     : name_(std::move(name)),
       page_size_(page_size),
@@ -59,33 +83,68 @@ AccountedHeap::AccountedHeap(std::string name, uint64_t page_size, uint64_t capa
       max_allocation_(std::max<uint64_t>(HostMemoryBytes() / 2, page_size)),
       accounting_(std::make_shared<Accounting>()) {}
 
-absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t size,
-                                                                    absl::string_view debug_name) {
+absl::StatusOr<uint64_t> AccountedHeap::Round(uint64_t size) const {
   if (size == 0) return absl::InvalidArgumentError("size must be greater than 0");
   if (size > std::numeric_limits<uint64_t>::max() - page_size_ ||
       size > static_cast<uint64_t>(std::numeric_limits<off_t>::max())) {
     return absl::InvalidArgumentError(absl::StrCat("size ", size, " is too large"));
   }
-  uint64_t rounded = (size + page_size_ - 1) / page_size_ * page_size_;
+  return (size + page_size_ - 1) / page_size_ * page_size_;
+}
+
+absl::Status AccountedHeap::CheckSize(uint64_t rounded) const {
   if (capacity_ == 0 && rounded > max_allocation_) {
-    absl::MutexLock lock(&accounting_->mu);
-    ++accounting_->failures;
-    return absl::ResourceExhaustedError(
+    return HeapRefused(
+        HeapRefusal::kTooLarge,
         absl::StrCat("heap '", name_, "' allocates at most ", FormatBytes(max_allocation_),
                      " in one buffer (half of this host's RAM), asked for ", FormatBytes(rounded)));
+  }
+  if (capacity_ != 0 && rounded > capacity_) {
+    return HeapRefused(HeapRefusal::kTooLarge,
+                       absl::StrCat("heap '", name_, "' holds ", FormatBytes(capacity_),
+                                    " in all, asked for ", FormatBytes(rounded)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status AccountedHeap::CheckAllocate(uint64_t size, uint64_t count) const {
+  ASSIGN_OR_RETURN(const uint64_t rounded, Round(size));
+  RETURN_IF_ERROR(CheckSize(rounded));
+  if (capacity_ != 0) {
+    absl::MutexLock lock(&accounting_->mu);
+    const uint64_t free = capacity_ - accounting_->used;
+    if (count > free / rounded) {
+      return HeapRefused(HeapRefusal::kFull,
+                         absl::StrCat("heap '", name_, "' has ", FormatBytes(free), " free of ",
+                                      FormatBytes(capacity_), ", asked for ",
+                                      count == 1 ? "" : absl::StrCat(count, " x "),
+                                      FormatBytes(rounded)));
+    }
+  }
+  return CheckBacking(rounded, count);
+}
+
+absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t size,
+                                                                    absl::string_view debug_name) {
+  ASSIGN_OR_RETURN(uint64_t rounded, Round(size));
+  if (absl::Status too_large = CheckSize(rounded); !too_large.ok()) {
+    absl::MutexLock lock(&accounting_->mu);
+    ++accounting_->failures;
+    return too_large;
   }
   {
     absl::MutexLock lock(&accounting_->mu);
     if (capacity_ != 0 && rounded > capacity_ - accounting_->used) {
       ++accounting_->failures;
-      return absl::ResourceExhaustedError(
-          absl::StrCat("heap '", name_, "' has ", FormatBytes(capacity_ - accounting_->used),
-                       " free of ", FormatBytes(capacity_), ", asked for ", FormatBytes(rounded)));
+      return HeapRefused(HeapRefusal::kFull,
+                         absl::StrCat("heap '", name_, "' has ",
+                                      FormatBytes(capacity_ - accounting_->used), " free of ",
+                                      FormatBytes(capacity_), ", asked for ", FormatBytes(rounded)));
     }
     if (rounded > std::numeric_limits<uint64_t>::max() - accounting_->used) {
       ++accounting_->failures;
-      return absl::ResourceExhaustedError(
-          absl::StrCat("heap '", name_, "' cannot count ", FormatBytes(rounded), " more bytes"));
+      return HeapRefused(HeapRefusal::kFull, absl::StrCat("heap '", name_, "' cannot count ",
+                                                          FormatBytes(rounded), " more bytes"));
     }
     accounting_->used += rounded;
   }

@@ -65,6 +65,22 @@ struct HeapStats {
   std::string note;
 };
 
+// Why a heap refused an allocation it could not serve. Carried as a payload
+// of the RESOURCE_EXHAUSTED status, so that a caller trying heaps in turn
+// can say why each was skipped.
+enum class HeapRefusal {
+  kNone,
+  // No room left in the heap's capacity (or its reservation).
+  kFull,
+  // The kernel's hugepage pool, and the heap's fallbacks, could not serve.
+  kPoolEmpty,
+  // Larger than the heap's largest single allocation.
+  kTooLarge,
+};
+absl::Status HeapRefused(HeapRefusal why, absl::string_view message);
+// kNone for any status HeapRefused did not make.
+HeapRefusal RefusalOf(const absl::Status& status);
+
 // Buffers up to this size with no page work at free (no refill) are cheap to
 // free on any thread: closing the fd frees at most 256 base pages.
 inline constexpr uint64_t kCheapFreeBytes = uint64_t{1} << 20;
@@ -136,6 +152,11 @@ class Heap {
   // kernel's pool can't serve it (the message names the heap and its state).
   virtual absl::StatusOr<std::unique_ptr<HeapBuffer>> Allocate(uint64_t size,
                                                                absl::string_view debug_name) = 0;
+  // Whether `count` buffers of `size` would fit now, without allocating:
+  // the same refusals as Allocate (capacity, largest allocation, the pool
+  // when there is no fallback). A dry run: another allocation may take the
+  // room before a real one comes.
+  virtual absl::Status CheckAllocate(uint64_t size, uint64_t count) const = 0;
 
   virtual HeapStats Stats() const = 0;
 };
@@ -150,6 +171,7 @@ class AccountedHeap : public Heap {
   uint64_t page_size() const override { return page_size_; }
   absl::StatusOr<std::unique_ptr<HeapBuffer>> Allocate(uint64_t size,
                                                        absl::string_view debug_name) final;
+  absl::Status CheckAllocate(uint64_t size, uint64_t count) const final;
   HeapStats Stats() const override;
 
  protected:
@@ -175,6 +197,11 @@ class AccountedHeap : public Heap {
                                                  const std::string& memfd_name) = 0;
   // Adds heap-specific fields to `stats`.
   virtual void FillStats(HeapStats& stats) const {}
+  // CheckAllocate's heap-specific part, for `count` buffers of `rounded`
+  // bytes that fit the capacity.
+  virtual absl::Status CheckBacking(uint64_t rounded, uint64_t count) const {
+    return absl::OkStatus();
+  }
 
  private:
   struct Accounting {
@@ -194,6 +221,11 @@ class AccountedHeap : public Heap {
   // ION and DMA-BUF heaps cap one allocation), whatever the quotas. A bounded
   // heap's capacity check covers it.
   const uint64_t max_allocation_;
+  // `size` rounded to the page, or INVALID_ARGUMENT.
+  absl::StatusOr<uint64_t> Round(uint64_t size) const;
+  // The largest-allocation refusal for `rounded`, if any.
+  absl::Status CheckSize(uint64_t rounded) const;
+
   // Shared with every HeapBuffer's on_free.
   std::shared_ptr<Accounting> accounting_;
 };

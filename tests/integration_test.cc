@@ -133,7 +133,7 @@ TEST_F(IntegrationTest, BadAllocateInputs) {
        "quota max_allocation_bytes"},
       {{.heap = "carveout", .size = 65 * kMiB},
        absl::StatusCode::kResourceExhausted,
-       "heap 'carveout' has 64 MiB free of 64 MiB, asked for 65 MiB"},
+       "heap 'carveout' holds 64 MiB in all, asked for 65 MiB"},
       {{.heap = "system", .size = 1ull << 63}, absl::StatusCode::kInvalidArgument, "too large"},
       {{.heap = "system", .size = 10, .name = std::string(300, 'n')},
        absl::StatusCode::kInvalidArgument,

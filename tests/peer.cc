@@ -12,6 +12,9 @@
 //   peer records <dir> <threads>   below the library: one session whose
 //       threads send one-way releases of bogus handles as fast as the daemon
 //       takes them; prints "ready" once they run, until killed
+//   peer frame-read <dir> <token>   import a frame: its layout, the first
+//       byte of each plane's first rows, its metadata, and whether this
+//       read-only holder may change it
 //   peer fence-own <dir>   create a fence and export it: "ready fd=<n>", then
 //       wait to be killed (other processes open /proc/<pid>/fd/<n>)
 //   peer fence-wait <dir> <fd path>   import the fence fd at <fd path> and
@@ -59,6 +62,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
 #include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "bufferd/v1/fd_channel.pb.h"
@@ -406,6 +410,40 @@ int main(int argc, char** argv) {
       std::memset(map->data(), byte, map->size());
       std::printf("written\n");
     }
+    return 0;
+  }
+  if (mode == "frame-read" && argc == 4) {
+    absl::StatusOr<bufferd::Buffer> buffer = client->Import(argv[3]);
+    if (!buffer.ok()) return Fail("import", buffer.status());
+    const std::optional<bufferd::FrameFormat> frame = buffer->frame();
+    if (!frame.has_value()) return Fail("frame", absl::NotFoundError("not a frame"));
+    std::printf("frame %ux%u fourcc=%u planes=%zu size=%lu\n", frame->width, frame->height,
+                frame->fourcc, frame->planes.size(), static_cast<unsigned long>(frame->size));
+    absl::StatusOr<bufferd::Mapping> map = buffer->MapReadOnly();
+    if (!map.ok()) return Fail("map", map.status());
+    for (size_t p = 0; p < frame->planes.size(); ++p) {
+      const bufferd::PlaneLayout& plane = frame->planes[p];
+      // The first byte of every row of the plane, as the writer set it.
+      std::string rows;
+      for (uint64_t row = 0; row * plane.stride < plane.size && row < 4; ++row) {
+        absl::StrAppend(&rows, rows.empty() ? "" : ",",
+                        map->bytes()[plane.offset + row * plane.stride]);
+      }
+      std::printf("plane=%zu offset=%lu stride=%u size=%lu rows=%s\n", p,
+                  static_cast<unsigned long>(plane.offset), plane.stride,
+                  static_cast<unsigned long>(plane.size), rows.c_str());
+    }
+    const bufferd::FrameMetadata metadata = buffer->metadata();
+    std::printf("tag=%s generation=%lu crop=%s\n", metadata.tag.c_str(),
+                static_cast<unsigned long>(metadata.generation),
+                metadata.crop.has_value()
+                    ? absl::StrCat(metadata.crop->width, "x", metadata.crop->height).c_str()
+                    : "none");
+    // A read-only holder reads the metadata but cannot change it.
+    bufferd::FrameMetadata changed = metadata;
+    changed.tag = "from the reader";
+    const absl::Status refused = buffer->SetMetadata(changed);
+    std::printf("set_metadata=%s\n", absl::StatusCodeToString(refused.code()).c_str());
     return 0;
   }
   if (mode == "fence-own") {

@@ -245,7 +245,7 @@ TEST(ByteCountTest, HugeAllocationsAreRefusedNotWrapped) {
         << buffer.status();
   }
   auto too_big = client->Allocate({.heap = "small", .size = 8 << 20});
-  EXPECT_EQ(too_big.status().message(), "heap 'small' has 4 MiB free of 4 MiB, asked for 8 MiB");
+  EXPECT_EQ(too_big.status().message(), "heap 'small' holds 4 MiB in all, asked for 8 MiB");
   auto heaps = client->ListHeaps();
   ASSERT_TRUE(heaps.ok());
   for (const auto& heap : heaps->heaps()) {

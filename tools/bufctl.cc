@@ -2,6 +2,7 @@
 //
 //   bufctl heaps | clients | buffers [--heap H] | fences [--pending] [--owner S] | metrics
 //   bufctl watch
+//   bufctl can-allocate --usage camera_frame --frame 3840x2160:NV12 [--count 3]
 //   bufctl --json heaps     (protobuf JSON instead of a table)
 #include <unistd.h>
 
@@ -9,18 +10,23 @@
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "base/errno_status.h"
+#include "base/frame_format.h"
 #include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "client/client.h"
@@ -153,6 +159,13 @@ int Clients(const bufferd::Client& client, bool json) {
 std::string FenceAge(const google::protobuf::Timestamp& since);
 std::string Lower(std::string name, absl::string_view prefix);
 
+// "1920x1080 NV12" for a frame, "-" otherwise.
+std::string FrameText(const bufferd::v1::BufferInfo& b) {
+  if (!b.has_frame()) return "-";
+  return absl::StrCat(b.frame().width(), "x", b.frame().height(), " ",
+                      bufferd::FourccName(b.frame().fourcc()));
+}
+
 int Buffers(const bufferd::Client& client, bool json, const std::string& heap) {
   bufferd::v1::ListBuffersRequest request;
   request.set_heap(heap);
@@ -189,13 +202,13 @@ int Buffers(const bufferd::Client& client, bool json, const std::string& heap) {
                       ":", FenceAge(f.created_at()));
     }
     if (entry.fences_size() > 2) absl::StrAppend(&fences, " +", entry.fences_size() - 2);
-    rows.push_back({absl::StrCat(b.buffer_id()), b.heap(), Bytes(b.size()),
+    rows.push_back({absl::StrCat(b.buffer_id()), b.heap(), Bytes(b.size()), FrameText(b),
                     BackingName(b.backing()), b.name().empty() ? "-" : b.name(),
                     absl::StrCat(b.creator_session()), Age(b.created_at()), fences, holders,
                     notes.empty() ? "-" : absl::StrJoin(notes, ", ")});
   }
-  PrintTable({"ID", "HEAP", "SIZE", "BACKING", "NAME", "CREATOR", "AGE", "FENCES", "HOLDERS",
-              "NOTES"},
+  PrintTable({"ID", "HEAP", "SIZE", "FORMAT", "BACKING", "NAME", "CREATOR", "AGE", "FENCES",
+              "HOLDERS", "NOTES"},
              rows);
   return 0;
 }
@@ -351,6 +364,97 @@ int Why(const bufferd::Client& client, bool json, uint64_t buffer_id) {
   return 0;
 }
 
+// "12M" -> 12 MiB; digits with an optional K, M or G (binary).
+absl::StatusOr<uint64_t> ParseSize(absl::string_view text) {
+  uint64_t unit = 1;
+  if (!text.empty()) {
+    switch (absl::ascii_toupper(static_cast<unsigned char>(text.back()))) {
+      case 'K': unit = uint64_t{1} << 10; break;
+      case 'M': unit = uint64_t{1} << 20; break;
+      case 'G': unit = uint64_t{1} << 30; break;
+      default: break;
+    }
+    if (unit != 1) text.remove_suffix(1);
+  }
+  uint64_t value = 0;
+  if (!absl::SimpleAtoi(text, &value) || value > UINT64_MAX / unit) {
+    return absl::InvalidArgumentError(
+        "--size must be a number of bytes, optionally with K, M or G (binary)");
+  }
+  return value * unit;
+}
+
+// "3840x2160:NV12[:ALIGNMENT]".
+absl::StatusOr<bufferd::FrameRequest> ParseFrame(absl::string_view text) {
+  const std::vector<std::string> parts = absl::StrSplit(text, absl::ByAnyChar("x:"));
+  bufferd::FrameRequest frame;
+  std::optional<uint32_t> fourcc = parts.size() >= 3 ? bufferd::FourccByName(parts[2]) : std::nullopt;
+  if (parts.size() < 3 || parts.size() > 4 || !absl::SimpleAtoi(parts[0], &frame.width) ||
+      !absl::SimpleAtoi(parts[1], &frame.height) || !fourcc.has_value() ||
+      (parts.size() == 4 && !absl::SimpleAtoi(parts[3], &frame.stride_alignment))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--frame must be WIDTHxHEIGHT:FOURCC[:STRIDE_ALIGNMENT], e.g. 1920x1080:NV12; FOURCC is "
+        "one of ",
+        bufferd::SupportedFourccs()));
+  }
+  frame.fourcc = *fourcc;
+  return frame;
+}
+
+// Exit status: 0 if the allocation would succeed now, 4 if not, 1 for an
+// error (a bad request, no daemon).
+int CanAllocate(const bufferd::Client& client, bool json, const std::vector<std::string>& heaps,
+                const std::string& usage, const std::string& size, const std::string& frame,
+                uint32_t count) {
+  bufferd::AllocateOptions options;
+  if (heaps.size() == 1) {
+    options.heap = heaps[0];
+  } else {
+    options.heaps = heaps;
+  }
+  options.usage = usage;
+  if (!frame.empty()) {
+    absl::StatusOr<bufferd::FrameRequest> parsed = ParseFrame(frame);
+    if (!parsed.ok()) return Fail(parsed.status());
+    options.frame = *parsed;
+  }
+  if (!size.empty()) {
+    absl::StatusOr<uint64_t> parsed = ParseSize(size);
+    if (!parsed.ok()) return Fail(parsed.status());
+    options.size = *parsed;
+  }
+  if (options.frame.has_value() == !size.empty()) {
+    return Fail(absl::InvalidArgumentError("give one of --frame and --size"));
+  }
+  auto answer = client.CanAllocate(options, count);
+  if (!answer.ok()) return Fail(answer.status());
+  const int status = answer->ok() ? 0 : 4;
+  if (json) return PrintJson(*answer) == 0 ? status : 1;
+  if (answer->ok()) {
+    std::cout << "yes: heap '" << answer->heap() << "', "
+              << (count > 1 ? absl::StrCat(count, " x ") : "") << Bytes(answer->size()) << "\n";
+  } else {
+    std::cout << "no: " << answer->message() << "\n";
+  }
+  if (answer->has_frame()) {
+    const auto& f = answer->frame();
+    std::cout << "frame " << f.width() << "x" << f.height() << " "
+              << bufferd::FourccName(f.fourcc()) << " LINEAR, " << f.size() << " bytes\n";
+    for (int p = 0; p < f.planes_size(); ++p) {
+      std::cout << "  plane " << p << ": offset " << f.planes(p).offset() << ", stride "
+                << f.planes(p).stride() << ", " << f.planes(p).size() << " bytes\n";
+    }
+  }
+  if (answer->ok()) {
+    for (const auto& skip : answer->skipped()) {
+      std::cout << "skipped " << skip.heap() << " ("
+                << Lower(bufferd::v1::SkipReason_Name(skip.reason()), "skip_reason_")
+                << "): " << skip.message() << "\n";
+    }
+  }
+  return status;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -381,6 +485,19 @@ int main(int argc, char** argv) {
       "why", "what a read and a write of BUFFER would wait for now, and who must signal");
   uint64_t why_buffer = 0;
   why->add_option("BUFFER", why_buffer, "buffer id (bufctl buffers)")->required();
+  auto* can = app.add_subcommand(
+      "can-allocate",
+      "would an allocation succeed now, on which heap, with which plane layout; or every reason "
+      "why not (exit 0: yes, 4: no, 1: error)");
+  std::vector<std::string> can_heaps;
+  std::string can_usage, can_size, can_frame;
+  uint32_t can_count = 1;
+  can->add_option("--heap", can_heaps, "heap to try (repeat for a list, tried in order)");
+  can->add_option("--usage", can_usage, "a usage from the daemon's config (camera_frame, ...)");
+  can->add_option("--size", can_size, "bytes (K, M, G: binary units)");
+  can->add_option("--frame", can_frame,
+                  "WIDTHxHEIGHT:FOURCC[:STRIDE_ALIGNMENT], e.g. 3840x2160:NV12");
+  can->add_option("--count", can_count, "that many buffers (AllocateSet)")->capture_default_str();
   auto* metrics = app.add_subcommand("metrics", "Prometheus text metrics");
   auto* watch = app.add_subcommand("watch", "live view of heaps and clients (Ctrl-C stops)");
   watch->add_option("--interval", interval, "seconds between refreshes")->capture_default_str();
@@ -393,6 +510,9 @@ int main(int argc, char** argv) {
   if (*buffers) return Buffers(*client, json, heap);
   if (*fences) return Fences(*client, json, pending_only, owner, limit);
   if (*why) return Why(*client, json, why_buffer);
+  if (*can) {
+    return CanAllocate(*client, json, can_heaps, can_usage, can_size, can_frame, can_count);
+  }
   if (*metrics) {
     auto text = client->Metrics();
     if (!text.ok()) return Fail(text.status());
