@@ -1,0 +1,171 @@
+// set_bench: what graphics-style allocation costs (issue "Graphics-style
+// allocation").
+//
+//   1. AllocateSet(3) of 8 MiB system-heap buffers, until every fd is in
+//      hand (pages untouched), against three Allocate calls of the same.
+//      Target: <= 0.5x the three calls.
+//   2. A frame's description and metadata on a 4 KiB Allocate: a 32x32
+//      XRGB8888 frame (4096 bytes) with crop, colour and a 64-byte tag,
+//      against a plain 4,096-byte Allocate. Target: <= 1.02x.
+//
+// Both are measured in the same run, interleaved in short blocks so drift
+// hits them alike, for two placements: "same" (client and daemon on CPU 0)
+// and "apart" (client on CPU 0, daemon on CPU 1). Each line ends "met" or
+// "not met".
+//
+//   bazel build -c opt //bench:set_bench //daemon:bufferd
+//   bazel-out/k8-opt/bin/bench/set_bench --bufferd bazel-out/k8-opt/bin/daemon/bufferd
+#include <libdrm/drm_fourcc.h>
+
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "absl/synchronization/mutex.h"
+#include "bench/bench_util.h"
+#include "client/client.h"
+#include "testing/daemon_process.h"
+
+namespace bufferd::bench {
+namespace {
+
+constexpr uint64_t kFrameBytes = 8 << 20;
+
+struct Placement {
+  const char* name;
+  int daemon_cpu;
+};
+
+void Die(const absl::Status& status) {
+  std::fprintf(stderr, "set_bench: %s\n", status.ToString().c_str());
+  std::exit(1);
+}
+
+// µs until all three fds are in hand; the buffers are dropped after the
+// clock stops.
+double SetOnce(const Client& client) {
+  const double start = NowMicros();
+  absl::StatusOr<std::vector<Buffer>> set =
+      client.AllocateSet(3, {.heap = "system", .size = kFrameBytes, .name = "swapchain"});
+  const double end = NowMicros();
+  if (!set.ok()) Die(set.status());
+  return end - start;
+}
+
+double ThreeOnce(const Client& client) {
+  std::vector<Buffer> buffers;
+  const double start = NowMicros();
+  for (int i = 0; i < 3; ++i) {
+    absl::StatusOr<Buffer> buffer =
+        client.Allocate({.heap = "system", .size = kFrameBytes, .name = "swapchain"});
+    if (!buffer.ok()) Die(buffer.status());
+    buffers.push_back(*std::move(buffer));
+  }
+  return NowMicros() - start;
+}
+
+double AllocateOnce(const Client& client, const AllocateOptions& options) {
+  const double start = NowMicros();
+  absl::StatusOr<Buffer> buffer = client.Allocate(options);
+  const double end = NowMicros();
+  if (!buffer.ok()) Die(buffer.status());
+  return end - start;
+}
+
+}  // namespace
+}  // namespace bufferd::bench
+
+int main(int argc, char** argv) {
+  // As alloc_bench: a release build runs without abseil's deadlock detection.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+  using namespace bufferd;
+  using namespace bufferd::bench;
+  CLI::App app{"set_bench: AllocateSet and frame metadata against plain Allocate"};
+  double scale = 1.0;
+  std::string daemon_binary = testing::BinaryPath("daemon/bufferd");
+  app.add_option("--iterations-scale", scale, "multiply every iteration count");
+  app.add_option("--bufferd", daemon_binary, "bufferd binary")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  PinTo(0);
+  const Placement placements[] = {{"same", 0}, {"apart", 1}};
+  const AllocateOptions plain{.heap = "system", .size = 4096, .name = "plain"};
+  const AllocateOptions framed{
+      .heap = "system",
+      .frame = FrameRequest{32, 32, DRM_FORMAT_XRGB8888},
+      .metadata = FrameMetadata{.crop = Rect{0, 0, 32, 32},
+                                .color_space = v1::COLOR_SPACE_SRGB,
+                                .color_range = v1::COLOR_RANGE_FULL,
+                                .tag = std::string(64, 't')},
+      .name = "plain"};
+  std::printf("bufferd set_bench (p50 / p99 in us; client pinned to CPU 0)\n");
+  bool all_met = true;
+  for (const Placement& placement : placements) {
+    auto daemon = testing::DaemonProcess::Start(
+        {.log_level = "warn", .cpu = placement.daemon_cpu, .binary = daemon_binary});
+    if (!daemon.ok()) Die(daemon.status());
+    absl::StatusOr<Client> client = Client::Connect((*daemon)->socket_dir());
+    if (!client.ok()) Die(client.status());
+    std::printf("\n== placement %s: daemon on CPU %d\n", placement.name, placement.daemon_cpu);
+
+    // 1. Sets against three calls.
+    std::vector<double> set_s, three_s;
+    for (int i = 0; i < 20; ++i) {  // warm up
+      SetOnce(*client);
+      ThreeOnce(*client);
+    }
+    const int sets = std::max(50, static_cast<int>(1000 * scale));
+    for (int done = 0; done < sets; done += 10) {
+      // The drops of the last block are applied before the next starts.
+      std::this_thread::sleep_for(std::chrono::milliseconds(3));
+      for (int i = 0; i < 10; ++i) {
+        set_s.push_back(SetOnce(*client));
+        three_s.push_back(ThreeOnce(*client));
+      }
+    }
+    const Summary set = Summarize(set_s, 0), three = Summarize(three_s, 0);
+    const double set_ratio = set.p50 / three.p50;
+    const bool set_met = set_ratio <= 0.5;
+    all_met &= set_met;
+    std::printf("3 x Allocate(8 MiB), fds in hand:    p50 %8.1f  p99 %8.1f\n", three.p50,
+                three.p99);
+    std::printf("AllocateSet(3 x 8 MiB), fds in hand: p50 %8.1f  p99 %8.1f  ratio %.2f"
+                "  target <= 0.50: %s\n",
+                set.p50, set.p99, set_ratio, set_met ? "met" : "not met");
+
+    // 2. A frame with metadata against plain bytes.
+    std::vector<double> plain_s, framed_s;
+    for (int i = 0; i < 200; ++i) {  // warm up
+      AllocateOnce(*client, plain);
+      AllocateOnce(*client, framed);
+    }
+    const int allocations = std::max(500, static_cast<int>(20000 * scale));
+    for (int done = 0; done < allocations; done += 50) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      for (int i = 0; i < 50; ++i) {
+        // Alternate which goes first, so neither always follows the other.
+        if (i % 2 == 0) {
+          plain_s.push_back(AllocateOnce(*client, plain));
+          framed_s.push_back(AllocateOnce(*client, framed));
+        } else {
+          framed_s.push_back(AllocateOnce(*client, framed));
+          plain_s.push_back(AllocateOnce(*client, plain));
+        }
+      }
+    }
+    const Summary p = Summarize(plain_s, 0), f = Summarize(framed_s, 0);
+    const double meta_ratio = f.p50 / p.p50;
+    const bool meta_met = meta_ratio <= 1.02;
+    all_met &= meta_met;
+    std::printf("Allocate(4 KiB), plain:              p50 %8.1f  p99 %8.1f\n", p.p50, p.p99);
+    std::printf("Allocate(32x32 XRGB8888 + metadata): p50 %8.1f  p99 %8.1f  ratio %.3f"
+                "  target <= 1.02: %s\n",
+                f.p50, f.p99, meta_ratio, meta_met ? "met" : "not met");
+    client = absl::UnavailableError("done");
+    daemon->reset();
+  }
+  std::printf("\n%s\n", all_met ? "all targets met" : "some targets not met");
+  return 0;
+}
