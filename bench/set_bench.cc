@@ -88,6 +88,9 @@ int main(int argc, char** argv) {
   std::string daemon_binary = testing::BinaryPath("daemon/bufferd");
   app.add_option("--iterations-scale", scale, "multiply every iteration count");
   app.add_option("--bufferd", daemon_binary, "bufferd binary")->capture_default_str();
+  std::string profile;
+  app.add_option("--profile", profile,
+                 "plain or framed: only that Allocate, for 5 s, daemon on CPU 1 (for perf)");
   CLI11_PARSE(app, argc, argv);
   PinTo(0);
   const Placement placements[] = {{"same", 0}, {"apart", 1}};
@@ -100,6 +103,21 @@ int main(int argc, char** argv) {
                                 .color_range = v1::COLOR_RANGE_FULL,
                                 .tag = std::string(64, 't')},
       .name = "plain"};
+  if (!profile.empty()) {
+    auto daemon = testing::DaemonProcess::Start(
+        {.log_level = "warn", .cpu = 1, .binary = daemon_binary});
+    if (!daemon.ok()) Die(daemon.status());
+    absl::StatusOr<Client> client = Client::Connect((*daemon)->socket_dir());
+    if (!client.ok()) Die(client.status());
+    std::printf("daemon pid %d\n", (*daemon)->pid());
+    std::fflush(stdout);
+    std::vector<double> samples;
+    const double end = NowMicros() + 5e6;
+    const AllocateOptions& options = profile == "framed" ? framed : plain;
+    while (NowMicros() < end) samples.push_back(AllocateOnce(*client, options));
+    std::printf("%s: p50 %.1f\n", profile.c_str(), Summarize(samples, 0).p50);
+    return 0;
+  }
   std::printf("bufferd set_bench (p50 / p99 in us; client pinned to CPU 0)\n");
   bool all_met = true;
   for (const Placement& placement : placements) {
@@ -135,34 +153,49 @@ int main(int argc, char** argv) {
                 "  target <= 0.50: %s\n",
                 set.p50, set.p99, set_ratio, set_met ? "met" : "not met");
 
-    // 2. A frame with metadata against plain bytes.
-    std::vector<double> plain_s, framed_s;
+    // 2. A frame with metadata against plain bytes, and what each part
+    // costs: the frame alone, the metadata alone, and (a control) a plain
+    // buffer whose 150-byte name adds as many bytes to the request and the
+    // response as the frame and the metadata do.
+    AllocateOptions frame_only = framed;
+    frame_only.metadata.reset();
+    AllocateOptions metadata_only = plain;
+    metadata_only.metadata = FrameMetadata{.tag = std::string(64, 't')};
+    AllocateOptions long_name = plain;
+    long_name.name = std::string(150, 'n');
+    const AllocateOptions* variants[] = {&plain, &framed, &frame_only, &metadata_only, &long_name};
+    constexpr int kVariants = 5;
+    std::vector<double> samples[kVariants];
     for (int i = 0; i < 200; ++i) {  // warm up
-      AllocateOnce(*client, plain);
-      AllocateOnce(*client, framed);
+      for (const AllocateOptions* variant : variants) AllocateOnce(*client, *variant);
     }
-    const int allocations = std::max(500, static_cast<int>(20000 * scale));
-    for (int done = 0; done < allocations; done += 50) {
+    const int allocations = std::max(500, static_cast<int>(10000 * scale));
+    for (int done = 0; done < allocations; done += 20) {
       std::this_thread::sleep_for(std::chrono::milliseconds(1));
-      for (int i = 0; i < 50; ++i) {
-        // Alternate which goes first, so neither always follows the other.
-        if (i % 2 == 0) {
-          plain_s.push_back(AllocateOnce(*client, plain));
-          framed_s.push_back(AllocateOnce(*client, framed));
-        } else {
-          framed_s.push_back(AllocateOnce(*client, framed));
-          plain_s.push_back(AllocateOnce(*client, plain));
+      for (int i = 0; i < 20; ++i) {
+        // Rotate which goes first, so none always follows another.
+        for (int v = 0; v < kVariants; ++v) {
+          const int which = (v + i) % kVariants;
+          samples[which].push_back(AllocateOnce(*client, *variants[which]));
         }
       }
     }
-    const Summary p = Summarize(plain_s, 0), f = Summarize(framed_s, 0);
-    const double meta_ratio = f.p50 / p.p50;
+    Summary summaries[kVariants];
+    for (int v = 0; v < kVariants; ++v) summaries[v] = Summarize(samples[v], 0);
+    const Summary& p = summaries[0];
+    const double meta_ratio = summaries[1].p50 / p.p50;
     const bool meta_met = meta_ratio <= 1.02;
     all_met &= meta_met;
     std::printf("Allocate(4 KiB), plain:              p50 %8.1f  p99 %8.1f\n", p.p50, p.p99);
     std::printf("Allocate(32x32 XRGB8888 + metadata): p50 %8.1f  p99 %8.1f  ratio %.3f"
                 "  target <= 1.02: %s\n",
-                f.p50, f.p99, meta_ratio, meta_met ? "met" : "not met");
+                summaries[1].p50, summaries[1].p99, meta_ratio, meta_met ? "met" : "not met");
+    const char* parts[] = {"", "", "(info) frame only", "(info) metadata only (64-byte tag)",
+                           "(info) plain, 150-byte name"};
+    for (int v = 2; v < kVariants; ++v) {
+      std::printf("%-37s p50 %8.1f  ratio %.3f\n", parts[v], summaries[v].p50,
+                  summaries[v].p50 / p.p50);
+    }
     client = absl::UnavailableError("done");
     daemon->reset();
   }

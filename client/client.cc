@@ -280,10 +280,11 @@ absl::StatusOr<Buffer> Client::Allocate(const AllocateOptions& options) const {
   return TakeAllocated(response);
 }
 
-absl::StatusOr<Buffer> Client::TakeAllocated(const v1::AllocateResponse& response) const {
+absl::StatusOr<Buffer> Client::TakeAllocated(v1::AllocateResponse& response) const {
   // From here the daemon holds a handle for us: the Buffer (or its
   // destructor on an error path) releases it.
-  Buffer buffer(connection_, response.handle(), response.buffer(), Access::kReadWrite, UniqueFd());
+  Buffer buffer(connection_, response.handle(), std::move(*response.mutable_buffer()),
+                Access::kReadWrite, UniqueFd());
   buffer.skipped_.assign(response.skipped().begin(), response.skipped().end());
   ASSIGN_OR_RETURN(buffer.fd_, connection_->TakeFd(response.transfer_id()));
   RETURN_IF_ERROR(CheckFd(buffer.fd(), Access::kReadWrite, buffer.size()));
@@ -301,7 +302,7 @@ absl::StatusOr<std::vector<Buffer>> Client::AllocateSet(uint32_t count,
       call, connection_->allocator().AllocateSet(call.context.get(), request, &response)));
   if (response.buffers_size() != static_cast<int>(count)) {
     // Release what did come (each Buffer's destructor does).
-    for (const v1::AllocateResponse& one : response.buffers()) (void)TakeAllocated(one);
+    for (v1::AllocateResponse& one : *response.mutable_buffers()) (void)TakeAllocated(one);
     return absl::InternalError(absl::StrCat("bufferd answered AllocateSet(", count, ") with ",
                                             response.buffers_size(), " buffers"));
   }
@@ -309,7 +310,7 @@ absl::StatusOr<std::vector<Buffer>> Client::AllocateSet(uint32_t count,
   buffers.reserve(count);
   absl::Status failed;
   for (v1::AllocateResponse& one : *response.mutable_buffers()) {
-    *one.mutable_skipped() = response.skipped();
+    if (response.skipped_size() != 0) *one.mutable_skipped() = response.skipped();
     absl::StatusOr<Buffer> buffer = TakeAllocated(one);
     // Every handle is taken (and so released) even after a failure.
     if (buffer.ok()) {

@@ -19,16 +19,16 @@ absl::Status AllocatorService::Deliver(uint64_t session, DaemonState::PendingGra
                              grant->buffer.buffer_id(), std::move(grant->fd));
 }
 
-absl::Status AllocatorService::DoAllocate(uint64_t session, const v1::AllocateRequest& request,
-                                          uint32_t count,
+absl::Status AllocatorService::DoAllocate(uint64_t session, const AllocationPlan& plan,
+                                          const v1::AllocateRequest& request,
                                           const std::function<v1::AllocateResponse*()>& add,
                                           std::vector<v1::HeapSkip>& skipped,
                                           grpc::CallbackServerContext* context) {
   absl::StatusOr<DaemonState::Allocation> allocation =
-      d_.state->AllocateSet(session, request, count);
+      d_.state->AllocatePlanned(session, plan, request);
   if (!allocation.ok()) {
-    spdlog::debug("session {}: Allocate of {} x {} bytes failed: {}: {}", session, count,
-                  request.size(), absl::StatusCodeToString(allocation.status().code()),
+    spdlog::debug("session {}: Allocate of {} x {} bytes failed: {}: {}", session, plan.count,
+                  plan.size, absl::StatusCodeToString(allocation.status().code()),
                   std::string(allocation.status().message()));
     return allocation.status();
   }
@@ -63,16 +63,22 @@ absl::Status AllocatorService::DoAllocate(uint64_t session, const v1::AllocateRe
 }
 
 grpc::ServerUnaryReactor* AllocatorService::RunAllocation(
-    grpc::CallbackServerContext* context, const v1::AllocateRequest& request,
-    std::function<absl::Status(uint64_t session, grpc::CallbackServerContext*)> allocate) {
+    grpc::CallbackServerContext* context, const v1::AllocateRequest& request, uint32_t count,
+    const google::protobuf::Message* check, AllocateFn allocate) {
   absl::StatusOr<uint64_t> session = AuthenticateCall(*d_.sessions, *d_.hub, context);
   if (!session.ok()) return FinishCall(context, session.status());
-  if (!d_.state->AllocationMayBlock(request)) {
-    return FinishCall(context, allocate(*session, nullptr));
+  if (check != nullptr) {
+    if (absl::Status known = CheckNoUnknownFields(*check, "request"); !known.ok()) {
+      return FinishCall(context, known);
+    }
   }
+  absl::StatusOr<AllocationPlan> plan = d_.state->Plan(request, count);
+  if (!plan.ok()) return FinishCall(context, plan.status());
+  if (!plan->may_block()) return FinishCall(context, allocate(*session, *plan, nullptr));
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  d_.work->Post([context, reactor, session = *session, allocate = std::move(allocate)] {
-    reactor->Finish(ToGrpcStatus(allocate(session, context)));
+  d_.work->Post([context, reactor, session = *session, plan = *std::move(plan),
+                 allocate = std::move(allocate)] {
+    reactor->Finish(ToGrpcStatus(allocate(session, plan, context)));
   });
   return reactor;
 }
@@ -80,12 +86,12 @@ grpc::ServerUnaryReactor* AllocatorService::RunAllocation(
 grpc::ServerUnaryReactor* AllocatorService::Allocate(grpc::CallbackServerContext* context,
                                                      const v1::AllocateRequest* request,
                                                      v1::AllocateResponse* response) {
-  return RunAllocation(context, *request,
-                       [this, request, response](uint64_t session,
+  return RunAllocation(context, *request, 1, nullptr,
+                       [this, request, response](uint64_t session, const AllocationPlan& plan,
                                                  grpc::CallbackServerContext* context) {
                          std::vector<v1::HeapSkip> skipped;
                          RETURN_IF_ERROR(DoAllocate(
-                             session, *request, 1, [response] { return response; }, skipped,
+                             session, plan, *request, [response] { return response; }, skipped,
                              context));
                          for (v1::HeapSkip& skip : skipped) {
                            *response->add_skipped() = std::move(skip);
@@ -98,14 +104,13 @@ grpc::ServerUnaryReactor* AllocatorService::AllocateSet(grpc::CallbackServerCont
                                                         const v1::AllocateSetRequest* request,
                                                         v1::AllocateSetResponse* response) {
   return RunAllocation(
-      context, request->request(),
-      [this, request, response](uint64_t session,
+      context, request->request(), request->count(), request,
+      [this, request, response](uint64_t session, const AllocationPlan& plan,
                                 grpc::CallbackServerContext* context) -> absl::Status {
-        RETURN_IF_ERROR(CheckNoUnknownFields(*request, "request"));
         std::vector<v1::HeapSkip> skipped;
         absl::Status done = DoAllocate(
-            session, request->request(), request->count(),
-            [response] { return response->add_buffers(); }, skipped, context);
+            session, plan, request->request(), [response] { return response->add_buffers(); },
+            skipped, context);
         if (!done.ok()) {
           response->Clear();
           return done;

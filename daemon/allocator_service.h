@@ -71,16 +71,19 @@ class AllocatorService final : public v1::Allocator::CallbackService {
   // buffer, FdDeliveries records for more) and commits; a call cancelled
   // before the commit is undone. Fills one AllocateResponse per buffer,
   // each from `add`.
-  absl::Status DoAllocate(uint64_t session, const v1::AllocateRequest& request, uint32_t count,
+  absl::Status DoAllocate(uint64_t session, const AllocationPlan& plan,
+                          const v1::AllocateRequest& request,
                           const std::function<v1::AllocateResponse*()>& add,
                           std::vector<v1::HeapSkip>& skipped, grpc::CallbackServerContext* context);
-  // Runs `allocate` inline, or on the work queue if one of the request's
-  // heaps may block; finishes the call.
+  // Authenticates, plans `count` buffers as `request` asks, then runs
+  // `allocate` inline, or on the work queue if one of the plan's heaps may
+  // block; finishes the call. `check` (if set) runs on the request first.
+  using AllocateFn = std::function<absl::Status(uint64_t session, const AllocationPlan& plan,
+                                                grpc::CallbackServerContext* context)>;
   grpc::ServerUnaryReactor* RunAllocation(grpc::CallbackServerContext* context,
-                                          const v1::AllocateRequest& request,
-                                          std::function<absl::Status(uint64_t session,
-                                                                     grpc::CallbackServerContext*)>
-                                              allocate);
+                                          const v1::AllocateRequest& request, uint32_t count,
+                                          const google::protobuf::Message* check,
+                                          AllocateFn allocate);
   // Delivers the pending grant's fd.
   absl::Status Deliver(uint64_t session, DaemonState::PendingGrant& grant);
 

@@ -217,11 +217,12 @@ absl::Status CheckNoUnknownFields(const google::protobuf::Message& message,
         absl::StrCat(name, " has field number ", unknown.field(0).number(),
                      ", which this daemon does not know (a newer client?); nothing was done"));
   }
-  std::vector<const google::protobuf::FieldDescriptor*> fields;
-  reflection->ListFields(message, &fields);
-  for (const google::protobuf::FieldDescriptor* field : fields) {
+  // The message fields set (no ListFields: this runs on every Allocate).
+  const google::protobuf::Descriptor* descriptor = message.GetDescriptor();
+  for (int i = 0; i < descriptor->field_count(); ++i) {
+    const google::protobuf::FieldDescriptor* field = descriptor->field(i);
     if (field->cpp_type() != google::protobuf::FieldDescriptor::CPPTYPE_MESSAGE ||
-        field->is_repeated()) {
+        field->is_repeated() || !reflection->HasField(message, field)) {
       continue;
     }
     RETURN_IF_ERROR(CheckNoUnknownFields(reflection->GetMessage(message, field),

@@ -42,6 +42,15 @@ struct AllocationPlan {
   uint32_t count = 1;
   // The layout of a frame request.
   std::optional<v1::FrameFormat> frame;
+
+  // Whether one of the heaps may block (prefaulting, waiting for a
+  // refill): such allocations run off the RPC threads.
+  bool may_block() const {
+    for (const Heap* heap : heaps) {
+      if (heap->allocation_may_block()) return true;
+    }
+    return false;
+  }
 };
 absl::StatusOr<AllocationPlan> CheckAllocateRequest(const HeapRegistry& heaps,
                                                     const AllocationRules& rules,

@@ -241,20 +241,19 @@ absl::StatusOr<DaemonState::PendingGrant> DaemonState::Allocate(
   return std::move(allocation.grants.front());
 }
 
-bool DaemonState::AllocationMayBlock(const v1::AllocateRequest& request) const {
-  // max_buffers_per_call: the count does not matter here.
-  absl::StatusOr<AllocationPlan> plan = CheckAllocateRequest(*heaps_, rules_, request, 1);
-  if (!plan.ok()) return false;  // fails fast, inline
-  for (const Heap* heap : plan->heaps) {
-    if (heap->allocation_may_block()) return true;
-  }
-  return false;
+absl::StatusOr<AllocationPlan> DaemonState::Plan(const v1::AllocateRequest& request,
+                                                 uint32_t count) const {
+  return CheckAllocateRequest(*heaps_, rules_, request, count);
 }
 
 absl::StatusOr<DaemonState::Allocation> DaemonState::AllocateSet(
     uint64_t session_id, const v1::AllocateRequest& request, uint32_t count) {
-  ASSIGN_OR_RETURN(const AllocationPlan plan,
-                   CheckAllocateRequest(*heaps_, rules_, request, count));
+  ASSIGN_OR_RETURN(const AllocationPlan plan, Plan(request, count));
+  return AllocatePlanned(session_id, plan, request);
+}
+
+absl::StatusOr<DaemonState::Allocation> DaemonState::AllocatePlanned(
+    uint64_t session_id, const AllocationPlan& plan, const v1::AllocateRequest& request) {
   Allocation allocation;
   std::vector<absl::Status> refusals;
   for (Heap* heap : plan.heaps) {

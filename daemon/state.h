@@ -153,6 +153,11 @@ class DaemonState {
   // when none can, RESOURCE_EXHAUSTED gives every reason.
   absl::StatusOr<Allocation> AllocateSet(uint64_t session_id, const v1::AllocateRequest& request,
                                          uint32_t count);
+  // The same in two steps: the request checked and planned (its heaps, its
+  // size, its frame's layout), then allocated.
+  absl::StatusOr<AllocationPlan> Plan(const v1::AllocateRequest& request, uint32_t count) const;
+  absl::StatusOr<Allocation> AllocatePlanned(uint64_t session_id, const AllocationPlan& plan,
+                                             const v1::AllocateRequest& request);
   absl::StatusOr<PendingGrant> Allocate(uint64_t session_id, const v1::AllocateRequest& request);
   // What AllocateSet would do now, allocating nothing. Errors for a bad
   // request are AllocateSet's.
@@ -192,9 +197,6 @@ class DaemonState {
   Totals totals() const;
 
   const HeapRegistry& heaps() const { return *heaps_; }
-  // Whether one of the heaps the request names may block (prefaulting,
-  // waiting for a refill): such allocations run off the RPC threads.
-  bool AllocationMayBlock(const v1::AllocateRequest& request) const;
   FdBudget& fd_budget() const { return *budget_; }
 
  private:
