@@ -86,10 +86,9 @@ absl::StatusOr<FrameFormat> LayOutFrame(uint32_t width, uint32_t height, uint32_
   }
   const uint32_t alignment = stride_alignment == 0 ? kDefaultStrideAlignment : stride_alignment;
   if ((alignment & (alignment - 1)) != 0 || alignment > kMaxStrideAlignment) {
-    return absl::InvalidArgumentError(absl::StrCat("frame.stride_alignment ", stride_alignment,
-                                                   " must be a power of two up to ",
-                                                   kMaxStrideAlignment, " (or 0 for ",
-                                                   kDefaultStrideAlignment, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("frame.stride_alignment ", stride_alignment, " must be a power of two up to ",
+                     kMaxStrideAlignment, " (or 0 for ", kDefaultStrideAlignment, ")"));
   }
   // Dimensions are at most 65536 and a sample block at most 4 bytes: no
   // product below overflows 64 bits.

@@ -75,13 +75,15 @@ TEST(LayOutFrame, BadRequestsNameTheField) {
       {16385, 10, DRM_FORMAT_NV12, 0, 0,
        "frame.width 16385 is above the maximum of 16384 (limits.max_frame_dimension)"},
       {10, 4000000000u, DRM_FORMAT_NV12, 0, 0, "frame.height 4000000000 is above the maximum"},
-      {10, 10, 0x20202020, 0, 0, "frame.fourcc '    ' (0x20202020) is not a format bufferd lays out"},
+      {10, 10, 0x20202020, 0, 0,
+       "frame.fourcc '    ' (0x20202020) is not a format bufferd lays out"},
       {10, 10, 7, 0, 0, "frame.fourcc 0x00000007 is not a format"},
       {10, 10, DRM_FORMAT_NV12, DRM_FORMAT_MOD_INVALID, 0,
        "frame.modifier 0xffffffffffffff is not DRM_FORMAT_MOD_LINEAR (0)"},
       {10, 10, DRM_FORMAT_NV12, 0, 48, "frame.stride_alignment 48 must be a power of two"},
-      {10, 10, DRM_FORMAT_NV12, 0, 8192, "frame.stride_alignment 8192 must be a power of two up "
-                                         "to 4096"},
+      {10, 10, DRM_FORMAT_NV12, 0, 8192,
+       "frame.stride_alignment 8192 must be a power of two up "
+       "to 4096"},
   };
   for (const Case& c : cases) {
     absl::StatusOr<FrameFormat> frame =

@@ -95,17 +95,16 @@ int main(int argc, char** argv) {
   PinTo(0);
   const Placement placements[] = {{"same", 0}, {"apart", 1}};
   const AllocateOptions plain{.heap = "system", .size = 4096, .name = "plain"};
-  const AllocateOptions framed{
-      .heap = "system",
-      .frame = FrameRequest{32, 32, DRM_FORMAT_XRGB8888},
-      .metadata = FrameMetadata{.crop = Rect{0, 0, 32, 32},
-                                .color_space = v1::COLOR_SPACE_SRGB,
-                                .color_range = v1::COLOR_RANGE_FULL,
-                                .tag = std::string(64, 't')},
-      .name = "plain"};
+  const AllocateOptions framed{.heap = "system",
+                               .frame = FrameRequest{32, 32, DRM_FORMAT_XRGB8888},
+                               .metadata = FrameMetadata{.crop = Rect{0, 0, 32, 32},
+                                                         .color_space = v1::COLOR_SPACE_SRGB,
+                                                         .color_range = v1::COLOR_RANGE_FULL,
+                                                         .tag = std::string(64, 't')},
+                               .name = "plain"};
   if (!profile.empty()) {
-    auto daemon = testing::DaemonProcess::Start(
-        {.log_level = "warn", .cpu = 1, .binary = daemon_binary});
+    auto daemon =
+        testing::DaemonProcess::Start({.log_level = "warn", .cpu = 1, .binary = daemon_binary});
     if (!daemon.ok()) Die(daemon.status());
     absl::StatusOr<Client> client = Client::Connect((*daemon)->socket_dir());
     if (!client.ok()) Die(client.status());
@@ -149,9 +148,10 @@ int main(int argc, char** argv) {
     all_met &= set_met;
     std::printf("3 x Allocate(8 MiB), fds in hand:    p50 %8.1f  p99 %8.1f\n", three.p50,
                 three.p99);
-    std::printf("AllocateSet(3 x 8 MiB), fds in hand: p50 %8.1f  p99 %8.1f  ratio %.2f"
-                "  target <= 0.50: %s\n",
-                set.p50, set.p99, set_ratio, set_met ? "met" : "not met");
+    std::printf(
+        "AllocateSet(3 x 8 MiB), fds in hand: p50 %8.1f  p99 %8.1f  ratio %.2f"
+        "  target <= 0.50: %s\n",
+        set.p50, set.p99, set_ratio, set_met ? "met" : "not met");
 
     // 2. A frame with metadata against plain bytes, and what each part
     // costs: the frame alone, the metadata alone, and (a control) a plain
@@ -187,9 +187,10 @@ int main(int argc, char** argv) {
     const bool meta_met = meta_ratio <= 1.02;
     all_met &= meta_met;
     std::printf("Allocate(4 KiB), plain:              p50 %8.1f  p99 %8.1f\n", p.p50, p.p99);
-    std::printf("Allocate(32x32 XRGB8888 + metadata): p50 %8.1f  p99 %8.1f  ratio %.3f"
-                "  target <= 1.02: %s\n",
-                summaries[1].p50, summaries[1].p99, meta_ratio, meta_met ? "met" : "not met");
+    std::printf(
+        "Allocate(32x32 XRGB8888 + metadata): p50 %8.1f  p99 %8.1f  ratio %.3f"
+        "  target <= 1.02: %s\n",
+        summaries[1].p50, summaries[1].p99, meta_ratio, meta_met ? "met" : "not met");
     const char* parts[] = {"", "", "(info) frame only", "(info) metadata only (64-byte tag)",
                            "(info) plain, 150-byte name"};
     for (int v = 2; v < kVariants; ++v) {

@@ -62,9 +62,11 @@ absl::Status AllocatorService::DoAllocate(uint64_t session, const AllocationPlan
   return absl::OkStatus();
 }
 
-grpc::ServerUnaryReactor* AllocatorService::RunAllocation(
-    grpc::CallbackServerContext* context, const v1::AllocateRequest& request, uint32_t count,
-    const google::protobuf::Message* check, AllocateFn allocate) {
+grpc::ServerUnaryReactor* AllocatorService::RunAllocation(grpc::CallbackServerContext* context,
+                                                          const v1::AllocateRequest& request,
+                                                          uint32_t count,
+                                                          const google::protobuf::Message* check,
+                                                          AllocateFn allocate) {
   absl::StatusOr<uint64_t> session = AuthenticateCall(*d_.sessions, *d_.hub, context);
   if (!session.ok()) return FinishCall(context, session.status());
   if (check != nullptr) {
@@ -86,18 +88,18 @@ grpc::ServerUnaryReactor* AllocatorService::RunAllocation(
 grpc::ServerUnaryReactor* AllocatorService::Allocate(grpc::CallbackServerContext* context,
                                                      const v1::AllocateRequest* request,
                                                      v1::AllocateResponse* response) {
-  return RunAllocation(context, *request, 1, nullptr,
-                       [this, request, response](uint64_t session, const AllocationPlan& plan,
-                                                 grpc::CallbackServerContext* context) {
-                         std::vector<v1::HeapSkip> skipped;
-                         RETURN_IF_ERROR(DoAllocate(
-                             session, plan, *request, [response] { return response; }, skipped,
-                             context));
-                         for (v1::HeapSkip& skip : skipped) {
-                           *response->add_skipped() = std::move(skip);
-                         }
-                         return absl::OkStatus();
-                       });
+  return RunAllocation(
+      context, *request, 1, nullptr,
+      [this, request, response](uint64_t session, const AllocationPlan& plan,
+                                grpc::CallbackServerContext* context) {
+        std::vector<v1::HeapSkip> skipped;
+        RETURN_IF_ERROR(DoAllocate(
+            session, plan, *request, [response] { return response; }, skipped, context));
+        for (v1::HeapSkip& skip : skipped) {
+          *response->add_skipped() = std::move(skip);
+        }
+        return absl::OkStatus();
+      });
 }
 
 grpc::ServerUnaryReactor* AllocatorService::AllocateSet(grpc::CallbackServerContext* context,

@@ -6,9 +6,9 @@
 #include <set>
 #include <sstream>
 
-#include "absl/strings/str_cat.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "base/errno_status.h"
@@ -147,9 +147,8 @@ absl::Status Validate(const v1::Config& config, const Locator& locate) {
   for (int u = 0; u < config.usages_size(); ++u) {
     const v1::UsageConfig& usage = config.usages(u);
     auto bad_usage = [&](absl::string_view field, absl::string_view problem, int element = -1) {
-      std::string where = locate ? locate(-1, absl::StrCat("usages#", u, ".", field),
-                                          std::max(element, 0))
-                                 : "";
+      std::string where =
+          locate ? locate(-1, absl::StrCat("usages#", u, ".", field), std::max(element, 0)) : "";
       return absl::InvalidArgumentError(absl::StrCat(where, "usages[", u, "] ('", usage.name(),
                                                      "'): field '", field, "' ", problem));
     };
@@ -160,9 +159,9 @@ absl::Status Validate(const v1::Config& config, const Locator& locate) {
     std::set<std::string> listed;
     for (int h = 0; h < usage.heaps_size(); ++h) {
       if (!names.count(usage.heaps(h))) {
-        return bad_usage("heaps", absl::StrCat("names heap '", usage.heaps(h),
-                                               "', which the config does not define"),
-                         h);
+        return bad_usage(
+            "heaps",
+            absl::StrCat("names heap '", usage.heaps(h), "', which the config does not define"), h);
       }
       if (!listed.insert(usage.heaps(h)).second) {
         return bad_usage("heaps", absl::StrCat("lists heap '", usage.heaps(h), "' twice"), h);

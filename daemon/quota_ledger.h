@@ -34,8 +34,7 @@ class QuotaLedger {
   // naming the quota (and the holder) if either would go over.
   absl::Status Charge(uint64_t session_id, uid_t uid, const std::string& heap, uint64_t bytes);
   // What Charge would answer, charging nothing.
-  absl::Status Check(uint64_t session_id, uid_t uid, const std::string& heap,
-                     uint64_t bytes) const;
+  absl::Status Check(uint64_t session_id, uid_t uid, const std::string& heap, uint64_t bytes) const;
   // Gives back what Charge took. A session already forgotten gives back to
   // its uid only.
   void Uncharge(uint64_t session_id, uid_t uid, const std::string& heap, uint64_t bytes);

@@ -1,5 +1,7 @@
 #include "daemon/requests.h"
 
+#include <algorithm>
+#include <limits>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -35,8 +37,7 @@ absl::StatusOr<std::vector<Heap*>> ResolveHeaps(const HeapRegistry& heaps,
                                                 const v1::AllocateRequest& request) {
   const int named = !request.heap().empty() + (request.heaps_size() > 0) + !request.usage().empty();
   if (named == 0) {
-    return absl::InvalidArgumentError(
-        "no heap given: set heap, heaps (a non-empty list) or usage");
+    return absl::InvalidArgumentError("no heap given: set heap, heaps (a non-empty list) or usage");
   }
   if (named > 1) {
     return absl::InvalidArgumentError(
@@ -57,8 +58,8 @@ absl::StatusOr<std::vector<Heap*>> ResolveHeaps(const HeapRegistry& heaps,
       std::vector<std::string> known;
       for (const auto& [name, unused] : rules.usages) known.push_back(name);
       return absl::NotFoundError(absl::StrCat(
-          "unknown usage ", QuoteClientText(request.usage()), " (usages: ",
-          known.empty() ? "none configured" : absl::StrJoin(known, ", "), ")"));
+          "unknown usage ", QuoteClientText(request.usage()),
+          " (usages: ", known.empty() ? "none configured" : absl::StrJoin(known, ", "), ")"));
     }
     names = it->second;
   } else if (request.heaps_size() > kMaxHeapsPerRequest) {
@@ -120,10 +121,9 @@ absl::StatusOr<AllocationPlan> CheckAllocateRequest(const HeapRegistry& heaps,
   RETURN_IF_ERROR(CheckNoUnknownFields(request, "request"));
   if (count == 0) return absl::InvalidArgumentError("count must be at least 1");
   if (count > rules.max_buffers_per_call) {
-    return absl::InvalidArgumentError(absl::StrCat("count ", count,
-                                                   " is above the per-call limit of ",
-                                                   rules.max_buffers_per_call,
-                                                   " (limits.max_buffers_per_call)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("count ", count, " is above the per-call limit of ",
+                     rules.max_buffers_per_call, " (limits.max_buffers_per_call)"));
   }
   AllocationPlan plan;
   plan.count = count;
@@ -135,10 +135,10 @@ absl::StatusOr<AllocationPlan> CheckAllocateRequest(const HeapRegistry& heaps,
           "size and frame are both set: a frame's size is computed from it; leave size 0");
     }
     const v1::FrameRequest& frame = request.frame();
-    ASSIGN_OR_RETURN(const FrameFormat layout,
-                     LayOutFrame(frame.width(), frame.height(), frame.fourcc(), frame.modifier(),
-                                 frame.stride_alignment(),
-                                 {.max_dimension = rules.max_frame_dimension}));
+    ASSIGN_OR_RETURN(
+        const FrameFormat layout,
+        LayOutFrame(frame.width(), frame.height(), frame.fourcc(), frame.modifier(),
+                    frame.stride_alignment(), {.max_dimension = rules.max_frame_dimension}));
     plan.frame = ToProto(layout);
     plan.size = layout.size;
   } else {
@@ -149,8 +149,8 @@ absl::StatusOr<AllocationPlan> CheckAllocateRequest(const HeapRegistry& heaps,
     plan.size = request.size();
   }
   if (request.has_metadata()) {
-    RETURN_IF_ERROR(CheckMetadata(request.metadata(), plan.frame ? &*plan.frame : nullptr,
-                                  "metadata"));
+    RETURN_IF_ERROR(
+        CheckMetadata(request.metadata(), plan.frame ? &*plan.frame : nullptr, "metadata"));
     if (request.metadata().generation() != 0) {
       return absl::InvalidArgumentError(
           "metadata.generation is the daemon's to set; leave it 0 at Allocate");
@@ -160,16 +160,21 @@ absl::StatusOr<AllocationPlan> CheckAllocateRequest(const HeapRegistry& heaps,
 }
 
 absl::StatusOr<uint64_t> RoundForHeap(const Heap& heap, const v1::QuotaConfig& quotas,
-                                      uint64_t size) {
+                                      uint64_t size, uint32_t count) {
   const uint64_t page = heap.page_size();
   const uint64_t rounded = (size + page - 1) / page * page;
+  if (rounded > std::numeric_limits<uint64_t>::max() / std::max<uint32_t>(count, 1)) {
+    return HeapRefused(HeapRefusal::kTooLarge,
+                       absl::StrCat(count, " buffers of ", FormatBytes(rounded), " on heap '",
+                                    heap.name(), "' cannot be counted"));
+  }
   const uint64_t max_allocation = quotas.max_allocation_bytes();
   if (max_allocation != 0 && rounded > max_allocation) {
-    return HeapRefused(HeapRefusal::kTooLarge,
-                       absl::StrCat("quota max_allocation_bytes: asked for ", FormatBytes(rounded),
-                                    " on heap '", heap.name(),
-                                    "', the largest allowed allocation is ",
-                                    FormatBytes(max_allocation)));
+    return HeapRefused(
+        HeapRefusal::kTooLarge,
+        absl::StrCat("quota max_allocation_bytes: asked for ", FormatBytes(rounded), " on heap '",
+                     heap.name(), "', the largest allowed allocation is ",
+                     FormatBytes(max_allocation)));
   }
   return rounded;
 }
@@ -183,8 +188,8 @@ absl::Status CheckMetadata(const v1::FrameMetadata& metadata, const v1::FrameFor
           absl::StrCat(field, ".crop is set on a buffer that is not a frame"));
     }
     if (crop.width() == 0 || crop.height() == 0) {
-      return absl::InvalidArgumentError(absl::StrCat(field, ".crop is empty (", crop.width(), "x",
-                                                     crop.height(), ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".crop is empty (", crop.width(), "x", crop.height(), ")"));
     }
     if (uint64_t{crop.x()} + crop.width() > frame->width() ||
         uint64_t{crop.y()} + crop.height() > frame->height()) {
@@ -202,8 +207,8 @@ absl::Status CheckMetadata(const v1::FrameMetadata& metadata, const v1::FrameFor
         absl::StrCat(field, ".color_range ", metadata.color_range(), " is not a known ColorRange"));
   }
   if (metadata.tag().size() > kMaxTagBytes) {
-    return absl::InvalidArgumentError(absl::StrCat(field, ".tag is ", metadata.tag().size(),
-                                                   " bytes; at most ", kMaxTagBytes));
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ".tag is ", metadata.tag().size(), " bytes; at most ", kMaxTagBytes));
   }
   return absl::OkStatus();
 }

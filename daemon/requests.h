@@ -58,9 +58,10 @@ absl::StatusOr<AllocationPlan> CheckAllocateRequest(const HeapRegistry& heaps,
                                                     uint32_t count = 1);
 
 // `size` rounded to the heap's page; RESOURCE_EXHAUSTED (a HeapRefused
-// kTooLarge) above the quotas' max_allocation_bytes.
+// kTooLarge) above the quotas' max_allocation_bytes, or if `count` such
+// buffers cannot be counted in 64 bits.
 absl::StatusOr<uint64_t> RoundForHeap(const Heap& heap, const v1::QuotaConfig& quotas,
-                                      uint64_t size);
+                                      uint64_t size, uint32_t count = 1);
 
 // Metadata a client sets (at Allocate or SetMetadata), for a buffer with
 // `frame` (null: not a frame). `field` prefixes errors ("metadata").
@@ -70,8 +71,7 @@ absl::Status CheckMetadata(const v1::FrameMetadata& metadata, const v1::FrameFor
 // INVALID_ARGUMENT naming the first field of `message` (or of a message in
 // it) that this daemon does not know: a newer client's field is refused,
 // never silently ignored.
-absl::Status CheckNoUnknownFields(const google::protobuf::Message& message,
-                                  absl::string_view name);
+absl::Status CheckNoUnknownFields(const google::protobuf::Message& message, absl::string_view name);
 
 // How long an Export's token lives: its ttl_ms, or `default_ttl`; at most
 // `max_ttl`.

@@ -61,7 +61,8 @@ v1::SkipReason SkipReasonOf(const absl::Status& refused) {
 std::string NoHeapMessage(const AllocationPlan& plan, const std::vector<v1::HeapSkip>& skipped) {
   std::vector<std::string> reasons;
   for (const v1::HeapSkip& skip : skipped) reasons.push_back(skip.message());
-  return absl::StrCat("no heap could serve ", plan.count == 1 ? "" : absl::StrCat(plan.count, " x "),
+  return absl::StrCat("no heap could serve ",
+                      plan.count == 1 ? "" : absl::StrCat(plan.count, " x "),
                       FormatBytes(plan.size), ": ", absl::StrJoin(reasons, "; "));
 }
 
@@ -246,8 +247,9 @@ absl::StatusOr<AllocationPlan> DaemonState::Plan(const v1::AllocateRequest& requ
   return CheckAllocateRequest(*heaps_, rules_, request, count);
 }
 
-absl::StatusOr<DaemonState::Allocation> DaemonState::AllocateSet(
-    uint64_t session_id, const v1::AllocateRequest& request, uint32_t count) {
+absl::StatusOr<DaemonState::Allocation> DaemonState::AllocateSet(uint64_t session_id,
+                                                                 const v1::AllocateRequest& request,
+                                                                 uint32_t count) {
   ASSIGN_OR_RETURN(const AllocationPlan plan, Plan(request, count));
   return AllocatePlanned(session_id, plan, request);
 }
@@ -259,7 +261,8 @@ absl::StatusOr<DaemonState::Allocation> DaemonState::AllocatePlanned(
   for (Heap* heap : plan.heaps) {
     std::optional<v1::SkipReason> skip;
     absl::StatusOr<std::vector<PendingGrant>> grants = [&] {
-      absl::StatusOr<uint64_t> rounded = RoundForHeap(*heap, options_.quotas, plan.size);
+      absl::StatusOr<uint64_t> rounded =
+          RoundForHeap(*heap, options_.quotas, plan.size, plan.count);
       if (!rounded.ok()) {
         skip = v1::SKIP_REASON_TOO_LARGE;
         return absl::StatusOr<std::vector<PendingGrant>>(rounded.status());
@@ -286,12 +289,6 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
     uint64_t session_id, Heap& heap, uint64_t rounded, const AllocationPlan& plan,
     const v1::AllocateRequest& request, std::optional<v1::SkipReason>* skip) {
   const uint32_t count = plan.count;
-  if (rounded > std::numeric_limits<uint64_t>::max() / count) {
-    *skip = v1::SKIP_REASON_TOO_LARGE;
-    return absl::ResourceExhaustedError(absl::StrCat(count, " buffers of ", FormatBytes(rounded),
-                                                     " on heap '", heap.name(),
-                                                     "' cannot be counted"));
-  }
   const uint64_t total = rounded * count;
   uid_t uid;
   // The buffers' own fds, held until the reaper really closes them.
@@ -408,27 +405,24 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
   if (!made.ok()) return made.status();
   std::vector<PendingGrant> pending;
   pending.reserve(made->size());
-  for (Grant& grant : *made) pending.push_back(PendingGrant(this, session_id, std::move(grant), ""));
+  for (Grant& grant : *made)
+    pending.push_back(PendingGrant(this, session_id, std::move(grant), ""));
   return pending;
 }
 
-absl::StatusOr<v1::CanAllocateResponse> DaemonState::CanAllocate(
-    uint64_t session_id, const v1::AllocateRequest& request, uint32_t count) const {
+absl::StatusOr<v1::CanAllocateResponse> DaemonState::CanAllocate(uint64_t session_id,
+                                                                 const v1::AllocateRequest& request,
+                                                                 uint32_t count) const {
   ASSIGN_OR_RETURN(const AllocationPlan plan,
                    CheckAllocateRequest(*heaps_, rules_, request, count));
   v1::CanAllocateResponse response;
   if (plan.frame.has_value()) *response.mutable_frame() = *plan.frame;
   for (Heap* heap : plan.heaps) {
     std::optional<v1::SkipReason> skip;
-    absl::StatusOr<uint64_t> rounded = RoundForHeap(*heap, options_.quotas, plan.size);
+    absl::StatusOr<uint64_t> rounded = RoundForHeap(*heap, options_.quotas, plan.size, plan.count);
     absl::Status status = rounded.status();
     if (!rounded.ok()) {
       skip = v1::SKIP_REASON_TOO_LARGE;
-    } else if (*rounded > std::numeric_limits<uint64_t>::max() / count) {
-      skip = v1::SKIP_REASON_TOO_LARGE;
-      status = absl::ResourceExhaustedError(absl::StrCat(
-          count, " buffers of ", FormatBytes(*rounded), " on heap '", heap->name(),
-          "' cannot be counted"));
     } else {
       // As AllocateSet: a heap too small at all, then the quota, then room.
       const absl::Status room = heap->CheckAllocate(plan.size, count);
@@ -462,10 +456,10 @@ absl::StatusOr<v1::CanAllocateResponse> DaemonState::CanAllocate(
     skipped->set_reason(*skip);
     skipped->set_message(std::string(status.message()));
   }
-  response.set_message(response.skipped_size() == 1
-                           ? response.skipped(0).message()
-                           : NoHeapMessage(plan, {response.skipped().begin(),
-                                                  response.skipped().end()}));
+  response.set_message(
+      response.skipped_size() == 1
+          ? response.skipped(0).message()
+          : NoHeapMessage(plan, {response.skipped().begin(), response.skipped().end()}));
   return response;
 }
 
@@ -480,8 +474,8 @@ absl::StatusOr<v1::BufferInfo> DaemonState::SetMetadata(uint64_t session_id, uin
     return absl::PermissionDeniedError(absl::StrCat(
         "handle ", handle_id, " is read-only; only a read-write holder may change metadata"));
   }
-  RETURN_IF_ERROR(CheckMetadata(
-      metadata, buffer.info.has_frame() ? &buffer.info.frame() : nullptr, "metadata"));
+  RETURN_IF_ERROR(CheckMetadata(metadata, buffer.info.has_frame() ? &buffer.info.frame() : nullptr,
+                                "metadata"));
   const uint64_t generation = buffer.info.metadata().generation();
   if (metadata.generation() != 0 && metadata.generation() != generation) {
     return absl::FailedPreconditionError(

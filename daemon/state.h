@@ -226,8 +226,7 @@ class DaemonState {
   // AllocateSet on one heap, `rounded` bytes a buffer: the grants, or why
   // not; `skip` is set when the heap could not serve (the next may).
   absl::StatusOr<std::vector<PendingGrant>> AllocateOn(uint64_t session_id, Heap& heap,
-                                                       uint64_t rounded,
-                                                       const AllocationPlan& plan,
+                                                       uint64_t rounded, const AllocationPlan& plan,
                                                        const v1::AllocateRequest& request,
                                                        std::optional<v1::SkipReason>* skip);
   // Adds a handle (the session must already be charged for the buffer) and

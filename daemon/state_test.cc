@@ -542,7 +542,8 @@ TEST_F(StateTest, AllocateSetUndoesEverythingWhenALaterGrantFails) {
   absl::StatusOr<DaemonState::Allocation> set =
       state.AllocateSet(a, Request("carveout", 2 * kMiB), 3);
   ASSERT_EQ(set.status().code(), absl::StatusCode::kResourceExhausted) << set.status();
-  EXPECT_THAT(std::string(set.status().message()), ::testing::HasSubstr("daemon fd budget reached"));
+  EXPECT_THAT(std::string(set.status().message()),
+              ::testing::HasSubstr("daemon fd budget reached"));
   EXPECT_EQ(budget.usage().total, 0u);
   EXPECT_EQ(HeapsView(state).live_buffers(), 0u);
   EXPECT_EQ(SessionBytes(state, a, "carveout"), 0u);

@@ -169,9 +169,10 @@ absl::StatusOr<AccountedHeap::Backed> CarveoutHeap::AllocateBacking(uint64_t siz
   // cover `size` once the refills of retired buffers are done.
   Extents extents = TakeExtents(size);
   if (extents.empty()) {
-    return HeapRefused(HeapRefusal::kFull, absl::StrCat(
-        "heap '", name(), "': ", FormatBytes(size), " of its reservation were not refilled within ",
-        absl::FormatDuration(kRefillWait), " of being freed"));
+    return HeapRefused(HeapRefusal::kFull,
+                       absl::StrCat("heap '", name(), "': ", FormatBytes(size),
+                                    " of its reservation were not refilled within ",
+                                    absl::FormatDuration(kRefillWait), " of being freed"));
   }
   const bool hugetlb = backing_ != Backing::kBasePages;
   absl::Status status;
@@ -195,10 +196,9 @@ absl::StatusOr<AccountedHeap::Backed> CarveoutHeap::AllocateBacking(uint64_t siz
   }
   if (!status.ok()) {
     ReturnExtents(extents);
-    return HeapRefused(
-        HeapRefusal::kPoolEmpty,
-        absl::StrCat("heap '", name(), "' could not move ", FormatBytes(size),
-                     " from its reservation into a buffer: ", status.message()));
+    return HeapRefused(HeapRefusal::kPoolEmpty,
+                       absl::StrCat("heap '", name(), "' could not move ", FormatBytes(size),
+                                    " from its reservation into a buffer: ", status.message()));
   }
   auto on_free = [this, hugetlb, extents = std::move(extents)](UniqueFd buffer_fd) {
     {

@@ -120,9 +120,9 @@ absl::StatusOr<AccountedHeap::Backed> ContiguousHeap::AllocateBacking(
       return Backed{std::move(fd), Backing::kBasePages, nullptr, base_size};
     }
   }
-  return HeapRefused(HeapRefusal::kPoolEmpty, absl::StrCat("heap '", name(), "' cannot allocate ",
-                                                   FormatBytes(size), ": ",
-                                                   absl::StrJoin(attempts, "; ")));
+  return HeapRefused(HeapRefusal::kPoolEmpty,
+                     absl::StrCat("heap '", name(), "' cannot allocate ", FormatBytes(size), ": ",
+                                  absl::StrJoin(attempts, "; ")));
 }
 
 absl::StatusOr<UniqueFd> ContiguousHeap::AllocateHugetlb(uint64_t size,

@@ -114,11 +114,11 @@ absl::Status AccountedHeap::CheckAllocate(uint64_t size, uint64_t count) const {
     absl::MutexLock lock(&accounting_->mu);
     const uint64_t free = capacity_ - accounting_->used;
     if (count > free / rounded) {
-      return HeapRefused(HeapRefusal::kFull,
-                         absl::StrCat("heap '", name_, "' has ", FormatBytes(free), " free of ",
-                                      FormatBytes(capacity_), ", asked for ",
-                                      count == 1 ? "" : absl::StrCat(count, " x "),
-                                      FormatBytes(rounded)));
+      return HeapRefused(
+          HeapRefusal::kFull,
+          absl::StrCat("heap '", name_, "' has ", FormatBytes(free), " free of ",
+                       FormatBytes(capacity_), ", asked for ",
+                       count == 1 ? "" : absl::StrCat(count, " x "), FormatBytes(rounded)));
     }
   }
   return CheckBacking(rounded, count);
@@ -136,10 +136,10 @@ absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t siz
     absl::MutexLock lock(&accounting_->mu);
     if (capacity_ != 0 && rounded > capacity_ - accounting_->used) {
       ++accounting_->failures;
-      return HeapRefused(HeapRefusal::kFull,
-                         absl::StrCat("heap '", name_, "' has ",
-                                      FormatBytes(capacity_ - accounting_->used), " free of ",
-                                      FormatBytes(capacity_), ", asked for ", FormatBytes(rounded)));
+      return HeapRefused(
+          HeapRefusal::kFull,
+          absl::StrCat("heap '", name_, "' has ", FormatBytes(capacity_ - accounting_->used),
+                       " free of ", FormatBytes(capacity_), ", asked for ", FormatBytes(rounded)));
     }
     if (rounded > std::numeric_limits<uint64_t>::max() - accounting_->used) {
       ++accounting_->failures;

@@ -46,7 +46,10 @@ constexpr char kConfig[] = R"pb(
   heaps { name: "carveout" type: HEAP_TYPE_CARVEOUT capacity_bytes: 4194304 }
   heaps { name: "system" type: HEAP_TYPE_SYSTEM capacity_bytes: 67108864 }
   quotas { max_bytes_per_session: 41943040 max_buffers_per_session: 64 }
-  usages { name: "camera_frame" heaps: [ "contiguous", "carveout", "system" ] }
+  usages {
+    name: "camera_frame"
+    heaps: [ "contiguous", "carveout", "system" ]
+  }
   usages { name: "cpu_scratch" heaps: "system" }
   limits { max_buffers_per_call: 8 max_frame_dimension: 4096 }
 )pb";
@@ -90,8 +93,7 @@ TEST_F(AllocationTest, UsageFallsBackAndSaysWhyEachHeapWasSkipped) {
   ASSERT_EQ(frame->skipped().size(), 1u);
   EXPECT_EQ(frame->skipped()[0].heap(), "contiguous");
   EXPECT_EQ(frame->skipped()[0].reason(), v1::SKIP_REASON_HEAP_FULL);
-  EXPECT_THAT(frame->skipped()[0].message(),
-              HasSubstr("heap 'contiguous' has 0 B free of 8 MiB"));
+  EXPECT_THAT(frame->skipped()[0].message(), HasSubstr("heap 'contiguous' has 0 B free of 8 MiB"));
 
   // carveout is full now too: the next lands on system, past both.
   absl::StatusOr<Buffer> second = client_->Allocate(
@@ -119,8 +121,7 @@ TEST_F(AllocationTest, WhenNoHeapServesOneMessageGivesEveryReason) {
   // 48 MiB: more than contiguous and carveout hold at all, and over the
   // session's 40 MiB quota on system.
   const uint64_t buffers_before = LiveBuffers();
-  absl::StatusOr<Buffer> refused =
-      client_->Allocate({.usage = "camera_frame", .size = 48 * kMiB});
+  absl::StatusOr<Buffer> refused = client_->Allocate({.usage = "camera_frame", .size = 48 * kMiB});
   ASSERT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
   EXPECT_EQ(refused.status().message(),
             "no heap could serve 48 MiB: heap 'contiguous' holds 8 MiB in all, asked for 48 MiB; "
@@ -162,8 +163,8 @@ TEST_F(AllocationTest, CanAllocateAnswersWithTheHeapAndTheLayout) {
   EXPECT_EQ(LiveBuffers(), 0u);
 
   // bufctl prints the same.
-  const std::string printed = Bufctl(daemon_->socket_dir(),
-                                     "can-allocate --usage camera_frame --frame 3840x2160:NV12");
+  const std::string printed =
+      Bufctl(daemon_->socket_dir(), "can-allocate --usage camera_frame --frame 3840x2160:NV12");
   EXPECT_THAT(printed, HasSubstr("yes: heap 'system', 11.9 MiB"));
   EXPECT_THAT(printed, HasSubstr("frame 3840x2160 NV12 LINEAR, 12441600 bytes"));
   EXPECT_THAT(printed, HasSubstr("plane 1: offset 8294400, stride 3840, 4147200 bytes"));
@@ -260,14 +261,14 @@ TEST_F(AllocationTest, AllocateSetFdsArriveInOneRecord) {
 }
 
 TEST_F(AllocationTest, Nv12LayoutAndPixelsReachAnotherProcess) {
-  absl::StatusOr<Buffer> frame = client_->Allocate(
-      {.heap = "system",
-       .frame = FrameRequest{1920, 1080, DRM_FORMAT_NV12},
-       .metadata = FrameMetadata{.crop = Rect{0, 0, 1920, 1080},
-                                 .color_space = v1::COLOR_SPACE_BT709,
-                                 .color_range = v1::COLOR_RANGE_LIMITED,
-                                 .tag = "cam0"},
-       .name = "nv12"});
+  absl::StatusOr<Buffer> frame =
+      client_->Allocate({.heap = "system",
+                         .frame = FrameRequest{1920, 1080, DRM_FORMAT_NV12},
+                         .metadata = FrameMetadata{.crop = Rect{0, 0, 1920, 1080},
+                                                   .color_space = v1::COLOR_SPACE_BT709,
+                                                   .color_range = v1::COLOR_RANGE_LIMITED,
+                                                   .tag = "cam0"},
+                         .name = "nv12"});
   ASSERT_TRUE(frame.ok()) << frame.status();
   const std::optional<FrameFormat> layout = frame->frame();
   ASSERT_TRUE(layout.has_value());
@@ -291,8 +292,8 @@ TEST_F(AllocationTest, Nv12LayoutAndPixelsReachAnotherProcess) {
   ASSERT_TRUE(token.ok()) << token.status();
   auto peer = SpawnPeer({"frame-read", daemon_->socket_dir(), *token});
   ASSERT_TRUE(peer.ok()) << peer.status();
-  EXPECT_EQ(peer->ReadLine(), absl::StrCat("frame 1920x1080 fourcc=", DRM_FORMAT_NV12,
-                                           " planes=2 size=3110400"));
+  EXPECT_EQ(peer->ReadLine(),
+            absl::StrCat("frame 1920x1080 fourcc=", DRM_FORMAT_NV12, " planes=2 size=3110400"));
   EXPECT_EQ(peer->ReadLine(), "plane=0 offset=0 stride=1920 size=2073600 rows=0,1,2,3");
   EXPECT_EQ(peer->ReadLine(), "plane=1 offset=2073600 stride=1920 size=1036800 rows=10,11,12,13");
   EXPECT_EQ(peer->ReadLine(), "tag=cam0 generation=0 crop=1920x1080");
@@ -307,8 +308,8 @@ TEST_F(AllocationTest, Nv12LayoutAndPixelsReachAnotherProcess) {
 }
 
 TEST_F(AllocationTest, MetadataChangesReachEveryHolderAndGenerationsGuardThem) {
-  absl::StatusOr<Buffer> frame = client_->Allocate(
-      {.heap = "system", .frame = FrameRequest{640, 480, DRM_FORMAT_XRGB8888}});
+  absl::StatusOr<Buffer> frame =
+      client_->Allocate({.heap = "system", .frame = FrameRequest{640, 480, DRM_FORMAT_XRGB8888}});
   ASSERT_TRUE(frame.ok()) << frame.status();
   absl::StatusOr<std::string> token = frame->Export(Access::kReadWrite);
   ASSERT_TRUE(token.ok());
@@ -363,8 +364,8 @@ TEST_F(AllocationTest, BadRequestsAreRefusedByNameAndLeaveNothing) {
   const std::vector<BadCase> cases = {
       {"zero width", [&](auto& r) { frame(r).set_width(0); }, absl::StatusCode::kInvalidArgument,
        "frame.width must be at least 1"},
-      {"width above the maximum",
-       [&](auto& r) { frame(r).set_width(4097); }, absl::StatusCode::kInvalidArgument,
+      {"width above the maximum", [&](auto& r) { frame(r).set_width(4097); },
+       absl::StatusCode::kInvalidArgument,
        "frame.width 4097 is above the maximum of 4096 (limits.max_frame_dimension)"},
       {"overflowing size",
        [&](auto& r) {
@@ -375,14 +376,14 @@ TEST_F(AllocationTest, BadRequestsAreRefusedByNameAndLeaveNothing) {
       {"unknown fourcc", [&](auto& r) { frame(r).set_fourcc(0x31313131); },
        absl::StatusCode::kInvalidArgument,
        "frame.fourcc '1111' (0x31313131) is not a format bufferd lays out; it knows XRGB8888"},
-      {"tiled modifier",
-       [&](auto& r) { frame(r).set_modifier(I915_FORMAT_MOD_X_TILED); },
+      {"tiled modifier", [&](auto& r) { frame(r).set_modifier(I915_FORMAT_MOD_X_TILED); },
        absl::StatusCode::kInvalidArgument,
        "frame.modifier 0x100000000000001 is not DRM_FORMAT_MOD_LINEAR (0)"},
-      {"stride alignment not a power of two",
-       [&](auto& r) { frame(r).set_stride_alignment(96); }, absl::StatusCode::kInvalidArgument,
+      {"stride alignment not a power of two", [&](auto& r) { frame(r).set_stride_alignment(96); },
+       absl::StatusCode::kInvalidArgument,
        "frame.stride_alignment 96 must be a power of two up to 4096 (or 0 for 64)"},
-      {"size and frame", [&](auto& r) {
+      {"size and frame",
+       [&](auto& r) {
          frame(r);
          r.mutable_request()->set_size(4096);
        },
@@ -402,8 +403,7 @@ TEST_F(AllocationTest, BadRequestsAreRefusedByNameAndLeaveNothing) {
       {"empty heap list", [](auto& r) { r.mutable_request()->clear_heap(); },
        absl::StatusCode::kInvalidArgument,
        "no heap given: set heap, heaps (a non-empty list) or usage"},
-      {"heap and heaps",
-       [](auto& r) { r.mutable_request()->add_heaps("system"); },
+      {"heap and heaps", [](auto& r) { r.mutable_request()->add_heaps("system"); },
        absl::StatusCode::kInvalidArgument,
        "heap, heaps and usage are alternatives: set exactly one of them"},
       {"a heap listed twice",
@@ -436,15 +436,18 @@ TEST_F(AllocationTest, BadRequestsAreRefusedByNameAndLeaveNothing) {
        [](auto& r) { r.mutable_request()->mutable_metadata()->mutable_crop()->set_width(1); },
        absl::StatusCode::kInvalidArgument, "metadata.crop is set on a buffer that is not a frame"},
       {"unknown colour space",
-       [](auto& r) { r.mutable_request()->mutable_metadata()->set_color_space(
-                         static_cast<v1::ColorSpace>(77)); },
+       [](auto& r) {
+         r.mutable_request()->mutable_metadata()->set_color_space(static_cast<v1::ColorSpace>(77));
+       },
        absl::StatusCode::kInvalidArgument, "metadata.color_space 77 is not a known ColorSpace"},
       {"generation at Allocate",
        [](auto& r) { r.mutable_request()->mutable_metadata()->set_generation(3); },
        absl::StatusCode::kInvalidArgument, "metadata.generation is the daemon's to set"},
       {"an unknown field",
        [](auto& r) {
-         r.mutable_request()->GetReflection()->MutableUnknownFields(r.mutable_request())
+         r.mutable_request()
+             ->GetReflection()
+             ->MutableUnknownFields(r.mutable_request())
              ->AddVarint(99, 1);
        },
        absl::StatusCode::kInvalidArgument,
@@ -463,7 +466,8 @@ TEST_F(AllocationTest, BadRequestsAreRefusedByNameAndLeaveNothing) {
     request.mutable_request()->set_size(4096);
     if (c.what.find("frame") != std::string::npos || c.what.find("fourcc") != std::string::npos ||
         c.what.find("width") != std::string::npos || c.what.find("size") != std::string::npos ||
-        c.what.find("modifier") != std::string::npos || c.what.find("stride") != std::string::npos) {
+        c.what.find("modifier") != std::string::npos ||
+        c.what.find("stride") != std::string::npos) {
       auto* f = request.mutable_request()->mutable_frame();
       f->set_width(640);
       f->set_height(480);
@@ -498,8 +502,8 @@ TEST_F(AllocationTest, BadRequestsAreRefusedByNameAndLeaveNothing) {
 }
 
 TEST_F(AllocationTest, BadMetadataChangesAreRefused) {
-  absl::StatusOr<Buffer> frame = client_->Allocate(
-      {.heap = "system", .frame = FrameRequest{64, 64, DRM_FORMAT_RGB565}});
+  absl::StatusOr<Buffer> frame =
+      client_->Allocate({.heap = "system", .frame = FrameRequest{64, 64, DRM_FORMAT_RGB565}});
   ASSERT_TRUE(frame.ok()) << frame.status();
   EXPECT_EQ(frame->SetMetadata({.tag = std::string(65, 'x')}).code(),
             absl::StatusCode::kInvalidArgument);

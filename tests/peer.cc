@@ -43,12 +43,12 @@
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <poll.h>
-#include <time.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cerrno>

@@ -369,10 +369,17 @@ absl::StatusOr<uint64_t> ParseSize(absl::string_view text) {
   uint64_t unit = 1;
   if (!text.empty()) {
     switch (absl::ascii_toupper(static_cast<unsigned char>(text.back()))) {
-      case 'K': unit = uint64_t{1} << 10; break;
-      case 'M': unit = uint64_t{1} << 20; break;
-      case 'G': unit = uint64_t{1} << 30; break;
-      default: break;
+      case 'K':
+        unit = uint64_t{1} << 10;
+        break;
+      case 'M':
+        unit = uint64_t{1} << 20;
+        break;
+      case 'G':
+        unit = uint64_t{1} << 30;
+        break;
+      default:
+        break;
     }
     if (unit != 1) text.remove_suffix(1);
   }
@@ -388,7 +395,8 @@ absl::StatusOr<uint64_t> ParseSize(absl::string_view text) {
 absl::StatusOr<bufferd::FrameRequest> ParseFrame(absl::string_view text) {
   const std::vector<std::string> parts = absl::StrSplit(text, absl::ByAnyChar("x:"));
   bufferd::FrameRequest frame;
-  std::optional<uint32_t> fourcc = parts.size() >= 3 ? bufferd::FourccByName(parts[2]) : std::nullopt;
+  std::optional<uint32_t> fourcc =
+      parts.size() >= 3 ? bufferd::FourccByName(parts[2]) : std::nullopt;
   if (parts.size() < 3 || parts.size() > 4 || !absl::SimpleAtoi(parts[0], &frame.width) ||
       !absl::SimpleAtoi(parts[1], &frame.height) || !fourcc.has_value() ||
       (parts.size() == 4 && !absl::SimpleAtoi(parts[3], &frame.stride_alignment))) {
