@@ -4,6 +4,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -130,7 +131,7 @@ absl::Status UnixSocket::SendWithFds(std::span<const uint8_t> bytes, std::span<c
 }
 
 absl::StatusOr<UnixSocket::Received> UnixSocket::RecvWithFdsOn(int fd, size_t max_bytes,
-                                                               bool dont_wait) {
+                                                               bool dont_wait, int max_fds) {
   Received received;
   // Records are small: read into the stack, never zero-fill a big string.
   char stack[4096];
@@ -146,7 +147,8 @@ absl::StatusOr<UnixSocket::Received> UnixSocket::RecvWithFdsOn(int fd, size_t ma
   msg.msg_iovlen = 1;
   alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxFdsPerRecord)];
   msg.msg_control = control;
-  msg.msg_controllen = sizeof(control);
+  msg.msg_controllen =
+      CMSG_SPACE(sizeof(int) * static_cast<size_t>(std::clamp(max_fds, 1, kMaxFdsPerRecord)));
   int flags = MSG_CMSG_CLOEXEC | (dont_wait ? MSG_DONTWAIT : 0);
   ssize_t n = RetryOnEintr([&] { return ::recvmsg(fd, &msg, flags); });
   if (n < 0) {

@@ -33,7 +33,8 @@ struct PeerCredentials {
 
 class UnixSocket {
  public:
-  // Most fds one record may carry.
+  // Most fds one record may carry (an AllocateSet's delivery carries up to
+  // this many; what a client sends the daemon, far fewer).
   static constexpr int kMaxFdsPerRecord = 64;
 
   struct Received {
@@ -76,14 +77,17 @@ class UnixSocket {
                        dont_wait);
   }
 
-  // Receives one record of at most `max_bytes`. UNAVAILABLE on EAGAIN for a
-  // non-blocking socket.
-  absl::StatusOr<Received> RecvWithFds(size_t max_bytes = 4096, bool dont_wait = false) const {
-    return RecvWithFdsOn(fd_.get(), max_bytes, dont_wait);
+  // Receives one record of at most `max_bytes` and `max_fds` fds (at most
+  // kMaxFdsPerRecord); a record with more is DATA_LOSS, its extra fds never
+  // installed. UNAVAILABLE on EAGAIN for a non-blocking socket.
+  absl::StatusOr<Received> RecvWithFds(size_t max_bytes = 4096, bool dont_wait = false,
+                                       int max_fds = kMaxFdsPerRecord) const {
+    return RecvWithFdsOn(fd_.get(), max_bytes, dont_wait, max_fds);
   }
   // The same on a socket fd someone else owns.
   static absl::StatusOr<Received> RecvWithFdsOn(int fd, size_t max_bytes = 4096,
-                                                bool dont_wait = false);
+                                                bool dont_wait = false,
+                                                int max_fds = kMaxFdsPerRecord);
 
   absl::StatusOr<PeerCredentials> GetPeerCredentials() const;
 

@@ -169,11 +169,15 @@ FrameMetadata Buffer::metadata() const {
   return metadata;
 }
 
-absl::Status Buffer::SetMetadata(const FrameMetadata& metadata) {
+absl::Status Buffer::SetMetadata(const FrameMetadata& metadata, bool overwrite) {
   if (handle_ == 0) return absl::FailedPreconditionError("buffer was released");
   v1::SetMetadataRequest request;
   request.set_handle(handle_);
   *request.mutable_metadata() = ToProto(metadata);
+  // The generation is the daemon's; the one read is what the change is
+  // based on.
+  request.mutable_metadata()->clear_generation();
+  if (!overwrite) request.set_expected_generation(metadata.generation);
   v1::SetMetadataResponse response;
   internal::Call call = connection_->NewCall();
   RETURN_IF_ERROR(connection_->Finish(

@@ -87,9 +87,8 @@ struct FrameMetadata {
   v1::ColorRange color_range = v1::COLOR_RANGE_UNSPECIFIED;
   // At most 64 bytes, free-form.
   std::string tag;
-  // Bumped by every change. Non-zero in SetMetadata: only if the
-  // metadata is still at this generation (FAILED_PRECONDITION if another
-  // holder changed it since).
+  // How many times it was changed: 0 as allocated. Buffer::SetMetadata
+  // applies a change only if the buffer is still at this generation.
   uint64_t generation = 0;
   bool operator==(const FrameMetadata&) const = default;
 };
@@ -151,8 +150,11 @@ class Buffer {
   // SetMetadata).
   FrameMetadata metadata() const;
   // Replaces the metadata (read-write holders; PERMISSION_DENIED from a
-  // read-only handle).
-  absl::Status SetMetadata(const FrameMetadata& metadata);
+  // read-only handle), only if it is still at `metadata.generation` (the
+  // generation it was read at: change what metadata() returned), else
+  // FAILED_PRECONDITION: another holder changed it; Refresh() and retry.
+  // `overwrite` applies it whatever the generation.
+  absl::Status SetMetadata(const FrameMetadata& metadata, bool overwrite = false);
   // Asks the daemon for the buffer's current description (metadata another
   // holder set since).
   absl::Status Refresh();

@@ -139,8 +139,10 @@ grpc::ServerUnaryReactor* AllocatorService::SetMetadata(grpc::CallbackServerCont
                                                         v1::SetMetadataResponse* response) {
   return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) {
     RETURN_IF_ERROR(CheckNoUnknownFields(*request, "request"));
-    absl::StatusOr<v1::BufferInfo> buffer =
-        d_.state->SetMetadata(session, request->handle(), request->metadata());
+    absl::StatusOr<v1::BufferInfo> buffer = d_.state->SetMetadata(
+        session, request->handle(), request->metadata(),
+        request->has_expected_generation() ? std::optional(request->expected_generation())
+                                           : std::nullopt);
     if (buffer.ok()) *response->mutable_buffer() = *std::move(buffer);
     return buffer.status();
   });

@@ -21,6 +21,9 @@ constexpr absl::Duration kTick = absl::Milliseconds(500);
 constexpr absl::Duration kChurnSummaryPeriod = absl::Minutes(1);
 constexpr absl::Duration kAcceptPause = absl::Milliseconds(100);
 constexpr uint32_t kReadEvents = EPOLLIN | EPOLLRDHUP;
+// A client's record carries at most one fd (an FdUpload); a record with
+// more ends its session with none of them ever installed here.
+constexpr int kMaxClientFdsPerRecord = 1;
 constexpr int kRecordsPerWake = 64;
 // Records one call applies before it runs (see DrainSession).
 constexpr int kMaxDrained = 4096;
@@ -241,7 +244,8 @@ std::optional<FdChannel::ReadEnd> FdChannel::ReadSomeLocked(Reader& reader, int 
                                                             uint64_t until) {
   for (int n = 0; n < max && reader.fd >= 0 && reader.records < until; ++n) {
     absl::StatusOr<UnixSocket::Received> received =
-        UnixSocket::RecvWithFdsOn(reader.fd, kMaxRecordBytes, /*dont_wait=*/true);
+        UnixSocket::RecvWithFdsOn(reader.fd, kMaxRecordBytes, /*dont_wait=*/true,
+                                  kMaxClientFdsPerRecord);
     if (!received.ok()) {
       // ECONNRESET: the client exited with fds it was sent unread, an
       // ordinary end. The kernel reports it before the records still

@@ -4,6 +4,7 @@
 #include "daemon/fd_channel.h"
 
 #include <poll.h>
+#include <sys/mman.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -13,6 +14,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "base/await.h"
+#include "base/fd_count.h"
 #include "gtest/gtest.h"
 
 namespace bufferd {
@@ -163,4 +165,26 @@ TEST_F(FdChannelTest, TheLoopReadsRecordsByItself) {
 }
 
 }  // namespace
+// A client's record carries at most one fd: one with 40 ends the session,
+// and none of them ever stays open in the daemon (a record could otherwise
+// install as many fds as a delivery carries, past the budget's reserve).
+TEST_F(FdChannelTest, ARecordWithManyFdsEndsTheSessionAndKeepsNone) {
+  std::vector<UniqueFd> files;
+  std::vector<int> raw;
+  for (int i = 0; i < 40; ++i) {
+    files.emplace_back(::memfd_create("extra", MFD_CLOEXEC));
+    raw.push_back(files.back().get());
+  }
+  // Counted once they exist here, so only the daemon side's fds count.
+  const int before = CountOpenFds();
+  v1::FdChannelMessage message;
+  message.mutable_upload()->set_upload_id(1);
+  ASSERT_TRUE(client_.Send(message.SerializeAsString(), raw).ok());
+  ASSERT_TRUE(recorder_.AwaitDisconnect());
+  EXPECT_TRUE(recorder_.handles().empty()) << "the record never reached the delegate";
+  // The session's own socket closes too.
+  for (int i = 0; i < 500 && CountOpenFds() != before - 1; ++i) ::usleep(10000);
+  EXPECT_EQ(CountOpenFds(), before - 1) << "none of the 40 fds was kept";
+}
+
 }  // namespace bufferd

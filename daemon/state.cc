@@ -290,6 +290,17 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
     const v1::AllocateRequest& request, std::optional<v1::SkipReason>* skip) {
   const uint32_t count = plan.count;
   const uint64_t total = rounded * count;
+  // Whether the heap could hold them all, asked before any is made: a set
+  // that cannot fit is refused without punching, prefaulting and undoing
+  // the part that would. The pool's answer is only advice (the heap may
+  // wait for buffers being freed): the allocation itself decides that.
+  const absl::Status room = heap.CheckAllocate(plan.size, count);
+  const HeapRefusal refusal = RefusalOf(room);
+  if (refusal == HeapRefusal::kTooLarge) {
+    heap.CountRefusal();
+    *skip = v1::SKIP_REASON_TOO_LARGE;
+    return room;
+  }
   uid_t uid;
   // The buffers' own fds, held until the reaper really closes them.
   std::vector<FdBudget::Lease> fd_leases;
@@ -297,21 +308,22 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
     absl::MutexLock lock(&mu_);
     ASSIGN_OR_RETURN(Session * session, FindSessionLocked(session_id));
     RETURN_IF_ERROR(CheckBufferCountLocked(*session, count));
+    if (absl::Status quota = quotas_.Check(session_id, session->uid, heap.name(), total);
+        !quota.ok()) {
+      *skip = v1::SKIP_REASON_QUOTA;
+      return quota;
+    }
+    if (refusal == HeapRefusal::kFull) {
+      heap.CountRefusal();
+      *skip = v1::SKIP_REASON_HEAP_FULL;
+      return room;
+    }
     for (uint32_t i = 0; i < count; ++i) {
       ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kBuffer, session->uid));
       fd_leases.push_back(std::move(lease));
     }
-    if (absl::Status charged = quotas_.Charge(session_id, session->uid, heap.name(), total);
-        !charged.ok()) {
-      // A heap that could never hold them says so rather than the quota.
-      if (absl::Status fits = heap.CheckAllocate(plan.size, count);
-          RefusalOf(fits) == HeapRefusal::kTooLarge) {
-        *skip = v1::SKIP_REASON_TOO_LARGE;
-        return fits;
-      }
-      *skip = v1::SKIP_REASON_QUOTA;
-      return charged;
-    }
+    // Checked above, in this critical section: it cannot fail.
+    RETURN_IF_ERROR(quotas_.Charge(session_id, session->uid, heap.name(), total));
     session->pending += static_cast<int>(count);
     uid = session->uid;
   }
@@ -463,9 +475,14 @@ absl::StatusOr<v1::CanAllocateResponse> DaemonState::CanAllocate(uint64_t sessio
   return response;
 }
 
-absl::StatusOr<v1::BufferInfo> DaemonState::SetMetadata(uint64_t session_id, uint64_t handle_id,
-                                                        const v1::FrameMetadata& metadata) {
+absl::StatusOr<v1::BufferInfo> DaemonState::SetMetadata(
+    uint64_t session_id, uint64_t handle_id, const v1::FrameMetadata& metadata,
+    std::optional<uint64_t> expected_generation) {
   RETURN_IF_ERROR(CheckNoUnknownFields(metadata, "metadata"));
+  if (metadata.generation() != 0) {
+    return absl::InvalidArgumentError(
+        "metadata.generation is the daemon's to set; guard a change with expected_generation");
+  }
   absl::MutexLock lock(&mu_);
   RETURN_IF_ERROR(FindSessionLocked(session_id).status());
   ASSIGN_OR_RETURN(Handle * handle, FindHandleLocked(session_id, handle_id));
@@ -474,14 +491,14 @@ absl::StatusOr<v1::BufferInfo> DaemonState::SetMetadata(uint64_t session_id, uin
     return absl::PermissionDeniedError(absl::StrCat(
         "handle ", handle_id, " is read-only; only a read-write holder may change metadata"));
   }
-  RETURN_IF_ERROR(CheckMetadata(metadata, buffer.info.has_frame() ? &buffer.info.frame() : nullptr,
-                                "metadata"));
+  RETURN_IF_ERROR(CheckMetadata(
+      metadata, buffer.info.has_frame() ? &buffer.info.frame() : nullptr, "metadata"));
   const uint64_t generation = buffer.info.metadata().generation();
-  if (metadata.generation() != 0 && metadata.generation() != generation) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("metadata.generation ", metadata.generation(), " is not current: buffer ",
-                     buffer.info.buffer_id(), "'s metadata is at generation ", generation,
-                     " (another holder changed it); read it again"));
+  if (expected_generation.has_value() && *expected_generation != generation) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "expected_generation ", *expected_generation, " is not current: buffer ",
+        buffer.info.buffer_id(), "'s metadata is at generation ", generation,
+        "; read it again and retry"));
   }
   v1::FrameMetadata& kept = *buffer.info.mutable_metadata();
   kept = metadata;

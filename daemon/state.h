@@ -166,8 +166,10 @@ class DaemonState {
                                                       uint32_t count) const;
   // Replaces a buffer's metadata (a read-write holder's; see
   // Allocator.SetMetadata).
+  // `expected_generation` set: only if the metadata is still at it.
   absl::StatusOr<v1::BufferInfo> SetMetadata(uint64_t session_id, uint64_t handle,
-                                             const v1::FrameMetadata& metadata);
+                                             const v1::FrameMetadata& metadata,
+                                             std::optional<uint64_t> expected_generation);
   // Drops a handle; returns the buffer if it died. Its bytes are back in the
   // heap's accounting before this returns (HeapBuffer::Retire).
   // `let_go` (if not null) gets the buffer's id if the session holds no

@@ -592,4 +592,45 @@ TEST_F(StateTest, HeapListFallsBackWithReasons) {
   EXPECT_EQ(SessionBytes(*state, a, "system"), 6 * kMiB);
 }
 
+// Tests that a set whose heap runs out part-way (its pool empties at the
+// third buffer) leaves nothing, and that the next heap of the list then gets
+// the whole set, the skip saying why.
+TEST_F(StateTest, AllocateSetUndoesAPartWhenThePoolRunsOut) {
+  HeapRegistry heaps;
+  ASSERT_TRUE(heaps
+                  .Add(std::make_unique<testing::FakeHeap>(testing::FakeHeap::Options{
+                      .name = "pooled", .kind = HeapKind::kContiguous, .pool_buffers = 2}))
+                  .ok());
+  ASSERT_TRUE(heaps
+                  .Add(std::make_unique<testing::FakeHeap>(
+                      testing::FakeHeap::Options{.name = "system"}))
+                  .ok());
+  DaemonState state(&heaps, {});
+  const uint64_t a = Open(state, 1);
+  absl::StatusOr<DaemonState::Allocation> set =
+      state.AllocateSet(a, Request("pooled", kMiB), 3);
+  ASSERT_EQ(set.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(set.status().message(), "heap 'pooled': its pool of 2 buffers is empty");
+  EXPECT_EQ(SessionBytes(state, a, "pooled"), 0u);
+  EXPECT_EQ(heaps.Find("pooled")->Stats().used, 0u);
+  EXPECT_EQ(heaps.Find("pooled")->Stats().buffer_count, 0u);
+  EXPECT_EQ(HeapsView(state).live_buffers(), 0u);
+
+  v1::AllocateRequest request = Request("", kMiB);
+  request.add_heaps("pooled");
+  request.add_heaps("system");
+  set = state.AllocateSet(a, request, 3);
+  ASSERT_TRUE(set.ok()) << set.status();
+  ASSERT_EQ(set->grants.size(), 3u);
+  for (auto& grant : set->grants) EXPECT_EQ(grant->buffer.heap(), "system");
+  ASSERT_EQ(set->skipped.size(), 1u);
+  EXPECT_EQ(set->skipped[0].reason(), v1::SKIP_REASON_POOL_EMPTY);
+  EXPECT_EQ(SessionBytes(state, a, "pooled"), 0u);
+  EXPECT_EQ(SessionBytes(state, a, "system"), 3 * kMiB);
+  // The pool got its two back: two fit again.
+  set = absl::CancelledError();
+  set = state.AllocateSet(a, Request("pooled", kMiB), 2);
+  EXPECT_TRUE(set.ok()) << set.status();
+}
+
 }  // namespace bufferd

@@ -157,6 +157,9 @@ class Heap {
   // when there is no fallback). A dry run: another allocation may take the
   // room before a real one comes.
   virtual absl::Status CheckAllocate(uint64_t size, uint64_t count) const = 0;
+  // Counts a refusal a caller made from CheckAllocate's answer (in
+  // Stats().failures, as Allocate counts its own).
+  virtual void CountRefusal() = 0;
 
   virtual HeapStats Stats() const = 0;
 };
@@ -172,6 +175,7 @@ class AccountedHeap : public Heap {
   absl::StatusOr<std::unique_ptr<HeapBuffer>> Allocate(uint64_t size,
                                                        absl::string_view debug_name) final;
   absl::Status CheckAllocate(uint64_t size, uint64_t count) const final;
+  void CountRefusal() final;
   HeapStats Stats() const override;
 
  protected:

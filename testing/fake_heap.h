@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "heaps/heap.h"
 
 namespace bufferd::testing {
@@ -28,11 +29,15 @@ class FakeHeap final : public AccountedHeap {
     bool may_block = false;
     // Freeing does page work (like a carveout refill): never cheap.
     bool expensive_to_free = false;
+    // Buffers a pool behind the heap can back at once (-1: no pool); past
+    // it, Allocate is refused kPoolEmpty, as a hugetlb pool runs out.
+    int64_t pool_buffers = -1;
   };
 
   explicit FakeHeap(Options options)
       : AccountedHeap(options.name, options.page_size, options.capacity),
-        options_(std::move(options)) {}
+        options_(std::move(options)),
+        pool_left_(options_.pool_buffers) {}
 
   HeapKind kind() const override { return options_.kind; }
   bool allocation_may_block() const override { return options_.may_block; }
@@ -42,16 +47,31 @@ class FakeHeap final : public AccountedHeap {
  private:
   absl::StatusOr<Backed> AllocateBacking(uint64_t size, uint64_t /*requested*/,
                                          const std::string& memfd_name) override {
-    ASSIGN_OR_RETURN(UniqueFd fd, memfd::Create(memfd_name, size, 0));
-    RETURN_IF_ERROR(memfd::Seal(fd.get()));
-    Backed backed{std::move(fd), options_.backing, nullptr};
+    const bool pooled = options_.pool_buffers >= 0;
+    if (pooled && pool_left_.fetch_sub(1) <= 0) {
+      ++pool_left_;
+      return HeapRefused(HeapRefusal::kPoolEmpty,
+                         absl::StrCat("heap '", name(), "': its pool of ",
+                                      options_.pool_buffers, " buffers is empty"));
+    }
+    absl::StatusOr<UniqueFd> fd = memfd::Create(memfd_name, size, 0);
+    absl::Status sealed = fd.ok() ? memfd::Seal(fd->get()) : fd.status();
+    if (!sealed.ok()) {
+      if (pooled) ++pool_left_;
+      return sealed;
+    }
+    Backed backed{*std::move(fd), options_.backing, nullptr};
     if (options_.expensive_to_free) {
-      backed.on_free = [this](UniqueFd fd) {
+      backed.on_free = [this, pooled](UniqueFd fd) {
         fd.Reset();
         ++frees_;
+        if (pooled) ++pool_left_;
       };
     } else {
-      backed.on_retire = [this] { ++frees_; };
+      backed.on_retire = [this, pooled] {
+        ++frees_;
+        if (pooled) ++pool_left_;
+      };
     }
     return backed;
   }
@@ -59,6 +79,7 @@ class FakeHeap final : public AccountedHeap {
 
   const Options options_;
   std::atomic<uint64_t> frees_{0};
+  std::atomic<int64_t> pool_left_;
 };
 
 }  // namespace bufferd::testing

@@ -174,7 +174,8 @@ TEST_F(AllocationTest, CanAllocateAnswersWithTheHeapAndTheLayout) {
 
 TEST_F(AllocationTest, AllocateSetIsAllOrNothing) {
   // Another session and this one leave system 20 MiB: two 8 MiB buffers
-  // fit, a third does not.
+  // would fit, a third would not, so the set is refused whole. (A set whose
+  // heap runs out part-way is undone too: //daemon:state_test.)
   absl::StatusOr<Client> other = Client::Connect(daemon_->socket_dir());
   ASSERT_TRUE(other.ok()) << other.status();
   absl::StatusOr<Buffer> hog = other->Allocate({.heap = "system", .size = 40 * kMiB});
@@ -186,8 +187,9 @@ TEST_F(AllocationTest, AllocateSetIsAllOrNothing) {
   absl::StatusOr<std::vector<Buffer>> set =
       client_->AllocateSet(3, {.heap = "system", .size = 8 * kMiB, .name = "swapchain"});
   ASSERT_EQ(set.status().code(), absl::StatusCode::kResourceExhausted) << set.status();
-  EXPECT_THAT(set.status().message(), HasSubstr("heap 'system' has 4 MiB free of 64 MiB"));
-  // Nothing of the first two survives: heap bytes, quota and fds exact.
+  EXPECT_EQ(set.status().message(),
+            "heap 'system' has 20 MiB free of 64 MiB, asked for 3 x 8 MiB");
+  // Nothing was made: heap bytes, quota and fds exact.
   EXPECT_TRUE(Eventually([&] { return HeapUsed("system") == used; })) << HeapUsed("system");
   EXPECT_EQ(Charged("system"), 4 * kMiB);
   EXPECT_TRUE(Eventually([&] { return daemon_->OpenFds() == fds; }));
@@ -207,7 +209,17 @@ TEST_F(AllocationTest, AllocateSetIsAllOrNothing) {
 }
 
 TEST_F(AllocationTest, AllocateSetFallsBackAsOneAndQuotaIsCheckedForAll) {
-  // Three 2 MiB frames do not fit carveout (4 MiB): all three land on system.
+  auto carveout = [&] {
+    v1::HeapInfo found;
+    auto heaps = client_->ListHeaps();
+    for (const auto& heap : heaps->heaps()) {
+      if (heap.name() == "carveout") found = heap;
+    }
+    return found;
+  };
+  const v1::HeapInfo before = carveout();
+  // Three 2 MiB frames do not fit carveout (4 MiB): all three land on system,
+  // and carveout is not made to punch and prefault the two that would fit.
   absl::StatusOr<std::vector<Buffer>> set =
       client_->AllocateSet(3, {.heaps = {"carveout", "system"}, .size = 2 * kMiB});
   ASSERT_TRUE(set.ok()) << set.status();
@@ -215,8 +227,12 @@ TEST_F(AllocationTest, AllocateSetFallsBackAsOneAndQuotaIsCheckedForAll) {
     EXPECT_EQ(buffer.heap(), "system");
     ASSERT_EQ(buffer.skipped().size(), 1u);
     EXPECT_EQ(buffer.skipped()[0].reason(), v1::SKIP_REASON_HEAP_FULL);
+    EXPECT_EQ(buffer.skipped()[0].message(),
+              "heap 'carveout' has 4 MiB free of 4 MiB, asked for 3 x 2 MiB");
   }
-  EXPECT_EQ(HeapUsed("carveout"), 0u) << "the two that fit were given back";
+  EXPECT_EQ(carveout().allocations(), before.allocations()) << "none was made on carveout";
+  EXPECT_EQ(carveout().failures(), before.failures() + 1) << "the refusal is counted";
+  EXPECT_EQ(HeapUsed("carveout"), 0u);
   set->clear();
   // 6 x 8 MiB is over the 40 MiB session quota: refused before any is made.
   set = client_->AllocateSet(6, {.heap = "system", .size = 8 * kMiB});
@@ -335,12 +351,55 @@ TEST_F(AllocationTest, MetadataChangesReachEveryHolderAndGenerationsGuardThem) {
   stale.tag = "lost update";
   absl::Status conflict = frame->SetMetadata(stale);
   EXPECT_EQ(conflict.code(), absl::StatusCode::kFailedPrecondition) << conflict;
-  EXPECT_THAT(conflict.message(), HasSubstr("metadata.generation 1 is not current"));
+  EXPECT_THAT(std::string(conflict.message()),
+              HasSubstr("expected_generation 1 is not current"));
   ASSERT_TRUE(frame->Refresh().ok());
   EXPECT_EQ(frame->metadata().tag, "second");
   EXPECT_EQ(frame->metadata().generation, 2u);
+  // Overwriting is explicit.
+  ASSERT_TRUE(frame->SetMetadata(stale, /*overwrite=*/true).ok());
+  EXPECT_EQ(frame->metadata().tag, "lost update");
+  EXPECT_EQ(frame->metadata().generation, 3u);
   imported = absl::CancelledError();
   other = absl::CancelledError();
+  frame = absl::CancelledError();
+  ExpectBaseline();
+}
+
+TEST_F(AllocationTest, TheFirstChangeIsGuardedToo) {
+  absl::StatusOr<Buffer> frame = client_->Allocate(
+      {.heap = "system",
+       .frame = FrameRequest{64, 64, DRM_FORMAT_ABGR8888},
+       .metadata = FrameMetadata{.tag = "orig"}});
+  ASSERT_TRUE(frame.ok()) << frame.status();
+  absl::StatusOr<std::string> token = frame->Export(Access::kReadWrite);
+  ASSERT_TRUE(token.ok());
+  absl::StatusOr<Buffer> imported = client_->Import(*token);
+  ASSERT_TRUE(imported.ok());
+  // Both read generation 0; the first change wins, the second is refused.
+  FrameMetadata first = frame->metadata();
+  FrameMetadata second = imported->metadata();
+  EXPECT_EQ(first.generation, 0u);
+  first.tag = "writer1";
+  second.tag = "writer2";
+  ASSERT_TRUE(frame->SetMetadata(first).ok());
+  absl::Status refused = imported->SetMetadata(second);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kFailedPrecondition) << refused;
+  ASSERT_TRUE(imported->Refresh().ok());
+  EXPECT_EQ(imported->metadata().tag, "writer1");
+  // The generation is the daemon's: a request setting it is refused.
+  v1::SetMetadataRequest request;
+  request.set_handle(frame->handle());
+  request.mutable_metadata()->set_generation(7);
+  absl::StatusOr<testing::RawSession> raw = OpenRawSession(daemon_->socket_dir());
+  ASSERT_TRUE(raw.ok());
+  v1::SetMetadataResponse response;
+  grpc::Status status = raw->stub->SetMetadata(raw->Context().get(), request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(status.error_message(),
+            "metadata.generation is the daemon's to set; guard a change with expected_generation");
+  raw = absl::CancelledError();
+  imported = absl::CancelledError();
   frame = absl::CancelledError();
   ExpectBaseline();
 }

@@ -410,7 +410,8 @@ absl::StatusOr<bufferd::FrameRequest> ParseFrame(absl::string_view text) {
 }
 
 // Exit status: 0 if the allocation would succeed now, 4 if not, 1 for an
-// error (a bad request, no daemon).
+// error (a bad request, no daemon); 2 for a bad command line, as for every
+// bufctl command.
 int CanAllocate(const bufferd::Client& client, bool json, const std::vector<std::string>& heaps,
                 const std::string& usage, const std::string& size, const std::string& frame,
                 uint32_t count) {
@@ -505,11 +506,19 @@ int main(int argc, char** argv) {
   can->add_option("--size", can_size, "bytes (K, M, G: binary units)");
   can->add_option("--frame", can_frame,
                   "WIDTHxHEIGHT:FOURCC[:STRIDE_ALIGNMENT], e.g. 3840x2160:NV12");
-  can->add_option("--count", can_count, "that many buffers (AllocateSet)")->capture_default_str();
+  can->add_option("--count", can_count, "that many buffers (AllocateSet)")
+      ->check(CLI::Range(1u, 0xffffffffu))
+      ->capture_default_str();
   auto* metrics = app.add_subcommand("metrics", "Prometheus text metrics");
   auto* watch = app.add_subcommand("watch", "live view of heaps and clients (Ctrl-C stops)");
   watch->add_option("--interval", interval, "seconds between refreshes")->capture_default_str();
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help and --version exit 0; a bad command line exits 2, never one of
+    // CLI11's own codes.
+    return app.exit(e) == 0 ? 0 : 2;
+  }
 
   absl::StatusOr<bufferd::Client> client = bufferd::Client::Connect(socket_dir);
   if (!client.ok()) return Fail(client.status());
