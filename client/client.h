@@ -585,7 +585,8 @@ class Client {
 
  private:
   // A Buffer for one allocated buffer: its handle, skips and fd.
-  absl::StatusOr<Buffer> TakeAllocated(v1::AllocateResponse& response) const;
+  absl::StatusOr<Buffer> TakeAllocated(const v1::AllocateRequest& request,
+                                       v1::AllocateResponse& response) const;
   explicit Client(std::shared_ptr<internal::Connection> connection);
   absl::StatusOr<WaitResult> WaitFor(std::span<const Fence* const> fences, bool all,
                                      absl::Duration timeout) const;

@@ -57,6 +57,9 @@ absl::Status AllocatorService::DoAllocate(uint64_t session, const AllocationPlan
     response.set_handle(grant.handle);
     response.set_transfer_id(grant.transfer_id);
     *response.mutable_buffer() = std::move(grant.buffer);
+    // The allocator sent the metadata: it is not echoed back (see
+    // AllocateResponse.buffer).
+    response.mutable_buffer()->clear_metadata();
   }
   skipped = std::move(allocation->skipped);
   return absl::OkStatus();
