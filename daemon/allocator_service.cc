@@ -68,14 +68,12 @@ absl::Status AllocatorService::DoAllocate(uint64_t session, const AllocationPlan
 grpc::ServerUnaryReactor* AllocatorService::RunAllocation(grpc::CallbackServerContext* context,
                                                           const v1::AllocateRequest& request,
                                                           uint32_t count,
-                                                          const google::protobuf::Message* check,
+                                                          const google::protobuf::Message& check,
                                                           AllocateFn allocate) {
   absl::StatusOr<uint64_t> session = AuthenticateCall(*d_.sessions, *d_.hub, context);
   if (!session.ok()) return FinishCall(context, session.status());
-  if (check != nullptr) {
-    if (absl::Status known = CheckNoUnknownFields(*check, "request"); !known.ok()) {
-      return FinishCall(context, known);
-    }
+  if (absl::Status known = CheckNoUnknownFields(check, "request"); !known.ok()) {
+    return FinishCall(context, known);
   }
   absl::StatusOr<AllocationPlan> plan = d_.state->Plan(request, count);
   if (!plan.ok()) return FinishCall(context, plan.status());
@@ -92,7 +90,7 @@ grpc::ServerUnaryReactor* AllocatorService::Allocate(grpc::CallbackServerContext
                                                      const v1::AllocateRequest* request,
                                                      v1::AllocateResponse* response) {
   return RunAllocation(
-      context, *request, 1, nullptr,
+      context, *request, 1, *request,
       [this, request, response](uint64_t session, const AllocationPlan& plan,
                                 grpc::CallbackServerContext* context) {
         std::vector<v1::HeapSkip> skipped;
@@ -109,7 +107,7 @@ grpc::ServerUnaryReactor* AllocatorService::AllocateSet(grpc::CallbackServerCont
                                                         const v1::AllocateSetRequest* request,
                                                         v1::AllocateSetResponse* response) {
   return RunAllocation(
-      context, request->request(), request->count(), request,
+      context, request->request(), request->count(), *request,
       [this, request, response](uint64_t session, const AllocationPlan& plan,
                                 grpc::CallbackServerContext* context) -> absl::Status {
         std::vector<v1::HeapSkip> skipped;

@@ -77,12 +77,13 @@ class AllocatorService final : public v1::Allocator::CallbackService {
                           std::vector<v1::HeapSkip>& skipped, grpc::CallbackServerContext* context);
   // Authenticates, plans `count` buffers as `request` asks, then runs
   // `allocate` inline, or on the work queue if one of the plan's heaps may
-  // block; finishes the call. `check` (if set) runs on the request first.
+  // block; finishes the call. `check` is the whole RPC request, checked for
+  // fields this daemon does not know first.
   using AllocateFn = std::function<absl::Status(uint64_t session, const AllocationPlan& plan,
                                                 grpc::CallbackServerContext* context)>;
   grpc::ServerUnaryReactor* RunAllocation(grpc::CallbackServerContext* context,
                                           const v1::AllocateRequest& request, uint32_t count,
-                                          const google::protobuf::Message* check,
+                                          const google::protobuf::Message& check,
                                           AllocateFn allocate);
   // Delivers the pending grant's fd.
   absl::Status Deliver(uint64_t session, DaemonState::PendingGrant& grant);

@@ -362,14 +362,18 @@ void FdChannel::OnWritable(int fd) {
   if (failed) EndConnection(fd, "fd delivery failed", /*badly=*/true);
 }
 
+absl::Status FdChannel::SendRecordLocked(Connection& connection, Pending& record) {
+  std::vector<int> fds;
+  for (const LeasedFd& fd : record.fds) fds.push_back(fd.fd.get());
+  RETURN_IF_ERROR(connection.socket.Send(record.bytes, fds, /*dont_wait=*/true));
+  for (LeasedFd& fd : record.fds) connection.in_flight.push_back(std::move(fd.lease));
+  return absl::OkStatus();
+}
+
 bool FdChannel::FlushLocked(Connection& connection) {
   while (!connection.queue.empty()) {
-    Pending& next = connection.queue.front();
-    std::vector<int> fds;
-    for (const LeasedFd& fd : next.fds) fds.push_back(fd.fd.get());
-    absl::Status sent = connection.socket.Send(next.bytes, fds, /*dont_wait=*/true);
+    absl::Status sent = SendRecordLocked(connection, connection.queue.front());
     if (!sent.ok()) return IsWouldBlock(sent);
-    for (LeasedFd& fd : next.fds) connection.in_flight.push_back(std::move(fd.lease));
     connection.queue.pop_front();
     --total_queued_;
     connection.stalled_since = absl::Now();
@@ -433,16 +437,12 @@ absl::Status FdChannel::SendOrQueue(uint64_t session_id, std::vector<Pending> re
   size_t sent_records = 0;
   if (connection.queue.empty()) {
     for (; sent_records < records.size(); ++sent_records) {
-      Pending& record = records[sent_records];
-      std::vector<int> fds;
-      for (const LeasedFd& fd : record.fds) fds.push_back(fd.fd.get());
-      absl::Status sent = connection.socket.Send(record.bytes, fds, /*dont_wait=*/true);
+      absl::Status sent = SendRecordLocked(connection, records[sent_records]);
       if (!sent.ok()) {
         if (IsWouldBlock(sent)) break;
         return absl::AbortedError(
             absl::StrCat("session ", session_id, ": fd delivery failed: ", sent.message()));
       }
-      for (LeasedFd& fd : record.fds) connection.in_flight.push_back(std::move(fd.lease));
       busy_.insert(s->second);
     }
     if (sent_records == records.size()) return absl::OkStatus();

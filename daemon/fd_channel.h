@@ -204,6 +204,10 @@ class FdChannel {
   // Sends the records at once if nothing is queued and the socket takes
   // them, else queues what is left (all or nothing against the caps).
   absl::Status SendOrQueue(uint64_t session_id, std::vector<Pending> records);
+  // Sends one record without waiting; once it is sent, its fds' budget
+  // places move to in_flight (the record's own copies close with it).
+  absl::Status SendRecordLocked(Connection& connection, Pending& record)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Flushes as much of the queue as the socket takes. Returns false if the
   // connection failed.
   bool FlushLocked(Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

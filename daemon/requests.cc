@@ -118,7 +118,6 @@ absl::StatusOr<AllocationPlan> CheckAllocateRequest(const HeapRegistry& heaps,
                                                     const AllocationRules& rules,
                                                     const v1::AllocateRequest& request,
                                                     uint32_t count) {
-  RETURN_IF_ERROR(CheckNoUnknownFields(request, "request"));
   if (count == 0) return absl::InvalidArgumentError("count must be at least 1");
   if (count > rules.max_buffers_per_call) {
     return absl::InvalidArgumentError(

@@ -71,6 +71,7 @@ absl::Status CheckMetadata(const v1::FrameMetadata& metadata, const v1::FrameFor
 // INVALID_ARGUMENT naming the first field of `message` (or of a message in
 // it) that this daemon does not know: a newer client's field is refused,
 // never silently ignored.
+// Checked once per call, on the whole RPC request, by the services.
 absl::Status CheckNoUnknownFields(const google::protobuf::Message& message, absl::string_view name);
 
 // How long an Export's token lives: its ttl_ms, or `default_ttl`; at most

@@ -57,6 +57,14 @@ v1::SkipReason SkipReasonOf(const absl::Status& refused) {
   }
 }
 
+v1::HeapSkip MakeSkip(const Heap& heap, v1::SkipReason reason, const absl::Status& why) {
+  v1::HeapSkip skip;
+  skip.set_heap(heap.name());
+  skip.set_reason(reason);
+  skip.set_message(std::string(why.message()));
+  return skip;
+}
+
 // "no heap could serve 3 x 8 MiB: <why>; <why>".
 std::string NoHeapMessage(const AllocationPlan& plan, const std::vector<v1::HeapSkip>& skipped) {
   std::vector<std::string> reasons;
@@ -274,10 +282,7 @@ absl::StatusOr<DaemonState::Allocation> DaemonState::AllocatePlanned(
       return allocation;
     }
     if (!skip.has_value()) return grants.status();
-    v1::HeapSkip& skipped = allocation.skipped.emplace_back();
-    skipped.set_heap(heap->name());
-    skipped.set_reason(*skip);
-    skipped.set_message(std::string(grants.status().message()));
+    allocation.skipped.push_back(MakeSkip(*heap, *skip, grants.status()));
     refusals.push_back(grants.status());
   }
   // A single heap's refusal stands as it is.
@@ -463,10 +468,7 @@ absl::StatusOr<v1::CanAllocateResponse> DaemonState::CanAllocate(uint64_t sessio
       response.set_size(*rounded);
       return response;
     }
-    v1::HeapSkip* skipped = response.add_skipped();
-    skipped->set_heap(heap->name());
-    skipped->set_reason(*skip);
-    skipped->set_message(std::string(status.message()));
+    *response.add_skipped() = MakeSkip(*heap, *skip, status);
   }
   response.set_message(
       response.skipped_size() == 1
@@ -478,7 +480,6 @@ absl::StatusOr<v1::CanAllocateResponse> DaemonState::CanAllocate(uint64_t sessio
 absl::StatusOr<v1::BufferInfo> DaemonState::SetMetadata(
     uint64_t session_id, uint64_t handle_id, const v1::FrameMetadata& metadata,
     std::optional<uint64_t> expected_generation) {
-  RETURN_IF_ERROR(CheckNoUnknownFields(metadata, "metadata"));
   if (metadata.generation() != 0) {
     return absl::InvalidArgumentError(
         "metadata.generation is the daemon's to set; guard a change with expected_generation");

@@ -107,6 +107,14 @@ absl::Status AccountedHeap::CheckSize(uint64_t rounded) const {
   return absl::OkStatus();
 }
 
+absl::Status AccountedHeap::NoRoom(uint64_t free, uint64_t rounded, uint64_t count) const {
+  return HeapRefused(
+      HeapRefusal::kFull,
+      absl::StrCat("heap '", name_, "' has ", FormatBytes(free), " free of ",
+                   FormatBytes(capacity_), ", asked for ",
+                   count == 1 ? "" : absl::StrCat(count, " x "), FormatBytes(rounded)));
+}
+
 absl::Status AccountedHeap::CheckAllocate(uint64_t size, uint64_t count) const {
   ASSIGN_OR_RETURN(const uint64_t rounded, Round(size));
   RETURN_IF_ERROR(CheckSize(rounded));
@@ -114,11 +122,7 @@ absl::Status AccountedHeap::CheckAllocate(uint64_t size, uint64_t count) const {
     absl::MutexLock lock(&accounting_->mu);
     const uint64_t free = capacity_ - accounting_->used;
     if (count > free / rounded) {
-      return HeapRefused(
-          HeapRefusal::kFull,
-          absl::StrCat("heap '", name_, "' has ", FormatBytes(free), " free of ",
-                       FormatBytes(capacity_), ", asked for ",
-                       count == 1 ? "" : absl::StrCat(count, " x "), FormatBytes(rounded)));
+      return NoRoom(free, rounded, count);
     }
   }
   return CheckBacking(rounded, count);
@@ -141,10 +145,7 @@ absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t siz
     absl::MutexLock lock(&accounting_->mu);
     if (capacity_ != 0 && rounded > capacity_ - accounting_->used) {
       ++accounting_->failures;
-      return HeapRefused(
-          HeapRefusal::kFull,
-          absl::StrCat("heap '", name_, "' has ", FormatBytes(capacity_ - accounting_->used),
-                       " free of ", FormatBytes(capacity_), ", asked for ", FormatBytes(rounded)));
+      return NoRoom(capacity_ - accounting_->used, rounded, 1);
     }
     if (rounded > std::numeric_limits<uint64_t>::max() - accounting_->used) {
       ++accounting_->failures;

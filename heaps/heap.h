@@ -229,6 +229,8 @@ class AccountedHeap : public Heap {
   absl::StatusOr<uint64_t> Round(uint64_t size) const;
   // The largest-allocation refusal for `rounded`, if any.
   absl::Status CheckSize(uint64_t rounded) const;
+  // The refusal of `count` buffers of `rounded` bytes with `free` left.
+  absl::Status NoRoom(uint64_t free, uint64_t rounded, uint64_t count) const;
 
   // Shared with every HeapBuffer's on_free.
   std::shared_ptr<Accounting> accounting_;

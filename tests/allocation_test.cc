@@ -58,14 +58,19 @@ class AllocationTest : public DaemonTest {
  protected:
   void SetUp() override { StartDaemon(kConfig); }
 
-  uint64_t HeapUsed(const std::string& name) {
+  // The heap as ListHeaps reports it (used ~0 if the call fails or there
+  // is no such heap).
+  v1::HeapInfo Heap(const std::string& name) {
+    v1::HeapInfo missing;
+    missing.set_used(~uint64_t{0});
     auto heaps = client_->ListHeaps();
-    if (!heaps.ok()) return ~uint64_t{0};
+    if (!heaps.ok()) return missing;
     for (const auto& heap : heaps->heaps()) {
-      if (heap.name() == name) return heap.used();
+      if (heap.name() == name) return heap;
     }
-    return ~uint64_t{0};
+    return missing;
   }
+  uint64_t HeapUsed(const std::string& name) { return Heap(name).used(); }
 
   // Bytes the test's session is charged on `heap`.
   uint64_t Charged(const std::string& heap) {
@@ -209,15 +214,7 @@ TEST_F(AllocationTest, AllocateSetIsAllOrNothing) {
 }
 
 TEST_F(AllocationTest, AllocateSetFallsBackAsOneAndQuotaIsCheckedForAll) {
-  auto carveout = [&] {
-    v1::HeapInfo found;
-    auto heaps = client_->ListHeaps();
-    for (const auto& heap : heaps->heaps()) {
-      if (heap.name() == "carveout") found = heap;
-    }
-    return found;
-  };
-  const v1::HeapInfo before = carveout();
+  const v1::HeapInfo before = Heap("carveout");
   // Three 2 MiB frames do not fit carveout (4 MiB): all three land on system,
   // and carveout is not made to punch and prefault the two that would fit.
   absl::StatusOr<std::vector<Buffer>> set =
@@ -230,8 +227,8 @@ TEST_F(AllocationTest, AllocateSetFallsBackAsOneAndQuotaIsCheckedForAll) {
     EXPECT_EQ(buffer.skipped()[0].message(),
               "heap 'carveout' has 4 MiB free of 4 MiB, asked for 3 x 2 MiB");
   }
-  EXPECT_EQ(carveout().allocations(), before.allocations()) << "none was made on carveout";
-  EXPECT_EQ(carveout().failures(), before.failures() + 1) << "the refusal is counted";
+  EXPECT_EQ(Heap("carveout").allocations(), before.allocations()) << "none was made on carveout";
+  EXPECT_EQ(Heap("carveout").failures(), before.failures() + 1) << "the refusal is counted";
   EXPECT_EQ(HeapUsed("carveout"), 0u);
   set->clear();
   // 6 x 8 MiB is over the 40 MiB session quota: refused before any is made.
@@ -556,6 +553,18 @@ TEST_F(AllocationTest, BadRequestsAreRefusedByNameAndLeaveNothing) {
     EXPECT_EQ(LiveBuffers(), 0u);
     EXPECT_EQ(Charged("system"), 0u);
   }
+  // A plain Allocate is checked for unknown fields too.
+  v1::AllocateRequest plain;
+  plain.set_heap("system");
+  plain.set_size(4096);
+  plain.GetReflection()->MutableUnknownFields(&plain)->AddVarint(99, 1);
+  v1::AllocateResponse allocated;
+  grpc::Status status = raw->stub->Allocate(raw->Context().get(), plain, &allocated);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(status.error_message(),
+            "request has field number 99, which this daemon does not know (a newer client?); "
+            "nothing was done");
+  EXPECT_EQ(LiveBuffers(), 0u);
   raw = absl::CancelledError();
   ExpectBaseline();
 }
