@@ -107,6 +107,9 @@ struct Producer {
   std::string release_token;
   uint64_t next = 1;
   uint64_t last = 0;
+  // When it joined and left (0: still here), for its frames per second.
+  uint64_t joined_ns = 0;
+  uint64_t left_ns = 0;
   Counters second;
   Counters total;
 };
@@ -139,7 +142,7 @@ class Compositor {
   bufferd::frames::Region SlotRegion(uint32_t slot) const;
   void MaybeWritePng();
   void Summary(double at_seconds);
-  void Results(double seconds);
+  void Results();
 
   Options options_;
   std::optional<bufferd::Client> client_;
@@ -261,6 +264,7 @@ void Compositor::Greet(Pending& pending) {
     (*producer)->pid = peer->pid;
   }
   Producer& p = **producer;
+  p.joined_ns = NowNs();
   slots_[*slot] = *std::move(producer);
   ++joined_;
   Note(options_, absl::StrCat("producer ", p.name, " (pid ", p.pid, ") joined in slot ", p.slot,
@@ -412,6 +416,7 @@ void Compositor::Leave(uint32_t slot, const std::string& why) {
   if (p == nullptr) return;
   Note(options_, absl::StrCat("producer ", p->name, " (slot ", slot, ") left after ",
                               p->total.frames, " frames (last ", p->last, "): ", why));
+  p->left_ns = NowNs();
   bufferd::frames::Fill(SlotRegion(slot), kEmpty);
   // Its buffers, mappings and timelines go now; the counters stay.
   p->maps.clear();
@@ -457,13 +462,15 @@ void Compositor::Summary(double at_seconds) {
   }
 }
 
-void Compositor::Results(double seconds) {
+void Compositor::Results() {
   std::vector<const Producer*> all;
   for (const std::unique_ptr<Producer>& p : gone_) all.push_back(p.get());
   for (const std::unique_ptr<Producer>& p : slots_) {
     if (p != nullptr) all.push_back(p.get());
   }
+  const uint64_t now = NowNs();
   for (const Producer* p : all) {
+    const double seconds = static_cast<double>((p->left_ns ? p->left_ns : now) - p->joined_ns) / 1e9;
     std::vector<uint64_t> samples = p->total.handoff_ns;
     const uint64_t p50 = bufferd::frames::Quantile(samples, 0.5);
     const uint64_t p99 = bufferd::frames::Quantile(samples, 0.99);
@@ -553,7 +560,7 @@ int Compositor::Run() {
     std::sort(greeted.rbegin(), greeted.rend());
     for (size_t index : greeted) pending_.erase(pending_.begin() + static_cast<ptrdiff_t>(index));
   }
-  Results(static_cast<double>(NowNs() - start) / 1e9);
+  Results();
   return 0;
 }
 
