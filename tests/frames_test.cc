@@ -6,10 +6,14 @@
 // composing the other; killing the compositor makes producers exit with a
 // clear message. Hostile connections to the compositor are refused with a
 // reason and change nothing.
+#include <poll.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -198,6 +202,41 @@ TEST_F(FramesTest, HostileHellosAreRefusedWithAReason) {
   struct stat info;
   ASSERT_EQ(::stat(Path("compositor.sock").c_str(), &info), 0);
   EXPECT_EQ(info.st_mode & 077, 0u);
+  if (::geteuid() == 0) {
+    // Let the stranger through the test's dir, so that only the socket's own
+    // mode stands in its way.
+    struct stat root;
+    ASSERT_EQ(::stat(daemon_->root().c_str(), &root), 0);
+    ASSERT_EQ(::chmod(daemon_->root().c_str(), 0711), 0);
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    const std::string path = Path("compositor.sock");
+    ASSERT_LT(path.size(), sizeof(address.sun_path));
+    std::memcpy(address.sun_path, path.c_str(), path.size() + 1);
+    absl::StatusOr<ChildProcess> stranger = ChildProcess::Fork(
+        [&] {
+          const int fd = ::socket(AF_UNIX, SOCK_SEQPACKET, 0);
+          if (fd < 0) return 2;
+          if (::connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof(address)) == 0) {
+            return 1;
+          }
+          return errno == EACCES ? 0 : 3;
+        },
+        {.uid = 65534, .gid = 65534});
+    ASSERT_TRUE(stranger.ok()) << stranger.status();
+    EXPECT_EQ(stranger->Wait(), 0) << "another uid could connect to the compositor";
+    ASSERT_EQ(::chmod(daemon_->root().c_str(), root.st_mode & 07777), 0);
+  }
+  // A connection that says nothing is hung up on after 2 s.
+  {
+    absl::StatusOr<UnixSocket> silent = UnixSocket::ConnectSeqPacket(Path("compositor.sock"));
+    ASSERT_TRUE(silent.ok());
+    pollfd p{silent->fd(), POLLIN, 0};
+    ASSERT_EQ(::poll(&p, 1, 10000), 1) << "still connected after 10 s";
+    absl::StatusOr<UnixSocket::Received> end = silent->RecvWithFds(4096, true, 0);
+    ASSERT_TRUE(end.ok()) << end.status();
+    EXPECT_TRUE(end->eof);
+  }
 
   // A plain (not frame) buffer and a frame of the wrong format.
   absl::StatusOr<Buffer> plain = client_->Allocate({.heap = "system", .size = 4096});
