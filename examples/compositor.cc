@@ -30,6 +30,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
+#include <cstring>
 #include <cstdio>
 #include <memory>
 #include <optional>
@@ -47,6 +49,7 @@
 #include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "client/client.h"
+#include "examples/cli.h"
 #include "examples/frames.h"
 #include "examples/png_io.h"
 
@@ -97,9 +100,10 @@ struct Producer {
   std::vector<bufferd::Mapping> maps;
   // Where each buffer's pixels are (in its mapping, or in `staging`).
   std::vector<bufferd::frames::ConstRegion> regions;
-  // Buffers whose pages a holder could pull from under a mapping (hugetlb):
-  // read with pread (Buffer::Read) into this copy instead.
-  bool staged = false;
+  // Per buffer: its pages could be pulled from under a mapping (hugetlb),
+  // so it is read with pread (Buffer::Read) into `staging` instead (and
+  // its entry in `maps` is empty).
+  std::vector<bool> staged;
   std::vector<uint8_t> staging;
   std::optional<bufferd::Timeline> acquire;
   std::optional<bufferd::Timeline> release;
@@ -122,9 +126,14 @@ struct Pending {
 class Compositor {
  public:
   explicit Compositor(Options options) : options_(std::move(options)) {}
-  // Removes the socket it created.
+  // Removes the socket it created, if it is still that one (not one a later
+  // compositor made after someone removed ours).
   ~Compositor() {
-    if (listening_) ::unlink(options_.listen.c_str());
+    struct stat now;
+    if (listening_ && ::lstat(options_.listen.c_str(), &now) == 0 &&
+        std::pair(now.st_dev, now.st_ino) == listen_inode_) {
+      ::unlink(options_.listen.c_str());
+    }
   }
 
   int Run();
@@ -148,6 +157,7 @@ class Compositor {
   std::optional<bufferd::Client> client_;
   bufferd::UnixSocket listener_;
   bool listening_ = false;
+  std::pair<dev_t, ino_t> listen_inode_;
   std::optional<bufferd::Buffer> output_;
   bufferd::Mapping output_map_;
   bufferd::frames::Region output_region_;
@@ -158,12 +168,30 @@ class Compositor {
   uint32_t joined_ = 0;
   uint64_t composed_ = 0;
   uint64_t pngs_ = 0;
+  uint64_t png_failures_ = 0;
 };
 
 void Note(const Options& options, const std::string& line) {
   if (options.quiet) return;
   std::printf("compositor: %s\n", line.c_str());
   std::fflush(stdout);
+}
+
+// Why `path` cannot be listened on, if something is there already: a live
+// compositor (a connect succeeds), a stale socket, or something else. Never
+// removes anything.
+absl::Status CheckListenPath(const std::string& path) {
+  struct stat there;
+  if (::lstat(path.c_str(), &there) != 0) return absl::OkStatus();
+  if (!S_ISSOCK(there.st_mode)) {
+    return absl::AlreadyExistsError(
+        absl::StrCat(path, " exists and is not a socket: give --listen another path"));
+  }
+  if (bufferd::UnixSocket::ConnectSeqPacket(path).ok()) {
+    return absl::AlreadyExistsError(absl::StrCat("a compositor is listening on ", path));
+  }
+  return absl::AlreadyExistsError(absl::StrCat(
+      path, " is a stale socket (nobody listens on it): remove it, or give --listen another path"));
 }
 
 absl::Status Compositor::Start() {
@@ -186,18 +214,19 @@ absl::Status Compositor::Start() {
                     options_.width * options_.producers, options_.height};
   bufferd::frames::Fill(output_region_, kEmpty);
   output_.emplace(std::move(output));
+  RETURN_IF_ERROR(CheckListenPath(options_.listen));
   // Only this uid may connect (checked again per connection).
   const mode_t old_umask = ::umask(0077);
   absl::StatusOr<bufferd::UnixSocket> listener =
       bufferd::UnixSocket::ListenSeqPacket(options_.listen);
   ::umask(old_umask);
-  if (!listener.ok()) {
-    return absl::Status(listener.status().code(),
-                        absl::StrCat(listener.status().message(),
-                                     " (a compositor running there, or a stale socket: remove it)"));
-  }
+  RETURN_IF_ERROR(listener.status());
   listener_ = *std::move(listener);
-  listening_ = true;
+  struct stat made;
+  if (::lstat(options_.listen.c_str(), &made) == 0) {
+    listening_ = true;
+    listen_inode_ = {made.st_dev, made.st_ino};
+  }
   // Accept() takes every waiting connection and stops at EAGAIN.
   if (::fcntl(listener_.fd(), F_SETFL, ::fcntl(listener_.fd(), F_GETFL) | O_NONBLOCK) != 0) {
     return bufferd::ErrnoError("fcntl(O_NONBLOCK)", errno);
@@ -231,8 +260,17 @@ void Compositor::Accept() {
 
 void Compositor::Greet(Pending& pending) {
   absl::StatusOr<bufferd::UnixSocket::Received> record =
-      pending.socket.RecvWithFds(bufferd::frames::kMaxRecord + 1, true, 0);
-  if (!record.ok() || record->eof) return;
+      pending.socket.RecvWithFds(bufferd::frames::kMaxRecord, true, 0);
+  if (record.ok() && record->eof) return;
+  if (!record.ok()) {
+    if (absl::IsUnavailable(record.status())) return;  // nothing after all
+    // Too long, or carrying fds (closed unread).
+    const std::string why =
+        absl::StrCat("not a hello (at most ", bufferd::frames::kMaxRecord, " bytes, no fds)");
+    (void)pending.socket.Send(bufferd::frames::FormatRefusal(why), {}, true);
+    Note(options_, absl::StrCat("refused a producer: ", why));
+    return;
+  }
   absl::StatusOr<bufferd::frames::Hello> hello = bufferd::frames::ParseHello(record->bytes);
   std::optional<uint32_t> slot;
   for (uint32_t i = 0; i < options_.producers; ++i) {
@@ -268,9 +306,10 @@ void Compositor::Greet(Pending& pending) {
   slots_[*slot] = *std::move(producer);
   ++joined_;
   Note(options_, absl::StrCat("producer ", p.name, " (pid ", p.pid, ") joined in slot ", p.slot,
-                              ": ", p.buffers.size(), " buffers of ", p.regions[0].width, "x",
+                              ": ", p.buffers.size(), p.buffers.size() == 1 ? " buffer" : " buffers",
+                              " of ", p.regions[0].width, "x",
                               p.regions[0].height, " from heap '", p.buffers[0].heap(), "'",
-                              p.staged ? " (hugetlb: read with pread, never mapped)" : ""));
+                              p.staging.empty() ? "" : " (hugetlb: read with pread, never mapped)"));
   if (!Service(p)) return;
 }
 
@@ -279,6 +318,7 @@ absl::StatusOr<std::unique_ptr<Producer>> Compositor::Admit(const bufferd::frame
   auto p = std::make_unique<Producer>();
   p->slot = slot;
   p->name = hello.name;
+  std::optional<bufferd::FrameFormat> first;
   for (uint32_t i = 0; i < hello.buffer_tokens.size(); ++i) {
     absl::StatusOr<bufferd::Buffer> buffer = client_->Import(hello.buffer_tokens[i]);
     if (!buffer.ok()) {
@@ -292,31 +332,47 @@ absl::StatusOr<std::unique_ptr<Producer>> Compositor::Admit(const bufferd::frame
       return absl::InvalidArgumentError(absl::StrCat(
           "buffer ", i, " is not an ABGR8888 frame at least ", bufferd::frames::kMinWidth,
           " pixels wide (it is ",
-          frame ? absl::StrCat(frame->width, "x", frame->height, " ", bufferd::FourccName(frame->fourcc))
-                : "no frame",
+          frame ? absl::StrCat(frame->width, "x", frame->height, " ",
+                               bufferd::FourccName(frame->fourcc))
+                : "not a frame",
           ")"));
     }
-    if (i > 0 && (frame->width != p->regions[0].width || frame->height != p->regions[0].height)) {
+    // Nothing larger than a place is taken: no producer makes the
+    // compositor read (or check) more than it shows.
+    if (frame->width > options_.width || frame->height > options_.height) {
       return absl::InvalidArgumentError(absl::StrCat("buffer ", i, " is ", frame->width, "x",
-                                                     frame->height, ", buffer 0 ",
-                                                     p->regions[0].width, "x",
-                                                     p->regions[0].height));
+                                                     frame->height, ", larger than a place (",
+                                                     options_.width, "x", options_.height, ")"));
     }
+    // Every buffer laid out alike (stride included): one staging copy
+    // serves them all.
+    if (first && *frame != *first) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "buffer ", i, " is laid out unlike buffer 0 (", frame->width, "x", frame->height,
+          " stride ", frame->planes[0].stride, " vs ", first->width, "x", first->height,
+          " stride ", first->planes[0].stride, ")"));
+    }
+    first = frame;
     const bufferd::v1::Backing backing = buffer->info().backing();
-    p->staged = backing == bufferd::v1::BACKING_HUGETLB_2M ||
-                backing == bufferd::v1::BACKING_HUGETLB_1G;
-    const bufferd::PlaneLayout plane = frame->planes[0];
-    if (p->staged) {
-      p->staging.resize(frame->size);
-      p->regions.push_back({p->staging.data() + plane.offset, plane.stride, frame->width,
-                            frame->height});
-    } else {
-      ASSIGN_OR_RETURN(bufferd::Mapping map, buffer->MapReadOnly());
-      p->regions.push_back({map.data() + plane.offset, plane.stride, frame->width,
-                            frame->height});
-      p->maps.push_back(std::move(map));
+    const bool staged = backing == bufferd::v1::BACKING_HUGETLB_2M ||
+                        backing == bufferd::v1::BACKING_HUGETLB_1G;
+    p->staged.push_back(staged);
+    bufferd::Mapping map;
+    if (!staged) {
+      ASSIGN_OR_RETURN(map, buffer->MapReadOnly());
     }
+    p->maps.push_back(std::move(map));
     p->buffers.push_back(*std::move(buffer));
+  }
+  // Where each buffer's pixels are read: its mapping, or the staging copy
+  // Read() fills for a hugetlb buffer (sized once, never moved).
+  const bufferd::PlaneLayout plane = first->planes[0];
+  if (std::find(p->staged.begin(), p->staged.end(), true) != p->staged.end()) {
+    p->staging.resize(first->size);
+  }
+  for (size_t i = 0; i < p->buffers.size(); ++i) {
+    const uint8_t* base = p->staged[i] ? p->staging.data() : p->maps[i].data();
+    p->regions.push_back({base + plane.offset, plane.stride, first->width, first->height});
   }
   absl::StatusOr<bufferd::Timeline> acquire = client_->ImportTimeline(hello.acquire_token);
   if (!acquire.ok()) {
@@ -362,8 +418,14 @@ bool Compositor::Service(Producer& p) {
         ++p.total.late;
         p.next = result.point + 1;
         break;
+      case bufferd::v1::FENCE_STATUS_CANCELLED:
+        Leave(p.slot, "it stopped (its acquire timeline ended: CANCELLED)");
+        return false;
+      case bufferd::v1::FENCE_STATUS_OWNER_DIED:
+        Leave(p.slot, "its session ended (its acquire timeline failed OWNER_DIED)");
+        return false;
       default:
-        Leave(p.slot, absl::StrCat("its timeline ended: ",
+        Leave(p.slot, absl::StrCat("its acquire timeline failed ",
                                    bufferd::v1::FenceStatus_Name(result.status)));
         return false;
     }
@@ -374,7 +436,7 @@ void Compositor::Read(Producer& p, uint64_t frame) {
   const uint64_t start = NowNs();
   const size_t index = frame % p.regions.size();
   const bufferd::frames::ConstRegion& region = p.regions[index];
-  if (p.staged) {
+  if (p.staged[index]) {
     if (absl::Status read = p.buffers[index].Read(0, p.staging); !read.ok()) {
       Note(options_, absl::StrCat("reading ", p.name, "'s frame ", frame, ": ", read.ToString()));
     }
@@ -436,12 +498,13 @@ bufferd::frames::Region Compositor::SlotRegion(uint32_t slot) const {
 void Compositor::MaybeWritePng() {
   if (options_.png.empty() || composed_ % options_.png_every != 0) return;
   const std::string path = absl::StrReplaceAll(options_.png, {{"{n}", absl::StrCat(pngs_)}});
-  ++pngs_;
   const bufferd::frames::ConstRegion picture{output_region_.data, output_region_.stride,
                                              output_region_.width, output_region_.height};
   if (absl::Status written = bufferd::frames::WritePng(path, picture); !written.ok()) {
-    Note(options_, written.ToString());
+    if (png_failures_++ == 0) Note(options_, absl::StrCat(written.ToString(), " (said once)"));
+    return;
   }
+  ++pngs_;
 }
 
 std::string Figures(const Counters& c, double seconds) {
@@ -481,7 +544,8 @@ void Compositor::Results() {
         seconds > 0 ? static_cast<double>(p->total.frames) / seconds : 0.0, p50, p99,
         p->total.dropped, p->total.late, p->total.torn, p->total.failed);
   }
-  std::printf("compositor: %lu frames composed, %lu PNGs written\n", composed_, pngs_);
+  Note(options_, absl::StrCat(composed_, " frames composed, ", pngs_, " PNGs written",
+                              png_failures_ != 0 ? absl::StrCat(", ", png_failures_, " failed") : ""));
   std::fflush(stdout);
 }
 
@@ -503,7 +567,8 @@ int Compositor::Run() {
     if (now >= end) break;
     if (now >= next_summary) {
       Summary(static_cast<double>(now - start) / 1e9);
-      next_summary += 1'000'000'000;
+      // After a stall, the next summary a second from now, not a burst.
+      while (next_summary <= now) next_summary += 1'000'000'000;
     }
     if (options_.exit_when_done && joined_ >= options_.producers &&
         std::all_of(slots_.begin(), slots_.end(), [](const auto& p) { return p == nullptr; })) {
@@ -592,23 +657,32 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1u, 1000000u))
       ->capture_default_str();
   app.add_option("--seconds", options.seconds, "stop after this long (0: never)")
-      ->check(CLI::Range(0.0, 1e6));
+      ->check(bufferd::examples::FiniteRange(0, 1e6));
   app.add_flag("--exit-when-done", options.exit_when_done,
                "exit once --producers producers have joined and all have left");
   app.add_flag("--no-compose", options.no_compose,
                "read only each frame's header (the cost of the handoff)");
   app.add_flag("--verify", options.verify, "check every pixel of every frame (counts torn)");
   app.add_option("--late-ms", options.late_ms, "a handoff slower than this is late")
+      ->check(bufferd::examples::FiniteRange(0, 1e6))
       ->capture_default_str();
   app.add_option("--release-deadline-ms", options.release_deadline_ms,
                  "a release a producer waits for longer fails DEADLINE_EXCEEDED")
       ->check(CLI::Range(10u, 300000u))
       ->capture_default_str();
   app.add_flag("--quiet", options.quiet, "print only the RESULT lines");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e) == 0 ? 0 : 2;
+  if (int code = bufferd::examples::ParseCommandLine(app, argc, argv, "compositor"); code >= 0) {
+    return code;
+  }
+  if (!options.png.empty()) {
+    // Fail now, not at the first PNG.
+    const size_t slash = options.png.rfind('/');
+    const std::string dir = slash == std::string::npos ? "." : options.png.substr(0, slash + 1);
+    if (::access(dir.c_str(), W_OK | X_OK) != 0) {
+      std::fprintf(stderr, "compositor: --png: cannot write in %s: %s\n", dir.c_str(),
+                   std::strerror(errno));
+      return 2;
+    }
   }
   struct sigaction stop {};
   stop.sa_handler = OnStop;

@@ -30,6 +30,7 @@
 #include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "client/client.h"
+#include "examples/cli.h"
 #include "examples/frames.h"
 
 namespace {
@@ -133,13 +134,18 @@ int Run(const Options& options) {
   const uint64_t end_ns =
       options.seconds > 0 ? start + static_cast<uint64_t>(options.seconds * 1e9) : UINT64_MAX;
   uint64_t waited_ns = 0;
+  uint64_t due = start;
   uint64_t frame = 1;
   int code = 0;
   for (; g_stop == 0 && (options.frames == 0 || frame <= options.frames); ++frame) {
     if (period_ns != 0) {
-      const uint64_t due = start + (frame - 1) * period_ns;
       const uint64_t now = NowNs();
-      if (due > now) std::this_thread::sleep_for(std::chrono::nanoseconds(due - now));
+      if (due > now) {
+        std::this_thread::sleep_for(std::chrono::nanoseconds(due - now));
+      } else if (now - due > period_ns) {
+        due = now;  // late by more than a frame (stopped, starved): go on from now, no burst
+      }
+      due += period_ns;
     }
     if (NowNs() >= end_ns) break;
     // The buffer is ours again once the compositor released the frame that
@@ -224,20 +230,20 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->excludes(heap);
   app.add_option("--fps", options.fps, "frames per second (0: as fast as released)")
-      ->check(CLI::Range(0.0, 10000.0))
+      ->check(bufferd::examples::FiniteRange(0, 10000))
       ->capture_default_str();
   app.add_option("--seconds", options.seconds, "stop after this long (0: never)")
-      ->check(CLI::Range(0.0, 1e6));
-  app.add_option("--frames", options.frames, "stop after this many frames (0: never)");
+      ->check(bufferd::examples::FiniteRange(0, 1e6));
+  app.add_option("--frames", options.frames, "stop after this many frames (0: never)")
+      ->check(bufferd::examples::FiniteRange(0, 1e12));
   app.add_flag("--no-draw", options.no_draw, "write only the header (the cost of the handoff)");
   app.add_option("--deadline-ms", options.deadline_ms,
                  "a frame the compositor waits for longer fails DEADLINE_EXCEEDED")
       ->check(CLI::Range(10u, 300000u))
       ->capture_default_str();
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return app.exit(e) == 0 ? 0 : 2;
+  if (int code = bufferd::examples::ParseCommandLine(app, argc, argv, "frame_producer");
+      code >= 0) {
+    return code;
   }
   if (options.in_flight > options.buffers) {
     std::fprintf(stderr, "frame_producer: --in-flight %u is more than --buffers %u\n",

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -244,6 +245,19 @@ TEST_F(FramesTest, HostileHellosAreRefusedWithAReason) {
   absl::StatusOr<Buffer> nv12 = client_->Allocate(
       {.heap = "system", .frame = FrameRequest{.width = 64, .height = 64, .fourcc = 0x3231564e}});
   ASSERT_TRUE(nv12.ok());
+  // Frames of the right format: one larger than a place, two laid out
+  // differently (rows 640 and 4096 bytes apart).
+  auto frame = [&](uint32_t width, uint32_t alignment) {
+    return client_->Allocate({.heap = "system",
+                              .frame = FrameRequest{.width = width,
+                                                    .height = kHeight,
+                                                    .fourcc = frames::kFourcc,
+                                                    .stride_alignment = alignment}});
+  };
+  absl::StatusOr<Buffer> wide = frame(2 * kWidth, 0);
+  absl::StatusOr<Buffer> tight = frame(kWidth, 64);
+  absl::StatusOr<Buffer> loose = frame(kWidth, 4096);
+  ASSERT_TRUE(wide.ok() && tight.ok() && loose.ok());
   auto token = [](absl::StatusOr<std::string> t) { return t.ok() ? *t : std::string("bad"); };
 
   struct Case {
@@ -259,6 +273,12 @@ TEST_F(FramesTest, HostileHellosAreRefusedWithAReason) {
        "buffer 0 is not an ABGR8888 frame"},
       {absl::StrCat("HELLO 1 x t ", token(nv12->Export(Access::kReadOnly))),
        "buffer 0 is not an ABGR8888 frame at least 64 pixels wide (it is 64x64 NV12)"},
+      {absl::StrCat("HELLO 1 x t ", token(wide->Export(Access::kReadOnly))),
+       "buffer 0 is 320x90, larger than a place (160x90)"},
+      {absl::StrCat("HELLO 1 x t ", token(tight->Export(Access::kReadOnly)), " ",
+                    token(loose->Export(Access::kReadOnly))),
+       "buffer 1 is laid out unlike buffer 0 (160x90 stride 4096 vs 160x90 stride 640)"},
+      {std::string(4096, 'H'), "not a hello (at most 2048 bytes, no fds)"},
   };
   for (const Case& c : cases) {
     absl::StatusOr<UnixSocket> socket = UnixSocket::ConnectSeqPacket(Path("compositor.sock"));
@@ -313,8 +333,44 @@ TEST_F(FramesTest, HostileHellosAreRefusedWithAReason) {
   EXPECT_EQ(compositor.Wait(), 0);
   // The compositor removed its socket.
   EXPECT_FALSE(std::filesystem::exists(Path("compositor.sock")));
-  plain = absl::CancelledError();
-  nv12 = absl::CancelledError();
+  for (absl::StatusOr<Buffer>* b : {&plain, &nv12, &wide, &tight, &loose}) {
+    *b = absl::CancelledError();
+  }
+  ExpectBaseline();
+}
+
+// --listen never replaces what is there: a live compositor, a stale socket
+// and a file are each refused with what they are, and left alone.
+TEST_F(FramesTest, ListenPathsAreCheckedNotReplaced) {
+  auto start_on = [&](const std::string& path) {
+    const std::string log = Path("second.log");
+    std::remove(log.c_str());
+    absl::StatusOr<ChildProcess> second = ChildProcess::Spawn(
+        BinaryPath("examples/compositor"),
+        {"--socket-dir", daemon_->socket_dir(), "--listen", path, "--seconds", "30"},
+        {.output_path = log});
+    EXPECT_TRUE(second.ok()) << second.status();
+    EXPECT_EQ(second->Wait(), 1);
+    return ReadFile(log);
+  };
+  ChildProcess compositor = StartCompositor({"--seconds", "60"});
+  EXPECT_THAT(start_on(Path("compositor.sock")),
+              HasSubstr("a compositor is listening on " + Path("compositor.sock")));
+  {
+    // A socket whose listener is gone.
+    absl::StatusOr<UnixSocket> stale = UnixSocket::ListenSeqPacket(Path("stale.sock"));
+    ASSERT_TRUE(stale.ok());
+  }
+  EXPECT_THAT(start_on(Path("stale.sock")), HasSubstr("is a stale socket (nobody listens on it)"));
+  std::ofstream(Path("file")) << "keep me\n";
+  EXPECT_THAT(start_on(Path("file")), HasSubstr("exists and is not a socket"));
+  EXPECT_EQ(ReadFile(Path("file")), "keep me\n");
+  EXPECT_TRUE(std::filesystem::exists(Path("stale.sock")));
+  // The first compositor still serves.
+  ChildProcess producer = StartProducer("still", {"--fps", "100", "--frames", "20"});
+  EXPECT_EQ(producer.Wait(), 0) << ReadFile(Path("still.log"));
+  compositor.Kill(SIGTERM);
+  EXPECT_EQ(compositor.Wait(), 0);
   ExpectBaseline();
 }
 
