@@ -88,7 +88,9 @@ struct Pixels {
     for (uint8_t* map : {sources[0], sources[1], sources[2], output}) ::munmap(map, size);
   }
   frames::Region Source(int i) const { return {sources[i % 3], width * 4, width, height}; }
-  frames::ConstRegion ConstSource(int i) const { return {sources[i % 3], width * 4, width, height}; }
+  frames::ConstRegion ConstSource(int i) const {
+    return {sources[i % 3], width * 4, width, height};
+  }
   frames::Region Output() const { return {output, width * 4, width, height}; }
   uint32_t width;
   uint32_t height;
@@ -96,7 +98,6 @@ struct Pixels {
   uint8_t* sources[3];
   uint8_t* output;
 };
-
 
 constexpr int kMaxFloorFrames = 100000;
 
@@ -122,9 +123,8 @@ enum class Notify { kEventfd, kSocket };
 // (frames::DrawFrame, frames::CopyPixels): the same pixel work with no
 // daemon and no library.
 Figures Floor(int consumer_cpu, int frames, Notify notify, const Pixels* pixels = nullptr) {
-  auto* shared = static_cast<FloorShared*>(::mmap(nullptr, sizeof(FloorShared),
-                                                  PROT_READ | PROT_WRITE,
-                                                  MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+  auto* shared = static_cast<FloorShared*>(::mmap(
+      nullptr, sizeof(FloorShared), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
   if (shared == MAP_FAILED) Die("mmap");
   new (shared) FloorShared();
   int pair[2] = {-1, -1};
@@ -178,10 +178,9 @@ Figures Floor(int consumer_cpu, int frames, Notify notify, const Pixels* pixels 
   ::close(pair[0]);
   if (pair[1] != pair[0]) ::close(pair[1]);
   std::vector<uint64_t> samples(shared->handoff_ns, shared->handoff_ns + frames);
-  Figures figures{
-      .fps = frames * 1e9 / static_cast<double>(shared->end_ns - shared->start_ns),
-      .handoff_p50_us = static_cast<double>(frames::Quantile(samples, 0.5)) / 1e3,
-      .handoff_p99_us = static_cast<double>(frames::Quantile(samples, 0.99)) / 1e3};
+  Figures figures{.fps = frames * 1e9 / static_cast<double>(shared->end_ns - shared->start_ns),
+                  .handoff_p50_us = static_cast<double>(frames::Quantile(samples, 0.5)) / 1e3,
+                  .handoff_p99_us = static_cast<double>(frames::Quantile(samples, 0.99)) / 1e3};
   ::munmap(shared, sizeof(FloorShared));
   return figures;
 }
@@ -208,21 +207,27 @@ double Value(const std::string& line, const std::string& key) {
 Figures Example(const Paths& paths, const std::string& socket_dir, const std::string& root,
                 int compositor_cpu, int frames, uint32_t width, uint32_t height, bool draw) {
   const std::string listen = absl::StrCat(root, "/compositor.sock");
-  std::vector<std::string> args = {"--socket-dir", socket_dir,     "--listen",  listen,
-                                   "--producers",  "1",            "--width",   absl::StrCat(width),
-                                   "--height",     absl::StrCat(height), "--exit-when-done",
-                                   "--quiet",      "--heap",       "system"};
+  std::vector<std::string> args = {"--socket-dir",     socket_dir,
+                                   "--listen",         listen,
+                                   "--producers",      "1",
+                                   "--width",          absl::StrCat(width),
+                                   "--height",         absl::StrCat(height),
+                                   "--exit-when-done", "--quiet",
+                                   "--heap",           "system"};
   if (!draw) args.push_back("--no-compose");
   auto compositor = testing::ChildProcess::Spawn(paths.compositor, args,
                                                  {.cpu = compositor_cpu, .capture_stdout = true});
   if (!compositor.ok()) Die(compositor.status().ToString());
   for (int i = 0; i < 500 && ::access(listen.c_str(), F_OK) != 0; ++i) ::usleep(10000);
-  std::vector<std::string> producer_args = {
-      "--socket-dir", socket_dir,           "--compositor", listen,
-      "--name",       "bench",              "--width",      absl::StrCat(width),
-      "--height",     absl::StrCat(height), "--fps",        "0",
-      "--in-flight",  "1",                  "--frames",     absl::StrCat(frames),
-      "--heap",       "system"};
+  std::vector<std::string> producer_args = {"--socket-dir", socket_dir,
+                                            "--compositor", listen,
+                                            "--name",       "bench",
+                                            "--width",      absl::StrCat(width),
+                                            "--height",     absl::StrCat(height),
+                                            "--fps",        "0",
+                                            "--in-flight",  "1",
+                                            "--frames",     absl::StrCat(frames),
+                                            "--heap",       "system"};
   if (!draw) producer_args.push_back("--no-draw");
   auto producer = testing::ChildProcess::Spawn(paths.producer, producer_args,
                                                {.cpu = 0, .output_path = root + "/producer.log"});
@@ -325,8 +330,9 @@ int main(int argc, char** argv) {
     int compositor_cpu;
   };
   const Placement placements[] = {{"same CPU", 0}, {"apart", 1}};
-  std::printf("bufferd frame_bench: producer on CPU 0, daemon on CPU 1, lockstep, %ux%u ABGR8888\n\n",
-              width, height);
+  std::printf(
+      "bufferd frame_bench: producer on CPU 0, daemon on CPU 1, lockstep, %ux%u ABGR8888\n\n",
+      width, height);
   bool all_met = true;
 
   std::printf("1. handoff, drawing off (%d frames per run; us p50 (p99); frames/s)\n",
@@ -340,11 +346,12 @@ int main(int argc, char** argv) {
       const Figures sock = Floor(placement.compositor_cpu, handoff_frames, Notify::kSocket);
       const double ratio = ours.handoff_p50_us / efd.handoff_p50_us;
       ratios.push_back(ratio);
-      std::printf("   %-8s  bufferd %5.1f (%5.1f) %6.0f/s | eventfd floor %5.1f (%5.1f) %6.0f/s "
-                  "%.2fx | socket floor %5.1f (%5.1f) %6.0f/s %.2fx\n",
-                  placement.name, ours.handoff_p50_us, ours.handoff_p99_us, ours.fps,
-                  efd.handoff_p50_us, efd.handoff_p99_us, efd.fps, ratio, sock.handoff_p50_us,
-                  sock.handoff_p99_us, sock.fps, ours.handoff_p50_us / sock.handoff_p50_us);
+      std::printf(
+          "   %-8s  bufferd %5.1f (%5.1f) %6.0f/s | eventfd floor %5.1f (%5.1f) %6.0f/s "
+          "%.2fx | socket floor %5.1f (%5.1f) %6.0f/s %.2fx\n",
+          placement.name, ours.handoff_p50_us, ours.handoff_p99_us, ours.fps, efd.handoff_p50_us,
+          efd.handoff_p99_us, efd.fps, ratio, sock.handoff_p50_us, sock.handoff_p99_us, sock.fps,
+          ours.handoff_p50_us / sock.handoff_p50_us);
     }
     std::sort(ratios.begin(), ratios.end());
     const bool met = ratios[ratios.size() / 2] <= 1.5;
@@ -355,32 +362,34 @@ int main(int argc, char** argv) {
   }
 
   const double megabytes = static_cast<double>(width) * height * 4 / 1e6;
-  std::printf("2. frames/s, drawing on (%d frames per run; %.1f MB drawn and %.1f MB copied per "
-              "frame)\n",
-              draw_frames, megabytes, megabytes);
+  std::printf(
+      "2. frames/s, drawing on (%d frames per run; %.1f MB drawn and %.1f MB copied per "
+      "frame)\n",
+      draw_frames, megabytes, megabytes);
   const Pixels pixels(width, height);
   for (const Placement& placement : placements) {
     std::vector<double> shares;
     for (int round = 0; round < rounds; ++round) {
       const Bandwidth bw = Measure(pixels);
-      const Figures raw =
-          Floor(placement.compositor_cpu, draw_frames, Notify::kEventfd, &pixels);
+      const Figures raw = Floor(placement.compositor_cpu, draw_frames, Notify::kEventfd, &pixels);
       const Figures ours = Example(paths, socket_dir, root, placement.compositor_cpu, draw_frames,
                                    width, height, true);
       const double share = ours.fps / bw.frames_per_second;
       shares.push_back(share);
-      std::printf("   %-8s  bufferd %6.1f/s | bandwidth allows %6.1f/s (memset %.1f GB/s, memcpy "
-                  "%.1f GB/s): %3.0f%% | raw pipeline %6.1f/s: %3.0f%%\n",
-                  placement.name, ours.fps, bw.frames_per_second, bw.memset_gbps, bw.memcpy_gbps,
-                  100 * share, raw.fps, 100 * ours.fps / raw.fps);
+      std::printf(
+          "   %-8s  bufferd %6.1f/s | bandwidth allows %6.1f/s (memset %.1f GB/s, memcpy "
+          "%.1f GB/s): %3.0f%% | raw pipeline %6.1f/s: %3.0f%%\n",
+          placement.name, ours.fps, bw.frames_per_second, bw.memset_gbps, bw.memcpy_gbps,
+          100 * share, raw.fps, 100 * ours.fps / raw.fps);
     }
     std::sort(shares.begin(), shares.end());
     const bool met = shares[shares.size() / 2] >= 0.85;
     all_met &= met;
-    std::printf("   %-8s  %.0f-%.0f%% of what bandwidth allows (median %.0f%%; target >= 85%%: "
-                "%s)\n\n",
-                placement.name, 100 * shares.front(), 100 * shares.back(),
-                100 * shares[shares.size() / 2], met ? "met" : "NOT met");
+    std::printf(
+        "   %-8s  %.0f-%.0f%% of what bandwidth allows (median %.0f%%; target >= 85%%: "
+        "%s)\n\n",
+        placement.name, 100 * shares.front(), 100 * shares.back(), 100 * shares[shares.size() / 2],
+        met ? "met" : "NOT met");
   }
   std::printf("%s\n", all_met ? "all targets met" : "some targets NOT met");
   return 0;

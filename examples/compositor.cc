@@ -31,8 +31,8 @@
 #include <algorithm>
 #include <array>
 #include <cerrno>
-#include <cstring>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -231,10 +231,10 @@ absl::Status Compositor::Start() {
   if (::fcntl(listener_.fd(), F_SETFL, ::fcntl(listener_.fd(), F_GETFL) | O_NONBLOCK) != 0) {
     return bufferd::ErrnoError("fcntl(O_NONBLOCK)", errno);
   }
-  Note(options_, absl::StrCat("listening on ", options_.listen, " for ", options_.producers,
-                              " producers of ", options_.width, "x", options_.height,
-                              "; output ", output_region_.width, "x", output_region_.height,
-                              " from heap '", output_->heap(), "'"));
+  Note(options_,
+       absl::StrCat("listening on ", options_.listen, " for ", options_.producers, " producers of ",
+                    options_.width, "x", options_.height, "; output ", output_region_.width, "x",
+                    output_region_.height, " from heap '", output_->heap(), "'"));
   return absl::OkStatus();
 }
 
@@ -250,8 +250,8 @@ void Compositor::Accept() {
       continue;
     }
     if (pending_.size() >= 16) {
-      (void)socket->Send(bufferd::frames::FormatRefusal("too many connections saying nothing"),
-                         {}, true);
+      (void)socket->Send(bufferd::frames::FormatRefusal("too many connections saying nothing"), {},
+                         true);
       continue;
     }
     pending_.push_back({*std::move(socket), NowNs() + 2'000'000'000});
@@ -282,8 +282,8 @@ void Compositor::Greet(Pending& pending) {
   absl::StatusOr<std::unique_ptr<Producer>> producer =
       !hello.ok() ? absl::StatusOr<std::unique_ptr<Producer>>(hello.status())
       : !slot     ? absl::ResourceExhaustedError(
-                    absl::StrCat("every place is taken (", options_.producers, " producers)"))
-                  : Admit(*hello, *slot);
+                        absl::StrCat("every place is taken (", options_.producers, " producers)"))
+              : Admit(*hello, *slot);
   if (!producer.ok()) {
     const std::string why(producer.status().message());
     (void)pending.socket.Send(bufferd::frames::FormatRefusal(why), {}, true);
@@ -305,11 +305,12 @@ void Compositor::Greet(Pending& pending) {
   p.joined_ns = NowNs();
   slots_[*slot] = *std::move(producer);
   ++joined_;
-  Note(options_, absl::StrCat("producer ", p.name, " (pid ", p.pid, ") joined in slot ", p.slot,
-                              ": ", p.buffers.size(), p.buffers.size() == 1 ? " buffer" : " buffers",
-                              " of ", p.regions[0].width, "x",
-                              p.regions[0].height, " from heap '", p.buffers[0].heap(), "'",
-                              p.staging.empty() ? "" : " (hugetlb: read with pread, never mapped)"));
+  Note(options_,
+       absl::StrCat("producer ", p.name, " (pid ", p.pid, ") joined in slot ", p.slot, ": ",
+                    p.buffers.size(), p.buffers.size() == 1 ? " buffer" : " buffers", " of ",
+                    p.regions[0].width, "x", p.regions[0].height, " from heap '",
+                    p.buffers[0].heap(), "'",
+                    p.staging.empty() ? "" : " (hugetlb: read with pread, never mapped)"));
   if (!Service(p)) return;
 }
 
@@ -322,20 +323,20 @@ absl::StatusOr<std::unique_ptr<Producer>> Compositor::Admit(const bufferd::frame
   for (uint32_t i = 0; i < hello.buffer_tokens.size(); ++i) {
     absl::StatusOr<bufferd::Buffer> buffer = client_->Import(hello.buffer_tokens[i]);
     if (!buffer.ok()) {
-      return absl::Status(buffer.status().code(), absl::StrCat("buffer ", i, ": ",
-                                                               buffer.status().message()));
+      return absl::Status(buffer.status().code(),
+                          absl::StrCat("buffer ", i, ": ", buffer.status().message()));
     }
     // What the daemon says the buffer holds, not what the producer says.
     std::optional<bufferd::FrameFormat> frame = buffer->frame();
     if (!frame || frame->fourcc != bufferd::frames::kFourcc || frame->planes.size() != 1 ||
         frame->width < bufferd::frames::kMinWidth) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "buffer ", i, " is not an ABGR8888 frame at least ", bufferd::frames::kMinWidth,
-          " pixels wide (it is ",
-          frame ? absl::StrCat(frame->width, "x", frame->height, " ",
-                               bufferd::FourccName(frame->fourcc))
-                : "not a frame",
-          ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("buffer ", i, " is not an ABGR8888 frame at least ",
+                       bufferd::frames::kMinWidth, " pixels wide (it is ",
+                       frame ? absl::StrCat(frame->width, "x", frame->height, " ",
+                                            bufferd::FourccName(frame->fourcc))
+                             : "not a frame",
+                       ")"));
     }
     // Nothing larger than a place is taken: no producer makes the
     // compositor read (or check) more than it shows.
@@ -347,15 +348,15 @@ absl::StatusOr<std::unique_ptr<Producer>> Compositor::Admit(const bufferd::frame
     // Every buffer laid out alike (stride included): one staging copy
     // serves them all.
     if (first && *frame != *first) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "buffer ", i, " is laid out unlike buffer 0 (", frame->width, "x", frame->height,
-          " stride ", frame->planes[0].stride, " vs ", first->width, "x", first->height,
-          " stride ", first->planes[0].stride, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("buffer ", i, " is laid out unlike buffer 0 (", frame->width, "x",
+                       frame->height, " stride ", frame->planes[0].stride, " vs ", first->width,
+                       "x", first->height, " stride ", first->planes[0].stride, ")"));
     }
     first = frame;
     const bufferd::v1::Backing backing = buffer->info().backing();
-    const bool staged = backing == bufferd::v1::BACKING_HUGETLB_2M ||
-                        backing == bufferd::v1::BACKING_HUGETLB_1G;
+    const bool staged =
+        backing == bufferd::v1::BACKING_HUGETLB_2M || backing == bufferd::v1::BACKING_HUGETLB_1G;
     p->staged.push_back(staged);
     bufferd::Mapping map;
     if (!staged) {
@@ -376,15 +377,15 @@ absl::StatusOr<std::unique_ptr<Producer>> Compositor::Admit(const bufferd::frame
   }
   absl::StatusOr<bufferd::Timeline> acquire = client_->ImportTimeline(hello.acquire_token);
   if (!acquire.ok()) {
-    return absl::Status(acquire.status().code(), absl::StrCat("acquire timeline: ",
-                                                              acquire.status().message()));
+    return absl::Status(acquire.status().code(),
+                        absl::StrCat("acquire timeline: ", acquire.status().message()));
   }
   p->acquire.emplace(*std::move(acquire));
   ASSIGN_OR_RETURN(p->notify_fd, p->acquire->NotifyFd());
-  ASSIGN_OR_RETURN(bufferd::Timeline release,
-                   client_->CreateTimeline(
-                       {.name = absl::StrCat(hello.name, "-release"),
-                        .deadline = absl::Milliseconds(options_.release_deadline_ms)}));
+  ASSIGN_OR_RETURN(
+      bufferd::Timeline release,
+      client_->CreateTimeline({.name = absl::StrCat(hello.name, "-release"),
+                               .deadline = absl::Milliseconds(options_.release_deadline_ms)}));
   ASSIGN_OR_RETURN(std::string token, release.Export());
   p->release.emplace(std::move(release));
   p->release_token = std::move(token);
@@ -443,7 +444,8 @@ void Compositor::Read(Producer& p, uint64_t frame) {
   }
   Counters* counters[] = {&p.second, &p.total};
   std::optional<bufferd::frames::Header> header = bufferd::frames::ReadHeader(region);
-  bool torn = !header || header->slot != p.slot || header->frame24 != bufferd::frames::Frame24(frame);
+  bool torn =
+      !header || header->slot != p.slot || header->frame24 != bufferd::frames::Frame24(frame);
   if (!torn && options_.verify) {
     const std::string wrong = bufferd::frames::CheckFrame(region, p.slot);
     if (!wrong.empty()) {
@@ -454,8 +456,8 @@ void Compositor::Read(Producer& p, uint64_t frame) {
   if (!options_.no_compose) bufferd::frames::CopyPixels(region, SlotRegion(p.slot));
   // Done reading: every buffer of frames up to this one is the producer's.
   if (absl::Status released = p.release->Signal(frame); !released.ok()) {
-    Note(options_, absl::StrCat("releasing ", p.name, "'s frame ", frame, ": ",
-                                released.ToString()));
+    Note(options_,
+         absl::StrCat("releasing ", p.name, "'s frame ", frame, ": ", released.ToString()));
   }
   for (Counters* c : counters) {
     ++c->frames;
@@ -533,7 +535,8 @@ void Compositor::Results() {
   }
   const uint64_t now = NowNs();
   for (const Producer* p : all) {
-    const double seconds = static_cast<double>((p->left_ns ? p->left_ns : now) - p->joined_ns) / 1e9;
+    const double seconds =
+        static_cast<double>((p->left_ns ? p->left_ns : now) - p->joined_ns) / 1e9;
     std::vector<uint64_t> samples = p->total.handoff_ns;
     const uint64_t p50 = bufferd::frames::Quantile(samples, 0.5);
     const uint64_t p99 = bufferd::frames::Quantile(samples, 0.99);
@@ -544,8 +547,9 @@ void Compositor::Results() {
         seconds > 0 ? static_cast<double>(p->total.frames) / seconds : 0.0, p50, p99,
         p->total.dropped, p->total.late, p->total.torn, p->total.failed);
   }
-  Note(options_, absl::StrCat(composed_, " frames composed, ", pngs_, " PNGs written",
-                              png_failures_ != 0 ? absl::StrCat(", ", png_failures_, " failed") : ""));
+  Note(options_,
+       absl::StrCat(composed_, " frames composed, ", pngs_, " PNGs written",
+                    png_failures_ != 0 ? absl::StrCat(", ", png_failures_, " failed") : ""));
   std::fflush(stdout);
 }
 
@@ -634,8 +638,7 @@ int Compositor::Run() {
 int main(int argc, char** argv) {
   CLI::App app{"compositor: show frame_producers' frames side by side"};
   Options options;
-  app.add_option("--socket-dir", options.socket_dir, "bufferd's socket dir")
-      ->capture_default_str();
+  app.add_option("--socket-dir", options.socket_dir, "bufferd's socket dir")->capture_default_str();
   app.add_option("--listen", options.listen, "the socket producers connect to (created here)")
       ->required();
   app.add_option("--producers", options.producers, "places in the output, side by side")

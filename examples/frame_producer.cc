@@ -84,9 +84,9 @@ int Run(const Options& options) {
 
   // The swapchain: every buffer from one heap, or none.
   bufferd::AllocateOptions allocate{
-      .frame = bufferd::FrameRequest{.width = options.width,
-                                     .height = options.height,
-                                     .fourcc = bufferd::frames::kFourcc},
+      .frame =
+          bufferd::FrameRequest{
+              .width = options.width, .height = options.height, .fourcc = bufferd::frames::kFourcc},
       .name = absl::StrCat(name, "-swapchain")};
   if (!options.heap.empty()) {
     allocate.heap = options.heap;
@@ -108,8 +108,8 @@ int Run(const Options& options) {
     if (!token.ok()) return Fail(name, "export a buffer", token.status());
     hello.buffer_tokens.push_back(*std::move(token));
   }
-  auto acquire = client->CreateTimeline(
-      {.name = absl::StrCat(name, "-acquire"), .deadline = absl::Milliseconds(options.deadline_ms)});
+  auto acquire = client->CreateTimeline({.name = absl::StrCat(name, "-acquire"),
+                                         .deadline = absl::Milliseconds(options.deadline_ms)});
   if (!acquire.ok()) return Fail(name, "create the acquire timeline", acquire.status());
   auto acquire_token = acquire->Export();
   if (!acquire_token.ok()) return Fail(name, "export the acquire timeline", acquire_token.status());
@@ -195,11 +195,12 @@ int Run(const Options& options) {
   }
   const double seconds = static_cast<double>(NowNs() - start) / 1e9;
   const uint64_t made = frame - 1;
-  std::printf("producer %s: %lu frames in %.1f s (%.1f fps), %.0f%% of the time waiting for "
-              "release\n",
-              name.c_str(), static_cast<unsigned long>(made), seconds,
-              seconds > 0 ? static_cast<double>(made) / seconds : 0.0,
-              seconds > 0 ? 100.0 * static_cast<double>(waited_ns) / 1e9 / seconds : 0.0);
+  std::printf(
+      "producer %s: %lu frames in %.1f s (%.1f fps), %.0f%% of the time waiting for "
+      "release\n",
+      name.c_str(), static_cast<unsigned long>(made), seconds,
+      seconds > 0 ? static_cast<double>(made) / seconds : 0.0,
+      seconds > 0 ? 100.0 * static_cast<double>(waited_ns) / 1e9 / seconds : 0.0);
   return code;
 }
 
@@ -209,8 +210,7 @@ int main(int argc, char** argv) {
   CLI::App app{"frame_producer: draw frames into bufferd buffers for examples/compositor"};
   Options options;
   options.name = absl::StrCat("producer-", ::getpid());
-  app.add_option("--socket-dir", options.socket_dir, "bufferd's socket dir")
-      ->capture_default_str();
+  app.add_option("--socket-dir", options.socket_dir, "bufferd's socket dir")->capture_default_str();
   app.add_option("--compositor", options.compositor, "the compositor's socket")->required();
   app.add_option("--name", options.name, "name (1-32 of A-Za-z0-9_.-)")->capture_default_str();
   app.add_option("--width", options.width, "frame width")

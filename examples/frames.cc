@@ -47,16 +47,16 @@ bool InBar(uint32_t x, uint32_t bar_x, uint32_t width) {
 bool ValidName(absl::string_view name) {
   if (name.empty() || name.size() > 32) return false;
   return std::all_of(name.begin(), name.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '_' || c == '.' || c == '-';
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+           c == '.' || c == '-';
   });
 }
 
 bool ValidToken(absl::string_view token) {
   if (token.empty() || token.size() > 128) return false;
   return std::all_of(token.begin(), token.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '_' || c == '-';
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+           c == '-';
   });
 }
 
@@ -164,8 +164,8 @@ absl::StatusOr<Hello> ParseHello(absl::string_view record) {
         "not a hello: want 'HELLO 1 <name> <timeline token> <buffer token>...'");
   }
   if (words[1] != "1") {
-    return absl::InvalidArgumentError(absl::StrCat("hello version '", words[1].substr(0, 8),
-                                                   "' is not 1"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("hello version '", words[1].substr(0, 8), "' is not 1"));
   }
   if (!ValidName(words[2])) {
     return absl::InvalidArgumentError("name must be 1 to 32 of [A-Za-z0-9_.-]");

@@ -94,7 +94,8 @@ absl::StatusOr<Picture> ReadPng(const std::string& path) {
   }
   png_init_io(png, file.get());
   png_read_info(png, info);
-  if (png_get_bit_depth(png, info) != 8 || png_get_color_type(png, info) != PNG_COLOR_TYPE_RGB_ALPHA ||
+  if (png_get_bit_depth(png, info) != 8 ||
+      png_get_color_type(png, info) != PNG_COLOR_TYPE_RGB_ALPHA ||
       png_get_interlace_type(png, info) != PNG_INTERLACE_NONE) {
     png_destroy_read_struct(&png, &info, nullptr);
     return absl::InvalidArgumentError(absl::StrCat(path, " is not an 8-bit RGBA PNG"));

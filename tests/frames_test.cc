@@ -6,6 +6,8 @@
 // composing the other; killing the compositor makes producers exit with a
 // clear message. Hostile connections to the compositor are refused with a
 // reason and change nothing.
+#include "examples/frames.h"
+
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -13,8 +15,8 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -26,7 +28,6 @@
 #include "absl/strings/str_cat.h"
 #include "base/unix_socket.h"
 #include "client/client.h"
-#include "examples/frames.h"
 #include "examples/png_io.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -35,10 +36,10 @@
 namespace bufferd {
 namespace {
 
-using ::testing::HasSubstr;
 using testing::BinaryPath;
 using testing::ChildOptions;
 using testing::ChildProcess;
+using ::testing::HasSubstr;
 
 constexpr uint32_t kWidth = 160;
 constexpr uint32_t kHeight = 90;
@@ -57,14 +58,13 @@ class FramesTest : public testing::DaemonTest {
 
   // The compositor, listening once this returns.
   ChildProcess StartCompositor(std::vector<std::string> extra, int producers = 2) {
-    std::vector<std::string> args = {"--socket-dir", daemon_->socket_dir(),
-                                     "--listen",     Path("compositor.sock"),
-                                     "--producers",  absl::StrCat(producers),
-                                     "--width",      absl::StrCat(kWidth),
-                                     "--height",     absl::StrCat(kHeight)};
+    std::vector<std::string> args = {
+        "--socket-dir", daemon_->socket_dir(),   "--listen", Path("compositor.sock"),
+        "--producers",  absl::StrCat(producers), "--width",  absl::StrCat(kWidth),
+        "--height",     absl::StrCat(kHeight)};
     args.insert(args.end(), extra.begin(), extra.end());
-    absl::StatusOr<ChildProcess> compositor = ChildProcess::Spawn(
-        BinaryPath("examples/compositor"), args, {.capture_stdout = true});
+    absl::StatusOr<ChildProcess> compositor =
+        ChildProcess::Spawn(BinaryPath("examples/compositor"), args, {.capture_stdout = true});
     EXPECT_TRUE(compositor.ok()) << compositor.status();
     const std::string first = compositor->ReadLine();
     EXPECT_THAT(first, HasSubstr("listening on")) << first;
@@ -277,8 +277,7 @@ TEST_F(FramesTest, HostileHellosAreRefusedWithAReason) {
   const std::vector<Case> cases = {
       {"GET / HTTP/1.0", "not a hello"},
       {"HELLO 1 x/y t t", "name must be"},
-      {"HELLO 1 x 00000000000000000000000000000000 00000000000000000000000000000000",
-       "buffer 0: "},
+      {"HELLO 1 x 00000000000000000000000000000000 00000000000000000000000000000000", "buffer 0: "},
       {absl::StrCat("HELLO 1 x t ", token(plain->Export(Access::kReadOnly))),
        "buffer 0 is not an ABGR8888 frame"},
       {absl::StrCat("HELLO 1 x t ", token(nv12->Export(Access::kReadOnly))),
@@ -308,9 +307,10 @@ TEST_F(FramesTest, HostileHellosAreRefusedWithAReason) {
     ASSERT_TRUE(frame.ok());
     absl::StatusOr<UnixSocket> socket = UnixSocket::ConnectSeqPacket(Path("compositor.sock"));
     ASSERT_TRUE(socket.ok());
-    ASSERT_TRUE(
-        socket->Send(absl::StrCat("HELLO 1 x 0123456789abcdef ", token(frame->Export(Access::kReadOnly))))
-            .ok());
+    ASSERT_TRUE(socket
+                    ->Send(absl::StrCat("HELLO 1 x 0123456789abcdef ",
+                                        token(frame->Export(Access::kReadOnly))))
+                    .ok());
     absl::StatusOr<UnixSocket::Received> answer = socket->RecvWithFds(4096, false, 0);
     ASSERT_TRUE(answer.ok());
     EXPECT_THAT(answer->bytes, HasSubstr("REFUSED acquire timeline: "));
