@@ -246,7 +246,8 @@ void Compositor::Accept() {
     if (!peer.ok() || peer->uid != ::geteuid()) {
       (void)socket->Send(bufferd::frames::FormatRefusal("only the compositor's own uid may join"),
                          {}, true);
-      Note(options_, absl::StrCat("refused a connection of uid ", peer.ok() ? peer->uid : -1));
+      Note(options_, peer.ok() ? absl::StrCat("refused a connection of uid ", peer->uid)
+                               : "refused a connection whose uid is unknown");
       continue;
     }
     if (pending_.size() >= 16) {
@@ -282,7 +283,8 @@ void Compositor::Greet(Pending& pending) {
   absl::StatusOr<std::unique_ptr<Producer>> producer =
       !hello.ok() ? absl::StatusOr<std::unique_ptr<Producer>>(hello.status())
       : !slot     ? absl::ResourceExhaustedError(
-                        absl::StrCat("every place is taken (", options_.producers, " producers)"))
+                        absl::StrCat("every place is taken (", options_.producers,
+                                         options_.producers == 1 ? " place)" : " places)"))
               : Admit(*hello, *slot);
   if (!producer.ok()) {
     const std::string why(producer.status().message());

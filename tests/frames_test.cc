@@ -333,7 +333,7 @@ TEST_F(FramesTest, HostileHellosAreRefusedWithAReason) {
   ChildProcess extra = StartProducer("extra", {"--fps", "100", "--seconds", "1"});
   EXPECT_EQ(extra.Wait(), 1);
   EXPECT_THAT(ReadFile(Path("extra.log")),
-              HasSubstr("the compositor refused: every place is taken (1 producers)"));
+              HasSubstr("the compositor refused: every place is taken (1 place)"));
   ASSERT_NE(ReadUntil(compositor, "real: "), "");
   producer.Kill(SIGTERM);
   EXPECT_EQ(producer.Wait(), 0);
