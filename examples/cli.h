@@ -1,7 +1,10 @@
-// Command-line handling the examples share (CLI11): errors prefixed with
-// the program's name, and validators for numbers a user may mistype.
+// What the examples' mains share: command-line handling (CLI11) with errors
+// prefixed by the program's name, validators for numbers a user may
+// mistype, and stopping on SIGINT / SIGTERM.
 #ifndef BUFFERD_EXAMPLES_CLI_H_
 #define BUFFERD_EXAMPLES_CLI_H_
+
+#include <signal.h>
 
 #include <cmath>
 #include <cstdio>
@@ -45,6 +48,16 @@ inline CLI::Validator FiniteRange(double low, double high) {
       },
       "NUMBER in [" + std::to_string(low) + ", " + std::to_string(high) + "]");
 }
+
+// Set by SIGINT or SIGTERM once StopOnSignals ran; the main loop polls it.
+inline volatile sig_atomic_t g_stop_requested = 0;
+inline void StopOnSignals() {
+  struct sigaction stop {};
+  stop.sa_handler = [](int) { g_stop_requested = 1; };
+  ::sigaction(SIGINT, &stop, nullptr);
+  ::sigaction(SIGTERM, &stop, nullptr);
+}
+inline bool StopRequested() { return g_stop_requested != 0; }
 
 }  // namespace bufferd::examples
 

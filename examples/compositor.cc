@@ -57,8 +57,6 @@ namespace {
 
 using bufferd::frames::NowNs;
 
-volatile sig_atomic_t g_stop = 0;
-void OnStop(int) { g_stop = 1; }
 
 // Grey: an empty place, or one whose producer left.
 constexpr uint32_t kEmpty = 0xff404040;
@@ -130,8 +128,8 @@ class Compositor {
   // compositor made after someone removed ours).
   ~Compositor() {
     struct stat now;
-    if (listening_ && ::lstat(options_.listen.c_str(), &now) == 0 &&
-        std::pair(now.st_dev, now.st_ino) == listen_inode_) {
+    if (listen_inode_ && ::lstat(options_.listen.c_str(), &now) == 0 &&
+        std::pair(now.st_dev, now.st_ino) == *listen_inode_) {
       ::unlink(options_.listen.c_str());
     }
   }
@@ -156,8 +154,8 @@ class Compositor {
   Options options_;
   std::optional<bufferd::Client> client_;
   bufferd::UnixSocket listener_;
-  bool listening_ = false;
-  std::pair<dev_t, ino_t> listen_inode_;
+  // The socket made at --listen (none if it could not be looked at).
+  std::optional<std::pair<dev_t, ino_t>> listen_inode_;
   std::optional<bufferd::Buffer> output_;
   bufferd::Mapping output_map_;
   bufferd::frames::Region output_region_;
@@ -223,10 +221,7 @@ absl::Status Compositor::Start() {
   RETURN_IF_ERROR(listener.status());
   listener_ = *std::move(listener);
   struct stat made;
-  if (::lstat(options_.listen.c_str(), &made) == 0) {
-    listening_ = true;
-    listen_inode_ = {made.st_dev, made.st_ino};
-  }
+  if (::lstat(options_.listen.c_str(), &made) == 0) listen_inode_.emplace(made.st_dev, made.st_ino);
   // Accept() takes every waiting connection and stops at EAGAIN.
   if (::fcntl(listener_.fd(), F_SETFL, ::fcntl(listener_.fd(), F_GETFL) | O_NONBLOCK) != 0) {
     return bufferd::ErrnoError("fcntl(O_NONBLOCK)", errno);
@@ -568,7 +563,7 @@ int Compositor::Run() {
   // What each entry of `fds` is: -1 the listener, -2 - i pending i, else
   // 2 * slot (its notify fd) or 2 * slot + 1 (its socket).
   std::vector<int> what;
-  while (g_stop == 0) {
+  while (!bufferd::examples::StopRequested()) {
     const uint64_t now = NowNs();
     if (now >= end) break;
     if (now >= next_summary) {
@@ -689,10 +684,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  struct sigaction stop {};
-  stop.sa_handler = OnStop;
-  ::sigaction(SIGINT, &stop, nullptr);
-  ::sigaction(SIGTERM, &stop, nullptr);
+  bufferd::examples::StopOnSignals();
   // A producer gone between our poll and our send is no reason to die.
   ::signal(SIGPIPE, SIG_IGN);
   return Compositor(std::move(options)).Run();

@@ -12,7 +12,6 @@
 // Exit codes: 0 done (--frames, --seconds, SIGINT/SIGTERM), 1 error, 2 bad
 // command line, 3 the compositor went away.
 #include <poll.h>
-#include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -35,10 +34,9 @@
 
 namespace {
 
+using bufferd::examples::StopRequested;
 using bufferd::frames::NowNs;
 
-volatile sig_atomic_t g_stop = 0;
-void OnStop(int) { g_stop = 1; }
 
 struct Options {
   std::string socket_dir = bufferd::DefaultSocketDir();
@@ -137,7 +135,7 @@ int Run(const Options& options) {
   uint64_t due = start;
   uint64_t frame = 1;
   int code = 0;
-  for (; g_stop == 0 && (options.frames == 0 || frame <= options.frames); ++frame) {
+  for (; !StopRequested() && (options.frames == 0 || frame <= options.frames); ++frame) {
     if (period_ns != 0) {
       const uint64_t now = NowNs();
       if (due > now) {
@@ -155,9 +153,9 @@ int Run(const Options& options) {
       absl::StatusOr<bufferd::PointResult> released;
       do {
         released = release->Wait(frame - in_flight, absl::Milliseconds(250));
-      } while (!released.ok() && absl::IsDeadlineExceeded(released.status()) && g_stop == 0);
+      } while (!released.ok() && absl::IsDeadlineExceeded(released.status()) && !StopRequested());
       waited_ns += NowNs() - before;
-      if (g_stop != 0) break;
+      if (StopRequested()) break;
       if (!released.ok()) {
         code = Fail(name, "wait for the release", released.status());
         break;
@@ -254,9 +252,6 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "frame_producer: --name must be 1 to 32 of [A-Za-z0-9_.-]\n");
     return 2;
   }
-  struct sigaction stop {};
-  stop.sa_handler = OnStop;
-  ::sigaction(SIGINT, &stop, nullptr);
-  ::sigaction(SIGTERM, &stop, nullptr);
+  bufferd::examples::StopOnSignals();
   return Run(options);
 }

@@ -7,6 +7,7 @@
 #include <cwchar>
 
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -44,21 +45,17 @@ bool InBar(uint32_t x, uint32_t bar_x, uint32_t width) {
   return (x + width - bar_x) % width < kBarWidth;
 }
 
-bool ValidName(absl::string_view name) {
-  if (name.empty() || name.size() > 32) return false;
-  return std::all_of(name.begin(), name.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
-           c == '.' || c == '-';
+// 1 to `max` letters, digits and `punctuation`.
+bool Word(absl::string_view text, size_t max, absl::string_view punctuation) {
+  if (text.empty() || text.size() > max) return false;
+  return std::all_of(text.begin(), text.end(), [&](char c) {
+    return absl::ascii_isalnum(static_cast<unsigned char>(c)) ||
+           punctuation.find(c) != absl::string_view::npos;
   });
 }
 
-bool ValidToken(absl::string_view token) {
-  if (token.empty() || token.size() > 128) return false;
-  return std::all_of(token.begin(), token.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
-           c == '-';
-  });
-}
+bool ValidName(absl::string_view name) { return Word(name, 32, "_.-"); }
+bool ValidToken(absl::string_view token) { return Word(token, 128, "_-"); }
 
 // Sets `count` pixels to `rgba` at memset speed: glibc's wmemset (wchar_t
 // is 32 bits on Linux) is the vectorised memset for 32-bit patterns, where

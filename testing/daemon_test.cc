@@ -131,6 +131,11 @@ std::string Field(const std::string& line, const std::string& key) {
   return rest.substr(0, rest.find(' '));
 }
 
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
 std::unique_ptr<v1::Fence::Stub> FenceStub(const std::string& socket_dir) {
   return v1::Fence::NewStub(grpc::CreateChannel(
       absl::StrCat("unix:", ControlSocketPath(socket_dir)), grpc::InsecureChannelCredentials()));

@@ -81,6 +81,9 @@ inline constexpr int64_t kWakeBudgetNs = 10'000'000;
 // The value after `key=` in a peer's line, up to the next space.
 std::string Field(const std::string& line, const std::string& key);
 
+// The whole file at `path` ("" if it cannot be read): a child's log.
+std::string ReadFile(const std::string& path);
+
 // A raw Fence stub on `socket_dir`'s control.sock.
 std::unique_ptr<v1::Fence::Stub> FenceStub(const std::string& socket_dir);
 

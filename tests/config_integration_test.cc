@@ -33,13 +33,9 @@ namespace {
 using ::bufferd::testing::Eventually;
 using ::bufferd::testing::OpenRawSession;
 using ::bufferd::testing::TestDaemon;
+using ::bufferd::testing::ReadFile;
 
 constexpr uint64_t kMiB = 1 << 20;
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
 
 constexpr char kConfig[] = R"pb(
   heaps { name: "system" type: HEAP_TYPE_SYSTEM capacity_bytes: 16777216 }

@@ -39,16 +39,12 @@ namespace {
 using testing::BinaryPath;
 using testing::ChildOptions;
 using testing::ChildProcess;
+using testing::ReadFile;
 using ::testing::HasSubstr;
 
 constexpr uint32_t kWidth = 160;
 constexpr uint32_t kHeight = 90;
 constexpr uint32_t kGrey = 0xff404040;
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
 
 class FramesTest : public testing::DaemonTest {
  protected:

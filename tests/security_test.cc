@@ -29,11 +29,7 @@ namespace bufferd {
 namespace {
 
 using ::bufferd::testing::TestDaemon;
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
+using ::bufferd::testing::ReadFile;
 
 // A temp dir removed at the end of the test.
 class TempDir {
