@@ -188,6 +188,22 @@ absl::StatusOr<PeerCredentials> UnixSocket::GetPeerCredentials() const {
   return PeerCredentials{cred.pid, cred.uid, cred.gid};
 }
 
+absl::StatusOr<std::vector<gid_t>> UnixSocket::GetPeerGroups() const {
+  // NGROUPS_MAX is 65536; start small and grow on ERANGE (the kernel then
+  // says how many bytes it needs).
+  std::vector<gid_t> groups(64);
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    socklen_t length = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
+    if (::getsockopt(fd_.get(), SOL_SOCKET, SO_PEERGROUPS, groups.data(), &length) == 0) {
+      groups.resize(length / sizeof(gid_t));
+      return groups;
+    }
+    if (errno != ERANGE) return ErrnoError("getsockopt(SO_PEERGROUPS)", errno);
+    groups.resize(std::max<size_t>(length / sizeof(gid_t), groups.size() * 2));
+  }
+  return absl::InternalError("getsockopt(SO_PEERGROUPS): the group list kept growing");
+}
+
 void UnixSocket::Shutdown() const {
   if (fd_.valid()) ::shutdown(fd_.get(), SHUT_RDWR);
 }

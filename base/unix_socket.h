@@ -29,6 +29,9 @@ struct PeerCredentials {
   pid_t pid = 0;
   uid_t uid = 0;
   gid_t gid = 0;
+  // Supplementary groups at connect time (SO_PEERGROUPS); filled only where
+  // asked for (GetPeerGroups).
+  std::vector<gid_t> groups;
 };
 
 class UnixSocket {
@@ -90,6 +93,9 @@ class UnixSocket {
                                                 int max_fds = kMaxFdsPerRecord);
 
   absl::StatusOr<PeerCredentials> GetPeerCredentials() const;
+  // The peer's supplementary groups as the kernel recorded them at connect
+  // (SO_PEERGROUPS, Linux 4.13).
+  absl::StatusOr<std::vector<gid_t>> GetPeerGroups() const;
 
   // Shuts down both directions: wakes a thread blocked in RecvWithFds.
   void Shutdown() const;

@@ -44,7 +44,7 @@ constexpr char kDefaultConfig[] = R"pb(# bufferd embedded default configuration.
                                          max_allocation_bytes: 1073741824  # 1 GiB
                                        }
                                        log_level: "info"
-                                       debug_access: DEBUG_ACCESS_SESSION
+                                       debug_access: DEBUG_ACCESS_OPERATORS
                                        default_token_ttl_ms: 30000
                                        max_queued_deliveries: 1024
                                        stalled_session_timeout_ms: 10000

@@ -148,6 +148,7 @@ absl::Status Daemon::Init(const v1::Config& config) {
   ASSIGN_OR_RETURN(const gid_t group, SocketGroup(config.group()));
   const mode_t socket_mode = config.group().empty() ? 0600 : 0660;
   ASSIGN_OR_RETURN(const RunAs run_as, ResolveUser(config.user()));
+  ASSIGN_OR_RETURN(DebugAccess debug_access, DebugAccess::FromConfig(config, run_as.uid));
   const int64_t dir_group = group == static_cast<gid_t>(-1) ? int64_t{-1} : int64_t{group};
   ASSIGN_OR_RETURN(UniqueFd dir, OpenPrivateDir(socket_dir_, run_as.uid));
   ASSIGN_OR_RETURN(lock_file_, LockSocketDir(dir.get(), socket_dir_, run_as.uid));
@@ -309,7 +310,7 @@ absl::Status Daemon::Init(const v1::Config& config) {
   debug_ = std::make_unique<DebugService>(
       DebugService::Deps{sessions_.get(), hub_.get(), state_.get(), channel_.get(), fences_.get(),
                          timelines_.get(), reservations_.get(), work_.get(),
-                         config.debug_access() == v1::DEBUG_ACCESS_ANYONE});
+                         std::move(debug_access)});
   fence_ = std::make_unique<FenceService>(
       FenceService::Deps{sessions_.get(), hub_.get(), fences_.get(), timelines_.get(),
                          channel_.get(), state_.get(), reservations_.get(),

@@ -1,15 +1,63 @@
 #include "daemon/debug_service.h"
 
+#include <grp.h>
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
 #include "daemon/call.h"
 #include "daemon/debug_views.h"
 #include "daemon/metrics.h"
 
 namespace bufferd {
 
+absl::StatusOr<DebugAccess> DebugAccess::FromConfig(const v1::Config& config,
+                                                     uid_t daemon_uid) {
+  DebugAccess access;
+  access.mode = config.debug_access() == v1::DEBUG_ACCESS_UNSPECIFIED ? v1::DEBUG_ACCESS_OPERATORS
+                                                                      : config.debug_access();
+  access.daemon_uid = daemon_uid;
+  access.uids.insert(config.debug_uids().begin(), config.debug_uids().end());
+  for (const std::string& name : config.debug_groups()) {
+    struct group* entry = ::getgrnam(name.c_str());
+    if (entry == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("config debug_groups: group '", name, "' does not exist"));
+    }
+    access.groups.insert(entry->gr_gid);
+  }
+  access.group_names = absl::StrJoin(config.debug_groups(), ", ");
+  return access;
+}
+
+absl::Status DebugAccess::Allows(const PeerCredentials& peer) const {
+  if (mode != v1::DEBUG_ACCESS_OPERATORS) return absl::OkStatus();
+  if (peer.uid == 0 || peer.uid == daemon_uid || uids.contains(peer.uid)) {
+    return absl::OkStatus();
+  }
+  if (groups.contains(peer.gid) ||
+      std::any_of(peer.groups.begin(), peer.groups.end(),
+                  [this](gid_t gid) { return groups.contains(gid); })) {
+    return absl::OkStatus();
+  }
+  return absl::PermissionDeniedError(absl::StrCat(
+      "Debug calls are for operators: uid ", peer.uid, " is not the daemon's uid (", daemon_uid,
+      ") or root, not in debug_uids, and not in ",
+      group_names.empty() ? "any debug_groups (none configured)"
+                          : absl::StrCat("a group of debug_groups (", group_names, ")"),
+      "; see the README's \"Debug access\""));
+}
+
 absl::Status DebugService::Check(grpc::CallbackServerContext* context) const {
   // A session's call carries its releases even where anyone may ask.
-  absl::Status session = AuthenticateCall(*d_.sessions, *d_.hub, context).status();
-  return d_.allow_anyone ? absl::OkStatus() : session;
+  absl::StatusOr<uint64_t> session = AuthenticateCall(*d_.sessions, *d_.hub, context);
+  if (d_.access.mode == v1::DEBUG_ACCESS_ANYONE) return absl::OkStatus();
+  if (!session.ok()) return session.status();
+  std::optional<SessionTable::Identity> who = d_.sessions->Lookup(*session);
+  if (!who.has_value()) return absl::UnauthenticatedError("the session has ended");
+  return d_.access.Allows(who->peer);
 }
 
 grpc::ServerUnaryReactor* DebugService::ListHeaps(grpc::CallbackServerContext* context,

@@ -1,13 +1,20 @@
 // DebugService: the Debug gRPC service (read-only views; see
-// daemon/debug_views.h). Calls need a live session unless the config lets
-// anyone ask; a session's call still applies the releases it carries.
+// daemon/debug_views.h). Who may call is DebugAccess (config debug_access):
+// by default operators only (the daemon's uid, root, debug_uids,
+// debug_groups), judged by the credentials of the caller's session; a
+// session's call still applies the releases it carries.
 // ListHeaps and GetMetrics (sysfs reads, heap residency) run on the work
 // queue; ListClients, ListBuffers and ListFences inline (ListBuffers fstats each listed
 // buffer under DaemonState's mutex).
 #ifndef BUFFERD_DAEMON_DEBUG_SERVICE_H_
 #define BUFFERD_DAEMON_DEBUG_SERVICE_H_
 
+#include <set>
+#include <string>
+
+#include "bufferd/v1/config.pb.h"
 #include "bufferd/v1/debug.grpc.pb.h"
+#include "base/unix_socket.h"
 #include "daemon/fd_channel.h"
 #include "daemon/session_hub.h"
 #include "daemon/sessions.h"
@@ -16,6 +23,23 @@
 #include "daemon/work_queue.h"
 
 namespace bufferd {
+
+// Who may make Debug calls.
+struct DebugAccess {
+  v1::DebugAccess mode = v1::DEBUG_ACCESS_OPERATORS;
+  // DEBUG_ACCESS_OPERATORS: the daemon's own uid (root always may), listed
+  // uids and groups, and the groups' names for the refusal message.
+  uid_t daemon_uid = 0;
+  std::set<uid_t> uids;
+  std::set<gid_t> groups;
+  std::string group_names;
+
+  // From the config; INVALID_ARGUMENT naming a debug_groups entry that does
+  // not exist.
+  static absl::StatusOr<DebugAccess> FromConfig(const v1::Config& config, uid_t daemon_uid);
+  // OK, or PERMISSION_DENIED saying who may.
+  absl::Status Allows(const PeerCredentials& peer) const;
+};
 
 class DebugService final : public v1::Debug::CallbackService {
  public:
@@ -28,8 +52,7 @@ class DebugService final : public v1::Debug::CallbackService {
     const TimelineTable* timelines;
     const ReservationTable* reservations;
     WorkQueue* work;
-    // DEBUG_ACCESS_ANYONE.
-    bool allow_anyone = false;
+    DebugAccess access;
   };
   explicit DebugService(Deps deps) : d_(deps) {}
 

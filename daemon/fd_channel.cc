@@ -114,6 +114,11 @@ void FdChannel::Admit(UnixSocket socket) {
                peer.status().ToString());
     return;
   }
+  // For Debug access by group (DEBUG_ACCESS_OPERATORS): the groups the
+  // process had when it connected, not what the group database says now.
+  if (absl::StatusOr<std::vector<gid_t>> groups = socket.GetPeerGroups(); groups.ok()) {
+    peer->groups = *std::move(groups);
+  }
   // The connection's place in the budget first, then the session.
   absl::StatusOr<FdBudget::Lease> lease = budget_->Acquire(FdUse::kSession, peer->uid);
   absl::StatusOr<Admission> admission = lease.ok() ? delegate_->OnConnect(*peer) : lease.status();

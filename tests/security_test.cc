@@ -317,6 +317,122 @@ bool HasControlBytes(const std::string& text) {
   return false;
 }
 
+// Runs a copy of bufctl (nobody may execute it) as nobody with `groups`
+// against `dir`; returns its exit code, and its output in `out`.
+int BufctlAsNobody(const TestDaemon& daemon, const std::vector<gid_t>& groups,
+                   const std::vector<std::string>& args, std::string* out) {
+  const std::string binary = absl::StrCat(daemon.root(), "/bufctl");
+  if (!std::filesystem::exists(binary)) {
+    std::filesystem::copy_file(testing::BinaryPath("tools/bufctl"), binary);
+    ::chmod(binary.c_str(), 0755);
+  }
+  const std::string log = absl::StrCat(daemon.root(), "/bufctl.out");
+  ::unlink(log.c_str());
+  testing::ChildOptions options;
+  options.uid = 65534;
+  options.gid = 65534;
+  options.groups = groups;
+  options.output_path = log;
+  std::vector<std::string> full = {"--socket-dir", daemon.socket_dir()};
+  full.insert(full.end(), args.begin(), args.end());
+  absl::StatusOr<testing::ChildProcess> child = testing::ChildProcess::Spawn(binary, full, options);
+  if (!child.ok()) return -1;
+  const int code = child->Wait();
+  *out = ReadFile(log);
+  return code;
+}
+
+// Tests Debug access: a session of another uid gets PERMISSION_DENIED naming
+// who may call, on every Debug call, though it may allocate; the same uid
+// in a debug_groups group may, judged by its process's own groups (not the
+// group database: nobody is in no group there); the daemon's own uid may.
+TEST(DebugAccessTest, OnlyOperatorsMayCallDebug) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to run bufctl as nobody";
+  // getgrnam's answer is overwritten by the next call: keep the gids.
+  struct group* entry = ::getgrnam("daemon");
+  if (entry == nullptr) GTEST_SKIP() << "needs group daemon";
+  const gid_t dir_gid = entry->gr_gid;
+  entry = ::getgrnam("video");
+  if (entry == nullptr) GTEST_SKIP() << "needs group video";
+  const gid_t video_gid = entry->gr_gid;
+  auto daemon = TestDaemon::Start(R"pb(
+    heaps { name: "system" type: HEAP_TYPE_SYSTEM }
+    group: "daemon"
+    debug_groups: "video"
+  )pb");
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  ASSERT_EQ(::chmod((*daemon)->root().c_str(), 0711), 0);
+  std::string out;
+  for (const char* command : {"heaps", "clients", "buffers", "fences", "metrics"}) {
+    SCOPED_TRACE(command);
+    EXPECT_EQ(BufctlAsNobody(**daemon, {dir_gid}, {command}, &out), 1) << out;
+    EXPECT_TRUE(absl::StrContains(out, "PERMISSION_DENIED")) << out;
+    EXPECT_TRUE(absl::StrContains(out, "uid 65534 is not the daemon's uid (0)")) << out;
+    EXPECT_TRUE(absl::StrContains(out, "debug_groups (video)")) << out;
+  }
+  EXPECT_EQ(BufctlAsNobody(**daemon, {dir_gid}, {"can-allocate", "--heap", "system", "--size",
+                                                  "4096"},
+                           &out),
+            0)
+      << "not a Debug call: " << out;
+  EXPECT_EQ(BufctlAsNobody(**daemon, {dir_gid, video_gid}, {"heaps"}, &out), 0) << out;
+  EXPECT_TRUE(absl::StrContains(out, "system")) << out;
+  auto self = Client::Connect((*daemon)->socket_dir());
+  ASSERT_TRUE(self.ok()) << self.status();
+  EXPECT_TRUE(self->ListClients().ok()) << "the daemon's own uid";
+}
+
+// Tests that DEBUG_ACCESS_SESSION (any session) and debug_uids let another
+// uid through, and that an unknown debug_groups entry stops startup.
+TEST(DebugAccessTest, DebugUidsAndSessionMode) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to run bufctl as nobody";
+  struct group* daemon_group = ::getgrnam("daemon");
+  if (daemon_group == nullptr) GTEST_SKIP() << "needs group daemon";
+  for (const char* extra : {"debug_uids: 65534", "debug_access: DEBUG_ACCESS_SESSION"}) {
+    SCOPED_TRACE(extra);
+    auto daemon = TestDaemon::Start(absl::StrCat(R"pb(
+      heaps { name: "system" type: HEAP_TYPE_SYSTEM }
+      group: "daemon"
+    )pb", extra));
+    ASSERT_TRUE(daemon.ok()) << daemon.status();
+    ASSERT_EQ(::chmod((*daemon)->root().c_str(), 0711), 0);
+    std::string out;
+    EXPECT_EQ(BufctlAsNobody(**daemon, {daemon_group->gr_gid}, {"clients"}, &out), 0) << out;
+    EXPECT_TRUE(absl::StrContains(out, "SESSION")) << out;
+  }
+  auto bad = TestDaemon::Start(R"pb(
+    heaps { name: "system" type: HEAP_TYPE_SYSTEM }
+    debug_groups: "no-such-group-bufferd"
+  )pb");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_TRUE(absl::StrContains(bad.status().message(),
+                                "debug_groups: group 'no-such-group-bufferd' does not exist"))
+      << bad.status();
+}
+
+// Tests that no Debug view carries a share token or the session's secret:
+// an operator sees who holds what, never a capability to take it.
+TEST(DebugAccessTest, DebugNeverShowsTokensOrSecrets) {
+  auto daemon = TestDaemon::Start();
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  const std::string dir = (*daemon)->socket_dir();
+  auto client = Client::Connect(dir);
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto buffer = client->Allocate({.heap = "system", .size = 4096, .name = "secret-holder"});
+  ASSERT_TRUE(buffer.ok()) << buffer.status();
+  auto token = buffer->Export(Access::kReadOnly);
+  ASSERT_TRUE(token.ok()) << token.status();
+  std::string all;
+  for (const char* command : {"heaps", "clients", "buffers", "fences", "metrics"}) {
+    absl::StrAppend(&all, Bufctl(dir, absl::StrCat("--json ", command)), Bufctl(dir, command));
+  }
+  EXPECT_TRUE(absl::StrContains(all, "secret-holder")) << "the buffer is listed";
+  // A token is "<id>:<hex>"; neither it nor its secret half appears.
+  const std::string secret = token->substr(token->find(':') + 1);
+  ASSERT_GE(secret.size(), 16u);
+  EXPECT_FALSE(absl::StrContains(all, secret)) << all;
+}
+
 // Tests that a process name made of terminal escapes and bytes that are not
 // UTF-8 reaches no operator's terminal or log raw: bufctl clients, buffers
 // and --json, and the daemon's log, show it escaped. (Before, `bufctl

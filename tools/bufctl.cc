@@ -3,7 +3,7 @@
 //   bufctl heaps | clients | buffers [--heap H] | fences [--pending] [--owner S] | metrics
 //   bufctl watch
 //   bufctl can-allocate --usage camera_frame --frame 3840x2160:NV12 [--count 3]
-//   bufctl --json heaps     (protobuf JSON instead of a table)
+//   bufctl heaps --json     (protobuf JSON instead of a table; options go anywhere)
 #include <unistd.h>
 
 #include <algorithm>
@@ -472,9 +472,27 @@ int main(int argc, char** argv) {
   bool json = false;
   std::string heap;
   double interval = 1.0;
-  app.add_option("--socket-dir", socket_dir, "bufferd's socket dir")->capture_default_str();
+  app.add_option("--socket-dir", socket_dir, "bufferd's socket dir")
+      ->envname("BUFFERD_SOCKET_DIR")
+      ->capture_default_str();
   app.add_flag("--json", json, "print protobuf JSON instead of a table");
   app.require_subcommand(1);
+  app.footer(R"(Examples:
+  bufctl heaps                       heaps: capacity, used, free, peak (human units)
+  bufctl heaps --json                the same as protobuf JSON (exact bytes)
+  bufctl clients                     who is connected and what each holds
+  bufctl buffers --heap carveout     buffers of one heap, with their holders
+  bufctl fences --pending            what is pending, oldest first, and who must signal
+  bufctl why 42                      what a read or a write of buffer 42 waits for
+  bufctl can-allocate --usage camera_frame --frame 3840x2160:NV12 --count 3
+  BUFFERD_SOCKET_DIR=/run/bufferd bufctl metrics
+
+Options go before or after the command. The socket dir is --socket-dir, else
+$BUFFERD_SOCKET_DIR, else $XDG_RUNTIME_DIR/bufferd (/run/bufferd as root).
+Debug calls are for operators: the daemon's uid, root, and the config's
+debug_uids and debug_groups.
+Exit status: 0 ok; 1 an error (the daemon's code and message on stderr);
+2 a bad command line; can-allocate: 4 when the allocation would fail.)");
   // --socket-dir and --json before or after the subcommand alike.
   app.fallthrough();
   auto* heaps = app.add_subcommand("heaps", "heaps: capacity, used, peak, failures, backing");

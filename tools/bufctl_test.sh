@@ -29,6 +29,19 @@ tools/bufctl --socket-dir "$dir" clients | grep -qE '^SESSION +PID' || fail "cli
 tools/bufctl --socket-dir "$dir" buffers | grep -qE '^ID +HEAP' || fail "buffers header"
 tools/bufctl --socket-dir "$dir" metrics | grep -q '^bufferd_heap_capacity_bytes{heap="carveout"} 67108864$' \
   || fail "metrics"
+# Options after the command, the socket dir from the environment.
+json="$(BUFFERD_SOCKET_DIR="$dir" tools/bufctl heaps --json)" || fail "heaps --json: $json"
+grep -q '"capacity": "67108864"' <<<"$json" || fail "json sizes are exact bytes: $json"
+BUFFERD_SOCKET_DIR="$root/nothing" tools/bufctl --socket-dir "$dir" clients >/dev/null \
+  || fail "--socket-dir wins over BUFFERD_SOCKET_DIR"
+# Exit codes: 2 for a bad command line, 0 for --help (with examples).
+status=0; tools/bufctl --socket-dir "$dir" no-such-command 2>/dev/null || status=$?
+[ "$status" -eq 2 ] || fail "bad command exited $status, not 2"
+status=0; tools/bufctl heaps --no-such-flag 2>/dev/null || status=$?
+[ "$status" -eq 2 ] || fail "bad flag exited $status, not 2"
+tools/bufctl --help | grep -q '^Examples:' || fail "--help has no examples"
+status=0; tools/bufctl --socket-dir "$dir" why 999999 2>"$root/err" || status=$?
+[ "$status" -eq 1 ] || fail "unknown buffer exited $status, not 1"
 if tools/bufctl --socket-dir "$root/nothing" heaps 2>"$root/err"; then fail "no daemon accepted"; fi
 grep -q 'UNAVAILABLE' "$root/err" || fail "no-daemon error: $(cat "$root/err")"
 echo PASS
