@@ -147,7 +147,11 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
                                                       message.hello().protocol_version(),
                                                       "; this library speaks ", kProtocolVersion));
   }
-  if (!SameProcess(daemon.pid, message.hello().daemon_pid())) {
+  // A socket-activated daemon's sockets were made by the service manager, so
+  // they carry its credentials: systemd's are pid 1 and root, who is trusted
+  // anyway (and started the daemon with them).
+  const bool service_manager = daemon.pid == 1 && daemon.uid == 0;
+  if (!service_manager && !SameProcess(daemon.pid, message.hello().daemon_pid())) {
     return absl::PermissionDeniedError(
         absl::StrCat("the process behind ", FdSocketPath(socket_dir), " (pid ", daemon.pid,
                      ") is not the daemon its hello names (pid ", message.hello().daemon_pid(),

@@ -5,14 +5,18 @@
 #include <pwd.h>
 #include <sys/file.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "base/errno_status.h"
 #include "base/fd_count.h"
 #include "base/private_dir.h"
@@ -92,6 +96,20 @@ absl::Status SetAccess(const std::string& path, uid_t uid, gid_t gid, mode_t mod
   return absl::OkStatus();
 }
 
+// Whether something listens on the SOCK_SEQPACKET socket at `path` (a
+// non-blocking connect that is not refused; a full backlog counts).
+bool SocketAnswers(const std::string& path) {
+  UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  if (!fd.valid() || path.size() >= sizeof(address.sun_path)) return false;
+  std::memcpy(address.sun_path, path.data(), path.size());
+  if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)) == 0) {
+    return true;
+  }
+  return errno == EAGAIN || errno == EINPROGRESS;
+}
+
 // Takes the exclusive lock on <dir>/bufferd.lock (opened without following a
 // link, and checked) and writes our pid into it.
 absl::StatusOr<UniqueFd> LockSocketDir(int dir_fd, const std::string& dir, uid_t owner) {
@@ -131,8 +149,22 @@ uint64_t RaiseFdLimit() {
 }
 
 absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const v1::Config& config,
-                                                      std::string socket_dir) {
+                                                      std::string socket_dir,
+                                                      std::optional<ActivatedSockets> activated) {
   std::unique_ptr<Daemon> daemon(new Daemon());
+  if (activated.has_value()) {
+    if (!socket_dir.empty() && socket_dir != activated->dir) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--socket-dir ", socket_dir, " but the service manager passed the sockets of ",
+                       activated->dir, "; give one or the other"));
+    }
+    if (!config.socket_dir().empty() && config.socket_dir() != activated->dir) {
+      spdlog::warn("config socket_dir {} ignored: serving the activated sockets in {}",
+                   config.socket_dir(), activated->dir);
+    }
+    socket_dir = activated->dir;
+    daemon->activated_ = std::move(activated);
+  }
   daemon->socket_dir_ = !socket_dir.empty()            ? std::move(socket_dir)
                         : !config.socket_dir().empty() ? config.socket_dir()
                                                        : DefaultSocketDir();
@@ -150,24 +182,36 @@ absl::Status Daemon::Init(const v1::Config& config) {
   ASSIGN_OR_RETURN(const RunAs run_as, ResolveUser(config.user()));
   ASSIGN_OR_RETURN(DebugAccess debug_access, DebugAccess::FromConfig(config, run_as.uid));
   const int64_t dir_group = group == static_cast<gid_t>(-1) ? int64_t{-1} : int64_t{group};
-  ASSIGN_OR_RETURN(UniqueFd dir, OpenPrivateDir(socket_dir_, run_as.uid));
-  ASSIGN_OR_RETURN(lock_file_, LockSocketDir(dir.get(), socket_dir_, run_as.uid));
-  // We hold the lock, so the dir is ours to change. It stays ours (our euid,
-  // private) while we set it up: nothing can be planted in it, and the
-  // chown/chmod of the sockets below cannot be turned onto another file. It
-  // goes to `user` only at the end.
-  RETURN_IF_ERROR(SecurePrivateDir(dir.get(), socket_dir_, dir_group, ::geteuid()));
   const std::string control_path = ControlSocketPath(socket_dir_);
   const std::string fd_path = FdSocketPath(socket_dir_);
-  // We hold the lock, so anything at the sockets' names was left by a daemon
-  // that died (or planted while the dir was not yet private): the entry
-  // itself goes, never what a link points at.
-  for (const char* name : {"control.sock", "fd.sock"}) {
-    if (::unlinkat(dir.get(), name, 0) == 0) {
-      spdlog::warn("removed stale {}/{}", socket_dir_, name);
-    } else if (errno == EISDIR) {
+  UniqueFd dir;
+  if (activated_.has_value()) {
+    RETURN_IF_ERROR(TakeActivatedDir(run_as.uid));
+  } else {
+    ASSIGN_OR_RETURN(dir, OpenPrivateDir(socket_dir_, run_as.uid));
+    ASSIGN_OR_RETURN(lock_file_, LockSocketDir(dir.get(), socket_dir_, run_as.uid));
+    // We hold the lock, so the dir is ours to change. It stays ours (our
+    // euid, private) while we set it up: nothing can be planted in it, and
+    // the chown/chmod of the sockets below cannot be turned onto another
+    // file. It goes to `user` only at the end.
+    RETURN_IF_ERROR(SecurePrivateDir(dir.get(), socket_dir_, dir_group, ::geteuid()));
+    // A socket-activated bufferd on this dir holds no lock we could see
+    // (its dir may be the service manager's): if fd.sock answers, it serves.
+    if (SocketAnswers(fd_path)) {
       return absl::FailedPreconditionError(absl::StrCat(
-          socket_dir_, "/", name, " is a directory; remove it (someone may have planted it)"));
+          "a bufferd already serves ", fd_path,
+          " (socket-activated? see systemctl status bufferd.socket); not taking it over"));
+    }
+    // We hold the lock, so anything at the sockets' names was left by a
+    // daemon that died (or planted while the dir was not yet private): the
+    // entry itself goes, never what a link points at.
+    for (const char* name : {"control.sock", "fd.sock"}) {
+      if (::unlinkat(dir.get(), name, 0) == 0) {
+        spdlog::warn("removed stale {}/{}", socket_dir_, name);
+      } else if (errno == EISDIR) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            socket_dir_, "/", name, " is a directory; remove it (someone may have planted it)"));
+      }
     }
   }
 
@@ -283,14 +327,23 @@ absl::Status Daemon::Init(const v1::Config& config) {
   hub_->set_channel(channel_.get());
   // Deep backlogs: a flood of connects must not make the kernel refuse a
   // client's connect before the daemon has even seen it.
-  ASSIGN_OR_RETURN(UnixSocket listener, UnixSocket::ListenSeqPacket(fd_path, kListenBacklog));
-  RETURN_IF_ERROR(SetAccess(fd_path, run_as.uid, group, socket_mode));
-  ASSIGN_OR_RETURN(UnixSocket control_listener,
-                   UnixSocket::ListenStream(control_path, kListenBacklog));
-  RETURN_IF_ERROR(SetAccess(control_path, run_as.uid, group, socket_mode));
+  UnixSocket listener;
+  UnixSocket control_listener;
+  if (activated_.has_value()) {
+    // The service manager made them, with their owner and mode.
+    listener = std::move(activated_->fd);
+    control_listener = std::move(activated_->control);
+  } else {
+    // Ours from here on: Shutdown removes them.
+    bound_sockets_ = true;
+    ASSIGN_OR_RETURN(listener, UnixSocket::ListenSeqPacket(fd_path, kListenBacklog));
+    RETURN_IF_ERROR(SetAccess(fd_path, run_as.uid, group, socket_mode));
+    ASSIGN_OR_RETURN(control_listener, UnixSocket::ListenStream(control_path, kListenBacklog));
+    RETURN_IF_ERROR(SetAccess(control_path, run_as.uid, group, socket_mode));
+  }
   // Everything that needed root is done (heaps reserved and locked, the dir,
   // the lock and the sockets made): hand them over and serve as the user.
-  if (run_as.uid != ::geteuid()) {
+  if (run_as.uid != ::geteuid() && dir.valid()) {
     if (::fchown(lock_file_.get(), run_as.uid, static_cast<gid_t>(-1)) != 0) {
       return ErrnoError("chown bufferd.lock", errno);
     }
@@ -345,7 +398,46 @@ absl::Status Daemon::Init(const v1::Config& config) {
   control_->Serve();
   // fd.sock goes live last: a client that can connect to it can also call.
   loop_->Start();
-  spdlog::info("bufferd serving in {} (pid {})", socket_dir_, ::getpid());
+  spdlog::info("bufferd serving in {} (pid {}){}", socket_dir_, ::getpid(),
+               activated_.has_value() ? ", on sockets from the service manager" : "");
+  // Both sockets serve: a client the manager started us for gets answers.
+  NotifyServiceManager(absl::StrCat("READY=1\nSTATUS=", StatusLine()));
+  loop_->RunEvery(absl::Seconds(5), [this] {
+    NotifyServiceManager(absl::StrCat("STATUS=", StatusLine()));
+  });
+  if (std::optional<absl::Duration> period = WatchdogPeriod(); period.has_value()) {
+    // From the loop that serves fd.sock: a wedged loop stops the pings.
+    spdlog::info("watchdog: WATCHDOG=1 every {}", absl::FormatDuration(*period));
+    loop_->RunEvery(*period, [] { NotifyServiceManager("WATCHDOG=1"); });
+  }
+  return absl::OkStatus();
+}
+
+std::string Daemon::StatusLine() const {
+  const DaemonState::Totals totals = state_->totals();
+  return absl::StrCat("serving ", socket_dir_, ": ", sessions_->size(), " sessions, ",
+                      totals.buffers, " buffers, ", totals.handles, " handles, ",
+                      heaps_->heaps().size(), " heaps");
+}
+
+absl::Status Daemon::TakeActivatedDir(uid_t owner) {
+  UniqueFd dir(::open(socket_dir_.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (!dir.valid()) return ErrnoError(absl::StrCat("open socket dir ", socket_dir_), errno);
+  struct stat st {};
+  if (::fstat(dir.get(), &st) != 0) return ErrnoError(absl::StrCat("stat ", socket_dir_), errno);
+  if ((st.st_mode & 022) != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "socket dir ", socket_dir_, " is writable by group or others (mode ",
+        absl::StrFormat("%04o", st.st_mode & 07777),
+        "): anyone could replace the sockets; set DirectoryMode=0755 in bufferd.socket"));
+  }
+  if (st.st_uid != ::geteuid() && st.st_uid != owner) {
+    // The manager's (root's) dir: only it can change the entries, and it
+    // starts one instance; a bufferd started by hand finds fd.sock live.
+    spdlog::info("socket dir {} belongs to uid {}: not locking it", socket_dir_, st.st_uid);
+    return absl::OkStatus();
+  }
+  ASSIGN_OR_RETURN(lock_file_, LockSocketDir(dir.get(), socket_dir_, owner));
   return absl::OkStatus();
 }
 
@@ -386,6 +478,7 @@ absl::Status Daemon::SetFdBudget(const v1::Config& config, uint64_t nofile) {
 void Daemon::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
+  NotifyServiceManager("STOPPING=1");
   // No new connection reaches gRPC once it shuts down.
   if (control_) control_->Stop();
   // In-flight calls may be finishing on the work queue: it outlives Shutdown.
@@ -397,9 +490,13 @@ void Daemon::Shutdown() {
   if (fences_) fences_->Stop();
   if (timelines_) timelines_->Stop();
   work_.reset();
-  if (lock_file_.valid()) {
+  // Only sockets this daemon bound: never a live daemon's it refused to take
+  // over, never the service manager's.
+  if (lock_file_.valid() && bound_sockets_) {
     ::unlink(ControlSocketPath(socket_dir_).c_str());
     ::unlink(FdSocketPath(socket_dir_).c_str());
+  }
+  if (lock_file_.valid()) {
     // The lock file stays: unlinking it would let two later daemons lock
     // different files of the same name.
     lock_file_.Reset();

@@ -7,6 +7,13 @@
 // heaps, and starts serving. Shutdown() stops serving, ends every session and
 // removes the sockets (the lock file stays).
 //
+// Socket-activated (daemon/systemd.h), it serves the sockets it was given:
+// the service manager made them and their dir (SocketUser=, SocketGroup=,
+// SocketMode=), so it neither binds, chmods nor removes them; it takes the
+// dir's lock only if the dir is its own. Under a service manager it says
+// READY=1 once both sockets serve, STATUS= every few seconds, STOPPING=1 at
+// Shutdown, and WATCHDOG=1 when asked to.
+//
 // Every fd it holds for clients is counted in one FdBudget: RLIMIT_NOFILE
 // (raised to its hard limit) minus a reserve for the daemon's own fds, measured
 // once everything but the clients is open. control.sock's connections are
@@ -15,6 +22,7 @@
 #define BUFFERD_DAEMON_DAEMON_H_
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/status.h"
@@ -30,6 +38,7 @@
 #include "daemon/session_hub.h"
 #include "daemon/sessions.h"
 #include "daemon/state.h"
+#include "daemon/systemd.h"
 #include "daemon/work_queue.h"
 #include "fences/fence_table.h"
 #include "fences/reservations.h"
@@ -42,8 +51,11 @@ namespace bufferd {
 class Daemon {
  public:
   // `socket_dir` overrides the config's (empty = config, then the default).
-  static absl::StatusOr<std::unique_ptr<Daemon>> Start(const v1::Config& config,
-                                                       std::string socket_dir);
+  // With `activated` sockets, their dir is the socket dir (a different
+  // `socket_dir` is INVALID_ARGUMENT).
+  static absl::StatusOr<std::unique_ptr<Daemon>> Start(
+      const v1::Config& config, std::string socket_dir,
+      std::optional<ActivatedSockets> activated = std::nullopt);
   ~Daemon();
 
   const std::string& socket_dir() const { return socket_dir_; }
@@ -55,8 +67,14 @@ class Daemon {
   // Sets the fd budget's limits from RLIMIT_NOFILE `nofile`, the fds open
   // now and the config.
   absl::Status SetFdBudget(const v1::Config& config, uint64_t nofile);
+  // The socket dir as the service manager made it: opened, and locked if
+  // it is ours.
+  absl::Status TakeActivatedDir(uid_t owner);
+  // "3 sessions, 12 buffers (48 MiB)": the service manager's STATUS=.
+  std::string StatusLine() const;
 
   std::string socket_dir_;
+  std::optional<ActivatedSockets> activated_;
   // First: every lease (buffers, connections) is returned before it goes.
   FdBudget budget_;
   UniqueFd lock_file_;
@@ -80,6 +98,8 @@ class Daemon {
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<ControlListener> control_;
   bool shut_down_ = false;
+  // It bound control.sock and fd.sock itself (not activated).
+  bool bound_sockets_ = false;
 };
 
 // Raises RLIMIT_NOFILE (and RLIMIT_MEMLOCK) to their hard limits; returns the

@@ -10,6 +10,7 @@
 #include "daemon/config.h"
 #include "daemon/daemon.h"
 #include "daemon/log.h"
+#include "daemon/systemd.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
 
@@ -29,7 +30,7 @@ int main(int argc, char** argv) {
   app.add_option("--config", config_path, "bufferd.v1.Config textproto (default: embedded)");
   app.add_option("--socket-dir", socket_dir,
                  "directory for control.sock and fd.sock (default: $XDG_RUNTIME_DIR/bufferd, "
-                 "or /run/bufferd as root)");
+                 "or /run/bufferd as root; socket-activated: where the sockets are)");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical, off")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "critical", "off"}));
   app.add_option("--user", user,
@@ -64,8 +65,16 @@ int main(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &stop, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
+  // Under systemd's bufferd.socket (or systemd-socket-activate), the sockets
+  // come with the process.
+  absl::StatusOr<std::optional<bufferd::ActivatedSockets>> activated =
+      bufferd::TakeActivatedSockets();
+  if (!activated.ok()) {
+    spdlog::critical("cannot start: {}", activated.status().ToString());
+    return 1;
+  }
   absl::StatusOr<std::unique_ptr<bufferd::Daemon>> daemon =
-      bufferd::Daemon::Start(*config, socket_dir);
+      bufferd::Daemon::Start(*config, socket_dir, *std::move(activated));
   if (!daemon.ok()) {
     spdlog::critical("cannot start: {}", daemon.status().ToString());
     return 1;
