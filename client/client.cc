@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 
 #include "absl/strings/str_cat.h"
 #include "base/errno_status.h"
@@ -263,7 +264,10 @@ absl::StatusOr<Client> Client::Connect(const std::string& socket_dir) {
   return Connect(socket_dir, Options{});
 }
 
-absl::StatusOr<Client> Client::Connect() { return Connect(DefaultSocketDir()); }
+absl::StatusOr<Client> Client::Connect() {
+  const char* dir = std::getenv("BUFFERD_SOCKET_DIR");
+  return Connect(dir != nullptr && *dir != '\0' ? std::string(dir) : DefaultSocketDir());
+}
 
 Client::Client(std::shared_ptr<internal::Connection> connection)
     : connection_(std::move(connection)) {}

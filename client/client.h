@@ -519,7 +519,8 @@ class Client {
   // Opens a session: connects fd.sock (reads the hello) and control.sock.
   static absl::StatusOr<Client> Connect(const std::string& socket_dir, Options options);
   static absl::StatusOr<Client> Connect(const std::string& socket_dir);
-  // The default socket dir ($XDG_RUNTIME_DIR/bufferd or /run/bufferd).
+  // $BUFFERD_SOCKET_DIR if set, else the default socket dir
+  // ($XDG_RUNTIME_DIR/bufferd, or /run/bufferd as root).
   static absl::StatusOr<Client> Connect();
 
   Client(Client&&) noexcept;
