@@ -192,8 +192,7 @@ int bufferd_buffer_attach_fence(const bufferd_buffer* buffer, const bufferd_fenc
 int bufferd_buffer_attach_point(const bufferd_buffer* buffer, const bufferd_timeline* timeline,
                                 uint64_t point, enum bufferd_fence_usage usage);
 /* One pollable fd (owned) that becomes readable once an access may start. */
-int bufferd_buffer_fences_fd(const bufferd_buffer* buffer, enum bufferd_cpu_access access,
-                             int* fd);
+int bufferd_buffer_fences_fd(const bufferd_buffer* buffer, enum bufferd_cpu_access access, int* fd);
 /* Waits until the attached fences let `access` start (a read waits for
  * KERNEL and WRITE fences, a write for READ ones too), up to timeout_ms
  * (BUFFERD_DEADLINE_EXCEEDED naming the fences still pending), then
@@ -220,8 +219,7 @@ int bufferd_fence_signal(bufferd_fence* fence, enum bufferd_fence_status status,
                          const char* message);
 /* Waits up to timeout_ms (0: poll); *status is how it came out (PENDING if
  * the timeout passed first: then the call returns BUFFERD_DEADLINE_EXCEEDED). */
-int bufferd_fence_wait(bufferd_fence* fence, int64_t timeout_ms,
-                       enum bufferd_fence_status* status);
+int bufferd_fence_wait(bufferd_fence* fence, int64_t timeout_ms, enum bufferd_fence_status* status);
 /* A pollable fd (owned), readable once the fence is signalled; another
  * process imports it with bufferd_fence_import_fd. */
 int bufferd_fence_export_fd(const bufferd_fence* fence, int* fd);
@@ -251,8 +249,7 @@ int bufferd_timeline_wait(bufferd_timeline* timeline, uint64_t point, int64_t ti
 /* A token another process imports the timeline with (it may wait, not
  * signal). ttl_ms 0: the default. Free it with bufferd_free. */
 int bufferd_timeline_export(const bufferd_timeline* timeline, uint32_t ttl_ms, char** token);
-int bufferd_timeline_import(bufferd_client* client, const char* token,
-                            bufferd_timeline** timeline);
+int bufferd_timeline_import(bufferd_client* client, const char* token, bufferd_timeline** timeline);
 /* For an event loop: a borrowed fd, readable after bufferd_timeline_arm's
  * point is reached. arm sets *reached to 1 (and arms nothing) if it is
  * already. */

@@ -109,12 +109,23 @@ extern "C" {
 const char* bufferd_last_error(void) { return last_error.c_str(); }
 
 const char* bufferd_status_name(int status) {
-  static const char* const kNames[] = {
-      "OK",        "CANCELLED",         "UNKNOWN",           "INVALID_ARGUMENT",
-      "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",    "PERMISSION_DENIED",
-      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-      "UNIMPLEMENTED", "INTERNAL",      "UNAVAILABLE",       "DATA_LOSS",
-      "UNAUTHENTICATED"};
+  static const char* const kNames[] = {"OK",
+                                       "CANCELLED",
+                                       "UNKNOWN",
+                                       "INVALID_ARGUMENT",
+                                       "DEADLINE_EXCEEDED",
+                                       "NOT_FOUND",
+                                       "ALREADY_EXISTS",
+                                       "PERMISSION_DENIED",
+                                       "RESOURCE_EXHAUSTED",
+                                       "FAILED_PRECONDITION",
+                                       "ABORTED",
+                                       "OUT_OF_RANGE",
+                                       "UNIMPLEMENTED",
+                                       "INTERNAL",
+                                       "UNAVAILABLE",
+                                       "DATA_LOSS",
+                                       "UNAUTHENTICATED"};
   return status >= 0 && status <= 16 ? kNames[status] : "UNKNOWN";
 }
 
@@ -123,9 +134,8 @@ void bufferd_free(void* string) { std::free(string); }
 int bufferd_connect(const char* socket_dir, bufferd_client** client) {
   return Guard([&] {
     if (client == nullptr) return Missing("client");
-    absl::StatusOr<bufferd::Client> connected = socket_dir != nullptr
-                                                    ? bufferd::Client::Connect(socket_dir)
-                                                    : bufferd::Client::Connect();
+    absl::StatusOr<bufferd::Client> connected =
+        socket_dir != nullptr ? bufferd::Client::Connect(socket_dir) : bufferd::Client::Connect();
     if (!connected.ok()) return Fail(connected.status());
     *client = new bufferd_client{*std::move(connected)};
     return Succeed();
@@ -145,9 +155,11 @@ int bufferd_allocate(bufferd_client* client, const bufferd_allocation* request,
     if (request == nullptr) return Missing("request");
     if (buffer == nullptr) return Missing("buffer");
     if (request->struct_size < sizeof(bufferd_allocation)) {
-      return Fail(absl::InvalidArgumentError(absl::StrCat(
-          "request->struct_size is ", request->struct_size, "; set it to sizeof(struct "
-          "bufferd_allocation) (", sizeof(bufferd_allocation), " in this library)")));
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("request->struct_size is ", request->struct_size,
+                       "; set it to sizeof(struct "
+                       "bufferd_allocation) (",
+                       sizeof(bufferd_allocation), " in this library)")));
     }
     bufferd::AllocateOptions options;
     if (request->heap != nullptr) options.heap = request->heap;

@@ -154,9 +154,9 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const v1::Config& config,
   std::unique_ptr<Daemon> daemon(new Daemon());
   if (activated.has_value()) {
     if (!socket_dir.empty() && socket_dir != activated->dir) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--socket-dir ", socket_dir, " but the service manager passed the sockets of ",
-                       activated->dir, "; give one or the other"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--socket-dir ", socket_dir, " but the service manager passed the sockets of ",
+          activated->dir, "; give one or the other"));
     }
     if (!config.socket_dir().empty() && config.socket_dir() != activated->dir) {
       spdlog::warn("config socket_dir {} ignored: serving the activated sockets in {}",
@@ -360,10 +360,9 @@ absl::Status Daemon::Init(const v1::Config& config) {
 
   allocator_ = std::make_unique<AllocatorService>(AllocatorService::Deps{
       sessions_.get(), hub_.get(), state_.get(), channel_.get(), work_.get(), reaper_.get()});
-  debug_ = std::make_unique<DebugService>(
-      DebugService::Deps{sessions_.get(), hub_.get(), state_.get(), channel_.get(), fences_.get(),
-                         timelines_.get(), reservations_.get(), work_.get(),
-                         std::move(debug_access)});
+  debug_ = std::make_unique<DebugService>(DebugService::Deps{
+      sessions_.get(), hub_.get(), state_.get(), channel_.get(), fences_.get(), timelines_.get(),
+      reservations_.get(), work_.get(), std::move(debug_access)});
   fence_ = std::make_unique<FenceService>(
       FenceService::Deps{sessions_.get(), hub_.get(), fences_.get(), timelines_.get(),
                          channel_.get(), state_.get(), reservations_.get(),
@@ -402,9 +401,8 @@ absl::Status Daemon::Init(const v1::Config& config) {
                activated_.has_value() ? ", on sockets from the service manager" : "");
   // Both sockets serve: a client the manager started us for gets answers.
   NotifyServiceManager(absl::StrCat("READY=1\nSTATUS=", StatusLine()));
-  loop_->RunEvery(absl::Seconds(5), [this] {
-    NotifyServiceManager(absl::StrCat("STATUS=", StatusLine()));
-  });
+  loop_->RunEvery(absl::Seconds(5),
+                  [this] { NotifyServiceManager(absl::StrCat("STATUS=", StatusLine())); });
   if (std::optional<absl::Duration> period = WatchdogPeriod(); period.has_value()) {
     // From the loop that serves fd.sock: a wedged loop stops the pings.
     spdlog::info("watchdog: WATCHDOG=1 every {}", absl::FormatDuration(*period));

@@ -6,15 +6,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-
 #include "daemon/call.h"
 #include "daemon/debug_views.h"
 #include "daemon/metrics.h"
 
 namespace bufferd {
 
-absl::StatusOr<DebugAccess> DebugAccess::FromConfig(const v1::Config& config,
-                                                     uid_t daemon_uid) {
+absl::StatusOr<DebugAccess> DebugAccess::FromConfig(const v1::Config& config, uid_t daemon_uid) {
   DebugAccess access;
   access.mode = config.debug_access() == v1::DEBUG_ACCESS_UNSPECIFIED ? v1::DEBUG_ACCESS_OPERATORS
                                                                       : config.debug_access();

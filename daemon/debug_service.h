@@ -12,15 +12,15 @@
 #include <set>
 #include <string>
 
+#include "base/unix_socket.h"
 #include "bufferd/v1/config.pb.h"
 #include "bufferd/v1/debug.grpc.pb.h"
-#include "base/unix_socket.h"
 #include "daemon/fd_channel.h"
 #include "daemon/session_hub.h"
 #include "daemon/sessions.h"
-#include "fences/reservations.h"
 #include "daemon/state.h"
 #include "daemon/work_queue.h"
+#include "fences/reservations.h"
 
 namespace bufferd {
 

@@ -55,9 +55,10 @@ absl::StatusOr<std::optional<ActivatedSockets>> TakeActivatedSockets() {
     const std::string what = absl::StrCat("socket activation: fd ", fd, " ('", name, "')");
     if (sd_is_socket_unix(fd, 0, /*listening=*/1, nullptr, 0) <= 0) {
       return absl::InvalidArgumentError(
-          absl::StrCat(what, " is not a listening Unix socket; bufferd.socket must hold only "
-                             "ListenStream=<dir>/control.sock and "
-                             "ListenSequentialPacket=<dir>/fd.sock"));
+          absl::StrCat(what,
+                       " is not a listening Unix socket; bufferd.socket must hold only "
+                       "ListenStream=<dir>/control.sock and "
+                       "ListenSequentialPacket=<dir>/fd.sock"));
     }
     int type = 0;
     socklen_t length = sizeof(type);
@@ -69,8 +70,9 @@ absl::StatusOr<std::optional<ActivatedSockets>> TakeActivatedSockets() {
     if ((is_control && type != SOCK_STREAM) || (is_fd && type != SOCK_SEQPACKET) ||
         (!is_control && !is_fd)) {
       return absl::InvalidArgumentError(absl::StrCat(
-          what, " has the wrong type: control.sock is a stream socket (ListenStream=), fd.sock "
-                "a sequential-packet one (ListenSequentialPacket=)"));
+          what,
+          " has the wrong type: control.sock is a stream socket (ListenStream=), fd.sock "
+          "a sequential-packet one (ListenSequentialPacket=)"));
     }
     UnixSocket& slot = is_control ? sockets.control : sockets.fd;
     if (slot.valid()) {

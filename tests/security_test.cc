@@ -370,9 +370,8 @@ TEST(DebugAccessTest, OnlyOperatorsMayCallDebug) {
     EXPECT_TRUE(absl::StrContains(out, "uid 65534 is not the daemon's uid (0)")) << out;
     EXPECT_TRUE(absl::StrContains(out, "debug_groups (video)")) << out;
   }
-  EXPECT_EQ(BufctlAsNobody(**daemon, {dir_gid}, {"can-allocate", "--heap", "system", "--size",
-                                                  "4096"},
-                           &out),
+  EXPECT_EQ(BufctlAsNobody(**daemon, {dir_gid},
+                           {"can-allocate", "--heap", "system", "--size", "4096"}, &out),
             0)
       << "not a Debug call: " << out;
   EXPECT_EQ(BufctlAsNobody(**daemon, {dir_gid, video_gid}, {"heaps"}, &out), 0) << out;
@@ -391,9 +390,10 @@ TEST(DebugAccessTest, DebugUidsAndSessionMode) {
   for (const char* extra : {"debug_uids: 65534", "debug_access: DEBUG_ACCESS_SESSION"}) {
     SCOPED_TRACE(extra);
     auto daemon = TestDaemon::Start(absl::StrCat(R"pb(
-      heaps { name: "system" type: HEAP_TYPE_SYSTEM }
-      group: "daemon"
-    )pb", extra));
+                                                   heaps { name: "system" type: HEAP_TYPE_SYSTEM }
+                                                   group: "daemon"
+                                                 )pb",
+                                                 extra));
     ASSERT_TRUE(daemon.ok()) << daemon.status();
     ASSERT_EQ(::chmod((*daemon)->root().c_str(), 0711), 0);
     std::string out;

@@ -139,9 +139,9 @@ TEST_F(ServiceTest, ActivatedSocketsNotifyAndServe) {
   ASSERT_TRUE(intruder.ok()) << intruder.status();
   EXPECT_EQ(intruder->Wait(), 1);
   const std::string refusal = testing::ReadFile(intruder_log);
-  EXPECT_TRUE(absl::StrContains(refusal, "another bufferd") ||
-              absl::StrContains(refusal, absl::StrCat("a bufferd already serves ",
-                                                      FdSocketPath(dir_))))
+  EXPECT_TRUE(
+      absl::StrContains(refusal, "another bufferd") ||
+      absl::StrContains(refusal, absl::StrCat("a bufferd already serves ", FdSocketPath(dir_))))
       << refusal;
   EXPECT_TRUE(std::filesystem::is_socket(FdSocketPath(dir_))) << "the intruder removed fd.sock";
 
@@ -181,13 +181,14 @@ TEST_F(ServiceTest, ActivatedSocketsNotifyAndServe) {
   EXPECT_GE(pings, 3);
 
   daemon_->Kill(SIGTERM);
-  EXPECT_TRUE(absl::StrContains(absl::StrJoin(NotificationsUntil("STOPPING=1"), "|"),
-                                "STOPPING=1"));
+  EXPECT_TRUE(
+      absl::StrContains(absl::StrJoin(NotificationsUntil("STOPPING=1"), "|"), "STOPPING=1"));
   EXPECT_EQ(daemon_->Wait(), 0) << testing::ReadFile(log_path());
   daemon_.reset();
   EXPECT_TRUE(std::filesystem::is_socket(FdSocketPath(dir_))) << "the manager's, not ours";
   EXPECT_TRUE(std::filesystem::is_socket(ControlSocketPath(dir_)));
-  EXPECT_TRUE(absl::StrContains(testing::ReadFile(log_path()), "on sockets from the service manager"));
+  EXPECT_TRUE(
+      absl::StrContains(testing::ReadFile(log_path()), "on sockets from the service manager"));
 }
 
 // Tests that activation with only fd.sock stops startup (exit 1) with a
