@@ -23,6 +23,8 @@
  *  - Strings returned to you (tokens) are freed with bufferd_free.
  *  - fds: "borrowed" fds stay the object's (do not close them); "owned" fds
  *    are yours to close.
+ *  - Parameters that take one of this header's enum values are ints (so a
+ *    value out of range is an INVALID_ARGUMENT, never undefined behaviour).
  *  - Timeouts are milliseconds; a negative timeout is INVALID_ARGUMENT (no
  *    wait is indefinite: fences and timeline points have deadlines).
  *  - Thread-safe: a client and its objects may be used from any thread (one
@@ -188,19 +190,18 @@ int bufferd_buffer_freeze(bufferd_buffer* buffer);
 /* Implicit sync (reservation objects): attach a fence or a timeline point
  * to the buffer for every holder to see. */
 int bufferd_buffer_attach_fence(const bufferd_buffer* buffer, const bufferd_fence* fence,
-                                enum bufferd_fence_usage usage);
+                                int usage);
 int bufferd_buffer_attach_point(const bufferd_buffer* buffer, const bufferd_timeline* timeline,
-                                uint64_t point, enum bufferd_fence_usage usage);
+                                uint64_t point, int usage);
 /* One pollable fd (owned) that becomes readable once an access may start. */
-int bufferd_buffer_fences_fd(const bufferd_buffer* buffer, enum bufferd_cpu_access access, int* fd);
+int bufferd_buffer_fences_fd(const bufferd_buffer* buffer, int access, int* fd);
 /* Waits until the attached fences let `access` start (a read waits for
  * KERNEL and WRITE fences, a write for READ ones too), up to timeout_ms
  * (BUFFERD_DEADLINE_EXCEEDED naming the fences still pending), then
  * brackets the access: end it with bufferd_buffer_end_cpu_access. As with
  * dma_resv, a fence that failed does not fail the access. When nothing is
  * pending this makes no syscall. */
-int bufferd_buffer_begin_cpu_access(const bufferd_buffer* buffer, enum bufferd_cpu_access access,
-                                    int64_t timeout_ms);
+int bufferd_buffer_begin_cpu_access(const bufferd_buffer* buffer, int access, int64_t timeout_ms);
 int bufferd_buffer_end_cpu_access(const bufferd_buffer* buffer);
 
 /* ---- fences ---- */
@@ -215,8 +216,7 @@ void bufferd_fence_destroy(bufferd_fence* fence);
 uint64_t bufferd_fence_id(const bufferd_fence* fence);
 /* status: BUFFERD_FENCE_OK, _ERROR (with a message) or _CANCELLED. One-way:
  * applied before this session's next call. */
-int bufferd_fence_signal(bufferd_fence* fence, enum bufferd_fence_status status,
-                         const char* message);
+int bufferd_fence_signal(bufferd_fence* fence, int status, const char* message);
 /* Waits up to timeout_ms (0: poll); *status is how it came out (PENDING if
  * the timeout passed first: then the call returns BUFFERD_DEADLINE_EXCEEDED). */
 int bufferd_fence_wait(bufferd_fence* fence, int64_t timeout_ms, enum bufferd_fence_status* status);

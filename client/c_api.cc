@@ -79,11 +79,18 @@ char* CopyOut(const std::string& text) {
   return copy;
 }
 
-bufferd::Cpu ToCpu(bufferd_cpu_access access) {
-  return access == BUFFERD_CPU_WRITE ? bufferd::Cpu::kWrite : bufferd::Cpu::kRead;
+absl::StatusOr<bufferd::Cpu> ToCpu(int access) {
+  switch (access) {
+    case BUFFERD_CPU_READ:
+      return bufferd::Cpu::kRead;
+    case BUFFERD_CPU_WRITE:
+      return bufferd::Cpu::kWrite;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "access ", access, " is neither BUFFERD_CPU_READ (0) nor BUFFERD_CPU_WRITE (1)"));
 }
 
-absl::StatusOr<bufferd::v1::FenceUsage> ToUsage(bufferd_fence_usage usage) {
+absl::StatusOr<bufferd::v1::FenceUsage> ToUsage(int usage) {
   switch (usage) {
     case BUFFERD_USAGE_KERNEL:
       return bufferd::v1::FENCE_USAGE_KERNEL;
@@ -94,8 +101,8 @@ absl::StatusOr<bufferd::v1::FenceUsage> ToUsage(bufferd_fence_usage usage) {
     case BUFFERD_USAGE_BOOKKEEP:
       return bufferd::v1::FENCE_USAGE_BOOKKEEP;
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("usage ", static_cast<int>(usage), " is not a bufferd_fence_usage"));
+  return absl::InvalidArgumentError(absl::StrCat(
+      "usage ", usage, " is not a bufferd_fence_usage (KERNEL 1, WRITE 2, READ 3, BOOKKEEP 4)"));
 }
 
 bufferd_fence_status ToC(bufferd::v1::FenceStatus status) {
@@ -300,7 +307,7 @@ int bufferd_buffer_freeze(bufferd_buffer* buffer) {
 }
 
 int bufferd_buffer_attach_fence(const bufferd_buffer* buffer, const bufferd_fence* fence,
-                                bufferd_fence_usage usage) {
+                                int usage) {
   return Guard([&] {
     if (buffer == nullptr) return Missing("buffer");
     if (fence == nullptr) return Missing("fence");
@@ -311,7 +318,7 @@ int bufferd_buffer_attach_fence(const bufferd_buffer* buffer, const bufferd_fenc
 }
 
 int bufferd_buffer_attach_point(const bufferd_buffer* buffer, const bufferd_timeline* timeline,
-                                uint64_t point, bufferd_fence_usage usage) {
+                                uint64_t point, int usage) {
   return Guard([&] {
     if (buffer == nullptr) return Missing("buffer");
     if (timeline == nullptr) return Missing("timeline");
@@ -321,23 +328,26 @@ int bufferd_buffer_attach_point(const bufferd_buffer* buffer, const bufferd_time
   });
 }
 
-int bufferd_buffer_fences_fd(const bufferd_buffer* buffer, bufferd_cpu_access access, int* fd) {
+int bufferd_buffer_fences_fd(const bufferd_buffer* buffer, int access, int* fd) {
   return Guard([&] {
     if (buffer == nullptr) return Missing("buffer");
     if (fd == nullptr) return Missing("fd");
-    absl::StatusOr<bufferd::UniqueFd> fences = buffer->buffer.FencesFd(ToCpu(access));
+    absl::StatusOr<bufferd::Cpu> cpu = ToCpu(access);
+    if (!cpu.ok()) return Fail(cpu.status());
+    absl::StatusOr<bufferd::UniqueFd> fences = buffer->buffer.FencesFd(*cpu);
     if (!fences.ok()) return Fail(fences.status());
     *fd = fences->Release();
     return Succeed();
   });
 }
 
-int bufferd_buffer_begin_cpu_access(const bufferd_buffer* buffer, bufferd_cpu_access access,
-                                    int64_t timeout_ms) {
+int bufferd_buffer_begin_cpu_access(const bufferd_buffer* buffer, int access, int64_t timeout_ms) {
   return Guard([&] {
     if (buffer == nullptr) return Missing("buffer");
     if (absl::Status s = CheckTimeout(timeout_ms); !s.ok()) return Fail(s);
-    return Report(buffer->buffer.BeginCpuAccess(ToCpu(access), Millis(timeout_ms)).status());
+    absl::StatusOr<bufferd::Cpu> cpu = ToCpu(access);
+    if (!cpu.ok()) return Fail(cpu.status());
+    return Report(buffer->buffer.BeginCpuAccess(*cpu, Millis(timeout_ms)).status());
   });
 }
 
@@ -369,9 +379,14 @@ uint64_t bufferd_fence_id(const bufferd_fence* fence) {
   return fence != nullptr ? fence->fence.id() : 0;
 }
 
-int bufferd_fence_signal(bufferd_fence* fence, bufferd_fence_status status, const char* message) {
+int bufferd_fence_signal(bufferd_fence* fence, int status, const char* message) {
   return Guard([&] {
     if (fence == nullptr) return Missing("fence");
+    if (status != BUFFERD_FENCE_OK && status != BUFFERD_FENCE_ERROR &&
+        status != BUFFERD_FENCE_CANCELLED) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat(
+          "status ", status, " cannot be signalled: give BUFFERD_FENCE_OK, _ERROR or _CANCELLED")));
+    }
     return Report(fence->fence.Signal(static_cast<bufferd::v1::FenceStatus>(status),
                                       message != nullptr ? message : ""));
   });

@@ -30,14 +30,20 @@ for file in bin/bufferd bin/bufctl lib/libbufferd.so.1 lib/libbufferd.so include
 done
 grep -q "^ExecStart=$prefix/bin/bufferd --config $prefix/etc/bufferd/bufferd.conf$" \
   "$prefix/lib/systemd/system/bufferd.service" || fail "ExecStart does not name the prefix"
-readelf -d "$prefix/lib/libbufferd.so.1" | grep -q 'SONAME.*\[libbufferd.so.1\]' || fail "SONAME"
+grep -q 'SONAME.*\[libbufferd.so.1\]' <<<"$(readelf -d "$prefix/lib/libbufferd.so.1")" || fail "SONAME"
 # Only the C API and the C++ client API are exported (besides a few inline
 # std::string members other shared libraries of the link reference, which
 # the linker keeps dynamic: the same code as libstdc++'s).
-if nm -DC --defined-only "$prefix/lib/libbufferd.so.1" | awk '{ $1 = ""; $2 = ""; print }' \
-    | grep -vE '^ *(bufferd_|bufferd::|BUFFERD_1|descriptor_table_bufferd|TableStruct_bufferd|typeinfo (name )?for bufferd::|vtable for bufferd::|std::)' \
-    | grep -q .; then
-  fail "unexpected exports: $(nm -DC --defined-only "$prefix/lib/libbufferd.so.1" | grep -v bufferd | head)"
+unexpected="$(nm -DC --defined-only "$prefix/lib/libbufferd.so.1" | awk '{ $1 = ""; $2 = ""; print }' \
+  | grep -vE '^ *(bufferd_|bufferd::|BUFFERD_1|descriptor_table_bufferd|TableStruct_bufferd|typeinfo (name )?for bufferd::|vtable for bufferd::|std::)' \
+  || true)"
+[ -z "$unexpected" ] || fail "unexpected exports: $(head -5 <<<"$unexpected")"
+# ... and the internals are not among them.
+exports="$(nm -DC --defined-only "$prefix/lib/libbufferd.so.1")"
+grep -q ' bufferd_connect@@BUFFERD_1$' <<<"$exports" || fail "bufferd_connect is not exported"
+grep -q 'bufferd::Client::Connect' <<<"$exports" || fail "the C++ client API is not exported"
+if grep -q 'bufferd::internal::Connection::\|bufferd::UnixSocket::' <<<"$exports"; then
+  fail "internals exported: $(grep 'internal::\|UnixSocket' <<<"$exports" | head -3)"
 fi
 # A second install keeps an edited config.
 echo '# edited' >>"$prefix/etc/bufferd/bufferd.conf"
@@ -58,7 +64,13 @@ cp examples/c_share.c "$root/c_share.c"
 "$prefix/bin/bufferd" --socket-dir "$dir" --config "$prefix/etc/bufferd/bufferd.conf" 2>"$root/log" &
 pid=$!
 for _ in $(seq 200); do [ -S "$dir/fd.sock" ] && [ -S "$dir/control.sock" ] && break; sleep 0.05; done
-out="$(LD_LIBRARY_PATH="$prefix/lib" "$root/c_share" --socket-dir "$dir" 2>&1)" || fail "c_share: $out"
+# An instrumented library (--config=asan) needs its runtime loaded first.
+preload=""
+if grep -q 'NEEDED.*libasan' <<<"$(readelf -d "$prefix/lib/libbufferd.so.1")"; then
+  preload="$(cc -print-file-name=libasan.so)"
+fi
+out="$(LD_PRELOAD="$preload" LD_LIBRARY_PATH="$prefix/lib" "$root/c_share" --socket-dir "$dir" 2>&1)" \
+  || fail "c_share: $out"
 echo "$out"
 grep -q '^reader pid [0-9]* read: hello from C, pid [0-9]*, buffer [0-9]*$' <<<"$out" || fail "reader did not read"
 grep -q '^reader: writable mapping refused: Permission denied$' <<<"$out" || fail "read-only import"

@@ -75,8 +75,12 @@ TEST_F(CApiTest, ErrorsAreCodesWithMessages) {
             BUFFERD_INVALID_ARGUMENT);
   bufferd_fence* fence = nullptr;
   ASSERT_EQ(bufferd_fence_create(client_, "f", 0, &fence), BUFFERD_OK);
-  EXPECT_EQ(bufferd_buffer_attach_fence(buffer, fence, static_cast<bufferd_fence_usage>(9)),
+  EXPECT_EQ(bufferd_buffer_attach_fence(buffer, fence, 9), BUFFERD_INVALID_ARGUMENT);
+  EXPECT_TRUE(absl::StartsWith(bufferd_last_error(), "usage 9 is not")) << bufferd_last_error();
+  EXPECT_EQ(bufferd_buffer_begin_cpu_access(buffer, 7, 0), BUFFERD_INVALID_ARGUMENT);
+  EXPECT_EQ(bufferd_fence_signal(fence, BUFFERD_FENCE_OWNER_DIED, nullptr),
             BUFFERD_INVALID_ARGUMENT);
+  EXPECT_EQ(bufferd_fence_signal(fence, 42, nullptr), BUFFERD_INVALID_ARGUMENT);
   EXPECT_EQ(bufferd_buffer_frame(buffer, nullptr), BUFFERD_INVALID_ARGUMENT);
   bufferd_frame frame;
   EXPECT_EQ(bufferd_buffer_frame(buffer, &frame), BUFFERD_FAILED_PRECONDITION);
