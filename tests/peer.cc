@@ -5,6 +5,8 @@
 //   peer write <dir> <token> <byte>   import, fill with <byte>
 //   peer hold  <dir> <heap> <size> <count>  allocate, print "ready", wait to be killed
 //   peer --comm <C-escaped name> <mode> ...: the same, under that process name
+//   peer manager <dir> <bufferd>   play systemd as pid 1: bind both sockets,
+//       start bufferd with them, connect and allocate ("allocated buffer=N")
 //   peer flood <dir> sessions|control|both   below the library: open fd.sock sessions
 //       until the daemon refuses one ("sessions=N refused=CODE:MESSAGE"), then
 //       control.sock connections until one is closed unserved ("control=N"),
@@ -43,11 +45,13 @@
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -355,6 +359,45 @@ int Requeue(bufferd::Client& client, const std::string& token, int64_t ms) {
   return 0;
 }
 
+// Plays systemd (run it as pid 1 of a pid namespace): binds control.sock
+// and fd.sock in `dir`, starts `bufferd` with them (LISTEN_FDS), then
+// connects a Client and allocates. The sockets carry this process's
+// credentials, not the daemon's, as systemd's do.
+int ServiceManager(const std::string& dir, const std::string& bufferd) {
+  absl::StatusOr<bufferd::UnixSocket> control =
+      bufferd::UnixSocket::ListenStream(bufferd::ControlSocketPath(dir));
+  absl::StatusOr<bufferd::UnixSocket> fd =
+      bufferd::UnixSocket::ListenSeqPacket(bufferd::FdSocketPath(dir));
+  if (!control.ok() || !fd.ok())
+    return Fail("listen", control.ok() ? fd.status() : control.status());
+  const pid_t daemon = ::fork();
+  if (daemon == 0) {
+    // To 3 and 4 through fresh numbers: dup2 onto the same number would
+    // keep close-on-exec, and one dup2 could clobber the other socket.
+    const int c = ::dup(control->fd());
+    const int f = ::dup(fd->fd());
+    if (c < 0 || f < 0 || ::dup2(c, 3) < 0 || ::dup2(f, 4) < 0) _exit(125);
+    ::setenv("LISTEN_FDS", "2", 1);
+    ::setenv("LISTEN_PID", std::to_string(::getpid()).c_str(), 1);
+    ::execl(bufferd.c_str(), bufferd.c_str(), "--log-level", "warn", nullptr);
+    _exit(127);
+  }
+  std::printf("manager pid=%d daemon pid=%d\n", ::getpid(), daemon);
+  // The daemon goes with this process, whatever the outcome.
+  auto stop = [daemon](int code) {
+    ::kill(daemon, SIGTERM);
+    int status = 0;
+    ::waitpid(daemon, &status, 0);
+    return code;
+  };
+  absl::StatusOr<bufferd::Client> client = bufferd::Client::Connect(dir);
+  if (!client.ok()) return stop(Fail("connect", client.status()));
+  absl::StatusOr<bufferd::Buffer> buffer = client->Allocate({.heap = "system", .size = 4096});
+  if (!buffer.ok()) return stop(Fail("allocate", buffer.status()));
+  std::printf("allocated buffer=%lu\n", static_cast<unsigned long>(buffer->id()));
+  return stop(0);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -379,6 +422,7 @@ int main(int argc, char** argv) {
     std::printf("ready\n");
     while (true) ::pause();
   }
+  if (mode == "manager" && argc == 4) return ServiceManager(argv[2], argv[3]);
   if (mode == "records" && argc == 4) {
     FloodRecords(argv[2], std::atoi(argv[3]));
     return 1;

@@ -205,5 +205,37 @@ TEST_F(ServiceTest, OneActivatedSocketIsAnError) {
   EXPECT_FALSE(std::filesystem::exists(ControlSocketPath(dir_)));
 }
 
+// Tests what clients trust of sockets a service manager made: their peer
+// credentials are the manager's, not the daemon's. Made by pid 1 as root
+// (systemd; here tests/peer as pid 1 of a pid namespace), a client connects
+// and allocates; made by any other process that is not the daemon, the
+// client refuses them as a relay, as before.
+TEST_F(ServiceTest, SocketsMadeByPidOneAreTrustedOthersNot) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root for a pid namespace";
+  if (::access("/usr/bin/unshare", X_OK) != 0) GTEST_SKIP() << "no /usr/bin/unshare";
+  const std::string peer = testing::BinaryPath("tests/peer");
+  const std::string bufferd = testing::BinaryPath("daemon/bufferd");
+  testing::ChildOptions options;
+  options.capture_stdout = true;
+  auto init = testing::ChildProcess::Spawn(
+      "/usr/bin/unshare",
+      {"--pid", "--fork", "--kill-child", "--mount-proc", peer, "manager", dir_, bufferd}, options);
+  ASSERT_TRUE(init.ok()) << init.status();
+  EXPECT_TRUE(absl::StartsWith(init->ReadLine(), "manager pid=1 daemon pid="));
+  const std::string allocated = init->ReadLine();
+  EXPECT_TRUE(absl::StartsWith(allocated, "allocated buffer=")) << allocated;
+  EXPECT_EQ(init->Wait(), 0);
+
+  const std::string other = root_ + "/other";
+  ASSERT_EQ(::mkdir(other.c_str(), 0700), 0);
+  auto manager = testing::ChildProcess::Spawn(peer, {"manager", other, bufferd}, options);
+  ASSERT_TRUE(manager.ok()) << manager.status();
+  EXPECT_TRUE(absl::StartsWith(manager->ReadLine(), "manager pid="));
+  const std::string refused = manager->ReadLine();
+  EXPECT_TRUE(absl::StrContains(refused, "error connect: PERMISSION_DENIED")) << refused;
+  EXPECT_TRUE(absl::StrContains(refused, "a relay may sit between you and bufferd")) << refused;
+  EXPECT_EQ(manager->Wait(), 1);
+}
+
 }  // namespace
 }  // namespace bufferd
