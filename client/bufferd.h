@@ -19,7 +19,8 @@
  *    bufferd_last_error() then gives its message, for this thread, until the
  *    thread's next call. Bad arguments (a NULL where an object is needed)
  *    are BUFFERD_INVALID_ARGUMENT, never a crash.
- *  - Out-parameters are written only on success.
+ *  - Out-parameters are written only on success (and a wait's status on
+ *    BUFFERD_DEADLINE_EXCEEDED: BUFFERD_FENCE_PENDING).
  *  - Strings returned to you (tokens) are freed with bufferd_free.
  *  - fds: "borrowed" fds stay the object's (do not close them); "owned" fds
  *    are yours to close.
@@ -103,8 +104,8 @@ void bufferd_free(void* string);
 /* ---- connecting ---- */
 
 /* Connects to the daemon serving socket_dir (NULL: $BUFFERD_SOCKET_DIR, else
- * $XDG_RUNTIME_DIR/bufferd, or /run/bufferd as root), checking it is the
- * real daemon. */
+ * $XDG_RUNTIME_DIR/bufferd, or /run/bufferd as root; "" is
+ * INVALID_ARGUMENT), checking it is the real daemon. */
 int bufferd_connect(const char* socket_dir, bufferd_client** client);
 /* Frees the client. The session lasts while any of its buffers, fences or
  * timelines is alive (they keep working), and ends with the last of them:
@@ -119,7 +120,7 @@ uint64_t bufferd_client_session_id(const bufferd_client* client);
 struct bufferd_allocation {
   size_t struct_size;
   /* Where from: a heap ("system"), or a usage of the daemon's config
-   * ("camera_frame"); at most one; neither means "system". */
+   * ("camera_frame"); at most one; neither (NULL or "") means "system". */
   const char* heap;
   const char* usage;
   /* Bytes; 0 for a frame. */
@@ -171,19 +172,29 @@ struct bufferd_frame {
 /* FAILED_PRECONDITION if the buffer is not a frame. */
 int bufferd_buffer_frame(const bufferd_buffer* buffer, struct bufferd_frame* frame);
 
-/* Maps the whole buffer shared (writable unless the handle is read-only, or
- * `writable` is 0); undo with bufferd_unmap(*data, *size). */
+/* Maps the whole buffer shared, writable if `writable` (PERMISSION_DENIED
+ * for a read-only handle), else read-only; undo with
+ * bufferd_unmap(*data, *size). */
 int bufferd_buffer_map(const bufferd_buffer* buffer, int writable, void** data, size_t* size);
 int bufferd_unmap(void* data, size_t size);
 /* Copies `length` bytes at `offset` out with pread: zeros where a writer
  * punched a hole, never a SIGBUS. */
 int bufferd_buffer_read(const bufferd_buffer* buffer, uint64_t offset, void* out, size_t length);
 
-/* A one-use token for another process's bufferd_import: read-only unless
- * `read_write`; ttl_ms 0 is the daemon's default (30 s). Free it with
- * bufferd_free. */
-int bufferd_buffer_export(const bufferd_buffer* buffer, int read_write, uint32_t ttl_ms,
-                          char** token);
+/* bufferd_buffer_export's flags. */
+enum bufferd_export_flags {
+  /* The importer may write (else read-only: an O_RDONLY fd). */
+  BUFFERD_EXPORT_READ_WRITE = 1,
+  /* Needed for a read-write export of a hugetlb- or carveout-backed buffer
+   * (FAILED_PRECONDITION without it): a read-write importer could punch
+   * holes that make this process's mappings SIGBUS (bufferd_buffer_read
+   * never does). Only for importers you trust. */
+  BUFFERD_EXPORT_ACCEPT_SIGBUS_RISK = 2
+};
+/* A one-use token for another process's bufferd_import; `flags`: 0
+ * (read-only) or bufferd_export_flags or'ed; ttl_ms 0 is the daemon's
+ * default (30 s). Free it with bufferd_free. */
+int bufferd_buffer_export(const bufferd_buffer* buffer, int flags, uint32_t ttl_ms, char** token);
 /* Seals the buffer's contents for good (it must be freezable). */
 int bufferd_buffer_freeze(bufferd_buffer* buffer);
 

@@ -141,6 +141,10 @@ void bufferd_free(void* string) { std::free(string); }
 int bufferd_connect(const char* socket_dir, bufferd_client** client) {
   return Guard([&] {
     if (client == nullptr) return Missing("client");
+    if (socket_dir != nullptr && *socket_dir == '\0') {
+      return Fail(absl::InvalidArgumentError(
+          "socket_dir is \"\"; pass NULL for $BUFFERD_SOCKET_DIR or the default dir"));
+    }
     absl::StatusOr<bufferd::Client> connected =
         socket_dir != nullptr ? bufferd::Client::Connect(socket_dir) : bufferd::Client::Connect();
     if (!connected.ok()) return Fail(connected.status());
@@ -169,6 +173,7 @@ int bufferd_allocate(bufferd_client* client, const bufferd_allocation* request,
                        sizeof(bufferd_allocation), " in this library)")));
     }
     bufferd::AllocateOptions options;
+    // NULL and "" alike: not set.
     if (request->heap != nullptr) options.heap = request->heap;
     if (request->usage != nullptr) options.usage = request->usage;
     if (request->name != nullptr) options.name = request->name;
@@ -255,7 +260,11 @@ int bufferd_buffer_map(const bufferd_buffer* buffer, int writable, void** data, 
   return Guard([&] {
     if (buffer == nullptr) return Missing("buffer");
     if (data == nullptr || size == nullptr) return Missing("data or size");
-    const bool write = writable != 0 && buffer->buffer.access() == bufferd::Access::kReadWrite;
+    const bool write = writable != 0;
+    if (write && buffer->buffer.access() == bufferd::Access::kReadOnly) {
+      return Fail(absl::PermissionDeniedError(absl::StrCat(
+          "buffer ", buffer->buffer.id(), " is a read-only handle: map it with writable = 0")));
+    }
     const size_t length = buffer->buffer.size();
     void* address = ::mmap(nullptr, length, PROT_READ | (write ? PROT_WRITE : 0), MAP_SHARED,
                            buffer->buffer.fd(), 0);
@@ -269,9 +278,11 @@ int bufferd_buffer_map(const bufferd_buffer* buffer, int writable, void** data, 
 }
 
 int bufferd_unmap(void* data, size_t size) {
-  if (data == nullptr) return Missing("data");
-  if (::munmap(data, size) != 0) return Fail(bufferd::ErrnoError("munmap", errno));
-  return Succeed();
+  return Guard([&] {
+    if (data == nullptr) return Missing("data");
+    if (::munmap(data, size) != 0) return Fail(bufferd::ErrnoError("munmap", errno));
+    return Succeed();
+  });
 }
 
 int bufferd_buffer_read(const bufferd_buffer* buffer, uint64_t offset, void* out, size_t length) {
@@ -282,15 +293,22 @@ int bufferd_buffer_read(const bufferd_buffer* buffer, uint64_t offset, void* out
   });
 }
 
-int bufferd_buffer_export(const bufferd_buffer* buffer, int read_write, uint32_t ttl_ms,
-                          char** token) {
+int bufferd_buffer_export(const bufferd_buffer* buffer, int flags, uint32_t ttl_ms, char** token) {
   return Guard([&] {
     if (buffer == nullptr) return Missing("buffer");
     if (token == nullptr) return Missing("token");
+    constexpr int kKnown = BUFFERD_EXPORT_READ_WRITE | BUFFERD_EXPORT_ACCEPT_SIGBUS_RISK;
+    if ((flags & ~kKnown) != 0) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat(
+          "flags ", flags, " has bits no bufferd_export_flags value has (", kKnown, " are)")));
+    }
     bufferd::ExportOptions options;
     options.ttl = Millis(ttl_ms);
-    absl::StatusOr<std::string> exported = buffer->buffer.Export(
-        read_write != 0 ? bufferd::Access::kReadWrite : bufferd::Access::kReadOnly, options);
+    options.accept_sigbus_risk = (flags & BUFFERD_EXPORT_ACCEPT_SIGBUS_RISK) != 0;
+    absl::StatusOr<std::string> exported =
+        buffer->buffer.Export((flags & BUFFERD_EXPORT_READ_WRITE) != 0 ? bufferd::Access::kReadWrite
+                                                                       : bufferd::Access::kReadOnly,
+                              options);
     if (!exported.ok()) return Fail(exported.status());
     char* copy = CopyOut(*exported);
     if (copy == nullptr) return Fail(absl::ResourceExhaustedError("out of memory"));

@@ -110,6 +110,35 @@ bool SocketAnswers(const std::string& path) {
   return errno == EAGAIN || errno == EINPROGRESS;
 }
 
+// "another bufferd (pid N) is serving DIR", N read from its lock file.
+absl::Status AnotherDaemon(int lock_fd, const std::string& dir) {
+  char buf[32] = {};
+  (void)!::pread(lock_fd, buf, sizeof(buf) - 1, 0);
+  int pid = 0;
+  (void)absl::SimpleAtoi(absl::StripAsciiWhitespace(buf), &pid);
+  return absl::FailedPreconditionError(
+      absl::StrCat("another bufferd (pid ", pid, ") is serving ", dir));
+}
+
+// FAILED_PRECONDITION if a daemon serves `dir` already: its fd.sock answers
+// (a socket-activated daemon may hold no lock we could see: its dir may be
+// the service manager's). Looks only: creates, locks and changes nothing, so
+// a refused daemon leaves a live one's dir exactly as it was. `holding_lock`:
+// the caller holds bufferd.lock itself (so the lock names no other daemon).
+absl::Status RefuseLiveDaemon(int dir_fd, const std::string& dir, bool holding_lock) {
+  const std::string fd_path = FdSocketPath(dir);
+  if (!SocketAnswers(fd_path)) return absl::OkStatus();
+  UniqueFd lock(::openat(dir_fd, "bufferd.lock", O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC));
+  struct stat st {};
+  if (!holding_lock && lock.valid() && ::fstat(lock.get(), &st) == 0 && S_ISREG(st.st_mode) &&
+      ::flock(lock.get(), LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK) {
+    return AnotherDaemon(lock.get(), dir);
+  }
+  return absl::FailedPreconditionError(
+      absl::StrCat("a bufferd already serves ", fd_path,
+                   " (socket-activated? see systemctl status bufferd.socket); not taking it over"));
+}
+
 // Takes the exclusive lock on <dir>/bufferd.lock (opened without following a
 // link, and checked) and writes our pid into it.
 absl::StatusOr<UniqueFd> LockSocketDir(int dir_fd, const std::string& dir, uid_t owner) {
@@ -117,12 +146,7 @@ absl::StatusOr<UniqueFd> LockSocketDir(int dir_fd, const std::string& dir, uid_t
   const std::string path = absl::StrCat(dir, "/bufferd.lock");
   if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
     if (errno != EWOULDBLOCK) return ErrnoError(absl::StrCat("flock ", path), errno);
-    char buf[32] = {};
-    (void)!::pread(fd.get(), buf, sizeof(buf) - 1, 0);
-    int pid = 0;
-    (void)absl::SimpleAtoi(absl::StripAsciiWhitespace(buf), &pid);
-    return absl::FailedPreconditionError(
-        absl::StrCat("another bufferd (pid ", pid, ") is serving ", dir));
+    return AnotherDaemon(fd.get(), dir);
   }
   std::string pid = absl::StrCat(::getpid(), "\n");
   if (::ftruncate(fd.get(), 0) != 0 ||
@@ -189,19 +213,15 @@ absl::Status Daemon::Init(const v1::Config& config) {
     RETURN_IF_ERROR(TakeActivatedDir(run_as.uid));
   } else {
     ASSIGN_OR_RETURN(dir, OpenPrivateDir(socket_dir_, run_as.uid));
+    RETURN_IF_ERROR(RefuseLiveDaemon(dir.get(), socket_dir_, /*holding_lock=*/false));
     ASSIGN_OR_RETURN(lock_file_, LockSocketDir(dir.get(), socket_dir_, run_as.uid));
     // We hold the lock, so the dir is ours to change. It stays ours (our
     // euid, private) while we set it up: nothing can be planted in it, and
     // the chown/chmod of the sockets below cannot be turned onto another
     // file. It goes to `user` only at the end.
     RETURN_IF_ERROR(SecurePrivateDir(dir.get(), socket_dir_, dir_group, ::geteuid()));
-    // A socket-activated bufferd on this dir holds no lock we could see
-    // (its dir may be the service manager's): if fd.sock answers, it serves.
-    if (SocketAnswers(fd_path)) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "a bufferd already serves ", fd_path,
-          " (socket-activated? see systemctl status bufferd.socket); not taking it over"));
-    }
+    // Once more under the lock: one may have started since we looked.
+    RETURN_IF_ERROR(RefuseLiveDaemon(dir.get(), socket_dir_, /*holding_lock=*/true));
     // We hold the lock, so anything at the sockets' names was left by a
     // daemon that died (or planted while the dir was not yet private): the
     // entry itself goes, never what a link points at.
@@ -331,6 +351,12 @@ absl::Status Daemon::Init(const v1::Config& config) {
   UnixSocket control_listener;
   if (activated_.has_value()) {
     // The service manager made them, with their owner and mode.
+    if (!config.group().empty()) {
+      spdlog::warn(
+          "config group '{}' not applied: with socket activation the sockets' group "
+          "is bufferd.socket's SocketGroup=",
+          config.group());
+    }
     listener = std::move(activated_->fd);
     control_listener = std::move(activated_->control);
   } else {

@@ -70,7 +70,7 @@ class Daemon {
   // The socket dir as the service manager made it: opened, and locked if
   // it is ours.
   absl::Status TakeActivatedDir(uid_t owner);
-  // "3 sessions, 12 buffers (48 MiB)": the service manager's STATUS=.
+  // "serving DIR: N sessions, N buffers, N handles, N heaps": STATUS=.
   std::string StatusLine() const;
 
   std::string socket_dir_;

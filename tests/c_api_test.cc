@@ -64,6 +64,9 @@ TEST_F(CApiTest, ErrorsAreCodesWithMessages) {
   EXPECT_STREQ(bufferd_status_name(BUFFERD_NOT_FOUND), "NOT_FOUND");
   EXPECT_STREQ(bufferd_status_name(99), "UNKNOWN");
   EXPECT_STREQ(bufferd_status_name(-1), "UNKNOWN");
+  bufferd_client* empty = nullptr;
+  EXPECT_EQ(bufferd_connect("", &empty), BUFFERD_INVALID_ARGUMENT);
+  EXPECT_EQ(empty, nullptr);
 
   buffer = Allocate(4096);
   ASSERT_NE(buffer, nullptr);
@@ -135,16 +138,34 @@ TEST_F(CApiTest, BuffersFramesAndSharing) {
   char text[6] = {};
   ASSERT_EQ(bufferd_buffer_read(imported, 0, text, sizeof(text)), BUFFERD_OK);
   EXPECT_STREQ(text, "c api");
-  // Asked for writable, a read-only handle maps read-only.
-  ASSERT_EQ(bufferd_buffer_map(imported, 1, &data, &size), BUFFERD_OK);
+  EXPECT_EQ(bufferd_buffer_map(imported, 1, &data, &size), BUFFERD_PERMISSION_DENIED);
+  EXPECT_TRUE(absl::StrContains(bufferd_last_error(), "read-only handle")) << bufferd_last_error();
+  ASSERT_EQ(bufferd_buffer_map(imported, 0, &data, &size), BUFFERD_OK);
   EXPECT_STREQ(static_cast<const char*>(data), "c api");
   ASSERT_EQ(bufferd_unmap(data, size), BUFFERD_OK);
   char* again = nullptr;
-  EXPECT_EQ(bufferd_buffer_export(imported, 1, 0, &again), BUFFERD_PERMISSION_DENIED)
+  EXPECT_EQ(bufferd_buffer_export(imported, BUFFERD_EXPORT_READ_WRITE, 0, &again),
+            BUFFERD_PERMISSION_DENIED)
       << "read-write export of a read-only handle";
+  EXPECT_EQ(bufferd_buffer_export(imported, 8, 0, &again), BUFFERD_INVALID_ARGUMENT);
   bufferd_buffer_destroy(imported);
   bufferd_disconnect(other);
   bufferd_buffer_destroy(frame_buffer);
+
+  // A carveout buffer is exported read-write only with the holder's consent
+  // to the SIGBUS risk.
+  bufferd_buffer* carveout = Allocate(1 << 20, "carveout");
+  ASSERT_NE(carveout, nullptr);
+  EXPECT_EQ(bufferd_buffer_export(carveout, BUFFERD_EXPORT_READ_WRITE, 0, &token),
+            BUFFERD_FAILED_PRECONDITION);
+  EXPECT_TRUE(absl::StrContains(bufferd_last_error(), "accept_sigbus_risk"))
+      << bufferd_last_error();
+  ASSERT_EQ(bufferd_buffer_export(
+                carveout, BUFFERD_EXPORT_READ_WRITE | BUFFERD_EXPORT_ACCEPT_SIGBUS_RISK, 0, &token),
+            BUFFERD_OK)
+      << bufferd_last_error();
+  bufferd_free(token);
+  bufferd_buffer_destroy(carveout);
 }
 
 // Tests fences (signal with an error, wait, export as a pollable fd, import,

@@ -129,6 +129,9 @@ class ServiceTest : public ::testing::Test {
 // client); WATCHDOG=1 comes at half of WATCHDOG_USEC; SIGTERM says
 // STOPPING=1, exits 0 and leaves the manager's sockets in place.
 TEST_F(ServiceTest, ActivatedSocketsNotifyAndServe) {
+  // As systemd makes /run/bufferd: 0755 (a refused daemon used to make it
+  // 0700, shutting out every other uid).
+  ASSERT_EQ(::chmod(dir_.c_str(), 0755), 0);
   StartActivated(/*both_sockets=*/true, {"WATCHDOG_USEC=400000"});
   ASSERT_TRUE(std::filesystem::exists(FdSocketPath(dir_))) << testing::ReadFile(log_path());
 
@@ -144,6 +147,9 @@ TEST_F(ServiceTest, ActivatedSocketsNotifyAndServe) {
       absl::StrContains(refusal, absl::StrCat("a bufferd already serves ", FdSocketPath(dir_))))
       << refusal;
   EXPECT_TRUE(std::filesystem::is_socket(FdSocketPath(dir_))) << "the intruder removed fd.sock";
+  struct stat st {};
+  ASSERT_EQ(::stat(dir_.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0755u) << "the intruder changed the manager's dir";
 
   const std::vector<std::string> before_ready = NotificationsUntil("READY=1");
   ASSERT_FALSE(before_ready.empty()) << testing::ReadFile(log_path());
