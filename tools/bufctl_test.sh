@@ -40,6 +40,10 @@ status=0; tools/bufctl --socket-dir "$dir" no-such-command 2>/dev/null || status
 status=0; tools/bufctl heaps --no-such-flag 2>/dev/null || status=$?
 [ "$status" -eq 2 ] || fail "bad flag exited $status, not 2"
 tools/bufctl --help | grep -q '^Examples:' || fail "--help has no examples"
+status=0; tools/bufctl --socket-dir "$dir" buffers --heap nope 2>"$root/err" || status=$?
+[ "$status" -eq 1 ] || fail "an unknown heap exited $status, not 1"
+grep -q "NOT_FOUND: no heap 'nope' (heaps: system, contiguous, carveout)" "$root/err" \
+  || fail "unknown heap: $(cat "$root/err")"
 status=0; tools/bufctl --socket-dir "$dir" why 999999 2>"$root/err" || status=$?
 [ "$status" -eq 1 ] || fail "unknown buffer exited $status, not 1"
 if tools/bufctl --socket-dir "$root/nothing" heaps 2>"$root/err"; then fail "no daemon accepted"; fi
