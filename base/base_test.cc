@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <thread>
 #include <vector>
@@ -207,7 +208,15 @@ TEST(UnixSocketTest, ListenConnectAccept) {
   EXPECT_EQ(client->RecvWithFds()->bytes, "x");
   EXPECT_EQ(UnixSocket::ConnectSeqPacket(std::string(200, 'a')).status().code(),
             absl::StatusCode::kInvalidArgument);
+  // Listening: yes; once the listener is gone (a stale socket file), a path
+  // too long, nothing there: no.
+  EXPECT_TRUE(UnixSocket::SeqPacketListening(path));
+  *listener = UnixSocket();
+  EXPECT_TRUE(std::filesystem::exists(path));
+  EXPECT_FALSE(UnixSocket::SeqPacketListening(path));
+  EXPECT_FALSE(UnixSocket::SeqPacketListening(std::string(200, 'a')));
   ::unlink(path.c_str());
+  EXPECT_FALSE(UnixSocket::SeqPacketListening(path));
   ::rmdir(dir_template);
 }
 

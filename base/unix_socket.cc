@@ -69,6 +69,17 @@ absl::StatusOr<UnixSocket> UnixSocket::ConnectSeqPacket(absl::string_view path) 
   return UnixSocket(std::move(fd));
 }
 
+bool UnixSocket::SeqPacketListening(absl::string_view path) {
+  absl::StatusOr<sockaddr_un> address = MakeAddress(path);
+  if (!address.ok()) return false;
+  absl::StatusOr<UniqueFd> fd = NewSocket(SOCK_SEQPACKET | SOCK_NONBLOCK);
+  if (!fd.ok()) return false;
+  if (::connect(fd->get(), reinterpret_cast<const sockaddr*>(&*address), sizeof(*address)) == 0) {
+    return true;
+  }
+  return errno == EAGAIN || errno == EINPROGRESS;
+}
+
 absl::StatusOr<UnixSocket> UnixSocket::ConnectStream(absl::string_view path,
                                                      absl::Duration timeout) {
   ASSIGN_OR_RETURN(sockaddr_un address, MakeAddress(path));

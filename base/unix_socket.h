@@ -59,6 +59,10 @@ class UnixSocket {
   // the listener's backlog is full (a non-blocking connect would fail at
   // once); the socket is blocking, its send timeout left at `timeout`.
   static absl::StatusOr<UnixSocket> ConnectStream(absl::string_view path, absl::Duration timeout);
+  // Whether something listens on the SOCK_SEQPACKET socket at `path`: a
+  // non-blocking connect that is not refused (a full backlog counts as
+  // listening). The connection is closed at once. Never blocks.
+  static bool SeqPacketListening(absl::string_view path);
   // A connected SOCK_SEQPACKET pair (for tests and in-process plumbing).
   static absl::StatusOr<std::pair<UnixSocket, UnixSocket>> SeqPacketPair();
 

@@ -72,11 +72,22 @@ absl::Status CheckTimeout(int64_t timeout_ms) {
   return absl::OkStatus();
 }
 
-// A copy the caller frees with bufferd_free.
-char* CopyOut(const std::string& text) {
-  char* copy = static_cast<char*>(std::malloc(text.size() + 1));
-  if (copy != nullptr) std::memcpy(copy, text.c_str(), text.size() + 1);
-  return copy;
+// Hands a result to C: a new `Wrapper` holding it in `*out`, or its error.
+template <typename Wrapper, typename Value>
+int Give(absl::StatusOr<Value> result, Wrapper** out) {
+  if (!result.ok()) return Fail(result.status());
+  *out = new Wrapper{*std::move(result)};
+  return Succeed();
+}
+
+// The same for a string: a copy the caller frees with bufferd_free.
+int Give(const absl::StatusOr<std::string>& result, char** out) {
+  if (!result.ok()) return Fail(result.status());
+  char* copy = static_cast<char*>(std::malloc(result->size() + 1));
+  if (copy == nullptr) return Fail(absl::ResourceExhaustedError("out of memory"));
+  std::memcpy(copy, result->c_str(), result->size() + 1);
+  *out = copy;
+  return Succeed();
 }
 
 absl::StatusOr<bufferd::Cpu> ToCpu(int access) {
@@ -145,11 +156,9 @@ int bufferd_connect(const char* socket_dir, bufferd_client** client) {
       return Fail(absl::InvalidArgumentError(
           "socket_dir is \"\"; pass NULL for $BUFFERD_SOCKET_DIR or the default dir"));
     }
-    absl::StatusOr<bufferd::Client> connected =
-        socket_dir != nullptr ? bufferd::Client::Connect(socket_dir) : bufferd::Client::Connect();
-    if (!connected.ok()) return Fail(connected.status());
-    *client = new bufferd_client{*std::move(connected)};
-    return Succeed();
+    return Give<bufferd_client>(
+        socket_dir != nullptr ? bufferd::Client::Connect(socket_dir) : bufferd::Client::Connect(),
+        client);
   });
 }
 
@@ -185,10 +194,7 @@ int bufferd_allocate(bufferd_client* client, const bufferd_allocation* request,
                                             .fourcc = request->fourcc,
                                             .stride_alignment = request->stride_alignment};
     }
-    absl::StatusOr<bufferd::Buffer> allocated = client->client.Allocate(options);
-    if (!allocated.ok()) return Fail(allocated.status());
-    *buffer = new bufferd_buffer{*std::move(allocated)};
-    return Succeed();
+    return Give<bufferd_buffer>(client->client.Allocate(options), buffer);
   });
 }
 
@@ -197,10 +203,7 @@ int bufferd_import(bufferd_client* client, const char* token, bufferd_buffer** b
     if (client == nullptr) return Missing("client");
     if (token == nullptr) return Missing("token");
     if (buffer == nullptr) return Missing("buffer");
-    absl::StatusOr<bufferd::Buffer> imported = client->client.Import(token);
-    if (!imported.ok()) return Fail(imported.status());
-    *buffer = new bufferd_buffer{*std::move(imported)};
-    return Succeed();
+    return Give<bufferd_buffer>(client->client.Import(token), buffer);
   });
 }
 
@@ -305,15 +308,11 @@ int bufferd_buffer_export(const bufferd_buffer* buffer, int flags, uint32_t ttl_
     bufferd::ExportOptions options;
     options.ttl = Millis(ttl_ms);
     options.accept_sigbus_risk = (flags & BUFFERD_EXPORT_ACCEPT_SIGBUS_RISK) != 0;
-    absl::StatusOr<std::string> exported =
+    return Give(
         buffer->buffer.Export((flags & BUFFERD_EXPORT_READ_WRITE) != 0 ? bufferd::Access::kReadWrite
                                                                        : bufferd::Access::kReadOnly,
-                              options);
-    if (!exported.ok()) return Fail(exported.status());
-    char* copy = CopyOut(*exported);
-    if (copy == nullptr) return Fail(absl::ResourceExhaustedError("out of memory"));
-    *token = copy;
-    return Succeed();
+                              options),
+        token);
   });
 }
 
@@ -384,10 +383,7 @@ int bufferd_fence_create(bufferd_client* client, const char* name, uint32_t dead
     bufferd::FenceOptions options;
     if (name != nullptr) options.name = name;
     options.deadline = Millis(deadline_ms);
-    absl::StatusOr<bufferd::Fence> created = client->client.CreateFence(options);
-    if (!created.ok()) return Fail(created.status());
-    *fence = new bufferd_fence{*std::move(created)};
-    return Succeed();
+    return Give<bufferd_fence>(client->client.CreateFence(options), fence);
   });
 }
 
@@ -444,10 +440,7 @@ int bufferd_fence_import_fd(bufferd_client* client, int fd, bufferd_fence** fenc
   return Guard([&] {
     if (client == nullptr) return Missing("client");
     if (fence == nullptr) return Missing("fence");
-    absl::StatusOr<bufferd::Fence> imported = client->client.ImportSyncFd(fd);
-    if (!imported.ok()) return Fail(imported.status());
-    *fence = new bufferd_fence{*std::move(imported)};
-    return Succeed();
+    return Give<bufferd_fence>(client->client.ImportSyncFd(fd), fence);
   });
 }
 
@@ -462,10 +455,7 @@ int bufferd_fence_merge(bufferd_client* client, const bufferd_fence* const* fenc
       if (fences[i] == nullptr) return Missing(absl::StrCat("fences[", i, "]").c_str());
       inputs.push_back(&fences[i]->fence);
     }
-    absl::StatusOr<bufferd::Fence> result = client->client.Merge(inputs);
-    if (!result.ok()) return Fail(result.status());
-    *merged = new bufferd_fence{*std::move(result)};
-    return Succeed();
+    return Give<bufferd_fence>(client->client.Merge(inputs), merged);
   });
 }
 
@@ -477,10 +467,7 @@ int bufferd_timeline_create(bufferd_client* client, const char* name, uint32_t d
     bufferd::TimelineOptions options;
     if (name != nullptr) options.name = name;
     options.deadline = Millis(deadline_ms);
-    absl::StatusOr<bufferd::Timeline> created = client->client.CreateTimeline(options);
-    if (!created.ok()) return Fail(created.status());
-    *timeline = new bufferd_timeline{*std::move(created)};
-    return Succeed();
+    return Give<bufferd_timeline>(client->client.CreateTimeline(options), timeline);
   });
 }
 
@@ -535,12 +522,7 @@ int bufferd_timeline_export(const bufferd_timeline* timeline, uint32_t ttl_ms, c
   return Guard([&] {
     if (timeline == nullptr) return Missing("timeline");
     if (token == nullptr) return Missing("token");
-    absl::StatusOr<std::string> exported = timeline->timeline.Export(Millis(ttl_ms));
-    if (!exported.ok()) return Fail(exported.status());
-    char* copy = CopyOut(*exported);
-    if (copy == nullptr) return Fail(absl::ResourceExhaustedError("out of memory"));
-    *token = copy;
-    return Succeed();
+    return Give(timeline->timeline.Export(Millis(ttl_ms)), token);
   });
 }
 
@@ -550,10 +532,7 @@ int bufferd_timeline_import(bufferd_client* client, const char* token,
     if (client == nullptr) return Missing("client");
     if (token == nullptr) return Missing("token");
     if (timeline == nullptr) return Missing("timeline");
-    absl::StatusOr<bufferd::Timeline> imported = client->client.ImportTimeline(token);
-    if (!imported.ok()) return Fail(imported.status());
-    *timeline = new bufferd_timeline{*std::move(imported)};
-    return Succeed();
+    return Give<bufferd_timeline>(client->client.ImportTimeline(token), timeline);
   });
 }
 

@@ -1,5 +1,7 @@
 #include "daemon/config.h"
 
+#include <grp.h>
+
 #include <algorithm>
 #include <fstream>
 #include <functional>
@@ -291,6 +293,15 @@ absl::StatusOr<v1::Config> LoadConfigFile(const std::string& path) {
 }
 
 absl::Status ValidateConfig(const v1::Config& config) { return Validate(config, nullptr); }
+
+absl::StatusOr<gid_t> ConfigGroup(absl::string_view what, const std::string& name) {
+  struct group* entry = ::getgrnam(name.c_str());
+  if (entry == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("config ", what, " '", name, "' does not exist"));
+  }
+  return entry->gr_gid;
+}
 
 absl::StatusOr<std::unique_ptr<HeapRegistry>> BuildHeaps(const v1::Config& config) {
   auto registry = std::make_unique<HeapRegistry>();

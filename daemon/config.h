@@ -3,6 +3,8 @@
 #ifndef BUFFERD_DAEMON_CONFIG_H_
 #define BUFFERD_DAEMON_CONFIG_H_
 
+#include <sys/types.h>
+
 #include <memory>
 #include <string>
 
@@ -29,6 +31,11 @@ inline constexpr uint64_t kMinFdBudget = 16;
 
 // INVALID_ARGUMENT naming the heap and field for bad values.
 absl::Status ValidateConfig(const v1::Config& config);
+
+// The gid of the group `name` a config field (`what`: "group",
+// "debug_groups: group") names; INVALID_ARGUMENT "config <what> '<name>'
+// does not exist" if there is none.
+absl::StatusOr<gid_t> ConfigGroup(absl::string_view what, const std::string& name);
 
 // Creates every configured heap (carveouts reserve their memory now).
 absl::StatusOr<std::unique_ptr<HeapRegistry>> BuildHeaps(const v1::Config& config);

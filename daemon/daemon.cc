@@ -5,13 +5,10 @@
 #include <pwd.h>
 #include <sys/file.h>
 #include <sys/resource.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstring>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
@@ -44,11 +41,7 @@ uint32_t OrDefault(uint32_t value, uint32_t fallback) { return value != 0 ? valu
 // The gid of the config's `group`; -1 (no change) when it is empty.
 absl::StatusOr<gid_t> SocketGroup(const std::string& group) {
   if (group.empty()) return static_cast<gid_t>(-1);
-  struct group* entry = ::getgrnam(group.c_str());
-  if (entry == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat("config group '", group, "' does not exist"));
-  }
-  return entry->gr_gid;
+  return ConfigGroup("group", group);
 }
 
 // Who the daemon runs as once it serves: the config's `user`, or itself.
@@ -96,20 +89,6 @@ absl::Status SetAccess(const std::string& path, uid_t uid, gid_t gid, mode_t mod
   return absl::OkStatus();
 }
 
-// Whether something listens on the SOCK_SEQPACKET socket at `path` (a
-// non-blocking connect that is not refused; a full backlog counts).
-bool SocketAnswers(const std::string& path) {
-  UniqueFd fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  sockaddr_un address{};
-  address.sun_family = AF_UNIX;
-  if (!fd.valid() || path.size() >= sizeof(address.sun_path)) return false;
-  std::memcpy(address.sun_path, path.data(), path.size());
-  if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)) == 0) {
-    return true;
-  }
-  return errno == EAGAIN || errno == EINPROGRESS;
-}
-
 // "another bufferd (pid N) is serving DIR", N read from its lock file.
 absl::Status AnotherDaemon(int lock_fd, const std::string& dir) {
   char buf[32] = {};
@@ -127,7 +106,7 @@ absl::Status AnotherDaemon(int lock_fd, const std::string& dir) {
 // the caller holds bufferd.lock itself (so the lock names no other daemon).
 absl::Status RefuseLiveDaemon(int dir_fd, const std::string& dir, bool holding_lock) {
   const std::string fd_path = FdSocketPath(dir);
-  if (!SocketAnswers(fd_path)) return absl::OkStatus();
+  if (!UnixSocket::SeqPacketListening(fd_path)) return absl::OkStatus();
   UniqueFd lock(::openat(dir_fd, "bufferd.lock", O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC));
   struct stat st {};
   if (!holding_lock && lock.valid() && ::fstat(lock.get(), &st) == 0 && S_ISREG(st.st_mode) &&
@@ -426,9 +405,11 @@ absl::Status Daemon::Init(const v1::Config& config) {
   spdlog::info("bufferd serving in {} (pid {}){}", socket_dir_, ::getpid(),
                activated_.has_value() ? ", on sockets from the service manager" : "");
   // Both sockets serve: a client the manager started us for gets answers.
-  NotifyServiceManager(absl::StrCat("READY=1\nSTATUS=", StatusLine()));
-  loop_->RunEvery(absl::Seconds(5),
-                  [this] { NotifyServiceManager(absl::StrCat("STATUS=", StatusLine())); });
+  if (ServiceManagerListens()) {
+    NotifyServiceManager(absl::StrCat("READY=1\nSTATUS=", StatusLine()));
+    loop_->RunEvery(absl::Seconds(5),
+                    [this] { NotifyServiceManager(absl::StrCat("STATUS=", StatusLine())); });
+  }
   if (std::optional<absl::Duration> period = WatchdogPeriod(); period.has_value()) {
     // From the loop that serves fd.sock: a wedged loop stops the pings.
     spdlog::info("watchdog: WATCHDOG=1 every {}", absl::FormatDuration(*period));

@@ -1,12 +1,12 @@
 #include "daemon/debug_service.h"
 
-#include <grp.h>
-
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "base/errno_status.h"
 #include "daemon/call.h"
+#include "daemon/config.h"
 #include "daemon/debug_views.h"
 #include "daemon/metrics.h"
 
@@ -19,12 +19,8 @@ absl::StatusOr<DebugAccess> DebugAccess::FromConfig(const v1::Config& config, ui
   access.daemon_uid = daemon_uid;
   access.uids.insert(config.debug_uids().begin(), config.debug_uids().end());
   for (const std::string& name : config.debug_groups()) {
-    struct group* entry = ::getgrnam(name.c_str());
-    if (entry == nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("config debug_groups: group '", name, "' does not exist"));
-    }
-    access.groups.insert(entry->gr_gid);
+    ASSIGN_OR_RETURN(const gid_t gid, ConfigGroup("debug_groups: group", name));
+    access.groups.insert(gid);
   }
   access.group_names = absl::StrJoin(config.debug_groups(), ", ");
   return access;

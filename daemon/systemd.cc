@@ -102,6 +102,11 @@ absl::StatusOr<std::optional<ActivatedSockets>> TakeActivatedSockets() {
   return sockets;
 }
 
+bool ServiceManagerListens() {
+  const char* socket = std::getenv("NOTIFY_SOCKET");
+  return socket != nullptr && *socket != '\0';
+}
+
 void NotifyServiceManager(const std::string& state) {
   (void)sd_notify(/*unset_environment=*/0, state.c_str());
 }

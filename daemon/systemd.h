@@ -32,6 +32,9 @@ struct ActivatedSockets {
 // variables are unset either way (children do not inherit them).
 absl::StatusOr<std::optional<ActivatedSockets>> TakeActivatedSockets();
 
+// Whether a service manager listens for notifications ($NOTIFY_SOCKET).
+bool ServiceManagerListens();
+
 // Sends `state` ("READY=1\nSTATUS=...") to the service manager; nothing
 // without $NOTIFY_SOCKET.
 void NotifyServiceManager(const std::string& state);

@@ -185,7 +185,7 @@ absl::Status CheckListenPath(const std::string& path) {
     return absl::AlreadyExistsError(
         absl::StrCat(path, " exists and is not a socket: give --listen another path"));
   }
-  if (bufferd::UnixSocket::ConnectSeqPacket(path).ok()) {
+  if (bufferd::UnixSocket::SeqPacketListening(path)) {
     return absl::AlreadyExistsError(absl::StrCat("a compositor is listening on ", path));
   }
   return absl::AlreadyExistsError(absl::StrCat(
