@@ -363,6 +363,15 @@ TEST(DebugAccessTest, OnlyOperatorsMayCallDebug) {
   ASSERT_TRUE(daemon.ok()) << daemon.status();
   ASSERT_EQ(::chmod((*daemon)->root().c_str(), 0711), 0);
   std::string out;
+  // The daemon's own counts: fds held for clients and live buffers.
+  auto self = Client::Connect((*daemon)->socket_dir());
+  ASSERT_TRUE(self.ok()) << self.status();
+  auto counts = [&] {
+    auto heaps = self->ListHeaps();
+    return heaps.ok() ? std::make_pair(heaps->fds().in_use(), heaps->live_buffers())
+                      : std::make_pair(uint64_t{0}, uint64_t{0});
+  };
+  const auto before = counts();
   for (const char* command : {"heaps", "clients", "buffers", "fences", "metrics"}) {
     SCOPED_TRACE(command);
     EXPECT_EQ(BufctlAsNobody(**daemon, {dir_gid}, {command}, &out), 1) << out;
@@ -370,14 +379,16 @@ TEST(DebugAccessTest, OnlyOperatorsMayCallDebug) {
     EXPECT_TRUE(absl::StrContains(out, "uid 65534 is not the daemon's uid (0)")) << out;
     EXPECT_TRUE(absl::StrContains(out, "debug_groups (video)")) << out;
   }
+  // The refused sessions leave nothing behind in the daemon.
+  EXPECT_TRUE(testing::Eventually([&] { return counts() == before; }))
+      << counts().first << " fds, " << counts().second << " buffers; before: " << before.first
+      << ", " << before.second;
   EXPECT_EQ(BufctlAsNobody(**daemon, {dir_gid},
                            {"can-allocate", "--heap", "system", "--size", "4096"}, &out),
             0)
       << "not a Debug call: " << out;
   EXPECT_EQ(BufctlAsNobody(**daemon, {dir_gid, video_gid}, {"heaps"}, &out), 0) << out;
   EXPECT_TRUE(absl::StrContains(out, "system")) << out;
-  auto self = Client::Connect((*daemon)->socket_dir());
-  ASSERT_TRUE(self.ok()) << self.status();
   EXPECT_TRUE(self->ListClients().ok()) << "the daemon's own uid";
 }
 

@@ -211,6 +211,21 @@ TEST_F(ServiceTest, OneActivatedSocketIsAnError) {
   EXPECT_FALSE(std::filesystem::exists(ControlSocketPath(dir_)));
 }
 
+// Tests that activated sockets in a dir others may write are refused (exit
+// 1 naming the mode): anyone could have replaced them.
+TEST_F(ServiceTest, WritableActivatedDirIsRefused) {
+  ASSERT_EQ(::chmod(dir_.c_str(), 0777), 0);
+  StartActivated(/*both_sockets=*/true);
+  auto trigger = UnixSocket::ConnectSeqPacket(FdSocketPath(dir_));
+  ASSERT_TRUE(trigger.ok()) << trigger.status();
+  EXPECT_EQ(daemon_->Wait(), 1);
+  daemon_.reset();
+  const std::string log = testing::ReadFile(log_path());
+  EXPECT_TRUE(absl::StrContains(
+      log, absl::StrCat("socket dir ", dir_, " is writable by group or others (mode 0777)")))
+      << log;
+}
+
 // Tests what clients trust of sockets a service manager made: their peer
 // credentials are the manager's, not the daemon's. Made by pid 1 as root
 // (systemd; here tests/peer as pid 1 of a pid namespace), a client connects
