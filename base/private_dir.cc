@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/string_view.h"
 #include "base/errno_status.h"
 
 namespace bufferd {
@@ -32,18 +33,22 @@ bool OnlyRootWrites(const std::string& dir) {
 
 }  // namespace
 
-absl::StatusOr<UniqueFd> OpenPrivateDir(const std::string& path, uid_t owner) {
-  if (::mkdir(path.c_str(), 0700) != 0 && errno != EEXIST) {
+absl::StatusOr<PrivateDir> OpenPrivateDir(const std::string& path, uid_t owner) {
+  PrivateDir result;
+  if (::mkdir(path.c_str(), 0700) == 0) {
+    result.created = true;
+  } else if (errno != EEXIST) {
     if (errno == ENOENT) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "cannot create socket dir ", path,
-          ": its parent does not exist (the daemon creates only the last component)"));
+          "cannot create socket dir ", path, ": its parent ", ParentOf(path),
+          " does not exist (bufferd creates only the last component; create the parent "
+          "yourself, or choose another --socket-dir)"));
     }
     return ErrnoError(absl::StrCat("mkdir ", path), errno);
   }
-  UniqueFd dir(RetryOnEintr(
+  result.fd = UniqueFd(RetryOnEintr(
       [&] { return ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC); }));
-  if (!dir.valid()) {
+  if (!result.fd.valid()) {
     if (errno == ELOOP || errno == ENOTDIR) {
       return absl::FailedPreconditionError(absl::StrCat(
           "socket dir ", path, " is a symlink or not a directory; the daemon uses only a real "
@@ -52,7 +57,7 @@ absl::StatusOr<UniqueFd> OpenPrivateDir(const std::string& path, uid_t owner) {
     return ErrnoError(absl::StrCat("open ", path), errno);
   }
   struct stat st {};
-  if (::fstat(dir.get(), &st) != 0) return ErrnoError(absl::StrCat("stat ", path), errno);
+  if (::fstat(result.fd.get(), &st) != 0) return ErrnoError(absl::StrCat("stat ", path), errno);
   if (st.st_uid != owner && st.st_uid != ::geteuid()) {
     const struct passwd* user = ::getpwuid(st.st_uid);
     const std::string name = user != nullptr ? user->pw_name : "";
@@ -62,7 +67,45 @@ absl::StatusOr<UniqueFd> OpenPrivateDir(const std::string& path, uid_t owner) {
         name.empty() ? "" : absl::StrCat("; if it is that user's daemon dir, start with --user ", name),
         "; else remove it or choose another --socket-dir"));
   }
-  return dir;
+  return result;
+}
+
+absl::Status CheckFoundDir(const PrivateDir& dir, const std::string& path, uid_t owner,
+                           int64_t group) {
+  if (dir.created) return absl::OkStatus();
+  struct stat st {};
+  if (::fstat(dir.fd.get(), &st) != 0) return ErrnoError(absl::StrCat("stat ", path), errno);
+  // Found, not made. Others' bits are never allowed, and the group may only
+  // read and search the configured group's dir: anything else is some other
+  // program's dir (or a shared one like /tmp), and bufferd neither takes it
+  // over nor makes it private behind its owner's back. One a bufferd made
+  // before (it holds bufferd.lock) may then be adjusted to this config (a
+  // group added or dropped, handed to --user); any other must already be
+  // exactly what bufferd would make, since nothing of it will be changed.
+  const mode_t want_mode = group >= 0 ? 0750 : 0700;
+  const std::string want = absl::StrCat(Mode(want_mode), " owned by uid ", owner,
+                                        group >= 0 ? absl::StrCat(" and gid ", group) : "");
+  const auto refuse = [&](absl::string_view why) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "socket dir ", path, " already exists with mode ", Mode(st.st_mode), " (uid ", st.st_uid,
+        ", gid ", st.st_gid, ")", why,
+        "; bufferd never changes a dir it did not make. Give a "
+        "--socket-dir that does not exist yet (bufferd makes it; its parent must exist), or, if "
+        "this dir is meant only for bufferd, make it ",
+        want, " yourself"));
+  };
+  const bool group_ok =
+      (st.st_mode & 0070) == 0 ||
+      (group >= 0 && static_cast<int64_t>(st.st_gid) == group && (st.st_mode & 0020) == 0);
+  if ((st.st_mode & 0007) != 0 || !group_ok) return refuse(": not private");
+  struct stat lock {};
+  const bool made_by_bufferd =
+      ::fstatat(dir.fd.get(), "bufferd.lock", &lock, AT_SYMLINK_NOFOLLOW) == 0 &&
+      S_ISREG(lock.st_mode);
+  const bool exact = st.st_uid == owner && (st.st_mode & 07777) == want_mode &&
+                     (group < 0 || static_cast<int64_t>(st.st_gid) == group);
+  if (!made_by_bufferd && !exact) return refuse(absl::StrCat(": not ", want));
+  return absl::OkStatus();
 }
 
 absl::Status SecurePrivateDir(int dir_fd, const std::string& path, int64_t group, uid_t owner) {

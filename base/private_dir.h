@@ -22,16 +22,36 @@
 
 namespace bufferd {
 
-// Creates `path` (its parent must exist, mode 0700) or opens the existing
-// directory, which must be a real directory (not a symlink) owned by `owner`
-// or the caller's euid. Changes nothing else: the caller locks it first (a
-// daemon refused by the lock must not touch a running daemon's dir), then
-// calls SecurePrivateDir. Returns the directory's fd; FAILED_PRECONDITION or
-// PERMISSION_DENIED naming the path and the problem otherwise.
-absl::StatusOr<UniqueFd> OpenPrivateDir(const std::string& path, uid_t owner);
+// The socket dir as OpenPrivateDir found it.
+struct PrivateDir {
+  UniqueFd fd;
+  // Made by this call (so the daemon may set its owner and mode), rather
+  // than found.
+  bool created = false;
+};
+
+// Creates `path` (its parent must exist; parents are never created) mode
+// 0700, or opens the existing directory, which must be a real directory (not
+// a symlink) owned by `owner` or the caller's euid. Changes nothing else.
+// FAILED_PRECONDITION or PERMISSION_DENIED naming the path, the problem and
+// what to do otherwise.
+absl::StatusOr<PrivateDir> OpenPrivateDir(const std::string& path, uid_t owner);
+
+// OK if the daemon may use `dir` for a config with `group` (< 0: none) and
+// owner `owner`: always if it made it. One it found must be private: no
+// access for others, and for its group none, or at most read and search
+// for the configured group. One a bufferd made before (it holds
+// bufferd.lock) may then be adjusted by SecurePrivateDir; any other must
+// already be exactly what bufferd would make, since nothing of it may
+// change. FAILED_PRECONDITION saying what it is, what it should be and what
+// to do otherwise. (The daemon checks this after it has ruled out a live
+// daemon in the dir: that refusal says more.)
+absl::Status CheckFoundDir(const PrivateDir& dir, const std::string& path, uid_t owner,
+                           int64_t group);
 
 // Gives the dir to `owner` and group `group` (group < 0: none), mode 0700,
-// or 0750 with a group.
+// or 0750 with a group. Only for a dir OpenPrivateDir created or found
+// private.
 absl::Status SecurePrivateDir(int dir_fd, const std::string& path, int64_t group, uid_t owner);
 
 // Opens (creating if missing, mode 0600) the regular file `name` in the dir

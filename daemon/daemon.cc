@@ -191,8 +191,10 @@ absl::Status Daemon::Init(const v1::Config& config) {
   if (activated_.has_value()) {
     RETURN_IF_ERROR(TakeActivatedDir(run_as.uid));
   } else {
-    ASSIGN_OR_RETURN(dir, OpenPrivateDir(socket_dir_, run_as.uid));
-    RETURN_IF_ERROR(RefuseLiveDaemon(dir.get(), socket_dir_, /*holding_lock=*/false));
+    ASSIGN_OR_RETURN(PrivateDir found, OpenPrivateDir(socket_dir_, run_as.uid));
+    RETURN_IF_ERROR(RefuseLiveDaemon(found.fd.get(), socket_dir_, /*holding_lock=*/false));
+    RETURN_IF_ERROR(CheckFoundDir(found, socket_dir_, run_as.uid, dir_group));
+    dir = std::move(found.fd);
     ASSIGN_OR_RETURN(lock_file_, LockSocketDir(dir.get(), socket_dir_, run_as.uid));
     // We hold the lock, so the dir is ours to change. It stays ours (our
     // euid, private) while we set it up: nothing can be planted in it, and

@@ -20,9 +20,11 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "client/client.h"
+#include "gmock/gmock.h"
 #include "testing/daemon_test.h"
 
 namespace bufferd {
@@ -74,7 +76,7 @@ TEST(SocketDirTest, PlantedLockLinksAreRefusedNotFollowed) {
   for (bool hard : {false, true}) {
     SCOPED_TRACE(hard ? "hard link" : "symlink");
     const std::string dir = absl::StrCat(root.path(), hard ? "/hard" : "/soft");
-    ASSERT_EQ(::mkdir(dir.c_str(), 0770), 0);
+    ASSERT_EQ(::mkdir(dir.c_str(), 0700), 0);
     const std::string lock = absl::StrCat(dir, "/bufferd.lock");
     ASSERT_EQ(hard ? ::link(victim.c_str(), lock.c_str()) : ::symlink(victim.c_str(), lock.c_str()),
               0);
@@ -704,6 +706,99 @@ TEST(SocketDirTest, AnotherUsersDirIsRefusedWithTheWayOut) {
                                                   "daemon's uid 0; if it is that user's daemon "
                                                   "dir, start with --user nobody")))
       << log;
+}
+
+// Tests that the daemon never takes over a directory it did not make: an
+// existing dir that is not private (a shared 1777 dir holding other users'
+// files, a 0755 or 0710 dir) is refused with what to do and left exactly as
+// it was, and a missing parent is never created.
+TEST(SocketDirTest, FoundDirsThatAreNotPrivateAreRefusedAndLeftAlone) {
+  TempDir root;
+  for (const mode_t mode : {mode_t{01777}, mode_t{0755}, mode_t{0710}}) {
+    const std::string dir = absl::StrFormat("%s/dir%04o", root.path(), mode);
+    SCOPED_TRACE(dir);
+    ASSERT_EQ(::mkdir(dir.c_str(), 0700), 0);
+    ASSERT_EQ(::chmod(dir.c_str(), mode), 0);
+    const std::string other = absl::StrCat(dir, "/someone-elses-file");
+    std::ofstream(other) << "theirs\n";
+    struct stat before {};
+    ASSERT_EQ(::stat(dir.c_str(), &before), 0);
+    std::string log;
+    EXPECT_EQ(StartExpectingExit(dir, absl::StrCat(dir, ".log"), &log), 1);
+    EXPECT_TRUE(absl::StrContains(
+        log, absl::StrFormat("socket dir %s already exists with mode %04o (uid %d, gid %d): not "
+                             "private; bufferd never changes a dir it did not make. Give a "
+                             "--socket-dir that does not exist yet",
+                             dir, mode, ::geteuid(), ::getegid())))
+        << log;
+    struct stat after {};
+    ASSERT_EQ(::stat(dir.c_str(), &after), 0);
+    EXPECT_EQ(after.st_mode, before.st_mode);
+    EXPECT_EQ(ReadFile(other), "theirs\n");
+    std::vector<std::string> entries;
+    for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+      entries.push_back(entry.path().filename());
+    }
+    EXPECT_THAT(entries, ::testing::ElementsAre("someone-elses-file")) << "no lock, no sockets";
+  }
+  const std::string orphan = absl::StrCat(root.path(), "/missing/sock");
+  std::string log;
+  EXPECT_EQ(StartExpectingExit(orphan, absl::StrCat(root.path(), "/orphan.log"), &log), 1);
+  EXPECT_TRUE(
+      absl::StrContains(log, absl::StrCat("cannot create socket dir ", orphan, ": its parent ",
+                                          root.path(), "/missing does not exist")))
+      << log;
+  EXPECT_FALSE(std::filesystem::exists(absl::StrCat(root.path(), "/missing")));
+}
+
+// Tests that a private dir the daemon did not make is served as it is, and
+// that only one a bufferd made before (it holds bufferd.lock) is adjusted to
+// a config's group: a plain 0700 dir is refused for a group config, with the
+// mode it would need, and keeps its mode.
+TEST(SocketDirTest, PrivateFoundDirsAreServedAndOnlyBufferdDirsAdjusted) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root for a group config";
+  struct group* entry = ::getgrnam("daemon");
+  if (entry == nullptr) GTEST_SKIP() << "no group 'daemon' on this machine";
+  const gid_t gid = entry->gr_gid;
+  TempDir root;
+  int run = 0;
+  const auto serves = [&](const std::string& dir, std::vector<std::string> extra) {
+    const std::string log_path = absl::StrCat(dir, ".", ++run, ".log");
+    std::vector<std::string> args = {"--socket-dir", dir};
+    args.insert(args.end(), extra.begin(), extra.end());
+    auto daemon = testing::SpawnDaemon(args, log_path);
+    if (!daemon.ok()) return false;
+    const bool served = testing::Eventually(
+        [&] { return absl::StrContains(ReadFile(log_path), "bufferd serving in"); });
+    EXPECT_TRUE(served) << ReadFile(log_path);
+    return served;  // `daemon` is stopped as it goes
+  };
+  const std::string plain = absl::StrCat(root.path(), "/plain");
+  ASSERT_EQ(::mkdir(plain.c_str(), 0700), 0);
+  EXPECT_TRUE(serves(plain, {}));
+  struct stat st {};
+  ASSERT_EQ(::stat(plain.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0700u);
+
+  const std::string config = absl::StrCat(root.path(), "/group.conf");
+  std::ofstream(config) << "heaps { name: \"system\" type: HEAP_TYPE_SYSTEM }\ngroup: \"daemon\"\n";
+  const std::string found = absl::StrCat(root.path(), "/found");
+  ASSERT_EQ(::mkdir(found.c_str(), 0700), 0);
+  std::string log;
+  EXPECT_EQ(StartExpectingExit(found, absl::StrCat(found, ".log"), &log, {"--config", config}), 1);
+  EXPECT_TRUE(absl::StrContains(log, absl::StrFormat("already exists with mode 0700 (uid 0, gid "
+                                                     "%d): not 0750 owned by uid 0 and gid %d",
+                                                     ::getegid(), gid)))
+      << log;
+  ASSERT_EQ(::stat(found.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0700u);
+  EXPECT_NE(st.st_gid, gid);
+
+  // The dir of the first daemon holds its lock: a bufferd made it.
+  EXPECT_TRUE(serves(plain, {"--config", config}));
+  ASSERT_EQ(::stat(plain.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0750u);
+  EXPECT_EQ(st.st_gid, gid);
 }
 
 // Tests that an unknown --user stops startup naming it, before anything in
