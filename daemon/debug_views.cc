@@ -23,6 +23,7 @@ uint64_t PunchedBytes(HeapKind kind, uint64_t size, uint64_t allocated) {
 
 v1::ListHeapsResponse HeapsView(const DaemonState& state) {
   v1::ListHeapsResponse response;
+  const auto refusals = state.Refusals();
   for (const auto& heap : state.heaps().heaps()) {
     HeapStats stats = heap->Stats();
     v1::HeapInfo* info = response.add_heaps();
@@ -32,10 +33,20 @@ v1::ListHeapsResponse HeapsView(const DaemonState& state) {
     info->set_capacity(stats.capacity);
     info->set_used(stats.used);
     info->set_peak(stats.peak);
-    info->set_free(stats.capacity > stats.used ? stats.capacity - stats.used : 0);
+    info->set_free(stats.free);
     info->set_buffer_count(stats.buffer_count);
     info->set_allocations(stats.allocations);
-    info->set_failures(stats.failures);
+    uint64_t failures = 0;
+    if (auto it = refusals.find(heap->name()); it != refusals.end()) {
+      for (const auto& [reason, count] : it->second) {
+        (*info->mutable_failures_by_reason())[reason] = count;
+        failures += count;
+      }
+    }
+    info->set_failures(failures);
+    for (const auto& [backing, count] : stats.fallbacks)
+      (*info->mutable_fallbacks())[backing] = count;
+    info->set_last_fallback(stats.last_fallback);
     info->set_backing(ToProto(stats.backing));
     if (stats.hugepages.page_size != 0) {
       v1::HugepagePool* pool = info->mutable_hugepages();

@@ -24,13 +24,15 @@ std::string MetricsText(const v1::ListHeapsResponse& heaps, uint64_t sessions,
       {"bufferd_heap_capacity_bytes", "gauge", "Heap capacity (0 = unbounded).",
        &v1::HeapInfo::capacity},
       {"bufferd_heap_used_bytes", "gauge", "Bytes in live buffers.", &v1::HeapInfo::used},
-      {"bufferd_heap_free_bytes", "gauge", "Capacity minus used (0 = unbounded heap).",
+      {"bufferd_heap_free_bytes", "gauge",
+       "What the next allocations may take: capacity minus used, at most what the machine has.",
        &v1::HeapInfo::free},
       {"bufferd_heap_peak_bytes", "gauge", "Highest used bytes since start.", &v1::HeapInfo::peak},
       {"bufferd_heap_buffers", "gauge", "Live buffers.", &v1::HeapInfo::buffer_count},
       {"bufferd_heap_allocations_total", "counter", "Successful allocations.",
        &v1::HeapInfo::allocations},
-      {"bufferd_heap_allocation_failures_total", "counter", "Failed allocations.",
+      {"bufferd_heap_allocation_failures_total", "counter",
+       "Refused allocations and imports (sum of bufferd_alloc_failures_total).",
        &v1::HeapInfo::failures},
   };
   for (const Metric& metric : kHeapMetrics) {
@@ -38,6 +40,25 @@ std::string MetricsText(const v1::ListHeapsResponse& heaps, uint64_t sessions,
     for (const v1::HeapInfo& heap : heaps.heaps()) {
       absl::StrAppend(&out, metric.name, "{heap=\"", heap.name(), "\"} ", (heap.*metric.get)(),
                       "\n");
+    }
+  }
+  family("bufferd_alloc_failures_total", "counter",
+         "Refused allocations and imports, by heap and reason (quota, heap_full, pool_empty, "
+         "too_large, fd_budget, other).");
+  for (const v1::HeapInfo& heap : heaps.heaps()) {
+    for (const char* reason :
+         {"quota", "heap_full", "pool_empty", "too_large", "fd_budget", "other"}) {
+      auto it = heap.failures_by_reason().find(reason);
+      absl::StrAppend(&out, "bufferd_alloc_failures_total{heap=\"", heap.name(), "\",reason=\"",
+                      reason, "\"} ", it == heap.failures_by_reason().end() ? 0 : it->second, "\n");
+    }
+  }
+  family("bufferd_heap_fallbacks_total", "counter",
+         "Allocations a fallback backing served, by heap and backing.");
+  for (const v1::HeapInfo& heap : heaps.heaps()) {
+    for (const auto& [backing, count] : heap.fallbacks()) {
+      absl::StrAppend(&out, "bufferd_heap_fallbacks_total{heap=\"", heap.name(), "\",backing=\"",
+                      backing, "\"} ", count, "\n");
     }
   }
   family("bufferd_sessions", "gauge", "Connected client sessions.");

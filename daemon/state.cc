@@ -76,6 +76,51 @@ std::string NoHeapMessage(const AllocationPlan& plan, const std::vector<v1::Heap
 
 }  // namespace
 
+namespace {
+
+absl::string_view RefusalName(int why) {
+  static constexpr absl::string_view kNames[] = {"quota",     "heap_full", "pool_empty",
+                                                 "too_large", "fd_budget", "other"};
+  return kNames[why];
+}
+
+}  // namespace
+
+std::map<std::string, std::map<std::string, uint64_t>> DaemonState::Refusals() const {
+  absl::MutexLock lock(&counters_mu_);
+  return refusals_;
+}
+
+void DaemonState::CountRefusal(const std::string& heap, Refusal why, uint64_t session_id,
+                               const absl::Status& status) {
+  const absl::string_view reason = RefusalName(static_cast<int>(why));
+  LogLimiter* limiter;
+  {
+    absl::MutexLock lock(&counters_mu_);
+    ++refusals_[heap][std::string(reason)];
+    std::unique_ptr<LogLimiter>& slot = limiters_[absl::StrCat("refused:", reason)];
+    if (slot == nullptr) slot = std::make_unique<LogLimiter>(5, absl::Seconds(10));
+    limiter = slot.get();  // never erased
+  }
+  LogLimited(*limiter, spdlog::level::info, "session {}: allocation on heap '{}' refused ({}): {}",
+             session_id, heap, std::string(reason), std::string(status.message()));
+}
+
+void DaemonState::LogFallback(const Heap& heap, Backing backing, uint64_t size,
+                              const std::string& why) {
+  LogLimiter* limiter;
+  {
+    absl::MutexLock lock(&counters_mu_);
+    std::unique_ptr<LogLimiter>& slot = limiters_[absl::StrCat("fallback:", heap.name())];
+    if (slot == nullptr) slot = std::make_unique<LogLimiter>(1, absl::Minutes(1));
+    limiter = slot.get();
+  }
+  LogLimited(*limiter, spdlog::level::warn,
+             "heap '{}' fell back to {} for a {} buffer: {} (`bufctl heaps` shows the heap's "
+             "backing mix and fallback count)",
+             heap.name(), std::string(BackingName(backing)), FormatBytes(size), why);
+}
+
 bool PunchMayHurtOthers(HeapKind kind, v1::Backing backing) {
   return kind == HeapKind::kCarveout || backing == v1::BACKING_HUGETLB_2M ||
          backing == v1::BACKING_HUGETLB_1G;
@@ -268,15 +313,20 @@ absl::StatusOr<DaemonState::Allocation> DaemonState::AllocatePlanned(
   std::vector<absl::Status> refusals;
   for (Heap* heap : plan.heaps) {
     std::optional<v1::SkipReason> skip;
+    std::optional<Refusal> refused;
     absl::StatusOr<std::vector<PendingGrant>> grants = [&] {
       absl::StatusOr<uint64_t> rounded =
           RoundForHeap(*heap, options_.quotas, plan.size, plan.count);
       if (!rounded.ok()) {
         skip = v1::SKIP_REASON_TOO_LARGE;
+        refused = Refusal::kTooLarge;
         return absl::StatusOr<std::vector<PendingGrant>>(rounded.status());
       }
-      return AllocateOn(session_id, *heap, *rounded, plan, request, &skip);
+      return AllocateOn(session_id, *heap, *rounded, plan, request, &skip, &refused);
     }();
+    if (!grants.ok() && refused.has_value()) {
+      CountRefusal(heap->name(), *refused, session_id, grants.status());
+    }
     if (grants.ok()) {
       allocation.grants = *std::move(grants);
       return allocation;
@@ -292,7 +342,8 @@ absl::StatusOr<DaemonState::Allocation> DaemonState::AllocatePlanned(
 
 absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
     uint64_t session_id, Heap& heap, uint64_t rounded, const AllocationPlan& plan,
-    const v1::AllocateRequest& request, std::optional<v1::SkipReason>* skip) {
+    const v1::AllocateRequest& request, std::optional<v1::SkipReason>* skip,
+    std::optional<Refusal>* refused) {
   const uint32_t count = plan.count;
   const uint64_t total = rounded * count;
   // Whether the heap could hold them all, asked before any is made: a set
@@ -304,6 +355,7 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
   if (refusal == HeapRefusal::kTooLarge) {
     heap.CountRefusal();
     *skip = v1::SKIP_REASON_TOO_LARGE;
+    *refused = Refusal::kTooLarge;
     return room;
   }
   uid_t uid;
@@ -312,20 +364,29 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
   {
     absl::MutexLock lock(&mu_);
     ASSIGN_OR_RETURN(Session * session, FindSessionLocked(session_id));
-    RETURN_IF_ERROR(CheckBufferCountLocked(*session, count));
+    if (absl::Status status = CheckBufferCountLocked(*session, count); !status.ok()) {
+      *refused = Refusal::kQuota;
+      return status;
+    }
     if (absl::Status quota = quotas_.Check(session_id, session->uid, heap.name(), total);
         !quota.ok()) {
       *skip = v1::SKIP_REASON_QUOTA;
+      *refused = Refusal::kQuota;
       return quota;
     }
     if (refusal == HeapRefusal::kFull) {
       heap.CountRefusal();
       *skip = v1::SKIP_REASON_HEAP_FULL;
+      *refused = Refusal::kHeapFull;
       return room;
     }
     for (uint32_t i = 0; i < count; ++i) {
-      ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kBuffer, session->uid));
-      fd_leases.push_back(std::move(lease));
+      absl::StatusOr<FdBudget::Lease> lease = budget_->Acquire(FdUse::kBuffer, session->uid);
+      if (!lease.ok()) {
+        *refused = Refusal::kFdBudget;
+        return lease.status();
+      }
+      fd_leases.push_back(*std::move(lease));
     }
     // Checked above, in this critical section: it cannot fail.
     RETURN_IF_ERROR(quotas_.Charge(session_id, session->uid, heap.name(), total));
@@ -350,6 +411,20 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
     }
   }
 
+  // The first buffer a fallback served, for the log.
+  const HeapBuffer* fell_back = nullptr;
+  Backing fell_back_backing = Backing::kBasePages;
+  uint64_t fell_back_size = 0;
+  std::string fell_back_why;
+  for (const auto& memory : memories) {
+    if (memory->fell_back_because().empty()) continue;
+    fell_back = memory.get();
+    fell_back_backing = memory->backing();
+    fell_back_size = memory->size();
+    fell_back_why = memory->fell_back_because();
+    break;
+  }
+
   std::vector<DeadBuffer> dead;
   // Buffers not (yet) owned by a handle: retired, and their charge given
   // back, if the allocation does not go through.
@@ -369,7 +444,21 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
       discard(0);
       if (!failed.ok()) {
         // The heap could not serve: the next one may.
-        if (failed.code() == absl::StatusCode::kResourceExhausted) *skip = SkipReasonOf(failed);
+        if (failed.code() == absl::StatusCode::kResourceExhausted) {
+          *skip = SkipReasonOf(failed);
+          switch (**skip) {
+            case v1::SKIP_REASON_POOL_EMPTY:
+              *refused = Refusal::kPoolEmpty;
+              break;
+            case v1::SKIP_REASON_TOO_LARGE:
+              *refused = Refusal::kTooLarge;
+              break;
+            default:
+              *refused = Refusal::kHeapFull;
+          }
+        } else {
+          *refused = Refusal::kOther;
+        }
         return failed;
       }
       return absl::AbortedError(absl::StrCat("session ", session_id, " ended during Allocate"));
@@ -412,6 +501,9 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
         buffers_.erase(ref.info.buffer_id());
         for (const Grant& made : grants) RemoveHandleLocked(made.handle, dead);
         discard(i + 1);
+        if (grant.status().code() == absl::StatusCode::kResourceExhausted) {
+          *refused = Refusal::kFdBudget;
+        }
         return grant.status();
       }
       grants.push_back(*std::move(grant));
@@ -420,6 +512,7 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
   }();
   Discard(options_.reaper, std::move(dead));
   if (!made.ok()) return made.status();
+  if (fell_back != nullptr) LogFallback(heap, fell_back_backing, fell_back_size, fell_back_why);
   std::vector<PendingGrant> pending;
   pending.reserve(made->size());
   for (Grant& grant : *made)
@@ -572,30 +665,45 @@ absl::StatusOr<v1::ExportResponse> DaemonState::Export(uint64_t session_id,
 absl::StatusOr<DaemonState::PendingGrant> DaemonState::Import(uint64_t session_id,
                                                               absl::string_view token) {
   if (token.empty()) return absl::InvalidArgumentError("token is empty");
-  absl::MutexLock lock(&mu_);
-  ASSIGN_OR_RETURN(Session * session, FindSessionLocked(session_id));
-  ASSIGN_OR_RETURN(const ShareTokens::Token entry, tokens_.Find(token, absl::Now()));
-  auto b = buffers_.find(entry.buffer);
-  if (b == buffers_.end()) {
-    return absl::NotFoundError(
-        absl::StrCat("buffer ", entry.buffer, " behind the share token was released"));
-  }
-  Buffer& buffer = *b->second;
-  RETURN_IF_ERROR(CheckBufferCountLocked(*session));
-  const bool charge = session->held.count(entry.buffer) == 0;
-  if (charge) {
-    RETURN_IF_ERROR(
-        quotas_.Charge(session_id, session->uid, buffer.info.heap(), buffer.info.size()));
-  }
-  absl::StatusOr<Grant> grant = AddHandleLocked(*session, buffer, entry.access);
-  if (!grant.ok()) {
-    if (charge) {
-      quotas_.Uncharge(session_id, session->uid, buffer.info.heap(), buffer.info.size());
+  // A quota refusal is counted and logged once the lock is dropped.
+  std::string refused_heap;
+  absl::StatusOr<PendingGrant> imported = [&]() -> absl::StatusOr<PendingGrant> {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Session * session, FindSessionLocked(session_id));
+    ASSIGN_OR_RETURN(const ShareTokens::Token entry, tokens_.Find(token, absl::Now()));
+    auto b = buffers_.find(entry.buffer);
+    if (b == buffers_.end()) {
+      return absl::NotFoundError(
+          absl::StrCat("buffer ", entry.buffer, " behind the share token was released"));
     }
-    return grant.status();
+    Buffer& buffer = *b->second;
+    if (absl::Status status = CheckBufferCountLocked(*session); !status.ok()) {
+      refused_heap = buffer.info.heap();
+      return status;
+    }
+    const bool charge = session->held.count(entry.buffer) == 0;
+    if (charge) {
+      if (absl::Status quota =
+              quotas_.Charge(session_id, session->uid, buffer.info.heap(), buffer.info.size());
+          !quota.ok()) {
+        refused_heap = buffer.info.heap();
+        return quota;
+      }
+    }
+    absl::StatusOr<Grant> grant = AddHandleLocked(*session, buffer, entry.access);
+    if (!grant.ok()) {
+      if (charge) {
+        quotas_.Uncharge(session_id, session->uid, buffer.info.heap(), buffer.info.size());
+      }
+      return grant.status();
+    }
+    tokens_.Redeem(token, session_id);
+    return PendingGrant(this, session_id, *std::move(grant), std::string(token));
+  }();
+  if (!imported.ok() && !refused_heap.empty()) {
+    CountRefusal(refused_heap, Refusal::kQuota, session_id, imported.status());
   }
-  tokens_.Redeem(token, session_id);
-  return PendingGrant(this, session_id, *std::move(grant), std::string(token));
+  return imported;
 }
 
 bool DaemonState::Holds(uint64_t session_id, uint64_t buffer_id) const {

@@ -37,6 +37,7 @@
 #include "base/fd_budget.h"
 #include "bufferd/v1/buffer.pb.h"
 #include "bufferd/v1/config.pb.h"
+#include "daemon/log.h"
 #include "daemon/quota_ledger.h"
 #include "daemon/reaper.h"
 #include "daemon/requests.h"
@@ -198,6 +199,11 @@ class DaemonState {
   std::vector<BufferView> ListBuffers(const BufferQuery& query) const;
   Totals totals() const;
 
+  // Allocations and imports refused since start, by heap and reason
+  // (RefusalName: quota, heap_full, pool_empty, too_large, fd_budget,
+  // other).
+  std::map<std::string, std::map<std::string, uint64_t>> Refusals() const;
+
   const HeapRegistry& heaps() const { return *heaps_; }
   FdBudget& fd_budget() const { return *budget_; }
 
@@ -225,12 +231,21 @@ class DaemonState {
   // The session's room for `count` more handles (max_buffers_per_session).
   absl::Status CheckBufferCountLocked(const Session& session, uint32_t count = 1) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // Why an allocation or import was refused, for Refusals().
+  enum class Refusal { kQuota, kHeapFull, kPoolEmpty, kTooLarge, kFdBudget, kOther };
   // AllocateSet on one heap, `rounded` bytes a buffer: the grants, or why
-  // not; `skip` is set when the heap could not serve (the next may).
+  // not; `skip` is set when the heap could not serve (the next may), and
+  // `refused` whenever the failure was a refusal worth counting.
   absl::StatusOr<std::vector<PendingGrant>> AllocateOn(uint64_t session_id, Heap& heap,
                                                        uint64_t rounded, const AllocationPlan& plan,
                                                        const v1::AllocateRequest& request,
-                                                       std::optional<v1::SkipReason>* skip);
+                                                       std::optional<v1::SkipReason>* skip,
+                                                       std::optional<Refusal>* refused);
+  // Counts a refusal on `heap` and logs it (rate-limited per reason).
+  void CountRefusal(const std::string& heap, Refusal why, uint64_t session_id,
+                    const absl::Status& status);
+  // Logs, at most once a minute per heap, that a fallback served `buffer`.
+  void LogFallback(const Heap& heap, Backing backing, uint64_t size, const std::string& why);
   // Adds a handle (the session must already be charged for the buffer) and
   // returns the Grant with the fd to deliver.
   absl::StatusOr<Grant> AddHandleLocked(Session& session, Buffer& buffer, v1::Access access)
@@ -248,6 +263,11 @@ class DaemonState {
   const AllocationRules rules_;
   const std::unique_ptr<FdBudget> own_budget_;
   FdBudget* const budget_;
+
+  // Refusal counters and log limiters: never held with mu_.
+  mutable absl::Mutex counters_mu_;
+  std::map<std::string, std::map<std::string, uint64_t>> refusals_ ABSL_GUARDED_BY(counters_mu_);
+  std::map<std::string, std::unique_ptr<LogLimiter>> limiters_ ABSL_GUARDED_BY(counters_mu_);
 
   mutable absl::Mutex mu_;
   QuotaLedger quotas_ ABSL_GUARDED_BY(mu_);

@@ -202,6 +202,11 @@ TEST_F(StateTest, QuotasNameThemselves) {
   EXPECT_EQ(fourth.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(fourth.status().message().find("quota max_buffers_per_session"),
             absl::string_view::npos);
+  // Every refusal is counted on its heap by reason (bufctl heaps, metrics).
+  using Counts = std::map<std::string, uint64_t>;
+  EXPECT_EQ(state->Refusals(),
+            (std::map<std::string, Counts>{{"system", Counts{{"quota", 3}, {"too_large", 1}}}}));
+  EXPECT_EQ(HeapsView(*state).heaps(0).failures(), 4u);
 }
 
 // Tests per-heap quota overrides.
@@ -369,6 +374,7 @@ TEST_F(StateTest, FdBudget) {
       << "a buffer needs its own fd and one to grant";
   EXPECT_EQ(budget.usage().total, 3u) << "the refused buffer's fd is closed again";
   EXPECT_EQ(HeapsView(state).live_buffers(), 2u);
+  EXPECT_EQ(state.Refusals()["system"], (std::map<std::string, uint64_t>{{"fd_budget", 2}}));
 }
 
 // Tests that one uid's share of the fd budget leaves the rest to other uids.

@@ -22,6 +22,7 @@
 #ifndef BUFFERD_HEAPS_CARVEOUT_HEAP_H_
 #define BUFFERD_HEAPS_CARVEOUT_HEAP_H_
 
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -67,6 +68,8 @@ class CarveoutHeap final : public AccountedHeap {
   absl::StatusOr<Backed> AllocateBacking(uint64_t size, uint64_t requested,
                                          const std::string& memfd_name) override;
   void FillStats(HeapStats& stats) const override;
+  // Its reservation is its own: capacity - used is all there is.
+  uint64_t MachineRoom() const override { return std::numeric_limits<uint64_t>::max(); }
 
   // Takes `size` bytes of free extents, waiting up to kRefillWait for
   // refills in flight; empty if they never came.

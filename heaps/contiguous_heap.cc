@@ -92,7 +92,8 @@ absl::StatusOr<AccountedHeap::Backed> ContiguousHeap::AllocateBacking(
       for (Backing b : options_.fallbacks) base_allowed |= b == Backing::kBasePages;
       if (thp->second == Backing::kThp) {
         RETURN_IF_ERROR(memfd::Seal(thp->first.get()));
-        return Backed{std::move(thp->first), Backing::kThp, nullptr, thp_size};
+        return Backed{std::move(thp->first),        Backing::kThp, nullptr, thp_size, nullptr,
+                      absl::StrJoin(attempts, "; ")};
       }
       if (base_allowed) {
         // It got base pages after all (shmem THP off, or no huge page free):
@@ -107,7 +108,10 @@ absl::StatusOr<AccountedHeap::Backed> ContiguousHeap::AllocateBacking(
           continue;
         }
         RETURN_IF_ERROR(memfd::Seal(thp->first.get()));
-        return Backed{std::move(thp->first), Backing::kBasePages, nullptr, base_size};
+        attempts.push_back("thp: no huge pages mapped");
+        return Backed{
+            std::move(thp->first),        Backing::kBasePages, nullptr, base_size, nullptr,
+            absl::StrJoin(attempts, "; ")};
       }
       attempts.push_back(
           "thp: no huge pages mapped (is /sys/kernel/mm/transparent_hugepage/shmem_enabled "
@@ -117,7 +121,8 @@ absl::StatusOr<AccountedHeap::Backed> ContiguousHeap::AllocateBacking(
       ASSIGN_OR_RETURN(UniqueFd fd, memfd::Create(memfd_name, base_size, 0));
       RETURN_IF_ERROR(memfd::Prefault(fd.get(), 0, base_size));
       RETURN_IF_ERROR(memfd::Seal(fd.get()));
-      return Backed{std::move(fd), Backing::kBasePages, nullptr, base_size};
+      return Backed{std::move(fd), Backing::kBasePages,          nullptr, base_size,
+                    nullptr,       absl::StrJoin(attempts, "; ")};
     }
   }
   return HeapRefused(HeapRefusal::kPoolEmpty,
@@ -152,6 +157,13 @@ absl::Status ContiguousHeap::CheckBacking(uint64_t rounded, uint64_t count) cons
                      absl::StrCat("heap '", name(), "' has no fallback and its hugetlb ",
                                   FormatBytes(options_.hugepage_size), " pool has ", available,
                                   " of ", pool.total, " pages free, need ", need));
+}
+
+uint64_t ContiguousHeap::MachineRoom() const {
+  const HugepagePoolState pool = ReadHugepagePool(options_.hugepage_size);
+  const uint64_t pool_bytes =
+      (pool.free > pool.reserved ? pool.free - pool.reserved : 0) * options_.hugepage_size;
+  return pool_bytes + (options_.fallbacks.empty() ? 0 : AvailableMemoryBytes());
 }
 
 void ContiguousHeap::FillStats(HeapStats& stats) const {

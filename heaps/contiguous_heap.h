@@ -52,6 +52,8 @@ class ContiguousHeap final : public AccountedHeap {
   absl::StatusOr<Backed> AllocateBacking(uint64_t size, uint64_t requested,
                                          const std::string& memfd_name) override;
   void FillStats(HeapStats& stats) const override;
+  // The pool's free pages, plus MemAvailable if a fallback may serve.
+  uint64_t MachineRoom() const override;
   absl::Status CheckBacking(uint64_t rounded, uint64_t count) const override;
 
   const Options options_;

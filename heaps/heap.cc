@@ -173,6 +173,10 @@ absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t siz
   const Backing backing = backed->backing;
   const bool cheap_to_free = rounded <= kCheapFreeBytes && !backed->on_free;
   ++accounting_->by_backing[std::string(BackingName(backing))];
+  if (!backed->fell_back_because.empty()) {
+    ++accounting_->fallbacks[std::string(BackingName(backing))];
+    accounting_->last_fallback = backed->fell_back_because;
+  }
   std::function<void()> on_retire = [accounting = accounting_, rounded, backing,
                                      extra = std::move(backed->on_retire)] {
     {
@@ -184,8 +188,11 @@ absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t siz
     }
     if (extra) extra();
   };
-  return std::make_unique<HeapBuffer>(std::move(backed->fd), rounded, backing, std::move(on_retire),
-                                      std::move(backed->on_free), cheap_to_free);
+  auto buffer =
+      std::make_unique<HeapBuffer>(std::move(backed->fd), rounded, backing, std::move(on_retire),
+                                   std::move(backed->on_free), cheap_to_free);
+  buffer->set_fell_back_because(std::move(backed->fell_back_because));
+  return buffer;
 }
 
 HeapStats AccountedHeap::Stats() const {
@@ -200,9 +207,17 @@ HeapStats AccountedHeap::Stats() const {
     stats.allocations = accounting_->allocations;
     stats.failures = accounting_->failures;
     stats.buffers_by_backing = accounting_->by_backing;
+    stats.fallbacks = accounting_->fallbacks;
+    stats.last_fallback = accounting_->last_fallback;
   }
+  const uint64_t capacity_room = capacity_ == 0
+                                     ? std::numeric_limits<uint64_t>::max()
+                                     : (capacity_ > stats.used ? capacity_ - stats.used : 0);
+  stats.free = std::min(capacity_room, MachineRoom());
   FillStats(stats);
   return stats;
 }
+
+uint64_t AccountedHeap::MachineRoom() const { return AvailableMemoryBytes(); }
 
 }  // namespace bufferd

@@ -47,6 +47,10 @@ struct HeapStats {
   // 0 = unbounded.
   uint64_t capacity = 0;
   uint64_t used = 0;
+  // What the next allocations may take now: capacity - used for a bounded
+  // heap, and never more than the machine has for it (MemAvailable, the
+  // hugepage pool), so an unbounded heap's free is a real figure too.
+  uint64_t free = 0;
   uint64_t peak = 0;
   uint64_t buffer_count = 0;
   uint64_t allocations = 0;
@@ -63,6 +67,10 @@ struct HeapStats {
   bool locked = false;
   // Fallbacks taken, mlock refused, ...
   std::string note;
+  // Allocations since start that a fallback served, by BackingName(), and
+  // why the heap's first backing could not serve the last of them.
+  std::map<std::string, uint64_t> fallbacks;
+  std::string last_fallback;
 };
 
 // Why a heap refused an allocation it could not serve. Carried as a payload
@@ -124,12 +132,17 @@ class HeapBuffer {
   // False when destruction does page work worth keeping off latency-sensitive
   // threads (a big buffer whose pages may be freed now, a carveout refill).
   bool cheap_to_free() const { return cheap_to_free_; }
+  // Empty, or why the heap's first backing could not serve this buffer and a
+  // fallback (backing()) did.
+  const std::string& fell_back_because() const { return fell_back_because_; }
+  void set_fell_back_because(std::string why) { fell_back_because_ = std::move(why); }
 
  private:
   UniqueFd fd_;
   uint64_t size_;
   Backing backing_;
   bool cheap_to_free_;
+  std::string fell_back_because_;
   std::function<void()> on_retire_;
   std::function<void(UniqueFd)> on_free_;
 };
@@ -192,6 +205,8 @@ class AccountedHeap : public Heap {
     // Runs when the buffer is retired (HeapBuffer::Retire), after its bytes
     // are back in the accounting; on_free follows later.
     std::function<void()> on_retire;
+    // Set when a fallback served: why the heap's first backing could not.
+    std::string fell_back_because;
   };
 
   // `capacity` 0 = unbounded.
@@ -201,6 +216,9 @@ class AccountedHeap : public Heap {
                                                  const std::string& memfd_name) = 0;
   // Adds heap-specific fields to `stats`.
   virtual void FillStats(HeapStats& stats) const {}
+  // Bytes the machine could give this heap now, whatever its capacity
+  // (default: MemAvailable).
+  virtual uint64_t MachineRoom() const;
   // CheckAllocate's heap-specific part, for `count` buffers of `rounded`
   // bytes that fit the capacity.
   virtual absl::Status CheckBacking(uint64_t rounded, uint64_t count) const {
@@ -216,6 +234,8 @@ class AccountedHeap : public Heap {
     uint64_t allocations ABSL_GUARDED_BY(mu) = 0;
     uint64_t failures ABSL_GUARDED_BY(mu) = 0;
     std::map<std::string, uint64_t> by_backing ABSL_GUARDED_BY(mu);
+    std::map<std::string, uint64_t> fallbacks ABSL_GUARDED_BY(mu);
+    std::string last_fallback ABSL_GUARDED_BY(mu);
   };
 
   const std::string name_;

@@ -31,6 +31,17 @@ uint64_t HostMemoryBytes() {
   return 0;
 }
 
+uint64_t AvailableMemoryBytes() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  uint64_t kib = 0;
+  while (meminfo >> key >> kib) {
+    if (key == "MemAvailable:") return kib * 1024;
+    meminfo.ignore(std::numeric_limits<std::streamsize>::max(), '\n');
+  }
+  return 0;
+}
+
 HugepagePoolState ReadHugepagePool(uint64_t page_size) {
   HugepagePoolState state;
   state.page_size = page_size;

@@ -28,6 +28,8 @@ HugepagePoolState ReadHugepagePool(uint64_t page_size);
 
 // This host's RAM (MemTotal of /proc/meminfo), or 0 if unreadable.
 uint64_t HostMemoryBytes();
+// Memory the kernel could give now without swapping (MemAvailable), or 0.
+uint64_t AvailableMemoryBytes();
 
 // Sum of the named kB fields (e.g. "Locked", "ShmemPmdMapped") of this
 // process's mapping that starts at `vma_start`, from /proc/self/smaps; -1 if

@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 
 #include <cstring>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -29,6 +30,7 @@ using ::bufferd::testing::Bufctl;
 using ::bufferd::testing::DaemonTest;
 using ::bufferd::testing::Eventually;
 using ::bufferd::testing::OpenRawSession;
+using ::bufferd::testing::ReadFile;
 using ::bufferd::testing::SpawnPeer;
 using ::testing::HasSubstr;
 
@@ -120,6 +122,76 @@ TEST_F(AllocationTest, UsageFallsBackAndSaysWhyEachHeapWasSkipped) {
   EXPECT_EQ(Charged("contiguous"), 8 * kMiB);
   EXPECT_EQ(Charged("carveout"), frame->size());
   EXPECT_EQ(Charged("system"), second->size() + listed->size());
+}
+
+// Tests that fallbacks and refusals are visible: a contiguous heap whose
+// hugepage pool is empty logs its fallback once and shows its real backing
+// mix and fallback count; quota, capacity and size refusals are counted per
+// heap and reason in ListHeaps, the metrics and `bufctl heaps`, and logged.
+TEST_F(AllocationTest, FallbacksAndRefusalsAreCountedLoggedAndShown) {
+  if (Heap("contiguous").hugepages().free_pages() != 0) {
+    GTEST_SKIP() << "the 2 MiB hugepage pool has free pages: the heap would not fall back";
+  }
+  std::vector<Buffer> buffers;
+  for (int i = 0; i < 3; ++i) {
+    absl::StatusOr<Buffer> buffer = client_->Allocate({.heap = "contiguous", .size = kMiB});
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    EXPECT_EQ(buffer->info().backing(), v1::BACKING_BASE_PAGES);
+    buffers.push_back(*std::move(buffer));
+  }
+  v1::HeapInfo contiguous = Heap("contiguous");
+  EXPECT_EQ(contiguous.backing(), v1::BACKING_HUGETLB_2M) << "what it tries first";
+  EXPECT_EQ(contiguous.fallbacks().at("base_pages"), 3u);
+  EXPECT_EQ(contiguous.buffers_by_backing().at("base_pages"), 3u);
+  EXPECT_THAT(contiguous.last_fallback(), HasSubstr("hugetlb 2 MiB pool has 0 of"));
+  EXPECT_EQ(contiguous.free(), 5 * kMiB) << "capacity - used: the fallback has room";
+
+  absl::StatusOr<Buffer> full = client_->Allocate({.heap = "carveout", .size = 4 * kMiB});
+  ASSERT_TRUE(full.ok()) << full.status();
+  EXPECT_EQ(client_->Allocate({.heap = "carveout", .size = kMiB}).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(client_->Allocate({.heap = "carveout", .size = 8 * kMiB}).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(client_->Allocate({.heap = "system", .size = 41 * kMiB}).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  using Counts = std::map<std::string, uint64_t>;
+  const v1::HeapInfo carveout = Heap("carveout");
+  EXPECT_EQ(Counts(carveout.failures_by_reason().begin(), carveout.failures_by_reason().end()),
+            (Counts{{"heap_full", 1}, {"too_large", 1}}));
+  EXPECT_EQ(carveout.failures(), 2u);
+  const v1::HeapInfo system = Heap("system");
+  EXPECT_EQ(Counts(system.failures_by_reason().begin(), system.failures_by_reason().end()),
+            (Counts{{"quota", 1}}));
+
+  absl::StatusOr<std::string> metrics = client_->Metrics();
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  EXPECT_THAT(*metrics,
+              HasSubstr("bufferd_alloc_failures_total{heap=\"system\",reason=\"quota\"} 1\n"));
+  EXPECT_THAT(
+      *metrics,
+      HasSubstr("bufferd_alloc_failures_total{heap=\"carveout\",reason=\"heap_full\"} 1\n"));
+  EXPECT_THAT(*metrics,
+              HasSubstr("bufferd_alloc_failures_total{heap=\"system\",reason=\"fd_budget\"} 0\n"));
+  EXPECT_THAT(
+      *metrics,
+      HasSubstr("bufferd_heap_fallbacks_total{heap=\"contiguous\",backing=\"base_pages\"} 3\n"));
+
+  const std::string table = Bufctl(daemon_->socket_dir(), "heaps");
+  EXPECT_THAT(table, HasSubstr("hugetlb_2m+base_pages"));
+  EXPECT_THAT(table, HasSubstr("carveout: refused heap_full 1, too_large 1"));
+  EXPECT_THAT(table, HasSubstr("system: refused quota 1"));
+  EXPECT_THAT(table, HasSubstr("contiguous: fell back base_pages 3 (last: hugetlb 2 MiB pool"));
+
+  const std::string log = ReadFile(daemon_->log_path());
+  const std::string fell_back = "heap 'contiguous' fell back to base_pages";
+  int lines = 0;
+  for (size_t at = log.find(fell_back); at != std::string::npos; at = log.find(fell_back, at + 1)) {
+    ++lines;
+  }
+  EXPECT_EQ(lines, 1) << "logged once, not per buffer: " << log;
+  EXPECT_THAT(
+      log, HasSubstr("allocation on heap 'system' refused (quota): quota max_bytes_per_session"));
+  EXPECT_THAT(log, HasSubstr("allocation on heap 'carveout' refused (heap_full)"));
 }
 
 TEST_F(AllocationTest, WhenNoHeapServesOneMessageGivesEveryReason) {

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <thread>
 #include <vector>
 
@@ -239,6 +240,29 @@ int ConnectAsNobody(const std::string& path, std::vector<gid_t> groups) {
 // another uid in that group can connect and one outside it cannot;
 // DEBUG_ACCESS_ANYONE lets Debug calls through without a session while
 // Allocator calls still need one.
+// Tests that an unbounded heap's free figure is what the machine could give
+// it (so an alert on "free == 0" means something), never 0.
+TEST(HeapFreeTest, UnboundedHeapsReportWhatTheMachineHas) {
+  auto daemon = TestDaemon::Start();  // the embedded default: system unbounded
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  auto client = (*daemon)->Connect();
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto heaps = client->ListHeaps();
+  ASSERT_TRUE(heaps.ok()) << heaps.status();
+  uint64_t mem_total = 0;
+  std::istringstream meminfo(ReadFile("/proc/meminfo"));
+  for (std::string key; meminfo >> key >> mem_total && key != "MemTotal:";) {
+    meminfo.ignore(1 << 10, '\n');
+  }
+  for (const auto& heap : heaps->heaps()) {
+    SCOPED_TRACE(heap.name());
+    if (heap.capacity() != 0) continue;
+    EXPECT_GT(heap.free(), 0u);
+    EXPECT_LE(heap.free(),
+              mem_total * 1024 + heap.hugepages().total_pages() * heap.hugepages().page_size());
+  }
+}
+
 TEST(ConfigAccessTest, GroupModesAndAnonymousDebug) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root to chown to another group and drop to nobody";
   struct group* entry = ::getgrnam("daemon");

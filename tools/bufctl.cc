@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <map>
 #include <optional>
 #include <string>
 #include <thread>
@@ -111,10 +112,16 @@ int Heaps(const bufferd::Client& client, bool json) {
     for (const auto& [name, count] : h.buffers_by_backing()) {
       absl::StrAppend(&by_backing, by_backing.empty() ? "" : " ", name, "=", count);
     }
-    rows.push_back({h.name(), type, BackingName(h.backing()), Bytes(h.page_size()),
-                    h.capacity() ? Bytes(h.capacity()) : "-", Bytes(h.used()),
-                    h.capacity() ? Bytes(h.free()) : "-", Bytes(h.peak()),
-                    absl::StrCat(h.buffer_count()), absl::StrCat(h.failures()), pool,
+    // What the heap tries first, and what its live buffers really are when
+    // a fallback served some of them.
+    std::string backing = BackingName(h.backing());
+    for (const auto& [name, count] : h.buffers_by_backing()) {
+      if (name != backing) absl::StrAppend(&backing, "+", name);
+    }
+    rows.push_back({h.name(), type, backing, Bytes(h.page_size()),
+                    h.capacity() ? Bytes(h.capacity()) : "-", Bytes(h.used()), Bytes(h.free()),
+                    Bytes(h.peak()), absl::StrCat(h.buffer_count()), absl::StrCat(h.failures()),
+                    pool,
                     h.type() == bufferd::v1::HEAP_TYPE_CARVEOUT
                         ? absl::StrCat(Bytes(h.reserved_resident()), h.locked() ? " locked" : "")
                         : "-",
@@ -123,6 +130,27 @@ int Heaps(const bufferd::Client& client, bool json) {
   PrintTable({"HEAP", "TYPE", "BACKING", "PAGE", "CAPACITY", "USED", "FREE", "PEAK", "BUFFERS",
               "FAILS", "HUGEPAGES", "RESERVED", "NOTES"},
              rows);
+  // Refusals by reason and fallbacks taken, for the heaps that had any.
+  for (const auto& h : heaps->heaps()) {
+    if (h.failures_by_reason().empty() && h.fallbacks().empty()) continue;
+    std::cout << "\n" << h.name() << ":";
+    if (!h.failures_by_reason().empty()) {
+      std::map<std::string, uint64_t> sorted(h.failures_by_reason().begin(),
+                                             h.failures_by_reason().end());
+      std::cout << " refused " << absl::StrJoin(sorted, ", ", absl::PairFormatter(" "));
+      if (!h.fallbacks().empty()) std::cout << ";";
+    }
+    if (!h.fallbacks().empty()) {
+      std::map<std::string, uint64_t> sorted(h.fallbacks().begin(), h.fallbacks().end());
+      std::cout << " fell back " << absl::StrJoin(sorted, ", ", absl::PairFormatter(" "))
+                << " (last: " << h.last_fallback() << ")";
+    }
+  }
+  if (std::any_of(heaps->heaps().begin(), heaps->heaps().end(), [](const auto& h) {
+        return !h.failures_by_reason().empty() || !h.fallbacks().empty();
+      })) {
+    std::cout << "\n";
+  }
   const bufferd::v1::FdUsage& fds = heaps->fds();
   std::cout << absl::StrFormat(
       "\n%d buffers, %d handles, %d pending tokens\n"
