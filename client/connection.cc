@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -158,6 +159,8 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
                      "): a relay may sit between you and bufferd; not trusted"));
   }
   connection->session_id_ = message.hello().session_id();
+  connection->socket_dir_ = socket_dir;
+  connection->daemon_pid_ = service_manager ? 0 : daemon.pid;
   connection->metadata_ =
       FormatSessionCredential(connection->session_id_, message.hello().secret());
   connection->fd_socket_ = *std::move(socket);
@@ -200,7 +203,23 @@ Call Connection::NewCall() {
 absl::Status Connection::Finish(Call& call, const grpc::Status& status) {
   one_way_->FinishCall(call.carried, status.ok());
   call.carried.clear();
-  return FromGrpcStatus(status);
+  absl::Status result = FromGrpcStatus(status);
+  // A call that failed because the session is gone says so, and what to do,
+  // instead of gRPC's "Broken pipe" or "failed to connect to all addresses".
+  if ((result.code() == absl::StatusCode::kUnavailable ||
+       result.code() == absl::StatusCode::kCancelled) &&
+      Ended()) {
+    const bool daemon_gone = daemon_pid_ > 0 && ::kill(daemon_pid_, 0) != 0 && errno == ESRCH;
+    return absl::UnavailableError(absl::StrCat(
+        daemon_gone ? absl::StrCat("bufferd (pid ", daemon_pid_, ") in ", socket_dir_,
+                                   " stopped or restarted, so session ", session_id_, " is gone")
+                    : absl::StrCat("bufferd in ", socket_dir_, " ended session ", session_id_,
+                                   " (its log says why)"),
+        ": mappings this process holds stay valid, but the session's handles, share tokens "
+        "and fences are gone; connect a new Client to go on (",
+        result.message(), ")"));
+  }
+  return result;
 }
 
 absl::StatusOr<UniqueFd> Connection::TakeFd(uint64_t transfer_id) {

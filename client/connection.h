@@ -127,6 +127,9 @@ class Connection {
   // Declared first: the mailbox and the queue use it until they are gone.
   UnixSocket fd_socket_;
   uint64_t session_id_ = 0;
+  std::string socket_dir_;
+  // The daemon's pid as this process sees it (0 if it can't).
+  pid_t daemon_pid_ = 0;
   std::string metadata_;
   absl::Duration timeout_;
   std::unique_ptr<v1::Allocator::Stub> allocator_;

@@ -14,12 +14,14 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "base/errno_status.h"
 #include "base/fd_count.h"
 #include "base/private_dir.h"
 #include "base/protocol.h"
 #include "daemon/config.h"
 #include "daemon/requests.h"
+#include "google/protobuf/util/message_differencer.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
@@ -119,13 +121,28 @@ absl::Status RefuseLiveDaemon(int dir_fd, const std::string& dir, bool holding_l
 }
 
 // Takes the exclusive lock on <dir>/bufferd.lock (opened without following a
-// link, and checked) and writes our pid into it.
+// link, and checked) and writes our pid into it. A daemon that holds it but
+// no longer listens is shutting down (it unlinks its sockets first): wait
+// up to kLockWait for it to let go, so that a restart started meanwhile
+// works rather than fails.
 absl::StatusOr<UniqueFd> LockSocketDir(int dir_fd, const std::string& dir, uid_t owner) {
+  constexpr absl::Duration kLockWait = absl::Seconds(5);
   ASSIGN_OR_RETURN(UniqueFd fd, OpenPrivateFile(dir_fd, dir, "bufferd.lock", owner));
   const std::string path = absl::StrCat(dir, "/bufferd.lock");
-  if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
+  const absl::Time give_up = absl::Now() + kLockWait;
+  bool said = false;
+  while (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
     if (errno != EWOULDBLOCK) return ErrnoError(absl::StrCat("flock ", path), errno);
-    return AnotherDaemon(fd.get(), dir);
+    if (absl::Now() >= give_up || UnixSocket::SeqPacketListening(FdSocketPath(dir))) {
+      return AnotherDaemon(fd.get(), dir);
+    }
+    if (!said) {
+      said = true;
+      spdlog::info("{} (it no longer listens); waiting up to {} for it to finish shutting down",
+                   std::string(AnotherDaemon(fd.get(), dir).message()),
+                   absl::FormatDuration(kLockWait));
+    }
+    absl::SleepFor(absl::Milliseconds(20));
   }
   std::string pid = absl::StrCat(::getpid(), "\n");
   if (::ftruncate(fd.get(), 0) != 0 ||
@@ -180,6 +197,7 @@ absl::StatusOr<std::unique_ptr<Daemon>> Daemon::Start(const v1::Config& config,
 }
 
 absl::Status Daemon::Init(const v1::Config& config) {
+  config_ = config;
   ASSIGN_OR_RETURN(const gid_t group, SocketGroup(config.group()));
   const mode_t socket_mode = config.group().empty() ? 0600 : 0660;
   ASSIGN_OR_RETURN(const RunAs run_as, ResolveUser(config.user()));
@@ -482,14 +500,91 @@ absl::Status Daemon::SetFdBudget(const v1::Config& config, uint64_t nofile) {
   return absl::OkStatus();
 }
 
+void Daemon::Reload(const v1::Config& next, bool keep_log_level) {
+  using google::protobuf::util::MessageDifferencer;
+  std::vector<std::string> applied;
+  if (!MessageDifferencer::Equals(next.quotas(), config_.quotas())) {
+    state_->SetQuotas(next.quotas());
+    fences_->SetMaxPendingPerSession(next.quotas().max_fences_per_session());
+    applied.push_back(absl::StrCat("quotas {", next.quotas().ShortDebugString(), "}"));
+    *config_.mutable_quotas() = next.quotas();
+  }
+  // Heaps: only their quota overrides apply live.
+  auto without_quotas = [](v1::HeapConfig heap) {
+    heap.clear_max_bytes_per_session();
+    heap.clear_max_bytes_per_uid();
+    return heap;
+  };
+  bool heaps_changed = next.heaps_size() != config_.heaps_size();
+  for (int i = 0; !heaps_changed && i < next.heaps_size(); ++i) {
+    heaps_changed = !MessageDifferencer::Equals(without_quotas(next.heaps(i)),
+                                                without_quotas(config_.heaps(i)));
+  }
+  if (!heaps_changed) {
+    for (int i = 0; i < next.heaps_size(); ++i) {
+      const v1::HeapConfig& heap = next.heaps(i);
+      if (heap.max_bytes_per_session() == config_.heaps(i).max_bytes_per_session() &&
+          heap.max_bytes_per_uid() == config_.heaps(i).max_bytes_per_uid()) {
+        continue;
+      }
+      state_->SetHeapQuotas(heap.name(), heap.max_bytes_per_session(), heap.max_bytes_per_uid());
+      applied.push_back(absl::StrCat("heap '", heap.name(), "' quotas (max_bytes_per_session ",
+                                     heap.max_bytes_per_session(), ", max_bytes_per_uid ",
+                                     heap.max_bytes_per_uid(), ")"));
+      *config_.mutable_heaps(i) = heap;
+    }
+  }
+  if (next.log_level() != config_.log_level()) {
+    if (keep_log_level) {
+      spdlog::info("config log_level '{}' not applied: the --log-level flag sets it",
+                   next.log_level());
+    } else {
+      spdlog::set_level(
+          spdlog::level::from_str(next.log_level().empty() ? "info" : next.log_level()));
+      applied.push_back(absl::StrCat("log_level '", next.log_level(), "'"));
+      config_.set_log_level(next.log_level());
+    }
+  }
+  // Everything else needs a restart: name it.
+  std::vector<std::string> restart;
+  if (heaps_changed) restart.push_back("heaps");
+  const google::protobuf::Descriptor* descriptor = v1::Config::descriptor();
+  for (int i = 0; i < descriptor->field_count(); ++i) {
+    const google::protobuf::FieldDescriptor* field = descriptor->field(i);
+    if (field->name() == "quotas" || field->name() == "heaps" || field->name() == "log_level") {
+      continue;
+    }
+    MessageDifferencer differ;
+    std::vector<const google::protobuf::FieldDescriptor*> only = {field};
+    if (!differ.CompareWithFields(next, config_, only, only)) restart.push_back(field->name());
+  }
+  spdlog::info("config reloaded: {}{}", applied.empty() ? "nothing to apply live" : "applied ",
+               absl::StrJoin(applied, ", "));
+  if (!restart.empty()) {
+    spdlog::warn(
+        "config fields changed that only a restart applies (still serving the old values): {}",
+        absl::StrJoin(restart, ", "));
+  }
+}
+
 void Daemon::Shutdown() {
   if (shut_down_) return;
   shut_down_ = true;
   NotifyServiceManager("STOPPING=1");
   // No new connection reaches gRPC once it shuts down.
   if (control_) control_->Stop();
+  // Only sockets this daemon bound: never a live daemon's it refused to take
+  // over, never the service manager's. They go first, so that new clients
+  // see no daemon at once and a daemon started now waits for our lock
+  // rather than finding us live.
+  if (lock_file_.valid() && bound_sockets_) {
+    ::unlink(ControlSocketPath(socket_dir_).c_str());
+    ::unlink(FdSocketPath(socket_dir_).c_str());
+  }
   // In-flight calls may be finishing on the work queue: it outlives Shutdown.
-  if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  // Idle connections would hold gRPC to the whole deadline; calls still
+  // running by then (a fence wait) are cancelled, as they would be anyway.
+  if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(200));
   if (loop_) loop_->Stop();
   // Every session ends (its fences fail, waking their waiters), then the
   // fence table lets go of what is left.
@@ -497,12 +592,6 @@ void Daemon::Shutdown() {
   if (fences_) fences_->Stop();
   if (timelines_) timelines_->Stop();
   work_.reset();
-  // Only sockets this daemon bound: never a live daemon's it refused to take
-  // over, never the service manager's.
-  if (lock_file_.valid() && bound_sockets_) {
-    ::unlink(ControlSocketPath(socket_dir_).c_str());
-    ::unlink(FdSocketPath(socket_dir_).c_str());
-  }
   if (lock_file_.valid()) {
     // The lock file stays: unlinking it would let two later daemons lock
     // different files of the same name.

@@ -60,6 +60,12 @@ class Daemon {
 
   const std::string& socket_dir() const { return socket_dir_; }
   void Shutdown();
+  // Applies what a changed config may change live (SIGHUP): the quotas (a
+  // heap's own quota overrides too) and, unless `keep_log_level` (the
+  // --log-level flag), the log level. Everything else (heaps, limits, the
+  // socket dir, ...) takes a restart: the log names each such field that
+  // changed. Logs what it did.
+  void Reload(const v1::Config& config, bool keep_log_level);
 
  private:
   Daemon() = default;
@@ -74,6 +80,8 @@ class Daemon {
   std::string StatusLine() const;
 
   std::string socket_dir_;
+  // The config serving now (Reload updates what it applies).
+  v1::Config config_;
   std::optional<ActivatedSockets> activated_;
   // First: every lease (buffers, connections) is returned before it goes.
   FdBudget budget_;

@@ -57,12 +57,14 @@ int main(int argc, char** argv) {
   if (!level.empty()) spdlog::set_level(spdlog::level::from_str(level));
   bufferd::InstallLibraryLogHandlers();
 
-  // Block the stop signals before any thread starts, then wait for one.
-  sigset_t stop;
-  sigemptyset(&stop);
-  sigaddset(&stop, SIGINT);
-  sigaddset(&stop, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+  // Block the signals a daemon commonly gets before any thread starts, then
+  // handle each on this thread: none ends the daemon without a log line.
+  sigset_t handled;
+  sigemptyset(&handled);
+  for (int signal_number : {SIGINT, SIGTERM, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2}) {
+    sigaddset(&handled, signal_number);
+  }
+  pthread_sigmask(SIG_BLOCK, &handled, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
   // Under systemd's bufferd.socket (or systemd-socket-activate), the sockets
@@ -79,9 +81,34 @@ int main(int argc, char** argv) {
     spdlog::critical("cannot start: {}", daemon.status().ToString());
     return 1;
   }
-  int signal_number = 0;
-  sigwait(&stop, &signal_number);
-  spdlog::info("signal {} received; shutting down", signal_number);
+  while (true) {
+    int signal_number = 0;
+    sigwait(&handled, &signal_number);
+    const char* name = sigabbrev_np(signal_number);
+    if (signal_number == SIGHUP) {
+      // Reload what may change live; a bad file changes nothing.
+      if (config_path.empty()) {
+        spdlog::info("SIGHUP: no --config file, nothing to reload (the embedded default is fixed)");
+        continue;
+      }
+      absl::StatusOr<bufferd::v1::Config> next = bufferd::LoadConfigFile(config_path);
+      if (!next.ok()) {
+        spdlog::error("SIGHUP: config not reloaded, still serving the previous one: {}",
+                      std::string(next.status().message()));
+        continue;
+      }
+      if (!user.empty()) next->set_user(user);
+      (*daemon)->Reload(*next, /*keep_log_level=*/!log_level.empty());
+      continue;
+    }
+    if (signal_number == SIGUSR1 || signal_number == SIGUSR2) {
+      spdlog::info("SIG{} ignored (SIGHUP reloads the config; SIGTERM, SIGINT or SIGQUIT stop)",
+                   name != nullptr ? name : "?");
+      continue;
+    }
+    spdlog::info("SIG{} received; shutting down", name != nullptr ? name : "?");
+    break;
+  }
   (*daemon)->Shutdown();
   daemon->reset();
   spdlog::info("bye");

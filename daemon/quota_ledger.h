@@ -29,6 +29,8 @@ class QuotaLedger {
   // Per-heap overrides of the byte quotas (0 = the global value).
   void SetHeapQuotas(const std::string& heap, uint64_t per_session, uint64_t per_uid);
   const v1::QuotaConfig& quotas() const { return quotas_; }
+  // New global quotas (a reload); charges held stay, only new ones meet them.
+  void SetQuotas(v1::QuotaConfig quotas) { quotas_ = std::move(quotas); }
 
   // Charges `bytes` of `heap` to the session and its uid. RESOURCE_EXHAUSTED
   // naming the quota (and the holder) if either would go over.
@@ -49,7 +51,7 @@ class QuotaLedger {
   uint64_t SessionQuota(const std::string& heap) const;
   uint64_t UidQuota(const std::string& heap) const;
 
-  const v1::QuotaConfig quotas_;
+  v1::QuotaConfig quotas_;
   // heap -> (per session, per uid) overrides.
   std::map<std::string, std::pair<uint64_t, uint64_t>> heap_quotas_;
   // session -> heap -> bytes.

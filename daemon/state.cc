@@ -160,6 +160,11 @@ DaemonState::~DaemonState() {
   buffers.swap(buffers_);  // freed once the lock is dropped
 }
 
+void DaemonState::SetQuotas(const v1::QuotaConfig& quotas) {
+  absl::MutexLock lock(&mu_);
+  quotas_.SetQuotas(quotas);
+}
+
 void DaemonState::SetHeapQuotas(const std::string& heap, uint64_t per_session, uint64_t per_uid) {
   absl::MutexLock lock(&mu_);
   quotas_.SetHeapQuotas(heap, per_session, per_uid);
@@ -311,12 +316,15 @@ absl::StatusOr<DaemonState::Allocation> DaemonState::AllocatePlanned(
     uint64_t session_id, const AllocationPlan& plan, const v1::AllocateRequest& request) {
   Allocation allocation;
   std::vector<absl::Status> refusals;
+  const v1::QuotaConfig quotas = [&] {
+    absl::ReaderMutexLock lock(&mu_);
+    return quotas_.quotas();
+  }();
   for (Heap* heap : plan.heaps) {
     std::optional<v1::SkipReason> skip;
     std::optional<Refusal> refused;
     absl::StatusOr<std::vector<PendingGrant>> grants = [&] {
-      absl::StatusOr<uint64_t> rounded =
-          RoundForHeap(*heap, options_.quotas, plan.size, plan.count);
+      absl::StatusOr<uint64_t> rounded = RoundForHeap(*heap, quotas, plan.size, plan.count);
       if (!rounded.ok()) {
         skip = v1::SKIP_REASON_TOO_LARGE;
         refused = Refusal::kTooLarge;
@@ -527,9 +535,13 @@ absl::StatusOr<v1::CanAllocateResponse> DaemonState::CanAllocate(uint64_t sessio
                    CheckAllocateRequest(*heaps_, rules_, request, count));
   v1::CanAllocateResponse response;
   if (plan.frame.has_value()) *response.mutable_frame() = *plan.frame;
+  const v1::QuotaConfig quotas = [&] {
+    absl::ReaderMutexLock lock(&mu_);
+    return quotas_.quotas();
+  }();
   for (Heap* heap : plan.heaps) {
     std::optional<v1::SkipReason> skip;
-    absl::StatusOr<uint64_t> rounded = RoundForHeap(*heap, options_.quotas, plan.size, plan.count);
+    absl::StatusOr<uint64_t> rounded = RoundForHeap(*heap, quotas, plan.size, plan.count);
     absl::Status status = rounded.status();
     if (!rounded.ok()) {
       skip = v1::SKIP_REASON_TOO_LARGE;

@@ -129,6 +129,9 @@ class DaemonState {
   ~DaemonState();
 
   // Per-heap quota overrides (0 = the global value). Call before serving.
+  // New global quotas (a config reload): buffers held stay, only new
+  // allocations and imports meet them.
+  void SetQuotas(const v1::QuotaConfig& quotas);
   void SetHeapQuotas(const std::string& heap, uint64_t per_session, uint64_t per_uid);
 
   // Sessions, by id (SessionTable gives them out).

@@ -122,7 +122,9 @@ const char* FenceKindName(FenceKind kind) {
 }
 
 FenceTable::FenceTable(EventLoop* loop, FdBudget* budget, FenceLimits limits, Executor executor)
-    : loop_(loop), budget_(budget), limits_(limits), executor_(std::move(executor)) {}
+    : loop_(loop), budget_(budget), limits_(limits), executor_(std::move(executor)) {
+  max_pending_per_session_.store(limits_.max_pending_per_session, std::memory_order_relaxed);
+}
 
 FenceTable::~FenceTable() { Stop(); }
 
@@ -179,8 +181,8 @@ absl::StatusOr<FenceTable::Fence*> FenceTable::HeldLocked(uint64_t session, uint
 
 absl::Status FenceTable::CheckNewFenceLocked(const Session& session) const {
   RETURN_IF_ERROR(CheckNewHoldLocked(session));
-  if (limits_.max_pending_per_session != 0 &&
-      session.pending_owned.size() >= limits_.max_pending_per_session) {
+  const uint32_t max_pending = max_pending_per_session_.load(std::memory_order_relaxed);
+  if (max_pending != 0 && session.pending_owned.size() >= max_pending) {
     return absl::ResourceExhaustedError(
         absl::StrCat("quota max_fences_per_session: the session owns ",
                      session.pending_owned.size(), " pending fences, the most allowed"));

@@ -283,6 +283,11 @@ class FenceTable {
   };
   SessionCounts session_counts(uint64_t session) const;
   const FenceLimits& limits() const { return limits_; }
+  // A new quota max_fences_per_session (a config reload; 0 = none): fences
+  // pending now stay, only new ones meet it.
+  void SetMaxPendingPerSession(uint32_t max) {
+    max_pending_per_session_.store(max, std::memory_order_relaxed);
+  }
 
   // Ends every wait (UNAVAILABLE), stops every watch and timer and closes
   // every fd. Call once the loop has stopped.
@@ -392,6 +397,7 @@ class FenceTable {
   EventLoop* const loop_;
   FdBudget* const budget_;
   const FenceLimits limits_;
+  std::atomic<uint32_t> max_pending_per_session_{0};
   const Executor executor_;
   WatchHook watch_hook_;
 
