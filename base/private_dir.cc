@@ -33,6 +33,12 @@ bool OnlyRootWrites(const std::string& dir) {
 
 }  // namespace
 
+std::string NotTheDefaultHint(const std::string& path) {
+  if (path == "/run/bufferd") return "";
+  return "; a daemon started as root serves /run/bufferd: point the client there "
+         "(BUFFERD_SOCKET_DIR=/run/bufferd, or bufctl --socket-dir /run/bufferd)";
+}
+
 absl::StatusOr<PrivateDir> OpenPrivateDir(const std::string& path, uid_t owner) {
   PrivateDir result;
   if (::mkdir(path.c_str(), 0700) == 0) {
@@ -153,8 +159,9 @@ absl::StatusOr<uid_t> CheckTrustedDir(const std::string& path, uid_t uid) {
   struct stat st {};
   if (::lstat(path.c_str(), &st) != 0) {
     if (errno == ENOENT) {
-      return absl::UnavailableError(
-          absl::StrCat("cannot connect to bufferd in ", path, " (is it running?): no such directory"));
+      return absl::UnavailableError(absl::StrCat("cannot connect to bufferd in ", path,
+                                                 " (is it running?): no such directory",
+                                                 NotTheDefaultHint(path)));
     }
     return ErrnoError(absl::StrCat("stat ", path), errno);
   }

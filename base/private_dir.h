@@ -69,6 +69,10 @@ absl::StatusOr<UniqueFd> OpenPrivateFile(int dir_fd, const std::string& dir_path
 // not exist; PERMISSION_DENIED naming the problem and the fix otherwise.
 absl::StatusOr<uid_t> CheckTrustedDir(const std::string& path, uid_t uid);
 
+// "; a daemon started as root serves /run/bufferd: ..." for a client that
+// found no daemon at `path`, unless `path` is /run/bufferd.
+std::string NotTheDefaultHint(const std::string& path);
+
 }  // namespace bufferd
 
 #endif  // BUFFERD_BASE_PRIVATE_DIR_H_

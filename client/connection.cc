@@ -122,7 +122,8 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
   }
   if (!socket.ok()) {
     return absl::UnavailableError(absl::StrCat("cannot connect to bufferd in ", socket_dir,
-                                               " (is it running?): ", socket.status().message()));
+                                               " (is it running?): ", socket.status().message(),
+                                               NotTheDefaultHint(socket_dir)));
   }
   ASSIGN_OR_RETURN(const PeerCredentials daemon, socket->GetPeerCredentials());
   RETURN_IF_ERROR(CheckDaemon(daemon, owner, FdSocketPath(socket_dir)));
