@@ -4,6 +4,7 @@
 #define BUFFERD_BASE_ERRNO_STATUS_H_
 
 #include <cerrno>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -33,6 +34,10 @@ auto RetryOnEintr(F call) -> decltype(call()) {
   } while (result == -1 && errno == EINTR);
   return result;
 }
+
+// "CODE: message", as Status::ToString() without the payloads (the errno an
+// ErrnoError carries is for ErrnoOf, not for people): for logs and stderr.
+std::string StatusText(const absl::Status& status);
 
 // Formats a byte count for messages: "4 KiB", "2 MiB", "1.5 GiB", "123 B".
 std::string FormatBytes(uint64_t bytes);

@@ -80,7 +80,7 @@ void ControlListener::AcceptAll() {
       static LogLimiter failures;
       LogLimited(failures, spdlog::level::warn,
                  "control.sock accept failed: {}; pausing accepts for 100 ms",
-                 socket.status().ToString());
+                 StatusText(socket.status()));
       paused_until_ = absl::Now() + absl::Milliseconds(100);
       return;
     }

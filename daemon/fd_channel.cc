@@ -95,7 +95,7 @@ void FdChannel::AcceptAll() {
       if (IsWouldBlock(socket.status())) return;
       LogLimited(RefusalLog(), spdlog::level::warn,
                  "fd.sock accept failed: {}; pausing accepts for 100 ms",
-                 socket.status().ToString());
+                 StatusText(socket.status()));
       // Out of fds (EMFILE/ENFILE): the listener stays readable, so stop
       // watching it for a while instead of spinning.
       (void)loop_->Modify(listener_.fd(), 0);
@@ -111,7 +111,7 @@ void FdChannel::Admit(UnixSocket socket) {
   absl::StatusOr<PeerCredentials> peer = socket.GetPeerCredentials();
   if (!peer.ok()) {
     LogLimited(RefusalLog(), spdlog::level::warn, "dropping fd.sock connection: {}",
-               peer.status().ToString());
+               StatusText(peer.status()));
     return;
   }
   // For Debug access by group (DEBUG_ACCESS_OPERATORS): the groups the
@@ -147,7 +147,7 @@ void FdChannel::Admit(UnixSocket socket) {
       loop_->Watch(fd, kReadEvents, [this, fd](uint32_t events) { OnEvents(fd, events); });
   if (!watched.ok()) {
     LogLimited(RefusalLog(), spdlog::level::warn, "session {}: {}", admission->session_id,
-               watched.ToString());
+               StatusText(watched));
     delegate_->OnDisconnect(admission->session_id);
     return;
   }
@@ -263,7 +263,7 @@ std::optional<FdChannel::ReadEnd> FdChannel::ReadSomeLocked(Reader& reader, int 
         if (reader.reset) return ReadEnd{"client left with fds it was sent unread", false};
         return std::nullopt;  // drained
       }
-      return ReadEnd{received.status().ToString(), true};
+      return ReadEnd{StatusText(received.status()), true};
     }
     if (received->eof) return ReadEnd{"client closed fd.sock", false};
     ++reader.records;

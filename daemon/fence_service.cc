@@ -578,7 +578,7 @@ void FenceService::Subscribe(uint64_t session, uint64_t buffer_id, bool new_page
       d_.reservations->Subscribe(session, buffer_id, new_page);
   if (!subscription.ok()) {
     spdlog::debug("session {}: no reservation status page: {}", session,
-                  subscription.status().ToString());
+                  StatusText(subscription.status()));
     return;
   }
   // The session may have let go of the buffer meanwhile (every handle on
@@ -603,7 +603,7 @@ void FenceService::Subscribe(uint64_t session, uint64_t buffer_id, bool new_page
     }
     if (!transfer.ok()) {
       spdlog::debug("session {}: its reservation status page could not go: {}", session,
-                    transfer.status().ToString());
+                    StatusText(transfer.status()));
       d_.reservations->CloseSession(session);
       return;
     }

@@ -7,6 +7,7 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/synchronization/mutex.h"
+#include "base/errno_status.h"
 #include "daemon/config.h"
 #include "daemon/daemon.h"
 #include "daemon/log.h"
@@ -49,7 +50,13 @@ int main(int argc, char** argv) {
   absl::StatusOr<bufferd::v1::Config> config =
       config_path.empty() ? bufferd::DefaultConfig() : bufferd::LoadConfigFile(config_path);
   if (!config.ok()) {
-    std::fprintf(stderr, "bufferd: %s\n", config.status().ToString().c_str());
+    // "bufferd: bufferd.conf:3:40: heaps[0] ('c'): ...": the message names
+    // the file, place and field; a file that cannot be read adds its code.
+    const absl::Status& status = config.status();
+    const std::string text = status.code() == absl::StatusCode::kInvalidArgument
+                                 ? std::string(status.message())
+                                 : bufferd::StatusText(status);
+    std::fprintf(stderr, "bufferd: %s\n", text.c_str());
     return 2;
   }
   if (!user.empty()) config->set_user(user);
@@ -72,13 +79,13 @@ int main(int argc, char** argv) {
   absl::StatusOr<std::optional<bufferd::ActivatedSockets>> activated =
       bufferd::TakeActivatedSockets();
   if (!activated.ok()) {
-    spdlog::critical("cannot start: {}", activated.status().ToString());
+    spdlog::critical("cannot start: {}", bufferd::StatusText(activated.status()));
     return 1;
   }
   absl::StatusOr<std::unique_ptr<bufferd::Daemon>> daemon =
       bufferd::Daemon::Start(*config, socket_dir, *std::move(activated));
   if (!daemon.ok()) {
-    spdlog::critical("cannot start: {}", daemon.status().ToString());
+    spdlog::critical("cannot start: {}", bufferd::StatusText(daemon.status()));
     return 1;
   }
   while (true) {

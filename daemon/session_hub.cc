@@ -79,7 +79,7 @@ absl::Status SessionHub::OnSignal(uint64_t session_id, const v1::FenceSignal& si
       signal.message());
   // Its deadline may have come first: the owner could not know.
   if (signalled.code() == absl::StatusCode::kFailedPrecondition) {
-    spdlog::debug("session {}: one-way signal: {}", session_id, signalled.ToString());
+    spdlog::debug("session {}: one-way signal: {}", session_id, StatusText(signalled));
     return absl::OkStatus();
   }
   return signalled;
@@ -173,7 +173,7 @@ void SessionHub::ReleaseDropped(uint64_t session_id, const std::vector<uint64_t>
       // flood of bogus ones is its own business: rate-limited.
       LogLimited(SkippedReleaseLog(), spdlog::level::debug,
                  "session {}: release of dropped handle {}: {}", session_id, handle,
-                 released.status().ToString());
+                 StatusText(released.status()));
       continue;
     }
     for (DeadBuffer& buffer : *released) dead.push_back(std::move(buffer));

@@ -17,7 +17,9 @@
 #include <vector>
 
 #include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "base/errno_status.h"
 #include "base/fd_count.h"
 #include "base/protocol.h"
 #include "base/unix_socket.h"
@@ -26,6 +28,7 @@
 #include "bufferd/v1/fd_channel.pb.h"
 #include "client/client.h"
 #include "grpcpp/create_channel.h"
+#include "heaps/kernel_info.h"
 #include "testing/daemon_test.h"
 
 namespace bufferd {
@@ -307,16 +310,89 @@ TEST(ConfigAccessTest, GroupModesAndAnonymousDebug) {
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAUTHENTICATED);
 }
 
-// Tests that an unknown group stops startup with a message naming it.
-TEST(ConfigAccessTest, UnknownGroupFailsStartup) {
-  auto daemon = TestDaemon::Start(R"pb(
-    heaps { name: "system" type: HEAP_TYPE_SYSTEM }
-    group: "no-such-group-bufferd"
-  )pb");
-  ASSERT_FALSE(daemon.ok());
-  EXPECT_NE(daemon.status().message().find("config group 'no-such-group-bufferd' does not exist"),
-            absl::string_view::npos)
-      << daemon.status();
+// Runs bufferd with `config_text` as its --config file, expecting it to exit
+// at load; returns the exit code and sets `path` and `log` to the config
+// file's path and what the daemon printed.
+int RunWithConfig(const std::string& config_text, std::string* path, std::string* log) {
+  char root[] = "/tmp/bufferd-cfg-XXXXXX";
+  if (::mkdtemp(root) == nullptr) return -1;
+  *path = absl::StrCat(root, "/bufferd.conf");
+  std::ofstream(*path) << config_text;
+  const std::string log_path = absl::StrCat(root, "/log");
+  auto daemon = testing::SpawnDaemon(
+      {"--config", *path, "--socket-dir", absl::StrCat(root, "/sock")}, log_path);
+  if (!daemon.ok()) return -1;
+  const int code = daemon->Wait();
+  *log = ReadFile(log_path);
+  const bool made_socket_dir = std::filesystem::exists(absl::StrCat(root, "/sock"));
+  std::filesystem::remove_all(root);
+  return made_socket_dir ? -3 : code;  // refused at load: nothing made
+}
+
+// Tests that a config naming a group (or a debug group, or a user) this
+// machine does not have is refused at load: exit 2, the file, line and column
+// of the field, nothing made.
+TEST(ConfigStartupTest, UnknownGroupIsRefusedAtLoad) {
+  const struct {
+    std::string text;
+    std::string expected;
+  } cases[] = {
+      {"heaps { name: \"system\" type: HEAP_TYPE_SYSTEM }\ngroup: \"no-such-group-bufferd\"\n",
+       ":2:1: field 'group' names group 'no-such-group-bufferd', which does not exist on this "
+       "machine\n"},
+      {"heaps { name: \"system\" type: HEAP_TYPE_SYSTEM }\ndebug_groups: \"root\"\n"
+       "debug_groups: \"no-such-group-bufferd\"\n",
+       ":3:1: field 'debug_groups' names group 'no-such-group-bufferd', which does not exist on "
+       "this machine\n"},
+      {"heaps { name: \"system\" type: HEAP_TYPE_SYSTEM }\n\n  user: \"no-such-user-bufferd\"\n",
+       ":3:3: field 'user' names user 'no-such-user-bufferd', which does not exist on this "
+       "machine\n"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.text);
+    std::string path, log;
+    EXPECT_EQ(RunWithConfig(c.text, &path, &log), 2) << log;
+    EXPECT_EQ(log, absl::StrCat("bufferd: ", path, c.expected));
+  }
+}
+
+// Tests that a carveout of 1 TiB (meant as 1 GiB) is refused at load, naming
+// the field and both figures, before anything is reserved: exit 2.
+TEST(ConfigStartupTest, TebibyteCarveoutIsRefusedAtLoad) {
+  const uint64_t memory = HostMemoryBytes();
+  ASSERT_GT(memory, 0u);
+  ASSERT_LT(memory, uint64_t{1} << 40) << "this machine could hold the carveout: proves nothing";
+  std::string path, log;
+  EXPECT_EQ(RunWithConfig("heaps { name: \"system\" type: HEAP_TYPE_SYSTEM }\nheaps {\n"
+                          "  name: \"c\"\n  type: HEAP_TYPE_CARVEOUT\n"
+                          "  capacity_bytes: 1099511627776\n}\n",
+                          &path, &log),
+            2)
+      << log;
+  EXPECT_TRUE(absl::StartsWith(log, absl::StrCat("bufferd: ", path,
+                                                 ":5:3: heaps[1] ('c'): field 'capacity_bytes' "
+                                                 "is 1 TiB (1099511627776 bytes)")))
+      << log;
+  EXPECT_TRUE(absl::EndsWith(
+      log, absl::StrCat("; carveouts may reserve at most half of this machine's memory (MemTotal ",
+                        FormatBytes(memory), "): ", FormatBytes(memory / 2), "\n")))
+      << log;
+  EXPECT_FALSE(absl::StrContains(log, "bufferd.errno")) << log;
+}
+
+// Tests that a directory given as --config is named as one (exit 2), not
+// read as a config without heaps.
+TEST(ConfigStartupTest, DirectoryAsConfigIsNamed) {
+  char root[] = "/tmp/bufferd-cfg-XXXXXX";
+  ASSERT_NE(::mkdtemp(root), nullptr);
+  const std::string log_path = absl::StrCat(root, "/log");
+  auto daemon = testing::SpawnDaemon(
+      {"--config", root, "--socket-dir", absl::StrCat(root, "/sock")}, log_path);
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  EXPECT_EQ(daemon->Wait(), 2);
+  EXPECT_EQ(ReadFile(log_path), absl::StrCat("bufferd: config file ", root,
+                                             " is a directory; --config takes a textproto file\n"));
+  std::filesystem::remove_all(root);
 }
 
 // Tests that a bad config file stops startup with exit code 2 and a message
@@ -334,7 +410,9 @@ TEST(ConfigStartupTest, BadConfigFailsWithLineAndField) {
   EXPECT_EQ(bad->Wait(), 2);
   std::string text = ReadFile(log);
   EXPECT_NE(text.find(absl::StrCat(config, ":4:")), std::string::npos) << text;
-  EXPECT_NE(text.find("no field named \"capacity\""), std::string::npos) << text;
+  EXPECT_NE(text.find("no field named \"capacity\"; did you mean \"capacity_bytes\"?"),
+            std::string::npos)
+      << text;
 
   const std::string printed = absl::StrCat(root, "/printed");
   auto print = testing::SpawnDaemon({"--print-default-config"}, printed);

@@ -219,7 +219,7 @@ TEST(ClientTrustTest, RelayForwardingTheHelloIsRefused) {
       << client.status();
 }
 
-// Tests that byte counts cannot wrap: with every quota off (`quotas { }`),
+// Tests that byte counts cannot wrap: with every quota off (each written 0),
 // five 4 EiB allocations on the system heap used to succeed and wrap the
 // heap's used bytes, its peak and the metrics past 2^64. Now each is
 // RESOURCE_EXHAUSTED naming the heap's limit on one buffer (half of this
@@ -227,8 +227,19 @@ TEST(ClientTrustTest, RelayForwardingTheHelloIsRefused) {
 TEST(ByteCountTest, HugeAllocationsAreRefusedNotWrapped) {
   auto daemon = TestDaemon::Start(R"pb(
     heaps { name: "system" type: HEAP_TYPE_SYSTEM }
-    heaps { name: "small" type: HEAP_TYPE_CARVEOUT capacity_bytes: 4194304 hugepage_size: HUGEPAGE_SIZE_2M }
-    quotas {}
+    heaps {
+      name: "small"
+      type: HEAP_TYPE_CARVEOUT
+      capacity_bytes: 4194304
+      hugepage_size: HUGEPAGE_SIZE_2M
+    }
+    quotas {
+      max_bytes_per_session: 0
+      max_bytes_per_uid: 0
+      max_buffers_per_session: 0
+      max_fences_per_session: 0
+      max_allocation_bytes: 0
+    }
   )pb");
   ASSERT_TRUE(daemon.ok()) << daemon.status();
   auto client = (*daemon)->Connect();
@@ -419,7 +430,8 @@ TEST(DebugAccessTest, DebugUidsAndSessionMode) {
   )pb");
   ASSERT_FALSE(bad.ok());
   EXPECT_TRUE(absl::StrContains(bad.status().message(),
-                                "debug_groups: group 'no-such-group-bufferd' does not exist"))
+                                "field 'debug_groups' names group 'no-such-group-bufferd', which "
+                                "does not exist on this machine"))
       << bad.status();
 }
 
