@@ -192,6 +192,9 @@ TEST_F(AllocationTest, FallbacksAndRefusalsAreCountedLoggedAndShown) {
   EXPECT_THAT(
       log, HasSubstr("allocation on heap 'system' refused (quota): quota max_bytes_per_session"));
   EXPECT_THAT(log, HasSubstr("allocation on heap 'carveout' refused (heap_full)"));
+  buffers.clear();
+  full = absl::UnavailableError("released");
+  ExpectBaseline();
 }
 
 TEST_F(AllocationTest, WhenNoHeapServesOneMessageGivesEveryReason) {
