@@ -25,10 +25,12 @@ grep -qE '^system +system +base_pages' <<<"$heaps" || fail "system row"
 json="$(tools/bufctl --socket-dir "$dir" --json heaps)"
 grep -q '"name": "contiguous"' <<<"$json" || fail "json heaps"
 
-tools/bufctl --socket-dir "$dir" clients | grep -qE '^SESSION +PID' || fail "clients header"
-tools/bufctl --socket-dir "$dir" buffers | grep -qE '^ID +HEAP' || fail "buffers header"
-tools/bufctl --socket-dir "$dir" metrics | grep -q '^bufferd_heap_capacity_bytes{heap="carveout"} 67108864$' \
-  || fail "metrics"
+# (grep -q reads from a here-string, never a pipe: under pipefail a grep
+# that stops early would SIGPIPE bufctl and fail the check.)
+grep -qE '^SESSION +PID' <<<"$(tools/bufctl --socket-dir "$dir" clients)" || fail "clients header"
+grep -qE '^ID +HEAP' <<<"$(tools/bufctl --socket-dir "$dir" buffers)" || fail "buffers header"
+grep -q '^bufferd_heap_capacity_bytes{heap="carveout"} 67108864$' \
+  <<<"$(tools/bufctl --socket-dir "$dir" metrics)" || fail "metrics"
 # Options after the command, the socket dir from the environment.
 json="$(BUFFERD_SOCKET_DIR="$dir" tools/bufctl heaps --json)" || fail "heaps --json: $json"
 grep -q '"capacity": "67108864"' <<<"$json" || fail "json sizes are exact bytes: $json"
@@ -39,7 +41,7 @@ status=0; tools/bufctl --socket-dir "$dir" no-such-command 2>/dev/null || status
 [ "$status" -eq 2 ] || fail "bad command exited $status, not 2"
 status=0; tools/bufctl heaps --no-such-flag 2>/dev/null || status=$?
 [ "$status" -eq 2 ] || fail "bad flag exited $status, not 2"
-tools/bufctl --help | grep -q '^Examples:' || fail "--help has no examples"
+grep -q '^Examples:' <<<"$(tools/bufctl --help)" || fail "--help has no examples"
 status=0; tools/bufctl --socket-dir "$dir" buffers --heap nope 2>"$root/err" || status=$?
 [ "$status" -eq 1 ] || fail "an unknown heap exited $status, not 1"
 grep -q "NOT_FOUND: no heap 'nope' (heaps: system, contiguous, carveout)" "$root/err" \
