@@ -20,27 +20,23 @@ uint64_t ReadSysfsNumber(const std::string& path) {
 }
 }  // namespace
 
-uint64_t HostMemoryBytes() {
+namespace {
+// A /proc/meminfo figure ("MemTotal:") in bytes, or 0 if unreadable.
+uint64_t MeminfoBytes(absl::string_view key) {
   std::ifstream meminfo("/proc/meminfo");
-  std::string key;
+  std::string name;
   uint64_t kib = 0;
-  while (meminfo >> key >> kib) {
-    if (key == "MemTotal:") return kib * 1024;
+  while (meminfo >> name >> kib) {
+    if (name == key) return kib * 1024;
     meminfo.ignore(std::numeric_limits<std::streamsize>::max(), '\n');
   }
   return 0;
 }
+}  // namespace
 
-uint64_t AvailableMemoryBytes() {
-  std::ifstream meminfo("/proc/meminfo");
-  std::string key;
-  uint64_t kib = 0;
-  while (meminfo >> key >> kib) {
-    if (key == "MemAvailable:") return kib * 1024;
-    meminfo.ignore(std::numeric_limits<std::streamsize>::max(), '\n');
-  }
-  return 0;
-}
+uint64_t HostMemoryBytes() { return MeminfoBytes("MemTotal:"); }
+
+uint64_t AvailableMemoryBytes() { return MeminfoBytes("MemAvailable:"); }
 
 HugepagePoolState ReadHugepagePool(uint64_t page_size) {
   HugepagePoolState state;
