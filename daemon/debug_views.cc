@@ -169,6 +169,8 @@ v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonSt
   std::map<uint64_t, SessionTable::Identity> who;
   for (SessionTable::Identity& session : sessions.List()) who[session.id] = std::move(session);
   const auto attached = reservations.List();
+  // Whether each creator exited, read from /proc once a process.
+  std::map<std::pair<pid_t, uint64_t>, bool> exited;
   for (const DaemonState::BufferView& buffer :
        state.ListBuffers({.heap = request.heap(), .session_id = request.session_id()})) {
     v1::BufferDebugInfo* entry = response.add_buffers();
@@ -190,7 +192,10 @@ v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonSt
     entry->set_memfd_inode(buffer.ino);
     entry->set_creator_pid(static_cast<uint32_t>(buffer.creator.pid));
     entry->set_creator_comm(buffer.creator.comm);
-    entry->set_creator_exited(ProcessExited(buffer.creator));
+    const std::pair<pid_t, uint64_t> creator{buffer.creator.pid, buffer.creator.start_ticks};
+    auto known = exited.find(creator);
+    if (known == exited.end()) known = exited.emplace(creator, ProcessExited(buffer.creator)).first;
+    entry->set_creator_exited(known->second);
     entry->set_punched_bytes(PunchedBytes(buffer.kind, buffer.info.size(), buffer.allocated_bytes));
     // Any read-write holder (the creator included) can punch a hole that
     // the others then die of; a frozen buffer cannot be punched.
@@ -219,7 +224,7 @@ v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonSt
            (holder.uid != 0 && holder.uid != ::geteuid() && writer_uids.count(holder.uid) == 0)));
     }
   }
-  if (request.session_id() == 0) {
+  if (request.include_released() && request.session_id() == 0) {
     for (const DaemonState::ReleasedView& released : state.ListReleased(request.heap())) {
       v1::ReleasedBuffer* out = response.add_released();
       out->set_buffer_id(released.buffer_id);

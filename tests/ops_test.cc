@@ -137,7 +137,8 @@ TEST_F(OpsTest, HoldersFindsMappingsAndFdsOfReleasedBuffers) {
       EXPECT_EQ(h.fds(), 1u);
       EXPECT_EQ(h.resident_bytes(), kMiB);
     }
-    if (h.state() == v1::ProcessHolding::STATE_UNVERIFIED && h.name() == "bufferd:system:fake") {
+    if (h.state() == v1::ProcessHolding::STATE_UNVERIFIED && h.heap() == "system" &&
+        h.name() == "fake") {
       ++own_fake;
     }
   }

@@ -689,7 +689,9 @@ bool InspectProcess(const std::string& pid, const std::set<MemfdKey>& known,
 }
 
 absl::StatusOr<bufferd::v1::HoldersReport> FindHolders(const bufferd::Client& client) {
-  auto buffers = client.ListBuffers({});
+  bufferd::v1::ListBuffersRequest request;
+  request.set_include_released(true);
+  auto buffers = client.ListBuffers(request);
   if (!buffers.ok()) return buffers.status();
   std::map<MemfdKey, const bufferd::v1::BufferDebugInfo*> live;
   std::map<MemfdKey, const bufferd::v1::ReleasedBuffer*> released;
