@@ -276,9 +276,16 @@ TEST_F(OpsTest, TokensAndCreatorsWithoutTheToken) {
 
   // The tokens appear in no output of any command.
   std::string all;
-  for (const std::string command :
-       {"heaps", "clients", "buffers", "holders", "tokens", "fences", "metrics",
-        absl::StrCat("why ", buffer).c_str(), "can-allocate --heap system --size 4096"}) {
+  const std::vector<std::string> commands = {"heaps",
+                                             "clients",
+                                             "buffers",
+                                             "holders",
+                                             "tokens",
+                                             "fences",
+                                             "metrics",
+                                             absl::StrCat("why ", buffer),
+                                             "can-allocate --heap system --size 4096"};
+  for (const std::string& command : commands) {
     absl::StrAppend(&all, Bufctl(dir(), command).out,
                     Bufctl(dir(), absl::StrCat("--json ", command)).out);
   }
