@@ -16,6 +16,10 @@
 
 namespace bufferd {
 
+std::string VersionText(absl::string_view program) {
+  return absl::StrCat(program, " ", kReleaseVersion, " (protocol v", kProtocolVersion, ")");
+}
+
 std::string DefaultSocketDir() {
   if (::geteuid() == 0) return "/run/bufferd";
   const char* runtime = std::getenv("XDG_RUNTIME_DIR");

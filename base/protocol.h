@@ -27,6 +27,11 @@ std::string FdSocketPath(absl::string_view socket_dir);
 // fd.sock: the Hello's protocol_version, and the largest record either side
 // sends or accepts (one FdChannelMessage per record).
 inline constexpr uint32_t kProtocolVersion = 1;
+
+// The release, the one place it is written: `bufferd --version` and
+// `bufctl --version` print VersionText ("bufferd 0.9 (protocol v1)").
+inline constexpr char kReleaseVersion[] = "0.9";
+std::string VersionText(absl::string_view program);
 inline constexpr size_t kMaxRecordBytes = 4096;
 
 // gRPC metadata: every call carries the session credential under

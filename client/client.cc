@@ -389,6 +389,25 @@ absl::StatusOr<v1::ListBuffersResponse> Client::ListBuffers(
   return response;
 }
 
+absl::StatusOr<v1::ListTokensResponse> Client::ListTokens() const {
+  v1::ListTokensResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call,
+      connection_->debug().ListTokens(call.context.get(), v1::ListTokensRequest(), &response)));
+  return response;
+}
+
+absl::StatusOr<v1::EndSessionResponse> Client::EndSession(uint64_t session_id) const {
+  v1::EndSessionRequest request;
+  request.set_session_id(session_id);
+  v1::EndSessionResponse response;
+  internal::Call call = connection_->NewCall();
+  RETURN_IF_ERROR(connection_->Finish(
+      call, connection_->debug().EndSession(call.context.get(), request, &response)));
+  return response;
+}
+
 absl::StatusOr<std::string> Client::Metrics() const {
   v1::GetMetricsResponse response;
   internal::Call call = connection_->NewCall();

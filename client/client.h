@@ -579,6 +579,11 @@ class Client {
   absl::StatusOr<v1::ListFencesResponse> ListFences(
       const v1::ListFencesRequest& request = {}) const;
   absl::StatusOr<std::string> Metrics() const;
+  // Pending share tokens (never the tokens themselves).
+  absl::StatusOr<v1::ListTokensResponse> ListTokens() const;
+  // Ends another session as its disconnect would (root and the daemon's
+  // uid only; see debug.proto).
+  absl::StatusOr<v1::EndSessionResponse> EndSession(uint64_t session_id) const;
 
   // Ends the session now (the daemon releases every handle of it). Buffers
   // still alive keep their fds but their Release() will fail.

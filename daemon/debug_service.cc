@@ -8,7 +8,9 @@
 #include "daemon/call.h"
 #include "daemon/config.h"
 #include "daemon/debug_views.h"
+#include "daemon/grpc_status.h"
 #include "daemon/metrics.h"
+#include "spdlog/spdlog.h"
 
 namespace bufferd {
 
@@ -70,10 +72,10 @@ grpc::ServerUnaryReactor* DebugService::ListClients(grpc::CallbackServerContext*
                                                     const v1::ListClientsRequest*,
                                                     v1::ListClientsResponse* response) {
   if (absl::Status s = Check(context); !s.ok()) return FinishCall(context, s);
-  for (v1::ClientInfo& client : ClientsView(*d_.sessions, *d_.state, *d_.fences)) {
+  *response = ClientsView(*d_.sessions, *d_.state, *d_.fences);
+  for (v1::ClientInfo& client : *response->mutable_clients()) {
     client.set_queued_deliveries(
         static_cast<uint32_t>(d_.channel->QueuedDeliveries(client.session_id())));
-    *response->add_clients() = std::move(client);
   }
   return FinishCall(context, absl::OkStatus());
 }
@@ -82,6 +84,11 @@ grpc::ServerUnaryReactor* DebugService::ListBuffers(grpc::CallbackServerContext*
                                                     const v1::ListBuffersRequest* request,
                                                     v1::ListBuffersResponse* response) {
   if (absl::Status s = Check(context); !s.ok()) return FinishCall(context, s);
+  if (request->session_id() != 0 && !d_.sessions->Lookup(request->session_id()).has_value()) {
+    return FinishCall(context,
+                      absl::NotFoundError(absl::StrCat("no session ", request->session_id(),
+                                                       " is open (bufctl clients lists them)")));
+  }
   *response = BuffersView(*d_.sessions, *d_.state, *d_.fences, *d_.reservations, *request);
   return FinishCall(context, absl::OkStatus());
 }
@@ -103,6 +110,69 @@ grpc::ServerUnaryReactor* DebugService::GetMetrics(grpc::CallbackServerContext* 
     response->set_text(MetricsText(HeapsView(*d_.state), d_.sessions->size(),
                                    d_.fences->counts(), d_.fences->wait_latency()));
     reactor->Finish(grpc::Status::OK);
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* DebugService::ListTokens(grpc::CallbackServerContext* context,
+                                                   const v1::ListTokensRequest*,
+                                                   v1::ListTokensResponse* response) {
+  if (absl::Status s = Check(context); !s.ok()) return FinishCall(context, s);
+  *response = TokensView(*d_.state);
+  return FinishCall(context, absl::OkStatus());
+}
+
+absl::StatusOr<SessionTable::Identity> DebugService::CheckOperator(
+    grpc::CallbackServerContext* context) const {
+  ASSIGN_OR_RETURN(const uint64_t session, AuthenticateCall(*d_.sessions, *d_.hub, context));
+  std::optional<SessionTable::Identity> who = d_.sessions->Lookup(session);
+  if (!who.has_value()) return absl::UnauthenticatedError("the session has ended");
+  if (who->peer.uid != 0 && who->peer.uid != d_.access.daemon_uid) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "ending a session is for root and the daemon's uid (", d_.access.daemon_uid, "); uid ",
+        who->peer.uid, " is neither (debug_access may let it read, never end sessions)"));
+  }
+  return *who;
+}
+
+grpc::ServerUnaryReactor* DebugService::EndSession(grpc::CallbackServerContext* context,
+                                                   const v1::EndSessionRequest* request,
+                                                   v1::EndSessionResponse* response) {
+  absl::StatusOr<SessionTable::Identity> caller = CheckOperator(context);
+  if (!caller.ok()) return FinishCall(context, caller.status());
+  const uint64_t victim = request->session_id();
+  v1::ListClientsResponse clients = ClientsView(*d_.sessions, *d_.state, *d_.fences);
+  for (const v1::ClientInfo& client : clients.clients()) {
+    if (client.session_id() == victim) *response->mutable_session() = client;
+  }
+  if (!response->has_session()) {
+    return FinishCall(context, absl::NotFoundError(absl::StrCat(
+                                   "no session ", victim, " is open (bufctl clients lists them)")));
+  }
+  if (victim == caller->id) {
+    return FinishCall(context, absl::InvalidArgumentError(absl::StrCat(
+                                   "session ", victim, " is the caller's own session")));
+  }
+  const std::string why = absl::StrCat("ended by an operator (uid ", caller->peer.uid, ", pid ",
+                                       caller->peer.pid, ", '", caller->comm, "')");
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  d_.channel->EndSessionSoon(victim, why, [reactor, victim, why](FdChannel::Ended ended) {
+    switch (ended) {
+      case FdChannel::Ended::kEnded:
+        spdlog::info("session {} {}", victim, why);
+        reactor->Finish(grpc::Status::OK);
+        return;
+      case FdChannel::Ended::kLingering:
+        reactor->Finish(ToGrpcStatus(absl::FailedPreconditionError(absl::StrCat(
+            "session ", victim,
+            " has ended already; it lingers until its client reads or drops the fds it was "
+            "sent (kill the client to end it)"))));
+        return;
+      case FdChannel::Ended::kNotFound:
+        reactor->Finish(ToGrpcStatus(absl::NotFoundError(
+            absl::StrCat("no session ", victim, " is open (bufctl clients lists them)"))));
+        return;
+    }
   });
   return reactor;
 }

@@ -1,11 +1,14 @@
-// DebugService: the Debug gRPC service (read-only views; see
-// daemon/debug_views.h). Who may call is DebugAccess (config debug_access):
-// by default operators only (the daemon's uid, root, debug_uids,
+// DebugService: the Debug gRPC service (views, see daemon/debug_views.h,
+// and EndSession). Who may call is DebugAccess (config debug_access): by
+// default operators only (the daemon's uid, root, debug_uids,
 // debug_groups), judged by the credentials of the caller's session; a
-// session's call still applies the releases it carries.
+// session's call still applies the releases it carries. EndSession is
+// stricter: root and the daemon's uid only, with a session, whatever
+// debug_access lets read; it ends the session on the fd channel's loop,
+// exactly as the client's disconnect would.
 // ListHeaps and GetMetrics (sysfs reads, heap residency) run on the work
-// queue; ListClients, ListBuffers and ListFences inline (ListBuffers fstats each listed
-// buffer under DaemonState's mutex).
+// queue; ListClients, ListBuffers, ListFences and ListTokens inline
+// (ListBuffers fstats each listed buffer under DaemonState's mutex).
 #ifndef BUFFERD_DAEMON_DEBUG_SERVICE_H_
 #define BUFFERD_DAEMON_DEBUG_SERVICE_H_
 
@@ -47,7 +50,7 @@ class DebugService final : public v1::Debug::CallbackService {
     const SessionTable* sessions;
     SessionHub* hub;
     const DaemonState* state;
-    const FdChannel* channel;
+    FdChannel* channel;
     const FenceTable* fences;
     const TimelineTable* timelines;
     const ReservationTable* reservations;
@@ -71,9 +74,17 @@ class DebugService final : public v1::Debug::CallbackService {
   grpc::ServerUnaryReactor* GetMetrics(grpc::CallbackServerContext* context,
                                        const v1::GetMetricsRequest* request,
                                        v1::GetMetricsResponse* response) override;
+  grpc::ServerUnaryReactor* ListTokens(grpc::CallbackServerContext* context,
+                                       const v1::ListTokensRequest* request,
+                                       v1::ListTokensResponse* response) override;
+  grpc::ServerUnaryReactor* EndSession(grpc::CallbackServerContext* context,
+                                       const v1::EndSessionRequest* request,
+                                       v1::EndSessionResponse* response) override;
 
  private:
   absl::Status Check(grpc::CallbackServerContext* context) const;
+  // EndSession's rule: the caller's session is root's or the daemon's uid's.
+  absl::StatusOr<SessionTable::Identity> CheckOperator(grpc::CallbackServerContext* context) const;
 
   const Deps d_;
 };

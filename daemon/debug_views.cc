@@ -98,13 +98,19 @@ v1::ListHeapsResponse HeapsView(const DaemonState& state) {
   return response;
 }
 
-std::vector<v1::ClientInfo> ClientsView(const SessionTable& sessions, const DaemonState& state,
-                                        const FenceTable& fences) {
+v1::ListClientsResponse ClientsView(const SessionTable& sessions, const DaemonState& state,
+                                    const FenceTable& fences) {
   std::map<uint64_t, DaemonState::Holdings> holdings;
   for (DaemonState::Holdings& h : state.ListHoldings()) holdings[h.session_id] = std::move(h);
-  std::vector<v1::ClientInfo> clients;
+  v1::ListClientsResponse response;
+  struct UidTotals {
+    uint64_t charged = 0;
+    std::map<uint64_t, uint64_t> buffers;  // distinct buffer -> size
+    uint32_t sessions = 0;
+  };
+  std::map<uid_t, UidTotals> uids;
   for (const SessionTable::Identity& session : sessions.List()) {
-    v1::ClientInfo& info = clients.emplace_back();
+    v1::ClientInfo& info = *response.add_clients();
     info.set_session_id(session.id);
     info.set_pid(static_cast<uint32_t>(session.peer.pid));
     info.set_uid(session.peer.uid);
@@ -114,16 +120,56 @@ std::vector<v1::ClientInfo> ClientsView(const SessionTable& sessions, const Daem
     const FenceTable::SessionCounts counts = fences.session_counts(session.id);
     info.set_fences(counts.pending);
     info.set_fences_held(counts.held);
+    UidTotals& uid = uids[session.peer.uid];
+    ++uid.sessions;
     auto held = holdings.find(session.id);
     if (held == holdings.end()) continue;
     for (const auto& [heap, bytes] : held->second.bytes) {
       v1::HeapBytes* entry = info.add_bytes();
       entry->set_heap(heap);
       entry->set_bytes(bytes);
+      uid.charged += bytes;
+    }
+    std::map<std::string, uint64_t> distinct;  // heap -> bytes
+    for (const auto& [buffer_id, heap_size] : held->second.buffers) {
+      distinct[heap_size.first] += heap_size.second;
+      uid.buffers[buffer_id] = heap_size.second;
+    }
+    for (const auto& [heap, bytes] : distinct) {
+      v1::HeapBytes* entry = info.add_held();
+      entry->set_heap(heap);
+      entry->set_bytes(bytes);
     }
     info.set_handles(held->second.handles);
   }
-  return clients;
+  for (const auto& [uid, totals] : uids) {
+    v1::UidBytes* entry = response.add_uids();
+    entry->set_uid(uid);
+    entry->set_charged(totals.charged);
+    uint64_t held = 0;
+    for (const auto& [unused, size] : totals.buffers) held += size;
+    entry->set_held(held);
+    entry->set_sessions(totals.sessions);
+  }
+  return response;
+}
+
+v1::ListTokensResponse TokensView(const DaemonState& state) {
+  v1::ListTokensResponse response;
+  for (const DaemonState::TokenView& view : state.ListTokens()) {
+    v1::ShareTokenInfo* info = response.add_tokens();
+    info->set_buffer_id(view.token.buffer);
+    info->set_heap(view.heap);
+    info->set_buffer_name(view.buffer_name);
+    info->set_size(view.size);
+    info->set_access(view.token.access);
+    *info->mutable_expires_at() = ToProto(view.token.expires);
+    info->set_exporter_session(view.token.exporter);
+    info->set_exporter_pid(static_cast<uint32_t>(view.token.exporter_process.pid));
+    info->set_exporter_comm(view.token.exporter_process.comm);
+    info->set_exporter_exited(ProcessExited(view.token.exporter_process));
+  }
+  return response;
 }
 
 v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonState& state,
@@ -134,6 +180,8 @@ v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonSt
   std::map<uint64_t, SessionTable::Identity> who;
   for (SessionTable::Identity& session : sessions.List()) who[session.id] = std::move(session);
   const auto attached = reservations.List();
+  // Whether each creator exited, read from /proc once a process.
+  std::map<std::pair<pid_t, uint64_t>, bool> exited;
   for (const DaemonState::BufferView& buffer :
        state.ListBuffers({.heap = request.heap(), .session_id = request.session_id()})) {
     v1::BufferDebugInfo* entry = response.add_buffers();
@@ -151,6 +199,14 @@ v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonSt
       }
     }
     entry->set_allocated_bytes(buffer.allocated_bytes);
+    entry->set_memfd_dev(buffer.dev);
+    entry->set_memfd_inode(buffer.ino);
+    entry->set_creator_pid(static_cast<uint32_t>(buffer.creator.pid));
+    entry->set_creator_comm(buffer.creator.comm);
+    const std::pair<pid_t, uint64_t> creator{buffer.creator.pid, buffer.creator.start_ticks};
+    auto known = exited.find(creator);
+    if (known == exited.end()) known = exited.emplace(creator, ProcessExited(buffer.creator)).first;
+    entry->set_creator_exited(known->second);
     entry->set_punched_bytes(PunchedBytes(buffer.kind, buffer.info.size(), buffer.allocated_bytes));
     // Any read-write holder (the creator included) can punch a hole that
     // the others then die of; a frozen buffer cannot be punched.
@@ -179,6 +235,21 @@ v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonSt
            (holder.uid != 0 && holder.uid != ::geteuid() && writer_uids.count(holder.uid) == 0)));
     }
   }
+  if (request.include_released() && request.session_id() == 0) {
+    for (const DaemonState::ReleasedView& released : state.ListReleased(request.heap())) {
+      v1::ReleasedBuffer* out = response.add_released();
+      out->set_buffer_id(released.buffer_id);
+      out->set_heap(released.heap);
+      out->set_name(released.name);
+      out->set_size(released.size);
+      out->set_memfd_dev(released.dev);
+      out->set_memfd_inode(released.ino);
+      *out->mutable_released_at() = ToProto(released.released);
+      out->set_creator_pid(static_cast<uint32_t>(released.creator.pid));
+      out->set_creator_comm(released.creator.comm);
+    }
+  }
+  response.set_daemon_pid(static_cast<uint32_t>(::getpid()));
   return response;
 }
 

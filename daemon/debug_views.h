@@ -23,14 +23,18 @@ namespace bufferd {
 // Heap statistics (reads sysfs and fstats prefaulted buffers: not for a
 // callback thread), live totals and fd usage.
 v1::ListHeapsResponse HeapsView(const DaemonState& state);
-// One entry per session, without queued_deliveries (the fd channel's).
-std::vector<v1::ClientInfo> ClientsView(const SessionTable& sessions, const DaemonState& state,
-                                        const FenceTable& fences);
+// One entry per session, without queued_deliveries (the fd channel's), and
+// per uid what it is charged against what it holds.
+v1::ListClientsResponse ClientsView(const SessionTable& sessions, const DaemonState& state,
+                                    const FenceTable& fences);
 // With `reservations`: each buffer's unsignalled attached fences too.
 v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonState& state,
                                     const FenceTable& fences,
                                     const ReservationTable& reservations,
                                     const v1::ListBuffersRequest& request);
+
+// Pending share tokens (never the token strings).
+v1::ListTokensResponse TokensView(const DaemonState& state);
 
 // A fence as the protocol shows it; `owner` while its session is open.
 v1::FenceInfo FenceInfoOf(const FenceView& view,

@@ -349,6 +349,30 @@ void FdChannel::EndSession(uint64_t session_id, absl::string_view why, bool badl
   EndConnection(fd, why, badly);
 }
 
+void FdChannel::EndSessionSoon(uint64_t session_id, std::string why,
+                               std::function<void(Ended)> done) {
+  loop_->RunAfter(absl::ZeroDuration(),
+                  [this, session_id, why = std::move(why), done = std::move(done)] {
+                    Ended outcome = Ended::kNotFound;
+                    int fd = -1;
+                    {
+                      absl::MutexLock lock(&mu_);
+                      if (auto s = by_session_.find(session_id); s != by_session_.end()) {
+                        fd = s->second;
+                        outcome = Ended::kEnded;
+                      } else {
+                        for (const auto& [unused, connection] : connections_) {
+                          if (connection.session_id == session_id && connection.lingering) {
+                            outcome = Ended::kLingering;
+                          }
+                        }
+                      }
+                    }
+                    if (fd >= 0) EndConnection(fd, why, /*badly=*/false);
+                    done(outcome);
+                  });
+}
+
 void FdChannel::CloseReader(const std::shared_ptr<Reader>& reader) {
   absl::MutexLock lock(&reader->mu);
   reader->fd = -1;

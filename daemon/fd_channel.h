@@ -29,9 +29,10 @@
 #ifndef BUFFERD_DAEMON_FD_CHANNEL_H_
 #define BUFFERD_DAEMON_FD_CHANNEL_H_
 
-#include <cstdint>
 #include <atomic>
+#include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -125,6 +126,13 @@ class FdChannel {
     kBehind,
   };
   Drained DrainSession(uint64_t session_id, uint64_t sent);
+
+  // Ends a session as if its client had closed fd.sock (an operator's
+  // EndSession): on the loop thread, then `done` runs there with the
+  // outcome. kLingering: its connection is closed already and it waits
+  // for its client to read or drop the fds it was sent.
+  enum class Ended { kEnded, kNotFound, kLingering };
+  void EndSessionSoon(uint64_t session_id, std::string why, std::function<void(Ended)> done);
 
   // Deliveries waiting for the client to read (for ListClients).
   size_t QueuedDeliveries(uint64_t session_id) const;

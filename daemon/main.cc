@@ -8,6 +8,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/synchronization/mutex.h"
 #include "base/errno_status.h"
+#include "base/protocol.h"
 #include "daemon/config.h"
 #include "daemon/daemon.h"
 #include "daemon/log.h"
@@ -37,6 +38,7 @@ int main(int argc, char** argv) {
   app.add_option("--user", user,
                  "drop to this user once the sockets and heaps are set up (start as root)");
   app.add_flag("--print-default-config", print_default, "print the embedded default config");
+  app.set_version_flag("--version", bufferd::VersionText("bufferd"));
   CLI11_PARSE(app, argc, argv);
 
   if (print_default) {

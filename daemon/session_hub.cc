@@ -34,7 +34,7 @@ std::string ReadComm(pid_t pid) {
 absl::StatusOr<FdChannel::Admission> SessionHub::OnConnect(const PeerCredentials& peer) {
   const std::string comm = ReadComm(peer.pid);
   ASSIGN_OR_RETURN(SessionTable::NewSession session, sessions_->Open(peer, comm));
-  state_->AddSession(session.id, peer.uid);
+  state_->AddSession(session.id, peer.uid, ProcessRef{peer.pid, comm, ProcessStartTicks(peer.pid)});
   fences_->AddSession(session.id, peer.uid);
   timelines_->AddSession(session.id, peer.uid);
   {

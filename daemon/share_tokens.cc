@@ -1,5 +1,7 @@
 #include "daemon/share_tokens.h"
 
+#include <algorithm>
+
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
 #include "base/protocol.h"
@@ -7,7 +9,8 @@
 namespace bufferd {
 
 absl::StatusOr<std::string> ShareTokens::Create(uint64_t exporter, uint64_t buffer,
-                                                v1::Access access, absl::Time expires) {
+                                                v1::Access access, absl::Time expires,
+                                                ProcessRef exporter_process) {
   uint32_t& unredeemed = unredeemed_[exporter];
   if (unredeemed >= kMaxUnredeemed) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -16,7 +19,7 @@ absl::StatusOr<std::string> ShareTokens::Create(uint64_t exporter, uint64_t buff
   }
   ++unredeemed;
   std::string token = absl::BytesToHexString(RandomBytes(16));
-  tokens_[token] = Token{buffer, access, expires, exporter, 0};
+  tokens_[token] = Token{buffer, access, expires, exporter, std::move(exporter_process), 0};
   by_forget_time_.emplace(expires + kTombstoneGrace, token);
   by_buffer_[buffer].insert(token);
   return token;
@@ -77,6 +80,16 @@ void ShareTokens::Expire(absl::Time now) {
 uint64_t ShareTokens::Pending(absl::Time now) const {
   uint64_t pending = 0;
   for (const auto& [token, entry] : tokens_) pending += entry.used_by == 0 && now < entry.expires;
+  return pending;
+}
+
+std::vector<ShareTokens::Token> ShareTokens::ListPending(absl::Time now) const {
+  std::vector<Token> pending;
+  for (const auto& [token, entry] : tokens_) {
+    if (entry.used_by == 0 && now < entry.expires) pending.push_back(entry);
+  }
+  std::sort(pending.begin(), pending.end(),
+            [](const Token& a, const Token& b) { return a.expires < b.expires; });
   return pending;
 }
 

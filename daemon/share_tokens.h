@@ -16,11 +16,13 @@
 #include <map>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "bufferd/v1/buffer.pb.h"
+#include "daemon/process_ref.h"
 
 namespace bufferd {
 
@@ -37,6 +39,8 @@ class ShareTokens {
     v1::Access access = v1::ACCESS_READ_WRITE;
     absl::Time expires;
     uint64_t exporter = 0;
+    // The exporter's process, for debug views.
+    ProcessRef exporter_process;
     // Set once redeemed.
     uint64_t used_by = 0;
   };
@@ -44,7 +48,7 @@ class ShareTokens {
   // A new token for `buffer`. RESOURCE_EXHAUSTED at kMaxUnredeemed for the
   // exporter. `ttl` must be at most kMaxTtl (the caller checks).
   absl::StatusOr<std::string> Create(uint64_t exporter, uint64_t buffer, v1::Access access,
-                                     absl::Time expires);
+                                     absl::Time expires, ProcessRef exporter_process = {});
   // The live, unredeemed token `token` at `now`: NOT_FOUND if unknown,
   // FAILED_PRECONDITION if used or expired, saying so.
   absl::StatusOr<Token> Find(absl::string_view token, absl::Time now) const;
@@ -59,6 +63,9 @@ class ShareTokens {
 
   // Tokens live and not redeemed at `now`.
   uint64_t Pending(absl::Time now) const;
+  // Those tokens themselves, oldest expiry first, without the token strings
+  // (for debug views: a token is a capability).
+  std::vector<Token> ListPending(absl::Time now) const;
   size_t size() const { return tokens_.size(); }
 
  private:

@@ -27,6 +27,10 @@ struct DaemonState::Buffer {
   std::unique_ptr<HeapBuffer> memory;
   v1::BufferInfo info;
   int handle_count = 0;
+  // The memfd's st_dev and st_ino, and who made it (for debug views).
+  uint64_t dev = 0;
+  uint64_t ino = 0;
+  ProcessRef creator;
   // Handles per holder uid.
   std::map<uid_t, int> holder_uids;
 };
@@ -170,11 +174,12 @@ void DaemonState::SetHeapQuotas(const std::string& heap, uint64_t per_session, u
   quotas_.SetHeapQuotas(heap, per_session, per_uid);
 }
 
-void DaemonState::AddSession(uint64_t session_id, uid_t uid) {
+void DaemonState::AddSession(uint64_t session_id, uid_t uid, ProcessRef process) {
   absl::MutexLock lock(&mu_);
   Session& session = sessions_[session_id];
   session.id = session_id;
   session.uid = uid;
+  session.process = std::move(process);
 }
 
 void DaemonState::DetachSession(uint64_t session_id) {
@@ -272,6 +277,10 @@ void DaemonState::RemoveHandleLocked(uint64_t handle_id, std::vector<DeadBuffer>
   // Being freed: in the budget until the reaper closes it, in nobody's share.
   if (buffer.fd_lease.held()) buffer.fd_lease.Reassign(FdUse::kFreeing, kNoUid);
   tokens_.ForgetBuffer(handle.buffer);
+  released_.push_back(ReleasedView{handle.buffer, buffer.info.heap(), buffer.info.name(),
+                                   buffer.info.size(), buffer.dev, buffer.ino, absl::Now(),
+                                   buffer.creator});
+  if (released_.size() > kMaxReleasedRemembered) released_.pop_front();
   buffer.memory->Retire();  // the next Allocate sees the bytes free
   dead.push_back(DeadBuffer{std::move(buffer.fd_lease), std::move(buffer.memory), handle.buffer});
   buffers_.erase(b);
@@ -481,6 +490,11 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
       buffer->heap = &heap;
       buffer->memory = std::move(memories[i]);
       buffer->fd_lease = std::move(fd_leases[i]);
+      buffer->creator = session->process;
+      if (struct stat st{}; ::fstat(buffer->memory->fd(), &st) == 0) {
+        buffer->dev = st.st_dev;
+        buffer->ino = st.st_ino;
+      }
       v1::BufferInfo& info = buffer->info;
       info.set_buffer_id(next_buffer_id_++);
       info.set_heap(heap.name());
@@ -642,7 +656,7 @@ absl::StatusOr<v1::ExportResponse> DaemonState::Export(uint64_t session_id,
   ASSIGN_OR_RETURN(const absl::Duration ttl,
                    CheckExportTtl(request, options_.default_token_ttl, ShareTokens::kMaxTtl));
   absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(FindSessionLocked(session_id).status());
+  ASSIGN_OR_RETURN(Session * exporter, FindSessionLocked(session_id));
   ASSIGN_OR_RETURN(Handle * handle, FindHandleLocked(session_id, request.handle()));
   v1::Access access =
       request.access() == v1::ACCESS_UNSPECIFIED ? handle->access : request.access();
@@ -667,7 +681,8 @@ absl::StatusOr<v1::ExportResponse> DaemonState::Export(uint64_t session_id,
         "accept_sigbus_risk for an importer you trust"));
   }
   const absl::Time expires = absl::Now() + ttl;
-  ASSIGN_OR_RETURN(std::string token, tokens_.Create(session_id, handle->buffer, access, expires));
+  ASSIGN_OR_RETURN(std::string token,
+                   tokens_.Create(session_id, handle->buffer, access, expires, exporter->process));
   v1::ExportResponse response;
   response.set_token(std::move(token));
   *response.mutable_expires_at() = ToProto(expires);
@@ -775,8 +790,12 @@ std::vector<DaemonState::Holdings> DaemonState::ListHoldings() const {
   absl::MutexLock lock(&mu_);
   list.reserve(sessions_.size());
   for (const auto& [id, session] : sessions_) {
-    list.push_back(Holdings{id, session.uid, static_cast<uint32_t>(session.handles.size()),
-                            quotas_.SessionBytes(id)});
+    Holdings& holdings = list.emplace_back(Holdings{
+        id, session.uid, static_cast<uint32_t>(session.handles.size()), quotas_.SessionBytes(id)});
+    for (const auto& [buffer_id, count] : session.held) {
+      const Buffer& buffer = *buffers_.at(buffer_id);
+      holdings.buffers[buffer_id] = {buffer.info.heap(), buffer.info.size()};
+    }
   }
   return list;
 }
@@ -801,11 +820,38 @@ std::vector<DaemonState::BufferView> DaemonState::ListBuffers(const BufferQuery&
     view.info = buffer->info;
     view.kind = buffer->heap->kind();
     view.allocated_bytes = AllocatedBytes(buffer->memory->fd());
+    view.dev = buffer->dev;
+    view.ino = buffer->ino;
+    view.creator = buffer->creator;
     for (const Handle* h : holders[id]) {
       auto s = sessions_.find(h->session);
       view.holders.push_back(BufferView::Holder{
           h->session, h->id, s != sessions_.end() ? s->second.uid : kNoUid, h->access});
     }
+  }
+  return views;
+}
+
+std::vector<DaemonState::ReleasedView> DaemonState::ListReleased(const std::string& heap) const {
+  std::vector<ReleasedView> views;
+  absl::MutexLock lock(&mu_);
+  for (const ReleasedView& released : released_) {
+    if (heap.empty() || released.heap == heap) views.push_back(released);
+  }
+  return views;
+}
+
+std::vector<DaemonState::TokenView> DaemonState::ListTokens() const {
+  std::vector<TokenView> views;
+  absl::MutexLock lock(&mu_);
+  for (ShareTokens::Token& token : tokens_.ListPending(absl::Now())) {
+    TokenView& view = views.emplace_back();
+    if (auto b = buffers_.find(token.buffer); b != buffers_.end()) {
+      view.heap = b->second->info.heap();
+      view.buffer_name = b->second->info.name();
+      view.size = b->second->info.size();
+    }
+    view.token = std::move(token);
   }
   return views;
 }

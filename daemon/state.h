@@ -24,6 +24,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <memory>
 #include <optional>
@@ -38,6 +39,7 @@
 #include "bufferd/v1/buffer.pb.h"
 #include "bufferd/v1/config.pb.h"
 #include "daemon/log.h"
+#include "daemon/process_ref.h"
 #include "daemon/quota_ledger.h"
 #include "daemon/reaper.h"
 #include "daemon/requests.h"
@@ -102,7 +104,9 @@ class DaemonState {
     uint64_t session_id = 0;
     uid_t uid = 0;
     uint32_t handles = 0;
-    std::map<std::string, uint64_t> bytes;  // heap -> bytes
+    std::map<std::string, uint64_t> bytes;  // heap -> bytes charged
+    // The distinct buffers it has handles on: id -> (heap, size).
+    std::map<uint64_t, std::pair<std::string, uint64_t>> buffers;
   };
   // One buffer and who holds it, for debug views.
   struct BufferView {
@@ -110,6 +114,11 @@ class DaemonState {
     HeapKind kind = HeapKind::kSystem;
     // Bytes of the memfd really allocated (st_blocks).
     uint64_t allocated_bytes = 0;
+    // The memfd's st_dev and st_ino.
+    uint64_t dev = 0;
+    uint64_t ino = 0;
+    // The process whose session allocated it.
+    ProcessRef creator;
     struct Holder {
       uint64_t session_id = 0;
       uint64_t handle = 0;
@@ -117,6 +126,27 @@ class DaemonState {
       v1::Access access = v1::ACCESS_READ_WRITE;
     };
     std::vector<Holder> holders;
+  };
+  // A buffer whose last handle went, remembered for debug views (the most
+  // recent kMaxReleasedRemembered): mappings and fds of it may outlive it in
+  // any process, and its inode tells them from a look-alike memfd.
+  struct ReleasedView {
+    uint64_t buffer_id = 0;
+    std::string heap;
+    std::string name;
+    uint64_t size = 0;
+    uint64_t dev = 0;
+    uint64_t ino = 0;
+    absl::Time released;
+    ProcessRef creator;
+  };
+  static constexpr size_t kMaxReleasedRemembered = 4096;
+  // A pending share token, without the token string.
+  struct TokenView {
+    ShareTokens::Token token;
+    std::string heap;
+    std::string buffer_name;
+    uint64_t size = 0;
   };
   struct Totals {
     uint64_t buffers = 0;
@@ -134,8 +164,9 @@ class DaemonState {
   void SetQuotas(const v1::QuotaConfig& quotas);
   void SetHeapQuotas(const std::string& heap, uint64_t per_session, uint64_t per_uid);
 
-  // Sessions, by id (SessionTable gives them out).
-  void AddSession(uint64_t session_id, uid_t uid);
+  // Sessions, by id (SessionTable gives them out), with the process behind
+  // each (named in debug views next to what it made).
+  void AddSession(uint64_t session_id, uid_t uid, ProcessRef process = {});
   // No new handles for the session (UNAUTHENTICATED); what it holds stays
   // until CloseSession: for a client whose socket still holds fds it was
   // sent but never read.
@@ -200,6 +231,10 @@ class DaemonState {
     bool holders = true;
   };
   std::vector<BufferView> ListBuffers(const BufferQuery& query) const;
+  // Released buffers remembered, oldest first; `heap` empty: every heap.
+  std::vector<ReleasedView> ListReleased(const std::string& heap) const;
+  // Share tokens live and not redeemed, soonest expiry first.
+  std::vector<TokenView> ListTokens() const;
   Totals totals() const;
 
   // Allocations and imports refused since start, by heap and reason
@@ -221,6 +256,7 @@ class DaemonState {
   struct Session {
     uint64_t id = 0;
     uid_t uid = 0;
+    ProcessRef process;
     std::map<uint64_t, uint64_t> handles;  // handle id -> buffer id
     // buffer id -> number of this session's handles on it.
     std::map<uint64_t, int> held;
@@ -281,6 +317,7 @@ class DaemonState {
   std::map<uint64_t, Session> sessions_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, std::unique_ptr<Buffer>> buffers_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, Handle> handles_ ABSL_GUARDED_BY(mu_);
+  std::deque<ReleasedView> released_ ABSL_GUARDED_BY(mu_);
 };
 
 // Whether a hole punched in a buffer of this heap kind and backing hurts its

@@ -20,7 +20,8 @@ absl::StatusOr<std::unique_ptr<CarveoutHeap>> CarveoutHeap::Create(Options optio
     return absl::InvalidArgumentError(
         absl::StrCat("carveout heap '", options.name, "' needs a capacity > 0"));
   }
-  const std::string balloon_name = absl::StrCat("bufferd:", options.name, ":reservation");
+  // Not under memfd::BufferName's "bufferd:" prefix: that is for buffers only.
+  const std::string balloon_name = absl::StrCat("bufferd-reservation:", options.name);
   std::string note;
   UniqueFd balloon;
   uint64_t page_size = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));

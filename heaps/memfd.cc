@@ -30,7 +30,7 @@ constexpr int kPopulateWrite = 23;
 
 std::string BufferName(absl::string_view heap, absl::string_view name) {
   // The kernel allows 249 bytes after its "memfd:" prefix.
-  std::string full = absl::StrCat("bufferd:", heap, ":", name);
+  std::string full = absl::StrCat(kBufferNamePrefix, heap, ":", name);
   if (full.size() > 240) full.resize(240);
   return full;
 }

@@ -19,7 +19,14 @@ constexpr uint64_t kHugePage1G = uint64_t{1} << 30;
 
 namespace memfd {
 
-// "bufferd:<heap>:<name>", cut to the kernel's limit.
+// Every buffer's memfd is named "bufferd:<heap>:<name>" (cut to the
+// kernel's limit), and nothing else the daemon makes starts with
+// kBufferNamePrefix (a carveout's reservation is "bufferd-reservation:<heap>").
+// Processes show it as "/memfd:bufferd:<heap>:<name> (deleted)" in
+// /proc/<pid>/maps and their fd links: `bufctl holders` looks for that. A
+// client can name a memfd of its own alike; only the inode (ListBuffers'
+// memfd_dev and memfd_inode) says a memfd is really the daemon's.
+inline constexpr char kBufferNamePrefix[] = "bufferd:";
 std::string BufferName(absl::string_view heap, absl::string_view name);
 
 // memfd_create(MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_NOEXEC_SEAL if the

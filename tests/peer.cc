@@ -552,6 +552,53 @@ int main(int argc, char** argv) {
     std::printf("ready session=%lu\n", static_cast<unsigned long>(client->session_id()));
     while (true) ::pause();
   }
+  // keep-map / keep-fd DIR HEAP SIZE: allocates a buffer, writes every
+  // byte, then releases its handle and closes the client, keeping only a
+  // mapping of it (or only a dup of its fd): memory the daemon no longer
+  // counts (bufctl holders finds it).
+  if ((mode == "keep-map" || mode == "keep-fd") && argc == 5) {
+    absl::StatusOr<bufferd::Buffer> buffer = client->Allocate(
+        {.heap = argv[3], .size = std::strtoull(argv[4], nullptr, 10), .name = "kept"});
+    if (!buffer.ok()) return Fail("allocate", buffer.status());
+    const uint64_t id = buffer->id();
+    std::optional<bufferd::Mapping> kept_map;
+    int kept_fd = -1;
+    if (mode == "keep-map") {
+      absl::StatusOr<bufferd::Mapping> map = buffer->Map();
+      if (!map.ok()) return Fail("map", map.status());
+      std::memset(map->data(), 0x5a, map->size());
+      kept_map.emplace(*std::move(map));
+    } else {
+      kept_fd = ::fcntl(buffer->fd(), F_DUPFD_CLOEXEC, 0);
+      if (kept_fd < 0) return 1;
+    }
+    if (absl::Status released = buffer->Release(); !released.ok()) {
+      return Fail("release", released);
+    }
+    buffer = absl::CancelledError("released");
+    client = absl::CancelledError("closed");  // the session ends
+    std::printf("ready buffer=%lu fd=%d\n", static_cast<unsigned long>(id), kept_fd);
+    std::fflush(stdout);
+    while (true) ::pause();
+  }
+  // export DIR HEAP SIZE N: allocates a buffer and exports it read-only N
+  // times; prints the tokens and holds the buffer until killed.
+  if (mode == "export" && argc == 6) {
+    absl::StatusOr<bufferd::Buffer> buffer = client->Allocate(
+        {.heap = argv[3], .size = std::strtoull(argv[4], nullptr, 10), .name = "exported"});
+    if (!buffer.ok()) return Fail("allocate", buffer.status());
+    std::string tokens;
+    for (int i = 0; i < std::atoi(argv[5]); ++i) {
+      absl::StatusOr<std::string> token = buffer->Export(bufferd::Access::kReadOnly);
+      if (!token.ok()) return Fail("export", token.status());
+      absl::StrAppend(&tokens, i == 0 ? "" : ",", *token);
+    }
+    std::printf("ready buffer=%lu session=%lu tokens=%s\n",
+                static_cast<unsigned long>(buffer->id()),
+                static_cast<unsigned long>(client->session_id()), tokens.c_str());
+    std::fflush(stdout);
+    while (true) ::pause();
+  }
   std::printf("usage error\n");
   return 2;
 }

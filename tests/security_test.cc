@@ -435,6 +435,54 @@ TEST(DebugAccessTest, DebugUidsAndSessionMode) {
       << bad.status();
 }
 
+// Tests that ending a session is for root and the daemon's uid only: nobody,
+// whom debug_uids lets read every view, gets PERMISSION_DENIED and the
+// session lives on; and that bufctl holders run by nobody says how many
+// processes it could not inspect instead of pretending it saw them all.
+TEST(DebugAccessTest, OnlyRootOrTheDaemonUidEndsSessions) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to run bufctl as nobody";
+  struct group* daemon_group = ::getgrnam("daemon");
+  if (daemon_group == nullptr) GTEST_SKIP() << "needs group daemon";
+  const gid_t dir_gid = daemon_group->gr_gid;
+  auto daemon = TestDaemon::Start(R"pb(
+    heaps { name: "system" type: HEAP_TYPE_SYSTEM }
+    group: "daemon"
+    debug_uids: 65534
+  )pb");
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  ASSERT_EQ(::chmod((*daemon)->root().c_str(), 0711), 0);
+  auto victim = Client::Connect((*daemon)->socket_dir());
+  ASSERT_TRUE(victim.ok()) << victim.status();
+  auto buffer = victim->Allocate({.heap = "system", .size = 65536});
+  ASSERT_TRUE(buffer.ok()) << buffer.status();
+  auto counts = [&] {
+    auto heaps = victim->ListHeaps();
+    return heaps.ok() ? std::make_pair(heaps->fds().in_use(), heaps->live_buffers())
+                      : std::make_pair(uint64_t{0}, uint64_t{0});
+  };
+  const auto before = counts();
+  const int fds_before = (*daemon)->OpenFds();
+  std::string out;
+  EXPECT_EQ(BufctlAsNobody(**daemon, {dir_gid}, {"clients"}, &out), 0)
+      << "nobody may read: " << out;
+  EXPECT_EQ(BufctlAsNobody(**daemon, {dir_gid}, {"end-session", absl::StrCat(victim->session_id())},
+                           &out),
+            1)
+      << out;
+  EXPECT_TRUE(absl::StrContains(
+      out, "PERMISSION_DENIED: ending a session is for root and the daemon's uid (0); uid 65534"))
+      << out;
+  EXPECT_TRUE(victim->ListHeaps().ok()) << "the session lives on";
+  EXPECT_EQ(BufctlAsNobody(**daemon, {dir_gid}, {"holders"}, &out), 0) << out;
+  EXPECT_TRUE(absl::StrContains(out, "processes could not be inspected: run as root to see them"))
+      << out;
+  EXPECT_TRUE(testing::Eventually([&] {
+    return counts() == before && (*daemon)->OpenFds() == fds_before;
+  })) << counts().first
+      << " fds in use, " << counts().second << " buffers, " << (*daemon)->OpenFds()
+      << " open; before: " << before.first << ", " << before.second << ", " << fds_before;
+}
+
 // Tests that no Debug view carries a share token or the session's secret:
 // an operator sees who holds what, never a capability to take it.
 TEST(DebugAccessTest, DebugNeverShowsTokensOrSecrets) {
@@ -448,7 +496,8 @@ TEST(DebugAccessTest, DebugNeverShowsTokensOrSecrets) {
   auto token = buffer->Export(Access::kReadOnly);
   ASSERT_TRUE(token.ok()) << token.status();
   std::string all;
-  for (const char* command : {"heaps", "clients", "buffers", "fences", "metrics"}) {
+  for (const char* command :
+       {"heaps", "clients", "buffers", "fences", "metrics", "tokens", "holders"}) {
     absl::StrAppend(&all, Bufctl(dir, absl::StrCat("--json ", command)), Bufctl(dir, command));
   }
   EXPECT_TRUE(absl::StrContains(all, "secret-holder")) << "the buffer is listed";

@@ -1,23 +1,32 @@
 // bufctl: inspect a running bufferd. Built on the client library only.
 //
-//   bufctl heaps | clients | buffers [--heap H] | fences [--pending] [--owner S] | metrics
-//   bufctl watch
+//   bufctl heaps | clients | buffers [--heap H] [--session S] | tokens | metrics
+//   bufctl fences [--pending] [--owner S] [--limit N] | why BUFFER
+//   bufctl holders            every process holding an fd or a mapping of a buffer
+//   bufctl watch [--interval SECONDS]
 //   bufctl can-allocate --usage camera_frame --frame 3840x2160:NV12 [--count 3]
+//   bufctl end-session SESSION   (root and the daemon's uid only)
 //   bufctl heaps --json     (protobuf JSON instead of a table; options go anywhere)
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
+#include <cerrno>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -80,15 +89,25 @@ std::string BackingName(int backing) {
   return name.rfind("backing_", 0) == 0 ? name.substr(8) : name;
 }
 
+// Protobuf JSON with every field, zero-valued ones too (root's uid 0, used
+// 0): a reader never has to guess what a missing field means. One line
+// when `compact` (watch prints one snapshot a line).
 template <typename Message>
-int PrintJson(const Message& message) {
+int PrintJson(const Message& message, bool compact = false) {
   std::string json;
   google::protobuf::util::JsonPrintOptions options;
-  options.add_whitespace = true;
+  options.add_whitespace = !compact;
   options.preserve_proto_field_names = true;
+  options.always_print_primitive_fields = true;
   if (!google::protobuf::util::MessageToJsonString(message, &json, options).ok()) return 1;
-  std::cout << json;
+  std::cout << json << (compact ? "\n" : "");
   return 0;
+}
+
+// "comm[pid]", with " exited" when that process is gone.
+std::string ProcessText(uint32_t pid, const std::string& comm, bool exited) {
+  if (pid == 0) return "-";
+  return absl::StrCat(comm, "[", pid, "]", exited ? " exited" : "");
 }
 
 int Fail(const absl::Status& status) {
@@ -96,10 +115,17 @@ int Fail(const absl::Status& status) {
   return 1;
 }
 
+void PrintHeaps(const bufferd::v1::ListHeapsResponse* heaps);
+
 int Heaps(const bufferd::Client& client, bool json) {
   auto heaps = client.ListHeaps();
   if (!heaps.ok()) return Fail(heaps.status());
   if (json) return PrintJson(*heaps);
+  PrintHeaps(&*heaps);
+  return 0;
+}
+
+void PrintHeaps(const bufferd::v1::ListHeapsResponse* heaps) {
   std::vector<Row> rows;
   for (const auto& h : heaps->heaps()) {
     std::string type = bufferd::v1::HeapType_Name(h.type()).substr(10);
@@ -159,28 +185,51 @@ int Heaps(const bufferd::Client& client, bool json) {
       heaps->live_buffers(), heaps->live_handles(), heaps->pending_tokens(), fds.in_use(),
       fds.budget(), fds.buffers(), fds.sessions(), fds.control_connections(), fds.deliveries(),
       fds.freeing(), fds.fences(), fds.per_uid(), fds.reserve(), fds.rlimit_nofile());
-  return 0;
+}
+
+std::string HeapBytesText(const google::protobuf::RepeatedPtrField<bufferd::v1::HeapBytes>& bytes) {
+  std::string text;
+  for (const auto& b : bytes) {
+    absl::StrAppend(&text, text.empty() ? "" : " ", b.heap(), "=", Bytes(b.bytes()));
+  }
+  return text.empty() ? "-" : text;
+}
+
+void PrintClients(const bufferd::v1::ListClientsResponse& clients) {
+  std::vector<Row> rows;
+  for (const auto& c : clients.clients()) {
+    rows.push_back({absl::StrCat(c.session_id()), absl::StrCat(c.pid()), absl::StrCat(c.uid()),
+                    c.comm(), absl::StrCat(c.handles()), absl::StrCat(c.fences()),
+                    absl::StrCat(c.fences_held()), absl::StrCat(c.queued_deliveries()),
+                    Age(c.connected_since()), HeapBytesText(c.bytes()), HeapBytesText(c.held())});
+  }
+  PrintTable({"SESSION", "PID", "UID", "COMM", "HANDLES", "FENCES", "FENCES HELD", "QUEUED",
+              "CONNECTED", "CHARGED", "HELD"},
+             rows);
+  // Charged is what the quotas count: each session pays for every buffer
+  // it holds, so a buffer two sessions of a uid hold is charged twice to
+  // the uid; held counts each distinct buffer once.
+  bool differs = false;
+  for (const auto& u : clients.uids()) differs |= u.charged() != u.held();
+  if (clients.uids_size() == 0) return;
+  std::cout << "\n";
+  std::vector<Row> uids;
+  for (const auto& u : clients.uids()) {
+    uids.push_back(
+        {absl::StrCat(u.uid()), absl::StrCat(u.sessions()), Bytes(u.charged()), Bytes(u.held())});
+  }
+  PrintTable({"UID", "SESSIONS", "CHARGED", "HELD"}, uids);
+  if (differs) {
+    std::cout << "(charged > held: buffers held by more than one session of a uid are charged "
+                 "to each session)\n";
+  }
 }
 
 int Clients(const bufferd::Client& client, bool json) {
   auto clients = client.ListClients();
   if (!clients.ok()) return Fail(clients.status());
   if (json) return PrintJson(*clients);
-  std::vector<Row> rows;
-  for (const auto& c : clients->clients()) {
-    std::string bytes;
-    for (const auto& b : c.bytes()) {
-      absl::StrAppend(&bytes, bytes.empty() ? "" : " ", b.heap(), "=", Bytes(b.bytes()));
-    }
-    rows.push_back({absl::StrCat(c.session_id()), absl::StrCat(c.pid()), absl::StrCat(c.uid()),
-                    c.comm(), absl::StrCat(c.handles()), absl::StrCat(c.fences()),
-                    absl::StrCat(c.fences_held()), absl::StrCat(c.queued_deliveries()),
-                    Age(c.connected_since()),
-                    bytes.empty() ? "-" : bytes});
-  }
-  PrintTable({"SESSION", "PID", "UID", "COMM", "HANDLES", "FENCES", "HELD", "QUEUED", "CONNECTED",
-              "BYTES"},
-             rows);
+  PrintClients(*clients);
   return 0;
 }
 
@@ -194,9 +243,10 @@ std::string FrameText(const bufferd::v1::BufferInfo& b) {
                       bufferd::FourccName(b.frame().fourcc()));
 }
 
-int Buffers(const bufferd::Client& client, bool json, const std::string& heap) {
+int Buffers(const bufferd::Client& client, bool json, const std::string& heap, uint64_t session) {
   bufferd::v1::ListBuffersRequest request;
   request.set_heap(heap);
+  request.set_session_id(session);
   auto buffers = client.ListBuffers(request);
   if (!buffers.ok()) return Fail(buffers.status());
   if (!heap.empty() && buffers->buffers_size() == 0) {
@@ -243,7 +293,10 @@ int Buffers(const bufferd::Client& client, bool json, const std::string& heap) {
     if (entry.fences_size() > 2) absl::StrAppend(&fences, " +", entry.fences_size() - 2);
     rows.push_back({absl::StrCat(b.buffer_id()), b.heap(), Bytes(b.size()), FrameText(b),
                     BackingName(b.backing()), b.name().empty() ? "-" : b.name(),
-                    absl::StrCat(b.creator_session()), Age(b.created_at()), fences, holders,
+                    absl::StrCat(b.creator_session(), " ",
+                                 ProcessText(entry.creator_pid(), entry.creator_comm(),
+                                             entry.creator_exited())),
+                    Age(b.created_at()), fences, holders.empty() ? "-" : holders,
                     notes.empty() ? "-" : absl::StrJoin(notes, ", ")});
   }
   PrintTable({"ID", "HEAP", "SIZE", "FORMAT", "BACKING", "NAME", "CREATOR", "AGE", "FENCES",
@@ -273,6 +326,9 @@ std::string Lower(std::string name, absl::string_view prefix) {
   return absl::StartsWith(name, prefix) ? name.substr(prefix.size()) : name;
 }
 
+// The tables from responses (watch prints them from one snapshot).
+void PrintFences(const bufferd::v1::ListFencesResponse* fences, uint32_t limit);
+
 int Fences(const bufferd::Client& client, bool json, bool pending_only, uint64_t owner,
            uint32_t limit) {
   bufferd::v1::ListFencesRequest request;
@@ -281,7 +337,23 @@ int Fences(const bufferd::Client& client, bool json, bool pending_only, uint64_t
   request.set_limit(limit);
   auto fences = client.ListFences(request);
   if (!fences.ok()) return Fail(fences.status());
+  if (owner != 0 && fences->fences_size() == 0 && fences->timelines_size() == 0) {
+    // An empty table would not say whether the session exists.
+    auto clients = client.ListClients();
+    if (!clients.ok()) return Fail(clients.status());
+    const bool open = std::any_of(clients->clients().begin(), clients->clients().end(),
+                                  [&](const auto& c) { return c.session_id() == owner; });
+    if (!open) {
+      return Fail(absl::NotFoundError(absl::StrCat(
+          "no session ", owner, " is open or owns a fence (bufctl clients lists sessions)")));
+    }
+  }
   if (json) return PrintJson(*fences);
+  PrintFences(&*fences, limit);
+  return 0;
+}
+
+void PrintFences(const bufferd::v1::ListFencesResponse* fences, uint32_t limit) {
   std::vector<Row> rows;
   for (const auto& f : fences->fences()) {
     const bool pending = f.state() == bufferd::v1::FENCE_STATE_PENDING;
@@ -304,7 +376,7 @@ int Fences(const bufferd::Client& client, bool json, bool pending_only, uint64_t
               "DEADLINE IN", "NEEDED IN", "MESSAGE"},
              rows);
   if (cut) std::cout << "(the first " << rows.size() << " fences; --limit N for another cut)\n";
-  if (fences->timelines_size() == 0) return 0;
+  if (fences->timelines_size() == 0) return;
   // Timelines: where each stands and who waits on what, for how long.
   std::vector<Row> timelines;
   for (const auto& t : fences->timelines()) {
@@ -337,11 +409,10 @@ int Fences(const bufferd::Client& client, bool json, bool pending_only, uint64_t
          absl::StrCat(t.deadline_failures()), absl::StrCat(t.holders()), FenceAge(t.created_at())});
   }
   std::cout << "\n";
-  PrintTable({"TIMELINE", "NAME", "OWNER", "STATE", "POINT", "WAITED (POINT@AGE)", "FAILS IN",
-              "NEEDED IN", "WAKERS", "BEHIND FENCES", "EXPORTED", "DEADLINE FAILS", "HOLDERS",
-              "AGE"},
-             timelines);
-  return 0;
+  PrintTable(
+      {"TIMELINE", "NAME", "OWNER", "STATE", "POINT", "WAITED (POINT@AGE)", "FAILS IN", "NEEDED IN",
+       "WAKERS", "BEHIND FENCES", "EXPORTED", "DEADLINE FAILS", "HOLDERS", "AGE"},
+      timelines);
 }
 
 // bufctl why BUFFER: what a read and a write of it would wait for right
@@ -503,6 +574,388 @@ int CanAllocate(const bufferd::Client& client, bool json, const std::vector<std:
   return status;
 }
 
+// bufctl tokens: share tokens out and not redeemed. Never the token: it is
+// the capability to take the buffer.
+int Tokens(const bufferd::Client& client, bool json) {
+  auto tokens = client.ListTokens();
+  if (!tokens.ok()) return Fail(tokens.status());
+  if (json) return PrintJson(*tokens);
+  std::vector<Row> rows;
+  for (const auto& t : tokens->tokens()) {
+    rows.push_back(
+        {absl::StrCat(t.buffer_id()), t.heap().empty() ? "-" : t.heap(),
+         t.size() != 0 ? Bytes(t.size()) : "-", t.buffer_name().empty() ? "-" : t.buffer_name(),
+         Lower(bufferd::v1::Access_Name(t.access()), "access_"), FromNow(t.expires_at()),
+         absl::StrCat(t.exporter_session(), " ",
+                      ProcessText(t.exporter_pid(), t.exporter_comm(), t.exporter_exited()))});
+  }
+  PrintTable({"BUFFER", "HEAP", "SIZE", "NAME", "ACCESS", "EXPIRES IN", "EXPORTER"}, rows);
+  return 0;
+}
+
+// bufctl end-session: ends a stuck session as its disconnect would.
+int EndSession(const bufferd::Client& client, bool json, uint64_t session_id) {
+  auto ended = client.EndSession(session_id);
+  if (!ended.ok()) return Fail(ended.status());
+  if (json) return PrintJson(*ended);
+  const auto& s = ended->session();
+  std::cout << "ended session " << s.session_id() << " (" << s.comm() << "[" << s.pid() << "], uid "
+            << s.uid() << "): its " << s.handles()
+            << " handles are released; memory its process still maps stays until it unmaps "
+               "(bufctl holders)\n";
+  return 0;
+}
+
+// --- bufctl holders: who holds buffers' memory, from /proc ---------------
+
+// The prefix the daemon names every buffer's memfd with
+// (heaps/memfd.h: kBufferNamePrefix), as /proc/<pid>/maps and the fd links
+// show it.
+constexpr absl::string_view kMemfdPrefix = "/memfd:bufferd:";
+
+struct MemfdKey {
+  uint64_t dev = 0;
+  uint64_t ino = 0;
+  auto operator<=>(const MemfdKey&) const = default;
+};
+
+// "bufferd:system:frame0" from "/memfd:bufferd:system:frame0 (deleted)".
+std::string MemfdName(absl::string_view path) {
+  absl::ConsumePrefix(&path, "/memfd:");
+  absl::ConsumeSuffix(&path, " (deleted)");
+  return std::string(path);
+}
+
+std::string ReadSmallFile(const std::string& path) {
+  std::ifstream in(path);
+  std::string text;
+  std::getline(in, text);
+  return text;
+}
+
+// What one process holds of one memfd.
+struct Held {
+  std::string path;
+  uint32_t fds = 0;
+  uint32_t mappings = 0;
+  uint64_t mapped = 0;
+  uint64_t resident = 0;
+};
+
+// Reads /proc/<pid>/smaps and its fds: what the process holds of memfds
+// that are the daemon's (`known`) or named like them. false: not allowed
+// to look (another uid's process); a process that exits meanwhile holds
+// nothing.
+bool InspectProcess(const std::string& pid, const std::set<MemfdKey>& known,
+                    std::map<MemfdKey, Held>& held) {
+  const std::string root = absl::StrCat("/proc/", pid);
+  // The kernel checks at open whether bufctl may trace the process
+  // (EACCES if not); ENOENT: it exited.
+  const std::string smaps_path = absl::StrCat(root, "/smaps");
+  const int smaps_fd = ::open(smaps_path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (smaps_fd < 0) return errno != EACCES;
+  ::close(smaps_fd);  // readable: read it as a stream
+  std::ifstream smaps(smaps_path);
+  std::string line;
+  Held* current = nullptr;
+  while (std::getline(smaps, line)) {
+    // A mapping's header: "start-end perms offset MAJ:MIN inode   path".
+    const std::vector<absl::string_view> f = absl::StrSplit(line, ' ', absl::SkipEmpty());
+    if (f.size() >= 5 && absl::StrContains(f[0], '-') && absl::StrContains(f[3], ':') &&
+        !absl::EndsWith(f[0], ":")) {
+      current = nullptr;
+      const std::vector<absl::string_view> range = absl::StrSplit(f[0], '-');
+      const std::vector<absl::string_view> dev = absl::StrSplit(f[3], ':');
+      uint64_t start = 0, end = 0, major_dev = 0, minor_dev = 0, ino = 0;
+      if (range.size() != 2 || dev.size() != 2 || !absl::SimpleHexAtoi(range[0], &start) ||
+          !absl::SimpleHexAtoi(range[1], &end) || !absl::SimpleHexAtoi(dev[0], &major_dev) ||
+          !absl::SimpleHexAtoi(dev[1], &minor_dev) || !absl::SimpleAtoi(f[4], &ino) || ino == 0) {
+        continue;
+      }
+      const size_t at = line.find(" /");
+      const std::string path = at == std::string::npos ? "" : line.substr(at + 1);
+      const MemfdKey key{
+          ::makedev(static_cast<unsigned>(major_dev), static_cast<unsigned>(minor_dev)), ino};
+      if (!known.contains(key) && !absl::StartsWith(path, kMemfdPrefix)) continue;
+      current = &held[key];
+      current->path = path;
+      ++current->mappings;
+      current->mapped += end - start;
+      continue;
+    }
+    if (current == nullptr) continue;
+    // Rss, and hugetlb pages (which Rss does not count).
+    for (absl::string_view field : {"Rss:", "Shared_Hugetlb:", "Private_Hugetlb:"}) {
+      if (!absl::StartsWith(line, field)) continue;
+      uint64_t kb = 0;
+      const std::vector<absl::string_view> v = absl::StrSplit(line, ' ', absl::SkipEmpty());
+      if (v.size() >= 2 && absl::SimpleAtoi(v[1], &kb)) current->resident += kb * 1024;
+    }
+  }
+  const std::string fd_dir = absl::StrCat(root, "/fd");
+  DIR* dir = ::opendir(fd_dir.c_str());
+  if (dir == nullptr) return errno != EACCES;
+  while (struct dirent* entry = ::readdir(dir)) {
+    if (entry->d_name[0] == '.') continue;
+    const std::string link = absl::StrCat(fd_dir, "/", entry->d_name);
+    char target[512];
+    const ssize_t n = ::readlink(link.c_str(), target, sizeof(target) - 1);
+    if (n <= 0) continue;
+    const std::string path(target, static_cast<size_t>(n));
+    if (!absl::StartsWith(path, "/memfd:")) continue;
+    struct stat st {};
+    if (::stat(link.c_str(), &st) != 0) continue;
+    const MemfdKey key{st.st_dev, st.st_ino};
+    if (!known.contains(key) && !absl::StartsWith(path, kMemfdPrefix)) continue;
+    Held& h = held[key];
+    h.path = path;
+    ++h.fds;
+  }
+  ::closedir(dir);
+  return true;
+}
+
+absl::StatusOr<bufferd::v1::HoldersReport> FindHolders(const bufferd::Client& client) {
+  bufferd::v1::ListBuffersRequest request;
+  request.set_include_released(true);
+  auto buffers = client.ListBuffers(request);
+  if (!buffers.ok()) return buffers.status();
+  std::map<MemfdKey, const bufferd::v1::BufferDebugInfo*> live;
+  std::map<MemfdKey, const bufferd::v1::ReleasedBuffer*> released;
+  std::set<MemfdKey> known;
+  for (const auto& b : buffers->buffers()) {
+    const MemfdKey key{b.memfd_dev(), b.memfd_inode()};
+    live[key] = &b;
+    known.insert(key);
+  }
+  for (const auto& r : buffers->released()) {
+    const MemfdKey key{r.memfd_dev(), r.memfd_inode()};
+    if (live.contains(key)) continue;  // an inode reused: the live buffer's
+    released[key] = &r;
+    known.insert(key);
+  }
+  bufferd::v1::HoldersReport report;
+  report.set_daemon_pid(buffers->daemon_pid());
+  const std::string self = absl::StrCat(::getpid());
+  const std::string daemon = absl::StrCat(buffers->daemon_pid());
+  DIR* proc = ::opendir("/proc");
+  if (proc == nullptr) return bufferd::ErrnoError("opendir(/proc)", errno);
+  while (struct dirent* entry = ::readdir(proc)) {
+    const std::string pid = entry->d_name;
+    uint32_t pid_number = 0;
+    if (!absl::SimpleAtoi(pid, &pid_number) || pid == self || pid == daemon) continue;
+    std::map<MemfdKey, Held> held;
+    if (!InspectProcess(pid, known, held)) {
+      report.set_uninspected_processes(report.uninspected_processes() + 1);
+      continue;
+    }
+    if (held.empty()) continue;
+    struct stat st {};
+    ::stat(absl::StrCat("/proc/", pid).c_str(), &st);
+    const std::string comm = absl::CEscape(ReadSmallFile(absl::StrCat("/proc/", pid, "/comm")));
+    for (const auto& [key, h] : held) {
+      bufferd::v1::ProcessHolding* out = report.add_holdings();
+      out->set_pid(pid_number);
+      out->set_comm(comm);
+      out->set_uid(st.st_uid);
+      out->set_memfd_dev(key.dev);
+      out->set_memfd_inode(key.ino);
+      out->set_fds(h.fds);
+      out->set_mappings(h.mappings);
+      out->set_mapped_bytes(h.mapped);
+      out->set_resident_bytes(h.resident);
+      if (auto l = live.find(key); l != live.end()) {
+        const auto& b = l->second->buffer();
+        out->set_state(bufferd::v1::ProcessHolding::STATE_LIVE);
+        out->set_buffer_id(b.buffer_id());
+        out->set_heap(b.heap());
+        out->set_name(b.name());
+        out->set_size(b.size());
+      } else if (auto r = released.find(key); r != released.end()) {
+        out->set_state(bufferd::v1::ProcessHolding::STATE_RELEASED);
+        out->set_buffer_id(r->second->buffer_id());
+        out->set_heap(r->second->heap());
+        out->set_name(r->second->name());
+        out->set_size(r->second->size());
+      } else {
+        // Named like ours, unknown to the daemon: only the name says so,
+        // "bufferd:<heap>:<name>".
+        out->set_state(bufferd::v1::ProcessHolding::STATE_UNVERIFIED);
+        const std::vector<std::string> parts =
+            absl::StrSplit(MemfdName(h.path), absl::MaxSplits(':', 2));
+        if (parts.size() == 3) {
+          out->set_heap(parts[1]);
+          out->set_name(parts[2]);
+        } else {
+          out->set_name(MemfdName(h.path));
+        }
+      }
+    }
+  }
+  ::closedir(proc);
+  std::sort(report.mutable_holdings()->begin(), report.mutable_holdings()->end(),
+            [](const auto& a, const auto& b) {
+              return a.resident_bytes() != b.resident_bytes()
+                         ? a.resident_bytes() > b.resident_bytes()
+                         : a.pid() < b.pid();
+            });
+  return report;
+}
+
+int Holders(const bufferd::Client& client, bool json) {
+  absl::StatusOr<bufferd::v1::HoldersReport> report = FindHolders(client);
+  if (!report.ok()) return Fail(report.status());
+  if (json) return PrintJson(*report);
+  std::vector<Row> rows;
+  uint64_t resident = 0, released_resident = 0, unverified_resident = 0;
+  std::set<uint32_t> pids;
+  for (const auto& h : report->holdings()) {
+    pids.insert(h.pid());
+    resident += h.resident_bytes();
+    std::string state;
+    switch (h.state()) {
+      case bufferd::v1::ProcessHolding::STATE_LIVE:
+        state = "live";
+        break;
+      case bufferd::v1::ProcessHolding::STATE_RELEASED:
+        state = "released (every handle gone)";
+        released_resident += h.resident_bytes();
+        break;
+      default:
+        state = "not verified by the daemon";
+        unverified_resident += h.resident_bytes();
+    }
+    rows.push_back(
+        {absl::StrCat(h.pid()), h.comm(), absl::StrCat(h.uid()),
+         h.buffer_id() != 0 ? absl::StrCat(h.buffer_id()) : "?", h.heap().empty() ? "-" : h.heap(),
+         h.name().empty() ? "-" : h.name(), h.size() != 0 ? Bytes(h.size()) : "-",
+         h.mappings() == 0 ? "fd only" : Bytes(h.resident_bytes()),
+         h.mappings() == 0 ? "-" : Bytes(h.mapped_bytes()), absl::StrCat(h.fds()), state});
+  }
+  PrintTable({"PID", "COMM", "UID", "BUFFER", "HEAP", "NAME", "SIZE", "RESIDENT", "MAPPED", "FDS",
+              "STATE"},
+             rows);
+  std::cout << "\n"
+            << pids.size() << (pids.size() == 1 ? " process holds " : " processes hold ")
+            << Bytes(resident) << " resident in bufferd buffers";
+  std::cout << ".\n";
+  if (released_resident != 0) {
+    std::cout << Bytes(released_resident)
+              << " of it is in buffers whose every handle is released: bufctl heaps and "
+                 "clients no longer count it.\n";
+  }
+  if (std::any_of(report->holdings().begin(), report->holdings().end(), [](const auto& h) {
+        return h.state() == bufferd::v1::ProcessHolding::STATE_UNVERIFIED;
+      })) {
+    std::cout << Bytes(unverified_resident)
+              << " is in memfds \"not verified by the daemon\": named like its buffers, but "
+                 "not its inodes (released before the last 4096, another bufferd's, or a "
+                 "client's look-alike).\n";
+  }
+  std::cout << "The daemon (pid " << report->daemon_pid()
+            << ") holds an fd of every live buffer; it is not listed.\n";
+  if (report->uninspected_processes() != 0) {
+    std::cout << report->uninspected_processes()
+              << " processes could not be inspected: run as root to see them\n";
+  }
+  return 0;
+}
+
+// --- bufctl watch ---------------------------------------------------------
+
+// A call failed during watch: the daemon stopped (its fd.sock no longer
+// listens), it ended this session, or another error.
+int WatchFailed(const absl::Status& status, const std::string& socket_dir) {
+  const absl::StatusCode code = status.code();
+  if (code == absl::StatusCode::kCancelled || code == absl::StatusCode::kUnavailable ||
+      code == absl::StatusCode::kUnauthenticated || code == absl::StatusCode::kAborted) {
+    // A daemon that is stopping cancels calls and ends sessions a moment
+    // before its sockets go: give it 2 s to be gone.
+    const absl::Time give_up = absl::Now() + absl::Seconds(2);
+    while (bufferd::UnixSocket::SeqPacketListening(bufferd::FdSocketPath(socket_dir))) {
+      if (absl::Now() > give_up) break;
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+  }
+  if (!bufferd::UnixSocket::SeqPacketListening(bufferd::FdSocketPath(socket_dir))) {
+    std::cerr << "bufctl: bufferd at " << socket_dir << " stopped\n";
+    return 1;
+  }
+  if (status.code() == absl::StatusCode::kUnauthenticated) {
+    std::cerr << "bufctl: bufferd at " << socket_dir << " ended this session (" << status.message()
+              << ")\n";
+    return 1;
+  }
+  return Fail(status);
+}
+
+int Watch(const bufferd::Client& client, bool json, const std::string& socket_dir,
+          absl::Duration interval) {
+  // On a terminal, redraw in place; anything else (a file, a pipe) gets
+  // plain snapshots one after another, never terminal escapes.
+  const bool terminal = ::isatty(STDOUT_FILENO) == 1;
+  while (true) {
+    bufferd::v1::ListFencesRequest pending;
+    pending.set_state(bufferd::v1::FENCE_STATE_PENDING);
+    pending.set_limit(10);
+    auto heaps = client.ListHeaps();
+    if (!heaps.ok()) return WatchFailed(heaps.status(), socket_dir);
+    auto clients = client.ListClients();
+    if (!clients.ok()) return WatchFailed(clients.status(), socket_dir);
+    auto fences = client.ListFences(pending);
+    if (!fences.ok()) return WatchFailed(fences.status(), socket_dir);
+    const absl::Time now = absl::Now();
+    if (json) {
+      bufferd::v1::WatchSnapshot snapshot;
+      snapshot.mutable_at()->set_seconds(absl::ToUnixSeconds(now));
+      *snapshot.mutable_heaps() = *std::move(heaps);
+      *snapshot.mutable_clients() = *std::move(clients);
+      *snapshot.mutable_fences() = *std::move(fences);
+      if (PrintJson(snapshot, /*compact=*/true) != 0) return 1;
+    } else {
+      if (terminal) std::cout << "\033[H\033[2J";
+      std::cout << (terminal ? "" : "=== ") << "bufferd in " << socket_dir << " at "
+                << absl::FormatTime("%H:%M:%S", now, absl::LocalTimeZone()) << "\n\n";
+      PrintHeaps(&*heaps);
+      std::cout << "\n";
+      PrintClients(*clients);
+      std::cout << "\n";
+      PrintFences(&*fences, 10);
+      if (!terminal) std::cout << "\n";
+    }
+    std::cout << std::flush;
+    absl::SleepFor(interval);
+  }
+}
+
+// The commands, for the message about a word that is none of them.
+std::vector<std::string> CommandNames(const CLI::App& app) {
+  std::vector<std::string> names;
+  for (const CLI::App* sub : app.get_subcommands([](const CLI::App*) { return true; })) {
+    names.push_back(sub->get_name());
+  }
+  return names;
+}
+
+// The first word of the command line that is not an option or an option's
+// value: the command ("" if none). Options that take a value: --socket-dir
+// and the commands' own (--heap, --session, --owner, --limit, --interval,
+// --usage, --size, --frame, --count).
+std::string CommandWord(int argc, char** argv) {
+  static const std::set<std::string> kTakesValue = {
+      "--socket-dir", "--heap",  "--session", "--owner", "--limit",
+      "--interval",   "--usage", "--size",    "--frame", "--count"};
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--") return i + 1 < argc ? argv[i + 1] : "";
+    if (absl::StartsWith(arg, "-")) {
+      if (kTakesValue.contains(arg)) ++i;
+      continue;
+    }
+    return arg;
+  }
+  return "";
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -510,34 +963,51 @@ int main(int argc, char** argv) {
   std::string socket_dir = bufferd::DefaultSocketDir();
   bool json = false;
   std::string heap;
+  uint64_t buffers_session = 0;
   double interval = 1.0;
   app.add_option("--socket-dir", socket_dir, "bufferd's socket dir")
       ->envname("BUFFERD_SOCKET_DIR")
       ->capture_default_str();
-  app.add_flag("--json", json, "print protobuf JSON instead of a table");
+  app.add_flag("--json", json, "print protobuf JSON (every field, zeros too) instead of a table");
+  app.set_version_flag("--version", bufferd::VersionText("bufctl"));
   app.require_subcommand(1);
   app.footer(R"(Examples:
   bufctl heaps                       heaps: capacity, used, free, peak (human units)
   bufctl heaps --json                the same as protobuf JSON (exact bytes)
-  bufctl clients                     who is connected and what each holds
-  bufctl buffers --heap carveout     buffers of one heap, with their holders
+  bufctl clients                     sessions: bytes charged (quotas) and held (distinct)
+  bufctl buffers --heap carveout     buffers of one heap, with creator and holders
+  bufctl holders                     every process holding an fd or a mapping of a
+                                     buffer, resident bytes, released buffers too
+  bufctl tokens                      share tokens not yet imported (never the token)
   bufctl fences --pending            what is pending, oldest first, and who must signal
   bufctl why 42                      what a read or a write of buffer 42 waits for
   bufctl can-allocate --usage camera_frame --frame 3840x2160:NV12 --count 3
+  bufctl end-session 7               end a stuck session (root or the daemon's uid)
+  bufctl watch --interval 0.5        live view; plain snapshots when not a terminal
   BUFFERD_SOCKET_DIR=/run/bufferd bufctl metrics
 
-Options go before or after the command. The socket dir is --socket-dir, else
-$BUFFERD_SOCKET_DIR, else $XDG_RUNTIME_DIR/bufferd (/run/bufferd as root).
+Options go before or after the command; --json works with every command.
+The socket dir is --socket-dir, else $BUFFERD_SOCKET_DIR, else
+$XDG_RUNTIME_DIR/bufferd (/run/bufferd as root).
 Debug calls are for operators: the daemon's uid, root, and the config's
-debug_uids and debug_groups.
+debug_uids and debug_groups; end-session only root and the daemon's uid.
+holders reads /proc: as root it sees every process, else only your own.
 Exit status: 0 ok; 1 an error (the daemon's code and message on stderr);
 2 a bad command line; can-allocate: 4 when the allocation would fail.)");
   // --socket-dir and --json before or after the subcommand alike.
   app.fallthrough();
   auto* heaps = app.add_subcommand("heaps", "heaps: capacity, used, peak, failures, backing");
-  auto* clients = app.add_subcommand("clients", "sessions: pid, uid, comm, bytes per heap");
-  auto* buffers = app.add_subcommand("buffers", "buffers: size, backing, name, holders");
+  auto* clients = app.add_subcommand(
+      "clients", "sessions: pid, uid, comm, bytes charged and held per heap; per uid");
+  auto* buffers = app.add_subcommand("buffers", "buffers: size, backing, name, creator, holders");
   buffers->add_option("--heap", heap, "only this heap");
+  buffers->add_option("--session", buffers_session, "only buffers this session holds");
+  auto* holders = app.add_subcommand(
+      "holders",
+      "every process holding an fd or a mapping of a buffer (from /proc), with resident bytes; "
+      "buffers whose handles are all released too");
+  auto* tokens = app.add_subcommand(
+      "tokens", "share tokens not imported yet: buffer, access, expiry, exporter");
   auto* fences = app.add_subcommand(
       "fences", "fences: pending first (oldest first), owner, waiters, time to deadline; then "
                 "timelines: point reached, points waited on and for how long");
@@ -566,9 +1036,38 @@ Exit status: 0 ok; 1 an error (the daemon's code and message on stderr);
   can->add_option("--count", can_count, "that many buffers (AllocateSet)")
       ->check(CLI::Range(1u, 0xffffffffu))
       ->capture_default_str();
-  auto* metrics = app.add_subcommand("metrics", "Prometheus text metrics");
-  auto* watch = app.add_subcommand("watch", "live view of heaps and clients (Ctrl-C stops)");
-  watch->add_option("--interval", interval, "seconds between refreshes")->capture_default_str();
+  auto* end = app.add_subcommand(
+      "end-session",
+      "end SESSION as its client's disconnect would: every handle released, its fences failed "
+      "(root and the daemon's uid only)");
+  uint64_t end_session = 0;
+  end->add_option("SESSION", end_session, "session id (bufctl clients)")->required();
+  auto* metrics = app.add_subcommand("metrics", "Prometheus text metrics (--json: in a message)");
+  auto* watch = app.add_subcommand(
+      "watch",
+      "live view of heaps, clients and pending fences (Ctrl-C stops); --json: one "
+      "snapshot a line");
+  watch->add_option("--interval", interval, "seconds between refreshes (at least 0.1)")
+      ->capture_default_str();
+
+  // A word that is no command: say which, and what the commands are
+  // (CLI11 would only say one is required).
+  bool asks_for_help = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    asks_for_help |= arg == "--help" || arg == "-h" || arg == "--version";
+  }
+  if (!asks_for_help) {
+    const std::string word = CommandWord(argc, argv);
+    const std::vector<std::string> names = CommandNames(app);
+    if (std::find(names.begin(), names.end(), word) == names.end()) {
+      std::cerr << "bufctl: "
+                << (word.empty() ? std::string("a command is required")
+                                 : absl::StrCat("unknown command '", absl::CEscape(word), "'"))
+                << " (commands: " << absl::StrJoin(names, ", ") << "; bufctl --help)\n";
+      return 2;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -576,36 +1075,35 @@ Exit status: 0 ok; 1 an error (the daemon's code and message on stderr);
     // CLI11's own codes.
     return app.exit(e) == 0 ? 0 : 2;
   }
+  if (*watch && !(interval >= 0.1)) {
+    std::cerr << "bufctl: watch --interval must be at least 0.1 seconds (got " << interval << ")\n";
+    return 2;
+  }
 
   absl::StatusOr<bufferd::Client> client = bufferd::Client::Connect(socket_dir);
   if (!client.ok()) return Fail(client.status());
   if (*heaps) return Heaps(*client, json);
   if (*clients) return Clients(*client, json);
-  if (*buffers) return Buffers(*client, json, heap);
+  if (*buffers) return Buffers(*client, json, heap, buffers_session);
+  if (*holders) return Holders(*client, json);
+  if (*tokens) return Tokens(*client, json);
   if (*fences) return Fences(*client, json, pending_only, owner, limit);
   if (*why) return Why(*client, json, why_buffer);
   if (*can) {
     return CanAllocate(*client, json, can_heaps, can_usage, can_size, can_frame, can_count);
   }
+  if (*end) return EndSession(*client, json, end_session);
   if (*metrics) {
+    bufferd::v1::GetMetricsResponse response;
     auto text = client->Metrics();
     if (!text.ok()) return Fail(text.status());
+    if (json) {
+      response.set_text(*text);
+      return PrintJson(response);
+    }
     std::cout << *text;
     return 0;
   }
-  if (*watch) {
-    while (true) {
-      std::cout << "\033[H\033[2J"
-                << "bufferd in " << socket_dir << " at "
-                << absl::FormatTime("%H:%M:%S", absl::Now(), absl::LocalTimeZone()) << "\n\n";
-      if (Heaps(*client, false) != 0) return 1;
-      std::cout << "\n";
-      if (Clients(*client, false) != 0) return 1;
-      std::cout << "\n";
-      if (Fences(*client, false, /*pending_only=*/true, 0, /*limit=*/10) != 0) return 1;
-      std::cout << std::flush;
-      std::this_thread::sleep_for(std::chrono::milliseconds(static_cast<int>(interval * 1000)));
-    }
-  }
+  if (*watch) return Watch(*client, json, socket_dir, absl::Seconds(interval));
   return 0;
 }

@@ -50,4 +50,56 @@ status=0; tools/bufctl --socket-dir "$dir" why 999999 2>"$root/err" || status=$?
 [ "$status" -eq 1 ] || fail "unknown buffer exited $status, not 1"
 if tools/bufctl --socket-dir "$root/nothing" heaps 2>"$root/err"; then fail "no daemon accepted"; fi
 grep -q 'UNAVAILABLE' "$root/err" || fail "no-daemon error: $(cat "$root/err")"
+# --version: both binaries, one release.
+version="$(tools/bufctl --version)" || fail "bufctl --version"
+[[ "$version" =~ ^bufctl\ [0-9]+\.[0-9]+\ \(protocol\ v1\)$ ]] || fail "bufctl --version: $version"
+daemon_version="$(daemon/bufferd --version)" || fail "bufferd --version"
+[ "bufferd ${version#bufctl }" = "$daemon_version" ] || fail "versions: $version / $daemon_version"
+# A word that is no command is named, with the commands (exit 2).
+status=0; tools/bufctl --socket-dir "$dir" heap 2>"$root/err" || status=$?
+[ "$status" -eq 2 ] || fail "unknown command exited $status"
+grep -q "^bufctl: unknown command 'heap' (commands: heaps, clients, buffers, holders, tokens, " \
+  "$root/err" || fail "unknown command: $(cat "$root/err")"
+status=0; tools/bufctl --socket-dir "$dir" 2>"$root/err" || status=$?
+[ "$status" -eq 2 ] && grep -q 'a command is required (commands: heaps' "$root/err" \
+  || fail "no command: $status $(cat "$root/err")"
+tools/bufctl --help | grep -q 'end-session' || fail "--help lists end-session"
+# --json on every command, zero-valued fields included (nothing allocated now).
+for command in heaps clients buffers holders tokens fences metrics \
+    "can-allocate --heap system --size 4096"; do
+  # shellcheck disable=SC2086
+  tools/bufctl --socket-dir "$dir" $command --json >"$root/json" || fail "$command --json"
+  jq -e . "$root/json" >/dev/null || fail "$command --json is not JSON: $(cat "$root/json")"
+done
+json="$(tools/bufctl --socket-dir "$dir" heaps --json)"
+grep -q '"used": "0"' <<<"$json" || fail "zero used is printed: $json"
+json="$(tools/bufctl --socket-dir "$dir" clients --json)"
+grep -q "\"uid\": $(id -u)," <<<"$json" || fail "uid $(id -u) is printed: $json"
+# watch: below 100 ms refused; on a file, plain snapshots (no terminal
+# escapes), and a daemon that stops ends it with one clear line (exit 1).
+status=0; tools/bufctl --socket-dir "$dir" watch --interval 0.05 2>"$root/err" || status=$?
+[ "$status" -eq 2 ] && grep -q 'at least 0.1 seconds' "$root/err" || fail "tiny interval: $status"
+dir2="$root/sock2"
+daemon/bufferd --socket-dir "$dir2" 2>"$root/log2" &
+pid2=$!
+for _ in $(seq 100); do [ -S "$dir2/fd.sock" ] && break; sleep 0.05; done
+tools/bufctl --socket-dir "$dir2" watch --interval 0.2 >"$root/watch" 2>"$root/watch.err" &
+watch_pid=$!
+tools/bufctl --socket-dir "$dir2" watch --json --interval 0.2 >"$root/watch.json" \
+  2>"$root/watch.json.err" &
+watch_json_pid=$!
+sleep 1.5
+kill "$pid2"; wait "$pid2" || true
+status=0; wait "$watch_pid" || status=$?
+[ "$status" -eq 1 ] || fail "watch exited $status after the daemon stopped"
+status=0; wait "$watch_json_pid" || status=$?
+[ "$status" -eq 1 ] || fail "watch --json exited $status after the daemon stopped"
+[ "$(grep -c '^=== bufferd in' "$root/watch")" -ge 2 ] || fail "snapshots: $(cat "$root/watch")"
+if grep -q $'\033' "$root/watch"; then fail "terminal escapes on a file"; fi
+for err in "$root/watch.err" "$root/watch.json.err"; do
+  [ "$(cat "$err")" = "bufctl: bufferd at $dir2 stopped" ] || fail "watch said: $(cat "$err")"
+done
+[ "$(wc -l <"$root/watch.json")" -ge 2 ] || fail "json snapshots: $(cat "$root/watch.json")"
+jq -e '.heaps.live_buffers == "0" and (.clients.clients | length) >= 1' "$root/watch.json" \
+  >/dev/null || fail "watch --json lines: $(cat "$root/watch.json")"
 echo PASS

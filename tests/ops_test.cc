@@ -1,0 +1,353 @@
+// Operator views through a real daemon, bufctl and tests/peer: who holds
+// memory (bufctl holders, from /proc, released buffers included), ending a
+// stuck session, share tokens listed without the token, creators that
+// exited, bytes charged against bytes held, and --json on every command.
+// After each, the daemon is back at its baseline.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "base/unique_fd.h"
+#include "bufferd/v1/debug.pb.h"
+#include "client/client.h"
+#include "gmock/gmock.h"
+#include "google/protobuf/util/json_util.h"
+#include "testing/daemon_test.h"
+
+namespace bufferd {
+namespace {
+
+using ::bufferd::testing::ChildProcess;
+using ::bufferd::testing::DaemonTest;
+using ::bufferd::testing::Eventually;
+using ::bufferd::testing::Field;
+using ::bufferd::testing::SpawnPeer;
+using ::testing::ContainsRegex;
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+constexpr uint64_t kMiB = uint64_t{1} << 20;
+
+// bufctl's exit code and everything it printed (stdout and stderr).
+struct BufctlRun {
+  int code = -1;
+  std::string out;
+};
+BufctlRun Bufctl(const std::string& dir, const std::string& command) {
+  const std::string line = absl::StrCat(testing::BinaryPath("tools/bufctl"), " --socket-dir ", dir,
+                                        " ", command, " 2>&1");
+  BufctlRun run;
+  FILE* pipe = ::popen(line.c_str(), "r");
+  if (pipe == nullptr) return run;
+  char chunk[4096];
+  size_t n;
+  while ((n = std::fread(chunk, 1, sizeof(chunk), pipe)) > 0) run.out.append(chunk, n);
+  const int status = ::pclose(pipe);
+  run.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return run;
+}
+
+template <typename Message>
+Message FromJson(const std::string& json) {
+  Message message;
+  EXPECT_TRUE(google::protobuf::util::JsonStringToMessage(json, &message).ok()) << json;
+  return message;
+}
+
+// What `report` says `pid` holds (nullptr if nothing).
+const v1::ProcessHolding* HoldingOf(const v1::HoldersReport& report, pid_t pid) {
+  for (const v1::ProcessHolding& h : report.holdings()) {
+    if (h.pid() == static_cast<uint32_t>(pid)) return &h;
+  }
+  return nullptr;
+}
+
+class OpsTest : public DaemonTest {
+ protected:
+  void SetUp() override { StartDaemon(); }
+  const std::string& dir() const { return daemon_->socket_dir(); }
+
+  v1::HoldersReport Holders() {
+    const BufctlRun run = Bufctl(dir(), "holders --json");
+    EXPECT_EQ(run.code, 0) << run.out;
+    return FromJson<v1::HoldersReport>(run.out);
+  }
+};
+
+// Tests that bufctl holders finds memory the daemon no longer counts: a
+// process that released its only handle and closed its client but keeps a
+// 32 MiB mapping it wrote (~32 MiB resident, "released"), one that keeps
+// only an fd ("fd only"), a live buffer this process maps, and a memfd a
+// client named like bufferd's ("not verified by the daemon").
+TEST_F(OpsTest, HoldersFindsMappingsAndFdsOfReleasedBuffers) {
+  absl::StatusOr<ChildProcess> mapper =
+      SpawnPeer({"keep-map", dir(), "system", absl::StrCat(32 * kMiB)});
+  ASSERT_TRUE(mapper.ok()) << mapper.status();
+  const std::string mapped = mapper->ReadLine();
+  ASSERT_TRUE(absl::StartsWith(mapped, "ready ")) << mapped;
+  absl::StatusOr<ChildProcess> fd_keeper = SpawnPeer({"keep-fd", dir(), "system", "65536"});
+  ASSERT_TRUE(fd_keeper.ok()) << fd_keeper.status();
+  const std::string kept = fd_keeper->ReadLine();
+  ASSERT_TRUE(absl::StartsWith(kept, "ready ")) << kept;
+  // The daemon counts none of it: every handle is gone.
+  EXPECT_TRUE(Eventually([&] { return LiveBuffers() == 0; }));
+  auto heaps = client_->ListHeaps();
+  ASSERT_TRUE(heaps.ok());
+  for (const auto& heap : heaps->heaps()) EXPECT_EQ(heap.used(), 0u) << heap.name();
+
+  // A live buffer this process maps, and a look-alike memfd of its own.
+  absl::StatusOr<Buffer> live = client_->Allocate({.heap = "system", .size = kMiB, .name = "mine"});
+  ASSERT_TRUE(live.ok()) << live.status();
+  absl::StatusOr<Mapping> live_map = live->Map();
+  ASSERT_TRUE(live_map.ok()) << live_map.status();
+  std::memset(live_map->data(), 1, live_map->size());
+  UniqueFd fake(::memfd_create("bufferd:system:fake", MFD_CLOEXEC));
+  ASSERT_TRUE(fake.valid());
+  ASSERT_EQ(::ftruncate(fake.get(), 4096), 0);
+
+  const v1::HoldersReport report = Holders();
+  const v1::ProcessHolding* by_map = HoldingOf(report, mapper->pid());
+  ASSERT_NE(by_map, nullptr) << report.DebugString();
+  EXPECT_EQ(by_map->state(), v1::ProcessHolding::STATE_RELEASED);
+  EXPECT_EQ(absl::StrCat(by_map->buffer_id()), Field(mapped, "buffer"));
+  EXPECT_EQ(by_map->fds(), 0u);
+  EXPECT_GE(by_map->mappings(), 1u);
+  EXPECT_EQ(by_map->mapped_bytes(), 32 * kMiB);
+  EXPECT_GE(by_map->resident_bytes(), 31 * kMiB) << "the peer wrote every page";
+  EXPECT_LE(by_map->resident_bytes(), 32 * kMiB);
+  const v1::ProcessHolding* by_fd = HoldingOf(report, fd_keeper->pid());
+  ASSERT_NE(by_fd, nullptr) << report.DebugString();
+  EXPECT_EQ(by_fd->state(), v1::ProcessHolding::STATE_RELEASED);
+  EXPECT_EQ(by_fd->fds(), 1u);
+  EXPECT_EQ(by_fd->mappings(), 0u);
+  int own_live = 0, own_fake = 0;
+  for (const v1::ProcessHolding& h : report.holdings()) {
+    if (h.pid() != static_cast<uint32_t>(::getpid())) continue;
+    if (h.state() == v1::ProcessHolding::STATE_LIVE && h.buffer_id() == live->id()) {
+      ++own_live;
+      EXPECT_EQ(h.fds(), 1u);
+      EXPECT_EQ(h.resident_bytes(), kMiB);
+    }
+    if (h.state() == v1::ProcessHolding::STATE_UNVERIFIED && h.heap() == "system" &&
+        h.name() == "fake") {
+      ++own_fake;
+    }
+  }
+  EXPECT_EQ(own_live, 1) << report.DebugString();
+  EXPECT_EQ(own_fake, 1) << report.DebugString();
+  EXPECT_EQ(report.daemon_pid(), static_cast<uint32_t>(daemon_->pid()));
+  EXPECT_EQ(HoldingOf(report, daemon_->pid()), nullptr) << "the daemon is left out";
+
+  const BufctlRun table = Bufctl(dir(), "holders");
+  EXPECT_EQ(table.code, 0) << table.out;
+  EXPECT_THAT(table.out, ContainsRegex(absl::StrCat("\n", mapper->pid(), " +peer +[0-9]+ +",
+                                                    Field(mapped, "buffer"),
+                                                    " +system +kept +32 MiB +3[12][.0-9]* MiB "
+                                                    "+32 MiB +0 +released")))
+      << table.out;
+  EXPECT_THAT(table.out, ContainsRegex(absl::StrCat("\n", fd_keeper->pid(),
+                                                    " +peer .* 64 KiB +fd only +- +1 +released")))
+      << table.out;
+  EXPECT_THAT(table.out, HasSubstr("not verified by the daemon")) << table.out;
+  EXPECT_THAT(table.out, HasSubstr(absl::StrCat("The daemon (pid ", daemon_->pid(), ")")));
+
+  // Gone with the processes.
+  const pid_t mapper_pid = mapper->pid();
+  const pid_t fd_keeper_pid = fd_keeper->pid();
+  mapper->Kill(SIGKILL);
+  mapper->Wait();
+  fd_keeper->Kill(SIGKILL);
+  fd_keeper->Wait();
+  const v1::HoldersReport after = Holders();
+  EXPECT_EQ(HoldingOf(after, mapper_pid), nullptr);
+  EXPECT_EQ(HoldingOf(after, fd_keeper_pid), nullptr);
+  live_map = absl::CancelledError("unmapped");
+  live = absl::CancelledError("released");
+  ExpectBaseline();
+}
+
+// Tests EndSession through bufctl: the victim's buffers and token go (heap
+// used back to where it was, ListBuffers empty), its client's next call is
+// UNAUTHENTICATED, and unknown sessions are NOT_FOUND.
+TEST_F(OpsTest, EndSessionReleasesWhatTheSessionHeld) {
+  absl::StatusOr<Client> victim = Client::Connect(dir());
+  ASSERT_TRUE(victim.ok()) << victim.status();
+  std::vector<Buffer> held;
+  for (int i = 0; i < 2; ++i) {
+    absl::StatusOr<Buffer> buffer = victim->Allocate({.heap = "system", .size = 8 * kMiB});
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    held.push_back(*std::move(buffer));
+  }
+  ASSERT_TRUE(held[0].Export(Access::kReadOnly).ok());
+  absl::StatusOr<Fence> fence = victim->CreateFence({.name = "stuck"});
+  ASSERT_TRUE(fence.ok()) << fence.status();
+  auto listed = client_->ListBuffers();
+  ASSERT_TRUE(listed.ok());
+  EXPECT_EQ(listed->buffers_size(), 2);
+
+  const BufctlRun ended = Bufctl(dir(), absl::StrCat("end-session ", victim->session_id()));
+  EXPECT_EQ(ended.code, 0) << ended.out;
+  EXPECT_THAT(ended.out, HasSubstr(absl::StrCat("ended session ", victim->session_id(), " (")))
+      << ended.out;
+  EXPECT_THAT(ended.out, HasSubstr("its 2 handles are released")) << ended.out;
+  EXPECT_TRUE(Eventually([&] {
+    auto buffers = client_->ListBuffers();
+    auto heaps = client_->ListHeaps();
+    if (!buffers.ok() || !heaps.ok() || buffers->buffers_size() != 0) return false;
+    if (heaps->pending_tokens() != 0) return false;
+    for (const auto& heap : heaps->heaps()) {
+      if (heap.used() != 0) return false;
+    }
+    return true;
+  }));
+  auto fences = client_->ListFences();
+  ASSERT_TRUE(fences.ok());
+  for (const auto& f : fences->fences()) {
+    EXPECT_EQ(f.status(), v1::FENCE_STATUS_OWNER_DIED) << f.DebugString();
+  }
+  // The victim's client sees its session over.
+  auto after = victim->ListHeaps();
+  EXPECT_EQ(after.status().code(), absl::StatusCode::kUnauthenticated) << after.status();
+  EXPECT_FALSE(victim->Allocate({.heap = "system", .size = 4096}).ok());
+  EXPECT_THAT(Bufctl(dir(), "clients").out,
+              Not(ContainsRegex(absl::StrCat("\n", victim->session_id(), " "))));
+
+  const BufctlRun unknown = Bufctl(dir(), "end-session 999999");
+  EXPECT_EQ(unknown.code, 1) << unknown.out;
+  EXPECT_THAT(unknown.out, HasSubstr("NOT_FOUND: no session 999999 is open")) << unknown.out;
+  const BufctlRun json = Bufctl(dir(), absl::StrCat("--json end-session ", victim->session_id()));
+  EXPECT_EQ(json.code, 1) << "already ended: " << json.out;
+  fence = absl::CancelledError("dropped");
+  held.clear();
+  victim = absl::CancelledError("closed");
+  ExpectBaseline();
+}
+
+// Tests the token listing: buffer, access, expiry and exporter (pid, comm,
+// and "exited" once it is gone), never the token itself; and a buffer's
+// creator shown as exited while another session keeps the buffer.
+TEST_F(OpsTest, TokensAndCreatorsWithoutTheToken) {
+  absl::StatusOr<ChildProcess> exporter = SpawnPeer({"export", dir(), "system", "65536", "2"});
+  ASSERT_TRUE(exporter.ok()) << exporter.status();
+  const std::string ready = exporter->ReadLine();
+  ASSERT_TRUE(absl::StartsWith(ready, "ready ")) << ready;
+  const std::vector<std::string> tokens = absl::StrSplit(Field(ready, "tokens"), ',');
+  ASSERT_EQ(tokens.size(), 2u) << ready;
+  const std::string buffer = Field(ready, "buffer");
+  const pid_t exporter_pid = exporter->pid();
+  const std::string who = absl::StrCat("peer[", exporter_pid, "]");
+
+  BufctlRun listed = Bufctl(dir(), "tokens");
+  EXPECT_EQ(listed.code, 0) << listed.out;
+  EXPECT_THAT(listed.out, ContainsRegex(absl::StrCat("\n", buffer,
+                                                     " +system +64 KiB +exported +read_only +"
+                                                     "[0-9.]+s +[0-9]+ peer\\[",
+                                                     exporter->pid(), "\\]\n")))
+      << listed.out;
+  auto tokens_json = FromJson<v1::ListTokensResponse>(Bufctl(dir(), "--json tokens").out);
+  ASSERT_EQ(tokens_json.tokens_size(), 2);
+  EXPECT_EQ(tokens_json.tokens(0).exporter_pid(), static_cast<uint32_t>(exporter->pid()));
+  EXPECT_FALSE(tokens_json.tokens(0).exporter_exited());
+
+  // This session keeps the buffer; its creator exits.
+  absl::StatusOr<Buffer> imported = client_->Import(tokens[0]);
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  exporter->Kill(SIGKILL);
+  exporter->Wait();
+  EXPECT_TRUE(Eventually([&] {
+    return absl::StrContains(Bufctl(dir(), "buffers").out, absl::StrCat(who, " exited"));
+  })) << Bufctl(dir(), "buffers").out;
+  listed = Bufctl(dir(), "tokens");
+  EXPECT_THAT(listed.out, HasSubstr(absl::StrCat(who, " exited"))) << listed.out;
+  auto buffers_json = FromJson<v1::ListBuffersResponse>(Bufctl(dir(), "--json buffers").out);
+  ASSERT_EQ(buffers_json.buffers_size(), 1);
+  EXPECT_EQ(buffers_json.buffers(0).creator_pid(), static_cast<uint32_t>(exporter_pid));
+  EXPECT_EQ(buffers_json.buffers(0).creator_comm(), "peer");
+  EXPECT_TRUE(buffers_json.buffers(0).creator_exited());
+
+  // The tokens appear in no output of any command.
+  std::string all;
+  const std::vector<std::string> commands = {"heaps",
+                                             "clients",
+                                             "buffers",
+                                             "holders",
+                                             "tokens",
+                                             "fences",
+                                             "metrics",
+                                             absl::StrCat("why ", buffer),
+                                             "can-allocate --heap system --size 4096"};
+  for (const std::string& command : commands) {
+    absl::StrAppend(&all, Bufctl(dir(), command).out,
+                    Bufctl(dir(), absl::StrCat("--json ", command)).out);
+  }
+  EXPECT_THAT(all, HasSubstr("exported")) << "the buffer is listed";
+  for (const std::string& token : tokens) {
+    ASSERT_GE(token.size(), 16u);
+    EXPECT_THAT(all, Not(HasSubstr(token)));
+  }
+  imported = absl::CancelledError("released");
+  ExpectBaseline();
+}
+
+// Tests that --json works on every command and prints zero-valued fields
+// (a daemon at rest: used 0, this session's 0 fences), and what clients
+// says about bytes charged against bytes held: one 8 MiB buffer held by
+// two sessions of one uid is charged 16 MiB to the uid and held once.
+TEST_F(OpsTest, JsonEverywhereWithZerosAndChargedAgainstHeld) {
+  for (const std::string command : {"heaps", "clients", "buffers", "holders", "tokens", "fences",
+                                    "metrics", "can-allocate --heap system --size 4096"}) {
+    SCOPED_TRACE(command);
+    const BufctlRun run = Bufctl(dir(), absl::StrCat(command, " --json"));
+    EXPECT_EQ(run.code, 0) << run.out;
+    EXPECT_TRUE(absl::StartsWith(run.out, "{")) << run.out;
+  }
+  const std::string heaps = Bufctl(dir(), "--json heaps").out;
+  EXPECT_THAT(heaps, HasSubstr("\"used\": \"0\"")) << heaps;
+  EXPECT_THAT(heaps, HasSubstr("\"live_buffers\": \"0\"")) << heaps;
+  const std::string clients = Bufctl(dir(), "--json clients").out;
+  EXPECT_THAT(clients, HasSubstr("\"fences\": 0")) << clients;
+  EXPECT_THAT(clients, HasSubstr(absl::StrCat("\"uid\": ", ::geteuid(), ","))) << clients;
+  EXPECT_THAT(Bufctl(dir(), "--json metrics").out, HasSubstr("\"text\": \"# HELP"));
+
+  absl::StatusOr<Buffer> shared = client_->Allocate({.heap = "system", .size = 8 * kMiB});
+  ASSERT_TRUE(shared.ok()) << shared.status();
+  absl::StatusOr<std::string> token = shared->Export(Access::kReadOnly);
+  ASSERT_TRUE(token.ok());
+  absl::StatusOr<Client> second = Client::Connect(dir());
+  ASSERT_TRUE(second.ok()) << second.status();
+  absl::StatusOr<Buffer> imported = second->Import(*token);
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  auto listed = client_->ListClients();
+  ASSERT_TRUE(listed.ok());
+  ASSERT_EQ(listed->uids_size(), 1) << listed->DebugString();
+  EXPECT_EQ(listed->uids(0).charged(), 16 * kMiB);
+  EXPECT_EQ(listed->uids(0).held(), 8 * kMiB);
+  EXPECT_EQ(listed->uids(0).sessions(), 2u);
+  const BufctlRun table = Bufctl(dir(), "clients");
+  EXPECT_THAT(table.out, ContainsRegex(absl::StrCat("\n", ::geteuid(), " +3 +16 MiB +8 MiB")))
+      << "bufctl's own session is the third: " << table.out;
+  EXPECT_THAT(table.out, HasSubstr("charged > held")) << table.out;
+  // Filters on what does not exist are errors, not empty tables.
+  for (const char* command : {"buffers --session 999999", "fences --owner 999999"}) {
+    SCOPED_TRACE(command);
+    const BufctlRun run = Bufctl(dir(), command);
+    EXPECT_EQ(run.code, 1) << run.out;
+    EXPECT_THAT(run.out, HasSubstr("NOT_FOUND: no session 999999 is open")) << run.out;
+  }
+  imported = absl::CancelledError("released");
+  second = absl::CancelledError("closed");
+  shared = absl::CancelledError("released");
+  ExpectBaseline();
+}
+
+}  // namespace
+}  // namespace bufferd
