@@ -12,6 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/string_view.h"
 #include "base/errno_status.h"
+#include "base/protocol.h"
 
 namespace bufferd {
 namespace {
@@ -34,7 +35,9 @@ bool OnlyRootWrites(const std::string& dir) {
 }  // namespace
 
 std::string NotTheDefaultHint(const std::string& path) {
-  if (path == "/run/bufferd") return "";
+  // Only for a client that looked in its default dir: one pointed at a dir
+  // meant it.
+  if (path == "/run/bufferd" || path != DefaultSocketDir()) return "";
   return "; a daemon started as root serves /run/bufferd: point the client there "
          "(BUFFERD_SOCKET_DIR=/run/bufferd, or bufctl --socket-dir /run/bufferd)";
 }

@@ -70,7 +70,8 @@ absl::StatusOr<UniqueFd> OpenPrivateFile(int dir_fd, const std::string& dir_path
 absl::StatusOr<uid_t> CheckTrustedDir(const std::string& path, uid_t uid);
 
 // "; a daemon started as root serves /run/bufferd: ..." for a client that
-// found no daemon at `path`, unless `path` is /run/bufferd.
+// found no daemon in its default dir `path` (DefaultSocketDir()), unless
+// that is /run/bufferd; "" for a dir it was pointed at.
 std::string NotTheDefaultHint(const std::string& path);
 
 }  // namespace bufferd

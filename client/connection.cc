@@ -210,17 +210,21 @@ absl::Status Connection::Finish(Call& call, const grpc::Status& status) {
   if ((result.code() == absl::StatusCode::kUnavailable ||
        result.code() == absl::StatusCode::kCancelled) &&
       Ended()) {
-    const bool daemon_gone = daemon_pid_ > 0 && ::kill(daemon_pid_, 0) != 0 && errno == ESRCH;
-    return absl::UnavailableError(absl::StrCat(
-        daemon_gone ? absl::StrCat("bufferd (pid ", daemon_pid_, ") in ", socket_dir_,
-                                   " stopped or restarted, so session ", session_id_, " is gone")
-                    : absl::StrCat("bufferd in ", socket_dir_, " ended session ", session_id_,
-                                   " (its log says why)"),
-        ": mappings this process holds stay valid, but the session's handles, share tokens "
-        "and fences are gone; connect a new Client to go on (",
-        result.message(), ")"));
+    return SessionGone(result.message());
   }
   return result;
+}
+
+absl::Status Connection::SessionGone(absl::string_view cause) const {
+  const bool daemon_gone = daemon_pid_ > 0 && ::kill(daemon_pid_, 0) != 0 && errno == ESRCH;
+  return absl::UnavailableError(absl::StrCat(
+      daemon_gone ? absl::StrCat("bufferd (pid ", daemon_pid_, ") in ", socket_dir_,
+                                 " stopped or restarted, so session ", session_id_, " is gone")
+                  : absl::StrCat("bufferd in ", socket_dir_, " ended session ", session_id_,
+                                 " (its log says why)"),
+      ": mappings this process holds stay valid, but the session's handles, share tokens "
+      "and fences are gone; connect a new Client to go on (",
+      cause, ")"));
 }
 
 absl::StatusOr<UniqueFd> Connection::TakeFd(uint64_t transfer_id) {

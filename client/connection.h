@@ -90,6 +90,10 @@ class Connection {
   uint64_t session_id() const { return session_id_; }
   // Whether fd.sock has hung up: the session is over (a poll, no read).
   bool Ended() const;
+  // UNAVAILABLE for a call or signal that failed (`cause`) because the
+  // session is gone: saying whether the daemon stopped or restarted or ended
+  // the session itself, what survives, and to connect a new Client.
+  absl::Status SessionGone(absl::string_view cause) const;
   v1::Allocator::Stub& allocator() const { return *allocator_; }
   v1::Debug::Stub& debug() const { return *debug_; }
   v1::Fence::Stub& fence() const { return *fence_; }

@@ -214,10 +214,12 @@ absl::Status Timeline::SignalWith(uint64_t point, absl::string_view message, boo
   timeline::CounterPage& counters = shared_->counter_page();
   const timeline::StatePage& state = shared_->state_page();
   if (const uint32_t ended = Load(state.ended); ended != 0) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "timeline ", id(), " has ended (",
-        v1::FenceStatus_Name(static_cast<v1::FenceStatus>(ended)),
-        "): its session is over or it was dropped"));
+    const std::string why = absl::StrCat("timeline ", id(), " has ended (",
+                                         v1::FenceStatus_Name(static_cast<v1::FenceStatus>(ended)),
+                                         "): its session is over or it was dropped");
+    // Over because the daemon went (or ended the session): say so.
+    if (connection_->Ended()) return connection_->SessionGone(why);
+    return absl::FailedPreconditionError(why);
   }
   const uint64_t reached = timeline::Reached(counters, state, shared_->seen);
   if (point <= reached) {

@@ -32,6 +32,7 @@ int main(int argc, char** argv) {
   app.add_option("--config", config_path, "bufferd.v1.Config textproto (default: embedded)");
   app.add_option("--socket-dir", socket_dir,
                  "directory for control.sock and fd.sock (default: $XDG_RUNTIME_DIR/bufferd, "
+                 "/tmp/bufferd-<uid> without $XDG_RUNTIME_DIR, "
                  "or /run/bufferd as root; socket-activated: where the sockets are)");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical, off")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "critical", "off"}));

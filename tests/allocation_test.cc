@@ -177,7 +177,7 @@ TEST_F(AllocationTest, FallbacksAndRefusalsAreCountedLoggedAndShown) {
       HasSubstr("bufferd_heap_fallbacks_total{heap=\"contiguous\",backing=\"base_pages\"} 3\n"));
 
   const std::string table = Bufctl(daemon_->socket_dir(), "heaps");
-  EXPECT_THAT(table, HasSubstr("hugetlb_2m+base_pages"));
+  EXPECT_THAT(table, HasSubstr("base_pages (wants hugetlb_2m)"));
   EXPECT_THAT(table, HasSubstr("carveout: refused heap_full 1, too_large 1"));
   EXPECT_THAT(table, HasSubstr("system: refused quota 1"));
   EXPECT_THAT(table, HasSubstr("contiguous: fell back base_pages 3 (last: hugetlb 2 MiB pool"));

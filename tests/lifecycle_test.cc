@@ -80,6 +80,9 @@ TEST_F(LifecycleTest, RestartWithAConnectedClient) {
   absl::StatusOr<Mapping> mapping = buffer->Map();
   ASSERT_TRUE(mapping.ok()) << mapping.status();
   std::memset(mapping->data(), 0x5a, kMiB);
+  absl::StatusOr<Timeline> timeline = client->CreateTimeline();
+  ASSERT_TRUE(timeline.ok()) << timeline.status();
+  ASSERT_TRUE(timeline->Signal(1).ok());
 
   const absl::Time stop = absl::Now();
   first->Kill(SIGTERM);
@@ -108,6 +111,10 @@ TEST_F(LifecycleTest, RestartWithAConnectedClient) {
               HasSubstr("mappings this process holds stay valid"));
   EXPECT_THAT(std::string(after.status().message()), HasSubstr("connect a new Client"));
   for (size_t i = 0; i < kMiB; i += 4096) ASSERT_EQ(mapping->data()[i], 0x5a) << i;
+  // A timeline's signal needs no call, and says the same.
+  const absl::Status signal = timeline->Signal(2);
+  EXPECT_EQ(signal.code(), absl::StatusCode::kUnavailable) << signal;
+  EXPECT_THAT(std::string(signal.message()), HasSubstr("stopped or restarted"));
 
   absl::StatusOr<Client> again = Client::Connect(dir_);
   ASSERT_TRUE(again.ok()) << again.status();

@@ -141,17 +141,27 @@ void PrintHeaps(const bufferd::v1::ListHeapsResponse* heaps) {
     // What the heap tries first, and what its live buffers really are when
     // a fallback served some of them.
     std::string backing = BackingName(h.backing());
-    for (const auto& [name, count] : h.buffers_by_backing()) {
-      if (name != backing) absl::StrAppend(&backing, "+", name);
+    if (!h.buffers_by_backing().empty() &&
+        !(h.buffers_by_backing().size() == 1 && h.buffers_by_backing().contains(backing))) {
+      std::map<std::string, uint64_t> live(h.buffers_by_backing().begin(),
+                                           h.buffers_by_backing().end());
+      std::vector<std::string> names;
+      if (live.contains(backing)) names.push_back(backing);
+      for (const auto& [name, count] : live) {
+        if (name != backing) names.push_back(name);
+      }
+      backing = absl::StrCat(absl::StrJoin(names, "+"),
+                             live.contains(backing) ? "" : absl::StrCat(" (wants ", backing, ")"));
     }
-    rows.push_back({h.name(), type, backing, Bytes(h.page_size()),
-                    h.capacity() ? Bytes(h.capacity()) : "-", Bytes(h.used()), Bytes(h.free()),
-                    Bytes(h.peak()), absl::StrCat(h.buffer_count()), absl::StrCat(h.failures()),
-                    pool,
-                    h.type() == bufferd::v1::HEAP_TYPE_CARVEOUT
-                        ? absl::StrCat(Bytes(h.reserved_resident()), h.locked() ? " locked" : "")
-                        : "-",
-                    by_backing.empty() ? h.note() : absl::StrCat(by_backing, "; ", h.note())});
+    rows.push_back(
+        {h.name(), type, backing, Bytes(h.page_size()), h.capacity() ? Bytes(h.capacity()) : "-",
+         Bytes(h.used()), Bytes(h.free()), Bytes(h.peak()), absl::StrCat(h.buffer_count()),
+         absl::StrCat(h.failures()), pool,
+         h.type() == bufferd::v1::HEAP_TYPE_CARVEOUT
+             ? absl::StrCat(Bytes(h.reserved_resident()), h.locked() ? " locked" : "")
+             : "-",
+         by_backing.empty() || h.note().empty() ? absl::StrCat(by_backing, h.note())
+                                                : absl::StrCat(by_backing, "; ", h.note())});
   }
   PrintTable({"HEAP", "TYPE", "BACKING", "PAGE", "CAPACITY", "USED", "FREE", "PEAK", "BUFFERS",
               "FAILS", "HUGEPAGES", "RESERVED", "NOTES"},
@@ -425,7 +435,7 @@ int Why(const bufferd::Client& client, bool json, uint64_t buffer_id) {
     if (candidate.buffer().buffer_id() == buffer_id) entry = &candidate;
   }
   if (entry == nullptr) {
-    std::cerr << "bufctl: no buffer " << buffer_id << " (bufctl buffers lists them)\n";
+    std::cerr << "bufctl: NOT_FOUND: no buffer " << buffer_id << " (bufctl buffers lists them)\n";
     return 1;
   }
   if (json) return PrintJson(*entry);
@@ -855,8 +865,12 @@ int Holders(const bufferd::Client& client, bool json) {
   std::cout << "The daemon (pid " << report->daemon_pid()
             << ") holds an fd of every live buffer; it is not listed.\n";
   if (report->uninspected_processes() != 0) {
-    std::cout << report->uninspected_processes()
-              << " processes could not be inspected: run as root to see them\n";
+    const uint64_t n = report->uninspected_processes();
+    std::cout << n << (n == 1 ? " process" : " processes") << " could not be inspected: "
+              << (::geteuid() == 0 ? "their /proc entries are closed even to root here (another "
+                                     "pid namespace's, or the container's init)"
+                                   : "run as root to see them")
+              << "\n";
   }
   return 0;
 }
@@ -988,7 +1002,8 @@ int main(int argc, char** argv) {
 
 Options go before or after the command; --json works with every command.
 The socket dir is --socket-dir, else $BUFFERD_SOCKET_DIR, else
-$XDG_RUNTIME_DIR/bufferd (/run/bufferd as root).
+$XDG_RUNTIME_DIR/bufferd (/run/bufferd as root; /tmp/bufferd-<uid> without
+$XDG_RUNTIME_DIR). A daemon started as root serves /run/bufferd.
 Debug calls are for operators: the daemon's uid, root, and the config's
 debug_uids and debug_groups; end-session only root and the daemon's uid.
 holders reads /proc: as root it sees every process, else only your own.
