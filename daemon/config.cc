@@ -518,34 +518,9 @@ absl::Status Validate(const v1::Config& config, const Locator& locate,
 // Copies singular field `field` of `from` into `to` (same message type).
 void CopyField(const google::protobuf::Message& from, google::protobuf::Message* to,
                const google::protobuf::FieldDescriptor* field) {
-  using google::protobuf::FieldDescriptor;
-  const auto* in = from.GetReflection();
-  const auto* out = to->GetReflection();
-  switch (field->cpp_type()) {
-    case FieldDescriptor::CPPTYPE_UINT32:
-      out->SetUInt32(to, field, in->GetUInt32(from, field));
-      break;
-    case FieldDescriptor::CPPTYPE_UINT64:
-      out->SetUInt64(to, field, in->GetUInt64(from, field));
-      break;
-    case FieldDescriptor::CPPTYPE_INT32:
-      out->SetInt32(to, field, in->GetInt32(from, field));
-      break;
-    case FieldDescriptor::CPPTYPE_INT64:
-      out->SetInt64(to, field, in->GetInt64(from, field));
-      break;
-    case FieldDescriptor::CPPTYPE_BOOL:
-      out->SetBool(to, field, in->GetBool(from, field));
-      break;
-    case FieldDescriptor::CPPTYPE_ENUM:
-      out->SetEnumValue(to, field, in->GetEnumValue(from, field));
-      break;
-    case FieldDescriptor::CPPTYPE_STRING:
-      out->SetString(to, field, in->GetString(from, field));
-      break;
-    default:
-      break;  // no singular message or float fields in these blocks
-  }
+  std::unique_ptr<google::protobuf::Message> source(from.New());
+  source->CopyFrom(from);
+  to->GetReflection()->SwapFields(to, source.get(), {field});
 }
 
 // Gives every field of block `block_name` (quotas, limits) that the text did
