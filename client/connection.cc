@@ -180,6 +180,7 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
 Connection::~Connection() { Close(); }
 
 void Connection::Close() {
+  closed_.store(true);
   if (one_way_) one_way_->Close();
   fd_socket_.Shutdown();
 }
@@ -209,7 +210,7 @@ absl::Status Connection::Finish(Call& call, const grpc::Status& status) {
   // instead of gRPC's "Broken pipe" or "failed to connect to all addresses".
   if ((result.code() == absl::StatusCode::kUnavailable ||
        result.code() == absl::StatusCode::kCancelled) &&
-      Ended()) {
+      EndedByDaemon()) {
     return SessionGone(result.message());
   }
   return result;
@@ -230,6 +231,8 @@ absl::Status Connection::SessionGone(absl::string_view cause) const {
 absl::StatusOr<UniqueFd> Connection::TakeFd(uint64_t transfer_id) {
   return mailbox_->Take(transfer_id);
 }
+
+bool Connection::EndedByDaemon() const { return !closed_.load() && Ended(); }
 
 bool Connection::Ended() const {
   pollfd hangup{fd_socket_.fd(), POLLRDHUP, 0};

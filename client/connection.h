@@ -90,6 +90,8 @@ class Connection {
   uint64_t session_id() const { return session_id_; }
   // Whether fd.sock has hung up: the session is over (a poll, no read).
   bool Ended() const;
+  // Ended, and not by this process's Close(): the daemon went or ended it.
+  bool EndedByDaemon() const;
   // UNAVAILABLE for a call or signal that failed (`cause`) because the
   // session is gone: saying whether the daemon stopped or restarted or ended
   // the session itself, what survives, and to connect a new Client.
@@ -131,6 +133,8 @@ class Connection {
   // Declared first: the mailbox and the queue use it until they are gone.
   UnixSocket fd_socket_;
   uint64_t session_id_ = 0;
+  // Close() was called: the session's end is this process's doing.
+  std::atomic<bool> closed_{false};
   std::string socket_dir_;
   // The daemon's pid as this process sees it (0 if it can't).
   pid_t daemon_pid_ = 0;

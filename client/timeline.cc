@@ -218,7 +218,7 @@ absl::Status Timeline::SignalWith(uint64_t point, absl::string_view message, boo
                                          v1::FenceStatus_Name(static_cast<v1::FenceStatus>(ended)),
                                          "): its session is over or it was dropped");
     // Over because the daemon went (or ended the session): say so.
-    if (connection_->Ended()) return connection_->SessionGone(why);
+    if (connection_->EndedByDaemon()) return connection_->SessionGone(why);
     return absl::FailedPreconditionError(why);
   }
   const uint64_t reached = timeline::Reached(counters, state, shared_->seen);
