@@ -370,7 +370,6 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
   const absl::Status room = heap.CheckAllocate(plan.size, count);
   const HeapRefusal refusal = RefusalOf(room);
   if (refusal == HeapRefusal::kTooLarge) {
-    heap.CountRefusal();
     *skip = v1::SKIP_REASON_TOO_LARGE;
     *refused = Refusal::kTooLarge;
     return room;
@@ -392,7 +391,6 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
       return quota;
     }
     if (refusal == HeapRefusal::kFull) {
-      heap.CountRefusal();
       *skip = v1::SKIP_REASON_HEAP_FULL;
       *refused = Refusal::kHeapFull;
       return room;

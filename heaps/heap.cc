@@ -128,11 +128,6 @@ absl::Status AccountedHeap::CheckAllocate(uint64_t size, uint64_t count) const {
   return CheckBacking(rounded, count);
 }
 
-void AccountedHeap::CountRefusal() {
-  absl::MutexLock lock(&accounting_->mu);
-  ++accounting_->failures;
-}
-
 absl::StatusOr<std::unique_ptr<HeapBuffer>> AccountedHeap::Allocate(uint64_t size,
                                                                     absl::string_view debug_name) {
   ASSIGN_OR_RETURN(uint64_t rounded, Round(size));

@@ -54,6 +54,8 @@ struct HeapStats {
   uint64_t peak = 0;
   uint64_t buffer_count = 0;
   uint64_t allocations = 0;
+  // Allocate calls this heap refused itself (the daemon counts every
+  // refusal, its quotas' too, by reason: DaemonState::Refusals).
   uint64_t failures = 0;
   // The backing the heap tries first.
   Backing backing = Backing::kBasePages;
@@ -170,9 +172,6 @@ class Heap {
   // when there is no fallback). A dry run: another allocation may take the
   // room before a real one comes.
   virtual absl::Status CheckAllocate(uint64_t size, uint64_t count) const = 0;
-  // Counts a refusal a caller made from CheckAllocate's answer (in
-  // Stats().failures, as Allocate counts its own).
-  virtual void CountRefusal() = 0;
 
   virtual HeapStats Stats() const = 0;
 };
@@ -188,7 +187,6 @@ class AccountedHeap : public Heap {
   absl::StatusOr<std::unique_ptr<HeapBuffer>> Allocate(uint64_t size,
                                                        absl::string_view debug_name) final;
   absl::Status CheckAllocate(uint64_t size, uint64_t count) const final;
-  void CountRefusal() final;
   HeapStats Stats() const override;
 
  protected:
