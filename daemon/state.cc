@@ -90,6 +90,19 @@ absl::string_view RefusalName(int why) {
 
 }  // namespace
 
+DaemonState::Refusal DaemonState::RefusalOfSkip(v1::SkipReason skip) {
+  switch (skip) {
+    case v1::SKIP_REASON_QUOTA:
+      return Refusal::kQuota;
+    case v1::SKIP_REASON_POOL_EMPTY:
+      return Refusal::kPoolEmpty;
+    case v1::SKIP_REASON_TOO_LARGE:
+      return Refusal::kTooLarge;
+    default:
+      return Refusal::kHeapFull;
+  }
+}
+
 std::map<std::string, std::map<std::string, uint64_t>> DaemonState::Refusals() const {
   absl::MutexLock lock(&counters_mu_);
   return refusals_;
@@ -336,11 +349,11 @@ absl::StatusOr<DaemonState::Allocation> DaemonState::AllocatePlanned(
       absl::StatusOr<uint64_t> rounded = RoundForHeap(*heap, quotas, plan.size, plan.count);
       if (!rounded.ok()) {
         skip = v1::SKIP_REASON_TOO_LARGE;
-        refused = Refusal::kTooLarge;
         return absl::StatusOr<std::vector<PendingGrant>>(rounded.status());
       }
       return AllocateOn(session_id, *heap, *rounded, plan, request, &skip, &refused);
     }();
+    if (!refused.has_value() && skip.has_value()) refused = RefusalOfSkip(*skip);
     if (!grants.ok() && refused.has_value()) {
       CountRefusal(heap->name(), *refused, session_id, grants.status());
     }
@@ -371,7 +384,6 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
   const HeapRefusal refusal = RefusalOf(room);
   if (refusal == HeapRefusal::kTooLarge) {
     *skip = v1::SKIP_REASON_TOO_LARGE;
-    *refused = Refusal::kTooLarge;
     return room;
   }
   uid_t uid;
@@ -387,12 +399,10 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
     if (absl::Status quota = quotas_.Check(session_id, session->uid, heap.name(), total);
         !quota.ok()) {
       *skip = v1::SKIP_REASON_QUOTA;
-      *refused = Refusal::kQuota;
       return quota;
     }
     if (refusal == HeapRefusal::kFull) {
       *skip = v1::SKIP_REASON_HEAP_FULL;
-      *refused = Refusal::kHeapFull;
       return room;
     }
     for (uint32_t i = 0; i < count; ++i) {
@@ -426,14 +436,13 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
     }
   }
 
-  // The first buffer a fallback served, for the log.
-  const HeapBuffer* fell_back = nullptr;
+  // The first buffer a fallback served, for the log (the buffers move on
+  // before it is written).
   Backing fell_back_backing = Backing::kBasePages;
   uint64_t fell_back_size = 0;
   std::string fell_back_why;
   for (const auto& memory : memories) {
     if (memory->fell_back_because().empty()) continue;
-    fell_back = memory.get();
     fell_back_backing = memory->backing();
     fell_back_size = memory->size();
     fell_back_why = memory->fell_back_because();
@@ -461,16 +470,6 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
         // The heap could not serve: the next one may.
         if (failed.code() == absl::StatusCode::kResourceExhausted) {
           *skip = SkipReasonOf(failed);
-          switch (**skip) {
-            case v1::SKIP_REASON_POOL_EMPTY:
-              *refused = Refusal::kPoolEmpty;
-              break;
-            case v1::SKIP_REASON_TOO_LARGE:
-              *refused = Refusal::kTooLarge;
-              break;
-            default:
-              *refused = Refusal::kHeapFull;
-          }
         } else {
           *refused = Refusal::kOther;
         }
@@ -532,7 +531,7 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
   }();
   Discard(options_.reaper, std::move(dead));
   if (!made.ok()) return made.status();
-  if (fell_back != nullptr) LogFallback(heap, fell_back_backing, fell_back_size, fell_back_why);
+  if (!fell_back_why.empty()) LogFallback(heap, fell_back_backing, fell_back_size, fell_back_why);
   std::vector<PendingGrant> pending;
   pending.reserve(made->size());
   for (Grant& grant : *made)

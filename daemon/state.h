@@ -272,9 +272,12 @@ class DaemonState {
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Why an allocation or import was refused, for Refusals().
   enum class Refusal { kQuota, kHeapFull, kPoolEmpty, kTooLarge, kFdBudget, kOther };
+  // The refusal a heap skip stands for.
+  static Refusal RefusalOfSkip(v1::SkipReason skip);
   // AllocateSet on one heap, `rounded` bytes a buffer: the grants, or why
   // not; `skip` is set when the heap could not serve (the next may), and
-  // `refused` whenever the failure was a refusal worth counting.
+  // `refused` for a refusal worth counting that is no skip (the buffer
+  // quota, the fd budget, the kernel).
   absl::StatusOr<std::vector<PendingGrant>> AllocateOn(uint64_t session_id, Heap& heap,
                                                        uint64_t rounded, const AllocationPlan& plan,
                                                        const v1::AllocateRequest& request,
