@@ -628,10 +628,8 @@ MachineFacts ReadMachineFacts() {
   MachineFacts machine;
   machine.mem_total = HostMemoryBytes();
   for (const uint64_t page : {kHugePage2M, kHugePage1G}) {
-    const HugepagePoolState pool = ReadHugepagePool(page);
-    const uint64_t available = pool.free - std::min(pool.free, pool.reserved);
     (page == kHugePage2M ? machine.available_hugepages_2m : machine.available_hugepages_1g) =
-        available;
+        ReadHugepagePool(page).available();
   }
   struct rlimit limit {};
   if (::getrlimit(RLIMIT_MEMLOCK, &limit) == 0 && limit.rlim_max != RLIM_INFINITY) {

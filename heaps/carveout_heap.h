@@ -69,7 +69,9 @@ class CarveoutHeap final : public AccountedHeap {
                                          const std::string& memfd_name) override;
   void FillStats(HeapStats& stats) const override;
   // Its reservation is its own: capacity - used is all there is.
-  uint64_t MachineRoom() const override { return std::numeric_limits<uint64_t>::max(); }
+  uint64_t MachineRoom(const HeapStats&) const override {
+    return std::numeric_limits<uint64_t>::max();
+  }
 
   // Takes `size` bytes of free extents, waiting up to kRefillWait for
   // refills in flight; empty if they never came.

@@ -151,7 +151,7 @@ absl::Status ContiguousHeap::CheckBacking(uint64_t rounded, uint64_t count) cons
   if (!options_.fallbacks.empty()) return absl::OkStatus();
   const HugepagePoolState pool = ReadHugepagePool(options_.hugepage_size);
   const uint64_t need = rounded / options_.hugepage_size * count;
-  const uint64_t available = pool.free > pool.reserved ? pool.free - pool.reserved : 0;
+  const uint64_t available = pool.available();
   if (available >= need) return absl::OkStatus();
   return HeapRefused(HeapRefusal::kPoolEmpty,
                      absl::StrCat("heap '", name(), "' has no fallback and its hugetlb ",
@@ -159,11 +159,10 @@ absl::Status ContiguousHeap::CheckBacking(uint64_t rounded, uint64_t count) cons
                                   " of ", pool.total, " pages free, need ", need));
 }
 
-uint64_t ContiguousHeap::MachineRoom() const {
-  const HugepagePoolState pool = ReadHugepagePool(options_.hugepage_size);
-  const uint64_t pool_bytes =
-      (pool.free > pool.reserved ? pool.free - pool.reserved : 0) * options_.hugepage_size;
-  return pool_bytes + (options_.fallbacks.empty() ? 0 : AvailableMemoryBytes());
+uint64_t ContiguousHeap::MachineRoom(const HeapStats& stats) const {
+  // The pool as FillStats read it: sysfs once a Stats call.
+  return stats.hugepages.available() * options_.hugepage_size +
+         (options_.fallbacks.empty() ? 0 : AvailableMemoryBytes());
 }
 
 void ContiguousHeap::FillStats(HeapStats& stats) const {

@@ -53,7 +53,7 @@ class ContiguousHeap final : public AccountedHeap {
                                          const std::string& memfd_name) override;
   void FillStats(HeapStats& stats) const override;
   // The pool's free pages, plus MemAvailable if a fallback may serve.
-  uint64_t MachineRoom() const override;
+  uint64_t MachineRoom(const HeapStats& stats) const override;
   absl::Status CheckBacking(uint64_t rounded, uint64_t count) const override;
 
   const Options options_;

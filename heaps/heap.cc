@@ -208,11 +208,11 @@ HeapStats AccountedHeap::Stats() const {
   const uint64_t capacity_room = capacity_ == 0
                                      ? std::numeric_limits<uint64_t>::max()
                                      : (capacity_ > stats.used ? capacity_ - stats.used : 0);
-  stats.free = std::min(capacity_room, MachineRoom());
   FillStats(stats);
+  stats.free = std::min(capacity_room, MachineRoom(stats));
   return stats;
 }
 
-uint64_t AccountedHeap::MachineRoom() const { return AvailableMemoryBytes(); }
+uint64_t AccountedHeap::MachineRoom(const HeapStats&) const { return AvailableMemoryBytes(); }
 
 }  // namespace bufferd

@@ -215,8 +215,8 @@ class AccountedHeap : public Heap {
   // Adds heap-specific fields to `stats`.
   virtual void FillStats(HeapStats& stats) const {}
   // Bytes the machine could give this heap now, whatever its capacity
-  // (default: MemAvailable).
-  virtual uint64_t MachineRoom() const;
+  // (default: MemAvailable); `stats` as FillStats left them.
+  virtual uint64_t MachineRoom(const HeapStats& stats) const;
   // CheckAllocate's heap-specific part, for `count` buffers of `rounded`
   // bytes that fit the capacity.
   virtual absl::Status CheckBacking(uint64_t rounded, uint64_t count) const {

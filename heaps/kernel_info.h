@@ -21,6 +21,8 @@ struct HugepagePoolState {
   uint64_t total = 0;
   uint64_t free = 0;
   uint64_t reserved = 0;
+  // Pages an allocation can take now: free but not reserved by a mapping.
+  uint64_t available() const { return free > reserved ? free - reserved : 0; }
 };
 
 // Reads /sys/kernel/mm/hugepages/hugepages-<N>kB; all zero if absent.
