@@ -158,8 +158,8 @@ absl::StatusOr<AllocationPlan> CheckAllocateRequest(const HeapRegistry& heaps,
   return plan;
 }
 
-absl::StatusOr<uint64_t> RoundForHeap(const Heap& heap, const v1::QuotaConfig& quotas,
-                                      uint64_t size, uint32_t count) {
+absl::StatusOr<uint64_t> RoundForHeap(const Heap& heap, uint64_t max_allocation, uint64_t size,
+                                      uint32_t count) {
   const uint64_t page = heap.page_size();
   const uint64_t rounded = (size + page - 1) / page * page;
   if (rounded > std::numeric_limits<uint64_t>::max() / std::max<uint32_t>(count, 1)) {
@@ -167,7 +167,6 @@ absl::StatusOr<uint64_t> RoundForHeap(const Heap& heap, const v1::QuotaConfig& q
                        absl::StrCat(count, " buffers of ", FormatBytes(rounded), " on heap '",
                                     heap.name(), "' cannot be counted"));
   }
-  const uint64_t max_allocation = quotas.max_allocation_bytes();
   if (max_allocation != 0 && rounded > max_allocation) {
     return HeapRefused(
         HeapRefusal::kTooLarge,

@@ -58,9 +58,9 @@ absl::StatusOr<AllocationPlan> CheckAllocateRequest(const HeapRegistry& heaps,
                                                     uint32_t count = 1);
 
 // `size` rounded to the heap's page; RESOURCE_EXHAUSTED (a HeapRefused
-// kTooLarge) above the quotas' max_allocation_bytes, or if `count` such
-// buffers cannot be counted in 64 bits.
-absl::StatusOr<uint64_t> RoundForHeap(const Heap& heap, const v1::QuotaConfig& quotas,
+// kTooLarge) above the quota max_allocation_bytes (0: none), or if `count`
+// such buffers cannot be counted in 64 bits.
+absl::StatusOr<uint64_t> RoundForHeap(const Heap& heap, uint64_t max_allocation_bytes,
                                       uint64_t size, uint32_t count = 1);
 
 // Metadata a client sets (at Allocate or SetMetadata), for a buffer with

@@ -27,9 +27,7 @@ struct DaemonState::Buffer {
   std::unique_ptr<HeapBuffer> memory;
   v1::BufferInfo info;
   int handle_count = 0;
-  // The memfd's st_dev and st_ino, and who made it (for debug views).
-  uint64_t dev = 0;
-  uint64_t ino = 0;
+  // Who made it (for debug views).
   ProcessRef creator;
   // Handles per holder uid.
   std::map<uid_t, int> holder_uids;
@@ -169,7 +167,8 @@ DaemonState::DaemonState(const HeapRegistry* heaps, Options options)
              options_.max_frame_dimension},
       own_budget_(options_.fd_budget == nullptr ? std::make_unique<FdBudget>() : nullptr),
       budget_(options_.fd_budget != nullptr ? options_.fd_budget : own_budget_.get()),
-      quotas_(options_.quotas) {}
+      quotas_(options_.quotas),
+      max_allocation_bytes_(options_.quotas.max_allocation_bytes()) {}
 
 DaemonState::~DaemonState() {
   std::map<uint64_t, std::unique_ptr<Buffer>> buffers;
@@ -180,6 +179,7 @@ DaemonState::~DaemonState() {
 void DaemonState::SetQuotas(const v1::QuotaConfig& quotas) {
   absl::MutexLock lock(&mu_);
   quotas_.SetQuotas(quotas);
+  max_allocation_bytes_.store(quotas.max_allocation_bytes(), std::memory_order_relaxed);
 }
 
 void DaemonState::SetHeapQuotas(const std::string& heap, uint64_t per_session, uint64_t per_uid) {
@@ -291,8 +291,8 @@ void DaemonState::RemoveHandleLocked(uint64_t handle_id, std::vector<DeadBuffer>
   if (buffer.fd_lease.held()) buffer.fd_lease.Reassign(FdUse::kFreeing, kNoUid);
   tokens_.ForgetBuffer(handle.buffer);
   released_.push_back(ReleasedView{handle.buffer, buffer.info.heap(), buffer.info.name(),
-                                   buffer.info.size(), buffer.dev, buffer.ino, absl::Now(),
-                                   buffer.creator});
+                                   buffer.info.size(), buffer.memory->dev(), buffer.memory->ino(),
+                                   absl::Now(), buffer.creator});
   if (released_.size() > kMaxReleasedRemembered) released_.pop_front();
   buffer.memory->Retire();  // the next Allocate sees the bytes free
   dead.push_back(DeadBuffer{std::move(buffer.fd_lease), std::move(buffer.memory), handle.buffer});
@@ -338,15 +338,12 @@ absl::StatusOr<DaemonState::Allocation> DaemonState::AllocatePlanned(
     uint64_t session_id, const AllocationPlan& plan, const v1::AllocateRequest& request) {
   Allocation allocation;
   std::vector<absl::Status> refusals;
-  const v1::QuotaConfig quotas = [&] {
-    absl::ReaderMutexLock lock(&mu_);
-    return quotas_.quotas();
-  }();
+  const uint64_t max_allocation = max_allocation_bytes_.load(std::memory_order_relaxed);
   for (Heap* heap : plan.heaps) {
     std::optional<v1::SkipReason> skip;
     std::optional<Refusal> refused;
     absl::StatusOr<std::vector<PendingGrant>> grants = [&] {
-      absl::StatusOr<uint64_t> rounded = RoundForHeap(*heap, quotas, plan.size, plan.count);
+      absl::StatusOr<uint64_t> rounded = RoundForHeap(*heap, max_allocation, plan.size, plan.count);
       if (!rounded.ok()) {
         skip = v1::SKIP_REASON_TOO_LARGE;
         return absl::StatusOr<std::vector<PendingGrant>>(rounded.status());
@@ -488,10 +485,6 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
       buffer->memory = std::move(memories[i]);
       buffer->fd_lease = std::move(fd_leases[i]);
       buffer->creator = session->process;
-      if (struct stat st{}; ::fstat(buffer->memory->fd(), &st) == 0) {
-        buffer->dev = st.st_dev;
-        buffer->ino = st.st_ino;
-      }
       v1::BufferInfo& info = buffer->info;
       info.set_buffer_id(next_buffer_id_++);
       info.set_heap(heap.name());
@@ -546,13 +539,10 @@ absl::StatusOr<v1::CanAllocateResponse> DaemonState::CanAllocate(uint64_t sessio
                    CheckAllocateRequest(*heaps_, rules_, request, count));
   v1::CanAllocateResponse response;
   if (plan.frame.has_value()) *response.mutable_frame() = *plan.frame;
-  const v1::QuotaConfig quotas = [&] {
-    absl::ReaderMutexLock lock(&mu_);
-    return quotas_.quotas();
-  }();
+  const uint64_t max_allocation = max_allocation_bytes_.load(std::memory_order_relaxed);
   for (Heap* heap : plan.heaps) {
     std::optional<v1::SkipReason> skip;
-    absl::StatusOr<uint64_t> rounded = RoundForHeap(*heap, quotas, plan.size, plan.count);
+    absl::StatusOr<uint64_t> rounded = RoundForHeap(*heap, max_allocation, plan.size, plan.count);
     absl::Status status = rounded.status();
     if (!rounded.ok()) {
       skip = v1::SKIP_REASON_TOO_LARGE;
@@ -817,8 +807,8 @@ std::vector<DaemonState::BufferView> DaemonState::ListBuffers(const BufferQuery&
     view.info = buffer->info;
     view.kind = buffer->heap->kind();
     view.allocated_bytes = AllocatedBytes(buffer->memory->fd());
-    view.dev = buffer->dev;
-    view.ino = buffer->ino;
+    view.dev = buffer->memory->dev();
+    view.ino = buffer->memory->ino();
     view.creator = buffer->creator;
     for (const Handle* h : holders[id]) {
       auto s = sessions_.find(h->session);

@@ -23,6 +23,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <map>
@@ -313,6 +314,9 @@ class DaemonState {
 
   mutable absl::Mutex mu_;
   QuotaLedger quotas_ ABSL_GUARDED_BY(mu_);
+  // quotas_.quotas().max_allocation_bytes, read before the lock is taken
+  // (Allocate's first check); SetQuotas changes both.
+  std::atomic<uint64_t> max_allocation_bytes_;
   ShareTokens tokens_ ABSL_GUARDED_BY(mu_);
   uint64_t next_buffer_id_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_handle_id_ ABSL_GUARDED_BY(mu_) = 1;

@@ -1,5 +1,7 @@
 #include "heaps/heap.h"
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <limits>
 #include <optional>
@@ -44,6 +46,20 @@ absl::string_view HeapKindName(HeapKind kind) {
 
 void HeapBuffer::Retire() {
   if (on_retire_) std::exchange(on_retire_, nullptr)();
+}
+
+HeapBuffer::HeapBuffer(UniqueFd fd, uint64_t size, Backing backing, std::function<void()> on_retire,
+                       std::function<void(UniqueFd)> on_free, bool cheap_to_free)
+    : fd_(std::move(fd)),
+      size_(size),
+      backing_(backing),
+      cheap_to_free_(cheap_to_free),
+      on_retire_(std::move(on_retire)),
+      on_free_(std::move(on_free)) {
+  if (struct stat st{}; ::fstat(fd_.get(), &st) == 0) {
+    dev_ = st.st_dev;
+    ino_ = st.st_ino;
+  }
 }
 
 HeapBuffer::~HeapBuffer() {

@@ -112,13 +112,7 @@ class HeapBuffer {
   // one, the fd is just closed). `cheap_to_free`: destroying it touches few
   // pages (no refill, small).
   HeapBuffer(UniqueFd fd, uint64_t size, Backing backing, std::function<void()> on_retire,
-             std::function<void(UniqueFd)> on_free, bool cheap_to_free = true)
-      : fd_(std::move(fd)),
-        size_(size),
-        backing_(backing),
-        cheap_to_free_(cheap_to_free),
-        on_retire_(std::move(on_retire)),
-        on_free_(std::move(on_free)) {}
+             std::function<void(UniqueFd)> on_free, bool cheap_to_free = true);
   ~HeapBuffer();
   HeapBuffer(const HeapBuffer&) = delete;
   HeapBuffer& operator=(const HeapBuffer&) = delete;
@@ -137,6 +131,10 @@ class HeapBuffer {
   // Empty, or why the heap's first backing could not serve this buffer and a
   // fallback (backing()) did.
   const std::string& fell_back_because() const { return fell_back_because_; }
+  // The memfd's st_dev and st_ino (read once, as it is made): how the
+  // holders view finds it in other processes' fds and mappings.
+  uint64_t dev() const { return dev_; }
+  uint64_t ino() const { return ino_; }
   void set_fell_back_because(std::string why) { fell_back_because_ = std::move(why); }
 
  private:
@@ -144,6 +142,8 @@ class HeapBuffer {
   uint64_t size_;
   Backing backing_;
   bool cheap_to_free_;
+  uint64_t dev_ = 0;
+  uint64_t ino_ = 0;
   std::string fell_back_because_;
   std::function<void()> on_retire_;
   std::function<void(UniqueFd)> on_free_;

@@ -139,11 +139,12 @@ TEST_F(LifecycleTest, SighupReloadsQuotasAndLogLevel) {
   EXPECT_EQ(client->Allocate({.heap = "system", .size = 2 * kMiB}).status().code(),
             absl::StatusCode::kResourceExhausted);
 
-  std::ofstream(config) << "heaps { name: \"system\" type: HEAP_TYPE_SYSTEM }\n"
-                           "heaps { name: \"new\" type: HEAP_TYPE_SYSTEM }\n"
-                           "quotas { max_bytes_per_session: 4194304 }\n"
-                           "log_level: \"debug\"\n"
-                           "fd_budget: 100\n";
+  std::ofstream(config)
+      << "heaps { name: \"system\" type: HEAP_TYPE_SYSTEM }\n"
+         "heaps { name: \"new\" type: HEAP_TYPE_SYSTEM }\n"
+         "quotas { max_bytes_per_session: 4194304 max_allocation_bytes: 3145728 }\n"
+         "log_level: \"debug\"\n"
+         "fd_budget: 100\n";
   daemon->Kill(SIGHUP);
   // The warning is the reload's last line.
   ASSERT_TRUE(
@@ -156,6 +157,10 @@ TEST_F(LifecycleTest, SighupReloadsQuotasAndLogLevel) {
                                        "heaps, fd_budget"));
   absl::StatusOr<Buffer> bigger = client->Allocate({.heap = "system", .size = 2 * kMiB});
   EXPECT_TRUE(bigger.ok()) << bigger.status();
+  absl::StatusOr<Buffer> too_large = client->Allocate({.heap = "system", .size = 3 * kMiB + 1});
+  EXPECT_EQ(too_large.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(too_large.status().message()), HasSubstr("quota max_allocation_bytes"))
+      << "the reloaded largest allocation applies";
   EXPECT_EQ(client->Allocate({.heap = "new", .size = 4096}).status().code(),
             absl::StatusCode::kNotFound)
       << "heaps take a restart";
