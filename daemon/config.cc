@@ -339,15 +339,16 @@ absl::Status CheckMemory(const v1::Config& config, const MachineFacts& machine, 
                               "; a heap's cap may be at most this machine's memory (MemTotal ",
                               FormatBytes(memory), ")"));
     }
-    if (SaturatingAdd(all, holds) > memory) {
+    const uint64_t with_this = SaturatingAdd(all, holds);
+    if (with_this > memory) {
       return bad(i, "capacity_bytes",
                  absl::StrCat("is ", Figure(capacity), ", which with the heaps before it (",
-                              FormatBytes(all), ") makes ", FormatBytes(SaturatingAdd(all, holds)),
+                              FormatBytes(all), ") makes ", FormatBytes(with_this),
                               "; the heaps' capacities together may be at most this machine's "
                               "memory (MemTotal ",
                               FormatBytes(memory), ")"));
     }
-    all = SaturatingAdd(all, holds);
+    all = with_this;
   }
   return absl::OkStatus();
 }
@@ -698,8 +699,7 @@ absl::StatusOr<gid_t> ConfigGroup(absl::string_view what, const std::string& nam
 absl::StatusOr<std::unique_ptr<HeapRegistry>> BuildHeaps(const v1::Config& config) {
   auto registry = std::make_unique<HeapRegistry>();
   for (const v1::HeapConfig& heap : config.heaps()) {
-    const uint64_t hugepage =
-        heap.hugepage_size() == v1::HUGEPAGE_SIZE_1G ? kHugePage1G : kHugePage2M;
+    const uint64_t hugepage = HugepageOf(heap);
     std::unique_ptr<Heap> built;
     switch (heap.type()) {
       case v1::HEAP_TYPE_SYSTEM:
