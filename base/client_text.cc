@@ -1,11 +1,24 @@
 #include "base/client_text.h"
 
+#include <fstream>
+
 #include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
 namespace bufferd {
 
 std::string EscapeClientText(absl::string_view text) { return absl::CHexEscape(text); }
+
+std::string ReadComm(pid_t pid) {
+  // The kernel ends comm with one '\n'.
+  std::ifstream in(absl::StrCat("/proc/", pid, "/comm"));
+  char buf[64] = {};
+  in.read(buf, sizeof(buf) - 1);
+  absl::string_view comm(buf, static_cast<size_t>(in.gcount()));
+  if (absl::EndsWith(comm, "\n")) comm.remove_suffix(1);
+  return EscapeClientText(comm);
+}
 
 absl::Status CheckClientText(absl::string_view field, absl::string_view text) {
   if (text.size() > kMaxClientTextBytes) {

@@ -6,6 +6,8 @@
 #ifndef BUFFERD_BASE_CLIENT_TEXT_H_
 #define BUFFERD_BASE_CLIENT_TEXT_H_
 
+#include <sys/types.h>
+
 #include <cstddef>
 #include <string>
 
@@ -35,6 +37,11 @@ std::string QuoteClientText(absl::string_view text, size_t max_bytes = kMaxQuote
 // short client text the daemon keeps and shows everywhere (a process name
 // from /proc/<pid>/comm, at most 15 bytes).
 std::string EscapeClientText(absl::string_view text);
+
+// /proc/<pid>/comm, escaped as above (the name may hold any byte but NUL):
+// how the daemon and bufctl name a process in every table, log line and
+// proto (whose string fields must be UTF-8). "" if it cannot be read.
+std::string ReadComm(pid_t pid);
 
 }  // namespace bufferd
 

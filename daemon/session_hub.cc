@@ -2,8 +2,6 @@
 
 #include <fcntl.h>
 
-#include <fstream>
-
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "base/client_text.h"
@@ -19,17 +17,6 @@ LogLimiter& SkippedReleaseLog() {
   return limiter;
 }
 }  // namespace
-
-std::string ReadComm(pid_t pid) {
-  // The kernel ends comm with one '\n'. Escaped here, once, for every
-  // table, log line and proto (whose string fields must be UTF-8).
-  std::ifstream in(absl::StrCat("/proc/", pid, "/comm"));
-  char buf[64] = {};
-  in.read(buf, sizeof(buf) - 1);
-  absl::string_view comm(buf, static_cast<size_t>(in.gcount()));
-  if (absl::EndsWith(comm, "\n")) comm.remove_suffix(1);
-  return EscapeClientText(comm);
-}
 
 absl::StatusOr<FdChannel::Admission> SessionHub::OnConnect(const PeerCredentials& peer) {
   const std::string comm = ReadComm(peer.pid);

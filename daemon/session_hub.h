@@ -90,10 +90,6 @@ class SessionHub final : public FdChannel::Delegate {
   std::map<uint64_t, Uploads> uploads_ ABSL_GUARDED_BY(mu_);
 };
 
-// /proc/<pid>/comm, escaped (base/client_text.h): the name may hold any
-// byte but NUL.
-std::string ReadComm(pid_t pid);
-
 }  // namespace bufferd
 
 #endif  // BUFFERD_DAEMON_SESSION_HUB_H_

@@ -35,6 +35,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "base/client_text.h"
 #include "base/errno_status.h"
 #include "base/frame_format.h"
 #include "base/protocol.h"
@@ -636,13 +637,6 @@ std::string MemfdName(absl::string_view path) {
   return std::string(path);
 }
 
-std::string ReadSmallFile(const std::string& path) {
-  std::ifstream in(path);
-  std::string text;
-  std::getline(in, text);
-  return text;
-}
-
 // What one process holds of one memfd.
 struct Held {
   std::string path;
@@ -762,7 +756,7 @@ absl::StatusOr<bufferd::v1::HoldersReport> FindHolders(const bufferd::Client& cl
     if (held.empty()) continue;
     struct stat st {};
     ::stat(absl::StrCat("/proc/", pid).c_str(), &st);
-    const std::string comm = absl::CEscape(ReadSmallFile(absl::StrCat("/proc/", pid, "/comm")));
+    const std::string comm = bufferd::ReadComm(static_cast<pid_t>(pid_number));
     for (const auto& [key, h] : held) {
       bufferd::v1::ProcessHolding* out = report.add_holdings();
       out->set_pid(pid_number);
