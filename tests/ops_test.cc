@@ -226,6 +226,16 @@ TEST_F(OpsTest, EndSessionReleasesWhatTheSessionHeld) {
   EXPECT_THAT(unknown.out, HasSubstr("NOT_FOUND: no session 999999 is open")) << unknown.out;
   const BufctlRun json = Bufctl(dir(), absl::StrCat("--json end-session ", victim->session_id()));
   EXPECT_EQ(json.code, 1) << "already ended: " << json.out;
+  // Through the client library, each refusal's exact code.
+  absl::StatusOr<v1::EndSessionResponse> own = client_->EndSession(client_->session_id());
+  EXPECT_EQ(own.status().code(), absl::StatusCode::kInvalidArgument) << own.status();
+  EXPECT_THAT(std::string(own.status().message()), HasSubstr("is the caller's own session"));
+  EXPECT_EQ(client_->EndSession(victim->session_id()).status().code(), absl::StatusCode::kNotFound);
+  v1::ListBuffersRequest of_nobody;
+  of_nobody.set_session_id(999999);
+  absl::StatusOr<v1::ListBuffersResponse> none = client_->ListBuffers(of_nobody);
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kNotFound) << none.status();
+  EXPECT_THAT(std::string(none.status().message()), HasSubstr("no session 999999 is open"));
   fence = absl::CancelledError("dropped");
   held.clear();
   victim = absl::CancelledError("closed");
