@@ -227,26 +227,27 @@ TEST(FdBudgetTest, TotalAndPerUidLimits) {
   FdBudget budget({.total = 4, .per_uid = 3});
   std::vector<FdBudget::Lease> leases;
   for (int i = 0; i < 3; ++i) {
-    auto lease = budget.Acquire(FdUse::kBuffer, 1);
+    auto lease = budget.Acquire(FdUse::kExport, 1);
     ASSERT_TRUE(lease.ok()) << lease.status();
     leases.push_back(*std::move(lease));
   }
   auto fourth = budget.Acquire(FdUse::kSession, 1);
   EXPECT_EQ(fourth.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(fourth.status().message(),
-            "fd budget of uid 1 reached: it holds 3 of 3 fds (limits.max_fds_per_uid): its buffers "
-            "(including "
-            "those it imported from others), sessions, control connections, fences and timelines (their pipes and pages) and fds not yet read; "
-            "release buffers, drop fences and timelines or close sessions");
+            "fd budget of uid 1 reached: it holds 3 of 3 fds (limits.max_fds_per_uid): "
+            "buffers it exported (share tokens not yet redeemed), sessions, control connections, "
+            "fences and timelines (their pipes and pages) and fds not yet read; let tokens be "
+            "redeemed or expire, drop fences and timelines or close sessions");
   auto other = budget.Acquire(FdUse::kSession, 2);
   ASSERT_TRUE(other.ok());
   auto full = budget.Acquire(FdUse::kControlConnection, 3);
   EXPECT_EQ(full.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(full.status().message(),
-            "daemon fd budget reached: 4 of 4 fds in use (3 buffers, 1 sessions); try again when "
+            "daemon fd budget reached: 4 of 4 fds in use (3 exported buffers (share tokens not yet "
+            "redeemed), 1 sessions); try again when "
             "some close");
   EXPECT_EQ(budget.usage().total, 4u);
-  EXPECT_EQ(budget.usage().of(FdUse::kBuffer), 3u);
+  EXPECT_EQ(budget.usage().of(FdUse::kExport), 3u);
   EXPECT_EQ(budget.UsedBy(1), 3u);
 
   FdBudget::Lease moved = std::move(leases[0]);
@@ -269,7 +270,7 @@ TEST(FdBudgetTest, ExactUnderConcurrency) {
   for (int t = 0; t < 8; ++t) {
     threads.emplace_back([&, t] {
       for (int i = 0; i < 400; ++i) {
-        auto lease = budget.Acquire(FdUse::kBuffer, static_cast<uid_t>(t % 4));
+        auto lease = budget.Acquire(FdUse::kExport, static_cast<uid_t>(t % 4));
         if (lease.ok()) held[t].push_back(*std::move(lease));
       }
     });

@@ -8,16 +8,14 @@ namespace bufferd {
 
 const char* FdUseName(FdUse use) {
   switch (use) {
-    case FdUse::kBuffer:
-      return "buffers";
+    case FdUse::kExport:
+      return "exported buffers (share tokens not yet redeemed)";
     case FdUse::kSession:
       return "sessions";
     case FdUse::kControlConnection:
       return "control connections";
     case FdUse::kDelivery:
       return "fds in flight to clients";
-    case FdUse::kFreeing:
-      return "buffers being freed";
     case FdUse::kFence:
       return "fences and timelines (pipes, imported sync fds, timeline pages)";
     case FdUse::kCount:
@@ -106,8 +104,7 @@ absl::StatusOr<FdBudget::Lease> FdBudget::TryAcquire(FdUse use, uid_t uid) {
                                                      " of ", limits_.total, " fds in use (",
                                                      holders(), "); try again when some close"));
   }
-  // A uid's "holds N" counts what is charged to it now; buffers being freed
-  // are nobody's.
+  // A uid's "holds N" counts what is charged to it now.
   const uint64_t per_uid = limits_.uid_share();
   if (uid != kNoUid) {
     auto it = by_uid_.find(uid);
@@ -115,9 +112,10 @@ absl::StatusOr<FdBudget::Lease> FdBudget::TryAcquire(FdUse use, uid_t uid) {
     if (held >= per_uid) {
       return absl::ResourceExhaustedError(
           absl::StrCat("fd budget of uid ", uid, " reached: it holds ", held, " of ", per_uid,
-                       " fds (limits.max_fds_per_uid): its buffers (including those it imported "
-                       "from others), sessions, control connections, fences and timelines (their pipes and pages) and fds not yet read; "
-                       "release buffers, drop fences and timelines or close sessions"));
+                       " fds (limits.max_fds_per_uid): buffers it exported (share tokens not "
+                       "yet redeemed), sessions, control connections, fences and timelines "
+                       "(their pipes and pages) and fds not yet read; let tokens be redeemed or "
+                       "expire, drop fences and timelines or close sessions"));
     }
   }
   Take(use, uid);

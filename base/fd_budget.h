@@ -33,7 +33,9 @@
 namespace bufferd {
 
 // What a leased fd is for (counted separately for ops and messages).
-enum class FdUse { kBuffer, kSession, kControlConnection, kDelivery, kFreeing, kFence, kCount };
+// What a leased fd is for. kExport: a buffer's fd a share token keeps until
+// it is redeemed or expires (the daemon keeps no other fd of a buffer).
+enum class FdUse { kExport, kSession, kControlConnection, kDelivery, kFence, kCount };
 
 // The uid of leases no uid is charged for (buffers being freed: they count
 // in the total, in nobody's share).
@@ -79,7 +81,7 @@ class FdBudget {
     friend class FdBudget;
     Lease(FdBudget* budget, FdUse use, uid_t uid) : budget_(budget), use_(use), uid_(uid) {}
     FdBudget* budget_ = nullptr;
-    FdUse use_ = FdUse::kBuffer;
+    FdUse use_ = FdUse::kExport;
     uid_t uid_ = 0;
   };
 

@@ -1,5 +1,6 @@
 #include "daemon/allocator_service.h"
 
+#include "absl/strings/str_cat.h"
 #include "base/client_text.h"
 #include "base/errno_status.h"
 #include "daemon/call.h"
@@ -13,6 +14,17 @@ namespace {
 absl::Status Cancelled() { return absl::CancelledError("Allocate was cancelled by the client"); }
 
 }  // namespace
+
+absl::StatusOr<UniqueFd> AllocatorService::TakeBufferUpload(uint64_t session, uint64_t upload_id,
+                                                            absl::string_view call) {
+  if (upload_id == 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        call,
+        " needs upload_id: the daemon keeps no fd per buffer, so send the buffer's fd in "
+        "an FdUpload record on fd.sock first and name it here (the client library does)"));
+  }
+  return d_.hub->TakeUpload(session, upload_id);
+}
 
 absl::Status AllocatorService::Deliver(uint64_t session, DaemonState::PendingGrant& grant) {
   return d_.channel->Deliver(session, grant->transfer_id, v1::FD_KIND_BUFFER,
@@ -170,10 +182,11 @@ grpc::ServerUnaryReactor* AllocatorService::Release(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* AllocatorService::Export(grpc::CallbackServerContext* context,
                                                    const v1::ExportRequest* request,
                                                    v1::ExportResponse* response) {
-  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) {
-    absl::StatusOr<v1::ExportResponse> exported = d_.state->Export(session, *request);
-    if (exported.ok()) *response = *std::move(exported);
-    return exported.status();
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
+    ASSIGN_OR_RETURN(*response,
+                     d_.state->Export(session, *request,
+                                      TakeBufferUpload(session, request->upload_id(), "Export")));
+    return absl::OkStatus();
   });
 }
 
@@ -207,10 +220,11 @@ grpc::ServerUnaryReactor* AllocatorService::GetBuffer(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* AllocatorService::Freeze(grpc::CallbackServerContext* context,
                                                    const v1::FreezeRequest* request,
                                                    v1::FreezeResponse* response) {
-  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) {
-    absl::StatusOr<v1::BufferInfo> frozen = d_.state->Freeze(session, request->handle());
-    if (frozen.ok()) *response->mutable_buffer() = *std::move(frozen);
-    return frozen.status();
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
+    ASSIGN_OR_RETURN(*response->mutable_buffer(),
+                     d_.state->Freeze(session, request->handle(),
+                                      TakeBufferUpload(session, request->upload_id(), "Freeze")));
+    return absl::OkStatus();
   });
 }
 

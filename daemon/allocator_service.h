@@ -87,6 +87,9 @@ class AllocatorService final : public v1::Allocator::CallbackService {
                                           AllocateFn allocate);
   // Delivers the pending grant's fd.
   absl::Status Deliver(uint64_t session, DaemonState::PendingGrant& grant);
+  // The buffer fd `call` (Export, Freeze) names by upload id.
+  absl::StatusOr<UniqueFd> TakeBufferUpload(uint64_t session, uint64_t upload_id,
+                                            absl::string_view call);
 
   const Deps d_;
 };

@@ -11,16 +11,6 @@
 #include "daemon/proto_convert.h"
 
 namespace bufferd {
-namespace {
-
-// Bytes holders punched out of a prefaulted buffer (contiguous, carveout),
-// given `allocated` of its `size`; 0 for system buffers, sparse by design.
-uint64_t PunchedBytes(HeapKind kind, uint64_t size, uint64_t allocated) {
-  return kind != HeapKind::kSystem && allocated < size ? size - allocated : 0;
-}
-
-}  // namespace
-
 v1::ListHeapsResponse HeapsView(const DaemonState& state) {
   v1::ListHeapsResponse response;
   const auto refusals = state.Refusals();
@@ -61,19 +51,6 @@ v1::ListHeapsResponse HeapsView(const DaemonState& state) {
     for (const auto& [name, count] : stats.buffers_by_backing) {
       (*info->mutable_buffers_by_backing())[name] = count;
     }
-    // Holes holders punched in prefaulted buffers: given back to the
-    // system, still in `used`. System buffers are sparse by design.
-    if (heap->kind() == HeapKind::kSystem) continue;
-    uint64_t punched = 0;
-    for (const DaemonState::BufferView& buffer :
-         state.ListBuffers({.heap = heap->name(), .holders = false})) {
-      punched += PunchedBytes(buffer.kind, buffer.info.size(), buffer.allocated_bytes);
-    }
-    if (punched != 0) {
-      info->set_punched(punched);
-      absl::StrAppend(info->mutable_note(), info->note().empty() ? "" : "; ", "holders punched ",
-                      FormatBytes(punched), " out of live buffers");
-    }
   }
   const DaemonState::Totals totals = state.totals();
   response.set_live_buffers(totals.buffers);
@@ -89,11 +66,10 @@ v1::ListHeapsResponse HeapsView(const DaemonState& state) {
   usage->set_budget(limits.total);
   usage->set_per_uid(limits.uid_share());
   usage->set_in_use(fds.total);
-  usage->set_buffers(fds.of(FdUse::kBuffer));
+  usage->set_exports(fds.of(FdUse::kExport));
   usage->set_sessions(fds.of(FdUse::kSession));
   usage->set_control_connections(fds.of(FdUse::kControlConnection));
   usage->set_deliveries(fds.of(FdUse::kDelivery));
-  usage->set_freeing(fds.of(FdUse::kFreeing));
   usage->set_fences(fds.of(FdUse::kFence));
   return response;
 }
@@ -198,7 +174,6 @@ v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonSt
         info->set_usage(fence.usage);
       }
     }
-    entry->set_allocated_bytes(buffer.allocated_bytes);
     entry->set_memfd_dev(buffer.dev);
     entry->set_memfd_inode(buffer.ino);
     entry->set_creator_pid(static_cast<uint32_t>(buffer.creator.pid));
@@ -207,7 +182,6 @@ v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonSt
     auto known = exited.find(creator);
     if (known == exited.end()) known = exited.emplace(creator, ProcessExited(buffer.creator)).first;
     entry->set_creator_exited(known->second);
-    entry->set_punched_bytes(PunchedBytes(buffer.kind, buffer.info.size(), buffer.allocated_bytes));
     // Any read-write holder (the creator included) can punch a hole that
     // the others then die of; a frozen buffer cannot be punched.
     std::set<uid_t> writer_uids;

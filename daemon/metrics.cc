@@ -69,11 +69,10 @@ std::string MetricsText(const v1::ListHeapsResponse& heaps, uint64_t sessions,
   absl::StrAppend(&out, "bufferd_handles ", heaps.live_handles(), "\n");
   family("bufferd_fds_in_use", "gauge", "fds held on clients' behalf, by use.");
   const v1::FdUsage& fds = heaps.fds();
-  for (const auto& [use, count] : {std::pair<const char*, uint64_t>{"buffers", fds.buffers()},
+  for (const auto& [use, count] : {std::pair<const char*, uint64_t>{"exports", fds.exports()},
                                    {"sessions", fds.sessions()},
                                    {"control_connections", fds.control_connections()},
                                    {"deliveries", fds.deliveries()},
-                                   {"freeing", fds.freeing()},
                                    {"fences", fds.fences()}}) {
     absl::StrAppend(&out, "bufferd_fds_in_use{use=\"", use, "\"} ", count, "\n");
   }

@@ -8,7 +8,8 @@
 // memory that is cheap to free (small, no refill) is freed on the calling
 // thread; the rest (big buffers, carveout refills, hugetlb pages going back
 // to the pool) on the reaper's one thread, in the order it was handed over.
-// Either way the buffer's fd leaves the fd budget only once it is closed.
+// The daemon holds no fd of a live buffer; those its share tokens held close
+// here, with it.
 //
 // Thread-safe. The destructor frees what is queued, then joins.
 #ifndef BUFFERD_DAEMON_REAPER_H_
@@ -24,13 +25,13 @@
 
 namespace bufferd {
 
-// A destroyed buffer's memory, retired but not yet freed, and the budget
-// place of its fd, returned once the memory (and so the fd) is gone.
+// A destroyed buffer's memory, retired but not yet freed, and the fds its
+// share tokens held (closed before the memory's page work runs).
 struct DeadBuffer {
-  FdBudget::Lease fd_lease;  // destroyed after `memory`
   std::unique_ptr<HeapBuffer> memory;
   // The buffer's id once it had handles (0: it never had one).
   uint64_t buffer_id = 0;
+  std::vector<LeasedFd> token_fds;  // destroyed before `memory`
 };
 
 class Reaper {

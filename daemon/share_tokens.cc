@@ -9,7 +9,7 @@
 namespace bufferd {
 
 absl::StatusOr<std::string> ShareTokens::Create(uint64_t exporter, uint64_t buffer,
-                                                v1::Access access, absl::Time expires,
+                                                v1::Access access, absl::Time expires, LeasedFd fd,
                                                 ProcessRef exporter_process) {
   uint32_t& unredeemed = unredeemed_[exporter];
   if (unredeemed >= kMaxUnredeemed) {
@@ -22,6 +22,10 @@ absl::StatusOr<std::string> ShareTokens::Create(uint64_t exporter, uint64_t buff
   tokens_[token] = Token{buffer, access, expires, exporter, std::move(exporter_process), 0};
   by_forget_time_.emplace(expires + kTombstoneGrace, token);
   by_buffer_[buffer].insert(token);
+  if (fd.fd.valid()) {
+    fds_[token] = std::move(fd);
+    by_expiry_.emplace(expires, token);
+  }
   return token;
 }
 
@@ -42,31 +46,72 @@ absl::StatusOr<ShareTokens::Token> ShareTokens::Find(absl::string_view token,
   return entry;
 }
 
-void ShareTokens::Redeem(absl::string_view token, uint64_t importer) {
-  auto it = tokens_.find(std::string(token));
-  if (it == tokens_.end() || it->second.used_by != 0) return;
-  it->second.used_by = importer;
-  ForgetUnredeemed(it->second.exporter);
+int ShareTokens::fd(absl::string_view token) const {
+  auto it = fds_.find(std::string(token));
+  return it == fds_.end() ? -1 : it->second.fd.get();
 }
 
-void ShareTokens::Unredeem(absl::string_view token) {
+LeasedFd ShareTokens::Redeem(absl::string_view token, uint64_t importer) {
+  std::vector<LeasedFd> fd;
+  auto it = tokens_.find(std::string(token));
+  if (it == tokens_.end() || it->second.used_by != 0) return {};
+  it->second.used_by = importer;
+  ForgetUnredeemed(it->second.exporter);
+  DropFd(it->first, it->second.expires, fd);
+  return fd.empty() ? LeasedFd{} : std::move(fd.front());
+}
+
+void ShareTokens::Unredeem(absl::string_view token, LeasedFd fd) {
   auto it = tokens_.find(std::string(token));
   if (it == tokens_.end() || it->second.used_by == 0) return;
   it->second.used_by = 0;
   ++unredeemed_[it->second.exporter];
-}
-
-void ShareTokens::ForgetBuffer(uint64_t buffer) {
-  auto it = by_buffer_.find(buffer);
-  if (it == by_buffer_.end()) return;
-  const std::set<std::string> tokens = std::move(it->second);
-  by_buffer_.erase(it);
-  for (const std::string& token : tokens) {
-    if (auto t = tokens_.find(token); t != tokens_.end()) Erase(t);
+  if (fd.fd.valid()) {
+    fds_[it->first] = std::move(fd);
+    by_expiry_.emplace(it->second.expires, it->first);
   }
 }
 
-void ShareTokens::Expire(absl::Time now) {
+std::vector<LeasedFd> ShareTokens::ForgetBuffer(uint64_t buffer) {
+  std::vector<LeasedFd> fds;
+  auto it = by_buffer_.find(buffer);
+  if (it == by_buffer_.end()) return fds;
+  const std::set<std::string> tokens = std::move(it->second);
+  by_buffer_.erase(it);
+  for (const std::string& token : tokens) {
+    if (auto t = tokens_.find(token); t != tokens_.end()) {
+      DropFd(t->first, t->second.expires, fds);
+      Erase(t);
+    }
+  }
+  return fds;
+}
+
+void ShareTokens::DropFd(const std::string& token, absl::Time expires, std::vector<LeasedFd>& out) {
+  auto fd = fds_.find(token);
+  if (fd == fds_.end()) return;
+  out.push_back(std::move(fd->second));
+  fds_.erase(fd);
+  auto [first, last] = by_expiry_.equal_range(expires);
+  for (auto it = first; it != last; ++it) {
+    if (it->second == token) {
+      by_expiry_.erase(it);
+      break;
+    }
+  }
+}
+
+std::vector<LeasedFd> ShareTokens::Expire(absl::Time now) {
+  std::vector<LeasedFd> fds;
+  while (!by_expiry_.empty() && by_expiry_.begin()->first <= now) {
+    auto first = by_expiry_.begin();
+    const std::string token = first->second;
+    by_expiry_.erase(first);
+    if (auto fd = fds_.find(token); fd != fds_.end()) {
+      fds.push_back(std::move(fd->second));
+      fds_.erase(fd);
+    }
+  }
   while (!by_forget_time_.empty() && by_forget_time_.begin()->first < now) {
     auto t = tokens_.find(by_forget_time_.begin()->second);
     if (t != tokens_.end()) {
@@ -75,6 +120,7 @@ void ShareTokens::Expire(absl::Time now) {
       by_forget_time_.erase(by_forget_time_.begin());
     }
   }
+  return fds;
 }
 
 uint64_t ShareTokens::Pending(absl::Time now) const {
@@ -95,6 +141,8 @@ std::vector<ShareTokens::Token> ShareTokens::ListPending(absl::Time now) const {
 
 void ShareTokens::Erase(std::map<std::string, Token>::iterator token) {
   const Token& entry = token->second;
+  // An fd still here (a tombstone has none) closes with its token.
+  fds_.erase(token->first);
   if (entry.used_by == 0) ForgetUnredeemed(entry.exporter);
   auto [first, last] = by_forget_time_.equal_range(entry.expires + kTombstoneGrace);
   for (auto it = first; it != last; ++it) {

@@ -7,6 +7,11 @@
 // kMaxUnredeemed tokens out that nobody redeemed. Tokens never keep a buffer
 // alive: a destroyed buffer's tokens are forgotten (ForgetBuffer).
 //
+// A token holds the buffer's fd the exporter uploaded (the daemon keeps no
+// fd per buffer, only per token): from Create until it is redeemed (the fd
+// goes to the import), expires or is forgotten. Whatever gives fds back
+// returns them, so the caller closes them outside its lock.
+//
 // Thread-compatible: DaemonState guards it with its mutex, so a token and
 // the handle it becomes are one critical section.
 #ifndef BUFFERD_DAEMON_SHARE_TOKENS_H_
@@ -21,6 +26,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "base/fd_budget.h"
 #include "bufferd/v1/buffer.pb.h"
 #include "daemon/process_ref.h"
 
@@ -48,18 +54,23 @@ class ShareTokens {
   // A new token for `buffer`. RESOURCE_EXHAUSTED at kMaxUnredeemed for the
   // exporter. `ttl` must be at most kMaxTtl (the caller checks).
   absl::StatusOr<std::string> Create(uint64_t exporter, uint64_t buffer, v1::Access access,
-                                     absl::Time expires, ProcessRef exporter_process = {});
+                                     absl::Time expires, LeasedFd fd = {},
+                                     ProcessRef exporter_process = {});
   // The live, unredeemed token `token` at `now`: NOT_FOUND if unknown,
   // FAILED_PRECONDITION if used or expired, saying so.
   absl::StatusOr<Token> Find(absl::string_view token, absl::Time now) const;
-  // Marks a token Find returned as used by `importer`.
-  void Redeem(absl::string_view token, uint64_t importer);
-  // Makes a redeemed token redeemable again (its Import was undone).
-  void Unredeem(absl::string_view token);
-  // Forgets every token of a destroyed buffer.
-  void ForgetBuffer(uint64_t buffer);
-  // Forgets tokens kTombstoneGrace past their expiry.
-  void Expire(absl::Time now);
+  // The fd of a token Find returned, borrowed (the import makes its own).
+  int fd(absl::string_view token) const;
+  // Marks a token Find returned as used by `importer`; returns its fd.
+  LeasedFd Redeem(absl::string_view token, uint64_t importer);
+  // Makes a redeemed token redeemable again (its Import was undone), with
+  // the fd Redeem returned.
+  void Unredeem(absl::string_view token, LeasedFd fd = {});
+  // Forgets every token of a destroyed buffer; returns their fds.
+  std::vector<LeasedFd> ForgetBuffer(uint64_t buffer);
+  // Drops the fds of tokens expired at `now` (returned) and forgets tokens
+  // kTombstoneGrace past their expiry.
+  std::vector<LeasedFd> Expire(absl::Time now);
 
   // Tokens live and not redeemed at `now`.
   uint64_t Pending(absl::Time now) const;
@@ -67,6 +78,8 @@ class ShareTokens {
   // (for debug views: a token is a capability).
   std::vector<Token> ListPending(absl::Time now) const;
   size_t size() const { return tokens_.size(); }
+  // fds held (one per live, unredeemed token).
+  size_t fds() const { return fds_.size(); }
 
  private:
   void Erase(std::map<std::string, Token>::iterator token);
@@ -78,6 +91,11 @@ class ShareTokens {
   std::map<uint64_t, std::set<std::string>> by_buffer_;
   // Exporter session -> its tokens in tokens_ not redeemed (used_by == 0).
   std::map<uint64_t, uint32_t> unredeemed_;
+  // The fds of live, unredeemed tokens, and the same tokens by expiry.
+  std::map<std::string, LeasedFd> fds_;
+  std::multimap<absl::Time, std::string> by_expiry_;
+  // Removes `token`'s fd (and its by_expiry_ entry); appends it to `out`.
+  void DropFd(const std::string& token, absl::Time expires, std::vector<LeasedFd>& out);
 };
 
 }  // namespace bufferd

@@ -19,11 +19,7 @@ namespace bufferd {
 
 struct DaemonState::Buffer {
   Heap* heap = nullptr;
-  // The buffer's own fd's place in the budget: charged to one holder uid
-  // (its creator first, then whoever still holds it), and to nobody once it
-  // is being freed. Declared before `memory`, so it is returned after the
-  // fd is closed.
-  FdBudget::Lease fd_lease;
+  // Its identity and page work; no fd past the creator's grant.
   std::unique_ptr<HeapBuffer> memory;
   v1::BufferInfo info;
   int handle_count = 0;
@@ -34,12 +30,6 @@ struct DaemonState::Buffer {
 };
 
 namespace {
-
-// Bytes of the file really allocated (what a punch gives back shows here).
-uint64_t AllocatedBytes(int fd) {
-  struct stat st {};
-  return ::fstat(fd, &st) == 0 ? static_cast<uint64_t>(st.st_blocks) * 512 : 0;
-}
 
 // Hands buffers that died outside Release/CloseSession (an undone grant, a
 // session that ended mid-Allocate) to the reaper, or frees them here.
@@ -142,17 +132,22 @@ bool PunchMayHurtOthers(HeapKind kind, v1::Backing backing) {
 }
 
 DaemonState::PendingGrant::PendingGrant(DaemonState* state, uint64_t session, Grant grant,
-                                        std::string token)
-    : state_(state), session_(session), grant_(std::move(grant)), token_(std::move(token)) {}
+                                        std::string token, LeasedFd token_fd)
+    : state_(state),
+      session_(session),
+      grant_(std::move(grant)),
+      token_(std::move(token)),
+      token_fd_(std::move(token_fd)) {}
 
 DaemonState::PendingGrant::PendingGrant(PendingGrant&& other) noexcept
     : state_(std::exchange(other.state_, nullptr)),
       session_(other.session_),
       grant_(std::move(other.grant_)),
-      token_(std::move(other.token_)) {}
+      token_(std::move(other.token_)),
+      token_fd_(std::move(other.token_fd_)) {}
 
 DaemonState::PendingGrant::~PendingGrant() {
-  if (state_ != nullptr) state_->Undo(session_, grant_.handle, token_);
+  if (state_ != nullptr) state_->Undo(session_, grant_.handle, token_, std::move(token_fd_));
 }
 
 DaemonState::Grant DaemonState::PendingGrant::Commit() && {
@@ -233,25 +228,29 @@ absl::Status DaemonState::CheckBufferCountLocked(const Session& session, uint32_
   return absl::OkStatus();
 }
 
-absl::StatusOr<DaemonState::Grant> DaemonState::AddHandleLocked(Session& session, Buffer& buffer,
-                                                                v1::Access access) {
+absl::StatusOr<LeasedFd> DaemonState::DeliveryFdLocked(uid_t uid, int source, v1::Access access) {
   // The fd to deliver is the daemon's until the client has it.
-  ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kDelivery, session.uid));
+  ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kDelivery, uid));
   UniqueFd fd;
   if (access == v1::ACCESS_READ_ONLY) {
     // A new open file description, O_RDONLY: the holder cannot map it writable.
-    std::string path = absl::StrCat("/proc/self/fd/", buffer.memory->fd());
+    std::string path = absl::StrCat("/proc/self/fd/", source);
     fd.Reset(RetryOnEintr([&] { return ::open(path.c_str(), O_RDONLY | O_CLOEXEC); }));
     if (!fd.valid()) return ErrnoError("reopen buffer read-only", errno);
   } else {
-    ASSIGN_OR_RETURN(fd, DuplicateFd(buffer.memory->fd()));
+    ASSIGN_OR_RETURN(fd, DuplicateFd(source));
   }
+  return LeasedFd{std::move(fd), std::move(lease)};
+}
+
+DaemonState::Grant DaemonState::AddHandleLocked(Session& session, Buffer& buffer, v1::Access access,
+                                                LeasedFd fd) {
   Grant grant;
   grant.handle = next_handle_id_++;
   grant.transfer_id = next_transfer_id_++;
   grant.buffer = buffer.info;
   grant.access = access;
-  grant.fd = LeasedFd{std::move(fd), std::move(lease)};
+  grant.fd = std::move(fd);
   handles_[grant.handle] = Handle{grant.handle, session.id, buffer.info.buffer_id(), access};
   session.handles[grant.handle] = buffer.info.buffer_id();
   ++session.held[buffer.info.buffer_id()];
@@ -277,25 +276,16 @@ void DaemonState::RemoveHandleLocked(uint64_t handle_id, std::vector<DeadBuffer>
     auto u = buffer.holder_uids.find(session.uid);
     if (u != buffer.holder_uids.end() && --u->second == 0) buffer.holder_uids.erase(u);
   }
-  if (--buffer.handle_count > 0) {
-    // The uid charged for the buffer's fd let go of it: whoever still holds
-    // the buffer answers for its fd now (an importer cannot keep buffers
-    // alive on another uid's share).
-    if (buffer.fd_lease.held() && !buffer.holder_uids.empty() &&
-        buffer.holder_uids.count(buffer.fd_lease.uid()) == 0) {
-      buffer.fd_lease.Reassign(FdUse::kBuffer, buffer.holder_uids.begin()->first);
-    }
-    return;
-  }
-  // Being freed: in the budget until the reaper closes it, in nobody's share.
-  if (buffer.fd_lease.held()) buffer.fd_lease.Reassign(FdUse::kFreeing, kNoUid);
-  tokens_.ForgetBuffer(handle.buffer);
+  if (--buffer.handle_count > 0) return;
+  // Its tokens' fds close with it (on the reaper's thread if its pages are
+  // worth it): a token never keeps a buffer alive.
+  std::vector<LeasedFd> token_fds = tokens_.ForgetBuffer(handle.buffer);
   released_.push_back(ReleasedView{handle.buffer, buffer.info.heap(), buffer.info.name(),
                                    buffer.info.size(), buffer.memory->dev(), buffer.memory->ino(),
                                    absl::Now(), buffer.creator});
   if (released_.size() > kMaxReleasedRemembered) released_.pop_front();
   buffer.memory->Retire();  // the next Allocate sees the bytes free
-  dead.push_back(DeadBuffer{std::move(buffer.fd_lease), std::move(buffer.memory), handle.buffer});
+  dead.push_back(DeadBuffer{std::move(buffer.memory), handle.buffer, std::move(token_fds)});
   buffers_.erase(b);
 }
 
@@ -384,7 +374,7 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
     return room;
   }
   uid_t uid;
-  // The buffers' own fds, held until the reaper really closes them.
+  // The places of the fds going to the creator, until they are sent.
   std::vector<FdBudget::Lease> fd_leases;
   {
     absl::MutexLock lock(&mu_);
@@ -403,7 +393,7 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
       return room;
     }
     for (uint32_t i = 0; i < count; ++i) {
-      absl::StatusOr<FdBudget::Lease> lease = budget_->Acquire(FdUse::kBuffer, session->uid);
+      absl::StatusOr<FdBudget::Lease> lease = budget_->Acquire(FdUse::kDelivery, session->uid);
       if (!lease.ok()) {
         *refused = Refusal::kFdBudget;
         return lease.status();
@@ -452,7 +442,7 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
   auto discard = [&](size_t from) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     for (size_t i = from; i < memories.size(); ++i) {
       memories[i]->Retire();  // its bytes are free for the next Allocate at once
-      dead.push_back(DeadBuffer{std::move(fd_leases[i]), std::move(memories[i])});
+      dead.push_back(DeadBuffer{std::move(memories[i])});
     }
   };
   absl::StatusOr<std::vector<Grant>> made = [&]() -> absl::StatusOr<std::vector<Grant>> {
@@ -475,15 +465,12 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
       return absl::AbortedError(absl::StrCat("session ", session_id, " ended during Allocate"));
     }
     std::vector<Grant> grants;
-    // Still charged for buffers no handle owns yet.
-    uint64_t charged = total;
     const absl::Time now = absl::Now();
     for (size_t i = 0; i < memories.size(); ++i) {
       const uint64_t size = memories[i]->size();
       auto buffer = std::make_unique<Buffer>();
       buffer->heap = &heap;
       buffer->memory = std::move(memories[i]);
-      buffer->fd_lease = std::move(fd_leases[i]);
       buffer->creator = session->process;
       v1::BufferInfo& info = buffer->info;
       info.set_buffer_id(next_buffer_id_++);
@@ -502,23 +489,10 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
       // A fallback with a smaller page than the heap's (1 GiB pages -> base
       // pages): the quota keeps only what the buffer really holds.
       if (size < rounded) quotas_.Uncharge(session_id, uid, heap.name(), rounded - size);
-      charged -= rounded;
-      absl::StatusOr<Grant> grant = AddHandleLocked(*session, ref, v1::ACCESS_READ_WRITE);
-      if (!grant.ok()) {
-        // Undo all: the handles made so far (which gives their charges
-        // back), this buffer and the ones not made yet.
-        quotas_.Uncharge(session_id, uid, heap.name(), charged + std::min(size, rounded));
-        ref.memory->Retire();
-        dead.push_back(DeadBuffer{std::move(ref.fd_lease), std::move(ref.memory)});
-        buffers_.erase(ref.info.buffer_id());
-        for (const Grant& made : grants) RemoveHandleLocked(made.handle, dead);
-        discard(i + 1);
-        if (grant.status().code() == absl::StatusCode::kResourceExhausted) {
-          *refused = Refusal::kFdBudget;
-        }
-        return grant.status();
-      }
-      grants.push_back(*std::move(grant));
+      // The creator gets the daemon's own fd: from here on the daemon
+      // keeps none (an Export brings one back, for its token).
+      LeasedFd fd{ref.memory->TakeFd(), std::move(fd_leases[i])};
+      grants.push_back(AddHandleLocked(*session, ref, v1::ACCESS_READ_WRITE, std::move(fd)));
     }
     return grants;
   }();
@@ -626,20 +600,46 @@ absl::StatusOr<std::vector<DeadBuffer>> DaemonState::Release(uint64_t session_id
   return dead;
 }
 
-void DaemonState::Undo(uint64_t session_id, uint64_t handle, const std::string& token) {
+void DaemonState::Undo(uint64_t session_id, uint64_t handle, const std::string& token,
+                       LeasedFd token_fd) {
   std::vector<DeadBuffer> dead;
   {
     absl::MutexLock lock(&mu_);
+    // The token first: if this handle was the buffer's last, the buffer's
+    // death forgets the token (and closes its fd) as always.
+    if (!token.empty()) tokens_.Unredeem(token, std::move(token_fd));  // the importer may retry
     auto h = handles_.find(handle);
     // Gone already if the session ended meanwhile.
     if (h != handles_.end() && h->second.session == session_id) RemoveHandleLocked(handle, dead);
-    if (!token.empty()) tokens_.Unredeem(token);  // the importer may retry
   }
   Discard(options_.reaper, std::move(dead));
 }
 
+absl::Status DaemonState::CheckUploadLocked(const Buffer& buffer, int fd, bool writable,
+                                            absl::string_view what) const {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return ErrnoError("fstat of the uploaded fd", errno);
+  const HeapBuffer& memory = *buffer.memory;
+  if (st.st_dev != memory.dev() || st.st_ino != memory.ino() || st.st_uid != memory.uid()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the fd uploaded for ", what, " is not buffer ", buffer.info.buffer_id(),
+        "'s memfd (it is ", S_ISREG(st.st_mode) ? "another file" : "not a regular file",
+        "); upload this Buffer's own fd()"));
+  }
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0) return ErrnoError("fcntl(F_GETFL) of the uploaded fd", errno);
+  if (writable && (flags & O_ACCMODE) != O_RDWR) {
+    return absl::InvalidArgumentError(absl::StrCat("the fd uploaded for ", what, " of buffer ",
+                                                   buffer.info.buffer_id(),
+                                                   " is not open read-write; upload the "
+                                                   "read-write holder's fd()"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<v1::ExportResponse> DaemonState::Export(uint64_t session_id,
-                                                       const v1::ExportRequest& request) {
+                                                       const v1::ExportRequest& request,
+                                                       absl::StatusOr<UniqueFd> fd) {
   ASSIGN_OR_RETURN(const absl::Duration ttl,
                    CheckExportTtl(request, options_.default_token_ttl, ShareTokens::kMaxTtl));
   absl::MutexLock lock(&mu_);
@@ -667,9 +667,16 @@ absl::StatusOr<v1::ExportResponse> DaemonState::Export(uint64_t session_id,
         "hand its pages back behind the heap's accounting); export it READ_ONLY, or set "
         "accept_sigbus_risk for an importer you trust"));
   }
+  if (!fd.ok()) return fd.status();
+  RETURN_IF_ERROR(
+      CheckUploadLocked(buffer, fd->get(), access == v1::ACCESS_READ_WRITE, "a read-write export"));
+  // The token keeps the fd until it is redeemed or expires, in the
+  // exporter's share of the fd budget.
+  ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kExport, exporter->uid));
   const absl::Time expires = absl::Now() + ttl;
   ASSIGN_OR_RETURN(std::string token,
-                   tokens_.Create(session_id, handle->buffer, access, expires, exporter->process));
+                   tokens_.Create(session_id, handle->buffer, access, expires,
+                                  LeasedFd{*std::move(fd), std::move(lease)}, exporter->process));
   v1::ExportResponse response;
   response.set_token(std::move(token));
   *response.mutable_expires_at() = ToProto(expires);
@@ -704,15 +711,17 @@ absl::StatusOr<DaemonState::PendingGrant> DaemonState::Import(uint64_t session_i
         return quota;
       }
     }
-    absl::StatusOr<Grant> grant = AddHandleLocked(*session, buffer, entry.access);
-    if (!grant.ok()) {
+    absl::StatusOr<LeasedFd> fd = DeliveryFdLocked(session->uid, tokens_.fd(token), entry.access);
+    if (!fd.ok()) {
       if (charge) {
         quotas_.Uncharge(session_id, session->uid, buffer.info.heap(), buffer.info.size());
       }
-      return grant.status();
+      return fd.status();
     }
-    tokens_.Redeem(token, session_id);
-    return PendingGrant(this, session_id, *std::move(grant), std::string(token));
+    Grant grant = AddHandleLocked(*session, buffer, entry.access, *std::move(fd));
+    LeasedFd token_fd = tokens_.Redeem(token, session_id);
+    return PendingGrant(this, session_id, std::move(grant), std::string(token),
+                        std::move(token_fd));
   }();
   if (!imported.ok() && !refused_heap.empty()) {
     CountRefusal(refused_heap, Refusal::kQuota, session_id, imported.status());
@@ -739,7 +748,8 @@ absl::StatusOr<v1::GetBufferResponse> DaemonState::GetBuffer(uint64_t session_id
   return response;
 }
 
-absl::StatusOr<v1::BufferInfo> DaemonState::Freeze(uint64_t session_id, uint64_t handle_id) {
+absl::StatusOr<v1::BufferInfo> DaemonState::Freeze(uint64_t session_id, uint64_t handle_id,
+                                                   absl::StatusOr<UniqueFd> fd) {
   absl::MutexLock lock(&mu_);
   RETURN_IF_ERROR(FindSessionLocked(session_id).status());
   ASSIGN_OR_RETURN(Handle * handle, FindHandleLocked(session_id, handle_id));
@@ -754,7 +764,9 @@ absl::StatusOr<v1::BufferInfo> DaemonState::Freeze(uint64_t session_id, uint64_t
         "buffer ", buffer.info.buffer_id(),
         " was not allocated freezable (AllocateOptions.freezable); it cannot be frozen"));
   }
-  if (::fcntl(buffer.memory->fd(), F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_SEAL) != 0) {
+  if (!fd.ok()) return fd.status();
+  RETURN_IF_ERROR(CheckUploadLocked(buffer, fd->get(), /*writable=*/true, "Freeze"));
+  if (::fcntl(fd->get(), F_ADD_SEALS, F_SEAL_WRITE | F_SEAL_SEAL) != 0) {
     if (errno == EBUSY) {
       return absl::FailedPreconditionError(absl::StrCat(
           "buffer ", buffer.info.buffer_id(),
@@ -768,8 +780,9 @@ absl::StatusOr<v1::BufferInfo> DaemonState::Freeze(uint64_t session_id, uint64_t
 }
 
 void DaemonState::ExpireTokens(absl::Time now) {
+  std::vector<LeasedFd> expired;  // closed once the lock is dropped
   absl::MutexLock lock(&mu_);
-  tokens_.Expire(now);
+  expired = tokens_.Expire(now);
 }
 
 std::vector<DaemonState::Holdings> DaemonState::ListHoldings() const {
@@ -806,7 +819,6 @@ std::vector<DaemonState::BufferView> DaemonState::ListBuffers(const BufferQuery&
     BufferView& view = views.emplace_back();
     view.info = buffer->info;
     view.kind = buffer->heap->kind();
-    view.allocated_bytes = AllocatedBytes(buffer->memory->fd());
     view.dev = buffer->memory->dev();
     view.ino = buffer->memory->ino();
     view.creator = buffer->creator;

@@ -92,12 +92,15 @@ class DaemonState {
 
    private:
     friend class DaemonState;
-    PendingGrant(DaemonState* state, uint64_t session, Grant grant, std::string token);
+    PendingGrant(DaemonState* state, uint64_t session, Grant grant, std::string token,
+                 LeasedFd token_fd = {});
     DaemonState* state_;
     uint64_t session_;
     Grant grant_;
-    // The redeemed token of an Import, made redeemable again on undo.
+    // The redeemed token of an Import, made redeemable again (with its fd)
+    // on undo; the fd closes when the import commits.
     std::string token_;
+    LeasedFd token_fd_;
   };
 
   // A session's holdings, for debug views.
@@ -113,8 +116,6 @@ class DaemonState {
   struct BufferView {
     v1::BufferInfo info;
     HeapKind kind = HeapKind::kSystem;
-    // Bytes of the memfd really allocated (st_blocks).
-    uint64_t allocated_bytes = 0;
     // The memfd's st_dev and st_ino.
     uint64_t dev = 0;
     uint64_t ino = 0;
@@ -212,13 +213,21 @@ class DaemonState {
   // handle on it any more (0 otherwise).
   absl::StatusOr<std::vector<DeadBuffer>> Release(uint64_t session_id, uint64_t handle,
                                                   uint64_t* let_go = nullptr);
-  absl::StatusOr<v1::ExportResponse> Export(uint64_t session_id, const v1::ExportRequest& request);
+  // `fd`: the exporter's own fd of the buffer (uploaded on fd.sock), or
+  // why there is none (returned once the handle and access are checked).
+  // The token keeps it until it is redeemed or expires (the daemon keeps no
+  // fd per buffer). INVALID_ARGUMENT unless it is the buffer's memfd
+  // (device, inode and owner) and, for a READ_WRITE export, open read-write.
+  absl::StatusOr<v1::ExportResponse> Export(uint64_t session_id, const v1::ExportRequest& request,
+                                            absl::StatusOr<UniqueFd> fd);
   absl::StatusOr<PendingGrant> Import(uint64_t session_id, absl::string_view token);
   absl::StatusOr<v1::GetBufferResponse> GetBuffer(uint64_t session_id, uint64_t handle) const;
   // Whether the session holds a handle on buffer `buffer_id`.
   bool Holds(uint64_t session_id, uint64_t buffer_id) const;
-  // Seals a freezable buffer against all writes (see Allocator.Freeze).
-  absl::StatusOr<v1::BufferInfo> Freeze(uint64_t session_id, uint64_t handle);
+  // Seals a freezable buffer against all writes (see Allocator.Freeze),
+  // through `fd`: the holder's read-write fd of it, checked as Export's.
+  absl::StatusOr<v1::BufferInfo> Freeze(uint64_t session_id, uint64_t handle,
+                                        absl::StatusOr<UniqueFd> fd);
 
   // Forgets share tokens long expired.
   void ExpireTokens(absl::Time now);
@@ -267,7 +276,16 @@ class DaemonState {
   };
 
   // Undoes a grant that was never committed.
-  void Undo(uint64_t session_id, uint64_t handle, const std::string& token);
+  void Undo(uint64_t session_id, uint64_t handle, const std::string& token, LeasedFd token_fd);
+  // OK if `fd` is `buffer`'s memfd (device, inode and owner uid as the
+  // heap made it) and, if `writable`, open read-write; `what` names the
+  // call in the error.
+  absl::Status CheckUploadLocked(const Buffer& buffer, int fd, bool writable,
+                                 absl::string_view what) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  // An fd to deliver for `access`, made from `source` (a dup, or for
+  // READ_ONLY a new read-only open file), in `uid`'s share of the budget.
+  absl::StatusOr<LeasedFd> DeliveryFdLocked(uid_t uid, int source, v1::Access access)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The session's room for `count` more handles (max_buffers_per_session).
   absl::Status CheckBufferCountLocked(const Session& session, uint32_t count = 1) const
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
@@ -290,8 +308,8 @@ class DaemonState {
   // Logs, at most once a minute per heap, that a fallback served `buffer`.
   void LogFallback(const Heap& heap, Backing backing, uint64_t size, const std::string& why);
   // Adds a handle (the session must already be charged for the buffer) and
-  // returns the Grant with the fd to deliver.
-  absl::StatusOr<Grant> AddHandleLocked(Session& session, Buffer& buffer, v1::Access access)
+  // returns the Grant with `fd`, the fd to deliver.
+  Grant AddHandleLocked(Session& session, Buffer& buffer, v1::Access access, LeasedFd fd)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Removes a handle; a buffer that dies is retired and appended to `dead`.
   void RemoveHandleLocked(uint64_t handle_id, std::vector<DeadBuffer>& dead)

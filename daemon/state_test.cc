@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -74,6 +75,14 @@ class StateTest : public ::testing::Test {
     return std::move(pending).Commit();
   }
 
+  // Export as the service does: with an fd of the buffer (a dup of
+  // `fd`), as a client uploads its own.
+  static absl::StatusOr<v1::ExportResponse> Export(DaemonState& state, uint64_t session,
+                                                   const v1::ExportRequest& request, int fd) {
+    ASSIGN_OR_RETURN(UniqueFd copy, DuplicateFd(fd));
+    return state.Export(session, request, std::move(copy));
+  }
+
   static uint64_t SessionBytes(DaemonState& state, uint64_t session, const std::string& heap) {
     for (const auto& holdings : state.ListHoldings()) {
       if (holdings.session_id != session) continue;
@@ -105,7 +114,7 @@ TEST_F(StateTest, HandlesChargesAndSessionEnd) {
   v1::ExportRequest export_request;
   export_request.set_handle(grant->handle);
   export_request.set_access(v1::ACCESS_READ_ONLY);
-  auto token = state->Export(a, export_request);
+  auto token = Export(*state, a, export_request, grant->fd.fd.get());
   ASSERT_TRUE(token.ok()) << token.status();
   auto imported = Import(*state, b, token->token());
   ASSERT_TRUE(imported.ok()) << imported.status();
@@ -125,7 +134,7 @@ TEST_F(StateTest, HandlesChargesAndSessionEnd) {
   v1::ListHeapsResponse heaps = HeapsView(*state);
   EXPECT_EQ(heaps.live_buffers(), 0u);
   EXPECT_EQ(heaps.live_handles(), 0u);
-  EXPECT_EQ(heaps.fds().buffers(), 0u);
+  EXPECT_EQ(heaps.fds().exports(), 0u);
   EXPECT_EQ(heaps.fds_in_use(), 2u) << "the two grants' fds, not yet delivered";
   EXPECT_EQ(heaps.heaps(0).used(), 0u);
   auto gone = Allocate(*state, b, Request("system", 1));
@@ -146,7 +155,7 @@ TEST_F(StateTest, ReleaseSaysWhenTheSessionLetsGoOfABuffer) {
   ASSERT_TRUE(grant.ok());
   v1::ExportRequest export_request;
   export_request.set_handle(grant->handle);
-  auto token = state->Export(a, export_request);
+  auto token = Export(*state, a, export_request, grant->fd.fd.get());
   ASSERT_TRUE(token.ok());
   auto second = Import(*state, a, token->token());
   ASSERT_TRUE(second.ok());
@@ -322,11 +331,11 @@ TEST_F(StateTest, UnredeemedTokensAreCapped) {
   request.set_handle(grant->handle);
   std::string first;
   for (int i = 0; i < 4096; ++i) {
-    auto token = state->Export(a, request);
+    auto token = Export(*state, a, request, grant->fd.fd.get());
     ASSERT_TRUE(token.ok()) << i << ": " << token.status();
     if (i == 0) first = token->token();
   }
-  auto refused = state->Export(a, request);
+  auto refused = Export(*state, a, request, grant->fd.fd.get());
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(refused.status().message().find("4096 share tokens out that nobody imported"),
             std::string::npos)
@@ -335,25 +344,26 @@ TEST_F(StateTest, UnredeemedTokensAreCapped) {
   ASSERT_TRUE(other.ok());
   v1::ExportRequest other_request;
   other_request.set_handle(other->handle);
-  EXPECT_TRUE(state->Export(b, other_request).ok());
+  EXPECT_TRUE(Export(*state, b, other_request, other->fd.fd.get()).ok());
 
   auto imported = Import(*state, b, first);
   ASSERT_TRUE(imported.ok()) << imported.status();
-  EXPECT_TRUE(state->Export(a, request).ok()) << "a redeemed token makes room";
-  EXPECT_FALSE(state->Export(a, request).ok());
+  EXPECT_TRUE(Export(*state, a, request, grant->fd.fd.get()).ok()) << "a redeemed token makes room";
+  EXPECT_FALSE(Export(*state, a, request, grant->fd.fd.get()).ok());
   // Releasing the buffer forgets its tokens (and their count).
   ASSERT_TRUE(state->Release(b, imported->handle).ok());
   ASSERT_TRUE(state->Release(a, grant->handle).ok());
   auto again = Allocate(*state, a, Request("system", 4096));
   ASSERT_TRUE(again.ok());
   request.set_handle(again->handle);
-  EXPECT_TRUE(state->Export(a, request).ok());
+  EXPECT_TRUE(Export(*state, a, request, again->fd.fd.get()).ok());
 }
 
-// Tests that the fd budget refuses allocations with RESOURCE_EXHAUSTED: each
-// buffer holds its own fd and, until delivered, the fd granted to the client.
+// Tests that the fd budget refuses allocations with RESOURCE_EXHAUSTED: a
+// buffer holds the fd granted to its creator until it is delivered, and no
+// fd of the daemon's past that.
 TEST_F(StateTest, FdBudget) {
-  FdBudget budget({.total = 4});
+  FdBudget budget({.total = 2});
   DaemonState::Options options;
   options.fd_budget = &budget;
   DaemonState state(&heaps_, options);
@@ -365,16 +375,20 @@ TEST_F(StateTest, FdBudget) {
   auto third = Allocate(state, a, Request("system", 1));
   EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(third.status().message(),
-            "daemon fd budget reached: 4 of 4 fds in use (2 buffers, 2 fds in flight to "
-            "clients); try again when some close");
+            "daemon fd budget reached: 2 of 2 fds in use (2 fds in flight to clients); try again "
+            "when some close");
   first->fd = {};  // delivered: the client holds it now, not the daemon
-  EXPECT_EQ(budget.usage().total, 3u);
-  EXPECT_EQ(Allocate(state, a, Request("system", 1)).status().code(),
-            absl::StatusCode::kResourceExhausted)
-      << "a buffer needs its own fd and one to grant";
-  EXPECT_EQ(budget.usage().total, 3u) << "the refused buffer's fd is closed again";
-  EXPECT_EQ(HeapsView(state).live_buffers(), 2u);
-  EXPECT_EQ(state.Refusals()["system"], (std::map<std::string, uint64_t>{{"fd_budget", 2}}));
+  second->fd = {};
+  EXPECT_EQ(budget.usage().total, 0u) << "the daemon keeps no fd of a live buffer";
+  std::vector<DaemonState::Grant> more;
+  for (int i = 0; i < 10; ++i) {
+    auto grant = Allocate(state, a, Request("system", 1));
+    ASSERT_TRUE(grant.ok()) << i << ": " << grant.status();
+    grant->fd = {};
+    more.push_back(*std::move(grant));
+  }
+  EXPECT_EQ(HeapsView(state).live_buffers(), 12u) << "live buffers need no budget";
+  EXPECT_EQ(state.Refusals()["system"], (std::map<std::string, uint64_t>{{"fd_budget", 1}}));
 }
 
 // Tests that one uid's share of the fd budget leaves the rest to other uids.
@@ -385,7 +399,7 @@ TEST_F(StateTest, FdBudgetPerUid) {
   DaemonState state(&heaps_, options);
   const uint64_t a = Open(state, 1);
   std::vector<DaemonState::Grant> held;
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < 4; ++i) {  // undelivered: one fd each
     auto grant = Allocate(state, a, Request("system", 1));
     ASSERT_TRUE(grant.ok()) << grant.status();
     held.push_back(*std::move(grant));
@@ -393,10 +407,10 @@ TEST_F(StateTest, FdBudgetPerUid) {
   auto refused = Allocate(state, a, Request("system", 1));
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_EQ(refused.status().message(),
-            "fd budget of uid 1 reached: it holds 4 of 4 fds (limits.max_fds_per_uid): its buffers "
-            "(including "
-            "those it imported from others), sessions, control connections, fences and timelines (their pipes and pages) and fds not yet read; "
-            "release buffers, drop fences and timelines or close sessions");
+            "fd budget of uid 1 reached: it holds 4 of 4 fds (limits.max_fds_per_uid): "
+            "buffers it exported (share tokens not yet redeemed), sessions, control connections, "
+            "fences and timelines (their pipes and pages) and fds not yet read; let tokens be "
+            "redeemed or expire, drop fences and timelines or close sessions");
   const uint64_t b = Open(state, 2);
   EXPECT_TRUE(Allocate(state, b, Request("system", 1)).ok()) << "another uid still allocates";
 }
@@ -415,38 +429,35 @@ TEST_F(StateTest, HeapNamesAreNeverEchoedAtLength) {
 }
 
 // Tests the two steps of freeing as DaemonState drives them: releasing a big
-// buffer's last handle gives its bytes back to the heap at once, but its fd
-// counts against the budget until the reaper has really closed it.
-TEST_F(StateTest, FreedBytesAtOnceFdsWhenClosed) {
-  // Each buffer needs its own fd and, until delivered, one for the client.
-  FdBudget budget({.total = 3});
-  DaemonState::Options options;
-  options.fd_budget = &budget;
-  DaemonState state(&heaps_, options);
-  const uint64_t a = Open(state, 1);
-  auto big = Allocate(state, a, Request("carveout", 8 * kMiB));
+// buffer's last handle gives its bytes back to the heap at once; its memory
+// (a carveout's refill) is the reaper's to free.
+TEST_F(StateTest, FreedBytesAtOnce) {
+  auto state = NewState();
+  const uint64_t a = Open(*state, 1);
+  auto big = Allocate(*state, a, Request("carveout", 8 * kMiB));
   ASSERT_TRUE(big.ok());
   big->fd = {};  // delivered
-  ASSERT_TRUE(Allocate(state, a, Request("system", 2 * kMiB)).ok());
-  std::vector<DeadBuffer> dead = state.CloseSession(a);
+  auto small = Allocate(*state, a, Request("system", 2 * kMiB));
+  ASSERT_TRUE(small.ok());
+  small->fd = {};
+  std::vector<DeadBuffer> dead = state->CloseSession(a);
   ASSERT_EQ(dead.size(), 2u) << "what died is returned, not freed";
   for (const DeadBuffer& buffer : dead) EXPECT_FALSE(buffer.memory->cheap_to_free());
-  v1::ListHeapsResponse heaps = HeapsView(state);
+  v1::ListHeapsResponse heaps = HeapsView(*state);
   for (const auto& heap : heaps.heaps()) EXPECT_EQ(heap.used(), 0u) << heap.name();
-  EXPECT_EQ(heaps.fds_in_use(), 2u) << "their fds are still open";
-  const uint64_t b = Open(state, 1);
-  EXPECT_EQ(Allocate(state, b, Request("system", 1)).status().code(),
-            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(heaps.fds_in_use(), 0u);
+  const uint64_t b = Open(*state, 1);
+  EXPECT_TRUE(Allocate(*state, b, Request("carveout", 8 * kMiB)).ok())
+      << "the bytes are back before the reaper runs";
   dead.clear();  // what the reaper does
-  EXPECT_EQ(HeapsView(state).fds_in_use(), 0u);
-  EXPECT_TRUE(Allocate(state, b, Request("system", 1)).ok());
 }
 
-// Tests that a buffer's own fd is charged to a uid that holds it: the
-// creator's, then, once the creator lets go, an importer's (an importer can
-// no longer keep buffers alive on another uid's share); and to nobody while
-// the reaper frees it (it stays in the total until really closed).
-TEST_F(StateTest, BufferFdIsChargedToAHolder) {
+// Tests that a share token keeps the exporter's uploaded fd, in the
+// exporter's share of the budget, until it is redeemed (the fd goes with
+// the import's commit), expires (closed at ExpireTokens), or its buffer
+// dies; and that only the buffer's own memfd, read-write for a read-write
+// export, is taken.
+TEST_F(StateTest, TokensKeepTheExportersFdUntilRedeemedOrExpired) {
   FdBudget budget({.total = 100});
   DaemonState::Options options;
   options.fd_budget = &budget;
@@ -455,29 +466,91 @@ TEST_F(StateTest, BufferFdIsChargedToAHolder) {
   const uint64_t importer = Open(state, 2);
   auto grant = Allocate(state, creator, Request("carveout", 4096));
   ASSERT_TRUE(grant.ok()) << grant.status();
-  grant->fd = {};  // delivered
+  UniqueFd mine = std::move(grant->fd.fd);  // delivered: the client's now
+  grant->fd = {};
+  EXPECT_EQ(budget.usage().total, 0u);
   v1::ExportRequest request;
   request.set_handle(grant->handle);
   request.set_access(v1::ACCESS_READ_ONLY);
-  auto token = state.Export(creator, request);
-  ASSERT_TRUE(token.ok());
-  auto imported = Import(state, importer, token->token());
-  ASSERT_TRUE(imported.ok());
-  imported->fd = {};
-  EXPECT_EQ(budget.UsedBy(1), 1u) << "the creator answers for the buffer's fd";
-  EXPECT_EQ(budget.UsedBy(2), 0u);
-  auto kept = state.Release(creator, grant->handle);
-  ASSERT_TRUE(kept.ok());
-  EXPECT_TRUE(kept->empty());
-  EXPECT_EQ(budget.UsedBy(1), 0u);
-  EXPECT_EQ(budget.UsedBy(2), 1u) << "the importer holds it now";
-  auto dead = state.Release(importer, imported->handle);
-  ASSERT_TRUE(dead.ok());
-  ASSERT_EQ(dead->size(), 1u);
-  EXPECT_EQ(budget.UsedBy(2), 0u) << "being freed: nobody's share";
-  EXPECT_EQ(budget.usage().of(FdUse::kFreeing), 1u) << "but in the total until closed";
-  dead->clear();
+  auto token = Export(state, creator, request, mine.get());
+  ASSERT_TRUE(token.ok()) << token.status();
+  EXPECT_EQ(budget.UsedBy(1), 1u) << "the token keeps the exporter's fd";
+  EXPECT_EQ(budget.usage().of(FdUse::kExport), 1u);
+  {
+    auto pending = state.Import(importer, token->token());
+    ASSERT_TRUE(pending.ok());
+    EXPECT_EQ(::fcntl((*pending)->fd.fd.get(), F_GETFL) & O_ACCMODE, O_RDONLY);
+    EXPECT_EQ(budget.UsedBy(1), 1u) << "kept until the import commits";
+    DaemonState::Grant imported = std::move(*pending).Commit();
+    imported.fd = {};
+  }
+  EXPECT_EQ(budget.UsedBy(1), 0u) << "a redeemed token's fd is closed";
   EXPECT_EQ(budget.usage().total, 0u);
+
+  // Expiry closes the fd within a tick; the token then says it expired.
+  request.set_ttl_ms(1000);
+  token = Export(state, creator, request, mine.get());
+  ASSERT_TRUE(token.ok());
+  EXPECT_EQ(budget.UsedBy(1), 1u);
+  state.ExpireTokens(absl::Now() + absl::Seconds(2));
+  EXPECT_EQ(budget.UsedBy(1), 0u);
+
+  // The buffer's death closes its tokens' fds with it.
+  token = Export(state, creator, request, mine.get());
+  ASSERT_TRUE(token.ok());
+  auto dead = state.CloseSession(importer);
+  dead = state.CloseSession(creator);
+  ASSERT_EQ(dead.size(), 1u);
+  EXPECT_EQ(dead[0].token_fds.size(), 1u);
+  dead.clear();
+  EXPECT_EQ(budget.usage().total, 0u);
+}
+
+// Tests what Export and Freeze take as the buffer's fd: its own memfd only
+// (another file, even a memfd named alike, is INVALID_ARGUMENT), and a
+// read-write fd for a read-write export or a freeze.
+TEST_F(StateTest, UploadedFdsMustBeTheBuffersOwn) {
+  auto state = NewState();
+  const uint64_t a = Open(*state, 1);
+  v1::AllocateRequest allocate = Request("system", 4096);
+  allocate.set_freezable(true);
+  auto grant = Allocate(*state, a, allocate);
+  ASSERT_TRUE(grant.ok());
+  const uint64_t id = grant->buffer.buffer_id();
+  v1::ExportRequest request;
+  request.set_handle(grant->handle);
+  request.set_access(v1::ACCESS_READ_WRITE);
+  UniqueFd lookalike(::memfd_create("bufferd:system:", MFD_CLOEXEC));
+  ASSERT_TRUE(lookalike.valid());
+  auto wrong = Export(*state, a, request, lookalike.get());
+  EXPECT_EQ(wrong.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(wrong.status().message(),
+            absl::StrCat("the fd uploaded for a read-write export is not buffer ", id,
+                         "'s memfd (it is another file); upload this Buffer's own fd()"));
+  UniqueFd pipe_ends[2];
+  int p[2];
+  ASSERT_EQ(::pipe2(p, O_CLOEXEC), 0);
+  pipe_ends[0].Reset(p[0]);
+  pipe_ends[1].Reset(p[1]);
+  EXPECT_THAT(std::string(Export(*state, a, request, p[0]).status().message()),
+              ::testing::HasSubstr("(it is not a regular file)"));
+  const std::string path = absl::StrCat("/proc/self/fd/", grant->fd.fd.get());
+  UniqueFd read_only(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(read_only.valid());
+  auto ro = Export(*state, a, request, read_only.get());
+  EXPECT_EQ(ro.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ro.status().message(),
+            absl::StrCat("the fd uploaded for a read-write export of buffer ", id,
+                         " is not open read-write; upload the read-write holder's fd()"));
+  request.set_access(v1::ACCESS_READ_ONLY);
+  EXPECT_TRUE(Export(*state, a, request, read_only.get()).ok()) << "read-only is enough";
+  ASSERT_TRUE(DuplicateFd(read_only.get()).ok());
+  auto frozen = state->Freeze(a, grant->handle, *DuplicateFd(read_only.get()));
+  EXPECT_EQ(frozen.status().code(), absl::StatusCode::kInvalidArgument);
+  frozen = state->Freeze(a, grant->handle, *DuplicateFd(grant->fd.fd.get()));
+  ASSERT_TRUE(frozen.ok()) << frozen.status();
+  EXPECT_TRUE(frozen->frozen());
+  EXPECT_EQ(::fcntl(grant->fd.fd.get(), F_GET_SEALS) & F_SEAL_WRITE, F_SEAL_WRITE);
 }
 
 // Tests that a grant dropped uncommitted undoes itself: a pending Allocate's
@@ -499,7 +572,7 @@ TEST_F(StateTest, UncommittedGrantsUndoThemselves) {
   ASSERT_TRUE(grant.ok());
   v1::ExportRequest request;
   request.set_handle(grant->handle);
-  auto token = state->Export(a, request);
+  auto token = Export(*state, a, request, grant->fd.fd.get());
   ASSERT_TRUE(token.ok());
   uint64_t undone_handle;
   {
@@ -536,11 +609,11 @@ TEST_F(StateTest, DetachedSessionKeepsItsAccounting) {
 }
 
 }  // namespace
-// Tests that AllocateSet is all or nothing even when the grant of its last
-// buffer fails (the fd budget has room for the buffers but not for every
-// fd to deliver): handles, heap bytes, quota charges and fds all come back.
-TEST_F(StateTest, AllocateSetUndoesEverythingWhenALaterGrantFails) {
-  FdBudget budget({.total = 5});
+// Tests that AllocateSet is all or nothing under the fd budget (room for
+// two of the three fds to deliver: none is made), and that a set dropped
+// uncommitted gives handles, heap bytes, quota charges and fds all back.
+TEST_F(StateTest, AllocateSetIsAllOrNothing) {
+  FdBudget budget({.total = 2});
   DaemonState::Options options;
   options.fd_budget = &budget;
   DaemonState state(&heaps_, options);

@@ -59,6 +59,7 @@ HeapBuffer::HeapBuffer(UniqueFd fd, uint64_t size, Backing backing, std::functio
   if (struct stat st{}; ::fstat(fd_.get(), &st) == 0) {
     dev_ = st.st_dev;
     ino_ = st.st_ino;
+    uid_ = st.st_uid;
   }
 }
 

@@ -13,6 +13,8 @@
 #ifndef BUFFERD_HEAPS_HEAP_H_
 #define BUFFERD_HEAPS_HEAP_H_
 
+#include <sys/types.h>
+
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -95,13 +97,16 @@ HeapRefusal RefusalOf(const absl::Status& status);
 // free on any thread: closing the fd frees at most 256 base pages.
 inline constexpr uint64_t kCheapFreeBytes = uint64_t{1} << 20;
 
-// One allocation. Owns the daemon's fd for the buffer. Freeing has two steps:
-// Retire() gives the bytes back to the heap's accounting at once (cheap: the
-// daemon calls it under its lock the moment the last handle goes, so the very
-// next Allocate sees the capacity); destroying the HeapBuffer closes the fd and
-// does the page work (for a carveout, refilling its reservation; an Allocate
-// that needs those bytes waits for the refill). The destructor retires first
-// if nobody did. Pages live on while any other process holds an fd or mapping.
+// One allocation. Made with the buffer's fd, which the daemon hands to the
+// buffer's creator (TakeFd): past that the daemon keeps no fd of the buffer,
+// only its identity (dev, ino, uid). Freeing has two steps: Retire() gives
+// the bytes back to the heap's accounting at once (cheap: the daemon calls it
+// under its lock the moment the last handle goes, so the very next Allocate
+// sees the capacity); destroying the HeapBuffer closes the fd if it was never
+// taken and does the page work (for a carveout, refilling its reservation; an
+// Allocate that needs those bytes waits for the refill). The destructor
+// retires first if nobody did. Pages live on while any process holds an fd or
+// mapping.
 //
 // Thread-compatible: Retire() and the destructor may run on different
 // threads if the handoff between them is synchronized (a queue, a mutex).
@@ -121,8 +126,10 @@ class HeapBuffer {
   // destruction. Idempotent.
   void Retire();
 
-  // Borrowed: O_RDWR, sealed, close-on-exec.
+  // Borrowed: O_RDWR, sealed, close-on-exec; -1 once taken.
   int fd() const { return fd_.get(); }
+  // The fd itself, for the buffer's creator; fd() is -1 from then on.
+  UniqueFd TakeFd() { return std::move(fd_); }
   uint64_t size() const { return size_; }
   Backing backing() const { return backing_; }
   // False when destruction does page work worth keeping off latency-sensitive
@@ -135,6 +142,9 @@ class HeapBuffer {
   // holders view finds it in other processes' fds and mappings.
   uint64_t dev() const { return dev_; }
   uint64_t ino() const { return ino_; }
+  // The memfd's owner (the daemon's euid as it made it): a client cannot
+  // make a look-alike with this owner unless it runs as the daemon's uid.
+  uid_t uid() const { return uid_; }
   void set_fell_back_because(std::string why) { fell_back_because_ = std::move(why); }
 
  private:
@@ -144,6 +154,7 @@ class HeapBuffer {
   bool cheap_to_free_;
   uint64_t dev_ = 0;
   uint64_t ino_ = 0;
+  uid_t uid_ = static_cast<uid_t>(-1);
   std::string fell_back_because_;
   std::function<void()> on_retire_;
   std::function<void(UniqueFd)> on_free_;

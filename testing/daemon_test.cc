@@ -72,7 +72,7 @@ void DaemonTest::StartDaemon(const TestDaemon::Options& options) {
   })) << heaps.fds().ShortDebugString();
   baseline_budget_fds_ = heaps.fds_in_use();
   EXPECT_EQ(heaps.fds().sessions(), 1u);
-  EXPECT_EQ(heaps.fds().buffers(), 0u);
+  EXPECT_EQ(heaps.fds().exports(), 0u);
 }
 
 uint64_t DaemonTest::LiveBuffers() {
@@ -106,7 +106,7 @@ void DaemonTest::ExpectBaseline() {
   EXPECT_EQ(heaps->live_handles(), 0u);
   EXPECT_EQ(heaps->fds().fences(), 0u);
   EXPECT_EQ(heaps->fds_in_use(), baseline_budget_fds_) << heaps->fds().ShortDebugString();
-  EXPECT_EQ(heaps->fds().buffers(), 0u);
+  EXPECT_EQ(heaps->fds().exports(), 0u);
   EXPECT_EQ(heaps->fds().deliveries(), 0u);
   for (const auto& heap : heaps->heaps()) EXPECT_EQ(heap.used(), 0u) << heap.name();
 }

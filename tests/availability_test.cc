@@ -181,16 +181,18 @@ TEST_F(AvailabilityTest, OneUidAtItsCapsLeavesRoomForAnother) {
   flood->Wait();
   ASSERT_TRUE(Eventually([&] { return Fds().sessions() == 1; }));
 
-  // Root's buffers fill root's share; nobody still allocates.
+  // Live buffers take no fd of the daemon's; root's exports (each token
+  // keeps the buffer's fd until redeemed) fill root's share; nobody still
+  // allocates.
   std::vector<Buffer> held;
-  absl::Status refusal;
-  while (refusal.ok() && held.size() < 1000) {
+  for (int i = 0; i < 300; ++i) {
     auto buffer = client_->Allocate({.heap = "system", .size = 4096});
-    if (buffer.ok()) {
-      held.push_back(*std::move(buffer));
-    } else {
-      refusal = buffer.status();
-    }
+    ASSERT_TRUE(buffer.ok()) << i << ": " << buffer.status();
+    held.push_back(*std::move(buffer));
+  }
+  absl::Status refusal;
+  for (int exported = 0; refusal.ok() && exported < 1000; ++exported) {
+    refusal = held[0].Export(Access::kReadOnly).status();
   }
   EXPECT_EQ(refusal.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_TRUE(absl::StartsWith(refusal.message(), "fd budget of uid 0 reached: ")) << refusal;
@@ -261,13 +263,15 @@ TEST_F(AvailabilityTest, UnreadDeliveriesCountAgainstTheirUid) {
     }
     EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
     EXPECT_TRUE(absl::StartsWith(refused.error_message(), "fd budget of uid ")) << refused.error_message();
-    // The raw session and its stub's control connection, then a buffer's own
-    // fd and the unread one sent for it, each.
-    EXPECT_EQ(granted, (before.per_uid() - before.in_use() - 2) / 2);
+    // The raw session and its stub's control connection, then the unread
+    // fd sent for each buffer (the daemon keeps none of its own).
+    EXPECT_EQ(granted, before.per_uid() - before.in_use() - 2);
     EXPECT_EQ(Fds().deliveries(), granted);
     for (uint64_t i = 0; i < granted; ++i) ASSERT_TRUE(raw->socket.RecvWithFds().ok());
     EXPECT_TRUE(Eventually([&] { return Fds().deliveries() == 0; })) << Fds().deliveries();
-    EXPECT_EQ(Fds().buffers(), granted);
+    EXPECT_EQ(Fds().exports(), 0u);
+    EXPECT_TRUE(raw->Allocate("system", 4096).ok()) << "read: the uid's places are back";
+    ASSERT_TRUE(raw->socket.RecvWithFds().ok());
     raw->stub.reset();
   }
   ExpectBaseline();
@@ -296,7 +300,7 @@ TEST_F(AvailabilityTest, SessionEndedWithUnreadFdsLingers) {
   ASSERT_TRUE(Eventually([&] { return !session_alive(); })) << "no more calls";
   std::this_thread::sleep_for(std::chrono::milliseconds(700));  // a tick or more
   EXPECT_EQ(Fds().deliveries(), 10u) << "still unread, still counted";
-  EXPECT_EQ(Fds().buffers(), 10u);
+  EXPECT_EQ(Fds().exports(), 0u);
   EXPECT_EQ(Fds().sessions(), before.sessions() + 1);
   raw->socket = UnixSocket();  // the client closes: its unread fds go
   raw->stub.reset();

@@ -191,11 +191,11 @@ void PrintHeaps(const bufferd::v1::ListHeapsResponse* heaps) {
   const bufferd::v1::FdUsage& fds = heaps->fds();
   std::cout << absl::StrFormat(
       "\n%d buffers, %d handles, %d pending tokens\n"
-      "fds %d/%d (buffers %d, sessions %d, control connections %d, in flight %d, being freed "
-      "%d, fences %d); %d per uid, %d of RLIMIT_NOFILE %d kept for the daemon\n",
+      "fds %d/%d (exports %d, sessions %d, control connections %d, in flight %d, fences %d); "
+      "%d per uid, %d of RLIMIT_NOFILE %d kept for the daemon\n",
       heaps->live_buffers(), heaps->live_handles(), heaps->pending_tokens(), fds.in_use(),
-      fds.budget(), fds.buffers(), fds.sessions(), fds.control_connections(), fds.deliveries(),
-      fds.freeing(), fds.fences(), fds.per_uid(), fds.reserve(), fds.rlimit_nofile());
+      fds.budget(), fds.exports(), fds.sessions(), fds.control_connections(), fds.deliveries(),
+      fds.fences(), fds.per_uid(), fds.reserve(), fds.rlimit_nofile());
 }
 
 std::string HeapBytesText(const google::protobuf::RepeatedPtrField<bufferd::v1::HeapBytes>& bytes) {
@@ -287,9 +287,6 @@ int Buffers(const bufferd::Client& client, bool json, const std::string& heap, u
     std::vector<std::string> notes;
     if (b.frozen()) notes.push_back("frozen");
     if (entry.sigbus_risk()) notes.push_back("sigbus-risk");
-    if (entry.punched_bytes() != 0) {
-      notes.push_back(absl::StrCat("punched ", Bytes(entry.punched_bytes())));
-    }
     // Unsignalled fences: what an access waits for, and who must signal.
     std::string fences = entry.fences_size() == 0 ? "-" : "";
     for (int i = 0; i < entry.fences_size() && i < 2; ++i) {
@@ -644,6 +641,8 @@ struct Held {
   uint32_t mappings = 0;
   uint64_t mapped = 0;
   uint64_t resident = 0;
+  // st_blocks of the memfd, through one of the fds (0: mappings only).
+  uint64_t allocated = 0;
 };
 
 // Reads /proc/<pid>/smaps and its fds: what the process holds of memfds
@@ -713,6 +712,7 @@ bool InspectProcess(const std::string& pid, const std::set<MemfdKey>& known,
     if (!known.contains(key) && !absl::StartsWith(path, kMemfdPrefix)) continue;
     Held& h = held[key];
     h.path = path;
+    h.allocated = static_cast<uint64_t>(st.st_blocks) * 512;
     ++h.fds;
   }
   ::closedir(dir);
@@ -768,6 +768,7 @@ absl::StatusOr<bufferd::v1::HoldersReport> FindHolders(const bufferd::Client& cl
       out->set_mappings(h.mappings);
       out->set_mapped_bytes(h.mapped);
       out->set_resident_bytes(h.resident);
+      out->set_allocated_bytes(h.allocated);
       if (auto l = live.find(key); l != live.end()) {
         const auto& b = l->second->buffer();
         out->set_state(bufferd::v1::ProcessHolding::STATE_LIVE);
@@ -829,15 +830,16 @@ int Holders(const bufferd::Client& client, bool json) {
         state = "not verified by the daemon";
         unverified_resident += h.resident_bytes();
     }
-    rows.push_back(
-        {absl::StrCat(h.pid()), h.comm(), absl::StrCat(h.uid()),
-         h.buffer_id() != 0 ? absl::StrCat(h.buffer_id()) : "?", h.heap().empty() ? "-" : h.heap(),
-         h.name().empty() ? "-" : h.name(), h.size() != 0 ? Bytes(h.size()) : "-",
-         h.mappings() == 0 ? "fd only" : Bytes(h.resident_bytes()),
-         h.mappings() == 0 ? "-" : Bytes(h.mapped_bytes()), absl::StrCat(h.fds()), state});
+    rows.push_back({absl::StrCat(h.pid()), h.comm(), absl::StrCat(h.uid()),
+                    h.buffer_id() != 0 ? absl::StrCat(h.buffer_id()) : "?",
+                    h.heap().empty() ? "-" : h.heap(), h.name().empty() ? "-" : h.name(),
+                    h.size() != 0 ? Bytes(h.size()) : "-",
+                    h.mappings() == 0 ? "fd only" : Bytes(h.resident_bytes()),
+                    h.mappings() == 0 ? "-" : Bytes(h.mapped_bytes()), absl::StrCat(h.fds()),
+                    h.fds() == 0 ? "-" : Bytes(h.allocated_bytes()), state});
   }
   PrintTable({"PID", "COMM", "UID", "BUFFER", "HEAP", "NAME", "SIZE", "RESIDENT", "MAPPED", "FDS",
-              "STATE"},
+              "ALLOCATED", "STATE"},
              rows);
   std::cout << "\n"
             << pids.size() << (pids.size() == 1 ? " process holds " : " processes hold ")
@@ -857,7 +859,8 @@ int Holders(const bufferd::Client& client, bool json) {
                  "client's look-alike).\n";
   }
   std::cout << "The daemon (pid " << report->daemon_pid()
-            << ") holds an fd of every live buffer; it is not listed.\n";
+            << ") holds no fd of a live buffer, only those share tokens keep until redeemed; it "
+               "is not listed.\n";
   if (report->uninspected_processes() != 0) {
     const uint64_t n = report->uninspected_processes();
     std::cout << n << (n == 1 ? " process" : " processes") << " could not be inspected: "
