@@ -404,6 +404,20 @@ absl::StatusOr<v1::ListBuffersResponse> Client::ListBuffers(
   return response;
 }
 
+absl::StatusOr<v1::ListBuffersResponse> Client::ListAllBuffers(
+    v1::ListBuffersRequest request) const {
+  ASSIGN_OR_RETURN(v1::ListBuffersResponse all, ListBuffers(request));
+  while (!all.next_page_token().empty()) {
+    request.set_page_token(all.next_page_token());
+    ASSIGN_OR_RETURN(v1::ListBuffersResponse page, ListBuffers(request));
+    for (v1::BufferDebugInfo& buffer : *page.mutable_buffers()) {
+      *all.add_buffers() = std::move(buffer);
+    }
+    all.set_next_page_token(page.next_page_token());
+  }
+  return all;
+}
+
 absl::StatusOr<v1::ListTokensResponse> Client::ListTokens() const {
   v1::ListTokensResponse response;
   internal::Call call = connection_->NewCall();

@@ -577,8 +577,12 @@ class Client {
   // Debug service (what bufctl shows).
   absl::StatusOr<v1::ListHeapsResponse> ListHeaps() const;
   absl::StatusOr<v1::ListClientsResponse> ListClients() const;
+  // One page (request.page_size, page_token; the first 1,000 by default).
   absl::StatusOr<v1::ListBuffersResponse> ListBuffers(
       const v1::ListBuffersRequest& request = {}) const;
+  // Every page from request.page_token on, in one response (one RPC per
+  // page; next_page_token empty).
+  absl::StatusOr<v1::ListBuffersResponse> ListAllBuffers(v1::ListBuffersRequest request = {}) const;
   absl::StatusOr<v1::ListFencesResponse> ListFences(
       const v1::ListFencesRequest& request = {}) const;
   absl::StatusOr<std::string> Metrics() const;

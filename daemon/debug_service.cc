@@ -89,16 +89,20 @@ grpc::ServerUnaryReactor* DebugService::ListBuffers(grpc::CallbackServerContext*
                       absl::NotFoundError(absl::StrCat("no session ", request->session_id(),
                                                        " is open (bufctl clients lists them)")));
   }
-  *response = BuffersView(*d_.sessions, *d_.state, *d_.fences, *d_.reservations, *request);
-  return FinishCall(context, absl::OkStatus());
+  absl::StatusOr<v1::ListBuffersResponse> page =
+      BuffersView(*d_.sessions, *d_.state, *d_.fences, *d_.reservations, *request);
+  if (page.ok()) *response = *std::move(page);
+  return FinishCall(context, page.status());
 }
 
 grpc::ServerUnaryReactor* DebugService::ListFences(grpc::CallbackServerContext* context,
                                                    const v1::ListFencesRequest* request,
                                                    v1::ListFencesResponse* response) {
   if (absl::Status s = Check(context); !s.ok()) return FinishCall(context, s);
-  *response = FencesView(*d_.sessions, *d_.fences, *d_.timelines, *request);
-  return FinishCall(context, absl::OkStatus());
+  absl::StatusOr<v1::ListFencesResponse> page =
+      FencesView(*d_.sessions, *d_.fences, *d_.timelines, *request);
+  if (page.ok()) *response = *std::move(page);
+  return FinishCall(context, page.status());
 }
 
 grpc::ServerUnaryReactor* DebugService::GetMetrics(grpc::CallbackServerContext* context,

@@ -2,15 +2,29 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <map>
 #include <set>
 #include <string>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "base/client_text.h"
 #include "base/errno_status.h"
 #include "daemon/proto_convert.h"
 
 namespace bufferd {
+namespace {
+
+// Entries per page of a list view: 0 means 1,000, at most 10,000.
+size_t PageSize(uint32_t asked) {
+  constexpr size_t kDefault = 1000, kMax = 10000;
+  return asked == 0 ? kDefault : std::min<size_t>(asked, kMax);
+}
+
+}  // namespace
+
 v1::ListHeapsResponse HeapsView(const DaemonState& state) {
   v1::ListHeapsResponse response;
   const auto refusals = state.Refusals();
@@ -148,31 +162,50 @@ v1::ListTokensResponse TokensView(const DaemonState& state) {
   return response;
 }
 
-v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonState& state,
-                                    const FenceTable& fences,
-                                    const ReservationTable& reservations,
-                                    const v1::ListBuffersRequest& request) {
+absl::StatusOr<v1::ListBuffersResponse> BuffersView(const SessionTable& sessions,
+                                                    const DaemonState& state,
+                                                    const FenceTable& fences,
+                                                    const ReservationTable& reservations,
+                                                    const v1::ListBuffersRequest& request) {
   v1::ListBuffersResponse response;
-  std::map<uint64_t, SessionTable::Identity> who;
-  for (SessionTable::Identity& session : sessions.List()) who[session.id] = std::move(session);
-  const auto attached = reservations.List();
+  // A page token is the id of the last buffer listed: the next page starts
+  // after it, so buffers made meanwhile come later and none comes twice.
+  uint64_t after = 0;
+  if (!request.page_token().empty() &&
+      (request.page_token().size() > 20 || !absl::SimpleAtoi(request.page_token(), &after))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("page_token ", QuoteClientText(request.page_token(), 24),
+                     " is not one ListBuffers gave (pass next_page_token back unchanged)"));
+  }
+  const size_t page_size = PageSize(request.page_size());
+  std::vector<DaemonState::BufferView> page = state.ListBuffers({.heap = request.heap(),
+                                                                 .session_id = request.session_id(),
+                                                                 .after = after,
+                                                                 .limit = page_size + 1});
+  if (page.size() > page_size) {
+    page.pop_back();
+    response.set_next_page_token(absl::StrCat(page.back().info.buffer_id()));
+  }
+  // Sessions named on the page (holders, fence owners), looked up once each.
+  std::map<uint64_t, std::optional<SessionTable::Identity>> known;
+  auto who = [&](uint64_t session) -> const std::optional<SessionTable::Identity>& {
+    auto it = known.find(session);
+    if (it == known.end()) it = known.emplace(session, sessions.Lookup(session)).first;
+    return it->second;
+  };
   // Whether each creator exited, read from /proc once a process.
   std::map<std::pair<pid_t, uint64_t>, bool> exited;
-  for (const DaemonState::BufferView& buffer :
-       state.ListBuffers({.heap = request.heap(), .session_id = request.session_id()})) {
+  for (const DaemonState::BufferView& buffer : page) {
     v1::BufferDebugInfo* entry = response.add_buffers();
     *entry->mutable_buffer() = buffer.info;
-    if (auto it = attached.find(buffer.info.buffer_id()); it != attached.end()) {
-      std::set<uint64_t> listed;  // a fence attached with several usages: once
-      for (const ReservationTable::Attached& fence : it->second) {
-        std::optional<FenceView> view = fences.Peek(fence.fence_id);
-        if (!view.has_value() || view->signaled || !listed.insert(fence.fence_id).second) continue;
-        auto owner = who.find(view->owner_session);
-        v1::FenceInfo* info = entry->add_fences();
-        *info = FenceInfoOf(*view, owner == who.end() ? std::nullopt
-                                                      : std::optional(owner->second));
-        info->set_usage(fence.usage);
-      }
+    std::set<uint64_t> listed;  // a fence attached with several usages: once
+    for (const ReservationTable::Attached& fence :
+         reservations.AttachedTo(buffer.info.buffer_id())) {
+      std::optional<FenceView> view = fences.Peek(fence.fence_id);
+      if (!view.has_value() || view->signaled || !listed.insert(fence.fence_id).second) continue;
+      v1::FenceInfo* info = entry->add_fences();
+      *info = FenceInfoOf(*view, who(view->owner_session));
+      info->set_usage(fence.usage);
     }
     entry->set_memfd_dev(buffer.dev);
     entry->set_memfd_inode(buffer.ino);
@@ -197,9 +230,9 @@ v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonSt
       out->set_handle(holder.handle);
       out->set_access(holder.access);
       out->set_uid(holder.uid);
-      if (auto it = who.find(holder.session_id); it != who.end()) {
-        out->set_pid(static_cast<uint32_t>(it->second.peer.pid));
-        out->set_comm(it->second.comm);
+      if (const auto& identity = who(holder.session_id); identity.has_value()) {
+        out->set_pid(static_cast<uint32_t>(identity->peer.pid));
+        out->set_comm(identity->comm);
       }
       // Root and the daemon's uid can reopen the memfd read-write; a
       // process of a writer's uid can take the writer's fd (pidfd_getfd).
@@ -209,7 +242,7 @@ v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonSt
            (holder.uid != 0 && holder.uid != ::geteuid() && writer_uids.count(holder.uid) == 0)));
     }
   }
-  if (request.include_released() && request.session_id() == 0) {
+  if (request.include_released() && request.session_id() == 0 && after == 0) {
     for (const DaemonState::ReleasedView& released : state.ListReleased(request.heap())) {
       v1::ReleasedBuffer* out = response.add_released();
       out->set_buffer_id(released.buffer_id);
@@ -296,28 +329,65 @@ v1::TimelineInfo TimelineInfoOf(const TimelineView& view,
   return info;
 }
 
-v1::ListFencesResponse FencesView(const SessionTable& sessions, const FenceTable& fences,
-                                  const TimelineTable& timelines,
-                                  const v1::ListFencesRequest& request) {
+absl::StatusOr<v1::ListFencesResponse> FencesView(const SessionTable& sessions,
+                                                  const FenceTable& fences,
+                                                  const TimelineTable& timelines,
+                                                  const v1::ListFencesRequest& request) {
   FenceQuery query;
   if (request.state() == v1::FENCE_STATE_PENDING) query.pending = true;
   if (request.state() == v1::FENCE_STATE_SIGNALED) query.pending = false;
   query.owner_session = request.owner_session();
-  query.limit = request.limit();
-  std::map<uint64_t, SessionTable::Identity> who;
-  for (SessionTable::Identity& session : sessions.List()) who[session.id] = std::move(session);
-  v1::ListFencesResponse response;
-  for (const FenceView& view : fences.List(query)) {
-    auto owner = who.find(view.owner_session);
-    *response.add_fences() = FenceInfoOf(
-        view, owner == who.end() ? std::nullopt : std::optional(owner->second));
+  // A page token names the last fence listed: "p<id>" (pending) or
+  // "s<signalled at, ns since the epoch>.<id>".
+  const std::string& token = request.page_token();
+  if (!token.empty()) {
+    FenceQuery::After after;
+    bool ok = token.size() <= 48;
+    if (ok && token[0] == 'p') {
+      ok = absl::SimpleAtoi(absl::string_view(token).substr(1), &after.id);
+    } else if (ok && token[0] == 's') {
+      const std::vector<absl::string_view> parts =
+          absl::StrSplit(absl::string_view(token).substr(1), '.');
+      int64_t ns = 0;
+      ok = parts.size() == 2 && absl::SimpleAtoi(parts[0], &ns) &&
+           absl::SimpleAtoi(parts[1], &after.id);
+      after.signaled = true;
+      after.signaled_at = absl::FromUnixNanos(ns);
+    } else {
+      ok = false;
+    }
+    if (!ok) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("page_token ", QuoteClientText(token, 24),
+                       " is not one ListFences gave (pass next_page_token back unchanged)"));
+    }
+    query.after = after;
   }
-  if (request.state() == v1::FENCE_STATE_UNSPECIFIED) {
+  const size_t page_size = request.limit() == 0
+                               ? FenceQuery::kMaxListed
+                               : std::min<size_t>(request.limit(), FenceQuery::kMaxListed);
+  query.limit = page_size + 1;
+  std::vector<FenceView> page = fences.List(query);
+  v1::ListFencesResponse response;
+  if (page.size() > page_size) {
+    page.pop_back();
+    const FenceView& last = page.back();
+    response.set_next_page_token(
+        last.signaled ? absl::StrCat("s", absl::ToUnixNanos(last.signaled_at), ".", last.id)
+                      : absl::StrCat("p", last.id));
+  }
+  std::map<uint64_t, std::optional<SessionTable::Identity>> known;
+  auto who = [&](uint64_t session) -> const std::optional<SessionTable::Identity>& {
+    auto it = known.find(session);
+    if (it == known.end()) it = known.emplace(session, sessions.Lookup(session)).first;
+    return it->second;
+  };
+  for (const FenceView& view : page)
+    *response.add_fences() = FenceInfoOf(view, who(view.owner_session));
+  if (request.state() == v1::FENCE_STATE_UNSPECIFIED && token.empty()) {
     for (const TimelineView& view : timelines.List(FenceQuery::kMaxListed)) {
       if (request.owner_session() != 0 && view.owner_session != request.owner_session()) continue;
-      auto owner = who.find(view.owner_session);
-      *response.add_timelines() = TimelineInfoOf(
-          view, owner == who.end() ? std::nullopt : std::optional(owner->second));
+      *response.add_timelines() = TimelineInfoOf(view, who(view.owner_session));
     }
   }
   return response;

@@ -27,11 +27,14 @@ v1::ListHeapsResponse HeapsView(const DaemonState& state);
 // per uid what it is charged against what it holds.
 v1::ListClientsResponse ClientsView(const SessionTable& sessions, const DaemonState& state,
                                     const FenceTable& fences);
-// With `reservations`: each buffer's unsignalled attached fences too.
-v1::ListBuffersResponse BuffersView(const SessionTable& sessions, const DaemonState& state,
-                                    const FenceTable& fences,
-                                    const ReservationTable& reservations,
-                                    const v1::ListBuffersRequest& request);
+// With `reservations`: each buffer's unsignalled attached fences too. One
+// page (ListBuffersRequest.page_size / page_token); INVALID_ARGUMENT for a
+// page token that is not one.
+absl::StatusOr<v1::ListBuffersResponse> BuffersView(const SessionTable& sessions,
+                                                    const DaemonState& state,
+                                                    const FenceTable& fences,
+                                                    const ReservationTable& reservations,
+                                                    const v1::ListBuffersRequest& request);
 
 // Pending share tokens (never the token strings).
 v1::ListTokensResponse TokensView(const DaemonState& state);
@@ -42,9 +45,10 @@ v1::FenceInfo FenceInfoOf(const FenceView& view,
 v1::TimelineInfo TimelineInfoOf(const TimelineView& view,
                                 const std::optional<SessionTable::Identity>& owner);
 // Fences, and (unless the request filters by fence state) every timeline.
-v1::ListFencesResponse FencesView(const SessionTable& sessions, const FenceTable& fences,
-                                  const TimelineTable& timelines,
-                                  const v1::ListFencesRequest& request);
+absl::StatusOr<v1::ListFencesResponse> FencesView(const SessionTable& sessions,
+                                                  const FenceTable& fences,
+                                                  const TimelineTable& timelines,
+                                                  const v1::ListFencesRequest& request);
 
 }  // namespace bufferd
 

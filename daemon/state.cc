@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <limits>
+#include <set>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -22,7 +23,8 @@ struct DaemonState::Buffer {
   // Its identity and page work; no fd past the creator's grant.
   std::unique_ptr<HeapBuffer> memory;
   v1::BufferInfo info;
-  int handle_count = 0;
+  // Its handles (views list a page's holders from here).
+  std::set<uint64_t> handles;
   // Who made it (for debug views).
   ProcessRef creator;
   // Handles per holder uid.
@@ -254,7 +256,7 @@ DaemonState::Grant DaemonState::AddHandleLocked(Session& session, Buffer& buffer
   handles_[grant.handle] = Handle{grant.handle, session.id, buffer.info.buffer_id(), access};
   session.handles[grant.handle] = buffer.info.buffer_id();
   ++session.held[buffer.info.buffer_id()];
-  ++buffer.handle_count;
+  buffer.handles.insert(grant.handle);
   ++buffer.holder_uids[session.uid];
   return grant;
 }
@@ -276,7 +278,8 @@ void DaemonState::RemoveHandleLocked(uint64_t handle_id, std::vector<DeadBuffer>
     auto u = buffer.holder_uids.find(session.uid);
     if (u != buffer.holder_uids.end() && --u->second == 0) buffer.holder_uids.erase(u);
   }
-  if (--buffer.handle_count > 0) return;
+  buffer.handles.erase(handle_id);
+  if (!buffer.handles.empty()) return;
   // Its tokens' fds close with it (on the reaper's thread if its pages are
   // worth it): a token never keeps a buffer alive.
   std::vector<LeasedFd> token_fds = tokens_.ForgetBuffer(handle.buffer);
@@ -744,7 +747,7 @@ absl::StatusOr<v1::GetBufferResponse> DaemonState::GetBuffer(uint64_t session_id
   v1::GetBufferResponse response;
   *response.mutable_buffer() = buffer.info;
   response.set_access(handle->access);
-  response.set_handle_count(static_cast<uint32_t>(buffer.handle_count));
+  response.set_handle_count(static_cast<uint32_t>(buffer.handles.size()));
   return response;
 }
 
@@ -803,30 +806,36 @@ std::vector<DaemonState::Holdings> DaemonState::ListHoldings() const {
 std::vector<DaemonState::BufferView> DaemonState::ListBuffers(const BufferQuery& query) const {
   std::vector<BufferView> views;
   absl::MutexLock lock(&mu_);
-  const Session* only = nullptr;
+  const size_t limit = query.limit == 0 ? buffers_.size() : query.limit;
+  auto add = [&](const Buffer& buffer) ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    if (!query.heap.empty() && buffer.info.heap() != query.heap) return;
+    BufferView& view = views.emplace_back();
+    view.info = buffer.info;
+    view.kind = buffer.heap->kind();
+    view.dev = buffer.memory->dev();
+    view.ino = buffer.memory->ino();
+    view.creator = buffer.creator;
+    if (!query.holders) return;
+    for (uint64_t handle_id : buffer.handles) {
+      const Handle& h = handles_.at(handle_id);
+      auto s = sessions_.find(h.session);
+      view.holders.push_back(BufferView::Holder{
+          h.session, h.id, s != sessions_.end() ? s->second.uid : kNoUid, h.access});
+    }
+  };
   if (query.session_id != 0) {
+    // The session's own buffers, from its index.
     auto s = sessions_.find(query.session_id);
     if (s == sessions_.end()) return views;
-    only = &s->second;
-  }
-  std::map<uint64_t, std::vector<const Handle*>> holders;
-  if (query.holders) {
-    for (const auto& [id, handle] : handles_) holders[handle.buffer].push_back(&handle);
-  }
-  for (const auto& [id, buffer] : buffers_) {
-    if (!query.heap.empty() && buffer->info.heap() != query.heap) continue;
-    if (only != nullptr && only->held.count(id) == 0) continue;
-    BufferView& view = views.emplace_back();
-    view.info = buffer->info;
-    view.kind = buffer->heap->kind();
-    view.dev = buffer->memory->dev();
-    view.ino = buffer->memory->ino();
-    view.creator = buffer->creator;
-    for (const Handle* h : holders[id]) {
-      auto s = sessions_.find(h->session);
-      view.holders.push_back(BufferView::Holder{
-          h->session, h->id, s != sessions_.end() ? s->second.uid : kNoUid, h->access});
+    const auto& held = s->second.held;
+    for (auto it = held.upper_bound(query.after); it != held.end() && views.size() < limit; ++it) {
+      add(*buffers_.at(it->first));
     }
+    return views;
+  }
+  for (auto it = buffers_.upper_bound(query.after); it != buffers_.end() && views.size() < limit;
+       ++it) {
+    add(*it->second);
   }
   return views;
 }

@@ -237,7 +237,11 @@ class DaemonState {
   struct BufferQuery {
     std::string heap;         // empty: every heap
     uint64_t session_id = 0;  // 0: held by anyone
-    // False: BufferView::holders stay empty (no pass over every handle).
+    // Buffers with ids above `after`, at most `limit` (0: all), in id order:
+    // a page costs its own buffers, not all of them.
+    uint64_t after = 0;
+    size_t limit = 0;
+    // False: BufferView::holders stay empty.
     bool holders = true;
   };
   std::vector<BufferView> ListBuffers(const BufferQuery& query) const;

@@ -966,23 +966,29 @@ std::vector<FenceView> FenceTable::List(const FenceQuery& query) const {
     absl::Time signaled_at;
     uint64_t id;
   };
-  std::vector<Key> keys;
-  {
-    absl::MutexLock lock(&mu_);
-    for (const auto& [id, fence] : fences_) {
-      if (query.pending && *query.pending == fence.view.signaled) continue;
-      if (query.owner_session != 0 && fence.view.owner_session != query.owner_session) continue;
-      keys.push_back({fence.view.signaled, fence.view.signaled_at, id});
-    }
-  }
-  const size_t limit =
-      query.limit == 0 ? FenceQuery::kMaxListed : std::min(query.limit, FenceQuery::kMaxListed);
   // Pending first, oldest first; then signalled, newest first.
   auto before = [](const Key& a, const Key& b) {
     if (a.signaled != b.signaled) return !a.signaled;
     if (!a.signaled) return a.id < b.id;
     return a.signaled_at != b.signaled_at ? a.signaled_at > b.signaled_at : a.id > b.id;
   };
+  std::optional<Key> after;
+  if (query.after.has_value()) {
+    after = Key{query.after->signaled, query.after->signaled_at, query.after->id};
+  }
+  std::vector<Key> keys;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [id, fence] : fences_) {
+      if (query.pending && *query.pending == fence.view.signaled) continue;
+      if (query.owner_session != 0 && fence.view.owner_session != query.owner_session) continue;
+      const Key key{fence.view.signaled, fence.view.signaled_at, id};
+      if (after.has_value() && !before(*after, key)) continue;
+      keys.push_back(key);
+    }
+  }
+  const size_t limit =
+      query.limit == 0 ? FenceQuery::kMaxListed : std::min(query.limit, FenceQuery::kMaxListed + 1);
   if (keys.size() > limit) {
     std::partial_sort(keys.begin(), keys.begin() + static_cast<ptrdiff_t>(limit), keys.end(),
                       before);

@@ -131,9 +131,19 @@ struct FenceQuery {
   std::optional<bool> pending;
   // Only fences this session owns (0 = all).
   uint64_t owner_session = 0;
-  // At most this many (0, or more than kMaxListed: kMaxListed).
+  // At most this many (0: kMaxListed; never more than kMaxListed + 1, so a
+  // pager can ask one more than a page to tell a full page from the last).
   size_t limit = 0;
   static constexpr size_t kMaxListed = 10000;
+  // Where a page starts: after this fence in the listing order (pending
+  // first, oldest first; then signalled, newest first). Unset: the first
+  // page.
+  struct After {
+    bool signaled = false;
+    absl::Time signaled_at;
+    uint64_t id = 0;
+  };
+  std::optional<After> after;
 };
 
 class FenceTable {

@@ -453,4 +453,10 @@ absl::flat_hash_map<uint64_t, std::vector<ReservationTable::Attached>> Reservati
   return out;
 }
 
+std::vector<ReservationTable::Attached> ReservationTable::AttachedTo(uint64_t buffer) const {
+  absl::MutexLock lock(&mu_);
+  auto it = buffers_.find(buffer);
+  return it == buffers_.end() ? std::vector<Attached>{} : it->second.attached;
+}
+
 }  // namespace bufferd

@@ -157,6 +157,8 @@ class ReservationTable {
   // Unsignalled fences attached to each buffer that has some (for debug
   // views).
   absl::flat_hash_map<uint64_t, std::vector<Attached>> List() const;
+  // Those of one buffer (a page of a debug view costs only its buffers).
+  std::vector<Attached> AttachedTo(uint64_t buffer) const;
   const ReservationLimits& limits() const { return limits_; }
   // Sessions with a status page (for tests).
   size_t pages() const;

@@ -9,6 +9,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <string>
 #include <utility>
@@ -362,6 +363,123 @@ TEST_F(OpsTest, JsonEverywhereWithZerosAndChargedAgainstHeld) {
   imported = absl::CancelledError("released");
   second = absl::CancelledError("closed");
   shared = absl::CancelledError("released");
+  ExpectBaseline();
+}
+
+// Tests that ListBuffers pages in id order: 25 buffers in pages of 10, 10
+// and 5, none twice, one allocated between pages on a later page, a
+// session's own buffers paged the same, a page of one starting anywhere
+// (what `bufctl why` asks), and a page token that is not one refused with
+// INVALID_ARGUMENT; bufctl buffers lists every page.
+TEST_F(OpsTest, ListBuffersPages) {
+  std::vector<Buffer> held;
+  for (int i = 0; i < 25; ++i) {
+    absl::StatusOr<Buffer> buffer = client_->Allocate({.heap = "system", .size = 4096});
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    held.push_back(*std::move(buffer));
+  }
+  v1::ListBuffersRequest request;
+  request.set_page_size(10);
+  std::vector<uint64_t> listed;
+  std::vector<int> page_sizes;
+  while (true) {
+    absl::StatusOr<v1::ListBuffersResponse> page = client_->ListBuffers(request);
+    ASSERT_TRUE(page.ok()) << page.status();
+    page_sizes.push_back(page->buffers_size());
+    for (const auto& b : page->buffers()) listed.push_back(b.buffer().buffer_id());
+    if (page_sizes.size() == 1) {
+      // Made after the first page: listed on a later one.
+      absl::StatusOr<Buffer> late = client_->Allocate({.heap = "system", .size = 4096});
+      ASSERT_TRUE(late.ok());
+      held.push_back(*std::move(late));
+    }
+    if (page->next_page_token().empty()) break;
+    EXPECT_EQ(page->next_page_token(), absl::StrCat(listed.back()));
+    request.set_page_token(page->next_page_token());
+  }
+  EXPECT_EQ(page_sizes, (std::vector<int>{10, 10, 6}));
+  std::vector<uint64_t> expected;
+  for (const Buffer& b : held) expected.push_back(b.id());
+  EXPECT_EQ(listed, expected) << "every buffer once, in id order";
+
+  // One session's buffers page from its own index.
+  absl::StatusOr<Client> other = daemon_->Connect();
+  ASSERT_TRUE(other.ok());
+  absl::StatusOr<Buffer> theirs = other->Allocate({.heap = "system", .size = 4096});
+  ASSERT_TRUE(theirs.ok());
+  v1::ListBuffersRequest mine;
+  mine.set_session_id(client_->session_id());
+  mine.set_page_size(7);
+  absl::StatusOr<v1::ListBuffersResponse> all = client_->ListAllBuffers(mine);
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ(all->buffers_size(), 26);
+  EXPECT_TRUE(all->next_page_token().empty());
+
+  // A page of one, right where it is asked to start.
+  v1::ListBuffersRequest one;
+  one.set_page_size(1);
+  one.set_page_token(absl::StrCat(held[12].id() - 1));
+  absl::StatusOr<v1::ListBuffersResponse> single = client_->ListBuffers(one);
+  ASSERT_TRUE(single.ok());
+  ASSERT_EQ(single->buffers_size(), 1);
+  EXPECT_EQ(single->buffers(0).buffer().buffer_id(), held[12].id());
+
+  for (const std::string bad : {"x", "-1", "123456789012345678901234", "1e3"}) {
+    v1::ListBuffersRequest wrong;
+    wrong.set_page_token(bad);
+    absl::StatusOr<v1::ListBuffersResponse> refused = client_->ListBuffers(wrong);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_THAT(std::string(refused.status().message()),
+                HasSubstr("is not one ListBuffers gave (pass next_page_token back unchanged)"));
+  }
+  const BufctlRun table = Bufctl(dir(), "buffers");
+  EXPECT_EQ(table.code, 0) << table.out;
+  EXPECT_EQ(std::count(table.out.begin(), table.out.end(), '\n') >= 27, true) << table.out;
+  EXPECT_EQ(Bufctl(dir(), absl::StrCat("why ", held[12].id())).code, 0);
+  held.clear();
+  theirs = absl::CancelledError("released");
+  other = absl::CancelledError("closed");
+  ExpectBaseline();
+}
+
+// Tests that ListFences pages in its order (pending oldest first, then
+// signalled newest first): 15 fences, 5 of them signalled, in pages of 4,
+// each once; timelines on the first page only; a bad token refused.
+TEST_F(OpsTest, ListFencesPages) {
+  std::vector<Fence> fences;
+  for (int i = 0; i < 15; ++i) {
+    absl::StatusOr<Fence> fence = client_->CreateFence({.name = absl::StrCat("f", i)});
+    ASSERT_TRUE(fence.ok()) << fence.status();
+    fences.push_back(*std::move(fence));
+  }
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(fences[i].Signal().ok());
+  v1::ListFencesRequest request;
+  request.set_owner_session(client_->session_id());
+  request.set_limit(4);
+  std::vector<std::string> names;
+  int pages = 0;
+  while (true) {
+    absl::StatusOr<v1::ListFencesResponse> page = client_->ListFences(request);
+    ASSERT_TRUE(page.ok()) << page.status();
+    ++pages;
+    EXPECT_LE(page->fences_size(), 4);
+    for (const auto& f : page->fences()) names.push_back(f.name());
+    if (page->next_page_token().empty()) break;
+    request.set_page_token(page->next_page_token());
+  }
+  EXPECT_EQ(pages, 4);
+  std::vector<std::string> expected;
+  for (int i = 5; i < 15; ++i) expected.push_back(absl::StrCat("f", i));  // pending, oldest first
+  for (int i = 4; i >= 0; --i) expected.push_back(absl::StrCat("f", i));  // signalled, newest first
+  EXPECT_EQ(names, expected);
+  v1::ListFencesRequest wrong;
+  wrong.set_page_token("q12");
+  absl::StatusOr<v1::ListFencesResponse> refused = client_->ListFences(wrong);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("'q12' is not one ListFences gave"));
+  for (int i = 5; i < 15; ++i) ASSERT_TRUE(fences[i].Signal().ok());
+  fences.clear();
   ExpectBaseline();
 }
 

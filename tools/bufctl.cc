@@ -258,7 +258,7 @@ int Buffers(const bufferd::Client& client, bool json, const std::string& heap, u
   bufferd::v1::ListBuffersRequest request;
   request.set_heap(heap);
   request.set_session_id(session);
-  auto buffers = client.ListBuffers(request);
+  auto buffers = client.ListAllBuffers(request);
   if (!buffers.ok()) return Fail(buffers.status());
   if (!heap.empty() && buffers->buffers_size() == 0) {
     // An empty table would not say whether the heap exists.
@@ -426,7 +426,11 @@ void PrintFences(const bufferd::v1::ListFencesResponse* fences, uint32_t limit) 
 // bufctl why BUFFER: what a read and a write of it would wait for right
 // now, and who must signal each.
 int Why(const bufferd::Client& client, bool json, uint64_t buffer_id) {
-  auto buffers = client.ListBuffers({});
+  // A page of one, starting right before it.
+  bufferd::v1::ListBuffersRequest request;
+  request.set_page_size(1);
+  if (buffer_id > 1) request.set_page_token(absl::StrCat(buffer_id - 1));
+  auto buffers = client.ListBuffers(request);
   if (!buffers.ok()) return Fail(buffers.status());
   const bufferd::v1::BufferDebugInfo* entry = nullptr;
   for (const auto& candidate : buffers->buffers()) {
@@ -722,7 +726,7 @@ bool InspectProcess(const std::string& pid, const std::set<MemfdKey>& known,
 absl::StatusOr<bufferd::v1::HoldersReport> FindHolders(const bufferd::Client& client) {
   bufferd::v1::ListBuffersRequest request;
   request.set_include_released(true);
-  auto buffers = client.ListBuffers(request);
+  auto buffers = client.ListAllBuffers(request);
   if (!buffers.ok()) return buffers.status();
   std::map<MemfdKey, const bufferd::v1::BufferDebugInfo*> live;
   std::map<MemfdKey, const bufferd::v1::ReleasedBuffer*> released;
