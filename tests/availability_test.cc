@@ -465,5 +465,43 @@ TEST_F(AvailabilityTest, LogStaysBoundedUnderFloods) {
   ExpectBaseline();
 }
 
+// Tests that live buffers take no fd of the daemon's: a daemon at
+// RLIMIT_NOFILE 256 serves 3,000 live buffers (held by two sessions), shares
+// one by token (the token keeps the exporter's uploaded fd until it is
+// redeemed), and pages them all; its own fd count stays where it was.
+TEST_F(AvailabilityTest, LiveBuffersTakeNoDaemonFds) {
+  Start(R"pb(heaps { name: "system" type: HEAP_TYPE_SYSTEM })pb");
+  const int daemon_fds = daemon_->OpenFds();
+  auto second = daemon_->Connect();
+  ASSERT_TRUE(second.ok()) << second.status();
+  std::vector<Buffer> held;
+  for (int i = 0; i < 3000; ++i) {
+    auto buffer = (i % 2 == 0 ? *client_ : *second).Allocate({.heap = "system", .size = 4096});
+    ASSERT_TRUE(buffer.ok()) << i << ": " << buffer.status();
+    held.push_back(*std::move(buffer));
+  }
+  EXPECT_LE(daemon_->OpenFds(), daemon_fds + 4) << "a session's fd.sock and channel only";
+  EXPECT_EQ(Fds().exports(), 0u);
+  auto token = held[2999].Export(Access::kReadOnly);
+  ASSERT_TRUE(token.ok()) << token.status();
+  EXPECT_EQ(Fds().exports(), 1u) << "the token keeps the exporter's fd";
+  auto imported = client_->Import(*token);
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  EXPECT_EQ(Fds().exports(), 0u) << "redeemed: closed";
+  auto map = imported->MapReadOnly();
+  ASSERT_TRUE(map.ok());
+  auto all = client_->ListAllBuffers();
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ(all->buffers_size(), 3000);
+  auto heaps = client_->ListHeaps();
+  ASSERT_TRUE(heaps.ok());
+  EXPECT_EQ(heaps->live_buffers(), 3000u);
+  map = absl::CancelledError("unmapped");
+  imported = absl::CancelledError("released");
+  held.clear();
+  second = absl::CancelledError("closed");
+  ExpectBaseline();
+}
+
 }  // namespace
 }  // namespace bufferd
