@@ -30,6 +30,11 @@
 // (one exports, the other imports), so the holders' sessions and handles
 // are all "the others".
 //
+// Memory is measured first, with all of it made at once and nothing timed
+// in between: a timed call's garbage (a big ListBuffers answer above all)
+// would be reused by the next objects and hide their cost. Then latency,
+// from the top level down (the children drop buffers between levels).
+//
 // The fence waiters: in each child, fences are created in groups of at most
 // 1,000 on one session, and one thread per group blocks in Client::WaitAll
 // on its group: one WaitFence RPC naming 1,000 fences, which the daemon
@@ -239,8 +244,10 @@ int ChildMain(const UnixSocket& control) {
         }
       }
       Reply(control, status.ok() ? "ok" : "error " + status.ToString());
-    } else if (command == "alloc") {
-      // Up to n buffers held, over the sessions round-robin.
+    } else if (command == "hold") {
+      // Hold n buffers: allocate up to n over the sessions round-robin, or
+      // drop the last ones (evenly over the sessions) and make one call on
+      // every session, which carries its releases to the daemon.
       absl::Status status;
       while (buffers.size() < n && !clients.empty()) {
         const uint32_t count =
@@ -253,6 +260,12 @@ int ChildMain(const UnixSocket& control) {
           break;
         }
         for (Buffer& buffer : *set) buffers.push_back(std::move(buffer));
+      }
+      if (buffers.size() > n) {
+        buffers.erase(buffers.begin() + static_cast<std::ptrdiff_t>(n), buffers.end());
+        for (Client& client : clients) {
+          (void)client.CanAllocate({.heap = "system", .size = kBufferSize});
+        }
       }
       Reply(control, status.ok() ? absl::StrCat("ok ", buffers.size())
                                  : absl::StrCat("error at buffer ", buffers.size() + 1,
@@ -422,14 +435,8 @@ LevelResult MeasureLevel(uint64_t live, int iterations, const Client& client,
                          const Client& importer, const Buffer& shared, grpc::GenericStub& stub) {
   LevelResult r;
   r.live = live;
-  v1::ListBuffersRequest list;
-  list.set_page_size(100);
-  // ListBuffers gets at most this much time per level (and placement): an
-  // answer with every buffer in it may take long, and an error is kept
-  // after 3 tries.
-  constexpr double kListBudgetUs = 5e6;
-  double list_spent = 0;
-  int list_errors = 0;
+  // The ops and the floor, interleaved round-robin so that drift on the
+  // machine hits them alike.
   auto once = [&](bool record) {
     auto keep = [&](Op op, double us) {
       if (record) r.ops[op].samples.push_back(us);
@@ -459,28 +466,37 @@ LevelResult MeasureLevel(uint64_t live, int iterations, const Client& client,
       keep(kImport, NowMicros() - start);
       if (!imported.ok()) Fail("Import", imported.status());
     }
-    if (list_errors < 3 && list_spent < kListBudgetUs) {
-      start = NowMicros();
-      auto page = client.ListBuffers(list);
-      const double took = NowMicros() - start;
-      list_spent += took;
-      if (page.ok()) {
-        keep(kList, took);
-        r.ops[kList].listed = page->buffers_size();
-        r.ops[kList].next_page = !page->next_page_token().empty();
-      } else if (record) {
-        ++list_errors;
-        r.ops[kList].error = page.status().ToString();
-      }
-    }
   };
   for (int i = 0; i < 10; ++i) once(false);  // warm up
-  list_spent = 0;
-  list_errors = 0;
   for (int i = 0; i < iterations; ++i) {
     // A pause now and then: the daemon finishes the frees the drops started.
     if (i % 20 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
     once(true);
+  }
+  // ListBuffers alone: until it pages, an answer holds every buffer, and
+  // the daemon's work after sending it (freeing it) would land on whatever
+  // call came next. Each call is followed by a pause as long as it took.
+  // At most 5 s of calls a level, and 3 errors.
+  v1::ListBuffersRequest list;
+  list.set_page_size(100);
+  OpResult& o = r.ops[kList];
+  double spent = 0;
+  int errors = 0;
+  for (int i = -3; i < iterations && spent < 5e6 && errors < 3; ++i) {
+    const double start = NowMicros();
+    auto page = client.ListBuffers(list);
+    const double took = NowMicros() - start;
+    if (i >= 0) spent += took;
+    if (page.ok()) {
+      if (i >= 0) o.samples.push_back(took);
+      o.listed = page->buffers_size();
+      o.next_page = !page->next_page_token().empty();
+    } else {
+      ++errors;
+      o.error = page.status().ToString();
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(
+        static_cast<int64_t>(std::max(2000.0, took))));
   }
   return r;
 }
@@ -579,7 +595,8 @@ int main(int argc, char** argv) {
 
   // Quotas off (0) and caps above what this run makes: the bench measures
   // scale, not the limits. Fence deadlines may reach 5 min.
-  const uint64_t room = sessions + 64;
+  // Sessions, and the bare gRPC connections measured beside them.
+  const uint64_t room = sessions + std::max<uint64_t>(50, sessions / 10) + 128;
   const std::string config = absl::StrCat(
       "heaps { name: \"system\" type: HEAP_TYPE_SYSTEM }\n"
       "quotas { max_bytes_per_session: 0 max_bytes_per_uid: 0 max_buffers_per_session: 0\n"
@@ -643,7 +660,37 @@ int main(int argc, char** argv) {
   if (!shared.ok()) fail("Allocate", shared.status());
   bool all_met = true;
 
-  // -- 1. Sessions.
+  // The daemon's own count of live buffers on the system heap.
+  auto live_buffers = [&]() -> uint64_t {
+    auto heaps = client->ListHeaps();
+    if (!heaps.ok()) fail("ListHeaps", heaps.status());
+    for (const v1::HeapInfo& heap : heaps->heaps()) {
+      if (heap.name() == "system") return heap.buffer_count();
+    }
+    return 0;
+  };
+  const uint64_t levels[] = {buffers / 100, buffers / 10, buffers};
+  // Buffers held at each level: the children's, and `shared`.
+  auto hold = [&](uint64_t level) {
+    if (absl::Status s = AskAll(children, "hold ",
+                                [&](size_t i) { return Share(level, children_count, i); });
+        !s.ok()) {
+      fail(absl::StrCat("holding ", level, " buffers"), s);
+    }
+    uint64_t live = 0;
+    for (int i = 0; i < 500 && (live = live_buffers()) != level + 1; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    if (live != level + 1) {
+      fail("hold", absl::InternalError(absl::StrCat("the daemon counts ", live,
+                                                    " live buffers, not ", level + 1)));
+    }
+  };
+
+  // ===== Part 1: memory, everything at once, nothing timed in between
+  // (what a timed call allocates and frees, a big ListBuffers answer above
+  // all, would be reused by the next objects and hide their cost).
+  std::printf("===== memory (one daemon holding all of it at once)\n\n");
   const Memory m0 = SettledMemory(d);
   double start = NowMicros();
   if (absl::Status s = AskAll(children, "connect ",
@@ -670,48 +717,49 @@ int main(int argc, char** argv) {
   std::string session_summary, buffer_summary, fence_summary;
   all_met &= MemoryVerdict("memory per session (+ a first call)", session_growth, sessions,
                            &session_summary);
+  // What part of that is gRPC's: bare control.sock connections (a channel
+  // each, no session), one empty call each.
+  const size_t bare_count = std::max<size_t>(50, sessions / 10);
+  std::vector<std::unique_ptr<grpc::GenericStub>> bare;
+  {
+    grpc::ChannelArguments args;
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // a connection each
+    for (size_t i = 0; i < bare_count; ++i) {
+      bare.push_back(std::make_unique<grpc::GenericStub>(grpc::CreateCustomChannel(
+          "unix:" + ControlSocketPath(dir), grpc::InsecureChannelCredentials(), args)));
+      GrpcOnce(*bare.back());
+    }
+  }
+  const Memory m3 = SettledMemory(d);
+  Growth bare_growth;
+  bare_growth.Add(m2, m3);
+  std::printf(
+      "%-34s a bare gRPC connection on control.sock (no session; one empty call): +%.0f B "
+      "each (RssAnon %.0f B, %zu of them)\n",
+      "(info) of which gRPC", bare_growth.PerObject(bare_growth.rss_kb, bare_count),
+      bare_growth.PerObject(bare_growth.anon_kb, bare_count), bare_count);
 
-  // -- 2. Buffers, in three levels, latency timed at each.
-  const uint64_t levels[] = {buffers / 100, buffers / 10, buffers};
   Growth buffer_growth;
-  std::vector<LevelResult> split, same;
-  int fds_at_top = 0;
   uint64_t held = 0;
   for (uint64_t level : levels) {
     const Memory before = SettledMemory(d);
     start = NowMicros();
-    std::vector<std::string> answers;
-    if (absl::Status s = AskAll(children, "alloc ",
-                                [&](size_t i) { return Share(level, children_count, i); },
-                                &answers);
-        !s.ok()) {
-      fail(absl::StrCat("allocating up to ", level, " buffers"), s);
-    }
+    hold(level);
     const double fill_ms = (NowMicros() - start) / 1000;
     const Memory after = SettledMemory(d);
     buffer_growth.Add(before, after);
-    fds_at_top = after.fds;
     std::printf(
-        "\n== %lu live buffers (filled in %.0f ms): daemon fds %d -> %d, threads %ld, VmRSS "
-        "%ld -> %ld KiB (+%.0f B per buffer added)\n",
-        static_cast<unsigned long>(level), fill_ms, before.fds, after.fds, after.threads,
-        before.rss_kb, after.rss_kb,
+        "== %lu live buffers (the daemon's count, +1 of the measuring session; %lu added in "
+        "%.0f ms): daemon fds %d -> %d, threads %ld, VmRSS %ld -> %ld KiB = %.0f B per buffer "
+        "added\n",
+        static_cast<unsigned long>(level), static_cast<unsigned long>(level - held), fill_ms,
+        before.fds, after.fds, after.threads, before.rss_kb, after.rss_kb,
         (after.rss_kb - before.rss_kb) * 1024.0 / static_cast<double>(level - held));
     held = level;
-    PinProcess(0);
-    split.push_back(MeasureLevel(level, iterations, *client, *importer, *shared, stub));
-    PrintLevel("split", split.back());
-    PinProcess(kDaemonCpu);
-    same.push_back(MeasureLevel(level, iterations, *client, *importer, *shared, stub));
-    PrintLevel("same", same.back());
-    PinProcess(0);
   }
-  std::printf("\n");
   all_met &= MemoryVerdict("memory per buffer", buffer_growth, buffers, &buffer_summary);
-  std::printf("%-34s daemon fds with %lu live buffers: %d (no fd per buffer)\n", "(info)",
-              static_cast<unsigned long>(buffers), fds_at_top);
 
-  // -- 3. Fences, with their waiters.
+  // Fences, with their waiters, while the sessions and buffers live.
   const Memory f0 = SettledMemory(d);
   if (absl::Status s = AskAll(children, "fences ",
                               [&](size_t i) { return Share(fences, children_count, i); });
@@ -738,28 +786,24 @@ int main(int argc, char** argv) {
     if (listed->next_page_token().empty()) break;
     list.set_page_token(listed->next_page_token());
   }
-  const size_t wait_calls = [&] {
-    size_t calls = 0;
-    for (size_t i = 0; i < children_count; ++i) {
-      const uint64_t n = Share(fences, children_count, i);
-      calls += (n + kFencesPerWait - 1) / kFencesPerWait;
-    }
-    return calls;
-  }();
+  size_t wait_calls = 0;
+  for (size_t i = 0; i < children_count; ++i) {
+    wait_calls += (Share(fences, children_count, i) + kFencesPerWait - 1) / kFencesPerWait;
+  }
   std::printf(
-      "\n== %lu pending fences; waiters: %zu WaitFence RPCs (Client::WaitAll, at most %zu fences "
-      "each, one client thread each, in the children), the daemon registering one wait on every "
-      "fence; daemon fds %d -> %d, threads %ld -> %ld\n",
+      "== %lu pending fences; their waiters: %zu WaitFence RPCs (Client::WaitAll, at most %zu "
+      "fences each, one client thread each, in the children), the daemon registering one wait "
+      "on every fence; daemon fds %d -> %d, threads %ld -> %ld\n",
       static_cast<unsigned long>(fences), wait_calls, kFencesPerWait, f0.fds, f2.fds, f0.threads,
       f2.threads);
   std::printf("%-34s ListFences: %lu pending, %lu of them with a waiter%s\n", "(check)",
               static_cast<unsigned long>(pending), static_cast<unsigned long>(waited),
-              waited >= fences ? "" : "  (fewer than made: see above)");
+              waited >= fences ? "" : "  (fewer than made!)");
   Growth fence_only, wait_only, fence_growth;
   fence_only.Add(f0, f1);
   wait_only.Add(f1, f2);
   fence_growth.Add(f0, f2);
-  std::printf("%-34s fence %.0f B + its wait %.0f B (VmRSS)\n", "(info) per pending fence",
+  std::printf("%-34s the fence %.0f B + its wait %.0f B (VmRSS)\n", "(info) per pending fence",
               fence_only.PerObject(fence_only.rss_kb, fences),
               wait_only.PerObject(wait_only.rss_kb, fences));
   all_met &= MemoryVerdict("memory per fence (+ its waiter)", fence_growth, fences,
@@ -789,20 +833,43 @@ int main(int argc, char** argv) {
   }
   const bool all_woke = woke_ok == fences && total == fences && wait_error.empty();
   all_met &= all_woke;
-  std::printf(
-      "%-34s every fence signalled one-way by its owner (%.1f ms to send all %lu); the last "
-      "WaitAll returned %.1f ms after the first signal; %lu of %lu fences seen SIGNALED OK by "
-      "their waiter%s  %s\n",
-      "signal all -> every waiter woke", (last_signal - first_signal) / 1e6,
-      static_cast<unsigned long>(fences), (last_wake - first_signal) / 1e6,
-      static_cast<unsigned long>(woke_ok), static_cast<unsigned long>(fences),
-      wait_error.empty() ? "" : ("; error: " + wait_error).c_str(), all_woke ? "met" : "not met");
   const double wake_ms = (last_wake - first_signal) / 1e6;
+  std::printf(
+      "%-34s each fence signalled one-way by its owner (the children, CPU 0: %.1f ms to send "
+      "all %lu); the last WaitAll returned %.1f ms after the first signal; %lu of %lu fences "
+      "seen SIGNALED OK by their waiter%s  target: all  %s\n",
+      "signal all -> every waiter woke", (last_signal - first_signal) / 1e6,
+      static_cast<unsigned long>(fences), wake_ms, static_cast<unsigned long>(woke_ok),
+      static_cast<unsigned long>(fences),
+      wait_error.empty() ? "" : ("; error: " + wait_error).c_str(), all_woke ? "met" : "not met");
   (void)AskAll(children, "forget", [](size_t) { return ""; });
+  bare.clear();
 
-  // -- 4. Flatness: p50 at the top level / p50 at the bottom one.
-  std::printf("\n== flatness: p50 with %lu live buffers / p50 with %lu (target <= 1.5)\n",
-              static_cast<unsigned long>(levels[2]), static_cast<unsigned long>(levels[0]));
+  // ===== Part 2: latency at each level, from the top down (the children
+  // drop buffers between levels).
+  std::printf("\n===== latency (us), %d samples per op, level and placement\n", iterations);
+  std::vector<LevelResult> split, same;  // in `levels` order
+  for (int li = 2; li >= 0; --li) {
+    hold(levels[li]);
+    const Memory now = SettledMemory(d);
+    std::printf("\n== %lu live buffers (the daemon's count, +1); %lu sessions; daemon fds %d\n",
+                static_cast<unsigned long>(levels[li]), static_cast<unsigned long>(sessions),
+                now.fds);
+    PinProcess(0);
+    split.insert(split.begin(), MeasureLevel(levels[li], iterations, *client, *importer, *shared, stub));
+    PrintLevel("split", split.front());
+    PinProcess(kDaemonCpu);
+    same.insert(same.begin(), MeasureLevel(levels[li], iterations, *client, *importer, *shared, stub));
+    PrintLevel("same", same.front());
+    PinProcess(0);
+  }
+
+  // Flatness: p50 at the top level / p50 at the bottom one.
+  auto label = [](uint64_t n) {
+    return n >= 1000 && n % 1000 == 0 ? absl::StrCat(n / 1000, "k") : absl::StrCat(n);
+  };
+  std::printf("\n== flatness: p50 with %s live buffers / p50 with %s (target <= 1.5)\n",
+              label(levels[2]).c_str(), label(levels[0]).c_str());
   std::map<std::string, std::string> flat_cells;
   for (const auto& [placement, results] :
        {std::pair<const char*, std::vector<LevelResult>*>{"split", &split}, {"same", &same}}) {
@@ -813,14 +880,13 @@ int main(int argc, char** argv) {
     for (int op = kAllocate; op < kOps; ++op) {
       const OpResult& a = lo.ops[op];
       const OpResult& b = hi.ops[op];
-      std::string line = absl::StrFormat("%-28s %-6s", kOpNames[op], placement);
+      const std::string name = absl::StrFormat("%-28s %-6s", kOpNames[op], placement);
       if (a.samples.empty() || b.samples.empty()) {
         all_met = false;
         const std::string& error = b.samples.empty() ? b.error : a.error;
-        std::printf("%s error at %lu: %s  target <= 1.5  not met\n", line.c_str(),
-                    static_cast<unsigned long>(b.samples.empty() ? hi.live : lo.live),
-                    error.c_str());
-        flat_cells[absl::StrCat(kOpShort[op], placement)] = "error";
+        std::printf("%s error at %s: %s  target <= 1.5  not met\n", name.c_str(),
+                    label(b.samples.empty() ? hi.live : lo.live).c_str(), error.c_str());
+        flat_cells[absl::StrCat(kOpShort[op], placement)] = "error (not met)";
         continue;
       }
       const Summary sa = Summarize(a.samples, 0), sb = Summarize(b.samples, 0);
@@ -828,17 +894,16 @@ int main(int argc, char** argv) {
       const bool met = ratio <= 1.5;
       all_met &= met;
       std::printf(
-          "%s %lu: %8.1f (%8.1f)  %lu: %8.1f (%8.1f)  ratio %5.2f  floor %.1f -> %.1f (%.2fx)  "
+          "%s %s: %8.1f (%8.1f)  %s: %8.1f (%8.1f)  ratio %5.2f  floor %.1f -> %.1f (%.2fx)  "
           "target <= 1.5  %s\n",
-          line.c_str(), static_cast<unsigned long>(lo.live), sa.p50, sa.p99,
-          static_cast<unsigned long>(hi.live), sb.p50, sb.p99, ratio, floor_lo, floor_hi,
-          floor_hi / floor_lo, met ? "met" : "not met");
+          name.c_str(), label(lo.live).c_str(), sa.p50, sa.p99, label(hi.live).c_str(), sb.p50,
+          sb.p99, ratio, floor_lo, floor_hi, floor_hi / floor_lo, met ? "met" : "not met");
       flat_cells[absl::StrCat(kOpShort[op], placement)] =
           absl::StrFormat("%.2f×%s", ratio, met ? "" : " (not met)");
     }
   }
 
-  // -- 5. What to paste into the README.
+  // What to paste into the README.
   std::printf("\n== summary (README)\n\n");
   std::printf(
       "`scale_bench` (%lu sessions, %lu live 4 KiB buffers, %lu pending fences with waiters; "
@@ -852,12 +917,16 @@ int main(int argc, char** argv) {
   std::printf("| live 4 KiB buffer | %s | ≤ 1 KiB |\n", buffer_summary.c_str());
   std::printf("| pending fence with its waiter (WaitAll of ≤ %zu) | %s | ≤ 1 KiB |\n\n",
               kFencesPerWait, fence_summary.c_str());
-  std::printf("Kernel objects (memfd inodes, struct file, sockets) are the kernel's own, not "
-              "counted. %lu waiters all woke %.1f ms after the first signal%s.\n\n",
-              static_cast<unsigned long>(fences), wake_ms, all_woke ? "" : " (NOT all: see above)");
+  std::printf(
+      "Kernel objects (memfd inodes, struct file, sockets) are the kernel's own, not counted. "
+      "Of a session, a bare gRPC connection is %.0f B. %lu waiters all woke %.1f ms after the "
+      "first signal%s.\n\n",
+      bare_growth.PerObject(bare_growth.rss_kb, bare_count), static_cast<unsigned long>(fences),
+      wake_ms, all_woke ? "" : " (NOT all: see above)");
   std::printf("| op | placement |");
-  for (uint64_t level : levels) std::printf(" %lu live |", static_cast<unsigned long>(level));
-  std::printf(" 100k / 1k (≤ 1.5) |\n|---|---|---|---|---|---|\n");
+  for (uint64_t level : levels) std::printf(" %s live |", label(level).c_str());
+  std::printf(" %s / %s (≤ 1.5) |\n|---|---|---|---|---|---|\n", label(levels[2]).c_str(),
+              label(levels[0]).c_str());
   for (int op = kFloor; op < kOps; ++op) {
     for (const auto& [placement, results] :
          {std::pair<const char*, std::vector<LevelResult>*>{"split", &split}, {"same", &same}}) {
