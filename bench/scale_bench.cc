@@ -424,7 +424,32 @@ struct OpResult {
 struct LevelResult {
   uint64_t live = 0;
   OpResult ops[kOps];
+  // When (ms from the first sample) an op of the interleaved loop took
+  // over 1 ms: periodic work in the daemon shows as regular gaps.
+  std::vector<double> slow_at_ms;
+  // The daemon's CPU time per second of wall time, idle (before the
+  // samples): periodic work that grows with what it holds shows here.
+  double idle_cpu_ms_per_s = 0;
 };
+
+// Run time of every thread of `pid` (schedstat, ns).
+int64_t ProcessRunNs(pid_t pid) {
+  int64_t total = 0;
+  std::error_code error;
+  for (const auto& task :
+       std::filesystem::directory_iterator(absl::StrCat("/proc/", pid, "/task"), error)) {
+    std::ifstream in(task.path() / "schedstat");
+    int64_t ns = 0;
+    if (in >> ns) total += ns;
+  }
+  return total;
+}
+
+double IdleCpuMsPerSecond(pid_t pid, absl::Duration over) {
+  const int64_t run0 = ProcessRunNs(pid), t0 = NowNs();
+  std::this_thread::sleep_for(absl::ToChronoNanoseconds(over));
+  return (ProcessRunNs(pid) - run0) / 1e6 / ((NowNs() - t0) / 1e9);
+}
 
 [[noreturn]] void Fail(const std::string& what, const absl::Status& status) {
   std::fprintf(stderr, "scale_bench: %s: %s\n", what.c_str(), status.ToString().c_str());
@@ -432,14 +457,20 @@ struct LevelResult {
 }
 
 LevelResult MeasureLevel(uint64_t live, int iterations, const Client& client,
-                         const Client& importer, const Buffer& shared, grpc::GenericStub& stub) {
+                         const Client& importer, const Buffer& shared, grpc::GenericStub& stub,
+                         pid_t daemon_pid) {
   LevelResult r;
   r.live = live;
+  r.idle_cpu_ms_per_s = IdleCpuMsPerSecond(daemon_pid, absl::Seconds(2));
+  double first = 0;
   // The ops and the floor, interleaved round-robin so that drift on the
   // machine hits them alike.
   auto once = [&](bool record) {
     auto keep = [&](Op op, double us) {
-      if (record) r.ops[op].samples.push_back(us);
+      if (!record) return;
+      r.ops[op].samples.push_back(us);
+      if (first == 0) first = NowMicros() - us;
+      if (us > 1000) r.slow_at_ms.push_back((NowMicros() - first) / 1000);
     };
     keep(kFloor, GrpcOnce(stub));
     double start = NowMicros();
@@ -520,6 +551,22 @@ void PrintLevel(const char* placement, const LevelResult& r) {
     if (!o.error.empty()) std::printf("  also error: %s", o.error.c_str());
     std::printf("\n");
   }
+  std::vector<double> gaps;
+  for (size_t i = 1; i < r.slow_at_ms.size(); ++i) {
+    gaps.push_back(r.slow_at_ms[i] - r.slow_at_ms[i - 1]);
+  }
+  std::sort(gaps.begin(), gaps.end());
+  double sampled_ms = 0;
+  for (int op = kFloor; op < kList; ++op) {
+    for (double us : r.ops[op].samples) sampled_ms += us / 1000;
+  }
+  std::printf(
+      "  %-6s (info) daemon idle: %.2f ms CPU per s; calls over 1 ms (not ListBuffers): %zu in "
+      "%.0f ms of calls%s\n",
+      "", r.idle_cpu_ms_per_s, r.slow_at_ms.size(), sampled_ms,
+      gaps.empty() ? ""
+                   : absl::StrFormat(", median gap between them %.0f ms", gaps[gaps.size() / 2])
+                         .c_str());
 }
 
 }  // namespace
@@ -735,9 +782,11 @@ int main(int argc, char** argv) {
   bare_growth.Add(m2, m3);
   std::printf(
       "%-34s a bare gRPC connection on control.sock (no session; one empty call): +%.0f B "
-      "each (RssAnon %.0f B, %zu of them)\n",
+      "each (RssAnon %.0f B, %zu of them); the rest, bufferd's own per session: %.0f B\n",
       "(info) of which gRPC", bare_growth.PerObject(bare_growth.rss_kb, bare_count),
-      bare_growth.PerObject(bare_growth.anon_kb, bare_count), bare_count);
+      bare_growth.PerObject(bare_growth.anon_kb, bare_count), bare_count,
+      session_growth.PerObject(session_growth.rss_kb, sessions) -
+          bare_growth.PerObject(bare_growth.rss_kb, bare_count));
 
   Growth buffer_growth;
   uint64_t held = 0;
@@ -836,10 +885,11 @@ int main(int argc, char** argv) {
   const double wake_ms = (last_wake - first_signal) / 1e6;
   std::printf(
       "%-34s each fence signalled one-way by its owner (the children, CPU 0: %.1f ms to send "
-      "all %lu); the last WaitAll returned %.1f ms after the first signal; %lu of %lu fences "
-      "seen SIGNALED OK by their waiter%s  target: all  %s\n",
+      "all %lu); the last WaitAll returned %.1f ms after the first signal, %.1f ms after the "
+      "last; %lu of %lu fences seen SIGNALED OK by their waiter%s  target: all  %s\n",
       "signal all -> every waiter woke", (last_signal - first_signal) / 1e6,
-      static_cast<unsigned long>(fences), wake_ms, static_cast<unsigned long>(woke_ok),
+      static_cast<unsigned long>(fences), wake_ms, (last_wake - last_signal) / 1e6,
+      static_cast<unsigned long>(woke_ok),
       static_cast<unsigned long>(fences),
       wait_error.empty() ? "" : ("; error: " + wait_error).c_str(), all_woke ? "met" : "not met");
   (void)AskAll(children, "forget", [](size_t) { return ""; });
@@ -856,10 +906,12 @@ int main(int argc, char** argv) {
                 static_cast<unsigned long>(levels[li]), static_cast<unsigned long>(sessions),
                 now.fds);
     PinProcess(0);
-    split.insert(split.begin(), MeasureLevel(levels[li], iterations, *client, *importer, *shared, stub));
+    split.insert(split.begin(),
+                 MeasureLevel(levels[li], iterations, *client, *importer, *shared, stub, d.pid()));
     PrintLevel("split", split.front());
     PinProcess(kDaemonCpu);
-    same.insert(same.begin(), MeasureLevel(levels[li], iterations, *client, *importer, *shared, stub));
+    same.insert(same.begin(),
+                MeasureLevel(levels[li], iterations, *client, *importer, *shared, stub, d.pid()));
     PrintLevel("same", same.front());
     PinProcess(0);
   }
