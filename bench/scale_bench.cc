@@ -12,7 +12,8 @@
 //      own and in nobody's RSS: shown apart, from /proc/meminfo Slab
 //      (system-wide, both sides), never in the verdict.
 //   2. Allocate (4 KiB, then drop) / Release RPC / Export (read-only) /
-//      Import / ListBuffers (one page of 100) latency, p50 (p99), with the
+//      Import / ListBuffers (one page of 100; and one page filtered on a
+//      heap holding a single buffer) latency, p50 (p99), with the
 //      daemon holding 1k, 10k and 100k live buffers, and the flatness ratio
 //      p50 at 100k / p50 at 1k for each. Target <= 1.5: a hot path that
 //      scans every buffer, handle or token shows here. An empty gRPC call
@@ -405,13 +406,17 @@ void PinProcess(int cpu) {
   }
 }
 
-enum Op { kFloor, kAllocate, kRelease, kExport, kImport, kList, kOps };
+enum Op { kFloor, kAllocate, kRelease, kExport, kImport, kList, kListHeap, kOps };
 const char* const kOpNames[kOps] = {
-    "floor: empty gRPC call", "Allocate 4 KiB + drop", "Release RPC",
-    "Export (read-only)",     "Import",                "ListBuffers, page of 100",
+    "floor: empty gRPC call",  "Allocate 4 KiB + drop",   "Release RPC",
+    "Export (read-only)",      "Import",                  "ListBuffers, page of 100",
+    "ListBuffers --heap spare",
 };
-const char* const kOpShort[kOps] = {"floor", "Allocate", "Release", "Export", "Import",
-                                    "ListBuffers"};
+const char* const kOpShort[kOps] = {"floor",  "Allocate",    "Release",    "Export",
+                                    "Import", "ListBuffers", "ListBuffersHeap"};
+// A second heap holding one buffer (the measuring session's): a page of
+// ListBuffers filtered on it must not walk the other heap's buffers.
+constexpr char kSpareHeap[] = "spare";
 
 struct OpResult {
   std::vector<double> samples;
@@ -507,27 +512,32 @@ LevelResult MeasureLevel(uint64_t live, int iterations, const Client& client,
   // ListBuffers alone: until it pages, an answer holds every buffer, and
   // the daemon's work after sending it (freeing it) would land on whatever
   // call came next. Each call is followed by a pause as long as it took.
-  // At most 5 s of calls a level, and 3 errors.
-  v1::ListBuffersRequest list;
-  list.set_page_size(100);
-  OpResult& o = r.ops[kList];
-  double spent = 0;
-  int errors = 0;
-  for (int i = -3; i < iterations && spent < 5e6 && errors < 3; ++i) {
-    const double start = NowMicros();
-    auto page = client.ListBuffers(list);
-    const double took = NowMicros() - start;
-    if (i >= 0) spent += took;
-    if (page.ok()) {
-      if (i >= 0) o.samples.push_back(took);
-      o.listed = page->buffers_size();
-      o.next_page = !page->next_page_token().empty();
-    } else {
-      ++errors;
-      o.error = page.status().ToString();
+  // At most 5 s of calls a level for each form, and 3 errors.
+  v1::ListBuffersRequest all, spare;
+  all.set_page_size(100);
+  spare.set_page_size(100);
+  spare.set_heap(kSpareHeap);
+  for (const auto& [op, request] : {std::pair<Op, const v1::ListBuffersRequest*>{kList, &all},
+                                    {kListHeap, &spare}}) {
+    OpResult& o = r.ops[op];
+    double spent = 0;
+    int errors = 0;
+    for (int i = -3; i < iterations && spent < 5e6 && errors < 3; ++i) {
+      const double start = NowMicros();
+      auto page = client.ListBuffers(*request);
+      const double took = NowMicros() - start;
+      if (i >= 0) spent += took;
+      if (page.ok()) {
+        if (i >= 0) o.samples.push_back(took);
+        o.listed = page->buffers_size();
+        o.next_page = !page->next_page_token().empty();
+      } else {
+        ++errors;
+        o.error = page.status().ToString();
+      }
+      std::this_thread::sleep_for(
+          std::chrono::microseconds(static_cast<int64_t>(std::max(2000.0, took))));
     }
-    std::this_thread::sleep_for(std::chrono::microseconds(
-        static_cast<int64_t>(std::max(2000.0, took))));
   }
   return r;
 }
@@ -544,7 +554,7 @@ void PrintLevel(const char* placement, const LevelResult& r) {
     const Summary s = Summarize(o.samples, 0);
     std::printf("  %-6s %-26s %10.1f %10.1f %6zu", "", kOpNames[op], s.p50, s.p99,
                 o.samples.size());
-    if (op == kList) {
+    if (op >= kList) {
       std::printf("  (%d buffers in an answer; next_page_token %s)", o.listed,
                   o.next_page ? "set" : "empty");
     }
@@ -646,6 +656,7 @@ int main(int argc, char** argv) {
   const uint64_t room = sessions + std::max<uint64_t>(50, sessions / 10) + 128;
   const std::string config = absl::StrCat(
       "heaps { name: \"system\" type: HEAP_TYPE_SYSTEM }\n"
+      "heaps { name: \"", kSpareHeap, "\" type: HEAP_TYPE_SYSTEM }\n"
       "quotas { max_bytes_per_session: 0 max_bytes_per_uid: 0 max_buffers_per_session: 0\n"
       "         max_fences_per_session: 0 }\n"
       "max_fence_deadline_ms: 300000\n"
@@ -705,6 +716,9 @@ int main(int argc, char** argv) {
   // The buffer Export shares, all along.
   auto shared = client->Allocate({.heap = "system", .size = kBufferSize, .name = "shared"});
   if (!shared.ok()) fail("Allocate", shared.status());
+  // The one buffer of the spare heap.
+  auto spare = client->Allocate({.heap = kSpareHeap, .size = kBufferSize, .name = "spare"});
+  if (!spare.ok()) fail("Allocate", spare.status());
   bool all_met = true;
 
   // The daemon's own count of live buffers on the system heap.
@@ -1003,6 +1017,7 @@ int main(int argc, char** argv) {
   for (const Child& child : children) child.Send("exit");
   for (Child& child : children) child.process.Wait();
   shared = absl::UnavailableError("done");
+  spare = absl::UnavailableError("done");
   client = absl::UnavailableError("done");
   importer = absl::UnavailableError("done");
   daemon->reset();
