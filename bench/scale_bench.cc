@@ -60,6 +60,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -435,6 +436,10 @@ struct LevelResult {
   // The daemon's CPU time per second of wall time, idle (before the
   // samples): periodic work that grows with what it holds shows here.
   double idle_cpu_ms_per_s = 0;
+  // Allocate + drop while another session lists the spare heap back to
+  // back: what a listing costs everyone else.
+  std::vector<double> allocate_beside_list;
+  int lists_beside = 0;
 };
 
 // Run time of every thread of `pid` (schedstat, ns).
@@ -539,6 +544,26 @@ LevelResult MeasureLevel(uint64_t live, int iterations, const Client& client,
           std::chrono::microseconds(static_cast<int64_t>(std::max(2000.0, took))));
     }
   }
+  // Allocate + drop for 1 s while the importer's session lists the spare
+  // heap back to back (info: whatever the listing holds, others wait for).
+  std::atomic<bool> stop{false};
+  std::thread lister([&] {
+    while (!stop.load()) {
+      (void)importer.ListBuffers(spare);
+      ++r.lists_beside;
+    }
+  });
+  const double until = NowMicros() + 1e6;
+  while (NowMicros() < until) {
+    const double start = NowMicros();
+    {
+      auto buffer = client.Allocate({.heap = "system", .size = kBufferSize, .name = "probe"});
+      if (!buffer.ok()) Fail("Allocate", buffer.status());
+    }
+    r.allocate_beside_list.push_back(NowMicros() - start);
+  }
+  stop = true;
+  lister.join();
   return r;
 }
 
@@ -569,6 +594,14 @@ void PrintLevel(const char* placement, const LevelResult& r) {
   double sampled_ms = 0;
   for (int op = kFloor; op < kList; ++op) {
     for (double us : r.ops[op].samples) sampled_ms += us / 1000;
+  }
+  if (!r.allocate_beside_list.empty()) {
+    const Summary beside = Summarize(r.allocate_beside_list, 0);
+    std::printf(
+        "  %-6s (info) Allocate 4 KiB + drop while another session lists --heap spare back to "
+        "back (%d lists in 1 s): p50 %.1f  p99 %.1f  max %.1f\n",
+        "", r.lists_beside, beside.p50, beside.p99,
+        *std::max_element(r.allocate_beside_list.begin(), r.allocate_beside_list.end()));
   }
   std::printf(
       "  %-6s (info) daemon idle: %.2f ms CPU per s; calls over 1 ms (not ListBuffers): %zu in "
