@@ -177,15 +177,17 @@ absl::StatusOr<v1::ListBuffersResponse> BuffersView(const SessionTable& sessions
         absl::StrCat("page_token ", QuoteClientText(request.page_token(), 24),
                      " is not one ListBuffers gave (pass next_page_token back unchanged)"));
   }
+  // A heap filter looks at no more than 4 pages' worth (at least 1,000)
+  // of buffers: a page may then come short, even empty, with a token.
   const size_t page_size = PageSize(request.page_size());
-  std::vector<DaemonState::BufferView> page = state.ListBuffers({.heap = request.heap(),
-                                                                 .session_id = request.session_id(),
-                                                                 .after = after,
-                                                                 .limit = page_size + 1});
-  if (page.size() > page_size) {
-    page.pop_back();
-    response.set_next_page_token(absl::StrCat(page.back().info.buffer_id()));
-  }
+  DaemonState::BufferPage listed =
+      state.ListBuffers({.heap = request.heap(),
+                         .session_id = request.session_id(),
+                         .after = after,
+                         .limit = page_size,
+                         .scan_limit = std::max<size_t>(4 * page_size, 1000)});
+  if (listed.next_after != 0) response.set_next_page_token(absl::StrCat(listed.next_after));
+  const std::vector<DaemonState::BufferView>& page = listed.views;
   // Sessions named on the page (holders, fence owners), looked up once each.
   std::map<uint64_t, std::optional<SessionTable::Identity>> known;
   auto who = [&](uint64_t session) -> const std::optional<SessionTable::Identity>& {

@@ -10,6 +10,7 @@
 #include <set>
 #include <utility>
 
+#include "absl/container/inlined_vector.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "base/errno_status.h"
@@ -23,12 +24,10 @@ struct DaemonState::Buffer {
   // Its identity and page work; no fd past the creator's grant.
   std::unique_ptr<HeapBuffer> memory;
   v1::BufferInfo info;
-  // Its handles (views list a page's holders from here).
-  std::set<uint64_t> handles;
+  // Its handles (views list a page's holders from here); one, mostly.
+  absl::InlinedVector<uint64_t, 1> handles;
   // Who made it (for debug views).
   ProcessRef creator;
-  // Handles per holder uid.
-  std::map<uid_t, int> holder_uids;
 };
 
 namespace {
@@ -256,8 +255,7 @@ DaemonState::Grant DaemonState::AddHandleLocked(Session& session, Buffer& buffer
   handles_[grant.handle] = Handle{grant.handle, session.id, buffer.info.buffer_id(), access};
   session.handles[grant.handle] = buffer.info.buffer_id();
   ++session.held[buffer.info.buffer_id()];
-  buffer.handles.insert(grant.handle);
-  ++buffer.holder_uids[session.uid];
+  buffer.handles.push_back(grant.handle);
   return grant;
 }
 
@@ -275,10 +273,8 @@ void DaemonState::RemoveHandleLocked(uint64_t handle_id, std::vector<DeadBuffer>
       session.held.erase(handle.buffer);
       quotas_.Uncharge(session.id, session.uid, buffer.info.heap(), buffer.info.size());
     }
-    auto u = buffer.holder_uids.find(session.uid);
-    if (u != buffer.holder_uids.end() && --u->second == 0) buffer.holder_uids.erase(u);
   }
-  buffer.handles.erase(handle_id);
+  buffer.handles.erase(std::find(buffer.handles.begin(), buffer.handles.end(), handle_id));
   if (!buffer.handles.empty()) return;
   // Its tokens' fds close with it (on the reaper's thread if its pages are
   // worth it): a token never keeps a buffer alive.
@@ -803,41 +799,52 @@ std::vector<DaemonState::Holdings> DaemonState::ListHoldings() const {
   return list;
 }
 
-std::vector<DaemonState::BufferView> DaemonState::ListBuffers(const BufferQuery& query) const {
-  std::vector<BufferView> views;
+DaemonState::BufferPage DaemonState::ListBuffers(const BufferQuery& query) const {
+  BufferPage page;
   absl::MutexLock lock(&mu_);
-  const size_t limit = query.limit == 0 ? buffers_.size() : query.limit;
-  auto add = [&](const Buffer& buffer) ABSL_SHARED_LOCKS_REQUIRED(mu_) {
-    if (!query.heap.empty() && buffer.info.heap() != query.heap) return;
-    BufferView& view = views.emplace_back();
+  const size_t limit = query.limit == 0 ? SIZE_MAX : query.limit;
+  const size_t scan_limit = query.scan_limit == 0 ? SIZE_MAX : query.scan_limit;
+  size_t scanned = 0;
+  uint64_t last = query.after;
+  // Looks at one more buffer; false (and where to resume) once the page is
+  // full or has looked at enough.
+  auto visit = [&](uint64_t id, const Buffer& buffer) ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+    if (page.views.size() == limit || scanned == scan_limit) {
+      page.next_after = last;
+      return false;
+    }
+    ++scanned;
+    last = id;
+    if (!query.heap.empty() && buffer.info.heap() != query.heap) return true;
+    BufferView& view = page.views.emplace_back();
     view.info = buffer.info;
     view.kind = buffer.heap->kind();
     view.dev = buffer.memory->dev();
     view.ino = buffer.memory->ino();
     view.creator = buffer.creator;
-    if (!query.holders) return;
+    if (!query.holders) return true;
     for (uint64_t handle_id : buffer.handles) {
       const Handle& h = handles_.at(handle_id);
       auto s = sessions_.find(h.session);
       view.holders.push_back(BufferView::Holder{
           h.session, h.id, s != sessions_.end() ? s->second.uid : kNoUid, h.access});
     }
+    return true;
   };
   if (query.session_id != 0) {
     // The session's own buffers, from its index.
     auto s = sessions_.find(query.session_id);
-    if (s == sessions_.end()) return views;
+    if (s == sessions_.end()) return page;
     const auto& held = s->second.held;
-    for (auto it = held.upper_bound(query.after); it != held.end() && views.size() < limit; ++it) {
-      add(*buffers_.at(it->first));
+    for (auto it = held.upper_bound(query.after);
+         it != held.end() && visit(it->first, *buffers_.at(it->first)); ++it) {
     }
-    return views;
+    return page;
   }
-  for (auto it = buffers_.upper_bound(query.after); it != buffers_.end() && views.size() < limit;
-       ++it) {
-    add(*it->second);
+  for (auto it = buffers_.upper_bound(query.after);
+       it != buffers_.end() && visit(it->first, *it->second); ++it) {
   }
-  return views;
+  return page;
 }
 
 std::vector<DaemonState::ReleasedView> DaemonState::ListReleased(const std::string& heap) const {

@@ -237,14 +237,22 @@ class DaemonState {
   struct BufferQuery {
     std::string heap;         // empty: every heap
     uint64_t session_id = 0;  // 0: held by anyone
-    // Buffers with ids above `after`, at most `limit` (0: all), in id order:
-    // a page costs its own buffers, not all of them.
+    // Buffers with ids above `after`, at most `limit` (0: all), in id order,
+    // looking at no more than `scan_limit` buffers (0: no limit) when a
+    // filter skips some: a page costs its own buffers, never all of them.
     uint64_t after = 0;
     size_t limit = 0;
+    size_t scan_limit = 0;
     // False: BufferView::holders stay empty.
     bool holders = true;
   };
-  std::vector<BufferView> ListBuffers(const BufferQuery& query) const;
+  struct BufferPage {
+    std::vector<BufferView> views;
+    // Nonzero when more may follow: the `after` of the next page (the last
+    // buffer looked at, listed or not).
+    uint64_t next_after = 0;
+  };
+  BufferPage ListBuffers(const BufferQuery& query) const;
   // Released buffers remembered, oldest first; `heap` empty: every heap.
   std::vector<ReleasedView> ListReleased(const std::string& heap) const;
   // Share tokens live and not redeemed, soonest expiry first.
