@@ -177,8 +177,9 @@ absl::StatusOr<v1::ListBuffersResponse> BuffersView(const SessionTable& sessions
         absl::StrCat("page_token ", QuoteClientText(request.page_token(), 24),
                      " is not one ListBuffers gave (pass next_page_token back unchanged)"));
   }
-  // A heap filter looks at no more than 4 pages' worth (at least 1,000)
-  // of buffers: a page may then come short, even empty, with a token.
+  // Filtered by session and heap, a page looks at no more than 4 pages'
+  // worth (at least 1,000) of the session's buffers: it may come short,
+  // even empty, with a token.
   const size_t page_size = PageSize(request.page_size());
   DaemonState::BufferPage listed =
       state.ListBuffers({.heap = request.heap(),

@@ -285,6 +285,9 @@ void DaemonState::RemoveHandleLocked(uint64_t handle_id, std::vector<DeadBuffer>
   if (released_.size() > kMaxReleasedRemembered) released_.pop_front();
   buffer.memory->Retire();  // the next Allocate sees the bytes free
   dead.push_back(DeadBuffer{std::move(buffer.memory), handle.buffer, std::move(token_fds)});
+  if (auto h = buffers_by_heap_.find(buffer.heap); h != buffers_by_heap_.end()) {
+    h->second.erase(handle.buffer);
+  }
   buffers_.erase(b);
 }
 
@@ -485,6 +488,7 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
       if (request.has_metadata()) *info.mutable_metadata() = request.metadata();
       Buffer& ref = *buffer;
       buffers_[info.buffer_id()] = std::move(buffer);
+      buffers_by_heap_[&heap].insert(info.buffer_id());
       // A fallback with a smaller page than the heap's (1 GiB pages -> base
       // pages): the quota keeps only what the buffer really holds.
       if (size < rounded) quotas_.Uncharge(session_id, uid, heap.name(), rounded - size);
@@ -831,6 +835,16 @@ DaemonState::BufferPage DaemonState::ListBuffers(const BufferQuery& query) const
     }
     return true;
   };
+  if (query.session_id == 0 && !query.heap.empty()) {
+    // The heap's own buffers, from its index.
+    const Heap* heap = heaps_->Find(query.heap);
+    auto h = heap == nullptr ? buffers_by_heap_.end() : buffers_by_heap_.find(heap);
+    if (h == buffers_by_heap_.end()) return page;
+    for (auto it = h->second.upper_bound(query.after);
+         it != h->second.end() && visit(*it, *buffers_.at(*it)); ++it) {
+    }
+    return page;
+  }
   if (query.session_id != 0) {
     // The session's own buffers, from its index.
     auto s = sessions_.find(query.session_id);

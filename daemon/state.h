@@ -29,6 +29,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -353,6 +354,9 @@ class DaemonState {
   uint64_t next_transfer_id_ ABSL_GUARDED_BY(mu_) = 1;
   std::map<uint64_t, Session> sessions_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, std::unique_ptr<Buffer>> buffers_ ABSL_GUARDED_BY(mu_);
+  // The ids of buffers_ by heap (a heap's page of ListBuffers costs its own
+  // buffers).
+  std::map<const Heap*, std::set<uint64_t>> buffers_by_heap_ ABSL_GUARDED_BY(mu_);
   std::map<uint64_t, Handle> handles_ ABSL_GUARDED_BY(mu_);
   std::deque<ReleasedView> released_ ABSL_GUARDED_BY(mu_);
 };

@@ -432,9 +432,11 @@ TEST_F(OpsTest, ListBuffersPages) {
     EXPECT_THAT(std::string(refused.status().message()),
                 HasSubstr("is not one ListBuffers gave (pass next_page_token back unchanged)"));
   }
-  // A heap filter looks at a bounded number of buffers per page: with one
-  // carveout buffer behind 1,100 system ones, pages may come empty with a
-  // token, and following them finds it.
+  // A heap's page comes from the heap's own index: one carveout buffer
+  // behind 1,100 system ones and one after them make one page. Filtered by
+  // session too, a page looks at a bounded number of the session's buffers
+  // (1,000 here): pages may come empty with a token; following them finds
+  // both.
   absl::StatusOr<Buffer> carved = client_->Allocate({.heap = "carveout", .size = 4096});
   ASSERT_TRUE(carved.ok()) << carved.status();
   for (int i = 0; i < 1100; ++i) {
@@ -458,7 +460,21 @@ TEST_F(OpsTest, ListBuffersPages) {
     by_heap.set_page_token(page->next_page_token());
   }
   EXPECT_EQ(carveout_ids, (std::vector<uint64_t>{carved->id(), carved_last->id()}));
-  EXPECT_EQ(heap_pages, 2) << "1,000 buffers looked at per page";
+  EXPECT_EQ(heap_pages, 1);
+  by_heap.clear_page_token();
+  by_heap.set_session_id(client_->session_id());
+  heap_pages = 0;
+  carveout_ids.clear();
+  while (true) {
+    absl::StatusOr<v1::ListBuffersResponse> page = client_->ListBuffers(by_heap);
+    ASSERT_TRUE(page.ok()) << page.status();
+    ++heap_pages;
+    for (const auto& b : page->buffers()) carveout_ids.push_back(b.buffer().buffer_id());
+    if (page->next_page_token().empty()) break;
+    by_heap.set_page_token(page->next_page_token());
+  }
+  EXPECT_EQ(carveout_ids, (std::vector<uint64_t>{carved->id(), carved_last->id()}));
+  EXPECT_EQ(heap_pages, 2) << "1,000 of the session's buffers looked at per page";
   carved = absl::CancelledError("released");
   carved_last = absl::CancelledError("released");
   const BufctlRun table = Bufctl(dir(), "buffers");
