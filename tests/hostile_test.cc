@@ -1261,6 +1261,19 @@ TEST_F(HostileTest, ClientAtItsUidFdShareIsLoggedOnce_KnownBug) {
     EXPECT_TRUE(SessionLive(*raw)) << "refused, not ended: it may read and go on";
     lines = LinesAbout(session);
   }
+  // Its places come back once the daemon has seen its connections close
+  // (its fd.sock at once on the loop, its control connection within the
+  // listener's sweep).
+  const auto closed = std::chrono::steady_clock::now();
+  EXPECT_TRUE(Eventually([&] {
+    auto heaps = client_->ListHeaps();
+    return heaps.ok() && heaps->fds().sessions() == 2 && heaps->fds().deliveries() == 0 &&
+           heaps->fds().control_connections() == 2;
+  }));
+  std::printf("its places were back %lld ms after it closed\n",
+              static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                         std::chrono::steady_clock::now() - closed)
+                                         .count()));
   ExpectBystanderWorks();
   ExpectAllBack();
   ASSERT_GE(lines.size(), 1u) << "the refusal is logged";
