@@ -156,7 +156,6 @@ bool WaitUpTo(std::chrono::seconds limit, F condition) {
   return condition();
 }
 
-
 // The next record the daemon sends on `socket`, within 5 s; nullopt at EOF,
 // on an error or a timeout.
 std::optional<v1::FdChannelMessage> NextRecord(const UnixSocket& socket) {
@@ -195,9 +194,7 @@ bool ReadEndsGone(const Pipe& pipe) {
   return ::poll(&p, 1, 0) == 1 && (p.revents & POLLERR) != 0;
 }
 
-std::string Serialized(const v1::FdChannelMessage& message) {
-  return message.SerializeAsString();
-}
+std::string Serialized(const v1::FdChannelMessage& message) { return message.SerializeAsString(); }
 
 // Whether `line` names session `id` ("session 12 ended: ..."; never
 // "session 123").
@@ -209,7 +206,6 @@ bool NamesSession(const std::string& line, uint64_t id) {
   }
   return false;
 }
-
 
 // The client side of a raw session for tests that race its end: a reader
 // thread files the fds the daemon delivers by transfer id (as the client
@@ -322,6 +318,21 @@ class HostileTest : public testing::DaemonTest {
     if (HasFatalFailure()) return;
     ConnectBystander();
     log_from_ = std::filesystem::file_size(daemon_->log_path());
+  }
+
+  // The daemon survived the attack whole: it stops cleanly, and (under
+  // --config=asan, where it is instrumented too) reported nothing.
+  void TearDown() override {
+    if (daemon_ == nullptr) return;
+    held_map_.reset();
+    held_.reset();
+    bystander_.reset();
+    client_.reset();
+    EXPECT_EQ(daemon_->Stop(), 0) << "the daemon must stop cleanly";
+    const std::string log = testing::ReadFile(daemon_->log_path());
+    for (const char* report : {"AddressSanitizer", "LeakSanitizer", "runtime error:"}) {
+      EXPECT_FALSE(absl::StrContains(log, report)) << report;
+    }
   }
 
   // A well-behaved client: its own session, a buffer it wrote and maps.
@@ -467,7 +478,6 @@ class HostileTest : public testing::DaemonTest {
   uintmax_t log_from_ = 0;
 };
 
-
 // Tests records no honest client sends: garbage, a record cut short, records
 // over the 4,096-byte limit (garbage and a well-formed one), a record with
 // no known kind, an FdUpload without its fd, and each kind only the daemon
@@ -553,7 +563,8 @@ TEST_F(HostileTest, GarbageTruncatedOversizedAndDaemonOnlyRecords) {
 
 // Tests records that carry fds nobody asked for: a ReleaseHandle with one,
 // garbage with one, a ReleaseHandle and an FdUpload with 250 (the kernel
-// allows 253 a message), an FdUpload with two. Each ends its session, and
+// allows 253 a message), an FdUpload with two, a record over 4,096 bytes
+// with one. Each ends its session, and
 // every one of those fds is closed in the daemon: each is a pipe's write
 // end whose read end this test keeps, and reads EOF only once every copy is
 // closed (the ones the kernel dropped for MSG_CTRUNC, and the ones the
@@ -583,6 +594,8 @@ TEST_F(HostileTest, UnexpectedScmRightsFdsAreAllClosed) {
       // Two fds fit the room the daemon gives one (CMSG_SPACE rounds up).
       {"upload with 2 fds", Serialized(upload), 2,
        "bad record on fd.sock: FdUpload carries 2 fds; exactly one expected"},
+      {"oversized record with 1 fd", std::string(8 * 1024, '\xee'), 1,
+       "record longer than 4096 bytes (MSG_TRUNC)"},
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.what);
@@ -603,7 +616,8 @@ TEST_F(HostileTest, UnexpectedScmRightsFdsAreAllClosed) {
     EXPECT_TRUE(Eventually([&] {
       closed = static_cast<int>(std::count_if(pipes.begin(), pipes.end(), WriteEndsGone));
       return closed == c.fds;
-    })) << closed << " of " << c.fds << " fds closed by the daemon";
+    })) << closed
+        << " of " << c.fds << " fds closed by the daemon";
     ExpectOneLineAbout(session, c.why);
   }
 
@@ -616,7 +630,8 @@ TEST_F(HostileTest, UnexpectedScmRightsFdsAreAllClosed) {
     const int write_end = pipe.write.get();
     ASSERT_TRUE(raw->socket.Send(Serialized(upload), std::span<const int>(&write_end, 1)).ok());
     pipe.write.Reset();
-    EXPECT_TRUE(Eventually([&] { return WriteEndsGone(pipe); })) << "a pipe's write end is not kept";
+    EXPECT_TRUE(Eventually([&] { return WriteEndsGone(pipe); }))
+        << "a pipe's write end is not kept";
     v1::FdChannelMessage own;
     own.mutable_upload()->set_upload_id(8);
     const int own_fd = raw->socket.fd();
@@ -645,7 +660,7 @@ TEST_F(HostileTest, UnexpectedScmRightsFdsAreAllClosed) {
     EXPECT_TRUE(Eventually([&] { return ReadEndsGone(pipe); })) << "closed with the session";
     ExpectNoLineAbout(session);
   }
-  EXPECT_EQ(Warnings().size(), 5u) << absl::StrJoin(Warnings(), "\n");
+  EXPECT_EQ(Warnings().size(), 6u) << absl::StrJoin(Warnings(), "\n");
   ExpectBystanderWorks();
   ExpectAllBack();
 }
@@ -794,8 +809,7 @@ TEST_F(HostileTest, TwoThousandFdSockConnectionsPastTheUidCap) {
   }
   EXPECT_EQ(hellos, 1022);
   EXPECT_EQ(refusals, 978);
-  EXPECT_EQ(refusal, "uid 0 has 1024 sessions open (limits.max_sessions_per_uid)")
-      << "(as root)";
+  EXPECT_EQ(refusal, "uid 0 has 1024 sessions open (limits.max_sessions_per_uid)") << "(as root)";
   ExpectBystanderWorks();
   held.clear();
   const std::vector<std::string> lines =
@@ -849,12 +863,11 @@ TEST_F(HostileTest, ClientsThatConnectAndSendNothing) {
 
   // control.sock: connected, nothing sent.
   {
-    auto silent = UnixSocket::ConnectStream(ControlSocketPath(daemon_->socket_dir()),
-                                            absl::Seconds(5));
+    auto silent =
+        UnixSocket::ConnectStream(ControlSocketPath(daemon_->socket_dir()), absl::Seconds(5));
     ASSERT_TRUE(silent.ok()) << silent.status();
-    EXPECT_TRUE(Eventually([&] {
-      return fds().control_connections() == before->fds().control_connections() + 1;
-    }));
+    EXPECT_TRUE(Eventually(
+        [&] { return fds().control_connections() == before->fds().control_connections() + 1; }));
     std::this_thread::sleep_for(std::chrono::milliseconds(1500));
     EXPECT_EQ(fds().control_connections(), before->fds().control_connections() + 1);
     EXPECT_EQ(daemon_->OpenFds(), daemon_fds + 1);
@@ -866,8 +879,8 @@ TEST_F(HostileTest, ClientsThatConnectAndSendNothing) {
 
   // control.sock: bytes that are not HTTP/2.
   {
-    auto junk = UnixSocket::ConnectStream(ControlSocketPath(daemon_->socket_dir()),
-                                          absl::Seconds(5));
+    auto junk =
+        UnixSocket::ConnectStream(ControlSocketPath(daemon_->socket_dir()), absl::Seconds(5));
     ASSERT_TRUE(junk.ok()) << junk.status();
     const std::string request = "GET / HTTP/1.1\r\nHost: bufferd\r\n\r\n";
     ASSERT_EQ(::send(junk->fd(), request.data(), request.size(), MSG_NOSIGNAL),
@@ -892,8 +905,8 @@ TEST_F(HostileTest, ClientsThatConnectAndSendNothing) {
 // INVALID_ARGUMENT for the rest, naming the key, never echoing more than a
 // short quote; from gRPC, RESOURCE_EXHAUSTED for one value over its limit,
 // and UNAVAILABLE for headers over it in total, where it drops the caller's
-// own connection); the session goes on; the largest legal count of records is applied (none sent) and
-// the call runs; nothing is logged about the session.
+// own connection); the session goes on; the largest legal count of records is applied (none sent)
+// and the call runs; nothing is logged about the session.
 TEST_F(HostileTest, MalformedAndOversizedMetadata) {
   Start(R"pb(heaps { name: "system" type: HEAP_TYPE_SYSTEM })pb");
   auto raw = OpenRawSession(daemon_->socket_dir());
@@ -917,50 +930,107 @@ TEST_F(HostileTest, MalformedAndOversizedMetadata) {
     std::string message;
   } cases[] = {
       {"garbage credential", "garbage", {}, grpc::StatusCode::UNAUTHENTICATED, kMalformed},
-      {"empty credential", "", {}, grpc::StatusCode::UNAUTHENTICATED,
+      {"empty credential",
+       "",
+       {},
+       grpc::StatusCode::UNAUTHENTICATED,
        "missing 'bufferd-session' metadata"},
       {"no secret", id + ":", {}, grpc::StatusCode::UNAUTHENTICATED, kMalformed},
-      {"secret cut short", id + ":" + secret.substr(1), {}, grpc::StatusCode::UNAUTHENTICATED,
+      {"secret cut short",
+       id + ":" + secret.substr(1),
+       {},
+       grpc::StatusCode::UNAUTHENTICATED,
        kMalformed},
-      {"secret too long", id + ":" + secret + "0", {}, grpc::StatusCode::UNAUTHENTICATED,
+      {"secret too long",
+       id + ":" + secret + "0",
+       {},
+       grpc::StatusCode::UNAUTHENTICATED,
        kMalformed},
-      {"secret not hex", id + ":" + std::string(32, 'g'), {}, grpc::StatusCode::UNAUTHENTICATED,
+      {"secret not hex",
+       id + ":" + std::string(32, 'g'),
+       {},
+       grpc::StatusCode::UNAUTHENTICATED,
        kMalformed},
-      {"id past 2^64", "99999999999999999999999:" + secret, {}, grpc::StatusCode::UNAUTHENTICATED,
+      {"id past 2^64",
+       "99999999999999999999999:" + secret,
+       {},
+       grpc::StatusCode::UNAUTHENTICATED,
        kMalformed},
       {"negative id", "-1:" + secret, {}, grpc::StatusCode::UNAUTHENTICATED, kMalformed},
-      {"6 KiB credential", id + ":" + std::string(6 * 1024, 'a'), {},
-       grpc::StatusCode::UNAUTHENTICATED, kMalformed},
-      {"credential under a -bin key", std::string(), {{"bufferd-session-bin", raw->metadata}},
-       grpc::StatusCode::UNAUTHENTICATED, "missing 'bufferd-session' metadata"},
-      {"records not a number", std::nullopt, {{"bufferd-records", "abc"}},
-       grpc::StatusCode::INVALID_ARGUMENT, kRecords},
-      {"records negative", std::nullopt, {{"bufferd-records", "-1"}},
-       grpc::StatusCode::INVALID_ARGUMENT, kRecords},
-      {"records empty", std::nullopt, {{"bufferd-records", ""}},
-       grpc::StatusCode::INVALID_ARGUMENT, kRecords},
-      {"records past 2^64", std::nullopt, {{"bufferd-records", "18446744073709551616"}},
-       grpc::StatusCode::INVALID_ARGUMENT, kRecords},
-      {"records 6 KiB", std::nullopt, {{"bufferd-records", std::string(6 * 1024, '9')}},
-       grpc::StatusCode::INVALID_ARGUMENT, kRecords},
-      {"records 2^64-1, none sent", std::nullopt, {{"bufferd-records", "18446744073709551615"}},
-       grpc::StatusCode::NOT_FOUND, "no handle 0"},
-      {"release garbage", std::nullopt, {{"bufferd-release", "a,b,c"}},
-       grpc::StatusCode::INVALID_ARGUMENT, kRelease},
-      {"release 0", std::nullopt, {{"bufferd-release", "0"}}, grpc::StatusCode::INVALID_ARGUMENT,
+      {"6 KiB credential",
+       id + ":" + std::string(6 * 1024, 'a'),
+       {},
+       grpc::StatusCode::UNAUTHENTICATED,
+       kMalformed},
+      {"credential under a -bin key",
+       std::string(),
+       {{"bufferd-session-bin", raw->metadata}},
+       grpc::StatusCode::UNAUTHENTICATED,
+       "missing 'bufferd-session' metadata"},
+      {"records not a number",
+       std::nullopt,
+       {{"bufferd-records", "abc"}},
+       grpc::StatusCode::INVALID_ARGUMENT,
+       kRecords},
+      {"records negative",
+       std::nullopt,
+       {{"bufferd-records", "-1"}},
+       grpc::StatusCode::INVALID_ARGUMENT,
+       kRecords},
+      {"records empty",
+       std::nullopt,
+       {{"bufferd-records", ""}},
+       grpc::StatusCode::INVALID_ARGUMENT,
+       kRecords},
+      {"records past 2^64",
+       std::nullopt,
+       {{"bufferd-records", "18446744073709551616"}},
+       grpc::StatusCode::INVALID_ARGUMENT,
+       kRecords},
+      {"records 6 KiB",
+       std::nullopt,
+       {{"bufferd-records", std::string(6 * 1024, '9')}},
+       grpc::StatusCode::INVALID_ARGUMENT,
+       kRecords},
+      {"records 2^64-1, none sent",
+       std::nullopt,
+       {{"bufferd-records", "18446744073709551615"}},
+       grpc::StatusCode::NOT_FOUND,
+       "no handle 0"},
+      {"release garbage",
+       std::nullopt,
+       {{"bufferd-release", "a,b,c"}},
+       grpc::StatusCode::INVALID_ARGUMENT,
        kRelease},
-      {"release 6 KiB", std::nullopt, {{"bufferd-release", std::string(6 * 1024, '7') + "x"}},
-       grpc::StatusCode::INVALID_ARGUMENT, kRelease},
-      {"257 releases", std::nullopt, {{"bufferd-release", absl::StrJoin(many_ids, ",")}},
-       grpc::StatusCode::INVALID_ARGUMENT, kRelease},
-      {"64 KiB credential", id + ":" + std::string(64 * 1024, 'a'), {},
-       grpc::StatusCode::RESOURCE_EXHAUSTED, ""},
-      {"64 KiB release", std::nullopt, {{"bufferd-release", std::string(64 * 1024, '7')}},
-       grpc::StatusCode::RESOURCE_EXHAUSTED, ""},
+      {"release 0",
+       std::nullopt,
+       {{"bufferd-release", "0"}},
+       grpc::StatusCode::INVALID_ARGUMENT,
+       kRelease},
+      {"release 6 KiB",
+       std::nullopt,
+       {{"bufferd-release", std::string(6 * 1024, '7') + "x"}},
+       grpc::StatusCode::INVALID_ARGUMENT,
+       kRelease},
+      {"257 releases",
+       std::nullopt,
+       {{"bufferd-release", absl::StrJoin(many_ids, ",")}},
+       grpc::StatusCode::INVALID_ARGUMENT,
+       kRelease},
+      {"64 KiB credential",
+       id + ":" + std::string(64 * 1024, 'a'),
+       {},
+       grpc::StatusCode::RESOURCE_EXHAUSTED,
+       ""},
+      {"64 KiB release",
+       std::nullopt,
+       {{"bufferd-release", std::string(64 * 1024, '7')}},
+       grpc::StatusCode::RESOURCE_EXHAUSTED,
+       ""},
   };
   std::vector<Case> all(std::begin(cases), std::end(cases));
-  Case headers{"200 headers of 100 bytes", std::nullopt, {}, grpc::StatusCode::RESOURCE_EXHAUSTED,
-               ""};
+  Case headers{
+      "200 headers of 100 bytes", std::nullopt, {}, grpc::StatusCode::RESOURCE_EXHAUSTED, ""};
   for (int i = 0; i < 200; ++i) {
     headers.extra.push_back({absl::StrCat("x-junk-", i), std::string(100, 'j')});
   }
@@ -1071,7 +1141,8 @@ TEST_F(HostileTest, WrongSecretsForAnotherSessionUnderLoad) {
   auto target = OpenRawSession(daemon_->socket_dir());
   ASSERT_TRUE(target.ok()) << target.status();
   const uint64_t target_id = SessionIdOf(*target);
-  std::string secret = absl::HexStringToBytes(target->metadata.substr(target->metadata.find(':') + 1));
+  std::string secret =
+      absl::HexStringToBytes(target->metadata.substr(target->metadata.find(':') + 1));
   std::string first_wrong = secret;
   first_wrong.front() ^= 0x01;
   std::string last_wrong = secret;
@@ -1131,8 +1202,8 @@ TEST_F(HostileTest, RpcsRacingTheSessionsEnd) {
     const grpc::StatusCode code = status.error_code();
     const bool gone = code == grpc::StatusCode::OK || code == grpc::StatusCode::UNAUTHENTICATED ||
                       code == grpc::StatusCode::ABORTED;
-    const bool went_with_it = code == grpc::StatusCode::NOT_FOUND && call != "Allocate" &&
-                              call != "CreateFence";
+    const bool went_with_it =
+        code == grpc::StatusCode::NOT_FOUND && call != "Allocate" && call != "CreateFence";
     if (!gone && !went_with_it) {
       unexpected.push_back(absl::StrCat(call, ": ", code, ": ", status.error_message()));
     }
@@ -1278,14 +1349,87 @@ TEST_F(HostileTest, ClientAtItsUidFdShareIsLoggedOnce_KnownBug) {
   ExpectAllBack();
   ASSERT_GE(lines.size(), 1u) << "the refusal is logged";
   for (const std::string& line : lines) {
-    EXPECT_TRUE(absl::StrContains(line, "refused (fd_budget): fd budget of uid 0 reached"))
-        << line;
+    EXPECT_TRUE(absl::StrContains(line, "refused (fd_budget): fd budget of uid 0 reached")) << line;
   }
   EXPECT_LE(lines.size(), 5u) << "the limiter's bound";
   if (lines.size() > 1) {
     GTEST_SKIP() << "KNOWN BUG: " << lines.size()
                  << " lines name one misbehaving client (want at most one):\n"
                  << absl::StrJoin(lines, "\n");
+  }
+}
+
+// Tests what a client sees the moment the daemon hangs up on it for a bad
+// record: its next call should be UNAUTHENTICATED (README, Errors: "session
+// ended"). 20 rounds: a raw session creates 1,000 fences (so that ending
+// it takes the daemon a moment), sends garbage, waits for the daemon's EOF
+// and calls at once. Afterwards the usual three checks (the bad ends are
+// logged within the rate limit of their kind, at most one line each).
+//
+// KNOWN BUG (a wrong code, in a short window): FdChannel::EndConnection
+// closes the socket before SessionHub::OnDisconnect has failed the
+// session's fences, dropped its handles and, last, taken it out of the
+// SessionTable; a call made as soon as the client reads the EOF still
+// authenticates and runs: GetBuffer of handle 0 answers NOT_FOUND "no
+// handle 0" instead of UNAUTHENTICATED. The session is ending and such a
+// call can do no harm (the fan-out's tables refuse an ended session: an
+// Allocate is ABORTED with its grant undone, a CreateFence UNAUTHENTICATED),
+// but the code is not the documented one. The test is skipped, with the
+// answers, when a round got anything but UNAUTHENTICATED.
+TEST_F(HostileTest, CallsRightAfterTheHangUpAreUnauthenticated_KnownBug) {
+  Start(R"pb(heaps { name: "system" type: HEAP_TYPE_SYSTEM })pb");
+  std::vector<uint64_t> sessions;
+  std::map<grpc::StatusCode, int> codes;
+  std::map<grpc::StatusCode, std::string> samples;
+  auto fence_stub = testing::FenceStub(daemon_->socket_dir());
+  const auto began = std::chrono::steady_clock::now();
+  for (int round = 0; round < 20; ++round) {
+    auto raw = OpenRawSession(daemon_->socket_dir());
+    ASSERT_TRUE(raw.ok()) << raw.status();
+    sessions.push_back(SessionIdOf(*raw));
+    for (int i = 0; i < 1000; ++i) {
+      v1::CreateFenceRequest request;
+      v1::CreateFenceResponse response;
+      ASSERT_TRUE(fence_stub->CreateFence(SessionContext(*raw).get(), request, &response).ok());
+    }
+    ASSERT_TRUE(raw->socket.Send("\xff\xff\xff garbage").ok());
+    ASSERT_TRUE(DaemonHungUp(raw->socket));
+    grpc::Status status = Probe(*raw);
+    ++codes[status.error_code()];
+    samples[status.error_code()] = status.error_message();
+    EXPECT_TRUE(Eventually([&] { return !SessionLive(*raw); }));
+  }
+  fence_stub.reset();
+  int wrong = 0;
+  std::string summary;
+  for (const auto& [code, count] : codes) {
+    absl::StrAppend(&summary, "\n  ", count, " x ", code, ": ", samples[code]);
+    if (code != grpc::StatusCode::UNAUTHENTICATED) wrong += count;
+  }
+  std::printf("calls right after the hang-up:%s\n", summary.c_str());
+  for (uint64_t session : sessions) {
+    const std::vector<std::string> lines = LinesAbout(session);
+    EXPECT_LE(lines.size(), 1u) << absl::StrJoin(lines, "\n");
+    for (const std::string& line : lines) {
+      EXPECT_TRUE(absl::StrContains(line, "client sent a malformed record on fd.sock")) << line;
+    }
+  }
+  // Ten lines in each 10 s window (the first after a window says how many
+  // were dropped).
+  const auto windows =
+      std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - began)
+              .count() /
+          10 +
+      1;
+  EXPECT_LE(Warnings().size(), static_cast<size_t>(10 * windows))
+      << absl::StrJoin(Warnings(), "\n");
+  ExpectBystanderWorks();
+  ExpectAllBack();
+  if (wrong > 0) {
+    GTEST_SKIP() << "KNOWN BUG: " << wrong
+                 << " of 20 calls made right after the daemon hung up were not "
+                    "UNAUTHENTICATED:"
+                 << summary;
   }
 }
 
