@@ -12,8 +12,10 @@
 #include <atomic>
 #include <cstdint>
 #include <span>
+#include <string>
 
 #include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
 #include "base/unix_socket.h"
 #include "bufferd/v1/fd_channel.pb.h"
 
@@ -26,7 +28,12 @@ class RecordSender {
 
   // Sends one record (blocking while the socket buffer is full).
   absl::Status Send(const v1::FdChannelMessage& message, std::span<const int> fds = {}) {
-    absl::Status sent = socket_->Send(message.SerializeAsString(), fds);
+    const std::string bytes = message.SerializeAsString();
+    // One sender at a time, so the count grows in socket order: were two
+    // threads to send at once, the second to count could count only the
+    // first's record and make a call the daemon runs before its own.
+    absl::MutexLock lock(&mu_);
+    absl::Status sent = socket_->Send(bytes, fds);
     // Counted once in the socket: the daemon will read it before any call
     // made from now on.
     if (sent.ok()) sent_.fetch_add(1, std::memory_order_release);
@@ -37,6 +44,7 @@ class RecordSender {
 
  private:
   const UnixSocket* const socket_;
+  absl::Mutex mu_;
   std::atomic<uint64_t> sent_{0};
 };
 

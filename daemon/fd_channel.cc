@@ -22,7 +22,8 @@ constexpr absl::Duration kChurnSummaryPeriod = absl::Minutes(1);
 constexpr absl::Duration kAcceptPause = absl::Milliseconds(100);
 constexpr uint32_t kReadEvents = EPOLLIN | EPOLLRDHUP;
 // A client's record carries at most one fd (an FdUpload); a record with
-// more ends its session with none of them ever installed here.
+// more ends its session. The receive buffer has room for two, so the
+// kernel installs up to two here (and drops the rest); each is closed.
 constexpr int kMaxClientFdsPerRecord = 1;
 constexpr int kRecordsPerWake = 64;
 // Records one call applies before it runs (see DrainSession).
@@ -556,6 +557,12 @@ void FdChannel::Tick() {
 void FdChannel::EndConnection(int fd, absl::string_view why, bool badly) {
   uint64_t session_id;
   size_t lingering = 0;
+  // The socket (and its budget place) of a session that ends for good:
+  // closed only once the session is closed everywhere, so a client that
+  // sees EOF and calls again is told its session has ended, never answered
+  // as if it were live.
+  UnixSocket closing;
+  FdBudget::Lease closing_lease;
   {
     // Nobody reads the socket again (an RPC thread draining it finishes
     // first).
@@ -589,7 +596,9 @@ void FdChannel::EndConnection(int fd, absl::string_view why, bool badly) {
       busy_.insert(fd);
     } else {
       busy_.erase(fd);
-      connections_.erase(it);  // closes the socket
+      closing = std::move(connection.socket);
+      closing_lease = std::move(connection.lease);
+      connections_.erase(it);
     }
   }
   ++ended_;
@@ -602,6 +611,8 @@ void FdChannel::EndConnection(int fd, absl::string_view why, bool badly) {
     return;
   }
   delegate_->OnDisconnect(session_id);
+  closing = UnixSocket();  // the client sees EOF now
+  closing_lease.Reset();
   if (badly) {
     LogLimited(BadEndLog(), spdlog::level::warn, "session {} ended: {}", session_id,
                std::string(why));

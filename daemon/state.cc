@@ -100,6 +100,15 @@ std::map<std::string, std::map<std::string, uint64_t>> DaemonState::Refusals() c
 void DaemonState::CountRefusal(const std::string& heap, Refusal why, uint64_t session_id,
                                const absl::Status& status) {
   const absl::string_view reason = RefusalName(static_cast<int>(why));
+  bool first = false;
+  {
+    absl::MutexLock lock(&mu_);
+    if (auto s = sessions_.find(session_id); s != sessions_.end()) {
+      const uint32_t bit = 1u << static_cast<int>(why);
+      first = (s->second.refusals_logged & bit) == 0;
+      s->second.refusals_logged |= bit;
+    }
+  }
   LogLimiter* limiter;
   {
     absl::MutexLock lock(&counters_mu_);
@@ -108,6 +117,7 @@ void DaemonState::CountRefusal(const std::string& heap, Refusal why, uint64_t se
     if (slot == nullptr) slot = std::make_unique<LogLimiter>(5, absl::Seconds(10));
     limiter = slot.get();  // never erased
   }
+  if (!first) return;  // said once for this client already
   LogLimited(*limiter, spdlog::level::info, "session {}: allocation on heap '{}' refused ({}): {}",
              session_id, heap, std::string(reason), std::string(status.message()));
 }

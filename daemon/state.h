@@ -286,6 +286,9 @@ class DaemonState {
     // Allocations charged but not yet committed.
     int pending = 0;
     bool detached = false;
+    // Refusal reasons already logged for it (bit 1 << Refusal): one line
+    // per client and reason.
+    uint32_t refusals_logged = 0;
   };
 
   // Undoes a grant that was never committed.
@@ -315,7 +318,8 @@ class DaemonState {
                                                        const v1::AllocateRequest& request,
                                                        std::optional<v1::SkipReason>* skip,
                                                        std::optional<Refusal>* refused);
-  // Counts a refusal on `heap` and logs it (rate-limited per reason).
+  // Counts a refusal on `heap` and logs it: once per session and reason,
+  // and within a rate limit per reason across sessions. Never with mu_.
   void CountRefusal(const std::string& heap, Refusal why, uint64_t session_id,
                     const absl::Status& status);
   // Logs, at most once a minute per heap, that a fallback served `buffer`.

@@ -16,8 +16,7 @@
 //   3. the daemon's log (at info, what an operator reads) has at most one
 //      line about each hostile client, naming what was wrong, and what
 //      several clients cause stays within the rate limit of its kind (10
-//      lines per 10 s). Where the daemon logs more for one client, the test
-//      says so and is skipped (..._KnownBug).
+//      lines per 10 s).
 //
 // Covered elsewhere, and not repeated here: a record flood starving others
 // (AvailabilityTest.RecordFloodDoesNotStarveOtherSessions), the fd-budget
@@ -1296,15 +1295,11 @@ TEST_F(HostileTest, RpcsRacingTheSessionsEnd) {
 // bystander (of the same uid, so held at the same share meanwhile, by
 // design) allocates again and everything is back.
 //
-// KNOWN BUG (the log, check 3): the issue asks for at most one line per
-// misbehaving client; the daemon logs each refusal through a limiter of 5
-// lines per 10 s per reason (DaemonState::CountRefusal), so this one client
-// gets 5 identical "session N: allocation on heap 'system' refused
-// (fd_budget): ..." lines within milliseconds, and a client that keeps
-// hammering gets 5 more every 10 s for as long as it goes on (bounded, as
-// the README promises, but not once per client). The test runs every check
-// and is skipped, with the lines, where more than one names the client.
-TEST_F(HostileTest, ClientAtItsUidFdShareIsLoggedOnce_KnownBug) {
+// The log says it once: a refusal is logged once per session and reason
+// (and within a limit of 5 lines per 10 s per reason across sessions);
+// before, one client got 5 identical lines within milliseconds and 5 more
+// every 10 s while it kept on.
+TEST_F(HostileTest, ClientAtItsUidFdShareIsLoggedOnce) {
   Start(TestDaemon::Options{.config = R"pb(heaps { name: "system" type: HEAP_TYPE_SYSTEM })pb",
                             .nofile = 256,
                             .log_level = "info"});
@@ -1351,12 +1346,7 @@ TEST_F(HostileTest, ClientAtItsUidFdShareIsLoggedOnce_KnownBug) {
   for (const std::string& line : lines) {
     EXPECT_TRUE(absl::StrContains(line, "refused (fd_budget): fd budget of uid 0 reached")) << line;
   }
-  EXPECT_LE(lines.size(), 5u) << "the limiter's bound";
-  if (lines.size() > 1) {
-    GTEST_SKIP() << "KNOWN BUG: " << lines.size()
-                 << " lines name one misbehaving client (want at most one):\n"
-                 << absl::StrJoin(lines, "\n");
-  }
+  EXPECT_EQ(lines.size(), 1u) << absl::StrJoin(lines, "\n");
 }
 
 // Tests what a client sees the moment the daemon hangs up on it for a bad
@@ -1366,17 +1356,12 @@ TEST_F(HostileTest, ClientAtItsUidFdShareIsLoggedOnce_KnownBug) {
 // and calls at once. Afterwards the usual three checks (the bad ends are
 // logged within the rate limit of their kind, at most one line each).
 //
-// KNOWN BUG (a wrong code, in a short window): FdChannel::EndConnection
-// closes the socket before SessionHub::OnDisconnect has failed the
-// session's fences, dropped its handles and, last, taken it out of the
-// SessionTable; a call made as soon as the client reads the EOF still
-// authenticates and runs: GetBuffer of handle 0 answers NOT_FOUND "no
-// handle 0" instead of UNAUTHENTICATED. The session is ending and such a
-// call can do no harm (the fan-out's tables refuse an ended session: an
-// Allocate is ABORTED with its grant undone, a CreateFence UNAUTHENTICATED),
-// but the code is not the documented one. The test is skipped, with the
-// answers, when a round got anything but UNAUTHENTICATED.
-TEST_F(HostileTest, CallsRightAfterTheHangUpAreUnauthenticated_KnownBug) {
+// FdChannel::EndConnection closes the socket only once SessionHub has
+// closed the session everywhere (fences failed, handles dropped, out of the
+// SessionTable). Before, it closed it first, and a call made as soon as the
+// client read the EOF still authenticated: GetBuffer of handle 0 answered
+// NOT_FOUND "no handle 0" in 19 of 20 rounds.
+TEST_F(HostileTest, CallsRightAfterTheHangUpAreUnauthenticated) {
   Start(R"pb(heaps { name: "system" type: HEAP_TYPE_SYSTEM })pb");
   std::vector<uint64_t> sessions;
   std::map<grpc::StatusCode, int> codes;
@@ -1425,12 +1410,7 @@ TEST_F(HostileTest, CallsRightAfterTheHangUpAreUnauthenticated_KnownBug) {
       << absl::StrJoin(Warnings(), "\n");
   ExpectBystanderWorks();
   ExpectAllBack();
-  if (wrong > 0) {
-    GTEST_SKIP() << "KNOWN BUG: " << wrong
-                 << " of 20 calls made right after the daemon hung up were not "
-                    "UNAUTHENTICATED:"
-                 << summary;
-  }
+  EXPECT_EQ(wrong, 0) << "calls made right after the daemon hung up:" << summary;
 }
 
 }  // namespace

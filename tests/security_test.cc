@@ -460,6 +460,11 @@ TEST(DebugAccessTest, OnlyRootOrTheDaemonUidEndsSessions) {
     return heaps.ok() ? std::make_pair(heaps->fds().in_use(), heaps->live_buffers())
                       : std::make_pair(uint64_t{0}, uint64_t{0});
   };
+  // The buffer's delivery leaves the budget once the daemon sees it read.
+  ASSERT_TRUE(testing::Eventually([&] {
+    auto heaps = victim->ListHeaps();
+    return heaps.ok() && heaps->fds().deliveries() == 0;
+  }));
   const auto before = counts();
   const int fds_before = (*daemon)->OpenFds();
   std::string out;
