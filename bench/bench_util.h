@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -42,6 +44,22 @@ inline bool PinTo(int cpu, pid_t pid = 0) {
   CPU_ZERO(&set);
   CPU_SET(cpu, &set);
   return ::sched_setaffinity(pid, sizeof(set), &set) == 0;
+}
+
+// The number after "<field>:" in a /proc file of "name: value kB" lines
+// (/proc/<pid>/status, smaps_rollup, /proc/meminfo); -1 if missing.
+inline long ProcField(const std::string& path, const std::string& field) {
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(field + ":", 0) == 0) {
+      std::istringstream rest(line.substr(field.size() + 1));
+      long value = -1;
+      rest >> value;
+      return value;
+    }
+  }
+  return -1;
 }
 
 }  // namespace bufferd::bench

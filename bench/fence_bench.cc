@@ -109,17 +109,7 @@ int64_t NowNs() {
 
 // /proc/<pid>/status field (kB for VmRSS), or -1.
 long StatusField(pid_t pid, const std::string& field) {
-  std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind(field + ":", 0) == 0) {
-      std::istringstream rest(line.substr(field.size() + 1));
-      long value = -1;
-      rest >> value;
-      return value;
-    }
-  }
-  return -1;
+  return ProcField(absl::StrCat("/proc/", pid, "/status"), field);
 }
 
 

@@ -111,22 +111,6 @@ int64_t NowNs() {
 // ---------------------------------------------------------------------------
 // Memory, as /proc shows it.
 
-// The value (kB) of "<field>:" in a /proc file of "name: value kB" lines;
-// -1 if missing.
-long ProcField(const std::string& path, const std::string& field) {
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind(field + ":", 0) == 0) {
-      std::istringstream rest(line.substr(field.size() + 1));
-      long value = -1;
-      rest >> value;
-      return value;
-    }
-  }
-  return -1;
-}
-
 struct Memory {
   long rss_kb = 0;      // status VmRSS
   long anon_kb = 0;     // status RssAnon
