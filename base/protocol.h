@@ -33,6 +33,9 @@ inline constexpr uint32_t kProtocolVersion = 1;
 inline constexpr char kReleaseVersion[] = "0.9";
 std::string VersionText(absl::string_view program);
 inline constexpr size_t kMaxRecordBytes = 4096;
+// FdUploads a session may leave unclaimed: one more drops the oldest. The
+// client library never has more in flight.
+inline constexpr size_t kMaxUnclaimedUploads = 16;
 
 // gRPC metadata: every call carries the session credential under
 // kSessionMetadataKey; a call may carry releases of handles the client

@@ -281,6 +281,25 @@ void Connection::ForgetReservationPage(const reservation::Slot* slots) {
 
 void Connection::QueueRelease(uint64_t handle) { one_way_->QueueRelease(handle); }
 
+Connection::UploadPlaces Connection::ReserveUploads(size_t n) {
+  struct Room {
+    const size_t* in_flight;
+    size_t n;
+    bool Fits() const { return *in_flight + n <= kMaxUnclaimedUploads; }
+  };
+  absl::MutexLock lock(&uploads_mu_);
+  const Room room{&uploads_in_flight_, n};
+  uploads_mu_.Await(absl::Condition(&room, &Room::Fits));
+  uploads_in_flight_ += n;
+  return UploadPlaces(this, n);
+}
+
+Connection::UploadPlaces::~UploadPlaces() {
+  if (connection_ == nullptr) return;
+  absl::MutexLock lock(&connection_->uploads_mu_);
+  connection_->uploads_in_flight_ -= n_;
+}
+
 absl::Status Connection::SendRecord(const v1::FdChannelMessage& message,
                                     std::span<const int> fds) {
   absl::Status sent = records_->Send(message, fds);

@@ -82,6 +82,24 @@ class Connection {
   absl::Status SendRecord(const v1::FdChannelMessage& message, std::span<const int> fds = {});
   // A new id for an FdUpload.
   uint64_t NewUploadId() { return next_upload_id_.fetch_add(1); }
+  // `n` of the session's kMaxUnclaimedUploads places, held from before the
+  // uploads are sent until the call that claims them has returned: the
+  // daemon keeps only that many unclaimed, so more calls in flight at once
+  // (threads sharing a Client) wait here instead of losing their uploads.
+  class UploadPlaces {
+   public:
+    UploadPlaces(UploadPlaces&& other) noexcept
+        : connection_(std::exchange(other.connection_, nullptr)), n_(other.n_) {}
+    UploadPlaces& operator=(UploadPlaces&&) = delete;
+    ~UploadPlaces();
+
+   private:
+    friend class Connection;
+    UploadPlaces(Connection* connection, size_t n) : connection_(connection), n_(n) {}
+    Connection* connection_;
+    size_t n_;
+  };
+  UploadPlaces ReserveUploads(size_t n);
 
   // Shuts fd.sock down: the daemon ends the session (and releases every
   // handle, pending ones included).
@@ -145,6 +163,8 @@ class Connection {
   std::unique_ptr<v1::Fence::Stub> fence_;
   std::unique_ptr<RecordSender> records_;
   std::atomic<uint64_t> next_upload_id_{1};
+  absl::Mutex uploads_mu_;
+  size_t uploads_in_flight_ ABSL_GUARDED_BY(uploads_mu_) = 0;
   std::unique_ptr<FdMailbox> mailbox_;
   std::unique_ptr<OneWayQueue> one_way_;
   WaitPage wait_page_;

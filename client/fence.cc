@@ -265,10 +265,11 @@ absl::StatusOr<Fence> Client::ImportSyncFd(int fd, const FenceOptions& options) 
   if (::fcntl(fd, F_GETFD) < 0) {
     return absl::InvalidArgumentError(absl::StrCat("fd ", fd, " is not open"));
   }
+  ASSIGN_OR_RETURN(const uint32_t deadline_ms, internal::DeadlineMs(options.deadline));
+  const internal::Connection::UploadPlaces place = connection_->ReserveUploads(1);
   const uint64_t upload_id = connection_->NewUploadId();
   v1::FdChannelMessage record;
   record.mutable_upload()->set_upload_id(upload_id);
-  ASSIGN_OR_RETURN(const uint32_t deadline_ms, internal::DeadlineMs(options.deadline));
   const int fds[] = {fd};
   RETURN_IF_ERROR(connection_->SendRecord(record, fds));
   v1::ImportSyncFdRequest request;

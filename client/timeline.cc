@@ -92,8 +92,14 @@ absl::StatusOr<Mapping> MapDelivered(const UniqueFd& fd) {
 // Runs `call` with the id of the session's wait page uploaded for it, or 0
 // when the daemon has it already. The first time, the page is made and the
 // call runs under the page's lock, so only one call carries it.
+// `place_reserved`: the caller holds an upload place for the page (taken
+// with its others at once); else one is taken here, before the page's lock,
+// so no thread holding places or the lock ever waits for more.
 template <typename Call>
-absl::Status WithWaitPage(internal::Connection& connection, Call call) {
+absl::Status WithWaitPage(internal::Connection& connection, Call call,
+                          bool place_reserved = false) {
+  std::optional<internal::Connection::UploadPlaces> place;
+  if (!place_reserved) place.emplace(connection.ReserveUploads(1));
   internal::Connection::WaitPage& page = connection.wait_page();
   std::unique_lock lock(page.mu);
   if (page.given) {
@@ -499,6 +505,7 @@ absl::Status Timeline::ImportSyncFd(uint64_t point, int fd, absl::Duration deadl
     return absl::InvalidArgumentError(absl::StrCat("fd ", fd, " is not open"));
   }
   ASSIGN_OR_RETURN(const uint32_t deadline_ms, internal::DeadlineMs(deadline));
+  const internal::Connection::UploadPlaces place = connection_->ReserveUploads(1);
   const uint64_t upload_id = connection_->NewUploadId();
   v1::FdChannelMessage record;
   record.mutable_upload()->set_upload_id(upload_id);
@@ -559,6 +566,8 @@ absl::StatusOr<Timeline> Client::CreateTimeline(const TimelineOptions& options) 
                    NewPage("bufferd-timeline-counters",
                            F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL));
   shared->counters = std::move(counters.second);
+  // The counters' upload and the wait page's, together.
+  const internal::Connection::UploadPlaces places = connection_->ReserveUploads(2);
   const uint64_t counters_upload = connection_->NewUploadId();
   {
     v1::FdChannelMessage record;
@@ -574,12 +583,15 @@ absl::StatusOr<Timeline> Client::CreateTimeline(const TimelineOptions& options) 
                                                     : ms));
   request.set_counters_upload_id(counters_upload);
   v1::CreateTimelineResponse response;
-  RETURN_IF_ERROR(WithWaitPage(*connection_, [&](uint64_t wait_upload) {
-    request.set_wait_page_upload_id(wait_upload);
-    internal::Call call = connection_->NewCall();
-    return connection_->Finish(
-        call, connection_->fence().CreateTimeline(call.context.get(), request, &response));
-  }));
+  RETURN_IF_ERROR(WithWaitPage(
+      *connection_,
+      [&](uint64_t wait_upload) {
+        request.set_wait_page_upload_id(wait_upload);
+        internal::Call call = connection_->NewCall();
+        return connection_->Finish(
+            call, connection_->fence().CreateTimeline(call.context.get(), request, &response));
+      },
+      /*place_reserved=*/true));
   // Made first: if a page cannot be taken, dropping it forgets the timeline.
   Timeline::Shared* pages = shared.get();
   Timeline created(connection_, response.timeline(), std::move(shared));

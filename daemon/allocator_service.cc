@@ -23,7 +23,16 @@ absl::StatusOr<UniqueFd> AllocatorService::TakeBufferUpload(uint64_t session, ui
         " needs upload_id: the daemon keeps no fd per buffer, so send the buffer's fd in "
         "an FdUpload record on fd.sock first and name it here (the client library does)"));
   }
-  return d_.hub->TakeUpload(session, upload_id);
+  absl::StatusOr<UniqueFd> fd = d_.hub->TakeUpload(session, upload_id);
+  if (fd.status().code() == absl::StatusCode::kInvalidArgument) {
+    // Refused as it came, with a fence import's advice: say what this
+    // call needs.
+    return absl::InvalidArgumentError(absl::StrCat(call,
+                                                   " takes the buffer's own memfd (its "
+                                                   "Buffer::fd()); the upload was refused: ",
+                                                   fd.status().message()));
+  }
+  return fd;
 }
 
 absl::Status AllocatorService::Deliver(uint64_t session, DaemonState::PendingGrant& grant) {

@@ -7,8 +7,10 @@
 #include <set>
 #include <string>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "base/client_text.h"
 #include "base/errno_status.h"
@@ -16,6 +18,11 @@
 
 namespace bufferd {
 namespace {
+
+// Whether `text` is a plain decimal number (no sign, no space).
+bool AllDigits(absl::string_view text) {
+  return !text.empty() && std::all_of(text.begin(), text.end(), absl::ascii_isdigit);
+}
 
 // Entries per page of a list view: 0 means 1,000, at most 10,000.
 size_t PageSize(uint32_t asked) {
@@ -172,7 +179,8 @@ absl::StatusOr<v1::ListBuffersResponse> BuffersView(const SessionTable& sessions
   // after it, so buffers made meanwhile come later and none comes twice.
   uint64_t after = 0;
   if (!request.page_token().empty() &&
-      (request.page_token().size() > 20 || !absl::SimpleAtoi(request.page_token(), &after))) {
+      (request.page_token().size() > 20 || !AllDigits(request.page_token()) ||
+       !absl::SimpleAtoi(request.page_token(), &after))) {
     return absl::InvalidArgumentError(
         absl::StrCat("page_token ", QuoteClientText(request.page_token(), 24),
                      " is not one ListBuffers gave (pass next_page_token back unchanged)"));
@@ -180,6 +188,12 @@ absl::StatusOr<v1::ListBuffersResponse> BuffersView(const SessionTable& sessions
   // Filtered by session and heap, a page looks at no more than 4 pages'
   // worth (at least 1,000) of the session's buffers: it may come short,
   // even empty, with a token.
+  if (!request.heap().empty() && state.heaps().Find(request.heap()) == nullptr) {
+    std::vector<std::string> names;
+    for (const auto& heap : state.heaps().heaps()) names.push_back(heap->name());
+    return absl::NotFoundError(absl::StrCat("no heap ", QuoteClientText(request.heap()),
+                                            " (heaps: ", absl::StrJoin(names, ", "), ")"));
+  }
   const size_t page_size = PageSize(request.page_size());
   DaemonState::BufferPage listed =
       state.ListBuffers({.heap = request.heap(),
@@ -347,13 +361,14 @@ absl::StatusOr<v1::ListFencesResponse> FencesView(const SessionTable& sessions,
     FenceQuery::After after;
     bool ok = token.size() <= 48;
     if (ok && token[0] == 'p') {
-      ok = absl::SimpleAtoi(absl::string_view(token).substr(1), &after.id);
+      const absl::string_view id = absl::string_view(token).substr(1);
+      ok = AllDigits(id) && absl::SimpleAtoi(id, &after.id);
     } else if (ok && token[0] == 's') {
       const std::vector<absl::string_view> parts =
           absl::StrSplit(absl::string_view(token).substr(1), '.');
       int64_t ns = 0;
-      ok = parts.size() == 2 && absl::SimpleAtoi(parts[0], &ns) &&
-           absl::SimpleAtoi(parts[1], &after.id);
+      ok = parts.size() == 2 && AllDigits(parts[0]) && AllDigits(parts[1]) &&
+           absl::SimpleAtoi(parts[0], &ns) && absl::SimpleAtoi(parts[1], &after.id);
       after.signaled = true;
       after.signaled_at = absl::FromUnixNanos(ns);
     } else {

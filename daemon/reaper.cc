@@ -23,4 +23,10 @@ void Reaper::Free(std::vector<DeadBuffer> dead, std::function<void()> done) {
   });
 }
 
+void Reaper::Close(std::vector<LeasedFd> fds) {
+  if (fds.empty()) return;
+  auto later = std::make_shared<std::vector<LeasedFd>>(std::move(fds));
+  thread_.Post([later] { later->clear(); });
+}
+
 }  // namespace bufferd

@@ -50,6 +50,9 @@ class Reaper {
   // thread if some went there (after everything handed over before it),
   // else here.
   void Free(std::vector<DeadBuffer> dead, std::function<void()> done);
+  // Closes fds of buffers (expired share tokens' fds, dropped uploads) on
+  // the reaper's thread: any may be a big buffer's last, whose pages go then.
+  void Close(std::vector<LeasedFd> fds);
 
  private:
   std::function<void(uint64_t)> on_dead_;

@@ -105,12 +105,29 @@ absl::Status SessionHub::OnUpload(uint64_t session_id, uint64_t upload_id,
     upload = LeasedFd{std::move(fds[0]), *std::move(lease)};
   }
   fds.clear();
-  absl::MutexLock lock(&mu_);
-  auto it = uploads_.find(session_id);
-  if (it == uploads_.end()) return absl::OkStatus();
-  // Unclaimed uploads (an ImportSyncFd that never came): the oldest goes.
-  if (it->second.fds.size() >= kMaxUploads) it->second.fds.erase(it->second.fds.begin());
-  it->second.fds.emplace(upload_id, std::move(upload));
+  // An unclaimed upload pushed out, closed once the lock is dropped, on the
+  // reaper's thread (it may be the last fd of a big buffer).
+  std::vector<LeasedFd> dropped;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = uploads_.find(session_id);
+    if (it == uploads_.end()) return absl::OkStatus();
+    Uploads& uploads = it->second;
+    // Unclaimed uploads (a call that never came): the oldest goes.
+    while (uploads.fds.size() >= kMaxUploads && !uploads.order.empty()) {
+      auto oldest = uploads.fds.find(uploads.order.front());
+      uploads.order.pop_front();
+      if (oldest == uploads.fds.end()) continue;  // claimed already
+      if (oldest->second.ok()) dropped.push_back(*std::move(oldest->second));
+      uploads.fds.erase(oldest);
+    }
+    if (uploads.order.size() > 4 * kMaxUploads) {
+      std::erase_if(uploads.order, [&](uint64_t id) { return !uploads.fds.contains(id); });
+    }
+    uploads.fds.emplace(upload_id, std::move(upload));
+    uploads.order.push_back(upload_id);
+  }
+  if (!dropped.empty()) reaper_->Close(std::move(dropped));
   return absl::OkStatus();
 }
 

@@ -13,10 +13,12 @@
 #ifndef BUFFERD_DAEMON_SESSION_HUB_H_
 #define BUFFERD_DAEMON_SESSION_HUB_H_
 
+#include <deque>
 #include <map>
 #include <string>
 #include <vector>
 
+#include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "daemon/fd_channel.h"
 #include "daemon/reaper.h"
@@ -31,7 +33,7 @@ namespace bufferd {
 class SessionHub final : public FdChannel::Delegate {
  public:
   // Uploaded fds a session may leave unclaimed; one more closes the oldest.
-  static constexpr size_t kMaxUploads = 16;
+  static constexpr size_t kMaxUploads = kMaxUnclaimedUploads;
 
   // All must outlive this object.
   SessionHub(SessionTable* sessions, DaemonState* state, Reaper* reaper, FenceTable* fences,
@@ -85,6 +87,8 @@ class SessionHub final : public FdChannel::Delegate {
     uid_t uid = 0;
     // A failed lease is kept as its error, for the ImportSyncFd naming it.
     std::map<uint64_t, absl::StatusOr<LeasedFd>> fds;
+    // Their ids in the order they came (some maybe claimed since).
+    std::deque<uint64_t> order;
   };
   absl::Mutex mu_;
   std::map<uint64_t, Uploads> uploads_ ABSL_GUARDED_BY(mu_);

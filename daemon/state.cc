@@ -585,14 +585,14 @@ absl::StatusOr<v1::BufferInfo> DaemonState::SetMetadata(
     return absl::PermissionDeniedError(absl::StrCat(
         "handle ", handle_id, " is read-only; only a read-write holder may change metadata"));
   }
-  RETURN_IF_ERROR(CheckMetadata(
-      metadata, buffer.info.has_frame() ? &buffer.info.frame() : nullptr, "metadata"));
+  RETURN_IF_ERROR(CheckMetadata(metadata, buffer.info.has_frame() ? &buffer.info.frame() : nullptr,
+                                "metadata"));
   const uint64_t generation = buffer.info.metadata().generation();
   if (expected_generation.has_value() && *expected_generation != generation) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "expected_generation ", *expected_generation, " is not current: buffer ",
-        buffer.info.buffer_id(), "'s metadata is at generation ", generation,
-        "; read it again and retry"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("expected_generation ", *expected_generation, " is not current: buffer ",
+                     buffer.info.buffer_id(), "'s metadata is at generation ", generation,
+                     "; read it again and retry"));
   }
   v1::FrameMetadata& kept = *buffer.info.mutable_metadata();
   kept = metadata;
@@ -601,7 +601,7 @@ absl::StatusOr<v1::BufferInfo> DaemonState::SetMetadata(
 }
 
 absl::StatusOr<std::vector<DeadBuffer>> DaemonState::Release(uint64_t session_id, uint64_t handle,
-                                                          uint64_t* let_go) {
+                                                             uint64_t* let_go) {
   if (let_go != nullptr) *let_go = 0;
   std::vector<DeadBuffer> dead;
   absl::MutexLock lock(&mu_);
@@ -633,7 +633,8 @@ absl::Status DaemonState::CheckUploadLocked(const Buffer& buffer, int fd, bool w
   struct stat st {};
   if (::fstat(fd, &st) != 0) return ErrnoError("fstat of the uploaded fd", errno);
   const HeapBuffer& memory = *buffer.memory;
-  if (st.st_dev != memory.dev() || st.st_ino != memory.ino() || st.st_uid != memory.uid()) {
+  if (st.st_dev != memory.dev() || st.st_ino != memory.ino() || st.st_uid != memory.uid() ||
+      static_cast<uint64_t>(st.st_size) != memory.file_size()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "the fd uploaded for ", what, " is not buffer ", buffer.info.buffer_id(),
         "'s memfd (it is ", S_ISREG(st.st_mode) ? "another file" : "not a regular file",
@@ -655,45 +656,59 @@ absl::StatusOr<v1::ExportResponse> DaemonState::Export(uint64_t session_id,
                                                        absl::StatusOr<UniqueFd> fd) {
   ASSIGN_OR_RETURN(const absl::Duration ttl,
                    CheckExportTtl(request, options_.default_token_ttl, ShareTokens::kMaxTtl));
-  absl::MutexLock lock(&mu_);
-  ASSIGN_OR_RETURN(Session * exporter, FindSessionLocked(session_id));
-  ASSIGN_OR_RETURN(Handle * handle, FindHandleLocked(session_id, request.handle()));
-  v1::Access access =
-      request.access() == v1::ACCESS_UNSPECIFIED ? handle->access : request.access();
-  if (access != v1::ACCESS_READ_ONLY && access != v1::ACCESS_READ_WRITE) {
-    return absl::InvalidArgumentError(absl::StrCat("unknown access ", request.access()));
+  // A refusal at the fd budget is counted and logged once the lock is
+  // dropped.
+  std::string refused_heap;
+  absl::StatusOr<v1::ExportResponse> exported = [&]() -> absl::StatusOr<v1::ExportResponse> {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Session * exporter, FindSessionLocked(session_id));
+    ASSIGN_OR_RETURN(Handle * handle, FindHandleLocked(session_id, request.handle()));
+    v1::Access access =
+        request.access() == v1::ACCESS_UNSPECIFIED ? handle->access : request.access();
+    if (access != v1::ACCESS_READ_ONLY && access != v1::ACCESS_READ_WRITE) {
+      return absl::InvalidArgumentError(absl::StrCat("unknown access ", request.access()));
+    }
+    if (handle->access == v1::ACCESS_READ_ONLY && access == v1::ACCESS_READ_WRITE) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "handle ", request.handle(), " is read-only; it cannot be exported read-write"));
+    }
+    const Buffer& buffer = *buffers_.at(handle->buffer);
+    if (access == v1::ACCESS_READ_WRITE &&
+        PunchMayHurtOthers(buffer.heap->kind(), buffer.info.backing()) &&
+        !request.accept_sigbus_risk()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "buffer ", buffer.info.buffer_id(), " is ",
+          buffer.heap->kind() == HeapKind::kCarveout
+              ? absl::StrCat("carved from carveout '", buffer.info.heap(), "'")
+              : absl::StrCat(BackingName(buffer.memory->backing()), "-backed"),
+          ": a read-write importer could punch holes in it and make its other holders SIGBUS (or "
+          "hand its pages back behind the heap's accounting); export it READ_ONLY, or set "
+          "accept_sigbus_risk for an importer you trust"));
+    }
+    if (!fd.ok()) return fd.status();
+    RETURN_IF_ERROR(CheckUploadLocked(
+        buffer, fd->get(), access == v1::ACCESS_READ_WRITE,
+        access == v1::ACCESS_READ_WRITE ? "a read-write export" : "a read-only export"));
+    // The token keeps the fd until it is redeemed or expires, in the
+    // exporter's share of the fd budget.
+    absl::StatusOr<FdBudget::Lease> lease = budget_->Acquire(FdUse::kExport, exporter->uid);
+    if (!lease.ok()) {
+      refused_heap = buffer.info.heap();
+      return lease.status();
+    }
+    const absl::Time expires = absl::Now() + ttl;
+    ASSIGN_OR_RETURN(std::string token, tokens_.Create(session_id, handle->buffer, access, expires,
+                                                       LeasedFd{*std::move(fd), *std::move(lease)},
+                                                       exporter->process));
+    v1::ExportResponse response;
+    response.set_token(std::move(token));
+    *response.mutable_expires_at() = ToProto(expires);
+    return response;
+  }();
+  if (!exported.ok() && !refused_heap.empty()) {
+    CountRefusal(refused_heap, Refusal::kFdBudget, session_id, exported.status());
   }
-  if (handle->access == v1::ACCESS_READ_ONLY && access == v1::ACCESS_READ_WRITE) {
-    return absl::PermissionDeniedError(absl::StrCat(
-        "handle ", request.handle(), " is read-only; it cannot be exported read-write"));
-  }
-  const Buffer& buffer = *buffers_.at(handle->buffer);
-  if (access == v1::ACCESS_READ_WRITE &&
-      PunchMayHurtOthers(buffer.heap->kind(), buffer.info.backing()) &&
-      !request.accept_sigbus_risk()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "buffer ", buffer.info.buffer_id(), " is ",
-        buffer.heap->kind() == HeapKind::kCarveout
-            ? absl::StrCat("carved from carveout '", buffer.info.heap(), "'")
-            : absl::StrCat(BackingName(buffer.memory->backing()), "-backed"),
-        ": a read-write importer could punch holes in it and make its other holders SIGBUS (or "
-        "hand its pages back behind the heap's accounting); export it READ_ONLY, or set "
-        "accept_sigbus_risk for an importer you trust"));
-  }
-  if (!fd.ok()) return fd.status();
-  RETURN_IF_ERROR(
-      CheckUploadLocked(buffer, fd->get(), access == v1::ACCESS_READ_WRITE, "a read-write export"));
-  // The token keeps the fd until it is redeemed or expires, in the
-  // exporter's share of the fd budget.
-  ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kExport, exporter->uid));
-  const absl::Time expires = absl::Now() + ttl;
-  ASSIGN_OR_RETURN(std::string token,
-                   tokens_.Create(session_id, handle->buffer, access, expires,
-                                  LeasedFd{*std::move(fd), std::move(lease)}, exporter->process));
-  v1::ExportResponse response;
-  response.set_token(std::move(token));
-  *response.mutable_expires_at() = ToProto(expires);
-  return response;
+  return exported;
 }
 
 absl::StatusOr<DaemonState::PendingGrant> DaemonState::Import(uint64_t session_id,
@@ -793,9 +808,15 @@ absl::StatusOr<v1::BufferInfo> DaemonState::Freeze(uint64_t session_id, uint64_t
 }
 
 void DaemonState::ExpireTokens(absl::Time now) {
-  std::vector<LeasedFd> expired;  // closed once the lock is dropped
-  absl::MutexLock lock(&mu_);
-  expired = tokens_.Expire(now);
+  std::vector<LeasedFd> expired;
+  {
+    absl::MutexLock lock(&mu_);
+    expired = tokens_.Expire(now);
+  }
+  // Any may be the last fd of a big buffer (its holders closed theirs but
+  // kept their handles): its pages go on the reaper's thread, never here
+  // on the event loop.
+  if (options_.reaper != nullptr) options_.reaper->Close(std::move(expired));
 }
 
 std::vector<DaemonState::Holdings> DaemonState::ListHoldings() const {

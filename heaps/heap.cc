@@ -60,6 +60,7 @@ HeapBuffer::HeapBuffer(UniqueFd fd, uint64_t size, Backing backing, std::functio
     dev_ = st.st_dev;
     ino_ = st.st_ino;
     uid_ = st.st_uid;
+    file_size_ = static_cast<uint64_t>(st.st_size);
   }
 }
 

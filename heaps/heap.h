@@ -145,6 +145,8 @@ class HeapBuffer {
   // The memfd's owner (the daemon's euid as it made it): a client cannot
   // make a look-alike with this owner unless it runs as the daemon's uid.
   uid_t uid() const { return uid_; }
+  // The memfd's st_size as it was made (sealed: it never changes).
+  uint64_t file_size() const { return file_size_; }
   void set_fell_back_because(std::string why) { fell_back_because_ = std::move(why); }
 
  private:
@@ -155,6 +157,7 @@ class HeapBuffer {
   uint64_t dev_ = 0;
   uint64_t ino_ = 0;
   uid_t uid_ = static_cast<uid_t>(-1);
+  uint64_t file_size_ = 0;
   std::string fell_back_because_;
   std::function<void()> on_retire_;
   std::function<void(UniqueFd)> on_free_;
