@@ -460,10 +460,13 @@ TEST(DebugAccessTest, OnlyRootOrTheDaemonUidEndsSessions) {
     return heaps.ok() ? std::make_pair(heaps->fds().in_use(), heaps->live_buffers())
                       : std::make_pair(uint64_t{0}, uint64_t{0});
   };
-  // The buffer's delivery leaves the budget once the daemon sees it read.
+  // Settled first: the buffer's delivery leaves the budget once the daemon
+  // sees it read, and a probe's control connection once the daemon's sweep
+  // sees it closed; then only the victim's session and connection remain.
   ASSERT_TRUE(testing::Eventually([&] {
     auto heaps = victim->ListHeaps();
-    return heaps.ok() && heaps->fds().deliveries() == 0;
+    return heaps.ok() && heaps->fds().deliveries() == 0 && heaps->fds().sessions() == 1 &&
+           heaps->fds().control_connections() == 1;
   }));
   const auto before = counts();
   const int fds_before = (*daemon)->OpenFds();
