@@ -1,47 +1,61 @@
 // chaos: the daemon under client churn, for as long as you like.
 //
-//   tools/chaos --seconds 600        (bazel run -c opt //tests:chaos -- ...)
+//   tools/chaos --seconds 600        (builds //tests:chaos -c opt and runs it)
 //
 // N client processes (--clients, 32) each run random operations through the
-// real client library: allocate on every heap (checking the pages are zero),
-// write a pattern, map, export read-only and read-write, import and verify,
-// release; create, signal, wait on, merge, export and import fences; attach
-// fences and timeline points to buffers and wait for CPU access; create,
-// signal, fail, share and wait on timelines. Every --kill-every-ms (100) one
-// of them is killed with SIGKILL and a new one takes its place. What must
-// hold:
+// real client library: allocate on every heap, as sets and as frames by
+// usage (checking the pages are zero), write a pattern, map, export
+// read-only and read-write, import and verify (by mapping and by pread),
+// freeze, change metadata, release; create, signal, wait on (by RPC and by
+// polling fds), merge, export and import fences, and fences of eventfds and
+// pipes; attach fences and timeline points to buffers and wait for CPU
+// access; create, signal, fail, share and wait on timelines (also as an
+// event loop: Arm and the notify fd), and put fences behind their points.
+// Every --kill-every-ms (100) one client is killed with SIGKILL and a new one
+// takes its place; every --end-session-every-ms (1000) the controller ends
+// one client's session as `bufctl end-session` would, while its process
+// lives on (it connects again). What must hold:
 //   * every word an importer maps is the pattern its exporter published,
 //     and every allocation is zero-filled (no cross-talk between buffers);
 //   * every wait returns before its timeout, which is set well past the
-//     moment the fences it waits on must have signalled (their deadlines, or
-//     OWNER_DIED when their owner was killed): no waiter hangs on the dead;
+//     moment what it waits on must have ended (deadlines; OWNER_DIED when
+//     the owner was killed): no waiter hangs on the dead;
 //   * no call fails but for the races chaos makes on purpose (a token whose
-//     buffer died with its exporter: NOT_FOUND / FAILED_PRECONDITION) and
-//     refusals (RESOURCE_EXHAUSTED: a full carveout), both counted apart;
+//     buffer died with its exporter: NOT_FOUND / FAILED_PRECONDITION; a call
+//     of a session that was ended), and refusals (RESOURCE_EXHAUSTED: a full
+//     carveout), each counted apart;
 //   * at the end, every client killed: the daemon is alive; no heap byte,
 //     buffer, handle, share token, fence or timeline is left; no session but
-//     the observer's, no uid charged; the daemon's fd and thread counts are
-//     back at the baseline taken before the clients started; and (when this
-//     started it) it stops cleanly with exit 0 (under ASan: no leak).
+//     the observer's, no uid charged; the daemon's fd count and its own
+//     threads are back at the baseline taken before the clients started
+//     (gRPC's executor and timer pools keep their high-water mark, within
+//     their bounds); and (when this started it) it stops cleanly with exit 0
+//     (under ASan: no leak).
 // One summary line says what was done and PASS or FAIL (exit 1).
 //
 // Processes. This one (the controller) forks the churner first, while it has
 // no thread and no Client, then starts bufferd (or uses --socket-dir) and
-// keeps one observer Client, which reads the Debug views while the run goes
+// keeps one observer Client, which reads every Debug view while the run goes
 // and checks the baseline at the end. The churner never has a Client, so it
-// may fork the clients at any time; it does the killing. Clients hand share
+// may fork the clients at any time; it does the killing. A client process
+// runs --lanes threads on its one Client (1 by default: with 2, the client
+// library's record count races, see RecordSender). Clients hand share
 // tokens, timeline tokens and fence fds to each other through the mailbox, a
 // SOCK_SEQPACKET pair made before the first fork: any client posts a note
 // (with the fence's fd) on one end, and any client takes the next from the
 // other. Counters live in one shared anonymous mapping.
 //
-// --seed (printed first and in the summary) seeds the churner and every
-// client (client k from the seed and k), so a failing run's operations can be
-// replayed up to the timing of the kills.
+// --seed (printed first and in the summary) seeds the churner, the
+// controller and every client (client k from the seed and k), so a failing
+// run's operations can be replayed up to the timing of the kills.
+#include <fcntl.h>
+#include <libdrm/drm_fourcc.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -54,11 +68,13 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <optional>
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -94,6 +110,7 @@ heaps { name: "contiguous" type: HEAP_TYPE_CONTIGUOUS hugepage_size: HUGEPAGE_SI
         fallback: FALLBACK_THP fallback: FALLBACK_BASE_PAGES }
 heaps { name: "carveout" type: HEAP_TYPE_CARVEOUT capacity_bytes: 67108864
         hugepage_size: HUGEPAGE_SIZE_2M }
+usages { name: "chaos" heaps: [ "carveout", "contiguous", "system" ] }
 default_token_ttl_ms: 10000
 default_fence_deadline_ms: 2000
 timeline_scan_ms: 100
@@ -118,8 +135,11 @@ constexpr absl::Duration kCallSlack = absl::Seconds(3);
 enum Counter : int {
   kAllocate,
   kAllocateSet,
+  kAllocateFrame,
   kZeroChecked,
   kRewrite,
+  kFreeze,
+  kMetadata,
   kExportRo,
   kExportRw,
   kImportRo,
@@ -132,16 +152,19 @@ enum Counter : int {
   kFenceCancel,
   kFenceExport,
   kFenceImport,
+  kFenceImportFd,
   kFenceWait,
   kFencePoll,
   kFenceMerge,
   kAttach,
   kCpuAccess,
+  kFencesFd,
   kTimelineCreate,
   kTimelineSignal,
   kTimelineExport,
   kTimelineImport,
   kTimelineWait,
+  kTimelineArm,
   kPointExport,
   kPointAttach,
   kPointBehindFence,
@@ -150,6 +173,9 @@ enum Counter : int {
   // Outcomes.
   kGone,
   kRefused,
+  // A call of a session that ended on purpose (a Reconnect's Close, the
+  // controller's EndSession).
+  kAfterEnd,
   kMailboxFull,
   kUnexpected,
   kMismatch,
@@ -158,19 +184,61 @@ enum Counter : int {
   // death, their deadline.
   kSawOwnerDied,
   kSawDeadline,
+  // A wait still blocked when its session ended on purpose, until its
+  // timeout (reported, not a failure: nothing signals a dead session).
+  kStuckAfterEnd,
   kCounterCount,
 };
 // The operations (every counter before kGone).
 constexpr int kOperationCount = kGone;
 constexpr const char* kCounterNames[] = {
-    "allocate",        "allocate_set",    "zero_checked",   "rewrite",       "export_ro",
-    "export_rw",       "import_ro",       "import_rw",      "import_verified", "verify",
-    "release",         "fence_create",    "fence_signal",   "fence_cancel",  "fence_export",
-    "fence_import",    "fence_wait",      "fence_poll",     "fence_merge",   "attach",
-    "cpu_access",      "timeline_create", "timeline_signal", "timeline_export",
-    "timeline_import", "timeline_wait",   "point_export",   "point_attach",  "point_behind_fence",
-    "timeline_drop",   "reconnect",       "gone",           "refused",       "mailbox_full",
-    "unexpected",      "mismatch",        "hang",           "saw_owner_died", "saw_deadline",
+    "allocate",
+    "allocate_set",
+    "allocate_frame",
+    "zero_checked",
+    "rewrite",
+    "freeze",
+    "metadata",
+    "export_ro",
+    "export_rw",
+    "import_ro",
+    "import_rw",
+    "import_verified",
+    "verify",
+    "release",
+    "fence_create",
+    "fence_signal",
+    "fence_cancel",
+    "fence_export",
+    "fence_import",
+    "fence_import_fd",
+    "fence_wait",
+    "fence_poll",
+    "fence_merge",
+    "attach",
+    "cpu_access",
+    "fences_fd",
+    "timeline_create",
+    "timeline_signal",
+    "timeline_export",
+    "timeline_import",
+    "timeline_wait",
+    "timeline_arm",
+    "point_export",
+    "point_attach",
+    "point_behind_fence",
+    "timeline_drop",
+    "reconnect",
+    "gone",
+    "refused",
+    "after_end",
+    "mailbox_full",
+    "unexpected",
+    "mismatch",
+    "hang",
+    "saw_owner_died",
+    "saw_deadline",
+    "stuck_after_end",
 };
 static_assert(std::size(kCounterNames) == kCounterCount);
 
@@ -190,6 +258,11 @@ struct Shared {
   // The latest a fence wait returned after the fence's bound (its deadline),
   // in ns: how long a waiter on a dead owner's fence may wait.
   std::atomic<int64_t> max_late_ns;
+  // Sessions the controller ended (EndSession), the latest 64, each written
+  // before the call: a client whose session ends finds out it was on
+  // purpose.
+  std::atomic<uint64_t> ended_sessions[64];
+  std::atomic<uint64_t> ended_next;
 };
 static_assert(std::atomic<uint64_t>::is_always_lock_free);
 
@@ -204,6 +277,8 @@ struct Flags {
   double seconds = 10;
   int clients = 32;
   int kill_every_ms = 100;
+  int lanes = 1;
+  int end_session_every_ms = 1000;
   uint64_t seed = 0;
   std::string socket_dir;
   std::string log_level = "info";
@@ -250,7 +325,7 @@ class Mailbox {
   bool Post(const Note& note, int fd = -1) const {
     const int fds[] = {fd};
     return post_
-                        .Send(absl::string_view(reinterpret_cast<const char*>(&note), sizeof(note)),
+        .Send(absl::string_view(reinterpret_cast<const char*>(&note), sizeof(note)),
               fd >= 0 ? std::span<const int>(fds) : std::span<const int>(), /*dont_wait=*/true)
         .ok();
   }
@@ -301,11 +376,11 @@ struct Mismatch {
   uint64_t got = 0;
 };
 
-Mismatch CheckPattern(const Mapping& mapping, uint64_t buffer_id, uint64_t seed) {
+Mismatch CheckPattern(const uint8_t* data, size_t size, uint64_t buffer_id, uint64_t seed) {
   const uint64_t key = PatternKey(buffer_id, seed);
-  const uint64_t* words = reinterpret_cast<const uint64_t*>(mapping.data());
+  const uint64_t* words = reinterpret_cast<const uint64_t*>(data);
   Mismatch found;
-  for (size_t i = 0; i < mapping.size() / 8; ++i) {
+  for (size_t i = 0; i < size / 8; ++i) {
     const uint64_t expected = PatternWord(key, i);
     if (words[i] != expected) {
       if (found.bad_words++ == 0) {
@@ -334,20 +409,62 @@ absl::Time FromTimestamp(const google::protobuf::Timestamp& at) {
   return absl::FromUnixSeconds(at.seconds()) + absl::Nanoseconds(at.nanos());
 }
 
-// One client process: connects its own Client and runs random operations
-// until it is killed. Never returns unless the daemon went away or ended its
-// session (it prints why).
-class ChaosClient {
+// What the lanes of one client process share: its Client (one session), and
+// whether that session is over (a lane's Reconnect closed it, or the
+// controller ended it). Thread-safe.
+class Session {
  public:
-  ChaosClient(Shared& shared, const Mailbox& mailbox, uint64_t index, uint64_t seed)
-      : shared_(shared), mailbox_(mailbox), index_(index), random_(Mix(seed ^ Mix(index))) {}
+  Session(Shared& shared, Client client) : shared_(shared), client_(std::move(client)) {}
 
-  int Run() {
-    if (!Connect()) return 3;
-    while (true) {
+  const Client& client() const { return client_; }
+  Client& client() { return client_; }
+  uint64_t id() const { return client_.session_id(); }
+
+  bool over() const { return over_.load(); }
+  void End() { over_.store(true); }
+  // Over for good: the process exits (an error it could not explain).
+  bool fatal() const { return fatal_.load(); }
+  void Fatal() {
+    fatal_.store(true);
+    over_.store(true);
+  }
+  // Whether the controller ended this session (it says so before it does).
+  bool EndedByController() const {
+    for (const std::atomic<uint64_t>& ended : shared_.ended_sessions) {
+      if (ended.load() == id()) return true;
+    }
+    return false;
+  }
+
+  // One event loop per session and timeline (Timeline::Arm's contract):
+  // a lane claims a timeline's notify fd before it polls it.
+  bool ClaimNotify(uint64_t timeline_id) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return notify_claims_.insert(timeline_id).second;
+  }
+
+ private:
+  Shared& shared_;
+  Client client_;
+  std::atomic<bool> over_{false};
+  std::atomic<bool> fatal_{false};
+  std::mutex mutex_;
+  std::set<uint64_t> notify_claims_;
+};
+
+// One lane of a client process: a thread running random operations on the
+// process's session until the session is over. Lanes of one process share
+// the session (and so the Client, from several threads at once) but nothing
+// else: each holds its own buffers, fences and timelines.
+class Lane {
+ public:
+  Lane(Shared& shared, const Mailbox& mailbox, Session& session, uint64_t index, uint64_t seed)
+      : shared_(shared), mailbox_(mailbox), session_(session), index_(index), random_(seed) {}
+
+  void Run() {
+    while (!session_.over()) {
       SignalDue();
       RunOne();
-      if (fatal_) return 4;
     }
   }
 
@@ -358,6 +475,8 @@ class ChaosClient {
     uint64_t seed = 0;
     // Exported at least once: its pattern may no longer change.
     bool published = false;
+    bool freezable = false;
+    bool frozen = false;
   };
   struct ImportedBuffer {
     Buffer buffer;
@@ -367,11 +486,14 @@ class ChaosClient {
     Fence fence;
     // When it must have signalled at the latest.
     absl::Time bound;
-    // Created here and not signalled yet: when to signal it.
+    // Ours to signal and not signalled yet: when to signal it.
     bool own_pending = false;
     absl::Time signal_at;
     // How it came here, for reports.
     std::string origin;
+    // An imported eventfd (written to signal) or a pipe's write end (closed
+    // to signal); invalid for a fence of the daemon's.
+    UniqueFd trigger;
   };
   struct HeldTimeline {
     Timeline timeline;
@@ -380,8 +502,15 @@ class ChaosClient {
     uint64_t next = 1;
     uint64_t fence_point = 0;
   };
+  // An eventfd or pipe behind a timeline point, to signal at `at`.
+  struct Trigger {
+    UniqueFd fd;
+    absl::Time at;
+  };
 
   // -- Bookkeeping ---------------------------------------------------------
+
+  const Client& client() const { return session_.client(); }
 
   void Count(Counter counter, uint64_t n = 1) {
     shared_.counts[counter].fetch_add(n, std::memory_order_relaxed);
@@ -400,18 +529,35 @@ class ChaosClient {
   void Report(Counter counter, const Args&... args) {
     Count(counter);
     if (printed_++ < 20) {
-      std::fprintf(stderr, "chaos: client #%llu (pid %d): %s %s\n",
-                   static_cast<unsigned long long>(index_), ::getpid(), kCounterNames[counter],
+      std::fprintf(stderr, "chaos: client #%llu (pid %d, session %llu): %s %s\n",
+                   static_cast<unsigned long long>(index_), ::getpid(),
+                   static_cast<unsigned long long>(session_.id()), kCounterNames[counter],
                    absl::StrCat(args...).c_str());
     }
   }
 
+  // A call failed after (or because) the session ended on purpose: nothing
+  // to count. True if so.
+  bool SessionOver() {
+    if (session_.over()) return true;
+    if (session_.EndedByController()) {
+      session_.End();
+      return true;
+    }
+    return false;
+  }
+
   enum class Race { kNone, kGone };
   // Counts a failed call: a refusal (RESOURCE_EXHAUSTED), a race chaos makes
-  // on purpose (NOT_FOUND / FAILED_PRECONDITION where `race` allows), or an
-  // unexpected error (printed). Returns status.ok().
+  // on purpose (NOT_FOUND / FAILED_PRECONDITION where `race` allows), a call
+  // of a session that ended on purpose, or an unexpected error (printed).
+  // Returns status.ok().
   bool Check(const absl::Status& status, absl::string_view what, Race race = Race::kNone) {
     if (status.ok()) return true;
+    if (SessionOver()) {
+      Count(kAfterEnd);
+      return false;
+    }
     const absl::StatusCode code = status.code();
     if (code == absl::StatusCode::kResourceExhausted) {
       Count(kRefused);
@@ -429,35 +575,33 @@ class ChaosClient {
       return false;
     }
     Report(kUnexpected, what, ": ", status.ToString());
-    // A client whose daemon went away or that lost its session can only
-    // spam: stop (the controller sees it).
+    // A session lost for no reason this run gave it: the process can only
+    // spam. It exits (the churner reports it).
     if (code == absl::StatusCode::kUnavailable || code == absl::StatusCode::kUnauthenticated) {
-      fatal_ = true;
+      session_.Fatal();
     }
     return false;
   }
 
-  bool Connect() {
-    absl::StatusOr<Client> client = Client::Connect(shared_.socket_dir);
-    if (!client.ok()) {
-      Report(kUnexpected, "Connect: ", client.status().ToString());
-      return false;
-    }
-    client_.emplace(*std::move(client));
-    return true;
-  }
-
   // A wait of `timeout` that took `elapsed` and returned `status`: a
-  // DEADLINE_EXCEEDED (its fences should have ended well before) or a call
-  // that overran its timeout is a hang.
+  // DEADLINE_EXCEEDED (everything it waits on had to end well before) or a
+  // call that overran its timeout is a hang.
   bool CheckWait(const absl::Status& status, absl::string_view what, absl::Duration timeout,
                  absl::Duration elapsed) {
     if (elapsed > timeout + kCallSlack) {
       Report(kHang, what, ": took ", absl::FormatDuration(elapsed), " with a timeout of ",
-             absl::FormatDuration(timeout), " (", status.ToString(), ")");
+             absl::FormatDuration(timeout), " (", status.ToString(), ")",
+             session_.over() ? " (its session ended meanwhile)" : "");
       return false;
     }
     if (status.code() == absl::StatusCode::kDeadlineExceeded) {
+      if (session_.over() || session_.EndedByController()) {
+        // Ended with the session: nothing signals a dead session's waits.
+        Report(kStuckAfterEnd, what, ": timed out after ", absl::FormatDuration(elapsed),
+               " (its session ended meanwhile): ", status.ToString());
+        session_.End();
+        return false;
+      }
       Report(kHang, what, ": not released within ", absl::FormatDuration(timeout),
              " though everything it waits for had to end ", absl::FormatDuration(kWaitMargin),
              " before: ", status.ToString());
@@ -472,9 +616,9 @@ class ChaosClient {
     if (status == v1::FENCE_STATUS_DEADLINE_EXCEEDED) Count(kSawDeadline);
   }
 
-  // A wait that started at `start` on fences that had to end by `bound`
-  // returned now: how late past the later of the two (a wait on a fence
-  // long signalled answers at once).
+  // A wait that started at `start` on what had to end by `bound` returned
+  // now: how late past the later of the two (a wait on a fence long
+  // signalled answers at once).
   absl::Duration Returned(absl::Time start, absl::Time bound) {
     const absl::Duration late = absl::Now() - std::max(start, bound);
     const int64_t late_ns = absl::ToInt64Nanoseconds(late);
@@ -488,31 +632,37 @@ class ChaosClient {
     return std::max(bound - absl::Now(), absl::ZeroDuration()) + kWaitMargin;
   }
 
+  // Polls `fd` until it is readable (POLLHUP for a fence fd) or `timeout`
+  // passes: false then.
+  static bool PollReadable(int fd, absl::Duration timeout, short* revents) {
+    pollfd ready{fd, POLLIN, 0};
+    const int n = ::poll(&ready, 1, static_cast<int>(absl::ToInt64Milliseconds(timeout)));
+    *revents = ready.revents;
+    return n == 1;
+  }
+
   // -- The operations ------------------------------------------------------
 
   void RunOne() {
     // Weights: what a client does most is allocate, share and wait.
     static constexpr struct {
-      void (ChaosClient::*op)();
+      void (Lane::*op)();
       int weight;
     } kOps[] = {
-        {&ChaosClient::Allocate, 12},       {&ChaosClient::AllocateSet, 2},
-        {&ChaosClient::Rewrite, 4},         {&ChaosClient::Export, 10},
-        {&ChaosClient::TakeNote, 18},       {&ChaosClient::Verify, 5},
-        {&ChaosClient::ReleaseOne, 9},      {&ChaosClient::CreateFence, 8},
-        {&ChaosClient::WaitFence, 5},       {&ChaosClient::WaitSeveral, 2},
-        {&ChaosClient::MergeFences, 3},     {&ChaosClient::PublishFence, 2},
-        {&ChaosClient::DropFence, 4},       {&ChaosClient::AttachFence, 5},
-        {&ChaosClient::CpuAccess, 4},       {&ChaosClient::CreateTimeline, 2},
-        {&ChaosClient::SignalTimeline, 6},  {&ChaosClient::WaitTimeline, 3},
-        {&ChaosClient::ExportPoint, 2},     {&ChaosClient::AttachPoint, 2},
-        {&ChaosClient::PointBehindFence, 1}, {&ChaosClient::DropTimeline, 1},
-        {&ChaosClient::Nap, 3},             {&ChaosClient::Reconnect, 0},
+        {&Lane::Allocate, 11},        {&Lane::AllocateSet, 2},    {&Lane::AllocateFrame, 2},
+        {&Lane::Rewrite, 4},          {&Lane::Freeze, 1},         {&Lane::SetMetadata, 2},
+        {&Lane::Export, 10},          {&Lane::TakeNote, 18},      {&Lane::Verify, 5},
+        {&Lane::ReleaseOne, 9},       {&Lane::CreateFence, 8},    {&Lane::ImportFdFence, 2},
+        {&Lane::WaitFence, 5},        {&Lane::WaitSeveral, 2},    {&Lane::MergeFences, 3},
+        {&Lane::PublishFence, 2},     {&Lane::DropFence, 4},      {&Lane::AttachFence, 5},
+        {&Lane::CpuAccess, 4},        {&Lane::CreateTimeline, 2}, {&Lane::SignalTimeline, 6},
+        {&Lane::WaitTimeline, 3},     {&Lane::ExportPoint, 2},    {&Lane::AttachPoint, 2},
+        {&Lane::PointBehindFence, 1}, {&Lane::DropTimeline, 1},   {&Lane::Nap, 3},
     };
+    // Reconnect: 1 in 1,000.
+    if (Chance(0.001)) return Reconnect();
     int total = 0;
     for (const auto& op : kOps) total += op.weight;
-    // Reconnect: 1 in 500.
-    if (Chance(0.002)) return Reconnect();
     int pick = static_cast<int>(Uniform(0, total - 1));
     for (const auto& op : kOps) {
       if (pick < op.weight) return (this->*op.op)();
@@ -529,7 +679,7 @@ class ChaosClient {
   }
 
   // A new buffer of ours: zero-filled, then patterned.
-  void Adopt(Buffer buffer) {
+  void Adopt(Buffer buffer, bool freezable = false) {
     absl::StatusOr<Mapping> mapping = buffer.Map();
     if (!Check(mapping.status(), "Map")) return;
     const Mismatch zero = CheckZero(*mapping);
@@ -542,17 +692,19 @@ class ChaosClient {
     }
     const uint64_t seed = random_();
     WritePattern(*mapping, buffer.id(), seed);
-    own_.push_back({std::move(buffer), *std::move(mapping), seed, false});
+    own_.push_back({std::move(buffer), *std::move(mapping), seed, false, freezable, false});
   }
 
   void Allocate() {
     if (own_.size() >= 8) return ReleaseOne();
     const std::string heap = kHeaps[Uniform(0, 2)];
-    absl::StatusOr<Buffer> buffer =
-        client_->Allocate({.heap = heap, .size = RandomSize(heap), .name = "chaos"});
+    // Freezable: system buffers only (a seal on hugetlb is not a thing).
+    const bool freezable = heap == "system" && Chance(0.2);
+    absl::StatusOr<Buffer> buffer = client().Allocate(
+        {.heap = heap, .size = RandomSize(heap), .name = "chaos", .freezable = freezable});
     if (!Check(buffer.status(), absl::StrCat("Allocate on ", heap))) return;
     Count(kAllocate);
-    Adopt(*std::move(buffer));
+    Adopt(*std::move(buffer), freezable);
   }
 
   void AllocateSet() {
@@ -560,53 +712,128 @@ class ChaosClient {
     const std::string heap = kHeaps[Uniform(0, 2)];
     const uint32_t count = static_cast<uint32_t>(Uniform(2, 3));
     absl::StatusOr<std::vector<Buffer>> set =
-        client_->AllocateSet(count, {.heap = heap, .size = RandomSize(heap), .name = "chaos-set"});
+        client().AllocateSet(count, {.heap = heap, .size = RandomSize(heap), .name = "chaos-set"});
     if (!Check(set.status(), absl::StrCat("AllocateSet on ", heap))) return;
     Count(kAllocateSet);
     for (Buffer& buffer : *set) Adopt(std::move(buffer));
+  }
+
+  // An NV12 frame by usage: the carveout first, then the others (skips
+  // counted by the daemon when the carveout is full).
+  void AllocateFrame() {
+    if (own_.size() >= 8) return ReleaseOne();
+    FrameRequest frame{.width = static_cast<uint32_t>(Uniform(8, 512) * 2),
+                       .height = static_cast<uint32_t>(Uniform(8, 256) * 2),
+                       .fourcc = DRM_FORMAT_NV12};
+    if (Chance(0.2)) {
+      absl::StatusOr<v1::CanAllocateResponse> can =
+          client().CanAllocate({.usage = "chaos", .frame = frame});
+      if (!Check(can.status(), "CanAllocate")) return;
+    }
+    absl::StatusOr<Buffer> buffer =
+        client().Allocate({.usage = "chaos", .frame = frame, .name = "chaos-frame"});
+    if (!Check(buffer.status(), "Allocate a frame")) return;
+    Count(kAllocateFrame);
+    Adopt(*std::move(buffer));
   }
 
   // A buffer nobody else has seen yet gets a new pattern.
   void Rewrite() {
     std::vector<size_t> unpublished;
     for (size_t i = 0; i < own_.size(); ++i) {
-      if (!own_[i].published) unpublished.push_back(i);
+      if (!own_[i].published && !own_[i].frozen) unpublished.push_back(i);
     }
     if (unpublished.empty()) return;
     OwnBuffer& own = own_[unpublished[Pick(unpublished)]];
-    const Mismatch before = CheckPattern(own.mapping, own.buffer.id(), own.seed);
-    if (before.bad_words != 0) return ReportMismatch("before a rewrite, own", own.buffer, own.seed, before);
+    const Mismatch before =
+        CheckPattern(own.mapping.data(), own.mapping.size(), own.buffer.id(), own.seed);
+    if (before.bad_words != 0) {
+      return ReportMismatch("before a rewrite, own", own.buffer, own.seed, before);
+    }
     own.seed = random_();
     WritePattern(own.mapping, own.buffer.id(), own.seed);
     Count(kRewrite);
   }
 
+  // Seals a buffer nobody else has seen against every write, then maps it
+  // back read-only.
+  void Freeze() {
+    std::vector<size_t> candidates;
+    for (size_t i = 0; i < own_.size(); ++i) {
+      if (own_[i].freezable && !own_[i].frozen && !own_[i].published) candidates.push_back(i);
+    }
+    if (candidates.empty()) return;
+    OwnBuffer& own = own_[candidates[Pick(candidates)]];
+    own.mapping.Reset();
+    const absl::Status frozen = own.buffer.Freeze();
+    absl::StatusOr<Mapping> mapping = frozen.ok() ? own.buffer.MapReadOnly() : own.buffer.Map();
+    if (!Check(mapping.status(), "Map after Freeze")) {
+      own_.erase(own_.begin() + (&own - own_.data()));  // without a mapping it cannot stay
+      return;
+    }
+    own.mapping = *std::move(mapping);
+    if (!Check(frozen, "Freeze")) return;
+    own.frozen = true;
+    Count(kFreeze);
+    if (!own.buffer.info().frozen())
+      Report(kUnexpected, "buffer ", own.buffer.id(), " is not frozen after Freeze");
+    // Nobody may write it now: not even its creator.
+    absl::StatusOr<Mapping> writable =
+        Mapping::Create(own.buffer.fd(), own.buffer.size(), Mapping::Protection::kReadWrite);
+    if (writable.ok()) Report(kMismatch, "frozen buffer ", own.buffer.id(), " maps writable");
+    const Mismatch found =
+        CheckPattern(own.mapping.data(), own.mapping.size(), own.buffer.id(), own.seed);
+    if (found.bad_words != 0) ReportMismatch("after Freeze,", own.buffer, own.seed, found);
+  }
+
+  // A read-write holder changes the metadata every holder reads; another
+  // holder changing it first is the race a generation settles.
+  void SetMetadata() {
+    std::vector<Buffer*> writable;
+    for (OwnBuffer& own : own_) writable.push_back(&own.buffer);
+    for (ImportedBuffer& imported : imported_) {
+      if (imported.buffer.access() == Access::kReadWrite) writable.push_back(&imported.buffer);
+    }
+    if (writable.empty()) return;
+    Buffer& buffer = *writable[Pick(writable)];
+    if (Chance(0.3) && !Check(buffer.Refresh(), "Refresh")) return;
+    FrameMetadata metadata = buffer.metadata();
+    metadata.tag = absl::StrCat("chaos ", random_() % 1000);
+    if (!Check(buffer.SetMetadata(metadata), "SetMetadata", Race::kGone)) return;
+    Count(kMetadata);
+    if (buffer.metadata().tag != metadata.tag) {
+      Report(kMismatch, "buffer ", buffer.id(), "'s tag is '", buffer.metadata().tag,
+             "' after SetMetadata of '", metadata.tag, "'");
+    }
+  }
+
   void ReportMismatch(absl::string_view what, const Buffer& buffer, uint64_t seed,
                       const Mismatch& found) {
-    Report(kMismatch, what, " buffer ", buffer.id(), " (heap ", buffer.heap(), ", ",
-           buffer.size(), " bytes, ", buffer.access() == Access::kReadOnly ? "ro" : "rw",
-           ", seed ", seed, "): ", found.bad_words, " words differ, first at offset ",
-           found.first_offset, ": expected 0x", absl::Hex(found.expected), ", got 0x",
-           absl::Hex(found.got));
+    Report(kMismatch, what, " buffer ", buffer.id(), " (heap ", buffer.heap(), ", ", buffer.size(),
+           " bytes, ", buffer.access() == Access::kReadOnly ? "ro" : "rw", ", seed ", seed,
+           "): ", found.bad_words, " words differ, first at offset ", found.first_offset,
+           ": expected 0x", absl::Hex(found.expected), ", got 0x", absl::Hex(found.got));
   }
 
   // Publishes a token of a buffer we hold (ours, or one we imported: a
-  // read-only holder exports read-only only).
+  // read-only holder exports read-only only; a frozen buffer read-only).
   void Export() {
     const size_t holdings = own_.size() + imported_.size();
     if (holdings == 0) return;
     const size_t pick = Uniform(0, holdings - 1);
     const Buffer* buffer;
     uint64_t seed;
+    bool read_only = Chance(0.5);
     if (pick < own_.size()) {
       own_[pick].published = true;
       buffer = &own_[pick].buffer;
       seed = own_[pick].seed;
+      read_only = read_only || own_[pick].frozen;
     } else {
       buffer = &imported_[pick - own_.size()].buffer;
       seed = imported_[pick - own_.size()].seed;
     }
-    const bool read_only = buffer->access() == Access::kReadOnly || Chance(0.5);
+    read_only = read_only || buffer->access() == Access::kReadOnly;
     absl::StatusOr<std::string> token =
         buffer->Export(read_only ? Access::kReadOnly : Access::kReadWrite,
                        ExportOptions{.ttl = absl::Seconds(10), .accept_sigbus_risk = true});
@@ -650,15 +877,15 @@ class ChaosClient {
     }
     // The exporter may have been killed (its buffer gone with it), or the
     // token may be older than its ttl.
-    absl::StatusOr<Buffer> buffer = client_->Import(note.Token());
+    absl::StatusOr<Buffer> buffer = client().Import(note.Token());
     if (!Check(buffer.status(), "Import", Race::kGone)) return;
     Count(note.read_only ? kImportRo : kImportRw);
     const Access access = note.read_only ? Access::kReadOnly : Access::kReadWrite;
     if (buffer->id() != note.buffer_id || buffer->size() != note.size ||
         buffer->access() != access) {
-      Report(kMismatch, "import of a token of buffer ", note.buffer_id, " (", note.size,
-             " bytes, ", note.read_only ? "ro" : "rw", ", from pid ", note.from_pid,
-             ") gave buffer ", buffer->id(), " (", buffer->size(), " bytes, ",
+      Report(kMismatch, "import of a token of buffer ", note.buffer_id, " (", note.size, " bytes, ",
+             note.read_only ? "ro" : "rw", ", from pid ", note.from_pid, ") gave buffer ",
+             buffer->id(), " (", buffer->size(), " bytes, ",
              buffer->access() == Access::kReadOnly ? "ro" : "rw", ")");
       return;
     }
@@ -672,9 +899,12 @@ class ChaosClient {
       // A read-only fd never maps writable.
       absl::StatusOr<Mapping> writable =
           Mapping::Create(buffer->fd(), buffer->size(), Mapping::Protection::kReadWrite);
-      if (writable.ok()) Report(kMismatch, "a read-only import of buffer ", buffer->id(), " maps writable");
+      if (writable.ok()) {
+        Report(kMismatch, "a read-only import of buffer ", buffer->id(), " maps writable");
+      }
     }
-    const Mismatch found = CheckPattern(*mapping, note.buffer_id, note.seed);
+    const Mismatch found =
+        CheckPattern(mapping->data(), mapping->size(), note.buffer_id, note.seed);
     if (found.bad_words != 0) {
       return ReportMismatch(absl::StrCat("import (from pid ", note.from_pid, ") of"), *buffer,
                             note.seed, found);
@@ -683,23 +913,28 @@ class ChaosClient {
     imported_.push_back({*std::move(buffer), note.seed});
   }
 
+  // Checks a buffer we hold still has its pattern: through our mapping, a
+  // new read-only one, or pread (Buffer::Read).
   void Verify() {
     const size_t holdings = own_.size() + imported_.size();
     if (holdings == 0) return;
     const size_t pick = Uniform(0, holdings - 1);
-    if (pick < own_.size()) {
-      const OwnBuffer& own = own_[pick];
-      const Mismatch found = CheckPattern(own.mapping, own.buffer.id(), own.seed);
-      if (found.bad_words != 0) return ReportMismatch("own", own.buffer, own.seed, found);
+    const bool own = pick < own_.size();
+    const Buffer& buffer = own ? own_[pick].buffer : imported_[pick - own_.size()].buffer;
+    const uint64_t seed = own ? own_[pick].seed : imported_[pick - own_.size()].seed;
+    Mismatch found;
+    if (Chance(0.3)) {
+      std::vector<uint8_t> bytes(buffer.size());
+      if (!Check(buffer.Read(0, bytes), "Read")) return;
+      found = CheckPattern(bytes.data(), bytes.size(), buffer.id(), seed);
+    } else if (own) {
+      found = CheckPattern(own_[pick].mapping.data(), own_[pick].mapping.size(), buffer.id(), seed);
     } else {
-      const ImportedBuffer& imported = imported_[pick - own_.size()];
-      absl::StatusOr<Mapping> mapping = imported.buffer.MapReadOnly();
+      absl::StatusOr<Mapping> mapping = buffer.MapReadOnly();
       if (!Check(mapping.status(), "MapReadOnly")) return;
-      const Mismatch found = CheckPattern(*mapping, imported.buffer.id(), imported.seed);
-      if (found.bad_words != 0) {
-        return ReportMismatch("imported", imported.buffer, imported.seed, found);
-      }
+      found = CheckPattern(mapping->data(), mapping->size(), buffer.id(), seed);
     }
+    if (found.bad_words != 0) return ReportMismatch(own ? "own" : "imported", buffer, seed, found);
     Count(kVerify);
   }
 
@@ -707,7 +942,8 @@ class ChaosClient {
     const size_t holdings = own_.size() + imported_.size();
     if (holdings == 0) return;
     const size_t pick = Uniform(0, holdings - 1);
-    Buffer* buffer = pick < own_.size() ? &own_[pick].buffer : &imported_[pick - own_.size()].buffer;
+    Buffer* buffer =
+        pick < own_.size() ? &own_[pick].buffer : &imported_[pick - own_.size()].buffer;
     // Half the time with the daemon's answer, else one-way (the drop).
     if (Chance(0.5)) Check(buffer->Release(), "Release");
     if (pick < own_.size()) {
@@ -720,18 +956,73 @@ class ChaosClient {
 
   // -- Fences ---------------------------------------------------------------
 
+  absl::Duration RandomDeadline() {
+    return absl::Milliseconds(Uniform(50, absl::ToInt64Milliseconds(kMaxFenceDeadline)));
+  }
+
   void CreateFence() {
     if (fences_.size() >= 12) return DropFence();
-    const absl::Duration deadline = absl::Milliseconds(Uniform(50, absl::ToInt64Milliseconds(kMaxFenceDeadline)));
+    const absl::Duration deadline = RandomDeadline();
     absl::StatusOr<Fence> fence =
-        client_->CreateFence({.name = "chaos", .timeline = "chaos", .deadline = deadline});
+        client().CreateFence({.name = "chaos", .timeline = "chaos", .deadline = deadline});
     if (!Check(fence.status(), "CreateFence")) return;
     Count(kFenceCreate);
     const absl::Time bound = FromTimestamp(fence->info().deadline());
+    // Some come after the deadline: the daemon was first.
     const absl::Time signal_at =
         absl::Now() + absl::Milliseconds(Uniform(0, absl::ToInt64Milliseconds(deadline) * 13 / 10));
     fences_.push_back({*std::move(fence), bound, true, signal_at, "created"});
     if (Chance(0.5)) PublishFence(fences_.back());
+  }
+
+  // A fence of an eventfd or a pipe of ours, which we signal later (or
+  // never: then its deadline or our death ends it).
+  void ImportFdFence() {
+    if (fences_.size() >= 12) return DropFence();
+    absl::StatusOr<std::pair<UniqueFd, UniqueFd>> fds = MakeTrigger();
+    if (!fds.ok()) return Report(kUnexpected, fds.status().ToString());
+    const absl::Duration deadline = RandomDeadline();
+    absl::StatusOr<Fence> fence =
+        client().ImportSyncFd(fds->first.get(), {.name = "chaos-fd", .deadline = deadline});
+    if (!Check(fence.status(), "ImportSyncFd of our own fd")) return;
+    Count(kFenceImportFd);
+    const absl::Time bound = FromTimestamp(fence->info().deadline());
+    const absl::Time signal_at =
+        absl::Now() + absl::Milliseconds(Uniform(0, absl::ToInt64Milliseconds(deadline) * 13 / 10));
+    fences_.push_back(
+        {*std::move(fence), bound, true, signal_at, "an fd of ours", std::move(fds->second)});
+    if (Chance(0.3)) PublishFence(fences_.back());
+  }
+
+  // An fd to import (first) and what signals it (second): an eventfd (the
+  // same one: write to it) or a pipe (its write end: close it).
+  absl::StatusOr<std::pair<UniqueFd, UniqueFd>> MakeTrigger() {
+    if (Chance(0.5)) {
+      const int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+      if (fd < 0) return absl::InternalError(absl::StrCat("eventfd: ", std::strerror(errno)));
+      UniqueFd event(fd);
+      UniqueFd copy(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
+      return std::make_pair(std::move(event), std::move(copy));
+    }
+    int ends[2];
+    if (::pipe2(ends, O_CLOEXEC) != 0) {
+      return absl::InternalError(absl::StrCat("pipe2: ", std::strerror(errno)));
+    }
+    return std::make_pair(UniqueFd(ends[0]), UniqueFd(ends[1]));
+  }
+
+  // Signals through a trigger fd: an eventfd is written, a pipe's write end
+  // closed (the kind of fd tells which).
+  void Fire(UniqueFd& trigger) {
+    struct stat st {};
+    if (::fstat(trigger.get(), &st) == 0 && S_ISFIFO(st.st_mode)) {
+      trigger.Reset();
+      return;
+    }
+    const uint64_t one = 1;
+    if (::write(trigger.get(), &one, sizeof(one)) != sizeof(one)) {
+      Report(kUnexpected, "write to an eventfd: ", std::strerror(errno));
+    }
   }
 
   void PublishFence() {
@@ -749,13 +1040,26 @@ class ChaosClient {
     Post(note, "", fd->get());
   }
 
-  // Signals our fences whose time has come (some after their deadline: the
-  // daemon was first, and a confirmed signal is refused).
+  // Signals our fences and triggers whose time has come (some after their
+  // deadline: the daemon was first, and a confirmed signal is refused).
   void SignalDue() {
     const absl::Time now = absl::Now();
+    for (Trigger& trigger : triggers_) {
+      if (trigger.fd.valid() && trigger.at <= now) {
+        Fire(trigger.fd);
+        trigger.fd.Reset();
+      }
+    }
+    std::erase_if(triggers_, [](const Trigger& trigger) { return !trigger.fd.valid(); });
     for (HeldFence& held : fences_) {
       if (!held.own_pending || held.signal_at > now) continue;
       held.own_pending = false;
+      if (held.trigger.valid()) {
+        Fire(held.trigger);
+        held.trigger.Reset();
+        Count(kFenceSignal);
+        continue;
+      }
       const uint64_t roll = Uniform(0, 99);
       if (roll < 15) {
         absl::StatusOr<v1::FenceInfo> info = held.fence.SignalAndConfirm(v1::FENCE_STATUS_OK);
@@ -794,17 +1098,17 @@ class ChaosClient {
       // Wait on the fd itself, as an event loop would: it polls POLLHUP once
       // the fence has signalled (whoever signals it, the daemon included).
       const absl::Duration timeout = TimeoutFor(bound);
-      pollfd ready{fd.get(), POLLIN, 0};
       const absl::Time start = absl::Now();
-      const int n = ::poll(&ready, 1, static_cast<int>(absl::ToInt64Milliseconds(timeout)));
+      short revents = 0;
+      const bool readable = PollReadable(fd.get(), timeout, &revents);
       const absl::Duration elapsed = absl::Now() - start;
-      if (n == 0) {
+      if (!readable) {
         Report(kHang, "poll on fence ", note.fence_id, "'s fd (from pid ", note.from_pid,
-               "): not readable within ", absl::FormatDuration(timeout), " though it had to signal by ",
-               absl::FormatTime(bound));
-      } else if (n < 0 || (ready.revents & POLLHUP) == 0 || elapsed > timeout + kCallSlack) {
-        Report(kUnexpected, "poll on fence ", note.fence_id, "'s fd: returned ", n, " revents 0x",
-               absl::Hex(ready.revents), " after ", absl::FormatDuration(elapsed));
+               "): not readable within ", absl::FormatDuration(timeout),
+               " though it had to signal by ", absl::FormatTime(bound));
+      } else if ((revents & POLLHUP) == 0 || elapsed > timeout + kCallSlack) {
+        Report(kUnexpected, "poll on fence ", note.fence_id, "'s fd: revents 0x",
+               absl::Hex(revents), " after ", absl::FormatDuration(elapsed));
       } else {
         Returned(start, bound);
         Count(kFencePoll);
@@ -812,7 +1116,7 @@ class ChaosClient {
     }
     if (fences_.size() >= 12) DropFence();
     absl::StatusOr<Fence> fence =
-        client_->ImportSyncFd(fd.get(), {.name = "chaos-import", .deadline = kMaxFenceDeadline});
+        client().ImportSyncFd(fd.get(), {.name = "chaos-import", .deadline = kMaxFenceDeadline});
     if (!Check(fence.status(), "ImportSyncFd")) return;
     Count(kFenceImport);
     // A fence still pending is the very fence that was exported (a gone one
@@ -821,8 +1125,9 @@ class ChaosClient {
       Report(kMismatch, "the fd of fence ", note.fence_id, " imported as pending fence ",
              fence->id());
     }
-    fences_.push_back({*std::move(fence), bound, false, absl::InfiniteFuture(),
-                       absl::StrCat("imported from pid ", note.from_pid, " as fence ", note.fence_id)});
+    fences_.push_back(
+        {*std::move(fence), bound, false, absl::InfiniteFuture(),
+         absl::StrCat("imported from pid ", note.from_pid, " as fence ", note.fence_id)});
   }
 
   // Fences nobody here is about to signal (waiting on one of our own pending
@@ -842,7 +1147,8 @@ class ChaosClient {
     const absl::Duration timeout = TimeoutFor(held.bound);
     const absl::Time start = absl::Now();
     absl::StatusOr<v1::FenceInfo> info = held.fence.Wait(timeout);
-    if (!CheckWait(info.status(), absl::StrCat("Wait on fence ", held.fence.id()), timeout,
+    if (!CheckWait(info.status(),
+                   absl::StrCat("Wait on fence ", held.fence.id(), " (", held.origin, ")"), timeout,
                    absl::Now() - start)) {
       return;
     }
@@ -850,10 +1156,12 @@ class ChaosClient {
     const absl::Duration late = Returned(start, held.bound);
     Saw(info->status());
     if (late > absl::Seconds(1)) {
-      std::fprintf(stderr, "chaos: LATE wait on fence %llu (%s): returned %s late (started %s, bound %s): %s\n",
-                   static_cast<unsigned long long>(held.fence.id()), held.origin.c_str(),
-                   absl::FormatDuration(late).c_str(), absl::FormatTime(start).c_str(),
-                   absl::FormatTime(held.bound).c_str(), info->ShortDebugString().c_str());
+      std::fprintf(
+          stderr,
+          "chaos: LATE wait on fence %llu (%s): returned %s late (started %s, bound %s): %s\n",
+          static_cast<unsigned long long>(held.fence.id()), held.origin.c_str(),
+          absl::FormatDuration(late).c_str(), absl::FormatTime(start).c_str(),
+          absl::FormatTime(held.bound).c_str(), info->ShortDebugString().c_str());
     }
     if (info->state() != v1::FENCE_STATE_SIGNALED) {
       Report(kUnexpected, "Wait on fence ", held.fence.id(), " returned it ",
@@ -877,7 +1185,7 @@ class ChaosClient {
     const absl::Duration timeout = TimeoutFor(bound);
     const absl::Time start = absl::Now();
     absl::StatusOr<WaitResult> result =
-        all ? client_->WaitAll(fences, timeout) : client_->WaitAny(fences, timeout);
+        all ? client().WaitAll(fences, timeout) : client().WaitAny(fences, timeout);
     if (!CheckWait(result.status(), all ? "WaitAll" : "WaitAny", timeout, absl::Now() - start)) {
       return;
     }
@@ -897,18 +1205,19 @@ class ChaosClient {
       inputs.push_back(&held.fence);
       bound = std::max(bound, held.bound);
     }
-    absl::StatusOr<Fence> merged = client_->Merge(inputs, "chaos-merge");
+    absl::StatusOr<Fence> merged = client().Merge(inputs, "chaos-merge");
     if (!Check(merged.status(), "Merge")) return;
     Count(kFenceMerge);
     fences_.push_back({*std::move(merged), bound, false, absl::InfiniteFuture(), "merged"});
   }
 
-  // A buffer we hold: ours or imported.
-  const Buffer* AnyBuffer() {
+  // A buffer we hold, ours or imported, and its pattern's seed.
+  std::pair<const Buffer*, uint64_t> AnyBuffer() {
     const size_t holdings = own_.size() + imported_.size();
-    if (holdings == 0) return nullptr;
+    if (holdings == 0) return {nullptr, 0};
     const size_t pick = Uniform(0, holdings - 1);
-    return pick < own_.size() ? &own_[pick].buffer : &imported_[pick - own_.size()].buffer;
+    if (pick < own_.size()) return {&own_[pick].buffer, own_[pick].seed};
+    return {&imported_[pick - own_.size()].buffer, imported_[pick - own_.size()].seed};
   }
 
   v1::FenceUsage AnyUsage(const Buffer& buffer) {
@@ -922,7 +1231,7 @@ class ChaosClient {
   }
 
   void AttachFence() {
-    const Buffer* buffer = AnyBuffer();
+    const Buffer* buffer = AnyBuffer().first;
     if (buffer == nullptr || fences_.empty()) return;
     const HeldFence& held = fences_[Pick(fences_)];
     if (!Check(buffer->AttachFence(held.fence, AnyUsage(*buffer)), "AttachFence")) return;
@@ -930,30 +1239,41 @@ class ChaosClient {
   }
 
   // Implicit sync: every fence attached to a buffer ends by its deadline (or
-  // its owner's death), so an access set to wait past that never times out.
+  // its owner's death), so an access set to wait past that never times out;
+  // nor does a poll of the buffer's FencesFd.
   void CpuAccess() {
-    const size_t holdings = own_.size() + imported_.size();
-    if (holdings == 0) return;
-    const size_t pick = Uniform(0, holdings - 1);
-    const Buffer& buffer = pick < own_.size() ? own_[pick].buffer : imported_[pick - own_.size()].buffer;
-    const uint64_t seed = pick < own_.size() ? own_[pick].seed : imported_[pick - own_.size()].seed;
+    const auto [buffer, seed] = AnyBuffer();
+    if (buffer == nullptr) return;
     const Cpu access =
-        buffer.access() == Access::kReadOnly || Chance(0.5) ? Cpu::kRead : Cpu::kWrite;
+        buffer->access() == Access::kReadOnly || Chance(0.5) ? Cpu::kRead : Cpu::kWrite;
+    const std::string what =
+        absl::StrCat(access == Cpu::kRead ? "read" : "write", " access to buffer ", buffer->id());
     const absl::Duration timeout = kLongestBound + kWaitMargin;
     const absl::Time start = absl::Now();
-    absl::StatusOr<Buffer::ScopedCpuAccess> scoped = buffer.CpuAccess(access, timeout);
-    if (!CheckWait(scoped.status(),
-                   absl::StrCat(access == Cpu::kRead ? "CpuAccess(read)" : "CpuAccess(write)",
-                                " of buffer ", buffer.id()),
-                   timeout, absl::Now() - start)) {
+    if (Chance(0.3)) {
+      absl::StatusOr<UniqueFd> fd = buffer->FencesFd(access);
+      if (!Check(fd.status(), "FencesFd")) return;
+      Count(kFencesFd);
+      if (!fd->valid()) return;  // nothing pending
+      short revents = 0;
+      if (!PollReadable(fd->get(), timeout, &revents)) {
+        if (SessionOver()) return;
+        Report(kHang, "poll on the FencesFd of a ", what, ": not readable within ",
+               absl::FormatDuration(timeout));
+      }
+      return;
+    }
+    absl::StatusOr<Buffer::ScopedCpuAccess> scoped = buffer->CpuAccess(access, timeout);
+    if (!CheckWait(scoped.status(), absl::StrCat("CpuAccess: ", what), timeout,
+                   absl::Now() - start)) {
       return;
     }
     Count(kCpuAccess);
     for (const v1::FenceInfo& fence : scoped->waited()) Saw(fence.status());
-    absl::StatusOr<Mapping> mapping = buffer.MapReadOnly();
+    absl::StatusOr<Mapping> mapping = buffer->MapReadOnly();
     if (!Check(mapping.status(), "MapReadOnly")) return;
-    const Mismatch found = CheckPattern(*mapping, buffer.id(), seed);
-    if (found.bad_words != 0) ReportMismatch("during a CPU access,", buffer, seed, found);
+    const Mismatch found = CheckPattern(mapping->data(), mapping->size(), buffer->id(), seed);
+    if (found.bad_words != 0) ReportMismatch("during a CPU access,", *buffer, seed, found);
   }
 
   // -- Timelines ------------------------------------------------------------
@@ -961,7 +1281,7 @@ class ChaosClient {
   void CreateTimeline() {
     if (timelines_.size() >= 6) return DropTimeline();
     absl::StatusOr<Timeline> timeline =
-        client_->CreateTimeline({.name = "chaos", .deadline = kTimelineDeadline});
+        client().CreateTimeline({.name = "chaos", .deadline = kTimelineDeadline});
     if (!Check(timeline.status(), "CreateTimeline")) return;
     Count(kTimelineCreate);
     timelines_.push_back({*std::move(timeline)});
@@ -975,7 +1295,7 @@ class ChaosClient {
 
   void ImportTimeline(const Note& note) {
     if (timelines_.size() >= 6) DropTimeline();
-    absl::StatusOr<Timeline> timeline = client_->ImportTimeline(note.Token());
+    absl::StatusOr<Timeline> timeline = client().ImportTimeline(note.Token());
     if (!Check(timeline.status(), "ImportTimeline", Race::kGone)) return;
     Count(kTimelineImport);
     timelines_.push_back({*std::move(timeline)});
@@ -1010,13 +1330,15 @@ class ChaosClient {
 
   // Waits on points of timelines we imported (one of ours would wait on this
   // very thread): the owner's signal, its death, its drop or the deadline
-  // ends every such wait.
+  // ends every such wait. By Wait, WaitAvailable, WaitTimelines, or as an
+  // event loop would: Arm, then poll the notify fd.
   void WaitTimeline() {
     const std::vector<size_t> imported = Timelines(false);
     if (imported.empty()) return;
     const absl::Duration timeout = kLongestBound + kWaitMargin;
     const absl::Time start = absl::Now();
-    if (imported.size() >= 2 && Chance(0.3)) {
+    const uint64_t roll = Uniform(0, 99);
+    if (imported.size() >= 2 && roll < 25) {
       std::vector<TimelinePoint> points;
       for (size_t i : imported) {
         const Timeline& timeline = timelines_[i].timeline;
@@ -1024,25 +1346,54 @@ class ChaosClient {
       }
       const bool all = Chance(0.5);
       absl::StatusOr<std::vector<PointResult>> results =
-          client_->WaitTimelines(points, all, timeout);
-      if (!CheckWait(results.status(), all ? "WaitTimelines(all)" : "WaitTimelines(any)",
-                     timeout, absl::Now() - start)) {
+          client().WaitTimelines(points, all, timeout);
+      if (!CheckWait(results.status(), all ? "WaitTimelines(all)" : "WaitTimelines(any)", timeout,
+                     absl::Now() - start)) {
         return;
       }
       for (const PointResult& result : *results) Saw(result.status);
-    } else {
-      const Timeline& timeline = timelines_[imported[Pick(imported)]].timeline;
-      const uint64_t point = timeline.Query() + Uniform(1, 3);
-      absl::StatusOr<PointResult> result = Chance(0.2) ? timeline.WaitAvailable(point, timeout)
-                                                       : timeline.Wait(point, timeout);
-      if (!CheckWait(result.status(),
-                     absl::StrCat("Wait on point ", point, " of timeline ", timeline.id()),
-                     timeout, absl::Now() - start)) {
+      Count(kTimelineWait);
+      return;
+    }
+    const Timeline& timeline = timelines_[imported[Pick(imported)]].timeline;
+    const uint64_t point = timeline.Query() + Uniform(1, 3);
+    const std::string what = absl::StrCat("point ", point, " of timeline ", timeline.id());
+    if (roll < 50 && session_.ClaimNotify(timeline.id())) {
+      return ArmAndPoll(timeline, point, what, timeout);
+    }
+    absl::StatusOr<PointResult> result =
+        roll < 65 ? timeline.WaitAvailable(point, timeout) : timeline.Wait(point, timeout);
+    if (!CheckWait(result.status(), absl::StrCat("Wait on ", what), timeout, absl::Now() - start)) {
+      return;
+    }
+    Saw(result->status);
+    Count(kTimelineWait);
+  }
+
+  // The event-loop way (this lane owns the session's notify fd of this
+  // timeline): Arm, poll, Arm again until the point's result comes.
+  void ArmAndPoll(const Timeline& timeline, uint64_t point, const std::string& what,
+                  absl::Duration timeout) {
+    absl::StatusOr<int> fd = timeline.NotifyFd();
+    if (!Check(fd.status(), "NotifyFd")) return;
+    const absl::Time give_up = absl::Now() + timeout;
+    while (true) {
+      absl::StatusOr<std::optional<PointResult>> armed = timeline.Arm(point);
+      if (!Check(armed.status(), "Arm")) return;
+      if (armed->has_value()) {
+        Saw((*armed)->status);
+        Count(kTimelineArm);
         return;
       }
-      Saw(result->status);
+      short revents = 0;
+      if (!PollReadable(*fd, std::max(give_up - absl::Now(), absl::ZeroDuration()), &revents)) {
+        if (SessionOver()) return;
+        Report(kHang, "notify fd of ", what, ": not readable within ",
+               absl::FormatDuration(timeout));
+        (void)timeline.Arm(0);
+        return;
+      }
     }
-    Count(kTimelineWait);
   }
 
   void ExportPoint() {
@@ -1052,13 +1403,13 @@ class ChaosClient {
     absl::StatusOr<Fence> fence = timeline.ExportPoint(timeline.Query() + Uniform(0, 3) + 1);
     if (!Check(fence.status(), "ExportPoint")) return;
     Count(kPointExport);
-    fences_.push_back({*std::move(fence), absl::Now() + kLongestBound, false, absl::InfiniteFuture(),
-                       "a timeline point"});
+    fences_.push_back({*std::move(fence), absl::Now() + kLongestBound, false,
+                       absl::InfiniteFuture(), "a timeline point"});
     if (Chance(0.5)) PublishFence(fences_.back());
   }
 
   void AttachPoint() {
-    const Buffer* buffer = AnyBuffer();
+    const Buffer* buffer = AnyBuffer().first;
     if (buffer == nullptr || timelines_.empty()) return;
     const Timeline& timeline = timelines_[Pick(timelines_)].timeline;
     if (!Check(buffer->AttachPoint(timeline, timeline.Query() + Uniform(1, 3), AnyUsage(*buffer)),
@@ -1068,21 +1419,34 @@ class ChaosClient {
     Count(kPointAttach);
   }
 
-  // The owner puts a fence behind its next point.
+  // The owner puts a fence (or an eventfd / pipe of ours) behind its next
+  // point.
   void PointBehindFence() {
     const std::vector<size_t> owned = Timelines(true);
-    if (owned.empty() || fences_.empty()) return;
+    if (owned.empty()) return;
     HeldTimeline& held = timelines_[owned[Pick(owned)]];
-    const HeldFence& fence = fences_[Pick(fences_)];
     const uint64_t point = held.next;
-    const absl::Status status = held.timeline.ImportFence(point, fence.fence);
+    absl::Status status;
+    if (fences_.empty() || Chance(0.3)) {
+      absl::StatusOr<std::pair<UniqueFd, UniqueFd>> fds = MakeTrigger();
+      if (!fds.ok()) return Report(kUnexpected, fds.status().ToString());
+      const absl::Duration deadline = RandomDeadline();
+      status = held.timeline.ImportSyncFd(point, fds->first.get(), deadline);
+      if (status.ok()) {
+        triggers_.push_back({std::move(fds->second),
+                             absl::Now() + absl::Milliseconds(Uniform(
+                                               0, absl::ToInt64Milliseconds(deadline) * 13 / 10))});
+      }
+    } else {
+      status = held.timeline.ImportFence(point, fences_[Pick(fences_)].fence);
+    }
     // A point fence of this very timeline at or after the point is a cycle.
     if (status.code() == absl::StatusCode::kFailedPrecondition &&
         absl::StrContains(status.message(), "which would wait for it")) {
       Count(kGone);
       return;
     }
-    if (!Check(status, "Timeline::ImportFence")) return;
+    if (!Check(status, "Timeline::ImportFence / ImportSyncFd")) return;
     Count(kPointBehindFence);
     held.fence_point = point;
     held.next = point + 1;
@@ -1094,34 +1458,61 @@ class ChaosClient {
     Count(kTimelineDrop);
   }
 
-  // Ends the session with everything still held (Close first, the objects
-  // after), then connects again.
+  // Ends the session with everything still held, in every lane (the
+  // objects go after the Close); the process connects again.
   void Reconnect() {
-    client_->Close();
-    fences_.clear();
-    timelines_.clear();
-    imported_.clear();
-    own_.clear();
-    client_.reset();
+    session_.End();
+    session_.client().Close();
     Count(kReconnect);
-    if (!Connect()) fatal_ = true;
   }
 
   Shared& shared_;
   const Mailbox& mailbox_;
+  Session& session_;
   const uint64_t index_;
   std::mt19937_64 random_;
   int printed_ = 0;
   int refusals_printed_ = 0;
-  bool fatal_ = false;
-  std::optional<Client> client_;
-  // Destroyed in this order (fences before the buffers they may be attached
-  // to; nothing here depends on it).
   std::vector<OwnBuffer> own_;
   std::vector<ImportedBuffer> imported_;
   std::vector<HeldTimeline> timelines_;
   std::vector<HeldFence> fences_;
+  std::vector<Trigger> triggers_;
 };
+
+// A client process: connects a Client and runs `lanes` lanes on it (one on
+// this thread), until it is killed. When a lane ends the session on purpose
+// (Reconnect) or the controller does, the lanes end, drop what they held,
+// and the process connects again. Returns only when it cannot go on (it
+// printed why).
+int RunClient(Shared& shared, const Mailbox& mailbox, uint64_t index, uint64_t seed, int lanes) {
+  for (uint64_t generation = 0;; ++generation) {
+    absl::StatusOr<Client> client = Client::Connect(shared.socket_dir);
+    if (!client.ok()) {
+      shared.counts[kUnexpected].fetch_add(1);
+      std::fprintf(stderr, "chaos: client #%llu (pid %d): Connect: %s\n",
+                   static_cast<unsigned long long>(index), ::getpid(),
+                   client.status().ToString().c_str());
+      return 3;
+    }
+    Session session(shared, *std::move(client));
+    std::vector<std::unique_ptr<Lane>> running;
+    for (int lane = 0; lane < lanes; ++lane) {
+      running.push_back(std::make_unique<Lane>(
+          shared, mailbox, session, index,
+          Mix(seed ^ Mix(index ^ Mix(generation * 1000 + static_cast<uint64_t>(lane))))));
+    }
+    std::vector<std::thread> threads;
+    for (int lane = 1; lane < lanes; ++lane) {
+      threads.emplace_back([&running, lane] { running[lane]->Run(); });
+    }
+    running[0]->Run();
+    for (std::thread& thread : threads) thread.join();
+    if (session.fatal()) return 4;
+    // The lanes' objects go after their session ended, then the Client.
+    running.clear();
+  }
+}
 
 // -- The churner --------------------------------------------------------------
 
@@ -1145,7 +1536,7 @@ int RunChurner(const Flags& flags, Shared& shared, Mailbox& mailbox) {
     const uint64_t index = next_index++;
     absl::StatusOr<ChildProcess> child = ChildProcess::Fork([&shared, &mailbox, &flags, index] {
       ::prctl(PR_SET_NAME, "chaos-client");
-      return ChaosClient(shared, mailbox, index, flags.seed).Run();
+      return RunClient(shared, mailbox, index, flags.seed, flags.lanes);
     });
     if (!child.ok()) {
       std::fprintf(stderr, "chaos: churner: fork: %s\n", child.status().ToString().c_str());
@@ -1160,8 +1551,9 @@ int RunChurner(const Flags& flags, Shared& shared, Mailbox& mailbox) {
     shared.died.fetch_add(1);
     std::fprintf(stderr, "chaos: client #%llu (pid %d) ended by itself: %s\n",
                  static_cast<unsigned long long>(client.index), client.process.pid(),
-                 code > 128 ? absl::StrCat("signal ", code - 128, " (", strsignal(code - 128), ")").c_str()
-                            : absl::StrCat("exit ", code).c_str());
+                 code > 128
+                     ? absl::StrCat("signal ", code - 128, " (", strsignal(code - 128), ")").c_str()
+                     : absl::StrCat("exit ", code).c_str());
   };
   for (int i = 0; i < flags.clients; ++i) spawn();
   const absl::Duration tick =
@@ -1246,7 +1638,8 @@ uint64_t StatusKib(pid_t pid, const std::string& field) {
   std::ifstream status(absl::StrCat("/proc/", pid, "/status"));
   std::string line;
   while (std::getline(status, line)) {
-    if (line.rfind(field + ":", 0) == 0) return std::strtoull(line.c_str() + field.size() + 1, nullptr, 10);
+    if (line.rfind(field + ":", 0) == 0)
+      return std::strtoull(line.c_str() + field.size() + 1, nullptr, 10);
   }
   return 0;
 }
@@ -1276,7 +1669,8 @@ struct Baseline {
 
 class Controller {
  public:
-  Controller(const Flags& flags, Shared& shared) : flags_(flags), shared_(shared) {}
+  Controller(const Flags& flags, Shared& shared)
+      : flags_(flags), shared_(shared), random_(Mix(flags.seed ^ 0xc0ffee)) {}
 
   // Starts (or finds) the daemon, connects the observer and takes the
   // baseline.
@@ -1305,7 +1699,8 @@ class Controller {
   pid_t pid() const { return pid_; }
 
   // While the clients run: reads every Debug view (they must answer while
-  // sessions die under them) and checks the daemon is alive.
+  // sessions die under them), now and then ends a client's session as
+  // `bufctl end-session` would, and checks the daemon is alive.
   void Observe() {
     ++observations_;
     if (!Alive(pid_)) {
@@ -1338,7 +1733,38 @@ class Controller {
     absl::StatusOr<v1::ListFencesResponse> fences = observer_->ListFences();
     if (!fences.ok()) fail("ListFences", fences.status());
     if (fences.ok()) max_fences_ = std::max<uint64_t>(max_fences_, fences->fences_size());
+    if (clients.ok()) MaybeEndSession(*clients);
   }
+
+  // Ends one client's session (the daemon's side of a session's end, while
+  // the process lives on and keeps calling), every end_session_every_ms.
+  void MaybeEndSession(const v1::ListClientsResponse& clients) {
+    if (flags_.end_session_every_ms <= 0 || absl::Now() < next_end_) return;
+    next_end_ = absl::Now() + absl::Milliseconds(flags_.end_session_every_ms);
+    std::vector<uint64_t> candidates;
+    for (const v1::ClientInfo& client : clients.clients()) {
+      if (!baseline_.session_ids.contains(client.session_id())) {
+        candidates.push_back(client.session_id());
+      }
+    }
+    if (candidates.empty()) return;
+    const uint64_t session =
+        candidates[std::uniform_int_distribution<size_t>(0, candidates.size() - 1)(random_)];
+    // Said before it is done: the client may see its session end first.
+    shared_.ended_sessions[shared_.ended_next.fetch_add(1) % std::size(shared_.ended_sessions)]
+        .store(session);
+    absl::StatusOr<v1::EndSessionResponse> ended = observer_->EndSession(session);
+    // NOT_FOUND: its process was killed meanwhile.
+    if (ended.ok()) {
+      ++sessions_ended_;
+    } else if (ended.status().code() != absl::StatusCode::kNotFound) {
+      if (observer_errors_++ < 10) {
+        std::fprintf(stderr, "chaos: observer: EndSession %llu: %s\n",
+                     static_cast<unsigned long long>(session), ended.status().ToString().c_str());
+      }
+    }
+  }
+  uint64_t sessions_ended() const { return sessions_ended_; }
 
   std::string Progress(absl::Duration elapsed) const {
     uint64_t ops = 0;
@@ -1421,10 +1847,10 @@ class Controller {
     std::vector<std::string> tail;
     size_t warnings = 0;
     while (std::getline(log, line)) {
-      const bool is_notable = absl::StrContains(line, " warning ") ||
-                              absl::StrContains(line, " error ") ||
-                              absl::StrContains(line, " critical ") ||
-                              absl::StrContains(line, "Sanitizer") || absl::StrContains(line, "runtime error");
+      const bool is_notable =
+          absl::StrContains(line, " warning ") || absl::StrContains(line, " error ") ||
+          absl::StrContains(line, " critical ") || absl::StrContains(line, "Sanitizer") ||
+          absl::StrContains(line, "runtime error");
       if (is_notable && notable.size() < 40) notable.push_back(line);
       warnings += is_notable;
       tail.push_back(line);
@@ -1454,8 +1880,8 @@ class Controller {
       if (!clients.ok()) return clients.status();
       absl::StatusOr<v1::ListHeapsResponse> heaps = observer_->ListHeaps();
       if (!heaps.ok()) return heaps.status();
-      const bool settled = !daemon_ || (clients->clients_size() == 1 &&
-                                        heaps->fds().control_connections() == 1);
+      const bool settled =
+          !daemon_ || (clients->clients_size() == 1 && heaps->fds().control_connections() == 1);
       if (settled) {
         for (const v1::ClientInfo& client : clients->clients()) {
           baseline_.session_ids.insert(client.session_id());
@@ -1478,7 +1904,8 @@ class Controller {
       same = now_fds == fds && now_threads == threads ? same + 1 : 0;
       fds = now_fds;
       threads = now_threads;
-      if (absl::Now() > give_up) return absl::DeadlineExceededError("the daemon's fds never settled");
+      if (absl::Now() > give_up)
+        return absl::DeadlineExceededError("the daemon's fds never settled");
       absl::SleepFor(absl::Milliseconds(10));
     }
     baseline_.fds = fds;
@@ -1611,18 +2038,30 @@ class Controller {
   uint64_t max_buffers_ = 0;
   uint64_t max_sessions_ = 0;
   uint64_t max_fences_ = 0;
+  std::mt19937_64 random_;
+  absl::Time next_end_ = absl::InfinitePast();
+  uint64_t sessions_ended_ = 0;
 };
 
 int Main(int argc, char** argv) {
   Flags flags;
   flags.seed = static_cast<uint64_t>(absl::ToUnixNanos(absl::Now()));
-  CLI::App app{"chaos: bufferd under client processes killed with -9 (tests/chaos.cc says what it checks)"};
+  CLI::App app{
+      "chaos: bufferd under client processes killed with -9 (tests/chaos.cc says what it checks)"};
   app.add_option("--seconds", flags.seconds, "how long the clients run")->capture_default_str();
   app.add_option("--clients", flags.clients, "client processes at once")
       ->check(CLI::Range(1, 1000))
       ->capture_default_str();
   app.add_option("--kill-every-ms", flags.kill_every_ms,
                  "kill a random client with SIGKILL (and start another) this often; 0: never")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--lanes", flags.lanes,
+                 "threads per client process, sharing its Client (its session)")
+      ->check(CLI::Range(1, 16))
+      ->capture_default_str();
+  app.add_option("--end-session-every-ms", flags.end_session_every_ms,
+                 "end a random client's session (as bufctl end-session) this often; 0: never")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   app.add_option("--seed", flags.seed, "random seed (default: the time; always printed)");
@@ -1637,9 +2076,11 @@ int Main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
 
-  std::printf("chaos: seed=%llu seconds=%g clients=%d kill_every_ms=%d (replay: --seed %llu)\n",
-              static_cast<unsigned long long>(flags.seed), flags.seconds, flags.clients,
-              flags.kill_every_ms, static_cast<unsigned long long>(flags.seed));
+  std::printf(
+      "chaos: seed=%llu seconds=%g clients=%d lanes=%d kill_every_ms=%d end_session_every_ms=%d "
+      "(replay: --seed %llu)\n",
+      static_cast<unsigned long long>(flags.seed), flags.seconds, flags.clients, flags.lanes,
+      flags.kill_every_ms, flags.end_session_every_ms, static_cast<unsigned long long>(flags.seed));
 
   // Before any thread or Client exists in this process: the shared state,
   // the mailbox and the churner.
@@ -1709,7 +2150,7 @@ int Main(int argc, char** argv) {
     }
     if (!leftovers.empty()) failures.push_back("not back at the baseline");
   }
-  if (churned != 0) failures.push_back("the churner failed");
+  if (churned != std::optional<int>(0)) failures.push_back("the churner failed");
   const char* const kMustBeZero[] = {"unexpected", "mismatch", "hang"};
   for (Counter counter : {kUnexpected, kMismatch, kHang}) {
     if (shared->counts[counter].load() != 0) failures.push_back(kMustBeZero[counter - kUnexpected]);
@@ -1731,32 +2172,25 @@ int Main(int argc, char** argv) {
     if (i < kOperationCount) ops += count;
     by_kind.push_back(absl::StrCat(kCounterNames[i], "=", count));
   }
-  const uint64_t waits = shared->counts[kFenceWait].load() + shared->counts[kFencePoll].load() +
-                         shared->counts[kTimelineWait].load() + shared->counts[kCpuAccess].load();
+  auto count = [&](Counter counter) { return shared->counts[counter].load(); };
+  const uint64_t waits = count(kFenceWait) + count(kFencePoll) + count(kTimelineWait) +
+                         count(kTimelineArm) + count(kCpuAccess) + count(kFencesFd);
   std::printf(
-      "chaos: %s seed=%llu seconds=%.1f clients=%d kill_every_ms=%d ops=%llu kills=%llu "
-      "spawned=%llu imports_verified=%llu waits=%llu refused=%llu gone=%llu unexpected=%llu "
-      "mismatches=%llu hangs=%llu died=%llu max_late_wait=%s max_buffers=%llu max_sessions=%llu "
-      "settled_in=%s %s refusals=%s | %s%s%s\n",
-      failures.empty() ? "PASS" : "FAIL", static_cast<unsigned long long>(flags.seed),
-      absl::ToDoubleSeconds(ran), flags.clients, flags.kill_every_ms,
-      static_cast<unsigned long long>(ops),
-      static_cast<unsigned long long>(shared->killed.load()),
-      static_cast<unsigned long long>(shared->spawned.load()),
-      static_cast<unsigned long long>(shared->counts[kImportVerified].load()),
-      static_cast<unsigned long long>(waits),
-      static_cast<unsigned long long>(shared->counts[kRefused].load()),
-      static_cast<unsigned long long>(shared->counts[kGone].load()),
-      static_cast<unsigned long long>(shared->counts[kUnexpected].load()),
-      static_cast<unsigned long long>(shared->counts[kMismatch].load()),
-      static_cast<unsigned long long>(shared->counts[kHang].load()),
-      static_cast<unsigned long long>(shared->died.load()),
-      absl::FormatDuration(absl::Nanoseconds(shared->max_late_ns.load())).c_str(),
-      static_cast<unsigned long long>(controller.max_buffers()),
-      static_cast<unsigned long long>(controller.max_sessions()),
-      absl::FormatDuration(settled_in).c_str(), figures.c_str(), refusals.c_str(),
-      absl::StrJoin(by_kind, " ").c_str(), failures.empty() ? "" : " | FAIL: ",
-      absl::StrJoin(failures, "; ").c_str());
+      "%s\n",
+      absl::StrFormat(
+          "chaos: %s seed=%d seconds=%.1f clients=%d lanes=%d kill_every_ms=%d ops=%d "
+          "kills=%d sessions_ended=%d spawned=%d imports_verified=%d waits=%d refused=%d "
+          "gone=%d unexpected=%d mismatches=%d hangs=%d died=%d max_late_wait=%s "
+          "max_buffers=%d max_sessions=%d settled_in=%s %s refusals=%s | %s%s%s",
+          failures.empty() ? "PASS" : "FAIL", flags.seed, absl::ToDoubleSeconds(ran), flags.clients,
+          flags.lanes, flags.kill_every_ms, ops, shared->killed.load(), controller.sessions_ended(),
+          shared->spawned.load(), count(kImportVerified), waits, count(kRefused), count(kGone),
+          count(kUnexpected), count(kMismatch), count(kHang), shared->died.load(),
+          absl::FormatDuration(absl::Nanoseconds(shared->max_late_ns.load())),
+          controller.max_buffers(), controller.max_sessions(), absl::FormatDuration(settled_in),
+          figures, refusals, absl::StrJoin(by_kind, " "),
+          failures.empty() ? "" : " | FAIL: ", absl::StrJoin(failures, "; "))
+          .c_str());
   return failures.empty() ? 0 : 1;
 }
 
