@@ -41,15 +41,6 @@ void FdBudget::Lease::Reset() {
   if (FdBudget* budget = std::exchange(budget_, nullptr)) budget->Return(use_, uid_);
 }
 
-void FdBudget::Lease::Reassign(FdUse use, uid_t uid) {
-  if (budget_ == nullptr) return;
-  absl::MutexLock lock(&budget_->mu_);
-  budget_->ReturnLocked(use_, uid_);
-  budget_->Take(use, uid);
-  use_ = use;
-  uid_ = uid;
-}
-
 FdBudget::FdBudget() : FdBudget(Limits{}) {}
 FdBudget::FdBudget(Limits limits) : limits_(limits) {}
 

@@ -37,8 +37,8 @@ namespace bufferd {
 // it is redeemed or expires (the daemon keeps no other fd of a buffer).
 enum class FdUse { kExport, kSession, kControlConnection, kDelivery, kFence, kCount };
 
-// The uid of leases no uid is charged for (buffers being freed: they count
-// in the total, in nobody's share).
+// The uid of leases no uid is charged for (they count in the total, in
+// nobody's share); also "no uid known" in views.
 inline constexpr uid_t kNoUid = static_cast<uid_t>(-1);
 const char* FdUseName(FdUse use);
 
@@ -72,10 +72,6 @@ class FdBudget {
     bool held() const { return budget_ != nullptr; }
     uid_t uid() const { return uid_; }
     void Reset();
-    // Moves the place to another use and uid without any limit check: the
-    // fd is held already, only who answers for it changes (a shared buffer
-    // whose creator let go is charged to a uid still holding it).
-    void Reassign(FdUse use, uid_t uid);
 
    private:
     friend class FdBudget;

@@ -78,8 +78,6 @@ class ShareTokens {
   // (for debug views: a token is a capability).
   std::vector<Token> ListPending(absl::Time now) const;
   size_t size() const { return tokens_.size(); }
-  // fds held (one per live, unredeemed token).
-  size_t fds() const { return fds_.size(); }
 
  private:
   void Erase(std::map<std::string, Token>::iterator token);
