@@ -52,13 +52,11 @@ int ShareTokens::fd(absl::string_view token) const {
 }
 
 LeasedFd ShareTokens::Redeem(absl::string_view token, uint64_t importer) {
-  std::vector<LeasedFd> fd;
   auto it = tokens_.find(std::string(token));
   if (it == tokens_.end() || it->second.used_by != 0) return {};
   it->second.used_by = importer;
   ForgetUnredeemed(it->second.exporter);
-  DropFd(it->first, it->second.expires, fd);
-  return fd.empty() ? LeasedFd{} : std::move(fd.front());
+  return TakeFdAndExpiry(it->first, it->second.expires);
 }
 
 void ShareTokens::Unredeem(absl::string_view token, LeasedFd fd) {
@@ -80,18 +78,26 @@ std::vector<LeasedFd> ShareTokens::ForgetBuffer(uint64_t buffer) {
   by_buffer_.erase(it);
   for (const std::string& token : tokens) {
     if (auto t = tokens_.find(token); t != tokens_.end()) {
-      DropFd(t->first, t->second.expires, fds);
+      if (LeasedFd fd = TakeFdAndExpiry(t->first, t->second.expires); fd.fd.valid()) {
+        fds.push_back(std::move(fd));
+      }
       Erase(t);
     }
   }
   return fds;
 }
 
-void ShareTokens::DropFd(const std::string& token, absl::Time expires, std::vector<LeasedFd>& out) {
+LeasedFd ShareTokens::TakeFd(const std::string& token) {
   auto fd = fds_.find(token);
-  if (fd == fds_.end()) return;
-  out.push_back(std::move(fd->second));
+  if (fd == fds_.end()) return {};
+  LeasedFd taken = std::move(fd->second);
   fds_.erase(fd);
+  return taken;
+}
+
+LeasedFd ShareTokens::TakeFdAndExpiry(const std::string& token, absl::Time expires) {
+  LeasedFd taken = TakeFd(token);
+  if (!taken.fd.valid()) return taken;
   auto [first, last] = by_expiry_.equal_range(expires);
   for (auto it = first; it != last; ++it) {
     if (it->second == token) {
@@ -99,6 +105,7 @@ void ShareTokens::DropFd(const std::string& token, absl::Time expires, std::vect
       break;
     }
   }
+  return taken;
 }
 
 std::vector<LeasedFd> ShareTokens::Expire(absl::Time now) {
@@ -107,10 +114,7 @@ std::vector<LeasedFd> ShareTokens::Expire(absl::Time now) {
     auto first = by_expiry_.begin();
     const std::string token = first->second;
     by_expiry_.erase(first);
-    if (auto fd = fds_.find(token); fd != fds_.end()) {
-      fds.push_back(std::move(fd->second));
-      fds_.erase(fd);
-    }
+    if (LeasedFd fd = TakeFd(token); fd.fd.valid()) fds.push_back(std::move(fd));
   }
   while (!by_forget_time_.empty() && by_forget_time_.begin()->first < now) {
     auto t = tokens_.find(by_forget_time_.begin()->second);

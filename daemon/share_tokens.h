@@ -92,8 +92,10 @@ class ShareTokens {
   // The fds of live, unredeemed tokens, and the same tokens by expiry.
   std::map<std::string, LeasedFd> fds_;
   std::multimap<absl::Time, std::string> by_expiry_;
-  // Removes `token`'s fd (and its by_expiry_ entry); appends it to `out`.
-  void DropFd(const std::string& token, absl::Time expires, std::vector<LeasedFd>& out);
+  // Takes `token`'s fd out of fds_ (an invalid LeasedFd if it has none).
+  LeasedFd TakeFd(const std::string& token);
+  // The same, and its by_expiry_ entry (`expires` is the token's).
+  LeasedFd TakeFdAndExpiry(const std::string& token, absl::Time expires);
 };
 
 }  // namespace bufferd
