@@ -114,18 +114,14 @@ absl::Status SessionHub::OnUpload(uint64_t session_id, uint64_t upload_id,
     if (it == uploads_.end()) return absl::OkStatus();
     Uploads& uploads = it->second;
     // Unclaimed uploads (a call that never came): the oldest goes.
-    while (uploads.fds.size() >= kMaxUploads && !uploads.order.empty()) {
-      auto oldest = uploads.fds.find(uploads.order.front());
-      uploads.order.pop_front();
-      if (oldest == uploads.fds.end()) continue;  // claimed already
-      if (oldest->second.ok()) dropped.push_back(*std::move(oldest->second));
+    if (uploads.fds.size() >= kMaxUploads) {
+      auto oldest = std::min_element(
+          uploads.fds.begin(), uploads.fds.end(),
+          [](const auto& a, const auto& b) { return a.second.arrival < b.second.arrival; });
+      if (oldest->second.fd.ok()) dropped.push_back(*std::move(oldest->second.fd));
       uploads.fds.erase(oldest);
     }
-    if (uploads.order.size() > 4 * kMaxUploads) {
-      std::erase_if(uploads.order, [&](uint64_t id) { return !uploads.fds.contains(id); });
-    }
-    uploads.fds.emplace(upload_id, std::move(upload));
-    uploads.order.push_back(upload_id);
+    uploads.fds.emplace(upload_id, Upload{std::move(upload), uploads.arrivals++});
   }
   if (!dropped.empty()) reaper_->Close(std::move(dropped));
   return absl::OkStatus();
@@ -140,7 +136,7 @@ absl::StatusOr<UniqueFd> SessionHub::TakeUpload(uint64_t session_id, uint64_t up
     if (it != uploads_.end()) {
       auto fd = it->second.fds.find(upload_id);
       if (fd != it->second.fds.end()) {
-        upload = std::move(fd->second);
+        upload = std::move(fd->second.fd);
         it->second.fds.erase(fd);
       }
     }

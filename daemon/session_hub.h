@@ -13,7 +13,6 @@
 #ifndef BUFFERD_DAEMON_SESSION_HUB_H_
 #define BUFFERD_DAEMON_SESSION_HUB_H_
 
-#include <deque>
 #include <map>
 #include <string>
 #include <vector>
@@ -83,12 +82,17 @@ class SessionHub final : public FdChannel::Delegate {
   FdBudget* const budget_;
   FdChannel* channel_ = nullptr;
 
+  struct Upload {
+    // A failed lease is kept as its error, for the call naming it.
+    absl::StatusOr<LeasedFd> fd;
+    // When it came, in the session's uploads (the oldest goes first).
+    uint64_t arrival = 0;
+  };
   struct Uploads {
     uid_t uid = 0;
-    // A failed lease is kept as its error, for the ImportSyncFd naming it.
-    std::map<uint64_t, absl::StatusOr<LeasedFd>> fds;
-    // Their ids in the order they came (some maybe claimed since).
-    std::deque<uint64_t> order;
+    // At most kMaxUploads, by upload id.
+    std::map<uint64_t, Upload> fds;
+    uint64_t arrivals = 0;
   };
   absl::Mutex mu_;
   std::map<uint64_t, Uploads> uploads_ ABSL_GUARDED_BY(mu_);

@@ -592,6 +592,23 @@ TEST_F(FenceTest, UploadsCannotPinASessionOrEndIt) {
   EXPECT_EQ(stub->ImportSyncFd(raw->Context().get(), request, &response).error_code(),
             grpc::StatusCode::NOT_FOUND)
       << "the oldest went";
+  // Oldest by arrival, not the lowest id: 26 .. 40 wait; 5 fills the last
+  // place and 6 pushes 26 out (dropping the lowest id would take 5).
+  for (uint64_t id : {5, 6}) {
+    UniqueFd event(::eventfd(0, EFD_CLOEXEC));
+    upload.mutable_upload()->set_upload_id(id);
+    const int fds[] = {event.get()};
+    ASSERT_TRUE(raw->socket.Send(upload.SerializeAsString(), fds).ok());
+  }
+  context = raw->Context();
+  context->AddMetadata(kRecordsMetadataKey, "43");
+  request.set_upload_id(5);
+  ASSERT_TRUE(stub->ImportSyncFd(context.get(), request, &response).ok())
+      << "the newest upload stays, whatever its id";
+  request.set_upload_id(26);
+  EXPECT_EQ(stub->ImportSyncFd(raw->Context().get(), request, &response).error_code(),
+            grpc::StatusCode::NOT_FOUND)
+      << "the oldest went";
   context.reset();
   raw = absl::CancelledError("closed");
   stub.reset();
