@@ -199,24 +199,12 @@ absl::Status Buffer::Refresh() {
   return absl::OkStatus();
 }
 
-absl::StatusOr<uint64_t> Buffer::UploadFd() const {
-  // The daemon keeps no fd per buffer: calls that need one take this
-  // process's, sent ahead on fd.sock (applied before the call runs). The
-  // caller holds an upload place until its call returns.
-  const uint64_t upload_id = connection_->NewUploadId();
-  v1::FdChannelMessage record;
-  record.mutable_upload()->set_upload_id(upload_id);
-  const int fds[] = {fd_.get()};
-  RETURN_IF_ERROR(connection_->SendRecord(record, fds));
-  return upload_id;
-}
-
 absl::Status Buffer::Freeze() {
   if (handle_ == 0) return absl::FailedPreconditionError("buffer was released");
   v1::FreezeRequest request;
   request.set_handle(handle_);
   const internal::Connection::UploadPlaces place = connection_->ReserveUploads(1);
-  ASSIGN_OR_RETURN(const uint64_t upload_id, UploadFd());
+  ASSIGN_OR_RETURN(const uint64_t upload_id, connection_->Upload(fd_.get()));
   request.set_upload_id(upload_id);
   v1::FreezeResponse response;
   internal::Call call = connection_->NewCall();
@@ -263,7 +251,7 @@ absl::StatusOr<std::string> Buffer::Export(Access access, const ExportOptions& o
   request.set_ttl_ms(static_cast<uint32_t>(absl::ToInt64Milliseconds(options.ttl)));
   request.set_accept_sigbus_risk(options.accept_sigbus_risk);
   const internal::Connection::UploadPlaces place = connection_->ReserveUploads(1);
-  ASSIGN_OR_RETURN(const uint64_t upload_id, UploadFd());
+  ASSIGN_OR_RETURN(const uint64_t upload_id, connection_->Upload(fd_.get()));
   request.set_upload_id(upload_id);
   v1::ExportResponse response;
   internal::Call call = connection_->NewCall();

@@ -267,9 +267,6 @@ class Buffer {
                                                     absl::Duration timeout) const;
   Buffer(std::shared_ptr<internal::Connection> connection, uint64_t handle, v1::BufferInfo info,
          Access access, UniqueFd fd);
-  // Sends this process's fd of the buffer on fd.sock (for Export, Freeze);
-  // returns its upload id.
-  absl::StatusOr<uint64_t> UploadFd() const;
   // Closes the fd and releases the handle one-way.
   void Drop();
 

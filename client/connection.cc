@@ -281,6 +281,15 @@ void Connection::ForgetReservationPage(const reservation::Slot* slots) {
 
 void Connection::QueueRelease(uint64_t handle) { one_way_->QueueRelease(handle); }
 
+absl::StatusOr<uint64_t> Connection::Upload(int fd) {
+  const uint64_t upload_id = next_upload_id_.fetch_add(1);
+  v1::FdChannelMessage record;
+  record.mutable_upload()->set_upload_id(upload_id);
+  const int fds[] = {fd};
+  RETURN_IF_ERROR(SendRecord(record, fds));
+  return upload_id;
+}
+
 Connection::UploadPlaces Connection::ReserveUploads(size_t n) {
   struct Room {
     const size_t* in_flight;

@@ -80,8 +80,9 @@ class Connection {
   // UNAUTHENTICATED once fd.sock is gone (EPIPE, ECONNRESET, ENOTCONN: the
   // session has ended).
   absl::Status SendRecord(const v1::FdChannelMessage& message, std::span<const int> fds = {});
-  // A new id for an FdUpload.
-  uint64_t NewUploadId() { return next_upload_id_.fetch_add(1); }
+  // Sends `fd` in an FdUpload record under a new id, which it returns for
+  // the call that claims it (hold a place from ReserveUploads until then).
+  absl::StatusOr<uint64_t> Upload(int fd);
   // `n` of the session's kMaxUnclaimedUploads places, held from before the
   // uploads are sent until the call that claims them has returned: the
   // daemon keeps only that many unclaimed, so more calls in flight at once

@@ -267,11 +267,7 @@ absl::StatusOr<Fence> Client::ImportSyncFd(int fd, const FenceOptions& options) 
   }
   ASSIGN_OR_RETURN(const uint32_t deadline_ms, internal::DeadlineMs(options.deadline));
   const internal::Connection::UploadPlaces place = connection_->ReserveUploads(1);
-  const uint64_t upload_id = connection_->NewUploadId();
-  v1::FdChannelMessage record;
-  record.mutable_upload()->set_upload_id(upload_id);
-  const int fds[] = {fd};
-  RETURN_IF_ERROR(connection_->SendRecord(record, fds));
+  ASSIGN_OR_RETURN(const uint64_t upload_id, connection_->Upload(fd));
   v1::ImportSyncFdRequest request;
   request.set_upload_id(upload_id);
   request.set_name(options.name);

@@ -112,11 +112,7 @@ absl::Status WithWaitPage(internal::Connection& connection, Call call,
     page.fd = std::move(made.first);
     page.map = std::move(made.second);
   }
-  const uint64_t upload_id = connection.NewUploadId();
-  v1::FdChannelMessage record;
-  record.mutable_upload()->set_upload_id(upload_id);
-  const int fds[] = {page.fd.get()};
-  RETURN_IF_ERROR(connection.SendRecord(record, fds));
+  ASSIGN_OR_RETURN(const uint64_t upload_id, connection.Upload(page.fd.get()));
   absl::Status status = call(upload_id);
   // The daemon takes the page before anything else the call does, and takes
   // the same page again: a failed call may have given it.
@@ -506,11 +502,7 @@ absl::Status Timeline::ImportSyncFd(uint64_t point, int fd, absl::Duration deadl
   }
   ASSIGN_OR_RETURN(const uint32_t deadline_ms, internal::DeadlineMs(deadline));
   const internal::Connection::UploadPlaces place = connection_->ReserveUploads(1);
-  const uint64_t upload_id = connection_->NewUploadId();
-  v1::FdChannelMessage record;
-  record.mutable_upload()->set_upload_id(upload_id);
-  const int fds[] = {fd};
-  RETURN_IF_ERROR(connection_->SendRecord(record, fds));
+  ASSIGN_OR_RETURN(const uint64_t upload_id, connection_->Upload(fd));
   v1::ImportSyncFdAsPointRequest request;
   request.set_timeline_id(id());
   request.set_point(point);
@@ -568,13 +560,7 @@ absl::StatusOr<Timeline> Client::CreateTimeline(const TimelineOptions& options) 
   shared->counters = std::move(counters.second);
   // The counters' upload and the wait page's, together.
   const internal::Connection::UploadPlaces places = connection_->ReserveUploads(2);
-  const uint64_t counters_upload = connection_->NewUploadId();
-  {
-    v1::FdChannelMessage record;
-    record.mutable_upload()->set_upload_id(counters_upload);
-    const int fds[] = {counters.first.get()};
-    RETURN_IF_ERROR(connection_->SendRecord(record, fds));
-  }
+  ASSIGN_OR_RETURN(const uint64_t counters_upload, connection_->Upload(counters.first.get()));
   v1::CreateTimelineRequest request;
   request.set_name(options.name);
   const int64_t ms = absl::ToInt64Milliseconds(options.deadline);
