@@ -24,6 +24,22 @@ bool AllDigits(absl::string_view text) {
   return !text.empty() && std::all_of(text.begin(), text.end(), absl::ascii_isdigit);
 }
 
+// Who each session a page names is (while it is open), looked up in the
+// SessionTable once each: a page costs its own sessions, not all of them.
+class SessionsSeen {
+ public:
+  explicit SessionsSeen(const SessionTable& sessions) : sessions_(sessions) {}
+  const std::optional<SessionTable::Identity>& operator()(uint64_t session) {
+    auto it = seen_.find(session);
+    if (it == seen_.end()) it = seen_.emplace(session, sessions_.Lookup(session)).first;
+    return it->second;
+  }
+
+ private:
+  const SessionTable& sessions_;
+  std::map<uint64_t, std::optional<SessionTable::Identity>> seen_;
+};
+
 // Entries per page of a list view: 0 means 1,000, at most 10,000.
 size_t PageSize(uint32_t asked) {
   constexpr size_t kDefault = 1000, kMax = 10000;
@@ -203,13 +219,8 @@ absl::StatusOr<v1::ListBuffersResponse> BuffersView(const SessionTable& sessions
                          .scan_limit = std::max<size_t>(4 * page_size, 1000)});
   if (listed.next_after != 0) response.set_next_page_token(absl::StrCat(listed.next_after));
   const std::vector<DaemonState::BufferView>& page = listed.views;
-  // Sessions named on the page (holders, fence owners), looked up once each.
-  std::map<uint64_t, std::optional<SessionTable::Identity>> known;
-  auto who = [&](uint64_t session) -> const std::optional<SessionTable::Identity>& {
-    auto it = known.find(session);
-    if (it == known.end()) it = known.emplace(session, sessions.Lookup(session)).first;
-    return it->second;
-  };
+  // Sessions named on the page (holders, fence owners).
+  SessionsSeen who(sessions);
   // Whether each creator exited, read from /proc once a process.
   std::map<std::pair<pid_t, uint64_t>, bool> exited;
   for (const DaemonState::BufferView& buffer : page) {
@@ -394,12 +405,7 @@ absl::StatusOr<v1::ListFencesResponse> FencesView(const SessionTable& sessions,
         last.signaled ? absl::StrCat("s", absl::ToUnixNanos(last.signaled_at), ".", last.id)
                       : absl::StrCat("p", last.id));
   }
-  std::map<uint64_t, std::optional<SessionTable::Identity>> known;
-  auto who = [&](uint64_t session) -> const std::optional<SessionTable::Identity>& {
-    auto it = known.find(session);
-    if (it == known.end()) it = known.emplace(session, sessions.Lookup(session)).first;
-    return it->second;
-  };
+  SessionsSeen who(sessions);
   for (const FenceView& view : page)
     *response.add_fences() = FenceInfoOf(view, who(view.owner_session));
   if (request.state() == v1::FENCE_STATE_UNSPECIFIED && token.empty()) {
