@@ -446,35 +446,28 @@ TEST_F(OpsTest, ListBuffersPages) {
   }
   absl::StatusOr<Buffer> carved_last = client_->Allocate({.heap = "carveout", .size = 4096});
   ASSERT_TRUE(carved_last.ok()) << carved_last.status();
+  // Every page of `request`: the ids listed and how many pages it took.
+  auto page_through = [&](v1::ListBuffersRequest request) {
+    std::pair<std::vector<uint64_t>, int> listed;
+    while (true) {
+      absl::StatusOr<v1::ListBuffersResponse> page = client_->ListBuffers(request);
+      EXPECT_TRUE(page.ok()) << page.status();
+      if (!page.ok()) break;
+      ++listed.second;
+      for (const auto& b : page->buffers()) listed.first.push_back(b.buffer().buffer_id());
+      if (page->next_page_token().empty()) break;
+      request.set_page_token(page->next_page_token());
+    }
+    return listed;
+  };
+  const std::vector<uint64_t> carveout_ids{carved->id(), carved_last->id()};
   v1::ListBuffersRequest by_heap;
   by_heap.set_heap("carveout");
   by_heap.set_page_size(10);
-  int heap_pages = 0;
-  std::vector<uint64_t> carveout_ids;
-  while (true) {
-    absl::StatusOr<v1::ListBuffersResponse> page = client_->ListBuffers(by_heap);
-    ASSERT_TRUE(page.ok()) << page.status();
-    ++heap_pages;
-    for (const auto& b : page->buffers()) carveout_ids.push_back(b.buffer().buffer_id());
-    if (page->next_page_token().empty()) break;
-    by_heap.set_page_token(page->next_page_token());
-  }
-  EXPECT_EQ(carveout_ids, (std::vector<uint64_t>{carved->id(), carved_last->id()}));
-  EXPECT_EQ(heap_pages, 1);
-  by_heap.clear_page_token();
+  EXPECT_EQ(page_through(by_heap), std::make_pair(carveout_ids, 1));
   by_heap.set_session_id(client_->session_id());
-  heap_pages = 0;
-  carveout_ids.clear();
-  while (true) {
-    absl::StatusOr<v1::ListBuffersResponse> page = client_->ListBuffers(by_heap);
-    ASSERT_TRUE(page.ok()) << page.status();
-    ++heap_pages;
-    for (const auto& b : page->buffers()) carveout_ids.push_back(b.buffer().buffer_id());
-    if (page->next_page_token().empty()) break;
-    by_heap.set_page_token(page->next_page_token());
-  }
-  EXPECT_EQ(carveout_ids, (std::vector<uint64_t>{carved->id(), carved_last->id()}));
-  EXPECT_EQ(heap_pages, 2) << "1,000 of the session's buffers looked at per page";
+  EXPECT_EQ(page_through(by_heap), std::make_pair(carveout_ids, 2))
+      << "1,000 of the session's buffers looked at per page";
   carved = absl::CancelledError("released");
   carved_last = absl::CancelledError("released");
   const BufctlRun table = Bufctl(dir(), "buffers");
