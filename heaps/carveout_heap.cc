@@ -143,7 +143,11 @@ void CarveoutHeap::ReturnExtents(const Extents& extents) {
 }
 
 absl::Status CarveoutHeap::PunchHoles(const Extents& extents) {
-  for (auto [offset, length] : extents) {
+  for (const auto& extent : extents) {
+    // (Named, not a structured binding: clang 14, the fuzz build's
+    // compiler, cannot capture those in a lambda.)
+    const uint64_t offset = extent.first;
+    const uint64_t length = extent.second;
     if (RetryOnEintr([&] {
           return ::fallocate(balloon_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                              static_cast<off_t>(offset), static_cast<off_t>(length));
