@@ -87,4 +87,13 @@ absl::StatusOr<std::vector<uint64_t>> ParseReleaseList(absl::string_view text) {
   return handles;
 }
 
+absl::StatusOr<uint64_t> ParseRecordCount(absl::string_view text) {
+  uint64_t sent = 0;
+  if (!absl::SimpleAtoi(text, &sent)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        kRecordsMetadataKey, " metadata must be a decimal count, got ", QuoteClientText(text)));
+  }
+  return sent;
+}
+
 }  // namespace bufferd

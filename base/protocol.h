@@ -70,6 +70,10 @@ absl::StatusOr<SessionCredential> ParseSessionCredential(absl::string_view text)
 std::string FormatReleaseList(std::span<const uint64_t> handles);
 absl::StatusOr<std::vector<uint64_t>> ParseReleaseList(absl::string_view text);
 
+// The count of records a call says were sent before it (kRecordsMetadataKey):
+// a decimal number. INVALID_ARGUMENT otherwise.
+absl::StatusOr<uint64_t> ParseRecordCount(absl::string_view text);
+
 }  // namespace bufferd
 
 #endif  // BUFFERD_BASE_PROTOCOL_H_

@@ -2,8 +2,6 @@
 
 #include <vector>
 
-#include "absl/strings/numbers.h"
-#include "absl/strings/str_cat.h"
 #include "base/errno_status.h"
 #include "base/protocol.h"
 #include "daemon/grpc_status.h"
@@ -21,12 +19,8 @@ absl::StatusOr<uint64_t> AuthenticateCall(const SessionTable& sessions, SessionH
                                 : absl::string_view(it->second.data(), it->second.size())));
   auto records = metadata.find(kRecordsMetadataKey);
   if (records != metadata.end()) {
-    uint64_t sent = 0;
-    if (!absl::SimpleAtoi(absl::string_view(records->second.data(), records->second.size()),
-                          &sent)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(kRecordsMetadataKey, " metadata must be a decimal count"));
-    }
+    ASSIGN_OR_RETURN(const uint64_t sent, ParseRecordCount(absl::string_view(
+                                              records->second.data(), records->second.size())));
     RETURN_IF_ERROR(hub.DrainRecords(session, sent));
   }
   auto carried = metadata.find(kReleaseMetadataKey);
