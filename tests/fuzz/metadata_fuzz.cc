@@ -1,0 +1,128 @@
+// Fuzzes the gRPC metadata every call carries (base/protocol.h): the session
+// credential (checked against a real SessionTable), the carried releases and
+// the count of records sent before the call.
+//
+// Input: three strings (FuzzedDataProvider), and a mutation of a real
+// session's credential (a position and a byte). Checked for every input:
+// - a credential authenticates only as the session whose id and secret it
+//   spells, and a refusal is UNAUTHENTICATED;
+// - a release list is accepted only as 1 to kMaxCarriedReleases nonzero
+//   handles that survive a format/parse round trip; a refusal is
+//   INVALID_ARGUMENT and quotes the text escaped (printable ASCII only);
+// - a record count is accepted only as the number it spells.
+#include <fuzzer/FuzzedDataProvider.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "base/protocol.h"
+#include "daemon/sessions.h"
+#include "tests/fuzz/check.h"
+
+namespace bufferd {
+namespace {
+
+struct Live {
+  uint64_t id = 0;
+  std::string secret;
+  std::string credential;
+};
+
+class Fixture {
+ public:
+  Fixture() : sessions_(SessionTable::Options{}) {
+    for (int i = 0; i < 3; ++i) {
+      auto opened = sessions_.Open(PeerCredentials{.pid = 1, .uid = 1000, .gid = 1000}, "fuzz");
+      FUZZ_CHECK(opened.ok(), opened.status().ToString());
+      live_.push_back(
+          {opened->id, opened->secret, FormatSessionCredential(opened->id, opened->secret)});
+    }
+  }
+  const SessionTable& sessions() const { return sessions_; }
+  const std::vector<Live>& live() const { return live_; }
+
+ private:
+  SessionTable sessions_;
+  std::vector<Live> live_;
+};
+
+bool Printable(absl::string_view text) {
+  for (char c : text) {
+    if (c < 0x20 || c > 0x7e) return false;
+  }
+  return true;
+}
+
+void CheckCredential(const Fixture& fixture, absl::string_view text) {
+  const absl::StatusOr<SessionCredential> parsed = ParseSessionCredential(text);
+  if (parsed.ok()) {
+    FUZZ_CHECK(parsed->secret.size() == kSessionSecretBytes, parsed->secret.size());
+  } else {
+    FUZZ_CHECK(absl::IsUnauthenticated(parsed.status()), parsed.status().ToString());
+  }
+  const absl::StatusOr<uint64_t> session = fixture.sessions().Authenticate(text);
+  if (!session.ok()) {
+    FUZZ_CHECK(absl::IsUnauthenticated(session.status()), session.status().ToString());
+    FUZZ_CHECK(Printable(session.status().message()), session.status().message());
+    return;
+  }
+  FUZZ_CHECK(parsed.ok(), "authenticated text that does not parse");
+  bool found = false;
+  for (const Live& live : fixture.live()) {
+    if (live.id != *session) continue;
+    found = true;
+    FUZZ_CHECK(parsed->session_id == live.id && parsed->secret == live.secret,
+               "authenticated as session ", live.id, " without its secret");
+  }
+  FUZZ_CHECK(found, "authenticated as unknown session ", *session);
+}
+
+void CheckReleases(absl::string_view text) {
+  const absl::StatusOr<std::vector<uint64_t>> handles = ParseReleaseList(text);
+  if (!handles.ok()) {
+    FUZZ_CHECK(absl::IsInvalidArgument(handles.status()), handles.status().ToString());
+    FUZZ_CHECK(Printable(handles.status().message()), handles.status().message());
+    FUZZ_CHECK(handles.status().message().size() < 512, "a long text is quoted cut short");
+    return;
+  }
+  FUZZ_CHECK(!handles->empty() && handles->size() <= kMaxCarriedReleases, handles->size());
+  for (uint64_t handle : *handles) FUZZ_CHECK(handle != 0);
+  const absl::StatusOr<std::vector<uint64_t>> again = ParseReleaseList(FormatReleaseList(*handles));
+  FUZZ_CHECK(again.ok() && *again == *handles, "release list round trip");
+}
+
+void CheckRecordCount(absl::string_view text) {
+  const absl::StatusOr<uint64_t> count = ParseRecordCount(text);
+  if (!count.ok()) {
+    FUZZ_CHECK(absl::IsInvalidArgument(count.status()), count.status().ToString());
+    FUZZ_CHECK(Printable(count.status().message()), count.status().message());
+    return;
+  }
+  const absl::StatusOr<uint64_t> again = ParseRecordCount(absl::StrCat(*count));
+  FUZZ_CHECK(again.ok() && *again == *count, "record count round trip");
+}
+
+}  // namespace
+}  // namespace bufferd
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  using namespace bufferd;
+  static const Fixture* fixture = new Fixture();
+  FuzzedDataProvider input(data, size);
+  // A real credential with one byte changed (or none: position past its
+  // end): right id with a near-miss secret, near-miss id with a right one.
+  const Live& live = fixture->live()[input.ConsumeIntegralInRange<size_t>(0, 2)];
+  std::string near = live.credential;
+  const size_t position = input.ConsumeIntegral<uint8_t>();
+  const char byte = input.ConsumeIntegral<char>();
+  if (position < near.size()) near[position] = byte;
+  CheckCredential(*fixture, near);
+  CheckCredential(*fixture, input.ConsumeRandomLengthString(128));
+  CheckReleases(input.ConsumeRandomLengthString(8192));
+  CheckRecordCount(input.ConsumeRemainingBytesAsString());
+  return 0;
+}
