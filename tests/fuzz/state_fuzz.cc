@@ -1,13 +1,15 @@
 // Fuzzes what sessions do to the daemon's tables, from the inside: each
 // input is a sequence of up to 64 operations on a fresh DaemonState,
-// FenceTable and ReservationTable (the ones the daemon serves with), made by
+// FenceTable, ReservationTable and TimelineTable (the daemon's), made by
 // up to 6 sessions of 2 uids. Operations: open, detach and close sessions;
 // allocate (sizes, heap lists, frames with any fourcc and dimensions, sets);
 // release; export with the right fd, another buffer's, a read-only one or
 // none; import good and garbage tokens; freeze; expire tokens; create,
 // signal, merge, export, import (pipes, eventfds), hold, forget and wait on
 // fences; attach fences to buffers, ask what an access waits for, subscribe
-// to a buffer's status page.
+// to a buffer's status page; create timelines (counter pages sealed right
+// or not), write their counters (forwards, backwards), hold, forget, register
+// wakers, watch points, put fences behind points and settle them.
 //
 // After every operation the accounting must add up, counted two ways:
 // buffers listed = totals; each heap's used bytes = its live buffers' sizes;
@@ -18,12 +20,14 @@
 // pending = listed pending; fences are attached only to live buffers, at
 // most the limit on each side. At the end every session closes and
 // everything must be zero: buffers, handles, tokens, heap bytes, fences,
-// waits, reservations, status pages, the fd budget, and the process's open
-// fds are back where they were.
+// waits, reservations, status pages, timelines, the fd budget, and the
+// process's open fds are back where they were; no watched point answered
+// twice.
 #include <fcntl.h>
 #include <fuzzer/FuzzedDataProvider.h>
 #include <libdrm/drm_fourcc.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -40,10 +44,13 @@
 #include "base/event_loop.h"
 #include "base/fd_budget.h"
 #include "base/fd_count.h"
+#include "base/mapping.h"
 #include "base/unique_fd.h"
 #include "daemon/state.h"
 #include "fences/fence_table.h"
 #include "fences/reservations.h"
+#include "fences/timeline_shm.h"
+#include "fences/timeline_table.h"
 #include "heaps/system_heap.h"
 #include "spdlog/spdlog.h"
 #include "testing/fake_heap.h"
@@ -86,7 +93,8 @@ class Run {
       : fixture_(fixture),
         input_(input),
         fences_(&loop_, &budget_, Limits()),
-        reservations_(&fences_, ReservationLimits{.max_fences_per_buffer = kFencesPerBuffer}) {
+        reservations_(&fences_, ReservationLimits{.max_fences_per_buffer = kFencesPerBuffer}),
+        timelines_(&loop_, &budget_, TimelineLimitsForFuzz()) {
     FUZZ_CHECK(loop_.Init().ok());
     loop_.Start();
     DaemonState::Options options;
@@ -109,6 +117,16 @@ class Run {
   }
 
  private:
+  static TimelineLimits TimelineLimitsForFuzz() {
+    TimelineLimits limits;
+    limits.max_deadline = absl::Seconds(20);
+    limits.scan_interval = absl::Milliseconds(1);
+    limits.max_per_session = 4;
+    limits.max_per_uid = 6;
+    limits.max_timelines = 8;
+    limits.max_points_behind_fences = 4;
+    return limits;
+  }
   static FenceLimits Limits() {
     FenceLimits limits;
     limits.default_deadline = absl::Seconds(10);
@@ -136,6 +154,42 @@ class Run {
   int PickHeld() {
     if (held_.empty() || input_.ConsumeIntegralInRange(0, 7) == 0) return -1;
     return input_.ConsumeIntegralInRange<int>(0, static_cast<int>(held_.size()) - 1);
+  }
+  uint64_t PickTimeline() {
+    if (timeline_ids_.empty() || input_.ConsumeIntegralInRange(0, 7) == 0) {
+      return input_.ConsumeIntegralInRange<uint64_t>(0, 16);
+    }
+    return timeline_ids_[input_.ConsumeIntegralInRange<size_t>(0, timeline_ids_.size() - 1)];
+  }
+  // A timeline's counter page as a client makes it (a memfd mapped
+  // writable, then sealed against writes by new mappings), or made wrong:
+  // unsealed, the wrong size, or a pipe.
+  struct CounterPage {
+    UniqueFd fd;
+    Mapping map;
+  };
+  CounterPage NewCounterPage() {
+    CounterPage page;
+    const int kind = input_.ConsumeIntegralInRange(0, 7);
+    if (kind == 0) {
+      int pipe_fds[2];
+      FUZZ_CHECK(::pipe2(pipe_fds, O_CLOEXEC) == 0);
+      ::close(pipe_fds[1]);
+      page.fd = UniqueFd(pipe_fds[0]);
+      return page;
+    }
+    page.fd = UniqueFd(::memfd_create("fuzz-counters", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+    FUZZ_CHECK(page.fd.valid());
+    const off_t size = kind == 1 ? 100 : timeline::kPageSize;
+    FUZZ_CHECK(::ftruncate(page.fd.get(), size) == 0);
+    auto map = Mapping::Create(page.fd.get(), size, Mapping::Protection::kReadWrite);
+    FUZZ_CHECK(map.ok(), map.status().ToString());
+    page.map = *std::move(map);
+    if (kind != 2) {
+      FUZZ_CHECK(::fcntl(page.fd.get(), F_ADD_SEALS,
+                         F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL) == 0);
+    }
+    return page;
   }
   uint64_t PickFence() {
     if (fence_ids_.empty() || input_.ConsumeIntegralInRange(0, 7) == 0) {
@@ -238,12 +292,14 @@ class Run {
   }
 
   void Step() {
-    const int op = input_.ConsumeIntegralInRange(0, 24);
+    const int op = input_.ConsumeIntegralInRange(0, 29);
     if (trace_) {
       const DaemonState::Totals totals = state_->totals();
-      std::fprintf(stderr, "op %d: %lu buffers, %lu handles, %lu tokens, %lu export fds\n", op,
-                   totals.buffers, totals.handles, totals.pending_tokens,
-                   budget_.usage().of(FdUse::kExport));
+      std::fprintf(stderr,
+                   "op %d: %lu buffers, %lu handles, %lu tokens, %lu export fds, %lu pending "
+                   "fences, %zu timelines\n",
+                   op, totals.buffers, totals.handles, totals.pending_tokens,
+                   budget_.usage().of(FdUse::kExport), fences_.counts().pending, timelines_.size());
     }
     switch (op) {
       case 0: {  // open
@@ -252,6 +308,13 @@ class Run {
         const uid_t uid = 1000 + input_.ConsumeIntegralInRange(0, 1);
         state_->AddSession(session, uid);
         fences_.AddSession(session, uid);
+        timelines_.AddSession(session, uid);
+        if (input_.ConsumeBool()) {  // the page its timeline waits are armed in
+          UniqueFd page(::memfd_create("fuzz-waits", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+          FUZZ_CHECK(page.valid() && ::ftruncate(page.get(), timeline::kPageSize) == 0);
+          (void)::fcntl(page.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW);
+          (void)timelines_.SetWaitPage(session, std::move(page));
+        }
         sessions_[session] = uid;
         break;
       }
@@ -454,6 +517,74 @@ class Run {
         }
         break;
       }
+      case 25: {  // create a timeline: a counter page sealed right, or not, or no page at all
+        const uint64_t session = PickSession();
+        CounterPage page = NewCounterPage();
+        auto made = timelines_.Create(session, std::move(page.fd), PickName(),
+                                      absl::Milliseconds(input_.ConsumeIntegralInRange(0, 30000)));
+        if (made.ok()) {
+          timeline_ids_.push_back(made->view.id);
+          counters_[made->view.id] = std::move(page.map);
+        }
+        break;
+      }
+      case 26: {  // the owner writes its counter: forwards, backwards, a failure
+        if (counters_.empty()) break;
+        auto it = counters_.begin();
+        std::advance(it, input_.ConsumeIntegralInRange<size_t>(0, counters_.size() - 1));
+        auto& page = *reinterpret_cast<timeline::CounterPage*>(it->second.data());
+        timeline::Store(page.reached, input_.ConsumeBool()
+                                          ? timeline::Load(page.reached) +
+                                                input_.ConsumeIntegralInRange<uint64_t>(0, 3)
+                                          : input_.ConsumeIntegral<uint64_t>());
+        if (input_.ConsumeIntegralInRange(0, 3) == 0) {
+          timeline::Store(page.failure_count, input_.ConsumeIntegral<uint64_t>());
+        }
+        timeline::Store(page.seq, timeline::Load(page.seq) + 1);
+        break;
+      }
+      case 27: {  // hold, forget, a waker, the owner's wakers, info
+        const uint64_t session = PickSession();
+        const uint64_t id = PickTimeline();
+        switch (input_.ConsumeIntegralInRange(0, 4)) {
+          case 0:
+            (void)timelines_.Hold(session, id);
+            break;
+          case 1:
+            timelines_.Forget(session, id);
+            break;
+          case 2:
+            (void)timelines_.RegisterWaker(session, id, input_.ConsumeBool());
+            break;
+          case 3:
+            (void)timelines_.TakeWakers(session, id, {}, {});
+            break;
+          default:
+            (void)timelines_.Info(session, id);
+            break;
+        }
+        break;
+      }
+      case 28: {  // watch a point (ExportPoint): done at most once
+        auto done = std::make_shared<std::atomic<int>>(0);
+        if (timelines_
+                .WatchPoint(PickSession(), PickTimeline(), input_.ConsumeIntegral<uint8_t>(),
+                            [done](timeline::PointState) { ++*done; })
+                .ok()) {
+          watches_.push_back(done);
+        }
+        break;
+      }
+      case 29: {  // a fence behind a point, settled now or never
+        const uint64_t id = PickTimeline();
+        const uint64_t point = input_.ConsumeIntegral<uint8_t>();
+        if (timelines_.Promise(PickSession(), id, point).ok() && input_.ConsumeBool()) {
+          timelines_.Settle(id, point,
+                            static_cast<v1::FenceStatus>(input_.ConsumeIntegralInRange(0, 6)),
+                            PickName());
+        }
+        break;
+      }
       default: {  // wait: a poll, or one left to finish by signal, deadline or close
         FenceTable::WaitRequest request;
         for (int i = input_.ConsumeIntegralInRange(0, 7); i > 0; --i) {
@@ -490,6 +621,7 @@ class Run {
   void Close(uint64_t session) {
     Bury(state_->CloseSession(session));
     fences_.CloseSession(session);
+    timelines_.CloseSession(session);
     reservations_.CloseSession(session);
     sessions_.erase(session);
     for (size_t i = 0; i < held_.size();) {
@@ -569,6 +701,8 @@ class Run {
       FUZZ_CHECK(writers <= kFencesPerBuffer && readers <= kFencesPerBuffer, "buffer ", buffer,
                  ": ", writers, " writers' and ", readers, " readers' fences");
     }
+    FUZZ_CHECK(timelines_.List().size() == timelines_.size(), timelines_.List().size(),
+               " timelines listed, ", timelines_.size(), " counted");
     const FenceTable::Counts counts = fences_.counts();
     FenceQuery pending;
     pending.pending = true;
@@ -604,8 +738,14 @@ class Run {
     for (const auto& done : waits_) {
       FUZZ_CHECK(*done == 1, "a wait finished ", done->load(), " times");
     }
+    FUZZ_CHECK(timelines_.size() == 0, timelines_.size(), " timelines left");
     loop_.Stop();
     fences_.Stop();
+    timelines_.Stop();
+    for (const auto& done : watches_) {
+      FUZZ_CHECK(*done <= 1, "a watched point was answered ", done->load(), " times");
+    }
+    counters_.clear();
     pipes_.clear();
     FUZZ_CHECK(budget_.usage().total == 0, budget_.usage().total, " fds still in the budget");
   }
@@ -622,6 +762,7 @@ class Run {
   FenceTable fences_;
   // After the fence table: it sets the table's watch hook.
   ReservationTable reservations_;
+  TimelineTable timelines_;
   uint64_t next_session_ = 0;
   std::map<uint64_t, uid_t> sessions_;
   std::set<uint64_t> detached_;
@@ -630,6 +771,10 @@ class Run {
   std::vector<std::pair<uint64_t, uint64_t>> released_;
   std::vector<std::string> tokens_;
   std::vector<uint64_t> fence_ids_;
+  std::vector<uint64_t> timeline_ids_;
+  // The owner's writable mapping of each timeline's counter page.
+  std::map<uint64_t, Mapping> counters_;
+  std::vector<std::shared_ptr<std::atomic<int>>> watches_;
   std::vector<UniqueFd> pipes_;
   std::vector<std::shared_ptr<std::atomic<int>>> waits_;
 };
