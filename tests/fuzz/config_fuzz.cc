@@ -12,7 +12,6 @@
 #include "absl/strings/match.h"
 #include "daemon/config.h"
 #include "google/protobuf/text_format.h"
-#include "spdlog/spdlog.h"
 #include "tests/fuzz/check.h"
 
 namespace bufferd {
@@ -33,11 +32,6 @@ MachineFacts FuzzMachine() {
 
 }  // namespace
 }  // namespace bufferd
-
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  spdlog::set_level(spdlog::level::off);
-  return 0;
-}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace bufferd;

@@ -49,8 +49,6 @@
 #include "bufferd/v1/fence.grpc.pb.h"
 #include "daemon/config.h"
 #include "daemon/daemon.h"
-#include "daemon/log.h"
-#include "spdlog/spdlog.h"
 #include "tests/fuzz/check.h"
 
 namespace bufferd {
@@ -416,14 +414,6 @@ class Run {
 
 }  // namespace
 }  // namespace bufferd
-
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  // libprotobuf's and gRPC's lines go through the daemon's handlers (as in
-  // bufferd), into spdlog, which is off: a refused record is not news here.
-  bufferd::InstallLibraryLogHandlers();
-  spdlog::set_level(spdlog::level::off);
-  return 0;
-}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace bufferd;

@@ -12,7 +12,7 @@ def bufferd_fuzz_target(name, srcs, deps):
         name = name + "_lib",
         testonly = True,
         srcs = srcs,
-        deps = deps,
+        deps = deps + ["//tests/fuzz:quiet"],
         alwayslink = True,
     )
     native.cc_binary(

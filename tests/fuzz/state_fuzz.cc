@@ -52,7 +52,6 @@
 #include "fences/timeline_shm.h"
 #include "fences/timeline_table.h"
 #include "heaps/system_heap.h"
-#include "spdlog/spdlog.h"
 #include "testing/fake_heap.h"
 #include "tests/fuzz/check.h"
 
@@ -792,11 +791,6 @@ std::string OpenFdsText() {
 
 }  // namespace
 }  // namespace bufferd
-
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  spdlog::set_level(spdlog::level::off);
-  return 0;
-}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace bufferd;
