@@ -12,7 +12,9 @@
 //   directory) or many (up to 80);
 // - calls that say how many records came before them (bufferd-records), so
 //   the records are applied by the call's own thread: GetBuffer, and an
-//   Export naming an upload.
+//   Export naming an upload;
+// - bursts of 17 to 40 uploads nobody claims, after which the daemon must
+//   hold at most 16 of them.
 // Then it closes the connection. Checked for every input: every call ends
 // in a status a client can act on (never INTERNAL or UNKNOWN); once the
 // session has ended, the daemon holds nothing of it (no buffer, handle,
@@ -95,7 +97,9 @@ UniqueFd ReceiveDelivery(const UnixSocket& socket) {
 class World {
  public:
   World() {
-    // Under $TMPDIR (tools/fuzz gives each run its own, and removes it).
+    // Under $TMPDIR (tools/fuzz gives each run its own, and removes it),
+    // else /tmp; removed at exit, but not after a failed check. (Not under
+    // Bazel's TEST_TMPDIR: too long a path for a unix socket.)
     const char* tmp = std::getenv("TMPDIR");
     std::string dir =
         absl::StrCat(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp", "/bufferd-fuzz-XXXXXX");
@@ -215,6 +219,15 @@ class World {
     FUZZ_CHECK(std::memcmp(bytes, kPattern, sizeof(kPattern)) == 0, "the bystander's bytes");
   }
 
+  // fds the daemon holds as uploads and fences (one budget use).
+  uint64_t UploadAndFenceFds() {
+    v1::ListHeapsResponse heaps;
+    const grpc::Status status =
+        debug_->ListHeaps(bystander_.Context(false).get(), v1::ListHeapsRequest(), &heaps);
+    FUZZ_CHECK(status.ok(), "ListHeaps: ", status.error_message());
+    return heaps.fds().fences();
+  }
+
   const std::string& dir() const { return dir_; }
   uint64_t bystander_handle() const { return bystander_handle_; }
   uint64_t bystander_id() const { return bystander_.id; }
@@ -316,7 +329,40 @@ class Run {
 
   void Step() {
     v1::FdChannelMessage message;
-    switch (input_.ConsumeIntegralInRange(0, 11)) {
+    switch (input_.ConsumeIntegralInRange(0, 12)) {
+      case 12: {  // a burst of uploads nobody claims: the daemon keeps the newest 16
+        const int count = input_.ConsumeIntegralInRange<int>(kMaxUnclaimedUploads + 1, 40);
+        const uint64_t first = input_.ConsumeIntegralInRange<uint64_t>(1, 1000);
+        for (int i = 0; i < count; ++i) {
+          message.mutable_upload()->set_upload_id(first + i);
+          std::vector<UniqueFd> fds;
+          if (!buffer_fds_.empty() && i % 2 == 0) {
+            fds.emplace_back(::fcntl(buffer_fds_[0].get(), F_DUPFD_CLOEXEC, 0));
+          } else {
+            fds.emplace_back(::eventfd(0, EFD_CLOEXEC));
+          }
+          Send(message.SerializeAsString(), fds);
+        }
+        // A call that must see them applied first.
+        v1::GetBufferRequest request;
+        request.set_handle(PickHandle());
+        v1::GetBufferResponse response;
+        if (world_.allocator()
+                .GetBuffer(session_.Context(true).get(), request, &response)
+                .error_code() == grpc::StatusCode::UNAUTHENTICATED) {
+          return;  // an earlier record ended the session
+        }
+        // The uploads pushed out are closed on the reaper's thread, a
+        // moment later.
+        uint64_t kept = world_.UploadAndFenceFds();
+        for (int i = 0; i < 10000 && kept > kMaxUnclaimedUploads; ++i) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
+          kept = world_.UploadAndFenceFds();
+        }
+        FUZZ_CHECK(kept <= kMaxUnclaimedUploads, "the daemon keeps ", kept,
+                   " uploads and fence fds after ", count, " uploads");
+        return;
+      }
       case 0: {  // bytes as they come
         const size_t size = input_.ConsumeIntegralInRange<size_t>(0, 2 * kMaxRecordBytes);
         Send(input_.ConsumeBytesAsString(size), PickFds());

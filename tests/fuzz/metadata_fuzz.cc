@@ -9,16 +9,22 @@
 // - a release list is accepted only as 1 to kMaxCarriedReleases nonzero
 //   handles that survive a format/parse round trip; a refusal is
 //   INVALID_ARGUMENT and quotes the text escaped (printable ASCII only);
-// - a record count is accepted only as the number it spells.
+// - a record count is accepted only as the number it spells;
+// both read back against an oracle of their own (std::from_chars).
 #include <fuzzer/FuzzedDataProvider.h>
 
+#include <algorithm>
+#include <charconv>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "base/protocol.h"
 #include "daemon/sessions.h"
 #include "tests/fuzz/check.h"
@@ -49,6 +55,22 @@ class Fixture {
   SessionTable sessions_;
   std::vector<Live> live_;
 };
+
+// An oracle for a decimal number in metadata, independent of the parsers:
+// the digits (after ASCII whitespace and one '+', which absl::SimpleAtoi
+// allows), read by std::from_chars; nullopt if that is not all there is, or
+// it does not fit.
+std::optional<uint64_t> Decimal(absl::string_view text) {
+  text = absl::StripAsciiWhitespace(text);
+  if (!text.empty() && text.front() == '+') text.remove_prefix(1);
+  if (text.empty() || !std::all_of(text.begin(), text.end(), absl::ascii_isdigit)) {
+    return std::nullopt;
+  }
+  uint64_t value = 0;
+  const auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (error != std::errc() || end != text.data() + text.size()) return std::nullopt;
+  return value;
+}
 
 bool Printable(absl::string_view text) {
   for (char c : text) {
@@ -83,6 +105,16 @@ void CheckCredential(const Fixture& fixture, absl::string_view text) {
 
 void CheckReleases(absl::string_view text) {
   const absl::StatusOr<std::vector<uint64_t>> handles = ParseReleaseList(text);
+  // A list the oracle reads as 1 to kMaxCarriedReleases nonzero handles is
+  // accepted.
+  const std::vector<absl::string_view> parts = absl::StrSplit(text, ',');
+  const bool valid = parts.size() <= kMaxCarriedReleases &&
+                     std::all_of(parts.begin(), parts.end(), [](absl::string_view part) {
+                       const std::optional<uint64_t> handle = Decimal(part);
+                       return handle.has_value() && *handle != 0;
+                     });
+  FUZZ_CHECK(handles.ok() == valid, "release list ", valid ? "refused" : "accepted", ": ",
+             handles.status().ToString());
   if (!handles.ok()) {
     FUZZ_CHECK(absl::IsInvalidArgument(handles.status()), handles.status().ToString());
     FUZZ_CHECK(Printable(handles.status().message()), handles.status().message());
@@ -91,12 +123,22 @@ void CheckReleases(absl::string_view text) {
   }
   FUZZ_CHECK(!handles->empty() && handles->size() <= kMaxCarriedReleases, handles->size());
   for (uint64_t handle : *handles) FUZZ_CHECK(handle != 0);
+  // The same list, read by the oracle.
+  FUZZ_CHECK(parts.size() == handles->size(), parts.size(), " parts, ", handles->size(),
+             " handles");
+  for (size_t i = 0; i < parts.size(); ++i) {
+    FUZZ_CHECK(Decimal(parts[i]) == (*handles)[i], "handle ", i, " read as ", (*handles)[i]);
+  }
   const absl::StatusOr<std::vector<uint64_t>> again = ParseReleaseList(FormatReleaseList(*handles));
   FUZZ_CHECK(again.ok() && *again == *handles, "release list round trip");
 }
 
 void CheckRecordCount(absl::string_view text) {
   const absl::StatusOr<uint64_t> count = ParseRecordCount(text);
+  const std::optional<uint64_t> oracle = Decimal(text);
+  FUZZ_CHECK(count.ok() == oracle.has_value(), "record count ",
+             count.ok() ? "accepted" : "refused");
+  if (count.ok()) FUZZ_CHECK(*count == *oracle, "record count read as ", *count);
   if (!count.ok()) {
     FUZZ_CHECK(absl::IsInvalidArgument(count.status()), count.status().ToString());
     FUZZ_CHECK(Printable(count.status().message()), count.status().message());

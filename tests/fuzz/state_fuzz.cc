@@ -111,11 +111,53 @@ class Run {
     for (int step = 0; step < 64 && input_.remaining_bytes() > 0; ++step) {
       Step();
       Check();
+      if (trace_) {
+        const DaemonState::Totals totals = state_->totals();
+        std::fprintf(stderr,
+                     " -> %lu buffers, %lu handles, %lu tokens (%lu export fds), %lu pending "
+                     "fences, %zu timelines\n",
+                     totals.buffers, totals.handles, totals.pending_tokens,
+                     budget_.usage().of(FdUse::kExport), fences_.counts().pending,
+                     timelines_.size());
+      }
     }
     End();
   }
 
  private:
+  // What each operation number does (Step), for the trace.
+  static constexpr const char* kOpNames[] = {"open session",
+                                             "close session",
+                                             "detach session",
+                                             "allocate",
+                                             "allocate",
+                                             "allocate",
+                                             "allocate set",
+                                             "release",
+                                             "release",
+                                             "export",
+                                             "export",
+                                             "import",
+                                             "import",
+                                             "freeze",
+                                             "expire tokens",
+                                             "create fence",
+                                             "signal fence",
+                                             "merge fences",
+                                             "export or import a fence fd",
+                                             "forget fence",
+                                             "hold fence",
+                                             "wait",
+                                             "attach fence",
+                                             "reservation: pending, subscribe, unsubscribe",
+                                             "wait",
+                                             "create timeline",
+                                             "write timeline counter",
+                                             "timeline: hold, forget, waker, wakers, info",
+                                             "watch timeline point",
+                                             "fence behind a timeline point"};
+  static_assert(std::size(kOpNames) == 30, "a name for each operation of Step");
+
   static TimelineLimits TimelineLimitsForFuzz() {
     TimelineLimits limits;
     limits.max_deadline = absl::Seconds(20);
@@ -292,14 +334,7 @@ class Run {
 
   void Step() {
     const int op = input_.ConsumeIntegralInRange(0, 29);
-    if (trace_) {
-      const DaemonState::Totals totals = state_->totals();
-      std::fprintf(stderr,
-                   "op %d: %lu buffers, %lu handles, %lu tokens, %lu export fds, %lu pending "
-                   "fences, %zu timelines\n",
-                   op, totals.buffers, totals.handles, totals.pending_tokens,
-                   budget_.usage().of(FdUse::kExport), fences_.counts().pending, timelines_.size());
-    }
+    if (trace_) std::fprintf(stderr, "%s", kOpNames[op]);
     switch (op) {
       case 0: {  // open
         if (sessions_.size() >= 6) break;
@@ -751,7 +786,8 @@ class Run {
 
   Fixture& fixture_;
   FuzzedDataProvider& input_;
-  // BUFFERD_FUZZ_TRACE set: each operation is printed (to read a finding).
+  // BUFFERD_FUZZ_TRACE set: each operation is printed, with the totals
+  // after it (to read a finding).
   const bool trace_ = std::getenv("BUFFERD_FUZZ_TRACE") != nullptr;
   FdBudget budget_;
   // The fences' deadlines, wait timeouts and imported fds (a loop per run,
