@@ -37,10 +37,11 @@
 #include <filesystem>
 #include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "base/fd_count.h"
 #include "base/protocol.h"
 #include "base/unique_fd.h"
@@ -84,6 +85,19 @@ struct Session {
     return context;
   }
 };
+
+// Whether `condition` holds within `timeout`, asked every millisecond
+// (what the daemon lets go of, it lets go of on its loop or its reaper's
+// thread, a moment after the call or close that caused it).
+template <typename Condition>
+bool Eventually(Condition condition, absl::Duration timeout) {
+  const absl::Time until = absl::Now() + timeout;
+  while (!condition()) {
+    if (absl::Now() > until) return condition();
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  return true;
+}
 
 // One record from the daemon within 10 s (the fd of a delivery).
 UniqueFd ReceiveDelivery(const UnixSocket& socket) {
@@ -200,9 +214,7 @@ class World {
              heaps.pending_tokens() == 0 && clients.clients_size() == 1 &&
              fences.fences_size() == 0 && heaps.heaps(0).used() == kBufferBytes;
     };
-    for (int i = 0; i < 10000 && !settled(); ++i)
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    FUZZ_CHECK(settled(), status.error_message(),
+    FUZZ_CHECK(Eventually(settled, absl::Seconds(10)), status.error_message(),
                "; left after the session ended: ", heaps.live_buffers(), " buffers, ",
                heaps.live_handles(), " handles, ", heaps.pending_tokens(), " tokens, ",
                clients.clients_size(), " sessions, ", fences.fences_size(), " fences, ",
@@ -301,13 +313,9 @@ class Run {
             break;
           }
           [[fallthrough]];
-        case 1: {
-          int pipe_fds[2];
-          FUZZ_CHECK(::pipe2(pipe_fds, O_CLOEXEC) == 0);
-          ::close(pipe_fds[1]);
-          fds.emplace_back(pipe_fds[0]);
+        case 1:
+          fds.emplace_back(ReadEndOfClosedPipe());
           break;
-        }
         case 2:
           fds.emplace_back(::eventfd(0, EFD_CLOEXEC));
           break;
@@ -347,20 +355,22 @@ class Run {
         v1::GetBufferRequest request;
         request.set_handle(PickHandle());
         v1::GetBufferResponse response;
-        if (world_.allocator()
-                .GetBuffer(session_.Context(true).get(), request, &response)
-                .error_code() == grpc::StatusCode::UNAUTHENTICATED) {
+        const grpc::Status status =
+            world_.allocator().GetBuffer(session_.Context(true).get(), request, &response);
+        if (status.error_code() == grpc::StatusCode::UNAUTHENTICATED) {
           return;  // an earlier record ended the session
         }
+        CheckCallStatus(status, "GetBuffer");
         // The uploads pushed out are closed on the reaper's thread, a
         // moment later.
-        uint64_t kept = world_.UploadAndFenceFds();
-        for (int i = 0; i < 10000 && kept > kMaxUnclaimedUploads; ++i) {
-          std::this_thread::sleep_for(std::chrono::milliseconds(1));
-          kept = world_.UploadAndFenceFds();
-        }
-        FUZZ_CHECK(kept <= kMaxUnclaimedUploads, "the daemon keeps ", kept,
-                   " uploads and fence fds after ", count, " uploads");
+        uint64_t kept = 0;
+        FUZZ_CHECK(Eventually(
+                       [&] {
+                         kept = world_.UploadAndFenceFds();
+                         return kept <= kMaxUnclaimedUploads;
+                       },
+                       absl::Seconds(10)),
+                   "the daemon keeps ", kept, " uploads and fence fds after ", count, " uploads");
         return;
       }
       case 0: {  // bytes as they come
@@ -482,9 +492,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   world->CheckOnlyBystanderLeft();
   // The daemon ends a session on the loop; what it kept of it goes a moment
   // later (the reaper closes fds off the loop).
-  for (int i = 0; i < 1000 && CountOpenFds() != fds_before; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  FUZZ_CHECK(CountOpenFds() == fds_before, CountOpenFds(), " fds open, ", fds_before, " before");
+  FUZZ_CHECK(Eventually([&] { return CountOpenFds() == fds_before; }, absl::Seconds(1)),
+             CountOpenFds(), " fds open, ", fds_before, " before");
   return 0;
 }

@@ -213,10 +213,7 @@ class Run {
     CounterPage page;
     const int kind = input_.ConsumeIntegralInRange(0, 7);
     if (kind == 0) {
-      int pipe_fds[2];
-      FUZZ_CHECK(::pipe2(pipe_fds, O_CLOEXEC) == 0);
-      ::close(pipe_fds[1]);
-      page.fd = UniqueFd(pipe_fds[0]);
+      page.fd = ReadEndOfClosedPipe();
       return page;
     }
     page.fd = UniqueFd(::memfd_create("fuzz-counters", MFD_CLOEXEC | MFD_ALLOW_SEALING));
@@ -306,12 +303,8 @@ class Run {
     switch (input_.ConsumeIntegralInRange(0, 5)) {
       case 0:
         return absl::NotFoundError("no upload");
-      case 1: {
-        int pipe_fds[2];
-        FUZZ_CHECK(::pipe2(pipe_fds, O_CLOEXEC) == 0);
-        ::close(pipe_fds[1]);
-        return UniqueFd(pipe_fds[0]);
-      }
+      case 1:
+        return ReadEndOfClosedPipe();
       case 2:
         if (!held_.empty()) {
           const Held& other = held_[input_.ConsumeIntegralInRange<size_t>(0, held_.size() - 1)];
