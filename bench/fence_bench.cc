@@ -937,7 +937,8 @@ int main(int argc, char** argv) {
       std::vector<Client> owners;
       std::vector<Timeline> timelines;
       for (int i = 0; i < 4; ++i) {
-        owners.push_back(*Client::Connect(dir));
+        // Each with its own control connection, one of the 3 fds below.
+        owners.push_back(*Client::Connect(dir, {.share_control_connection = false}));
         for (int j = 0; j < 200; ++j) timelines.push_back(*owners.back().CreateTimeline());
       }
       // The owners' own sessions and wait pages are not the timelines' cost.

@@ -261,8 +261,9 @@ absl::StatusOr<std::string> Buffer::Export(Access access, const ExportOptions& o
 }
 
 absl::StatusOr<Client> Client::Connect(const std::string& socket_dir, Options options) {
-  ASSIGN_OR_RETURN(std::shared_ptr<internal::Connection> connection,
-                   internal::Connection::Open(socket_dir, options.timeout));
+  ASSIGN_OR_RETURN(
+      std::shared_ptr<internal::Connection> connection,
+      internal::Connection::Open(socket_dir, options.timeout, options.share_control_connection));
   return Client(std::move(connection));
 }
 

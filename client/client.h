@@ -514,9 +514,15 @@ class Client {
   struct Options {
     // How long to wait for the daemon's hello and for each delivered fd.
     absl::Duration timeout = absl::Seconds(10);
+    // Whether this session's gRPC calls go over the control.sock connection
+    // this process already has to the same daemon (one per process, shared
+    // by its sessions: gRPC's state for a connection costs the daemon ~22
+    // KB). False: a connection of its own, which a cap may refuse.
+    bool share_control_connection = true;
   };
 
-  // Opens a session: connects fd.sock (reads the hello) and control.sock.
+  // Opens a session: connects fd.sock (reads the hello) and, unless this
+  // process has one to that daemon already, control.sock.
   static absl::StatusOr<Client> Connect(const std::string& socket_dir, Options options);
   static absl::StatusOr<Client> Connect(const std::string& socket_dir);
   // $BUFFERD_SOCKET_DIR if set, else the default socket dir

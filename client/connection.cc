@@ -63,15 +63,14 @@ absl::Status CheckDaemon(const PeerCredentials& daemon, uid_t owner, const std::
                    ", neither the socket dir's owner (uid ", owner, ") nor root; not trusted"));
 }
 
-// The session's gRPC channel, on a control.sock connection made here rather
-// than by gRPC: a blocking connect waits while a flood has the listener's
-// backlog full (gRPC's non-blocking connect fails at once, and then backs off
-// for seconds), and a connection the daemon refuses at a cap is told apart
-// from a missing daemon. The channel never reconnects: it lives and dies with
-// the session, whose fd.sock connection is already open.
-absl::StatusOr<std::shared_ptr<grpc::Channel>> OpenControlChannel(const std::string& socket_dir,
-                                                                  absl::Duration timeout,
-                                                                  const PeerCredentials& daemon) {
+// A control.sock connection made here rather than by gRPC: a blocking
+// connect waits while a flood has the listener's backlog full (gRPC's
+// non-blocking connect fails at once, and then backs off for seconds), and a
+// connection the daemon refuses at a cap is told apart from a missing daemon.
+// The channel never reconnects: it lives while a session uses it.
+absl::StatusOr<std::shared_ptr<ControlChannel>> OpenControlChannel(const std::string& socket_dir,
+                                                                   absl::Duration timeout,
+                                                                   const PeerCredentials& daemon) {
   const std::string path = ControlSocketPath(socket_dir);
   absl::StatusOr<UnixSocket> socket = UnixSocket::ConnectStream(path, timeout);
   if (!socket.ok()) {
@@ -100,13 +99,67 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> OpenControlChannel(const std::str
         "limits.max_control_connections_per_uid, the daemon at limits.max_control_connections, "
         "or the fd budget is full (the daemon's log says which)");
   }
-  return grpc::CreateInsecureChannelFromFd(path, socket->unique_fd().Release());
+  auto control = std::make_shared<ControlChannel>();
+  control->probe = UniqueFd(::fcntl(socket->fd(), F_DUPFD_CLOEXEC, 0));
+  if (!control->probe.valid()) return ErrnoError("dup the control connection", errno);
+  control->channel = grpc::CreateInsecureChannelFromFd(path, socket->unique_fd().Release());
+  return control;
 }
+
+// The control channels this process's sessions share, by daemon (its pid
+// and uid, and the socket dir): one gRPC connection per process and daemon,
+// not per session (gRPC's state for a connection is ~22 KB of the daemon's
+// memory). A forked child never uses its parent's.
+class SharedControlChannels {
+ public:
+  static SharedControlChannels& Get() {
+    static auto* const channels = new SharedControlChannels();
+    return *channels;
+  }
+
+  absl::StatusOr<std::shared_ptr<ControlChannel>> For(const std::string& socket_dir,
+                                                      absl::Duration timeout,
+                                                      const PeerCredentials& daemon) {
+    const std::string key = absl::StrCat(daemon.pid, ":", daemon.uid, ":", socket_dir);
+    {
+      std::lock_guard lock(mu_);
+      if (pid_ != ::getpid()) {
+        pid_ = ::getpid();
+        by_daemon_.clear();
+      }
+      auto it = by_daemon_.find(key);
+      if (it != by_daemon_.end()) {
+        std::shared_ptr<ControlChannel> control = it->second.lock();
+        if (control != nullptr && control->Usable()) return control;
+        by_daemon_.erase(it);
+      }
+    }
+    // Two sessions opening at once may both connect; the later is kept.
+    ASSIGN_OR_RETURN(std::shared_ptr<ControlChannel> control,
+                     OpenControlChannel(socket_dir, timeout, daemon));
+    std::lock_guard lock(mu_);
+    std::erase_if(by_daemon_, [](const auto& entry) { return entry.second.expired(); });
+    by_daemon_[key] = control;
+    return control;
+  }
+
+ private:
+  std::mutex mu_;
+  pid_t pid_ = 0;
+  std::map<std::string, std::weak_ptr<ControlChannel>> by_daemon_;
+};
 
 }  // namespace
 
+bool ControlChannel::Usable() const {
+  if (broken.load()) return false;
+  pollfd hangup{probe.get(), POLLRDHUP, 0};
+  return ::poll(&hangup, 1, 0) == 0;
+}
+
 absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& socket_dir,
-                                                             absl::Duration timeout) {
+                                                             absl::Duration timeout,
+                                                             bool share_control) {
   std::shared_ptr<Connection> connection(new Connection());
   connection->timeout_ = timeout;
   // Only a dir that nobody but its owner (us or root) can write holds the
@@ -165,8 +218,10 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
   connection->metadata_ =
       FormatSessionCredential(connection->session_id_, message.hello().secret());
   connection->fd_socket_ = *std::move(socket);
-  ASSIGN_OR_RETURN(std::shared_ptr<grpc::Channel> channel,
-                   OpenControlChannel(socket_dir, timeout, daemon));
+  ASSIGN_OR_RETURN(connection->control_,
+                   share_control ? SharedControlChannels::Get().For(socket_dir, timeout, daemon)
+                                 : OpenControlChannel(socket_dir, timeout, daemon));
+  const std::shared_ptr<grpc::Channel>& channel = connection->control_->channel;
   connection->allocator_ = v1::Allocator::NewStub(channel);
   connection->debug_ = v1::Debug::NewStub(channel);
   connection->fence_ = v1::Fence::NewStub(channel);
@@ -206,6 +261,9 @@ absl::Status Connection::Finish(Call& call, const grpc::Status& status) {
   one_way_->FinishCall(call.carried, status.ok());
   call.carried.clear();
   absl::Status result = FromGrpcStatus(status);
+  // The connection may be gone: no new session shares it (this one's calls
+  // fail as they would have on a connection of its own).
+  if (result.code() == absl::StatusCode::kUnavailable) control_->broken.store(true);
   // A call that failed because the session is gone says so, and what to do,
   // instead of gRPC's "Broken pipe" or "failed to connect to all addresses".
   if ((result.code() == absl::StatusCode::kUnavailable ||

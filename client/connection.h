@@ -51,13 +51,30 @@ struct Waker {
   timeline::WakePage& wake() const { return *reinterpret_cast<timeline::WakePage*>(page.data()); }
 };
 
+// A control.sock connection's gRPC channel, which the sessions of one
+// process on one daemon share unless told not to.
+struct ControlChannel {
+  // A dup of the connection's socket, to poll: gRPC's channels on an fd
+  // report no connectivity state. Declared first: it closes after the
+  // channel, so the daemon sees the hang-up only when gRPC is done.
+  UniqueFd probe;
+  std::shared_ptr<grpc::Channel> channel;
+  // A call on it failed UNAVAILABLE.
+  std::atomic<bool> broken{false};
+  // Neither broken nor hung up by the daemon: a new session may use it.
+  bool Usable() const;
+};
+
 // Thread-safe. Its fd mailbox (FdMailbox) pairs delivered fds with the
 // calls that asked for them; its one-way queue (OneWayQueue) carries dropped
 // Buffers' releases on the next call's metadata, or on fd.sock.
 class Connection {
  public:
+  // `share_control`: use this process's control connection to that daemon
+  // if it has one (SharedControlChannels in connection.cc).
   static absl::StatusOr<std::shared_ptr<Connection>> Open(const std::string& socket_dir,
-                                                          absl::Duration timeout);
+                                                          absl::Duration timeout,
+                                                          bool share_control);
   ~Connection();
 
   // An RPC's deadline is the connection's timeout plus this.
@@ -159,6 +176,7 @@ class Connection {
   pid_t daemon_pid_ = 0;
   std::string metadata_;
   absl::Duration timeout_;
+  std::shared_ptr<ControlChannel> control_;
   std::unique_ptr<v1::Allocator::Stub> allocator_;
   std::unique_ptr<v1::Debug::Stub> debug_;
   std::unique_ptr<v1::Fence::Stub> fence_;

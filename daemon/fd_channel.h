@@ -31,8 +31,8 @@
 
 #include <atomic>
 #include <cstdint>
-#include <deque>
 #include <functional>
+#include <list>
 #include <map>
 #include <memory>
 #include <optional>
@@ -177,7 +177,9 @@ class FdChannel {
     // The session ended but in_flight is not empty: kept (and its session
     // open) until it is; no longer watched or delivered to.
     bool lingering = false;
-    std::deque<Pending> queue;
+    // A list: empty, it allocates nothing (an empty std::deque holds ~600
+    // bytes, a fifth of what the daemon keeps for a session).
+    std::list<Pending> queue;
     // When the queue last became non-empty.
     absl::Time stalled_since;
   };

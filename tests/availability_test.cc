@@ -342,7 +342,10 @@ TEST_F(AvailabilityTest, ControlConnectionCapIsNamedToTheClient) {
   ASSERT_TRUE(flood.ok());
   EXPECT_EQ(flood->ReadLine(), "control=2") << "the fixture's client holds the third";
   EXPECT_EQ(flood->ReadLine(), "ready");
-  auto refused = daemon_->Connect();
+  // A session that shares this process's connection needs no new one.
+  auto shared = daemon_->Connect();
+  EXPECT_TRUE(shared.ok()) << shared.status();
+  auto refused = Client::Connect(daemon_->socket_dir(), {.share_control_connection = false});
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
   EXPECT_TRUE(absl::StartsWith(refused.status().message(),
                                "bufferd refused the control connection: this uid is at "
@@ -350,7 +353,50 @@ TEST_F(AvailabilityTest, ControlConnectionCapIsNamedToTheClient) {
       << refused.status();
   flood->Kill(SIGKILL);
   flood->Wait();
-  EXPECT_TRUE(Eventually([&] { return daemon_->Connect().ok(); }));
+  EXPECT_TRUE(Eventually([&] {
+    return Client::Connect(daemon_->socket_dir(), {.share_control_connection = false}).ok();
+  }));
+  shared = absl::UnknownError("closed");
+  ExpectBaseline();
+}
+
+// Tests that the sessions of one process share one control connection: ten
+// Clients add none to the fixture's; each works after the others have closed
+// (the last one to go closes it); one that asks for its own gets one.
+TEST_F(AvailabilityTest, SessionsOfAProcessShareOneControlConnection) {
+  Start(R"pb(heaps { name: "system" type: HEAP_TYPE_SYSTEM })pb");
+  ASSERT_EQ(Fds().control_connections(), 1u) << "the fixture's client";
+  std::vector<Client> clients;
+  for (int i = 0; i < 10; ++i) {
+    auto client = daemon_->Connect();
+    ASSERT_TRUE(client.ok()) << client.status();
+    clients.push_back(*std::move(client));
+  }
+  EXPECT_EQ(Fds().sessions(), 11u);
+  EXPECT_EQ(Fds().control_connections(), 1u);
+  auto own = Client::Connect(daemon_->socket_dir(), {.share_control_connection = false});
+  ASSERT_TRUE(own.ok()) << own.status();
+  EXPECT_EQ(Fds().control_connections(), 2u);
+  // Each call on the shared connection is its own session's.
+  auto buffer = clients[3].Allocate({.heap = "system", .size = 4096, .name = "third"});
+  ASSERT_TRUE(buffer.ok()) << buffer.status();
+  auto listed = clients[4].ListBuffers();
+  ASSERT_TRUE(listed.ok()) << listed.status();
+  ASSERT_EQ(listed->buffers_size(), 1);
+  EXPECT_EQ(listed->buffers(0).buffer().creator_session(), clients[3].session_id());
+  EXPECT_NE(clients[3].session_id(), clients[4].session_id());
+  // Sessions closing leave the others' calls on it working; the last one
+  // to go closes it.
+  for (size_t i = 0; i + 1 < clients.size(); ++i) clients[i].Close();
+  auto after = clients.back().Allocate({.heap = "system", .size = 4096});
+  EXPECT_TRUE(after.ok()) << after.status();
+  EXPECT_TRUE(Eventually([&] { return Fds().sessions() == 3u; })) << Fds().ShortDebugString();
+  after = absl::UnknownError("released");
+  buffer = absl::UnknownError("released");
+  clients.clear();
+  own = absl::UnknownError("closed");
+  EXPECT_TRUE(Eventually([&] { return Fds().control_connections() == 1u; }))
+      << Fds().ShortDebugString();
   ExpectBaseline();
 }
 
