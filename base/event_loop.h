@@ -20,6 +20,7 @@
 #include <map>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -88,8 +89,11 @@ class EventLoop {
 
   absl::Mutex mu_;
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
-  std::map<uint64_t, Watcher> watchers_ ABSL_GUARDED_BY(mu_);  // by watch id
-  std::map<int, uint64_t> by_fd_ ABSL_GUARDED_BY(mu_);
+  // Flat: nothing points into them past the lock (Loop copies the
+  // callback out), and a watched fd (a session's fd.sock) costs ~100 bytes
+  // here instead of ~160 in two std::maps.
+  absl::flat_hash_map<uint64_t, Watcher> watchers_ ABSL_GUARDED_BY(mu_);  // by watch id
+  absl::flat_hash_map<int, uint64_t> by_fd_ ABSL_GUARDED_BY(mu_);
   std::map<TimerId, Timer> timers_ ABSL_GUARDED_BY(mu_);
   std::multimap<absl::Duration, TimerId> due_ ABSL_GUARDED_BY(mu_);
 };

@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -247,7 +248,7 @@ class FdChannel {
   mutable absl::Mutex mu_;
   // By socket fd.
   std::map<int, Connection> connections_ ABSL_GUARDED_BY(mu_);
-  std::map<uint64_t, int> by_session_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uint64_t, int> by_session_ ABSL_GUARDED_BY(mu_);
   // Connections with deliveries queued or in flight, or lingering: the only
   // ones the tick looks at.
   std::set<int> busy_ ABSL_GUARDED_BY(mu_);

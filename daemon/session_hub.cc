@@ -83,7 +83,7 @@ absl::Status SessionHub::OnUpload(uint64_t session_id, uint64_t upload_id,
     absl::MutexLock lock(&mu_);
     auto it = uploads_.find(session_id);
     if (it == uploads_.end()) return absl::OkStatus();  // ending
-    if (it->second.fds.count(upload_id) != 0) {
+    if (it->second.fds != nullptr && it->second.fds->count(upload_id) != 0) {
       return absl::InvalidArgumentError(absl::StrCat("upload id ", upload_id, " is in use"));
     }
     uid = it->second.uid;
@@ -113,15 +113,17 @@ absl::Status SessionHub::OnUpload(uint64_t session_id, uint64_t upload_id,
     auto it = uploads_.find(session_id);
     if (it == uploads_.end()) return absl::OkStatus();
     Uploads& uploads = it->second;
+    if (uploads.fds == nullptr) uploads.fds = std::make_unique<std::map<uint64_t, Upload>>();
+    std::map<uint64_t, Upload>& kept = *uploads.fds;
     // Unclaimed uploads (a call that never came): the oldest goes.
-    if (uploads.fds.size() >= kMaxUploads) {
-      auto oldest = std::min_element(
-          uploads.fds.begin(), uploads.fds.end(),
-          [](const auto& a, const auto& b) { return a.second.arrival < b.second.arrival; });
+    if (kept.size() >= kMaxUploads) {
+      auto oldest = std::min_element(kept.begin(), kept.end(), [](const auto& a, const auto& b) {
+        return a.second.arrival < b.second.arrival;
+      });
       if (oldest->second.fd.ok()) dropped.push_back(*std::move(oldest->second.fd));
-      uploads.fds.erase(oldest);
+      kept.erase(oldest);
     }
-    uploads.fds.emplace(upload_id, Upload{std::move(upload), uploads.arrivals++});
+    kept.emplace(upload_id, Upload{std::move(upload), uploads.arrivals++});
   }
   if (!dropped.empty()) reaper_->Close(std::move(dropped));
   return absl::OkStatus();
@@ -133,11 +135,11 @@ absl::StatusOr<UniqueFd> SessionHub::TakeUpload(uint64_t session_id, uint64_t up
   {
     absl::MutexLock lock(&mu_);
     auto it = uploads_.find(session_id);
-    if (it != uploads_.end()) {
-      auto fd = it->second.fds.find(upload_id);
-      if (fd != it->second.fds.end()) {
+    if (it != uploads_.end() && it->second.fds != nullptr) {
+      auto fd = it->second.fds->find(upload_id);
+      if (fd != it->second.fds->end()) {
         upload = std::move(fd->second.fd);
-        it->second.fds.erase(fd);
+        it->second.fds->erase(fd);
       }
     }
   }

@@ -14,9 +14,11 @@
 #define BUFFERD_DAEMON_SESSION_HUB_H_
 
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "daemon/fd_channel.h"
@@ -90,12 +92,13 @@ class SessionHub final : public FdChannel::Delegate {
   };
   struct Uploads {
     uid_t uid = 0;
-    // At most kMaxUploads, by upload id.
-    std::map<uint64_t, Upload> fds;
     uint64_t arrivals = 0;
+    // At most kMaxUploads, by upload id; made at the first (a session that
+    // never uploads costs a slot of uploads_ and no allocation).
+    std::unique_ptr<std::map<uint64_t, Upload>> fds;
   };
   absl::Mutex mu_;
-  std::map<uint64_t, Uploads> uploads_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<uint64_t, Uploads> uploads_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace bufferd

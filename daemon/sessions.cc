@@ -1,5 +1,7 @@
 #include "daemon/sessions.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "base/errno_status.h"
 #include "base/protocol.h"
@@ -22,7 +24,8 @@ absl::StatusOr<SessionTable::NewSession> SessionTable::Open(const PeerCredential
   entry.identity.peer = peer;
   entry.identity.comm = std::move(comm);
   entry.identity.connected = absl::Now();
-  entry.secret = RandomBytes(kSessionSecretBytes);
+  const std::string secret = RandomBytes(kSessionSecretBytes);
+  std::copy(secret.begin(), secret.end(), entry.secret.begin());
   absl::MutexLock lock(&mu_);
   if (sessions_.size() >= options_.max_sessions) {
     return absl::ResourceExhaustedError(
@@ -34,7 +37,7 @@ absl::StatusOr<SessionTable::NewSession> SessionTable::Open(const PeerCredential
         "uid ", peer.uid, " has ", of_uid, " sessions open (limits.max_sessions_per_uid)"));
   }
   ++of_uid;
-  NewSession result{next_id_++, entry.secret};
+  NewSession result{next_id_++, secret};
   entry.identity.id = result.id;
   sessions_[result.id] = std::move(entry);
   return result;
@@ -63,7 +66,8 @@ absl::StatusOr<uint64_t> SessionTable::Authenticate(absl::string_view credential
     return absl::UnauthenticatedError(
         absl::StrCat("session ", id, " is not live (it ended or never existed)"));
   }
-  if (!ConstantTimeEquals(it->second.secret, parsed.secret)) {
+  if (!ConstantTimeEquals(absl::string_view(it->second.secret.data(), it->second.secret.size()),
+                          parsed.secret)) {
     return absl::UnauthenticatedError(absl::StrCat("wrong secret for session ", id));
   }
   return id;

@@ -17,6 +17,7 @@
 
 #include <sys/types.h>
 
+#include <array>
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -28,6 +29,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "base/protocol.h"
 #include "base/unix_socket.h"
 
 namespace bufferd {
@@ -74,7 +76,8 @@ class SessionTable {
  private:
   struct Entry {
     Identity identity;
-    std::string secret;
+    // Inline: a std::string of 16 bytes would be one more allocation.
+    std::array<char, kSessionSecretBytes> secret;
     bool detached = false;
   };
 

@@ -193,6 +193,11 @@ void DaemonState::SetHeapQuotas(const std::string& heap, uint64_t per_session, u
   quotas_.SetHeapQuotas(heap, per_session, per_uid);
 }
 
+const DaemonState::Session::Holdings& DaemonState::Session::Read() const {
+  static const Holdings* const kNone = new Holdings();
+  return holdings != nullptr ? *holdings : *kNone;
+}
+
 void DaemonState::AddSession(uint64_t session_id, uid_t uid, ProcessRef process) {
   absl::MutexLock lock(&mu_);
   Session& session = sessions_[session_id];
@@ -211,8 +216,8 @@ std::vector<DeadBuffer> DaemonState::CloseSession(uint64_t session_id) {
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(session_id);
   if (it == sessions_.end()) return dead;
-  while (!it->second.handles.empty()) {
-    RemoveHandleLocked(it->second.handles.begin()->first, dead);
+  while (!it->second.Read().handles.empty()) {
+    RemoveHandleLocked(it->second.Read().handles.begin()->first, dead);
   }
   // What is left is charged by in-flight Allocates; they uncharge the uid
   // themselves when they find the session gone.
@@ -231,10 +236,11 @@ absl::StatusOr<DaemonState::Session*> DaemonState::FindSessionLocked(uint64_t se
 
 absl::Status DaemonState::CheckBufferCountLocked(const Session& session, uint32_t count) const {
   const uint32_t max_buffers = quotas_.quotas().max_buffers_per_session();
-  if (max_buffers != 0 && session.handles.size() + session.pending + count > max_buffers) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "quota max_buffers_per_session: session ", session.id, " holds ", session.handles.size(),
-        " handles (max ", max_buffers, ")", count == 1 ? "" : absl::StrCat(", asked for ", count)));
+  if (max_buffers != 0 && session.Read().handles.size() + session.pending + count > max_buffers) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("quota max_buffers_per_session: session ", session.id, " holds ",
+                     session.Read().handles.size(), " handles (max ", max_buffers, ")",
+                     count == 1 ? "" : absl::StrCat(", asked for ", count)));
   }
   return absl::OkStatus();
 }
@@ -263,8 +269,8 @@ DaemonState::Grant DaemonState::AddHandleLocked(Session& session, Buffer& buffer
   grant.access = access;
   grant.fd = std::move(fd);
   handles_[grant.handle] = Handle{grant.handle, session.id, buffer.info.buffer_id(), access};
-  session.handles[grant.handle] = buffer.info.buffer_id();
-  ++session.held[buffer.info.buffer_id()];
+  session.Use().handles[grant.handle] = buffer.info.buffer_id();
+  ++session.Use().held[buffer.info.buffer_id()];
   buffer.handles.push_back(grant.handle);
   return grant;
 }
@@ -278,9 +284,9 @@ void DaemonState::RemoveHandleLocked(uint64_t handle_id, std::vector<DeadBuffer>
   Buffer& buffer = *b->second;
   if (auto s = sessions_.find(handle.session); s != sessions_.end()) {
     Session& session = s->second;
-    session.handles.erase(handle_id);
-    if (--session.held[handle.buffer] == 0) {
-      session.held.erase(handle.buffer);
+    session.Use().handles.erase(handle_id);
+    if (--session.Use().held[handle.buffer] == 0) {
+      session.Use().held.erase(handle.buffer);
       quotas_.Uncharge(session.id, session.uid, buffer.info.heap(), buffer.info.size());
     }
   }
@@ -609,7 +615,7 @@ absl::StatusOr<std::vector<DeadBuffer>> DaemonState::Release(uint64_t session_id
   ASSIGN_OR_RETURN(Handle * found, FindHandleLocked(session_id, handle));
   const uint64_t buffer = found->buffer;
   RemoveHandleLocked(handle, dead);
-  if (let_go != nullptr && !session->held.contains(buffer)) *let_go = buffer;
+  if (let_go != nullptr && !session->Read().held.contains(buffer)) *let_go = buffer;
   return dead;
 }
 
@@ -730,7 +736,7 @@ absl::StatusOr<DaemonState::PendingGrant> DaemonState::Import(uint64_t session_i
       refused_heap = buffer.info.heap();
       return status;
     }
-    const bool charge = session->held.count(entry.buffer) == 0;
+    const bool charge = session->Read().held.count(entry.buffer) == 0;
     if (charge) {
       if (absl::Status quota =
               quotas_.Charge(session_id, session->uid, buffer.info.heap(), buffer.info.size());
@@ -760,7 +766,7 @@ absl::StatusOr<DaemonState::PendingGrant> DaemonState::Import(uint64_t session_i
 bool DaemonState::Holds(uint64_t session_id, uint64_t buffer_id) const {
   absl::ReaderMutexLock lock(&mu_);
   absl::StatusOr<Session*> session = FindSessionLocked(session_id);
-  return session.ok() && (*session)->held.contains(buffer_id);
+  return session.ok() && (*session)->Read().held.contains(buffer_id);
 }
 
 absl::StatusOr<v1::GetBufferResponse> DaemonState::GetBuffer(uint64_t session_id,
@@ -824,9 +830,10 @@ std::vector<DaemonState::Holdings> DaemonState::ListHoldings() const {
   absl::MutexLock lock(&mu_);
   list.reserve(sessions_.size());
   for (const auto& [id, session] : sessions_) {
-    Holdings& holdings = list.emplace_back(Holdings{
-        id, session.uid, static_cast<uint32_t>(session.handles.size()), quotas_.SessionBytes(id)});
-    for (const auto& [buffer_id, count] : session.held) {
+    Holdings& holdings = list.emplace_back(
+        Holdings{id, session.uid, static_cast<uint32_t>(session.Read().handles.size()),
+                 quotas_.SessionBytes(id)});
+    for (const auto& [buffer_id, count] : session.Read().held) {
       const Buffer& buffer = *buffers_.at(buffer_id);
       holdings.buffers[buffer_id] = {buffer.info.heap(), buffer.info.size()};
     }
@@ -880,7 +887,7 @@ DaemonState::BufferPage DaemonState::ListBuffers(const BufferQuery& query) const
     // The session's own buffers, from its index.
     auto s = sessions_.find(query.session_id);
     if (s == sessions_.end()) return page;
-    const auto& held = s->second.held;
+    const auto& held = s->second.Read().held;
     for (auto it = held.upper_bound(query.after);
          it != held.end() && visit(it->first, *buffers_.at(it->first)); ++it) {
     }

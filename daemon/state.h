@@ -280,9 +280,19 @@ class DaemonState {
     uint64_t id = 0;
     uid_t uid = 0;
     ProcessRef process;
-    std::map<uint64_t, uint64_t> handles;  // handle id -> buffer id
-    // buffer id -> number of this session's handles on it.
-    std::map<uint64_t, int> held;
+    struct Holdings {
+      std::map<uint64_t, uint64_t> handles;  // handle id -> buffer id
+      // buffer id -> number of this session's handles on it.
+      std::map<uint64_t, int> held;
+    };
+    // Made at its first handle: a session that holds nothing costs no
+    // allocation for them.
+    std::unique_ptr<Holdings> holdings;
+    Holdings& Use() {
+      if (holdings == nullptr) holdings = std::make_unique<Holdings>();
+      return *holdings;
+    }
+    const Holdings& Read() const;
     // Allocations charged but not yet committed.
     int pending = 0;
     bool detached = false;

@@ -128,6 +128,11 @@ FenceTable::FenceTable(EventLoop* loop, FdBudget* budget, FenceLimits limits, Ex
 
 FenceTable::~FenceTable() { Stop(); }
 
+const FenceTable::Session::Sets& FenceTable::Session::Read() const {
+  static const Sets* const kNone = new Sets();
+  return sets != nullptr ? *sets : *kNone;
+}
+
 void FenceTable::AddSession(uint64_t session, uid_t uid) {
   absl::MutexLock lock(&mu_);
   sessions_[session].uid = uid;
@@ -140,13 +145,14 @@ void FenceTable::CloseSession(uint64_t session_id) {
     auto it = sessions_.find(session_id);
     if (it == sessions_.end()) return;
     Session& session = it->second;
-    const std::vector<WaitId> waits(session.waits.begin(), session.waits.end());
+    const std::vector<WaitId> waits(session.Read().waits.begin(), session.Read().waits.end());
     for (WaitId wait : waits) {
       FinishWaitLocked(wait, absl::AbortedError(absl::StrCat("session ", session_id, " ended")),
                        done);
     }
     // Its promises fail first, so every waiter elsewhere wakes.
-    const std::vector<uint64_t> owned(session.pending_owned.begin(), session.pending_owned.end());
+    const std::vector<uint64_t> owned(session.Read().pending_owned.begin(),
+                                      session.Read().pending_owned.end());
     for (uint64_t id : owned) {
       auto fence = fences_.find(id);
       if (fence == fences_.end() || fence->second.view.signaled) continue;
@@ -154,7 +160,7 @@ void FenceTable::CloseSession(uint64_t session_id) {
                    absl::StrCat("owner session ", session_id, " ended"), done);
     }
     std::vector<uint64_t> held;
-    for (const auto& [id, holds] : session.held) held.push_back(id);
+    for (const auto& [id, holds] : session.Read().held) held.push_back(id);
     for (uint64_t id : held) UnholdLocked(session, id);
     sessions_.erase(it);
     SweepLocked();
@@ -173,7 +179,7 @@ absl::StatusOr<FenceTable::Session*> FenceTable::SessionLocked(uint64_t session)
 
 absl::StatusOr<FenceTable::Fence*> FenceTable::HeldLocked(uint64_t session, uint64_t id) const {
   auto s = sessions_.find(session);
-  if (s == sessions_.end() || !s->second.held.contains(id)) return NotFound(id);
+  if (s == sessions_.end() || !s->second.Read().held.contains(id)) return NotFound(id);
   auto it = fences_.find(id);
   if (it == fences_.end()) return NotFound(id);
   return const_cast<Fence*>(&it->second);
@@ -182,10 +188,10 @@ absl::StatusOr<FenceTable::Fence*> FenceTable::HeldLocked(uint64_t session, uint
 absl::Status FenceTable::CheckNewFenceLocked(const Session& session) const {
   RETURN_IF_ERROR(CheckNewHoldLocked(session));
   const uint32_t max_pending = max_pending_per_session_.load(std::memory_order_relaxed);
-  if (max_pending != 0 && session.pending_owned.size() >= max_pending) {
+  if (max_pending != 0 && session.Read().pending_owned.size() >= max_pending) {
     return absl::ResourceExhaustedError(
         absl::StrCat("quota max_fences_per_session: the session owns ",
-                     session.pending_owned.size(), " pending fences, the most allowed"));
+                     session.Read().pending_owned.size(), " pending fences, the most allowed"));
   }
   if (fences_.size() >= limits_.max_fences) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -196,9 +202,9 @@ absl::Status FenceTable::CheckNewFenceLocked(const Session& session) const {
 }
 
 absl::Status FenceTable::CheckNewHoldLocked(const Session& session) const {
-  if (session.held.size() >= limits_.max_held_per_session) {
+  if (session.Read().held.size() >= limits_.max_held_per_session) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "limit max_held_fences_per_session: the session holds ", session.held.size(),
+        "limit max_held_fences_per_session: the session holds ", session.Read().held.size(),
         " fences (pending, or signalled and not forgotten), the most allowed; drop Fences "
         "it no longer needs"));
   }
@@ -241,20 +247,20 @@ FenceTable::Fence& FenceTable::AddFenceLocked(uint64_t session_id, Session& sess
     RearmLocked();
   }
   ++pending_;
-  session.pending_owned.insert(id);
+  session.Use().pending_owned.insert(id);
   HoldLocked(session, fence);
   return fence;
 }
 
 void FenceTable::HoldLocked(Session& session, Fence& fence) {
-  if (session.held[fence.view.id]++ == 0) {
+  if (session.Use().held[fence.view.id]++ == 0) {
     ++fence.holders;
     ++held_by_uid_[session.uid];
   }
 }
 
 void FenceTable::UnholdLocked(Session& session, uint64_t id) {
-  if (session.held.erase(id) == 0) return;
+  if (session.sets == nullptr || session.sets->held.erase(id) == 0) return;
   auto by_uid = held_by_uid_.find(session.uid);
   if (by_uid != held_by_uid_.end() && --by_uid->second == 0) held_by_uid_.erase(by_uid);
   auto it = fences_.find(id);
@@ -423,7 +429,7 @@ void FenceTable::SignalLocked(Fence& first, v1::FenceStatus status, std::string 
     ++counts_.signals[step.status];
     signalled.push_back(step.id);
     auto owner = sessions_.find(fence.view.owner_session);
-    if (owner != sessions_.end()) owner->second.pending_owned.erase(step.id);
+    if (owner != sessions_.end()) owner->second.Use().pending_owned.erase(step.id);
     RemoveTimerLocked(fence.timer);
     if (fence.imported.fd.valid()) {
       loop_->Unwatch(fence.imported.fd.get());
@@ -543,7 +549,7 @@ absl::StatusOr<FenceView> FenceTable::Import(uint64_t session_id, UniqueFd fd,
       if (known != exported_pipes_.end()) {
         auto it = fences_.find(known->second);
         if (it != fences_.end()) {
-          if (!session->held.contains(known->second)) {
+          if (!session->Read().held.contains(known->second)) {
             RETURN_IF_ERROR(CheckNewHoldLocked(*session));
           }
           HoldLocked(*session, it->second);
@@ -680,8 +686,9 @@ void FenceTable::Forget(uint64_t session_id, uint64_t id) {
     absl::MutexLock lock(&mu_);
     auto s = sessions_.find(session_id);
     if (s == sessions_.end()) return;
-    auto held = s->second.held.find(id);
-    if (held == s->second.held.end()) return;
+    if (s->second.sets == nullptr) return;
+    auto held = s->second.sets->held.find(id);
+    if (held == s->second.sets->held.end()) return;
     // One hold of several (the fence was imported again): nothing else.
     if (--held->second > 0) return;
     auto it = fences_.find(id);
@@ -701,7 +708,7 @@ absl::StatusOr<FenceView> FenceTable::HoldFor(uint64_t session_id, uint64_t id) 
   ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
   auto it = fences_.find(id);
   if (it == fences_.end()) return NotFound(id);
-  if (!session->held.contains(id)) RETURN_IF_ERROR(CheckNewHoldLocked(*session));
+  if (!session->Read().held.contains(id)) RETURN_IF_ERROR(CheckNewHoldLocked(*session));
   HoldLocked(*session, it->second);
   return ViewLocked(it->second);
 }
@@ -723,8 +730,9 @@ void FenceTable::Abandon(uint64_t session_id, uint64_t id, absl::string_view why
         it->second.view.owner_session == session_id &&
         (it->second.view.kind == FenceKind::kImported ||
          it->second.view.kind == FenceKind::kTimelinePoint)) {
-      auto held = s->second.held.find(id);
-      if (held != s->second.held.end() && held->second == 1) {
+      const auto& holds = s->second.Read().held;
+      auto held = holds.find(id);
+      if (held != holds.end() && held->second == 1) {
         SignalLocked(it->second, v1::FENCE_STATUS_CANCELLED, std::string(why), done);
       }
     }
@@ -809,7 +817,7 @@ absl::StatusOr<std::optional<FenceTable::WaitResult>> FenceTable::Wait(uint64_t 
   }
   waiter.timer = timers_.emplace(waiter.started_mono + std::min(request.timeout, kMaxWaitTimeout),
                                  std::make_pair(TimerKind::kWaitTimeout, wait));
-  session->waits.insert(wait);
+  session->Use().waits.insert(wait);
   waiters_.emplace(wait, std::move(waiter));
   ++counts_.waits;
   RearmLocked();
@@ -840,7 +848,7 @@ void FenceTable::FinishWaitLocked(WaitId id, absl::StatusOr<bool> satisfied, Com
   const uint32_t entries = static_cast<uint32_t>(waiter.ids.size());
   auto session = sessions_.find(waiter.session);
   if (session != sessions_.end()) {
-    session->second.waits.erase(id);
+    session->second.Use().waits.erase(id);
     session->second.wait_entries -= entries;
   }
   auto by_uid = wait_entries_by_uid_.find(waiter.uid);
@@ -1024,8 +1032,8 @@ FenceTable::SessionCounts FenceTable::session_counts(uint64_t session) const {
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(session);
   if (it == sessions_.end()) return {};
-  return {static_cast<uint32_t>(it->second.pending_owned.size()),
-          static_cast<uint32_t>(it->second.held.size())};
+  return {static_cast<uint32_t>(it->second.Read().pending_owned.size()),
+          static_cast<uint32_t>(it->second.Read().held.size())};
 }
 
 void FenceTable::Stop() {

@@ -50,6 +50,7 @@
 #include <deque>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -347,14 +348,24 @@ class FenceTable {
   };
   struct Session {
     uid_t uid = 0;
-    // Fence id -> holds (a fence imported twice is held twice: one Forget
-    // drops one).
-    absl::flat_hash_map<uint64_t, uint32_t> held;
-    // Pending fences it owns (held or not).
-    absl::flat_hash_set<uint64_t> pending_owned;
-    absl::flat_hash_set<WaitId> waits;
     // Fences its pending waits name, summed.
     uint32_t wait_entries = 0;
+    struct Sets {
+      // Fence id -> holds (a fence imported twice is held twice: one Forget
+      // drops one).
+      absl::flat_hash_map<uint64_t, uint32_t> held;
+      // Pending fences it owns (held or not).
+      absl::flat_hash_set<uint64_t> pending_owned;
+      absl::flat_hash_set<WaitId> waits;
+    };
+    // Made at its first fence, hold or wait: a session that never uses a
+    // fence costs the table one slot of sessions_ and no allocation.
+    std::unique_ptr<Sets> sets;
+    Sets& Use() {
+      if (sets == nullptr) sets = std::make_unique<Sets>();
+      return *sets;
+    }
+    const Sets& Read() const;
   };
   // Work to do once the lock is dropped.
   struct Completions {
@@ -416,7 +427,9 @@ class FenceTable {
   std::atomic<WaitId> next_wait_id_{1};
   // Node maps: references stay valid while others are added.
   absl::node_hash_map<uint64_t, Fence> fences_ ABSL_GUARDED_BY(mu_);
-  absl::node_hash_map<uint64_t, Session> sessions_ ABSL_GUARDED_BY(mu_);
+  // Flat: a Session* lives only while the lock is held, and only
+  // AddSession inserts.
+  absl::flat_hash_map<uint64_t, Session> sessions_ ABSL_GUARDED_BY(mu_);
   absl::node_hash_map<WaitId, Waiter> waiters_ ABSL_GUARDED_BY(mu_);
   std::map<std::pair<dev_t, ino_t>, uint64_t> exported_pipes_ ABSL_GUARDED_BY(mu_);
   // The last kRecentPipes exported fences that went away: an import of their

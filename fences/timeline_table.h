@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -289,10 +290,20 @@ class TimelineTable {
   struct Session {
     uint64_t id = 0;
     uid_t uid = 0;
-    absl::flat_hash_map<uint64_t, Holding> held;
-    LeasedFd wait_fd;
-    Mapping wait_map;
-    std::pair<dev_t, ino_t> wait_inode;
+    struct Details {
+      absl::flat_hash_map<uint64_t, Holding> held;
+      LeasedFd wait_fd;
+      Mapping wait_map;
+      std::pair<dev_t, ino_t> wait_inode;
+    };
+    // Made at its first timeline or wait page: a session that never uses
+    // one costs the table one slot of sessions_ and no allocation.
+    std::unique_ptr<Details> details;
+    Details& Use() {
+      if (details == nullptr) details = std::make_unique<Details>();
+      return *details;
+    }
+    const Details& Read() const;
   };
 
   // The daemon's waker in Timeline::wakers (sessions are numbered from 1).
@@ -347,7 +358,9 @@ class TimelineTable {
   mutable absl::Mutex mu_;
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   absl::node_hash_map<uint64_t, Timeline> timelines_ ABSL_GUARDED_BY(mu_);
-  absl::node_hash_map<uint64_t, Session> sessions_ ABSL_GUARDED_BY(mu_);
+  // Flat: a Session* lives only while the lock is held, and only
+  // AddSession inserts.
+  absl::flat_hash_map<uint64_t, Session> sessions_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<uid_t, uint32_t> held_by_uid_ ABSL_GUARDED_BY(mu_);
   // Page inodes of known timelines: a page of one is never taken as a new
   // one's counters or as a wait page.

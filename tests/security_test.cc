@@ -384,6 +384,10 @@ TEST(DebugAccessTest, OnlyOperatorsMayCallDebug) {
     return heaps.ok() ? std::make_pair(heaps->fds().in_use(), heaps->live_buffers())
                       : std::make_pair(uint64_t{0}, uint64_t{0});
   };
+  // Settled first: the readiness probe's control connection (TestDaemon::
+  // Start) is swept up to a second after it closed. This session's fd.sock
+  // and control connection are what is left.
+  ASSERT_TRUE(testing::Eventually([&] { return counts().first == 2; })) << counts().first;
   const auto before = counts();
   for (const char* command : {"heaps", "clients", "buffers", "fences", "metrics"}) {
     SCOPED_TRACE(command);
