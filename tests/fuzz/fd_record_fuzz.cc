@@ -491,8 +491,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   world->CheckOnlyBystanderLeft();
   // The daemon ends a session on the loop; what it kept of it goes a moment
-  // later (the reaper closes fds off the loop).
-  FUZZ_CHECK(Eventually([&] { return CountOpenFds() == fds_before; }, absl::Seconds(1)),
+  // later (the reaper closes fds off the loop). Fewer than before is no
+  // leak: an fd of an earlier input may have been on its way out when this
+  // one started (seen under ASan on a loaded machine: 20 after, 21 before).
+  FUZZ_CHECK(Eventually([&] { return CountOpenFds() <= fds_before; }, absl::Seconds(5)),
              CountOpenFds(), " fds open, ", fds_before, " before");
   return 0;
 }
