@@ -20,6 +20,7 @@
 #include "base/event_loop.h"
 #include "base/fd_budget.h"
 #include "base/fd_count.h"
+#include "base/lazy.h"
 #include "base/mapping.h"
 #include "base/protocol.h"
 #include "base/unique_fd.h"
@@ -420,6 +421,22 @@ TEST(EventLoopTest, WatchModifyUnwatch) {
   absl::MutexLock lock(&mu);
   EXPECT_EQ(readable, 2);
   EXPECT_EQ(loop.Modify(read_end.get(), EPOLLIN).code(), absl::StatusCode::kNotFound);
+}
+
+// Tests that a Lazy reads as an empty value without allocating, that the
+// first Use() makes the one value every later Read() and Use() sees, and
+// that Read() of another Lazy stays empty.
+TEST(LazyTest, ReadNeverAllocatesUseMakesOne) {
+  Lazy<std::vector<int>> lazy, other;
+  EXPECT_TRUE(lazy.Read().empty());
+  EXPECT_EQ(lazy.get(), nullptr) << "a Read() made it";
+  lazy.Use().push_back(7);
+  ASSERT_NE(lazy.get(), nullptr);
+  EXPECT_EQ(&lazy.Use(), lazy.get());
+  EXPECT_EQ(&lazy.Read(), lazy.get());
+  EXPECT_THAT(lazy.Read(), ::testing::ElementsAre(7));
+  EXPECT_TRUE(other.Read().empty()) << "the shared empty value was changed";
+  EXPECT_EQ(other.get(), nullptr);
 }
 
 }  // namespace

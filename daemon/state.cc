@@ -193,11 +193,6 @@ void DaemonState::SetHeapQuotas(const std::string& heap, uint64_t per_session, u
   quotas_.SetHeapQuotas(heap, per_session, per_uid);
 }
 
-const DaemonState::Session::Holdings& DaemonState::Session::Read() const {
-  static const Holdings* const kNone = new Holdings();
-  return holdings != nullptr ? *holdings : *kNone;
-}
-
 void DaemonState::AddSession(uint64_t session_id, uid_t uid, ProcessRef process) {
   absl::MutexLock lock(&mu_);
   Session& session = sessions_[session_id];
@@ -216,8 +211,8 @@ std::vector<DeadBuffer> DaemonState::CloseSession(uint64_t session_id) {
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(session_id);
   if (it == sessions_.end()) return dead;
-  while (!it->second.Read().handles.empty()) {
-    RemoveHandleLocked(it->second.Read().handles.begin()->first, dead);
+  while (!it->second.holdings.Read().handles.empty()) {
+    RemoveHandleLocked(it->second.holdings.Read().handles.begin()->first, dead);
   }
   // What is left is charged by in-flight Allocates; they uncharge the uid
   // themselves when they find the session gone.
@@ -236,10 +231,11 @@ absl::StatusOr<DaemonState::Session*> DaemonState::FindSessionLocked(uint64_t se
 
 absl::Status DaemonState::CheckBufferCountLocked(const Session& session, uint32_t count) const {
   const uint32_t max_buffers = quotas_.quotas().max_buffers_per_session();
-  if (max_buffers != 0 && session.Read().handles.size() + session.pending + count > max_buffers) {
+  if (max_buffers != 0 &&
+      session.holdings.Read().handles.size() + session.pending + count > max_buffers) {
     return absl::ResourceExhaustedError(
         absl::StrCat("quota max_buffers_per_session: session ", session.id, " holds ",
-                     session.Read().handles.size(), " handles (max ", max_buffers, ")",
+                     session.holdings.Read().handles.size(), " handles (max ", max_buffers, ")",
                      count == 1 ? "" : absl::StrCat(", asked for ", count)));
   }
   return absl::OkStatus();
@@ -269,8 +265,8 @@ DaemonState::Grant DaemonState::AddHandleLocked(Session& session, Buffer& buffer
   grant.access = access;
   grant.fd = std::move(fd);
   handles_[grant.handle] = Handle{grant.handle, session.id, buffer.info.buffer_id(), access};
-  session.Use().handles[grant.handle] = buffer.info.buffer_id();
-  ++session.Use().held[buffer.info.buffer_id()];
+  session.holdings.Use().handles[grant.handle] = buffer.info.buffer_id();
+  ++session.holdings.Use().held[buffer.info.buffer_id()];
   buffer.handles.push_back(grant.handle);
   return grant;
 }
@@ -284,9 +280,9 @@ void DaemonState::RemoveHandleLocked(uint64_t handle_id, std::vector<DeadBuffer>
   Buffer& buffer = *b->second;
   if (auto s = sessions_.find(handle.session); s != sessions_.end()) {
     Session& session = s->second;
-    session.Use().handles.erase(handle_id);
-    if (--session.Use().held[handle.buffer] == 0) {
-      session.Use().held.erase(handle.buffer);
+    session.holdings.Use().handles.erase(handle_id);
+    if (--session.holdings.Use().held[handle.buffer] == 0) {
+      session.holdings.Use().held.erase(handle.buffer);
       quotas_.Uncharge(session.id, session.uid, buffer.info.heap(), buffer.info.size());
     }
   }
@@ -615,7 +611,7 @@ absl::StatusOr<std::vector<DeadBuffer>> DaemonState::Release(uint64_t session_id
   ASSIGN_OR_RETURN(Handle * found, FindHandleLocked(session_id, handle));
   const uint64_t buffer = found->buffer;
   RemoveHandleLocked(handle, dead);
-  if (let_go != nullptr && !session->Read().held.contains(buffer)) *let_go = buffer;
+  if (let_go != nullptr && !session->holdings.Read().held.contains(buffer)) *let_go = buffer;
   return dead;
 }
 
@@ -736,7 +732,7 @@ absl::StatusOr<DaemonState::PendingGrant> DaemonState::Import(uint64_t session_i
       refused_heap = buffer.info.heap();
       return status;
     }
-    const bool charge = session->Read().held.count(entry.buffer) == 0;
+    const bool charge = session->holdings.Read().held.count(entry.buffer) == 0;
     if (charge) {
       if (absl::Status quota =
               quotas_.Charge(session_id, session->uid, buffer.info.heap(), buffer.info.size());
@@ -766,7 +762,7 @@ absl::StatusOr<DaemonState::PendingGrant> DaemonState::Import(uint64_t session_i
 bool DaemonState::Holds(uint64_t session_id, uint64_t buffer_id) const {
   absl::ReaderMutexLock lock(&mu_);
   absl::StatusOr<Session*> session = FindSessionLocked(session_id);
-  return session.ok() && (*session)->Read().held.contains(buffer_id);
+  return session.ok() && (*session)->holdings.Read().held.contains(buffer_id);
 }
 
 absl::StatusOr<v1::GetBufferResponse> DaemonState::GetBuffer(uint64_t session_id,
@@ -831,9 +827,9 @@ std::vector<DaemonState::Holdings> DaemonState::ListHoldings() const {
   list.reserve(sessions_.size());
   for (const auto& [id, session] : sessions_) {
     Holdings& holdings = list.emplace_back(
-        Holdings{id, session.uid, static_cast<uint32_t>(session.Read().handles.size()),
+        Holdings{id, session.uid, static_cast<uint32_t>(session.holdings.Read().handles.size()),
                  quotas_.SessionBytes(id)});
-    for (const auto& [buffer_id, count] : session.Read().held) {
+    for (const auto& [buffer_id, count] : session.holdings.Read().held) {
       const Buffer& buffer = *buffers_.at(buffer_id);
       holdings.buffers[buffer_id] = {buffer.info.heap(), buffer.info.size()};
     }
@@ -887,7 +883,7 @@ DaemonState::BufferPage DaemonState::ListBuffers(const BufferQuery& query) const
     // The session's own buffers, from its index.
     auto s = sessions_.find(query.session_id);
     if (s == sessions_.end()) return page;
-    const auto& held = s->second.Read().held;
+    const auto& held = s->second.holdings.Read().held;
     for (auto it = held.upper_bound(query.after);
          it != held.end() && visit(it->first, *buffers_.at(it->first)); ++it) {
     }

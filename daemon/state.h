@@ -38,6 +38,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "base/fd_budget.h"
+#include "base/lazy.h"
 #include "bufferd/v1/buffer.pb.h"
 #include "bufferd/v1/config.pb.h"
 #include "daemon/log.h"
@@ -287,12 +288,7 @@ class DaemonState {
     };
     // Made at its first handle: a session that holds nothing costs no
     // allocation for them.
-    std::unique_ptr<Holdings> holdings;
-    Holdings& Use() {
-      if (holdings == nullptr) holdings = std::make_unique<Holdings>();
-      return *holdings;
-    }
-    const Holdings& Read() const;
+    Lazy<Holdings> holdings;
     // Allocations charged but not yet committed.
     int pending = 0;
     bool detached = false;

@@ -128,11 +128,6 @@ FenceTable::FenceTable(EventLoop* loop, FdBudget* budget, FenceLimits limits, Ex
 
 FenceTable::~FenceTable() { Stop(); }
 
-const FenceTable::Session::Sets& FenceTable::Session::Read() const {
-  static const Sets* const kNone = new Sets();
-  return sets != nullptr ? *sets : *kNone;
-}
-
 void FenceTable::AddSession(uint64_t session, uid_t uid) {
   absl::MutexLock lock(&mu_);
   sessions_[session].uid = uid;
@@ -145,14 +140,15 @@ void FenceTable::CloseSession(uint64_t session_id) {
     auto it = sessions_.find(session_id);
     if (it == sessions_.end()) return;
     Session& session = it->second;
-    const std::vector<WaitId> waits(session.Read().waits.begin(), session.Read().waits.end());
+    const std::vector<WaitId> waits(session.sets.Read().waits.begin(),
+                                    session.sets.Read().waits.end());
     for (WaitId wait : waits) {
       FinishWaitLocked(wait, absl::AbortedError(absl::StrCat("session ", session_id, " ended")),
                        done);
     }
     // Its promises fail first, so every waiter elsewhere wakes.
-    const std::vector<uint64_t> owned(session.Read().pending_owned.begin(),
-                                      session.Read().pending_owned.end());
+    const std::vector<uint64_t> owned(session.sets.Read().pending_owned.begin(),
+                                      session.sets.Read().pending_owned.end());
     for (uint64_t id : owned) {
       auto fence = fences_.find(id);
       if (fence == fences_.end() || fence->second.view.signaled) continue;
@@ -160,7 +156,7 @@ void FenceTable::CloseSession(uint64_t session_id) {
                    absl::StrCat("owner session ", session_id, " ended"), done);
     }
     std::vector<uint64_t> held;
-    for (const auto& [id, holds] : session.Read().held) held.push_back(id);
+    for (const auto& [id, holds] : session.sets.Read().held) held.push_back(id);
     for (uint64_t id : held) UnholdLocked(session, id);
     sessions_.erase(it);
     SweepLocked();
@@ -179,7 +175,7 @@ absl::StatusOr<FenceTable::Session*> FenceTable::SessionLocked(uint64_t session)
 
 absl::StatusOr<FenceTable::Fence*> FenceTable::HeldLocked(uint64_t session, uint64_t id) const {
   auto s = sessions_.find(session);
-  if (s == sessions_.end() || !s->second.Read().held.contains(id)) return NotFound(id);
+  if (s == sessions_.end() || !s->second.sets.Read().held.contains(id)) return NotFound(id);
   auto it = fences_.find(id);
   if (it == fences_.end()) return NotFound(id);
   return const_cast<Fence*>(&it->second);
@@ -188,10 +184,10 @@ absl::StatusOr<FenceTable::Fence*> FenceTable::HeldLocked(uint64_t session, uint
 absl::Status FenceTable::CheckNewFenceLocked(const Session& session) const {
   RETURN_IF_ERROR(CheckNewHoldLocked(session));
   const uint32_t max_pending = max_pending_per_session_.load(std::memory_order_relaxed);
-  if (max_pending != 0 && session.Read().pending_owned.size() >= max_pending) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("quota max_fences_per_session: the session owns ",
-                     session.Read().pending_owned.size(), " pending fences, the most allowed"));
+  if (max_pending != 0 && session.sets.Read().pending_owned.size() >= max_pending) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "quota max_fences_per_session: the session owns ", session.sets.Read().pending_owned.size(),
+        " pending fences, the most allowed"));
   }
   if (fences_.size() >= limits_.max_fences) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -202,9 +198,9 @@ absl::Status FenceTable::CheckNewFenceLocked(const Session& session) const {
 }
 
 absl::Status FenceTable::CheckNewHoldLocked(const Session& session) const {
-  if (session.Read().held.size() >= limits_.max_held_per_session) {
+  if (session.sets.Read().held.size() >= limits_.max_held_per_session) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "limit max_held_fences_per_session: the session holds ", session.Read().held.size(),
+        "limit max_held_fences_per_session: the session holds ", session.sets.Read().held.size(),
         " fences (pending, or signalled and not forgotten), the most allowed; drop Fences "
         "it no longer needs"));
   }
@@ -247,20 +243,20 @@ FenceTable::Fence& FenceTable::AddFenceLocked(uint64_t session_id, Session& sess
     RearmLocked();
   }
   ++pending_;
-  session.Use().pending_owned.insert(id);
+  session.sets.Use().pending_owned.insert(id);
   HoldLocked(session, fence);
   return fence;
 }
 
 void FenceTable::HoldLocked(Session& session, Fence& fence) {
-  if (session.Use().held[fence.view.id]++ == 0) {
+  if (session.sets.Use().held[fence.view.id]++ == 0) {
     ++fence.holders;
     ++held_by_uid_[session.uid];
   }
 }
 
 void FenceTable::UnholdLocked(Session& session, uint64_t id) {
-  if (session.sets == nullptr || session.sets->held.erase(id) == 0) return;
+  if (session.sets.get() == nullptr || session.sets.get()->held.erase(id) == 0) return;
   auto by_uid = held_by_uid_.find(session.uid);
   if (by_uid != held_by_uid_.end() && --by_uid->second == 0) held_by_uid_.erase(by_uid);
   auto it = fences_.find(id);
@@ -429,7 +425,7 @@ void FenceTable::SignalLocked(Fence& first, v1::FenceStatus status, std::string 
     ++counts_.signals[step.status];
     signalled.push_back(step.id);
     auto owner = sessions_.find(fence.view.owner_session);
-    if (owner != sessions_.end()) owner->second.Use().pending_owned.erase(step.id);
+    if (owner != sessions_.end()) owner->second.sets.Use().pending_owned.erase(step.id);
     RemoveTimerLocked(fence.timer);
     if (fence.imported.fd.valid()) {
       loop_->Unwatch(fence.imported.fd.get());
@@ -549,7 +545,7 @@ absl::StatusOr<FenceView> FenceTable::Import(uint64_t session_id, UniqueFd fd,
       if (known != exported_pipes_.end()) {
         auto it = fences_.find(known->second);
         if (it != fences_.end()) {
-          if (!session->Read().held.contains(known->second)) {
+          if (!session->sets.Read().held.contains(known->second)) {
             RETURN_IF_ERROR(CheckNewHoldLocked(*session));
           }
           HoldLocked(*session, it->second);
@@ -686,9 +682,9 @@ void FenceTable::Forget(uint64_t session_id, uint64_t id) {
     absl::MutexLock lock(&mu_);
     auto s = sessions_.find(session_id);
     if (s == sessions_.end()) return;
-    if (s->second.sets == nullptr) return;
-    auto held = s->second.sets->held.find(id);
-    if (held == s->second.sets->held.end()) return;
+    if (s->second.sets.get() == nullptr) return;
+    auto held = s->second.sets.get()->held.find(id);
+    if (held == s->second.sets.get()->held.end()) return;
     // One hold of several (the fence was imported again): nothing else.
     if (--held->second > 0) return;
     auto it = fences_.find(id);
@@ -708,7 +704,7 @@ absl::StatusOr<FenceView> FenceTable::HoldFor(uint64_t session_id, uint64_t id) 
   ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
   auto it = fences_.find(id);
   if (it == fences_.end()) return NotFound(id);
-  if (!session->Read().held.contains(id)) RETURN_IF_ERROR(CheckNewHoldLocked(*session));
+  if (!session->sets.Read().held.contains(id)) RETURN_IF_ERROR(CheckNewHoldLocked(*session));
   HoldLocked(*session, it->second);
   return ViewLocked(it->second);
 }
@@ -730,7 +726,7 @@ void FenceTable::Abandon(uint64_t session_id, uint64_t id, absl::string_view why
         it->second.view.owner_session == session_id &&
         (it->second.view.kind == FenceKind::kImported ||
          it->second.view.kind == FenceKind::kTimelinePoint)) {
-      const auto& holds = s->second.Read().held;
+      const auto& holds = s->second.sets.Read().held;
       auto held = holds.find(id);
       if (held != holds.end() && held->second == 1) {
         SignalLocked(it->second, v1::FENCE_STATUS_CANCELLED, std::string(why), done);
@@ -817,7 +813,7 @@ absl::StatusOr<std::optional<FenceTable::WaitResult>> FenceTable::Wait(uint64_t 
   }
   waiter.timer = timers_.emplace(waiter.started_mono + std::min(request.timeout, kMaxWaitTimeout),
                                  std::make_pair(TimerKind::kWaitTimeout, wait));
-  session->Use().waits.insert(wait);
+  session->sets.Use().waits.insert(wait);
   waiters_.emplace(wait, std::move(waiter));
   ++counts_.waits;
   RearmLocked();
@@ -848,7 +844,7 @@ void FenceTable::FinishWaitLocked(WaitId id, absl::StatusOr<bool> satisfied, Com
   const uint32_t entries = static_cast<uint32_t>(waiter.ids.size());
   auto session = sessions_.find(waiter.session);
   if (session != sessions_.end()) {
-    session->second.Use().waits.erase(id);
+    session->second.sets.Use().waits.erase(id);
     session->second.wait_entries -= entries;
   }
   auto by_uid = wait_entries_by_uid_.find(waiter.uid);
@@ -1032,8 +1028,8 @@ FenceTable::SessionCounts FenceTable::session_counts(uint64_t session) const {
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(session);
   if (it == sessions_.end()) return {};
-  return {static_cast<uint32_t>(it->second.Read().pending_owned.size()),
-          static_cast<uint32_t>(it->second.Read().held.size())};
+  return {static_cast<uint32_t>(it->second.sets.Read().pending_owned.size()),
+          static_cast<uint32_t>(it->second.sets.Read().held.size())};
 }
 
 void FenceTable::Stop() {

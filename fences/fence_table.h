@@ -64,6 +64,7 @@
 #include "absl/time/time.h"
 #include "base/event_loop.h"
 #include "base/fd_budget.h"
+#include "base/lazy.h"
 #include "base/unique_fd.h"
 #include "bufferd/v1/fence.pb.h"
 
@@ -360,12 +361,7 @@ class FenceTable {
     };
     // Made at its first fence, hold or wait: a session that never uses a
     // fence costs the table one slot of sessions_ and no allocation.
-    std::unique_ptr<Sets> sets;
-    Sets& Use() {
-      if (sets == nullptr) sets = std::make_unique<Sets>();
-      return *sets;
-    }
-    const Sets& Read() const;
+    Lazy<Sets> sets;
   };
   // Work to do once the lock is dropped.
   struct Completions {

@@ -49,28 +49,23 @@ void TimelineTable::CloseSession(uint64_t session_id) {
   Run(calls);
 }
 
-const TimelineTable::Session::Details& TimelineTable::Session::Read() const {
-  static const Details* const kNone = new Details();
-  return details != nullptr ? *details : *kNone;
-}
-
 void TimelineTable::CloseSessionLocked(uint64_t session_id) {
   auto it = sessions_.find(session_id);
   if (it == sessions_.end()) return;
   Session& session = it->second;
   // The owned ones end first, so their waiters wake before anything else.
-  for (const auto& [id, hold] : session.Read().held) {
+  for (const auto& [id, hold] : session.details.Read().held) {
     if (hold.owned) EndLocked(timelines_.at(id), v1::FENCE_STATUS_OWNER_DIED);
   }
   std::vector<uint64_t> held;
-  for (const auto& [id, hold] : session.Read().held) held.push_back(id);
+  for (const auto& [id, hold] : session.details.Read().held) held.push_back(id);
   // Its exported points (the fence table fails their fences itself).
   for (auto& [id, timeline] : timelines_) {
     std::erase_if(timeline.watches,
                   [&](const auto& watch) { return watch.second.session == session_id; });
   }
   for (uint64_t id : held) UnholdLocked(session, id);
-  if (session.Read().wait_map.valid()) --wait_pages_;
+  if (session.details.Read().wait_map.valid()) --wait_pages_;
   sessions_.erase(it);
   UpdateTimerLocked();
 }
@@ -87,16 +82,17 @@ absl::StatusOr<TimelineTable::Timeline*> TimelineTable::HeldLocked(uint64_t sess
                                                                    uint64_t id) const {
   auto s = sessions_.find(session);
   auto t = timelines_.find(id);
-  if (s == sessions_.end() || t == timelines_.end() || !s->second.Read().held.contains(id)) {
+  if (s == sessions_.end() || t == timelines_.end() ||
+      !s->second.details.Read().held.contains(id)) {
     return absl::NotFoundError(absl::StrCat("timeline ", id, " not found"));
   }
   return const_cast<Timeline*>(&t->second);
 }
 
 absl::Status TimelineTable::CheckNewHoldLocked(const Session& session) const {
-  if (session.Read().held.size() >= limits_.max_per_session) {
+  if (session.details.Read().held.size() >= limits_.max_per_session) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "this session holds ", session.Read().held.size(),
+        "this session holds ", session.details.Read().held.size(),
         " timelines, the limit (max_timelines_per_session ", limits_.max_per_session, ")"));
   }
   auto by_uid = held_by_uid_.find(session.uid);
@@ -125,8 +121,8 @@ absl::Status TimelineTable::SetWaitPage(uint64_t session_id, UniqueFd page) {
   {
     absl::MutexLock lock(&mu_);
     ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
-    if (session->Read().wait_map.valid()) {
-      if (session->Read().wait_inode == inode) return absl::OkStatus();
+    if (session->details.Read().wait_map.valid()) {
+      if (session->details.Read().wait_inode == inode) return absl::OkStatus();
       return absl::FailedPreconditionError("this session has another wait page already");
     }
     uid = session->uid;
@@ -138,17 +134,17 @@ absl::Status TimelineTable::SetWaitPage(uint64_t session_id, UniqueFd page) {
                                                 Mapping::Protection::kReadOnly));
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
-  if (session->Read().wait_map.valid()) {
-    if (session->Read().wait_inode == inode) return absl::OkStatus();
+  if (session->details.Read().wait_map.valid()) {
+    if (session->details.Read().wait_inode == inode) return absl::OkStatus();
     return absl::FailedPreconditionError("this session has another wait page already");
   }
   if (auto known = inodes_.find(inode); known != inodes_.end()) {
     return absl::InvalidArgumentError(
         absl::StrCat("the wait page is a page of timeline ", known->second));
   }
-  session->Use().wait_fd = LeasedFd{std::move(read_only), std::move(lease)};
-  session->Use().wait_map = std::move(map);
-  session->Use().wait_inode = inode;
+  session->details.Use().wait_fd = LeasedFd{std::move(read_only), std::move(lease)};
+  session->details.Use().wait_map = std::move(map);
+  session->details.Use().wait_inode = inode;
   ++wait_pages_;
   UpdateTimerLocked();
   return absl::OkStatus();
@@ -157,7 +153,7 @@ absl::Status TimelineTable::SetWaitPage(uint64_t session_id, UniqueFd page) {
 bool TimelineTable::HasWaitPage(uint64_t session) const {
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(session);
-  return it != sessions_.end() && it->second.Read().wait_map.valid();
+  return it != sessions_.end() && it->second.details.Read().wait_map.valid();
 }
 
 absl::StatusOr<TimelineTable::Created> TimelineTable::Create(uint64_t session_id,
@@ -232,7 +228,7 @@ absl::StatusOr<TimelineTable::Created> TimelineTable::Create(uint64_t session_id
   timeline::Reached(timeline.counters(), state, timeline.seen);
   inodes_[counters_inode] = id;
   inodes_[state_inode] = id;
-  session->Use().held[id] = Holding{.owned = true, .count = 1};
+  session->details.Use().held[id] = Holding{.owned = true, .count = 1};
   ++held_by_uid_[uid];
   timeline.holders = 1;
   UpdateTimerLocked();
@@ -247,7 +243,7 @@ absl::StatusOr<TimelineTable::Handout> TimelineTable::Hold(uint64_t session_id, 
     if (!timelines_.contains(id)) {
       return absl::NotFoundError(absl::StrCat("timeline ", id, " is gone"));
     }
-    if (!session->Read().held.contains(id)) RETURN_IF_ERROR(CheckNewHoldLocked(*session));
+    if (!session->details.Read().held.contains(id)) RETURN_IF_ERROR(CheckNewHoldLocked(*session));
     uid = session->uid;
   }
   ASSIGN_OR_RETURN(FdBudget::Lease counters_lease, budget_->Acquire(FdUse::kDelivery, uid));
@@ -259,11 +255,11 @@ absl::StatusOr<TimelineTable::Handout> TimelineTable::Hold(uint64_t session_id, 
   Timeline& timeline = it->second;
   ASSIGN_OR_RETURN(UniqueFd counters_fd, DuplicateFd(timeline.counters_fd.fd.get()));
   ASSIGN_OR_RETURN(UniqueFd state_fd, DuplicateFd(timeline.state_fd.fd.get()));
-  if (auto held = session->Use().held.find(id); held != session->Use().held.end()) {
+  if (auto held = session->details.Use().held.find(id); held != session->details.Use().held.end()) {
     ++held->second.count;
   } else {
     RETURN_IF_ERROR(CheckNewHoldLocked(*session));
-    session->Use().held[id] = Holding{.owned = false, .count = 1};
+    session->details.Use().held[id] = Holding{.owned = false, .count = 1};
     ++held_by_uid_[session->uid];
     ++timeline.holders;
   }
@@ -401,7 +397,7 @@ absl::StatusOr<TimelineTable::Wakers> TimelineTable::TakeWakers(
   {
     absl::MutexLock lock(&mu_);
     ASSIGN_OR_RETURN(Timeline * timeline, HeldLocked(session_id, id));
-    if (!sessions_.at(session_id).Read().held.at(id).owned) {
+    if (!sessions_.at(session_id).details.Read().held.at(id).owned) {
       return absl::PermissionDeniedError(
           absl::StrCat("timeline ", id, " is not this session's: only its owner takes wakers"));
     }
@@ -467,8 +463,8 @@ void TimelineTable::Forget(uint64_t session_id, uint64_t id) {
     absl::MutexLock lock(&mu_);
     auto it = sessions_.find(session_id);
     if (it == sessions_.end()) return;
-    auto held = it->second.Use().held.find(id);
-    if (held == it->second.Use().held.end() || --held->second.count > 0) return;
+    auto held = it->second.details.Use().held.find(id);
+    if (held == it->second.details.Use().held.end() || --held->second.count > 0) return;
     if (held->second.owned) EndLocked(timelines_.at(id), v1::FENCE_STATUS_CANCELLED);
     UnholdLocked(it->second, id);
     UpdateTimerLocked();
@@ -478,7 +474,7 @@ void TimelineTable::Forget(uint64_t session_id, uint64_t id) {
 }
 
 void TimelineTable::UnholdLocked(Session& session, uint64_t id) {
-  if (session.details == nullptr || session.details->held.erase(id) == 0) return;
+  if (session.details.get() == nullptr || session.details.get()->held.erase(id) == 0) return;
   if (auto by_uid = held_by_uid_.find(session.uid);
       by_uid != held_by_uid_.end() && --by_uid->second == 0) {
     held_by_uid_.erase(by_uid);
@@ -588,8 +584,9 @@ void TimelineTable::ScanLocked(absl::Duration now, Calls& calls) {
   };
   absl::flat_hash_map<uint64_t, Waited> waited;
   for (const auto& [session_id, session] : sessions_) {
-    if (!session.Read().wait_map.valid()) continue;
-    const auto& page = *reinterpret_cast<const timeline::WaitPage*>(session.Read().wait_map.data());
+    if (!session.details.Read().wait_map.valid()) continue;
+    const auto& page =
+        *reinterpret_cast<const timeline::WaitPage*>(session.details.Read().wait_map.data());
     for (const timeline::WaitSlot& slot : page.slots) {
       // A slot read while its session rewrites it is skipped (next scan).
       const uint32_t gen = Load(slot.gen);
@@ -598,7 +595,7 @@ void TimelineTable::ScanLocked(absl::Duration now, Calls& calls) {
       const int64_t need_by = Load(slot.need_by_ns);
       std::atomic_thread_fence(std::memory_order_acquire);
       if (gen % 2 != 0 || Load(slot.gen) != gen) continue;
-      if (id == 0 || !session.Read().held.contains(id)) continue;
+      if (id == 0 || !session.details.Read().held.contains(id)) continue;
       Waited& entry = waited[id];
       entry.points.emplace_back(point, session_id);
       if (need_by > 0 && (entry.need_by_ns == 0 || need_by < entry.need_by_ns)) {
@@ -857,7 +854,7 @@ absl::StatusOr<TimelineTable::Timeline*> TimelineTable::CheckPromiseLocked(uint6
         ": a fence can stand behind points 1 to 2^64-2"));
   }
   ASSIGN_OR_RETURN(Timeline * timeline, HeldLocked(session_id, id));
-  if (!sessions_.at(session_id).Read().held.at(id).owned) {
+  if (!sessions_.at(session_id).details.Read().held.at(id).owned) {
     return absl::PermissionDeniedError(absl::StrCat(
         "timeline ", id, " was imported: only its owner puts fences behind its points"));
   }

@@ -37,6 +37,7 @@
 #include "absl/time/time.h"
 #include "base/event_loop.h"
 #include "base/fd_budget.h"
+#include "base/lazy.h"
 #include "base/mapping.h"
 #include "base/unique_fd.h"
 #include "fences/timeline_shm.h"
@@ -298,12 +299,7 @@ class TimelineTable {
     };
     // Made at its first timeline or wait page: a session that never uses
     // one costs the table one slot of sessions_ and no allocation.
-    std::unique_ptr<Details> details;
-    Details& Use() {
-      if (details == nullptr) details = std::make_unique<Details>();
-      return *details;
-    }
-    const Details& Read() const;
+    Lazy<Details> details;
   };
 
   // The daemon's waker in Timeline::wakers (sessions are numbered from 1).
