@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -113,20 +114,36 @@ absl::StatusOr<std::shared_ptr<ControlChannel>> OpenControlChannel(const std::st
 class SharedControlChannels {
  public:
   static SharedControlChannels& Get() {
-    static auto* const channels = new SharedControlChannels();
+    static auto* const channels = [] {
+      auto* made = new SharedControlChannels();
+      // A fork while another thread holds the lock would leave it held in
+      // the child for good: the lock is taken around fork(), and the child
+      // starts with none of its parent's channels (gRPC's do not work
+      // after a fork).
+      ::pthread_atfork([] { Get().mu_.lock(); }, [] { Get().mu_.unlock(); },
+                       [] {
+                         SharedControlChannels& self = Get();
+                         self.by_daemon_.clear();
+                         self.mu_.unlock();
+                       });
+      return made;
+    }();
     return *channels;
   }
 
+  // `hello_pid`: the daemon's pid as its hello gives it (its own pid
+  // namespace's), which tells instances apart where the peer's pid cannot
+  // (a socket-activated daemon's sockets say pid 1).
   absl::StatusOr<std::shared_ptr<ControlChannel>> For(const std::string& socket_dir,
                                                       absl::Duration timeout,
-                                                      const PeerCredentials& daemon) {
-    const std::string key = absl::StrCat(daemon.pid, ":", daemon.uid, ":", socket_dir);
+                                                      const PeerCredentials& daemon,
+                                                      uint32_t hello_pid) {
+    // This process's euid too: a connection is charged to the uid that made
+    // it.
+    const std::string key = absl::StrCat(daemon.pid, ":", daemon.uid, ":", hello_pid, ":",
+                                         ::geteuid(), ":", socket_dir);
     {
       std::lock_guard lock(mu_);
-      if (pid_ != ::getpid()) {
-        pid_ = ::getpid();
-        by_daemon_.clear();
-      }
       auto it = by_daemon_.find(key);
       if (it != by_daemon_.end()) {
         std::shared_ptr<ControlChannel> control = it->second.lock();
@@ -145,14 +162,12 @@ class SharedControlChannels {
 
  private:
   std::mutex mu_;
-  pid_t pid_ = 0;
   std::map<std::string, std::weak_ptr<ControlChannel>> by_daemon_;
 };
 
 }  // namespace
 
 bool ControlChannel::Usable() const {
-  if (broken.load()) return false;
   pollfd hangup{probe.get(), POLLRDHUP, 0};
   return ::poll(&hangup, 1, 0) == 0;
 }
@@ -219,7 +234,8 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
       FormatSessionCredential(connection->session_id_, message.hello().secret());
   connection->fd_socket_ = *std::move(socket);
   ASSIGN_OR_RETURN(connection->control_,
-                   share_control ? SharedControlChannels::Get().For(socket_dir, timeout, daemon)
+                   share_control ? SharedControlChannels::Get().For(socket_dir, timeout, daemon,
+                                                                    message.hello().daemon_pid())
                                  : OpenControlChannel(socket_dir, timeout, daemon));
   const std::shared_ptr<grpc::Channel>& channel = connection->control_->channel;
   connection->allocator_ = v1::Allocator::NewStub(channel);
@@ -261,9 +277,6 @@ absl::Status Connection::Finish(Call& call, const grpc::Status& status) {
   one_way_->FinishCall(call.carried, status.ok());
   call.carried.clear();
   absl::Status result = FromGrpcStatus(status);
-  // The connection may be gone: no new session shares it (this one's calls
-  // fail as they would have on a connection of its own).
-  if (result.code() == absl::StatusCode::kUnavailable) control_->broken.store(true);
   // A call that failed because the session is gone says so, and what to do,
   // instead of gRPC's "Broken pipe" or "failed to connect to all addresses".
   if ((result.code() == absl::StatusCode::kUnavailable ||

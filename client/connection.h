@@ -52,16 +52,18 @@ struct Waker {
 };
 
 // A control.sock connection's gRPC channel, which the sessions of one
-// process on one daemon share unless told not to.
+// process on one daemon share unless told not to. It lives while a
+// Connection (a Client, or a Buffer, Fence or Timeline of it) holds it.
 struct ControlChannel {
   // A dup of the connection's socket, to poll: gRPC's channels on an fd
-  // report no connectivity state. Declared first: it closes after the
-  // channel, so the daemon sees the hang-up only when gRPC is done.
+  // report no connectivity state. When the daemon hangs up, or gRPC ends
+  // the transport (it shuts the socket down, not only its fd), the probe
+  // sees it.
   UniqueFd probe;
   std::shared_ptr<grpc::Channel> channel;
-  // A call on it failed UNAVAILABLE.
-  std::atomic<bool> broken{false};
-  // Neither broken nor hung up by the daemon: a new session may use it.
+  // Not hung up: a new session may use it. (A call that failed UNAVAILABLE
+  // says nothing: the daemon answers "try again" with it on a healthy
+  // connection.)
   bool Usable() const;
 };
 

@@ -463,8 +463,10 @@ void TimelineTable::Forget(uint64_t session_id, uint64_t id) {
     absl::MutexLock lock(&mu_);
     auto it = sessions_.find(session_id);
     if (it == sessions_.end()) return;
-    auto held = it->second.details.Use().held.find(id);
-    if (held == it->second.details.Use().held.end() || --held->second.count > 0) return;
+    if (it->second.details.get() == nullptr) return;
+    auto& holds = it->second.details.get()->held;
+    auto held = holds.find(id);
+    if (held == holds.end() || --held->second.count > 0) return;
     if (held->second.owned) EndLocked(timelines_.at(id), v1::FENCE_STATUS_CANCELLED);
     UnholdLocked(it->second, id);
     UpdateTimerLocked();

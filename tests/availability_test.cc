@@ -361,8 +361,8 @@ TEST_F(AvailabilityTest, ControlConnectionCapIsNamedToTheClient) {
 }
 
 // Tests that the sessions of one process share one control connection: ten
-// Clients add none to the fixture's; each works after the others have closed
-// (the last one to go closes it); one that asks for its own gets one.
+// Clients add none to the fixture's; each works after the others have
+// closed; one that asks for its own gets one, and it closes with it.
 TEST_F(AvailabilityTest, SessionsOfAProcessShareOneControlConnection) {
   Start(R"pb(heaps { name: "system" type: HEAP_TYPE_SYSTEM })pb");
   ASSERT_EQ(Fds().control_connections(), 1u) << "the fixture's client";
@@ -395,6 +395,32 @@ TEST_F(AvailabilityTest, SessionsOfAProcessShareOneControlConnection) {
   buffer = absl::UnknownError("released");
   clients.clear();
   own = absl::UnknownError("closed");
+  EXPECT_TRUE(Eventually([&] { return Fds().control_connections() == 1u; }))
+      << Fds().ShortDebugString();
+  ExpectBaseline();
+}
+
+// Tests that a forked child never uses its parent's control connection
+// (gRPC's does not work after a fork): it opens its own, allocates and
+// lists, while the parent's goes on working.
+TEST_F(AvailabilityTest, AForkedChildOpensItsOwnControlConnection) {
+  Start(R"pb(heaps { name: "system" type: HEAP_TYPE_SYSTEM })pb");
+  ASSERT_EQ(Fds().control_connections(), 1u);
+  const std::string dir = daemon_->socket_dir();
+  auto child = testing::ChildProcess::Fork([dir] {
+    auto client = Client::Connect(dir);
+    if (!client.ok()) return 1;
+    auto buffer = client->Allocate({.heap = "system", .size = 4096});
+    if (!buffer.ok()) return 2;
+    auto heaps = client->ListHeaps();
+    if (!heaps.ok()) return 3;
+    return heaps->fds().control_connections() == 2 ? 0 : 4;
+  });
+  ASSERT_TRUE(child.ok()) << child.status();
+  EXPECT_EQ(child->Wait(), 0) << "1: connect, 2: allocate, 3: list, 4: not its own connection";
+  auto buffer = client_->Allocate({.heap = "system", .size = 4096});
+  EXPECT_TRUE(buffer.ok()) << buffer.status();
+  buffer = absl::UnknownError("released");
   EXPECT_TRUE(Eventually([&] { return Fds().control_connections() == 1u; }))
       << Fds().ShortDebugString();
   ExpectBaseline();
