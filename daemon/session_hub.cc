@@ -83,7 +83,7 @@ absl::Status SessionHub::OnUpload(uint64_t session_id, uint64_t upload_id,
     absl::MutexLock lock(&mu_);
     auto it = uploads_.find(session_id);
     if (it == uploads_.end()) return absl::OkStatus();  // ending
-    if (it->second.fds != nullptr && it->second.fds->count(upload_id) != 0) {
+    if (it->second.fds.Read().count(upload_id) != 0) {
       return absl::InvalidArgumentError(absl::StrCat("upload id ", upload_id, " is in use"));
     }
     uid = it->second.uid;
@@ -113,8 +113,7 @@ absl::Status SessionHub::OnUpload(uint64_t session_id, uint64_t upload_id,
     auto it = uploads_.find(session_id);
     if (it == uploads_.end()) return absl::OkStatus();
     Uploads& uploads = it->second;
-    if (uploads.fds == nullptr) uploads.fds = std::make_unique<std::map<uint64_t, Upload>>();
-    std::map<uint64_t, Upload>& kept = *uploads.fds;
+    std::map<uint64_t, Upload>& kept = uploads.fds.Use();
     // Unclaimed uploads (a call that never came): the oldest goes.
     if (kept.size() >= kMaxUploads) {
       auto oldest = std::min_element(kept.begin(), kept.end(), [](const auto& a, const auto& b) {
@@ -135,11 +134,11 @@ absl::StatusOr<UniqueFd> SessionHub::TakeUpload(uint64_t session_id, uint64_t up
   {
     absl::MutexLock lock(&mu_);
     auto it = uploads_.find(session_id);
-    if (it != uploads_.end() && it->second.fds != nullptr) {
-      auto fd = it->second.fds->find(upload_id);
-      if (fd != it->second.fds->end()) {
+    if (std::map<uint64_t, Upload>* kept = it != uploads_.end() ? it->second.fds.get() : nullptr) {
+      auto fd = kept->find(upload_id);
+      if (fd != kept->end()) {
         upload = std::move(fd->second.fd);
-        it->second.fds->erase(fd);
+        kept->erase(fd);
       }
     }
   }

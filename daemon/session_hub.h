@@ -14,11 +14,11 @@
 #define BUFFERD_DAEMON_SESSION_HUB_H_
 
 #include <map>
-#include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "base/lazy.h"
 #include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "daemon/fd_channel.h"
@@ -95,7 +95,7 @@ class SessionHub final : public FdChannel::Delegate {
     uint64_t arrivals = 0;
     // At most kMaxUploads, by upload id; made at the first (a session that
     // never uploads costs a slot of uploads_ and no allocation).
-    std::unique_ptr<std::map<uint64_t, Upload>> fds;
+    Lazy<std::map<uint64_t, Upload>> fds;
   };
   absl::Mutex mu_;
   absl::flat_hash_map<uint64_t, Uploads> uploads_ ABSL_GUARDED_BY(mu_);

@@ -265,8 +265,9 @@ DaemonState::Grant DaemonState::AddHandleLocked(Session& session, Buffer& buffer
   grant.access = access;
   grant.fd = std::move(fd);
   handles_[grant.handle] = Handle{grant.handle, session.id, buffer.info.buffer_id(), access};
-  session.holdings.Use().handles[grant.handle] = buffer.info.buffer_id();
-  ++session.holdings.Use().held[buffer.info.buffer_id()];
+  Session::Holdings& holdings = session.holdings.Use();
+  holdings.handles[grant.handle] = buffer.info.buffer_id();
+  ++holdings.held[buffer.info.buffer_id()];
   buffer.handles.push_back(grant.handle);
   return grant;
 }
@@ -280,9 +281,10 @@ void DaemonState::RemoveHandleLocked(uint64_t handle_id, std::vector<DeadBuffer>
   Buffer& buffer = *b->second;
   if (auto s = sessions_.find(handle.session); s != sessions_.end()) {
     Session& session = s->second;
-    session.holdings.Use().handles.erase(handle_id);
-    if (--session.holdings.Use().held[handle.buffer] == 0) {
-      session.holdings.Use().held.erase(handle.buffer);
+    Session::Holdings& holdings = session.holdings.Use();
+    holdings.handles.erase(handle_id);
+    if (--holdings.held[handle.buffer] == 0) {
+      holdings.held.erase(handle.buffer);
       quotas_.Uncharge(session.id, session.uid, buffer.info.heap(), buffer.info.size());
     }
   }

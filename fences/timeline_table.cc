@@ -142,9 +142,10 @@ absl::Status TimelineTable::SetWaitPage(uint64_t session_id, UniqueFd page) {
     return absl::InvalidArgumentError(
         absl::StrCat("the wait page is a page of timeline ", known->second));
   }
-  session->details.Use().wait_fd = LeasedFd{std::move(read_only), std::move(lease)};
-  session->details.Use().wait_map = std::move(map);
-  session->details.Use().wait_inode = inode;
+  Session::Details& details = session->details.Use();
+  details.wait_fd = LeasedFd{std::move(read_only), std::move(lease)};
+  details.wait_map = std::move(map);
+  details.wait_inode = inode;
   ++wait_pages_;
   UpdateTimerLocked();
   return absl::OkStatus();
@@ -255,11 +256,12 @@ absl::StatusOr<TimelineTable::Handout> TimelineTable::Hold(uint64_t session_id, 
   Timeline& timeline = it->second;
   ASSIGN_OR_RETURN(UniqueFd counters_fd, DuplicateFd(timeline.counters_fd.fd.get()));
   ASSIGN_OR_RETURN(UniqueFd state_fd, DuplicateFd(timeline.state_fd.fd.get()));
-  if (auto held = session->details.Use().held.find(id); held != session->details.Use().held.end()) {
+  auto& holds = session->details.Use().held;
+  if (auto held = holds.find(id); held != holds.end()) {
     ++held->second.count;
   } else {
     RETURN_IF_ERROR(CheckNewHoldLocked(*session));
-    session->details.Use().held[id] = Holding{.owned = false, .count = 1};
+    holds[id] = Holding{.owned = false, .count = 1};
     ++held_by_uid_[session->uid];
     ++timeline.holders;
   }
