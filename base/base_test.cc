@@ -423,6 +423,72 @@ TEST(EventLoopTest, WatchModifyUnwatch) {
   EXPECT_EQ(loop.Modify(read_end.get(), EPOLLIN).code(), absl::StatusCode::kNotFound);
 }
 
+// Tests that an event read in the same epoll batch as the callback that
+// unwatched its fd, closed it and watched a new fd of the same number is
+// dropped: the new watch's callback never sees the old fd's event.
+TEST(EventLoopTest, AnEventOfAnUnwatchedFdNeverReachesTheNumbersNextWatch) {
+  EventLoop loop;
+  ASSERT_TRUE(loop.Init().ok());
+  loop.Start();
+  int first[2], second[2];
+  ASSERT_EQ(::pipe2(first, O_CLOEXEC | O_NONBLOCK), 0);
+  ASSERT_EQ(::pipe2(second, O_CLOEXEC | O_NONBLOCK), 0);
+  UniqueFd first_write(first[1]), second_write(second[1]);
+  int read_ends[2] = {first[0], second[0]};
+  absl::Mutex mu;
+  int handled = 0;          // callbacks of the two first watches
+  int stale = 0;            // calls of the new watch's callback
+  UniqueFd replacement[2];  // the pipe that took the other's number
+  auto on_event = [&](int self) {
+    return [&, self](uint32_t) {
+      char byte;
+      while (::read(read_ends[self], &byte, 1) == 1) {
+      }
+      absl::MutexLock lock(&mu);
+      if (handled++ != 0) return;
+      // The first callback of the batch: the other fd goes, and its number
+      // is watched again for a pipe nothing is written to.
+      const int other = read_ends[1 - self];
+      loop.Unwatch(other);
+      ::close(other);
+      int fresh[2];
+      ASSERT_EQ(::pipe2(fresh, O_CLOEXEC | O_NONBLOCK), 0);
+      replacement[0].Reset(fresh[0]);
+      replacement[1].Reset(fresh[1]);
+      ASSERT_EQ(fresh[0], other) << "the kernel did not reuse the number";
+      ASSERT_TRUE(loop.Watch(fresh[0], EPOLLIN,
+                             [&](uint32_t) {
+                               absl::MutexLock inner(&mu);
+                               ++stale;
+                             })
+                      .ok());
+    };
+  };
+  // Both fds become readable while the loop is held in a timer, so one
+  // epoll_wait reads both events.
+  absl::Notification holding, release;
+  loop.RunAfter(absl::ZeroDuration(), [&] {
+    holding.Notify();
+    release.WaitForNotification();
+  });
+  ASSERT_TRUE(holding.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  ASSERT_TRUE(loop.Watch(read_ends[0], EPOLLIN, on_event(0)).ok());
+  ASSERT_TRUE(loop.Watch(read_ends[1], EPOLLIN, on_event(1)).ok());
+  ASSERT_EQ(::write(first_write.get(), "x", 1), 1);
+  ASSERT_EQ(::write(second_write.get(), "x", 1), 1);
+  release.Notify();
+  absl::Notification went_round;
+  loop.RunAfter(absl::Milliseconds(50), [&] { went_round.Notify(); });
+  EXPECT_TRUE(went_round.WaitForNotificationWithTimeout(absl::Seconds(10)));
+  loop.Stop();
+  absl::MutexLock lock(&mu);
+  EXPECT_EQ(handled, 1) << "both callbacks of the first watches ran";
+  EXPECT_EQ(stale, 0) << "the old fd's event reached the new watch";
+  for (int fd : read_ends) {
+    if (fd != replacement[0].get()) ::close(fd);
+  }
+}
+
 // Tests that a Lazy reads as an empty value without allocating, that the
 // first Use() makes the one value every later Read() and Use() sees, and
 // that Read() of another Lazy stays empty.

@@ -15,8 +15,13 @@
 namespace bufferd {
 namespace {
 
-// epoll data of the wake eventfd; watch ids start at 1.
+// epoll data of the wake eventfd; a watched fd's is its generation (never
+// 0) above the fd.
 constexpr uint64_t kWakeId = 0;
+
+uint64_t EpollData(int fd, uint32_t generation) {
+  return (uint64_t{generation} << 32) | static_cast<uint32_t>(fd);
+}
 
 }  // namespace
 
@@ -47,26 +52,29 @@ bool EventLoop::Stop() { return thread_.Stop(); }
 
 absl::Status EventLoop::Watch(int fd, uint32_t events, FdCallback callback) {
   absl::MutexLock lock(&mu_);
-  if (by_fd_.count(fd) != 0) return absl::AlreadyExistsError("fd is watched already");
-  const uint64_t id = next_id_++;
+  if (fd < 0) return absl::InvalidArgumentError("no fd to watch");
+  if (watchers_.contains(fd)) return absl::AlreadyExistsError("fd is watched already");
+  const uint32_t generation = next_generation_;
+  // Wraps, skipping 0; an event is only ever checked against the watch
+  // that was current when its batch was read.
+  next_generation_ = generation == UINT32_MAX ? 1 : generation + 1;
   epoll_event event{};
   event.events = events;
-  event.data.u64 = id;
+  event.data.u64 = EpollData(fd, generation);
   if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &event) != 0) {
     return ErrnoError("epoll_ctl(ADD)", errno);
   }
-  watchers_[id] = Watcher{fd, std::move(callback)};
-  by_fd_[fd] = id;
+  watchers_[fd] = Watcher{generation, std::move(callback)};
   return absl::OkStatus();
 }
 
 absl::Status EventLoop::Modify(int fd, uint32_t events) {
   absl::MutexLock lock(&mu_);
-  auto it = by_fd_.find(fd);
-  if (it == by_fd_.end()) return absl::NotFoundError("fd is not watched");
+  auto it = watchers_.find(fd);
+  if (it == watchers_.end()) return absl::NotFoundError("fd is not watched");
   epoll_event event{};
   event.events = events;
-  event.data.u64 = it->second;
+  event.data.u64 = EpollData(fd, it->second.generation);
   if (::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, fd, &event) != 0) {
     return ErrnoError("epoll_ctl(MOD)", errno);
   }
@@ -75,11 +83,10 @@ absl::Status EventLoop::Modify(int fd, uint32_t events) {
 
 void EventLoop::Unwatch(int fd) {
   absl::MutexLock lock(&mu_);
-  auto it = by_fd_.find(fd);
-  if (it == by_fd_.end()) return;
+  auto it = watchers_.find(fd);
+  if (it == watchers_.end()) return;
   ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr);
-  watchers_.erase(it->second);
-  by_fd_.erase(it);
+  watchers_.erase(it);
 }
 
 EventLoop::TimerId EventLoop::RunAfter(absl::Duration delay, std::function<void()> fn) {
@@ -164,16 +171,19 @@ void EventLoop::Loop() {
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
     for (int i = 0; i < n; ++i) {
-      const uint64_t id = events[i].data.u64;
-      if (id == kWakeId) {
+      const uint64_t data = events[i].data.u64;
+      if (data == kWakeId) {
         thread_.DrainWake();
         continue;
       }
+      const int fd = static_cast<int>(static_cast<uint32_t>(data));
+      const auto generation = static_cast<uint32_t>(data >> 32);
       FdCallback callback;
       {
         absl::MutexLock lock(&mu_);
-        auto it = watchers_.find(id);
-        if (it == watchers_.end()) continue;  // unwatched earlier in this batch
+        auto it = watchers_.find(fd);
+        // Unwatched earlier in this batch (and maybe watched again).
+        if (it == watchers_.end() || it->second.generation != generation) continue;
         callback = it->second.callback;
       }
       callback(events[i].events);

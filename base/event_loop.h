@@ -4,9 +4,9 @@
 // after a delay, or every period. Timers run on the monotonic clock: a step
 // of the wall clock neither fires nor stalls them. Callbacks run on the loop thread, one at a time,
 // never under the loop's lock, so they may call back into the loop (watch,
-// unwatch, add timers). Each watch has its own id in epoll's data, so an
-// event for an fd unwatched (and maybe reused) earlier in the same batch is
-// dropped, never delivered to the new owner of the number.
+// unwatch, add timers). epoll's data names the fd and which watch of it this
+// is, so an event for an fd unwatched (and maybe reused) earlier in the same
+// batch is dropped, never delivered to the new owner of the number.
 //
 // Thread-safe: every method may be called from any thread. Stop() must not
 // be called from a callback. Unwatch and Cancel do not wait for a callback
@@ -68,7 +68,9 @@ class EventLoop {
 
  private:
   struct Watcher {
-    int fd = -1;
+    // Which watch of the fd this is: epoll's data carries it beside the fd,
+    // so an event of an earlier watch of the same number is told apart.
+    uint32_t generation = 0;
     FdCallback callback;
   };
   struct Timer {
@@ -88,12 +90,12 @@ class EventLoop {
   UniqueFd epoll_;
 
   absl::Mutex mu_;
-  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
-  // Flat: nothing points into them past the lock (Loop copies the
-  // callback out), and a watched fd (a session's fd.sock) costs ~100 bytes
-  // here instead of ~160 in two std::maps.
-  absl::flat_hash_map<uint64_t, Watcher> watchers_ ABSL_GUARDED_BY(mu_);  // by watch id
-  absl::flat_hash_map<int, uint64_t> by_fd_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;  // of timers
+  uint32_t next_generation_ ABSL_GUARDED_BY(mu_) = 1;
+  // By fd. Flat: nothing points into it past the lock (Loop copies the
+  // callback out), and a watched fd (a session's fd.sock) costs one
+  // 48-byte slot here.
+  absl::flat_hash_map<int, Watcher> watchers_ ABSL_GUARDED_BY(mu_);
   std::map<TimerId, Timer> timers_ ABSL_GUARDED_BY(mu_);
   std::multimap<absl::Duration, TimerId> due_ ABSL_GUARDED_BY(mu_);
 };
