@@ -72,17 +72,16 @@ void FdChannel::Stop() {
   std::vector<std::shared_ptr<Reader>> readers;
   {
     absl::MutexLock lock(&mu_);
-    for (auto& [fd, connection] : connections_) readers.push_back(connection.reader);
+    for (auto& [id, connection] : connections_) readers.push_back(connection.reader);
   }
   for (const auto& reader : readers) CloseReader(reader);
   {
     absl::MutexLock lock(&mu_);
-    for (auto& [fd, connection] : connections_) {
-      loop_->Unwatch(fd);
-      sessions.push_back(connection.session_id);
+    for (auto& [id, connection] : connections_) {
+      loop_->Unwatch(connection.socket.fd());
+      sessions.push_back(id);
     }
     connections_.clear();
-    by_session_.clear();
     busy_.clear();
     total_queued_ = 0;
   }
@@ -135,8 +134,9 @@ void FdChannel::Admit(UnixSocket socket) {
     return;
   }
   const int fd = socket.fd();
+  const uint64_t session_id = admission->session_id;
   auto reader = std::make_shared<Reader>();
-  reader->session_id = admission->session_id;
+  reader->session_id = session_id;
   {
     absl::MutexLock reader_lock(&reader->mu);
     reader->fd = fd;
@@ -144,18 +144,18 @@ void FdChannel::Admit(UnixSocket socket) {
   // Watched before anything can be queued for it (a Deliver that finds the
   // socket full arms EPOLLOUT on this watch). Callbacks run on this thread,
   // so none runs before the connection is registered below.
-  absl::Status watched =
-      loop_->Watch(fd, kReadEvents, [this, fd](uint32_t events) { OnEvents(fd, events); });
+  absl::Status watched = loop_->Watch(
+      fd, kReadEvents, [this, session_id](uint32_t events) { OnEvents(session_id, events); });
   if (!watched.ok()) {
-    LogLimited(RefusalLog(), spdlog::level::warn, "session {}: {}", admission->session_id,
+    LogLimited(RefusalLog(), spdlog::level::warn, "session {}: {}", session_id,
                StatusText(watched));
-    delegate_->OnDisconnect(admission->session_id);
+    delegate_->OnDisconnect(session_id);
     return;
   }
   v1::FdChannelMessage message;
   v1::Hello* hello = message.mutable_hello();
   hello->set_protocol_version(kProtocolVersion);
-  hello->set_session_id(admission->session_id);
+  hello->set_session_id(session_id);
   hello->set_secret(admission->secret);
   hello->set_daemon_pid(static_cast<uint32_t>(::getpid()));
   const std::string hello_bytes = message.SerializeAsString();
@@ -164,18 +164,16 @@ void FdChannel::Admit(UnixSocket socket) {
     // Registered before the Hello goes out: a client may call the moment
     // it has it, and its fds must find this connection.
     absl::MutexLock lock(&mu_);
-    Connection& connection = connections_[fd];
-    connection.session_id = admission->session_id;
+    Connection& connection = connections_[session_id];
     connection.socket = std::move(socket);
     connection.reader = std::move(reader);
     connection.lease = *std::move(lease);
-    by_session_[admission->session_id] = fd;
     // A fresh socket's buffer is empty, so this cannot block.
     hello_failed = !connection.socket.Send(hello_bytes, {}, /*dont_wait=*/true).ok();
   }
   ++opened_;
   // Usually a client that connected and left at once: churn, not a fault.
-  if (hello_failed) EndConnection(fd, "the hello could not be sent");
+  if (hello_failed) EndConnection(session_id, "the hello could not be sent");
 }
 
 void FdChannel::SummarizeChurn() {
@@ -194,18 +192,23 @@ void FdChannel::SummarizeChurn() {
   churn_since_ = now;
 }
 
-void FdChannel::OnEvents(int fd, uint32_t events) {
-  if (events & EPOLLOUT) OnWritable(fd);
-  if (events & (EPOLLIN | EPOLLHUP | EPOLLRDHUP | EPOLLERR)) OnReadable(fd);
+FdChannel::Connection* FdChannel::LiveLocked(uint64_t session_id) {
+  auto it = connections_.find(session_id);
+  return it == connections_.end() || it->second.lingering ? nullptr : &it->second;
 }
 
-void FdChannel::OnReadable(int fd) {
+void FdChannel::OnEvents(uint64_t session_id, uint32_t events) {
+  if (events & EPOLLOUT) OnWritable(session_id);
+  if (events & (EPOLLIN | EPOLLHUP | EPOLLRDHUP | EPOLLERR)) OnReadable(session_id);
+}
+
+void FdChannel::OnReadable(uint64_t session_id) {
   std::shared_ptr<Reader> reader;
   {
     absl::MutexLock lock(&mu_);
-    auto it = connections_.find(fd);
-    if (it == connections_.end() || it->second.lingering) return;
-    reader = it->second.reader;
+    Connection* connection = LiveLocked(session_id);
+    if (connection == nullptr) return;
+    reader = connection->reader;
   }
   // At most kRecordsPerWake records per wake: the rest wait for the next
   // round (epoll reports the socket again), so one flooding client cannot
@@ -215,26 +218,27 @@ void FdChannel::OnReadable(int fd) {
     // nor spins on the socket; it stops watching for input, and the drain
     // resumes the watch when it is done (or this does, if it already is).
     reader->loop_paused.store(true);
-    SetReading(fd, false);
+    SetReading(session_id, false);
     if (!reader->mu.TryLock()) return;
-    if (reader->loop_paused.exchange(false)) SetReading(fd, true);
+    if (reader->loop_paused.exchange(false)) SetReading(session_id, true);
   }
   std::optional<ReadEnd> end = ReadRecordsLocked(*reader, kRecordsPerWake, UINT64_MAX);
   reader->mu.Unlock();
-  if (end) EndConnection(fd, end->why, end->badly);
+  if (end) EndConnection(session_id, end->why, end->badly);
 }
 
-void FdChannel::SetReading(int fd, bool reading) {
+void FdChannel::SetReading(uint64_t session_id, bool reading) {
   absl::MutexLock lock(&mu_);
-  auto it = connections_.find(fd);
-  if (it == connections_.end() || it->second.lingering) return;
-  it->second.reading_paused = !reading;
-  UpdateWatchLocked(fd, it->second);
+  Connection* connection = LiveLocked(session_id);
+  if (connection == nullptr) return;
+  connection->reading_paused = !reading;
+  UpdateWatchLocked(*connection);
 }
 
-void FdChannel::UpdateWatchLocked(int fd, const Connection& connection) {
-  (void)loop_->Modify(fd, (connection.reading_paused ? uint32_t{EPOLLRDHUP} : kReadEvents) |
-                              (connection.queue.empty() ? 0u : uint32_t{EPOLLOUT}));
+void FdChannel::UpdateWatchLocked(const Connection& connection) {
+  (void)loop_->Modify(connection.socket.fd(),
+                      (connection.reading_paused ? uint32_t{EPOLLRDHUP} : kReadEvents) |
+                          (connection.Queued() ? uint32_t{EPOLLOUT} : 0u));
 }
 
 std::optional<FdChannel::ReadEnd> FdChannel::ReadRecordsLocked(Reader& reader, int max,
@@ -284,9 +288,9 @@ FdChannel::Drained FdChannel::DrainSession(uint64_t session_id, uint64_t sent) {
   std::shared_ptr<Reader> reader;
   {
     absl::MutexLock lock(&mu_);
-    auto s = by_session_.find(session_id);
-    if (s == by_session_.end()) return Drained::kEnded;
-    reader = connections_.at(s->second).reader;
+    Connection* connection = LiveLocked(session_id);
+    if (connection == nullptr) return Drained::kEnded;
+    reader = connection->reader;
   }
   // In chunks, the lock let go between them (so the end of a connection
   // never waits for more than one chunk); bounded in all, so a client that
@@ -316,7 +320,7 @@ FdChannel::Drained FdChannel::DrainSession(uint64_t session_id, uint64_t sent) {
     }
   }
   if (reader->loop_paused.exchange(false)) {
-    loop_->RunAfter(absl::ZeroDuration(), [this, session_id] { ResumeReading(session_id); });
+    loop_->RunAfter(absl::ZeroDuration(), [this, session_id] { SetReading(session_id, true); });
   }
   if (end) {
     // Only the loop ends connections; it would find EOF again by itself,
@@ -328,26 +332,8 @@ FdChannel::Drained FdChannel::DrainSession(uint64_t session_id, uint64_t sent) {
   return result;
 }
 
-void FdChannel::ResumeReading(uint64_t session_id) {
-  int fd;
-  {
-    absl::MutexLock lock(&mu_);
-    auto s = by_session_.find(session_id);
-    if (s == by_session_.end()) return;
-    fd = s->second;
-  }
-  SetReading(fd, true);
-}
-
 void FdChannel::EndSession(uint64_t session_id, absl::string_view why, bool badly) {
-  int fd;
-  {
-    absl::MutexLock lock(&mu_);
-    auto s = by_session_.find(session_id);
-    if (s == by_session_.end()) return;
-    fd = s->second;
-  }
-  EndConnection(fd, why, badly);
+  EndConnection(session_id, why, badly);
 }
 
 void FdChannel::EndSessionSoon(uint64_t session_id, std::string why,
@@ -355,21 +341,13 @@ void FdChannel::EndSessionSoon(uint64_t session_id, std::string why,
   loop_->RunAfter(absl::ZeroDuration(),
                   [this, session_id, why = std::move(why), done = std::move(done)] {
                     Ended outcome = Ended::kNotFound;
-                    int fd = -1;
                     {
                       absl::MutexLock lock(&mu_);
-                      if (auto s = by_session_.find(session_id); s != by_session_.end()) {
-                        fd = s->second;
-                        outcome = Ended::kEnded;
-                      } else {
-                        for (const auto& [unused, connection] : connections_) {
-                          if (connection.session_id == session_id && connection.lingering) {
-                            outcome = Ended::kLingering;
-                          }
-                        }
+                      if (auto it = connections_.find(session_id); it != connections_.end()) {
+                        outcome = it->second.lingering ? Ended::kLingering : Ended::kEnded;
                       }
                     }
-                    if (fd >= 0) EndConnection(fd, why, /*badly=*/false);
+                    if (outcome == Ended::kEnded) EndConnection(session_id, why, /*badly=*/false);
                     done(outcome);
                   });
 }
@@ -379,48 +357,51 @@ void FdChannel::CloseReader(const std::shared_ptr<Reader>& reader) {
   reader->fd = -1;
 }
 
-void FdChannel::OnWritable(int fd) {
+void FdChannel::OnWritable(uint64_t session_id) {
   bool failed = false;
   {
     absl::MutexLock lock(&mu_);
-    auto it = connections_.find(fd);
-    if (it == connections_.end() || it->second.lingering) return;
-    failed = !FlushLocked(it->second);
-    if (!failed && it->second.queue.empty()) UpdateWatchLocked(fd, it->second);
-    UpdateBusyLocked(fd, it->second);
+    Connection* connection = LiveLocked(session_id);
+    if (connection == nullptr) return;
+    failed = !FlushLocked(*connection);
+    if (!failed && !connection->Queued()) UpdateWatchLocked(*connection);
+    UpdateBusyLocked(session_id, *connection);
   }
-  if (failed) EndConnection(fd, "fd delivery failed", /*badly=*/true);
+  if (failed) EndConnection(session_id, "fd delivery failed", /*badly=*/true);
 }
 
 absl::Status FdChannel::SendRecordLocked(Connection& connection, Pending& record) {
   std::vector<int> fds;
   for (const LeasedFd& fd : record.fds) fds.push_back(fd.fd.get());
   RETURN_IF_ERROR(connection.socket.Send(record.bytes, fds, /*dont_wait=*/true));
-  for (LeasedFd& fd : record.fds) connection.in_flight.push_back(std::move(fd.lease));
+  if (record.fds.empty()) return absl::OkStatus();
+  if (connection.backlog == nullptr) connection.backlog = std::make_unique<Backlog>();
+  for (LeasedFd& fd : record.fds) connection.backlog->in_flight.push_back(std::move(fd.lease));
   return absl::OkStatus();
 }
 
 bool FdChannel::FlushLocked(Connection& connection) {
-  while (!connection.queue.empty()) {
-    absl::Status sent = SendRecordLocked(connection, connection.queue.front());
+  while (connection.Queued()) {
+    Backlog& backlog = *connection.backlog;
+    absl::Status sent = SendRecordLocked(connection, backlog.queue.front());
     if (!sent.ok()) return IsWouldBlock(sent);
-    connection.queue.pop_front();
+    backlog.queue.pop_front();
     --total_queued_;
-    connection.stalled_since = absl::Now();
+    backlog.stalled_since = absl::Now();
   }
   return true;
 }
 
-
 bool FdChannel::NeedsTick(const Connection& connection) {
-  return !connection.queue.empty() || !connection.in_flight.empty() || connection.lingering;
+  return connection.Queued() || connection.InFlight() || connection.lingering;
 }
 
-void FdChannel::UpdateBusyLocked(int fd, const Connection& connection) {
+void FdChannel::UpdateBusyLocked(uint64_t session_id, Connection& connection) {
   if (NeedsTick(connection)) {
-    busy_.insert(fd);
+    busy_.insert(session_id);
   } else {
-    busy_.erase(fd);
+    busy_.erase(session_id);
+    connection.backlog.reset();
   }
 }
 
@@ -458,14 +439,14 @@ absl::Status FdChannel::DeliverAll(uint64_t session_id, std::vector<Delivery> de
 
 absl::Status FdChannel::SendOrQueue(uint64_t session_id, std::vector<Pending> records) {
   absl::MutexLock lock(&mu_);
-  auto s = by_session_.find(session_id);
-  if (s == by_session_.end()) {
+  Connection* live = LiveLocked(session_id);
+  if (live == nullptr) {
     return absl::AbortedError(absl::StrCat("session ", session_id, " has no fd.sock connection"));
   }
-  Connection& connection = connections_.at(s->second);
+  Connection& connection = *live;
   ReapDeliveredLocked(connection);
   size_t sent_records = 0;
-  if (connection.queue.empty()) {
+  if (!connection.Queued()) {
     for (; sent_records < records.size(); ++sent_records) {
       absl::Status sent = SendRecordLocked(connection, records[sent_records]);
       if (!sent.ok()) {
@@ -473,7 +454,7 @@ absl::Status FdChannel::SendOrQueue(uint64_t session_id, std::vector<Pending> re
         return absl::AbortedError(
             absl::StrCat("session ", session_id, ": fd delivery failed: ", sent.message()));
       }
-      busy_.insert(s->second);
+      busy_.insert(session_id);
     }
     if (sent_records == records.size()) return absl::OkStatus();
   }
@@ -484,78 +465,88 @@ absl::Status FdChannel::SendOrQueue(uint64_t session_id, std::vector<Pending> re
     return absl::ResourceExhaustedError(absl::StrCat(
         "daemon has ", total_queued_, " fd deliveries queued for clients not reading fd.sock"));
   }
-  if (connection.queue.size() + left > options_.max_queued_deliveries) {
+  const size_t queued = connection.Queued() ? connection.backlog->queue.size() : 0;
+  if (queued + left > options_.max_queued_deliveries) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("session ", session_id, " has ", connection.queue.size(),
+        absl::StrCat("session ", session_id, " has ", queued,
                      " fd deliveries queued (client is not reading fd.sock)"));
   }
-  const bool was_empty = connection.queue.empty();
+  if (connection.backlog == nullptr) connection.backlog = std::make_unique<Backlog>();
+  Backlog& backlog = *connection.backlog;
+  const bool was_empty = backlog.queue.empty();
   for (size_t i = sent_records; i < records.size(); ++i) {
-    connection.queue.push_back(std::move(records[i]));
+    backlog.queue.push_back(std::move(records[i]));
   }
   if (was_empty) {
-    connection.stalled_since = absl::Now();
-    UpdateWatchLocked(s->second, connection);
+    backlog.stalled_since = absl::Now();
+    UpdateWatchLocked(connection);
   }
   total_queued_ += left;
-  busy_.insert(s->second);
+  busy_.insert(session_id);
   return absl::OkStatus();
 }
 
 size_t FdChannel::QueuedDeliveries(uint64_t session_id) const {
   absl::MutexLock lock(&mu_);
-  auto s = by_session_.find(session_id);
-  return s == by_session_.end() ? 0 : connections_.at(s->second).queue.size();
+  auto it = connections_.find(session_id);
+  if (it == connections_.end() || it->second.lingering) return 0;
+  return it->second.Queued() ? it->second.backlog->queue.size() : 0;
 }
 
 void FdChannel::ReapDeliveredLocked(Connection& connection) {
-  if (connection.in_flight.empty()) return;
+  if (!connection.InFlight()) return;
   // Bytes of records sent on this socket that the client has not read yet
   // (for AF_UNIX, what the peer's receive queue still holds of ours).
   int unread = 0;
   if (::ioctl(connection.socket.fd(), SIOCOUTQ, &unread) == 0 && unread == 0) {
-    connection.in_flight.clear();
+    connection.backlog->in_flight.clear();
   }
 }
 
 void FdChannel::ReapDelivered() {
   absl::MutexLock lock(&mu_);
-  for (int fd : busy_) ReapDeliveredLocked(connections_.at(fd));
+  for (uint64_t session_id : busy_) ReapDeliveredLocked(connections_.at(session_id));
 }
 
 void FdChannel::Tick() {
-  std::vector<int> stalled;
+  std::vector<uint64_t> stalled;
   std::vector<uint64_t> drained;
   const absl::Time now = absl::Now();
   {
     absl::MutexLock lock(&mu_);
     for (auto it = busy_.begin(); it != busy_.end();) {
-      const int fd = *it;
-      Connection& connection = connections_.at(fd);
+      const uint64_t session_id = *it;
+      Connection& connection = connections_.at(session_id);
       ReapDeliveredLocked(connection);
-      if (connection.lingering && connection.in_flight.empty()) {
+      if (connection.lingering && !connection.InFlight()) {
         // Read (or thrown away with the client's socket): the session ends now.
-        drained.push_back(connection.session_id);
-        connections_.erase(fd);
+        drained.push_back(session_id);
+        connections_.erase(session_id);
         it = busy_.erase(it);
         continue;
       }
-      if (!connection.queue.empty() &&
-          now - connection.stalled_since > options_.stalled_session_timeout) {
-        stalled.push_back(fd);
+      if (connection.Queued() &&
+          now - connection.backlog->stalled_since > options_.stalled_session_timeout) {
+        stalled.push_back(session_id);
       }
-      it = NeedsTick(connection) ? std::next(it) : busy_.erase(it);
+      if (NeedsTick(connection)) {
+        ++it;
+      } else {
+        connection.backlog.reset();
+        it = busy_.erase(it);
+      }
     }
   }
   for (uint64_t session_id : drained) {
     delegate_->OnDisconnect(session_id);
     spdlog::debug("session {} ended: its client read or dropped the fds it was sent", session_id);
   }
-  for (int fd : stalled) EndConnection(fd, "client stopped reading fd.sock", /*badly=*/true);
+  for (uint64_t session_id : stalled) {
+    EndConnection(session_id, "client stopped reading fd.sock", /*badly=*/true);
+  }
 }
 
-void FdChannel::EndConnection(int fd, absl::string_view why, bool badly) {
-  uint64_t session_id;
+void FdChannel::EndConnection(uint64_t session_id, absl::string_view why, bool badly) {
   size_t lingering = 0;
   // The socket (and its budget place) of a session that ends for good:
   // closed only once the session is closed everywhere, so a client that
@@ -569,33 +560,33 @@ void FdChannel::EndConnection(int fd, absl::string_view why, bool badly) {
     std::shared_ptr<Reader> reader;
     {
       absl::MutexLock lock(&mu_);
-      auto it = connections_.find(fd);
-      if (it == connections_.end() || it->second.lingering) return;
-      reader = it->second.reader;
+      Connection* connection = LiveLocked(session_id);
+      if (connection == nullptr) return;
+      reader = connection->reader;
     }
     CloseReader(reader);
   }
   {
     absl::MutexLock lock(&mu_);
-    auto it = connections_.find(fd);
+    auto it = connections_.find(session_id);
     if (it == connections_.end() || it->second.lingering) return;
     Connection& connection = it->second;
-    session_id = connection.session_id;
-    loop_->Unwatch(fd);
-    by_session_.erase(session_id);
-    total_queued_ -= connection.queue.size();
-    connection.queue.clear();  // closes the fds never sent
+    loop_->Unwatch(connection.socket.fd());
+    if (connection.Queued()) {
+      total_queued_ -= connection.backlog->queue.size();
+      connection.backlog->queue.clear();  // closes the fds never sent
+    }
     ReapDeliveredLocked(connection);
-    if (!connection.in_flight.empty()) {
+    if (connection.InFlight()) {
       // fds we sent still sit unread in the client's socket, where the
       // kernel charges them to the daemon's uid. The session, with all its
       // accounting, lingers until the client reads them or closes its
       // socket (the tick sees which); nothing more is read or delivered.
       connection.lingering = true;
-      lingering = connection.in_flight.size();
-      busy_.insert(fd);
+      lingering = connection.backlog->in_flight.size();
+      busy_.insert(session_id);
     } else {
-      busy_.erase(fd);
+      busy_.erase(session_id);
       closing = std::move(connection.socket);
       closing_lease = std::move(connection.lease);
       connections_.erase(it);

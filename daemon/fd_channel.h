@@ -41,7 +41,6 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
-#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
@@ -166,23 +165,30 @@ class FdChannel {
     std::string why;
     bool badly = false;
   };
-  struct Connection {
-    uint64_t session_id = 0;
-    UnixSocket socket;
-    std::shared_ptr<Reader> reader;
-    // Not watched for input (a drain is under way).
-    bool reading_paused = false;
-    FdBudget::Lease lease;
+  // Deliveries queued or in flight: made when a session is first sent fds,
+  // dropped once they are all read, so an idle session carries none of it.
+  struct Backlog {
     // Places of fds sent but maybe not read yet (see the class comment).
     std::vector<FdBudget::Lease> in_flight;
-    // The session ended but in_flight is not empty: kept (and its session
-    // open) until it is; no longer watched or delivered to.
-    bool lingering = false;
-    // A list: empty, it allocates nothing (an empty std::deque holds ~600
-    // bytes, a fifth of what the daemon keeps for a session).
+    // A list: empty, it allocates nothing.
     std::list<Pending> queue;
     // When the queue last became non-empty.
     absl::Time stalled_since;
+  };
+  // By session id (connections_' key).
+  struct Connection {
+    UnixSocket socket;
+    // Not watched for input (a drain is under way).
+    bool reading_paused = false;
+    // The session ended but fds sent are unread: kept (and its session
+    // open) until they are; no longer watched or delivered to.
+    bool lingering = false;
+    std::shared_ptr<Reader> reader;
+    FdBudget::Lease lease;
+    std::unique_ptr<Backlog> backlog;
+
+    bool Queued() const { return backlog != nullptr && !backlog->queue.empty(); }
+    bool InFlight() const { return backlog != nullptr && !backlog->in_flight.empty(); }
   };
 
   void AcceptAll();
@@ -190,10 +196,10 @@ class FdChannel {
   void Admit(UnixSocket socket);
   // Logs the last minute's session churn at info, if there was any.
   void SummarizeChurn();
-  void OnEvents(int fd, uint32_t events);
+  void OnEvents(uint64_t session_id, uint32_t events);
   // Hands what the client sent to the delegate; ends the session on EOF,
   // error or a malformed record.
-  void OnReadable(int fd);
+  void OnReadable(uint64_t session_id);
   // Reads and applies at most `max` records (until `until` have been read
   // in all). nullopt when drained or stopped; otherwise why the session ends.
   // Marks the reader ended when it returns a reason.
@@ -205,13 +211,13 @@ class FdChannel {
   void EndSession(uint64_t session_id, absl::string_view why, bool badly);
   // Marks the reader ended: nobody reads the socket again.
   static void CloseReader(const std::shared_ptr<Reader>& reader);
-  void OnWritable(int fd);
+  void OnWritable(uint64_t session_id);
   // Every tick: returns read fds' places, ends drained lingering sessions
   // and stalled ones.
   void Tick();
-  // Ends the session of the connection on `fd`; `badly` logs a warning
-  // (rate-limited), otherwise a debug line.
-  void EndConnection(int fd, absl::string_view why, bool badly = false);
+  // Ends the session's connection; `badly` logs a warning (rate-limited),
+  // otherwise a debug line.
+  void EndConnection(uint64_t session_id, absl::string_view why, bool badly = false);
   // Sends the records at once if nothing is queued and the socket takes
   // them, else queues what is left (all or nothing against the caps).
   absl::Status SendOrQueue(uint64_t session_id, std::vector<Pending> records);
@@ -226,14 +232,17 @@ class FdChannel {
   void ReapDeliveredLocked(Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Deliveries queued or in flight, or lingering: the tick must look at it.
   static bool NeedsTick(const Connection& connection);
-  // Marks `fd` as needing the tick, or not.
-  void UpdateBusyLocked(int fd, const Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Watches `fd` for what the connection needs: input unless paused,
-  // output while deliveries are queued.
-  void UpdateWatchLocked(int fd, const Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Marks the session as needing the tick, or not (and drops an empty
+  // backlog).
+  void UpdateBusyLocked(uint64_t session_id, Connection& connection)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Watches the connection's socket for what it needs: input unless
+  // paused, output while deliveries are queued.
+  void UpdateWatchLocked(const Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Pauses or resumes watching a connection for input (loop thread).
-  void SetReading(int fd, bool reading);
-  void ResumeReading(uint64_t session_id);
+  void SetReading(uint64_t session_id, bool reading);
+  // The session's connection, unless it has ended (or lingers).
+  Connection* LiveLocked(uint64_t session_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   EventLoop* const loop_;
   FdBudget* const budget_;
@@ -246,12 +255,11 @@ class FdChannel {
   EventLoop::TimerId accept_resume_ = 0;
 
   mutable absl::Mutex mu_;
-  // By socket fd.
-  std::map<int, Connection> connections_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<uint64_t, int> by_session_ ABSL_GUARDED_BY(mu_);
-  // Connections with deliveries queued or in flight, or lingering: the only
+  // By session id (never reused, unlike fd numbers).
+  std::map<uint64_t, Connection> connections_ ABSL_GUARDED_BY(mu_);
+  // Sessions with deliveries queued or in flight, or lingering: the only
   // ones the tick looks at.
-  std::set<int> busy_ ABSL_GUARDED_BY(mu_);
+  std::set<uint64_t> busy_ ABSL_GUARDED_BY(mu_);
   size_t total_queued_ ABSL_GUARDED_BY(mu_) = 0;
   // Loop thread only: sessions opened, ended and refused since the last
   // churn summary.
