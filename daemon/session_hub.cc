@@ -83,7 +83,7 @@ absl::Status SessionHub::OnUpload(uint64_t session_id, uint64_t upload_id,
     absl::MutexLock lock(&mu_);
     auto it = uploads_.find(session_id);
     if (it == uploads_.end()) return absl::OkStatus();  // ending
-    if (it->second.fds.Read().count(upload_id) != 0) {
+    if (it->second.kept.Read().fds.contains(upload_id)) {
       return absl::InvalidArgumentError(absl::StrCat("upload id ", upload_id, " is in use"));
     }
     uid = it->second.uid;
@@ -112,8 +112,8 @@ absl::Status SessionHub::OnUpload(uint64_t session_id, uint64_t upload_id,
     absl::MutexLock lock(&mu_);
     auto it = uploads_.find(session_id);
     if (it == uploads_.end()) return absl::OkStatus();
-    Uploads& uploads = it->second;
-    std::map<uint64_t, Upload>& kept = uploads.fds.Use();
+    Kept& uploads = it->second.kept.Use();
+    std::map<uint64_t, Upload>& kept = uploads.fds;
     // Unclaimed uploads (a call that never came): the oldest goes.
     if (kept.size() >= kMaxUploads) {
       auto oldest = std::min_element(kept.begin(), kept.end(), [](const auto& a, const auto& b) {
@@ -134,11 +134,11 @@ absl::StatusOr<UniqueFd> SessionHub::TakeUpload(uint64_t session_id, uint64_t up
   {
     absl::MutexLock lock(&mu_);
     auto it = uploads_.find(session_id);
-    if (std::map<uint64_t, Upload>* kept = it != uploads_.end() ? it->second.fds.get() : nullptr) {
-      auto fd = kept->find(upload_id);
-      if (fd != kept->end()) {
+    if (Kept* kept = it != uploads_.end() ? it->second.kept.get() : nullptr) {
+      auto fd = kept->fds.find(upload_id);
+      if (fd != kept->fds.end()) {
         upload = std::move(fd->second.fd);
-        kept->erase(fd);
+        kept->fds.erase(fd);
       }
     }
   }

@@ -90,12 +90,16 @@ class SessionHub final : public FdChannel::Delegate {
     // When it came, in the session's uploads (the oldest goes first).
     uint64_t arrival = 0;
   };
+  struct Kept {
+    // At most kMaxUploads, by upload id.
+    std::map<uint64_t, Upload> fds;
+    uint64_t arrivals = 0;
+  };
   struct Uploads {
     uid_t uid = 0;
-    uint64_t arrivals = 0;
-    // At most kMaxUploads, by upload id; made at the first (a session that
-    // never uploads costs a slot of uploads_ and no allocation).
-    Lazy<std::map<uint64_t, Upload>> fds;
+    // Made at the first upload: a session that never uploads costs a
+    // 24-byte slot of uploads_ and no allocation.
+    Lazy<Kept> kept;
   };
   absl::Mutex mu_;
   absl::flat_hash_map<uint64_t, Uploads> uploads_ ABSL_GUARDED_BY(mu_);

@@ -21,9 +21,9 @@ bool ConstantTimeEquals(absl::string_view a, absl::string_view b) {
 absl::StatusOr<SessionTable::NewSession> SessionTable::Open(const PeerCredentials& peer,
                                                             std::string comm) {
   Entry entry;
-  entry.identity.peer = peer;
-  entry.identity.comm = std::move(comm);
-  entry.identity.connected = absl::Now();
+  entry.peer = peer;
+  entry.comm = std::move(comm);
+  entry.connected = absl::Now();
   const std::string secret = RandomBytes(kSessionSecretBytes);
   std::copy(secret.begin(), secret.end(), entry.secret.begin());
   absl::MutexLock lock(&mu_);
@@ -38,7 +38,6 @@ absl::StatusOr<SessionTable::NewSession> SessionTable::Open(const PeerCredential
   }
   ++of_uid;
   NewSession result{next_id_++, secret};
-  entry.identity.id = result.id;
   sessions_[result.id] = std::move(entry);
   return result;
 }
@@ -52,7 +51,7 @@ void SessionTable::Close(uint64_t id) {
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(id);
   if (it == sessions_.end()) return;
-  auto of_uid = per_uid_.find(it->second.identity.peer.uid);
+  auto of_uid = per_uid_.find(it->second.peer.uid);
   if (--of_uid->second == 0) per_uid_.erase(of_uid);
   sessions_.erase(it);
 }
@@ -77,7 +76,7 @@ std::vector<SessionTable::Identity> SessionTable::List() const {
   std::vector<Identity> list;
   absl::MutexLock lock(&mu_);
   list.reserve(sessions_.size());
-  for (const auto& [id, entry] : sessions_) list.push_back(entry.identity);
+  for (const auto& [id, entry] : sessions_) list.push_back(IdentityOf(id, entry));
   return list;
 }
 
@@ -85,7 +84,11 @@ std::optional<SessionTable::Identity> SessionTable::Lookup(uint64_t id) const {
   absl::MutexLock lock(&mu_);
   auto it = sessions_.find(id);
   if (it == sessions_.end()) return std::nullopt;
-  return it->second.identity;
+  return IdentityOf(id, it->second);
+}
+
+SessionTable::Identity SessionTable::IdentityOf(uint64_t id, const Entry& entry) {
+  return Identity{id, entry.peer, entry.comm, entry.connected};
 }
 
 size_t SessionTable::size() const {

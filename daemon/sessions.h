@@ -74,12 +74,16 @@ class SessionTable {
   size_t size() const;
 
  private:
+  // By session id (sessions_' key): an Identity but its id.
   struct Entry {
-    Identity identity;
+    PeerCredentials peer;
+    std::string comm;
+    absl::Time connected;
     // Inline: a std::string of 16 bytes would be one more allocation.
     std::array<char, kSessionSecretBytes> secret;
     bool detached = false;
   };
+  static Identity IdentityOf(uint64_t id, const Entry& entry);
 
   const Options options_;
   mutable absl::Mutex mu_;

@@ -196,7 +196,6 @@ void DaemonState::SetHeapQuotas(const std::string& heap, uint64_t per_session, u
 void DaemonState::AddSession(uint64_t session_id, uid_t uid, ProcessRef process) {
   absl::MutexLock lock(&mu_);
   Session& session = sessions_[session_id];
-  session.id = session_id;
   session.uid = uid;
   session.process = std::move(process);
 }
@@ -229,12 +228,13 @@ absl::StatusOr<DaemonState::Session*> DaemonState::FindSessionLocked(uint64_t se
   return const_cast<Session*>(&it->second);
 }
 
-absl::Status DaemonState::CheckBufferCountLocked(const Session& session, uint32_t count) const {
+absl::Status DaemonState::CheckBufferCountLocked(uint64_t session_id, const Session& session,
+                                                 uint32_t count) const {
   const uint32_t max_buffers = quotas_.quotas().max_buffers_per_session();
   if (max_buffers != 0 &&
       session.holdings.Read().handles.size() + session.pending + count > max_buffers) {
     return absl::ResourceExhaustedError(
-        absl::StrCat("quota max_buffers_per_session: session ", session.id, " holds ",
+        absl::StrCat("quota max_buffers_per_session: session ", session_id, " holds ",
                      session.holdings.Read().handles.size(), " handles (max ", max_buffers, ")",
                      count == 1 ? "" : absl::StrCat(", asked for ", count)));
   }
@@ -256,15 +256,15 @@ absl::StatusOr<LeasedFd> DaemonState::DeliveryFdLocked(uid_t uid, int source, v1
   return LeasedFd{std::move(fd), std::move(lease)};
 }
 
-DaemonState::Grant DaemonState::AddHandleLocked(Session& session, Buffer& buffer, v1::Access access,
-                                                LeasedFd fd) {
+DaemonState::Grant DaemonState::AddHandleLocked(uint64_t session_id, Session& session,
+                                                Buffer& buffer, v1::Access access, LeasedFd fd) {
   Grant grant;
   grant.handle = next_handle_id_++;
   grant.transfer_id = next_transfer_id_++;
   grant.buffer = buffer.info;
   grant.access = access;
   grant.fd = std::move(fd);
-  handles_[grant.handle] = Handle{grant.handle, session.id, buffer.info.buffer_id(), access};
+  handles_[grant.handle] = Handle{grant.handle, session_id, buffer.info.buffer_id(), access};
   Session::Holdings& holdings = session.holdings.Use();
   holdings.handles[grant.handle] = buffer.info.buffer_id();
   ++holdings.held[buffer.info.buffer_id()];
@@ -285,7 +285,7 @@ void DaemonState::RemoveHandleLocked(uint64_t handle_id, std::vector<DeadBuffer>
     holdings.handles.erase(handle_id);
     if (--holdings.held[handle.buffer] == 0) {
       holdings.held.erase(handle.buffer);
-      quotas_.Uncharge(session.id, session.uid, buffer.info.heap(), buffer.info.size());
+      quotas_.Uncharge(handle.session, session.uid, buffer.info.heap(), buffer.info.size());
     }
   }
   buffer.handles.erase(std::find(buffer.handles.begin(), buffer.handles.end(), handle_id));
@@ -395,7 +395,7 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
   {
     absl::MutexLock lock(&mu_);
     ASSIGN_OR_RETURN(Session * session, FindSessionLocked(session_id));
-    if (absl::Status status = CheckBufferCountLocked(*session, count); !status.ok()) {
+    if (absl::Status status = CheckBufferCountLocked(session_id, *session, count); !status.ok()) {
       *refused = Refusal::kQuota;
       return status;
     }
@@ -509,7 +509,8 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
       // The creator gets the daemon's own fd: from here on the daemon
       // keeps none (an Export brings one back, for its token).
       LeasedFd fd{ref.memory->TakeFd(), std::move(fd_leases[i])};
-      grants.push_back(AddHandleLocked(*session, ref, v1::ACCESS_READ_WRITE, std::move(fd)));
+      grants.push_back(
+          AddHandleLocked(session_id, *session, ref, v1::ACCESS_READ_WRITE, std::move(fd)));
     }
     return grants;
   }();
@@ -546,7 +547,8 @@ absl::StatusOr<v1::CanAllocateResponse> DaemonState::CanAllocate(uint64_t sessio
       } else {
         absl::MutexLock lock(&mu_);
         ASSIGN_OR_RETURN(Session * session, FindSessionLocked(session_id));
-        if (absl::Status handles = CheckBufferCountLocked(*session, count); !handles.ok()) {
+        if (absl::Status handles = CheckBufferCountLocked(session_id, *session, count);
+            !handles.ok()) {
           response.set_message(std::string(handles.message()));
           return response;
         }
@@ -730,7 +732,7 @@ absl::StatusOr<DaemonState::PendingGrant> DaemonState::Import(uint64_t session_i
           absl::StrCat("buffer ", entry.buffer, " behind the share token was released"));
     }
     Buffer& buffer = *b->second;
-    if (absl::Status status = CheckBufferCountLocked(*session); !status.ok()) {
+    if (absl::Status status = CheckBufferCountLocked(session_id, *session); !status.ok()) {
       refused_heap = buffer.info.heap();
       return status;
     }
@@ -750,7 +752,7 @@ absl::StatusOr<DaemonState::PendingGrant> DaemonState::Import(uint64_t session_i
       }
       return fd.status();
     }
-    Grant grant = AddHandleLocked(*session, buffer, entry.access, *std::move(fd));
+    Grant grant = AddHandleLocked(session_id, *session, buffer, entry.access, *std::move(fd));
     LeasedFd token_fd = tokens_.Redeem(token, session_id);
     return PendingGrant(this, session_id, std::move(grant), std::string(token),
                         std::move(token_fd));

@@ -277,8 +277,8 @@ class DaemonState {
     uint64_t buffer = 0;
     v1::Access access = v1::ACCESS_READ_WRITE;
   };
+  // By session id (sessions_' key).
   struct Session {
-    uint64_t id = 0;
     uid_t uid = 0;
     ProcessRef process;
     struct Holdings {
@@ -309,8 +309,8 @@ class DaemonState {
   absl::StatusOr<LeasedFd> DeliveryFdLocked(uid_t uid, int source, v1::Access access)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The session's room for `count` more handles (max_buffers_per_session).
-  absl::Status CheckBufferCountLocked(const Session& session, uint32_t count = 1) const
-      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  absl::Status CheckBufferCountLocked(uint64_t session_id, const Session& session,
+                                      uint32_t count = 1) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   // Why an allocation or import was refused, for Refusals().
   enum class Refusal { kQuota, kHeapFull, kPoolEmpty, kTooLarge, kFdBudget, kOther };
   // The refusal a heap skip stands for.
@@ -332,8 +332,8 @@ class DaemonState {
   void LogFallback(const Heap& heap, Backing backing, uint64_t size, const std::string& why);
   // Adds a handle (the session must already be charged for the buffer) and
   // returns the Grant with `fd`, the fd to deliver.
-  Grant AddHandleLocked(Session& session, Buffer& buffer, v1::Access access, LeasedFd fd)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  Grant AddHandleLocked(uint64_t session_id, Session& session, Buffer& buffer, v1::Access access,
+                        LeasedFd fd) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Removes a handle; a buffer that dies is retired and appended to `dead`.
   void RemoveHandleLocked(uint64_t handle_id, std::vector<DeadBuffer>& dead)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -35,7 +35,6 @@ TimelineTable::~TimelineTable() { Stop(); }
 
 void TimelineTable::AddSession(uint64_t session, uid_t uid) {
   absl::MutexLock lock(&mu_);
-  sessions_[session].id = session;
   sessions_[session].uid = uid;
 }
 
@@ -64,7 +63,7 @@ void TimelineTable::CloseSessionLocked(uint64_t session_id) {
     std::erase_if(timeline.watches,
                   [&](const auto& watch) { return watch.second.session == session_id; });
   }
-  for (uint64_t id : held) UnholdLocked(session, id);
+  for (uint64_t id : held) UnholdLocked(session_id, session, id);
   if (session.details.Read().wait_map.valid()) --wait_pages_;
   sessions_.erase(it);
   UpdateTimerLocked();
@@ -470,14 +469,14 @@ void TimelineTable::Forget(uint64_t session_id, uint64_t id) {
     auto held = holds.find(id);
     if (held == holds.end() || --held->second.count > 0) return;
     if (held->second.owned) EndLocked(timelines_.at(id), v1::FENCE_STATUS_CANCELLED);
-    UnholdLocked(it->second, id);
+    UnholdLocked(session_id, it->second, id);
     UpdateTimerLocked();
     calls.swap(deferred_);
   }
   Run(calls);
 }
 
-void TimelineTable::UnholdLocked(Session& session, uint64_t id) {
+void TimelineTable::UnholdLocked(uint64_t session_id, Session& session, uint64_t id) {
   if (session.details.get() == nullptr || session.details.get()->held.erase(id) == 0) return;
   if (auto by_uid = held_by_uid_.find(session.uid);
       by_uid != held_by_uid_.end() && --by_uid->second == 0) {
@@ -485,7 +484,7 @@ void TimelineTable::UnholdLocked(Session& session, uint64_t id) {
   }
   auto it = timelines_.find(id);
   if (it == timelines_.end()) return;
-  if (auto waker = it->second.wakers.find(session.id); waker != it->second.wakers.end()) {
+  if (auto waker = it->second.wakers.find(session_id); waker != it->second.wakers.end()) {
     // The owner lets go of its copy when it sees this.
     Store(waker->second.wake().closed, uint32_t{1});
     it->second.wakers.erase(waker);

@@ -288,8 +288,8 @@ class TimelineTable {
     // Timeline objects of the session on it (one Forget drops one).
     uint32_t count = 0;
   };
+  // By session id (sessions_' key).
   struct Session {
-    uint64_t id = 0;
     uid_t uid = 0;
     struct Details {
       absl::flat_hash_map<uint64_t, Holding> held;
@@ -342,7 +342,8 @@ class TimelineTable {
   // Wakes every waker of `timeline`: its sleepers and its notify fd.
   void WakeAllLocked(Timeline& timeline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Drops all of the session's holds on `id`.
-  void UnholdLocked(Session& session, uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void UnholdLocked(uint64_t session_id, Session& session, uint64_t id)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   TimelineView ViewLocked(const Timeline& timeline) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Runs the scan timer while there is something to scan.
   void UpdateTimerLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
