@@ -453,6 +453,11 @@ double IdleCpuMsPerSecond(pid_t pid, absl::Duration over) {
   std::exit(1);
 }
 
+// The samples of an op at a level come in kRounds rounds, kRoundGap apart.
+constexpr int kRounds = 3;
+constexpr auto kRoundGap = std::chrono::milliseconds(300);
+int RoundLength(int iterations) { return std::max(1, (iterations + kRounds - 1) / kRounds); }
+
 LevelResult MeasureLevel(uint64_t live, int iterations, const Client& client,
                          const Client& importer, const Buffer& shared, grpc::GenericStub& stub,
                          pid_t daemon_pid) {
@@ -497,6 +502,10 @@ LevelResult MeasureLevel(uint64_t live, int iterations, const Client& client,
   };
   for (int i = 0; i < 10; ++i) once(false);  // warm up
   for (int i = 0; i < iterations; ++i) {
+    // In kRounds rounds apart in time, so that a burst of noise on the
+    // machine (a neighbour, on these VMs) lands in one round's samples,
+    // not in all of them.
+    if (i != 0 && i % RoundLength(iterations) == 0) std::this_thread::sleep_for(kRoundGap);
     // A pause now and then: the daemon finishes the frees the drops started.
     if (i % 20 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
     once(true);
@@ -504,31 +513,43 @@ LevelResult MeasureLevel(uint64_t live, int iterations, const Client& client,
   // ListBuffers alone: until it pages, an answer holds every buffer, and
   // the daemon's work after sending it (freeing it) would land on whatever
   // call came next. Each call is followed by a pause as long as it took.
-  // At most 5 s of calls a level for each form, and 3 errors.
+  // At most 5 s of calls a level for each form, and 3 errors; the two
+  // forms take turns in kRounds rounds apart in time, as above.
   v1::ListBuffersRequest all, spare;
   all.set_page_size(100);
   spare.set_page_size(100);
   spare.set_heap(kSpareHeap);
-  for (const auto& [op, request] : {std::pair<Op, const v1::ListBuffersRequest*>{kList, &all},
-                                    {kListHeap, &spare}}) {
-    OpResult& o = r.ops[op];
+  struct Form {
+    Op op;
+    const v1::ListBuffersRequest* request;
     double spent = 0;
     int errors = 0;
-    for (int i = -3; i < iterations && spent < 5e6 && errors < 3; ++i) {
-      const double start = NowMicros();
-      auto page = client.ListBuffers(*request);
-      const double took = NowMicros() - start;
-      if (i >= 0) spent += took;
-      if (page.ok()) {
-        if (i >= 0) o.samples.push_back(took);
-        o.listed = page->buffers_size();
-        o.next_page = !page->next_page_token().empty();
-      } else {
-        ++errors;
-        o.error = page.status().ToString();
+    int done = -3;  // the first three calls warm up
+  };
+  Form forms[] = {{kList, &all}, {kListHeap, &spare}};
+  for (int round = 0; round < kRounds; ++round) {
+    if (round != 0) std::this_thread::sleep_for(kRoundGap);
+    const int until = round == kRounds - 1
+                          ? iterations
+                          : std::min(iterations, (round + 1) * RoundLength(iterations));
+    for (Form& form : forms) {
+      OpResult& o = r.ops[form.op];
+      for (; form.done < until && form.spent < 5e6 && form.errors < 3; ++form.done) {
+        const double start = NowMicros();
+        auto page = client.ListBuffers(*form.request);
+        const double took = NowMicros() - start;
+        if (form.done >= 0) form.spent += took;
+        if (page.ok()) {
+          if (form.done >= 0) o.samples.push_back(took);
+          o.listed = page->buffers_size();
+          o.next_page = !page->next_page_token().empty();
+        } else {
+          ++form.errors;
+          o.error = page.status().ToString();
+        }
+        std::this_thread::sleep_for(
+            std::chrono::microseconds(static_cast<int64_t>(std::max(2000.0, took))));
       }
-      std::this_thread::sleep_for(
-          std::chrono::microseconds(static_cast<int64_t>(std::max(2000.0, took))));
     }
   }
   // Allocate + drop for 1 s while the importer's session lists the spare
@@ -946,7 +967,9 @@ int main(int argc, char** argv) {
 
   // ===== Part 2: latency at each level, from the top down (the children
   // drop buffers between levels).
-  std::printf("\n===== latency (us), %d samples per op, level and placement\n", iterations);
+  std::printf(
+      "\n===== latency (us), %d samples per op, level and placement (in %d rounds %lld ms apart)\n",
+      iterations, kRounds, static_cast<long long>(kRoundGap.count()));
   std::vector<LevelResult> split, same;  // in `levels` order
   for (int li = 2; li >= 0; --li) {
     hold(levels[li]);
