@@ -55,8 +55,8 @@ absl::Status EventLoop::Watch(int fd, uint32_t events, FdCallback callback) {
   if (fd < 0) return absl::InvalidArgumentError("no fd to watch");
   if (watchers_.contains(fd)) return absl::AlreadyExistsError("fd is watched already");
   const uint32_t generation = next_generation_;
-  // Wraps, skipping 0; an event is only ever checked against the watch
-  // that was current when its batch was read.
+  // Wraps, skipping 0; an event is checked against the fd's watch when it
+  // is dispatched, so only a stale event 2^32 watches later could match.
   next_generation_ = generation == UINT32_MAX ? 1 : generation + 1;
   epoll_event event{};
   event.events = events;

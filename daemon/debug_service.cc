@@ -160,10 +160,17 @@ grpc::ServerUnaryReactor* DebugService::EndSession(grpc::CallbackServerContext* 
   const std::string why = absl::StrCat("ended by an operator (uid ", caller->peer.uid, ", pid ",
                                        caller->peer.pid, ", '", caller->comm, "')");
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  d_.channel->EndSessionSoon(victim, why, [reactor, victim, why](FdChannel::Ended ended) {
+  d_.channel->EndSessionSoon(victim, why, [reactor, response, victim, why](FdChannel::Ended ended) {
     switch (ended) {
       case FdChannel::Ended::kEnded:
         spdlog::info("session {} {}", victim, why);
+        reactor->Finish(grpc::Status::OK);
+        return;
+      case FdChannel::Ended::kEndedLingering:
+        spdlog::info(
+            "session {} {}; it lingers until its client reads or drops the fds it was sent", victim,
+            why);
+        response->set_lingering(true);
         reactor->Finish(grpc::Status::OK);
         return;
       case FdChannel::Ended::kLingering:

@@ -198,7 +198,9 @@ FdChannel::Connection* FdChannel::LiveLocked(uint64_t session_id) {
 }
 
 void FdChannel::OnEvents(uint64_t session_id, uint32_t events) {
-  if (events & EPOLLOUT) OnWritable(session_id);
+  // A client that hung up is read to its end, not written to: its
+  // deliveries would only fail (an ordinary exit, not a fault to warn of).
+  if ((events & EPOLLOUT) && !(events & (EPOLLHUP | EPOLLERR))) OnWritable(session_id);
   if (events & (EPOLLIN | EPOLLHUP | EPOLLRDHUP | EPOLLERR)) OnReadable(session_id);
 }
 
@@ -347,7 +349,10 @@ void FdChannel::EndSessionSoon(uint64_t session_id, std::string why,
                         outcome = it->second.lingering ? Ended::kLingering : Ended::kEnded;
                       }
                     }
-                    if (outcome == Ended::kEnded) EndConnection(session_id, why, /*badly=*/false);
+                    if (outcome == Ended::kEnded &&
+                        EndConnection(session_id, why, /*badly=*/false)) {
+                      outcome = Ended::kEndedLingering;
+                    }
                     done(outcome);
                   });
 }
@@ -358,16 +363,21 @@ void FdChannel::CloseReader(const std::shared_ptr<Reader>& reader) {
 }
 
 void FdChannel::OnWritable(uint64_t session_id) {
-  bool failed = false;
+  absl::Status flushed;
   {
     absl::MutexLock lock(&mu_);
     Connection* connection = LiveLocked(session_id);
     if (connection == nullptr) return;
-    failed = !FlushLocked(*connection);
-    if (!failed && !connection->Queued()) UpdateWatchLocked(*connection);
+    flushed = FlushLocked(*connection);
+    if (flushed.ok() && !connection->Queued()) UpdateWatchLocked(*connection);
     UpdateBusyLocked(session_id, *connection);
   }
-  if (failed) EndConnection(session_id, "fd delivery failed", /*badly=*/true);
+  if (!flushed.ok()) {
+    // The client went away (EPIPE, ECONNRESET): an ordinary end.
+    const int error = ErrnoOf(flushed);
+    EndConnection(session_id, absl::StrCat("fd delivery failed: ", flushed.message()),
+                  /*badly=*/error != EPIPE && error != ECONNRESET);
+  }
 }
 
 absl::Status FdChannel::SendRecordLocked(Connection& connection, Pending& record) {
@@ -380,16 +390,16 @@ absl::Status FdChannel::SendRecordLocked(Connection& connection, Pending& record
   return absl::OkStatus();
 }
 
-bool FdChannel::FlushLocked(Connection& connection) {
+absl::Status FdChannel::FlushLocked(Connection& connection) {
   while (connection.Queued()) {
     Backlog& backlog = *connection.backlog;
     absl::Status sent = SendRecordLocked(connection, backlog.queue.front());
-    if (!sent.ok()) return IsWouldBlock(sent);
+    if (!sent.ok()) return IsWouldBlock(sent) ? absl::OkStatus() : sent;
     backlog.queue.pop_front();
     --total_queued_;
     backlog.stalled_since = absl::Now();
   }
-  return true;
+  return absl::OkStatus();
 }
 
 bool FdChannel::NeedsTick(const Connection& connection) {
@@ -546,7 +556,7 @@ void FdChannel::Tick() {
   }
 }
 
-void FdChannel::EndConnection(uint64_t session_id, absl::string_view why, bool badly) {
+bool FdChannel::EndConnection(uint64_t session_id, absl::string_view why, bool badly) {
   size_t lingering = 0;
   // The socket (and its budget place) of a session that ends for good:
   // closed only once the session is closed everywhere, so a client that
@@ -561,7 +571,7 @@ void FdChannel::EndConnection(uint64_t session_id, absl::string_view why, bool b
     {
       absl::MutexLock lock(&mu_);
       Connection* connection = LiveLocked(session_id);
-      if (connection == nullptr) return;
+      if (connection == nullptr) return false;
       reader = connection->reader;
     }
     CloseReader(reader);
@@ -569,7 +579,7 @@ void FdChannel::EndConnection(uint64_t session_id, absl::string_view why, bool b
   {
     absl::MutexLock lock(&mu_);
     auto it = connections_.find(session_id);
-    if (it == connections_.end() || it->second.lingering) return;
+    if (it == connections_.end() || it->second.lingering) return false;
     Connection& connection = it->second;
     loop_->Unwatch(connection.socket.fd());
     if (connection.Queued()) {
@@ -599,7 +609,7 @@ void FdChannel::EndConnection(uint64_t session_id, absl::string_view why, bool b
                "session {} ending: {}; it lingers until its client reads or drops the {} fds "
                "it was sent",
                session_id, std::string(why), lingering);
-    return;
+    return true;
   }
   delegate_->OnDisconnect(session_id);
   closing = UnixSocket();  // the client sees EOF now
@@ -610,6 +620,7 @@ void FdChannel::EndConnection(uint64_t session_id, absl::string_view why, bool b
   } else {
     spdlog::debug("session {} ended: {}", session_id, std::string(why));
   }
+  return false;
 }
 
 }  // namespace bufferd

@@ -129,9 +129,10 @@ class FdChannel {
 
   // Ends a session as if its client had closed fd.sock (an operator's
   // EndSession): on the loop thread, then `done` runs there with the
-  // outcome. kLingering: its connection is closed already and it waits
-  // for its client to read or drop the fds it was sent.
-  enum class Ended { kEnded, kNotFound, kLingering };
+  // outcome. kEndedLingering: ended, but fds it was sent are unread, so it
+  // lingers (no calls, its holdings kept) until its client reads or drops
+  // them. kLingering: it had ended already and lingers so.
+  enum class Ended { kEnded, kEndedLingering, kNotFound, kLingering };
   void EndSessionSoon(uint64_t session_id, std::string why, std::function<void(Ended)> done);
 
   // Deliveries waiting for the client to read (for ListClients).
@@ -216,8 +217,8 @@ class FdChannel {
   // and stalled ones.
   void Tick();
   // Ends the session's connection; `badly` logs a warning (rate-limited),
-  // otherwise a debug line.
-  void EndConnection(uint64_t session_id, absl::string_view why, bool badly = false);
+  // otherwise a debug line. True if it lingers (fds it was sent unread).
+  bool EndConnection(uint64_t session_id, absl::string_view why, bool badly = false);
   // Sends the records at once if nothing is queued and the socket takes
   // them, else queues what is left (all or nothing against the caps).
   absl::Status SendOrQueue(uint64_t session_id, std::vector<Pending> records);
@@ -225,9 +226,9 @@ class FdChannel {
   // places move to in_flight (the record's own copies close with it).
   absl::Status SendRecordLocked(Connection& connection, Pending& record)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Flushes as much of the queue as the socket takes. Returns false if the
+  // Flushes as much of the queue as the socket takes; an error if the
   // connection failed.
-  bool FlushLocked(Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status FlushLocked(Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Returns the places of sent fds once the client has read them all.
   void ReapDeliveredLocked(Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Deliveries queued or in flight, or lingering: the tick must look at it.

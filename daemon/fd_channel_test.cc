@@ -4,13 +4,14 @@
 #include "daemon/fd_channel.h"
 
 #include <poll.h>
-#include <sys/mman.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
 #include "base/await.h"
@@ -21,6 +22,15 @@ namespace bufferd {
 namespace {
 
 constexpr uint64_t kSession = 7;
+
+template <typename F>
+bool Within10s(F condition) {
+  for (int i = 0; i < 1000; ++i) {
+    if (condition()) return true;
+    ::usleep(10000);
+  }
+  return condition();
+}
 
 // Admits every connection as kSession; records what it is sent.
 class Recorder final : public FdChannel::Delegate {
@@ -35,7 +45,10 @@ class Recorder final : public FdChannel::Delegate {
     if (message.release().handle() == 666) return absl::InvalidArgumentError("bad record");
     return absl::OkStatus();
   }
-  void OnDetach(uint64_t) override {}
+  void OnDetach(uint64_t) override {
+    absl::MutexLock lock(&mu_);
+    ++detaches_;
+  }
   void OnDisconnect(uint64_t) override {
     absl::MutexLock lock(&mu_);
     ++disconnects_;
@@ -50,11 +63,21 @@ class Recorder final : public FdChannel::Delegate {
         mu_, [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return disconnects_ > 0; },
         absl::Seconds(10));
   }
+  bool AwaitDetach() {
+    absl::MutexLock lock(&mu_);
+    return AwaitWithTimeout(
+        mu_, [this]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return detaches_ > 0; }, absl::Seconds(10));
+  }
+  int disconnects() {
+    absl::MutexLock lock(&mu_);
+    return disconnects_;
+  }
 
  private:
   absl::Mutex mu_;
   std::vector<uint64_t> handles_ ABSL_GUARDED_BY(mu_);
   int disconnects_ ABSL_GUARDED_BY(mu_) = 0;
+  int detaches_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 class FdChannelTest : public ::testing::Test {
@@ -64,7 +87,7 @@ class FdChannelTest : public ::testing::Test {
     ASSERT_NE(::mkdtemp(dir), nullptr);
     dir_ = dir;
     ASSERT_TRUE(loop_.Init().ok());
-    channel_ = std::make_unique<FdChannel>(&loop_, &budget_, &recorder_, FdChannel::Options{});
+    channel_ = std::make_unique<FdChannel>(&loop_, &budget_, &recorder_, ChannelOptions());
     auto listener = UnixSocket::ListenSeqPacket(dir_ + "/fd.sock");
     ASSERT_TRUE(listener.ok());
     ASSERT_TRUE(channel_->Listen(*std::move(listener)).ok());
@@ -80,6 +103,7 @@ class FdChannelTest : public ::testing::Test {
     channel_->Stop();
     std::filesystem::remove_all(dir_);
   }
+  virtual FdChannel::Options ChannelOptions() { return {}; }
   // Holds the loop thread in a callback until TearDown (or Release).
   void HoldLoop() {
     absl::Notification held;
@@ -88,6 +112,23 @@ class FdChannelTest : public ::testing::Test {
       release_loop_.WaitForNotification();
     });
     held.WaitForNotification();
+  }
+  // An fd to deliver, in the budget.
+  LeasedFd DeliveryFd() {
+    absl::StatusOr<FdBudget::Lease> lease = budget_.Acquire(FdUse::kDelivery, 0);
+    EXPECT_TRUE(lease.ok()) << lease.status();
+    return LeasedFd{UniqueFd(::dup(0)), lease.ok() ? *std::move(lease) : FdBudget::Lease()};
+  }
+  // EndSessionSoon's outcome.
+  FdChannel::Ended EndSoon() {
+    absl::Notification done;
+    FdChannel::Ended outcome = FdChannel::Ended::kNotFound;
+    channel_->EndSessionSoon(kSession, "ended by the test", [&](FdChannel::Ended ended) {
+      outcome = ended;
+      done.Notify();
+    });
+    EXPECT_TRUE(done.WaitForNotificationWithTimeout(absl::Seconds(10)));
+    return outcome;
   }
   void Send(uint64_t handle) {
     v1::FdChannelMessage message;
@@ -162,6 +203,71 @@ TEST_F(FdChannelTest, TheLoopReadsRecordsByItself) {
   Send(6);
   for (int i = 0; i < 500 && recorder_.handles().size() < 2; ++i) ::usleep(10000);
   EXPECT_EQ(recorder_.handles(), (std::vector<uint64_t>{5, 6}));
+}
+
+// Tests EndSessionSoon's outcomes: a session with nothing in flight ends
+// at once; one whose client has a delivered fd unread ends but lingers
+// (told so), is told it lingers when ended again, and is gone once its
+// client reads the fd.
+TEST_F(FdChannelTest, EndingASessionSaysWhetherItLingers) {
+  ASSERT_TRUE(channel_->Deliver(kSession, 1, v1::FD_KIND_FENCE, 1, DeliveryFd()).ok());
+  EXPECT_EQ(EndSoon(), FdChannel::Ended::kEndedLingering);
+  EXPECT_TRUE(recorder_.AwaitDetach());
+  EXPECT_EQ(recorder_.disconnects(), 0) << "it lingers with its fd unread";
+  EXPECT_EQ(EndSoon(), FdChannel::Ended::kLingering);
+  EXPECT_EQ(channel_->DrainSession(kSession, 0), FdChannel::Drained::kEnded);
+  auto delivery = client_.RecvWithFds();  // the client reads it: the session can go
+  ASSERT_TRUE(delivery.ok()) << delivery.status();
+  EXPECT_EQ(delivery->fds.size(), 1u);
+  EXPECT_TRUE(recorder_.AwaitDisconnect());
+  EXPECT_EQ(EndSoon(), FdChannel::Ended::kNotFound);
+  EXPECT_TRUE(Within10s([&] { return budget_.usage().total == 0; }))
+      << "the delivered fd's place in the budget came back";
+}
+
+TEST_F(FdChannelTest, EndingASessionWithNothingInFlightEndsIt) {
+  EXPECT_EQ(EndSoon(), FdChannel::Ended::kEnded);
+  EXPECT_TRUE(recorder_.AwaitDisconnect());
+  EXPECT_EQ(EndSoon(), FdChannel::Ended::kNotFound);
+  auto end = client_.RecvWithFds();
+  EXPECT_TRUE(!end.ok() || end->eof) << "the client sees its socket close";
+}
+
+class StallingFdChannelTest : public FdChannelTest {
+ protected:
+  FdChannel::Options ChannelOptions() override {
+    return {.max_queued_deliveries = 4,
+            .max_total_queued_deliveries = 100,
+            .stalled_session_timeout = absl::Milliseconds(100)};
+  }
+};
+
+// Tests the delivery queue of a client that never reads fd.sock: what its
+// socket does not take is queued, up to the session's cap (named); past the
+// stall timeout the session ends and lingers with its sent fds unread (its
+// queue gone, no more deliveries); once the client closes, everything it
+// was sent is back in the budget.
+TEST_F(StallingFdChannelTest, AClientThatNeverReadsIsQueuedThenEnded) {
+  absl::Status delivered;
+  int sent = 0;
+  while (delivered.ok() && sent < 100000) {
+    delivered = channel_->Deliver(kSession, ++sent, v1::FD_KIND_FENCE, 1, DeliveryFd());
+  }
+  ASSERT_EQ(delivered.code(), absl::StatusCode::kResourceExhausted) << delivered;
+  EXPECT_TRUE(absl::StrContains(delivered.message(),
+                                "has 4 fd deliveries queued (client is not reading fd.sock)"))
+      << delivered;
+  EXPECT_EQ(channel_->QueuedDeliveries(kSession), 4u);
+  ASSERT_TRUE(recorder_.AwaitDetach()) << "the stall ended it";
+  EXPECT_EQ(recorder_.disconnects(), 0) << "it lingers: fds it was sent are unread";
+  EXPECT_EQ(channel_->QueuedDeliveries(kSession), 0u) << "its queue went with its end";
+  EXPECT_EQ(channel_->Deliver(kSession, 0, v1::FD_KIND_FENCE, 1, DeliveryFd()).code(),
+            absl::StatusCode::kAborted);
+  EXPECT_EQ(EndSoon(), FdChannel::Ended::kLingering);
+  client_ = UnixSocket();  // the client goes: its unread fds with it
+  EXPECT_TRUE(recorder_.AwaitDisconnect());
+  EXPECT_TRUE(Within10s([&] { return budget_.usage().total == 0; }))
+      << budget_.usage().total << " places still taken";
 }
 
 }  // namespace

@@ -249,6 +249,31 @@ TEST_F(OpsTest, EndSessionReleasesWhatTheSessionHeld) {
   ExpectBaseline();
 }
 
+// Tests EndSession of a client that has fds the daemon sent it unread (a
+// raw session that never reads fd.sock): bufctl says the session ended but
+// lingers, and keeps its handles until its client reads or drops the fds;
+// ending it again is FAILED_PRECONDITION; once the client closes,
+// everything is back at the baseline.
+TEST_F(OpsTest, EndSessionOfAClientWithUnreadFdsSaysItLingers) {
+  auto raw = testing::OpenRawSession(dir());
+  ASSERT_TRUE(raw.ok()) << raw.status();
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(raw->Allocate("system", 4096).ok());
+  const std::string id = raw->metadata.substr(0, raw->metadata.find(':'));
+  const BufctlRun ended = Bufctl(dir(), "end-session " + id);
+  EXPECT_EQ(ended.code, 0) << ended.out;
+  EXPECT_THAT(ended.out, HasSubstr("ended session " + id + " (")) << ended.out;
+  EXPECT_THAT(ended.out, HasSubstr("fds the daemon sent it are still unread, so its 3 handles are "
+                                   "released only once its client reads or drops them"))
+      << ended.out;
+  const BufctlRun again = Bufctl(dir(), "--json end-session " + id);
+  EXPECT_EQ(again.code, 1) << again.out;
+  EXPECT_THAT(again.out, HasSubstr("FAILED_PRECONDITION")) << again.out;
+  EXPECT_THAT(again.out, HasSubstr("lingers until its client reads or drops the fds")) << again.out;
+  raw->socket = UnixSocket();  // the client closes: its unread fds go
+  raw->stub.reset();
+  ExpectBaseline();
+}
+
 // Tests the token listing: buffer, access, expiry and exporter (pid, comm,
 // and "exited" once it is gone), never the token itself; and a buffer's
 // creator shown as exited while another session keeps the buffer.

@@ -602,7 +602,15 @@ int EndSession(const bufferd::Client& client, bool json, uint64_t session_id) {
   if (json) return PrintJson(*ended);
   const auto& s = ended->session();
   std::cout << "ended session " << s.session_id() << " (" << s.comm() << "[" << s.pid() << "], uid "
-            << s.uid() << "): its " << s.handles()
+            << s.uid() << "): ";
+  if (ended->lingering()) {
+    std::cout << "it takes no more calls, but fds the daemon sent it are still unread, so its "
+              << s.handles()
+              << " handles are released only once its client reads or drops them (kill the "
+                 "client to end it now)\n";
+    return 0;
+  }
+  std::cout << "its " << s.handles()
             << " handles are released; memory its process still maps stays until it unmaps "
                "(bufctl holders)\n";
   return 0;
