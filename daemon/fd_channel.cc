@@ -192,9 +192,10 @@ void FdChannel::SummarizeChurn() {
   churn_since_ = now;
 }
 
-FdChannel::Connection* FdChannel::LiveLocked(uint64_t session_id) {
+FdChannel::Connection* FdChannel::LiveLocked(uint64_t session_id) const {
   auto it = connections_.find(session_id);
-  return it == connections_.end() || it->second.lingering ? nullptr : &it->second;
+  return it == connections_.end() || it->second.lingering ? nullptr
+                                                          : const_cast<Connection*>(&it->second);
 }
 
 void FdChannel::OnEvents(uint64_t session_id, uint32_t events) {
@@ -328,14 +329,10 @@ FdChannel::Drained FdChannel::DrainSession(uint64_t session_id, uint64_t sent) {
     // Only the loop ends connections; it would find EOF again by itself,
     // but a bad record is gone from the socket, so tell it.
     loop_->RunAfter(absl::ZeroDuration(), [this, session_id, end = *std::move(end)] {
-      EndSession(session_id, end.why, end.badly);
+      EndConnection(session_id, end.why, end.badly);
     });
   }
   return result;
-}
-
-void FdChannel::EndSession(uint64_t session_id, absl::string_view why, bool badly) {
-  EndConnection(session_id, why, badly);
 }
 
 void FdChannel::EndSessionSoon(uint64_t session_id, std::string why,
@@ -402,16 +399,17 @@ absl::Status FdChannel::FlushLocked(Connection& connection) {
   return absl::OkStatus();
 }
 
-bool FdChannel::NeedsTick(const Connection& connection) {
-  return connection.Queued() || connection.InFlight() || connection.lingering;
+bool FdChannel::StillBusy(Connection& connection) {
+  if (connection.Queued() || connection.InFlight() || connection.lingering) return true;
+  connection.backlog.reset();
+  return false;
 }
 
 void FdChannel::UpdateBusyLocked(uint64_t session_id, Connection& connection) {
-  if (NeedsTick(connection)) {
+  if (StillBusy(connection)) {
     busy_.insert(session_id);
   } else {
     busy_.erase(session_id);
-    connection.backlog.reset();
   }
 }
 
@@ -475,7 +473,7 @@ absl::Status FdChannel::SendOrQueue(uint64_t session_id, std::vector<Pending> re
     return absl::ResourceExhaustedError(absl::StrCat(
         "daemon has ", total_queued_, " fd deliveries queued for clients not reading fd.sock"));
   }
-  const size_t queued = connection.Queued() ? connection.backlog->queue.size() : 0;
+  const size_t queued = connection.QueuedCount();
   if (queued + left > options_.max_queued_deliveries) {
     return absl::ResourceExhaustedError(
         absl::StrCat("session ", session_id, " has ", queued,
@@ -498,9 +496,8 @@ absl::Status FdChannel::SendOrQueue(uint64_t session_id, std::vector<Pending> re
 
 size_t FdChannel::QueuedDeliveries(uint64_t session_id) const {
   absl::MutexLock lock(&mu_);
-  auto it = connections_.find(session_id);
-  if (it == connections_.end() || it->second.lingering) return 0;
-  return it->second.Queued() ? it->second.backlog->queue.size() : 0;
+  const Connection* connection = LiveLocked(session_id);
+  return connection == nullptr ? 0 : connection->QueuedCount();
 }
 
 void FdChannel::ReapDeliveredLocked(Connection& connection) {
@@ -539,12 +536,7 @@ void FdChannel::Tick() {
           now - connection.backlog->stalled_since > options_.stalled_session_timeout) {
         stalled.push_back(session_id);
       }
-      if (NeedsTick(connection)) {
-        ++it;
-      } else {
-        connection.backlog.reset();
-        it = busy_.erase(it);
-      }
+      it = StillBusy(connection) ? std::next(it) : busy_.erase(it);
     }
   }
   for (uint64_t session_id : drained) {
@@ -578,12 +570,12 @@ bool FdChannel::EndConnection(uint64_t session_id, absl::string_view why, bool b
   }
   {
     absl::MutexLock lock(&mu_);
-    auto it = connections_.find(session_id);
-    if (it == connections_.end() || it->second.lingering) return false;
-    Connection& connection = it->second;
+    Connection* live = LiveLocked(session_id);
+    if (live == nullptr) return false;
+    Connection& connection = *live;
     loop_->Unwatch(connection.socket.fd());
     if (connection.Queued()) {
-      total_queued_ -= connection.backlog->queue.size();
+      total_queued_ -= connection.QueuedCount();
       connection.backlog->queue.clear();  // closes the fds never sent
     }
     ReapDeliveredLocked(connection);
@@ -599,7 +591,7 @@ bool FdChannel::EndConnection(uint64_t session_id, absl::string_view why, bool b
       busy_.erase(session_id);
       closing = std::move(connection.socket);
       closing_lease = std::move(connection.lease);
-      connections_.erase(it);
+      connections_.erase(session_id);
     }
   }
   ++ended_;

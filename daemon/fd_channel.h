@@ -188,7 +188,8 @@ class FdChannel {
     FdBudget::Lease lease;
     std::unique_ptr<Backlog> backlog;
 
-    bool Queued() const { return backlog != nullptr && !backlog->queue.empty(); }
+    size_t QueuedCount() const { return backlog != nullptr ? backlog->queue.size() : 0; }
+    bool Queued() const { return QueuedCount() != 0; }
     bool InFlight() const { return backlog != nullptr && !backlog->in_flight.empty(); }
   };
 
@@ -208,8 +209,6 @@ class FdChannel {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(reader.mu);
   std::optional<ReadEnd> ReadSomeLocked(Reader& reader, int max, uint64_t until)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(reader.mu);
-  // Ends a session by id, from a loop callback.
-  void EndSession(uint64_t session_id, absl::string_view why, bool badly);
   // Marks the reader ended: nobody reads the socket again.
   static void CloseReader(const std::shared_ptr<Reader>& reader);
   void OnWritable(uint64_t session_id);
@@ -231,10 +230,10 @@ class FdChannel {
   absl::Status FlushLocked(Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Returns the places of sent fds once the client has read them all.
   void ReapDeliveredLocked(Connection& connection) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Deliveries queued or in flight, or lingering: the tick must look at it.
-  static bool NeedsTick(const Connection& connection);
-  // Marks the session as needing the tick, or not (and drops an empty
-  // backlog).
+  // Whether the tick must look at the connection (deliveries queued or in
+  // flight, or lingering); if not, drops its emptied backlog.
+  static bool StillBusy(Connection& connection);
+  // Marks the session as needing the tick, or not (StillBusy).
   void UpdateBusyLocked(uint64_t session_id, Connection& connection)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Watches the connection's socket for what it needs: input unless
@@ -243,7 +242,7 @@ class FdChannel {
   // Pauses or resumes watching a connection for input (loop thread).
   void SetReading(uint64_t session_id, bool reading);
   // The session's connection, unless it has ended (or lingers).
-  Connection* LiveLocked(uint64_t session_id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  Connection* LiveLocked(uint64_t session_id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   EventLoop* const loop_;
   FdBudget* const budget_;

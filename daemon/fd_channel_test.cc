@@ -17,20 +17,12 @@
 #include "base/await.h"
 #include "base/fd_count.h"
 #include "gtest/gtest.h"
+#include "testing/eventually.h"
 
 namespace bufferd {
 namespace {
 
 constexpr uint64_t kSession = 7;
-
-template <typename F>
-bool Within10s(F condition) {
-  for (int i = 0; i < 1000; ++i) {
-    if (condition()) return true;
-    ::usleep(10000);
-  }
-  return condition();
-}
 
 // Admits every connection as kSession; records what it is sent.
 class Recorder final : public FdChannel::Delegate {
@@ -221,7 +213,7 @@ TEST_F(FdChannelTest, EndingASessionSaysWhetherItLingers) {
   EXPECT_EQ(delivery->fds.size(), 1u);
   EXPECT_TRUE(recorder_.AwaitDisconnect());
   EXPECT_EQ(EndSoon(), FdChannel::Ended::kNotFound);
-  EXPECT_TRUE(Within10s([&] { return budget_.usage().total == 0; }))
+  EXPECT_TRUE(testing::Eventually([&] { return budget_.usage().total == 0; }, absl::Seconds(10)))
       << "the delivered fd's place in the budget came back";
 }
 
@@ -266,7 +258,7 @@ TEST_F(StallingFdChannelTest, AClientThatNeverReadsIsQueuedThenEnded) {
   EXPECT_EQ(EndSoon(), FdChannel::Ended::kLingering);
   client_ = UnixSocket();  // the client goes: its unread fds with it
   EXPECT_TRUE(recorder_.AwaitDisconnect());
-  EXPECT_TRUE(Within10s([&] { return budget_.usage().total == 0; }))
+  EXPECT_TRUE(testing::Eventually([&] { return budget_.usage().total == 0; }, absl::Seconds(10)))
       << budget_.usage().total << " places still taken";
 }
 

@@ -23,18 +23,9 @@
 #include "grpcpp/client_context.h"
 #include "testing/child_process.h"
 #include "testing/daemon_process.h"
+#include "testing/eventually.h"
 
 namespace bufferd::testing {
-
-// Polls `condition` every 10 ms for up to 5 s; returns its last value.
-template <typename F>
-bool Eventually(F condition) {
-  for (int i = 0; i < 500; ++i) {
-    if (condition()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  return condition();
-}
 
 // A raw Allocator stub on `socket_dir`'s control.sock.
 std::unique_ptr<v1::Allocator::Stub> NewAllocatorStub(const std::string& socket_dir);

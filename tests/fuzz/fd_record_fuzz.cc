@@ -52,6 +52,7 @@
 #include "bufferd/v1/fence.grpc.pb.h"
 #include "daemon/config.h"
 #include "daemon/daemon.h"
+#include "testing/eventually.h"
 #include "tests/fuzz/check.h"
 
 namespace bufferd {
@@ -86,18 +87,10 @@ struct Session {
   }
 };
 
-// Whether `condition` holds within `timeout`, asked every millisecond
-// (what the daemon lets go of, it lets go of on its loop or its reaper's
-// thread, a moment after the call or close that caused it).
-template <typename Condition>
-bool Eventually(Condition condition, absl::Duration timeout) {
-  const absl::Time until = absl::Now() + timeout;
-  while (!condition()) {
-    if (absl::Now() > until) return condition();
-    absl::SleepFor(absl::Milliseconds(1));
-  }
-  return true;
-}
+// How often a check that waits asks again: every millisecond (what the
+// daemon lets go of, it lets go of on its loop or its reaper's thread, a
+// moment after the call or close that caused it).
+constexpr absl::Duration kPollEvery = absl::Milliseconds(1);
 
 // One record from the daemon within 10 s (the fd of a delivery).
 UniqueFd ReceiveDelivery(const UnixSocket& socket) {
@@ -214,7 +207,7 @@ class World {
              heaps.pending_tokens() == 0 && clients.clients_size() == 1 &&
              fences.fences_size() == 0 && heaps.heaps(0).used() == kBufferBytes;
     };
-    FUZZ_CHECK(Eventually(settled, absl::Seconds(10)), status.error_message(),
+    FUZZ_CHECK(testing::Eventually(settled, absl::Seconds(10), kPollEvery), status.error_message(),
                "; left after the session ended: ", heaps.live_buffers(), " buffers, ",
                heaps.live_handles(), " handles, ", heaps.pending_tokens(), " tokens, ",
                clients.clients_size(), " sessions, ", fences.fences_size(), " fences, ",
@@ -364,12 +357,12 @@ class Run {
         // The uploads pushed out are closed on the reaper's thread, a
         // moment later.
         uint64_t kept = 0;
-        FUZZ_CHECK(Eventually(
+        FUZZ_CHECK(testing::Eventually(
                        [&] {
                          kept = world_.UploadAndFenceFds();
                          return kept <= kMaxUnclaimedUploads;
                        },
-                       absl::Seconds(10)),
+                       absl::Seconds(10), kPollEvery),
                    "the daemon keeps ", kept, " uploads and fence fds after ", count, " uploads");
         return;
       }
@@ -494,7 +487,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // later (the reaper closes fds off the loop). Fewer than before is no
   // leak: an fd of an earlier input may have been on its way out when this
   // one started (seen under ASan on a loaded machine: 20 after, 21 before).
-  FUZZ_CHECK(Eventually([&] { return CountOpenFds() <= fds_before; }, absl::Seconds(5)),
+  FUZZ_CHECK(testing::Eventually([&] { return CountOpenFds() <= fds_before; }, absl::Seconds(5),
+                                 kPollEvery),
              CountOpenFds(), " fds open, ", fds_before, " before");
   return 0;
 }
