@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -60,6 +62,19 @@ inline long ProcField(const std::string& path, const std::string& field) {
     }
   }
   return -1;
+}
+
+// Run time of every thread of `pid` (schedstat, ns).
+inline int64_t ProcessRunNs(pid_t pid) {
+  int64_t total = 0;
+  std::error_code error;
+  for (const auto& task :
+       std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/task", error)) {
+    std::ifstream in(task.path() / "schedstat");
+    int64_t ns = 0;
+    if (in >> ns) total += ns;
+  }
+  return total;
 }
 
 }  // namespace bufferd::bench

@@ -429,19 +429,6 @@ struct LevelResult {
   int lists_beside = 0;
 };
 
-// Run time of every thread of `pid` (schedstat, ns).
-int64_t ProcessRunNs(pid_t pid) {
-  int64_t total = 0;
-  std::error_code error;
-  for (const auto& task :
-       std::filesystem::directory_iterator(absl::StrCat("/proc/", pid, "/task"), error)) {
-    std::ifstream in(task.path() / "schedstat");
-    int64_t ns = 0;
-    if (in >> ns) total += ns;
-  }
-  return total;
-}
-
 double IdleCpuMsPerSecond(pid_t pid, absl::Duration over) {
   const int64_t run0 = ProcessRunNs(pid), t0 = NowNs();
   std::this_thread::sleep_for(absl::ToChronoNanoseconds(over));

@@ -255,6 +255,13 @@ class Buffer {
   // and taking the page when it comes), then sleeps on the page; Settle
   // when the page has no room or is gone.
   absl::StatusOr<std::vector<v1::FenceInfo>> WaitForAccess(Cpu access, absl::Duration timeout) const;
+  // WaitForAccess when every fence `asked` lists is a timeline point: waits
+  // on the timelines themselves (each opened once per session through this
+  // buffer, then kept), so the owner's Signal wakes this thread directly,
+  // with no daemon in between. nullopt if it cannot (a fence of another
+  // kind, a timeline that could not be opened): wait on the page instead.
+  std::optional<absl::StatusOr<std::vector<v1::FenceInfo>>> WaitOnTimelines(
+      const v1::GetBufferFencesResponse& asked, absl::Duration left) const;
   absl::StatusOr<v1::GetBufferFencesResponse> AskFences(
       Cpu access, std::optional<uint32_t> failures_since) const;
   // What became of `waited` (as `asked` listed them): asks the daemon how
@@ -498,6 +505,11 @@ class Timeline {
       const std::shared_ptr<internal::Connection>& connection,
       std::span<const TimelinePoint> points, bool all, absl::Duration timeout,
       absl::Duration need_by, TimelineWait what);
+  // ImportTimeline's call and pages, on `connection`; the Timeline keeps
+  // `holder` (the same Connection, owned or not).
+  static absl::StatusOr<Timeline> Import(internal::Connection& connection,
+                                         std::shared_ptr<internal::Connection> holder,
+                                         v1::ImportTimelineRequest request);
 
   std::shared_ptr<internal::Connection> connection_;
   v1::TimelineInfo info_;

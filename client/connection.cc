@@ -248,7 +248,48 @@ absl::StatusOr<std::shared_ptr<Connection>> Connection::Open(const std::string& 
   return connection;
 }
 
-Connection::~Connection() { Close(); }
+Connection::~Connection() {
+  Close();
+  // Before anything they use goes (their session is over: what they tell
+  // the daemon is lost, and need not arrive).
+  std::map<uint64_t, std::shared_ptr<const Timeline>> kept;
+  {
+    std::lock_guard lock(kept_mu_);
+    kept.swap(kept_timelines_);
+  }
+}
+
+std::shared_ptr<const Timeline> Connection::KeptTimeline(uint64_t id) {
+  std::lock_guard lock(kept_mu_);
+  auto it = kept_timelines_.find(id);
+  return it == kept_timelines_.end() ? nullptr : it->second;
+}
+
+void Connection::ForgetTimeline(uint64_t id) {
+  std::shared_ptr<const Timeline> dropped;  // outside the lock
+  std::lock_guard lock(kept_mu_);
+  if (auto it = kept_timelines_.find(id); it != kept_timelines_.end()) {
+    dropped = std::move(it->second);
+    kept_timelines_.erase(it);
+  }
+}
+
+void Connection::KeepTimeline(uint64_t id, std::shared_ptr<const Timeline> timeline) {
+  // Dropped outside the lock (a Timeline's end sends a record).
+  std::vector<std::shared_ptr<const Timeline>> dropped;
+  std::lock_guard lock(kept_mu_);
+  if (kept_timelines_.size() >= kKeptTimelines) {
+    for (auto it = kept_timelines_.begin(); it != kept_timelines_.end();) {
+      if (it->second.use_count() == 1) {
+        dropped.push_back(std::move(it->second));
+        it = kept_timelines_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  if (kept_timelines_.size() < kKeptTimelines) kept_timelines_.emplace(id, std::move(timeline));
+}
 
 void Connection::Close() {
   closed_.store(true);

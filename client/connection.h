@@ -29,6 +29,10 @@
 #include "grpcpp/client_context.h"
 #include "grpcpp/support/status.h"
 
+namespace bufferd {
+class Timeline;
+}  // namespace bufferd
+
 namespace bufferd::internal {
 
 // grpc::Status -> absl::Status, the client's one conversion point.
@@ -161,6 +165,16 @@ class Connection {
   // (it stays mapped: a reader may still be looking), ask for a new one.
   void ForgetReservationPage(const reservation::Slot* slots);
 
+  // Timelines opened to wait on points attached to this session's buffers
+  // (Buffer::BeginCpuAccess), by id, kept for the next frames: at most
+  // kKeptTimelines, those nobody is waiting on going first. Each holds this
+  // Connection without owning it (they go first when it goes).
+  static constexpr size_t kKeptTimelines = 64;
+  std::shared_ptr<const Timeline> KeptTimeline(uint64_t id);
+  void KeepTimeline(uint64_t id, std::shared_ptr<const Timeline> timeline);
+  // Lets go of a kept timeline (seen ended: nothing more will be attached).
+  void ForgetTimeline(uint64_t id);
+
   std::mutex& wakers_mu() { return wakers_mu_; }
   std::map<uint64_t, std::weak_ptr<Waker>>& wakers() { return wakers_; }
   absl::Duration timeout() const { return timeout_; }
@@ -196,6 +210,8 @@ class Connection {
   // none is unmapped before the Connection goes, so a reader never faults).
   std::vector<Mapping> reservation_maps_;
   std::atomic<const reservation::Slot*> reservation_slots_{nullptr};
+  std::mutex kept_mu_;
+  std::map<uint64_t, std::shared_ptr<const Timeline>> kept_timelines_;
 };
 
 // A fence's deadline as the protocol takes it (fence.cc).

@@ -3,13 +3,14 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "absl/container/inlined_vector.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "base/errno_status.h"
-#include "fences/reservation_page.h"
-#include "fences/timeline_shm.h"
 #include "client/client.h"
 #include "client/connection.h"
+#include "fences/reservation_page.h"
+#include "fences/timeline_shm.h"
 
 namespace bufferd {
 namespace {
@@ -115,6 +116,13 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
   if (slot != 0 && slot < reservation::kSlots) status_slot_.store(slot, std::memory_order_relaxed);
   std::vector<v1::FenceInfo> waited(response.fences().begin(), response.fences().end());
   if (waited.empty()) return waited;
+  if (std::optional<absl::StatusOr<std::vector<v1::FenceInfo>>> direct =
+          WaitOnTimelines(response, left());
+      direct.has_value()) {
+    if (direct->ok() || !absl::IsDeadlineExceeded(direct->status())) return *std::move(direct);
+    // The caller's timeout: name what is still pending.
+    return Settle(access, std::move(waited), response, /*wait=*/false, left(), timeout);
+  }
   const reservation::Slot* slots = connection_->reservation_slots();
   if (slot == 0 || slot >= reservation::kSlots || slots == nullptr) {
     // No room in the page, or no page: wait through the daemon.
@@ -169,6 +177,57 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
   }
   // The deadline: name what is still pending.
   return Settle(access, std::move(waited), response, /*wait=*/false, left(), timeout);
+}
+
+std::optional<absl::StatusOr<std::vector<v1::FenceInfo>>> Buffer::WaitOnTimelines(
+    const v1::GetBufferFencesResponse& asked, absl::Duration left) const {
+  absl::InlinedVector<std::shared_ptr<const Timeline>, 4> timelines;
+  absl::InlinedVector<TimelinePoint, 4> points;
+  for (const v1::FenceInfo& info : asked.fences()) {
+    if (info.kind() != v1::FENCE_KIND_TIMELINE_POINT || info.timeline_id() == 0 ||
+        info.timeline_point() == 0) {
+      return std::nullopt;
+    }
+    std::shared_ptr<const Timeline> timeline = connection_->KeptTimeline(info.timeline_id());
+    if (timeline == nullptr) {
+      v1::ImportTimelineRequest request;
+      request.set_buffer_handle(handle_);
+      request.set_timeline_id(info.timeline_id());
+      // It holds the Connection without owning it: the Connection keeps it.
+      absl::StatusOr<Timeline> opened = Timeline::Import(
+          *connection_,
+          std::shared_ptr<internal::Connection>(std::shared_ptr<void>(), connection_.get()),
+          std::move(request));
+      // Signalled and pruned meanwhile (NOT_FOUND), or out of room: the page.
+      if (!opened.ok()) return std::nullopt;
+      timeline = std::make_shared<const Timeline>(*std::move(opened));
+      connection_->KeepTimeline(info.timeline_id(), timeline);
+    }
+    points.push_back({timeline.get(), info.timeline_point()});
+    timelines.push_back(std::move(timeline));
+  }
+  absl::StatusOr<std::vector<PointResult>> results =
+      Timeline::WaitPoints(connection_, std::span(points.data(), points.size()), /*all=*/true, left,
+                           absl::ZeroDuration(), TimelineWait::kReached);
+  if (!results.ok()) {
+    // The caller's timeout, or the session's end: as a wait on the page.
+    if (absl::IsDeadlineExceeded(results.status()) || absl::IsUnavailable(results.status())) {
+      return results.status();
+    }
+    return std::nullopt;  // no wait slot free, say: the page
+  }
+  std::vector<v1::FenceInfo> waited(asked.fences().begin(), asked.fences().end());
+  for (size_t i = 0; i < waited.size(); ++i) {
+    const v1::FenceStatus status = (*results)[i].status;
+    waited[i].set_state(v1::FENCE_STATE_SIGNALED);
+    waited[i].set_status(status);
+    waited[i].set_message((*results)[i].message);
+    // The timeline has ended: no later point of it will come.
+    if (status == v1::FENCE_STATUS_OWNER_DIED || status == v1::FENCE_STATUS_CANCELLED) {
+      connection_->ForgetTimeline(waited[i].timeline_id());
+    }
+  }
+  return waited;
 }
 
 absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::Settle(Cpu access,

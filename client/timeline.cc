@@ -271,8 +271,12 @@ void WakeOne(timeline::WakePage& page, int notify, uint64_t point) {
 
 void Timeline::WakeWakers(uint64_t point) {
   // The wakers known first: a waiter never waits for the round trip below.
+  // Every sleeper before any notify fd: a write to one wakes an event loop
+  // (the daemon's, when it watches a point for a fence or a buffer), which
+  // on this CPU may run before this thread gets to the next futex.
+  for (auto& [waker_id, waker] : shared_->wakers) timeline::WakeWaker(waker.wake());
   for (auto& [waker_id, waker] : shared_->wakers) {
-    WakeOne(waker.wake(), waker.notify.valid() ? waker.notify.get() : -1, point);
+    if (waker.notify.valid()) timeline::NotifyArmed(waker.wake(), waker.notify.get(), point);
   }
   const timeline::StatePage& state = shared_->state_page();
   // seq_cst after the store of the counter: a waker registered after this
@@ -589,19 +593,25 @@ absl::StatusOr<Timeline> Client::CreateTimeline(const TimelineOptions& options) 
 absl::StatusOr<Timeline> Client::ImportTimeline(absl::string_view token) const {
   v1::ImportTimelineRequest request;
   request.set_token(std::string(token));
+  return Timeline::Import(*connection_, connection_, std::move(request));
+}
+
+absl::StatusOr<Timeline> Timeline::Import(internal::Connection& connection,
+                                          std::shared_ptr<internal::Connection> holder,
+                                          v1::ImportTimelineRequest request) {
   v1::ImportTimelineResponse response;
-  RETURN_IF_ERROR(WithWaitPage(*connection_, [&](uint64_t wait_upload) {
+  RETURN_IF_ERROR(WithWaitPage(connection, [&](uint64_t wait_upload) {
     request.set_wait_page_upload_id(wait_upload);
-    internal::Call call = connection_->NewCall();
-    return connection_->Finish(
-        call, connection_->fence().ImportTimeline(call.context.get(), request, &response));
+    internal::Call call = connection.NewCall();
+    return connection.Finish(
+        call, connection.fence().ImportTimeline(call.context.get(), request, &response));
   }));
   auto shared = std::make_unique<Timeline::Shared>();
   // Made first: if a page cannot be taken, dropping it forgets the timeline.
   Timeline::Shared* pages = shared.get();
-  Timeline imported(connection_, response.timeline(), std::move(shared));
-  absl::StatusOr<UniqueFd> counters = connection_->TakeFd(response.counters_transfer_id());
-  absl::StatusOr<UniqueFd> state = connection_->TakeFd(response.state_transfer_id());
+  Timeline imported(std::move(holder), response.timeline(), std::move(shared));
+  absl::StatusOr<UniqueFd> counters = connection.TakeFd(response.counters_transfer_id());
+  absl::StatusOr<UniqueFd> state = connection.TakeFd(response.state_transfer_id());
   if (!counters.ok()) return counters.status();
   if (!state.ok()) return state.status();
   ASSIGN_OR_RETURN(pages->counters, MapDelivered(*counters));
@@ -716,6 +726,17 @@ absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
       continue;  // look again: a signal may have come while arming
     }
     RETURN_IF_ERROR(timeline::WaitAny(words.data(), expected.data(), words.size(), until));
+    // A wake that changed nothing (WaitAny looks again every
+    // timeline::kMaxSleepNs): this session may have ended under it, and with
+    // it the daemon's bound on the wait.
+    bool moved = false;
+    for (size_t i = 0; i < words.size(); ++i) moved |= Load(*words[i]) != expected[i];
+    if (!moved && connection->Ended()) {
+      constexpr absl::string_view kWhy = "the session ended while it waited for a timeline point";
+      return connection->EndedByDaemon()
+                 ? connection->SessionGone(kWhy)
+                 : absl::UnavailableError(absl::StrCat(kWhy, " (this Client closed it)"));
+    }
   }
 }
 

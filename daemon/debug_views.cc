@@ -310,6 +310,8 @@ v1::FenceInfo FenceInfoOf(const FenceView& view,
       break;
     case FenceKind::kTimelinePoint:
       info.set_kind(v1::FENCE_KIND_TIMELINE_POINT);
+      info.set_timeline_id(view.timeline_id);
+      info.set_timeline_point(view.timeline_point);
       break;
   }
   *info.mutable_created_at() = ToProto(view.created);

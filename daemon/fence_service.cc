@@ -229,13 +229,22 @@ grpc::ServerUnaryReactor* FenceService::ImportTimeline(grpc::CallbackServerConte
                                                        const v1::ImportTimelineRequest* request,
                                                        v1::ImportTimelineResponse* response) {
   return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
-    if (request->token().empty() || request->token().size() > 64) {
+    const bool by_buffer = request->buffer_handle() != 0 || request->timeline_id() != 0;
+    if (by_buffer && !request->token().empty()) {
+      return absl::InvalidArgumentError(
+          "name a token, or a buffer_handle and a timeline_id, not both");
+    }
+    if (!by_buffer && (request->token().empty() || request->token().size() > 64)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "token is ", request->token().size(), " bytes; a share token is 32 hex digits"));
     }
-    RETURN_IF_ERROR(TakeWaitPage(session, request->wait_page_upload_id()));
     uint64_t id;
-    {
+    if (by_buffer) {
+      ASSIGN_OR_RETURN(id,
+                       AttachedTimeline(session, request->buffer_handle(), request->timeline_id()));
+    }
+    RETURN_IF_ERROR(TakeWaitPage(session, request->wait_page_upload_id()));
+    if (!by_buffer) {
       absl::MutexLock lock(&tokens_mu_);
       ASSIGN_OR_RETURN(ShareTokens::Token token, tokens_.Find(request->token(), absl::Now()));
       tokens_.Redeem(request->token(), session);
@@ -243,8 +252,10 @@ grpc::ServerUnaryReactor* FenceService::ImportTimeline(grpc::CallbackServerConte
     }
     absl::StatusOr<TimelineTable::Handout> handout = d_.timelines->Hold(session, id);
     if (!handout.ok()) {
-      absl::MutexLock lock(&tokens_mu_);
-      tokens_.Unredeem(request->token());
+      if (!by_buffer) {
+        absl::MutexLock lock(&tokens_mu_);
+        tokens_.Unredeem(request->token());
+      }
       return handout.status();
     }
     absl::StatusOr<uint64_t> counters =
@@ -262,6 +273,26 @@ grpc::ServerUnaryReactor* FenceService::ImportTimeline(grpc::CallbackServerConte
     *response->mutable_timeline() = Info(handout->view);
     return absl::OkStatus();
   });
+}
+
+absl::StatusOr<uint64_t> FenceService::AttachedTimeline(uint64_t session, uint64_t handle,
+                                                        uint64_t timeline_id) {
+  if (handle == 0 || timeline_id == 0) {
+    return absl::InvalidArgumentError(
+        "buffer_handle and timeline_id go together: name both (or a token instead)");
+  }
+  ASSIGN_OR_RETURN(v1::GetBufferResponse buffer, d_.state->GetBuffer(session, handle));
+  ASSIGN_OR_RETURN(std::vector<ReservationTable::Attached> attached,
+                   d_.reservations->Pending(buffer.buffer().buffer_id(), v1::FENCE_USAGE_BOOKKEEP));
+  for (const ReservationTable::Attached& entry : attached) {
+    std::optional<FenceView> fence = d_.fences->Peek(entry.fence_id);
+    if (fence.has_value() && fence->kind == FenceKind::kTimelinePoint &&
+        fence->timeline_id == timeline_id) {
+      return timeline_id;
+    }
+  }
+  return absl::NotFoundError(absl::StrCat(
+      "timeline ", timeline_id, " has no pending point attached to buffer handle ", handle));
 }
 
 grpc::ServerUnaryReactor* FenceService::RegisterWaker(grpc::CallbackServerContext* context,

@@ -8,7 +8,9 @@
 //
 // Timelines: CreateTimeline takes the owner's counter page (and the
 // session's wait page) from fd.sock uploads and sends back the state page;
-// ImportTimeline redeems a token ExportTimeline made and sends both pages.
+// ImportTimeline redeems a token ExportTimeline made (or opens a timeline
+// with a pending point attached to a buffer the caller holds) and sends both
+// pages.
 // sync_file interop: ExportPoint makes a timeline-point fence the
 // TimelineTable signals when the point is reached or fails;
 // ImportFenceAsPoint / ImportSyncFdAsPoint wait on a fence in the FenceTable
@@ -113,6 +115,10 @@ class FenceService final : public v1::Fence::CallbackService {
   // A timeline-point fence for `session` (ExportPoint, AttachFence): made,
   // and signalled by the timeline when `point` is reached or fails. `call`
   // names the caller in the cancellation message if watching fails.
+  // `timeline_id`, if a pending point of it is attached to the buffer
+  // `handle` (of `session`) names: ImportTimeline by buffer.
+  absl::StatusOr<uint64_t> AttachedTimeline(uint64_t session, uint64_t handle,
+                                            uint64_t timeline_id);
   absl::StatusOr<uint64_t> PointFence(uint64_t session, const TimelineView& timeline,
                                       uint64_t point, absl::string_view call);
   // Puts fence `fence_id` (held by `session`) behind `point` of timeline

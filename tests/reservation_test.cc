@@ -5,13 +5,14 @@
 // bad attach gets its code and message.
 #include <gtest/gtest.h>
 #include <poll.h>
-
 #include <signal.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <fstream>
 #include <future>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -417,6 +418,156 @@ TEST_F(ReservationTest, ATimelinePointAttachesLikeAFence) {
     EXPECT_GE(frames->Query(), 3u);
     EXPECT_EQ(buffer.AttachPoint(*seen, 0, v1::FENCE_USAGE_WRITE).code(),
               absl::StatusCode::kInvalidArgument);
+  }
+  ExpectBaseline();
+}
+
+TEST_F(ReservationTest, AReaderWaitsOnTheWritersTimelinePointItself) {
+  if (!have_syscall_file_)
+    GTEST_SKIP() << "no /proc/<pid>/task/<tid>/syscall to see a waiter sleep";
+  {
+    // Sessions of their own (a session that holds a timeline keeps a wait
+    // page while it lives). The reader holds the buffer only, not the
+    // timeline: the point attached to the buffer is what lets it wait on it.
+    absl::StatusOr<Client> reader = Client::Connect(daemon_->socket_dir());
+    absl::StatusOr<Client> connected = Client::Connect(daemon_->socket_dir());
+    ASSERT_TRUE(reader.ok() && connected.ok());
+    std::optional<Client> writer = *std::move(connected);
+    absl::StatusOr<Buffer> allocated = writer->Allocate({.heap = "system", .size = 65536});
+    ASSERT_TRUE(allocated.ok());
+    std::optional<Buffer> written = *std::move(allocated);
+    absl::StatusOr<Buffer> read = reader->Import(*written->Export(Access::kReadOnly));
+    ASSERT_TRUE(read.ok());
+    absl::StatusOr<Timeline> created = writer->CreateTimeline({.name = "frames"});
+    ASSERT_TRUE(created.ok());
+    std::optional<Timeline> frames = *std::move(created);
+    absl::StatusOr<Mapping> map = written->Map();
+    ASSERT_TRUE(map.ok());
+
+    // BeginCpuAccess(kRead) on another thread, handed back once it sleeps
+    // on its own timeline wake page: the owner's Signal wakes it directly.
+    auto read_asleep = [&] {
+      auto tid = std::make_shared<std::atomic<pid_t>>(0);
+      auto reading = std::async(std::launch::async, [tid, &read] {
+        *tid = ::gettid();
+        return read->BeginCpuAccess(Cpu::kRead, absl::Seconds(20));
+      });
+      EXPECT_TRUE(::bufferd::testing::Eventually([&] {
+        return *tid != 0 && SleepsInFutexOn(::getpid(), *tid, "bufferd-timeline-wake");
+      })) << "the reader never slept on the timeline";
+      return reading;
+    };
+    for (uint64_t point = 1; point <= 2; ++point) {
+      ASSERT_TRUE(written->AttachPoint(*frames, point, v1::FENCE_USAGE_WRITE).ok());
+      auto reading = read_asleep();
+      std::memset(map->data(), static_cast<int>(point), map->size());
+      ASSERT_TRUE(frames->Signal(point).ok());
+      absl::StatusOr<std::vector<v1::FenceInfo>> waited = reading.get();
+      ASSERT_TRUE(waited.ok()) << waited.status();
+      ASSERT_EQ(waited->size(), 1u);
+      EXPECT_EQ((*waited)[0].kind(), v1::FENCE_KIND_TIMELINE_POINT);
+      EXPECT_EQ((*waited)[0].timeline_id(), frames->id());
+      EXPECT_EQ((*waited)[0].timeline_point(), point);
+      EXPECT_EQ((*waited)[0].state(), v1::FENCE_STATE_SIGNALED);
+      EXPECT_EQ((*waited)[0].status(), v1::FENCE_STATUS_OK);
+      absl::StatusOr<Mapping> seen = read->MapReadOnly();
+      ASSERT_TRUE(seen.ok());
+      const auto* bytes = static_cast<const uint8_t*>(seen->data());
+      EXPECT_TRUE(std::all_of(bytes, bytes + seen->size(), [&](uint8_t b) { return b == point; }))
+          << "the read began before the writer's data was there";
+    }
+    // A failed point: its error and message, as the waiter sees it.
+    ASSERT_TRUE(written->AttachPoint(*frames, 3, v1::FENCE_USAGE_WRITE).ok());
+    {
+      auto reading = read_asleep();
+      ASSERT_TRUE(frames->Fail(3, "render failed").ok());
+      absl::StatusOr<std::vector<v1::FenceInfo>> waited = reading.get();
+      ASSERT_TRUE(waited.ok()) << waited.status();
+      ASSERT_EQ(waited->size(), 1u);
+      EXPECT_EQ((*waited)[0].status(), v1::FENCE_STATUS_ERROR);
+      EXPECT_EQ((*waited)[0].message(), "render failed");
+    }
+    // The writer's session ends while the reader waits: OWNER_DIED.
+    ASSERT_TRUE(written->AttachPoint(*frames, 4, v1::FENCE_USAGE_WRITE).ok());
+    {
+      auto reading = read_asleep();
+      frames.reset();  // its drop record could end the timeline CANCELLED first
+      written.reset();
+      writer.reset();
+      ASSERT_EQ(reading.wait_for(std::chrono::seconds(10)), std::future_status::ready);
+      absl::StatusOr<std::vector<v1::FenceInfo>> waited = reading.get();
+      ASSERT_TRUE(waited.ok()) << waited.status();
+      ASSERT_EQ(waited->size(), 1u);
+      EXPECT_TRUE((*waited)[0].status() == v1::FENCE_STATUS_OWNER_DIED ||
+                  (*waited)[0].status() == v1::FENCE_STATUS_CANCELLED)
+          << v1::FenceStatus_Name((*waited)[0].status());
+    }
+  }
+  ExpectBaseline();
+}
+
+TEST_F(ReservationTest, OnlyAHolderOfTheBufferOpensATimelineAttachedToIt) {
+  {
+    absl::StatusOr<Client> writer = Client::Connect(daemon_->socket_dir());
+    ASSERT_TRUE(writer.ok());
+    absl::StatusOr<Buffer> buffer = writer->Allocate({.heap = "system", .size = 65536});
+    absl::StatusOr<Buffer> other = writer->Allocate({.heap = "system", .size = 65536});
+    absl::StatusOr<Timeline> frames = writer->CreateTimeline({.name = "frames"});
+    ASSERT_TRUE(buffer.ok() && other.ok() && frames.ok());
+    ASSERT_TRUE(buffer->AttachPoint(*frames, 1, v1::FENCE_USAGE_WRITE).ok());
+
+    absl::StatusOr<RawSession> raw = OpenRawSession(daemon_->socket_dir());
+    ASSERT_TRUE(raw.ok());
+    auto stub = FenceStub(daemon_->socket_dir());
+    auto import_by = [&](uint64_t handle, uint64_t timeline, const std::string& token = "") {
+      v1::ImportTimelineRequest request;
+      request.set_buffer_handle(handle);
+      request.set_timeline_id(timeline);
+      request.set_token(token);
+      v1::ImportTimelineResponse response;
+      return stub->ImportTimeline(raw->Context().get(), request, &response);
+    };
+    // The writer's own handle: not this session's.
+    grpc::Status status = import_by(buffer->handle(), frames->id());
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << status.error_message();
+    // A handle of its own, on a buffer with no point of that timeline.
+    auto import_buffer = [&](const Buffer& of) {
+      v1::ImportRequest import;
+      import.set_token(*of.Export(Access::kReadOnly));
+      v1::ImportResponse imported;
+      EXPECT_TRUE(NewAllocatorStub(daemon_->socket_dir())
+                      ->Import(raw->Context().get(), import, &imported)
+                      .ok());
+      return imported.handle();
+    };
+    const uint64_t unrelated = import_buffer(*other);
+    status = import_by(unrelated, frames->id());
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
+    EXPECT_EQ(status.error_message(),
+              absl::StrCat("timeline ", frames->id(),
+                           " has no pending point attached to buffer handle ", unrelated));
+    const uint64_t held = import_buffer(*buffer);
+    status = import_by(held, frames->id() + 1000);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND) << "another timeline";
+    status = import_by(held, 0);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(status.error_message(), HasSubstr("go together"));
+    status = import_by(0, frames->id());
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    status = import_by(held, frames->id(), "00112233445566778899aabbccddeeff");
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_THAT(status.error_message(), HasSubstr("not both"));
+    // Once the point is reached it is pruned: nothing is attached any more.
+    ASSERT_TRUE(frames->Signal(1).ok());
+    EXPECT_TRUE(::bufferd::testing::Eventually(
+        [&] { return import_by(held, frames->id()).error_code() == grpc::StatusCode::NOT_FOUND; }));
+    // With the point attached, the holder gets past the check (and stops
+    // at its wait page, which a raw session has not uploaded).
+    ASSERT_TRUE(buffer->AttachPoint(*frames, 2, v1::FENCE_USAGE_WRITE).ok());
+    status = import_by(held, frames->id());
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+    EXPECT_THAT(status.error_message(), HasSubstr("no timeline wait page"));
+    ASSERT_TRUE(frames->Signal(2).ok());
   }
   ExpectBaseline();
 }

@@ -4,18 +4,18 @@
 // cannot do to the shared pages; hostile pages, limits and bad input.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
-#include <time.h>
-#include <unistd.h>
-
-#include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <limits>
 #include <string>
 #include <thread>
@@ -266,6 +266,34 @@ TEST_F(TimelineTest, DroppingOrClosingTheOwnerEndsTheTimeline) {
     absl::Status signal = kept.Signal(1);
     EXPECT_EQ(signal.code(), absl::StatusCode::kFailedPrecondition);
     EXPECT_THAT(signal.message(), HasSubstr("has ended (FENCE_STATUS_OWNER_DIED)"));
+  }
+  EXPECT_TRUE(Eventually([&] { return KnownTimelines() == 0; }));
+}
+
+TEST_F(TimelineTest, AWaiterWhoseOwnSessionEndsIsToldSo) {
+  {
+    absl::StatusOr<Client> owner = Client::Connect(daemon_->socket_dir());
+    absl::StatusOr<Client> waiter = Client::Connect(daemon_->socket_dir());
+    ASSERT_TRUE(owner.ok() && waiter.ok());
+    absl::StatusOr<Timeline> produced = owner->CreateTimeline({.name = "frames"});
+    ASSERT_TRUE(produced.ok());
+    absl::StatusOr<Timeline> seen = waiter->ImportTimeline(*produced->Export());
+    ASSERT_TRUE(seen.ok());
+    // No timeout at all: once the waiter's session is over nothing bounds
+    // the wait (the daemon no longer reads its wait page), so it must not
+    // sleep on.
+    auto waiting =
+        std::async(std::launch::async, [&] { return seen->Wait(1, absl::InfiniteDuration()); });
+    EXPECT_TRUE(Eventually([&] { return produced->WaitedOn().point == 1; }));
+    waiter->Close();
+    ASSERT_EQ(waiting.wait_for(std::chrono::seconds(30)), std::future_status::ready)
+        << "still asleep though its session is over";
+    const absl::Status status = waiting.get().status();
+    EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
+    EXPECT_THAT(status.message(), HasSubstr("the session ended while it waited"));
+    EXPECT_THAT(status.message(), HasSubstr("this Client closed it"));
+    // The owner goes on.
+    EXPECT_TRUE(produced->Signal(1).ok());
   }
   EXPECT_TRUE(Eventually([&] { return KnownTimelines() == 0; }));
 }
