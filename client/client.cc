@@ -99,7 +99,8 @@ Buffer::Buffer(Buffer&& other) noexcept
       access_(other.access_),
       fd_(std::move(other.fd_)),
       skipped_(std::move(other.skipped_)),
-      status_slot_(other.status_slot_.exchange(0)) {}
+      status_slot_(other.status_slot_.exchange(0)),
+      kept_timelines_(other.kept_timelines_.exchange(false)) {}
 
 Buffer& Buffer::operator=(Buffer&& other) noexcept {
   if (this != &other) {
@@ -111,6 +112,7 @@ Buffer& Buffer::operator=(Buffer&& other) noexcept {
     fd_ = std::move(other.fd_);
     skipped_ = std::move(other.skipped_);
     status_slot_.store(other.status_slot_.exchange(0));
+    kept_timelines_.store(other.kept_timelines_.exchange(false));
   }
   return *this;
 }
@@ -119,6 +121,10 @@ Buffer::~Buffer() { Drop(); }
 
 void Buffer::Drop() {
   fd_.Reset();
+  // The timelines this buffer's accesses opened go with it.
+  if (kept_timelines_.exchange(false) && connection_ != nullptr) {
+    connection_->ForgetTimelinesOf(handle_);
+  }
   // Lazy: the next RPC carries the release, or the flusher sends it one-way
   // within OneWayQueue::kDelay. Dropping costs no round trip.
   if (handle_ != 0 && connection_ != nullptr) connection_->QueueRelease(handle_);
@@ -127,6 +133,9 @@ void Buffer::Drop() {
 
 absl::Status Buffer::Release() {
   fd_.Reset();
+  if (kept_timelines_.exchange(false) && connection_ != nullptr) {
+    connection_->ForgetTimelinesOf(handle_);
+  }
   if (handle_ == 0 || connection_ == nullptr) return absl::OkStatus();
   v1::ReleaseRequest request;
   request.set_handle(std::exchange(handle_, 0));

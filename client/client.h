@@ -286,6 +286,9 @@ class Buffer {
   // The buffer's slot in the session's reservation status page (0: none
   // yet).
   mutable std::atomic<uint32_t> status_slot_{0};
+  // Its accesses opened timelines (Connection::KeepTimeline): they go with
+  // it.
+  mutable std::atomic<bool> kept_timelines_{false};
 };
 
 struct FenceOptions {
@@ -419,8 +422,10 @@ class Timeline {
   absl::Status Signal(uint64_t point);
   absl::Status Fail(uint64_t point, absl::string_view message);
   // Blocks until `point` is reached or failed (look at the result's status);
-  // DEADLINE_EXCEEDED if `timeout` passes first (zero polls). `need_by`
-  // (from now) tells the owner when this waiter needs it (WaitedOn).
+  // DEADLINE_EXCEEDED if `timeout` passes first (zero polls); UNAVAILABLE if
+  // this Client's session ends while it waits (the daemon no longer bounds
+  // the wait then). `need_by` (from now) tells the owner when this waiter
+  // needs it (WaitedOn).
   absl::StatusOr<PointResult> Wait(uint64_t point, absl::Duration timeout,
                                    absl::Duration need_by = absl::ZeroDuration()) const;
   // Blocks until `point` is available (TimelineWait::kAvailable): OK once it is
@@ -498,6 +503,8 @@ class Timeline {
   Timeline(std::shared_ptr<internal::Connection> connection, v1::TimelineInfo info,
            std::unique_ptr<Shared> shared);
   absl::Status SignalWith(uint64_t point, absl::string_view message, bool failed);
+  // The daemon has ended it (its owner's session is over, or it dropped it).
+  bool ended() const;
   void WakeWakers(uint64_t point);
   absl::StatusOr<std::shared_ptr<internal::Waker>> EnsureWaker(bool with_notify) const;
   absl::StatusOr<std::optional<PointResult>> ArmFor(uint64_t point, TimelineWait what) const;

@@ -252,43 +252,55 @@ Connection::~Connection() {
   Close();
   // Before anything they use goes (their session is over: what they tell
   // the daemon is lost, and need not arrive).
-  std::map<uint64_t, std::shared_ptr<const Timeline>> kept;
+  std::map<std::pair<uint64_t, uint64_t>, std::shared_ptr<const Timeline>> kept;
   {
     std::lock_guard lock(kept_mu_);
     kept.swap(kept_timelines_);
   }
 }
 
-std::shared_ptr<const Timeline> Connection::KeptTimeline(uint64_t id) {
+std::shared_ptr<const Timeline> Connection::KeptTimeline(uint64_t handle, uint64_t id) {
   std::lock_guard lock(kept_mu_);
-  auto it = kept_timelines_.find(id);
+  auto it = kept_timelines_.find({handle, id});
   return it == kept_timelines_.end() ? nullptr : it->second;
 }
 
-void Connection::ForgetTimeline(uint64_t id) {
+void Connection::ForgetTimeline(uint64_t handle, uint64_t id) {
   std::shared_ptr<const Timeline> dropped;  // outside the lock
   std::lock_guard lock(kept_mu_);
-  if (auto it = kept_timelines_.find(id); it != kept_timelines_.end()) {
+  if (auto it = kept_timelines_.find({handle, id}); it != kept_timelines_.end()) {
     dropped = std::move(it->second);
     kept_timelines_.erase(it);
   }
 }
 
-void Connection::KeepTimeline(uint64_t id, std::shared_ptr<const Timeline> timeline) {
-  // Dropped outside the lock (a Timeline's end sends a record).
-  std::vector<std::shared_ptr<const Timeline>> dropped;
+void Connection::ForgetTimelinesOf(uint64_t handle) {
+  std::vector<std::shared_ptr<const Timeline>> dropped;  // outside the lock
+  std::lock_guard lock(kept_mu_);
+  for (auto it = kept_timelines_.lower_bound({handle, 0});
+       it != kept_timelines_.end() && it->first.first == handle;) {
+    dropped.push_back(std::move(it->second));
+    it = kept_timelines_.erase(it);
+  }
+}
+
+bool Connection::KeepTimeline(uint64_t handle, uint64_t id,
+                              std::shared_ptr<const Timeline> timeline) {
+  std::shared_ptr<const Timeline> dropped;  // outside the lock
   std::lock_guard lock(kept_mu_);
   if (kept_timelines_.size() >= kKeptTimelines) {
-    for (auto it = kept_timelines_.begin(); it != kept_timelines_.end();) {
+    // One nobody is waiting on makes room.
+    for (auto it = kept_timelines_.begin(); it != kept_timelines_.end(); ++it) {
       if (it->second.use_count() == 1) {
-        dropped.push_back(std::move(it->second));
-        it = kept_timelines_.erase(it);
-      } else {
-        ++it;
+        dropped = std::move(it->second);
+        kept_timelines_.erase(it);
+        break;
       }
     }
+    if (kept_timelines_.size() >= kKeptTimelines) return false;
   }
-  if (kept_timelines_.size() < kKeptTimelines) kept_timelines_.emplace(id, std::move(timeline));
+  kept_timelines_.emplace(std::make_pair(handle, id), std::move(timeline));
+  return true;
 }
 
 void Connection::Close() {

@@ -165,15 +165,18 @@ class Connection {
   // (it stays mapped: a reader may still be looking), ask for a new one.
   void ForgetReservationPage(const reservation::Slot* slots);
 
-  // Timelines opened to wait on points attached to this session's buffers
-  // (Buffer::BeginCpuAccess), by id, kept for the next frames: at most
-  // kKeptTimelines, those nobody is waiting on going first. Each holds this
+  // Timelines opened through a buffer to wait on points attached to it
+  // (Buffer::BeginCpuAccess), by buffer handle and timeline id, kept for the
+  // buffer's next frames until the Buffer goes (ForgetTimelinesOf), the
+  // timeline is seen ended (ForgetTimeline), or room is needed: at most
+  // kKeptTimelines, one nobody is waiting on making room. Each holds this
   // Connection without owning it (they go first when it goes).
   static constexpr size_t kKeptTimelines = 64;
-  std::shared_ptr<const Timeline> KeptTimeline(uint64_t id);
-  void KeepTimeline(uint64_t id, std::shared_ptr<const Timeline> timeline);
-  // Lets go of a kept timeline (seen ended: nothing more will be attached).
-  void ForgetTimeline(uint64_t id);
+  std::shared_ptr<const Timeline> KeptTimeline(uint64_t handle, uint64_t id);
+  // False if there is no room (the caller uses it once and drops it).
+  bool KeepTimeline(uint64_t handle, uint64_t id, std::shared_ptr<const Timeline> timeline);
+  void ForgetTimeline(uint64_t handle, uint64_t id);
+  void ForgetTimelinesOf(uint64_t handle);
 
   std::mutex& wakers_mu() { return wakers_mu_; }
   std::map<uint64_t, std::weak_ptr<Waker>>& wakers() { return wakers_; }
@@ -211,7 +214,7 @@ class Connection {
   std::vector<Mapping> reservation_maps_;
   std::atomic<const reservation::Slot*> reservation_slots_{nullptr};
   std::mutex kept_mu_;
-  std::map<uint64_t, std::shared_ptr<const Timeline>> kept_timelines_;
+  std::map<std::pair<uint64_t, uint64_t>, std::shared_ptr<const Timeline>> kept_timelines_;
 };
 
 // A fence's deadline as the protocol takes it (fence.cc).

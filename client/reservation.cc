@@ -188,7 +188,13 @@ std::optional<absl::StatusOr<std::vector<v1::FenceInfo>>> Buffer::WaitOnTimeline
         info.timeline_point() == 0) {
       return std::nullopt;
     }
-    std::shared_ptr<const Timeline> timeline = connection_->KeptTimeline(info.timeline_id());
+    std::shared_ptr<const Timeline> timeline =
+        connection_->KeptTimeline(handle_, info.timeline_id());
+    if (timeline != nullptr && timeline->ended()) {
+      // Over: nothing more of it will be attached. Opened again if listed.
+      connection_->ForgetTimeline(handle_, info.timeline_id());
+      timeline = nullptr;
+    }
     if (timeline == nullptr) {
       v1::ImportTimelineRequest request;
       request.set_buffer_handle(handle_);
@@ -201,7 +207,9 @@ std::optional<absl::StatusOr<std::vector<v1::FenceInfo>>> Buffer::WaitOnTimeline
       // Signalled and pruned meanwhile (NOT_FOUND), or out of room: the page.
       if (!opened.ok()) return std::nullopt;
       timeline = std::make_shared<const Timeline>(*std::move(opened));
-      connection_->KeepTimeline(info.timeline_id(), timeline);
+      if (connection_->KeepTimeline(handle_, info.timeline_id(), timeline)) {
+        kept_timelines_.store(true);
+      }
     }
     points.push_back({timeline.get(), info.timeline_point()});
     timelines.push_back(std::move(timeline));
@@ -211,10 +219,12 @@ std::optional<absl::StatusOr<std::vector<v1::FenceInfo>>> Buffer::WaitOnTimeline
                            absl::ZeroDuration(), TimelineWait::kReached);
   if (!results.ok()) {
     // The caller's timeout, or the session's end: as a wait on the page.
-    if (absl::IsDeadlineExceeded(results.status()) || absl::IsUnavailable(results.status())) {
+    if (absl::IsDeadlineExceeded(results.status()) ||
+        (absl::IsUnavailable(results.status()) && connection_->Ended())) {
       return results.status();
     }
-    return std::nullopt;  // no wait slot free, say: the page
+    // No wait slot free, a waker the daemon said to try again for: the page.
+    return std::nullopt;
   }
   std::vector<v1::FenceInfo> waited(asked.fences().begin(), asked.fences().end());
   for (size_t i = 0; i < waited.size(); ++i) {
@@ -224,7 +234,7 @@ std::optional<absl::StatusOr<std::vector<v1::FenceInfo>>> Buffer::WaitOnTimeline
     waited[i].set_message((*results)[i].message);
     // The timeline has ended: no later point of it will come.
     if (status == v1::FENCE_STATUS_OWNER_DIED || status == v1::FENCE_STATUS_CANCELLED) {
-      connection_->ForgetTimeline(waited[i].timeline_id());
+      connection_->ForgetTimeline(handle_, waited[i].timeline_id());
     }
   }
   return waited;

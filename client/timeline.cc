@@ -193,6 +193,10 @@ Timeline::~Timeline() {
   (void)connection_->SendRecord(message);
 }
 
+bool Timeline::ended() const {
+  return shared_ != nullptr && Load(shared_->state_page().ended) != 0;
+}
+
 bool Timeline::owned() const { return shared_ != nullptr && shared_->owner; }
 
 absl::Status Timeline::Signal(uint64_t point) { return SignalWith(point, "", false); }
@@ -676,6 +680,8 @@ absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
     }
   } sleeping;
   std::optional<Slots> slots;
+  // This session ended under the wait: nothing bounds it any more.
+  bool session_over = false;
   while (true) {
     for (size_t i = 0; i < words.size(); ++i) expected[i] = Load(*words[i]);
     size_t done = 0;
@@ -725,17 +731,21 @@ absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
       std::atomic_thread_fence(std::memory_order_seq_cst);
       continue;  // look again: a signal may have come while arming
     }
+    if (session_over) {
+      constexpr absl::string_view kWhy = "the session ended while it waited for a timeline point";
+      return connection->EndedByDaemon()
+                 ? connection->SessionGone(kWhy)
+                 : absl::UnavailableError(absl::StrCat(kWhy, " (this Client closed it)"));
+    }
     RETURN_IF_ERROR(timeline::WaitAny(words.data(), expected.data(), words.size(), until));
     // A wake that changed nothing (WaitAny looks again every
     // timeline::kMaxSleepNs): this session may have ended under it, and with
     // it the daemon's bound on the wait.
     bool moved = false;
     for (size_t i = 0; i < words.size(); ++i) moved |= Load(*words[i]) != expected[i];
-    if (!moved && connection->Ended()) {
-      constexpr absl::string_view kWhy = "the session ended while it waited for a timeline point";
-      return connection->EndedByDaemon()
-                 ? connection->SessionGone(kWhy)
-                 : absl::UnavailableError(absl::StrCat(kWhy, " (this Client closed it)"));
+    if (!moved && !session_over && connection->Ended()) {
+      session_over = true;  // after one more look at the points
+      continue;
     }
   }
 }

@@ -205,7 +205,7 @@ grpc::ServerUnaryReactor* FenceService::ExportTimeline(grpc::CallbackServerConte
                                                        const v1::ExportTimelineRequest* request,
                                                        v1::ExportTimelineResponse* response) {
   return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
-    RETURN_IF_ERROR(d_.timelines->CheckHeld(session, request->timeline_id()));
+    RETURN_IF_ERROR(d_.timelines->CheckHeld(session, request->timeline_id(), /*to_share=*/true));
     const absl::Duration ttl = request->ttl_ms() == 0 ? d_.default_token_ttl
                                                       : absl::Milliseconds(request->ttl_ms());
     if (ttl > ShareTokens::kMaxTtl) {
@@ -238,19 +238,20 @@ grpc::ServerUnaryReactor* FenceService::ImportTimeline(grpc::CallbackServerConte
       return absl::InvalidArgumentError(absl::StrCat(
           "token is ", request->token().size(), " bytes; a share token is 32 hex digits"));
     }
+    // The wait page first, whatever comes of the rest (the library counts
+    // on it).
+    RETURN_IF_ERROR(TakeWaitPage(session, request->wait_page_upload_id()));
     uint64_t id;
     if (by_buffer) {
       ASSIGN_OR_RETURN(id,
                        AttachedTimeline(session, request->buffer_handle(), request->timeline_id()));
-    }
-    RETURN_IF_ERROR(TakeWaitPage(session, request->wait_page_upload_id()));
-    if (!by_buffer) {
+    } else {
       absl::MutexLock lock(&tokens_mu_);
       ASSIGN_OR_RETURN(ShareTokens::Token token, tokens_.Find(request->token(), absl::Now()));
       tokens_.Redeem(request->token(), session);
       id = token.buffer;
     }
-    absl::StatusOr<TimelineTable::Handout> handout = d_.timelines->Hold(session, id);
+    absl::StatusOr<TimelineTable::Handout> handout = d_.timelines->Hold(session, id, by_buffer);
     if (!handout.ok()) {
       if (!by_buffer) {
         absl::MutexLock lock(&tokens_mu_);

@@ -88,6 +88,26 @@ absl::StatusOr<TimelineTable::Timeline*> TimelineTable::HeldLocked(uint64_t sess
   return const_cast<Timeline*>(&t->second);
 }
 
+bool TimelineTable::ThroughBufferLocked(uint64_t session, uint64_t id) const {
+  auto s = sessions_.find(session);
+  if (s == sessions_.end()) return false;
+  const auto& held = s->second.details.Read().held;
+  auto it = held.find(id);
+  return it != held.end() && it->second.through_buffer;
+}
+
+absl::Status TimelineTable::CheckNotThroughBufferLocked(uint64_t session, uint64_t id,
+                                                        absl::string_view what) const {
+  if (ThroughBufferLocked(session, id)) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("timeline ", id,
+                     " was opened through a buffer it has a point attached to: that view "
+                     "waits and queries only, it cannot ",
+                     what));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status TimelineTable::CheckNewHoldLocked(const Session& session) const {
   if (session.details.Read().held.size() >= limits_.max_per_session) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -235,7 +255,8 @@ absl::StatusOr<TimelineTable::Created> TimelineTable::Create(uint64_t session_id
   return Created{ViewLocked(timeline), LeasedFd{std::move(out_fd), std::move(out_lease)}};
 }
 
-absl::StatusOr<TimelineTable::Handout> TimelineTable::Hold(uint64_t session_id, uint64_t id) {
+absl::StatusOr<TimelineTable::Handout> TimelineTable::Hold(uint64_t session_id, uint64_t id,
+                                                           bool through_buffer) {
   uid_t uid;
   {
     absl::MutexLock lock(&mu_);
@@ -243,7 +264,13 @@ absl::StatusOr<TimelineTable::Handout> TimelineTable::Hold(uint64_t session_id, 
     if (!timelines_.contains(id)) {
       return absl::NotFoundError(absl::StrCat("timeline ", id, " is gone"));
     }
-    if (!session->details.Read().held.contains(id)) RETURN_IF_ERROR(CheckNewHoldLocked(*session));
+    if (auto held = session->details.Read().held.find(id);
+        held == session->details.Read().held.end()) {
+      RETURN_IF_ERROR(CheckNewHoldLocked(*session));
+    } else if (through_buffer && held->second.owned) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("timeline ", id, " is this session's own: wait on it through its Timeline"));
+    }
     uid = session->uid;
   }
   ASSIGN_OR_RETURN(FdBudget::Lease counters_lease, budget_->Acquire(FdUse::kDelivery, uid));
@@ -257,10 +284,16 @@ absl::StatusOr<TimelineTable::Handout> TimelineTable::Hold(uint64_t session_id, 
   ASSIGN_OR_RETURN(UniqueFd state_fd, DuplicateFd(timeline.state_fd.fd.get()));
   auto& holds = session->details.Use().held;
   if (auto held = holds.find(id); held != holds.end()) {
+    if (through_buffer && held->second.owned) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("timeline ", id, " is this session's own: wait on it through its Timeline"));
+    }
     ++held->second.count;
+    // A token (or anything but a buffer) gives the whole timeline.
+    if (!through_buffer) held->second.through_buffer = false;
   } else {
     RETURN_IF_ERROR(CheckNewHoldLocked(*session));
-    holds[id] = Holding{.owned = false, .count = 1};
+    holds[id] = Holding{.owned = false, .through_buffer = through_buffer, .count = 1};
     ++held_by_uid_[session->uid];
     ++timeline.holders;
   }
@@ -447,9 +480,11 @@ absl::StatusOr<TimelineTable::Wakers> TimelineTable::TakeWakers(
   return out;
 }
 
-absl::Status TimelineTable::CheckHeld(uint64_t session, uint64_t id) const {
+absl::Status TimelineTable::CheckHeld(uint64_t session, uint64_t id, bool to_share) const {
   absl::MutexLock lock(&mu_);
-  return HeldLocked(session, id).status();
+  RETURN_IF_ERROR(HeldLocked(session, id).status());
+  if (to_share) return CheckNotThroughBufferLocked(session, id, "share it on");
+  return absl::OkStatus();
 }
 
 absl::StatusOr<TimelineView> TimelineTable::Info(uint64_t session, uint64_t id) const {
@@ -598,7 +633,12 @@ void TimelineTable::ScanLocked(absl::Duration now, Calls& calls) {
       const int64_t need_by = Load(slot.need_by_ns);
       std::atomic_thread_fence(std::memory_order_acquire);
       if (gen % 2 != 0 || Load(slot.gen) != gen) continue;
-      if (id == 0 || !session.details.Read().held.contains(id)) continue;
+      if (id == 0) continue;
+      // A wait through a buffer starts no deadline (Hold's through_buffer).
+      if (auto held = session.details.Read().held.find(id);
+          held == session.details.Read().held.end() || held->second.through_buffer) {
+        continue;
+      }
       Waited& entry = waited[id];
       entry.points.emplace_back(point, session_id);
       if (need_by > 0 && (entry.need_by_ns == 0 || need_by < entry.need_by_ns)) {
@@ -614,7 +654,7 @@ void TimelineTable::ScanLocked(absl::Duration now, Calls& calls) {
     // further ahead than the next that fail).
     const uint64_t available = Load(state.available);
     for (const auto& [session, waker] : timeline.wakers) {
-      if (session == kDaemonWaker) continue;
+      if (session == kDaemonWaker || ThroughBufferLocked(session, id)) continue;
       const uint64_t armed = Load(waker.wake().armed);
       if (armed == 0) continue;
       // Armed for availability and available: nothing waited for any more.
@@ -734,6 +774,7 @@ absl::Status TimelineTable::WatchPoint(uint64_t session_id, uint64_t id, uint64_
   {
     absl::ReleasableMutexLock lock(&mu_);
     ASSIGN_OR_RETURN(Timeline * timeline, HeldLocked(session_id, id));
+    RETURN_IF_ERROR(CheckNotThroughBufferLocked(session_id, id, "export or attach its points"));
     // Done already (reached, failed, ended): no waker needed.
     timeline::PointState now =
         timeline::Evaluate(timeline->counters(), timeline->state(), point, timeline->seen);

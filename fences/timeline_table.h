@@ -134,9 +134,18 @@ class TimelineTable {
     LeasedFd counters;
     LeasedFd state;
   };
-  absl::StatusOr<Handout> Hold(uint64_t session, uint64_t id);
-  // OK if `session` holds `id`, else NOT_FOUND.
-  absl::Status CheckHeld(uint64_t session, uint64_t id) const;
+  //
+  // `through_buffer`: held only because a point of it is attached to a
+  // buffer the session reads (ImportTimeline by buffer). Such a hold waits
+  // and queries only: its waits start no deadline (the attached point's own
+  // watch bounds it), and it cannot share the timeline on, export or attach
+  // its points (PERMISSION_DENIED); a hold by token or ownership lifts it.
+  // The owner's own session is refused one (FAILED_PRECONDITION): its hold
+  // must end with its Timeline.
+  absl::StatusOr<Handout> Hold(uint64_t session, uint64_t id, bool through_buffer = false);
+  // OK if `session` holds `id`, else NOT_FOUND; with `to_share`,
+  // PERMISSION_DENIED for a hold through a buffer (ExportTimeline).
+  absl::Status CheckHeld(uint64_t session, uint64_t id, bool to_share = false) const;
   absl::StatusOr<TimelineView> Info(uint64_t session, uint64_t id) const;
   // The session lets go (an owner's timeline ends CANCELLED: nobody could
   // signal it any more). Unknown ids are ignored.
@@ -285,6 +294,8 @@ class TimelineTable {
   };
   struct Holding {
     bool owned = false;
+    // Held only through a buffer (Hold's through_buffer).
+    bool through_buffer = false;
     // Timeline objects of the session on it (one Forget drops one).
     uint32_t count = 0;
   };
@@ -324,6 +335,11 @@ class TimelineTable {
   void UnwatchLocked(Timeline& timeline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   static void Run(Calls& calls);
   absl::StatusOr<Session*> SessionLocked(uint64_t session) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool ThroughBufferLocked(uint64_t session, uint64_t id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // PERMISSION_DENIED naming `what` for a hold through a buffer.
+  absl::Status CheckNotThroughBufferLocked(uint64_t session, uint64_t id,
+                                           absl::string_view what) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Timeline*> HeldLocked(uint64_t session, uint64_t id) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CheckNewHoldLocked(const Session& session) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -254,6 +254,34 @@ TEST_F(TimelineTableTest, SlotsTheDaemonCannotTrustAreSkipped) {
   EXPECT_EQ(Load(owned.state().waited_point), 0u);
 }
 
+TEST_F(TimelineTableTest, AHoldThroughABufferWaitsButNeitherTimesNorShares) {
+  Owned owned = Create();
+  EXPECT_EQ(table_->Hold(kOwner, owned.id, /*through_buffer=*/true).status().code(),
+            absl::StatusCode::kFailedPrecondition)
+      << "the owner's own hold must end with its Timeline";
+  ASSERT_TRUE(table_->Hold(kOther, owned.id, /*through_buffer=*/true).ok());
+  const absl::Duration t0 = absl::Seconds(100);
+  // Its wait on the next point is seen by nobody: no deadline starts.
+  Arm(Slot(kOther, 0), owned.id, 1);
+  table_->Scan(t0);
+  table_->Scan(t0 + kDeadline * 2);
+  EXPECT_EQ(Load(owned.state().mark_count), 0u);
+  EXPECT_EQ(Load(owned.state().waited_point), 0u);
+  absl::Status shared = table_->CheckHeld(kOther, owned.id, /*to_share=*/true);
+  EXPECT_EQ(shared.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(shared.message(), HasSubstr("opened through a buffer"));
+  EXPECT_TRUE(table_->CheckHeld(kOther, owned.id).ok()) << "it still holds it";
+  absl::Status watched = table_->WatchPoint(kOther, owned.id, 1, [](timeline::PointState) {});
+  EXPECT_EQ(watched.code(), absl::StatusCode::kPermissionDenied) << watched;
+  // A token lifts it: the wait counts from then on.
+  ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  EXPECT_TRUE(table_->CheckHeld(kOther, owned.id, /*to_share=*/true).ok());
+  table_->Scan(t0 + kDeadline * 3);
+  EXPECT_EQ(Load(owned.state().waited_point), 1u);
+  table_->Scan(t0 + kDeadline * 4);
+  EXPECT_EQ(Load(owned.state().mark_count), 1u);
+}
+
 TEST_F(TimelineTableTest, TheOwnersEndFailsEveryLaterPoint) {
   Owned owned = Create();
   Owned dropped = Create();

@@ -3,9 +3,11 @@
 // signals, readers' READ fences hold writers back, BOOKKEEP holds nobody,
 // an owner's death unblocks, timeline points attach like fences, and every
 // bad attach gets its code and message.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
@@ -15,9 +17,11 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "base/protocol.h"
+#include "bufferd/v1/fd_channel.pb.h"
 #include "bufferd/v1/fence.grpc.pb.h"
 #include "client/client.h"
 #include "gmock/gmock.h"
@@ -476,6 +480,42 @@ TEST_F(ReservationTest, AReaderWaitsOnTheWritersTimelinePointItself) {
       EXPECT_TRUE(std::all_of(bytes, bytes + seen->size(), [&](uint8_t b) { return b == point; }))
           << "the read began before the writer's data was there";
     }
+    // The reader's library keeps the timeline for the buffer's next frames,
+    // and no longer than the buffer: another buffer's reader, gone with its
+    // buffer, leaves nothing of it behind.
+    {
+      absl::StatusOr<Timeline> other = writer->CreateTimeline({.name = "other"});
+      ASSERT_TRUE(other.ok());
+      absl::StatusOr<Buffer> second = writer->Allocate({.heap = "system", .size = 4096});
+      ASSERT_TRUE(second.ok());
+      absl::StatusOr<Buffer> second_read = reader->Import(*second->Export(Access::kReadOnly));
+      ASSERT_TRUE(second_read.ok());
+      ASSERT_TRUE(second->AttachPoint(*other, 1, v1::FENCE_USAGE_WRITE).ok());
+      std::thread signal([&] {
+        absl::SleepFor(absl::Milliseconds(200));
+        ASSERT_TRUE(other->Signal(1).ok());
+      });
+      absl::StatusOr<std::vector<v1::FenceInfo>> waited =
+          second_read->BeginCpuAccess(Cpu::kRead, absl::Seconds(20));
+      signal.join();
+      ASSERT_TRUE(waited.ok()) << waited.status();
+      ASSERT_EQ(waited->size(), 1u);
+      EXPECT_EQ((*waited)[0].timeline_id(), other->id());
+      const uint64_t other_id = other->id();
+      auto listed = [&] {
+        absl::StatusOr<v1::ListFencesResponse> fences = client_->ListFences();
+        if (!fences.ok()) return true;
+        for (const v1::TimelineInfo& timeline : fences->timelines()) {
+          if (timeline.timeline_id() == other_id) return true;
+        }
+        return false;
+      };
+      EXPECT_TRUE(listed());
+      second_read = absl::CancelledError("dropped");  // the reader lets go of the buffer
+      other = absl::CancelledError("dropped");        // and the owner of the timeline
+      EXPECT_TRUE(::bufferd::testing::Eventually([&] { return !listed(); }))
+          << "a timeline the reader opened through a buffer it dropped stayed alive";
+    }
     // A failed point: its error and message, as the waiter sees it.
     ASSERT_TRUE(written->AttachPoint(*frames, 3, v1::FENCE_USAGE_WRITE).ok());
     {
@@ -506,6 +546,33 @@ TEST_F(ReservationTest, AReaderWaitsOnTheWritersTimelinePointItself) {
   ExpectBaseline();
 }
 
+TEST_F(ReservationTest, AnOwnerReadingItsOwnPointStillEndsItsTimelineByDroppingIt) {
+  {
+    absl::StatusOr<Client> owner = Client::Connect(daemon_->socket_dir());
+    ASSERT_TRUE(owner.ok());
+    absl::StatusOr<Buffer> buffer = owner->Allocate({.heap = "system", .size = 4096});
+    absl::StatusOr<Timeline> created = owner->CreateTimeline({.name = "frames"});
+    ASSERT_TRUE(buffer.ok() && created.ok());
+    std::optional<Timeline> frames = *std::move(created);
+    ASSERT_TRUE(buffer->AttachPoint(*frames, 1, v1::FENCE_USAGE_WRITE).ok());
+    // Its own timeline is not opened again through the buffer (that hold
+    // would outlive its Timeline): the access waits on the page.
+    absl::StatusOr<std::vector<v1::FenceInfo>> early =
+        buffer->BeginCpuAccess(Cpu::kRead, absl::Milliseconds(50));
+    EXPECT_EQ(early.status().code(), absl::StatusCode::kDeadlineExceeded) << early.status();
+    frames.reset();  // the owner drops it: its pending points fail CANCELLED
+    // Nothing holds the buffer back any more (the failed point is pruned,
+    // or listed CANCELLED if the access asks before the daemon pruned it).
+    absl::StatusOr<std::vector<v1::FenceInfo>> after =
+        buffer->BeginCpuAccess(Cpu::kRead, absl::Seconds(20));
+    ASSERT_TRUE(after.ok()) << after.status() << ": the timeline outlived its owner's Timeline";
+    for (const v1::FenceInfo& info : *after) {
+      EXPECT_EQ(info.status(), v1::FENCE_STATUS_CANCELLED);
+    }
+  }
+  ExpectBaseline();
+}
+
 TEST_F(ReservationTest, OnlyAHolderOfTheBufferOpensATimelineAttachedToIt) {
   {
     absl::StatusOr<Client> writer = Client::Connect(daemon_->socket_dir());
@@ -519,13 +586,26 @@ TEST_F(ReservationTest, OnlyAHolderOfTheBufferOpensATimelineAttachedToIt) {
     absl::StatusOr<RawSession> raw = OpenRawSession(daemon_->socket_dir());
     ASSERT_TRUE(raw.ok());
     auto stub = FenceStub(daemon_->socket_dir());
+    // The session's timeline wait page, as the library uploads it: the
+    // first import takes it, whatever comes of the rest of that call.
+    UniqueFd waits(::memfd_create("waits", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+    ASSERT_EQ(::ftruncate(waits.get(), 4096), 0);
+    ASSERT_EQ(::fcntl(waits.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW), 0);
+    v1::FdChannelMessage upload;
+    upload.mutable_upload()->set_upload_id(1);
+    const int wait_fds[] = {waits.get()};
+    ASSERT_TRUE(raw->socket.Send(upload.SerializeAsString(), wait_fds).ok());
+    bool page_sent = false;
     auto import_by = [&](uint64_t handle, uint64_t timeline, const std::string& token = "") {
       v1::ImportTimelineRequest request;
       request.set_buffer_handle(handle);
       request.set_timeline_id(timeline);
       request.set_token(token);
+      if (!std::exchange(page_sent, true)) request.set_wait_page_upload_id(1);
       v1::ImportTimelineResponse response;
-      return stub->ImportTimeline(raw->Context().get(), request, &response);
+      auto context = raw->Context();
+      context->AddMetadata(kRecordsMetadataKey, "1");
+      return stub->ImportTimeline(context.get(), request, &response);
     };
     // The writer's own handle: not this session's.
     grpc::Status status = import_by(buffer->handle(), frames->id());
@@ -561,12 +641,37 @@ TEST_F(ReservationTest, OnlyAHolderOfTheBufferOpensATimelineAttachedToIt) {
     ASSERT_TRUE(frames->Signal(1).ok());
     EXPECT_TRUE(::bufferd::testing::Eventually(
         [&] { return import_by(held, frames->id()).error_code() == grpc::StatusCode::NOT_FOUND; }));
-    // With the point attached, the holder gets past the check (and stops
-    // at its wait page, which a raw session has not uploaded).
+    // With a point attached, the holder opens it: to wait and query only.
     ASSERT_TRUE(buffer->AttachPoint(*frames, 2, v1::FENCE_USAGE_WRITE).ok());
     status = import_by(held, frames->id());
-    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
-    EXPECT_THAT(status.error_message(), HasSubstr("no timeline wait page"));
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    {
+      v1::ExportTimelineRequest request;
+      request.set_timeline_id(frames->id());
+      v1::ExportTimelineResponse response;
+      status = stub->ExportTimeline(raw->Context().get(), request, &response);
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << "share it on";
+      EXPECT_THAT(status.error_message(), HasSubstr("opened through a buffer"));
+    }
+    {
+      v1::ExportPointRequest request;
+      request.set_timeline_id(frames->id());
+      request.set_point(5);
+      v1::ExportPointResponse response;
+      status = stub->ExportPoint(raw->Context().get(), request, &response);
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << "a far point";
+      EXPECT_THAT(status.error_message(), HasSubstr("cannot export or attach its points"));
+    }
+    {
+      v1::AttachFenceRequest request;
+      request.set_buffer_handle(held);
+      request.set_timeline_id(frames->id());
+      request.set_point(3);
+      request.set_usage(v1::FENCE_USAGE_READ);
+      v1::AttachFenceResponse response;
+      status = stub->AttachFence(raw->Context().get(), request, &response);
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << "attach its points";
+    }
     ASSERT_TRUE(frames->Signal(2).ok());
   }
   ExpectBaseline();
