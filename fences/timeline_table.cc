@@ -619,6 +619,10 @@ void TimelineTable::ScanLocked(absl::Duration now, Calls& calls) {
     // Point, and the session waiting on it.
     std::vector<std::pair<uint64_t, uint64_t>> points;
     int64_t need_by_ns = 0;
+    // Waits through a buffer (Hold's through_buffer): they join a point
+    // another wait or a watch times (the attached point's), and then end
+    // with it, but never start a deadline themselves.
+    std::vector<std::pair<uint64_t, uint64_t>> joining;
   };
   absl::flat_hash_map<uint64_t, Waited> waited;
   for (const auto& [session_id, session] : sessions_) {
@@ -634,9 +638,10 @@ void TimelineTable::ScanLocked(absl::Duration now, Calls& calls) {
       std::atomic_thread_fence(std::memory_order_acquire);
       if (gen % 2 != 0 || Load(slot.gen) != gen) continue;
       if (id == 0) continue;
-      // A wait through a buffer starts no deadline (Hold's through_buffer).
-      if (auto held = session.details.Read().held.find(id);
-          held == session.details.Read().held.end() || held->second.through_buffer) {
+      auto held = session.details.Read().held.find(id);
+      if (held == session.details.Read().held.end()) continue;
+      if (held->second.through_buffer) {
+        waited[id].joining.emplace_back(point, session_id);
         continue;
       }
       Waited& entry = waited[id];
@@ -654,15 +659,28 @@ void TimelineTable::ScanLocked(absl::Duration now, Calls& calls) {
     // further ahead than the next that fail).
     const uint64_t available = Load(state.available);
     for (const auto& [session, waker] : timeline.wakers) {
-      if (session == kDaemonWaker || ThroughBufferLocked(session, id)) continue;
+      if (session == kDaemonWaker) continue;
       const uint64_t armed = Load(waker.wake().armed);
       if (armed == 0) continue;
       // Armed for availability and available: nothing waited for any more.
       if (Load(waker.wake().arm_available) != 0 && armed <= available) continue;
-      waited[id].points.emplace_back(armed, session);
+      if (ThroughBufferLocked(session, id)) {
+        waited[id].joining.emplace_back(armed, session);
+      } else {
+        waited[id].points.emplace_back(armed, session);
+      }
     }
     for (const auto& [point, watch] : timeline.watches) {
       waited[id].points.emplace_back(point, kDaemonWaker);
+    }
+    if (auto it = waited.find(id); it != waited.end() && !it->second.joining.empty()) {
+      // Only points someone else waits on.
+      Waited& entry = it->second;
+      absl::flat_hash_set<uint64_t> timed;
+      for (const auto& [point, session] : entry.points) timed.insert(point);
+      for (const auto& [point, session] : entry.joining) {
+        if (timed.contains(point)) entry.points.emplace_back(point, session);
+      }
     }
     // Observed before the tracked points are dropped: a point reached since
     // the last scan wakes its waiters if they missed it.

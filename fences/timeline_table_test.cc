@@ -273,13 +273,46 @@ TEST_F(TimelineTableTest, AHoldThroughABufferWaitsButNeitherTimesNorShares) {
   EXPECT_TRUE(table_->CheckHeld(kOther, owned.id).ok()) << "it still holds it";
   absl::Status watched = table_->WatchPoint(kOther, owned.id, 1, [](timeline::PointState) {});
   EXPECT_EQ(watched.code(), absl::StatusCode::kPermissionDenied) << watched;
-  // A token lifts it: the wait counts from then on.
+  // A token lifts it: the wait counts from then on, and a later open
+  // through a buffer leaves the hold whole.
   ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  EXPECT_TRUE(table_->CheckHeld(kOther, owned.id, /*to_share=*/true).ok());
+  ASSERT_TRUE(table_->Hold(kOther, owned.id, /*through_buffer=*/true).ok());
   EXPECT_TRUE(table_->CheckHeld(kOther, owned.id, /*to_share=*/true).ok());
   table_->Scan(t0 + kDeadline * 3);
   EXPECT_EQ(Load(owned.state().waited_point), 1u);
   table_->Scan(t0 + kDeadline * 4);
   EXPECT_EQ(Load(owned.state().mark_count), 1u);
+}
+
+TEST_F(TimelineTableTest, AWaitThroughABufferEndsWithThePointSomeoneElseTimes) {
+  Owned owned = Create();
+  ASSERT_TRUE(table_->Hold(kOther, owned.id, /*through_buffer=*/true).ok());
+  absl::StatusOr<TimelineTable::Registered> waker = table_->RegisterWaker(kOther, owned.id, false);
+  ASSERT_TRUE(waker.ok());
+  Page page = MapWakePage(waker->page);
+  const auto& wake = page.as<timeline::WakePage>();
+  // Point 5 is attached to a buffer (the daemon watches it, from the
+  // attach); the reader waits on it, and on 7, which nobody else does.
+  bool failed = false;
+  ASSERT_TRUE(table_
+                  ->WatchPoint(kOwner, owned.id, 5,
+                               [&](timeline::PointState state) {
+                                 failed = state.status == v1::FENCE_STATUS_DEADLINE_EXCEEDED;
+                               })
+                  .ok());
+  const absl::Duration t0 = absl::Seconds(100);
+  table_->Scan(t0);
+  Arm(Slot(kOther, 0), owned.id, 5);
+  Arm(Slot(kOther, 1), owned.id, 7);
+  table_->Scan(t0 + kDeadline / 2);
+  table_->Scan(t0 + kDeadline);
+  EXPECT_TRUE(failed) << "the watch's point failed at its deadline";
+  ASSERT_EQ(Load(wake.expired_count), 1u) << "the reader's wait on it ended with it";
+  EXPECT_EQ(Load(wake.expired[0]), 5u);
+  table_->Scan(t0 + kDeadline * 4);
+  EXPECT_EQ(Load(wake.expired_count), 1u) << "point 7: nobody's deadline, none started";
+  EXPECT_EQ(Load(owned.state().mark_count), 0u);
 }
 
 TEST_F(TimelineTableTest, TheOwnersEndFailsEveryLaterPoint) {

@@ -510,9 +510,13 @@ TEST_F(ReservationTest, AReaderWaitsOnTheWritersTimelinePointItself) {
         }
         return false;
       };
-      EXPECT_TRUE(listed());
-      second_read = absl::CancelledError("dropped");  // the reader lets go of the buffer
-      other = absl::CancelledError("dropped");        // and the owner of the timeline
+      // The owner lets go: the reader's library still holds it, for the
+      // buffer's next frame (it was kept, not used once)...
+      other = absl::CancelledError("dropped");
+      absl::SleepFor(absl::Milliseconds(200));
+      EXPECT_TRUE(listed()) << "the reader did not keep the timeline it opened";
+      // ...until the reader lets go of the buffer.
+      second_read = absl::CancelledError("dropped");
       EXPECT_TRUE(::bufferd::testing::Eventually([&] { return !listed(); }))
           << "a timeline the reader opened through a buffer it dropped stayed alive";
     }
@@ -542,6 +546,33 @@ TEST_F(ReservationTest, AReaderWaitsOnTheWritersTimelinePointItself) {
                   (*waited)[0].status() == v1::FENCE_STATUS_CANCELLED)
           << v1::FenceStatus_Name((*waited)[0].status());
     }
+  }
+  ExpectBaseline();
+}
+
+TEST_F(ReservationTest, AReaderWaitingOnAFarPointEndsAtItsDeadline) {
+  {
+    absl::StatusOr<Client> reader = Client::Connect(daemon_->socket_dir());
+    absl::StatusOr<Client> writer = Client::Connect(daemon_->socket_dir());
+    ASSERT_TRUE(reader.ok() && writer.ok());
+    absl::StatusOr<Buffer> buffer = writer->Allocate({.heap = "system", .size = 4096});
+    ASSERT_TRUE(buffer.ok());
+    absl::StatusOr<Buffer> read = reader->Import(*buffer->Export(Access::kReadOnly));
+    absl::StatusOr<Timeline> frames =
+        writer->CreateTimeline({.name = "frames", .deadline = absl::Milliseconds(300)});
+    ASSERT_TRUE(read.ok() && frames.ok());
+    // Point 2 while the timeline is at 0: not the next point, so its
+    // deadline fails it for its waiters only — the reader, waiting on the
+    // timeline itself, is one of them.
+    ASSERT_TRUE(buffer->AttachPoint(*frames, 2, v1::FENCE_USAGE_WRITE).ok());
+    const absl::Time start = absl::Now();
+    absl::StatusOr<std::vector<v1::FenceInfo>> waited =
+        read->BeginCpuAccess(Cpu::kRead, absl::Seconds(30));
+    ASSERT_TRUE(waited.ok()) << waited.status();
+    ASSERT_EQ(waited->size(), 1u);
+    EXPECT_EQ((*waited)[0].status(), v1::FENCE_STATUS_DEADLINE_EXCEEDED);
+    EXPECT_LT(absl::Now() - start, absl::Seconds(15))
+        << "the reader slept past the point's deadline, to its own timeout";
   }
   ExpectBaseline();
 }
