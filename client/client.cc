@@ -119,12 +119,15 @@ Buffer& Buffer::operator=(Buffer&& other) noexcept {
 
 Buffer::~Buffer() { Drop(); }
 
-void Buffer::Drop() {
-  fd_.Reset();
-  // The timelines this buffer's accesses opened go with it.
+void Buffer::ForgetKeptTimelines() {
   if (kept_timelines_.exchange(false) && connection_ != nullptr) {
     connection_->ForgetTimelinesOf(handle_);
   }
+}
+
+void Buffer::Drop() {
+  fd_.Reset();
+  ForgetKeptTimelines();
   // Lazy: the next RPC carries the release, or the flusher sends it one-way
   // within OneWayQueue::kDelay. Dropping costs no round trip.
   if (handle_ != 0 && connection_ != nullptr) connection_->QueueRelease(handle_);
@@ -133,9 +136,7 @@ void Buffer::Drop() {
 
 absl::Status Buffer::Release() {
   fd_.Reset();
-  if (kept_timelines_.exchange(false) && connection_ != nullptr) {
-    connection_->ForgetTimelinesOf(handle_);
-  }
+  ForgetKeptTimelines();
   if (handle_ == 0 || connection_ == nullptr) return absl::OkStatus();
   v1::ReleaseRequest request;
   request.set_handle(std::exchange(handle_, 0));

@@ -276,6 +276,9 @@ class Buffer {
          Access access, UniqueFd fd);
   // Closes the fd and releases the handle one-way.
   void Drop();
+  // Lets go of the timelines this buffer's accesses opened (before its
+  // handle goes).
+  void ForgetKeptTimelines();
 
   std::shared_ptr<internal::Connection> connection_;
   uint64_t handle_ = 0;
@@ -512,10 +515,9 @@ class Timeline {
       const std::shared_ptr<internal::Connection>& connection,
       std::span<const TimelinePoint> points, bool all, absl::Duration timeout,
       absl::Duration need_by, TimelineWait what);
-  // ImportTimeline's call and pages, on `connection`; the Timeline keeps
-  // `holder` (the same Connection, owned or not).
-  static absl::StatusOr<Timeline> Import(internal::Connection& connection,
-                                         std::shared_ptr<internal::Connection> holder,
+  // ImportTimeline's call and pages, on the Connection `holder` points to,
+  // which the Timeline keeps (owned, or not: an aliasing pointer).
+  static absl::StatusOr<Timeline> Import(std::shared_ptr<internal::Connection> holder,
                                          v1::ImportTimelineRequest request);
 
   std::shared_ptr<internal::Connection> connection_;

@@ -201,7 +201,6 @@ std::optional<absl::StatusOr<std::vector<v1::FenceInfo>>> Buffer::WaitOnTimeline
       request.set_timeline_id(info.timeline_id());
       // It holds the Connection without owning it: the Connection keeps it.
       absl::StatusOr<Timeline> opened = Timeline::Import(
-          *connection_,
           std::shared_ptr<internal::Connection>(std::shared_ptr<void>(), connection_.get()),
           std::move(request));
       // Signalled and pruned meanwhile (NOT_FOUND), or out of room: the page.

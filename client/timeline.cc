@@ -597,12 +597,12 @@ absl::StatusOr<Timeline> Client::CreateTimeline(const TimelineOptions& options) 
 absl::StatusOr<Timeline> Client::ImportTimeline(absl::string_view token) const {
   v1::ImportTimelineRequest request;
   request.set_token(std::string(token));
-  return Timeline::Import(*connection_, connection_, std::move(request));
+  return Timeline::Import(connection_, std::move(request));
 }
 
-absl::StatusOr<Timeline> Timeline::Import(internal::Connection& connection,
-                                          std::shared_ptr<internal::Connection> holder,
+absl::StatusOr<Timeline> Timeline::Import(std::shared_ptr<internal::Connection> holder,
                                           v1::ImportTimelineRequest request) {
+  internal::Connection& connection = *holder;
   v1::ImportTimelineResponse response;
   RETURN_IF_ERROR(WithWaitPage(connection, [&](uint64_t wait_upload) {
     request.set_wait_page_upload_id(wait_upload);

@@ -255,6 +255,17 @@ absl::StatusOr<TimelineTable::Created> TimelineTable::Create(uint64_t session_id
   return Created{ViewLocked(timeline), LeasedFd{std::move(out_fd), std::move(out_lease)}};
 }
 
+namespace {
+
+// Hold's refusal of a hold through a buffer to the timeline's owner: its
+// hold must end with its Timeline.
+absl::Status OwnTimelineThroughBuffer(uint64_t id) {
+  return absl::FailedPreconditionError(
+      absl::StrCat("timeline ", id, " is this session's own: wait on it through its Timeline"));
+}
+
+}  // namespace
+
 absl::StatusOr<TimelineTable::Handout> TimelineTable::Hold(uint64_t session_id, uint64_t id,
                                                            bool through_buffer) {
   uid_t uid;
@@ -268,8 +279,7 @@ absl::StatusOr<TimelineTable::Handout> TimelineTable::Hold(uint64_t session_id, 
         held == session->details.Read().held.end()) {
       RETURN_IF_ERROR(CheckNewHoldLocked(*session));
     } else if (through_buffer && held->second.owned) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("timeline ", id, " is this session's own: wait on it through its Timeline"));
+      return OwnTimelineThroughBuffer(id);
     }
     uid = session->uid;
   }
@@ -285,8 +295,7 @@ absl::StatusOr<TimelineTable::Handout> TimelineTable::Hold(uint64_t session_id, 
   auto& holds = session->details.Use().held;
   if (auto held = holds.find(id); held != holds.end()) {
     if (through_buffer && held->second.owned) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("timeline ", id, " is this session's own: wait on it through its Timeline"));
+      return OwnTimelineThroughBuffer(id);
     }
     ++held->second.count;
     // A token (or anything but a buffer) gives the whole timeline.
