@@ -13,6 +13,7 @@
 #include <limits>
 #include <mutex>
 #include <optional>
+#include <span>
 
 #include "absl/container/inlined_vector.h"
 #include "absl/strings/str_cat.h"
@@ -166,6 +167,13 @@ class Slots {
   internal::Connection::WaitPage& page_;
   absl::InlinedVector<size_t, 4> claimed_;
 };
+
+// The daemon let go of one of these wakers: it does so when the session
+// ends (and wakes it once more).
+bool WakerClosed(std::span<const std::shared_ptr<internal::Waker>> wakers) {
+  return std::any_of(wakers.begin(), wakers.end(),
+                     [](const auto& waker) { return Load(waker->wake().closed) != 0; });
+}
 
 }  // namespace
 
@@ -445,6 +453,16 @@ absl::StatusOr<std::optional<PointResult>> Timeline::ArmFor(uint64_t point, Time
   if (!state.done && what == TimelineWait::kAvailable &&
       timeline::Available(shared_->counter_page(), shared_->state_page(), point, shared_->seen)) {
     state = {true, v1::FENCE_STATUS_OK, ""};
+  }
+  if (!state.done && Load(waker->wake().closed) != 0) {
+    // The daemon let go of this session's waker: the session ended (the
+    // daemon wrote the notify fd a last time so an event loop gets here).
+    // Nothing will write the fd again, and nothing bounds the wait.
+    std::atomic_ref<uint64_t>(waker->wake().armed).store(0, std::memory_order_seq_cst);
+    constexpr absl::string_view kWhy = "the session ended while the notify fd was armed";
+    return connection_->Ended() && !connection_->EndedByDaemon()
+               ? absl::UnavailableError(absl::StrCat(kWhy, " (this Client closed it)"))
+               : connection_->SessionGone(kWhy);
   }
   if (!state.done) return std::nullopt;
   // Done: nothing more to wait for (the daemon stops timing it).
@@ -733,17 +751,20 @@ absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
     }
     if (session_over) {
       constexpr absl::string_view kWhy = "the session ended while it waited for a timeline point";
-      return connection->EndedByDaemon()
-                 ? connection->SessionGone(kWhy)
-                 : absl::UnavailableError(absl::StrCat(kWhy, " (this Client closed it)"));
+      // Closed by this Client, or ended by the daemon (which may have let
+      // go of the waker before fd.sock's end reached this process).
+      return connection->Ended() && !connection->EndedByDaemon()
+                 ? absl::UnavailableError(absl::StrCat(kWhy, " (this Client closed it)"))
+                 : connection->SessionGone(kWhy);
     }
     RETURN_IF_ERROR(timeline::WaitAny(words.data(), expected.data(), words.size(), until));
-    // A wake that changed nothing (WaitAny looks again every
-    // timeline::kMaxSleepNs): this session may have ended under it, and with
-    // it the daemon's bound on the wait.
+    // The daemon let go of a waker (it does so when the session ends, and
+    // wakes it), or a wake that changed nothing (WaitAny looks again every
+    // timeline::kMaxSleepNs) while the session ended under it: either way
+    // the daemon's bound on the wait is gone.
     bool moved = false;
     for (size_t i = 0; i < words.size(); ++i) moved |= Load(*words[i]) != expected[i];
-    if (!moved && !session_over && connection->Ended()) {
+    if (!session_over && (WakerClosed(wakers) || (!moved && connection->Ended()))) {
       session_over = true;  // after one more look at the points
       continue;
     }

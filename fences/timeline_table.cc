@@ -529,8 +529,12 @@ void TimelineTable::UnholdLocked(uint64_t session_id, Session& session, uint64_t
   auto it = timelines_.find(id);
   if (it == timelines_.end()) return;
   if (auto waker = it->second.wakers.find(session_id); waker != it->second.wakers.end()) {
-    // The owner lets go of its copy when it sees this.
+    // The owner lets go of its copy when it sees this; a waiter still
+    // sleeping on the page or polling the notify fd (its session ended
+    // under it) wakes to see it too, rather than never.
     Store(waker->second.wake().closed, uint32_t{1});
+    timeline::WakeWaker(waker->second.wake());
+    if (waker->second.notify()) Notify(waker->second.notify_write.fd.get());
     it->second.wakers.erase(waker);
     timeline::StatePage& state = it->second.state();
     Store(state.wakers_gen, Load(state.wakers_gen) + 1);

@@ -298,6 +298,50 @@ TEST_F(TimelineTest, AWaiterWhoseOwnSessionEndsIsToldSo) {
   EXPECT_TRUE(Eventually([&] { return KnownTimelines() == 0; }));
 }
 
+// The daemon ends a waiter's session (an operator's EndSession; a daemon
+// restart is alike) while its event loop polls an armed notify fd and a
+// thread sleeps in Wait: the fd becomes readable and Arm says the session is
+// over, and the sleeper returns, though the owner (which holds a write end
+// of the notify channel) never signals.
+TEST_F(TimelineTest, AnArmedNotifyFdWakesWhenTheDaemonEndsItsSession) {
+  {
+    absl::StatusOr<Client> owner = Client::Connect(daemon_->socket_dir());
+    absl::StatusOr<Client> waiter = Client::Connect(daemon_->socket_dir());
+    ASSERT_TRUE(owner.ok() && waiter.ok());
+    absl::StatusOr<Timeline> produced = owner->CreateTimeline({.name = "frames"});
+    ASSERT_TRUE(produced.ok());
+    absl::StatusOr<Timeline> seen = waiter->ImportTimeline(*produced->Export());
+    ASSERT_TRUE(seen.ok());
+    absl::StatusOr<int> fd = seen->NotifyFd();
+    ASSERT_TRUE(fd.ok()) << fd.status();
+    absl::StatusOr<std::optional<PointResult>> armed = seen->Arm(5);
+    ASSERT_TRUE(armed.ok() && !armed->has_value());
+    auto sleeping =
+        std::async(std::launch::async, [&] { return seen->Wait(5, absl::InfiniteDuration()); });
+    EXPECT_TRUE(Eventually([&] { return produced->WaitedOn().point == 5; }));
+    // The owner takes the waker (and with it a write end of the channel).
+    ASSERT_TRUE(produced->Signal(1).ok());
+    pollfd ready{*fd, POLLIN, 0};
+    EXPECT_EQ(::poll(&ready, 1, 50), 0) << "point 5 is armed, not 1";
+
+    absl::StatusOr<v1::EndSessionResponse> ended = owner->EndSession(waiter->session_id());
+    ASSERT_TRUE(ended.ok()) << ended.status();
+    ASSERT_EQ(::poll(&ready, 1, 10000), 1) << "the event loop never hears its session ended";
+    absl::StatusOr<std::optional<PointResult>> again = seen->Arm(5);
+    EXPECT_EQ(again.status().code(), absl::StatusCode::kUnavailable) << again.status();
+    EXPECT_THAT(again.status().message(), HasSubstr("the session ended while the notify fd"));
+    EXPECT_THAT(again.status().message(), HasSubstr("ended session"));
+    ASSERT_EQ(sleeping.wait_for(std::chrono::seconds(30)), std::future_status::ready)
+        << "still asleep though its session is over";
+    const absl::Status slept = sleeping.get().status();
+    EXPECT_EQ(slept.code(), absl::StatusCode::kUnavailable) << slept;
+    EXPECT_THAT(slept.message(), HasSubstr("the session ended while it waited"));
+    // The owner goes on.
+    EXPECT_TRUE(produced->Signal(5).ok());
+  }
+  EXPECT_TRUE(Eventually([&] { return KnownTimelines() == 0; }));
+}
+
 TEST_F(TimelineTest, OwnerKilledMidStreamFailsEveryWaiterWithin10ms) {
   absl::StatusOr<ChildProcess> producer =
       SpawnPeer({"timeline-produce", daemon_->socket_dir(), "200"});
