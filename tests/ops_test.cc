@@ -546,5 +546,40 @@ TEST_F(OpsTest, ListFencesPages) {
   ExpectBaseline();
 }
 
+// Tests that bufctl fences lists every fence, past the first page (it
+// asks for pages of 1,000), and the first N with --limit N.
+TEST_F(OpsTest, BufctlFencesFollowsEveryPage) {
+  constexpr int kFences = 1005;
+  std::vector<Fence> fences;
+  for (int i = 0; i < kFences; ++i) {
+    absl::StatusOr<Fence> fence = client_->CreateFence({.name = absl::StrCat("page-", i)});
+    ASSERT_TRUE(fence.ok()) << fence.status();
+    fences.push_back(*std::move(fence));
+  }
+  const std::string owner = absl::StrCat(" --owner ", client_->session_id());
+  const BufctlRun json = Bufctl(dir(), "--json fences" + owner);
+  ASSERT_EQ(json.code, 0) << json.out;
+  size_t listed = 0;
+  for (size_t at = json.out.find("\"fence_id\""); at != std::string::npos;
+       at = json.out.find("\"fence_id\"", at + 1)) {
+    ++listed;
+  }
+  EXPECT_EQ(listed, size_t{kFences});
+  EXPECT_THAT(json.out, HasSubstr("\"next_page_token\": \"\""));
+  const BufctlRun table = Bufctl(dir(), "fences" + owner);
+  ASSERT_EQ(table.code, 0) << table.out;
+  EXPECT_THAT(table.out, HasSubstr("page-0 "));
+  EXPECT_THAT(table.out, HasSubstr("page-1004 "));
+  EXPECT_THAT(table.out, Not(HasSubstr("(the first")));
+  const BufctlRun cut = Bufctl(dir(), "fences --limit 3" + owner);
+  ASSERT_EQ(cut.code, 0) << cut.out;
+  EXPECT_THAT(cut.out, HasSubstr("page-2 "));
+  EXPECT_THAT(cut.out, Not(HasSubstr("page-3 ")));
+  EXPECT_THAT(cut.out, HasSubstr("(the first 3 fences; --limit N for another cut)"));
+  for (Fence& fence : fences) ASSERT_TRUE(fence.Signal().ok());
+  fences.clear();
+  ExpectBaseline();
+}
+
 }  // namespace
 }  // namespace bufferd

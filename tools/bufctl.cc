@@ -332,9 +332,19 @@ int Fences(const bufferd::Client& client, bool json, bool pending_only, uint64_t
   bufferd::v1::ListFencesRequest request;
   if (pending_only) request.set_state(bufferd::v1::FENCE_STATE_PENDING);
   request.set_owner_session(owner);
-  request.set_limit(limit);
+  // No --limit: every page, 1,000 fences each (the first alone lists the
+  // timelines).
+  request.set_limit(limit != 0 ? limit : 1000);
   auto fences = client.ListFences(request);
   if (!fences.ok()) return Fail(fences.status());
+  for (std::string next = fences->next_page_token(); limit == 0 && !next.empty();) {
+    request.set_page_token(next);
+    auto page = client.ListFences(request);
+    if (!page.ok()) return Fail(page.status());
+    for (auto& fence : *page->mutable_fences()) *fences->add_fences() = std::move(fence);
+    next = page->next_page_token();
+  }
+  if (limit == 0) fences->clear_next_page_token();
   if (owner != 0 && fences->fences_size() == 0 && fences->timelines_size() == 0) {
     // An empty table would not say whether the session exists.
     auto clients = client.ListClients();
@@ -369,7 +379,7 @@ void PrintFences(const bufferd::v1::ListFencesResponse* fences, uint32_t limit) 
          f.message().empty() ? "-" : f.message()});
   }
   // Pending first, oldest first: what holds a frame up is at the top.
-  const bool cut = static_cast<uint32_t>(fences->fences_size()) == (limit != 0 ? limit : 10000u);
+  const bool cut = limit != 0 && static_cast<uint32_t>(fences->fences_size()) == limit;
   PrintTable({"ID", "NAME", "TIMELINE", "KIND", "OWNER", "STATUS", "AGE", "WAITERS", "EXPORTED",
               "DEADLINE IN", "NEEDED IN", "MESSAGE"},
              rows);
@@ -1030,7 +1040,7 @@ Exit status: 0 ok; 1 an error (the daemon's code and message on stderr);
   uint32_t limit = 0;
   fences->add_flag("--pending", pending_only, "only pending fences");
   fences->add_option("--owner", owner, "only fences this session owns");
-  fences->add_option("--limit", limit, "at most this many rows");
+  fences->add_option("--limit", limit, "only the first N fences (default: every one)");
   auto* why = app.add_subcommand(
       "why", "what a read and a write of BUFFER would wait for now, and who must signal");
   uint64_t why_buffer = 0;
