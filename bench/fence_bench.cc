@@ -674,10 +674,20 @@ double CpuAccessPointOnce(const Buffer& buffer, Timeline& timeline, uint64_t poi
 // A counter of this thread's syscalls (raw_syscalls:sys_enter); invalid if
 // the kernel or its settings do not allow it (the reason in `why`).
 UniqueFd SyscallCounter(std::string& why) {
-  std::ifstream id_file("/sys/kernel/tracing/events/raw_syscalls/sys_enter/id");
+  // tracefs, where it is usually mounted, or under debugfs.
   uint64_t id = 0;
-  if (!(id_file >> id)) {
-    why = "no /sys/kernel/tracing/events/raw_syscalls/sys_enter/id";
+  bool found = false;
+  for (const char* root : {"/sys/kernel/tracing", "/sys/kernel/debug/tracing"}) {
+    std::ifstream id_file(absl::StrCat(root, "/events/raw_syscalls/sys_enter/id"));
+    if (id_file >> id) {
+      found = true;
+      break;
+    }
+  }
+  if (!found) {
+    why =
+        "no raw_syscalls/sys_enter/id under /sys/kernel/tracing or /sys/kernel/debug/tracing "
+        "(as root: mount -t tracefs nodev /sys/kernel/tracing)";
     return UniqueFd();
   }
   perf_event_attr attr{};

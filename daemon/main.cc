@@ -1,4 +1,5 @@
 // bufferd: the buffer and fence daemon. Flags and wiring only.
+#include <pwd.h>
 #include <signal.h>
 
 #include <cstdio>
@@ -50,8 +51,19 @@ int main(int argc, char** argv) {
   spdlog::set_default_logger(logger);
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");
 
+  if (!user.empty() && ::getpwnam(user.c_str()) == nullptr) {
+    std::fprintf(stderr, "bufferd: --user '%s' does not exist on this machine\n", user.c_str());
+    return 2;
+  }
+  // --user replaces the config's `user`, so that one is not checked.
+  auto machine = [&user] {
+    bufferd::MachineFacts facts = bufferd::ReadMachineFacts();
+    if (!user.empty()) facts.user_exists = nullptr;
+    return facts;
+  };
   absl::StatusOr<bufferd::v1::Config> config =
-      config_path.empty() ? bufferd::DefaultConfig() : bufferd::LoadConfigFile(config_path);
+      config_path.empty() ? bufferd::DefaultConfig()
+                          : bufferd::LoadConfigFile(config_path, machine());
   if (!config.ok()) {
     // "bufferd: bufferd.conf:3:40: heaps[0] ('c'): ...": the message names
     // the file, place and field; a file that cannot be read adds its code.
@@ -101,7 +113,7 @@ int main(int argc, char** argv) {
         spdlog::info("SIGHUP: no --config file, nothing to reload (the embedded default is fixed)");
         continue;
       }
-      absl::StatusOr<bufferd::v1::Config> next = bufferd::LoadConfigFile(config_path);
+      absl::StatusOr<bufferd::v1::Config> next = bufferd::LoadConfigFile(config_path, machine());
       if (!next.ok()) {
         spdlog::error("SIGHUP: config not reloaded, still serving the previous one: {}",
                       std::string(next.status().message()));

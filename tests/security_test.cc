@@ -874,17 +874,47 @@ TEST(SocketDirTest, PrivateFoundDirsAreServedAndOnlyBufferdDirsAdjusted) {
   EXPECT_EQ(st.st_gid, gid);
 }
 
-// Tests that an unknown --user stops startup naming it, before anything in
-// the socket dir changes.
+// Tests that an unknown --user stops startup naming it (exit 2, a bad
+// command line, as a bad config is), before anything in the socket dir
+// changes.
 TEST(OwnUserTest, UnknownUserIsRefused) {
   TempDir root;
   const std::string dir = absl::StrCat(root.path(), "/sock");
   std::string log;
   EXPECT_EQ(StartExpectingExit(dir, absl::StrCat(root.path(), "/log"), &log,
                                {"--user", "no-such-user-bufferd"}),
-            1);
-  EXPECT_TRUE(absl::StrContains(log, "user 'no-such-user-bufferd' does not exist")) << log;
+            2);
+  EXPECT_TRUE(absl::StrContains(log, "--user 'no-such-user-bufferd' does not exist")) << log;
   EXPECT_FALSE(std::filesystem::exists(dir)) << "nothing made";
+}
+
+// Tests that --user replaces the config's `user`: a config naming a user
+// this machine lacks is refused on its own (exit 2, naming it), and serves
+// with --user naming one it has.
+TEST(OwnUserTest, TheCommandLineUserReplacesTheConfigs) {
+  if (::geteuid() != 0) GTEST_SKIP() << "starts the daemon as root with --user";
+  TempDir root;
+  const std::string config = absl::StrCat(root.path(), "/bufferd.conf");
+  std::ofstream(config) << "heaps { name: \"system\" type: HEAP_TYPE_SYSTEM }\n"
+                        << "user: \"no-such-user-bufferd\"\n";
+  std::string log;
+  EXPECT_EQ(
+      StartExpectingExit(absl::StrCat(root.path(), "/refused"),
+                         absl::StrCat(root.path(), "/refused.log"), &log, {"--config", config}),
+      2);
+  EXPECT_TRUE(absl::StrContains(log, "user 'no-such-user-bufferd', which does not exist")) << log;
+
+  const std::string dir = absl::StrCat(root.path(), "/sock");
+  const std::string log_path = absl::StrCat(root.path(), "/log");
+  auto daemon =
+      testing::SpawnDaemon({"--socket-dir", dir, "--config", config, "--user", "nobody"}, log_path);
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  EXPECT_TRUE(testing::Eventually([&] {
+    return absl::StrContains(ReadFile(log_path), "bufferd serving in");
+  })) << ReadFile(log_path);
+  struct stat st {};
+  ASSERT_EQ(::stat(dir.c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, 65534u) << "the socket dir belongs to --user nobody";
 }
 
 }  // namespace
