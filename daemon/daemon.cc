@@ -11,6 +11,7 @@
 #include <cerrno>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -20,6 +21,7 @@
 #include "base/private_dir.h"
 #include "base/protocol.h"
 #include "daemon/config.h"
+#include "daemon/log.h"
 #include "daemon/requests.h"
 #include "google/protobuf/util/message_differencer.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
@@ -151,6 +153,38 @@ absl::StatusOr<UniqueFd> LockSocketDir(int dir_fd, const std::string& dir, uid_t
   }
   return fd;
 }
+
+// What gRPC would answer with an empty UNIMPLEMENTED: a method no service
+// here has (a client newer than this daemon, or a typo), named, and logged
+// (limited: any peer can call it) with the method as the daemon read it.
+class UnknownMethods final : public grpc::CallbackGenericService {
+ public:
+  grpc::ServerGenericBidiReactor* CreateReactor(
+      grpc::GenericCallbackServerContext* context) override {
+    // The client's text: escaped and cut, in the answer and the log alike.
+    std::string method = absl::CHexEscape(context->method().substr(0, kMaxShown));
+    if (context->method().size() > kMaxShown) method += "...";
+    static LogLimiter limiter;
+    LogLimited(limiter, spdlog::level::warn, "a call of {}, which bufferd does not serve (peer {})",
+               method, absl::CHexEscape(context->peer()));
+    class Reactor final : public grpc::ServerGenericBidiReactor {
+     public:
+      explicit Reactor(const std::string& method) {
+        Finish(grpc::Status(
+            grpc::StatusCode::UNIMPLEMENTED,
+            absl::StrCat(VersionText("bufferd"), " does not serve method '", method,
+                         "': it serves bufferd.v1.Allocator, bufferd.v1.Fence, bufferd.v1.Debug, "
+                         "grpc.health.v1.Health and server reflection (a client newer than this "
+                         "daemon?)")));
+      }
+      void OnDone() override { delete this; }
+    };
+    return new Reactor(method);
+  }
+
+ private:
+  static constexpr size_t kMaxShown = 128;
+};
 
 }  // namespace
 
@@ -399,6 +433,8 @@ absl::Status Daemon::Init(const v1::Config& config) {
   builder.RegisterService(allocator_.get());
   builder.RegisterService(debug_.get());
   builder.RegisterService(fence_.get());
+  unknown_methods_ = std::make_unique<UnknownMethods>();
+  builder.RegisterCallbackGenericService(unknown_methods_.get());
   server_ = builder.BuildAndStart();
   if (server_ == nullptr) {
     return absl::UnavailableError(absl::StrCat("cannot serve gRPC on ", control_path));

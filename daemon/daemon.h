@@ -43,6 +43,7 @@
 #include "fences/fence_table.h"
 #include "fences/reservations.h"
 #include "fences/timeline_table.h"
+#include "grpcpp/generic/async_generic_service.h"
 #include "grpcpp/server.h"
 #include "heaps/heap_registry.h"
 
@@ -103,6 +104,8 @@ class Daemon {
   std::unique_ptr<AllocatorService> allocator_;
   std::unique_ptr<DebugService> debug_;
   std::unique_ptr<FenceService> fence_;
+  // Calls of methods no service here has: UNIMPLEMENTED naming the method.
+  std::unique_ptr<grpc::CallbackGenericService> unknown_methods_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<ControlListener> control_;
   bool shut_down_ = false;

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -24,6 +25,7 @@
 #include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "client/client.h"
+#include "gmock/gmock.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/support/byte_buffer.h"
@@ -32,11 +34,14 @@
 namespace bufferd {
 namespace {
 
+using ::bufferd::testing::BinaryPath;
 using ::bufferd::testing::Eventually;
+using ::bufferd::testing::ReadFile;
 using ::bufferd::testing::SpawnPeer;
 using ::bufferd::testing::SpawnPeerAs;
-using ::bufferd::testing::BinaryPath;
 using ::bufferd::testing::TestDaemon;
+using ::testing::HasSubstr;
+using ::testing::Not;
 
 constexpr uint64_t kNofile = 256;
 
@@ -468,6 +473,49 @@ TEST_F(AvailabilityTest, ClientTextIsNeverEchoedAtLength) {
                          "ids, got '",
                          std::string(64, '9'), "...' (4001 bytes)"));
   }
+  ExpectBaseline();
+}
+
+// Tests that a call of a method the daemon does not serve (a newer client,
+// a typo) is UNIMPLEMENTED naming the method and what the daemon serves, not
+// gRPC's empty UNIMPLEMENTED; the client's path is escaped in the answer and
+// the log alike, and cut at 128 bytes.
+TEST_F(AvailabilityTest, AnUnknownMethodIsNamed) {
+  StartDaemon(TestDaemon::Options{.log_level = "info"});
+  {
+    auto channel =
+        grpc::CreateChannel(absl::StrCat("unix:", ControlSocketPath(daemon_->socket_dir())),
+                            grpc::InsecureChannelCredentials());
+    grpc::GenericStub stub(channel);
+    auto call = [&](const std::string& method) {
+      grpc::Slice slice("", 0);
+      grpc::ByteBuffer request(&slice, 1);
+      grpc::ByteBuffer response;
+      grpc::ClientContext context;
+      std::promise<grpc::Status> done;
+      stub.UnaryCall(&context, method, grpc::StubOptions(), &request, &response,
+                     [&](grpc::Status status) { done.set_value(std::move(status)); });
+      return done.get_future().get();
+    };
+    const grpc::Status unknown = call("/bufferd.v1.Debug/NoSuchMethod");
+    EXPECT_EQ(unknown.error_code(), grpc::StatusCode::UNIMPLEMENTED);
+    EXPECT_THAT(unknown.error_message(),
+                HasSubstr("does not serve method '/bufferd.v1.Debug/NoSuchMethod': it serves "
+                          "bufferd.v1.Allocator, bufferd.v1.Fence, bufferd.v1.Debug"));
+    const grpc::Status odd = call("/x.Y/Z\x1b[31m" + std::string(300, 'a'));
+    EXPECT_EQ(odd.error_code(), grpc::StatusCode::UNIMPLEMENTED);
+    EXPECT_THAT(odd.error_message(), HasSubstr("'/x.Y/Z\\x1b[31maaa"));
+    EXPECT_THAT(odd.error_message(), HasSubstr("aaa...'"));
+    EXPECT_THAT(odd.error_message(), Not(HasSubstr(std::string(200, 'a'))));
+  }
+  // The served methods still answer on the same connection.
+  EXPECT_TRUE(client_->ListHeaps().ok());
+  EXPECT_TRUE(Eventually([&] {
+    return absl::StrContains(
+        ReadFile(daemon_->log_path()),
+        "a call of /bufferd.v1.Debug/NoSuchMethod, which bufferd does not serve");
+  }));
+  EXPECT_FALSE(absl::StrContains(ReadFile(daemon_->log_path()), "\x1b")) << "escaped in the log";
   ExpectBaseline();
 }
 
