@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <optional>
 #include <set>
@@ -951,6 +952,24 @@ int Watch(const bufferd::Client& client, bool json, const std::string& socket_di
   }
 }
 
+// A whole number from 0 to T's maximum, in plain decimal: CLI11 alone takes
+// "-1" or 2^64 for an unsigned and wraps or clamps it, so an id that is none
+// would name another.
+template <typename T>
+CLI::Validator WholeNumber() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        T value = 0;
+        if (text.empty() || !absl::ascii_isdigit(static_cast<unsigned char>(text[0])) ||
+            !absl::SimpleAtoi(text, &value)) {
+          return absl::StrCat("'", absl::CHexEscape(text), "' is not a whole number from 0 to ",
+                              std::numeric_limits<T>::max());
+        }
+        return std::string();
+      },
+      "");
+}
+
 // The commands, for the message about a word that is none of them.
 std::vector<std::string> CommandNames(const CLI::App& app) {
   std::vector<std::string> names;
@@ -1025,7 +1044,8 @@ Exit status: 0 ok; 1 an error (the daemon's code and message on stderr);
       "clients", "sessions: pid, uid, comm, bytes charged and held per heap; per uid");
   auto* buffers = app.add_subcommand("buffers", "buffers: size, backing, name, creator, holders");
   buffers->add_option("--heap", heap, "only this heap");
-  buffers->add_option("--session", buffers_session, "only buffers this session holds");
+  buffers->add_option("--session", buffers_session, "only buffers this session holds")
+      ->check(WholeNumber<uint64_t>());
   auto* holders = app.add_subcommand(
       "holders",
       "every process holding an fd or a mapping of a buffer (from /proc), with resident bytes; "
@@ -1039,12 +1059,16 @@ Exit status: 0 ok; 1 an error (the daemon's code and message on stderr);
   uint64_t owner = 0;
   uint32_t limit = 0;
   fences->add_flag("--pending", pending_only, "only pending fences");
-  fences->add_option("--owner", owner, "only fences this session owns");
-  fences->add_option("--limit", limit, "only the first N fences (default: every one)");
+  fences->add_option("--owner", owner, "only fences this session owns")
+      ->check(WholeNumber<uint64_t>());
+  fences->add_option("--limit", limit, "only the first N fences (default: every one)")
+      ->check(WholeNumber<uint32_t>());
   auto* why = app.add_subcommand(
       "why", "what a read and a write of BUFFER would wait for now, and who must signal");
   uint64_t why_buffer = 0;
-  why->add_option("BUFFER", why_buffer, "buffer id (bufctl buffers)")->required();
+  why->add_option("BUFFER", why_buffer, "buffer id (bufctl buffers)")
+      ->required()
+      ->check(WholeNumber<uint64_t>());
   auto* can = app.add_subcommand(
       "can-allocate",
       "would an allocation succeed now, on which heap, with which plane layout; or every reason "
@@ -1058,6 +1082,7 @@ Exit status: 0 ok; 1 an error (the daemon's code and message on stderr);
   can->add_option("--frame", can_frame,
                   "WIDTHxHEIGHT:FOURCC[:STRIDE_ALIGNMENT], e.g. 3840x2160:NV12");
   can->add_option("--count", can_count, "that many buffers (AllocateSet)")
+      ->check(WholeNumber<uint32_t>())
       ->check(CLI::Range(1u, 0xffffffffu))
       ->capture_default_str();
   auto* end = app.add_subcommand(
@@ -1065,7 +1090,9 @@ Exit status: 0 ok; 1 an error (the daemon's code and message on stderr);
       "end SESSION as its client's disconnect would: every handle released, its fences failed "
       "(root and the daemon's uid only)");
   uint64_t end_session = 0;
-  end->add_option("SESSION", end_session, "session id (bufctl clients)")->required();
+  end->add_option("SESSION", end_session, "session id (bufctl clients)")
+      ->required()
+      ->check(WholeNumber<uint64_t>());
   auto* metrics = app.add_subcommand("metrics", "Prometheus text metrics (--json: in a message)");
   auto* watch = app.add_subcommand(
       "watch",

@@ -48,6 +48,16 @@ grep -q "NOT_FOUND: no heap 'nope' (heaps: system, contiguous, carveout)" "$root
   || fail "unknown heap: $(cat "$root/err")"
 status=0; tools/bufctl --socket-dir "$dir" why 999999 2>"$root/err" || status=$?
 [ "$status" -eq 1 ] || fail "unknown buffer exited $status, not 1"
+# An id or count that is no whole number in range is refused, never wrapped
+# or clamped into another (exit 2, naming it).
+for bad in "why 18446744073709551616" "why -1" "why 0x10" "end-session 1e3" \
+    "fences --owner -5" "fences --limit 4294967296" "buffers --session 99999999999999999999"; do
+  status=0
+  # shellcheck disable=SC2086
+  tools/bufctl --socket-dir "$dir" $bad 2>"$root/err" || status=$?
+  [ "$status" -eq 2 ] || fail "$bad exited $status, not 2"
+  grep -q "is not a whole number from 0 to " "$root/err" || fail "$bad: $(cat "$root/err")"
+done
 if tools/bufctl --socket-dir "$root/nothing" heaps 2>"$root/err"; then fail "no daemon accepted"; fi
 grep -q 'UNAVAILABLE' "$root/err" || fail "no-daemon error: $(cat "$root/err")"
 # --version: both binaries, one release.
