@@ -18,6 +18,8 @@ const char* FdUseName(FdUse use) {
       return "fds in flight to clients";
     case FdUse::kFence:
       return "fences and timelines (pipes, imported sync fds, timeline pages)";
+    case FdUse::kFencePage:
+      return "sessions' fence pages";
     case FdUse::kCount:
       break;
   }

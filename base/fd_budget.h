@@ -35,7 +35,9 @@ namespace bufferd {
 // What a leased fd is for (counted separately for ops and messages).
 // What a leased fd is for. kExport: a buffer's fd a share token keeps until
 // it is redeemed or expires (the daemon keeps no other fd of a buffer).
-enum class FdUse { kExport, kSession, kControlConnection, kDelivery, kFence, kCount };
+// kFencePage: a session's fence page (fences/fence_page.h), one per session
+// that creates fences, kept while the session lives.
+enum class FdUse { kExport, kSession, kControlConnection, kDelivery, kFence, kFencePage, kCount };
 
 // The uid of leases no uid is charged for (they count in the total, in
 // nobody's share); also "no uid known" in views.

@@ -43,9 +43,9 @@
 //     process -> a BeginCpuAccess(kRead) blocked in another process returns.
 //     Floor: figure 1's (two raw pipe-close wakes through a relay pinned
 //     where the daemon is). Target <= 1.25x. Measured for a one-shot fence
-//     (the daemon relays its signal to the waiter's status page) and for a
-//     timeline point (the waiter sleeps on the timeline: the owner's Signal
-//     wakes it directly).
+//     (the waiter sleeps on the fence's word in the owner's fence page: the
+//     owner's Signal wakes it directly) and for a timeline point (the waiter
+//     sleeps on the timeline: the owner's Signal wakes it directly).
 //
 // Placements (owner = this process, always on CPU 0; waiter = a helper
 // process; the daemon and the floor's relay share a CPU): all on CPU 0;
@@ -655,12 +655,13 @@ double CpuAccessOnce(const Helper& waiter, const char* sleeps_on, Signal signal)
   return (Stamp(reply) - start) / 1000.0;
 }
 
-// R2 with a one-shot fence: its one-way signal reaches the daemon, which
-// writes the waiter's status page and wakes it (two wakes).
+// R2 with a one-shot fence: the waiter sleeps on the fence's word in the
+// owner's fence page (beside its status slot), and the owner's Signal writes
+// the word and wakes it before its record reaches the daemon (one wake).
 double CpuAccessFenceOnce(const Client& owner, const Buffer& buffer, const Helper& waiter) {
   auto fence = owner.CreateFence({.name = "frame"});
   if (!fence.ok() || !buffer.AttachFence(*fence, v1::FENCE_USAGE_WRITE).ok()) std::exit(1);
-  return CpuAccessOnce(waiter, "bufferd-reservations", [&] { (void)fence->Signal(); });
+  return CpuAccessOnce(waiter, "bufferd-fence-page", [&] { (void)fence->Signal(); });
 }
 
 // R2 with a timeline point: the waiter sleeps on the timeline itself (its

@@ -351,6 +351,10 @@ class Fence {
   friend class Timeline;
   friend class Buffer;
   Fence(std::shared_ptr<internal::Connection> connection, v1::FenceInfo info);
+  // The owner writes `status` into the fence's word of its fence page (if
+  // it has one), before telling the daemon: readers sleeping on the word
+  // wake at once.
+  void PublishInPage(v1::FenceStatus status) const;
 
   std::shared_ptr<internal::Connection> connection_;
   v1::FenceInfo info_;

@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -376,6 +377,33 @@ absl::StatusOr<Mapping> MapDeliveredPage(const UniqueFd& fd, size_t size, int se
                      " bytes"));
   }
   return Mapping::Create(fd.get(), size, Mapping::Protection::kReadOnly);
+}
+
+absl::StatusOr<std::pair<UniqueFd, Mapping>> NewSealedPage(const char* name, size_t size,
+                                                           int seals) {
+  UniqueFd fd(::memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!fd.valid()) return ErrnoError("memfd_create", errno);
+  if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) return ErrnoError("ftruncate", errno);
+  ASSIGN_OR_RETURN(Mapping map, Mapping::Create(fd.get(), size, Mapping::Protection::kReadWrite));
+  if (::fcntl(fd.get(), F_ADD_SEALS, seals) != 0) return ErrnoError("sealing a page", errno);
+  return std::make_pair(std::move(fd), std::move(map));
+}
+
+std::shared_ptr<const Mapping> Connection::PeerFencePage(uint64_t owner) {
+  std::lock_guard lock(peer_pages_mu_);
+  for (const auto& [session, page] : peer_pages_) {
+    if (session == owner) return page;
+  }
+  return nullptr;
+}
+
+void Connection::KeepPeerFencePage(uint64_t owner, std::shared_ptr<const Mapping> page) {
+  std::lock_guard lock(peer_pages_mu_);
+  for (const auto& [session, kept] : peer_pages_) {
+    if (session == owner) return;
+  }
+  if (peer_pages_.size() >= kPeerFencePages) peer_pages_.pop_front();
+  peer_pages_.emplace_back(owner, std::move(page));
 }
 
 absl::Status Connection::SetReservationPage(UniqueFd fd) {

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <bitset>
+#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -178,6 +179,25 @@ class Connection {
   void ForgetTimeline(uint64_t handle, uint64_t id);
   void ForgetTimelinesOf(uint64_t handle);
 
+  // The session's fence page (fences/fence_page.h), made and uploaded with
+  // its first CreateFence: the words it writes when it signals its fences.
+  // fence_words() is null before, and for good if the page could not be made
+  // or was refused (its fences then reach readers through the daemon only).
+  struct FencePage {
+    std::mutex mu;
+    bool tried = false;
+    Mapping map;
+  };
+  FencePage& fence_page() { return fence_page_; }
+  uint32_t* fence_words() const { return fence_words_.load(std::memory_order_acquire); }
+  void SetFenceWords(uint32_t* words) { fence_words_.store(words, std::memory_order_release); }
+  // Other sessions' fence pages (read-only), mapped to wait on their fences
+  // (Buffer::BeginCpuAccess), by owner session: the kPeerFencePages latest;
+  // a waiter holds the one it sleeps on.
+  static constexpr size_t kPeerFencePages = 16;
+  std::shared_ptr<const Mapping> PeerFencePage(uint64_t owner);
+  void KeepPeerFencePage(uint64_t owner, std::shared_ptr<const Mapping> page);
+
   std::mutex& wakers_mu() { return wakers_mu_; }
   std::map<uint64_t, std::weak_ptr<Waker>>& wakers() { return wakers_; }
   absl::Duration timeout() const { return timeout_; }
@@ -215,6 +235,11 @@ class Connection {
   std::atomic<const reservation::Slot*> reservation_slots_{nullptr};
   std::mutex kept_mu_;
   std::map<std::pair<uint64_t, uint64_t>, std::shared_ptr<const Timeline>> kept_timelines_;
+  FencePage fence_page_;
+  std::atomic<uint32_t*> fence_words_{nullptr};
+  std::mutex peer_pages_mu_;
+  // Oldest first.
+  std::deque<std::pair<uint64_t, std::shared_ptr<const Mapping>>> peer_pages_;
 };
 
 // A fence's deadline as the protocol takes it (fence.cc).
@@ -232,6 +257,10 @@ absl::StatusOr<std::vector<v1::FenceInfo>> WaitFences(
 // INTERNAL naming `what` otherwise.
 absl::StatusOr<Mapping> MapDeliveredPage(const UniqueFd& fd, size_t size, int seals,
                                          absl::string_view what);
+// A sealed memfd page mapped writable here: the only writable mapping
+// there will ever be (`seals` says what else is sealed).
+absl::StatusOr<std::pair<UniqueFd, Mapping>> NewSealedPage(const char* name, size_t size,
+                                                           int seals);
 // A fence fd the daemon delivered, checked to be a read-only pipe.
 absl::StatusOr<UniqueFd> CheckFenceFd(UniqueFd fd);
 

@@ -4,16 +4,20 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <limits>
+#include <mutex>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "base/client_text.h"
 #include "base/errno_status.h"
 #include "client/client.h"
 #include "client/connection.h"
+#include "fences/fence_page.h"
 
 namespace bufferd {
 namespace {
@@ -155,6 +159,7 @@ absl::Status Fence::Signal(v1::FenceStatus status, absl::string_view message) co
     return absl::PermissionDeniedError(absl::StrCat(
         "fence ", id(), " is not one this session created; only its owner signals it"));
   }
+  PublishInPage(status);
   v1::FdChannelMessage record;
   v1::FenceSignal* signal = record.mutable_signal();
   signal->set_fence_id(id());
@@ -163,9 +168,31 @@ absl::Status Fence::Signal(v1::FenceStatus status, absl::string_view message) co
   return connection_->SendRecord(record);
 }
 
+void Fence::PublishInPage(v1::FenceStatus status) const {
+  uint32_t* words = connection_->fence_words();
+  const uint32_t slot = info_.page_slot();
+  if (words == nullptr || slot == 0 || slot >= fence_page::kSlots ||
+      info_.owner_session() != connection_->session_id()) {
+    return;
+  }
+  // Only over this fence's own pending word: a word the daemon gave another
+  // fence since (this one signalled before) is not this one's to write.
+  uint32_t pending = fence_page::Word(info_.page_generation(), 0);
+  if (std::atomic_ref<uint32_t>(words[slot])
+          .compare_exchange_strong(pending, fence_page::Word(info_.page_generation(), status))) {
+    fence_page::Publish(words[slot], fence_page::Word(info_.page_generation(), status));
+  }
+}
+
 absl::StatusOr<v1::FenceInfo> Fence::SignalAndConfirm(v1::FenceStatus status,
                                                       absl::string_view message) {
   if (connection_ == nullptr) return absl::FailedPreconditionError("moved-from Fence");
+  if (info_.kind() == v1::FENCE_KIND_CREATED &&
+      (status == v1::FENCE_STATUS_OK || status == v1::FENCE_STATUS_ERROR ||
+       status == v1::FENCE_STATUS_CANCELLED) &&
+      CheckClientText("message", message).ok()) {
+    PublishInPage(status);
+  }
   v1::SignalFenceRequest request;
   request.set_fence_id(id());
   request.set_status(status);
@@ -224,9 +251,47 @@ absl::StatusOr<Fence> Client::CreateFence(const FenceOptions& options) const {
   ASSIGN_OR_RETURN(const uint32_t deadline_ms, internal::DeadlineMs(options.deadline));
   request.set_deadline_ms(deadline_ms);
   v1::CreateFenceResponse response;
+  // The first fence brings the session's fence page (fences/fence_page.h),
+  // under its lock: only one call carries it. Once tried, never again: a
+  // session without one still works, through the daemon.
+  internal::Connection::FencePage& page = connection_->fence_page();
+  std::unique_lock<std::mutex> page_lock;
+  std::optional<std::pair<UniqueFd, Mapping>> made;
+  std::optional<internal::Connection::UploadPlaces> place;
+  if (connection_->fence_words() == nullptr) {
+    place.emplace(connection_->ReserveUploads(1));
+    page_lock = std::unique_lock(page.mu);
+    if (!page.tried) {
+      page.tried = true;
+      absl::StatusOr<std::pair<UniqueFd, Mapping>> fresh =
+          internal::NewSealedPage("bufferd-fence-page", fence_page::kPageSize,
+                                  F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL);
+      absl::StatusOr<uint64_t> upload =
+          fresh.ok() ? connection_->Upload(fresh->first.get()) : fresh.status();
+      if (upload.ok()) {
+        request.set_fence_page_upload_id(*upload);
+        made = *std::move(fresh);
+      }
+    }
+    if (!made.has_value()) {
+      page_lock.unlock();
+      place.reset();
+    }
+  }
   internal::Call call = connection_->NewCall();
   RETURN_IF_ERROR(connection_->Finish(
       call, connection_->fence().CreateFence(call.context.get(), request, &response)));
+  if (made.has_value()) {
+    page.map = std::move(made->second);
+    connection_->SetFenceWords(reinterpret_cast<uint32_t*>(page.map.data()));
+  }
+  // Pending in its word before anyone can be given the fence.
+  if (uint32_t* words = connection_->fence_words();
+      words != nullptr && response.fence().page_slot() != 0 &&
+      response.fence().page_slot() < fence_page::kSlots) {
+    std::atomic_ref<uint32_t>(words[response.fence().page_slot()])
+        .store(fence_page::Word(response.fence().page_generation(), 0), std::memory_order_release);
+  }
   return Fence(connection_, response.fence());
 }
 

@@ -1,7 +1,12 @@
 // The client library's side of reservation objects: Buffer's fences and
 // implicit sync (BeginCpuAccess / EndCpuAccess).
+#include <fcntl.h>
+#include <linux/futex.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <memory>
+#include <optional>
 
 #include "absl/container/inlined_vector.h"
 #include "absl/strings/str_cat.h"
@@ -9,6 +14,7 @@
 #include "base/errno_status.h"
 #include "client/client.h"
 #include "client/connection.h"
+#include "fences/fence_page.h"
 #include "fences/reservation_page.h"
 #include "fences/timeline_shm.h"
 
@@ -17,6 +23,60 @@ namespace {
 
 v1::FenceUsage ForAccess(Cpu access) {
   return access == Cpu::kRead ? v1::FENCE_USAGE_READ : v1::FENCE_USAGE_WRITE;
+}
+
+// The words of the waited fences in their owners' fence pages
+// (fences/fence_page.h), and each word's value once its fence signalled OK.
+struct PageWords {
+  // Held while the words are read.
+  absl::InlinedVector<std::shared_ptr<const Mapping>, 4> pages;
+  absl::InlinedVector<const uint32_t*, 4> words;
+  absl::InlinedVector<uint32_t, 4> signalled;
+};
+
+// PageWords for `waited`, each owner's page mapped through the buffer
+// `handle` the first time (then kept by the Connection); nullopt unless
+// every fence has a word (a session's own fences, merged, imported and
+// point fences have none here): the status slot alone then says when they
+// are done.
+std::optional<PageWords> WatchFencePages(internal::Connection& connection, uint64_t handle,
+                                         const std::vector<v1::FenceInfo>& waited) {
+  // One futex_waitv word goes to the status slot.
+  if (waited.empty() || waited.size() >= FUTEX_WAITV_MAX) return std::nullopt;
+  PageWords out;
+  for (const v1::FenceInfo& info : waited) {
+    if (info.kind() != v1::FENCE_KIND_CREATED || info.page_slot() == 0 ||
+        info.page_slot() >= fence_page::kSlots || info.page_generation() == 0 ||
+        info.owner_session() == connection.session_id()) {
+      return std::nullopt;
+    }
+    std::shared_ptr<const Mapping> page = connection.PeerFencePage(info.owner_session());
+    if (page == nullptr) {
+      v1::OpenFencePageRequest request;
+      request.set_buffer_handle(handle);
+      request.set_fence_id(info.fence_id());
+      v1::OpenFencePageResponse response;
+      internal::Call call = connection.NewCall();
+      if (!connection
+               .Finish(call,
+                       connection.fence().OpenFencePage(call.context.get(), request, &response))
+               .ok()) {
+        return std::nullopt;  // signalled meanwhile, most likely
+      }
+      absl::StatusOr<UniqueFd> fd = connection.TakeFd(response.transfer_id());
+      if (!fd.ok() || response.owner_session() != info.owner_session()) return std::nullopt;
+      absl::StatusOr<Mapping> map = internal::MapDeliveredPage(
+          *fd, fence_page::kPageSize, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL,
+          "the delivered fence page");
+      if (!map.ok()) return std::nullopt;
+      page = std::make_shared<const Mapping>(*std::move(map));
+      connection.KeepPeerFencePage(info.owner_session(), page);
+    }
+    out.words.push_back(reinterpret_cast<const uint32_t*>(page->data()) + info.page_slot());
+    out.signalled.push_back(fence_page::Word(info.page_generation(), v1::FENCE_STATUS_OK));
+    out.pages.push_back(std::move(page));
+  }
+  return out;
 }
 
 }  // namespace
@@ -130,8 +190,14 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
   }
 
   // Sleep on the slot until every fence listed (attached up to status_seq)
-  // has signalled, as the daemon publishes it.
+  // has signalled, as the daemon publishes it; and on the fences' words in
+  // their owners' fence pages, where an owner's signal wakes this thread
+  // itself (one wake, no daemon in between) when each one signalled OK.
   const reservation::Slot& watched = slots[slot];
+  const std::optional<PageWords> pages = WatchFencePages(*connection_, handle_, waited);
+  absl::InlinedVector<const uint32_t*, 8> words = {&watched.seq};
+  if (pages.has_value()) words.insert(words.end(), pages->words.begin(), pages->words.end());
+  absl::InlinedVector<uint32_t, 8> expecting(words.size());
   for (;;) {
     reservation::SlotState state;
     uint32_t expected = 0;
@@ -161,10 +227,25 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
       // which its end of the write changes.
       expected = reservation::LoadRelaxed(watched.seq);
     }
+    expecting[0] = expected;
+    if (pages.has_value()) {
+      bool all_ok = true;
+      for (size_t i = 0; i < pages->words.size(); ++i) {
+        expecting[i + 1] = fence_page::Load(*pages->words[i]);
+        all_ok &= expecting[i + 1] == pages->signalled[i];
+      }
+      if (all_ok) {
+        // Each owner wrote OK for its fence's generation: done, before the
+        // daemon hears of it.
+        for (v1::FenceInfo& info : waited) {
+          info.set_state(v1::FENCE_STATE_SIGNALED);
+          info.set_status(v1::FENCE_STATUS_OK);
+        }
+        return waited;
+      }
+    }
     if (timeline::MonotonicNs() >= until_ns) break;
-    const uint32_t* words[] = {&watched.seq};
-    const uint32_t expecting[] = {expected};
-    absl::Status slept = timeline::WaitAny(words, expecting, 1, until_ns);
+    absl::Status slept = timeline::WaitAny(words.data(), expecting.data(), words.size(), until_ns);
     if (absl::IsDeadlineExceeded(slept)) break;
     RETURN_IF_ERROR(slept);
     // A wake that changed nothing (WaitAny looks again every 20 ms): the

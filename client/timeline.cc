@@ -72,16 +72,8 @@ absl::Status CheckPoint(uint64_t point) {
   return absl::OkStatus();
 }
 
-// A sealed memfd page mapped writable here: the only writable mapping
-// there will ever be (`seals` says what else is sealed).
 absl::StatusOr<std::pair<UniqueFd, Mapping>> NewPage(const char* name, int seals) {
-  UniqueFd fd(::memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING));
-  if (!fd.valid()) return ErrnoError("memfd_create", errno);
-  if (::ftruncate(fd.get(), timeline::kPageSize) != 0) return ErrnoError("ftruncate", errno);
-  ASSIGN_OR_RETURN(Mapping map, Mapping::Create(fd.get(), timeline::kPageSize,
-                                                Mapping::Protection::kReadWrite));
-  if (::fcntl(fd.get(), F_ADD_SEALS, seals) != 0) return ErrnoError("sealing a page", errno);
-  return std::make_pair(std::move(fd), std::move(map));
+  return internal::NewSealedPage(name, timeline::kPageSize, seals);
 }
 
 // A page the daemon sent: read-only, and exactly a page.

@@ -108,6 +108,7 @@ v1::ListHeapsResponse HeapsView(const DaemonState& state) {
   usage->set_control_connections(fds.of(FdUse::kControlConnection));
   usage->set_deliveries(fds.of(FdUse::kDelivery));
   usage->set_fences(fds.of(FdUse::kFence));
+  usage->set_fence_pages(fds.of(FdUse::kFencePage));
   return response;
 }
 
@@ -301,6 +302,8 @@ v1::FenceInfo FenceInfoOf(const FenceView& view,
   switch (view.kind) {
     case FenceKind::kCreated:
       info.set_kind(v1::FENCE_KIND_CREATED);
+      info.set_page_slot(view.page_slot);
+      info.set_page_generation(view.page_generation);
       break;
     case FenceKind::kMerged:
       info.set_kind(v1::FENCE_KIND_MERGED);

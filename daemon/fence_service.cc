@@ -1,5 +1,7 @@
 #include "daemon/fence_service.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "base/errno_status.h"
 #include "daemon/call.h"
@@ -72,10 +74,43 @@ grpc::ServerUnaryReactor* FenceService::CreateFence(grpc::CallbackServerContext*
                                                     const v1::CreateFenceRequest* request,
                                                     v1::CreateFenceResponse* response) {
   return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
+    if (request->fence_page_upload_id() != 0) {
+      ASSIGN_OR_RETURN(UniqueFd page, d_.hub->TakeUpload(session, request->fence_page_upload_id()));
+      RETURN_IF_ERROR(d_.fences->SetPage(session, std::move(page)));
+    }
     ASSIGN_OR_RETURN(FenceView fence,
                      d_.fences->Create(session, request->name(), request->timeline(),
                                        absl::Milliseconds(request->deadline_ms())));
     *response->mutable_fence() = Info(fence);
+    return absl::OkStatus();
+  });
+}
+
+grpc::ServerUnaryReactor* FenceService::OpenFencePage(grpc::CallbackServerContext* context,
+                                                      const v1::OpenFencePageRequest* request,
+                                                      v1::OpenFencePageResponse* response) {
+  return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
+    // Only a holder of a buffer the fence is pending on: what it may wait
+    // for anyway (any other fence is NOT_FOUND, whether it exists or not).
+    ASSIGN_OR_RETURN(v1::GetBufferResponse buffer,
+                     d_.state->GetBuffer(session, request->buffer_handle()));
+    ASSIGN_OR_RETURN(
+        std::vector<ReservationTable::Attached> attached,
+        d_.reservations->Pending(buffer.buffer().buffer_id(), v1::FENCE_USAGE_BOOKKEEP));
+    const bool pending_here =
+        std::any_of(attached.begin(), attached.end(), [&](const ReservationTable::Attached& entry) {
+          return entry.fence_id == request->fence_id();
+        });
+    if (!pending_here) {
+      return absl::NotFoundError(absl::StrCat("fence ", request->fence_id(),
+                                              " is not pending on buffer handle ",
+                                              request->buffer_handle()));
+    }
+    ASSIGN_OR_RETURN(auto page, d_.fences->PageOf(session, request->fence_id()));
+    ASSIGN_OR_RETURN(const uint64_t transfer,
+                     Deliver(session, v1::FD_KIND_FENCE_PAGE, page.second, std::move(page.first)));
+    response->set_transfer_id(transfer);
+    response->set_owner_session(page.second);
     return absl::OkStatus();
   });
 }

@@ -79,6 +79,9 @@ class FenceService final : public v1::Fence::CallbackService {
   grpc::ServerUnaryReactor* GetBufferFences(grpc::CallbackServerContext* context,
                                             const v1::GetBufferFencesRequest* request,
                                             v1::GetBufferFencesResponse* response) override;
+  grpc::ServerUnaryReactor* OpenFencePage(grpc::CallbackServerContext* context,
+                                          const v1::OpenFencePageRequest* request,
+                                          v1::OpenFencePageResponse* response) override;
   grpc::ServerUnaryReactor* CreateTimeline(grpc::CallbackServerContext* context,
                                            const v1::CreateTimelineRequest* request,
                                            v1::CreateTimelineResponse* response) override;

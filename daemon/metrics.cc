@@ -73,7 +73,8 @@ std::string MetricsText(const v1::ListHeapsResponse& heaps, uint64_t sessions,
                                    {"sessions", fds.sessions()},
                                    {"control_connections", fds.control_connections()},
                                    {"deliveries", fds.deliveries()},
-                                   {"fences", fds.fences()}}) {
+                                   {"fences", fds.fences()},
+                                   {"fence_pages", fds.fence_pages()}}) {
     absl::StrAppend(&out, "bufferd_fds_in_use{use=\"", use, "\"} ", count, "\n");
   }
   family("bufferd_fd_budget", "gauge", "Configured fd budget.");

@@ -17,6 +17,8 @@
 #include "absl/strings/str_cat.h"
 #include "base/client_text.h"
 #include "base/errno_status.h"
+#include "fences/fence_page.h"
+#include "fences/timeline_shm.h"
 
 namespace bufferd {
 namespace {
@@ -152,9 +154,19 @@ void FenceTable::CloseSession(uint64_t session_id) {
     for (uint64_t id : owned) {
       auto fence = fences_.find(id);
       if (fence == fences_.end() || fence->second.view.signaled) continue;
+      // Signalled through its fence page before the end (its record lost
+      // with the session): what readers of the page saw stands.
+      if (std::optional<v1::FenceStatus> written = WrittenLocked(fence->second)) {
+        SignalLocked(fence->second, *written,
+                     absl::StrCat("signalled through its owner's fence page before session ",
+                                  session_id, " ended"),
+                     done);
+        continue;
+      }
       SignalLocked(fence->second, v1::FENCE_STATUS_OWNER_DIED,
                    absl::StrCat("owner session ", session_id, " ended"), done);
     }
+    pages_.erase(session_id);
     std::vector<uint64_t> held;
     for (const auto& [id, holds] : session.sets.Read().held) held.push_back(id);
     for (uint64_t id : held) UnholdLocked(session, id);
@@ -297,8 +309,88 @@ absl::StatusOr<FenceView> FenceTable::Create(uint64_t session_id, absl::string_v
   absl::MutexLock lock(&mu_);
   ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
   RETURN_IF_ERROR(CheckNewFenceLocked(*session));
-  return ViewLocked(AddFenceLocked(session_id, *session, FenceKind::kCreated, name, timeline,
-                                   lifetime, /*arm_timer=*/true));
+  Fence& fence = AddFenceLocked(session_id, *session, FenceKind::kCreated, name, timeline, lifetime,
+                                /*arm_timer=*/true);
+  // A word of the owner's fence page while it is pending, if one is free.
+  if (auto page = pages_.find(session_id); page != pages_.end() && !page->second->free.empty()) {
+    const uint32_t slot = page->second->free.back();
+    page->second->free.pop_back();
+    uint32_t& generation = page->second->generations[slot];
+    generation = fence_page::NextGeneration(generation);
+    fence.view.page_slot = slot;
+    fence.view.page_generation = generation;
+  }
+  return ViewLocked(fence);
+}
+
+absl::Status FenceTable::SetPage(uint64_t session_id, UniqueFd page) {
+  RETURN_IF_ERROR(
+      timeline::CheckPageFd(page.get(), /*read_only_for_others=*/true, "the fence page"));
+  constexpr absl::string_view kTwice =
+      "this session uploaded its fence page already: fence_page_upload_id goes with its first "
+      "CreateFence only";
+  uid_t uid;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
+    if (pages_.contains(session_id)) return absl::InvalidArgumentError(kTwice);
+    uid = session->uid;
+  }
+  // Leased without the table's lock (the budget may run reclaimers).
+  ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kFencePage, uid));
+  ASSIGN_OR_RETURN(UniqueFd read_only, ReopenReadOnly(page.get(), "a fence page"));
+  page.Reset();
+  ASSIGN_OR_RETURN(Mapping map, Mapping::Create(read_only.get(), fence_page::kPageSize,
+                                                Mapping::Protection::kReadOnly));
+  auto made = std::make_unique<Page>();
+  made->fd = LeasedFd{std::move(read_only), std::move(lease)};
+  made->map = std::move(map);
+  made->generations.assign(fence_page::kSlots, 0);
+  for (uint32_t slot = fence_page::kSlots - 1; slot >= 1; --slot) made->free.push_back(slot);
+  absl::MutexLock lock(&mu_);
+  RETURN_IF_ERROR(SessionLocked(session_id).status());
+  if (!pages_.emplace(session_id, std::move(made)).second) {
+    return absl::InvalidArgumentError(kTwice);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::pair<LeasedFd, uint64_t>> FenceTable::PageOf(uint64_t session_id, uint64_t id) {
+  uid_t uid;
+  {
+    absl::MutexLock lock(&mu_);
+    ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
+    uid = session->uid;
+  }
+  ASSIGN_OR_RETURN(FdBudget::Lease out, budget_->Acquire(FdUse::kDelivery, uid));
+  absl::MutexLock lock(&mu_);
+  auto it = fences_.find(id);
+  if (it == fences_.end() || it->second.view.signaled || it->second.view.page_slot == 0) {
+    return absl::NotFoundError(absl::StrCat(
+        "fence ", id, " has no word in a fence page (it signalled, or its owner has no page)"));
+  }
+  const uint64_t owner = it->second.view.owner_session;
+  auto page = pages_.find(owner);
+  if (page == pages_.end()) return NotFound(id);
+  ASSIGN_OR_RETURN(UniqueFd copy, DuplicateFd(page->second->fd.fd.get()));
+  return std::make_pair(LeasedFd{std::move(copy), std::move(out)}, owner);
+}
+
+std::optional<v1::FenceStatus> FenceTable::WrittenLocked(const Fence& fence) const {
+  if (fence.view.page_slot == 0) return std::nullopt;
+  auto page = pages_.find(fence.view.owner_session);
+  if (page == pages_.end()) return std::nullopt;
+  const uint32_t word = fence_page::Load(
+      reinterpret_cast<const uint32_t*>(page->second->map.data())[fence.view.page_slot]);
+  if (fence_page::Generation(word) != fence.view.page_generation) return std::nullopt;
+  switch (const uint32_t status = fence_page::Status(word)) {
+    case v1::FENCE_STATUS_OK:
+    case v1::FENCE_STATUS_ERROR:
+    case v1::FENCE_STATUS_CANCELLED:
+      return static_cast<v1::FenceStatus>(status);
+    default:
+      return std::nullopt;
+  }
 }
 
 absl::StatusOr<FenceView> FenceTable::CreatePoint(uint64_t session_id, absl::string_view timeline,
@@ -426,6 +518,14 @@ void FenceTable::SignalLocked(Fence& first, v1::FenceStatus status, std::string 
     signalled.push_back(step.id);
     auto owner = sessions_.find(fence.view.owner_session);
     if (owner != sessions_.end()) owner->second.sets.Use().pending_owned.erase(step.id);
+    if (fence.view.page_slot != 0) {
+      // Its word may serve another fence now (under a new generation).
+      if (auto page = pages_.find(fence.view.owner_session); page != pages_.end()) {
+        page->second->free.push_back(fence.view.page_slot);
+      }
+      fence.view.page_slot = 0;
+      fence.view.page_generation = 0;
+    }
     RemoveTimerLocked(fence.timer);
     if (fence.imported.fd.valid()) {
       loop_->Unwatch(fence.imported.fd.get());
@@ -941,6 +1041,11 @@ void FenceTable::OnTimer(uint64_t generation) {
           continue;
         }
         RemoveTimerLocked(it->second.timer);
+        // Signalled through its fence page, its record not read yet.
+        if (std::optional<v1::FenceStatus> written = WrittenLocked(it->second)) {
+          SignalLocked(it->second, *written, "signalled through its owner's fence page", done);
+          continue;
+        }
         SignalLocked(it->second, v1::FENCE_STATUS_DEADLINE_EXCEEDED,
                      absl::StrCat("its deadline passed ",
                                   absl::ToInt64Milliseconds(it->second.view.deadline -
@@ -1050,6 +1155,7 @@ void FenceTable::Stop() {
     }
     fences_.clear();
     sessions_.clear();
+    pages_.clear();
     timers_.clear();
     exported_pipes_.clear();
     gone_pipes_.clear();

@@ -65,6 +65,7 @@
 #include "base/event_loop.h"
 #include "base/fd_budget.h"
 #include "base/lazy.h"
+#include "base/mapping.h"
 #include "base/unique_fd.h"
 #include "bufferd/v1/fence.pb.h"
 
@@ -126,6 +127,10 @@ struct FenceView {
   uint32_t waiters = 0;
   // Copies of its pipe handed out (the table cannot see which are still open).
   uint32_t exports = 0;
+  // A pending created fence's word in its owner's fence page
+  // (fences/fence_page.h) and the word's generation; 0 without one.
+  uint32_t page_slot = 0;
+  uint32_t page_generation = 0;
 };
 
 struct FenceQuery {
@@ -212,6 +217,17 @@ class FenceTable {
   // waits end with ABORTED, and it holds nothing any more.
   void CloseSession(uint64_t session);
 
+  // The session's fence page (fences/fence_page.h): a 4096-byte memfd sealed
+  // against writable mappings (INVALID_ARGUMENT naming a missing seal), kept
+  // read-only; one per session (INVALID_ARGUMENT for a second). The fences it
+  // creates from now on get a word of it while pending (as long as one is
+  // free).
+  absl::Status SetPage(uint64_t session, UniqueFd page);
+  // A read-only copy of the fence page the pending fence `id` has a word of,
+  // for `session` (an fd in flight, charged to it), and the page's owner;
+  // NOT_FOUND if `id` is unknown, signalled or has no word. The caller checks
+  // that `session` may wait on `id` (it holds a buffer `id` is attached to).
+  absl::StatusOr<std::pair<LeasedFd, uint64_t>> PageOf(uint64_t session, uint64_t id);
   // A new pending fence owned by `session`. `deadline` zero is the default.
   absl::StatusOr<FenceView> Create(uint64_t session, absl::string_view name,
                                    absl::string_view timeline, absl::Duration deadline);
@@ -363,6 +379,15 @@ class FenceTable {
     // fence costs the table one slot of sessions_ and no allocation.
     Lazy<Sets> sets;
   };
+  // A session's fence page (fences/fence_page.h), read-only here.
+  struct Page {
+    LeasedFd fd;
+    Mapping map;
+    // Slots not given to a pending fence.
+    std::vector<uint32_t> free;
+    // Each slot's last generation.
+    std::vector<uint32_t> generations;
+  };
   // Work to do once the lock is dropped.
   struct Completions {
     std::vector<std::pair<WaitDone, absl::StatusOr<WaitResult>>> waits;
@@ -391,6 +416,10 @@ class FenceTable {
   void UnholdLocked(Session& session, uint64_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Remembers the status of an exported fence that is going away.
   void RememberPipeLocked(const Fence& fence) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // What the owner wrote into `fence`'s word of its page, if it signalled
+  // it there (OK, ERROR or CANCELLED of the fence's generation).
+  std::optional<v1::FenceStatus> WrittenLocked(const Fence& fence) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Signals `fence` and everything that follows from it (merged fences,
   // waits).
   void SignalLocked(Fence& fence, v1::FenceStatus status, std::string message, Completions& out)
@@ -426,6 +455,8 @@ class FenceTable {
   // Flat: a Session* lives only while the lock is held, and only
   // AddSession inserts.
   absl::flat_hash_map<uint64_t, Session> sessions_ ABSL_GUARDED_BY(mu_);
+  // Fence pages by session (few sessions upload one: not in Session).
+  absl::flat_hash_map<uint64_t, std::unique_ptr<Page>> pages_ ABSL_GUARDED_BY(mu_);
   absl::node_hash_map<WaitId, Waiter> waiters_ ABSL_GUARDED_BY(mu_);
   std::map<std::pair<dev_t, ino_t>, uint64_t> exported_pipes_ ABSL_GUARDED_BY(mu_);
   // The last kRecentPipes exported fences that went away: an import of their

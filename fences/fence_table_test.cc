@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -10,6 +11,8 @@
 
 #include "base/await.h"
 #include "base/fd_count.h"
+#include "base/mapping.h"
+#include "fences/fence_page.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -584,6 +587,102 @@ TEST_F(FenceTableTest, FdsReturnToBaseline) {
   table_->CloseSession(kOwner);
   EXPECT_EQ(budget_.usage().total, 0u);
   EXPECT_EQ(CountOpenFds(), baseline_fds_ + 2) << "only the loop's epoll and eventfd";
+}
+
+// An owner's fence page (fences/fence_page.h) as its client library makes
+// it: mapped writable, then sealed against any other writable mapping.
+struct OwnerPage {
+  UniqueFd fd;
+  Mapping map;
+  uint32_t& word(uint32_t slot) { return reinterpret_cast<uint32_t*>(map.data())[slot]; }
+};
+OwnerPage NewOwnerPage(int seals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE |
+                                   F_SEAL_SEAL) {
+  OwnerPage page;
+  page.fd = UniqueFd(::memfd_create("bufferd-fence-page", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  EXPECT_TRUE(page.fd.valid());
+  EXPECT_EQ(::ftruncate(page.fd.get(), fence_page::kPageSize), 0);
+  absl::StatusOr<Mapping> map =
+      Mapping::Create(page.fd.get(), fence_page::kPageSize, Mapping::Protection::kReadWrite);
+  EXPECT_TRUE(map.ok()) << map.status();
+  if (map.ok()) page.map = *std::move(map);
+  EXPECT_EQ(::fcntl(page.fd.get(), F_ADD_SEALS, seals), 0);
+  return page;
+}
+
+// Tests the fence page: created fences get a word and a generation while
+// pending (none without a page), a word is used again under a new
+// generation, a page without the seals or a second page is refused naming
+// why, and a reader gets a read-only copy of a pending fence's page only.
+TEST_F(FenceTableTest, CreatedFencesGetAWordOfTheirOwnersPage) {
+  EXPECT_EQ(table_->Info(kOwner, NewFence())->page_slot, 0u) << "no page yet";
+  OwnerPage unsealed = NewOwnerPage(F_SEAL_SHRINK | F_SEAL_GROW);
+  absl::Status refused = table_->SetPage(kOwner, DuplicateFd(unsealed.fd.get()).value());
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(refused.message(), HasSubstr("the fence page must be sealed with"));
+
+  OwnerPage page = NewOwnerPage();
+  ASSERT_TRUE(table_->SetPage(kOwner, DuplicateFd(page.fd.get()).value()).ok());
+  absl::Status twice = table_->SetPage(kOwner, DuplicateFd(page.fd.get()).value());
+  EXPECT_EQ(twice.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(twice.message(), HasSubstr("uploaded its fence page already"));
+
+  const uint64_t first = NewFence();
+  const FenceView view = *table_->Info(kOwner, first);
+  EXPECT_NE(view.page_slot, 0u);
+  EXPECT_EQ(view.page_generation, 1u);
+  // A reader's copy: read-only, and only of a pending fence with a word.
+  auto copy = table_->PageOf(kOther, first);
+  ASSERT_TRUE(copy.ok()) << copy.status();
+  EXPECT_EQ(copy->second, kOwner);
+  EXPECT_EQ(::fcntl(copy->first.fd.get(), F_GETFL) & O_ACCMODE, O_RDONLY);
+  EXPECT_EQ(::mmap(nullptr, fence_page::kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED,
+                   copy->first.fd.get(), 0),
+            MAP_FAILED);
+  copy = absl::InternalError("dropped");
+  ASSERT_TRUE(table_->Signal(kOwner, first, v1::FENCE_STATUS_OK, "").ok());
+  EXPECT_EQ(table_->Info(kOwner, first)->page_slot, 0u) << "its word goes back at the signal";
+  EXPECT_EQ(table_->PageOf(kOther, first).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(table_->PageOf(kOther, 999999).status().code(), absl::StatusCode::kNotFound);
+  const FenceView again = *table_->Info(kOwner, NewFence());
+  EXPECT_EQ(again.page_slot, view.page_slot) << "the freed word serves the next fence";
+  EXPECT_EQ(again.page_generation, 2u) << "under a new generation";
+}
+
+// Tests that what the owner wrote in its page is what the fence signals when
+// the daemon would otherwise fail it without the owner: at the session's end
+// (OK, not OWNER_DIED) and at the deadline (ERROR, not DEADLINE_EXCEEDED); a
+// word of another generation, or a status a client cannot signal, counts for
+// nothing.
+TEST_F(FenceTableTest, WhatTheOwnerWroteInItsPageStandsAtItsEnd) {
+  OwnerPage page = NewOwnerPage();
+  ASSERT_TRUE(table_->SetPage(kOwner, DuplicateFd(page.fd.get()).value()).ok());
+  const uint64_t written = NewFence();
+  const uint64_t stale = NewFence();
+  const uint64_t bogus = NewFence();
+  const uint64_t untouched = NewFence();
+  const uint64_t timed = NewFence(absl::Seconds(1));
+  auto word_of = [&](uint64_t id) -> uint32_t& {
+    return page.word(table_->Info(kOwner, id)->page_slot);
+  };
+  const auto generation = [&](uint64_t id) { return table_->Info(kOwner, id)->page_generation; };
+  word_of(written) = fence_page::Word(generation(written), v1::FENCE_STATUS_OK);
+  word_of(stale) = fence_page::Word(generation(stale) + 1, v1::FENCE_STATUS_OK);
+  word_of(bogus) = fence_page::Word(generation(bogus), v1::FENCE_STATUS_OWNER_DIED + 40);
+  word_of(timed) = fence_page::Word(generation(timed), v1::FENCE_STATUS_ERROR);
+  std::vector<uint64_t> ids = {written, stale, bogus, untouched, timed};
+  for (uint64_t id : ids) ASSERT_TRUE(table_->HoldFor(kOther, id).ok());
+  for (int i = 0; i < 1000 && !table_->Info(kOther, timed)->signaled; ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  ASSERT_TRUE(table_->Info(kOther, timed)->signaled);
+  EXPECT_EQ(table_->Info(kOther, timed)->status, v1::FENCE_STATUS_ERROR);
+  EXPECT_THAT(table_->Info(kOther, timed)->message, HasSubstr("through its owner's fence page"));
+  table_->CloseSession(kOwner);
+  EXPECT_EQ(table_->Info(kOther, written)->status, v1::FENCE_STATUS_OK);
+  for (uint64_t id : {stale, bogus, untouched}) {
+    EXPECT_EQ(table_->Info(kOther, id)->status, v1::FENCE_STATUS_OWNER_DIED) << id;
+  }
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <fstream>
 #include <future>
@@ -21,6 +22,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "base/protocol.h"
+#include "base/unix_socket.h"
 #include "bufferd/v1/fd_channel.pb.h"
 #include "bufferd/v1/fence.grpc.pb.h"
 #include "client/client.h"
@@ -704,6 +706,163 @@ TEST_F(ReservationTest, OnlyAHolderOfTheBufferOpensATimelineAttachedToIt) {
       EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << "attach its points";
     }
     ASSERT_TRUE(frames->Signal(2).ok());
+  }
+  ExpectBaseline();
+}
+
+// Tests one-wake implicit sync for one-shot fences: the writer's library
+// uploads its fence page with its first fence, a reader of the buffer sleeps
+// on the fence's word there (beside its status slot), and the writer's
+// one-way Signal wakes it with the daemon stopped (SIGSTOP): no daemon in
+// between. Each frame's data is what the reader sees.
+TEST_F(ReservationTest, AOneShotFenceWakesItsReaderWithoutTheDaemon) {
+  if (!have_syscall_file_)
+    GTEST_SKIP() << "no /proc/<pid>/task/<tid>/syscall to see a waiter sleep";
+  {
+    absl::StatusOr<Client> reader = Client::Connect(daemon_->socket_dir());
+    absl::StatusOr<Client> writer = Client::Connect(daemon_->socket_dir());
+    ASSERT_TRUE(reader.ok() && writer.ok());
+    absl::StatusOr<Buffer> written = writer->Allocate({.heap = "system", .size = 65536});
+    ASSERT_TRUE(written.ok());
+    absl::StatusOr<Buffer> read = reader->Import(*written->Export(Access::kReadOnly));
+    ASSERT_TRUE(read.ok());
+    absl::StatusOr<Mapping> map = written->Map();
+    ASSERT_TRUE(map.ok());
+    for (int frame = 1; frame <= 3; ++frame) {
+      absl::StatusOr<Fence> done = writer->CreateFence({.name = "frame done"});
+      ASSERT_TRUE(done.ok()) << done.status();
+      EXPECT_NE(done->info().page_slot(), 0u) << "the writer's fence has a word of its page";
+      ASSERT_TRUE(written->AttachFence(*done, v1::FENCE_USAGE_WRITE).ok());
+      auto tid = std::make_shared<std::atomic<pid_t>>(0);
+      auto reading = std::async(std::launch::async, [tid, &read] {
+        *tid = ::gettid();
+        return read->BeginCpuAccess(Cpu::kRead, absl::Seconds(30));
+      });
+      ASSERT_TRUE(::bufferd::testing::Eventually([&] {
+        return *tid != 0 && SleepsInFutexOn(::getpid(), *tid, "bufferd-fence-page");
+      })) << "the reader never slept on the writer's fence page";
+      std::memset(map->data(), frame, map->size());
+      ASSERT_EQ(::kill(daemon_->pid(), SIGSTOP), 0);
+      const absl::Status signalled = done->Signal();
+      const std::future_status woke = reading.wait_for(std::chrono::seconds(20));
+      ASSERT_EQ(::kill(daemon_->pid(), SIGCONT), 0);
+      ASSERT_TRUE(signalled.ok()) << signalled;
+      ASSERT_EQ(woke, std::future_status::ready) << "the reader waited for the stopped daemon";
+      absl::StatusOr<std::vector<v1::FenceInfo>> waited = reading.get();
+      ASSERT_TRUE(waited.ok()) << waited.status();
+      ASSERT_EQ(waited->size(), 1u);
+      EXPECT_EQ((*waited)[0].fence_id(), done->id());
+      EXPECT_EQ((*waited)[0].state(), v1::FENCE_STATE_SIGNALED);
+      EXPECT_EQ((*waited)[0].status(), v1::FENCE_STATUS_OK);
+      absl::StatusOr<Mapping> seen = read->MapReadOnly();
+      ASSERT_TRUE(seen.ok());
+      const auto* bytes = static_cast<const uint8_t*>(seen->data());
+      EXPECT_TRUE(std::all_of(bytes, bytes + seen->size(), [&](uint8_t b) { return b == frame; }))
+          << "frame " << frame;
+      ASSERT_TRUE(read->EndCpuAccess().ok());
+    }
+  }
+  ExpectBaseline();
+}
+
+// Tests what a fence page gives a reader, as a hostile one would try it: only
+// a session holding a buffer the fence is pending on opens it (NOT_FOUND
+// otherwise, PERMISSION_DENIED for another session's handle), and its copy
+// is read-only for good: no writable mapping, not even reopened read-write
+// through /proc, and no write(2). An error the owner signals reaches the
+// reader with its message (through the daemon).
+TEST_F(ReservationTest, AFencePageIsOpenedThroughTheBufferAndReadOnly) {
+  {
+    absl::StatusOr<Client> writer = Client::Connect(daemon_->socket_dir());
+    ASSERT_TRUE(writer.ok());
+    absl::StatusOr<Buffer> buffer = writer->Allocate({.heap = "system", .size = 65536});
+    absl::StatusOr<Buffer> other = writer->Allocate({.heap = "system", .size = 65536});
+    absl::StatusOr<Fence> done = writer->CreateFence({.name = "frame done"});
+    ASSERT_TRUE(buffer.ok() && other.ok() && done.ok());
+    ASSERT_NE(done->info().page_slot(), 0u);
+    ASSERT_TRUE(buffer->AttachFence(*done, v1::FENCE_USAGE_WRITE).ok());
+
+    absl::StatusOr<RawSession> raw = OpenRawSession(daemon_->socket_dir());
+    ASSERT_TRUE(raw.ok());
+    auto stub = FenceStub(daemon_->socket_dir());
+    auto open_page = [&](uint64_t handle, uint64_t fence, v1::OpenFencePageResponse* response) {
+      v1::OpenFencePageRequest request;
+      request.set_buffer_handle(handle);
+      request.set_fence_id(fence);
+      return stub->OpenFencePage(raw->Context().get(), request, response);
+    };
+    auto import_buffer = [&](const Buffer& of) {
+      v1::ImportRequest import;
+      import.set_token(*of.Export(Access::kReadOnly));
+      v1::ImportResponse imported;
+      EXPECT_TRUE(NewAllocatorStub(daemon_->socket_dir())
+                      ->Import(raw->Context().get(), import, &imported)
+                      .ok());
+      return imported.handle();
+    };
+    v1::OpenFencePageResponse response;
+    grpc::Status status = open_page(buffer->handle(), done->id(), &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << status.error_message();
+    const uint64_t unrelated = import_buffer(*other);
+    status = open_page(unrelated, done->id(), &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
+    EXPECT_EQ(status.error_message(),
+              absl::StrCat("fence ", done->id(), " is not pending on buffer handle ", unrelated));
+    const uint64_t held = import_buffer(*buffer);
+    status = open_page(held, done->id() + 1000, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND) << "another fence";
+    status = open_page(held, done->id(), &response);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_EQ(response.owner_session(), writer->session_id());
+    // The page comes on fd.sock, after the two buffers' fds.
+    UniqueFd page;
+    for (int i = 0; i < 3 && !page.valid(); ++i) {
+      absl::StatusOr<UnixSocket::Received> got = raw->socket.RecvWithFds();
+      ASSERT_TRUE(got.ok() && !got->eof);
+      v1::FdChannelMessage message;
+      ASSERT_TRUE(message.ParseFromString(got->bytes));
+      if (message.delivery().transfer_id() == response.transfer_id()) {
+        ASSERT_EQ(got->fds.size(), 1u);
+        EXPECT_EQ(message.delivery().kind(), v1::FD_KIND_FENCE_PAGE);
+        page = std::move(got->fds[0]);
+      }
+    }
+    ASSERT_TRUE(page.valid());
+    EXPECT_EQ(::fcntl(page.get(), F_GETFL) & O_ACCMODE, O_RDONLY);
+    EXPECT_EQ(::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, page.get(), 0), MAP_FAILED);
+    UniqueFd reopened(::open(absl::StrCat("/proc/self/fd/", page.get()).c_str(), O_RDWR));
+    if (reopened.valid()) {
+      EXPECT_EQ(::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, reopened.get(), 0),
+                MAP_FAILED)
+          << "sealed against writable mappings";
+      const uint32_t word = 0xffffffff;
+      EXPECT_EQ(::pwrite(reopened.get(), &word, sizeof(word), 4 * done->info().page_slot()), -1);
+    }
+    const auto* words =
+        static_cast<const uint32_t*>(::mmap(nullptr, 4096, PROT_READ, MAP_SHARED, page.get(), 0));
+    ASSERT_NE(words, MAP_FAILED);
+    EXPECT_EQ(words[done->info().page_slot()], done->info().page_generation() << 8) << "pending";
+    ASSERT_TRUE(done->Signal(v1::FENCE_STATUS_ERROR, "the GPU hung").ok());
+    EXPECT_EQ(words[done->info().page_slot()],
+              (done->info().page_generation() << 8) | v1::FENCE_STATUS_ERROR);
+    ::munmap(const_cast<uint32_t*>(words), 4096);
+
+    // A reader of the error learns it, message and all, from the daemon.
+    absl::StatusOr<Client> reader = Client::Connect(daemon_->socket_dir());
+    ASSERT_TRUE(reader.ok());
+    absl::StatusOr<Buffer> read = reader->Import(*buffer->Export(Access::kReadOnly));
+    ASSERT_TRUE(read.ok());
+    absl::StatusOr<Fence> next = writer->CreateFence({.name = "next"});
+    ASSERT_TRUE(next.ok() && buffer->AttachFence(*next, v1::FENCE_USAGE_WRITE).ok());
+    auto reading = std::async(std::launch::async,
+                              [&] { return read->BeginCpuAccess(Cpu::kRead, absl::Seconds(30)); });
+    absl::SleepFor(absl::Milliseconds(50));
+    ASSERT_TRUE(next->Signal(v1::FENCE_STATUS_ERROR, "dropped frame").ok());
+    absl::StatusOr<std::vector<v1::FenceInfo>> waited = reading.get();
+    ASSERT_TRUE(waited.ok()) << waited.status();
+    ASSERT_EQ(waited->size(), 1u);
+    EXPECT_EQ((*waited)[0].status(), v1::FENCE_STATUS_ERROR) << "the failure is reported";
+    EXPECT_EQ((*waited)[0].message(), "dropped frame");
   }
   ExpectBaseline();
 }

@@ -192,11 +192,11 @@ void PrintHeaps(const bufferd::v1::ListHeapsResponse* heaps) {
   const bufferd::v1::FdUsage& fds = heaps->fds();
   std::cout << absl::StrFormat(
       "\n%d buffers, %d handles, %d pending tokens\n"
-      "fds %d/%d (exports %d, sessions %d, control connections %d, in flight %d, fences %d); "
-      "%d per uid, %d of RLIMIT_NOFILE %d kept for the daemon\n",
+      "fds %d/%d (exports %d, sessions %d, control connections %d, in flight %d, fences %d, "
+      "fence pages %d); %d per uid, %d of RLIMIT_NOFILE %d kept for the daemon\n",
       heaps->live_buffers(), heaps->live_handles(), heaps->pending_tokens(), fds.in_use(),
       fds.budget(), fds.exports(), fds.sessions(), fds.control_connections(), fds.deliveries(),
-      fds.fences(), fds.per_uid(), fds.reserve(), fds.rlimit_nofile());
+      fds.fences(), fds.fence_pages(), fds.per_uid(), fds.reserve(), fds.rlimit_nofile());
 }
 
 std::string HeapBytesText(const google::protobuf::RepeatedPtrField<bufferd::v1::HeapBytes>& bytes) {
