@@ -391,19 +391,30 @@ absl::StatusOr<std::pair<UniqueFd, Mapping>> NewSealedPage(const char* name, siz
 
 std::shared_ptr<const Mapping> Connection::PeerFencePage(uint64_t owner) {
   std::lock_guard lock(peer_pages_mu_);
-  for (const auto& [session, page] : peer_pages_) {
-    if (session == owner) return page;
+  for (auto it = peer_pages_.begin(); it != peer_pages_.end(); ++it) {
+    if (it->owner != owner) continue;
+    PeerPage used = std::move(*it);
+    peer_pages_.erase(it);
+    used.used = absl::Now();
+    peer_pages_.push_back(std::move(used));
+    return peer_pages_.back().page;
   }
   return nullptr;
 }
 
+bool Connection::RoomForPeerFencePage() {
+  std::lock_guard lock(peer_pages_mu_);
+  return peer_pages_.size() < kPeerFencePages ||
+         absl::Now() - peer_pages_.front().used >= kPeerPageIdle;
+}
+
 void Connection::KeepPeerFencePage(uint64_t owner, std::shared_ptr<const Mapping> page) {
   std::lock_guard lock(peer_pages_mu_);
-  for (const auto& [session, kept] : peer_pages_) {
-    if (session == owner) return;
+  for (const PeerPage& kept : peer_pages_) {
+    if (kept.owner == owner) return;
   }
   if (peer_pages_.size() >= kPeerFencePages) peer_pages_.pop_front();
-  peer_pages_.emplace_back(owner, std::move(page));
+  peer_pages_.push_back(PeerPage{owner, std::move(page), absl::Now()});
 }
 
 absl::Status Connection::SetReservationPage(UniqueFd fd) {

@@ -9,8 +9,10 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -184,18 +186,27 @@ class Connection {
   // fence_words() is null before, and for good if the page could not be made
   // or was refused (its fences then reach readers through the daemon only).
   struct FencePage {
+    static constexpr int kMaxOffers = 3;
     std::mutex mu;
-    bool tried = false;
+    // Calls that offered it (a call that failed offered it in vain).
+    int offers = 0;
+    // Made and offered, not adopted yet: the same page goes again.
+    std::optional<std::pair<UniqueFd, Mapping>> offered;
     Mapping map;
   };
   FencePage& fence_page() { return fence_page_; }
   uint32_t* fence_words() const { return fence_words_.load(std::memory_order_acquire); }
   void SetFenceWords(uint32_t* words) { fence_words_.store(words, std::memory_order_release); }
   // Other sessions' fence pages (read-only), mapped to wait on their fences
-  // (Buffer::BeginCpuAccess), by owner session: the kPeerFencePages latest;
-  // a waiter holds the one it sleeps on.
-  static constexpr size_t kPeerFencePages = 16;
+  // (Buffer::BeginCpuAccess), by owner session: at most kPeerFencePages; a
+  // waiter holds the one it sleeps on. A full cache makes room only by
+  // dropping a page unused for kPeerPageIdle: with more owners than that in
+  // use, the others wait through the daemon rather than open a page at
+  // every access.
+  static constexpr size_t kPeerFencePages = 64;
+  static constexpr absl::Duration kPeerPageIdle = absl::Seconds(5);
   std::shared_ptr<const Mapping> PeerFencePage(uint64_t owner);
+  bool RoomForPeerFencePage();
   void KeepPeerFencePage(uint64_t owner, std::shared_ptr<const Mapping> page);
 
   std::mutex& wakers_mu() { return wakers_mu_; }
@@ -238,8 +249,13 @@ class Connection {
   FencePage fence_page_;
   std::atomic<uint32_t*> fence_words_{nullptr};
   std::mutex peer_pages_mu_;
-  // Oldest first.
-  std::deque<std::pair<uint64_t, std::shared_ptr<const Mapping>>> peer_pages_;
+  struct PeerPage {
+    uint64_t owner = 0;
+    std::shared_ptr<const Mapping> page;
+    absl::Time used;
+  };
+  // The least recently used first.
+  std::deque<PeerPage> peer_pages_;
 };
 
 // A fence's deadline as the protocol takes it (fence.cc).

@@ -252,39 +252,53 @@ absl::StatusOr<Fence> Client::CreateFence(const FenceOptions& options) const {
   request.set_deadline_ms(deadline_ms);
   v1::CreateFenceResponse response;
   // The first fence brings the session's fence page (fences/fence_page.h),
-  // under its lock: only one call carries it. Once tried, never again: a
-  // session without one still works, through the daemon.
+  // under its lock: only one call carries it. A call that fails offers it
+  // again with the next (the same page: the daemon may have kept it), a few
+  // times at most; a session without one (not kept by the daemon, or
+  // offered in vain) still works, through the daemon.
   internal::Connection::FencePage& page = connection_->fence_page();
   std::unique_lock<std::mutex> page_lock;
-  std::optional<std::pair<UniqueFd, Mapping>> made;
   std::optional<internal::Connection::UploadPlaces> place;
+  bool offering = false;
   if (connection_->fence_words() == nullptr) {
     place.emplace(connection_->ReserveUploads(1));
     page_lock = std::unique_lock(page.mu);
-    if (!page.tried) {
-      page.tried = true;
+    if (!page.offered.has_value() && page.offers < internal::Connection::FencePage::kMaxOffers) {
       absl::StatusOr<std::pair<UniqueFd, Mapping>> fresh =
           internal::NewSealedPage("bufferd-fence-page", fence_page::kPageSize,
                                   F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL);
-      absl::StatusOr<uint64_t> upload =
-          fresh.ok() ? connection_->Upload(fresh->first.get()) : fresh.status();
-      if (upload.ok()) {
+      // Readable by all (the daemon reopens it read-only, whatever its
+      // uid); the one writable mapping is the one made before the seal.
+      if (fresh.ok() && ::fchmod(fresh->first.get(), 0444) == 0) page.offered = *std::move(fresh);
+    }
+    if (page.offered.has_value() && page.offers < internal::Connection::FencePage::kMaxOffers) {
+      if (absl::StatusOr<uint64_t> upload = connection_->Upload(page.offered->first.get());
+          upload.ok()) {
+        ++page.offers;
         request.set_fence_page_upload_id(*upload);
-        made = *std::move(fresh);
+        offering = true;
       }
     }
-    if (!made.has_value()) {
+    if (!offering) {
       page_lock.unlock();
       place.reset();
     }
   }
   internal::Call call = connection_->NewCall();
-  RETURN_IF_ERROR(connection_->Finish(
-      call, connection_->fence().CreateFence(call.context.get(), request, &response)));
-  if (made.has_value()) {
-    page.map = std::move(made->second);
-    connection_->SetFenceWords(reinterpret_cast<uint32_t*>(page.map.data()));
+  const absl::Status created = connection_->Finish(
+      call, connection_->fence().CreateFence(call.context.get(), request, &response));
+  if (offering) {
+    if (created.ok() && response.fence().page_slot() != 0) {
+      page.map = std::move(page.offered->second);
+      connection_->SetFenceWords(reinterpret_cast<uint32_t*>(page.map.data()));
+      page.offered.reset();
+    } else if (created.ok() || page.offers >= internal::Connection::FencePage::kMaxOffers) {
+      // Not kept (the daemon's fd budget), or offered in vain: no more.
+      page.offered.reset();
+      page.offers = internal::Connection::FencePage::kMaxOffers;
+    }
   }
+  RETURN_IF_ERROR(created);
   // Pending in its word before anyone can be given the fence.
   if (uint32_t* words = connection_->fence_words();
       words != nullptr && response.fence().page_slot() != 0 &&

@@ -51,6 +51,7 @@ std::optional<PageWords> WatchFencePages(internal::Connection& connection, uint6
       return std::nullopt;
     }
     std::shared_ptr<const Mapping> page = connection.PeerFencePage(info.owner_session());
+    if (page == nullptr && !connection.RoomForPeerFencePage()) return std::nullopt;
     if (page == nullptr) {
       v1::OpenFencePageRequest request;
       request.set_buffer_handle(handle);
@@ -194,10 +195,14 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
   // their owners' fence pages, where an owner's signal wakes this thread
   // itself (one wake, no daemon in between) when each one signalled OK.
   const reservation::Slot& watched = slots[slot];
-  const std::optional<PageWords> pages = WatchFencePages(*connection_, handle_, waited);
+  // (A poll opens no page: that would be a round trip.)
+  const std::optional<PageWords> pages =
+      timeout_ns > 0 ? WatchFencePages(*connection_, handle_, waited) : std::nullopt;
   absl::InlinedVector<const uint32_t*, 8> words = {&watched.seq};
   if (pages.has_value()) words.insert(words.end(), pages->words.begin(), pages->words.end());
   absl::InlinedVector<uint32_t, 8> expecting(words.size());
+  // The words slept on: all of them, or the slot alone without futex_waitv.
+  size_t sleep_on = words.size();
   for (;;) {
     reservation::SlotState state;
     uint32_t expected = 0;
@@ -245,8 +250,14 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
       }
     }
     if (timeline::MonotonicNs() >= until_ns) break;
-    absl::Status slept = timeline::WaitAny(words.data(), expecting.data(), words.size(), until_ns);
+    absl::Status slept = timeline::WaitAny(words.data(), expecting.data(), sleep_on, until_ns);
     if (absl::IsDeadlineExceeded(slept)) break;
+    if (!slept.ok() && sleep_on > 1) {
+      // No futex_waitv here (before Linux 5.16, or a sandbox): sleep on the
+      // status slot alone; the words are still looked at at each wake.
+      sleep_on = 1;
+      continue;
+    }
     RETURN_IF_ERROR(slept);
     // A wake that changed nothing (WaitAny looks again every 20 ms): the
     // session may have ended under it, with nobody left to write the slot.

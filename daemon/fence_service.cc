@@ -74,9 +74,16 @@ grpc::ServerUnaryReactor* FenceService::CreateFence(grpc::CallbackServerContext*
                                                     const v1::CreateFenceRequest* request,
                                                     v1::CreateFenceResponse* response) {
   return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
+    // The session's fence page: a page that is not one is refused; one the
+    // daemon cannot keep now (the fd budget) only leaves the session
+    // without (its fences get no word: the library then stops offering it).
+    // Kept whatever comes of the fence (its client offers it again).
     if (request->fence_page_upload_id() != 0) {
       ASSIGN_OR_RETURN(UniqueFd page, d_.hub->TakeUpload(session, request->fence_page_upload_id()));
-      RETURN_IF_ERROR(d_.fences->SetPage(session, std::move(page)));
+      if (absl::Status set = d_.fences->SetPage(session, std::move(page));
+          absl::IsInvalidArgument(set)) {
+        return set;
+      }
     }
     ASSIGN_OR_RETURN(FenceView fence,
                      d_.fences->Create(session, request->name(), request->timeline(),

@@ -313,8 +313,8 @@ absl::StatusOr<FenceView> FenceTable::Create(uint64_t session_id, absl::string_v
                                 /*arm_timer=*/true);
   // A word of the owner's fence page while it is pending, if one is free.
   if (auto page = pages_.find(session_id); page != pages_.end() && !page->second->free.empty()) {
-    const uint32_t slot = page->second->free.back();
-    page->second->free.pop_back();
+    const uint32_t slot = page->second->free.front();
+    page->second->free.pop_front();
     uint32_t& generation = page->second->generations[slot];
     generation = fence_page::NextGeneration(generation);
     fence.view.page_slot = slot;
@@ -326,15 +326,38 @@ absl::StatusOr<FenceView> FenceTable::Create(uint64_t session_id, absl::string_v
 absl::Status FenceTable::SetPage(uint64_t session_id, UniqueFd page) {
   RETURN_IF_ERROR(
       timeline::CheckPageFd(page.get(), /*read_only_for_others=*/true, "the fence page"));
-  constexpr absl::string_view kTwice =
-      "this session uploaded its fence page already: fence_page_upload_id goes with its first "
-      "CreateFence only";
+  struct stat st {};
+  if (::fstat(page.get(), &st) != 0) return ErrnoError("fstat of the fence page", errno);
+  const std::pair<dev_t, ino_t> inode{st.st_dev, st.st_ino};
+  // Its own, fresh page: not another session's (a reader's copy of it would
+  // put that owner's words behind this session's fences), not one made by
+  // another uid (the daemon's own pages among them).
+  auto check = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) -> absl::StatusOr<bool> {
+    ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
+    if (st.st_uid != session->uid) {
+      return absl::InvalidArgumentError(absl::StrCat("the fence page belongs to uid ", st.st_uid,
+                                                     ", not the session's uid ", session->uid,
+                                                     ": a session uploads a page it made"));
+    }
+    if (auto own = pages_.find(session_id); own != pages_.end()) {
+      if (own->second->inode == inode) return true;  // offered again
+      return absl::InvalidArgumentError(
+          "this session has a fence page already: fence_page_upload_id offers that one only");
+    }
+    for (const auto& [other, kept] : pages_) {
+      if (kept->inode == inode) {
+        return absl::InvalidArgumentError(absl::StrCat("the fence page is session ", other,
+                                                       "'s: a session uploads a page it made"));
+      }
+    }
+    return false;
+  };
   uid_t uid;
   {
     absl::MutexLock lock(&mu_);
-    ASSIGN_OR_RETURN(Session * session, SessionLocked(session_id));
-    if (pages_.contains(session_id)) return absl::InvalidArgumentError(kTwice);
-    uid = session->uid;
+    ASSIGN_OR_RETURN(const bool known, check());
+    if (known) return absl::OkStatus();
+    uid = sessions_.at(session_id).uid;
   }
   // Leased without the table's lock (the budget may run reclaimers).
   ASSIGN_OR_RETURN(FdBudget::Lease lease, budget_->Acquire(FdUse::kFencePage, uid));
@@ -346,12 +369,11 @@ absl::Status FenceTable::SetPage(uint64_t session_id, UniqueFd page) {
   made->fd = LeasedFd{std::move(read_only), std::move(lease)};
   made->map = std::move(map);
   made->generations.assign(fence_page::kSlots, 0);
-  for (uint32_t slot = fence_page::kSlots - 1; slot >= 1; --slot) made->free.push_back(slot);
+  made->inode = inode;
+  for (uint32_t slot = 1; slot < fence_page::kSlots; ++slot) made->free.push_back(slot);
   absl::MutexLock lock(&mu_);
-  RETURN_IF_ERROR(SessionLocked(session_id).status());
-  if (!pages_.emplace(session_id, std::move(made)).second) {
-    return absl::InvalidArgumentError(kTwice);
-  }
+  ASSIGN_OR_RETURN(const bool known, check());
+  if (!known) pages_.emplace(session_id, std::move(made));
   return absl::OkStatus();
 }
 
@@ -791,8 +813,13 @@ void FenceTable::Forget(uint64_t session_id, uint64_t id) {
     if (it != fences_.end() && !it->second.view.signaled &&
         it->second.view.kind == FenceKind::kCreated &&
         it->second.view.owner_session == session_id) {
-      SignalLocked(it->second, v1::FENCE_STATUS_CANCELLED, "its owner let go of it unsignalled",
-                   done);
+      // Signalled through its fence page, its record lost: that stands.
+      if (std::optional<v1::FenceStatus> written = WrittenLocked(it->second)) {
+        SignalLocked(it->second, *written, "signalled through its owner's fence page", done);
+      } else {
+        SignalLocked(it->second, v1::FENCE_STATUS_CANCELLED, "its owner let go of it unsignalled",
+                     done);
+      }
     }
     UnholdLocked(s->second, id);
   }

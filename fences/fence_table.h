@@ -218,10 +218,12 @@ class FenceTable {
   void CloseSession(uint64_t session);
 
   // The session's fence page (fences/fence_page.h): a 4096-byte memfd sealed
-  // against writable mappings (INVALID_ARGUMENT naming a missing seal), kept
-  // read-only; one per session (INVALID_ARGUMENT for a second). The fences it
-  // creates from now on get a word of it while pending (as long as one is
-  // free).
+  // against writable mappings (INVALID_ARGUMENT naming a missing seal), made
+  // by a process of the session's uid and no other session's page, kept
+  // read-only; one per session (the same page again is fine: a client whose
+  // call failed offers it again; INVALID_ARGUMENT for another). The fences
+  // it creates from now on get a word of it while pending (as long as one
+  // is free).
   absl::Status SetPage(uint64_t session, UniqueFd page);
   // A read-only copy of the fence page the pending fence `id` has a word of,
   // for `session` (an fd in flight, charged to it), and the page's owner;
@@ -383,10 +385,12 @@ class FenceTable {
   struct Page {
     LeasedFd fd;
     Mapping map;
-    // Slots not given to a pending fence.
-    std::vector<uint32_t> free;
+    // Slots not given to a pending fence, the longest free first (a slot's
+    // generation wraps only after 2^24 uses of it).
+    std::deque<uint32_t> free;
     // Each slot's last generation.
     std::vector<uint32_t> generations;
+    std::pair<dev_t, ino_t> inode;
   };
   // Work to do once the lock is dropped.
   struct Completions {

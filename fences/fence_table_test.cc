@@ -8,7 +8,10 @@
 #include <unistd.h>
 
 #include <memory>
+#include <optional>
+#include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "base/await.h"
 #include "base/fd_count.h"
 #include "base/mapping.h"
@@ -610,75 +613,124 @@ OwnerPage NewOwnerPage(int seals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_W
   return page;
 }
 
+// Sessions of this process's uid: a fence page must be made by a process of
+// the session's uid (the pages below are made here).
+constexpr uint64_t kMine = 3;
+constexpr uint64_t kMineToo = 4;
+
 // Tests the fence page: created fences get a word and a generation while
-// pending (none without a page), a word is used again under a new
-// generation, a page without the seals or a second page is refused naming
-// why, and a reader gets a read-only copy of a pending fence's page only.
+// pending (none without a page), words go round the longest free first and
+// come back under a new generation, the same page offered again is fine,
+// and a page without the seals, of another uid, another session's, or a
+// second one is refused naming why; a reader gets a read-only copy of a
+// pending fence's page only.
 TEST_F(FenceTableTest, CreatedFencesGetAWordOfTheirOwnersPage) {
-  EXPECT_EQ(table_->Info(kOwner, NewFence())->page_slot, 0u) << "no page yet";
+  table_->AddSession(kMine, ::geteuid());
+  table_->AddSession(kMineToo, ::geteuid());
+  auto create = [&](uint64_t session) {
+    absl::StatusOr<FenceView> fence =
+        table_->Create(session, "frame", "render", absl::ZeroDuration());
+    EXPECT_TRUE(fence.ok()) << fence.status();
+    return fence.ok() ? fence->id : 0;
+  };
+  EXPECT_EQ(table_->Info(kMine, create(kMine))->page_slot, 0u) << "no page yet";
   OwnerPage unsealed = NewOwnerPage(F_SEAL_SHRINK | F_SEAL_GROW);
-  absl::Status refused = table_->SetPage(kOwner, DuplicateFd(unsealed.fd.get()).value());
+  absl::Status refused = table_->SetPage(kMine, DuplicateFd(unsealed.fd.get()).value());
   EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(refused.message(), HasSubstr("the fence page must be sealed with"));
-
   OwnerPage page = NewOwnerPage();
-  ASSERT_TRUE(table_->SetPage(kOwner, DuplicateFd(page.fd.get()).value()).ok());
-  absl::Status twice = table_->SetPage(kOwner, DuplicateFd(page.fd.get()).value());
-  EXPECT_EQ(twice.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(twice.message(), HasSubstr("uploaded its fence page already"));
+  if (::geteuid() != 1000) {
+    refused = table_->SetPage(kOwner, DuplicateFd(page.fd.get()).value());
+    EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument) << "another uid's page";
+    EXPECT_THAT(refused.message(), HasSubstr("not the session's uid 1000"));
+  }
+  ASSERT_TRUE(table_->SetPage(kMine, DuplicateFd(page.fd.get()).value()).ok());
+  EXPECT_TRUE(table_->SetPage(kMine, DuplicateFd(page.fd.get()).value()).ok())
+      << "the same page offered again";
+  OwnerPage second = NewOwnerPage();
+  refused = table_->SetPage(kMine, DuplicateFd(second.fd.get()).value());
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(refused.message(), HasSubstr("has a fence page already"));
+  refused = table_->SetPage(kMineToo, DuplicateFd(page.fd.get()).value());
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument) << "another session's page";
+  EXPECT_THAT(refused.message(), HasSubstr(absl::StrCat("is session ", kMine, "'s")));
 
-  const uint64_t first = NewFence();
-  const FenceView view = *table_->Info(kOwner, first);
+  const uint64_t first = create(kMine);
+  const FenceView view = *table_->Info(kMine, first);
   EXPECT_NE(view.page_slot, 0u);
   EXPECT_EQ(view.page_generation, 1u);
   // A reader's copy: read-only, and only of a pending fence with a word.
   auto copy = table_->PageOf(kOther, first);
   ASSERT_TRUE(copy.ok()) << copy.status();
-  EXPECT_EQ(copy->second, kOwner);
+  EXPECT_EQ(copy->second, kMine);
   EXPECT_EQ(::fcntl(copy->first.fd.get(), F_GETFL) & O_ACCMODE, O_RDONLY);
   EXPECT_EQ(::mmap(nullptr, fence_page::kPageSize, PROT_READ | PROT_WRITE, MAP_SHARED,
                    copy->first.fd.get(), 0),
             MAP_FAILED);
   copy = absl::InternalError("dropped");
-  ASSERT_TRUE(table_->Signal(kOwner, first, v1::FENCE_STATUS_OK, "").ok());
-  EXPECT_EQ(table_->Info(kOwner, first)->page_slot, 0u) << "its word goes back at the signal";
+  ASSERT_TRUE(table_->Signal(kMine, first, v1::FENCE_STATUS_OK, "").ok());
+  EXPECT_EQ(table_->Info(kMine, first)->page_slot, 0u) << "its word goes back at the signal";
   EXPECT_EQ(table_->PageOf(kOther, first).status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(table_->PageOf(kOther, 999999).status().code(), absl::StatusCode::kNotFound);
-  const FenceView again = *table_->Info(kOwner, NewFence());
-  EXPECT_EQ(again.page_slot, view.page_slot) << "the freed word serves the next fence";
-  EXPECT_EQ(again.page_generation, 2u) << "under a new generation";
+  // Words go round, the longest free first: the freed one comes back last,
+  // under a new generation; beyond the page's words a fence has none.
+  std::vector<uint64_t> fences;
+  std::optional<FenceView> again;
+  for (uint32_t i = 0; i < fence_page::kSlots; ++i) {
+    fences.push_back(create(kMine));
+    const FenceView made = *table_->Info(kMine, fences.back());
+    if (made.page_slot == view.page_slot) again = made;
+    if (i + 1 < fence_page::kSlots - 1) {
+      EXPECT_NE(made.page_slot, view.page_slot) << "used again before the others";
+    }
+  }
+  ASSERT_TRUE(again.has_value());
+  EXPECT_EQ(again->page_generation, 2u) << "under a new generation";
+  EXPECT_EQ(table_->Info(kMine, fences.back())->page_slot, 0u) << "no word left";
+  table_->CloseSession(kMine);
+  table_->CloseSession(kMineToo);
 }
 
 // Tests that what the owner wrote in its page is what the fence signals when
 // the daemon would otherwise fail it without the owner: at the session's end
-// (OK, not OWNER_DIED) and at the deadline (ERROR, not DEADLINE_EXCEEDED); a
-// word of another generation, or a status a client cannot signal, counts for
-// nothing.
+// (OK, not OWNER_DIED), at the deadline (ERROR, not DEADLINE_EXCEEDED) and
+// when the owner drops it (OK, not CANCELLED); a word of another generation,
+// or a status a client cannot signal, counts for nothing.
 TEST_F(FenceTableTest, WhatTheOwnerWroteInItsPageStandsAtItsEnd) {
+  table_->AddSession(kMine, ::geteuid());
   OwnerPage page = NewOwnerPage();
-  ASSERT_TRUE(table_->SetPage(kOwner, DuplicateFd(page.fd.get()).value()).ok());
-  const uint64_t written = NewFence();
-  const uint64_t stale = NewFence();
-  const uint64_t bogus = NewFence();
-  const uint64_t untouched = NewFence();
-  const uint64_t timed = NewFence(absl::Seconds(1));
-  auto word_of = [&](uint64_t id) -> uint32_t& {
-    return page.word(table_->Info(kOwner, id)->page_slot);
+  ASSERT_TRUE(table_->SetPage(kMine, DuplicateFd(page.fd.get()).value()).ok());
+  auto create = [&](absl::Duration deadline = absl::ZeroDuration()) {
+    absl::StatusOr<FenceView> fence = table_->Create(kMine, "frame", "render", deadline);
+    EXPECT_TRUE(fence.ok()) << fence.status();
+    return fence.ok() ? fence->id : 0;
   };
-  const auto generation = [&](uint64_t id) { return table_->Info(kOwner, id)->page_generation; };
+  const uint64_t written = create();
+  const uint64_t stale = create();
+  const uint64_t bogus = create();
+  const uint64_t untouched = create();
+  const uint64_t dropped = create();
+  const uint64_t timed = create(absl::Seconds(1));
+  auto word_of = [&](uint64_t id) -> uint32_t& {
+    return page.word(table_->Info(kMine, id)->page_slot);
+  };
+  const auto generation = [&](uint64_t id) { return table_->Info(kMine, id)->page_generation; };
   word_of(written) = fence_page::Word(generation(written), v1::FENCE_STATUS_OK);
   word_of(stale) = fence_page::Word(generation(stale) + 1, v1::FENCE_STATUS_OK);
   word_of(bogus) = fence_page::Word(generation(bogus), v1::FENCE_STATUS_OWNER_DIED + 40);
+  word_of(dropped) = fence_page::Word(generation(dropped), v1::FENCE_STATUS_OK);
   word_of(timed) = fence_page::Word(generation(timed), v1::FENCE_STATUS_ERROR);
-  std::vector<uint64_t> ids = {written, stale, bogus, untouched, timed};
+  std::vector<uint64_t> ids = {written, stale, bogus, untouched, dropped, timed};
   for (uint64_t id : ids) ASSERT_TRUE(table_->HoldFor(kOther, id).ok());
+  table_->Forget(kMine, dropped);
+  EXPECT_EQ(table_->Info(kOther, dropped)->status, v1::FENCE_STATUS_OK);
   for (int i = 0; i < 1000 && !table_->Info(kOther, timed)->signaled; ++i) {
     absl::SleepFor(absl::Milliseconds(10));
   }
   ASSERT_TRUE(table_->Info(kOther, timed)->signaled);
   EXPECT_EQ(table_->Info(kOther, timed)->status, v1::FENCE_STATUS_ERROR);
   EXPECT_THAT(table_->Info(kOther, timed)->message, HasSubstr("through its owner's fence page"));
-  table_->CloseSession(kOwner);
+  table_->CloseSession(kMine);
   EXPECT_EQ(table_->Info(kOther, written)->status, v1::FENCE_STATUS_OK);
   for (uint64_t id : {stale, bogus, untouched}) {
     EXPECT_EQ(table_->Info(kOther, id)->status, v1::FENCE_STATUS_OWNER_DIED) << id;

@@ -5,9 +5,11 @@
 // bad attach gets its code and message.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <linux/futex.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 
 #include <algorithm>
 #include <atomic>
@@ -110,6 +112,16 @@ class ReservationTest : public DaemonTest {
     }
     return Producer{*std::move(client), *std::move(shared), *std::move(first),
                     *std::move(second)};
+  }
+  // A read-only import of `of` by a raw session: its handle (0 if refused).
+  uint64_t ImportReadOnly(const RawSession& raw, const Buffer& of) {
+    v1::ImportRequest import;
+    import.set_token(*of.Export(Access::kReadOnly));
+    v1::ImportResponse imported;
+    EXPECT_TRUE(NewAllocatorStub(daemon_->socket_dir())
+                    ->Import(raw.Context().get(), import, &imported)
+                    .ok());
+    return imported.handle();
   }
   static bool Readable(int fd, absl::Duration timeout) {
     pollfd ready{fd, POLLIN, 0};
@@ -644,15 +656,7 @@ TEST_F(ReservationTest, OnlyAHolderOfTheBufferOpensATimelineAttachedToIt) {
     grpc::Status status = import_by(buffer->handle(), frames->id());
     EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << status.error_message();
     // A handle of its own, on a buffer with no point of that timeline.
-    auto import_buffer = [&](const Buffer& of) {
-      v1::ImportRequest import;
-      import.set_token(*of.Export(Access::kReadOnly));
-      v1::ImportResponse imported;
-      EXPECT_TRUE(NewAllocatorStub(daemon_->socket_dir())
-                      ->Import(raw->Context().get(), import, &imported)
-                      .ok());
-      return imported.handle();
-    };
+    auto import_buffer = [&](const Buffer& of) { return ImportReadOnly(*raw, of); };
     const uint64_t unrelated = import_buffer(*other);
     status = import_by(unrelated, frames->id());
     EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
@@ -791,15 +795,7 @@ TEST_F(ReservationTest, AFencePageIsOpenedThroughTheBufferAndReadOnly) {
       request.set_fence_id(fence);
       return stub->OpenFencePage(raw->Context().get(), request, response);
     };
-    auto import_buffer = [&](const Buffer& of) {
-      v1::ImportRequest import;
-      import.set_token(*of.Export(Access::kReadOnly));
-      v1::ImportResponse imported;
-      EXPECT_TRUE(NewAllocatorStub(daemon_->socket_dir())
-                      ->Import(raw->Context().get(), import, &imported)
-                      .ok());
-      return imported.handle();
-    };
+    auto import_buffer = [&](const Buffer& of) { return ImportReadOnly(*raw, of); };
     v1::OpenFencePageResponse response;
     grpc::Status status = open_page(buffer->handle(), done->id(), &response);
     EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED) << status.error_message();
@@ -842,7 +838,24 @@ TEST_F(ReservationTest, AFencePageIsOpenedThroughTheBufferAndReadOnly) {
         static_cast<const uint32_t*>(::mmap(nullptr, 4096, PROT_READ, MAP_SHARED, page.get(), 0));
     ASSERT_NE(words, MAP_FAILED);
     EXPECT_EQ(words[done->info().page_slot()], done->info().page_generation() << 8) << "pending";
+    // The owner's signal wakes whoever sleeps on the word: here one plain
+    // FUTEX_WAIT of 30 s (no time slices), which only a wake ends early.
+    const uint32_t* word = &words[done->info().page_slot()];
+    auto sleeper_tid = std::make_shared<std::atomic<pid_t>>(0);
+    auto sleeper = std::async(std::launch::async, [word, sleeper_tid] {
+      *sleeper_tid = ::gettid();
+      const timespec thirty{30, 0};
+      return ::syscall(SYS_futex, word, FUTEX_WAIT, *word, &thirty, nullptr, 0);
+    });
+    if (have_syscall_file_) {
+      ASSERT_TRUE(::bufferd::testing::Eventually([&] {
+        return *sleeper_tid != 0 && SleepsInFutexOn(::getpid(), *sleeper_tid, "bufferd-fence-page");
+      }));
+    }
     ASSERT_TRUE(done->Signal(v1::FENCE_STATUS_ERROR, "the GPU hung").ok());
+    if (have_syscall_file_) {
+      EXPECT_EQ(sleeper.get(), 0) << "woken by the signal, not timed out";
+    }
     EXPECT_EQ(words[done->info().page_slot()],
               (done->info().page_generation() << 8) | v1::FENCE_STATUS_ERROR);
     ::munmap(const_cast<uint32_t*>(words), 4096);

@@ -305,13 +305,10 @@ TEST_F(TimelineTest, AWaiterWhoseOwnSessionEndsIsToldSo) {
 // of the notify channel) never signals.
 TEST_F(TimelineTest, AnArmedNotifyFdWakesWhenTheDaemonEndsItsSession) {
   {
-    absl::StatusOr<Client> owner = Client::Connect(daemon_->socket_dir());
-    absl::StatusOr<Client> waiter = Client::Connect(daemon_->socket_dir());
-    ASSERT_TRUE(owner.ok() && waiter.ok());
-    absl::StatusOr<Timeline> produced = owner->CreateTimeline({.name = "frames"});
-    ASSERT_TRUE(produced.ok());
-    absl::StatusOr<Timeline> seen = waiter->ImportTimeline(*produced->Export());
-    ASSERT_TRUE(seen.ok());
+    Pair pair = NewPair({.name = "frames"});
+    ASSERT_TRUE(pair.produced.has_value() && pair.seen.has_value());
+    std::optional<Timeline>& produced = pair.produced;
+    std::optional<Timeline>& seen = pair.seen;
     absl::StatusOr<int> fd = seen->NotifyFd();
     ASSERT_TRUE(fd.ok()) << fd.status();
     absl::StatusOr<std::optional<PointResult>> armed = seen->Arm(5);
@@ -324,7 +321,7 @@ TEST_F(TimelineTest, AnArmedNotifyFdWakesWhenTheDaemonEndsItsSession) {
     pollfd ready{*fd, POLLIN, 0};
     EXPECT_EQ(::poll(&ready, 1, 50), 0) << "point 5 is armed, not 1";
 
-    absl::StatusOr<v1::EndSessionResponse> ended = owner->EndSession(waiter->session_id());
+    absl::StatusOr<v1::EndSessionResponse> ended = pair.owner.EndSession(pair.waiter.session_id());
     ASSERT_TRUE(ended.ok()) << ended.status();
     ASSERT_EQ(::poll(&ready, 1, 10000), 1) << "the event loop never hears its session ended";
     absl::StatusOr<std::optional<PointResult>> again = seen->Arm(5);
