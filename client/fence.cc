@@ -12,6 +12,7 @@
 #include <mutex>
 #include <optional>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "base/client_text.h"
 #include "base/errno_status.h"
@@ -285,8 +286,19 @@ absl::StatusOr<Fence> Client::CreateFence(const FenceOptions& options) const {
     }
   }
   internal::Call call = connection_->NewCall();
-  const absl::Status created = connection_->Finish(
+  absl::Status created = connection_->Finish(
       call, connection_->fence().CreateFence(call.context.get(), request, &response));
+  if (offering && absl::IsInvalidArgument(created) &&
+      absl::StrContains(created.message(), "fence page")) {
+    // The page was refused (this process's uid changed since it connected,
+    // say): never a reason to fail a fence. Once more without, and no page
+    // for this session.
+    page.offers = internal::Connection::FencePage::kMaxOffers;
+    request.clear_fence_page_upload_id();
+    internal::Call again = connection_->NewCall();
+    created = connection_->Finish(
+        again, connection_->fence().CreateFence(again.context.get(), request, &response));
+  }
   if (offering) {
     if (created.ok() && response.fence().page_slot() != 0) {
       page.map = std::move(page.offered->second);

@@ -157,6 +157,7 @@ void FenceTable::CloseSession(uint64_t session_id) {
       // Signalled through its fence page before the end (its record lost
       // with the session): what readers of the page saw stands.
       if (std::optional<v1::FenceStatus> written = WrittenLocked(fence->second)) {
+        fence->second.via_page = true;
         SignalLocked(fence->second, *written,
                      absl::StrCat("signalled through its owner's fence page before session ",
                                   session_id, " ended"),
@@ -489,6 +490,12 @@ absl::Status FenceTable::SignalBy(uint64_t session_id, uint64_t id, v1::FenceSta
                                                       "; only its owner signals it"));
     }
     if (fence->view.signaled) {
+      // Its owner's own signal, read from its fence page first (at the
+      // deadline, say): this call is that signal, not a second one.
+      if (fence->via_page && fence->view.status == status) {
+        if (view != nullptr) *view = ViewLocked(*fence);
+        return absl::OkStatus();
+      }
       return absl::FailedPreconditionError(
           absl::StrCat("fence ", id, " was signalled already (", StatusName(fence->view.status),
                        " at ", absl::FormatTime(fence->view.signaled_at), ")"));
@@ -815,6 +822,7 @@ void FenceTable::Forget(uint64_t session_id, uint64_t id) {
         it->second.view.owner_session == session_id) {
       // Signalled through its fence page, its record lost: that stands.
       if (std::optional<v1::FenceStatus> written = WrittenLocked(it->second)) {
+        it->second.via_page = true;
         SignalLocked(it->second, *written, "signalled through its owner's fence page", done);
       } else {
         SignalLocked(it->second, v1::FENCE_STATUS_CANCELLED, "its owner let go of it unsignalled",
@@ -1070,6 +1078,7 @@ void FenceTable::OnTimer(uint64_t generation) {
         RemoveTimerLocked(it->second.timer);
         // Signalled through its fence page, its record not read yet.
         if (std::optional<v1::FenceStatus> written = WrittenLocked(it->second)) {
+          it->second.via_page = true;
           SignalLocked(it->second, *written, "signalled through its owner's fence page", done);
           continue;
         }

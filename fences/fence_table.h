@@ -354,6 +354,9 @@ class FenceTable {
     bool imported_sync_file = false;
     // Its signal goes to the watch hook.
     bool watched = false;
+    // Signalled by what its owner wrote in its fence page (the owner's own
+    // signal, come through another way first).
+    bool via_page = false;
   };
   struct Waiter {
     uint64_t session = 0;

@@ -730,6 +730,11 @@ TEST_F(FenceTableTest, WhatTheOwnerWroteInItsPageStandsAtItsEnd) {
   ASSERT_TRUE(table_->Info(kOther, timed)->signaled);
   EXPECT_EQ(table_->Info(kOther, timed)->status, v1::FENCE_STATUS_ERROR);
   EXPECT_THAT(table_->Info(kOther, timed)->message, HasSubstr("through its owner's fence page"));
+  // The owner's own signal, arriving after: that signal, not a second one;
+  // another status is one.
+  EXPECT_TRUE(table_->Signal(kMine, timed, v1::FENCE_STATUS_ERROR, "late").ok());
+  EXPECT_EQ(table_->Signal(kMine, timed, v1::FENCE_STATUS_OK, "").status().code(),
+            absl::StatusCode::kFailedPrecondition);
   table_->CloseSession(kMine);
   EXPECT_EQ(table_->Info(kOther, written)->status, v1::FENCE_STATUS_OK);
   for (uint64_t id : {stale, bogus, untouched}) {
