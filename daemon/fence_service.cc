@@ -99,11 +99,8 @@ grpc::ServerUnaryReactor* FenceService::OpenFencePage(grpc::CallbackServerContex
   return FinishAuthenticated(*d_.sessions, *d_.hub, context, [&](uint64_t session) -> absl::Status {
     // Only a holder of a buffer the fence is pending on: what it may wait
     // for anyway (any other fence is NOT_FOUND, whether it exists or not).
-    ASSIGN_OR_RETURN(v1::GetBufferResponse buffer,
-                     d_.state->GetBuffer(session, request->buffer_handle()));
-    ASSIGN_OR_RETURN(
-        std::vector<ReservationTable::Attached> attached,
-        d_.reservations->Pending(buffer.buffer().buffer_id(), v1::FENCE_USAGE_BOOKKEEP));
+    ASSIGN_OR_RETURN(std::vector<ReservationTable::Attached> attached,
+                     AttachedTo(session, request->buffer_handle()));
     const bool pending_here =
         std::any_of(attached.begin(), attached.end(), [&](const ReservationTable::Attached& entry) {
           return entry.fence_id == request->fence_id();
@@ -318,15 +315,19 @@ grpc::ServerUnaryReactor* FenceService::ImportTimeline(grpc::CallbackServerConte
   });
 }
 
+absl::StatusOr<std::vector<ReservationTable::Attached>> FenceService::AttachedTo(uint64_t session,
+                                                                                 uint64_t handle) {
+  ASSIGN_OR_RETURN(v1::GetBufferResponse buffer, d_.state->GetBuffer(session, handle));
+  return d_.reservations->Pending(buffer.buffer().buffer_id(), v1::FENCE_USAGE_BOOKKEEP);
+}
+
 absl::StatusOr<uint64_t> FenceService::AttachedTimeline(uint64_t session, uint64_t handle,
                                                         uint64_t timeline_id) {
   if (handle == 0 || timeline_id == 0) {
     return absl::InvalidArgumentError(
         "buffer_handle and timeline_id go together: name both (or a token instead)");
   }
-  ASSIGN_OR_RETURN(v1::GetBufferResponse buffer, d_.state->GetBuffer(session, handle));
-  ASSIGN_OR_RETURN(std::vector<ReservationTable::Attached> attached,
-                   d_.reservations->Pending(buffer.buffer().buffer_id(), v1::FENCE_USAGE_BOOKKEEP));
+  ASSIGN_OR_RETURN(std::vector<ReservationTable::Attached> attached, AttachedTo(session, handle));
   for (const ReservationTable::Attached& entry : attached) {
     std::optional<FenceView> fence = d_.fences->Peek(entry.fence_id);
     if (fence.has_value() && fence->kind == FenceKind::kTimelinePoint &&

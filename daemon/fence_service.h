@@ -115,13 +115,17 @@ class FenceService final : public v1::Fence::CallbackService {
   v1::TimelineInfo Info(const TimelineView& view) const;
   // Takes the session's wait page from its uploads, if the call names one.
   absl::Status TakeWaitPage(uint64_t session, uint64_t upload_id);
-  // A timeline-point fence for `session` (ExportPoint, AttachFence): made,
-  // and signalled by the timeline when `point` is reached or fails. `call`
-  // names the caller in the cancellation message if watching fails.
+  // Every fence pending on the buffer of `session`'s `handle` (the handle's
+  // usual PERMISSION_DENIED / NOT_FOUND otherwise).
+  absl::StatusOr<std::vector<ReservationTable::Attached>> AttachedTo(uint64_t session,
+                                                                     uint64_t handle);
   // `timeline_id`, if a pending point of it is attached to the buffer
   // `handle` (of `session`) names: ImportTimeline by buffer.
   absl::StatusOr<uint64_t> AttachedTimeline(uint64_t session, uint64_t handle,
                                             uint64_t timeline_id);
+  // A timeline-point fence for `session` (ExportPoint, AttachFence): made,
+  // and signalled by the timeline when `point` is reached or fails. `call`
+  // names the caller in the cancellation message if watching fails.
   absl::StatusOr<uint64_t> PointFence(uint64_t session, const TimelineView& timeline,
                                       uint64_t point, absl::string_view call);
   // Puts fence `fence_id` (held by `session`) behind `point` of timeline

@@ -156,16 +156,11 @@ void FenceTable::CloseSession(uint64_t session_id) {
       if (fence == fences_.end() || fence->second.view.signaled) continue;
       // Signalled through its fence page before the end (its record lost
       // with the session): what readers of the page saw stands.
-      if (std::optional<v1::FenceStatus> written = WrittenLocked(fence->second)) {
-        fence->second.via_page = true;
-        SignalLocked(fence->second, *written,
-                     absl::StrCat("signalled through its owner's fence page before session ",
-                                  session_id, " ended"),
-                     done);
-        continue;
-      }
-      SignalLocked(fence->second, v1::FENCE_STATUS_OWNER_DIED,
-                   absl::StrCat("owner session ", session_id, " ended"), done);
+      EndWithoutOwnerLocked(fence->second, v1::FENCE_STATUS_OWNER_DIED,
+                            absl::StrCat("owner session ", session_id, " ended"),
+                            absl::StrCat("signalled through its owner's fence page before session ",
+                                         session_id, " ended"),
+                            done);
     }
     pages_.erase(session_id);
     std::vector<uint64_t> held;
@@ -397,6 +392,16 @@ absl::StatusOr<std::pair<LeasedFd, uint64_t>> FenceTable::PageOf(uint64_t sessio
   if (page == pages_.end()) return NotFound(id);
   ASSIGN_OR_RETURN(UniqueFd copy, DuplicateFd(page->second->fd.fd.get()));
   return std::make_pair(LeasedFd{std::move(copy), std::move(out)}, owner);
+}
+
+void FenceTable::EndWithoutOwnerLocked(Fence& fence, v1::FenceStatus status, std::string message,
+                                       std::string written_message, Completions& out) {
+  if (std::optional<v1::FenceStatus> written = WrittenLocked(fence)) {
+    fence.via_page = true;
+    SignalLocked(fence, *written, std::move(written_message), out);
+    return;
+  }
+  SignalLocked(fence, status, std::move(message), out);
 }
 
 std::optional<v1::FenceStatus> FenceTable::WrittenLocked(const Fence& fence) const {
@@ -821,13 +826,9 @@ void FenceTable::Forget(uint64_t session_id, uint64_t id) {
         it->second.view.kind == FenceKind::kCreated &&
         it->second.view.owner_session == session_id) {
       // Signalled through its fence page, its record lost: that stands.
-      if (std::optional<v1::FenceStatus> written = WrittenLocked(it->second)) {
-        it->second.via_page = true;
-        SignalLocked(it->second, *written, "signalled through its owner's fence page", done);
-      } else {
-        SignalLocked(it->second, v1::FENCE_STATUS_CANCELLED, "its owner let go of it unsignalled",
-                     done);
-      }
+      EndWithoutOwnerLocked(it->second, v1::FENCE_STATUS_CANCELLED,
+                            "its owner let go of it unsignalled",
+                            "signalled through its owner's fence page", done);
     }
     UnholdLocked(s->second, id);
   }
@@ -1077,17 +1078,12 @@ void FenceTable::OnTimer(uint64_t generation) {
         }
         RemoveTimerLocked(it->second.timer);
         // Signalled through its fence page, its record not read yet.
-        if (std::optional<v1::FenceStatus> written = WrittenLocked(it->second)) {
-          it->second.via_page = true;
-          SignalLocked(it->second, *written, "signalled through its owner's fence page", done);
-          continue;
-        }
-        SignalLocked(it->second, v1::FENCE_STATUS_DEADLINE_EXCEEDED,
-                     absl::StrCat("its deadline passed ",
-                                  absl::ToInt64Milliseconds(it->second.view.deadline -
-                                                            it->second.view.created),
-                                  " ms after it was created"),
-                     done);
+        EndWithoutOwnerLocked(it->second, v1::FENCE_STATUS_DEADLINE_EXCEEDED,
+                              absl::StrCat("its deadline passed ",
+                                           absl::ToInt64Milliseconds(it->second.view.deadline -
+                                                                     it->second.view.created),
+                                           " ms after it was created"),
+                              "signalled through its owner's fence page", done);
       } else {
         auto it = waiters_.find(id);
         if (it == waiters_.end()) {

@@ -427,6 +427,12 @@ class FenceTable {
   // it there (OK, ERROR or CANCELLED of the fence's generation).
   std::optional<v1::FenceStatus> WrittenLocked(const Fence& fence) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Ends a pending fence without its owner (its session's end, its
+  // deadline, its drop): with what the owner wrote in its page if it
+  // signalled it there (`written_message`), else `status` and `message`.
+  void EndWithoutOwnerLocked(Fence& fence, v1::FenceStatus status, std::string message,
+                             std::string written_message, Completions& out)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Signals `fence` and everything that follows from it (merged fences,
   // waits).
   void SignalLocked(Fence& fence, v1::FenceStatus status, std::string message, Completions& out)
