@@ -302,17 +302,23 @@ absl::StatusOr<Buffer> Client::Allocate(const AllocateOptions& options) const {
   internal::Call call = connection_->NewCall();
   RETURN_IF_ERROR(connection_->Finish(
       call, connection_->allocator().Allocate(call.context.get(), request, &response)));
-  return TakeAllocated(request, response);
+  return TakeAllocated(request, response, /*last=*/true);
 }
 
-absl::StatusOr<Buffer> Client::TakeAllocated(const v1::AllocateRequest& request,
-                                             v1::AllocateResponse& response) const {
+absl::StatusOr<Buffer> Client::TakeAllocated(v1::AllocateRequest& request,
+                                             v1::AllocateResponse& response, bool last) const {
   // From here the daemon holds a handle for us: the Buffer (or its
   // destructor on an error path) releases it.
   Buffer buffer(connection_, response.handle(), std::move(*response.mutable_buffer()),
                 Access::kReadWrite, UniqueFd());
   // Not echoed by the daemon: what the request set, at generation 0.
-  if (request.has_metadata()) *buffer.info_.mutable_metadata() = request.metadata();
+  if (request.has_metadata()) {
+    if (last) {
+      buffer.info_.set_allocated_metadata(request.release_metadata());
+    } else {
+      *buffer.info_.mutable_metadata() = request.metadata();
+    }
+  }
   buffer.skipped_.assign(response.skipped().begin(), response.skipped().end());
   ASSIGN_OR_RETURN(buffer.fd_, connection_->TakeFd(response.transfer_id()));
   RETURN_IF_ERROR(CheckFd(buffer.fd(), Access::kReadWrite, buffer.size()));
@@ -331,7 +337,7 @@ absl::StatusOr<std::vector<Buffer>> Client::AllocateSet(uint32_t count,
   if (response.buffers_size() != static_cast<int>(count)) {
     // Release what did come (each Buffer's destructor does).
     for (v1::AllocateResponse& one : *response.mutable_buffers()) {
-      (void)TakeAllocated(request.request(), one);
+      (void)TakeAllocated(*request.mutable_request(), one, /*last=*/false);
     }
     return absl::InternalError(absl::StrCat("bufferd answered AllocateSet(", count, ") with ",
                                             response.buffers_size(), " buffers"));
@@ -339,9 +345,11 @@ absl::StatusOr<std::vector<Buffer>> Client::AllocateSet(uint32_t count,
   std::vector<Buffer> buffers;
   buffers.reserve(count);
   absl::Status failed;
-  for (v1::AllocateResponse& one : *response.mutable_buffers()) {
+  for (uint32_t i = 0; i < count; ++i) {
+    v1::AllocateResponse& one = *response.mutable_buffers(static_cast<int>(i));
     if (response.skipped_size() != 0) *one.mutable_skipped() = response.skipped();
-    absl::StatusOr<Buffer> buffer = TakeAllocated(request.request(), one);
+    absl::StatusOr<Buffer> buffer =
+        TakeAllocated(*request.mutable_request(), one, /*last=*/i + 1 == count);
     // Every handle is taken (and so released) even after a failure.
     if (buffer.ok()) {
       buffers.push_back(*std::move(buffer));

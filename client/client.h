@@ -625,9 +625,11 @@ class Client {
   void Close();
 
  private:
-  // A Buffer for one allocated buffer: its handle, skips and fd.
-  absl::StatusOr<Buffer> TakeAllocated(const v1::AllocateRequest& request,
-                                       v1::AllocateResponse& response) const;
+  // A Buffer for one allocated buffer: its handle, skips and fd, and the
+  // metadata `request` set (the daemon does not echo it), moved out of
+  // `request` when this is its `last` buffer.
+  absl::StatusOr<Buffer> TakeAllocated(v1::AllocateRequest& request, v1::AllocateResponse& response,
+                                       bool last) const;
   explicit Client(std::shared_ptr<internal::Connection> connection);
   absl::StatusOr<WaitResult> WaitFor(std::span<const Fence* const> fences, bool all,
                                      absl::Duration timeout) const;

@@ -77,10 +77,8 @@ absl::Status AllocatorService::DoAllocate(uint64_t session, const AllocationPlan
     v1::AllocateResponse& response = *add();
     response.set_handle(grant.handle);
     response.set_transfer_id(grant.transfer_id);
+    // Without the metadata: the allocator sent it (AllocateResponse.buffer).
     *response.mutable_buffer() = std::move(grant.buffer);
-    // The allocator sent the metadata: it is not echoed back (see
-    // AllocateResponse.buffer).
-    response.mutable_buffer()->clear_metadata();
   }
   skipped = std::move(allocation->skipped);
   return absl::OkStatus();
@@ -93,7 +91,9 @@ grpc::ServerUnaryReactor* AllocatorService::RunAllocation(grpc::CallbackServerCo
                                                           AllocateFn allocate) {
   absl::StatusOr<uint64_t> session = AuthenticateCall(*d_.sessions, *d_.hub, context);
   if (!session.ok()) return FinishCall(context, session.status());
-  if (absl::Status known = CheckNoUnknownFields(check, "request"); !known.ok()) {
+  if (absl::Status known = &check == &request ? CheckNoUnknownFields(request)
+                                              : CheckNoUnknownFields(check, "request");
+      !known.ok()) {
     return FinishCall(context, known);
   }
   absl::StatusOr<AllocationPlan> plan = d_.state->Plan(request, count);

@@ -211,16 +211,30 @@ absl::Status CheckMetadata(const v1::FrameMetadata& metadata, const v1::FrameFor
   return absl::OkStatus();
 }
 
-absl::Status CheckNoUnknownFields(const google::protobuf::Message& message,
-                                  absl::string_view name) {
+namespace {
+
+// The way from the request down to a nested message, named only when an
+// error needs it: this runs on every Allocate.
+struct FieldPath {
+  const FieldPath* parent;
+  absl::string_view name;
+};
+
+std::string Spell(const FieldPath& path) {
+  return path.parent == nullptr ? std::string(path.name)
+                                : absl::StrCat(Spell(*path.parent), ".", path.name);
+}
+
+absl::Status CheckNoUnknownFieldsAt(const google::protobuf::Message& message,
+                                    const FieldPath& path) {
   const google::protobuf::Reflection* reflection = message.GetReflection();
   const google::protobuf::UnknownFieldSet& unknown = reflection->GetUnknownFields(message);
   if (!unknown.empty()) {
     return absl::InvalidArgumentError(
-        absl::StrCat(name, " has field number ", unknown.field(0).number(),
+        absl::StrCat(Spell(path), " has field number ", unknown.field(0).number(),
                      ", which this daemon does not know (a newer client?); nothing was done"));
   }
-  // The message fields set (no ListFields: this runs on every Allocate).
+  // The message fields set (no ListFields: it builds a vector).
   const google::protobuf::Descriptor* descriptor = message.GetDescriptor();
   for (int i = 0; i < descriptor->field_count(); ++i) {
     const google::protobuf::FieldDescriptor* field = descriptor->field(i);
@@ -228,10 +242,35 @@ absl::Status CheckNoUnknownFields(const google::protobuf::Message& message,
         field->is_repeated() || !reflection->HasField(message, field)) {
       continue;
     }
-    RETURN_IF_ERROR(CheckNoUnknownFields(reflection->GetMessage(message, field),
-                                         absl::StrCat(name, ".", field->name())));
+    RETURN_IF_ERROR(
+        CheckNoUnknownFieldsAt(reflection->GetMessage(message, field), {&path, field->name()}));
   }
   return absl::OkStatus();
+}
+
+// Whether `message` itself has a field it does not know (its reflection
+// looked up once: the lookup is the costly part).
+template <typename M>
+bool HasUnknownFields(const M& message) {
+  static const google::protobuf::Reflection* const reflection = M::GetReflection();
+  return !reflection->GetUnknownFields(message).empty();
+}
+
+}  // namespace
+
+absl::Status CheckNoUnknownFields(const google::protobuf::Message& message,
+                                  absl::string_view name) {
+  return CheckNoUnknownFieldsAt(message, {nullptr, name});
+}
+
+absl::Status CheckNoUnknownFields(const v1::AllocateRequest& request) {
+  const bool none =
+      !HasUnknownFields(request) && (!request.has_frame() || !HasUnknownFields(request.frame())) &&
+      (!request.has_metadata() ||
+       (!HasUnknownFields(request.metadata()) &&
+        (!request.metadata().has_crop() || !HasUnknownFields(request.metadata().crop()))));
+  if (none) return absl::OkStatus();
+  return CheckNoUnknownFields(request, "request");  // names it
 }
 
 absl::StatusOr<absl::Duration> CheckExportTtl(const v1::ExportRequest& request,

@@ -499,7 +499,6 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
       info.set_creator_session(session_id);
       *info.mutable_created_at() = ToProto(now);
       if (plan.frame.has_value()) *info.mutable_frame() = *plan.frame;
-      if (request.has_metadata()) *info.mutable_metadata() = request.metadata();
       Buffer& ref = *buffer;
       buffers_[info.buffer_id()] = std::move(buffer);
       buffers_by_heap_[&heap].insert(info.buffer_id());
@@ -511,6 +510,9 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
       LeasedFd fd{ref.memory->TakeFd(), std::move(fd_leases[i])};
       grants.push_back(
           AddHandleLocked(session_id, *session, ref, v1::ACCESS_READ_WRITE, std::move(fd)));
+      // After the grant's copy of the info: the creator sent the metadata
+      // and is not sent it back (AllocateResponse.buffer).
+      if (request.has_metadata()) *info.mutable_metadata() = request.metadata();
     }
     return grants;
   }();

@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 
 #include <cstring>
+#include <functional>
 #include <map>
 #include <set>
 #include <string>
@@ -588,6 +589,12 @@ TEST_F(AllocationTest, BadRequestsAreRefusedByNameAndLeaveNothing) {
          frame(r).GetReflection()->MutableUnknownFields(&frame(r))->AddVarint(42, 1);
        },
        absl::StatusCode::kInvalidArgument, "request.request.frame has field number 42"},
+      {"an unknown field in the crop, three messages down",
+       [](auto& r) {
+         v1::Rect* crop = r.mutable_request()->mutable_metadata()->mutable_crop();
+         crop->GetReflection()->MutableUnknownFields(crop)->AddVarint(17, 1);
+       },
+       absl::StatusCode::kInvalidArgument, "request.request.metadata.crop has field number 17"},
   };
   for (const BadCase& c : cases) {
     SCOPED_TRACE(c.what);
@@ -628,20 +635,65 @@ TEST_F(AllocationTest, BadRequestsAreRefusedByNameAndLeaveNothing) {
     EXPECT_EQ(LiveBuffers(), 0u);
     EXPECT_EQ(Charged("system"), 0u);
   }
-  // A plain Allocate is checked for unknown fields too.
-  v1::AllocateRequest plain;
-  plain.set_heap("system");
-  plain.set_size(4096);
-  plain.GetReflection()->MutableUnknownFields(&plain)->AddVarint(99, 1);
-  v1::AllocateResponse allocated;
-  grpc::Status status = raw->stub->Allocate(raw->Context().get(), plain, &allocated);
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_EQ(status.error_message(),
-            "request has field number 99, which this daemon does not know (a newer client?); "
-            "nothing was done");
-  EXPECT_EQ(LiveBuffers(), 0u);
+  // A plain Allocate is checked for unknown fields too, in every message
+  // it holds (its check takes another way than AllocateSet's).
+  const std::pair<std::string, std::function<google::protobuf::Message*(v1::AllocateRequest&)>>
+      levels[] = {
+          {"request", [](v1::AllocateRequest& r) -> google::protobuf::Message* { return &r; }},
+          {"request.frame", [](v1::AllocateRequest& r) { return r.mutable_frame(); }},
+          {"request.metadata", [](v1::AllocateRequest& r) { return r.mutable_metadata(); }},
+          {"request.metadata.crop",
+           [](v1::AllocateRequest& r) { return r.mutable_metadata()->mutable_crop(); }},
+      };
+  for (const auto& [where, message_in] : levels) {
+    SCOPED_TRACE(where);
+    v1::AllocateRequest plain;
+    plain.set_heap("system");
+    plain.mutable_frame()->set_width(64);
+    plain.mutable_frame()->set_height(64);
+    plain.mutable_frame()->set_fourcc(DRM_FORMAT_XRGB8888);
+    plain.mutable_metadata()->mutable_crop()->set_width(8);
+    plain.mutable_metadata()->mutable_crop()->set_height(8);
+    v1::AllocateResponse allocated;
+    // Sound as it stands: allocated and released.
+    grpc::Status status = raw->stub->Allocate(raw->Context().get(), plain, &allocated);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    v1::ReleaseRequest release;
+    release.set_handle(allocated.handle());
+    v1::ReleaseResponse released;
+    ASSERT_TRUE(raw->stub->Release(raw->Context().get(), release, &released).ok());
+    google::protobuf::Message* message = message_in(plain);
+    message->GetReflection()->MutableUnknownFields(message)->AddVarint(99, 1);
+    status = raw->stub->Allocate(raw->Context().get(), plain, &allocated);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_EQ(status.error_message(),
+              where +
+                  " has field number 99, which this daemon does not know (a newer client?); "
+                  "nothing was done");
+    EXPECT_TRUE(testing::Eventually([&] { return LiveBuffers() == 0; }));
+  }
   raw = absl::CancelledError();
   ExpectBaseline();
+}
+
+// The daemon checks an Allocate request for unknown fields without
+// reflection, looking into the messages listed here; a message field added
+// to AllocateRequest (or to one in it) must be added there
+// (CheckNoUnknownFields in daemon/requests.cc) and here.
+TEST(AllocateRequestShape, HoldsTheMessagesTheUnknownFieldCheckLooksInto) {
+  std::vector<std::string> paths;
+  std::function<void(const google::protobuf::Descriptor&, const std::string&)> walk =
+      [&](const google::protobuf::Descriptor& descriptor, const std::string& prefix) {
+        for (int i = 0; i < descriptor.field_count(); ++i) {
+          const google::protobuf::FieldDescriptor& field = *descriptor.field(i);
+          if (field.cpp_type() != google::protobuf::FieldDescriptor::CPPTYPE_MESSAGE) continue;
+          const std::string path = prefix + std::string(field.name());
+          paths.push_back(field.is_repeated() ? path + "[]" : path);
+          walk(*field.message_type(), path + ".");
+        }
+      };
+  walk(*v1::AllocateRequest::descriptor(), "");
+  EXPECT_THAT(paths, ::testing::ElementsAre("frame", "metadata", "metadata.crop"));
 }
 
 TEST_F(AllocationTest, BadMetadataChangesAreRefused) {
