@@ -344,6 +344,20 @@ int HelperMain(const UnixSocket& control) {
       const int64_t woke = NowNs();
       ::munmap(words, 4096);
       Reply(control, absl::StrCat("t ", woke));
+    } else if (command == "futex-wait-timed" && fds.size() == 1) {
+      // As futex-wait, with an absolute timeout 20 ms out, as every
+      // Timeline::Wait sleeps (timeline::WaitAny).
+      uint32_t* words = MapShared(fds[0].get());
+      Reply(control, "ready");
+      while (timeline::Load(words[0]) < 1) {
+        const int64_t at = timeline::MonotonicNs() + timeline::kMaxSleepNs;
+        const timespec until{at / 1'000'000'000, at % 1'000'000'000};
+        ::syscall(SYS_futex, &words[0], FUTEX_WAIT_BITSET, 0, &until, nullptr,
+                  FUTEX_BITSET_MATCH_ANY);
+      }
+      const int64_t woke = NowNs();
+      ::munmap(words, 4096);
+      Reply(control, absl::StrCat("t ", woke));
     } else if (command == "futex-pong" && words.size() == 2 && fds.size() == 1) {
       uint32_t* shared = MapShared(fds[0].get());
       const uint32_t frames = static_cast<uint32_t>(std::stoul(words[1]));
@@ -536,6 +550,22 @@ double FutexOnce(const Helper& waiter) {
   uint32_t* words = MapShared(page.get());
   timeline::Store(words[2], 0u);  // faulted in before the clock starts
   (void)waiter.Ask("futex-wait", {page.get()});
+  LetThemBlock();
+  const int64_t start = NowNs();
+  Publish(&words[0], 1);
+  const int64_t woke = Stamp(waiter.Read());
+  ::munmap(words, 4096);
+  return (woke - start) / 1000.0;
+}
+
+// (info) Floor T1 with the waiter's FUTEX_WAIT given a timeout, as every
+// Timeline::Wait's is (no wait is indefinite).
+double TimedFutexOnce(const Helper& waiter) {
+  UniqueFd page(::memfd_create("floor", MFD_CLOEXEC));
+  if (::ftruncate(page.get(), 4096) != 0) std::exit(1);
+  uint32_t* words = MapShared(page.get());
+  timeline::Store(words[2], 0u);  // faulted in before the clock starts
+  (void)waiter.Ask("futex-wait-timed", {page.get()});
   LetThemBlock();
   const int64_t start = NowNs();
   Publish(&words[0], 1);
@@ -889,9 +919,10 @@ int main(int argc, char** argv) {
         FutexOnce(*waiter);
         TimelineOnce(*timeline, ++point, *waiter);
       }
-      std::vector<double> futex_s, timeline_s, pipe_s, poll_fd_s;
+      std::vector<double> futex_s, timeline_s, pipe_s, poll_fd_s, timed_s;
       for (int i = 0; i < iterations; ++i) {
         futex_s.push_back(FutexOnce(*waiter));
+        timed_s.push_back(TimedFutexOnce(*waiter));
         timeline_s.push_back(TimelineOnce(*timeline, ++point, *waiter));
         pipe_s.push_back(DgramSendOnce(*waiter));
         poll_fd_s.push_back(TimelinePollOnce(*timeline, ++point, *waiter));
@@ -900,6 +931,9 @@ int main(int argc, char** argv) {
               Summarize(futex_s, 0), 1.25, all_met);
       Verdict("T1. Timeline Signal -> notify fd", placement.name, Summarize(poll_fd_s, 0),
               Summarize(pipe_s, 0), 1.25, all_met);
+      std::printf("   (info) floor with a timed FUTEX_WAIT %-20s p50 %7.1f = %.2fx the floor\n",
+                  placement.name, Summarize(timed_s, 0).p50,
+                  Summarize(timed_s, 0).p50 / Summarize(futex_s, 0).p50);
       // Five rounds, each beside its floor (cross-CPU ping-pong drifts
       // by 2x from one second to the next here): the median ratio.
       constexpr int kRounds = 5;
