@@ -239,6 +239,8 @@ TEST(FdBudgetTest, TotalAndPerUidLimits) {
             "buffers it exported (share tokens not yet redeemed), sessions, control connections, "
             "fences and timelines (their pipes and pages) and fds not yet read; let tokens be "
             "redeemed or expire, drop fences and timelines or close sessions");
+  EXPECT_EQ(budget.CheckRoom(1, 1).message(), fourth.status().message());
+  EXPECT_TRUE(budget.CheckRoom(2, 1).ok());
   auto other = budget.Acquire(FdUse::kSession, 2);
   ASSERT_TRUE(other.ok());
   auto full = budget.Acquire(FdUse::kControlConnection, 3);
@@ -250,6 +252,9 @@ TEST(FdBudgetTest, TotalAndPerUidLimits) {
   EXPECT_EQ(budget.usage().total, 4u);
   EXPECT_EQ(budget.usage().of(FdUse::kExport), 3u);
   EXPECT_EQ(budget.UsedBy(1), 3u);
+  // The dry run's answer: the refusal Acquire gives, taking nothing.
+  EXPECT_EQ(budget.CheckRoom(3, 1).message(), full.status().message());
+  EXPECT_EQ(budget.usage().total, 4u);
 
   FdBudget::Lease moved = std::move(leases[0]);
   EXPECT_FALSE(leases[0].held());
@@ -261,6 +266,18 @@ TEST(FdBudgetTest, TotalAndPerUidLimits) {
   EXPECT_EQ(budget.usage().total, 1u);
   EXPECT_TRUE(budget.Acquire(FdUse::kDelivery, 3).ok());
   EXPECT_EQ(budget.usage().total, 1u) << "that temporary lease went at once";
+  // Room for several at once (a set): the uid's share of 3, the total of 4
+  // (uid 2's session still holds one).
+  EXPECT_TRUE(budget.CheckRoom(5, 3).ok());
+  EXPECT_EQ(budget.CheckRoom(2, 3).message(),
+            "fd budget of uid 2 reached: it holds 1 of 3 fds (limits.max_fds_per_uid); 3 more "
+            "asked for: buffers it exported (share tokens not yet redeemed), sessions, control "
+            "connections, fences and timelines (their pipes and pages) and fds not yet read; let "
+            "tokens be redeemed or expire, drop fences and timelines or close sessions");
+  EXPECT_EQ(budget.CheckRoom(kNoUid, 4).message(),
+            "daemon fd budget reached: 1 of 4 fds in use (1 sessions); 4 more asked for; try "
+            "again when some close");
+  EXPECT_EQ(budget.usage().total, 1u);
 }
 
 // Tests that the limits hold exactly when 8 threads race for the last places.

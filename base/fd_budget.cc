@@ -83,6 +83,17 @@ absl::StatusOr<FdBudget::Lease> FdBudget::Acquire(FdUse use, uid_t uid) {
 
 absl::StatusOr<FdBudget::Lease> FdBudget::TryAcquire(FdUse use, uid_t uid) {
   absl::MutexLock lock(&mu_);
+  if (absl::Status room = RoomLocked(uid, 1); !room.ok()) return room;
+  Take(use, uid);
+  return Lease(this, use, uid);
+}
+
+absl::Status FdBudget::CheckRoom(uid_t uid, uint64_t count) const {
+  absl::ReaderMutexLock lock(&mu_);
+  return RoomLocked(uid, count);
+}
+
+absl::Status FdBudget::RoomLocked(uid_t uid, uint64_t count) const {
   auto holders = [&] {
     std::string text;
     for (size_t i = 0; i < usage_.by_use.size(); ++i) {
@@ -92,27 +103,29 @@ absl::StatusOr<FdBudget::Lease> FdBudget::TryAcquire(FdUse use, uid_t uid) {
     }
     return text;
   };
-  if (usage_.total >= limits_.total) {
-    return absl::ResourceExhaustedError(absl::StrCat("daemon fd budget reached: ", usage_.total,
-                                                     " of ", limits_.total, " fds in use (",
-                                                     holders(), "); try again when some close"));
+  // "N more" only when more than one is asked for (a set's dry run).
+  const std::string more = count > 1 ? absl::StrCat("; ", count, " more asked for") : "";
+  if (usage_.total + count > limits_.total) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("daemon fd budget reached: ", usage_.total, " of ", limits_.total,
+                     " fds in use (", holders(), ")", more, "; try again when some close"));
   }
   // A uid's "holds N" counts what is charged to it now.
   const uint64_t per_uid = limits_.uid_share();
   if (uid != kNoUid) {
     auto it = by_uid_.find(uid);
     const uint64_t held = it == by_uid_.end() ? 0 : it->second;
-    if (held >= per_uid) {
+    if (held + count > per_uid) {
       return absl::ResourceExhaustedError(
           absl::StrCat("fd budget of uid ", uid, " reached: it holds ", held, " of ", per_uid,
-                       " fds (limits.max_fds_per_uid): buffers it exported (share tokens not "
+                       " fds (limits.max_fds_per_uid)", more,
+                       ": buffers it exported (share tokens not "
                        "yet redeemed), sessions, control connections, fences and timelines "
                        "(their pipes and pages) and fds not yet read; let tokens be redeemed or "
                        "expire, drop fences and timelines or close sessions"));
     }
   }
-  Take(use, uid);
-  return Lease(this, use, uid);
+  return absl::OkStatus();
 }
 
 void FdBudget::Take(FdUse use, uid_t uid) {

@@ -111,11 +111,16 @@ class FdBudget {
   // Drops every reclaimer (before what they point at goes).
   void ClearReclaimers();
 
+  // OK if `count` more fds charged to `uid` fit now, else the refusal
+  // Acquire would give (without running the reclaimers): for a dry run.
+  absl::Status CheckRoom(uid_t uid, uint64_t count) const;
+
   Usage usage() const;
   uint64_t UsedBy(uid_t uid) const;
 
  private:
   absl::StatusOr<Lease> TryAcquire(FdUse use, uid_t uid);
+  absl::Status RoomLocked(uid_t uid, uint64_t count) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   void Take(FdUse use, uid_t uid) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Return(FdUse use, uid_t uid);
   void ReturnLocked(FdUse use, uid_t uid) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

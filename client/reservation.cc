@@ -201,8 +201,14 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
   absl::InlinedVector<const uint32_t*, 8> words = {&watched.seq};
   if (pages.has_value()) words.insert(words.end(), pages->words.begin(), pages->words.end());
   absl::InlinedVector<uint32_t, 8> expecting(words.size());
-  // The words slept on: all of them, or the slot alone without futex_waitv.
+  // The words slept on: all of them, or the slot alone without futex_waitv
+  // or once the owners' words changed kMaxPageWordChanges times without
+  // all reading OK (an owner's word moves once per fence; a hostile owner
+  // could flip it and wake this thread at will: then only the daemon,
+  // through the slot, does).
   size_t sleep_on = words.size();
+  constexpr int kMaxPageWordChanges = 64;
+  int page_word_changes = 0;
   for (;;) {
     reservation::SlotState state;
     uint32_t expected = 0;
@@ -259,6 +265,14 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
       continue;
     }
     RETURN_IF_ERROR(slept);
+    if (pages.has_value() && sleep_on > 1) {
+      for (size_t i = 0; i < pages->words.size(); ++i) {
+        if (fence_page::Load(*pages->words[i]) != expecting[i + 1]) {
+          if (++page_word_changes >= kMaxPageWordChanges) sleep_on = 1;
+          break;
+        }
+      }
+    }
     // A wake that changed nothing (WaitAny looks again every 20 ms): the
     // session may have ended under it, with nobody left to write the slot.
     if (reservation::LoadRelaxed(watched.seq) == expected && connection_->Ended()) {

@@ -554,6 +554,11 @@ absl::StatusOr<v1::CanAllocateResponse> DaemonState::CanAllocate(uint64_t sessio
           response.set_message(std::string(handles.message()));
           return response;
         }
+        // As AllocateSet, which stops at the first fd it has no place for.
+        if (absl::Status fds = budget_->CheckRoom(session->uid, count); !fds.ok()) {
+          response.set_message(std::string(fds.message()));
+          return response;
+        }
         status = quotas_.Check(session_id, session->uid, heap->name(), *rounded * count);
         if (!status.ok()) {
           skip = v1::SKIP_REASON_QUOTA;

@@ -1323,6 +1323,16 @@ TEST_F(HostileTest, ClientAtItsUidFdShareIsLoggedOnce) {
     }
     EXPECT_TRUE(absl::StartsWith(refusal.error_message(), "fd budget of uid 0 reached: "))
         << refusal.error_message();
+    // The dry run says so too, rather than "yes".
+    v1::CanAllocateRequest dry;
+    dry.mutable_request()->set_heap("system");
+    dry.mutable_request()->set_size(4096);
+    v1::CanAllocateResponse answer;
+    grpc::Status asked = raw->stub->CanAllocate(raw->Context().get(), dry, &answer);
+    ASSERT_TRUE(asked.ok()) << asked.error_message();
+    EXPECT_FALSE(answer.ok());
+    EXPECT_TRUE(absl::StartsWith(answer.message(), "fd budget of uid 0 reached: "))
+        << answer.message();
     std::printf("at its uid's share: %d granted, %d refused\n", granted, 3000 - granted);
     EXPECT_TRUE(SessionLive(*raw)) << "refused, not ended: it may read and go on";
     lines = LinesAbout(session);

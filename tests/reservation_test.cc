@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <future>
@@ -765,6 +766,84 @@ TEST_F(ReservationTest, AOneShotFenceWakesItsReaderWithoutTheDaemon) {
           << "frame " << frame;
       ASSERT_TRUE(read->EndCpuAccess().ok());
     }
+  }
+  ExpectBaseline();
+}
+
+// The writable mapping of the page holding `fence`'s word in this process
+// (its owner's library maps it: "bufferd-fence-page", rw, shared), or null.
+uint32_t* OwnersWordOf(const Fence& fence) {
+  std::ifstream maps("/proc/self/maps");
+  uint32_t* found = nullptr;
+  for (std::string line; std::getline(maps, line);) {
+    if (line.find("bufferd-fence-page") == std::string::npos) continue;
+    unsigned long begin = 0;
+    char perms[5] = {};
+    if (std::sscanf(line.c_str(), "%lx-%*x %4s", &begin, perms) != 2) continue;
+    if (std::string(perms) != "rw-s") continue;
+    auto* word = reinterpret_cast<uint32_t*>(begin) + fence.info().page_slot();
+    if (*word == fence.info().page_generation() << 8) {
+      if (found != nullptr) return nullptr;  // ambiguous
+      found = word;
+    }
+  }
+  return found;
+}
+
+// Tests a hostile owner that flips its fence's word and wakes the reader
+// at will (200,000 times) without signalling: the reader stops sleeping on
+// that word after 64 changes and waits for the daemon through its slot, so
+// its CPU time stays that of a few wakes, and the owner's real signal still
+// reaches it.
+TEST_F(ReservationTest, AnOwnerFlippingItsWordCannotKeepTheReaderBusy) {
+  {
+    absl::StatusOr<Client> reader = Client::Connect(daemon_->socket_dir());
+    absl::StatusOr<Client> writer = Client::Connect(daemon_->socket_dir());
+    ASSERT_TRUE(reader.ok() && writer.ok());
+    absl::StatusOr<Buffer> written = writer->Allocate({.heap = "system", .size = 65536});
+    ASSERT_TRUE(written.ok());
+    absl::StatusOr<Buffer> read = reader->Import(*written->Export(Access::kReadOnly));
+    ASSERT_TRUE(read.ok());
+    absl::StatusOr<Fence> done = writer->CreateFence({.name = "frame done"});
+    ASSERT_TRUE(done.ok()) << done.status();
+    ASSERT_NE(done->info().page_slot(), 0u);
+    ASSERT_TRUE(written->AttachFence(*done, v1::FENCE_USAGE_WRITE).ok());
+    uint32_t* word = OwnersWordOf(*done);
+    ASSERT_NE(word, nullptr) << "the writer's page is not mapped here";
+    const uint32_t pending = *word;
+    auto tid = std::make_shared<std::atomic<pid_t>>(0);
+    auto reading = std::async(std::launch::async, [tid, &read] {
+      *tid = ::gettid();
+      timespec before{}, after{};
+      ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &before);
+      auto waited = read->BeginCpuAccess(Cpu::kRead, absl::Seconds(60));
+      ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &after);
+      const double cpu_s = (after.tv_sec - before.tv_sec) + (after.tv_nsec - before.tv_nsec) / 1e9;
+      return std::make_pair(std::move(waited), cpu_s);
+    });
+    ASSERT_TRUE(::bufferd::testing::Eventually([&] {
+      return *tid != 0 && SleepsInFutexOn(::getpid(), *tid, "bufferd-fence-page");
+    })) << "the reader never slept on the writer's fence page";
+    // Pending, then "generation + 1, OK", and back: never this fence's OK.
+    constexpr int kFlips = 200'000;
+    for (int i = 0; i < kFlips; ++i) {
+      std::atomic_ref<uint32_t>(*word).store(i % 2 == 0 ? pending + (1u << 8) + 1 : pending);
+      ::syscall(SYS_futex, word, FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0);
+    }
+    std::atomic_ref<uint32_t>(*word).store(pending);
+    EXPECT_EQ(reading.wait_for(std::chrono::milliseconds(100)), std::future_status::timeout)
+        << "the flips ended the wait";
+    ASSERT_TRUE(done->Signal().ok());
+    ASSERT_EQ(reading.wait_for(std::chrono::seconds(30)), std::future_status::ready);
+    auto [waited, cpu_s] = reading.get();
+    ASSERT_TRUE(waited.ok()) << waited.status();
+    ASSERT_EQ(waited->size(), 1u);
+    EXPECT_EQ((*waited)[0].status(), v1::FENCE_STATUS_OK);
+    std::printf("the reader spent %.4f s of CPU over %d flips\n", cpu_s, kFlips);
+    // Woken for every flip it would spend far more (each wake and look
+    // costs microseconds: 200,000 of them most of a second or more).
+    EXPECT_LT(cpu_s, 0.05) << "the reader spent " << cpu_s << " s of CPU on " << kFlips << " flips";
+    ASSERT_TRUE(read->EndCpuAccess().ok());
   }
   ExpectBaseline();
 }
