@@ -337,19 +337,14 @@ int HelperMain(const UnixSocket& control) {
       MassRpc(control, dir, std::stoi(words[1]), fds[0].get());
     } else if (command == "mass-fd" && words.size() == 2 && fds.size() == 1 && client) {
       MassFd(control, *client, std::stoi(words[1]), fds[0].get());
-    } else if (command == "futex-wait" && fds.size() == 1) {
+    } else if ((command == "futex-wait" || command == "futex-wait-timed") && fds.size() == 1) {
+      // "-timed": each FUTEX_WAIT with an absolute timeout 20 ms out, as
+      // every Timeline::Wait sleeps (timeline::WaitAny).
+      const bool timed = command == "futex-wait-timed";
       uint32_t* words = MapShared(fds[0].get());
       Reply(control, "ready");
-      FutexAwait(&words[0], 1);
-      const int64_t woke = NowNs();
-      ::munmap(words, 4096);
-      Reply(control, absl::StrCat("t ", woke));
-    } else if (command == "futex-wait-timed" && fds.size() == 1) {
-      // As futex-wait, with an absolute timeout 20 ms out, as every
-      // Timeline::Wait sleeps (timeline::WaitAny).
-      uint32_t* words = MapShared(fds[0].get());
-      Reply(control, "ready");
-      while (timeline::Load(words[0]) < 1) {
+      if (!timed) FutexAwait(&words[0], 1);
+      while (timed && timeline::Load(words[0]) < 1) {
         const int64_t at = timeline::MonotonicNs() + timeline::kMaxSleepNs;
         const timespec until{at / 1'000'000'000, at % 1'000'000'000};
         ::syscall(SYS_futex, &words[0], FUTEX_WAIT_BITSET, 0, &until, nullptr,
@@ -542,30 +537,15 @@ double FenceRpcOnce(const Client& owner, const Helper& waiter) {
   return (woke - start) / 1000.0;
 }
 
-
-// Floor T1: a store and FUTEX_WAKE -> a FUTEX_WAIT in the waiter returns.
-double FutexOnce(const Helper& waiter) {
-  UniqueFd page(::memfd_create("floor", MFD_CLOEXEC));
-  if (::ftruncate(page.get(), 4096) != 0) std::exit(1);
-  uint32_t* words = MapShared(page.get());
-  timeline::Store(words[2], 0u);  // faulted in before the clock starts
-  (void)waiter.Ask("futex-wait", {page.get()});
-  LetThemBlock();
-  const int64_t start = NowNs();
-  Publish(&words[0], 1);
-  const int64_t woke = Stamp(waiter.Read());
-  ::munmap(words, 4096);
-  return (woke - start) / 1000.0;
-}
-
-// (info) Floor T1 with the waiter's FUTEX_WAIT given a timeout, as every
+// Floor T1: a store and FUTEX_WAKE -> a FUTEX_WAIT in the waiter returns;
+// (info) `timed`: that FUTEX_WAIT given a timeout, as every
 // Timeline::Wait's is (no wait is indefinite).
-double TimedFutexOnce(const Helper& waiter) {
+double FutexOnce(const Helper& waiter, bool timed = false) {
   UniqueFd page(::memfd_create("floor", MFD_CLOEXEC));
   if (::ftruncate(page.get(), 4096) != 0) std::exit(1);
   uint32_t* words = MapShared(page.get());
   timeline::Store(words[2], 0u);  // faulted in before the clock starts
-  (void)waiter.Ask("futex-wait-timed", {page.get()});
+  (void)waiter.Ask(timed ? "futex-wait-timed" : "futex-wait", {page.get()});
   LetThemBlock();
   const int64_t start = NowNs();
   Publish(&words[0], 1);
@@ -922,7 +902,7 @@ int main(int argc, char** argv) {
       std::vector<double> futex_s, timeline_s, pipe_s, poll_fd_s, timed_s;
       for (int i = 0; i < iterations; ++i) {
         futex_s.push_back(FutexOnce(*waiter));
-        timed_s.push_back(TimedFutexOnce(*waiter));
+        timed_s.push_back(FutexOnce(*waiter, /*timed=*/true));
         timeline_s.push_back(TimelineOnce(*timeline, ++point, *waiter));
         pipe_s.push_back(DgramSendOnce(*waiter));
         poll_fd_s.push_back(TimelinePollOnce(*timeline, ++point, *waiter));
