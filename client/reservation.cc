@@ -201,14 +201,15 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
   absl::InlinedVector<const uint32_t*, 8> words = {&watched.seq};
   if (pages.has_value()) words.insert(words.end(), pages->words.begin(), pages->words.end());
   absl::InlinedVector<uint32_t, 8> expecting(words.size());
-  // The words slept on: all of them, or the slot alone without futex_waitv
-  // or once the owners' words changed kMaxPageWordChanges times without
-  // all reading OK (an owner's word moves once per fence; a hostile owner
-  // could flip it and wake this thread at will: then only the daemon,
-  // through the slot, does).
+  // The words slept on: all of them, or the slot alone without futex_waitv,
+  // or once more than kMaxIdleWakes + one per word woke this thread without
+  // the slot moving or every word reading OK. An honest owner wakes its
+  // word once per fence, after writing it; anyone mapping an owner's page
+  // (the owner, or another of its readers) could wake it at will, flipping
+  // it or not: then only the daemon, through the slot, wakes it.
   size_t sleep_on = words.size();
-  constexpr int kMaxPageWordChanges = 64;
-  int page_word_changes = 0;
+  constexpr size_t kMaxIdleWakes = 64;
+  size_t idle_wakes = 0;
   for (;;) {
     reservation::SlotState state;
     uint32_t expected = 0;
@@ -256,7 +257,9 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
       }
     }
     if (timeline::MonotonicNs() >= until_ns) break;
-    absl::Status slept = timeline::WaitAny(words.data(), expecting.data(), sleep_on, until_ns);
+    bool capped = false;
+    absl::Status slept =
+        timeline::WaitAny(words.data(), expecting.data(), sleep_on, until_ns, &capped);
     if (absl::IsDeadlineExceeded(slept)) break;
     if (!slept.ok() && sleep_on > 1) {
       // No futex_waitv here (before Linux 5.16, or a sandbox): sleep on the
@@ -265,13 +268,9 @@ absl::StatusOr<std::vector<v1::FenceInfo>> Buffer::WaitForAccess(Cpu access,
       continue;
     }
     RETURN_IF_ERROR(slept);
-    if (pages.has_value() && sleep_on > 1) {
-      for (size_t i = 0; i < pages->words.size(); ++i) {
-        if (fence_page::Load(*pages->words[i]) != expecting[i + 1]) {
-          if (++page_word_changes >= kMaxPageWordChanges) sleep_on = 1;
-          break;
-        }
-      }
+    if (sleep_on > 1 && !capped && reservation::LoadRelaxed(watched.seq) == expected &&
+        ++idle_wakes > kMaxIdleWakes + pages->words.size()) {
+      sleep_on = 1;
     }
     // A wake that changed nothing (WaitAny looks again every 20 ms): the
     // session may have ended under it, with nobody left to write the slot.

@@ -87,12 +87,12 @@ absl::Status AllocatorService::DoAllocate(uint64_t session, const AllocationPlan
 grpc::ServerUnaryReactor* AllocatorService::RunAllocation(grpc::CallbackServerContext* context,
                                                           const v1::AllocateRequest& request,
                                                           uint32_t count,
-                                                          const google::protobuf::Message& check,
+                                                          const google::protobuf::Message* whole,
                                                           AllocateFn allocate) {
   absl::StatusOr<uint64_t> session = AuthenticateCall(*d_.sessions, *d_.hub, context);
   if (!session.ok()) return FinishCall(context, session.status());
-  if (absl::Status known = &check == &request ? CheckNoUnknownFields(request)
-                                              : CheckNoUnknownFields(check, "request");
+  if (absl::Status known = whole == nullptr ? CheckNoUnknownFields(request)
+                                            : CheckNoUnknownFields(*whole, "request");
       !known.ok()) {
     return FinishCall(context, known);
   }
@@ -111,7 +111,7 @@ grpc::ServerUnaryReactor* AllocatorService::Allocate(grpc::CallbackServerContext
                                                      const v1::AllocateRequest* request,
                                                      v1::AllocateResponse* response) {
   return RunAllocation(
-      context, *request, 1, *request,
+      context, *request, 1, /*whole=*/nullptr,
       [this, request, response](uint64_t session, const AllocationPlan& plan,
                                 grpc::CallbackServerContext* context) {
         std::vector<v1::HeapSkip> skipped;
@@ -128,7 +128,7 @@ grpc::ServerUnaryReactor* AllocatorService::AllocateSet(grpc::CallbackServerCont
                                                         const v1::AllocateSetRequest* request,
                                                         v1::AllocateSetResponse* response) {
   return RunAllocation(
-      context, request->request(), request->count(), *request,
+      context, request->request(), request->count(), /*whole=*/request,
       [this, request, response](uint64_t session, const AllocationPlan& plan,
                                 grpc::CallbackServerContext* context) -> absl::Status {
         std::vector<v1::HeapSkip> skipped;

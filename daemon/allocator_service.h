@@ -77,13 +77,14 @@ class AllocatorService final : public v1::Allocator::CallbackService {
                           std::vector<v1::HeapSkip>& skipped, grpc::CallbackServerContext* context);
   // Authenticates, plans `count` buffers as `request` asks, then runs
   // `allocate` inline, or on the work queue if one of the plan's heaps may
-  // block; finishes the call. `check` is the whole RPC request, checked for
-  // fields this daemon does not know first.
+  // block; finishes the call. First the whole RPC request is checked for
+  // fields this daemon does not know: `whole`, or `request` itself when
+  // null (Allocate's, checked without walking it by reflection).
   using AllocateFn = std::function<absl::Status(uint64_t session, const AllocationPlan& plan,
                                                 grpc::CallbackServerContext* context)>;
   grpc::ServerUnaryReactor* RunAllocation(grpc::CallbackServerContext* context,
                                           const v1::AllocateRequest& request, uint32_t count,
-                                          const google::protobuf::Message& check,
+                                          const google::protobuf::Message* whole,
                                           AllocateFn allocate);
   // Delivers the pending grant's fd.
   absl::Status Deliver(uint64_t session, DaemonState::PendingGrant& grant);

@@ -73,10 +73,12 @@ absl::Status CheckMetadata(const v1::FrameMetadata& metadata, const v1::FrameFor
 // never silently ignored.
 // Checked once per call, on the whole RPC request, by the services.
 absl::Status CheckNoUnknownFields(const google::protobuf::Message& message, absl::string_view name);
-// The same for an Allocate request ("request"), without reflection on the
-// way to "none": that walk costs as much as the rest of the checks. It
-// looks into frame, metadata and metadata.crop, the messages an
-// AllocateRequest holds (allocation_test holds the proto to that list).
+// The same for an Allocate request ("request"), without walking its
+// descriptors on the way to "none" (that walk cost as much as the rest of
+// the checks): it asks each message it holds for its unknown fields through
+// a reflection looked up once. It looks into frame, metadata and
+// metadata.crop, the messages an AllocateRequest holds (allocation_test
+// holds the proto to that list).
 absl::Status CheckNoUnknownFields(const v1::AllocateRequest& request);
 
 // How long an Export's token lives: its ttl_ms, or `default_ttl`; at most

@@ -538,10 +538,12 @@ absl::StatusOr<v1::CanAllocateResponse> DaemonState::CanAllocate(uint64_t sessio
     std::optional<v1::SkipReason> skip;
     absl::StatusOr<uint64_t> rounded = RoundForHeap(*heap, max_allocation, plan.size, plan.count);
     absl::Status status = rounded.status();
+    uid_t uid = kNoUid;
     if (!rounded.ok()) {
       skip = v1::SKIP_REASON_TOO_LARGE;
     } else {
-      // As AllocateSet: a heap too small at all, then the quota, then room.
+      // As AllocateSet: a heap too small at all, then the quota, then room,
+      // then the fds' places.
       const absl::Status room = heap->CheckAllocate(plan.size, count);
       if (!room.ok() && room.code() != absl::StatusCode::kResourceExhausted) return room;
       if (RefusalOf(room) == HeapRefusal::kTooLarge) {
@@ -554,11 +556,7 @@ absl::StatusOr<v1::CanAllocateResponse> DaemonState::CanAllocate(uint64_t sessio
           response.set_message(std::string(handles.message()));
           return response;
         }
-        // As AllocateSet, which stops at the first fd it has no place for.
-        if (absl::Status fds = budget_->CheckRoom(session->uid, count); !fds.ok()) {
-          response.set_message(std::string(fds.message()));
-          return response;
-        }
+        uid = session->uid;
         status = quotas_.Check(session_id, session->uid, heap->name(), *rounded * count);
         if (!status.ok()) {
           skip = v1::SKIP_REASON_QUOTA;
@@ -569,6 +567,11 @@ absl::StatusOr<v1::CanAllocateResponse> DaemonState::CanAllocate(uint64_t sessio
       if (!skip.has_value() && !status.ok()) skip = SkipReasonOf(status);
     }
     if (!skip.has_value()) {
+      // No place for the fds: AllocateSet stops there, on any heap.
+      if (absl::Status fds = budget_->CheckRoom(uid, count); !fds.ok()) {
+        response.set_message(std::string(fds.message()));
+        return response;
+      }
       response.set_ok(true);
       response.set_heap(heap->name());
       response.set_size(*rounded);

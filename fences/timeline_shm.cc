@@ -216,7 +216,8 @@ absl::Status CheckPageFd(int fd, bool read_only_for_others, const char* what) {
 }
 
 absl::Status WaitAny(const uint32_t* const* words, const uint32_t* expected, size_t count,
-                     int64_t until_ns) {
+                     int64_t until_ns, bool* capped_out) {
+  if (capped_out != nullptr) *capped_out = false;
   if (count == 0 || count > FUTEX_WAITV_MAX) {
     return absl::InvalidArgumentError(absl::StrCat("futex_waitv takes 1 to ", FUTEX_WAITV_MAX,
                                                    " words, not ", count));
@@ -246,7 +247,10 @@ absl::Status WaitAny(const uint32_t* const* words, const uint32_t* expected, siz
     case EINTR:
       return absl::OkStatus();
     case ETIMEDOUT:
-      if (capped) return absl::OkStatus();
+      if (capped) {
+        if (capped_out != nullptr) *capped_out = true;
+        return absl::OkStatus();
+      }
       return absl::DeadlineExceededError("timed out");
     default:
       return ErrnoError("futex_waitv", errno);

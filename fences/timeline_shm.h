@@ -252,9 +252,10 @@ absl::Status CheckPageFd(int fd, bool read_only_for_others, const char* what);
 // Blocks until any of `words[i]` differs from `expected[i]` or a wake comes,
 // or until `until` (CLOCK_MONOTONIC ns), but never longer than kMaxSleepNs.
 // At most 128 words.
-// OK (woken or changed), DEADLINE_EXCEEDED (timed out), or the error.
+// OK (woken or changed, or kMaxSleepNs passed: then `*capped`, if given, is
+// set), DEADLINE_EXCEEDED (timed out), or the error.
 absl::Status WaitAny(const uint32_t* const* words, const uint32_t* expected, size_t count,
-                     int64_t until_ns);
+                     int64_t until_ns, bool* capped = nullptr);
 
 // CLOCK_MONOTONIC now, in ns.
 int64_t MonotonicNs();
