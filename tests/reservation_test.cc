@@ -24,6 +24,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "base/errno_status.h"
 #include "base/protocol.h"
 #include "base/unix_socket.h"
 #include "bufferd/v1/fd_channel.pb.h"
@@ -92,6 +93,23 @@ class ReservationTest : public DaemonTest {
     EXPECT_TRUE(::bufferd::testing::Eventually([&] { return OnStatusPage(*tid); }))
         << "the reader never slept on its status page";
     return reading;
+  }
+  // Two more sessions: a writer that allocated `size` bytes and a reader
+  // holding them read-only.
+  struct WriterAndReader {
+    Client writer;
+    Client reader;
+    Buffer written;
+    Buffer read;
+  };
+  absl::StatusOr<WriterAndReader> NewWriterAndReader(uint64_t size) {
+    ASSIGN_OR_RETURN(Client writer, Client::Connect(daemon_->socket_dir()));
+    ASSIGN_OR_RETURN(Client reader, Client::Connect(daemon_->socket_dir()));
+    ASSIGN_OR_RETURN(Buffer written, writer.Allocate({.heap = "system", .size = size}));
+    ASSIGN_OR_RETURN(std::string token, written.Export(Access::kReadOnly));
+    ASSIGN_OR_RETURN(Buffer read, reader.Import(token));
+    return WriterAndReader{std::move(writer), std::move(reader), std::move(written),
+                           std::move(read)};
   }
   // A second session holding `buffer` read-write, with two fences of its
   // own, the first attached WRITE.
@@ -567,22 +585,20 @@ TEST_F(ReservationTest, AReaderWaitsOnTheWritersTimelinePointItself) {
 
 TEST_F(ReservationTest, AReaderWaitingOnAFarPointEndsAtItsDeadline) {
   {
-    absl::StatusOr<Client> reader = Client::Connect(daemon_->socket_dir());
-    absl::StatusOr<Client> writer = Client::Connect(daemon_->socket_dir());
-    ASSERT_TRUE(reader.ok() && writer.ok());
-    absl::StatusOr<Buffer> buffer = writer->Allocate({.heap = "system", .size = 4096});
-    ASSERT_TRUE(buffer.ok());
-    absl::StatusOr<Buffer> read = reader->Import(*buffer->Export(Access::kReadOnly));
+    absl::StatusOr<WriterAndReader> pair = NewWriterAndReader(4096);
+    ASSERT_TRUE(pair.ok()) << pair.status();
+    Buffer& buffer = pair->written;
+    Buffer& read = pair->read;
     absl::StatusOr<Timeline> frames =
-        writer->CreateTimeline({.name = "frames", .deadline = absl::Milliseconds(300)});
-    ASSERT_TRUE(read.ok() && frames.ok());
+        pair->writer.CreateTimeline({.name = "frames", .deadline = absl::Milliseconds(300)});
+    ASSERT_TRUE(frames.ok());
     // Point 2 while the timeline is at 0: not the next point, so its
     // deadline fails it for its waiters only — the reader, waiting on the
     // timeline itself, is one of them.
-    ASSERT_TRUE(buffer->AttachPoint(*frames, 2, v1::FENCE_USAGE_WRITE).ok());
+    ASSERT_TRUE(buffer.AttachPoint(*frames, 2, v1::FENCE_USAGE_WRITE).ok());
     const absl::Time start = absl::Now();
     absl::StatusOr<std::vector<v1::FenceInfo>> waited =
-        read->BeginCpuAccess(Cpu::kRead, absl::Seconds(30));
+        read.BeginCpuAccess(Cpu::kRead, absl::Seconds(30));
     ASSERT_TRUE(waited.ok()) << waited.status();
     ASSERT_EQ(waited->size(), 1u);
     EXPECT_EQ((*waited)[0].status(), v1::FENCE_STATUS_DEADLINE_EXCEEDED);
@@ -724,24 +740,22 @@ TEST_F(ReservationTest, AOneShotFenceWakesItsReaderWithoutTheDaemon) {
   if (!have_syscall_file_)
     GTEST_SKIP() << "no /proc/<pid>/task/<tid>/syscall to see a waiter sleep";
   {
-    absl::StatusOr<Client> reader = Client::Connect(daemon_->socket_dir());
-    absl::StatusOr<Client> writer = Client::Connect(daemon_->socket_dir());
-    ASSERT_TRUE(reader.ok() && writer.ok());
-    absl::StatusOr<Buffer> written = writer->Allocate({.heap = "system", .size = 65536});
-    ASSERT_TRUE(written.ok());
-    absl::StatusOr<Buffer> read = reader->Import(*written->Export(Access::kReadOnly));
-    ASSERT_TRUE(read.ok());
-    absl::StatusOr<Mapping> map = written->Map();
+    absl::StatusOr<WriterAndReader> pair = NewWriterAndReader(65536);
+    ASSERT_TRUE(pair.ok()) << pair.status();
+    Client& writer = pair->writer;
+    Buffer& written = pair->written;
+    Buffer& read = pair->read;
+    absl::StatusOr<Mapping> map = written.Map();
     ASSERT_TRUE(map.ok());
     for (int frame = 1; frame <= 3; ++frame) {
-      absl::StatusOr<Fence> done = writer->CreateFence({.name = "frame done"});
+      absl::StatusOr<Fence> done = writer.CreateFence({.name = "frame done"});
       ASSERT_TRUE(done.ok()) << done.status();
       EXPECT_NE(done->info().page_slot(), 0u) << "the writer's fence has a word of its page";
-      ASSERT_TRUE(written->AttachFence(*done, v1::FENCE_USAGE_WRITE).ok());
+      ASSERT_TRUE(written.AttachFence(*done, v1::FENCE_USAGE_WRITE).ok());
       auto tid = std::make_shared<std::atomic<pid_t>>(0);
       auto reading = std::async(std::launch::async, [tid, &read] {
         *tid = ::gettid();
-        return read->BeginCpuAccess(Cpu::kRead, absl::Seconds(30));
+        return read.BeginCpuAccess(Cpu::kRead, absl::Seconds(30));
       });
       ASSERT_TRUE(::bufferd::testing::Eventually([&] {
         return *tid != 0 && SleepsInFutexOn(::getpid(), *tid, "bufferd-fence-page");
@@ -759,12 +773,12 @@ TEST_F(ReservationTest, AOneShotFenceWakesItsReaderWithoutTheDaemon) {
       EXPECT_EQ((*waited)[0].fence_id(), done->id());
       EXPECT_EQ((*waited)[0].state(), v1::FENCE_STATE_SIGNALED);
       EXPECT_EQ((*waited)[0].status(), v1::FENCE_STATUS_OK);
-      absl::StatusOr<Mapping> seen = read->MapReadOnly();
+      absl::StatusOr<Mapping> seen = read.MapReadOnly();
       ASSERT_TRUE(seen.ok());
       const auto* bytes = static_cast<const uint8_t*>(seen->data());
       EXPECT_TRUE(std::all_of(bytes, bytes + seen->size(), [&](uint8_t b) { return b == frame; }))
           << "frame " << frame;
-      ASSERT_TRUE(read->EndCpuAccess().ok());
+      ASSERT_TRUE(read.EndCpuAccess().ok());
     }
   }
   ExpectBaseline();
@@ -797,17 +811,15 @@ uint32_t* OwnersWordOf(const Fence& fence) {
 // few wakes, and the owner's real signal still reaches it.
 TEST_F(ReservationTest, AnOwnerFlippingItsWordCannotKeepTheReaderBusy) {
   {
-    absl::StatusOr<Client> reader = Client::Connect(daemon_->socket_dir());
-    absl::StatusOr<Client> writer = Client::Connect(daemon_->socket_dir());
-    ASSERT_TRUE(reader.ok() && writer.ok());
-    absl::StatusOr<Buffer> written = writer->Allocate({.heap = "system", .size = 65536});
-    ASSERT_TRUE(written.ok());
-    absl::StatusOr<Buffer> read = reader->Import(*written->Export(Access::kReadOnly));
-    ASSERT_TRUE(read.ok());
-    absl::StatusOr<Fence> done = writer->CreateFence({.name = "frame done"});
+    absl::StatusOr<WriterAndReader> pair = NewWriterAndReader(65536);
+    ASSERT_TRUE(pair.ok()) << pair.status();
+    Client& writer = pair->writer;
+    Buffer& written = pair->written;
+    Buffer& read = pair->read;
+    absl::StatusOr<Fence> done = writer.CreateFence({.name = "frame done"});
     ASSERT_TRUE(done.ok()) << done.status();
     ASSERT_NE(done->info().page_slot(), 0u);
-    ASSERT_TRUE(written->AttachFence(*done, v1::FENCE_USAGE_WRITE).ok());
+    ASSERT_TRUE(written.AttachFence(*done, v1::FENCE_USAGE_WRITE).ok());
     uint32_t* word = OwnersWordOf(*done);
     ASSERT_NE(word, nullptr) << "the writer's page is not mapped here";
     const uint32_t pending = *word;
@@ -816,7 +828,7 @@ TEST_F(ReservationTest, AnOwnerFlippingItsWordCannotKeepTheReaderBusy) {
       *tid = ::gettid();
       timespec before{}, after{};
       ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &before);
-      auto waited = read->BeginCpuAccess(Cpu::kRead, absl::Seconds(60));
+      auto waited = read.BeginCpuAccess(Cpu::kRead, absl::Seconds(60));
       ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &after);
       const double cpu_s = (after.tv_sec - before.tv_sec) + (after.tv_nsec - before.tv_nsec) / 1e9;
       return std::make_pair(std::move(waited), cpu_s);
@@ -846,7 +858,7 @@ TEST_F(ReservationTest, AnOwnerFlippingItsWordCannotKeepTheReaderBusy) {
     // Woken by every one it would spend far more (each wake and look costs
     // microseconds: 0.15 s measured for 200,000 flips).
     EXPECT_LT(cpu_s, 0.05) << "the reader spent " << cpu_s << " s of CPU on " << kFlips << " wakes";
-    ASSERT_TRUE(read->EndCpuAccess().ok());
+    ASSERT_TRUE(read.EndCpuAccess().ok());
   }
   ExpectBaseline();
 }
