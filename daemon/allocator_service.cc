@@ -13,6 +13,13 @@ namespace {
 
 absl::Status Cancelled() { return absl::CancelledError("Allocate was cancelled by the client"); }
 
+// The call's own request: gRPC made it for this call and reads it no more
+// once the handler has it, so the allocation may move its metadata into
+// the buffer's record rather than copy it.
+v1::AllocateRequest& Consumable(const v1::AllocateRequest& request) {
+  return const_cast<v1::AllocateRequest&>(request);
+}
+
 }  // namespace
 
 absl::StatusOr<UniqueFd> AllocatorService::TakeBufferUpload(uint64_t session, uint64_t upload_id,
@@ -40,8 +47,8 @@ absl::Status AllocatorService::Deliver(uint64_t session, DaemonState::PendingGra
                              grant->buffer.buffer_id(), std::move(grant->fd));
 }
 
-absl::Status AllocatorService::DoAllocate(uint64_t session, const AllocationPlan& plan,
-                                          const v1::AllocateRequest& request,
+absl::Status AllocatorService::DoAllocate(uint64_t session, AllocationPlan& plan,
+                                          v1::AllocateRequest& request,
                                           const std::function<v1::AllocateResponse*()>& add,
                                           std::vector<v1::HeapSkip>& skipped,
                                           grpc::CallbackServerContext* context) {
@@ -101,7 +108,7 @@ grpc::ServerUnaryReactor* AllocatorService::RunAllocation(grpc::CallbackServerCo
   if (!plan->may_block()) return FinishCall(context, allocate(*session, *plan, nullptr));
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   d_.work->Post([context, reactor, session = *session, plan = *std::move(plan),
-                 allocate = std::move(allocate)] {
+                 allocate = std::move(allocate)]() mutable {
     reactor->Finish(ToGrpcStatus(allocate(session, plan, context)));
   });
   return reactor;
@@ -110,18 +117,18 @@ grpc::ServerUnaryReactor* AllocatorService::RunAllocation(grpc::CallbackServerCo
 grpc::ServerUnaryReactor* AllocatorService::Allocate(grpc::CallbackServerContext* context,
                                                      const v1::AllocateRequest* request,
                                                      v1::AllocateResponse* response) {
-  return RunAllocation(
-      context, *request, 1, /*whole=*/nullptr,
-      [this, request, response](uint64_t session, const AllocationPlan& plan,
-                                grpc::CallbackServerContext* context) {
-        std::vector<v1::HeapSkip> skipped;
-        RETURN_IF_ERROR(DoAllocate(
-            session, plan, *request, [response] { return response; }, skipped, context));
-        for (v1::HeapSkip& skip : skipped) {
-          *response->add_skipped() = std::move(skip);
-        }
-        return absl::OkStatus();
-      });
+  return RunAllocation(context, *request, 1, /*whole=*/nullptr,
+                       [this, request, response](uint64_t session, AllocationPlan& plan,
+                                                 grpc::CallbackServerContext* context) {
+                         std::vector<v1::HeapSkip> skipped;
+                         RETURN_IF_ERROR(DoAllocate(
+                             session, plan, Consumable(*request), [response] { return response; },
+                             skipped, context));
+                         for (v1::HeapSkip& skip : skipped) {
+                           *response->add_skipped() = std::move(skip);
+                         }
+                         return absl::OkStatus();
+                       });
 }
 
 grpc::ServerUnaryReactor* AllocatorService::AllocateSet(grpc::CallbackServerContext* context,
@@ -129,12 +136,12 @@ grpc::ServerUnaryReactor* AllocatorService::AllocateSet(grpc::CallbackServerCont
                                                         v1::AllocateSetResponse* response) {
   return RunAllocation(
       context, request->request(), request->count(), /*whole=*/request,
-      [this, request, response](uint64_t session, const AllocationPlan& plan,
+      [this, request, response](uint64_t session, AllocationPlan& plan,
                                 grpc::CallbackServerContext* context) -> absl::Status {
         std::vector<v1::HeapSkip> skipped;
         absl::Status done = DoAllocate(
-            session, plan, request->request(), [response] { return response->add_buffers(); },
-            skipped, context);
+            session, plan, Consumable(request->request()),
+            [response] { return response->add_buffers(); }, skipped, context);
         if (!done.ok()) {
           response->Clear();
           return done;

@@ -71,8 +71,7 @@ class AllocatorService final : public v1::Allocator::CallbackService {
   // buffer, FdDeliveries records for more) and commits; a call cancelled
   // before the commit is undone. Fills one AllocateResponse per buffer,
   // each from `add`.
-  absl::Status DoAllocate(uint64_t session, const AllocationPlan& plan,
-                          const v1::AllocateRequest& request,
+  absl::Status DoAllocate(uint64_t session, AllocationPlan& plan, v1::AllocateRequest& request,
                           const std::function<v1::AllocateResponse*()>& add,
                           std::vector<v1::HeapSkip>& skipped, grpc::CallbackServerContext* context);
   // Authenticates, plans `count` buffers as `request` asks, then runs
@@ -80,7 +79,7 @@ class AllocatorService final : public v1::Allocator::CallbackService {
   // block; finishes the call. First the whole RPC request is checked for
   // fields this daemon does not know: `whole`, or `request` itself when
   // null (Allocate's, checked without walking it by reflection).
-  using AllocateFn = std::function<absl::Status(uint64_t session, const AllocationPlan& plan,
+  using AllocateFn = std::function<absl::Status(uint64_t session, AllocationPlan& plan,
                                                 grpc::CallbackServerContext* context)>;
   grpc::ServerUnaryReactor* RunAllocation(grpc::CallbackServerContext* context,
                                           const v1::AllocateRequest& request, uint32_t count,

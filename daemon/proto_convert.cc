@@ -34,4 +34,20 @@ v1::Backing ToProto(Backing backing) {
   return v1::BACKING_UNSPECIFIED;
 }
 
+v1::FrameFormat ToProto(const FrameFormat& frame) {
+  v1::FrameFormat proto;
+  proto.set_width(frame.width);
+  proto.set_height(frame.height);
+  proto.set_fourcc(frame.fourcc);
+  proto.set_modifier(frame.modifier);
+  for (const PlaneLayout& plane : frame.planes) {
+    v1::PlaneLayout* p = proto.add_planes();
+    p->set_offset(plane.offset);
+    p->set_stride(plane.stride);
+    p->set_size(plane.size);
+  }
+  proto.set_size(frame.size);
+  return proto;
+}
+
 }  // namespace bufferd

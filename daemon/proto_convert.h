@@ -3,6 +3,7 @@
 #define BUFFERD_DAEMON_PROTO_CONVERT_H_
 
 #include "absl/time/time.h"
+#include "base/frame_format.h"
 #include "bufferd/v1/buffer.pb.h"
 #include "bufferd/v1/debug.pb.h"
 #include "google/protobuf/timestamp.pb.h"
@@ -13,6 +14,7 @@ namespace bufferd {
 google::protobuf::Timestamp ToProto(absl::Time time);
 v1::HeapType ToProto(HeapKind kind);
 v1::Backing ToProto(Backing backing);
+v1::FrameFormat ToProto(const FrameFormat& frame);
 
 }  // namespace bufferd
 

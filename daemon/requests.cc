@@ -81,22 +81,6 @@ absl::StatusOr<std::vector<Heap*>> ResolveHeaps(const HeapRegistry& heaps,
   return list;
 }
 
-v1::FrameFormat ToProto(const FrameFormat& frame) {
-  v1::FrameFormat proto;
-  proto.set_width(frame.width);
-  proto.set_height(frame.height);
-  proto.set_fourcc(frame.fourcc);
-  proto.set_modifier(frame.modifier);
-  for (const PlaneLayout& plane : frame.planes) {
-    v1::PlaneLayout* p = proto.add_planes();
-    p->set_offset(plane.offset);
-    p->set_stride(plane.stride);
-    p->set_size(plane.size);
-  }
-  proto.set_size(frame.size);
-  return proto;
-}
-
 }  // namespace
 
 AllocationRules RulesFromConfig(const v1::Config& config) {
@@ -134,12 +118,11 @@ absl::StatusOr<AllocationPlan> CheckAllocateRequest(const HeapRegistry& heaps,
           "size and frame are both set: a frame's size is computed from it; leave size 0");
     }
     const v1::FrameRequest& frame = request.frame();
-    ASSIGN_OR_RETURN(
-        const FrameFormat layout,
-        LayOutFrame(frame.width(), frame.height(), frame.fourcc(), frame.modifier(),
-                    frame.stride_alignment(), {.max_dimension = rules.max_frame_dimension}));
-    plan.frame = ToProto(layout);
+    ASSIGN_OR_RETURN(FrameFormat layout, LayOutFrame(frame.width(), frame.height(), frame.fourcc(),
+                                                     frame.modifier(), frame.stride_alignment(),
+                                                     {.max_dimension = rules.max_frame_dimension}));
     plan.size = layout.size;
+    plan.frame = std::move(layout);
   } else {
     if (request.size() == 0) return absl::InvalidArgumentError("size must be greater than 0");
     if (request.size() > (uint64_t{1} << 62)) {
@@ -177,7 +160,7 @@ absl::StatusOr<uint64_t> RoundForHeap(const Heap& heap, uint64_t max_allocation,
   return rounded;
 }
 
-absl::Status CheckMetadata(const v1::FrameMetadata& metadata, const v1::FrameFormat* frame,
+absl::Status CheckMetadata(const v1::FrameMetadata& metadata, const FrameFormat* frame,
                            absl::string_view field) {
   if (metadata.has_crop()) {
     const v1::Rect& crop = metadata.crop();
@@ -189,11 +172,11 @@ absl::Status CheckMetadata(const v1::FrameMetadata& metadata, const v1::FrameFor
       return absl::InvalidArgumentError(
           absl::StrCat(field, ".crop is empty (", crop.width(), "x", crop.height(), ")"));
     }
-    if (uint64_t{crop.x()} + crop.width() > frame->width() ||
-        uint64_t{crop.y()} + crop.height() > frame->height()) {
+    if (uint64_t{crop.x()} + crop.width() > frame->width ||
+        uint64_t{crop.y()} + crop.height() > frame->height) {
       return absl::InvalidArgumentError(absl::StrCat(
           field, ".crop ", crop.width(), "x", crop.height(), "+", crop.x(), "+", crop.y(),
-          " reaches outside the ", frame->width(), "x", frame->height(), " frame"));
+          " reaches outside the ", frame->width, "x", frame->height, " frame"));
     }
   }
   if (!v1::ColorSpace_IsValid(metadata.color_space())) {

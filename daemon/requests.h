@@ -15,6 +15,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "base/frame_format.h"
 #include "bufferd/v1/buffer.pb.h"
 #include "bufferd/v1/config.pb.h"
 #include "google/protobuf/message.h"
@@ -40,8 +41,9 @@ struct AllocationPlan {
   // Bytes each buffer needs: the request's size, or its frame's.
   uint64_t size = 0;
   uint32_t count = 1;
-  // The layout of a frame request.
-  std::optional<v1::FrameFormat> frame;
+  // The layout of a frame request (a value, not a proto: the buffer's
+  // record keeps it so, and only answers carry a proto of it).
+  std::optional<FrameFormat> frame;
 
   // Whether one of the heaps may block (prefaulting, waiting for a
   // refill): such allocations run off the RPC threads.
@@ -65,7 +67,7 @@ absl::StatusOr<uint64_t> RoundForHeap(const Heap& heap, uint64_t max_allocation_
 
 // Metadata a client sets (at Allocate or SetMetadata), for a buffer with
 // `frame` (null: not a frame). `field` prefixes errors ("metadata").
-absl::Status CheckMetadata(const v1::FrameMetadata& metadata, const v1::FrameFormat* frame,
+absl::Status CheckMetadata(const v1::FrameMetadata& metadata, const FrameFormat* frame,
                            absl::string_view field);
 
 // INVALID_ARGUMENT naming the first field of `message` (or of a message in

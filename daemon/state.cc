@@ -23,7 +23,11 @@ struct DaemonState::Buffer {
   Heap* heap = nullptr;
   // Its identity and page work; no fd past the creator's grant.
   std::unique_ptr<HeapBuffer> memory;
+  // Without the frame: kept below as a value, and added to every answer
+  // by InfoOf (a proto of it would cost allocations a frame Allocate
+  // cannot spare).
   v1::BufferInfo info;
+  std::optional<FrameFormat> frame;
   // Its handles (views list a page's holders from here); one, mostly.
   absl::InlinedVector<uint64_t, 1> handles;
   // Who made it (for debug views).
@@ -256,12 +260,18 @@ absl::StatusOr<LeasedFd> DaemonState::DeliveryFdLocked(uid_t uid, int source, v1
   return LeasedFd{std::move(fd), std::move(lease)};
 }
 
+v1::BufferInfo DaemonState::InfoOf(const Buffer& buffer) {
+  v1::BufferInfo info = buffer.info;
+  if (buffer.frame.has_value()) *info.mutable_frame() = ToProto(*buffer.frame);
+  return info;
+}
+
 DaemonState::Grant DaemonState::AddHandleLocked(uint64_t session_id, Session& session,
                                                 Buffer& buffer, v1::Access access, LeasedFd fd) {
   Grant grant;
   grant.handle = next_handle_id_++;
   grant.transfer_id = next_transfer_id_++;
-  grant.buffer = buffer.info;
+  grant.buffer = InfoOf(buffer);
   grant.access = access;
   grant.fd = std::move(fd);
   handles_[grant.handle] = Handle{grant.handle, session_id, buffer.info.buffer_id(), access};
@@ -334,14 +344,15 @@ absl::StatusOr<AllocationPlan> DaemonState::Plan(const v1::AllocateRequest& requ
 }
 
 absl::StatusOr<DaemonState::Allocation> DaemonState::AllocateSet(uint64_t session_id,
-                                                                 const v1::AllocateRequest& request,
+                                                                 v1::AllocateRequest request,
                                                                  uint32_t count) {
-  ASSIGN_OR_RETURN(const AllocationPlan plan, Plan(request, count));
+  ASSIGN_OR_RETURN(AllocationPlan plan, Plan(request, count));
   return AllocatePlanned(session_id, plan, request);
 }
 
-absl::StatusOr<DaemonState::Allocation> DaemonState::AllocatePlanned(
-    uint64_t session_id, const AllocationPlan& plan, const v1::AllocateRequest& request) {
+absl::StatusOr<DaemonState::Allocation> DaemonState::AllocatePlanned(uint64_t session_id,
+                                                                     AllocationPlan& plan,
+                                                                     v1::AllocateRequest& request) {
   Allocation allocation;
   std::vector<absl::Status> refusals;
   const uint64_t max_allocation = max_allocation_bytes_.load(std::memory_order_relaxed);
@@ -374,8 +385,8 @@ absl::StatusOr<DaemonState::Allocation> DaemonState::AllocatePlanned(
 }
 
 absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
-    uint64_t session_id, Heap& heap, uint64_t rounded, const AllocationPlan& plan,
-    const v1::AllocateRequest& request, std::optional<v1::SkipReason>* skip,
+    uint64_t session_id, Heap& heap, uint64_t rounded, AllocationPlan& plan,
+    v1::AllocateRequest& request, std::optional<v1::SkipReason>* skip,
     std::optional<Refusal>* refused) {
   const uint32_t count = plan.count;
   const uint64_t total = rounded * count;
@@ -483,6 +494,8 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
     std::vector<Grant> grants;
     const absl::Time now = absl::Now();
     for (size_t i = 0; i < memories.size(); ++i) {
+      // The last record takes the frame and metadata the others copy.
+      const bool last = i + 1 == memories.size();
       const uint64_t size = memories[i]->size();
       auto buffer = std::make_unique<Buffer>();
       buffer->heap = &heap;
@@ -498,7 +511,7 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
       info.set_freezable(request.freezable());
       info.set_creator_session(session_id);
       *info.mutable_created_at() = ToProto(now);
-      if (plan.frame.has_value()) *info.mutable_frame() = *plan.frame;
+      if (plan.frame.has_value()) buffer->frame = last ? std::move(*plan.frame) : *plan.frame;
       Buffer& ref = *buffer;
       buffers_[info.buffer_id()] = std::move(buffer);
       buffers_by_heap_[&heap].insert(info.buffer_id());
@@ -512,7 +525,13 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
           AddHandleLocked(session_id, *session, ref, v1::ACCESS_READ_WRITE, std::move(fd)));
       // After the grant's copy of the info: the creator sent the metadata
       // and is not sent it back (AllocateResponse.buffer).
-      if (request.has_metadata()) *info.mutable_metadata() = request.metadata();
+      if (request.has_metadata()) {
+        if (last) {
+          info.set_allocated_metadata(request.release_metadata());
+        } else {
+          *info.mutable_metadata() = request.metadata();
+        }
+      }
     }
     return grants;
   }();
@@ -532,7 +551,7 @@ absl::StatusOr<v1::CanAllocateResponse> DaemonState::CanAllocate(uint64_t sessio
   ASSIGN_OR_RETURN(const AllocationPlan plan,
                    CheckAllocateRequest(*heaps_, rules_, request, count));
   v1::CanAllocateResponse response;
-  if (plan.frame.has_value()) *response.mutable_frame() = *plan.frame;
+  if (plan.frame.has_value()) *response.mutable_frame() = ToProto(*plan.frame);
   const uint64_t max_allocation = max_allocation_bytes_.load(std::memory_order_relaxed);
   for (Heap* heap : plan.heaps) {
     std::optional<v1::SkipReason> skip;
@@ -601,8 +620,8 @@ absl::StatusOr<v1::BufferInfo> DaemonState::SetMetadata(
     return absl::PermissionDeniedError(absl::StrCat(
         "handle ", handle_id, " is read-only; only a read-write holder may change metadata"));
   }
-  RETURN_IF_ERROR(CheckMetadata(metadata, buffer.info.has_frame() ? &buffer.info.frame() : nullptr,
-                                "metadata"));
+  RETURN_IF_ERROR(
+      CheckMetadata(metadata, buffer.frame.has_value() ? &*buffer.frame : nullptr, "metadata"));
   const uint64_t generation = buffer.info.metadata().generation();
   if (expected_generation.has_value() && *expected_generation != generation) {
     return absl::FailedPreconditionError(
@@ -613,7 +632,7 @@ absl::StatusOr<v1::BufferInfo> DaemonState::SetMetadata(
   v1::FrameMetadata& kept = *buffer.info.mutable_metadata();
   kept = metadata;
   kept.set_generation(generation + 1);
-  return buffer.info;
+  return InfoOf(buffer);
 }
 
 absl::StatusOr<std::vector<DeadBuffer>> DaemonState::Release(uint64_t session_id, uint64_t handle,
@@ -786,7 +805,7 @@ absl::StatusOr<v1::GetBufferResponse> DaemonState::GetBuffer(uint64_t session_id
   ASSIGN_OR_RETURN(Handle * handle, FindHandleLocked(session_id, handle_id));
   const Buffer& buffer = *buffers_.at(handle->buffer);
   v1::GetBufferResponse response;
-  *response.mutable_buffer() = buffer.info;
+  *response.mutable_buffer() = InfoOf(buffer);
   response.set_access(handle->access);
   response.set_handle_count(static_cast<uint32_t>(buffer.handles.size()));
   return response;
@@ -802,7 +821,7 @@ absl::StatusOr<v1::BufferInfo> DaemonState::Freeze(uint64_t session_id, uint64_t
     return absl::PermissionDeniedError(
         absl::StrCat("handle ", handle_id, " is read-only; only a read-write holder may freeze"));
   }
-  if (buffer.info.frozen()) return buffer.info;
+  if (buffer.info.frozen()) return InfoOf(buffer);
   if (!buffer.info.freezable()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "buffer ", buffer.info.buffer_id(),
@@ -820,7 +839,7 @@ absl::StatusOr<v1::BufferInfo> DaemonState::Freeze(uint64_t session_id, uint64_t
     return ErrnoError("fcntl(F_ADD_SEALS, F_SEAL_WRITE)", errno);
   }
   buffer.info.set_frozen(true);
-  return buffer.info;
+  return InfoOf(buffer);
 }
 
 void DaemonState::ExpireTokens(absl::Time now) {
@@ -869,7 +888,7 @@ DaemonState::BufferPage DaemonState::ListBuffers(const BufferQuery& query) const
     last = id;
     if (!query.heap.empty() && buffer.info.heap() != query.heap) return true;
     BufferView& view = page.views.emplace_back();
-    view.info = buffer.info;
+    view.info = InfoOf(buffer);
     view.kind = buffer.heap->kind();
     view.dev = buffer.memory->dev();
     view.ino = buffer.memory->ino();

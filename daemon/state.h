@@ -190,13 +190,16 @@ class DaemonState {
   // request's heaps that can serve them all, or none: a heap that cannot
   // (full, pool empty, a quota on it, too large) is skipped and said why;
   // when none can, RESOURCE_EXHAUSTED gives every reason.
-  absl::StatusOr<Allocation> AllocateSet(uint64_t session_id, const v1::AllocateRequest& request,
+  absl::StatusOr<Allocation> AllocateSet(uint64_t session_id, v1::AllocateRequest request,
                                          uint32_t count);
   // The same in two steps: the request checked and planned (its heaps, its
-  // size, its frame's layout), then allocated.
+  // size, its frame's layout), then allocated. AllocatePlanned consumes the
+  // plan's frame and the request's metadata once it succeeds: the last
+  // buffer's record takes them (moved, not copied: they are most of what
+  // a frame costs the daemon).
   absl::StatusOr<AllocationPlan> Plan(const v1::AllocateRequest& request, uint32_t count) const;
-  absl::StatusOr<Allocation> AllocatePlanned(uint64_t session_id, const AllocationPlan& plan,
-                                             const v1::AllocateRequest& request);
+  absl::StatusOr<Allocation> AllocatePlanned(uint64_t session_id, AllocationPlan& plan,
+                                             v1::AllocateRequest& request);
   absl::StatusOr<PendingGrant> Allocate(uint64_t session_id, const v1::AllocateRequest& request);
   // What AllocateSet would do now, allocating nothing. Errors for a bad
   // request are AllocateSet's.
@@ -320,8 +323,8 @@ class DaemonState {
   // `refused` for a refusal worth counting that is no skip (the buffer
   // quota, the fd budget, the kernel).
   absl::StatusOr<std::vector<PendingGrant>> AllocateOn(uint64_t session_id, Heap& heap,
-                                                       uint64_t rounded, const AllocationPlan& plan,
-                                                       const v1::AllocateRequest& request,
+                                                       uint64_t rounded, AllocationPlan& plan,
+                                                       v1::AllocateRequest& request,
                                                        std::optional<v1::SkipReason>* skip,
                                                        std::optional<Refusal>* refused);
   // Counts a refusal on `heap` and logs it: once per session and reason,
@@ -332,6 +335,8 @@ class DaemonState {
   void LogFallback(const Heap& heap, Backing backing, uint64_t size, const std::string& why);
   // Adds a handle (the session must already be charged for the buffer) and
   // returns the Grant with `fd`, the fd to deliver.
+  // A buffer's info as answers carry it (with its frame).
+  static v1::BufferInfo InfoOf(const Buffer& buffer);
   Grant AddHandleLocked(uint64_t session_id, Session& session, Buffer& buffer, v1::Access access,
                         LeasedFd fd) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Removes a handle; a buffer that dies is retired and appended to `dead`.

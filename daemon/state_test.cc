@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <libdrm/drm_fourcc.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -551,6 +552,65 @@ TEST_F(StateTest, UploadedFdsMustBeTheBuffersOwn) {
   ASSERT_TRUE(frozen.ok()) << frozen.status();
   EXPECT_TRUE(frozen->frozen());
   EXPECT_EQ(::fcntl(grant->fd.fd.get(), F_GET_SEALS) & F_SEAL_WRITE, F_SEAL_WRITE);
+}
+
+// Tests that a frame's layout, kept by the buffer's record apart from its
+// info, is in every answer about the buffer (the grants of a set, where the
+// last buffer takes the plan's layout and the request's metadata and the
+// others copy them; GetBuffer, SetMetadata, Freeze and the debug view).
+TEST_F(StateTest, AFrameIsInEveryAnswerAboutItsBuffer) {
+  auto state = NewState();
+  const uint64_t a = Open(*state, 1);
+  v1::AllocateRequest request = Request("system", 0);
+  request.set_freezable(true);
+  v1::FrameRequest& frame = *request.mutable_frame();
+  frame.set_width(64);
+  frame.set_height(48);
+  frame.set_fourcc(DRM_FORMAT_NV12);
+  request.mutable_metadata()->set_tag("camera0");
+  request.mutable_metadata()->mutable_crop()->set_width(32);
+  request.mutable_metadata()->mutable_crop()->set_height(16);
+  absl::StatusOr<DaemonState::Allocation> set = state->AllocateSet(a, request, 2);
+  ASSERT_TRUE(set.ok()) << set.status();
+  std::vector<DaemonState::Grant> grants;
+  for (auto& pending : set->grants) grants.push_back(std::move(pending).Commit());
+  ASSERT_EQ(grants.size(), 2u);
+  const v1::FrameFormat& layout = grants[0].buffer.frame();
+  EXPECT_EQ(layout.width(), 64u);
+  EXPECT_EQ(layout.height(), 48u);
+  EXPECT_EQ(layout.fourcc(), DRM_FORMAT_NV12);
+  ASSERT_EQ(layout.planes_size(), 2);
+  EXPECT_EQ(layout.planes(1).offset(), 64u * 48);
+  auto same = [&](const v1::BufferInfo& info) {
+    return info.has_frame() && info.frame().SerializeAsString() == layout.SerializeAsString();
+  };
+  for (const DaemonState::Grant& grant : grants) {
+    EXPECT_TRUE(same(grant.buffer)) << grant.buffer.DebugString();
+    // Not sent back to the creator, which sent it.
+    EXPECT_FALSE(grant.buffer.has_metadata());
+    absl::StatusOr<v1::GetBufferResponse> got = state->GetBuffer(a, grant.handle);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_TRUE(same(got->buffer())) << got->buffer().DebugString();
+    EXPECT_EQ(got->buffer().metadata().tag(), "camera0");
+    EXPECT_EQ(got->buffer().metadata().crop().width(), 32u);
+  }
+  v1::FrameMetadata metadata;
+  metadata.set_tag("changed");
+  absl::StatusOr<v1::BufferInfo> changed =
+      state->SetMetadata(a, grants[0].handle, metadata, std::nullopt);
+  ASSERT_TRUE(changed.ok()) << changed.status();
+  EXPECT_TRUE(same(*changed));
+  EXPECT_EQ(changed->metadata().tag(), "changed");
+  absl::StatusOr<UniqueFd> own = DuplicateFd(grants[1].fd.fd.get());
+  ASSERT_TRUE(own.ok()) << own.status();
+  absl::StatusOr<v1::BufferInfo> frozen = state->Freeze(a, grants[1].handle, *std::move(own));
+  ASSERT_TRUE(frozen.ok()) << frozen.status();
+  EXPECT_TRUE(same(*frozen));
+  const DaemonState::BufferPage page = state->ListBuffers({});
+  ASSERT_EQ(page.views.size(), 2u);
+  for (const auto& view : page.views) {
+    EXPECT_TRUE(same(view.info)) << view.info.DebugString();
+  }
 }
 
 // Tests that a grant dropped uncommitted undoes itself: a pending Allocate's
