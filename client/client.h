@@ -519,6 +519,12 @@ class Timeline {
       const std::shared_ptr<internal::Connection>& connection,
       std::span<const TimelinePoint> points, bool all, absl::Duration timeout,
       absl::Duration need_by, TimelineWait what);
+  // The same into `results` (one per point): a single point's wait, the
+  // hot path, allocates nothing.
+  static absl::Status WaitPoints(const std::shared_ptr<internal::Connection>& connection,
+                                 std::span<const TimelinePoint> points, bool all,
+                                 absl::Duration timeout, absl::Duration need_by, TimelineWait what,
+                                 std::span<PointResult> results);
   // ImportTimeline's call and pages, on the Connection `holder` points to,
   // which the Timeline keeps (owned, or not: an aliasing pointer).
   static absl::StatusOr<Timeline> Import(std::shared_ptr<internal::Connection> holder,

@@ -352,18 +352,19 @@ absl::StatusOr<PointResult> Timeline::Wait(uint64_t point, absl::Duration timeou
                                            absl::Duration need_by) const {
   if (shared_ == nullptr) return absl::FailedPreconditionError("moved-from Timeline");
   const TimelinePoint points[] = {{this, point}};
-  ASSIGN_OR_RETURN(std::vector<PointResult> results,
-                   WaitPoints(connection_, points, true, timeout, need_by, TimelineWait::kReached));
-  return std::move(results[0]);
+  PointResult result;
+  RETURN_IF_ERROR(WaitPoints(connection_, points, true, timeout, need_by, TimelineWait::kReached,
+                             std::span(&result, 1)));
+  return result;
 }
 
 absl::StatusOr<PointResult> Timeline::WaitAvailable(uint64_t point, absl::Duration timeout) const {
   if (shared_ == nullptr) return absl::FailedPreconditionError("moved-from Timeline");
   const TimelinePoint points[] = {{this, point}};
-  ASSIGN_OR_RETURN(std::vector<PointResult> results,
-                   WaitPoints(connection_, points, true, timeout, absl::ZeroDuration(),
-                              TimelineWait::kAvailable));
-  return std::move(results[0]);
+  PointResult result;
+  RETURN_IF_ERROR(WaitPoints(connection_, points, true, timeout, absl::ZeroDuration(),
+                             TimelineWait::kAvailable, std::span(&result, 1)));
+  return result;
 }
 
 absl::StatusOr<std::shared_ptr<internal::Waker>> Timeline::EnsureWaker(bool with_notify) const {
@@ -641,6 +642,15 @@ absl::StatusOr<std::vector<PointResult>> Client::WaitTimelines(
 absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
     const std::shared_ptr<internal::Connection>& connection, std::span<const TimelinePoint> points,
     bool all, absl::Duration timeout, absl::Duration need_by, TimelineWait what) {
+  std::vector<PointResult> results(points.size());
+  RETURN_IF_ERROR(WaitPoints(connection, points, all, timeout, need_by, what, results));
+  return results;
+}
+
+absl::Status Timeline::WaitPoints(const std::shared_ptr<internal::Connection>& connection,
+                                  std::span<const TimelinePoint> points, bool all,
+                                  absl::Duration timeout, absl::Duration need_by, TimelineWait what,
+                                  std::span<PointResult> results) {
   if (points.empty() || points.size() > kMaxWaitPoints) {
     return absl::InvalidArgumentError(absl::StrCat("a wait takes 1 to ", kMaxWaitPoints,
                                                    " timeline points, not ", points.size()));
@@ -663,7 +673,9 @@ absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
                                                             : start + ns;
   };
   const int64_t until = after(timeout);
-  std::vector<PointResult> results(points.size());
+  if (results.size() != points.size()) {
+    return absl::InternalError("WaitPoints needs one result per point");
+  }
   // Each point's timeline's waker (this session's; registered at its first
   // wait): one futex word per timeline.
   absl::InlinedVector<std::shared_ptr<internal::Waker>, 4> wakers;
@@ -692,6 +704,8 @@ absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
   std::optional<Slots> slots;
   // This session ended under the wait: nothing bounds it any more.
   bool session_over = false;
+  int64_t now = start;
+  bool now_is_fresh = true;
   while (true) {
     for (size_t i = 0; i < words.size(); ++i) expected[i] = Load(*words[i]);
     size_t done = 0;
@@ -710,8 +724,11 @@ absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
         ++done;
       }
     }
-    if (all ? done == points.size() : done > 0) return results;
-    const int64_t now = timeline::MonotonicNs();
+    if (all ? done == points.size() : done > 0) return absl::OkStatus();
+    // Read at the start or just before arming, the clock is recent enough
+    // for this look (a sleep's end is absolute); after a sleep, read it.
+    if (!now_is_fresh) now = timeline::MonotonicNs();
+    now_is_fresh = false;
     if (now >= until) {
       const char* state_word = what == TimelineWait::kAvailable ? "available" : "reached";
       std::string pending;
@@ -739,6 +756,7 @@ absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
       }
       sleeping.wakers = &wakers;
       std::atomic_thread_fence(std::memory_order_seq_cst);
+      now_is_fresh = true;
       continue;  // look again: a signal may have come while arming
     }
     if (session_over) {
