@@ -21,7 +21,10 @@
 //     processes (a store and FUTEX_WAKE on a shared page). And -> a waiter
 //     polling its notify fd wakes; floor: one datagram on a socket pair
 //     waking a poll. Target <= 1.25x; figure 1's daemon-relayed fence path is printed
-//     beside it.
+//     beside it. (info) Where owner and waiter share a CPU, the Wait and its
+//     floor split by whether the woken waiter ran at the wake (preempting
+//     the signaller) or only when the signaller blocked, each case against
+//     the floor's same case: the scheduler picks the case, not the library.
 // T2. The daemon's voluntary context switches (all its threads) over 10,000
 //     ping-pong frames (T3). Target: under 1 per 100 frames.
 // T3. Ping-pong: the owner signals point i of an acquire timeline, the
@@ -537,10 +540,31 @@ double FenceRpcOnce(const Client& owner, const Helper& waiter) {
   return (woke - start) / 1000.0;
 }
 
+// One T1 sample, and whether the woken waiter ran before the signaller's
+// call returned (the scheduler let it preempt the signaller at the wake):
+// on one CPU the two cases differ by the signaller's work up to its next
+// block, and the scheduler's choice (EEVDF weighs what each process ran
+// lately) is not the library's.
+struct WakeSample {
+  double us = 0;
+  bool preempted = false;
+};
+struct WakeSamples {
+  std::vector<double> all;
+  std::vector<double> by[2];  // [0]: the signaller ran on; [1]: preempted
+  void Add(const WakeSample& sample) {
+    all.push_back(sample.us);
+    by[sample.preempted].push_back(sample.us);
+  }
+};
+WakeSample Sample(int64_t start, int64_t returned, int64_t woke) {
+  return {(woke - start) / 1000.0, returned > woke};
+}
+
 // Floor T1: a store and FUTEX_WAKE -> a FUTEX_WAIT in the waiter returns;
 // (info) `timed`: that FUTEX_WAIT given a timeout, as every
 // Timeline::Wait's is (no wait is indefinite).
-double FutexOnce(const Helper& waiter, bool timed = false) {
+WakeSample FutexOnce(const Helper& waiter, bool timed = false) {
   UniqueFd page(::memfd_create("floor", MFD_CLOEXEC));
   if (::ftruncate(page.get(), 4096) != 0) std::exit(1);
   uint32_t* words = MapShared(page.get());
@@ -549,19 +573,21 @@ double FutexOnce(const Helper& waiter, bool timed = false) {
   LetThemBlock();
   const int64_t start = NowNs();
   Publish(&words[0], 1);
+  const int64_t returned = NowNs();
   const int64_t woke = Stamp(waiter.Read());
   ::munmap(words, 4096);
-  return (woke - start) / 1000.0;
+  return Sample(start, returned, woke);
 }
 
 // T1: Timeline::Signal -> the waiter's Timeline::Wait returns.
-double TimelineOnce(Timeline& timeline, uint64_t point, const Helper& waiter) {
+WakeSample TimelineOnce(Timeline& timeline, uint64_t point, const Helper& waiter) {
   (void)waiter.Ask(absl::StrCat("tl-wait ", point));
   LetThemBlock();
   const int64_t start = NowNs();
   if (!timeline.Signal(point).ok()) std::exit(1);
+  const int64_t returned = NowNs();
   const int64_t woke = Stamp(waiter.Read());
-  return (woke - start) / 1000.0;
+  return Sample(start, returned, woke);
 }
 
 // Floor T1 (notify fd): one datagram sent on a socket pair (what a notify
@@ -899,21 +925,39 @@ int main(int argc, char** argv) {
         FutexOnce(*waiter);
         TimelineOnce(*timeline, ++point, *waiter);
       }
-      std::vector<double> futex_s, timeline_s, pipe_s, poll_fd_s, timed_s;
+      WakeSamples futex_s, timeline_s;
+      std::vector<double> pipe_s, poll_fd_s, timed_s;
       for (int i = 0; i < iterations; ++i) {
-        futex_s.push_back(FutexOnce(*waiter));
-        timed_s.push_back(FutexOnce(*waiter, /*timed=*/true));
-        timeline_s.push_back(TimelineOnce(*timeline, ++point, *waiter));
+        futex_s.Add(FutexOnce(*waiter));
+        timed_s.push_back(FutexOnce(*waiter, /*timed=*/true).us);
+        timeline_s.Add(TimelineOnce(*timeline, ++point, *waiter));
         pipe_s.push_back(DgramSendOnce(*waiter));
         poll_fd_s.push_back(TimelinePollOnce(*timeline, ++point, *waiter));
       }
-      Verdict("T1. Timeline Signal -> Wait", placement.name, Summarize(timeline_s, 0),
-              Summarize(futex_s, 0), 1.25, all_met);
+      Verdict("T1. Timeline Signal -> Wait", placement.name, Summarize(timeline_s.all, 0),
+              Summarize(futex_s.all, 0), 1.25, all_met);
       Verdict("T1. Timeline Signal -> notify fd", placement.name, Summarize(poll_fd_s, 0),
               Summarize(pipe_s, 0), 1.25, all_met);
       std::printf("   (info) floor with a timed FUTEX_WAIT %-20s p50 %7.1f = %.2fx the floor\n",
                   placement.name, Summarize(timed_s, 0).p50,
-                  Summarize(timed_s, 0).p50 / Summarize(futex_s, 0).p50);
+                  Summarize(timed_s, 0).p50 / Summarize(futex_s.all, 0).p50);
+      // On one CPU, each case against the floor's same case.
+      for (int preempted : {1, 0}) {
+        if (placement.waiter_cpu != 0) break;
+        const std::vector<double>& got = timeline_s.by[preempted];
+        const std::vector<double>& floor = futex_s.by[preempted];
+        std::printf(
+            "   (info) waiter ran %-17s %-14s Wait %3zu%% p50 %7.1f | floor %3zu%% p50 %7.1f",
+            preempted ? "at the wake" : "when it blocked", placement.name,
+            got.size() * 100 / std::max<size_t>(timeline_s.all.size(), 1),
+            got.empty() ? 0.0 : Summarize(got, 0).p50,
+            floor.size() * 100 / std::max<size_t>(futex_s.all.size(), 1),
+            floor.empty() ? 0.0 : Summarize(floor, 0).p50);
+        if (!got.empty() && !floor.empty()) {
+          std::printf(" = %.2fx", Summarize(got, 0).p50 / Summarize(floor, 0).p50);
+        }
+        std::printf("\n");
+      }
       // Five rounds, each beside its floor (cross-CPU ping-pong drifts
       // by 2x from one second to the next here): the median ratio.
       constexpr int kRounds = 5;
@@ -966,7 +1010,7 @@ int main(int argc, char** argv) {
               Summarize(relay_s, 0), 1.25, all_met);
       std::printf("   (beside T1) the relayed fence path %-22s p50 %7.1f = %.1fx T1's p50\n",
                   placement.name, Summarize(poll_s, 0).p50,
-                  Summarize(poll_s, 0).p50 / Summarize(timeline_s, 0).p50);
+                  Summarize(poll_s, 0).p50 / Summarize(timeline_s.all, 0).p50);
       const Summary socket_relay = Summarize(socket_relay_s, 0);
       std::printf("   (info) relay over SEQPACKET+epoll  %-22s p50 %7.1f (p99 %7.1f)  %.2fx the floor\n",
                   placement.name, socket_relay.p50, socket_relay.p99,
