@@ -541,7 +541,9 @@ double FenceRpcOnce(const Client& owner, const Helper& waiter) {
 }
 
 // One T1 sample, and whether the woken waiter ran before the signaller's
-// call returned (the scheduler let it preempt the signaller at the wake):
+// call returned (the scheduler let it preempt the signaller at the wake;
+// also when Signal itself blocked after the wake, in a TakeWakers round
+// trip, which a steady state with one waiter never makes):
 // on one CPU the two cases differ by the signaller's work up to its next
 // block, and the scheduler's choice (EEVDF weighs what each process ran
 // lately) is not the library's.

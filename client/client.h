@@ -519,8 +519,9 @@ class Timeline {
       const std::shared_ptr<internal::Connection>& connection,
       std::span<const TimelinePoint> points, bool all, absl::Duration timeout,
       absl::Duration need_by, TimelineWait what);
-  // The same into `results` (one per point): a single point's wait, the
-  // hot path, allocates nothing.
+  // The same into `results` (one per point, each as PointResult{} makes
+  // it: a status still UNSPECIFIED is a point not done): a single point's
+  // wait, the hot path, allocates nothing.
   static absl::Status WaitPoints(const std::shared_ptr<internal::Connection>& connection,
                                  std::span<const TimelinePoint> points, bool all,
                                  absl::Duration timeout, absl::Duration need_by, TimelineWait what,

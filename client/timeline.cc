@@ -705,7 +705,7 @@ absl::Status Timeline::WaitPoints(const std::shared_ptr<internal::Connection>& c
   // This session ended under the wait: nothing bounds it any more.
   bool session_over = false;
   int64_t now = start;
-  bool now_is_fresh = true;
+  bool now_is_fresh = false;
   while (true) {
     for (size_t i = 0; i < words.size(); ++i) expected[i] = Load(*words[i]);
     size_t done = 0;
@@ -725,8 +725,9 @@ absl::Status Timeline::WaitPoints(const std::shared_ptr<internal::Connection>& c
       }
     }
     if (all ? done == points.size() : done > 0) return absl::OkStatus();
-    // Read at the start or just before arming, the clock is recent enough
-    // for this look (a sleep's end is absolute); after a sleep, read it.
+    // Read just before arming, the clock is recent enough for the look
+    // after it (a sleep's end is absolute); the first look and every look
+    // after a sleep read it (registering a waker may have taken a while).
     if (!now_is_fresh) now = timeline::MonotonicNs();
     now_is_fresh = false;
     if (now >= until) {

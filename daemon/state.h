@@ -333,10 +333,10 @@ class DaemonState {
                     const absl::Status& status);
   // Logs, at most once a minute per heap, that a fallback served `buffer`.
   void LogFallback(const Heap& heap, Backing backing, uint64_t size, const std::string& why);
-  // Adds a handle (the session must already be charged for the buffer) and
-  // returns the Grant with `fd`, the fd to deliver.
   // A buffer's info as answers carry it (with its frame).
   static v1::BufferInfo InfoOf(const Buffer& buffer);
+  // Adds a handle (the session must already be charged for the buffer) and
+  // returns the Grant with `fd`, the fd to deliver.
   Grant AddHandleLocked(uint64_t session_id, Session& session, Buffer& buffer, v1::Access access,
                         LeasedFd fd) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Removes a handle; a buffer that dies is retired and appended to `dead`.
