@@ -13,13 +13,6 @@ namespace {
 
 absl::Status Cancelled() { return absl::CancelledError("Allocate was cancelled by the client"); }
 
-// The call's own request: gRPC made it for this call and reads it no more
-// once the handler has it, so the allocation may move its metadata into
-// the buffer's record rather than copy it.
-v1::AllocateRequest& Consumable(const v1::AllocateRequest& request) {
-  return const_cast<v1::AllocateRequest&>(request);
-}
-
 }  // namespace
 
 absl::StatusOr<UniqueFd> AllocatorService::TakeBufferUpload(uint64_t session, uint64_t upload_id,
@@ -44,16 +37,17 @@ absl::StatusOr<UniqueFd> AllocatorService::TakeBufferUpload(uint64_t session, ui
 
 absl::Status AllocatorService::Deliver(uint64_t session, DaemonState::PendingGrant& grant) {
   return d_.channel->Deliver(session, grant->transfer_id, v1::FD_KIND_BUFFER,
-                             grant->buffer.buffer_id(), std::move(grant->fd));
+                             grant->buffer->buffer_id(), std::move(grant->fd));
 }
 
 absl::Status AllocatorService::DoAllocate(uint64_t session, AllocationPlan& plan,
-                                          v1::AllocateRequest& request,
+                                          const v1::AllocateRequest& request,
+                                          google::protobuf::Arena* answers,
                                           const std::function<v1::AllocateResponse*()>& add,
                                           std::vector<v1::HeapSkip>& skipped,
                                           grpc::CallbackServerContext* context) {
   absl::StatusOr<DaemonState::Allocation> allocation =
-      d_.state->AllocatePlanned(session, plan, request);
+      d_.state->AllocatePlanned(session, plan, request, answers);
   if (!allocation.ok()) {
     spdlog::debug("session {}: Allocate of {} x {} bytes failed: {}: {}", session, plan.count,
                   plan.size, absl::StatusCodeToString(allocation.status().code()),
@@ -72,7 +66,7 @@ absl::Status AllocatorService::DoAllocate(uint64_t session, AllocationPlan& plan
     deliveries.reserve(grants.size());
     for (DaemonState::PendingGrant& grant : grants) {
       deliveries.push_back(FdChannel::Delivery{grant->transfer_id, v1::FD_KIND_BUFFER,
-                                               grant->buffer.buffer_id(), std::move(grant->fd)});
+                                               grant->buffer->buffer_id(), std::move(grant->fd)});
     }
     RETURN_IF_ERROR(d_.channel->DeliverAll(session, std::move(deliveries)));
   }
@@ -85,7 +79,7 @@ absl::Status AllocatorService::DoAllocate(uint64_t session, AllocationPlan& plan
     response.set_handle(grant.handle);
     response.set_transfer_id(grant.transfer_id);
     // Without the metadata: the allocator sent it (AllocateResponse.buffer).
-    *response.mutable_buffer() = std::move(grant.buffer);
+    *response.mutable_buffer() = std::move(*grant.buffer);
   }
   skipped = std::move(allocation->skipped);
   return absl::OkStatus();
@@ -122,8 +116,8 @@ grpc::ServerUnaryReactor* AllocatorService::Allocate(grpc::CallbackServerContext
                                                  grpc::CallbackServerContext* context) {
                          std::vector<v1::HeapSkip> skipped;
                          RETURN_IF_ERROR(DoAllocate(
-                             session, plan, Consumable(*request), [response] { return response; },
-                             skipped, context));
+                             session, plan, *request, response->GetArena(),
+                             [response] { return response; }, skipped, context));
                          for (v1::HeapSkip& skip : skipped) {
                            *response->add_skipped() = std::move(skip);
                          }
@@ -140,7 +134,7 @@ grpc::ServerUnaryReactor* AllocatorService::AllocateSet(grpc::CallbackServerCont
                                 grpc::CallbackServerContext* context) -> absl::Status {
         std::vector<v1::HeapSkip> skipped;
         absl::Status done = DoAllocate(
-            session, plan, Consumable(request->request()),
+            session, plan, request->request(), response->GetArena(),
             [response] { return response->add_buffers(); }, skipped, context);
         if (!done.ok()) {
           response->Clear();
@@ -218,7 +212,7 @@ grpc::ServerUnaryReactor* AllocatorService::Import(grpc::CallbackServerContext* 
     response->set_handle(grant.handle);
     response->set_transfer_id(grant.transfer_id);
     response->set_access(grant.access);
-    *response->mutable_buffer() = std::move(grant.buffer);
+    *response->mutable_buffer() = std::move(*grant.buffer);
     return absl::OkStatus();
   });
 }

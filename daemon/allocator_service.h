@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "bufferd/v1/buffer.grpc.pb.h"
+#include "daemon/arena_messages.h"
 #include "daemon/fd_channel.h"
 #include "daemon/reaper.h"
 #include "daemon/session_hub.h"
@@ -36,7 +37,10 @@ class AllocatorService final : public v1::Allocator::CallbackService {
     // The Release RPC finishes once the buffer's memory is freed.
     Reaper* reaper;
   };
-  explicit AllocatorService(Deps deps) : d_(deps) {}
+  explicit AllocatorService(Deps deps) : d_(deps) {
+    SetMessageAllocatorFor_Allocate(&allocate_messages_);
+    SetMessageAllocatorFor_AllocateSet(&allocate_set_messages_);
+  }
 
   grpc::ServerUnaryReactor* Allocate(grpc::CallbackServerContext* context,
                                      const v1::AllocateRequest* request,
@@ -70,8 +74,9 @@ class AllocatorService final : public v1::Allocator::CallbackService {
   // Allocates `count` buffers, delivers their fds (one FdDelivery for one
   // buffer, FdDeliveries records for more) and commits; a call cancelled
   // before the commit is undone. Fills one AllocateResponse per buffer,
-  // each from `add`.
-  absl::Status DoAllocate(uint64_t session, AllocationPlan& plan, v1::AllocateRequest& request,
+  // each from `add` (on `answers`, the response's arena, or null).
+  absl::Status DoAllocate(uint64_t session, AllocationPlan& plan,
+                          const v1::AllocateRequest& request, google::protobuf::Arena* answers,
                           const std::function<v1::AllocateResponse*()>& add,
                           std::vector<v1::HeapSkip>& skipped, grpc::CallbackServerContext* context);
   // Authenticates, plans `count` buffers as `request` asks, then runs
@@ -92,6 +97,10 @@ class AllocatorService final : public v1::Allocator::CallbackService {
                                             absl::string_view call);
 
   const Deps d_;
+  // The allocation calls' messages, on arenas (a frame's nested messages
+  // would each cost a malloc and a free).
+  ArenaMessages<v1::AllocateRequest, v1::AllocateResponse> allocate_messages_;
+  ArenaMessages<v1::AllocateSetRequest, v1::AllocateSetResponse> allocate_set_messages_;
 };
 
 }  // namespace bufferd

@@ -15,6 +15,8 @@ google::protobuf::Timestamp ToProto(absl::Time time);
 v1::HeapType ToProto(HeapKind kind);
 v1::Backing ToProto(Backing backing);
 v1::FrameFormat ToProto(const FrameFormat& frame);
+// The same into `proto` (on its arena, if it has one).
+void FillProto(const FrameFormat& frame, v1::FrameFormat& proto);
 
 }  // namespace bufferd
 

@@ -20,8 +20,6 @@ namespace {
 constexpr size_t kMaxNameBytes = 32;
 // Most heaps one request may list.
 constexpr int kMaxHeapsPerRequest = 8;
-// Most bytes of a metadata tag.
-constexpr size_t kMaxTagBytes = 64;
 
 absl::Status CheckName(absl::string_view field, absl::string_view noun, absl::string_view name) {
   if (name.size() > kMaxNameBytes) {
@@ -137,6 +135,7 @@ absl::StatusOr<AllocationPlan> CheckAllocateRequest(const HeapRegistry& heaps,
       return absl::InvalidArgumentError(
           "metadata.generation is the daemon's to set; leave it 0 at Allocate");
     }
+    plan.metadata = KeptMetadata::Of(request.metadata());
   }
   return plan;
 }
@@ -158,6 +157,35 @@ absl::StatusOr<uint64_t> RoundForHeap(const Heap& heap, uint64_t max_allocation,
                      FormatBytes(max_allocation)));
   }
   return rounded;
+}
+
+KeptMetadata KeptMetadata::Of(const v1::FrameMetadata& metadata) {
+  KeptMetadata kept;
+  if (metadata.has_crop()) {
+    const v1::Rect& crop = metadata.crop();
+    kept.crop = {crop.x(), crop.y(), crop.width(), crop.height()};
+  }
+  kept.color_space = metadata.color_space();
+  kept.color_range = metadata.color_range();
+  const std::string& tag = metadata.tag();
+  kept.tag_size = static_cast<uint8_t>(std::min(tag.size(), kMaxTagBytes));
+  std::copy_n(tag.data(), kept.tag_size, kept.tag.data());
+  kept.generation = metadata.generation();
+  return kept;
+}
+
+void KeptMetadata::FillProto(v1::FrameMetadata& out) const {
+  if (crop.has_value()) {
+    v1::Rect& rect = *out.mutable_crop();
+    rect.set_x((*crop)[0]);
+    rect.set_y((*crop)[1]);
+    rect.set_width((*crop)[2]);
+    rect.set_height((*crop)[3]);
+  }
+  out.set_color_space(color_space);
+  out.set_color_range(color_range);
+  if (tag_size != 0) out.set_tag(tag.data(), tag_size);
+  out.set_generation(generation);
 }
 
 absl::Status CheckMetadata(const v1::FrameMetadata& metadata, const FrameFormat* frame,

@@ -7,6 +7,7 @@
 #ifndef BUFFERD_DAEMON_REQUESTS_H_
 #define BUFFERD_DAEMON_REQUESTS_H_
 
+#include <array>
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -34,6 +35,27 @@ struct AllocationRules {
 // The rules a config sets (its usages, quotas and limits, with defaults).
 AllocationRules RulesFromConfig(const v1::Config& config);
 
+// Most bytes of a metadata tag.
+inline constexpr size_t kMaxTagBytes = 64;
+
+// A buffer's metadata as its record keeps it: a value, checked (by
+// CheckMetadata), without the heap objects of its proto (a message per
+// nested message, a string), which a frame Allocate cannot spare. Answers
+// carry a proto of it (AppendTo).
+struct KeptMetadata {
+  // x, y, width, height.
+  std::optional<std::array<uint32_t, 4>> crop;
+  v1::ColorSpace color_space = v1::COLOR_SPACE_UNSPECIFIED;
+  v1::ColorRange color_range = v1::COLOR_RANGE_UNSPECIFIED;
+  std::array<char, kMaxTagBytes> tag{};
+  uint8_t tag_size = 0;
+  uint64_t generation = 0;
+
+  // `metadata` must have passed CheckMetadata (its tag fits).
+  static KeptMetadata Of(const v1::FrameMetadata& metadata);
+  void FillProto(v1::FrameMetadata& out) const;
+};
+
 // An Allocate (or AllocateSet) request that may go ahead.
 struct AllocationPlan {
   // The heaps to try, in order (one for `heap`).
@@ -44,6 +66,8 @@ struct AllocationPlan {
   // The layout of a frame request (a value, not a proto: the buffer's
   // record keeps it so, and only answers carry a proto of it).
   std::optional<FrameFormat> frame;
+  // The request's metadata, checked.
+  std::optional<KeptMetadata> metadata;
 
   // Whether one of the heaps may block (prefaulting, waiting for a
   // refill): such allocations run off the RPC threads.

@@ -23,11 +23,12 @@ struct DaemonState::Buffer {
   Heap* heap = nullptr;
   // Its identity and page work; no fd past the creator's grant.
   std::unique_ptr<HeapBuffer> memory;
-  // Without the frame: kept below as a value, and added to every answer
-  // by InfoOf (a proto of it would cost allocations a frame Allocate
-  // cannot spare).
+  // Without the frame and metadata: kept below as values, and added to
+  // every answer by InfoOf (protos of them would cost allocations a frame
+  // Allocate cannot spare).
   v1::BufferInfo info;
   std::optional<FrameFormat> frame;
+  std::optional<KeptMetadata> metadata;
   // Its handles (views list a page's holders from here); one, mostly.
   absl::InlinedVector<uint64_t, 1> handles;
   // Who made it (for debug views).
@@ -261,17 +262,25 @@ absl::StatusOr<LeasedFd> DaemonState::DeliveryFdLocked(uid_t uid, int source, v1
 }
 
 v1::BufferInfo DaemonState::InfoOf(const Buffer& buffer) {
-  v1::BufferInfo info = buffer.info;
-  if (buffer.frame.has_value()) *info.mutable_frame() = ToProto(*buffer.frame);
+  v1::BufferInfo info;
+  InfoOf(buffer, info);
   return info;
 }
 
+void DaemonState::InfoOf(const Buffer& buffer, v1::BufferInfo& info) {
+  info = buffer.info;
+  if (buffer.frame.has_value()) FillProto(*buffer.frame, *info.mutable_frame());
+  if (buffer.metadata.has_value()) buffer.metadata->FillProto(*info.mutable_metadata());
+}
+
 DaemonState::Grant DaemonState::AddHandleLocked(uint64_t session_id, Session& session,
-                                                Buffer& buffer, v1::Access access, LeasedFd fd) {
+                                                Buffer& buffer, v1::Access access, LeasedFd fd,
+                                                google::protobuf::Arena* answers) {
   Grant grant;
   grant.handle = next_handle_id_++;
   grant.transfer_id = next_transfer_id_++;
-  grant.buffer = InfoOf(buffer);
+  grant.buffer.reset(google::protobuf::Arena::CreateMessage<v1::BufferInfo>(answers));
+  InfoOf(buffer, *grant.buffer);
   grant.access = access;
   grant.fd = std::move(fd);
   handles_[grant.handle] = Handle{grant.handle, session_id, buffer.info.buffer_id(), access};
@@ -344,15 +353,15 @@ absl::StatusOr<AllocationPlan> DaemonState::Plan(const v1::AllocateRequest& requ
 }
 
 absl::StatusOr<DaemonState::Allocation> DaemonState::AllocateSet(uint64_t session_id,
-                                                                 v1::AllocateRequest request,
+                                                                 const v1::AllocateRequest& request,
                                                                  uint32_t count) {
   ASSIGN_OR_RETURN(AllocationPlan plan, Plan(request, count));
   return AllocatePlanned(session_id, plan, request);
 }
 
-absl::StatusOr<DaemonState::Allocation> DaemonState::AllocatePlanned(uint64_t session_id,
-                                                                     AllocationPlan& plan,
-                                                                     v1::AllocateRequest& request) {
+absl::StatusOr<DaemonState::Allocation> DaemonState::AllocatePlanned(
+    uint64_t session_id, AllocationPlan& plan, const v1::AllocateRequest& request,
+    google::protobuf::Arena* answers) {
   Allocation allocation;
   std::vector<absl::Status> refusals;
   const uint64_t max_allocation = max_allocation_bytes_.load(std::memory_order_relaxed);
@@ -365,7 +374,7 @@ absl::StatusOr<DaemonState::Allocation> DaemonState::AllocatePlanned(uint64_t se
         skip = v1::SKIP_REASON_TOO_LARGE;
         return absl::StatusOr<std::vector<PendingGrant>>(rounded.status());
       }
-      return AllocateOn(session_id, *heap, *rounded, plan, request, &skip, &refused);
+      return AllocateOn(session_id, *heap, *rounded, plan, request, answers, &skip, &refused);
     }();
     if (!refused.has_value() && skip.has_value()) refused = RefusalOfSkip(*skip);
     if (!grants.ok() && refused.has_value()) {
@@ -386,8 +395,8 @@ absl::StatusOr<DaemonState::Allocation> DaemonState::AllocatePlanned(uint64_t se
 
 absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
     uint64_t session_id, Heap& heap, uint64_t rounded, AllocationPlan& plan,
-    v1::AllocateRequest& request, std::optional<v1::SkipReason>* skip,
-    std::optional<Refusal>* refused) {
+    const v1::AllocateRequest& request, google::protobuf::Arena* answers,
+    std::optional<v1::SkipReason>* skip, std::optional<Refusal>* refused) {
   const uint32_t count = plan.count;
   const uint64_t total = rounded * count;
   // Whether the heap could hold them all, asked before any is made: a set
@@ -494,7 +503,7 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
     std::vector<Grant> grants;
     const absl::Time now = absl::Now();
     for (size_t i = 0; i < memories.size(); ++i) {
-      // The last record takes the frame and metadata the others copy.
+      // The last record takes the frame the others copy.
       const bool last = i + 1 == memories.size();
       const uint64_t size = memories[i]->size();
       auto buffer = std::make_unique<Buffer>();
@@ -521,17 +530,11 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
       // The creator gets the daemon's own fd: from here on the daemon
       // keeps none (an Export brings one back, for its token).
       LeasedFd fd{ref.memory->TakeFd(), std::move(fd_leases[i])};
-      grants.push_back(
-          AddHandleLocked(session_id, *session, ref, v1::ACCESS_READ_WRITE, std::move(fd)));
+      grants.push_back(AddHandleLocked(session_id, *session, ref, v1::ACCESS_READ_WRITE,
+                                       std::move(fd), answers));
       // After the grant's copy of the info: the creator sent the metadata
       // and is not sent it back (AllocateResponse.buffer).
-      if (request.has_metadata()) {
-        if (last) {
-          info.set_allocated_metadata(request.release_metadata());
-        } else {
-          *info.mutable_metadata() = request.metadata();
-        }
-      }
+      ref.metadata = plan.metadata;
     }
     return grants;
   }();
@@ -622,16 +625,15 @@ absl::StatusOr<v1::BufferInfo> DaemonState::SetMetadata(
   }
   RETURN_IF_ERROR(
       CheckMetadata(metadata, buffer.frame.has_value() ? &*buffer.frame : nullptr, "metadata"));
-  const uint64_t generation = buffer.info.metadata().generation();
+  const uint64_t generation = buffer.metadata.has_value() ? buffer.metadata->generation : 0;
   if (expected_generation.has_value() && *expected_generation != generation) {
     return absl::FailedPreconditionError(
         absl::StrCat("expected_generation ", *expected_generation, " is not current: buffer ",
                      buffer.info.buffer_id(), "'s metadata is at generation ", generation,
                      "; read it again and retry"));
   }
-  v1::FrameMetadata& kept = *buffer.info.mutable_metadata();
-  kept = metadata;
-  kept.set_generation(generation + 1);
+  buffer.metadata = KeptMetadata::Of(metadata);
+  buffer.metadata->generation = generation + 1;
   return InfoOf(buffer);
 }
 

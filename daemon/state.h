@@ -47,6 +47,7 @@
 #include "daemon/reaper.h"
 #include "daemon/requests.h"
 #include "daemon/share_tokens.h"
+#include "google/protobuf/arena.h"
 #include "heaps/heap_registry.h"
 
 namespace bufferd {
@@ -68,13 +69,21 @@ class DaemonState {
     Reaper* reaper = nullptr;
   };
 
+  // A proto on an answer's arena, which the answer takes without a copy,
+  // or on the heap; deleted only in the second case.
+  struct UnlessOnArena {
+    void operator()(v1::BufferInfo* info) const {
+      if (info->GetArena() == nullptr) delete info;
+    }
+  };
+  using InfoPtr = std::unique_ptr<v1::BufferInfo, UnlessOnArena>;
   // What a session gets from Allocate/Import: its handle, and the fd to
   // deliver on fd.sock (its own open file for READ_ONLY access), counted in
   // the fd budget until it is sent.
   struct Grant {
     uint64_t handle = 0;
     uint64_t transfer_id = 0;
-    v1::BufferInfo buffer;
+    InfoPtr buffer;
     v1::Access access = v1::ACCESS_READ_WRITE;
     LeasedFd fd;
   };
@@ -190,16 +199,18 @@ class DaemonState {
   // request's heaps that can serve them all, or none: a heap that cannot
   // (full, pool empty, a quota on it, too large) is skipped and said why;
   // when none can, RESOURCE_EXHAUSTED gives every reason.
-  absl::StatusOr<Allocation> AllocateSet(uint64_t session_id, v1::AllocateRequest request,
+  absl::StatusOr<Allocation> AllocateSet(uint64_t session_id, const v1::AllocateRequest& request,
                                          uint32_t count);
   // The same in two steps: the request checked and planned (its heaps, its
-  // size, its frame's layout), then allocated. AllocatePlanned consumes the
-  // plan's frame and the request's metadata once it succeeds: the last
-  // buffer's record takes them (moved, not copied: they are most of what
-  // a frame costs the daemon).
+  // size, its frame's layout, its metadata), then allocated.
+  // AllocatePlanned consumes the plan's frame once it succeeds: the last
+  // buffer's record takes it (moved, not copied).
   absl::StatusOr<AllocationPlan> Plan(const v1::AllocateRequest& request, uint32_t count) const;
+  // `answers`: the arena of the call's response, where the grants' infos
+  // are made (null: the heap).
   absl::StatusOr<Allocation> AllocatePlanned(uint64_t session_id, AllocationPlan& plan,
-                                             v1::AllocateRequest& request);
+                                             const v1::AllocateRequest& request,
+                                             google::protobuf::Arena* answers = nullptr);
   absl::StatusOr<PendingGrant> Allocate(uint64_t session_id, const v1::AllocateRequest& request);
   // What AllocateSet would do now, allocating nothing. Errors for a bad
   // request are AllocateSet's.
@@ -324,7 +335,8 @@ class DaemonState {
   // quota, the fd budget, the kernel).
   absl::StatusOr<std::vector<PendingGrant>> AllocateOn(uint64_t session_id, Heap& heap,
                                                        uint64_t rounded, AllocationPlan& plan,
-                                                       v1::AllocateRequest& request,
+                                                       const v1::AllocateRequest& request,
+                                                       google::protobuf::Arena* answers,
                                                        std::optional<v1::SkipReason>* skip,
                                                        std::optional<Refusal>* refused);
   // Counts a refusal on `heap` and logs it: once per session and reason,
@@ -333,12 +345,15 @@ class DaemonState {
                     const absl::Status& status);
   // Logs, at most once a minute per heap, that a fallback served `buffer`.
   void LogFallback(const Heap& heap, Backing backing, uint64_t size, const std::string& why);
-  // A buffer's info as answers carry it (with its frame).
+  // A buffer's info as answers carry it (with its frame and metadata),
+  // the second into `info` (on its arena, if it has one).
   static v1::BufferInfo InfoOf(const Buffer& buffer);
+  static void InfoOf(const Buffer& buffer, v1::BufferInfo& info);
   // Adds a handle (the session must already be charged for the buffer) and
-  // returns the Grant with `fd`, the fd to deliver.
+  // returns the Grant with `fd`, the fd to deliver, its info on `answers`.
   Grant AddHandleLocked(uint64_t session_id, Session& session, Buffer& buffer, v1::Access access,
-                        LeasedFd fd) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+                        LeasedFd fd, google::protobuf::Arena* answers = nullptr)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Removes a handle; a buffer that dies is retired and appended to `dead`.
   void RemoveHandleLocked(uint64_t handle_id, std::vector<DeadBuffer>& dead)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

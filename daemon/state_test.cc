@@ -109,7 +109,7 @@ TEST_F(StateTest, HandlesChargesAndSessionEnd) {
 
   auto grant = Allocate(*state, a, Request("system", 5000));
   ASSERT_TRUE(grant.ok()) << grant.status();
-  EXPECT_EQ(grant->buffer.size(), 8192u);
+  EXPECT_EQ(grant->buffer->size(), 8192u);
   EXPECT_EQ(SessionBytes(*state, a, "system"), 8192u);
 
   v1::ExportRequest export_request;
@@ -163,10 +163,10 @@ TEST_F(StateTest, ReleaseSaysWhenTheSessionLetsGoOfABuffer) {
   uint64_t let_go = 123;
   ASSERT_TRUE(state->Release(a, grant->handle, &let_go).ok());
   EXPECT_EQ(let_go, 0u) << "it still holds the buffer through its second handle";
-  EXPECT_TRUE(state->Holds(a, grant->buffer.buffer_id()));
+  EXPECT_TRUE(state->Holds(a, grant->buffer->buffer_id()));
   ASSERT_TRUE(state->Release(a, second->handle, &let_go).ok());
-  EXPECT_EQ(let_go, grant->buffer.buffer_id());
-  EXPECT_FALSE(state->Holds(a, grant->buffer.buffer_id()));
+  EXPECT_EQ(let_go, grant->buffer->buffer_id());
+  EXPECT_FALSE(state->Holds(a, grant->buffer->buffer_id()));
   EXPECT_FALSE(state->Release(a, second->handle, &let_go).ok());
   EXPECT_EQ(let_go, 0u);
   grant->fd = {};
@@ -248,8 +248,8 @@ TEST_F(StateTest, FallbackChargesTheRealSize) {
   const uint64_t a = Open(*state, 1);
   auto grant = Allocate(*state, a, Request("gig", 5000));
   ASSERT_TRUE(grant.ok()) << grant.status();
-  EXPECT_EQ(grant->buffer.size(), 8192u);
-  EXPECT_EQ(grant->buffer.backing(), v1::BACKING_BASE_PAGES);
+  EXPECT_EQ(grant->buffer->size(), 8192u);
+  EXPECT_EQ(grant->buffer->backing(), v1::BACKING_BASE_PAGES);
   EXPECT_EQ(SessionBytes(*state, a, "gig"), 8192u);
   // Two more fit: each is checked against 1 GiB but charged 8 KiB.
   auto second = Allocate(*state, a, Request("gig", 5000));
@@ -517,7 +517,7 @@ TEST_F(StateTest, UploadedFdsMustBeTheBuffersOwn) {
   allocate.set_freezable(true);
   auto grant = Allocate(*state, a, allocate);
   ASSERT_TRUE(grant.ok());
-  const uint64_t id = grant->buffer.buffer_id();
+  const uint64_t id = grant->buffer->buffer_id();
   v1::ExportRequest request;
   request.set_handle(grant->handle);
   request.set_access(v1::ACCESS_READ_WRITE);
@@ -575,7 +575,7 @@ TEST_F(StateTest, AFrameIsInEveryAnswerAboutItsBuffer) {
   std::vector<DaemonState::Grant> grants;
   for (auto& pending : set->grants) grants.push_back(std::move(pending).Commit());
   ASSERT_EQ(grants.size(), 2u);
-  const v1::FrameFormat& layout = grants[0].buffer.frame();
+  const v1::FrameFormat& layout = grants[0].buffer->frame();
   EXPECT_EQ(layout.width(), 64u);
   EXPECT_EQ(layout.height(), 48u);
   EXPECT_EQ(layout.fourcc(), DRM_FORMAT_NV12);
@@ -585,9 +585,9 @@ TEST_F(StateTest, AFrameIsInEveryAnswerAboutItsBuffer) {
     return info.has_frame() && info.frame().SerializeAsString() == layout.SerializeAsString();
   };
   for (const DaemonState::Grant& grant : grants) {
-    EXPECT_TRUE(same(grant.buffer)) << grant.buffer.DebugString();
+    EXPECT_TRUE(same(*grant.buffer)) << grant.buffer->DebugString();
     // Not sent back to the creator, which sent it.
-    EXPECT_FALSE(grant.buffer.has_metadata());
+    EXPECT_FALSE(grant.buffer->has_metadata());
     absl::StatusOr<v1::GetBufferResponse> got = state->GetBuffer(a, grant.handle);
     ASSERT_TRUE(got.ok()) << got.status();
     EXPECT_TRUE(same(got->buffer())) << got->buffer().DebugString();
@@ -610,6 +610,42 @@ TEST_F(StateTest, AFrameIsInEveryAnswerAboutItsBuffer) {
   ASSERT_EQ(page.views.size(), 2u);
   for (const auto& view : page.views) {
     EXPECT_TRUE(same(view.info)) << view.info.DebugString();
+  }
+}
+
+// An allocation given the call's arena makes each grant's info there (the
+// answer takes it without a copy); the record keeps the metadata as sent.
+TEST_F(StateTest, GrantsAreMadeOnTheAnswersArena) {
+  auto state = NewState();
+  const uint64_t a = Open(*state, 1);
+  v1::AllocateRequest request = Request("system", 0);
+  request.mutable_frame()->set_width(32);
+  request.mutable_frame()->set_height(32);
+  request.mutable_frame()->set_fourcc(DRM_FORMAT_XRGB8888);
+  v1::FrameMetadata& metadata = *request.mutable_metadata();
+  metadata.mutable_crop()->set_x(1);
+  metadata.mutable_crop()->set_y(2);
+  metadata.mutable_crop()->set_width(30);
+  metadata.mutable_crop()->set_height(29);
+  metadata.set_color_space(v1::COLOR_SPACE_BT709);
+  metadata.set_color_range(v1::COLOR_RANGE_LIMITED);
+  metadata.set_tag(std::string(64, 't'));
+  absl::StatusOr<AllocationPlan> plan = state->Plan(request, 2);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  google::protobuf::Arena arena;
+  absl::StatusOr<DaemonState::Allocation> set = state->AllocatePlanned(a, *plan, request, &arena);
+  ASSERT_TRUE(set.ok()) << set.status();
+  ASSERT_EQ(set->grants.size(), 2u);
+  for (auto& pending : set->grants) {
+    DaemonState::Grant grant = std::move(pending).Commit();
+    EXPECT_EQ(grant.buffer->GetArena(), &arena);
+    EXPECT_EQ(grant.buffer->frame().planes_size(), 1);
+    absl::StatusOr<v1::GetBufferResponse> got = state->GetBuffer(a, grant.handle);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->buffer().metadata().SerializeAsString(), metadata.SerializeAsString())
+        << got->buffer().metadata().DebugString();
+    EXPECT_EQ(got->buffer().frame().SerializeAsString(), grant.buffer->frame().SerializeAsString());
+    EXPECT_TRUE(state->Release(a, grant.handle).ok());
   }
 }
 
@@ -720,11 +756,11 @@ TEST_F(StateTest, HeapListFallsBackWithReasons) {
   auto first = state->AllocateSet(a, request, 1);
   ASSERT_TRUE(first.ok()) << first.status();
   EXPECT_TRUE(first->skipped.empty());
-  EXPECT_EQ((*first->grants[0]).buffer.heap(), "carveout");
+  EXPECT_EQ((*first->grants[0]).buffer->heap(), "carveout");
   // 6 more MiB on carveout would pass its quota: system serves.
   auto second = state->AllocateSet(a, request, 1);
   ASSERT_TRUE(second.ok()) << second.status();
-  EXPECT_EQ((*second->grants[0]).buffer.heap(), "system");
+  EXPECT_EQ((*second->grants[0]).buffer->heap(), "system");
   ASSERT_EQ(second->skipped.size(), 1u);
   EXPECT_EQ(second->skipped[0].reason(), v1::SKIP_REASON_QUOTA);
   EXPECT_EQ(SessionBytes(*state, a, "carveout"), 6 * kMiB);
@@ -761,7 +797,7 @@ TEST_F(StateTest, AllocateSetUndoesAPartWhenThePoolRunsOut) {
   set = state.AllocateSet(a, request, 3);
   ASSERT_TRUE(set.ok()) << set.status();
   ASSERT_EQ(set->grants.size(), 3u);
-  for (auto& grant : set->grants) EXPECT_EQ(grant->buffer.heap(), "system");
+  for (auto& grant : set->grants) EXPECT_EQ(grant->buffer->heap(), "system");
   ASSERT_EQ(set->skipped.size(), 1u);
   EXPECT_EQ(set->skipped[0].reason(), v1::SKIP_REASON_POOL_EMPTY);
   EXPECT_EQ(SessionBytes(state, a, "pooled"), 0u);
