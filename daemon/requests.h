@@ -41,7 +41,7 @@ inline constexpr size_t kMaxTagBytes = 64;
 // A buffer's metadata as its record keeps it: a value, checked (by
 // CheckMetadata), without the heap objects of its proto (a message per
 // nested message, a string), which a frame Allocate cannot spare. Answers
-// carry a proto of it (AppendTo).
+// carry a proto of it (FillProto).
 struct KeptMetadata {
   // x, y, width, height.
   std::optional<std::array<uint32_t, 4>> crop;

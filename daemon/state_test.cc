@@ -554,10 +554,10 @@ TEST_F(StateTest, UploadedFdsMustBeTheBuffersOwn) {
   EXPECT_EQ(::fcntl(grant->fd.fd.get(), F_GET_SEALS) & F_SEAL_WRITE, F_SEAL_WRITE);
 }
 
-// Tests that a frame's layout, kept by the buffer's record apart from its
-// info, is in every answer about the buffer (the grants of a set, where the
-// last buffer takes the plan's layout and the request's metadata and the
-// others copy them; GetBuffer, SetMetadata, Freeze and the debug view).
+// Tests that a frame's layout and metadata, kept by the buffer's record
+// apart from its info, are in every answer about the buffer (the grants of
+// a set, where the last buffer takes the plan's layout and the others copy
+// it; GetBuffer, SetMetadata, Freeze and the debug view).
 TEST_F(StateTest, AFrameIsInEveryAnswerAboutItsBuffer) {
   auto state = NewState();
   const uint64_t a = Open(*state, 1);

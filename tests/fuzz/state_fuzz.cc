@@ -294,7 +294,7 @@ class Run {
     if (input_.ConsumeIntegralInRange(0, 5) == 0) return;
     DaemonState::Grant committed = std::move(grant).Commit();
     held_.push_back(
-        Held{session, committed.handle, committed.buffer.buffer_id(), std::move(committed.fd.fd)});
+        Held{session, committed.handle, committed.buffer->buffer_id(), std::move(committed.fd.fd)});
   }
 
   // The fd an Export or Freeze uploads: the handle's own, another
