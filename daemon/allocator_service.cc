@@ -40,7 +40,7 @@ absl::Status AllocatorService::Deliver(uint64_t session, DaemonState::PendingGra
                              grant->buffer->buffer_id(), std::move(grant->fd));
 }
 
-absl::Status AllocatorService::DoAllocate(uint64_t session, AllocationPlan& plan,
+absl::Status AllocatorService::DoAllocate(uint64_t session, const AllocationPlan& plan,
                                           const v1::AllocateRequest& request,
                                           google::protobuf::Arena* answers,
                                           const std::function<v1::AllocateResponse*()>& add,
@@ -102,7 +102,7 @@ grpc::ServerUnaryReactor* AllocatorService::RunAllocation(grpc::CallbackServerCo
   if (!plan->may_block()) return FinishCall(context, allocate(*session, *plan, nullptr));
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   d_.work->Post([context, reactor, session = *session, plan = *std::move(plan),
-                 allocate = std::move(allocate)]() mutable {
+                 allocate = std::move(allocate)] {
     reactor->Finish(ToGrpcStatus(allocate(session, plan, context)));
   });
   return reactor;
@@ -112,7 +112,7 @@ grpc::ServerUnaryReactor* AllocatorService::Allocate(grpc::CallbackServerContext
                                                      const v1::AllocateRequest* request,
                                                      v1::AllocateResponse* response) {
   return RunAllocation(context, *request, 1, /*whole=*/nullptr,
-                       [this, request, response](uint64_t session, AllocationPlan& plan,
+                       [this, request, response](uint64_t session, const AllocationPlan& plan,
                                                  grpc::CallbackServerContext* context) {
                          std::vector<v1::HeapSkip> skipped;
                          RETURN_IF_ERROR(DoAllocate(
@@ -130,7 +130,7 @@ grpc::ServerUnaryReactor* AllocatorService::AllocateSet(grpc::CallbackServerCont
                                                         v1::AllocateSetResponse* response) {
   return RunAllocation(
       context, request->request(), request->count(), /*whole=*/request,
-      [this, request, response](uint64_t session, AllocationPlan& plan,
+      [this, request, response](uint64_t session, const AllocationPlan& plan,
                                 grpc::CallbackServerContext* context) -> absl::Status {
         std::vector<v1::HeapSkip> skipped;
         absl::Status done = DoAllocate(

@@ -75,7 +75,7 @@ class AllocatorService final : public v1::Allocator::CallbackService {
   // buffer, FdDeliveries records for more) and commits; a call cancelled
   // before the commit is undone. Fills one AllocateResponse per buffer,
   // each from `add` (on `answers`, the response's arena, or null).
-  absl::Status DoAllocate(uint64_t session, AllocationPlan& plan,
+  absl::Status DoAllocate(uint64_t session, const AllocationPlan& plan,
                           const v1::AllocateRequest& request, google::protobuf::Arena* answers,
                           const std::function<v1::AllocateResponse*()>& add,
                           std::vector<v1::HeapSkip>& skipped, grpc::CallbackServerContext* context);
@@ -84,7 +84,7 @@ class AllocatorService final : public v1::Allocator::CallbackService {
   // block; finishes the call. First the whole RPC request is checked for
   // fields this daemon does not know: `whole`, or `request` itself when
   // null (Allocate's, checked without walking it by reflection).
-  using AllocateFn = std::function<absl::Status(uint64_t session, AllocationPlan& plan,
+  using AllocateFn = std::function<absl::Status(uint64_t session, const AllocationPlan& plan,
                                                 grpc::CallbackServerContext* context)>;
   grpc::ServerUnaryReactor* RunAllocation(grpc::CallbackServerContext* context,
                                           const v1::AllocateRequest& request, uint32_t count,

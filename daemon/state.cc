@@ -355,12 +355,12 @@ absl::StatusOr<AllocationPlan> DaemonState::Plan(const v1::AllocateRequest& requ
 absl::StatusOr<DaemonState::Allocation> DaemonState::AllocateSet(uint64_t session_id,
                                                                  const v1::AllocateRequest& request,
                                                                  uint32_t count) {
-  ASSIGN_OR_RETURN(AllocationPlan plan, Plan(request, count));
+  ASSIGN_OR_RETURN(const AllocationPlan plan, Plan(request, count));
   return AllocatePlanned(session_id, plan, request);
 }
 
 absl::StatusOr<DaemonState::Allocation> DaemonState::AllocatePlanned(
-    uint64_t session_id, AllocationPlan& plan, const v1::AllocateRequest& request,
+    uint64_t session_id, const AllocationPlan& plan, const v1::AllocateRequest& request,
     google::protobuf::Arena* answers) {
   Allocation allocation;
   std::vector<absl::Status> refusals;
@@ -394,7 +394,7 @@ absl::StatusOr<DaemonState::Allocation> DaemonState::AllocatePlanned(
 }
 
 absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
-    uint64_t session_id, Heap& heap, uint64_t rounded, AllocationPlan& plan,
+    uint64_t session_id, Heap& heap, uint64_t rounded, const AllocationPlan& plan,
     const v1::AllocateRequest& request, google::protobuf::Arena* answers,
     std::optional<v1::SkipReason>* skip, std::optional<Refusal>* refused) {
   const uint32_t count = plan.count;
@@ -503,8 +503,6 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
     std::vector<Grant> grants;
     const absl::Time now = absl::Now();
     for (size_t i = 0; i < memories.size(); ++i) {
-      // The last record takes the frame the others copy.
-      const bool last = i + 1 == memories.size();
       const uint64_t size = memories[i]->size();
       auto buffer = std::make_unique<Buffer>();
       buffer->heap = &heap;
@@ -520,7 +518,7 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
       info.set_freezable(request.freezable());
       info.set_creator_session(session_id);
       *info.mutable_created_at() = ToProto(now);
-      if (plan.frame.has_value()) buffer->frame = last ? std::move(*plan.frame) : *plan.frame;
+      buffer->frame = plan.frame;
       Buffer& ref = *buffer;
       buffers_[info.buffer_id()] = std::move(buffer);
       buffers_by_heap_[&heap].insert(info.buffer_id());

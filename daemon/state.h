@@ -203,12 +203,10 @@ class DaemonState {
                                          uint32_t count);
   // The same in two steps: the request checked and planned (its heaps, its
   // size, its frame's layout, its metadata), then allocated.
-  // AllocatePlanned consumes the plan's frame once it succeeds: the last
-  // buffer's record takes it (moved, not copied).
   absl::StatusOr<AllocationPlan> Plan(const v1::AllocateRequest& request, uint32_t count) const;
   // `answers`: the arena of the call's response, where the grants' infos
   // are made (null: the heap).
-  absl::StatusOr<Allocation> AllocatePlanned(uint64_t session_id, AllocationPlan& plan,
+  absl::StatusOr<Allocation> AllocatePlanned(uint64_t session_id, const AllocationPlan& plan,
                                              const v1::AllocateRequest& request,
                                              google::protobuf::Arena* answers = nullptr);
   absl::StatusOr<PendingGrant> Allocate(uint64_t session_id, const v1::AllocateRequest& request);
@@ -334,7 +332,7 @@ class DaemonState {
   // `refused` for a refusal worth counting that is no skip (the buffer
   // quota, the fd budget, the kernel).
   absl::StatusOr<std::vector<PendingGrant>> AllocateOn(uint64_t session_id, Heap& heap,
-                                                       uint64_t rounded, AllocationPlan& plan,
+                                                       uint64_t rounded, const AllocationPlan& plan,
                                                        const v1::AllocateRequest& request,
                                                        google::protobuf::Arena* answers,
                                                        std::optional<v1::SkipReason>* skip,

@@ -556,8 +556,8 @@ TEST_F(StateTest, UploadedFdsMustBeTheBuffersOwn) {
 
 // Tests that a frame's layout and metadata, kept by the buffer's record
 // apart from its info, are in every answer about the buffer (the grants of
-// a set, where the last buffer takes the plan's layout and the others copy
-// it; GetBuffer, SetMetadata, Freeze and the debug view).
+// a set, each record with its copy of the plan's layout; GetBuffer,
+// SetMetadata, Freeze and the debug view).
 TEST_F(StateTest, AFrameIsInEveryAnswerAboutItsBuffer) {
   auto state = NewState();
   const uint64_t a = Open(*state, 1);
