@@ -936,28 +936,26 @@ int main(int argc, char** argv) {
         pipe_s.push_back(DgramSendOnce(*waiter));
         poll_fd_s.push_back(TimelinePollOnce(*timeline, ++point, *waiter));
       }
-      Verdict("T1. Timeline Signal -> Wait", placement.name, Summarize(timeline_s.all, 0),
-              Summarize(futex_s.all, 0), 1.25, all_met);
+      const Summary futex = Summarize(futex_s.all, 0), timed = Summarize(timed_s, 0);
+      Verdict("T1. Timeline Signal -> Wait", placement.name, Summarize(timeline_s.all, 0), futex,
+              1.25, all_met);
       Verdict("T1. Timeline Signal -> notify fd", placement.name, Summarize(poll_fd_s, 0),
               Summarize(pipe_s, 0), 1.25, all_met);
       std::printf("   (info) floor with a timed FUTEX_WAIT %-20s p50 %7.1f = %.2fx the floor\n",
-                  placement.name, Summarize(timed_s, 0).p50,
-                  Summarize(timed_s, 0).p50 / Summarize(futex_s.all, 0).p50);
+                  placement.name, timed.p50, timed.p50 / futex.p50);
       // On one CPU, each case against the floor's same case.
       for (int preempted : {1, 0}) {
         if (placement.waiter_cpu != 0) break;
         const std::vector<double>& got = timeline_s.by[preempted];
         const std::vector<double>& floor = futex_s.by[preempted];
+        const double got_p50 = got.empty() ? 0.0 : Summarize(got, 0).p50;
+        const double floor_p50 = floor.empty() ? 0.0 : Summarize(floor, 0).p50;
         std::printf(
             "   (info) waiter ran %-17s %-14s Wait %3zu%% p50 %7.1f | floor %3zu%% p50 %7.1f",
             preempted ? "at the wake" : "when it blocked", placement.name,
-            got.size() * 100 / std::max<size_t>(timeline_s.all.size(), 1),
-            got.empty() ? 0.0 : Summarize(got, 0).p50,
-            floor.size() * 100 / std::max<size_t>(futex_s.all.size(), 1),
-            floor.empty() ? 0.0 : Summarize(floor, 0).p50);
-        if (!got.empty() && !floor.empty()) {
-          std::printf(" = %.2fx", Summarize(got, 0).p50 / Summarize(floor, 0).p50);
-        }
+            got.size() * 100 / std::max<size_t>(timeline_s.all.size(), 1), got_p50,
+            floor.size() * 100 / std::max<size_t>(futex_s.all.size(), 1), floor_p50);
+        if (!got.empty() && !floor.empty()) std::printf(" = %.2fx", got_p50 / floor_p50);
         std::printf("\n");
       }
       // Five rounds, each beside its floor (cross-CPU ping-pong drifts
