@@ -514,6 +514,9 @@ class Timeline {
   bool ended() const;
   void WakeWakers(uint64_t point);
   absl::StatusOr<std::shared_ptr<internal::Waker>> EnsureWaker(bool with_notify) const;
+  // This session's waker for a wait: EnsureWaker(false), without its lock
+  // once registered. The Timeline keeps it alive.
+  absl::StatusOr<internal::Waker*> WaitWaker() const;
   absl::StatusOr<std::optional<PointResult>> ArmFor(uint64_t point, TimelineWait what) const;
   static absl::StatusOr<std::vector<PointResult>> WaitPoints(
       const std::shared_ptr<internal::Connection>& connection,

@@ -4,7 +4,6 @@
 #define BUFFERD_CLIENT_CONNECTION_H_
 
 #include <atomic>
-#include <bitset>
 #include <deque>
 #include <map>
 #include <memory>
@@ -152,8 +151,12 @@ class Connection {
     UniqueFd fd;
     Mapping map;
     bool given = false;
-    std::bitset<timeline::WaitPage::kSlots> used;
-    timeline::WaitPage& page() { return *reinterpret_cast<timeline::WaitPage*>(map.data()); }
+    // map's page, published once mapped (it never changes after): what a
+    // wait reads without `mu`.
+    std::atomic<timeline::WaitPage*> mapped{nullptr};
+    // The slots claimed by waits, a bit each (compare-and-swap, no lock).
+    static_assert(timeline::WaitPage::kSlots % 64 == 0);
+    std::atomic<uint64_t> claimed[timeline::WaitPage::kSlots / 64] = {};
   };
   WaitPage& wait_page() { return wait_page_; }
 

@@ -7,9 +7,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <mutex>
 #include <optional>
@@ -49,6 +51,9 @@ struct Timeline::Shared {
   // This session's own waker, registered at its first wait.
   std::mutex waker_mu;
   std::shared_ptr<internal::Waker> waker;
+  // waker.get(), published once `waker` is set (it never changes after):
+  // what a wait reads without waker_mu.
+  std::atomic<internal::Waker*> registered{nullptr};
 
   timeline::CounterPage& counter_page() const {
     return *reinterpret_cast<timeline::CounterPage*>(counters.data());
@@ -104,6 +109,8 @@ absl::Status WithWaitPage(internal::Connection& connection, Call call,
                                         F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL));
     page.fd = std::move(made.first);
     page.map = std::move(made.second);
+    page.mapped.store(reinterpret_cast<timeline::WaitPage*>(page.map.data()),
+                      std::memory_order_release);
   }
   ASSIGN_OR_RETURN(const uint64_t upload_id, connection.Upload(page.fd.get()));
   absl::Status status = call(upload_id);
@@ -118,32 +125,42 @@ class Slots {
  public:
   explicit Slots(internal::Connection& connection) : page_(connection.wait_page()) {}
   ~Slots() {
-    for (size_t slot : claimed_) Write(page_.page().slots[slot], 0, 0, 0);
-    std::lock_guard lock(page_.mu);
-    for (size_t slot : claimed_) page_.used.reset(slot);
+    for (size_t slot : claimed_) {
+      Write(mapped_->slots[slot], 0, 0, 0);
+      page_.claimed[slot / 64].fetch_and(~(uint64_t{1} << (slot % 64)), std::memory_order_release);
+    }
   }
   absl::Status Arm(uint64_t timeline, uint64_t point, int64_t need_by_ns) {
-    size_t slot = 0;
-    {
-      std::lock_guard lock(page_.mu);
-      if (!page_.map.valid()) {
-        return absl::FailedPreconditionError("this session has no timeline wait page");
-      }
-      while (slot < page_.used.size() && page_.used.test(slot)) ++slot;
-      if (slot == page_.used.size()) {
-        return absl::ResourceExhaustedError(absl::StrCat(
-            "all ", timeline::WaitPage::kSlots,
-            " timeline wait slots of this session are in use (that many points waited on at "
-            "once); use another Client for more"));
-      }
-      page_.used.set(slot);
+    if (mapped_ == nullptr) mapped_ = page_.mapped.load(std::memory_order_acquire);
+    if (mapped_ == nullptr) {
+      return absl::FailedPreconditionError("this session has no timeline wait page");
     }
+    ASSIGN_OR_RETURN(const size_t slot, Claim());
     claimed_.push_back(slot);
-    Write(page_.page().slots[slot], timeline, point, need_by_ns);
+    Write(mapped_->slots[slot], timeline, point, need_by_ns);
     return absl::OkStatus();
   }
 
  private:
+  // The lowest free slot, now this wait's.
+  absl::StatusOr<size_t> Claim() {
+    for (size_t word = 0; word < std::size(page_.claimed); ++word) {
+      std::atomic<uint64_t>& bits = page_.claimed[word];
+      uint64_t seen = bits.load(std::memory_order_relaxed);
+      while (seen != ~uint64_t{0}) {
+        const int bit = std::countr_one(seen);
+        if (bits.compare_exchange_weak(seen, seen | (uint64_t{1} << bit), std::memory_order_acquire,
+                                       std::memory_order_relaxed)) {
+          return word * 64 + bit;
+        }
+      }
+    }
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "all ", timeline::WaitPage::kSlots,
+        " timeline wait slots of this session are in use (that many points waited on at "
+        "once); use another Client for more"));
+  }
+
   // Under the slot's seqlock (the daemon may read it at any time).
   static void Write(timeline::WaitSlot& slot, uint64_t timeline, uint64_t point,
                     int64_t need_by_ns) {
@@ -157,12 +174,13 @@ class Slots {
   }
 
   internal::Connection::WaitPage& page_;
+  timeline::WaitPage* mapped_ = nullptr;
   absl::InlinedVector<size_t, 4> claimed_;
 };
 
 // The daemon let go of one of these wakers: it does so when the session
 // ends (and wakes it once more).
-bool WakerClosed(std::span<const std::shared_ptr<internal::Waker>> wakers) {
+bool WakerClosed(std::span<internal::Waker* const> wakers) {
   return std::any_of(wakers.begin(), wakers.end(),
                      [](const auto& waker) { return Load(waker->wake().closed) != 0; });
 }
@@ -410,7 +428,14 @@ absl::StatusOr<std::shared_ptr<internal::Waker>> Timeline::EnsureWaker(bool with
     }
   }
   shared_->waker = waker;
+  shared_->registered.store(waker.get(), std::memory_order_release);
   return waker;
+}
+
+absl::StatusOr<internal::Waker*> Timeline::WaitWaker() const {
+  if (internal::Waker* waker = shared_->registered.load(std::memory_order_acquire)) return waker;
+  ASSIGN_OR_RETURN(std::shared_ptr<internal::Waker> waker, EnsureWaker(false));
+  return waker.get();
 }
 
 absl::StatusOr<int> Timeline::NotifyFd() const {
@@ -678,25 +703,25 @@ absl::Status Timeline::WaitPoints(const std::shared_ptr<internal::Connection>& c
   }
   // Each point's timeline's waker (this session's; registered at its first
   // wait): one futex word per timeline.
-  absl::InlinedVector<std::shared_ptr<internal::Waker>, 4> wakers;
+  // (Each Timeline keeps its waker alive: the caller keeps the Timelines.)
+  absl::InlinedVector<internal::Waker*, 4> wakers;
   absl::InlinedVector<const uint32_t*, 4> words;
   absl::InlinedVector<internal::Waker*, 4> waker_of;
   for (const TimelinePoint& point : points) {
-    ASSIGN_OR_RETURN(std::shared_ptr<internal::Waker> waker,
-                     point.timeline->EnsureWaker(false));
-    waker_of.push_back(waker.get());
+    ASSIGN_OR_RETURN(internal::Waker* const waker, point.timeline->WaitWaker());
+    waker_of.push_back(waker);
     if (std::find(wakers.begin(), wakers.end(), waker) != wakers.end()) continue;
     words.push_back(&waker->wake().seq);
-    wakers.push_back(std::move(waker));
+    wakers.push_back(waker);
   }
   absl::InlinedVector<uint32_t, 4> expected(words.size());
   // Counted as sleepers from before the last look until the end, so the
   // owner (which skips the wake when nobody sleeps) never misses us.
   struct Sleeping {
-    absl::InlinedVector<std::shared_ptr<internal::Waker>, 4>* wakers = nullptr;
+    absl::InlinedVector<internal::Waker*, 4>* wakers = nullptr;
     ~Sleeping() {
       if (wakers == nullptr) return;
-      for (auto& waker : *wakers) {
+      for (internal::Waker* waker : *wakers) {
         std::atomic_ref<uint32_t>(waker->wake().sleepers).fetch_sub(1);
       }
     }
@@ -752,7 +777,7 @@ absl::Status Timeline::WaitPoints(const std::shared_ptr<internal::Connection>& c
         if (results[i].status != v1::FENCE_STATUS_UNSPECIFIED) continue;
         RETURN_IF_ERROR(slots->Arm(points[i].timeline->id(), points[i].point, need_by_ns));
       }
-      for (auto& waker : wakers) {
+      for (internal::Waker* waker : wakers) {
         std::atomic_ref<uint32_t>(waker->wake().sleepers).fetch_add(1, std::memory_order_seq_cst);
       }
       sleeping.wakers = &wakers;
@@ -768,7 +793,9 @@ absl::Status Timeline::WaitPoints(const std::shared_ptr<internal::Connection>& c
                  ? absl::UnavailableError(absl::StrCat(kWhy, " (this Client closed it)"))
                  : connection->SessionGone(kWhy);
     }
-    RETURN_IF_ERROR(timeline::WaitAny(words.data(), expected.data(), words.size(), until));
+    // `now` is fresh: read for the look just made.
+    RETURN_IF_ERROR(
+        timeline::WaitAny(words.data(), expected.data(), words.size(), until, nullptr, now));
     // The daemon let go of a waker (it does so when the session ends, and
     // wakes it), or a wake that changed nothing (WaitAny looks again every
     // timeline::kMaxSleepNs) while the session ended under it: either way

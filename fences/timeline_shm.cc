@@ -216,31 +216,36 @@ absl::Status CheckPageFd(int fd, bool read_only_for_others, const char* what) {
 }
 
 absl::Status WaitAny(const uint32_t* const* words, const uint32_t* expected, size_t count,
-                     int64_t until_ns, bool* capped_out) {
+                     int64_t until_ns, bool* capped_out, int64_t now_ns) {
   if (capped_out != nullptr) *capped_out = false;
   if (count == 0 || count > FUTEX_WAITV_MAX) {
     return absl::InvalidArgumentError(absl::StrCat("futex_waitv takes 1 to ", FUTEX_WAITV_MAX,
                                                    " words, not ", count));
   }
-  futex_waitv waiters[FUTEX_WAITV_MAX] = {};
-  for (size_t i = 0; i < count; ++i) {
-    waiters[i].val = expected[i];
-    waiters[i].uaddr = reinterpret_cast<uintptr_t>(words[i]);
-    waiters[i].flags = FUTEX_32;
-  }
   // Never long: a requeued waiter (see kMaxSleepNs) looks again soon.
-  const int64_t now = MonotonicNs();
+  const int64_t now = now_ns != 0 ? now_ns : MonotonicNs();
   const bool capped = until_ns - now > kMaxSleepNs;
   const int64_t wake_at = capped ? now + kMaxSleepNs : until_ns;
   timespec until;
   until.tv_sec = wake_at / 1'000'000'000;
   until.tv_nsec = wake_at % 1'000'000'000;
-  // One word: FUTEX_WAIT_BITSET (an absolute CLOCK_MONOTONIC timeout), a
-  // little cheaper than futex_waitv.
-  const long rc =
-      count == 1 ? syscall(SYS_futex, words[0], FUTEX_WAIT_BITSET, expected[0], &until, nullptr,
-                           FUTEX_BITSET_MATCH_ANY)
-                 : syscall(SYS_futex_waitv, waiters, count, 0, &until, CLOCK_MONOTONIC);
+  long rc;
+  if (count == 1) {
+    // One word: FUTEX_WAIT_BITSET (an absolute CLOCK_MONOTONIC timeout), a
+    // little cheaper than futex_waitv.
+    rc = syscall(SYS_futex, words[0], FUTEX_WAIT_BITSET, expected[0], &until, nullptr,
+                 FUTEX_BITSET_MATCH_ANY);
+  } else {
+    // Only the entries used are written (the whole array is 3 KiB of stack).
+    futex_waitv waiters[FUTEX_WAITV_MAX];
+    for (size_t i = 0; i < count; ++i) {
+      waiters[i] = {.val = expected[i],
+                    .uaddr = reinterpret_cast<uintptr_t>(words[i]),
+                    .flags = FUTEX_32,
+                    .__reserved = 0};
+    }
+    rc = syscall(SYS_futex_waitv, waiters, count, 0, &until, CLOCK_MONOTONIC);
+  }
   if (rc >= 0) return absl::OkStatus();
   switch (errno) {
     case EAGAIN:

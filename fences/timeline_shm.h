@@ -253,9 +253,10 @@ absl::Status CheckPageFd(int fd, bool read_only_for_others, const char* what);
 // or until `until` (CLOCK_MONOTONIC ns), but never longer than kMaxSleepNs.
 // At most 128 words.
 // OK (woken or changed, or kMaxSleepNs passed: then `*capped`, if given, is
-// set), DEADLINE_EXCEEDED (timed out), or the error.
+// set), DEADLINE_EXCEEDED (timed out), or the error. `now_ns`: the caller's
+// fresh MonotonicNs(), or 0 to read the clock here.
 absl::Status WaitAny(const uint32_t* const* words, const uint32_t* expected, size_t count,
-                     int64_t until_ns, bool* capped = nullptr);
+                     int64_t until_ns, bool* capped = nullptr, int64_t now_ns = 0);
 
 // CLOCK_MONOTONIC now, in ns.
 int64_t MonotonicNs();
