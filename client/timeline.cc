@@ -16,6 +16,7 @@
 #include <mutex>
 #include <optional>
 #include <span>
+#include <vector>
 
 #include "absl/container/inlined_vector.h"
 #include "absl/strings/str_cat.h"
@@ -40,13 +41,15 @@ struct Timeline::Shared {
   // Owner: the wakers of the sessions that wait (taken from the daemon when
   // the state page's wakers_gen moves), woken at every signal.
   struct OwnedWaker {
+    uint64_t id = 0;
     Mapping page;
     UniqueFd notify;
     timeline::WakePage& wake() const {
       return *reinterpret_cast<timeline::WakePage*>(page.data());
     }
   };
-  std::map<uint64_t, OwnedWaker> wakers;
+  // A few (one per waiting session): a vector, walked at every signal.
+  std::vector<OwnedWaker> wakers;
   uint64_t wakers_gen = 0;
   // This session's own waker, registered at its first wait.
   std::mutex waker_mu;
@@ -296,8 +299,8 @@ void Timeline::WakeWakers(uint64_t point) {
   // Every sleeper before any notify fd: a write to one wakes an event loop
   // (the daemon's, when it watches a point for a fence or a buffer), which
   // on this CPU may run before this thread gets to the next futex.
-  for (auto& [waker_id, waker] : shared_->wakers) timeline::WakeWaker(waker.wake());
-  for (auto& [waker_id, waker] : shared_->wakers) {
+  for (Shared::OwnedWaker& waker : shared_->wakers) timeline::WakeWaker(waker.wake());
+  for (Shared::OwnedWaker& waker : shared_->wakers) {
     if (waker.notify.valid()) timeline::NotifyArmed(waker.wake(), waker.notify.get(), point);
   }
   const timeline::StatePage& state = shared_->state_page();
@@ -312,14 +315,11 @@ void Timeline::WakeWakers(uint64_t point) {
   // fd whose armed point was reached without a byte at its next scan.
   v1::TakeWakersRequest request;
   request.set_timeline_id(id());
-  for (auto it = shared_->wakers.begin(); it != shared_->wakers.end();) {
-    if (Load(it->second.wake().closed) != 0) {
-      it = shared_->wakers.erase(it);
-    } else {
-      request.add_known_waker_ids(it->first);
-      if (it->second.notify.valid()) request.add_notify_known_waker_ids(it->first);
-      ++it;
-    }
+  std::erase_if(shared_->wakers,
+                [](const Shared::OwnedWaker& waker) { return Load(waker.wake().closed) != 0; });
+  for (const Shared::OwnedWaker& waker : shared_->wakers) {
+    request.add_known_waker_ids(waker.id);
+    if (waker.notify.valid()) request.add_notify_known_waker_ids(waker.id);
   }
   v1::TakeWakersResponse response;
   internal::Call call = connection_->NewCall();
@@ -343,8 +343,12 @@ void Timeline::WakeWakers(uint64_t point) {
       complete = false;
       continue;
     }
-    Shared::OwnedWaker& kept = shared_->wakers[waker.waker_id()];
-    kept = {*std::move(map), *std::move(notify)};
+    auto known =
+        std::find_if(shared_->wakers.begin(), shared_->wakers.end(),
+                     [&](const Shared::OwnedWaker& kept) { return kept.id == waker.waker_id(); });
+    Shared::OwnedWaker& kept =
+        known != shared_->wakers.end() ? *known : shared_->wakers.emplace_back();
+    kept = {waker.waker_id(), *std::move(map), *std::move(notify)};
     WakeOne(kept.wake(), kept.notify.valid() ? kept.notify.get() : -1, point);
   }
   if (complete) shared_->wakers_gen = response.wakers_gen();
