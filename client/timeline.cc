@@ -797,7 +797,8 @@ absl::Status Timeline::WaitPoints(const std::shared_ptr<internal::Connection>& c
                  ? absl::UnavailableError(absl::StrCat(kWhy, " (this Client closed it)"))
                  : connection->SessionGone(kWhy);
     }
-    // `now` is fresh: read for the look just made.
+    // `now` was read at or before the last look: at worst a capped sleep
+    // ends a little early and the loop looks again.
     RETURN_IF_ERROR(
         timeline::WaitAny(words.data(), expected.data(), words.size(), until, nullptr, now));
     // The daemon let go of a waker (it does so when the session ends, and
