@@ -26,7 +26,7 @@ std::string FdSocketPath(absl::string_view socket_dir);
 
 // fd.sock: the Hello's protocol_version, and the largest record either side
 // sends or accepts (one FdChannelMessage per record).
-inline constexpr uint32_t kProtocolVersion = 1;
+inline constexpr uint32_t kProtocolVersion = 2;
 
 // The release, the one place it is written: `bufferd --version` and
 // `bufctl --version` print VersionText ("bufferd 0.9 (protocol v1)").

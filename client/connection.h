@@ -152,11 +152,8 @@ class Connection {
     Mapping map;
     bool given = false;
     // map's page, published once mapped (it never changes after): what a
-    // wait reads without `mu`.
+    // wait reads without `mu` (its slots are claimed in the page itself).
     std::atomic<timeline::WaitPage*> mapped{nullptr};
-    // The slots claimed by waits, a bit each (compare-and-swap, no lock).
-    static_assert(timeline::WaitPage::kSlots % 64 == 0);
-    std::atomic<uint64_t> claimed[timeline::WaitPage::kSlots / 64] = {};
   };
   WaitPage& wait_page() { return wait_page_; }
 

@@ -124,13 +124,16 @@ absl::Status WithWaitPage(internal::Connection& connection, Call call,
 }
 
 // Wait slots of the session's page, claimed for one wait and cleared after.
+// A slot is claimed by setting its bit in the page's `armed` masks (which
+// also tells the daemon to read it), by compare-and-swap: no lock.
 class Slots {
  public:
   explicit Slots(internal::Connection& connection) : page_(connection.wait_page()) {}
   ~Slots() {
     for (size_t slot : claimed_) {
       Write(mapped_->slots[slot], 0, 0, 0);
-      page_.claimed[slot / 64].fetch_and(~(uint64_t{1} << (slot % 64)), std::memory_order_release);
+      std::atomic_ref<uint64_t>(mapped_->armed[slot / 64])
+          .fetch_and(~(uint64_t{1} << (slot % 64)), std::memory_order_release);
     }
   }
   absl::Status Arm(uint64_t timeline, uint64_t point, int64_t need_by_ns) {
@@ -147,11 +150,14 @@ class Slots {
  private:
   // The lowest free slot, now this wait's.
   absl::StatusOr<size_t> Claim() {
-    for (size_t word = 0; word < std::size(page_.claimed); ++word) {
-      std::atomic<uint64_t>& bits = page_.claimed[word];
+    constexpr size_t kSlots = timeline::WaitPage::kSlots;
+    for (size_t word = 0; word < std::size(mapped_->armed); ++word) {
+      std::atomic_ref<uint64_t> bits(mapped_->armed[word]);
+      // The bits past the last slot count as taken.
+      const uint64_t beyond = ~timeline::SlotBits(word);
       uint64_t seen = bits.load(std::memory_order_relaxed);
-      while (seen != ~uint64_t{0}) {
-        const int bit = std::countr_one(seen);
+      while ((seen | beyond) != ~uint64_t{0}) {
+        const int bit = std::countr_one(seen | beyond);
         if (bits.compare_exchange_weak(seen, seen | (uint64_t{1} << bit), std::memory_order_acquire,
                                        std::memory_order_relaxed)) {
           return word * 64 + bit;
@@ -159,7 +165,7 @@ class Slots {
       }
     }
     return absl::ResourceExhaustedError(absl::StrCat(
-        "all ", timeline::WaitPage::kSlots,
+        "all ", kSlots,
         " timeline wait slots of this session are in use (that many points waited on at "
         "once); use another Client for more"));
   }

@@ -176,9 +176,27 @@ struct WaitSlot {
 };
 
 struct WaitPage {
-  static constexpr size_t kSlots = kPageSize / sizeof(WaitSlot);
+  // Which slots hold a wait: bit i % 64 of armed[i / 64] for slots[i]. The
+  // session sets a slot's bit before it writes the slot and clears it after
+  // it empties it; the daemon reads only the slots marked, so a scan costs a
+  // session that waits on nothing one cache line. A bit past the last slot,
+  // or a marked slot that is empty, is ignored; a session that marks too few
+  // leaves only its own waits untimed.
+  uint64_t armed[2];
+  uint64_t reserved[2];
+  static constexpr size_t kSlots = (kPageSize - 4 * sizeof(uint64_t)) / sizeof(WaitSlot);
   WaitSlot slots[kSlots];
 };
+static_assert(WaitPage::kSlots <= 8 * sizeof(WaitPage::armed));
+
+// The bits of WaitPage::armed[word] that name a slot (the rest name none).
+constexpr uint64_t SlotBits(size_t word) {
+  const size_t first = word * 64;
+  return first >= WaitPage::kSlots        ? 0
+         : first + 64 <= WaitPage::kSlots ? ~uint64_t{0}
+                                          : ~(~uint64_t{0} << (WaitPage::kSlots - first));
+}
+static_assert(SlotBits(0) == ~uint64_t{0} && SlotBits(1) == ~uint64_t{0} >> 1);
 
 static_assert(sizeof(CounterPage) <= kPageSize);
 static_assert(sizeof(StatePage) <= kPageSize);

@@ -8,7 +8,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <cerrno>
+#include <iterator>
 #include <map>
 
 #include "absl/container/flat_hash_set.h"
@@ -642,25 +644,31 @@ void TimelineTable::ScanLocked(absl::Duration now, Calls& calls) {
     if (!session.details.Read().wait_map.valid()) continue;
     const auto& page =
         *reinterpret_cast<const timeline::WaitPage*>(session.details.Read().wait_map.data());
-    for (const timeline::WaitSlot& slot : page.slots) {
-      // A slot read while its session rewrites it is skipped (next scan).
-      const uint32_t gen = Load(slot.gen);
-      const uint64_t id = Load(slot.timeline);
-      const uint64_t point = Load(slot.point);
-      const int64_t need_by = Load(slot.need_by_ns);
-      std::atomic_thread_fence(std::memory_order_acquire);
-      if (gen % 2 != 0 || Load(slot.gen) != gen) continue;
-      if (id == 0) continue;
-      auto held = session.details.Read().held.find(id);
-      if (held == session.details.Read().held.end()) continue;
-      if (held->second.through_buffer) {
-        waited[id].joining.emplace_back(point, session_id);
-        continue;
-      }
-      Waited& entry = waited[id];
-      entry.points.emplace_back(point, session_id);
-      if (need_by > 0 && (entry.need_by_ns == 0 || need_by < entry.need_by_ns)) {
-        entry.need_by_ns = need_by;
+    // Only the slots the session marks as holding a wait (a bit past the
+    // last slot names none).
+    for (size_t word = 0; word < std::size(page.armed); ++word) {
+      for (uint64_t bits = Load(page.armed[word]) & timeline::SlotBits(word); bits != 0;
+           bits &= bits - 1) {
+        const timeline::WaitSlot& slot = page.slots[word * 64 + std::countr_zero(bits)];
+        // A slot read while its session rewrites it is skipped (next scan).
+        const uint32_t gen = Load(slot.gen);
+        const uint64_t id = Load(slot.timeline);
+        const uint64_t point = Load(slot.point);
+        const int64_t need_by = Load(slot.need_by_ns);
+        std::atomic_thread_fence(std::memory_order_acquire);
+        if (gen % 2 != 0 || Load(slot.gen) != gen) continue;
+        if (id == 0) continue;
+        auto held = session.details.Read().held.find(id);
+        if (held == session.details.Read().held.end()) continue;
+        if (held->second.through_buffer) {
+          waited[id].joining.emplace_back(point, session_id);
+          continue;
+        }
+        Waited& entry = waited[id];
+        entry.points.emplace_back(point, session_id);
+        if (need_by > 0 && (entry.need_by_ns == 0 || need_by < entry.need_by_ns)) {
+          entry.need_by_ns = need_by;
+        }
       }
     }
   }

@@ -105,8 +105,12 @@ class TimelineTableTest : public ::testing::Test {
                                        Mapping::Protection::kReadOnly);
     return owned;
   }
+  // Slot i of the session's wait page, marked as holding a wait (as the
+  // library marks a slot before it writes it).
   timeline::WaitSlot& Slot(uint64_t session, size_t i) {
-    return waits_[session].as<timeline::WaitPage>().slots[i];
+    auto& page = waits_[session].as<timeline::WaitPage>();
+    page.armed[i / 64] |= uint64_t{1} << (i % 64);
+    return page.slots[i];
   }
 
   int baseline_fds_ = 0;
@@ -252,6 +256,29 @@ TEST_F(TimelineTableTest, SlotsTheDaemonCannotTrustAreSkipped) {
   table_->Scan(t0 + kDeadline * 2);
   EXPECT_EQ(Load(owned.state().mark_count), 0u);
   EXPECT_EQ(Load(owned.state().waited_point), 0u);
+}
+
+TEST_F(TimelineTableTest, OnlySlotsMarkedArmedAreRead) {
+  Owned owned = Create();
+  ASSERT_TRUE(table_->Hold(kOther, owned.id).ok());
+  auto& page = waits_[kOther].as<timeline::WaitPage>();
+  const absl::Duration t0 = absl::Seconds(100);
+  // A wait written but not marked: the daemon never reads it.
+  Arm(page.slots[3], owned.id, 1);
+  // Every bit set, the one past the last slot included (which names no
+  // slot: timeline::SlotBits), and the marked empty slots are skipped.
+  ASSERT_EQ(timeline::WaitPage::kSlots, 127u);
+  Store(page.armed[1], ~uint64_t{0});
+  table_->Scan(t0);
+  table_->Scan(t0 + kDeadline * 2);
+  EXPECT_EQ(Load(owned.state().mark_count), 0u);
+  EXPECT_EQ(Load(owned.state().waited_point), 0u);
+  // Marked, it is timed: the last slot, read through the second mask.
+  Arm(page.slots[timeline::WaitPage::kSlots - 1], owned.id, 1);
+  table_->Scan(t0 + kDeadline * 3);
+  EXPECT_EQ(Load(owned.state().waited_point), 1u);
+  table_->Scan(t0 + kDeadline * 4);
+  EXPECT_EQ(Load(owned.state().mark_count), 1u);
 }
 
 TEST_F(TimelineTableTest, AHoldThroughABufferWaitsButNeitherTimesNorShares) {

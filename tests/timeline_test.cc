@@ -1095,14 +1095,17 @@ TEST_F(TimelineTest, LimitsAreNamed) {
     // Every wait slot of a session in use: the next wait is refused, named.
     absl::StatusOr<Timeline> seen = owner.ImportTimeline(*mine->Export());
     ASSERT_TRUE(seen.ok()) << seen.status();
-    std::vector<TimelinePoint> points(64, TimelinePoint{&*seen, 1});
+    // 64 + 63 points: all 127 slots.
+    const std::vector<TimelinePoint> points[] = {
+        std::vector<TimelinePoint>(64, TimelinePoint{&*seen, 1}),
+        std::vector<TimelinePoint>(63, TimelinePoint{&*seen, 1})};
     std::vector<std::thread> waiters;
     for (int i = 0; i < 2; ++i) {
-      waiters.emplace_back([&] {
+      waiters.emplace_back([&, i] {
         // Retried while the probe below holds a slot.
         absl::Status waited;
         do {
-          waited = owner.WaitTimelines(points, true, absl::Seconds(20)).status();
+          waited = owner.WaitTimelines(points[i], true, absl::Seconds(20)).status();
         } while (waited.code() == absl::StatusCode::kResourceExhausted);
         EXPECT_TRUE(waited.ok()) << waited;
       });
@@ -1110,7 +1113,7 @@ TEST_F(TimelineTest, LimitsAreNamed) {
     ASSERT_TRUE(Eventually([&] {
       absl::Status refused = seen->Wait(1, absl::Milliseconds(1)).status();
       return refused.code() == absl::StatusCode::kResourceExhausted &&
-             absl::StrContains(refused.message(), "all 128 timeline wait slots");
+             absl::StrContains(refused.message(), "all 127 timeline wait slots");
     }));
     ASSERT_TRUE(mine->Signal(1).ok());
     for (std::thread& waiter : waiters) waiter.join();

@@ -126,36 +126,37 @@ class Run {
 
  private:
   // What each operation number does (Step), for the trace.
-  static constexpr const char* kOpNames[] = {"open session",
-                                             "close session",
-                                             "detach session",
-                                             "allocate",
-                                             "allocate",
-                                             "allocate",
-                                             "allocate set",
-                                             "release",
-                                             "release",
-                                             "export",
-                                             "export",
-                                             "import",
-                                             "import",
-                                             "freeze",
-                                             "expire tokens",
-                                             "create fence",
-                                             "signal fence",
-                                             "merge fences",
-                                             "export or import a fence fd",
-                                             "forget fence",
-                                             "hold fence",
-                                             "wait",
-                                             "attach fence",
-                                             "reservation: pending, subscribe, unsubscribe",
-                                             "wait",
-                                             "create timeline",
-                                             "write timeline counter",
-                                             "timeline: hold, forget, waker, wakers, info",
-                                             "watch timeline point",
-                                             "fence behind a timeline point"};
+  static constexpr const char* kOpNames[] = {
+      "open session",
+      "close session",
+      "detach session",
+      "allocate",
+      "allocate",
+      "allocate",
+      "allocate set",
+      "release",
+      "release",
+      "export",
+      "export",
+      "import",
+      "import",
+      "freeze",
+      "expire tokens",
+      "create fence",
+      "signal fence",
+      "merge fences",
+      "export or import a fence fd",
+      "forget fence",
+      "hold fence",
+      "wait",
+      "attach fence",
+      "reservation: pending, subscribe, unsubscribe",
+      "wait",
+      "create timeline",
+      "write timeline counter",
+      "timeline: hold, forget, waker, wakers, info, wait page + scan",
+      "watch timeline point",
+      "fence behind a timeline point"};
   static_assert(std::size(kOpNames) == 30, "a name for each operation of Step");
 
   static TimelineLimits TimelineLimitsForFuzz() {
@@ -340,7 +341,13 @@ class Run {
           UniqueFd page(::memfd_create("fuzz-waits", MFD_CLOEXEC | MFD_ALLOW_SEALING));
           FUZZ_CHECK(page.valid() && ::ftruncate(page.get(), timeline::kPageSize) == 0);
           (void)::fcntl(page.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW);
-          (void)timelines_.SetWaitPage(session, std::move(page));
+          // The session's own writable view, for op 27's writes.
+          absl::StatusOr<Mapping> view =
+              Mapping::Create(page.get(), timeline::kPageSize, Mapping::Protection::kReadWrite);
+          FUZZ_CHECK(view.ok());
+          if (timelines_.SetWaitPage(session, std::move(page)).ok()) {
+            wait_pages_[session] = *std::move(view);
+          }
         }
         sessions_[session] = uid;
         break;
@@ -573,10 +580,29 @@ class Run {
       case 27: {  // hold, forget, a waker, the owner's wakers, info
         const uint64_t session = PickSession();
         const uint64_t id = PickTimeline();
-        switch (input_.ConsumeIntegralInRange(0, 4)) {
+        switch (input_.ConsumeIntegralInRange(0, 5)) {
           case 0:
             (void)timelines_.Hold(session, id);
             break;
+          case 5: {
+            // The session writes anything into its wait page (the slot
+            // masks, one slot), then a scan reads it, at a later time.
+            auto page = wait_pages_.find(session);
+            if (page == wait_pages_.end()) break;
+            auto& waits = *reinterpret_cast<timeline::WaitPage*>(page->second.data());
+            timeline::Store(waits.armed[input_.ConsumeIntegralInRange(0, 1)],
+                            input_.ConsumeIntegral<uint64_t>());
+            timeline::WaitSlot& slot = waits.slots[input_.ConsumeIntegralInRange<size_t>(
+                0, timeline::WaitPage::kSlots - 1)];
+            timeline::Store(slot.gen, input_.ConsumeIntegral<uint32_t>());
+            timeline::Store(slot.timeline,
+                            input_.ConsumeBool() ? id : input_.ConsumeIntegral<uint64_t>());
+            timeline::Store(slot.point, input_.ConsumeIntegral<uint64_t>());
+            timeline::Store(slot.need_by_ns, input_.ConsumeIntegral<int64_t>());
+            scan_time_ += absl::Milliseconds(input_.ConsumeIntegralInRange(0, 20000));
+            timelines_.Scan(scan_time_);
+            break;
+          }
           case 1:
             timelines_.Forget(session, id);
             break;
@@ -651,6 +677,7 @@ class Run {
     timelines_.CloseSession(session);
     reservations_.CloseSession(session);
     sessions_.erase(session);
+    wait_pages_.erase(session);
     for (size_t i = 0; i < held_.size();) {
       if (held_[i].session == session) {
         held_.erase(held_.begin() + i);
@@ -802,6 +829,10 @@ class Run {
   std::vector<uint64_t> timeline_ids_;
   // The owner's writable mapping of each timeline's counter page.
   std::map<uint64_t, Mapping> counters_;
+  // Each session's writable mapping of its timeline wait page, and the
+  // clock its scans read (it only moves forward, as the daemon's does).
+  std::map<uint64_t, Mapping> wait_pages_;
+  absl::Duration scan_time_ = absl::Seconds(1);
   std::vector<std::shared_ptr<std::atomic<int>>> watches_;
   std::vector<UniqueFd> pipes_;
   std::vector<std::shared_ptr<std::atomic<int>>> waits_;
