@@ -62,7 +62,7 @@ if tools/bufctl --socket-dir "$root/nothing" heaps 2>"$root/err"; then fail "no 
 grep -q 'UNAVAILABLE' "$root/err" || fail "no-daemon error: $(cat "$root/err")"
 # --version: both binaries, one release.
 version="$(tools/bufctl --version)" || fail "bufctl --version"
-[[ "$version" =~ ^bufctl\ [0-9]+\.[0-9]+\ \(protocol\ v1\)$ ]] || fail "bufctl --version: $version"
+[[ "$version" =~ ^bufctl\ [0-9]+\.[0-9]+\ \(protocol\ v[0-9]+\)$ ]] || fail "bufctl --version: $version"
 daemon_version="$(daemon/bufferd --version)" || fail "bufferd --version"
 [ "bufferd ${version#bufctl }" = "$daemon_version" ] || fail "versions: $version / $daemon_version"
 # A word that is no command is named, with the commands (exit 2).
