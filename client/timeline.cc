@@ -128,7 +128,8 @@ absl::Status WithWaitPage(internal::Connection& connection, Call call,
 // also tells the daemon to read it), by compare-and-swap: no lock.
 class Slots {
  public:
-  explicit Slots(internal::Connection& connection) : page_(connection.wait_page()) {}
+  explicit Slots(internal::Connection& connection)
+      : mapped_(connection.wait_page().mapped.load(std::memory_order_acquire)) {}
   ~Slots() {
     for (size_t slot : claimed_) {
       Write(mapped_->slots[slot], 0, 0, 0);
@@ -137,7 +138,6 @@ class Slots {
     }
   }
   absl::Status Arm(uint64_t timeline, uint64_t point, int64_t need_by_ns) {
-    if (mapped_ == nullptr) mapped_ = page_.mapped.load(std::memory_order_acquire);
     if (mapped_ == nullptr) {
       return absl::FailedPreconditionError("this session has no timeline wait page");
     }
@@ -182,8 +182,8 @@ class Slots {
     Store(slot.gen, gen + 2);
   }
 
-  internal::Connection::WaitPage& page_;
-  timeline::WaitPage* mapped_ = nullptr;
+  // The session's wait page (null if it has none).
+  timeline::WaitPage* const mapped_;
   absl::InlinedVector<size_t, 4> claimed_;
 };
 

@@ -577,12 +577,21 @@ class Run {
         timeline::Store(page.seq, timeline::Load(page.seq) + 1);
         break;
       }
-      case 27: {  // hold, forget, a waker, the owner's wakers, info
+      case 27: {  // hold, forget, a waker, the owner's wakers, info, a wait page written
         const uint64_t session = PickSession();
         const uint64_t id = PickTimeline();
         switch (input_.ConsumeIntegralInRange(0, 5)) {
           case 0:
             (void)timelines_.Hold(session, id);
+            break;
+          case 1:
+            timelines_.Forget(session, id);
+            break;
+          case 2:
+            (void)timelines_.RegisterWaker(session, id, input_.ConsumeBool());
+            break;
+          case 3:
+            (void)timelines_.TakeWakers(session, id, {}, {});
             break;
           case 5: {
             // The session writes anything into its wait page (the slot
@@ -603,15 +612,6 @@ class Run {
             timelines_.Scan(scan_time_);
             break;
           }
-          case 1:
-            timelines_.Forget(session, id);
-            break;
-          case 2:
-            (void)timelines_.RegisterWaker(session, id, input_.ConsumeBool());
-            break;
-          case 3:
-            (void)timelines_.TakeWakers(session, id, {}, {});
-            break;
           default:
             (void)timelines_.Info(session, id);
             break;
