@@ -20,7 +20,9 @@
 //     another process returns; floor: one raw one-way futex wake between two
 //     processes (a store and FUTEX_WAKE on a shared page). And -> a waiter
 //     polling its notify fd wakes; floor: one datagram on a socket pair
-//     waking a poll. Target <= 1.25x; figure 1's daemon-relayed fence path is printed
+//     waking a poll. Both floors keep their page (mapped once in each
+//     process) and socket for a placement, as a timeline keeps its pages
+//     and notify fd. Target <= 1.25x; figure 1's daemon-relayed fence path is printed
 //     beside it. (info) Where owner and waiter share a CPU, the Wait and its
 //     floor split by whether the woken waiter ran at the wake (preempting
 //     the signaller) or only when the signaller blocked, each case against
@@ -31,7 +33,7 @@
 //     waiter waits for it and signals point i of a release timeline, the
 //     owner waits for that; frames/s against the same ping-pong over two raw
 //     futex words, in five rounds each beside its floor: the median ratio.
-//     Target >= 80%.
+//     Target >= 80%. (info) The floor with timed FUTEX_WAITs, as a Wait's.
 // T4. Daemon RSS and fds per timeline (800 of them) and per session that
 //     waits (its wait page), measured; and the idle daemon's CPU a second
 //     with 1,000 sessions that have a wait page, none waiting (its scans).
@@ -137,6 +139,18 @@ void FutexAwait(uint32_t* word, uint32_t value) {
     const uint32_t now = timeline::Load(*word);
     if (now >= value) return;
     ::syscall(SYS_futex, word, FUTEX_WAIT, now, nullptr, nullptr, 0);
+  }
+}
+
+// FutexAwait, each FUTEX_WAIT with an absolute timeout kMaxSleepNs out, as
+// every Timeline::Wait sleeps (timeline::WaitAny).
+void FutexAwaitTimed(uint32_t* word, uint32_t value) {
+  while (true) {
+    const uint32_t now = timeline::Load(*word);
+    if (now >= value) return;
+    const int64_t at = timeline::MonotonicNs() + timeline::kMaxSleepNs;
+    const timespec until{at / 1'000'000'000, at % 1'000'000'000};
+    ::syscall(SYS_futex, word, FUTEX_WAIT_BITSET, now, &until, nullptr, FUTEX_BITSET_MATCH_ANY);
   }
 }
 
@@ -289,6 +303,8 @@ int HelperMain(const UnixSocket& control) {
   std::optional<Timeline> timeline_in;
   std::optional<Buffer> buffer;
   std::string dir;
+  uint32_t* floor_words = nullptr;
+  UniqueFd floor_socket;
   while (true) {
     auto got = control.RecvWithFds(4096);
     if (!got.ok() || got->eof) return 0;
@@ -341,28 +357,31 @@ int HelperMain(const UnixSocket& control) {
       MassRpc(control, dir, std::stoi(words[1]), fds[0].get());
     } else if (command == "mass-fd" && words.size() == 2 && fds.size() == 1 && client) {
       MassFd(control, *client, std::stoi(words[1]), fds[0].get());
-    } else if ((command == "futex-wait" || command == "futex-wait-timed") && fds.size() == 1) {
-      // "-timed": each FUTEX_WAIT with an absolute timeout 20 ms out, as
-      // every Timeline::Wait sleeps (timeline::WaitAny).
-      const bool timed = command == "futex-wait-timed";
-      uint32_t* words = MapShared(fds[0].get());
+    } else if (command == "floor-keep" && fds.size() == 2) {
+      // T1's floors: a page mapped once and a socket kept, as a timeline's
+      // wake page and notify fd are (a mapping made and unmapped per
+      // sample costs the wake 7-10 us more on Linux 6.18).
+      if (floor_words != nullptr) ::munmap(floor_words, 4096);
+      floor_words = MapShared(fds[0].get());
+      floor_socket = std::move(fds[1]);
+      Reply(control, "ok");
+    } else if ((command == "futex-wait" || command == "futex-wait-timed") && words.size() == 2 &&
+               floor_words != nullptr) {
+      // Until word 0 reaches the value given. "-timed": each FUTEX_WAIT
+      // with an absolute timeout 20 ms out, as every Timeline::Wait sleeps.
+      const uint32_t value = static_cast<uint32_t>(std::stoul(words[1]));
       Reply(control, "ready");
-      if (!timed) FutexAwait(&words[0], 1);
-      while (timed && timeline::Load(words[0]) < 1) {
-        const int64_t at = timeline::MonotonicNs() + timeline::kMaxSleepNs;
-        const timespec until{at / 1'000'000'000, at % 1'000'000'000};
-        ::syscall(SYS_futex, &words[0], FUTEX_WAIT_BITSET, 0, &until, nullptr,
-                  FUTEX_BITSET_MATCH_ANY);
-      }
-      const int64_t woke = NowNs();
-      ::munmap(words, 4096);
-      Reply(control, absl::StrCat("t ", woke));
-    } else if (command == "futex-pong" && words.size() == 2 && fds.size() == 1) {
+      command == "futex-wait" ? FutexAwait(&floor_words[0], value)
+                              : FutexAwaitTimed(&floor_words[0], value);
+      Reply(control, absl::StrCat("t ", NowNs()));
+    } else if ((command == "futex-pong" || command == "futex-pong-timed") && words.size() == 2 &&
+               fds.size() == 1) {
       uint32_t* shared = MapShared(fds[0].get());
       const uint32_t frames = static_cast<uint32_t>(std::stoul(words[1]));
+      const bool timed = command == "futex-pong-timed";
       Reply(control, "ready");
       for (uint32_t i = 1; i <= frames; ++i) {
-        FutexAwait(&shared[0], i);
+        timed ? FutexAwaitTimed(&shared[0], i) : FutexAwait(&shared[0], i);
         Publish(&shared[1], i);
       }
       ::munmap(shared, 4096);
@@ -384,10 +403,13 @@ int HelperMain(const UnixSocket& control) {
       Reply(control, "ready");
       PollReadable(*fd);
       Reply(control, absl::StrCat("t ", NowNs()));
-    } else if (command == "pipe-poll" && fds.size() == 1) {
+    } else if (command == "dgram-poll" && floor_socket.valid()) {
       Reply(control, "ready");
-      PollReadable(fds[0].get());
-      Reply(control, absl::StrCat("t ", NowNs()));
+      PollReadable(floor_socket.get());
+      const int64_t woke = NowNs();
+      char byte;
+      (void)::recv(floor_socket.get(), &byte, 1, MSG_DONTWAIT);
+      Reply(control, absl::StrCat("t ", woke));
     } else if (command == "tl-pong" && words.size() == 2 && timeline_in && client) {
       // Waits for point i of the imported timeline, signals point i of its own.
       auto release = client->CreateTimeline({.name = "release"});
@@ -564,21 +586,44 @@ WakeSample Sample(int64_t start, int64_t returned, int64_t woke) {
   return {(woke - start) / 1000.0, returned > woke};
 }
 
+// T1's floors, kept for a placement as a timeline's pages and notify fd
+// are: a shared page mapped once in both processes, and a datagram socket
+// pair whose read end the waiter keeps.
+struct Floors {
+  UniqueFd page;
+  uint32_t* words = nullptr;
+  UniqueFd write_end;
+  uint32_t value = 0;
+
+  explicit Floors(const Helper& waiter) {
+    page.Reset(::memfd_create("floor", MFD_CLOEXEC));
+    int ends[2];
+    if (!page.valid() || ::ftruncate(page.get(), 4096) != 0 ||
+        ::socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, ends) != 0) {
+      std::exit(1);
+    }
+    UniqueFd read_end(ends[0]);
+    write_end.Reset(ends[1]);
+    words = MapShared(page.get());
+    timeline::Store(words[0], 0u);  // faulted in before any clock starts
+    if (waiter.Ask("floor-keep", {page.get(), read_end.get()}) != "ok") std::exit(1);
+  }
+  ~Floors() { ::munmap(words, 4096); }
+  Floors(const Floors&) = delete;
+  Floors& operator=(const Floors&) = delete;
+};
+
 // Floor T1: a store and FUTEX_WAKE -> a FUTEX_WAIT in the waiter returns;
 // (info) `timed`: that FUTEX_WAIT given a timeout, as every
 // Timeline::Wait's is (no wait is indefinite).
-WakeSample FutexOnce(const Helper& waiter, bool timed = false) {
-  UniqueFd page(::memfd_create("floor", MFD_CLOEXEC));
-  if (::ftruncate(page.get(), 4096) != 0) std::exit(1);
-  uint32_t* words = MapShared(page.get());
-  timeline::Store(words[2], 0u);  // faulted in before the clock starts
-  (void)waiter.Ask(timed ? "futex-wait-timed" : "futex-wait", {page.get()});
+WakeSample FutexOnce(Floors& floors, const Helper& waiter, bool timed = false) {
+  const uint32_t value = ++floors.value;
+  (void)waiter.Ask(absl::StrCat(timed ? "futex-wait-timed " : "futex-wait ", value));
   LetThemBlock();
   const int64_t start = NowNs();
-  Publish(&words[0], 1);
+  Publish(&floors.words[0], value);
   const int64_t returned = NowNs();
   const int64_t woke = Stamp(waiter.Read());
-  ::munmap(words, 4096);
   return Sample(start, returned, woke);
 }
 
@@ -594,21 +639,13 @@ WakeSample TimelineOnce(Timeline& timeline, uint64_t point, const Helper& waiter
 }
 
 // Floor T1 (notify fd): one datagram sent on a socket pair (what a notify
-// channel is) -> the waiter's poll returns.
-double DgramSendOnce(const Helper& waiter) {
-  int ends[2];
-  if (::socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, ends) != 0) std::exit(1);
-  UniqueFd read_end(ends[0]), write_end(ends[1]);
-  // Warm: one datagram through before the clock starts.
-  char byte = 1;
-  if (::send(write_end.get(), &byte, 1, 0) != 1 || ::recv(read_end.get(), &byte, 1, 0) != 1) {
-    std::exit(1);
-  }
-  (void)waiter.Ask("pipe-poll", {read_end.get()});
-  read_end.Reset();
+// channel is) -> the waiter's poll returns (then it reads the datagram).
+double DgramSendOnce(const Floors& floors, const Helper& waiter) {
+  (void)waiter.Ask("dgram-poll");
   LetThemBlock();
   const int64_t start = NowNs();
-  if (::send(write_end.get(), &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL) != 1) std::exit(1);
+  char byte = 1;
+  if (::send(floors.write_end.get(), &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL) != 1) std::exit(1);
   const int64_t woke = Stamp(waiter.Read());
   return (woke - start) / 1000.0;
 }
@@ -624,16 +661,17 @@ double TimelinePollOnce(Timeline& timeline, uint64_t point, const Helper& waiter
 }
 
 // T3 floor: frames/s of the raw futex ping-pong.
-double FutexPingPong(const Helper& waiter, uint32_t frames) {
+double FutexPingPong(const Helper& waiter, uint32_t frames, bool timed = false) {
   UniqueFd page(::memfd_create("floor", MFD_CLOEXEC));
   if (::ftruncate(page.get(), 4096) != 0) std::exit(1);
   uint32_t* shared = MapShared(page.get());
   timeline::Store(shared[2], 0u);  // faulted in before the clock starts
-  (void)waiter.Ask(absl::StrCat("futex-pong ", frames), {page.get()});
+  (void)waiter.Ask(absl::StrCat(timed ? "futex-pong-timed " : "futex-pong ", frames),
+                   {page.get()});
   const int64_t start = NowNs();
   for (uint32_t i = 1; i <= frames; ++i) {
     Publish(&shared[0], i);
-    FutexAwait(&shared[1], i);
+    timed ? FutexAwaitTimed(&shared[1], i) : FutexAwait(&shared[1], i);
   }
   const int64_t took = NowNs() - start;
   (void)waiter.Read();  // "done"
@@ -924,17 +962,19 @@ int main(int argc, char** argv) {
       auto timeline = owner->CreateTimeline({.name = "bench"});
       if (!timeline.ok() || waiter->Ask("tl-import " + *timeline->Export()) != "ok") return 1;
       uint64_t point = 0;
+      Floors kept(*waiter);
       for (int i = 0; i < 10; ++i) {  // warm up
-        FutexOnce(*waiter);
+        FutexOnce(kept, *waiter);
         TimelineOnce(*timeline, ++point, *waiter);
+        DgramSendOnce(kept, *waiter);
       }
       WakeSamples futex_s, timeline_s;
       std::vector<double> pipe_s, poll_fd_s, timed_s;
       for (int i = 0; i < iterations; ++i) {
-        futex_s.Add(FutexOnce(*waiter));
-        timed_s.push_back(FutexOnce(*waiter, /*timed=*/true).us);
+        futex_s.Add(FutexOnce(kept, *waiter));
+        timed_s.push_back(FutexOnce(kept, *waiter, /*timed=*/true).us);
         timeline_s.Add(TimelineOnce(*timeline, ++point, *waiter));
-        pipe_s.push_back(DgramSendOnce(*waiter));
+        pipe_s.push_back(DgramSendOnce(kept, *waiter));
         poll_fd_s.push_back(TimelinePollOnce(*timeline, ++point, *waiter));
       }
       const Summary futex = Summarize(futex_s.all, 0), timed = Summarize(timed_s, 0);
@@ -962,11 +1002,13 @@ int main(int argc, char** argv) {
       // Five rounds, each beside its floor (cross-CPU ping-pong drifts
       // by 2x from one second to the next here): the median ratio.
       constexpr int kRounds = 5;
-      std::vector<double> ratios, fps, floors;
+      std::vector<double> ratios, fps, floors, timed_floors;
       long switches = 0;
       for (int round = 0; round < kRounds; ++round) {
         const PingPong one = TimelinePingPong(*owner, *waiter, (*daemon)->pid(), frames / kRounds);
         const double floor_one = FutexPingPong(*waiter, static_cast<uint32_t>(frames / kRounds));
+        timed_floors.push_back(
+            FutexPingPong(*waiter, static_cast<uint32_t>(frames / kRounds), /*timed=*/true));
         switches += one.daemon_switches;
         fps.push_back(one.frames_per_second);
         floors.push_back(floor_one);
@@ -989,6 +1031,9 @@ int main(int argc, char** argv) {
           "T3. acquire/release ping-pong", placement.name, pong.frames_per_second, floor_fps,
           100 * ratio, kRounds, 100 * ratios.front(), 100 * ratios.back(),
           ratio >= 0.8 ? "met" : "not met");
+      std::sort(timed_floors.begin(), timed_floors.end());
+      std::printf("   (info) floor, FUTEX_WAITs timed      %-20s %8.0f frames/s\n", placement.name,
+                  timed_floors[kRounds / 2]);
       if (timelines_only) continue;
 
       for (int i = 0; i < 10; ++i) {  // warm up
