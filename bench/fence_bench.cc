@@ -666,8 +666,7 @@ double FutexPingPong(const Helper& waiter, uint32_t frames, bool timed = false) 
   if (::ftruncate(page.get(), 4096) != 0) std::exit(1);
   uint32_t* shared = MapShared(page.get());
   timeline::Store(shared[2], 0u);  // faulted in before the clock starts
-  (void)waiter.Ask(absl::StrCat(timed ? "futex-pong-timed " : "futex-pong ", frames),
-                   {page.get()});
+  (void)waiter.Ask(absl::StrCat(timed ? "futex-pong-timed " : "futex-pong ", frames), {page.get()});
   const int64_t start = NowNs();
   for (uint32_t i = 1; i <= frames; ++i) {
     Publish(&shared[0], i);
