@@ -369,8 +369,9 @@ int HelperMain(const UnixSocket& control) {
       MassFd(control, *client, std::stoi(words[1]), fds[0].get());
     } else if (command == "floor-keep" && fds.size() == 2) {
       // T1's floors: a page mapped once and a socket kept, as a timeline's
-      // wake page and notify fd are (a mapping made and unmapped per
-      // sample costs the wake 7-10 us more on Linux 6.18).
+      // wake page and notify fd are (a page and a socket made, passed and
+      // mapped per sample made the floor's wake about 2x slower on Linux
+      // 6.18).
       if (floor_words != nullptr) ::munmap(floor_words, 4096);
       floor_words = MapShared(fds[0].get());
       floor_socket = std::move(fds[1]);
@@ -416,11 +417,17 @@ int HelperMain(const UnixSocket& control) {
       PollReadable(*fd);
       Reply(control, absl::StrCat("t ", NowNs()));
     } else if (command == "dgram-poll" && floor_socket.valid()) {
-      Reply(control, "ready");
-      PollReadable(floor_socket.get());
-      const int64_t woke = NowNs();
+      // Nothing left from an earlier sample may wake this poll at once.
       char byte;
-      (void)::recv(floor_socket.get(), &byte, 1, MSG_DONTWAIT);
+      while (::recv(floor_socket.get(), &byte, 1, MSG_DONTWAIT) == 1) {
+      }
+      Reply(control, "ready");
+      const bool woken = PollReadable(floor_socket.get());
+      const int64_t woke = NowNs();
+      if (!woken || ::recv(floor_socket.get(), &byte, 1, MSG_DONTWAIT) != 1) {
+        Reply(control, "error dgram-poll");
+        continue;
+      }
       Reply(control, absl::StrCat("t ", woke));
     } else if (command == "tl-pong" && words.size() == 2 && timeline_in && client) {
       // Waits for point i of the imported timeline, signals point i of its own.
@@ -630,7 +637,9 @@ struct Floors {
 // Timeline::Wait's is (no wait is indefinite).
 WakeSample FutexOnce(Floors& floors, const Helper& waiter, bool timed = false) {
   const uint32_t value = ++floors.value;
-  (void)waiter.Ask(absl::StrCat(timed ? "futex-wait-timed " : "futex-wait ", value));
+  if (waiter.Ask(absl::StrCat(timed ? "futex-wait-timed " : "futex-wait ", value)) != "ready") {
+    std::exit(1);
+  }
   LetThemBlock();
   const int64_t start = NowNs();
   Publish(&floors.words[0], value);
@@ -653,12 +662,13 @@ WakeSample TimelineOnce(Timeline& timeline, uint64_t point, const Helper& waiter
 // Floor T1 (notify fd): one datagram sent on a socket pair (what a notify
 // channel is) -> the waiter's poll returns (then it reads the datagram).
 double DgramSendOnce(const Floors& floors, const Helper& waiter) {
-  (void)waiter.Ask("dgram-poll");
+  if (waiter.Ask("dgram-poll") != "ready") std::exit(1);
   LetThemBlock();
   const int64_t start = NowNs();
   char byte = 1;
   if (::send(floors.write_end.get(), &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL) != 1) std::exit(1);
   const int64_t woke = Stamp(waiter.Read());
+  if (woke < 0) std::exit(1);
   return (woke - start) / 1000.0;
 }
 
@@ -1019,8 +1029,8 @@ int main(int argc, char** argv) {
       // by 2x from one second to the next here): the median ratio.
       constexpr int kRounds = 5;
       // Across CPUs here a raw ping-pong sometimes runs at 2-3x its usual
-      // rate (the woken vCPU had not halted yet); a little work per wake
-      // is enough to leave that regime, which this shows.
+      // rate (likely when the woken vCPU has not halted yet); a little work
+      // per wake is enough to leave that regime, which this shows.
       constexpr int64_t kWorkNs = 700;
       std::vector<double> ratios, fps, floors, timed_floors, worked_floors;
       long switches = 0;
