@@ -29,7 +29,7 @@ std::string FdSocketPath(absl::string_view socket_dir);
 inline constexpr uint32_t kProtocolVersion = 2;
 
 // The release, the one place it is written: `bufferd --version` and
-// `bufctl --version` print VersionText ("bufferd 0.9 (protocol v1)").
+// `bufctl --version` print VersionText ("bufferd 0.9 (protocol v2)").
 inline constexpr char kReleaseVersion[] = "0.9";
 std::string VersionText(absl::string_view program);
 inline constexpr size_t kMaxRecordBytes = 4096;

@@ -134,12 +134,20 @@ uint32_t* MapShared(int fd) {
 
 void FutexWake(uint32_t* word) { ::syscall(SYS_futex, word, FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0); }
 
-// Blocks until *word >= value.
-void FutexAwait(uint32_t* word, uint32_t value) {
+// Blocks until *word >= value. `timed`: each FUTEX_WAIT with an absolute
+// timeout kMaxSleepNs out, as every Timeline::Wait sleeps
+// (timeline::WaitAny).
+void FutexAwait(uint32_t* word, uint32_t value, bool timed = false) {
   while (true) {
     const uint32_t now = timeline::Load(*word);
     if (now >= value) return;
-    ::syscall(SYS_futex, word, FUTEX_WAIT, now, nullptr, nullptr, 0);
+    if (!timed) {
+      ::syscall(SYS_futex, word, FUTEX_WAIT, now, nullptr, nullptr, 0);
+      continue;
+    }
+    const int64_t at = timeline::MonotonicNs() + timeline::kMaxSleepNs;
+    const timespec until{at / 1'000'000'000, at % 1'000'000'000};
+    ::syscall(SYS_futex, word, FUTEX_WAIT_BITSET, now, &until, nullptr, FUTEX_BITSET_MATCH_ANY);
   }
 }
 
@@ -149,18 +157,6 @@ void Work(int64_t ns) {
   if (ns <= 0) return;
   const int64_t until = NowNs() + ns;
   while (NowNs() < until) {
-  }
-}
-
-// FutexAwait, each FUTEX_WAIT with an absolute timeout kMaxSleepNs out, as
-// every Timeline::Wait sleeps (timeline::WaitAny).
-void FutexAwaitTimed(uint32_t* word, uint32_t value) {
-  while (true) {
-    const uint32_t now = timeline::Load(*word);
-    if (now >= value) return;
-    const int64_t at = timeline::MonotonicNs() + timeline::kMaxSleepNs;
-    const timespec until{at / 1'000'000'000, at % 1'000'000'000};
-    ::syscall(SYS_futex, word, FUTEX_WAIT_BITSET, now, &until, nullptr, FUTEX_BITSET_MATCH_ANY);
   }
 }
 
@@ -382,8 +378,7 @@ int HelperMain(const UnixSocket& control) {
       // with an absolute timeout 20 ms out, as every Timeline::Wait sleeps.
       const uint32_t value = static_cast<uint32_t>(std::stoul(words[1]));
       Reply(control, "ready");
-      command == "futex-wait" ? FutexAwait(&floor_words[0], value)
-                              : FutexAwaitTimed(&floor_words[0], value);
+      FutexAwait(&floor_words[0], value, command == "futex-wait-timed");
       Reply(control, absl::StrCat("t ", NowNs()));
     } else if ((command == "futex-pong" || command == "futex-pong-timed") && words.size() == 3 &&
                fds.size() == 1) {
@@ -393,7 +388,7 @@ int HelperMain(const UnixSocket& control) {
       const bool timed = command == "futex-pong-timed";
       Reply(control, "ready");
       for (uint32_t i = 1; i <= frames; ++i) {
-        timed ? FutexAwaitTimed(&shared[0], i) : FutexAwait(&shared[0], i);
+        FutexAwait(&shared[0], i, timed);
         Work(work_ns);
         Publish(&shared[1], i);
       }
@@ -609,13 +604,12 @@ WakeSample Sample(int64_t start, int64_t returned, int64_t woke) {
 // are: a shared page mapped once in both processes, and a datagram socket
 // pair whose read end the waiter keeps.
 struct Floors {
-  UniqueFd page;
   uint32_t* words = nullptr;
   UniqueFd write_end;
   uint32_t value = 0;
 
   explicit Floors(const Helper& waiter) {
-    page.Reset(::memfd_create("floor", MFD_CLOEXEC));
+    UniqueFd page(::memfd_create("floor", MFD_CLOEXEC));
     int ends[2];
     if (!page.valid() || ::ftruncate(page.get(), 4096) != 0 ||
         ::socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, ends) != 0) {
@@ -696,7 +690,7 @@ double FutexPingPong(const Helper& waiter, uint32_t frames, bool timed = false,
   const int64_t start = NowNs();
   for (uint32_t i = 1; i <= frames; ++i) {
     Publish(&shared[0], i);
-    timed ? FutexAwaitTimed(&shared[1], i) : FutexAwait(&shared[1], i);
+    FutexAwait(&shared[1], i, timed);
     Work(work_ns);
   }
   const int64_t took = NowNs() - start;
