@@ -10,6 +10,11 @@
 //   NV12 1920x1080, alignment 64: Y at 0, stride 1920, 2,073,600 bytes;
 //   CbCr at 2,073,600, stride 1920, 540 rows; 3,110,400 bytes in all.
 //
+// Both sides run this code: the daemon to allocate, the client library to
+// describe the frames it allocated (AllocateRequest.caller_lays_out_frame),
+// so a layout is part of the protocol: changing any one changes
+// kProtocolVersion (base/protocol.h).
+//
 // Pure functions; thread-safe.
 #ifndef BUFFERD_BASE_FRAME_FORMAT_H_
 #define BUFFERD_BASE_FRAME_FORMAT_H_
@@ -17,8 +22,8 @@
 #include <cstdint>
 #include <optional>
 #include <string>
-#include <vector>
 
+#include "absl/container/inlined_vector.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 
@@ -41,7 +46,8 @@ struct FrameFormat {
   uint32_t fourcc = 0;
   // DRM_FORMAT_MOD_LINEAR.
   uint64_t modifier = 0;
-  std::vector<PlaneLayout> planes;
+  // Three at most (YUV420): inline, so a layout costs no allocation.
+  absl::InlinedVector<PlaneLayout, 3> planes;
   // Bytes from the buffer's start to the end of the last plane.
   uint64_t size = 0;
   bool operator==(const FrameFormat&) const = default;

@@ -37,7 +37,7 @@ TEST(LayOutFrame, StridesAndOffsetsFollowTheAlignment) {
 TEST(LayOutFrame, EveryFormat) {
   struct Case {
     uint32_t fourcc;
-    std::vector<PlaneLayout> planes;
+    absl::InlinedVector<PlaneLayout, 3> planes;
   };
   // 64x32 at the default alignment (64).
   const Case cases[] = {

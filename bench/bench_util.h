@@ -77,6 +77,23 @@ inline int64_t ProcessRunNs(pid_t pid) {
   return total;
 }
 
+// Context switches of every thread of `pid`, voluntary and not (status).
+struct Switches {
+  long voluntary = 0;
+  long involuntary = 0;
+};
+inline Switches ProcessSwitches(pid_t pid) {
+  Switches total;
+  std::error_code error;
+  for (const auto& task :
+       std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/task", error)) {
+    const std::string status = (task.path() / "status").string();
+    total.voluntary += std::max(0L, ProcField(status, "voluntary_ctxt_switches"));
+    total.involuntary += std::max(0L, ProcField(status, "nonvoluntary_ctxt_switches"));
+  }
+  return total;
+}
+
 }  // namespace bufferd::bench
 
 #endif  // BUFFERD_BENCH_BENCH_UTIL_H_

@@ -95,6 +95,10 @@ int main(int argc, char** argv) {
       "--profile", profile,
       "plain or framed: only that Allocate, for 5 s, daemon on CPU 1 (for perf); both: the "
       "two interleaved for 10 s, CPU per call on each side");
+  int profile_daemon_cpu = 1;
+  app.add_option("--profile-daemon-cpu", profile_daemon_cpu,
+                 "with --profile: the daemon's CPU (the client is on CPU 0)")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   PinTo(0);
   const Placement placements[] = {{"same", 0}, {"apart", 1}};
@@ -107,8 +111,8 @@ int main(int argc, char** argv) {
                                                          .tag = std::string(64, 't')},
                                .name = "camera0-frame-buffer"};
   if (!profile.empty()) {
-    auto daemon =
-        testing::DaemonProcess::Start({.log_level = "warn", .cpu = 1, .binary = daemon_binary});
+    auto daemon = testing::DaemonProcess::Start(
+        {.log_level = "warn", .cpu = profile_daemon_cpu, .binary = daemon_binary});
     if (!daemon.ok()) Die(daemon.status());
     absl::StatusOr<Client> client = Client::Connect((*daemon)->socket_dir());
     if (!client.ok()) Die(client.status());
@@ -119,7 +123,8 @@ int main(int argc, char** argv) {
       // time each side spent per call (every thread of each process); the
       // medians over the blocks, so a burst of VM noise moves one block.
       const AllocateOptions* kinds[] = {&plain, &framed};
-      std::vector<double> wall[2], client_cpu[2], daemon_cpu[2];
+      std::vector<double> wall[2], client_cpu[2], daemon_cpu[2], client_switches[2],
+          daemon_switches[2];
       for (int i = 0; i < 500; ++i) {
         for (const AllocateOptions* kind : kinds) AllocateOnce(*client, *kind);
       }
@@ -127,16 +132,25 @@ int main(int argc, char** argv) {
       for (int block = 0; NowMicros() < end; ++block) {
         const int k = block % 2;
         const int64_t c0 = ProcessRunNs(::getpid()), d0 = ProcessRunNs((*daemon)->pid());
+        const Switches cs0 = ProcessSwitches(::getpid()), ds0 = ProcessSwitches((*daemon)->pid());
         std::vector<double> calls;
         for (int i = 0; i < 50; ++i) calls.push_back(AllocateOnce(*client, *kinds[k]));
         client_cpu[k].push_back((ProcessRunNs(::getpid()) - c0) / 1e3 / 50);
         daemon_cpu[k].push_back((ProcessRunNs((*daemon)->pid()) - d0) / 1e3 / 50);
+        const Switches cs1 = ProcessSwitches(::getpid()), ds1 = ProcessSwitches((*daemon)->pid());
+        client_switches[k].push_back(
+            (cs1.voluntary + cs1.involuntary - cs0.voluntary - cs0.involuntary) / 50.0);
+        daemon_switches[k].push_back(
+            (ds1.voluntary + ds1.involuntary - ds0.voluntary - ds0.involuntary) / 50.0);
         wall[k].push_back(Summarize(calls, 0).p50);
       }
       for (int k = 0; k < 2; ++k) {
-        std::printf("%-7s %zu blocks: p50 %.1f us; CPU per call: client %.2f us, daemon %.2f us\n",
-                    k == 0 ? "plain" : "framed", wall[k].size(), Summarize(wall[k], 0).p50,
-                    Summarize(client_cpu[k], 0).p50, Summarize(daemon_cpu[k], 0).p50);
+        std::printf(
+            "%-7s %zu blocks: p50 %.1f us; CPU per call: client %.2f us, daemon %.2f us;"
+            " context switches per call: client %.2f, daemon %.2f\n",
+            k == 0 ? "plain" : "framed", wall[k].size(), Summarize(wall[k], 0).p50,
+            Summarize(client_cpu[k], 0).p50, Summarize(daemon_cpu[k], 0).p50,
+            Summarize(client_switches[k], 0).p50, Summarize(daemon_switches[k], 0).p50);
       }
       return 0;
     }

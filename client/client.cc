@@ -12,6 +12,7 @@
 #include "base/errno_status.h"
 #include "base/protocol.h"
 #include "base/unix_socket.h"
+#include "client/buffer_store.h"
 #include "client/connection.h"
 
 namespace bufferd {
@@ -42,8 +43,7 @@ absl::Status CheckFd(int fd, Access access, uint64_t size) {
   return absl::OkStatus();
 }
 
-v1::FrameMetadata ToProto(const FrameMetadata& metadata) {
-  v1::FrameMetadata proto;
+void FillProto(const FrameMetadata& metadata, v1::FrameMetadata& proto) {
   if (metadata.crop.has_value()) {
     v1::Rect* crop = proto.mutable_crop();
     crop->set_x(metadata.crop->x);
@@ -55,11 +55,9 @@ v1::FrameMetadata ToProto(const FrameMetadata& metadata) {
   proto.set_color_range(metadata.color_range);
   proto.set_tag(metadata.tag);
   proto.set_generation(metadata.generation);
-  return proto;
 }
 
-v1::AllocateRequest ToProto(const AllocateOptions& options) {
-  v1::AllocateRequest request;
+void FillProto(const AllocateOptions& options, v1::AllocateRequest& request) {
   if (options.heap.empty() && options.heaps.empty() && options.usage.empty()) {
     request.set_heap("system");
   } else {
@@ -77,25 +75,27 @@ v1::AllocateRequest ToProto(const AllocateOptions& options) {
     frame->set_fourcc(options.frame->fourcc);
     frame->set_modifier(options.frame->modifier);
     frame->set_stride_alignment(options.frame->stride_alignment);
+    // Laid out here, with the daemon's code, rather than built, sent and
+    // parsed (TakeAllocated).
+    request.set_caller_lays_out_frame(true);
   }
-  if (options.metadata.has_value()) *request.mutable_metadata() = ToProto(*options.metadata);
-  return request;
+  if (options.metadata.has_value()) FillProto(*options.metadata, *request.mutable_metadata());
 }
 
 }  // namespace
 
 Buffer::Buffer(std::shared_ptr<internal::Connection> connection, uint64_t handle,
-               v1::BufferInfo info, Access access, UniqueFd fd)
+               std::unique_ptr<internal::BufferStore> store, Access access, UniqueFd fd)
     : connection_(std::move(connection)),
       handle_(handle),
-      info_(std::move(info)),
+      store_(std::move(store)),
       access_(access),
       fd_(std::move(fd)) {}
 
 Buffer::Buffer(Buffer&& other) noexcept
     : connection_(std::move(other.connection_)),
       handle_(std::exchange(other.handle_, 0)),
-      info_(std::move(other.info_)),
+      store_(std::move(other.store_)),
       access_(other.access_),
       fd_(std::move(other.fd_)),
       skipped_(std::move(other.skipped_)),
@@ -107,7 +107,7 @@ Buffer& Buffer::operator=(Buffer&& other) noexcept {
     Drop();
     connection_ = std::move(other.connection_);
     handle_ = std::exchange(other.handle_, 0);
-    info_ = std::move(other.info_);
+    store_ = std::move(other.store_);
     access_ = other.access_;
     fd_ = std::move(other.fd_);
     skipped_ = std::move(other.skipped_);
@@ -153,22 +153,21 @@ absl::StatusOr<Mapping> Buffer::Map() const {
                                                        : Mapping::Protection::kReadOnly);
 }
 
+const v1::BufferInfo& Buffer::info() const {
+  return store_ != nullptr ? store_->info() : v1::BufferInfo::default_instance();
+}
+
+const v1::BufferInfo& Buffer::fields() const {
+  return store_ != nullptr ? store_->fields() : v1::BufferInfo::default_instance();
+}
+
 std::optional<FrameFormat> Buffer::frame() const {
-  if (!info_.has_frame()) return std::nullopt;
-  const v1::FrameFormat& proto = info_.frame();
-  FrameFormat frame{.width = proto.width(),
-                    .height = proto.height(),
-                    .fourcc = proto.fourcc(),
-                    .modifier = proto.modifier(),
-                    .size = proto.size()};
-  for (const v1::PlaneLayout& plane : proto.planes()) {
-    frame.planes.push_back(PlaneLayout{plane.offset(), plane.stride(), plane.size()});
-  }
-  return frame;
+  if (store_ == nullptr) return std::nullopt;
+  return store_->frame();
 }
 
 FrameMetadata Buffer::metadata() const {
-  const v1::FrameMetadata& proto = info_.metadata();
+  const v1::FrameMetadata& proto = fields().metadata();
   FrameMetadata metadata{.color_space = proto.color_space(),
                          .color_range = proto.color_range(),
                          .tag = proto.tag(),
@@ -184,16 +183,18 @@ absl::Status Buffer::SetMetadata(const FrameMetadata& metadata, bool overwrite) 
   if (handle_ == 0) return absl::FailedPreconditionError("buffer was released");
   v1::SetMetadataRequest request;
   request.set_handle(handle_);
-  *request.mutable_metadata() = ToProto(metadata);
+  FillProto(metadata, *request.mutable_metadata());
   // The generation is the daemon's; the one read is what the change is
   // based on.
   request.mutable_metadata()->clear_generation();
   if (!overwrite) request.set_expected_generation(metadata.generation);
-  v1::SetMetadataResponse response;
+  std::unique_ptr<internal::BufferStore> store = internal::BufferStore::Make();
+  auto* response = store->New<v1::SetMetadataResponse>();
   internal::Call call = connection_->NewCall();
   RETURN_IF_ERROR(connection_->Finish(
-      call, connection_->allocator().SetMetadata(call.context.get(), request, &response)));
-  info_ = response.buffer();
+      call, connection_->allocator().SetMetadata(call.context.get(), request, response)));
+  store->Adopt(response->mutable_buffer());
+  store_ = std::move(store);
   return absl::OkStatus();
 }
 
@@ -201,11 +202,13 @@ absl::Status Buffer::Refresh() {
   if (handle_ == 0) return absl::FailedPreconditionError("buffer was released");
   v1::GetBufferRequest request;
   request.set_handle(handle_);
-  v1::GetBufferResponse response;
+  std::unique_ptr<internal::BufferStore> store = internal::BufferStore::Make();
+  auto* response = store->New<v1::GetBufferResponse>();
   internal::Call call = connection_->NewCall();
   RETURN_IF_ERROR(connection_->Finish(
-      call, connection_->allocator().GetBuffer(call.context.get(), request, &response)));
-  info_ = response.buffer();
+      call, connection_->allocator().GetBuffer(call.context.get(), request, response)));
+  store->Adopt(response->mutable_buffer());
+  store_ = std::move(store);
   return absl::OkStatus();
 }
 
@@ -216,11 +219,13 @@ absl::Status Buffer::Freeze() {
   const internal::Connection::UploadPlaces place = connection_->ReserveUploads(1);
   ASSIGN_OR_RETURN(const uint64_t upload_id, connection_->Upload(fd_.get()));
   request.set_upload_id(upload_id);
-  v1::FreezeResponse response;
+  std::unique_ptr<internal::BufferStore> store = internal::BufferStore::Make();
+  auto* response = store->New<v1::FreezeResponse>();
   internal::Call call = connection_->NewCall();
   RETURN_IF_ERROR(connection_->Finish(
-      call, connection_->allocator().Freeze(call.context.get(), request, &response)));
-  info_ = response.buffer();
+      call, connection_->allocator().Freeze(call.context.get(), request, response)));
+  store->Adopt(response->mutable_buffer());
+  store_ = std::move(store);
   return absl::OkStatus();
 }
 
@@ -297,28 +302,51 @@ uint64_t Client::session_id() const { return connection_->session_id(); }
 void Client::Close() { connection_->Close(); }
 
 absl::StatusOr<Buffer> Client::Allocate(const AllocateOptions& options) const {
-  v1::AllocateRequest request = ToProto(options);
-  v1::AllocateResponse response;
+  // Request and answer on the Buffer's store: the description takes the
+  // request's metadata as it is, and nested messages cost no malloc.
+  std::unique_ptr<internal::BufferStore> store = internal::BufferStore::Make();
+  auto* request = store->New<v1::AllocateRequest>();
+  FillProto(options, *request);
+  auto* response = store->New<v1::AllocateResponse>();
   internal::Call call = connection_->NewCall();
   RETURN_IF_ERROR(connection_->Finish(
-      call, connection_->allocator().Allocate(call.context.get(), request, &response)));
-  return TakeAllocated(request, response, /*last=*/true);
+      call, connection_->allocator().Allocate(call.context.get(), *request, response)));
+  return TakeAllocated(*request, *response, std::move(store), /*last=*/true);
 }
 
 absl::StatusOr<Buffer> Client::TakeAllocated(v1::AllocateRequest& request,
-                                             v1::AllocateResponse& response, bool last) const {
-  // From here the daemon holds a handle for us: the Buffer (or its
-  // destructor on an error path) releases it.
-  Buffer buffer(connection_, response.handle(), std::move(*response.mutable_buffer()),
-                Access::kReadWrite, UniqueFd());
-  // Not echoed by the daemon: what the request set, at generation 0.
-  if (request.has_metadata()) {
-    if (last) {
-      buffer.info_.set_allocated_metadata(request.release_metadata());
-    } else {
-      *buffer.info_.mutable_metadata() = request.metadata();
+                                             v1::AllocateResponse& response,
+                                             std::unique_ptr<internal::BufferStore> store,
+                                             bool last) const {
+  // Not sent by the daemon: the metadata the request set (at generation 0),
+  // and the frame's layout (laid out here when first asked for, by the
+  // daemon's own code).
+  if (store != nullptr) {
+    store->Adopt(response.mutable_buffer());
+    if (request.has_metadata()) {
+      store->mutable_info().unsafe_arena_set_allocated_metadata(
+          request.unsafe_arena_release_metadata());
+    }
+    if (request.caller_lays_out_frame()) store->LayOutLater(&request.frame());
+  } else {
+    store = internal::BufferStore::Of(response.buffer());
+    if (request.has_metadata()) {
+      // The last takes the tag's bytes rather than a copy.
+      std::string tag;
+      if (last) tag.swap(*request.mutable_metadata()->mutable_tag());
+      v1::FrameMetadata& metadata = *store->mutable_info().mutable_metadata();
+      metadata = request.metadata();
+      if (last) metadata.set_tag(std::move(tag));
+    }
+    if (request.caller_lays_out_frame()) {
+      auto* frame = store->New<v1::FrameRequest>();
+      *frame = request.frame();
+      store->LayOutLater(frame);
     }
   }
+  // From here the daemon holds a handle for us: the Buffer (or its
+  // destructor on an error path) releases it.
+  Buffer buffer(connection_, response.handle(), std::move(store), Access::kReadWrite, UniqueFd());
   buffer.skipped_.assign(response.skipped().begin(), response.skipped().end());
   ASSIGN_OR_RETURN(buffer.fd_, connection_->TakeFd(response.transfer_id()));
   RETURN_IF_ERROR(CheckFd(buffer.fd(), Access::kReadWrite, buffer.size()));
@@ -329,7 +357,7 @@ absl::StatusOr<std::vector<Buffer>> Client::AllocateSet(uint32_t count,
                                                         const AllocateOptions& options) const {
   v1::AllocateSetRequest request;
   request.set_count(count);
-  *request.mutable_request() = ToProto(options);
+  FillProto(options, *request.mutable_request());
   v1::AllocateSetResponse response;
   internal::Call call = connection_->NewCall();
   RETURN_IF_ERROR(connection_->Finish(
@@ -337,7 +365,7 @@ absl::StatusOr<std::vector<Buffer>> Client::AllocateSet(uint32_t count,
   if (response.buffers_size() != static_cast<int>(count)) {
     // Release what did come (each Buffer's destructor does).
     for (v1::AllocateResponse& one : *response.mutable_buffers()) {
-      (void)TakeAllocated(*request.mutable_request(), one, /*last=*/false);
+      (void)TakeAllocated(*request.mutable_request(), one, nullptr, /*last=*/false);
     }
     return absl::InternalError(absl::StrCat("bufferd answered AllocateSet(", count, ") with ",
                                             response.buffers_size(), " buffers"));
@@ -349,7 +377,7 @@ absl::StatusOr<std::vector<Buffer>> Client::AllocateSet(uint32_t count,
     v1::AllocateResponse& one = *response.mutable_buffers(static_cast<int>(i));
     if (response.skipped_size() != 0) *one.mutable_skipped() = response.skipped();
     absl::StatusOr<Buffer> buffer =
-        TakeAllocated(*request.mutable_request(), one, /*last=*/i + 1 == count);
+        TakeAllocated(*request.mutable_request(), one, nullptr, /*last=*/i + 1 == count);
     // Every handle is taken (and so released) even after a failure.
     if (buffer.ok()) {
       buffers.push_back(*std::move(buffer));
@@ -364,7 +392,7 @@ absl::StatusOr<std::vector<Buffer>> Client::AllocateSet(uint32_t count,
 absl::StatusOr<v1::CanAllocateResponse> Client::CanAllocate(const AllocateOptions& options,
                                                             uint32_t count) const {
   v1::CanAllocateRequest request;
-  *request.mutable_request() = ToProto(options);
+  FillProto(options, *request.mutable_request());
   request.set_count(count);
   v1::CanAllocateResponse response;
   internal::Call call = connection_->NewCall();
@@ -376,14 +404,16 @@ absl::StatusOr<v1::CanAllocateResponse> Client::CanAllocate(const AllocateOption
 absl::StatusOr<Buffer> Client::Import(absl::string_view token) const {
   v1::ImportRequest request;
   request.set_token(std::string(token));
-  v1::ImportResponse response;
+  std::unique_ptr<internal::BufferStore> store = internal::BufferStore::Make();
+  auto* response = store->New<v1::ImportResponse>();
   internal::Call call = connection_->NewCall();
   RETURN_IF_ERROR(connection_->Finish(
-      call, connection_->allocator().Import(call.context.get(), request, &response)));
+      call, connection_->allocator().Import(call.context.get(), request, response)));
   const Access access =
-      response.access() == v1::ACCESS_READ_ONLY ? Access::kReadOnly : Access::kReadWrite;
-  Buffer buffer(connection_, response.handle(), response.buffer(), access, UniqueFd());
-  ASSIGN_OR_RETURN(buffer.fd_, connection_->TakeFd(response.transfer_id()));
+      response->access() == v1::ACCESS_READ_ONLY ? Access::kReadOnly : Access::kReadWrite;
+  store->Adopt(response->mutable_buffer());
+  Buffer buffer(connection_, response->handle(), std::move(store), access, UniqueFd());
+  ASSIGN_OR_RETURN(buffer.fd_, connection_->TakeFd(response->transfer_id()));
   RETURN_IF_ERROR(CheckFd(buffer.fd(), access, buffer.size()));
   return buffer;
 }

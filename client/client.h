@@ -40,6 +40,7 @@
 namespace bufferd {
 
 namespace internal {
+class BufferStore;
 class Connection;
 struct Waker;
 }  // namespace internal
@@ -132,15 +133,15 @@ class Buffer {
   Buffer& operator=(const Buffer&) = delete;
   ~Buffer();
 
-  uint64_t id() const { return info_.buffer_id(); }
+  uint64_t id() const { return fields().buffer_id(); }
   uint64_t handle() const { return handle_; }
   // Bytes, rounded up to the heap's page size.
-  uint64_t size() const { return info_.size(); }
-  const std::string& heap() const { return info_.heap(); }
-  const std::string& name() const { return info_.name(); }
+  uint64_t size() const { return fields().size(); }
+  const std::string& heap() const { return fields().heap(); }
+  const std::string& name() const { return fields().name(); }
   Access access() const { return access_; }
   // What really backs the pages ("base_pages", "thp", "hugetlb_2m", ...).
-  const v1::BufferInfo& info() const { return info_; }
+  const v1::BufferInfo& info() const;
   // Borrowed; O_RDWR for kReadWrite, O_RDONLY for kReadOnly.
   int fd() const { return fd_.get(); }
   // The frame's format and planes, for a buffer allocated as a frame (by
@@ -272,8 +273,11 @@ class Buffer {
                                                     const v1::GetBufferFencesResponse& asked,
                                                     bool wait, absl::Duration left,
                                                     absl::Duration timeout) const;
-  Buffer(std::shared_ptr<internal::Connection> connection, uint64_t handle, v1::BufferInfo info,
-         Access access, UniqueFd fd);
+  Buffer(std::shared_ptr<internal::Connection> connection, uint64_t handle,
+         std::unique_ptr<internal::BufferStore> store, Access access, UniqueFd fd);
+  // info() but for a frame not laid out yet: what id(), size(), heap() and
+  // name() read, without laying one out.
+  const v1::BufferInfo& fields() const;
   // Closes the fd and releases the handle one-way.
   void Drop();
   // Lets go of the timelines this buffer's accesses opened (before its
@@ -282,7 +286,8 @@ class Buffer {
 
   std::shared_ptr<internal::Connection> connection_;
   uint64_t handle_ = 0;
-  v1::BufferInfo info_;
+  // The description, on an arena of its own (null once moved from).
+  std::unique_ptr<internal::BufferStore> store_;
   Access access_ = Access::kReadWrite;
   UniqueFd fd_;
   std::vector<v1::HeapSkip> skipped_;
@@ -635,10 +640,13 @@ class Client {
   void Close();
 
  private:
-  // A Buffer for one allocated buffer: its handle, skips and fd, and the
-  // metadata `request` set (the daemon does not echo it), moved out of
-  // `request` when this is its `last` buffer.
+  // A Buffer for one allocated buffer: its handle, skips and fd, its
+  // description (`response`'s own when `store` holds `response`, else a
+  // copy in a store of its own), and the metadata `request` set (the daemon
+  // does not echo it), moved out of `request` when this is its `last`
+  // buffer.
   absl::StatusOr<Buffer> TakeAllocated(v1::AllocateRequest& request, v1::AllocateResponse& response,
+                                       std::unique_ptr<internal::BufferStore> store,
                                        bool last) const;
   explicit Client(std::shared_ptr<internal::Connection> connection);
   absl::StatusOr<WaitResult> WaitFor(std::span<const Fence* const> fences, bool all,

@@ -40,19 +40,4 @@ v1::FrameFormat ToProto(const FrameFormat& frame) {
   return proto;
 }
 
-void FillProto(const FrameFormat& frame, v1::FrameFormat& proto) {
-  proto.set_width(frame.width);
-  proto.set_height(frame.height);
-  proto.set_fourcc(frame.fourcc);
-  proto.set_modifier(frame.modifier);
-  proto.mutable_planes()->Reserve(static_cast<int>(frame.planes.size()));
-  for (const PlaneLayout& plane : frame.planes) {
-    v1::PlaneLayout* p = proto.add_planes();
-    p->set_offset(plane.offset);
-    p->set_stride(plane.stride);
-    p->set_size(plane.size);
-  }
-  proto.set_size(frame.size);
-}
-
 }  // namespace bufferd

@@ -4,6 +4,7 @@
 
 #include "absl/time/time.h"
 #include "base/frame_format.h"
+#include "base/frame_format_proto.h"
 #include "bufferd/v1/buffer.pb.h"
 #include "bufferd/v1/debug.pb.h"
 #include "google/protobuf/timestamp.pb.h"
@@ -14,9 +15,8 @@ namespace bufferd {
 google::protobuf::Timestamp ToProto(absl::Time time);
 v1::HeapType ToProto(HeapKind kind);
 v1::Backing ToProto(Backing backing);
+// (FillProto, into a given message, is base/frame_format_proto.h's.)
 v1::FrameFormat ToProto(const FrameFormat& frame);
-// The same into `proto` (on its arena, if it has one).
-void FillProto(const FrameFormat& frame, v1::FrameFormat& proto);
 
 }  // namespace bufferd
 

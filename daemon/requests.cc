@@ -122,6 +122,10 @@ absl::StatusOr<AllocationPlan> CheckAllocateRequest(const HeapRegistry& heaps,
     plan.size = layout.size;
     plan.frame = std::move(layout);
   } else {
+    if (request.caller_lays_out_frame()) {
+      return absl::InvalidArgumentError(
+          "caller_lays_out_frame is set without a frame: there is nothing to lay out");
+    }
     if (request.size() == 0) return absl::InvalidArgumentError("size must be greater than 0");
     if (request.size() > (uint64_t{1} << 62)) {
       return absl::InvalidArgumentError(absl::StrCat("size ", request.size(), " is too large"));

@@ -518,7 +518,10 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
       info.set_freezable(request.freezable());
       info.set_creator_session(session_id);
       *info.mutable_created_at() = ToProto(now);
-      buffer->frame = plan.frame;
+      // A caller that lays the frame out itself is not sent it: set after
+      // the grant's copy of the info (AllocateRequest.caller_lays_out_frame).
+      const bool frame_in_answer = !request.caller_lays_out_frame();
+      if (frame_in_answer) buffer->frame = plan.frame;
       Buffer& ref = *buffer;
       buffers_[info.buffer_id()] = std::move(buffer);
       buffers_by_heap_[&heap].insert(info.buffer_id());
@@ -532,6 +535,7 @@ absl::StatusOr<std::vector<DaemonState::PendingGrant>> DaemonState::AllocateOn(
                                        std::move(fd), answers));
       // After the grant's copy of the info: the creator sent the metadata
       // and is not sent it back (AllocateResponse.buffer).
+      if (!frame_in_answer) ref.frame = plan.frame;
       ref.metadata = plan.metadata;
     }
     return grants;

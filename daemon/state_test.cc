@@ -15,6 +15,8 @@
 #include "absl/strings/str_cat.h"
 #include "base/errno_status.h"
 #include "base/fd_count.h"
+#include "base/frame_format.h"
+#include "base/frame_format_proto.h"
 #include "daemon/debug_views.h"
 #include "heaps/contiguous_heap.h"
 #include "heaps/system_heap.h"
@@ -647,6 +649,37 @@ TEST_F(StateTest, GrantsAreMadeOnTheAnswersArena) {
     EXPECT_EQ(got->buffer().frame().SerializeAsString(), grant.buffer->frame().SerializeAsString());
     EXPECT_TRUE(state->Release(a, grant.handle).ok());
   }
+}
+
+// A caller that lays the frame out itself (the C++ library) is answered
+// without it; the record keeps it for every other answer. The flag without
+// a frame is refused by name.
+TEST_F(StateTest, ACallerThatLaysOutTheFrameIsNotSentIt) {
+  auto state = NewState();
+  const uint64_t a = Open(*state, 1);
+  v1::AllocateRequest request = Request("system", 0);
+  request.mutable_frame()->set_width(64);
+  request.mutable_frame()->set_height(48);
+  request.mutable_frame()->set_fourcc(DRM_FORMAT_YUV420);
+  request.set_caller_lays_out_frame(true);
+  absl::StatusOr<DaemonState::PendingGrant> pending = state->Allocate(a, request);
+  ASSERT_TRUE(pending.ok()) << pending.status();
+  DaemonState::Grant grant = std::move(*pending).Commit();
+  EXPECT_FALSE(grant.buffer->has_frame()) << grant.buffer->DebugString();
+  absl::StatusOr<v1::GetBufferResponse> got = state->GetBuffer(a, grant.handle);
+  ASSERT_TRUE(got.ok()) << got.status();
+  absl::StatusOr<FrameFormat> layout = LayOutFrame(64, 48, DRM_FORMAT_YUV420, 0, 0);
+  ASSERT_TRUE(layout.ok()) << layout.status();
+  EXPECT_EQ(FromProto(got->buffer().frame()), *layout) << got->buffer().DebugString();
+  EXPECT_EQ(got->buffer().frame().planes_size(), 3);
+  EXPECT_TRUE(state->Release(a, grant.handle).ok());
+
+  v1::AllocateRequest bytes = Request("system", 4096);
+  bytes.set_caller_lays_out_frame(true);
+  absl::StatusOr<DaemonState::PendingGrant> refused = state->Allocate(a, bytes);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(refused.status().message(),
+            "caller_lays_out_frame is set without a frame: there is nothing to lay out");
 }
 
 // Tests that a grant dropped uncommitted undoes itself: a pending Allocate's

@@ -396,6 +396,39 @@ TEST_F(AllocationTest, Nv12LayoutAndPixelsReachAnotherProcess) {
   ExpectBaseline();
 }
 
+// The library lays out the frames it allocates itself (the daemon leaves
+// the layout out of its answer): for every format, odd sizes and every
+// alignment, as one buffer and as a set, its layout is the daemon's own
+// (GetBuffer's, after Refresh).
+TEST_F(AllocationTest, TheLibraryLaysOutEveryFrameAsTheDaemonDoes) {
+  const uint32_t fourccs[] = {DRM_FORMAT_XRGB8888, DRM_FORMAT_ARGB8888, DRM_FORMAT_XBGR8888,
+                              DRM_FORMAT_ABGR8888, DRM_FORMAT_RGB565,   DRM_FORMAT_NV12,
+                              DRM_FORMAT_NV21,     DRM_FORMAT_YUV420,   DRM_FORMAT_YVU420,
+                              DRM_FORMAT_P010};
+  for (const uint32_t fourcc : fourccs) {
+    for (const uint32_t alignment : {0u, 1u, 256u, 4096u}) {
+      const std::string what = absl::StrCat(FourccName(fourcc), " alignment ", alignment);
+      const AllocateOptions options{
+          .heap = "system",
+          .frame = FrameRequest{
+              .width = 37, .height = 19, .fourcc = fourcc, .stride_alignment = alignment}};
+      absl::StatusOr<std::vector<Buffer>> set = client_->AllocateSet(2, options);
+      ASSERT_TRUE(set.ok()) << what << ": " << set.status();
+      absl::StatusOr<Buffer> one = client_->Allocate(options);
+      ASSERT_TRUE(one.ok()) << what << ": " << one.status();
+      set->push_back(*std::move(one));
+      for (Buffer& buffer : *set) {
+        const std::optional<FrameFormat> mine = buffer.frame();
+        ASSERT_TRUE(mine.has_value()) << what;
+        ASSERT_TRUE(buffer.Refresh().ok()) << what;
+        EXPECT_EQ(buffer.frame(), mine) << what << ": " << buffer.info().DebugString();
+        EXPECT_EQ(buffer.frame()->fourcc, fourcc) << what;
+      }
+    }
+  }
+  ExpectBaseline();
+}
+
 TEST_F(AllocationTest, MetadataChangesReachEveryHolderAndGenerationsGuardThem) {
   absl::StatusOr<Buffer> frame =
       client_->Allocate({.heap = "system", .frame = FrameRequest{640, 480, DRM_FORMAT_XRGB8888}});
