@@ -26,10 +26,10 @@ std::string FdSocketPath(absl::string_view socket_dir);
 
 // fd.sock: the Hello's protocol_version, and the largest record either side
 // sends or accepts (one FdChannelMessage per record).
-inline constexpr uint32_t kProtocolVersion = 2;
+inline constexpr uint32_t kProtocolVersion = 3;
 
 // The release, the one place it is written: `bufferd --version` and
-// `bufctl --version` print VersionText ("bufferd 0.9 (protocol v2)").
+// `bufctl --version` print VersionText ("bufferd 0.9 (protocol v3)").
 inline constexpr char kReleaseVersion[] = "0.9";
 std::string VersionText(absl::string_view program);
 inline constexpr size_t kMaxRecordBytes = 4096;

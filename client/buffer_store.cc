@@ -15,7 +15,9 @@ std::optional<FrameFormat> BufferStore::LayOut() const {
   absl::StatusOr<FrameFormat> layout =
       LayOutFrame(frame.width(), frame.height(), frame.fourcc(), frame.modifier(),
                   frame.stride_alignment(), {.max_dimension = kMaxFrameDimension});
-  if (!layout.ok() || layout->size > info_->size()) return std::nullopt;
+  // The daemon allocated the request's frame: the same size, or another
+  // layout.
+  if (!layout.ok() || layout->size != info_->requested_size()) return std::nullopt;
   return *std::move(layout);
 }
 

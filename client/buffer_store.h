@@ -10,7 +10,8 @@
 // A frame the library allocated is laid out when first asked for (frame()
 // or info()), from its request: an Allocate builds no layout nobody reads.
 //
-// Not thread-safe while it is being filled; thread-safe afterwards.
+// Not thread-safe while it is being filled; its const calls are
+// thread-safe afterwards.
 #ifndef BUFFERD_CLIENT_BUFFER_STORE_H_
 #define BUFFERD_CLIENT_BUFFER_STORE_H_
 
@@ -35,10 +36,12 @@ class BufferStore {
   static std::unique_ptr<BufferStore> Make() {
     return std::unique_ptr<BufferStore>(new BufferStore);
   }
-  // A copy of `info`.
-  static std::unique_ptr<BufferStore> Of(const v1::BufferInfo& info) {
+  // `info`, taken as it is (a description parsed elsewhere: an
+  // AllocateSet's answer holds several).
+  static std::unique_ptr<BufferStore> Taking(std::unique_ptr<v1::BufferInfo> info) {
     std::unique_ptr<BufferStore> store = Make();
-    *store->info_ = info;
+    store->owned_ = std::move(info);
+    store->info_ = store->owned_.get();
     return store;
   }
 
@@ -73,15 +76,18 @@ class BufferStore {
  private:
   BufferStore() : arena_(block_, sizeof(block_)), info_(New<v1::BufferInfo>()) {}
 
-  // LayOutFrame of the pending frame (nullopt if this library cannot lay
-  // out what the daemon allocated: it never happens between a library and
-  // a daemon of one protocol version).
+  // LayOutFrame of the pending frame; nullopt if this library cannot lay
+  // out what the daemon allocated, or lays it out to another size than the
+  // daemon's (requested_size): it never happens between a library and a
+  // daemon of one protocol version.
   std::optional<FrameFormat> LayOut() const;
   void AddLayout() const;
 
   alignas(std::max_align_t) char block_[kBlockBytes];
   google::protobuf::Arena arena_;
   v1::BufferInfo* info_;
+  // The description when it was taken rather than made here.
+  std::unique_ptr<v1::BufferInfo> owned_;
   const v1::FrameRequest* pending_frame_ = nullptr;
   mutable absl::once_flag laid_out_;
 };

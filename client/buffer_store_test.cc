@@ -34,6 +34,7 @@ TEST(BufferStore, AnAllocateOfAFrameFitsAndLaysOutWhenAsked) {
   answer.mutable_buffer()->set_buffer_id(3);
   answer.mutable_buffer()->set_heap("system");
   answer.mutable_buffer()->set_size(462848);
+  answer.mutable_buffer()->set_requested_size(460800);
   answer.mutable_buffer()->set_name("camera0-frame-buffer");
   answer.mutable_buffer()->mutable_created_at()->set_seconds(1);
   auto* response = store->New<v1::AllocateResponse>();
@@ -54,12 +55,13 @@ TEST(BufferStore, AnAllocateOfAFrameFitsAndLaysOutWhenAsked) {
   EXPECT_EQ(store->info().buffer_id(), 3u);
   EXPECT_EQ(store->HeapBytes(), 0u);
 
-  // A layout that does not fit the buffer the daemon made is no layout.
-  std::unique_ptr<BufferStore> small = BufferStore::Make();
-  small->mutable_info().set_size(4096);
-  small->LayOutLater(&request->frame());
-  EXPECT_EQ(small->frame(), std::nullopt);
-  EXPECT_FALSE(small->info().has_frame());
+  // A layout of another size than the daemon's is no layout.
+  std::unique_ptr<BufferStore> other = BufferStore::Make();
+  other->mutable_info().set_size(462848);
+  other->mutable_info().set_requested_size(460800 + 64);
+  other->LayOutLater(&request->frame());
+  EXPECT_EQ(other->frame(), std::nullopt);
+  EXPECT_FALSE(other->info().has_frame());
 }
 
 // The largest description the library is answered with (a three-plane
@@ -92,11 +94,12 @@ TEST(BufferStore, AFrameWithMetadataFitsTheFirstBlock) {
   EXPECT_EQ(store->info().SerializeAsString(), info.SerializeAsString());
   EXPECT_EQ(store->info().GetArena(), response->GetArena());
 
-  // A copy is a store of its own.
-  std::unique_ptr<BufferStore> copy = BufferStore::Of(info);
-  EXPECT_EQ(copy->HeapBytes(), 0u);
-  EXPECT_EQ(copy->info().SerializeAsString(), info.SerializeAsString());
-  EXPECT_NE(copy->info().GetArena(), store->info().GetArena());
+  // A description parsed elsewhere is taken as it is.
+  auto taken_info = std::make_unique<v1::BufferInfo>(info);
+  const v1::BufferInfo* const address = taken_info.get();
+  std::unique_ptr<BufferStore> taken = BufferStore::Taking(std::move(taken_info));
+  EXPECT_EQ(&taken->info(), address);
+  EXPECT_EQ(taken->info().SerializeAsString(), info.SerializeAsString());
 
   // What does not fit takes blocks from the heap (and the measure sees it).
   for (int i = 0; i < 64; ++i) sent.add_skipped()->set_heap("carveout");

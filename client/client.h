@@ -141,11 +141,15 @@ class Buffer {
   const std::string& name() const { return fields().name(); }
   Access access() const { return access_; }
   // What really backs the pages ("base_pages", "thp", "hugetlb_2m", ...).
+  // This and the strings above stay valid until SetMetadata, Refresh or
+  // Freeze (which replace the description) or the Buffer's end.
   const v1::BufferInfo& info() const;
   // Borrowed; O_RDWR for kReadWrite, O_RDONLY for kReadOnly.
   int fd() const { return fd_.get(); }
   // The frame's format and planes, for a buffer allocated as a frame (by
-  // any holder).
+  // any holder). The library lays out the frames it allocates itself, with
+  // the daemon's code; empty if it cannot (a daemon of another release,
+  // which the protocol version check at connect rules out).
   std::optional<FrameFormat> frame() const;
   // As of the last call that returned it (allocation, import, Refresh,
   // SetMetadata).

@@ -662,6 +662,7 @@ TEST_F(StateTest, ACallerThatLaysOutTheFrameIsNotSentIt) {
   request.mutable_frame()->set_height(48);
   request.mutable_frame()->set_fourcc(DRM_FORMAT_YUV420);
   request.set_caller_lays_out_frame(true);
+  request.set_freezable(true);
   absl::StatusOr<DaemonState::PendingGrant> pending = state->Allocate(a, request);
   ASSERT_TRUE(pending.ok()) << pending.status();
   DaemonState::Grant grant = std::move(*pending).Commit();
@@ -672,7 +673,34 @@ TEST_F(StateTest, ACallerThatLaysOutTheFrameIsNotSentIt) {
   ASSERT_TRUE(layout.ok()) << layout.status();
   EXPECT_EQ(FromProto(got->buffer().frame()), *layout) << got->buffer().DebugString();
   EXPECT_EQ(got->buffer().frame().planes_size(), 3);
+  // Every other answer about it keeps it: SetMetadata, Freeze, the debug
+  // view.
+  const std::string kept = got->buffer().frame().SerializeAsString();
+  absl::StatusOr<v1::BufferInfo> changed =
+      state->SetMetadata(a, grant.handle, v1::FrameMetadata(), std::nullopt);
+  ASSERT_TRUE(changed.ok()) << changed.status();
+  EXPECT_EQ(changed->frame().SerializeAsString(), kept);
+  absl::StatusOr<UniqueFd> own = DuplicateFd(grant.fd.fd.get());
+  ASSERT_TRUE(own.ok()) << own.status();
+  absl::StatusOr<v1::BufferInfo> frozen = state->Freeze(a, grant.handle, *std::move(own));
+  ASSERT_TRUE(frozen.ok()) << frozen.status();
+  EXPECT_EQ(frozen->frame().SerializeAsString(), kept);
+  const DaemonState::BufferPage page = state->ListBuffers({});
+  ASSERT_EQ(page.views.size(), 1u);
+  EXPECT_EQ(page.views[0].info.frame().SerializeAsString(), kept);
   EXPECT_TRUE(state->Release(a, grant.handle).ok());
+
+  // A set: none of its answers carries it; each record does.
+  absl::StatusOr<DaemonState::Allocation> set = state->AllocateSet(a, request, 2);
+  ASSERT_TRUE(set.ok()) << set.status();
+  for (auto& pending_grant : set->grants) {
+    DaemonState::Grant one = std::move(pending_grant).Commit();
+    EXPECT_FALSE(one.buffer->has_frame()) << one.buffer->DebugString();
+    absl::StatusOr<v1::GetBufferResponse> again = state->GetBuffer(a, one.handle);
+    ASSERT_TRUE(again.ok()) << again.status();
+    EXPECT_EQ(again->buffer().frame().SerializeAsString(), kept);
+    EXPECT_TRUE(state->Release(a, one.handle).ok());
+  }
 
   v1::AllocateRequest bytes = Request("system", 4096);
   bytes.set_caller_lays_out_frame(true);

@@ -420,8 +420,11 @@ TEST_F(AllocationTest, TheLibraryLaysOutEveryFrameAsTheDaemonDoes) {
       for (Buffer& buffer : *set) {
         const std::optional<FrameFormat> mine = buffer.frame();
         ASSERT_TRUE(mine.has_value()) << what;
+        // The wire form the library builds, as the daemon's would be.
+        const std::string mine_proto = buffer.info().frame().SerializeAsString();
         ASSERT_TRUE(buffer.Refresh().ok()) << what;
         EXPECT_EQ(buffer.frame(), mine) << what << ": " << buffer.info().DebugString();
+        EXPECT_EQ(buffer.info().frame().SerializeAsString(), mine_proto) << what;
         EXPECT_EQ(buffer.frame()->fourcc, fourcc) << what;
       }
     }
