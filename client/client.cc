@@ -329,8 +329,8 @@ absl::StatusOr<Buffer> Client::TakeAllocated(v1::AllocateRequest& request,
     }
     if (request.caller_lays_out_frame()) store->LayOutLater(&request.frame());
   } else {
-    store = internal::BufferStore::Taking(
-        std::unique_ptr<v1::BufferInfo>(response.release_buffer()));
+    store =
+        internal::BufferStore::Taking(std::unique_ptr<v1::BufferInfo>(response.release_buffer()));
     if (request.has_metadata()) {
       // The last takes the tag's bytes rather than a copy.
       std::string tag;
