@@ -644,7 +644,27 @@ MachineFacts ReadMachineFacts() {
   return machine;
 }
 
-absl::string_view DefaultConfigText() { return kDefaultConfig; }
+std::string DefaultConfigText() {
+  // As a file would hold it: clang-format lines the raw string's lines up
+  // under its first, so every line after it carries that indent.
+  const std::vector<absl::string_view> lines = absl::StrSplit(kDefaultConfig, '\n');
+  size_t indent = absl::string_view::npos;
+  for (size_t i = 1; i < lines.size(); ++i) {
+    const size_t first = lines[i].find_first_not_of(' ');
+    if (first != absl::string_view::npos) indent = std::min(indent, first);
+  }
+  std::string text;
+  for (size_t i = 0; i < lines.size(); ++i) {
+    absl::string_view line = lines[i];
+    if (i > 0) {
+      const size_t spaces = std::min(line.find_first_not_of(' '), line.size());
+      line.remove_prefix(std::min(indent, spaces));
+      text += '\n';
+    }
+    absl::StrAppend(&text, line);
+  }
+  return text;
+}
 
 v1::Config DefaultConfig() {
   absl::StatusOr<v1::Config> config = Parse(kDefaultConfig, "<embedded default>", nullptr);

@@ -45,7 +45,7 @@ MachineFacts ReadMachineFacts();
 // The embedded default: a "system" heap, a "contiguous" heap (2 MiB hugetlb,
 // falling back to THP then base pages) and a 64 MiB "carveout". Not checked
 // against the machine (it reserves 64 MiB).
-absl::string_view DefaultConfigText();
+std::string DefaultConfigText();
 v1::Config DefaultConfig();
 
 // Parses and validates textproto, checking it against `machine` (default:

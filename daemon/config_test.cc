@@ -1,5 +1,6 @@
 #include "daemon/config.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <fstream>
@@ -21,6 +22,11 @@ TEST(ConfigTest, EmbeddedDefaultIsValid) {
   EXPECT_EQ(config->heaps(1).type(), v1::HEAP_TYPE_CONTIGUOUS);
   EXPECT_EQ(config->heaps(2).capacity_bytes(), 64u << 20);
   EXPECT_GT(config->quotas().max_allocation_bytes(), 0u);
+  // As a file would hold it (bufferd --print-default-config): top-level
+  // fields at the margin, nested ones indented by two.
+  const std::string text = DefaultConfigText();
+  EXPECT_THAT(text, ::testing::HasSubstr("\nheaps {\n  name: \"contiguous\"\n"));
+  EXPECT_THAT(text, ::testing::Not(::testing::HasSubstr("\n   ")));
 }
 
 // Tests that every error names the file, line and column: syntax errors where

@@ -635,7 +635,9 @@ int Compositor::Run() {
 int main(int argc, char** argv) {
   CLI::App app{"compositor: show frame_producers' frames side by side"};
   Options options;
-  app.add_option("--socket-dir", options.socket_dir, "bufferd's socket dir")->capture_default_str();
+  app.add_option("--socket-dir", options.socket_dir, "bufferd's socket dir")
+      ->envname("BUFFERD_SOCKET_DIR")
+      ->capture_default_str();
   app.add_option("--listen", options.listen, "the socket producers connect to (created here)")
       ->required();
   app.add_option("--producers", options.producers, "places in the output, side by side")

@@ -208,7 +208,9 @@ int main(int argc, char** argv) {
   CLI::App app{"frame_producer: draw frames into bufferd buffers for examples/compositor"};
   Options options;
   options.name = absl::StrCat("producer-", ::getpid());
-  app.add_option("--socket-dir", options.socket_dir, "bufferd's socket dir")->capture_default_str();
+  app.add_option("--socket-dir", options.socket_dir, "bufferd's socket dir")
+      ->envname("BUFFERD_SOCKET_DIR")
+      ->capture_default_str();
   app.add_option("--compositor", options.compositor, "the compositor's socket")->required();
   app.add_option("--name", options.name, "name (1-32 of A-Za-z0-9_.-)")->capture_default_str();
   app.add_option("--width", options.width, "frame width")

@@ -51,7 +51,9 @@ int main(int argc, char** argv) {
   std::string socket_dir = bufferd::DefaultSocketDir();
   std::string token;
   std::string heap = "system";
-  app.add_option("--socket-dir", socket_dir, "bufferd's socket dir")->capture_default_str();
+  app.add_option("--socket-dir", socket_dir, "bufferd's socket dir")
+      ->envname("BUFFERD_SOCKET_DIR")
+      ->capture_default_str();
   app.add_option("--heap", heap, "heap to allocate from")->capture_default_str();
   app.add_option("--import", token, "(internal) run as the reader with this token");
   CLI11_PARSE(app, argc, argv);

@@ -13,6 +13,8 @@
 
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -84,12 +86,29 @@ class ServiceTest : public ::testing::Test {
     auto child = testing::ChildProcess::Spawn(kActivator, args, options);
     ASSERT_TRUE(child.ok()) << child.status();
     daemon_ = *std::move(child);
-    // The outer activator binds fd.sock, then waits for a connection (the
-    // inner one binds control.sock only then).
+    // The outer activator binds fd.sock, listens, then waits for a
+    // connection (the inner one binds control.sock only then). Between its
+    // bind and its listen a connect is refused: wait for the listen.
     const absl::Time deadline = absl::Now() + absl::Seconds(20);
-    while (!std::filesystem::exists(FdSocketPath(dir_)) && absl::Now() < deadline) {
+    while (!Listening(FdSocketPath(dir_)) && absl::Now() < deadline) {
       absl::SleepFor(absl::Milliseconds(10));
     }
+  }
+
+  // Whether a socket listens at `path`, as /proc/net/unix shows it (the
+  // __SO_ACCEPTCON flag), without a connect, which would start the daemon.
+  static bool Listening(const std::string& path) {
+    std::ifstream in("/proc/net/unix");
+    std::string line;
+    std::getline(in, line);  // the header
+    while (std::getline(in, line)) {
+      // Num RefCount Protocol Flags Type St Inode Path
+      std::istringstream fields(line);
+      std::string num, refs, protocol, flags, type, state, inode, at;
+      if (!(fields >> num >> refs >> protocol >> flags >> type >> state >> inode >> at)) continue;
+      if (at == path && (std::stoul(flags, nullptr, 16) & 0x10000) != 0) return true;
+    }
+    return false;
   }
 
   // The next datagram on NOTIFY_SOCKET ("" after `timeout`).

@@ -489,6 +489,7 @@ int Why(const bufferd::Client& client, bool json, uint64_t buffer_id) {
 
 // "12M" -> 12 MiB; digits with an optional K, M or G (binary).
 absl::StatusOr<uint64_t> ParseSize(absl::string_view text) {
+  const absl::string_view original = text;
   uint64_t unit = 1;
   if (!text.empty()) {
     switch (absl::ascii_toupper(static_cast<unsigned char>(text.back()))) {
@@ -507,37 +508,71 @@ absl::StatusOr<uint64_t> ParseSize(absl::string_view text) {
     if (unit != 1) text.remove_suffix(1);
   }
   uint64_t value = 0;
-  if (!absl::SimpleAtoi(text, &value) || value > UINT64_MAX / unit) {
+  const bool digits = !text.empty() && std::all_of(text.begin(), text.end(), [](char c) {
+    return absl::ascii_isdigit(static_cast<unsigned char>(c));
+  });
+  if (!digits || !absl::SimpleAtoi(text, &value) || value > UINT64_MAX / unit) {
     return absl::InvalidArgumentError(
-        "--size must be a number of bytes, optionally with K, M or G (binary)");
+        absl::StrCat("--size '", absl::CHexEscape(original),
+                     "' is not a whole number of bytes, optionally with K, M ",
+                     "or G (binary units), that fits in 64 bits"));
   }
   return value * unit;
 }
 
 // "3840x2160:NV12[:ALIGNMENT]".
+// A bad --frame or --size names what is wrong in it. (The daemon judges the
+// values: a zero width, a stride alignment that is no power of two.)
 absl::StatusOr<bufferd::FrameRequest> ParseFrame(absl::string_view text) {
-  const std::vector<std::string> parts = absl::StrSplit(text, absl::ByAnyChar("x:"));
-  bufferd::FrameRequest frame;
-  std::optional<uint32_t> fourcc =
-      parts.size() >= 3 ? bufferd::FourccByName(parts[2]) : std::nullopt;
-  if (parts.size() < 3 || parts.size() > 4 || !absl::SimpleAtoi(parts[0], &frame.width) ||
-      !absl::SimpleAtoi(parts[1], &frame.height) || !fourcc.has_value() ||
-      (parts.size() == 4 && !absl::SimpleAtoi(parts[3], &frame.stride_alignment))) {
+  const std::string shown = absl::StrCat("--frame '", absl::CHexEscape(text), "'");
+  // WIDTHxHEIGHT, then :FOURCC, then an optional :STRIDE_ALIGNMENT.
+  const std::vector<std::string> fields = absl::StrSplit(text, ':');
+  const std::vector<std::string> size = absl::StrSplit(fields[0], absl::ByAnyChar("xX"));
+  if (fields.size() < 2 || fields.size() > 3 || size.size() != 2) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "--frame must be WIDTHxHEIGHT:FOURCC[:STRIDE_ALIGNMENT], e.g. 1920x1080:NV12; FOURCC is "
-        "one of ",
-        bufferd::SupportedFourccs()));
+        shown, " is not WIDTHxHEIGHT:FOURCC[:STRIDE_ALIGNMENT] (e.g. 1920x1080:NV12)"));
+  }
+  // Plain decimal only: SimpleAtoi alone would take "+5" and " 5".
+  auto number = [&](const std::string& digits, const char* what, uint32_t& out) -> absl::Status {
+    if (digits.empty() ||
+        !std::all_of(digits.begin(), digits.end(),
+                     [](char c) { return absl::ascii_isdigit(static_cast<unsigned char>(c)); }) ||
+        !absl::SimpleAtoi(digits, &out)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(shown, ": the ", what, " '", absl::CHexEscape(digits),
+                       "' is not a whole number from 0 to 4294967295"));
+    }
+    return absl::OkStatus();
+  };
+  bufferd::FrameRequest frame;
+  RETURN_IF_ERROR(number(size[0], "width", frame.width));
+  RETURN_IF_ERROR(number(size[1], "height", frame.height));
+  const std::optional<uint32_t> fourcc = bufferd::FourccByName(fields[1]);
+  if (!fourcc.has_value()) {
+    return absl::InvalidArgumentError(absl::StrCat(shown, ": unknown fourcc '",
+                                                   absl::CHexEscape(fields[1]), "' (one of ",
+                                                   bufferd::SupportedFourccs(), ")"));
   }
   frame.fourcc = *fourcc;
+  if (fields.size() == 3) {
+    RETURN_IF_ERROR(number(fields[2], "stride alignment", frame.stride_alignment));
+  }
   return frame;
 }
 
-// Exit status: 0 if the allocation would succeed now, 4 if not, 1 for an
-// error (a bad request, no daemon); 2 for a bad command line, as for every
-// bufctl command.
-int CanAllocate(const bufferd::Client& client, bool json, const std::vector<std::string>& heaps,
-                const std::string& usage, const std::string& size, const std::string& frame,
-                uint32_t count) {
+// can-allocate's request from its command line; INVALID_ARGUMENT naming
+// what is wrong in it (a bad command line: exit status 2, before any daemon
+// is asked).
+absl::StatusOr<bufferd::AllocateOptions> CanAllocateOptions(const std::vector<std::string>& heaps,
+                                                            bool usage_given,
+                                                            const std::string& usage,
+                                                            const std::string& size,
+                                                            const std::string& frame) {
+  // An empty name would leave the choice to the library's default heap.
+  for (const std::string& heap : heaps) {
+    if (heap.empty()) return absl::InvalidArgumentError("--heap is empty");
+  }
+  if (usage_given && usage.empty()) return absl::InvalidArgumentError("--usage is empty");
   bufferd::AllocateOptions options;
   if (heaps.size() == 1) {
     options.heap = heaps[0];
@@ -546,18 +581,22 @@ int CanAllocate(const bufferd::Client& client, bool json, const std::vector<std:
   }
   options.usage = usage;
   if (!frame.empty()) {
-    absl::StatusOr<bufferd::FrameRequest> parsed = ParseFrame(frame);
-    if (!parsed.ok()) return Fail(parsed.status());
-    options.frame = *parsed;
+    ASSIGN_OR_RETURN(options.frame, ParseFrame(frame));
   }
   if (!size.empty()) {
-    absl::StatusOr<uint64_t> parsed = ParseSize(size);
-    if (!parsed.ok()) return Fail(parsed.status());
-    options.size = *parsed;
+    ASSIGN_OR_RETURN(options.size, ParseSize(size));
   }
   if (options.frame.has_value() == !size.empty()) {
-    return Fail(absl::InvalidArgumentError("give one of --frame and --size"));
+    return absl::InvalidArgumentError("give one of --frame and --size");
   }
+  return options;
+}
+
+// Exit status: 0 if the allocation would succeed now, 4 if not, 1 for an
+// error (a bad request, no daemon); 2 for a bad command line, as for every
+// bufctl command.
+int CanAllocate(const bufferd::Client& client, bool json, const bufferd::AllocateOptions& options,
+                uint32_t count) {
   auto answer = client.CanAllocate(options, count);
   if (!answer.ok()) return Fail(answer.status());
   const int status = answer->ok() ? 0 : 4;
@@ -952,18 +991,18 @@ int Watch(const bufferd::Client& client, bool json, const std::string& socket_di
   }
 }
 
-// A whole number from 0 to T's maximum, in plain decimal: CLI11 alone takes
-// "-1" or 2^64 for an unsigned and wraps or clamps it, so an id that is none
-// would name another.
+// A whole number from `least` to T's maximum, in plain decimal: CLI11 alone
+// takes "-1" or 2^64 for an unsigned and wraps or clamps it, so an id that
+// is none would name another.
 template <typename T>
-CLI::Validator WholeNumber() {
+CLI::Validator WholeNumber(T least = 0) {
   return CLI::Validator(
-      [](std::string& text) -> std::string {
+      [least](std::string& text) -> std::string {
         T value = 0;
         if (text.empty() || !absl::ascii_isdigit(static_cast<unsigned char>(text[0])) ||
-            !absl::SimpleAtoi(text, &value)) {
-          return absl::StrCat("'", absl::CHexEscape(text), "' is not a whole number from 0 to ",
-                              std::numeric_limits<T>::max());
+            !absl::SimpleAtoi(text, &value) || value < least) {
+          return absl::StrCat("'", absl::CHexEscape(text), "' is not a whole number from ", least,
+                              " to ", std::numeric_limits<T>::max());
         }
         return std::string();
       },
@@ -1077,13 +1116,13 @@ Exit status: 0 ok; 1 an error (the daemon's code and message on stderr);
   std::string can_usage, can_size, can_frame;
   uint32_t can_count = 1;
   can->add_option("--heap", can_heaps, "heap to try (repeat for a list, tried in order)");
-  can->add_option("--usage", can_usage, "a usage from the daemon's config (camera_frame, ...)");
+  CLI::Option* can_usage_given =
+      can->add_option("--usage", can_usage, "a usage from the daemon's config (camera_frame, ...)");
   can->add_option("--size", can_size, "bytes (K, M, G: binary units)");
   can->add_option("--frame", can_frame,
                   "WIDTHxHEIGHT:FOURCC[:STRIDE_ALIGNMENT], e.g. 3840x2160:NV12");
   can->add_option("--count", can_count, "that many buffers (AllocateSet)")
-      ->check(WholeNumber<uint32_t>())
-      ->check(CLI::Range(1u, 0xffffffffu))
+      ->check(WholeNumber<uint32_t>(1))
       ->capture_default_str();
   auto* end = app.add_subcommand(
       "end-session",
@@ -1126,6 +1165,15 @@ Exit status: 0 ok; 1 an error (the daemon's code and message on stderr);
     // CLI11's own codes.
     return app.exit(e) == 0 ? 0 : 2;
   }
+  absl::StatusOr<bufferd::AllocateOptions> can_options = absl::UnknownError("unused");
+  if (*can) {
+    can_options =
+        CanAllocateOptions(can_heaps, can_usage_given->count() > 0, can_usage, can_size, can_frame);
+    if (!can_options.ok()) {
+      std::cerr << "bufctl: " << can_options.status().message() << "\n";
+      return 2;
+    }
+  }
   if (*watch && !(interval >= 0.1)) {
     std::cerr << "bufctl: watch --interval must be at least 0.1 seconds (got " << interval << ")\n";
     return 2;
@@ -1141,7 +1189,7 @@ Exit status: 0 ok; 1 an error (the daemon's code and message on stderr);
   if (*fences) return Fences(*client, json, pending_only, owner, limit);
   if (*why) return Why(*client, json, why_buffer);
   if (*can) {
-    return CanAllocate(*client, json, can_heaps, can_usage, can_size, can_frame, can_count);
+    return CanAllocate(*client, json, *can_options, can_count);
   }
   if (*end) return EndSession(*client, json, end_session);
   if (*metrics) {

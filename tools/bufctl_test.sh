@@ -74,6 +74,33 @@ status=0; tools/bufctl --socket-dir "$dir" 2>"$root/err" || status=$?
 [ "$status" -eq 2 ] && grep -q 'a command is required (commands: heaps' "$root/err" \
   || fail "no command: $status $(cat "$root/err")"
 tools/bufctl --help | grep -q 'end-session' || fail "--help lists end-session"
+# can-allocate: a bad command line names what is wrong and exits 2, before
+# any daemon is asked (none listens at $root/nothing).
+bad_can() {  # expected message, then the arguments
+  local expected="$1"; shift
+  local status=0
+  tools/bufctl --socket-dir "$root/nothing" can-allocate "$@" 2>"$root/err" || status=$?
+  [ "$status" -eq 2 ] || fail "can-allocate $* exited $status: $(cat "$root/err")"
+  grep -qF -- "$expected" "$root/err" || fail "can-allocate $*: $(cat "$root/err")"
+}
+bad_can "--frame '3840x2160:NV13': unknown fourcc 'NV13' (one of XRGB8888" --frame 3840x2160:NV13
+bad_can "the width '99999999999' is not a whole number from 0 to 4294967295" \
+  --frame 99999999999x2:NV12
+bad_can "the height '-2' is not a whole number" --frame 2x-2:NV12
+bad_can "the stride alignment '+64' is not a whole number" --frame 2x2:NV12:+64
+bad_can "--frame '3840x2160' is not WIDTHxHEIGHT:FOURCC[:STRIDE_ALIGNMENT]" --frame 3840x2160
+bad_can "--size '16E' is not a whole number of bytes" --size 16E
+bad_can "--size '17179869184G' is not a whole number of bytes" --size 17179869184G
+bad_can "--heap is empty" --heap "" --size 4096
+bad_can "--heap is empty" --heap system --heap "" --size 4096
+bad_can "--usage is empty" --usage "" --size 4096
+bad_can "give one of --frame and --size" --heap system
+bad_can "'0' is not a whole number from 1 to 4294967295" --count 0 --size 4096
+bad_can "'-1' is not a whole number from 1 to 4294967295" --count -1 --size 4096
+# An upper-case X and a lower-case fourcc are fine.
+tools/bufctl --socket-dir "$dir" can-allocate --frame 64X48:nv12 >"$root/out" \
+  || fail "64X48:nv12: $(cat "$root/out")"
+grep -q 'frame 64x48 NV12 LINEAR' "$root/out" || fail "64X48:nv12: $(cat "$root/out")"
 # --json on every command, zero-valued fields included (nothing allocated now).
 for command in heaps clients buffers holders tokens fences metrics \
     "can-allocate --heap system --size 4096"; do
