@@ -1,7 +1,9 @@
 #include "base/client_text.h"
 
+#include <algorithm>
 #include <fstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -37,6 +39,10 @@ std::string QuoteClientText(absl::string_view text, size_t max_bytes) {
   if (text.size() <= max_bytes) return absl::StrCat("'", absl::CHexEscape(text), "'");
   return absl::StrCat("'", absl::CHexEscape(text.substr(0, max_bytes)), "...' (", text.size(),
                       " bytes)");
+}
+
+bool AllDigits(absl::string_view text) {
+  return !text.empty() && std::all_of(text.begin(), text.end(), absl::ascii_isdigit);
 }
 
 }  // namespace bufferd

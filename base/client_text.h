@@ -38,6 +38,10 @@ std::string QuoteClientText(absl::string_view text, size_t max_bytes = kMaxQuote
 // from /proc/<pid>/comm, at most 15 bytes).
 std::string EscapeClientText(absl::string_view text);
 
+// Whether `text` is a plain decimal number: digits only, no sign, no
+// space (absl::SimpleAtoi alone takes "+5" and " 5").
+bool AllDigits(absl::string_view text);
+
 // /proc/<pid>/comm, escaped as above (the name may hold any byte but NUL):
 // how the daemon and bufctl name a process in every table, log line and
 // proto (whose string fields must be UTF-8). "" if it cannot be read.

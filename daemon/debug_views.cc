@@ -7,7 +7,6 @@
 #include <set>
 #include <string>
 
-#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -18,11 +17,6 @@
 
 namespace bufferd {
 namespace {
-
-// Whether `text` is a plain decimal number (no sign, no space).
-bool AllDigits(absl::string_view text) {
-  return !text.empty() && std::all_of(text.begin(), text.end(), absl::ascii_isdigit);
-}
 
 // Who each session a page names is (while it is open), looked up in the
 // SessionTable once each: a page costs its own sessions, not all of them.

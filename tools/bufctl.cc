@@ -508,10 +508,7 @@ absl::StatusOr<uint64_t> ParseSize(absl::string_view text) {
     if (unit != 1) text.remove_suffix(1);
   }
   uint64_t value = 0;
-  const bool digits = !text.empty() && std::all_of(text.begin(), text.end(), [](char c) {
-    return absl::ascii_isdigit(static_cast<unsigned char>(c));
-  });
-  if (!digits || !absl::SimpleAtoi(text, &value) || value > UINT64_MAX / unit) {
+  if (!bufferd::AllDigits(text) || !absl::SimpleAtoi(text, &value) || value > UINT64_MAX / unit) {
     return absl::InvalidArgumentError(
         absl::StrCat("--size '", absl::CHexEscape(original),
                      "' is not a whole number of bytes, optionally with K, M ",
@@ -520,8 +517,8 @@ absl::StatusOr<uint64_t> ParseSize(absl::string_view text) {
   return value * unit;
 }
 
-// "3840x2160:NV12[:ALIGNMENT]".
-// A bad --frame or --size names what is wrong in it. (The daemon judges the
+// "3840x2160:NV12[:ALIGNMENT]". A bad --frame (or --size, above) names what
+// is wrong in it. (The daemon judges the
 // values: a zero width, a stride alignment that is no power of two.)
 absl::StatusOr<bufferd::FrameRequest> ParseFrame(absl::string_view text) {
   const std::string shown = absl::StrCat("--frame '", absl::CHexEscape(text), "'");
@@ -532,12 +529,8 @@ absl::StatusOr<bufferd::FrameRequest> ParseFrame(absl::string_view text) {
     return absl::InvalidArgumentError(absl::StrCat(
         shown, " is not WIDTHxHEIGHT:FOURCC[:STRIDE_ALIGNMENT] (e.g. 1920x1080:NV12)"));
   }
-  // Plain decimal only: SimpleAtoi alone would take "+5" and " 5".
   auto number = [&](const std::string& digits, const char* what, uint32_t& out) -> absl::Status {
-    if (digits.empty() ||
-        !std::all_of(digits.begin(), digits.end(),
-                     [](char c) { return absl::ascii_isdigit(static_cast<unsigned char>(c)); }) ||
-        !absl::SimpleAtoi(digits, &out)) {
+    if (!bufferd::AllDigits(digits) || !absl::SimpleAtoi(digits, &out)) {
       return absl::InvalidArgumentError(
           absl::StrCat(shown, ": the ", what, " '", absl::CHexEscape(digits),
                        "' is not a whole number from 0 to 4294967295"));
