@@ -98,7 +98,8 @@ AccountedHeap::AccountedHeap(std::string name, uint64_t page_size, uint64_t capa
     : name_(std::move(name)),
       page_size_(page_size),
       capacity_(capacity),
-      max_allocation_(std::max<uint64_t>(HostMemoryBytes() / 2, page_size)),
+      host_memory_(std::max<uint64_t>(HostMemoryBytes(), 2 * page_size)),
+      max_allocation_(host_memory_ / 2),
       accounting_(std::make_shared<Accounting>()) {}
 
 absl::StatusOr<uint64_t> AccountedHeap::Round(uint64_t size) const {
@@ -136,6 +137,16 @@ absl::Status AccountedHeap::NoRoom(uint64_t free, uint64_t rounded, uint64_t cou
 absl::Status AccountedHeap::CheckAllocate(uint64_t size, uint64_t count) const {
   ASSIGN_OR_RETURN(const uint64_t rounded, Round(size));
   RETURN_IF_ERROR(CheckSize(rounded));
+  // An unbounded heap's buffers are each at most half of this host's RAM;
+  // a set of them together at most all of it (pages are lazy, so nothing
+  // else would stop a set no touch of it could ever be served).
+  if (capacity_ == 0 && count > 1 && count > host_memory_ / rounded) {
+    return HeapRefused(
+        HeapRefusal::kTooLarge,
+        absl::StrCat("heap '", name_, "' allocates at most ", FormatBytes(host_memory_),
+                     " in one set (this host's RAM), asked for ", count, " x ",
+                     FormatBytes(rounded)));
+  }
   if (capacity_ != 0) {
     absl::MutexLock lock(&accounting_->mu);
     const uint64_t free = capacity_ - accounting_->used;

@@ -253,6 +253,9 @@ class AccountedHeap : public Heap {
   const std::string name_;
   const uint64_t page_size_;
   const uint64_t capacity_;
+  // MemTotal (at least two pages): the most one set from an unbounded heap
+  // may take.
+  const uint64_t host_memory_;
   // Largest single buffer of an unbounded heap: half of the host's RAM (as
   // ION and DMA-BUF heaps cap one allocation), whatever the quotas. A bounded
   // heap's capacity check covers it.

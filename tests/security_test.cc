@@ -262,6 +262,28 @@ TEST(ByteCountTest, HugeAllocationsAreRefusedNotWrapped) {
     EXPECT_EQ(heap.peak(), 0u) << heap.name();
   }
   EXPECT_EQ(heaps->heaps(0).failures(), 5u);
+
+  // A set of buffers each under half of the host's RAM, but twice the RAM
+  // together: refused before any is made, by the dry run alike.
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  uint64_t total_kib = 0;
+  ASSERT_TRUE(meminfo >> key >> total_kib && key == "MemTotal:");
+  const uint64_t each = total_kib * 1024 / 32 / 4096 * 4096;
+  const std::string why = " in one set (this host's RAM), asked for 64 x ";
+  auto set = client->AllocateSet(64, {.heap = "system", .size = each});
+  EXPECT_EQ(set.status().code(), absl::StatusCode::kResourceExhausted) << set.status();
+  EXPECT_TRUE(absl::StartsWith(set.status().message(), "heap 'system' allocates at most "))
+      << set.status();
+  EXPECT_TRUE(absl::StrContains(set.status().message(), why)) << set.status();
+  auto dry = client->CanAllocate({.heap = "system", .size = each}, 64);
+  ASSERT_TRUE(dry.ok()) << dry.status();
+  EXPECT_FALSE(dry->ok());
+  EXPECT_TRUE(absl::StrContains(dry->message(), why)) << dry->message();
+  EXPECT_TRUE(client->AllocateSet(2, {.heap = "system", .size = each}).ok());
+  heaps = client->ListHeaps();
+  ASSERT_TRUE(heaps.ok());
+  EXPECT_EQ(heaps->heaps(0).used(), 0u);
 }
 
 // Tests that the daemon works where memfds must never be executable: in a

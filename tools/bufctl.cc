@@ -1108,7 +1108,9 @@ Exit status: 0 ok; 1 an error (the daemon's code and message on stderr);
   std::vector<std::string> can_heaps;
   std::string can_usage, can_size, can_frame;
   uint32_t can_count = 1;
-  can->add_option("--heap", can_heaps, "heap to try (repeat for a list, tried in order)");
+  can->add_option(
+      "--heap", can_heaps,
+      "heap to try (repeat for a list, tried in order; with no --heap or --usage: system)");
   CLI::Option* can_usage_given =
       can->add_option("--usage", can_usage, "a usage from the daemon's config (camera_frame, ...)");
   can->add_option("--size", can_size, "bytes (K, M, G: binary units)");
