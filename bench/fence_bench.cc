@@ -34,7 +34,9 @@
 //     owner waits for that; frames/s against the same ping-pong over two raw
 //     futex words, in five rounds each beside its floor: the median ratio.
 //     Target >= 80%. (info) The floor with timed FUTEX_WAITs, as a Wait's,
-//     and with each side busy 0.7 us after each wake.
+//     and with each side busy 0.7 us after each wake; across CPUs, where a
+//     Wait spins before it sleeps (timeline::SpinNs), the floor spinning as
+//     long before each FUTEX_WAIT, and T3 with spinning off.
 // T4. Daemon RSS and fds per timeline (800 of them) and per session that
 //     waits (its wait page), measured; and the idle daemon's CPU a second
 //     with 1,000 sessions that have a wait page, none waiting (its scans).
@@ -137,7 +139,14 @@ void FutexWake(uint32_t* word) { ::syscall(SYS_futex, word, FUTEX_WAKE, INT32_MA
 // Blocks until *word >= value. `timed`: each FUTEX_WAIT with an absolute
 // timeout kMaxSleepNs out, as every Timeline::Wait sleeps
 // (timeline::WaitAny).
-void FutexAwait(uint32_t* word, uint32_t value, bool timed = false) {
+void FutexAwait(uint32_t* word, uint32_t value, bool timed = false, int64_t spin_ns = 0) {
+  if (spin_ns > 0) {
+    const uint32_t* words[] = {word};
+    const uint32_t seen[] = {timeline::Load(*word)};
+    if (seen[0] < value) {
+      (void)timeline::SpinUntilMoved(words, seen, 1, timeline::MonotonicNs() + spin_ns);
+    }
+  }
   while (true) {
     const uint32_t now = timeline::Load(*word);
     if (now >= value) return;
@@ -380,20 +389,24 @@ int HelperMain(const UnixSocket& control) {
       Reply(control, "ready");
       FutexAwait(&floor_words[0], value, command == "futex-wait-timed");
       Reply(control, absl::StrCat("t ", NowNs()));
-    } else if ((command == "futex-pong" || command == "futex-pong-timed") && words.size() == 3 &&
+    } else if ((command == "futex-pong" || command == "futex-pong-timed") && words.size() == 4 &&
                fds.size() == 1) {
       uint32_t* shared = MapShared(fds[0].get());
       const uint32_t frames = static_cast<uint32_t>(std::stoul(words[1]));
       const int64_t work_ns = std::stoll(words[2]);
+      const int64_t spin_ns = std::stoll(words[3]);
       const bool timed = command == "futex-pong-timed";
       Reply(control, "ready");
       for (uint32_t i = 1; i <= frames; ++i) {
-        FutexAwait(&shared[0], i, timed);
+        FutexAwait(&shared[0], i, timed, spin_ns);
         Work(work_ns);
         Publish(&shared[1], i);
       }
       ::munmap(shared, 4096);
       Reply(control, "done");
+    } else if (command == "spin" && words.size() == 2) {
+      timeline::SetSpinNs(std::stoll(words[1]));
+      Reply(control, "ok");
     } else if (command == "tl-import" && words.size() == 2 && client) {
       auto imported = client->ImportTimeline(words[1]);
       if (!imported.ok()) return Reply(control, "error " + imported.status().ToString()), 1;
@@ -678,19 +691,21 @@ double TimelinePollOnce(Timeline& timeline, uint64_t point, const Helper& waiter
 
 // T3 floor: frames/s of the raw futex ping-pong. (info) `timed`: every
 // FUTEX_WAIT with a timeout, as a Wait's; `work_ns`: each side busy that
-// long after each wake, before it signals.
-double FutexPingPong(const Helper& waiter, uint32_t frames, bool timed = false,
-                     int64_t work_ns = 0) {
+// long after each wake, before it signals; `spin_ns`: each side spins that
+// long on the word before its FUTEX_WAIT, as a Wait does.
+double FutexPingPong(const Helper& waiter, uint32_t frames, bool timed = false, int64_t work_ns = 0,
+                     int64_t spin_ns = 0) {
   UniqueFd page(::memfd_create("floor", MFD_CLOEXEC));
   if (::ftruncate(page.get(), 4096) != 0) std::exit(1);
   uint32_t* shared = MapShared(page.get());
   timeline::Store(shared[2], 0u);  // faulted in before the clock starts
-  (void)waiter.Ask(absl::StrCat(timed ? "futex-pong-timed " : "futex-pong ", frames, " ", work_ns),
-                   {page.get()});
+  (void)waiter.Ask(
+      absl::StrCat(timed ? "futex-pong-timed " : "futex-pong ", frames, " ", work_ns, " ", spin_ns),
+      {page.get()});
   const int64_t start = NowNs();
   for (uint32_t i = 1; i <= frames; ++i) {
     Publish(&shared[0], i);
-    FutexAwait(&shared[1], i, timed);
+    FutexAwait(&shared[1], i, timed, spin_ns);
     Work(work_ns);
   }
   const int64_t took = NowNs() - start;
@@ -1026,10 +1041,29 @@ int main(int argc, char** argv) {
       // rate (likely when the woken vCPU has not halted yet); a little work
       // per wake is enough to leave that regime, which this shows.
       constexpr int64_t kWorkNs = 700;
-      std::vector<double> ratios, fps, floors, timed_floors, worked_floors;
+      // A Wait spins a little before it sleeps when the owner last signalled
+      // from another CPU (timeline::SpinNs): shown beside the raw ping-pong
+      // that spins as long, and with spinning off.
+      // (On one CPU a Wait never spins: the owner runs there.)
+      const int64_t spin_ns = placement.waiter_cpu != 0 ? timeline::SpinNs() : 0;
+      std::vector<double> ratios, fps, floors, timed_floors, worked_floors, spin_floors,
+          spin_ratios, unspun_ratios;
       long switches = 0;
       for (int round = 0; round < kRounds; ++round) {
         const PingPong one = TimelinePingPong(*owner, *waiter, (*daemon)->pid(), frames / kRounds);
+        if (spin_ns > 0) {
+          const double spin_floor = FutexPingPong(*waiter, static_cast<uint32_t>(frames / kRounds),
+                                                  /*timed=*/false, 0, spin_ns);
+          spin_floors.push_back(spin_floor);
+          spin_ratios.push_back(one.frames_per_second / spin_floor);
+          timeline::SetSpinNs(0);
+          (void)waiter->Ask("spin 0");
+          const PingPong unspun =
+              TimelinePingPong(*owner, *waiter, (*daemon)->pid(), frames / kRounds);
+          timeline::SetSpinNs(spin_ns);
+          (void)waiter->Ask(absl::StrCat("spin ", spin_ns));
+          unspun_ratios.push_back(unspun.frames_per_second);  // over the floor below
+        }
         const double floor_one = FutexPingPong(*waiter, static_cast<uint32_t>(frames / kRounds));
         timed_floors.push_back(
             FutexPingPong(*waiter, static_cast<uint32_t>(frames / kRounds), /*timed=*/true));
@@ -1039,6 +1073,7 @@ int main(int argc, char** argv) {
         fps.push_back(one.frames_per_second);
         floors.push_back(floor_one);
         ratios.push_back(one.frames_per_second / floor_one);
+        if (spin_ns > 0) unspun_ratios.back() /= floor_one;
       }
       std::sort(ratios.begin(), ratios.end());
       std::sort(fps.begin(), fps.end());
@@ -1064,6 +1099,21 @@ int main(int argc, char** argv) {
       std::printf("   (info) floor, %.1f us busy per wake   %-20s %8.0f frames/s (%.0f-%.0f)\n",
                   kWorkNs / 1000.0, placement.name, worked_floors[kRounds / 2],
                   worked_floors.front(), worked_floors.back());
+      if (spin_ns > 0) {
+        std::sort(spin_floors.begin(), spin_floors.end());
+        std::sort(spin_ratios.begin(), spin_ratios.end());
+        std::sort(unspun_ratios.begin(), unspun_ratios.end());
+        std::printf(
+            "   (info) floor spinning %.0f us first  %-20s %8.0f frames/s: T3 %.0f%% of it "
+            "(%.0f-%.0f%%)\n",
+            spin_ns / 1000.0, placement.name, spin_floors[kRounds / 2],
+            100 * spin_ratios[kRounds / 2], 100 * spin_ratios.front(), 100 * spin_ratios.back());
+        std::printf(
+            "   (info) T3, Wait spinning off         %-20s %.0f%% of the floor (%.0f-%.0f%%; "
+            "BUFFERD_SPIN_US=0)\n",
+            placement.name, 100 * unspun_ratios[kRounds / 2], 100 * unspun_ratios.front(),
+            100 * unspun_ratios.back());
+      }
       if (timelines_only) continue;
 
       for (int i = 0; i < 10; ++i) {  // warm up

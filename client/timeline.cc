@@ -283,6 +283,9 @@ absl::Status Timeline::SignalWith(uint64_t point, absl::string_view message, boo
     Store(failure.gen, gen + 2 + gen % 2);  // even: done
     Store(counters.failure_count, index + 1);
   }
+  if (const uint32_t cpu = timeline::CurrentCpu(); Load(counters.owner_cpu) != cpu) {
+    Store(counters.owner_cpu, cpu);
+  }
   Store(counters.reached, point);
   timeline::Bump(counters.seq);
   WakeWakers(point);
@@ -741,6 +744,7 @@ absl::Status Timeline::WaitPoints(const std::shared_ptr<internal::Connection>& c
   bool session_over = false;
   int64_t now = start;
   bool now_is_fresh = false;
+  bool spun = false;
   while (true) {
     for (size_t i = 0; i < words.size(); ++i) expected[i] = Load(*words[i]);
     size_t done = 0;
@@ -778,6 +782,33 @@ absl::Status Timeline::WaitPoints(const std::shared_ptr<internal::Connection>& c
               ? absl::StrCat(pending, " not ", state_word, " yet (polled)")
               : absl::StrCat(pending, " not ", state_word, " within ",
                              absl::FormatDuration(timeout)));
+    }
+    if (!slots.has_value() && !spun) {
+      // Before arming: a signal that comes while this thread spins needs no
+      // wake, and the owner (finding no sleeper) no syscall.
+      spun = true;
+      if (const int64_t spin = timeline::SpinNs(); spin > 0) {
+        const uint32_t cpu = timeline::CurrentCpu();
+        absl::InlinedVector<const uint32_t*, 8> spin_words(words.begin(), words.end());
+        absl::InlinedVector<uint32_t, 8> spin_expected(expected.begin(), expected.end());
+        bool elsewhere = false;
+        for (size_t i = 0; i < points.size(); ++i) {
+          if (results[i].status != v1::FENCE_STATUS_UNSPECIFIED) continue;
+          const timeline::CounterPage& counters = points[i].timeline->shared_->counter_page();
+          const uint32_t owner_cpu = Load(counters.owner_cpu);
+          elsewhere |= owner_cpu != 0 && owner_cpu != cpu;
+          spin_words.push_back(&counters.seq);
+          spin_expected.push_back(Load(counters.seq));
+        }
+        if (elsewhere && cpu != 0) {
+          const bool moved =
+              timeline::SpinUntilMoved(spin_words.data(), spin_expected.data(), spin_words.size(),
+                                       std::min(until, now + spin));
+          now = timeline::MonotonicNs();
+          now_is_fresh = true;
+          if (moved) continue;
+        }
+      }
     }
     if (!slots.has_value()) {
       // The daemon starts each point's deadline when it sees it here.

@@ -2,14 +2,17 @@
 
 #include <fcntl.h>
 #include <linux/futex.h>
+#include <sched.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <limits>
@@ -102,6 +105,56 @@ void NotifyArmed(WakePage& page, int notify_fd, uint64_t upto) {
   Store(page.notified, armed);
   const char byte = 1;
   (void)::send(notify_fd, &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
+namespace {
+
+constexpr int64_t kMaxSpinNs = 1'000'000;
+// -1: not read from the environment yet.
+std::atomic<int64_t> spin_ns{-1};
+
+}  // namespace
+
+int64_t SpinNs() {
+  const int64_t ns = spin_ns.load(std::memory_order_relaxed);
+  if (ns >= 0) return ns;
+  int64_t from_env = 20'000;
+  if (const char* text = std::getenv("BUFFERD_SPIN_US"); text != nullptr && *text != '\0') {
+    char* end = nullptr;
+    const long long us = std::strtoll(text, &end, 10);
+    if (*end == '\0' && us >= 0) from_env = std::min<long long>(us, kMaxSpinNs / 1000) * 1000;
+  }
+  int64_t unset = -1;
+  spin_ns.compare_exchange_strong(unset, from_env, std::memory_order_relaxed);
+  return spin_ns.load(std::memory_order_relaxed);
+}
+
+void SetSpinNs(int64_t ns) {
+  spin_ns.store(std::clamp<int64_t>(ns, 0, kMaxSpinNs), std::memory_order_relaxed);
+}
+
+bool SpinUntilMoved(const uint32_t* const* words, const uint32_t* expected, size_t count,
+                    int64_t until_ns) {
+  while (true) {
+    // A clock read costs tens of ns; the loads a few: look often, time rarely.
+    for (int round = 0; round < 32; ++round) {
+      for (size_t i = 0; i < count; ++i) {
+        if (std::atomic_ref<uint32_t>(const_cast<uint32_t&>(*words[i]))
+                .load(std::memory_order_acquire) != expected[i]) {
+          return true;
+        }
+      }
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+    if (MonotonicNs() >= until_ns) return false;
+  }
+}
+
+uint32_t CurrentCpu() {
+  const int cpu = ::sched_getcpu();
+  return cpu < 0 ? 0 : static_cast<uint32_t>(cpu) + 1;
 }
 
 int64_t MonotonicNs() {

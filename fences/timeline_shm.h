@@ -74,7 +74,11 @@ struct DaemonFailure {
 struct CounterPage {
   // Futex word: the owner adds one after every signal, then wakes.
   uint32_t seq;
-  uint32_t reserved;
+  // The CPU the owner last signalled from, plus one (0: not known). A hint
+  // only: a waiter on another CPU spins a little before it sleeps
+  // (SpinUntilMoved); whatever the owner writes here costs a reader at most
+  // that spin.
+  uint32_t owner_cpu;
   // The last point reached.
   uint64_t reached;
   // Failures written since creation; the last kFailures are in `failures`.
@@ -221,6 +225,24 @@ inline void Bump(uint32_t& seq) {
 // futex words, so that no wake reaches them; looking again this often bounds
 // what that costs a waiter.
 inline constexpr int64_t kMaxSleepNs = 20'000'000;
+
+// How long a waiter spins on the words it would sleep on before it sleeps,
+// when the owner of what it waits for last ran on another CPU: a signal
+// that comes within it reaches the waiter with no wake at all (and the
+// owner, finding nobody asleep, makes no syscall). Read once per process
+// from BUFFERD_SPIN_US (0 turns spinning off; at most 1000); default 20.
+int64_t SpinNs();
+// Sets it for this process from now on, whatever BUFFERD_SPIN_US says
+// (benchmarks compare with and without); clamped to 0..1 ms.
+void SetSpinNs(int64_t ns);
+
+// Spins until one of `words` moves from `expected` or the clock passes
+// `until_ns`; true if a word moved.
+bool SpinUntilMoved(const uint32_t* const* words, const uint32_t* expected, size_t count,
+                    int64_t until_ns);
+
+// The CPU this thread runs on, plus one (0: not known).
+uint32_t CurrentCpu();
 
 // Wakes every process blocked on `seq` (any mapping of the same page);
 // returns how many woke.

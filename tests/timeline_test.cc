@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -12,6 +13,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -158,6 +161,88 @@ TEST_F(TimelineTest, SignalWaitQueryAndFailAcrossSessions) {
   }
   EXPECT_TRUE(Eventually([&] { return KnownTimelines() == 0; }));
   ExpectBaseline();
+}
+
+// Tests the ping-pong a producer and a consumer run, with the owner on one
+// CPU and the waiter on another, so that a Wait spins before it sleeps
+// (timeline::SpinNs), and again with spinning off: every point is waited
+// for in order, and no Wait returns before its point was signalled (the
+// owner counts a point before it signals it).
+TEST_F(TimelineTest, APingPongAcrossCpusSpinningOrNotWaitsForEveryPoint) {
+  if (std::thread::hardware_concurrency() < 2) GTEST_SKIP() << "needs two CPUs";
+  auto pin = [](int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return ::sched_setaffinity(0, sizeof(set), &set) == 0;
+  };
+  const int64_t spin = timeline::SpinNs();
+  ASSERT_GT(spin, 0) << "spinning is on by default";
+  for (const int64_t spin_ns : {spin, int64_t{0}}) {
+    timeline::SetSpinNs(spin_ns);
+    Pair acquire = NewPair();
+    Pair release = NewPair();  // owned by `release.owner`, imported by `release.waiter`
+    ASSERT_TRUE(acquire.seen.has_value() && release.seen.has_value());
+    // The consumer (CPU 1) owns `release` and waits on `acquire`'s import.
+    absl::StatusOr<Timeline> consumer_acquire =
+        release.owner.ImportTimeline(*acquire.produced->Export());
+    ASSERT_TRUE(consumer_acquire.ok()) << consumer_acquire.status();
+    constexpr uint64_t kFrames = 2000;
+    std::atomic<uint64_t> produced{0}, consumed{0};
+    std::atomic<bool> consumer_ok{true};
+    std::thread consumer([&] {
+      consumer_ok = pin(1);
+      for (uint64_t i = 1; i <= kFrames && consumer_ok; ++i) {
+        auto got = consumer_acquire->Wait(i, absl::Seconds(30));
+        consumer_ok = got.ok() && got->status == v1::FENCE_STATUS_OK && produced.load() >= i;
+        consumed.store(i);
+        consumer_ok = consumer_ok && release.produced->Signal(i).ok();
+      }
+    });
+    ASSERT_TRUE(pin(0));
+    bool producer_ok = true;
+    for (uint64_t i = 1; i <= kFrames && producer_ok; ++i) {
+      produced.store(i);
+      producer_ok = acquire.produced->Signal(i).ok();
+      auto got = release.seen->Wait(i, absl::Seconds(30));
+      producer_ok =
+          producer_ok && got.ok() && got->status == v1::FENCE_STATUS_OK && consumed.load() >= i;
+    }
+    consumer.join();
+    EXPECT_TRUE(producer_ok) << "spin " << spin_ns;
+    EXPECT_TRUE(consumer_ok) << "spin " << spin_ns;
+    EXPECT_EQ(release.seen->Query(), kFrames);
+    cpu_set_t all;
+    CPU_ZERO(&all);
+    for (unsigned cpu = 0; cpu < std::thread::hardware_concurrency(); ++cpu) CPU_SET(cpu, &all);
+    ::sched_setaffinity(0, sizeof(all), &all);
+  }
+  timeline::SetSpinNs(spin);
+}
+
+// Tests the spin itself: it ends when a word moves (true), or at its bound
+// with nothing moved (false, not before the bound); SetSpinNs clamps.
+TEST(TimelineSpinTest, SpinsUntilAWordMovesOrTheBound) {
+  uint32_t words[2] = {7, 9};
+  const uint32_t* watched[] = {&words[0], &words[1]};
+  const uint32_t expected[] = {7, 9};
+  const int64_t start = timeline::MonotonicNs();
+  EXPECT_FALSE(timeline::SpinUntilMoved(watched, expected, 2, start + 2'000'000));
+  EXPECT_GE(timeline::MonotonicNs() - start, 2'000'000);
+  std::thread mover([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    std::atomic_ref<uint32_t>(words[1]).store(10);
+  });
+  EXPECT_TRUE(
+      timeline::SpinUntilMoved(watched, expected, 2, timeline::MonotonicNs() + 60'000'000'000));
+  mover.join();
+  const int64_t before = timeline::SpinNs();
+  timeline::SetSpinNs(-5);
+  EXPECT_EQ(timeline::SpinNs(), 0);
+  timeline::SetSpinNs(int64_t{1} << 40);
+  EXPECT_EQ(timeline::SpinNs(), 1'000'000);
+  timeline::SetSpinNs(before);
+  EXPECT_NE(timeline::CurrentCpu(), 0u);
 }
 
 TEST_F(TimelineTest, TheOwnerSeesWhoWaits) {
