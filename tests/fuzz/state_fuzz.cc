@@ -280,6 +280,8 @@ class Run {
                                             : input_.ConsumeIntegralInRange<uint64_t>(0, 9 * kMiB));
     }
     request.set_freezable(input_.ConsumeBool());
+    // The library lays frames out itself (and, lying, without a frame).
+    request.set_caller_lays_out_frame(input_.ConsumeIntegralInRange(0, 3) == 0);
     if (input_.ConsumeIntegralInRange(0, 5) == 0) {
       v1::FrameMetadata* metadata = request.mutable_metadata();
       metadata->set_tag(input_.ConsumeRandomLengthString(80));
@@ -288,6 +290,20 @@ class Run {
       metadata->set_color_space(static_cast<v1::ColorSpace>(input_.ConsumeIntegralInRange(0, 5)));
     }
     return request;
+  }
+
+  // A frame is in the answer unless the caller lays it out; the buffer
+  // keeps it either way (what every later holder is told).
+  void CheckFrameAnswer(uint64_t session, const v1::AllocateRequest& request,
+                        const DaemonState::Grant& grant) {
+    if (!request.has_frame()) return;
+    FUZZ_CHECK(grant.buffer->has_frame() == !request.caller_lays_out_frame(),
+               "frame in the answer: ", grant.buffer->has_frame());
+    auto kept = state_->GetBuffer(session, grant.handle);
+    FUZZ_CHECK(kept.ok() && kept->buffer().has_frame() &&
+                   kept->buffer().frame().planes_size() > 0 &&
+                   kept->buffer().frame().fourcc() == request.frame().fourcc(),
+               "the buffer keeps its frame: ", kept.status().ToString());
   }
 
   void Keep(uint64_t session, DaemonState::PendingGrant grant) {
@@ -367,15 +383,25 @@ class Run {
       case 4:
       case 5: {  // allocate one
         const uint64_t session = PickSession();
-        auto grant = state_->Allocate(session, PickRequest());
-        if (grant.ok()) Keep(session, *std::move(grant));
+        const v1::AllocateRequest request = PickRequest();
+        auto grant = state_->Allocate(session, request);
+        if (request.caller_lays_out_frame() && !request.has_frame()) {
+          FUZZ_CHECK(!grant.ok(), "caller_lays_out_frame without a frame was served");
+        }
+        if (grant.ok()) {
+          CheckFrameAnswer(session, request, **grant);
+          Keep(session, *std::move(grant));
+        }
         break;
       }
       case 6: {  // allocate a set: all or nothing
         const uint64_t session = PickSession();
         const uint32_t count = input_.ConsumeIntegralInRange<uint32_t>(0, 10);
         const DaemonState::Totals before = state_->totals();
-        auto made = state_->AllocateSet(session, PickRequest(), count);
+        const v1::AllocateRequest request = PickRequest();
+        auto made = state_->AllocateSet(session, request, count);
+        FUZZ_CHECK(!made.ok() || !request.caller_lays_out_frame() || request.has_frame(),
+                   "a set with caller_lays_out_frame and no frame was served");
         if (!made.ok()) {
           const DaemonState::Totals after = state_->totals();
           FUZZ_CHECK(after.buffers == before.buffers && after.handles == before.handles,
@@ -383,7 +409,10 @@ class Run {
           break;
         }
         FUZZ_CHECK(made->grants.size() == count, made->grants.size(), " of ", count);
-        for (auto& grant : made->grants) Keep(session, std::move(grant));
+        for (auto& grant : made->grants) {
+          CheckFrameAnswer(session, request, *grant);
+          Keep(session, std::move(grant));
+        }
         break;
       }
       case 7:
