@@ -886,6 +886,17 @@ bool NoPendingFigure(const Client& owner, int iterations) {
   return met;
 }
 
+// `got`'s value, or the bench ends naming `what` and why (a daemon limit
+// hit while setting a figure up, say).
+template <typename T>
+T Must(absl::StatusOr<T> got, const char* what) {
+  if (!got.ok()) {
+    std::fprintf(stderr, "fence_bench: %s: %s\n", what, got.status().ToString().c_str());
+    std::exit(1);
+  }
+  return *std::move(got);
+}
+
 struct Placement {
   const char* name;
   int daemon_cpu;
@@ -1158,19 +1169,24 @@ int main(int argc, char** argv) {
       std::vector<Timeline> timelines;
       for (int i = 0; i < 4; ++i) {
         // Each with its own control connection, one of the 3 fds below.
-        owners.push_back(*Client::Connect(dir, {.share_control_connection = false}));
-        for (int j = 0; j < 200; ++j) timelines.push_back(*owners.back().CreateTimeline());
+        owners.push_back(
+            Must(Client::Connect(dir, {.share_control_connection = false}), "T4 connect"));
+        for (int j = 0; j < 200; ++j) {
+          timelines.push_back(Must(owners.back().CreateTimeline(), "T4 CreateTimeline"));
+        }
       }
       // The owners' own sessions and wait pages are not the timelines' cost.
       const long fds_after = (*daemon)->OpenFds() - 4 * 3, rss_after = StatusField(pid, "VmRSS");
       std::printf("T4. per timeline (800)             %.2f fds, %.0f B of daemon RSS\n",
                   (fds_after - fds_before) / 800.0, (rss_after - rss_before) * 1024.0 / 800);
       std::vector<Client> waiters_clients;
-      for (int i = 0; i < 100; ++i) waiters_clients.push_back(*Client::Connect(dir));
+      for (int i = 0; i < 100; ++i)
+        waiters_clients.push_back(Must(Client::Connect(dir), "T4 connect"));
       const long fds_sessions = (*daemon)->OpenFds(), rss_sessions = StatusField(pid, "VmRSS");
       std::vector<Timeline> imported;
       for (Client& client : waiters_clients) {
-        imported.push_back(*client.ImportTimeline(*timelines[0].Export()));
+        imported.push_back(Must(client.ImportTimeline(Must(timelines[0].Export(), "T4 Export")),
+                                "T4 ImportTimeline"));
       }
       std::printf(
           "T4. per waiting session (100)      %.2f fds, %.0f B of daemon RSS (its wait page); "
@@ -1183,8 +1199,10 @@ int main(int argc, char** argv) {
       // max_timelines_per_uid too.)
       timelines.erase(timelines.begin() + 1, timelines.end());
       for (int i = 100; i < 1000; ++i) {
-        waiters_clients.push_back(*Client::Connect(dir));
-        imported.push_back(*waiters_clients.back().ImportTimeline(*timelines[0].Export()));
+        waiters_clients.push_back(Must(Client::Connect(dir), "T4 connect"));
+        imported.push_back(
+            Must(waiters_clients.back().ImportTimeline(Must(timelines[0].Export(), "T4 Export")),
+                 "T4 ImportTimeline"));
       }
       const int64_t cpu_before = ProcessRunNs(pid);
       const int64_t idle_start = NowNs();
