@@ -262,8 +262,9 @@ int bufferd_timeline_wait(bufferd_timeline* timeline, uint64_t point, int64_t ti
 int bufferd_timeline_export(const bufferd_timeline* timeline, uint32_t ttl_ms, char** token);
 int bufferd_timeline_import(bufferd_client* client, const char* token, bufferd_timeline** timeline);
 /* For an event loop: a borrowed fd, readable after bufferd_timeline_arm's
- * point is reached. arm sets *reached to 1 (and arms nothing) if it is
- * already. */
+ * point is reached (or failed). arm sets *reached to 1 (and arms nothing)
+ * if it already is reached or failed: bufferd_timeline_wait with timeout 0
+ * then gives its status. */
 int bufferd_timeline_notify_fd(const bufferd_timeline* timeline, int* fd);
 int bufferd_timeline_arm(const bufferd_timeline* timeline, uint64_t point, int* reached);
 

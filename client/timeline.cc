@@ -215,7 +215,11 @@ Timeline& Timeline::operator=(Timeline&& other) noexcept {
 Timeline::~Timeline() {
   if (connection_ == nullptr || shared_ == nullptr) return;
   v1::FdChannelMessage message;
-  message.mutable_forget_timelines()->add_timeline_ids(id());
+  v1::ForgetTimelines& forget = *message.mutable_forget_timelines();
+  forget.add_timeline_ids(id());
+  // The owner's own object: the timeline ends now, whatever imports of it
+  // this session still keeps (they cannot signal it).
+  forget.set_by_owner(shared_->owner);
   // Fails only when the session is over, which forgets everything anyway.
   (void)connection_->SendRecord(message);
 }
@@ -685,6 +689,20 @@ absl::StatusOr<std::vector<PointResult>> Timeline::WaitPoints(
   return results;
 }
 
+namespace {
+
+// What a wait says once its session is over: nothing bounds it any more.
+absl::Status SessionOver(internal::Connection& connection) {
+  constexpr absl::string_view kWhy = "the session ended while it waited for a timeline point";
+  // Closed by this Client, or ended by the daemon (which may have let go of
+  // the waker before fd.sock's end reached this process).
+  return connection.Ended() && !connection.EndedByDaemon()
+             ? absl::UnavailableError(absl::StrCat(kWhy, " (this Client closed it)"))
+             : connection.SessionGone(kWhy);
+}
+
+}  // namespace
+
 absl::Status Timeline::WaitPoints(const std::shared_ptr<internal::Connection>& connection,
                                   std::span<const TimelinePoint> points, bool all,
                                   absl::Duration timeout, absl::Duration need_by, TimelineWait what,
@@ -769,6 +787,11 @@ absl::Status Timeline::WaitPoints(const std::shared_ptr<internal::Connection>& c
     // after a sleep read it (registering a waker may have taken a while).
     if (!now_is_fresh) now = timeline::MonotonicNs();
     now_is_fresh = false;
+    // A poll (or a timeout) after this session ended says so, as a sleep
+    // that saw it end does: "not yet" would be told for ever.
+    if (now >= until && (session_over || WakerClosed(wakers) || connection->Ended())) {
+      return SessionOver(*connection);
+    }
     if (now >= until) {
       const char* state_word = what == TimelineWait::kAvailable ? "available" : "reached";
       std::string pending;
@@ -826,18 +849,15 @@ absl::Status Timeline::WaitPoints(const std::shared_ptr<internal::Connection>& c
       now_is_fresh = true;
       continue;  // look again: a signal may have come while arming
     }
-    if (session_over) {
-      constexpr absl::string_view kWhy = "the session ended while it waited for a timeline point";
-      // Closed by this Client, or ended by the daemon (which may have let
-      // go of the waker before fd.sock's end reached this process).
-      return connection->Ended() && !connection->EndedByDaemon()
-                 ? absl::UnavailableError(absl::StrCat(kWhy, " (this Client closed it)"))
-                 : connection->SessionGone(kWhy);
-    }
+    if (session_over) return SessionOver(*connection);
     // `now` was read at or before the last look: at worst a capped sleep
     // ends a little early and the loop looks again.
-    RETURN_IF_ERROR(
-        timeline::WaitAny(words.data(), expected.data(), words.size(), until, nullptr, now));
+    // Its timeout is the wait's: the next look says what is still pending.
+    if (absl::Status slept =
+            timeline::WaitAny(words.data(), expected.data(), words.size(), until, nullptr, now);
+        !slept.ok() && slept.code() != absl::StatusCode::kDeadlineExceeded) {
+      return slept;
+    }
     // The daemon let go of a waker (it does so when the session ends, and
     // wakes it), or a wake that changed nothing (WaitAny looks again every
     // timeline::kMaxSleepNs) while the session ended under it: either way

@@ -48,7 +48,7 @@ absl::Status SessionHub::OnRecord(uint64_t session_id, const v1::FdChannelMessag
       return absl::OkStatus();
     case v1::FdChannelMessage::kForgetTimelines:
       for (uint64_t id : message.forget_timelines().timeline_ids()) {
-        timelines_->Forget(session_id, id);
+        timelines_->Forget(session_id, id, message.forget_timelines().by_owner());
       }
       return absl::OkStatus();
     case v1::FdChannelMessage::kUpload:

@@ -504,7 +504,7 @@ absl::StatusOr<TimelineView> TimelineTable::Info(uint64_t session, uint64_t id) 
   return ViewLocked(*timeline);
 }
 
-void TimelineTable::Forget(uint64_t session_id, uint64_t id) {
+void TimelineTable::Forget(uint64_t session_id, uint64_t id, bool by_owner) {
   Calls calls;
   {
     absl::MutexLock lock(&mu_);
@@ -513,9 +513,12 @@ void TimelineTable::Forget(uint64_t session_id, uint64_t id) {
     if (it->second.details.get() == nullptr) return;
     auto& holds = it->second.details.get()->held;
     auto held = holds.find(id);
-    if (held == holds.end() || --held->second.count > 0) return;
-    if (held->second.owned) EndLocked(timelines_.at(id), v1::FENCE_STATUS_CANCELLED);
-    UnholdLocked(session_id, it->second, id);
+    if (held == holds.end()) return;
+    if (held->second.owned && (by_owner || held->second.count == 1)) {
+      EndLocked(timelines_.at(id), v1::FENCE_STATUS_CANCELLED);
+      held->second.owned = false;  // ended: the session's imports keep it
+    }
+    if (--held->second.count == 0) UnholdLocked(session_id, it->second, id);
     UpdateTimerLocked();
     calls.swap(deferred_);
   }

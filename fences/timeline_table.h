@@ -147,9 +147,11 @@ class TimelineTable {
   // PERMISSION_DENIED for a hold through a buffer (ExportTimeline).
   absl::Status CheckHeld(uint64_t session, uint64_t id, bool to_share = false) const;
   absl::StatusOr<TimelineView> Info(uint64_t session, uint64_t id) const;
-  // The session lets go (an owner's timeline ends CANCELLED: nobody could
-  // signal it any more). Unknown ids are ignored.
-  void Forget(uint64_t session, uint64_t id);
+  // The session lets go of one Timeline object (an owner's timeline ends
+  // CANCELLED with its last one, or at once `by_owner`, the owner's own
+  // object: the session's other objects, its imports, cannot signal it).
+  // Unknown ids are ignored.
+  void Forget(uint64_t session, uint64_t id, bool by_owner = false);
 
   // The session's waker for timeline `id` (it must hold it), made at the
   // first call: a copy of its wake page (read-write) for the session, and

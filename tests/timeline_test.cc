@@ -111,6 +111,11 @@ TEST_F(TimelineTest, SignalWaitQueryAndFailAcrossSessions) {
     absl::Status polled = seen->Wait(1, absl::ZeroDuration()).status();
     EXPECT_EQ(polled.code(), absl::StatusCode::kDeadlineExceeded);
     EXPECT_THAT(polled.message(), HasSubstr("not reached yet (polled)"));
+    // A timeout that ran out asleep names the point and the timeout too.
+    absl::Status timed = seen->Wait(1, absl::Milliseconds(30)).status();
+    EXPECT_EQ(timed.code(), absl::StatusCode::kDeadlineExceeded);
+    EXPECT_EQ(timed.message(),
+              absl::StrCat("point 1 of timeline ", seen->id(), " not reached within 30ms"));
 
     // A waiter blocked in another thread wakes on the signal (blocked: the
     // daemon has seen its wait).
@@ -355,6 +360,37 @@ TEST_F(TimelineTest, DroppingOrClosingTheOwnerEndsTheTimeline) {
   EXPECT_TRUE(Eventually([&] { return KnownTimelines() == 0; }));
 }
 
+// Tests that the owner's own Timeline going ends the timeline CANCELLED at
+// once even when the owner's session also imported it: the import cannot
+// signal, so keeping the timeline alive for it would leave every waiter to
+// the deadline.
+TEST_F(TimelineTest, DroppingTheOwnerEndsTheTimelineItsOwnSessionImported) {
+  auto [owner, waiter, produced, seen] = NewPair({.deadline = absl::Seconds(60)});
+  ASSERT_TRUE(produced && seen);
+  absl::StatusOr<Timeline> own_import = owner.ImportTimeline(*produced->Export());
+  ASSERT_TRUE(own_import.ok()) << own_import.status();
+  ASSERT_TRUE(produced->Signal(1).ok());
+  std::thread blocked([&] {
+    absl::StatusOr<PointResult> after = seen->Wait(2, absl::Seconds(30));
+    ASSERT_TRUE(after.ok()) << after.status();
+    EXPECT_EQ(after->status, v1::FENCE_STATUS_CANCELLED);
+    EXPECT_THAT(after->message, HasSubstr("the owner dropped the timeline at point 1"));
+  });
+  EXPECT_TRUE(Eventually([&] { return produced->WaitedOn().point == 2; }));
+  const absl::Time dropped = absl::Now();
+  produced.reset();
+  blocked.join();
+  EXPECT_LT(absl::Now() - dropped, absl::Seconds(5));
+  absl::StatusOr<PointResult> own = own_import->Wait(2, absl::ZeroDuration());
+  ASSERT_TRUE(own.ok()) << own.status();
+  EXPECT_EQ(own->status, v1::FENCE_STATUS_CANCELLED);
+  // The import still counts as held until it goes too.
+  EXPECT_EQ(KnownTimelines(), 1u);
+  own_import = absl::CancelledError("dropped");
+  seen.reset();
+  EXPECT_TRUE(Eventually([&] { return KnownTimelines() == 0; }));
+}
+
 TEST_F(TimelineTest, AWaiterWhoseOwnSessionEndsIsToldSo) {
   {
     absl::StatusOr<Client> owner = Client::Connect(daemon_->socket_dir());
@@ -377,6 +413,10 @@ TEST_F(TimelineTest, AWaiterWhoseOwnSessionEndsIsToldSo) {
     EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable) << status;
     EXPECT_THAT(status.message(), HasSubstr("the session ended while it waited"));
     EXPECT_THAT(status.message(), HasSubstr("this Client closed it"));
+    // A poll afterwards says the same, not "not reached yet" for ever.
+    const absl::Status polled = seen->Wait(1, absl::ZeroDuration()).status();
+    EXPECT_EQ(polled.code(), absl::StatusCode::kUnavailable) << polled;
+    EXPECT_THAT(polled.message(), HasSubstr("the session ended while it waited"));
     // The owner goes on.
     EXPECT_TRUE(produced->Signal(1).ok());
   }
@@ -418,6 +458,11 @@ TEST_F(TimelineTest, AnArmedNotifyFdWakesWhenTheDaemonEndsItsSession) {
     const absl::Status slept = sleeping.get().status();
     EXPECT_EQ(slept.code(), absl::StatusCode::kUnavailable) << slept;
     EXPECT_THAT(slept.message(), HasSubstr("the session ended while it waited"));
+    // A poll afterwards says the same (the daemon closed the waker), not
+    // "not reached yet" for ever.
+    const absl::Status polled = seen->Wait(5, absl::ZeroDuration()).status();
+    EXPECT_EQ(polled.code(), absl::StatusCode::kUnavailable) << polled;
+    EXPECT_THAT(polled.message(), HasSubstr("the session ended while it waited"));
     // The owner goes on.
     EXPECT_TRUE(produced->Signal(5).ok());
   }
