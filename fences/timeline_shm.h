@@ -2,7 +2,7 @@
 // daemon read and write without talking to each other.
 //
 // A timeline is a 64-bit counter that only moves forward; point N is
-// reached when the counter reaches N. Its state is three kinds of page,
+// reached when the counter reaches N. Its state is four kinds of page,
 // each 4 KiB of a sealed memfd (F_SEAL_SHRINK | F_SEAL_GROW: nobody can
 // truncate a page under another's mapping; pages others map are sealed
 // F_SEAL_SEAL too):
@@ -17,6 +17,8 @@
 //     the daemon: the points the session's threads wait for now. The daemon
 //     reads it on a timer (it never needs a wake per wait) to start each
 //     waited point's deadline.
+//   - WakePage: one per waiting session and timeline (below), made by the
+//     daemon and mapped by that session, the owner and the daemon only.
 //
 // A blocking wait sleeps on the seq word of the session's wake page for the
 // timeline (WakePage): a signal is a store and one FUTEX_WAKE per waiting
