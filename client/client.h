@@ -43,6 +43,29 @@ namespace internal {
 class BufferStore;
 class Connection;
 struct Waker;
+
+// A pending fence's doorbell (CreateFenceRequest.doorbell_upload_id): a
+// pipe whose read end goes to the daemon and whose write end its owner's
+// Fence keeps, counted against Connection::kMaxDoorbells while it does.
+class Doorbell {
+ public:
+  Doorbell() = default;
+  Doorbell(Doorbell&& other) noexcept;
+  Doorbell& operator=(Doorbell&& other) noexcept;
+  ~Doorbell();
+  // A new one, or an invalid one if the session holds its most already (or
+  // no pipe could be made).
+  static Doorbell Make(Connection& connection);
+  bool valid() const { return write_end_.valid(); }
+  // The end to upload; let go of once uploaded.
+  const UniqueFd& read_end() const { return read_end_; }
+  void DropReadEnd() { read_end_.Reset(); }
+
+ private:
+  UniqueFd write_end_;
+  UniqueFd read_end_;
+  std::atomic<int>* count_ = nullptr;
+};
 }  // namespace internal
 
 // How the holder of a buffer may use it.
@@ -363,10 +386,15 @@ class Fence {
   // The owner writes `status` into the fence's word of its fence page (if
   // it has one), before telling the daemon: readers sleeping on the word
   // wake at once.
-  void PublishInPage(v1::FenceStatus status) const;
+  // True if it wrote it.
+  bool PublishInPage(v1::FenceStatus status) const;
 
   std::shared_ptr<internal::Connection> connection_;
   v1::FenceInfo info_;
+  // The owner's end of the fence's doorbell (CreateFenceRequest's
+  // doorbell_upload_id): closed by an OK Signal after the word is written,
+  // which has the daemon signal the fence before the record arrives.
+  mutable internal::Doorbell doorbell_;
 };
 
 struct TimelineOptions {

@@ -197,6 +197,12 @@ class Connection {
   FencePage& fence_page() { return fence_page_; }
   uint32_t* fence_words() const { return fence_words_.load(std::memory_order_acquire); }
   void SetFenceWords(uint32_t* words) { fence_words_.store(words, std::memory_order_release); }
+  // Doorbells (CreateFenceRequest.doorbell_upload_id) this session's Fences
+  // hold the write ends of: at most kMaxDoorbells at once, so that a client
+  // with many pending fences does not hold as many more fds (the others
+  // signal through their record alone).
+  static constexpr int kMaxDoorbells = 64;
+  std::atomic<int>& doorbells() { return doorbells_; }
   // Other sessions' fence pages (read-only), mapped to wait on their fences
   // (Buffer::BeginCpuAccess), by owner session: at most kPeerFencePages; a
   // waiter holds the one it sleeps on. A full cache makes room only by
@@ -247,6 +253,7 @@ class Connection {
   std::mutex kept_mu_;
   std::map<std::pair<uint64_t, uint64_t>, std::shared_ptr<const Timeline>> kept_timelines_;
   FencePage fence_page_;
+  std::atomic<int> doorbells_{0};
   std::atomic<uint32_t*> fence_words_{nullptr};
   std::mutex peer_pages_mu_;
   struct PeerPage {

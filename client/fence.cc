@@ -102,11 +102,51 @@ absl::StatusOr<UniqueFd> CheckFenceFd(UniqueFd fd) {
 
 }  // namespace internal
 
+namespace internal {
+
+Doorbell::Doorbell(Doorbell&& other) noexcept
+    : write_end_(std::move(other.write_end_)),
+      read_end_(std::move(other.read_end_)),
+      count_(std::exchange(other.count_, nullptr)) {}
+
+Doorbell& Doorbell::operator=(Doorbell&& other) noexcept {
+  if (this != &other) {
+    Doorbell dropped(std::move(*this));
+    write_end_ = std::move(other.write_end_);
+    read_end_ = std::move(other.read_end_);
+    count_ = std::exchange(other.count_, nullptr);
+  }
+  return *this;
+}
+
+Doorbell::~Doorbell() {
+  if (count_ != nullptr) count_->fetch_sub(1, std::memory_order_relaxed);
+}
+
+Doorbell Doorbell::Make(Connection& connection) {
+  std::atomic<int>& count = connection.doorbells();
+  if (count.fetch_add(1, std::memory_order_relaxed) >= Connection::kMaxDoorbells) {
+    count.fetch_sub(1, std::memory_order_relaxed);
+    return Doorbell();
+  }
+  Doorbell made;
+  made.count_ = &count;
+  int ends[2];
+  if (::pipe2(ends, O_CLOEXEC) != 0) return Doorbell();  // `made` gives its count back
+  made.read_end_ = UniqueFd(ends[0]);
+  made.write_end_ = UniqueFd(ends[1]);
+  return made;
+}
+
+}  // namespace internal
+
 Fence::Fence(std::shared_ptr<internal::Connection> connection, v1::FenceInfo info)
     : connection_(std::move(connection)), info_(std::move(info)) {}
 
 Fence::Fence(Fence&& other) noexcept
-    : connection_(std::move(other.connection_)), info_(std::move(other.info_)) {
+    : connection_(std::move(other.connection_)),
+      info_(std::move(other.info_)),
+      doorbell_(std::move(other.doorbell_)) {
   other.info_.set_fence_id(0);
 }
 
@@ -115,6 +155,7 @@ Fence& Fence::operator=(Fence&& other) noexcept {
     Fence dropped(std::move(*this));
     connection_ = std::move(other.connection_);
     info_ = std::move(other.info_);
+    doorbell_ = std::move(other.doorbell_);
     other.info_.set_fence_id(0);
   }
   return *this;
@@ -160,7 +201,7 @@ absl::Status Fence::Signal(v1::FenceStatus status, absl::string_view message) co
     return absl::PermissionDeniedError(absl::StrCat(
         "fence ", id(), " is not one this session created; only its owner signals it"));
   }
-  PublishInPage(status);
+  if (PublishInPage(status) && status == v1::FENCE_STATUS_OK) doorbell_ = internal::Doorbell();
   v1::FdChannelMessage record;
   v1::FenceSignal* signal = record.mutable_signal();
   signal->set_fence_id(id());
@@ -169,12 +210,12 @@ absl::Status Fence::Signal(v1::FenceStatus status, absl::string_view message) co
   return connection_->SendRecord(record);
 }
 
-void Fence::PublishInPage(v1::FenceStatus status) const {
+bool Fence::PublishInPage(v1::FenceStatus status) const {
   uint32_t* words = connection_->fence_words();
   const uint32_t slot = info_.page_slot();
   if (words == nullptr || slot == 0 || slot >= fence_page::kSlots ||
       info_.owner_session() != connection_->session_id()) {
-    return;
+    return false;
   }
   // Only over this fence's own pending word: a word the daemon gave another
   // fence since (this one signalled before) is not this one's to write.
@@ -182,7 +223,9 @@ void Fence::PublishInPage(v1::FenceStatus status) const {
   if (std::atomic_ref<uint32_t>(words[slot])
           .compare_exchange_strong(pending, fence_page::Word(info_.page_generation(), status))) {
     fence_page::Publish(words[slot], fence_page::Word(info_.page_generation(), status));
+    return true;
   }
+  return false;
 }
 
 absl::StatusOr<v1::FenceInfo> Fence::SignalAndConfirm(v1::FenceStatus status,
@@ -285,6 +328,24 @@ absl::StatusOr<Fence> Client::CreateFence(const FenceOptions& options) const {
       place.reset();
     }
   }
+  // With the page in place, a doorbell: the pipe's read end goes up, the
+  // write end stays with the Fence (closed by its OK Signal).
+  internal::Doorbell doorbell;
+  std::optional<internal::Connection::UploadPlaces> doorbell_place;
+  if (!offering && connection_->fence_words() != nullptr) {
+    doorbell = internal::Doorbell::Make(*connection_);
+    if (doorbell.valid()) {
+      doorbell_place.emplace(connection_->ReserveUploads(1));
+      if (absl::StatusOr<uint64_t> upload = connection_->Upload(doorbell.read_end().get());
+          upload.ok()) {
+        request.set_doorbell_upload_id(*upload);
+        doorbell.DropReadEnd();
+      } else {
+        doorbell = internal::Doorbell();
+        doorbell_place.reset();
+      }
+    }
+  }
   internal::Call call = connection_->NewCall();
   absl::Status created = connection_->Finish(
       call, connection_->fence().CreateFence(call.context.get(), request, &response));
@@ -318,7 +379,9 @@ absl::StatusOr<Fence> Client::CreateFence(const FenceOptions& options) const {
     std::atomic_ref<uint32_t>(words[response.fence().page_slot()])
         .store(fence_page::Word(response.fence().page_generation(), 0), std::memory_order_release);
   }
-  return Fence(connection_, response.fence());
+  Fence fence(connection_, response.fence());
+  if (response.fence().page_slot() != 0) fence.doorbell_ = std::move(doorbell);
+  return fence;
 }
 
 absl::StatusOr<WaitResult> Client::WaitFor(std::span<const Fence* const> fences, bool all,

@@ -85,9 +85,16 @@ grpc::ServerUnaryReactor* FenceService::CreateFence(grpc::CallbackServerContext*
         return set;
       }
     }
+    // Claimed whatever comes of the fence: an upload is never left over.
+    UniqueFd doorbell;
+    if (request->doorbell_upload_id() != 0) {
+      ASSIGN_OR_RETURN(doorbell, d_.hub->TakeUpload(session, request->doorbell_upload_id()));
+      RETURN_IF_ERROR(FenceTable::CheckDoorbell(doorbell.get()));
+    }
     ASSIGN_OR_RETURN(FenceView fence,
                      d_.fences->Create(session, request->name(), request->timeline(),
                                        absl::Milliseconds(request->deadline_ms())));
+    if (doorbell.valid()) d_.fences->SetDoorbell(session, fence.id, std::move(doorbell));
     *response->mutable_fence() = Info(fence);
     return absl::OkStatus();
   });

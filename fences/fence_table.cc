@@ -319,6 +319,60 @@ absl::StatusOr<FenceView> FenceTable::Create(uint64_t session_id, absl::string_v
   return ViewLocked(fence);
 }
 
+absl::Status FenceTable::CheckDoorbell(int fd) {
+  struct stat st {};
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (::fstat(fd, &st) != 0 || !S_ISFIFO(st.st_mode) || flags < 0 ||
+      (flags & O_ACCMODE) != O_RDONLY) {
+    return absl::InvalidArgumentError(
+        "doorbell_upload_id names no pipe's read end: a fence's doorbell is one");
+  }
+  return absl::OkStatus();
+}
+
+void FenceTable::SetDoorbell(uint64_t session_id, uint64_t id, UniqueFd fd) {
+  uid_t uid;
+  {
+    absl::MutexLock lock(&mu_);
+    auto session = SessionLocked(session_id);
+    if (!session.ok()) return;
+    uid = (*session)->uid;
+  }
+  // Taken without the table's lock (the budget may run reclaimers). Out of
+  // fds: no doorbell, the owner's record signals it as before.
+  absl::StatusOr<FdBudget::Lease> lease = budget_->Acquire(FdUse::kFence, uid);
+  if (!lease.ok()) return;
+  absl::MutexLock lock(&mu_);
+  auto it = fences_.find(id);
+  if (it == fences_.end() || it->second.view.signaled || it->second.view.page_slot == 0 ||
+      it->second.view.owner_session != session_id || it->second.doorbell.fd.valid()) {
+    return;
+  }
+  if (!loop_->Watch(fd.get(), EPOLLIN, [this, id](uint32_t) { OnDoorbell(id); }).ok()) return;
+  it->second.doorbell = LeasedFd{std::move(fd), *std::move(lease)};
+}
+
+void FenceTable::OnDoorbell(uint64_t id) {
+  Completions done;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = fences_.find(id);
+    if (it == fences_.end() || !it->second.doorbell.fd.valid()) return;
+    Fence& fence = it->second;
+    // Rung once: the owner closed its end (or wrote to it: either way the
+    // word says whether it signalled). The signal first (its pollers wake
+    // first); it drops the doorbell too.
+    if (!fence.view.signaled && WrittenLocked(fence) == v1::FENCE_STATUS_OK) {
+      fence.via_page = true;
+      SignalLocked(fence, v1::FENCE_STATUS_OK, "", done);
+    } else {
+      loop_->Unwatch(fence.doorbell.fd.get());
+      fence.doorbell = {};
+    }
+  }
+  Run(done);
+}
+
 absl::Status FenceTable::SetPage(uint64_t session_id, UniqueFd page) {
   RETURN_IF_ERROR(
       timeline::CheckPageFd(page.get(), /*read_only_for_others=*/true, "the fence page"));
@@ -564,6 +618,10 @@ void FenceTable::SignalLocked(Fence& first, v1::FenceStatus status, std::string 
     if (fence.imported.fd.valid()) {
       loop_->Unwatch(fence.imported.fd.get());
       fence.imported = {};
+    }
+    if (fence.doorbell.fd.valid()) {
+      loop_->Unwatch(fence.doorbell.fd.get());
+      fence.doorbell = {};
     }
     absl::flat_hash_set<WaitId> waits;
     waits.swap(fence.waits);
@@ -1184,6 +1242,7 @@ void FenceTable::Stop() {
     loop_timer_ = 0;
     for (auto& [id, fence] : fences_) {
       if (fence.imported.fd.valid()) loop_->Unwatch(fence.imported.fd.get());
+      if (fence.doorbell.fd.valid()) loop_->Unwatch(fence.doorbell.fd.get());
     }
     fences_.clear();
     sessions_.clear();

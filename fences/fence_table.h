@@ -233,6 +233,14 @@ class FenceTable {
   // A new pending fence owned by `session`. `deadline` zero is the default.
   absl::StatusOr<FenceView> Create(uint64_t session, absl::string_view name,
                                    absl::string_view timeline, absl::Duration deadline);
+  // The doorbell of `session`'s new fence `id` (CreateFenceRequest's
+  // doorbell_upload_id): the read end of a pipe, watched until its owner
+  // closes the write end, which makes the table read the fence's word.
+  // Dropped when the fence has no word or is signalled already, or the fd
+  // budget is out (the owner's record signals it as ever).
+  void SetDoorbell(uint64_t session, uint64_t id, UniqueFd fd);
+  // INVALID_ARGUMENT unless `fd` is the read end of a pipe.
+  static absl::Status CheckDoorbell(int fd);
   // The owner signals a created fence: OK, ERROR (with `message`) or
   // CANCELLED. FAILED_PRECONDITION if it is signalled already;
   // PERMISSION_DENIED for a fence the session holds but does not own (or
@@ -352,6 +360,8 @@ class FenceTable {
     // Imported: the fd watched, and whether it is a kernel sync_file.
     LeasedFd imported;
     bool imported_sync_file = false;
+    // Created with a word: its owner's doorbell, watched while pending.
+    LeasedFd doorbell;
     // Its signal goes to the watch hook.
     bool watched = false;
     // Signalled by what its owner wrote in its fence page (the owner's own
@@ -451,6 +461,7 @@ class FenceTable {
   void RearmLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void OnTimer(uint64_t generation);
   void OnImportReadable(uint64_t id, uint32_t events);
+  void OnDoorbell(uint64_t id);
   void Run(Completions& completions);
 
   EventLoop* const loop_;

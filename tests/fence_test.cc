@@ -6,10 +6,12 @@
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <string>
 #include <thread>
 #include <vector>
@@ -20,6 +22,7 @@
 #include "bufferd/v1/fd_channel.pb.h"
 #include "bufferd/v1/fence.grpc.pb.h"
 #include "client/client.h"
+#include "fences/fence_page.h"
 #include "gmock/gmock.h"
 #include "grpcpp/create_channel.h"
 #include "testing/daemon_test.h"
@@ -554,6 +557,112 @@ TEST_F(FenceTest, GarbageOneWaySignalEndsOnlyThatSession) {
   survivor = absl::InternalError("dropped");
   stub.reset();
   ExpectBaseline();
+}
+
+// Tests a fence's doorbell through a raw session that does what the library
+// does: its owner writes OK into the fence's word and closes the doorbell's
+// write end, and the daemon signals the fence with no record at all (the
+// record, sent after, is taken as that signal); a doorbell closed while the
+// word is pending signals nothing; a doorbell that is no pipe's read end is
+// INVALID_ARGUMENT naming it, and no fence is made.
+TEST_F(FenceTest, ADoorbellSignalsFromTheWordAndNothingElse) {
+  absl::StatusOr<RawSession> raw = OpenRawSession(daemon_->socket_dir());
+  ASSERT_TRUE(raw.ok());
+  auto stub = FenceStub(daemon_->socket_dir());
+  uint64_t records = 0;
+  auto upload = [&](uint64_t id, int fd) {
+    v1::FdChannelMessage record;
+    record.mutable_upload()->set_upload_id(id);
+    const int fds[] = {fd};
+    ++records;
+    return raw->socket.Send(record.SerializeAsString(), fds).ok();
+  };
+  auto create = [&](uint64_t page_upload, uint64_t doorbell_upload, v1::FenceInfo* info) {
+    v1::CreateFenceRequest request;
+    request.set_name("rung");
+    request.set_fence_page_upload_id(page_upload);
+    request.set_doorbell_upload_id(doorbell_upload);
+    v1::CreateFenceResponse response;
+    auto context = raw->Context();
+    context->AddMetadata(kRecordsMetadataKey, absl::StrCat(records));
+    grpc::Status status = stub->CreateFence(context.get(), request, &response);
+    if (info != nullptr) *info = response.fence();
+    return status;
+  };
+  auto state = [&](uint64_t id) {
+    v1::GetFenceInfoRequest request;
+    request.set_fence_id(id);
+    v1::GetFenceInfoResponse response;
+    auto context = raw->Context();
+    context->AddMetadata(kRecordsMetadataKey, absl::StrCat(records));
+    grpc::Status status = stub->GetFenceInfo(context.get(), request, &response);
+    return status.ok() ? response.fence() : v1::FenceInfo();
+  };
+  // The fence page, as the library makes it.
+  UniqueFd page(::memfd_create("bufferd-fence-page", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  ASSERT_EQ(::ftruncate(page.get(), 4096), 0);
+  void* mapped = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, page.get(), 0);
+  ASSERT_NE(mapped, MAP_FAILED);
+  uint32_t* words = static_cast<uint32_t*>(mapped);
+  ASSERT_EQ(::fcntl(page.get(), F_ADD_SEALS,
+                    F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL),
+            0);
+  ASSERT_EQ(::fchmod(page.get(), 0444), 0);
+  ASSERT_TRUE(upload(1, page.get()));
+  v1::FenceInfo first;
+  ASSERT_TRUE(create(1, 0, &first).ok());
+  ASSERT_NE(first.page_slot(), 0u) << "the page was taken";
+  const size_t known = KnownFences();
+
+  // Not a pipe's read end: a pipe's write end, an eventfd.
+  int ends[2];
+  ASSERT_EQ(::pipe2(ends, O_CLOEXEC), 0);
+  UniqueFd read_end(ends[0]), write_end(ends[1]);
+  UniqueFd event(::eventfd(0, EFD_CLOEXEC));
+  ASSERT_TRUE(upload(10, write_end.get()));
+  grpc::Status refused = create(0, 10, nullptr);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(refused.error_message(), HasSubstr("the uploaded fd is the write end of a pipe"));
+  ASSERT_TRUE(upload(11, event.get()));
+  refused = create(0, 11, nullptr);
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(refused.error_message(),
+            "doorbell_upload_id names no pipe's read end: a fence's doorbell is one");
+  EXPECT_EQ(KnownFences(), known) << "a refused CreateFence makes no fence";
+
+  // Rung after the word says OK: signalled, though no record says so.
+  ASSERT_TRUE(upload(2, read_end.get()));
+  read_end.Reset();
+  v1::FenceInfo rung;
+  ASSERT_TRUE(create(0, 2, &rung).ok());
+  ASSERT_NE(rung.page_slot(), 0u);
+  EXPECT_EQ(state(rung.fence_id()).state(), v1::FENCE_STATE_PENDING);
+  std::atomic_ref<uint32_t>(words[rung.page_slot()])
+      .store(fence_page::Word(rung.page_generation(), v1::FENCE_STATUS_OK));
+  write_end.Reset();
+  EXPECT_TRUE(::bufferd::testing::Eventually(
+      [&] { return state(rung.fence_id()).state() == v1::FENCE_STATE_SIGNALED; }));
+  EXPECT_EQ(state(rung.fence_id()).status(), v1::FENCE_STATUS_OK);
+  // The owner's record, come after: that same signal, not a second one.
+  v1::FdChannelMessage signal;
+  signal.mutable_signal()->set_fence_id(rung.fence_id());
+  signal.mutable_signal()->set_status(v1::FENCE_STATUS_OK);
+  ASSERT_TRUE(raw->socket.Send(signal.SerializeAsString()).ok());
+  ++records;
+  EXPECT_EQ(state(rung.fence_id()).status(), v1::FENCE_STATUS_OK) << "the session lives on";
+
+  // Rung while the word is pending (a Fence dropped unsignalled): nothing.
+  ASSERT_EQ(::pipe2(ends, O_CLOEXEC), 0);
+  read_end = UniqueFd(ends[0]);
+  write_end = UniqueFd(ends[1]);
+  ASSERT_TRUE(upload(3, read_end.get()));
+  read_end.Reset();
+  v1::FenceInfo quiet;
+  ASSERT_TRUE(create(0, 3, &quiet).ok());
+  write_end.Reset();
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_EQ(state(quiet.fence_id()).state(), v1::FENCE_STATE_PENDING);
+  ::munmap(mapped, 4096);
 }
 
 TEST_F(FenceTest, UploadsCannotPinASessionOrEndIt) {
