@@ -992,8 +992,7 @@ CLI::Validator WholeNumber(T least = 0) {
   return CLI::Validator(
       [least](std::string& text) -> std::string {
         T value = 0;
-        if (text.empty() || !absl::ascii_isdigit(static_cast<unsigned char>(text[0])) ||
-            !absl::SimpleAtoi(text, &value) || value < least) {
+        if (!bufferd::AllDigits(text) || !absl::SimpleAtoi(text, &value) || value < least) {
           return absl::StrCat("'", absl::CHexEscape(text), "' is not a whole number from ", least,
                               " to ", std::numeric_limits<T>::max());
         }
