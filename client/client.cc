@@ -82,6 +82,20 @@ void FillProto(const AllocateOptions& options, v1::AllocateRequest& request) {
   if (options.metadata.has_value()) FillProto(*options.metadata, *request.mutable_metadata());
 }
 
+// A call answered with a buffer's description (Refresh, SetMetadata,
+// Freeze): `rpc(context, response)` fills an answer made on a new store,
+// which then holds the description.
+template <typename Response, typename Rpc>
+absl::StatusOr<std::unique_ptr<internal::BufferStore>> Described(internal::Connection& connection,
+                                                                 Rpc rpc) {
+  std::unique_ptr<internal::BufferStore> store = internal::BufferStore::Make();
+  auto* response = store->New<Response>();
+  internal::Call call = connection.NewCall();
+  RETURN_IF_ERROR(connection.Finish(call, rpc(call.context.get(), response)));
+  store->Adopt(response->mutable_buffer());
+  return store;
+}
+
 }  // namespace
 
 Buffer::Buffer(std::shared_ptr<internal::Connection> connection, uint64_t handle,
@@ -188,13 +202,11 @@ absl::Status Buffer::SetMetadata(const FrameMetadata& metadata, bool overwrite) 
   // based on.
   request.mutable_metadata()->clear_generation();
   if (!overwrite) request.set_expected_generation(metadata.generation);
-  std::unique_ptr<internal::BufferStore> store = internal::BufferStore::Make();
-  auto* response = store->New<v1::SetMetadataResponse>();
-  internal::Call call = connection_->NewCall();
-  RETURN_IF_ERROR(connection_->Finish(
-      call, connection_->allocator().SetMetadata(call.context.get(), request, response)));
-  store->Adopt(response->mutable_buffer());
-  store_ = std::move(store);
+  ASSIGN_OR_RETURN(store_, Described<v1::SetMetadataResponse>(
+                               *connection_, [&](grpc::ClientContext* context, auto* response) {
+                                 return connection_->allocator().SetMetadata(context, request,
+                                                                             response);
+                               }));
   return absl::OkStatus();
 }
 
@@ -202,13 +214,11 @@ absl::Status Buffer::Refresh() {
   if (handle_ == 0) return absl::FailedPreconditionError("buffer was released");
   v1::GetBufferRequest request;
   request.set_handle(handle_);
-  std::unique_ptr<internal::BufferStore> store = internal::BufferStore::Make();
-  auto* response = store->New<v1::GetBufferResponse>();
-  internal::Call call = connection_->NewCall();
-  RETURN_IF_ERROR(connection_->Finish(
-      call, connection_->allocator().GetBuffer(call.context.get(), request, response)));
-  store->Adopt(response->mutable_buffer());
-  store_ = std::move(store);
+  ASSIGN_OR_RETURN(store_, Described<v1::GetBufferResponse>(
+                               *connection_, [&](grpc::ClientContext* context, auto* response) {
+                                 return connection_->allocator().GetBuffer(context, request,
+                                                                           response);
+                               }));
   return absl::OkStatus();
 }
 
@@ -219,13 +229,10 @@ absl::Status Buffer::Freeze() {
   const internal::Connection::UploadPlaces place = connection_->ReserveUploads(1);
   ASSIGN_OR_RETURN(const uint64_t upload_id, connection_->Upload(fd_.get()));
   request.set_upload_id(upload_id);
-  std::unique_ptr<internal::BufferStore> store = internal::BufferStore::Make();
-  auto* response = store->New<v1::FreezeResponse>();
-  internal::Call call = connection_->NewCall();
-  RETURN_IF_ERROR(connection_->Finish(
-      call, connection_->allocator().Freeze(call.context.get(), request, response)));
-  store->Adopt(response->mutable_buffer());
-  store_ = std::move(store);
+  ASSIGN_OR_RETURN(store_, Described<v1::FreezeResponse>(
+                               *connection_, [&](grpc::ClientContext* context, auto* response) {
+                                 return connection_->allocator().Freeze(context, request, response);
+                               }));
   return absl::OkStatus();
 }
 
