@@ -345,17 +345,30 @@ TEST(ProtocolTest, SessionCredentialRoundTripsAndRejectsMalformed) {
 // than kMaxCarriedReleases ids are INVALID_ARGUMENT.
 TEST(ProtocolTest, ReleaseListRoundTripsAndIsBounded) {
   const std::vector<uint64_t> handles = {1, 7, 18446744073709551615u};
-  absl::StatusOr<std::vector<uint64_t>> parsed = ParseReleaseList(FormatReleaseList(handles));
+  absl::StatusOr<std::vector<uint64_t>> parsed = ParseReleaseList(FormatIdList(handles));
   ASSERT_TRUE(parsed.ok()) << parsed.status();
   EXPECT_EQ(*parsed, handles);
   std::vector<uint64_t> too_many(kMaxCarriedReleases + 1, 5);
   for (const std::string& bad :
-       {std::string("0"), std::string("1,,2"), std::string("1,x"), FormatReleaseList(too_many)}) {
+       {std::string("0"), std::string("1,,2"), std::string("1,x"), FormatIdList(too_many)}) {
     SCOPED_TRACE(bad.substr(0, 20));
     EXPECT_EQ(ParseReleaseList(bad).status().code(), absl::StatusCode::kInvalidArgument);
   }
   std::vector<uint64_t> most(kMaxCarriedReleases, 5);
-  EXPECT_TRUE(ParseReleaseList(FormatReleaseList(most)).ok());
+  EXPECT_TRUE(ParseReleaseList(FormatIdList(most)).ok());
+}
+
+// Tests that a rung-fence list is bounded at kMaxCarriedRung and names its
+// key when refused.
+TEST(ProtocolTest, RungListIsBoundedAndNamesItsKey) {
+  std::vector<uint64_t> most(kMaxCarriedRung, 9);
+  EXPECT_TRUE(ParseRungList(FormatIdList(most)).ok());
+  most.push_back(9);
+  const absl::Status too_many = ParseRungList(FormatIdList(most)).status();
+  EXPECT_EQ(too_many.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(too_many.message(), ::testing::HasSubstr("metadata bufferd-rung: expected up to 64 "
+                                                       "comma-separated fence ids"));
+  EXPECT_EQ(ParseRungList("3,0").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 // Tests that EventLoop timers run in time order on the loop thread, that a

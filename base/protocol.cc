@@ -69,22 +69,33 @@ absl::StatusOr<SessionCredential> ParseSessionCredential(absl::string_view text)
   return credential;
 }
 
-std::string FormatReleaseList(std::span<const uint64_t> handles) {
-  return absl::StrJoin(handles, ",");
+std::string FormatIdList(std::span<const uint64_t> ids) { return absl::StrJoin(ids, ","); }
+
+namespace {
+
+absl::StatusOr<std::vector<uint64_t>> ParseIdList(absl::string_view key, absl::string_view what,
+                                                  size_t most, absl::string_view text) {
+  std::vector<uint64_t> ids;
+  for (absl::string_view part : absl::StrSplit(text, ',')) {
+    uint64_t id;
+    if (!absl::SimpleAtoi(part, &id) || id == 0 || ids.size() == most) {
+      return absl::InvalidArgumentError(absl::StrCat("metadata ", key, ": expected up to ", most,
+                                                     " comma-separated ", what, ", got ",
+                                                     QuoteClientText(text)));
+    }
+    ids.push_back(id);
+  }
+  return ids;
 }
 
+}  // namespace
+
 absl::StatusOr<std::vector<uint64_t>> ParseReleaseList(absl::string_view text) {
-  std::vector<uint64_t> handles;
-  for (absl::string_view part : absl::StrSplit(text, ',')) {
-    uint64_t handle;
-    if (!absl::SimpleAtoi(part, &handle) || handle == 0 || handles.size() == kMaxCarriedReleases) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("metadata ", kReleaseMetadataKey, ": expected up to ", kMaxCarriedReleases,
-                       " comma-separated handle ids, got ", QuoteClientText(text)));
-    }
-    handles.push_back(handle);
-  }
-  return handles;
+  return ParseIdList(kReleaseMetadataKey, "handle ids", kMaxCarriedReleases, text);
+}
+
+absl::StatusOr<std::vector<uint64_t>> ParseRungList(absl::string_view text) {
+  return ParseIdList(kRungMetadataKey, "fence ids", kMaxCarriedRung, text);
 }
 
 absl::StatusOr<uint64_t> ParseRecordCount(absl::string_view text) {

@@ -47,6 +47,12 @@ inline constexpr char kReleaseMetadataKey[] = "bufferd-release";
 // FdUpload the call names).
 inline constexpr char kRecordsMetadataKey[] = "bufferd-records";
 inline constexpr size_t kMaxCarriedReleases = 256;
+// Fences the client signalled OK by their doorbell alone, with no record
+// (CreateFenceResponse.doorbell_watched): a call carries their ids until one
+// succeeds, and the daemon reads each one's word in the fence page before the
+// call runs, so the signal is applied before it as a record's would be.
+inline constexpr char kRungMetadataKey[] = "bufferd-rung";
+inline constexpr size_t kMaxCarriedRung = 64;
 
 // Bytes of a session secret (random, sent once in the Hello).
 inline constexpr size_t kSessionSecretBytes = 16;
@@ -65,10 +71,12 @@ std::string FormatSessionCredential(uint64_t session_id, absl::string_view secre
 // UNAUTHENTICATED naming what is wrong (missing, malformed).
 absl::StatusOr<SessionCredential> ParseSessionCredential(absl::string_view text);
 
-// Carried releases: comma-separated handle ids, none 0, at most
-// kMaxCarriedReleases. INVALID_ARGUMENT naming the text (escaped) otherwise.
-std::string FormatReleaseList(std::span<const uint64_t> handles);
+// Carried ids (kReleaseMetadataKey's handles, kRungMetadataKey's fences):
+// comma-separated, none 0, at most kMaxCarriedReleases (kMaxCarriedRung).
+// INVALID_ARGUMENT naming the key and the text (escaped) otherwise.
+std::string FormatIdList(std::span<const uint64_t> ids);
 absl::StatusOr<std::vector<uint64_t>> ParseReleaseList(absl::string_view text);
+absl::StatusOr<std::vector<uint64_t>> ParseRungList(absl::string_view text);
 
 // The count of records a call says were sent before it (kRecordsMetadataKey):
 // a decimal number. INVALID_ARGUMENT otherwise.

@@ -322,14 +322,38 @@ Call Connection::NewCall() {
   }
   call.carried = one_way_->TakeForCall();
   if (!call.carried.empty()) {
-    call.context->AddMetadata(kReleaseMetadataKey, FormatReleaseList(call.carried));
+    call.context->AddMetadata(kReleaseMetadataKey, FormatIdList(call.carried));
+  }
+  if (rung_count_.load(std::memory_order_acquire) != 0) {
+    {
+      std::lock_guard lock(rung_mu_);
+      call.rung = rung_;
+    }
+    if (!call.rung.empty()) call.context->AddMetadata(kRungMetadataKey, FormatIdList(call.rung));
   }
   return call;
+}
+
+bool Connection::NoteRung(uint64_t fence_id) {
+  std::lock_guard lock(rung_mu_);
+  if (rung_.size() >= kMaxCarriedRung) return false;
+  rung_.push_back(fence_id);
+  rung_count_.store(rung_.size(), std::memory_order_release);
+  return true;
 }
 
 absl::Status Connection::Finish(Call& call, const grpc::Status& status) {
   one_way_->FinishCall(call.carried, status.ok());
   call.carried.clear();
+  if (status.ok() && !call.rung.empty()) {
+    // Applied: the daemon read their words before this call ran.
+    std::lock_guard lock(rung_mu_);
+    std::erase_if(rung_, [&](uint64_t id) {
+      return std::find(call.rung.begin(), call.rung.end(), id) != call.rung.end();
+    });
+    rung_count_.store(rung_.size(), std::memory_order_release);
+    call.rung.clear();
+  }
   absl::Status result = FromGrpcStatus(status);
   // A call that failed because the session is gone says so, and what to do,
   // instead of gRPC's "Broken pipe" or "failed to connect to all addresses".

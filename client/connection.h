@@ -40,10 +40,12 @@ namespace bufferd::internal {
 // grpc::Status -> absl::Status, the client's one conversion point.
 absl::Status FromGrpcStatus(const grpc::Status& status);
 
-// One RPC's context: the session metadata and the releases it carries.
+// One RPC's context: the session metadata, and the releases and rung
+// fences it carries.
 struct Call {
   std::unique_ptr<grpc::ClientContext> context;
   std::vector<uint64_t> carried;
+  std::vector<uint64_t> rung;
 };
 
 // This session's waker for one timeline (fences/timeline_shm.h WakePage),
@@ -203,6 +205,12 @@ class Connection {
   // signal through their record alone).
   static constexpr int kMaxDoorbells = 64;
   std::atomic<int>& doorbells() { return doorbells_; }
+  // A fence this session signalled OK by its doorbell alone, with no record
+  // (CreateFenceResponse.doorbell_watched): every call carries it
+  // (kRungMetadataKey) until one succeeds, so the daemon has applied the
+  // signal when the call runs. False, and not noted, when kMaxCarriedRung
+  // are carried already: signal that one by record.
+  bool NoteRung(uint64_t fence_id);
   // Other sessions' fence pages (read-only), mapped to wait on their fences
   // (Buffer::BeginCpuAccess), by owner session: at most kPeerFencePages; a
   // waiter holds the one it sleeps on. A full cache makes room only by
@@ -254,6 +262,11 @@ class Connection {
   std::map<std::pair<uint64_t, uint64_t>, std::shared_ptr<const Timeline>> kept_timelines_;
   FencePage fence_page_;
   std::atomic<int> doorbells_{0};
+  std::mutex rung_mu_;
+  std::vector<uint64_t> rung_;  // under rung_mu_
+  // rung_'s size, for the calls that carry none (most): a Signal that
+  // returned before a call began is counted when it begins.
+  std::atomic<size_t> rung_count_{0};
   std::atomic<uint32_t*> fence_words_{nullptr};
   std::mutex peer_pages_mu_;
   struct PeerPage {

@@ -1,6 +1,8 @@
 // The client library's fences: Fence and Client's fence calls.
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -11,6 +13,7 @@
 #include <limits>
 #include <mutex>
 #include <optional>
+#include <unordered_set>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -103,6 +106,39 @@ absl::StatusOr<UniqueFd> CheckFenceFd(UniqueFd fd) {
 }  // namespace internal
 
 namespace internal {
+namespace {
+
+// The doorbell write ends this process holds. A doorbell rings only when its
+// last write end closes, and a child forked without exec would hold copies:
+// at the fork (pthread_atfork) the child's copies become a harmless eventfd
+// under the same numbers, before the child runs anything else. Made, and
+// closed, under the lock, so no fork falls in between.
+struct DoorbellEnds {
+  std::mutex mu;
+  std::unordered_set<int> fds;
+};
+
+DoorbellEnds& Ends();
+
+void ForkChild() {
+  DoorbellEnds& ends = Ends();
+  if (const int filler = ::eventfd(0, EFD_CLOEXEC); filler >= 0) {
+    for (int fd : ends.fds) (void)::dup3(filler, fd, O_CLOEXEC);
+    ::close(filler);
+  }
+  ends.mu.unlock();
+}
+
+DoorbellEnds& Ends() {
+  static DoorbellEnds* const ends = [] {
+    auto* made = new DoorbellEnds;
+    ::pthread_atfork([] { Ends().mu.lock(); }, [] { Ends().mu.unlock(); }, ForkChild);
+    return made;
+  }();
+  return *ends;
+}
+
+}  // namespace
 
 Doorbell::Doorbell(Doorbell&& other) noexcept
     : write_end_(std::move(other.write_end_)),
@@ -120,6 +156,12 @@ Doorbell& Doorbell::operator=(Doorbell&& other) noexcept {
 }
 
 Doorbell::~Doorbell() {
+  if (write_end_.valid()) {
+    DoorbellEnds& ends = Ends();
+    std::lock_guard lock(ends.mu);
+    ends.fds.erase(write_end_.get());
+    write_end_.Reset();  // rings it, if it was not rung before
+  }
   if (count_ != nullptr) count_->fetch_sub(1, std::memory_order_relaxed);
 }
 
@@ -131,10 +173,13 @@ Doorbell Doorbell::Make(Connection& connection) {
   }
   Doorbell made;
   made.count_ = &count;
+  DoorbellEnds& held = Ends();
+  std::lock_guard lock(held.mu);
   int ends[2];
   if (::pipe2(ends, O_CLOEXEC) != 0) return Doorbell();  // `made` gives its count back
   made.read_end_ = UniqueFd(ends[0]);
   made.write_end_ = UniqueFd(ends[1]);
+  held.fds.insert(ends[1]);
   return made;
 }
 
@@ -201,7 +246,16 @@ absl::Status Fence::Signal(v1::FenceStatus status, absl::string_view message) co
     return absl::PermissionDeniedError(absl::StrCat(
         "fence ", id(), " is not one this session created; only its owner signals it"));
   }
-  if (PublishInPage(status) && status == v1::FENCE_STATUS_OK) doorbell_ = internal::Doorbell();
+  if (PublishInPage(status) && status == v1::FENCE_STATUS_OK) {
+    // OK in the word, then the doorbell: the daemon reads the word when it
+    // rings, and this session's next calls carry the id (so the signal is
+    // applied before them): no record. Without a watched doorbell, or with
+    // too many carried, the record tells the daemon (after the doorbell, it
+    // is taken as the same signal).
+    const bool alone = doorbell_.valid() && connection_->NoteRung(id());
+    doorbell_ = internal::Doorbell();
+    if (alone) return absl::OkStatus();
+  }
   v1::FdChannelMessage record;
   v1::FenceSignal* signal = record.mutable_signal();
   signal->set_fence_id(id());
@@ -380,7 +434,10 @@ absl::StatusOr<Fence> Client::CreateFence(const FenceOptions& options) const {
         .store(fence_page::Word(response.fence().page_generation(), 0), std::memory_order_release);
   }
   Fence fence(connection_, response.fence());
-  if (response.fence().page_slot() != 0) fence.doorbell_ = std::move(doorbell);
+  // Only a doorbell the daemon watches may signal alone (Fence::Signal).
+  if (response.fence().page_slot() != 0 && response.doorbell_watched()) {
+    fence.doorbell_ = std::move(doorbell);
+  }
   return fence;
 }
 

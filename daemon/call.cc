@@ -30,6 +30,12 @@ absl::StatusOr<uint64_t> AuthenticateCall(const SessionTable& sessions, SessionH
         ParseReleaseList(absl::string_view(carried->second.data(), carried->second.size())));
     hub.ReleaseDropped(session, handles);
   }
+  auto rung = metadata.find(kRungMetadataKey);
+  if (rung != metadata.end()) {
+    ASSIGN_OR_RETURN(const std::vector<uint64_t> fences,
+                     ParseRungList(absl::string_view(rung->second.data(), rung->second.size())));
+    hub.SignalRung(session, fences);
+  }
   return session;
 }
 

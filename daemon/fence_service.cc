@@ -94,7 +94,10 @@ grpc::ServerUnaryReactor* FenceService::CreateFence(grpc::CallbackServerContext*
     ASSIGN_OR_RETURN(FenceView fence,
                      d_.fences->Create(session, request->name(), request->timeline(),
                                        absl::Milliseconds(request->deadline_ms())));
-    if (doorbell.valid()) d_.fences->SetDoorbell(session, fence.id, std::move(doorbell));
+    if (doorbell.valid()) {
+      response->set_doorbell_watched(
+          d_.fences->SetDoorbell(session, fence.id, std::move(doorbell)));
+    }
     *response->mutable_fence() = Info(fence);
     return absl::OkStatus();
   });

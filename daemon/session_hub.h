@@ -63,6 +63,12 @@ class SessionHub final : public FdChannel::Delegate {
   // client re-sends after a failed call; ids are never reused).
   void ReleaseDropped(uint64_t session_id, const std::vector<uint64_t>& handles);
 
+  // Signals the fences a call says the session signalled OK by their
+  // doorbells alone (FenceTable::SignalRung).
+  void SignalRung(uint64_t session_id, const std::vector<uint64_t>& fences) {
+    fences_->SignalRung(session_id, fences);
+  }
+
   // Applies what the client sent one-way before a call (the call says how
   // many records: `sent`): OK, UNAUTHENTICATED if the session is over or
   // ending, UNAVAILABLE if too many records are still unread.

@@ -4,8 +4,8 @@
 // CreateFence. The daemon gives each pending fence the session creates a
 // word of the page (a slot, and a generation so that a slot used again is
 // never taken for the fence before). The owner writes a fence's status into
-// its word when it signals, before the one-way record that tells the daemon,
-// and wakes whoever sleeps on the word.
+// its word when it signals, before whatever tells the daemon (its doorbell
+// for OK, else a one-way record), and wakes whoever sleeps on the word.
 //
 // A holder of a buffer the fence is attached to maps the page read-only
 // (OpenFencePage) and sleeps on the word beside its reservation status slot
@@ -20,7 +20,8 @@
 // error, a word it does not understand) to the status slot. The daemon reads
 // the page once, when a fence would otherwise fail without its owner (the
 // session's end, the deadline): what the owner wrote there is what it
-// signalled.
+// signalled. It reads a word too when the fence's doorbell rings, and before
+// a call that carries the fence as rung (kRungMetadataKey) runs.
 #ifndef BUFFERD_FENCES_FENCE_PAGE_H_
 #define BUFFERD_FENCES_FENCE_PAGE_H_
 

@@ -330,26 +330,36 @@ absl::Status FenceTable::CheckDoorbell(int fd) {
   return absl::OkStatus();
 }
 
-void FenceTable::SetDoorbell(uint64_t session_id, uint64_t id, UniqueFd fd) {
+bool FenceTable::SetDoorbell(uint64_t session_id, uint64_t id, UniqueFd fd) {
   uid_t uid;
   {
     absl::MutexLock lock(&mu_);
     auto session = SessionLocked(session_id);
-    if (!session.ok()) return;
+    if (!session.ok()) return false;
     uid = (*session)->uid;
   }
   // Taken without the table's lock (the budget may run reclaimers). Out of
   // fds: no doorbell, the owner's record signals it as before.
   absl::StatusOr<FdBudget::Lease> lease = budget_->Acquire(FdUse::kFence, uid);
-  if (!lease.ok()) return;
+  if (!lease.ok()) return false;
   absl::MutexLock lock(&mu_);
   auto it = fences_.find(id);
   if (it == fences_.end() || it->second.view.signaled || it->second.view.page_slot == 0 ||
       it->second.view.owner_session != session_id || it->second.doorbell.fd.valid()) {
-    return;
+    return false;
   }
-  if (!loop_->Watch(fd.get(), EPOLLIN, [this, id](uint32_t) { OnDoorbell(id); }).ok()) return;
+  if (!loop_->Watch(fd.get(), EPOLLIN, [this, id](uint32_t) { OnDoorbell(id); }).ok()) {
+    return false;
+  }
   it->second.doorbell = LeasedFd{std::move(fd), *std::move(lease)};
+  return true;
+}
+
+bool FenceTable::SignalWrittenOkLocked(Fence& fence, Completions& out) {
+  if (fence.view.signaled || WrittenLocked(fence) != v1::FENCE_STATUS_OK) return false;
+  fence.via_page = true;
+  SignalLocked(fence, v1::FENCE_STATUS_OK, "", out);
+  return true;
 }
 
 void FenceTable::OnDoorbell(uint64_t id) {
@@ -362,12 +372,25 @@ void FenceTable::OnDoorbell(uint64_t id) {
     // Rung once: the owner closed its end (or wrote to it: either way the
     // word says whether it signalled). The signal first (its pollers wake
     // first); it drops the doorbell too.
-    if (!fence.view.signaled && WrittenLocked(fence) == v1::FENCE_STATUS_OK) {
-      fence.via_page = true;
-      SignalLocked(fence, v1::FENCE_STATUS_OK, "", done);
-    } else {
+    if (!SignalWrittenOkLocked(fence, done)) {
       loop_->Unwatch(fence.doorbell.fd.get());
       fence.doorbell = {};
+    }
+  }
+  Run(done);
+}
+
+void FenceTable::SignalRung(uint64_t session_id, const std::vector<uint64_t>& ids) {
+  Completions done;
+  {
+    absl::MutexLock lock(&mu_);
+    for (uint64_t id : ids) {
+      auto it = fences_.find(id);
+      if (it == fences_.end() || it->second.view.kind != FenceKind::kCreated ||
+          it->second.view.owner_session != session_id) {
+        continue;
+      }
+      SignalWrittenOkLocked(it->second, done);
     }
   }
   Run(done);
@@ -619,10 +642,7 @@ void FenceTable::SignalLocked(Fence& first, v1::FenceStatus status, std::string 
       loop_->Unwatch(fence.imported.fd.get());
       fence.imported = {};
     }
-    if (fence.doorbell.fd.valid()) {
-      loop_->Unwatch(fence.doorbell.fd.get());
-      fence.doorbell = {};
-    }
+    if (fence.doorbell.fd.valid()) out.doorbells.push_back(std::exchange(fence.doorbell, {}));
     absl::flat_hash_set<WaitId> waits;
     waits.swap(fence.waits);
     for (WaitId wait : waits) {
@@ -1288,6 +1308,8 @@ void FenceTable::Run(Completions& completions) {
   // block (a wakeup does not preempt at once under lazy preemption): the
   // frame it waits for matters more than the bookkeeping left here.
   if (completions.woke_pollers) ::sched_yield();
+  for (LeasedFd& doorbell : completions.doorbells) loop_->Unwatch(doorbell.fd.get());
+  completions.doorbells.clear();
 }
 
 }  // namespace bufferd

@@ -237,8 +237,16 @@ class FenceTable {
   // doorbell_upload_id): the read end of a pipe, watched until its owner
   // closes the write end, which makes the table read the fence's word.
   // Dropped when the fence has no word or is signalled already, or the fd
-  // budget is out (the owner's record signals it as ever).
-  void SetDoorbell(uint64_t session, uint64_t id, UniqueFd fd);
+  // budget is out (the owner's record signals it as ever). True if watched:
+  // the owner may then signal OK by the doorbell alone, with no record
+  // (CreateFenceResponse.doorbell_watched).
+  bool SetDoorbell(uint64_t session, uint64_t id, UniqueFd fd);
+  // Fences `session` signalled OK by their doorbells alone, which a call
+  // carries (kRungMetadataKey): each one it owns that is pending and whose
+  // word says OK signals now, before the call runs, as its doorbell would.
+  // Any other id is skipped: a call carries ids again until one succeeds,
+  // and a client that lies only moves fences it could signal anyway.
+  void SignalRung(uint64_t session, const std::vector<uint64_t>& ids);
   // INVALID_ARGUMENT unless `fd` is the read end of a pipe.
   static absl::Status CheckDoorbell(int fd);
   // The owner signals a created fence: OK, ERROR (with `message`) or
@@ -410,6 +418,9 @@ class FenceTable {
     std::vector<std::pair<WaitDone, absl::StatusOr<WaitResult>>> waits;
     // A pipe was closed: processes polling it are runnable now.
     bool woke_pollers = false;
+    // Doorbells of fences that signalled: unwatched and closed after the
+    // wakes (Run), off the path to the woken.
+    std::vector<LeasedFd> doorbells;
   };
 
   // Signal and SignalOneWay; fills `view` if not null.
@@ -462,6 +473,9 @@ class FenceTable {
   void OnTimer(uint64_t generation);
   void OnImportReadable(uint64_t id, uint32_t events);
   void OnDoorbell(uint64_t id);
+  // `fence`'s owner signalled OK through its word (read by its doorbell, or
+  // a call that carries it): it signals so, and true; else false.
+  bool SignalWrittenOkLocked(Fence& fence, Completions& out) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Run(Completions& completions);
 
   EventLoop* const loop_;

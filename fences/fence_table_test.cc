@@ -742,5 +742,54 @@ TEST_F(FenceTableTest, WhatTheOwnerWroteInItsPageStandsAtItsEnd) {
   }
 }
 
+// Tests that a call carrying fences its session rang (SignalRung) signals
+// those whose words say OK, before anything else: only the carrier's own,
+// pending, created fences, and only OK (an error, a stale generation or a
+// pending word is skipped); ids carried again, unknown or another session's
+// change nothing.
+TEST_F(FenceTableTest, ACallCarryingRungFencesSignalsWhatTheirWordsSay) {
+  table_->AddSession(kMine, ::geteuid());
+  table_->AddSession(kMineToo, ::geteuid());
+  OwnerPage page = NewOwnerPage();
+  OwnerPage other_page = NewOwnerPage();
+  ASSERT_TRUE(table_->SetPage(kMine, DuplicateFd(page.fd.get()).value()).ok());
+  ASSERT_TRUE(table_->SetPage(kMineToo, DuplicateFd(other_page.fd.get()).value()).ok());
+  auto create = [&](uint64_t session) {
+    absl::StatusOr<FenceView> fence =
+        table_->Create(session, "frame", "render", absl::ZeroDuration());
+    EXPECT_TRUE(fence.ok()) << fence.status();
+    return fence.ok() ? *fence : FenceView();
+  };
+  const FenceView rung = create(kMine);
+  const FenceView errored = create(kMine);
+  const FenceView stale = create(kMine);
+  const FenceView pending = create(kMine);
+  const FenceView theirs = create(kMineToo);
+  page.word(rung.page_slot) = fence_page::Word(rung.page_generation, v1::FENCE_STATUS_OK);
+  page.word(errored.page_slot) = fence_page::Word(errored.page_generation, v1::FENCE_STATUS_ERROR);
+  page.word(stale.page_slot) = fence_page::Word(stale.page_generation + 1, v1::FENCE_STATUS_OK);
+  other_page.word(theirs.page_slot) = fence_page::Word(theirs.page_generation, v1::FENCE_STATUS_OK);
+
+  table_->SignalRung(kMine, {theirs.id, 999999, errored.id, stale.id, pending.id, rung.id});
+  const absl::StatusOr<FenceView> signalled = table_->Info(kMine, rung.id);
+  ASSERT_TRUE(signalled.ok());
+  EXPECT_TRUE(signalled->signaled);
+  EXPECT_EQ(signalled->status, v1::FENCE_STATUS_OK);
+  for (const FenceView& skipped : {errored, stale, pending}) {
+    EXPECT_FALSE(table_->Info(kMine, skipped.id)->signaled) << skipped.id;
+  }
+  EXPECT_FALSE(table_->Info(kMineToo, theirs.id)->signaled) << "another session's fence";
+  // Carried again (the call before failed, say): the same signal.
+  table_->SignalRung(kMine, {rung.id});
+  EXPECT_EQ(table_->Info(kMine, rung.id)->status, v1::FENCE_STATUS_OK);
+  EXPECT_EQ(table_->Info(kMine, rung.id)->signaled_at, signalled->signaled_at);
+  // Its owner's record, after: taken as that signal.
+  EXPECT_TRUE(table_->Signal(kMine, rung.id, v1::FENCE_STATUS_OK, "").ok());
+  table_->SignalRung(kMineToo, {theirs.id});
+  EXPECT_EQ(table_->Info(kMineToo, theirs.id)->status, v1::FENCE_STATUS_OK) << "by its own";
+  table_->CloseSession(kMine);
+  table_->CloseSession(kMineToo);
+}
+
 }  // namespace
 }  // namespace bufferd

@@ -7,6 +7,7 @@
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -577,7 +578,8 @@ TEST_F(FenceTest, ADoorbellSignalsFromTheWordAndNothingElse) {
     ++records;
     return raw->socket.Send(record.SerializeAsString(), fds).ok();
   };
-  auto create = [&](uint64_t page_upload, uint64_t doorbell_upload, v1::FenceInfo* info) {
+  auto create = [&](uint64_t page_upload, uint64_t doorbell_upload, v1::FenceInfo* info,
+                    bool* watched = nullptr) {
     v1::CreateFenceRequest request;
     request.set_name("rung");
     request.set_fence_page_upload_id(page_upload);
@@ -587,16 +589,24 @@ TEST_F(FenceTest, ADoorbellSignalsFromTheWordAndNothingElse) {
     context->AddMetadata(kRecordsMetadataKey, absl::StrCat(records));
     grpc::Status status = stub->CreateFence(context.get(), request, &response);
     if (info != nullptr) *info = response.fence();
+    if (watched != nullptr) *watched = response.doorbell_watched();
     return status;
   };
-  auto state = [&](uint64_t id) {
+  // GetFenceInfo, carrying `rung` as bufferd-rung if not empty.
+  auto info_call = [&](uint64_t id, const std::string& rung, v1::FenceInfo* info) {
     v1::GetFenceInfoRequest request;
     request.set_fence_id(id);
     v1::GetFenceInfoResponse response;
     auto context = raw->Context();
     context->AddMetadata(kRecordsMetadataKey, absl::StrCat(records));
+    if (!rung.empty()) context->AddMetadata(kRungMetadataKey, rung);
     grpc::Status status = stub->GetFenceInfo(context.get(), request, &response);
-    return status.ok() ? response.fence() : v1::FenceInfo();
+    *info = response.fence();
+    return status;
+  };
+  auto state = [&](uint64_t id) {
+    v1::FenceInfo info;
+    return info_call(id, "", &info).ok() ? info : v1::FenceInfo();
   };
   // The fence page, as the library makes it.
   UniqueFd page(::memfd_create("bufferd-fence-page", MFD_CLOEXEC | MFD_ALLOW_SEALING));
@@ -634,8 +644,10 @@ TEST_F(FenceTest, ADoorbellSignalsFromTheWordAndNothingElse) {
   ASSERT_TRUE(upload(2, read_end.get()));
   read_end.Reset();
   v1::FenceInfo rung;
-  ASSERT_TRUE(create(0, 2, &rung).ok());
+  bool watched = false;
+  ASSERT_TRUE(create(0, 2, &rung, &watched).ok());
   ASSERT_NE(rung.page_slot(), 0u);
+  EXPECT_TRUE(watched) << "the owner may signal OK by its doorbell alone";
   EXPECT_EQ(state(rung.fence_id()).state(), v1::FENCE_STATE_PENDING);
   std::atomic_ref<uint32_t>(words[rung.page_slot()])
       .store(fence_page::Word(rung.page_generation(), v1::FENCE_STATUS_OK));
@@ -662,7 +674,73 @@ TEST_F(FenceTest, ADoorbellSignalsFromTheWordAndNothingElse) {
   write_end.Reset();
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
   EXPECT_EQ(state(quiet.fence_id()).state(), v1::FENCE_STATE_PENDING);
+
+  // Not rung yet, but carried by a call (bufferd-rung): its word is read
+  // before the call runs, so the call sees it signalled. A carried fence
+  // whose word is pending stays so; an unknown id is skipped.
+  ASSERT_EQ(::pipe2(ends, O_CLOEXEC), 0);
+  read_end = UniqueFd(ends[0]);
+  write_end = UniqueFd(ends[1]);
+  ASSERT_TRUE(upload(4, read_end.get()));
+  read_end.Reset();
+  v1::FenceInfo carried;
+  ASSERT_TRUE(create(0, 4, &carried).ok());
+  std::atomic_ref<uint32_t>(words[carried.page_slot()])
+      .store(fence_page::Word(carried.page_generation(), v1::FENCE_STATUS_OK));
+  v1::FenceInfo seen;
+  ASSERT_TRUE(info_call(carried.fence_id(),
+                        absl::StrCat(quiet.fence_id(), ",999999,", carried.fence_id()), &seen)
+                  .ok());
+  EXPECT_EQ(seen.state(), v1::FENCE_STATE_SIGNALED) << "applied before the call ran";
+  EXPECT_EQ(seen.status(), v1::FENCE_STATUS_OK);
+  EXPECT_EQ(state(quiet.fence_id()).state(), v1::FENCE_STATE_PENDING);
+  // A list that is no list: the call is refused, naming it.
+  grpc::Status junk = info_call(carried.fence_id(), "12,x", &seen);
+  EXPECT_EQ(junk.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(junk.error_message(),
+            "metadata bufferd-rung: expected up to 64 comma-separated fence ids, got '12,x'");
+  EXPECT_EQ(state(carried.fence_id()).status(), v1::FENCE_STATUS_OK) << "the session lives on";
   ::munmap(mapped, 4096);
+}
+
+// Tests that an OK Fence::Signal reaches the daemon by its doorbell even
+// while a child forked without exec is alive (it would hold a copy of the
+// doorbell's write end, and keep it from ringing, but for the library's fork
+// handler): a poller elsewhere wakes long before the fence's deadline,
+// though no call follows the signal.
+TEST_F(FenceTest, AForkedChildDoesNotKeepADoorbellFromRinging) {
+  absl::StatusOr<Client> owner = Client::Connect(daemon_->socket_dir());
+  ASSERT_TRUE(owner.ok()) << owner.status();
+  // The session's second fence is the first with a doorbell.
+  absl::StatusOr<Fence> first = owner->CreateFence({.name = "first"});
+  ASSERT_TRUE(first.ok()) << first.status();
+  absl::StatusOr<Fence> fence = owner->CreateFence({.name = "rung", .deadline = absl::Seconds(60)});
+  ASSERT_TRUE(fence.ok()) << fence.status();
+  absl::StatusOr<UniqueFd> exported = fence->ExportFd();
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  int hold[2];
+  ASSERT_EQ(::pipe2(hold, O_CLOEXEC), 0);
+  UniqueFd hold_read(hold[0]), hold_write(hold[1]);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    // Alive, holding whatever the fork gave it, until the parent lets go.
+    hold_write.Reset();
+    char byte;
+    (void)!::read(hold_read.get(), &byte, 1);
+    ::_exit(0);
+  }
+  hold_read.Reset();
+  ASSERT_TRUE(fence->Signal().ok());
+  pollfd poller{.fd = exported->get(), .events = POLLIN};
+  const int ready = ::poll(&poller, 1, 10000);
+  hold_write.Reset();
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_EQ(ready, 1) << "the doorbell did not ring: the child held it";
+  absl::StatusOr<v1::FenceInfo> info = fence->Info();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->status(), v1::FENCE_STATUS_OK);
 }
 
 TEST_F(FenceTest, UploadsCannotPinASessionOrEndIt) {

@@ -103,17 +103,18 @@ void CheckCredential(const Fixture& fixture, absl::string_view text) {
   FUZZ_CHECK(found, "authenticated as unknown session ", *session);
 }
 
-void CheckReleases(absl::string_view text) {
-  const absl::StatusOr<std::vector<uint64_t>> handles = ParseReleaseList(text);
-  // A list the oracle reads as 1 to kMaxCarriedReleases nonzero handles is
-  // accepted.
+// A carried id list (releases, rung fences): what the oracle reads as 1 to
+// `most` nonzero ids is accepted.
+void CheckIdList(absl::StatusOr<std::vector<uint64_t>> (*parse)(absl::string_view), size_t most,
+                 absl::string_view text) {
+  const absl::StatusOr<std::vector<uint64_t>> handles = parse(text);
   const std::vector<absl::string_view> parts = absl::StrSplit(text, ',');
-  const bool valid = parts.size() <= kMaxCarriedReleases &&
-                     std::all_of(parts.begin(), parts.end(), [](absl::string_view part) {
-                       const std::optional<uint64_t> handle = Decimal(part);
-                       return handle.has_value() && *handle != 0;
-                     });
-  FUZZ_CHECK(handles.ok() == valid, "release list ", valid ? "refused" : "accepted", ": ",
+  const bool valid =
+      parts.size() <= most && std::all_of(parts.begin(), parts.end(), [](absl::string_view part) {
+        const std::optional<uint64_t> handle = Decimal(part);
+        return handle.has_value() && *handle != 0;
+      });
+  FUZZ_CHECK(handles.ok() == valid, "id list ", valid ? "refused" : "accepted", ": ",
              handles.status().ToString());
   if (!handles.ok()) {
     FUZZ_CHECK(absl::IsInvalidArgument(handles.status()), handles.status().ToString());
@@ -121,7 +122,7 @@ void CheckReleases(absl::string_view text) {
     FUZZ_CHECK(handles.status().message().size() < 512, "a long text is quoted cut short");
     return;
   }
-  FUZZ_CHECK(!handles->empty() && handles->size() <= kMaxCarriedReleases, handles->size());
+  FUZZ_CHECK(!handles->empty() && handles->size() <= most, handles->size());
   for (uint64_t handle : *handles) FUZZ_CHECK(handle != 0);
   // The same list, read by the oracle.
   FUZZ_CHECK(parts.size() == handles->size(), parts.size(), " parts, ", handles->size(),
@@ -129,8 +130,8 @@ void CheckReleases(absl::string_view text) {
   for (size_t i = 0; i < parts.size(); ++i) {
     FUZZ_CHECK(Decimal(parts[i]) == (*handles)[i], "handle ", i, " read as ", (*handles)[i]);
   }
-  const absl::StatusOr<std::vector<uint64_t>> again = ParseReleaseList(FormatReleaseList(*handles));
-  FUZZ_CHECK(again.ok() && *again == *handles, "release list round trip");
+  const absl::StatusOr<std::vector<uint64_t>> again = parse(FormatIdList(*handles));
+  FUZZ_CHECK(again.ok() && *again == *handles, "id list round trip");
 }
 
 void CheckRecordCount(absl::string_view text) {
@@ -164,7 +165,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (position < near.size()) near[position] = byte;
   CheckCredential(*fixture, near);
   CheckCredential(*fixture, input.ConsumeRandomLengthString(128));
-  CheckReleases(input.ConsumeRandomLengthString(8192));
+  CheckIdList(ParseReleaseList, kMaxCarriedReleases, input.ConsumeRandomLengthString(8192));
+  CheckIdList(ParseRungList, kMaxCarriedRung, input.ConsumeRandomLengthString(2048));
   CheckRecordCount(input.ConsumeRemainingBytesAsString());
   return 0;
 }
