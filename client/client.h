@@ -353,8 +353,10 @@ class Fence {
   // As of the last call that returned it (Wait, Info, SignalAndConfirm).
   const v1::FenceInfo& info() const { return info_; }
 
-  // Signals without a round trip (a record on fd.sock): OK, ERROR (with
-  // `message`, at most 200 printable ASCII bytes) or CANCELLED. Applied
+  // Signals without a round trip: OK, ERROR (with `message`, at most 200
+  // printable ASCII bytes) or CANCELLED. OK on a fence with a watched
+  // doorbell is its fence-page word and the doorbell's close alone (later
+  // calls carry the id); anything else is a record on fd.sock. Applied
   // before any later call of this session. What the daemon would refuse
   // (another status, a bad message, a fence this session did not create)
   // is refused here, INVALID_ARGUMENT / PERMISSION_DENIED; a second signal

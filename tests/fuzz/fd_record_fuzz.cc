@@ -427,8 +427,14 @@ class Run {
         v1::GetBufferRequest request;
         request.set_handle(PickHandle());
         v1::GetBufferResponse response;
-        CheckCallStatus(world_.allocator().GetBuffer(session_.Context(input_.ConsumeBool()).get(),
-                                                     request, &response),
+        auto context = session_.Context(input_.ConsumeBool());
+        if (input_.ConsumeBool()) {
+          // Carrying fences as rung (its own, another's, any id, 0).
+          std::vector<uint64_t> rung;
+          for (int i = input_.ConsumeIntegralInRange(1, 3); i > 0; --i) rung.push_back(PickFence());
+          context->AddMetadata(kRungMetadataKey, FormatIdList(rung));
+        }
+        CheckCallStatus(world_.allocator().GetBuffer(context.get(), request, &response),
                         "GetBuffer");
         return;
       }
