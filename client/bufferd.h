@@ -226,7 +226,8 @@ int bufferd_fence_create(bufferd_client* client, const char* name, uint32_t dead
 void bufferd_fence_destroy(bufferd_fence* fence);
 uint64_t bufferd_fence_id(const bufferd_fence* fence);
 /* status: BUFFERD_FENCE_OK, _ERROR (with a message) or _CANCELLED. One-way:
- * applied before this session's next call. */
+ * applied before this session's next call. A second signal of the same
+ * fence is BUFFERD_FAILED_PRECONDITION. */
 int bufferd_fence_signal(bufferd_fence* fence, int status, const char* message);
 /* Waits up to timeout_ms (0: poll); *status is how it came out (PENDING if
  * the timeout passed first: then the call returns BUFFERD_DEADLINE_EXCEEDED). */

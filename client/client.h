@@ -359,8 +359,9 @@ class Fence {
   // calls carry the id); anything else is a record on fd.sock. Applied
   // before any later call of this session. What the daemon would refuse
   // (another status, a bad message, a fence this session did not create)
-  // is refused here, INVALID_ARGUMENT / PERMISSION_DENIED; a second signal
-  // is only logged by the daemon (use SignalAndConfirm for its answer).
+  // is refused here, INVALID_ARGUMENT / PERMISSION_DENIED, and so is a
+  // second signal of this Fence, FAILED_PRECONDITION (one the daemon has
+  // not seen yet is only logged by it: use SignalAndConfirm for its answer).
   absl::Status Signal(v1::FenceStatus status = v1::FENCE_STATUS_OK,
                       absl::string_view message = "") const;
   // The same with a round trip: FAILED_PRECONDITION if it was signalled
@@ -395,8 +396,11 @@ class Fence {
   v1::FenceInfo info_;
   // The owner's end of the fence's doorbell (CreateFenceRequest's
   // doorbell_upload_id): closed by an OK Signal after the word is written,
-  // which has the daemon signal the fence before the record arrives.
+  // which has the daemon read the word and signal the fence (no record).
   mutable internal::Doorbell doorbell_;
+  // What this Fence signalled (Signal, or a SignalAndConfirm the daemon
+  // answered): another signal is refused here, FAILED_PRECONDITION.
+  mutable std::optional<v1::FenceStatus> signalled_;
 };
 
 struct TimelineOptions {

@@ -14,6 +14,7 @@
 #include <mutex>
 #include <optional>
 #include <unordered_set>
+#include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -126,6 +127,9 @@ void ForkChild() {
     for (int fd : ends.fds) (void)::dup3(filler, fd, O_CLOEXEC);
     ::close(filler);
   }
+  // None is a doorbell in this process: a later fork here leaves those
+  // numbers alone (the child may close them and use them again).
+  ends.fds.clear();
   ends.mu.unlock();
 }
 
@@ -191,7 +195,8 @@ Fence::Fence(std::shared_ptr<internal::Connection> connection, v1::FenceInfo inf
 Fence::Fence(Fence&& other) noexcept
     : connection_(std::move(other.connection_)),
       info_(std::move(other.info_)),
-      doorbell_(std::move(other.doorbell_)) {
+      doorbell_(std::move(other.doorbell_)),
+      signalled_(std::exchange(other.signalled_, std::nullopt)) {
   other.info_.set_fence_id(0);
 }
 
@@ -201,6 +206,7 @@ Fence& Fence::operator=(Fence&& other) noexcept {
     connection_ = std::move(other.connection_);
     info_ = std::move(other.info_);
     doorbell_ = std::move(other.doorbell_);
+    signalled_ = std::exchange(other.signalled_, std::nullopt);
     other.info_.set_fence_id(0);
   }
   return *this;
@@ -228,6 +234,11 @@ absl::Status CheckOneWaySignal(v1::FenceStatus status, absl::string_view message
   return CheckClientText("message", message);
 }
 
+absl::Status SignalledAlready(uint64_t id, v1::FenceStatus status) {
+  return absl::FailedPreconditionError(absl::StrCat(
+      "fence ", id, " was signalled already (", v1::FenceStatus_Name(status), ", by this Fence)"));
+}
+
 }  // namespace
 
 absl::Status Fence::Signal(v1::FenceStatus status, absl::string_view message) const {
@@ -246,22 +257,30 @@ absl::Status Fence::Signal(v1::FenceStatus status, absl::string_view message) co
     return absl::PermissionDeniedError(absl::StrCat(
         "fence ", id(), " is not one this session created; only its owner signals it"));
   }
+  if (signalled_) return SignalledAlready(id(), *signalled_);
   if (PublishInPage(status) && status == v1::FENCE_STATUS_OK) {
     // OK in the word, then the doorbell: the daemon reads the word when it
     // rings, and this session's next calls carry the id (so the signal is
     // applied before them): no record. Without a watched doorbell, or with
     // too many carried, the record tells the daemon (after the doorbell, it
     // is taken as the same signal).
+    // (After the session's end the daemon has failed the fence already: a
+    // record would say UNAUTHENTICATED, a doorbell cannot tell.)
     const bool alone = doorbell_.valid() && connection_->NoteRung(id());
     doorbell_ = internal::Doorbell();
-    if (alone) return absl::OkStatus();
+    if (alone) {
+      signalled_ = status;
+      return absl::OkStatus();
+    }
   }
   v1::FdChannelMessage record;
   v1::FenceSignal* signal = record.mutable_signal();
   signal->set_fence_id(id());
   signal->set_status(status);
   signal->set_message(std::string(message));
-  return connection_->SendRecord(record);
+  RETURN_IF_ERROR(connection_->SendRecord(record));
+  signalled_ = status;
+  return absl::OkStatus();
 }
 
 bool Fence::PublishInPage(v1::FenceStatus status) const {
@@ -285,6 +304,7 @@ bool Fence::PublishInPage(v1::FenceStatus status) const {
 absl::StatusOr<v1::FenceInfo> Fence::SignalAndConfirm(v1::FenceStatus status,
                                                       absl::string_view message) {
   if (connection_ == nullptr) return absl::FailedPreconditionError("moved-from Fence");
+  if (signalled_) return SignalledAlready(id(), *signalled_);
   if (info_.kind() == v1::FENCE_KIND_CREATED &&
       (status == v1::FENCE_STATUS_OK || status == v1::FENCE_STATUS_ERROR ||
        status == v1::FENCE_STATUS_CANCELLED) &&
@@ -300,6 +320,7 @@ absl::StatusOr<v1::FenceInfo> Fence::SignalAndConfirm(v1::FenceStatus status,
   RETURN_IF_ERROR(connection_->Finish(
       call, connection_->fence().SignalFence(call.context.get(), request, &response)));
   info_ = response.fence();
+  signalled_ = status;
   return info_;
 }
 

@@ -555,6 +555,7 @@ absl::Status FenceTable::SignalBy(uint64_t session_id, uint64_t id, v1::FenceSta
   }
   RETURN_IF_ERROR(CheckClientText("message", message));
   Completions done;
+  absl::Status result = absl::OkStatus();
   {
     absl::MutexLock lock(&mu_);
     RETURN_IF_ERROR(SessionLocked(session_id).status());
@@ -571,22 +572,22 @@ absl::Status FenceTable::SignalBy(uint64_t session_id, uint64_t id, v1::FenceSta
                                                       fence->view.owner_session,
                                                       "; only its owner signals it"));
     }
-    if (fence->view.signaled) {
-      // Its owner's own signal, read from its fence page first (at the
-      // deadline, say): this call is that signal, not a second one.
-      if (fence->via_page && fence->view.status == status) {
-        if (view != nullptr) *view = ViewLocked(*fence);
-        return absl::OkStatus();
-      }
-      return absl::FailedPreconditionError(
+    // An OK its owner wrote in its word came first: a signal by doorbell
+    // alone whose ring (or the call carrying it) this signal overtook.
+    SignalWrittenOkLocked(*fence, done);
+    if (!fence->view.signaled) {
+      SignalLocked(*fence, status, std::string(message), done);
+    } else if (!fence->via_page || fence->view.status != status) {
+      // Its owner's own signal read from its fence page first (at the
+      // deadline, say) is this one; anything else is a second signal.
+      result = absl::FailedPreconditionError(
           absl::StrCat("fence ", id, " was signalled already (", StatusName(fence->view.status),
                        " at ", absl::FormatTime(fence->view.signaled_at), ")"));
     }
-    SignalLocked(*fence, status, std::string(message), done);
-    if (view != nullptr) *view = ViewLocked(*fence);
+    if (result.ok() && view != nullptr) *view = ViewLocked(*fence);
   }
   Run(done);
-  return absl::OkStatus();
+  return result;
 }
 
 void FenceTable::SignalLocked(Fence& first, v1::FenceStatus status, std::string message,

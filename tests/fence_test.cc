@@ -700,7 +700,60 @@ TEST_F(FenceTest, ADoorbellSignalsFromTheWordAndNothingElse) {
   EXPECT_EQ(junk.error_message(),
             "metadata bufferd-rung: expected up to 64 comma-separated fence ids, got '12,x'");
   EXPECT_EQ(state(carried.fence_id()).status(), v1::FENCE_STATUS_OK) << "the session lives on";
+
+  // A record that overtakes the ring (the doorbell not closed yet): the OK
+  // in the word came first and stands, the record is a second signal (only
+  // logged: one-way), and a SignalFence saying otherwise is refused.
+  ASSERT_EQ(::pipe2(ends, O_CLOEXEC), 0);
+  read_end = UniqueFd(ends[0]);
+  write_end = UniqueFd(ends[1]);
+  ASSERT_TRUE(upload(5, read_end.get()));
+  read_end.Reset();
+  v1::FenceInfo overtaken;
+  ASSERT_TRUE(create(0, 5, &overtaken).ok());
+  std::atomic_ref<uint32_t>(words[overtaken.page_slot()])
+      .store(fence_page::Word(overtaken.page_generation(), v1::FENCE_STATUS_OK));
+  v1::FdChannelMessage late;
+  late.mutable_signal()->set_fence_id(overtaken.fence_id());
+  late.mutable_signal()->set_status(v1::FENCE_STATUS_ERROR);
+  late.mutable_signal()->set_message("late");
+  ASSERT_TRUE(raw->socket.Send(late.SerializeAsString()).ok());
+  ++records;
+  EXPECT_EQ(state(overtaken.fence_id()).status(), v1::FENCE_STATUS_OK) << "the word's OK stands";
+  v1::SignalFenceRequest again;
+  again.set_fence_id(overtaken.fence_id());
+  again.set_status(v1::FENCE_STATUS_CANCELLED);
+  v1::SignalFenceResponse answered;
+  auto context = raw->Context();
+  context->AddMetadata(kRecordsMetadataKey, absl::StrCat(records));
+  grpc::Status second = stub->SignalFence(context.get(), again, &answered);
+  EXPECT_EQ(second.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(second.error_message(), HasSubstr("was signalled already (FENCE_STATUS_OK"));
+  EXPECT_EQ(state(overtaken.fence_id()).status(), v1::FENCE_STATUS_OK);
   ::munmap(mapped, 4096);
+}
+
+// Tests that a Fence refuses a second signal of its own, one-way or
+// confirmed, FAILED_PRECONDITION naming the first, whether it signalled by
+// record (a session's first fence) or by its doorbell alone, and that the
+// first stands.
+TEST_F(FenceTest, AFenceRefusesItsOwnSecondSignal) {
+  for (int i = 0; i < 2; ++i) {
+    SCOPED_TRACE(i == 0 ? "by record" : "by doorbell");
+    absl::StatusOr<Fence> fence = client_->CreateFence({.name = "twice"});
+    ASSERT_TRUE(fence.ok()) << fence.status();
+    ASSERT_TRUE(fence->Signal().ok());
+    const absl::Status again = fence->Signal(v1::FENCE_STATUS_ERROR, "second");
+    EXPECT_EQ(again.code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_EQ(again.message(), absl::StrCat("fence ", fence->id(),
+                                            " was signalled already (FENCE_STATUS_OK, by this "
+                                            "Fence)"));
+    EXPECT_EQ(fence->SignalAndConfirm().status().code(), absl::StatusCode::kFailedPrecondition);
+    absl::StatusOr<v1::FenceInfo> info = fence->Info();
+    ASSERT_TRUE(info.ok()) << info.status();
+    EXPECT_EQ(info->status(), v1::FENCE_STATUS_OK);
+  }
+  ExpectBaseline();
 }
 
 // Tests that an OK Fence::Signal reaches the daemon by its doorbell even
