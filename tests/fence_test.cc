@@ -663,28 +663,28 @@ TEST_F(FenceTest, ADoorbellSignalsFromTheWordAndNothingElse) {
   ++records;
   EXPECT_EQ(state(rung.fence_id()).status(), v1::FENCE_STATUS_OK) << "the session lives on";
 
+  // A new fence with a doorbell uploaded as `upload_id`: the write end.
+  auto with_doorbell = [&](uint64_t upload_id, v1::FenceInfo* info) {
+    int pipe_ends[2];
+    EXPECT_EQ(::pipe2(pipe_ends, O_CLOEXEC), 0);
+    UniqueFd doorbell(pipe_ends[0]), ringer(pipe_ends[1]);
+    EXPECT_TRUE(upload(upload_id, doorbell.get()));
+    doorbell.Reset();
+    EXPECT_TRUE(create(0, upload_id, info).ok());
+    return ringer;
+  };
+
   // Rung while the word is pending (a Fence dropped unsignalled): nothing.
-  ASSERT_EQ(::pipe2(ends, O_CLOEXEC), 0);
-  read_end = UniqueFd(ends[0]);
-  write_end = UniqueFd(ends[1]);
-  ASSERT_TRUE(upload(3, read_end.get()));
-  read_end.Reset();
   v1::FenceInfo quiet;
-  ASSERT_TRUE(create(0, 3, &quiet).ok());
-  write_end.Reset();
+  with_doorbell(3, &quiet).Reset();
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
   EXPECT_EQ(state(quiet.fence_id()).state(), v1::FENCE_STATE_PENDING);
 
   // Not rung yet, but carried by a call (bufferd-rung): its word is read
   // before the call runs, so the call sees it signalled. A carried fence
   // whose word is pending stays so; an unknown id is skipped.
-  ASSERT_EQ(::pipe2(ends, O_CLOEXEC), 0);
-  read_end = UniqueFd(ends[0]);
-  write_end = UniqueFd(ends[1]);
-  ASSERT_TRUE(upload(4, read_end.get()));
-  read_end.Reset();
   v1::FenceInfo carried;
-  ASSERT_TRUE(create(0, 4, &carried).ok());
+  write_end = with_doorbell(4, &carried);
   std::atomic_ref<uint32_t>(words[carried.page_slot()])
       .store(fence_page::Word(carried.page_generation(), v1::FENCE_STATUS_OK));
   v1::FenceInfo seen;
@@ -704,13 +704,8 @@ TEST_F(FenceTest, ADoorbellSignalsFromTheWordAndNothingElse) {
   // A record that overtakes the ring (the doorbell not closed yet): the OK
   // in the word came first and stands, the record is a second signal (only
   // logged: one-way), and a SignalFence saying otherwise is refused.
-  ASSERT_EQ(::pipe2(ends, O_CLOEXEC), 0);
-  read_end = UniqueFd(ends[0]);
-  write_end = UniqueFd(ends[1]);
-  ASSERT_TRUE(upload(5, read_end.get()));
-  read_end.Reset();
   v1::FenceInfo overtaken;
-  ASSERT_TRUE(create(0, 5, &overtaken).ok());
+  UniqueFd unrung = with_doorbell(5, &overtaken);
   std::atomic_ref<uint32_t>(words[overtaken.page_slot()])
       .store(fence_page::Word(overtaken.page_generation(), v1::FENCE_STATUS_OK));
   v1::FdChannelMessage late;
