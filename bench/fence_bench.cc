@@ -327,7 +327,9 @@ int HelperMain(const UnixSocket& control) {
     const std::string& command = words[0];
     std::vector<UniqueFd> fds = std::move(got->fds);
     if (command == "pin" && words.size() == 2) {
-      PinTo(std::stoi(words[1]));
+      // The whole helper, its Client's gRPC threads too: a reply that
+      // landed on a thread left elsewhere would cost the waiter a wake.
+      PinProcess(std::stoi(words[1]));
       Reply(control, "ok");
     } else if (command == "connect" && words.size() == 2) {
       dir = words[1];

@@ -386,14 +386,6 @@ uint64_t Share(uint64_t total, size_t parts, size_t i) {
 // ---------------------------------------------------------------------------
 // Latency at one level.
 
-// Moves every thread of this process (gRPC's included) to `cpu`.
-void PinProcess(int cpu) {
-  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
-    pid_t tid = 0;
-    if (absl::SimpleAtoi(task.path().filename().string(), &tid)) PinTo(cpu, tid);
-  }
-}
-
 enum Op { kFloor, kAllocate, kRelease, kExport, kImport, kList, kListHeap, kOps };
 const char* const kOpNames[kOps] = {
     "floor: empty gRPC call",  "Allocate 4 KiB + drop",   "Release RPC",
