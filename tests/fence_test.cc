@@ -719,13 +719,21 @@ TEST_F(FenceTest, ADoorbellSignalsFromTheWordAndNothingElse) {
   again.set_fence_id(overtaken.fence_id());
   again.set_status(v1::FENCE_STATUS_CANCELLED);
   v1::SignalFenceResponse answered;
-  auto context = raw->Context();
-  context->AddMetadata(kRecordsMetadataKey, absl::StrCat(records));
-  grpc::Status second = stub->SignalFence(context.get(), again, &answered);
-  EXPECT_EQ(second.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
-  EXPECT_THAT(second.error_message(), HasSubstr("was signalled already (FENCE_STATUS_OK"));
+  {
+    auto context = raw->Context();
+    context->AddMetadata(kRecordsMetadataKey, absl::StrCat(records));
+    grpc::Status second = stub->SignalFence(context.get(), again, &answered);
+    EXPECT_EQ(second.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+    EXPECT_THAT(second.error_message(), HasSubstr("was signalled already (FENCE_STATUS_OK"));
+  }
   EXPECT_EQ(state(overtaken.fence_id()).status(), v1::FENCE_STATUS_OK);
   ::munmap(mapped, 4096);
+  // The session's end lets go of its doorbells, page and fences.
+  write_end.Reset();
+  unrung.Reset();
+  raw = absl::CancelledError("closed");
+  stub.reset();
+  ExpectBaseline();
 }
 
 // Tests that a Fence refuses a second signal of its own, one-way or
@@ -789,6 +797,10 @@ TEST_F(FenceTest, AForkedChildDoesNotKeepADoorbellFromRinging) {
   absl::StatusOr<v1::FenceInfo> info = fence->Info();
   ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_EQ(info->status(), v1::FENCE_STATUS_OK);
+  fence = absl::CancelledError("dropped");
+  first = absl::CancelledError("dropped");
+  owner = absl::CancelledError("closed");
+  ExpectBaseline();
 }
 
 TEST_F(FenceTest, UploadsCannotPinASessionOrEndIt) {
