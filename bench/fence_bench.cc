@@ -65,20 +65,20 @@
 //   bazel run -c opt //bench:fence_bench [-- --iterations 300]
 #include <fcntl.h>
 #include <linux/futex.h>
-#include <poll.h>
 #include <linux/perf_event.h>
+#include <poll.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/syscall.h>
-#include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -109,6 +109,7 @@
 #include "testing/child_process.h"
 #include "testing/daemon_process.h"
 #include "testing/sleep_probe.h"
+#include "testing/syscall_counter.h"
 
 namespace bufferd::bench {
 namespace {
@@ -349,9 +350,9 @@ int HelperMain(const UnixSocket& control) {
       PollReadable(fds[0].get());
       fds[1].Reset();  // wakes the waiter
       Reply(control, "done");
-    } else if (command == "relay-socket" && fds.size() == 2) {
-      // The daemon's transport without the daemon: a SEQPACKET record
-      // read off an epoll set, then the pipe closed.
+    } else if (command == "relay-epoll" && fds.size() == 2) {
+      // The daemon's wait without the daemon: a doorbell's pipe closing,
+      // seen through an epoll set, then the exported pipe closed.
       UniqueFd epoll(::epoll_create1(EPOLL_CLOEXEC));
       epoll_event event{};
       event.events = EPOLLIN;
@@ -359,8 +360,6 @@ int HelperMain(const UnixSocket& control) {
       Reply(control, "ready");
       epoll_event got{};
       (void)RetryOnEintr([&] { return ::epoll_wait(epoll.get(), &got, 1, 60000); });
-      char byte;
-      (void)::recv(fds[0].get(), &byte, 1, MSG_DONTWAIT);
       fds[1].Reset();
       Reply(control, "done");
     } else if (command == "wait" && fds.size() == 1 && client) {
@@ -518,80 +517,6 @@ int64_t Stamp(const std::string& reply) {
 // moment after "ready" lets them get there.
 void LetThemBlock() { std::this_thread::sleep_for(std::chrono::microseconds(500)); }
 
-// Floor 1: owner closes pipe A's write end -> relay wakes, closes pipe B's
-// write end -> waiter wakes. Microseconds.
-double RelayOnce(const Helper& relay, const Helper& waiter) {
-  int a[2], b[2];
-  if (::pipe2(a, O_CLOEXEC) != 0 || ::pipe2(b, O_CLOEXEC) != 0) std::exit(1);
-  UniqueFd a_read(a[0]), a_write(a[1]), b_read(b[0]), b_write(b[1]);
-  relay.Ask("relay", {a_read.get(), b_write.get()});
-  waiter.Ask("poll", {b_read.get()});
-  a_read.Reset();
-  b_read.Reset();
-  b_write.Reset();
-  LetThemBlock();
-  const int64_t start = NowNs();
-  a_write.Reset();
-  const int64_t woke = Stamp(waiter.Read());
-  (void)relay.Read();  // "done"
-  return (woke - start) / 1000.0;
-}
-
-// (info) The same two wakes, the first over a SEQPACKET record read off
-// epoll (the daemon's transport), without the daemon's work.
-double SocketRelayOnce(const Helper& relay, const Helper& waiter) {
-  auto pair = UnixSocket::SeqPacketPair();
-  int b[2];
-  if (!pair.ok() || ::pipe2(b, O_CLOEXEC) != 0) std::exit(1);
-  UniqueFd b_read(b[0]), b_write(b[1]);
-  relay.Ask("relay-socket", {pair->second.fd(), b_write.get()});
-  waiter.Ask("poll", {b_read.get()});
-  pair->second = UnixSocket();
-  b_read.Reset();
-  b_write.Reset();
-  LetThemBlock();
-  const int64_t start = NowNs();
-  (void)pair->first.Send("s");
-  const int64_t woke = Stamp(waiter.Read());
-  (void)relay.Read();  // "done"
-  return (woke - start) / 1000.0;
-}
-
-// 1: one-way signal -> poll on the exported fd returns. Microseconds.
-double FencePollOnce(const Client& owner, const Helper& waiter) {
-  auto fence = owner.CreateFence({.name = "bench"});
-  if (!fence.ok()) std::exit(1);
-  auto fd = fence->ExportFd();
-  if (!fd.ok()) std::exit(1);
-  waiter.Ask("poll", {fd->get()});
-  fd->Reset();
-  LetThemBlock();
-  const int64_t start = NowNs();
-  (void)fence->Signal();
-  const int64_t woke = Stamp(waiter.Read());
-  return (woke - start) / 1000.0;
-}
-
-// 2: SignalFence RPC -> the waiter's blocked WaitFence returns.
-double FenceRpcOnce(const Client& owner, const Helper& waiter) {
-  auto fence = owner.CreateFence({.name = "bench"});
-  if (!fence.ok()) std::exit(1);
-  auto fd = fence->ExportFd();
-  if (!fd.ok()) std::exit(1);
-  (void)waiter.Ask("wait", {fd->get()});
-  fd->Reset();
-  // Its WaitFence is registered.
-  for (int i = 0; i < 10000; ++i) {
-    auto info = fence->Info();
-    if (info.ok() && info->waiters() == 1) break;
-  }
-  LetThemBlock();
-  const int64_t start = NowNs();
-  (void)fence->SignalAndConfirm();
-  const int64_t woke = Stamp(waiter.Read());
-  return (woke - start) / 1000.0;
-}
-
 // One T1 sample, and whether the woken waiter ran before the signaller's
 // call returned (the scheduler let it preempt the signaller at the wake;
 // also when Signal itself blocked after the wake, in a TakeWakers round
@@ -613,6 +538,83 @@ struct WakeSamples {
 };
 WakeSample Sample(int64_t start, int64_t returned, int64_t woke) {
   return {(woke - start) / 1000.0, returned > woke};
+}
+
+// Floor 1: owner closes pipe A's write end -> relay wakes, closes pipe B's
+// write end -> waiter wakes. Microseconds.
+double RelayOnce(const Helper& relay, const Helper& waiter, WakeSamples* call = nullptr) {
+  int a[2], b[2];
+  if (::pipe2(a, O_CLOEXEC) != 0 || ::pipe2(b, O_CLOEXEC) != 0) std::exit(1);
+  UniqueFd a_read(a[0]), a_write(a[1]), b_read(b[0]), b_write(b[1]);
+  relay.Ask("relay", {a_read.get(), b_write.get()});
+  waiter.Ask("poll", {b_read.get()});
+  a_read.Reset();
+  b_read.Reset();
+  b_write.Reset();
+  LetThemBlock();
+  const int64_t start = NowNs();
+  a_write.Reset();
+  const int64_t returned = NowNs();
+  const int64_t woke = Stamp(waiter.Read());
+  (void)relay.Read();  // "done"
+  if (call != nullptr) call->Add({(returned - start) / 1000.0, returned > woke});
+  return (woke - start) / 1000.0;
+}
+
+// (info) The same two wakes, the first seen through epoll (the daemon's
+// wait for a doorbell), without the daemon's work.
+double EpollRelayOnce(const Helper& relay, const Helper& waiter) {
+  int a[2], b[2];
+  if (::pipe2(a, O_CLOEXEC) != 0 || ::pipe2(b, O_CLOEXEC) != 0) std::exit(1);
+  UniqueFd a_read(a[0]), a_write(a[1]), b_read(b[0]), b_write(b[1]);
+  relay.Ask("relay-epoll", {a_read.get(), b_write.get()});
+  waiter.Ask("poll", {b_read.get()});
+  a_read.Reset();
+  b_read.Reset();
+  b_write.Reset();
+  LetThemBlock();
+  const int64_t start = NowNs();
+  a_write.Reset();
+  const int64_t woke = Stamp(waiter.Read());
+  (void)relay.Read();  // "done"
+  return (woke - start) / 1000.0;
+}
+
+// 1: one-way signal -> poll on the exported fd returns. Microseconds.
+double FencePollOnce(const Client& owner, const Helper& waiter, WakeSamples* call = nullptr) {
+  auto fence = owner.CreateFence({.name = "bench"});
+  if (!fence.ok()) std::exit(1);
+  auto fd = fence->ExportFd();
+  if (!fd.ok()) std::exit(1);
+  waiter.Ask("poll", {fd->get()});
+  fd->Reset();
+  LetThemBlock();
+  const int64_t start = NowNs();
+  (void)fence->Signal();
+  const int64_t returned = NowNs();
+  const int64_t woke = Stamp(waiter.Read());
+  if (call != nullptr) call->Add({(returned - start) / 1000.0, returned > woke});
+  return (woke - start) / 1000.0;
+}
+
+// 2: SignalFence RPC -> the waiter's blocked WaitFence returns.
+double FenceRpcOnce(const Client& owner, const Helper& waiter) {
+  auto fence = owner.CreateFence({.name = "bench"});
+  if (!fence.ok()) std::exit(1);
+  auto fd = fence->ExportFd();
+  if (!fd.ok()) std::exit(1);
+  (void)waiter.Ask("wait", {fd->get()});
+  fd->Reset();
+  // Its WaitFence is registered.
+  for (int i = 0; i < 10000; ++i) {
+    auto info = fence->Info();
+    if (info.ok() && info->waiters() == 1) break;
+  }
+  LetThemBlock();
+  const int64_t start = NowNs();
+  (void)fence->SignalAndConfirm();
+  const int64_t woke = Stamp(waiter.Read());
+  return (woke - start) / 1000.0;
 }
 
 // T1's floors, kept for a placement as a timeline's pages and notify fd
@@ -786,54 +788,6 @@ double CpuAccessPointOnce(const Buffer& buffer, Timeline& timeline, uint64_t poi
   return CpuAccessOnce(waiter, "bufferd-timeline-wake", [&] { (void)timeline.Signal(point); });
 }
 
-// A counter of this thread's syscalls (raw_syscalls:sys_enter); invalid if
-// the kernel or its settings do not allow it (the reason in `why`).
-UniqueFd SyscallCounter(std::string& why) {
-  // tracefs, where it is usually mounted, or under debugfs.
-  uint64_t id = 0;
-  bool found = false;
-  for (const char* root : {"/sys/kernel/tracing", "/sys/kernel/debug/tracing"}) {
-    std::ifstream id_file(absl::StrCat(root, "/events/raw_syscalls/sys_enter/id"));
-    if (id_file >> id) {
-      found = true;
-      break;
-    }
-  }
-  if (!found) {
-    why =
-        "no raw_syscalls/sys_enter/id under /sys/kernel/tracing or /sys/kernel/debug/tracing "
-        "(as root: mount -t tracefs nodev /sys/kernel/tracing)";
-    return UniqueFd();
-  }
-  perf_event_attr attr{};
-  attr.type = PERF_TYPE_TRACEPOINT;
-  attr.size = sizeof(attr);
-  attr.config = id;
-  attr.disabled = 1;
-  const int fd = static_cast<int>(::syscall(SYS_perf_event_open, &attr, 0, -1, -1, PERF_FLAG_FD_CLOEXEC));
-  if (fd < 0) why = absl::StrCat("perf_event_open: ", std::strerror(errno));
-  return UniqueFd(fd);
-}
-
-// Syscalls `body` makes on this thread, less what counting itself costs
-// (-1 without a counter).
-template <typename F>
-long CountSyscalls(int counter, F body) {
-  if (counter < 0) return -1;
-  auto count = [&](auto inner) {
-    ::ioctl(counter, PERF_EVENT_IOC_RESET, 0);
-    ::ioctl(counter, PERF_EVENT_IOC_ENABLE, 0);
-    inner();
-    ::ioctl(counter, PERF_EVENT_IOC_DISABLE, 0);
-    uint64_t value = 0;
-    if (::read(counter, &value, sizeof(value)) != sizeof(value)) return -1L;
-    return static_cast<long>(value);
-  };
-  const long empty = count([] {});
-  const long counted = count(body);
-  return counted < 0 || empty < 0 ? -1 : counted - empty;
-}
-
 // R1: BeginCpuAccess + EndCpuAccess with nothing pending, beside getppid().
 bool NoPendingFigure(const Client& owner, int iterations) {
   auto allocated = owner.Allocate({.heap = "system", .size = 4096});
@@ -865,14 +819,14 @@ bool NoPendingFigure(const Client& owner, int iterations) {
     syscall_s.push_back((end - middle) / 1000.0);
   }
   std::string why;
-  UniqueFd counter = SyscallCounter(why);
-  const long syscalls = CountSyscalls(counter.get(), [&] {
+  UniqueFd counter = testing::SyscallCounter(why);
+  const long syscalls = testing::CountSyscalls(counter.get(), [&] {
     for (int i = 0; i < n; ++i) {
       ok &= buffer.BeginCpuAccess(i % 2 ? Cpu::kRead : Cpu::kWrite, absl::ZeroDuration()).ok();
       ok &= buffer.EndCpuAccess().ok();
     }
   });
-  const long control = CountSyscalls(counter.get(), [] { (void)::syscall(SYS_getppid); });
+  const long control = testing::CountSyscalls(counter.get(), [] { (void)::syscall(SYS_getppid); });
   const Summary access = Summarize(access_s, 0), syscall = Summarize(syscall_s, 0);
   const bool met = ok && syscalls == 0 && access.p50 <= 1.0;
   std::printf("%-34s %-22s p50 %7.3f (p99 %7.3f)  getppid() p50 %7.3f (p99 %7.3f)  target p50 <= 1  %s\n",
@@ -1136,11 +1090,12 @@ int main(int argc, char** argv) {
         FenceRpcOnce(*owner, *waiter);
       }
       // Interleaved, so drift on the machine hits figure and floor alike.
-      std::vector<double> relay_s, socket_relay_s, poll_s, grpc_s, rpc_s;
+      std::vector<double> relay_s, epoll_relay_s, poll_s, grpc_s, rpc_s;
+      WakeSamples relay_call, poll_call;  // the signaller's call
       for (int i = 0; i < iterations; ++i) {
-        relay_s.push_back(RelayOnce(*relay, *waiter));
-        socket_relay_s.push_back(SocketRelayOnce(*relay, *waiter));
-        poll_s.push_back(FencePollOnce(*owner, *waiter));
+        relay_s.push_back(RelayOnce(*relay, *waiter, &relay_call));
+        epoll_relay_s.push_back(EpollRelayOnce(*relay, *waiter));
+        poll_s.push_back(FencePollOnce(*owner, *waiter, &poll_call));
         if (signal_only) continue;
         grpc_s.push_back(GrpcOnce(stub));
         rpc_s.push_back(FenceRpcOnce(*owner, *waiter));
@@ -1150,10 +1105,23 @@ int main(int argc, char** argv) {
       std::printf("   (beside T1) the relayed fence path %-22s p50 %7.1f = %.1fx T1's p50\n",
                   placement.name, Summarize(poll_s, 0).p50,
                   Summarize(poll_s, 0).p50 / Summarize(timeline_s.all, 0).p50);
-      const Summary socket_relay = Summarize(socket_relay_s, 0);
-      std::printf("   (info) relay over SEQPACKET+epoll  %-22s p50 %7.1f (p99 %7.1f)  %.2fx the floor\n",
-                  placement.name, socket_relay.p50, socket_relay.p99,
-                  socket_relay.p50 / Summarize(relay_s, 0).p50);
+      for (const bool preempted : {false, true}) {
+        const std::vector<double>& got = poll_call.by[preempted];
+        const std::vector<double>& floor = relay_call.by[preempted];
+        std::printf(
+            "   (info) signal call, waiter ran %-15s %-14s Signal %3zu%% p50 %6.1f | floor's close "
+            "%3zu%% p50 %6.1f\n",
+            preempted ? "in it" : "after it", placement.name,
+            got.size() * 100 / std::max<size_t>(poll_call.all.size(), 1),
+            got.empty() ? 0.0 : Summarize(got, 0).p50,
+            floor.size() * 100 / std::max<size_t>(relay_call.all.size(), 1),
+            floor.empty() ? 0.0 : Summarize(floor, 0).p50);
+      }
+      const Summary epoll_relay = Summarize(epoll_relay_s, 0);
+      std::printf(
+          "   (info) relay waiting in epoll      %-22s p50 %7.1f (p99 %7.1f)  %.2fx the floor\n",
+          placement.name, epoll_relay.p50, epoll_relay.p99,
+          epoll_relay.p50 / Summarize(relay_s, 0).p50);
       if (!signal_only) {
         Verdict("2. SignalFence -> WaitFence", placement.name, Summarize(rpc_s, 0),
                 Summarize(grpc_s, 0), 1.5, all_met);

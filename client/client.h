@@ -388,7 +388,7 @@ class Fence {
   Fence(std::shared_ptr<internal::Connection> connection, v1::FenceInfo info);
   // The owner writes `status` into the fence's word of its fence page (if
   // it has one), before telling the daemon: readers sleeping on the word
-  // wake at once.
+  // (of a fence attached through this Fence) wake at once.
   // True if it wrote it.
   bool PublishInPage(v1::FenceStatus status) const;
 
@@ -401,6 +401,11 @@ class Fence {
   // What this Fence signalled (Signal, or a SignalAndConfirm the daemon
   // answered): another signal is refused here, FAILED_PRECONDITION.
   mutable std::optional<v1::FenceStatus> signalled_;
+  // Attached to a buffer through this Fence (Buffer::AttachFence): a
+  // holder of the buffer may sleep on its fence-page word, which the signal
+  // then wakes. Any other signal skips the FUTEX_WAKE (1-2 us); a fence
+  // another session attached wakes its sleepers through the daemon.
+  mutable std::atomic<bool> attached_{false};
 };
 
 struct TimelineOptions {

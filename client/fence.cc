@@ -196,7 +196,8 @@ Fence::Fence(Fence&& other) noexcept
     : connection_(std::move(other.connection_)),
       info_(std::move(other.info_)),
       doorbell_(std::move(other.doorbell_)),
-      signalled_(std::exchange(other.signalled_, std::nullopt)) {
+      signalled_(std::exchange(other.signalled_, std::nullopt)),
+      attached_(other.attached_.exchange(false)) {
   other.info_.set_fence_id(0);
 }
 
@@ -207,6 +208,7 @@ Fence& Fence::operator=(Fence&& other) noexcept {
     info_ = std::move(other.info_);
     doorbell_ = std::move(other.doorbell_);
     signalled_ = std::exchange(other.signalled_, std::nullopt);
+    attached_ = other.attached_.exchange(false);
     other.info_.set_fence_id(0);
   }
   return *this;
@@ -295,7 +297,8 @@ bool Fence::PublishInPage(v1::FenceStatus status) const {
   uint32_t pending = fence_page::Word(info_.page_generation(), 0);
   if (std::atomic_ref<uint32_t>(words[slot])
           .compare_exchange_strong(pending, fence_page::Word(info_.page_generation(), status))) {
-    fence_page::Publish(words[slot], fence_page::Word(info_.page_generation(), status));
+    fence_page::Publish(words[slot], fence_page::Word(info_.page_generation(), status),
+                        /*wake=*/attached_.load(std::memory_order_acquire));
     return true;
   }
   return false;

@@ -92,6 +92,9 @@ absl::Status Buffer::AttachFence(const Fence& fence, v1::FenceUsage usage) const
   request.set_buffer_handle(handle_);
   request.set_fence_id(fence.id());
   request.set_usage(usage);
+  // Before the call: a holder may sleep on the fence's word as soon as it
+  // is attached, and its signal must wake it.
+  fence.attached_.store(true, std::memory_order_release);
   v1::AttachFenceResponse response;
   internal::Call call = connection_->NewCall();
   return connection_->Finish(

@@ -5,14 +5,18 @@
 // word of the page (a slot, and a generation so that a slot used again is
 // never taken for the fence before). The owner writes a fence's status into
 // its word when it signals, before whatever tells the daemon (its doorbell
-// for OK, else a one-way record), and wakes whoever sleeps on the word.
+// for OK, else a one-way record), and wakes whoever sleeps on the word if
+// it attached the fence to a buffer itself (below).
 //
 // A holder of a buffer the fence is attached to maps the page read-only
 // (OpenFencePage) and sleeps on the word beside its reservation status slot
 // (fences/reservation_page.h): the owner's signal wakes it directly, with no
 // daemon in between, as a timeline's does. Everything else (a deadline, the
 // owner's death, a signal that did not go through the page) comes through
-// the status slot, which the daemon writes, as before.
+// the status slot, which the daemon writes, as before; so does a signal
+// whose owner did not wake the word (a fence another session attached: the
+// owner cannot know someone sleeps on it, and only wakes the words of
+// fences it attached itself).
 //
 // The page is its owner's word only, and the owner may write anything in
 // it, as it may signal its fences whenever it likes: a reader takes a word
@@ -58,11 +62,12 @@ inline uint32_t Load(const uint32_t& word) {
   return std::atomic_ref<uint32_t>(const_cast<uint32_t&>(word)).load(std::memory_order_acquire);
 }
 
-// The owner's store, then a wake of every sleeper on the word (the page is
-// shared: FUTEX_WAKE, not the private form).
-inline void Publish(uint32_t& word, uint32_t value) {
+// The owner's store, then, if `wake`, a wake of every sleeper on the word
+// (the page is shared: FUTEX_WAKE, not the private form, and it costs a
+// page lookup: 1-2 us here, which a signal nobody sleeps on should not pay).
+inline void Publish(uint32_t& word, uint32_t value, bool wake) {
   std::atomic_ref<uint32_t>(word).store(value, std::memory_order_seq_cst);
-  (void)::syscall(SYS_futex, &word, FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+  if (wake) (void)::syscall(SYS_futex, &word, FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
 }
 
 }  // namespace bufferd::fence_page
