@@ -60,6 +60,9 @@ class Doorbell {
   // The end to upload; let go of once uploaded.
   const UniqueFd& read_end() const { return read_end_; }
   void DropReadEnd() { read_end_.Reset(); }
+  // Closes the write end (which rings it, unless a copy is held) and gives
+  // back its count; false if it had none. Destroying it does the same.
+  bool Ring();
 
  private:
   UniqueFd write_end_;

@@ -159,14 +159,22 @@ Doorbell& Doorbell::operator=(Doorbell&& other) noexcept {
   return *this;
 }
 
-Doorbell::~Doorbell() {
-  if (write_end_.valid()) {
+Doorbell::~Doorbell() { (void)Ring(); }
+
+bool Doorbell::Ring() {
+  const bool had = write_end_.valid();
+  if (had) {
     DoorbellEnds& ends = Ends();
     std::lock_guard lock(ends.mu);
-    ends.fds.erase(write_end_.get());
-    write_end_.Reset();  // rings it, if it was not rung before
+    const int fd = write_end_.get();
+    // The close first: the daemon wakes at it, the rest is this process's.
+    // (Under the lock, so no fork sees the number closed but still listed.)
+    write_end_.Reset();
+    ends.fds.erase(fd);
   }
-  if (count_ != nullptr) count_->fetch_sub(1, std::memory_order_relaxed);
+  if (count_ != nullptr) std::exchange(count_, nullptr)->fetch_sub(1, std::memory_order_relaxed);
+  read_end_.Reset();
+  return had;
 }
 
 Doorbell Doorbell::Make(Connection& connection) {
@@ -268,8 +276,8 @@ absl::Status Fence::Signal(v1::FenceStatus status, absl::string_view message) co
     // is taken as the same signal).
     // (After the session's end the daemon has failed the fence already: a
     // record would say UNAUTHENTICATED, a doorbell cannot tell.)
-    const bool alone = doorbell_.valid() && connection_->NoteRung(id());
-    doorbell_ = internal::Doorbell();
+    // Rung first (the daemon reads the word at once), noted after.
+    const bool alone = doorbell_.Ring() && connection_->NoteRung(id());
     if (alone) {
       signalled_ = status;
       return absl::OkStatus();
