@@ -213,6 +213,14 @@ int bufferd_buffer_fences_fd(const bufferd_buffer* buffer, int access, int* fd);
  * dma_resv, a fence that failed does not fail the access. When nothing is
  * pending this makes no syscall. */
 int bufferd_buffer_begin_cpu_access(const bufferd_buffer* buffer, int access, int64_t timeout_ms);
+/* The same, and *status says how the fences it waited for came out:
+ * BUFFERD_FENCE_OK if every one did (or none was pending), else the status
+ * of the first listed that failed (ERROR, OWNER_DIED, DEADLINE_EXCEEDED or
+ * CANCELLED; bufferd_last_error() then says how), so that a reader can tell
+ * a frame its writer finished from one it abandoned. PENDING if the call
+ * fails. */
+int bufferd_buffer_begin_cpu_access_status(const bufferd_buffer* buffer, int access,
+                                           int64_t timeout_ms, enum bufferd_fence_status* status);
 int bufferd_buffer_end_cpu_access(const bufferd_buffer* buffer);
 
 /* ---- fences ---- */

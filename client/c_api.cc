@@ -368,6 +368,32 @@ int bufferd_buffer_begin_cpu_access(const bufferd_buffer* buffer, int access, in
   });
 }
 
+int bufferd_buffer_begin_cpu_access_status(const bufferd_buffer* buffer, int access,
+                                           int64_t timeout_ms, bufferd_fence_status* status) {
+  return Guard([&] {
+    if (buffer == nullptr) return Missing("buffer");
+    if (status == nullptr) return Missing("status");
+    *status = BUFFERD_FENCE_PENDING;
+    if (absl::Status s = CheckTimeout(timeout_ms); !s.ok()) return Fail(s);
+    absl::StatusOr<bufferd::Cpu> cpu = ToCpu(access);
+    if (!cpu.ok()) return Fail(cpu.status());
+    absl::StatusOr<std::vector<bufferd::v1::FenceInfo>> waited =
+        buffer->buffer.BeginCpuAccess(*cpu, Millis(timeout_ms));
+    if (!waited.ok()) return Fail(waited.status());
+    *status = BUFFERD_FENCE_OK;
+    Succeed();
+    for (const bufferd::v1::FenceInfo& info : *waited) {
+      if (info.status() != bufferd::v1::FENCE_STATUS_OK) {
+        // The access began; the message says how its writer failed.
+        *status = ToC(info.status());
+        last_error = info.message();
+        break;
+      }
+    }
+    return 0;
+  });
+}
+
 int bufferd_buffer_end_cpu_access(const bufferd_buffer* buffer) {
   return Guard([&] {
     if (buffer == nullptr) return Missing("buffer");

@@ -96,10 +96,11 @@ absl::Status SessionHub::OnUpload(uint64_t session_id, uint64_t upload_id,
   // call naming it checks it.
   if (absl::Status importable = CheckImportable(fds[0].get());
       !importable.ok() && ::fcntl(fds[0].get(), F_GET_SEALS) < 0) {
-    upload =
-        absl::Status(importable.code(),
-                     absl::StrCat(importable.message(),
-                                  " (a page — a timeline's, a fence page — is a sealed memfd)"));
+    upload = absl::Status(
+        importable.code(),
+        absl::StrCat(
+            importable.message(),
+            "; nor is it a memfd, as an upload meant for a timeline's or a fence page would be"));
   } else if (absl::StatusOr<FdBudget::Lease> lease = budget_->Acquire(FdUse::kFence, uid);
              !lease.ok()) {
     // Leased without the hub's lock (the budget may run reclaimers).

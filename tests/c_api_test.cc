@@ -6,12 +6,16 @@
 #include <poll.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <string>
+#include <thread>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "bufferd/bufferd.h"
 #include "testing/daemon_test.h"
+#include "testing/sleep_probe.h"
 
 namespace bufferd {
 namespace {
@@ -246,6 +250,65 @@ TEST_F(CApiTest, FencesTimelinesAndCpuAccess) {
   bufferd_fence_destroy(reading);
   bufferd_buffer_destroy(buffer);
   bufferd_timeline_destroy(timeline);
+}
+
+// Tests that a reader in C can tell a frame its writer finished from one
+// its writer failed: bufferd_buffer_begin_cpu_access_status begins the
+// access either way (as dma_resv does) and says how the fence it waited for
+// came out, with its message.
+TEST_F(CApiTest, AnAccessSaysHowTheFencesItWaitedForCameOut) {
+  if (::access(absl::StrCat("/proc/self/task/", ::gettid(), "/syscall").c_str(), R_OK) != 0) {
+    GTEST_SKIP() << "no /proc/<pid>/task/<tid>/syscall to see the reader sleep";
+  }
+  bufferd_buffer* buffer = Allocate(4096);
+  ASSERT_NE(buffer, nullptr);
+  bufferd_fence_status status = BUFFERD_FENCE_OK;
+  EXPECT_EQ(bufferd_buffer_begin_cpu_access_status(buffer, BUFFERD_CPU_READ, 0, nullptr),
+            BUFFERD_INVALID_ARGUMENT);
+  EXPECT_TRUE(absl::StrContains(bufferd_last_error(), "status")) << bufferd_last_error();
+  ASSERT_EQ(bufferd_buffer_begin_cpu_access_status(buffer, BUFFERD_CPU_READ, 0, &status),
+            BUFFERD_OK)
+      << bufferd_last_error();
+  EXPECT_EQ(status, BUFFERD_FENCE_OK) << "nothing pending";
+  ASSERT_EQ(bufferd_buffer_end_cpu_access(buffer), BUFFERD_OK);
+
+  for (const bool fail : {false, true}) {
+    bufferd_fence* writing = nullptr;
+    ASSERT_EQ(bufferd_fence_create(client_, "writing", 0, &writing), BUFFERD_OK);
+    ASSERT_EQ(bufferd_buffer_attach_fence(buffer, writing, BUFFERD_USAGE_WRITE), BUFFERD_OK)
+        << bufferd_last_error();
+    EXPECT_EQ(bufferd_buffer_begin_cpu_access_status(buffer, BUFFERD_CPU_READ, 20, &status),
+              BUFFERD_DEADLINE_EXCEEDED);
+    EXPECT_EQ(status, BUFFERD_FENCE_PENDING);
+    // The reader waits on another thread; the writer signals once it sleeps
+    // on its status page (a fence failed before an access begins is no
+    // longer one it waits for, as with dma_resv).
+    bufferd_fence_status seen = BUFFERD_FENCE_PENDING;
+    std::string message;
+    int code = -1;
+    std::atomic<pid_t> tid{0};
+    std::thread reader([&] {
+      tid = ::gettid();
+      code = bufferd_buffer_begin_cpu_access_status(buffer, BUFFERD_CPU_READ, 20000, &seen);
+      message = bufferd_last_error();
+    });
+    EXPECT_TRUE(::bufferd::testing::Eventually([&] {
+      return tid != 0 &&
+             ::bufferd::testing::SleepsInFutexOn(::getpid(), tid, "bufferd-reservations");
+    })) << "the reader never slept on its status page";
+    ASSERT_EQ(bufferd_fence_signal(writing, fail ? BUFFERD_FENCE_ERROR : BUFFERD_FENCE_OK,
+                                   fail ? "gpu hang" : nullptr),
+              BUFFERD_OK);
+    reader.join();
+    ASSERT_EQ(code, BUFFERD_OK) << message;
+    EXPECT_EQ(seen, fail ? BUFFERD_FENCE_ERROR : BUFFERD_FENCE_OK);
+    if (fail) {
+      EXPECT_EQ(message, "gpu hang");
+    }
+    ASSERT_EQ(bufferd_buffer_end_cpu_access(buffer), BUFFERD_OK);
+    bufferd_fence_destroy(writing);
+  }
+  bufferd_buffer_destroy(buffer);
 }
 
 }  // namespace
