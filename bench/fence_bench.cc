@@ -345,22 +345,24 @@ int HelperMain(const UnixSocket& control) {
       Reply(control, "ready");
       PollReadable(fds[0].get());
       Reply(control, absl::StrCat("t ", NowNs()));
-    } else if (command == "relay" && fds.size() == 2) {
+    } else if ((command == "relay" || command == "relay-epoll") && fds.size() == 2) {
+      // "-epoll": the wait through an epoll set, as the daemon waits for a
+      // doorbell, without the daemon's work.
+      UniqueFd epoll;
+      if (command == "relay-epoll") {
+        epoll = UniqueFd(::epoll_create1(EPOLL_CLOEXEC));
+        epoll_event event{};
+        event.events = EPOLLIN;
+        ::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, fds[0].get(), &event);
+      }
       Reply(control, "ready");
-      PollReadable(fds[0].get());
+      if (epoll.valid()) {
+        epoll_event got{};
+        (void)RetryOnEintr([&] { return ::epoll_wait(epoll.get(), &got, 1, 60000); });
+      } else {
+        PollReadable(fds[0].get());
+      }
       fds[1].Reset();  // wakes the waiter
-      Reply(control, "done");
-    } else if (command == "relay-epoll" && fds.size() == 2) {
-      // The daemon's wait without the daemon: a doorbell's pipe closing,
-      // seen through an epoll set, then the exported pipe closed.
-      UniqueFd epoll(::epoll_create1(EPOLL_CLOEXEC));
-      epoll_event event{};
-      event.events = EPOLLIN;
-      ::epoll_ctl(epoll.get(), EPOLL_CTL_ADD, fds[0].get(), &event);
-      Reply(control, "ready");
-      epoll_event got{};
-      (void)RetryOnEintr([&] { return ::epoll_wait(epoll.get(), &got, 1, 60000); });
-      fds[1].Reset();
       Reply(control, "done");
     } else if (command == "wait" && fds.size() == 1 && client) {
       auto fence = client->ImportSyncFd(fds[0].get());
@@ -541,12 +543,14 @@ WakeSample Sample(int64_t start, int64_t returned, int64_t woke) {
 }
 
 // Floor 1: owner closes pipe A's write end -> relay wakes, closes pipe B's
-// write end -> waiter wakes. Microseconds.
-double RelayOnce(const Helper& relay, const Helper& waiter, WakeSamples* call = nullptr) {
+// write end -> waiter wakes. Microseconds. `how`: "relay-epoll" for the
+// (info) relay waiting in epoll. `call`, if given, gets the owner's close.
+double RelayOnce(const Helper& relay, const Helper& waiter, WakeSamples* call = nullptr,
+                 const char* how = "relay") {
   int a[2], b[2];
   if (::pipe2(a, O_CLOEXEC) != 0 || ::pipe2(b, O_CLOEXEC) != 0) std::exit(1);
   UniqueFd a_read(a[0]), a_write(a[1]), b_read(b[0]), b_write(b[1]);
-  relay.Ask("relay", {a_read.get(), b_write.get()});
+  relay.Ask(how, {a_read.get(), b_write.get()});
   waiter.Ask("poll", {b_read.get()});
   a_read.Reset();
   b_read.Reset();
@@ -558,25 +562,6 @@ double RelayOnce(const Helper& relay, const Helper& waiter, WakeSamples* call = 
   const int64_t woke = Stamp(waiter.Read());
   (void)relay.Read();  // "done"
   if (call != nullptr) call->Add({(returned - start) / 1000.0, returned > woke});
-  return (woke - start) / 1000.0;
-}
-
-// (info) The same two wakes, the first seen through epoll (the daemon's
-// wait for a doorbell), without the daemon's work.
-double EpollRelayOnce(const Helper& relay, const Helper& waiter) {
-  int a[2], b[2];
-  if (::pipe2(a, O_CLOEXEC) != 0 || ::pipe2(b, O_CLOEXEC) != 0) std::exit(1);
-  UniqueFd a_read(a[0]), a_write(a[1]), b_read(b[0]), b_write(b[1]);
-  relay.Ask("relay-epoll", {a_read.get(), b_write.get()});
-  waiter.Ask("poll", {b_read.get()});
-  a_read.Reset();
-  b_read.Reset();
-  b_write.Reset();
-  LetThemBlock();
-  const int64_t start = NowNs();
-  a_write.Reset();
-  const int64_t woke = Stamp(waiter.Read());
-  (void)relay.Read();  // "done"
   return (woke - start) / 1000.0;
 }
 
@@ -1094,7 +1079,7 @@ int main(int argc, char** argv) {
       WakeSamples relay_call, poll_call;  // the signaller's call
       for (int i = 0; i < iterations; ++i) {
         relay_s.push_back(RelayOnce(*relay, *waiter, &relay_call));
-        epoll_relay_s.push_back(EpollRelayOnce(*relay, *waiter));
+        epoll_relay_s.push_back(RelayOnce(*relay, *waiter, nullptr, "relay-epoll"));
         poll_s.push_back(FencePollOnce(*owner, *waiter, &poll_call));
         if (signal_only) continue;
         grpc_s.push_back(GrpcOnce(stub));

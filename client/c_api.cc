@@ -358,13 +358,22 @@ int bufferd_buffer_fences_fd(const bufferd_buffer* buffer, int access, int* fd) 
   });
 }
 
+namespace {
+
+// Both begin_cpu_access calls: the access's arguments checked, then begun.
+absl::StatusOr<std::vector<bufferd::v1::FenceInfo>> BeginAccess(const bufferd_buffer& buffer,
+                                                                int access, int64_t timeout_ms) {
+  RETURN_IF_ERROR(CheckTimeout(timeout_ms));
+  ASSIGN_OR_RETURN(const bufferd::Cpu cpu, ToCpu(access));
+  return buffer.buffer.BeginCpuAccess(cpu, Millis(timeout_ms));
+}
+
+}  // namespace
+
 int bufferd_buffer_begin_cpu_access(const bufferd_buffer* buffer, int access, int64_t timeout_ms) {
   return Guard([&] {
     if (buffer == nullptr) return Missing("buffer");
-    if (absl::Status s = CheckTimeout(timeout_ms); !s.ok()) return Fail(s);
-    absl::StatusOr<bufferd::Cpu> cpu = ToCpu(access);
-    if (!cpu.ok()) return Fail(cpu.status());
-    return Report(buffer->buffer.BeginCpuAccess(*cpu, Millis(timeout_ms)).status());
+    return Report(BeginAccess(*buffer, access, timeout_ms).status());
   });
 }
 
@@ -374,11 +383,8 @@ int bufferd_buffer_begin_cpu_access_status(const bufferd_buffer* buffer, int acc
     if (buffer == nullptr) return Missing("buffer");
     if (status == nullptr) return Missing("status");
     *status = BUFFERD_FENCE_PENDING;
-    if (absl::Status s = CheckTimeout(timeout_ms); !s.ok()) return Fail(s);
-    absl::StatusOr<bufferd::Cpu> cpu = ToCpu(access);
-    if (!cpu.ok()) return Fail(cpu.status());
     absl::StatusOr<std::vector<bufferd::v1::FenceInfo>> waited =
-        buffer->buffer.BeginCpuAccess(*cpu, Millis(timeout_ms));
+        BeginAccess(*buffer, access, timeout_ms);
     if (!waited.ok()) return Fail(waited.status());
     *status = BUFFERD_FENCE_OK;
     Succeed();
