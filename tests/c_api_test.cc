@@ -266,6 +266,14 @@ TEST_F(CApiTest, AnAccessSaysHowTheFencesItWaitedForCameOut) {
   EXPECT_EQ(bufferd_buffer_begin_cpu_access_status(buffer, BUFFERD_CPU_READ, 0, nullptr),
             BUFFERD_INVALID_ARGUMENT);
   EXPECT_TRUE(absl::StrContains(bufferd_last_error(), "status")) << bufferd_last_error();
+  EXPECT_EQ(bufferd_buffer_begin_cpu_access_status(nullptr, BUFFERD_CPU_READ, 0, &status),
+            BUFFERD_INVALID_ARGUMENT);
+  EXPECT_TRUE(absl::StrContains(bufferd_last_error(), "buffer")) << bufferd_last_error();
+  EXPECT_EQ(bufferd_buffer_begin_cpu_access_status(buffer, 7, 0, &status),
+            BUFFERD_INVALID_ARGUMENT);
+  EXPECT_EQ(status, BUFFERD_FENCE_PENDING) << "a call that fails says PENDING";
+  EXPECT_EQ(bufferd_buffer_begin_cpu_access_status(buffer, BUFFERD_CPU_READ, -1, &status),
+            BUFFERD_INVALID_ARGUMENT);
   ASSERT_EQ(bufferd_buffer_begin_cpu_access_status(buffer, BUFFERD_CPU_READ, 0, &status),
             BUFFERD_OK)
       << bufferd_last_error();
